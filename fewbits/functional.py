@@ -1,0 +1,400 @@
+"""Straight-through quantizer functions: the nine families' forward and backward.
+
+Each public function validates its arguments, refuses non-finite input, and calls a
+``torch.autograd.Function`` whose forward is the formula of ``QUANTIZERS.md`` (see
+:mod:`fewbits._math`) and whose backward is the straight-through estimator (STE) of the spec.
+Backward passes keep only a ``bool`` mask per element, never a float copy of the input.
+
+Example:
+    >>> import torch
+    >>> from fewbits.functional import fixed_point_quantize
+    >>> fixed_point_quantize(torch.tensor([0.125, -0.375, 9.0]), n=4, delta=0.25)
+    tensor([ 0.2500, -0.5000,  1.7500])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from . import _math
+
+__all__ = [
+    "binary_connect",
+    "binary_sigmoid",
+    "binary_tanh",
+    "binary_weight",
+    "finite_checks",
+    "fixed_point_quantize",
+    "inq_quantize",
+    "min_max_quantize",
+    "pow2_quantize",
+]
+
+_CHECK_FINITE = True
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """Turn the NaN/inf checks of every quantizer on or off inside a ``with`` block.
+
+    The checks cost one reduction (and, on CUDA, one host sync) per quantizer call; turn them off
+    for ``torch.compile`` or maximum speed once a model is known to train stably.
+    """
+    global _CHECK_FINITE
+    old, _CHECK_FINITE = _CHECK_FINITE, bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_FINITE = old
+
+
+def _finite(x: Tensor, fn: str, arg: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {x.dtype}")
+    if _CHECK_FINITE and not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+        raise ValueError(
+            f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
+            "diverging run: lower the learning rate, or check the data for NaN/inf."
+        )
+
+
+def _bits(fn: str, name: str, value: int, low: int = 1) -> None:
+    if isinstance(value, bool) or int(value) != value or not low <= value <= 32:
+        raise ValueError(f"{fn}: {name} must be an integer in [{low}, 32], got {value!r}")
+
+
+def _positive(fn: str, name: str, value: float) -> None:
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- binary
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, zero_to: float, stochastic: bool) -> Tensor:
+        if stochastic:
+            p = torch.clamp((w + 1) * 0.5, 0, 1)
+            return torch.where(torch.rand_like(w) < p, 1.0, -1.0).to(w.dtype)
+        one = torch.ones_like(w)
+        y = torch.where(w > 0, one, -one)
+        return torch.where(w == 0, torch.full_like(w, zero_to), y)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+        return dy, None, None
+
+
+def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = False) -> Tensor:
+    """BinaryConnect weights (Courbariaux et al., NeurIPS 2015).
+
+    Forward: ``sign(w)`` with ``sign(0) = quantize_zero_to``; with ``stochastic=True``, ``+1`` with
+    probability ``hard_sigmoid(w) = clamp((w + 1) / 2, 0, 1)``, else ``-1``.
+    Backward: identity, ``dw = dy`` (no ``|w| <= 1`` mask, as the seed).
+
+    >>> binary_connect(torch.tensor([-0.3, 0.0, 2.0]))
+    tensor([-1.,  1.,  1.])
+    """
+    _finite(w, "binary_connect", "w")
+    return _SignSTE.apply(w, float(quantize_zero_to), bool(stochastic))
+
+
+class _BinaryActSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, low: float, grad_scale: float) -> Tensor:
+        ctx.save_for_backward(x.abs() < 1)
+        ctx.grad_scale = grad_scale
+        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, low))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+        (inside,) = ctx.saved_tensors
+        g = dy if ctx.grad_scale == 1.0 else dy * ctx.grad_scale
+        return torch.where(inside, g, torch.zeros_like(g)), None, None
+
+
+def binary_tanh(x: Tensor) -> Tensor:
+    """BinaryNet activation: ``+1 if x > 0 else -1``; backward ``dy * [|x| < 1]``.
+
+    >>> binary_tanh(torch.tensor([-2.0, 0.0, 0.5]))
+    tensor([-1., -1.,  1.])
+    """
+    _finite(x, "binary_tanh", "x")
+    return _BinaryActSTE.apply(x, -1.0, 1.0)
+
+
+def binary_sigmoid(x: Tensor) -> Tensor:
+    """Binary sigmoid: ``1 if x > 0 else 0``; backward ``0.5 * dy * [|x| < 1]``.
+
+    >>> binary_sigmoid(torch.tensor([-2.0, 0.0, 0.5]))
+    tensor([0., 0., 1.])
+    """
+    _finite(x, "binary_sigmoid", "x")
+    return _BinaryActSTE.apply(x, 0.0, 0.5)
+
+
+def _channel_view(v: Tensor, ndim: int) -> Tensor:
+    return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def binary_weight_scale(w: Tensor) -> Tensor:
+    """Per-output-channel ``alpha[o] = mean |w[o, ...]|`` (float64 accumulation, then ``w.dtype``).
+
+    Accumulating in float64 makes the float32 result independent of the summation order.
+    """
+    if w.dim() < 2:
+        raise ValueError(
+            f"binary_weight: w must have an output-channel axis (dim >= 2), got shape "
+            f"{tuple(w.shape)}; use binary_connect for biases and vectors"
+        )
+    return w.detach().abs().double().flatten(1).mean(1).to(w.dtype)
+
+
+class _ScaledSignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, alpha: Tensor) -> Tensor:
+        a = _channel_view(alpha, w.dim())
+        return torch.where(w >= 0, a, -a)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
+        return dy, None
+
+
+def binary_weight(w: Tensor) -> Tensor:
+    """XNOR-Net binary weights (BWN, Rastegari et al., ECCV 2016).
+
+    Forward: ``alpha[o] * sign(w[o, ...])`` with ``alpha[o] = mean |w[o, ...]|`` over all
+    non-output axes and ``sign(0) = +1``. Backward: identity to ``w`` (no alpha factor, no
+    gradient through alpha), as the seed.
+
+    >>> binary_weight(torch.tensor([[1.0, -3.0], [0.0, 0.5]]))
+    tensor([[ 2.0000, -2.0000],
+            [ 0.2500,  0.2500]])
+    """
+    _finite(w, "binary_weight", "w")
+    return _ScaledSignSTE.apply(w, binary_weight_scale(w))
+
+
+# --------------------------------------------------------------------------- fixed point
+
+
+class _MaskSTE(torch.autograd.Function):
+    """``y`` precomputed, backward ``dy * mask`` (mask None = identity)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+        ctx.has_mask = mask is not None
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+        if not ctx.has_mask:
+            return dy, None, None
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, dy, torch.zeros_like(dy)), None, None
+
+
+def _ste(x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+    # Build y under no_grad so autograd stores nothing but the bool mask.
+    return _MaskSTE.apply(x, y, mask)
+
+
+def fixed_point_quantize(
+    x: Tensor,
+    sign: bool = True,
+    n: int = 8,
+    delta: float = 2**-4,
+    ste_fine_grained: bool = True,
+) -> Tensor:
+    """Uniform fixed-point quantization with step ``delta`` and ``n`` bits.
+
+    Forward (``nb = n - 1`` if ``sign`` else ``n``, ``xmax = (2**nb - 1) * delta``,
+    ``xmin = -xmax`` if ``sign`` else 0)::
+
+        y = sign(c) * floor(|c| / delta + 0.5) * delta,   c = clamp(x, xmin, xmax)
+
+    Backward: ``dx = dy * [xmin <= x <= xmax]`` (``ste_fine_grained``), else ``dx = dy``.
+
+    >>> fixed_point_quantize(torch.tensor([0.09375, 100.0]), n=8, delta=2**-4)
+    tensor([0.1250, 7.9375])
+    """
+    fn = "fixed_point_quantize"
+    _finite(x, fn, "x")
+    _bits(fn, "n", n, low=2 if sign else 1)
+    _positive(fn, "delta", delta)
+    with torch.no_grad():
+        y, xmin, xmax = _math.fixed_point(x, bool(sign), int(n), float(delta))
+        mask = ((x >= xmin) & (x <= xmax)) if ste_fine_grained and x.requires_grad else None
+    return _ste(x, y, mask)
+
+
+# --------------------------------------------------------------------------- power of two
+
+
+def _pow2_check(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> None:
+    low = 1 + int(bool(sign)) + int(bool(with_zero))
+    _bits(fn, "n", n, low=low)
+    if isinstance(m, bool) or int(m) != m or not -126 <= m <= 127:
+        raise ValueError(f"{fn}: m (log2 of the largest level) must be an integer in "
+                         f"[-126, 127] so that 2**m is a float32, got {m!r}")
+
+
+def pow2_quantize(
+    x: Tensor,
+    sign: bool = True,
+    with_zero: bool = True,
+    n: int = 8,
+    m: int = 1,
+    ste_fine_grained: bool = True,
+) -> Tensor:
+    """Power-of-two (logarithmic) quantization to ``n`` bits with largest level ``2**m``.
+
+    Forward (``nb = n - sign - with_zero``, ``p_max = 2**m``, ``p_min = 2**(m - (2**nb - 1))``,
+    ``thr = p_min / sqrt(2)``): ``q = 2**round_half_away(log2|x|)`` (0 at 0), clipped to
+    ``p_max``; below ``p_min`` it becomes ``0 if |x| < thr else p_min`` (``with_zero``) or
+    ``p_min``; the sign is restored (``sign``) or negatives map to ``0``/``p_min``.
+    Backward: ``dx = dy * [2**round(log2|x|) <= p_max]`` (and 0 at ``x < 0`` when unsigned) if
+    ``ste_fine_grained``, else ``dx = dy``. Miyashita et al. 2016, "Convolutional Neural Networks
+    using Logarithmic Data Representation".
+
+    >>> pow2_quantize(torch.tensor([0.3, -0.8, 5.0]), n=8, m=1)
+    tensor([ 0.2500, -1.0000,  2.0000])
+    """
+    fn = "pow2_quantize"
+    _finite(x, fn, "x")
+    _pow2_check(fn, sign, with_zero, n, m)
+    with torch.no_grad():
+        y, in_range = _math.pow2(x, bool(sign), bool(with_zero), int(n), int(m))
+    mask = in_range if ste_fine_grained and x.requires_grad else None
+    return _ste(x, y, mask)
+
+
+# --------------------------------------------------------------------------- INQ
+
+
+def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
+    """Incremental Network Quantization levels (Zhou et al., ICLR 2017) of a whole tensor.
+
+    Forward: with ``s = max|w|`` (1 if 0), ``n1 = floor(log2 s) + (frac(log2 s) >= log2 1.5)``,
+    ``n2 = n1 + 1 - 2**(num_bits - 2)``: ``0`` where ``|w| < 2**(n2 - 1)``, else
+    ``sign(w) * 2**clamp(floor(log2|w|) + (frac(log2|w|) >= log2 1.5), n2, n1)``.
+    Backward: identity (INQ itself stops gradients of fixed weights with its mask; see
+    :class:`fewbits.quantizers.INQ`).
+
+    >>> inq_quantize(torch.tensor([0.9, -0.3, 0.01]), num_bits=4)
+    tensor([ 1.0000, -0.2500,  0.0000])
+    """
+    fn = "inq_quantize"
+    _finite(w, fn, "w")
+    _bits(fn, "num_bits", num_bits, low=2)
+    with torch.no_grad():
+        y = _math.inq_levels(w, int(num_bits))
+    return _ste(w, y, None)
+
+
+# --------------------------------------------------------------------------- min-max
+
+
+class _MinMaxSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qr_min, qr_max, y, below, above, fine):
+        ctx.fine = fine
+        ctx.min_shape, ctx.max_shape = qr_min.shape, qr_max.shape
+        ctx.save_for_backward(below, above)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        below, above = ctx.saved_tensors
+        zero = torch.zeros_like(dy)
+        dx = torch.where(below | above, zero, dy) if ctx.fine else dy
+        d_min = d_max = None
+        if ctx.needs_input_grad[1]:
+            d_min = _reduce_to(torch.where(below, dy, zero), ctx.min_shape)
+        if ctx.needs_input_grad[2]:
+            d_max = _reduce_to(torch.where(above, dy, zero), ctx.max_shape)
+        return dx, d_min, d_max, None, None, None, None
+
+
+def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
+    if len(shape) == 0 or shape.numel() == 1:
+        return g.sum().reshape(shape)
+    return g.flatten(1).sum(1).reshape(shape)
+
+
+def _range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:
+    if not isinstance(r, Tensor):
+        r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
+    _finite(r, fn, arg)
+    if r.numel() == 1:
+        return r.reshape(())
+    if r.dim() != 1 or x.dim() < 1 or r.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: {arg} must be a scalar or have shape (C,) = (x.shape[0],) for per-channel "
+            f"ranges; got {tuple(r.shape)} for x of shape {tuple(x.shape)}"
+        )
+    return _channel_view(r, x.dim())
+
+
+def min_max_quantize(
+    x: Tensor,
+    qr_min: Tensor,
+    qr_max: Tensor,
+    ql_min: int = 0,
+    ql_max: int = 255,
+    eps: float = 0.01,
+    ste_fine_grained: bool = True,
+) -> Tensor:
+    """Min-max (asymmetric, zero-point) quantization (Jacob et al., CVPR 2018).
+
+    Forward: nudge ``qr_max = qr_min + eps`` if the range is narrower than ``eps``;
+    ``scale = (qr_max - qr_min) / (ql_max - ql_min)``; ``zp = ql_min - qr_min / scale`` clamped
+    to ``[ql_min, ql_max]`` and rounded half away; ``lo = (ql_min - zp) * scale``,
+    ``hi = (ql_max - zp) * scale``; ``y = round_half_away((clamp(x, lo, hi) - lo) / scale) *
+    scale + lo``.
+    Backward: ``dx = dy * [lo <= x <= hi]`` (``ste_fine_grained``, else ``dy``);
+    ``d qr_min = sum(dy * [x < lo])``, ``d qr_max = sum(dy * [x > hi])`` (per channel when the
+    ranges have shape ``(C,)``), when they require grad. State updates (per-batch and EMA
+    ranges) live in :class:`fewbits.quantizers.MinMax`.
+
+    >>> min_max_quantize(torch.tensor([-1.0, 0.3, 9.0]), torch.tensor(-1.0), torch.tensor(1.0),
+    ...                  ql_max=3)
+    tensor([-0.6667,  0.0000,  0.6667])
+    """
+    fn = "min_max_quantize"
+    _finite(x, fn, "x")
+    for name, v in (("ql_min", ql_min), ("ql_max", ql_max)):
+        if isinstance(v, bool) or int(v) != v:
+            raise ValueError(f"{fn}: {name} must be an integer, got {v!r}")
+    if not ql_min < ql_max:
+        raise ValueError(f"{fn}: need ql_min < ql_max, got ql_min={ql_min}, ql_max={ql_max}")
+    if ql_max - ql_min > 2**32 - 1:
+        raise ValueError(f"{fn}: ql_max - ql_min must fit 32 bits, got {ql_max - ql_min}")
+    _positive(fn, "eps", eps)
+    rmin = _range_view(qr_min, x, fn, "qr_min")
+    rmax = _range_view(qr_max, x, fn, "qr_max")
+    with torch.no_grad():
+        scale, _zp, lo, hi = _math.min_max_range(
+            rmin.to(x.dtype), rmax.to(x.dtype), float(ql_min), float(ql_max), float(eps)
+        )
+        y = _math.min_max(x, scale, lo, hi)
+        below, above = x < lo, x > hi
+    needs = x.requires_grad or (isinstance(qr_min, Tensor) and qr_min.requires_grad) or (
+        isinstance(qr_max, Tensor) and qr_max.requires_grad
+    )
+    if not needs:
+        return y
+    qmin_t = qr_min if isinstance(qr_min, Tensor) else rmin
+    qmax_t = qr_max if isinstance(qr_max, Tensor) else rmax
+    return _MinMaxSTE.apply(x, qmin_t, qmax_t, y, below, above, bool(ste_fine_grained))
