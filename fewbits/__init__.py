@@ -1,3 +1,31 @@
-"""fewbits: train neural networks whose weights and activations live in very few bits."""
+"""fewbits: train neural networks whose weights and activations live in very few bits, and ship
+them in their small form.
+
+Layers of the library, each small:
+
+* :mod:`fewbits.functional` - quantizer formulas as straight-through autograd functions;
+* :mod:`fewbits.quantizers` - quantizer modules with state and bit widths (``get`` resolves specs);
+* :mod:`fewbits.layers` - ``QuantConv2d`` / ``QuantLinear`` drop-in layers;
+* :mod:`fewbits.models` - the model zoo (``list_models``, ``create_model``).
+"""
+
+from . import functional, layers, models, quantizers
+from .layers import QuantAct, QuantConv2d, QuantLinear, apply_weight_constraints
+from .models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "QuantAct",
+    "QuantConv2d",
+    "QuantLinear",
+    "__version__",
+    "apply_weight_constraints",
+    "create_model",
+    "functional",
+    "layers",
+    "list_models",
+    "models",
+    "quantizers",
+    "register_model",
+]

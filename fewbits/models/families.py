@@ -1,0 +1,181 @@
+"""The nine quantization families as data: which quantizer each layer role gets, and where
+activations are quantized.
+
+A family turns a :class:`QuantConfig` (the seed's command-line options) into quantizer specs for
+weights, biases and activations, and names a :class:`Recipe`, the order of the operations that
+follow each convolution (the seed's placement, ``QUANTIZERS.md`` "The networks").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["FAMILIES", "Family", "QuantConfig", "Recipe", "family"]
+
+
+@dataclass
+class QuantConfig:
+    """Quantization options shared by all families (the seed's flags, and a few beyond).
+
+    ``bit_width=None`` means the family default: 8 (fixed point, pow2), 4 (INQ).
+    """
+
+    bit_width: int | None = None
+    delta: float = 2**-4
+    upper_bound: int = 1
+    ql_min: int = 0
+    ql_max: int = 255
+    p_min_max: bool = False
+    a_min_max: bool = False
+    a_ema: bool = False
+    ste_fine_grained: bool = True
+    inq_iterations: tuple[int, ...] = (5000, 6000, 7000, 8000, 9000)
+    inq_selection: str = "largest_abs"
+    clip_weights: bool = False
+
+    def __post_init__(self) -> None:
+        self.inq_iterations = tuple(int(i) for i in self.inq_iterations)
+        if self.bit_width is not None and not 1 <= int(self.bit_width) <= 32:
+            raise ValueError(f"bit_width must be in [1, 32], got {self.bit_width}")
+        if not self.delta > 0:
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        if not self.ql_min < self.ql_max:
+            raise ValueError(f"need ql_min < ql_max, got {self.ql_min} >= {self.ql_max}")
+        if self.a_ema and not self.a_min_max:
+            raise ValueError("a_ema needs a_min_max (EMA of per-batch ranges), as the seed")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown model options {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inq_iterations"] = list(self.inq_iterations)
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Operations after each conv: ``inner`` (unit conv1/conv2 and hidden layers), ``last``
+    (unit conv3, before the residual sum), ``merge`` (on ``h + x``), ``stem``.
+
+    Op names: ``bn`` batch norm, ``relu``, ``q`` the family's activation quantizer, ``btanh``
+    BinaryNet's binary tanh.
+    """
+
+    inner: tuple[str, ...]
+    last: tuple[str, ...]
+    merge: str
+    stem: tuple[str, ...]
+
+
+STANDARD = Recipe(("bn", "relu"), ("bn",), "relu", ("bn", "relu"))
+QUANT_NET = Recipe(("bn", "q", "relu"), ("bn", "q"), "relu", ("bn", "q", "relu"))
+BINARY_NET = Recipe(("bn", "btanh"), ("bn",), "btanh", ("bn", "btanh"))
+MIN_MAX = Recipe(("relu", "bn", "q"), ("bn", "q"), "relu", ("bn", "q", "relu"))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A quantization family: spec builders for each role plus the recipe."""
+
+    name: str
+    recipe: Recipe = STANDARD
+    weight_only: bool = True
+    doc: str = ""
+
+    def weight(self, c: QuantConfig) -> dict[str, Any] | None:
+        return _WEIGHT[self.name](c)
+
+    def bias(self, c: QuantConfig) -> dict[str, Any] | None:
+        return _BIAS.get(self.name, lambda c: None)(c)
+
+    def act(self, c: QuantConfig) -> dict[str, Any] | None:
+        return _ACT.get(self.name, lambda c: None)(c)
+
+    def bits(self, c: QuantConfig) -> tuple[int | str, int | str]:
+        """(weight bits, activation bits) for reports; ``32`` = float."""
+        from ..quantizers import get
+
+        w = get(self.weight(c))
+        a = get(self.act(c))
+        return (w.bits if w else 32), (a.bits if a else 32)
+
+
+def _bw(c: QuantConfig, default: int = 8) -> int:
+    return int(c.bit_width) if c.bit_width is not None else default
+
+
+def _fp(c: QuantConfig) -> dict[str, Any]:
+    return {"name": "fixed_point", "sign": True, "n": _bw(c), "delta": c.delta,
+            "ste_fine_grained": c.ste_fine_grained}
+
+
+def _pow2(c: QuantConfig, with_zero: bool) -> dict[str, Any]:
+    return {"name": "pow2", "sign": True, "with_zero": with_zero, "n": _bw(c),
+            "m": c.upper_bound, "ste_fine_grained": c.ste_fine_grained}
+
+
+def _mm(c: QuantConfig, weight: bool) -> dict[str, Any]:
+    if weight:
+        mode, lo, hi = ("batch" if c.p_min_max else "learnable"), -2.0, 2.0
+    else:
+        mode = "learnable" if not c.a_min_max else ("ema" if c.a_ema else "batch")
+        lo, hi = -6.0, 6.0
+    return {"name": "min_max", "ql_min": c.ql_min, "ql_max": c.ql_max, "init_min": lo,
+            "init_max": hi, "mode": mode, "ste_fine_grained": c.ste_fine_grained}
+
+
+_WEIGHT = {
+    "float": lambda c: None,
+    "binary_connect": lambda c: {"name": "binary_connect", "clip_weights": c.clip_weights},
+    "binary_net": lambda c: {"name": "binary_connect", "clip_weights": c.clip_weights},
+    "binary_weight": lambda c: {"name": "binary_weight"},
+    "fp_connect": _fp,
+    "fp_net": _fp,
+    "pow2_connect": lambda c: _pow2(c, with_zero=False),
+    "pow2_net": lambda c: _pow2(c, with_zero=False),
+    "inq": lambda c: {"name": "inq", "num_bits": _bw(c, 4), "inq_iterations":
+                      list(c.inq_iterations), "selection": c.inq_selection},
+    "min_max": lambda c: _mm(c, weight=True),
+}
+# Biases of the final affine: quantized where the seed's layer quantizes them.
+_BIAS = {
+    "fp_connect": _fp, "fp_net": _fp,
+    "pow2_connect": lambda c: _pow2(c, with_zero=False),
+    "pow2_net": lambda c: _pow2(c, with_zero=False),
+    "min_max": lambda c: _mm(c, weight=True),
+}
+_ACT = {
+    "fp_net": _fp,
+    "pow2_net": lambda c: _pow2(c, with_zero=True),
+    "min_max": lambda c: _mm(c, weight=False),
+}
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("float", doc="float32 reference"),
+        Family("binary_connect", doc="1-bit weights sign(W) (Courbariaux et al. 2015)"),
+        Family("binary_net", BINARY_NET, False, "1-bit weights and activations"),
+        Family("binary_weight", doc="1-bit weights with per-channel scale (XNOR-Net BWN)"),
+        Family("fp_connect", doc="n-bit fixed-point weights"),
+        Family("fp_net", QUANT_NET, False, "n-bit fixed-point weights and activations"),
+        Family("pow2_connect", doc="n-bit power-of-two weights"),
+        Family("pow2_net", QUANT_NET, False, "n-bit power-of-two weights and activations"),
+        Family("inq", doc="incremental network quantization to powers of two (Zhou et al.)"),
+        Family("min_max", MIN_MAX, False, "min-max (zero-point) 8-bit weights and activations"),
+    ]
+}
+
+
+def family(name: str) -> Family:
+    """Look up a family; unknown names raise ``ValueError`` listing the known ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]

@@ -1,0 +1,163 @@
+"""The model zoo: the seed's CIFAR-10 ResNet-23 in every family, and small MNIST networks.
+
+Architectures are data: ``RESNET23_UNITS`` is the stage table, and a family's
+:class:`~fewbits.models.families.Recipe` says what follows each convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import QuantAct, QuantConv2d, QuantLinear
+from .families import FAMILIES, Family, QuantConfig, family
+from .registry import register_model
+
+__all__ = ["MLP", "RESNET23_UNITS", "LeNet", "ResNet23"]
+
+#: ResNet-23 units: (channels, downsample after the unit). 32 -> 16 -> 8 -> 4.
+RESNET23_UNITS: tuple[tuple[int, bool], ...] = (
+    (64, False), (64, True), (64, False), (64, True), (64, False), (64, True), (64, False),
+)
+
+
+def _ops(ops: tuple[str, ...], channels: int, fam: Family, cfg: QuantConfig,
+         dim: int = 2) -> nn.Sequential:
+    bn = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    make = {
+        "bn": lambda: bn(channels),
+        "relu": lambda: nn.ReLU(inplace=False),
+        "q": lambda: QuantAct(fam.act(cfg)),
+        "btanh": lambda: QuantAct("binary_tanh"),
+    }
+    return nn.Sequential(*(make[o]() for o in ops))
+
+
+def _merge(op: str) -> nn.Module:
+    return nn.ReLU() if op == "relu" else QuantAct("binary_tanh")
+
+
+class _Base(nn.Module):
+    def __init__(self, fam: Family, cfg: QuantConfig) -> None:
+        super().__init__()
+        self.family, self.cfg = fam.name, cfg
+        self._fam = fam
+
+    def conv(self, cin: int, cout: int, k: int) -> QuantConv2d:
+        return QuantConv2d(cin, cout, k, padding=k // 2, bias=False,
+                           weight_quantizer=self._fam.weight(self.cfg))
+
+    def linear(self, cin: int, cout: int, bias_q: bool = True) -> QuantLinear:
+        return QuantLinear(cin, cout, weight_quantizer=self._fam.weight(self.cfg),
+                           bias_quantizer=self._fam.bias(self.cfg) if bias_q else None)
+
+
+class _ResUnit(nn.Module):
+    def __init__(self, net: _Base, c: int, down: bool, fam: Family, cfg: QuantConfig) -> None:
+        super().__init__()
+        r = fam.recipe
+        self.conv1, self.post1 = net.conv(c, c // 2, 1), _ops(r.inner, c // 2, fam, cfg)
+        self.conv2, self.post2 = net.conv(c // 2, c // 2, 3), _ops(r.inner, c // 2, fam, cfg)
+        self.conv3, self.post3 = net.conv(c // 2, c, 1), _ops(r.last, c, fam, cfg)
+        self.merge = _merge(r.merge)
+        self.pool = nn.MaxPool2d(2, 2) if down else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.post1(self.conv1(x))
+        h = self.post2(self.conv2(h))
+        h = self.post3(self.conv3(h))
+        return self.pool(self.merge(h + x))
+
+
+class ResNet23(_Base):
+    """The seed's CIFAR-10 ResNet-23: stem 3x3 conv, 7 bottleneck units (``RESNET23_UNITS``),
+    global 4x4 average pool, affine to ``num_classes``. Input: float images in ``[0, 1]``.
+    The float network has 97,482 trainable parameters."""
+
+    def __init__(self, fam: Family, cfg: QuantConfig, num_classes: int = 10,
+                 in_channels: int = 3, units: tuple[tuple[int, bool], ...] = RESNET23_UNITS):
+        super().__init__(fam, cfg)
+        c0 = units[0][0]
+        self.stem = self.conv(in_channels, c0, 3)
+        self.stem_post = _ops(fam.recipe.stem, c0, fam, cfg)
+        self.units = nn.Sequential(*(_ResUnit(self, c, d, fam, cfg) for c, d in units))
+        self.fc = self.linear(units[-1][0], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.units(self.stem_post(self.stem(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+class LeNet(_Base):
+    """LeNet-5 style MNIST net: conv5x5(20) -> pool -> conv5x5(50) -> pool -> fc(500) -> fc.
+
+    Each conv/fc is followed by the family's ``inner`` recipe (batch norm and activation)."""
+
+    def __init__(self, fam: Family, cfg: QuantConfig, num_classes: int = 10,
+                 in_channels: int = 1, width: int = 500) -> None:
+        super().__init__(fam, cfg)
+        r = fam.recipe.inner
+        self.conv1, self.post1 = self.conv(in_channels, 20, 5), _ops(r, 20, fam, cfg)
+        self.conv2, self.post2 = self.conv(20, 50, 5), _ops(r, 50, fam, cfg)
+        self.fc1 = self.linear(50 * 7 * 7, width, bias_q=False)
+        self.post3 = _ops(r, width, fam, cfg, dim=1)
+        self.fc2 = self.linear(width, num_classes)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pool(self.post1(self.conv1(x)))
+        h = self.pool(self.post2(self.conv2(h)))
+        return self.fc2(self.post3(self.fc1(torch.flatten(h, 1))))
+
+
+class MLP(_Base):
+    """The BinaryConnect paper's permutation-invariant MNIST MLP: ``depth`` hidden layers of
+    ``width`` units (paper: 3 x 1024), each fc -> batch norm -> activation, then fc."""
+
+    def __init__(self, fam: Family, cfg: QuantConfig, num_classes: int = 10,
+                 in_features: int = 784, width: int = 1024, depth: int = 3) -> None:
+        super().__init__(fam, cfg)
+        layers: list[nn.Module] = [nn.Flatten()]
+        cin = in_features
+        for _ in range(depth):
+            layers += [self.linear(cin, width, bias_q=False),
+                       _ops(fam.recipe.inner, width, fam, cfg, dim=1)]
+            cin = width
+        self.body = nn.Sequential(*layers)
+        self.fc = self.linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.body(x))
+
+
+def _builder(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[str, Any]):
+    arch_keys = set(arch_defaults)
+
+    def build(**kwargs: Any) -> nn.Module:
+        arch_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in arch_keys}
+        cfg = QuantConfig.from_kwargs(kwargs)
+        model = arch(family(fam_name), cfg, **arch_kw)
+        full = {**arch_defaults, **arch_kw, **cfg.to_dict()}
+        model.fewbits_spec = {"name": name, "kwargs": full}
+        return model
+
+    build.__name__ = name
+    build.__doc__ = f"{arch.__name__} in the {fam_name} family: {FAMILIES[fam_name].doc}."
+    return build
+
+
+def _register_all() -> None:
+    for fam in FAMILIES:
+        cifar = ("cifar10_resnet23_prediction" if fam == "float"
+                 else f"cifar10_{fam}_resnet23_prediction")
+        register_model(_builder(cifar, ResNet23, fam, {"num_classes": 10, "in_channels": 3}))
+        register_model(_builder(f"mnist_{fam}_lenet", LeNet, fam,
+                                {"num_classes": 10, "in_channels": 1, "width": 500}))
+        register_model(_builder(f"mnist_{fam}_mlp", MLP, fam,
+                                {"num_classes": 10, "in_features": 784, "width": 1024,
+                                 "depth": 3}))
+
+
+_register_all()
