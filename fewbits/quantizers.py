@@ -472,8 +472,8 @@ class MinMax(Quantizer):
             raise ValueError(f"MinMax: unknown mode {mode!r}; known: {_MINMAX_MODES}")
         if not ql_min < ql_max:
             raise ValueError(f"MinMax: need ql_min < ql_max, got {ql_min} >= {ql_max}")
-        if not init_min < init_max:
-            raise ValueError(f"MinMax: need init_min < init_max, got {init_min}, {init_max}")
+        if not init_min <= init_max:
+            raise ValueError(f"MinMax: need init_min <= init_max, got {init_min}, {init_max}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"MinMax: decay must be in [0, 1), got {decay}")
         qf._positive("MinMax", "eps", eps)
