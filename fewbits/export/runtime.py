@@ -1,0 +1,754 @@
+"""Fast CPU inference where the bits allow it: int8 convolutions and XNOR / popcount binary convs.
+
+:func:`compile_for_cpu` takes a fewbits network (live, rebuilt from a ``.fewbits`` file, or the
+file itself), freezes its quantized weights, and replaces each convolution / linear layer whose
+*input* is known to lie on an integer grid by an integer kernel:
+
+* **int8** (oneDNN through ``torch.ops.onednn``, the kernels PyTorch's x86 quantization uses):
+  when the input comes out of a uniform activation quantizer (fixed point, min-max; possibly
+  through ReLU, max-pool or a residual sum of same-scale grids) and the weight is an int8 grid
+  (fixed point ``n <= 8``, min-max levels within ``[-128, 127]`` of the zero point, INQ, +-1).
+  The input is turned into its uint8 codes *exactly* (it already is on the grid), the product
+  is accumulated in int32, and the float output is ``acc * x_scale * w_scale[o]``: the same real
+  numbers the float network computes, rounded once instead of along a float sum. Grids wider than
+  256 levels (a residual sum of 8-bit tensors) are checked per batch and run in float when a value
+  leaves the uint8 window, so the result never saturates.
+* **xnor** (binary net): both operands are +-1. Signs are bit-packed 64 channels to a word and
+  each output is ``taps * C - 2 * popcount(x XOR w)``, an exact integer, identical to the float
+  convolution of the same +-1 tensors. A small C kernel (``_xnor.c``, compiled with the system C
+  compiler on first use into ``$FEWBITS_CACHE`` or ``~/.cache/fewbits``) does this; without a
+  compiler a pure-PyTorch version (SWAR popcount on int64 words) gives the same numbers, slower.
+
+Everything else (batch norm, activation quantizers, pooling, the float stem and classifier) runs
+as in the float network. Families whose activations are float (the ``*_connect`` ones, binary
+weight, INQ) have no integer path: their layers stay float (frozen weights).
+
+    >>> from fewbits.models import create_model
+    >>> fast = compile_for_cpu(create_model("mnist_fp_net_mlp", width=64))
+    >>> sorted(set(fast.plan.values()))  # the first layer sees float pixels
+    ['float', 'int8']
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..quantizers import BinaryTanh, Codes, FixedPoint, MinMax, Quantizer
+from .onnx import _trace, resolve_source
+
+__all__ = [
+    "CompiledModel",
+    "Grid",
+    "Int8Conv2d",
+    "Int8Linear",
+    "XnorConv2d",
+    "compile_for_cpu",
+    "fast_path_kind",
+    "pack_signs",
+    "xnor_backend",
+    "xnor_conv2d",
+]
+
+
+# --------------------------------------------------------------------------- grids
+
+@dataclass(frozen=True)
+class Grid:
+    """Values ``(k - zero_point) * scale`` for integers ``k`` in ``[kmin, kmax]``;
+    ``binary``: the values are exactly +-1."""
+
+    scale: float
+    zero_point: int
+    kmin: int
+    kmax: int
+    binary: bool = False
+
+    @property
+    def levels(self) -> int:
+        return self.kmax - self.kmin + 1
+
+
+def _quantizer_grid(q: Quantizer | None) -> Grid | None:
+    if isinstance(q, FixedPoint):
+        k = 2 ** (q.n - 1) - 1 if q.sign else 2**q.n - 1
+        return Grid(q.delta, 0, -k if q.sign else 0, k)
+    if isinstance(q, MinMax) and q.qr_min.numel() == 1:
+        scale, zp, _, _ = q.grid(torch.zeros(()))
+        return Grid(float(scale), int(zp), q.ql_min, q.ql_max)
+    if isinstance(q, BinaryTanh):
+        return Grid(1.0, 0, -1, 1, binary=True)
+    return None
+
+
+def _propagate(model: nn.Module, graph: fx.Graph) -> dict[str, Grid | None]:
+    """The grid of every node's output (``None``: not known to be on a grid)."""
+    modules = dict(model.named_modules())
+    grids: dict[str, Grid | None] = {}
+
+    def of(a: Any) -> Grid | None:
+        return grids.get(a.name) if isinstance(a, fx.Node) else None
+
+    for node in graph.nodes:
+        g: Grid | None = None
+        if node.op == "call_module":
+            m = modules[node.target]
+            x = of(node.args[0]) if node.args else None
+            if isinstance(m, QuantAct):
+                g = _quantizer_grid(m.quantizer) if m.quantizer is not None else x
+            elif isinstance(m, (QuantConv2d, QuantLinear)):
+                g = _quantizer_grid(m.output_quantizer)
+            elif isinstance(m, nn.ReLU) and x is not None and x.kmin <= x.zero_point <= x.kmax:
+                g = Grid(x.scale, x.zero_point, max(x.kmin, x.zero_point), x.kmax)
+            elif isinstance(m, (nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)):
+                g = x
+        elif node.op == "call_function":
+            if node.target is torch.flatten:
+                g = of(node.args[0])
+            elif node.target in (nn.functional.relu, torch.relu):
+                x = of(node.args[0])
+                if x is not None and x.kmin <= x.zero_point <= x.kmax:
+                    g = Grid(x.scale, x.zero_point, max(x.kmin, x.zero_point), x.kmax)
+            elif getattr(node.target, "__name__", "") == "add" and len(node.args) == 2:
+                a, b = of(node.args[0]), of(node.args[1])
+                if (a is not None and b is not None and a.scale == b.scale
+                        and a.zero_point == b.zero_point == 0):
+                    g = Grid(a.scale, 0, a.kmin + b.kmin, a.kmax + b.kmax)
+        grids[node.name] = g
+    return grids
+
+
+# --------------------------------------------------------------------------- int8 (oneDNN)
+
+def _onednn_ok() -> str | None:
+    """``None`` when oneDNN int8 kernels with float output work here, else the reason."""
+    try:
+        ops = torch.ops.onednn
+        w = torch.ones(2, 3, 1, 1, dtype=torch.int8)
+        s = torch.ones(2)
+        packed = ops.qconv_prepack(w, s, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+        x = torch.ones(1, 3, 2, 2, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        y = ops.qconv2d_pointwise(x, 1.0, 0, packed, s, torch.zeros(2, dtype=torch.int64), None,
+                                  [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [],
+                                  "")
+        if not torch.equal(y, torch.full_like(y, 3.0)):
+            return "oneDNN int8 convolution gave a wrong test result"
+    except (AttributeError, RuntimeError) as e:
+        return f"oneDNN int8 kernels unavailable in this torch build ({e})"
+    return None
+
+
+def _int8_weight(w: Tensor, coded: tuple[Quantizer, Codes] | None
+                 ) -> tuple[Tensor, Tensor] | None:
+    """``(int8 codes, float32 scale per output channel)`` with ``codes * scale == w``, or None."""
+    w = w.detach().float()
+    out = w.shape[0]
+    if coded is not None:
+        q, c = coded
+        if isinstance(q, FixedPoint):
+            k = c.codes.reshape(c.shape) - q._offset
+            if k.numel() and -128 <= int(k.min()) and int(k.max()) <= 127:
+                return k.to(torch.int8), torch.full((out,), q.delta)
+        elif isinstance(q, MinMax):
+            zp = c.params["zero_point"].reshape(-1)
+            view = (-1,) + (1,) * (len(c.shape) - 1) if zp.numel() > 1 else ()
+            k = c.codes.reshape(c.shape) + q.ql_min - zp.reshape(view)
+            if k.numel() and -128 <= int(k.min()) and int(k.max()) <= 127:
+                scale = c.params["scale"].reshape(-1).float().expand(out).clone()
+                return k.to(torch.int8), scale
+    # Infer the grid from the values: one step for the whole tensor (fixed point, INQ, +-1),
+    # else one per output channel (+-alpha).
+    flat = w.reshape(out, -1)
+    u = torch.unique(flat)
+    cands = []
+    if u.numel() > 1:
+        cands.append(float((u[1:] - u[:-1]).min()))
+    nz = flat.abs()[flat != 0]
+    if nz.numel():
+        cands.append(float(nz.min()))
+    for s in cands:
+        if s > 0:
+            k = torch.round(flat / s)
+            if k.abs().max() <= 127 and torch.equal(k * s, flat):
+                return k.reshape(w.shape).to(torch.int8), torch.full((out,), s)
+    per = torch.where(flat == 0, torch.full_like(flat, float("inf")), flat.abs()).amin(1)
+    per = torch.where(torch.isinf(per), torch.ones_like(per), per)
+    k = torch.round(flat / per[:, None])
+    if k.abs().max() <= 127 and torch.equal(k * per[:, None], flat):
+        return k.reshape(w.shape).to(torch.int8), per.float()
+    return None
+
+
+class _FloatCodes:
+    """uint8 codes of a float input already on ``grid`` (exact: it is on the grid)."""
+
+    def __init__(self, grid: Grid) -> None:
+        if grid.levels <= 256:
+            w0, self.check = grid.kmin, False
+        else:  # a wide grid: use the 256-level window around zero, verify per batch
+            w0 = max(grid.kmin, min(grid.zero_point - 128, grid.kmax - 255))
+            self.check = True
+        self.x_zp = grid.zero_point - w0
+        self.x_scale = float(grid.scale)
+        self._scale = torch.tensor(self.x_scale)
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        u = torch.round(torch.div(x, self._scale))
+        if self.x_zp:
+            u += self.x_zp
+        if self.check:
+            lo, hi = torch.aminmax(u)
+            if lo < 0 or hi > 255:
+                return None
+        return u.clamp_(0, 255).to(torch.uint8)
+
+
+class _QuantizerCodes:
+    """uint8 codes of ``[relu](quantizer(x))`` computed from ``x`` itself (the float output of
+    the quantizer is never needed when it only feeds this layer).
+
+    Fixed point: ``k = floor(|c| / delta + 0.5) * sign(c)``, ``c = clamp(x, lo, hi)``; min-max:
+    ``k = floor((c - lo) / scale + 0.5) + ql_min``: the very integers the quantizer's float output
+    is made of, so the layer computes what it computes on that output.
+    """
+
+    def __init__(self, q: Quantizer, relu: bool, grid: Grid) -> None:
+        self.q, self.relu = q, relu
+        self.x_zp, self.x_scale = grid.zero_point - grid.kmin, float(grid.scale)
+        self.shift = -grid.kmin  # u = k - kmin
+        if isinstance(q, FixedPoint):
+            k = 2 ** (q.n - 1) - 1 if q.sign else 2**q.n - 1
+            self.lo = torch.tensor(0.0 if (relu or not q.sign) else -k * q.delta)
+            self.hi = torch.tensor(k * q.delta)
+            self.d = torch.tensor(q.delta)
+        else:
+            assert isinstance(q, MinMax)
+            scale, zp, lo, hi = q.grid(torch.zeros(()))
+            self.scale, self.lo, self.hi = scale.float(), lo.float(), hi.float()
+            self.zp = int(zp)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if isinstance(self.q, FixedPoint):
+            c = torch.clamp(x, self.lo, self.hi)
+            if float(self.lo) >= 0:
+                k = torch.div(c, self.d).add_(0.5).floor_()
+            else:
+                k = torch.div(c.abs(), self.d).add_(0.5).floor_().mul_(torch.sign(c))
+        else:
+            c = torch.clamp(x, self.lo, self.hi)
+            k = torch.div(c.sub_(self.lo), self.scale).add_(0.5).floor_()
+            k += self.q.ql_min
+            if self.relu:
+                k.clamp_min_(self.zp)
+        if self.shift:
+            k += self.shift
+        return k.to(torch.uint8)
+
+
+class _Int8Base(nn.Module):
+    def __init__(self, grid: Grid, float_layer: nn.Module, pre: Quantizer | None,
+                 post: Quantizer | None, codes: Any = None) -> None:
+        super().__init__()
+        self.grid = grid
+        self.codes = codes if codes is not None else _FloatCodes(grid)
+        self.x_zp, self.x_scale = self.codes.x_zp, self.codes.x_scale
+        self.float_layer = float_layer  # used when a batch leaves the uint8 window
+        self.pre, self.post = pre, post
+        self.fallbacks = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
+        u = self.codes(x)
+        if u is None:
+            self.fallbacks += 1
+            y = self.float_layer(x)
+        else:
+            y = self._int(u)
+        return y if self.post is None else self.post(y)
+
+
+class Int8Conv2d(_Int8Base):
+    """A conv on an input grid: uint8 input codes x int8 weights -> float (oneDNN)."""
+
+    def __init__(self, conv: nn.Conv2d, w: tuple[Tensor, Tensor], grid: Grid,
+                 pre: Quantizer | None = None, post: Quantizer | None = None,
+                 codes: Any = None) -> None:
+        super().__init__(grid, _frozen_float(conv), pre, post, codes)
+        k, scale = w
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.w_scale = scale.float().contiguous()
+        self.w_zp = torch.zeros(k.shape[0], dtype=torch.int64)
+        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        self.packed = torch.ops.onednn.qconv_prepack(
+            k.contiguous(), self.w_scale, self.x_scale, self.x_zp, self.stride, self.padding,
+            self.dilation, self.groups, None)
+
+    def _int(self, u: Tensor) -> Tensor:
+        return torch.ops.onednn.qconv2d_pointwise(
+            u.contiguous(memory_format=torch.channels_last), self.x_scale, self.x_zp,
+            self.packed, self.w_scale, self.w_zp, self.bias, self.stride, self.padding,
+            self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
+
+
+class Int8Linear(_Int8Base):
+    """A linear layer on an input grid: uint8 input codes x int8 weights -> float (oneDNN)."""
+
+    def __init__(self, linear: nn.Linear, w: tuple[Tensor, Tensor], grid: Grid,
+                 pre: Quantizer | None = None, post: Quantizer | None = None,
+                 codes: Any = None) -> None:
+        super().__init__(grid, _frozen_float(linear), pre, post, codes)
+        k, scale = w
+        self.w_scale = scale.float().contiguous()
+        self.w_zp = torch.zeros(k.shape[0], dtype=torch.int64)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.packed = torch.ops.onednn.qlinear_prepack(k.contiguous(), None)
+
+    def _int(self, u: Tensor) -> Tensor:
+        return torch.ops.onednn.qlinear_pointwise(
+            u.contiguous(), self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
+            self.bias, 1.0, 0, torch.float32, "none", [], "")
+
+
+# --------------------------------------------------------------------------- xnor
+
+_XNOR_LIB: Any = None
+_XNOR_ERR: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FEWBITS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "fewbits")
+    return Path(root)
+
+
+def _cpu_key() -> str:
+    # -march=native code must not be reused on another CPU: key the build by the CPU flags.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return flags + platform.machine() + platform.processor()
+
+
+def _load_xnor() -> Any:
+    """The compiled C kernels (ctypes), building them on first use; None when impossible."""
+    global _XNOR_LIB, _XNOR_ERR
+    if _XNOR_LIB is not None or _XNOR_ERR is not None:
+        return _XNOR_LIB
+    src = Path(__file__).with_name("_xnor.c")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not src.is_file() or cc is None:
+        _XNOR_ERR = "no C compiler (set CC) or kernel source missing"
+        return None
+    code = src.read_bytes()
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+    key = hashlib.sha256(code + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
+    lib_path = _cache_dir() / f"xnor-{key}.so"
+    try:
+        if not lib_path.is_file():
+            lib_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=lib_path.parent, suffix=".so")
+            os.close(fd)
+            try:
+                subprocess.run([cc, *flags, "-o", tmp, str(src)], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(tmp, lib_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        _XNOR_ERR = f"building the XNOR kernel failed: {e} {detail.decode(errors='replace')}"
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fb_pack_signs.argtypes = [ptr, ptr, i64, i64, i64]
+    lib.fb_pack_signs.restype = ctypes.c_int
+    lib.fb_xnor_conv.argtypes = [ptr, ptr, ptr, *([i64] * 12)]
+    lib.fb_xnor_conv.restype = ctypes.c_int
+    _XNOR_LIB = lib
+    return lib
+
+
+def xnor_backend() -> str:
+    """``"c"`` when the compiled XNOR kernel is usable here, else ``"torch"``."""
+    return "c" if _load_xnor() is not None else "torch"
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) as a contiguous (N, H, W, C) float tensor (free if channels-last)."""
+    return x.float().permute(0, 2, 3, 1).contiguous()
+
+
+def _words(c: int) -> int:
+    return (c + 63) // 64
+
+
+_BYTE_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _pack_rows_torch(rows: Tensor) -> Tensor:
+    """(R, C) floats -> (R, ceil(C/64)) int64 words, bit c of word j = (x[64 j + c] > 0)."""
+    r, c = rows.shape
+    bits = torch.zeros(r, _words(c) * 64, dtype=torch.uint8)
+    bits[:, :c] = rows > 0
+    byte = (bits.view(r, -1, 8) * _BYTE_WEIGHTS).sum(-1, dtype=torch.uint8)
+    # little-endian bytes -> words, the same bit order as the C kernel on x86/ARM
+    return byte.contiguous().view(torch.int64)
+
+
+def pack_signs(x: Tensor, backend: str = "auto") -> Tensor:
+    """Pack the signs of ``x`` (N, C, H, W) into (N, H, W, ceil(C/64)) int64 words (bit 1: x > 0).
+
+        >>> pack_signs(torch.tensor([1.0, -1.0, 1.0]).reshape(1, 3, 1, 1), "torch").item()
+        5
+    """
+    n, c, h, w = x.shape
+    if backend == "auto":
+        backend = xnor_backend()
+    if backend == "c":
+        lib = _load_xnor()
+        if lib is None:
+            raise RuntimeError(f"XNOR C kernel unavailable: {_XNOR_ERR}")
+        xs = _nhwc(x)
+        out = torch.empty(n, h, w, _words(c), dtype=torch.int64)
+        lib.fb_pack_signs(xs.data_ptr(), out.data_ptr(), n * h * w, c, torch.get_num_threads())
+        return out
+    return _pack_rows_torch(_nhwc(x).reshape(-1, c)).reshape(n, h, w, _words(c))
+
+
+_M1, _M2, _M4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
+_H01 = 0x0101010101010101
+
+
+def _popcount64(v: Tensor) -> Tensor:
+    """SWAR popcount of int64 words (masks after each shift make arithmetic shifts harmless)."""
+    v = v - ((v >> 1) & _M1)
+    v = (v & _M2) + ((v >> 2) & _M2)
+    v = (v + (v >> 4)) & _M4
+    return (v * _H01) >> 56
+
+
+def _xnor_conv_torch(xb: Tensor, wb: Tensor, c: int, pad: tuple[int, int],
+                     stride: tuple[int, int], wsum: Tensor) -> Tensor:
+    n, h, w, wd = xb.shape
+    kh, kw, o, _ = wb.shape
+    ph, pw = pad
+    # padded positions hold word 0 (= all -1); correct for them below
+    xp = torch.zeros(n, h + 2 * ph, w + 2 * pw, wd, dtype=torch.int64)
+    xp[:, ph:ph + h, pw:pw + w] = xb
+    win = xp.unfold(1, kh, stride[0]).unfold(2, kw, stride[1])  # (n, ho, wo, wd, kh, kw)
+    ho, wo = win.shape[1], win.shape[2]
+    cols = win.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * wd)
+    wcols = wb.reshape(kh * kw, o, wd).permute(1, 0, 2).reshape(o, kh * kw * wd)
+    mism = torch.empty(n * ho * wo, o, dtype=torch.int64)
+    step = max(1, (1 << 21) // max(1, o * cols.shape[1]))
+    for i in range(0, cols.shape[0], step):
+        mism[i:i + step] = _popcount64(cols[i:i + step, None, :] ^ wcols[None]).sum(-1)
+    out = (kh * kw * c - 2 * mism).reshape(n, ho, wo, o).float()
+    # taps in the padding contributed sum_c(-1 * w) = -wsum[tap, o]; they must contribute 0
+    valid = torch.zeros(1, 1, h + 2 * ph, w + 2 * pw)
+    valid[..., ph:ph + h, pw:pw + w] = 1
+    vwin = valid[0, 0].unfold(0, kh, stride[0]).unfold(1, kw, stride[1]).reshape(ho, wo, kh * kw)
+    corr = (1 - vwin) @ wsum  # (ho, wo, o)
+    return out + corr
+
+
+def xnor_conv2d(x: Tensor, weight: Tensor, padding: int | tuple[int, int] = 0,
+                stride: int | tuple[int, int] = 1, backend: str = "auto") -> Tensor:
+    """``conv2d(x, weight)`` for +-1 ``x`` and +-1 ``weight`` by XNOR / popcount (exact).
+
+    Returns a float (N, O, Ho, Wo) tensor (channels-last in memory).
+
+        >>> x = torch.tensor([1.0, -1, 1, 1]).reshape(1, 4, 1, 1)
+        >>> xnor_conv2d(x, torch.ones(1, 4, 1, 1), backend="torch").item()
+        2.0
+    """
+    return _XnorWeights(weight, backend).conv(x, _pair(padding), _pair(stride))
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _XnorWeights:
+    def __init__(self, weight: Tensor, backend: str) -> None:
+        w = weight.detach().float()
+        if not bool(((w == 1) | (w == -1)).all()):
+            raise ValueError("xnor_conv2d needs a weight of +-1 values only")
+        self.backend = xnor_backend() if backend == "auto" else backend
+        if self.backend not in ("c", "torch"):
+            raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
+        o, c, kh, kw = w.shape
+        self.shape = (o, c, kh, kw)
+        taps = w.permute(2, 3, 0, 1).reshape(kh * kw * o, c)  # rows (kh, kw, o)
+        self.wb = _pack_rows_torch(taps).reshape(kh, kw, o, _words(c))
+        self.wsum = w.sum(1).permute(1, 2, 0).reshape(kh * kw, o)  # (tap, o)
+
+    def conv(self, x: Tensor, pad: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+        o, c, kh, kw = self.shape
+        if x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"xnor conv expects (N, {c}, H, W) input, got {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        xb = pack_signs(x, self.backend)
+        if self.backend == "torch":
+            out = _xnor_conv_torch(xb, self.wb, c, pad, stride, self.wsum)
+        else:
+            ho = (h + 2 * pad[0] - kh) // stride[0] + 1
+            wo = (w + 2 * pad[1] - kw) // stride[1] + 1
+            out = torch.empty(n, ho, wo, o)
+            rc = _load_xnor().fb_xnor_conv(xb.data_ptr(), self.wb.data_ptr(), out.data_ptr(),
+                                           n, h, w, c, o, kh, kw, pad[0], pad[1], stride[0],
+                                           stride[1], torch.get_num_threads())
+            if rc:
+                raise MemoryError("XNOR kernel could not allocate its accumulators")
+        return out.permute(0, 3, 1, 2)
+
+
+class XnorConv2d(nn.Module):
+    """A conv with +-1 weights on +-1 inputs, by XNOR / popcount (exact)."""
+
+    def __init__(self, conv: nn.Conv2d, backend: str = "auto", pre: Quantizer | None = None,
+                 post: Quantizer | None = None) -> None:
+        super().__init__()
+        if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or isinstance(conv.padding, str):
+            raise ValueError("XnorConv2d supports groups=1, dilation=1, numeric padding")
+        self.w = _XnorWeights(conv.weight, backend)
+        self.backend = self.w.backend
+        self.pad, self.stride = _pair(conv.padding), _pair(conv.stride)
+        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        self.pre, self.post = pre, post
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
+        y = self.w.conv(x, self.pad, self.stride)
+        if self.bias is not None:
+            y = y + self.bias[:, None, None]
+        return y if self.post is None else self.post(y)
+
+
+# --------------------------------------------------------------------------- compile
+
+class _FastAct(nn.Module):
+    """Inference form of an activation quantizer: the same values as its ``forward`` (same
+    operations on the same operands, in place, without the finiteness check and autograd)."""
+
+    def __init__(self, q: Quantizer) -> None:
+        super().__init__()
+        self.q = q
+        if isinstance(q, FixedPoint):
+            k = 2 ** (q.n - 1) - 1 if q.sign else 2**q.n - 1
+            self.lo = torch.tensor(-k * q.delta if q.sign else 0.0)
+            self.hi, self.d = torch.tensor(k * q.delta), torch.tensor(q.delta)
+        elif isinstance(q, MinMax):
+            scale, _, lo, hi = q.grid(torch.zeros(()))
+            self.scale, self.lo, self.hi = scale.float(), lo.float(), hi.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.q
+        if isinstance(q, BinaryTanh):
+            return torch.where(x > 0, 1.0, -1.0)
+        if isinstance(q, FixedPoint):
+            c = torch.clamp(x, self.lo, self.hi)
+            a = torch.div(c.abs(), self.d).add_(0.5).floor_()
+            return a.mul_(torch.sign(c)).mul_(self.d)
+        c = torch.clamp(x, self.lo, self.hi)
+        r = torch.div(c.sub_(self.lo), self.scale).add_(0.5).floor_()
+        return r.mul_(self.scale).add_(self.lo)
+
+
+def _fast_act(q: Quantizer | None) -> nn.Module | None:
+    if isinstance(q, (FixedPoint, BinaryTanh)) or (isinstance(q, MinMax)
+                                                    and q.qr_min.numel() == 1):
+        return _FastAct(q)
+    return None
+
+
+def _frozen_float(layer: nn.Module) -> nn.Module:
+    """A plain ``nn.Conv2d`` / ``nn.Linear`` holding the weights the layer's forward uses."""
+    with torch.no_grad():
+        w = layer.quantized_weight() if hasattr(layer, "quantized_weight") else layer.weight
+        b = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias
+    if isinstance(layer, nn.Conv2d):
+        out = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                        layer.padding, layer.dilation, layer.groups, b is not None,
+                        layer.padding_mode)
+    else:
+        out = nn.Linear(layer.in_features, layer.out_features, b is not None)
+    out.weight.data.copy_(w.detach())
+    if b is not None:
+        out.bias.data.copy_(b.detach())
+    return out.eval().requires_grad_(False)
+
+
+class _Wrapped(nn.Module):
+    """A frozen float layer with the original layer's input/output quantizers."""
+
+    def __init__(self, layer: nn.Module, pre: Quantizer | None, post: Quantizer | None) -> None:
+        super().__init__()
+        self.layer, self.pre, self.post = layer, pre, post
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
+        y = self.layer(x)
+        return y if self.post is None else self.post(y)
+
+
+class CompiledModel(nn.Module):
+    """A network with integer layers where possible; ``plan`` maps each conv / linear layer to
+    ``"int8"``, ``"xnor"`` or ``"float"``; ``kind`` summarizes (``None``: no integer layer)."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, str], notes: list[str]) -> None:
+        super().__init__()
+        self.model, self.plan, self.notes = model, plan, notes
+        self.fewbits_spec = getattr(model, "fewbits_spec", None)
+
+    @property
+    def kind(self) -> str | None:
+        kinds = sorted({v for v in self.plan.values() if v != "float"})
+        return "+".join(kinds) or None
+
+    @property
+    def fallbacks(self) -> int:
+        """Batches where a wide-grid int8 layer ran in float (a value left its uint8 window)."""
+        return sum(m.fallbacks for m in self.model.modules() if isinstance(m, _Int8Base))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.model(x).contiguous()
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+class _Plan:
+    """The traced graph with call counts, to find chains that can be fused."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.model, self.graph = model, graph
+        self.calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+        self.dropped: set[str] = set()
+
+    def module(self, node: Any) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.model.get_submodule(str(node.target))
+        return None
+
+    def private(self, node: Any) -> bool:
+        """``node`` is a module called once whose output goes to one place only."""
+        return (isinstance(node, fx.Node) and node.op == "call_module"
+                and self.calls[str(node.target)] == 1 and len(node.users) == 1)
+
+    def quantizer_chain(self, node: Any) -> tuple[QuantAct, bool, list[str]] | None:
+        """``node`` = ``[ReLU](QuantAct(q)(x))`` feeding only the next layer:
+        ``(act, relu?, modules to drop)``."""
+        relu, names = False, []
+        if self.private(node) and isinstance(self.module(node), nn.ReLU):
+            relu, names = True, [str(node.target)]
+            node = node.args[0]
+        m = self.module(node)
+        if self.private(node) and isinstance(m, QuantAct) and m.quantizer is not None:
+            return m, relu, [*names, str(node.target)]
+        return None
+
+
+def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
+                    xnor: bool = True, backend: str = "auto") -> CompiledModel:
+    """The fastest exact-enough CPU form of ``source`` (model, ``.fewbits`` file, run folder or
+    checkpoint); see the module doc. ``backend`` picks the XNOR implementation: ``"auto"``
+    (C kernel if it builds, else PyTorch), ``"c"`` or ``"torch"``. The source is not modified.
+
+    Besides swapping layers, activation quantizers become in-place inference modules computing
+    the same values, and a quantizer (plus ReLU) whose only use is an integer layer is not
+    evaluated at all: the layer computes its integer codes (or, for XNOR, signs) straight from
+    the quantizer's input.
+    """
+    if backend not in ("auto", "c", "torch"):
+        raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
+    model, codes = resolve_source(source)
+    model = copy.deepcopy(model).eval()
+    notes: list[str] = []
+    graph = _trace(model)
+    grids = _propagate(model, graph)
+    onednn_err = _onednn_ok() if int8 else "int8 disabled"
+    if onednn_err and int8:
+        notes.append(onednn_err)
+    if xnor and backend in ("auto", "c") and _load_xnor() is None:
+        if backend == "c":
+            raise RuntimeError(f"XNOR C kernel unavailable: {_XNOR_ERR}")
+        notes.append(f"XNOR runs in PyTorch: {_XNOR_ERR}")
+    p = _Plan(model, graph)
+    nodes: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if isinstance(p.module(node), (nn.Conv2d, nn.Linear)):
+            nodes.setdefault(str(node.target), []).append(node)
+    plan: dict[str, str] = {}
+    for name, calls in nodes.items():
+        layer = model.get_submodule(name)
+        pre = getattr(layer, "input_quantizer", None)
+        post = getattr(layer, "output_quantizer", None)
+        in_grids = [grids.get(n.args[0].name) if isinstance(n.args[0], fx.Node) else None
+                    for n in calls]
+        grid = _quantizer_grid(pre) if pre is not None else (
+            in_grids[0] if all(g == in_grids[0] for g in in_grids) else None)
+        chain = p.quantizer_chain(calls[0].args[0]) if len(calls) == 1 and pre is None \
+            else None
+        frozen = _frozen_float(layer)
+        new: nn.Module = _Wrapped(frozen, pre, post) if (pre or post) else frozen
+        plan[name] = "float"
+        if grid is not None and isinstance(layer, nn.Conv2d) and grid.binary and xnor and \
+                bool(((frozen.weight == 1) | (frozen.weight == -1)).all()) and \
+                layer.groups == 1 and tuple(layer.dilation) == (1, 1):
+            new = XnorConv2d(frozen, backend, pre, post)
+            plan[name] = "xnor"
+            if chain is not None and isinstance(chain[0].quantizer, BinaryTanh) and not chain[1]:
+                p.dropped.update(chain[2])  # the kernel packs x > 0: binary tanh's own test
+        elif grid is not None and not onednn_err and (
+                isinstance(layer, nn.Linear) or layer.padding_mode == "zeros"):
+            w = _int8_weight(frozen.weight, codes.get(f"{name}.weight"))
+            if w is not None:
+                fused = None
+                if chain is not None and isinstance(chain[0].quantizer, (FixedPoint, MinMax)) \
+                        and grid.levels <= 256:
+                    fused = _QuantizerCodes(chain[0].quantizer, chain[1], grid)
+                    p.dropped.update(chain[2])
+                cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
+                new = cls(frozen, w, grid, pre, post, fused)
+                plan[name] = "int8"
+        _set(model, name, new)
+    for name in p.dropped:
+        _set(model, name, nn.Identity())
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantAct) and name not in p.dropped:
+            fast = _fast_act(m.quantizer)
+            if fast is not None:
+                _set(model, name, fast)
+    return CompiledModel(model.requires_grad_(False), plan, notes)
+
+
+def fast_path_kind(source: nn.Module | str | os.PathLike) -> str | None:
+    """``"int8"``, ``"xnor"``, ``"int8+xnor"`` or ``None``: what :func:`compile_for_cpu` would
+    use for ``source``."""
+    return compile_for_cpu(source).kind
