@@ -327,9 +327,10 @@ def _pow2_act(g: _Graph, x: str, q: Pow2, base: str) -> tuple[str, str]:
     """
     nb = q.n - int(q.sign) - int(q.with_zero)
     e_max, e_min = q.m, q.m - (2**nb - 1)
-    if e_min - 3 < -126 or e_max + 2 > 126:
+    if e_min - 2 < -126 or e_max + 2 > 126:
+        # the rounding thresholds 2^e * 2^-0.5 must be normal floats to be exact
         raise ValueError(f"{base}: pow2 activation exponents [{e_min}, {e_max}] leave the float32 "
-                         "normal range; use n <= 8 for exportable pow2 activations")
+                         "normal range; use fewer bits (n <= 8 with zero, n <= 7 without)")
     lo_e = e_min - 2
     table = np.array([math.ldexp(1.0, e) for e in range(lo_e, e_max + 2)], np.float32)
     p_min, p_max = np.float32(math.ldexp(1.0, e_min)), np.float32(math.ldexp(1.0, e_max))

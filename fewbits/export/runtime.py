@@ -58,6 +58,7 @@ __all__ = [
     "Int8Conv2d",
     "Int8Linear",
     "XnorConv2d",
+    "XnorLinear",
     "compile_for_cpu",
     "fast_path_kind",
     "pack_signs",
@@ -546,6 +547,26 @@ class XnorConv2d(nn.Module):
         return y if self.post is None else self.post(y)
 
 
+class XnorLinear(nn.Module):
+    """A linear layer with +-1 weights on +-1 inputs: the XNOR conv of a 1 x 1 image."""
+
+    def __init__(self, linear: nn.Linear, backend: str = "auto", pre: Quantizer | None = None,
+                 post: Quantizer | None = None) -> None:
+        super().__init__()
+        self.w = _XnorWeights(linear.weight[:, :, None, None], backend)
+        self.backend = self.w.backend
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.pre, self.post = pre, post
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
+        y = self.w.conv(x[:, :, None, None], (0, 0), (1, 1))[:, :, 0, 0]
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.post is None else self.post(y)
+
+
 # --------------------------------------------------------------------------- compile
 
 class _FastAct(nn.Module):
@@ -718,10 +739,12 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
         frozen = _frozen_float(layer)
         new: nn.Module = _Wrapped(frozen, pre, post) if (pre or post) else frozen
         plan[name] = "float"
-        if grid is not None and isinstance(layer, nn.Conv2d) and grid.binary and xnor and \
+        if grid is not None and grid.binary and xnor and \
                 bool(((frozen.weight == 1) | (frozen.weight == -1)).all()) and \
-                layer.groups == 1 and tuple(layer.dilation) == (1, 1):
-            new = XnorConv2d(frozen, backend, pre, post)
+                (isinstance(layer, nn.Linear) or (layer.groups == 1 and tuple(layer.dilation)
+                                                  == (1, 1) and layer.padding_mode == "zeros")):
+            cls = XnorConv2d if isinstance(layer, nn.Conv2d) else XnorLinear
+            new = cls(frozen, backend, pre, post)
             plan[name] = "xnor"
             if chain is not None and isinstance(chain[0].quantizer, BinaryTanh) and not chain[1]:
                 p.dropped.update(chain[2])  # the kernel packs x > 0: binary tanh's own test
