@@ -4,6 +4,8 @@ For each CIFAR-10 ResNet-23 family: the ``.fewbits`` size, bits per weight and r
 state dict; and the time of one forward of
 
 * ``float``  -- the float ResNet-23 in PyTorch (the reference every ratio is against),
+* ``float_cl`` -- the same with a channels-last input (the fast path runs channels-last: this
+  column separates what the memory layout alone gives),
 * ``packed`` -- the network rebuilt from its ``.fewbits`` file (PyTorch, eager),
 * ``ort``    -- its ONNX export in ONNX Runtime (CPU),
 * ``fast``   -- :func:`fewbits.export.runtime.compile_for_cpu` where an integer path exists
@@ -104,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(tmp, name + ".fewbits")
         rep = export_packed(model, path)
         packed = load_packed(path)
-        runners: dict[str, Any] = {"float": float_model, "packed": packed}
+        runners: dict[str, Any] = {
+            "float": float_model,
+            "float_cl": lambda x: float_model(x.contiguous(memory_format=torch.channels_last)),
+            "packed": packed}
         if not args.no_ort:
             export_onnx(path, os.path.join(tmp, name + ".onnx"))
             runners["ort"] = _ort_runner(os.path.join(tmp, name + ".onnx"), args.threads)
@@ -161,7 +166,7 @@ def _line(row: dict[str, Any], batches: list[int]) -> str:
 
 
 def _table(rows: list[dict[str, Any]], batches: list[int], threads: int) -> str:
-    cols = ["packed", "ort", "fast"]
+    cols = ["float_cl", "packed", "ort", "fast"]
     head = f"{'network':15s} {'bytes':>9s} {'bits/w':>6s} {'x fp32':>6s} {'fast path':>9s}"
     for b in batches:
         head += f" | b={b:<3d} {'float ms':>9s} " + " ".join(f"{c:>14s}" for c in cols)

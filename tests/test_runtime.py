@@ -13,6 +13,7 @@ from torch import nn
 from fewbits.export import export_packed, load_packed
 from fewbits.export.runtime import (
     _FastAct,
+    _inplace_bn,
     _int8_weight,
     compile_for_cpu,
     pack_signs,
@@ -180,6 +181,26 @@ def test_fast_activations_equal_the_quantizers():
         q.eval()
         with torch.no_grad():
             assert torch.equal(_FastAct(q)(x), q(x)), q
+
+
+@pytest.mark.parametrize("shape", [(5, 24, 7, 9), (1, 24, 1, 1), (130, 24)])
+def test_inplace_batch_norm_is_batch_norm_to_the_bit(shape):
+    g = torch.Generator().manual_seed(0)
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(24).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1, generator=g)
+        bn.running_var.uniform_(0.2, 3, generator=g)
+        bn.weight.uniform_(-1.5, 1.5, generator=g)
+        bn.bias.uniform_(-1, 1, generator=g)
+        fast = _inplace_bn(bn)
+        assert fast is not None
+        x = torch.randn(*shape, generator=g) * 5
+        layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4
+                         else [])
+        for t in layouts:
+            y = t.clone()
+            assert fast(y).data_ptr() == y.data_ptr()  # in place
+            assert torch.equal(y, bn(t))
 
 
 def test_int8_weight_forms():

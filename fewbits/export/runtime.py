@@ -15,9 +15,10 @@ file itself), freezes its quantized weights, and replaces each convolution / lin
   leaves the uint8 window, so the result never saturates.
 * **xnor** (binary net): both operands are +-1. Signs are bit-packed 64 channels to a word and
   each output is ``taps * C - 2 * popcount(x XOR w)``, an exact integer, identical to the float
-  convolution of the same +-1 tensors. A small C kernel (``_xnor.c``, compiled with the system C
-  compiler on first use into ``$FEWBITS_CACHE`` or ``~/.cache/fewbits``) does this; without a
-  compiler a pure-PyTorch version (SWAR popcount on int64 words) gives the same numbers, slower.
+  convolution of the same +-1 tensors. A small C kernel (``_cpu_kernels.c``, compiled with the
+  system C compiler on first use into ``$FEWBITS_CACHE`` or ``~/.cache/fewbits``) does this;
+  without a compiler a pure-PyTorch version (SWAR popcount on int64 words) gives the same
+  numbers, slower.
 
 Everything else (batch norm, activation quantizers, pooling, the float stem and classifier) runs
 as in the float network. Families whose activations are float (the ``*_connect`` ones, binary
@@ -195,6 +196,26 @@ def _int8_weight(w: Tensor, coded: tuple[Quantizer, Codes] | None
     return None
 
 
+class _Buffers:
+    """Scratch tensors reused across calls (fresh tensors cost a page fault per 4 KiB on first
+    touch, which on small CPUs takes longer than the arithmetic); internal use only."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[Any, Tensor] = {}
+
+    def get(self, key: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+        fmt = (torch.channels_last if like.dim() == 4
+               and like.is_contiguous(memory_format=torch.channels_last)
+               and not like.is_contiguous() else torch.contiguous_format)
+        k = (key, tuple(like.shape), dtype, fmt)
+        buf = self._bufs.get(k)
+        if buf is None:
+            if len(self._bufs) > 16:  # shapes keep changing: do not hoard memory
+                self._bufs.clear()
+            buf = self._bufs[k] = torch.empty(like.shape, dtype=dtype, memory_format=fmt)
+        return buf
+
+
 class _FloatCodes:
     """uint8 codes of a float input already on ``grid`` (exact: it is on the grid)."""
 
@@ -207,16 +228,17 @@ class _FloatCodes:
         self.x_zp = grid.zero_point - w0
         self.x_scale = float(grid.scale)
         self._scale = torch.tensor(self.x_scale)
+        self.bufs = _Buffers()
 
     def __call__(self, x: Tensor) -> Tensor | None:
-        u = torch.round(torch.div(x, self._scale))
+        u = torch.div(x, self._scale, out=self.bufs.get("f", x, torch.float32)).round_()
         if self.x_zp:
             u += self.x_zp
         if self.check:
             lo, hi = torch.aminmax(u)
             if lo < 0 or hi > 255:
                 return None
-        return u.clamp_(0, 255).to(torch.uint8)
+        return self.bufs.get("u", x, torch.uint8).copy_(u.clamp_(0, 255))
 
 
 class _QuantizerCodes:
@@ -225,40 +247,43 @@ class _QuantizerCodes:
 
     Fixed point: ``k = floor(|c| / delta + 0.5) * sign(c)``, ``c = clamp(x, lo, hi)``; min-max:
     ``k = floor((c - lo) / scale + 0.5) + ql_min``: the very integers the quantizer's float output
-    is made of, so the layer computes what it computes on that output.
+    is made of, so the layer computes what it computes on that output. ``inplace``: ``x`` is a
+    fresh tensor nobody else reads, so it is used as scratch space.
     """
 
-    def __init__(self, q: Quantizer, relu: bool, grid: Grid) -> None:
-        self.q, self.relu = q, relu
+    def __init__(self, q: Quantizer, relu: bool, grid: Grid, inplace: bool = False) -> None:
+        self.q, self.relu, self.inplace = q, relu, inplace
         self.x_zp, self.x_scale = grid.zero_point - grid.kmin, float(grid.scale)
         self.shift = -grid.kmin  # u = k - kmin
+        self.bufs = _Buffers()
         if isinstance(q, FixedPoint):
             k = 2 ** (q.n - 1) - 1 if q.sign else 2**q.n - 1
-            self.lo = torch.tensor(0.0 if (relu or not q.sign) else -k * q.delta)
-            self.hi = torch.tensor(k * q.delta)
-            self.d = torch.tensor(q.delta)
+            self.lo = 0.0 if (relu or not q.sign) else -k * q.delta
+            self.hi, self.d = k * q.delta, torch.tensor(q.delta)
+            self.signed = self.lo < 0
         else:
             assert isinstance(q, MinMax)
             scale, zp, lo, hi = q.grid(torch.zeros(()))
-            self.scale, self.lo, self.hi = scale.float(), lo.float(), hi.float()
-            self.zp = int(zp)
+            self.scale, self.lo_t = scale.float(), lo.float()
+            self.lo, self.hi, self.zp = float(lo), float(hi), int(zp)
 
     def __call__(self, x: Tensor) -> Tensor:
+        c = x.clamp_(self.lo, self.hi) if self.inplace else torch.clamp(
+            x, self.lo, self.hi, out=self.bufs.get("f", x, torch.float32))
         if isinstance(self.q, FixedPoint):
-            c = torch.clamp(x, self.lo, self.hi)
-            if float(self.lo) >= 0:
-                k = torch.div(c, self.d).add_(0.5).floor_()
+            if self.signed:
+                k = torch.abs(c, out=self.bufs.get("a", c, torch.float32))
+                k.div_(self.d).add_(0.5).floor_().copysign_(c)
             else:
-                k = torch.div(c.abs(), self.d).add_(0.5).floor_().mul_(torch.sign(c))
+                k = c.div_(self.d).add_(0.5).floor_()
         else:
-            c = torch.clamp(x, self.lo, self.hi)
-            k = torch.div(c.sub_(self.lo), self.scale).add_(0.5).floor_()
+            k = c.sub_(self.lo_t).div_(self.scale).add_(0.5).floor_()
             k += self.q.ql_min
             if self.relu:
                 k.clamp_min_(self.zp)
         if self.shift:
             k += self.shift
-        return k.to(torch.uint8)
+        return self.bufs.get("u", x, torch.uint8).copy_(k)
 
 
 class _Int8Base(nn.Module):
@@ -354,7 +379,7 @@ def _load_xnor() -> Any:
     global _XNOR_LIB, _XNOR_ERR
     if _XNOR_LIB is not None or _XNOR_ERR is not None:
         return _XNOR_LIB
-    src = Path(__file__).with_name("_xnor.c")
+    src = Path(__file__).with_name("_cpu_kernels.c")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not src.is_file() or cc is None:
         _XNOR_ERR = "no C compiler (set CC) or kernel source missing"
@@ -362,7 +387,7 @@ def _load_xnor() -> Any:
     code = src.read_bytes()
     flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
     key = hashlib.sha256(code + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"xnor-{key}.so"
+    lib_path = _cache_dir() / f"cpu-kernels-{key}.so"
     try:
         if not lib_path.is_file():
             lib_path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,6 +410,8 @@ def _load_xnor() -> Any:
     lib.fb_pack_signs.restype = ctypes.c_int
     lib.fb_xnor_conv.argtypes = [ptr, ptr, ptr, *([i64] * 12)]
     lib.fb_xnor_conv.restype = ctypes.c_int
+    lib.fb_affine_inplace.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.fb_affine_inplace.restype = ctypes.c_int
     _XNOR_LIB = lib
     return lib
 
@@ -571,36 +598,98 @@ class XnorLinear(nn.Module):
 
 class _FastAct(nn.Module):
     """Inference form of an activation quantizer: the same values as its ``forward`` (same
-    operations on the same operands, in place, without the finiteness check and autograd)."""
+    operations on the same operands, without the finiteness check and autograd), computed in
+    ``x`` itself when ``inplace`` (``x`` is a fresh tensor nobody else reads)."""
 
-    def __init__(self, q: Quantizer) -> None:
+    def __init__(self, q: Quantizer, inplace: bool = False) -> None:
         super().__init__()
-        self.q = q
+        self.q, self.inplace, self.bufs = q, inplace, _Buffers()
         if isinstance(q, FixedPoint):
             k = 2 ** (q.n - 1) - 1 if q.sign else 2**q.n - 1
-            self.lo = torch.tensor(-k * q.delta if q.sign else 0.0)
-            self.hi, self.d = torch.tensor(k * q.delta), torch.tensor(q.delta)
+            self.lo, self.hi = (-k * q.delta if q.sign else 0.0), k * q.delta
+            self.d = torch.tensor(q.delta)
         elif isinstance(q, MinMax):
             scale, _, lo, hi = q.grid(torch.zeros(()))
-            self.scale, self.lo, self.hi = scale.float(), lo.float(), hi.float()
+            self.scale, self.lo_t = scale.float(), lo.float()
+            self.lo, self.hi = float(lo), float(hi)
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.q
         if isinstance(q, BinaryTanh):
-            return torch.where(x > 0, 1.0, -1.0)
+            # sign(x) - 1/2 is -1.5, -0.5 or 0.5: its sign is +1 exactly where x > 0 (and -1 at
+            # x = 0, as binary tanh); three passes where torch.where takes about eight times as long
+            y = x.sign_() if self.inplace else torch.sign(x)
+            return y.sub_(0.5).sign_()
+        c = x.clamp_(self.lo, self.hi) if self.inplace else torch.clamp(x, self.lo, self.hi)
         if isinstance(q, FixedPoint):
-            c = torch.clamp(x, self.lo, self.hi)
-            a = torch.div(c.abs(), self.d).add_(0.5).floor_()
-            return a.mul_(torch.sign(c)).mul_(self.d)
-        c = torch.clamp(x, self.lo, self.hi)
-        r = torch.div(c.sub_(self.lo), self.scale).add_(0.5).floor_()
-        return r.mul_(self.scale).add_(self.lo)
+            # |c| goes through a scratch buffer, then sign(c) * a lands in c itself
+            a = torch.abs(c, out=self.bufs.get("a", c, torch.float32))
+            a.div_(self.d).add_(0.5).floor_().mul_(self.d)
+            return torch.copysign(a, c, out=c)  # equal to sign(c) * a up to the sign of zeros
+        return c.sub_(self.lo_t).div_(self.scale).add_(0.5).floor_().mul_(self.scale) \
+            .add_(self.lo_t)
 
 
-def _fast_act(q: Quantizer | None) -> nn.Module | None:
+class _InplaceBatchNorm(nn.Module):
+    """Evaluation batch norm computed in a fresh input tensor: ``fma(x, alpha, beta)`` per
+    channel (the C kernel), or ``x.mul_(alpha).add_(beta)``; built by :func:`_inplace_bn` only
+    after probes show the chosen arithmetic is ``F.batch_norm``'s to the bit."""
+
+    def __init__(self, alpha: Tensor, beta: Tensor, fused: bool) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.fused = alpha.contiguous(), beta.contiguous(), fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.alpha.numel()
+        if self.fused and x.dtype == torch.float32:
+            rest = x.numel() // max(1, x.shape[0] * c)
+            if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+                    x.is_contiguous() and rest == 1):
+                rows, inner = x.numel() // c, 1  # rows of C channels
+            elif x.is_contiguous():
+                rows, inner = x.shape[0] * c, rest  # planes of one channel
+            else:
+                rows = -1
+            if rows >= 0:
+                _load_xnor().fb_affine_inplace(x.data_ptr(), self.alpha.data_ptr(),
+                                               self.beta.data_ptr(), rows, c, inner,
+                                               torch.get_num_threads())
+                return x
+            return torch.addcmul(self.beta.view(_bn_view(x)), x, self.alpha.view(_bn_view(x)))
+        return x.mul_(self.alpha.view(_bn_view(x))).add_(self.beta.view(_bn_view(x)))
+
+
+def _bn_view(x: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _inplace_bn(bn: nn.Module) -> nn.Module | None:
+    """An in-place equivalent of ``bn`` (eval mode) when probes show it is bit-identical."""
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.running_mean is None:
+        return None
+    c = bn.num_features
+    with torch.no_grad():
+        # F.batch_norm(x) = x * alpha + beta: read beta at x = 0 and alpha at x = 2^40, where
+        # beta is below half an ulp of 2^40 * alpha for any sane statistics (checked below)
+        dims = (1, c) + ((1, 1) if isinstance(bn, nn.BatchNorm2d) else ())
+        beta = bn(torch.zeros(dims)).reshape(c).clone()
+        alpha = (bn(torch.full(dims, 2.0**40)).reshape(c) / 2.0**40).clone()
+        g = torch.Generator().manual_seed(0)
+        probes = [torch.randn(67, c, generator=g) * 4]
+        if isinstance(bn, nn.BatchNorm2d):
+            p = torch.randn(3, c, 9, 7, generator=g) * 4
+            probes = [p, p.contiguous(memory_format=torch.channels_last)]
+        for fused in ((True, False) if _load_xnor() is not None else (False,)):
+            m = _InplaceBatchNorm(alpha, beta, fused)
+            if all(torch.equal(m(q.clone()), bn(q)) for q in probes):
+                return m
+    return None
+
+
+def _fast_act(q: Quantizer | None, inplace: bool = False) -> nn.Module | None:
     if isinstance(q, (FixedPoint, BinaryTanh)) or (isinstance(q, MinMax)
                                                     and q.qr_min.numel() == 1):
-        return _FastAct(q)
+        return _FastAct(q, inplace)
     return None
 
 
@@ -656,6 +745,8 @@ class CompiledModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.inference_mode():
+            if x.dim() == 4:  # the int8 kernels want NHWC; keep one layout end to end
+                x = x.contiguous(memory_format=torch.channels_last)
             return self.model(x).contiguous()
 
 
@@ -664,8 +755,13 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+_FRESH_MODULES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.MaxPool2d,
+                  nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ReLU)
+_FRESH_FUNCTIONS = ("add", "relu", "adaptive_avg_pool2d")
+
+
 class _Plan:
-    """The traced graph with call counts, to find chains that can be fused."""
+    """The traced graph with call counts: which chains can be fused, which tensors overwritten."""
 
     def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
         self.model, self.graph = model, graph
@@ -682,16 +778,29 @@ class _Plan:
         return (isinstance(node, fx.Node) and node.op == "call_module"
                 and self.calls[str(node.target)] == 1 and len(node.users) == 1)
 
-    def quantizer_chain(self, node: Any) -> tuple[QuantAct, bool, list[str]] | None:
+    def overwritable(self, node: Any) -> bool:
+        """``node``'s output is a tensor of its own (not a view of another) read only by its one
+        user, which may therefore compute in it."""
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return False
+        if node.op == "call_module":
+            m = self.module(node)
+            if isinstance(m, QuantAct):
+                return m.quantizer is not None
+            return isinstance(m, _FRESH_MODULES) and not getattr(m, "inplace", False)
+        return node.op == "call_function" and getattr(node.target, "__name__", "") in \
+            _FRESH_FUNCTIONS
+
+    def quantizer_chain(self, node: Any) -> tuple[QuantAct, bool, list[str], bool] | None:
         """``node`` = ``[ReLU](QuantAct(q)(x))`` feeding only the next layer:
-        ``(act, relu?, modules to drop)``."""
+        ``(act, relu?, modules to drop, x overwritable?)``."""
         relu, names = False, []
         if self.private(node) and isinstance(self.module(node), nn.ReLU):
             relu, names = True, [str(node.target)]
             node = node.args[0]
         m = self.module(node)
         if self.private(node) and isinstance(m, QuantAct) and m.quantizer is not None:
-            return m, relu, [*names, str(node.target)]
+            return m, relu, [*names, str(node.target)], self.overwritable(node.args[0])
         return None
 
 
@@ -701,10 +810,12 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
     checkpoint); see the module doc. ``backend`` picks the XNOR implementation: ``"auto"``
     (C kernel if it builds, else PyTorch), ``"c"`` or ``"torch"``. The source is not modified.
 
-    Besides swapping layers, activation quantizers become in-place inference modules computing
-    the same values, and a quantizer (plus ReLU) whose only use is an integer layer is not
-    evaluated at all: the layer computes its integer codes (or, for XNOR, signs) straight from
-    the quantizer's input.
+    Besides swapping layers: activation quantizers become inference modules computing the same
+    values; a quantizer (plus ReLU) whose only use is an integer layer is not evaluated at all
+    (the layer computes its integer codes, or for XNOR its signs, from the quantizer's input);
+    batch norm, quantizers and ReLU compute in their input tensor when the traced graph shows
+    nothing else reads it (batch norm only where probes show the in-place arithmetic is
+    ``F.batch_norm``'s to the bit); the network runs channels-last.
     """
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
@@ -755,7 +866,7 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
                 fused = None
                 if chain is not None and isinstance(chain[0].quantizer, (FixedPoint, MinMax)) \
                         and grid.levels <= 256:
-                    fused = _QuantizerCodes(chain[0].quantizer, chain[1], grid)
+                    fused = _QuantizerCodes(chain[0].quantizer, chain[1], grid, chain[3])
                     p.dropped.update(chain[2])
                 cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
                 new = cls(frozen, w, grid, pre, post, fused)
@@ -763,11 +874,21 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
         _set(model, name, new)
     for name in p.dropped:
         _set(model, name, nn.Identity())
-    for name, m in list(model.named_modules()):
-        if isinstance(m, QuantAct) and name not in p.dropped:
-            fast = _fast_act(m.quantizer)
-            if fast is not None:
-                _set(model, name, fast)
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or name in p.dropped or name in nodes:
+            continue
+        m = model.get_submodule(name)
+        inplace = p.calls[name] == 1 and p.overwritable(node.args[0])
+        new_m: nn.Module | None = None
+        if isinstance(m, QuantAct):
+            new_m = _fast_act(m.quantizer, inplace)
+        elif inplace and isinstance(m, nn.ReLU):
+            new_m = nn.ReLU(inplace=True)
+        elif inplace and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            new_m = _inplace_bn(m)
+        if new_m is not None:
+            _set(model, name, new_m)
     return CompiledModel(model.requires_grad_(False), plan, notes)
 
 

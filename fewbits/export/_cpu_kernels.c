@@ -1,4 +1,7 @@
-/* XNOR / popcount kernels for fewbits' binary-net CPU path (fewbits/export/runtime.py).
+/* CPU kernels for fewbits' fast inference path (fewbits/export/runtime.py).
+ *
+ * XNOR / popcount convolution (binary nets), and an in-place per-channel fused multiply-add
+ * (evaluation batch norm, which PyTorch computes as fma(x, alpha, beta)).
  *
  * Activations and weights are +-1; bit 1 stands for +1. Channels are packed 64 to a uint64 word
  * (unused high bits are 0 in both operands, so they never count as a mismatch). For one output
@@ -9,6 +12,7 @@
  * Plain C with pthreads, no torch headers, so it compiles in about a second; Python loads it with
  * ctypes (which releases the GIL during the call).
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -129,4 +133,50 @@ int fb_xnor_conv(const uint64_t *x, const uint64_t *w, float *out, int64_t N, in
     failed |= ret != 0;
   }
   return failed;
+}
+
+typedef struct {
+  float *x;
+  const float *a, *b;
+  int64_t C, inner, r0, r1;
+} affine_args;
+
+static void *affine_run(void *p) {
+  const affine_args *g = (const affine_args *)p;
+  const int64_t C = g->C, inner = g->inner;
+  if (inner == 1) { /* channels last: rows of C */
+    for (int64_t r = g->r0; r < g->r1; ++r) {
+      float *x = g->x + r * C;
+      for (int64_t c = 0; c < C; ++c) x[c] = fmaf(x[c], g->a[c], g->b[c]);
+    }
+  } else { /* channels first: rows are (n, c) planes of `inner` values */
+    for (int64_t r = g->r0; r < g->r1; ++r) {
+      float *x = g->x + r * inner;
+      const float a = g->a[r % C], b = g->b[r % C];
+      for (int64_t i = 0; i < inner; ++i) x[i] = fmaf(x[i], a, b);
+    }
+  }
+  return 0;
+}
+
+/* x[..., c, ...] = fma(x, a[c], b[c]) in place. inner == 1: x is rows x C (channels last);
+ * else x is rows x inner with channel = row % C (N, C, H, W contiguous). */
+int fb_affine_inplace(float *x, const float *a, const float *b, int64_t rows, int64_t C,
+                      int64_t inner, int64_t nt) {
+  pthread_t th[FB_MAX_THREADS];
+  affine_args g[FB_MAX_THREADS];
+  int created[FB_MAX_THREADS] = {0};
+  if (nt < 1) nt = 1;
+  if (nt > FB_MAX_THREADS) nt = FB_MAX_THREADS;
+  if (rows * C * inner < (1 << 16)) nt = 1; /* not worth a thread */
+  if (nt > rows) nt = rows > 0 ? rows : 1;
+  for (int64_t t = 0; t < nt; ++t) {
+    g[t] = (affine_args){x, a, b, C, inner, rows * t / nt, rows * (t + 1) / nt};
+    if (t) created[t] = pthread_create(&th[t], 0, affine_run, &g[t]) == 0;
+    if (t && !created[t]) affine_run(&g[t]);
+  }
+  affine_run(&g[0]);
+  for (int64_t t = 1; t < nt; ++t)
+    if (created[t]) pthread_join(th[t], 0);
+  return 0;
 }
