@@ -20,9 +20,16 @@ file itself), freezes its quantized weights, and replaces each convolution / lin
   without a compiler a pure-PyTorch version (SWAR popcount on int64 words) gives the same
   numbers, slower.
 
-Everything else (batch norm, activation quantizers, pooling, the float stem and classifier) runs
-as in the float network. Families whose activations are float (the ``*_connect`` ones, binary
-weight, INQ) have no integer path: their layers stay float (frozen weights).
+Everything else (batch norm, activation quantizers, pooling, the float stem and classifier)
+computes what the float network computes, in inference-only forms: in place where the traced
+graph shows nobody else reads a tensor, channels-last, with batch norm as the same fused
+multiply-add as PyTorch's (checked on probes). Families whose activations are float (the
+``*_connect`` ones, binary weight, INQ) have no integer path: their layers stay float (frozen
+weights).
+
+A :class:`CompiledModel` is for inference only and keeps scratch buffers between calls: do not
+call one instance from several threads at once, nor keep intermediate tensors (hooks) across
+calls.
 
     >>> from fewbits.models import create_model
     >>> fast = compile_for_cpu(create_model("mnist_fp_net_mlp", width=64))
@@ -354,8 +361,8 @@ class Int8Linear(_Int8Base):
 
 # --------------------------------------------------------------------------- xnor
 
-_XNOR_LIB: Any = None
-_XNOR_ERR: str | None = None
+_KERNELS: Any = None
+_KERNELS_ERR: str | None = None
 
 
 def _cache_dir() -> Path:
@@ -374,15 +381,15 @@ def _cpu_key() -> str:
     return flags + platform.machine() + platform.processor()
 
 
-def _load_xnor() -> Any:
+def _load_kernels() -> Any:
     """The compiled C kernels (ctypes), building them on first use; None when impossible."""
-    global _XNOR_LIB, _XNOR_ERR
-    if _XNOR_LIB is not None or _XNOR_ERR is not None:
-        return _XNOR_LIB
+    global _KERNELS, _KERNELS_ERR
+    if _KERNELS is not None or _KERNELS_ERR is not None:
+        return _KERNELS
     src = Path(__file__).with_name("_cpu_kernels.c")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not src.is_file() or cc is None:
-        _XNOR_ERR = "no C compiler (set CC) or kernel source missing"
+        _KERNELS_ERR = "no C compiler (set CC) or kernel source missing"
         return None
     code = src.read_bytes()
     flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
@@ -403,7 +410,7 @@ def _load_xnor() -> Any:
         lib = ctypes.CDLL(str(lib_path))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        _XNOR_ERR = f"building the XNOR kernel failed: {e} {detail.decode(errors='replace')}"
+        _KERNELS_ERR = f"building the XNOR kernel failed: {e} {detail.decode(errors='replace')}"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fb_pack_signs.argtypes = [ptr, ptr, i64, i64, i64]
@@ -412,13 +419,13 @@ def _load_xnor() -> Any:
     lib.fb_xnor_conv.restype = ctypes.c_int
     lib.fb_affine_inplace.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64]
     lib.fb_affine_inplace.restype = ctypes.c_int
-    _XNOR_LIB = lib
+    _KERNELS = lib
     return lib
 
 
 def xnor_backend() -> str:
     """``"c"`` when the compiled XNOR kernel is usable here, else ``"torch"``."""
-    return "c" if _load_xnor() is not None else "torch"
+    return "c" if _load_kernels() is not None else "torch"
 
 
 def _nhwc(x: Tensor) -> Tensor:
@@ -453,9 +460,9 @@ def pack_signs(x: Tensor, backend: str = "auto") -> Tensor:
     if backend == "auto":
         backend = xnor_backend()
     if backend == "c":
-        lib = _load_xnor()
+        lib = _load_kernels()
         if lib is None:
-            raise RuntimeError(f"XNOR C kernel unavailable: {_XNOR_ERR}")
+            raise RuntimeError(f"XNOR C kernel unavailable: {_KERNELS_ERR}")
         xs = _nhwc(x)
         out = torch.empty(n, h, w, _words(c), dtype=torch.int64)
         lib.fb_pack_signs(xs.data_ptr(), out.data_ptr(), n * h * w, c, torch.get_num_threads())
@@ -543,7 +550,7 @@ class _XnorWeights:
             ho = (h + 2 * pad[0] - kh) // stride[0] + 1
             wo = (w + 2 * pad[1] - kw) // stride[1] + 1
             out = torch.empty(n, ho, wo, o)
-            rc = _load_xnor().fb_xnor_conv(xb.data_ptr(), self.wb.data_ptr(), out.data_ptr(),
+            rc = _load_kernels().fb_xnor_conv(xb.data_ptr(), self.wb.data_ptr(), out.data_ptr(),
                                            n, h, w, c, o, kh, kw, pad[0], pad[1], stride[0],
                                            stride[1], torch.get_num_threads())
             if rc:
@@ -651,7 +658,7 @@ class _InplaceBatchNorm(nn.Module):
             else:
                 rows = -1
             if rows >= 0:
-                _load_xnor().fb_affine_inplace(x.data_ptr(), self.alpha.data_ptr(),
+                _load_kernels().fb_affine_inplace(x.data_ptr(), self.alpha.data_ptr(),
                                                self.beta.data_ptr(), rows, c, inner,
                                                torch.get_num_threads())
                 return x
@@ -679,7 +686,7 @@ def _inplace_bn(bn: nn.Module) -> nn.Module | None:
         if isinstance(bn, nn.BatchNorm2d):
             p = torch.randn(3, c, 9, 7, generator=g) * 4
             probes = [p, p.contiguous(memory_format=torch.channels_last)]
-        for fused in ((True, False) if _load_xnor() is not None else (False,)):
+        for fused in ((True, False) if _load_kernels() is not None else (False,)):
             m = _InplaceBatchNorm(alpha, beta, fused)
             if all(torch.equal(m(q.clone()), bn(q)) for q in probes):
                 return m
@@ -827,10 +834,10 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
     onednn_err = _onednn_ok() if int8 else "int8 disabled"
     if onednn_err and int8:
         notes.append(onednn_err)
-    if xnor and backend in ("auto", "c") and _load_xnor() is None:
+    if xnor and backend in ("auto", "c") and _load_kernels() is None:
         if backend == "c":
-            raise RuntimeError(f"XNOR C kernel unavailable: {_XNOR_ERR}")
-        notes.append(f"XNOR runs in PyTorch: {_XNOR_ERR}")
+            raise RuntimeError(f"XNOR C kernel unavailable: {_KERNELS_ERR}")
+        notes.append(f"XNOR runs in PyTorch: {_KERNELS_ERR}")
     p = _Plan(model, graph)
     nodes: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
