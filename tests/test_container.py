@@ -312,8 +312,24 @@ def test_unknown_old_version_is_refused(tmp_path, good):
 
 def test_unknown_flags_are_refused(tmp_path, good):
     _, data = good
-    err = _refusal(tmp_path, _reseal(data[:10] + b"\x01\x00" + data[12:]))
-    assert "unknown flags 0x0001" in str(err)
+    err = _refusal(tmp_path, _reseal(data[:10] + b"\x02\x00" + data[12:]))
+    assert "unknown flags 0x0002" in str(err)
+
+
+def test_compressed_header_round_trips_and_is_flagged(tmp_path):
+    header = {"model": {"name": "m"}, "tensors": [{"name": f"t{i}", "kind": "state"}
+                                                   for i in range(50)]}
+    blobs = {f"t{i}": bytes([i]) * 3 for i in range(50)}
+    plain = dumps(header, blobs)
+    packed = dumps(header, blobs, compress_header=True)
+    assert struct.unpack_from("<H", packed, 10)[0] == 1
+    assert len(packed) < len(plain) // 2
+    h, b = loads(packed)
+    assert b == blobs and h["model"] == {"name": "m"}
+    path = tmp_path / "c.fewbits"
+    written = write_container(path, header, blobs, compress_header=True)
+    assert written["tensors"][3]["name"] == "t3"
+    assert read_container(path)[1] == blobs
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from .container import (
     write_container,
 )
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
+from .packed import ExportReport, TensorEntry, export_packed, load_packed, packed_info
 from .packing import code_dtype, pack_bits, packed_size, unpack_bits
 
 __all__ = [
@@ -20,15 +21,20 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_CODE_LENGTH",
+    "ExportReport",
     "FormatError",
+    "TensorEntry",
     "code_dtype",
     "decode_tensor",
     "dumps",
     "encode_tensor",
+    "export_packed",
     "huffman_decode",
     "huffman_encode",
+    "load_packed",
     "loads",
     "pack_bits",
+    "packed_info",
     "packed_size",
     "read_container",
     "unpack_bits",

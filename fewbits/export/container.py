@@ -40,6 +40,7 @@ import math
 import os
 import secrets
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -67,6 +68,10 @@ SUPPORTED_VERSIONS = (1,)
 ALIGN = 8
 _PREFIX = struct.Struct("<8sHHIQ")  # magic, version, flags, header length, payload length
 _DIGEST = 32
+#: Flag bit 0: the header is zlib-compressed JSON (a model's tensor table repeats its keys
+#: hundreds of times; compressed it stops dominating the file of a 1-bit network).
+FLAG_HEADER_ZLIB = 0x0001
+_KNOWN_FLAGS = FLAG_HEADER_ZLIB
 _HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
 _RAW_DTYPES = (
     "float16",
@@ -129,7 +134,9 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
-def _layout(header: Mapping, blobs: Mapping[str, Any]) -> tuple[bytes, list, int]:
+def _layout(
+    header: Mapping, blobs: Mapping[str, Any], compress_header: bool = False
+) -> tuple[bytes, list, int]:
     """Validate ``header``/``blobs``; return ``(prefix + header, [(offset, blob)], P)``."""
     if not isinstance(header, Mapping):
         raise ValueError(f"header must be a dict, got {type(header).__name__}")
@@ -162,10 +169,13 @@ def _layout(header: Mapping, blobs: Mapping[str, Any]) -> tuple[bytes, list, int
     payload_length = offset
     full["tensors"] = table
     text = _json_bytes(full)
-    text += b" " * _pad(_PREFIX.size + len(text))
+    flags = 0
+    if compress_header:
+        text, flags = zlib.compress(text, 9), FLAG_HEADER_ZLIB
+    text += (b"\0" if compress_header else b" ") * _pad(_PREFIX.size + len(text))
     if len(text) >= 1 << 32:
         raise ValueError(f"header is {len(text)} bytes; the format allows < 4 GiB")
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(text), payload_length)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(text), payload_length)
     placed = [(e["offset"], v) for e, v in zip(table, views, strict=True)]
     return prefix + text, placed, payload_length
 
@@ -181,9 +191,9 @@ def _chunks(head: bytes, placed: list[tuple[int, memoryview]]) -> Iterable[bytes
         written = offset + view.nbytes
 
 
-def dumps(header: Mapping, blobs: Mapping[str, bytes]) -> bytes:
+def dumps(header: Mapping, blobs: Mapping[str, bytes], *, compress_header: bool = False) -> bytes:
     """Serialise to the bytes of a ``.fewbits`` file (see :func:`write_container`)."""
-    head, views, _ = _layout(header, blobs)
+    head, views, _ = _layout(header, blobs, compress_header)
     digest = hashlib.sha256()
     parts = []
     for chunk in _chunks(head, views):
@@ -193,7 +203,13 @@ def dumps(header: Mapping, blobs: Mapping[str, bytes]) -> bytes:
     return b"".join(parts)
 
 
-def write_container(path: str | os.PathLike, header: Mapping, blobs: Mapping[str, bytes]) -> dict:
+def write_container(
+    path: str | os.PathLike,
+    header: Mapping,
+    blobs: Mapping[str, bytes],
+    *,
+    compress_header: bool = False,
+) -> dict:
     """Write ``header`` and ``blobs`` (name -> bytes-like) to ``path`` atomically.
 
     ``header["tensors"]`` lists one dict per blob with at least ``"name"``; the payload holds
@@ -201,10 +217,10 @@ def write_container(path: str | os.PathLike, header: Mapping, blobs: Mapping[str
     tensor and ``fewbits_version``). The file is streamed to a temporary file in the same
     directory, fsync-ed and renamed over ``path``: a failure leaves any old file untouched and
     no temporary file behind. Raises ValueError for a header/blobs mismatch or a header that
-    is not JSON-serialisable.
+    is not JSON-serialisable. ``compress_header`` stores the JSON zlib-compressed (flag bit 0).
     """
     path = os.fspath(path)
-    head, views, _ = _layout(header, blobs)
+    head, views, _ = _layout(header, blobs, compress_header)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     # os.open with 0o666 so the final file gets the usual umask-derived permissions.
@@ -226,7 +242,13 @@ def write_container(path: str | os.PathLike, header: Mapping, blobs: Mapping[str
             pass
         raise
     _fsync_dir(directory)
-    return json.loads(head[_PREFIX.size :])
+    return json.loads(_header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
+
+
+def _header_text(raw: bytes, flags: int) -> bytes:
+    if flags & FLAG_HEADER_ZLIB:
+        return zlib.decompressobj().decompress(raw)  # trailing alignment zeros are ignored
+    return raw
 
 
 def _fsync_dir(directory: str) -> None:
@@ -296,10 +318,10 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
             f"versions this fewbits reads ({', '.join(map(str, SUPPORTED_VERSIONS))})",
             "upgrade fewbits to read it" if newer else "the file is corrupt or not from fewbits",
         )
-    if flags:
+    if flags & ~_KNOWN_FLAGS:
         raise FormatError(
             source,
-            f"unknown flags 0x{flags:04x} (format version {version} defines none)",
+            f"unknown flags 0x{flags:04x} (format version {version} defines 0x{_KNOWN_FLAGS:04x})",
             "the file needs a newer fewbits, or is corrupt",
         )
     expected = fixed + header_length + payload_length
@@ -321,11 +343,11 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
     header_bytes = bytes(view[_PREFIX.size : _PREFIX.size + header_length])
     try:
         header = json.loads(
-            header_bytes.decode("utf-8"),
+            _header_text(header_bytes, flags).decode("utf-8"),
             object_pairs_hook=_reject_duplicate_keys,
             parse_constant=_reject_constant,
         )
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, zlib.error) as err:
         raise FormatError(
             source, f"header is not valid UTF-8 JSON ({err})", "the file was not written by fewbits"
         ) from None
