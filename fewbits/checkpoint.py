@@ -115,7 +115,7 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
             pickle.UnpicklingError, AttributeError, ImportError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _reason(e)
         raise CheckpointError(
             f"{path}: cannot read it as a PyTorch file ({first}); it is truncated or corrupt, "
             "or not written by fewbits. Use another checkpoint or start a new run."
@@ -143,6 +143,15 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
             and isinstance(spec.get("kwargs"), dict)):
         raise CheckpointError(f"{path}: invalid model spec {spec!r}")
     return payload
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (its first line is often boilerplate)."""
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -316,7 +316,11 @@ def _model_rows(pattern: str | None) -> list[tuple[str, str, str, str]]:
         m = _NAME.match(name)
         fam = (m.group(2) or "float") if m else None
         if fam in FAMILIES:
-            wb, ab = FAMILIES[fam].bits(QuantConfig())
+            f = FAMILIES[fam]
+            wb, ab = f.bits(QuantConfig())
+            r = f.recipe
+            if "btanh" in (*r.inner, *r.last, *r.stem, r.merge):
+                ab = 1  # BinaryNet's binary tanh lives in the recipe, not in Family.act
             rows.append((name, fam, str(wb), str(ab)))
         else:
             rows.append((name, "-", "?", "?"))

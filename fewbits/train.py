@@ -602,7 +602,7 @@ class _Run:
             * self.cfg.accum_steps,
             "device": str(self.device),
             "resumed_from": self.resumed_from,
-            "versions": {"fewbits": __version__, "torch": torch.__version__},
+            "versions": {"fewbits": __version__, "torch": str(torch.__version__)},
         }
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -673,7 +673,7 @@ class _Run:
                 "format": ckpt.CHECKPOINT_FORMAT,
                 "format_version": ckpt.FORMAT_VERSION,
                 "fewbits_version": __version__,
-                "torch_version": torch.__version__,
+                "torch_version": str(torch.__version__),
                 "model_spec": _jsonable(self.model.fewbits_spec),
                 "state_dict": ckpt.cpu_state_dict(self.model),
                 "optimizer": self.opt.state_dict(),
