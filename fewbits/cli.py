@@ -411,6 +411,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     except TrainingInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return 128 + int(e.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, nothing saved
+        print(f"{prog}: interrupted (no checkpoint written by this interruption)",
+              file=sys.stderr, flush=True)
+        return 130
     except _known_errors() as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 1

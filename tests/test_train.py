@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -12,7 +13,14 @@ import torch
 
 from fewbits import create_model, list_models
 from fewbits.checkpoint import load_model
-from fewbits.monitor import LOSS_FILE, SERIES_FILES, TEST_ERROR_FILE, TIMER_FILE, read_series
+from fewbits.monitor import (
+    LOSS_FILE,
+    SERIES_FILES,
+    TEST_ERROR_FILE,
+    TIMER_FILE,
+    Progress,
+    read_series,
+)
 from fewbits.train import (
     ConfigError,
     TrainConfig,
@@ -219,3 +227,34 @@ def test_bad_options_are_config_errors():
         TrainConfig(ql_min=3, ql_max=3)
     with pytest.raises(ConfigError, match="a_ema"):
         TrainConfig(a_ema=True)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_otherwise():
+    bar = _Stream(tty=True)
+    p = Progress(20, enabled=True, bar=True, stream=bar)
+    for i in range(20):
+        p.step(i, 8, (1.5, 0.25) if (i + 1) % 10 == 0 else None)
+    p.close()
+    out = bar.getvalue()
+    assert "20/20" in out and "loss=1.5000" in out and "err=25.0%" in out and "img_s=" in out
+
+    for tty, flag in ((False, True), (True, False)):  # not a terminal, or --no-progress
+        log = _Stream(tty=tty)
+        p = Progress(200, enabled=True, bar=flag, stream=log, log_every=100)
+        for i in range(200):
+            p.step(i, 8, (1.0, 0.5) if (i + 1) % 10 == 0 else None)
+        lines_ = log.getvalue().splitlines()
+        assert len(lines_) == 2 and lines_[0].startswith("iter 100/200  loss 1.0000")
+        assert "error 50.00%" in lines_[1] and "images/s" in lines_[1]
+    silent = _Stream(tty=True)
+    Progress(5, enabled=False, stream=silent).write("x")
+    assert silent.getvalue() == ""
