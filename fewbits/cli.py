@@ -409,7 +409,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     try:
         return int(ns._run(ns) or 0)
     except TrainingInterrupted as e:
-        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        if e.rank == 0:  # one message per job, not one per process
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return 128 + int(e.signum)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, nothing saved
         print(f"{prog}: interrupted (no checkpoint written by this interruption)",

@@ -81,11 +81,12 @@ class ConfigError(ValueError):
 class TrainingInterrupted(RuntimeError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint.
 
-    Attributes: ``signum``, ``iteration``, ``checkpoint`` (path).
+    Attributes: ``signum``, ``iteration``, ``checkpoint`` (path), ``rank`` (of the process).
     """
 
-    def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
+    def __init__(self, signum: int, iteration: int, checkpoint: Path, rank: int = 0) -> None:
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        self.rank = rank
         try:
             name = signal.Signals(signum).name
         except ValueError:
@@ -817,7 +818,8 @@ class _Run:
                 if stop or i % cfg.checkpoint_interval == 0:
                     path = self._save_checkpoint(i)
                 if stop:
-                    raise TrainingInterrupted(self._signal or signal.SIGTERM, i, path)
+                    raise TrainingInterrupted(self._signal or signal.SIGTERM, i, path,
+                                              info.rank)
             final = self._validate(cfg.max_iter)
             self._save_model("model_final.pt", cfg.max_iter, final)
             self._save_checkpoint(cfg.max_iter)
