@@ -148,8 +148,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--bit-width", type=int, default=None,
                    help="bits of fixed-point/pow2/INQ quantizers (default: the family's: 8, "
                    "INQ 4)")
-    q.add_argument("--delta", type=_float, default=2**-4,
-                   help="fixed-point step (default: 2**-4)")
+    q.add_argument("--delta", type=_float, default=None,
+                   help="fixed-point step (default: 2**-4 as the seed; 2**-7 for the MNIST "
+                        "nets, whose wide layers would otherwise round to 0)")
     q.add_argument("--upper-bound", type=int, default=1,
                    help="pow2: largest level 2**upper_bound (default: 1)")
     q.add_argument("--ql-min", type=int, default=0, help="min-max: lowest level (default: 0)")
