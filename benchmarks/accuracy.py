@@ -133,7 +133,7 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     packed = export_packed(model, folder / "model.fewbits")
     q = create_model(run.net, **model.fewbits_spec["kwargs"])
     fam = FAMILIES[_family_of(run.net)]
-    wbits, abits = fam.bits(q.cfg) if hasattr(q, "cfg") else (32, 32)
+    wbits, abits = fam.bits(q.cfg)
     return {
         "label": run.label, "net": run.net, "seed": run.seed, "family": fam.name,
         "options": run.options, "weight_bits": wbits, "act_bits": abits,
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-schedule", default="constant")
     p.add_argument("-c", "--context", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-first-validation", action="store_true",
+                   help="skip the seed's validation at iteration 0 (saves a test-set pass)")
     p.add_argument("--extra", action="append", default=[], help="LABEL=NET:key=value,...")
     p.add_argument("--notes", default="", help="text appended under the table")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "accuracy"))
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                             "batch_size": a.batch_size, "learning_rate": a.learning_rate,
                             "lr_schedule": a.lr_schedule, "context": a.context,
                             "download": False, "plot": False}
+    if a.no_first_validation:
+        base["validate_first"] = False
     for k in ("max_iter", "val_interval", "threads"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)
