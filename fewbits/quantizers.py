@@ -266,7 +266,7 @@ class FixedPoint(Quantizer):
     def encode(self, x: Tensor) -> Codes:
         with torch.no_grad():
             y = self.forward(x.detach().float())
-            k = torch.floor(y.abs() / torch.tensor(self.delta) + 0.5) * torch.sign(y)
+            k = _math.round_half_away(y / torch.tensor(self.delta))
         codes = k.to(torch.int64).reshape(-1) + self._offset
         return Codes(codes, self.bits, tuple(x.shape))
 

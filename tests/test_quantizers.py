@@ -65,7 +65,7 @@ def test_get_resolves_and_rejects():
     ({"name": "fixed_point", "n": 33}, "n must be"),
     ({"name": "fixed_point", "delta": 0.0}, "delta"),
     ({"name": "fixed_point", "delta": -1.0}, "delta"),
-    ({"name": "pow2", "n": 2}, "n must be"),
+    ({"name": "pow2", "n": 1}, "n must be"),  # sign + zero flag need 2 bits
     ({"name": "pow2", "m": 500}, "m "),
     ({"name": "min_max", "ql_min": 5, "ql_max": 5}, "ql_min < ql_max"),
     ({"name": "min_max", "mode": "median"}, "unknown mode"),
