@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import types
 
 import pytest
 import torch
 
-from fewbits.export import export_packed
+from fewbits.checkpoint import model_file_payload, save_file
+from fewbits.export import export_packed, load_packed
 from fewbits.export.commands import (
     add_export_arguments,
     add_info_arguments,
@@ -46,15 +45,12 @@ def _trained(name, **kw):
 
 
 @pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    """A 'run folder' that fewbits.checkpoint.load_model (written elsewhere) resolves; here a
-    stand-in module returns a trained model for it."""
+def run_dir(tmp_path):
+    """A run folder holding a trained model file, as training writes it."""
     model = _trained("mnist_fp_net_lenet", width=16)
     run = tmp_path / "run"
     run.mkdir()
-    fake = types.ModuleType("fewbits.checkpoint")
-    fake.load_model = lambda path: model if str(path) == str(run) else None
-    monkeypatch.setitem(sys.modules, "fewbits.checkpoint", fake)
+    save_file(run / "model_final.pt", model_file_payload(model))
     return run, model
 
 
@@ -63,12 +59,15 @@ def _export(*argv):
 
 
 def test_export_writes_packed_and_onnx_and_prints_the_report(run_dir, tmp_path, capsys):
-    run, _ = run_dir
+    run, model = run_dir
     rc = run_export(_export(run, "-o", tmp_path / "m.fewbits", "--entropy",
                             "--onnx", tmp_path / "m.onnx"))
     out = capsys.readouterr().out
     assert rc == 0
     assert (tmp_path / "m.fewbits").is_file() and (tmp_path / "m.onnx").is_file()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "m.fewbits")(x), model(x))
     assert "bits per quantized weight" in out and "smaller" in out
     assert "QuantizeLinear" in out
     assert "top-1 agreement" in out
@@ -90,6 +89,9 @@ def test_export_refuses_missing_inputs_and_empty_requests(run_dir, tmp_path, cap
     assert "nothing to write" in capsys.readouterr().err
     assert run_export(_export(tmp_path / "nope", "-o", tmp_path / "m.fewbits")) == 1
     assert "nope: no such run folder" in capsys.readouterr().err
+    (run / "model_final.pt").write_bytes(b"garbage")  # a damaged model file: named, no trace
+    assert run_export(_export(run, "-o", tmp_path / "m.fewbits")) == 1
+    assert "model_final.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse rejects an unknown batch-norm storage
         _export(run, "-o", "x.fewbits", "--bn", "int8")
 
@@ -129,7 +131,8 @@ def test_evaluate_packed_reproduces_the_model(fam, tmp_path):
     labels = torch.where(torch.arange(100) < 70, pred, (pred + 1) % 10)  # 70% right
     res = evaluate_packed(tmp_path / "m.fewbits", images, labels, batch_size=32)
     assert res["top1"] == pytest.approx(0.70) and res["error"] == pytest.approx(0.30)
-    assert res["n"] == 100 and res["images_per_s"] > 0 and res["fast_path"] is None
+    assert res["n"] == res["total"] == 100 and res["images_per_s"] > 0
+    assert res["fast_path"] is None and res["accuracy"] == res["top1"]
     fast = evaluate_packed(tmp_path / "m.fewbits", images, labels, batch_size=32, fast=True)
     assert fast["fast_path"] == (None if fam == "binary_connect" else "int8")
     assert abs(fast["top1"] - 0.70) <= 0.01

@@ -97,6 +97,10 @@ def run_export(args: argparse.Namespace) -> int:
                       f"{c['max_abs']:.3g} ({c['max_rel']:.2g} of the largest logit)")
     except (FormatError, ValueError, FileNotFoundError, ImportError) as e:
         return _fail(str(e))
+    except RuntimeError as e:  # fewbits.checkpoint.CheckpointError names the file and problem
+        if type(e).__name__ != "CheckpointError":
+            raise
+        return _fail(str(e))
     return 0
 
 
@@ -131,7 +135,8 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
     ``fast=True``, compiled to its integer CPU form (:func:`~fewbits.export.runtime.
     compile_for_cpu`). Images are scaled by 1/255 as in training. Returns ``{"error", "top1",
     "images_per_s", "n", "fast_path"}`` (``top1`` and ``error`` are fractions; ``fast_path`` is
-    the integer path used, or None).
+    the integer path used, or None), plus ``accuracy``, ``total`` and ``images_per_second``
+    (the same numbers under the names ``fewbits eval`` reports for checkpoints).
     """
     from .packed import load_packed
     from .runtime import compile_for_cpu
@@ -158,5 +163,7 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
             correct += int((pred == labels[i:i + batch_size].to(pred.device)).sum())
     elapsed = time.perf_counter() - start
     top1 = correct / n if n else 0.0
-    return {"error": 1.0 - top1, "top1": top1, "images_per_s": n / elapsed if elapsed else 0.0,
-            "n": n, "fast_path": kind}
+    speed = n / elapsed if elapsed else 0.0
+    # accuracy / total / images_per_second: the names `fewbits eval` uses for checkpoints
+    return {"error": 1.0 - top1, "top1": top1, "images_per_s": speed, "n": n,
+            "fast_path": kind, "accuracy": top1, "total": n, "images_per_second": speed}
