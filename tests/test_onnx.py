@@ -1,12 +1,15 @@
 """ONNX export: every family runs in ONNX Runtime and agrees with PyTorch.
 
-Tolerances. Families whose ONNX form is exact (binary, pow2, float weights, INQ) agree to float
-rounding (ONNX Runtime's batch norm / conv may differ from PyTorch's in the last bit): logits within
-1e-5 of the largest logit. Families with uniform activation quantizers (fixed point, min-max) go
-through QuantizeLinear, which rounds half to even where fewbits rounds half away from zero, and a
-last-bit difference upstream can move a value across a rounding boundary: one quantization level
-flips here and there. For them the test asks top-1 agreement >= 99% on a batch and logits within
-5% of the largest logit (measured on these nets: at most 2.3%, top-1 agreement 100%).
+Tolerances. Weight-only families (float, the *_connect ones, binary weight, INQ) agree to float
+rounding: ONNX Runtime's batch norm / conv may differ from PyTorch's in the last bit, so logits
+are asked to be within 1e-5 of the largest logit, with identical top-1. Families that quantize
+activations (binary net, fixed-point net, pow2 net, min-max) can flip one quantization level where
+such a last-bit difference lands on a level boundary, and for fixed point / min-max also where
+QuantizeLinear (round half to even, ``round(x / s) + zp``) and fewbits (half away from zero,
+``round((x - lo) / s)``) disagree at a tie. For them: top-1 agreement >= 99% on a batch and
+logits within 5% of the largest logit. Measured: at most 2.3% on these test nets; on real MNIST
+(10,000 test images, LeNet trained 400 steps) 0.11% fp_net, 0.17% min_max, 2.1% pow2_net, 0 for
+binary net, with 100% top-1 agreement for every family.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fewbits.layers import QuantAct
 from fewbits.models import FAMILIES, create_model
 from fewbits.quantizers import FixedPoint, MinMax, Pow2
 
-QDQ_FAMILIES = {"fp_net", "min_max"}
+ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max"}  # activations quantized
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,7 +57,7 @@ def _trained(name, shape=(1, 28, 28), **kw):
 
 
 def _check(result, fam):
-    if fam in QDQ_FAMILIES:
+    if fam in ACT_FAMILIES:
         assert result["top1_agreement"] >= 0.99
         assert result["max_rel"] <= 0.05
     else:
