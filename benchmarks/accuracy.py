@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.only_doc:
         write_results(results_dir, doc)
         return 0
-    nets = list_models(a.nets)
+    # The float reference first: every other row is measured against it.
+    nets = sorted(list_models(a.nets), key=lambda n: _family_of(n) != "float")
     if not nets:
         raise SystemExit(f"--nets {a.nets!r} matches no model; see `fewbits list`")
     seeds = [int(s) for s in a.seeds.split(",")]
