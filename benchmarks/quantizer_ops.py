@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ref", default=None, help="also time this git revision's functions")
     p.add_argument("--only", default=None, help="comma list of case names")
+    p.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (robust to other load)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name, fn in _cases(F).items():
             if only is None or name in only:
                 fns[f"{tag}:{name}"] = _fwd_bwd(fn, x, dy)
-    times = C.interleave(fns, rounds=args.rounds, warmup=1)
+    times = C.interleave(fns, rounds=args.rounds, warmup=1, clock=args.clock)
     rel = C.round_ratios(times, "relu")
     res = {k: {"ms": 1e3 * C.median(v), "ms_min": 1e3 * min(v), "x_relu": C.median(rel[k])}
            for k, v in times.items()}
@@ -93,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.json:
         print(json.dumps(res, indent=1))
     else:
-        print(f"shape {shape}, {args.threads} threads, {args.rounds} rounds (median; min)")
+        print(f"shape {shape}, {args.threads} threads, {args.rounds} rounds, {args.clock} clock "
+              "(median; min)")
         for k, r in res.items():
             extra = f"  new/ref {r['x_ref']:5.2f}" if "x_ref" in r else ""
             print(f"{k:34s} {r['ms']:8.2f} ms  min {r['ms_min']:7.2f}  x relu "

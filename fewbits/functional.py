@@ -75,6 +75,21 @@ def _finite(x: Tensor, fn: str, arg: str) -> None:
         )
 
 
+# Integer dtype of the same width, to zero gradient elements with an integer multiply.
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _keep(g: Tensor, mask: Tensor) -> Tensor:
+    """``torch.where(mask, g, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones become
+    ``+0.0``), as the bits of ``g`` times the 0/1 mask: one vectorised pass, where ``where`` with a
+    bool condition is a scalar loop on CPU (~8x slower on a 64x64x32x32 gradient)."""
+    it = _SAME_WIDTH_INT.get(g.dtype)
+    if it is None or g.shape != mask.shape:
+        return torch.where(mask, g, torch.zeros_like(g))
+    return (g.view(it) * mask).view(g.dtype)
+
+
 def _bits(fn: str, name: str, value: int, low: int = 1) -> None:
     if isinstance(value, bool) or int(value) != value or not low <= value <= 32:
         raise ValueError(f"{fn}: {name} must be an integer in [{low}, 32], got {value!r}")
@@ -128,7 +143,7 @@ class _BinaryActSTE(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
         (inside,) = ctx.saved_tensors
         g = dy if ctx.grad_scale == 1.0 else dy * ctx.grad_scale
-        return torch.where(inside, g, torch.zeros_like(g)), None, None
+        return _keep(g, inside), None, None
 
 
 def binary_tanh(x: Tensor) -> Tensor:
@@ -212,7 +227,7 @@ class _MaskSTE(torch.autograd.Function):
         if not ctx.has_mask:
             return dy, None, None
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, dy, torch.zeros_like(dy)), None, None
+        return _keep(dy, mask), None, None
 
 
 def _ste(x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
@@ -327,13 +342,12 @@ class _MinMaxSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         below, above = ctx.saved_tensors
-        zero = torch.zeros_like(dy)
-        dx = torch.where(below | above, zero, dy) if ctx.fine else dy
+        dx = _keep(dy, ~(below | above)) if ctx.fine else dy
         d_min = d_max = None
         if ctx.needs_input_grad[1]:
-            d_min = _reduce_to(torch.where(below, dy, zero), ctx.min_shape)
+            d_min = _reduce_to(_keep(dy, below), ctx.min_shape)
         if ctx.needs_input_grad[2]:
-            d_max = _reduce_to(torch.where(above, dy, zero), ctx.max_shape)
+            d_max = _reduce_to(_keep(dy, above), ctx.max_shape)
         return dx, d_min, d_max, None, None, None, None
 
 
