@@ -31,8 +31,8 @@ from torch import Tensor, nn
 __all__ = [
     "BREVITAS_PAIRS",
     "CLOCKS",
-    "BrevitasResNet23",
     "FLOAT_NET",
+    "BrevitasResNet23",
     "Step",
     "environment",
     "interleave",

@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "SQRT_HALF_UP",
     "fixed_point",
+    "fixed_point_mask",
     "inq_levels",
     "min_max",
     "min_max_range",
@@ -54,16 +55,53 @@ def pow2_exponent(a: Tensor) -> Tensor:
     return exp - (mant < SQRT_HALF_UP).to(exp.dtype)
 
 
-def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward of the fixed-point quantizer; returns ``(y, xmin, xmax)``."""
+def _exact_reciprocal(d: Tensor) -> Tensor | None:
+    """``1 / d`` as a 0-d tensor when ``d`` is a power of two whose reciprocal is a normal number
+    of ``d``'s dtype, else ``None``. Then ``v * (1 / d)`` and ``v / d`` round the same real
+    number, so they are bit-identical (a multiply is ~4x cheaper than a divide on CPU)."""
+    if d.dtype not in (torch.float32, torch.float64):
+        return None
+    v = float(d)
+    mant, _ = math.frexp(v)
+    inv = 1.0 / v if mant == 0.5 else 0.0
+    if not inv or not torch.finfo(d.dtype).tiny <= inv <= torch.finfo(d.dtype).max:
+        return None
+    return _t(inv, d)
+
+
+def fixed_point_mask(
+    x: Tensor, sign: bool, n: int, delta: float, want_mask: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Forward of the fixed-point quantizer and, if ``want_mask``, its STE mask
+    ``xmin <= x <= xmax``; the same values as :func:`fixed_point`, computed in place on one
+    output buffer (3 allocations instead of 12 and no division when ``delta`` is a power of
+    two)."""
     nb = n - 1 if sign else n
     xmax_f = (2.0**nb - 1.0) * delta
-    xmax = _t(xmax_f, x)
-    xmin = _t(-xmax_f if sign else 0.0, x)
-    c = torch.minimum(torch.maximum(x, xmin), xmax)
+    # Bounds as the float values of x's dtype, so clamp compares with exactly _t(bound, x).
+    hi = float(_t(xmax_f, x))
+    lo = float(_t(-xmax_f if sign else 0.0, x))
+    y = torch.clamp(x, lo, hi)
+    mask = (y == x) if want_mask else None  # clamp(x) == x  <=>  lo <= x <= hi (finite x)
+    s = torch.sign(y)
     d = _t(delta, x)
-    y = torch.sign(c) * torch.floor(c.abs() / d + 0.5) * d
-    return y, xmin, xmax
+    inv = _exact_reciprocal(d)
+    y.abs_()
+    y = y.mul_(inv) if inv is not None else y.div_(d)
+    # sign(c) * floor(|c| / d + 0.5) * d, multiplied in that order
+    y.add_(0.5).floor_().mul_(s).mul_(d)
+    return y, mask
+
+
+def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of the fixed-point quantizer; returns ``(y, xmin, xmax)``.
+
+    ``y = sign(c) * floor(|c| / delta + 0.5) * delta`` with ``c = clamp(x, xmin, xmax)``.
+    """
+    nb = n - 1 if sign else n
+    xmax_f = (2.0**nb - 1.0) * delta
+    y, _ = fixed_point_mask(x, sign, n, delta, False)
+    return y, _t(-xmax_f if sign else 0.0, x), _t(xmax_f, x)
 
 
 def pow2(

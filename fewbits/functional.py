@@ -87,7 +87,9 @@ def _keep(g: Tensor, mask: Tensor) -> Tensor:
     it = _SAME_WIDTH_INT.get(g.dtype)
     if it is None or g.shape != mask.shape:
         return torch.where(mask, g, torch.zeros_like(g))
-    return (g.view(it) * mask).view(g.dtype)
+    # mask first: the output takes the memory layout torch.where(mask, ...) gives, so that
+    # sums of the result (min-max range gradients) add in the same order.
+    return (mask * g.view(it)).view(g.dtype)
 
 
 def _bits(fn: str, name: str, value: int, low: int = 1) -> None:
@@ -259,8 +261,8 @@ def fixed_point_quantize(
     _bits(fn, "n", n, low=2 if sign else 1)
     _positive(fn, "delta", delta)
     with torch.no_grad():
-        y, xmin, xmax = _math.fixed_point(x, bool(sign), int(n), float(delta))
-        mask = ((x >= xmin) & (x <= xmax)) if ste_fine_grained and x.requires_grad else None
+        y, mask = _math.fixed_point_mask(x, bool(sign), int(n), float(delta),
+                                         bool(ste_fine_grained) and x.requires_grad)
     return _ste(x, y, mask)
 
 
