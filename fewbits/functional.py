@@ -302,8 +302,8 @@ def pow2_quantize(
     _finite(x, fn, "x")
     _pow2_check(fn, sign, with_zero, n, m)
     with torch.no_grad():
-        y, in_range = _math.pow2(x, bool(sign), bool(with_zero), int(n), int(m))
-    mask = in_range if ste_fine_grained and x.requires_grad else None
+        y, mask = _math.pow2_mask(x, bool(sign), bool(with_zero), int(n), int(m),
+                                  bool(ste_fine_grained) and x.requires_grad)
     return _ste(x, y, mask)
 
 
