@@ -139,6 +139,13 @@ class _BinaryActSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, low: float, grad_scale: float) -> Tensor:
         ctx.save_for_backward(x.abs() < 1)
         ctx.grad_scale = grad_scale
+        # where(x > 0, 1, low) as arithmetic on the 0/1 step: where with a bool condition is
+        # a branchy scalar loop on CPU, ~4x slower than the convert + multiply-add.
+        y = (x > 0).to(x.dtype)
+        if low == -1.0:
+            return y.mul_(2.0).sub_(1.0)
+        if low == 0.0:
+            return y
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, low))
 
     @staticmethod
