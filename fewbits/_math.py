@@ -230,6 +230,11 @@ def min_max_range(
 
 
 def min_max(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``."""
-    c = torch.minimum(torch.maximum(x, lo), hi)
-    return round_half_away((c - lo) / scale) * scale + lo
+    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``.
+
+    Computed in place on one buffer. ``v = (clamp(x) - lo) / scale`` is ``>= 0`` or NaN (a
+    degenerate ``scale = 0``), where ``round_half_away(v) = sign(v) * floor(|v| + 0.5)`` is
+    ``floor(|v| + 0.5)`` bit for bit (``abs`` keeps the NaN's sign bit as the formula does).
+    """
+    y = torch.clamp(x, lo, hi)
+    return y.sub_(lo).div_(scale).abs_().add_(0.5).floor_().mul_(scale).add_(lo)
