@@ -87,9 +87,10 @@ def _keep(g: Tensor, mask: Tensor) -> Tensor:
     it = _SAME_WIDTH_INT.get(g.dtype)
     if it is None or g.shape != mask.shape:
         return torch.where(mask, g, torch.zeros_like(g))
-    # mask first: the output takes the memory layout torch.where(mask, ...) gives, so that
-    # sums of the result (min-max range gradients) add in the same order.
-    return (mask * g.view(it)).view(g.dtype)
+    # Built from the mask: the output takes the memory layout torch.where(mask, ...) gives, so
+    # that sums of the result (min-max range gradients) add in the same order; converting the
+    # mask first and multiplying in place beats a bool * int multiply with inline casts.
+    return mask.to(it).mul_(g.view(it)).view(g.dtype)
 
 
 def _bits(fn: str, name: str, value: int, low: int = 1) -> None:
