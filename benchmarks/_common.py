@@ -8,9 +8,9 @@ reported.
 
     >>> import torch
     >>> fns = {"a": lambda: torch.ones(10).sum(), "b": lambda: torch.ones(20).sum()}
-    >>> times = interleave(fns, rounds=3, warmup=1)
-    >>> sorted(times), len(times["a"])
-    (['a', 'b'], 3)
+    >>> t = interleave(fns, rounds=3, warmup=1, ref="a")
+    >>> sorted(t.times), len(t.times["b"]), len(t.ratios()["b"])
+    (['a', 'b'], 3, 3)
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ __all__ = [
     "FLOAT_NET",
     "BrevitasResNet23",
     "Step",
+    "Timings",
     "environment",
     "interleave",
     "median",
     "peak_memory",
     "profile_top",
     "quartiles",
-    "round_ratios",
     "seed_nets",
     "sync",
 ]
@@ -116,10 +116,38 @@ class Step:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+@dataclass
+class Timings:
+    """Seconds per call, one sample per round, and, when a reference was interleaved, the
+    reference's time next to each sample (mean of the reference calls just before and after)."""
+
+    times: dict[str, list[float]]
+    ref: str | None = None
+    near: dict[str, list[float]] | None = None
+
+    def ratios(self, ref: str | None = None) -> dict[str, list[float]]:
+        """Per-round ratio of each candidate to the reference: to the adjacent reference calls
+        when they were interleaved, else to the reference's call of the same round."""
+        ref = ref or self.ref
+        if ref is None:
+            raise ValueError("no reference to take ratios to")
+        if self.near is not None and ref == self.ref:
+            return {n: [a / b for a, b in zip(ts, self.near[n], strict=True)]
+                    for n, ts in self.times.items()}
+        return {n: [a / b for a, b in zip(ts, self.times[ref], strict=True)]
+                for n, ts in self.times.items()}
+
+
 def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-               device: torch.device | None = None, clock: str = "wall") -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin: ``warmup`` untimed rounds, then
-    ``rounds`` timed rounds; round ``r`` starts at the ``r``-th function so order effects cancel.
+               device: torch.device | None = None, clock: str = "wall",
+               ref: str | None = None) -> Timings:
+    """Time each function round-robin: ``warmup`` untimed rounds, then ``rounds`` timed rounds;
+    round ``r`` starts at the ``r``-th function so order effects cancel.
+
+    With ``ref``, the reference runs before every other candidate and once more at the end of
+    the round, and each candidate's time is paired with the mean of the two reference calls
+    around it: on a machine shared with other jobs the load changes within seconds, and the
+    adjacent pair cancels it far better than one reference call per round.
 
     ``clock="cpu"`` counts the CPU time of this process (all its threads) instead of wall time:
     time spent descheduled by other processes is not counted, which makes single-thread
@@ -127,26 +155,40 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
     """
     dev = device or torch.device("cpu")
     now = CLOCKS[clock]
-    names = list(fns)
+    names = [n for n in fns if n != ref]
+
+    def timed(n: str) -> float:
+        sync(dev)
+        t0 = now()
+        fns[n]()
+        sync(dev)
+        return now() - t0
+
     for _ in range(warmup):
-        for n in names:
+        for n in list(fns):
             fns[n]()
     sync(dev)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    near: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            sync(dev)
-            t0 = now()
-            fns[n]()
-            sync(dev)
-            times[n].append(now() - t0)
-    return times
-
-
-def round_ratios(times: dict[str, list[float]], ref: str) -> dict[str, list[float]]:
-    """Per-round ratio of each candidate's time to ``ref``'s time in the same round."""
-    return {n: [a / b for a, b in zip(ts, times[ref], strict=True)] for n, ts in times.items()}
+        k = r % max(1, len(names))
+        order = names[k:] + names[:k]
+        if ref is None:
+            for n in order:
+                times[n].append(timed(n))
+            continue
+        before = timed(ref)
+        ref_times = [before]
+        for n in order:
+            t = timed(n)
+            after = timed(ref)
+            ref_times.append(after)
+            times[n].append(t)
+            near[n].append(0.5 * (before + after))
+            before = after
+        times[ref].append(median(ref_times))
+        near[ref].append(times[ref][-1])
+    return Timings(times, ref, near if ref is not None else None)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device, state_bytes: int) -> int:

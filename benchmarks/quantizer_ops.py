@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name, fn in _cases(F).items():
             if only is None or name in only:
                 fns[f"{tag}:{name}"] = _fwd_bwd(fn, x, dy)
-    times = C.interleave(fns, rounds=args.rounds, warmup=1, clock=args.clock)
-    rel = C.round_ratios(times, "relu")
+    tm = C.interleave(fns, rounds=args.rounds, warmup=1, clock=args.clock)
+    times, rel = tm.times, tm.ratios("relu")
     res = {k: {"ms": 1e3 * C.median(v), "ms_min": 1e3 * min(v), "x_relu": C.median(rel[k])}
            for k, v in times.items()}
     if args.ref:

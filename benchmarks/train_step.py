@@ -100,7 +100,7 @@ def _data_fns(batch: int, device: torch.device) -> dict[str, Callable[[], Any]] 
 
 def run(device: torch.device, nets: Sequence[str], batch: int, rounds: int, warmup: int,
         brevitas: bool, data: bool, memory: bool, compile_nets: bool,
-        log: Callable[[str], None]) -> dict[str, Any]:
+        log: Callable[[str], None], clock: str = "wall") -> dict[str, Any]:
     """All measurements of one device; see the module docstring."""
     from fewbits.models import create_model
 
@@ -131,8 +131,9 @@ def run(device: torch.device, nets: Sequence[str], batch: int, rounds: int, warm
             fns.update(d)
     log(f"[{device.type}] warming up {len(fns)} candidates ...")
     with _quiet_brevitas():
-        times = C.interleave(fns, rounds=rounds, warmup=warmup, device=device)
-    ratios = C.round_ratios(times, C.FLOAT_NET)
+        tm = C.interleave(fns, rounds=rounds, warmup=warmup, device=device, clock=clock,
+                          ref=C.FLOAT_NET)
+    times, ratios = tm.times, tm.ratios()
 
     out: dict[str, Any] = {"train": {}, "brevitas": {}, "data": {}, "notes": notes}
     peak_ref = None
@@ -162,7 +163,8 @@ def run(device: torch.device, nets: Sequence[str], batch: int, rounds: int, warm
         out["train"][n] = r
     for kind, key in bre.items():
         ours = C.BREVITAS_PAIRS[kind][0]
-        rr = [a / b for a, b in zip(times[ours], times[key], strict=True)]
+        # both normalised by their adjacent float steps, so the load of the moment cancels
+        rr = [a / b for a, b in zip(ratios[ours], ratios[key], strict=True)]
         out["brevitas"][kind] = {
             "fewbits_net": ours, "what": C.BREVITAS_PAIRS[kind][1],
             "fewbits_ms": 1e3 * C.median(times[ours]), "brevitas_ms": 1e3 * C.median(times[key]),
@@ -170,13 +172,14 @@ def run(device: torch.device, nets: Sequence[str], batch: int, rounds: int, warm
             "brevitas_vs_float": C.median(ratios[key]),
         }
     if data and any(k.startswith("data:") for k in times):
-        fl = times[C.FLOAT_NET]
         d_out: dict[str, Any] = {k.removeprefix("data:") + "_ms": 1e3 * C.median(v)
                                  for k, v in times.items() if k.startswith("data:")}
-        pipe = times["data:pipeline"]
-        d_out["share_of_float_step"] = C.median(p / (p + s) for p, s in zip(pipe, fl, strict=True))
+        # pipeline time / (pipeline + step), the step being the float step measured next to the
+        # pipeline times the net's ratio to float in that round
+        pr = ratios["data:pipeline"]
+        d_out["share_of_float_step"] = C.median(p / (p + 1.0) for p in pr)
         d_out["share_by_net"] = {
-            n: C.median(p / (p + s) for p, s in zip(pipe, times[n], strict=True)) for n in nets
+            n: C.median(p / (p + q) for p, q in zip(pr, ratios[n], strict=True)) for n in nets
         }
         out["data"] = d_out
     return out
@@ -222,8 +225,9 @@ def format_report(res: dict[str, Any]) -> str:
     a = res["args"]
     for dev, d in res["devices"].items():
         lines.append(
-            f"\n== {dev}: batch {a['batch']}, {res['env']['threads']} threads, {a['rounds']} "
-            f"interleaved rounds; ratio = median over rounds of (net / float) [IQR]"
+            f"\n== {dev}: batch {a['batch']}, {res['env']['threads']} threads, {a['clock']} clock, "
+            f"{a['rounds']} interleaved rounds; ratio = median over rounds of (net / the float "
+            "steps just before and after it) [IQR]"
         )
         lines.append(f"{'net':24s} {'kind':10s} {'step ms':>8s} {'x float [IQR]':>17s} "
                      f"{'target':>7s} {'peak MB':>8s} {'x float':>7s} {'target':>7s}")
@@ -295,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="cpu, cuda, or auto = cpu and cuda when present (default)")
     p.add_argument("--nets", default=None,
                    help="comma list of names/short names/globs (float is always included)")
+    p.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
+                   help="wall time (default), or this process's CPU time (robust to other "
+                   "processes' load with --threads 1; with 2 threads it counts spin-waits)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd copies of the nets")
     p.add_argument("--no-brevitas", dest="brevitas", action="store_false",
@@ -333,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for dev in devices:
         device = torch.device(dev)
         d = run(device, nets, args.batch, args.rounds, args.warmup, args.brevitas, args.data,
-                args.memory, args.compile, log)
+                args.memory, args.compile, log, clock=args.clock)
         if args.profile:
             d["profile"] = _profiles(device, nets, args.batch, args.profile, args.brevitas)
         res["devices"][dev] = d
