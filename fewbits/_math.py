@@ -236,5 +236,10 @@ def min_max(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     degenerate ``scale = 0``), where ``round_half_away(v) = sign(v) * floor(|v| + 0.5)`` is
     ``floor(|v| + 0.5)`` bit for bit (``abs`` keeps the NaN's sign bit as the formula does).
     """
-    y = torch.clamp(x, lo, hi)
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
+        # clamp with scalar bounds is ~2x faster than with tensor bounds on CPU (no ternary
+        # iterator); the Python floats are the exact float values of lo and hi.
+        y = torch.clamp(x, float(lo), float(hi))
+    else:
+        y = torch.clamp(x, lo, hi)
     return y.sub_(lo).div_(scale).abs_().add_(0.5).floor_().mul_(scale).add_(lo)
