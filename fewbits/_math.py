@@ -46,8 +46,18 @@ def _t(value: float, like: Tensor) -> Tensor:
 
 
 def round_half_away(v: Tensor) -> Tensor:
-    """``sign(v) * floor(|v| + 0.5)``: C ``std::round``; ``2.5 -> 3``, ``-0.5 -> -1``."""
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+    """C ``std::round``: nearest integer, ties away from zero; ``2.5 -> 3``, ``-0.5 -> -1``.
+
+    Not ``floor(|v| + 0.5)`` evaluated in float: that sum rounds, so ``0.49999997 -> 1`` and
+    odd integers above ``2**23`` move. Computed as ``r = round_half_even(|v|)`` (exact), plus 1
+    where ``|v| - r == 0.5`` (exact: the ties half-even sent down), with the sign of ``v``
+    (``copysign``, so ``-0.3 -> -0.0`` as ``trunc`` gives): six vectorised passes, where
+    ``trunc`` and ``where`` with a bool condition are scalar loops on CPU.
+    """
+    a = v.abs()
+    r = torch.round(a)
+    r.add_(a.sub_(r).eq_(0.5))
+    return r.copysign_(v)
 
 
 def pow2_exponent(a: Tensor) -> Tensor:
@@ -70,34 +80,40 @@ def _exact_reciprocal(d: Tensor) -> Tensor | None:
     return _t(inv, d)
 
 
+def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``minimum(maximum(x, lo), hi)`` bit for bit. With finite nonzero 0-d CPU bounds this is
+    ``clamp`` with scalar bounds (one pass, no ternary iterator; the Python floats are the exact
+    bound values). A zero bound keeps the two ops: ``maximum(-0.0, 0.0)`` returns either zero
+    depending on the element's position in the vectorised loop, and the formula inherits that."""
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
+        lo_f, hi_f = float(lo), float(hi)
+        if lo_f != 0 and hi_f != 0 and math.isfinite(lo_f) and math.isfinite(hi_f):
+            return torch.clamp(x, lo_f, hi_f)
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
 def fixed_point_mask(
     x: Tensor, sign: bool, n: int, delta: float, want_mask: bool
 ) -> tuple[Tensor, Tensor | None]:
     """Forward of the fixed-point quantizer and, if ``want_mask``, its STE mask
-    ``xmin <= x <= xmax``; the same values as :func:`fixed_point`, computed in place on one
-    output buffer (3 allocations instead of 12 and no division when ``delta`` is a power of
-    two)."""
+    ``xmin <= x <= xmax``: the values of :func:`fixed_point`, computed on one buffer in place
+    (no division when ``delta`` is a power of two), the mask as ``clamp(x) == x``."""
     nb = n - 1 if sign else n
     xmax_f = (2.0**nb - 1.0) * delta
-    # Bounds as the float values of x's dtype, so clamp compares with exactly _t(bound, x).
-    hi = float(_t(xmax_f, x))
-    lo = float(_t(-xmax_f if sign else 0.0, x))
-    y = torch.clamp(x, lo, hi)
-    mask = (y == x) if want_mask else None  # clamp(x) == x  <=>  lo <= x <= hi (finite x)
-    s = torch.sign(y)
+    xmax = _t(xmax_f, x)
+    xmin = _t(-xmax_f if sign else 0.0, x)
+    c = _clamp(x, xmin, xmax)
+    mask = (c == x) if want_mask else None  # clamp(x) == x  <=>  xmin <= x <= xmax (finite x)
     d = _t(delta, x)
     inv = _exact_reciprocal(d)
-    y.abs_()
-    y = y.mul_(inv) if inv is not None else y.div_(d)
-    # sign(c) * floor(|c| / d + 0.5) * d, multiplied in that order
-    y.add_(0.5).floor_().mul_(s).mul_(d)
-    return y, mask
+    v = c.mul_(inv) if inv is not None else c.div_(d)
+    return round_half_away(v).mul_(d), mask
 
 
 def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of the fixed-point quantizer; returns ``(y, xmin, xmax)``.
 
-    ``y = sign(c) * floor(|c| / delta + 0.5) * delta`` with ``c = clamp(x, xmin, xmax)``.
+    ``y = round_half_away(c / delta) * delta`` with ``c = clamp(x, xmin, xmax)``.
     """
     nb = n - 1 if sign else n
     xmax_f = (2.0**nb - 1.0) * delta
@@ -118,7 +134,6 @@ _F32_EXP = 0x7F800000
 # F >= F_T, so the bits of q = 2**round(log2 a) are (bits(a) + _POW2_ROUND) & _F32_EXP (the
 # largest finite a gives inf, as ldexp(1, 128) does).
 _POW2_ROUND = 0x00800000 - (_f32_bits(2.0 * SQRT_HALF_UP) & 0x007FFFFF)
-_F32_MIN_NORMAL = 2.0**-126
 
 
 def _pow2_bits(
@@ -230,16 +245,7 @@ def min_max_range(
 
 
 def min_max(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``.
-
-    Computed in place on one buffer. ``v = (clamp(x) - lo) / scale`` is ``>= 0`` or NaN (a
-    degenerate ``scale = 0``), where ``round_half_away(v) = sign(v) * floor(|v| + 0.5)`` is
-    ``floor(|v| + 0.5)`` bit for bit (``abs`` keeps the NaN's sign bit as the formula does).
-    """
-    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
-        # clamp with scalar bounds is ~2x faster than with tensor bounds on CPU (no ternary
-        # iterator); the Python floats are the exact float values of lo and hi.
-        y = torch.clamp(x, float(lo), float(hi))
-    else:
-        y = torch.clamp(x, lo, hi)
-    return y.sub_(lo).div_(scale).abs_().add_(0.5).floor_().mul_(scale).add_(lo)
+    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``, in place on one
+    buffer after the clamp."""
+    v = _clamp(x, lo, hi).sub_(lo).div_(scale)
+    return round_half_away(v).mul_(scale).add_(lo)

@@ -1,0 +1,237 @@
+"""Checkpoints and model files: atomic writes, tagged formats, clear errors.
+
+Two kinds of files, both ``torch.save`` dictionaries read back with ``weights_only=True`` (no
+arbitrary code runs when loading a file from elsewhere):
+
+* a **model file** (``model_best.pt``, ``model_final.pt``): ``format = "fewbits.model"``, the
+  model spec ``{"name", "kwargs"}`` (see :func:`fewbits.models.create_model`) and its state dict;
+* a **checkpoint** (``checkpoint.pt``): ``format = "fewbits.checkpoint"``, everything a run needs
+  to continue exactly (model, optimizer, scaler, schedule, iteration, best error, data iterator
+  position, RNG states, monitor accumulators, resolved config).
+
+Both carry ``format_version`` and the writing ``fewbits_version``. Any problem while reading
+(missing, truncated or corrupt file, a file that is not fewbits', a newer format, weights that do
+not fit the spec) raises :class:`CheckpointError` naming the file and the problem.
+
+    >>> model = load_model("runs/bc")            # doctest: +SKIP
+    >>> model = load_model("runs/bc/model_final.pt")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
+    "FORMAT_VERSION",
+    "MODEL_FORMAT",
+    "CheckpointError",
+    "atomic_write_bytes",
+    "build_model",
+    "cpu_state_dict",
+    "load_checkpoint",
+    "load_model",
+    "model_file_payload",
+    "read_file",
+    "resolve_model_path",
+    "save_file",
+]
+
+CHECKPOINT_FORMAT = "fewbits.checkpoint"
+MODEL_FORMAT = "fewbits.model"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+#: What :func:`resolve_model_path` looks for in a run folder, in order.
+_RUN_FILES = ("model_best.pt", "model_final.pt", CHECKPOINT_NAME)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model file cannot be used; the message names the file and the problem."""
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    A reader (or a crash) sees either the old file or the complete new one, never a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_file(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_file(path: str | os.PathLike, map_location: Any = "cpu",
+              expect: tuple[str, ...] = (CHECKPOINT_FORMAT, MODEL_FORMAT)) -> dict[str, Any]:
+    """Load a fewbits file and check its format tag and version.
+
+    Raises :class:`CheckpointError` for a missing, unreadable, truncated or foreign file, a
+    format not in ``expect``, or a format version newer than this fewbits reads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            pickle.UnpicklingError, AttributeError, ImportError, IndexError, KeyError) as e:
+        first = _reason(e)
+        raise CheckpointError(
+            f"{path}: cannot read it as a PyTorch file ({first}); it is truncated or corrupt, "
+            "or not written by fewbits. Use another checkpoint or start a new run."
+        ) from e
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(
+            f"{path}: not a fewbits file (no 'format' tag; got {type(payload).__name__}). "
+            "fewbits reads the checkpoint.pt / model_*.pt files that `fewbits train` writes."
+        )
+    fmt = payload["format"]
+    if fmt not in expect:
+        raise CheckpointError(f"{path}: format {fmt!r}, expected one of {list(expect)}")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version!r} is not supported by this fewbits (reads "
+            f"<= {FORMAT_VERSION}, file written by fewbits {payload.get('fewbits_version')}); "
+            "upgrade fewbits"
+        )
+    for key in ("model_spec", "state_dict"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: incomplete {fmt} file, missing {key!r}")
+    spec = payload["model_spec"]
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+            and isinstance(spec.get("kwargs"), dict)):
+        raise CheckpointError(f"{path}: invalid model spec {spec!r}")
+    return payload
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (its first line is often boilerplate)."""
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint (``checkpoint.pt``); see :func:`read_file`."""
+    payload = read_file(path, map_location, expect=(CHECKPOINT_FORMAT,))
+    missing = [k for k in ("iteration", "optimizer", "rng", "data_iterator", "config")
+               if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    return payload
+
+
+def model_file_payload(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """The dictionary of a model file: format tag, spec, state dict (CPU) and ``extra``."""
+    from . import __version__
+
+    spec = getattr(model, "fewbits_spec", None)
+    if spec is None:
+        raise ValueError("the model has no fewbits_spec; build it with fewbits.create_model")
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fewbits_version": __version__,
+        "model_spec": spec,
+        "state_dict": cpu_state_dict(model),
+        **extra,
+    }
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` with tensors cloned to the CPU (safe to keep while training)."""
+    return {k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in model.state_dict().items()}
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A file as is; a run folder -> its ``model_best.pt``, else ``model_final.pt``, else
+    ``checkpoint.pt``. Raises :class:`CheckpointError` when none exists."""
+    path = Path(path)
+    if path.is_dir():
+        for name in _RUN_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: run folder without any of {list(_RUN_FILES)}")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    return path
+
+
+def build_model(payload: dict[str, Any], source: str | os.PathLike) -> nn.Module:
+    """``create_model(spec["name"], **spec["kwargs"])`` + the state dict, with clear errors."""
+    from .models import create_model
+
+    spec = payload["model_spec"]
+    try:
+        model = create_model(spec["name"], **spec["kwargs"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: cannot rebuild model {spec['name']!r}: {e}") from e
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{source}: the weights do not fit model {spec['name']!r} with its saved options "
+            f"({str(e).splitlines()[0]})"
+        ) from e
+    return model
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild a trained model from a checkpoint, a model file or a run folder.
+
+    The model is re-created with ``create_model(spec["name"], **spec["kwargs"])`` and gets the
+    saved state dict (quantizer state included); it is returned in eval mode on
+    ``map_location``.
+
+        >>> model = load_model("runs/bc")  # doctest: +SKIP
+    """
+    src = resolve_model_path(path)
+    payload = read_file(src, map_location)
+    model = build_model(payload, src)
+    if map_location is not None and not callable(map_location):
+        model = model.to(map_location)
+    return model.eval()

@@ -1,0 +1,115 @@
+"""Data-parallel training across processes started by ``torchrun`` (PyTorch DDP).
+
+fewbits has no launcher of its own: ``torchrun --nproc_per_node N classification.py ...`` starts
+N processes and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init_from_env` reads them and joins the process group (``gloo`` on the
+CPU, ``nccl`` on CUDA, each process on GPU ``LOCAL_RANK``). Without those variables (or with
+``WORLD_SIZE=1``) everything here is a cheap no-op, so single-process code paths are the same.
+
+    >>> info = init_from_env("cpu")    # no torchrun: rank 0 of 1
+    >>> info.world_size, info.is_main
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_buffers",
+    "cleanup",
+    "init_from_env",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job: ``rank`` of ``world_size``, GPU ``local_rank``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the monitor files and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_from_env(device_type: str) -> DistInfo:
+    """Join the process group described by torchrun's environment variables.
+
+    ``device_type`` is ``"cpu"`` (backend ``gloo``) or ``"cuda"`` (``nccl``). Returns rank 0 of
+    1 when ``WORLD_SIZE`` is unset or 1. Calling it again in an initialised process returns the
+    existing group's info.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world <= 1:
+        return DistInfo()
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed; run a single process")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise ValueError(
+                f"WORLD_SIZE={world} but {', '.join(missing)} not set: start distributed runs "
+                "with `torchrun --nproc_per_node N classification.py ...`"
+            )
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local, backend)
+
+
+def all_reduce_sum(t: Tensor, info: DistInfo) -> Tensor:
+    """Sum ``t`` over ranks in place (no-op for one process); returns ``t``."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (batch-norm statistics, quantizer state) to every rank, so that
+    all ranks evaluate and save the same model."""
+    if info.distributed:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group (safe to call twice)."""
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

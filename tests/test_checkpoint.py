@@ -1,0 +1,145 @@
+"""fewbits.checkpoint: atomic files, load_model, and clear errors for unusable files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewbits import create_model
+from fewbits.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    load_model,
+    model_file_payload,
+    resolve_model_path,
+    save_file,
+)
+from fewbits.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One tiny finished run (checkpoint.pt, model_best.pt, model_final.pt)."""
+    path = tmp_path_factory.mktemp("run")
+    train(TrainConfig(net="mnist_binary_connect_mlp", model_args={"width": 16, "depth": 1},
+                      dataset="synthetic", synthetic_size=32, batch_size=8, max_iter=4,
+                      val_interval=2, monitor_path=str(path), progress=False, plot=False))
+    return path
+
+
+def test_load_model_from_each_kind_of_file(run):
+    x = torch.rand(3, 1, 28, 28)
+    outs = []
+    for src in (run, run / "model_best.pt", run / "model_final.pt", run / "checkpoint.pt"):
+        model = load_model(src)
+        assert not model.training
+        assert model.fewbits_spec["name"] == "mnist_binary_connect_mlp"
+        with torch.no_grad():
+            outs.append(model(x))
+    # final and checkpoint hold the same (last) parameters
+    assert torch.equal(outs[2], outs[3])
+    assert resolve_model_path(run) == run / "model_best.pt"
+
+
+def test_run_folder_falls_back_to_final_then_checkpoint(run, tmp_path):
+    for name in ("model_final.pt", "checkpoint.pt"):
+        (tmp_path / name).write_bytes((run / name).read_bytes())
+    assert resolve_model_path(tmp_path) == tmp_path / "model_final.pt"
+    (tmp_path / "model_final.pt").unlink()
+    assert resolve_model_path(tmp_path) == tmp_path / "checkpoint.pt"
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(CheckpointError, match="run folder without"):
+        resolve_model_path(tmp_path)
+
+
+def test_checkpoint_contents(run):
+    c = load_checkpoint(run / "checkpoint.pt")
+    assert c["format"] == "fewbits.checkpoint" and c["format_version"] == 1
+    assert c["iteration"] == 4 and c["config"]["net"] == "mnist_binary_connect_mlp"
+    assert set(c["rng"]) >= {"torch", "augment"}
+    assert c["data_iterator"]["position"] >= 1
+    assert "loss" in c["monitor"] and c["best"]["iteration"] in (0, 2, 4)
+    assert not any(k.startswith("module.") for k in c["state_dict"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_files_raise_checkpoint_error_naming_the_file(run, tmp_path, damage):
+    data = (run / "checkpoint.pt").read_bytes()
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096),
+                     "empty": b""}[damage])
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*(truncated|corrupt)"):
+            load(bad)
+
+
+def test_foreign_files_are_refused(tmp_path):
+    plain = tmp_path / "weights.pt"
+    torch.save(create_model("mnist_float_mlp", width=8).state_dict(), plain)
+    with pytest.raises(CheckpointError, match=r"weights\.pt: not a fewbits file"):
+        load_model(plain)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(CheckpointError, match="not a fewbits file"):
+        load_model(tensor)
+    # A pickle of an arbitrary object is not even unpickled (weights_only).
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "fewbits.model", "x": Path("/")}, evil)
+    with pytest.raises(CheckpointError, match=r"evil\.pt: cannot read"):
+        load_model(evil)
+
+
+def test_newer_format_and_model_file_as_checkpoint(run, tmp_path):
+    payload = torch.load(run / "model_final.pt", weights_only=True)
+    payload["format_version"] = 99
+    save_file(tmp_path / "new.pt", payload)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_model(tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="expected one of"):
+        load_checkpoint(run / "model_final.pt")
+
+
+def test_weights_that_do_not_fit_the_spec(run, tmp_path):
+    payload = torch.load(run / "model_final.pt", weights_only=True)
+    payload["model_spec"]["kwargs"]["width"] = 32
+    save_file(tmp_path / "m.pt", payload)
+    with pytest.raises(CheckpointError, match=r"m\.pt: the weights do not fit"):
+        load_model(tmp_path / "m.pt")
+    payload["model_spec"]["name"] = "no_such_net"
+    save_file(tmp_path / "m.pt", payload)
+    with pytest.raises(CheckpointError, match="cannot rebuild model 'no_such_net'"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_resume_with_another_net_or_batch_is_refused(run, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes((run / "checkpoint.pt").read_bytes())
+    base = dict(model_args={"width": 16, "depth": 1}, dataset="synthetic", synthetic_size=32,
+                batch_size=8, max_iter=6, val_interval=2, monitor_path=str(tmp_path),
+                progress=False, plot=False, resume="auto")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: cannot resume.*net: "
+                       r"checkpoint 'mnist_binary_connect_mlp', this run 'mnist_float_mlp'"):
+        train(TrainConfig(net="mnist_float_mlp", **base))
+    with pytest.raises(CheckpointError, match="batch_size: checkpoint 8, this run 4"):
+        train(TrainConfig(net="mnist_binary_connect_mlp", **{**base, "batch_size": 4}))
+    with pytest.raises(CheckpointError, match="model option width: checkpoint 16, this run 8"):
+        train(TrainConfig(net="mnist_binary_connect_mlp",
+                          **{**base, "model_args": {"width": 8, "depth": 1}}))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.pt"
+    atomic_write_bytes(p, b"old")
+    with pytest.raises(Exception):  # noqa: B017 - any pickling error
+        save_file(p, {"f": lambda: 0})
+    assert p.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["f.pt"]  # no temp file left behind
+
+
+def test_model_file_payload_needs_a_spec():
+    with pytest.raises(ValueError, match="fewbits_spec"):
+        model_file_payload(torch.nn.Linear(2, 2))
