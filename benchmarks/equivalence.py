@@ -147,7 +147,8 @@ def _cases(F: Any) -> Iterator[tuple[str, Callable[..., Tensor], tuple[Tensor, .
         yield (f"fixed_point(sign={sign},n={n},delta={delta},fine={fine})",
                F.fixed_point_quantize, (), {"sign": sign, "n": n, "delta": delta,
                                             "ste_fine_grained": fine})
-    for sign, wz, n, m, fine in itertools.product((True, False), (True, False), (1, 2, 3, 4, 8, 9, 12),
+    for sign, wz, n, m, fine in itertools.product((True, False), (True, False),
+                                                  (1, 2, 3, 4, 8, 9, 12),
                                                   (-126, -10, 0, 1, 3, 127), (True, False)):
         yield (f"pow2(sign={sign},with_zero={wz},n={n},m={m},fine={fine})", F.pow2_quantize, (),
                {"sign": sign, "with_zero": wz, "n": n, "m": m, "ste_fine_grained": fine})
@@ -213,6 +214,15 @@ def check_functional(F_new: Any, F_ref: Any, log: Callable[[str], None]) -> int:
                     if bad <= 20:
                         log(f"DIFF {name} dtype={dtype} input#{i}: "
                             f"{_describe(r_new, r_ref, x)}")
+    M_new, M_ref = (importlib.import_module(F.__name__.rsplit(".", 1)[0] + "._math")
+                    for F in (F_new, F_ref))
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for i, x in enumerate(_inputs(dtype)):
+            for v in (x, x * 16, x / 3, x * 2**23, x + 0.5):
+                total += 1
+                if not _same(M_new.round_half_away(v), M_ref.round_half_away(v)):
+                    bad += 1
+                    log(f"DIFF _math.round_half_away dtype={dtype} input#{i}")
     for fname in ("binary_connect", "binary_tanh", "binary_weight", "fixed_point_quantize",
                   "pow2_quantize", "inq_quantize"):
         for badv in (float("nan"), float("inf"), -float("inf")):
