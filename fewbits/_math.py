@@ -66,18 +66,36 @@ def pow2_exponent(a: Tensor) -> Tensor:
     return exp - (mant < SQRT_HALF_UP).to(exp.dtype)
 
 
-def _exact_reciprocal(d: Tensor) -> Tensor | None:
-    """``1 / d`` as a 0-d tensor when ``d`` is a power of two whose reciprocal is a normal number
-    of ``d``'s dtype, else ``None``. Then ``v * (1 / d)`` and ``v / d`` round the same real
-    number, so they are bit-identical (a multiply is ~4x cheaper than a divide on CPU)."""
-    if d.dtype not in (torch.float32, torch.float64):
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _as_dtype(value: float, dtype: torch.dtype) -> float | None:
+    """``value`` rounded to ``dtype`` (what ``_t(value, x)`` holds), as a Python float, computed
+    without a tensor (no host sync, no graph break under ``torch.compile``); ``None`` for dtypes
+    other than float32/float64 (one rounding from float64 in both NumPy and torch)."""
+    t = _NUMPY_FLOAT.get(dtype)
+    if t is None:
         return None
-    v = float(d)
-    mant, _ = math.frexp(v)
-    inv = 1.0 / v if mant == 0.5 else 0.0
-    if not inv or not torch.finfo(d.dtype).tiny <= inv <= torch.finfo(d.dtype).max:
+    with np.errstate(over="ignore"):
+        return float(t(value))
+
+
+def _exact_reciprocal(delta: float, dtype: torch.dtype) -> float | None:
+    """``1 / d`` for ``d = delta`` rounded to ``dtype`` when ``d`` is a power of two whose
+    reciprocal is a normal number of ``dtype``, else ``None``. Then ``v * (1 / d)`` and ``v / d``
+    round the same real number, so they are bit-identical (a multiply is ~4x cheaper than a
+    divide on CPU)."""
+    d = _as_dtype(delta, dtype)
+    if d is None or not 0 < d < math.inf or math.frexp(d)[0] != 0.5:
         return None
-    return _t(inv, d)
+    inv = 1.0 / d
+    fi = torch.finfo(dtype)
+    return inv if fi.tiny <= inv <= fi.max else None
+
+
+def _compiling() -> bool:
+    f = getattr(torch.compiler, "is_compiling", None)
+    return bool(f()) if f is not None else False
 
 
 def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -85,7 +103,7 @@ def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     ``clamp`` with scalar bounds (one pass, no ternary iterator; the Python floats are the exact
     bound values). A zero bound keeps the two ops: ``maximum(-0.0, 0.0)`` returns either zero
     depending on the element's position in the vectorised loop, and the formula inherits that."""
-    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu" and not _compiling():
         lo_f, hi_f = float(lo), float(hi)
         if lo_f != 0 and hi_f != 0 and math.isfinite(lo_f) and math.isfinite(hi_f):
             return torch.clamp(x, lo_f, hi_f)
@@ -100,12 +118,16 @@ def fixed_point_mask(
     (no division when ``delta`` is a power of two), the mask as ``clamp(x) == x``."""
     nb = n - 1 if sign else n
     xmax_f = (2.0**nb - 1.0) * delta
-    xmax = _t(xmax_f, x)
-    xmin = _t(-xmax_f if sign else 0.0, x)
-    c = _clamp(x, xmin, xmax)
+    hi = _as_dtype(xmax_f, x.dtype)
+    if sign and hi is not None and hi > 0:
+        # -hi < 0 < hi: no zero bound, so clamp with these exact scalars is min(max(.)) bit for
+        # bit (hi may be inf, like _t(xmax_f, x))
+        c = torch.clamp(x, -hi, hi)
+    else:
+        c = _clamp(x, _t(-xmax_f if sign else 0.0, x), _t(xmax_f, x))
     mask = (c == x) if want_mask else None  # clamp(x) == x  <=>  xmin <= x <= xmax (finite x)
+    inv = _exact_reciprocal(delta, x.dtype)
     d = _t(delta, x)
-    inv = _exact_reciprocal(d)
     v = c.mul_(inv) if inv is not None else c.div_(d)
     return round_half_away(v).mul_(d), mask
 
