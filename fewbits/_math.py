@@ -67,8 +67,11 @@ def pow2_exponent(a: Tensor) -> Tensor:
 
 
 _NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+# Pure functions of Python constants: torch.compile may evaluate them once at trace time.
+_constant = getattr(torch.compiler, "assume_constant_result", lambda f: f)
 
 
+@_constant
 def _as_dtype(value: float, dtype: torch.dtype) -> float | None:
     """``value`` rounded to ``dtype`` (what ``_t(value, x)`` holds), as a Python float, computed
     without a tensor (no host sync, no graph break under ``torch.compile``); ``None`` for dtypes
@@ -80,6 +83,7 @@ def _as_dtype(value: float, dtype: torch.dtype) -> float | None:
         return float(t(value))
 
 
+@_constant
 def _exact_reciprocal(delta: float, dtype: torch.dtype) -> float | None:
     """``1 / d`` for ``d = delta`` rounded to ``dtype`` when ``d`` is a power of two whose
     reciprocal is a normal number of ``dtype``, else ``None``. Then ``v * (1 / d)`` and ``v / d``
@@ -143,6 +147,7 @@ def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Te
     return y, _t(-xmax_f if sign else 0.0, x), _t(xmax_f, x)
 
 
+@_constant
 def _f32_bits(v: float) -> int:
     """The IEEE bits of ``float32(v)`` as a Python int."""
     return int(np.array(v, dtype=np.float32).view(np.int32))
@@ -156,6 +161,13 @@ _F32_EXP = 0x7F800000
 # F >= F_T, so the bits of q = 2**round(log2 a) are (bits(a) + _POW2_ROUND) & _F32_EXP (the
 # largest finite a gives inf, as ldexp(1, 128) does).
 _POW2_ROUND = 0x00800000 - (_f32_bits(2.0 * SQRT_HALF_UP) & 0x007FFFFF)
+
+
+@_constant
+def _thr_bits(p_min: float) -> int:
+    """Bits of ``thr = p_min * float32(2**-0.5)`` as the formula's float32 product gives it."""
+    thr = np.float32(p_min) * np.float32(2.0**-0.5)
+    return int(np.array(thr, dtype=np.float32).view(np.int32))
 
 
 def _pow2_bits(
@@ -172,8 +184,7 @@ def _pow2_bits(
     in_range = (a < ((m + 128) << 23) - _POW2_ROUND) if want_mask else None
     keep = None
     if with_zero:  # q < p_min and |x| < thr  ->  0; |x| < thr implies q < p_min
-        thr = np.float32(p_min) * np.float32(2.0**-0.5)
-        keep = a >= _f32_bits(float(thr))
+        keep = a >= _thr_bits(p_min)
     neg = x < 0
     a.add_(_POW2_ROUND).bitwise_and_(_F32_EXP).clamp_(pmin_b, pmax_b)
     if sign:
