@@ -133,7 +133,7 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     packed = export_packed(model, folder / "model.fewbits")
     q = create_model(run.net, **model.fewbits_spec["kwargs"])
     fam = FAMILIES[_family_of(run.net)]
-    wbits, abits = fam.bits(q.cfg) if hasattr(q, "cfg") else (32, 32)
+    wbits, abits = fam.bits(q.cfg)
     return {
         "label": run.label, "net": run.net, "seed": run.seed, "family": fam.name,
         "options": run.options, "weight_bits": wbits, "act_bits": abits,
@@ -267,7 +267,9 @@ def write_results(results_dir: Path, doc: Path) -> None:
            "(same machine, sequential runs).", ""]
     for s in sections:
         plots = _plot(s, img_dir)
-        out += [f"## {s['title']}", "", f"Command (run on {s['machine']}, {s['date']}):", "",
+        partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
+        out += [f"## {s['title']}{partial}", "",
+                f"Command (run on {s['machine']}, {s['date']}):", "",
                 "```sh", s["command"], "```", "", s["budget"], "", _table(s), "",
                 f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}", "",
                 f"![test error and training loss of every family](img/{plots[0]})", "",
@@ -293,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-schedule", default="constant")
     p.add_argument("-c", "--context", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-first-validation", action="store_true",
+                   help="skip the seed's validation at iteration 0 (saves a test-set pass)")
     p.add_argument("--extra", action="append", default=[], help="LABEL=NET:key=value,...")
     p.add_argument("--notes", default="", help="text appended under the table")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "accuracy"))
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                             "batch_size": a.batch_size, "learning_rate": a.learning_rate,
                             "lr_schedule": a.lr_schedule, "context": a.context,
                             "download": False, "plot": False}
+    if a.no_first_validation:
+        base["validate_first"] = False
     for k in ("max_iter", "val_interval", "threads"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)
@@ -329,14 +335,6 @@ def main(argv: list[str] | None = None) -> int:
                 {}) for n in nets for s in seeds]
     runs += [Run(label, net, s, kw) for label, net, kw in map(_parse_extra, a.extra)
              for s in seeds]
-    records = []
-    for i, run in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {run.label} ({run.net}, seed {run.seed})", flush=True)
-        rec = _run_one(run, base, Path(a.runs_dir) / a.section)
-        print(f"    test error {100 * rec['final_error']:.2f} %  {rec['images_per_s']:.0f} img/s"
-              f"  {rec['packed_bytes'] / 1024:.1f} KiB  {rec['bits_per_weight']:.2f} bits/w",
-              flush=True)
-        records.append(rec)
     budget = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in base.items()
                        if k in ("max_iter", "batch_size", "learning_rate", "lr_schedule",
                                 "val_interval"))
@@ -350,10 +348,19 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
         "budget": f"Budget: {budget}; seeds {seeds}. INQ schedules are scaled to 50-90 % of "
                   "the budget (the seed's 5000-9000 would never start).",
-        "notes": a.notes, "records": records,
+        "notes": a.notes, "records": [],
     }
-    (results_dir / f"{a.section}.json").write_text(json.dumps(section))
-    write_results(results_dir, doc)
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.label} ({run.net}, seed {run.seed})", flush=True)
+        rec = _run_one(run, base, Path(a.runs_dir) / a.section)
+        print(f"    test error {100 * rec['final_error']:.2f} %  {rec['images_per_s']:.0f} img/s"
+              f"  {rec['packed_bytes'] / 1024:.1f} KiB  {rec['bits_per_weight']:.2f} bits/w",
+              flush=True)
+        section["records"].append(rec)
+        # Written after every run: an interrupted benchmark still leaves its finished rows.
+        section["complete"] = i == len(runs)
+        (results_dir / f"{a.section}.json").write_text(json.dumps(section))
+        write_results(results_dir, doc)
     print(f"wrote {results_dir / (a.section + '.json')} and {doc}")
     return 0
 

@@ -165,6 +165,7 @@ class TrainConfig:
     checkpoint_interval: int | None = None
     progress: bool = True
     plot: bool = True
+    validate_first: bool = True
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -805,7 +806,7 @@ class _Run:
         try:
             i = self.start_iter
             while i < cfg.max_iter:
-                if i % cfg.val_interval == 0:
+                if i % cfg.val_interval == 0 and (i > 0 or cfg.validate_first):
                     self._validate(i)
                 t0 = time.perf_counter()
                 stats = self._step(i)

@@ -207,3 +207,8 @@ def test_delta_defaults_to_the_nets_own():
     assert cifar.stem.weight_quantizer.delta == 2**-4
     assert mnist.fc1.weight_quantizer.delta == 2**-7
     assert given.fc1.weight_quantizer.delta == 2**-3
+
+
+def test_first_validation_flag():
+    assert cfg_of().validate_first is True
+    assert cfg_of("--no-first-validation").validate_first is False

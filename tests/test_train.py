@@ -96,6 +96,11 @@ def test_monitor_files_have_the_seed_format(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_first_validation_can_be_skipped(tmp_path):
+    train(tiny("mnist_float_mlp", tmp_path, validate_first=False))
+    assert read_series(tmp_path / TEST_ERROR_FILE)[0] == [2, 3]
+
+
 def test_config_json_is_the_resolved_config(tmp_path):
     cfg = tiny("cifar10_fp_connect_resnet23_prediction", tmp_path, bit_width=4,
                ste_fine_grained=False, max_iter=2, epochs=None)
