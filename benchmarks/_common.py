@@ -84,24 +84,29 @@ class Step:
     y: Tensor
     device: torch.device
     forward: Callable[[Tensor], Tensor] | None = None  # e.g. a torch.compile'd model
+    finite_checks: bool = True
 
     @classmethod
     def build(cls, model: nn.Module, batch: int, device: torch.device, seed: int = 0,
               compile_model: bool = False) -> Step:
+        """``compile_model``: forward through ``torch.compile(model)`` with the quantizers' NaN
+        checks off (each check reads a value on the host: a graph break per quantizer)."""
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(batch, 3, 32, 32, generator=g).to(device)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
         model = model.to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         fwd = torch.compile(model) if compile_model else None
-        return cls(model, opt, x, y, device, fwd)
+        return cls(model, opt, x, y, device, fwd, finite_checks=not compile_model)
 
     def __call__(self) -> None:
+        from fewbits.functional import finite_checks
         from fewbits.layers import apply_weight_constraints
 
         self.optimizer.zero_grad(set_to_none=True)
-        out = (self.forward or self.model)(self.x)
-        nn.functional.cross_entropy(out, self.y).backward()
+        with finite_checks(self.finite_checks):
+            out = (self.forward or self.model)(self.x)
+            nn.functional.cross_entropy(out, self.y).backward()
         self.optimizer.step()
         apply_weight_constraints(self.model)
 

@@ -303,7 +303,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="wall time (default), or this process's CPU time (robust to other "
                    "processes' load with --threads 1; with 2 threads it counts spin-waits)")
     p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile'd copies of the nets")
+                   help="also time torch.compile'd copies of the nets (NaN checks off in them; "
+                   "compiling takes minutes per net on a small CPU)")
     p.add_argument("--no-brevitas", dest="brevitas", action="store_false",
                    help="skip the Brevitas comparison")
     p.add_argument("--no-data", dest="data", action="store_false",
