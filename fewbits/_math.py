@@ -44,8 +44,13 @@ def _t(value: float, like: Tensor) -> Tensor:
 
 
 def round_half_away(v: Tensor) -> Tensor:
-    """``sign(v) * floor(|v| + 0.5)``: C ``std::round``; ``2.5 -> 3``, ``-0.5 -> -1``."""
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+    """C ``std::round``: nearest integer, ties away from zero; ``2.5 -> 3``, ``-0.5 -> -1``.
+
+    Not ``floor(|v| + 0.5)`` evaluated in float: that sum rounds, so ``0.49999997 -> 1`` and
+    odd integers above ``2**23`` move. ``v - trunc(v)`` is exact, so comparing it with 0.5 is.
+    """
+    t = torch.trunc(v)
+    return torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
 
 
 def pow2_exponent(a: Tensor) -> Tensor:
@@ -62,7 +67,7 @@ def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Te
     xmin = _t(-xmax_f if sign else 0.0, x)
     c = torch.minimum(torch.maximum(x, xmin), xmax)
     d = _t(delta, x)
-    y = torch.sign(c) * torch.floor(c.abs() / d + 0.5) * d
+    y = round_half_away(c / d) * d
     return y, xmin, xmax
 
 

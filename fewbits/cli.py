@@ -148,8 +148,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--bit-width", type=int, default=None,
                    help="bits of fixed-point/pow2/INQ quantizers (default: the family's: 8, "
                    "INQ 4)")
-    q.add_argument("--delta", type=_float, default=2**-4,
-                   help="fixed-point step (default: 2**-4)")
+    q.add_argument("--delta", type=_float, default=None,
+                   help="fixed-point step (default: 2**-4 as the seed; 2**-7 for the MNIST "
+                        "nets, whose wide layers would otherwise round to 0)")
     q.add_argument("--upper-bound", type=int, default=1,
                    help="pow2: largest level 2**upper_bound (default: 1)")
     q.add_argument("--ql-min", type=int, default=0, help="min-max: lowest level (default: 0)")
@@ -219,6 +220,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterations between checkpoints (default: the validation interval)")
     r.add_argument("--no-progress", dest="progress", action="store_false",
                    help="log lines instead of a progress bar")
+    r.add_argument("--no-first-validation", dest="validate_first", action="store_false",
+                   help="skip the validation at iteration 0 (the seed does it; it costs a "
+                        "full test-set pass)")
     r.add_argument("--no-plot", dest="plot", action="store_false",
                    help="do not draw training_curves.png")
     r.add_argument("--channels-last", action="store_true", help="channels-last layout (GPU)")
@@ -248,7 +252,8 @@ def config_from_args(ns: argparse.Namespace):
         epochs=ns.epochs, optimizer=ns.optimizer, momentum=ns.momentum,
         lr_schedule=ns.lr_schedule, accum_steps=ns.accum_steps, seed=ns.seed,
         resume=ns.resume, checkpoint_interval=ns.checkpoint_interval, progress=ns.progress,
-        plot=ns.plot, channels_last=ns.channels_last, compile=ns.compile, threads=ns.threads,
+        plot=ns.plot, validate_first=ns.validate_first, channels_last=ns.channels_last,
+        compile=ns.compile, threads=ns.threads,
     )
 
 

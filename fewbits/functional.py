@@ -222,7 +222,9 @@ def fixed_point_quantize(
     Forward (``nb = n - 1`` if ``sign`` else ``n``, ``xmax = (2**nb - 1) * delta``,
     ``xmin = -xmax`` if ``sign`` else 0)::
 
-        y = sign(c) * floor(|c| / delta + 0.5) * delta,   c = clamp(x, xmin, xmax)
+        y = round_half_away(c / delta) * delta,   c = clamp(x, xmin, xmax)
+
+    (the spec's ``sign(c) * floor(|c| / delta + 0.5) * delta``, rounded exactly).
 
     Backward: ``dx = dy * [xmin <= x <= xmax]`` (``ste_fine_grained``), else ``dx = dy``.
 
@@ -243,7 +245,8 @@ def fixed_point_quantize(
 
 
 def _pow2_check(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> None:
-    low = 1 + int(bool(sign)) + int(bool(with_zero))
+    # n = sign + with_zero leaves no exponent bits: one magnitude 2**m (binary / ternary).
+    low = max(1, int(bool(sign)) + int(bool(with_zero)))
     _bits(fn, "n", n, low=low)
     if isinstance(m, bool) or int(m) != m or not -126 <= m <= 127:
         raise ValueError(f"{fn}: m (log2 of the largest level) must be an integer in "
@@ -330,7 +333,7 @@ class _MinMaxSTE(torch.autograd.Function):
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
     if len(shape) == 0 or shape.numel() == 1:
         return g.sum().reshape(shape)
-    return g.flatten(1).sum(1).reshape(shape)
+    return (g.flatten(1).sum(1) if g.dim() > 1 else g).reshape(shape)
 
 
 def _range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:

@@ -266,7 +266,7 @@ class FixedPoint(Quantizer):
     def encode(self, x: Tensor) -> Codes:
         with torch.no_grad():
             y = self.forward(x.detach().float())
-            k = torch.floor(y.abs() / torch.tensor(self.delta) + 0.5) * torch.sign(y)
+            k = _math.round_half_away(y / torch.tensor(self.delta))
         codes = k.to(torch.int64).reshape(-1) + self._offset
         return Codes(codes, self.bits, tuple(x.shape))
 
@@ -472,8 +472,8 @@ class MinMax(Quantizer):
             raise ValueError(f"MinMax: unknown mode {mode!r}; known: {_MINMAX_MODES}")
         if not ql_min < ql_max:
             raise ValueError(f"MinMax: need ql_min < ql_max, got {ql_min} >= {ql_max}")
-        if not init_min < init_max:
-            raise ValueError(f"MinMax: need init_min < init_max, got {init_min}, {init_max}")
+        if not init_min <= init_max:
+            raise ValueError(f"MinMax: need init_min <= init_max, got {init_min}, {init_max}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"MinMax: decay must be in [0, 1), got {decay}")
         qf._positive("MinMax", "eps", eps)

@@ -131,7 +131,7 @@ class TrainConfig:
     net: str = "cifar10_resnet23_prediction"
     # quantization (fewbits.models.QuantConfig)
     bit_width: int | None = None
-    delta: float = 2**-4
+    delta: float | None = None  # None: the net's default (2**-4; MNIST nets 2**-7)
     upper_bound: int = 1
     ql_min: int = 0
     ql_max: int = 255
@@ -165,6 +165,7 @@ class TrainConfig:
     checkpoint_interval: int | None = None
     progress: bool = True
     plot: bool = True
+    validate_first: bool = True
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -195,7 +196,8 @@ class TrainConfig:
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs must be > 0, got {self.epochs}")
         try:
-            QuantConfig(**{k: getattr(self, k) for k in QUANT_KEYS})
+            QuantConfig(**{k: getattr(self, k) for k in QUANT_KEYS
+                           if getattr(self, k) is not None})
         except (ValueError, TypeError) as e:
             raise ConfigError(f"invalid quantization options: {e}") from e
 
@@ -359,7 +361,8 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     _check_net(cfg.net)
     defaults = _model_defaults(cfg.net)
     c, h, w = (int(s) for s in image_shape[-3:])
-    kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS if k in defaults}
+    kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS
+                              if k in defaults and getattr(cfg, k) is not None}
     if "inq_iterations" in kwargs:
         kwargs["inq_iterations"] = list(cfg.inq_iterations)
     derived = {"num_classes": num_classes, "in_channels": c, "in_features": c * h * w}
@@ -803,7 +806,7 @@ class _Run:
         try:
             i = self.start_iter
             while i < cfg.max_iter:
-                if i % cfg.val_interval == 0:
+                if i % cfg.val_interval == 0 and (i > 0 or cfg.validate_first):
                     self._validate(i)
                 t0 = time.perf_counter()
                 stats = self._step(i)

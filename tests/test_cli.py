@@ -33,7 +33,7 @@ def test_seed_flags_and_defaults():
         "cpu", 0, "float", 64, 1e-3)
     assert (c.max_iter, c.val_interval, c.weight_decay) == (234375, 1000, 0.0)
     assert c.net == "cifar10_resnet23_prediction" and c.bit_width is None
-    assert (c.delta, c.upper_bound, c.ql_min, c.ql_max) == (2**-4, 1, 0, 255)
+    assert (c.delta, c.upper_bound, c.ql_min, c.ql_max) == (None, 1, 0, 255)  # None: net's
     assert not (c.p_min_max or c.a_min_max or c.a_ema) and c.ste_fine_grained is True
     assert (c.dataset, c.optimizer, c.lr_schedule, c.accum_steps) == (
         "cifar10", "adam", "constant", 1)
@@ -195,3 +195,20 @@ def test_classification_py_runs_as_a_script(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "classification.py"), "-n", "nope", "-m",
                         str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "classification.py: error: -n/--net: unknown model" in p.stderr
+
+
+def test_delta_defaults_to_the_nets_own():
+    from fewbits.train import build_model
+
+    cifar = build_model(cfg_of("-n", "cifar10_fp_connect_resnet23_prediction"), (3, 32, 32), 10)
+    mnist = build_model(cfg_of("-n", "mnist_fp_connect_lenet"), (1, 28, 28), 10)
+    given = build_model(cfg_of("-n", "mnist_fp_connect_lenet", "--delta", "2**-3"),
+                        (1, 28, 28), 10)
+    assert cifar.stem.weight_quantizer.delta == 2**-4
+    assert mnist.fc1.weight_quantizer.delta == 2**-7
+    assert given.fc1.weight_quantizer.delta == 2**-3
+
+
+def test_first_validation_flag():
+    assert cfg_of().validate_first is True
+    assert cfg_of("--no-first-validation").validate_first is False

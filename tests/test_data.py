@@ -472,9 +472,9 @@ def test_imagefolder_errors(tmp_path):
     # Only a train split: test is a clear error.
     (tmp_path / "t" / "train" / "x").mkdir(parents=True)
     Image.new("L", (4, 4)).save(tmp_path / "t" / "train" / "x" / "0.png")
-    assert len(load_dataset("imagefolder", "train", tmp_path / "t", cache=False)) == 1
-    with pytest.raises(DatasetNotFoundError, match="no 'test' images"):
-        load_dataset("imagefolder", "test", tmp_path / "t", cache=False)
+    assert len(load_dataset("imagefolder", "train", tmp_path / "t", cache_dir=tmp_path)) == 1
+    with pytest.raises(DatasetNotFoundError, match=r"no 'test' images in .*/t: expected test/"):
+        load_dataset("imagefolder", "test", tmp_path / "t", cache_dir=tmp_path)  # cached
     # Empty folder, wrong archive type, truncated archive.
     (tmp_path / "e").mkdir()
     with pytest.raises(DatasetNotFoundError, match="no images"):
@@ -514,6 +514,17 @@ def test_fast_tar_reader_matches_tarfile(tmp_path, fmt):
     gz = tmp_path / "t.tar.gz"
     gz.write_bytes(gzip.compress(raw))
     assert list(_tar.iter_tar_files(gz)) == list(files.items())
+
+
+def test_big_archives_are_streamed_by_tarfile(tmp_path, monkeypatch):
+    src = tmp_path / "f"
+    made = _make_folder(src)
+    tar = _tar_gz(src, tmp_path / "f.tar.gz")
+    monkeypatch.setattr(_tar, "_IN_MEMORY_LIMIT", 100)  # "too big": the tarfile path runs
+    monkeypatch.setattr(_tar, "_parse", None)  # ...and the fast parser is not touched
+    assert _tar._read_whole(tar) is None
+    ds = load_dataset("imagefolder", "train", tar, cache=False)
+    assert torch.equal(ds.images, _expected(made["train"], 3))
 
 
 def test_fast_tar_reader_falls_back_on_bad_checksum(tmp_path):

@@ -121,6 +121,11 @@ def test_monitor_windows_timer_and_resume_truncation(tmp_path):
     assert quiet.add_train(9, torch.zeros(2)) is None and not (tmp_path / "other_rank").exists()
 
 
+def test_first_validation_can_be_skipped(tmp_path):
+    train(tiny("mnist_float_mlp", tmp_path, validate_first=False, max_iter=3))
+    assert read_series(tmp_path / TEST_ERROR_FILE)[0] == [2, 3]
+
+
 def test_config_json_is_the_resolved_config(tmp_path):
     cfg = tiny("cifar10_fp_connect_resnet23_prediction", tmp_path, bit_width=4,
                ste_fine_grained=False, max_iter=2, epochs=None)

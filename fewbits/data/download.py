@@ -91,6 +91,7 @@ def download_url(
             if actual != md5.lower():
                 # Name the destination (what the user asked for), not the random temp name.
                 raise _mismatch(dest, md5.lower(), actual, url)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a dataset file is not a secret
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,7 +2,7 @@
 
 Layout: ``root/{train,test}/<class>/<file>`` with extensions ``.jpg .jpeg .png .bmp`` (any
 case). A ``.tar.gz`` / ``.tgz`` / ``.tar`` archive of that layout is read member by member, never
-extracted; its paths may carry one common leading folder (``cifar10-jpeg/train/cat/0.jpg``).
+extracted; its paths may carry a common leading folder (``cifar10-jpeg/train/cat/0.jpg``).
 Hidden files (``.x``, ``._x``), other extensions, and deeper sub-folders are ignored.
 
 - Classes are the sorted names of the class folders that hold at least one image; when both
@@ -102,7 +102,8 @@ def load_imagefolder(
         cache_path = cdir / f"imagefolder-{_cache_key(root, entries)}.npz"
         hit = _read_cache(cache_path, split)
         if hit is not None:
-            return hit
+            return _to_dataset(hit, split, root)
+    _log.info("decoding the images of %s (first load; later loads read %s)", root, cache_path)
     data = _decode_all(root, entries, workers)
     if cache_path is not None:
         _write_cache(cache_path, data)
@@ -160,27 +161,17 @@ def _cache_key(root: Path, entries: list[_Entry] | None) -> str:
     return h.hexdigest()[:24]
 
 
-def _read_cache(path: Path, split: str) -> ArrayDataset | None:
+def _read_cache(path: Path, split: str) -> dict[str, np.ndarray] | None:
+    """The cached arrays of ``split`` (absent keys if the source has no such split), or None."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            if f"{split}_images" not in z.files:
-                raise DatasetNotFoundError(
-                    f"{split!r} split missing from image folder (cached in {path}): expected "
-                    f"{split}/<class>/*.jpg"
-                )
-            data = {
-                "classes": z["classes"],
-                f"{split}_images": z[f"{split}_images"],
-                f"{split}_labels": z[f"{split}_labels"],
-            }
-    except DatasetNotFoundError:
-        raise
+            keys = ["classes"] + [k for k in (f"{split}_images", f"{split}_labels") if k in z.files]
+            return {k: z[k] for k in keys}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         warnings.warn(f"ignoring unreadable cache {path} ({e}); decoding again", stacklevel=3)
         return None
-    return _to_dataset(data, split, path)
 
 
 def _write_cache(path: Path, data: dict[str, np.ndarray]) -> None:
@@ -196,6 +187,7 @@ def _write_cache(path: Path, data: dict[str, np.ndarray]) -> None:
             np.savez(f, **data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is as readable as the data
         os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"cannot write the image cache {path} ({e})", stacklevel=3)

@@ -49,9 +49,10 @@ class _Base(nn.Module):
         return QuantConv2d(cin, cout, k, padding=k // 2, bias=False,
                            weight_quantizer=self._fam.weight(self.cfg))
 
-    def linear(self, cin: int, cout: int, bias_q: bool = True) -> QuantLinear:
-        return QuantLinear(cin, cout, weight_quantizer=self._fam.weight(self.cfg),
-                           bias_quantizer=self._fam.bias(self.cfg) if bias_q else None)
+    def linear(self, cin: int, cout: int, hidden: bool = False) -> QuantLinear:
+        # Hidden layers feed batch norm, which cancels a bias: leave it out, as for convs.
+        return QuantLinear(cin, cout, bias=not hidden, weight_quantizer=self._fam.weight(self.cfg),
+                           bias_quantizer=None if hidden else self._fam.bias(self.cfg))
 
 
 class _ResUnit(nn.Module):
@@ -101,7 +102,7 @@ class LeNet(_Base):
         r = fam.recipe.inner
         self.conv1, self.post1 = self.conv(in_channels, 20, 5), _ops(r, 20, fam, cfg)
         self.conv2, self.post2 = self.conv(20, 50, 5), _ops(r, 50, fam, cfg)
-        self.fc1 = self.linear(50 * 7 * 7, width, bias_q=False)
+        self.fc1 = self.linear(50 * 7 * 7, width, hidden=True)
         self.post3 = _ops(r, width, fam, cfg, dim=1)
         self.fc2 = self.linear(width, num_classes)
         self.pool = nn.MaxPool2d(2)
@@ -122,7 +123,7 @@ class MLP(_Base):
         layers: list[nn.Module] = [nn.Flatten()]
         cin = in_features
         for _ in range(depth):
-            layers += [self.linear(cin, width, bias_q=False),
+            layers += [self.linear(cin, width, hidden=True),
                        _ops(fam.recipe.inner, width, fam, cfg, dim=1)]
             cin = width
         self.body = nn.Sequential(*layers)
@@ -132,12 +133,13 @@ class MLP(_Base):
         return self.fc(self.body(x))
 
 
-def _builder(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[str, Any]):
+def _builder(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[str, Any],
+             quant_defaults: dict[str, Any] | None = None):
     arch_keys = set(arch_defaults)
 
     def build(**kwargs: Any) -> nn.Module:
         arch_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in arch_keys}
-        cfg = QuantConfig.from_kwargs(kwargs)
+        cfg = QuantConfig.from_kwargs({**(quant_defaults or {}), **kwargs})
         model = arch(family(fam_name), cfg, **arch_kw)
         full = {**arch_defaults, **arch_kw, **cfg.to_dict()}
         model.fewbits_spec = {"name": name, "kwargs": full}
@@ -148,16 +150,21 @@ def _builder(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[st
     return build
 
 
+# The MNIST nets' widest layers have fan-in 784-2450, so their initial weights (|w| < 0.036)
+# would all round to 0 at the seed's delta = 2**-4 and the layer would be dead from the start.
+_MNIST_Q = {"delta": 2**-7}
+
+
 def _register_all() -> None:
     for fam in FAMILIES:
         cifar = ("cifar10_resnet23_prediction" if fam == "float"
                  else f"cifar10_{fam}_resnet23_prediction")
         register_model(_builder(cifar, ResNet23, fam, {"num_classes": 10, "in_channels": 3}))
         register_model(_builder(f"mnist_{fam}_lenet", LeNet, fam,
-                                {"num_classes": 10, "in_channels": 1, "width": 500}))
+                                {"num_classes": 10, "in_channels": 1, "width": 500}, _MNIST_Q))
         register_model(_builder(f"mnist_{fam}_mlp", MLP, fam,
                                 {"num_classes": 10, "in_features": 784, "width": 1024,
-                                 "depth": 3}))
+                                 "depth": 3}, _MNIST_Q))
 
 
 _register_all()

@@ -1,0 +1,369 @@
+"""Accuracy of every quantization family against float, under a fixed budget.
+
+Trains each selected network with the same data, budget and seeds, then records test error,
+the gap to the float network, the packed size (``fewbits export``) and bits per weight, and
+the training-time ratio to float. Results go to ``<results-dir>/<section>.json``;
+``docs/RESULTS.md`` and the plots are rebuilt from every section's JSON, so an MNIST run and a
+CIFAR-10 run each add their own table.
+
+Examples (the commands behind docs/RESULTS.md are recorded there)::
+
+    python benchmarks/accuracy.py --section mnist --dataset mnist \\
+        --data-dir ../shared/data/mnist --nets 'mnist_*_lenet' --epochs 1
+    python benchmarks/accuracy.py --section cifar10 --dataset imagefolder \\
+        --data-dir /tmp/cifar10-jpeg --nets 'cifar10_*_resnet23_prediction' -i 1000 -v 250
+
+Extra rows show what improves a family beyond the seed's defaults, as
+``--extra 'LABEL=NET:key=value,key=value'`` (keys are fewbits.train.TrainConfig fields), e.g.
+``--extra 'binary connect + clip=mnist_binary_connect_lenet:clip_weights=true'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fewbits.export import export_packed  # noqa: E402
+from fewbits.layers import quant_layers  # noqa: E402
+from fewbits.models import FAMILIES, create_model, list_models  # noqa: E402
+from fewbits.train import TrainConfig, train  # noqa: E402
+
+# Published full-budget test errors, for scale (not reproduced here).
+LITERATURE = {
+    "mnist": "LeNet-5 style nets reach ~0.6-0.9 % float; BinaryConnect (Courbariaux et al. "
+             "2015, MLP, 1000 epochs) 1.29 %; BinaryNet 0.96-1.4 %.",
+    "cifar10": "The seed's ResNet-23 at 300 epochs: ~7-8 % float; BinaryConnect reports 8.27 % "
+               "(VGG-like), XNOR-Net BWN ~9.9 %, INQ ~lossless at 5 bits (ResNets, ImageNet).",
+}
+
+
+def _family_of(net: str) -> str:
+    for fam in sorted(FAMILIES, key=len, reverse=True):
+        if f"_{fam}_" in f"_{net}_":
+            return fam
+    return "float"
+
+
+def _float_net(nets: list[str]) -> str | None:
+    floats = [n for n in nets if _family_of(n) == "float" or n == "cifar10_resnet23_prediction"]
+    return floats[0] if floats else None
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "," in text or text.startswith("["):
+        return [int(v) for v in text.strip("[]").split(",") if v]
+    return text
+
+
+def _parse_extra(spec: str) -> tuple[str, str, dict[str, Any]]:
+    label, _, rest = spec.partition("=")
+    net, _, opts = rest.partition(":")
+    if not label or not net:
+        raise SystemExit(f"--extra must be 'LABEL=NET[:key=value,...]', got {spec!r}")
+    kw: dict[str, Any] = {}
+    for item in filter(None, opts.split(";") if ";" in opts else opts.split(",")):
+        k, _, v = item.partition("=")
+        kw[k.strip()] = _parse_value(v.strip())
+    valid = {f.name for f in fields(TrainConfig)}
+    bad = sorted(set(kw) - valid)
+    if bad:
+        raise SystemExit(f"--extra {label!r}: unknown options {bad}; use TrainConfig fields")
+    return label, net, kw
+
+
+@dataclass
+class Run:
+    label: str
+    net: str
+    seed: int
+    options: dict[str, Any]
+
+
+def _inq_schedule(max_iter: int) -> list[int]:
+    """The seed's schedule (5000..9000 of 234375 iterations) never starts in a short budget:
+    scale it to 50/60/70/80/90 % of the budget instead."""
+    return [int(max_iter * f) for f in (0.5, 0.6, 0.7, 0.8, 0.9)]
+
+
+def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
+    layers = quant_layers(model)
+    if not layers:
+        return None
+    name, layer = layers[len(layers) // 2]
+    model.eval()
+    with torch.no_grad():
+        latent = layer.weight.detach().flatten()
+        q = layer.quantized_weight().detach().flatten()
+    return {"layer": name, "latent": latent.tolist(), "quantized": q.tolist()}
+
+
+def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    folder = out_dir / f"{run.label.replace(' ', '_').replace('+', 'plus')}-s{run.seed}"
+    opts = {**base, **run.options, "net": run.net, "seed": run.seed,
+            "monitor_path": str(folder), "model_save_path": str(folder),
+            "progress": False}
+    if _family_of(run.net) == "inq" and "inq_iterations" not in run.options:
+        opts["inq_iterations"] = _inq_schedule(opts["max_iter"])
+    cfg = TrainConfig(**opts)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    model = result.model
+    packed = export_packed(model, folder / "model.fewbits")
+    q = create_model(run.net, **model.fewbits_spec["kwargs"])
+    fam = FAMILIES[_family_of(run.net)]
+    wbits, abits = fam.bits(q.cfg)
+    return {
+        "label": run.label, "net": run.net, "seed": run.seed, "family": fam.name,
+        "options": run.options, "weight_bits": wbits, "act_bits": abits,
+        "final_error": result.final_error, "best_error": result.best_error,
+        "iterations": result.iterations, "wall_s": wall,
+        "images_per_s": result.images_per_second,
+        "packed_bytes": packed.file_bytes, "fp32_bytes": packed.fp32_bytes,
+        "bits_per_weight": packed.bits_per_weight,
+        "test_curve": _read_series(folder / "Test-error.series.txt"),
+        "loss_curve": _read_series(folder / "Training-loss.series.txt"),
+        "weights": _weights_snapshot(model) if run.seed == 0 and not run.options else None,
+    }
+
+
+def _read_series(path: Path) -> list[tuple[int, float]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        it, val = line.split()[:2]
+        out.append((int(it), float(val)))
+    return out
+
+
+def _summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_label.setdefault(r["label"], []).append(r)
+    rows = []
+    for label, rs in by_label.items():
+        errs = [r["final_error"] for r in rs]
+        rows.append({
+            "label": label, "net": rs[0]["net"], "family": rs[0]["family"],
+            "extra": bool(rs[0]["options"]),
+            "weight_bits": rs[0]["weight_bits"], "act_bits": rs[0]["act_bits"],
+            "error": statistics.fmean(errs),
+            "spread": statistics.stdev(errs) if len(errs) > 1 else None,
+            "best_error": statistics.fmean(r["best_error"] for r in rs
+                                           if r["best_error"] is not None)
+            if any(r["best_error"] is not None for r in rs) else None,
+            "n": len(rs), "packed_bytes": rs[0]["packed_bytes"], "fp32_bytes":
+            rs[0]["fp32_bytes"], "bits_per_weight": rs[0]["bits_per_weight"],
+            "wall_s": statistics.fmean(r["wall_s"] for r in rs),
+        })
+    return rows
+
+
+def _table(section: dict[str, Any]) -> str:
+    rows = _summarise(section["records"])
+    ref = next((r for r in rows if r["family"] == "float" and not r["extra"]), None)
+    head = ("| family | net | W/A bits | test error % | gap to float (pt) | packed size | "
+            "bits/weight | vs fp32 | train time x float |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in sorted(rows, key=lambda r: (r["extra"], list(FAMILIES).index(r["family"]))):
+        err = f"{100 * r['error']:.2f}"
+        if r["spread"] is not None:
+            err += f" ± {100 * r['spread']:.2f} (n={r['n']})"
+        gap = "—" if ref is None or r is ref else f"{100 * (r['error'] - ref['error']):+.2f}"
+        ttime = "—" if ref is None else f"{r['wall_s'] / ref['wall_s']:.2f}"
+        wa = f"{r['weight_bits']}/{r['act_bits']}".replace("32", "fp32")
+        bpw = f"{r['bits_per_weight']:.2f}" if r["family"] != "float" else "32"
+        lines.append(
+            f"| {r['label']} | `{r['net']}` | {wa} | {err} | {gap} | "
+            f"{r['packed_bytes'] / 1024:.1f} KiB | {bpw} | "
+            f"{r['fp32_bytes'] / r['packed_bytes']:.1f}x smaller | {ttime} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(section: dict[str, Any], img_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = section["section"]
+    img_dir.mkdir(parents=True, exist_ok=True)
+    records = [r for r in section["records"] if r["seed"] == section["seeds"][0]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in records:
+        style = "--" if r["options"] else "-"
+        if r["test_curve"]:
+            it, v = zip(*r["test_curve"], strict=True)
+            ax1.plot(it, [100 * x for x in v], style, label=r["label"], marker=".")
+        if r["loss_curve"]:
+            it, v = zip(*r["loss_curve"], strict=True)
+            k = max(1, len(v) // 60)  # smooth: mean over windows
+            sm = [sum(v[i:i + k]) / len(v[i:i + k]) for i in range(0, len(v), k)]
+            ax2.plot(it[::k], sm, style, label=r["label"])
+    ax1.set(xlabel="iteration", ylabel="test error %", title=f"{name}: test error")
+    ax2.set(xlabel="iteration", ylabel="training loss", title=f"{name}: training loss",
+            yscale="log")
+    ax1.grid(alpha=0.3)
+    ax2.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    curves = img_dir / f"{name}_curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+
+    snaps = [r for r in records if r.get("weights")]
+    cols = 3
+    rows_n = math.ceil(len(snaps) / cols) or 1
+    fig, axes = plt.subplots(rows_n, cols, figsize=(13, 3 * rows_n), squeeze=False)
+    for ax, r in zip(axes.flat, snaps, strict=False):
+        w = r["weights"]
+        ax.hist(w["latent"], bins=80, alpha=0.55, label="latent (float)", density=True)
+        ax.hist(w["quantized"], bins=80, alpha=0.55, label="quantized", density=True)
+        ax.set_title(f"{r['label']}: {w['layer']}", fontsize=8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(snaps):]:
+        ax.axis("off")
+    fig.tight_layout()
+    hist = img_dir / f"{name}_weights.png"
+    fig.savefig(hist, dpi=100)
+    plt.close(fig)
+    return [curves.name, hist.name]
+
+
+def write_results(results_dir: Path, doc: Path) -> None:
+    """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON."""
+    sections = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    img_dir = doc.parent / "img"
+    out = ["# Results: accuracy of every family against float", "",
+           "Produced by `benchmarks/accuracy.py` (this file is generated; edit the script). "
+           "Test error is the final model's error on the whole test split. Packed size is the "
+           "`fewbits export` file (quantized weights at their bit width, batch norm and other "
+           "state in float32); bits/weight counts the quantized layers' weights with their "
+           "scales. Training time is wall time relative to the float network in the same run "
+           "(same machine, sequential runs).", ""]
+    for s in sections:
+        plots = _plot(s, img_dir)
+        partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
+        out += [f"## {s['title']}{partial}", "",
+                f"Command (run on {s['machine']}, {s['date']}):", "",
+                "```sh", s["command"], "```", "", s["budget"], "", _table(s), "",
+                f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}", "",
+                f"![test error and training loss of every family](img/{plots[0]})", "",
+                f"![latent vs quantized weights of one layer per family](img/{plots[1]})", ""]
+        if s.get("notes"):
+            out += [s["notes"], ""]
+    doc.write_text("\n".join(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--section", required=True, help="name of this table (e.g. mnist, cifar10)")
+    p.add_argument("--title", default=None)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--nets", default="mnist_*_lenet", help="wildcard over registered names")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; mean and spread if > 1")
+    p.add_argument("-i", "--max-iter", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("-v", "--val-interval", type=int, default=None)
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("-l", "--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="constant")
+    p.add_argument("-c", "--context", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-first-validation", action="store_true",
+                   help="skip the seed's validation at iteration 0 (saves a test-set pass)")
+    p.add_argument("--extra", action="append", default=[], help="LABEL=NET:key=value,...")
+    p.add_argument("--notes", default="", help="text appended under the table")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "accuracy"))
+    p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
+    p.add_argument("--only-doc", action="store_true", help="rebuild RESULTS.md from JSON only")
+    a = p.parse_args(argv)
+    results_dir, doc = Path(a.results_dir), Path(a.doc)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if a.only_doc:
+        write_results(results_dir, doc)
+        return 0
+    nets = list_models(a.nets)
+    if not nets:
+        raise SystemExit(f"--nets {a.nets!r} matches no model; see `fewbits list`")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    base: dict[str, Any] = {"dataset": a.dataset, "data_dir": a.data_dir,
+                            "batch_size": a.batch_size, "learning_rate": a.learning_rate,
+                            "lr_schedule": a.lr_schedule, "context": a.context,
+                            "download": False, "plot": False}
+    if a.no_first_validation:
+        base["validate_first"] = False
+    for k in ("max_iter", "val_interval", "threads"):
+        if getattr(a, k) is not None:
+            base[k] = getattr(a, k)
+    if a.epochs is not None:  # one budget for every run, in iterations
+        from fewbits.data import load_dataset
+
+        n = len(load_dataset(a.dataset, "train", a.data_dir, download=False).labels)
+        base["max_iter"] = max(1, math.ceil(a.epochs * n / a.batch_size))
+        base["epochs_note"] = f"{a.epochs:g} epoch(s) of {n} images"
+    if "max_iter" not in base:
+        raise SystemExit("give a budget: -i/--max-iter or --epochs")
+    note = base.pop("epochs_note", None)
+    runs = [Run(_family_of(n).replace("_", " ") if _family_of(n) != "float" else "float", n, s,
+                {}) for n in nets for s in seeds]
+    runs += [Run(label, net, s, kw) for label, net, kw in map(_parse_extra, a.extra)
+             for s in seeds]
+    budget = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in base.items()
+                       if k in ("max_iter", "batch_size", "learning_rate", "lr_schedule",
+                                "val_interval"))
+    if note:
+        budget += f" ({note})"
+    section = {
+        "section": a.section, "title": a.title or a.section, "kind":
+        "mnist" if a.dataset in ("mnist", "digits") else "cifar10",
+        "command": "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:]),
+        "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
+        "budget": f"Budget: {budget}; seeds {seeds}. INQ schedules are scaled to 50-90 % of "
+                  "the budget (the seed's 5000-9000 would never start).",
+        "notes": a.notes, "records": [],
+    }
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.label} ({run.net}, seed {run.seed})", flush=True)
+        rec = _run_one(run, base, Path(a.runs_dir) / a.section)
+        print(f"    test error {100 * rec['final_error']:.2f} %  {rec['images_per_s']:.0f} img/s"
+              f"  {rec['packed_bytes'] / 1024:.1f} KiB  {rec['bits_per_weight']:.2f} bits/w",
+              flush=True)
+        section["records"].append(rec)
+        # Written after every run: an interrupted benchmark still leaves its finished rows.
+        section["complete"] = i == len(runs)
+        (results_dir / f"{a.section}.json").write_text(json.dumps(section))
+        write_results(results_dir, doc)
+    print(f"wrote {results_dir / (a.section + '.json')} and {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,484 @@
+"""The versioned ``.fewbits`` container (byte layout in ``docs/FORMAT.md``).
+
+::
+
+    offset        size  field
+    0             8     magic b"FEWBITS\\0"
+    8             2     format version, u16 little-endian (this fewbits writes and reads 1)
+    10            2     flags, u16 LE (none defined: must be 0)
+    12            4     header length H, u32 LE
+    16            8     payload length P, u64 LE
+    24            H     header: UTF-8 JSON object, padded with spaces to a multiple of 8 bytes
+    24+H          P     payload: the tensor blobs, each at an 8-byte aligned offset, zero gaps
+    24+H+P        32    SHA-256 of bytes [0, 24+H+P)
+
+The header is JSON with sorted keys and no insignificant whitespace (before the padding), so
+the same header and blobs always give the same bytes. It is an object with a ``"tensors"``
+list; entry ``{"name", "offset", "length", ...}`` says blob ``name`` is payload bytes
+``[offset, offset+length)``. The writer fills in ``offset``/``length`` (and
+``"fewbits_version"`` when missing); every other key (model name and kwargs, per-tensor kind,
+encoding, shape, params) is the caller's, stored verbatim.
+
+:func:`encode_tensor` / :func:`decode_tensor` turn arrays into blobs with the encodings of the
+format: ``packed`` (fixed-width codes), ``huffman`` (canonical Huffman codes) and
+``raw-<dtype>`` (little-endian ``float16``/``float32``/``float64``/``(u)int8..64``/``bool``).
+
+>>> fields, blob = encode_tensor(np.array([[1, 0], [0, 1]]), "packed", bits=1)
+>>> header = {"tensors": [{"name": "w", **fields}]}
+>>> h, blobs = loads(dumps(header, {"w": blob}))
+>>> decode_tensor(h["tensors"][0], blobs["w"]).tolist()
+[[1, 0], [0, 1]]
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
+from .packing import MAX_BITS, pack_bits, unpack_bits
+
+__all__ = [
+    "ENCODINGS",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "FormatError",
+    "decode_tensor",
+    "dumps",
+    "encode_tensor",
+    "loads",
+    "read_container",
+    "write_container",
+]
+
+MAGIC = b"FEWBITS\0"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+ALIGN = 8
+_PREFIX = struct.Struct("<8sHHIQ")  # magic, version, flags, header length, payload length
+_DIGEST = 32
+#: Flag bit 0: the header is zlib-compressed JSON (a model's tensor table repeats its keys
+#: hundreds of times; compressed it stops dominating the file of a 1-bit network).
+FLAG_HEADER_ZLIB = 0x0001
+_KNOWN_FLAGS = FLAG_HEADER_ZLIB
+_HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
+_RAW_DTYPES = (
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "bool",
+)
+ENCODINGS = ("packed", "huffman", *(f"raw-{d}" for d in _RAW_DTYPES))
+
+
+class FormatError(ValueError):
+    """A ``.fewbits`` file (or buffer) that this fewbits cannot read.
+
+    ``str(err)`` reads ``"<source>: <problem>; <what to do>"``; ``err.source`` and
+    ``err.problem`` hold the parts.
+    """
+
+    def __init__(self, source: str, problem: str, advice: str = "") -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}" + (f"; {advice}" if advice else ""))
+
+
+def _fewbits_version() -> str:
+    try:
+        import fewbits
+
+        version = getattr(fewbits, "__version__", None)
+        if version:
+            return str(version)
+        from importlib.metadata import version as dist_version
+
+        return dist_version("fewbits")
+    except Exception:  # not installed / partial checkout: the field is informational only
+        return "unknown"
+
+
+def _json_bytes(obj: Any) -> bytes:
+    try:
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"header is not JSON-serialisable ({err}); use plain dicts, lists, str, int, "
+            "finite floats, bool and None (convert tensors with .tolist())"
+        ) from None
+    return text.encode("utf-8")
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+def _layout(
+    header: Mapping, blobs: Mapping[str, Any], compress_header: bool = False
+) -> tuple[bytes, list, int]:
+    """Validate ``header``/``blobs``; return ``(prefix + header, [(offset, blob)], P)``."""
+    if not isinstance(header, Mapping):
+        raise ValueError(f"header must be a dict, got {type(header).__name__}")
+    full = copy.deepcopy(dict(header))
+    full.setdefault("fewbits_version", _fewbits_version())
+    entries = full.get("tensors", [])
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+        raise ValueError('header["tensors"] must be a list of dicts, one per blob')
+    names = [e.get("name") for e in entries]
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise ValueError(f'every header["tensors"] entry needs a non-empty str "name", got {bad}')
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate tensor names in header: {dupes}")
+    missing = [n for n in names if n not in blobs]
+    extra = [n for n in blobs if n not in set(names)]
+    if missing or extra:
+        raise ValueError(
+            f"header tensors and blobs must match one to one: no blob for {missing}, "
+            f"no header entry for {extra}"
+        )
+    views, table, offset = [], [], 0
+    for entry in entries:
+        offset += _pad(offset)
+        view = memoryview(blobs[entry["name"]]).cast("B")
+        table.append({**entry, "offset": offset, "length": view.nbytes})
+        views.append(view)
+        offset += view.nbytes
+    payload_length = offset
+    full["tensors"] = table
+    text = _json_bytes(full)
+    flags = 0
+    if compress_header:
+        text, flags = zlib.compress(text, 9), FLAG_HEADER_ZLIB
+    text += (b"\0" if compress_header else b" ") * _pad(_PREFIX.size + len(text))
+    if len(text) >= 1 << 32:
+        raise ValueError(f"header is {len(text)} bytes; the format allows < 4 GiB")
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(text), payload_length)
+    placed = [(e["offset"], v) for e, v in zip(table, views, strict=True)]
+    return prefix + text, placed, payload_length
+
+
+def _chunks(head: bytes, placed: list[tuple[int, memoryview]]) -> Iterable[bytes | memoryview]:
+    """The file body in order: prefix and header, then each blob after its zero padding."""
+    yield head
+    written = 0
+    for offset, view in placed:
+        if offset > written:
+            yield bytes(offset - written)
+        yield view
+        written = offset + view.nbytes
+
+
+def dumps(header: Mapping, blobs: Mapping[str, bytes], *, compress_header: bool = False) -> bytes:
+    """Serialise to the bytes of a ``.fewbits`` file (see :func:`write_container`)."""
+    head, views, _ = _layout(header, blobs, compress_header)
+    digest = hashlib.sha256()
+    parts = []
+    for chunk in _chunks(head, views):
+        digest.update(chunk)
+        parts.append(chunk)
+    parts.append(digest.digest())
+    return b"".join(parts)
+
+
+def write_container(
+    path: str | os.PathLike,
+    header: Mapping,
+    blobs: Mapping[str, bytes],
+    *,
+    compress_header: bool = False,
+) -> dict:
+    """Write ``header`` and ``blobs`` (name -> bytes-like) to ``path`` atomically.
+
+    ``header["tensors"]`` lists one dict per blob with at least ``"name"``; the payload holds
+    the blobs in that order. Returns the header as written (with ``offset``/``length`` per
+    tensor and ``fewbits_version``). The file is streamed to a temporary file in the same
+    directory, fsync-ed and renamed over ``path``: a failure leaves any old file untouched and
+    no temporary file behind. Raises ValueError for a header/blobs mismatch or a header that
+    is not JSON-serialisable. ``compress_header`` stores the JSON zlib-compressed (flag bit 0).
+    """
+    path = os.fspath(path)
+    head, views, _ = _layout(header, blobs, compress_header)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 so the final file gets the usual umask-derived permissions.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest = hashlib.sha256()
+            for chunk in _chunks(head, views):
+                digest.update(chunk)
+                f.write(chunk)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return json.loads(_header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
+
+
+def _header_text(raw: bytes, flags: int) -> bytes:
+    if flags & FLAG_HEADER_ZLIB:
+        return zlib.decompressobj().decompress(raw)  # trailing alignment zeros are ignored
+    return raw
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    """Read a ``.fewbits`` file: ``(header, {name: blob bytes})``; see :func:`loads`."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return loads(data, source=path)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate keys {dupes}")
+    return dict(pairs)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]:
+    """Parse the bytes of a ``.fewbits`` file: ``(header, {name: blob bytes})``.
+
+    Checks, in order: magic, format version, flags, that the file is as long as its lengths
+    say, the SHA-256, the header JSON and the tensor table. Each failure raises
+    :class:`FormatError` naming ``source`` (the path for :func:`read_container`).
+    """
+    view = memoryview(data).cast("B")
+    size = view.nbytes
+    fixed = _PREFIX.size + _DIGEST
+    if size == 0:
+        raise FormatError(source, "empty file (0 bytes), not a .fewbits file", "check the path")
+    if bytes(view[: len(MAGIC)]) != MAGIC[: min(size, len(MAGIC))]:
+        raise FormatError(
+            source,
+            f"not a .fewbits file (starts with {bytes(view[:8])!r}, expected {MAGIC!r})",
+            "check the path; .fewbits files are written by fewbits' exporter",
+        )
+    if size < _PREFIX.size:
+        raise FormatError(
+            source,
+            f"file is truncated: {size} bytes, shorter than the {_PREFIX.size}-byte fixed header",
+            "the file is incomplete; copy or export it again",
+        )
+    _, version, flags, header_length, payload_length = _PREFIX.unpack_from(view)
+    if version not in SUPPORTED_VERSIONS:
+        newer = version > max(SUPPORTED_VERSIONS)
+        raise FormatError(
+            source,
+            f"format version {version} is {'newer than' if newer else 'not one of'} the "
+            f"versions this fewbits reads ({', '.join(map(str, SUPPORTED_VERSIONS))})",
+            "upgrade fewbits to read it" if newer else "the file is corrupt or not from fewbits",
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise FormatError(
+            source,
+            f"unknown flags 0x{flags:04x} (format version {version} defines 0x{_KNOWN_FLAGS:04x})",
+            "the file needs a newer fewbits, or is corrupt",
+        )
+    expected = fixed + header_length + payload_length
+    if size != expected:
+        problem = "file is truncated" if size < expected else "file has trailing bytes"
+        raise FormatError(
+            source,
+            f"{problem}: expected {expected} bytes (header {header_length}, payload "
+            f"{payload_length}), found {size}",
+            "the file is incomplete or was appended to; copy or export it again",
+        )
+    body = view[: size - _DIGEST]
+    if hashlib.sha256(body).digest() != bytes(view[size - _DIGEST :]):
+        raise FormatError(
+            source,
+            "SHA-256 checksum mismatch: the file is corrupt or was modified",
+            "export it again or restore a good copy",
+        )
+    header_bytes = bytes(view[_PREFIX.size : _PREFIX.size + header_length])
+    try:
+        header = json.loads(
+            _header_text(header_bytes, flags).decode("utf-8"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, zlib.error) as err:
+        raise FormatError(
+            source, f"header is not valid UTF-8 JSON ({err})", "the file was not written by fewbits"
+        ) from None
+    if not isinstance(header, dict):
+        raise FormatError(source, f"header is a JSON {type(header).__name__}, expected an object")
+    payload_start = _PREFIX.size + header_length
+    blobs = {}
+    for name, offset, length in _tensor_table(header, payload_length, source):
+        start = payload_start + offset
+        blobs[name] = bytes(view[start : start + length])
+    return header, blobs
+
+
+def _tensor_table(header: dict, payload_length: int, source: str) -> list[tuple[str, int, int]]:
+    entries = header.get("tensors", [])
+    if not isinstance(entries, list):
+        raise FormatError(source, 'header "tensors" is not a list')
+    spans = []
+    for k, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        offset = entry.get("offset") if isinstance(entry, dict) else None
+        length = entry.get("length") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)
+        ):
+            raise FormatError(
+                source,
+                f"tensor table entry {k} needs a str name and int offset/length >= 0, "
+                f"got {entry!r}",
+            )
+        if offset + length > payload_length:
+            raise FormatError(
+                source,
+                f"tensor {name!r} spans payload bytes [{offset}, {offset + length}), beyond "
+                f"the {payload_length}-byte payload",
+                "the tensor table is inconsistent; export the file again",
+            )
+        spans.append((name, offset, length))
+    names = [s[0] for s in spans]
+    if len(set(names)) != len(names):
+        raise FormatError(source, f"duplicate tensor names in the tensor table: {names}")
+    ordered = sorted(spans, key=lambda s: (s[1], s[2]))
+    for (a, a_off, a_len), (b, b_off, _) in itertools.pairwise(ordered):
+        if a_off + a_len > b_off:
+            raise FormatError(source, f"tensors {a!r} and {b!r} overlap in the payload")
+    return spans
+
+
+# ---------------------------------------------------------------------------- tensor codecs
+
+
+def _shape_count(shape: Any) -> int:
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+    return math.prod(shape)
+
+
+def encode_tensor(
+    array: np.ndarray, encoding: str, *, bits: int | None = None
+) -> tuple[dict, bytes]:
+    """Encode ``array`` as one blob: ``(fields, blob)``.
+
+    ``fields`` (``encoding``, ``shape``, and ``bits``/``bit_count`` where they apply) go into
+    the tensor's header entry next to the caller's ``name``/``kind``/``params``;
+    :func:`decode_tensor` needs exactly them.
+
+    * ``packed``: unsigned integer codes, ``bits`` in 1..32, blob = ``pack_bits``.
+    * ``huffman``: codes in ``[0, 2**bits)``, ``bits`` in 1..16; blob = the ``2**bits``-byte
+      length table followed by the payload; ``bit_count`` is recorded.
+    * ``raw-<dtype>``: the array cast to ``<dtype>``, little-endian, C order.
+
+    >>> encode_tensor(np.array([0.5], np.float32), "raw-float16")
+    ({'encoding': 'raw-float16', 'shape': [1]}, b'\\x008')
+    """
+    arr = np.asarray(array)
+    shape = [int(d) for d in arr.shape]
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {list(ENCODINGS)}")
+    if encoding.startswith("raw-"):
+        if bits is not None:
+            raise ValueError(f"bits does not apply to {encoding!r}")
+        dtype = np.dtype(encoding[4:]).newbyteorder("<")
+        if arr.dtype.kind == "f" and dtype.kind != "f":
+            raise ValueError(f"refusing to cast float array to {encoding!r}; round it first")
+        return {"encoding": encoding, "shape": shape}, np.ascontiguousarray(arr, dtype).tobytes()
+    limit = MAX_BITS if encoding == "packed" else _HUFFMAN_MAX_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= limit:
+        raise ValueError(f"{encoding!r} needs bits in 1..{limit}, got {bits!r}")
+    if encoding == "packed":
+        return {"encoding": encoding, "shape": shape, "bits": bits}, pack_bits(arr, bits)
+    table, payload, bit_count = huffman_encode(arr, 1 << bits, MAX_CODE_LENGTH)
+    fields = {"encoding": encoding, "shape": shape, "bits": bits, "bit_count": bit_count}
+    return fields, table + payload
+
+
+def decode_tensor(entry: Mapping, blob: bytes) -> np.ndarray:
+    """Decode a blob written by :func:`encode_tensor` using its header ``entry``.
+
+    Returns an array of ``entry["shape"]``: unsigned codes (``packed``/``huffman``, smallest
+    uint dtype for ``bits``) or the raw dtype. Raises ValueError if the entry is incomplete or
+    the blob length does not match it.
+    """
+    encoding = entry.get("encoding")
+    if encoding not in ENCODINGS:
+        raise ValueError(
+            f"tensor {entry.get('name')!r} has unknown encoding {encoding!r}; this fewbits "
+            f"reads {list(ENCODINGS)}"
+        )
+    shape = entry.get("shape")
+    count = _shape_count(shape)
+    view = memoryview(blob).cast("B")
+    if encoding.startswith("raw-"):
+        dtype = np.dtype(encoding[4:]).newbyteorder("<")
+        if view.nbytes != count * dtype.itemsize:
+            raise ValueError(
+                f"tensor {entry.get('name')!r}: {encoding} of shape {shape} needs "
+                f"{count * dtype.itemsize} bytes, blob has {view.nbytes}"
+            )
+        return np.frombuffer(view, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+    bits = entry.get("bits")
+    if encoding == "packed":
+        return unpack_bits(view, bits, count).reshape(shape)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= _HUFFMAN_MAX_BITS:
+        raise ValueError(f"huffman tensor needs bits in 1..{_HUFFMAN_MAX_BITS}, got {bits!r}")
+    alphabet = 1 << bits
+    if view.nbytes < alphabet:
+        raise ValueError(
+            f"tensor {entry.get('name')!r}: huffman blob of {view.nbytes} bytes is shorter than "
+            f"its {alphabet}-byte table"
+        )
+    codes = huffman_decode(view[:alphabet], view[alphabet:], entry.get("bit_count"), count)
+    return codes.reshape(shape)

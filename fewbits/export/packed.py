@@ -1,0 +1,292 @@
+"""Export a trained network in its real low-bit form, and rebuild it from that form.
+
+Every quantized weight is stored as the integer codes its quantizer declares
+(:meth:`fewbits.quantizers.Quantizer.encode`): 1 bit for the binary families (plus one float32
+scale per output channel for binary weight), ``n`` bits for fixed point and pow2, ``num_bits``
+for INQ (sign + exponent index), ``ql`` bits plus scale and offset for min-max. Codes are
+bit-packed or, with ``entropy=True``, Huffman-coded when that is smaller (Deep Compression).
+Everything else (batch norm, activation ranges, float biases) is stored raw, float32 by default
+so that the rebuilt network computes the trained network's logits bit for bit; ``bn="float16"``
+halves batch norm at the cost of that exactness (predictions are then checked, not promised).
+
+    >>> import torch, tempfile, os
+    >>> from fewbits.models import create_model
+    >>> m = create_model("mnist_binary_connect_mlp", width=32).eval()
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.fewbits")
+    >>> report = export_packed(m, path)
+    >>> x = torch.rand(2, 1, 28, 28)
+    >>> torch.equal(load_packed(path)(x), m(x))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import quant_layers
+from ..quantizers import Codes, Quantizer
+from .container import FormatError, decode_tensor, encode_tensor, read_container, write_container
+
+__all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "packed_info"]
+
+_FORMAT = "fewbits-model"
+_BN_MODES = ("float32", "float16")
+
+
+@dataclass
+class TensorEntry:
+    """One stored tensor in a report: its role, element count, storage and bits per element."""
+
+    name: str
+    role: str  # "weight" (quantized codes), "bias" (quantized codes) or "float"
+    count: int
+    bits: int  # declared code width (32/16 for raw floats)
+    nbytes: int  # bytes in the file, side parameters (scales, offsets) included
+    encoding: str
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.nbytes / self.count if self.count else 0.0
+
+
+@dataclass
+class ExportReport:
+    """Sizes of a ``.fewbits`` file: per tensor, totals, and the ratio to the fp32 state dict."""
+
+    path: str
+    model: str
+    file_bytes: int
+    fp32_bytes: int
+    entries: list[TensorEntry] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[TensorEntry]:
+        return [e for e in self.entries if e.role == "weight"]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per quantized-layer weight, side parameters included."""
+        q = self.quantized
+        n = sum(e.count for e in q)
+        return 8.0 * sum(e.nbytes for e in q) / n if n else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """fp32 state-dict bytes / file bytes (how many times smaller the file is)."""
+        return self.fp32_bytes / self.file_bytes if self.file_bytes else math.inf
+
+    def table(self) -> str:
+        lines = [f"{self.model}  ({self.path})",
+                 f"{'tensor':44s} {'role':6s} {'count':>8s} {'bits':>4s} {'bytes':>8s} "
+                 f"{'bits/elem':>9s}  encoding"]
+        for e in self.entries:
+            lines.append(f"{e.name:44s} {e.role:6s} {e.count:8d} {e.bits:4d} {e.nbytes:8d} "
+                         f"{e.bits_per_element:9.3f}  {e.encoding}")
+        lines.append(
+            f"file {self.file_bytes:,} bytes; fp32 state dict {self.fp32_bytes:,} bytes; "
+            f"{self.ratio:.1f}x smaller; {self.bits_per_weight:.3f} bits per quantized weight"
+        )
+        return "\n".join(lines)
+
+
+def _spec(model: nn.Module) -> dict[str, Any]:
+    spec = getattr(model, "fewbits_spec", None)
+    if spec is None:
+        raise ValueError(
+            "export needs a model built by fewbits.create_model (it records the registry name "
+            "and options as model.fewbits_spec); register your model with @register_model"
+        )
+    return spec
+
+
+def _as_model(source: nn.Module | str | os.PathLike) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    from ..checkpoint import load_model  # a run folder or a checkpoint file
+
+    return load_model(source)
+
+
+def _fp32_bytes(model: nn.Module) -> int:
+    return sum(4 * t.numel() for k, t in model.state_dict().items()
+               if isinstance(t, torch.Tensor) and t.is_floating_point()
+               and "_quantizer." not in k)
+
+
+def _codes_entries(name: str, codes: Codes, entropy: bool) -> list[tuple[dict, bytes]]:
+    arr = codes.codes.detach().cpu().numpy().astype(np.uint64 if codes.bits > 32 else np.uint32)
+    arr = arr.reshape(codes.shape)
+    fields, blob = encode_tensor(arr, "packed", bits=codes.bits)
+    if entropy and codes.bits <= 16 and arr.size:
+        hf, hb = encode_tensor(arr, "huffman", bits=codes.bits)
+        if len(hb) < len(blob):
+            fields, blob = hf, hb
+    out = [({"name": name, "kind": "codes", **fields}, blob)]
+    for pname, p in codes.params.items():
+        p = p.detach().cpu()
+        enc = "raw-float32" if p.is_floating_point() else "raw-int64"
+        f, b = encode_tensor(p.numpy().reshape(-1), enc)
+        out.append(({"name": f"{name}#{pname}", "kind": "param", "param_of": name,
+                     "param": pname, "param_shape": list(p.shape), **f}, b))
+    return out
+
+
+def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike, *,
+                  entropy: bool = False, bn: str = "float32") -> ExportReport:
+    """Write ``source`` (a fewbits model, run folder or checkpoint) to ``path`` in packed form.
+
+    ``entropy=True`` Huffman-codes each tensor's codes where that is smaller than fixed width.
+    ``bn="float16"`` stores batch-norm statistics and affine parameters in float16. The file is
+    written atomically. Returns an :class:`ExportReport`.
+    """
+    if bn not in _BN_MODES:
+        raise ValueError(f"bn must be one of {_BN_MODES}, got {bn!r}")
+    model = _as_model(source)
+    spec = _spec(model)
+    was_training = model.training
+    model.eval()
+    tensors: list[tuple[dict, bytes]] = []
+    entries: list[TensorEntry] = []
+    handled: set[str] = set()
+    bn_names = {n for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    try:
+        with torch.no_grad():
+            for lname, layer in quant_layers(model):
+                for role, q, p in (("weight", layer.weight_quantizer, layer.weight),
+                                   ("bias", layer.bias_quantizer, layer.bias)):
+                    if q is None or p is None:
+                        continue
+                    key = f"{lname}.{role}"
+                    items = _codes_entries(key, q.encode(p.detach()), entropy)
+                    tensors += items
+                    nbytes = sum(len(b) for _, b in items)
+                    entries.append(TensorEntry(key, role, p.numel(), items[0][0]["bits"], nbytes,
+                                               items[0][0]["encoding"]))
+                    handled.add(key)
+                    handled.update(f"{lname}.{role}_quantizer.{k}"
+                                   for k in q.state_dict())
+            for key, t in model.state_dict().items():
+                if key in handled or key.endswith("num_batches_tracked") or \
+                        key.endswith("_extra_state"):
+                    continue
+                owner = key.rsplit(".", 1)[0]
+                if not t.is_floating_point():
+                    enc = "raw-bool" if t.dtype == torch.bool else "raw-int64"
+                elif owner in bn_names and bn == "float16":
+                    enc = "raw-float16"
+                else:
+                    enc = "raw-float32"
+                f, b = encode_tensor(t.detach().cpu().numpy(), enc)
+                tensors.append(({"name": key, "kind": "state", **f}, b))
+                entries.append(TensorEntry(key, "float", t.numel(), 8 * np.dtype(enc[4:]).itemsize
+                                           if enc != "raw-bool" else 8, len(b), enc))
+    finally:
+        model.train(was_training)
+    header = {
+        "format": _FORMAT,
+        "model": {"name": spec["name"], "kwargs": spec["kwargs"]},
+        "options": {"entropy": entropy, "bn": bn},
+        "tensors": [f for f, _ in tensors],
+    }
+    write_container(path, header, {f["name"]: b for f, b in tensors}, compress_header=True)
+    size = os.path.getsize(path)
+    return ExportReport(str(path), spec["name"], size, _fp32_bytes(model), entries)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    header, blobs = read_container(path)
+    if header.get("format") != _FORMAT or "model" not in header:
+        raise FormatError(str(path), "it is a .fewbits container but not a fewbits model",
+                          "export a model with `fewbits export`")
+    return header, blobs
+
+
+def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network stored in a ``.fewbits`` file (evaluation mode).
+
+    Quantized weights are decoded from their codes and the layers' weight/bias quantizers are
+    dropped: the stored values already are the quantized weights, so the forward is the trained
+    network's forward. Activation quantizers, batch norm and the rest are restored as stored.
+    """
+    from ..models import create_model
+
+    header, blobs = _read(path)
+    try:
+        model = create_model(header["model"]["name"], **header["model"]["kwargs"])
+    except (ValueError, TypeError) as e:
+        raise FormatError(str(path), f"its model cannot be built by this fewbits: {e}") from e
+    model.eval()
+    by_name = {t["name"]: t for t in header["tensors"]}
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for t in header["tensors"]:
+        if t.get("kind") == "param":
+            arr = decode_tensor(t, blobs[t["name"]]).reshape(t["param_shape"])
+            params.setdefault(t["param_of"], {})[t["param"]] = torch.from_numpy(arr.copy())
+    state: dict[str, torch.Tensor] = {}
+    layers = dict(quant_layers(model))
+    for t in header["tensors"]:
+        kind, name = t.get("kind"), t["name"]
+        if kind == "codes":
+            lname, role = name.rsplit(".", 1)
+            layer = layers.get(lname)
+            q: Quantizer | None = getattr(layer, f"{role}_quantizer", None) if layer else None
+            if q is None:
+                raise FormatError(str(path), f"tensor {name!r} has codes but the model has no "
+                                  "quantizer there (file and model code disagree)")
+            arr = decode_tensor(t, blobs[name]).astype(np.int64)
+            codes = Codes(torch.from_numpy(arr.reshape(-1)), t["bits"], tuple(t["shape"]),
+                          params.get(name, {}))
+            state[name] = q.decode(codes).to(getattr(layer, role).dtype)
+        elif kind == "state":
+            arr = decode_tensor(t, blobs[name])
+            ref = model.state_dict().get(name)
+            if ref is None:
+                raise FormatError(str(path), f"tensor {name!r} is not part of the model")
+            state[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
+    # Freeze: the stored weights are already quantized; quantizer state is not needed.
+    for lname, layer in layers.items():
+        for role in ("weight", "bias"):
+            if f"{lname}.{role}" in by_name and by_name[f"{lname}.{role}"].get("kind") == "codes":
+                setattr(layer, f"{role}_quantizer", None)
+    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise FormatError(str(path), f"it lacks tensors the model needs: {missing[:5]}"
+                          + (" ..." if len(missing) > 5 else ""))
+    model.load_state_dict(state, strict=False)
+    model.fewbits_spec = {"name": header["model"]["name"], "kwargs": header["model"]["kwargs"]}
+    return model.to(map_location)
+
+
+def packed_info(path: str | os.PathLike) -> ExportReport:
+    """Read a ``.fewbits`` file's header and sizes (no model is built)."""
+    header, blobs = _read(path)
+    entries: list[TensorEntry] = []
+    sizes: dict[str, int] = {}
+    for t in header["tensors"]:
+        key = t.get("param_of", t["name"])
+        sizes[key] = sizes.get(key, 0) + len(blobs[t["name"]])
+    fp32 = 0
+    for t in header["tensors"]:
+        if t.get("kind") == "param":
+            continue
+        count = math.prod(t["shape"])
+        if t.get("kind") == "codes":
+            role = t["name"].rsplit(".", 1)[1]
+            entries.append(TensorEntry(t["name"], role, count, t["bits"], sizes[t["name"]],
+                                       t["encoding"]))
+            fp32 += 4 * count
+        else:
+            enc = t["encoding"]
+            bits = 8 if enc == "raw-bool" else 8 * np.dtype(enc[4:]).itemsize
+            entries.append(TensorEntry(t["name"], "float", count, bits, sizes[t["name"]], enc))
+            fp32 += 4 * count if enc.startswith("raw-float") else 0
+    return ExportReport(str(path), header["model"]["name"], os.path.getsize(path), fp32, entries)

@@ -1,0 +1,96 @@
+"""Model zoo: every registered model builds, forwards, trains every parameter, re-creates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewbits.models import FAMILIES, create_model, list_models, register_model
+
+SEED_NETS = ["cifar10_resnet23_prediction"] + [
+    f"cifar10_{f}_resnet23_prediction" for f in FAMILIES if f != "float"
+]
+
+
+def _input(name, n=4):
+    return torch.rand(n, 3, 32, 32) if name.startswith("cifar10") else torch.rand(n, 1, 28, 28)
+
+
+def _small(name):
+    return {"width": 16} if name.endswith(("_mlp", "_lenet")) else {}
+
+
+def test_the_ten_seed_networks_are_registered():
+    assert len(SEED_NETS) == 10
+    assert set(SEED_NETS) <= set(list_models())
+    assert list_models("mnist_*_lenet") == sorted(f"mnist_{f}_lenet" for f in FAMILIES)
+
+
+def test_float_resnet23_has_the_seed_parameter_count():
+    m = create_model("cifar10_resnet23_prediction")
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 97_482
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_forwards_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    kw = _small(name)
+    if "inq" in name:
+        kw["inq_iterations"] = [0, 5]  # half the weights fixed on the first forward
+    m = create_model(name, **kw)
+    m.train()
+    x = _input(name)
+    y = m(x)
+    assert y.shape == (4, 10) and torch.isfinite(y).all()
+    torch.nn.functional.cross_entropy(y, torch.tensor([1, 2, 3, 4])).backward()
+    for pname, p in m.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        # INQ's fixed weights get zero gradient by design; min-max ranges only get one where
+        # values fall outside them.
+        if "inq" not in name and not pname.endswith(("qr_min", "qr_max")):
+            assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", [*SEED_NETS, "mnist_min_max_lenet", "mnist_inq_mlp"])
+def test_spec_re_creates_an_equal_model(name):
+    torch.manual_seed(0)
+    m = create_model(name, **_small(name))
+    spec = m.fewbits_spec
+    assert spec["name"] == name
+    m2 = create_model(spec["name"], **spec["kwargs"])
+    m2.load_state_dict(m.state_dict())
+    m.eval()
+    m2.eval()
+    x = _input(name)
+    assert torch.equal(m(x), m2(x))
+
+
+def test_unknown_model_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown model 'resnet99'.*cifar10_resnet23_prediction"):
+        create_model("resnet99")
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="unknown model options \\['bitwidth'\\]"):
+        create_model("cifar10_fp_connect_resnet23_prediction", bitwidth=4)
+
+
+def test_bit_width_reaches_the_quantizers_and_inq_defaults_to_4():
+    m = create_model("cifar10_fp_net_resnet23_prediction", bit_width=5, delta=0.125)
+    assert m.stem.weight_quantizer.bits == 5 and m.stem.weight_quantizer.delta == 0.125
+    assert m.stem_post[1].quantizer.bits == 5  # bn -> q -> relu
+    assert create_model("cifar10_inq_resnet23_prediction").stem.weight_quantizer.bits == 4
+    inq6 = create_model("cifar10_inq_resnet23_prediction", bit_width=6)
+    assert inq6.fc.weight_quantizer.bits == 6
+
+
+def test_mnist_nets_default_to_a_delta_that_keeps_their_wide_layers_alive():
+    m = create_model("mnist_fp_connect_lenet")
+    assert m.fc1.weight_quantizer.delta == 2**-7
+    assert m.fc1.quantized_weight().count_nonzero() > 0.5 * m.fc1.weight.numel()
+    assert create_model("mnist_fp_connect_lenet", delta=0.25).fc1.weight_quantizer.delta == 0.25
+
+
+def test_register_model_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(lambda: None, name="cifar10_resnet23_prediction")
