@@ -346,9 +346,6 @@ def _model_rows(pattern: str | None) -> list[tuple[str, str, str, str]]:
         if fam in FAMILIES:
             f = FAMILIES[fam]
             wb, ab = f.bits(QuantConfig())
-            r = f.recipe
-            if "btanh" in (*r.inner, *r.last, *r.stem, r.merge):
-                ab = 1  # BinaryNet's binary tanh lives in the recipe, not in Family.act
             rows.append((name, fam, str(wb), str(ab)))
         else:
             rows.append((name, "-", "?", "?"))
