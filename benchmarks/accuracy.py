@@ -126,10 +126,18 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if _family_of(run.net) == "inq" and "inq_iterations" not in run.options:
         opts["inq_iterations"] = _inq_schedule(opts["max_iter"])
     cfg = TrainConfig(**opts)
-    t0 = time.perf_counter()
-    result = train(cfg)
-    wall = time.perf_counter() - t0
-    model = result.model
+    done = _finished(folder, cfg)
+    if done is not None:  # an earlier, interrupted benchmark already trained this run
+        model, final_error, best_error, wall = done
+        iterations, ips = cfg.max_iter, cfg.max_iter * cfg.batch_size / wall
+    else:
+        t0 = time.perf_counter()
+        result = train(cfg)
+        # Training time alone (the timer records), as for reused runs; validation excluded.
+        timer = sum(v for _, v in _read_series(folder / "Training-time.timer.txt"))
+        wall = timer if timer > 0 else time.perf_counter() - t0
+        model, final_error, best_error = result.model, result.final_error, result.best_error
+        iterations, ips = result.iterations, result.images_per_second
     packed = export_packed(model, folder / "model.fewbits")
     q = create_model(run.net, **model.fewbits_spec["kwargs"])
     fam = FAMILIES[_family_of(run.net)]
@@ -137,15 +145,34 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     return {
         "label": run.label, "net": run.net, "seed": run.seed, "family": fam.name,
         "options": run.options, "weight_bits": wbits, "act_bits": abits,
-        "final_error": result.final_error, "best_error": result.best_error,
-        "iterations": result.iterations, "wall_s": wall,
-        "images_per_s": result.images_per_second,
+        "final_error": final_error, "best_error": best_error,
+        "iterations": iterations, "wall_s": wall, "images_per_s": ips,
         "packed_bytes": packed.file_bytes, "fp32_bytes": packed.fp32_bytes,
         "bits_per_weight": packed.bits_per_weight,
         "test_curve": _read_series(folder / "Test-error.series.txt"),
         "loss_curve": _read_series(folder / "Training-loss.series.txt"),
         "weights": _weights_snapshot(model) if run.seed == 0 and not run.options else None,
     }
+
+
+def _finished(folder: Path, cfg: TrainConfig) -> tuple[Any, float, float, float] | None:
+    """``(model, final error, best error, training seconds)`` of a finished run of the same
+    configuration in ``folder``, else None. Training seconds: the sum of the timer records."""
+    from fewbits.checkpoint import load_model
+
+    conf = folder / "config.json"
+    if not (folder / "model_final.pt").exists() or not conf.exists():
+        return None
+    saved = json.loads(conf.read_text())
+    keys = ("net", "seed", "max_iter", "batch_size", "learning_rate", "dataset", "clip_weights",
+            "bit_width", "p_min_max", "lr_schedule")
+    if any(saved.get(k) != getattr(cfg, k) for k in keys):
+        return None
+    errs = [v for _, v in _read_series(folder / "Test-error.series.txt")]
+    secs = sum(v for _, v in _read_series(folder / "Training-time.timer.txt"))
+    if not errs or secs <= 0:
+        return None
+    return load_model(folder / "model_final.pt"), errs[-1], min(errs), secs
 
 
 def _read_series(path: Path) -> list[tuple[int, float]]:
@@ -309,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.only_doc:
         write_results(results_dir, doc)
         return 0
-    nets = list_models(a.nets)
+    # The float reference first: every other row is measured against it.
+    nets = sorted(list_models(a.nets), key=lambda n: _family_of(n) != "float")
     if not nets:
         raise SystemExit(f"--nets {a.nets!r} matches no model; see `fewbits list`")
     seeds = [int(s) for s in a.seeds.split(",")]

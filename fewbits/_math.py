@@ -26,11 +26,13 @@ from torch import Tensor
 __all__ = [
     "SQRT_HALF_UP",
     "fixed_point",
+    "fixed_point_mask",
     "inq_levels",
     "min_max",
     "min_max_range",
     "pow2",
     "pow2_exponent",
+    "pow2_mask",
     "round_half_away",
 ]
 
@@ -47,10 +49,15 @@ def round_half_away(v: Tensor) -> Tensor:
     """C ``std::round``: nearest integer, ties away from zero; ``2.5 -> 3``, ``-0.5 -> -1``.
 
     Not ``floor(|v| + 0.5)`` evaluated in float: that sum rounds, so ``0.49999997 -> 1`` and
-    odd integers above ``2**23`` move. ``v - trunc(v)`` is exact, so comparing it with 0.5 is.
+    odd integers above ``2**23`` move. Computed as ``r = round_half_even(|v|)`` (exact), plus 1
+    where ``|v| - r == 0.5`` (exact: the ties half-even sent down), with the sign of ``v``
+    (``copysign``, so ``-0.3 -> -0.0`` as ``trunc`` gives): six vectorised passes, where
+    ``trunc`` and ``where`` with a bool condition are scalar loops on CPU.
     """
-    t = torch.trunc(v)
-    return torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
+    a = v.abs()
+    r = torch.round(a)
+    r.add_(a.sub_(r).eq_(0.5))
+    return r.copysign_(v)
 
 
 def pow2_exponent(a: Tensor) -> Tensor:
@@ -59,16 +66,152 @@ def pow2_exponent(a: Tensor) -> Tensor:
     return exp - (mant < SQRT_HALF_UP).to(exp.dtype)
 
 
-def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward of the fixed-point quantizer; returns ``(y, xmin, xmax)``."""
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+# Pure functions of Python constants: torch.compile may evaluate them once at trace time.
+_constant = getattr(torch.compiler, "assume_constant_result", lambda f: f)
+
+
+@_constant
+def _as_dtype(value: float, dtype: torch.dtype) -> float | None:
+    """``value`` rounded to ``dtype`` (what ``_t(value, x)`` holds), as a Python float, computed
+    without a tensor (no host sync, no graph break under ``torch.compile``); ``None`` for dtypes
+    other than float32/float64 (one rounding from float64 in both NumPy and torch)."""
+    t = _NUMPY_FLOAT.get(dtype)
+    if t is None:
+        return None
+    with np.errstate(over="ignore"):
+        return float(t(value))
+
+
+@_constant
+def _exact_reciprocal(delta: float, dtype: torch.dtype) -> float | None:
+    """``1 / d`` for ``d = delta`` rounded to ``dtype`` when ``d`` is a power of two whose
+    reciprocal is a normal number of ``dtype``, else ``None``. Then ``v * (1 / d)`` and ``v / d``
+    round the same real number, so they are bit-identical (a multiply is ~4x cheaper than a
+    divide on CPU)."""
+    d = _as_dtype(delta, dtype)
+    if d is None or not 0 < d < math.inf or math.frexp(d)[0] != 0.5:
+        return None
+    inv = 1.0 / d
+    fi = torch.finfo(dtype)
+    return inv if fi.tiny <= inv <= fi.max else None
+
+
+def _compiling() -> bool:
+    f = getattr(torch.compiler, "is_compiling", None)
+    return bool(f()) if f is not None else False
+
+
+def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``minimum(maximum(x, lo), hi)`` bit for bit. With finite nonzero 0-d CPU bounds this is
+    ``clamp`` with scalar bounds (one pass, no ternary iterator; the Python floats are the exact
+    bound values). A zero bound keeps the two ops: ``maximum(-0.0, 0.0)`` returns either zero
+    depending on the element's position in the vectorised loop, and the formula inherits that."""
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu" and not _compiling():
+        lo_f, hi_f = float(lo), float(hi)
+        if lo_f != 0 and hi_f != 0 and math.isfinite(lo_f) and math.isfinite(hi_f):
+            return torch.clamp(x, lo_f, hi_f)
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def fixed_point_mask(
+    x: Tensor, sign: bool, n: int, delta: float, want_mask: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Forward of the fixed-point quantizer and, if ``want_mask``, its STE mask
+    ``xmin <= x <= xmax``: the values of :func:`fixed_point`, computed on one buffer in place
+    (no division when ``delta`` is a power of two), the mask as ``clamp(x) == x``."""
     nb = n - 1 if sign else n
     xmax_f = (2.0**nb - 1.0) * delta
-    xmax = _t(xmax_f, x)
-    xmin = _t(-xmax_f if sign else 0.0, x)
-    c = torch.minimum(torch.maximum(x, xmin), xmax)
+    hi = _as_dtype(xmax_f, x.dtype)
+    if sign and hi is not None and hi > 0:
+        # -hi < 0 < hi: no zero bound, so clamp with these exact scalars is min(max(.)) bit for
+        # bit (hi may be inf, like _t(xmax_f, x))
+        c = torch.clamp(x, -hi, hi)
+    else:
+        c = _clamp(x, _t(-xmax_f if sign else 0.0, x), _t(xmax_f, x))
+    mask = (c == x) if want_mask else None  # clamp(x) == x  <=>  xmin <= x <= xmax (finite x)
+    inv = _exact_reciprocal(delta, x.dtype)
     d = _t(delta, x)
-    y = round_half_away(c / d) * d
-    return y, xmin, xmax
+    v = c.mul_(inv) if inv is not None else c.div_(d)
+    return round_half_away(v).mul_(d), mask
+
+
+def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of the fixed-point quantizer; returns ``(y, xmin, xmax)``.
+
+    ``y = round_half_away(c / delta) * delta`` with ``c = clamp(x, xmin, xmax)``.
+    """
+    nb = n - 1 if sign else n
+    xmax_f = (2.0**nb - 1.0) * delta
+    y, _ = fixed_point_mask(x, sign, n, delta, False)
+    return y, _t(-xmax_f if sign else 0.0, x), _t(xmax_f, x)
+
+
+@_constant
+def _f32_bits(v: float) -> int:
+    """The IEEE bits of ``float32(v)`` as a Python int."""
+    return int(np.array(v, dtype=np.float32).view(np.int32))
+
+
+_F32_ABS = 0x7FFFFFFF
+_F32_EXP = 0x7F800000
+# For a normal float32 a with exponent field E and mantissa field F, frexp gives m = 1.F / 2, so
+# round(log2 a) = E - 127 + [m >= SQRT_HALF_UP] = E - 127 + [F >= F_T], F_T the mantissa field of
+# 2 * SQRT_HALF_UP. Adding 2**23 - F_T to the bits carries into the exponent exactly when
+# F >= F_T, so the bits of q = 2**round(log2 a) are (bits(a) + _POW2_ROUND) & _F32_EXP (the
+# largest finite a gives inf, as ldexp(1, 128) does).
+_POW2_ROUND = 0x00800000 - (_f32_bits(2.0 * SQRT_HALF_UP) & 0x007FFFFF)
+
+
+@_constant
+def _thr_bits(p_min: float) -> int:
+    """Bits of ``thr = p_min * float32(2**-0.5)`` as the formula's float32 product gives it."""
+    thr = np.float32(p_min) * np.float32(2.0**-0.5)
+    return int(np.array(thr, dtype=np.float32).view(np.int32))
+
+
+def _pow2_bits(
+    x: Tensor, sign: bool, with_zero: bool, m: int, p_min: float, want_mask: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`pow2` for float32 on the integer bits: no frexp/ldexp (each ~10x an add) and no
+    ``where``; every step but the first is in place. Exact when ``p_min`` is normal (and above
+    the smallest normal when ``with_zero``): then a subnormal |x|, whose rounded exponent the bit
+    trick gets wrong, lands below ``p_min`` either way and only its comparison with
+    ``thr = p_min / sqrt 2`` matters, which is done on the exact bits."""
+    a = x.view(torch.int32) & _F32_ABS  # |x| as bits; nonnegative floats order like their bits
+    pmin_b, pmax_b = _f32_bits(p_min), _f32_bits(2.0**m)
+    # q <= p_max  <=>  (a + R) >> 23 <= m + 127  <=>  a < ((m + 128) << 23) - R
+    in_range = (a < ((m + 128) << 23) - _POW2_ROUND) if want_mask else None
+    keep = None
+    if with_zero:  # q < p_min and |x| < thr  ->  0; |x| < thr implies q < p_min
+        keep = a >= _thr_bits(p_min)
+    neg = x < 0
+    a.add_(_POW2_ROUND).bitwise_and_(_F32_EXP).clamp_(pmin_b, pmax_b)
+    if sign:
+        if keep is not None:
+            a.mul_(keep)
+        a.add_(neg, alpha=-(2**31))  # set the sign bit where x < 0 (not at -0.0)
+    else:
+        if in_range is not None:
+            in_range &= ~neg
+        keep = ~neg if keep is None else keep & ~neg
+        a.mul_(keep)
+        if not with_zero:
+            a.add_(neg, alpha=pmin_b)
+    return a.view(torch.float32), in_range
+
+
+def pow2_mask(
+    x: Tensor, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`pow2`, skipping the mask unless ``want_mask``; float32 takes an exact bit path."""
+    nb = n - 1 if sign else n
+    nb = nb - 1 if with_zero else nb
+    e_min = m - (2**nb - 1)
+    if x.dtype == torch.float32 and (e_min > -126 or (e_min == -126 and not with_zero)):
+        return _pow2_bits(x, sign, with_zero, m, 2.0**e_min, want_mask)
+    y, in_range = pow2(x, sign, with_zero, n, m)
+    return y, (in_range if want_mask else None)
 
 
 def pow2(
@@ -77,6 +220,7 @@ def pow2(
     """Forward of the power-of-two quantizer; returns ``(y, in_range)``.
 
     ``in_range`` is the straight-through mask ``2**round(log2|x|) <= p_max`` (True at 0).
+    This is the formula as written (any dtype); :func:`pow2_mask` is the fast equivalent.
     """
     nb = n - 1 if sign else n
     nb = nb - 1 if with_zero else nb
@@ -134,6 +278,7 @@ def min_max_range(
 
 
 def min_max(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``."""
-    c = torch.minimum(torch.maximum(x, lo), hi)
-    return round_half_away((c - lo) / scale) * scale + lo
+    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``, in place on one
+    buffer after the clamp."""
+    v = _clamp(x, lo, hi).sub_(lo).div_(scale)
+    return round_half_away(v).mul_(scale).add_(lo)

@@ -283,15 +283,38 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--context", choices=CONTEXTS, default="cpu", help="default: cpu")
     p.add_argument("-d", "--device-id", type=int, default=0)
     p.add_argument("-t", "--type-config", choices=TYPE_CONFIGS, default="float")
+    p.add_argument("--fast", action="store_true",
+                   help=".fewbits files: run the integer CPU path (int8 / XNOR) where one exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate a ``.fewbits`` file: the network is rebuilt from the packed form."""
+    from .data import load_dataset
+    from .export import read_container
+    from .export.commands import evaluate_packed
+
+    header, _ = read_container(ns.path)
+    net = header.get("model", {}).get("name", "?")
+    name = ns.dataset or ("mnist" if net.startswith("mnist_") else "cifar10")
+    ds = load_dataset(name, "test", ns.data_dir, download=ns.download)
+    r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast)
+    wrong = round(r["error"] * r["n"])
+    return {"error": r["error"], "accuracy": r["top1"], "wrong": wrong, "total": r["n"],
+            "images_per_second": r["images_per_s"], "dataset": name, "net": net,
+            "file": str(ns.path), "fast_path": r["fast_path"]}
 
 
 def _run_eval(ns: argparse.Namespace) -> int:
     from .train import evaluate_file
 
-    r = evaluate_file(ns.path, dataset=ns.dataset, data_dir=ns.data_dir,
-                      batch_size=ns.batch_size, context=ns.context, device_id=ns.device_id,
-                      download=ns.download, type_config=ns.type_config)
+    if str(ns.path).endswith(".fewbits"):
+        r = _eval_packed(ns)
+    else:
+        r = evaluate_file(ns.path, dataset=ns.dataset, data_dir=ns.data_dir,
+                          batch_size=ns.batch_size, context=ns.context,
+                          device_id=ns.device_id, download=ns.download,
+                          type_config=ns.type_config)
     if ns.json:
         print(json.dumps(r, indent=2))
     else:
@@ -323,9 +346,6 @@ def _model_rows(pattern: str | None) -> list[tuple[str, str, str, str]]:
         if fam in FAMILIES:
             f = FAMILIES[fam]
             wb, ab = f.bits(QuantConfig())
-            r = f.recipe
-            if "btanh" in (*r.inner, *r.last, *r.stem, r.merge):
-                ab = 1  # BinaryNet's binary tanh lives in the recipe, not in Family.act
             rows.append((name, fam, str(wb), str(ab)))
         else:
             rows.append((name, "-", "?", "?"))
@@ -370,6 +390,36 @@ register_subcommand("list", _add_list_arguments, _run_list,
                     "registered models, datasets and quantizers")
 
 
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from .export.commands import add_export_arguments
+
+    add_export_arguments(p)
+
+
+def _run_export(ns: argparse.Namespace) -> int:
+    from .export.commands import run_export
+
+    return run_export(ns)
+
+
+def _add_info_arguments(p: argparse.ArgumentParser) -> None:
+    from .export.commands import add_info_arguments
+
+    add_info_arguments(p)
+
+
+def _run_info(ns: argparse.Namespace) -> int:
+    from .export.commands import run_info
+
+    return run_info(ns)
+
+
+register_subcommand("export", _add_export_arguments, _run_export,
+                    "write a trained run in its packed low-bit form (and ONNX)")
+register_subcommand("info", _add_info_arguments, _run_info,
+                    "bits per weight, size and ratio to fp32 of a .fewbits file")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -394,9 +444,11 @@ def build_parser(prog: str = "fewbits",
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data import ChecksumError, CorruptDataError, DatasetNotFoundError
+    from .export import FormatError
     from .train import ConfigError
 
-    return (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDataError, ChecksumError)
+    return (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDataError, ChecksumError,
+            FormatError)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:

@@ -143,3 +143,11 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 def test_model_file_payload_needs_a_spec():
     with pytest.raises(ValueError, match="fewbits_spec"):
         model_file_payload(torch.nn.Linear(2, 2))
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    p = tmp_path / "f.json"
+    atomic_write_bytes(p, b"{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask

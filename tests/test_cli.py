@@ -212,3 +212,25 @@ def test_delta_defaults_to_the_nets_own():
 def test_first_validation_flag():
     assert cfg_of().validate_first is True
     assert cfg_of("--no-first-validation").validate_first is False
+
+
+def test_export_info_and_eval_from_the_packed_file(tmp_path, capsys):
+    from fewbits.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "-n", "mnist_binary_connect_mlp", "--dataset", "digits", "-i", "4",
+                 "-v", "4", "-b", "16", "-m", str(run), "--no-progress", "--no-plot",
+                 "--model-arg", "width=16", "--model-arg", "depth=1"]) == 0
+    packed = tmp_path / "m.fewbits"
+    assert main(["export", str(run), "-o", str(packed)]) == 0
+    assert main(["info", str(packed)]) == 0
+    assert "1.000 bits per quantized weight" in capsys.readouterr().out
+    assert main(["eval", str(run), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(packed), "--dataset", "digits", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert from_file["wrong"] == from_run["wrong"] and from_file["total"] == 300
+    bad = tmp_path / "bad.fewbits"
+    bad.write_bytes(packed.read_bytes()[:-9])
+    assert main(["eval", str(bad), "--dataset", "digits"]) == 1
+    assert "bad.fewbits" in capsys.readouterr().err

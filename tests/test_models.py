@@ -94,3 +94,14 @@ def test_mnist_nets_default_to_a_delta_that_keeps_their_wide_layers_alive():
 def test_register_model_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         register_model(lambda: None, name="cifar10_resnet23_prediction")
+
+
+def test_family_bits_for_reports():
+    from fewbits.models import QuantConfig, family
+
+    c = QuantConfig()
+    assert family("binary_net").bits(c) == (1, 1)
+    assert family("binary_connect").bits(c) == (1, 32)
+    assert family("fp_net").bits(QuantConfig(bit_width=5)) == (5, 5)
+    assert family("inq").bits(c) == (4, 32)
+    assert family("float").bits(c) == (32, 32)

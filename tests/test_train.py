@@ -18,6 +18,8 @@ from fewbits.monitor import (
     SERIES_FILES,
     TEST_ERROR_FILE,
     TIMER_FILE,
+    TRAIN_ERROR_FILE,
+    Monitor,
     Progress,
     read_series,
 )
@@ -40,11 +42,11 @@ def tiny(net: str, path: Path, **kw) -> TrainConfig:
         small = {"width": 16}
     elif net.endswith("_mlp"):
         small = {"width": 16, "depth": 1}
-    opts = dict(net=net, dataset="synthetic", synthetic_size=16, batch_size=8, max_iter=3,
+    opts = dict(net=net, dataset="synthetic", synthetic_size=16, batch_size=8, max_iter=2,
                 val_interval=2, monitor_path=str(path), progress=False, plot=False,
                 model_args=small)
     if "_inq_" in net:
-        opts["inq_iterations"] = (0, 1, 2)  # reach the all-fixed state within the run
+        opts["inq_iterations"] = (0, 1)  # reach the all-fixed state within the run
     opts.update(kw)
     return TrainConfig(**opts)
 
@@ -56,13 +58,13 @@ def lines(path: Path) -> list[str]:
 @pytest.mark.parametrize("net", list_models())
 def test_every_registered_net_trains(net, tmp_path):
     res = train(tiny(net, tmp_path))
-    assert res.iterations == 3
+    assert res.iterations == 2
     for name in (*SERIES_FILES, "config.json", "checkpoint.pt", "model_best.pt",
                  "model_final.pt"):
         assert (tmp_path / name).is_file(), name
-    # Validations before iterations 0 and 2 (i % 2 == 0) and after the last one (3).
+    # Validations before iteration 0 (i % 2 == 0) and after the last one (2).
     its, errs = read_series(tmp_path / TEST_ERROR_FILE)
-    assert its == [0, 2, 3]
+    assert its == [0, 2]
     assert all(0.0 <= e <= 1.0 for e in errs)
     assert all(LINE.match(ln) for ln in lines(tmp_path / TEST_ERROR_FILE))
     assert res.final_error == errs[-1]
@@ -81,23 +83,46 @@ def test_every_registered_net_trains(net, tmp_path):
 
 
 def test_monitor_files_have_the_seed_format(tmp_path):
-    cfg = tiny("mnist_float_mlp", tmp_path, batch_size=4, max_iter=100, val_interval=40,
+    cfg = tiny("mnist_float_mlp", tmp_path, batch_size=4, max_iter=30, val_interval=20,
                model_args={"width": 8, "depth": 1}, plot=True)
     train(cfg)
-    for name in SERIES_FILES:
+    for name in (LOSS_FILE, TRAIN_ERROR_FILE, TEST_ERROR_FILE):
         content = lines(tmp_path / name)
         assert content and all(LINE.match(ln) for ln in content), (name, content[:3])
-    # Means over 10 iterations at i = 9, 19, ..., 99; the timer every 100 iterations.
-    assert read_series(tmp_path / LOSS_FILE)[0] == list(range(9, 100, 10))
-    its, secs = read_series(tmp_path / TIMER_FILE)
-    assert its == [99] and secs[0] > 0
-    assert read_series(tmp_path / TEST_ERROR_FILE)[0] == [0, 40, 80, 100]
+    # Means over 10 iterations at i = 9, 19, 29; the timer writes every 100 iterations.
+    assert read_series(tmp_path / LOSS_FILE)[0] == [9, 19, 29]
+    assert read_series(tmp_path / TRAIN_ERROR_FILE)[0] == [9, 19, 29]
+    assert (tmp_path / TIMER_FILE).read_text() == ""
+    assert read_series(tmp_path / TEST_ERROR_FILE)[0] == [0, 20, 30]
     png = (tmp_path / "training_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_monitor_windows_timer_and_resume_truncation(tmp_path):
+    mon = Monitor(tmp_path, interval=10, time_interval=5)
+    mon.start()
+    out = [mon.add_train(i, torch.tensor([float(i), i / 16])) for i in range(13)]
+    assert out[9] == (4.5, 4.5 / 16) and out.count(None) == 12
+    assert mon.state_dict() == {"loss": [10.0, 11.0, 12.0], "error": [0.625, 0.6875, 0.75]}
+    its, secs = read_series(tmp_path / TIMER_FILE)
+    assert its == [4, 9] and all(s >= 0 for s in secs)
+    assert all(LINE.match(ln) for ln in lines(tmp_path / TIMER_FILE))
+    mon.add_test(0, 0.5)
+    mon.add_test(10, 0.25)
+    # A run resumed at iteration 10 drops what the old run wrote from iteration 10 on.
+    again = Monitor(tmp_path, interval=10, time_interval=5)
+    again.start(10, {"loss": [1.0], "error": [0.0]})
+    assert read_series(tmp_path / TEST_ERROR_FILE) == ([0], [0.5])
+    assert read_series(tmp_path / TIMER_FILE)[0] == [4, 9]
+    assert read_series(tmp_path / LOSS_FILE) == ([9], [4.5])
+    assert again.state_dict() == {"loss": [1.0], "error": [0.0]}
+    quiet = Monitor(tmp_path / "other_rank", enabled=False)
+    quiet.start()
+    assert quiet.add_train(9, torch.zeros(2)) is None and not (tmp_path / "other_rank").exists()
+
+
 def test_first_validation_can_be_skipped(tmp_path):
-    train(tiny("mnist_float_mlp", tmp_path, validate_first=False))
+    train(tiny("mnist_float_mlp", tmp_path, validate_first=False, max_iter=3))
     assert read_series(tmp_path / TEST_ERROR_FILE)[0] == [2, 3]
 
 

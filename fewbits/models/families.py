@@ -104,6 +104,9 @@ class Family:
 
         w = get(self.weight(c))
         a = get(self.act(c))
+        r = self.recipe
+        if "btanh" in (*r.inner, *r.last, *r.stem, r.merge):
+            return (w.bits if w else 32), 1  # BinaryNet's binary tanh lives in the recipe
         return (w.bits if w else 32), (a.bits if a else 32)
 
 

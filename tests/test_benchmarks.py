@@ -1,0 +1,92 @@
+"""Smoke tests of the benchmark scripts, so that they cannot rot: each runs its ``main`` on one
+tiny round (batch 2) and the result is checked for shape and sanity, not for speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common as C  # noqa: E402
+import quantizer_ops  # noqa: E402
+import train_step  # noqa: E402
+
+HAVE_BREVITAS = importlib.util.find_spec("brevitas") is not None
+
+
+@pytest.fixture
+def threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # main() sets the thread count of this process
+
+
+def test_train_step_main_tiny(threads, capsys):
+    res = train_step.main(["--batch", "2", "--rounds", "1", "--warmup", "0", "--threads", "1",
+                           "--nets", "fp_net", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["args"]["batch"] == 2
+    d = res["devices"]["cpu"]
+    train = d["train"]
+    assert list(train) == [C.FLOAT_NET, "cifar10_fp_net_resnet23_prediction"]
+    fl, fp = train[C.FLOAT_NET], train["cifar10_fp_net_resnet23_prediction"]
+    assert fl["ratio"] == pytest.approx(1.0) and fl["mem_ratio"] == pytest.approx(1.0)
+    assert fp["kind"] == "weight+act" and fp["time_target"] == 1.5 and fp["mem_target"] == 1.3
+    assert fp["ms"] > 0 and fp["ratio"] > 0 and len(fp["times_s"]) == 1
+    # fp_net stores a bool mask per activation quantizer: more memory than float, not less
+    assert fp["peak_bytes"] > fl["peak_bytes"] > 0
+    assert isinstance(fp["time_ok"], bool) and isinstance(fp["mem_ok"], bool)
+    if HAVE_BREVITAS:
+        b = d["brevitas"]["fixed_point_const"]
+        assert b["fewbits_net"] == "cifar10_fp_net_resnet23_prediction"
+        assert b["ratio"] > 0 and b["brevitas_ms"] > 0
+        assert "binary_connect" not in d["brevitas"]  # its fewbits net was not selected
+    data = d["data"]
+    assert 0 < data["share_of_float_step"] < 1 and data["pipeline_ms"] > 0
+    text = train_step.format_report(res)
+    assert "fp_net" in text and "x float" in text
+
+
+def test_train_step_rejects_unknown_nets(threads):
+    with pytest.raises(SystemExit, match="matches none"):
+        train_step.main(["--nets", "no_such_family", "--rounds", "1"])
+
+
+def test_brevitas_twin_has_the_same_shape():
+    if not HAVE_BREVITAS:
+        pytest.skip("brevitas is a benchmark extra (pip install brevitas)")
+    from fewbits.models import create_model
+
+    ours = sum(p.numel() for p in create_model("cifar10_binary_connect_resnet23_prediction")
+               .parameters())
+    twin = C.BrevitasResNet23("binary_connect")
+    assert sum(p.numel() for p in twin.parameters()) == ours
+    assert twin(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_ratios_use_the_adjacent_reference():
+    # float 1, a 2 (float around it: 1 and 3), float 3, b 3 (float 3 and 1), float 1
+    t = C.Timings({"float": [2.0], "a": [2.0], "b": [3.0]}, "float",
+                  {"float": [2.0], "a": [2.0], "b": [2.0]})
+    assert t.ratios() == {"float": [1.0], "a": [1.0], "b": [1.5]}
+    calls = []
+    fns = {"r": lambda: calls.append("r"), "x": lambda: calls.append("x"),
+           "y": lambda: calls.append("y")}
+    tm = C.interleave(fns, rounds=2, warmup=0, ref="r")
+    assert calls == ["r", "x", "r", "y", "r", "r", "y", "r", "x", "r"]
+    assert len(tm.times["x"]) == len(tm.near["y"]) == 2
+
+
+def test_quantizer_ops_main_tiny(threads, capsys):
+    res = quantizer_ops.main(["--shape", "2,3,4,4", "--rounds", "1", "--threads", "1",
+                              "--only", "fixed_point,binary_tanh"])
+    assert set(res) == {"relu", "new:fixed_point", "new:binary_tanh"}
+    assert all(r["ms"] > 0 for r in res.values())
+    assert "fixed_point" in capsys.readouterr().out
