@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             runners["fast"] = fast
         row: dict[str, Any] = {
             "model": name, "file_bytes": rep.file_bytes, "fp32_bytes": rep.fp32_bytes,
-            "bits_per_weight": rep.bits_per_weight, "ratio_to_fp32": rep.ratio,
+            # no quantized tensor: the weights are stored as raw float32
+            "bits_per_weight": rep.bits_per_weight or 32.0, "ratio_to_fp32": rep.ratio,
             "fast_path": fast.kind, "timings": {}}
         with torch.inference_mode():
             x0 = batches[max(batches)]
