@@ -122,10 +122,12 @@ def fixed_point_mask(
     (no division when ``delta`` is a power of two), the mask as ``clamp(x) == x``."""
     nb = n - 1 if sign else n
     xmax_f = (2.0**nb - 1.0) * delta
-    hi = _as_dtype(xmax_f, x.dtype)
-    if sign and hi is not None and hi > 0:
+    hi, d_f = _as_dtype(xmax_f, x.dtype), _as_dtype(delta, x.dtype)
+    symmetric = sign and hi is not None and hi > 0 and d_f is not None and 0 < d_f < math.inf
+    if symmetric:
         # -hi < 0 < hi: no zero bound, so clamp with these exact scalars is min(max(.)) bit for
-        # bit (hi may be inf, like _t(xmax_f, x))
+        # bit (hi may be inf, like _t(xmax_f, x)), and c has the sign of x, -0.0 included; with
+        # 0 < d < inf so has v = c / d (never NaN)
         c = torch.clamp(x, -hi, hi)
     else:
         c = _clamp(x, _t(-xmax_f if sign else 0.0, x), _t(xmax_f, x))
@@ -133,7 +135,12 @@ def fixed_point_mask(
     inv = _exact_reciprocal(delta, x.dtype)
     d = _t(delta, x)
     v = c.mul_(inv) if inv is not None else c.div_(d)
-    return round_half_away(v).mul_(d), mask
+    if not symmetric:
+        return round_half_away(v).mul_(d), mask
+    # round_half_away(v) on v's own buffer: v (and c) have x's sign, so copysign from x
+    r = torch.round(v.abs_())
+    r.add_(v.sub_(r).eq_(0.5))
+    return r.copysign_(x).mul_(d), mask
 
 
 def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -278,7 +285,15 @@ def min_max_range(
 
 
 def min_max(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``, in place on one
-    buffer after the clamp."""
+    """``round_half_away((clamp(x, lo, hi) - lo) / scale) * scale + lo``, in place after the
+    clamp.
+
+    ``v = (clamp(x) - lo) / scale`` is ``>= 0``, ``-0.0`` or NaN, so ``round_half_away`` needs
+    no ``abs``/``copysign``: ``round_half_even(v)`` plus 1 at the ties it sent down. The one
+    difference, ``+0.0`` for ``v = -0.0``, cannot show: ``c - lo = -0.0`` needs ``lo = +0.0``,
+    and then ``+-0.0 * scale + lo`` is ``+0.0`` either way.
+    """
     v = _clamp(x, lo, hi).sub_(lo).div_(scale)
-    return round_half_away(v).mul_(scale).add_(lo)
+    r = torch.round(v)
+    r.add_(v.sub_(r).eq_(0.5))
+    return r.mul_(scale).add_(lo)
