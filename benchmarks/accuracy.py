@@ -106,6 +106,9 @@ def _inq_schedule(max_iter: int) -> list[int]:
     return [int(max_iter * f) for f in (0.5, 0.6, 0.7, 0.8, 0.9)]
 
 
+_HIST_SAMPLES = 4_000
+
+
 def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
     layers = quant_layers(model)
     if not layers:
@@ -115,7 +118,8 @@ def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
     with torch.no_grad():
         latent = layer.weight.detach().flatten()
         q = layer.quantized_weight().detach().flatten()
-    return {"layer": name, "latent": latent.tolist(), "quantized": q.tolist()}
+    step = max(1, latent.numel() // _HIST_SAMPLES)  # a regular sample keeps the JSON small
+    return {"layer": name, "latent": latent[::step].tolist(), "quantized": q[::step].tolist()}
 
 
 def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
