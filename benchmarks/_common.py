@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# Run from a checkout without installing: `python benchmarks/<script>.py` finds fewbits.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 __all__ = [
     "BREVITAS_PAIRS",

@@ -169,7 +169,8 @@ def _finished(folder: Path, cfg: TrainConfig) -> tuple[Any, float, float, float]
         return None
     saved = json.loads(conf.read_text())
     keys = ("net", "seed", "max_iter", "batch_size", "learning_rate", "dataset", "clip_weights",
-            "bit_width", "p_min_max", "lr_schedule")
+            "bit_width", "p_min_max", "lr_schedule", "upper_bound", "delta", "optimizer",
+            "weight_decay")
     if any(saved.get(k) != getattr(cfg, k) for k in keys):
         return None
     errs = [v for _, v in _read_series(folder / "Test-error.series.txt")]

@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "SQRT_HALF_UP",
     "fixed_point",
+    "fixed_point_bounds",
     "fixed_point_mask",
     "inq_levels",
     "min_max",
@@ -141,6 +142,22 @@ def fixed_point_mask(
     r = torch.round(v.abs_())
     r.add_(v.sub_(r).eq_(0.5))
     return r.copysign_(x).mul_(d), mask
+
+
+def fixed_point_bounds(
+    sign: bool, n: int, delta: float, dtype: torch.dtype
+) -> tuple[float, float, float, float] | None:
+    """``(lo, hi, inv, d)`` for the fused kernel: the exact float32 clamp bounds, ``1 / d`` when
+    :func:`fixed_point_mask` multiplies (else 0.0) and ``d``; None where the kernel does not
+    apply (other dtypes; an infinite or non-positive bound or step)."""
+    if dtype != torch.float32:
+        return None
+    nb = n - 1 if sign else n
+    hi, d = _as_dtype((2.0**nb - 1.0) * delta, dtype), _as_dtype(delta, dtype)
+    if hi is None or d is None or not (0 < hi < math.inf and 0 < d < math.inf):
+        return None
+    inv = _exact_reciprocal(delta, dtype)
+    return (-hi if sign else 0.0), hi, (inv if inv is not None else 0.0), d
 
 
 def fixed_point(x: Tensor, sign: bool, n: int, delta: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from . import _math
+from . import _kernels, _math
 
 __all__ = [
     "binary_connect",
@@ -62,12 +62,20 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def _finite(x: Tensor, fn: str, arg: str) -> None:
+def _float_tensor(x: Tensor, fn: str, arg: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {x.dtype}")
-    if _CHECK_FINITE and not _all_finite(x):
+
+
+def _finite(x: Tensor, fn: str, arg: str, known_finite: bool | None = None) -> None:
+    """Type checks, then (when checks are on) the NaN/inf check; ``known_finite`` is the answer
+    of a fused kernel that already looked at every element."""
+    _float_tensor(x, fn, arg)
+    if known_finite is None:
+        known_finite = not _CHECK_FINITE or _all_finite(x)
+    if _CHECK_FINITE and not known_finite:
         bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
         raise ValueError(
             f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
@@ -83,7 +91,13 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
 def _keep(g: Tensor, mask: Tensor) -> Tensor:
     """``torch.where(mask, g, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones become
     ``+0.0``), as the bits of ``g`` times the 0/1 mask: one vectorised pass, where ``where`` with a
-    bool condition is a scalar loop on CPU (~8x slower on a 64x64x32x32 gradient)."""
+    bool condition is a scalar loop on CPU (~8x slower on a 64x64x32x32 gradient). A uint8 mask
+    comes from a fused kernel and goes back to one (one pass, no conversion)."""
+    if mask.dtype == torch.uint8:
+        dx = _kernels.keep(g, mask)
+        if dx is not None:
+            return dx
+        mask = mask.view(torch.bool)
     it = _SAME_WIDTH_INT.get(g.dtype)
     if it is None or g.shape != mask.shape:
         return torch.where(mask, g, torch.zeros_like(g))
@@ -137,9 +151,15 @@ def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = 
 
 class _BinaryActSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, low: float, grad_scale: float) -> Tensor:
-        ctx.save_for_backward(x.abs() < 1)
+    def forward(ctx, x: Tensor, low: float, grad_scale: float, fn: str) -> Tensor:
         ctx.grad_scale = grad_scale
+        if _kernels.usable(x):  # one pass for y, the mask and the finite check
+            y, inside, finite = _kernels.binary_act(x, low, ctx.needs_input_grad[0])
+            _finite(x, fn, "x", finite)
+            ctx.save_for_backward(inside)
+            return y
+        _finite(x, fn, "x")
+        ctx.save_for_backward(x.abs() < 1)
         # where(x > 0, 1, low) as arithmetic on the 0/1 step: where with a bool condition is
         # a branchy scalar loop on CPU, ~4x slower than the convert + multiply-add.
         y = (x > 0).to(x.dtype)
@@ -150,10 +170,14 @@ class _BinaryActSTE(torch.autograd.Function):
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, low))
 
     @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None, None]:
         (inside,) = ctx.saved_tensors
+        if inside.dtype == torch.uint8:
+            dx = _kernels.keep(dy, inside, 1, ctx.grad_scale)
+            if dx is not None:
+                return dx, None, None, None
         g = dy if ctx.grad_scale == 1.0 else dy * ctx.grad_scale
-        return _keep(g, inside), None, None
+        return _keep(g, inside), None, None, None
 
 
 def binary_tanh(x: Tensor) -> Tensor:
@@ -162,8 +186,8 @@ def binary_tanh(x: Tensor) -> Tensor:
     >>> binary_tanh(torch.tensor([-2.0, 0.0, 0.5]))
     tensor([-1., -1.,  1.])
     """
-    _finite(x, "binary_tanh", "x")
-    return _BinaryActSTE.apply(x, -1.0, 1.0)
+    _float_tensor(x, "binary_tanh", "x")
+    return _BinaryActSTE.apply(x, -1.0, 1.0, "binary_tanh")
 
 
 def binary_sigmoid(x: Tensor) -> Tensor:
@@ -172,8 +196,8 @@ def binary_sigmoid(x: Tensor) -> Tensor:
     >>> binary_sigmoid(torch.tensor([-2.0, 0.0, 0.5]))
     tensor([0., 0., 1.])
     """
-    _finite(x, "binary_sigmoid", "x")
-    return _BinaryActSTE.apply(x, 0.0, 0.5)
+    _float_tensor(x, "binary_sigmoid", "x")
+    return _BinaryActSTE.apply(x, 0.0, 0.5, "binary_sigmoid")
 
 
 def _channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -267,9 +291,16 @@ def fixed_point_quantize(
     tensor([0.1250, 7.9375])
     """
     fn = "fixed_point_quantize"
-    _finite(x, fn, "x")
+    _float_tensor(x, fn, "x")
     _bits(fn, "n", n, low=2 if sign else 1)
     _positive(fn, "delta", delta)
+    want_mask = bool(ste_fine_grained) and x.requires_grad
+    bounds = _math.fixed_point_bounds(bool(sign), int(n), float(delta), x.dtype)
+    if bounds is not None and _kernels.usable(x):  # one pass: y, mask, finite check
+        y, mask, finite = _kernels.fixed_point(x, *bounds, want_mask)
+        _finite(x, fn, "x", finite)
+        return _ste(x, y, mask)
+    _finite(x, fn, "x")
     with torch.no_grad():
         y, mask = _math.fixed_point_mask(x, bool(sign), int(n), float(delta),
                                          bool(ste_fine_grained) and x.requires_grad)
@@ -355,13 +386,47 @@ class _MinMaxSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         below, above = ctx.saved_tensors
+        return (*_MinMaxSTE.backward_masks(ctx, dy, below, above), None)
+
+    @staticmethod
+    def backward_masks(ctx, dy, below, above):
         dx = _keep(dy, ~(below | above)) if ctx.fine else dy
         d_min = d_max = None
         if ctx.needs_input_grad[1]:
             d_min = _reduce_to(_keep(dy, below), ctx.min_shape)
         if ctx.needs_input_grad[2]:
             d_max = _reduce_to(_keep(dy, above), ctx.max_shape)
-        return dx, d_min, d_max, None, None, None, None
+        return dx, d_min, d_max, None, None, None
+
+
+class _MinMaxCodeSTE(torch.autograd.Function):
+    """:class:`_MinMaxSTE` for the fused kernel's one uint8 code (0 inside, 1 below, 2 above):
+    ``dx`` and both range sums in one pass."""
+
+    @staticmethod
+    def forward(ctx, x, qr_min, qr_max, y, code, fine):
+        ctx.fine = fine
+        ctx.min_shape, ctx.max_shape = qr_min.shape, qr_max.shape
+        ctx.save_for_backward(code)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (code,) = ctx.saved_tensors
+        want_sums = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        want_dx = ctx.fine and ctx.needs_input_grad[0]
+        fused = _kernels.min_max_grad(dy, code, want_dx, want_sums)
+        if fused is None:  # dy in another layout than the code: the PyTorch path
+            return _MinMaxSTE.backward_masks(ctx, dy, code == 1, code == 2)
+        dx, s_below, s_above = fused
+        if not ctx.fine:
+            dx = dy
+        d_min = d_max = None
+        if ctx.needs_input_grad[1]:
+            d_min = torch.tensor(s_below, dtype=dy.dtype).reshape(ctx.min_shape)
+        if ctx.needs_input_grad[2]:
+            d_max = torch.tensor(s_above, dtype=dy.dtype).reshape(ctx.max_shape)
+        return dx, d_min, d_max, None, None, None
 
 
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
@@ -410,7 +475,7 @@ def min_max_quantize(
     tensor([-0.6667,  0.0000,  0.6667])
     """
     fn = "min_max_quantize"
-    _finite(x, fn, "x")
+    _float_tensor(x, fn, "x")
     for name, v in (("ql_min", ql_min), ("ql_max", ql_max)):
         if isinstance(v, bool) or int(v) != v:
             raise ValueError(f"{fn}: {name} must be an integer, got {v!r}")
@@ -421,17 +486,27 @@ def min_max_quantize(
     _positive(fn, "eps", eps)
     rmin = _range_view(qr_min, x, fn, "qr_min")
     rmax = _range_view(qr_max, x, fn, "qr_max")
+    needs = x.requires_grad or (isinstance(qr_min, Tensor) and qr_min.requires_grad) or (
+        isinstance(qr_max, Tensor) and qr_max.requires_grad
+    )
+    qmin_t = qr_min if isinstance(qr_min, Tensor) else rmin
+    qmax_t = qr_max if isinstance(qr_max, Tensor) else rmax
     with torch.no_grad():
         scale, _zp, lo, hi = _math.min_max_range(
             rmin.to(x.dtype), rmax.to(x.dtype), float(ql_min), float(ql_max), float(eps)
         )
-        y = _math.min_max(x, scale, lo, hi)
-        below, above = x < lo, x > hi
-    needs = x.requires_grad or (isinstance(qr_min, Tensor) and qr_min.requires_grad) or (
-        isinstance(qr_max, Tensor) and qr_max.requires_grad
-    )
+        code = None
+        if scale.numel() == 1 and _kernels.usable(x):  # one pass: y, masks, finite check
+            y, code, finite = _kernels.min_max(x, float(lo), float(hi), float(scale), needs)
+            _finite(x, fn, "x", finite)
+        else:
+            _finite(x, fn, "x")
+            y = _math.min_max(x, scale, lo, hi)
     if not needs:
         return y
-    qmin_t = qr_min if isinstance(qr_min, Tensor) else rmin
-    qmax_t = qr_max if isinstance(qr_max, Tensor) else rmax
-    return _MinMaxSTE.apply(x, qmin_t, qmax_t, y, below, above, bool(ste_fine_grained))
+    fine = bool(ste_fine_grained)
+    if code is not None:
+        return _MinMaxCodeSTE.apply(x, qmin_t, qmax_t, y, code, fine)
+    with torch.no_grad():
+        below, above = x < lo, x > hi
+    return _MinMaxSTE.apply(x, qmin_t, qmax_t, y, below, above, fine)

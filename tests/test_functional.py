@@ -1,12 +1,15 @@
 """Hold ``fewbits.functional`` to the independent NumPy oracle (``tests/oracle.py``) bit for bit.
 
 Forward values are compared as float32 bit patterns (``-0`` folded onto ``+0``, the spec never
-says which zero), backward passes through torch autograd with a random upstream ``dy``.
+says which zero), backward passes through torch autograd with a random upstream ``dy``. Every
+test runs twice: with the fused C kernels (float32 on CPU takes them) and with them off (the
+PyTorch path that CUDA, float64 and machines without a C compiler use).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import oracle as O
@@ -16,7 +19,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fewbits import _kernels
 from fewbits import functional as fq
+
+
+@pytest.fixture(scope="module", autouse=True, params=["fused", "torch"])
+def kernel_path(request):
+    """Run the module once per implementation (module scope: hypothesis allows it)."""
+    old = os.environ.get("FEWBITS_FUSED")
+    os.environ["FEWBITS_FUSED"] = "1" if request.param == "fused" else "0"
+    if request.param == "fused" and not _kernels.available():
+        pytest.skip(f"fused kernels unavailable here: {_kernels._ERR}")
+    yield request.param
+    if old is None:
+        del os.environ["FEWBITS_FUSED"]
+    else:
+        os.environ["FEWBITS_FUSED"] = old
+
 
 F32 = np.float32
 CUDA = torch.cuda.is_available()

@@ -41,12 +41,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +51,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .._cbuild import build
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 from ..quantizers import BinaryTanh, Codes, FixedPoint, MinMax, Quantizer
 from .onnx import _trace, resolve_source
@@ -365,52 +361,14 @@ _KERNELS: Any = None
 _KERNELS_ERR: str | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("FEWBITS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "fewbits")
-    return Path(root)
-
-
-def _cpu_key() -> str:
-    # -march=native code must not be reused on another CPU: key the build by the CPU flags.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return flags + platform.machine() + platform.processor()
-
-
 def _load_kernels() -> Any:
     """The compiled C kernels (ctypes), building them on first use; None when impossible."""
     global _KERNELS, _KERNELS_ERR
     if _KERNELS is not None or _KERNELS_ERR is not None:
         return _KERNELS
-    src = Path(__file__).with_name("_cpu_kernels.c")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not src.is_file() or cc is None:
-        _KERNELS_ERR = "no C compiler (set CC) or kernel source missing"
-        return None
-    code = src.read_bytes()
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
-    key = hashlib.sha256(code + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"cpu-kernels-{key}.so"
-    try:
-        if not lib_path.is_file():
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=lib_path.parent, suffix=".so")
-            os.close(fd)
-            try:
-                subprocess.run([cc, *flags, "-o", tmp, str(src)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(tmp, lib_path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        _KERNELS_ERR = f"building the XNOR kernel failed: {e} {detail.decode(errors='replace')}"
+    lib, _KERNELS_ERR = build(Path(__file__).with_name("_cpu_kernels.c"), "cpu-kernels",
+                              ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"])
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fb_pack_signs.argtypes = [ptr, ptr, i64, i64, i64]

@@ -1,0 +1,248 @@
+/* Fused CPU kernels for the activation quantizers of quantization-aware training
+ * (fewbits/_kernels.py loads them with ctypes).
+ *
+ * In eager PyTorch one fixed-point activation quantizer is ~10 passes over the activation
+ * (clamp, mask, multiply, abs, round, tie fix, copysign, multiply, NaN check) and its backward
+ * two more; here each is one pass. Every kernel repeats the *same float32 operations in the
+ * same order* as the PyTorch path in fewbits/_math.py, so the results are bit-identical:
+ * rounding is round-half-even (nearbyintf) plus 1 at the ties it sent down, never a
+ * `floor(x + 0.5)`, and the file is compiled with -ffp-contract=off so `r * scale + lo` is never
+ * fused into one FMA (PyTorch rounds the product first).
+ *
+ * Every forward also counts the non-finite inputs, so the NaN/inf check costs no extra pass.
+ * Work is split over `nt` pthreads in contiguous chunks (ctypes releases the GIL).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#define FB_MAX_THREADS 64
+#define FB_MIN_CHUNK 16384 /* elements per thread below which a thread costs more than it saves */
+
+typedef struct {
+  const float *x, *dy;
+  float *y;
+  uint8_t *m;
+  int64_t i0, i1;
+  float a, b, c, d; /* kernel-specific scalars */
+  int64_t k;        /* kernel-specific integer */
+  int64_t bad;      /* out: non-finite inputs */
+  double s1, s2;    /* out: sums */
+} job;
+
+typedef void (*job_fn)(job *);
+
+/* Split [0, n) over up to nt threads, run fn on each chunk, then gather the outputs into
+ * jobs[0] (bad count and sums, added in chunk order so the result does not depend on timing). */
+typedef struct {
+  job j;
+  job_fn fn;
+} task;
+
+static void *run_task(void *p) {
+  task *t = (task *)p;
+  t->fn(&t->j);
+  return 0;
+}
+
+static void parallel(job *proto, int64_t n, int64_t nt, job_fn fn) {
+  task t[FB_MAX_THREADS];
+  pthread_t th[FB_MAX_THREADS];
+  int created[FB_MAX_THREADS] = {0};
+  if (nt < 1) nt = 1;
+  if (nt > FB_MAX_THREADS) nt = FB_MAX_THREADS;
+  if (nt > 1 && n / nt < FB_MIN_CHUNK) nt = n / FB_MIN_CHUNK > 1 ? n / FB_MIN_CHUNK : 1;
+  int64_t step = (n + nt - 1) / nt;
+  step = (step + 15) & ~(int64_t)15; /* chunks start on 64-byte boundaries of float data */
+  int64_t used = 0;
+  for (int64_t i = 0; i < nt; ++i) {
+    int64_t i0 = i * step, i1 = i0 + step < n ? i0 + step : n;
+    if (i0 >= n && i > 0) break;
+    t[i].j = *proto;
+    t[i].j.i0 = i0;
+    t[i].j.i1 = i1 > i0 ? i1 : i0;
+    t[i].j.bad = 0;
+    t[i].j.s1 = t[i].j.s2 = 0.0;
+    t[i].fn = fn;
+    ++used;
+  }
+  for (int64_t i = 1; i < used; ++i)
+    created[i] = pthread_create(&th[i], 0, run_task, &t[i]) == 0;
+  run_task(&t[0]);
+  for (int64_t i = 1; i < used; ++i) {
+    if (created[i])
+      pthread_join(th[i], 0);
+    else
+      run_task(&t[i]); /* no thread to be had: do the chunk here */
+  }
+  proto->bad = 0;
+  proto->s1 = proto->s2 = 0.0;
+  for (int64_t i = 0; i < used; ++i) {
+    proto->bad += t[i].j.bad;
+    proto->s1 += t[i].j.s1;
+    proto->s2 += t[i].j.s2;
+  }
+}
+
+/* ------------------------------------------------------------------ fixed point
+ * c = clamp(x, lo, hi); v = c * inv (inv != 0: delta a power of two) or c / delta;
+ * y = copysign(round_half_away(|v|), v) * delta; mask = (c == x).
+ * `xi <= lo` (not `<`) makes c = +0.0 for x = -0.0 when lo = 0, as PyTorch's maximum(x, 0)
+ * returns. a = lo, b = hi, c = inv, d = delta. Each variant is its own loop so that it vectorises
+ * (branch-free body, restrict pointers, the non-finite flag as an OR). */
+#define FB_FIXED_POINT_LOOP(SCALE, STORE_MASK)                                        \
+  for (int64_t i = i0; i < i1; ++i) {                                                 \
+    const float xi = x[i];                                                            \
+    bad |= !(xi - xi == 0.0f);                                                        \
+    const float c = xi <= lo ? lo : (xi > hi ? hi : xi);                              \
+    const float v = SCALE;                                                            \
+    const float a = fabsf(v);                                                         \
+    float r = nearbyintf(a);                                                          \
+    r += (a - r == 0.5f) ? 1.0f : 0.0f;                                               \
+    y[i] = copysignf(r, v) * d;                                                       \
+    STORE_MASK;                                                                       \
+  }
+
+static void fixed_point_chunk(job *j) {
+  const int64_t i0 = j->i0, i1 = j->i1; /* locals: a uint8_t store may alias j */
+  const float *restrict x = j->x;
+  float *restrict y = j->y;
+  uint8_t *restrict m = j->m;
+  const float lo = j->a, hi = j->b, inv = j->c, d = j->d;
+  int bad = 0;
+  if (m && inv != 0.0f) {
+    FB_FIXED_POINT_LOOP(c * inv, m[i] = c == xi)
+  } else if (m) {
+    FB_FIXED_POINT_LOOP(c / d, m[i] = c == xi)
+  } else if (inv != 0.0f) {
+    FB_FIXED_POINT_LOOP(c * inv, (void)0)
+  } else {
+    FB_FIXED_POINT_LOOP(c / d, (void)0)
+  }
+  j->bad = bad;
+}
+
+int64_t fb_fixed_point(const float *x, float *y, uint8_t *mask, int64_t n, float lo, float hi,
+                       float inv, float delta, int64_t nt) {
+  job p = {0};
+  p.x = x, p.y = y, p.m = mask, p.a = lo, p.b = hi, p.c = inv, p.d = delta;
+  parallel(&p, n, nt, fixed_point_chunk);
+  return p.bad;
+}
+
+/* ------------------------------------------------------------------ min-max
+ * c = clamp(x, lo, hi); v = (c - lo) / scale (>= 0 or -0.0); r = round_half_even(v) + [tie];
+ * y = r * scale + lo; code = 1 if x < lo, 2 if x > hi, else 0.  a = lo, b = hi, c = scale. */
+#define FB_MIN_MAX_LOOP(STORE_CODE)                                                   \
+  for (int64_t i = i0; i < i1; ++i) {                                                 \
+    const float xi = x[i];                                                            \
+    bad |= !(xi - xi == 0.0f);                                                        \
+    const float c = xi <= lo ? lo : (xi > hi ? hi : xi);                              \
+    const float v = (c - lo) / s;                                                     \
+    float r = nearbyintf(v);                                                          \
+    r += (v - r == 0.5f) ? 1.0f : 0.0f;                                               \
+    const float q = r * s;                                                            \
+    y[i] = q + lo;                                                                    \
+    STORE_CODE;                                                                       \
+  }
+
+static void min_max_chunk(job *j) {
+  const int64_t i0 = j->i0, i1 = j->i1; /* locals: a uint8_t store may alias j */
+  const float *restrict x = j->x;
+  float *restrict y = j->y;
+  uint8_t *restrict m = j->m;
+  const float lo = j->a, hi = j->b, s = j->c;
+  int bad = 0;
+  if (m) {
+    FB_MIN_MAX_LOOP(m[i] = (uint8_t)((xi < lo) | ((xi > hi) << 1)))
+  } else {
+    FB_MIN_MAX_LOOP((void)0)
+  }
+  j->bad = bad;
+}
+
+int64_t fb_min_max(const float *x, float *y, uint8_t *code, int64_t n, float lo, float hi,
+                   float scale, int64_t nt) {
+  job p = {0};
+  p.x = x, p.y = y, p.m = code, p.a = lo, p.b = hi, p.c = scale;
+  parallel(&p, n, nt, min_max_chunk);
+  return p.bad;
+}
+
+/* ------------------------------------------------------------------ binary activations
+ * y = 1 if x > 0 else low (a); mask = |x| < 1. */
+static void binary_act_chunk(job *j) {
+  const int64_t i0 = j->i0, i1 = j->i1; /* locals: a uint8_t store may alias j */
+  const float *restrict x = j->x;
+  float *restrict y = j->y;
+  uint8_t *restrict m = j->m;
+  const float low = j->a;
+  int bad = 0;
+  if (m) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float xi = x[i];
+      bad |= !(xi - xi == 0.0f);
+      y[i] = xi > 0.0f ? 1.0f : low;
+      m[i] = fabsf(xi) < 1.0f;
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float xi = x[i];
+      bad |= !(xi - xi == 0.0f);
+      y[i] = xi > 0.0f ? 1.0f : low;
+    }
+  }
+  j->bad = bad;
+}
+
+int64_t fb_binary_act(const float *x, float *y, uint8_t *mask, int64_t n, float low,
+                      int64_t nt) {
+  job p = {0};
+  p.x = x, p.y = y, p.m = mask, p.a = low;
+  parallel(&p, n, nt, binary_act_chunk);
+  return p.bad;
+}
+
+/* ------------------------------------------------------------------ backward
+ * dx = (m == keep) ? dy * g : +0.0   (g = a; g == 1 skips the multiply, as PyTorch does).
+ * With sums (k bit 0): s1 = sum of dy where m == 1, s2 = sum of dy where m == 2, in double. */
+static void keep_chunk(job *j) {
+  const int64_t i0 = j->i0, i1 = j->i1; /* locals: a uint8_t store may alias j */
+  const float *restrict dy = j->dy;
+  float *restrict dx = j->y;
+  const uint8_t *restrict m = j->m;
+  const uint8_t keep = (uint8_t)j->b;
+  const float g = j->a;
+  if (dx && g == 1.0f) {
+    for (int64_t i = i0; i < i1; ++i) dx[i] = m[i] == keep ? dy[i] : 0.0f;
+  } else if (dx) {
+    for (int64_t i = i0; i < i1; ++i) dx[i] = m[i] == keep ? dy[i] * g : 0.0f;
+  }
+  if (j->k & 1) {
+    /* 16 independent double lanes: vectorises without reassociating a float sum. */
+    double a1[16] = {0}, a2[16] = {0};
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16)
+      for (int k = 0; k < 16; ++k) {
+        const double v = dy[i + k];
+        a1[k] += m[i + k] == 1 ? v : 0.0;
+        a2[k] += m[i + k] == 2 ? v : 0.0;
+      }
+    for (; i < i1; ++i) {
+      a1[0] += m[i] == 1 ? (double)dy[i] : 0.0;
+      a2[0] += m[i] == 2 ? (double)dy[i] : 0.0;
+    }
+    double s1 = 0.0, s2 = 0.0;
+    for (int k = 0; k < 16; ++k) s1 += a1[k], s2 += a2[k];
+    j->s1 = s1, j->s2 = s2;
+  }
+}
+
+/* dx may be NULL (sums only); sums may be NULL (no range gradients). */
+void fb_keep(const float *dy, const uint8_t *m, float *dx, int64_t n, int64_t keep, float g,
+             double *sums, int64_t nt) {
+  job p = {0};
+  p.dy = dy, p.m = (uint8_t *)m, p.y = dx, p.a = g, p.b = (float)keep, p.k = sums != 0;
+  parallel(&p, n, nt, keep_chunk);
+  if (sums) sums[0] = p.s1, sums[1] = p.s2;
+}
