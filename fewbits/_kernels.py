@@ -34,6 +34,7 @@ __all__ = [
     "keep",
     "min_max",
     "min_max_grad",
+    "pow2",
     "usable",
 ]
 
@@ -55,6 +56,9 @@ def _lib() -> Any:
     lib.fb_fixed_point.restype = i64
     lib.fb_min_max.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, i64]
     lib.fb_min_max.restype = i64
+    i32 = ctypes.c_int32
+    lib.fb_pow2.argtypes = [ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, i64, i64]
+    lib.fb_pow2.restype = i64
     lib.fb_binary_act.argtypes = [ptr, ptr, ptr, i64, f32, i64]
     lib.fb_binary_act.restype = i64
     lib.fb_keep.argtypes = [ptr, ptr, ptr, i64, i64, f32, ptr, i64]
@@ -108,6 +112,17 @@ def min_max(x: Tensor, lo: float, hi: float, scale: float,
     m = torch.empty_like(x, dtype=torch.uint8) if want_code else None
     bad = _lib().fb_min_max(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(),
                             x.numel(), lo, hi, scale, _nt())
+    return y, m, bad == 0
+
+
+def pow2(x: Tensor, bits: tuple[int, int, int, int, int], sign: bool, with_zero: bool,
+         want_mask: bool) -> tuple[Tensor, Tensor | None, bool]:
+    """``(y, in_range mask or None, all finite)`` of the power-of-two quantizer's float32 bit
+    path; ``bits = (limit, thr, round, pmin, pmax)`` from :func:`fewbits._math.pow2_bit_args`."""
+    y = torch.empty_like(x)
+    m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
+    bad = _lib().fb_pow2(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(),
+                         x.numel(), *bits, int(sign) | (int(with_zero) << 1), _nt())
     return y, m, bad == 0
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "min_max",
     "min_max_range",
     "pow2",
+    "pow2_bit_args",
     "pow2_exponent",
     "pow2_mask",
     "round_half_away",
@@ -223,6 +224,24 @@ def _pow2_bits(
         if not with_zero:
             a.add_(neg, alpha=pmin_b)
     return a.view(torch.float32), in_range
+
+
+def pow2_bit_args(
+    sign: bool, with_zero: bool, n: int, m: int, dtype: torch.dtype
+) -> tuple[int, int, int, int, int] | None:
+    """``(limit, thr, round, pmin, pmax)``: the int32 constants of :func:`_pow2_bits` for the
+    fused kernel, or None where that path does not apply (other dtypes, a ``p_min`` the bit
+    trick cannot take, constants outside int32)."""
+    nb = n - 1 if sign else n
+    nb = nb - 1 if with_zero else nb
+    e_min = m - (2**nb - 1)
+    if dtype != torch.float32 or not (e_min > -126 or (e_min == -126 and not with_zero)):
+        return None
+    limit = ((m + 128) << 23) - _POW2_ROUND
+    if not -(2**31) <= limit < 2**31 or m > 127:
+        return None
+    p_min = 2.0**e_min
+    return limit, _thr_bits(p_min), _POW2_ROUND, _f32_bits(p_min), _f32_bits(2.0**m)
 
 
 def pow2_mask(

@@ -169,6 +169,64 @@ int64_t fb_min_max(const float *x, float *y, uint8_t *code, int64_t n, float lo,
   return p.bad;
 }
 
+/* ------------------------------------------------------------------ power of two
+ * The float32 bit path of _math._pow2_bits, on int32 bits with the same wrap-around:
+ * a = bits(|x|); in_range = a < limit; keep = a >= thr (with zero); a = clamp((a + R) & EXP,
+ * pmin, pmax); then the sign bit where x < 0 (signed), or negatives to 0 / pmin (unsigned).
+ * flags: bit 0 sign, bit 1 with_zero. */
+typedef struct {
+  int32_t limit, thr, round, pmin, pmax;
+  int64_t flags;
+} pow2_args;
+
+#define FB_POW2_LOOP(STORE_MASK)                                                      \
+  for (int64_t i = i0; i < i1; ++i) {                                                 \
+    const float xi = x[i];                                                            \
+    bad |= !(xi - xi == 0.0f);                                                        \
+    int32_t a = (int32_t)(xb[i] & 0x7FFFFFFFu);                                       \
+    int32_t in_range = a < P.limit;                                                   \
+    const int32_t keep = with_zero ? a >= P.thr : 1;                                  \
+    const int32_t neg = xi < 0.0f;                                                    \
+    a = (int32_t)(((uint32_t)a + (uint32_t)P.round) & 0x7F800000u);                   \
+    a = a < P.pmin ? P.pmin : (a > P.pmax ? P.pmax : a);                              \
+    if (sign) {                                                                       \
+      a = a * keep;                                                                   \
+      a = (int32_t)((uint32_t)a | (neg ? 0x80000000u : 0u));                          \
+    } else {                                                                          \
+      in_range = in_range & !neg;                                                     \
+      a = a * (keep & !neg);                                                          \
+      a = with_zero ? a : a + neg * P.pmin;                                           \
+    }                                                                                 \
+    yb[i] = (uint32_t)a;                                                              \
+    STORE_MASK;                                                                       \
+  }
+
+static void pow2_chunk(job *j) {
+  const int64_t i0 = j->i0, i1 = j->i1; /* locals: a uint8_t store may alias j */
+  const float *restrict x = j->x;
+  const uint32_t *restrict xb = (const uint32_t *)j->x;
+  uint32_t *restrict yb = (uint32_t *)j->y;
+  uint8_t *restrict m = j->m;
+  const pow2_args P = *(const pow2_args *)j->dy; /* the arguments ride in the dy slot */
+  const int sign = (int)(P.flags & 1), with_zero = (int)((P.flags >> 1) & 1);
+  int bad = 0;
+  if (m) {
+    FB_POW2_LOOP(m[i] = (uint8_t)in_range)
+  } else {
+    FB_POW2_LOOP((void)0)
+  }
+  j->bad = bad;
+}
+
+int64_t fb_pow2(const float *x, float *y, uint8_t *mask, int64_t n, int32_t limit, int32_t thr,
+                int32_t round, int32_t pmin, int32_t pmax, int64_t flags, int64_t nt) {
+  pow2_args a = {limit, thr, round, pmin, pmax, flags};
+  job p = {0};
+  p.x = x, p.y = y, p.m = mask, p.dy = (const float *)&a;
+  parallel(&p, n, nt, pow2_chunk);
+  return p.bad;
+}
+
 /* ------------------------------------------------------------------ binary activations
  * y = 1 if x > 0 else low (a); mask = |x| < 1. */
 static void binary_act_chunk(job *j) {

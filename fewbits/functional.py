@@ -341,8 +341,15 @@ def pow2_quantize(
     tensor([ 0.2500, -1.0000,  2.0000])
     """
     fn = "pow2_quantize"
-    _finite(x, fn, "x")
+    _float_tensor(x, fn, "x")
     _pow2_check(fn, sign, with_zero, n, m)
+    want_mask = bool(ste_fine_grained) and x.requires_grad
+    args = _math.pow2_bit_args(bool(sign), bool(with_zero), int(n), int(m), x.dtype)
+    if args is not None and _kernels.usable(x):  # one pass: y, mask, finite check
+        y, mask, finite = _kernels.pow2(x, args, bool(sign), bool(with_zero), want_mask)
+        _finite(x, fn, "x", finite)
+        return _ste(x, y, mask)
+    _finite(x, fn, "x")
     with torch.no_grad():
         y, mask = _math.pow2_mask(x, bool(sign), bool(with_zero), int(n), int(m),
                                   bool(ste_fine_grained) and x.requires_grad)

@@ -94,6 +94,27 @@ def test_min_max_fused_equals_torch(channels_last, ranges, fine):
         torch.testing.assert_close(f, t, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("sign,with_zero,n,m", [(True, True, 8, 1), (True, False, 4, 0),
+                                                (False, True, 5, 2), (False, False, 3, -2),
+                                                (True, True, 2, 0)])
+def test_pow2_fused_equals_torch(channels_last, sign, with_zero, n, m):
+    x = _activation(4, 0.25, False)
+    flat = x.view(-1)
+    b = torch.tensor(float(np.float32(2.0**-0.5)))
+    # mantissas at the rounding boundary sqrt(1/2), either side, at several exponents
+    edges = torch.cat([b * 2.0**k * f for k in range(-6, 4)
+                       for f in (torch.tensor([1.0, -1.0]), torch.tensor([1.0000001, -0.9999999]))])
+    flat[20000:20000 + edges.numel()] = edges
+    flat[40000:40004] = torch.tensor([0.0, -0.0, 1e-40, -1e-40])  # zero and subnormals
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (yf, gf, _), (yt, gt, _) = _both(fq.pow2_quantize, x, sign=sign, with_zero=with_zero, n=n,
+                                     m=m)
+    np.testing.assert_array_equal(_bits(yf), _bits(yt))
+    np.testing.assert_array_equal(_bits(gf), _bits(gt))
+
+
 @pytest.mark.parametrize("fn", [fq.binary_tanh, fq.binary_sigmoid])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_binary_act_fused_equals_torch(fn, channels_last):
@@ -121,7 +142,7 @@ def test_min_max_range_sums_exact():
 def test_fused_kernels_find_non_finite(where, bad):
     x = torch.randn(73_728)
     x[where] = bad
-    for fn in (fq.fixed_point_quantize, fq.binary_tanh,
+    for fn in (fq.fixed_point_quantize, fq.binary_tanh, fq.pow2_quantize,
                lambda v: fq.min_max_quantize(v, torch.tensor(-1.0), torch.tensor(1.0))):
         with pytest.raises(ValueError, match="NaN|inf"):
             fn(x)
