@@ -511,10 +511,12 @@ class MinMax(Quantizer):
     def _observe(self, x: Tensor) -> None:
         with torch.no_grad():
             if self.per_channel:
-                flat = x.detach().flatten(1)
-                bmin, bmax = flat.amin(1), flat.amax(1)
+                bmin, bmax = torch.aminmax(x.detach().flatten(1), dim=1)
             else:
-                bmin, bmax = x.detach().amin(), x.detach().amax()
+                bmin, bmax = torch.aminmax(x.detach())
+            # a NaN or inf in x shows in its min or max: checked before the ranges take them
+            if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):
+                qf._finite(x, "MinMax", "x")
             if self.mode == "ema":
                 self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
                 self.qr_max.mul_(self.decay).add_((1 - self.decay) * bmax)
@@ -524,7 +526,7 @@ class MinMax(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.mode != "learnable":
-            qf._finite(x, "MinMax", "x")
+            qf._float_tensor(x, "MinMax", "x")
             self._observe(x)
         return qf.min_max_quantize(x, self.qr_min, self.qr_max, self.ql_min, self.ql_max,
                                    self.eps, self.ste_fine_grained)
