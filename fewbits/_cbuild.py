@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["build", "cache_dir"]
+__all__ = ["CLibrary", "build", "cache_dir"]
 
 
 def cache_dir() -> Path:
@@ -62,3 +63,25 @@ def build(src: Path, name: str, flags: list[str]) -> tuple[ctypes.CDLL | None, s
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         return None, f"building {src.name} failed: {e} {detail.decode(errors='replace')}"
+
+
+class CLibrary:
+    """A C source built and loaded on first :meth:`get` (once per process), with the ctypes
+    ``signatures`` (``{function: (argtypes, restype)}``) set; ``get()`` is None and ``error``
+    says why when it cannot be built."""
+
+    def __init__(self, src: Path, name: str, flags: list[str],
+                 signatures: dict[str, tuple[list[Any], Any]]) -> None:
+        self.src, self.name, self.flags, self.signatures = src, name, flags, signatures
+        self.error: str | None = None
+        self._lib: ctypes.CDLL | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._lib is None and self.error is None:
+            lib, self.error = build(self.src, self.name, self.flags)
+            if lib is not None:
+                for fn, (argtypes, restype) in self.signatures.items():
+                    getattr(lib, fn).argtypes = argtypes
+                    getattr(lib, fn).restype = restype
+            self._lib = lib
+        return self._lib

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._cbuild import build
+from ._cbuild import CLibrary
+from ._math import _compiling
 
 __all__ = [
     "available",
     "binary_act",
+    "error",
     "fixed_point",
     "keep",
     "min_max",
@@ -38,33 +40,25 @@ __all__ = [
     "usable",
 ]
 
-_LIB: Any = None
-_ERR: str | None = None
+_I64, _I32, _PTR, _F32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
+_LIB = CLibrary(
+    Path(__file__).with_name("_train_kernels.c"), "train-kernels",
+    ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"],
+    {"fb_fixed_point": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _F32, _I64], _I64),
+     "fb_min_max": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _I64], _I64),
+     "fb_pow2": ([_PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I32, _I32, _I64, _I64], _I64),
+     "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _I64], _I64),
+     "fb_keep": ([_PTR, _PTR, _PTR, _I64, _I64, _F32, _PTR, _I64], None)},
+)
 
 
 def _lib() -> Any:
-    global _LIB, _ERR
-    if _LIB is not None or _ERR is not None:
-        return _LIB
-    lib, _ERR = build(Path(__file__).with_name("_train_kernels.c"), "train-kernels",
-                      ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC",
-                       "-pthread"])
-    if lib is None:
-        return None
-    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.fb_fixed_point.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, i64]
-    lib.fb_fixed_point.restype = i64
-    lib.fb_min_max.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, i64]
-    lib.fb_min_max.restype = i64
-    i32 = ctypes.c_int32
-    lib.fb_pow2.argtypes = [ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, i64, i64]
-    lib.fb_pow2.restype = i64
-    lib.fb_binary_act.argtypes = [ptr, ptr, ptr, i64, f32, i64]
-    lib.fb_binary_act.restype = i64
-    lib.fb_keep.argtypes = [ptr, ptr, ptr, i64, i64, f32, ptr, i64]
-    lib.fb_keep.restype = None
-    _LIB = lib
-    return lib
+    return _LIB.get()
+
+
+def error() -> str | None:
+    """Why the kernels could not be built, or None."""
+    return _LIB.error
 
 
 def available() -> bool:
@@ -75,11 +69,6 @@ def available() -> bool:
 def _dense(t: Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(
         memory_format=torch.channels_last))
-
-
-def _compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)
-    return bool(f()) if f is not None else False
 
 
 def usable(x: Tensor) -> bool:

@@ -26,6 +26,7 @@ typedef struct {
   int64_t i0, i1;
   float a, b, c, d; /* kernel-specific scalars */
   int64_t k;        /* kernel-specific integer */
+  const void *args; /* kernel-specific argument block */
   int64_t bad;      /* out: non-finite inputs */
   double s1, s2;    /* out: sums */
 } job;
@@ -207,7 +208,7 @@ static void pow2_chunk(job *j) {
   const uint32_t *restrict xb = (const uint32_t *)j->x;
   uint32_t *restrict yb = (uint32_t *)j->y;
   uint8_t *restrict m = j->m;
-  const pow2_args P = *(const pow2_args *)j->dy; /* the arguments ride in the dy slot */
+  const pow2_args P = *(const pow2_args *)j->args;
   const int sign = (int)(P.flags & 1), with_zero = (int)((P.flags >> 1) & 1);
   int bad = 0;
   if (m) {
@@ -222,13 +223,21 @@ int64_t fb_pow2(const float *x, float *y, uint8_t *mask, int64_t n, int32_t limi
                 int32_t round, int32_t pmin, int32_t pmax, int64_t flags, int64_t nt) {
   pow2_args a = {limit, thr, round, pmin, pmax, flags};
   job p = {0};
-  p.x = x, p.y = y, p.m = mask, p.dy = (const float *)&a;
+  p.x = x, p.y = y, p.m = mask, p.args = &a;
   parallel(&p, n, nt, pow2_chunk);
   return p.bad;
 }
 
 /* ------------------------------------------------------------------ binary activations
  * y = 1 if x > 0 else low (a); mask = |x| < 1. */
+#define FB_BINARY_LOOP(STORE_MASK)                                                      \
+  for (int64_t i = i0; i < i1; ++i) {                                                 \
+    const float xi = x[i];                                                            \
+    bad |= !(xi - xi == 0.0f);                                                        \
+    y[i] = xi > 0.0f ? 1.0f : low;                                                    \
+    STORE_MASK;                                                                       \
+  }
+
 static void binary_act_chunk(job *j) {
   const int64_t i0 = j->i0, i1 = j->i1; /* locals: a uint8_t store may alias j */
   const float *restrict x = j->x;
@@ -237,18 +246,9 @@ static void binary_act_chunk(job *j) {
   const float low = j->a;
   int bad = 0;
   if (m) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float xi = x[i];
-      bad |= !(xi - xi == 0.0f);
-      y[i] = xi > 0.0f ? 1.0f : low;
-      m[i] = fabsf(xi) < 1.0f;
-    }
+    FB_BINARY_LOOP(m[i] = fabsf(xi) < 1.0f)
   } else {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float xi = x[i];
-      bad |= !(xi - xi == 0.0f);
-      y[i] = xi > 0.0f ? 1.0f : low;
-    }
+    FB_BINARY_LOOP((void)0)
   }
   j->bad = bad;
 }

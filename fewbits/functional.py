@@ -88,16 +88,19 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
                    torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def _keep(g: Tensor, mask: Tensor) -> Tensor:
-    """``torch.where(mask, g, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones become
-    ``+0.0``), as the bits of ``g`` times the 0/1 mask: one vectorised pass, where ``where`` with a
-    bool condition is a scalar loop on CPU (~8x slower on a 64x64x32x32 gradient). A uint8 mask
-    comes from a fused kernel and goes back to one (one pass, no conversion)."""
+def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
+    """``torch.where(mask, g * scale, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones
+    become ``+0.0``; ``scale`` 1 leaves ``g`` as it is), as the bits of ``g`` times the 0/1 mask:
+    one vectorised pass, where ``where`` with a bool condition is a scalar loop on CPU (~8x
+    slower on a 64x64x32x32 gradient). A uint8 mask comes from a fused kernel and goes back to
+    one (one pass for the scale and the mask, no conversion)."""
     if mask.dtype == torch.uint8:
-        dx = _kernels.keep(g, mask)
+        dx = _kernels.keep(g, mask, 1, scale)
         if dx is not None:
             return dx
         mask = mask.view(torch.bool)
+    if scale != 1.0:
+        g = g * scale
     it = _SAME_WIDTH_INT.get(g.dtype)
     if it is None or g.shape != mask.shape:
         return torch.where(mask, g, torch.zeros_like(g))
@@ -172,12 +175,7 @@ class _BinaryActSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None, None]:
         (inside,) = ctx.saved_tensors
-        if inside.dtype == torch.uint8:
-            dx = _kernels.keep(dy, inside, 1, ctx.grad_scale)
-            if dx is not None:
-                return dx, None, None, None
-        g = dy if ctx.grad_scale == 1.0 else dy * ctx.grad_scale
-        return _keep(g, inside), None, None, None
+        return _keep(dy, inside, ctx.grad_scale), None, None, None
 
 
 def binary_tanh(x: Tensor) -> Tensor:
@@ -302,8 +300,7 @@ def fixed_point_quantize(
         return _ste(x, y, mask)
     _finite(x, fn, "x")
     with torch.no_grad():
-        y, mask = _math.fixed_point_mask(x, bool(sign), int(n), float(delta),
-                                         bool(ste_fine_grained) and x.requires_grad)
+        y, mask = _math.fixed_point_mask(x, bool(sign), int(n), float(delta), want_mask)
     return _ste(x, y, mask)
 
 
@@ -351,8 +348,7 @@ def pow2_quantize(
         return _ste(x, y, mask)
     _finite(x, fn, "x")
     with torch.no_grad():
-        y, mask = _math.pow2_mask(x, bool(sign), bool(with_zero), int(n), int(m),
-                                  bool(ste_fine_grained) and x.requires_grad)
+        y, mask = _math.pow2_mask(x, bool(sign), bool(with_zero), int(n), int(m), want_mask)
     return _ste(x, y, mask)
 
 

@@ -29,7 +29,7 @@ def kernel_path(request):
     old = os.environ.get("FEWBITS_FUSED")
     os.environ["FEWBITS_FUSED"] = "1" if request.param == "fused" else "0"
     if request.param == "fused" and not _kernels.available():
-        pytest.skip(f"fused kernels unavailable here: {_kernels._ERR}")
+        pytest.skip(f"fused kernels unavailable here: {_kernels.error()}")
     yield request.param
     if old is None:
         del os.environ["FEWBITS_FUSED"]

@@ -17,7 +17,7 @@ from fewbits import _kernels
 from fewbits import functional as fq
 
 pytestmark = pytest.mark.skipif(not _kernels.available(),
-                                reason=f"no fused kernels here: {_kernels._ERR}")
+                                reason=f"no fused kernels here: {_kernels.error()}")
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -51,7 +51,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .._cbuild import build
+from .._cbuild import CLibrary
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 from ..quantizers import BinaryTanh, Codes, FixedPoint, MinMax, Quantizer
 from .onnx import _trace, resolve_source
@@ -357,28 +357,19 @@ class Int8Linear(_Int8Base):
 
 # --------------------------------------------------------------------------- xnor
 
-_KERNELS: Any = None
-_KERNELS_ERR: str | None = None
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_KERNELS = CLibrary(
+    Path(__file__).with_name("_cpu_kernels.c"), "cpu-kernels",
+    ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"],
+    {"fb_pack_signs": ([_PTR, _PTR, _I64, _I64, _I64], _INT),
+     "fb_xnor_conv": ([_PTR, _PTR, _PTR, *([_I64] * 12)], _INT),
+     "fb_affine_inplace": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64], _INT)},
+)
 
 
 def _load_kernels() -> Any:
     """The compiled C kernels (ctypes), building them on first use; None when impossible."""
-    global _KERNELS, _KERNELS_ERR
-    if _KERNELS is not None or _KERNELS_ERR is not None:
-        return _KERNELS
-    lib, _KERNELS_ERR = build(Path(__file__).with_name("_cpu_kernels.c"), "cpu-kernels",
-                              ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"])
-    if lib is None:
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.fb_pack_signs.argtypes = [ptr, ptr, i64, i64, i64]
-    lib.fb_pack_signs.restype = ctypes.c_int
-    lib.fb_xnor_conv.argtypes = [ptr, ptr, ptr, *([i64] * 12)]
-    lib.fb_xnor_conv.restype = ctypes.c_int
-    lib.fb_affine_inplace.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64]
-    lib.fb_affine_inplace.restype = ctypes.c_int
-    _KERNELS = lib
-    return lib
+    return _KERNELS.get()
 
 
 def xnor_backend() -> str:
@@ -420,7 +411,7 @@ def pack_signs(x: Tensor, backend: str = "auto") -> Tensor:
     if backend == "c":
         lib = _load_kernels()
         if lib is None:
-            raise RuntimeError(f"XNOR C kernel unavailable: {_KERNELS_ERR}")
+            raise RuntimeError(f"XNOR C kernel unavailable: {_KERNELS.error}")
         xs = _nhwc(x)
         out = torch.empty(n, h, w, _words(c), dtype=torch.int64)
         lib.fb_pack_signs(xs.data_ptr(), out.data_ptr(), n * h * w, c, torch.get_num_threads())
@@ -794,8 +785,8 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, int8: bool = True,
         notes.append(onednn_err)
     if xnor and backend in ("auto", "c") and _load_kernels() is None:
         if backend == "c":
-            raise RuntimeError(f"XNOR C kernel unavailable: {_KERNELS_ERR}")
-        notes.append(f"XNOR runs in PyTorch: {_KERNELS_ERR}")
+            raise RuntimeError(f"XNOR C kernel unavailable: {_KERNELS.error}")
+        notes.append(f"XNOR runs in PyTorch: {_KERNELS.error}")
     p = _Plan(model, graph)
     nodes: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
