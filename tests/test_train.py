@@ -209,10 +209,11 @@ def test_resume_reproduces_the_uninterrupted_run(net, tmp_path):
         if done == 7:
             signal.raise_signal(signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when started as a background job
     with pytest.raises(TrainingInterrupted, match="--resume") as ei:
         train(tiny(net, run, **opts), on_step=interrupt)
     assert ei.value.iteration == 7 and ei.value.signum == signal.SIGINT
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
     train(tiny(net, run, resume="auto", **opts))
 
     # Stopped at -i 10 (a finished shorter run), then extended to 20.
