@@ -20,6 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import config
+from .config import CONTEXTS, TYPE_CONFIGS, ConfigError, str2bool
+
 __all__ = [
     "SUBCOMMANDS",
     "Subcommand",
@@ -52,209 +55,18 @@ def register_subcommand(name: str, add_arguments: Callable[[argparse.ArgumentPar
     SUBCOMMANDS[name] = Subcommand(add_arguments, run, help)
 
 
-# --------------------------------------------------------------------------- value parsers
-
-
-_TRUE = ("1", "true", "t", "yes", "y", "on")
-_FALSE = ("0", "false", "f", "no", "n", "off")
-
-
-def str2bool(text: str) -> bool:
-    """``true/false`` (also ``1/0``, ``yes/no``, ``on/off``; any case) -> bool.
-
-    The seed declared ``--ste-fine-grained`` with ``type=bool``, so ``False`` parsed as True;
-    this parses it as meant.
-
-        >>> str2bool("False"), str2bool("1")
-        (False, True)
-    """
-    t = str(text).strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-_POW = re.compile(r"^\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*\*\*\s*([-+]?[0-9.]+)\s*$")
-
-
-def _float(text: str) -> float:
-    """A float, or a power such as ``2**-4`` (how the seed writes ``--delta``'s default)."""
-    m = _POW.match(text)
-    try:
-        return float(m.group(1)) ** float(m.group(2)) if m else float(text)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.0625 or 2**-4, got "
-                                         f"{text!r}") from None
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated iterations such as 5000,6000,7000, got {text!r}"
-        ) from None
-
-
-def _model_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width=64), got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
-
-
 # --------------------------------------------------------------------------- train
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``fewbits train`` / ``classification.py``, in five groups."""
-    from .data import DATASETS
-    from .train import CONTEXTS, LR_SCHEDULES, OPTIMIZERS, TYPE_CONFIGS
-
-    s = p.add_argument_group("seed flags (as the seed's classification.py)")
-    s.add_argument("-c", "--context", choices=CONTEXTS, default="cpu",
-                   help="cpu, or cudnn/cuda for an NVIDIA GPU (default: cpu)")
-    s.add_argument("-d", "--device-id", type=int, default=0,
-                   help="GPU index (under torchrun each process uses LOCAL_RANK)")
-    s.add_argument("-t", "--type-config", choices=TYPE_CONFIGS, default="float",
-                   help="half = mixed precision: fp16 autocast + GradScaler on CUDA, bf16 "
-                   "autocast on the CPU (default: float)")
-    s.add_argument("-b", "--batch-size", type=int, default=64,
-                   help="images per process per step (default: 64)")
-    s.add_argument("-l", "--learning-rate", type=_float, default=1e-3,
-                   help="default: 1e-3")
-    s.add_argument("-i", "--max-iter", type=int, default=None,
-                   help="training iterations (default: 234375 = 300 CIFAR-10 epochs)")
-    s.add_argument("-v", "--val-interval", type=int, default=1000,
-                   help="validate when iteration %% v == 0, and at the end (default: 1000)")
-    s.add_argument("-w", "--weight-decay", type=_float, default=0.0, help="default: 0")
-    s.add_argument("-m", "--monitor-path", default="tmp.monitor",
-                   help="folder for the series files, config.json and training_curves.png "
-                   "(default: tmp.monitor)")
-    s.add_argument("-o", "--model-save-path", default=None,
-                   help="folder for checkpoint.pt, model_best.pt, model_final.pt (default: "
-                   "the monitor path)")
-    s.add_argument("-n", "--net", default="cifar10_resnet23_prediction",
-                   help="a registered network, see `fewbits list models` (default: "
-                   "cifar10_resnet23_prediction)")
-
-    q = p.add_argument_group("quantization")
-    q.add_argument("--bit-width", type=int, default=None,
-                   help="bits of fixed-point/pow2/INQ quantizers (default: the family's: 8, "
-                   "INQ 4)")
-    q.add_argument("--delta", type=_float, default=None,
-                   help="fixed-point step (default: 2**-4 as the seed; 2**-7 for the MNIST "
-                        "nets, whose wide layers would otherwise round to 0)")
-    q.add_argument("--upper-bound", type=int, default=1,
-                   help="pow2: largest level 2**upper_bound (default: 1)")
-    q.add_argument("--ql-min", type=int, default=0, help="min-max: lowest level (default: 0)")
-    q.add_argument("--ql-max", type=int, default=255,
-                   help="min-max: highest level (default: 255)")
-    q.add_argument("--p-min-max", action="store_true",
-                   help="min-max weights: ranges from each batch instead of learnt")
-    q.add_argument("--a-min-max", action="store_true",
-                   help="min-max activations: ranges from each batch instead of learnt")
-    q.add_argument("--a-ema", action="store_true",
-                   help="with --a-min-max: exponential moving average of the batch ranges")
-    q.add_argument("--ste-fine-grained", type=str2bool, nargs="?", const=True, default=True,
-                   metavar="{true,false}",
-                   help="straight-through gradient only inside the quantizer's range "
-                   "(default: true)")
-    q.add_argument("--inq-iterations", type=_int_list, default=(5000, 6000, 7000, 8000, 9000),
-                   metavar="I1,I2,...",
-                   help="INQ: iterations at which more weights are fixed (default: "
-                   "5000,6000,7000,8000,9000)")
-    q.add_argument("--inq-selection", choices=("largest_abs", "random"), default="largest_abs",
-                   help="INQ: which weights are fixed first (default: largest_abs)")
-    q.add_argument("--clip-weights", action="store_true",
-                   help="binary connect/net: clip latent weights to [-1, 1] after each step")
-    q.add_argument("--model-arg", type=_model_arg, action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="extra model option, e.g. width=64 for the MNIST nets (repeatable)")
-
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                   help="default: cifar10 (downloaded to --data-dir when missing)")
-    d.add_argument("--data-dir", default=None,
-                   help="where the dataset lives (default: $FEWBITS_DATA or "
-                   "~/.cache/fewbits/data); imagefolder: a folder or .tar.gz with "
-                   "train/<class>/*.jpg and test/<class>/*.jpg")
-    d.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download; fail with where to put the files instead")
-    d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random rotation (+-0.25 rad) and flip (default: on for cifar10 and "
-                   "imagefolder, off otherwise)")
-    d.add_argument("--synthetic-size", type=int, default=1000,
-                   help="synthetic dataset: training images (test: a fifth) (default: 1000)")
-    d.add_argument("--workers", type=int, default=None,
-                   help="processes decoding image folders (default: the data package's)")
-    d.add_argument("--val-batch-size", type=int, default=None,
-                   help="validation batch (default: max(batch size, 256))")
-
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=float, default=None,
-                   help="train this many epochs instead of -i iterations")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                   help="default: adam (the seed's)")
-    o.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (default: 0.9)")
-    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="default: constant (the seed's); cosine decays to 0 at the last "
-                   "iteration")
-    o.add_argument("--accum-steps", type=int, default=1,
-                   help="micro-batches of -b images accumulated per optimizer step "
-                   "(default: 1)")
-    o.add_argument("--seed", type=int, default=0,
-                   help="seed of weights, batch order and augmentation (default: 0)")
-
-    r = p.add_argument_group("run control")
-    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from MODEL_SAVE_PATH/checkpoint.pt, or from PATH (a "
-                   "checkpoint or run folder)")
-    r.add_argument("--checkpoint-interval", type=int, default=None,
-                   help="iterations between checkpoints (default: the validation interval)")
-    r.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="log lines instead of a progress bar")
-    r.add_argument("--no-first-validation", dest="validate_first", action="store_false",
-                   help="skip the validation at iteration 0 (the seed does it; it costs a "
-                        "full test-set pass)")
-    r.add_argument("--no-plot", dest="plot", action="store_false",
-                   help="do not draw training_curves.png")
-    r.add_argument("--channels-last", action="store_true", help="channels-last layout (GPU)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    """The flags of ``fewbits train`` / ``classification.py``: one per field of
+    :class:`fewbits.config.TrainConfig`, in its help group."""
+    config.add_arguments(p)
 
 
-def config_from_args(ns: argparse.Namespace):
-    """The :class:`fewbits.train.TrainConfig` of parsed ``train`` arguments."""
-    from .train import ConfigError, TrainConfig
-
-    if ns.max_iter is not None and ns.epochs is not None:
-        raise ConfigError("give either -i/--max-iter or --epochs, not both")
-    return TrainConfig(
-        context=ns.context, device_id=ns.device_id, type_config=ns.type_config,
-        batch_size=ns.batch_size, learning_rate=ns.learning_rate,
-        max_iter=ns.max_iter if ns.max_iter is not None else 234375,
-        val_interval=ns.val_interval, weight_decay=ns.weight_decay,
-        monitor_path=ns.monitor_path, model_save_path=ns.model_save_path, net=ns.net,
-        bit_width=ns.bit_width, delta=ns.delta, upper_bound=ns.upper_bound, ql_min=ns.ql_min,
-        ql_max=ns.ql_max, p_min_max=ns.p_min_max, a_min_max=ns.a_min_max, a_ema=ns.a_ema,
-        ste_fine_grained=ns.ste_fine_grained, inq_iterations=ns.inq_iterations,
-        inq_selection=ns.inq_selection, clip_weights=ns.clip_weights,
-        model_args=dict(ns.model_arg),
-        dataset=ns.dataset, data_dir=ns.data_dir, download=ns.download, augment=ns.augment,
-        synthetic_size=ns.synthetic_size, workers=ns.workers, val_batch_size=ns.val_batch_size,
-        epochs=ns.epochs, optimizer=ns.optimizer, momentum=ns.momentum,
-        lr_schedule=ns.lr_schedule, accum_steps=ns.accum_steps, seed=ns.seed,
-        resume=ns.resume, checkpoint_interval=ns.checkpoint_interval, progress=ns.progress,
-        plot=ns.plot, validate_first=ns.validate_first, channels_last=ns.channels_last,
-        compile=ns.compile, threads=ns.threads,
-    )
+def config_from_args(ns: argparse.Namespace) -> config.TrainConfig:
+    """The :class:`fewbits.config.TrainConfig` of parsed ``train`` arguments."""
+    return config.from_namespace(ns)
 
 
 def _run_train(ns: argparse.Namespace) -> int:
@@ -269,7 +81,6 @@ def _run_train(ns: argparse.Namespace) -> int:
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
-    from .train import CONTEXTS, TYPE_CONFIGS
 
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
                    help="a run folder (model_best.pt, else model_final.pt, else checkpoint.pt) "
@@ -445,7 +256,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data import ChecksumError, CorruptDataError, DatasetNotFoundError
     from .export import FormatError
-    from .train import ConfigError
 
     return (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDataError, ChecksumError,
             FormatError)
@@ -457,7 +267,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     Bad options and unusable data/checkpoints print ``prog: error: ...`` and return 2 (options)
     or 1; an interrupted training run returns ``128 + signal`` after saving its checkpoint.
     """
-    from .train import ConfigError, TrainingInterrupted
+    from .train import TrainingInterrupted
 
     args = list(sys.argv[1:] if argv is None else argv)
     # Another prog (classification.py) is `train` under another name: usage lines say so.

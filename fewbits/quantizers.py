@@ -29,6 +29,8 @@ from . import functional as qf
 
 __all__ = [
     "INQ",
+    "INQ_ITERATIONS",
+    "INQ_SELECTIONS",
     "BinaryConnect",
     "BinarySigmoid",
     "BinaryTanh",
@@ -328,7 +330,9 @@ class Pow2(Quantizer):
         return mag.reshape(codes.shape)
 
 
-_INQ_SELECTIONS = ("largest_abs", "random")
+#: The seed's INQ schedule: the iterations at which more weights are fixed.
+INQ_ITERATIONS = (5000, 6000, 7000, 8000, 9000)
+INQ_SELECTIONS = ("largest_abs", "random")
 
 
 @register_quantizer("inq")
@@ -351,8 +355,8 @@ class INQ(Quantizer):
 
     weight_only = True
 
-    def __init__(self, num_bits: int = 4, inq_iterations: Sequence[int] = (5000, 6000, 7000,
-                 8000, 9000), selection: str = "largest_abs", seed: int = 0) -> None:
+    def __init__(self, num_bits: int = 4, inq_iterations: Sequence[int] = INQ_ITERATIONS,
+                 selection: str = "largest_abs", seed: int = 0) -> None:
         super().__init__()
         qf._bits("INQ", "num_bits", num_bits, low=2)
         its = [int(i) for i in inq_iterations]
@@ -361,8 +365,8 @@ class INQ(Quantizer):
                 f"INQ: inq_iterations must be a non-empty, strictly increasing list of "
                 f"iterations >= 0, got {list(inq_iterations)!r}"
             )
-        if selection not in _INQ_SELECTIONS:
-            raise ValueError(f"INQ: unknown selection {selection!r}; known: {_INQ_SELECTIONS}")
+        if selection not in INQ_SELECTIONS:
+            raise ValueError(f"INQ: unknown selection {selection!r}; known: {INQ_SELECTIONS}")
         self.num_bits, self.bits = int(num_bits), int(num_bits)
         self.inq_iterations, self.selection, self.seed = tuple(its), selection, int(seed)
         self.counter = 0

@@ -35,8 +35,17 @@ from torch import Tensor, nn
 from . import __version__
 from . import checkpoint as ckpt
 from . import distributed as fdist
+from .config import (
+    CONTEXTS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    QUANT_KEYS,
+    RESUME_KEYS,
+    ConfigError,
+    TrainConfig,
+)
 from .layers import apply_weight_constraints
-from .models import QuantConfig, create_model, is_model
+from .models import create_model, is_model
 from .monitor import Monitor, Progress, write_json
 
 __all__ = [
@@ -59,23 +68,9 @@ __all__ = [
     "train",
 ]
 
-CONTEXTS = ("cpu", "cudnn", "cuda")
-TYPE_CONFIGS = ("float", "half")
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
-AUGMENTED_DATASETS = ("cifar10", "imagefolder")
-#: Quantization options that models take (``fewbits.models.QuantConfig`` fields).
-QUANT_KEYS = tuple(f.name for f in fields(QuantConfig))
 #: Input image shape ``(C, H, W)`` of the registered net families, by name prefix. Channels
 #: adapt to the dataset (``in_channels``); height and width must match.
 _NET_SHAPES = {"cifar10_": (3, 32, 32), "mnist_": (1, 28, 28)}
-#: Options that must be equal for ``--resume``: they change the batches or the optimizer state.
-_RESUME_KEYS = ("net", "dataset", "batch_size", "accum_steps", "seed", "optimizer",
-                "type_config", "augment", "synthetic_size")
-
-
-class ConfigError(ValueError):
-    """Invalid or inconsistent training options; the message names the option and the fix."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -96,135 +91,6 @@ class TrainingInterrupted(RuntimeError):
             f"{checkpoint}. Resume with the same command plus `--resume` (or "
             f"`--resume {checkpoint}`)."
         )
-
-
-@dataclass
-class TrainConfig:
-    """Every training option; the CLI flags map 1:1 onto these fields.
-
-    Seed flags: ``context`` (cpu | cudnn | cuda), ``device_id``, ``type_config`` (float | half:
-    mixed precision), ``batch_size`` (per process), ``learning_rate``, ``max_iter``,
-    ``val_interval``, ``weight_decay``, ``monitor_path``, ``model_save_path`` (default: the
-    monitor path), ``net`` and the quantization options of :class:`fewbits.models.QuantConfig`.
-    ``model_args`` are extra model keyword arguments (e.g. ``{"width": 64}``).
-
-    Beyond the seed: ``dataset``/``data_dir``/``download``, ``augment`` (None: on for cifar10
-    and imagefolder only), ``synthetic_size`` (train images of the synthetic dataset; test gets
-    a fifth), ``epochs`` (sets ``max_iter``), ``optimizer``/``momentum``, ``lr_schedule``,
-    ``accum_steps`` (gradient accumulation), ``seed``, ``channels_last``, ``compile``,
-    ``resume`` (a checkpoint path, a run folder, or ``"auto"`` = the model save path),
-    ``checkpoint_interval`` (default: ``val_interval``), ``progress``, ``plot``, ``threads``,
-    ``workers``, ``val_batch_size``.
-    """
-
-    # the seed's flags
-    context: str = "cpu"
-    device_id: int = 0
-    type_config: str = "float"
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    max_iter: int = 234375
-    val_interval: int = 1000
-    weight_decay: float = 0.0
-    monitor_path: str = "tmp.monitor"
-    model_save_path: str | None = None
-    net: str = "cifar10_resnet23_prediction"
-    # quantization (fewbits.models.QuantConfig)
-    bit_width: int | None = None
-    delta: float | None = None  # None: the net's default (2**-4; MNIST nets 2**-7)
-    upper_bound: int = 1
-    ql_min: int = 0
-    ql_max: int = 255
-    p_min_max: bool = False
-    a_min_max: bool = False
-    a_ema: bool = False
-    ste_fine_grained: bool = True
-    inq_iterations: tuple[int, ...] = (5000, 6000, 7000, 8000, 9000)
-    inq_selection: str = "largest_abs"
-    clip_weights: bool = False
-    model_args: dict[str, Any] = field(default_factory=dict)
-    # data
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    download: bool = True
-    augment: bool | None = None
-    synthetic_size: int = 1000
-    workers: int | None = None
-    val_batch_size: int | None = None
-    # optimisation
-    epochs: float | None = None
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    lr_schedule: str = "constant"
-    accum_steps: int = 1
-    seed: int = 0
-    # run control
-    channels_last: bool = False
-    compile: bool = False
-    resume: str | None = None
-    checkpoint_interval: int | None = None
-    progress: bool = True
-    plot: bool = True
-    validate_first: bool = True
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        self.inq_iterations = tuple(int(i) for i in self.inq_iterations)
-        self.model_args = dict(self.model_args)
-        _choice("context", self.context, CONTEXTS, "-c/--context")
-        _choice("type_config", self.type_config, TYPE_CONFIGS, "-t/--type-config")
-        _choice("optimizer", self.optimizer, OPTIMIZERS, "--optimizer")
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
-        for name, flag, low in (("batch_size", "-b/--batch-size", 1),
-                                ("max_iter", "-i/--max-iter", 1),
-                                ("val_interval", "-v/--val-interval", 1),
-                                ("accum_steps", "--accum-steps", 1),
-                                ("synthetic_size", "--synthetic-size", 2),
-                                ("device_id", "-d/--device-id", 0)):
-            _at_least(name, getattr(self, name), low, flag)
-        for name, flag in (("checkpoint_interval", "--checkpoint-interval"),
-                           ("val_batch_size", "--val-batch-size"),
-                           ("threads", "--threads"), ("workers", "--workers")):
-            if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1, flag)
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"-l/--learning-rate must be > 0, got {self.learning_rate}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"-w/--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"--epochs must be > 0, got {self.epochs}")
-        try:
-            QuantConfig(**{k: getattr(self, k) for k in QUANT_KEYS
-                           if getattr(self, k) is not None})
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"invalid quantization options: {e}") from e
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field (tuples as lists)."""
-        d = asdict(self)
-        d["inq_iterations"] = list(self.inq_iterations)
-        return d
-
-    @property
-    def save_path(self) -> Path:
-        """Where checkpoints and model files go (``model_save_path`` or ``monitor_path``)."""
-        return Path(self.model_save_path or self.monitor_path)
-
-    @property
-    def uses_augment(self) -> bool:
-        return self.augment if self.augment is not None else self.dataset in AUGMENTED_DATASETS
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...], flag: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def _at_least(name: str, value: Any, low: int, flag: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -268,7 +134,8 @@ def resolve_device(context: str, device_id: int = 0,
                    info: fdist.DistInfo | None = None) -> torch.device:
     """``cpu`` -> the CPU; ``cudnn``/``cuda`` -> GPU ``device_id`` (``LOCAL_RANK`` under
     torchrun). Raises :class:`ConfigError` when CUDA is not available."""
-    _choice("context", context, CONTEXTS, "-c/--context")
+    if context not in CONTEXTS:
+        raise ConfigError(f"-c/--context: {context!r} is not one of {', '.join(CONTEXTS)}")
     if context == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -627,7 +494,7 @@ class _Run:
         state = ckpt.load_checkpoint(path, "cpu")
         saved = state["config"]
         problems = [f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(cfg, k)!r}"
-                    for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+                    for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if state.get("world_size", 1) != info.world_size:
             problems.append(f"processes: checkpoint {state.get('world_size')}, this run "
                             f"{info.world_size}")

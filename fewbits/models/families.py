@@ -8,55 +8,12 @@ follow each convolution (the seed's placement, ``QUANTIZERS.md`` "The networks")
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from ..config import QuantConfig
+
 __all__ = ["FAMILIES", "Family", "QuantConfig", "Recipe", "family"]
-
-
-@dataclass
-class QuantConfig:
-    """Quantization options shared by all families (the seed's flags, and a few beyond).
-
-    ``bit_width=None`` means the family default: 8 (fixed point, pow2), 4 (INQ).
-    """
-
-    bit_width: int | None = None
-    delta: float = 2**-4
-    upper_bound: int = 1
-    ql_min: int = 0
-    ql_max: int = 255
-    p_min_max: bool = False
-    a_min_max: bool = False
-    a_ema: bool = False
-    ste_fine_grained: bool = True
-    inq_iterations: tuple[int, ...] = (5000, 6000, 7000, 8000, 9000)
-    inq_selection: str = "largest_abs"
-    clip_weights: bool = False
-
-    def __post_init__(self) -> None:
-        self.inq_iterations = tuple(int(i) for i in self.inq_iterations)
-        if self.bit_width is not None and not 1 <= int(self.bit_width) <= 32:
-            raise ValueError(f"bit_width must be in [1, 32], got {self.bit_width}")
-        if not self.delta > 0:
-            raise ValueError(f"delta must be > 0, got {self.delta}")
-        if not self.ql_min < self.ql_max:
-            raise ValueError(f"need ql_min < ql_max, got {self.ql_min} >= {self.ql_max}")
-        if self.a_ema and not self.a_min_max:
-            raise ValueError("a_ema needs a_min_max (EMA of per-batch ranges), as the seed")
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown model options {unknown}; known: {sorted(known)}")
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["inq_iterations"] = list(self.inq_iterations)
-        return d
 
 
 @dataclass(frozen=True)
