@@ -18,36 +18,14 @@ from fewbits.export.commands import (
     run_export,
     run_info,
 )
-from fewbits.models import create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads wait on each other at every op on the shared, loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _trained(name, **kw):
-    torch.manual_seed(0)
-    m = create_model(name, **kw)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    x = torch.rand(16, 1, 28, 28)
-    y = torch.arange(16) % 10
-    m.train()
-    for _ in range(2):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    return m.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def run_dir(tmp_path):
+def run_dir(tmp_path, trained):
     """A run folder holding a trained model file, as training writes it."""
-    model = _trained("mnist_fp_net_lenet", width=16)
+    model = trained("mnist_fp_net_lenet", width=16)
     run = tmp_path / "run"
     run.mkdir()
     save_file(run / "model_final.pt", model_file_payload(model))
@@ -121,8 +99,8 @@ def test_info_refuses_damaged_and_missing_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fam", ["fp_net", "min_max", "binary_connect"])
-def test_evaluate_packed_reproduces_the_model(fam, tmp_path):
-    model = _trained(f"mnist_{fam}_lenet", width=16)
+def test_evaluate_packed_reproduces_the_model(fam, tmp_path, trained):
+    model = trained(f"mnist_{fam}_lenet", width=16)
     export_packed(model, tmp_path / "m.fewbits")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8, generator=g)

@@ -15,26 +15,9 @@ FAMILY_BITS = {"binary_connect": 1, "binary_net": 1, "binary_weight": 1, "fp_con
                "fp_net": 8, "pow2_connect": 8, "pow2_net": 8, "inq": 4, "min_max": 8}
 
 
-def _trained(name, **kw):
-    """A model whose state moved away from its initial values (ranges, INQ, BN stats)."""
-    torch.manual_seed(0)
-    if "inq" in name:
-        kw.setdefault("inq_iterations", [0, 1])
-    m = create_model(name, **kw)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    x = torch.rand(8, 1, 28, 28)
-    y = torch.arange(8) % 10
-    m.train()
-    for _ in range(3):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    return m.eval()
-
-
 @pytest.mark.parametrize("fam", list(FAMILIES))
-def test_every_family_round_trips_to_identical_logits(fam, tmp_path):
-    m = _trained(f"mnist_{fam}_lenet", width=32)
+def test_every_family_round_trips_to_identical_logits(fam, tmp_path, trained):
+    m = trained(f"mnist_{fam}_lenet", batch=8, steps=3, width=32)
     report = export_packed(m, tmp_path / "m.fewbits")
     back = load_packed(tmp_path / "m.fewbits")
     x = torch.rand(16, 1, 28, 28)
@@ -67,8 +50,8 @@ def test_binary_resnet_weights_take_one_bit(tmp_path):
     assert r.ratio > 10
 
 
-def test_entropy_coding_goes_below_the_fixed_width(tmp_path):
-    m = _trained("mnist_fp_connect_lenet", width=32)
+def test_entropy_coding_goes_below_the_fixed_width(tmp_path, trained):
+    m = trained("mnist_fp_connect_lenet", batch=8, steps=3, width=32)
     fixed = export_packed(m, tmp_path / "a.fewbits")
     huff = export_packed(m, tmp_path / "b.fewbits", entropy=True)
     assert huff.bits_per_weight < fixed.bits_per_weight == 8.0
@@ -76,8 +59,8 @@ def test_entropy_coding_goes_below_the_fixed_width(tmp_path):
     assert torch.equal(load_packed(tmp_path / "b.fewbits")(x), m(x))
 
 
-def test_float16_batch_norm_is_smaller_and_keeps_predictions(tmp_path):
-    m = _trained("mnist_binary_weight_lenet", width=32)
+def test_float16_batch_norm_is_smaller_and_keeps_predictions(tmp_path, trained):
+    m = trained("mnist_binary_weight_lenet", batch=8, steps=3, width=32)
     a = export_packed(m, tmp_path / "a.fewbits")
     b = export_packed(m, tmp_path / "b.fewbits", bn="float16")
     assert b.file_bytes < a.file_bytes

@@ -27,33 +27,8 @@ from fewbits.layers import QuantAct
 from fewbits.models import FAMILIES, create_model
 from fewbits.quantizers import FixedPoint, MinMax, Pow2
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max"}  # activations quantized
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On the shared 2-core machine, two intra-op threads wait on each other at every op when
-    # another process holds a core (25x slower); restore the setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _trained(name, shape=(1, 28, 28), **kw):
-    torch.manual_seed(0)
-    if "inq" in name:
-        kw.setdefault("inq_iterations", [0, 1])
-    m = create_model(name, **kw)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    x = torch.rand(16, *shape)
-    y = torch.arange(16) % 10
-    m.train()
-    for _ in range(2):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    return m.eval()
 
 
 def _check(result, fam):
@@ -66,8 +41,8 @@ def _check(result, fam):
 
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
-def test_every_family_runs_in_onnx_runtime_like_pytorch(fam, tmp_path):
-    m = _trained(f"mnist_{fam}_lenet", width=32)
+def test_every_family_runs_in_onnx_runtime_like_pytorch(fam, tmp_path, trained):
+    m = trained(f"mnist_{fam}_lenet", width=32)
     report = export_onnx(m, tmp_path / "m.onnx")
     assert report.file_bytes == (tmp_path / "m.onnx").stat().st_size
     x = torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -109,8 +84,8 @@ def test_resnet23_with_residual_sums_exports(fam):
     assert report.nodes["Add"] == 7  # one residual sum per unit
 
 
-def test_packed_file_and_model_give_the_same_graph_numbers(tmp_path):
-    m = _trained("mnist_min_max_lenet", width=32)
+def test_packed_file_and_model_give_the_same_graph_numbers(tmp_path, trained):
+    m = trained("mnist_min_max_lenet", width=32)
     export_packed(m, tmp_path / "m.fewbits")
     a = export_onnx(m, tmp_path / "a.onnx")
     b = export_onnx(tmp_path / "m.fewbits", tmp_path / "b.onnx")

@@ -24,16 +24,8 @@ from fewbits.layers import QuantAct, QuantConv2d
 from fewbits.models import create_model
 from fewbits.quantizers import BinaryTanh, FixedPoint, MinMax
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["torch"] + (["c"] if shutil.which("cc") or shutil.which("gcc") else [])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads wait on each other at every op on the shared, loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pm1(*shape, seed=0):
@@ -73,29 +65,15 @@ def test_xnor_rejects_non_binary_weights():
         xnor_conv2d(_pm1(1, 2, 3, 3), torch.full((1, 2, 1, 1), 0.5))
 
 
-def _trained(name, shape=(1, 28, 28), **kw):
-    torch.manual_seed(0)
-    m = create_model(name, **kw)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    x = torch.rand(16, *shape)
-    y = torch.arange(16) % 10
-    m.train()
-    for _ in range(2):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    return m.eval()
-
-
 @pytest.mark.parametrize("name,kind", [
     ("mnist_fp_net_lenet", "int8"),
     ("mnist_fp_net_mlp", "int8"),
     ("mnist_binary_net_lenet", "xnor"),
 ])
-def test_exact_families_compile_to_identical_logits(name, kind, tmp_path):
+def test_exact_families_compile_to_identical_logits(name, kind, tmp_path, trained):
     # fixed point with delta = 2^-k and +-1 values: the float network's convs are exact sums
     # too, so the integer path must agree bit for bit
-    m = _trained(name, width=32)
+    m = trained(name, width=32)
     export_packed(m, tmp_path / "m.fewbits")
     fast = compile_for_cpu(tmp_path / "m.fewbits")
     assert fast.kind == kind
@@ -117,8 +95,8 @@ def test_binary_net_resnet23_compiles_to_identical_logits():
         assert torch.equal(fast(x), m(x))
 
 
-def test_min_max_int8_agrees_to_float_rounding(tmp_path):
-    m = _trained("mnist_min_max_lenet", width=32)
+def test_min_max_int8_agrees_to_float_rounding(tmp_path, trained):
+    m = trained("mnist_min_max_lenet", width=32)
     fast = compile_for_cpu(m)
     assert fast.kind == "int8"
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(4))
@@ -129,8 +107,8 @@ def test_min_max_int8_agrees_to_float_rounding(tmp_path):
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_weight_only_family_has_no_integer_path(tmp_path):
-    m = _trained("mnist_fp_connect_lenet", width=16)
+def test_weight_only_family_has_no_integer_path(tmp_path, trained):
+    m = trained("mnist_fp_connect_lenet", width=16)
     fast = compile_for_cpu(m)
     assert fast.kind is None and set(fast.plan.values()) == {"float"}
     x = torch.rand(8, 1, 28, 28)
