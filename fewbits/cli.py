@@ -22,6 +22,7 @@ from typing import Any
 
 from . import config
 from .config import CONTEXTS, TYPE_CONFIGS, ConfigError, str2bool
+from .data import DATASETS
 
 __all__ = [
     "SUBCOMMANDS",
@@ -80,8 +81,6 @@ def _run_train(ns: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
-
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
                    help="a run folder (model_best.pt, else model_final.pt, else checkpoint.pt) "
                    "or a checkpoint / model file")
@@ -137,13 +136,6 @@ def _run_eval(ns: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- list
 
-_DATASET_HELP = {
-    "cifar10": "CIFAR-10, 3x32x32, 10 classes (python tarball; downloaded when missing)",
-    "mnist": "MNIST, 1x28x28, 10 classes (IDX files; downloaded when missing)",
-    "imagefolder": "train|test/<class>/*.jpg folder or .tar.gz (--data-dir)",
-    "digits": "scikit-learn's 8x8 digits resized to 1x28x28, bundled (no download)",
-    "synthetic": "generated, learnable, sized for the net (tests, smoke runs)",
-}
 _NAME = re.compile(r"^(cifar10|mnist)_(?:(.+)_)?(resnet23_prediction|lenet|mlp)$")
 
 
@@ -181,11 +173,9 @@ def _run_list(ns: argparse.Namespace) -> int:
         for name, fam, wb, ab in rows:
             print(f"  {name:<{w}}  {fam:<15} {wb:>6} {ab:>6}")
     if ns.what in ("all", "datasets"):
-        from .data import DATASETS
-
         print("datasets:")
         for name in DATASETS:
-            print(f"  {name:<12} {_DATASET_HELP.get(name, '')}")
+            print(f"  {name:<12} {DATASETS[name].help}")
     if ns.what in ("all", "quantizers"):
         print("quantizers:")
         for name in list_quantizers():

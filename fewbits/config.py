@@ -31,7 +31,6 @@ from .data import DATASETS
 from .quantizers import INQ_ITERATIONS, INQ_SELECTIONS
 
 __all__ = [
-    "AUGMENTED_DATASETS",
     "CONTEXTS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
@@ -52,8 +51,6 @@ CONTEXTS = ("cpu", "cudnn", "cuda")
 TYPE_CONFIGS = ("float", "half")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-#: Datasets augmented (rotation and flip) unless ``--no-augment``.
-AUGMENTED_DATASETS = ("cifar10", "imagefolder")
 #: The seed's ``-i`` default: 300 CIFAR-10 epochs of 64 images (50000 / 64 * 300).
 SEED_MAX_ITER = 234375
 #: The seed's fixed-point step ``--delta`` (the MNIST nets default to 2**-7, see models.nets).
@@ -296,7 +293,8 @@ class _DataOptions:
     download: bool = option(True, "--no-download", kind="false",
                             help="never download; fail with where to put the files instead")
     augment: bool | None = option(None, "--augment", kind="bool", same_on_resume=True,
-                                  default_text="on for " + " and ".join(AUGMENTED_DATASETS)
+                                  default_text="on for " + " and ".join(
+                                      n for n, d in DATASETS.items() if d.augment)
                                   + ", off otherwise",
                                   help="random rotation (+-0.25 rad) and flip")
     synthetic_size: int = option(1000, "--synthetic-size", low=2, same_on_resume=True,
@@ -413,7 +411,11 @@ class TrainConfig(_RunOptions, _OptimOptions, _DataOptions, _ModelOptions, _Quan
 
     @property
     def uses_augment(self) -> bool:
-        return self.augment if self.augment is not None else self.dataset in AUGMENTED_DATASETS
+        """``augment``, or (when ``None``) whether the registry marks the dataset augmented."""
+        if self.augment is not None:
+            return self.augment
+        spec = DATASETS.get(self.dataset)
+        return spec is not None and spec.augment
 
 
 #: Options that must be equal for ``--resume``: they change the batches or the optimizer state.
@@ -422,7 +424,7 @@ RESUME_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata["same_on_r
 #: Help groups in the order ``--help`` shows them, each with the fields it declares.
 _GROUPS = (_SeedOptions, _QuantOptions, _ModelOptions, _DataOptions, _OptimOptions,
            _RunOptions)
-#: Choices known only to another package (the dataset registry) are filled in here.
+#: Choices read from a registry when the parser is built (a later registration shows).
 _LATE_CHOICES = {"dataset": DATASETS}
 
 

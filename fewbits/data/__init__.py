@@ -16,9 +16,11 @@ Example:
 """
 
 from .augment import augment, random_augment_params
-from .datasets import DATASETS, ArrayDataset, default_data_dir, load_dataset, synthetic_dataset
+from .base import ArrayDataset, default_data_dir
+from .datasets import synthetic_dataset
 from .errors import ChecksumError, CorruptDataError, DatasetNotFoundError
 from .loader import BatchIterator, eval_batches, to_float
+from .registry import DATASETS, DatasetSpec, load_dataset, register_dataset
 
 __all__ = [
     "DATASETS",
@@ -27,11 +29,13 @@ __all__ = [
     "ChecksumError",
     "CorruptDataError",
     "DatasetNotFoundError",
+    "DatasetSpec",
     "augment",
     "default_data_dir",
     "eval_batches",
     "load_dataset",
     "random_augment_params",
+    "register_dataset",
     "synthetic_dataset",
     "to_float",
 ]

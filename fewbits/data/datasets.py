@@ -19,6 +19,9 @@ Where the files live (``data_dir`` defaults to ``$FEWBITS_DATA`` or ``~/.cache/f
 Files found on disk are checked structurally (magic numbers, shapes, label ranges), not by MD5,
 so re-compressed copies of the same data are accepted; downloads are always MD5-checked.
 
+The registry (:mod:`fewbits.data.registry`) names these loaders for
+:func:`fewbits.data.load_dataset`.
+
 Example:
     >>> from fewbits.data import load_dataset
     >>> ds = load_dataset("digits", "test")
@@ -30,12 +33,10 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import tarfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +44,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base import SPLITS, ArrayDataset, check_split, default_data_dir
 from .download import download_first
 from .errors import CorruptDataError, DatasetNotFoundError
 
 __all__ = [
     "CIFAR10_MD5",
     "CIFAR10_URL",
-    "DATASETS",
     "MNIST_FILES",
     "MNIST_MIRRORS",
     "ArrayDataset",
     "default_data_dir",
-    "load_dataset",
+    "load_cifar10",
+    "load_mnist",
+    "load_sklearn_digits",
     "synthetic_dataset",
 ]
 
-DATASETS: tuple[str, ...] = ("cifar10", "mnist", "imagefolder", "digits", "synthetic")
-SPLITS = ("train", "test")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -88,124 +89,6 @@ MNIST_FILES = {
 
 _DIGITS_TEST = 300
 _DIGITS_SEED = 0
-
-
-@dataclass(frozen=True)
-class ArrayDataset:
-    """One whole split in memory.
-
-    Attributes:
-        images: ``uint8`` ``(N, C, H, W)``, CPU, contiguous.
-        labels: ``int64`` ``(N,)`` with values in ``[0, len(classes))``.
-        classes: class names; ``labels[i]`` indexes it.
-        name: dataset name (e.g. ``"cifar10"``), for logs and checks.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: tuple[str, ...]
-    name: str
-
-    def __post_init__(self) -> None:
-        x, y = self.images, self.labels
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
-            raise ValueError(
-                f"ArrayDataset {self.name!r}: images must be a uint8 (N, C, H, W) tensor, got "
-                f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}"
-            )
-        if x.device.type != "cpu" or not x.is_contiguous():
-            raise ValueError(
-                f"ArrayDataset {self.name!r}: images must be on the CPU and contiguous; "
-                "pass images.cpu().contiguous()"
-            )
-        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
-            raise ValueError(
-                f"ArrayDataset {self.name!r}: labels must be an int64 tensor of shape "
-                f"({x.shape[0]},), got {getattr(y, 'dtype', type(y).__name__)} of shape "
-                f"{tuple(getattr(y, 'shape', ()))}"
-            )
-        if y.device.type != "cpu" or not y.is_contiguous():
-            raise ValueError(f"ArrayDataset {self.name!r}: labels must be on the CPU, contiguous")
-        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
-            raise ValueError(
-                f"ArrayDataset {self.name!r}: labels must lie in [0, {len(self.classes)}), got "
-                f"[{int(y.min())}, {int(y.max())}]"
-            )
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __repr__(self) -> str:
-        return (
-            f"ArrayDataset(name={self.name!r}, images={tuple(self.images.shape)} uint8, "
-            f"classes={len(self.classes)})"
-        )
-
-
-def default_data_dir() -> Path:
-    """``$FEWBITS_DATA`` if set, else ``~/.cache/fewbits/data``."""
-    env = os.environ.get("FEWBITS_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fewbits" / "data"
-
-
-def load_dataset(
-    name: str,
-    split: str,
-    data_dir: str | os.PathLike | None = None,
-    download: bool = True,
-    **kw: Any,
-) -> ArrayDataset:
-    """Load one split (``"train"`` or ``"test"``) of a dataset named in :data:`DATASETS`.
-
-    ``data_dir`` defaults to :func:`default_data_dir` (``imagefolder`` needs it explicitly: the
-    folder or archive). ``download=False`` never touches the network: missing files raise
-    :class:`DatasetNotFoundError` naming where to put them. Extra keyword arguments:
-
-    - ``imagefolder``: ``cache_dir``, ``cache`` (bool), ``workers`` (see
-      :func:`fewbits.data.imagefolder.load_imagefolder`).
-    - ``synthetic``: ``n``, ``shape``, ``num_classes``, ``seed`` (see :func:`synthetic_dataset`).
-
-    Example:
-        >>> load_dataset("synthetic", "train", n=20, shape=(1, 8, 8), num_classes=2).images.shape
-        torch.Size([20, 1, 8, 8])
-    """
-    key = str(name).strip().lower()
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    allowed = {
-        "imagefolder": {"cache_dir", "cache", "workers"},
-        "synthetic": {"n", "shape", "num_classes", "seed"},
-    }.get(key, set())
-    extra = set(kw) - allowed
-    if extra:
-        raise TypeError(
-            f"load_dataset({key!r}) got unexpected keyword argument(s) {sorted(extra)}; "
-            f"accepted: {sorted(allowed) or 'none'}"
-        )
-    if key == "cifar10":
-        return _load_cifar10(split, _resolve_dir(data_dir), download)
-    if key == "mnist":
-        return _load_mnist(split, _resolve_dir(data_dir), download)
-    if key == "imagefolder":
-        if data_dir is None:
-            raise ValueError(
-                "imagefolder needs data_dir: a folder (or .tar.gz/.tgz/.tar archive) laid out as "
-                "train/<class>/*.jpg and test/<class>/*.jpg"
-            )
-        from .imagefolder import load_imagefolder
-
-        return load_imagefolder(data_dir, split, **kw)
-    if key == "digits":
-        return _load_digits(split)
-    n = kw.pop("n", 1000 if split == "train" else 200)
-    return synthetic_dataset(n, split=split, **kw)
-
-
-def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
-    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -289,7 +172,7 @@ def _cifar10_read(
     return out
 
 
-def _load_cifar10(split: str, data_dir: Path, download: bool) -> ArrayDataset:
+def load_cifar10(split: str, data_dir: Path, download: bool) -> ArrayDataset:
     src = _cifar10_find(data_dir)
     if src is None:
         where = (
@@ -381,7 +264,7 @@ def _mnist_find(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_mnist(split: str, data_dir: Path, download: bool) -> ArrayDataset:
+def load_mnist(split: str, data_dir: Path, download: bool) -> ArrayDataset:
     paths = []
     for stem, md5 in MNIST_FILES[split]:
         p = _mnist_find(data_dir, stem)
@@ -419,7 +302,7 @@ def _load_mnist(split: str, data_dir: Path, download: bool) -> ArrayDataset:
 # --------------------------------------------------------------------------- digits
 
 
-def _load_digits(split: str) -> ArrayDataset:
+def load_sklearn_digits(split: str) -> ArrayDataset:
     """scikit-learn's 1797 8x8 digits (0..16) -> 0..255, bilinear-resized to 1x28x28 uint8.
 
     Split: stratified, seeded (``random_state=0``), 300 test / 1497 train, indices kept in
@@ -478,8 +361,7 @@ def synthetic_dataset(
         raise ValueError(f"n must be >= 1, got {n}")
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split)
     n, num_classes, seed = int(n), int(num_classes), int(seed)
     c, h, w = shape
     g = torch.Generator().manual_seed(seed)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ._tar import iter_tar_files
-from .datasets import SPLITS, ArrayDataset, default_data_dir
+from .base import SPLITS, ArrayDataset, check_split, default_data_dir
 from .errors import CorruptDataError, DatasetNotFoundError
 
 __all__ = ["IMAGE_EXTENSIONS", "load_imagefolder"]
@@ -79,8 +79,7 @@ def load_imagefolder(
         cache: read/write the cache (``False``: always decode, write nothing).
         workers: decoding processes; default ``min(2, os.cpu_count())``; ``0``/``1`` = in-process.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split)
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .datasets import ArrayDataset
+from .base import ArrayDataset
 
 __all__ = ["BatchIterator", "eval_batches", "to_float"]
 
