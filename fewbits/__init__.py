@@ -10,10 +10,9 @@ Layers of the library, each small:
 """
 
 from . import functional, layers, models, quantizers
+from ._version import __version__
 from .layers import QuantAct, QuantConv2d, QuantLinear, apply_weight_constraints
 from .models import create_model, list_models, register_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "QuantAct",

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
@@ -174,8 +176,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 def model_file_payload(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """The dictionary of a model file: format tag, spec, state dict (CPU) and ``extra``."""
-    from . import __version__
-
     spec = getattr(model, "fewbits_spec", None)
     if spec is None:
         raise ValueError("the model has no fewbits_spec; build it with fewbits.create_model")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config
+from ._version import __version__
 from .config import CONTEXTS, TYPE_CONFIGS, ConfigError, str2bool
 from .data import DATASETS
 
@@ -228,8 +229,6 @@ def build_parser(prog: str = "fewbits",
                  sub_progs: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The parser with one sub-parser per entry of :data:`SUBCOMMANDS`; ``sub_progs`` renames a
     sub-command in its usage line (``classification.py`` for ``train``)."""
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog=prog, description="Train, evaluate and list low-bit neural networks.")
     parser.add_argument("--version", action="version", version=f"fewbits {__version__}")

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
 from . import checkpoint as ckpt
 from . import distributed as fdist
+from ._version import __version__
 from .config import (
     CONTEXTS,
     LR_SCHEDULES,

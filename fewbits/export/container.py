@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from .._version import __version__
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
 from .packing import MAX_BITS, pack_bits, unpack_bits
 
@@ -103,20 +104,6 @@ class FormatError(ValueError):
         super().__init__(f"{source}: {problem}" + (f"; {advice}" if advice else ""))
 
 
-def _fewbits_version() -> str:
-    try:
-        import fewbits
-
-        version = getattr(fewbits, "__version__", None)
-        if version:
-            return str(version)
-        from importlib.metadata import version as dist_version
-
-        return dist_version("fewbits")
-    except Exception:  # not installed / partial checkout: the field is informational only
-        return "unknown"
-
-
 def _json_bytes(obj: Any) -> bytes:
     try:
         text = json.dumps(
@@ -141,7 +128,7 @@ def _layout(
     if not isinstance(header, Mapping):
         raise ValueError(f"header must be a dict, got {type(header).__name__}")
     full = copy.deepcopy(dict(header))
-    full.setdefault("fewbits_version", _fewbits_version())
+    full.setdefault("fewbits_version", __version__)
     entries = full.get("tensors", [])
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
         raise ValueError('header["tensors"] must be a list of dicts, one per blob')
