@@ -1,7 +1,8 @@
 """Pure tensor formulas of the quantizers (no autograd, no validation).
 
-Every function here follows ``QUANTIZERS.md`` operation for operation in the input's dtype, so
-that float32 results match a NumPy float32 reference bit for bit. Two rules hold throughout:
+Every function here follows ``docs/QUANTIZERS.md`` operation for operation in the input's
+dtype, so that float32 results match a NumPy float32 reference bit for bit. Two rules hold
+throughout:
 
 * ``round_half_away`` is C's ``std::round`` (ties away from zero), never ``torch.round``.
 * ``log2`` is never evaluated in floating point. For ``|x| = m * 2**e`` with ``m`` in

@@ -1,7 +1,7 @@
 """Straight-through quantizer functions: the nine families' forward and backward.
 
 Each public function validates its arguments, refuses non-finite input, and calls a
-``torch.autograd.Function`` whose forward is the formula of ``QUANTIZERS.md`` (see
+``torch.autograd.Function`` whose forward is the formula of ``docs/QUANTIZERS.md`` (see
 :mod:`fewbits._math`) and whose backward is the straight-through estimator (STE) of the spec.
 Backward passes keep only a ``bool`` mask per element, never a float copy of the input.
 

@@ -1,4 +1,4 @@
-"""Independent NumPy float32 reference ("oracle") of the quantizer spec (spec/QUANTIZERS.md).
+"""Independent NumPy float32 reference ("oracle") of the quantizer contract (docs/QUANTIZERS.md).
 
 Written from the spec and the cross-module contract only (never from ``fewbits.functional``), so
 that ``tests/test_functional.py`` can hold the PyTorch implementation to it bit for bit.

@@ -1,9 +1,9 @@
 """Batched training augmentation: random rotation about the image centre, then horizontal flip.
 
-This is the seed example's augmentation (QUANTIZERS.md: rotation uniform in [-0.25, 0.25] rad,
-bilinear, edge replicate; random left-right flip), done for the whole batch at once on the
-batch's device with ``F.affine_grid`` + ``F.grid_sample`` (``bilinear``, ``padding_mode=
-'border'``, ``align_corners=False``).
+This is the seed example's augmentation (docs/QUANTIZERS.md, "Training data": rotation uniform
+in [-0.25, 0.25] rad, bilinear, edge replicate; random left-right flip), done for the whole
+batch at once on the batch's device with ``F.affine_grid`` + ``F.grid_sample`` (``bilinear``,
+``padding_mode='border'``, ``align_corners=False``).
 
 Direction: a positive angle turns the picture COUNTER-clockwise as displayed (row 0 at the top),
 so ``augment(x, +pi/2, no flip)`` equals ``torch.rot90(x, 1, dims=(-2, -1))`` on square images.

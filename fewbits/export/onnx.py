@@ -318,7 +318,7 @@ def _min_max_act(g: _Graph, x: str, q: MinMax, base: str) -> tuple[str, str]:
 
 
 def _pow2_act(g: _Graph, x: str, q: Pow2, base: str) -> tuple[str, str]:
-    """Exact power-of-two quantization (QUANTIZERS.md section 6) from ONNX operators.
+    """Exact power-of-two quantization (docs/QUANTIZERS.md, ``pow2``) from ONNX operators.
 
     ``p = 2^floor(log2 a)`` is looked up in a table of exact powers of two at the index
     ``floor(Log(a) / ln 2)``; the float ``Log`` may be one off next to a power of two, so ``p`` is

@@ -3,7 +3,7 @@ activations are quantized.
 
 A family turns a :class:`QuantConfig` (the seed's command-line options) into quantizer specs for
 weights, biases and activations, and names a :class:`Recipe`, the order of the operations that
-follow each convolution (the seed's placement, ``QUANTIZERS.md`` "The networks").
+follow each convolution (the seed's placement, ``docs/QUANTIZERS.md``, "The families").
 """
 
 from __future__ import annotations
