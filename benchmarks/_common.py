@@ -1,5 +1,5 @@
 """Shared helpers of the fewbits benchmarks: interleaved timing, peak memory, profiles, and the
-Brevitas twins of the seed ResNet-23.
+Brevitas twins of the seed ResNet-23 (fewbits' own network with Brevitas layers swapped in).
 
 Timing is *interleaved*: every round runs one training step of every candidate in turn (the
 start rotating from round to round), so that a burst of load from another process on a shared
@@ -30,17 +30,18 @@ import torch
 from torch import Tensor, nn
 
 # Run from a checkout without installing: `python benchmarks/<script>.py` finds fewbits.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 __all__ = [
     "BREVITAS_PAIRS",
     "CLOCKS",
     "FLOAT_NET",
-    "BrevitasResNet23",
+    "ROOT",
     "Step",
     "Timings",
+    "brevitas_twin",
     "environment",
     "interleave",
     "median",
@@ -369,55 +370,49 @@ def _brevitas_quants(kind: str) -> tuple[Any, Any, Any]:
     raise ValueError(f"unknown Brevitas configuration {kind!r}; known: {list(BREVITAS_PAIRS)}")
 
 
-class _BrevitasUnit(nn.Module):
-    def __init__(self, mk: Any, c: int, down: bool) -> None:
-        super().__init__()
-        self.b1 = nn.Sequential(mk.conv(c, c // 2, 1), *mk.post(c // 2))
-        self.b2 = nn.Sequential(mk.conv(c // 2, c // 2, 3), *mk.post(c // 2))
-        self.b3 = nn.Sequential(mk.conv(c // 2, c, 1), *mk.post(c, last=True))
-        self.act = nn.ReLU()
-        self.pool = nn.MaxPool2d(2, 2) if down else nn.Identity()
+def brevitas_twin(kind: str) -> nn.Module:
+    """The fewbits network that ``kind`` is paired with (:data:`BREVITAS_PAIRS`), built by
+    fewbits (``create_model``: the stage table ``RESNET23_UNITS`` and the family's recipe),
+    with every quantized layer swapped for its Brevitas counterpart and the weights copied:
+    ``QuantConv2d`` / ``QuantLinear`` -> ``brevitas.nn.QuantConv2d`` / ``QuantLinear`` with the
+    configuration's weight (and bias) quantizer, ``QuantAct`` -> ``brevitas.nn.QuantIdentity``.
+    So both sides of a comparison have one architecture, declared once."""
+    import brevitas.nn as bnn
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.act(self.b3(self.b2(self.b1(x))) + x))
+    from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
+    from fewbits.models import create_model
 
+    if kind not in BREVITAS_PAIRS:
+        raise ValueError(f"unknown Brevitas configuration {kind!r}; known: "
+                         f"{list(BREVITAS_PAIRS)}")
+    wq, aq, bq = _brevitas_quants(kind)
+    model = create_model(BREVITAS_PAIRS[kind][0])
 
-class _BrevitasMaker:
-    def __init__(self, kind: str) -> None:
-        import brevitas.nn as bnn
+    def twin(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, QuantAct):
+            if aq is None:
+                raise ValueError(f"{kind}: the fewbits net quantizes activations, the "
+                                 "Brevitas configuration has no activation quantizer")
+            return bnn.QuantIdentity(act_quant=aq, return_quant_tensor=False)
+        if isinstance(m, QuantConv2d):
+            t = bnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                                padding=m.padding, dilation=m.dilation, groups=m.groups,
+                                bias=m.bias is not None, weight_quant=wq)
+        elif isinstance(m, QuantLinear):
+            t = bnn.QuantLinear(m.in_features, m.out_features, bias=m.bias is not None,
+                                weight_quant=wq, bias_quant=bq if m.bias is not None else None)
+        else:
+            return None
+        with torch.no_grad():
+            t.weight.copy_(m.weight)
+            if m.bias is not None:
+                t.bias.copy_(m.bias)
+        return t
 
-        self.bnn = bnn
-        self.wq, self.aq, self.bq = _brevitas_quants(kind)
-
-    def conv(self, cin: int, cout: int, k: int) -> nn.Module:
-        return self.bnn.QuantConv2d(cin, cout, k, padding=k // 2, bias=False,
-                                    weight_quant=self.wq)
-
-    def post(self, c: int, last: bool = False) -> list[nn.Module]:
-        # fewbits' recipes: STANDARD (bn, relu | last: bn) and QUANT_NET (bn, q, relu | bn, q).
-        ops: list[nn.Module] = [nn.BatchNorm2d(c)]
-        if self.aq is not None:
-            ops.append(self.bnn.QuantIdentity(act_quant=self.aq, return_quant_tensor=False))
-        if not last:
-            ops.append(nn.ReLU())
-        return ops
-
-
-class BrevitasResNet23(nn.Module):
-    """The seed ResNet-23 (same shapes as ``cifar10_resnet23_prediction``) built from Brevitas
-    layers: quantized convs and affine, activations quantized where the fewbits family does."""
-
-    def __init__(self, kind: str, num_classes: int = 10) -> None:
-        super().__init__()
-        from fewbits.models import RESNET23_UNITS
-
-        mk = _BrevitasMaker(kind)
-        c0 = RESNET23_UNITS[0][0]
-        self.stem = nn.Sequential(mk.conv(3, c0, 3), *mk.post(c0))
-        self.units = nn.Sequential(*(_BrevitasUnit(mk, c, d) for c, d in RESNET23_UNITS))
-        self.fc = mk.bnn.QuantLinear(RESNET23_UNITS[-1][0], num_classes, bias=True,
-                                     weight_quant=mk.wq, bias_quant=mk.bq)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.units(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = twin(child)
+            if new is not None:
+                setattr(parent, name, new)
+    model.fewbits_spec = None  # no longer a fewbits model: export refuses it
+    return model

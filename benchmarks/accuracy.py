@@ -31,10 +31,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import _common as C  # the benchmarks' shared harness; puts this checkout on sys.path
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(C.ROOT)
 
 from fewbits.export import export_packed  # noqa: E402
 from fewbits.layers import quant_layers  # noqa: E402
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "section": a.section, "title": a.title or a.section, "kind":
         "mnist" if a.dataset in ("mnist", "digits") else "cifar10",
         "command": "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:]),
-        "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "machine": "{threads} CPU threads, torch {torch}".format(**C.environment()),
         "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
         "budget": f"Budget: {budget}; seeds {seeds}. INQ schedules are scaled to 50-90 % of "
                   "the budget (the seed's 5000-9000 would never start).",

@@ -118,7 +118,7 @@ def run(device: torch.device, nets: Sequence[str], batch: int, rounds: int, warm
             for kind, (ours, _) in C.BREVITAS_PAIRS.items():
                 if ours in nets:
                     bre[kind] = "brevitas:" + kind
-                    steps[bre[kind]] = C.Step.build(C.BrevitasResNet23(kind), batch, device)
+                    steps[bre[kind]] = C.Step.build(C.brevitas_twin(kind), batch, device)
         except ImportError as e:
             notes.append(f"Brevitas not installed ({e}); `pip install brevitas` to compare")
             bre = {}
@@ -207,7 +207,7 @@ def _profiles(device: torch.device, nets: Sequence[str], batch: int, top: int,
         with contextlib.suppress(ImportError), _quiet_brevitas():
             for kind in C.BREVITAS_PAIRS:
                 res["brevitas:" + kind] = C.profile_top(
-                    C.Step.build(C.BrevitasResNet23(kind), batch, device), top=top,
+                    C.Step.build(C.brevitas_twin(kind), batch, device), top=top,
                     device=device)
     return res
 

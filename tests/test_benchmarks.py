@@ -62,13 +62,27 @@ def test_train_step_rejects_unknown_nets(threads):
 def test_brevitas_twin_has_the_same_shape():
     if not HAVE_BREVITAS:
         pytest.skip("brevitas is a benchmark extra (pip install brevitas)")
+    import brevitas.nn as bnn
+
+    from fewbits.layers import QuantAct, quant_layers
     from fewbits.models import create_model
 
-    ours = sum(p.numel() for p in create_model("cifar10_binary_connect_resnet23_prediction")
-               .parameters())
-    twin = C.BrevitasResNet23("binary_connect")
-    assert sum(p.numel() for p in twin.parameters()) == ours
+    torch.manual_seed(0)
+    ours = create_model("cifar10_binary_connect_resnet23_prediction")
+    torch.manual_seed(0)
+    twin = C.brevitas_twin("binary_connect")
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert twin.units[1].conv1.weight.equal(ours.units[1].conv1.weight)  # weights copied
     assert twin(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # activations are quantized exactly where the fewbits family quantizes them
+    fp = create_model("cifar10_fp_net_resnet23_prediction")
+    twin = C.brevitas_twin("fixed_point_const")
+    n_act = sum(isinstance(m, QuantAct) for m in fp.modules())
+    assert n_act == sum(isinstance(m, bnn.QuantIdentity) for m in twin.modules()) > 0
+    assert not list(quant_layers(twin)) and not any(isinstance(m, QuantAct)
+                                                   for m in twin.modules())
+    with pytest.raises(ValueError, match="known: .*binary_weight"):
+        C.brevitas_twin("ternary")
 
 
 def test_ratios_use_the_adjacent_reference():
