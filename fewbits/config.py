@@ -257,6 +257,12 @@ class _QuantOptions:
                                 help="binary connect/net: clip latent weights to [-1, 1] "
                                 "after each step")
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field (tuples as lists)."""
+        d = asdict(self)
+        d["inq_iterations"] = list(self.inq_iterations)
+        return d
+
     def _check_quant(self) -> None:
         self.inq_iterations = tuple(int(i) for i in self.inq_iterations)
         _check_fields(self)
@@ -372,11 +378,6 @@ class QuantConfig(_QuantOptions):
             raise TypeError(f"unknown model options {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["inq_iterations"] = list(self.inq_iterations)
-        return d
-
 
 #: Quantization options that models take (the fields of :class:`QuantConfig`).
 QUANT_KEYS = tuple(f.name for f in fields(QuantConfig))
@@ -397,12 +398,6 @@ class TrainConfig(_RunOptions, _OptimOptions, _DataOptions, _ModelOptions, _Quan
     def __post_init__(self) -> None:
         self.model_args = dict(self.model_args)
         self._check_quant()
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field (tuples as lists)."""
-        d = asdict(self)
-        d["inq_iterations"] = list(self.inq_iterations)
-        return d
 
     @property
     def save_path(self) -> Path:

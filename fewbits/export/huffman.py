@@ -38,6 +38,8 @@ from array import array
 
 import numpy as np
 
+from .packing import check_int
+
 __all__ = ["MAX_ALPHABET_SIZE", "MAX_CODE_LENGTH", "huffman_decode", "huffman_encode"]
 
 MAX_CODE_LENGTH = 24
@@ -54,11 +56,7 @@ def _symbol_dtype(alphabet_size: int) -> np.dtype:
 
 
 def _check_alphabet(alphabet_size: int) -> int:
-    if isinstance(alphabet_size, bool) or not isinstance(alphabet_size, (int, np.integer)):
-        raise ValueError(f"alphabet_size must be an int, got {alphabet_size!r}")
-    if not 1 <= alphabet_size <= MAX_ALPHABET_SIZE:
-        raise ValueError(f"alphabet_size must be in 1..{MAX_ALPHABET_SIZE}, got {alphabet_size}")
-    return int(alphabet_size)
+    return check_int("alphabet_size", alphabet_size, 1, MAX_ALPHABET_SIZE)
 
 
 def _huffman_lengths(freqs: list[int]) -> list[int]:

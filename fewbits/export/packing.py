@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_BITS", "code_dtype", "pack_bits", "packed_size", "unpack_bits"]
+__all__ = ["MAX_BITS", "check_int", "code_dtype", "pack_bits", "packed_size", "unpack_bits"]
 
 MAX_BITS = 32
 # Codes per chunk on the generic path: a multiple of 8 so each chunk ends on a byte boundary,
@@ -34,12 +34,19 @@ MAX_BITS = 32
 _CHUNK = 1 << 18
 
 
+def check_int(name: str, value: int, low: int, high: int) -> int:
+    """``value`` as an ``int`` when it is an integer (not a bool) in ``low..high``, else
+    ``ValueError`` naming ``name`` and the range. Every size and count read from a caller or a
+    file is bounded this way before anything is allocated from it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    return int(value)
+
+
 def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise ValueError(f"bits must be an int in 1..{MAX_BITS}, got {bits!r}")
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
-    return int(bits)
+    return check_int("bits", bits, 1, MAX_BITS)
 
 
 def packed_size(count: int, bits: int) -> int:
