@@ -251,6 +251,42 @@ class FixedPoint(Quantizer):
         self.sign, self.n, self.delta = bool(sign), int(n), float(delta)
         self.ste_fine_grained = bool(ste_fine_grained)
         self.bits = self.n
+        self._check_grid()
+
+    def _check_grid(self) -> None:
+        """Refuse a grid whose levels ``k * delta`` float32 cannot hold, so that every accepted
+        configuration encodes to n-bit codes that decode to exactly its forward values.
+
+        float32 has a 24-bit significand: with ``delta`` a float32 power of two, levels are
+        exact up to ``|k| = 2**24 - 1`` (signed ``n <= 25``); otherwise ``k * delta`` rounds and
+        ``y / delta`` finds ``k`` back only for ``|k| < 2**22``. Beyond that the bound
+        ``(2**nb - 1) * delta`` rounds up (``n = 26, delta = 1`` saturates at ``2**25``, one
+        level outside the range, and the negative extreme encodes to code ``-1``). The two
+        extremes are then encoded and decoded as a check (``delta`` rounding to 0 or inf in
+        float32, a bound beyond float32, or a subnormal ``delta`` that rounds far fail it)."""
+        nb = self.n - 1 if self.sign else self.n
+        d32 = float(torch.tensor(self.delta, dtype=torch.float32))
+        pow2 = d32 == self.delta and math.frexp(self.delta)[0] == 0.5
+        limit = 24 if pow2 else 22
+        if nb > limit:
+            raise ValueError(
+                f"FixedPoint: n={self.n} ({'signed' if self.sign else 'unsigned'}) needs levels "
+                f"k * delta up to |k| = 2**{nb} - 1, beyond what float32 holds exactly for "
+                f"delta={self.delta!r} (|k| < 2**{limit}): the bound would round to another "
+                f"level and codes would not survive export; use n <= {limit + int(self.sign)}"
+                + ("" if pow2 else " or a power-of-two delta (then n <= "
+                   f"{24 + int(self.sign)})"))
+        x = torch.tensor([-3.4028234663852886e38, 3.4028234663852886e38])
+        y = self.forward(x)
+        c = self.encode(x)
+        ok = 0 < d32 < math.inf and bool(torch.isfinite(y).all())
+        if not ok or int(c.codes.min()) < 0 or int(c.codes.max()) >= 2**self.n or \
+                not torch.equal(self.decode(c), y):
+            raise ValueError(
+                f"FixedPoint: delta={self.delta!r} (float32 {d32!r}) with n={self.n} saturates "
+                f"at {float(y[1])!r}, which is not a level of the {self.n}-bit grid in float32; "
+                "use a delta whose bound (2**nb - 1) * delta is a finite float32 (a power-of-"
+                "two delta is exact)")
 
     def _kwargs(self) -> dict[str, Any]:
         return {"sign": self.sign, "n": self.n, "delta": self.delta,
@@ -405,7 +441,7 @@ class INQ(Quantizer):
             draw = torch.rand(w.shape, generator=g).to(w.device) < 0.5
             new = learnable & draw
         current = torch.where(self.mask, self.fixed, w)
-        q = _math.inq_levels(current, self.num_bits)
+        q = qf.inq_levels(current, self.num_bits, "INQ")
         self.fixed = torch.where(new, q, self.fixed)
         self.mask = self.mask | new
 
@@ -482,7 +518,14 @@ class MinMax(Quantizer):
         self.mode, self.decay, self.eps = mode, float(decay), float(eps)
         self.per_channel, self.ste_fine_grained = bool(per_channel), bool(ste_fine_grained)
         self.bits = max(1, math.ceil(math.log2(self.ql_max - self.ql_min + 1)))
-        qf._bits("MinMax", "bits (from ql_min, ql_max)", self.bits)
+        # float32 finds a level index as (clamp(x) - lo) / scale with a relative error up to
+        # 3 * 2**-24: below 2**21 levels it rounds to the right index, wider grids can put a
+        # saturated value one code past ql_max (not a code of `bits` bits).
+        if self.ql_max - self.ql_min >= 2**21 or max(-self.ql_min, self.ql_max) > 2**24:
+            raise ValueError(
+                f"MinMax: ql_min..ql_max = {self.ql_min}..{self.ql_max} is wider than float32 "
+                "computes level indices exactly (at most 2**21 levels, |ql| <= 2**24): a "
+                "saturated value could encode one code past ql_max; use at most 21 bits")
         self._make_ranges(())
 
     def _kwargs(self) -> dict[str, Any]:
@@ -535,8 +578,8 @@ class MinMax(Quantizer):
         """``(scale, zero_point, lo, hi)`` broadcastable to ``like`` (as the forward uses)."""
         rmin = qf._range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
         rmax = qf._range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
-        return _math.min_max_range(rmin.float(), rmax.float(), float(self.ql_min),
-                                   float(self.ql_max), self.eps)
+        return qf.min_max_grid(rmin.float(), rmax.float(), self.ql_min, self.ql_max, self.eps,
+                               "MinMax")
 
     def encode(self, x: Tensor) -> Codes:
         x = x.detach().float()
