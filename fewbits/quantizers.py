@@ -99,8 +99,9 @@ class Quantizer(nn.Module):
     """Base class. Subclasses set ``bits`` and implement ``forward``, ``encode``, ``decode``.
 
     ``setup(param)`` is called by quantized layers with the parameter a weight/bias quantizer
-    serves, so that per-channel state can be sized; ``constrain_(param)`` runs after each
-    optimizer step (see :func:`fewbits.layers.apply_weight_constraints`).
+    serves, so that per-channel state can be sized; ``constrain_(param)`` and
+    ``after_optimizer_step()`` run after each optimizer step (see
+    :func:`fewbits.layers.apply_weight_constraints`).
     """
 
     name: ClassVar[str] = ""
@@ -120,6 +121,14 @@ class Quantizer(nn.Module):
 
     def constrain_(self, param: Tensor) -> None:
         """Project the latent parameter after an optimizer step; default: nothing to do."""
+
+    def after_optimizer_step(self) -> None:
+        """Update the quantizer's own state once after each optimizer step (MinMax keeps learned
+        ranges valid, a step-counted INQ advances its schedule); default: nothing to do."""
+
+    def count_optimizer_steps(self) -> None:
+        """Advance schedules in :meth:`after_optimizer_step` instead of at each training
+        forward (gradient accumulation); default: no schedule."""
 
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError(f"{type(self).__name__} cannot encode")
@@ -372,13 +381,21 @@ class INQ(Quantizer):
     """Incremental Network Quantization (Zhou et al., ICLR 2017) of one weight tensor.
 
     State: ``mask`` (bool, True = fixed), ``fixed`` (the power-of-two values of fixed weights) and
-    a counter of training forwards. When the counter equals an entry of ``inq_iterations``, half of
-    the still-learnable weights are fixed (``largest_abs``: those of largest ``|w|``; ``random``:
-    each with probability 0.5), and all of them at the last entry. Fixed weights are quantized
-    with :func:`fewbits.functional.inq_quantize` at that moment and never change again: the
-    forward reads them from ``fixed``, so no optimizer (momentum, weight decay) can move them, and
-    their gradient is zero. Evaluation forwards do not advance the counter. ``bits`` codes:
-    ``0`` = zero, else ``[sign][exponent index]``.
+    ``counter``, the optimizer iterations done. At the first training forward of iteration
+    ``counter`` equal to an entry of ``inq_iterations``, half of the still-learnable weights are
+    fixed (``largest_abs``: those of largest ``|w|``; ``random``: each with probability 0.5),
+    and all of them at the last entry. Fixed weights are quantized with
+    :func:`fewbits.functional.inq_quantize` at that moment and never change again: the forward
+    reads them from ``fixed``, so no optimizer (momentum, weight decay) can move them, and their
+    gradient is zero. Evaluation forwards do not advance the counter. ``bits`` codes: ``0`` =
+    zero, else ``[sign][exponent index]``.
+
+    Counting iterations: by default each training forward is one iteration (a loop with one
+    forward per optimizer step, as the seed's). With gradient accumulation (several forwards per
+    step) call :func:`fewbits.layers.count_optimizer_steps` once before training and
+    :func:`fewbits.layers.apply_weight_constraints` after every optimizer step (the trainer does
+    both): the counter then advances once per step, and a fix never lands between the
+    micro-batches of one step. Under DDP every rank then holds the same counter.
 
         >>> q = INQ(num_bits=4, inq_iterations=(0, 1)); w = torch.tensor([[0.9, -0.3, 0.2, 0.01]])
         >>> q.setup(w); _ = q(w); q.mask.tolist()           # first training forward: fix half
@@ -402,6 +419,8 @@ class INQ(Quantizer):
         self.num_bits, self.bits = int(num_bits), int(num_bits)
         self.inq_iterations, self.selection, self.seed = tuple(its), selection, int(seed)
         self.counter = 0
+        self.stage = 0  # schedule entries applied: the next fix is at inq_iterations[stage]
+        self.step_counted = False
         self.register_buffer("mask", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("fixed", torch.zeros(0))
 
@@ -416,10 +435,21 @@ class INQ(Quantizer):
     # The counter is a Python int kept in the state dict as extra state: reading a device
     # buffer every forward would sync the GPU.
     def get_extra_state(self) -> dict[str, int]:
-        return {"counter": self.counter}
+        return {"counter": self.counter, "stage": self.stage,
+                "step_counted": int(self.step_counted)}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.counter = int(state["counter"])
+        # states saved before "stage" existed counted forwards: entries below the counter ran
+        self.stage = int(state.get("stage", sum(i < self.counter for i in self.inq_iterations)))
+        self.step_counted = bool(state.get("step_counted", False))
+
+    def count_optimizer_steps(self) -> None:
+        self.step_counted = True
+
+    def after_optimizer_step(self) -> None:
+        if self.step_counted:
+            self.counter += 1
 
     @property
     def fixed_fraction(self) -> float:
@@ -427,7 +457,7 @@ class INQ(Quantizer):
 
     def _fix_more(self, w: Tensor) -> None:
         learnable = ~self.mask
-        if self.counter == self.inq_iterations[-1]:
+        if self.stage == len(self.inq_iterations) - 1:
             new = learnable
         elif self.selection == "largest_abs":
             k = int(learnable.sum()) // 2
@@ -453,10 +483,13 @@ class INQ(Quantizer):
             )
         qf._finite(w, "INQ", "w")
         if self.training:
-            if self.counter in self.inq_iterations:
+            its = self.inq_iterations
+            if self.stage < len(its) and its[self.stage] <= self.counter:
                 with torch.no_grad():
                     self._fix_more(w.detach())
-            self.counter += 1
+                self.stage += 1
+            if not self.step_counted:
+                self.counter += 1
         return torch.where(self.mask, self.fixed, w)
 
     def encode(self, x: Tensor) -> Codes:
@@ -497,6 +530,22 @@ class MinMax(Quantizer):
     ``"ema"`` (``x_min_max`` + ``ema``: ``r = decay * r + (1 - decay) * batch``). At evaluation
     the stored ranges are used unchanged, as the seed. ``per_channel`` (weights, beyond the seed)
     keeps one range per output channel. ``bits = ceil(log2(ql_max - ql_min + 1))``.
+
+    Learned ranges stay valid: :meth:`after_optimizer_step` (run by
+    :func:`fewbits.layers.apply_weight_constraints` after each optimizer step, like the weight
+    clip) projects them onto ``qr_min <= 0 <= qr_max`` (the range holds zero, as torch.ao's
+    observers and Jacob et al.'s nudging require) and ``qr_max >= qr_min + eps`` (the forward's
+    own nudge, which leaves the forward as it was). The seed's gradients are unchanged. Without
+    the projection, ``qr_min > 0`` pins the zero point at ``ql_min`` (the grid is
+    ``[0, qr_max - qr_min]``), ``qr_min`` keeps receiving gradient, passes ``qr_max`` and
+    leaves the quantizer on a grid ``eps`` wide for good. Ranges that stay valid never change.
+
+    Under DDP (:func:`fewbits.distributed.sync_quantizers`) batch/EMA statistics are those of
+    one process running the ranks' micro-batches in rank order (see there).
+
+        >>> q = MinMax(init_min=0.5, init_max=1.0); q.after_optimizer_step()
+        >>> q.qr_min.item(), q.qr_max.item()
+        (0.0, 1.0)
     """
 
     def __init__(self, ql_min: int = 0, ql_max: int = 255, init_min: float = -6.0,
@@ -544,6 +593,15 @@ class MinMax(Quantizer):
                 self.register_parameter(name, nn.Parameter(v))
             else:
                 self.register_buffer(name, v)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.mode != "learnable":
+            return
+        lo, hi = self.qr_min, self.qr_max
+        lo.clamp_(max=0.0)
+        hi.clamp_(min=0.0)
+        hi.copy_(torch.where(hi - lo < self.eps, lo + self.eps, hi))  # the forward's nudge
 
     def setup(self, param: Tensor) -> None:
         if self.per_channel:

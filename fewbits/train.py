@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import __version__
 from . import checkpoint as ckpt
 from . import distributed as fdist
-from .layers import apply_weight_constraints
+from .layers import apply_weight_constraints, count_optimizer_steps
 from .models import QuantConfig, create_model, is_model
 from .monitor import Monitor, Progress, write_json
 
@@ -568,6 +568,7 @@ class _Run:
             _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
         _check_batch_norm(model, self.image_shape, cfg.net, cfg.dataset, cfg.batch_size)
         self.model = model.to(dev)
+        count_optimizer_steps(self.model)  # INQ's schedule is in optimizer steps (--accum-steps)
         if cfg.channels_last and dev.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = BatchIterator(self.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,

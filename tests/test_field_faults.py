@@ -224,3 +224,136 @@ def test_inq_with_weights_near_the_limit_raises_instead_of_inf():
         q(w)
     with pytest.raises(ValueError, match=r"2\*\*16"):
         inq_quantize(torch.tensor([60000.0, 1.0], dtype=torch.float16))
+
+
+# ------------------------------------------------ learned min-max ranges stay valid (item 3)
+
+
+def _issue_run(seed: int, steps: int = 60, constrain: bool = True):
+    """The issue's reproduction: a QuantLinear whose learnable output range starts at
+    (0.5, 1.0), SGD; targets are positive, so outputs below 0 push qr_min up."""
+    from fewbits.layers import QuantLinear, apply_weight_constraints
+
+    torch.manual_seed(seed)
+    layer = QuantLinear(16, 4, output_quantizer={"name": "min_max", "init_min": 0.5,
+                                                 "init_max": 1.0})
+    x, t = torch.randn(64, 16), torch.randn(64, 4).abs() * 3
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    q, ranges, losses = layer.output_quantizer, [], []
+    for _ in range(steps):
+        loss = ((layer(x) - t) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if constrain:
+            apply_weight_constraints(layer)
+        losses.append(float(loss.detach()))
+        ranges.append((float(q.qr_min.detach()), float(q.qr_max.detach())))
+    return losses, ranges
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learned_min_max_ranges_never_cross_and_training_recovers(seed):
+    losses, ranges = _issue_run(seed)
+    for lo, hi in ranges:
+        assert lo <= 0.0 <= hi and hi - lo >= 0.01 * (1 - 2**-20), (lo, hi)
+    # seed 1 crossed at step 3 and stayed near its first loss (8.1 -> 8.7); now it learns
+    assert losses[-1] < 0.35 * losses[0], losses[::10]
+
+
+def test_min_max_projection_keeps_valid_ranges_and_is_idempotent():
+    from fewbits.quantizers import MinMax
+
+    lo = torch.tensor([-1.0, -6.0, 0.5, 1.01, -3.0, -0.004, 0.0, -2.0, 2.0])
+    hi = torch.tensor([1.0, 6.0, 1.0, 1.0, -1.0, 0.001, 0.0, -3.0, -2.0])
+    q = MinMax(per_channel=True)
+    q.setup(torch.zeros(9, 2))
+    with torch.no_grad():
+        q.qr_min.copy_(lo)
+        q.qr_max.copy_(hi)
+    q.after_optimizer_step()
+    a, b = q.qr_min.detach().clone(), q.qr_max.detach().clone()
+    assert torch.equal(a[:2], lo[:2]) and torch.equal(b[:2], hi[:2])  # valid: untouched
+    assert bool((a <= 0).all() and (b >= 0).all() and (b - a >= 0.01 * (1 - 2**-20)).all())
+    assert a.tolist()[2:5] == [0.0, 0.0, -3.0] and b[2].item() == 1.0 and b[4].item() == 0.0
+    q.after_optimizer_step()
+    assert torch.equal(q.qr_min, a) and torch.equal(q.qr_max, b)
+
+
+def test_min_max_batch_and_ema_ranges_are_not_projected():
+    from fewbits.quantizers import MinMax
+
+    for mode in ("batch", "ema"):
+        q = MinMax(mode=mode, init_min=0.5, init_max=0.6)
+        q.after_optimizer_step()
+        assert (q.qr_min.item(), q.qr_max.item()) == (0.5, pytest.approx(0.6))
+
+
+# ----------------------------------------- INQ schedule in optimizer iterations (item 2)
+
+
+def test_inq_with_accumulation_follows_optimizer_iterations(tmp_path):
+    # -n mnist_inq_mlp -i 2 --inq-iterations 2,4 --accum-steps 2: the first fix is at the
+    # third iteration, so nothing is fixed after two (main fixed half of every layer).
+    from fewbits.layers import quant_layers
+
+    cfg = TrainConfig(net="mnist_inq_mlp", dataset="synthetic", synthetic_size=16,
+                      batch_size=4, max_iter=2, val_interval=2, accum_steps=2,
+                      inq_iterations=(2, 4), monitor_path=str(tmp_path), progress=False,
+                      plot=False, model_args={"width": 8, "depth": 1})
+    model = train(cfg).model
+    qs = [layer.weight_quantizer for _, layer in quant_layers(model)]
+    assert qs and all(q.counter == 2 and q.fixed_fraction == 0.0 for q in qs)
+    cfg.max_iter, cfg.resume = 3, "auto"
+    model = train(cfg).model
+    qs = [layer.weight_quantizer for _, layer in quant_layers(model)]
+    assert all(q.counter == 3 and 0.4 < q.fixed_fraction < 0.6 for q in qs)
+
+
+def test_inq_fixes_never_land_between_micro_batches():
+    from fewbits.layers import QuantLinear, apply_weight_constraints, count_optimizer_steps
+
+    torch.manual_seed(0)
+    layer = QuantLinear(8, 4, bias=False, weight_quantizer={
+        "name": "inq", "inq_iterations": [1, 2, 4], "selection": "random"})
+    count_optimizer_steps(layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    q, fixed = layer.weight_quantizer, []
+    for _ in range(6):
+        masks = []
+        for _ in range(3):  # micro-batches of one step
+            layer(torch.randn(2, 8)).sum().backward()
+            masks.append(q.mask.clone())
+        assert all(torch.equal(m, masks[0]) for m in masks)
+        opt.step()
+        opt.zero_grad()
+        apply_weight_constraints(layer)
+        fixed.append(q.fixed_fraction)
+    assert q.counter == 6
+    assert fixed[0] == 0.0 and fixed[0] < fixed[1] < fixed[2] == fixed[3] < fixed[4] == 1.0
+    # eval forwards and a reloaded state keep the schedule where it was
+    layer.eval()
+    layer(torch.randn(2, 8))
+    state = layer.state_dict()
+    other = QuantLinear(8, 4, bias=False, weight_quantizer=q.config())
+    other.load_state_dict(state)
+    oq = other.weight_quantizer
+    assert (oq.counter, oq.stage, oq.step_counted) == (6, 3, True)
+
+
+def test_inq_without_the_hook_still_counts_forwards():
+    # A user's loop with one forward per step, as before: unchanged.
+    from fewbits.quantizers import INQ
+
+    w = torch.tensor([[0.9, -0.3, 0.2, 0.01]])
+    q = INQ(num_bits=4, inq_iterations=(0, 2))
+    q.setup(w)
+    q(w)
+    assert q.mask.tolist() == [[True, True, False, False]] and q.counter == 1
+    q(w)
+    q(w)
+    assert bool(q.mask.all()) and q.counter == 3
+    # a state saved before "stage" existed: entries below the counter are done
+    q2 = INQ(num_bits=4, inq_iterations=(0, 2, 5))
+    q2.set_extra_state({"counter": 3})
+    assert (q2.stage, q2.step_counted) == (2, False)
