@@ -575,6 +575,9 @@ class MinMax(Quantizer):
                 f"MinMax: ql_min..ql_max = {self.ql_min}..{self.ql_max} is wider than float32 "
                 "computes level indices exactly (at most 2**21 levels, |ql| <= 2**24): a "
                 "saturated value could encode one code past ql_max; use at most 21 bits")
+        #: ``stats -> (stats of every rank in rank order, this rank)``; set by
+        #: :func:`fewbits.distributed.sync_quantizers` under DDP, else None (this process only).
+        self.stats_sync: Callable[[Tensor], tuple[Tensor, int]] | None = None
         self._make_ranges(())
 
     def _kwargs(self) -> dict[str, Any]:
@@ -609,27 +612,48 @@ class MinMax(Quantizer):
                 raise ValueError("MinMax(per_channel=True) needs a tensor with a channel axis")
             self._make_ranges((param.shape[0],), param.device)
 
-    def _observe(self, x: Tensor) -> None:
-        with torch.no_grad():
-            if self.per_channel:
-                bmin, bmax = torch.aminmax(x.detach().flatten(1), dim=1)
-            else:
-                bmin, bmax = torch.aminmax(x.detach())
+    def _update(self, bmin: Tensor, bmax: Tensor) -> None:
+        if self.mode == "ema":
+            self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
+            self.qr_max.mul_(self.decay).add_((1 - self.decay) * bmax)
+        else:
+            self.qr_min.copy_(bmin)
+            self.qr_max.copy_(bmax)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Update the ranges from ``x``; returns the ranges this forward quantizes with."""
+        if self.per_channel:
+            bmin, bmax = torch.aminmax(x.detach().flatten(1), dim=1)
+        else:
+            bmin, bmax = torch.aminmax(x.detach())
+        if self.stats_sync is None:
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
             if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):
                 qf._finite(x, "MinMax", "x")
-            if self.mode == "ema":
-                self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
-                self.qr_max.mul_(self.decay).add_((1 - self.decay) * bmax)
-            else:
-                self.qr_min.copy_(bmin)
-                self.qr_max.copy_(bmax)
+            self._update(bmin, bmax)
+            return self.qr_min, self.qr_max
+        # DDP: replay every rank's statistics in rank order, as one process running the ranks'
+        # micro-batches one after the other; this rank quantizes with the ranges its own
+        # micro-batch gives there, and every rank ends with the same state.
+        stats, rank = self.stats_sync(torch.stack([bmin, bmax]))
+        if not bool(torch.isfinite(stats).all()):  # every rank raises, none waits
+            qf._finite(x, "MinMax", "x")
+            raise ValueError("MinMax: another rank's batch contains NaN or inf; quantizers "
+                             "need finite input (a diverging run: lower the learning rate)")
+        used = (self.qr_min, self.qr_max)
+        for r in range(stats.shape[0]):
+            self._update(stats[r, 0], stats[r, 1])
+            if r == rank:
+                used = (self.qr_min.clone(), self.qr_max.clone())
+        return used
 
     def forward(self, x: Tensor) -> Tensor:
+        qr_min, qr_max = self.qr_min, self.qr_max
         if self.training and self.mode != "learnable":
             qf._float_tensor(x, "MinMax", "x")
-            self._observe(x)
-        return qf.min_max_quantize(x, self.qr_min, self.qr_max, self.ql_min, self.ql_max,
+            qr_min, qr_max = self._observe(x)
+        return qf.min_max_quantize(x, qr_min, qr_max, self.ql_min, self.ql_max,
                                    self.eps, self.ste_fine_grained)
 
     def grid(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

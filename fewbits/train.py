@@ -608,6 +608,7 @@ class _Run:
         if info.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            fdist.sync_quantizers(self.model, info)
             self.net = self.ddp
         if cfg.compile:
             self.net = torch.compile(self.net)
