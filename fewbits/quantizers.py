@@ -274,7 +274,7 @@ class FixedPoint(Quantizer):
         extremes are then encoded and decoded as a check (``delta`` rounding to 0 or inf in
         float32, a bound beyond float32, or a subnormal ``delta`` that rounds far fail it)."""
         nb = self.n - 1 if self.sign else self.n
-        d32 = float(torch.tensor(self.delta, dtype=torch.float32))
+        d32 = float(torch.tensor(self.delta, dtype=torch.float32, device="cpu"))
         pow2 = d32 == self.delta and math.frexp(self.delta)[0] == 0.5
         limit = 24 if pow2 else 22
         if nb > limit:
@@ -285,12 +285,15 @@ class FixedPoint(Quantizer):
                 f"level and codes would not survive export; use n <= {limit + int(self.sign)}"
                 + ("" if pow2 else " or a power-of-two delta (then n <= "
                    f"{24 + int(self.sign)})"))
-        x = torch.tensor([-3.4028234663852886e38, 3.4028234663852886e38])
-        y = self.forward(x)
-        c = self.encode(x)
+        with torch.device("cpu"):  # a default device (meta, cuda) must not change the check
+            x = torch.tensor([-3.4028234663852886e38, 3.4028234663852886e38],
+                             dtype=torch.float32)
+            y = self.forward(x)
+            c = self.encode(x)
+            back = self.decode(c)
         ok = 0 < d32 < math.inf and bool(torch.isfinite(y).all())
         if not ok or int(c.codes.min()) < 0 or int(c.codes.max()) >= 2**self.n or \
-                not torch.equal(self.decode(c), y):
+                not torch.equal(back, y):
             raise ValueError(
                 f"FixedPoint: delta={self.delta!r} (float32 {d32!r}) with n={self.n} saturates "
                 f"at {float(y[1])!r}, which is not a level of the {self.n}-bit grid in float32; "
@@ -433,16 +436,15 @@ class INQ(Quantizer):
         self.fixed = torch.zeros_like(param.detach())
 
     # The counter is a Python int kept in the state dict as extra state: reading a device
-    # buffer every forward would sync the GPU.
+    # buffer every forward would sync the GPU. How it counts (step_counted) belongs to the
+    # training loop, not to the model: a loaded state keeps the caller's choice.
     def get_extra_state(self) -> dict[str, int]:
-        return {"counter": self.counter, "stage": self.stage,
-                "step_counted": int(self.step_counted)}
+        return {"counter": self.counter, "stage": self.stage}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.counter = int(state["counter"])
         # states saved before "stage" existed counted forwards: entries below the counter ran
         self.stage = int(state.get("stage", sum(i < self.counter for i in self.inq_iterations)))
-        self.step_counted = bool(state.get("step_counted", False))
 
     def count_optimizer_steps(self) -> None:
         self.step_counted = True

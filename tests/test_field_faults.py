@@ -338,7 +338,8 @@ def test_inq_fixes_never_land_between_micro_batches():
     other = QuantLinear(8, 4, bias=False, weight_quantizer=q.config())
     other.load_state_dict(state)
     oq = other.weight_quantizer
-    assert (oq.counter, oq.stage, oq.step_counted) == (6, 3, True)
+    # how the counter counts is the loop's choice, not part of the saved state
+    assert (oq.counter, oq.stage, oq.step_counted) == (6, 3, False)
 
 
 def test_inq_without_the_hook_still_counts_forwards():
