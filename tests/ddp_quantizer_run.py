@@ -92,6 +92,9 @@ def main(out: str) -> None:
     info = fdist.init_from_env("cpu")
     try:
         result = {kind: run(kind, info.world_size, info.rank, 1, info) for kind in KINDS}
+        # with accumulation: micro-batch j of rank r is number j * N + r of the step
+        result.update({f"{kind}@2": run(kind, info.world_size, info.rank, 2, info)
+                       for kind in ("ema", "inq")})
         torch.save(result, f"{out}/rank{info.rank}.pt")
     finally:
         fdist.cleanup(info)

@@ -103,6 +103,20 @@ def test_quantizer_state_under_ddp_equals_one_process_accumulating(tmp_path):
                     for k in a:
                         ok = a[k] == b[k] if isinstance(a[k], dict) else torch.equal(a[k], b[k])
                         assert ok, (kind, r, step, k, a[k], b[k])
+        for kind in ("ema", "inq"):  # 2 ranks x 2 micro-batches == 1 process x 4
+            ref_losses, ref_states = R.run(kind, world=1, rank=0, accum=4)
+            for r in (0, 1):
+                losses, states = ranks[r][f"{kind}@2"]
+                # gradients are summed in another order: equal up to float rounding
+                torch.testing.assert_close(torch.tensor([s for s in losses]),
+                                           torch.tensor([[s[r], s[2 + r]] for s in ref_losses]),
+                                           rtol=1e-5, atol=1e-6)
+                for a, b in zip(states, ref_states, strict=True):
+                    for k in a:
+                        if isinstance(a[k], dict):
+                            assert a[k] == b[k], (kind, k)
+                        else:
+                            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
     inq = ranks[1]["inq"][1][-1]
