@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .quantizers import MinMax
 
 __all__ = [
     "DistInfo",
@@ -27,6 +30,7 @@ __all__ = [
     "broadcast_buffers",
     "cleanup",
     "init_from_env",
+    "sync_quantizers",
 ]
 
 
@@ -102,6 +106,37 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
     if info.distributed:
         for b in model.buffers():
             dist.broadcast(b, src=0)
+
+
+def _gather_in_rank_order(t: Tensor, info: DistInfo) -> tuple[Tensor, int]:
+    parts = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts), info.rank
+
+
+def sync_quantizers(model: nn.Module, info: DistInfo) -> None:
+    """Make the statistics of every batch/EMA min-max quantizer of ``model`` agree across ranks.
+
+    Definition: N ranks equal one process that runs the ranks' micro-batches one after the other
+    in rank order (micro-batch ``j * N + r`` of a step with ``--accum-steps``, as the trainer
+    slices the global batch), which is what single-process gradient accumulation does. At each
+    training forward every rank all-gathers the ``(min, max)`` of its batch (one small
+    collective per quantizer, like ``SyncBatchNorm``) and applies all of them in rank order:
+    rank ``r`` quantizes with the ranges after micro-batches ``0..r`` (its own batch's range in
+    ``batch`` mode, the EMA through its batch in ``ema`` mode), and every rank ends the forward
+    with the state after all N, so buffers never diverge and DDP's buffer broadcast changes
+    nothing. An all-reduced min/max would give one range per step, but no single process can
+    match it: its first micro-batch is quantized before it sees the second. Learned ranges are
+    parameters (gradients all-reduced by DDP); INQ needs nothing, as its counter advances once per
+    optimizer step on every rank (:func:`fewbits.layers.count_optimizer_steps`). Every rank must
+    then run the same training forwards (eval forwards do not synchronise). A no-op for one
+    process.
+    """
+    if not info.distributed:
+        return
+    for m in model.modules():
+        if isinstance(m, MinMax) and m.mode != "learnable":
+            m.stats_sync = partial(_gather_in_rank_order, info=info)
 
 
 def barrier(info: DistInfo) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "finite_checks",
     "fixed_point_quantize",
     "inq_quantize",
+    "min_max_grid",
     "min_max_quantize",
     "pow2_quantize",
 ]
@@ -371,8 +372,22 @@ def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
     _finite(w, fn, "w")
     _bits(fn, "num_bits", num_bits, low=2)
     with torch.no_grad():
-        y = _math.inq_levels(w, int(num_bits))
+        y = inq_levels(w, int(num_bits), fn)
     return _ste(w, y, None)
+
+
+def inq_levels(w: Tensor, num_bits: int, fn: str = "inq_quantize") -> Tensor:
+    """:func:`fewbits._math.inq_levels`, refusing a tensor whose largest level ``2**n1`` is
+    beyond its dtype, which would give inf from finite weights: ``max|w| >= 1.5 * 2**emax``
+    (``emax`` the dtype's largest exponent, 127 for float32) rounds to ``2**(emax + 1)``."""
+    emax = math.frexp(torch.finfo(w.dtype).max)[1] - 1
+    s = float(w.detach().abs().max()) if w.numel() else 0.0
+    if s >= 1.5 * 2.0**emax:
+        raise ValueError(
+            f"{fn}: max|w| = {s:.6g} rounds to the level 2**{emax + 1}, beyond {w.dtype}: "
+            "weights this large mean a diverged run (lower the learning rate), or quantize "
+            "in a wider dtype")
+    return _math.inq_levels(w, num_bits)
 
 
 # --------------------------------------------------------------------------- min-max
@@ -452,6 +467,29 @@ def _range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:
     return _channel_view(r, x.dim())
 
 
+def min_max_grid(rmin: Tensor, rmax: Tensor, ql_min: int, ql_max: int, eps: float,
+                 fn: str = "min_max_quantize") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(scale, zero_point, lo, hi)`` of :func:`fewbits._math.min_max_range`, refusing a
+    grid the dtype cannot hold: finite ranges whose width overflows (``qr_max - qr_min`` beyond
+    float32's 3.4e38 makes the scale inf, every output NaN) or whose ``eps`` nudge is absorbed
+    (``qr_min + eps == qr_min`` for ``|qr_min|`` above ~1e6 * eps makes the scale 0). With
+    ``hi - lo`` finite and the scale > 0, every output ``r * scale + lo`` lies in
+    ``[lo, hi]``: finite."""
+    scale, zp, lo, hi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max),
+                                            float(eps))
+    ok = (scale > 0) & torch.isfinite(hi - lo)
+    if not bool(ok.all()):
+        r0, r1, ok = torch.broadcast_tensors(rmin, rmax, ok)
+        i = int((~ok).reshape(-1).nonzero()[0, 0])
+        lo_v, hi_v = float(r0.reshape(-1)[i]), float(r1.reshape(-1)[i])
+        raise ValueError(
+            f"{fn}: the range [qr_min, qr_max] = [{lo_v:.6g}, {hi_v:.6g}] has no {scale.dtype} "
+            f"grid of {ql_max - ql_min} steps (its width overflows, or eps={eps} vanishes "
+            "next to it): values this large usually mean a diverged run; otherwise scale the "
+            "data down or quantize in float64")
+    return scale, zp, lo, hi
+
+
 def min_max_quantize(
     x: Tensor,
     qr_min: Tensor,
@@ -495,9 +533,8 @@ def min_max_quantize(
     qmin_t = qr_min if isinstance(qr_min, Tensor) else rmin
     qmax_t = qr_max if isinstance(qr_max, Tensor) else rmax
     with torch.no_grad():
-        scale, _zp, lo, hi = _math.min_max_range(
-            rmin.to(x.dtype), rmax.to(x.dtype), float(ql_min), float(ql_max), float(eps)
-        )
+        scale, _zp, lo, hi = min_max_grid(rmin.to(x.dtype), rmax.to(x.dtype), ql_min, ql_max,
+                                          eps, fn)
         code = None
         if scale.numel() == 1 and _kernels.usable(x):  # one pass: y, masks, finite check
             y, code, finite = _kernels.min_max(x, float(lo), float(hi), float(scale), needs)

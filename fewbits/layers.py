@@ -23,6 +23,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "apply_weight_constraints",
+    "count_optimizer_steps",
     "quant_layers",
 ]
 
@@ -116,12 +117,37 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantConv2d | QuantLinear]
 
 @torch.no_grad()
 def apply_weight_constraints(model: nn.Module) -> None:
-    """Run each weight/bias quantizer's ``constrain_`` (e.g. BinaryConnect's ``[-1, 1]`` clip).
+    """Run each weight/bias quantizer's ``constrain_`` (e.g. BinaryConnect's ``[-1, 1]`` clip)
+    and every quantizer's ``after_optimizer_step`` (MinMax keeps learned ranges valid, a
+    step-counted INQ advances its schedule).
 
     Call after every optimizer step; a no-op for quantizers without constraints.
     """
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.after_optimizer_step()
     for _, layer in quant_layers(model):
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.constrain_(layer.weight)
         if layer.bias_quantizer is not None and layer.bias is not None:
             layer.bias_quantizer.constrain_(layer.bias)
+
+
+def count_optimizer_steps(model: nn.Module) -> None:
+    """Make every scheduled quantizer (INQ) count optimizer steps instead of training forwards.
+
+    Call once before training when a step runs several forwards (gradient accumulation), then
+    :func:`apply_weight_constraints` after every optimizer step, which advances the schedules:
+
+        >>> model = QuantLinear(4, 2, weight_quantizer={"name": "inq", "inq_iterations": [2]})
+        >>> count_optimizer_steps(model)
+        >>> for step in range(3):
+        ...     for micro_batch in range(4):
+        ...         model(torch.randn(8, 4)).sum().backward()
+        ...     apply_weight_constraints(model)     # after optimizer.step()
+        >>> model.weight_quantizer.counter
+        3
+    """
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.count_optimizer_steps()

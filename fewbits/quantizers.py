@@ -101,8 +101,9 @@ class Quantizer(nn.Module):
     """Base class. Subclasses set ``bits`` and implement ``forward``, ``encode``, ``decode``.
 
     ``setup(param)`` is called by quantized layers with the parameter a weight/bias quantizer
-    serves, so that per-channel state can be sized; ``constrain_(param)`` runs after each
-    optimizer step (see :func:`fewbits.layers.apply_weight_constraints`).
+    serves, so that per-channel state can be sized; ``constrain_(param)`` and
+    ``after_optimizer_step()`` run after each optimizer step (see
+    :func:`fewbits.layers.apply_weight_constraints`).
     """
 
     name: ClassVar[str] = ""
@@ -122,6 +123,14 @@ class Quantizer(nn.Module):
 
     def constrain_(self, param: Tensor) -> None:
         """Project the latent parameter after an optimizer step; default: nothing to do."""
+
+    def after_optimizer_step(self) -> None:
+        """Update the quantizer's own state once after each optimizer step (MinMax keeps learned
+        ranges valid, a step-counted INQ advances its schedule); default: nothing to do."""
+
+    def count_optimizer_steps(self) -> None:
+        """Advance schedules in :meth:`after_optimizer_step` instead of at each training
+        forward (gradient accumulation); default: no schedule."""
 
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError(f"{type(self).__name__} cannot encode")
@@ -253,6 +262,45 @@ class FixedPoint(Quantizer):
         self.sign, self.n, self.delta = bool(sign), int(n), float(delta)
         self.ste_fine_grained = bool(ste_fine_grained)
         self.bits = self.n
+        self._check_grid()
+
+    def _check_grid(self) -> None:
+        """Refuse a grid whose levels ``k * delta`` float32 cannot hold, so that every accepted
+        configuration encodes to n-bit codes that decode to exactly its forward values.
+
+        float32 has a 24-bit significand: with ``delta`` a float32 power of two, levels are
+        exact up to ``|k| = 2**24 - 1`` (signed ``n <= 25``); otherwise ``k * delta`` rounds and
+        ``y / delta`` finds ``k`` back only for ``|k| < 2**22``. Beyond that the bound
+        ``(2**nb - 1) * delta`` rounds up (``n = 26, delta = 1`` saturates at ``2**25``, one
+        level outside the range, and the negative extreme encodes to code ``-1``). The two
+        extremes are then encoded and decoded as a check (``delta`` rounding to 0 or inf in
+        float32, a bound beyond float32, or a subnormal ``delta`` that rounds far fail it)."""
+        nb = self.n - 1 if self.sign else self.n
+        d32 = float(torch.tensor(self.delta, dtype=torch.float32, device="cpu"))
+        pow2 = d32 == self.delta and math.frexp(self.delta)[0] == 0.5
+        limit = 24 if pow2 else 22
+        if nb > limit:
+            raise ValueError(
+                f"FixedPoint: n={self.n} ({'signed' if self.sign else 'unsigned'}) needs levels "
+                f"k * delta up to |k| = 2**{nb} - 1, beyond what float32 holds exactly for "
+                f"delta={self.delta!r} (|k| < 2**{limit}): the bound would round to another "
+                f"level and codes would not survive export; use n <= {limit + int(self.sign)}"
+                + ("" if pow2 else " or a power-of-two delta (then n <= "
+                   f"{24 + int(self.sign)})"))
+        with torch.device("cpu"):  # a default device (meta, cuda) must not change the check
+            x = torch.tensor([-3.4028234663852886e38, 3.4028234663852886e38],
+                             dtype=torch.float32)
+            y = self.forward(x)
+            c = self.encode(x)
+            back = self.decode(c)
+        ok = 0 < d32 < math.inf and bool(torch.isfinite(y).all())
+        if not ok or int(c.codes.min()) < 0 or int(c.codes.max()) >= 2**self.n or \
+                not torch.equal(back, y):
+            raise ValueError(
+                f"FixedPoint: delta={self.delta!r} (float32 {d32!r}) with n={self.n} saturates "
+                f"at {float(y[1])!r}, which is not a level of the {self.n}-bit grid in float32; "
+                "use a delta whose bound (2**nb - 1) * delta is a finite float32 (a power-of-"
+                "two delta is exact)")
 
     def _kwargs(self) -> dict[str, Any]:
         return {"sign": self.sign, "n": self.n, "delta": self.delta,
@@ -340,13 +388,21 @@ class INQ(Quantizer):
     """Incremental Network Quantization (Zhou et al., ICLR 2017) of one weight tensor.
 
     State: ``mask`` (bool, True = fixed), ``fixed`` (the power-of-two values of fixed weights) and
-    a counter of training forwards. When the counter equals an entry of ``inq_iterations``, half of
-    the still-learnable weights are fixed (``largest_abs``: those of largest ``|w|``; ``random``:
-    each with probability 0.5), and all of them at the last entry. Fixed weights are quantized
-    with :func:`fewbits.functional.inq_quantize` at that moment and never change again: the
-    forward reads them from ``fixed``, so no optimizer (momentum, weight decay) can move them, and
-    their gradient is zero. Evaluation forwards do not advance the counter. ``bits`` codes:
-    ``0`` = zero, else ``[sign][exponent index]``.
+    ``counter``, the optimizer iterations done. At the first training forward of iteration
+    ``counter`` equal to an entry of ``inq_iterations``, half of the still-learnable weights are
+    fixed (``largest_abs``: those of largest ``|w|``; ``random``: each with probability 0.5),
+    and all of them at the last entry. Fixed weights are quantized with
+    :func:`fewbits.functional.inq_quantize` at that moment and never change again: the forward
+    reads them from ``fixed``, so no optimizer (momentum, weight decay) can move them, and their
+    gradient is zero. Evaluation forwards do not advance the counter. ``bits`` codes: ``0`` =
+    zero, else ``[sign][exponent index]``.
+
+    Counting iterations: by default each training forward is one iteration (a loop with one
+    forward per optimizer step, as the seed's). With gradient accumulation (several forwards per
+    step) call :func:`fewbits.layers.count_optimizer_steps` once before training and
+    :func:`fewbits.layers.apply_weight_constraints` after every optimizer step (the trainer does
+    both): the counter then advances once per step, and a fix never lands between the
+    micro-batches of one step. Under DDP every rank then holds the same counter.
 
         >>> q = INQ(num_bits=4, inq_iterations=(0, 1)); w = torch.tensor([[0.9, -0.3, 0.2, 0.01]])
         >>> q.setup(w); _ = q(w); q.mask.tolist()           # first training forward: fix half
@@ -370,6 +426,8 @@ class INQ(Quantizer):
         self.num_bits, self.bits = int(num_bits), int(num_bits)
         self.inq_iterations, self.selection, self.seed = tuple(its), selection, int(seed)
         self.counter = 0
+        self.stage = 0  # schedule entries applied: the next fix is at inq_iterations[stage]
+        self.step_counted = False
         self.register_buffer("mask", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("fixed", torch.zeros(0))
 
@@ -382,12 +440,22 @@ class INQ(Quantizer):
         self.fixed = torch.zeros_like(param.detach())
 
     # The counter is a Python int kept in the state dict as extra state: reading a device
-    # buffer every forward would sync the GPU.
+    # buffer every forward would sync the GPU. How it counts (step_counted) belongs to the
+    # training loop, not to the model: a loaded state keeps the caller's choice.
     def get_extra_state(self) -> dict[str, int]:
-        return {"counter": self.counter}
+        return {"counter": self.counter, "stage": self.stage}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.counter = int(state["counter"])
+        # states saved before "stage" existed counted forwards: entries below the counter ran
+        self.stage = int(state.get("stage", sum(i < self.counter for i in self.inq_iterations)))
+
+    def count_optimizer_steps(self) -> None:
+        self.step_counted = True
+
+    def after_optimizer_step(self) -> None:
+        if self.step_counted:
+            self.counter += 1
 
     @property
     def fixed_fraction(self) -> float:
@@ -395,7 +463,7 @@ class INQ(Quantizer):
 
     def _fix_more(self, w: Tensor) -> None:
         learnable = ~self.mask
-        if self.counter == self.inq_iterations[-1]:
+        if self.stage == len(self.inq_iterations) - 1:
             new = learnable
         elif self.selection == "largest_abs":
             k = int(learnable.sum()) // 2
@@ -409,7 +477,7 @@ class INQ(Quantizer):
             draw = torch.rand(w.shape, generator=g).to(w.device) < 0.5
             new = learnable & draw
         current = torch.where(self.mask, self.fixed, w)
-        q = _math.inq_levels(current, self.num_bits)
+        q = qf.inq_levels(current, self.num_bits, "INQ")
         self.fixed = torch.where(new, q, self.fixed)
         self.mask = self.mask | new
 
@@ -421,10 +489,13 @@ class INQ(Quantizer):
             )
         qf._finite(w, "INQ", "w")
         if self.training:
-            if self.counter in self.inq_iterations:
+            its = self.inq_iterations
+            if self.stage < len(its) and its[self.stage] <= self.counter:
                 with torch.no_grad():
                     self._fix_more(w.detach())
-            self.counter += 1
+                self.stage += 1
+            if not self.step_counted:
+                self.counter += 1
         return torch.where(self.mask, self.fixed, w)
 
     def encode(self, x: Tensor) -> Codes:
@@ -465,6 +536,22 @@ class MinMax(Quantizer):
     ``"ema"`` (``x_min_max`` + ``ema``: ``r = decay * r + (1 - decay) * batch``). At evaluation
     the stored ranges are used unchanged, as the seed. ``per_channel`` (weights, beyond the seed)
     keeps one range per output channel. ``bits = ceil(log2(ql_max - ql_min + 1))``.
+
+    Learned ranges stay valid: :meth:`after_optimizer_step` (run by
+    :func:`fewbits.layers.apply_weight_constraints` after each optimizer step, like the weight
+    clip) projects them onto ``qr_min <= 0 <= qr_max`` (the range holds zero, as torch.ao's
+    observers and Jacob et al.'s nudging require) and ``qr_max >= qr_min + eps`` (the forward's
+    own nudge, which leaves the forward as it was). The seed's gradients are unchanged. Without
+    the projection, ``qr_min > 0`` pins the zero point at ``ql_min`` (the grid is
+    ``[0, qr_max - qr_min]``), ``qr_min`` keeps receiving gradient, passes ``qr_max`` and
+    leaves the quantizer on a grid ``eps`` wide for good. Ranges that stay valid never change.
+
+    Under DDP (:func:`fewbits.distributed.sync_quantizers`) batch/EMA statistics are those of
+    one process running the ranks' micro-batches in rank order (see there).
+
+        >>> q = MinMax(init_min=0.5, init_max=1.0); q.after_optimizer_step()
+        >>> q.qr_min.item(), q.qr_max.item()
+        (0.0, 1.0)
     """
 
     def __init__(self, ql_min: int = 0, ql_max: int = 255, init_min: float = -6.0,
@@ -486,7 +573,17 @@ class MinMax(Quantizer):
         self.mode, self.decay, self.eps = mode, float(decay), float(eps)
         self.per_channel, self.ste_fine_grained = bool(per_channel), bool(ste_fine_grained)
         self.bits = max(1, math.ceil(math.log2(self.ql_max - self.ql_min + 1)))
-        qf._bits("MinMax", "bits (from ql_min, ql_max)", self.bits)
+        # float32 finds a level index as (clamp(x) - lo) / scale with a relative error up to
+        # 3 * 2**-24: below 2**21 levels it rounds to the right index, wider grids can put a
+        # saturated value one code past ql_max (not a code of `bits` bits).
+        if self.ql_max - self.ql_min >= 2**21 or max(-self.ql_min, self.ql_max) > 2**24:
+            raise ValueError(
+                f"MinMax: ql_min..ql_max = {self.ql_min}..{self.ql_max} is wider than float32 "
+                "computes level indices exactly (at most 2**21 levels, |ql| <= 2**24): a "
+                "saturated value could encode one code past ql_max; use at most 21 bits")
+        #: ``stats -> (stats of every rank in rank order, this rank)``; set by
+        #: :func:`fewbits.distributed.sync_quantizers` under DDP, else None (this process only).
+        self.stats_sync: Callable[[Tensor], tuple[Tensor, int]] | None = None
         self._make_ranges(())
 
     def _kwargs(self) -> dict[str, Any]:
@@ -506,41 +603,71 @@ class MinMax(Quantizer):
             else:
                 self.register_buffer(name, v)
 
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.mode != "learnable":
+            return
+        lo, hi = self.qr_min, self.qr_max
+        lo.clamp_(max=0.0)
+        hi.clamp_(min=0.0)
+        hi.copy_(torch.where(hi - lo < self.eps, lo + self.eps, hi))  # the forward's nudge
+
     def setup(self, param: Tensor) -> None:
         if self.per_channel:
             if param.dim() < 1:
                 raise ValueError("MinMax(per_channel=True) needs a tensor with a channel axis")
             self._make_ranges((param.shape[0],), param.device)
 
-    def _observe(self, x: Tensor) -> None:
-        with torch.no_grad():
-            if self.per_channel:
-                bmin, bmax = torch.aminmax(x.detach().flatten(1), dim=1)
-            else:
-                bmin, bmax = torch.aminmax(x.detach())
+    def _update(self, bmin: Tensor, bmax: Tensor) -> None:
+        if self.mode == "ema":
+            self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
+            self.qr_max.mul_(self.decay).add_((1 - self.decay) * bmax)
+        else:
+            self.qr_min.copy_(bmin)
+            self.qr_max.copy_(bmax)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Update the ranges from ``x``; returns the ranges this forward quantizes with."""
+        if self.per_channel:
+            bmin, bmax = torch.aminmax(x.detach().flatten(1), dim=1)
+        else:
+            bmin, bmax = torch.aminmax(x.detach())
+        if self.stats_sync is None:
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
             if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):
                 qf._finite(x, "MinMax", "x")
-            if self.mode == "ema":
-                self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
-                self.qr_max.mul_(self.decay).add_((1 - self.decay) * bmax)
-            else:
-                self.qr_min.copy_(bmin)
-                self.qr_max.copy_(bmax)
+            self._update(bmin, bmax)
+            return self.qr_min, self.qr_max
+        # DDP: replay every rank's statistics in rank order, as one process running the ranks'
+        # micro-batches one after the other; this rank quantizes with the ranges its own
+        # micro-batch gives there, and every rank ends with the same state.
+        stats, rank = self.stats_sync(torch.stack([bmin, bmax]))
+        if not bool(torch.isfinite(stats).all()):  # every rank raises, none waits
+            qf._finite(x, "MinMax", "x")
+            raise ValueError("MinMax: another rank's batch contains NaN or inf; quantizers "
+                             "need finite input (a diverging run: lower the learning rate)")
+        used = (self.qr_min, self.qr_max)
+        for r in range(stats.shape[0]):
+            self._update(stats[r, 0], stats[r, 1])
+            if r == rank:
+                used = (self.qr_min.clone(), self.qr_max.clone())
+        return used
 
     def forward(self, x: Tensor) -> Tensor:
+        qr_min, qr_max = self.qr_min, self.qr_max
         if self.training and self.mode != "learnable":
             qf._float_tensor(x, "MinMax", "x")
-            self._observe(x)
-        return qf.min_max_quantize(x, self.qr_min, self.qr_max, self.ql_min, self.ql_max,
+            qr_min, qr_max = self._observe(x)
+        return qf.min_max_quantize(x, qr_min, qr_max, self.ql_min, self.ql_max,
                                    self.eps, self.ste_fine_grained)
 
     def grid(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(scale, zero_point, lo, hi)`` broadcastable to ``like`` (as the forward uses)."""
         rmin = qf._range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
         rmax = qf._range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
-        return _math.min_max_range(rmin.float(), rmax.float(), float(self.ql_min),
-                                   float(self.ql_max), self.eps)
+        return qf.min_max_grid(rmin.float(), rmax.float(), self.ql_min, self.ql_max, self.eps,
+                               "MinMax")
 
     def encode(self, x: Tensor) -> Codes:
         x = x.detach().float()

@@ -44,7 +44,7 @@ from .config import (
     ConfigError,
     TrainConfig,
 )
-from .layers import apply_weight_constraints
+from .layers import apply_weight_constraints, count_optimizer_steps
 from .models import create_model, is_model
 from .monitor import Monitor, Progress, write_json
 
@@ -255,18 +255,43 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _probe_forward(model: nn.Module, image_shape: tuple[int, ...], net: str,
-                   dataset: str) -> None:
+                   dataset: str, batch: int = 2) -> None:
     # For nets without a known input shape: one eval forward on two blank images.
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(torch.zeros(2, *image_shape))
+            model(torch.zeros(batch, *image_shape))
     except RuntimeError as e:
         raise ConfigError(f"{net} cannot take the {tuple(image_shape)} images of {dataset!r}: "
                           f"{str(e).splitlines()[0]}") from e
     finally:
         model.train(was)
+
+
+def _check_batch_norm(model: nn.Module, image_shape: tuple[int, ...], net: str,
+                      dataset: str, batch_size: int) -> None:
+    """Refuse ``-b 1`` for nets whose batch norm would see one value per channel in training
+    (``BatchNorm1d`` after a linear layer, or a 1x1 feature map), where PyTorch fails mid-run.
+    Batch norm's training statistics need two values per channel; the shapes come from one
+    eval forward of a blank image (no state changes)."""
+    if batch_size > 1:
+        return
+    single: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args: single.append(names[mod]) if math.prod(args[0].shape[2:]) == 1
+        else None) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        _probe_forward(model, image_shape, net, dataset, batch=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    if single:
+        raise ConfigError(
+            f"-b/--batch-size 1: {net} normalises {', '.join(single[:3])} with batch norm over "
+            "one value per channel, whose training statistics need at least 2 images per batch "
+            "(per process under torchrun); use -b 2 or more")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -408,7 +433,9 @@ class _Run:
         model = build_model(cfg, self.image_shape, len(self.train_ds.classes))
         if net_input_shape(cfg.net) is None:
             _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
+        _check_batch_norm(model, self.image_shape, cfg.net, cfg.dataset, cfg.batch_size)
         self.model = model.to(dev)
+        count_optimizer_steps(self.model)  # INQ's schedule is in optimizer steps (--accum-steps)
         if cfg.channels_last and dev.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = BatchIterator(self.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -448,6 +475,7 @@ class _Run:
         if info.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            fdist.sync_quantizers(self.model, info)
             self.net = self.ddp
         if cfg.compile:
             self.net = torch.compile(self.net)
