@@ -36,7 +36,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from . import distributed as fdist
 from .layers import apply_weight_constraints
-from .models import QuantConfig, create_model, is_model
+from .models import QuantConfig, create_model, list_models, model_info, register_factory
 from .monitor import Monitor, Progress, write_json
 
 __all__ = [
@@ -66,9 +66,6 @@ LR_SCHEDULES = ("constant", "cosine")
 AUGMENTED_DATASETS = ("cifar10", "imagefolder")
 #: Quantization options that models take (``fewbits.models.QuantConfig`` fields).
 QUANT_KEYS = tuple(f.name for f in fields(QuantConfig))
-#: Input image shape ``(C, H, W)`` of the registered net families, by name prefix. Channels
-#: adapt to the dataset (``in_channels``); height and width must match.
-_NET_SHAPES = {"cifar10_": (3, 32, 32), "mnist_": (1, 28, 28)}
 #: Options that must be equal for ``--resume``: they change the batches or the optimizer state.
 _RESUME_KEYS = ("net", "dataset", "batch_size", "accum_steps", "seed", "optimizer",
                 "type_config", "augment", "synthetic_size")
@@ -289,19 +286,20 @@ def resolve_device(context: str, device_id: int = 0,
 
 
 def net_input_shape(net: str) -> tuple[int, int, int] | None:
-    """The ``(C, H, W)`` images a registered net family was built for (``None`` if unknown)."""
-    for prefix, shape in _NET_SHAPES.items():
-        if net.startswith(prefix):
-            return shape
-    return None
+    """The ``(C, H, W)`` images a registered net was built for, as its registration declares
+    (``None`` if it declares none). Channels adapt to the data (``in_channels``)."""
+    return model_info(net).input_shape
 
 
 def _check_net(net: str) -> None:
-    if not is_model(net):
-        try:
-            create_model(net)
-        except ValueError as e:
-            raise ConfigError(f"-n/--net: {e}") from None
+    """Unknown ``-n/--net`` -> :class:`ConfigError`; ``package.module:factory`` is imported and
+    registered (the user asked for it on the command line)."""
+    try:
+        if ":" in net:
+            register_factory(net)
+        model_info(net)
+    except ValueError as e:
+        raise ConfigError(f"-n/--net: {e}") from None
 
 
 def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None = None):
@@ -333,25 +331,20 @@ def check_input_shape(net: str, image_shape: tuple[int, ...], dataset: str) -> N
     h, w = int(image_shape[-2]), int(image_shape[-1])
     if (h, w) == want[1:]:
         return
-    fits = [p + "*" for p, s in _NET_SHAPES.items() if s[1:] == (h, w)]
-    hint = (f"nets that fit {h}x{w} images: {', '.join(fits)} (see `fewbits list`)" if fits
-            else f"no registered net family takes {h}x{w} images; resize the data to "
-            + " or ".join(f"{s[1]}x{s[2]} ({p}* nets)" for p, s in _NET_SHAPES.items()))
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name in list_models():
+        shape = model_info(name).input_shape
+        if shape is not None:
+            shapes.setdefault(shape[1:], []).append(name)
+    fits = shapes.get((h, w), [])
+    hint = (f"nets that fit {h}x{w} images: {', '.join(fits[:4])}"
+            + (f" ... ({len(fits)} in all)" if len(fits) > 4 else "") + " (see `fewbits list`)"
+            if fits else f"no registered net takes {h}x{w} images; resize the data to "
+            + " or ".join(f"{a}x{b} (e.g. {n[0]})" for (a, b), n in shapes.items()))
     raise ConfigError(
         f"dataset {dataset!r} has {tuple(image_shape)} images but {net} expects "
         f"{want[1]}x{want[2]} images ({want[0]} channel{'s' if want[0] > 1 else ''}); {hint}"
     )
-
-
-_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {}
-
-
-def _model_defaults(net: str) -> dict[str, Any]:
-    if net not in _DEFAULT_KWARGS:
-        probe = create_model(net)
-        spec = getattr(probe, "fewbits_spec", None)
-        _DEFAULT_KWARGS[net] = dict(spec["kwargs"]) if spec else {}
-    return _DEFAULT_KWARGS[net]
 
 
 def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -359,7 +352,7 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     input channels (or features, for MLPs) of the data, and ``cfg.model_args``. Seeds the
     global RNG with ``cfg.seed`` first, so the initial weights are reproducible."""
     _check_net(cfg.net)
-    defaults = _model_defaults(cfg.net)
+    defaults = model_info(cfg.net).defaults
     c, h, w = (int(s) for s in image_shape[-3:])
     kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS
                               if k in defaults and getattr(cfg, k) is not None}
@@ -377,8 +370,6 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         model = create_model(cfg.net, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build {cfg.net}: {e}") from e
-    if getattr(model, "fewbits_spec", None) is None:
-        model.fewbits_spec = {"name": cfg.net, "kwargs": kwargs}
     return model
 
 
