@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewbits.export import FormatError, export_packed, load_packed, packed_info
-from fewbits.models import FAMILIES, create_model
+from fewbits.models import FAMILIES, create_model, model_info
 
 FAMILY_BITS = {"binary_connect": 1, "binary_net": 1, "binary_weight": 1, "fp_connect": 8,
                "fp_net": 8, "pow2_connect": 8, "pow2_net": 8, "inq": 4, "min_max": 8}
@@ -18,7 +18,7 @@ FAMILY_BITS = {"binary_connect": 1, "binary_net": 1, "binary_weight": 1, "fp_con
 def _trained(name, **kw):
     """A model whose state moved away from its initial values (ranges, INQ, BN stats)."""
     torch.manual_seed(0)
-    if "inq" in name:
+    if model_info(name).family == "inq":
         kw.setdefault("inq_iterations", [0, 1])
     m = create_model(name, **kw)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
