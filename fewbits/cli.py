@@ -89,12 +89,18 @@ def _float(text: str) -> float:
                                          f"{text!r}") from None
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str) -> tuple[int | float, ...]:
+    """Iterations (``5000,6000``), or fractions of the run when written with a decimal point
+    (``0.5,0.75,1.0``)."""
+    parts = [t for t in text.replace(" ", "").split(",") if t]
     try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+        if any("." in t for t in parts):
+            return tuple(float(t) for t in parts)
+        return tuple(int(t) for t in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated iterations such as 5000,6000,7000, got {text!r}"
+            f"expected comma-separated iterations such as 5000,6000,7000 or fractions of the "
+            f"run such as 0.5,0.75,1.0, got {text!r}"
         ) from None
 
 
@@ -168,7 +174,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: true)")
     q.add_argument("--inq-iterations", type=_int_list, default=(5000, 6000, 7000, 8000, 9000),
                    metavar="I1,I2,...",
-                   help="INQ: iterations at which more weights are fixed (default: "
+                   help="INQ: iterations at which more weights are fixed, or fractions of "
+                   "the run such as 0.5,0.75,0.875,0.9375,1.0 (default: "
                    "5000,6000,7000,8000,9000)")
     q.add_argument("--inq-selection", choices=("largest_abs", "random"), default="largest_abs",
                    help="INQ: which weights are fixed first (default: largest_abs)")

@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "count_parameters",
     "evaluate",
     "evaluate_file",
+    "inq_schedule",
     "load_split",
     "net_input_shape",
     "resolve_device",
@@ -136,7 +138,7 @@ class TrainConfig:
     a_min_max: bool = False
     a_ema: bool = False
     ste_fine_grained: bool = True
-    inq_iterations: tuple[int, ...] = (5000, 6000, 7000, 8000, 9000)
+    inq_iterations: tuple[int | float, ...] = (5000, 6000, 7000, 8000, 9000)
     inq_selection: str = "largest_abs"
     clip_weights: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -166,7 +168,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        self.inq_iterations = tuple(int(i) for i in self.inq_iterations)
+        self.inq_iterations = _inq_values(self.inq_iterations)
         self.model_args = dict(self.model_args)
         _choice("context", self.context, CONTEXTS, "-c/--context")
         _choice("type_config", self.type_config, TYPE_CONFIGS, "-t/--type-config")
@@ -194,7 +196,7 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be > 0, got {self.epochs}")
         try:
             QuantConfig(**{k: getattr(self, k) for k in QUANT_KEYS
-                           if getattr(self, k) is not None})
+                           if getattr(self, k) is not None and k != "inq_iterations"})
         except (ValueError, TypeError) as e:
             raise ConfigError(f"invalid quantization options: {e}") from e
 
@@ -212,6 +214,55 @@ class TrainConfig:
     @property
     def uses_augment(self) -> bool:
         return self.augment if self.augment is not None else self.dataset in AUGMENTED_DATASETS
+
+
+def _inq_values(values: Any) -> tuple[int | float, ...]:
+    """INQ iterations (ints), or fractions of the run's training forwards (floats in (0, 1])."""
+    vals = tuple(values)
+    if not any(isinstance(v, float) for v in vals):
+        return tuple(int(v) for v in vals)
+    if not all(0 < float(v) <= 1 for v in vals):
+        raise ConfigError(f"--inq-iterations: fractions of the run must lie in (0, 1], got "
+                          f"{list(vals)}")
+    return tuple(float(v) for v in vals)
+
+
+def inq_schedule(values: tuple[int | float, ...], forwards: int) -> tuple[int, ...]:
+    """The INQ iterations of a run of ``forwards`` training forwards (``max_iter`` times
+    ``accum_steps``): integers as given; fractions ``f`` at forward ``min(forwards - 1,
+    floor(f * forwards))``, so ``1.0`` fixes the last weights on the last forward. Fractions that
+    land on the same forward raise :class:`ConfigError`.
+
+        >>> inq_schedule((0.5, 0.75, 0.875, 0.9375, 1.0), 400)
+        (200, 300, 350, 375, 399)
+    """
+    if not any(isinstance(v, float) for v in values):
+        return tuple(int(v) for v in values)
+    its = tuple(min(forwards - 1, int(v * forwards)) for v in values)
+    if len(set(its)) != len(its) or list(its) != sorted(its):
+        raise ConfigError(f"--inq-iterations {list(values)} of a {forwards}-forward run give "
+                          f"iterations {list(its)}, not strictly increasing; use fewer steps or "
+                          "a longer run")
+    return its
+
+
+def _check_inq(model: nn.Module, forwards: int) -> None:
+    """Refuse an INQ schedule that never starts within the run; warn when it does not end."""
+    from .quantizers import INQ
+
+    scheds = {m.inq_iterations for m in model.modules() if isinstance(m, INQ)}
+    for its in sorted(scheds):
+        if its[0] >= forwards:
+            raise ConfigError(
+                f"INQ schedule {list(its)} starts after the run's {forwards} training forwards: "
+                "no weight would ever be quantized. Give iterations inside the run, or "
+                "fractions of it: --inq-iterations 0.5,0.75,0.875,0.9375,1.0")
+        if its[-1] >= forwards:
+            warnings.warn(
+                f"INQ schedule {list(its)} ends after the run's {forwards} training forwards: "
+                "part of the weights stays float and the model cannot be exported as powers "
+                "of two (--inq-iterations 0.5,0.75,0.875,0.9375,1.0 ends within the run)",
+                stacklevel=2)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...], flag: str) -> None:
@@ -357,7 +408,8 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS
                               if k in defaults and getattr(cfg, k) is not None}
     if "inq_iterations" in kwargs:
-        kwargs["inq_iterations"] = list(cfg.inq_iterations)
+        kwargs["inq_iterations"] = list(inq_schedule(cfg.inq_iterations,
+                                                     cfg.max_iter * cfg.accum_steps))
     derived = {"num_classes": num_classes, "in_channels": c, "in_features": c * h * w}
     kwargs.update({k: v for k, v in derived.items() if k in defaults})
     unknown = sorted(set(cfg.model_args) - set(defaults))
@@ -529,17 +581,20 @@ class _Run:
         if dev.type == "cuda" and cfg.context == "cudnn":
             torch.backends.cudnn.benchmark = True
         self._load_data()
-        model = build_model(cfg, self.image_shape, len(self.train_ds.classes))
-        if net_input_shape(cfg.net) is None:
-            _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
-        self.model = model.to(dev)
-        if cfg.channels_last and dev.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = BatchIterator(self.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                      rank=info.rank, world_size=info.world_size)
         if cfg.epochs is not None:
             steps = cfg.epochs * self.batches.batches_per_epoch / cfg.accum_steps
             cfg.max_iter = max(1, round(steps))
+        forwards = cfg.max_iter * cfg.accum_steps
+        cfg.inq_iterations = inq_schedule(cfg.inq_iterations, forwards)
+        model = build_model(cfg, self.image_shape, len(self.train_ds.classes))
+        if net_input_shape(cfg.net) is None:
+            _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
+        _check_inq(model, forwards)
+        self.model = model.to(dev)
+        if cfg.channels_last and dev.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.checkpoint_interval is None:
             cfg.checkpoint_interval = cfg.val_interval
         if cfg.val_batch_size is None:
