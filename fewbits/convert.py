@@ -106,7 +106,9 @@ def _occurrences(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]
     """``(qualified name, parent, attribute, module)`` of every child, shared ones repeated."""
     out = []
     for pname, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent.named_children():
+        for attr, child in parent._modules.items():  # named_children() drops repeats
+            if child is None:
+                continue
             out.append((f"{pname}.{attr}" if pname else attr, parent, attr, child))
     return out
 
@@ -127,8 +129,9 @@ def quantize_(model: nn.Module, config: Config, *,
       converts only what is still float (``quantize_`` is idempotent).
     - A subclass of ``nn.Conv2d`` / ``nn.Linear`` (whose forward may differ), a parametrized or
       lazy layer, and other convolutions (``Conv1d``, ``Conv3d``, transposed) have no exact
-      fewbits form: ``ValueError`` naming them, unless they are skipped or the callable config
-      returns ``None`` for them. Other modules (batch norm, embeddings ...) stay as they are.
+      fewbits form: ``ValueError`` naming them (the model is then left unchanged), unless they
+      are skipped or the callable config returns ``None`` for them. Other modules (batch norm,
+      embeddings ...) stay as they are.
     - A model without any conv or linear layer raises ``ValueError``.
 
     Errors name the layer: ``"layer1.0.conv1: ..."``.
@@ -142,9 +145,8 @@ def quantize_(model: nn.Module, config: Config, *,
     skipped = _skip_matcher(skip, names)
     converted: dict[int, nn.Module] = {}
     problems: list[str] = []
-    for name, parent, attr, module in found:
-        if id(module) in converted:  # shared module: same replacement everywhere
-            setattr(parent, attr, converted[id(module)])
+    for name, _, _, module in found:
+        if id(module) in converted:  # shared module: converted once
             continue
         if isinstance(module, (QuantConv2d, QuantLinear)) or skipped(name):
             continue
@@ -163,10 +165,12 @@ def quantize_(model: nn.Module, config: Config, *,
             problems.append(f"{name}: {e}")
             continue
         converted[id(module)] = new
-        setattr(parent, attr, new)
-    if problems:
+    if problems:  # all or nothing: the model is left as it was
         raise ValueError("cannot quantize these layers (add them to skip= to keep them float):\n"
                          + "\n".join(f"  {p}" for p in problems))
+    for _, parent, attr, module in found:
+        if id(module) in converted:  # a shared module gets the same layer everywhere
+            setattr(parent, attr, converted[id(module)])
     return model
 
 
