@@ -294,8 +294,9 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help=".fewbits files: run the integer CPU path (int8 / XNOR) where one exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
-                   help=".fewbits files of models outside the registry: a function building "
-                   "the model (float or quantized) to load the file into")
+                   help="a model outside the registry: the factory a run was trained with, "
+                   "or, for a .fewbits file, a function building the model (float or "
+                   "quantized) to load the file into")
 
 
 def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
@@ -304,16 +305,11 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
     from .data import load_dataset
     from .export import read_container
     from .export.commands import evaluate_packed
-    from .models import is_model, model_info, register_factory
+    from .models import is_model, model_info
     from .train import ConfigError
 
     header, _ = read_container(ns.path)
     net = header.get("model", {}).get("name", "?")
-    if ns.model:
-        try:
-            register_factory(ns.model)
-        except ValueError as e:
-            raise ConfigError(f"--model: {e}") from None
     dataset = model_info(net).dataset if is_model(str(net)) else None
     name = ns.dataset or dataset
     if name is None:
@@ -328,7 +324,14 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_eval(ns: argparse.Namespace) -> int:
-    from .train import evaluate_file
+    from .models import register_factory
+    from .train import ConfigError, evaluate_file
+
+    if ns.model:
+        try:
+            register_factory(ns.model)
+        except ValueError as e:
+            raise ConfigError(f"--model: {e}") from None
 
     if str(ns.path).endswith(".fewbits"):
         r = _eval_packed(ns)
