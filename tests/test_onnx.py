@@ -24,7 +24,7 @@ from torch import nn
 from fewbits.export import export_packed
 from fewbits.export.onnx import compare_onnx, export_onnx, onnx_session, to_onnx
 from fewbits.layers import QuantAct
-from fewbits.models import FAMILIES, create_model
+from fewbits.models import FAMILIES, create_model, model_info
 from fewbits.quantizers import FixedPoint, MinMax, Pow2
 
 ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max"}  # activations quantized
@@ -42,7 +42,7 @@ def _one_thread():
 
 def _trained(name, shape=(1, 28, 28), **kw):
     torch.manual_seed(0)
-    if "inq" in name:
+    if model_info(name).family == "inq":
         kw.setdefault("inq_iterations", [0, 1])
     m = create_model(name, **kw)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
