@@ -316,3 +316,18 @@ def test_calibrate_sets_activation_ranges_and_nothing_else():
 def test_top_level_api():
     for name in ("quantize_", "calibrate", "family_config"):
         assert name in fewbits.__all__ and hasattr(fewbits, name)
+
+
+def test_a_model_that_is_one_fewbits_layer_round_trips(tmp_path):
+    # its tensors are "weight"/"bias", not ".weight": the file once held both codes and floats
+    q = QuantLinear(3, 2, weight_quantizer="binary_connect",
+                    bias_quantizer={"name": "fixed_point", "n": 8, "delta": 2**-6}).eval()
+    report = export_packed(q, tmp_path / "q.fewbits")
+    assert [e.name for e in report.entries] == ["weight", "bias"]
+    back = load_packed(tmp_path / "q.fewbits", model=QuantLinear(
+        3, 2, weight_quantizer="binary_connect",
+        bias_quantizer={"name": "fixed_point", "n": 8, "delta": 2**-6}))
+    x = torch.rand(4, 3)
+    assert torch.equal(back(x), q(x))
+    with pytest.raises(FormatError, match="the model itself is a plain layer"):
+        load_packed(tmp_path / "q.fewbits", model=nn.Linear(3, 2))

@@ -87,6 +87,9 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
         if not isinstance(configs, dict) or set(configs) - set(ROLES):
             raise FormatError(str(path), f"layer {lname!r} has invalid quantizer configs")
         if type(m) in _FLOAT:
+            if not lname:
+                raise _fail(path, "the model itself is a plain layer that the file holds "
+                            "quantized; pass QuantConv2d/QuantLinear.from_float(model, ...)")
             try:
                 new = _FLOAT[type(m)].from_float(
                     m, **{f"{r}_quantizer": get(dict(c)) for r, c in configs.items()},

@@ -158,14 +158,14 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
                                    ("bias", layer.bias_quantizer, layer.bias)):
                     if q is None or p is None:
                         continue
-                    key = f"{lname}.{role}"
+                    key = _join(lname, role)
                     items = _codes_entries(key, q.encode(p.detach()), entropy)
                     tensors += items
                     nbytes = sum(len(b) for _, b in items)
                     entries.append(TensorEntry(key, role, p.numel(), items[0][0]["bits"], nbytes,
                                                items[0][0]["encoding"]))
                     handled.add(key)
-                    handled.update(f"{lname}.{role}_quantizer.{k}"
+                    handled.update(_join(lname, f"{role}_quantizer.{k}")
                                    for k in q.state_dict())
             for key, t in model.state_dict().items():
                 if key in handled or key.endswith("num_batches_tracked") or \
@@ -232,7 +232,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
     for t in header["tensors"]:
         kind, name = t.get("kind"), t["name"]
         if kind == "codes":
-            lname, role = name.rsplit(".", 1)
+            lname, _, role = name.rpartition(".")
             layer = layers.get(lname)
             q: Quantizer | None = getattr(layer, f"{role}_quantizer", None) if layer else None
             if q is None:
@@ -253,7 +253,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
     # Freeze: the stored weights are already quantized; quantizer state is not needed.
     for lname, layer in layers.items():
         for role in ("weight", "bias"):
-            if f"{lname}.{role}" in by_name and by_name[f"{lname}.{role}"].get("kind") == "codes":
+            key = _join(lname, role)
+            if key in by_name and by_name[key].get("kind") == "codes":
                 setattr(layer, f"{role}_quantizer", None)
     expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     missing = sorted(expected - set(state))
@@ -267,6 +268,11 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
         model.fewbits_spec = {"name": header["model"]["name"],
                               "kwargs": header["model"]["kwargs"]}
     return model.to(map_location)
+
+
+def _join(lname: str, key: str) -> str:
+    """State-dict key of ``key`` in layer ``lname`` (``""``: the model itself is the layer)."""
+    return f"{lname}.{key}" if lname else key
 
 
 def _same_shape(path: str | os.PathLike, name: str, stored: Any, want: Any) -> None:
@@ -290,7 +296,7 @@ def packed_info(path: str | os.PathLike) -> ExportReport:
             continue
         count = math.prod(t["shape"])
         if t.get("kind") == "codes":
-            role = t["name"].rsplit(".", 1)[1]
+            role = t["name"].rpartition(".")[2]
             entries.append(TensorEntry(t["name"], role, count, t["bits"], sizes[t["name"]],
                                        t["encoding"]))
             fp32 += 4 * count
