@@ -38,7 +38,7 @@ ROOT = Path(C.ROOT)
 
 from fewbits.export import export_packed  # noqa: E402
 from fewbits.layers import quant_layers  # noqa: E402
-from fewbits.models import FAMILIES, create_model, list_models  # noqa: E402
+from fewbits.models import FAMILIES, create_model, list_models, model_info  # noqa: E402
 from fewbits.train import TrainConfig, train  # noqa: E402
 
 # Published full-budget test errors, for scale (not reproduced here).
@@ -51,14 +51,11 @@ LITERATURE = {
 
 
 def _family_of(net: str) -> str:
-    for fam in sorted(FAMILIES, key=len, reverse=True):
-        if f"_{fam}_" in f"_{net}_":
-            return fam
-    return "float"
+    return model_info(net).family or "float"
 
 
 def _float_net(nets: list[str]) -> str | None:
-    floats = [n for n in nets if _family_of(n) == "float" or n == "cifar10_resnet23_prediction"]
+    floats = [n for n in nets if _family_of(n) == "float"]
     return floats[0] if floats else None
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fewbits.export import export_packed, load_packed
 from fewbits.export.onnx import export_onnx, onnx_session
 from fewbits.export.runtime import compile_for_cpu, xnor_backend
-from fewbits.models import FAMILIES, create_model
+from fewbits.models import FAMILIES, create_model, model_info
 
 SEED_NETS = ["cifar10_resnet23_prediction"] + [
     f"cifar10_{f}_resnet23_prediction" for f in FAMILIES if f != "float"]
@@ -47,7 +47,7 @@ SEED_NETS = ["cifar10_resnet23_prediction"] + [
 
 def _prepared(name: str, steps: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
-    kw = {"inq_iterations": [0, 1]} if "_inq_" in name else {}
+    kw = {"inq_iterations": [0, 1]} if model_info(name).family == "inq" else {}
     m = create_model(name, **kw)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _short(name: str) -> str:
-    fam = name.removeprefix("cifar10_").removesuffix("_resnet23_prediction")
-    return "float" if fam == "resnet23_prediction" else fam
+    return model_info(name).family or name
 
 
 def _line(row: dict[str, Any], batches: list[int]) -> str:

@@ -44,16 +44,16 @@ TARGETS: dict[str, tuple[float, float]] = {"weight": (1.15, 1.3), "weight+act": 
 def _kind(net: str) -> str:
     from fewbits.models import FAMILIES
 
-    if net == C.FLOAT_NET:
+    fam = _short(net)
+    if fam == "float":
         return "float"
-    fam = net.removeprefix("cifar10_").removesuffix("_resnet23_prediction")
     return "weight" if FAMILIES[fam].weight_only else "weight+act"
 
 
 def _short(net: str) -> str:
-    if net == C.FLOAT_NET:
-        return "float"
-    return net.removeprefix("cifar10_").removesuffix("_resnet23_prediction")
+    from fewbits.models import model_info
+
+    return model_info(net).family or net
 
 
 def _select(pattern: str | None) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,19 +96,30 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help=".fewbits files: run the integer CPU path (int8 / XNOR) where one exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
+                   help="a model outside the registry: the factory a run was trained with, "
+                   "or, for a .fewbits file, a function building the model (float or "
+                   "quantized) to load the file into")
 
 
 def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate a ``.fewbits`` file: the network is rebuilt from the packed form."""
+    """Evaluate a ``.fewbits`` file: the network is rebuilt from the packed form (into the
+    ``--model`` factory's model when given)."""
     from .data import load_dataset
     from .export import read_container
     from .export.commands import evaluate_packed
+    from .models import is_model, model_info
+    from .train import ConfigError
 
     header, _ = read_container(ns.path)
     net = header.get("model", {}).get("name", "?")
-    name = ns.dataset or ("mnist" if net.startswith("mnist_") else "cifar10")
+    dataset = model_info(net).dataset if is_model(str(net)) else None
+    name = ns.dataset or dataset
+    if name is None:
+        raise ConfigError(f"{ns.path} holds {net!r}, which declares no dataset; give --dataset")
     ds = load_dataset(name, "test", ns.data_dir, download=ns.download)
-    r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast)
+    r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast,
+                        model=ns.model)
     wrong = round(r["error"] * r["n"])
     return {"error": r["error"], "accuracy": r["top1"], "wrong": wrong, "total": r["n"],
             "images_per_second": r["images_per_s"], "dataset": name, "net": net,
@@ -117,7 +127,14 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_eval(ns: argparse.Namespace) -> int:
-    from .train import evaluate_file
+    from .models import register_factory
+    from .train import ConfigError, evaluate_file
+
+    if ns.model:
+        try:
+            register_factory(ns.model)
+        except ValueError as e:
+            raise ConfigError(f"--model: {e}") from None
 
     if str(ns.path).endswith(".fewbits"):
         r = _eval_packed(ns)
@@ -137,16 +154,14 @@ def _run_eval(ns: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- list
 
-_NAME = re.compile(r"^(cifar10|mnist)_(?:(.+)_)?(resnet23_prediction|lenet|mlp)$")
 
 
 def _model_rows(pattern: str | None) -> list[tuple[str, str, str, str]]:
-    from .models import FAMILIES, QuantConfig, list_models
+    from .models import FAMILIES, QuantConfig, list_models, model_info
 
     rows = []
     for name in list_models(pattern):
-        m = _NAME.match(name)
-        fam = (m.group(2) or "float") if m else None
+        fam = model_info(name).family
         if fam in FAMILIES:
             f = FAMILIES[fam]
             wb, ab = f.bits(QuantConfig())

@@ -97,13 +97,31 @@ def _float(text: str) -> float:
                                          f"{text!r}") from None
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str) -> tuple[int | float, ...]:
+    """Iterations (``5000,6000``), or fractions of the run when written with a decimal point
+    (``0.5,0.75,1.0``)."""
+    parts = [t for t in text.replace(" ", "").split(",") if t]
     try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+        if any("." in t for t in parts):
+            return tuple(float(t) for t in parts)
+        return tuple(int(t) for t in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated iterations such as 5000,6000,7000, got {text!r}"
+            f"expected comma-separated iterations such as 5000,6000,7000 or fractions of the "
+            f"run such as 0.5,0.75,1.0, got {text!r}"
         ) from None
+
+
+def _inq_values(values: Any) -> tuple[int | float, ...]:
+    """INQ iterations (ints), or fractions of the run's iterations (floats in (0, 1]); the
+    trainer resolves fractions with :func:`fewbits.train.inq_schedule`."""
+    vals = tuple(values)
+    if not any(isinstance(v, float) for v in vals):
+        return tuple(int(v) for v in vals)
+    if not all(0 < float(v) <= 1 for v in vals):
+        raise ConfigError(f"--inq-iterations: fractions of the run must lie in (0, 1], got "
+                          f"{list(vals)}")
+    return tuple(float(v) for v in vals)
 
 
 class _KeyValue(argparse.Action):
@@ -219,7 +237,8 @@ class _SeedOptions:
                                          help="folder for checkpoint.pt, model_best.pt, "
                                          "model_final.pt")
     net: str = option("cifar10_resnet23_prediction", "-n", "--net", same_on_resume=True,
-                      help="a registered network, see `fewbits list models`")
+                      help="a registered network (see `fewbits list models`) or your own as "
+                      "package.module:factory")
 
 
 @dataclass
@@ -247,10 +266,10 @@ class _QuantOptions:
     ste_fine_grained: bool = option(True, "--ste-fine-grained", kind="bool_value",
                                     help="straight-through gradient only inside the "
                                     "quantizer's range")
-    inq_iterations: tuple[int, ...] = option(INQ_ITERATIONS, "--inq-iterations",
-                                             parse=_int_list, metavar="I1,I2,...",
-                                             help="INQ: iterations at which more weights are "
-                                             "fixed")
+    inq_iterations: tuple[int | float, ...] = option(
+        INQ_ITERATIONS, "--inq-iterations", parse=_int_list, metavar="I1,I2,...",
+        help="INQ: iterations at which more weights are fixed, or fractions of the run such "
+        "as 0.5,0.75,0.875,0.9375,1.0")
     inq_selection: str = option("largest_abs", "--inq-selection", choices=INQ_SELECTIONS,
                                 help="INQ: which weights are fixed first")
     clip_weights: bool = option(False, "--clip-weights", kind="true",
@@ -264,7 +283,7 @@ class _QuantOptions:
         return d
 
     def _check_quant(self) -> None:
-        self.inq_iterations = tuple(int(i) for i in self.inq_iterations)
+        self.inq_iterations = _inq_values(self.inq_iterations)
         _check_fields(self)
         if not self.ql_min < self.ql_max:
             raise ConfigError(f"need ql_min < ql_max (--ql-min < --ql-max), got {self.ql_min} "

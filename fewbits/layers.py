@@ -11,7 +11,7 @@ model can swap them in. Quantizer specs go through :func:`fewbits.quantizers.get
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 Spec = str | dict[str, Any] | Quantizer | None
+_L = TypeVar("_L", bound="_QuantMixin")
 
 
 class _QuantMixin:
@@ -46,6 +47,88 @@ class _QuantMixin:
             self.weight_quantizer.setup(self.weight)
         if self.bias_quantizer is not None:
             self.bias_quantizer.setup(self.bias)
+
+    #: The torch parent (``nn.Conv2d`` / ``nn.Linear``); set by each subclass.
+    _float_type: type[nn.Module]
+
+    @staticmethod
+    def _float_kwargs(module: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls: type[_L], module: nn.Module, *, weight_quantizer: Spec = None,
+                   bias_quantizer: Spec = None, input_quantizer: Spec = None,
+                   output_quantizer: Spec = None, init_ranges: bool = True) -> _L:
+        """The fewbits layer computing ``module`` with quantizers, sharing its parameters.
+
+        ``module`` must be exactly the torch parent (``nn.Conv2d`` for ``QuantConv2d``,
+        ``nn.Linear`` for ``QuantLinear``); every option (stride, padding, dilation, groups,
+        padding mode) is kept, and the new layer holds the *same* ``weight`` / ``bias``
+        ``Parameter`` objects (so an optimizer built before keeps working), on their device and
+        dtype. The RNG is not touched. With ``init_ranges`` the weight/bias quantizers'
+        data-dependent state starts from the tensors (:meth:`Quantizer.init_from_`: min-max
+        ranges = the weights' min and max, per tensor or per channel).
+
+        Raises ``TypeError`` for a subclass of the torch layer (its forward may differ),
+        ``ValueError`` for a parametrized (e.g. weight-normed) or uninitialised (lazy) layer.
+
+            >>> fc = nn.Linear(4, 2)
+            >>> q = QuantLinear.from_float(fc, weight_quantizer="binary_connect")
+            >>> q.weight is fc.weight
+            True
+        """
+        base = cls._float_type
+        if type(module) is not base:
+            raise TypeError(
+                f"{cls.__name__}.from_float needs exactly a torch {base.__name__}, got "
+                f"{type(module).__module__}.{type(module).__qualname__}: a subclass may compute "
+                "differently from its parent, so fewbits does not convert it")
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            raise ValueError(f"{cls.__name__}.from_float: the {base.__name__} has parametrized "
+                             "weights (e.g. weight norm); remove the parametrization first")
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{cls.__name__}.from_float: the layer is lazy and uninitialised; "
+                             "run one forward pass before converting it")
+        layer = cls(**cls._float_kwargs(module), bias=module.bias is not None, device="meta")
+        layer.weight, layer.bias = module.weight, module.bias
+        layer.train(module.training)
+        layer._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer,
+                               output_quantizer)
+        for q in (layer.weight_quantizer, layer.bias_quantizer, layer.input_quantizer,
+                  layer.output_quantizer):
+            if q is not None:
+                q.to(device=module.weight.device)
+        if init_ranges:
+            for q, p in ((layer.weight_quantizer, layer.weight),
+                         (layer.bias_quantizer, layer.bias)):
+                if q is not None and p is not None:
+                    q.init_from_(p.detach())
+        return layer
+
+    def to_float(self, *, drop_activation_quantizers: bool = False) -> nn.Module:
+        """A plain torch layer (``nn.Conv2d`` / ``nn.Linear``) holding the quantized weight and
+        bias (evaluation-mode values, new parameters; quantizer state is not advanced).
+
+        A plain layer cannot quantize its input or output: when this layer does, ``ValueError``
+        unless ``drop_activation_quantizers=True``.
+        """
+        acts = [r for r in ("input", "output") if getattr(self, f"{r}_quantizer") is not None]
+        if acts and not drop_activation_quantizers:
+            raise ValueError(f"this layer quantizes its {' and '.join(acts)}, which a plain "
+                             f"{self._float_type.__name__} cannot; pass "
+                             "drop_activation_quantizers=True to drop them")
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                w, b = self.quantized_weight(), self.quantized_bias()
+        finally:
+            self.train(was)
+        out = self._float_type(**self._float_kwargs(self), bias=b is not None, device="meta")
+        out.weight = nn.Parameter(w.detach().clone(), requires_grad=self.weight.requires_grad)
+        if b is not None:
+            out.bias = nn.Parameter(b.detach().clone(), requires_grad=self.bias.requires_grad)
+        return out.train(was)
 
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses."""
@@ -71,11 +154,19 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     quantizer's straight-through estimate. All ``nn.Conv2d`` arguments are accepted.
     """
 
+    _float_type = nn.Conv2d
+
     def __init__(self, *args: Any, weight_quantizer: Spec = None, bias_quantizer: Spec = None,
                  input_quantizer: Spec = None, output_quantizer: Spec = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer, output_quantizer)
+
+    @staticmethod
+    def _float_kwargs(m: nn.Module) -> dict[str, Any]:
+        return {"in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                "dilation": m.dilation, "groups": m.groups, "padding_mode": m.padding_mode}
 
     def forward(self, x: Tensor) -> Tensor:
         return self._q_out(self._conv_forward(self._q_in(x), self.quantized_weight(),
@@ -88,11 +179,17 @@ class QuantLinear(_QuantMixin, nn.Linear):
     Forward: ``out_q(linear(in_q(x), w_q(W), b_q(b)))``.
     """
 
+    _float_type = nn.Linear
+
     def __init__(self, *args: Any, weight_quantizer: Spec = None, bias_quantizer: Spec = None,
                  input_quantizer: Spec = None, output_quantizer: Spec = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer, output_quantizer)
+
+    @staticmethod
+    def _float_kwargs(m: nn.Module) -> dict[str, Any]:
+        return {"in_features": m.in_features, "out_features": m.out_features}
 
     def forward(self, x: Tensor) -> Tensor:
         y = nn.functional.linear(self._q_in(x), self.quantized_weight(), self.quantized_bias())

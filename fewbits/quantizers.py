@@ -132,6 +132,10 @@ class Quantizer(nn.Module):
         """Advance schedules in :meth:`after_optimizer_step` instead of at each training
         forward (gradient accumulation); default: no schedule."""
 
+    def init_from_(self, x: Tensor) -> None:
+        """Start data-dependent state from ``x``, the tensor this quantizer will quantize (called
+        after ``setup`` when a float layer is converted); default: nothing to do."""
+
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError(f"{type(self).__name__} cannot encode")
 
@@ -618,6 +622,21 @@ class MinMax(Quantizer):
                 raise ValueError("MinMax(per_channel=True) needs a tensor with a channel axis")
             self._make_ranges((param.shape[0],), param.device)
 
+    def _range_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.per_channel:
+            return torch.aminmax(x.detach().flatten(1), dim=1)
+        return torch.aminmax(x.detach())
+
+    def init_from_(self, x: Tensor) -> None:
+        """Ranges = the min and max of ``x`` (per output channel with ``per_channel``), so that
+        a converted weight starts on a grid that covers it (not the fixed ``init_min/max``)."""
+        qf._finite(x, "MinMax", "x")
+        bmin, bmax = self._range_of(x)
+        with torch.no_grad():
+            self.qr_min.copy_(bmin)
+            self.qr_max.copy_(bmax)
+        self.after_optimizer_step()  # learned ranges must stay valid (qr_min <= 0 <= qr_max)
+
     def _update(self, bmin: Tensor, bmax: Tensor) -> None:
         if self.mode == "ema":
             self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
@@ -629,10 +648,7 @@ class MinMax(Quantizer):
     @torch.no_grad()
     def _observe(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Update the ranges from ``x``; returns the ranges this forward quantizes with."""
-        if self.per_channel:
-            bmin, bmax = torch.aminmax(x.detach().flatten(1), dim=1)
-        else:
-            bmin, bmax = torch.aminmax(x.detach())
+        bmin, bmax = self._range_of(x)
         if self.stats_sync is None:
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
             if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):

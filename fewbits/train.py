@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -45,8 +46,9 @@ from .config import (
     TrainConfig,
 )
 from .layers import apply_weight_constraints, count_optimizer_steps
-from .models import create_model, is_model
+from .models import create_model, list_models, model_info, register_factory
 from .monitor import Monitor, Progress, write_json
+from .quantizers import INQ
 
 __all__ = [
     "CONTEXTS",
@@ -62,15 +64,13 @@ __all__ = [
     "count_parameters",
     "evaluate",
     "evaluate_file",
+    "inq_schedule",
     "load_split",
     "net_input_shape",
     "resolve_device",
     "train",
 ]
 
-#: Input image shape ``(C, H, W)`` of the registered net families, by name prefix. Channels
-#: adapt to the dataset (``in_channels``); height and width must match.
-_NET_SHAPES = {"cifar10_": (3, 32, 32), "mnist_": (1, 28, 28)}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -91,6 +91,43 @@ class TrainingInterrupted(RuntimeError):
             f"{checkpoint}. Resume with the same command plus `--resume` (or "
             f"`--resume {checkpoint}`)."
         )
+
+
+def inq_schedule(values: tuple[int | float, ...], steps: int) -> tuple[int, ...]:
+    """The INQ iterations of a run of ``steps`` optimizer iterations (``max_iter``; the INQ
+    counter counts optimizer steps, see :func:`fewbits.layers.count_optimizer_steps`):
+    integers as given; fractions ``f`` at iteration ``min(steps - 1, floor(f * steps))``, so
+    ``1.0`` fixes the last weights at the last iteration. Fractions that land on the same
+    iteration raise :class:`ConfigError`.
+
+        >>> inq_schedule((0.5, 0.75, 0.875, 0.9375, 1.0), 400)
+        (200, 300, 350, 375, 399)
+    """
+    if not any(isinstance(v, float) for v in values):
+        return tuple(int(v) for v in values)
+    its = tuple(min(steps - 1, int(v * steps)) for v in values)
+    if len(set(its)) != len(its) or list(its) != sorted(its):
+        raise ConfigError(f"--inq-iterations {list(values)} of a {steps}-iteration run give "
+                          f"iterations {list(its)}, not strictly increasing; use fewer steps or "
+                          "a longer run")
+    return its
+
+
+def _check_inq(model: nn.Module, steps: int) -> None:
+    """Refuse an INQ schedule that never starts within the run; warn when it does not end."""
+    scheds = {m.inq_iterations for m in model.modules() if isinstance(m, INQ)}
+    for its in sorted(scheds):
+        if its[0] >= steps:
+            raise ConfigError(
+                f"INQ schedule {list(its)} starts after the run's {steps} iterations: no weight "
+                "would ever be quantized. Give iterations inside the run, or fractions of it: "
+                "--inq-iterations 0.5,0.75,0.875,0.9375,1.0")
+        if its[-1] >= steps:
+            warnings.warn(
+                f"INQ schedule {list(its)} ends after the run's {steps} iterations: part of the "
+                "weights stays float and the model cannot be exported as powers of two "
+                "(--inq-iterations 0.5,0.75,0.875,0.9375,1.0 ends within the run)",
+                stacklevel=2)
 
 
 @dataclass
@@ -156,19 +193,20 @@ def resolve_device(context: str, device_id: int = 0,
 
 
 def net_input_shape(net: str) -> tuple[int, int, int] | None:
-    """The ``(C, H, W)`` images a registered net family was built for (``None`` if unknown)."""
-    for prefix, shape in _NET_SHAPES.items():
-        if net.startswith(prefix):
-            return shape
-    return None
+    """The ``(C, H, W)`` images a registered net was built for, as its registration declares
+    (``None`` if it declares none). Channels adapt to the data (``in_channels``)."""
+    return model_info(net).input_shape
 
 
 def _check_net(net: str) -> None:
-    if not is_model(net):
-        try:
-            create_model(net)
-        except ValueError as e:
-            raise ConfigError(f"-n/--net: {e}") from None
+    """Unknown ``-n/--net`` -> :class:`ConfigError`; ``package.module:factory`` is imported and
+    registered (the user asked for it on the command line)."""
+    try:
+        if ":" in net:
+            register_factory(net)
+        model_info(net)
+    except ValueError as e:
+        raise ConfigError(f"-n/--net: {e}") from None
 
 
 def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None = None):
@@ -200,25 +238,20 @@ def check_input_shape(net: str, image_shape: tuple[int, ...], dataset: str) -> N
     h, w = int(image_shape[-2]), int(image_shape[-1])
     if (h, w) == want[1:]:
         return
-    fits = [p + "*" for p, s in _NET_SHAPES.items() if s[1:] == (h, w)]
-    hint = (f"nets that fit {h}x{w} images: {', '.join(fits)} (see `fewbits list`)" if fits
-            else f"no registered net family takes {h}x{w} images; resize the data to "
-            + " or ".join(f"{s[1]}x{s[2]} ({p}* nets)" for p, s in _NET_SHAPES.items()))
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name in list_models():
+        shape = model_info(name).input_shape
+        if shape is not None:
+            shapes.setdefault(shape[1:], []).append(name)
+    fits = shapes.get((h, w), [])
+    hint = (f"nets that fit {h}x{w} images: {', '.join(fits[:4])}"
+            + (f" ... ({len(fits)} in all)" if len(fits) > 4 else "") + " (see `fewbits list`)"
+            if fits else f"no registered net takes {h}x{w} images; resize the data to "
+            + " or ".join(f"{a}x{b} (e.g. {n[0]})" for (a, b), n in shapes.items()))
     raise ConfigError(
         f"dataset {dataset!r} has {tuple(image_shape)} images but {net} expects "
         f"{want[1]}x{want[2]} images ({want[0]} channel{'s' if want[0] > 1 else ''}); {hint}"
     )
-
-
-_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {}
-
-
-def _model_defaults(net: str) -> dict[str, Any]:
-    if net not in _DEFAULT_KWARGS:
-        probe = create_model(net)
-        spec = getattr(probe, "fewbits_spec", None)
-        _DEFAULT_KWARGS[net] = dict(spec["kwargs"]) if spec else {}
-    return _DEFAULT_KWARGS[net]
 
 
 def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -226,12 +259,12 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     input channels (or features, for MLPs) of the data, and ``cfg.model_args``. Seeds the
     global RNG with ``cfg.seed`` first, so the initial weights are reproducible."""
     _check_net(cfg.net)
-    defaults = _model_defaults(cfg.net)
+    defaults = model_info(cfg.net).defaults
     c, h, w = (int(s) for s in image_shape[-3:])
     kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS
                               if k in defaults and getattr(cfg, k) is not None}
     if "inq_iterations" in kwargs:
-        kwargs["inq_iterations"] = list(cfg.inq_iterations)
+        kwargs["inq_iterations"] = list(inq_schedule(cfg.inq_iterations, cfg.max_iter))
     derived = {"num_classes": num_classes, "in_channels": c, "in_features": c * h * w}
     kwargs.update({k: v for k, v in derived.items() if k in defaults})
     unknown = sorted(set(cfg.model_args) - set(defaults))
@@ -244,8 +277,6 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
         model = create_model(cfg.net, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build {cfg.net}: {e}") from e
-    if getattr(model, "fewbits_spec", None) is None:
-        model.fewbits_spec = {"name": cfg.net, "kwargs": kwargs}
     return model
 
 
@@ -430,19 +461,21 @@ class _Run:
         if dev.type == "cuda" and cfg.context == "cudnn":
             torch.backends.cudnn.benchmark = True
         self._load_data()
-        model = build_model(cfg, self.image_shape, len(self.train_ds.classes))
-        if net_input_shape(cfg.net) is None:
-            _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
-        _check_batch_norm(model, self.image_shape, cfg.net, cfg.dataset, cfg.batch_size)
-        self.model = model.to(dev)
-        count_optimizer_steps(self.model)  # INQ's schedule is in optimizer steps (--accum-steps)
-        if cfg.channels_last and dev.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = BatchIterator(self.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                      rank=info.rank, world_size=info.world_size)
         if cfg.epochs is not None:
             steps = cfg.epochs * self.batches.batches_per_epoch / cfg.accum_steps
             cfg.max_iter = max(1, round(steps))
+        cfg.inq_iterations = inq_schedule(cfg.inq_iterations, cfg.max_iter)
+        model = build_model(cfg, self.image_shape, len(self.train_ds.classes))
+        if net_input_shape(cfg.net) is None:
+            _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
+        _check_batch_norm(model, self.image_shape, cfg.net, cfg.dataset, cfg.batch_size)
+        _check_inq(model, cfg.max_iter)
+        self.model = model.to(dev)
+        count_optimizer_steps(self.model)  # INQ's schedule is in optimizer steps (--accum-steps)
+        if cfg.channels_last and dev.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.checkpoint_interval is None:
             cfg.checkpoint_interval = cfg.val_interval
         if cfg.val_batch_size is None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewbits.models import create_model
+from fewbits.models import create_model, model_info
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def train_briefly(name: str, *, shape: tuple[int, ...] = (1, 28, 28), batch: int
     """``create_model(name, **kw)`` after ``steps`` Adam steps on ``batch`` random images, in
     eval mode. INQ nets fix their weights at once (``inq_iterations=[0, 1]``) unless told."""
     torch.manual_seed(0)
-    if "inq" in name:
+    if model_info(name).family == "inq":
         kw.setdefault("inq_iterations", [0, 1])
     m = create_model(name, **kw)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)

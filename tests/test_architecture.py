@@ -27,6 +27,7 @@ LAYERS = [
     (5, "config", ["fewbits.config"]),
     (5, "distributed", ["fewbits.distributed"]),
     (6, "models", ["fewbits.models"]),
+    (7, "convert", ["fewbits.convert"]),
     (7, "files", ["fewbits.checkpoint", "fewbits.monitor", "fewbits.export.container"]),
     (8, "train", ["fewbits.train"]),
     (8, "export", ["fewbits.export"]),

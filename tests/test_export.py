@@ -93,6 +93,13 @@ def test_damaged_files_are_refused_naming_the_file(tmp_path, damage, match):
     assert "bad.fewbits" in str(err.value)
 
 
-def test_a_model_without_a_registry_spec_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="create_model"):
-        export_packed(torch.nn.Linear(2, 2), tmp_path / "x.fewbits")
+def test_a_model_outside_the_registry_exports_and_loads_into_an_instance(tmp_path):
+    # Before issue 10 this was refused ("register your model"); any model exports now, and
+    # loading it needs the instance, since the file names a class it never imports.
+    m = torch.nn.Linear(2, 2)
+    export_packed(m, tmp_path / "x.fewbits")
+    with pytest.raises(FormatError, match=r"torch\.nn\.modules\.linear\.Linear.*model="):
+        load_packed(tmp_path / "x.fewbits")
+    back = load_packed(tmp_path / "x.fewbits", model=torch.nn.Linear(2, 2))
+    x = torch.rand(3, 2)
+    assert torch.equal(back(x), m(x))

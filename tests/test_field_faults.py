@@ -293,21 +293,19 @@ def test_min_max_batch_and_ema_ranges_are_not_projected():
 
 
 def test_inq_with_accumulation_follows_optimizer_iterations(tmp_path):
-    # -n mnist_inq_mlp -i 2 --inq-iterations 2,4 --accum-steps 2: the first fix is at the
-    # third iteration, so nothing is fixed after two (main fixed half of every layer).
+    # -n mnist_inq_mlp -i 3 --inq-iterations 2,4 --accum-steps 2: only the fix at iteration 2
+    # lands (half of every layer); counting forwards, main fixed at forwards 2 and 4 (75 %).
+    # (-i 2 with this schedule is refused: it would never start, see test_own_models.)
     from fewbits.layers import quant_layers
 
     cfg = TrainConfig(net="mnist_inq_mlp", dataset="synthetic", synthetic_size=16,
-                      batch_size=4, max_iter=2, val_interval=2, accum_steps=2,
+                      batch_size=4, max_iter=3, val_interval=3, accum_steps=2,
                       inq_iterations=(2, 4), monitor_path=str(tmp_path), progress=False,
                       plot=False, model_args={"width": 8, "depth": 1})
-    model = train(cfg).model
+    with pytest.warns(UserWarning, match="ends after the run's 3 iterations"):
+        model = train(cfg).model
     qs = [layer.weight_quantizer for _, layer in quant_layers(model)]
-    assert qs and all(q.counter == 2 and q.fixed_fraction == 0.0 for q in qs)
-    cfg.max_iter, cfg.resume = 3, "auto"
-    model = train(cfg).model
-    qs = [layer.weight_quantizer for _, layer in quant_layers(model)]
-    assert all(q.counter == 3 and 0.4 < q.fixed_fraction < 0.6 for q in qs)
+    assert qs and all(q.counter == 3 and 0.4 < q.fixed_fraction < 0.6 for q in qs)
 
 
 def test_inq_fixes_never_land_between_micro_batches():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewbits.models import FAMILIES, create_model, list_models, register_model
+from fewbits.models import FAMILIES, create_model, list_models, model_info, register_model
 
 SEED_NETS = ["cifar10_resnet23_prediction"] + [
     f"cifar10_{f}_resnet23_prediction" for f in FAMILIES if f != "float"
@@ -13,11 +13,11 @@ SEED_NETS = ["cifar10_resnet23_prediction"] + [
 
 
 def _input(name, n=4):
-    return torch.rand(n, 3, 32, 32) if name.startswith("cifar10") else torch.rand(n, 1, 28, 28)
+    return torch.rand(n, *model_info(name).input_shape)
 
 
 def _small(name):
-    return {"width": 16} if name.endswith(("_mlp", "_lenet")) else {}
+    return {"width": 16} if "width" in model_info(name).defaults else {}
 
 
 def test_the_ten_seed_networks_are_registered():
@@ -35,7 +35,7 @@ def test_float_resnet23_has_the_seed_parameter_count():
 def test_every_model_forwards_and_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     kw = _small(name)
-    if "inq" in name:
+    if model_info(name).family == "inq":
         kw["inq_iterations"] = [0, 5]  # half the weights fixed on the first forward
     m = create_model(name, **kw)
     m.train()
@@ -47,7 +47,7 @@ def test_every_model_forwards_and_every_parameter_gets_a_gradient(name):
         assert p.grad is not None, f"{pname} got no gradient"
         # INQ's fixed weights get zero gradient by design; min-max ranges only get one where
         # values fall outside them.
-        if "inq" not in name and not pname.endswith(("qr_min", "qr_max")):
+        if model_info(name).family != "inq" and not pname.endswith(("qr_min", "qr_max")):
             assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
 
 

@@ -13,6 +13,7 @@ import torch
 
 from fewbits import create_model, list_models
 from fewbits.checkpoint import load_model
+from fewbits.models import model_info
 from fewbits.monitor import (
     LOSS_FILE,
     SERIES_FILES,
@@ -38,14 +39,15 @@ LINE = re.compile(r"^\d+ -?\d+(\.\d+)?([eE][-+]?\d+)?$")
 def tiny(net: str, path: Path, **kw) -> TrainConfig:
     """A few iterations of ``net`` on a tiny synthetic dataset, MNIST nets made narrow."""
     small = {}
-    if net.endswith("_lenet"):
-        small = {"width": 16}
-    elif net.endswith("_mlp"):
+    defaults = model_info(net).defaults
+    if "depth" in defaults:
         small = {"width": 16, "depth": 1}
+    elif "width" in defaults:
+        small = {"width": 16}
     opts = dict(net=net, dataset="synthetic", synthetic_size=16, batch_size=8, max_iter=2,
                 val_interval=2, monitor_path=str(path), progress=False, plot=False,
                 model_args=small)
-    if "_inq_" in net:
+    if model_info(net).family == "inq":
         opts["inq_iterations"] = (0, 1)  # reach the all-fixed state within the run
     opts.update(kw)
     return TrainConfig(**opts)
@@ -75,7 +77,7 @@ def test_every_registered_net_trains(net, tmp_path):
     res.model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), res.model(x))
-    if "_inq_" in net:
+    if model_info(net).family == "inq":
         from fewbits.quantizers import INQ
 
         inq = [m for m in model.modules() if isinstance(m, INQ)]
@@ -168,7 +170,7 @@ def test_model_gets_classes_and_channels_from_the_data():
 
 
 def test_net_that_does_not_fit_the_images(tmp_path):
-    with pytest.raises(ConfigError, match=r"expects 32x32 .*mnist_\*"):
+    with pytest.raises(ConfigError, match=r"expects 32x32 .*mnist_binary_connect_lenet"):
         train(tiny("cifar10_resnet23_prediction", tmp_path, dataset="digits"))
 
 

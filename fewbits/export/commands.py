@@ -48,6 +48,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 21)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip comparing the ONNX graph with PyTorch on random images")
+    parser.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
+                        help="the factory a run was trained with (`fewbits train --net "
+                        "package.module:factory`), to rebuild it")
     return parser
 
 
@@ -72,6 +75,10 @@ def run_export(args: argparse.Namespace) -> int:
         return _fail("nothing to write: give -o model.fewbits and/or --onnx model.onnx")
     source: Any = args.source
     try:
+        if getattr(args, "model", None):
+            from ..models import register_factory
+
+            register_factory(args.model)
         if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
             return _fail(f"{source}: no such run folder, checkpoint or .fewbits file")
         packed_source = not isinstance(source, torch.nn.Module) and _is_packed_file(source)
@@ -128,7 +135,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels: torch.Tensor,
-                    batch_size: int = 256, fast: bool = False) -> dict[str, Any]:
+                    batch_size: int = 256, fast: bool = False,
+                    model: str | None = None) -> dict[str, Any]:
     """Classify ``images_uint8`` (uint8 ``(N, C, H, W)``) with the network stored at ``path``.
 
     The network is rebuilt from the file (:func:`~fewbits.export.load_packed`) or, with
@@ -137,6 +145,9 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
     "images_per_s", "n", "fast_path"}`` (``top1`` and ``error`` are fractions; ``fast_path`` is
     the integer path used, or None), plus ``accuracy``, ``total`` and ``images_per_second``
     (the same numbers under the names ``fewbits eval`` reports for checkpoints).
+
+    ``model``: a registered name or ``package.module:factory`` (registered by the caller) for
+    files of models outside the registry: the file is loaded into ``create_model(model)``.
     """
     from .packed import load_packed
     from .runtime import compile_for_cpu
@@ -148,9 +159,21 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
         raise ValueError(f"{images_uint8.shape[0]} images but {labels.shape[0]} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from .packed import _read
+
+    factory = model
+    if factory is not None and _read(path)[0]["model"]["name"] == factory:
+        factory = None  # the file's own registered model, rebuilt with its recorded options
+    if fast and factory is not None:
+        raise ValueError("--fast needs a file of a registered model; without --fast, --model "
+                         "evaluates any model")
     if fast:
         model = compile_for_cpu(path)
         kind = model.kind
+    elif factory is not None:
+        from ..models import create_model
+
+        model, kind = load_packed(path, model=create_model(factory)).eval(), None
     else:
         model, kind = load_packed(path).eval(), None
     n = images_uint8.shape[0]

@@ -48,6 +48,7 @@ import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,7 @@ from ..quantizers import (
     MinMax,
     Pow2,
     Quantizer,
+    get,
 )
 from .container import MAGIC, decode_tensor
 
@@ -102,7 +104,11 @@ def _file_codes(path: str | os.PathLike, model_spec: dict) -> dict[str, tuple[Qu
     from .packed import _read
 
     header, blobs = _read(path)
-    fresh = dict(quant_layers(create_model(model_spec["name"], **model_spec["kwargs"])))
+    if "layers" in header:  # the quantizers that made the codes, as the file records them
+        fresh = {n: SimpleNamespace(**{f"{r}_quantizer": get(c) for r, c in cfg.items()})
+                 for n, cfg in header["layers"].items()}
+    else:
+        fresh = dict(quant_layers(create_model(model_spec["name"], **model_spec["kwargs"])))
     params: dict[str, dict[str, Tensor]] = {}
     for t in header["tensors"]:
         if t.get("kind") == "param":
@@ -133,10 +139,10 @@ def resolve_source(source: nn.Module | str | os.PathLike
     quantizers left, so pass the file itself to keep the integer form.
     """
     if _is_packed_file(source):
-        from .packed import load_packed
+        from .packed import _read, load_packed
 
         model = load_packed(source)
-        return model, _file_codes(source, model.fewbits_spec)
+        return model, _file_codes(source, _read(source)[0]["model"])
     from .packed import _as_model
 
     model = _as_model(source).eval()
@@ -151,13 +157,14 @@ def resolve_source(source: nn.Module | str | os.PathLike
 
 
 def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` a zoo model takes: CIFAR nets ``(3, 32, 32)``, MNIST nets ``(C, 28, 28)``."""
+    """``(C, H, W)`` a registered model takes, as its registration declares."""
+    from ..models import is_model, model_info
+
     spec = getattr(model, "fewbits_spec", None) or {}
     name, kw = spec.get("name", ""), spec.get("kwargs", {})
-    if name.startswith("cifar10_"):
-        return (int(kw.get("in_channels", 3)), 32, 32)
-    if name.startswith("mnist_"):
-        return (int(kw.get("in_channels", 1)), 28, 28)
+    shape = model_info(name).input_shape_for(kw) if is_model(name) else None
+    if shape is not None:
+        return shape
     raise ValueError(f"cannot tell the input shape of model {name or type(model).__name__!r}; "
                      "pass input_shape=(C, H, W)")
 

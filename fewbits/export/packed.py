@@ -32,6 +32,7 @@ from torch import nn
 
 from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
+from .binding import build_for_file, layer_configs, model_header
 from .container import FormatError, decode_tensor, encode_tensor, read_container, write_container
 
 __all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "packed_info"]
@@ -96,16 +97,6 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _spec(model: nn.Module) -> dict[str, Any]:
-    spec = getattr(model, "fewbits_spec", None)
-    if spec is None:
-        raise ValueError(
-            "export needs a model built by fewbits.create_model (it records the registry name "
-            "and options as model.fewbits_spec); register your model with @register_model"
-        )
-    return spec
-
-
 def _as_model(source: nn.Module | str | os.PathLike) -> nn.Module:
     if isinstance(source, nn.Module):
         return source
@@ -140,7 +131,10 @@ def _codes_entries(name: str, codes: Codes, entropy: bool) -> list[tuple[dict, b
 
 def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike, *,
                   entropy: bool = False, bn: str = "float32") -> ExportReport:
-    """Write ``source`` (a fewbits model, run folder or checkpoint) to ``path`` in packed form.
+    """Write ``source`` (any model holding fewbits layers, a run folder or a checkpoint) to
+    ``path`` in packed form. The file records the model's registry name and options (models
+    outside the registry: their class, and :func:`load_packed` then needs ``model=``) and each
+    fewbits layer's quantizer configs.
 
     ``entropy=True`` Huffman-codes each tensor's codes where that is smaller than fixed width.
     ``bn="float16"`` stores batch-norm statistics and affine parameters in float16. The file is
@@ -149,7 +143,7 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
     if bn not in _BN_MODES:
         raise ValueError(f"bn must be one of {_BN_MODES}, got {bn!r}")
     model = _as_model(source)
-    spec = _spec(model)
+    spec = model_header(model)
     was_training = model.training
     model.eval()
     tensors: list[tuple[dict, bytes]] = []
@@ -164,14 +158,14 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
                                    ("bias", layer.bias_quantizer, layer.bias)):
                     if q is None or p is None:
                         continue
-                    key = f"{lname}.{role}"
+                    key = _join(lname, role)
                     items = _codes_entries(key, q.encode(p.detach()), entropy)
                     tensors += items
                     nbytes = sum(len(b) for _, b in items)
                     entries.append(TensorEntry(key, role, p.numel(), items[0][0]["bits"], nbytes,
                                                items[0][0]["encoding"]))
                     handled.add(key)
-                    handled.update(f"{lname}.{role}_quantizer.{k}"
+                    handled.update(_join(lname, f"{role}_quantizer.{k}")
                                    for k in q.state_dict())
             for key, t in model.state_dict().items():
                 if key in handled or key.endswith("num_batches_tracked") or \
@@ -192,7 +186,8 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
         model.train(was_training)
     header = {
         "format": _FORMAT,
-        "model": {"name": spec["name"], "kwargs": spec["kwargs"]},
+        "model": spec,
+        "layers": layer_configs(model),
         "options": {"entropy": entropy, "bn": bn},
         "tensors": [f for f, _ in tensors],
     }
@@ -209,20 +204,22 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
     return header, blobs
 
 
-def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
+                map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the network stored in a ``.fewbits`` file (evaluation mode).
+
+    Without ``model`` the file's registry model is built from its recorded options. With
+    ``model`` (any instance of the exported architecture, float or already quantized) the file
+    is loaded into it, in place: its plain ``nn.Conv2d`` / ``nn.Linear`` layers that the file
+    holds quantized are converted with the file's quantizer configs, and a layer, name or shape
+    that does not match raises :class:`FormatError` naming it.
 
     Quantized weights are decoded from their codes and the layers' weight/bias quantizers are
     dropped: the stored values already are the quantized weights, so the forward is the trained
     network's forward. Activation quantizers, batch norm and the rest are restored as stored.
     """
-    from ..models import create_model
-
     header, blobs = _read(path)
-    try:
-        model = create_model(header["model"]["name"], **header["model"]["kwargs"])
-    except (ValueError, TypeError) as e:
-        raise FormatError(str(path), f"its model cannot be built by this fewbits: {e}") from e
+    model = build_for_file(path, header, model)
     model.eval()
     by_name = {t["name"]: t for t in header["tensors"]}
     params: dict[str, dict[str, torch.Tensor]] = {}
@@ -235,12 +232,13 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
     for t in header["tensors"]:
         kind, name = t.get("kind"), t["name"]
         if kind == "codes":
-            lname, role = name.rsplit(".", 1)
+            lname, _, role = name.rpartition(".")
             layer = layers.get(lname)
             q: Quantizer | None = getattr(layer, f"{role}_quantizer", None) if layer else None
             if q is None:
                 raise FormatError(str(path), f"tensor {name!r} has codes but the model has no "
                                   "quantizer there (file and model code disagree)")
+            _same_shape(path, name, t["shape"], getattr(layer, role).shape)
             arr = decode_tensor(t, blobs[name]).astype(np.int64)
             codes = Codes(torch.from_numpy(arr.reshape(-1)), t["bits"], tuple(t["shape"]),
                           params.get(name, {}))
@@ -250,11 +248,13 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
             ref = model.state_dict().get(name)
             if ref is None:
                 raise FormatError(str(path), f"tensor {name!r} is not part of the model")
+            _same_shape(path, name, arr.shape, ref.shape)
             state[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
     # Freeze: the stored weights are already quantized; quantizer state is not needed.
     for lname, layer in layers.items():
         for role in ("weight", "bias"):
-            if f"{lname}.{role}" in by_name and by_name[f"{lname}.{role}"].get("kind") == "codes":
+            key = _join(lname, role)
+            if key in by_name and by_name[key].get("kind") == "codes":
                 setattr(layer, f"{role}_quantizer", None)
     expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     missing = sorted(expected - set(state))
@@ -262,8 +262,24 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
         raise FormatError(str(path), f"it lacks tensors the model needs: {missing[:5]}"
                           + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False)
-    model.fewbits_spec = {"name": header["model"]["name"], "kwargs": header["model"]["kwargs"]}
+    from ..models import is_model
+
+    if is_model(header["model"]["name"]):
+        model.fewbits_spec = {"name": header["model"]["name"],
+                              "kwargs": header["model"]["kwargs"]}
     return model.to(map_location)
+
+
+def _join(lname: str, key: str) -> str:
+    """State-dict key of ``key`` in layer ``lname`` (``""``: the model itself is the layer)."""
+    return f"{lname}.{key}" if lname else key
+
+
+def _same_shape(path: str | os.PathLike, name: str, stored: Any, want: Any) -> None:
+    if tuple(stored) != tuple(want):
+        raise FormatError(str(path), f"tensor {name!r} has shape {tuple(stored)} in the file but "
+                          f"{tuple(want)} in the model", "build the model the file was "
+                          "exported from")
 
 
 def packed_info(path: str | os.PathLike) -> ExportReport:
@@ -280,7 +296,7 @@ def packed_info(path: str | os.PathLike) -> ExportReport:
             continue
         count = math.prod(t["shape"])
         if t.get("kind") == "codes":
-            role = t["name"].rsplit(".", 1)[1]
+            role = t["name"].rpartition(".")[2]
             entries.append(TensorEntry(t["name"], role, count, t["bits"], sizes[t["name"]],
                                        t["encoding"]))
             fp32 += 4 * count

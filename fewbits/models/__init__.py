@@ -2,7 +2,15 @@
 
 from .families import FAMILIES, Family, QuantConfig, Recipe, family
 from .nets import MLP, RESNET23_UNITS, LeNet, ResNet23
-from .registry import create_model, is_model, list_models, register_model
+from .registry import (
+    ModelInfo,
+    create_model,
+    is_model,
+    list_models,
+    model_info,
+    register_factory,
+    register_model,
+)
 
 __all__ = [
     "FAMILIES",
@@ -10,6 +18,7 @@ __all__ = [
     "RESNET23_UNITS",
     "Family",
     "LeNet",
+    "ModelInfo",
     "QuantConfig",
     "Recipe",
     "ResNet23",
@@ -17,5 +26,7 @@ __all__ = [
     "family",
     "is_model",
     "list_models",
+    "model_info",
+    "register_factory",
     "register_model",
 ]

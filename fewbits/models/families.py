@@ -55,15 +55,20 @@ class Family:
     def act(self, c: QuantConfig) -> dict[str, Any] | None:
         return _ACT.get(self.name, lambda c: None)(c)
 
+    def activation(self, c: QuantConfig) -> dict[str, Any] | None:
+        """The activation quantizer the network applies: :meth:`act`, or BinaryNet's binary
+        tanh, which lives in the recipe (``None`` for weight-only families)."""
+        r = self.recipe
+        if "btanh" in (*r.inner, *r.last, *r.stem, r.merge):
+            return {"name": "binary_tanh"}
+        return self.act(c)
+
     def bits(self, c: QuantConfig) -> tuple[int | str, int | str]:
         """(weight bits, activation bits) for reports; ``32`` = float."""
         from ..quantizers import get
 
         w = get(self.weight(c))
-        a = get(self.act(c))
-        r = self.recipe
-        if "btanh" in (*r.inner, *r.last, *r.stem, r.merge):
-            return (w.bits if w else 32), 1  # BinaryNet's binary tanh lives in the recipe
+        a = get(self.activation(c))
         return (w.bits if w else 32), (a.bits if a else 32)
 
 

@@ -133,8 +133,9 @@ class MLP(_Base):
         return self.fc(self.body(x))
 
 
-def _builder(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[str, Any],
-             quant_defaults: dict[str, Any] | None = None):
+def _register(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[str, Any],
+              input_shape: tuple[int, int, int], dataset: str,
+              quant_defaults: dict[str, Any] | None = None) -> None:
     arch_keys = set(arch_defaults)
 
     def build(**kwargs: Any) -> nn.Module:
@@ -147,7 +148,9 @@ def _builder(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[st
 
     build.__name__ = name
     build.__doc__ = f"{arch.__name__} in the {fam_name} family: {FAMILIES[fam_name].doc}."
-    return build
+    defaults = {**arch_defaults, **QuantConfig.from_kwargs(quant_defaults or {}).to_dict()}
+    register_model(build, name=name, input_shape=input_shape, dataset=dataset, family=fam_name,
+                   defaults=defaults)
 
 
 # The MNIST nets' widest layers have fan-in 784-2450, so their initial weights (|w| < 0.036)
@@ -159,12 +162,14 @@ def _register_all() -> None:
     for fam in FAMILIES:
         cifar = ("cifar10_resnet23_prediction" if fam == "float"
                  else f"cifar10_{fam}_resnet23_prediction")
-        register_model(_builder(cifar, ResNet23, fam, {"num_classes": 10, "in_channels": 3}))
-        register_model(_builder(f"mnist_{fam}_lenet", LeNet, fam,
-                                {"num_classes": 10, "in_channels": 1, "width": 500}, _MNIST_Q))
-        register_model(_builder(f"mnist_{fam}_mlp", MLP, fam,
-                                {"num_classes": 10, "in_features": 784, "width": 1024,
-                                 "depth": 3}, _MNIST_Q))
+        _register(cifar, ResNet23, fam, {"num_classes": 10, "in_channels": 3}, (3, 32, 32),
+                  "cifar10")
+        _register(f"mnist_{fam}_lenet", LeNet, fam,
+                  {"num_classes": 10, "in_channels": 1, "width": 500}, (1, 28, 28), "mnist",
+                  _MNIST_Q)
+        _register(f"mnist_{fam}_mlp", MLP, fam, {"num_classes": 10, "in_features": 784,
+                                                 "width": 1024, "depth": 3}, (1, 28, 28),
+                  "mnist", _MNIST_Q)
 
 
 _register_all()

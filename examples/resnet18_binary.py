@@ -1,0 +1,157 @@
+"""Your own model with fewbits: a ResNet-18 with binary weights, trained in a plain PyTorch loop.
+
+The network is torchvision's ResNet-18, module names included (``conv1``, ``layer1.0.conv1``,
+``fc`` ...), defined below because the torchvision wheel on the package index is a CUDA build
+that fails to import on CPU-only machines. fewbits then
+
+1. converts it in one call: binary weights with a per-channel scale (XNOR-Net BWN) everywhere,
+   except the first convolution and the classifier, which keep 8-bit fixed-point weights as
+   most binary networks do; the classifier also quantizes its input features to 8 bits
+   (min-max), whose range ``calibrate`` sets from data;
+2. trains it with an ordinary PyTorch loop on an image folder (``train/<class>/*.jpg``,
+   ``test/<class>/*.jpg``, or a ``.tar.gz`` of that; all images of one size);
+3. calibrates, exports the packed file (1 bit per binary weight), reloads it into a fresh float
+   ResNet-18 and evaluates it: the reloaded network computes the same logits.
+
+    python examples/resnet18_binary.py --data-dir cifar10-jpeg.tar.gz --epochs 1
+    fewbits info resnet18_binary.fewbits
+    fewbits eval resnet18_binary.fewbits --dataset imagefolder --data-dir cifar10-jpeg.tar.gz \\
+        --model examples.resnet18_binary:resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fewbits
+from fewbits.data import load_dataset
+from fewbits.export import export_packed, load_packed
+
+# --------------------------------------------------------------------------- ResNet-18
+# torchvision.models.resnet18, same module names and initialisation.
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 1000) -> None:
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], 2)
+        self.layer3 = self._make_layer(256, layers[2], 2)
+        self.layer4 = self._make_layer(512, layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        down = None
+        if stride != 1 or self.inplanes != planes:
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
+                                 nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, down)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes: int = 1000) -> ResNet:
+    return ResNet((2, 2, 2, 2), num_classes)
+
+
+# --------------------------------------------------------------------------- the fewbits part
+
+EIGHT_BIT = fewbits.family_config("fp_connect", bit_width=8, delta=2**-8)  # weights in +-0.5
+CLASSIFIER = {**EIGHT_BIT, "input": {"name": "min_max", "mode": "batch"}}  # + 8-bit features
+
+
+def binary_resnet18(num_classes: int = 1000) -> ResNet:
+    """ResNet-18 with binary weights; first conv and classifier in 8-bit fixed point."""
+    model = resnet18(num_classes)
+    return fewbits.quantize_(model, lambda name, layer: {"conv1": EIGHT_BIT, "fc": CLASSIFIER}
+                             .get(name, "binary_weight"))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    pred = torch.cat([model(x.float() / 255).argmax(1) for x in images.split(256)])
+    return float((pred == labels).float().mean())
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True, help="image folder or .tar.gz (train/, test/)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("-o", "--output", default="resnet18_binary.fewbits")
+    args = p.parse_args(argv)
+
+    train = load_dataset("imagefolder", "train", args.data_dir)  # uint8 (N, C, H, W)
+    test = load_dataset("imagefolder", "test", args.data_dir)
+    loader = DataLoader(TensorDataset(train.images, train.labels), args.batch_size, shuffle=True)
+    model = binary_resnet18(num_classes=len(train.classes))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    for epoch in range(args.epochs):
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x.float() / 255), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, "
+              f"test accuracy {accuracy(model, test.images, test.labels):.3f}")
+
+    fewbits.calibrate(model, (x.float() / 255 for x, _ in itertools.islice(loader, 8)))
+    report = export_packed(model, args.output)
+    reloaded = load_packed(args.output, model=resnet18(len(train.classes)))  # a float ResNet
+
+    x = test.images[:64].float() / 255
+    with torch.no_grad():
+        same = torch.equal(model.eval()(x), reloaded(x))
+    acc = accuracy(reloaded, test.images, test.labels)
+    print(f"{args.output}: {report.file_bytes:,} bytes, fp32 {report.fp32_bytes:,} bytes "
+          f"({report.ratio:.1f}x smaller, {report.bits_per_weight:.2f} bits per quantized "
+          f"weight); reloaded: identical logits {same}, test accuracy {acc:.3f}")
+    return {"file_bytes": report.file_bytes, "fp32_bytes": report.fp32_bytes,
+            "ratio": report.ratio, "identical_logits": same, "accuracy": acc}
+
+
+if __name__ == "__main__":
+    main()

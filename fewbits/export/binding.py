@@ -1,0 +1,118 @@
+"""Which model a ``.fewbits`` file holds, and fitting a file to a model instance.
+
+A file records its model as ``{"name", "kwargs"}``: the registry name and options of a model
+built by :func:`fewbits.models.create_model` (which :func:`~fewbits.export.load_packed` can
+rebuild), or, for any other model, its class (``"package.module.Class"``: a name to show and
+check, never imported). It also records each fewbits layer's quantizer configs (``"layers"``),
+so that a file can be loaded into a user's model instance: plain ``nn.Conv2d`` / ``nn.Linear``
+layers are converted with those configs, fewbits layers must have the same ones, and every
+mismatch is a :class:`~fewbits.export.FormatError` naming the layer or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from torch import nn
+
+from ..layers import QuantConv2d, QuantLinear, quant_layers
+from ..quantizers import get
+from .container import FormatError
+
+__all__ = ["ROLES", "build_for_file", "layer_configs", "layer_configs_of", "model_header"]
+
+ROLES = ("weight", "bias", "input", "output")
+_FLOAT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def layer_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: {role: quantizer config}}`` of every fewbits layer (roles without a
+    quantizer left out), as JSON values."""
+    return {lname: layer_configs_of(layer) for lname, layer in quant_layers(model)}
+
+
+def model_header(model: nn.Module) -> dict[str, Any]:
+    """The ``"model"`` record of a file: ``model.fewbits_spec`` (registry models), else the
+    class path with no options."""
+    spec = getattr(model, "fewbits_spec", None)
+    if spec is not None:
+        try:
+            return {"name": str(spec["name"]), "kwargs": _json(spec["kwargs"])}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model {spec.get('name')!r}: its options {spec.get('kwargs')!r} "
+                             f"cannot be stored in a file ({e}); use JSON values") from e
+    cls = type(model)
+    return {"name": f"{cls.__module__}.{cls.__qualname__}", "kwargs": {}}
+
+
+def _fail(path: str | os.PathLike, what: str) -> FormatError:
+    return FormatError(str(path), what, "build the model the file was exported from")
+
+
+def build_for_file(path: str | os.PathLike, header: dict[str, Any],
+                   model: nn.Module | None) -> nn.Module:
+    """The model to load ``header``'s tensors into: ``model`` made to fit the file's layers, or,
+    without ``model``, the registry model the file names, rebuilt from its options."""
+    from ..models import create_model, is_model
+
+    spec = header["model"]
+    if model is None:
+        name = spec.get("name")
+        if not isinstance(name, str) or not is_model(name):
+            raise FormatError(
+                str(path), f"it holds model {name!r}, which is not registered in this process",
+                "pass the model to load it into: load_packed(path, model=MyNet()), or "
+                "`fewbits eval FILE --model package.module:factory`")
+        try:
+            model = create_model(name, **spec["kwargs"])
+        except (ValueError, TypeError) as e:
+            raise FormatError(str(path), f"its model cannot be built by this fewbits: {e}") \
+                from e
+    layers = header.get("layers")
+    if layers is None:  # files written before layer configs were recorded
+        return model
+    if not isinstance(layers, dict):
+        raise FormatError(str(path), "its 'layers' record is not a mapping")
+    modules = dict(model.named_modules())
+    for lname, configs in layers.items():
+        m = modules.get(lname)
+        if m is None:
+            raise _fail(path, f"it has quantized layer {lname!r}, which the model lacks")
+        if not isinstance(configs, dict) or set(configs) - set(ROLES):
+            raise FormatError(str(path), f"layer {lname!r} has invalid quantizer configs")
+        if type(m) in _FLOAT:
+            if not lname:
+                raise _fail(path, "the model itself is a plain layer that the file holds "
+                            "quantized; pass QuantConv2d/QuantLinear.from_float(model, ...)")
+            try:
+                new = _FLOAT[type(m)].from_float(
+                    m, **{f"{r}_quantizer": get(dict(c)) for r, c in configs.items()},
+                    init_ranges=False)
+            except (TypeError, ValueError) as e:
+                raise FormatError(str(path), f"layer {lname!r}: {e}") from e
+            parent, _, attr = lname.rpartition(".")
+            setattr(modules[parent] if parent else model, attr, new)
+            continue
+        if not isinstance(m, (QuantConv2d, QuantLinear)):
+            raise _fail(path, f"layer {lname!r} is a {type(m).__name__} in the model, not a "
+                        "conv or linear layer")
+        mine = layer_configs_of(m)
+        if mine != configs:
+            raise _fail(path, f"layer {lname!r} is quantized differently: file {configs}, "
+                        f"model {mine}")
+    extra = sorted(set(dict(quant_layers(model))) - set(layers))
+    if extra:
+        raise _fail(path, f"model layers {extra[:5]} are quantized but the file's are not")
+    return model
+
+
+def layer_configs_of(layer: nn.Module) -> dict[str, Any]:
+    """The quantizer configs of one fewbits layer, as :func:`layer_configs` records them."""
+    return _json({r: q.config() for r in ROLES
+                  if (q := getattr(layer, f"{r}_quantizer")) is not None})

@@ -1,0 +1,333 @@
+"""quantize_, calibrate, from_float, to_float on a model outside the registry, every family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fewbits
+from fewbits import QuantConv2d, QuantLinear, calibrate, family_config, quantize_
+from fewbits import functional as qf
+from fewbits.export import FormatError, export_packed, load_packed
+from fewbits.layers import quant_layers
+from fewbits.models import FAMILIES
+from fewbits.quantizers import MinMax, get
+
+NINE = [f for f in FAMILIES if f != "float"]
+ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max"}
+LAYERS = ("conv1", "conv2", "down", "fc")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TinyNet(nn.Module):
+    """Not in the registry: a residual conv net using bias, dilation, groups and stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 1, stride=2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        h = self.down(h)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def _config(fam):
+    # INQ must reach its all-fixed state for the export: fix everything on the first forward.
+    return family_config("inq", inq_iterations=[0]) if fam == "inq" else fam
+
+
+def _trained(fam, steps=2, seed=0):
+    torch.manual_seed(seed)
+    m = quantize_(TinyNet(), _config(fam))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x, y = torch.rand(16, 3, 8, 8), torch.arange(16) % 5
+    m.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m.eval()
+
+
+def _apply(spec, t):
+    q = get(spec)
+    if q is None:
+        return t
+    q.setup(t)
+    return q.eval()(t)
+
+
+@pytest.mark.parametrize("fam", NINE)
+def test_converted_layers_compute_the_family_quantizer_of_the_original_weights(fam):
+    torch.manual_seed(0)
+    ref = TinyNet().eval()
+    m = quantize_(copy.deepcopy(ref), fam).eval()
+    specs = family_config(fam)
+    g = torch.Generator().manual_seed(1)
+    for name in LAYERS:
+        orig, layer = getattr(ref, name), getattr(m, name)
+        assert type(layer) is (QuantLinear if name == "fc" else QuantConv2d)
+        w, b = orig.weight.detach(), orig.bias
+        if fam == "min_max":  # ranges start from the weights being converted
+            assert float(layer.weight_quantizer.qr_min.detach()) == float(w.min())
+            assert float(layer.weight_quantizer.qr_max.detach()) == float(w.max())
+            wq = qf.min_max_quantize(w, w.min(), w.max())
+            bq = None if b is None else qf.min_max_quantize(b.detach(), b.min(), b.max())
+        else:
+            wq = _apply(specs["weight"], w)
+            bq = None if b is None else _apply(specs["bias"], b.detach())
+        shape = (3, 16) if name == "fc" else (3, orig.in_channels, 7, 7)
+        x = torch.randn(*shape, generator=g) * 2
+        act = get(specs["input"])
+        xq = x if act is None else act(x)
+        if fam in ACT_FAMILIES:
+            assert act is not None
+        want = F.linear(xq, wq, bq) if name == "fc" else orig._conv_forward(xq, wq, bq)
+        with torch.no_grad():
+            assert torch.equal(layer(x), want), name
+
+
+@pytest.mark.parametrize("fam", NINE)
+def test_a_converted_model_trains_every_quantized_parameter(fam):
+    torch.manual_seed(0)
+    m = quantize_(TinyNet(), fam).train()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    F.cross_entropy(m(torch.rand(8, 3, 8, 8)), torch.arange(8) % 5).backward()
+    for lname, layer in quant_layers(m):
+        for pname, p in layer.named_parameters():
+            assert p.grad is not None, f"{lname}.{pname} got no gradient"
+        assert layer.weight.grad.abs().sum() > 0, lname
+    opt.step()
+    assert not torch.equal(before["conv2.weight"], m.conv2.weight)
+
+
+@pytest.mark.parametrize("fam", NINE)
+def test_round_trips_state_dict_packed_file_and_onnx(fam, tmp_path):
+    from fewbits.export.onnx import compare_onnx, export_onnx
+
+    m = _trained(fam)
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(x)
+    # state_dict into another converted instance
+    other = quantize_(TinyNet(), _config(fam)).eval()
+    other.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), ref)
+    # packed file into a float instance (converted from the file) and a converted one
+    report = export_packed(m, tmp_path / "m.fewbits")
+    assert report.model == "test_convert.TinyNet" or report.model.endswith(".TinyNet")
+    for target in (TinyNet(), quantize_(TinyNet(), _config(fam))):
+        back = load_packed(tmp_path / "m.fewbits", model=target)
+        assert back is target
+        with torch.no_grad():
+            assert torch.equal(back(x), ref)
+    # ONNX
+    export_onnx(m, tmp_path / "m.onnx", input_shape=(3, 8, 8))
+    r = compare_onnx(m, tmp_path / "m.onnx", x)
+    if fam in ACT_FAMILIES:
+        assert r["top1_agreement"] >= 0.9 and r["max_rel"] <= 0.1
+    else:
+        assert r["top1_agreement"] == 1.0 and r["max_rel"] <= 1e-5
+
+
+def test_load_packed_names_what_does_not_fit(tmp_path):
+    m = _trained("fp_connect")
+    export_packed(m, tmp_path / "m.fewbits")
+    with pytest.raises(FormatError, match="not registered.*model="):
+        load_packed(tmp_path / "m.fewbits")
+    wide = TinyNet()
+    wide.fc = nn.Linear(16, 7)
+    with pytest.raises(FormatError, match=r"'fc\.weight' has shape \(5, 16\) in the file but "
+                       r"\(7, 16\)"):
+        load_packed(tmp_path / "m.fewbits", model=wide)
+    lacking = TinyNet()
+    del lacking.down
+    with pytest.raises(FormatError, match="quantized layer 'down', which the model lacks"):
+        load_packed(tmp_path / "m.fewbits", model=lacking)
+    with pytest.raises(FormatError, match="layer 'conv1' is quantized differently"):
+        load_packed(tmp_path / "m.fewbits", model=quantize_(TinyNet(), "binary_connect"))
+
+
+# --------------------------------------------------------------------------- quantize_ options
+
+
+def test_config_forms_skip_and_callable():
+    m = quantize_(TinyNet(), "binary_weight", skip=["conv1", "f*"])
+    assert type(m.conv1) is nn.Conv2d and type(m.fc) is nn.Linear
+    assert isinstance(m.conv2, QuantConv2d) and m.conv2.weight_quantizer.name == "binary_weight"
+    fp8 = {"weight": {"name": "fixed_point", "n": 8, "delta": 2**-7}}
+    m = quantize_(TinyNet(), lambda n, mod: fp8 if n in ("conv1", "fc") else "binary_connect")
+    assert m.conv1.weight_quantizer.config()["delta"] == 2**-7
+    assert m.down.weight_quantizer.name == "binary_connect" and m.down.input_quantizer is None
+    m = quantize_(TinyNet(), lambda n, mod: None if n == "down" else fp8)
+    assert type(m.down) is nn.Conv2d and m.fc.bias_quantizer is None
+    q = MinMax()
+    m = quantize_(TinyNet(), {"weight": q})  # an instance is copied per layer
+    assert m.conv1.weight_quantizer is not m.conv2.weight_quantizer
+    assert quantize_(TinyNet(), "fp_net", skip="conv1").conv2.input_quantizer.name == \
+        "fixed_point"
+
+
+def test_parameters_device_and_rng_are_kept():
+    net = TinyNet()
+    w = net.conv2.weight
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    state = torch.get_rng_state()
+    quantize_(net, "fp_connect")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert net.conv2.weight is w  # the optimizer built before conversion still trains it
+    assert (net.conv2.stride, net.conv2.padding, net.conv2.dilation, net.conv2.groups) == \
+        ((1, 1), (2, 2), (2, 2), 2)
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    assert not torch.equal(w, net.conv2.weight.detach() + 1)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown family 'binary'; known: float, binary_conn"):
+        quantize_(TinyNet(), "binary")
+    with pytest.raises(ValueError, match=r"skip pattern\(s\) \['classifier'\] match no .* "
+                       r"conv1, conv2, down, fc"):
+        quantize_(TinyNet(), "fp_connect", skip=["fc", "classifier"])
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['name'\].*under a role"):
+        quantize_(TinyNet(), {"name": "fixed_point"})
+    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear"):
+        quantize_(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "fp_connect")
+
+    class WSConv(nn.Conv2d):  # a subclass computes differently: never converted silently
+        pass
+
+    net = nn.Sequential(WSConv(3, 4, 1), nn.Conv1d(4, 4, 1), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"(?s)0: .*WSConv has no fewbits form.*\n  1: "
+                       r".*Conv1d"):
+        quantize_(net, "fp_connect")
+    assert type(net[2]) is nn.Linear  # all or nothing: the model is left as it was
+    quantize_(net, "fp_connect", skip=["0", "1"])
+    assert isinstance(net[2], QuantLinear)
+
+
+def test_already_quantized_layers_are_left_as_they_are():
+    m = quantize_(TinyNet(), "binary_connect", skip=["conv1", "fc"])
+    conv2 = m.conv2
+    quantize_(m, "fp_connect")  # converts only what is still float
+    assert m.conv2 is conv2 and m.conv2.weight_quantizer.name == "binary_connect"
+    assert m.conv1.weight_quantizer.name == "fixed_point"
+    sd = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert quantize_(m, "min_max") is m  # idempotent: nothing left to convert
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
+
+
+def test_shared_module_is_converted_once():
+    lin = nn.Linear(4, 4)
+    net = nn.Sequential(lin, nn.ReLU(), lin)
+    quantize_(net, "binary_connect")
+    assert net[0] is net[2] and isinstance(net[0], QuantLinear)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def test_from_float_with_no_quantizer_equals_the_torch_layer_and_to_float_inverts():
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect")
+    q = QuantConv2d.from_float(conv)
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(q(x), conv(x))
+    q = QuantConv2d.from_float(conv, weight_quantizer="binary_weight")
+    back = q.to_float()
+    assert type(back) is nn.Conv2d and back.padding_mode == "reflect"
+    assert torch.equal(back(x), q(x)) and torch.equal(back.weight, qf.binary_weight(conv.weight))
+    fc = QuantLinear.from_float(nn.Linear(3, 2), input_quantizer="binary_tanh")
+    with pytest.raises(ValueError, match="quantizes its input"):
+        fc.to_float()
+    assert type(fc.to_float(drop_activation_quantizers=True)) is nn.Linear
+    with pytest.raises(TypeError, match="exactly a torch Linear"):
+        QuantLinear.from_float(QuantLinear(2, 2))
+    with pytest.raises(ValueError, match="lazy"):
+        QuantLinear.from_float(_lazy_as_linear())
+
+
+def _lazy_as_linear():
+    m = nn.LazyLinear(2)
+    m.__class__ = nn.Linear  # an uninitialised parameter in a plain Linear
+    return m
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_min_max_weight_ranges_start_from_the_weights(per_channel):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3)  # kaiming init: |w| < 0.042
+    spec = {"name": "min_max", "ql_min": 0, "ql_max": 15, "init_min": -2.0, "init_max": 2.0,
+            "per_channel": per_channel}
+    q = QuantConv2d.from_float(conv, weight_quantizer=spec)
+    w = conv.weight.detach()
+    lo, hi = (torch.aminmax(w.flatten(1), dim=1) if per_channel else torch.aminmax(w))
+    assert torch.equal(q.weight_quantizer.qr_min.detach(), lo)
+    assert torch.equal(q.weight_quantizer.qr_max.detach(), hi)
+    zero = float((q.quantized_weight() == 0).float().mean())
+    fixed = QuantConv2d.from_float(conv, weight_quantizer=spec, init_ranges=False)
+    zero_fixed = float((fixed.quantized_weight() == 0).float().mean())
+    assert zero < 0.15 and zero_fixed > 0.95  # the fixed -2..2 grid zeroes nearly all
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def test_calibrate_sets_activation_ranges_and_nothing_else():
+    torch.manual_seed(0)
+    m = quantize_(TinyNet(), "min_max").train()
+    m(torch.rand(4, 3, 8, 8))  # move BN statistics away from their initial values
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    batches = [(torch.rand(4, 3, 8, 8) * 3, torch.zeros(4)) for _ in range(3)]
+    ranges = calibrate(m, batches)
+    assert m.training
+    assert set(ranges) == {f"{n}.input_quantizer" for n in LAYERS}
+    lo, hi = min(float(x.min()) for x, _ in batches), max(float(x.max()) for x, _ in batches)
+    assert ranges["conv1.input_quantizer"] == (lo, hi)
+    assert float(m.conv1.input_quantizer.qr_max.detach()) == hi
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= {f"{n}.input_quantizer.{r}" for n in LAYERS for r in ("qr_min", "qr_max")}
+    assert "conv1.input_quantizer.qr_max" in changed
+    assert calibrate(quantize_(TinyNet(), "fp_connect"), batches) == {}
+    with pytest.raises(ValueError, match="batches is empty"):
+        calibrate(m, [])
+
+
+def test_top_level_api():
+    for name in ("quantize_", "calibrate", "family_config"):
+        assert name in fewbits.__all__ and hasattr(fewbits, name)
+
+
+def test_a_model_that_is_one_fewbits_layer_round_trips(tmp_path):
+    # its tensors are "weight"/"bias", not ".weight": the file once held both codes and floats
+    q = QuantLinear(3, 2, weight_quantizer="binary_connect",
+                    bias_quantizer={"name": "fixed_point", "n": 8, "delta": 2**-6}).eval()
+    report = export_packed(q, tmp_path / "q.fewbits")
+    assert [e.name for e in report.entries] == ["weight", "bias"]
+    back = load_packed(tmp_path / "q.fewbits", model=QuantLinear(
+        3, 2, weight_quantizer="binary_connect",
+        bias_quantizer={"name": "fixed_point", "n": 8, "delta": 2**-6}))
+    x = torch.rand(4, 3)
+    assert torch.equal(back(x), q(x))
+    with pytest.raises(FormatError, match="the model itself is a plain layer"):
+        load_packed(tmp_path / "q.fewbits", model=nn.Linear(3, 2))

@@ -1,0 +1,160 @@
+"""Models outside the zoo: registry metadata, create_model's spec, package.module:factory on the
+command line, and INQ schedules that fit the run."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from fewbits.cli import main
+from fewbits.export import export_packed, load_packed, packed_info
+from fewbits.models import (
+    create_model,
+    list_models,
+    model_info,
+    register_factory,
+    register_model,
+)
+from fewbits.quantizers import INQ
+from fewbits.train import ConfigError, TrainConfig, inq_schedule, train
+
+FACTORY = textwrap.dedent('''
+    from torch import nn
+    import fewbits
+
+    def net(num_classes=10, in_channels=3, width=8):
+        m = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(width, num_classes))
+        return fewbits.quantize_(m, "binary_weight", skip=["0"])
+
+    def float_net(num_classes=10, in_channels=3, width=8):
+        return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(width, num_classes))
+
+    not_callable = 3
+''')
+TINY = ["--dataset", "synthetic", "--synthetic-size", "16", "-b", "8", "--no-progress",
+        "--no-plot"]
+
+
+@pytest.fixture
+def own_module(tmp_path, monkeypatch):
+    name = f"fewbits_own_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_every_zoo_model_declares_its_metadata_where_it_is_registered():
+    for name in list_models():
+        info = model_info(name)
+        assert info.family and info.dataset in ("cifar10", "mnist")
+        assert info.input_shape == {"cifar10": (3, 32, 32), "mnist": (1, 28, 28)}[info.dataset]
+        assert create_model(name, **({"width": 8} if "width" in info.defaults else {})) \
+            .fewbits_spec["kwargs"].keys() == info.defaults.keys()
+    assert model_info("cifar10_resnet23_prediction").family == "float"
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        model_info("nope")
+
+
+def test_create_model_attaches_the_spec_of_a_user_registered_model(tmp_path):
+    @register_model(name="test_own_mlp", input_shape=(1, 4, 4), dataset="digits",
+                    family="binary_connect")
+    def build(hidden=6):
+        import fewbits
+
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, hidden),
+                                torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+        return fewbits.quantize_(m, "binary_connect")
+
+    info = model_info("test_own_mlp")
+    assert (info.input_shape, info.dataset, info.defaults) == ((1, 4, 4), "digits",
+                                                               {"hidden": 6})
+    m = create_model("test_own_mlp", hidden=5).eval()
+    assert m.fewbits_spec == {"name": "test_own_mlp", "kwargs": {"hidden": 5}}
+    export_packed(m, tmp_path / "own.fewbits")  # refused before issue 10
+    x = torch.rand(2, 1, 4, 4)
+    assert torch.equal(load_packed(tmp_path / "own.fewbits")(x), m(x))
+
+
+def test_register_factory_errors(own_module):
+    with pytest.raises(ValueError, match="expected package.module:factory"):
+        register_factory("no_colon")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_mod_x'"):
+        register_factory("no_such_mod_x:net")
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        register_factory(f"{own_module}:nope")
+    with pytest.raises(ValueError, match="is not callable"):
+        register_factory(f"{own_module}:not_callable")
+    assert register_factory(f"{own_module}:net") == register_factory(f"{own_module}:net")
+
+
+def test_train_export_eval_an_own_architecture_from_the_command_line(own_module, tmp_path,
+                                                                     capsys):
+    run, f = tmp_path / "run", tmp_path / "own.fewbits"
+    assert main(["train", "--net", f"{own_module}:net", "-i", "2", "-v", "2", "-m", str(run),
+                 *TINY, "--model-arg", "width=4"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "-o", str(f), "--model", f"{own_module}:net"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(f), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == f"{own_module}:net"
+    assert main(["eval", str(f), "--model", f"{own_module}:net", "--dataset", "synthetic",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 200
+    assert main(["eval", str(run), "--model", f"{own_module}:net", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["net"] == f"{own_module}:net"
+
+
+def test_eval_a_file_exported_from_python_into_a_factory_model(own_module, tmp_path, capsys):
+    import importlib
+
+    mod = importlib.import_module(own_module)
+    m = mod.net().eval()
+    f = tmp_path / "py.fewbits"
+    export_packed(m, f)
+    assert packed_info(f).model == "torch.nn.modules.container.Sequential"
+    assert main(["info", str(f)]) == 0
+    assert "Sequential" in capsys.readouterr().out
+    assert main(["eval", str(f), "--dataset", "synthetic"]) == 1
+    assert "not registered" in capsys.readouterr().err
+    for factory in ("net", "float_net"):  # a quantized or a float instance
+        assert main(["eval", str(f), "--model", f"{own_module}:{factory}", "--dataset",
+                     "synthetic", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["total"] == 200
+
+
+def test_inq_schedule_that_never_starts_is_refused_and_fractions_fit_the_run(tmp_path, capsys):
+    base = dict(net="mnist_inq_mlp", dataset="synthetic", synthetic_size=16, batch_size=8,
+                max_iter=4, val_interval=4, progress=False, plot=False,
+                model_args={"width": 8, "depth": 1})
+    with pytest.raises(ConfigError, match=r"starts after the run's 4 iterations.*"
+                       r"0\.5,0\.75"):
+        train(TrainConfig(**base, monitor_path=str(tmp_path / "a")))
+    with pytest.warns(UserWarning, match="ends after the run's 4"):
+        train(TrainConfig(**base, monitor_path=str(tmp_path / "b"), inq_iterations=(1, 9)))
+    res = train(TrainConfig(**base, monitor_path=str(tmp_path / "c"),
+                            inq_iterations=(0.5, 1.0)))
+    qs = [m for m in res.model.modules() if isinstance(m, INQ)]
+    assert qs and all(q.inq_iterations == (2, 3) and bool(q.mask.all()) for q in qs)
+    # fractions are of optimizer iterations, whatever --accum-steps is (INQ counts steps)
+    res = train(TrainConfig(**base, monitor_path=str(tmp_path / "c2"), accum_steps=2,
+                            inq_iterations=(0.5, 1.0)))
+    qs = [m for m in res.model.modules() if isinstance(m, INQ)]
+    assert qs and all(q.inq_iterations == (2, 3) and bool(q.mask.all()) for q in qs)
+    assert inq_schedule((0.5, 0.75, 0.875, 0.9375, 1.0), 400) == (200, 300, 350, 375, 399)
+    assert inq_schedule((5000, 6000), 400) == (5000, 6000)
+    with pytest.raises(ConfigError, match="not strictly increasing"):
+        inq_schedule((0.9375, 1.0), 10)
+    with pytest.raises(ConfigError, match=r"must lie in \(0, 1\]"):
+        TrainConfig(inq_iterations=(0.5, 2.0))
+    assert main(["train", "--net", "mnist_inq_mlp", "-i", "4", "-v", "4", "-m",
+                 str(tmp_path / "d"), *TINY, "--model-arg", "width=8", "--model-arg",
+                 "depth=1"]) == 2
+    assert "--inq-iterations 0.5,0.75,0.875,0.9375,1.0" in capsys.readouterr().err
