@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _math
 from ..quantizers import (
@@ -31,8 +31,25 @@ from ..quantizers import (
     Quantizer,
 )
 
-__all__ = ["INT_TYPES", "Graph", "act", "describe_constant", "int_type", "qdq",
-           "round_half_away", "weight_input"]
+__all__ = ["INT_TYPES", "Graph", "act", "describe_constant", "int_type", "layer_op", "pair",
+           "qdq", "round_half_away", "weight_input"]
+
+
+def pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def layer_op(g: Graph, name: str, m: nn.Module, ins: list[str]) -> str:
+    """``Conv`` (numeric zero padding) or ``Gemm`` (``transB``) of layer ``m`` on ``ins``."""
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ValueError(f"{name}: only numeric zero padding can be exported "
+                             f"(got padding={m.padding!r}, padding_mode={m.padding_mode!r})")
+        ph, pw = pair(m.padding)
+        return g.op("Conv", ins, name, kernel_shape=list(pair(m.kernel_size)),
+                    strides=list(pair(m.stride)), pads=[ph, pw, ph, pw],
+                    dilations=list(pair(m.dilation)), group=m.groups)
+    return g.op("Gemm", ins, name, transB=1)
 
 # --------------------------------------------------------------------------- graph builder
 

@@ -1,0 +1,201 @@
+"""The fused ONNX form: batch norm folded, written in the QDQ pattern ONNX Runtime turns into
+``QLinearConv`` / ``QLinearMatMul``.
+
+ONNX Runtime fuses ``DequantizeLinear(x) -> Conv(DequantizeLinear(w), DequantizeLinear(b)) ->
+QuantizeLinear`` into one integer convolution when ``x`` and the output have the same 8-bit type,
+the weights are int8 with zero point 0 (per output channel allowed) and the bias is int32 with
+scale ``x_scale * w_scale``. fewbits' recipes put batch norm (and ReLU) between the convolution
+and its activation quantizer, which blocks that; here each chain
+
+* ``conv -> bn [-> q [-> relu]]`` (fixed point / min-max nets, and the float stem), and
+* ``conv -> relu -> bn -> q`` (the min-max recipe)
+
+is written as one folded convolution (:mod:`fewbits.export.fold`) followed by a uint8
+``QuantizeLinear`` whose zero point makes the quantizer's lowest needed level code 0, then at
+most two uint8 ``Min`` / ``Max`` nodes for what the uint8 saturation does not do (the fixed-point
+range ``[-127, 127]``, the ReLU before batch norm as a per-channel bound), and a
+``DequantizeLinear``. A convolution whose input is such a ``DequantizeLinear`` gets an int32 bias
+and fuses; one whose input is float (the stem, and the first convolution of a residual unit,
+whose input is a sum of two grids wider than 8 bits) stays a float convolution.
+
+Equivalence to PyTorch (see the fold's tolerance): the integer convolution sums exactly, but the
+folded scale, the int32 rounding of the bias (at most half a step of ``x_scale * w_scale``) and
+``QuantizeLinear``'s rounding (half to even, where fewbits rounds half away from zero) put a
+value within a few float32 ulps of a level boundary (or on an exact tie) on the neighbouring
+level. Such flips are rare and move logits by a small fraction of their range;
+``tests/test_deploy.py`` asserts the bound and equal top-1 per family.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, MinMax, Quantizer
+from .fold import Fold, fold_batch_norm, int8_weight
+from .onnx_ops import Graph, layer_op
+
+__all__ = ["Chain", "emit_chain", "plan_chains"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class Chain:
+    """A conv / linear layer and the nodes folded into it (``nodes``: fx node names after it)."""
+
+    layer: str
+    nodes: list[str]
+    fold: Fold
+    act: Quantizer | None = None
+    relu_after: bool = False
+
+    @property
+    def last(self) -> str:
+        return self.nodes[-1]
+
+
+def _uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | None:
+    """``(grid, kl, kh)``: the quantizer's grid and the levels its (ReLU'd) output can take,
+    when they span at most 256 codes; else None."""
+    if not isinstance(q, (FixedPoint, MinMax)):
+        return None
+    try:
+        grid = q.int_grid()
+    except ValueError:  # per-channel min-max ranges
+        return None
+    kl = max(grid.qmin, grid.zero_point) if relu_after else grid.qmin
+    kh = grid.qmax
+    return (grid, kl, kh) if kh - kl <= 255 and kl <= kh else None
+
+
+def _binary_next(m: nn.Module | None) -> bool:
+    """Batch norm feeds a sign: left unfolded, since the conv of +-1 values sums to exact
+    integers (often 0, where the sign decides) only with unscaled +-1 weights."""
+    return isinstance(m, QuantAct) and isinstance(m.quantizer, (BinaryTanh, BinarySigmoid))
+
+
+def plan_chains(model: nn.Module, graph: fx.Graph,
+                codes: dict[str, tuple[Quantizer, Codes]]) -> dict[str, Chain]:
+    """The foldable chains of ``graph``, keyed by the fx name of their layer node."""
+    modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+
+    def mod(n: Any) -> nn.Module | None:
+        ok = isinstance(n, fx.Node) and n.op == "call_module" and calls[str(n.target)] == 1
+        return modules[str(n.target)] if ok else None
+
+    def user(n: fx.Node) -> fx.Node | None:
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    chains: dict[str, Chain] = {}
+    for node in graph.nodes:
+        m = mod(node)
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or (
+                getattr(m, "input_quantizer", None) or getattr(m, "output_quantizer", None)):
+            continue
+        seq: list[fx.Node] = []
+        nxt = user(node)
+        relu_before = isinstance(mod(nxt), nn.ReLU)
+        if relu_before:
+            seq.append(nxt)
+            nxt = user(nxt)
+        bn = mod(nxt)
+        if not isinstance(bn, _BN) or bn.running_mean is None or _binary_next(mod(user(nxt))):
+            continue
+        seq.append(nxt)
+        nxt = user(nxt)
+        q, relu_after = None, False
+        qa = mod(nxt)
+        if isinstance(qa, QuantAct) and qa.quantizer is not None:
+            after = user(nxt)
+            relu_after = isinstance(mod(after), nn.ReLU)
+            if _uint8_levels(qa.quantizer, relu_after) is not None:
+                q = qa.quantizer
+                seq.append(nxt)
+                if relu_after:
+                    seq.append(after)
+            else:
+                relu_after = False
+        if relu_before and q is None:
+            continue  # relu -> bn folds only into a quantizer's integer bounds
+        is_q = isinstance(m, (QuantConv2d, QuantLinear))
+        with torch.no_grad():
+            w = m.quantized_weight() if is_q else m.weight
+            b = m.quantized_bias() if is_q else m.bias
+        # a model rebuilt from a .fewbits file has no weight quantizer left: the file's codes
+        # carry it (uniform families), else the int8 form is read off the values
+        coded = codes.get(f"{node.target}.weight")
+        wq = coded[0] if coded else getattr(m, "weight_quantizer", None)
+        iw = int8_weight(wq, w, coded[1] if coded else None)
+        fold = fold_batch_norm(w.detach(), None if b is None else b.detach(), bn,
+                               relu_before=relu_before, int_weight=iw)
+        chains[node.name] = Chain(str(node.target), [n.name for n in seq], fold, q, relu_after)
+    return chains
+
+
+def _bcast(v: np.ndarray, dims: int) -> np.ndarray:
+    """A scalar when all channels agree, else ``(C, 1, 1)`` / ``(C,)`` for broadcasting."""
+    if (v == v[0]).all():
+        return np.array(v[0])
+    return v.reshape((-1,) + (1,) * (dims - 2)) if dims > 2 else v
+
+
+def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str, x_scale: float | None
+               ) -> tuple[str, float | None, str]:
+    """Write ``chain`` on input ``x`` (``x_scale``: the scale of the uint8 ``DequantizeLinear``
+    that produced ``x``, or None for a float input). Returns ``(output, its uint8 scale or None,
+    description)``."""
+    name, f = chain.layer.replace(".", "_"), chain.fold
+    iw = f.int_weight
+    out = f.weight.shape[0]
+    if iw is not None:
+        wq = g.const(name + "_wq", iw.codes.numpy(), np.int8)
+        ws = g.const(name + "_ws", iw.scale.numpy())
+        wz = g.const(name + "_wz", np.zeros(out, np.int8), np.int8)
+        w = g.op("DequantizeLinear", [wq, ws, wz], name + "_w", axis=0)
+    else:
+        w = g.const(name + "_w", f.weight)
+    ins = [x, w]
+    bias = f.bias.double()
+    if iw is not None and x_scale is not None:
+        bs = (np.float32(x_scale) * iw.scale.numpy()).astype(np.float32)
+        bq = torch.round(bias / torch.from_numpy(bs).double())
+        if bool((bq.abs() < 2**31 - 1).all()):
+            bi = g.const(name + "_bq", bq.numpy(), np.int32)
+            ins.append(g.op("DequantizeLinear", [bi, g.const(name + "_bs", bs),
+                                                 g.const(name + "_bz", np.zeros(out), np.int32)],
+                            name + "_b", axis=0))
+    if len(ins) == 2:
+        ins.append(g.const(name + "_b", f.bias))
+    y = layer_op(g, name, m, ins)
+    dims = 4 if isinstance(m, nn.Conv2d) else 2
+    how = "folded " + ("int8 per-channel" if iw is not None else "float") + " weights"
+    if chain.act is None:
+        return y, None, how
+    grid, kl, kh = _uint8_levels(chain.act, chain.relu_after)  # type: ignore[misc]
+    zp_u = grid.zero_point - kl  # level kl -> code 0
+    s = g.const(name + "_ys", np.float32(grid.scale))
+    z = g.const(name + "_yz", np.array(zp_u), np.uint8)
+    u = g.op("QuantizeLinear", [y, s, z], name + "_q")
+    lo = np.zeros(out, np.int64)
+    hi = np.full(out, kh - kl, np.int64)
+    if f.bound is not None:  # relu before bn: per-channel bound at the quantized level of c
+        q = chain.act
+        v = q.infer(f.bound.float())
+        k = (torch.round(v / grid.scale) + grid.zero_point).to(torch.int64).numpy() - kl
+        sign = f.sign.numpy()
+        lo = np.where(sign >= 0, np.maximum(lo, k), lo)
+        hi = np.where(sign <= 0, np.minimum(hi, k), hi)
+    if (lo > 0).any():
+        u = g.op("Max", [u, g.const(name + "_lo", _bcast(lo, dims), np.uint8)], name + "_max")
+    if (hi < 255).any():
+        u = g.op("Min", [u, g.const(name + "_hi", _bcast(hi, dims), np.uint8)], name + "_min")
+    return g.op("DequantizeLinear", [u, s, z], name + "_dq"), grid.scale, how + " + uint8 Q/DQ"
