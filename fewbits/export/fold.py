@@ -7,7 +7,8 @@ it (field-standard batch-norm folding), the weights of output channel ``o`` beco
 ``k`` (fixed point: ``s = delta``; min-max: ``s = scale``, ``k = q - zero_point``; pow2, INQ and
 binary: ``s[o]`` read off the values, checked exact), so the folded weights are the *same*
 integer codes with the per-channel scale ``|alpha[o]| * s[o]`` (codes negated where
-``alpha[o] < 0``): an int8 per-channel weight, the form ONNX Runtime's ``QLinearConv`` takes.
+``alpha[o] < 0``; a channel holding code -128 there keeps the float form): an int8 per-channel
+weight, the form ONNX Runtime's ``QLinearConv`` takes.
 
 ``conv -> relu -> bn`` (the min-max recipe) folds too: for ``alpha > 0``,
 ``alpha * relu(y) + c = max(alpha * y + c, c)`` (``min`` for ``alpha < 0``), so the ReLU
@@ -55,13 +56,13 @@ class IntWeight:
 
 
 def _fits_int8(k: Tensor) -> bool:
-    return k.numel() > 0 and -127 <= int(k.min()) and int(k.max()) <= 127
+    return k.numel() > 0 and -128 <= int(k.min()) and int(k.max()) <= 127
 
 
 def int8_weight(q: Quantizer | None, w: Tensor, codes: Codes | None = None
                 ) -> IntWeight | None:
     """The int8 per-channel form of a quantized weight, or ``None`` when its codes do not fit
-    ``[-127, 127]`` (symmetric, so a negative fold scale can flip every code).
+    ``[-128, 127]``.
 
     ``w`` holds the values the layer's forward uses. Fixed point and min-max codes come from
     the quantizer's grid (:meth:`~fewbits.quantizers.FixedPoint.int_grid`; min-max from
@@ -132,6 +133,10 @@ def fold_batch_norm(w: Tensor, b: Tensor | None, bn: nn.Module, *, relu_before: 
     b64 = b.detach().double() if b is not None else torch.zeros(out, dtype=torch.float64)
     view = (-1,) + (1,) * (w.dim() - 1)
     iw = None
+    if int_weight is not None:
+        flips = (int_weight.codes == -128) & (alpha < 0).view(view)
+        if bool(flips.any()):  # -(-128) is not an int8: keep the float form
+            int_weight = None
     if int_weight is not None:
         sgn = torch.where(alpha < 0, -1, 1).to(torch.int8)
         codes = int_weight.codes * sgn.view(view)

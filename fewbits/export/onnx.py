@@ -58,7 +58,7 @@ from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer
 from .container import MAGIC, decode_tensor
 from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
-from .onnx_qdq import emit_chain, plan_chains
+from .onnx_qdq import emit_chain, plan_chains, requantize
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -74,6 +74,8 @@ __all__ = [
 DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
 
 _LEAVES = (QuantAct, QuantConv2d, QuantLinear)
+# modules whose output holds values of their input only: a uint8 grid stays one through them
+_ON_GRID = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
 # --------------------------------------------------------------------------- sources
@@ -308,7 +310,7 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     out_name = None
     chains = plan_chains(model.eval(), graph, codes) if fuse else {}
     folded = {n for c in chains.values() for n in c.nodes}
-    u8_scale: dict[str, float] = {}  # ONNX tensors that are uint8 DequantizeLinear outputs
+    u8: dict[str, Any] = {}  # ONNX tensors that are uint8 DequantizeLinear outputs: their grid
 
     def arg(a: Any) -> Any:
         return env[a.name] if isinstance(a, fx.Node) else a
@@ -326,18 +328,26 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
             elif node.name in chains:
                 c = chains[node.name]
                 x = arg(node.args[0])
-                y, scale, how = emit_chain(g, c, modules[node.target], x, u8_scale.get(x))
+                y, grid, how = emit_chain(g, c, modules[node.target], x, u8.get(x))
                 report.weights[c.layer + ".weight"] = how
                 env[node.name] = env[c.last] = y
-                if scale is not None:
-                    u8_scale[y] = scale
+                if grid is not None:
+                    u8[y] = grid
             elif node.op == "call_module":
                 if node.kwargs or len(node.args) != 1:
                     raise ValueError(f"{node.target}: modules must take one tensor")
-                env[node.name] = _module(g, str(node.target), modules[node.target],
-                                         arg(node.args[0]), codes, report)
+                x = arg(node.args[0])
+                y = env[node.name] = _module(g, str(node.target), modules[node.target], x,
+                                             codes, report)
+                if x in u8 and isinstance(modules[node.target], _ON_GRID):
+                    env[node.name] = requantize(g, y, u8[x], y) if y != x else y
+                    u8[env[node.name]] = u8[x]
             elif node.op == "call_function":
+                x = arg(node.args[0]) if node.args else None
                 env[node.name] = _function(g, node, [arg(a) for a in node.args])
+                if x in u8 and node.target is torch.flatten:
+                    env[node.name] = requantize(g, env[node.name], u8[x], env[node.name])
+                    u8[env[node.name]] = u8[x]
             elif node.op == "output":
                 out_name = arg(node.args[0])
             else:

@@ -39,10 +39,10 @@ from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, MinMax, Quantizer
-from .fold import Fold, fold_batch_norm, int8_weight
+from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
 from .onnx_ops import Graph, layer_op
 
-__all__ = ["Chain", "emit_chain", "plan_chains"]
+__all__ = ["Chain", "emit_chain", "plan_chains", "requantize"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -148,33 +148,40 @@ def _bcast(v: np.ndarray, dims: int) -> np.ndarray:
     return v.reshape((-1,) + (1,) * (dims - 2)) if dims > 2 else v
 
 
-def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str, x_scale: float | None
-               ) -> tuple[str, float | None, str]:
-    """Write ``chain`` on input ``x`` (``x_scale``: the scale of the uint8 ``DequantizeLinear``
-    that produced ``x``, or None for a float input). Returns ``(output, its uint8 scale or None,
-    description)``."""
+def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
+               x_grid: tuple[float, str, str] | None) -> tuple[str, Any, str]:
+    """Write ``chain`` on input ``x`` (``x_grid``: ``(scale, scale name, zero point name)`` of
+    the uint8 ``DequantizeLinear`` that produced ``x``, or None for a float input). Returns
+    ``(output, its uint8 grid or None, description)``."""
+    x_scale = x_grid[0] if x_grid is not None else None
     name, f = chain.layer.replace(".", "_"), chain.fold
-    iw = f.int_weight
+    iw = f.int_weight if x_scale is not None else None  # int8 only where the input is
     out = f.weight.shape[0]
+    ins = [x]
+    if iw is not None:
+        # The int32 bias lies on the accumulator's grid x_scale * w_scale: its rounding (half a
+        # step) is the main source of level flips. Codes times a power of two 2^j (up to the
+        # int8 range) with the scale divided by 2^j are the same weights, on a 2^j finer grid.
+        kmax = iw.codes.reshape(out, -1).abs().amax(1).clamp_min(1).double()
+        up = torch.exp2(torch.floor(torch.log2(127.0 / kmax)))
+        view = (-1,) + (1,) * (iw.codes.dim() - 1)
+        iw = IntWeight((iw.codes.to(torch.int64) * up.to(torch.int64).view(view))
+                       .to(torch.int8), (iw.scale.double() / up).float())
+        bs = (np.float32(x_scale) * iw.scale.numpy()).astype(np.float32)
+        bq = torch.round(f.bias.double() / torch.from_numpy(bs).double())
+        if not bool((bq.abs() < 2**31 - 1).all()):
+            iw = None
     if iw is not None:
         wq = g.const(name + "_wq", iw.codes.numpy(), np.int8)
         ws = g.const(name + "_ws", iw.scale.numpy())
         wz = g.const(name + "_wz", np.zeros(out, np.int8), np.int8)
-        w = g.op("DequantizeLinear", [wq, ws, wz], name + "_w", axis=0)
-    else:
-        w = g.const(name + "_w", f.weight)
-    ins = [x, w]
-    bias = f.bias.double()
-    if iw is not None and x_scale is not None:
-        bs = (np.float32(x_scale) * iw.scale.numpy()).astype(np.float32)
-        bq = torch.round(bias / torch.from_numpy(bs).double())
-        if bool((bq.abs() < 2**31 - 1).all()):
-            bi = g.const(name + "_bq", bq.numpy(), np.int32)
-            ins.append(g.op("DequantizeLinear", [bi, g.const(name + "_bs", bs),
-                                                 g.const(name + "_bz", np.zeros(out), np.int32)],
-                            name + "_b", axis=0))
-    if len(ins) == 2:
-        ins.append(g.const(name + "_b", f.bias))
+        bi = g.const(name + "_bq", bq.numpy(), np.int32)
+        bz = g.const(name + "_bz", np.zeros(out), np.int32)
+        ins += [g.op("DequantizeLinear", [wq, ws, wz], name + "_w", axis=0),
+                g.op("DequantizeLinear", [bi, g.const(name + "_bs", bs), bz], name + "_b",
+                     axis=0)]
+    else:  # a float input: float weights, which ONNX Runtime runs in its blocked layout
+        ins += [g.const(name + "_w", f.weight), g.const(name + "_b", f.bias)]
     y = layer_op(g, name, m, ins)
     dims = 4 if isinstance(m, nn.Conv2d) else 2
     how = "folded " + ("int8 per-channel" if iw is not None else "float") + " weights"
@@ -198,4 +205,15 @@ def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str, x_scale: float | No
         u = g.op("Max", [u, g.const(name + "_lo", _bcast(lo, dims), np.uint8)], name + "_max")
     if (hi < 255).any():
         u = g.op("Min", [u, g.const(name + "_hi", _bcast(hi, dims), np.uint8)], name + "_min")
-    return g.op("DequantizeLinear", [u, s, z], name + "_dq"), grid.scale, how + " + uint8 Q/DQ"
+    return (g.op("DequantizeLinear", [u, s, z], name + "_dq"), (grid.scale, s, z),
+            how + " + uint8 Q/DQ")
+
+
+def requantize(g: Graph, y: str, grid: tuple[float, str, str], base: str) -> str:
+    """``DequantizeLinear(QuantizeLinear(y))`` on the grid ``(scale, scale name, zero point
+    name)`` its input came from: exact after a max-pool or flatten of a uint8 grid (they only
+    select or move values), and it lets ONNX Runtime run them on uint8 and fuse the next
+    layer."""
+    _, s, z = grid
+    return g.op("DequantizeLinear", [g.op("QuantizeLinear", [y, s, z], base + "_rq"), s, z],
+                base + "_rdq")

@@ -67,13 +67,14 @@ class Context:
     model: nn.Module
     source: Any
     threads: int | None = None
+    input_shape: tuple[int, ...] | None = None
     _proto: Any = None
 
     def proto(self) -> Any:
         if self._proto is None:
             from ..export.onnx import to_onnx
 
-            self._proto = to_onnx(self.source, fuse=True)[0]
+            self._proto = to_onnx(self.source, fuse=True, input_shape=self.input_shape)[0]
         return self._proto
 
 
@@ -177,7 +178,7 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
     with torch.inference_mode():
         ref = model(probe)
     scale = float(ref.abs().max()) or 1.0
-    ctx = Context(model, source, threads)
+    ctx = Context(model, source, threads, shape)
     names = list(CANDIDATES) if backend == "auto" else [backend]
     built: dict[str, tuple[Runner, float]] = {}
     notes: list[str] = []
