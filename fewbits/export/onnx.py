@@ -286,13 +286,15 @@ class OnnxReport:
 
 def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET,
             input_shape: tuple[int, int, int] | None = None,
-            fuse: bool = False) -> tuple[Any, OnnxReport]:
+            fuse: bool | str = False) -> tuple[Any, OnnxReport]:
     """Build the ``onnx.ModelProto`` of ``source`` (see the module doc) without writing it.
 
     The graph has one input ``images`` (float32, ``(N, C, H, W)``, ``N`` dynamic, values in
     ``[0, 1]``) and one output ``logits``. ``fuse=True`` folds batch norm and writes the QDQ
     pattern ONNX Runtime fuses into integer convolutions (:mod:`fewbits.export.onnx_qdq`):
-    faster, equal to PyTorch within the tolerance stated there instead of float rounding.
+    faster, equal to PyTorch within the tolerance stated there instead of float rounding;
+    ``fuse="openvino"`` writes the bounds of each quantizer as float clamps before its
+    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes).
     """
     try:
         import onnx
@@ -328,7 +330,8 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
             elif node.name in chains:
                 c = chains[node.name]
                 x = arg(node.args[0])
-                y, grid, how = emit_chain(g, c, modules[node.target], x, u8.get(x))
+                y, grid, how = emit_chain(g, c, modules[node.target], x, u8.get(x),
+                                          clamp_codes=fuse != "openvino")
                 report.weights[c.layer + ".weight"] = how
                 env[node.name] = env[c.last] = y
                 if grid is not None:
@@ -358,11 +361,11 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
         raise ValueError("the model must return one tensor (the logits)")
     g.nodes.append(g.h.make_node("Identity", [out_name], ["logits"], name="logits"))
     h = g.h
+    outputs = [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])]
     graph_proto = h.make_graph(
         g.nodes, spec["name"],
         [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", *shape])],
-        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])],
-        g.inits)
+        outputs, g.inits)
     proto = h.make_model(graph_proto, opset_imports=[h.make_opsetid("", opset)],
                          producer_name="fewbits")
     proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
@@ -375,7 +378,7 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
 def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike, *,
                 opset: int = DEFAULT_OPSET,
                 input_shape: tuple[int, int, int] | None = None,
-                fuse: bool = False) -> OnnxReport:
+                fuse: bool | str = False) -> OnnxReport:
     """Write ``source`` (model, ``.fewbits`` file, run folder or checkpoint) as ONNX to ``path``.
 
     Atomic write; returns an :class:`OnnxReport`. See the module doc for each quantizer's form.

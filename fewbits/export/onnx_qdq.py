@@ -149,10 +149,14 @@ def _bcast(v: np.ndarray, dims: int) -> np.ndarray:
 
 
 def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
-               x_grid: tuple[float, str, str] | None) -> tuple[str, Any, str]:
+               x_grid: tuple[float, str, str] | None, clamp_codes: bool = True
+               ) -> tuple[str, Any, str]:
     """Write ``chain`` on input ``x`` (``x_grid``: ``(scale, scale name, zero point name)`` of
     the uint8 ``DequantizeLinear`` that produced ``x``, or None for a float input). Returns
-    ``(output, its uint8 grid or None, description)``."""
+    ``(output, its uint8 grid or None, description)``. ``clamp_codes``: the bounds that uint8
+    saturation does not give are ``Max`` / ``Min`` on the codes (ONNX Runtime's pattern), else
+    on the float values before ``QuantizeLinear`` (OpenVINO's: it fuses them into the conv and
+    keeps ``Q -> DQ`` as one fake-quantize); both give the same codes."""
     x_scale = x_grid[0] if x_grid is not None else None
     name, f = chain.layer.replace(".", "_"), chain.fold
     iw = f.int_weight if x_scale is not None else None  # int8 only where the input is
@@ -191,7 +195,6 @@ def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
     zp_u = grid.zero_point - kl  # level kl -> code 0
     s = g.const(name + "_ys", np.float32(grid.scale))
     z = g.const(name + "_yz", np.array(zp_u), np.uint8)
-    u = g.op("QuantizeLinear", [y, s, z], name + "_q")
     lo = np.zeros(out, np.int64)
     hi = np.full(out, kh - kl, np.int64)
     if f.bound is not None:  # relu before bn: per-channel bound at the quantized level of c
@@ -201,10 +204,21 @@ def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
         sign = f.sign.numpy()
         lo = np.where(sign >= 0, np.maximum(lo, k), lo)
         hi = np.where(sign <= 0, np.minimum(hi, k), hi)
-    if (lo > 0).any():
-        u = g.op("Max", [u, g.const(name + "_lo", _bcast(lo, dims), np.uint8)], name + "_max")
-    if (hi < 255).any():
-        u = g.op("Min", [u, g.const(name + "_hi", _bcast(hi, dims), np.uint8)], name + "_min")
+    if clamp_codes:  # uint8 Max / Min after QuantizeLinear (ONNX Runtime fuses Conv -> Q)
+        u = g.op("QuantizeLinear", [y, s, z], name + "_q")
+        if (lo > 0).any():
+            u = g.op("Max", [u, g.const(name + "_lo", _bcast(lo, dims), np.uint8)],
+                     name + "_max")
+        if (hi < 255).any():
+            u = g.op("Min", [u, g.const(name + "_hi", _bcast(hi, dims), np.uint8)],
+                     name + "_min")
+    else:  # the same bounds as float values before it (OpenVINO fuses them into the conv)
+        val = lambda c: ((c - zp_u) * grid.scale).astype(np.float32)  # noqa: E731
+        if (lo > 0).any():
+            y = g.op("Max", [y, g.const(name + "_lo", _bcast(val(lo), dims))], name + "_max")
+        if (hi < 255).any():
+            y = g.op("Min", [y, g.const(name + "_hi", _bcast(val(hi), dims))], name + "_min")
+        u = g.op("QuantizeLinear", [y, s, z], name + "_q")
     return (g.op("DequantizeLinear", [u, s, z], name + "_dq"), (grid.scale, s, z),
             how + " + uint8 Q/DQ")
 
@@ -217,3 +231,4 @@ def requantize(g: Graph, y: str, grid: tuple[float, str, str], base: str) -> str
     _, s, z = grid
     return g.op("DequantizeLinear", [g.op("QuantizeLinear", [y, s, z], base + "_rq"), s, z],
                 base + "_rdq")
+

@@ -75,11 +75,20 @@ def openvino_runner(proto: Any, threads: int | None = None) -> Runner:
                               "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
+    compiled: dict[tuple[int, ...], Any] = {}
 
     def run(x: Tensor) -> Tensor:
-        out = request.infer({0: np.ascontiguousarray(x.detach().float().numpy())})
+        # one compiled model per input shape: static shapes let OpenVINO plan its layouts
+        # (a dynamic batch costs several times the work at batch 1)
+        shape = tuple(x.shape)
+        req = compiled.get(shape)
+        if req is None:
+            if len(compiled) >= 4:
+                compiled.clear()
+            m = model.clone()
+            m.reshape({m.inputs[0].get_any_name(): list(shape)})
+            req = compiled[shape] = core.compile_model(m, "CPU", config).create_infer_request()
+        out = req.infer({0: np.ascontiguousarray(x.detach().float().numpy())})
         return torch.from_numpy(np.array(next(iter(out.values()))))
 
     return run

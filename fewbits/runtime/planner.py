@@ -68,14 +68,16 @@ class Context:
     source: Any
     threads: int | None = None
     input_shape: tuple[int, ...] | None = None
-    _proto: Any = None
+    _protos: dict = field(default_factory=dict)
 
-    def proto(self) -> Any:
-        if self._proto is None:
+    def proto(self, flavour: bool | str = True) -> Any:
+        """The fused ONNX export (``flavour``: ``True`` for ONNX Runtime, ``"openvino"``)."""
+        if flavour not in self._protos:
             from ..export.onnx import to_onnx
 
-            self._proto = to_onnx(self.source, fuse=True, input_shape=self.input_shape)[0]
-        return self._proto
+            self._protos[flavour] = to_onnx(self.source, fuse=flavour,
+                                            input_shape=self.input_shape)[0]
+        return self._protos[flavour]
 
 
 def _torch(ctx: Context) -> Runner:
@@ -93,7 +95,7 @@ def _ort(ctx: Context) -> Runner:
 
 
 def _openvino(ctx: Context) -> Runner:
-    return openvino_runner(ctx.proto(), ctx.threads)
+    return openvino_runner(ctx.proto("openvino"), ctx.threads)
 
 
 #: name -> builder, in the order they are tried (ties in speed go to the earlier one).
