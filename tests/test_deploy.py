@@ -228,3 +228,31 @@ def test_int_grid_is_the_quantizers_own():
     per.setup(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="per-channel"):
         per.int_grid()
+
+
+def test_checked_residual_sums_fall_back_where_a_sum_saturates():
+    from fewbits.models.families import QuantConfig, family
+    from fewbits.models.nets import ResNet23
+    from fewbits.runtime.ort import CheckedRunner
+
+    torch.manual_seed(0)
+    m = ResNet23(family("fp_net"), QuantConfig(), units=((64, False), (64, False))).eval()
+    m.fewbits_spec = {"name": "cifar10_fp_net_two_units", "kwargs": {}}
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    exact, _ = to_onnx(m, fuse=True)
+    checked, report = to_onnx(m, fuse=True, checked_sums=True)
+    assert report.nodes["ReduceMax"] == 2
+    ops = optimized_operators(checked)
+    assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 6  # every unit conv in int8
+    run = CheckedRunner(checked, exact)
+    ref = torch.from_numpy(onnx_session(exact).run(None, {"images": x.numpy()})[0])
+    assert torch.equal(run(x), ref) and run.fallbacks == 0  # small sums: no saturation
+    with torch.no_grad():  # every quantizer at its top level: the second sum passes code 255
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.bias.fill_(20.0)
+    exact, _ = to_onnx(m, fuse=True)
+    run = CheckedRunner(to_onnx(m, fuse=True, checked_sums=True)[0], exact)
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.allclose(run(x), ref, rtol=1e-5, atol=1e-5) and run.fallbacks == 1

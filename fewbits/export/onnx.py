@@ -58,7 +58,7 @@ from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer
 from .container import MAGIC, decode_tensor
 from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
-from .onnx_qdq import emit_chain, plan_chains, requantize
+from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -259,6 +259,19 @@ def _function(g: Graph, node: fx.Node, args: list[Any]) -> str:
                      "form in fewbits' exporter")
 
 
+def _relu_of_sum(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The ReLU node that is the only user of the two-tensor sum ``node``, or None."""
+    if node.target not in (operator.add, torch.add) or len(node.args) != 2 or node.kwargs:
+        return None
+    if len(node.users) != 1:
+        return None
+    u = next(iter(node.users))
+    if u.op == "call_module" and isinstance(modules.get(str(u.target)), nn.ReLU):
+        return u
+    return u if u.op == "call_function" and u.target in (torch.relu, nn.functional.relu) \
+        and len(u.args) == 1 and not u.kwargs else None
+
+
 # --------------------------------------------------------------------------- public API
 
 @dataclass
@@ -286,7 +299,7 @@ class OnnxReport:
 
 def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET,
             input_shape: tuple[int, int, int] | None = None,
-            fuse: bool | str = False) -> tuple[Any, OnnxReport]:
+            fuse: bool | str = False, checked_sums: bool = False) -> tuple[Any, OnnxReport]:
     """Build the ``onnx.ModelProto`` of ``source`` (see the module doc) without writing it.
 
     The graph has one input ``images`` (float32, ``(N, C, H, W)``, ``N`` dynamic, values in
@@ -294,7 +307,11 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     pattern ONNX Runtime fuses into integer convolutions (:mod:`fewbits.export.onnx_qdq`):
     faster, equal to PyTorch within the tolerance stated there instead of float rounding;
     ``fuse="openvino"`` writes the bounds of each quantizer as float clamps before its
-    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes).
+    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes). ``checked_sums=True`` also
+    writes ``relu(a + b)`` of two uint8 grids of one scale (fixed-point residual sums) as a
+    uint8 sum, exact unless it saturates at code 255, and adds the output ``sum_peak`` (the
+    largest such code): a caller must recompute a batch whose ``sum_peak`` is 255 with the
+    unchecked graph (:func:`fewbits.runtime.ort.ort_runner` does).
     """
     try:
         import onnx
@@ -313,6 +330,9 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     chains = plan_chains(model.eval(), graph, codes) if fuse else {}
     folded = {n for c in chains.values() for n in c.nodes}
     u8: dict[str, Any] = {}  # ONNX tensors that are uint8 DequantizeLinear outputs: their grid
+    peaks: list[str] = []  # uint8 maxima of the checked residual sums
+    if checked_sums and not fuse:
+        raise ValueError("checked_sums=True needs fuse=True")
 
     def arg(a: Any) -> Any:
         return env[a.name] if isinstance(a, fx.Node) else a
@@ -345,6 +365,17 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
                 if x in u8 and isinstance(modules[node.target], _ON_GRID):
                     env[node.name] = requantize(g, y, u8[x], y) if y != x else y
                     u8[env[node.name]] = u8[x]
+            elif node.op == "call_function" and checked_sums and \
+                    _relu_of_sum(node, modules) is not None and \
+                    all(arg(a) in u8 for a in node.args) and \
+                    u8[arg(node.args[0])][0] == u8[arg(node.args[1])][0]:
+                relu = _relu_of_sum(node, modules)
+                y, grid, peak = checked_sum(g, [arg(a) for a in node.args],
+                                            u8[arg(node.args[0])][0], node.name)
+                env[node.name] = env[relu.name] = y
+                u8[y] = grid
+                folded.add(relu.name)
+                peaks.append(peak)
             elif node.op == "call_function":
                 x = arg(node.args[0]) if node.args else None
                 env[node.name] = _function(g, node, [arg(a) for a in node.args])
@@ -362,6 +393,9 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     g.nodes.append(g.h.make_node("Identity", [out_name], ["logits"], name="logits"))
     h = g.h
     outputs = [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])]
+    if peaks:
+        g.nodes.append(h.make_node("Max", peaks, [SUM_PEAK], name=SUM_PEAK))
+        outputs.append(h.make_tensor_value_info(SUM_PEAK, onnx.TensorProto.UINT8, []))
     graph_proto = h.make_graph(
         g.nodes, spec["name"],
         [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", *shape])],

@@ -87,7 +87,10 @@ class Graph:
     def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
         arr = np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value)
         name = self.name(base)
-        self.inits.append(self.nh.from_array(np.ascontiguousarray(arr.astype(dtype)), name))
+        # ascontiguousarray makes 0-d arrays 1-d: keep scalars scalar (ONNX Runtime fuses QDQ
+        # pairs only with scalar scales and zero points)
+        data = np.ascontiguousarray(arr.astype(dtype)).reshape(arr.shape)
+        self.inits.append(self.nh.from_array(data, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str:

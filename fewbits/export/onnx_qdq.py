@@ -42,7 +42,10 @@ from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, 
 from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
 from .onnx_ops import Graph, layer_op
 
-__all__ = ["Chain", "emit_chain", "plan_chains", "requantize"]
+__all__ = ["SUM_PEAK", "Chain", "checked_sum", "emit_chain", "plan_chains", "requantize"]
+
+#: Name of the graph output holding the largest code of the checked uint8 residual sums.
+SUM_PEAK = "sum_peak"
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -232,3 +235,17 @@ def requantize(g: Graph, y: str, grid: tuple[float, str, str], base: str) -> str
     return g.op("DequantizeLinear", [g.op("QuantizeLinear", [y, s, z], base + "_rq"), s, z],
                 base + "_rdq")
 
+
+
+def checked_sum(g: Graph, xs: list[str], scale: float, base: str
+                ) -> tuple[str, tuple[float, str, str], str]:
+    """``relu(a + b)`` of two uint8 grids of step ``scale`` as a uint8 grid (``QuantizeLinear``
+    with zero point 0 saturates negatives to 0: the ReLU), which ONNX Runtime runs as
+    ``QLinearAdd``. A sum of two grid values is on the grid, so the codes are exact unless the
+    sum passes code 255; the returned ``ReduceMax`` of the codes tells (255: possibly
+    saturated). Returns ``(output, its grid, peak)``."""
+    s = g.const(base + "_s", np.float32(scale))
+    z = g.const(base + "_z", np.array(0), np.uint8)
+    u = g.op("QuantizeLinear", [g.op("Add", xs, base), s, z], base + "_q")
+    peak = g.op("ReduceMax", [u], base + "_peak", keepdims=0)
+    return g.op("DequantizeLinear", [u, s, z], base + "_dq"), (scale, s, z), peak

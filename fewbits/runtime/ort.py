@@ -27,9 +27,32 @@ from torch import Tensor
 
 from ..export.onnx import onnx_session
 
-__all__ = ["Runner", "openvino_runner", "optimized_operators", "ort_runner"]
+__all__ = ["CheckedRunner", "Runner", "openvino_runner", "optimized_operators", "ort_runner"]
 
 Runner = Callable[[Tensor], Tensor]
+
+
+class CheckedRunner:
+    """ONNX Runtime over a graph with checked uint8 residual sums
+    (:func:`fewbits.export.onnx.to_onnx` ``checked_sums=True``) and its unchecked twin: a batch
+    whose ``sum_peak`` reaches 255 (a sum may have saturated) is recomputed with the twin, so
+    the result is always the unchecked graph's. ``fallbacks`` counts those batches."""
+
+    def __init__(self, proto: Any, exact: Any, threads: int | None = None) -> None:
+        self.sess = onnx_session(proto, threads=threads)
+        self.checked = len(self.sess.get_outputs()) > 1
+        self._exact, self._threads, self._exact_sess = exact, threads, None
+        self.fallbacks = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        feed = {"images": x.detach().float().numpy()}
+        out = self.sess.run(None, feed)
+        if self.checked and int(out[1]) >= 255:
+            self.fallbacks += 1
+            if self._exact_sess is None:
+                self._exact_sess = onnx_session(self._exact, threads=self._threads)
+            out = self._exact_sess.run(None, feed)
+        return torch.from_numpy(out[0])
 
 
 def ort_runner(proto: Any, threads: int | None = None) -> Runner:

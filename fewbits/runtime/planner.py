@@ -11,6 +11,9 @@ Candidates today:
 * ``openvino`` -- OpenVINO on the fused ONNX export (optional: the ``bench`` extra);
 * ``ort``      -- ONNX Runtime on the fused ONNX export (:mod:`fewbits.export.onnx_qdq`: batch
   norm folded, QDQ that ONNX Runtime turns into ``QLinearConv``);
+* ``ort-checked`` -- the same with fixed-point residual sums as uint8 ``QLinearAdd`` (every
+  convolution after the stem then runs in int8), recomputed with ``ort``'s graph for a batch
+  where a sum may have saturated (:class:`~fewbits.runtime.ort.CheckedRunner`);
 * ``torch``    -- the PyTorch model itself (always applies; the reference).
 
 Plugging in another backend (the binary XNOR-popcount engine, for instance) is one entry::
@@ -43,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import QuantAct, quant_layers
-from .ort import Runner, openvino_runner, ort_runner
+from .ort import CheckedRunner, Runner, openvino_runner, ort_runner
 
 __all__ = ["CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "tolerance"]
 
@@ -70,12 +73,15 @@ class Context:
     input_shape: tuple[int, ...] | None = None
     _protos: dict = field(default_factory=dict)
 
-    def proto(self, flavour: bool | str = True) -> Any:
-        """The fused ONNX export (``flavour``: ``True`` for ONNX Runtime, ``"openvino"``)."""
+    def proto(self, flavour: str = "ort") -> Any:
+        """The fused ONNX export: ``"ort"``, ``"checked"`` (checked uint8 residual sums) or
+        ``"openvino"``."""
         if flavour not in self._protos:
             from ..export.onnx import to_onnx
 
-            self._protos[flavour] = to_onnx(self.source, fuse=flavour,
+            fuse = "openvino" if flavour == "openvino" else True
+            self._protos[flavour] = to_onnx(self.source, fuse=fuse,
+                                            checked_sums=flavour == "checked",
                                             input_shape=self.input_shape)[0]
         return self._protos[flavour]
 
@@ -94,6 +100,13 @@ def _ort(ctx: Context) -> Runner:
     return ort_runner(ctx.proto(), ctx.threads)
 
 
+def _ort_checked(ctx: Context) -> Runner:
+    run = CheckedRunner(ctx.proto("checked"), ctx.proto(), ctx.threads)
+    if not run.checked:
+        raise ValueError("no residual sum of two uint8 grids to check (same graph as 'ort')")
+    return run
+
+
 def _openvino(ctx: Context) -> Runner:
     return openvino_runner(ctx.proto("openvino"), ctx.threads)
 
@@ -101,6 +114,7 @@ def _openvino(ctx: Context) -> Runner:
 #: name -> builder, in the order they are tried (ties in speed go to the earlier one).
 CANDIDATES: dict[str, Callable[[Context], Runner]] = {
     "openvino": _openvino,
+    "ort-checked": _ort_checked,
     "ort": _ort,
     "torch": _torch,
 }
