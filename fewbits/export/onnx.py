@@ -32,6 +32,13 @@ bit of a level boundary (or on a tie) and one quantization level flips: a few lo
 a few percent, predictions practically never (``tests/test_onnx.py`` states the bounds and what
 was measured on real data).
 
+``fuse=True`` writes the deployment form instead (:mod:`fewbits.export.onnx_qdq`): batch norm
+folded into the convolutions (:mod:`fewbits.export.fold`) and the QDQ pattern ONNX Runtime runs
+as ``QLinearConv``; faster, equal to PyTorch within a stated tolerance rather than to float
+rounding. Grids wider than ``QuantizeLinear``'s types (fixed point above 16 bits, min-max level
+ranges beyond int16) use :func:`fewbits.export.onnx_ops.round_half_away`, exact for every
+float32 input.
+
     >>> import tempfile, os
     >>> from fewbits.models import create_model
     >>> m = create_model("mnist_fp_net_mlp", width=32).eval()
