@@ -90,3 +90,22 @@ def test_quantizer_ops_main_tiny(threads, capsys):
     assert set(res) == {"relu", "new:fixed_point", "new:binary_tanh"}
     assert all(r["ms"] > 0 for r in res.values())
     assert "fixed_point" in capsys.readouterr().out
+
+
+def test_deploy_main_tiny(threads, capsys):
+    import deploy
+
+    res = deploy.main(["--rounds", "1", "--batch", "2", "--threads", "1", "--nets", "fp_net",
+                       "--images", "8", "--steps", "0", "--data", "/nonexistent"])
+    out = capsys.readouterr().out
+    assert "load before:" in out and "load average" in out  # the machine load is printed
+    assert res["images"].startswith("synthetic")
+    (cfg,) = res["configs"]
+    assert (cfg["threads"], cfg["batch"]) == (1, 2)
+    rows = cfg["rows"]
+    assert rows[deploy.BASE]["ratio"] == pytest.approx(1.0)  # the baseline divides every row
+    assert {"torch float", "ort int8 ptq", "fewbits fp_net ort"} <= set(rows)
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows.values())
+    agree = cfg["agreement"]["fewbits fp_net ort"]
+    assert 0.0 <= agree["top1_agreement"] <= 1.0 and agree["max_rel_logit_diff"] >= 0
+    assert cfg["auto"]["fp_net"] in deploy.CANDIDATES

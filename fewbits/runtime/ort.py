@@ -94,8 +94,10 @@ def openvino_runner(proto: Any, threads: int | None = None) -> Runner:
             f.write(proto.SerializeToString())
         model = core.read_model(path)
     # f32: on CPUs with AMX / AVX-512 BF16 OpenVINO otherwise runs float layers in bfloat16
+    # no pinning: on a shared machine a pinned worker waits for its one busy core (measured
+    # 10x slower at batch 1 under load)
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                              "INFERENCE_PRECISION_HINT": "f32"}
+                              "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     compiled: dict[tuple[int, ...], Any] = {}

@@ -24,8 +24,8 @@ Plugging in another backend (the binary XNOR-popcount engine, for instance) is o
 
     CANDIDATES = {"binary": _binary, **CANDIDATES}
 
-(a runner is any callable ``images -> logits``; give it a ``tolerance`` entry in
-:data:`EXACT` if it computes PyTorch's logits to float rounding.)
+(a runner is any callable ``images -> logits``; :func:`tolerance` bounds it like the ONNX
+backends; a backend computing PyTorch's own arithmetic bit for bit may join :data:`EXACT`).
 
     >>> from fewbits.models import create_model
     >>> fast = compile_for_cpu(create_model("mnist_fp_net_mlp", width=32), batch_size=4)
