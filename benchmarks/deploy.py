@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
         notes: list[str] = []
         run = runners(nets, float_net, protos, threads, notes)
-        picks = {f: compile_for_cpu(m, threads=threads, batch_size=64).backend
+        picks = {f: compile_for_cpu(m, threads=threads, batch_size=64,
+                                    candidates=tuple(CANDIDATES)).backend
                  for f, m in nets.items()}
         agree = agreement(nets, run, x)
         for b in args.batch:

@@ -8,7 +8,8 @@ the reason when it cannot run the model; the reasons end up in :attr:`Deployed.n
 
 Candidates today:
 
-* ``openvino`` -- OpenVINO on the fused ONNX export (optional: the ``bench`` extra);
+* ``openvino`` -- OpenVINO on the fused ONNX export (optional: the ``bench`` extra; by name
+  only, see :data:`AUTO`);
 * ``ort``      -- ONNX Runtime on the fused ONNX export (:mod:`fewbits.export.onnx_qdq`: batch
   norm folded, QDQ that ONNX Runtime turns into ``QLinearConv``);
 * ``ort-checked`` -- the same with fixed-point residual sums as uint8 ``QLinearAdd`` (every
@@ -23,6 +24,7 @@ Plugging in another backend (the binary XNOR-popcount engine, for instance) is o
         return BinaryEngine.from_model(ctx.model)  # raises ValueError with the reason
 
     CANDIDATES = {"binary": _binary, **CANDIDATES}
+    AUTO = ("binary", *AUTO)
 
 (a runner is any callable ``images -> logits``; :func:`tolerance` bounds it like the ONNX
 backends; a backend computing PyTorch's own arithmetic bit for bit may join :data:`EXACT`).
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from ..layers import QuantAct, quant_layers
 from .ort import CheckedRunner, Runner, openvino_runner, ort_runner
 
-__all__ = ["CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "tolerance"]
+__all__ = ["AUTO", "CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "tolerance"]
 
 #: Relative logit tolerance (of ``max |logit|``) when activations are quantized: the fused
 #: export may put a value lying within float rounding of a level boundary (or on a tie, where
@@ -118,6 +120,10 @@ CANDIDATES: dict[str, Callable[[Context], Runner]] = {
     "ort": _ort,
     "torch": _torch,
 }
+#: What ``backend="auto"`` tries. Not OpenVINO: once its worker threads exist, a SIGTERM raised
+#: later in the same process (fewbits' own interrupt handling in training) crashes it; ask for
+#: it by name (``backend="openvino"``) or through ``candidates``.
+AUTO = ("ort-checked", "ort", "torch")
 
 
 def _quantizes_activations(model: nn.Module) -> bool:
@@ -172,11 +178,13 @@ def _median_time(run: Runner, x: Tensor, repeats: int = 3) -> float:
 
 def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "auto",
                     threads: int | None = None, batch_size: int = 64,
-                    input_shape: tuple[int, int, int] | None = None) -> Deployed:
+                    input_shape: tuple[int, int, int] | None = None,
+                    candidates: tuple[str, ...] = AUTO) -> Deployed:
     """The fastest exact-enough CPU form of ``source`` (model, ``.fewbits`` file, run folder or
     checkpoint). ``backend="auto"`` times every candidate that passes the probe (logits
     within :func:`tolerance` of PyTorch's on 16 seeded random images) on a batch of
-    ``batch_size`` and keeps the fastest; a name from :data:`CANDIDATES` forces that one
+    ``batch_size`` and keeps the fastest (among ``candidates``, default :data:`AUTO`); a name
+    from :data:`CANDIDATES` forces that one
     (raising with the reason if it cannot run). ``threads``: the runtime's intra-op threads
     (PyTorch's are the caller's). Raises ``ValueError`` for an unknown backend.
     """
@@ -195,7 +203,10 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         ref = model(probe)
     scale = float(ref.abs().max()) or 1.0
     ctx = Context(model, source, threads, shape)
-    names = list(CANDIDATES) if backend == "auto" else [backend]
+    unknown = sorted(set(candidates) - set(CANDIDATES))
+    if unknown:
+        raise ValueError(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+    names = [n for n in CANDIDATES if n in candidates] if backend == "auto" else [backend]
     built: dict[str, tuple[Runner, float]] = {}
     notes: list[str] = []
     for name in names:
