@@ -94,7 +94,8 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--device-id", type=int, default=0)
     p.add_argument("-t", "--type-config", choices=TYPE_CONFIGS, default="float")
     p.add_argument("--fast", action="store_true",
-                   help=".fewbits files: run the integer CPU path (int8 / XNOR) where one exists")
+                   help=".fewbits files: run on the fastest exact CPU backend (ONNX Runtime on the "
+                        "fused int8 export, OpenVINO, PyTorch; see fewbits.runtime)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
                    help="a model outside the registry: the factory a run was trained with, "

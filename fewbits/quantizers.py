@@ -37,6 +37,7 @@ __all__ = [
     "BinaryWeight",
     "Codes",
     "FixedPoint",
+    "IntGrid",
     "MinMax",
     "Pow2",
     "Quantizer",
@@ -56,6 +57,33 @@ class Codes:
     bits: int
     shape: tuple[int, ...]
     params: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """The integer grid of a uniform quantizer: values ``(q - zero_point) * scale`` for integers
+    ``q`` in ``[qmin, qmax]`` (docs/QUANTIZERS.md's levels, in the field's scale / zero-point form).
+
+    Owned by the quantizer (:meth:`FixedPoint.int_grid`, :meth:`MinMax.int_grid`); ONNX export
+    and the deployment paths read it from there instead of re-deriving bounds.
+
+        >>> FixedPoint(n=8, delta=0.25).int_grid()
+        IntGrid(scale=0.25, zero_point=0, qmin=-127, qmax=127)
+    """
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def bits(self) -> int:
+        """Bits of one code ``q - qmin``."""
+        return max(1, math.ceil(math.log2(self.qmax - self.qmin + 1)))
+
+    def fits(self, lo: int, hi: int) -> bool:
+        """``[qmin, qmax]`` lies within the integer range ``[lo, hi]``."""
+        return lo <= self.qmin and self.qmax <= hi
 
 
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
@@ -135,6 +163,12 @@ class Quantizer(nn.Module):
     def init_from_(self, x: Tensor) -> None:
         """Start data-dependent state from ``x``, the tensor this quantizer will quantize (called
         after ``setup`` when a float layer is converted); default: nothing to do."""
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The forward's values without autograd (inference paths call this, never a copy of
+        the formula); subclasses with state that training updates skip the update here."""
+        with torch.no_grad():
+            return self(x)
 
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError(f"{type(self).__name__} cannot encode")
@@ -317,6 +351,18 @@ class FixedPoint(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return qf.fixed_point_quantize(x, self.sign, self.n, self.delta, self.ste_fine_grained)
 
+    def int_grid(self) -> IntGrid:
+        """``k * delta`` for ``k`` in ``[-(2^(n-1) - 1), 2^(n-1) - 1]`` (signed) or
+        ``[0, 2^n - 1]``; zero point 0."""
+        kmax = 2 ** (self.n - 1) - 1 if self.sign else 2**self.n - 1
+        return IntGrid(self.delta, 0, -kmax if self.sign else 0, kmax)
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The forward's values without autograd or finiteness check (inference paths): the
+        same formula, :func:`fewbits._math.fixed_point`, rounding ties away from zero."""
+        with torch.no_grad():
+            return _math.fixed_point(x, self.sign, self.n, self.delta)[0]
+
     def encode(self, x: Tensor) -> Codes:
         with torch.no_grad():
             y = self.forward(x.detach().float())
@@ -355,6 +401,11 @@ class Pow2(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return qf.pow2_quantize(x, self.sign, self.with_zero, self.n, self.m,
                                 self.ste_fine_grained)
+
+    def exponent_range(self) -> tuple[int, int]:
+        """``(e_min, e_max)``: the levels are ``+-2^e`` for ``e`` in ``[e_min, e_max]`` (and 0
+        with ``with_zero``); ``e_max = m``."""
+        return _pow2_layout(self.n, self.sign, self.with_zero, self.m)[1], self.m
 
     def encode(self, x: Tensor) -> Codes:
         nb, kmin = _pow2_layout(self.n, self.sign, self.with_zero, self.m)
@@ -684,6 +735,24 @@ class MinMax(Quantizer):
         rmax = qf._range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
         return qf.min_max_grid(rmin.float(), rmax.float(), self.ql_min, self.ql_max, self.eps,
                                "MinMax")
+
+    def int_grid(self) -> IntGrid:
+        """The per-tensor grid ``(q - zero_point) * scale``, ``q`` in ``[ql_min, ql_max]``, of
+        :meth:`grid` (the forward computes ``round((c - lo) / scale) * scale + lo``, which is
+        the same set of reals; float rounding of the two forms can differ in the last bit).
+        Raises ``ValueError`` for per-channel ranges (no single grid)."""
+        if self.qr_min.numel() != 1:
+            raise ValueError("MinMax: per-channel ranges have one grid per channel, not one; "
+                             "use grid(like) for the per-channel scales and zero points")
+        scale, zp, _, _ = self.grid(torch.zeros(()))
+        return IntGrid(float(scale), int(zp), self.ql_min, self.ql_max)
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The evaluation forward without autograd or range updates (inference paths):
+        :func:`fewbits._math.min_max` on the stored ranges, ties away from zero."""
+        with torch.no_grad():
+            scale, _, lo, hi = self.grid(x)
+            return _math.min_max(x, scale, lo, hi)
 
     def encode(self, x: Tensor) -> Codes:
         x = x.detach().float()

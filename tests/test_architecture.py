@@ -30,7 +30,7 @@ LAYERS = [
     (7, "convert", ["fewbits.convert"]),
     (7, "files", ["fewbits.checkpoint", "fewbits.monitor", "fewbits.export.container"]),
     (8, "train", ["fewbits.train"]),
-    (8, "export", ["fewbits.export"]),
+    (8, "export", ["fewbits.export", "fewbits.runtime"]),
     (9, "cli", ["fewbits.cli"]),
     (10, "facade", ["fewbits"]),
 ]

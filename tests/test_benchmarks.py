@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -104,3 +105,27 @@ def test_quantizer_ops_main_tiny(threads, capsys):
     assert set(res) == {"relu", "new:fixed_point", "new:binary_tanh"}
     assert all(r["ms"] > 0 for r in res.values())
     assert "fixed_point" in capsys.readouterr().out
+
+
+def test_deploy_main_tiny(tmp_path):
+    # a subprocess: OpenVINO's worker threads must not live on in the test process (a SIGTERM
+    # raised there later, as the CLI interrupt tests do, would crash it)
+    out_json = tmp_path / "deploy.json"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(BENCH)}
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "deploy.py"), "--rounds", "1",
+                        "--batch", "2", "--threads", "1", "--nets", "fp_net", "--images", "8",
+                        "--steps", "0", "--data", "/nonexistent", "--json", str(out_json)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "load before:" in p.stdout and "load average" in p.stdout  # the machine load
+    res = json.loads(out_json.read_text())
+    assert res["images"].startswith("synthetic")
+    (cfg,) = res["configs"]
+    assert (cfg["threads"], cfg["batch"]) == (1, 2)
+    rows = cfg["rows"]
+    assert rows["ort float"]["ratio"] == pytest.approx(1.0)  # the baseline divides every row
+    assert {"torch float", "ort int8 ptq", "fewbits fp_net ort"} <= set(rows)
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows.values())
+    agree = cfg["agreement"]["fewbits fp_net ort"]
+    assert 0.0 <= agree["top1_agreement"] <= 1.0 and agree["max_rel_logit_diff"] >= 0
+    assert cfg["auto"]["fp_net"] in ("openvino", "ort-checked", "ort", "torch")

@@ -112,7 +112,9 @@ def test_evaluate_packed_reproduces_the_model(fam, tmp_path, trained):
     assert res["n"] == res["total"] == 100 and res["images_per_s"] > 0
     assert res["fast_path"] is None and res["accuracy"] == res["top1"]
     fast = evaluate_packed(tmp_path / "m.fewbits", images, labels, batch_size=32, fast=True)
-    assert fast["fast_path"] == (None if fam == "binary_connect" else "int8")
+    # the fastest backend within tolerance; the integer nets never stay in PyTorch
+    assert fast["fast_path"] in (("ort", "torch") if fam == "binary_connect"
+                                 else ("ort", "ort-checked"))
     assert abs(fast["top1"] - 0.70) <= 0.01
 
 

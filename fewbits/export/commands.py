@@ -140,17 +140,17 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
     """Classify ``images_uint8`` (uint8 ``(N, C, H, W)``) with the network stored at ``path``.
 
     The network is rebuilt from the file (:func:`~fewbits.export.load_packed`) or, with
-    ``fast=True``, compiled to its integer CPU form (:func:`~fewbits.export.runtime.
+    ``fast=True``, deployed on the fastest exact CPU backend (:func:`~fewbits.runtime.
     compile_for_cpu`). Images are scaled by 1/255 as in training. Returns ``{"error", "top1",
     "images_per_s", "n", "fast_path"}`` (``top1`` and ``error`` are fractions; ``fast_path`` is
-    the integer path used, or None), plus ``accuracy``, ``total`` and ``images_per_second``
+    the backend used, or None), plus ``accuracy``, ``total`` and ``images_per_second``
     (the same numbers under the names ``fewbits eval`` reports for checkpoints).
 
     ``model``: a registered name or ``package.module:factory`` (registered by the caller) for
     files of models outside the registry: the file is loaded into ``create_model(model)``.
     """
+    from ..runtime import compile_for_cpu
     from .packed import load_packed
-    from .runtime import compile_for_cpu
 
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"images must be uint8 (N, C, H, W), got {images_uint8.dtype} "
@@ -168,7 +168,8 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
         raise ValueError("--fast needs a file of a registered model; without --fast, --model "
                          "evaluates any model")
     if fast:
-        model = compile_for_cpu(path)
+        model = compile_for_cpu(path, batch_size=min(batch_size, max(1, images_uint8.shape[0])),
+                                input_shape=tuple(images_uint8.shape[1:]))
         kind = model.kind
     elif factory is not None:
         from ..models import create_model

@@ -32,6 +32,13 @@ bit of a level boundary (or on a tie) and one quantization level flips: a few lo
 a few percent, predictions practically never (``tests/test_onnx.py`` states the bounds and what
 was measured on real data).
 
+``fuse=True`` writes the deployment form instead (:mod:`fewbits.export.onnx_qdq`): batch norm
+folded into the convolutions (:mod:`fewbits.export.fold`) and the QDQ pattern ONNX Runtime runs
+as ``QLinearConv``; faster, equal to PyTorch within a stated tolerance rather than to float
+rounding. Grids wider than ``QuantizeLinear``'s types (fixed point above 16 bits, min-max level
+ranges beyond int16) use :func:`fewbits.export.onnx_ops.round_half_away`, exact for every
+float32 input.
+
     >>> import tempfile, os
     >>> from fewbits.models import create_model
     >>> m = create_model("mnist_fp_net_mlp", width=32).eval()
@@ -42,7 +49,6 @@ was measured on real data).
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 import tempfile
@@ -56,22 +62,11 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .. import _math
 from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
-from ..quantizers import (
-    INQ,
-    BinaryConnect,
-    BinarySigmoid,
-    BinaryTanh,
-    BinaryWeight,
-    Codes,
-    FixedPoint,
-    MinMax,
-    Pow2,
-    Quantizer,
-    get,
-)
+from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from .container import MAGIC, decode_tensor
+from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
+from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -87,6 +82,8 @@ __all__ = [
 DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
 
 _LEAVES = (QuantAct, QuantConv2d, QuantLinear)
+# modules whose output holds values of their input only: a uint8 grid stays one through them
+_ON_GRID = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
 # --------------------------------------------------------------------------- sources
@@ -184,231 +181,13 @@ def _trace(model: nn.Module) -> fx.Graph:
                          "the forward must not branch on tensor values") from e
 
 
-# --------------------------------------------------------------------------- graph builder
-
-_INT_TYPES = {  # ONNX type, numpy dtype, min, max
-    "uint8": (2, np.uint8, 0, 255), "int8": (3, np.int8, -128, 127),
-    "uint16": (4, np.uint16, 0, 65535), "int16": (5, np.int16, -32768, 32767),
-}
-
-
-def _int_type(lo: int, hi: int) -> str | None:
-    """Smallest ONNX quantized integer type holding ``[lo, hi]``."""
-    for name in ("uint8", "int8", "uint16", "int16"):
-        _, _, tmin, tmax = _INT_TYPES[name]
-        if tmin <= lo and hi <= tmax:
-            return name
-    return None
-
-
-class _Graph:
-    """Collects ONNX nodes and initializers with unique names."""
-
-    def __init__(self) -> None:
-        from onnx import helper, numpy_helper
-
-        self.h, self.nh = helper, numpy_helper
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
-        self._n = Counter()
-
-    def name(self, base: str) -> str:
-        base = base.replace(".", "_") or "t"
-        self._n[base] += 1
-        return base if self._n[base] == 1 else f"{base}_{self._n[base]}"
-
-    def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
-        arr = np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value)
-        name = self.name(base)
-        self.inits.append(self.nh.from_array(np.ascontiguousarray(arr.astype(dtype)), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str:
-        out = self.name(base)
-        self.nodes.append(self.h.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
-
-
-# --------------------------------------------------------------------------- weights
-
-def _weight_input(g: _Graph, key: str, value: Tensor,
-                  coded: tuple[Quantizer, Codes] | None) -> tuple[str, str]:
-    """The ONNX input for a quantized layer's weight/bias and a description of its form."""
-    if coded is not None:
-        q, c = coded
-        if isinstance(q, FixedPoint):
-            levels = c.codes.reshape(c.shape) - q._offset
-            kind = _int_type(int(levels.min()), int(levels.max())) if levels.numel() else None
-            if kind is not None and q.n <= 16:
-                ints = g.const(key + "_q", levels.numpy(), _INT_TYPES[kind][1])
-                s = g.const(key + "_scale", np.float32(q.delta))
-                z = g.const(key + "_zp", np.array(0), _INT_TYPES[kind][1])
-                return g.op("DequantizeLinear", [ints, s, z], key), f"{kind} DequantizeLinear"
-        elif isinstance(q, MinMax):
-            levels = c.codes.reshape(c.shape) + q.ql_min
-            zp = c.params["zero_point"].reshape(-1)
-            kind = _int_type(q.ql_min, q.ql_max)
-            if kind is not None:
-                ints = g.const(key + "_q", levels.numpy(), _INT_TYPES[kind][1])
-                per_channel = c.params["scale"].numel() > 1
-                scale = c.params["scale"].reshape(-1).float().numpy()
-                s = g.const(key + "_scale", scale if per_channel else scale[0])
-                z = g.const(key + "_zp", zp.numpy() if per_channel else zp.numpy()[0],
-                            _INT_TYPES[kind][1])
-                attrs = {"axis": 0} if per_channel else {}
-                return (g.op("DequantizeLinear", [ints, s, z], key, **attrs),
-                        f"{kind} DequantizeLinear" + (" per channel" if per_channel else ""))
-    return g.const(key, value.detach().float()), "float constant"
-
-
-def _describe_constant(q: Quantizer | None, default: str) -> str:
-    if isinstance(q, (BinaryConnect, BinaryWeight)):
-        return "binarized float constant"
-    if isinstance(q, (Pow2, INQ)):
-        return "power-of-two float constant"
-    return default
-
-
-# --------------------------------------------------------------------------- activations
-
-def _clip(g: _Graph, x: str, lo: float | None, hi: float | None, base: str) -> str:
-    ins = [x, g.const(base + "_lo", np.float32(lo)) if lo is not None else "",
-           g.const(base + "_hi", np.float32(hi)) if hi is not None else ""]
-    while ins[-1] == "":
-        ins.pop()
-    return g.op("Clip", ins, base + "_clip")
-
-
-def _qdq(g: _Graph, x: str, scale: float, zp: int, kind: str, base: str) -> str:
-    s = g.const(base + "_scale", np.float32(scale))
-    z = g.const(base + "_zp", np.array(zp), _INT_TYPES[kind][1])
-    q = g.op("QuantizeLinear", [x, s, z], base + "_q")
-    return g.op("DequantizeLinear", [q, s, z], base + "_dq")
-
-
-def _round_half_away(g: _Graph, v: str, base: str) -> str:
-    a = g.op("Abs", [v], base + "_abs")
-    fl = g.op("Floor", [g.op("Add", [a, g.const(base + "_half", np.float32(0.5))], base + "_h")],
-              base + "_floor")
-    return g.op("Mul", [g.op("Sign", [v], base + "_sign"), fl], base + "_round")
-
-
-def _fixed_point_act(g: _Graph, x: str, q: FixedPoint, base: str) -> tuple[str, str]:
-    kmax = 2 ** (q.n - 1) - 1 if q.sign else 2**q.n - 1
-    kmin = -kmax if q.sign else 0
-    c = _clip(g, x, kmin * q.delta, kmax * q.delta, base)
-    kind = _int_type(kmin, kmax)
-    if kind is not None:
-        return _qdq(g, c, q.delta, 0, kind, base), f"Clip + {kind} Q/DQ"
-    d = g.const(base + "_delta", np.float32(q.delta))
-    r = _round_half_away(g, g.op("Div", [c, d], base + "_div"), base)
-    return g.op("Mul", [r, d], base + "_out"), "Clip + exact rounding (float)"
-
-
-def _min_max_act(g: _Graph, x: str, q: MinMax, base: str) -> tuple[str, str]:
-    if q.qr_min.numel() != 1:
-        raise ValueError(f"{base}: per-channel min-max activation ranges cannot be exported")
-    scale, zp, lo, hi = (float(t) for t in q.grid(torch.zeros(())))
-    kind = _int_type(q.ql_min, q.ql_max)
-    if kind is not None:
-        _, _, tmin, tmax = _INT_TYPES[kind]
-        full = (q.ql_min, q.ql_max) == (tmin, tmax)
-        c = x if full else _clip(g, x, lo, hi, base)
-        return _qdq(g, c, scale, int(zp), kind, base), ("" if full else "Clip + ") + \
-            f"{kind} Q/DQ"
-    c = _clip(g, x, lo, hi, base)
-    lo_c, s_c = g.const(base + "_lo", np.float32(lo)), g.const(base + "_s", np.float32(scale))
-    r = _round_half_away(g, g.op("Div", [g.op("Sub", [c, lo_c], base + "_sub"), s_c],
-                                 base + "_div"), base)
-    return g.op("Add", [g.op("Mul", [r, s_c], base + "_mul"), lo_c], base + "_out"), \
-        "Clip + exact rounding (float)"
-
-
-def _pow2_act(g: _Graph, x: str, q: Pow2, base: str) -> tuple[str, str]:
-    """Exact power-of-two quantization (docs/QUANTIZERS.md, ``pow2``) from ONNX operators.
-
-    ``p = 2^floor(log2 a)`` is looked up in a table of exact powers of two at the index
-    ``floor(Log(a) / ln 2)``; the float ``Log`` may be one off next to a power of two, so ``p`` is
-    halved where ``p > a`` and doubled where ``2p <= a``, which makes it exact. Then
-    ``round(log2 a)`` picks ``2p`` where ``a >= 2p * 2^-0.5`` (the float32 threshold of
-    :data:`fewbits._math.SQRT_HALF_UP`, the same comparison the PyTorch code makes), and the
-    result is clamped to ``[p_min, p_max]`` with the zero rule and sign of the spec.
-    """
-    nb = q.n - int(q.sign) - int(q.with_zero)
-    e_max, e_min = q.m, q.m - (2**nb - 1)
-    if e_min - 2 < -126 or e_max + 2 > 126:
-        # the rounding thresholds 2^e * 2^-0.5 must be normal floats to be exact
-        raise ValueError(f"{base}: pow2 activation exponents [{e_min}, {e_max}] leave the float32 "
-                         "normal range; use fewer bits (n <= 8 with zero, n <= 7 without)")
-    lo_e = e_min - 2
-    table = np.array([math.ldexp(1.0, e) for e in range(lo_e, e_max + 2)], np.float32)
-    p_min, p_max = np.float32(math.ldexp(1.0, e_min)), np.float32(math.ldexp(1.0, e_max))
-    thr = np.float32(p_min * np.float32(2.0**-0.5))
-    f = lambda v, n: g.const(f"{base}_{n}", np.float32(v))  # noqa: E731
-    a = g.op("Abs", [x], base + "_abs")
-    k = g.op("Floor", [g.op("Mul", [g.op("Log", [a], base + "_log"),
-                                    f(1.0 / math.log(2.0), "inv_ln2")], base + "_log2")],
-             base + "_k")
-    k = g.op("Clip", [k, f(lo_e, "kmin"), f(e_max + 1, "kmax")], base + "_kc")
-    idx = g.op("Cast", [g.op("Sub", [k, f(lo_e, "k0")], base + "_ki")], base + "_idx", to=7)
-    p = g.op("Gather", [g.const(base + "_pow2", table), idx], base + "_p")
-    half, two = f(0.5, "half"), f(2.0, "two")
-    p = g.op("Where", [g.op("Greater", [p, a], base + "_gt"),
-                       g.op("Mul", [p, half], base + "_ph"), p], base + "_p1")
-    p2 = g.op("Mul", [p, two], base + "_p2x")
-    p = g.op("Where", [g.op("LessOrEqual", [p2, a], base + "_le"), p2, p], base + "_p2")
-    p2 = g.op("Mul", [p, two], base + "_p3x")
-    up = g.op("GreaterOrEqual", [a, g.op("Mul", [p2, f(_math.SQRT_HALF_UP, "sqh")],
-                                         base + "_t")], base + "_up")
-    r = g.op("Where", [up, p2, p], base + "_r")
-    r = g.op("Min", [r, f(p_max, "pmax")], base + "_rmax")
-    pm = f(p_min, "pmin")
-    zero = f(0.0, "zero")
-    if q.with_zero:
-        low = g.op("Where", [g.op("Less", [a, f(thr, "thr")], base + "_small"), zero, pm],
-                   base + "_low")
-        r = g.op("Where", [g.op("Less", [r, pm], base + "_below"), low, r], base + "_rz")
-    else:
-        r = g.op("Max", [r, pm], base + "_rmin")
-    neg = g.op("Less", [x, zero], base + "_neg")
-    if q.sign:
-        out = g.op("Where", [neg, g.op("Neg", [r], base + "_minus"), r], base + "_out")
-    else:
-        out = g.op("Where", [neg, zero if q.with_zero else pm, r], base + "_out")
-    return out, "exact pow2 subgraph"
-
-
-def _act(g: _Graph, x: str, q: Quantizer | None, base: str) -> tuple[str, str | None]:
-    if q is None:
-        return x, None
-    if isinstance(q, BinaryTanh):
-        gt = g.op("Greater", [x, g.const(base + "_zero", np.float32(0))], base + "_gt")
-        return g.op("Where", [gt, g.const(base + "_one", np.float32(1)),
-                              g.const(base + "_mone", np.float32(-1))], base + "_sign"), \
-            "Where(x > 0, 1, -1)"
-    if isinstance(q, BinarySigmoid):
-        gt = g.op("Greater", [x, g.const(base + "_zero", np.float32(0))], base + "_gt")
-        return g.op("Cast", [gt], base + "_step", to=1), "Cast(x > 0)"
-    if isinstance(q, FixedPoint):
-        return _fixed_point_act(g, x, q, base)
-    if isinstance(q, MinMax):
-        return _min_max_act(g, x, q, base)
-    if isinstance(q, Pow2):
-        return _pow2_act(g, x, q, base)
-    raise ValueError(f"{base}: activation quantizer {type(q).__name__} has no ONNX form")
-
-
 # --------------------------------------------------------------------------- nodes
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _layer(g: _Graph, name: str, m: nn.Module, x: str, codes: dict,
+def _layer(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
            report: OnnxReport) -> str:
     is_q = isinstance(m, (QuantConv2d, QuantLinear))
     if is_q:
-        x, how = _act(g, x, m.input_quantizer, name + "_in")
+        x, how = act(g, x, m.input_quantizer, name + "_in")
         if how:
             report.activations[name + ".input"] = how
     w_q = getattr(m, "weight_quantizer", None)
@@ -416,38 +195,29 @@ def _layer(g: _Graph, name: str, m: nn.Module, x: str, codes: dict,
         w_val = m.quantized_weight() if is_q else m.weight
         b_val = (m.quantized_bias() if is_q else m.bias)
     coded = codes.get(f"{name}.weight")
-    w, how = _weight_input(g, name + "_weight", w_val, coded)
-    report.weights[name + ".weight"] = _describe_constant(coded[0] if coded else w_q, how)
+    w, how = weight_input(g, name + "_weight", w_val, coded)
+    report.weights[name + ".weight"] = describe_constant(coded[0] if coded else w_q, how)
     ins = [x, w]
     if b_val is not None:
         coded = codes.get(f"{name}.bias")
-        b, how = _weight_input(g, name + "_bias", b_val, coded)
-        report.weights[name + ".bias"] = _describe_constant(
+        b, how = weight_input(g, name + "_bias", b_val, coded)
+        report.weights[name + ".bias"] = describe_constant(
             coded[0] if coded else getattr(m, "bias_quantizer", None), how)
         ins.append(b)
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(f"{name}: only numeric zero padding can be exported "
-                             f"(got padding={m.padding!r}, padding_mode={m.padding_mode!r})")
-        ph, pw = _pair(m.padding)
-        y = g.op("Conv", ins, name, kernel_shape=list(_pair(m.kernel_size)),
-                 strides=list(_pair(m.stride)), pads=[ph, pw, ph, pw],
-                 dilations=list(_pair(m.dilation)), group=m.groups)
-    else:
-        y = g.op("Gemm", ins, name, transB=1)
+    y = layer_op(g, name, m, ins)
     if is_q:
-        y, how = _act(g, y, m.output_quantizer, name + "_out")
+        y, how = act(g, y, m.output_quantizer, name + "_out")
         if how:
             report.activations[name + ".output"] = how
     return y
 
 
-def _module(g: _Graph, name: str, m: nn.Module, x: str, codes: dict,
+def _module(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
             report: OnnxReport) -> str:
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         return _layer(g, name, m, x, codes, report)
     if isinstance(m, QuantAct):
-        y, how = _act(g, x, m.quantizer, name)
+        y, how = act(g, x, m.quantizer, name)
         if how:
             report.activations[name] = how
         return y
@@ -463,18 +233,18 @@ def _module(g: _Graph, name: str, m: nn.Module, x: str, codes: dict,
     if isinstance(m, nn.ReLU):
         return g.op("Relu", [x], name)
     if isinstance(m, nn.MaxPool2d):
-        ph, pw = _pair(m.padding)
+        ph, pw = pair(m.padding)
         stride = m.stride if m.stride is not None else m.kernel_size
-        return g.op("MaxPool", [x], name, kernel_shape=list(_pair(m.kernel_size)),
-                    strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
-                    dilations=list(_pair(m.dilation)), ceil_mode=int(m.ceil_mode))
+        return g.op("MaxPool", [x], name, kernel_shape=list(pair(m.kernel_size)),
+                    strides=list(pair(stride)), pads=[ph, pw, ph, pw],
+                    dilations=list(pair(m.dilation)), ceil_mode=int(m.ceil_mode))
     if isinstance(m, nn.AvgPool2d):
-        ph, pw = _pair(m.padding)
+        ph, pw = pair(m.padding)
         stride = m.stride if m.stride is not None else m.kernel_size
-        return g.op("AveragePool", [x], name, kernel_shape=list(_pair(m.kernel_size)),
-                    strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
+        return g.op("AveragePool", [x], name, kernel_shape=list(pair(m.kernel_size)),
+                    strides=list(pair(stride)), pads=[ph, pw, ph, pw],
                     ceil_mode=int(m.ceil_mode), count_include_pad=int(m.count_include_pad))
-    if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
+    if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
         return g.op("GlobalAveragePool", [x], name)
     if isinstance(m, nn.Flatten) and m.end_dim == -1:
         return g.op("Flatten", [x], name, axis=m.start_dim)
@@ -483,7 +253,7 @@ def _module(g: _Graph, name: str, m: nn.Module, x: str, codes: dict,
     raise ValueError(f"{name}: module {type(m).__name__} has no ONNX form in fewbits' exporter")
 
 
-def _function(g: _Graph, node: fx.Node, args: list[Any]) -> str:
+def _function(g: Graph, node: fx.Node, args: list[Any]) -> str:
     fn, kw = node.target, node.kwargs
     if fn in (operator.add, torch.add) and len(args) == 2 and not kw:
         return g.op("Add", args, node.name)
@@ -496,10 +266,23 @@ def _function(g: _Graph, node: fx.Node, args: list[Any]) -> str:
         return g.op("Relu", [args[0]], node.name)
     if fn is nn.functional.adaptive_avg_pool2d:
         size = args[1] if len(args) > 1 else kw.get("output_size")
-        if _pair(size) == (1, 1):
+        if pair(size) == (1, 1):
             return g.op("GlobalAveragePool", [args[0]], node.name)
     raise ValueError(f"operation {getattr(fn, '__name__', fn)!r} (node {node.name}) has no ONNX "
                      "form in fewbits' exporter")
+
+
+def _relu_of_sum(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The ReLU node that is the only user of the two-tensor sum ``node``, or None."""
+    if node.target not in (operator.add, torch.add) or len(node.args) != 2 or node.kwargs:
+        return None
+    if len(node.users) != 1:
+        return None
+    u = next(iter(node.users))
+    if u.op == "call_module" and isinstance(modules.get(str(u.target)), nn.ReLU):
+        return u
+    return u if u.op == "call_function" and u.target in (torch.relu, nn.functional.relu) \
+        and len(u.args) == 1 and not u.kwargs else None
 
 
 # --------------------------------------------------------------------------- public API
@@ -528,11 +311,20 @@ class OnnxReport:
 
 
 def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-            input_shape: tuple[int, int, int] | None = None) -> tuple[Any, OnnxReport]:
+            input_shape: tuple[int, int, int] | None = None,
+            fuse: bool | str = False, checked_sums: bool = False) -> tuple[Any, OnnxReport]:
     """Build the ``onnx.ModelProto`` of ``source`` (see the module doc) without writing it.
 
     The graph has one input ``images`` (float32, ``(N, C, H, W)``, ``N`` dynamic, values in
-    ``[0, 1]``) and one output ``logits``.
+    ``[0, 1]``) and one output ``logits``. ``fuse=True`` folds batch norm and writes the QDQ
+    pattern ONNX Runtime fuses into integer convolutions (:mod:`fewbits.export.onnx_qdq`):
+    faster, equal to PyTorch within the tolerance stated there instead of float rounding;
+    ``fuse="openvino"`` writes the bounds of each quantizer as float clamps before its
+    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes). ``checked_sums=True`` also
+    writes ``relu(a + b)`` of two uint8 grids of one scale (fixed-point residual sums) as a
+    uint8 sum, exact unless it saturates at code 255, and adds the output ``sum_peak`` (the
+    largest such code): a caller must recompute a batch whose ``sum_peak`` is 255 with the
+    unchecked graph (:func:`fewbits.runtime.ort.ort_runner` does).
     """
     try:
         import onnx
@@ -545,9 +337,15 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     report = OnnxReport("", spec["name"], opset)
     graph = _trace(model)
     modules = dict(model.named_modules())
-    g = _Graph()
+    g = Graph()
     env: dict[str, str] = {}
     out_name = None
+    chains = plan_chains(model.eval(), graph, codes) if fuse else {}
+    folded = {n for c in chains.values() for n in c.nodes}
+    u8: dict[str, Any] = {}  # ONNX tensors that are uint8 DequantizeLinear outputs: their grid
+    peaks: list[str] = []  # uint8 maxima of the checked residual sums
+    if checked_sums and not fuse:
+        raise ValueError("checked_sums=True needs fuse=True")
 
     def arg(a: Any) -> Any:
         return env[a.name] if isinstance(a, fx.Node) else a
@@ -560,13 +358,43 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
                 if env:
                     raise ValueError("only single-input models can be exported")
                 env[node.name] = "images"
+            elif node.name in folded:
+                continue  # written with its layer
+            elif node.name in chains:
+                c = chains[node.name]
+                x = arg(node.args[0])
+                y, grid, how = emit_chain(g, c, modules[node.target], x, u8.get(x),
+                                          clamp_codes=fuse != "openvino")
+                report.weights[c.layer + ".weight"] = how
+                env[node.name] = env[c.last] = y
+                if grid is not None:
+                    u8[y] = grid
             elif node.op == "call_module":
                 if node.kwargs or len(node.args) != 1:
                     raise ValueError(f"{node.target}: modules must take one tensor")
-                env[node.name] = _module(g, str(node.target), modules[node.target],
-                                         arg(node.args[0]), codes, report)
+                x = arg(node.args[0])
+                y = env[node.name] = _module(g, str(node.target), modules[node.target], x,
+                                             codes, report)
+                if x in u8 and isinstance(modules[node.target], _ON_GRID):
+                    env[node.name] = requantize(g, y, u8[x], y) if y != x else y
+                    u8[env[node.name]] = u8[x]
+            elif node.op == "call_function" and checked_sums and \
+                    _relu_of_sum(node, modules) is not None and \
+                    all(arg(a) in u8 for a in node.args) and \
+                    u8[arg(node.args[0])][0] == u8[arg(node.args[1])][0]:
+                relu = _relu_of_sum(node, modules)
+                y, grid, peak = checked_sum(g, [arg(a) for a in node.args],
+                                            u8[arg(node.args[0])][0], node.name)
+                env[node.name] = env[relu.name] = y
+                u8[y] = grid
+                folded.add(relu.name)
+                peaks.append(peak)
             elif node.op == "call_function":
+                x = arg(node.args[0]) if node.args else None
                 env[node.name] = _function(g, node, [arg(a) for a in node.args])
+                if x in u8 and node.target is torch.flatten:
+                    env[node.name] = requantize(g, env[node.name], u8[x], env[node.name])
+                    u8[env[node.name]] = u8[x]
             elif node.op == "output":
                 out_name = arg(node.args[0])
             else:
@@ -577,11 +405,14 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
         raise ValueError("the model must return one tensor (the logits)")
     g.nodes.append(g.h.make_node("Identity", [out_name], ["logits"], name="logits"))
     h = g.h
+    outputs = [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])]
+    if peaks:
+        g.nodes.append(h.make_node("Max", peaks, [SUM_PEAK], name=SUM_PEAK))
+        outputs.append(h.make_tensor_value_info(SUM_PEAK, onnx.TensorProto.UINT8, []))
     graph_proto = h.make_graph(
         g.nodes, spec["name"],
         [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", *shape])],
-        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])],
-        g.inits)
+        outputs, g.inits)
     proto = h.make_model(graph_proto, opset_imports=[h.make_opsetid("", opset)],
                          producer_name="fewbits")
     proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
@@ -593,12 +424,13 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
 
 def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike, *,
                 opset: int = DEFAULT_OPSET,
-                input_shape: tuple[int, int, int] | None = None) -> OnnxReport:
+                input_shape: tuple[int, int, int] | None = None,
+                fuse: bool | str = False) -> OnnxReport:
     """Write ``source`` (model, ``.fewbits`` file, run folder or checkpoint) as ONNX to ``path``.
 
     Atomic write; returns an :class:`OnnxReport`. See the module doc for each quantizer's form.
     """
-    proto, report = to_onnx(source, opset=opset, input_shape=input_shape)
+    proto, report = to_onnx(source, opset=opset, input_shape=input_shape, fuse=fuse)
     data = proto.SerializeToString()
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))

@@ -1,0 +1,153 @@
+"""Batch-norm folding for deployment: ``BN(conv(x, W))`` as ``conv(x, W') + b'``.
+
+Evaluation batch norm is a per-channel affine map ``alpha * y + c`` with
+``alpha = gamma / sqrt(var + eps)`` and ``c = beta - alpha * mean``. Folded into the layer before
+it (field-standard batch-norm folding), the weights of output channel ``o`` become
+``alpha[o] * W[o]``. For the weight-quantized families ``W[o] = k[o] * s[o]`` with integer codes
+``k`` (fixed point: ``s = delta``; min-max: ``s = scale``, ``k = q - zero_point``; pow2, INQ and
+binary: ``s[o]`` read off the values, checked exact), so the folded weights are the *same*
+integer codes with the per-channel scale ``|alpha[o]| * s[o]`` (codes negated where
+``alpha[o] < 0``; a channel holding code -128 there keeps the float form): an int8 per-channel
+weight, the form ONNX Runtime's ``QLinearConv`` takes.
+
+``conv -> relu -> bn`` (the min-max recipe) folds too: for ``alpha > 0``,
+``alpha * relu(y) + c = max(alpha * y + c, c)`` (``min`` for ``alpha < 0``), so the ReLU
+becomes a per-channel bound on the folded output (:attr:`Fold.bound`).
+
+Tolerance. In real arithmetic the folded layer computes exactly what the pair computes; in
+float32 both round differently (the fold multiplies once, batch norm subtracts, divides by
+``sqrt(var + eps)`` and multiplies): the outputs differ by a few float32 ulps of
+``|alpha| * sum |w x| + |c|`` (:data:`FOLD_RTOL` of that magnitude is asserted in
+``tests/test_deploy.py``). A quantizer after the fold therefore lands on the other level where
+the unfolded value lies within those ulps of a rounding boundary.
+
+    >>> conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4).eval()
+    >>> f = fold_batch_norm(conv.weight.detach(), None, bn)
+    >>> f.weight.shape, f.bias.shape
+    (torch.Size([4, 3, 3, 3]), torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..quantizers import Codes, FixedPoint, MinMax, Quantizer
+
+__all__ = ["FOLD_RTOL", "Fold", "IntWeight", "fold_batch_norm", "int8_weight"]
+
+#: Relative float32 error of a folded layer against conv + batch norm, relative to
+#: ``|alpha| * sum |w x| + |c|`` (measured: below 2e-7; asserted with margin).
+FOLD_RTOL = 1e-6
+
+
+@dataclass
+class IntWeight:
+    """``weight = codes * scale[o]`` per output channel: int8 codes, float32 positive scales."""
+
+    codes: Tensor  # int8, the weight's shape
+    scale: Tensor  # float32, (out,)
+
+    def value(self) -> Tensor:
+        view = (-1,) + (1,) * (self.codes.dim() - 1)
+        return self.codes.to(torch.float64) * self.scale.to(torch.float64).view(view)
+
+
+def _fits_int8(k: Tensor) -> bool:
+    return k.numel() > 0 and -128 <= int(k.min()) and int(k.max()) <= 127
+
+
+def int8_weight(q: Quantizer | None, w: Tensor, codes: Codes | None = None
+                ) -> IntWeight | None:
+    """The int8 per-channel form of a quantized weight, or ``None`` when its codes do not fit
+    ``[-128, 127]``.
+
+    ``w`` holds the values the layer's forward uses. Fixed point and min-max codes come from
+    the quantizer's grid (:meth:`~fewbits.quantizers.FixedPoint.int_grid`; min-max from
+    ``codes``, whose ``q - zero_point`` times ``scale`` is the value up to one float rounding);
+    any other weight (pow2, INQ, binary, float) is accepted when each output channel is an
+    exact integer multiple of its smallest nonzero magnitude.
+    """
+    w = w.detach().float()
+    out = w.shape[0]
+    if isinstance(q, FixedPoint):
+        grid = q.int_grid()
+        k = torch.round(w / grid.scale)
+        if _fits_int8(k) and torch.equal(k * grid.scale, w):
+            return IntWeight(k.to(torch.int8), torch.full((out,), grid.scale))
+        return None
+    if isinstance(q, MinMax):
+        if codes is None:
+            codes = q.encode(w)
+        scale, zp, _, _ = q.grid(w)
+        zp = zp.reshape(-1).to(torch.int64)
+        view = (-1,) + (1,) * (w.dim() - 1) if zp.numel() > 1 else ()
+        k = codes.codes.reshape(w.shape) + q.ql_min - zp.reshape(view)
+        if not _fits_int8(k):
+            return None
+        return IntWeight(k.to(torch.int8), scale.reshape(-1).float().expand(out).clone())
+    flat = w.reshape(out, -1)
+    mag = torch.where(flat == 0, torch.full_like(flat, float("inf")), flat.abs()).amin(1)
+    mag = torch.where(torch.isinf(mag), torch.ones_like(mag), mag)
+    k = torch.round(flat / mag[:, None])
+    if _fits_int8(k) and torch.equal(k * mag[:, None], flat):
+        return IntWeight(k.reshape(w.shape).to(torch.int8), mag)
+    return None
+
+
+@dataclass
+class Fold:
+    """A folded layer: ``weight`` (float32 values), ``int_weight`` (its int8 per-channel form
+    when the source weight had one), ``bias`` and, for ``conv -> relu -> bn``, the per-channel
+    ReLU ``bound`` with ``sign`` (+1: ``max(y, bound)``, -1: ``min(y, bound)``, 0: constant)."""
+
+    weight: Tensor
+    bias: Tensor
+    int_weight: IntWeight | None = None
+    bound: Tensor | None = None
+    sign: Tensor | None = None
+
+
+def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        raise ValueError(f"cannot fold {type(bn).__name__}: need an evaluation batch norm with "
+                         "running statistics")
+    c = bn.num_features
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones(c, dtype=torch.float64)
+    beta = bn.bias.detach().double() if bn.affine else torch.zeros(c, dtype=torch.float64)
+    alpha = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+    return alpha, beta - alpha * bn.running_mean.double()
+
+
+def fold_batch_norm(w: Tensor, b: Tensor | None, bn: nn.Module, *, relu_before: bool = False,
+                    int_weight: IntWeight | None = None) -> Fold:
+    """Fold evaluation batch norm ``bn`` into the layer ``(w, b)`` before it (``relu_before``:
+    a ReLU sits between them). With ``int_weight`` (``w``'s int8 form) the fold keeps the codes
+    and scales the per-channel scales. Computed in float64, rounded once to float32."""
+    alpha, c = _bn_affine(bn)
+    out = w.shape[0]
+    if alpha.numel() != out:
+        raise ValueError(f"batch norm has {alpha.numel()} channels, the layer {out} outputs")
+    b64 = b.detach().double() if b is not None else torch.zeros(out, dtype=torch.float64)
+    view = (-1,) + (1,) * (w.dim() - 1)
+    iw = None
+    if int_weight is not None:
+        flips = (int_weight.codes == -128) & (alpha < 0).view(view)
+        if bool(flips.any()):  # -(-128) is not an int8: keep the float form
+            int_weight = None
+    if int_weight is not None:
+        sgn = torch.where(alpha < 0, -1, 1).to(torch.int8)
+        codes = int_weight.codes * sgn.view(view)
+        codes = torch.where((alpha == 0).view(view), torch.zeros_like(codes), codes)
+        scale = (int_weight.scale.double() * alpha.abs())
+        scale = torch.where(alpha == 0, torch.ones_like(scale), scale).float()
+        iw = IntWeight(codes, scale)
+        weight = iw.value().float()
+    else:
+        weight = (w.detach().double() * alpha.view(view)).float()
+    bias = (alpha * b64 + c).float()
+    if not relu_before:
+        return Fold(weight, bias, iw)
+    return Fold(weight, bias, iw, bound=c.float(), sign=torch.sign(alpha).float())

@@ -1,0 +1,251 @@
+"""The fused ONNX form: batch norm folded, written in the QDQ pattern ONNX Runtime turns into
+``QLinearConv`` / ``QLinearMatMul``.
+
+ONNX Runtime fuses ``DequantizeLinear(x) -> Conv(DequantizeLinear(w), DequantizeLinear(b)) ->
+QuantizeLinear`` into one integer convolution when ``x`` and the output have the same 8-bit type,
+the weights are int8 with zero point 0 (per output channel allowed) and the bias is int32 with
+scale ``x_scale * w_scale``. fewbits' recipes put batch norm (and ReLU) between the convolution
+and its activation quantizer, which blocks that; here each chain
+
+* ``conv -> bn [-> q [-> relu]]`` (fixed point / min-max nets, and the float stem), and
+* ``conv -> relu -> bn -> q`` (the min-max recipe)
+
+is written as one folded convolution (:mod:`fewbits.export.fold`) followed by a uint8
+``QuantizeLinear`` whose zero point makes the quantizer's lowest needed level code 0, then at
+most two uint8 ``Min`` / ``Max`` nodes for what the uint8 saturation does not do (the fixed-point
+range ``[-127, 127]``, the ReLU before batch norm as a per-channel bound), and a
+``DequantizeLinear``. A convolution whose input is such a ``DequantizeLinear`` gets an int32 bias
+and fuses; one whose input is float (the stem, and the first convolution of a residual unit,
+whose input is a sum of two grids wider than 8 bits) stays a float convolution.
+
+Equivalence to PyTorch (see the fold's tolerance): the integer convolution sums exactly, but the
+folded scale, the int32 rounding of the bias (at most half a step of ``x_scale * w_scale``) and
+``QuantizeLinear``'s rounding (half to even, where fewbits rounds half away from zero) put a
+value within a few float32 ulps of a level boundary (or on an exact tie) on the neighbouring
+level. Such flips are rare and move logits by a small fraction of their range;
+``tests/test_deploy.py`` asserts the bound and equal top-1 per family.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, MinMax, Quantizer
+from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
+from .onnx_ops import Graph, layer_op
+
+__all__ = ["SUM_PEAK", "Chain", "checked_sum", "emit_chain", "plan_chains", "requantize"]
+
+#: Name of the graph output holding the largest code of the checked uint8 residual sums.
+SUM_PEAK = "sum_peak"
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class Chain:
+    """A conv / linear layer and the nodes folded into it (``nodes``: fx node names after it)."""
+
+    layer: str
+    nodes: list[str]
+    fold: Fold
+    act: Quantizer | None = None
+    relu_after: bool = False
+
+    @property
+    def last(self) -> str:
+        return self.nodes[-1]
+
+
+def _uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | None:
+    """``(grid, kl, kh)``: the quantizer's grid and the levels its (ReLU'd) output can take,
+    when they span at most 256 codes; else None."""
+    if not isinstance(q, (FixedPoint, MinMax)):
+        return None
+    try:
+        grid = q.int_grid()
+    except ValueError:  # per-channel min-max ranges
+        return None
+    kl = max(grid.qmin, grid.zero_point) if relu_after else grid.qmin
+    kh = grid.qmax
+    return (grid, kl, kh) if kh - kl <= 255 and kl <= kh else None
+
+
+def _binary_next(m: nn.Module | None) -> bool:
+    """Batch norm feeds a sign: left unfolded, since the conv of +-1 values sums to exact
+    integers (often 0, where the sign decides) only with unscaled +-1 weights."""
+    return isinstance(m, QuantAct) and isinstance(m.quantizer, (BinaryTanh, BinarySigmoid))
+
+
+def plan_chains(model: nn.Module, graph: fx.Graph,
+                codes: dict[str, tuple[Quantizer, Codes]]) -> dict[str, Chain]:
+    """The foldable chains of ``graph``, keyed by the fx name of their layer node."""
+    modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+
+    def mod(n: Any) -> nn.Module | None:
+        ok = isinstance(n, fx.Node) and n.op == "call_module" and calls[str(n.target)] == 1
+        return modules[str(n.target)] if ok else None
+
+    def user(n: fx.Node) -> fx.Node | None:
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    chains: dict[str, Chain] = {}
+    for node in graph.nodes:
+        m = mod(node)
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or (
+                getattr(m, "input_quantizer", None) or getattr(m, "output_quantizer", None)):
+            continue
+        seq: list[fx.Node] = []
+        nxt = user(node)
+        relu_before = isinstance(mod(nxt), nn.ReLU)
+        if relu_before:
+            seq.append(nxt)
+            nxt = user(nxt)
+        bn = mod(nxt)
+        if not isinstance(bn, _BN) or bn.running_mean is None or _binary_next(mod(user(nxt))):
+            continue
+        seq.append(nxt)
+        nxt = user(nxt)
+        q, relu_after = None, False
+        qa = mod(nxt)
+        if isinstance(qa, QuantAct) and qa.quantizer is not None:
+            after = user(nxt)
+            relu_after = isinstance(mod(after), nn.ReLU)
+            if _uint8_levels(qa.quantizer, relu_after) is not None:
+                q = qa.quantizer
+                seq.append(nxt)
+                if relu_after:
+                    seq.append(after)
+            else:
+                relu_after = False
+        if relu_before and q is None:
+            continue  # relu -> bn folds only into a quantizer's integer bounds
+        is_q = isinstance(m, (QuantConv2d, QuantLinear))
+        with torch.no_grad():
+            w = m.quantized_weight() if is_q else m.weight
+            b = m.quantized_bias() if is_q else m.bias
+        # a model rebuilt from a .fewbits file has no weight quantizer left: the file's codes
+        # carry it (uniform families), else the int8 form is read off the values
+        coded = codes.get(f"{node.target}.weight")
+        wq = coded[0] if coded else getattr(m, "weight_quantizer", None)
+        iw = int8_weight(wq, w, coded[1] if coded else None)
+        fold = fold_batch_norm(w.detach(), None if b is None else b.detach(), bn,
+                               relu_before=relu_before, int_weight=iw)
+        chains[node.name] = Chain(str(node.target), [n.name for n in seq], fold, q, relu_after)
+    return chains
+
+
+def _bcast(v: np.ndarray, dims: int) -> np.ndarray:
+    """A scalar when all channels agree, else ``(C, 1, 1)`` / ``(C,)`` for broadcasting."""
+    if (v == v[0]).all():
+        return np.array(v[0])
+    return v.reshape((-1,) + (1,) * (dims - 2)) if dims > 2 else v
+
+
+def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
+               x_grid: tuple[float, str, str] | None, clamp_codes: bool = True
+               ) -> tuple[str, Any, str]:
+    """Write ``chain`` on input ``x`` (``x_grid``: ``(scale, scale name, zero point name)`` of
+    the uint8 ``DequantizeLinear`` that produced ``x``, or None for a float input). Returns
+    ``(output, its uint8 grid or None, description)``. ``clamp_codes``: the bounds that uint8
+    saturation does not give are ``Max`` / ``Min`` on the codes (ONNX Runtime's pattern), else
+    on the float values before ``QuantizeLinear`` (OpenVINO's: it fuses them into the conv and
+    keeps ``Q -> DQ`` as one fake-quantize); both give the same codes."""
+    x_scale = x_grid[0] if x_grid is not None else None
+    name, f = chain.layer.replace(".", "_"), chain.fold
+    iw = f.int_weight if x_scale is not None else None  # int8 only where the input is
+    out = f.weight.shape[0]
+    ins = [x]
+    if iw is not None:
+        # The int32 bias lies on the accumulator's grid x_scale * w_scale: its rounding (half a
+        # step) is the main source of level flips. Codes times a power of two 2^j (up to the
+        # int8 range) with the scale divided by 2^j are the same weights, on a 2^j finer grid.
+        kmax = iw.codes.reshape(out, -1).abs().amax(1).clamp_min(1).double()
+        up = torch.exp2(torch.floor(torch.log2(127.0 / kmax)))
+        view = (-1,) + (1,) * (iw.codes.dim() - 1)
+        iw = IntWeight((iw.codes.to(torch.int64) * up.to(torch.int64).view(view))
+                       .to(torch.int8), (iw.scale.double() / up).float())
+        bs = (np.float32(x_scale) * iw.scale.numpy()).astype(np.float32)
+        bq = torch.round(f.bias.double() / torch.from_numpy(bs).double())
+        if not bool((bq.abs() < 2**31 - 1).all()):
+            iw = None
+    if iw is not None:
+        wq = g.const(name + "_wq", iw.codes.numpy(), np.int8)
+        ws = g.const(name + "_ws", iw.scale.numpy())
+        wz = g.const(name + "_wz", np.zeros(out, np.int8), np.int8)
+        bi = g.const(name + "_bq", bq.numpy(), np.int32)
+        bz = g.const(name + "_bz", np.zeros(out), np.int32)
+        ins += [g.op("DequantizeLinear", [wq, ws, wz], name + "_w", axis=0),
+                g.op("DequantizeLinear", [bi, g.const(name + "_bs", bs), bz], name + "_b",
+                     axis=0)]
+    else:  # a float input: float weights, which ONNX Runtime runs in its blocked layout
+        ins += [g.const(name + "_w", f.weight), g.const(name + "_b", f.bias)]
+    y = layer_op(g, name, m, ins)
+    dims = 4 if isinstance(m, nn.Conv2d) else 2
+    how = "folded " + ("int8 per-channel" if iw is not None else "float") + " weights"
+    if chain.act is None:
+        return y, None, how
+    grid, kl, kh = _uint8_levels(chain.act, chain.relu_after)  # type: ignore[misc]
+    zp_u = grid.zero_point - kl  # level kl -> code 0
+    s = g.const(name + "_ys", np.float32(grid.scale))
+    z = g.const(name + "_yz", np.array(zp_u), np.uint8)
+    lo = np.zeros(out, np.int64)
+    hi = np.full(out, kh - kl, np.int64)
+    if f.bound is not None:  # relu before bn: per-channel bound at the quantized level of c
+        q = chain.act
+        v = q.infer(f.bound.float())
+        k = (torch.round(v / grid.scale) + grid.zero_point).to(torch.int64).numpy() - kl
+        sign = f.sign.numpy()
+        lo = np.where(sign >= 0, np.maximum(lo, k), lo)
+        hi = np.where(sign <= 0, np.minimum(hi, k), hi)
+    if clamp_codes:  # uint8 Max / Min after QuantizeLinear (ONNX Runtime fuses Conv -> Q)
+        u = g.op("QuantizeLinear", [y, s, z], name + "_q")
+        if (lo > 0).any():
+            u = g.op("Max", [u, g.const(name + "_lo", _bcast(lo, dims), np.uint8)],
+                     name + "_max")
+        if (hi < 255).any():
+            u = g.op("Min", [u, g.const(name + "_hi", _bcast(hi, dims), np.uint8)],
+                     name + "_min")
+    else:  # the same bounds as float values before it (OpenVINO fuses them into the conv)
+        val = lambda c: ((c - zp_u) * grid.scale).astype(np.float32)  # noqa: E731
+        if (lo > 0).any():
+            y = g.op("Max", [y, g.const(name + "_lo", _bcast(val(lo), dims))], name + "_max")
+        if (hi < 255).any():
+            y = g.op("Min", [y, g.const(name + "_hi", _bcast(val(hi), dims))], name + "_min")
+        u = g.op("QuantizeLinear", [y, s, z], name + "_q")
+    return (g.op("DequantizeLinear", [u, s, z], name + "_dq"), (grid.scale, s, z),
+            how + " + uint8 Q/DQ")
+
+
+def requantize(g: Graph, y: str, grid: tuple[float, str, str], base: str) -> str:
+    """``DequantizeLinear(QuantizeLinear(y))`` on the grid ``(scale, scale name, zero point
+    name)`` its input came from: exact after a max-pool or flatten of a uint8 grid (they only
+    select or move values), and it lets ONNX Runtime run them on uint8 and fuse the next
+    layer."""
+    _, s, z = grid
+    return g.op("DequantizeLinear", [g.op("QuantizeLinear", [y, s, z], base + "_rq"), s, z],
+                base + "_rdq")
+
+
+
+def checked_sum(g: Graph, xs: list[str], scale: float, base: str
+                ) -> tuple[str, tuple[float, str, str], str]:
+    """``relu(a + b)`` of two uint8 grids of step ``scale`` as a uint8 grid (``QuantizeLinear``
+    with zero point 0 saturates negatives to 0: the ReLU), which ONNX Runtime runs as
+    ``QLinearAdd``. A sum of two grid values is on the grid, so the codes are exact unless the
+    sum passes code 255; the returned ``ReduceMax`` of the codes tells (255: possibly
+    saturated). Returns ``(output, its grid, peak)``."""
+    s = g.const(base + "_s", np.float32(scale))
+    z = g.const(base + "_z", np.array(0), np.uint8)
+    u = g.op("QuantizeLinear", [g.op("Add", xs, base), s, z], base + "_q")
+    peak = g.op("ReduceMax", [u], base + "_peak", keepdims=0)
+    return g.op("DequantizeLinear", [u, s, z], base + "_dq"), (scale, s, z), peak

@@ -1,0 +1,258 @@
+"""Deployment: batch-norm folding, the fused QDQ export ONNX Runtime turns into QLinearConv, the
+planner's backends per family against PyTorch, and one rounding formula per quantizer on every
+path (issue 12 items 6 and 7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fewbits.export import compile_for_cpu as export_compile_for_cpu
+from fewbits.export import export_packed
+from fewbits.export.fold import FOLD_RTOL, fold_batch_norm, int8_weight
+from fewbits.export.onnx import onnx_session, to_onnx
+from fewbits.layers import QuantAct
+from fewbits.models import FAMILIES, create_model
+from fewbits.quantizers import BinaryWeight, FixedPoint, MinMax, Pow2
+from fewbits.runtime import compile_for_cpu
+from fewbits.runtime.ort import optimized_operators
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _bn(c: int, seed: int = 0) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1, generator=g)
+        bn.running_var.uniform_(0.05, 3, generator=g)
+        bn.weight.uniform_(-1.5, 1.5, generator=g)
+        bn.weight[0] = 0.0  # a dead channel: folds to its constant
+        bn.bias.uniform_(-1, 1, generator=g)
+    return bn
+
+
+# --------------------------------------------------------------------------- folding
+
+@pytest.mark.parametrize("relu_before", [False, True])
+def test_fold_batch_norm_within_the_stated_tolerance(relu_before):
+    g = torch.Generator().manual_seed(1)
+    q = FixedPoint(n=8, delta=2**-6)
+    w = q(torch.randn(6, 5, 3, 3, generator=g) * 0.5)
+    bn = _bn(6)
+    iw = int8_weight(q, w)
+    f = fold_batch_norm(w, None, bn, relu_before=relu_before, int_weight=iw)
+    assert f.int_weight is not None and f.int_weight.codes.dtype == torch.int8
+    assert (f.int_weight.scale > 0).all()
+    x = torch.randn(4, 5, 7, 7, generator=g) * 3
+    y = nn.functional.conv2d(x, w)
+    ref = bn(torch.relu(y) if relu_before else y)
+    got = nn.functional.conv2d(x, f.weight, f.bias)
+    if relu_before:
+        b, s = f.bound.view(1, -1, 1, 1), f.sign.view(1, -1, 1, 1)
+        got = torch.where(s > 0, torch.maximum(got, b), torch.where(s < 0,
+                                                                   torch.minimum(got, b), b))
+    alpha = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().view(1, -1, 1, 1)
+    mag = alpha * nn.functional.conv2d(x.abs(), w.abs()) + (bn.bias - bn.running_mean * alpha
+                                                             .view(-1)).abs().view(1, -1, 1, 1)
+    assert ((got - ref).abs() <= FOLD_RTOL * mag + 1e-30).all()
+    assert torch.equal(got[:, 0], ref[:, 0])  # the dead channel: exactly its constant
+
+
+def test_int8_weight_forms_are_exact_or_refused():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 3, 3, generator=g)
+    for q in (FixedPoint(n=8, delta=2**-5), BinaryWeight(), Pow2(sign=True, with_zero=False,
+                                                                   n=3, m=0)):
+        q.setup(x)
+        w = q(x)
+        iw = int8_weight(q, w)
+        assert iw is not None, q
+        assert torch.equal(iw.value().float(), w), q
+        assert iw.codes.abs().max() <= 127
+    mm = MinMax(init_min=-1.0, init_max=0.99)  # zero point 128: q - 128 in [-128, 127]
+    iw = int8_weight(mm, mm(x))
+    assert iw is not None and torch.allclose(iw.value().float(), mm(x), atol=1e-6)
+    assert int(iw.codes.min()) == -128  # x saturates at the low end
+    mm = MinMax(init_min=-1.0, init_max=1.3)  # zero point 111: q - 111 reaches 144
+    assert int8_weight(mm, mm(x)) is None
+    assert int8_weight(None, x) is None  # float weights have no int8 grid
+    assert int8_weight(FixedPoint(n=10, delta=2**-8), FixedPoint(n=10, delta=2**-8)(x)) is None
+
+
+# --------------------------------------------------------------------------- ONNX Runtime fusion
+
+@pytest.mark.parametrize("fam", ["fp_net", "min_max"])
+def test_fused_export_runs_as_qlinearconv_in_onnx_runtime(fam):
+    m = create_model(f"cifar10_{fam}_resnet23_prediction").eval()
+    proto, report = to_onnx(m, fuse=True)
+    assert "BatchNormalization" not in report.nodes  # every batch norm folded
+    ops = optimized_operators(proto)
+    # 22 convolutions: the stem and the first conv of units 2-7 see float inputs (pixels; the
+    # residual sum, a grid wider than 8 bits), the other 15 run as integer convolutions
+    assert ops["QLinearConv"] == 15 and ops["Conv"] == 7
+    assert sum(n for k, n in ops.items() if "Conv" in k) == 22
+
+
+def test_plain_export_has_no_integer_convolution():
+    m = create_model("cifar10_fp_net_resnet23_prediction").eval()
+    assert optimized_operators(to_onnx(m)[0])["QLinearConv"] == 0  # why fuse=True exists
+
+
+# --------------------------------------------------------------------------- per family
+
+_TEMPLATES = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+
+
+def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable synthetic task: class template plus noise (trained nets have clear top-1
+    margins on it, as on real data; pure noise leaves near-ties that any rounding flips)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return (0.6 * _TEMPLATES[y] + 0.4 * torch.rand(n, 1, 28, 28, generator=g)), y
+
+
+def _trained(name: str, steps: int = 25, **kw):
+    torch.manual_seed(0)
+    if "_inq_" in name:
+        kw["inq_iterations"] = [0, steps // 2]
+    m = create_model(name, **kw)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    m.train()
+    for i in range(steps):
+        x, y = _images(32, i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_fast_path_has_pytorch_top1_and_logits_within_tolerance(fam, tmp_path):
+    name = f"mnist_{fam}_lenet"
+    m = _trained(name, width=32)
+    export_packed(m, tmp_path / "m.fewbits")
+    fast = compile_for_cpu(tmp_path / "m.fewbits", batch_size=32)
+    x, _ = _images(300, 1000)
+    with torch.no_grad():
+        ref = m(x)
+    got = fast(x)
+    assert torch.equal(got.argmax(1), ref.argmax(1)), (fast.backend, fast.notes)
+    err = float((got - ref).abs().max()) / float(ref.abs().max())
+    assert err <= fast.tolerance, (fast.backend, err)
+    if fam in ("fp_net", "min_max"):
+        assert fast.backend in ("ort", "ort-checked"), fast.notes  # the fused integer export
+
+
+def test_forced_backend_and_unknown_backend():
+    m = _trained("mnist_fp_net_mlp", steps=2, width=32)
+    fast = compile_for_cpu(m, backend="ort")
+    assert fast.backend == fast.kind == "ort" and fast.tolerance > 0
+    assert compile_for_cpu(m, backend="torch").tolerance == 0.0
+    with pytest.raises(ValueError, match="unknown backend 'tpu'; known: auto, .*ort"):
+        compile_for_cpu(m, backend="tpu")
+    assert export_compile_for_cpu(m, backend="ort").backend == "ort"
+
+
+# --------------------------------------------------------------------------- issue 12, 6 and 7
+
+class _Act(nn.Module):
+    def __init__(self, q) -> None:
+        super().__init__()
+        self.q = QuantAct(q)
+
+    def forward(self, x):
+        return self.q(x)
+
+
+def _ort(model, x, fuse=False):
+    proto, _ = to_onnx(model, input_shape=tuple(x.shape[1:]), fuse=fuse)
+    return torch.from_numpy(onnx_session(proto).run(None, {"images": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("q,values", [
+    # v = 0.49999997: floor(v + 0.5) is 1 in float32, the quantizer gives 0
+    (FixedPoint(n=20, delta=2**-4), [0.49999997 * 2**-4, -0.49999997 * 2**-4, 2.5 * 2**-4,
+                                     -2.5 * 2**-4, 3.5 * 2**-4, 0.0]),
+    # odd codes above 2^23: v + 0.5 rounds to the even neighbour
+    (FixedPoint(n=25, delta=1.0), [2.0**23 + 1, -(2.0**23 + 1), 2.0**23 + 3, 2.0**24 - 1,
+                                   8388608.5 - 2.0**23, 1e9]),
+    (MinMax(ql_min=0, ql_max=2**20, init_min=-1.0, init_max=1.0), None),
+])
+def test_onnx_exact_rounding_path_is_exact(q, values):
+    m = _Act(q).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, generator=g) * (4.0 if values is None else 1e6 * q.delta)
+    if values is not None:
+        x = torch.cat([torch.tensor(values), x])
+    else:  # min-max ties (v - lo) / scale = k + 1/2
+        scale, _, lo, _ = q.grid(torch.zeros(()))
+        x = torch.cat([lo + scale * (torch.arange(0, 3000) * 97 + 0.5), x])
+    x = x.reshape(1, 1, 1, -1)
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.equal(_ort(m, x), ref)  # the "exact rounding (float)" form
+
+
+def test_fixed_point_rounding_is_one_formula_on_every_path():
+    x = torch.tensor([(0.5 - 2**-25) * 2**-4]).reshape(1, 1, 1, 1)
+    q = FixedPoint(n=8, delta=2**-4)
+    m = _Act(q).eval()
+    with torch.no_grad():
+        assert float(q(x)) == 0.0 and float(q.infer(x)) == 0.0
+    assert float(_ort(m, x)) == 0.0 and float(_ort(m, x, fuse=True)) == 0.0
+    for backend in ("ort", "torch"):
+        fast = compile_for_cpu(m, backend=backend, input_shape=(1, 1, 1))
+        assert float(fast(x)) == 0.0, backend
+
+
+def test_int_grid_is_the_quantizers_own():
+    assert FixedPoint(n=8, delta=0.5).int_grid().fits(-127, 127)
+    g = FixedPoint(sign=False, n=4, delta=0.3).int_grid()
+    assert (g.qmin, g.qmax, g.zero_point, g.bits) == (0, 15, 0, 4)
+    mm = MinMax(init_min=-1.37, init_max=2.9)
+    g = mm.int_grid()
+    scale, zp, lo, _ = mm.grid(torch.zeros(()))
+    assert (g.scale, g.zero_point) == (float(scale), int(zp))
+    assert math.isclose((g.qmin - g.zero_point) * g.scale, float(lo), rel_tol=1e-6)
+    per = MinMax(per_channel=True)
+    per.setup(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="per-channel"):
+        per.int_grid()
+
+
+def test_checked_residual_sums_fall_back_where_a_sum_saturates():
+    from fewbits.models.families import QuantConfig, family
+    from fewbits.models.nets import ResNet23
+    from fewbits.runtime.ort import CheckedRunner
+
+    torch.manual_seed(0)
+    m = ResNet23(family("fp_net"), QuantConfig(), units=((64, False), (64, False))).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    shape = {"input_shape": (3, 32, 32)}  # not a registered model: no declared shape
+    exact, _ = to_onnx(m, fuse=True, **shape)
+    checked, report = to_onnx(m, fuse=True, checked_sums=True, **shape)
+    assert report.nodes["ReduceMax"] == 2
+    ops = optimized_operators(checked)
+    assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 6  # every unit conv in int8
+    run = CheckedRunner(checked, exact)
+    ref = torch.from_numpy(onnx_session(exact).run(None, {"images": x.numpy()})[0])
+    assert torch.equal(run(x), ref) and run.fallbacks == 0  # small sums: no saturation
+    with torch.no_grad():  # every quantizer at its top level: the second sum passes code 255
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.bias.fill_(20.0)
+    exact, _ = to_onnx(m, fuse=True, **shape)
+    run = CheckedRunner(to_onnx(m, fuse=True, checked_sums=True, **shape)[0], exact)
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.allclose(run(x), ref, rtol=1e-5, atol=1e-5) and run.fallbacks == 1
