@@ -6,8 +6,8 @@
  * meaning +1 and bit 0 meaning -1; bits past the last channel are 0 in both activations and
  * weights, so their XOR is 0 and they count nothing. A binary convolution computes, per output
  * pixel and channel, D = popcount(a XOR w) over the im2col row of the pixel (taps outside the
- * image are zero words), subtracts the popcount of the weight words of those taps (zero-padding
- * correction), and gets the exact integer sum = n_valid - 2 D of +-1 products. The output bit
+ * image read zero words of a zero-padded copy), subtracts the popcount of the weight words of
+ * those taps (zero-padding correction, from 2-D prefix sums over the taps), and gets the exact integer sum = n_valid - 2 D of +-1 products. The output bit
  * is (sum >= T) XOR flip (T, flip from fewbits.runtime.binary_fold); with a residual input the
  * threshold is T1 where the residual bit is +1 and T0 where it is -1.
  *
@@ -40,7 +40,8 @@ typedef struct {
     int32_t cout_pad;                          /* multiple of 32 */
     const float *wf;      /* STEM: [taps][cout_pad] +-1; HEAD: [cout][cin] +-1 */
     const uint32_t *wb;   /* BCONV: [k*k*wd_in][cout_pad] weight words, transposed */
-    const int32_t *wpop;  /* BCONV: [k*k][cout_pad] popcount of each tap's weight words */
+    const int32_t *wpop;  /* BCONV: [k+1][k+1][cout_pad] 2-D prefix sums of the taps' weight
+                          * popcounts: [a][b] sums taps ky < a, kx < b */
     const int32_t *t0, *t1; /* BCONV thresholds [cout_pad]; t1 where the residual bit is +1 */
     const float *tf;      /* STEM thresholds [cout_pad] */
     const uint32_t *flip; /* [cout_pad / 32] */
@@ -70,18 +71,51 @@ static inline uint32_t stem_bits(const float *s, const fbb_layer *L, int ob) {
     return w;
 }
 
+/* A row of output pixels of a layer. `in` is the (zero-padded) input: the output pixel
+ * (oy, ox) reads input rows oy .. oy+k-1 and columns ox .. ox+k-1 of it; `wp` is its width. */
+typedef struct {
+    const fbb_layer *L;
+    const void *in;
+    int wp, hp, oy, ow, ky0, ky1; /* valid tap rows [ky0, ky1) of this output row */
+    const uint32_t *res;          /* residual bits of this row, or NULL */
+    uint32_t *out;
+} fbb_row;
+
+static inline void tap_cols(const fbb_row *r, int ox, int *kx0, int *kx1) {
+    const fbb_layer *L = r->L;
+    *kx0 = L->pad - ox > 0 ? L->pad - ox : 0;
+    *kx1 = L->w + L->pad - ox < L->k ? L->w + L->pad - ox : L->k;
+}
+
+/* Popcount of the weight words of the outside taps (their zero input words counted them):
+ * total minus the inside rectangle, from the 2-D prefix sums wpop[(k+1) x (k+1)][cout_pad]. */
+static inline const int32_t *pre_at(const fbb_layer *L, int ky, int kx) {
+    return L->wpop + ((size_t)ky * (L->k + 1) + kx) * L->cout_pad;
+}
+
+static inline int is_border(const fbb_row *r, int kx0, int kx1) {
+    return r->ky0 > 0 || r->ky1 < r->L->k || kx0 > 0 || kx1 < r->L->k;
+}
+
 /* ---------------------------------------------------------------- portable kernels */
 
-static void stem_pixel_generic(const float *col, int taps, const fbb_layer *L, uint32_t *out) {
+static void stem_row_generic(const fbb_row *r) {
+    const fbb_layer *L = r->L;
+    const float *x = (const float *)r->in;
+    int k = L->k, cp = L->cout_pad;
     float s[32];
-    for (int ob = 0; ob < L->cout_pad; ob += 32) {
-        for (int j = 0; j < 32; j++) s[j] = 0.0f;
-        for (int t = 0; t < taps; t++) {
-            const float *w = L->wf + (size_t)t * L->cout_pad + ob;
-            for (int j = 0; j < 32; j++) s[j] += col[t] * w[j];
+    for (int ox = 0; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) {
+            for (int j = 0; j < 32; j++) s[j] = 0.0f;
+            const float *w = L->wf + ob;
+            for (int c = 0; c < L->cin; c++)
+                for (int ky = 0; ky < k; ky++) {
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    for (int kx = 0; kx < k; kx++, w += cp)
+                        for (int j = 0; j < 32; j++) s[j] += xr[kx] * w[j];
+                }
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_bits(s, L, ob);
         }
-        out[ob / 32] = stem_bits(s, L, ob);
-    }
 }
 
 static inline uint32_t bconv_word(const int32_t *D, const fbb_layer *L, int ob, int nvalid,
@@ -96,16 +130,33 @@ static inline uint32_t bconv_word(const int32_t *D, const fbb_layer *L, int ob, 
     return w;
 }
 
-static void bconv_pixel_generic(const uint32_t *a, int K, const fbb_layer *L, int nvalid,
-                                const int32_t *corr, const uint32_t *res, uint32_t *out) {
+static void bconv_row_generic(const fbb_row *r, int32_t *corr) {
+    const fbb_layer *L = r->L;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    const uint32_t *in = (const uint32_t *)r->in;
     int32_t D[32];
-    for (int ob = 0; ob < L->cout_pad; ob += 32) {
-        for (int j = 0; j < 32; j++) D[j] = 0;
-        for (int k = 0; k < K; k++) {
-            const uint32_t *w = L->wb + (size_t)k * L->cout_pad + ob;
-            for (int j = 0; j < 32; j++) D[j] += popcount32(a[k] ^ w[j]);
+    for (int ox = 0; ox < r->ow; ox++) {
+        int kx0, kx1;
+        tap_cols(r, ox, &kx0, &kx1);
+        int border = is_border(r, kx0, kx1);
+        if (border)
+            for (int o = 0; o < cp; o++)
+                corr[o] = pre_at(L, k, k)[o] - pre_at(L, r->ky1, kx1)[o]
+                          + pre_at(L, r->ky0, kx1)[o] + pre_at(L, r->ky1, kx0)[o]
+                          - pre_at(L, r->ky0, kx0)[o];
+        int nvalid = L->cin * (r->ky1 - r->ky0) * (kx1 - kx0);
+        for (int ob = 0; ob < cp; ob += 32) {
+            for (int j = 0; j < 32; j++) D[j] = 0;
+            const uint32_t *w = L->wb + ob;
+            for (int ky = 0; ky < k; ky++) {
+                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+                for (int i = 0; i < kw; i++, w += cp)
+                    for (int j = 0; j < 32; j++) D[j] += popcount32(a[i] ^ w[j]);
+            }
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word(
+                D, L, ob, nvalid, border ? corr : NULL,
+                r->res ? r->res + (size_t)ox * (cp / 32) : NULL);
         }
-        out[ob / 32] = bconv_word(D, L, ob, nvalid, corr, res);
     }
 }
 
@@ -113,24 +164,32 @@ static void bconv_pixel_generic(const uint32_t *a, int K, const fbb_layer *L, in
 /* ---------------------------------------------------------------- AVX2 + FMA */
 
 __attribute__((target("avx2,fma")))
-static void stem_pixel_avx2(const float *col, int taps, const fbb_layer *L, uint32_t *out) {
+static void stem_row_avx2(const fbb_row *r) {
+    const fbb_layer *L = r->L;
+    const float *x = (const float *)r->in;
+    int k = L->k, cp = L->cout_pad;
     float s[32];
-    for (int ob = 0; ob < L->cout_pad; ob += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int t = 0; t < taps; t++) {
-            const float *w = L->wf + (size_t)t * L->cout_pad + ob;
-            __m256 x = _mm256_set1_ps(col[t]);
-            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(w), a0);
-            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + 8), a1);
-            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + 16), a2);
-            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + 24), a3);
+    for (int ox = 0; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *w = L->wf + ob;
+            for (int c = 0; c < L->cin; c++)
+                for (int ky = 0; ky < k; ky++) {
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    for (int kx = 0; kx < k; kx++, w += cp) {
+                        __m256 v = _mm256_set1_ps(xr[kx]);
+                        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), a0);
+                        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), a1);
+                        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 16), a2);
+                        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 24), a3);
+                    }
+                }
+            _mm256_storeu_ps(s, a0);
+            _mm256_storeu_ps(s + 8, a1);
+            _mm256_storeu_ps(s + 16, a2);
+            _mm256_storeu_ps(s + 24, a3);
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_bits(s, L, ob);
         }
-        _mm256_storeu_ps(s, a0);
-        _mm256_storeu_ps(s + 8, a1);
-        _mm256_storeu_ps(s + 16, a2);
-        _mm256_storeu_ps(s + 24, a3);
-        out[ob / 32] = stem_bits(s, L, ob);
-    }
 }
 
 __attribute__((target("avx2")))
@@ -150,102 +209,197 @@ static inline __m256i bytes_to_i32(__m256i c8) {
 }
 
 __attribute__((target("avx2")))
-static void bconv_pixel_avx2(const uint32_t *a, int K, const fbb_layer *L, int nvalid,
-                             const int32_t *corr, const uint32_t *res, uint32_t *out) {
+static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
+    const fbb_layer *L = r->L;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    const uint32_t *in = (const uint32_t *)r->in;
     int32_t D[32];
-    for (int ob = 0; ob < L->cout_pad; ob += 32) {
-        __m256i d[4], c[4];
-        for (int i = 0; i < 4; i++) d[i] = c[i] = _mm256_setzero_si256();
-        for (int k = 0; k < K; k++) {
-            const uint32_t *w = L->wb + (size_t)k * L->cout_pad + ob;
-            __m256i x = _mm256_set1_epi32((int)a[k]);
-            for (int i = 0; i < 4; i++) /* <= 8 per byte per step: flush every 31 steps */
-                c[i] = _mm256_add_epi8(c[i], popcnt8_avx2(_mm256_xor_si256(
-                    x, _mm256_loadu_si256((const __m256i *)(w + 8 * i)))));
-            if (k % 31 == 30) {
-                for (int i = 0; i < 4; i++) {
-                    d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-                    c[i] = _mm256_setzero_si256();
+    for (int ox = 0; ox < r->ow; ox++) {
+        int kx0, kx1;
+        tap_cols(r, ox, &kx0, &kx1);
+        int border = is_border(r, kx0, kx1);
+        if (border)
+            for (int o = 0; o < cp; o++)
+                corr[o] = pre_at(L, k, k)[o] - pre_at(L, r->ky1, kx1)[o]
+                          + pre_at(L, r->ky0, kx1)[o] + pre_at(L, r->ky1, kx0)[o]
+                          - pre_at(L, r->ky0, kx0)[o];
+        int nvalid = L->cin * (r->ky1 - r->ky0) * (kx1 - kx0);
+        for (int ob = 0; ob < cp; ob += 32) {
+            __m256i d[4], c[4];
+            for (int i = 0; i < 4; i++) d[i] = c[i] = _mm256_setzero_si256();
+            const uint32_t *w = L->wb + ob;
+            int n = 0;
+            for (int ky = 0; ky < k; ky++) {
+                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+                for (int j = 0; j < kw; j++, w += cp) {
+                    __m256i v = _mm256_set1_epi32((int)a[j]);
+                    for (int i = 0; i < 4; i++)
+                        c[i] = _mm256_add_epi8(c[i], popcnt8_avx2(_mm256_xor_si256(
+                            v, _mm256_loadu_si256((const __m256i *)(w + 8 * i)))));
+                    if (++n == 31) { /* <= 8 per byte per step: flush before 255 */
+                        n = 0;
+                        for (int i = 0; i < 4; i++) {
+                            d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
+                            c[i] = _mm256_setzero_si256();
+                        }
+                    }
                 }
             }
+            for (int i = 0; i < 4; i++) {
+                d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
+                _mm256_storeu_si256((__m256i *)(D + 8 * i), d[i]);
+            }
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word(
+                D, L, ob, nvalid, border ? corr : NULL,
+                r->res ? r->res + (size_t)ox * (cp / 32) : NULL);
         }
-        for (int i = 0; i < 4; i++) {
-            d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-            _mm256_storeu_si256((__m256i *)(D + 8 * i), d[i]);
-        }
-        out[ob / 32] = bconv_word(D, L, ob, nvalid, corr, res);
     }
 }
 
 /* ---------------------------------------------------------------- AVX-512 (F, VPOPCNTDQ) */
 
 __attribute__((target("avx512f")))
-static void stem_pixel_avx512(const float *col, int taps, const fbb_layer *L, uint32_t *out) {
-    for (int ob = 0; ob < L->cout_pad; ob += 32) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        for (int t = 0; t < taps; t++) {
-            const float *w = L->wf + (size_t)t * L->cout_pad + ob;
-            __m512 x = _mm512_set1_ps(col[t]);
-            a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(w), a0);
-            a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(w + 16), a1);
+static inline uint32_t stem_word_avx512(__m512 a0, __m512 a1, const fbb_layer *L, int ob) {
+    __m512 t0 = _mm512_loadu_ps(L->tf + ob), t1 = _mm512_loadu_ps(L->tf + ob + 16);
+    uint32_t ge = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_GE_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_GE_OQ) << 16);
+    uint32_t lt = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_LT_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_LT_OQ) << 16);
+    const __m512 pinf = _mm512_set1_ps(INFINITY), ninf = _mm512_set1_ps(-INFINITY);
+    uint32_t ip = (uint32_t)_mm512_cmp_ps_mask(a0, pinf, _CMP_EQ_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, pinf, _CMP_EQ_OQ) << 16);
+    uint32_t in = (uint32_t)_mm512_cmp_ps_mask(a0, ninf, _CMP_EQ_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, ninf, _CMP_EQ_OQ) << 16);
+    uint32_t f = L->flip[ob / 32];
+    uint32_t w = (ge & ~f) | (lt & f);
+    return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
+}
+
+/* NB output pixels x 32 output channels per pass: each weight load feeds NB FMAs. */
+#define STEM_NB 4
+__attribute__((target("avx512f")))
+static void stem_row_avx512(const fbb_row *r) {
+    const fbb_layer *L = r->L;
+    const float *x = (const float *)r->in;
+    int k = L->k, cp = L->cout_pad;
+    int ox = 0;
+    for (; ox + STEM_NB <= r->ow; ox += STEM_NB)
+        for (int ob = 0; ob < cp; ob += 32) {
+            __m512 a[STEM_NB][2];
+            for (int p = 0; p < STEM_NB; p++) a[p][0] = a[p][1] = _mm512_setzero_ps();
+            const float *w = L->wf + ob;
+            for (int c = 0; c < L->cin; c++)
+                for (int ky = 0; ky < k; ky++) {
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    for (int kx = 0; kx < k; kx++, w += cp) {
+                        __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+                        for (int p = 0; p < STEM_NB; p++) {
+                            __m512 v = _mm512_set1_ps(xr[kx + p]);
+                            a[p][0] = _mm512_fmadd_ps(v, w0, a[p][0]);
+                            a[p][1] = _mm512_fmadd_ps(v, w1, a[p][1]);
+                        }
+                    }
+                }
+            for (int p = 0; p < STEM_NB; p++)
+                r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] =
+                    stem_word_avx512(a[p][0], a[p][1], L, ob);
         }
-        __m512 t0 = _mm512_loadu_ps(L->tf + ob), t1 = _mm512_loadu_ps(L->tf + ob + 16);
-        uint32_t ge = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_GE_OQ)
-                      | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_GE_OQ) << 16);
-        uint32_t lt = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_LT_OQ)
-                      | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_LT_OQ) << 16);
-        const __m512 pinf = _mm512_set1_ps(INFINITY), ninf = _mm512_set1_ps(-INFINITY);
-        uint32_t ip = (uint32_t)_mm512_cmp_ps_mask(a0, pinf, _CMP_EQ_OQ)
-                      | ((uint32_t)_mm512_cmp_ps_mask(a1, pinf, _CMP_EQ_OQ) << 16);
-        uint32_t in = (uint32_t)_mm512_cmp_ps_mask(a0, ninf, _CMP_EQ_OQ)
-                      | ((uint32_t)_mm512_cmp_ps_mask(a1, ninf, _CMP_EQ_OQ) << 16);
-        uint32_t f = L->flip[ob / 32];
-        uint32_t w = (ge & ~f) | (lt & f);
-        w = (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
-        out[ob / 32] = w;
+    for (; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            const float *w = L->wf + ob;
+            for (int c = 0; c < L->cin; c++)
+                for (int ky = 0; ky < k; ky++) {
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    for (int kx = 0; kx < k; kx++, w += cp) {
+                        __m512 v = _mm512_set1_ps(xr[kx]);
+                        a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w), a0);
+                        a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + 16), a1);
+                    }
+                }
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_word_avx512(a0, a1, L, ob);
+        }
+}
+
+/* Output bits of 32 channels from their XOR popcounts (d0: channels ob..+15, d1: +16..+31). */
+__attribute__((target("avx512f")))
+static inline uint32_t bconv_word_avx512(const fbb_row *r, int ox, int ob, __m512i d0,
+                                         __m512i d1) {
+    const fbb_layer *L = r->L;
+    int kx0, kx1, cp = L->cout_pad;
+    tap_cols(r, ox, &kx0, &kx1);
+    if (is_border(r, kx0, kx1)) {
+        for (int h = 0; h < 2; h++) {
+            int o = ob + 16 * h;
+            __m512i in_ = _mm512_sub_epi32(
+                _mm512_add_epi32(_mm512_loadu_si512(pre_at(L, r->ky1, kx1) + o),
+                                 _mm512_loadu_si512(pre_at(L, r->ky0, kx0) + o)),
+                _mm512_add_epi32(_mm512_loadu_si512(pre_at(L, r->ky0, kx1) + o),
+                                 _mm512_loadu_si512(pre_at(L, r->ky1, kx0) + o)));
+            __m512i cr = _mm512_sub_epi32(_mm512_loadu_si512(pre_at(L, L->k, L->k) + o), in_);
+            if (h == 0) d0 = _mm512_sub_epi32(d0, cr);
+            else d1 = _mm512_sub_epi32(d1, cr);
+        }
+    }
+    const __m512i nv = _mm512_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
+    __m512i s0 = _mm512_sub_epi32(nv, _mm512_add_epi32(d0, d0));
+    __m512i s1 = _mm512_sub_epi32(nv, _mm512_add_epi32(d1, d1));
+    __m512i t0 = _mm512_loadu_si512(L->t0 + ob), t1 = _mm512_loadu_si512(L->t0 + ob + 16);
+    if (r->res) {
+        uint32_t rb = r->res[(size_t)ox * (cp / 32) + ob / 32];
+        t0 = _mm512_mask_blend_epi32((__mmask16)(rb & 0xffffu), t0,
+                                     _mm512_loadu_si512(L->t1 + ob));
+        t1 = _mm512_mask_blend_epi32((__mmask16)(rb >> 16), t1,
+                                     _mm512_loadu_si512(L->t1 + ob + 16));
+    }
+    uint32_t ge = (uint32_t)_mm512_cmpge_epi32_mask(s0, t0)
+                  | ((uint32_t)_mm512_cmpge_epi32_mask(s1, t1) << 16);
+    return ge ^ L->flip[ob / 32];
+}
+
+/* NB pixels x 32 channels per pass: each weight load feeds NB XOR-popcounts. */
+#define BCONV_NB 4
+__attribute__((target("avx512f,avx512vpopcntdq"), always_inline))
+static inline void bconv_px_avx512(const fbb_row *r, int ox, const int nb) {
+    const fbb_layer *L = r->L;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    const uint32_t *in = (const uint32_t *)r->in;
+    for (int ob = 0; ob < cp; ob += 32) {
+        __m512i d[BCONV_NB][2];
+        for (int p = 0; p < nb; p++) d[p][0] = d[p][1] = _mm512_setzero_si512();
+        const uint32_t *w = L->wb + ob;
+        for (int ky = 0; ky < k; ky++) {
+            const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+            for (int j = 0; j < kw; j++, w += cp) {
+                __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 16);
+                for (int p = 0; p < nb; p++) {
+                    __m512i v = _mm512_set1_epi32((int)a[p * wi + j]);
+                    d[p][0] = _mm512_add_epi32(d[p][0],
+                                               _mm512_popcnt_epi32(_mm512_xor_si512(v, w0)));
+                    d[p][1] = _mm512_add_epi32(d[p][1],
+                                               _mm512_popcnt_epi32(_mm512_xor_si512(v, w1)));
+                }
+            }
+        }
+        for (int p = 0; p < nb; p++)
+            r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] =
+                bconv_word_avx512(r, ox + p, ob, d[p][0], d[p][1]);
     }
 }
 
 __attribute__((target("avx512f,avx512vpopcntdq")))
-static void bconv_pixel_avx512(const uint32_t *a, int K, const fbb_layer *L, int nvalid,
-                               const int32_t *corr, const uint32_t *res, uint32_t *out) {
-    const __m512i nv = _mm512_set1_epi32(nvalid);
-    for (int ob = 0; ob < L->cout_pad; ob += 32) {
-        __m512i d0 = _mm512_setzero_si512(), d1 = d0;
-        const uint32_t *w = L->wb + ob;
-        for (int k = 0; k < K; k++, w += L->cout_pad) {
-            __m512i x = _mm512_set1_epi32((int)a[k]);
-            d0 = _mm512_add_epi32(d0, _mm512_popcnt_epi32(_mm512_xor_si512(
-                x, _mm512_loadu_si512(w))));
-            d1 = _mm512_add_epi32(d1, _mm512_popcnt_epi32(_mm512_xor_si512(
-                x, _mm512_loadu_si512(w + 16))));
-        }
-        if (corr) {
-            d0 = _mm512_sub_epi32(d0, _mm512_loadu_si512(corr + ob));
-            d1 = _mm512_sub_epi32(d1, _mm512_loadu_si512(corr + ob + 16));
-        }
-        __m512i s0 = _mm512_sub_epi32(nv, _mm512_add_epi32(d0, d0));
-        __m512i s1 = _mm512_sub_epi32(nv, _mm512_add_epi32(d1, d1));
-        __m512i t0 = _mm512_loadu_si512(L->t0 + ob), t1 = _mm512_loadu_si512(L->t0 + ob + 16);
-        if (res) {
-            uint32_t r = res[ob / 32];
-            t0 = _mm512_mask_blend_epi32((__mmask16)(r & 0xffffu), t0,
-                                         _mm512_loadu_si512(L->t1 + ob));
-            t1 = _mm512_mask_blend_epi32((__mmask16)(r >> 16), t1,
-                                         _mm512_loadu_si512(L->t1 + ob + 16));
-        }
-        uint32_t ge = (uint32_t)_mm512_cmpge_epi32_mask(s0, t0)
-                      | ((uint32_t)_mm512_cmpge_epi32_mask(s1, t1) << 16);
-        out[ob / 32] = ge ^ L->flip[ob / 32];
-    }
+static void bconv_row_avx512(const fbb_row *r, int32_t *corr) {
+    int ox = 0;
+    for (; ox + BCONV_NB <= r->ow; ox += BCONV_NB) bconv_px_avx512(r, ox, BCONV_NB);
+    for (; ox < r->ow; ox++) bconv_px_avx512(r, ox, 1);
+    (void)corr;
 }
 #endif
 
 /* ---------------------------------------------------------------- ISA selection */
 
-typedef void (*stem_fn)(const float *, int, const fbb_layer *, uint32_t *);
-typedef void (*bconv_fn)(const uint32_t *, int, const fbb_layer *, int, const int32_t *,
-                         const uint32_t *, uint32_t *);
+typedef void (*stem_fn)(const fbb_row *);
+typedef void (*bconv_fn)(const fbb_row *, int32_t *);
 
 /* 1 when this CPU (and OS) can run path `isa`. */
 int fbb_isa_supported(int isa) {
@@ -261,64 +415,37 @@ int fbb_isa_supported(int isa) {
 
 /* ---------------------------------------------------------------- layers */
 
-static void run_stem(const fbb_layer *L, const float *x, uint32_t *out, float *col,
-                     stem_fn kern) {
-    int k = L->k, p = L->pad, H = L->h, W = L->w, oh = out_size(L, H), ow = out_size(L, W);
-    int taps = L->cin * k * k, wd = L->cout_pad / 32;
-    for (int oy = 0; oy < oh; oy++)
-        for (int ox = 0; ox < ow; ox++) {
-            int t = 0; /* PyTorch weight order: (c, ky, kx) */
-            for (int c = 0; c < L->cin; c++)
-                for (int ky = 0; ky < k; ky++) {
-                    int y = oy + ky - p;
-                    for (int kx = 0; kx < k; kx++, t++) {
-                        int xx = ox + kx - p;
-                        col[t] = (y >= 0 && y < H && xx >= 0 && xx < W)
-                                     ? x[((size_t)c * H + y) * W + xx] : 0.0f;
-                    }
-                }
-            kern(col, taps, L, out + ((size_t)oy * ow + ox) * wd);
-        }
+/* Copy a map into the zero-padded scratch `dst` (pad p on each side); `esize` bytes per
+ * element, `per` elements per pixel, `planes` planes (NCHW float: per 1, planes C; NHWC bits:
+ * per = words, planes 1). Returns dst, or src itself when p == 0. */
+static const void *padded(const void *src, void *dst, int planes, int H, int W, int per,
+                          int p, size_t esize) {
+    if (p == 0) return src;
+    int hp = H + 2 * p, wp = W + 2 * p;
+    size_t row = (size_t)W * per * esize, prow = (size_t)wp * per * esize;
+    memset(dst, 0, (size_t)planes * hp * prow);
+    for (int c = 0; c < planes; c++)
+        for (int y = 0; y < H; y++)
+            memcpy((char *)dst + ((size_t)c * hp + y + p) * prow + (size_t)p * per * esize,
+                   (const char *)src + ((size_t)c * H + y) * row, row);
+    return dst;
 }
 
-static void run_bconv(const fbb_layer *L, const uint32_t *in, const uint32_t *res,
-                      uint32_t *out, uint32_t *col, int32_t *corr, bconv_fn kern) {
-    int k = L->k, p = L->pad, H = L->h, W = L->w, oh = out_size(L, H), ow = out_size(L, W);
-    int wi = wd_of(L->cin), wo = L->cout_pad / 32, K = k * k * wi;
+static void run_layer(const fbb_layer *L, const void *in, const uint32_t *res, uint32_t *out,
+                      void *pad, int32_t *corr, stem_fn stem, bconv_fn bconv) {
+    int k = L->k, p = L->pad, oh = out_size(L, L->h), ow = out_size(L, L->w);
+    int stemop = L->op == OP_STEM, wo = L->cout_pad / 32;
+    fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL};
+    r.in = stemop ? padded(in, pad, L->cin, L->h, L->w, 1, p, sizeof(float))
+                  : padded(in, pad, 1, L->h, L->w, wd_of(L->cin), p, sizeof(uint32_t));
     for (int oy = 0; oy < oh; oy++) {
-        int ky0 = p - oy > 0 ? p - oy : 0, ky1 = H + p - oy < k ? H + p - oy : k;
-        for (int ox = 0; ox < ow; ox++) {
-            int kx0 = p - ox > 0 ? p - ox : 0, kx1 = W + p - ox < k ? W + p - ox : k;
-            int border = ky0 > 0 || ky1 < k || kx0 > 0 || kx1 < k;
-            const uint32_t *a;
-            if (k == 1 && !border) {
-                a = in + ((size_t)oy * W + ox) * wi;
-            } else {
-                for (int ky = 0; ky < k; ky++)
-                    for (int kx = 0; kx < k; kx++) {
-                        uint32_t *dst = col + (size_t)(ky * k + kx) * wi;
-                        if (ky >= ky0 && ky < ky1 && kx >= kx0 && kx < kx1)
-                            memcpy(dst, in + ((size_t)(oy + ky - p) * W + (ox + kx - p)) * wi,
-                                   sizeof(uint32_t) * wi);
-                        else
-                            memset(dst, 0, sizeof(uint32_t) * wi);
-                    }
-                a = col;
-            }
-            if (border) { /* the zero words of outside taps counted their weights' popcount */
-                memset(corr, 0, sizeof(int32_t) * L->cout_pad);
-                for (int ky = 0; ky < k; ky++)
-                    for (int kx = 0; kx < k; kx++) {
-                        if (ky >= ky0 && ky < ky1 && kx >= kx0 && kx < kx1) continue;
-                        const int32_t *wp = L->wpop + (size_t)(ky * k + kx) * L->cout_pad;
-                        for (int o = 0; o < L->cout_pad; o++) corr[o] += wp[o];
-                    }
-            }
-            int nvalid = L->cin * (ky1 - ky0) * (kx1 - kx0);
-            size_t pix = (size_t)oy * ow + ox;
-            kern(a, K, L, nvalid, border ? corr : NULL, res ? res + pix * wo : NULL,
-                 out + pix * wo);
-        }
+        r.oy = oy;
+        r.ky0 = p - oy > 0 ? p - oy : 0;
+        r.ky1 = L->h + p - oy < k ? L->h + p - oy : k;
+        r.res = res ? res + (size_t)oy * ow * wo : NULL;
+        r.out = out + (size_t)oy * ow * wo;
+        if (stemop) stem(&r);
+        else bconv(&r, corr);
     }
 }
 
@@ -359,40 +486,46 @@ static size_t map_words(const fbb_layer *L) {
 int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
             float *out, int64_t out_size_) {
     if (!fbb_isa_supported(isa)) return -1;
-    stem_fn stem = stem_pixel_generic;
-    bconv_fn bconv = bconv_pixel_generic;
+    stem_fn stem = stem_row_generic;
+    bconv_fn bconv = bconv_row_generic;
 #if FBB_X86
-    if (isa == ISA_AVX2) { stem = stem_pixel_avx2; bconv = bconv_pixel_avx2; }
-    if (isa == ISA_AVX512) { stem = stem_pixel_avx512; bconv = bconv_pixel_avx512; }
+    if (isa == ISA_AVX2) { stem = stem_row_avx2; bconv = bconv_row_avx2; }
+    if (isa == ISA_AVX512) { stem = stem_row_avx512; bconv = bconv_row_avx512; }
 #endif
     if (nl < 2 || L[0].op != OP_STEM || L[nl - 1].op != OP_HEAD) return -3;
-    size_t mw = 1, colw = 1, padw = 32;
+    int64_t nout = L[nl - 1].cout;
+    if (out_size_ != n * nout) return -3;
+    size_t mw = 1, pw = 1, cw = 32;
     for (int i = 0; i < nl; i++) {
-        if (L[i].op != OP_HEAD && map_words(&L[i]) > mw) mw = map_words(&L[i]);
-        size_t taps = (size_t)L[i].k * L[i].k * (L[i].op == OP_STEM ? L[i].cin : wd_of(L[i].cin));
-        if (taps > colw) colw = taps;
-        if ((size_t)L[i].cout_pad > padw) padw = L[i].cout_pad;
-        if ((size_t)L[i].cin > padw) padw = L[i].cin;
+        const fbb_layer *l = &L[i];
+        if (l->op == OP_HEAD) {
+            if ((size_t)l->cin > cw) cw = l->cin;
+            continue;
+        }
+        if (map_words(l) > mw) mw = map_words(l);
+        size_t hw = (size_t)(l->h + 2 * l->pad) * (l->w + 2 * l->pad);
+        size_t pad = hw * (l->op == OP_STEM ? (size_t)l->cin : (size_t)wd_of(l->cin));
+        if (pad > pw) pw = pad;
+        if ((size_t)l->cout_pad > cw) cw = l->cout_pad;
     }
     uint32_t *buf = malloc(sizeof(uint32_t) * mw * NBUF);
-    void *col = malloc(sizeof(float) * colw + 64);
-    int32_t *tmp = malloc(sizeof(int32_t) * padw);
-    if (!buf || !col || !tmp) { free(buf); free(col); free(tmp); return -2; }
-    int64_t nout = L[nl - 1].cout;
-    if (out_size_ != n * nout) { free(buf); free(col); free(tmp); return -3; }
+    void *pad = malloc(sizeof(float) * pw);
+    int32_t *tmp = malloc(sizeof(int32_t) * cw);
+    if (!buf || !pad || !tmp) { free(buf); free(pad); free(tmp); return -2; }
     for (int64_t b = 0; b < n; b++) {
         for (int i = 0; i < nl; i++) {
             const fbb_layer *l = &L[i];
             uint32_t *dst = l->dst >= 0 ? buf + mw * l->dst : NULL;
             const uint32_t *src = l->src >= 0 ? buf + mw * l->src : NULL;
-            if (l->op == OP_STEM) run_stem(l, x + b * in_size, dst, col, stem);
-            else if (l->op == OP_BCONV)
-                run_bconv(l, src, l->res >= 0 ? buf + mw * l->res : NULL, dst, col, tmp, bconv);
-            else run_head(l, src, out + b * nout, tmp);
-            if (l->pool && l->op != OP_HEAD)
-                pool_or(dst, out_size(l, l->h), out_size(l, l->w), l->cout_pad / 32);
+            if (l->op == OP_HEAD) {
+                run_head(l, src, out + b * nout, tmp);
+                continue;
+            }
+            run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size) : (const void *)src,
+                      l->res >= 0 ? buf + mw * l->res : NULL, dst, pad, tmp, stem, bconv);
+            if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w), l->cout_pad / 32);
         }
     }
-    free(buf); free(col); free(tmp);
+    free(buf); free(pad); free(tmp);
     return 0;
 }
