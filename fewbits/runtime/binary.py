@@ -357,9 +357,13 @@ class BinaryEngine:
         """Compile a zoo binary_net ``model`` (its eval-mode forward). Raises ``ValueError``
         naming the reason when it cannot run on the engine."""
         plan = binary_plan(model, input_size)
+        return cls(plan, fold_binary_net(model, plan), cls.input_shape(plan), isa)
+
+    @staticmethod
+    def input_shape(plan: list[Step]) -> tuple[int, ...]:
+        """Per-sample input shape of a program: ``(C, H, W)``, or ``(features,)`` (MLP)."""
         s = plan[0]
-        in_shape = (s.cin,) if s.h == 1 and s.k == 1 else (s.cin, s.h, s.w)
-        return cls(plan, fold_binary_net(model, plan), in_shape, isa)
+        return (s.cin,) if s.h == 1 and s.k == 1 else (s.cin, s.h, s.w)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dtype != torch.float32:
