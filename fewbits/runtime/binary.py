@@ -22,6 +22,11 @@ CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"a
 FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time by cpuid; set
 ``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread.
 
+Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
+``fewbits.functional.finite_checks(False)`` they follow the unchecked model (``binary_tanh`` of
+NaN is ``-1``; the stem's decisions at +-inf are folded too). A batch-norm output that
+overflows to inf from finite inputs is not detected.
+
     >>> from fewbits.models import create_model
     >>> model = create_model("mnist_binary_net_mlp", width=64, depth=2).eval()
     >>> engine = BinaryEngine.from_model(model)
@@ -33,6 +38,7 @@ FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time b
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,12 +379,18 @@ class BinaryEngine:
         n = x.shape[0] if x.dim() > 0 else 0
         size = int(np.prod(self.in_shape))
         ok = (x.shape[1:] == self.in_shape if len(self.in_shape) == 3
-              else x.dim() >= 2 and x[0].numel() == size)
+              else x.dim() >= 2 and math.prod(x.shape[1:]) == size)
         if not ok:
             raise ValueError(f"the engine was built for inputs of shape (N, "
                              f"{', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}; "
                              "build another with from_model(model, input_size=(H, W))")
         x = x.contiguous()
+        from .. import functional as qf  # the quantizers' NaN/inf switch (finite_checks)
+
+        if qf._CHECK_FINITE and x.numel() and not qf._all_finite(x):
+            raise ValueError("binary engine: the input contains NaN or inf, which the model's "
+                             "binary_tanh refuses; check the data (or wrap the call in "
+                             "fewbits.functional.finite_checks(False) for unchecked semantics)")
         out = torch.empty(n, self.num_classes)
         if n == 0:
             return out
