@@ -163,12 +163,27 @@ static void bconv_row_generic(const fbb_row *r, int32_t *corr) {
 #if FBB_X86
 /* ---------------------------------------------------------------- AVX2 + FMA */
 
+/* Stem decision word (as stem_bits) of 32 sums in 4 vectors; NaN compares false -> -1. */
+__attribute__((target("avx2")))
+static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob) {
+    uint32_t ge = 0, lt = 0, ip = 0, in = 0;
+    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    for (int i = 0; i < 4; i++) {
+        __m256 t = _mm256_loadu_ps(L->tf + ob + 8 * i);
+        ge |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_GE_OQ)) << (8 * i);
+        lt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_LT_OQ)) << (8 * i);
+        ip |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], pinf, _CMP_EQ_OQ)) << (8 * i);
+        in |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], ninf, _CMP_EQ_OQ)) << (8 * i);
+    }
+    uint32_t f = L->flip[ob / 32], w = (ge & ~f) | (lt & f);
+    return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
+}
+
 __attribute__((target("avx2,fma")))
 static void stem_row_avx2(const fbb_row *r) {
     const fbb_layer *L = r->L;
     const float *x = (const float *)r->in;
     int k = L->k, cp = L->cout_pad;
-    float s[32];
     for (int ox = 0; ox < r->ow; ox++)
         for (int ob = 0; ob < cp; ob += 32) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -184,11 +199,8 @@ static void stem_row_avx2(const fbb_row *r) {
                         a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 24), a3);
                     }
                 }
-            _mm256_storeu_ps(s, a0);
-            _mm256_storeu_ps(s + 8, a1);
-            _mm256_storeu_ps(s + 16, a2);
-            _mm256_storeu_ps(s + 24, a3);
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_bits(s, L, ob);
+            __m256 a[4] = {a0, a1, a2, a3};
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_word_avx2(a, L, ob);
         }
 }
 
@@ -208,22 +220,46 @@ static inline __m256i bytes_to_i32(__m256i c8) {
     return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 }
 
+/* Output bits of 32 channels from their XOR popcounts d[0..3] (8 channels each). */
+__attribute__((target("avx2")))
+static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d) {
+    const fbb_layer *L = r->L;
+    int kx0, kx1;
+    tap_cols(r, ox, &kx0, &kx1);
+    int border = is_border(r, kx0, kx1);
+    const __m256i nv = _mm256_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    uint32_t rb = r->res ? r->res[(size_t)ox * (L->cout_pad / 32) + ob / 32] : 0, w = 0;
+    for (int i = 0; i < 4; i++) {
+        int o = ob + 8 * i;
+        __m256i di = d[i];
+        if (border) {
+#define LD(p) _mm256_loadu_si256((const __m256i *)(p))
+            __m256i in_ = _mm256_sub_epi32(
+                _mm256_add_epi32(LD(pre_at(L, r->ky1, kx1) + o), LD(pre_at(L, r->ky0, kx0) + o)),
+                _mm256_add_epi32(LD(pre_at(L, r->ky0, kx1) + o), LD(pre_at(L, r->ky1, kx0) + o)));
+            di = _mm256_sub_epi32(di, _mm256_sub_epi32(LD(pre_at(L, L->k, L->k) + o), in_));
+        }
+        __m256i sum = _mm256_sub_epi32(nv, _mm256_add_epi32(di, di));
+        __m256i t = LD(L->t0 + o);
+        if (r->res) {
+            __m256i m = _mm256_cmpeq_epi32(
+                _mm256_and_si256(_mm256_set1_epi32((int)(rb >> (8 * i))), sel), sel);
+            t = _mm256_blendv_epi8(t, LD(L->t1 + o), m);
+        }
+#undef LD
+        uint32_t lt = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, sum)));
+        w |= (~lt & 0xffu) << (8 * i);
+    }
+    return w ^ L->flip[ob / 32];
+}
+
 __attribute__((target("avx2")))
 static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
     const fbb_layer *L = r->L;
     int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
     const uint32_t *in = (const uint32_t *)r->in;
-    int32_t D[32];
-    for (int ox = 0; ox < r->ow; ox++) {
-        int kx0, kx1;
-        tap_cols(r, ox, &kx0, &kx1);
-        int border = is_border(r, kx0, kx1);
-        if (border)
-            for (int o = 0; o < cp; o++)
-                corr[o] = pre_at(L, k, k)[o] - pre_at(L, r->ky1, kx1)[o]
-                          + pre_at(L, r->ky0, kx1)[o] + pre_at(L, r->ky1, kx0)[o]
-                          - pre_at(L, r->ky0, kx0)[o];
-        int nvalid = L->cin * (r->ky1 - r->ky0) * (kx1 - kx0);
+    for (int ox = 0; ox < r->ow; ox++)
         for (int ob = 0; ob < cp; ob += 32) {
             __m256i d[4], c[4];
             for (int i = 0; i < 4; i++) d[i] = c[i] = _mm256_setzero_si256();
@@ -245,15 +281,10 @@ static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
                     }
                 }
             }
-            for (int i = 0; i < 4; i++) {
-                d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-                _mm256_storeu_si256((__m256i *)(D + 8 * i), d[i]);
-            }
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word(
-                D, L, ob, nvalid, border ? corr : NULL,
-                r->res ? r->res + (size_t)ox * (cp / 32) : NULL);
+            for (int i = 0; i < 4; i++) d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox, ob, d);
         }
-    }
+    (void)corr;
 }
 
 /* ---------------------------------------------------------------- AVX-512 (F, VPOPCNTDQ) */
@@ -275,50 +306,49 @@ static inline uint32_t stem_word_avx512(__m512 a0, __m512 a1, const fbb_layer *L
     return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
 }
 
-/* NB output pixels x 32 output channels per pass: each weight load feeds NB FMAs. */
+/* nb output pixels x 16*nv output channels per pass: each weight load feeds nb FMAs. */
 #define STEM_NB 4
-__attribute__((target("avx512f")))
-static void stem_row_avx512(const fbb_row *r) {
+__attribute__((target("avx512f"), always_inline))
+static inline void stem_px_avx512(const fbb_row *r, int ox, int ob, const int nb,
+                                  const int nv) {
     const fbb_layer *L = r->L;
     const float *x = (const float *)r->in;
     int k = L->k, cp = L->cout_pad;
-    int ox = 0;
-    for (; ox + STEM_NB <= r->ow; ox += STEM_NB)
-        for (int ob = 0; ob < cp; ob += 32) {
-            __m512 a[STEM_NB][2];
-            for (int p = 0; p < STEM_NB; p++) a[p][0] = a[p][1] = _mm512_setzero_ps();
-            const float *w = L->wf + ob;
-            for (int c = 0; c < L->cin; c++)
-                for (int ky = 0; ky < k; ky++) {
-                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
-                    for (int kx = 0; kx < k; kx++, w += cp) {
-                        __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-                        for (int p = 0; p < STEM_NB; p++) {
-                            __m512 v = _mm512_set1_ps(xr[kx + p]);
-                            a[p][0] = _mm512_fmadd_ps(v, w0, a[p][0]);
-                            a[p][1] = _mm512_fmadd_ps(v, w1, a[p][1]);
-                        }
-                    }
+    __m512 a[STEM_NB][4];
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v++) a[p][v] = _mm512_setzero_ps();
+    const float *w = L->wf + ob;
+    for (int c = 0; c < L->cin; c++)
+        for (int ky = 0; ky < k; ky++) {
+            const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+            for (int kx = 0; kx < k; kx++, w += cp) {
+                __m512 wv[4];
+                for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);
+                for (int p = 0; p < nb; p++) {
+                    __m512 xv = _mm512_set1_ps(xr[kx + p]);
+                    for (int v = 0; v < nv; v++) a[p][v] = _mm512_fmadd_ps(xv, wv[v], a[p][v]);
                 }
-            for (int p = 0; p < STEM_NB; p++)
-                r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] =
-                    stem_word_avx512(a[p][0], a[p][1], L, ob);
+            }
         }
-    for (; ox < r->ow; ox++)
-        for (int ob = 0; ob < cp; ob += 32) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-            const float *w = L->wf + ob;
-            for (int c = 0; c < L->cin; c++)
-                for (int ky = 0; ky < k; ky++) {
-                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
-                    for (int kx = 0; kx < k; kx++, w += cp) {
-                        __m512 v = _mm512_set1_ps(xr[kx]);
-                        a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w), a0);
-                        a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + 16), a1);
-                    }
-                }
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_word_avx512(a0, a1, L, ob);
-        }
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v += 2)
+            r->out[(size_t)(ox + p) * (cp / 32) + (ob + 16 * v) / 32] =
+                stem_word_avx512(a[p][v], a[p][v + 1], L, ob + 16 * v);
+}
+
+__attribute__((target("avx512f")))
+static void stem_row_avx512(const fbb_row *r) {
+    int cp = r->L->cout_pad, ox = 0;
+    for (; ox + STEM_NB <= r->ow; ox += STEM_NB) {
+        int ob = 0;
+        for (; ob + 64 <= cp; ob += 64) stem_px_avx512(r, ox, ob, STEM_NB, 4);
+        for (; ob < cp; ob += 32) stem_px_avx512(r, ox, ob, STEM_NB, 2);
+    }
+    for (; ox < r->ow; ox++) {
+        int ob = 0;
+        for (; ob + 64 <= cp; ob += 64) stem_px_avx512(r, ox, ob, 1, 4);
+        for (; ob < cp; ob += 32) stem_px_avx512(r, ox, ob, 1, 2);
+    }
 }
 
 /* Output bits of 32 channels from their XOR popcounts (d0: channels ob..+15, d1: +16..+31). */
@@ -482,10 +512,15 @@ static size_t map_words(const fbb_layer *L) {
 
 /* Run the program `L[0..nl)` on `n` inputs of `in_size` floats each; logits to `out`
  * (n x the head's cout). Returns 0, or -1 (unsupported ISA), -2 (out of memory),
- * -3 (malformed program). */
+ * -3 (malformed program), -4 (check_finite and the input holds NaN or inf). */
 int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
-            float *out, int64_t out_size_) {
+            float *out, int64_t out_size_, int check_finite) {
     if (!fbb_isa_supported(isa)) return -1;
+    if (check_finite) { /* branch-free so that it vectorizes */
+        int bad = 0;
+        for (int64_t i = 0; i < n * in_size; i++) bad |= !(fabsf(x[i]) <= 3.40282347e38f);
+        if (bad) return -4;
+    }
     stem_fn stem = stem_row_generic;
     bconv_fn bconv = bconv_row_generic;
 #if FBB_X86

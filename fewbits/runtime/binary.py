@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import functional as _qf
 from .._cbuild import CLibrary
 from .binary_fold import float_thresholds, integer_thresholds
 
@@ -75,7 +76,7 @@ _LIB = CLibrary(
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbb_isa_supported": ([ctypes.c_int], ctypes.c_int),
      "fbb_run": ([ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64,
-                  ctypes.c_int64, _P, ctypes.c_int64], ctypes.c_int)},
+                  ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int], ctypes.c_int)},
 )
 
 
@@ -344,6 +345,8 @@ class BinaryEngine:
                  in_shape: tuple[int, ...], isa: str | None = None) -> None:
         self.isa = _pick_isa(isa)
         self.plan, self.in_shape = plan, tuple(in_shape)
+        self._size, self._isa_id, self._run = math.prod(in_shape), ISAS.index(self.isa), \
+            _lib().fbb_run
         self.num_classes = plan[-1].cout
         self._keep: list[np.ndarray] = []
         self._layers = (_Layer * len(plan))()
@@ -375,27 +378,25 @@ class BinaryEngine:
         if not isinstance(x, Tensor) or x.dtype != torch.float32:
             raise TypeError(f"the binary engine takes a float32 tensor, got "
                             f"{getattr(x, 'dtype', type(x))}")
-        x = x.detach().cpu()
-        n = x.shape[0] if x.dim() > 0 else 0
-        size = int(np.prod(self.in_shape))
-        ok = (x.shape[1:] == self.in_shape if len(self.in_shape) == 3
-              else x.dim() >= 2 and math.prod(x.shape[1:]) == size)
+        shape = x.shape
+        ok = (shape[1:] == self.in_shape if len(self.in_shape) == 3
+              else len(shape) >= 2 and math.prod(shape[1:]) == self._size)
         if not ok:
             raise ValueError(f"the engine was built for inputs of shape (N, "
-                             f"{', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}; "
+                             f"{', '.join(map(str, self.in_shape))}), got {tuple(shape)}; "
                              "build another with from_model(model, input_size=(H, W))")
-        x = x.contiguous()
-        from .. import functional as qf  # the quantizers' NaN/inf switch (finite_checks)
-
-        if qf._CHECK_FINITE and x.numel() and not qf._all_finite(x):
-            raise ValueError("binary engine: the input contains NaN or inf, which the model's "
-                             "binary_tanh refuses; check the data (or wrap the call in "
-                             "fewbits.functional.finite_checks(False) for unchecked semantics)")
+        x = x.detach().cpu().contiguous()
+        n = shape[0]
         out = torch.empty(n, self.num_classes)
         if n == 0:
             return out
-        rc = _lib().fbb_run(self._layers, len(self.plan), ISAS.index(self.isa), x.data_ptr(),
-                            n, size, out.data_ptr(), out.numel())
+        # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
+        rc = self._run(self._layers, len(self.plan), self._isa_id, x.data_ptr(), n, self._size,
+                       out.data_ptr(), out.numel(), int(_qf._CHECK_FINITE))
+        if rc == -4:
+            raise ValueError("binary engine: the input contains NaN or inf, which the model's "
+                             "binary_tanh refuses; check the data (or wrap the call in "
+                             "fewbits.functional.finite_checks(False) for unchecked semantics)")
         if rc != 0:
             why = {-1: "ISA unsupported", -2: "out of memory"}.get(rc, "malformed program")
             raise RuntimeError(f"binary engine failed: {why} (code {rc})")
