@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--check", type=int, default=1000, help="images for the top-1 check")
     ap.add_argument("--data", default=DATA)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this process's CPU time (time spent descheduled by other "
+                    "processes is not counted: steadier on a loaded machine)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         fns.update({f"engine_{isa}": (lambda e=e, x=x: e(x)) for isa, e in engines.items()})
         gc.disable()  # as timeit: a collection inside one timed call is not that call's cost
         with torch.inference_mode():
-            t = interleave(fns, rounds=args.rounds, warmup=2, ref="ort_float")
+            t = interleave(fns, rounds=args.rounds, warmup=2, ref="ort_float", clock=args.clock)
         gc.enable()
         ratios = t.ratios()
         # speed-up = reference time / candidate time, per round (adjacent reference calls)
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                        "ratio": 1.0 if n == "ort_float" else median(1 / r for r in ratios[n])}
                    for n in fns}
     load1 = os.getloadavg()
-    print(f"inputs: {src}; 1 thread; {args.rounds} interleaved rounds; load average before "
+    print(f"inputs: {src}; 1 thread; {args.clock} clock; {args.rounds} interleaved rounds; "
+          f"speed-up over ONNX Runtime float (median of per-round ratios), median time; "
+          f"load average before "
           f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} "
           f"{load1[2]:.2f} ({os.cpu_count()} CPUs)")
     print("| path | " + " | ".join(f"batch {b}" for b in args.batch) + " |")
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.check} images, max |logit diff| {c['max_logit_diff']:.3g}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": environment(), "load": [load0, load1], "rows": rows,
+            json.dump({"env": environment(), "clock": args.clock, "load": [load0, load1],
+                       "rows": rows,
                        "check": check, "inputs": src}, f, indent=1)
     return 0
 

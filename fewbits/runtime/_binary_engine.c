@@ -41,7 +41,7 @@ typedef struct {
     const float *wf;      /* STEM: [taps][cout_pad] +-1; HEAD: [cout][cin] +-1 */
     const uint32_t *wb;   /* BCONV: [k*k*wd_in][cout_pad] weight words, transposed */
     const int32_t *wpop;  /* BCONV: [k+1][k+1][cout_pad] 2-D prefix sums of the taps' weight
-                          * popcounts: [a][b] sums taps ky < a, kx < b */
+                          * popcounts: [a][b] sums taps ky < a, kx < b; NULL when pad = 0 */
     const int32_t *t0, *t1; /* BCONV thresholds [cout_pad]; t1 where the residual bit is +1 */
     const float *tf;      /* STEM thresholds [cout_pad] */
     const uint32_t *flip; /* [cout_pad / 32] */

@@ -324,14 +324,16 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     taps = (w.reshape(s.cout, s.cin, s.k, s.k) > 0).transpose(0, 2, 3, 1)
     words = _words(taps)  # [cout, k, k, wi]
     wb = _padded(words.reshape(s.cout, -1).T, cp, 0)
-    pop = np.bitwise_count(words).sum(-1).astype(np.int32)  # [cout, k, k]
-    pre = np.zeros((s.k + 1, s.k + 1, s.cout), np.int32)  # 2-D prefix sums over the taps
-    pre[1:, 1:] = pop.transpose(1, 2, 0).cumsum(0).cumsum(1)
-    wpop = _padded(pre, cp, 0)
     t = np.atleast_2d(t).astype(np.int64)
     big = np.iinfo(np.int32).max  # padded channels: never +1, so their bits stay 0
-    return {"wb": wb, "wpop": wpop, "t0": _padded(t[0].astype(np.int32), cp, big),
-            "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip}
+    out = {"wb": wb, "t0": _padded(t[0].astype(np.int32), cp, big),
+           "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip}
+    if s.pad:  # only border pixels read it: none without padding (smaller working set)
+        pop = np.bitwise_count(words).sum(-1).astype(np.int32)  # [cout, k, k]
+        pre = np.zeros((s.k + 1, s.k + 1, s.cout), np.int32)  # 2-D prefix sums over the taps
+        pre[1:, 1:] = pop.transpose(1, 2, 0).cumsum(0).cumsum(1)
+        out["wpop"] = _padded(pre, cp, 0)
+    return out
 
 
 class BinaryEngine:
@@ -352,7 +354,7 @@ class BinaryEngine:
         self._layers = (_Layer * len(plan))()
         for i, s in enumerate(plan):
             arrs = _layer_arrays(s, data)
-            self._keep += arrs.values()
+            self._keep += arrs.values()  # the C program points into these arrays
             cp = -(-s.cout // 32) * 32
             self._layers[i] = _Layer(_OPS[s.op], s.cin, s.cout, s.h, s.w, s.k, s.pad,
                                      int(s.pool), s.src, s.dst, s.res, cp,
