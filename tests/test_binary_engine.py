@@ -255,7 +255,7 @@ def test_folded_file_size_and_engine(tmp_path) -> None:
                       fold_bn=True)
 
 
-@pytest.mark.parametrize("edit", ["range", "shape", "encoding"])
+@pytest.mark.parametrize("edit", ["range", "shape", "encoding", "width"])
 def test_folded_file_hostile_fields(tmp_path, edit: str) -> None:
     m = _model("mnist_binary_net_mlp")
     path = tmp_path / "m.fewbits"
@@ -266,8 +266,11 @@ def test_folded_file_hostile_fields(tmp_path, edit: str) -> None:
         blobs[t["name"]] = np.full(t["shape"], 120, np.int8).tobytes()
     elif edit == "shape":
         t["shape"] = [10**9]
+    elif edit == "width":  # the network is built on the meta device: nothing is allocated
+        header["model"]["kwargs"]["width"] = 10**7
     else:
         t["encoding"] = "raw-int64"
     write_container(path, {k: v for k, v in header.items() if k != "fewbits_version"}, blobs)
-    with pytest.raises(FormatError, match="body.4.0.threshold"):
+    with pytest.raises(FormatError, match="body.1.weight" if edit == "width"
+                       else "body.4.0.threshold"):
         load_engine(path)

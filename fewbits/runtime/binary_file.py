@@ -96,8 +96,9 @@ def load_engine(path: str | os.PathLike, *, isa: str | None = None) -> BinaryEng
         raise FormatError(path, "its batch norm is not folded", "export it with fold_bn=True "
                           "(`fewbits export --fold-bn`), or use "
                           "BinaryEngine.from_model(load_packed(path))")
-    try:
-        model = create_model(header["model"]["name"], **header["model"]["kwargs"])
+    try:  # on the meta device: only shapes are needed, and a hostile width allocates nothing
+        with torch.device("meta"):
+            model = create_model(header["model"]["name"], **header["model"]["kwargs"])
         plan = binary_plan(model)
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(path, f"its model cannot run on the binary engine: {e}") from e
