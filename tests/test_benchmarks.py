@@ -90,3 +90,19 @@ def test_quantizer_ops_main_tiny(threads, capsys):
     assert set(res) == {"relu", "new:fixed_point", "new:binary_tanh"}
     assert all(r["ms"] > 0 for r in res.values())
     assert "fixed_point" in capsys.readouterr().out
+
+
+def test_binary_engine_main_tiny(threads, tmp_path, capsys):
+    import binary_engine
+
+    path = tmp_path / "b.json"
+    assert binary_engine.main(["--batch", "2", "--rounds", "1", "--train-steps", "0",
+                               "--check", "2", "--data", str(tmp_path / "none"),
+                               "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "uniform noise" in out and "| ort_float | 1.00x" in out
+    res = json.loads(path.read_text())
+    rows = res["rows"]["2"]
+    assert rows["ort_float"]["ratio"] == 1.0
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows.values())
+    assert set(res["check"]) == set(binary_engine.supported_isas()) >= {"generic"}
