@@ -129,3 +129,19 @@ def test_deploy_main_tiny(tmp_path):
     agree = cfg["agreement"]["fewbits fp_net ort"]
     assert 0.0 <= agree["top1_agreement"] <= 1.0 and agree["max_rel_logit_diff"] >= 0
     assert cfg["auto"]["fp_net"] in ("openvino", "ort-checked", "ort", "torch")
+
+
+def test_binary_engine_main_tiny(threads, tmp_path, capsys):
+    import binary_engine
+
+    path = tmp_path / "b.json"
+    assert binary_engine.main(["--batch", "2", "--rounds", "1", "--train-steps", "0",
+                               "--check", "2", "--data", str(tmp_path / "none"),
+                               "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "uniform noise" in out and "| ort_float | 1.00x" in out
+    res = json.loads(path.read_text())
+    rows = res["rows"]["2"]
+    assert rows["ort_float"]["ratio"] == 1.0
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows.values())
+    assert set(res["check"]) == set(binary_engine.supported_isas()) >= {"generic"}

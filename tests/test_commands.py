@@ -126,3 +126,23 @@ def test_evaluate_packed_checks_its_inputs(run_dir, tmp_path):
         evaluate_packed(tmp_path / "m.fewbits", x.float(), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         evaluate_packed(tmp_path / "m.fewbits", x, torch.zeros(3, dtype=torch.long))
+
+
+def test_export_fold_bn_writes_an_engine_file(tmp_path, capsys, trained):
+    from fewbits.runtime.binary_file import load_engine
+
+    model = trained("mnist_binary_net_mlp", width=32, depth=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(run / "model_final.pt", model_file_payload(model))
+    assert run_export(_export(run, "-o", tmp_path / "b.fewbits", "--fold-bn")) == 0
+    assert "folded" in capsys.readouterr().out
+    x = torch.randint(0, 256, (4, 1, 28, 28)).float() / 256  # exact stem sums in any order
+    with torch.no_grad():
+        torch.testing.assert_close(load_engine(tmp_path / "b.fewbits")(x), model(x))
+
+
+def test_export_fold_bn_refuses_other_families(run_dir, tmp_path, capsys):
+    run, _ = run_dir  # an fp_net LeNet
+    assert run_export(_export(run, "-o", tmp_path / "m.fewbits", "--fold-bn")) == 1
+    assert "binary_net models only" in capsys.readouterr().err

@@ -151,6 +151,8 @@ def test_fast_path_has_pytorch_top1_and_logits_within_tolerance(fam, tmp_path):
     assert err <= fast.tolerance, (fast.backend, err)
     if fam in ("fp_net", "min_max"):
         assert fast.backend in ("ort", "ort-checked"), fast.notes  # the fused integer export
+    if fam == "binary_net":
+        assert fast.backend == "binary", fast.notes  # the native XNOR-popcount engine
 
 
 def test_forced_backend_and_unknown_backend():

@@ -34,7 +34,8 @@ __all__ = [
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``fewbits export SOURCE -o model.fewbits [--entropy] [--bn ...] [--onnx]``."""
+    """Arguments of ``fewbits export SOURCE -o model.fewbits [--entropy] [--bn ...]
+    [--fold-bn] [--onnx]``."""
     parser.add_argument("source", help="run folder or checkpoint of a trained model (or a "
                         ".fewbits file, to write its --onnx form)")
     parser.add_argument("-o", "--output", help="packed model file to write (.fewbits)")
@@ -43,6 +44,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--bn", choices=("float32", "float16"), default="float32",
                         help="batch-norm storage; float16 is smaller but not bit-exact "
                         "(default: float32)")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="binary_net: store batch norm folded into exact per-channel "
+                        "thresholds for the binary engine (fewbits.runtime.binary_file)")
     parser.add_argument("--onnx", metavar="PATH", help="also write an ONNX graph (QDQ for fixed "
                         "point / min-max, binarized constants for binary families)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 21)")
@@ -87,7 +91,8 @@ def run_export(args: argparse.Namespace) -> int:
                          "checkpoint to write a new .fewbits file (or give only --onnx)")
         model = source if packed_source else _as_model(source)
         if args.output:
-            report = export_packed(model, args.output, entropy=args.entropy, bn=args.bn)
+            report = export_packed(model, args.output, entropy=args.entropy, bn=args.bn,
+                                   fold_bn=args.fold_bn)
             print(report.table())
         if args.onnx:
             rep = export_onnx(model, args.onnx, opset=args.opset or DEFAULT_OPSET)
@@ -159,10 +164,10 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
         raise ValueError(f"{images_uint8.shape[0]} images but {labels.shape[0]} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from .packed import _read
+    from .container import read_model_file
 
     factory = model
-    if factory is not None and _read(path)[0]["model"]["name"] == factory:
+    if factory is not None and read_model_file(path)[0]["model"]["name"] == factory:
         factory = None  # the file's own registered model, rebuilt with its recorded options
     if fast and factory is not None:
         raise ValueError("--fast needs a file of a registered model; without --fast, --model "

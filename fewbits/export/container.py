@@ -54,14 +54,19 @@ __all__ = [
     "ENCODINGS",
     "FORMAT_VERSION",
     "MAGIC",
+    "MODEL_FORMAT",
     "FormatError",
     "decode_tensor",
     "dumps",
     "encode_tensor",
     "loads",
     "read_container",
+    "read_model_file",
     "write_container",
 ]
+
+#: The header's ``format`` of a packed model (``fewbits.export.packed``).
+MODEL_FORMAT = "fewbits-model"
 
 MAGIC = b"FEWBITS\0"
 FORMAT_VERSION = 1
@@ -469,3 +474,13 @@ def decode_tensor(entry: Mapping, blob: bytes) -> np.ndarray:
         )
     codes = huffman_decode(view[:alphabet], view[alphabet:], entry.get("bit_count"), count)
     return codes.reshape(shape)
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    """:func:`read_container` of a packed model file: ``FormatError`` when the container holds
+    something else (its header's ``format`` is not :data:`MODEL_FORMAT` or it has no model)."""
+    header, blobs = read_container(path)
+    if header.get("format") != MODEL_FORMAT or "model" not in header:
+        raise FormatError(str(path), "it is a .fewbits container but not a fewbits model",
+                          "export a model with `fewbits export`")
+    return header, blobs

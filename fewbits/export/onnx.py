@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
-from .container import MAGIC, decode_tensor
+from .container import MAGIC, decode_tensor, read_model_file
 from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
 from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
 
@@ -98,9 +98,7 @@ def _is_packed_file(source: Any) -> bool:
 def _file_codes(path: str | os.PathLike, model_spec: dict) -> dict[str, tuple[Quantizer, Codes]]:
     """The stored codes of a ``.fewbits`` file with the quantizer that made them."""
     from ..models import create_model
-    from .packed import _read
-
-    header, blobs = _read(path)
+    header, blobs = read_model_file(path)
     if "layers" in header:  # the quantizers that made the codes, as the file records them
         fresh = {n: SimpleNamespace(**{f"{r}_quantizer": get(c) for r, c in cfg.items()})
                  for n, cfg in header["layers"].items()}
@@ -136,10 +134,10 @@ def resolve_source(source: nn.Module | str | os.PathLike
     quantizers left, so pass the file itself to keep the integer form.
     """
     if _is_packed_file(source):
-        from .packed import _read, load_packed
+        from .packed import load_packed
 
         model = load_packed(source)
-        return model, _file_codes(source, _read(source)[0]["model"])
+        return model, _file_codes(source, read_model_file(source)[0]["model"])
     from .packed import _as_model
 
     model = _as_model(source).eval()

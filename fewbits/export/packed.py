@@ -33,11 +33,17 @@ from torch import nn
 from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
 from .binding import build_for_file, layer_configs, model_header
-from .container import FormatError, decode_tensor, encode_tensor, read_container, write_container
+from .container import (
+    MODEL_FORMAT,
+    FormatError,
+    decode_tensor,
+    encode_tensor,
+    read_model_file,
+    write_container,
+)
 
 __all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "packed_info"]
 
-_FORMAT = "fewbits-model"
 _BN_MODES = ("float32", "float16")
 
 
@@ -111,6 +117,13 @@ def _fp32_bytes(model: nn.Module) -> int:
                and "_quantizer." not in k)
 
 
+def _stored_bits(fields: dict) -> int:
+    """Bits per element of a stored tensor: its code width, or its raw dtype's width."""
+    if fields.get("bits"):
+        return int(fields["bits"])
+    return 8 * np.dtype(fields["encoding"][4:]).itemsize
+
+
 def _codes_entries(name: str, codes: Codes, entropy: bool) -> list[tuple[dict, bytes]]:
     arr = codes.codes.detach().cpu().numpy().astype(np.uint64 if codes.bits > 32 else np.uint32)
     arr = arr.reshape(codes.shape)
@@ -130,15 +143,19 @@ def _codes_entries(name: str, codes: Codes, entropy: bool) -> list[tuple[dict, b
 
 
 def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike, *,
-                  entropy: bool = False, bn: str = "float32") -> ExportReport:
+                  entropy: bool = False, bn: str = "float32",
+                  fold_bn: bool = False) -> ExportReport:
     """Write ``source`` (any model holding fewbits layers, a run folder or a checkpoint) to
     ``path`` in packed form. The file records the model's registry name and options (models
     outside the registry: their class, and :func:`load_packed` then needs ``model=``) and each
     fewbits layer's quantizer configs.
 
     ``entropy=True`` Huffman-codes each tensor's codes where that is smaller than fixed width.
-    ``bn="float16"`` stores batch-norm statistics and affine parameters in float16. The file is
-    written atomically. Returns an :class:`ExportReport`.
+    ``bn="float16"`` stores batch-norm statistics and affine parameters in float16.
+    ``fold_bn=True`` (binary_net only) stores each batch norm folded into exact per-channel
+    thresholds instead (:mod:`fewbits.runtime.binary_file`; run the file with
+    ``fewbits.runtime.binary_file.load_engine``). The file is written atomically. Returns an
+    :class:`ExportReport`.
     """
     if bn not in _BN_MODES:
         raise ValueError(f"bn must be one of {_BN_MODES}, got {bn!r}")
@@ -149,6 +166,14 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
     tensors: list[tuple[dict, bytes]] = []
     entries: list[TensorEntry] = []
     handled: set[str] = set()
+    if fold_bn:
+        from ..runtime.binary_file import folded_tensors
+
+        folded, replaced = folded_tensors(model)  # ValueError unless the engine can run it
+        handled |= replaced
+        tensors += folded
+        entries += [TensorEntry(f["name"], "folded", math.prod(f["shape"]), _stored_bits(f),
+                                len(b), f["encoding"]) for f, b in folded]
     bn_names = {n for n, m in model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     try:
@@ -185,23 +210,16 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
     finally:
         model.train(was_training)
     header = {
-        "format": _FORMAT,
+        "format": MODEL_FORMAT,
         "model": spec,
         "layers": layer_configs(model),
-        "options": {"entropy": entropy, "bn": bn},
+        "options": {"entropy": entropy, "bn": bn, **({"fold_bn": True, "fp32_bytes":
+                                                      _fp32_bytes(model)} if fold_bn else {})},
         "tensors": [f for f, _ in tensors],
     }
     write_container(path, header, {f["name"]: b for f, b in tensors}, compress_header=True)
     size = os.path.getsize(path)
     return ExportReport(str(path), spec["name"], size, _fp32_bytes(model), entries)
-
-
-def _read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
-    header, blobs = read_container(path)
-    if header.get("format") != _FORMAT or "model" not in header:
-        raise FormatError(str(path), "it is a .fewbits container but not a fewbits model",
-                          "export a model with `fewbits export`")
-    return header, blobs
 
 
 def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
@@ -218,7 +236,10 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
     dropped: the stored values already are the quantized weights, so the forward is the trained
     network's forward. Activation quantizers, batch norm and the rest are restored as stored.
     """
-    header, blobs = _read(path)
+    header, blobs = read_model_file(path)
+    if (header.get("options") or {}).get("fold_bn"):
+        raise FormatError(str(path), "its batch norm is folded into binary-engine thresholds",
+                          "run it with fewbits.runtime.binary_file.load_engine(path)")
     model = build_for_file(path, header, model)
     model.eval()
     by_name = {t["name"]: t for t in header["tensors"]}
@@ -284,7 +305,7 @@ def _same_shape(path: str | os.PathLike, name: str, stored: Any, want: Any) -> N
 
 def packed_info(path: str | os.PathLike) -> ExportReport:
     """Read a ``.fewbits`` file's header and sizes (no model is built)."""
-    header, blobs = _read(path)
+    header, blobs = read_model_file(path)
     entries: list[TensorEntry] = []
     sizes: dict[str, int] = {}
     for t in header["tensors"]:
@@ -300,9 +321,15 @@ def packed_info(path: str | os.PathLike) -> ExportReport:
             entries.append(TensorEntry(t["name"], role, count, t["bits"], sizes[t["name"]],
                                        t["encoding"]))
             fp32 += 4 * count
+        elif t.get("kind") == "folded":  # binary_net thresholds (fold_bn): not in fp32_bytes
+            entries.append(TensorEntry(t["name"], "folded", count, _stored_bits(t),
+                                       sizes[t["name"]], t["encoding"]))
         else:
             enc = t["encoding"]
             bits = 8 if enc == "raw-bool" else 8 * np.dtype(enc[4:]).itemsize
             entries.append(TensorEntry(t["name"], "float", count, bits, sizes[t["name"]], enc))
             fp32 += 4 * count if enc.startswith("raw-float") else 0
+    stored = (header.get("options") or {}).get("fp32_bytes")  # folded files: BN is gone
+    if isinstance(stored, int) and not isinstance(stored, bool) and 0 <= stored < 2**62:
+        fp32 = stored
     return ExportReport(str(path), header["model"]["name"], os.path.getsize(path), fp32, entries)

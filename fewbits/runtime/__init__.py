@@ -1,6 +1,10 @@
-"""Deployment: run a fewbits network the fastest exact way this CPU allows
-(:func:`~fewbits.runtime.planner.compile_for_cpu`)."""
+"""Deployment: run a fewbits network the fastest exact way this CPU allows.
 
+* :func:`~fewbits.runtime.planner.compile_for_cpu`: picks the fastest backend within tolerance;
+* :mod:`fewbits.runtime.binary`: the BinaryNet engine (XNOR-popcount, one native call per batch).
+"""
+
+from .binary import BinaryEngine
 from .planner import CANDIDATES, Deployed, compile_for_cpu
 
-__all__ = ["CANDIDATES", "Deployed", "compile_for_cpu"]
+__all__ = ["CANDIDATES", "BinaryEngine", "Deployed", "compile_for_cpu"]

@@ -17,15 +17,11 @@ Candidates today:
   where a sum may have saturated (:class:`~fewbits.runtime.ort.CheckedRunner`);
 * ``torch``    -- the PyTorch model itself (always applies; the reference).
 
-Plugging in another backend (the binary XNOR-popcount engine, for instance) is one entry::
+* ``binary``   -- the native BinaryNet engine (:class:`~fewbits.runtime.binary.BinaryEngine`:
+  XNOR-popcount on bit-packed activations, batch norm folded into exact integer thresholds; one
+  native call per batch); applies to binary_net networks only.
 
-    def _binary(ctx: Context) -> Runner:
-        from .binary import BinaryEngine
-        return BinaryEngine.from_model(ctx.model)  # raises ValueError with the reason
-
-    CANDIDATES = {"binary": _binary, **CANDIDATES}
-    AUTO = ("binary", *AUTO)
-
+Plugging in another backend is one entry of :data:`CANDIDATES` (and of :data:`AUTO`)
 (a runner is any callable ``images -> logits``; :func:`tolerance` bounds it like the ONNX
 backends; a backend computing PyTorch's own arithmetic bit for bit may join :data:`EXACT`).
 
@@ -48,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import QuantAct, quant_layers
+from .binary import BinaryEngine
 from .ort import CheckedRunner, Runner, openvino_runner, ort_runner
 
 __all__ = ["AUTO", "CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "tolerance"]
@@ -109,12 +106,17 @@ def _ort_checked(ctx: Context) -> Runner:
     return run
 
 
+def _binary(ctx: Context) -> Runner:
+    return BinaryEngine.from_model(ctx.model)  # raises ValueError with the reason
+
+
 def _openvino(ctx: Context) -> Runner:
     return openvino_runner(ctx.proto("openvino"), ctx.threads)
 
 
 #: name -> builder, in the order they are tried (ties in speed go to the earlier one).
 CANDIDATES: dict[str, Callable[[Context], Runner]] = {
+    "binary": _binary,
     "openvino": _openvino,
     "ort-checked": _ort_checked,
     "ort": _ort,
@@ -123,7 +125,7 @@ CANDIDATES: dict[str, Callable[[Context], Runner]] = {
 #: What ``backend="auto"`` tries. Not OpenVINO: once its worker threads exist, a SIGTERM raised
 #: later in the same process (fewbits' own interrupt handling in training) crashes it; ask for
 #: it by name (``backend="openvino"``) or through ``candidates``.
-AUTO = ("ort-checked", "ort", "torch")
+AUTO = ("binary", "ort-checked", "ort", "torch")
 
 
 def _quantizes_activations(model: nn.Module) -> bool:

@@ -1,0 +1,566 @@
+/* Whole-network BinaryNet inference in one call: float stem, XNOR-popcount convolutions on
+ * bit-packed activations, integer thresholds in place of batch norm + binary tanh, float head.
+ *
+ * Layout (as larq compute-engine's canonical bitpacking): activations are NHWC with the
+ * channels of a pixel packed into 32-bit words, channel c in bit c % 32 of word c / 32, bit 1
+ * meaning +1 and bit 0 meaning -1; bits past the last channel are 0 in both activations and
+ * weights, so their XOR is 0 and they count nothing. A binary convolution computes, per output
+ * pixel and channel, D = popcount(a XOR w) over the im2col row of the pixel (taps outside the
+ * image read zero words of a zero-padded copy), subtracts the popcount of the weight words of
+ * those taps (zero-padding correction, from 2-D prefix sums over the taps), and gets the exact integer sum = n_valid - 2 D of +-1 products. The output bit
+ * is (sum >= T) XOR flip (T, flip from fewbits.runtime.binary_fold); with a residual input the
+ * threshold is T1 where the residual bit is +1 and T0 where it is -1.
+ *
+ * The stem (float input, +-1 weights) accumulates the taps of each output channel in the
+ * same order on every ISA (vectorized over output channels; x * +-1 is exact, so FMA or not
+ * gives the same sums): all ISA paths give bit-identical results.
+ *
+ * ISA paths: AVX-512 (F + VPOPCNTDQ), AVX2 (+FMA, nibble-table popcount as Mula et al.), and
+ * portable C, each compiled with a target attribute in this one file and chosen at run time.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FBB_X86 1
+#else
+#define FBB_X86 0
+#endif
+
+enum { OP_STEM = 0, OP_BCONV = 1, OP_HEAD = 2 };
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum { NBUF = 4 };
+
+typedef struct {
+    int32_t op, cin, cout, h, w, k, pad, pool; /* input map h x w; pool: 2x2 max after */
+    int32_t src, dst, res;                     /* buffer indices (-1: none / network input) */
+    int32_t cout_pad;                          /* multiple of 32 */
+    const float *wf;      /* STEM: [taps][cout_pad] +-1; HEAD: [cout][cin] +-1 */
+    const uint32_t *wb;   /* BCONV: [k*k*wd_in][cout_pad] weight words, transposed */
+    const int32_t *wpop;  /* BCONV: [k+1][k+1][cout_pad] 2-D prefix sums of the taps' weight
+                          * popcounts: [a][b] sums taps ky < a, kx < b; NULL when pad = 0 */
+    const int32_t *t0, *t1; /* BCONV thresholds [cout_pad]; t1 where the residual bit is +1 */
+    const float *tf;      /* STEM thresholds [cout_pad] */
+    const uint32_t *flip; /* [cout_pad / 32] */
+    const uint32_t *ninf, *pinf; /* STEM: decision at -inf / +inf [cout_pad / 32] */
+    const float *bias;    /* HEAD [cout] */
+} fbb_layer;
+
+static int wd_of(int c) { return (c + 31) / 32; }
+static int out_size(const fbb_layer *L, int n) { return n + 2 * L->pad - L->k + 1; }
+
+static inline int popcount32(uint32_t v) { /* SWAR: no popcnt instruction on baseline x86-64 */
+    v = v - ((v >> 1) & 0x55555555u);
+    v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+    return (int)((((v + (v >> 4)) & 0x0f0f0f0fu) * 0x01010101u) >> 24);
+}
+
+/* Decision word of 32 stem outputs from their float sums s (NaN -> -1 as BN(NaN) is NaN). */
+static inline uint32_t stem_bits(const float *s, const fbb_layer *L, int ob) {
+    uint32_t f = L->flip[ob / 32], w = 0;
+    for (int j = 0; j < 32; j++) {
+        float v = s[j], t = L->tf[ob + j];
+        int bit;
+        if (isinf(v)) bit = (int)(((v > 0 ? L->pinf : L->ninf)[ob / 32] >> j) & 1u);
+        else bit = ((f >> j) & 1u) ? (v < t) : (v >= t);
+        w |= (uint32_t)bit << j;
+    }
+    return w;
+}
+
+/* A row of output pixels of a layer. `in` is the (zero-padded) input: the output pixel
+ * (oy, ox) reads input rows oy .. oy+k-1 and columns ox .. ox+k-1 of it; `wp` is its width. */
+typedef struct {
+    const fbb_layer *L;
+    const void *in;
+    int wp, hp, oy, ow, ky0, ky1; /* valid tap rows [ky0, ky1) of this output row */
+    const uint32_t *res;          /* residual bits of this row, or NULL */
+    uint32_t *out;
+} fbb_row;
+
+static inline void tap_cols(const fbb_row *r, int ox, int *kx0, int *kx1) {
+    const fbb_layer *L = r->L;
+    *kx0 = L->pad - ox > 0 ? L->pad - ox : 0;
+    *kx1 = L->w + L->pad - ox < L->k ? L->w + L->pad - ox : L->k;
+}
+
+/* Popcount of the weight words of the outside taps (their zero input words counted them):
+ * total minus the inside rectangle, from the 2-D prefix sums wpop[(k+1) x (k+1)][cout_pad]. */
+static inline const int32_t *pre_at(const fbb_layer *L, int ky, int kx) {
+    return L->wpop + ((size_t)ky * (L->k + 1) + kx) * L->cout_pad;
+}
+
+static inline int is_border(const fbb_row *r, int kx0, int kx1) {
+    return r->ky0 > 0 || r->ky1 < r->L->k || kx0 > 0 || kx1 < r->L->k;
+}
+
+/* ---------------------------------------------------------------- portable kernels */
+
+static void stem_row_generic(const fbb_row *r) {
+    const fbb_layer *L = r->L;
+    const float *x = (const float *)r->in;
+    int k = L->k, cp = L->cout_pad;
+    float s[32];
+    for (int ox = 0; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) {
+            for (int j = 0; j < 32; j++) s[j] = 0.0f;
+            const float *w = L->wf + ob;
+            for (int c = 0; c < L->cin; c++)
+                for (int ky = 0; ky < k; ky++) {
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    for (int kx = 0; kx < k; kx++, w += cp)
+                        for (int j = 0; j < 32; j++) s[j] += xr[kx] * w[j];
+                }
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_bits(s, L, ob);
+        }
+}
+
+static inline uint32_t bconv_word(const int32_t *D, const fbb_layer *L, int ob, int nvalid,
+                                  const int32_t *corr, const uint32_t *res) {
+    uint32_t w = 0, f = L->flip[ob / 32], r = res ? res[ob / 32] : 0;
+    for (int j = 0; j < 32; j++) {
+        int32_t d = D[j] - (corr ? corr[ob + j] : 0);
+        int32_t sum = nvalid - 2 * d;
+        int32_t t = (res && ((r >> j) & 1u)) ? L->t1[ob + j] : L->t0[ob + j];
+        w |= ((uint32_t)(sum >= t) ^ ((f >> j) & 1u)) << j;
+    }
+    return w;
+}
+
+static void bconv_row_generic(const fbb_row *r, int32_t *corr) {
+    const fbb_layer *L = r->L;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    const uint32_t *in = (const uint32_t *)r->in;
+    int32_t D[32];
+    for (int ox = 0; ox < r->ow; ox++) {
+        int kx0, kx1;
+        tap_cols(r, ox, &kx0, &kx1);
+        int border = is_border(r, kx0, kx1);
+        if (border)
+            for (int o = 0; o < cp; o++)
+                corr[o] = pre_at(L, k, k)[o] - pre_at(L, r->ky1, kx1)[o]
+                          + pre_at(L, r->ky0, kx1)[o] + pre_at(L, r->ky1, kx0)[o]
+                          - pre_at(L, r->ky0, kx0)[o];
+        int nvalid = L->cin * (r->ky1 - r->ky0) * (kx1 - kx0);
+        for (int ob = 0; ob < cp; ob += 32) {
+            for (int j = 0; j < 32; j++) D[j] = 0;
+            const uint32_t *w = L->wb + ob;
+            for (int ky = 0; ky < k; ky++) {
+                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+                for (int i = 0; i < kw; i++, w += cp)
+                    for (int j = 0; j < 32; j++) D[j] += popcount32(a[i] ^ w[j]);
+            }
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word(
+                D, L, ob, nvalid, border ? corr : NULL,
+                r->res ? r->res + (size_t)ox * (cp / 32) : NULL);
+        }
+    }
+}
+
+#if FBB_X86
+/* ---------------------------------------------------------------- AVX2 + FMA */
+
+/* Stem decision word (as stem_bits) of 32 sums in 4 vectors; NaN compares false -> -1. */
+__attribute__((target("avx2")))
+static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob) {
+    uint32_t ge = 0, lt = 0, ip = 0, in = 0;
+    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    for (int i = 0; i < 4; i++) {
+        __m256 t = _mm256_loadu_ps(L->tf + ob + 8 * i);
+        ge |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_GE_OQ)) << (8 * i);
+        lt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_LT_OQ)) << (8 * i);
+        ip |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], pinf, _CMP_EQ_OQ)) << (8 * i);
+        in |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], ninf, _CMP_EQ_OQ)) << (8 * i);
+    }
+    uint32_t f = L->flip[ob / 32], w = (ge & ~f) | (lt & f);
+    return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
+}
+
+__attribute__((target("avx2,fma")))
+static void stem_row_avx2(const fbb_row *r) {
+    const fbb_layer *L = r->L;
+    const float *x = (const float *)r->in;
+    int k = L->k, cp = L->cout_pad;
+    for (int ox = 0; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *w = L->wf + ob;
+            for (int c = 0; c < L->cin; c++)
+                for (int ky = 0; ky < k; ky++) {
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    for (int kx = 0; kx < k; kx++, w += cp) {
+                        __m256 v = _mm256_set1_ps(xr[kx]);
+                        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), a0);
+                        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), a1);
+                        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 16), a2);
+                        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 24), a3);
+                    }
+                }
+            __m256 a[4] = {a0, a1, a2, a3};
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_word_avx2(a, L, ob);
+        }
+}
+
+__attribute__((target("avx2")))
+static inline __m256i popcnt8_avx2(__m256i x) { /* per-byte popcount by nibble table */
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256i lo = _mm256_and_si256(x, m4);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+__attribute__((target("avx2")))
+static inline __m256i bytes_to_i32(__m256i c8) {
+    __m256i s16 = _mm256_maddubs_epi16(c8, _mm256_set1_epi8(1));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
+/* Output bits of 32 channels from their XOR popcounts d[0..3] (8 channels each). */
+__attribute__((target("avx2")))
+static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d) {
+    const fbb_layer *L = r->L;
+    int kx0, kx1;
+    tap_cols(r, ox, &kx0, &kx1);
+    int border = is_border(r, kx0, kx1);
+    const __m256i nv = _mm256_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    uint32_t rb = r->res ? r->res[(size_t)ox * (L->cout_pad / 32) + ob / 32] : 0, w = 0;
+    for (int i = 0; i < 4; i++) {
+        int o = ob + 8 * i;
+        __m256i di = d[i];
+        if (border) {
+#define LD(p) _mm256_loadu_si256((const __m256i *)(p))
+            __m256i in_ = _mm256_sub_epi32(
+                _mm256_add_epi32(LD(pre_at(L, r->ky1, kx1) + o), LD(pre_at(L, r->ky0, kx0) + o)),
+                _mm256_add_epi32(LD(pre_at(L, r->ky0, kx1) + o), LD(pre_at(L, r->ky1, kx0) + o)));
+            di = _mm256_sub_epi32(di, _mm256_sub_epi32(LD(pre_at(L, L->k, L->k) + o), in_));
+        }
+        __m256i sum = _mm256_sub_epi32(nv, _mm256_add_epi32(di, di));
+        __m256i t = LD(L->t0 + o);
+        if (r->res) {
+            __m256i m = _mm256_cmpeq_epi32(
+                _mm256_and_si256(_mm256_set1_epi32((int)(rb >> (8 * i))), sel), sel);
+            t = _mm256_blendv_epi8(t, LD(L->t1 + o), m);
+        }
+#undef LD
+        uint32_t lt = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, sum)));
+        w |= (~lt & 0xffu) << (8 * i);
+    }
+    return w ^ L->flip[ob / 32];
+}
+
+__attribute__((target("avx2")))
+static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
+    const fbb_layer *L = r->L;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    const uint32_t *in = (const uint32_t *)r->in;
+    for (int ox = 0; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) {
+            __m256i d[4], c[4];
+            for (int i = 0; i < 4; i++) d[i] = c[i] = _mm256_setzero_si256();
+            const uint32_t *w = L->wb + ob;
+            int n = 0;
+            for (int ky = 0; ky < k; ky++) {
+                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+                for (int j = 0; j < kw; j++, w += cp) {
+                    __m256i v = _mm256_set1_epi32((int)a[j]);
+                    for (int i = 0; i < 4; i++)
+                        c[i] = _mm256_add_epi8(c[i], popcnt8_avx2(_mm256_xor_si256(
+                            v, _mm256_loadu_si256((const __m256i *)(w + 8 * i)))));
+                    if (++n == 31) { /* <= 8 per byte per step: flush before 255 */
+                        n = 0;
+                        for (int i = 0; i < 4; i++) {
+                            d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
+                            c[i] = _mm256_setzero_si256();
+                        }
+                    }
+                }
+            }
+            for (int i = 0; i < 4; i++) d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox, ob, d);
+        }
+    (void)corr;
+}
+
+/* ---------------------------------------------------------------- AVX-512 (F, VPOPCNTDQ) */
+
+__attribute__((target("avx512f")))
+static inline uint32_t stem_word_avx512(__m512 a0, __m512 a1, const fbb_layer *L, int ob) {
+    __m512 t0 = _mm512_loadu_ps(L->tf + ob), t1 = _mm512_loadu_ps(L->tf + ob + 16);
+    uint32_t ge = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_GE_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_GE_OQ) << 16);
+    uint32_t lt = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_LT_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_LT_OQ) << 16);
+    const __m512 pinf = _mm512_set1_ps(INFINITY), ninf = _mm512_set1_ps(-INFINITY);
+    uint32_t ip = (uint32_t)_mm512_cmp_ps_mask(a0, pinf, _CMP_EQ_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, pinf, _CMP_EQ_OQ) << 16);
+    uint32_t in = (uint32_t)_mm512_cmp_ps_mask(a0, ninf, _CMP_EQ_OQ)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, ninf, _CMP_EQ_OQ) << 16);
+    uint32_t f = L->flip[ob / 32];
+    uint32_t w = (ge & ~f) | (lt & f);
+    return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
+}
+
+/* nb output pixels x 16*nv output channels per pass: each weight load feeds nb FMAs. */
+#define STEM_NB 4
+__attribute__((target("avx512f"), always_inline))
+static inline void stem_px_avx512(const fbb_row *r, int ox, int ob, const int nb,
+                                  const int nv) {
+    const fbb_layer *L = r->L;
+    const float *x = (const float *)r->in;
+    int k = L->k, cp = L->cout_pad;
+    __m512 a[STEM_NB][4];
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v++) a[p][v] = _mm512_setzero_ps();
+    const float *w = L->wf + ob;
+    for (int c = 0; c < L->cin; c++)
+        for (int ky = 0; ky < k; ky++) {
+            const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+            for (int kx = 0; kx < k; kx++, w += cp) {
+                __m512 wv[4];
+                for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);
+                for (int p = 0; p < nb; p++) {
+                    __m512 xv = _mm512_set1_ps(xr[kx + p]);
+                    for (int v = 0; v < nv; v++) a[p][v] = _mm512_fmadd_ps(xv, wv[v], a[p][v]);
+                }
+            }
+        }
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v += 2)
+            r->out[(size_t)(ox + p) * (cp / 32) + (ob + 16 * v) / 32] =
+                stem_word_avx512(a[p][v], a[p][v + 1], L, ob + 16 * v);
+}
+
+__attribute__((target("avx512f")))
+static void stem_row_avx512(const fbb_row *r) {
+    int cp = r->L->cout_pad, ox = 0;
+    for (; ox + STEM_NB <= r->ow; ox += STEM_NB) {
+        int ob = 0;
+        for (; ob + 64 <= cp; ob += 64) stem_px_avx512(r, ox, ob, STEM_NB, 4);
+        for (; ob < cp; ob += 32) stem_px_avx512(r, ox, ob, STEM_NB, 2);
+    }
+    for (; ox < r->ow; ox++) {
+        int ob = 0;
+        for (; ob + 64 <= cp; ob += 64) stem_px_avx512(r, ox, ob, 1, 4);
+        for (; ob < cp; ob += 32) stem_px_avx512(r, ox, ob, 1, 2);
+    }
+}
+
+/* Output bits of 32 channels from their XOR popcounts (d0: channels ob..+15, d1: +16..+31). */
+__attribute__((target("avx512f")))
+static inline uint32_t bconv_word_avx512(const fbb_row *r, int ox, int ob, __m512i d0,
+                                         __m512i d1) {
+    const fbb_layer *L = r->L;
+    int kx0, kx1, cp = L->cout_pad;
+    tap_cols(r, ox, &kx0, &kx1);
+    if (is_border(r, kx0, kx1)) {
+        for (int h = 0; h < 2; h++) {
+            int o = ob + 16 * h;
+            __m512i in_ = _mm512_sub_epi32(
+                _mm512_add_epi32(_mm512_loadu_si512(pre_at(L, r->ky1, kx1) + o),
+                                 _mm512_loadu_si512(pre_at(L, r->ky0, kx0) + o)),
+                _mm512_add_epi32(_mm512_loadu_si512(pre_at(L, r->ky0, kx1) + o),
+                                 _mm512_loadu_si512(pre_at(L, r->ky1, kx0) + o)));
+            __m512i cr = _mm512_sub_epi32(_mm512_loadu_si512(pre_at(L, L->k, L->k) + o), in_);
+            if (h == 0) d0 = _mm512_sub_epi32(d0, cr);
+            else d1 = _mm512_sub_epi32(d1, cr);
+        }
+    }
+    const __m512i nv = _mm512_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
+    __m512i s0 = _mm512_sub_epi32(nv, _mm512_add_epi32(d0, d0));
+    __m512i s1 = _mm512_sub_epi32(nv, _mm512_add_epi32(d1, d1));
+    __m512i t0 = _mm512_loadu_si512(L->t0 + ob), t1 = _mm512_loadu_si512(L->t0 + ob + 16);
+    if (r->res) {
+        uint32_t rb = r->res[(size_t)ox * (cp / 32) + ob / 32];
+        t0 = _mm512_mask_blend_epi32((__mmask16)(rb & 0xffffu), t0,
+                                     _mm512_loadu_si512(L->t1 + ob));
+        t1 = _mm512_mask_blend_epi32((__mmask16)(rb >> 16), t1,
+                                     _mm512_loadu_si512(L->t1 + ob + 16));
+    }
+    uint32_t ge = (uint32_t)_mm512_cmpge_epi32_mask(s0, t0)
+                  | ((uint32_t)_mm512_cmpge_epi32_mask(s1, t1) << 16);
+    return ge ^ L->flip[ob / 32];
+}
+
+/* NB pixels x 32 channels per pass: each weight load feeds NB XOR-popcounts. */
+#define BCONV_NB 4
+__attribute__((target("avx512f,avx512vpopcntdq"), always_inline))
+static inline void bconv_px_avx512(const fbb_row *r, int ox, const int nb) {
+    const fbb_layer *L = r->L;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    const uint32_t *in = (const uint32_t *)r->in;
+    for (int ob = 0; ob < cp; ob += 32) {
+        __m512i d[BCONV_NB][2];
+        for (int p = 0; p < nb; p++) d[p][0] = d[p][1] = _mm512_setzero_si512();
+        const uint32_t *w = L->wb + ob;
+        for (int ky = 0; ky < k; ky++) {
+            const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+            for (int j = 0; j < kw; j++, w += cp) {
+                __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 16);
+                for (int p = 0; p < nb; p++) {
+                    __m512i v = _mm512_set1_epi32((int)a[p * wi + j]);
+                    d[p][0] = _mm512_add_epi32(d[p][0],
+                                               _mm512_popcnt_epi32(_mm512_xor_si512(v, w0)));
+                    d[p][1] = _mm512_add_epi32(d[p][1],
+                                               _mm512_popcnt_epi32(_mm512_xor_si512(v, w1)));
+                }
+            }
+        }
+        for (int p = 0; p < nb; p++)
+            r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] =
+                bconv_word_avx512(r, ox + p, ob, d[p][0], d[p][1]);
+    }
+}
+
+__attribute__((target("avx512f,avx512vpopcntdq")))
+static void bconv_row_avx512(const fbb_row *r, int32_t *corr) {
+    int ox = 0;
+    for (; ox + BCONV_NB <= r->ow; ox += BCONV_NB) bconv_px_avx512(r, ox, BCONV_NB);
+    for (; ox < r->ow; ox++) bconv_px_avx512(r, ox, 1);
+    (void)corr;
+}
+#endif
+
+/* ---------------------------------------------------------------- ISA selection */
+
+typedef void (*stem_fn)(const fbb_row *);
+typedef void (*bconv_fn)(const fbb_row *, int32_t *);
+
+/* 1 when this CPU (and OS) can run path `isa`. */
+int fbb_isa_supported(int isa) {
+    if (isa == ISA_GENERIC) return 1;
+#if FBB_X86
+    __builtin_cpu_init();
+    if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+    return 0;
+}
+
+/* ---------------------------------------------------------------- layers */
+
+/* Copy a map into the zero-padded scratch `dst` (pad p on each side); `esize` bytes per
+ * element, `per` elements per pixel, `planes` planes (NCHW float: per 1, planes C; NHWC bits:
+ * per = words, planes 1). Returns dst, or src itself when p == 0. */
+static const void *padded(const void *src, void *dst, int planes, int H, int W, int per,
+                          int p, size_t esize) {
+    if (p == 0) return src;
+    int hp = H + 2 * p, wp = W + 2 * p;
+    size_t row = (size_t)W * per * esize, prow = (size_t)wp * per * esize;
+    memset(dst, 0, (size_t)planes * hp * prow);
+    for (int c = 0; c < planes; c++)
+        for (int y = 0; y < H; y++)
+            memcpy((char *)dst + ((size_t)c * hp + y + p) * prow + (size_t)p * per * esize,
+                   (const char *)src + ((size_t)c * H + y) * row, row);
+    return dst;
+}
+
+static void run_layer(const fbb_layer *L, const void *in, const uint32_t *res, uint32_t *out,
+                      void *pad, int32_t *corr, stem_fn stem, bconv_fn bconv) {
+    int k = L->k, p = L->pad, oh = out_size(L, L->h), ow = out_size(L, L->w);
+    int stemop = L->op == OP_STEM, wo = L->cout_pad / 32;
+    fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL};
+    r.in = stemop ? padded(in, pad, L->cin, L->h, L->w, 1, p, sizeof(float))
+                  : padded(in, pad, 1, L->h, L->w, wd_of(L->cin), p, sizeof(uint32_t));
+    for (int oy = 0; oy < oh; oy++) {
+        r.oy = oy;
+        r.ky0 = p - oy > 0 ? p - oy : 0;
+        r.ky1 = L->h + p - oy < k ? L->h + p - oy : k;
+        r.res = res ? res + (size_t)oy * ow * wo : NULL;
+        r.out = out + (size_t)oy * ow * wo;
+        if (stemop) stem(&r);
+        else bconv(&r, corr);
+    }
+}
+
+/* 2x2 max pool (floor) on +-1 bits: OR. In place is safe (reads stay ahead of writes). */
+static void pool_or(uint32_t *m, int H, int W, int wd) {
+    int oh = H / 2, ow = W / 2;
+    for (int y = 0; y < oh; y++)
+        for (int x = 0; x < ow; x++)
+            for (int i = 0; i < wd; i++) {
+                const uint32_t *r0 = m + ((size_t)(2 * y) * W + 2 * x) * wd + i;
+                const uint32_t *r1 = r0 + (size_t)W * wd;
+                m[((size_t)y * ow + x) * wd + i] = r0[0] | r0[wd] | r1[0] | r1[wd];
+            }
+}
+
+/* Average pool of +-1 over the map, then the +-1 affine: the integer sum
+ * N = sum_c w[j][c] (2 cnt_c - HW) is exact, so logit = N / HW + bias (two roundings). */
+static void run_head(const fbb_layer *L, const uint32_t *in, float *out, int32_t *cnt) {
+    int hw = L->h * L->w, wi = wd_of(L->cin);
+    memset(cnt, 0, sizeof(int32_t) * L->cin);
+    for (int p = 0; p < hw; p++)
+        for (int c = 0; c < L->cin; c++) cnt[c] += (int32_t)((in[(size_t)p * wi + c / 32] >> (c % 32)) & 1u);
+    for (int j = 0; j < L->cout; j++) {
+        int64_t n = 0;
+        const float *w = L->wf + (size_t)j * L->cin;
+        for (int c = 0; c < L->cin; c++) n += (int64_t)(w[c] > 0 ? 1 : -1) * (2 * cnt[c] - hw);
+        out[j] = (float)n / (float)hw + L->bias[j];
+    }
+}
+
+static size_t map_words(const fbb_layer *L) {
+    return (size_t)out_size(L, L->h) * out_size(L, L->w) * (L->cout_pad / 32);
+}
+
+/* Run the program `L[0..nl)` on `n` inputs of `in_size` floats each; logits to `out`
+ * (n x the head's cout). Returns 0, or -1 (unsupported ISA), -2 (out of memory),
+ * -3 (malformed program), -4 (check_finite and the input holds NaN or inf). */
+int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
+            float *out, int64_t out_size_, int check_finite) {
+    if (!fbb_isa_supported(isa)) return -1;
+    if (check_finite) { /* branch-free so that it vectorizes */
+        int bad = 0;
+        for (int64_t i = 0; i < n * in_size; i++) bad |= !(fabsf(x[i]) <= 3.40282347e38f);
+        if (bad) return -4;
+    }
+    stem_fn stem = stem_row_generic;
+    bconv_fn bconv = bconv_row_generic;
+#if FBB_X86
+    if (isa == ISA_AVX2) { stem = stem_row_avx2; bconv = bconv_row_avx2; }
+    if (isa == ISA_AVX512) { stem = stem_row_avx512; bconv = bconv_row_avx512; }
+#endif
+    if (nl < 2 || L[0].op != OP_STEM || L[nl - 1].op != OP_HEAD) return -3;
+    int64_t nout = L[nl - 1].cout;
+    if (out_size_ != n * nout) return -3;
+    size_t mw = 1, pw = 1, cw = 32;
+    for (int i = 0; i < nl; i++) {
+        const fbb_layer *l = &L[i];
+        if (l->op == OP_HEAD) {
+            if ((size_t)l->cin > cw) cw = l->cin;
+            continue;
+        }
+        if (map_words(l) > mw) mw = map_words(l);
+        size_t hw = (size_t)(l->h + 2 * l->pad) * (l->w + 2 * l->pad);
+        size_t pad = hw * (l->op == OP_STEM ? (size_t)l->cin : (size_t)wd_of(l->cin));
+        if (pad > pw) pw = pad;
+        if ((size_t)l->cout_pad > cw) cw = l->cout_pad;
+    }
+    uint32_t *buf = malloc(sizeof(uint32_t) * mw * NBUF);
+    void *pad = malloc(sizeof(float) * pw);
+    int32_t *tmp = malloc(sizeof(int32_t) * cw);
+    if (!buf || !pad || !tmp) { free(buf); free(pad); free(tmp); return -2; }
+    for (int64_t b = 0; b < n; b++) {
+        for (int i = 0; i < nl; i++) {
+            const fbb_layer *l = &L[i];
+            uint32_t *dst = l->dst >= 0 ? buf + mw * l->dst : NULL;
+            const uint32_t *src = l->src >= 0 ? buf + mw * l->src : NULL;
+            if (l->op == OP_HEAD) {
+                run_head(l, src, out + b * nout, tmp);
+                continue;
+            }
+            run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size) : (const void *)src,
+                      l->res >= 0 ? buf + mw * l->res : NULL, dst, pad, tmp, stem, bconv);
+            if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w), l->cout_pad / 32);
+        }
+    }
+    free(buf); free(pad); free(tmp);
+    return 0;
+}

@@ -1,0 +1,408 @@
+"""A native inference engine for BinaryNet (``binary_net``): the whole network in one C call.
+
+The zoo's binary_net networks (ResNet-23, LeNet, MLP) are compiled into a short program that
+``_binary_engine.c`` runs per image with no Python per layer:
+
+* the **stem** (float input, +-1 weights) is a float32 convolution, followed by a float32
+  threshold in place of batch norm + binary tanh (:func:`~.binary_fold.float_thresholds`);
+* every other convolution / hidden affine is an **XNOR-popcount** convolution on bit-packed
+  activations (32 channels per word, NHWC), with an integer threshold per channel in place of
+  batch norm + binary tanh (:func:`~.binary_fold.integer_thresholds`), zero-padding corrected
+  exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)`` folded into two thresholds
+  selected by the residual bit; 2x2 max pooling of +-1 values is a bitwise OR;
+* the **head** (average pool + affine with float bias) is an exact integer sum, one division
+  and one bias addition in float32.
+
+Everything after the stem is exact with respect to the float32 PyTorch model (logits up to
+the order of the head's bias addition: rtol 1e-6, atol 1e-5). The one difference is the stem's
+float summation order (PyTorch's convolution sums in its own): a stem pre-activation within
+float32 rounding of its threshold can flip, and the logits then differ. Inputs whose stem sums
+are exact in any order (e.g. images ``k / 256``) give PyTorch's logits; ``tests/
+test_binary_engine.py`` checks both cases. All ISA paths are bit-identical to each other.
+
+CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
+FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time by cpuid; set
+``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread.
+
+Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
+``fewbits.functional.finite_checks(False)`` they follow the unchecked model (``binary_tanh`` of
+NaN is ``-1``; the stem's decisions at +-inf are folded too). A batch-norm output that
+overflows to inf from finite inputs is not detected.
+
+    >>> from fewbits.models import create_model
+    >>> _ = torch.manual_seed(0)
+    >>> model = create_model("mnist_binary_net_mlp", width=64, depth=2).eval()
+    >>> engine = BinaryEngine.from_model(model)
+    >>> x = torch.randint(0, 256, (3, 1, 28, 28)).float() / 256
+    >>> torch.allclose(engine(x), model(x), rtol=1e-6, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import functional as _qf
+from .._cbuild import CLibrary
+from .binary_fold import float_thresholds, integer_thresholds
+
+__all__ = ["ISAS", "ISA_ENV", "BinaryEngine", "Step", "binary_plan", "fold_binary_net",
+           "supported_isas"]
+
+#: CPU code paths, in the order of the C enum (index = ISA id).
+ISAS = ("generic", "avx2", "avx512_vpopcntdq")
+#: Environment variable that forces a path (one of ``ISAS``).
+ISA_ENV = "FEWBITS_BINARY_ISA"
+_OPS = {"stem": 0, "bconv": 1, "head": 2}
+_P = ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):  # mirrors fbb_layer in _binary_engine.c
+    _fields_ = [(n, ctypes.c_int32) for n in
+                ("op", "cin", "cout", "h", "w", "k", "pad", "pool", "src", "dst", "res",
+                 "cout_pad")] + [(n, _P) for n in
+                                 ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf", "pinf",
+                                  "bias")]
+
+
+# No -march=native: each ISA path carries its own target attribute and is chosen by cpuid.
+_LIB = CLibrary(
+    Path(__file__).with_name("_binary_engine.c"), "binary-engine",
+    ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
+    {"fbb_isa_supported": ([ctypes.c_int], ctypes.c_int),
+     "fbb_run": ([ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64,
+                  ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int], ctypes.c_int)},
+)
+
+
+def _lib():
+    lib = _LIB.get()
+    if lib is None:
+        raise ValueError(f"the binary engine cannot be built here: {_LIB.error}")
+    return lib
+
+
+def supported_isas() -> list[str]:
+    """The CPU paths this machine can run, best first (empty when the C build fails)."""
+    lib = _LIB.get()
+    return [] if lib is None else [n for i, n in reversed(list(enumerate(ISAS)))
+                                   if lib.fbb_isa_supported(i)]
+
+
+def _pick_isa(isa: str | None) -> str:
+    name = isa or os.environ.get(ISA_ENV) or None
+    have = supported_isas() if _lib() else []
+    if name is None:
+        return have[0]
+    if name not in ISAS:
+        raise ValueError(f"unknown binary-engine ISA {name!r} (argument or ${ISA_ENV}); known: "
+                         f"{', '.join(ISAS)}")
+    if name not in have:
+        raise ValueError(f"this CPU cannot run the {name!r} path of the binary engine (forced "
+                         f"by argument or ${ISA_ENV}); it can run: {', '.join(have)}")
+    return name
+
+
+@dataclass
+class Step:
+    """One operation of an engine program: ``op`` is ``"stem"`` (float conv), ``"bconv"``
+    (binary conv) or ``"head"`` (average pool + affine); ``weight``/``bn`` name the modules;
+    the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad``, stride 1;
+    ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x`` the bits of
+    buffer ``res``; ``src``/``dst``: scratch buffers."""
+
+    op: str
+    weight: str
+    bn: str | None
+    cin: int
+    cout: int
+    h: int
+    w: int
+    k: int = 1
+    pad: int = 0
+    pool: bool = False
+    residual: bool = False
+    src: int = -1
+    dst: int = -1
+    res: int = -1
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """Integer range of a binary conv's pre-activation: ``+-cin*k*k``."""
+        n = self.cin * self.k * self.k
+        return -n, n
+
+
+def _is_btanh(m: nn.Module) -> bool:
+    from ..layers import QuantAct
+    from ..quantizers import BinaryTanh
+
+    return isinstance(m, QuantAct) and isinstance(m.quantizer, BinaryTanh)
+
+
+def _post(model: nn.Module, name: str, act: bool = True) -> str:
+    """Check ``name`` is ``Sequential(BN, binary_tanh)`` (``act=False``: ``(BN,)``)."""
+    seq = model.get_submodule(name)
+    ok = (isinstance(seq, nn.Sequential) and len(seq) == 1 + act
+          and isinstance(seq[0], nn.modules.batchnorm._BatchNorm)
+          and (not act or _is_btanh(seq[1])))
+    if not ok:
+        raise ValueError(f"{name}: expected batch norm{' + binary_tanh' if act else ''}, got "
+                         f"{seq}; the binary engine runs BinaryNet's recipe only")
+    return f"{name}.0"
+
+
+def _conv(model: nn.Module, name: str) -> tuple[int, int]:
+    m = model.get_submodule(name)
+    if isinstance(m, nn.Linear):
+        return 0, 0
+    if not isinstance(m, nn.Conv2d) or m.stride != (1, 1) or m.dilation != (1, 1) \
+            or m.groups != 1 or m.padding_mode != "zeros" or m.bias is not None \
+            or isinstance(m.padding, str) or m.kernel_size[0] != m.kernel_size[1] \
+            or m.padding[0] != m.padding[1]:
+        raise ValueError(f"{name}: the binary engine runs square stride-1 convolutions without "
+                         f"bias and with zero padding, got {m}")
+    return m.kernel_size[0], m.padding[0]
+
+
+def _pool_ok(m: nn.Module, name: str) -> None:
+    if not (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2)) and m.stride in
+            (2, (2, 2)) and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1))
+            and not m.ceil_mode):
+        raise ValueError(f"{name}: the binary engine runs 2x2 max pooling only, got {m}")
+
+
+def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None) -> list[Step]:
+    """The engine program of a zoo ``binary_net`` model (``ResNet23``, ``LeNet``, ``MLP``).
+
+    ``input_size``: the image ``(H, W)`` (default 32 x 32 for ResNet-23; LeNet and MLP have
+    fixed input sizes). Raises ``ValueError`` naming what does not fit the engine.
+    """
+    from ..models.nets import MLP, LeNet, ResNet23
+
+    fam = getattr(model, "family", None)
+    if fam != "binary_net":
+        raise ValueError(f"the binary engine runs binary_net models only; this one is family "
+                         f"{fam!r}: run it with PyTorch or ONNX Runtime")
+    if isinstance(model, ResNet23):
+        h, w = input_size or (32, 32)
+        k, p = _conv(model, "stem")
+        c = model.stem.out_channels
+        steps = [Step("stem", "stem", _post(model, "stem_post"), model.stem.in_channels, c, h,
+                      w, k, p, dst=0)]
+        cur = 0
+        for i, unit in enumerate(model.units):
+            n, (f0, f1) = f"units.{i}", [b for b in range(3) if b != cur]
+            if not _is_btanh(unit.merge):
+                raise ValueError(f"{n}.merge: expected binary_tanh, got {unit.merge}")
+            down = not isinstance(unit.pool, nn.Identity)
+            if down:
+                _pool_ok(unit.pool, f"{n}.pool")
+            c1, c2 = unit.conv1.out_channels, unit.conv2.out_channels
+            if unit.conv3.out_channels != c:
+                raise ValueError(f"{n}: residual needs conv3 to keep {c} channels")
+            steps += [Step("bconv", f"{n}.conv1", _post(model, f"{n}.post1"), c, c1, h, w,
+                           *_conv(model, f"{n}.conv1"), src=cur, dst=f0),
+                      Step("bconv", f"{n}.conv2", _post(model, f"{n}.post2"), c1, c2, h, w,
+                           *_conv(model, f"{n}.conv2"), src=f0, dst=f1),
+                      Step("bconv", f"{n}.conv3", _post(model, f"{n}.post3", act=False), c2, c,
+                           h, w, *_conv(model, f"{n}.conv3"), pool=down, residual=True,
+                           src=f1, dst=f0, res=cur)]
+            cur, h, w = f0, (h // 2 if down else h), (w // 2 if down else w)
+        return [*steps, Step("head", "fc", None, c, model.fc.out_features, h, w, src=cur)]
+    if isinstance(model, LeNet):
+        _pool_ok(model.pool, "pool")
+        c1, c2 = model.conv1.out_channels, model.conv2.out_channels
+        h = input_size[0] if input_size else 28
+        if input_size and input_size[0] != input_size[1]:
+            raise ValueError("LeNet's engine program needs a square input")
+        steps = [Step("stem", "conv1", _post(model, "post1"), model.conv1.in_channels, c1, h, h,
+                      *_conv(model, "conv1"), pool=True, dst=0)]
+        h //= 2
+        steps.append(Step("bconv", "conv2", _post(model, "post2"), c1, c2, h, h,
+                          *_conv(model, "conv2"), pool=True, src=0, dst=1))
+        h //= 2
+        if model.fc1.in_features != c2 * h * h:
+            raise ValueError(f"fc1 expects {model.fc1.in_features} inputs, the convolutions "
+                             f"give {c2} x {h} x {h}: wrong input_size")
+        steps.append(Step("bconv", "fc1", _post(model, "post3"), c2, model.fc1.out_features, h,
+                          h, h, 0, src=1, dst=0))
+        return [*steps, Step("head", "fc2", None, model.fc1.out_features,
+                             model.fc2.out_features, 1, 1, src=0)]
+    if isinstance(model, MLP):
+        body = list(model.body.named_children())
+        lin = [n for n, m in body if isinstance(m, nn.Linear)]
+        if not isinstance(body[0][1], nn.Flatten) or len(body) != 1 + 2 * len(lin):
+            raise ValueError("MLP body must be Flatten, then (Linear, BN + binary_tanh) pairs")
+        steps, buf = [], 0
+        for i, n in enumerate(lin):
+            m = model.get_submodule(f"body.{n}")
+            post = _post(model, f"body.{int(n) + 1}")
+            steps.append(Step("stem" if i == 0 else "bconv", f"body.{n}", post, m.in_features,
+                              m.out_features, 1, 1, src=-1 if i == 0 else buf,
+                              dst=buf if i == 0 else 1 - buf))
+            buf = steps[-1].dst
+        return [*steps, Step("head", "fc", None, model.fc.in_features, model.fc.out_features, 1,
+                             1, src=buf)]
+    raise ValueError(f"the binary engine knows the zoo's ResNet23, LeNet and MLP, not "
+                     f"{type(model).__name__}")
+
+
+@torch.no_grad()
+def _signs(model: nn.Module, name: str) -> np.ndarray:
+    """The layer's +-1 weights as the forward uses them (its quantizer, or stored values)."""
+    layer = model.get_submodule(name)
+    q = getattr(layer, "weight_quantizer", None)
+    from ..quantizers import BinaryConnect
+
+    if q is not None and not isinstance(q, BinaryConnect):
+        raise ValueError(f"{name}: weight quantizer {type(q).__name__} is not binary_connect")
+    w = layer.weight.detach() if q is None else q(layer.weight.detach())
+    if not bool((w.abs() == 1).all()):
+        raise ValueError(f"{name}: weights are not all +-1; the binary engine needs BinaryNet "
+                         "weights")
+    return w.to(torch.int8).numpy()
+
+
+def fold_binary_net(model: nn.Module, plan: list[Step]) -> dict[str, np.ndarray]:
+    """The engine's data for ``plan``: ``<layer>.weight`` (int8 +-1, the layer's shape),
+    ``<head>.bias`` (float32), and per batch norm ``<bn>.threshold`` (float32 for the stem,
+    int64 else, ``[2, C]`` for a residual), ``<bn>.flip`` (bool) and, for the stem,
+    ``<bn>.nonfinite`` (bool ``[2, C]``). Batch norm uses running statistics (eval mode)."""
+    out: dict[str, np.ndarray] = {}
+    for s in plan:
+        out[f"{s.weight}.weight"] = _signs(model, s.weight)
+        if s.op == "head":
+            b = model.get_submodule(s.weight).bias
+            out[f"{s.weight}.bias"] = (np.zeros(s.cout, np.float32) if b is None
+                                       else b.detach().float().numpy())
+            continue
+        bn = model.get_submodule(s.bn)
+        if s.op == "stem":
+            t, flip, nonfinite = float_thresholds(bn, where=s.bn)
+            out[f"{s.bn}.nonfinite"] = nonfinite
+        else:
+            t, flip = integer_thresholds(bn, *s.range, residual=s.residual, where=s.bn)
+        out[f"{s.bn}.threshold"], out[f"{s.bn}.flip"] = t, flip
+    return out
+
+
+def _words(bits: np.ndarray) -> np.ndarray:
+    """bool ``[..., n]`` -> uint32 ``[..., ceil(n/32)]``, bit ``i % 32`` of word ``i // 32``."""
+    n = bits.shape[-1]
+    pad = np.zeros((*bits.shape[:-1], -n % 32), bool)
+    b = np.packbits(np.concatenate([bits, pad], -1), axis=-1, bitorder="little")
+    return np.ascontiguousarray(b).view("<u4")
+
+
+def _padded(a: np.ndarray, n: int, fill: float | int) -> np.ndarray:
+    out = np.full((*a.shape[:-1], n), fill, a.dtype)
+    out[..., :a.shape[-1]] = a
+    return np.ascontiguousarray(out)
+
+
+def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    cp = -(-s.cout // 32) * 32
+    w = d[f"{s.weight}.weight"].astype(np.int8)
+    if s.op == "head":
+        return {"wf": np.ascontiguousarray(w.reshape(s.cout, s.cin), np.float32),
+                "bias": np.ascontiguousarray(d[f"{s.weight}.bias"], np.float32)}
+    flip = _words(_padded(d[f"{s.bn}.flip"].astype(bool), cp, False))
+    t = d[f"{s.bn}.threshold"]
+    if s.op == "stem":  # taps in PyTorch order (c, ky, kx), output channels contiguous
+        nf = d[f"{s.bn}.nonfinite"].astype(bool)
+        return {"wf": _padded(w.reshape(s.cout, -1).T.astype(np.float32), cp, 0.0),
+                "tf": _padded(t.astype(np.float32), cp, np.inf), "flip": flip,
+                "ninf": _words(_padded(nf[0], cp, False)),
+                "pinf": _words(_padded(nf[1], cp, False))}
+    # Binary conv: im2col order (ky, kx, channel words), output channels contiguous.
+    taps = (w.reshape(s.cout, s.cin, s.k, s.k) > 0).transpose(0, 2, 3, 1)
+    words = _words(taps)  # [cout, k, k, wi]
+    wb = _padded(words.reshape(s.cout, -1).T, cp, 0)
+    t = np.atleast_2d(t).astype(np.int64)
+    big = np.iinfo(np.int32).max  # padded channels: never +1, so their bits stay 0
+    out = {"wb": wb, "t0": _padded(t[0].astype(np.int32), cp, big),
+           "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip}
+    if s.pad:  # only border pixels read it: none without padding (smaller working set)
+        pop = np.bitwise_count(words).sum(-1).astype(np.int32)  # [cout, k, k]
+        pre = np.zeros((s.k + 1, s.k + 1, s.cout), np.int32)  # 2-D prefix sums over the taps
+        pre[1:, 1:] = pop.transpose(1, 2, 0).cumsum(0).cumsum(1)
+        out["wpop"] = _padded(pre, cp, 0)
+    return out
+
+
+class BinaryEngine:
+    """A compiled binary_net network: ``engine(x)`` -> float32 logits, one native call.
+
+    Build with :meth:`from_model` (or ``fewbits.runtime.binary_file.load_engine`` for a
+    batch-norm-folded ``.fewbits`` file). ``engine.isa`` names the CPU path in use.
+    """
+
+    def __init__(self, plan: list[Step], data: dict[str, np.ndarray],
+                 in_shape: tuple[int, ...], isa: str | None = None) -> None:
+        self.isa = _pick_isa(isa)
+        self.plan, self.in_shape = plan, tuple(in_shape)
+        self._size, self._isa_id, self._run = math.prod(in_shape), ISAS.index(self.isa), \
+            _lib().fbb_run
+        self.num_classes = plan[-1].cout
+        self._keep: list[np.ndarray] = []
+        self._layers = (_Layer * len(plan))()
+        for i, s in enumerate(plan):
+            arrs = _layer_arrays(s, data)
+            self._keep += arrs.values()  # the C program points into these arrays
+            cp = -(-s.cout // 32) * 32
+            self._layers[i] = _Layer(_OPS[s.op], s.cin, s.cout, s.h, s.w, s.k, s.pad,
+                                     int(s.pool), s.src, s.dst, s.res, cp,
+                                     *(arrs[n].ctypes.data if n in arrs else None for n in
+                                       ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf",
+                                        "pinf", "bias")))
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, isa: str | None = None,
+                   input_size: tuple[int, int] | None = None) -> BinaryEngine:
+        """Compile a zoo binary_net ``model`` (its eval-mode forward). Raises ``ValueError``
+        naming the reason when it cannot run on the engine."""
+        plan = binary_plan(model, input_size)
+        return cls(plan, fold_binary_net(model, plan), cls.input_shape(plan), isa)
+
+    @staticmethod
+    def input_shape(plan: list[Step]) -> tuple[int, ...]:
+        """Per-sample input shape of a program: ``(C, H, W)``, or ``(features,)`` (MLP)."""
+        s = plan[0]
+        return (s.cin,) if s.h == 1 and s.k == 1 else (s.cin, s.h, s.w)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dtype != torch.float32:
+            raise TypeError(f"the binary engine takes a float32 tensor, got "
+                            f"{getattr(x, 'dtype', type(x))}")
+        shape = x.shape
+        ok = (shape[1:] == self.in_shape if len(self.in_shape) == 3
+              else len(shape) >= 2 and math.prod(shape[1:]) == self._size)
+        if not ok:
+            raise ValueError(f"the engine was built for inputs of shape (N, "
+                             f"{', '.join(map(str, self.in_shape))}), got {tuple(shape)}; "
+                             "build another with from_model(model, input_size=(H, W))")
+        x = x.detach().cpu().contiguous()
+        n = shape[0]
+        out = torch.empty(n, self.num_classes)
+        if n == 0:
+            return out
+        # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
+        rc = self._run(self._layers, len(self.plan), self._isa_id, x.data_ptr(), n, self._size,
+                       out.data_ptr(), out.numel(), int(_qf._CHECK_FINITE))
+        if rc == -4:
+            raise ValueError("binary engine: the input contains NaN or inf, which the model's "
+                             "binary_tanh refuses; check the data (or wrap the call in "
+                             "fewbits.functional.finite_checks(False) for unchecked semantics)")
+        if rc != 0:
+            why = {-1: "ISA unsupported", -2: "out of memory"}.get(rc, "malformed program")
+            raise RuntimeError(f"binary engine failed: {why} (code {rc})")
+        return out

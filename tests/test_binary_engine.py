@@ -1,0 +1,276 @@
+"""The binary_net engine: exact batch-norm folding, equality with PyTorch on every CPU path this
+machine can run, the folded file and its size."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fewbits.export import FormatError, export_packed, load_packed, packed_info
+from fewbits.export.container import read_container, write_container
+from fewbits.functional import finite_checks
+from fewbits.models import create_model
+from fewbits.runtime import binary
+from fewbits.runtime.binary import ISA_ENV, ISAS, BinaryEngine, supported_isas
+from fewbits.runtime.binary_file import load_engine
+from fewbits.runtime.binary_fold import float_thresholds, integer_thresholds
+
+# The engine's logits are exact up to the order in which PyTorch adds the head's bias to the
+# (exact) sum of +-1 products: a few float32 rounding steps of the largest logit.
+RTOL, ATOL = 1e-6, 1e-5
+SMALL = {
+    "mnist_binary_net_mlp": ({"width": 96, "depth": 2}, (1, 28, 28)),
+    "mnist_binary_net_lenet": ({"width": 40}, (1, 28, 28)),
+    "cifar10_binary_net_resnet23_prediction": ({}, (3, 32, 32)),
+}
+
+
+def _random_bn(bn: nn.Module, g: torch.Generator, scale: float = 3.0) -> None:
+    """Statistics that put the thresholds inside the integer range, with negative, zero and
+    exact-tie channels."""
+    c = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g) * scale)
+        bn.running_var.copy_(torch.rand(c, generator=g) * scale**2 + 0.05)
+        bn.weight.copy_(torch.randn(c, generator=g))
+        bn.bias.copy_(torch.randn(c, generator=g))
+        bn.weight[0] = 0.0  # constant channel
+        bn.weight[1] = -abs(float(bn.weight[1]))  # flipped channel
+        bn.running_mean[2] = 2.0  # BN(2) == 0 exactly: the tie binary_tanh sends to -1
+        bn.bias[2] = 0.0
+        if c > 3:  # residual tie: BN(s) = s - 0.5 + 0.5 -> BN(1) + (-1) == 0
+            bn.running_mean[3], bn.bias[3], bn.weight[3] = 0.5, 0.5, 1.0
+            bn.running_var[3] = 1.0 - bn.eps
+
+
+def _model(name: str, seed: int = 0) -> nn.Module:
+    kwargs, _ = SMALL[name]
+    torch.manual_seed(seed)
+    m = create_model(name, **kwargs).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            _random_bn(mod, g)
+    return m
+
+
+def _dyadic(n: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Images k/256: every stem sum of +-x is exact in float32, whatever the order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *shape), generator=g).float() / 256
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("fan_in", [32, 288])
+def test_integer_thresholds_exact_over_whole_range(residual: bool, fan_in: int) -> None:
+    g = torch.Generator().manual_seed(fan_in + residual)
+    bn = nn.BatchNorm2d(24).eval()
+    _random_bn(bn, g, scale=fan_in**0.5)
+    t, flip = integer_thresholds(bn, -fan_in, fan_in, residual=residual)
+    s = torch.arange(-fan_in, fan_in + 1, dtype=torch.float32)
+    # The model's own layout: NCHW with each value on a 3x3 map, and 1-D batch norm.
+    with torch.no_grad():
+        y4 = bn(s.view(-1, 1, 1, 1).expand(-1, 24, 3, 3).contiguous())[:, :, 1, 2]
+        bn1 = nn.BatchNorm1d(24).eval()
+        bn1.load_state_dict(bn.state_dict())
+        y1 = bn1(s.view(-1, 1).expand(-1, 24).contiguous())
+    assert torch.equal(y4, y1)
+    rows = [(0, -1.0), (1, 1.0)] if residual else [(0, None)]
+    tt = np.atleast_2d(t)
+    for row, x in rows:
+        ref = (y4 if x is None else y4 + x) > 0  # [R, C]: binary_tanh's +1
+        got = (s.numpy()[:, None] >= tt[row][None, :]) != flip[None, :]
+        assert np.array_equal(got, ref.numpy())
+    assert flip[1] and not flip[0]
+    assert ((tt >= -fan_in) & (tt <= fan_in + 1)).all()
+
+
+def test_integer_thresholds_tie_and_non_monotone() -> None:
+    bn = nn.BatchNorm2d(2).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([2.0, 0.0]))
+    t, flip = integer_thresholds(bn, -5, 5)
+    assert t[0] == 3 and not flip[0]  # BN(2) == 0 -> -1 (binary_tanh(0) = -1)
+    with torch.no_grad():
+        bn.weight[1] = float("nan")
+    t, flip = integer_thresholds(bn, -5, 5)  # NaN everywhere: constant -1
+    assert t[1] == 6 and not flip[1]
+    with torch.no_grad():
+        bn.weight[1], bn.running_var[1] = float("inf"), 1.0
+        bn.bias[1] = float("-inf")  # inf * s - inf: NaN for s > 0, -inf for s <= 0 ... and +1?
+        bn.running_mean[1] = -10.0  # s * inf + (-inf - (-10) * inf) = s*inf + nan -> all NaN
+    t, _ = integer_thresholds(bn, -5, 5)
+    assert t[1] == 6
+
+
+def test_float_thresholds_exact_near_step_and_nonfinite() -> None:
+    g = torch.Generator().manual_seed(5)
+    bn = nn.BatchNorm2d(16).eval()
+    _random_bn(bn, g, scale=2.0)
+    t, flip, nonfinite = float_thresholds(bn)
+    t = torch.from_numpy(t)
+    vals = [torch.randn(4000, generator=g) * 8,
+            torch.tensor([0.0, -0.0, 3.4e38, -3.4e38, 1e-45, -1e-45])]
+    for k in (1, 2, 3, 50):  # k ulps around every channel's threshold
+        fin = torch.where(t.isfinite(), t, torch.zeros(()))
+        up, down = fin.clone(), fin.clone()
+        for _ in range(k):
+            up = torch.nextafter(up, torch.tensor(math.inf))
+            down = torch.nextafter(down, torch.tensor(-math.inf))
+        vals += [fin, up, down]
+    v = torch.cat(vals)
+    with torch.no_grad():
+        y = bn(v.view(1, 1, -1, 1).expand(2, 16, -1, 1).contiguous())[1, :, :, 0]  # [C, R]
+    f = torch.from_numpy(flip)[:, None]
+    got = torch.where(f, v[None, :] < t[:, None], v[None, :] >= t[:, None])
+    assert torch.equal(got, y > 0)
+    special = torch.tensor([-math.inf, math.inf, math.nan])
+    with torch.no_grad():
+        ys = bn(special.view(1, 1, -1, 1).expand(1, 16, -1, 1).contiguous())[0, :, :, 0] > 0
+    assert np.array_equal(nonfinite, ys[:, :2].T.numpy())
+    assert not ys[:, 2].any()  # NaN: -1, which the engine gives without a table
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU path, forced through the environment variable; skipped only where this CPU
+    lacks it (the portable path always runs)."""
+    if request.param not in supported_isas():
+        assert request.param != "generic"
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    monkeypatch.setenv(ISA_ENV, request.param)
+    return request.param
+
+
+@functools.cache
+def _reference(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model, inputs, PyTorch logits), computed once per model (eager binary nets are slow)."""
+    m = _model(name)
+    x = _dyadic(8, SMALL[name][1])
+    x[0, 0, :2, :3] = 1.0  # saturated corner: padding correction at a border
+    with torch.no_grad():
+        return m, x, m(x)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_engine_equals_pytorch(name: str, isa: str) -> None:
+    m, x, ref = _reference(name)
+    engine = BinaryEngine.from_model(m)
+    assert engine.isa == isa
+    out = engine(x)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    # All paths are bit-identical to the portable one.
+    assert torch.equal(out, BinaryEngine.from_model(m, isa="generic")(x))
+
+
+def test_engine_nonfinite_inputs_match_pytorch() -> None:
+    m = _model("mnist_binary_net_lenet", seed=3)
+    x = _dyadic(4, (1, 28, 28), seed=3)
+    x[0, 0, 5, 5], x[1, 0, 0, 0], x[2, 0, 10, 11] = math.inf, -math.inf, math.nan
+    engine = BinaryEngine.from_model(m)
+    with pytest.raises(ValueError, match="NaN or inf"):  # as the model's binary_tanh
+        engine(x)
+    with finite_checks(False), torch.no_grad():
+        ref = m(x)
+        for isa in supported_isas():
+            out = BinaryEngine.from_model(m, isa=isa)(x)
+            torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_engine_real_image_tolerance() -> None:
+    """Images k/255: the stem's float sums may round differently from PyTorch's convolution,
+    so the claim is: every image whose stem pre-activations all lie off their thresholds by
+    more than float32 rounding gets PyTorch's logits (within the tolerance) and top-1."""
+    m = _model("cifar10_binary_net_resnet23_prediction", seed=7)
+    g = torch.Generator().manual_seed(7)
+    stem_bn = m.stem_post[0]
+    with torch.no_grad():  # plain statistics here: no constructed ties in the float stem
+        stem_bn.running_mean.copy_(torch.randn(64, generator=g) * 3)
+        stem_bn.weight.copy_(torch.randn(64, generator=g))
+    x = torch.randint(0, 256, (40, 3, 8, 8), generator=g).float() / 255  # small: fewer near
+    with torch.no_grad():
+        ref = m(x)
+        s = m.stem(x)  # PyTorch's stem sums
+    t = torch.from_numpy(float_thresholds(stem_bn)[0]).view(1, -1, 1, 1)
+    # Any order of summing 27 terms of |x| <= 1 is within 27 * 27 * 2**-24 of the exact sum.
+    near = ((s - t).abs() <= 27 * 27 * 2**-24).flatten(1).any(1)
+    assert (~near).sum() >= 24  # the check below is not vacuous
+    out = BinaryEngine.from_model(m, input_size=(8, 8))(x)
+    assert torch.equal(out.argmax(1)[~near], ref.argmax(1)[~near])
+    torch.testing.assert_close(out[~near], ref[~near], rtol=RTOL, atol=ATOL)
+
+
+def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="binary_net models only.*'fp_net'"):
+        BinaryEngine.from_model(create_model("mnist_fp_net_mlp", width=8, depth=1))
+    m = _model("mnist_binary_net_mlp")
+    with pytest.raises(ValueError, match="unknown binary-engine ISA 'sse9'.*generic"):
+        BinaryEngine.from_model(m, isa="sse9")
+    monkeypatch.setattr(binary, "supported_isas", lambda: ["generic"])
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    with pytest.raises(ValueError, match="cannot run the 'avx2' path.*it can run: generic"):
+        BinaryEngine.from_model(m)
+    monkeypatch.delenv(ISA_ENV)
+    engine = BinaryEngine.from_model(m)
+    assert engine.isa == "generic"
+    with pytest.raises(ValueError, match=r"shape \(N, 784\)"):
+        engine(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(TypeError, match="float32"):
+        engine(torch.zeros(2, 784, dtype=torch.float64))
+    assert engine(torch.zeros(0, 784)).shape == (0, 10)
+    r = _model("cifar10_binary_net_resnet23_prediction")
+    r.units[0].conv2.stride = (2, 2)
+    with pytest.raises(ValueError, match=r"units.0.conv2: .*stride-1"):
+        BinaryEngine.from_model(r)
+
+
+def test_folded_file_size_and_engine(tmp_path) -> None:
+    m = _model("cifar10_binary_net_resnet23_prediction", seed=2)
+    path = tmp_path / "r.fewbits"
+    report = export_packed(m, path, fold_bn=True)
+    assert report.ratio >= 25, report.table()  # 13.8x with batch norm stored as float32
+    info = packed_info(path)
+    assert info.file_bytes == report.file_bytes and info.ratio == pytest.approx(report.ratio)
+    kinds = {e.name: e for e in info.entries}
+    assert kinds["units.0.post2.0.threshold"].encoding == "raw-int16"  # 3x3: +-288
+    assert kinds["units.0.post1.0.threshold"].encoding == "raw-int8"  # 1x1: +-64
+    assert kinds["units.0.post3.0.flip"].bits == 1
+    assert not any(n.endswith("running_mean") for n in kinds)
+    x = _dyadic(8, (3, 32, 32))
+    assert torch.equal(load_engine(path)(x), BinaryEngine.from_model(m)(x))
+    with pytest.raises(FormatError, match="folded.*load_engine"):
+        load_packed(path)
+    plain = tmp_path / "plain.fewbits"
+    export_packed(m, plain)
+    with pytest.raises(FormatError, match="not folded"):
+        load_engine(plain)
+    with pytest.raises(ValueError, match="binary_net models only"):
+        export_packed(create_model("mnist_fp_net_mlp", width=8, depth=1), tmp_path / "f",
+                      fold_bn=True)
+
+
+@pytest.mark.parametrize("edit", ["range", "shape", "encoding", "width"])
+def test_folded_file_hostile_fields(tmp_path, edit: str) -> None:
+    m = _model("mnist_binary_net_mlp")
+    path = tmp_path / "m.fewbits"
+    export_packed(m, path, fold_bn=True)
+    header, blobs = read_container(path)
+    t = next(t for t in header["tensors"] if t["name"] == "body.4.0.threshold")
+    if edit == "range":  # fan-in 96: thresholds within [-96, 97]
+        blobs[t["name"]] = np.full(t["shape"], 120, np.int8).tobytes()
+    elif edit == "shape":
+        t["shape"] = [10**9]
+    elif edit == "width":  # the network is built on the meta device: nothing is allocated
+        header["model"]["kwargs"]["width"] = 10**7
+    else:
+        t["encoding"] = "raw-int64"
+    write_container(path, {k: v for k, v in header.items() if k != "fewbits_version"}, blobs)
+    with pytest.raises(FormatError, match="body.1.weight" if edit == "width"
+                       else "body.4.0.threshold"):
+        load_engine(path)
