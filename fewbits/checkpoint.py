@@ -22,13 +22,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._io import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -59,47 +60,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file cannot be used; the message names the file and the problem."""
 
 
-def _fsync_dir(path: Path) -> None:
-    # Make the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
-
-    A reader (or a crash) sees either the old file or the complete new one, never a mix.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` atomically, creating missing folders (see
+    :func:`fewbits._io.atomic_write`): a reader or a crash sees the old file or the new one."""
+    atomic_write(path, data, parents=True)
 
 
 def save_file(path: str | os.PathLike, payload: dict[str, Any]) -> None:

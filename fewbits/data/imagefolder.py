@@ -33,7 +33,6 @@ import logging
 import multiprocessing
 import os
 import tarfile
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ._tar import iter_tar_files
 from .datasets import SPLITS, ArrayDataset, default_data_dir
 from .errors import CorruptDataError, DatasetNotFoundError
@@ -175,25 +175,11 @@ def _read_cache(path: Path, split: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, data: dict[str, np.ndarray]) -> None:
-    """Atomic: write a temp file in the same folder, fsync, then os.replace."""
+    """Atomic (:func:`fewbits._io.atomic_write`); a cache that cannot be written is a warning."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda f: np.savez(f, **data), parents=True, mode=0o644)
     except OSError as e:
-        warnings.warn(f"cannot write the image cache in {path.parent} ({e})", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is as readable as the data
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"cannot write the image cache {path} ({e})", stacklevel=3)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        warnings.warn(f"cannot write the image cache: {e}", stacklevel=3)
 
 
 def _to_dataset(data: dict[str, np.ndarray], split: str, src: Path) -> ArrayDataset:

@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import secrets
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
 from .packing import MAX_BITS, pack_bits, unpack_bits
 
@@ -215,33 +215,22 @@ def write_container(
     ``header["tensors"]`` lists one dict per blob with at least ``"name"``; the payload holds
     the blobs in that order. Returns the header as written (with ``offset``/``length`` per
     tensor and ``fewbits_version``). The file is streamed to a temporary file in the same
-    directory, fsync-ed and renamed over ``path``: a failure leaves any old file untouched and
-    no temporary file behind. Raises ValueError for a header/blobs mismatch or a header that
+    directory, fsync-ed and renamed over ``path`` (:func:`fewbits._io.atomic_write`): a failure
+    leaves any old file untouched and no temporary file behind; :class:`fewbits._io.WriteError`
+    names ``path`` (missing folder, a folder or device as target, read-only or full disk).
+    Raises ValueError for a header/blobs mismatch or a header that
     is not JSON-serialisable. ``compress_header`` stores the JSON zlib-compressed (flag bit 0).
     """
-    path = os.fspath(path)
     head, views, _ = _layout(header, blobs, compress_header)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 so the final file gets the usual umask-derived permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
-            for chunk in _chunks(head, views):
-                digest.update(chunk)
-                f.write(chunk)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+
+    def write(f: Any) -> None:
+        digest = hashlib.sha256()
+        for chunk in _chunks(head, views):
+            digest.update(chunk)
+            f.write(chunk)
+        f.write(digest.digest())
+
+    atomic_write(path, write)
     return json.loads(_header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
 
 
@@ -249,20 +238,6 @@ def _header_text(raw: bytes, flags: int) -> bytes:
     if flags & FLAG_HEADER_ZLIB:
         return zlib.decompressobj().decompress(raw)  # trailing alignment zeros are ignored
     return raw
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
