@@ -47,8 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["STALE_SECONDS", "TEMP_PREFIX", "WriteError", "atomic_write", "clean_stale_temps",
-           "fsync_dir", "temp_dir"]
+__all__ = ["STALE_SECONDS", "TEMP_PREFIX", "WriteError", "append_text", "atomic_write",
+           "clean_stale_temps", "ensure_folder", "fsync_dir", "temp_dir"]
 
 TEMP_PREFIX = ".fewbits-tmp."
 #: A temporary file older than this is stale whatever process made it (a day).
@@ -215,6 +215,26 @@ class _Guarded:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._f, name)
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) if missing; :class:`WriteError` naming it when a
+    file stands in the way or the file system refuses."""
+    folder = Path(folder)
+    probe = folder / "x"
+    _prepare_folder(folder, probe, parents=True)
+    return folder
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to ``path`` (series files grow a line at a time; not atomic by design).
+    Errors are :class:`WriteError` naming ``path``."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise _explain(e, path, "append to") from None
 
 
 def _file_mode(mode: int | None) -> int:

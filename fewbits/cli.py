@@ -442,13 +442,14 @@ def build_parser(prog: str = "fewbits",
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from ._io import WriteError
     from .checkpoint import CheckpointError
     from .data import ChecksumError, CorruptDataError, DatasetNotFoundError
     from .export import FormatError
     from .train import ConfigError
 
     return (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDataError, ChecksumError,
-            FormatError)
+            FormatError, WriteError)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:

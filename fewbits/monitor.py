@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from ._io import append_text, ensure_folder
 from .checkpoint import atomic_write_bytes
 
 __all__ = [
@@ -106,7 +107,7 @@ class Monitor:
         self._err: list[float] = []
         self._lap = time.perf_counter()
         if enabled:
-            self.path.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.path)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, start_iter: int = 0, state: dict[str, Any] | None = None) -> None:
@@ -141,8 +142,7 @@ class Monitor:
 
     def _append(self, name: str, index: int, value: float) -> None:
         if self.enabled:
-            with open(self.path / name, "a") as f:
-                f.write(f"{index} {value!r}\n")
+            append_text(self.path / name, f"{index} {value!r}\n")
 
     def add_train(self, index: int, stats: Tensor) -> tuple[float, float] | None:
         """Add iteration ``index``'s ``stats = [loss, error]`` (a 2-element tensor).

@@ -38,6 +38,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -46,19 +47,24 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write
-from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
+from .huffman import MAX_CODE_LENGTH, _validated_table, huffman_decode, huffman_encode
 from .packing import MAX_BITS, pack_bits, unpack_bits
 
 __all__ = [
     "ENCODINGS",
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_NDIM",
+    "MAX_TENSORS",
     "FormatError",
     "decode_tensor",
     "dumps",
     "encode_tensor",
     "loads",
     "read_container",
+    "tensor_count",
     "write_container",
 ]
 
@@ -73,6 +79,12 @@ _DIGEST = 32
 FLAG_HEADER_ZLIB = 0x0001
 _KNOWN_FLAGS = FLAG_HEADER_ZLIB
 _HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
+#: Limits of format version 1 (docs/FORMAT.md, "Limits"); a reader refuses a file beyond them
+#: before allocating anything for it.
+MAX_HEADER_BYTES = 16 << 20  # the header JSON, after inflating: ~100x a ResNet-23's
+MAX_JSON_DEPTH = 32  # nesting of the header JSON (a model's kwargs need < 5)
+MAX_TENSORS = 1 << 16  # entries in the tensor table
+MAX_NDIM = 8  # dimensions of a tensor's shape
 _RAW_DTYPES = (
     "float16",
     "float32",
@@ -235,9 +247,32 @@ def write_container(
 
 
 def _header_text(raw: bytes, flags: int) -> bytes:
+    """The header JSON bytes; a compressed header may inflate to at most MAX_HEADER_BYTES
+    (a zlib bomb stops there, without allocating more). Raises ValueError."""
     if flags & FLAG_HEADER_ZLIB:
-        return zlib.decompressobj().decompress(raw)  # trailing alignment zeros are ignored
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(raw, MAX_HEADER_BYTES)  # trailing alignment zeros ignored
+        if inflater.unconsumed_tail:
+            raise ValueError(f"the compressed header inflates beyond the format's limit of "
+                             f"{MAX_HEADER_BYTES} bytes")
+        if not inflater.eof:
+            raise ValueError("the compressed header is truncated")
+        return text
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"the header is {len(raw)} bytes, beyond the format's limit of "
+                         f"{MAX_HEADER_BYTES}")
     return raw
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(text: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` in JSON ``text`` (strings skipped), without recursion."""
+    skeleton = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
+    step = (np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(skeleton, (ord("]"), ord("}"))))
+    return int(np.cumsum(step).max(initial=0))
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
@@ -317,12 +352,21 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
         )
     header_bytes = bytes(view[_PREFIX.size : _PREFIX.size + header_length])
     try:
+        text = _header_text(header_bytes, flags)
+    except (ValueError, zlib.error) as err:
+        raise FormatError(source, f"header: {err}", "the file was not written by fewbits") from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(source, f"header JSON is nested {depth} levels deep, beyond the "
+                          f"format's limit of {MAX_JSON_DEPTH}", "the file was not written by "
+                          "fewbits")
+    try:
         header = json.loads(
-            _header_text(header_bytes, flags).decode("utf-8"),
+            text.decode("utf-8"),
             object_pairs_hook=_reject_duplicate_keys,
             parse_constant=_reject_constant,
         )
-    except (UnicodeDecodeError, ValueError, zlib.error) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise FormatError(
             source, f"header is not valid UTF-8 JSON ({err})", "the file was not written by fewbits"
         ) from None
@@ -330,16 +374,21 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
         raise FormatError(source, f"header is a JSON {type(header).__name__}, expected an object")
     payload_start = _PREFIX.size + header_length
     blobs = {}
-    for name, offset, length in _tensor_table(header, payload_length, source):
+    payload = view[payload_start : payload_start + payload_length]
+    for name, offset, length in _tensor_table(header, payload, source):
         start = payload_start + offset
         blobs[name] = bytes(view[start : start + length])
     return header, blobs
 
 
-def _tensor_table(header: dict, payload_length: int, source: str) -> list[tuple[str, int, int]]:
+def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[str, int, int]]:
+    payload_length = payload.nbytes
     entries = header.get("tensors", [])
     if not isinstance(entries, list):
         raise FormatError(source, 'header "tensors" is not a list')
+    if len(entries) > MAX_TENSORS:
+        raise FormatError(source, f'header "tensors" lists {len(entries)} tensors, beyond the '
+                          f"format's limit of {MAX_TENSORS}")
     spans = []
     for k, entry in enumerate(entries):
         name = entry.get("name") if isinstance(entry, dict) else None
@@ -360,6 +409,12 @@ def _tensor_table(header: dict, payload_length: int, source: str) -> list[tuple[
                 f"the {payload_length}-byte payload",
                 "the tensor table is inconsistent; export the file again",
             )
+        if "encoding" in entry:
+            try:
+                tensor_count(entry, length, payload[offset : offset + length])
+            except ValueError as err:
+                raise FormatError(source, f"tensor {name!r}: {err}",
+                                  "the file is corrupt or was not written by fewbits") from None
         spans.append((name, offset, length))
     names = [s[0] for s in spans]
     if len(set(names)) != len(names):
@@ -379,7 +434,58 @@ def _shape_count(shape: Any) -> int:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"field 'shape' has {len(shape)} dimensions, the format allows "
+                         f"{MAX_NDIM}")
     return math.prod(shape)
+
+
+def _int_field(entry: Mapping, key: str, low: int, high: int) -> int:
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"field {key!r} must be an int in {low}..{high}, got {value!r}")
+    return value
+
+
+def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
+    """Validate a tensor entry's codec fields against its blob length; return its element
+    count. Nothing is allocated, so a hostile entry costs nothing to refuse.
+
+    Checks ``encoding`` (one of :data:`ENCODINGS`), ``shape`` (at most :data:`MAX_NDIM`
+    non-negative ints), ``bits`` (1..32 packed, 1..16 huffman), ``bit_count``, that the blob
+    holds exactly what they describe, and (given the ``blob``) that a Huffman table's lengths
+    are <= 24 and satisfy Kraft's inequality. Raises ValueError naming the field.
+    """
+    encoding = entry.get("encoding")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; this fewbits reads {list(ENCODINGS)}")
+    count = _shape_count(entry.get("shape"))
+    if encoding.startswith("raw-"):
+        need = count * np.dtype(encoding[4:]).itemsize
+        if nbytes != need:
+            raise ValueError(f"{encoding} of shape {entry.get('shape')} needs {need} bytes, "
+                             f"blob has {nbytes}")
+        return count
+    limit = MAX_BITS if encoding == "packed" else _HUFFMAN_MAX_BITS
+    bits = _int_field(entry, "bits", 1, limit)
+    if encoding == "packed":
+        need = (count * bits + 7) // 8
+        if nbytes != need:
+            raise ValueError(f"packed data is too {'short' if nbytes < need else 'long'}: "
+                             f"{count} codes of {bits} bits need {need} bytes, got {nbytes}")
+        return count
+    table = 1 << bits
+    if nbytes < table:
+        raise ValueError(f"huffman blob of {nbytes} bytes is shorter than its {table}-byte table")
+    bit_count = _int_field(entry, "bit_count", 0, 8 * (nbytes - table))
+    if (bit_count + 7) // 8 != nbytes - table:
+        raise ValueError(f"field 'bit_count' {bit_count} needs {(bit_count + 7) // 8} payload "
+                         f"bytes, the blob has {nbytes - table}")
+    if count > bit_count:
+        raise ValueError(f"{count} symbols cannot fit in bit_count={bit_count} bits")
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        _validated_table(memoryview(blob).cast("B")[:table])  # Kraft, lengths <= 24
+    return count
 
 
 def encode_tensor(
@@ -427,33 +533,17 @@ def decode_tensor(entry: Mapping, blob: bytes) -> np.ndarray:
     uint dtype for ``bits``) or the raw dtype. Raises ValueError if the entry is incomplete or
     the blob length does not match it.
     """
-    encoding = entry.get("encoding")
-    if encoding not in ENCODINGS:
-        raise ValueError(
-            f"tensor {entry.get('name')!r} has unknown encoding {encoding!r}; this fewbits "
-            f"reads {list(ENCODINGS)}"
-        )
-    shape = entry.get("shape")
-    count = _shape_count(shape)
     view = memoryview(blob).cast("B")
+    try:
+        count = tensor_count(entry, view.nbytes, view)  # before anything is allocated
+    except ValueError as err:
+        raise ValueError(f"tensor {entry.get('name')!r}: {err}") from None
+    encoding, shape = entry["encoding"], entry["shape"]
     if encoding.startswith("raw-"):
         dtype = np.dtype(encoding[4:]).newbyteorder("<")
-        if view.nbytes != count * dtype.itemsize:
-            raise ValueError(
-                f"tensor {entry.get('name')!r}: {encoding} of shape {shape} needs "
-                f"{count * dtype.itemsize} bytes, blob has {view.nbytes}"
-            )
         return np.frombuffer(view, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
-    bits = entry.get("bits")
     if encoding == "packed":
-        return unpack_bits(view, bits, count).reshape(shape)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= _HUFFMAN_MAX_BITS:
-        raise ValueError(f"huffman tensor needs bits in 1..{_HUFFMAN_MAX_BITS}, got {bits!r}")
-    alphabet = 1 << bits
-    if view.nbytes < alphabet:
-        raise ValueError(
-            f"tensor {entry.get('name')!r}: huffman blob of {view.nbytes} bytes is shorter than "
-            f"its {alphabet}-byte table"
-        )
-    codes = huffman_decode(view[:alphabet], view[alphabet:], entry.get("bit_count"), count)
+        return unpack_bits(view, entry["bits"], count).reshape(shape)
+    alphabet = 1 << entry["bits"]
+    codes = huffman_decode(view[:alphabet], view[alphabet:], entry["bit_count"], count)
     return codes.reshape(shape)

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
-from .container import FormatError, decode_tensor, encode_tensor, read_container, write_container
+from ._guard import build_bounded, check_codes, check_model_header, decode
+from .container import FormatError, encode_tensor, read_container, write_container
 
 __all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "packed_info"]
 
@@ -206,6 +207,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
     if header.get("format") != _FORMAT or "model" not in header:
         raise FormatError(str(path), "it is a .fewbits container but not a fewbits model",
                           "export a model with `fewbits export`")
+    check_model_header(header, str(path))
     return header, blobs
 
 
@@ -216,22 +218,27 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
     dropped: the stored values already are the quantized weights, so the forward is the trained
     network's forward. Activation quantizers, batch norm and the rest are restored as stored.
     """
-    from ..models import create_model
-
     header, blobs = _read(path)
-    try:
-        model = create_model(header["model"]["name"], **header["model"]["kwargs"])
-    except (ValueError, TypeError) as e:
-        raise FormatError(str(path), f"its model cannot be built by this fewbits: {e}") from e
-    model.eval()
+    src = str(path)
+    model = build_bounded(header, src).eval()
     by_name = {t["name"]: t for t in header["tensors"]}
     params: dict[str, dict[str, torch.Tensor]] = {}
     for t in header["tensors"]:
         if t.get("kind") == "param":
-            arr = decode_tensor(t, blobs[t["name"]]).reshape(t["param_shape"])
+            arr = decode(t, blobs, src).reshape(t["param_shape"])
             params.setdefault(t["param_of"], {})[t["param"]] = torch.from_numpy(arr.copy())
     state: dict[str, torch.Tensor] = {}
     layers = dict(quant_layers(model))
+    refs = model.state_dict()
+    for lname, layer in layers.items():  # a quantized layer's weight must come from codes
+        for role in ("weight", "bias"):
+            key = f"{lname}.{role}"
+            if getattr(layer, f"{role}_quantizer", None) is not None and \
+                    getattr(layer, role, None) is not None and \
+                    by_name.get(key, {}).get("kind") not in (None, "codes"):
+                raise FormatError(src, f"tensor {key!r}: field kind is "
+                                  f"{by_name[key]['kind']!r}, but a quantized layer's {role} "
+                                  "must be stored as codes", "the file is corrupt or was edited")
     for t in header["tensors"]:
         kind, name = t.get("kind"), t["name"]
         if kind == "codes":
@@ -239,17 +246,20 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
             layer = layers.get(lname)
             q: Quantizer | None = getattr(layer, f"{role}_quantizer", None) if layer else None
             if q is None:
-                raise FormatError(str(path), f"tensor {name!r} has codes but the model has no "
+                raise FormatError(src, f"tensor {name!r} has codes but the model has no "
                                   "quantizer there (file and model code disagree)")
-            arr = decode_tensor(t, blobs[name]).astype(np.int64)
-            codes = Codes(torch.from_numpy(arr.reshape(-1)), t["bits"], tuple(t["shape"]),
-                          params.get(name, {}))
+            codes = Codes(torch.from_numpy(decode(t, blobs, src).astype(np.int64).reshape(-1)),
+                          t["bits"], tuple(t["shape"]), params.get(name, {}))
+            check_codes(name, codes, q, getattr(layer, role), src)
             state[name] = q.decode(codes).to(getattr(layer, role).dtype)
         elif kind == "state":
-            arr = decode_tensor(t, blobs[name])
-            ref = model.state_dict().get(name)
+            arr = decode(t, blobs, src)
+            ref = refs.get(name)
             if ref is None:
-                raise FormatError(str(path), f"tensor {name!r} is not part of the model")
+                raise FormatError(src, f"tensor {name!r} is not part of the model")
+            if tuple(arr.shape) != tuple(ref.shape):
+                raise FormatError(src, f"tensor {name!r}: field shape {list(arr.shape)} is not "
+                                  f"the model's {list(ref.shape)}", "the file is corrupt")
             state[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
     # Freeze: the stored weights are already quantized; quantizer state is not needed.
     for lname, layer in layers.items():
