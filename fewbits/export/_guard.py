@@ -77,6 +77,9 @@ def check_model_header(header: dict, source: str) -> None:
                                      or "." not in t["name"]):
             raise _fail(source, f"{label}: codes need a packed or huffman encoding and a "
                         f"'<layer>.<weight|bias>' name, got {t['encoding']!r}")
+        if t["kind"] != "codes" and not t["encoding"].startswith("raw-"):
+            raise _fail(source, f"{label}: a {t['kind']} tensor needs a raw-<dtype> encoding, "
+                        f"got {t['encoding']!r}")
         if t["kind"] == "param":
             of, pname, pshape = t.get("param_of"), t.get("param"), t.get("param_shape")
             if kinds.get(of) != "codes" if isinstance(of, str) else True:
