@@ -9,9 +9,12 @@ arbitrary code runs when loading a file from elsewhere):
   to continue exactly (model, optimizer, scaler, schedule, iteration, best error, data iterator
   position, RNG states, monitor accumulators, resolved config).
 
-Both carry ``format_version`` and the writing ``fewbits_version``. Any problem while reading
-(missing, truncated or corrupt file, a file that is not fewbits', a newer format, weights that do
-not fit the spec) raises :class:`CheckpointError` naming the file and the problem.
+Both carry ``format_version``, the writing ``fewbits_version`` and ``content_sha256``
+(:func:`content_sha256`: tensor bytes and values, verified on every load, since a ``torch.save``
+archive does not check its tensor bytes). Any problem while reading (missing, truncated,
+corrupt or damaged file, a file that is not fewbits' or holds arbitrary Python objects, a newer
+format, weights that do not fit the spec) raises :class:`CheckpointError` naming the file and
+the problem.
 
     >>> model = load_model("runs/bc")            # doctest: +SKIP
     >>> model = load_model("runs/bc/model_final.pt")  # doctest: +SKIP
@@ -19,6 +22,7 @@ not fit the spec) raises :class:`CheckpointError` naming the file and the proble
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -34,11 +38,13 @@ from ._io import atomic_write
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
+    "CHECKSUM_KEY",
     "FORMAT_VERSION",
     "MODEL_FORMAT",
     "CheckpointError",
     "atomic_write_bytes",
     "build_model",
+    "content_sha256",
     "cpu_state_dict",
     "load_checkpoint",
     "load_model",
@@ -52,6 +58,8 @@ CHECKPOINT_FORMAT = "fewbits.checkpoint"
 MODEL_FORMAT = "fewbits.model"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Key of :func:`content_sha256` in every file :func:`save_file` writes.
+CHECKSUM_KEY = "content_sha256"
 #: What :func:`resolve_model_path` looks for in a run folder, in order.
 _RUN_FILES = ("model_best.pt", "model_final.pt", CHECKPOINT_NAME)
 
@@ -66,8 +74,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, data, parents=True)
 
 
+def content_sha256(payload: dict[str, Any]) -> str:
+    """SHA-256 of a file's contents: every tensor's dtype, shape and bytes, and every other
+    value's ``repr``, in order (the :data:`CHECKSUM_KEY` entry itself excluded).
+
+    ``torch.save`` archives carry no checksum of the tensor bytes, so one flipped bit in a
+    weight would load silently; :func:`save_file` writes this beside the tensors and
+    :func:`read_file` refuses a file whose contents do not match it.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(b"V" + repr(obj).encode())
+
+
 def save_file(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write_bytes`), with
+    :func:`content_sha256` under :data:`CHECKSUM_KEY`."""
+    payload = {**payload, CHECKSUM_KEY: content_sha256(payload)}
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -85,8 +126,18 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
         raise CheckpointError(f"{path}: no such file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
+            raise CheckpointError(f"{path}: cannot read it as a PyTorch file "
+                                  f"({_unpickler_detail(e)}); it is truncated or corrupt, or "
+                                  "not written by fewbits") from None
+        raise CheckpointError(
+            f"{path}: not a fewbits file: it holds Python objects other than tensors and plain "
+            f"values ({_unpickler_detail(e)}), and fewbits does not load such files, for "
+            "safety (unpickling them could run any code)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            pickle.UnpicklingError, AttributeError, ImportError, IndexError, KeyError) as e:
+            AttributeError, ImportError, IndexError, KeyError) as e:
         first = _reason(e)
         raise CheckpointError(
             f"{path}: cannot read it as a PyTorch file ({first}); it is truncated or corrupt, "
@@ -114,7 +165,23 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
             and isinstance(spec.get("kwargs"), dict)):
         raise CheckpointError(f"{path}: invalid model spec {spec!r}")
+    recorded = payload.get(CHECKSUM_KEY)  # absent in files written before fewbits 0.1.1
+    if recorded is not None and recorded != content_sha256(payload):
+        raise CheckpointError(
+            f"{path}: the file is damaged: its contents do not match the SHA-256 written with "
+            "them (a flipped or overwritten byte). Use another checkpoint (model_best.pt, "
+            "model_final.pt) or start a new run."
+        )
     return payload
+
+
+def _unpickler_detail(e: BaseException) -> str:
+    """What PyTorch's weights-only unpickler refused, without its advice to load unsafely."""
+    text = str(e)
+    if "WeightsUnpickler error:" not in text:
+        return text.splitlines()[0] if text.strip() else type(e).__name__
+    detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return " ".join(detail.split(". Please")[0].split()) or type(e).__name__
 
 
 def _reason(e: BaseException) -> str:
