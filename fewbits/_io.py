@@ -57,7 +57,11 @@ _HOST = socket.gethostname().replace(".", "_")[:32] or "host"
 
 
 class WriteError(OSError):
-    """A file could not be written; ``str(err)`` names the target path and the cause."""
+    """A file could not be written; ``str(err)`` names the target path and the cause
+    (``err.errno`` is the system's code, e.g. ``errno.ENOSPC``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
