@@ -271,6 +271,8 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     src = resolve_model_path(path)
     payload = read_file(src, map_location)
     model = build_model(payload, src)
+    # Which file was used, and the run's config (its dataset goes into exports).
+    model.fewbits_source = {"path": str(src), "config": payload.get("config")}
     if map_location is not None and not callable(map_location):
         model = model.to(map_location)
     return model.eval()

@@ -216,6 +216,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from MODEL_SAVE_PATH/checkpoint.pt, or from PATH (a "
                    "checkpoint or run folder)")
+    # fewbits.runs: a run folder that holds a run is not replaced without this flag
+    r.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one, replacing its files "
+                   "(default: refuse; --resume continues it instead)")
     r.add_argument("--checkpoint-interval", type=int, default=None,
                    help="iterations between checkpoints (default: the validation interval)")
     r.add_argument("--no-progress", dest="progress", action="store_false",
@@ -251,7 +255,8 @@ def config_from_args(ns: argparse.Namespace):
         synthetic_size=ns.synthetic_size, workers=ns.workers, val_batch_size=ns.val_batch_size,
         epochs=ns.epochs, optimizer=ns.optimizer, momentum=ns.momentum,
         lr_schedule=ns.lr_schedule, accum_steps=ns.accum_steps, seed=ns.seed,
-        resume=ns.resume, checkpoint_interval=ns.checkpoint_interval, progress=ns.progress,
+        resume=ns.resume, overwrite=ns.overwrite,
+        checkpoint_interval=ns.checkpoint_interval, progress=ns.progress,
         plot=ns.plot, validate_first=ns.validate_first, channels_last=ns.channels_last,
         compile=ns.compile, threads=ns.threads,
     )
@@ -289,15 +294,27 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate a ``.fewbits`` file: the network is rebuilt from the packed form."""
-    from .data import load_dataset
+    """Evaluate a ``.fewbits`` file: the network is rebuilt from the packed form, on the
+    dataset recorded in the file unless ``--dataset`` says otherwise."""
     from .export import read_container
     from .export.commands import evaluate_packed
+    from .train import ConfigError, TrainConfig, check_model_input, load_split, net_input_shape
 
     header, _ = read_container(ns.path)
-    net = header.get("model", {}).get("name", "?")
-    name = ns.dataset or ("mnist" if net.startswith("mnist_") else "cifar10")
-    ds = load_dataset(name, "test", ns.data_dir, download=ns.download)
+    model = header.get("model") if isinstance(header.get("model"), dict) else {}
+    net = str(model.get("name", "?"))
+    data = header.get("data") if isinstance(header.get("data"), dict) else {}
+    name = ns.dataset or data.get("dataset")
+    if not isinstance(name, str):
+        raise ConfigError(f"{ns.path} does not record the dataset it was trained on (exported "
+                          "by an older fewbits); give --dataset")
+    same = name == data.get("dataset")
+    cfg = TrainConfig(dataset=name, download=ns.download,
+                      data_dir=ns.data_dir if ns.data_dir is not None or not same
+                      else data.get("data_dir"),
+                      synthetic_size=data.get("synthetic_size", 1000) if same else 1000)
+    ds = load_split(cfg, "test", net_input_shape(net))
+    check_model_input(ns.path, net, model.get("kwargs"), tuple(ds.images.shape[1:]), name)
     r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast)
     wrong = round(r["error"] * r["n"])
     return {"error": r["error"], "accuracy": r["top1"], "wrong": wrong, "total": r["n"],
@@ -306,8 +323,10 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_eval(ns: argparse.Namespace) -> int:
-    from .train import evaluate_file
+    from .train import ConfigError, evaluate_file
 
+    if ns.batch_size < 1:
+        raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {ns.batch_size}")
     if str(ns.path).endswith(".fewbits"):
         r = _eval_packed(ns)
     else:
@@ -465,7 +484,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     parser = build_parser(prog, None if prog == "fewbits" else {"train": prog})
     ns = parser.parse_args(args)
     try:
-        return int(ns._run(ns) or 0)
+        code = int(ns._run(ns) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `fewbits list | head`: the reader has all it wanted
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except TrainingInterrupted as e:
         if e.rank == 0:  # one message per job, not one per process
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
@@ -477,6 +501,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     except _known_errors() as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

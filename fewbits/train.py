@@ -38,6 +38,7 @@ from . import distributed as fdist
 from .layers import apply_weight_constraints
 from .models import QuantConfig, create_model, is_model
 from .monitor import Monitor, Progress, write_json
+from .runs import check_run_folder, existing_run_files
 
 __all__ = [
     "CONTEXTS",
@@ -50,6 +51,7 @@ __all__ = [
     "TrainingInterrupted",
     "build_model",
     "check_input_shape",
+    "check_model_input",
     "count_parameters",
     "evaluate",
     "evaluate_file",
@@ -162,6 +164,8 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     resume: str | None = None
+    # a new run into a folder that holds one: refused unless overwrite (fewbits.runs)
+    overwrite: bool = False
     checkpoint_interval: int | None = None
     progress: bool = True
     plot: bool = True
@@ -182,11 +186,12 @@ class TrainConfig:
                                 ("synthetic_size", "--synthetic-size", 2),
                                 ("device_id", "-d/--device-id", 0)):
             _at_least(name, getattr(self, name), low, flag)
-        for name, flag in (("checkpoint_interval", "--checkpoint-interval"),
-                           ("val_batch_size", "--val-batch-size"),
-                           ("threads", "--threads"), ("workers", "--workers")):
+        for name, flag, low in (("checkpoint_interval", "--checkpoint-interval", 1),
+                                ("val_batch_size", "--val-batch-size", 1),
+                                ("threads", "--threads", 1),
+                                ("workers", "--workers", 0)):  # 0: decode in-process
             if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1, flag)
+                _at_least(name, getattr(self, name), low, flag)
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"-l/--learning-rate must be > 0, got {self.learning_rate}")
         if not self.weight_decay >= 0:
@@ -343,6 +348,22 @@ def check_input_shape(net: str, image_shape: tuple[int, ...], dataset: str) -> N
     )
 
 
+def check_model_input(source: Any, net: str, kwargs: Any, image_shape: tuple[int, ...],
+                      dataset: str) -> None:
+    """Raise :class:`ConfigError` when a trained model (options ``kwargs``) cannot take
+    ``dataset``'s images: wrong size (:func:`check_input_shape`), channels or features."""
+    check_input_shape(net, image_shape, dataset)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    c, n = int(image_shape[0]), math.prod(int(s) for s in image_shape)
+    for key, have, what in (("in_channels", c, "-channel"), ("in_features", n, "-value")):
+        want = kwargs.get(key)
+        if isinstance(want, int) and want != have:
+            raise ConfigError(
+                f"{source}: {net} was trained on {want}{what} images but {dataset!r} has "
+                f"{have}{what} images {tuple(image_shape)}; evaluate it on data like its "
+                "training data (--dataset, --data-dir)")
+
+
 _DEFAULT_KWARGS: dict[str, dict[str, Any]] = {}
 
 
@@ -452,6 +473,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     ``dataset`` and ``data_dir`` default to those the run was trained on. Returns
     ``{"error", "accuracy", "wrong", "total", "images_per_second", "dataset", "net", "file"}``.
     """
+    if batch_size < 1:
+        raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {batch_size}")
     device = resolve_device(context, device_id)
     src = ckpt.resolve_model_path(path)
     payload = ckpt.read_file(src, "cpu")
@@ -466,7 +489,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
                   data_dir=data_dir)
     net = payload["model_spec"]["name"]
     ds = load_split(cfg, "test", net_input_shape(net))
-    check_input_shape(net, tuple(ds.images.shape[1:]), cfg.dataset)
+    check_model_input(src, net, payload["model_spec"]["kwargs"], tuple(ds.images.shape[1:]),
+                      cfg.dataset)
     num_classes = payload["model_spec"]["kwargs"].get("num_classes")
     if num_classes is not None and num_classes < len(ds.classes):
         raise ConfigError(f"{src} predicts {num_classes} classes but {cfg.dataset!r} has "
@@ -493,6 +517,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     """
     cfg = copy.deepcopy(config)
     _check_net(cfg.net)
+    check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=bool(cfg.resume),
+                     overwrite=cfg.overwrite)
     device_type = "cpu" if cfg.context == "cpu" else "cuda"
     resolve_device(cfg.context, cfg.device_id)  # fails early, before any process group
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -528,6 +554,10 @@ class _Run:
             self.test_ds = load_split(cfg, "test", shape)
         self.image_shape = tuple(self.train_ds.images.shape[1:])
         check_input_shape(cfg.net, self.image_shape, cfg.dataset)
+        if len(self.train_ds.classes) < 2:  # would train to a trivial 0 % error
+            raise ConfigError(f"--dataset {cfg.dataset}: {len(self.train_ds.classes)} class "
+                              f"({list(self.train_ds.classes)}); classification needs at least "
+                              "two classes (one folder per class)")
 
     def _setup(self) -> None:
         from .data import BatchIterator
@@ -542,7 +572,7 @@ class _Run:
         if net_input_shape(cfg.net) is None:
             _probe_forward(model, self.image_shape, cfg.net, cfg.dataset)
         self.model = model.to(dev)
-        if cfg.channels_last and dev.type == "cuda":
+        if cfg.channels_last:  # CPU convolutions take it too: applied, never ignored
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = BatchIterator(self.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                      rank=info.rank, world_size=info.world_size)
@@ -573,9 +603,9 @@ class _Run:
         self.resumed_from: str | None = None
         if cfg.resume:
             monitor_state = self._restore(cfg.resume)
-        elif info.is_main and (cfg.save_path / ckpt.CHECKPOINT_NAME).exists():
-            print(f"note: starting a new run; {cfg.save_path / ckpt.CHECKPOINT_NAME} will be "
-                  "overwritten (add --resume to continue that run instead)", flush=True)
+        elif info.is_main and existing_run_files(cfg.monitor_path, cfg.save_path):
+            print(f"note: --overwrite: the earlier run's files in {cfg.monitor_path} (and "
+                  f"{cfg.save_path}) are replaced", flush=True)
         self.net: nn.Module = self.model
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if info.distributed:
@@ -743,7 +773,7 @@ class _Run:
             if cfg.augment:
                 s = (j * info.world_size + info.rank) * b
                 x = augment(x, angles[s:s + b], flips[s:s + b])
-            if cfg.channels_last and dev.type == "cuda":
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(dev, non_blocking=True)
 
@@ -785,7 +815,7 @@ class _Run:
         fdist.broadcast_buffers(self.model, self.info)
         wrong, total = evaluate(self.model, self.test_ds, self.device, cfg.val_batch_size,
                                 info=self.info, type_config=cfg.type_config,
-                                channels_last=cfg.channels_last and self.device.type == "cuda")
+                                channels_last=cfg.channels_last)
         err = wrong / total
         self.monitor.add_test(done, err)
         if self.best_error is None or err < self.best_error:
@@ -807,7 +837,9 @@ class _Run:
             i = self.start_iter
             while i < cfg.max_iter:
                 if i % cfg.val_interval == 0 and (i > 0 or cfg.validate_first):
+                    t_val = time.perf_counter()
                     self._validate(i)
+                    self.progress.exclude(time.perf_counter() - t_val)  # images/s: training only
                 t0 = time.perf_counter()
                 stats = self._step(i)
                 window = self.monitor.add_train(i, stats)
@@ -823,6 +855,7 @@ class _Run:
                 if stop:
                     raise TrainingInterrupted(self._signal or signal.SIGTERM, i, path,
                                               info.rank)
+            self.monitor.finish(cfg.max_iter - 1)  # the timer's last, partial window
             final = self._validate(cfg.max_iter)
             self._save_model("model_final.pt", cfg.max_iter, final)
             self._save_checkpoint(cfg.max_iter)

@@ -128,11 +128,13 @@ def _scan_folder(root: Path) -> list[_Entry]:
                 if not c.is_dir() or c.name.startswith("."):
                     continue
                 with os.scandir(c.path) as files:
-                    entries.extend(
-                        (split, c.name, f.name, f.path)
-                        for f in files
-                        if _is_image(f.name) and f.is_file()
-                    )
+                    found = [(split, c.name, f.name, f.path) for f in files
+                             if _is_image(f.name) and f.is_file()]
+                if not found:
+                    warnings.warn(f"class folder {c.path} holds no images "
+                                  f"({'/'.join(IMAGE_EXTENSIONS)}); class {c.name!r} is left "
+                                  "out", stacklevel=4)
+                entries.extend(found)
     return entries
 
 

@@ -80,6 +80,8 @@ def run_export(args: argparse.Namespace) -> int:
             return _fail(f"{source} is already a packed model; export from the run folder or "
                          "checkpoint to write a new .fewbits file (or give only --onnx)")
         model = source if packed_source else _as_model(source)
+        used = (getattr(model, "fewbits_source", None) or {}).get("path") or source
+        print(f"exporting {used}", flush=True)  # which checkpoint of a run folder was used
         if args.output:
             report = export_packed(model, args.output, entropy=args.entropy, bn=args.bn)
             print(report.table())

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
+from ..runs import training_data
 from ._guard import build_bounded, check_codes, check_model_header, decode
 from .container import FormatError, encode_tensor, read_container, write_container
 
@@ -197,6 +198,9 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
         "options": {"entropy": entropy, "bn": bn},
         "tensors": [f for f, _ in tensors],
     }
+    data = training_data(model)  # for `fewbits eval model.fewbits` without --dataset
+    if data is not None:
+        header["data"] = data
     write_container(path, header, {f["name"]: b for f, b in tensors}, compress_header=True)
     size = os.path.getsize(path)
     return ExportReport(str(path), spec["name"], size, _fp32_bytes(model), entries)
