@@ -81,7 +81,7 @@ _KNOWN_FLAGS = FLAG_HEADER_ZLIB
 _HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
 #: Limits of format version 1 (docs/FORMAT.md, "Limits"); a reader refuses a file beyond them
 #: before allocating anything for it.
-MAX_HEADER_BYTES = 16 << 20  # the header JSON, after inflating: ~100x a ResNet-23's
+MAX_HEADER_BYTES = 4 << 20  # the header JSON, inflated: ~200x a ResNet-23 header (18 KB)
 MAX_JSON_DEPTH = 32  # nesting of the header JSON (a model's kwargs need < 5)
 MAX_TENSORS = 1 << 16  # entries in the tensor table
 MAX_NDIM = 8  # dimensions of a tensor's shape
