@@ -37,6 +37,11 @@ def check_run_folder(monitor_path: str | os.PathLike, model_save_path: str | os.
     files, naming them and the three ways forward."""
     from .train import ConfigError
 
+    for folder, flag in ((monitor_path, "-m/--monitor-path"), (model_save_path,
+                                                               "-o/--model-save-path")):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{flag} {folder} is a file, not a folder; give a folder for the "
+                              "run's files")
     if resume or overwrite:
         return
     found = existing_run_files(monitor_path, model_save_path)

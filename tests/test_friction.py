@@ -161,3 +161,16 @@ def test_workers_zero_and_channels_last_on_cpu(tmp_path):
     res = train(tiny(tmp_path, channels_last=True))
     w = res.model.conv2.weight  # (50, 20, 5, 5): the two layouts differ
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def test_paths_that_are_files_or_folders_are_named(run, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert cli.main(["train", "--net", "mnist_float_mlp", "--dataset", "synthetic",
+                     "-m", str(plain), "-i", "1"]) == 2
+    assert f"-m/--monitor-path {plain} is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "-o", str(tmp_path)]) == 1
+    assert f"cannot write {tmp_path}: it is a folder" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "-o", str(tmp_path / "no" / "m.fewbits")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and ".fewbits-tmp" not in err

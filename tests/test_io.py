@@ -136,5 +136,6 @@ def test_truncated_kernel_library_is_rebuilt_with_a_warning(tmp_path, monkeypatc
         lib, err = _cbuild.build(src, "k", ["-O1", "-shared", "-fPIC"])
     assert lib is None and "failed" in err
     kernels = _cbuild.CLibrary(src, "k", ["-O1", "-shared", "-fPIC"], {})
-    with pytest.warns(UserWarning, match="PyTorch path runs instead"):
+    with pytest.warns(UserWarning) as caught:
         assert kernels.get() is None
+    assert any("PyTorch path runs instead" in str(w.message) for w in caught)
