@@ -36,9 +36,7 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 import os
-import re
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -47,7 +45,19 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write
-from .huffman import MAX_CODE_LENGTH, _validated_table, huffman_decode, huffman_encode
+from ._limits import (
+    _HUFFMAN_MAX_BITS,
+    ENCODINGS,
+    FLAG_HEADER_ZLIB,
+    MAX_HEADER_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_NDIM,
+    MAX_TENSORS,
+    header_text,
+    json_depth,
+    tensor_count,
+)
+from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
 from .packing import MAX_BITS, pack_bits, unpack_bits
 
 __all__ = [
@@ -74,32 +84,10 @@ SUPPORTED_VERSIONS = (1,)
 ALIGN = 8
 _PREFIX = struct.Struct("<8sHHIQ")  # magic, version, flags, header length, payload length
 _DIGEST = 32
-#: Flag bit 0: the header is zlib-compressed JSON (a model's tensor table repeats its keys
-#: hundreds of times; compressed it stops dominating the file of a 1-bit network).
-FLAG_HEADER_ZLIB = 0x0001
+#: Flags this reader knows. Bit 0 (FLAG_HEADER_ZLIB): the header is zlib-compressed JSON (a
+#: model's tensor table repeats its keys hundreds of times; compressed it stops dominating the
+#: file of a 1-bit network).
 _KNOWN_FLAGS = FLAG_HEADER_ZLIB
-_HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
-#: Limits of format version 1 (docs/FORMAT.md, "Limits"); a reader refuses a file beyond them
-#: before allocating anything for it.
-MAX_HEADER_BYTES = 4 << 20  # the header JSON, inflated: ~200x a ResNet-23 header (18 KB)
-MAX_JSON_DEPTH = 32  # nesting of the header JSON (a model's kwargs need < 5)
-MAX_TENSORS = 1 << 16  # entries in the tensor table
-MAX_NDIM = 8  # dimensions of a tensor's shape
-_RAW_DTYPES = (
-    "float16",
-    "float32",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "uint16",
-    "int32",
-    "uint32",
-    "int64",
-    "uint64",
-    "bool",
-)
-ENCODINGS = ("packed", "huffman", *(f"raw-{d}" for d in _RAW_DTYPES))
 
 
 class FormatError(ValueError):
@@ -243,36 +231,7 @@ def write_container(
         f.write(digest.digest())
 
     atomic_write(path, write)
-    return json.loads(_header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
-
-
-def _header_text(raw: bytes, flags: int) -> bytes:
-    """The header JSON bytes; a compressed header may inflate to at most MAX_HEADER_BYTES
-    (a zlib bomb stops there, without allocating more). Raises ValueError."""
-    if flags & FLAG_HEADER_ZLIB:
-        inflater = zlib.decompressobj()
-        text = inflater.decompress(raw, MAX_HEADER_BYTES)  # trailing alignment zeros ignored
-        if inflater.unconsumed_tail:
-            raise ValueError(f"the compressed header inflates beyond the format's limit of "
-                             f"{MAX_HEADER_BYTES} bytes")
-        if not inflater.eof:
-            raise ValueError("the compressed header is truncated")
-        return text
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ValueError(f"the header is {len(raw)} bytes, beyond the format's limit of "
-                         f"{MAX_HEADER_BYTES}")
-    return raw
-
-
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-
-
-def _json_depth(text: bytes) -> int:
-    """Deepest nesting of ``[``/``{`` in JSON ``text`` (strings skipped), without recursion."""
-    skeleton = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
-    step = (np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64)
-            - np.isin(skeleton, (ord("]"), ord("}"))))
-    return int(np.cumsum(step).max(initial=0))
+    return json.loads(header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
@@ -352,10 +311,10 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
         )
     header_bytes = bytes(view[_PREFIX.size : _PREFIX.size + header_length])
     try:
-        text = _header_text(header_bytes, flags)
+        text = header_text(header_bytes, flags)
     except (ValueError, zlib.error) as err:
         raise FormatError(source, f"header: {err}", "the file was not written by fewbits") from None
-    depth = _json_depth(text)
+    depth = json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise FormatError(source, f"header JSON is nested {depth} levels deep, beyond the "
                           f"format's limit of {MAX_JSON_DEPTH}", "the file was not written by "
@@ -427,65 +386,6 @@ def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[
 
 
 # ---------------------------------------------------------------------------- tensor codecs
-
-
-def _shape_count(shape: Any) -> int:
-    if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
-    if len(shape) > MAX_NDIM:
-        raise ValueError(f"field 'shape' has {len(shape)} dimensions, the format allows "
-                         f"{MAX_NDIM}")
-    return math.prod(shape)
-
-
-def _int_field(entry: Mapping, key: str, low: int, high: int) -> int:
-    value = entry.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"field {key!r} must be an int in {low}..{high}, got {value!r}")
-    return value
-
-
-def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
-    """Validate a tensor entry's codec fields against its blob length; return its element
-    count. Nothing is allocated, so a hostile entry costs nothing to refuse.
-
-    Checks ``encoding`` (one of :data:`ENCODINGS`), ``shape`` (at most :data:`MAX_NDIM`
-    non-negative ints), ``bits`` (1..32 packed, 1..16 huffman), ``bit_count``, that the blob
-    holds exactly what they describe, and (given the ``blob``) that a Huffman table's lengths
-    are <= 24 and satisfy Kraft's inequality. Raises ValueError naming the field.
-    """
-    encoding = entry.get("encoding")
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; this fewbits reads {list(ENCODINGS)}")
-    count = _shape_count(entry.get("shape"))
-    if encoding.startswith("raw-"):
-        need = count * np.dtype(encoding[4:]).itemsize
-        if nbytes != need:
-            raise ValueError(f"{encoding} of shape {entry.get('shape')} needs {need} bytes, "
-                             f"blob has {nbytes}")
-        return count
-    limit = MAX_BITS if encoding == "packed" else _HUFFMAN_MAX_BITS
-    bits = _int_field(entry, "bits", 1, limit)
-    if encoding == "packed":
-        need = (count * bits + 7) // 8
-        if nbytes != need:
-            raise ValueError(f"packed data is too {'short' if nbytes < need else 'long'}: "
-                             f"{count} codes of {bits} bits need {need} bytes, got {nbytes}")
-        return count
-    table = 1 << bits
-    if nbytes < table:
-        raise ValueError(f"huffman blob of {nbytes} bytes is shorter than its {table}-byte table")
-    bit_count = _int_field(entry, "bit_count", 0, 8 * (nbytes - table))
-    if (bit_count + 7) // 8 != nbytes - table:
-        raise ValueError(f"field 'bit_count' {bit_count} needs {(bit_count + 7) // 8} payload "
-                         f"bytes, the blob has {nbytes - table}")
-    if count > bit_count:
-        raise ValueError(f"{count} symbols cannot fit in bit_count={bit_count} bits")
-    if isinstance(blob, (bytes, bytearray, memoryview)):
-        _validated_table(memoryview(blob).cast("B")[:table])  # Kraft, lengths <= 24
-    return count
 
 
 def encode_tensor(
