@@ -41,6 +41,7 @@ import secrets
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["STALE_SECONDS", "TEMP_PREFIX", "WriteError", "append_text", "atomic_write",
-           "clean_stale_temps", "ensure_folder", "fsync_dir", "temp_dir"]
+           "clean_stale_temps", "ensure_folder", "fsync_dir", "silence_stdout", "temp_dir"]
 
 TEMP_PREFIX = ".fewbits-tmp."
 #: A temporary file older than this is stale whatever process made it (a day).
@@ -297,3 +298,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | bytearray | memoryview
             pass
         raise
     fsync_dir(folder)
+
+
+def silence_stdout() -> None:
+    """Point stdout at the null device (after a reader closed the pipe, ``fewbits list |
+    head``) so that Python's final flush does not raise ``BrokenPipeError`` again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -216,8 +216,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from MODEL_SAVE_PATH/checkpoint.pt, or from PATH (a "
                    "checkpoint or run folder)")
-    # fewbits.runs: a run folder that holds a run is not replaced without this flag
-    r.add_argument("--overwrite", action="store_true",
+    r.add_argument("--overwrite", action="store_true",  # fewbits.runs.check_run_folder
                    help="start a new run in a folder that holds one, replacing its files "
                    "(default: refuse; --resume continues it instead)")
     r.add_argument("--checkpoint-interval", type=int, default=None,
@@ -298,27 +297,19 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
     dataset recorded in the file unless ``--dataset`` says otherwise."""
     from .export import read_container
     from .export.commands import evaluate_packed
-    from .train import ConfigError, TrainConfig, check_model_input, load_split, net_input_shape
+    from .runs import recorded_eval_config
+    from .train import check_model_input, load_split, net_input_shape
 
     header, _ = read_container(ns.path)
     model = header.get("model") if isinstance(header.get("model"), dict) else {}
     net = str(model.get("name", "?"))
-    data = header.get("data") if isinstance(header.get("data"), dict) else {}
-    name = ns.dataset or data.get("dataset")
-    if not isinstance(name, str):
-        raise ConfigError(f"{ns.path} does not record the dataset it was trained on (exported "
-                          "by an older fewbits); give --dataset")
-    same = name == data.get("dataset")
-    cfg = TrainConfig(dataset=name, download=ns.download,
-                      data_dir=ns.data_dir if ns.data_dir is not None or not same
-                      else data.get("data_dir"),
-                      synthetic_size=data.get("synthetic_size", 1000) if same else 1000)
+    cfg = recorded_eval_config(ns.path, header.get("data"), ns.dataset, ns.data_dir, ns.download)
     ds = load_split(cfg, "test", net_input_shape(net))
-    check_model_input(ns.path, net, model.get("kwargs"), tuple(ds.images.shape[1:]), name)
+    check_model_input(ns.path, net, model.get("kwargs"), tuple(ds.images.shape[1:]), cfg.dataset)
     r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast)
     wrong = round(r["error"] * r["n"])
     return {"error": r["error"], "accuracy": r["top1"], "wrong": wrong, "total": r["n"],
-            "images_per_second": r["images_per_s"], "dataset": name, "net": net,
+            "images_per_second": r["images_per_s"], "dataset": cfg.dataset, "net": net,
             "file": str(ns.path), "fast_path": r["fast_path"]}
 
 
@@ -488,8 +479,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code
     except BrokenPipeError:  # `fewbits list | head`: the reader has all it wanted
-        _silence_stdout()
-        return 141  # 128 + SIGPIPE, as a shell reports it
+        from ._io import silence_stdout
+
+        silence_stdout()  # 128 + SIGPIPE, as a shell reports it:
+        return 141
     except TrainingInterrupted as e:
         if e.rank == 0:  # one message per job, not one per process
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
@@ -501,18 +494,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     except _known_errors() as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ConfigError) else 1
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that Python's final flush does not raise again."""
-    import os
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["RUN_FILES", "check_run_folder", "existing_run_files", "training_data"]
+__all__ = ["RUN_FILES", "check_run_folder", "existing_run_files", "recorded_eval_config",
+           "training_data"]
 
 #: Files whose presence marks a folder as holding a fewbits run.
 RUN_FILES = ("Training-loss.series.txt", "Training-error.series.txt", "Test-error.series.txt",
@@ -63,3 +64,23 @@ def training_data(model: object) -> dict | None:
     if not isinstance(config, dict) or not isinstance(config.get("dataset"), str):
         return None
     return {k: config.get(k) for k in ("dataset", "data_dir", "synthetic_size")}
+
+
+def recorded_eval_config(source: object, recorded: object, dataset: str | None,
+                         data_dir: str | None, download: bool):
+    """The :class:`fewbits.train.TrainConfig` to evaluate an export on: ``dataset`` if given,
+    else the one ``recorded`` in the file (:func:`training_data`), with its folder and size
+    unless they are overridden. An export that records nothing needs ``dataset``."""
+    from .train import ConfigError, TrainConfig
+
+    rec = recorded if isinstance(recorded, dict) else {}
+    name = dataset or rec.get("dataset")
+    if not isinstance(name, str):
+        raise ConfigError(f"{source} does not record the dataset it was trained on (exported "
+                          "by an older fewbits); give --dataset")
+    same = name == rec.get("dataset")
+    if data_dir is None and same and isinstance(rec.get("data_dir"), str):
+        data_dir = rec["data_dir"]
+    size = rec.get("synthetic_size") if same else None
+    return TrainConfig(dataset=name, data_dir=data_dir, download=download,
+                       synthetic_size=size if isinstance(size, int) else 1000)
