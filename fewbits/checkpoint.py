@@ -242,12 +242,19 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 def build_model(payload: dict[str, Any], source: str | os.PathLike) -> nn.Module:
     """``create_model(spec["name"], **spec["kwargs"])`` + the state dict, with clear errors."""
-    from .models import create_model
+    from .export._guard import create_within
 
     spec = payload["model_spec"]
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise CheckpointError(f"{source}: its state_dict is not a dict of tensors")
+    # The options come from the file: build within what its weights could fill (x4 for
+    # quantizer buffers), so depth=10**6 or width=10**9 fail fast instead of allocating.
+    budget = (4 * len(state) + 64, 4 * sum(t.numel() for t in state.values()) + (1 << 16))
     try:
-        model = create_model(spec["name"], **spec["kwargs"])
-    except (ValueError, TypeError) as e:
+        model = create_within(spec["name"], spec["kwargs"], *budget)
+    except (ValueError, TypeError, RecursionError, OverflowError, RuntimeError) as e:
         raise CheckpointError(f"{source}: cannot rebuild model {spec['name']!r}: {e}") from e
     try:
         model.load_state_dict(payload["state_dict"])

@@ -190,3 +190,18 @@ def test_files_without_a_checksum_still_load(run, tmp_path):
     del payload[CHECKSUM_KEY]
     torch.save(payload, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt") is not None
+
+
+@pytest.mark.parametrize("option", [{"depth": 10**6}, {"width": 10**9}])
+def test_model_options_from_a_file_are_bounded_before_building(run, tmp_path, option):
+    """Issue 13, item 2: options read from a file built layers for minutes or failed
+    allocating; they are bounded by the weights the file holds."""
+    import time
+
+    payload = torch.load(run / "model_final.pt", weights_only=True)
+    payload["model_spec"]["kwargs"].update(option)
+    save_file(tmp_path / "m.pt", payload)
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot rebuild .*file can describe"):
+        load_model(tmp_path / "m.pt")
+    assert time.perf_counter() - t < 5

@@ -26,8 +26,8 @@ from torch import nn
 
 from .container import FormatError, decode_tensor
 
-__all__ = ["KINDS", "build_bounded", "check_codes", "check_model_header", "decode",
-           "model_budget"]
+__all__ = ["KINDS", "OverBudget", "build_bounded", "check_codes", "check_model_header",
+           "create_within", "decode", "model_budget"]
 
 #: Tensor kinds of a model file: quantized ``codes``, their ``param`` (scale, offset...) and
 #: raw ``state`` (batch norm, float biases, activation ranges).
@@ -112,8 +112,8 @@ def model_budget(header: dict) -> tuple[int, int]:
     return 4 * len(tensors) + 64, 4 * elements + (1 << 16)
 
 
-class _OverBudget(Exception):
-    pass
+class OverBudget(ValueError):
+    """A model's options describe more tensors or values than its file holds."""
 
 
 class _Budget:
@@ -131,38 +131,46 @@ class _Budget:
         self.tensors += 1
         self.elements += value.numel()
         if self.tensors > self.max_tensors or self.elements > self.max_elements:
-            raise _OverBudget(f"{self.tensors} tensors / {self.elements} values so far; the "
+            raise OverBudget(f"{self.tensors} tensors / {self.elements} values so far; the "
                               f"file can describe at most {self.max_tensors} / "
                               f"{self.max_elements}")
 
 
-def build_bounded(header: dict, source: str) -> nn.Module:
-    """``create_model(model.name, **model.kwargs)``, first built on the ``meta`` device (no
-    memory) under a budget from :func:`model_budget`: options such as ``depth=10**6`` or
-    ``width=10**9`` are refused in milliseconds instead of building layers for minutes."""
+def create_within(name: str, kwargs: dict, tensors: int, elements: int) -> nn.Module:
+    """``create_model(name, **kwargs)``, first built on the ``meta`` device (no memory): a
+    build that registers more than ``tensors`` tensors or ``elements`` values stops there with
+    ``OverBudget`` (a ValueError) instead of building layers for minutes or allocating
+    gigabytes. Other construction errors propagate."""
     from ..models import create_model
 
-    spec = header["model"]
-    name, kwargs = spec["name"], spec["kwargs"]
-    budget = _Budget(*model_budget(header))
+    budget = _Budget(tensors, elements)
     hooks = [nn.modules.module.register_module_parameter_registration_hook(budget.add),
              nn.modules.module.register_module_buffer_registration_hook(budget.add)]
     _Budget.local.active = budget
     try:
         with torch.device("meta"):
             create_model(name, **kwargs)
-    except _OverBudget as e:
+    finally:
+        _Budget.local.active = None
+        for h in hooks:
+            h.remove()
+    return create_model(name, **kwargs)
+
+
+def build_bounded(header: dict, source: str) -> nn.Module:
+    """The model of a ``.fewbits`` header, within :func:`model_budget` (see
+    :func:`create_within`): options such as ``depth=10**6`` or ``width=10**9`` are refused in
+    milliseconds."""
+    name, kwargs = header["model"]["name"], header["model"]["kwargs"]
+    try:
+        return create_within(name, kwargs, *model_budget(header))
+    except OverBudget as e:
         raise _fail(source, f"field model.kwargs {kwargs!r}"[:300] + " describes a network "
                     f"larger than the file can hold ({e})") from None
     except (ValueError, TypeError, RecursionError, OverflowError, MemoryError,
             RuntimeError) as e:
         raise _fail(source, f"field model.kwargs: {name!r} cannot be built with "
                     f"{kwargs!r}"[:300] + f" ({type(e).__name__}: {e})"[:300]) from None
-    finally:
-        _Budget.local.active = None
-        for h in hooks:
-            h.remove()
-    return create_model(name, **kwargs)
 
 
 def check_codes(name: str, codes: Any, q: Any, param: torch.Tensor, source: str) -> None:
