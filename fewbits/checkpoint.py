@@ -9,9 +9,12 @@ arbitrary code runs when loading a file from elsewhere):
   to continue exactly (model, optimizer, scaler, schedule, iteration, best error, data iterator
   position, RNG states, monitor accumulators, resolved config).
 
-Both carry ``format_version`` and the writing ``fewbits_version``. Any problem while reading
-(missing, truncated or corrupt file, a file that is not fewbits', a newer format, weights that do
-not fit the spec) raises :class:`CheckpointError` naming the file and the problem.
+Both carry ``format_version``, the writing ``fewbits_version`` and ``content_sha256``
+(:func:`content_sha256`: tensor bytes and values, verified on every load, since a ``torch.save``
+archive does not check its tensor bytes). Any problem while reading (missing, truncated,
+corrupt or damaged file, a file that is not fewbits' or holds arbitrary Python objects, a newer
+format, weights that do not fit the spec) raises :class:`CheckpointError` naming the file and
+the problem.
 
     >>> model = load_model("runs/bc")            # doctest: +SKIP
     >>> model = load_model("runs/bc/model_final.pt")  # doctest: +SKIP
@@ -19,10 +22,10 @@ not fit the spec) raises :class:`CheckpointError` naming the file and the proble
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,16 +33,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from ._version import __version__
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
+    "CHECKSUM_KEY",
     "FORMAT_VERSION",
     "MODEL_FORMAT",
     "CheckpointError",
     "atomic_write_bytes",
     "build_model",
+    "content_sha256",
     "cpu_state_dict",
     "load_checkpoint",
     "load_model",
@@ -53,6 +59,8 @@ CHECKPOINT_FORMAT = "fewbits.checkpoint"
 MODEL_FORMAT = "fewbits.model"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Key of :func:`content_sha256` in every file :func:`save_file` writes.
+CHECKSUM_KEY = "content_sha256"
 #: What :func:`resolve_model_path` looks for in a run folder, in order.
 _RUN_FILES = ("model_best.pt", "model_final.pt", CHECKPOINT_NAME)
 
@@ -61,51 +69,47 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file cannot be used; the message names the file and the problem."""
 
 
-def _fsync_dir(path: Path) -> None:
-    # Make the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+    """Write ``data`` to ``path`` atomically, creating missing folders (see
+    :func:`fewbits._io.atomic_write`): a reader or a crash sees the old file or the new one."""
+    atomic_write(path, data, parents=True)
 
-    A reader (or a crash) sees either the old file or the complete new one, never a mix.
+
+def content_sha256(payload: dict[str, Any]) -> str:
+    """SHA-256 of a file's contents: every tensor's dtype, shape and bytes, and every other
+    value's ``repr``, in order (the :data:`CHECKSUM_KEY` entry itself excluded).
+
+    ``torch.save`` archives carry no checksum of the tensor bytes, so one flipped bit in a
+    weight would load silently; :func:`save_file` writes this beside the tensors and
+    :func:`read_file` refuses a file whose contents do not match it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(b"V" + repr(obj).encode())
 
 
 def save_file(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write_bytes`), with
+    :func:`content_sha256` under :data:`CHECKSUM_KEY`."""
+    payload = {**payload, CHECKSUM_KEY: content_sha256(payload)}
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -123,8 +127,18 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
         raise CheckpointError(f"{path}: no such file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
+            raise CheckpointError(f"{path}: cannot read it as a PyTorch file "
+                                  f"({_unpickler_detail(e)}); it is truncated or corrupt, or "
+                                  "not written by fewbits") from None
+        raise CheckpointError(
+            f"{path}: not a fewbits file: it holds Python objects other than tensors and plain "
+            f"values ({_unpickler_detail(e)}), and fewbits does not load such files, for "
+            "safety (unpickling them could run any code)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            pickle.UnpicklingError, AttributeError, ImportError, IndexError, KeyError) as e:
+            AttributeError, ImportError, IndexError, KeyError) as e:
         first = _reason(e)
         raise CheckpointError(
             f"{path}: cannot read it as a PyTorch file ({first}); it is truncated or corrupt, "
@@ -152,7 +166,23 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
             and isinstance(spec.get("kwargs"), dict)):
         raise CheckpointError(f"{path}: invalid model spec {spec!r}")
+    recorded = payload.get(CHECKSUM_KEY)  # absent in files written before fewbits 0.1.1
+    if recorded is not None and recorded != content_sha256(payload):
+        raise CheckpointError(
+            f"{path}: the file is damaged: its contents do not match the SHA-256 written with "
+            "them (a flipped or overwritten byte). Use another checkpoint (model_best.pt, "
+            "model_final.pt) or start a new run."
+        )
     return payload
+
+
+def _unpickler_detail(e: BaseException) -> str:
+    """What PyTorch's weights-only unpickler refused, without its advice to load unsafely."""
+    text = str(e)
+    if "WeightsUnpickler error:" not in text:
+        return text.splitlines()[0] if text.strip() else type(e).__name__
+    detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return " ".join(detail.split(". Please")[0].split()) or type(e).__name__
 
 
 def _reason(e: BaseException) -> str:
@@ -211,12 +241,19 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 def build_model(payload: dict[str, Any], source: str | os.PathLike) -> nn.Module:
     """``create_model(spec["name"], **spec["kwargs"])`` + the state dict, with clear errors."""
-    from .models import create_model
+    from .export._guard import create_within
 
     spec = payload["model_spec"]
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: its state_dict is a {type(state).__name__}, not a dict")
+    # The options come from the file: build within what its weights could fill (x4 for
+    # quantizer buffers), so depth=10**6 or width=10**9 fail fast instead of allocating.
+    tensors = [t for t in state.values() if isinstance(t, torch.Tensor)]
+    budget = (4 * len(state) + 64, 4 * sum(t.numel() for t in tensors) + (1 << 16))
     try:
-        model = create_model(spec["name"], **spec["kwargs"])
-    except (ValueError, TypeError) as e:
+        model = create_within(spec["name"], spec["kwargs"], *budget)
+    except (ValueError, TypeError, RecursionError, OverflowError, RuntimeError) as e:
         raise CheckpointError(f"{source}: cannot rebuild model {spec['name']!r}: {e}") from e
     try:
         model.load_state_dict(payload["state_dict"])
@@ -240,6 +277,8 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     src = resolve_model_path(path)
     payload = read_file(src, map_location)
     model = build_model(payload, src)
+    # Which file was used, and the run's config (its dataset goes into exports).
+    model.fewbits_source = {"path": str(src), "config": payload.get("config")}
     if map_location is not None and not callable(map_location):
         model = model.to(map_location)
     return model.eval()

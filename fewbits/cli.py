@@ -105,25 +105,32 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
     """Evaluate a ``.fewbits`` file: the network is rebuilt from the packed form (into the
-    ``--model`` factory's model when given)."""
+    ``--model`` factory's model when given), on the dataset recorded in the file unless
+    ``--dataset`` says otherwise (a file that records none needs ``--dataset``: no guess)."""
     from .data import load_dataset
     from .export import read_container
     from .export.commands import evaluate_packed
-    from .models import is_model, model_info
-    from .train import ConfigError
+    from .models import is_model
+    from .runs import recorded_eval_config
+    from .train import check_model_input, load_split, net_input_shape
 
     header, _ = read_container(ns.path)
-    net = header.get("model", {}).get("name", "?")
-    dataset = model_info(net).dataset if is_model(str(net)) else None
-    name = ns.dataset or dataset
-    if name is None:
-        raise ConfigError(f"{ns.path} holds {net!r}, which declares no dataset; give --dataset")
-    ds = load_dataset(name, "test", ns.data_dir, download=ns.download)
+    model = header.get("model") if isinstance(header.get("model"), dict) else {}
+    net = str(model.get("name", "?"))
+    zoo = is_model(net)
+    cfg = recorded_eval_config(ns.path, header.get("data"), ns.dataset, ns.data_dir,
+                               ns.download)
+    if zoo:
+        ds = load_split(cfg, "test", net_input_shape(net))
+        check_model_input(ns.path, net, model.get("kwargs"), tuple(ds.images.shape[1:]),
+                          cfg.dataset)
+    else:  # the user's own architecture: no declared input shape to check against
+        ds = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
     r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast,
                         model=ns.model)
     wrong = round(r["error"] * r["n"])
     return {"error": r["error"], "accuracy": r["top1"], "wrong": wrong, "total": r["n"],
-            "images_per_second": r["images_per_s"], "dataset": name, "net": net,
+            "images_per_second": r["images_per_s"], "dataset": cfg.dataset, "net": net,
             "file": str(ns.path), "fast_path": r["fast_path"]}
 
 
@@ -137,6 +144,8 @@ def _run_eval(ns: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--model: {e}") from None
 
+    if ns.batch_size < 1:
+        raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {ns.batch_size}")
     if str(ns.path).endswith(".fewbits"):
         r = _eval_packed(ns)
     else:
@@ -258,12 +267,13 @@ def build_parser(prog: str = "fewbits",
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from ._io import WriteError
     from .checkpoint import CheckpointError
     from .data import ChecksumError, CorruptDataError, DatasetNotFoundError
     from .export import FormatError
 
     return (ConfigError, CheckpointError, DatasetNotFoundError, CorruptDataError, ChecksumError,
-            FormatError)
+            FormatError, WriteError)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
@@ -279,7 +289,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "fewbits") -> int:
     parser = build_parser(prog, None if prog == "fewbits" else {"train": prog})
     ns = parser.parse_args(args)
     try:
-        return int(ns._run(ns) or 0)
+        code = int(ns._run(ns) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `fewbits list | head`: the reader has all it wanted
+        from ._io import silence_stdout
+
+        silence_stdout()  # 128 + SIGPIPE, as a shell reports it:
+        return 141
     except TrainingInterrupted as e:
         if e.rank == 0:  # one message per job, not one per process
             print(f"{prog}: {e}", file=sys.stderr, flush=True)

@@ -324,9 +324,9 @@ class _DataOptions:
                                   help="random rotation (+-0.25 rad) and flip")
     synthetic_size: int = option(1000, "--synthetic-size", low=2, same_on_resume=True,
                                  help="synthetic dataset: training images (test: a fifth)")
-    workers: int | None = option(None, "--workers", low=1,
+    workers: int | None = option(None, "--workers", low=0,
                                  default_text="the data package's",
-                                 help="processes decoding image folders")
+                                 help="processes decoding image folders (0: in this process)")
     val_batch_size: int | None = option(None, "--val-batch-size", low=1,
                                         default_text="max(batch size, 256)",
                                         help="validation batch")
@@ -356,11 +356,14 @@ class _RunOptions:
     """run control"""
 
     channels_last: bool = option(False, "--channels-last", kind="true",
-                                 help="channels-last layout (GPU)")
+                                 help="channels-last memory layout (CPU and GPU)")
     compile: bool = option(False, "--compile", kind="true", help="torch.compile the model")
     resume: str | None = option(None, "--resume", const="auto", metavar="PATH",
                                 help="continue from MODEL_SAVE_PATH/checkpoint.pt, or from "
                                 "PATH (a checkpoint or run folder)")
+    overwrite: bool = option(False, "--overwrite", kind="true",  # fewbits.runs.check_run_folder
+                             help="start a new run in a folder that holds one, replacing its "
+                             "files (default: refuse; --resume continues it instead)")
     checkpoint_interval: int | None = option(None, "--checkpoint-interval", low=1,
                                              default_text="the validation interval",
                                              help="iterations between checkpoints")

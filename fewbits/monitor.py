@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from ._io import append_text, ensure_folder
 from .checkpoint import atomic_write_bytes
 
 __all__ = [
@@ -106,7 +107,7 @@ class Monitor:
         self._err: list[float] = []
         self._lap = time.perf_counter()
         if enabled:
-            self.path.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.path)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, start_iter: int = 0, state: dict[str, Any] | None = None) -> None:
@@ -141,8 +142,7 @@ class Monitor:
 
     def _append(self, name: str, index: int, value: float) -> None:
         if self.enabled:
-            with open(self.path / name, "a") as f:
-                f.write(f"{index} {value!r}\n")
+            append_text(self.path / name, f"{index} {value!r}\n")
 
     def add_train(self, index: int, stats: Tensor) -> tuple[float, float] | None:
         """Add iteration ``index``'s ``stats = [loss, error]`` (a 2-element tensor).
@@ -166,6 +166,13 @@ class Monitor:
         self._append(LOSS_FILE, index, loss)
         self._append(TRAIN_ERROR_FILE, index, err)
         return loss, err
+
+    def finish(self, index: int) -> None:
+        """End of training at iteration ``index``: write the timer's partial window (so a run
+        shorter than ``time_interval`` iterations still records its time)."""
+        if self.enabled and (index + 1) % self.time_interval != 0:
+            self._append(TIMER_FILE, index, time.perf_counter() - self._lap)
+            self._lap = time.perf_counter()
 
     def add_test(self, index: int, error: float) -> None:
         """Record a validation error at ``index`` (= iterations done)."""
@@ -216,14 +223,19 @@ def plot_curves(monitor_path: str | os.PathLike, out: str | os.PathLike | None =
 
 class Progress:
     """A tqdm bar on stderr (loss, error, images/s), or, with ``bar=False`` or when stderr is
-    not a terminal, one log line every ``log_every`` iterations. Silent when not ``enabled``.
+    not a terminal, one log line every ``log_every`` iterations, at least every
+    ``log_seconds`` seconds, and at the last iteration (so piped output shows progress, even in
+    short runs). Silent when not ``enabled``. Time passed to :meth:`exclude` (validation) does
+    not count towards images/s.
     """
 
     def __init__(self, total: int, initial: int = 0, *, enabled: bool = True,
-                 bar: bool = True, log_every: int = 100, stream: TextIO | None = None) -> None:
+                 bar: bool = True, log_every: int = 100, log_seconds: float = 30.0,
+                 stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.total, self.log_every = int(total), max(1, int(log_every))
+        self.log_seconds = float(log_seconds)
         isatty = getattr(self.stream, "isatty", lambda: False)()
         self._bar = None
         if enabled and bar and isatty:
@@ -231,8 +243,13 @@ class Progress:
 
             self._bar = tqdm(total=self.total, initial=initial, file=self.stream, unit="it",
                              dynamic_ncols=True, smoothing=0.05)
-        self._t = time.perf_counter()
+        self._t = self._logged = time.perf_counter()
         self._images = 0
+        self._window: tuple[float, float] | None = None
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent validating, say) out of the images/s of this window."""
+        self._t += seconds
 
     def step(self, index: int, images: int, window: tuple[float, float] | None) -> None:
         """Iteration ``index`` done with ``images`` images; ``window`` = the monitor's fresh
@@ -242,19 +259,24 @@ class Progress:
         self._images += images
         if self._bar is not None:
             self._bar.update(1)
-        if window is None:
-            return
+        if window is not None:
+            self._window = window
         now = time.perf_counter()
         rate = self._images / max(now - self._t, 1e-9)
-        loss, err = window
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", err=f"{100 * err:.1f}%",
-                                  img_s=f"{rate:.0f}", refresh=False)
-            self._t, self._images = now, 0
-        elif (index + 1) % self.log_every == 0 or index + 1 == self.total:
+            if window is not None:
+                loss, err = window
+                self._bar.set_postfix(loss=f"{loss:.4f}", err=f"{100 * err:.1f}%",
+                                      img_s=f"{rate:.0f}", refresh=False)
+                self._t, self._images = now, 0
+            return
+        due = ((index + 1) % self.log_every == 0 or index + 1 == self.total
+               or now - self._logged >= self.log_seconds)
+        if due and self._window is not None:
+            loss, err = self._window
             self.write(f"iter {index + 1}/{self.total}  loss {loss:.4f}  "
                        f"error {100 * err:.2f}%  {rate:.0f} images/s")
-            self._t, self._images = now, 0
+            self._t, self._images, self._logged = now, 0, now
 
     def write(self, msg: str) -> None:
         if not self.enabled:

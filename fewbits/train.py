@@ -49,6 +49,7 @@ from .layers import apply_weight_constraints, count_optimizer_steps
 from .models import create_model, list_models, model_info, register_factory
 from .monitor import Monitor, Progress, write_json
 from .quantizers import INQ
+from .runs import check_run_folder, existing_run_files
 
 __all__ = [
     "CONTEXTS",
@@ -61,6 +62,7 @@ __all__ = [
     "TrainingInterrupted",
     "build_model",
     "check_input_shape",
+    "check_model_input",
     "count_parameters",
     "evaluate",
     "evaluate_file",
@@ -254,6 +256,22 @@ def check_input_shape(net: str, image_shape: tuple[int, ...], dataset: str) -> N
     )
 
 
+def check_model_input(source: Any, net: str, kwargs: Any, image_shape: tuple[int, ...],
+                      dataset: str) -> None:
+    """Raise :class:`ConfigError` when a trained model (options ``kwargs``) cannot take
+    ``dataset``'s images: wrong size (:func:`check_input_shape`), channels or features."""
+    check_input_shape(net, image_shape, dataset)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    c, n = int(image_shape[0]), math.prod(int(s) for s in image_shape)
+    for key, have, what in (("in_channels", c, "-channel"), ("in_features", n, "-value")):
+        want = kwargs.get(key)
+        if isinstance(want, int) and want != have:
+            raise ConfigError(
+                f"{source}: {net} was trained on {want}{what} images but {dataset!r} has "
+                f"{have}{what} images {tuple(image_shape)}; evaluate it on data like its "
+                "training data (--dataset, --data-dir)")
+
+
 def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """``create_model(cfg.net, ...)`` with the quantization options of ``cfg``, the classes and
     input channels (or features, for MLPs) of the data, and ``cfg.model_args``. Seeds the
@@ -375,6 +393,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     ``dataset`` and ``data_dir`` default to those the run was trained on. Returns
     ``{"error", "accuracy", "wrong", "total", "images_per_second", "dataset", "net", "file"}``.
     """
+    if batch_size < 1:
+        raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {batch_size}")
     device = resolve_device(context, device_id)
     src = ckpt.resolve_model_path(path)
     payload = ckpt.read_file(src, "cpu")
@@ -389,7 +409,8 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
                   data_dir=data_dir)
     net = payload["model_spec"]["name"]
     ds = load_split(cfg, "test", net_input_shape(net))
-    check_input_shape(net, tuple(ds.images.shape[1:]), cfg.dataset)
+    check_model_input(src, net, payload["model_spec"]["kwargs"], tuple(ds.images.shape[1:]),
+                      cfg.dataset)
     num_classes = payload["model_spec"]["kwargs"].get("num_classes")
     if num_classes is not None and num_classes < len(ds.classes):
         raise ConfigError(f"{src} predicts {num_classes} classes but {cfg.dataset!r} has "
@@ -416,6 +437,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     """
     cfg = copy.deepcopy(config)
     _check_net(cfg.net)
+    check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=bool(cfg.resume),
+                     overwrite=cfg.overwrite)
     device_type = "cpu" if cfg.context == "cpu" else "cuda"
     resolve_device(cfg.context, cfg.device_id)  # fails early, before any process group
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -451,6 +474,10 @@ class _Run:
             self.test_ds = load_split(cfg, "test", shape)
         self.image_shape = tuple(self.train_ds.images.shape[1:])
         check_input_shape(cfg.net, self.image_shape, cfg.dataset)
+        if len(self.train_ds.classes) < 2:  # would train to a trivial 0 % error
+            raise ConfigError(f"--dataset {cfg.dataset}: {len(self.train_ds.classes)} class "
+                              f"({list(self.train_ds.classes)}); classification needs at least "
+                              "two classes (one folder per class)")
 
     def _setup(self) -> None:
         from .data import BatchIterator
@@ -474,7 +501,7 @@ class _Run:
         _check_inq(model, cfg.max_iter)
         self.model = model.to(dev)
         count_optimizer_steps(self.model)  # INQ's schedule is in optimizer steps (--accum-steps)
-        if cfg.channels_last and dev.type == "cuda":
+        if cfg.channels_last:  # CPU convolutions take it too: applied, never ignored
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.checkpoint_interval is None:
             cfg.checkpoint_interval = cfg.val_interval
@@ -500,9 +527,9 @@ class _Run:
         self.resumed_from: str | None = None
         if cfg.resume:
             monitor_state = self._restore(cfg.resume)
-        elif info.is_main and (cfg.save_path / ckpt.CHECKPOINT_NAME).exists():
-            print(f"note: starting a new run; {cfg.save_path / ckpt.CHECKPOINT_NAME} will be "
-                  "overwritten (add --resume to continue that run instead)", flush=True)
+        elif info.is_main and existing_run_files(cfg.monitor_path, cfg.save_path):
+            print(f"note: --overwrite: the earlier run's files in {cfg.monitor_path} (and "
+                  f"{cfg.save_path}) are replaced", flush=True)
         self.net: nn.Module = self.model
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if info.distributed:
@@ -671,7 +698,7 @@ class _Run:
             if cfg.augment:
                 s = (j * info.world_size + info.rank) * b
                 x = augment(x, angles[s:s + b], flips[s:s + b])
-            if cfg.channels_last and dev.type == "cuda":
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(dev, non_blocking=True)
 
@@ -713,7 +740,7 @@ class _Run:
         fdist.broadcast_buffers(self.model, self.info)
         wrong, total = evaluate(self.model, self.test_ds, self.device, cfg.val_batch_size,
                                 info=self.info, type_config=cfg.type_config,
-                                channels_last=cfg.channels_last and self.device.type == "cuda")
+                                channels_last=cfg.channels_last)
         err = wrong / total
         self.monitor.add_test(done, err)
         if self.best_error is None or err < self.best_error:
@@ -735,7 +762,9 @@ class _Run:
             i = self.start_iter
             while i < cfg.max_iter:
                 if i % cfg.val_interval == 0 and (i > 0 or cfg.validate_first):
+                    t_val = time.perf_counter()
                     self._validate(i)
+                    self.progress.exclude(time.perf_counter() - t_val)  # images/s: training only
                 t0 = time.perf_counter()
                 stats = self._step(i)
                 window = self.monitor.add_train(i, stats)
@@ -751,6 +780,7 @@ class _Run:
                 if stop:
                     raise TrainingInterrupted(self._signal or signal.SIGTERM, i, path,
                                               info.rank)
+            self.monitor.finish(cfg.max_iter - 1)  # the timer's last, partial window
             final = self._validate(cfg.max_iter)
             self._save_model("model_final.pt", cfg.max_iter, final)
             self._save_checkpoint(cfg.max_iter)

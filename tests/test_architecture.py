@@ -17,10 +17,10 @@ PKG = ROOT / "fewbits"
 #: (rank, group, module prefixes). A module may import its own group and lower ranks only;
 #: groups of equal rank do not import each other. Longest prefix wins.
 LAYERS = [
-    (0, "math", ["fewbits._math", "fewbits._cbuild", "fewbits._version"]),
-    (0, "data", ["fewbits.data"]),
+    (0, "math", ["fewbits._math", "fewbits._cbuild", "fewbits._version", "fewbits._io"]),
     (0, "bits", ["fewbits.export.packing", "fewbits.export.huffman"]),
     (1, "kernels", ["fewbits._kernels"]),
+    (1, "data", ["fewbits.data"]),
     (2, "functional", ["fewbits.functional"]),
     (3, "quantizers", ["fewbits.quantizers"]),
     (4, "layers", ["fewbits.layers"]),
@@ -28,7 +28,9 @@ LAYERS = [
     (5, "distributed", ["fewbits.distributed"]),
     (6, "models", ["fewbits.models"]),
     (7, "convert", ["fewbits.convert"]),
-    (7, "files", ["fewbits.checkpoint", "fewbits.monitor", "fewbits.export.container"]),
+    (7, "files", ["fewbits.checkpoint", "fewbits.monitor", "fewbits.runs",
+                   "fewbits.export.container", "fewbits.export._limits",
+                   "fewbits.export._guard"]),
     (8, "train", ["fewbits.train"]),
     (8, "export", ["fewbits.export", "fewbits.runtime"]),
     (9, "cli", ["fewbits.cli"]),

@@ -89,8 +89,9 @@ def test_foreign_files_are_refused(tmp_path):
     # A pickle of an arbitrary object is not even unpickled (weights_only).
     evil = tmp_path / "evil.pt"
     torch.save({"format": "fewbits.model", "x": Path("/")}, evil)
-    with pytest.raises(CheckpointError, match=r"evil\.pt: cannot read"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: not a fewbits file.*for safety") as e:
         load_model(evil)
+    assert "weights_only" not in str(e.value)  # no advice to load it unsafely
 
 
 def test_newer_format_and_model_file_as_checkpoint(run, tmp_path):
@@ -151,3 +152,56 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def _flip_tensor_byte(path, out):
+    """Copy ``path`` to ``out`` with one byte of the first tensor's data flipped."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 8)
+    start = info.header_offset + 30 + len(info.filename.encode())
+    extra = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[start + extra + 5] ^= 0x10
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_flipped_byte_in_a_weight_is_refused(run, tmp_path):
+    """Issue 13, item 4: eval, export and --resume refused nothing."""
+    from fewbits.checkpoint import CHECKSUM_KEY
+
+    for name, load in (("model_final.pt", load_model), ("checkpoint.pt", load_checkpoint)):
+        assert CHECKSUM_KEY in torch.load(run / name, weights_only=True)
+        bad = _flip_tensor_byte(run / name, tmp_path / name)
+        with pytest.raises(CheckpointError, match=rf"{name}: the file is damaged"):
+            load(bad)
+    from fewbits.export import export_packed
+
+    with pytest.raises(CheckpointError, match="damaged"):
+        export_packed(tmp_path / "model_final.pt", tmp_path / "x.fewbits")
+
+
+def test_files_without_a_checksum_still_load(run, tmp_path):
+    from fewbits.checkpoint import CHECKSUM_KEY
+
+    payload = torch.load(run / "model_final.pt", weights_only=True)
+    del payload[CHECKSUM_KEY]
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt") is not None
+
+
+@pytest.mark.parametrize("option", [{"depth": 10**6}, {"width": 10**9}])
+def test_model_options_from_a_file_are_bounded_before_building(run, tmp_path, option):
+    """Issue 13, item 2: options read from a file built layers for minutes or failed
+    allocating; they are bounded by the weights the file holds."""
+    import time
+
+    payload = torch.load(run / "model_final.pt", weights_only=True)
+    payload["model_spec"]["kwargs"].update(option)
+    save_file(tmp_path / "m.pt", payload)
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot rebuild .*file can describe"):
+        load_model(tmp_path / "m.pt")
+    assert time.perf_counter() - t < 5

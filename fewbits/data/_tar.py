@@ -60,6 +60,12 @@ def _read_whole(path: Path) -> bytes | None:
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] != b"\x1f\x8b":
+        if path.name.lower().endswith((".gz", ".tgz")):
+            raise tarfile.ReadError(f"{path} is named like a gzip file but is not gzip-compressed "
+                                    f"(it starts with {data[:8]!r}); pass a .tar.gz made with "
+                                    "`tar czf`, or rename a plain tar archive to .tar")
+        if 0 < len(data) < _BLOCK:
+            raise tarfile.ReadError(f"{path} is {len(data)} bytes, too short to be a tar archive")
         return data
     if len(data) >= 4 and int.from_bytes(data[-4:], "little") > _IN_MEMORY_LIMIT:
         return None  # ISIZE: decompressed length mod 2**32

@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from .._io import WriteError, atomic_write
 from .errors import ChecksumError, DatasetNotFoundError
 
 __all__ = ["check_md5", "download_first", "download_url", "file_md5"]
@@ -77,26 +78,19 @@ def download_url(
     ``OSError``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        _log.info("downloading %s -> %s", url, dest)
-        with os.fdopen(fd, "wb") as out, _urlopen(url, timeout) as resp:
+    _log.info("downloading %s -> %s", url, dest)
+
+    def fetch(out: Any) -> None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with _urlopen(url, timeout) as resp:
             while chunk := resp.read(_CHUNK):
+                digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if md5 is not None:
-            actual = file_md5(tmp)
-            if actual != md5.lower():
-                # Name the destination (what the user asked for), not the random temp name.
-                raise _mismatch(dest, md5.lower(), actual, url)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a dataset file is not a secret
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        # Checked before the rename: a wrong file never replaces dest. Name dest, not the temp.
+        if md5 is not None and digest.hexdigest() != md5.lower():
+            raise _mismatch(dest, md5.lower(), digest.hexdigest(), url)
+
+    atomic_write(dest, fetch, parents=True, mode=0o644)  # a dataset file is not a secret
     return dest
 
 
@@ -113,6 +107,8 @@ def download_first(
     for url in urls:
         try:
             return download_url(url, dest, md5, timeout=timeout)
+        except WriteError:
+            raise  # our disk, not the mirror: another mirror would fail the same way
         except ChecksumError as e:
             mismatch = e
             errors.append(f"{url}: {e}")

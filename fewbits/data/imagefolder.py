@@ -33,7 +33,6 @@ import logging
 import multiprocessing
 import os
 import tarfile
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ._tar import iter_tar_files
 from .base import SPLITS, ArrayDataset, check_split, default_data_dir
 from .errors import CorruptDataError, DatasetNotFoundError
@@ -127,11 +127,13 @@ def _scan_folder(root: Path) -> list[_Entry]:
                 if not c.is_dir() or c.name.startswith("."):
                     continue
                 with os.scandir(c.path) as files:
-                    entries.extend(
-                        (split, c.name, f.name, f.path)
-                        for f in files
-                        if _is_image(f.name) and f.is_file()
-                    )
+                    found = [(split, c.name, f.name, f.path) for f in files
+                             if _is_image(f.name) and f.is_file()]
+                if not found:
+                    warnings.warn(f"class folder {c.path} holds no images "
+                                  f"({'/'.join(IMAGE_EXTENSIONS)}); class {c.name!r} is left "
+                                  "out", stacklevel=4)
+                entries.extend(found)
     return entries
 
 
@@ -174,25 +176,11 @@ def _read_cache(path: Path, split: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, data: dict[str, np.ndarray]) -> None:
-    """Atomic: write a temp file in the same folder, fsync, then os.replace."""
+    """Atomic (:func:`fewbits._io.atomic_write`); a cache that cannot be written is a warning."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda f: np.savez(f, **data), parents=True, mode=0o644)
     except OSError as e:
-        warnings.warn(f"cannot write the image cache in {path.parent} ({e})", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is as readable as the data
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"cannot write the image cache {path} ({e})", stacklevel=3)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        warnings.warn(f"cannot write the image cache: {e}", stacklevel=3)
 
 
 def _to_dataset(data: dict[str, np.ndarray], split: str, src: Path) -> ArrayDataset:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers import QuantConv2d, QuantLinear, quant_layers
 from ..quantizers import get
+from ._guard import build_bounded
 from .container import FormatError
 
 __all__ = ["ROLES", "build_for_file", "layer_configs", "layer_configs_of", "model_header"]
@@ -59,7 +60,7 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
                    model: nn.Module | None) -> nn.Module:
     """The model to load ``header``'s tensors into: ``model`` made to fit the file's layers, or,
     without ``model``, the registry model the file names, rebuilt from its options."""
-    from ..models import create_model, is_model
+    from ..models import is_model
 
     spec = header["model"]
     if model is None:
@@ -69,11 +70,7 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
                 str(path), f"it holds model {name!r}, which is not registered in this process",
                 "pass the model to load it into: load_packed(path, model=MyNet()), or "
                 "`fewbits eval FILE --model package.module:factory`")
-        try:
-            model = create_model(name, **spec["kwargs"])
-        except (ValueError, TypeError) as e:
-            raise FormatError(str(path), f"its model cannot be built by this fewbits: {e}") \
-                from e
+        model = build_bounded(header, str(path))  # options bounded by what the file holds
     layers = header.get("layers")
     if layers is None:  # files written before layer configs were recorded
         return model

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._io import WriteError
 from .container import FormatError
 
 __all__ = [
@@ -90,6 +91,8 @@ def run_export(args: argparse.Namespace) -> int:
             return _fail(f"{source} is already a packed model; export from the run folder or "
                          "checkpoint to write a new .fewbits file (or give only --onnx)")
         model = source if packed_source else _as_model(source)
+        used = (getattr(model, "fewbits_source", None) or {}).get("path") or source
+        print(f"exporting {used}", flush=True)  # which checkpoint of a run folder was used
         if args.output:
             report = export_packed(model, args.output, entropy=args.entropy, bn=args.bn,
                                    fold_bn=args.fold_bn)
@@ -107,7 +110,7 @@ def run_export(args: argparse.Namespace) -> int:
                 print(f"ONNX Runtime vs PyTorch on 32 random images: top-1 agreement "
                       f"{100 * c['top1_agreement']:.1f}%, max |logit difference| "
                       f"{c['max_abs']:.3g} ({c['max_rel']:.2g} of the largest logit)")
-    except (FormatError, ValueError, FileNotFoundError, ImportError) as e:
+    except (FormatError, ValueError, FileNotFoundError, ImportError, WriteError) as e:
         return _fail(str(e))
     except RuntimeError as e:  # fewbits.checkpoint.CheckpointError names the file and problem
         if type(e).__name__ != "CheckpointError":

@@ -36,9 +36,7 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 import os
-import secrets
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -46,7 +44,20 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write
 from .._version import __version__
+from ._limits import (
+    _HUFFMAN_MAX_BITS,
+    ENCODINGS,
+    FLAG_HEADER_ZLIB,
+    MAX_HEADER_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_NDIM,
+    MAX_TENSORS,
+    header_text,
+    json_depth,
+    tensor_count,
+)
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
 from .packing import MAX_BITS, pack_bits, unpack_bits
 
@@ -54,6 +65,10 @@ __all__ = [
     "ENCODINGS",
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_NDIM",
+    "MAX_TENSORS",
     "MODEL_FORMAT",
     "FormatError",
     "decode_tensor",
@@ -62,6 +77,7 @@ __all__ = [
     "loads",
     "read_container",
     "read_model_file",
+    "tensor_count",
     "write_container",
 ]
 
@@ -74,26 +90,10 @@ SUPPORTED_VERSIONS = (1,)
 ALIGN = 8
 _PREFIX = struct.Struct("<8sHHIQ")  # magic, version, flags, header length, payload length
 _DIGEST = 32
-#: Flag bit 0: the header is zlib-compressed JSON (a model's tensor table repeats its keys
-#: hundreds of times; compressed it stops dominating the file of a 1-bit network).
-FLAG_HEADER_ZLIB = 0x0001
+#: Flags this reader knows. Bit 0 (FLAG_HEADER_ZLIB): the header is zlib-compressed JSON (a
+#: model's tensor table repeats its keys hundreds of times; compressed it stops dominating the
+#: file of a 1-bit network).
 _KNOWN_FLAGS = FLAG_HEADER_ZLIB
-_HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
-_RAW_DTYPES = (
-    "float16",
-    "float32",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "uint16",
-    "int32",
-    "uint32",
-    "int64",
-    "uint64",
-    "bool",
-)
-ENCODINGS = ("packed", "huffman", *(f"raw-{d}" for d in _RAW_DTYPES))
 
 
 class FormatError(ValueError):
@@ -207,54 +207,23 @@ def write_container(
     ``header["tensors"]`` lists one dict per blob with at least ``"name"``; the payload holds
     the blobs in that order. Returns the header as written (with ``offset``/``length`` per
     tensor and ``fewbits_version``). The file is streamed to a temporary file in the same
-    directory, fsync-ed and renamed over ``path``: a failure leaves any old file untouched and
-    no temporary file behind. Raises ValueError for a header/blobs mismatch or a header that
+    directory, fsync-ed and renamed over ``path`` (:func:`fewbits._io.atomic_write`): a failure
+    leaves any old file untouched and no temporary file behind; :class:`fewbits._io.WriteError`
+    names ``path`` (missing folder, a folder or device as target, read-only or full disk).
+    Raises ValueError for a header/blobs mismatch or a header that
     is not JSON-serialisable. ``compress_header`` stores the JSON zlib-compressed (flag bit 0).
     """
-    path = os.fspath(path)
     head, views, _ = _layout(header, blobs, compress_header)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 so the final file gets the usual umask-derived permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
-            for chunk in _chunks(head, views):
-                digest.update(chunk)
-                f.write(chunk)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return json.loads(_header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
 
+    def write(f: Any) -> None:
+        digest = hashlib.sha256()
+        for chunk in _chunks(head, views):
+            digest.update(chunk)
+            f.write(chunk)
+        f.write(digest.digest())
 
-def _header_text(raw: bytes, flags: int) -> bytes:
-    if flags & FLAG_HEADER_ZLIB:
-        return zlib.decompressobj().decompress(raw)  # trailing alignment zeros are ignored
-    return raw
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename durable on POSIX; not possible (nor needed) on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, write)
+    return json.loads(header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
@@ -334,12 +303,21 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
         )
     header_bytes = bytes(view[_PREFIX.size : _PREFIX.size + header_length])
     try:
+        text = header_text(header_bytes, flags)
+    except (ValueError, zlib.error) as err:
+        raise FormatError(source, f"header: {err}", "the file was not written by fewbits") from None
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(source, f"header JSON is nested {depth} levels deep, beyond the "
+                          f"format's limit of {MAX_JSON_DEPTH}", "the file was not written by "
+                          "fewbits")
+    try:
         header = json.loads(
-            _header_text(header_bytes, flags).decode("utf-8"),
+            text.decode("utf-8"),
             object_pairs_hook=_reject_duplicate_keys,
             parse_constant=_reject_constant,
         )
-    except (UnicodeDecodeError, ValueError, zlib.error) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise FormatError(
             source, f"header is not valid UTF-8 JSON ({err})", "the file was not written by fewbits"
         ) from None
@@ -347,16 +325,21 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
         raise FormatError(source, f"header is a JSON {type(header).__name__}, expected an object")
     payload_start = _PREFIX.size + header_length
     blobs = {}
-    for name, offset, length in _tensor_table(header, payload_length, source):
+    payload = view[payload_start : payload_start + payload_length]
+    for name, offset, length in _tensor_table(header, payload, source):
         start = payload_start + offset
         blobs[name] = bytes(view[start : start + length])
     return header, blobs
 
 
-def _tensor_table(header: dict, payload_length: int, source: str) -> list[tuple[str, int, int]]:
+def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[str, int, int]]:
+    payload_length = payload.nbytes
     entries = header.get("tensors", [])
     if not isinstance(entries, list):
         raise FormatError(source, 'header "tensors" is not a list')
+    if len(entries) > MAX_TENSORS:
+        raise FormatError(source, f'header "tensors" lists {len(entries)} tensors, beyond the '
+                          f"format's limit of {MAX_TENSORS}")
     spans = []
     for k, entry in enumerate(entries):
         name = entry.get("name") if isinstance(entry, dict) else None
@@ -377,6 +360,12 @@ def _tensor_table(header: dict, payload_length: int, source: str) -> list[tuple[
                 f"the {payload_length}-byte payload",
                 "the tensor table is inconsistent; export the file again",
             )
+        if "encoding" in entry:
+            try:
+                tensor_count(entry, length, payload[offset : offset + length])
+            except ValueError as err:
+                raise FormatError(source, f"tensor {name!r}: {err}",
+                                  "the file is corrupt or was not written by fewbits") from None
         spans.append((name, offset, length))
     names = [s[0] for s in spans]
     if len(set(names)) != len(names):
@@ -389,14 +378,6 @@ def _tensor_table(header: dict, payload_length: int, source: str) -> list[tuple[
 
 
 # ---------------------------------------------------------------------------- tensor codecs
-
-
-def _shape_count(shape: Any) -> int:
-    if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
-    return math.prod(shape)
 
 
 def encode_tensor(
@@ -444,35 +425,19 @@ def decode_tensor(entry: Mapping, blob: bytes) -> np.ndarray:
     uint dtype for ``bits``) or the raw dtype. Raises ValueError if the entry is incomplete or
     the blob length does not match it.
     """
-    encoding = entry.get("encoding")
-    if encoding not in ENCODINGS:
-        raise ValueError(
-            f"tensor {entry.get('name')!r} has unknown encoding {encoding!r}; this fewbits "
-            f"reads {list(ENCODINGS)}"
-        )
-    shape = entry.get("shape")
-    count = _shape_count(shape)
     view = memoryview(blob).cast("B")
+    try:
+        count = tensor_count(entry, view.nbytes, view)  # before anything is allocated
+    except ValueError as err:
+        raise ValueError(f"tensor {entry.get('name')!r}: {err}") from None
+    encoding, shape = entry["encoding"], entry["shape"]
     if encoding.startswith("raw-"):
         dtype = np.dtype(encoding[4:]).newbyteorder("<")
-        if view.nbytes != count * dtype.itemsize:
-            raise ValueError(
-                f"tensor {entry.get('name')!r}: {encoding} of shape {shape} needs "
-                f"{count * dtype.itemsize} bytes, blob has {view.nbytes}"
-            )
         return np.frombuffer(view, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
-    bits = entry.get("bits")
     if encoding == "packed":
-        return unpack_bits(view, bits, count).reshape(shape)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= _HUFFMAN_MAX_BITS:
-        raise ValueError(f"huffman tensor needs bits in 1..{_HUFFMAN_MAX_BITS}, got {bits!r}")
-    alphabet = 1 << bits
-    if view.nbytes < alphabet:
-        raise ValueError(
-            f"tensor {entry.get('name')!r}: huffman blob of {view.nbytes} bytes is shorter than "
-            f"its {alphabet}-byte table"
-        )
-    codes = huffman_decode(view[:alphabet], view[alphabet:], entry.get("bit_count"), count)
+        return unpack_bits(view, entry["bits"], count).reshape(shape)
+    alphabet = 1 << entry["bits"]
+    codes = huffman_decode(view[:alphabet], view[alphabet:], entry["bit_count"], count)
     return codes.reshape(shape)
 
 

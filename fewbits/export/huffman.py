@@ -293,6 +293,11 @@ def huffman_decode(
         return np.zeros(0, dtype=out_dtype)
     if not lengths.any():
         raise ValueError("Huffman table is empty (all lengths 0) but the stream is not")
+    if count > bit_count:  # before allocating per-symbol arrays: every code is >= 1 bit
+        raise ValueError(
+            f"Huffman stream mismatch: {count} symbols cannot fit in {bit_count} bits "
+            "(each code is at least 1 bit)"
+        )
 
     decoder = _Decoder(lengths)
     # Big-endian 32-bit word of the bit-reversed bytes at every byte offset: the MSB-first

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -62,6 +61,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .._io import atomic_write
 from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from .container import MAGIC, decode_tensor, read_model_file
@@ -431,18 +431,7 @@ def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike, 
     proto, report = to_onnx(source, opset=opset, input_shape=input_shape, fuse=fuse)
     data = proto.SerializeToString()
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data)
     report.path, report.file_bytes = path, len(data)
     return report
 

@@ -32,11 +32,12 @@ from torch import nn
 
 from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
+from ..runs import training_data
+from ._guard import check_codes, check_model_header, decode
 from .binding import build_for_file, layer_configs, model_header
 from .container import (
     MODEL_FORMAT,
     FormatError,
-    decode_tensor,
     encode_tensor,
     read_model_file,
     write_container,
@@ -217,6 +218,9 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
                                                       _fp32_bytes(model)} if fold_bn else {})},
         "tensors": [f for f, _ in tensors],
     }
+    data = training_data(model)  # for `fewbits eval model.fewbits` without --dataset
+    if data is not None:
+        header["data"] = data
     write_container(path, header, {f["name"]: b for f, b in tensors}, compress_header=True)
     size = os.path.getsize(path)
     return ExportReport(str(path), spec["name"], size, _fp32_bytes(model), entries)
@@ -237,19 +241,30 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
     network's forward. Activation quantizers, batch norm and the rest are restored as stored.
     """
     header, blobs = read_model_file(path)
-    if (header.get("options") or {}).get("fold_bn"):
-        raise FormatError(str(path), "its batch norm is folded into binary-engine thresholds",
+    src = str(path)
+    check_model_header(header, src)
+    if header.get("options", {}).get("fold_bn"):
+        raise FormatError(src, "its batch norm is folded into binary-engine thresholds",
                           "run it with fewbits.runtime.binary_file.load_engine(path)")
-    model = build_for_file(path, header, model)
-    model.eval()
+    model = build_for_file(path, header, model).eval()
     by_name = {t["name"]: t for t in header["tensors"]}
     params: dict[str, dict[str, torch.Tensor]] = {}
     for t in header["tensors"]:
         if t.get("kind") == "param":
-            arr = decode_tensor(t, blobs[t["name"]]).reshape(t["param_shape"])
+            arr = decode(t, blobs, src).reshape(t["param_shape"])
             params.setdefault(t["param_of"], {})[t["param"]] = torch.from_numpy(arr.copy())
     state: dict[str, torch.Tensor] = {}
     layers = dict(quant_layers(model))
+    refs = model.state_dict()
+    for lname, layer in layers.items():  # a quantized layer's weight must come from codes
+        for role in ("weight", "bias"):
+            key = _join(lname, role)
+            if getattr(layer, f"{role}_quantizer", None) is not None and \
+                    getattr(layer, role, None) is not None and \
+                    by_name.get(key, {}).get("kind") not in (None, "codes"):
+                raise FormatError(src, f"tensor {key!r}: field kind is "
+                                  f"{by_name[key]['kind']!r}, but a quantized layer's {role} "
+                                  "must be stored as codes", "the file is corrupt or was edited")
     for t in header["tensors"]:
         kind, name = t.get("kind"), t["name"]
         if kind == "codes":
@@ -257,18 +272,18 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
             layer = layers.get(lname)
             q: Quantizer | None = getattr(layer, f"{role}_quantizer", None) if layer else None
             if q is None:
-                raise FormatError(str(path), f"tensor {name!r} has codes but the model has no "
+                raise FormatError(src, f"tensor {name!r} has codes but the model has no "
                                   "quantizer there (file and model code disagree)")
             _same_shape(path, name, t["shape"], getattr(layer, role).shape)
-            arr = decode_tensor(t, blobs[name]).astype(np.int64)
-            codes = Codes(torch.from_numpy(arr.reshape(-1)), t["bits"], tuple(t["shape"]),
-                          params.get(name, {}))
+            codes = Codes(torch.from_numpy(decode(t, blobs, src).astype(np.int64).reshape(-1)),
+                          t["bits"], tuple(t["shape"]), params.get(name, {}))
+            check_codes(name, codes, q, getattr(layer, role), src)
             state[name] = q.decode(codes).to(getattr(layer, role).dtype)
         elif kind == "state":
-            arr = decode_tensor(t, blobs[name])
-            ref = model.state_dict().get(name)
+            arr = decode(t, blobs, src)
+            ref = refs.get(name)
             if ref is None:
-                raise FormatError(str(path), f"tensor {name!r} is not part of the model")
+                raise FormatError(src, f"tensor {name!r} is not part of the model")
             _same_shape(path, name, arr.shape, ref.shape)
             state[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
     # Freeze: the stored weights are already quantized; quantizer state is not needed.
@@ -306,6 +321,7 @@ def _same_shape(path: str | os.PathLike, name: str, stored: Any, want: Any) -> N
 def packed_info(path: str | os.PathLike) -> ExportReport:
     """Read a ``.fewbits`` file's header and sizes (no model is built)."""
     header, blobs = read_model_file(path)
+    check_model_header(header, str(path))
     entries: list[TensorEntry] = []
     sizes: dict[str, int] = {}
     for t in header["tensors"]:
@@ -329,7 +345,7 @@ def packed_info(path: str | os.PathLike) -> ExportReport:
             bits = 8 if enc == "raw-bool" else 8 * np.dtype(enc[4:]).itemsize
             entries.append(TensorEntry(t["name"], "float", count, bits, sizes[t["name"]], enc))
             fp32 += 4 * count if enc.startswith("raw-float") else 0
-    stored = (header.get("options") or {}).get("fp32_bytes")  # folded files: BN is gone
+    stored = header.get("options", {}).get("fp32_bytes")  # folded files: BN is gone
     if isinstance(stored, int) and not isinstance(stored, bool) and 0 <= stored < 2**62:
         fp32 = stored
     return ExportReport(str(path), header["model"]["name"], os.path.getsize(path), fp32, entries)

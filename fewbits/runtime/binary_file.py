@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..export._guard import check_model_header
 from ..export.container import FormatError, decode_tensor, encode_tensor, read_model_file
 from .binary import BinaryEngine, Step, binary_plan, fold_binary_net
 from .binary_fold import smallest_int_dtype
@@ -91,7 +92,8 @@ def load_engine(path: str | os.PathLike, *, isa: str | None = None) -> BinaryEng
 
     path = os.fspath(path)
     header, blobs = read_model_file(path)
-    if not (header.get("options") or {}).get("fold_bn"):
+    check_model_header(header, path)
+    if not header.get("options", {}).get("fold_bn"):
         raise FormatError(path, "its batch norm is not folded", "export it with fold_bn=True "
                           "(`fewbits export --fold-bn`), or use "
                           "BinaryEngine.from_model(load_packed(path))")
