@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import _math
-from . import functional as qf
+from .. import _math
+from .. import functional as qf
 
 __all__ = [
     "INQ",
