@@ -1,0 +1,107 @@
+"""Uniform fixed point ``k * delta`` with ``n``-bit codes and the float32 bounds of its grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _math
+from .. import functional as qf
+from .base import Codes, IntGrid, Quantizer, register_quantizer
+
+__all__ = [
+    "FixedPoint",
+]
+
+
+@register_quantizer("fixed_point")
+class FixedPoint(Quantizer):
+    """Uniform fixed point: ``n`` bits, step ``delta``, signed or not (see
+    :func:`fewbits.functional.fixed_point_quantize`). Codes are ``k + offset`` for
+    ``y = k * delta``."""
+
+    def __init__(self, sign: bool = True, n: int = 8, delta: float = 2**-4,
+                 ste_fine_grained: bool = True) -> None:
+        super().__init__()
+        qf._bits("FixedPoint", "n", n, low=2 if sign else 1)
+        qf._positive("FixedPoint", "delta", delta)
+        self.sign, self.n, self.delta = bool(sign), int(n), float(delta)
+        self.ste_fine_grained = bool(ste_fine_grained)
+        self.bits = self.n
+        self._check_grid()
+
+    def _check_grid(self) -> None:
+        """Refuse a grid whose levels ``k * delta`` float32 cannot hold, so that every accepted
+        configuration encodes to n-bit codes that decode to exactly its forward values.
+
+        float32 has a 24-bit significand: with ``delta`` a float32 power of two, levels are
+        exact up to ``|k| = 2**24 - 1`` (signed ``n <= 25``); otherwise ``k * delta`` rounds and
+        ``y / delta`` finds ``k`` back only for ``|k| < 2**22``. Beyond that the bound
+        ``(2**nb - 1) * delta`` rounds up (``n = 26, delta = 1`` saturates at ``2**25``, one
+        level outside the range, and the negative extreme encodes to code ``-1``). The two
+        extremes are then encoded and decoded as a check (``delta`` rounding to 0 or inf in
+        float32, a bound beyond float32, or a subnormal ``delta`` that rounds far fail it)."""
+        nb = self.n - 1 if self.sign else self.n
+        d32 = float(torch.tensor(self.delta, dtype=torch.float32, device="cpu"))
+        pow2 = d32 == self.delta and math.frexp(self.delta)[0] == 0.5
+        limit = 24 if pow2 else 22
+        if nb > limit:
+            raise ValueError(
+                f"FixedPoint: n={self.n} ({'signed' if self.sign else 'unsigned'}) needs levels "
+                f"k * delta up to |k| = 2**{nb} - 1, beyond what float32 holds exactly for "
+                f"delta={self.delta!r} (|k| < 2**{limit}): the bound would round to another "
+                f"level and codes would not survive export; use n <= {limit + int(self.sign)}"
+                + ("" if pow2 else " or a power-of-two delta (then n <= "
+                   f"{24 + int(self.sign)})"))
+        with torch.device("cpu"):  # a default device (meta, cuda) must not change the check
+            x = torch.tensor([-3.4028234663852886e38, 3.4028234663852886e38],
+                             dtype=torch.float32)
+            y = self.forward(x)
+            c = self.encode(x)
+            back = self.decode(c)
+        ok = 0 < d32 < math.inf and bool(torch.isfinite(y).all())
+        if not ok or int(c.codes.min()) < 0 or int(c.codes.max()) >= 2**self.n or \
+                not torch.equal(back, y):
+            raise ValueError(
+                f"FixedPoint: delta={self.delta!r} (float32 {d32!r}) with n={self.n} saturates "
+                f"at {float(y[1])!r}, which is not a level of the {self.n}-bit grid in float32; "
+                "use a delta whose bound (2**nb - 1) * delta is a finite float32 (a power-of-"
+                "two delta is exact)")
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"sign": self.sign, "n": self.n, "delta": self.delta,
+                "ste_fine_grained": self.ste_fine_grained}
+
+    @property
+    def _offset(self) -> int:
+        return 2 ** (self.n - 1) - 1 if self.sign else 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return qf.fixed_point_quantize(x, self.sign, self.n, self.delta, self.ste_fine_grained)
+
+    def int_grid(self) -> IntGrid:
+        """``k * delta`` for ``k`` in ``[-(2^(n-1) - 1), 2^(n-1) - 1]`` (signed) or
+        ``[0, 2^n - 1]``; zero point 0."""
+        kmax = 2 ** (self.n - 1) - 1 if self.sign else 2**self.n - 1
+        return IntGrid(self.delta, 0, -kmax if self.sign else 0, kmax)
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The forward's values without autograd or finiteness check (inference paths): the
+        same formula, :func:`fewbits._math.fixed_point`, rounding ties away from zero."""
+        with torch.no_grad():
+            return _math.fixed_point(x, self.sign, self.n, self.delta)[0]
+
+    def encode(self, x: Tensor) -> Codes:
+        with torch.no_grad():
+            y = self.forward(x.detach().float())
+            k = _math.round_half_away(y / torch.tensor(self.delta))
+        codes = k.to(torch.int64).reshape(-1) + self._offset
+        return Codes(codes, self.bits, tuple(x.shape))
+
+    def decode(self, codes: Codes) -> Tensor:
+        k = (codes.codes - self._offset).to(torch.float32).reshape(codes.shape)
+        return k * torch.tensor(self.delta, dtype=torch.float32)

@@ -1,0 +1,213 @@
+"""Min-max quantization to integers ``[ql_min, ql_max]``: learned, per-batch or EMA ranges,
+per tensor or per channel, kept equal across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _math
+from .. import functional as qf
+from .base import Codes, IntGrid, Quantizer, register_quantizer
+
+__all__ = [
+    "MinMax",
+]
+
+
+_MINMAX_MODES = ("learnable", "batch", "ema")
+
+
+@register_quantizer("min_max")
+class MinMax(Quantizer):
+    """Min-max quantization to integers ``[ql_min, ql_max]`` (Jacob et al., CVPR 2018).
+
+    ``mode``: ``"learnable"`` (seed default: ``qr_min``/``qr_max`` are parameters trained by the
+    spec's gradients), ``"batch"`` (``x_min_max``: ranges set from each training batch) or
+    ``"ema"`` (``x_min_max`` + ``ema``: ``r = decay * r + (1 - decay) * batch``). At evaluation
+    the stored ranges are used unchanged, as the seed. ``per_channel`` (weights, beyond the seed)
+    keeps one range per output channel. ``bits = ceil(log2(ql_max - ql_min + 1))``.
+
+    Learned ranges stay valid: :meth:`after_optimizer_step` (run by
+    :func:`fewbits.layers.apply_weight_constraints` after each optimizer step, like the weight
+    clip) projects them onto ``qr_min <= 0 <= qr_max`` (the range holds zero, as torch.ao's
+    observers and Jacob et al.'s nudging require) and ``qr_max >= qr_min + eps`` (the forward's
+    own nudge, which leaves the forward as it was). The seed's gradients are unchanged. Without
+    the projection, ``qr_min > 0`` pins the zero point at ``ql_min`` (the grid is
+    ``[0, qr_max - qr_min]``), ``qr_min`` keeps receiving gradient, passes ``qr_max`` and
+    leaves the quantizer on a grid ``eps`` wide for good. Ranges that stay valid never change.
+
+    Under DDP (:func:`fewbits.distributed.sync_quantizers`) batch/EMA statistics are those of
+    one process running the ranks' micro-batches in rank order (see there).
+
+        >>> q = MinMax(init_min=0.5, init_max=1.0); q.after_optimizer_step()
+        >>> q.qr_min.item(), q.qr_max.item()
+        (0.0, 1.0)
+    """
+
+    def __init__(self, ql_min: int = 0, ql_max: int = 255, init_min: float = -6.0,
+                 init_max: float = 6.0, mode: str = "learnable", decay: float = 0.999,
+                 eps: float = 0.01, per_channel: bool = False,
+                 ste_fine_grained: bool = True) -> None:
+        super().__init__()
+        if mode not in _MINMAX_MODES:
+            raise ValueError(f"MinMax: unknown mode {mode!r}; known: {_MINMAX_MODES}")
+        if not ql_min < ql_max:
+            raise ValueError(f"MinMax: need ql_min < ql_max, got {ql_min} >= {ql_max}")
+        if not init_min <= init_max:
+            raise ValueError(f"MinMax: need init_min <= init_max, got {init_min}, {init_max}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"MinMax: decay must be in [0, 1), got {decay}")
+        qf._positive("MinMax", "eps", eps)
+        self.ql_min, self.ql_max = int(ql_min), int(ql_max)
+        self.init_min, self.init_max = float(init_min), float(init_max)
+        self.mode, self.decay, self.eps = mode, float(decay), float(eps)
+        self.per_channel, self.ste_fine_grained = bool(per_channel), bool(ste_fine_grained)
+        self.bits = max(1, math.ceil(math.log2(self.ql_max - self.ql_min + 1)))
+        # float32 finds a level index as (clamp(x) - lo) / scale with a relative error up to
+        # 3 * 2**-24: below 2**21 levels it rounds to the right index, wider grids can put a
+        # saturated value one code past ql_max (not a code of `bits` bits).
+        if self.ql_max - self.ql_min >= 2**21 or max(-self.ql_min, self.ql_max) > 2**24:
+            raise ValueError(
+                f"MinMax: ql_min..ql_max = {self.ql_min}..{self.ql_max} is wider than float32 "
+                "computes level indices exactly (at most 2**21 levels, |ql| <= 2**24): a "
+                "saturated value could encode one code past ql_max; use at most 21 bits")
+        #: ``stats -> (stats of every rank in rank order, this rank)``; set by
+        #: :func:`fewbits.distributed.sync_quantizers` under DDP, else None (this process only).
+        self.stats_sync: Callable[[Tensor], tuple[Tensor, int]] | None = None
+        self._make_ranges(())
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"ql_min": self.ql_min, "ql_max": self.ql_max, "init_min": self.init_min,
+                "init_max": self.init_max, "mode": self.mode, "decay": self.decay,
+                "eps": self.eps, "per_channel": self.per_channel,
+                "ste_fine_grained": self.ste_fine_grained}
+
+    def _make_ranges(self, shape: tuple[int, ...], device: Any = None) -> None:
+        lo = torch.full(shape, self.init_min, device=device)
+        hi = torch.full(shape, self.init_max, device=device)
+        for name, v in (("qr_min", lo), ("qr_max", hi)):
+            if hasattr(self, name):
+                delattr(self, name)
+            if self.mode == "learnable":
+                self.register_parameter(name, nn.Parameter(v))
+            else:
+                self.register_buffer(name, v)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.mode != "learnable":
+            return
+        lo, hi = self.qr_min, self.qr_max
+        lo.clamp_(max=0.0)
+        hi.clamp_(min=0.0)
+        hi.copy_(torch.where(hi - lo < self.eps, lo + self.eps, hi))  # the forward's nudge
+
+    def setup(self, param: Tensor) -> None:
+        if self.per_channel:
+            if param.dim() < 1:
+                raise ValueError("MinMax(per_channel=True) needs a tensor with a channel axis")
+            self._make_ranges((param.shape[0],), param.device)
+
+    def _range_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.per_channel:
+            return torch.aminmax(x.detach().flatten(1), dim=1)
+        return torch.aminmax(x.detach())
+
+    def init_from_(self, x: Tensor) -> None:
+        """Ranges = the min and max of ``x`` (per output channel with ``per_channel``), so that
+        a converted weight starts on a grid that covers it (not the fixed ``init_min/max``)."""
+        qf._finite(x, "MinMax", "x")
+        bmin, bmax = self._range_of(x)
+        with torch.no_grad():
+            self.qr_min.copy_(bmin)
+            self.qr_max.copy_(bmax)
+        self.after_optimizer_step()  # learned ranges must stay valid (qr_min <= 0 <= qr_max)
+
+    def _update(self, bmin: Tensor, bmax: Tensor) -> None:
+        if self.mode == "ema":
+            self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)
+            self.qr_max.mul_(self.decay).add_((1 - self.decay) * bmax)
+        else:
+            self.qr_min.copy_(bmin)
+            self.qr_max.copy_(bmax)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Update the ranges from ``x``; returns the ranges this forward quantizes with."""
+        bmin, bmax = self._range_of(x)
+        if self.stats_sync is None:
+            # a NaN or inf in x shows in its min or max: checked before the ranges take them
+            if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):
+                qf._finite(x, "MinMax", "x")
+            self._update(bmin, bmax)
+            return self.qr_min, self.qr_max
+        # DDP: replay every rank's statistics in rank order, as one process running the ranks'
+        # micro-batches one after the other; this rank quantizes with the ranges its own
+        # micro-batch gives there, and every rank ends with the same state.
+        stats, rank = self.stats_sync(torch.stack([bmin, bmax]))
+        if not bool(torch.isfinite(stats).all()):  # every rank raises, none waits
+            qf._finite(x, "MinMax", "x")
+            raise ValueError("MinMax: another rank's batch contains NaN or inf; quantizers "
+                             "need finite input (a diverging run: lower the learning rate)")
+        used = (self.qr_min, self.qr_max)
+        for r in range(stats.shape[0]):
+            self._update(stats[r, 0], stats[r, 1])
+            if r == rank:
+                used = (self.qr_min.clone(), self.qr_max.clone())
+        return used
+
+    def forward(self, x: Tensor) -> Tensor:
+        qr_min, qr_max = self.qr_min, self.qr_max
+        if self.training and self.mode != "learnable":
+            qf._float_tensor(x, "MinMax", "x")
+            qr_min, qr_max = self._observe(x)
+        return qf.min_max_quantize(x, qr_min, qr_max, self.ql_min, self.ql_max,
+                                   self.eps, self.ste_fine_grained)
+
+    def grid(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(scale, zero_point, lo, hi)`` broadcastable to ``like`` (as the forward uses)."""
+        rmin = qf._range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
+        rmax = qf._range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
+        return qf.min_max_grid(rmin.float(), rmax.float(), self.ql_min, self.ql_max, self.eps,
+                               "MinMax")
+
+    def int_grid(self) -> IntGrid:
+        """The per-tensor grid ``(q - zero_point) * scale``, ``q`` in ``[ql_min, ql_max]``, of
+        :meth:`grid` (the forward computes ``round((c - lo) / scale) * scale + lo``, which is
+        the same set of reals; float rounding of the two forms can differ in the last bit).
+        Raises ``ValueError`` for per-channel ranges (no single grid)."""
+        if self.qr_min.numel() != 1:
+            raise ValueError("MinMax: per-channel ranges have one grid per channel, not one; "
+                             "use grid(like) for the per-channel scales and zero points")
+        scale, zp, _, _ = self.grid(torch.zeros(()))
+        return IntGrid(float(scale), int(zp), self.ql_min, self.ql_max)
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The evaluation forward without autograd or range updates (inference paths):
+        :func:`fewbits._math.min_max` on the stored ranges, ties away from zero."""
+        with torch.no_grad():
+            scale, _, lo, hi = self.grid(x)
+            return _math.min_max(x, scale, lo, hi)
+
+    def encode(self, x: Tensor) -> Codes:
+        x = x.detach().float()
+        scale, zp, lo, hi = self.grid(x)
+        c = torch.minimum(torch.maximum(x, lo), hi)
+        q = _math.round_half_away((c - lo) / scale).to(torch.int64)
+        params = {"scale": scale.reshape(-1).clone(), "lo": lo.reshape(-1).clone(),
+                  "zero_point": zp.reshape(-1).to(torch.int64)}
+        return Codes(q.reshape(-1), self.bits, tuple(x.shape), params)
+
+    def decode(self, codes: Codes) -> Tensor:
+        nd = len(codes.shape)
+        view = (-1,) + (1,) * (nd - 1) if codes.params["scale"].numel() > 1 else ()
+        scale = codes.params["scale"].reshape(view)
+        lo = codes.params["lo"].reshape(view)
+        q = codes.codes.reshape(codes.shape).to(torch.float32)
+        return q * scale + lo
