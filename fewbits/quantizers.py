@@ -379,7 +379,9 @@ class INQ(Quantizer):
 
     # The counter is a Python int kept in the state dict as extra state: reading a device
     # buffer every forward would sync the GPU.
-    def get_extra_state(self) -> dict[str, int]:
+    def get_extra_state(self) -> dict[str, int] | Tensor:
+        if qf._in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+            return torch.tensor(self.counter)
         return {"counter": self.counter}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
