@@ -63,17 +63,11 @@ def finite_checks(enabled: bool) -> Iterator[None]:
         _CHECK_FINITE = old
 
 
-def _capturing() -> bool:
-    """True while a graph is being captured (torch.compile / torch.export / torch.jit.trace)."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or getattr(torch.compiler, "is_exporting", lambda: False)())
-
-
 def _check_mode(x: Tensor) -> int:
     """The ``check`` argument of the operators for ``x`` (see :func:`finite_checks`)."""
     if not _CHECK_FINITE:
         return ops.CHECK_OFF
-    return ops.CHECK_ASYNC if _capturing() else ops.CHECK_RAISE
+    return ops.CHECK_ASYNC if ops.capturing() else ops.CHECK_RAISE
 
 
 _ONNX_HINT = (
@@ -113,7 +107,7 @@ def _finite(x: Tensor, fn: str, arg: str) -> None:
     _float_tensor(x, fn, arg)
     if not _CHECK_FINITE or _in_onnx_export():
         return
-    if _capturing():
+    if ops.capturing():
         torch._assert_async(torch.isfinite(x).all(),
                             f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
         return
@@ -147,13 +141,16 @@ def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = 
     fn = "binary_connect"
     _float_tensor(w, fn, "w")
     _graph_guard(fn, "binary_connect")
-    return ops.binary_connect(w, float(quantize_zero_to), bool(stochastic), _check_mode(w), fn)
+    return ops.call_identity(ops.binary_connect, ops._binary_connect, w, float(quantize_zero_to),
+                             bool(stochastic), _check_mode(w), fn)
 
 
 def _binary_act(x: Tensor, low: float, grad_scale: float, fn: str) -> Tensor:
     _float_tensor(x, fn, "x")
     _graph_guard(fn, "binary_act")
-    return ops.binary_act(x, low, grad_scale, x.requires_grad, _check_mode(x), fn)[0]
+    want = x.requires_grad
+    return ops.call_masked(ops.binary_act, ops._binary_act, x,
+                           (low, grad_scale, want, _check_mode(x), fn), grad_scale, want)
 
 
 def binary_tanh(x: Tensor) -> Tensor:
@@ -206,7 +203,7 @@ def binary_weight(w: Tensor) -> Tensor:
     _float_tensor(w, fn, "w")
     _channel_axis(w)
     _graph_guard(fn, "binary_weight")
-    return ops.binary_weight(w, _check_mode(w), fn)
+    return ops.call_identity(ops.binary_weight, ops._binary_weight, w, _check_mode(w), fn)
 
 
 # --------------------------------------------------------------------------- fixed point
@@ -240,7 +237,8 @@ def fixed_point_quantize(
     _positive(fn, "delta", delta)
     _graph_guard(fn, "fixed_point")
     want_mask = bool(ste_fine_grained) and x.requires_grad
-    return ops.fixed_point(x, bool(sign), int(n), float(delta), want_mask, _check_mode(x), fn)[0]
+    args = (bool(sign), int(n), float(delta), want_mask, _check_mode(x), fn)
+    return ops.call_masked(ops.fixed_point, ops._fixed_point, x, args, 1.0, want_mask)
 
 
 # --------------------------------------------------------------------------- power of two
@@ -282,8 +280,8 @@ def pow2_quantize(
     _pow2_check(fn, sign, with_zero, n, m)
     _graph_guard(fn, "pow2")
     want_mask = bool(ste_fine_grained) and x.requires_grad
-    return ops.pow2(x, bool(sign), bool(with_zero), int(n), int(m), want_mask, _check_mode(x),
-                    fn)[0]
+    args = (bool(sign), bool(with_zero), int(n), int(m), want_mask, _check_mode(x), fn)
+    return ops.call_masked(ops.pow2, ops._pow2, x, args, 1.0, want_mask)
 
 
 # --------------------------------------------------------------------------- INQ
@@ -306,7 +304,7 @@ def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
     _float_tensor(w, fn, "w")
     _bits(fn, "num_bits", num_bits, low=2)
     _graph_guard(fn, "inq")
-    return ops.inq(w, int(num_bits), _check_mode(w), fn)
+    return ops.call_identity(ops.inq, ops._inq, w, int(num_bits), _check_mode(w), fn)
 
 
 # --------------------------------------------------------------------------- min-max
@@ -365,5 +363,5 @@ def min_max_quantize(
         ranges.append(r)
     _graph_guard(fn, "min_max")
     needs = x.requires_grad or ranges[0].requires_grad or ranges[1].requires_grad
-    return ops.min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
-                       bool(ste_fine_grained), needs, _check_mode(x), fn)[0]
+    return ops.call_min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
+                            bool(ste_fine_grained), needs, _check_mode(x), fn)

@@ -44,6 +44,7 @@ back, a host sync); ``2`` the same on CPU, and on CUDA a device-side assertion
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 CHECK_OFF, CHECK_RAISE, CHECK_ASYNC = 0, 1, 2
+_op = functools.partial(torch.library.custom_op, mutates_args=())  # all fewbits ops are pure
 _HALF = (torch.float16, torch.bfloat16)
 _U8 = torch.uint8
 
@@ -163,10 +165,12 @@ def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
     return mask.to(it).mul_(g.view(it)).view(g.dtype)
 
 
-@torch.library.custom_op("fewbits::keep", mutates_args=())
-def keep(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
+def _keep_op(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Straight-through backward: ``where(mask != 0, dy * scale, +0.0)`` (uint8 ``mask``)."""
     return _like(_keep(dy, mask, scale), mask, dy.dtype)
+
+
+keep = _op("fewbits::keep", _keep_op)
 
 
 @keep.register_fake
@@ -180,8 +184,7 @@ def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
     return (g.flatten(1).sum(1) if g.dim() > 1 else g).reshape(shape)
 
 
-@torch.library.custom_op("fewbits::min_max_grad", mutates_args=())
-def min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_max: bool,
+def _min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_max: bool,
                  min_shape: list[int], max_shape: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Min-max backward from the forward's code: ``dx = dy`` where code is 0 (else +0.0),
     ``d qr_min = sum(dy where code == 1)``, ``d qr_max = sum(dy where code == 2)``, per channel
@@ -203,6 +206,9 @@ def min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_m
     return dx, d_min, d_max
 
 
+min_max_grad = _op("fewbits::min_max_grad", _min_max_grad)
+
+
 @min_max_grad.register_fake
 def _(dy, code, want_dx, want_min, want_max, min_shape, max_shape):
     return (torch.empty_like(code, dtype=dy.dtype) if want_dx else dy.new_empty(0),
@@ -213,43 +219,97 @@ def _(dy, code, want_dx, want_min, want_max, min_shape, max_shape):
 # --------------------------------------------------------------------------- autograd glue
 
 
-def _identity_backward(ctx, dy: Tensor, *_):
-    return (dy, *([None] * ctx.n_args))
+def _scaled(dy: Tensor, mask: Tensor | None, scale: float, keep_fn) -> Tensor:
+    """The straight-through gradient of a ``(y, mask)`` operator: ``keep(dy, mask, scale)``
+    when the mask was made (fine-grained STE), else ``dy * scale``."""
+    if mask is None:
+        return dy if scale == 1.0 else dy * scale
+    return keep_fn(dy, mask, scale)
 
 
 def _register_identity(op, n_args: int) -> None:
     def setup(ctx, inputs, output):
-        ctx.n_args = n_args
+        pass
 
-    torch.library.register_autograd(op, _identity_backward, setup_context=setup)
+    def backward(ctx, dy):
+        return (dy, *([None] * n_args))
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
 
 
 def _register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> None:
-    """Autograd of an op returning ``(y, mask)``: ``dx = keep(dy, mask, scale)`` when the mask
-    was made (fine-grained STE), else ``dx = dy``."""
+    """Autograd of an op returning ``(y, mask)`` (see :func:`_scaled`)."""
 
     def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask output
         ctx.has_mask = bool(inputs[want_arg])
         ctx.scale = 1.0 if scale_arg is None else float(inputs[scale_arg])
         if ctx.has_mask:
             ctx.save_for_backward(output[1])
 
     def backward(ctx, dy, _dmask):
-        if not ctx.has_mask:
-            dx = dy if ctx.scale == 1.0 else dy * ctx.scale
-        else:
-            (mask,) = ctx.saved_tensors
-            dx = torch.ops.fewbits.keep(dy, mask, ctx.scale)
-        return (dx, *([None] * n_args))
+        if dy is None:
+            return (None, *([None] * n_args))
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        return (_scaled(dy, mask, ctx.scale, torch.ops.fewbits.keep), *([None] * n_args))
 
     torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def capturing() -> bool:
+    """True while torch.compile, torch.export or torch.jit.trace captures a graph."""
+    return bool(torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+                or _is_exporting())
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+class _EagerIdentity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, impl, args: tuple) -> Tensor:
+        return impl(x, *args)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return dy, None, None
+
+
+class _EagerMasked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, impl, args: tuple, scale: float, has_mask: bool) -> Tensor:
+        y, mask = impl(x, *args)
+        ctx.scale, ctx.has_mask = scale, has_mask
+        if has_mask:
+            ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
+
+
+def call_identity(op, impl, x: Tensor, *args) -> Tensor:
+    """``op(x, *args)`` with the identity straight-through gradient. While a graph is being
+    captured this is the registered operator; in eager mode the same implementation runs under
+    an equivalent ``autograd.Function`` (the dispatcher's Python layers cost ~0.1 ms a call)."""
+    if capturing():
+        return op(x, *args)
+    return _EagerIdentity.apply(x, impl, args)
+
+
+def call_masked(op, impl, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Tensor:
+    """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
+    if capturing():
+        return op(x, *args)[0]
+    return _EagerMasked.apply(x, impl, args, scale, has_mask)
 
 
 # --------------------------------------------------------------------------- binary
 
 
-@torch.library.custom_op("fewbits::binary_connect", mutates_args=())
-def binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn: str) -> Tensor:
+def _binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn: str) -> Tensor:
     """``sign(w)`` with ``sign(0) = zero_to``; stochastic: ``+1`` with probability
     ``clamp((w + 1) / 2, 0, 1)``."""
     _check(w, fn, "w", check)
@@ -259,6 +319,9 @@ def binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn: 
     one = torch.ones_like(w)
     y = torch.where(w > 0, one, -one)
     return _like(torch.where(w == 0, torch.full_like(w, zero_to), y), w)
+
+
+binary_connect = _op("fewbits::binary_connect", _binary_connect)
 
 
 @binary_connect.register_fake
@@ -275,12 +338,14 @@ def binary_weight_scale(w: Tensor) -> Tensor:
     return w.detach().abs().double().flatten(1).mean(1).to(w.dtype)
 
 
-@torch.library.custom_op("fewbits::binary_weight", mutates_args=())
-def binary_weight(w: Tensor, check: int, fn: str) -> Tensor:
+def _binary_weight(w: Tensor, check: int, fn: str) -> Tensor:
     """``alpha[o] * sign(w[o, ...])``, ``sign(0) = +1``, ``alpha`` per output channel."""
     _check(w, fn, "w", check)
     a = binary_weight_scale(w).reshape((-1,) + (1,) * (w.dim() - 1))
     return _like(torch.where(w >= 0, a, -a), w)
+
+
+binary_weight = _op("fewbits::binary_weight", _binary_weight)
 
 
 @binary_weight.register_fake
@@ -291,8 +356,7 @@ def _(w, check, fn):
 _register_identity(binary_weight, 2)
 
 
-@torch.library.custom_op("fewbits::binary_act", mutates_args=())
-def binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check: int,
+def _binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check: int,
                fn: str) -> tuple[Tensor, Tensor]:
     """``(1 if x > 0 else low, |x| < 1)``; the backward scales by ``grad_scale``."""
     if _kernels.usable(x):  # one pass for y, the mask and the finite check
@@ -311,6 +375,9 @@ def binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check:
     return _like(y, x), _mask_out(inside, x)
 
 
+binary_act = _op("fewbits::binary_act", _binary_act)
+
+
 @binary_act.register_fake
 def _(x, low, grad_scale, want_mask, check, fn):
     return _fake_y_mask(x, want_mask)
@@ -322,8 +389,7 @@ _register_masked(binary_act, 2, 3, 5)
 # --------------------------------------------------------------------------- fixed point
 
 
-@torch.library.custom_op("fewbits::fixed_point", mutates_args=())
-def fixed_point(x: Tensor, sign: bool, n: int, delta: float, want_mask: bool, check: int,
+def _fixed_point(x: Tensor, sign: bool, n: int, delta: float, want_mask: bool, check: int,
                 fn: str) -> tuple[Tensor, Tensor]:
     """``(round_half_away(clamp(x, xmin, xmax) / delta) * delta, xmin <= x <= xmax)``."""
     xw = _wide(x)
@@ -337,6 +403,9 @@ def fixed_point(x: Tensor, sign: bool, n: int, delta: float, want_mask: bool, ch
     return _like(y, x), _mask_out(mask, x)
 
 
+fixed_point = _op("fewbits::fixed_point", _fixed_point)
+
+
 @fixed_point.register_fake
 def _(x, sign, n, delta, want_mask, check, fn):
     return _fake_y_mask(x, want_mask)
@@ -348,8 +417,7 @@ _register_masked(fixed_point, None, 4, 6)
 # --------------------------------------------------------------------------- power of two
 
 
-@torch.library.custom_op("fewbits::pow2", mutates_args=())
-def pow2(x: Tensor, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool, check: int,
+def _pow2(x: Tensor, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool, check: int,
          fn: str) -> tuple[Tensor, Tensor]:
     """``(power-of-two level of x, 2**round(log2|x|) <= 2**m)`` (see :func:`_math.pow2`)."""
     xw = _wide(x)
@@ -363,6 +431,9 @@ def pow2(x: Tensor, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool
     return _like(y, x), _mask_out(mask, x)
 
 
+pow2 = _op("fewbits::pow2", _pow2)
+
+
 @pow2.register_fake
 def _(x, sign, with_zero, n, m, want_mask, check, fn):
     return _fake_y_mask(x, want_mask)
@@ -374,11 +445,13 @@ _register_masked(pow2, None, 5, 7)
 # --------------------------------------------------------------------------- INQ
 
 
-@torch.library.custom_op("fewbits::inq", mutates_args=())
-def inq(w: Tensor, num_bits: int, check: int, fn: str) -> Tensor:
+def _inq(w: Tensor, num_bits: int, check: int, fn: str) -> Tensor:
     """INQ power-of-two levels of the whole tensor (see :func:`_math.inq_levels`)."""
     _check(w, fn, "w", check)
     return _like(_math.inq_levels(_wide(w), num_bits), w)
+
+
+inq = _op("fewbits::inq", _inq)
 
 
 @inq.register_fake
@@ -404,8 +477,7 @@ def range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:
     return r.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
-@torch.library.custom_op("fewbits::min_max", mutates_args=())
-def min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int, eps: float,
+def _min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int, eps: float,
             fine: bool, want_code: bool, check: int, fn: str) -> tuple[Tensor, Tensor]:
     """``(y, code)`` of the min-max quantizer (see :func:`_math.min_max_range`); ``code`` is 1
     where ``x < lo``, 2 where ``x > hi``, else 0 (``fine`` is for the backward)."""
@@ -427,6 +499,9 @@ def min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int,
     return _like(y, x), _mask_out(code, x)
 
 
+min_max = _op("fewbits::min_max", _min_max)
+
+
 @min_max.register_fake
 def _(x, qr_min, qr_max, ql_min, ql_max, eps, fine, want_code, check, fn):
     return _fake_y_mask(x, want_code)
@@ -434,21 +509,50 @@ def _(x, qr_min, qr_max, ql_min, ql_max, eps, fine, want_code, check, fn):
 
 def _min_max_setup(ctx, inputs, output):
     qr_min, qr_max, fine = inputs[1], inputs[2], inputs[6]
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the code output
     ctx.fine = bool(fine)
     ctx.min_shape, ctx.max_shape = list(qr_min.shape), list(qr_max.shape)
     ctx.save_for_backward(output[1])
 
 
-def _min_max_backward(ctx, dy, _dcode):
-    (code,) = ctx.saved_tensors
+def _min_max_grads(ctx, dy: Tensor, code: Tensor, grad_fn) -> tuple:
     need_x, need_min, need_max = ctx.needs_input_grad[:3]
     want_dx = ctx.fine and need_x
-    dx, d_min, d_max = torch.ops.fewbits.min_max_grad(dy, code, want_dx, need_min, need_max,
-                                                      ctx.min_shape, ctx.max_shape)
+    dx, d_min, d_max = grad_fn(dy, code, want_dx, need_min, need_max, ctx.min_shape,
+                               ctx.max_shape)
     if not want_dx:
         dx = dy if need_x else None
-    return (dx, d_min if need_min else None, d_max if need_max else None,
-            None, None, None, None, None, None, None)
+    return dx, d_min if need_min else None, d_max if need_max else None
+
+
+def _min_max_backward(ctx, dy, _dcode):
+    if dy is None:
+        return (None,) * 10
+    grads = _min_max_grads(ctx, dy, ctx.saved_tensors[0], torch.ops.fewbits.min_max_grad)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(min_max, _min_max_backward, setup_context=_min_max_setup)
+
+
+class _EagerMinMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, qr_min: Tensor, qr_max: Tensor, args: tuple) -> Tensor:
+        y, code = _min_max(x, qr_min, qr_max, *args)
+        ctx.fine = bool(args[3])
+        ctx.min_shape, ctx.max_shape = list(qr_min.shape), list(qr_max.shape)
+        ctx.save_for_backward(code)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return (*_min_max_grads(ctx, dy, ctx.saved_tensors[0], _min_max_grad), None)
+
+
+def call_min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int,
+                 eps: float, fine: bool, want_code: bool, check: int, fn: str) -> Tensor:
+    """``min_max(...)[0]`` with its straight-through gradients (see :func:`call_identity`)."""
+    args = (ql_min, ql_max, eps, fine, want_code, check, fn)
+    if capturing():
+        return min_max(x, qr_min, qr_max, *args)[0]
+    return _EagerMinMax.apply(x, qr_min, qr_max, args)
