@@ -1,9 +1,11 @@
 """Straight-through quantizer functions: the nine families' forward and backward.
 
-Each public function validates its arguments, refuses non-finite input, and calls a
-``torch.autograd.Function`` whose forward is the formula of ``QUANTIZERS.md`` (see
-:mod:`fewbits._math`) and whose backward is the straight-through estimator (STE) of the spec.
-Backward passes keep only a ``bool`` mask per element, never a float copy of the input.
+Each public function validates its arguments and calls the family's custom operator
+(:mod:`fewbits.ops`, ``torch.ops.fewbits.*``), whose forward is the formula of ``QUANTIZERS.md``
+(see :mod:`fewbits._math`; float16/bfloat16 decided in float32), refuses non-finite input (see
+:func:`finite_checks`), and whose backward is the straight-through estimator (STE) of the spec.
+Backward passes keep only a ``uint8`` mask per element, never a float copy of the input. Under
+``torch.onnx.export`` they raise, naming fewbits' own exporter.
 
 Example:
     >>> import torch

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import _math
+from . import _math, ops
 from . import functional as qf
 
 __all__ = [
@@ -517,7 +517,11 @@ class MinMax(Quantizer):
             else:
                 bmin, bmax = torch.aminmax(x.detach())
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
-            if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):
+            # (inside a captured graph as a device-side assertion on the two sums, no sync)
+            stats = torch.stack([bmin.sum(), bmax.sum()])
+            if ops.capturing():
+                qf._finite(stats, "MinMax", "x")
+            elif not bool(torch.isfinite(stats).all()):
                 qf._finite(x, "MinMax", "x")
             if self.mode == "ema":
                 self.qr_min.mul_(self.decay).add_((1 - self.decay) * bmin)

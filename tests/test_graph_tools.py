@@ -175,3 +175,22 @@ def test_compiled_graph_keeps_the_nan_check_without_graph_breaks():
         q(torch.tensor([0.3, float("nan")]))
     with fq.finite_checks(False):  # the mode is part of the graph: recompiled, no check
         assert q(torch.tensor([0.3, float("nan")])).isnan().any()
+
+
+def test_checks_outside_the_operators_hold_in_compiled_graphs():
+    """Quantizer state (INQ weights, min-max batch statistics) is checked in graphs too: a
+    device-side assertion (RuntimeError), no .item() graph break."""
+    from fewbits.quantizers import MinMax
+
+    m = QuantLinear(4, 2, weight_quantizer={"name": "inq", "inq_iterations": [5]}).eval()
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="INQ: w contains NaN or inf"):
+        torch.compile(m, fullgraph=True)(torch.ones(1, 4))
+    q = MinMax(mode="batch", ql_max=15).train()
+    ref = MinMax(mode="batch", ql_max=15).train()
+    x = torch.randn(3, 5)
+    assert torch.equal(torch.compile(q, fullgraph=True)(x), ref(x))
+    assert torch.equal(q.qr_min, ref.qr_min) and torch.equal(q.qr_max, ref.qr_max)
+    with pytest.raises(RuntimeError, match="MinMax: x contains NaN or inf"):
+        torch.compile(q, fullgraph=True)(torch.tensor([1.0, float("inf")]))
