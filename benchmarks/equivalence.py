@@ -9,7 +9,9 @@ the working tree and compares, bit for bit (``float`` tensors viewed as integers
   ``fewbits.functional`` over a grid of arguments, on random inputs and edge values (exact
   rounding ties, zeros, ``-0.0``, subnormals, the ``2**-0.5`` mantissa boundary of the power of
   two rounding, clamp bounds and their neighbours, huge values), for float32, float64, float16
-  and bfloat16, with upstream gradients that contain ``-0.0``, NaN and inf;
+  and bfloat16, with upstream gradients that contain ``-0.0``, NaN and inf (fixed point, pow2,
+  INQ and min-max in float16/bfloat16: against the reference's float32 result rounded back, the
+  exact answer those dtypes now give);
 * the error raised (type and message) on NaN/inf input;
 * one training step (logits, loss, every parameter gradient) of every seed network.
 
@@ -150,6 +152,33 @@ def _run(fn: Callable[..., Tensor], x: Tensor, extra: tuple[Tensor, ...], kw: di
     return tuple(out)
 
 
+def _run_wide(fn: Callable[..., Tensor], x: Tensor, extra: tuple[Tensor, ...],
+              kw: dict[str, Any], seed: int) -> tuple[Any, ...]:
+    """:func:`_run` of ``fn`` (a family whose gradient is ``dy`` times a 0/1 mask, no range
+    gradients) on the float32 value of a half-precision ``x``, results rounded back to
+    ``x.dtype``: the exact half-precision answer the working tree must give."""
+    xw = x.float().requires_grad_(True)
+    extra = tuple(e.detach().clone().requires_grad_(e.requires_grad) for e in extra)
+    try:
+        torch.manual_seed(seed)
+        y = fn(xw, *extra, **kw)
+    except (ValueError, TypeError) as err:
+        return ("raised", type(err).__name__, str(err))
+    out: list[Any] = [y.detach().to(x.dtype)]
+    if y.requires_grad:
+        # the STE mask from an upstream of ones, applied to the half upstream (so NaN payloads
+        # pass as the half-precision backward passes them)
+        y.backward(torch.ones_like(y))
+        dy = _upstream(out[0], seed)
+        out += [torch.where(xw.grad != 0, dy, torch.zeros_like(dy))]
+    return tuple(out)
+
+
+# Families decided in float32 for float16/bfloat16 input (fewbits.ops): compared with the
+# reference's float32 result rounded back (the reference revision may predate that rule).
+_WIDENED = ("fixed_point", "pow2", "inq")
+
+
 def _cases(F: Any) -> Iterator[tuple[str, Callable[..., Tensor], tuple[Tensor, ...], dict]]:
     yield "binary_connect", F.binary_connect, (), {}
     yield "binary_connect(zero=-1)", F.binary_connect, (), {"quantize_zero_to": -1.0}
@@ -227,7 +256,8 @@ def check_functional(F_new: Any, F_ref: Any, log: Callable[[str], None]) -> int:
                     continue
                 fn_n, ex, kw2 = a
                 r_new = _run(fn_n, x, ex, kw2, seed=i)
-                r_ref = _run(fn_ref, x, ex, kw2, seed=i)
+                wide = dtype in (torch.float16, torch.bfloat16) and name.startswith(_WIDENED)
+                r_ref = (_run_wide if wide else _run)(fn_ref, x, ex, kw2, seed=i)
                 total += 1
                 if "sign=False" in name and name.startswith("fixed_point"):
                     # clamp at a 0 bound: PyTorch's maximum(-0.0, 0.0) gives either zero by

@@ -10,8 +10,10 @@ the input gradients are bit-identical to the PyTorch path (tests compare the two
 edge case). Range-gradient sums are accumulated in float64 (order differs from ``Tensor.sum``,
 so the last bit of ``d qr_min``/``d qr_max`` may differ; both are within the spec's tolerance).
 
-Used automatically for float32 CPU tensors with a dense layout (contiguous or channels-last)
-outside ``torch.compile``; everything else takes the PyTorch path. ``FEWBITS_FUSED=0`` turns
+Used automatically, as the CPU backend of the operators of :mod:`fewbits.ops`, for float32
+CPU tensors with a dense layout (contiguous or channels-last), in eager mode and inside
+compiled, exported and traced graphs alike (the operator is opaque to them); everything else
+takes the PyTorch path. ``FEWBITS_FUSED=0`` turns
 the kernels off (e.g. to compare), as does a machine without a C compiler.
 """
 
@@ -72,7 +74,8 @@ def _dense(t: Tensor) -> bool:
 
 
 def usable(x: Tensor) -> bool:
-    """Whether ``x`` can take the fused path: float32, CPU, dense, not under torch.compile."""
+    """Whether ``x`` can take the fused path: float32, CPU, dense, a real tensor (the operators
+    run their implementation on real tensors only; this guards direct calls while tracing)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
             and not _compiling() and _dense(x) and available())
 

@@ -18,6 +18,7 @@ multiplication by its reciprocal, which is not bit-identical.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -146,6 +147,7 @@ def fixed_point_mask(
     return r.copysign_(x).mul_(d), mask
 
 
+@functools.lru_cache(maxsize=512)  # pure function of its arguments, called per step
 def fixed_point_bounds(
     sign: bool, n: int, delta: float, dtype: torch.dtype
 ) -> tuple[float, float, float, float] | None:
@@ -227,6 +229,7 @@ def _pow2_bits(
     return a.view(torch.float32), in_range
 
 
+@functools.lru_cache(maxsize=512)  # pure function of its arguments, called per step
 def pow2_bit_args(
     sign: bool, with_zero: bool, n: int, m: int, dtype: torch.dtype
 ) -> tuple[int, int, int, int, int] | None:

@@ -1,9 +1,12 @@
 """Straight-through quantizer functions: the nine families' forward and backward.
 
-Each public function validates its arguments, refuses non-finite input, and calls a
-``torch.autograd.Function`` whose forward is the formula of ``docs/QUANTIZERS.md`` (see
-:mod:`fewbits._math`) and whose backward is the straight-through estimator (STE) of the spec.
-Backward passes keep only a ``bool`` mask per element, never a float copy of the input.
+Each public function validates its arguments and calls the family's custom operator
+(:mod:`fewbits.ops`, ``torch.ops.fewbits.*``), whose forward is the formula of
+``docs/QUANTIZERS.md`` (see :mod:`fewbits._math`; float16/bfloat16 decided in float32),
+refuses non-finite input (see :func:`finite_checks`), and whose backward is the
+straight-through estimator (STE) of the spec.
+Backward passes keep only a ``uint8`` mask per element, never a float copy of the input. Under
+``torch.onnx.export`` they raise, naming fewbits' own exporter.
 
 Example:
     >>> import torch
@@ -21,7 +24,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from . import _kernels, _math
+from . import _math, ops
+
+try:  # where the dynamo-based ONNX exporter keeps its "exporting" flag (see _in_onnx_export)
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # another torch version: torch.onnx.is_in_onnx_export() alone
+    _onnx_flags = None
 
 __all__ = [
     "binary_connect",
@@ -43,8 +51,14 @@ _CHECK_FINITE = True
 def finite_checks(enabled: bool) -> Iterator[None]:
     """Turn the NaN/inf checks of every quantizer on or off inside a ``with`` block.
 
-    The checks cost one reduction (and, on CUDA, one host sync) per quantizer call; turn them off
-    for ``torch.compile`` or maximum speed once a model is known to train stably.
+    Where the check runs: inside each quantizer's operator (:mod:`fewbits.ops`), so it holds in
+    eager mode, ``torch.compile`` graphs, ``torch.export`` programs and ``torch.jit`` traces
+    alike (the mode is fixed when a graph is captured). On CPU it costs nothing extra with the
+    fused kernels (they count NaN/inf in the same pass), else one sum; no host sync. On CUDA,
+    eager calls read one flag back (a host sync per quantizer call) to raise ``ValueError``;
+    captured graphs use a device-side assertion instead (no sync; a failing step ends in a CUDA
+    error). ONNX files carry no check. Turn the checks off for maximum speed once a model is
+    known to train stably.
     """
     global _CHECK_FINITE
     old, _CHECK_FINITE = _CHECK_FINITE, bool(enabled)
@@ -54,13 +68,34 @@ def finite_checks(enabled: bool) -> Iterator[None]:
         _CHECK_FINITE = old
 
 
-def _all_finite(x: Tensor) -> bool:
-    """``torch.isfinite(x).all()`` at the cost of one sum: a NaN or inf element makes the sum
-    NaN or inf, so a finite sum proves every element finite; only a non-finite sum (a NaN/inf, or
-    finite values whose sum overflows) pays for the exact elementwise check."""
-    if math.isfinite(float(x.detach().sum())):
-        return True
-    return bool(torch.isfinite(x).all())
+def _check_mode(x: Tensor) -> int:
+    """The ``check`` argument of the operators for ``x`` (see :func:`finite_checks`)."""
+    if not _CHECK_FINITE:
+        return ops.CHECK_OFF
+    return ops.CHECK_ASYNC if ops.capturing() else ops.CHECK_RAISE
+
+
+_ONNX_HINT = (
+    "{fn}: torch.onnx.export cannot express this quantizer exactly (its rounding, thresholds and "
+    "straight-through masks are the fewbits operator {op}, which has no faithful ONNX form in "
+    "PyTorch's exporters, and ONNX Round rounds ties to even). Export with fewbits' own exporter "
+    "instead: fewbits.export.onnx.export_onnx(model, path) (CLI: `fewbits export --format onnx`), "
+    "which writes exact QuantizeLinear/DequantizeLinear graphs; or torch.export.export / "
+    "torch.jit.trace, which keep the operator."
+)
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, also where dynamo folds that call to False (the
+    dynamo-based exporter's capture): its flag read as a module attribute."""
+    return bool(torch.onnx.is_in_onnx_export()
+                or getattr(_onnx_flags, "_is_onnx_exporting", False))
+
+
+def _graph_guard(fn: str, op: str) -> None:
+    """Refuse torch.onnx.export (both exporters) with the fix, instead of writing a wrong file."""
+    if _in_onnx_export():
+        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=f"torch.ops.fewbits.{op}"))
 
 
 def _float_tensor(x: Tensor, fn: str, arg: str) -> None:
@@ -70,45 +105,19 @@ def _float_tensor(x: Tensor, fn: str, arg: str) -> None:
         raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {x.dtype}")
 
 
-def _finite(x: Tensor, fn: str, arg: str, known_finite: bool | None = None) -> None:
-    """Type checks, then (when checks are on) the NaN/inf check; ``known_finite`` is the answer
-    of a fused kernel that already looked at every element."""
+def _finite(x: Tensor, fn: str, arg: str) -> None:
+    """Type checks, then (when checks are on) the NaN/inf check, for code outside the operators
+    (quantizer state): raises ``ValueError`` in eager mode; inside a captured graph a
+    ``torch._assert_async`` (no host sync; ``RuntimeError`` when it fails), none in ONNX."""
     _float_tensor(x, fn, arg)
-    if known_finite is None:
-        known_finite = not _CHECK_FINITE or _all_finite(x)
-    if _CHECK_FINITE and not known_finite:
-        bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-        raise ValueError(
-            f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
-            "diverging run: lower the learning rate, or check the data for NaN/inf."
-        )
-
-
-# Integer dtype of the same width, to zero gradient elements with an integer multiply.
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
-                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
-    """``torch.where(mask, g * scale, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones
-    become ``+0.0``; ``scale`` 1 leaves ``g`` as it is), as the bits of ``g`` times the 0/1 mask:
-    one vectorised pass, where ``where`` with a bool condition is a scalar loop on CPU (~8x
-    slower on a 64x64x32x32 gradient). A uint8 mask comes from a fused kernel and goes back to
-    one (one pass for the scale and the mask, no conversion)."""
-    if mask.dtype == torch.uint8:
-        dx = _kernels.keep(g, mask, 1, scale)
-        if dx is not None:
-            return dx
-        mask = mask.view(torch.bool)
-    if scale != 1.0:
-        g = g * scale
-    it = _SAME_WIDTH_INT.get(g.dtype)
-    if it is None or g.shape != mask.shape:
-        return torch.where(mask, g, torch.zeros_like(g))
-    # Built from the mask: the output takes the memory layout torch.where(mask, ...) gives, so
-    # that sums of the result (min-max range gradients) add in the same order; converting the
-    # mask first and multiplying in place beats a bool * int multiply with inline casts.
-    return mask.to(it).mul_(g.view(it)).view(g.dtype)
+    if not _CHECK_FINITE or _in_onnx_export():
+        return
+    if ops.capturing():
+        torch._assert_async(torch.isfinite(x).all(),
+                            f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
+        return
+    if not ops._all_finite(x):
+        raise ops.nonfinite_error(x, fn, arg)
 
 
 def _bits(fn: str, name: str, value: int, low: int = 1) -> None:
@@ -124,21 +133,6 @@ def _positive(fn: str, name: str, value: float) -> None:
 # --------------------------------------------------------------------------- binary
 
 
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: Tensor, zero_to: float, stochastic: bool) -> Tensor:
-        if stochastic:
-            p = torch.clamp((w + 1) * 0.5, 0, 1)
-            return torch.where(torch.rand_like(w) < p, 1.0, -1.0).to(w.dtype)
-        one = torch.ones_like(w)
-        y = torch.where(w > 0, one, -one)
-        return torch.where(w == 0, torch.full_like(w, zero_to), y)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
-        return dy, None, None
-
-
 def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = False) -> Tensor:
     """BinaryConnect weights (Courbariaux et al., NeurIPS 2015).
 
@@ -149,34 +143,19 @@ def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = 
     >>> binary_connect(torch.tensor([-0.3, 0.0, 2.0]))
     tensor([-1.,  1.,  1.])
     """
-    _finite(w, "binary_connect", "w")
-    return _SignSTE.apply(w, float(quantize_zero_to), bool(stochastic))
+    fn = "binary_connect"
+    _float_tensor(w, fn, "w")
+    _graph_guard(fn, "binary_connect")
+    return ops.call_identity(ops.binary_connect, ops._binary_connect, w, float(quantize_zero_to),
+                             bool(stochastic), _check_mode(w), fn)
 
 
-class _BinaryActSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, low: float, grad_scale: float, fn: str) -> Tensor:
-        ctx.grad_scale = grad_scale
-        if _kernels.usable(x):  # one pass for y, the mask and the finite check
-            y, inside, finite = _kernels.binary_act(x, low, ctx.needs_input_grad[0])
-            _finite(x, fn, "x", finite)
-            ctx.save_for_backward(inside)
-            return y
-        _finite(x, fn, "x")
-        ctx.save_for_backward(x.abs() < 1)
-        # where(x > 0, 1, low) as arithmetic on the 0/1 step: where with a bool condition is
-        # a branchy scalar loop on CPU, ~4x slower than the convert + multiply-add.
-        y = (x > 0).to(x.dtype)
-        if low == -1.0:
-            return y.mul_(2.0).sub_(1.0)
-        if low == 0.0:
-            return y
-        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, low))
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None, None]:
-        (inside,) = ctx.saved_tensors
-        return _keep(dy, inside, ctx.grad_scale), None, None, None
+def _binary_act(x: Tensor, low: float, grad_scale: float, fn: str) -> Tensor:
+    _float_tensor(x, fn, "x")
+    _graph_guard(fn, "binary_act")
+    want = x.requires_grad
+    return ops.call_masked(ops.binary_act, ops._binary_act, x,
+                           (low, grad_scale, want, _check_mode(x), fn), grad_scale, want)
 
 
 def binary_tanh(x: Tensor) -> Tensor:
@@ -185,8 +164,7 @@ def binary_tanh(x: Tensor) -> Tensor:
     >>> binary_tanh(torch.tensor([-2.0, 0.0, 0.5]))
     tensor([-1., -1.,  1.])
     """
-    _float_tensor(x, "binary_tanh", "x")
-    return _BinaryActSTE.apply(x, -1.0, 1.0, "binary_tanh")
+    return _binary_act(x, -1.0, 1.0, "binary_tanh")
 
 
 def binary_sigmoid(x: Tensor) -> Tensor:
@@ -195,12 +173,7 @@ def binary_sigmoid(x: Tensor) -> Tensor:
     >>> binary_sigmoid(torch.tensor([-2.0, 0.0, 0.5]))
     tensor([0., 0., 1.])
     """
-    _float_tensor(x, "binary_sigmoid", "x")
-    return _BinaryActSTE.apply(x, 0.0, 0.5, "binary_sigmoid")
-
-
-def _channel_view(v: Tensor, ndim: int) -> Tensor:
-    return v.reshape((-1,) + (1,) * (ndim - 1))
+    return _binary_act(x, 0.0, 0.5, "binary_sigmoid")
 
 
 def binary_weight_scale(w: Tensor) -> Tensor:
@@ -208,23 +181,16 @@ def binary_weight_scale(w: Tensor) -> Tensor:
 
     Accumulating in float64 makes the float32 result independent of the summation order.
     """
+    _channel_axis(w)
+    return ops.binary_weight_scale(w)
+
+
+def _channel_axis(w: Tensor) -> None:
     if w.dim() < 2:
         raise ValueError(
             f"binary_weight: w must have an output-channel axis (dim >= 2), got shape "
             f"{tuple(w.shape)}; use binary_connect for biases and vectors"
         )
-    return w.detach().abs().double().flatten(1).mean(1).to(w.dtype)
-
-
-class _ScaledSignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: Tensor, alpha: Tensor) -> Tensor:
-        a = _channel_view(alpha, w.dim())
-        return torch.where(w >= 0, a, -a)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
-        return dy, None
 
 
 def binary_weight(w: Tensor) -> Tensor:
@@ -238,34 +204,14 @@ def binary_weight(w: Tensor) -> Tensor:
     tensor([[ 2.0000, -2.0000],
             [ 0.2500,  0.2500]])
     """
-    _finite(w, "binary_weight", "w")
-    return _ScaledSignSTE.apply(w, binary_weight_scale(w))
+    fn = "binary_weight"
+    _float_tensor(w, fn, "w")
+    _channel_axis(w)
+    _graph_guard(fn, "binary_weight")
+    return ops.call_identity(ops.binary_weight, ops._binary_weight, w, _check_mode(w), fn)
 
 
 # --------------------------------------------------------------------------- fixed point
-
-
-class _MaskSTE(torch.autograd.Function):
-    """``y`` precomputed, backward ``dy * mask`` (mask None = identity)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-        ctx.has_mask = mask is not None
-        if mask is not None:
-            ctx.save_for_backward(mask)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
-        if not ctx.has_mask:
-            return dy, None, None
-        (mask,) = ctx.saved_tensors
-        return _keep(dy, mask), None, None
-
-
-def _ste(x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-    # Build y under no_grad so autograd stores nothing but the bool mask.
-    return _MaskSTE.apply(x, y, mask)
 
 
 def fixed_point_quantize(
@@ -282,7 +228,8 @@ def fixed_point_quantize(
 
         y = round_half_away(c / delta) * delta,   c = clamp(x, xmin, xmax)
 
-    (the spec's ``sign(c) * floor(|c| / delta + 0.5) * delta``, rounded exactly).
+    (the spec's ``sign(c) * floor(|c| / delta + 0.5) * delta``, rounded exactly; float16 and
+    bfloat16 inputs are quantized in float32 and rounded back once).
 
     Backward: ``dx = dy * [xmin <= x <= xmax]`` (``ste_fine_grained``), else ``dx = dy``.
 
@@ -293,16 +240,10 @@ def fixed_point_quantize(
     _float_tensor(x, fn, "x")
     _bits(fn, "n", n, low=2 if sign else 1)
     _positive(fn, "delta", delta)
+    _graph_guard(fn, "fixed_point")
     want_mask = bool(ste_fine_grained) and x.requires_grad
-    bounds = _math.fixed_point_bounds(bool(sign), int(n), float(delta), x.dtype)
-    if bounds is not None and _kernels.usable(x):  # one pass: y, mask, finite check
-        y, mask, finite = _kernels.fixed_point(x, *bounds, want_mask)
-        _finite(x, fn, "x", finite)
-        return _ste(x, y, mask)
-    _finite(x, fn, "x")
-    with torch.no_grad():
-        y, mask = _math.fixed_point_mask(x, bool(sign), int(n), float(delta), want_mask)
-    return _ste(x, y, mask)
+    args = (bool(sign), int(n), float(delta), want_mask, _check_mode(x), fn)
+    return ops.call_masked(ops.fixed_point, ops._fixed_point, x, args, 1.0, want_mask)
 
 
 # --------------------------------------------------------------------------- power of two
@@ -330,7 +271,8 @@ def pow2_quantize(
     Forward (``nb = n - sign - with_zero``, ``p_max = 2**m``, ``p_min = 2**(m - (2**nb - 1))``,
     ``thr = p_min / sqrt(2)``): ``q = 2**round_half_away(log2|x|)`` (0 at 0), clipped to
     ``p_max``; below ``p_min`` it becomes ``0 if |x| < thr else p_min`` (``with_zero``) or
-    ``p_min``; the sign is restored (``sign``) or negatives map to ``0``/``p_min``.
+    ``p_min``; the sign is restored (``sign``) or negatives map to ``0``/``p_min``. float16 and
+    bfloat16 inputs are decided in float32 (exact ``log2`` rounding) and rounded back once.
     Backward: ``dx = dy * [2**round(log2|x|) <= p_max]`` (and 0 at ``x < 0`` when unsigned) if
     ``ste_fine_grained``, else ``dx = dy``. Miyashita et al. 2016, "Convolutional Neural Networks
     using Logarithmic Data Representation".
@@ -341,16 +283,10 @@ def pow2_quantize(
     fn = "pow2_quantize"
     _float_tensor(x, fn, "x")
     _pow2_check(fn, sign, with_zero, n, m)
+    _graph_guard(fn, "pow2")
     want_mask = bool(ste_fine_grained) and x.requires_grad
-    args = _math.pow2_bit_args(bool(sign), bool(with_zero), int(n), int(m), x.dtype)
-    if args is not None and _kernels.usable(x):  # one pass: y, mask, finite check
-        y, mask, finite = _kernels.pow2(x, args, bool(sign), bool(with_zero), want_mask)
-        _finite(x, fn, "x", finite)
-        return _ste(x, y, mask)
-    _finite(x, fn, "x")
-    with torch.no_grad():
-        y, mask = _math.pow2_mask(x, bool(sign), bool(with_zero), int(n), int(m), want_mask)
-    return _ste(x, y, mask)
+    args = (bool(sign), bool(with_zero), int(n), int(m), want_mask, _check_mode(x), fn)
+    return ops.call_masked(ops.pow2, ops._pow2, x, args, 1.0, want_mask)
 
 
 # --------------------------------------------------------------------------- INQ
@@ -361,7 +297,8 @@ def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
 
     Forward: with ``s = max|w|`` (1 if 0), ``n1 = floor(log2 s) + (frac(log2 s) >= log2 1.5)``,
     ``n2 = n1 + 1 - 2**(num_bits - 2)``: ``0`` where ``|w| < 2**(n2 - 1)``, else
-    ``sign(w) * 2**clamp(floor(log2|w|) + (frac(log2|w|) >= log2 1.5), n2, n1)``.
+    ``sign(w) * 2**clamp(floor(log2|w|) + (frac(log2|w|) >= log2 1.5), n2, n1)`` (float16 and
+    bfloat16 in float32, rounded back once).
     Backward: identity (INQ itself stops gradients of fixed weights with its mask; see
     :class:`fewbits.quantizers.INQ`).
 
@@ -369,102 +306,45 @@ def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
     tensor([ 1.0000, -0.2500,  0.0000])
     """
     fn = "inq_quantize"
-    _finite(w, fn, "w")
+    _float_tensor(w, fn, "w")
     _bits(fn, "num_bits", num_bits, low=2)
-    with torch.no_grad():
-        y = inq_levels(w, int(num_bits), fn)
-    return _ste(w, y, None)
+    _graph_guard(fn, "inq")
+    if not ops.capturing():  # eager only: the check reads max|w| on the host
+        _inq_dtype_check(w, fn)
+    return ops.call_identity(ops.inq, ops._inq, w, int(num_bits), _check_mode(w), fn)
 
 
 def inq_levels(w: Tensor, num_bits: int, fn: str = "inq_quantize") -> Tensor:
     """:func:`fewbits._math.inq_levels`, refusing a tensor whose largest level ``2**n1`` is
-    beyond its dtype, which would give inf from finite weights: ``max|w| >= 1.5 * 2**emax``
-    (``emax`` the dtype's largest exponent, 127 for float32) rounds to ``2**(emax + 1)``."""
+    beyond its dtype (see :func:`_inq_dtype_check`); half precision decided in float32, as the
+    operator does."""
+    _inq_dtype_check(w, fn)
+    return _math.inq_levels(ops._wide(w), num_bits).to(w.dtype)
+
+
+def _inq_dtype_check(w: Tensor, fn: str) -> None:
+    """Refuse weights whose largest INQ level would be inf in their dtype: ``max|w| >= 1.5 *
+    2**emax`` (``emax`` the dtype's largest exponent, 127 for float32) rounds to
+    ``2**(emax + 1)``, an inf from finite weights."""
     emax = math.frexp(torch.finfo(w.dtype).max)[1] - 1
     s = float(w.detach().abs().max()) if w.numel() else 0.0
-    if s >= 1.5 * 2.0**emax:
+    if math.isfinite(s) and s >= 1.5 * 2.0**emax:  # NaN/inf: the operator's check names them
         raise ValueError(
             f"{fn}: max|w| = {s:.6g} rounds to the level 2**{emax + 1}, beyond {w.dtype}: "
             "weights this large mean a diverged run (lower the learning rate), or quantize "
             "in a wider dtype")
-    return _math.inq_levels(w, num_bits)
 
 
 # --------------------------------------------------------------------------- min-max
 
 
-class _MinMaxSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, qr_min, qr_max, y, below, above, fine):
-        ctx.fine = fine
-        ctx.min_shape, ctx.max_shape = qr_min.shape, qr_max.shape
-        ctx.save_for_backward(below, above)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        below, above = ctx.saved_tensors
-        return (*_MinMaxSTE.backward_masks(ctx, dy, below, above), None)
-
-    @staticmethod
-    def backward_masks(ctx, dy, below, above):
-        dx = _keep(dy, ~(below | above)) if ctx.fine else dy
-        d_min = d_max = None
-        if ctx.needs_input_grad[1]:
-            d_min = _reduce_to(_keep(dy, below), ctx.min_shape)
-        if ctx.needs_input_grad[2]:
-            d_max = _reduce_to(_keep(dy, above), ctx.max_shape)
-        return dx, d_min, d_max, None, None, None
-
-
-class _MinMaxCodeSTE(torch.autograd.Function):
-    """:class:`_MinMaxSTE` for the fused kernel's one uint8 code (0 inside, 1 below, 2 above):
-    ``dx`` and both range sums in one pass."""
-
-    @staticmethod
-    def forward(ctx, x, qr_min, qr_max, y, code, fine):
-        ctx.fine = fine
-        ctx.min_shape, ctx.max_shape = qr_min.shape, qr_max.shape
-        ctx.save_for_backward(code)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (code,) = ctx.saved_tensors
-        want_sums = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        want_dx = ctx.fine and ctx.needs_input_grad[0]
-        fused = _kernels.min_max_grad(dy, code, want_dx, want_sums)
-        if fused is None:  # dy in another layout than the code: the PyTorch path
-            return _MinMaxSTE.backward_masks(ctx, dy, code == 1, code == 2)
-        dx, s_below, s_above = fused
-        if not ctx.fine:
-            dx = dy
-        d_min = d_max = None
-        if ctx.needs_input_grad[1]:
-            d_min = torch.tensor(s_below, dtype=dy.dtype).reshape(ctx.min_shape)
-        if ctx.needs_input_grad[2]:
-            d_max = torch.tensor(s_above, dtype=dy.dtype).reshape(ctx.max_shape)
-        return dx, d_min, d_max, None, None, None
-
-
-def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
-    if len(shape) == 0 or shape.numel() == 1:
-        return g.sum().reshape(shape)
-    return (g.flatten(1).sum(1) if g.dim() > 1 else g).reshape(shape)
-
-
-def _range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:
+def _range_view(r: Tensor | float, x: Tensor, fn: str, arg: str) -> Tensor:
+    """A range as a tensor viewed to broadcast over ``x`` (see :func:`fewbits.ops.range_view`),
+    after the eager NaN/inf check."""
     if not isinstance(r, Tensor):
         r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
     _finite(r, fn, arg)
-    if r.numel() == 1:
-        return r.reshape(())
-    if r.dim() != 1 or x.dim() < 1 or r.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{fn}: {arg} must be a scalar or have shape (C,) = (x.shape[0],) for per-channel "
-            f"ranges; got {tuple(r.shape)} for x of shape {tuple(x.shape)}"
-        )
-    return _channel_view(r, x.dim())
+    return ops.range_view(r, x, fn, arg)
 
 
 def min_max_grid(rmin: Tensor, rmax: Tensor, ql_min: int, ql_max: int, eps: float,
@@ -505,7 +385,7 @@ def min_max_quantize(
     ``scale = (qr_max - qr_min) / (ql_max - ql_min)``; ``zp = ql_min - qr_min / scale`` clamped
     to ``[ql_min, ql_max]`` and rounded half away; ``lo = (ql_min - zp) * scale``,
     ``hi = (ql_max - zp) * scale``; ``y = round_half_away((clamp(x, lo, hi) - lo) / scale) *
-    scale + lo``.
+    scale + lo`` (float16 and bfloat16 inputs in float32, rounded back once).
     Backward: ``dx = dy * [lo <= x <= hi]`` (``ste_fine_grained``, else ``dy``);
     ``d qr_min = sum(dy * [x < lo])``, ``d qr_max = sum(dy * [x > hi])`` (per channel when the
     ranges have shape ``(C,)``), when they require grad. State updates (per-batch and EMA
@@ -525,28 +405,19 @@ def min_max_quantize(
     if ql_max - ql_min > 2**32 - 1:
         raise ValueError(f"{fn}: ql_max - ql_min must fit 32 bits, got {ql_max - ql_min}")
     _positive(fn, "eps", eps)
-    rmin = _range_view(qr_min, x, fn, "qr_min")
-    rmax = _range_view(qr_max, x, fn, "qr_max")
-    needs = x.requires_grad or (isinstance(qr_min, Tensor) and qr_min.requires_grad) or (
-        isinstance(qr_max, Tensor) and qr_max.requires_grad
-    )
-    qmin_t = qr_min if isinstance(qr_min, Tensor) else rmin
-    qmax_t = qr_max if isinstance(qr_max, Tensor) else rmax
-    with torch.no_grad():
-        scale, _zp, lo, hi = min_max_grid(rmin.to(x.dtype), rmax.to(x.dtype), ql_min, ql_max,
-                                          eps, fn)
-        code = None
-        if scale.numel() == 1 and _kernels.usable(x):  # one pass: y, masks, finite check
-            y, code, finite = _kernels.min_max(x, float(lo), float(hi), float(scale), needs)
-            _finite(x, fn, "x", finite)
-        else:
-            _finite(x, fn, "x")
-            y = _math.min_max(x, scale, lo, hi)
-    if not needs:
-        return y
-    fine = bool(ste_fine_grained)
-    if code is not None:
-        return _MinMaxCodeSTE.apply(x, qmin_t, qmax_t, y, code, fine)
-    with torch.no_grad():
-        below, above = x < lo, x > hi
-    return _MinMaxSTE.apply(x, qmin_t, qmax_t, y, below, above, fine)
+    ranges = []
+    for r, arg in ((qr_min, "qr_min"), (qr_max, "qr_max")):
+        if not isinstance(r, Tensor):
+            r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
+        _float_tensor(r, fn, arg)
+        ops.range_view(r, x, fn, arg)  # shape check
+        ranges.append(r)
+    _graph_guard(fn, "min_max")
+    if not ops.capturing():  # eager only: a grid the dtype cannot hold raises (host sync)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        lo_r, hi_r = (ops.range_view(r.detach(), x, fn, a).to(wide)
+                      for r, a in ((ranges[0], "qr_min"), (ranges[1], "qr_max")))
+        min_max_grid(lo_r, hi_r, ql_min, ql_max, eps, fn)
+    needs = x.requires_grad or ranges[0].requires_grad or ranges[1].requires_grad
+    return ops.call_min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
+                            bool(ste_fine_grained), needs, _check_mode(x), fn)

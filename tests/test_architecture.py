@@ -21,7 +21,7 @@ LAYERS = [
     (0, "bits", ["fewbits.export.packing", "fewbits.export.huffman"]),
     (1, "kernels", ["fewbits._kernels"]),
     (1, "data", ["fewbits.data"]),
-    (2, "functional", ["fewbits.functional"]),
+    (2, "functional", ["fewbits.functional", "fewbits.ops"]),
     (3, "quantizers", ["fewbits.quantizers"]),
     (4, "layers", ["fewbits.layers"]),
     (5, "config", ["fewbits.config"]),

@@ -85,7 +85,9 @@ class INQ(Quantizer):
     # The counter is a Python int kept in the state dict as extra state: reading a device
     # buffer every forward would sync the GPU. How it counts (step_counted) belongs to the
     # training loop, not to the model: a loaded state keeps the caller's choice.
-    def get_extra_state(self) -> dict[str, int]:
+    def get_extra_state(self) -> dict[str, int] | Tensor:
+        if qf._in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+            return torch.tensor([self.counter, self.stage])
         return {"counter": self.counter, "stage": self.stage}
 
     def set_extra_state(self, state: dict[str, int]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _math
+from .. import _math, ops
 from .. import functional as qf
 from .base import Codes, IntGrid, Quantizer, register_quantizer
 
@@ -143,7 +143,11 @@ class MinMax(Quantizer):
         bmin, bmax = self._range_of(x)
         if self.stats_sync is None:
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
-            if not bool(torch.isfinite(torch.stack([bmin.sum(), bmax.sum()])).all()):
+            # (inside a captured graph as a device-side assertion on the two sums, no sync)
+            stats = torch.stack([bmin.sum(), bmax.sum()])
+            if ops.capturing():
+                qf._finite(stats, "MinMax", "x")
+            elif not bool(torch.isfinite(stats).all()):
                 qf._finite(x, "MinMax", "x")
             self._update(bmin, bmax)
             return self.qr_min, self.qr_max

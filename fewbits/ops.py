@@ -1,0 +1,558 @@
+"""The quantizers as PyTorch custom operators (``torch.ops.fewbits.*``).
+
+Each family's forward is one operator, and each straight-through backward another, registered
+with :mod:`torch.library` together with a fake (meta) kernel and an autograd formula. PyTorch's
+graph tools therefore see one opaque call per quantizer, never the ctypes kernel behind it:
+``torch.compile(fullgraph=True)``, ``torch.export.export`` and ``torch.jit.trace`` record the
+operator and run exactly the eager computation. One operator has several backends, chosen when
+it runs: the fused C kernels of :mod:`fewbits._kernels` (float32, dense CPU tensors), else the
+PyTorch formulas of :mod:`fewbits._math` (any device: CPU, CUDA).
+
+=====================================  ========================================  ==============
+operator                               returns                                   backward
+=====================================  ========================================  ==============
+``binary_connect(w, zero_to, stoch)``  ``sign(w)`` (+-1)                         identity
+``binary_weight(w)``                   ``mean|w[o]| * sign(w[o])``               identity
+``binary_act(x, low, grad_scale)``     ``(1 if x > 0 else low, |x| < 1 mask)``   ``keep``
+``fixed_point(x, sign, n, delta)``     ``(y, in-range mask)``                    ``keep``
+``pow2(x, sign, with_zero, n, m)``     ``(y, in-range mask)``                    ``keep``
+``inq(w, num_bits)``                   INQ levels of ``w``                       identity
+``min_max(x, qr_min, qr_max, ...)``    ``(y, code 0 inside / 1 below / 2 above)`` ``min_max_grad``
+``keep(dy, mask, scale)``              ``where(mask, dy * scale, +0.0)``
+``min_max_grad(dy, code, ...)``        ``(dx, d qr_min, d qr_max)``
+=====================================  ========================================  ==============
+
+Masks are uint8 tensors of the input's shape (empty when the gradient does not need them).
+
+Half precision: float16 and bfloat16 inputs are quantized exactly: every decision (rounding,
+thresholds, STE masks) is taken on the float32 value (the widening is exact) and the result is
+rounded back to the input's dtype once. The binary families compare with 0 and 1, which is exact
+in any dtype, and keep the input's dtype throughout.
+
+Non-finite input (``check``): ``0`` no check; ``1`` raise ``ValueError`` naming the function and
+argument (on CPU the fused kernels count NaN/inf in the same pass; on CUDA this reads one flag
+back, a host sync); ``2`` the same on CPU, and on CUDA a device-side assertion
+(``torch._assert_async``) that fails the step asynchronously without a host sync: what
+:mod:`fewbits.functional` passes inside ``torch.compile``/``torch.export`` graphs.
+
+    >>> import torch
+    >>> y, mask = torch.ops.fewbits.fixed_point(torch.tensor([0.3, 9.0]), True, 4, 0.25, True,
+    ...                                         1, "example")
+    >>> y, mask
+    (tensor([0.2500, 1.7500]), tensor([1, 0], dtype=torch.uint8))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _kernels, _math
+
+__all__ = [
+    "CHECK_ASYNC",
+    "CHECK_OFF",
+    "CHECK_RAISE",
+    "binary_act",
+    "binary_connect",
+    "binary_weight",
+    "binary_weight_scale",
+    "fixed_point",
+    "inq",
+    "keep",
+    "min_max",
+    "min_max_grad",
+    "nonfinite_error",
+    "pow2",
+    "range_view",
+]
+
+CHECK_OFF, CHECK_RAISE, CHECK_ASYNC = 0, 1, 2
+_op = functools.partial(torch.library.custom_op, mutates_args=())  # all fewbits ops are pure
+_HALF = (torch.float16, torch.bfloat16)
+_U8 = torch.uint8
+
+
+def nonfinite_error(x: Tensor, fn: str, arg: str) -> ValueError:
+    """The error every quantizer raises for NaN/inf input."""
+    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+    return ValueError(
+        f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
+        "diverging run: lower the learning rate, or check the data for NaN/inf."
+    )
+
+
+def _all_finite(x: Tensor) -> bool:
+    """``torch.isfinite(x).all()`` at the cost of one sum: a NaN or inf element makes the sum
+    NaN or inf, so a finite sum proves every element finite; only a non-finite sum (a NaN/inf, or
+    finite values whose sum overflows) pays for the exact elementwise check."""
+    if math.isfinite(float(x.detach().sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _check(x: Tensor, fn: str, arg: str, mode: int, known_finite: bool | None = None) -> None:
+    """The NaN/inf check of ``mode`` (see the module doc); ``known_finite`` is the answer of a
+    fused kernel that already looked at every element."""
+    if mode == CHECK_OFF:
+        return
+    if known_finite is None:
+        if mode == CHECK_ASYNC and x.device.type != "cpu":
+            torch._assert_async(torch.isfinite(x).all(),
+                                f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
+            return
+        known_finite = _all_finite(x)
+    if not known_finite:
+        raise nonfinite_error(x, fn, arg)
+
+
+def _wide(x: Tensor) -> Tensor:
+    """float32 copy of a half-precision tensor (exact), else ``x``."""
+    return x.float() if x.dtype in _HALF else x
+
+
+def _like(t: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` in ``dtype`` (default ``ref.dtype``) with the strides ``empty_like(ref)`` has, which
+    is what the fake kernels promise the graph compilers (a copy only where they differ)."""
+    dtype = ref.dtype if dtype is None else dtype
+    if t.dtype == dtype and t.stride() == ref.stride():
+        return t
+    out = torch.empty_like(ref, dtype=dtype)
+    return out.copy_(t)
+
+
+def _mask_out(mask: Tensor | None, x: Tensor) -> Tensor:
+    if mask is None:
+        return x.new_empty(0, dtype=_U8)
+    return _like(mask.view(_U8) if mask.dtype == torch.bool else mask, x, _U8)
+
+
+def _fake_y_mask(x: Tensor, want_mask: bool) -> tuple[Tensor, Tensor]:
+    m = torch.empty_like(x, dtype=_U8) if want_mask else x.new_empty(0, dtype=_U8)
+    return torch.empty_like(x), m
+
+
+# --------------------------------------------------------------------------- backward ops
+
+# Integer dtype of the same width, to zero gradient elements with an integer multiply.
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
+    """``torch.where(mask, g * scale, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones
+    become ``+0.0``; ``scale`` 1 leaves ``g`` as it is), as the bits of ``g`` times the 0/1 mask:
+    one vectorised pass, where ``where`` with a bool condition is a scalar loop on CPU (~8x
+    slower on a 64x64x32x32 gradient). A uint8 mask takes the fused kernel when it can (one
+    pass for the scale and the mask, no conversion)."""
+    if mask.dtype == _U8:
+        dx = _kernels.keep(g, mask, 1, scale)
+        if dx is not None:
+            return dx
+        mask = mask.view(torch.bool)
+    if scale != 1.0:
+        g = g * scale
+    it = _SAME_WIDTH_INT.get(g.dtype)
+    if it is None or g.shape != mask.shape:
+        return torch.where(mask, g, torch.zeros_like(g))
+    # Built from the mask: the output takes the memory layout torch.where(mask, ...) gives, so
+    # that sums of the result (min-max range gradients) add in the same order; converting the
+    # mask first and multiplying in place beats a bool * int multiply with inline casts.
+    return mask.to(it).mul_(g.view(it)).view(g.dtype)
+
+
+def _keep_op(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Straight-through backward: ``where(mask != 0, dy * scale, +0.0)`` (uint8 ``mask``)."""
+    return _like(_keep(dy, mask, scale), mask, dy.dtype)
+
+
+keep = _op("fewbits::keep", _keep_op)
+
+
+@keep.register_fake
+def _(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return torch.empty_like(mask, dtype=dy.dtype)
+
+
+def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
+    if len(shape) == 0 or math.prod(shape) == 1:
+        return g.sum().reshape(shape)
+    return (g.flatten(1).sum(1) if g.dim() > 1 else g).reshape(shape)
+
+
+def _min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_max: bool,
+                 min_shape: list[int], max_shape: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Min-max backward from the forward's code: ``dx = dy`` where code is 0 (else +0.0),
+    ``d qr_min = sum(dy where code == 1)``, ``d qr_max = sum(dy where code == 2)``, per channel
+    for ``(C,)`` ranges. Outputs not wanted are empty."""
+    def empty() -> Tensor:  # a fresh one per output: outputs must not alias each other
+        return dy.new_empty(0)
+
+    fused = None
+    if math.prod(min_shape) == 1 and math.prod(max_shape) == 1:
+        fused = _kernels.min_max_grad(dy, code, want_dx, want_min or want_max)
+    if fused is not None:  # float64 sums in one pass (last bit may differ from Tensor.sum)
+        dx, s_below, s_above = fused
+        d_min = torch.tensor(s_below, dtype=dy.dtype).reshape(min_shape) if want_min else empty()
+        d_max = torch.tensor(s_above, dtype=dy.dtype).reshape(max_shape) if want_max else empty()
+        return (_like(dx, code, dy.dtype) if want_dx else empty()), d_min, d_max
+    dx = _like(_keep(dy, code == 0), code, dy.dtype) if want_dx else empty()
+    d_min = _reduce_to(_keep(dy, code == 1), min_shape) if want_min else empty()
+    d_max = _reduce_to(_keep(dy, code == 2), max_shape) if want_max else empty()
+    return dx, d_min, d_max
+
+
+min_max_grad = _op("fewbits::min_max_grad", _min_max_grad)
+
+
+@min_max_grad.register_fake
+def _(dy, code, want_dx, want_min, want_max, min_shape, max_shape):
+    return (torch.empty_like(code, dtype=dy.dtype) if want_dx else dy.new_empty(0),
+            dy.new_empty(min_shape) if want_min else dy.new_empty(0),
+            dy.new_empty(max_shape) if want_max else dy.new_empty(0))
+
+
+# --------------------------------------------------------------------------- autograd glue
+
+
+def _scaled(dy: Tensor, mask: Tensor | None, scale: float, keep_fn) -> Tensor:
+    """The straight-through gradient of a ``(y, mask)`` operator: ``keep(dy, mask, scale)``
+    when the mask was made (fine-grained STE), else ``dy * scale``."""
+    if mask is None:
+        return dy if scale == 1.0 else dy * scale
+    return keep_fn(dy, mask, scale)
+
+
+def _register_identity(op, n_args: int) -> None:
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, dy):
+        return (dy, *([None] * n_args))
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def _register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> None:
+    """Autograd of an op returning ``(y, mask)`` (see :func:`_scaled`)."""
+
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask output
+        ctx.has_mask = bool(inputs[want_arg])
+        ctx.scale = 1.0 if scale_arg is None else float(inputs[scale_arg])
+        if ctx.has_mask:
+            ctx.save_for_backward(output[1])
+
+    def backward(ctx, dy, _dmask):
+        if dy is None:
+            return (None, *([None] * n_args))
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        return (_scaled(dy, mask, ctx.scale, torch.ops.fewbits.keep), *([None] * n_args))
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def capturing() -> bool:
+    """True while torch.compile, torch.export or torch.jit.trace captures a graph."""
+    return bool(torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+                or _is_exporting())
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+class _EagerIdentity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, impl, args: tuple) -> Tensor:
+        return impl(x, *args)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return dy, None, None
+
+
+class _EagerMasked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, impl, args: tuple, scale: float, has_mask: bool) -> Tensor:
+        y, mask = impl(x, *args)
+        ctx.scale, ctx.has_mask = scale, has_mask
+        if has_mask:
+            ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
+
+
+def call_identity(op, impl, x: Tensor, *args) -> Tensor:
+    """``op(x, *args)`` with the identity straight-through gradient. While a graph is being
+    captured this is the registered operator; in eager mode the same implementation runs under
+    an equivalent ``autograd.Function`` (the dispatcher's Python layers cost ~0.1 ms a call)."""
+    if capturing():
+        return op(x, *args)
+    return _EagerIdentity.apply(x, impl, args)
+
+
+def call_masked(op, impl, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Tensor:
+    """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
+    if capturing():
+        return op(x, *args)[0]
+    return _EagerMasked.apply(x, impl, args, scale, has_mask)
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def _binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn: str) -> Tensor:
+    """``sign(w)`` with ``sign(0) = zero_to``; stochastic: ``+1`` with probability
+    ``clamp((w + 1) / 2, 0, 1)``."""
+    _check(w, fn, "w", check)
+    if stochastic:
+        p = torch.clamp((w + 1) * 0.5, 0, 1)
+        return torch.where(torch.rand_like(w) < p, 1.0, -1.0).to(w.dtype)
+    one = torch.ones_like(w)
+    y = torch.where(w > 0, one, -one)
+    return _like(torch.where(w == 0, torch.full_like(w, zero_to), y), w)
+
+
+binary_connect = _op("fewbits::binary_connect", _binary_connect)
+
+
+@binary_connect.register_fake
+def _(w, zero_to, stochastic, check, fn):
+    return torch.empty_like(w)
+
+
+_register_identity(binary_connect, 4)
+
+
+def binary_weight_scale(w: Tensor) -> Tensor:
+    """Per-output-channel ``alpha[o] = mean |w[o, ...]|`` (float64 accumulation, then
+    ``w.dtype``): independent of the summation order."""
+    return w.detach().abs().double().flatten(1).mean(1).to(w.dtype)
+
+
+def _binary_weight(w: Tensor, check: int, fn: str) -> Tensor:
+    """``alpha[o] * sign(w[o, ...])``, ``sign(0) = +1``, ``alpha`` per output channel."""
+    _check(w, fn, "w", check)
+    a = binary_weight_scale(w).reshape((-1,) + (1,) * (w.dim() - 1))
+    return _like(torch.where(w >= 0, a, -a), w)
+
+
+binary_weight = _op("fewbits::binary_weight", _binary_weight)
+
+
+@binary_weight.register_fake
+def _(w, check, fn):
+    return torch.empty_like(w)
+
+
+_register_identity(binary_weight, 2)
+
+
+def _binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check: int,
+               fn: str) -> tuple[Tensor, Tensor]:
+    """``(1 if x > 0 else low, |x| < 1)``; the backward scales by ``grad_scale``."""
+    if _kernels.usable(x):  # one pass for y, the mask and the finite check
+        y, inside, finite = _kernels.binary_act(x, low, want_mask)
+        _check(x, fn, "x", check, finite)
+        return y, _mask_out(inside, x)
+    _check(x, fn, "x", check)
+    inside = (x.abs() < 1) if want_mask else None
+    # where(x > 0, 1, low) as arithmetic on the 0/1 step: where with a bool condition is
+    # a branchy scalar loop on CPU, ~4x slower than the convert + multiply-add.
+    y = (x > 0).to(x.dtype)
+    if low == -1.0:
+        y = y.mul_(2.0).sub_(1.0)
+    elif low != 0.0:
+        y = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, low))
+    return _like(y, x), _mask_out(inside, x)
+
+
+binary_act = _op("fewbits::binary_act", _binary_act)
+
+
+@binary_act.register_fake
+def _(x, low, grad_scale, want_mask, check, fn):
+    return _fake_y_mask(x, want_mask)
+
+
+_register_masked(binary_act, 2, 3, 5)
+
+
+# --------------------------------------------------------------------------- fixed point
+
+
+def _fixed_point(x: Tensor, sign: bool, n: int, delta: float, want_mask: bool, check: int,
+                fn: str) -> tuple[Tensor, Tensor]:
+    """``(round_half_away(clamp(x, xmin, xmax) / delta) * delta, xmin <= x <= xmax)``."""
+    xw = _wide(x)
+    bounds = _math.fixed_point_bounds(sign, n, delta, xw.dtype)
+    if bounds is not None and _kernels.usable(xw):  # one pass: y, mask, finite check
+        y, mask, finite = _kernels.fixed_point(xw, *bounds, want_mask)
+        _check(xw, fn, "x", check, finite)
+    else:
+        _check(xw, fn, "x", check)
+        y, mask = _math.fixed_point_mask(xw, sign, n, delta, want_mask)
+    return _like(y, x), _mask_out(mask, x)
+
+
+fixed_point = _op("fewbits::fixed_point", _fixed_point)
+
+
+@fixed_point.register_fake
+def _(x, sign, n, delta, want_mask, check, fn):
+    return _fake_y_mask(x, want_mask)
+
+
+_register_masked(fixed_point, None, 4, 6)
+
+
+# --------------------------------------------------------------------------- power of two
+
+
+def _pow2(x: Tensor, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool, check: int,
+         fn: str) -> tuple[Tensor, Tensor]:
+    """``(power-of-two level of x, 2**round(log2|x|) <= 2**m)`` (see :func:`_math.pow2`)."""
+    xw = _wide(x)
+    args = _math.pow2_bit_args(sign, with_zero, n, m, xw.dtype)
+    if args is not None and _kernels.usable(xw):  # one pass: y, mask, finite check
+        y, mask, finite = _kernels.pow2(xw, args, sign, with_zero, want_mask)
+        _check(xw, fn, "x", check, finite)
+    else:
+        _check(xw, fn, "x", check)
+        y, mask = _math.pow2_mask(xw, sign, with_zero, n, m, want_mask)
+    return _like(y, x), _mask_out(mask, x)
+
+
+pow2 = _op("fewbits::pow2", _pow2)
+
+
+@pow2.register_fake
+def _(x, sign, with_zero, n, m, want_mask, check, fn):
+    return _fake_y_mask(x, want_mask)
+
+
+_register_masked(pow2, None, 5, 7)
+
+
+# --------------------------------------------------------------------------- INQ
+
+
+def _inq(w: Tensor, num_bits: int, check: int, fn: str) -> Tensor:
+    """INQ power-of-two levels of the whole tensor (see :func:`_math.inq_levels`)."""
+    _check(w, fn, "w", check)
+    return _like(_math.inq_levels(_wide(w), num_bits), w)
+
+
+inq = _op("fewbits::inq", _inq)
+
+
+@inq.register_fake
+def _(w, num_bits, check, fn):
+    return torch.empty_like(w)
+
+
+_register_identity(inq, 3)
+
+
+# --------------------------------------------------------------------------- min-max
+
+
+def range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:
+    """A range as a 0-d tensor, or ``(C,)`` viewed to broadcast over ``x``'s channel axis 0."""
+    if r.numel() == 1:
+        return r.reshape(())
+    if r.dim() != 1 or x.dim() < 1 or r.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: {arg} must be a scalar or have shape (C,) = (x.shape[0],) for per-channel "
+            f"ranges; got {tuple(r.shape)} for x of shape {tuple(x.shape)}"
+        )
+    return r.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int, eps: float,
+            fine: bool, want_code: bool, check: int, fn: str) -> tuple[Tensor, Tensor]:
+    """``(y, code)`` of the min-max quantizer (see :func:`_math.min_max_range`); ``code`` is 1
+    where ``x < lo``, 2 where ``x > hi``, else 0 (``fine`` is for the backward)."""
+    _check(qr_min, fn, "qr_min", check)
+    _check(qr_max, fn, "qr_max", check)
+    xw = _wide(x)
+    rmin, rmax = range_view(qr_min, xw, fn, "qr_min"), range_view(qr_max, xw, fn, "qr_max")
+    scale, _zp, lo, hi = _math.min_max_range(rmin.to(xw.dtype), rmax.to(xw.dtype),
+                                             float(ql_min), float(ql_max), float(eps))
+    if scale.numel() == 1 and _kernels.usable(xw):  # one pass: y, code, finite check
+        y, code, finite = _kernels.min_max(xw, float(lo), float(hi), float(scale), want_code)
+        _check(xw, fn, "x", check, finite)
+    else:
+        _check(xw, fn, "x", check)
+        y = _math.min_max(xw, scale, lo, hi)
+        code = None
+        if want_code:
+            code = (xw < lo).view(_U8) | (xw > hi).view(_U8).mul_(2)
+    return _like(y, x), _mask_out(code, x)
+
+
+min_max = _op("fewbits::min_max", _min_max)
+
+
+@min_max.register_fake
+def _(x, qr_min, qr_max, ql_min, ql_max, eps, fine, want_code, check, fn):
+    return _fake_y_mask(x, want_code)
+
+
+def _min_max_setup(ctx, inputs, output):
+    qr_min, qr_max, fine = inputs[1], inputs[2], inputs[6]
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the code output
+    ctx.fine = bool(fine)
+    ctx.min_shape, ctx.max_shape = list(qr_min.shape), list(qr_max.shape)
+    ctx.save_for_backward(output[1])
+
+
+def _min_max_grads(ctx, dy: Tensor, code: Tensor, grad_fn) -> tuple:
+    need_x, need_min, need_max = ctx.needs_input_grad[:3]
+    want_dx = ctx.fine and need_x
+    dx, d_min, d_max = grad_fn(dy, code, want_dx, need_min, need_max, ctx.min_shape,
+                               ctx.max_shape)
+    if not want_dx:
+        dx = dy if need_x else None
+    return dx, d_min if need_min else None, d_max if need_max else None
+
+
+def _min_max_backward(ctx, dy, _dcode):
+    if dy is None:
+        return (None,) * 10
+    grads = _min_max_grads(ctx, dy, ctx.saved_tensors[0], torch.ops.fewbits.min_max_grad)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(min_max, _min_max_backward, setup_context=_min_max_setup)
+
+
+class _EagerMinMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, qr_min: Tensor, qr_max: Tensor, args: tuple) -> Tensor:
+        y, code = _min_max(x, qr_min, qr_max, *args)
+        ctx.fine = bool(args[3])
+        ctx.min_shape, ctx.max_shape = list(qr_min.shape), list(qr_max.shape)
+        ctx.save_for_backward(code)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return (*_min_max_grads(ctx, dy, ctx.saved_tensors[0], _min_max_grad), None)
+
+
+def call_min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int,
+                 eps: float, fine: bool, want_code: bool, check: int, fn: str) -> Tensor:
+    """``min_max(...)[0]`` with its straight-through gradients (see :func:`call_identity`)."""
+    args = (ql_min, ql_max, eps, fine, want_code, check, fn)
+    if capturing():
+        return min_max(x, qr_min, qr_max, *args)[0]
+    return _EagerMinMax.apply(x, qr_min, qr_max, args)
