@@ -116,7 +116,7 @@ def _finite(x: Tensor, fn: str, arg: str) -> None:
         torch._assert_async(torch.isfinite(x).all(),
                             f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
         return
-    if not ops._all_finite(x):
+    if not ops.all_finite(x):
         raise ops.nonfinite_error(x, fn, arg)
 
 

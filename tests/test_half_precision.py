@@ -23,7 +23,7 @@ from fewbits.quantizers import get
 HALF = [torch.float16, torch.bfloat16]
 
 
-def _all_finite(dtype: torch.dtype) -> torch.Tensor:
+def all_finite(dtype: torch.dtype) -> torch.Tensor:
     """Every finite value of a 16-bit float type, -0.0 included."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     return x[torch.isfinite(x)]
@@ -54,7 +54,7 @@ FIXED = [(True, 8, 2**-4), (True, 4, 0.1), (False, 6, 0.3), (True, 16, 2**-10), 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("sign,n,delta", FIXED)
 def test_fixed_point_every_half_value(dtype, sign, n, delta):
-    x = _all_finite(dtype)
+    x = all_finite(dtype)
     y, dx = _run(fq.fixed_point_quantize, x, sign=sign, n=n, delta=delta)
     xf = x.float().numpy()
     assert y.dtype == dtype
@@ -70,7 +70,7 @@ POW2 = [(True, True, 8, 1), (True, False, 4, 0), (False, True, 5, -1), (True, Tr
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("sign,with_zero,n,m", POW2)
 def test_pow2_every_half_value(dtype, sign, with_zero, n, m):
-    x = _all_finite(dtype)
+    x = all_finite(dtype)
     y, dx = _run(fq.pow2_quantize, x, sign=sign, with_zero=with_zero, n=n, m=m)
     xf = x.float().numpy()
     _same(y, _expect(O.pow2_quantize(xf, sign, with_zero, n, m), dtype), x, "value")
@@ -92,7 +92,7 @@ def test_pow2_bfloat16_below_sqrt_half_rounds_down():
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("num_bits", [2, 4, 5])
 def test_inq_every_half_value(dtype, num_bits):
-    x = _all_finite(dtype)
+    x = all_finite(dtype)
     x = x[x.float().abs() <= 3.0]  # the tensor's max sets the levels: keep a usual scale
     y, dx = _run(fq.inq_quantize, x, num_bits=num_bits)
     _same(y, _expect(O.inq_quantize(x.float().numpy(), num_bits), dtype), x, "value")
@@ -105,7 +105,7 @@ MINMAX = [(-1.0, 1.0, 0, 255), (-0.3, 2.0, -128, 127), (0.1, 0.105, 0, 3), (-6.0
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("lo,hi,ql_min,ql_max", MINMAX)
 def test_min_max_every_half_value(dtype, lo, hi, ql_min, ql_max):
-    x = _all_finite(dtype)
+    x = all_finite(dtype)
     x = x[x.float().abs() <= 8.0]
     a, b = torch.tensor(lo), torch.tensor(hi)
     y, dx = _run(fq.min_max_quantize, x, qr_min=a, qr_max=b, ql_min=ql_min, ql_max=ql_max)
@@ -120,7 +120,7 @@ def test_min_max_every_half_value(dtype, lo, hi, ql_min, ql_max):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name", ["binary_tanh", "binary_sigmoid", "binary_connect"])
 def test_binary_every_half_value(dtype, name):
-    x = _all_finite(dtype)
+    x = all_finite(dtype)
     y, dx = _run(getattr(fq, name), x)
     xf = x.float().numpy()
     _same(y, _expect(getattr(O, name)(xf), dtype), x, "value")
@@ -129,7 +129,7 @@ def test_binary_every_half_value(dtype, name):
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_binary_weight_half(dtype):
-    w = _all_finite(dtype)[::64].reshape(-1, 4)
+    w = all_finite(dtype)[::64].reshape(-1, 4)
     w = w[w.float().abs().amax(1) < 1e4]  # mean |w| representable in the half type
     y, dx = _run(fq.binary_weight, w)
     _same(y.reshape(-1), _expect(O.binary_weight(w.float().numpy()), dtype).reshape(-1),

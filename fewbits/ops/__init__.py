@@ -44,23 +44,46 @@ back, a host sync); ``2`` the same on CPU, and on CUDA a device-side assertion
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from . import _kernels, _math
+from .. import _kernels, _math
+from ._core import (  # the machinery (checks, widening, autograd glue)
+    _U8,
+    CHECK_ASYNC,
+    CHECK_OFF,
+    CHECK_RAISE,
+    _check,
+    _fake_y_mask,
+    _like,
+    _mask_out,
+    _min_max_grad,
+    _op,
+    _register_identity,
+    _register_masked,
+    _wide,
+    all_finite,
+    call_identity,
+    call_masked,
+    capturing,
+    keep,
+    min_max_grad,
+    nonfinite_error,
+)
 
 __all__ = [
     "CHECK_ASYNC",
     "CHECK_OFF",
     "CHECK_RAISE",
+    "all_finite",
     "binary_act",
     "binary_connect",
     "binary_weight",
     "binary_weight_scale",
+    "call_identity",
+    "call_masked",
+    "call_min_max",
+    "capturing",
     "fixed_point",
     "inq",
     "keep",
@@ -70,241 +93,6 @@ __all__ = [
     "pow2",
     "range_view",
 ]
-
-CHECK_OFF, CHECK_RAISE, CHECK_ASYNC = 0, 1, 2
-_op = functools.partial(torch.library.custom_op, mutates_args=())  # all fewbits ops are pure
-_HALF = (torch.float16, torch.bfloat16)
-_U8 = torch.uint8
-
-
-def nonfinite_error(x: Tensor, fn: str, arg: str) -> ValueError:
-    """The error every quantizer raises for NaN/inf input."""
-    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-    return ValueError(
-        f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
-        "diverging run: lower the learning rate, or check the data for NaN/inf."
-    )
-
-
-def _all_finite(x: Tensor) -> bool:
-    """``torch.isfinite(x).all()`` at the cost of one sum: a NaN or inf element makes the sum
-    NaN or inf, so a finite sum proves every element finite; only a non-finite sum (a NaN/inf, or
-    finite values whose sum overflows) pays for the exact elementwise check."""
-    if math.isfinite(float(x.detach().sum())):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
-def _check(x: Tensor, fn: str, arg: str, mode: int, known_finite: bool | None = None) -> None:
-    """The NaN/inf check of ``mode`` (see the module doc); ``known_finite`` is the answer of a
-    fused kernel that already looked at every element."""
-    if mode == CHECK_OFF:
-        return
-    if known_finite is None:
-        if mode == CHECK_ASYNC and x.device.type != "cpu":
-            torch._assert_async(torch.isfinite(x).all(),
-                                f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
-            return
-        known_finite = _all_finite(x)
-    if not known_finite:
-        raise nonfinite_error(x, fn, arg)
-
-
-def _wide(x: Tensor) -> Tensor:
-    """float32 copy of a half-precision tensor (exact), else ``x``."""
-    return x.float() if x.dtype in _HALF else x
-
-
-def _like(t: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``t`` in ``dtype`` (default ``ref.dtype``) with the strides ``empty_like(ref)`` has, which
-    is what the fake kernels promise the graph compilers (a copy only where they differ)."""
-    dtype = ref.dtype if dtype is None else dtype
-    if t.dtype == dtype and t.stride() == ref.stride():
-        return t
-    out = torch.empty_like(ref, dtype=dtype)
-    return out.copy_(t)
-
-
-def _mask_out(mask: Tensor | None, x: Tensor) -> Tensor:
-    if mask is None:
-        return x.new_empty(0, dtype=_U8)
-    return _like(mask.view(_U8) if mask.dtype == torch.bool else mask, x, _U8)
-
-
-def _fake_y_mask(x: Tensor, want_mask: bool) -> tuple[Tensor, Tensor]:
-    m = torch.empty_like(x, dtype=_U8) if want_mask else x.new_empty(0, dtype=_U8)
-    return torch.empty_like(x), m
-
-
-# --------------------------------------------------------------------------- backward ops
-
-# Integer dtype of the same width, to zero gradient elements with an integer multiply.
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
-                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
-    """``torch.where(mask, g * scale, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones
-    become ``+0.0``; ``scale`` 1 leaves ``g`` as it is), as the bits of ``g`` times the 0/1 mask:
-    one vectorised pass, where ``where`` with a bool condition is a scalar loop on CPU (~8x
-    slower on a 64x64x32x32 gradient). A uint8 mask takes the fused kernel when it can (one
-    pass for the scale and the mask, no conversion)."""
-    if mask.dtype == _U8:
-        dx = _kernels.keep(g, mask, 1, scale)
-        if dx is not None:
-            return dx
-        mask = mask.view(torch.bool)
-    if scale != 1.0:
-        g = g * scale
-    it = _SAME_WIDTH_INT.get(g.dtype)
-    if it is None or g.shape != mask.shape:
-        return torch.where(mask, g, torch.zeros_like(g))
-    # Built from the mask: the output takes the memory layout torch.where(mask, ...) gives, so
-    # that sums of the result (min-max range gradients) add in the same order; converting the
-    # mask first and multiplying in place beats a bool * int multiply with inline casts.
-    return mask.to(it).mul_(g.view(it)).view(g.dtype)
-
-
-def _keep_op(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Straight-through backward: ``where(mask != 0, dy * scale, +0.0)`` (uint8 ``mask``)."""
-    return _like(_keep(dy, mask, scale), mask, dy.dtype)
-
-
-keep = _op("fewbits::keep", _keep_op)
-
-
-@keep.register_fake
-def _(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
-    return torch.empty_like(mask, dtype=dy.dtype)
-
-
-def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
-    if len(shape) == 0 or math.prod(shape) == 1:
-        return g.sum().reshape(shape)
-    return (g.flatten(1).sum(1) if g.dim() > 1 else g).reshape(shape)
-
-
-def _min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_max: bool,
-                 min_shape: list[int], max_shape: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Min-max backward from the forward's code: ``dx = dy`` where code is 0 (else +0.0),
-    ``d qr_min = sum(dy where code == 1)``, ``d qr_max = sum(dy where code == 2)``, per channel
-    for ``(C,)`` ranges. Outputs not wanted are empty."""
-    def empty() -> Tensor:  # a fresh one per output: outputs must not alias each other
-        return dy.new_empty(0)
-
-    fused = None
-    if math.prod(min_shape) == 1 and math.prod(max_shape) == 1:
-        fused = _kernels.min_max_grad(dy, code, want_dx, want_min or want_max)
-    if fused is not None:  # float64 sums in one pass (last bit may differ from Tensor.sum)
-        dx, s_below, s_above = fused
-        d_min = torch.tensor(s_below, dtype=dy.dtype).reshape(min_shape) if want_min else empty()
-        d_max = torch.tensor(s_above, dtype=dy.dtype).reshape(max_shape) if want_max else empty()
-        return (_like(dx, code, dy.dtype) if want_dx else empty()), d_min, d_max
-    dx = _like(_keep(dy, code == 0), code, dy.dtype) if want_dx else empty()
-    d_min = _reduce_to(_keep(dy, code == 1), min_shape) if want_min else empty()
-    d_max = _reduce_to(_keep(dy, code == 2), max_shape) if want_max else empty()
-    return dx, d_min, d_max
-
-
-min_max_grad = _op("fewbits::min_max_grad", _min_max_grad)
-
-
-@min_max_grad.register_fake
-def _(dy, code, want_dx, want_min, want_max, min_shape, max_shape):
-    return (torch.empty_like(code, dtype=dy.dtype) if want_dx else dy.new_empty(0),
-            dy.new_empty(min_shape) if want_min else dy.new_empty(0),
-            dy.new_empty(max_shape) if want_max else dy.new_empty(0))
-
-
-# --------------------------------------------------------------------------- autograd glue
-
-
-def _scaled(dy: Tensor, mask: Tensor | None, scale: float, keep_fn) -> Tensor:
-    """The straight-through gradient of a ``(y, mask)`` operator: ``keep(dy, mask, scale)``
-    when the mask was made (fine-grained STE), else ``dy * scale``."""
-    if mask is None:
-        return dy if scale == 1.0 else dy * scale
-    return keep_fn(dy, mask, scale)
-
-
-def _register_identity(op, n_args: int) -> None:
-    def setup(ctx, inputs, output):
-        pass
-
-    def backward(ctx, dy):
-        return (dy, *([None] * n_args))
-
-    torch.library.register_autograd(op, backward, setup_context=setup)
-
-
-def _register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> None:
-    """Autograd of an op returning ``(y, mask)`` (see :func:`_scaled`)."""
-
-    def setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask output
-        ctx.has_mask = bool(inputs[want_arg])
-        ctx.scale = 1.0 if scale_arg is None else float(inputs[scale_arg])
-        if ctx.has_mask:
-            ctx.save_for_backward(output[1])
-
-    def backward(ctx, dy, _dmask):
-        if dy is None:
-            return (None, *([None] * n_args))
-        mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        return (_scaled(dy, mask, ctx.scale, torch.ops.fewbits.keep), *([None] * n_args))
-
-    torch.library.register_autograd(op, backward, setup_context=setup)
-
-
-def capturing() -> bool:
-    """True while torch.compile, torch.export or torch.jit.trace captures a graph."""
-    return bool(torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
-                or _is_exporting())
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
-class _EagerIdentity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, impl, args: tuple) -> Tensor:
-        return impl(x, *args)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        return dy, None, None
-
-
-class _EagerMasked(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, impl, args: tuple, scale: float, has_mask: bool) -> Tensor:
-        y, mask = impl(x, *args)
-        ctx.scale, ctx.has_mask = scale, has_mask
-        if has_mask:
-            ctx.save_for_backward(mask)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
-
-
-def call_identity(op, impl, x: Tensor, *args) -> Tensor:
-    """``op(x, *args)`` with the identity straight-through gradient. While a graph is being
-    captured this is the registered operator; in eager mode the same implementation runs under
-    an equivalent ``autograd.Function`` (the dispatcher's Python layers cost ~0.1 ms a call)."""
-    if capturing():
-        return op(x, *args)
-    return _EagerIdentity.apply(x, impl, args)
-
-
-def call_masked(op, impl, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Tensor:
-    """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
-    if capturing():
-        return op(x, *args)[0]
-    return _EagerMasked.apply(x, impl, args, scale, has_mask)
-
 
 # --------------------------------------------------------------------------- binary
 
