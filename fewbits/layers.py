@@ -37,6 +37,13 @@ class _QuantMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
+    def __init__(self, *args: Any, weight_quantizer: Spec = None, bias_quantizer: Spec = None,
+                 input_quantizer: Spec = None, output_quantizer: Spec = None,
+                 **kwargs: Any) -> None:
+        # the torch parent's arguments pass through unchanged (cooperative __init__)
+        super().__init__(*args, **kwargs)
+        self._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer, output_quantizer)
+
     def _init_quantizers(self, weight_quantizer: Spec, bias_quantizer: Spec,
                          input_quantizer: Spec, output_quantizer: Spec) -> None:
         self.weight_quantizer = get(weight_quantizer)
@@ -156,12 +163,6 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
     _float_type = nn.Conv2d
 
-    def __init__(self, *args: Any, weight_quantizer: Spec = None, bias_quantizer: Spec = None,
-                 input_quantizer: Spec = None, output_quantizer: Spec = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer, output_quantizer)
-
     @staticmethod
     def _float_kwargs(m: nn.Module) -> dict[str, Any]:
         return {"in_channels": m.in_channels, "out_channels": m.out_channels,
@@ -180,12 +181,6 @@ class QuantLinear(_QuantMixin, nn.Linear):
     """
 
     _float_type = nn.Linear
-
-    def __init__(self, *args: Any, weight_quantizer: Spec = None, bias_quantizer: Spec = None,
-                 input_quantizer: Spec = None, output_quantizer: Spec = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer, output_quantizer)
 
     @staticmethod
     def _float_kwargs(m: nn.Module) -> dict[str, Any]:
