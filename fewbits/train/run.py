@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint as ckpt
-from . import distributed as fdist
-from ._version import __version__
-from .config import (
+from .. import checkpoint as ckpt
+from .. import distributed as fdist
+from .._version import __version__
+from ..config import (
     CONTEXTS,
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -45,11 +45,11 @@ from .config import (
     ConfigError,
     TrainConfig,
 )
-from .layers import apply_weight_constraints, count_optimizer_steps
-from .models import create_model, list_models, model_info, register_factory
-from .monitor import Monitor, Progress, write_json
-from .quantizers import INQ
-from .runs import check_run_folder, existing_run_files
+from ..layers import apply_weight_constraints, count_optimizer_steps
+from ..models import create_model, list_models, model_info, register_factory
+from ..monitor import Monitor, Progress, write_json
+from ..quantizers import INQ
+from ..runs import check_run_folder, existing_run_files
 
 __all__ = [
     "CONTEXTS",
@@ -213,7 +213,7 @@ def _check_net(net: str) -> None:
 
 def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None = None):
     """Load one split of ``cfg.dataset`` (synthetic data gets ``shape``, default 3x32x32)."""
-    from .data import load_dataset
+    from ..data import load_dataset
 
     kw: dict[str, Any] = {}
     if cfg.dataset == "synthetic":
@@ -224,7 +224,7 @@ def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None 
     try:
         return load_dataset(cfg.dataset, split, cfg.data_dir, download=cfg.download, **kw)
     except (ValueError, TypeError) as e:
-        from .data import ChecksumError, CorruptDataError
+        from ..data import ChecksumError, CorruptDataError
 
         if isinstance(e, ChecksumError | CorruptDataError):
             raise
@@ -360,7 +360,7 @@ def evaluate(model: nn.Module, ds: Any, device: torch.device, batch_size: int = 
     """``(wrong, total)`` over every image of ``ds`` (each rank takes its shard; the counts
     are summed over ranks). The model is put in eval mode and restored afterwards; the
     global RNG is left as it was, so validating does not change a training run."""
-    from .data import eval_batches, to_float
+    from ..data import eval_batches, to_float
 
     info = info or fdist.DistInfo()
     was = model.training
@@ -480,7 +480,7 @@ class _Run:
                               "two classes (one folder per class)")
 
     def _setup(self) -> None:
-        from .data import BatchIterator
+        from ..data import BatchIterator
 
         cfg, info, dev = self.cfg, self.info, self.device
         if cfg.threads is not None:
@@ -684,7 +684,7 @@ class _Run:
 
     # -- the loop --------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        from .data import augment, random_augment_params, to_float
+        from ..data import augment, random_augment_params, to_float
 
         cfg, info, dev = self.cfg, self.info, self.device
         b, k = cfg.batch_size, cfg.accum_steps
