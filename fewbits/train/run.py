@@ -119,7 +119,6 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
             fdist.cleanup(info)
 
 
-
 class _Run:
     """One training run: the data, model, optimizer and loop state, all built in
     ``__init__`` (in the order the seed does it, so that seeded runs repeat exactly), then
@@ -201,13 +200,20 @@ class _Run:
                               "two classes (one folder per class)")
 
     def _resolve_options(self) -> None:
-        """The options that depend on the data: ``--epochs`` -> ``max_iter``, INQ fractions ->
-        iterations. Written back to ``cfg`` so config.json and checkpoints record them."""
+        """The options left to the run: ``--epochs`` -> ``max_iter`` and INQ fractions ->
+        iterations (they depend on the data), and the defaults that follow other options.
+        Written back to ``cfg`` so config.json and checkpoints record them."""
         cfg = self.cfg
         if cfg.epochs is not None:
             steps = cfg.epochs * self.batches.batches_per_epoch / cfg.accum_steps
             cfg.max_iter = max(1, round(steps))
         cfg.inq_iterations = inq_schedule(cfg.inq_iterations, cfg.max_iter)
+        if cfg.checkpoint_interval is None:
+            cfg.checkpoint_interval = cfg.val_interval
+        if cfg.val_batch_size is None:
+            cfg.val_batch_size = max(cfg.batch_size, 256)
+        cfg.augment = cfg.uses_augment
+        cfg.model_save_path = str(cfg.save_path)
 
     def _build_model(self) -> nn.Module:
         cfg = self.cfg
@@ -220,12 +226,6 @@ class _Run:
         count_optimizer_steps(model)  # INQ's schedule is in optimizer steps (--accum-steps)
         if cfg.channels_last:  # CPU convolutions take it too: applied, never ignored
             model = model.to(memory_format=torch.channels_last)
-        if cfg.checkpoint_interval is None:
-            cfg.checkpoint_interval = cfg.val_interval
-        if cfg.val_batch_size is None:
-            cfg.val_batch_size = max(cfg.batch_size, 256)
-        cfg.augment = cfg.uses_augment
-        cfg.model_save_path = str(cfg.save_path)
         return model
 
     def _config_record(self) -> dict[str, Any]:
