@@ -12,9 +12,7 @@ The package, one job per module, read top to bottom:
 - :mod:`.signals`: SIGINT/SIGTERM -> checkpoint, then :class:`TrainingInterrupted`;
 - :mod:`.run`: :func:`train`, the run state and the loop.
 
-    >>> cfg = TrainConfig(net="mnist_float_lenet", dataset="digits", max_iter=100,
-    ...                   val_interval=50, monitor_path="/tmp/run")   # doctest: +SKIP
-    >>> train(cfg).best_error                                         # doctest: +SKIP
+See :mod:`fewbits.train.run` for an example.
 """
 
 from ..config import CONTEXTS, LR_SCHEDULES, OPTIMIZERS, ConfigError, TrainConfig

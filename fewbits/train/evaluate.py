@@ -1,8 +1,12 @@
 """Evaluation: the test error of a model, during training (:func:`evaluate`) and of a saved
 run, checkpoint or model file (:func:`evaluate_file`).
 
-    >>> r = evaluate_file("runs/lenet")                      # doctest: +SKIP
-    >>> r["error"], r["total"]                               # doctest: +SKIP
+    >>> from fewbits.data import load_dataset
+    >>> ds = load_dataset("synthetic", "test", None, n=8, shape=(1, 4, 4), num_classes=2, seed=0)
+    >>> wrong, total = evaluate(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), ds,
+    ...                         torch.device("cpu"), batch_size=4)
+    >>> total, 0 <= wrong <= total
+    (8, True)
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ The first signal only sets a flag that the loop reads after each iteration (ever
 data-parallel run must stop at the same iteration, so they agree on it with one all-reduce);
 a second signal stops at once with :class:`KeyboardInterrupt`.
 
-    >>> with StopSignals() as stop:        # doctest: +SKIP
-    ...     while not stop.requested(i, info, device, intervals=(10,)): ...
+    >>> import torch
+    >>> from fewbits.distributed import DistInfo
+    >>> with StopSignals() as stop:    # the loop asks after each iteration
+    ...     stop.requested(1, DistInfo(), torch.device("cpu"), intervals=(10,))
+    False
 """
 
 from __future__ import annotations
