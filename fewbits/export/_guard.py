@@ -11,7 +11,7 @@ a traceback, a silently wrong network, minutes of work or gigabytes of memory.
     ...     check_model_header({"model": {"name": 3}}, "x.fewbits")
     ... except FormatError as e:
     ...     print(e.problem)
-    field model.name must be a registered model name (a str), got 3
+    field model.name must be a model name (a str), got 3
 """
 
 from __future__ import annotations
