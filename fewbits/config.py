@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._args import KeyValueAction, parse_float, parse_int_list, str2bool
 from .data import DATASETS
 from .quantizers import INQ_ITERATIONS, INQ_SELECTIONS
 
@@ -61,55 +60,7 @@ class ConfigError(ValueError):
     """Invalid or inconsistent options; the message names the option and the fix."""
 
 
-# --------------------------------------------------------------------------- value parsers
-
-_TRUE = ("1", "true", "t", "yes", "y", "on")
-_FALSE = ("0", "false", "f", "no", "n", "off")
-
-
-def str2bool(text: str) -> bool:
-    """``true/false`` (also ``1/0``, ``yes/no``, ``on/off``; any case) -> bool.
-
-    The seed declared ``--ste-fine-grained`` with ``type=bool``, so ``False`` parsed as True;
-    this parses it as meant.
-
-        >>> str2bool("False"), str2bool("1")
-        (False, True)
-    """
-    t = str(text).strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-_POW = re.compile(r"^\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*\*\*\s*([-+]?[0-9.]+)\s*$")
-
-
-def _float(text: str) -> float:
-    """A float, or a power such as ``2**-4`` (how the seed writes ``--delta``'s default)."""
-    m = _POW.match(text)
-    try:
-        return float(m.group(1)) ** float(m.group(2)) if m else float(text)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.0625 or 2**-4, got "
-                                         f"{text!r}") from None
-
-
-def _int_list(text: str) -> tuple[int | float, ...]:
-    """Iterations (``5000,6000``), or fractions of the run when written with a decimal point
-    (``0.5,0.75,1.0``)."""
-    parts = [t for t in text.replace(" ", "").split(",") if t]
-    try:
-        if any("." in t for t in parts):
-            return tuple(float(t) for t in parts)
-        return tuple(int(t) for t in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated iterations such as 5000,6000,7000 or fractions of the "
-            f"run such as 0.5,0.75,1.0, got {text!r}"
-        ) from None
+# --------------------------------------------------------------------------- value checks
 
 
 def _inq_values(values: Any) -> tuple[int | float, ...]:
@@ -124,23 +75,6 @@ def _inq_values(values: Any) -> tuple[int | float, ...]:
     return tuple(float(v) for v in vals)
 
 
-class _KeyValue(argparse.Action):
-    """``--model-arg KEY=VALUE`` (repeatable) -> a dict; VALUE is JSON when it parses."""
-
-    def __call__(self, parser: Any, namespace: Any, text: Any, option: Any = None) -> None:
-        key, sep, value = str(text).partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentError(self, f"expected KEY=VALUE (e.g. width=64), got "
-                                         f"{text!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        items = dict(getattr(namespace, self.dest, None) or {})
-        items[key.strip().replace("-", "_")] = parsed
-        setattr(namespace, self.dest, items)
-
-
 # --------------------------------------------------------------------------- declarations
 
 #: ``kind`` of an option -> extra ``add_argument`` keywords. ``value`` takes a typed value.
@@ -150,9 +84,9 @@ _KINDS: dict[str, dict[str, Any]] = {
     "false": {"action": "store_false"},                   # --no-flag sets False
     "bool": {"action": argparse.BooleanOptionalAction},   # --flag / --no-flag
     "bool_value": {"type": str2bool, "nargs": "?", "const": True, "metavar": "{true,false}"},
-    "key_value": {"action": _KeyValue, "metavar": "KEY=VALUE"},
+    "key_value": {"action": KeyValueAction, "metavar": "KEY=VALUE"},
 }
-_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": _float, "str": str}
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": parse_float, "str": str}
 
 
 def option(default: Any = MISSING, *flags: str, help: str, kind: str = "value",
@@ -267,7 +201,7 @@ class _QuantOptions:
                                     help="straight-through gradient only inside the "
                                     "quantizer's range")
     inq_iterations: tuple[int | float, ...] = option(
-        INQ_ITERATIONS, "--inq-iterations", parse=_int_list, metavar="I1,I2,...",
+        INQ_ITERATIONS, "--inq-iterations", parse=parse_int_list, metavar="I1,I2,...",
         help="INQ: iterations at which more weights are fixed, or fractions of the run such "
         "as 0.5,0.75,0.875,0.9375,1.0")
     inq_selection: str = option("largest_abs", "--inq-selection", choices=INQ_SELECTIONS,

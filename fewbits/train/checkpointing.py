@@ -1,0 +1,126 @@
+"""The files of a run: ``checkpoint.pt`` (everything needed to continue exactly) and
+``model_best.pt`` / ``model_final.pt`` (the model alone), and resuming from a checkpoint.
+
+A checkpoint holds the model, optimizer, gradient scaler, learning-rate schedule, data iterator
+position, the RNG states (global, augmentation, CUDA), the best error so far, the monitor
+state and the config; :func:`restore_checkpoint` refuses one written by a run whose
+:data:`fewbits.config.RESUME_KEYS`, process count or model options differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as fdist
+from .._version import __version__
+from ..config import RESUME_KEYS, TrainConfig
+
+__all__ = ["restore_checkpoint", "resume_path", "save_checkpoint", "save_model"]
+
+
+def resume_path(resume: str, save_path: Path) -> Path:
+    """The checkpoint ``--resume`` names: ``auto`` -> ``save_path/checkpoint.pt`` (which must
+    exist), a folder -> its ``checkpoint.pt``, a file -> itself."""
+    if resume == "auto":
+        p = save_path / ckpt.CHECKPOINT_NAME
+        if not p.is_file():
+            raise ckpt.CheckpointError(
+                f"{p}: no checkpoint to resume from (--resume looks in -o/--model-save-path)"
+                "; start without --resume, or pass --resume PATH")
+        return p
+    p = Path(resume)
+    return p / ckpt.CHECKPOINT_NAME if p.is_dir() else p
+
+
+def restore_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *,
+                       model: nn.Module, opt: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None, batches: Any,
+                       aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Load ``path`` into the given run objects and the global RNG; returns the checkpoint
+    (``iteration``, ``best``, ``monitor`` are the caller's to use). Raises
+    :class:`fewbits.checkpoint.CheckpointError` for a checkpoint of an incompatible run or one
+    whose state does not fit."""
+    state = ckpt.load_checkpoint(path, "cpu")
+    saved = state["config"]
+    problems = [f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(cfg, k)!r}"
+                for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if state.get("world_size", 1) != info.world_size:
+        problems.append(f"processes: checkpoint {state.get('world_size')}, this run "
+                        f"{info.world_size}")
+    spec, mine = state["model_spec"], _jsonable(model.fewbits_spec)
+    if spec["name"] == mine["name"]:
+        diff = sorted(k for k in set(spec["kwargs"]) | set(mine["kwargs"])
+                      if spec["kwargs"].get(k) != mine["kwargs"].get(k))
+        problems += [f"model option {k}: checkpoint {spec['kwargs'].get(k)!r}, this run "
+                     f"{mine['kwargs'].get(k)!r}" for k in diff]
+    if problems:
+        raise ckpt.CheckpointError(
+            f"{path}: cannot resume, the checkpoint was written by an incompatible run ("
+            + "; ".join(problems) + "). Use the checkpoint's options, or start a new run "
+            "without --resume.")
+    try:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["data_iterator"])
+        rng = state["rng"]
+        aug_gen.set_state(rng["augment"])
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path}: cannot restore the run state "
+                                   f"({str(e).splitlines()[0]})") from e
+    return state
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *, iteration: int,
+                    model: nn.Module, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, schedule: dict[str, Any],
+                    best: dict[str, Any], batches: Any, aug_gen: torch.Generator,
+                    device: torch.device, monitor: dict[str, Any]) -> None:
+    """Write ``checkpoint.pt`` atomically (rank 0 only: the caller checks ``info.is_main``)."""
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    ckpt.save_file(path, {
+        "format": ckpt.CHECKPOINT_FORMAT,
+        "format_version": ckpt.FORMAT_VERSION,
+        "fewbits_version": __version__,
+        "torch_version": str(torch.__version__),
+        "model_spec": _jsonable(model.fewbits_spec),
+        "state_dict": ckpt.cpu_state_dict(model),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "schedule": schedule,
+        "iteration": iteration,
+        "best": best,
+        "data_iterator": batches.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "augment": aug_gen.get_state(),
+                "cuda": cuda_rng},
+        "monitor": monitor,
+        "config": cfg.to_dict(),
+        "world_size": info.world_size,
+    })
+
+
+def save_model(path: Path, model: nn.Module, cfg: TrainConfig, iteration: int,
+               error: float) -> None:
+    """Write a model file (``model_best.pt`` / ``model_final.pt``) atomically."""
+    payload = ckpt.model_file_payload(model, iteration=iteration, test_error=error,
+                                      config=cfg.to_dict())
+    payload["model_spec"] = _jsonable(payload["model_spec"])
+    ckpt.save_file(path, payload)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples to lists (recursively), so that specs compare equal after a save/load."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,225 @@
+"""The model of a run and the checks on its input: which net, which images, which INQ schedule.
+
+Every check raises :class:`ConfigError` naming the problem and the fix, before any training
+step (a net that cannot take the data, ``-b 1`` under batch norm, an INQ schedule outside the
+run).
+
+    >>> inq_schedule((0.5, 1.0), 400)
+    (200, 399)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QUANT_KEYS, ConfigError, TrainConfig
+from ..models import create_model, list_models, model_info, register_factory
+from ..quantizers import INQ
+
+__all__ = [
+    "build_model",
+    "check_batch_norm",
+    "check_input_shape",
+    "check_inq",
+    "check_model_input",
+    "check_net",
+    "count_parameters",
+    "inq_schedule",
+    "load_split",
+    "net_input_shape",
+    "probe_forward",
+]
+
+
+def inq_schedule(values: tuple[int | float, ...], steps: int) -> tuple[int, ...]:
+    """The INQ iterations of a run of ``steps`` optimizer iterations (``max_iter``; the INQ
+    counter counts optimizer steps, see :func:`fewbits.layers.count_optimizer_steps`):
+    integers as given; fractions ``f`` at iteration ``min(steps - 1, floor(f * steps))``, so
+    ``1.0`` fixes the last weights at the last iteration. Fractions that land on the same
+    iteration raise :class:`ConfigError`.
+
+        >>> inq_schedule((0.5, 0.75, 0.875, 0.9375, 1.0), 400)
+        (200, 300, 350, 375, 399)
+    """
+    if not any(isinstance(v, float) for v in values):
+        return tuple(int(v) for v in values)
+    its = tuple(min(steps - 1, int(v * steps)) for v in values)
+    if len(set(its)) != len(its) or list(its) != sorted(its):
+        raise ConfigError(f"--inq-iterations {list(values)} of a {steps}-iteration run give "
+                          f"iterations {list(its)}, not strictly increasing; use fewer steps or "
+                          "a longer run")
+    return its
+
+
+def check_inq(model: nn.Module, steps: int) -> None:
+    """Refuse an INQ schedule that never starts within the run; warn when it does not end."""
+    scheds = {m.inq_iterations for m in model.modules() if isinstance(m, INQ)}
+    for its in sorted(scheds):
+        if its[0] >= steps:
+            raise ConfigError(
+                f"INQ schedule {list(its)} starts after the run's {steps} iterations: no weight "
+                "would ever be quantized. Give iterations inside the run, or fractions of it: "
+                "--inq-iterations 0.5,0.75,0.875,0.9375,1.0")
+        if its[-1] >= steps:
+            warnings.warn(
+                f"INQ schedule {list(its)} ends after the run's {steps} iterations: part of the "
+                "weights stays float and the model cannot be exported as powers of two "
+                "(--inq-iterations 0.5,0.75,0.875,0.9375,1.0 ends within the run)",
+                stacklevel=2)
+
+# --------------------------------------------------------------------------- data and model
+
+
+def net_input_shape(net: str) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` images a registered net was built for, as its registration declares
+    (``None`` if it declares none). Channels adapt to the data (``in_channels``)."""
+    return model_info(net).input_shape
+
+
+def check_net(net: str) -> None:
+    """Unknown ``-n/--net`` -> :class:`ConfigError`; ``package.module:factory`` is imported and
+    registered (the user asked for it on the command line)."""
+    try:
+        if ":" in net:
+            register_factory(net)
+        model_info(net)
+    except ValueError as e:
+        raise ConfigError(f"-n/--net: {e}") from None
+
+
+def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None = None):
+    """Load one split of ``cfg.dataset`` (synthetic data gets ``shape``, default 3x32x32)."""
+    from ..data import load_dataset
+
+    kw: dict[str, Any] = {}
+    if cfg.dataset == "synthetic":
+        n = cfg.synthetic_size if split == "train" else max(2, cfg.synthetic_size // 5)
+        kw = {"n": n, "shape": shape or (3, 32, 32), "num_classes": 10, "seed": 0}
+    elif cfg.dataset == "imagefolder" and cfg.workers is not None:
+        kw = {"workers": cfg.workers}
+    try:
+        return load_dataset(cfg.dataset, split, cfg.data_dir, download=cfg.download, **kw)
+    except (ValueError, TypeError) as e:
+        from ..data import ChecksumError, CorruptDataError
+
+        if isinstance(e, ChecksumError | CorruptDataError):
+            raise
+        raise ConfigError(f"--dataset {cfg.dataset}: {e}") from e
+
+
+def check_input_shape(net: str, image_shape: tuple[int, ...], dataset: str) -> None:
+    """Raise :class:`ConfigError` when ``dataset``'s images (C, H, W) do not fit ``net``,
+    naming the nets that do."""
+    want = net_input_shape(net)
+    if want is None:
+        return
+    h, w = int(image_shape[-2]), int(image_shape[-1])
+    if (h, w) == want[1:]:
+        return
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name in list_models():
+        shape = model_info(name).input_shape
+        if shape is not None:
+            shapes.setdefault(shape[1:], []).append(name)
+    fits = shapes.get((h, w), [])
+    hint = (f"nets that fit {h}x{w} images: {', '.join(fits[:4])}"
+            + (f" ... ({len(fits)} in all)" if len(fits) > 4 else "") + " (see `fewbits list`)"
+            if fits else f"no registered net takes {h}x{w} images; resize the data to "
+            + " or ".join(f"{a}x{b} (e.g. {n[0]})" for (a, b), n in shapes.items()))
+    raise ConfigError(
+        f"dataset {dataset!r} has {tuple(image_shape)} images but {net} expects "
+        f"{want[1]}x{want[2]} images ({want[0]} channel{'s' if want[0] > 1 else ''}); {hint}"
+    )
+
+
+def check_model_input(source: Any, net: str, kwargs: Any, image_shape: tuple[int, ...],
+                      dataset: str) -> None:
+    """Raise :class:`ConfigError` when a trained model (options ``kwargs``) cannot take
+    ``dataset``'s images: wrong size (:func:`check_input_shape`), channels or features."""
+    check_input_shape(net, image_shape, dataset)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    c, n = int(image_shape[0]), math.prod(int(s) for s in image_shape)
+    for key, have, what in (("in_channels", c, "-channel"), ("in_features", n, "-value")):
+        want = kwargs.get(key)
+        if isinstance(want, int) and want != have:
+            raise ConfigError(
+                f"{source}: {net} was trained on {want}{what} images but {dataset!r} has "
+                f"{have}{what} images {tuple(image_shape)}; evaluate it on data like its "
+                "training data (--dataset, --data-dir)")
+
+
+def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``create_model(cfg.net, ...)`` with the quantization options of ``cfg``, the classes and
+    input channels (or features, for MLPs) of the data, and ``cfg.model_args``. Seeds the
+    global RNG with ``cfg.seed`` first, so the initial weights are reproducible."""
+    check_net(cfg.net)
+    defaults = model_info(cfg.net).defaults
+    c, h, w = (int(s) for s in image_shape[-3:])
+    kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS
+                              if k in defaults and getattr(cfg, k) is not None}
+    if "inq_iterations" in kwargs:
+        kwargs["inq_iterations"] = list(inq_schedule(cfg.inq_iterations, cfg.max_iter))
+    derived = {"num_classes": num_classes, "in_channels": c, "in_features": c * h * w}
+    kwargs.update({k: v for k, v in derived.items() if k in defaults})
+    unknown = sorted(set(cfg.model_args) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--model-arg {unknown}: {cfg.net} has no such option; its options "
+                          f"are {sorted(set(defaults) - set(QUANT_KEYS))}")
+    kwargs.update(cfg.model_args)
+    torch.manual_seed(cfg.seed)
+    try:
+        model = create_model(cfg.net, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build {cfg.net}: {e}") from e
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def probe_forward(model: nn.Module, image_shape: tuple[int, ...], net: str,
+                   dataset: str, batch: int = 2) -> None:
+    """For nets without a known input shape: one eval forward on ``batch`` blank images;
+    :class:`ConfigError` when the net cannot take them. The RNG and train mode are kept."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(torch.zeros(batch, *image_shape))
+    except RuntimeError as e:
+        raise ConfigError(f"{net} cannot take the {tuple(image_shape)} images of {dataset!r}: "
+                          f"{str(e).splitlines()[0]}") from e
+    finally:
+        model.train(was)
+
+
+def check_batch_norm(model: nn.Module, image_shape: tuple[int, ...], net: str,
+                      dataset: str, batch_size: int) -> None:
+    """Refuse ``-b 1`` for nets whose batch norm would see one value per channel in training
+    (``BatchNorm1d`` after a linear layer, or a 1x1 feature map), where PyTorch fails mid-run.
+    Batch norm's training statistics need two values per channel; the shapes come from one
+    eval forward of a blank image (no state changes)."""
+    if batch_size > 1:
+        return
+    single: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args: single.append(names[mod]) if math.prod(args[0].shape[2:]) == 1
+        else None) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        probe_forward(model, image_shape, net, dataset, batch=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    if single:
+        raise ConfigError(
+            f"-b/--batch-size 1: {net} normalises {', '.join(single[:3])} with batch norm over "
+            "one value per channel, whose training statistics need at least 2 images per batch "
+            "(per process under torchrun); use -b 2 or more")
