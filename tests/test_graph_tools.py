@@ -108,6 +108,9 @@ def _onnx(m: nn.Module, x: torch.Tensor, dynamo: bool):
 
 def _capture(tool: str, m: nn.Module, x: torch.Tensor):
     if tool == "compile":
+        # each cell is a new model of the same layer classes: without a reset, dynamo's
+        # recompile limit for QuantConv2d.forward is reached after a few cells
+        torch._dynamo.reset()
         return torch.compile(m, fullgraph=True)
     if tool == "export":
         return torch.export.export(m, (x,)).module()
