@@ -24,6 +24,7 @@ __all__ = [
     "QuantLinear",
     "apply_weight_constraints",
     "count_optimizer_steps",
+    "layer_options",
     "quant_layers",
 ]
 
@@ -243,3 +244,15 @@ def count_optimizer_steps(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, Quantizer):
             m.count_optimizer_steps()
+
+
+def layer_options(module: nn.Module) -> dict[str, Any]:
+    """The constructor options of a conv or linear layer, fewbits or torch (channels/features,
+    kernel size, stride, padding, dilation, groups, padding mode): what must match for stored
+    weights to mean the same thing in another instance.
+
+        >>> layer_options(nn.Linear(3, 2))
+        {'in_features': 3, 'out_features': 2}
+    """
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    return cls._float_kwargs(module)

@@ -331,3 +331,20 @@ def test_a_model_that_is_one_fewbits_layer_round_trips(tmp_path):
     assert torch.equal(back(x), q(x))
     with pytest.raises(FormatError, match="the model itself is a plain layer"):
         load_packed(tmp_path / "q.fewbits", model=nn.Linear(3, 2))
+
+
+def test_loading_into_a_model_whose_layer_options_differ_is_refused(tmp_path):
+    # same names and shapes, another padding mode: the weights would compute another network
+    def net(mode):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode, dilation=2),
+                             nn.Flatten(), nn.Linear(144, 3))
+
+    m = fewbits.quantize_(net("circular"), "fp_connect").eval()
+    export_packed(m, tmp_path / "m.fewbits")
+    x = torch.rand(2, 3, 8, 8)
+    back = load_packed(tmp_path / "m.fewbits", model=net("circular"))
+    assert torch.equal(back(x), m(x))
+    with pytest.raises(FormatError, match=r"layer '0' differs from the exported one in "
+                                          r"\['padding_mode'\]"):
+        load_packed(tmp_path / "m.fewbits", model=net("zeros"))

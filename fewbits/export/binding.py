@@ -17,15 +17,17 @@ from typing import Any
 
 from torch import nn
 
-from ..layers import QuantConv2d, QuantLinear, quant_layers
+from ..layers import QuantConv2d, QuantLinear, layer_options, quant_layers
 from ..quantizers import get
 from ._guard import build_bounded
 from .container import FormatError
 
-__all__ = ["ROLES", "build_for_file", "layer_configs", "layer_configs_of", "model_header"]
+__all__ = ["ROLES", "build_for_file", "layer_configs", "layer_configs_of", "layer_options_of",
+           "model_header"]
 
 ROLES = ("weight", "bias", "input", "output")
 _FLOAT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+_SIZES = ("in_channels", "out_channels", "in_features", "out_features")
 
 
 def _json(value: Any) -> Any:
@@ -36,6 +38,13 @@ def layer_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{layer name: {role: quantizer config}}`` of every fewbits layer (roles without a
     quantizer left out), as JSON values."""
     return {lname: layer_configs_of(layer) for lname, layer in quant_layers(model)}
+
+
+def layer_options_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: options}`` of every fewbits layer (:func:`fewbits.layers.layer_options`),
+    as JSON values: a file loaded into an instance whose layers differ (stride, padding mode...)
+    would compute something else with the same weights, so the load compares them."""
+    return {lname: _json(layer_options(layer)) for lname, layer in quant_layers(model)}
 
 
 def model_header(model: nn.Module) -> dict[str, Any]:
@@ -106,7 +115,29 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
     extra = sorted(set(dict(quant_layers(model))) - set(layers))
     if extra:
         raise _fail(path, f"model layers {extra[:5]} are quantized but the file's are not")
+    _check_options(path, header.get("layer_options"), dict(quant_layers(model)))
     return model
+
+
+def _check_options(path: str | os.PathLike, recorded: Any, layers: dict[str, nn.Module]) -> None:
+    """Each layer's recorded options (files since ``layer_options`` was added) must be the
+    model's: same weights with another stride or padding would be a silently different net."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise FormatError(str(path), "its 'layer_options' record is not a mapping")
+    for lname, want in recorded.items():
+        if isinstance(want, dict):  # sizes: the tensors' shapes are compared, naming the tensor
+            want = {k: v for k, v in want.items() if k not in _SIZES}
+        layer = layers.get(lname)
+        if layer is None:
+            raise _fail(path, f"it has options for layer {lname!r}, which the model lacks")
+        have = {k: v for k, v in _json(layer_options(layer)).items() if k not in _SIZES}
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want if isinstance(want, dict) else {})
+                          if not isinstance(want, dict) or have.get(k) != want.get(k))
+            raise _fail(path, f"layer {lname!r} differs from the exported one in {diff}: file "
+                        f"{want}, model {have}")
 
 
 def layer_configs_of(layer: nn.Module) -> dict[str, Any]:

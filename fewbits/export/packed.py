@@ -34,7 +34,7 @@ from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
 from ..runs import training_data
 from ._guard import check_codes, check_model_header, decode
-from .binding import build_for_file, layer_configs, model_header
+from .binding import build_for_file, layer_configs, layer_options_of, model_header
 from .container import (
     MODEL_FORMAT,
     FormatError,
@@ -214,6 +214,7 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
         "format": MODEL_FORMAT,
         "model": spec,
         "layers": layer_configs(model),
+        "layer_options": layer_options_of(model),
         "options": {"entropy": entropy, "bn": bn, **({"fold_bn": True, "fp32_bytes":
                                                       _fp32_bytes(model)} if fold_bn else {})},
         "tensors": [f for f, _ in tensors],
