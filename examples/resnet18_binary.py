@@ -16,7 +16,10 @@ that fails to import on CPU-only machines. fewbits then
     python examples/resnet18_binary.py --data-dir cifar10-jpeg.tar.gz --epochs 1
     fewbits info resnet18_binary.fewbits
     fewbits eval resnet18_binary.fewbits --dataset imagefolder --data-dir cifar10-jpeg.tar.gz \\
-        --model examples.resnet18_binary:resnet18
+        --model examples.resnet18_binary:resnet18_10
+
+(``resnet18_10``: the factory of a 10-class ResNet-18, as CIFAR-10 has; ``--model`` takes a
+function of no arguments, so a dataset with another number of classes needs its own.)
 """
 
 from __future__ import annotations
@@ -98,6 +101,11 @@ def resnet18(num_classes: int = 1000) -> ResNet:
 
 EIGHT_BIT = fewbits.family_config("fp_connect", bit_width=8, delta=2**-8)  # weights in +-0.5
 CLASSIFIER = {**EIGHT_BIT, "input": {"name": "min_max", "mode": "batch"}}  # + 8-bit features
+
+
+def resnet18_10() -> ResNet:
+    """A 10-class float ResNet-18 (CIFAR-10), the factory ``fewbits eval --model`` takes."""
+    return resnet18(10)
 
 
 def binary_resnet18(num_classes: int = 1000) -> ResNet:

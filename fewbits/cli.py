@@ -126,8 +126,15 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
                           cfg.dataset)
     else:  # the user's own architecture: no declared input shape to check against
         ds = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
-    r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast,
-                        model=ns.model)
+    try:
+        r = evaluate_packed(ns.path, ds.images, ds.labels, ns.batch_size, fast=ns.fast,
+                            model=ns.model)
+    except RuntimeError as e:  # a user's model that cannot take these images (no declared shape)
+        if zoo:
+            raise
+        raise ConfigError(f"{ns.path}: {net} cannot run on {cfg.dataset!r}'s images "
+                          f"{tuple(ds.images.shape[1:])}: {str(e)[:300]}; evaluate it on data "
+                          "like its training data (--dataset, --data-dir)") from None
     wrong = round(r["error"] * r["n"])
     return {"error": r["error"], "accuracy": r["top1"], "wrong": wrong, "total": r["n"],
             "images_per_second": r["images_per_s"], "dataset": cfg.dataset, "net": net,
@@ -147,6 +154,14 @@ def _run_eval(ns: argparse.Namespace) -> int:
     if ns.batch_size < 1:
         raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {ns.batch_size}")
     if str(ns.path).endswith(".fewbits"):
+        given = [flag for flag, v, default in (("-c/--context", ns.context, "cpu"),
+                                               ("-d/--device-id", ns.device_id, 0),
+                                               ("-t/--type-config", ns.type_config, "float"))
+                 if v != default]
+        if given:  # never silently ignored
+            raise ConfigError(f"{', '.join(given)}: a .fewbits file is evaluated on the CPU in "
+                              "float32 (its packed form's own arithmetic); drop the option, or "
+                              "evaluate the run folder or checkpoint instead")
         r = _eval_packed(ns)
     else:
         r = evaluate_file(ns.path, dataset=ns.dataset, data_dir=ns.data_dir,

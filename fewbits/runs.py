@@ -17,8 +17,11 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["RUN_FILES", "check_run_folder", "existing_run_files", "recorded_eval_config",
-           "training_data"]
+#: The largest synthetic dataset a file may ask for (a hostile header must not allocate at will).
+MAX_SYNTHETIC = 1_000_000
+
+__all__ = ["MAX_SYNTHETIC", "RUN_FILES", "check_run_folder", "existing_run_files",
+           "recorded_eval_config", "training_data"]
 
 #: Files whose presence marks a folder as holding a fewbits run.
 RUN_FILES = ("Training-loss.series.txt", "Training-error.series.txt", "Test-error.series.txt",
@@ -80,5 +83,10 @@ def recorded_eval_config(source: object, recorded: object, dataset: str | None,
     if data_dir is None and same and isinstance(rec.get("data_dir"), str):
         data_dir = rec["data_dir"]
     size = rec.get("synthetic_size") if same else None
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                             or not 2 <= size <= MAX_SYNTHETIC):
+        raise ConfigError(f"{source}: its recorded data.synthetic_size {size!r}"[:300] + " is "
+                          f"not an image count in 2..{MAX_SYNTHETIC} (the file is corrupt or "
+                          "was edited); give --dataset")
     return TrainConfig(dataset=name, data_dir=data_dir, download=download,
                        synthetic_size=size if isinstance(size, int) else 1000)

@@ -174,3 +174,20 @@ def test_paths_that_are_files_or_folders_are_named(run, tmp_path, capsys):
     assert cli.main(["export", str(run), "-o", str(tmp_path / "no" / "m.fewbits")]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and ".fewbits-tmp" not in err
+
+
+def test_eval_of_a_packed_file_refuses_device_options_and_bounds_recorded_sizes(run, tmp_path,
+                                                                                capsys):
+    from fewbits.export.container import write_container  # recomputes the checksum
+
+    out = tmp_path / "m.fewbits"
+    export_packed(run, out)
+    # -c/-d/-t would be silently ignored for a packed file: refused, naming the options
+    assert cli.main(["eval", str(out), "-t", "half"]) == 2
+    assert "-t/--type-config" in capsys.readouterr().err
+    # a header asking for a huge synthetic dataset (checksum recomputed) is refused, not built
+    header, blobs = read_container(out)
+    header["data"] = {"dataset": "synthetic", "synthetic_size": 10**12}
+    write_container(tmp_path / "bomb.fewbits", header, blobs, compress_header=True)
+    assert cli.main(["eval", str(tmp_path / "bomb.fewbits")]) == 2
+    assert "synthetic_size" in capsys.readouterr().err

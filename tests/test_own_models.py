@@ -109,6 +109,9 @@ def test_train_export_eval_an_own_architecture_from_the_command_line(own_module,
                  "--json"]) == 0
     # the file records its training data (synthetic, 16 images): the test split is a fifth
     assert json.loads(capsys.readouterr().out)["total"] == 3
+    # --fast on a user's architecture: loaded into the factory's model, then the planner
+    assert main(["eval", str(f), "--model", f"{own_module}:net", "--fast", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 3
     assert main(["eval", str(run), "--model", f"{own_module}:net", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["net"] == f"{own_module}:net"
 

@@ -172,11 +172,13 @@ def evaluate_packed(path: str | os.PathLike, images_uint8: torch.Tensor, labels:
     factory = model
     if factory is not None and read_model_file(path)[0]["model"]["name"] == factory:
         factory = None  # the file's own registered model, rebuilt with its recorded options
-    if fast and factory is not None:
-        raise ValueError("--fast needs a file of a registered model; without --fast, --model "
-                         "evaluates any model")
     if fast:
-        model = compile_for_cpu(path, batch_size=min(batch_size, max(1, images_uint8.shape[0])),
+        source = path
+        if factory is not None:  # a user's architecture: load into its instance first
+            from ..models import create_model
+
+            source = load_packed(path, model=create_model(factory)).eval()
+        model = compile_for_cpu(source, batch_size=min(batch_size, max(1, images_uint8.shape[0])),
                                 input_shape=tuple(images_uint8.shape[1:]))
         kind = model.kind
     elif factory is not None:
