@@ -154,7 +154,9 @@ def test_inq_schedule_that_never_starts_is_refused_and_fractions_fit_the_run(tmp
     assert qs and all(q.inq_iterations == (2, 3) and bool(q.mask.all()) for q in qs)
     assert inq_schedule((0.5, 0.75, 0.875, 0.9375, 1.0), 400) == (200, 300, 350, 375, 399)
     assert inq_schedule((5000, 6000), 400) == (5000, 6000)
-    with pytest.raises(ConfigError, match="not strictly increasing"):
+    with pytest.raises(ConfigError, match="fractions must increase"):
+        inq_schedule((0.9, 0.5), 100)
+    with pytest.raises(ConfigError, match="two on the same iteration"):
         inq_schedule((0.9375, 1.0), 10)
     with pytest.raises(ConfigError, match=r"must lie in \(0, 1\]"):
         TrainConfig(inq_iterations=(0.5, 2.0))
