@@ -247,3 +247,22 @@ def test_forged_copy_of_a_valid_file_still_loads(originals, tmp_path):
         np.testing.assert_array_equal(load_packed(path)(x).numpy(),
                                       load_packed(tmp_path / "orig.fewbits")(x).numpy())
     assert struct.unpack_from("<H", data, 8)[0] == 1
+
+
+@pytest.mark.parametrize("bad", [{"name": "fixed_point", "n": 64}, {"name": "fixed_point",
+                                 "delta": "x"}, {"name": "evil"}, 3])
+def test_info_refuses_invalid_layer_quantizer_configs(tmp_path, bad):
+    # `fewbits info` used to report bits for quantizer specs that build nothing (QA)
+    import torch
+
+    from fewbits import quantize_
+    from fewbits.export import export_packed, packed_info
+    from fewbits.export.container import read_container, write_container
+
+    m = quantize_(torch.nn.Sequential(torch.nn.Linear(4, 3)), "fp_connect")
+    export_packed(m, tmp_path / "m.fewbits")
+    header, blobs = read_container(tmp_path / "m.fewbits")
+    header["layers"]["0"]["weight"] = bad
+    write_container(tmp_path / "bad.fewbits", header, blobs, compress_header=True)
+    with pytest.raises(FormatError, match="layer '0'"):
+        packed_info(tmp_path / "bad.fewbits")

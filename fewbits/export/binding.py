@@ -22,8 +22,8 @@ from ..quantizers import get
 from ._guard import build_bounded
 from .container import FormatError
 
-__all__ = ["ROLES", "build_for_file", "layer_configs", "layer_configs_of", "layer_options_of",
-           "model_header"]
+__all__ = ["ROLES", "build_for_file", "check_layer_configs", "layer_configs", "layer_configs_of",
+           "layer_options_of", "model_header"]
 
 ROLES = ("weight", "bias", "input", "output")
 _FLOAT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
@@ -138,6 +138,25 @@ def _check_options(path: str | os.PathLike, recorded: Any, layers: dict[str, nn.
                           if not isinstance(want, dict) or have.get(k) != want.get(k))
             raise _fail(path, f"layer {lname!r} differs from the exported one in {diff}: file "
                         f"{want}, model {have}")
+
+
+def check_layer_configs(path: str | os.PathLike, header: dict[str, Any]) -> None:
+    """Every quantizer config of the file's ``"layers"`` record must build a quantizer (what
+    ``fewbits info`` reports as bits would otherwise describe nothing real)."""
+    layers = header.get("layers")
+    if layers is None:
+        return
+    if not isinstance(layers, dict):
+        raise FormatError(str(path), "its 'layers' record is not a mapping")
+    for lname, configs in layers.items():
+        if not isinstance(configs, dict) or set(configs) - set(ROLES):
+            raise FormatError(str(path), f"layer {lname!r} has invalid quantizer configs")
+        for role, c in configs.items():
+            try:
+                get(dict(c) if isinstance(c, dict) else c)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise FormatError(str(path), f"layer {lname!r}: its {role} quantizer config "
+                                  f"{c!r}"[:300] + f" is invalid ({e})"[:300]) from None
 
 
 def layer_configs_of(layer: nn.Module) -> dict[str, Any]:

@@ -34,7 +34,13 @@ from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
 from ..runs import training_data
 from ._guard import check_codes, check_model_header, decode
-from .binding import build_for_file, layer_configs, layer_options_of, model_header
+from .binding import (
+    build_for_file,
+    check_layer_configs,
+    layer_configs,
+    layer_options_of,
+    model_header,
+)
 from .container import (
     MODEL_FORMAT,
     FormatError,
@@ -323,6 +329,7 @@ def packed_info(path: str | os.PathLike) -> ExportReport:
     """Read a ``.fewbits`` file's header and sizes (no model is built)."""
     header, blobs = read_model_file(path)
     check_model_header(header, str(path))
+    check_layer_configs(path, header)
     entries: list[TensorEntry] = []
     sizes: dict[str, int] = {}
     for t in header["tensors"]:
