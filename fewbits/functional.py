@@ -417,7 +417,8 @@ def min_max_quantize(
         wide = torch.promote_types(x.dtype, torch.float32)
         lo_r, hi_r = (ops.range_view(r.detach(), x, fn, a).to(wide)
                       for r, a in ((ranges[0], "qr_min"), (ranges[1], "qr_max")))
-        min_max_grid(lo_r, hi_r, ql_min, ql_max, eps, fn)
+        if ops.all_finite(lo_r) and ops.all_finite(hi_r):  # NaN/inf: the operator names them
+            min_max_grid(lo_r, hi_r, ql_min, ql_max, eps, fn)
     needs = x.requires_grad or ranges[0].requires_grad or ranges[1].requires_grad
     return ops.call_min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
                             bool(ste_fine_grained), needs, _check_mode(x), fn)
