@@ -354,19 +354,10 @@ def min_max_grid(rmin: Tensor, rmax: Tensor, ql_min: int, ql_max: int, eps: floa
     float32's 3.4e38 makes the scale inf, every output NaN) or whose ``eps`` nudge is absorbed
     (``qr_min + eps == qr_min`` for ``|qr_min|`` above ~1e6 * eps makes the scale 0). With
     ``hi - lo`` finite and the scale > 0, every output ``r * scale + lo`` lies in
-    ``[lo, hi]``: finite."""
+    ``[lo, hi]``: finite (:func:`fewbits.ops.check_grid`, which the operator also runs)."""
     scale, zp, lo, hi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max),
                                             float(eps))
-    ok = (scale > 0) & torch.isfinite(hi - lo)
-    if not bool(ok.all()):
-        r0, r1, ok = torch.broadcast_tensors(rmin, rmax, ok)
-        i = int((~ok).reshape(-1).nonzero()[0, 0])
-        lo_v, hi_v = float(r0.reshape(-1)[i]), float(r1.reshape(-1)[i])
-        raise ValueError(
-            f"{fn}: the range [qr_min, qr_max] = [{lo_v:.6g}, {hi_v:.6g}] has no {scale.dtype} "
-            f"grid of {ql_max - ql_min} steps (its width overflows, or eps={eps} vanishes "
-            "next to it): values this large usually mean a diverged run; otherwise scale the "
-            "data down or quantize in float64")
+    ops.check_grid(rmin, rmax, scale, lo, hi, ql_min, ql_max, eps, fn)
     return scale, zp, lo, hi
 
 
@@ -413,12 +404,6 @@ def min_max_quantize(
         ops.range_view(r, x, fn, arg)  # shape check
         ranges.append(r)
     _graph_guard(fn, "min_max")
-    if not ops.capturing():  # eager only: a grid the dtype cannot hold raises (host sync)
-        wide = torch.promote_types(x.dtype, torch.float32)
-        lo_r, hi_r = (ops.range_view(r.detach(), x, fn, a).to(wide)
-                      for r, a in ((ranges[0], "qr_min"), (ranges[1], "qr_max")))
-        if ops.all_finite(lo_r) and ops.all_finite(hi_r):  # NaN/inf: the operator names them
-            min_max_grid(lo_r, hi_r, ql_min, ql_max, eps, fn)
     needs = x.requires_grad or ranges[0].requires_grad or ranges[1].requires_grad
     return ops.call_min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
                             bool(ste_fine_grained), needs, _check_mode(x), fn)

@@ -44,6 +44,8 @@ back, a host sync); ``2`` the same on CPU, and on CUDA a device-side assertion
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -66,10 +68,14 @@ from ._core import (  # the machinery (checks, widening, autograd glue)
     call_identity,
     call_masked,
     capturing,
+    check_grid,
     keep,
     min_max_grad,
     nonfinite_error,
 )
+
+#: float32's largest finite value: a min-max grid wider than this has an inf scale.
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 __all__ = [
     "CHECK_ASYNC",
@@ -84,6 +90,7 @@ __all__ = [
     "call_masked",
     "call_min_max",
     "capturing",
+    "check_grid",
     "fixed_point",
     "inq",
     "keep",
@@ -273,12 +280,18 @@ def _min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int
     _check(qr_max, fn, "qr_max", check)
     xw = _wide(x)
     rmin, rmax = range_view(qr_min, xw, fn, "qr_min"), range_view(qr_max, xw, fn, "qr_max")
-    scale, _zp, lo, hi = _math.min_max_range(rmin.to(xw.dtype), rmax.to(xw.dtype),
-                                             float(ql_min), float(ql_max), float(eps))
+    rmin, rmax = rmin.to(xw.dtype), rmax.to(xw.dtype)
+    scale, _zp, lo, hi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max), float(eps))
     if scale.numel() == 1 and _kernels.usable(xw):  # one pass: y, code, finite check
-        y, code, finite = _kernels.min_max(xw, float(lo), float(hi), float(scale), want_code)
+        lo_f, hi_f, scale_f = float(lo), float(hi), float(scale)
+        if check != CHECK_OFF and not (scale_f > 0 and math.isfinite(hi_f - lo_f)
+                                       and abs(hi_f - lo_f) <= _F32_MAX):
+            check_grid(rmin, rmax, scale, lo, hi, ql_min, ql_max, eps, fn)  # raises, naming it
+        y, code, finite = _kernels.min_max(xw, lo_f, hi_f, scale_f, want_code)
         _check(xw, fn, "x", check, finite)
     else:
+        if check != CHECK_OFF:
+            check_grid(rmin, rmax, scale, lo, hi, ql_min, ql_max, eps, fn, check)
         _check(xw, fn, "x", check)
         y = _math.min_max(xw, scale, lo, hi)
         code = None

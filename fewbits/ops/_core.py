@@ -246,3 +246,27 @@ def call_masked(op, impl, x: Tensor, args: tuple, scale: float, has_mask: bool) 
     if capturing():
         return op(x, *args)[0]
     return _EagerMasked.apply(x, impl, args, scale, has_mask)
+
+
+def check_grid(rmin: Tensor, rmax: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, ql_min: int,
+               ql_max: int, eps: float, fn: str, check: int = CHECK_RAISE) -> None:
+    """Refuse a min-max grid the dtype cannot hold: finite ranges whose width overflows
+    (``qr_max - qr_min`` beyond float32's 3.4e38 makes the scale inf, every output NaN) or whose
+    ``eps`` nudge is absorbed (``qr_min + eps == qr_min``, scale 0). With ``hi - lo`` finite and
+    the scale > 0 every output ``r * scale + lo`` lies in ``[lo, hi]``: finite. NaN/inf ranges
+    are left to the finite check, which names the argument. Inside captured graphs: a
+    device-side assertion (``check == CHECK_ASYNC``), no host sync."""
+    ok = (scale > 0) & torch.isfinite(hi - lo) | ~(torch.isfinite(rmin) & torch.isfinite(rmax))
+    if check == CHECK_ASYNC:
+        torch._assert_async(ok.all(), f"{fn}: a min-max range has no grid in its dtype")
+        return
+    if bool(ok.all()):
+        return
+    r0, r1, ok = torch.broadcast_tensors(rmin, rmax, ok)
+    i = int((~ok).reshape(-1).nonzero()[0, 0])
+    lo_v, hi_v = float(r0.reshape(-1)[i]), float(r1.reshape(-1)[i])
+    raise ValueError(
+        f"{fn}: the range [qr_min, qr_max] = [{lo_v:.6g}, {hi_v:.6g}] has no {scale.dtype} "
+        f"grid of {ql_max - ql_min} steps (its width overflows, or eps={eps} vanishes "
+        "next to it): values this large usually mean a diverged run; otherwise scale the "
+        "data down or quantize in float64")
