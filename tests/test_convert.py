@@ -22,12 +22,7 @@ ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max"}
 LAYERS = ("conv1", "conv2", "down", "fc")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class TinyNet(nn.Module):

@@ -20,13 +20,7 @@ from fewbits.quantizers import BinaryWeight, FixedPoint, MinMax, Pow2
 from fewbits.runtime import compile_for_cpu
 from fewbits.runtime.ort import optimized_operators
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _bn(c: int, seed: int = 0) -> nn.BatchNorm2d:
