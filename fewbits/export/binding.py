@@ -83,15 +83,12 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
     layers = header.get("layers")
     if layers is None:  # files written before layer configs were recorded
         return model
-    if not isinstance(layers, dict):
-        raise FormatError(str(path), "its 'layers' record is not a mapping")
+    check_layer_configs(path, header)  # a mapping of role -> config that builds a quantizer
     modules = dict(model.named_modules())
     for lname, configs in layers.items():
         m = modules.get(lname)
         if m is None:
             raise _fail(path, f"it has quantized layer {lname!r}, which the model lacks")
-        if not isinstance(configs, dict) or set(configs) - set(ROLES):
-            raise FormatError(str(path), f"layer {lname!r} has invalid quantizer configs")
         if type(m) in _FLOAT:
             if not lname:
                 raise _fail(path, "the model itself is a plain layer that the file holds "
