@@ -143,7 +143,7 @@ def _eval_packed(ns: argparse.Namespace) -> dict[str, Any]:
 
 def _run_eval(ns: argparse.Namespace) -> int:
     from .models import register_factory
-    from .train import ConfigError, evaluate_file
+    from .train import evaluate_file
 
     if ns.model:
         try:
