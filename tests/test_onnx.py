@@ -178,3 +178,29 @@ def test_export_writes_atomically(tmp_path):
     export_onnx(m, tmp_path / "a.onnx")
     export_onnx(m, tmp_path / "a.onnx")  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+
+
+@pytest.mark.parametrize("spec, form", [
+    ({"name": "fixed_point", "n": 8, "delta": 2**-6}, "int8 DequantizeLinear"),
+    ({"name": "fixed_point", "n": 12, "delta": 2**-10}, "int16 DequantizeLinear"),
+    ({"name": "fixed_point", "sign": False, "n": 16, "delta": 2**-14}, "uint16 DequantizeLinear"),
+    ({"name": "fixed_point", "n": 17, "delta": 2**-14}, "float constant"),
+    ({"name": "min_max", "ql_min": -8, "ql_max": 7}, "int8 DequantizeLinear"),
+    ({"name": "min_max", "per_channel": True}, "uint8 DequantizeLinear per channel"),
+])
+def test_weight_integer_type_follows_the_quantizers_grid(spec, form, tmp_path):
+    """The stored integer type comes from the quantizer's bit width (``Quantizer.affine``), not
+    from the values a particular weight happens to take: small weights of a 12-bit grid stay
+    int16, and a grid wider than 16 bits stays a float constant."""
+    from fewbits import quantize_
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with torch.no_grad():
+        m[1].weight.mul_(0.01)  # every code small: would fit int8
+    quantize_(m, {"weight": spec})
+    m.eval()
+    report = export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 4, 4))
+    assert set(report.weights.values()) >= {form}
+    x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert compare_onnx(m, tmp_path / "m.onnx", x)["max_rel"] <= 1e-5

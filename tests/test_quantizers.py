@@ -122,6 +122,41 @@ def test_bits_declared_and_codes_decode_to_forward(spec):
     assert torch.equal(q.decode(codes), q(w).detach())
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+def test_affine_form_is_the_grid_of_uniform_quantizers_only(spec):
+    w = _weight(2)
+    w.view(-1)[4:6] = torch.tensor([40.0, -40.0])  # beyond every range: the grid's bounds
+    q = Q.get(spec)
+    q.setup(w)
+    q.train()
+    q(w)
+    q(w)
+    q.eval()
+    codes = q.encode(w)
+    a = q.affine(codes)
+    if not isinstance(q, (Q.FixedPoint, Q.MinMax)):
+        assert a is None  # binary, power-of-two and INQ grids are not affine
+        return
+    assert a.int_repr.dtype == torch.int64 and a.int_repr.shape == w.shape
+    assert a.scale.dtype == torch.float32 and a.zero_point.dtype == torch.int64
+    assert a.scale.shape == a.zero_point.shape
+    assert a.qmin <= int(a.int_repr.min()) and int(a.int_repr.max()) <= a.qmax
+    assert int(a.int_repr.min()) == a.qmin and int(a.int_repr.max()) == a.qmax  # saturated
+    per_channel = a.axis is not None
+    assert per_channel == (isinstance(q, Q.MinMax) and q.qr_min.numel() > 1)
+    view = (-1, 1, 1, 1) if per_channel else ()
+    deq = (a.int_repr - a.zero_point.reshape(view)).float() * a.scale.reshape(view)
+    # (q - zp) * scale and the forward's q * scale + lo are the same reals; float rounding of
+    # the two forms may differ in the last bit (MinMax.int_grid's docstring)
+    # (a few ulps of the range, never a grid step)
+    torch.testing.assert_close(deq, q(w).detach(), rtol=1e-6, atol=float(a.scale.max()) * 1e-5)
+    if isinstance(q, Q.FixedPoint):
+        grid = q.int_grid()
+        assert float(a.scale) == float(np.float32(grid.scale))
+        assert (int(a.zero_point), a.qmin, a.qmax) == (grid.zero_point, grid.qmin, grid.qmax)
+        assert torch.equal(deq, q(w).detach())  # k * delta: exact
+
+
 def test_binary_weight_rejects_vectors_with_a_clear_error():
     with pytest.raises(ValueError, match="output-channel axis"):
         Q.BinaryWeight().setup(torch.zeros(5))

@@ -106,29 +106,16 @@ def weight_input(g: Graph, key: str, value: Tensor,
     """The ONNX input for a quantized layer's weight/bias and a description of its form."""
     if coded is not None:
         q, c = coded
-        if isinstance(q, FixedPoint):
-            grid = q.int_grid()
-            levels = c.codes.reshape(c.shape) + grid.qmin
-            kind = int_type(int(levels.min()), int(levels.max())) if levels.numel() else None
-            if kind is not None and q.n <= 16:
-                ints = g.const(key + "_q", levels.numpy(), INT_TYPES[kind][1])
-                s = g.const(key + "_scale", np.float32(grid.scale))
-                z = g.const(key + "_zp", np.array(0), INT_TYPES[kind][1])
-                return g.op("DequantizeLinear", [ints, s, z], key), f"{kind} DequantizeLinear"
-        elif isinstance(q, MinMax):
-            levels = c.codes.reshape(c.shape) + q.ql_min
-            zp = c.params["zero_point"].reshape(-1)
-            kind = int_type(q.ql_min, q.ql_max)
-            if kind is not None:
-                ints = g.const(key + "_q", levels.numpy(), INT_TYPES[kind][1])
-                per_channel = c.params["scale"].numel() > 1
-                scale = c.params["scale"].reshape(-1).float().numpy()
-                s = g.const(key + "_scale", scale if per_channel else scale[0])
-                z = g.const(key + "_zp", zp.numpy() if per_channel else zp.numpy()[0],
-                            INT_TYPES[kind][1])
-                attrs = {"axis": 0} if per_channel else {}
-                return (g.op("DequantizeLinear", [ints, s, z], key, **attrs),
-                        f"{kind} DequantizeLinear" + (" per channel" if per_channel else ""))
+        a = q.affine(c)  # uniform grids only: scale, zero point and integer bounds
+        kind = int_type(a.qmin, a.qmax) if a is not None else None
+        if a is not None and kind is not None:
+            int_dtype = INT_TYPES[kind][1]
+            ints = g.const(key + "_q", a.int_repr.numpy(), int_dtype)
+            s = g.const(key + "_scale", a.scale.float().numpy())
+            z = g.const(key + "_zp", a.zero_point.numpy(), int_dtype)
+            attrs = {"axis": a.axis} if a.axis is not None else {}
+            return (g.op("DequantizeLinear", [ints, s, z], key, **attrs),
+                    f"{kind} DequantizeLinear" + (" per channel" if a.axis is not None else ""))
     return g.const(key, value.detach().float()), "float constant"
 
 

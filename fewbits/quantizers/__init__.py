@@ -14,14 +14,15 @@ Specs resolve through :func:`get` (as larq's ``quantizers.get``): a registered n
     >>> q.bits, q(torch.tensor([0.3, 5.0]))
     (4, tensor([0.2500, 1.7500]))
 
-One module per job: :mod:`~fewbits.quantizers.base` (``Quantizer``, ``Codes``, ``IntGrid``, the
-registry), then one per family: ``binary``, ``fixed_point``, ``pow2``, ``inq``, ``min_max``.
+One module per job: :mod:`~fewbits.quantizers.base` (``Quantizer``, ``Codes``,
+``AffineCodes``, ``IntGrid``, the registry), then one per family: ``binary``, ``fixed_point``,
+``pow2``, ``inq``, ``min_max``.
 Importing this package registers every family.
 """
 
 from __future__ import annotations
 
-from .base import Codes, IntGrid, Quantizer, get, list_quantizers, register_quantizer
+from .base import AffineCodes, Codes, IntGrid, Quantizer, get, list_quantizers, register_quantizer
 from .binary import BinaryConnect, BinarySigmoid, BinaryTanh, BinaryWeight
 from .fixed_point import FixedPoint
 from .inq import INQ, INQ_ITERATIONS, INQ_SELECTIONS
@@ -32,6 +33,7 @@ __all__ = [
     "INQ",
     "INQ_ITERATIONS",
     "INQ_SELECTIONS",
+    "AffineCodes",
     "BinaryConnect",
     "BinarySigmoid",
     "BinaryTanh",

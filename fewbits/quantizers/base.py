@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "AffineCodes",
     "Codes",
     "IntGrid",
     "Quantizer",
@@ -34,6 +35,33 @@ class Codes:
     bits: int
     shape: tuple[int, ...]
     params: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AffineCodes:
+    """Codes in the field's affine form: ``value = (int_repr - zero_point) * scale``.
+
+    What ``DequantizeLinear`` (ONNX), ``torch.dequantize`` and integer kernels consume. Only
+    uniform grids have this form (:meth:`Quantizer.affine` returns ``None`` for the others):
+
+    - ``int_repr``: int64, the tensor's shape, values in ``[qmin, qmax]``;
+    - ``scale``: float32, shape ``()`` (per tensor) or ``(C,)`` (per output channel, ``axis=0``);
+    - ``zero_point``: int64, the shape of ``scale``;
+    - ``qmin``, ``qmax``: the grid's integer bounds (from the quantizer, not from the data).
+
+        >>> from fewbits.quantizers import FixedPoint
+        >>> q = FixedPoint(n=4, delta=0.5)
+        >>> a = q.affine(q.encode(torch.tensor([-9.0, 0.2, 0.75])))
+        >>> a.int_repr.tolist(), float(a.scale), int(a.zero_point), (a.qmin, a.qmax)
+        ([-7, 0, 2], 0.5, 0, (-7, 7))
+    """
+
+    int_repr: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    axis: int | None
+    qmin: int
+    qmax: int
 
 
 @dataclass(frozen=True)
@@ -153,6 +181,12 @@ class Quantizer(nn.Module):
 
     def decode(self, codes: Codes) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot decode")
+
+    def affine(self, codes: Codes) -> AffineCodes | None:
+        """``codes`` (from :meth:`encode`) as :class:`AffineCodes`, or ``None`` where the grid
+        is not uniform (binary, power-of-two, INQ). Export reads scales and zero points here,
+        never from ``codes.params``, whose keys are the quantizer's own business."""
+        return None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._kwargs().items())

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _math
 from .. import functional as qf
-from .base import Codes, IntGrid, Quantizer, register_quantizer
+from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
 __all__ = [
     "FixedPoint",
@@ -105,3 +105,11 @@ class FixedPoint(Quantizer):
     def decode(self, codes: Codes) -> Tensor:
         k = (codes.codes - self._offset).to(torch.float32).reshape(codes.shape)
         return k * torch.tensor(self.delta, dtype=torch.float32)
+
+    def affine(self, codes: Codes) -> AffineCodes:
+        """``k * delta``: ``int_repr = k``, ``scale = delta``, zero point 0, per tensor."""
+        grid = self.int_grid()
+        return AffineCodes((codes.codes - self._offset).reshape(codes.shape),
+                           torch.tensor(grid.scale, dtype=torch.float32),
+                           torch.tensor(grid.zero_point, dtype=torch.int64), None,
+                           grid.qmin, grid.qmax)

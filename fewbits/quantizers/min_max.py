@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import _math, ops
 from .. import functional as qf
-from .base import Codes, IntGrid, Quantizer, register_quantizer
+from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
 __all__ = [
     "MinMax",
@@ -215,3 +215,13 @@ class MinMax(Quantizer):
         lo = codes.params["lo"].reshape(view)
         q = codes.codes.reshape(codes.shape).to(torch.float32)
         return q * scale + lo
+
+    def affine(self, codes: Codes) -> AffineCodes:
+        """``int_repr = q + ql_min`` with the encoded scale and zero point, one per output
+        channel (``axis=0``) for per-channel ranges."""
+        scale = codes.params["scale"].reshape(-1).float()
+        zp = codes.params["zero_point"].reshape(-1).to(torch.int64)
+        per_channel = scale.numel() > 1
+        return AffineCodes(codes.codes.reshape(codes.shape) + self.ql_min,
+                           scale if per_channel else scale[0], zp if per_channel else zp[0],
+                           0 if per_channel else None, self.ql_min, self.ql_max)
