@@ -65,8 +65,9 @@ def int8_weight(q: Quantizer | None, w: Tensor, codes: Codes | None = None
     ``[-128, 127]``.
 
     ``w`` holds the values the layer's forward uses. Fixed point and min-max codes come from
-    the quantizer's grid (:meth:`~fewbits.quantizers.FixedPoint.int_grid`; min-max from
-    ``codes``, whose ``q - zero_point`` times ``scale`` is the value up to one float rounding);
+    the quantizer's grid (:meth:`~fewbits.quantizers.FixedPoint.int_grid`; min-max from its
+    :meth:`~fewbits.quantizers.MinMax.affine` form, whose ``int_repr - zero_point`` times
+    ``scale`` is the value up to one float rounding);
     any other weight (pow2, INQ, binary, float) is accepted when each output channel is an
     exact integer multiple of its smallest nonzero magnitude.
     """
@@ -79,15 +80,12 @@ def int8_weight(q: Quantizer | None, w: Tensor, codes: Codes | None = None
             return IntWeight(k.to(torch.int8), torch.full((out,), grid.scale))
         return None
     if isinstance(q, MinMax):
-        if codes is None:
-            codes = q.encode(w)
-        scale, zp, _, _ = q.grid(w)
-        zp = zp.reshape(-1).to(torch.int64)
-        view = (-1,) + (1,) * (w.dim() - 1) if zp.numel() > 1 else ()
-        k = codes.codes.reshape(w.shape) + q.ql_min - zp.reshape(view)
+        a = q.affine(codes if codes is not None else q.encode(w))
+        view = (-1,) + (1,) * (w.dim() - 1) if a.axis is not None else ()
+        k = a.int_repr - a.zero_point.reshape(view)
         if not _fits_int8(k):
             return None
-        return IntWeight(k.to(torch.int8), scale.reshape(-1).float().expand(out).clone())
+        return IntWeight(k.to(torch.int8), a.scale.reshape(-1).float().expand(out).clone())
     flat = w.reshape(out, -1)
     mag = torch.where(flat == 0, torch.full_like(flat, float("inf")), flat.abs()).amin(1)
     mag = torch.where(torch.isinf(mag), torch.ones_like(mag), mag)
