@@ -58,7 +58,8 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
     (``bit_width``, ``delta``, ``inq_iterations`` ...): weight, bias and (for the families that
     quantize activations) input quantizer specs, from the family table.
 
-    Raises ``ValueError`` listing the known families, ``TypeError`` listing the known options.
+    Raises ``ValueError`` listing the known families or naming an option the family does not
+    use (``bit_width`` for ``binary_connect``), ``TypeError`` listing the known options.
 
         >>> family_config("fp_connect", bit_width=4)["weight"]["n"]
         4
@@ -67,7 +68,11 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
 
     fam = family(name)
     cfg = QuantConfig.from_kwargs(options)
-    return {"weight": fam.weight(cfg), "bias": fam.bias(cfg), "input": fam.activation(cfg)}
+    ignored = fam.ignored(cfg, options)
+    if ignored:
+        raise ValueError(f"family {name!r} does not use {', '.join(ignored)}; it would be "
+                         "ignored (docs/QUANTIZERS.md, 'The families')")
+    return fam.specs(cfg)
 
 
 def _role_specs(config: Any, where: str) -> dict[str, Any] | None:

@@ -164,3 +164,40 @@ def test_inq_schedule_that_never_starts_is_refused_and_fractions_fit_the_run(tmp
                  str(tmp_path / "d"), *TINY, "--model-arg", "width=8", "--model-arg",
                  "depth=1"]) == 2
     assert "--inq-iterations 0.5,0.75,0.875,0.9375,1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("net, flags, names", [
+    ("{own}:float_net", ["--bit-width", "3"], "--bit-width"),
+    ("{own}:net", ["--delta", "0.125", "--ql-min", "-8"], "--delta, --ql-min"),
+    ("mnist_float_lenet", ["--bit-width", "3"], "--bit-width"),
+    ("mnist_binary_connect_lenet", ["--bit-width", "3", "--clip-weights"], "--bit-width"),
+    ("mnist_inq_lenet", ["--delta", "0.125"], "--delta"),
+    ("mnist_fp_connect_lenet", ["--a-min-max"], "--a-min-max"),
+])
+def test_quantization_options_a_net_would_ignore_are_refused(net, flags, names, own_module,
+                                                              tmp_path, capsys):
+    """Before, ``--bit-width 3`` on a float factory trained a float model without a word."""
+    net = net.format(own=own_module)
+    assert main(["train", "--net", net, "-i", "1", "-m", str(tmp_path / "r"), *TINY,
+                 *flags]) != 0
+    err = capsys.readouterr().err
+    assert f"{names}: {net} would ignore it" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("*.pt"))
+
+
+@pytest.mark.parametrize("net, flags", [
+    ("mnist_fp_connect_lenet", ["--bit-width", "4", "--delta", "0.125"]),
+    ("mnist_binary_connect_lenet", ["--clip-weights"]),
+    ("mnist_min_max_lenet", ["--a-min-max", "--a-ema", "--ql-min", "0"]),
+])
+def test_quantization_options_a_net_uses_are_taken(net, flags, tmp_path):
+    assert main(["train", "--net", net, "-i", "1", "-v", "1", "-m", str(tmp_path / "r"),
+                 *TINY, *flags, "--no-first-validation"]) == 0
+
+
+def test_family_config_refuses_an_option_the_family_does_not_use():
+    import fewbits
+
+    with pytest.raises(ValueError, match="family 'pow2_connect' does not use ql_max"):
+        fewbits.family_config("pow2_connect", ql_max=15)
+    assert fewbits.family_config("pow2_connect", bit_width=5)["weight"]["n"] == 5

@@ -8,7 +8,7 @@ follow each convolution (the seed's placement, ``docs/QUANTIZERS.md``, "The fami
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..config import QuantConfig
@@ -63,6 +63,25 @@ class Family:
             return {"name": "binary_tanh"}
         return self.act(c)
 
+    def specs(self, c: QuantConfig) -> dict[str, dict[str, Any] | None]:
+        """The quantizer spec of each role (``weight``, ``bias``, ``input``) under ``c``."""
+        return {"weight": self.weight(c), "bias": self.bias(c), "input": self.activation(c)}
+
+    def ignored(self, c: QuantConfig, names: Any) -> list[str]:
+        """Those of the options ``names`` whose value in ``c`` changes none of the family's
+        quantizers (``bit_width`` on ``binary_connect``): resetting one to its default gives
+        the same specs. Callers refuse them rather than ignore a user's setting in silence."""
+        base = self.specs(c)
+        out = []
+        for name in names:
+            try:
+                alt = replace(c, **{name: _DEFAULTS[name]})
+            except ValueError:  # resetting it alone is invalid (a_min_max under a_ema): used
+                continue
+            if self.specs(alt) == base:
+                out.append(name)
+        return out
+
     def bits(self, c: QuantConfig) -> tuple[int | str, int | str]:
         """(weight bits, activation bits) for reports; ``32`` = float."""
         from ..quantizers import get
@@ -70,6 +89,9 @@ class Family:
         w = get(self.weight(c))
         a = get(self.activation(c))
         return (w.bits if w else 32), (a.bits if a else 32)
+
+
+_DEFAULTS = {f.name: getattr(QuantConfig(), f.name) for f in fields(QuantConfig)}
 
 
 def _bw(c: QuantConfig, default: int = 8) -> int:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from dataclasses import MISSING, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import QUANT_KEYS, ConfigError, TrainConfig
-from ..models import create_model, list_models, model_info, register_factory
+from ..config import QUANT_KEYS, ConfigError, QuantConfig, TrainConfig
+from ..models import FAMILIES, create_model, list_models, model_info, register_factory
 from ..quantizers import INQ
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "check_inq",
     "check_model_input",
     "check_net",
+    "check_quant_options",
     "count_parameters",
     "inq_schedule",
     "load_split",
@@ -166,6 +168,7 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     c, h, w = (int(s) for s in image_shape[-3:])
     kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in QUANT_KEYS
                               if k in defaults and getattr(cfg, k) is not None}
+    check_quant_options(cfg, defaults)
     if "inq_iterations" in kwargs:
         kwargs["inq_iterations"] = list(inq_schedule(cfg.inq_iterations, cfg.max_iter))
     derived = {"num_classes": num_classes, "in_channels": c, "in_features": c * h * w}
@@ -181,6 +184,36 @@ def build_model(cfg: TrainConfig, image_shape: tuple[int, ...], num_classes: int
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build {cfg.net}: {e}") from e
     return model
+
+
+def check_quant_options(cfg: TrainConfig, defaults: dict[str, Any]) -> None:
+    """Refuse quantization options set away from their defaults that ``cfg.net`` does not use:
+    ``--bit-width 3`` on a float net or factory, or on ``binary_connect``, would otherwise
+    train a model without it in silence. A zoo net's family decides what it uses
+    (:meth:`~fewbits.models.Family.ignored`); any other net, its factory's signature."""
+    given = [f for f in fields(TrainConfig) if f.name in QUANT_KEYS
+             and getattr(cfg, f.name) != (f.default if f.default is not MISSING
+                                          else f.default_factory())]
+    if not given:
+        return
+    fam = model_info(cfg.net).family
+    if fam is not None:
+        qc = QuantConfig.from_kwargs({k: getattr(cfg, k) for k in QUANT_KEYS})
+        ignored = set(FAMILIES[fam].ignored(qc, [f.name for f in given]))
+    else:
+        ignored = {f.name for f in given if f.name not in defaults}
+    if not ignored:
+        return
+    flags = ", ".join("/".join(f.metadata["flags"]) for f in given if f.name in ignored)
+    if fam is not None:
+        hint = f"the {fam} family has no use for it (docs/QUANTIZERS.md, 'The families')"
+    elif any(k in QUANT_KEYS for k in defaults):
+        hint = f"its quantization options are {', '.join(k for k in defaults if k in QUANT_KEYS)}"
+    else:
+        hint = ("it builds no quantizer from options: give a quantized net (`fewbits list`), "
+                "or quantize the factory's layers with fewbits.quantize_ (README, 'Your own "
+                "model')")
+    raise ConfigError(f"{flags}: {cfg.net} would ignore it; {hint}")
 
 
 def count_parameters(model: nn.Module) -> int:
