@@ -204,3 +204,34 @@ def test_weight_integer_type_follows_the_quantizers_grid(spec, form, tmp_path):
     assert set(report.weights.values()) >= {form}
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     assert compare_onnx(m, tmp_path / "m.onnx", x)["max_rel"] <= 1e-5
+
+
+class _FunctionalPools(nn.Module):
+    def __init__(self, indices: bool = False) -> None:
+        super().__init__()
+        self.indices = indices
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3)
+        self.pool, self.fc = nn.MaxPool2d(2, ceil_mode=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = nn.functional.max_pool2d(self.c2(x), kernel_size=3, stride=2, padding=1,
+                                     ceil_mode=True, return_indices=self.indices)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_functional_max_pool_exports_like_the_module(tmp_path):
+    """``F.max_pool2d`` (positional and keyword arguments, ``ceil_mode``) is exported as
+    ``MaxPool``; with ``return_indices=True`` it is refused by name."""
+    from fewbits import quantize_
+
+    torch.manual_seed(0)
+    m = quantize_(_FunctionalPools(), "fp_connect").eval()
+    report = export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 15, 15))
+    assert report.nodes["MaxPool"] == 3
+    x = torch.rand(8, 1, 15, 15, generator=torch.Generator().manual_seed(1))
+    c = compare_onnx(m, tmp_path / "m.onnx", x)
+    assert c["top1_agreement"] == 1.0 and c["max_rel"] <= 1e-5
+    with pytest.raises(ValueError, match="max_pool2d"):
+        export_onnx(quantize_(_FunctionalPools(indices=True), "fp_connect").eval(),
+                    tmp_path / "i.onnx", input_shape=(1, 15, 15))

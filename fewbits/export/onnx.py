@@ -84,6 +84,7 @@ DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
 _LEAVES = (QuantAct, QuantConv2d, QuantLinear)
 # modules whose output holds values of their input only: a uint8 grid stays one through them
 _ON_GRID = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_ON_GRID_FUNCTIONS = (torch.flatten, nn.functional.max_pool2d, torch.max_pool2d)
 
 
 # --------------------------------------------------------------------------- sources
@@ -231,11 +232,11 @@ def _module(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
     if isinstance(m, nn.ReLU):
         return g.op("Relu", [x], name)
     if isinstance(m, nn.MaxPool2d):
-        ph, pw = pair(m.padding)
-        stride = m.stride if m.stride is not None else m.kernel_size
-        return g.op("MaxPool", [x], name, kernel_shape=list(pair(m.kernel_size)),
-                    strides=list(pair(stride)), pads=[ph, pw, ph, pw],
-                    dilations=list(pair(m.dilation)), ceil_mode=int(m.ceil_mode))
+        if m.return_indices:
+            raise ValueError(f"{name}: MaxPool2d(return_indices=True) has no ONNX form in "
+                             "fewbits' exporter")
+        return _max_pool(g, name, x, m.kernel_size, m.stride, m.padding, m.dilation,
+                         m.ceil_mode)
     if isinstance(m, nn.AvgPool2d):
         ph, pw = pair(m.padding)
         stride = m.stride if m.stride is not None else m.kernel_size
@@ -251,8 +252,27 @@ def _module(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
     raise ValueError(f"{name}: module {type(m).__name__} has no ONNX form in fewbits' exporter")
 
 
+def _max_pool(g: Graph, name: str, x: str, kernel: Any, stride: Any, padding: Any,
+              dilation: Any, ceil_mode: bool) -> str:
+    ph, pw = pair(padding)
+    stride = stride if stride not in (None, ()) else kernel  # PyTorch: stride defaults to kernel
+    return g.op("MaxPool", [x], name, kernel_shape=list(pair(kernel)),
+                strides=list(pair(stride)), pads=[ph, pw, ph, pw],
+                dilations=list(pair(dilation)), ceil_mode=int(ceil_mode))
+
+
+_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                  "return_indices")
+
+
 def _function(g: Graph, node: fx.Node, args: list[Any]) -> str:
     fn, kw = node.target, node.kwargs
+    if fn in (nn.functional.max_pool2d, torch.max_pool2d):
+        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+             "return_indices": False, **dict(zip(_MAX_POOL_ARGS, args, strict=False)), **kw}
+        if not a["return_indices"]:
+            return _max_pool(g, node.name, a["input"], a["kernel_size"], a["stride"],
+                             a["padding"], a["dilation"], a["ceil_mode"])
     if fn in (operator.add, torch.add) and len(args) == 2 and not kw:
         return g.op("Add", args, node.name)
     if fn in (torch.flatten,):
@@ -390,7 +410,7 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
             elif node.op == "call_function":
                 x = arg(node.args[0]) if node.args else None
                 env[node.name] = _function(g, node, [arg(a) for a in node.args])
-                if x in u8 and node.target is torch.flatten:
+                if x in u8 and node.target in _ON_GRID_FUNCTIONS:
                     env[node.name] = requantize(g, env[node.name], u8[x], env[node.name])
                     u8[env[node.name]] = u8[x]
             elif node.op == "output":
