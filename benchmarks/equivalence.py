@@ -17,6 +17,7 @@ the working tree and compares, bit for bit (``float`` tensors viewed as integers
 
     PYTHONPATH=. python benchmarks/equivalence.py            # exit status 1 on any difference
     PYTHONPATH=. python benchmarks/equivalence.py --ref dc48f10
+    PYTHONPATH=. python benchmarks/equivalence.py --ref 366d5fa --allow-refusals
     FEWBITS_FUSED=0 PYTHONPATH=. python benchmarks/equivalence.py   # the PyTorch path alone
 
 The fused CPU kernels (``fewbits._kernels``) are on unless ``FEWBITS_FUSED=0``; the revision
@@ -29,10 +30,12 @@ import argparse
 import importlib
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from typing import Any
@@ -236,9 +239,20 @@ def _adapt(name: str, fn: Callable[..., Tensor], extra: tuple[Tensor, ...], kw: 
     return fn, extra, kw
 
 
-def check_functional(F_new: Any, F_ref: Any, log: Callable[[str], None]) -> int:
+def _refusal_kind(message: str) -> str:
+    """An error message with its numbers blanked: one line per kind of new refusal."""
+    return re.sub(r"[-+]?\d[\w.+-]*", "#", message)[:110]
+
+
+def check_functional(F_new: Any, F_ref: Any, log: Callable[[str], None],
+                     refusals: Counter | None = None) -> int:
     """Every case bit for bit; with the fused CPU kernels on, min-max range gradients (results
-    2 and 3: float64 sums in another order) to 1e-5 relative."""
+    2 and 3: float64 sums in another order) to 1e-5 relative.
+
+    With ``refusals`` (a Counter), a case where the working tree raises ``ValueError`` and the
+    reference returned a value is counted there by kind of message instead of as a
+    difference: a new refusal is a deliberate change (never a silently different value), and
+    :func:`main` lists each kind for the reader to check."""
     from fewbits import _kernels
 
     fused = _kernels.available()
@@ -264,6 +278,10 @@ def check_functional(F_new: Any, F_ref: Any, log: Callable[[str], None]) -> int:
                     # the element's position in its vector loop; the fused kernel always +0.0
                     r_new, r_ref = _fold_zero(r_new), _fold_zero(r_ref)
                 loose = fused and name.startswith("min_max") and dtype == torch.float32
+                if refusals is not None and r_new[:2] == ("raised", "ValueError") and \
+                        r_ref[0] != "raised":
+                    refusals[_refusal_kind(r_new[2])] += 1
+                    continue
                 if len(r_new) != len(r_ref) or not all(
                         _same(p, q) or (loose and k >= 2 and _close(p, q))
                         for k, (p, q) in enumerate(zip(r_new, r_ref, strict=False))):
@@ -389,16 +407,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ref", default="main", help="git revision to compare with (default main)")
     p.add_argument("--skip-models", action="store_true", help="only the functional checks")
+    p.add_argument("--allow-refusals", action="store_true",
+                   help="exit 0 when the only changes are inputs the working tree now refuses "
+                   "with a ValueError (listed by kind), e.g. against a revision that predates "
+                   "a deliberate new check")
     args = p.parse_args(argv)
     import fewbits
 
     ref = load_reference(args.ref)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    bad = check_functional(fewbits.functional, ref.functional, print)
+    refusals: Counter = Counter()
+    bad = check_functional(fewbits.functional, ref.functional, print, refusals)
     if not args.skip_models:
         bad += check_models(fewbits, ref, print)
-    print("IDENTICAL" if bad == 0 else f"{bad} DIFFERENCES")
-    return 0 if bad == 0 else 1
+    for kind, n in sorted(refusals.items()):
+        print(f"NEW REFUSAL x{n}: {kind}")
+    n_ref = sum(refusals.values())
+    if bad:
+        print(f"{bad} DIFFERENCES" + (f" (and {n_ref} new refusals)" if n_ref else ""))
+    elif n_ref:
+        print(f"IDENTICAL wherever both return a value; {n_ref} inputs newly refused "
+              f"({len(refusals)} kinds, listed above)")
+    else:
+        print("IDENTICAL")
+    return 1 if bad or (n_ref and not args.allow_refusals) else 0
 
 
 if __name__ == "__main__":
