@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .huffman import _validated_table
+from .huffman import validated_table
 from .packing import MAX_BITS
 
 __all__ = ["ENCODINGS", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_NDIM", "MAX_TENSORS",
@@ -134,5 +134,5 @@ def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
     if count > bit_count:
         raise ValueError(f"{count} symbols cannot fit in bit_count={bit_count} bits")
     if isinstance(blob, (bytes, bytearray, memoryview)):
-        _validated_table(memoryview(blob).cast("B")[:table])  # Kraft, lengths <= 24
+        validated_table(memoryview(blob).cast("B")[:table])  # Kraft, lengths <= 24
     return count

@@ -73,8 +73,9 @@ def _fail(message: str) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Write the packed file (and ONNX graph) for ``args.source``; print the size report."""
-    from .onnx import DEFAULT_OPSET, _is_packed_file, compare_onnx, export_onnx, input_shape_of
-    from .packed import _as_model, export_packed
+    from .container import is_packed_file
+    from .onnx import DEFAULT_OPSET, compare_onnx, export_onnx, input_shape_of
+    from .packed import export_packed, model_of
 
     if not args.output and not args.onnx:
         return _fail("nothing to write: give -o model.fewbits and/or --onnx model.onnx")
@@ -86,11 +87,11 @@ def run_export(args: argparse.Namespace) -> int:
             register_factory(args.model)
         if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
             return _fail(f"{source}: no such run folder, checkpoint or .fewbits file")
-        packed_source = not isinstance(source, torch.nn.Module) and _is_packed_file(source)
+        packed_source = not isinstance(source, torch.nn.Module) and is_packed_file(source)
         if packed_source and args.output:
             return _fail(f"{source} is already a packed model; export from the run folder or "
                          "checkpoint to write a new .fewbits file (or give only --onnx)")
-        model = source if packed_source else _as_model(source)
+        model = source if packed_source else model_of(source)
         used = (getattr(model, "fewbits_source", None) or {}).get("path") or source
         print(f"exporting {used}", flush=True)  # which checkpoint of a run folder was used
         if args.output:

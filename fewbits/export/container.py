@@ -74,6 +74,7 @@ __all__ = [
     "decode_tensor",
     "dumps",
     "encode_tensor",
+    "is_packed_file",
     "loads",
     "read_container",
     "read_model_file",
@@ -449,3 +450,13 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
         raise FormatError(str(path), "it is a .fewbits container but not a fewbits model",
                           "export a model with `fewbits export`")
     return header, blobs
+
+
+def is_packed_file(path: Any) -> bool:
+    """Whether ``path`` is a file that starts with the container's :data:`MAGIC` (a
+    ``.fewbits`` file, valid or not: reading it checks the rest). ``False`` for folders,
+    missing paths and anything that is not a path."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC

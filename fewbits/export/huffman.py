@@ -40,7 +40,8 @@ import numpy as np
 
 from .packing import check_int
 
-__all__ = ["MAX_ALPHABET_SIZE", "MAX_CODE_LENGTH", "huffman_decode", "huffman_encode"]
+__all__ = ["MAX_ALPHABET_SIZE", "MAX_CODE_LENGTH", "huffman_decode", "huffman_encode",
+           "validated_table"]
 
 MAX_CODE_LENGTH = 24
 # One table byte per symbol; 2**24 symbols is the most a 24-bit code space can hold.
@@ -132,7 +133,7 @@ def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return codes, order, max_len
 
 
-def _validated_table(table: bytes | np.ndarray) -> np.ndarray:
+def validated_table(table: bytes | np.ndarray) -> np.ndarray:
     if isinstance(table, (bytes, bytearray, memoryview)):
         lengths = np.frombuffer(memoryview(table).cast("B"), dtype=np.uint8)
     else:
@@ -273,7 +274,7 @@ def huffman_decode(
     vectorised lookup on the next ``L`` bits; a tight loop then hops from code to code, and
     the symbols at the visited positions are looked up in one vectorised step.
     """
-    lengths = _validated_table(table)
+    lengths = validated_table(table)
     out_dtype = _symbol_dtype(lengths.size)
     for label, value in (("bit_count", bit_count), ("count", count)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:

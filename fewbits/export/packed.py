@@ -49,7 +49,8 @@ from .container import (
     write_container,
 )
 
-__all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "packed_info"]
+__all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "model_of",
+           "packed_info"]
 
 _BN_MODES = ("float32", "float16")
 
@@ -110,7 +111,9 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _as_model(source: nn.Module | str | os.PathLike) -> nn.Module:
+def model_of(source: nn.Module | str | os.PathLike) -> nn.Module:
+    """``source`` itself when it is a model, else the model of a run folder or checkpoint
+    (:func:`fewbits.checkpoint.load_model`, which names the file on any problem)."""
     if isinstance(source, nn.Module):
         return source
     from ..checkpoint import load_model  # a run folder or a checkpoint file
@@ -166,7 +169,7 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
     """
     if bn not in _BN_MODES:
         raise ValueError(f"bn must be one of {_BN_MODES}, got {bn!r}")
-    model = _as_model(source)
+    model = model_of(source)
     spec = model_header(model)
     was_training = model.training
     model.eval()
