@@ -74,6 +74,7 @@ __all__ = [
     "decode_tensor",
     "dumps",
     "encode_tensor",
+    "is_packed_file",
     "loads",
     "read_container",
     "read_model_file",
@@ -449,3 +450,12 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
         raise FormatError(str(path), "it is a .fewbits container but not a fewbits model",
                           "export a model with `fewbits export`")
     return header, blobs
+
+
+def is_packed_file(source: Any) -> bool:
+    """Whether ``source`` is a path to a file starting with :data:`MAGIC` (a ``.fewbits``
+    container, whatever its extension); False for folders, missing paths and other objects."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+        return False
+    with open(source, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from .._io import atomic_write
 from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
-from .container import MAGIC, decode_tensor, read_model_file
+from .container import decode_tensor, is_packed_file, read_model_file
 from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
 from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
 
@@ -87,13 +87,6 @@ _ON_GRID = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
 # --------------------------------------------------------------------------- sources
-
-def _is_packed_file(source: Any) -> bool:
-    if isinstance(source, nn.Module) or not os.path.isfile(source):
-        return False
-    with open(source, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
-
 
 def _file_codes(path: str | os.PathLike, model_spec: dict) -> dict[str, tuple[Quantizer, Codes]]:
     """The stored codes of a ``.fewbits`` file with the quantizer that made them."""
@@ -133,7 +126,7 @@ def resolve_source(source: nn.Module | str | os.PathLike
     file's are read from it. A model rebuilt by :func:`~fewbits.export.load_packed` has no weight
     quantizers left, so pass the file itself to keep the integer form.
     """
-    if _is_packed_file(source):
+    if is_packed_file(source):
         from .packed import load_packed
 
         model = load_packed(source)
