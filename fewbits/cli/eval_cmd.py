@@ -71,9 +71,14 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
     :class:`~fewbits.export.FormatError` for a file that is not a readable fewbits model,
     ``ValueError`` for ``batch_size < 1``.
 
-        >>> r = evaluate_packed("m.fewbits", load_dataset("digits", "test"))  # doctest: +SKIP
-        >>> r.error, r.fast_path
-        (0.0267, None)
+        >>> import os, tempfile
+        >>> from fewbits.export import export_packed
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.fewbits")
+        >>> _ = export_packed(create_model("mnist_binary_connect_mlp", width=16, depth=1), path)
+        >>> ds = load_dataset("synthetic", "test", n=8, shape=(1, 28, 28), num_classes=10)
+        >>> r = evaluate_packed(path, ds, batch_size=4)
+        >>> r.total, r.net, r.fast_path, r.error == r.wrong / 8
+        (8, 'mnist_binary_connect_mlp', None, True)
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
