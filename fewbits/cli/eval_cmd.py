@@ -34,6 +34,7 @@ __all__ = ["HELP", "add_eval_arguments", "evaluate_packed", "format_result", "ru
 
 HELP = "test error of a trained run, checkpoint or .fewbits file"
 
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """``PATH`` and the data, device and output options."""
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT|FILE.fewbits",
