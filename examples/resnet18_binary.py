@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fewbits
 from fewbits.data import load_dataset
 from fewbits.export import export_packed, load_packed
+from fewbits.train import evaluate
 
 # --------------------------------------------------------------------------- ResNet-18
 # torchvision.models.resnet18, same module names and initialisation.
@@ -115,13 +116,6 @@ def binary_resnet18(num_classes: int = 1000) -> ResNet:
                              .get(name, "binary_weight"))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    pred = torch.cat([model(x.float() / 255).argmax(1) for x in images.split(256)])
-    return float((pred == labels).float().mean())
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True, help="image folder or .tar.gz (train/, test/)")
@@ -144,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             loss.backward()
             opt.step()
         print(f"epoch {epoch + 1}: loss {loss.item():.3f}, "
-              f"test accuracy {accuracy(model, test.images, test.labels):.3f}")
+              f"test accuracy {evaluate(model, test).accuracy:.3f}")
 
     fewbits.calibrate(model, (x.float() / 255 for x, _ in itertools.islice(loader, 8)))
     report = export_packed(model, args.output)
@@ -153,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x = test.images[:64].float() / 255
     with torch.no_grad():
         same = torch.equal(model.eval()(x), reloaded(x))
-    acc = accuracy(reloaded, test.images, test.labels)
+    acc = evaluate(reloaded, test).accuracy  # fewbits' evaluation loop (as `fewbits eval`)
     print(f"{args.output}: {report.file_bytes:,} bytes, fp32 {report.fp32_bytes:,} bytes "
           f"({report.ratio:.1f}x smaller, {report.bits_per_weight:.2f} bits per quantized "
           f"weight); reloaded: identical logits {same}, test accuracy {acc:.3f}")

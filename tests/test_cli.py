@@ -230,6 +230,14 @@ def test_export_info_and_eval_from_the_packed_file(tmp_path, capsys):
     assert main(["eval", str(packed), "--dataset", "digits", "--json"]) == 0
     from_file = json.loads(capsys.readouterr().out)
     assert from_file["wrong"] == from_run["wrong"] and from_file["total"] == 300
+    assert from_file.keys() == from_run.keys()  # one format for both kinds of file
+    assert from_file["fast_path"] is from_run["fast_path"] is None
+    assert from_file["net"] == from_run["net"] == "mnist_binary_connect_mlp"
+    for path in (run, packed):  # the one-line report, alike
+        assert main(["eval", str(path), "--dataset", "digits"]) == 0
+        out = capsys.readouterr().out
+        expect = f"on digits test, 300 images: error {100 * from_run['error']:.2f}% (accuracy"
+        assert out.startswith(f"mnist_binary_connect_mlp ({path}") and expect in out, out
     bad = tmp_path / "bad.fewbits"
     bad.write_bytes(packed.read_bytes()[:-9])
     assert main(["eval", str(bad), "--dataset", "digits"]) == 1

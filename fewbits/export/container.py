@@ -452,11 +452,10 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
     return header, blobs
 
 
-def is_packed_file(path: Any) -> bool:
-    """Whether ``path`` is a file that starts with the container's :data:`MAGIC` (a
-    ``.fewbits`` file, valid or not: reading it checks the rest). ``False`` for folders,
-    missing paths and anything that is not a path."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+def is_packed_file(source: Any) -> bool:
+    """Whether ``source`` is a path to a file starting with :data:`MAGIC` (a ``.fewbits``
+    container, whatever its extension); False for folders, missing paths and other objects."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
         return False
-    with open(path, "rb") as f:
+    with open(source, "rb") as f:
         return f.read(len(MAGIC)) == MAGIC

@@ -6,8 +6,9 @@ The package, one job per module, read top to bottom:
 - :mod:`.model`: the net of a run and the checks on its input (image shape, batch norm at
   ``-b 1``, the INQ schedule), :func:`build_model`, :func:`load_split`;
 - :mod:`.device`: ``-c/--context`` -> a device, and mixed precision (``-t half``);
-- :mod:`.evaluate`: :func:`evaluate` (the test error, used by the loop) and
-  :func:`evaluate_file` (``fewbits eval`` of a run, checkpoint or model file);
+- :mod:`.evaluate`: :func:`evaluate`, the one evaluation loop (validation in training and
+  every ``fewbits eval``), its :class:`EvalResult`, and :func:`evaluate_file` (a run,
+  checkpoint or model file);
 - :mod:`.checkpointing`: ``checkpoint.pt`` / ``model_*.pt`` and resuming;
 - :mod:`.signals`: SIGINT/SIGTERM -> checkpoint, then :class:`TrainingInterrupted`;
 - :mod:`.run`: :func:`train`, the run state and the loop.
@@ -17,7 +18,7 @@ See :mod:`fewbits.train.run` for an example.
 
 from ..config import CONTEXTS, LR_SCHEDULES, OPTIMIZERS, ConfigError, TrainConfig
 from .device import resolve_device
-from .evaluate import evaluate, evaluate_file
+from .evaluate import EvalResult, evaluate, evaluate_file
 from .model import (
     build_model,
     check_input_shape,
@@ -35,6 +36,7 @@ __all__ = [
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "ConfigError",
+    "EvalResult",
     "LRSchedule",
     "TrainConfig",
     "TrainResult",

@@ -1,46 +1,124 @@
-"""Evaluation: the test error of a model, during training (:func:`evaluate`) and of a saved
-run, checkpoint or model file (:func:`evaluate_file`).
+"""Evaluation: the one loop that measures a model's test error (:func:`evaluate`), its result
+(:class:`EvalResult`), and the evaluation of a saved run, checkpoint or model file
+(:func:`evaluate_file`).
+
+The same loop serves validation during training, ``fewbits eval RUN_OR_CHECKPOINT`` and
+``fewbits eval model.fewbits`` (:func:`fewbits.cli.evaluate_packed`): any callable mapping
+float images in ``[0, 1]`` ``(N, C, H, W)`` to logits ``(N, classes)`` - an ``nn.Module``, a
+model rebuilt from a packed file, or a :func:`~fewbits.runtime.compile_for_cpu` deployment.
 
     >>> from fewbits.data import load_dataset
     >>> ds = load_dataset("synthetic", "test", None, n=8, shape=(1, 4, 4), num_classes=2, seed=0)
-    >>> wrong, total = evaluate(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), ds,
-    ...                         torch.device("cpu"), batch_size=4)
-    >>> total, 0 <= wrong <= total
-    (8, True)
+    >>> r = evaluate(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), ds, batch_size=4)
+    >>> r.total, 0 <= r.wrong <= r.total, r.error == r.wrong / r.total
+    (8, True, True)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as fdist
 from ..config import ConfigError, TrainConfig
+from ..data import ArrayDataset, eval_batches, to_float
 from .device import autocast, resolve_device
 from .model import check_model_input, load_split, net_input_shape
 
-__all__ = ["evaluate", "evaluate_file"]
+__all__ = ["EvalResult", "evaluate", "evaluate_file"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The top-1 test error of one evaluation, and what was evaluated.
+
+    Attributes:
+        wrong: images whose arg-max logit is not their label (all ranks together).
+        total: images evaluated (>= 1; all ranks together).
+        seconds: wall time of the evaluation loop.
+        dataset: the dataset's name; net: the model's name; file: the model file read (None
+            when there is none, as during training).
+        fast_path: the backend that ran the model (``fewbits eval --fast``: a
+            :data:`fewbits.runtime.CANDIDATES` name), or None for the PyTorch model itself.
+
+    ``error = wrong / total``, ``accuracy = 1 - error``, ``images_per_second = total /
+    seconds``. Raises ``ValueError`` unless ``0 <= wrong <= total``, ``total >= 1`` and
+    ``seconds >= 0``.
+
+        >>> r = EvalResult(wrong=3, total=12, seconds=0.5)
+        >>> r.error, r.accuracy, r.images_per_second
+        (0.25, 0.75, 24.0)
+    """
+
+    wrong: int
+    total: int
+    seconds: float
+    dataset: str | None = None
+    net: str | None = None
+    file: str | None = None
+    fast_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.total < 1:
+            raise ValueError(f"no images were evaluated ({self.dataset or 'the dataset'} has "
+                             "none in this split): an error rate needs at least one")
+        if not 0 <= self.wrong <= self.total or not self.seconds >= 0:
+            raise ValueError(f"EvalResult needs 0 <= wrong <= total and seconds >= 0, got "
+                             f"wrong={self.wrong}, total={self.total}, seconds={self.seconds}")
+
+    @property
+    def error(self) -> float:
+        """Top-1 error, a fraction: ``wrong / total``."""
+        return self.wrong / self.total
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy, a fraction: ``1 - wrong / total``."""
+        return 1 - self.wrong / self.total
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the loop (data transfer and model together)."""
+        return self.total / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``fewbits eval --json`` prints: ``error``, ``accuracy``, ``wrong``, ``total``,
+        ``images_per_second``, ``seconds``, ``dataset``, ``net``, ``file``, ``fast_path``."""
+        return {"error": self.error, "accuracy": self.accuracy, "wrong": self.wrong,
+                "total": self.total, "images_per_second": self.images_per_second,
+                "seconds": self.seconds, "dataset": self.dataset, "net": self.net,
+                "file": self.file, "fast_path": self.fast_path}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Any, device: torch.device, batch_size: int = 256, *,
+def evaluate(model: Callable[[Tensor], Tensor], ds: ArrayDataset,
+             device: torch.device | str = "cpu", batch_size: int = 256, *,
              info: fdist.DistInfo | None = None, type_config: str = "float",
-             channels_last: bool = False) -> tuple[int, int]:
-    """``(wrong, total)`` over every image of ``ds`` (each rank takes its shard; the counts
-    are summed over ranks). The model is put in eval mode and restored afterwards; the
-    global RNG is left as it was, so validating does not change a training run."""
-    from ..data import eval_batches, to_float
+             channels_last: bool = False) -> EvalResult:
+    """Count the wrong top-1 predictions of ``model`` over every image of ``ds``.
 
+    Each rank takes its shard (:func:`~fewbits.data.eval_batches`); the counts are summed over
+    ranks. Images are scaled by 1/255 on ``device`` as in training; ``type_config="half"`` runs
+    under autocast; ``channels_last`` feeds that memory format. An ``nn.Module`` is put in eval
+    mode and restored afterwards; the global RNG is left as it was, so validating does not
+    change a training run. Returns an :class:`EvalResult` naming ``ds``'s dataset. Raises
+    ``ValueError`` for ``batch_size < 1`` or a split without images.
+    """
     info = info or fdist.DistInfo()
-    was = model.training
-    model.eval()
+    device = torch.device(device)
+    module = model if isinstance(model, nn.Module) else None
+    was = module.training if module is not None else False
+    if module is not None:
+        module.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)
     devices = [device] if device.type == "cuda" else []
+    start = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=devices):
             for xu8, y in eval_batches(ds, batch_size, info.rank, info.world_size):
@@ -53,19 +131,22 @@ def evaluate(model: nn.Module, ds: Any, device: torch.device, batch_size: int = 
                 counts[0] += (out.argmax(1) != y).sum()
                 counts[1] += y.numel()
     finally:
-        model.train(was)
+        if module is not None:
+            module.train(was)
     fdist.all_reduce_sum(counts, info)
-    wrong, total = (int(v) for v in counts.tolist())
-    return wrong, total
+    wrong, total = (int(v) for v in counts.tolist())  # waits for the device
+    return EvalResult(wrong, total, time.perf_counter() - start, dataset=ds.name)
 
 
 def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None = None,
                   batch_size: int = 256, context: str = "cpu", device_id: int = 0,
-                  download: bool = True, type_config: str = "float") -> dict[str, Any]:
-    """Evaluate a run folder / checkpoint / model file on a test split.
+                  download: bool = True, type_config: str = "float") -> EvalResult:
+    """Evaluate a run folder / checkpoint / model file on a test split (``fewbits eval``).
 
-    ``dataset`` and ``data_dir`` default to those the run was trained on. Returns
-    ``{"error", "accuracy", "wrong", "total", "images_per_second", "dataset", "net", "file"}``.
+    ``dataset`` and ``data_dir`` default to those the run was trained on. Returns the
+    :class:`EvalResult` of :func:`evaluate`, with the dataset, the net and the file read.
+    Raises :class:`ConfigError` for a batch size below 1 or a model that does not fit the
+    dataset, :class:`~fewbits.checkpoint.CheckpointError` for an unreadable file.
     """
     if batch_size < 1:
         raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {batch_size}")
@@ -89,9 +170,5 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     if num_classes is not None and num_classes < len(ds.classes):
         raise ConfigError(f"{src} predicts {num_classes} classes but {cfg.dataset!r} has "
                           f"{len(ds.classes)}")
-    t = time.perf_counter()
-    wrong, total = evaluate(model, ds, device, batch_size, type_config=type_config)
-    dt = time.perf_counter() - t
-    return {"error": wrong / total, "accuracy": 1 - wrong / total, "wrong": wrong,
-            "total": total, "images_per_second": total / max(dt, 1e-9),
-            "dataset": cfg.dataset, "net": net, "file": str(src)}
+    r = evaluate(model, ds, device, batch_size, type_config=type_config)
+    return replace(r, dataset=cfg.dataset, net=net, file=str(src))

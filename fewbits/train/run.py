@@ -337,16 +337,15 @@ class _Run:
     def _validate(self, done: int) -> float:
         cfg = self.cfg
         fdist.broadcast_buffers(self.model, self.info)
-        wrong, total = evaluate(self.model, self.test_ds, self.device, cfg.val_batch_size,
-                                info=self.info, type_config=cfg.type_config,
-                                channels_last=cfg.channels_last)
-        err = wrong / total
+        r = evaluate(self.model, self.test_ds, self.device, cfg.val_batch_size,
+                     info=self.info, type_config=cfg.type_config, channels_last=cfg.channels_last)
+        err = r.error
         self.monitor.add_test(done, err)
         if self.best_error is None or err < self.best_error:
             self.best_error, self.best_iter = err, done
             self._save_model("model_best.pt", done, err)
-        self.progress.write(f"iter {done}: test error {100 * err:.2f}% ({wrong}/{total}); best "
-                            f"{100 * self.best_error:.2f}% at iteration {self.best_iter}")
+        self.progress.write(f"iter {done}: test error {100 * err:.2f}% ({r.wrong}/{r.total}); "
+                            f"best {100 * self.best_error:.2f}% at iteration {self.best_iter}")
         if cfg.plot:
             self.monitor.plot()
         return err
