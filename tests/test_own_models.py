@@ -201,3 +201,8 @@ def test_family_config_refuses_an_option_the_family_does_not_use():
     with pytest.raises(ValueError, match="family 'pow2_connect' does not use ql_max"):
         fewbits.family_config("pow2_connect", ql_max=15)
     assert fewbits.family_config("pow2_connect", bit_width=5)["weight"]["n"] == 5
+    # a used option at its family default is a setting, not an ignored one (the example's)
+    assert fewbits.family_config("fp_connect", bit_width=8)["weight"]["n"] == 8
+    assert fewbits.family_config("inq", bit_width=4)["weight"]["num_bits"] == 4
+    with pytest.raises(ValueError, match="does not use bit_width"):
+        fewbits.family_config("min_max", bit_width=8)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..config import QuantConfig
+from ..quantizers import INQ_SELECTIONS
 
 __all__ = ["FAMILIES", "Family", "QuantConfig", "Recipe", "family"]
 
@@ -68,17 +69,18 @@ class Family:
         return {"weight": self.weight(c), "bias": self.bias(c), "input": self.activation(c)}
 
     def ignored(self, c: QuantConfig, names: Any) -> list[str]:
-        """Those of the options ``names`` whose value in ``c`` changes none of the family's
-        quantizers (``bit_width`` on ``binary_connect``): resetting one to its default gives
-        the same specs. Callers refuse them rather than ignore a user's setting in silence."""
+        """Those of the options ``names`` that change none of the family's quantizers
+        (``bit_width`` on ``binary_connect``): neither its default nor another valid value
+        (:func:`_other`) gives specs that differ from those of ``c``. Callers refuse them
+        rather than ignore a user's setting in silence."""
         base = self.specs(c)
         out = []
         for name in names:
             try:
-                alt = replace(c, **{name: _DEFAULTS[name]})
-            except ValueError:  # resetting it alone is invalid (a_min_max under a_ema): used
+                alts = [replace(c, **{name: v}) for v in (_DEFAULTS[name], _other(name, c))]
+            except ValueError:  # another value alone is invalid (a_min_max under a_ema): used
                 continue
-            if self.specs(alt) == base:
+            if all(self.specs(alt) == base for alt in alts):
                 out.append(name)
         return out
 
@@ -92,6 +94,21 @@ class Family:
 
 
 _DEFAULTS = {f.name: getattr(QuantConfig(), f.name) for f in fields(QuantConfig)}
+
+
+def _other(name: str, c: QuantConfig) -> Any:
+    """A valid value of option ``name`` other than the one ``c`` holds (a probe for
+    :meth:`Family.ignored`)."""
+    v = getattr(c, name)
+    if isinstance(_DEFAULTS[name], bool):
+        return not v
+    if name == "inq_selection":
+        return next(s for s in INQ_SELECTIONS if s != v)
+    if name == "delta":
+        return (v or 2**-4) * 2
+    if isinstance(_DEFAULTS[name], tuple):
+        return (1,) if tuple(v) != (1,) else (2,)
+    return 5 if v != 5 else 6  # bit_width, upper_bound, ql_min, ql_max
 
 
 def _bw(c: QuantConfig, default: int = 8) -> int:
