@@ -206,3 +206,25 @@ def test_family_config_refuses_an_option_the_family_does_not_use():
     assert fewbits.family_config("inq", bit_width=4)["weight"]["num_bits"] == 4
     with pytest.raises(ValueError, match="does not use bit_width"):
         fewbits.family_config("min_max", bit_width=8)
+
+
+def test_export_onnx_of_a_factory_model_takes_input_shape_and_info_explains_checkpoints(
+        own_module, tmp_path, capsys):
+    run, onnx_path = tmp_path / "run", tmp_path / "own.onnx"
+    assert main(["train", "--net", f"{own_module}:net", "-i", "1", "-v", "1", "-m", str(run),
+                 *TINY, "--no-first-validation"]) == 0
+    capsys.readouterr()
+    # a factory declares no input shape: the ONNX export asks for one, naming the flag
+    assert main(["export", str(run), "--onnx", str(onnx_path), "--model",
+                 f"{own_module}:net"]) != 0
+    assert "--input-shape C,H,W" in capsys.readouterr().err
+    assert main(["export", str(run), "--onnx", str(onnx_path), "--model", f"{own_module}:net",
+                 "--input-shape", "3,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert onnx_path.exists() and "top-1 agreement 100.0%" in out
+    with pytest.raises(SystemExit):
+        main(["export", str(run), "--onnx", str(onnx_path), "--input-shape", "3,8"])
+    assert "three positive integers" in capsys.readouterr().err
+    for path in (run, run / "model_best.pt"):
+        assert main(["info", str(path)]) == 2
+        assert f"fewbits export {path} -o model.fewbits" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import zipfile
 
 import torch
 
@@ -62,7 +63,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
                         help="the factory a run was trained with (`fewbits train --net "
                         "package.module:factory`), to rebuild it")
+    parser.add_argument("--input-shape", metavar="C,H,W", type=_input_shape, default=None,
+                        help="--onnx: the input image shape, for a model whose registration "
+                        "declares none (default: the registered shape)")
     return parser
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W such as "
+                                         f"3,32,32, got {text!r}")
+    return shape  # type: ignore[return-value]
 
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -92,12 +107,14 @@ def run_export(args: argparse.Namespace) -> int:
                                fold_bn=args.fold_bn)
         print(report.table())
     if args.onnx:
-        rep = export_onnx(model, args.onnx, opset=args.opset or DEFAULT_OPSET)
+        shape = getattr(args, "input_shape", None)
+        rep = export_onnx(model, args.onnx, opset=args.opset or DEFAULT_OPSET,
+                          input_shape=shape)
         print(rep.table())
         if not args.no_check:
             m, _ = resolve_source(model)
             g = torch.Generator().manual_seed(0)
-            x = torch.rand(32, *input_shape_of(m), generator=g)
+            x = torch.rand(32, *(shape or input_shape_of(m)), generator=g)
             c = compare_onnx(m, args.onnx, x)
             print(f"ONNX Runtime vs PyTorch on 32 random images: top-1 agreement "
                   f"{100 * c['top1_agreement']:.1f}%, max |logit difference| "
@@ -108,8 +125,13 @@ def run_export(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     """Print the per-tensor table of a ``.fewbits`` file (bits per weight, size, ratio to
     fp32), or with ``--json`` the same as JSON; 0."""
-    if not os.path.isfile(args.path):
+    if not os.path.exists(args.path):
         raise FileNotFoundError(f"{args.path}: no such file")
+    if not is_packed_file(args.path) and (os.path.isdir(args.path)
+                                          or zipfile.is_zipfile(args.path)):
+        raise ConfigError(f"{args.path} is a run folder or training checkpoint, not a .fewbits "
+                          f"file: write its packed form with `fewbits export {args.path} -o "
+                          "model.fewbits`, then `fewbits info model.fewbits`")
     report = packed_info(args.path)
     if getattr(args, "json", False):
         print(json.dumps({

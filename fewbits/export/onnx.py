@@ -155,7 +155,7 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     if shape is not None:
         return shape
     raise ValueError(f"cannot tell the input shape of model {name or type(model).__name__!r}; "
-                     "pass input_shape=(C, H, W)")
+                     "pass input_shape=(C, H, W) (on the command line: --input-shape C,H,W)")
 
 
 # --------------------------------------------------------------------------- tracing
