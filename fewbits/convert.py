@@ -6,7 +6,6 @@ dtype), as torchao's ``quantize_`` and Brevitas' ``layerwise_quantize`` do. The 
 any PyTorch loop, and :func:`fewbits.export.export_packed` writes it at its real width.
 
 A *config* says what each layer gets:
-
 - a family name (one of :data:`fewbits.models.FAMILIES`): the family's weight quantizer (its
   bias quantizer on layers with a bias) and, for the families that quantize activations
   (``binary_net``, ``fp_net``, ``pow2_net``, ``min_max``), its activation quantizer as the layer's
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
+from .models.families import QuantConfig, family
 from .quantizers import MinMax, Quantizer
 
 __all__ = ["ROLES", "calibrate", "family_config", "quantize_"]
@@ -64,7 +64,6 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
         >>> family_config("fp_connect", bit_width=4)["weight"]["n"]
         4
     """
-    from .models.families import QuantConfig, family
 
     fam = family(name)
     cfg = QuantConfig.from_kwargs(options)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models import create_model
 from .container import FormatError, decode_tensor
 
 __all__ = ["KINDS", "OverBudget", "build_bounded", "check_codes", "check_model_header",
@@ -146,7 +147,6 @@ def create_within(name: str, kwargs: dict, tensors: int, elements: int) -> nn.Mo
     build that registers more than ``tensors`` tensors or ``elements`` values stops there with
     ``OverBudget`` (a ValueError) instead of building layers for minutes or allocating
     gigabytes. Other construction errors propagate."""
-    from ..models import create_model
 
     budget = _Budget(tensors, elements)
     hooks = [nn.modules.module.register_module_parameter_registration_hook(budget.add),

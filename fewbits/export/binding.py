@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..layers import QuantConv2d, QuantLinear, layer_options, quant_layers
+from ..models import is_model
 from ..quantizers import get
 from ._guard import build_bounded
 from .container import FormatError
@@ -69,7 +70,6 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
                    model: nn.Module | None) -> nn.Module:
     """The model to load ``header``'s tensors into: ``model`` made to fit the file's layers, or,
     without ``model``, the registry model the file names, rebuilt from its options."""
-    from ..models import is_model
 
     spec = header["model"]
     if model is None:

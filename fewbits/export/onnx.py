@@ -3,7 +3,6 @@
 The network is traced with :mod:`torch.fx` (fewbits layers and quantizers are kept as leaves) and
 each node is written as ONNX operators by hand, so that every quantizer becomes the operators that
 express it, not whatever a generic exporter makes of its autograd function:
-
 ===================  ===========================================================================
 quantizer            ONNX form
 ===================  ===========================================================================
@@ -63,10 +62,12 @@ from torch import Tensor, nn
 
 from .._io import atomic_write
 from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
+from ..models import create_model, is_model, model_info
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from .container import decode_tensor, is_packed_file, read_model_file
 from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
 from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
+from .packed import load_packed, model_of
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -91,7 +92,6 @@ _ON_GRID_FUNCTIONS = (torch.flatten, nn.functional.max_pool2d, torch.max_pool2d)
 
 def _file_codes(path: str | os.PathLike, model_spec: dict) -> dict[str, tuple[Quantizer, Codes]]:
     """The stored codes of a ``.fewbits`` file with the quantizer that made them."""
-    from ..models import create_model
     header, blobs = read_model_file(path)
     if "layers" in header:  # the quantizers that made the codes, as the file records them
         fresh = {n: SimpleNamespace(**{f"{r}_quantizer": get(c) for r, c in cfg.items()})
@@ -128,11 +128,8 @@ def resolve_source(source: nn.Module | str | os.PathLike
     quantizers left, so pass the file itself to keep the integer form.
     """
     if is_packed_file(source):
-        from .packed import load_packed
-
         model = load_packed(source)
         return model, _file_codes(source, read_model_file(source)[0]["model"])
-    from .packed import model_of
 
     model = model_of(source).eval()
     codes: dict[str, tuple[Quantizer, Codes]] = {}
@@ -147,7 +144,6 @@ def resolve_source(source: nn.Module | str | os.PathLike
 
 def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     """``(C, H, W)`` a registered model takes, as its registration declares."""
-    from ..models import is_model, model_info
 
     spec = getattr(model, "fewbits_spec", None) or {}
     name, kw = spec.get("name", ""), spec.get("kwargs", {})

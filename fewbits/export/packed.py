@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import load_model  # a run folder or a checkpoint file
 from ..layers import quant_layers
+from ..models import is_model
 from ..quantizers import Codes, Quantizer
 from ..runs import training_data
 from ._guard import check_codes, check_model_header, decode
@@ -116,7 +118,6 @@ def model_of(source: nn.Module | str | os.PathLike) -> nn.Module:
     (:func:`fewbits.checkpoint.load_model`, which names the file on any problem)."""
     if isinstance(source, nn.Module):
         return source
-    from ..checkpoint import load_model  # a run folder or a checkpoint file
 
     return load_model(source)
 
@@ -308,7 +309,6 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
         raise FormatError(str(path), f"it lacks tensors the model needs: {missing[:5]}"
                           + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False)
-    from ..models import is_model
 
     if is_model(header["model"]["name"]):
         model.fewbits_spec = {"name": header["model"]["name"],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..config import QuantConfig
-from ..quantizers import INQ_SELECTIONS
+from ..quantizers import INQ_SELECTIONS, get
 
 __all__ = ["FAMILIES", "Family", "QuantConfig", "Recipe", "family"]
 
@@ -86,7 +86,6 @@ class Family:
 
     def bits(self, c: QuantConfig) -> tuple[int | str, int | str]:
         """(weight bits, activation bits) for reports; ``32`` = float."""
-        from ..quantizers import get
 
         w = get(self.weight(c))
         a = get(self.activation(c))

@@ -2,7 +2,6 @@
 
 The zoo's binary_net networks (ResNet-23, LeNet, MLP) are compiled into a short program that
 ``_binary_engine.c`` runs per image with no Python per layer:
-
 * the **stem** (float input, +-1 weights) is a float32 convolution, followed by a float32
   threshold in place of batch norm + binary tanh (:func:`~.binary_fold.float_thresholds`);
 * every other convolution / hidden affine is an **XNOR-popcount** convolution on bit-packed
@@ -52,6 +51,9 @@ from torch import Tensor, nn
 
 from .. import functional as _qf
 from .._cbuild import CLibrary
+from ..layers import QuantAct
+from ..models.nets import MLP, LeNet, ResNet23
+from ..quantizers import BinaryConnect, BinaryTanh
 from .binary_fold import float_thresholds, integer_thresholds
 
 __all__ = ["ISAS", "ISA_ENV", "BinaryEngine", "Step", "binary_plan", "fold_binary_net",
@@ -142,9 +144,6 @@ class Step:
 
 
 def _is_btanh(m: nn.Module) -> bool:
-    from ..layers import QuantAct
-    from ..quantizers import BinaryTanh
-
     return isinstance(m, QuantAct) and isinstance(m.quantizer, BinaryTanh)
 
 
@@ -186,7 +185,6 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None) -> 
     ``input_size``: the image ``(H, W)`` (default 32 x 32 for ResNet-23; LeNet and MLP have
     fixed input sizes). Raises ``ValueError`` naming what does not fit the engine.
     """
-    from ..models.nets import MLP, LeNet, ResNet23
 
     fam = getattr(model, "family", None)
     if fam != "binary_net":
@@ -261,7 +259,6 @@ def _signs(model: nn.Module, name: str) -> np.ndarray:
     """The layer's +-1 weights as the forward uses them (its quantizer, or stored values)."""
     layer = model.get_submodule(name)
     q = getattr(layer, "weight_quantizer", None)
-    from ..quantizers import BinaryConnect
 
     if q is not None and not isinstance(q, BinaryConnect):
         raise ValueError(f"{name}: weight quantizer {type(q).__name__} is not binary_connect")

@@ -2,7 +2,6 @@
 
 ``export_packed(model, path, fold_bn=True)`` (``fewbits export --fold-bn``) stores, instead of
 each batch norm's four float32 vectors, its folded form (:mod:`fewbits.runtime.binary_fold`):
-
 * ``<bn>.threshold``: the integer thresholds, in the smallest signed integer type that holds
   ``[-n, n + 1]`` (``n`` the layer's fan-in: int8 for the 1x1 convolutions of ResNet-23, int16
   for its 3x3), ``[2, C]`` for a residual unit's last batch norm; float32 for the stem;
@@ -28,6 +27,8 @@ from torch import nn
 
 from ..export._guard import check_model_header
 from ..export.container import FormatError, decode_tensor, encode_tensor, read_model_file
+from ..models import create_model
+from ..quantizers import Codes
 from .binary import BinaryEngine, Step, binary_plan, fold_binary_net
 from .binary_fold import smallest_int_dtype
 
@@ -87,8 +88,6 @@ def _read(path: str, blobs: dict, by_name: dict, name: str, kind: str, shape: li
 def load_engine(path: str | os.PathLike, *, isa: str | None = None) -> BinaryEngine:
     """Build a :class:`~fewbits.runtime.binary.BinaryEngine` from a batch-norm-folded
     ``.fewbits`` file. Raises ``FormatError`` (a ``ValueError``) naming the problem."""
-    from ..models import create_model
-    from ..quantizers import Codes
 
     path = os.fspath(path)
     header, blobs = read_model_file(path)

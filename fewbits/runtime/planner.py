@@ -7,7 +7,6 @@ callable. A candidate is a function ``Context -> runner`` that raises (any ``Exc
 the reason when it cannot run the model; the reasons end up in :attr:`Deployed.notes`.
 
 Candidates today:
-
 * ``openvino`` -- OpenVINO on the fused ONNX export (optional: the ``bench`` extra; by name
   only, see :data:`AUTO`);
 * ``ort``      -- ONNX Runtime on the fused ONNX export (:mod:`fewbits.export.onnx_qdq`: batch
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..export.onnx import input_shape_of, resolve_source, to_onnx
 from ..layers import QuantAct, quant_layers
 from .binary import BinaryEngine
 from .ort import CheckedRunner, Runner, openvino_runner, ort_runner
@@ -76,8 +76,6 @@ class Context:
         """The fused ONNX export: ``"ort"``, ``"checked"`` (checked uint8 residual sums) or
         ``"openvino"``."""
         if flavour not in self._protos:
-            from ..export.onnx import to_onnx
-
             fuse = "openvino" if flavour == "openvino" else True
             self._protos[flavour] = to_onnx(self.source, fuse=fuse,
                                             checked_sums=flavour == "checked",
@@ -163,8 +161,6 @@ class Deployed:
 
 
 def _probe_shape(model: nn.Module) -> tuple[int, ...]:
-    from ..export.onnx import input_shape_of
-
     return input_shape_of(model)
 
 
@@ -190,7 +186,6 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
     (raising with the reason if it cannot run). ``threads``: the runtime's intra-op threads
     (PyTorch's are the caller's). Raises ``ValueError`` for an unknown backend.
     """
-    from ..export.onnx import resolve_source
 
     if backend != "auto" and backend not in CANDIDATES:
         raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(CANDIDATES)}")

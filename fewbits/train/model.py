@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import QUANT_KEYS, ConfigError, QuantConfig, TrainConfig
+from ..data import ChecksumError, CorruptDataError, load_dataset
 from ..models import FAMILIES, create_model, list_models, model_info, register_factory
 from ..quantizers import INQ
 
@@ -100,7 +101,6 @@ def check_net(net: str) -> None:
 
 def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None = None):
     """Load one split of ``cfg.dataset`` (synthetic data gets ``shape``, default 3x32x32)."""
-    from ..data import load_dataset
 
     kw: dict[str, Any] = {}
     if cfg.dataset == "synthetic":
@@ -111,8 +111,6 @@ def load_split(cfg: TrainConfig, split: str, shape: tuple[int, int, int] | None 
     try:
         return load_dataset(cfg.dataset, split, cfg.data_dir, download=cfg.download, **kw)
     except (ValueError, TypeError) as e:
-        from ..data import ChecksumError, CorruptDataError
-
         if isinstance(e, ChecksumError | CorruptDataError):
             raise
         raise ConfigError(f"--dataset {cfg.dataset}: {e}") from e

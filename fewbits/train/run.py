@@ -35,6 +35,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as fdist
 from .._version import __version__
 from ..config import ConfigError, TrainConfig
+from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
 from ..monitor import Monitor, Progress, write_json
 from ..runs import check_run_folder, existing_run_files
@@ -126,8 +127,6 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, info: fdist.DistInfo,
                  on_step: Callable[[int], None] | None) -> None:
-        from ..data import BatchIterator
-
         self.cfg, self.info, self.on_step = cfg, info, on_step
         self.device = dev = resolve_device(cfg.context, cfg.device_id, info)
         if cfg.threads is not None:
@@ -283,8 +282,6 @@ class _Run:
 
     # -- the loop --------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        from ..data import augment, random_augment_params, to_float
-
         cfg, info, dev = self.cfg, self.info, self.device
         b, k = cfg.batch_size, cfg.accum_steps
         if cfg.augment:
