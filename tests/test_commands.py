@@ -159,3 +159,14 @@ def test_export_fold_bn_refuses_other_families(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert _export(run, "-o", tmp_path / "m.fewbits", "--fold-bn") == 1
     assert "binary_net models only" in _error(capsys)
+
+
+def test_eval_recognises_a_packed_file_by_content_whatever_its_name(tmp_path, capsys):
+    from fewbits.export import export_packed
+    from fewbits.models import create_model
+
+    path = tmp_path / "model.bin"  # renamed: no .fewbits suffix
+    export_packed(create_model("mnist_binary_connect_mlp", width=16, depth=1), path)
+    assert main(["eval", str(path), "--dataset", "synthetic", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["net"] == "mnist_binary_connect_mlp" and out["total"] > 0

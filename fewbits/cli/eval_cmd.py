@@ -16,7 +16,7 @@ from dataclasses import replace
 from ..config import CONTEXTS, TYPE_CONFIGS, ConfigError
 from ..data import DATASETS, ArrayDataset, load_dataset
 from ..export import load_packed, read_container
-from ..export.container import read_model_file
+from ..export.container import is_packed_file, read_model_file
 from ..models import create_model, is_model
 from ..runs import recorded_eval_config
 from ..runtime import compile_for_cpu
@@ -145,7 +145,7 @@ def run_eval(ns: argparse.Namespace) -> int:
     use_model_factory(ns.model)
     if ns.batch_size < 1:
         raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {ns.batch_size}")
-    if str(ns.path).endswith(".fewbits"):
+    if str(ns.path).endswith(".fewbits") or is_packed_file(ns.path):  # by name or by content
         r = _eval_packed(ns)
     else:
         r = evaluate_file(ns.path, dataset=ns.dataset, data_dir=ns.data_dir,
