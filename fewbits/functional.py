@@ -110,7 +110,7 @@ def _finite(x: Tensor, fn: str, arg: str) -> None:
     (quantizer state): raises ``ValueError`` in eager mode; inside a captured graph a
     ``torch._assert_async`` (no host sync; ``RuntimeError`` when it fails), none in ONNX."""
     _float_tensor(x, fn, arg)
-    if not _CHECK_FINITE or _in_onnx_export():
+    if not _CHECK_FINITE or _in_onnx_export() or x.is_meta:  # meta: shapes only, no values
         return
     if ops.capturing():
         torch._assert_async(torch.isfinite(x).all(),

@@ -36,6 +36,9 @@ FACTORY = textwrap.dedent('''
                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(width, num_classes))
 
+    def min_max_net(num_classes=10, in_channels=3, width=8):  # ranges start from the weights
+        return fewbits.quantize_(float_net(num_classes, in_channels, width), "min_max")
+
     not_callable = 3
 ''')
 TINY = ["--dataset", "synthetic", "--synthetic-size", "16", "-b", "8", "--no-progress",
@@ -228,3 +231,21 @@ def test_export_onnx_of_a_factory_model_takes_input_shape_and_info_explains_chec
     for path in (run, run / "model_best.pt"):
         assert main(["info", str(path)]) == 2
         assert f"fewbits export {path} -o model.fewbits" in capsys.readouterr().err
+
+
+def test_a_run_of_a_factory_whose_ranges_start_from_its_weights_is_rebuilt(own_module, tmp_path,
+                                                                           capsys):
+    """Before, a checkpoint's model was first built on the meta device, where min-max ranges
+    taken from the converted weights failed: "cannot rebuild model ...: Tensor.item() cannot be
+    called on meta tensors" for eval and export of the README's own-model recipe."""
+    run, net = tmp_path / "run", f"{own_module}:min_max_net"
+    assert main(["train", "--net", net, "-i", "1", "-v", "1", "-m", str(run), *TINY,
+                 "--no-first-validation"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--model", net, "--dataset", "synthetic", "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["total"]
+    assert main(["export", str(run), "--model", net, "-o", str(tmp_path / "m.fewbits")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m.fewbits"), "--model", net, "--dataset", "synthetic",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == total
