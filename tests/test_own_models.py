@@ -176,6 +176,8 @@ def test_inq_schedule_that_never_starts_is_refused_and_fractions_fit_the_run(tmp
     ("mnist_binary_connect_lenet", ["--bit-width", "3", "--clip-weights"], "--bit-width"),
     ("mnist_inq_lenet", ["--delta", "0.125"], "--delta"),
     ("mnist_fp_connect_lenet", ["--a-min-max"], "--a-min-max"),
+    # another value of each alone would be invalid (ql_min >= ql_max): still ignored
+    ("mnist_fp_connect_lenet", ["--ql-min", "5", "--ql-max", "6"], "--ql-min, --ql-max"),
 ])
 def test_quantization_options_a_net_would_ignore_are_refused(net, flags, names, own_module,
                                                               tmp_path, capsys):
@@ -209,6 +211,9 @@ def test_family_config_refuses_an_option_the_family_does_not_use():
     assert fewbits.family_config("inq", bit_width=4)["weight"]["num_bits"] == 4
     with pytest.raises(ValueError, match="does not use bit_width"):
         fewbits.family_config("min_max", bit_width=8)
+    with pytest.raises(ValueError, match="does not use ql_min, ql_max"):
+        fewbits.family_config("fp_connect", ql_min=5, ql_max=6)
+    assert fewbits.family_config("min_max", ql_min=5, ql_max=6)["weight"]["ql_max"] == 6
 
 
 def test_export_onnx_of_a_factory_model_takes_input_shape_and_info_explains_checkpoints(

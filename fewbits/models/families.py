@@ -76,11 +76,14 @@ class Family:
         base = self.specs(c)
         out = []
         for name in names:
-            try:
-                alts = [replace(c, **{name: v}) for v in (_DEFAULTS[name], _other(name, c))]
-            except ValueError:  # another value alone is invalid (a_min_max under a_ema): used
-                continue
-            if all(self.specs(alt) == base for alt in alts):
+            alts = []
+            for v in (_DEFAULTS[name], _other(name, c)):
+                try:
+                    alts.append(replace(c, **{name: v}))
+                except ValueError:  # invalid with the other options (ql_min 6 under ql_max 6)
+                    pass
+            # no valid other value (a_min_max under a_ema): counted as used
+            if alts and all(self.specs(alt) == base for alt in alts):
                 out.append(name)
         return out
 
