@@ -170,6 +170,12 @@ def test_train_then_eval_then_list(capsys, tmp_path):
 def test_eval_of_a_missing_run(capsys, tmp_path):
     assert main(["eval", str(tmp_path / "nothing")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+    # named like a packed file: before, a FileNotFoundError / IsADirectoryError traceback
+    assert main(["eval", str(tmp_path / "nothing.fewbits")]) == 1
+    assert "nothing.fewbits: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "run.fewbits").mkdir()
+    assert main(["eval", str(tmp_path / "run.fewbits")]) == 1
+    assert "run folder without any of" in capsys.readouterr().err
 
 
 def test_interrupt_exits_non_zero_with_resume_hint(capsys, monkeypatch, tmp_path):

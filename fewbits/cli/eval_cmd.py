@@ -145,7 +145,9 @@ def run_eval(ns: argparse.Namespace) -> int:
     use_model_factory(ns.model)
     if ns.batch_size < 1:
         raise ConfigError(f"-b/--batch-size must be an integer >= 1, got {ns.batch_size}")
-    if str(ns.path).endswith(".fewbits") or is_packed_file(ns.path):  # by name or by content
+    # by content, or by name for a file (a missing path or a folder: the run reader's errors)
+    if is_packed_file(ns.path) or (str(ns.path).endswith(".fewbits")
+                                   and os.path.isfile(ns.path)):
         r = _eval_packed(ns)
     else:
         r = evaluate_file(ns.path, dataset=ns.dataset, data_dir=ns.data_dir,
