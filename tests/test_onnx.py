@@ -171,6 +171,19 @@ def test_unsupported_modules_and_shapes_are_named():
         to_onnx(m, input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):
         to_onnx(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    # a registered model's declared shape is the one it takes: before, another one gave a
+    # graph that declared (N, 1, 8, 8) images but multiplied by a 784-wide weight
+    with pytest.raises(ValueError, match=r"takes \(1, 28, 28\) images"):
+        to_onnx(create_model("mnist_fp_net_mlp", width=16), input_shape=(1, 8, 8))
+    assert to_onnx(create_model("mnist_fp_net_mlp", width=16), input_shape=(1, 28, 28))
+    # an MLP trained on 3-channel 28x28 images: its shape follows in_features (before, the graph
+    # declared (N, 1, 28, 28) images for a 2352-wide first layer)
+    rgb = create_model("mnist_fp_net_mlp", width=16, in_features=3 * 28 * 28).eval()
+    proto, _ = to_onnx(rgb)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 28, 28]
+    with pytest.raises(ValueError, match="input_shape"):
+        to_onnx(create_model("mnist_fp_net_mlp", width=16, in_features=100))
 
 
 def test_export_writes_atomically(tmp_path):

@@ -340,6 +340,15 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
             from e
     model, codes = resolve_source(source)
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
+    if input_shape is not None:  # a registered model takes the shape it declares, no other
+        try:
+            declared = input_shape_of(model)
+        except ValueError:
+            declared = shape
+        if shape != declared:
+            raise ValueError(f"model {getattr(model, 'fewbits_spec', {}).get('name')!r} takes "
+                             f"{declared} images, not input_shape={shape}; drop input_shape "
+                             "(on the command line: --input-shape)")
     spec = getattr(model, "fewbits_spec", {"name": type(model).__name__})
     report = OnnxReport("", spec["name"], opset)
     graph = _trace(model)

@@ -43,10 +43,17 @@ class ModelInfo:
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def input_shape_for(self, kwargs: dict[str, Any]) -> tuple[int, int, int] | None:
-        """``input_shape`` with ``C`` from ``kwargs["in_channels"]`` when given."""
+        """``input_shape`` with ``C`` from ``kwargs["in_channels"]`` when given, or from
+        ``kwargs["in_features"]`` (an MLP: ``C = in_features / (H * W)``; ``None`` when that is
+        not a whole number, so callers ask for the shape instead of guessing)."""
         if self.input_shape is None:
             return None
         c, h, w = self.input_shape
+        features = kwargs.get("in_features")
+        if "in_channels" not in kwargs and isinstance(features, int):
+            if features % (h * w):
+                return None
+            c = features // (h * w)
         return (int(kwargs.get("in_channels", c)), h, w)
 
 
