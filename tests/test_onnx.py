@@ -184,6 +184,11 @@ def test_unsupported_modules_and_shapes_are_named():
     assert [d.dim_value for d in dims[1:]] == [3, 28, 28]
     with pytest.raises(ValueError, match="input_shape"):
         to_onnx(create_model("mnist_fp_net_mlp", width=16, in_features=100))
+    # a model that declares no shape runs on the given one first (before, a graph whose input
+    # did not fit the model was written, and `fewbits export` crashed comparing it)
+    with pytest.raises(ValueError, match=r"cannot take input_shape=\(3, 8, 8\)"):
+        to_onnx(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)),
+                input_shape=(3, 8, 8))
 
 
 def test_export_writes_atomically(tmp_path):

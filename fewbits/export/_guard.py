@@ -27,8 +27,8 @@ from torch import nn
 from ..models import create_model
 from .container import FormatError, decode_tensor
 
-__all__ = ["KINDS", "OverBudget", "build_bounded", "check_codes", "check_model_header",
-           "create_within", "decode", "model_budget"]
+__all__ = ["KINDS", "OverBudget", "build_bounded", "check_codes", "check_input_shape",
+           "check_model_header", "create_within", "decode", "model_budget"]
 
 #: Tensor kinds of a model file: quantized ``codes``, their ``param`` (scale, offset...) and
 #: raw ``state`` (batch norm, float biases, activation ranges).
@@ -205,3 +205,19 @@ def check_codes(name: str, codes: Any, q: Any, param: torch.Tensor, source: str)
             raise _fail(source, f"tensor {name + '#' + k!r}: field param_shape "
                         f"{list(got.shape)} is not the quantizer's {list(want.shape)}")
         codes.params[k] = got.to(want.dtype)
+
+
+def check_input_shape(model: nn.Module, shape: tuple[int, ...], name: str) -> None:
+    """Eval-mode forward (no state changes) of one blank ``shape`` image: ``ValueError`` naming
+    the shape when a model that declares none cannot take it (its graph would fail)."""
+    was = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()(torch.zeros(1, *shape))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:200]
+        raise ValueError(f"model {name!r} cannot take input_shape={shape} ({first}); give the "
+                         "(C, H, W) of the images it was trained on (on the command line: "
+                         "--input-shape C,H,W)") from None
+    finally:
+        model.train(was)

@@ -64,6 +64,7 @@ from .._io import atomic_write
 from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from ..models import create_model, is_model, model_info
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
+from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
 from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
 from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
@@ -142,14 +143,18 @@ def resolve_source(source: nn.Module | str | os.PathLike
     return model, codes
 
 
-def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` a registered model takes, as its registration declares."""
-
+def _declared_shape(model: nn.Module) -> tuple[int, int, int] | None:
     spec = getattr(model, "fewbits_spec", None) or {}
     name, kw = spec.get("name", ""), spec.get("kwargs", {})
-    shape = model_info(name).input_shape_for(kw) if is_model(name) else None
+    return model_info(name).input_shape_for(kw) if is_model(name) else None
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` a registered model takes, as its registration declares."""
+    shape = _declared_shape(model)
     if shape is not None:
         return shape
+    name = (getattr(model, "fewbits_spec", None) or {}).get("name")
     raise ValueError(f"cannot tell the input shape of model {name or type(model).__name__!r}; "
                      "pass input_shape=(C, H, W) (on the command line: --input-shape C,H,W)")
 
@@ -340,15 +345,11 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
             from e
     model, codes = resolve_source(source)
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
-    if input_shape is not None:  # a registered model takes the shape it declares, no other
-        try:
-            declared = input_shape_of(model)
-        except ValueError:
-            declared = shape
-        if shape != declared:
-            raise ValueError(f"model {getattr(model, 'fewbits_spec', {}).get('name')!r} takes "
-                             f"{declared} images, not input_shape={shape}; drop input_shape "
-                             "(on the command line: --input-shape)")
+    declared = _declared_shape(model)
+    if input_shape is not None and declared not in (None, shape):
+        raise ValueError(f"model {getattr(model, 'fewbits_spec', {}).get('name')!r} takes "
+                         f"{declared} images, not input_shape={shape}; drop input_shape "
+                         "(on the command line: --input-shape)")
     spec = getattr(model, "fewbits_spec", {"name": type(model).__name__})
     report = OnnxReport("", spec["name"], opset)
     graph = _trace(model)
@@ -419,6 +420,8 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
         model.train(was_training)
     if not isinstance(out_name, str):
         raise ValueError("the model must return one tensor (the logits)")
+    if declared is None:  # the model must run on the given shape, else the graph fails later
+        check_input_shape(model, shape, spec["name"])
     g.nodes.append(g.h.make_node("Identity", [out_name], ["logits"], name="logits"))
     h = g.h
     outputs = [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])]
