@@ -59,7 +59,8 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
     quantize activations) input quantizer specs, from the family table.
 
     Raises ``ValueError`` listing the known families or naming an option the family does not
-    use (``bit_width`` for ``binary_connect``), ``TypeError`` listing the known options.
+    use (``bit_width`` for ``binary_connect``; ``None``, "the family default", is never
+    refused), ``TypeError`` listing the known options.
 
         >>> family_config("fp_connect", bit_width=4)["weight"]["n"]
         4
@@ -67,7 +68,8 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
 
     fam = family(name)
     cfg = QuantConfig.from_kwargs(options)
-    ignored = fam.ignored(cfg, options)
+    # None is "not set" (the family default), as QuantConfig reads it: never refused
+    ignored = fam.ignored(cfg, [k for k, v in options.items() if v is not None])
     if ignored:
         raise ValueError(f"family {name!r} does not use {', '.join(ignored)}; it would be "
                          "ignored (docs/QUANTIZERS.md, 'The families')")

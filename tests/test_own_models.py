@@ -214,6 +214,11 @@ def test_family_config_refuses_an_option_the_family_does_not_use():
     with pytest.raises(ValueError, match="does not use ql_min, ql_max"):
         fewbits.family_config("fp_connect", ql_min=5, ql_max=6)
     assert fewbits.family_config("min_max", ql_min=5, ql_max=6)["weight"]["ql_max"] == 6
+    # None is QuantConfig's "not set" (the family default): not a setting to refuse, so one
+    # call serves every family (before: "family 'binary_connect' does not use bit_width")
+    for name in ("binary_connect", "float", "min_max", "fp_connect"):
+        assert fewbits.family_config(name, bit_width=None, delta=None) == \
+            fewbits.family_config(name)
 
 
 def test_export_onnx_of_a_factory_model_takes_input_shape_and_info_explains_checkpoints(
