@@ -253,3 +253,14 @@ def test_functional_max_pool_exports_like_the_module(tmp_path):
     with pytest.raises(ValueError, match="max_pool2d"):
         export_onnx(quantize_(_FunctionalPools(indices=True), "fp_connect").eval(),
                     tmp_path / "i.onnx", input_shape=(1, 15, 15))
+
+
+@pytest.mark.parametrize("opset, match", [(10, "not valid ONNX at opset 10"),
+                                          (99, "opset 99 is not one")])
+def test_an_opset_the_graph_cannot_have_is_refused(opset, match, tmp_path):
+    """Before, ``fewbits export --opset 10`` ended in onnx's ValidationError traceback and
+    ``--opset 99`` wrote a file ONNX Runtime cannot load."""
+    m = create_model("mnist_fp_net_mlp", width=16)
+    with pytest.raises(ValueError, match=match):
+        export_onnx(m, tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()

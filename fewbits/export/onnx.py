@@ -343,14 +343,16 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     except ImportError as e:  # pragma: no cover - the onnx extra is installed in dev
         raise ImportError("ONNX export needs the onnx package: pip install 'fewbits[onnx]'") \
             from e
+    if not 1 <= opset <= onnx.defs.onnx_opset_version():  # the checker does not bound it
+        raise ValueError(f"opset {opset} is not one this onnx package knows (1 to "
+                         f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
     model, codes = resolve_source(source)
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
     declared = _declared_shape(model)
-    if input_shape is not None and declared not in (None, shape):
-        raise ValueError(f"model {getattr(model, 'fewbits_spec', {}).get('name')!r} takes "
-                         f"{declared} images, not input_shape={shape}; drop input_shape "
-                         "(on the command line: --input-shape)")
     spec = getattr(model, "fewbits_spec", {"name": type(model).__name__})
+    if input_shape is not None and declared not in (None, shape):
+        raise ValueError(f"model {spec['name']!r} takes {declared} images, not input_shape="
+                         f"{shape}; drop input_shape (on the command line: --input-shape)")
     report = OnnxReport("", spec["name"], opset)
     graph = _trace(model)
     modules = dict(model.named_modules())
@@ -436,7 +438,11 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
                          producer_name="fewbits")
     proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
     proto.doc_string = f"fewbits model {spec['name']}; input: images in [0, 1]"
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:  # an operator or type the opset does not have
+        raise ValueError(f"the graph is not valid ONNX at opset {opset} ({str(e).splitlines()[0]}"
+                         f"); export with opset {DEFAULT_OPSET}, the default") from None
     report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
     return proto, report
 
