@@ -259,3 +259,18 @@ def test_a_run_of_a_factory_whose_ranges_start_from_its_weights_is_rebuilt(own_m
     assert main(["eval", str(tmp_path / "m.fewbits"), "--model", net, "--dataset", "synthetic",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"] == total
+
+
+def test_a_file_of_an_unregistered_model_names_the_flag_of_the_command_that_read_it(tmp_path,
+                                                                                     capsys):
+    """Before, ``fewbits export FILE --onnx`` told the user to run ``fewbits eval``."""
+    import fewbits
+
+    m = fewbits.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)),
+                          "fp_connect")
+    export_packed(m, tmp_path / "m.fewbits")
+    for cmd in (["export", str(tmp_path / "m.fewbits"), "--onnx", str(tmp_path / "m.onnx")],
+                ["eval", str(tmp_path / "m.fewbits"), "--dataset", "synthetic"]):
+        assert main(cmd) == 1
+        err = capsys.readouterr().err
+        assert "--model package.module:factory" in err and "fewbits eval FILE" not in err

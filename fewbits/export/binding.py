@@ -77,8 +77,8 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
         if not isinstance(name, str) or not is_model(name):
             raise FormatError(
                 str(path), f"it holds model {name!r}, which is not registered in this process",
-                "pass the model to load it into: load_packed(path, model=MyNet()), or "
-                "`fewbits eval FILE --model package.module:factory`")
+                "pass the model to load it into: load_packed(path, model=MyNet()), or on "
+                "the command line (fewbits eval, export) --model package.module:factory")
         model = build_bounded(header, str(path))  # options bounded by what the file holds
     layers = header.get("layers")
     if layers is None:  # files written before layer configs were recorded
