@@ -264,3 +264,38 @@ def test_an_opset_the_graph_cannot_have_is_refused(opset, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         export_onnx(m, tmp_path / "m.onnx", opset=opset)
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _MethodCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.c(x).relu(), 1)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_tensor_methods_export_like_their_functions(fuse, tmp_path):
+    """``x.flatten(1)`` and ``x.relu()`` (tensor methods, ``call_method`` nodes for torch.fx)
+    export as ``torch.flatten`` / ``torch.relu`` do; other methods are refused by name."""
+    from fewbits import calibrate, quantize_
+
+    torch.manual_seed(0)
+    m = quantize_(_MethodCalls(), "min_max")
+    calibrate(m, [torch.rand(8, 1, 8, 8)])
+    m.eval()
+    report = export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 8, 8), fuse=fuse)
+    assert report.nodes["Flatten"] == 1 and report.nodes["GlobalAveragePool"] == 1
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    c = compare_onnx(m, tmp_path / "m.onnx", x)
+    assert c["top1_agreement"] == 1.0 and c["max_rel"] <= 1e-5
+
+    class Viewed(_MethodCalls):
+        def forward(self, x):
+            return self.fc(self.c(x).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="'mean'.*no ONNX form"):
+        export_onnx(quantize_(Viewed(), "fp_connect").eval(), tmp_path / "v.onnx",
+                    input_shape=(1, 8, 8))

@@ -66,7 +66,16 @@ from ..models import create_model, is_model, model_info
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
-from .onnx_ops import Graph, act, describe_constant, layer_op, pair, weight_input
+from .onnx_ops import (
+    Graph,
+    act,
+    as_function,
+    describe_constant,
+    float_module_op,
+    function_op,
+    layer_op,
+    weight_input,
+)
 from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
 from .packed import load_packed, model_of
 
@@ -214,74 +223,7 @@ def _module(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
         if how:
             report.activations[name] = how
         return y
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        if m.running_mean is None:
-            raise ValueError(f"{name}: batch norm without running statistics cannot be exported")
-        c = m.num_features
-        gamma = m.weight if m.affine else torch.ones(c)
-        beta = m.bias if m.affine else torch.zeros(c)
-        ins = [x, g.const(name + "_gamma", gamma), g.const(name + "_beta", beta),
-               g.const(name + "_mean", m.running_mean), g.const(name + "_var", m.running_var)]
-        return g.op("BatchNormalization", ins, name, epsilon=float(m.eps))
-    if isinstance(m, nn.ReLU):
-        return g.op("Relu", [x], name)
-    if isinstance(m, nn.MaxPool2d):
-        if m.return_indices:
-            raise ValueError(f"{name}: MaxPool2d(return_indices=True) has no ONNX form in "
-                             "fewbits' exporter")
-        return _max_pool(g, name, x, m.kernel_size, m.stride, m.padding, m.dilation,
-                         m.ceil_mode)
-    if isinstance(m, nn.AvgPool2d):
-        ph, pw = pair(m.padding)
-        stride = m.stride if m.stride is not None else m.kernel_size
-        return g.op("AveragePool", [x], name, kernel_shape=list(pair(m.kernel_size)),
-                    strides=list(pair(stride)), pads=[ph, pw, ph, pw],
-                    ceil_mode=int(m.ceil_mode), count_include_pad=int(m.count_include_pad))
-    if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
-        return g.op("GlobalAveragePool", [x], name)
-    if isinstance(m, nn.Flatten) and m.end_dim == -1:
-        return g.op("Flatten", [x], name, axis=m.start_dim)
-    if isinstance(m, (nn.Identity, nn.Dropout)):
-        return x
-    raise ValueError(f"{name}: module {type(m).__name__} has no ONNX form in fewbits' exporter")
-
-
-def _max_pool(g: Graph, name: str, x: str, kernel: Any, stride: Any, padding: Any,
-              dilation: Any, ceil_mode: bool) -> str:
-    ph, pw = pair(padding)
-    stride = stride if stride not in (None, ()) else kernel  # PyTorch: stride defaults to kernel
-    return g.op("MaxPool", [x], name, kernel_shape=list(pair(kernel)),
-                strides=list(pair(stride)), pads=[ph, pw, ph, pw],
-                dilations=list(pair(dilation)), ceil_mode=int(ceil_mode))
-
-
-_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                  "return_indices")
-
-
-def _function(g: Graph, node: fx.Node, args: list[Any]) -> str:
-    fn, kw = node.target, node.kwargs
-    if fn in (nn.functional.max_pool2d, torch.max_pool2d):
-        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
-             "return_indices": False, **dict(zip(_MAX_POOL_ARGS, args, strict=False)), **kw}
-        if not a["return_indices"]:
-            return _max_pool(g, node.name, a["input"], a["kernel_size"], a["stride"],
-                             a["padding"], a["dilation"], a["ceil_mode"])
-    if fn in (operator.add, torch.add) and len(args) == 2 and not kw:
-        return g.op("Add", args, node.name)
-    if fn in (torch.flatten,):
-        start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
-        end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
-        if end == -1:
-            return g.op("Flatten", [args[0]], node.name, axis=int(start))
-    if fn in (nn.functional.relu, torch.relu):
-        return g.op("Relu", [args[0]], node.name)
-    if fn is nn.functional.adaptive_avg_pool2d:
-        size = args[1] if len(args) > 1 else kw.get("output_size")
-        if pair(size) == (1, 1):
-            return g.op("GlobalAveragePool", [args[0]], node.name)
-    raise ValueError(f"operation {getattr(fn, '__name__', fn)!r} (node {node.name}) has no ONNX "
-                     "form in fewbits' exporter")
+    return float_module_op(g, name, m, x)
 
 
 def _relu_of_sum(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
@@ -408,10 +350,10 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
                 u8[y] = grid
                 folded.add(relu.name)
                 peaks.append(peak)
-            elif node.op == "call_function":
+            elif node.op in ("call_function", "call_method"):
                 x = arg(node.args[0]) if node.args else None
-                env[node.name] = _function(g, node, [arg(a) for a in node.args])
-                if x in u8 and node.target in _ON_GRID_FUNCTIONS:
+                env[node.name] = function_op(g, node, [arg(a) for a in node.args])
+                if x in u8 and as_function(node) in _ON_GRID_FUNCTIONS:
                     env[node.name] = requantize(g, env[node.name], u8[x], env[node.name])
                     u8[env[node.name]] = u8[x]
             elif node.op == "output":

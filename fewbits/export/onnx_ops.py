@@ -10,6 +10,7 @@ rounding that ``QuantizeLinear`` cannot express (grids wider than 16 bits) is
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 from typing import Any
 
@@ -31,8 +32,9 @@ from ..quantizers import (
     Quantizer,
 )
 
-__all__ = ["INT_TYPES", "Graph", "act", "describe_constant", "int_type", "layer_op", "pair",
-           "qdq", "round_half_away", "weight_input"]
+__all__ = ["INT_TYPES", "Graph", "act", "as_function", "describe_constant", "float_module_op",
+           "function_op", "int_type", "layer_op", "pair", "qdq", "round_half_away",
+           "weight_input"]
 
 
 def pair(v: Any) -> tuple[int, int]:
@@ -262,3 +264,88 @@ def act(g: Graph, x: str, q: Quantizer | None, base: str) -> tuple[str, str | No
     raise ValueError(f"{base}: activation quantizer {type(q).__name__} has no ONNX form")
 
 
+# --------------------------------------------------------------------------- float operations
+
+def float_module_op(g: Graph, name: str, m: nn.Module, x: str) -> str:
+    """The ONNX form of a float module (batch norm, ReLU, pooling, flatten, identity) applied
+    to ``x``; ``ValueError`` naming any other module."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if m.running_mean is None:
+            raise ValueError(f"{name}: batch norm without running statistics cannot be exported")
+        c = m.num_features
+        gamma = m.weight if m.affine else torch.ones(c)
+        beta = m.bias if m.affine else torch.zeros(c)
+        ins = [x, g.const(name + "_gamma", gamma), g.const(name + "_beta", beta),
+               g.const(name + "_mean", m.running_mean), g.const(name + "_var", m.running_var)]
+        return g.op("BatchNormalization", ins, name, epsilon=float(m.eps))
+    if isinstance(m, nn.ReLU):
+        return g.op("Relu", [x], name)
+    if isinstance(m, nn.MaxPool2d):
+        if m.return_indices:
+            raise ValueError(f"{name}: MaxPool2d(return_indices=True) has no ONNX form in "
+                             "fewbits' exporter")
+        return _max_pool(g, name, x, m.kernel_size, m.stride, m.padding, m.dilation,
+                         m.ceil_mode)
+    if isinstance(m, nn.AvgPool2d):
+        ph, pw = pair(m.padding)
+        stride = m.stride if m.stride is not None else m.kernel_size
+        return g.op("AveragePool", [x], name, kernel_shape=list(pair(m.kernel_size)),
+                    strides=list(pair(stride)), pads=[ph, pw, ph, pw],
+                    ceil_mode=int(m.ceil_mode), count_include_pad=int(m.count_include_pad))
+    if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
+        return g.op("GlobalAveragePool", [x], name)
+    if isinstance(m, nn.Flatten) and m.end_dim == -1:
+        return g.op("Flatten", [x], name, axis=m.start_dim)
+    if isinstance(m, (nn.Identity, nn.Dropout)):
+        return x
+    raise ValueError(f"{name}: module {type(m).__name__} has no ONNX form in fewbits' exporter")
+
+
+def _max_pool(g: Graph, name: str, x: str, kernel: Any, stride: Any, padding: Any,
+              dilation: Any, ceil_mode: bool) -> str:
+    ph, pw = pair(padding)
+    stride = stride if stride not in (None, ()) else kernel  # PyTorch: stride defaults to kernel
+    return g.op("MaxPool", [x], name, kernel_shape=list(pair(kernel)),
+                strides=list(pair(stride)), pads=[ph, pw, ph, pw],
+                dilations=list(pair(dilation)), ceil_mode=int(ceil_mode))
+
+
+_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                  "return_indices")
+
+
+#: Tensor methods the exporter reads as the function of the same name (``x.flatten(1)``).
+_METHODS = {"flatten": torch.flatten, "relu": torch.relu, "add": torch.add}
+
+
+def as_function(node: Any) -> Any:
+    """The function a ``call_function`` or ``call_method`` node of :mod:`torch.fx` computes
+    (methods take their tensor as the first argument, as the function does)."""
+    return _METHODS.get(node.target, node.target) if node.op == "call_method" else node.target
+
+
+def function_op(g: Graph, node: Any, args: list[Any]) -> str:
+    """The ONNX form of a function or tensor-method node of :mod:`torch.fx` on ``args`` (ONNX
+    names); ``ValueError`` naming any other operation."""
+    fn, kw = as_function(node), node.kwargs
+    if fn in (nn.functional.max_pool2d, torch.max_pool2d):
+        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+             "return_indices": False, **dict(zip(_MAX_POOL_ARGS, args, strict=False)), **kw}
+        if not a["return_indices"]:
+            return _max_pool(g, node.name, a["input"], a["kernel_size"], a["stride"],
+                             a["padding"], a["dilation"], a["ceil_mode"])
+    if fn in (operator.add, torch.add) and len(args) == 2 and not kw:
+        return g.op("Add", args, node.name)
+    if fn in (torch.flatten,):
+        start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
+        if end == -1:
+            return g.op("Flatten", [args[0]], node.name, axis=int(start))
+    if fn in (nn.functional.relu, torch.relu):
+        return g.op("Relu", [args[0]], node.name)
+    if fn is nn.functional.adaptive_avg_pool2d:
+        size = args[1] if len(args) > 1 else kw.get("output_size")
+        if pair(size) == (1, 1):
+            return g.op("GlobalAveragePool", [args[0]], node.name)
+    raise ValueError(f"operation {getattr(fn, '__name__', fn)!r} (node {node.name}) has no ONNX "
+                     "form in fewbits' exporter")
