@@ -727,3 +727,13 @@ def test_to_float():
     assert x.dtype == torch.uint8  # input untouched
     with pytest.raises(TypeError, match="uint8"):
         to_float(y, "cpu")
+
+
+def test_synthetic_size_is_bounded_before_allocating():
+    from fewbits.data.datasets import MAX_SYNTHETIC_VALUES, synthetic_dataset
+
+    n = MAX_SYNTHETIC_VALUES // (3 * 32 * 32) + 1
+    with pytest.raises(ValueError, match="--synthetic-size"):
+        synthetic_dataset(n, (3, 32, 32))
+    with pytest.raises(ValueError, match="--synthetic-size"):
+        synthetic_dataset(10**11, (1, 28, 28))  # 1e11 images: refused, not an out-of-memory

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import tarfile
 import zlib
@@ -51,6 +52,7 @@ from .errors import CorruptDataError, DatasetNotFoundError
 __all__ = [
     "CIFAR10_MD5",
     "CIFAR10_URL",
+    "MAX_SYNTHETIC_VALUES",
     "MNIST_FILES",
     "MNIST_MIRRORS",
     "ArrayDataset",
@@ -332,6 +334,11 @@ def load_sklearn_digits(split: str) -> ArrayDataset:
 # --------------------------------------------------------------------------- synthetic
 
 
+#: Most pixel values :func:`synthetic_dataset` generates in one call (2**27: 43,690 CIFAR-sized
+#: images); bounded before any allocation.
+MAX_SYNTHETIC_VALUES = 1 << 27
+
+
 def synthetic_dataset(
     n: int,
     shape: Sequence[int] = (3, 32, 32),
@@ -361,6 +368,11 @@ def synthetic_dataset(
         raise ValueError(f"n must be >= 1, got {n}")
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if int(n) * math.prod(shape) > MAX_SYNTHETIC_VALUES:  # float work arrays: ~16 bytes a value
+        raise ValueError(f"{int(n)} synthetic images of {shape} are {int(n) * math.prod(shape):,} "
+                         f"values, over the {MAX_SYNTHETIC_VALUES:,} generated at once (about "
+                         f"{MAX_SYNTHETIC_VALUES * 16 >> 30} GiB of work memory); use fewer "
+                         "images (--synthetic-size) or real data")
     check_split(split)
     n, num_classes, seed = int(n), int(num_classes), int(seed)
     c, h, w = shape
