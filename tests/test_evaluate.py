@@ -75,3 +75,22 @@ def test_training_mode_and_rng_are_left_as_they_were():
 def test_bad_batch_size_is_refused():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate(_net(), _dataset(), batch_size=0)
+
+
+def test_a_batch_norm_folded_file_is_evaluated_on_the_binary_engine(tmp_path, trained):
+    """``fewbits export --fold-bn`` files run only on the binary engine: ``evaluate_packed``
+    (``fewbits eval``) takes them there, with the predictions of the unfolded file."""
+    from fewbits.cli import evaluate_packed
+    from fewbits.data import load_dataset
+    from fewbits.export import export_packed
+
+    m = trained("mnist_binary_net_lenet", width=16)
+    plain, folded = tmp_path / "plain.fewbits", tmp_path / "folded.fewbits"
+    export_packed(m, plain)
+    export_packed(m, folded, fold_bn=True)
+    ds = load_dataset("synthetic", "test", n=64, shape=(1, 28, 28), num_classes=10)
+    want = evaluate_packed(plain, ds, batch_size=16)
+    for fast in (False, True):
+        got = evaluate_packed(folded, ds, batch_size=16, fast=fast)
+        assert got.fast_path == "binary"
+        assert (got.wrong, got.total) == (want.wrong, want.total)

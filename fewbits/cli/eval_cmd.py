@@ -20,6 +20,7 @@ from ..export.container import is_packed_file, read_model_file
 from ..models import create_model, is_model
 from ..runs import recorded_eval_config
 from ..runtime import compile_for_cpu
+from ..runtime.binary_file import load_engine
 from ..train import (
     EvalResult,
     check_model_input,
@@ -68,7 +69,9 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
     compile_for_cpu`; its name is the result's ``fast_path``), then run through
     :func:`fewbits.train.evaluate` on the CPU. ``model``: a registered name or
     ``package.module:factory`` (registered by the caller) for files of models outside the
-    registry: the file is loaded into ``create_model(model)``. Raises
+    registry: the file is loaded into ``create_model(model)``. A file written with
+    ``fold_bn=True`` (``fewbits export --fold-bn``) runs on the binary engine it was folded for
+    (:func:`~fewbits.runtime.binary_file.load_engine`; ``fast_path`` ``"binary"``). Raises
     :class:`~fewbits.export.FormatError` for a file that is not a readable fewbits model,
     ``ValueError`` for ``batch_size < 1``.
 
@@ -87,6 +90,9 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
     spec = header["model"] if isinstance(header["model"], dict) else {}
     net = str(spec.get("name", "?"))
     factory = None if model == net else model  # the file's own model: its recorded options
+    if header.get("options", {}).get("fold_bn"):  # only the binary engine runs these files
+        r = evaluate(load_engine(path), ds, "cpu", batch_size)
+        return replace(r, net=net, file=str(path), fast_path="binary")
     source = path if factory is None else load_packed(path, model=create_model(factory)).eval()
     if fast:
         run = compile_for_cpu(source, batch_size=min(batch_size, max(1, len(ds))),
