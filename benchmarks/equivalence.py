@@ -162,8 +162,8 @@ def _run_wide(fn: Callable[..., Tensor], x: Tensor, extra: tuple[Tensor, ...],
     try:
         torch.manual_seed(seed)
         y = fn(xw, *extra, **kw)
-    except (ValueError, TypeError) as err:
-        return ("raised", type(err).__name__, str(err))
+    except (ValueError, TypeError) as err:  # raised on x's float32 value: names float32
+        return ("raised", type(err).__name__, str(err).replace(str(xw.dtype), str(x.dtype)))
     out: list[Any] = [y.detach().to(x.dtype)]
     if y.requires_grad:
         # the STE mask from an upstream of ones, applied to the half upstream (so NaN payloads

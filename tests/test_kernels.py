@@ -169,3 +169,39 @@ def test_gradient_in_another_layout_falls_back():
     xr = x.detach().clone().requires_grad_(True)
     inside = ((xr * 20).abs() <= 127 * 2**-4).float()
     assert torch.equal(x.grad, dy * inside * 20)
+
+
+def _lane_order_sum(v: np.ndarray, n: int) -> np.float32:
+    """The documented order of the fused range sums for one thread (fewbits/_train_kernels.c):
+    16 float64 lanes, lane k adding the elements k (mod 16) in order from +0.0, the tail beyond
+    the last whole block of 16 added to lane 0, then the lanes added in order 0..15."""
+    body = n - n % 16
+    lanes = [0.0] * 16
+    for k in range(16):
+        for t in v[k:body:16].astype(np.float64):
+            lanes[k] += float(t)
+    for t in v[body:n].astype(np.float64):
+        lanes[0] += float(t)
+    s = 0.0
+    for a in lanes:
+        s += a
+    return np.float32(s)
+
+
+@pytest.mark.parametrize("n", [16 * 4000, 16 * 4000 + 11])
+def test_min_max_range_sums_in_lane_order(n, one_thread):
+    # Random upstream values: the sums are exactly those of the documented lane order (the
+    # vector code and the portable loop both promise it), not merely close.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g) * 2
+    lo, hi = torch.tensor(-1.0, requires_grad=True), torch.tensor(1.5, requires_grad=True)
+    xi = x.clone().requires_grad_(True)
+    y = fq.min_max_quantize(xi, lo, hi, ql_max=15)
+    dy = torch.randn(n, generator=g)
+    y.backward(dy)
+    _, _, glo, ghi = fq.min_max_grid(lo.detach(), hi.detach(), 0, 15, 0.01)
+    below, above = (x < glo).numpy(), (x > ghi).numpy()
+    d = dy.numpy()
+    assert lo.grad.item() == _lane_order_sum(np.where(below, d, 0.0), n)
+    assert hi.grad.item() == _lane_order_sum(np.where(above, d, 0.0), n)
+    assert torch.equal(xi.grad, torch.where(torch.from_numpy(below | above), 0.0, dy))
