@@ -38,6 +38,7 @@ __all__ = [
     "keep",
     "min_max",
     "min_max_grad",
+    "min_max_grid",
     "pow2",
     "usable",
 ]
@@ -48,6 +49,7 @@ _LIB = CLibrary(
     ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"],
     {"fb_fixed_point": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _F32, _I64], _I64),
      "fb_min_max": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _I64], _I64),
+     "fb_min_max_grid": ([_F32, _F32, _F32, _F32, _F32, _PTR], None),
      "fb_pow2": ([_PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I32, _I32, _I64, _I64], _I64),
      "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _I64], _I64),
      "fb_keep": ([_PTR, _PTR, _PTR, _I64, _I64, _F32, _PTR, _I64], None)},
@@ -105,6 +107,16 @@ def min_max(x: Tensor, lo: float, hi: float, scale: float,
     bad = _lib().fb_min_max(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(),
                             x.numel(), lo, hi, scale, _nt())
     return y, m, bad == 0
+
+
+def min_max_grid(rmin: float, rmax: float, ql_min: int, ql_max: int,
+                 eps: float) -> tuple[float, float, float]:
+    """``(scale, lo, hi)`` of :func:`fewbits._math.min_max_range` for one float32 range, as
+    Python floats (the float32 values): the same float32 operations in the same order, each
+    argument rounded to float32 first as the tensors there are."""
+    out = (ctypes.c_float * 3)()
+    _lib().fb_min_max_grid(rmin, rmax, float(ql_min), float(ql_max), eps, out)
+    return out[0], out[1], out[2]
 
 
 def pow2(x: Tensor, bits: tuple[int, int, int, int, int], sign: bool, with_zero: bool,

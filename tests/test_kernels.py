@@ -205,3 +205,25 @@ def test_min_max_range_sums_in_lane_order(n, one_thread):
     assert lo.grad.item() == _lane_order_sum(np.where(below, d, 0.0), n)
     assert hi.grad.item() == _lane_order_sum(np.where(above, d, 0.0), n)
     assert torch.equal(xi.grad, torch.where(torch.from_numpy(below | above), 0.0, dy))
+
+
+def test_min_max_grid_equals_torch():
+    # The fused path's scalar grid against _math.min_max_range on the same float32 ranges:
+    # eps nudges, zero points clamped at either end, zero-point ties, wide and 32-bit grids.
+    from fewbits import _math
+
+    g = torch.Generator().manual_seed(5)
+    edge = [0.0, -0.0, 1.0, -1.0, 6.0, -6.0, 0.1, 0.105, 1e-30, 1e30, -1e30, 3e38, 1e-45, 0.25]
+    ends = torch.tensor(edge + (torch.randn(40, generator=g) * 4).tolist())
+    ties = [(-(k + 0.5) * 2 / 255, 2.0 - (k + 0.5) * 2 / 255) for k in range(0, 255, 17)]
+    cases = [(float(a), float(b)) for a in ends for b in ends[::3]] + ties
+    for (lo, hi), (ql_min, ql_max), eps in zip(
+            cases, [(0, 255), (-128, 127), (0, 3), (0, 2**32 - 1), (-7, 7)] * len(cases),
+            [0.01, 1e-8, 0.1000000020, 1.0] * len(cases), strict=False):
+        rmin, rmax = torch.tensor(lo), torch.tensor(hi)
+        scale, _, glo, ghi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max), eps)
+        want = torch.stack([scale, glo, ghi])
+        got = torch.tensor(_kernels.min_max_grid(float(rmin), float(rmax), ql_min, ql_max, eps))
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite), (lo, hi, ql_min, ql_max, eps)
+        assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
