@@ -51,7 +51,7 @@ _LIB = CLibrary(
      "fb_min_max": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _I64], _I64),
      "fb_min_max_grid": ([_F32, _F32, _F32, _F32, _F32, _PTR], None),
      "fb_pow2": ([_PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I32, _I32, _I64, _I64], _I64),
-     "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _I64], _I64),
+     "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _I64], _I64),
      "fb_keep": ([_PTR, _PTR, _PTR, _I64, _I64, _F32, _PTR, _I64], None)},
 )
 
@@ -130,12 +130,14 @@ def pow2(x: Tensor, bits: tuple[int, int, int, int, int], sign: bool, with_zero:
     return y, m, bad == 0
 
 
-def binary_act(x: Tensor, low: float, want_mask: bool) -> tuple[Tensor, Tensor | None, bool]:
-    """``(y, mask or None, all finite)``: ``y = 1 if x > 0 else low``, ``mask = |x| < 1``."""
+def binary_act(x: Tensor, low: float, want_mask: bool,
+               zero: float | None = None) -> tuple[Tensor, Tensor | None, bool]:
+    """``(y, mask or None, all finite)``: ``y = 1 if x > 0 else low`` (``zero`` where ``x == 0``
+    when given: BinaryConnect's ``sign(0)``), ``mask = |x| < 1``."""
     y = torch.empty_like(x)
     m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     bad = _lib().fb_binary_act(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(),
-                               x.numel(), low, _nt())
+                               x.numel(), low, low if zero is None else zero, _nt())
     return y, m, bad == 0
 
 

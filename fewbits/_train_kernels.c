@@ -251,13 +251,14 @@ int64_t fb_pow2(const float *x, float *y, uint8_t *mask, int64_t n, int32_t limi
   return p.bad;
 }
 
-/* ------------------------------------------------------------------ binary activations
- * y = 1 if x > 0 else low (a); mask = |x| < 1. */
+/* ------------------------------------------------------------------ binary
+ * y = 1 if x > 0, z if x == 0, else low (a = low, b = z); mask = |x| < 1. The binary activations
+ * pass z = low; BinaryConnect weights low = -1, z = sign(0) without a mask. */
 #define FB_BINARY_LOOP(STORE_MASK)                                                      \
   for (int64_t i = i0; i < i1; ++i) {                                                 \
     const float xi = x[i];                                                            \
     bad |= !(xi - xi == 0.0f);                                                        \
-    y[i] = xi > 0.0f ? 1.0f : low;                                                    \
+    y[i] = xi > 0.0f ? 1.0f : (xi == 0.0f ? z : low);                                 \
     STORE_MASK;                                                                       \
   }
 
@@ -266,7 +267,7 @@ static void binary_act_chunk(job *j) {
   const float *restrict x = j->x;
   float *restrict y = j->y;
   uint8_t *restrict m = j->m;
-  const float low = j->a;
+  const float low = j->a, z = j->b;
   int bad = 0;
   if (m) {
     FB_BINARY_LOOP(m[i] = fabsf(xi) < 1.0f)
@@ -276,10 +277,10 @@ static void binary_act_chunk(job *j) {
   j->bad = bad;
 }
 
-int64_t fb_binary_act(const float *x, float *y, uint8_t *mask, int64_t n, float low,
+int64_t fb_binary_act(const float *x, float *y, uint8_t *mask, int64_t n, float low, float z,
                       int64_t nt) {
   job p = {0};
-  p.x = x, p.y = y, p.m = mask, p.a = low;
+  p.x = x, p.y = y, p.m = mask, p.a = low, p.b = z;
   parallel(&p, n, nt, binary_act_chunk);
   return p.bad;
 }

@@ -127,6 +127,22 @@ def test_binary_act_fused_equals_torch(fn, channels_last):
     np.testing.assert_array_equal(_bits(gf), _bits(gt))
 
 
+@pytest.mark.parametrize("zero_to", [1.0, -1.0, 0.0, 0.3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_binary_connect_fused_equals_torch(zero_to, channels_last):
+    x = _activation(4, 0.5, False)
+    x.view(-1)[100:104] = torch.tensor([0.0, -0.0, 1e-45, -1e-45])  # sign(0) and its neighbours
+    x.view(-1)[200] = float("nan")  # with the checks off: -1 on both paths
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with fq.finite_checks(False):
+        (yf, gf, _), (yt, gt, _) = _both(fq.binary_connect, x, zero_to)
+    assert torch.equal(yf.view(torch.int32), yt.view(torch.int32))
+    assert yf.stride() == yt.stride() and torch.equal(gf, gt)
+    assert yf.flatten()[200] == -1
+    assert set(yf.unique().tolist()) == {-1.0, 1.0, float(torch.tensor(zero_to))}
+
+
 def test_min_max_range_sums_exact():
     # Upstream gradients that are small integers sum exactly in any order: equality holds.
     x = torch.linspace(-5, 5, 50_000)
@@ -142,7 +158,7 @@ def test_min_max_range_sums_exact():
 def test_fused_kernels_find_non_finite(where, bad):
     x = torch.randn(73_728)
     x[where] = bad
-    for fn in (fq.fixed_point_quantize, fq.binary_tanh, fq.pow2_quantize,
+    for fn in (fq.fixed_point_quantize, fq.binary_tanh, fq.pow2_quantize, fq.binary_connect,
                lambda v: fq.min_max_quantize(v, torch.tensor(-1.0), torch.tensor(1.0))):
         with pytest.raises(ValueError, match="NaN|inf"):
             fn(x)

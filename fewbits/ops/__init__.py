@@ -107,6 +107,10 @@ __all__ = [
 def _binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn: str) -> Tensor:
     """``sign(w)`` with ``sign(0) = zero_to``; stochastic: ``+1`` with probability
     ``clamp((w + 1) / 2, 0, 1)``."""
+    if not stochastic and _kernels.usable(w):  # one pass: y and the finite check
+        y, _, finite = _kernels.binary_act(w, -1.0, False, zero_to)
+        _check(w, fn, "w", check, finite)
+        return y
     _check(w, fn, "w", check)
     if stochastic:
         p = torch.clamp((w + 1) * 0.5, 0, 1)
