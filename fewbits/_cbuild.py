@@ -100,17 +100,24 @@ def build(src: Path, name: str, flags: list[str]) -> tuple[ctypes.CDLL | None, s
 class CLibrary:
     """A C source built and loaded on first :meth:`get` (once per process), with the ctypes
     ``signatures`` (``{function: (argtypes, restype)}``) set; ``get()`` is None and ``error``
-    says why when it cannot be built."""
+    says why when it cannot be built. ``optional`` flags (e.g. ``-fopenmp``) are tried first,
+    then left out if the build fails with them (a compiler without OpenMP)."""
 
     def __init__(self, src: Path, name: str, flags: list[str],
-                 signatures: dict[str, tuple[list[Any], Any]]) -> None:
+                 signatures: dict[str, tuple[list[Any], Any]],
+                 optional: tuple[str, ...] = ()) -> None:
         self.src, self.name, self.flags, self.signatures = src, name, flags, signatures
+        self.optional = list(optional)
         self.error: str | None = None
         self._lib: ctypes.CDLL | None = None
 
     def get(self) -> ctypes.CDLL | None:
         if self._lib is None and self.error is None:
-            lib, self.error = build(self.src, self.name, self.flags)
+            lib = None
+            if self.optional:
+                lib, _ = build(self.src, self.name, self.flags + self.optional)
+            if lib is None:
+                lib, self.error = build(self.src, self.name, self.flags)
             if lib is None:
                 warnings.warn(f"fewbits' C kernels ({self.src.name}) are not available, the "
                               f"slower PyTorch path runs instead: {self.error}", stacklevel=3)

@@ -53,6 +53,9 @@ _LIB = CLibrary(
      "fb_pow2": ([_PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I32, _I32, _I64, _I64], _I64),
      "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _I64], _I64),
      "fb_keep": ([_PTR, _PTR, _PTR, _I64, _I64, _F32, _PTR, _I64], None)},
+    # OpenMP: the chunks run on the OpenMP threads PyTorch's CPU ops use (libgomp is loaded
+    # once per process), not on new pthreads competing with those threads for the cores.
+    optional=("-fopenmp",),
 )
 
 

@@ -10,7 +10,10 @@
  * fused into one FMA (PyTorch rounds the product first).
  *
  * Every forward also counts the non-finite inputs, so the NaN/inf check costs no extra pass.
- * Work is split over `nt` pthreads in contiguous chunks (ctypes releases the GIL).
+ * Work is split over `nt` threads in contiguous chunks (ctypes releases the GIL): built with
+ * OpenMP, the threads of the OpenMP runtime PyTorch's CPU ops already use (after each op they
+ * spin for a while waiting for the next one: a new pthread would share a core with one of
+ * them), else one pthread per chunk. The chunks, and so every result, are the same either way.
  */
 #include <math.h>
 #include <pthread.h>
@@ -49,8 +52,6 @@ static void *run_task(void *p) {
 
 static void parallel(job *proto, int64_t n, int64_t nt, job_fn fn) {
   task t[FB_MAX_THREADS];
-  pthread_t th[FB_MAX_THREADS];
-  int created[FB_MAX_THREADS] = {0};
   if (nt < 1) nt = 1;
   if (nt > FB_MAX_THREADS) nt = FB_MAX_THREADS;
   if (nt > 1 && n / nt < FB_MIN_CHUNK) nt = n / FB_MIN_CHUNK > 1 ? n / FB_MIN_CHUNK : 1;
@@ -68,14 +69,25 @@ static void parallel(job *proto, int64_t n, int64_t nt, job_fn fn) {
     t[i].fn = fn;
     ++used;
   }
-  for (int64_t i = 1; i < used; ++i)
-    created[i] = pthread_create(&th[i], 0, run_task, &t[i]) == 0;
-  run_task(&t[0]);
-  for (int64_t i = 1; i < used; ++i) {
-    if (created[i])
-      pthread_join(th[i], 0);
-    else
-      run_task(&t[i]); /* no thread to be had: do the chunk here */
+  if (used == 1) {
+    run_task(&t[0]);
+  } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(used) schedule(static, 1)
+    for (int64_t i = 0; i < used; ++i) run_task(&t[i]);
+#else
+    pthread_t th[FB_MAX_THREADS];
+    int created[FB_MAX_THREADS] = {0};
+    for (int64_t i = 1; i < used; ++i)
+      created[i] = pthread_create(&th[i], 0, run_task, &t[i]) == 0;
+    run_task(&t[0]);
+    for (int64_t i = 1; i < used; ++i) {
+      if (created[i])
+        pthread_join(th[i], 0);
+      else
+        run_task(&t[i]); /* no thread to be had: do the chunk here */
+    }
+#endif
   }
   proto->bad = 0;
   proto->s1 = proto->s2 = 0.0;
