@@ -1,13 +1,13 @@
 """Build a small C source into a shared library on first use and load it with ctypes.
 
-fewbits' C kernels (fused training quantizers, XNOR inference) are plain C with pthreads and no
-torch headers, so they compile with the system compiler in about a second. Libraries are cached
-in ``$FEWBITS_CACHE`` (default ``~/.cache/fewbits``) under a name that hashes the source, the
-flags and the CPU (``-march=native`` code must not run on another CPU), and are written
-atomically (:func:`fewbits._io.atomic_write`, fsync before the rename) so concurrent processes
-(DDP ranks) never load a half-written file. The SHA-256 of each library is recorded beside it
-(``.sha256``) and checked before loading: a damaged library is rebuilt, and where it cannot be,
-the caller's PyTorch path runs and ``CLibrary.error`` says why.
+fewbits' C kernels (fused training quantizers, XNOR inference) are plain C (pthreads or OpenMP)
+without torch headers, so they compile with the system compiler in about a second. Libraries are
+cached in ``$FEWBITS_CACHE`` (default ``~/.cache/fewbits``) under a name that hashes the source,
+the flags and the CPU (``-march=native`` code must not run on another CPU), and are written
+atomically (:func:`fewbits._io.atomic_write`, fsync before the rename) so concurrent processes (DDP
+ranks) never load a half-written file. The SHA-256 of each library is recorded beside it
+(``.sha256``) and checked before loading: a damaged library is rebuilt, and where it cannot be, the
+caller's PyTorch path runs and ``CLibrary.error`` says why.
 """
 
 from __future__ import annotations
