@@ -335,6 +335,16 @@ int64_t fb_binary_act(const float *x, float *y, uint8_t *mask, int64_t n, float 
       a2[k] += mk == 2 ? (double)v : 0.0;                                             \
     }
 
+/* After the blocks of 16: the tail into lane 0, then s1, s2 = the lanes added in order. */
+#define FB_SUM_TAIL                                                                   \
+  for (; i < i1; ++i) {                                                               \
+    if (dx) dx[i] = m[i] == keep ? (g == 1.0f ? dy[i] : dy[i] * g) : 0.0f;            \
+    a1[0] += m[i] == 1 ? (double)dy[i] : 0.0;                                         \
+    a2[0] += m[i] == 2 ? (double)dy[i] : 0.0;                                         \
+  }                                                                                   \
+  double s1 = 0.0, s2 = 0.0;                                                          \
+  for (int k = 0; k < 16; ++k) s1 += a1[k], s2 += a2[k]
+
 /* The portable form, and the kernel of CPUs without the vector code below. The compiler does
  * not vectorise its sum loop (~10x slower than the vector code on a 64x32x32x32 gradient).
  * Which NaN an addition of two NaNs returns depends on the operand order the compiler picked
@@ -354,13 +364,7 @@ __attribute__((noinline)) static void keep_chunk_scalar(job *j) {
   } else {
     FB_SUM_LOOP((void)0)
   }
-  for (; i < i1; ++i) {
-    if (dx) dx[i] = m[i] == keep ? (g == 1.0f ? dy[i] : dy[i] * g) : 0.0f;
-    a1[0] += m[i] == 1 ? (double)dy[i] : 0.0;
-    a2[0] += m[i] == 2 ? (double)dy[i] : 0.0;
-  }
-  double s1 = 0.0, s2 = 0.0;
-  for (int k = 0; k < 16; ++k) s1 += a1[k], s2 += a2[k];
+  FB_SUM_TAIL;
   j->s1 = s1, j->s2 = s2;
 }
 
@@ -443,13 +447,7 @@ static void keep_chunk(job *j) {
   for (; i + 16 <= i1; i += 16) fb_keep16(dy + i, m + i, dx ? dx + i : 0, keep, g, &acc);
   double a1[16], a2[16];
   fb_acc_store(&acc, a1, a2);
-  for (; i < i1; ++i) {
-    if (dx) dx[i] = m[i] == keep ? (g == 1.0f ? dy[i] : dy[i] * g) : 0.0f;
-    a1[0] += m[i] == 1 ? (double)dy[i] : 0.0;
-    a2[0] += m[i] == 2 ? (double)dy[i] : 0.0;
-  }
-  double s1 = 0.0, s2 = 0.0;
-  for (int k = 0; k < 16; ++k) s1 += a1[k], s2 += a2[k];
+  FB_SUM_TAIL;
   if (s1 == s1 && s2 == s2) {
     j->s1 = s1, j->s2 = s2;
   } else { /* NaN sums (a diverged step): the NaN bits of the scalar code */
