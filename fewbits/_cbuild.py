@@ -1,13 +1,13 @@
 """Build a small C source into a shared library on first use and load it with ctypes.
 
-fewbits' C kernels (fused training quantizers, XNOR inference) are plain C with pthreads and no
-torch headers, so they compile with the system compiler in about a second. Libraries are cached
-in ``$FEWBITS_CACHE`` (default ``~/.cache/fewbits``) under a name that hashes the source, the
-flags and the CPU (``-march=native`` code must not run on another CPU), and are written
-atomically (:func:`fewbits._io.atomic_write`, fsync before the rename) so concurrent processes
-(DDP ranks) never load a half-written file. The SHA-256 of each library is recorded beside it
-(``.sha256``) and checked before loading: a damaged library is rebuilt, and where it cannot be,
-the caller's PyTorch path runs and ``CLibrary.error`` says why.
+fewbits' C kernels (fused training quantizers, XNOR inference) are plain C (pthreads or OpenMP)
+without torch headers, so they compile with the system compiler in about a second. Libraries are
+cached in ``$FEWBITS_CACHE`` (default ``~/.cache/fewbits``) under a name that hashes the source,
+the flags and the CPU (``-march=native`` code must not run on another CPU), and are written
+atomically (:func:`fewbits._io.atomic_write`, fsync before the rename) so concurrent processes (DDP
+ranks) never load a half-written file. The SHA-256 of each library is recorded beside it
+(``.sha256``) and checked before loading: a damaged library is rebuilt, and where it cannot be, the
+caller's PyTorch path runs and ``CLibrary.error`` says why.
 """
 
 from __future__ import annotations
@@ -100,17 +100,24 @@ def build(src: Path, name: str, flags: list[str]) -> tuple[ctypes.CDLL | None, s
 class CLibrary:
     """A C source built and loaded on first :meth:`get` (once per process), with the ctypes
     ``signatures`` (``{function: (argtypes, restype)}``) set; ``get()`` is None and ``error``
-    says why when it cannot be built."""
+    says why when it cannot be built. ``optional`` flags (e.g. ``-fopenmp``) are tried first,
+    then left out if the build fails with them (a compiler without OpenMP)."""
 
     def __init__(self, src: Path, name: str, flags: list[str],
-                 signatures: dict[str, tuple[list[Any], Any]]) -> None:
+                 signatures: dict[str, tuple[list[Any], Any]],
+                 optional: tuple[str, ...] = ()) -> None:
         self.src, self.name, self.flags, self.signatures = src, name, flags, signatures
+        self.optional = list(optional)
         self.error: str | None = None
         self._lib: ctypes.CDLL | None = None
 
     def get(self) -> ctypes.CDLL | None:
         if self._lib is None and self.error is None:
-            lib, self.error = build(self.src, self.name, self.flags)
+            lib = None
+            if self.optional:
+                lib, _ = build(self.src, self.name, self.flags + self.optional)
+            if lib is None:
+                lib, self.error = build(self.src, self.name, self.flags)
             if lib is None:
                 warnings.warn(f"fewbits' C kernels ({self.src.name}) are not available, the "
                               f"slower PyTorch path runs instead: {self.error}", stacklevel=3)

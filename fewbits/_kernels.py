@@ -9,6 +9,8 @@ with the very float32 operations of :mod:`fewbits._math` in the same order, so t
 the input gradients are bit-identical to the PyTorch path (tests compare the two on every
 edge case). Range-gradient sums are accumulated in float64 (order differs from ``Tensor.sum``,
 so the last bit of ``d qr_min``/``d qr_max`` may differ; both are within the spec's tolerance).
+BinaryConnect's deterministic sign and the scalar grid of a per-tensor min-max range (what was
+~15 tensor operations per call) take the same route; their results are bit-identical too.
 
 Used automatically, as the CPU backend of the operators of :mod:`fewbits.ops`, for float32
 CPU tensors with a dense layout (contiguous or channels-last), in eager mode and inside
@@ -38,6 +40,7 @@ __all__ = [
     "keep",
     "min_max",
     "min_max_grad",
+    "min_max_grid",
     "pow2",
     "usable",
 ]
@@ -48,9 +51,13 @@ _LIB = CLibrary(
     ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"],
     {"fb_fixed_point": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _F32, _I64], _I64),
      "fb_min_max": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _F32, _I64], _I64),
+     "fb_min_max_grid": ([_F32, _F32, _F32, _F32, _F32, _PTR], None),
      "fb_pow2": ([_PTR, _PTR, _PTR, _I64, _I32, _I32, _I32, _I32, _I32, _I64, _I64], _I64),
-     "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _I64], _I64),
+     "fb_binary_act": ([_PTR, _PTR, _PTR, _I64, _F32, _F32, _I64], _I64),
      "fb_keep": ([_PTR, _PTR, _PTR, _I64, _I64, _F32, _PTR, _I64], None)},
+    # OpenMP: the chunks run on the OpenMP threads PyTorch's CPU ops use (libgomp is loaded
+    # once per process), not on new pthreads competing with those threads for the cores.
+    optional=("-fopenmp",),
 )
 
 
@@ -107,6 +114,16 @@ def min_max(x: Tensor, lo: float, hi: float, scale: float,
     return y, m, bad == 0
 
 
+def min_max_grid(rmin: float, rmax: float, ql_min: int, ql_max: int,
+                 eps: float) -> tuple[float, float, float]:
+    """``(scale, lo, hi)`` of :func:`fewbits._math.min_max_range` for one float32 range, as
+    Python floats (the float32 values): the same float32 operations in the same order, each
+    argument rounded to float32 first as the tensors there are."""
+    out = (ctypes.c_float * 3)()
+    _lib().fb_min_max_grid(rmin, rmax, float(ql_min), float(ql_max), eps, out)
+    return out[0], out[1], out[2]
+
+
 def pow2(x: Tensor, bits: tuple[int, int, int, int, int], sign: bool, with_zero: bool,
          want_mask: bool) -> tuple[Tensor, Tensor | None, bool]:
     """``(y, in_range mask or None, all finite)`` of the power-of-two quantizer's float32 bit
@@ -118,12 +135,14 @@ def pow2(x: Tensor, bits: tuple[int, int, int, int, int], sign: bool, with_zero:
     return y, m, bad == 0
 
 
-def binary_act(x: Tensor, low: float, want_mask: bool) -> tuple[Tensor, Tensor | None, bool]:
-    """``(y, mask or None, all finite)``: ``y = 1 if x > 0 else low``, ``mask = |x| < 1``."""
+def binary_act(x: Tensor, low: float, want_mask: bool,
+               zero: float | None = None) -> tuple[Tensor, Tensor | None, bool]:
+    """``(y, mask or None, all finite)``: ``y = 1 if x > 0 else low`` (``zero`` where ``x == 0``
+    when given: BinaryConnect's ``sign(0)``), ``mask = |x| < 1``."""
     y = torch.empty_like(x)
     m = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     bad = _lib().fb_binary_act(x.data_ptr(), y.data_ptr(), 0 if m is None else m.data_ptr(),
-                               x.numel(), low, _nt())
+                               x.numel(), low, low if zero is None else zero, _nt())
     return y, m, bad == 0
 
 

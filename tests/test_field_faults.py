@@ -5,6 +5,7 @@ Each test holds one kind of fault: the input of the report and the other members
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,6 +279,41 @@ def test_min_max_projection_keeps_valid_ranges_and_is_idempotent():
     assert a.tolist()[2:5] == [0.0, 0.0, -3.0] and b[2].item() == 1.0 and b[4].item() == 0.0
     q.after_optimizer_step()
     assert torch.equal(q.qr_min, a) and torch.equal(q.qr_max, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_min_max_projection_of_one_range_equals_the_tensor_formula(dtype):
+    # Per-tensor ranges that need no projection skip the tensor operations: on widths one ulp
+    # either side of eps (float32 arithmetic, not Python's), zeros of both signs and NaN, the
+    # values stay those of the per-channel path (the formula applied elementwise), bit for bit.
+    from fewbits.quantizers import MinMax
+
+    eps = 0.01
+    e32 = float(torch.tensor(eps, dtype=dtype))
+    cases = [(-1.0, 1.0), (-0.0, 1.0), (0.0, 1.0), (-1.0, -0.0), (-1.0, 0.0), (0.5, 1.0),
+             (-1.0, -0.5), (float("nan"), 1.0), (-1.0, float("nan")), (-0.004, 0.001)]
+    for w in (e32, float(np.nextafter(e32, 0)), float(np.nextafter(e32, 1))):
+        for lo in (-0.3, -1e-3, -0.004, -0.005, -123.456):
+            cases.append((lo, float(torch.tensor(lo, dtype=dtype) + torch.tensor(w, dtype=dtype))))
+    lo = torch.tensor([c[0] for c in cases], dtype=dtype)
+    hi = torch.tensor([c[1] for c in cases], dtype=dtype)
+    ref = MinMax(per_channel=True, eps=eps)
+    ref.setup(torch.zeros(len(cases), 1))
+    ref.to(dtype)
+    with torch.no_grad():
+        ref.qr_min.copy_(lo)
+        ref.qr_max.copy_(hi)
+    ref.after_optimizer_step()
+    it = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    for k in range(len(cases)):
+        q = MinMax(eps=eps).to(dtype)
+        with torch.no_grad():
+            q.qr_min.copy_(lo[k])
+            q.qr_max.copy_(hi[k])
+        q.after_optimizer_step()
+        got = torch.stack([q.qr_min.detach(), q.qr_max.detach()]).view(it)
+        want = torch.stack([ref.qr_min[k].detach(), ref.qr_max[k].detach()]).view(it)
+        assert torch.equal(got, want), cases[k]
 
 
 def test_min_max_batch_and_ema_ranges_are_not_projected():

@@ -139,3 +139,18 @@ def test_truncated_kernel_library_is_rebuilt_with_a_warning(tmp_path, monkeypatc
     with pytest.warns(UserWarning) as caught:
         assert kernels.get() is None
     assert any("PyTorch path runs instead" in str(w.message) for w in caught)
+
+
+def test_optional_compiler_flags_are_left_out_when_they_fail(tmp_path, monkeypatch):
+    # The training kernels ask for -fopenmp; a compiler that refuses a flag still builds them.
+    monkeypatch.setenv("FEWBITS_CACHE", str(tmp_path))
+    src = tmp_path / "k.c"
+    src.write_text("int fb_answer(void) { return 42; }\n")
+    base = ["-O1", "-shared", "-fPIC"]
+    if _cbuild.build(src, "k", base)[0] is None:
+        pytest.skip("no C compiler")
+    kernels = _cbuild.CLibrary(src, "k", base, {}, optional=("-fno-such-flag-anywhere",))
+    assert kernels.get().fb_answer() == 42 and kernels.error is None
+    with_ok = _cbuild.CLibrary(src, "k2", base, {}, optional=("-DFB_ANSWER=1",))
+    assert with_ok.get().fb_answer() == 42
+    assert len(list(tmp_path.glob("k2-*.so"))) == 1  # built once, with the optional flag

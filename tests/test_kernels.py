@@ -127,6 +127,22 @@ def test_binary_act_fused_equals_torch(fn, channels_last):
     np.testing.assert_array_equal(_bits(gf), _bits(gt))
 
 
+@pytest.mark.parametrize("zero_to", [1.0, -1.0, 0.0, 0.3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_binary_connect_fused_equals_torch(zero_to, channels_last):
+    x = _activation(4, 0.5, False)
+    x.view(-1)[100:104] = torch.tensor([0.0, -0.0, 1e-45, -1e-45])  # sign(0) and its neighbours
+    x.view(-1)[200] = float("nan")  # with the checks off: -1 on both paths
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with fq.finite_checks(False):
+        (yf, gf, _), (yt, gt, _) = _both(fq.binary_connect, x, zero_to)
+    assert torch.equal(yf.view(torch.int32), yt.view(torch.int32))
+    assert yf.stride() == yt.stride() and torch.equal(gf, gt)
+    assert yf.flatten()[200] == -1
+    assert set(yf.unique().tolist()) == {-1.0, 1.0, float(torch.tensor(zero_to))}
+
+
 def test_min_max_range_sums_exact():
     # Upstream gradients that are small integers sum exactly in any order: equality holds.
     x = torch.linspace(-5, 5, 50_000)
@@ -142,7 +158,7 @@ def test_min_max_range_sums_exact():
 def test_fused_kernels_find_non_finite(where, bad):
     x = torch.randn(73_728)
     x[where] = bad
-    for fn in (fq.fixed_point_quantize, fq.binary_tanh, fq.pow2_quantize,
+    for fn in (fq.fixed_point_quantize, fq.binary_tanh, fq.pow2_quantize, fq.binary_connect,
                lambda v: fq.min_max_quantize(v, torch.tensor(-1.0), torch.tensor(1.0))):
         with pytest.raises(ValueError, match="NaN|inf"):
             fn(x)
@@ -169,3 +185,61 @@ def test_gradient_in_another_layout_falls_back():
     xr = x.detach().clone().requires_grad_(True)
     inside = ((xr * 20).abs() <= 127 * 2**-4).float()
     assert torch.equal(x.grad, dy * inside * 20)
+
+
+def _lane_order_sum(v: np.ndarray, n: int) -> np.float32:
+    """The documented order of the fused range sums for one thread (fewbits/_train_kernels.c):
+    16 float64 lanes, lane k adding the elements k (mod 16) in order from +0.0, the tail beyond
+    the last whole block of 16 added to lane 0, then the lanes added in order 0..15."""
+    body = n - n % 16
+    lanes = [0.0] * 16
+    for k in range(16):
+        for t in v[k:body:16].astype(np.float64):
+            lanes[k] += float(t)
+    for t in v[body:n].astype(np.float64):
+        lanes[0] += float(t)
+    s = 0.0
+    for a in lanes:
+        s += a
+    return np.float32(s)
+
+
+@pytest.mark.parametrize("n", [16 * 4000, 16 * 4000 + 11])
+def test_min_max_range_sums_in_lane_order(n, one_thread):
+    # Random upstream values: the sums are exactly those of the documented lane order (the
+    # vector code and the portable loop both promise it), not merely close.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g) * 2
+    lo, hi = torch.tensor(-1.0, requires_grad=True), torch.tensor(1.5, requires_grad=True)
+    xi = x.clone().requires_grad_(True)
+    y = fq.min_max_quantize(xi, lo, hi, ql_max=15)
+    dy = torch.randn(n, generator=g)
+    y.backward(dy)
+    _, _, glo, ghi = fq.min_max_grid(lo.detach(), hi.detach(), 0, 15, 0.01)
+    below, above = (x < glo).numpy(), (x > ghi).numpy()
+    d = dy.numpy()
+    assert lo.grad.item() == _lane_order_sum(np.where(below, d, 0.0), n)
+    assert hi.grad.item() == _lane_order_sum(np.where(above, d, 0.0), n)
+    assert torch.equal(xi.grad, torch.where(torch.from_numpy(below | above), 0.0, dy))
+
+
+def test_min_max_grid_equals_torch():
+    # The fused path's scalar grid against _math.min_max_range on the same float32 ranges:
+    # eps nudges, zero points clamped at either end, zero-point ties, wide and 32-bit grids.
+    from fewbits import _math
+
+    g = torch.Generator().manual_seed(5)
+    edge = [0.0, -0.0, 1.0, -1.0, 6.0, -6.0, 0.1, 0.105, 1e-30, 1e30, -1e30, 3e38, 1e-45, 0.25]
+    ends = torch.tensor(edge + (torch.randn(40, generator=g) * 4).tolist())
+    ties = [(-(k + 0.5) * 2 / 255, 2.0 - (k + 0.5) * 2 / 255) for k in range(0, 255, 17)]
+    cases = [(float(a), float(b)) for a in ends for b in ends[::3]] + ties
+    for (lo, hi), (ql_min, ql_max), eps in zip(
+            cases, [(0, 255), (-128, 127), (0, 3), (0, 2**32 - 1), (-7, 7)] * len(cases),
+            [0.01, 1e-8, 0.1000000020, 1.0] * len(cases), strict=False):
+        rmin, rmax = torch.tensor(lo), torch.tensor(hi)
+        scale, _, glo, ghi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max), eps)
+        want = torch.stack([scale, glo, ghi])
+        got = torch.tensor(_kernels.min_max_grid(float(rmin), float(rmax), ql_min, ql_max, eps))
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite), (lo, hi, ql_min, ql_max, eps)
+        assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))

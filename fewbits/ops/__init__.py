@@ -107,6 +107,10 @@ __all__ = [
 def _binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn: str) -> Tensor:
     """``sign(w)`` with ``sign(0) = zero_to``; stochastic: ``+1`` with probability
     ``clamp((w + 1) / 2, 0, 1)``."""
+    if not stochastic and _kernels.usable(w):  # one pass: y and the finite check
+        y, _, finite = _kernels.binary_act(w, -1.0, False, zero_to)
+        _check(w, fn, "w", check, finite)
+        return y
     _check(w, fn, "w", check)
     if stochastic:
         p = torch.clamp((w + 1) * 0.5, 0, 1)
@@ -272,13 +276,36 @@ def range_view(r: Tensor, x: Tensor, fn: str, arg: str) -> Tensor:
     return r.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
+def _scalar_grid(xw: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int,
+                 eps: float) -> tuple[float, float, float] | None:
+    """``(lo, hi, scale)`` for the fused kernel when it can take ``xw`` and the ranges are two
+    finite CPU values with a grid that needs no error (scale > 0, ``hi - lo`` finite): the
+    common case, computed by :func:`_kernels.min_max_grid` without tensor operations. Else None:
+    the general path computes (and checks) the grid with tensors, as it always did."""
+    if not (qr_min.numel() == 1 and qr_max.numel() == 1 and qr_min.device.type == "cpu"
+            and qr_max.device.type == "cpu" and _kernels.usable(xw)):
+        return None
+    rmin, rmax = float(qr_min), float(qr_max)
+    if not (math.isfinite(rmin) and math.isfinite(rmax)):
+        return None
+    scale, lo, hi = _kernels.min_max_grid(rmin, rmax, ql_min, ql_max, eps)
+    if not (scale > 0 and math.isfinite(hi - lo) and abs(hi - lo) <= _F32_MAX):
+        return None
+    return lo, hi, scale
+
+
 def _min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int, eps: float,
             fine: bool, want_code: bool, check: int, fn: str) -> tuple[Tensor, Tensor]:
     """``(y, code)`` of the min-max quantizer (see :func:`_math.min_max_range`); ``code`` is 1
     where ``x < lo``, 2 where ``x > hi``, else 0 (``fine`` is for the backward)."""
+    xw = _wide(x)
+    grid = _scalar_grid(xw, qr_min, qr_max, ql_min, ql_max, eps)
+    if grid is not None:  # one pass: y, code, finite check
+        y, code, finite = _kernels.min_max(xw, *grid, want_code)
+        _check(xw, fn, "x", check, finite)
+        return _like(y, x), _mask_out(code, x)
     _check(qr_min, fn, "qr_min", check)
     _check(qr_max, fn, "qr_max", check)
-    xw = _wide(x)
     rmin, rmax = range_view(qr_min, xw, fn, "qr_min"), range_view(qr_max, xw, fn, "qr_max")
     rmin, rmax = rmin.to(xw.dtype), rmax.to(xw.dtype)
     scale, _zp, lo, hi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max), float(eps))
