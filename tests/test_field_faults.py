@@ -392,3 +392,22 @@ def test_inq_without_the_hook_still_counts_forwards():
     q2 = INQ(num_bits=4, inq_iterations=(0, 2, 5))
     q2.set_extra_state({"counter": 3})
     assert (q2.stage, q2.step_counted) == (2, False)
+
+
+def test_min_max_projection_reads_no_value_off_the_cpu():
+    # The host shortcut of after_optimizer_step reads two values with .item(): never on a
+    # meta tensor (no value: a checkpoint's model is first built there) nor on CUDA (a host
+    # sync per quantizer and step); those take the tensor formula.
+    from fewbits.quantizers import MinMax
+
+    with torch.device("meta"):
+        q = MinMax()
+        q.after_optimizer_step()  # raised "Tensor.item() cannot be called on meta tensors"
+    assert q.qr_min.device.type == "meta"
+    calls = []
+    q = MinMax()
+    q._valid_scalar_range = lambda: calls.append(1) or False  # the formula path still runs
+    with torch.no_grad():
+        q.qr_min.fill_(0.5)
+    q.after_optimizer_step()
+    assert calls and float(q.qr_min) == 0.0

@@ -116,10 +116,13 @@ class MinMax(Quantizer):
         """Per-tensor ranges with ``qr_min < 0 < qr_max`` and ``qr_max - qr_min >= eps`` in
         their own dtype (float32 arithmetic as the tensors do it, via NumPy): what every step
         of a stable run has, checked on two host values instead of seven tensor operations
-        per quantizer (46 quantizers in the min-max ResNet)."""
+        per quantizer (46 quantizers in the min-max ResNet). CPU tensors only."""
         lo, hi = self.qr_min, self.qr_max
         np_dtype = _NP_FLOAT.get(lo.dtype)
-        if lo.numel() != 1 or hi.dtype != lo.dtype or np_dtype is None:
+        # CPU only: on CUDA two .item() calls per quantizer and step would sync the host 92
+        # times a step (the tensor ops below queue without waiting); meta tensors hold no value
+        if lo.numel() != 1 or hi.dtype != lo.dtype or np_dtype is None or \
+                lo.device.type != "cpu" or hi.device.type != "cpu":
             return False
         lo_v, hi_v = np_dtype(lo.item()), np_dtype(hi.item())
         return bool(lo_v < 0 < hi_v and not hi_v - lo_v < np_dtype(self.eps))
