@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._cbuild import CLibrary
-from ._math import _compiling
+from ._math import is_compiling
 
 __all__ = [
     "available",
@@ -84,7 +84,7 @@ def usable(x: Tensor) -> bool:
     """Whether ``x`` can take the fused path: float32, CPU, dense, a real tensor (the operators
     run their implementation on real tensors only; this guards direct calls while tracing)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
-            and not _compiling() and _dense(x) and available())
+            and not is_compiling() and _dense(x) and available())
 
 
 def _nt() -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "fixed_point_bounds",
     "fixed_point_mask",
     "inq_levels",
+    "is_compiling",
     "min_max",
     "min_max_range",
     "pow2",
@@ -101,7 +102,8 @@ def _exact_reciprocal(delta: float, dtype: torch.dtype) -> float | None:
     return inv if fi.tiny <= inv <= fi.max else None
 
 
-def _compiling() -> bool:
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing (host-side shortcuts must not run then)."""
     f = getattr(torch.compiler, "is_compiling", None)
     return bool(f()) if f is not None else False
 
@@ -111,7 +113,7 @@ def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     ``clamp`` with scalar bounds (one pass, no ternary iterator; the Python floats are the exact
     bound values). A zero bound keeps the two ops: ``maximum(-0.0, 0.0)`` returns either zero
     depending on the element's position in the vectorised loop, and the formula inherits that."""
-    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu" and not _compiling():
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu" and not is_compiling():
         lo_f, hi_f = float(lo), float(hi)
         if lo_f != 0 and hi_f != 0 and math.isfinite(lo_f) and math.isfinite(hi_f):
             return torch.clamp(x, lo_f, hi_f)

@@ -17,19 +17,21 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from . import _math, ops
-
-try:  # where the dynamo-based ONNX exporter keeps its "exporting" flag (see _in_onnx_export)
-    from torch.onnx._internal.exporter import _flags as _onnx_flags
-except ImportError:  # another torch version: torch.onnx.is_in_onnx_export() alone
-    _onnx_flags = None
+from ._checks import (
+    check_bits,
+    check_float_tensor,
+    check_mode,
+    check_positive,
+    check_pow2_args,
+    finite_checks,
+    graph_guard,
+)
 
 __all__ = [
     "binary_connect",
@@ -43,92 +45,6 @@ __all__ = [
     "min_max_quantize",
     "pow2_quantize",
 ]
-
-_CHECK_FINITE = True
-
-
-@contextlib.contextmanager
-def finite_checks(enabled: bool) -> Iterator[None]:
-    """Turn the NaN/inf checks of every quantizer on or off inside a ``with`` block.
-
-    Where the check runs: inside each quantizer's operator (:mod:`fewbits.ops`), so it holds in
-    eager mode, ``torch.compile`` graphs, ``torch.export`` programs and ``torch.jit`` traces
-    alike (the mode is fixed when a graph is captured). On CPU it costs nothing extra with the
-    fused kernels (they count NaN/inf in the same pass), else one sum; no host sync. On CUDA,
-    eager calls read one flag back (a host sync per quantizer call) to raise ``ValueError``;
-    captured graphs use a device-side assertion instead (no sync; a failing step ends in a CUDA
-    error). ONNX files carry no check. Turn the checks off for maximum speed once a model is
-    known to train stably.
-    """
-    global _CHECK_FINITE
-    old, _CHECK_FINITE = _CHECK_FINITE, bool(enabled)
-    try:
-        yield
-    finally:
-        _CHECK_FINITE = old
-
-
-def _check_mode(x: Tensor) -> int:
-    """The ``check`` argument of the operators for ``x`` (see :func:`finite_checks`)."""
-    if not _CHECK_FINITE:
-        return ops.CHECK_OFF
-    return ops.CHECK_ASYNC if ops.capturing() else ops.CHECK_RAISE
-
-
-_ONNX_HINT = (
-    "{fn}: torch.onnx.export cannot express this quantizer exactly (its rounding, thresholds and "
-    "straight-through masks are the fewbits operator {op}, which has no faithful ONNX form in "
-    "PyTorch's exporters, and ONNX Round rounds ties to even). Export with fewbits' own exporter "
-    "instead: fewbits.export.onnx.export_onnx(model, path) (CLI: `fewbits export --format onnx`), "
-    "which writes exact QuantizeLinear/DequantizeLinear graphs; or torch.export.export / "
-    "torch.jit.trace, which keep the operator."
-)
-
-
-def _in_onnx_export() -> bool:
-    """``torch.onnx.is_in_onnx_export()``, also where dynamo folds that call to False (the
-    dynamo-based exporter's capture): its flag read as a module attribute."""
-    return bool(torch.onnx.is_in_onnx_export()
-                or getattr(_onnx_flags, "_is_onnx_exporting", False))
-
-
-def _graph_guard(fn: str, op: str) -> None:
-    """Refuse torch.onnx.export (both exporters) with the fix, instead of writing a wrong file."""
-    if _in_onnx_export():
-        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=f"torch.ops.fewbits.{op}"))
-
-
-def _float_tensor(x: Tensor, fn: str, arg: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {x.dtype}")
-
-
-def _finite(x: Tensor, fn: str, arg: str) -> None:
-    """Type checks, then (when checks are on) the NaN/inf check, for code outside the operators
-    (quantizer state): raises ``ValueError`` in eager mode; inside a captured graph a
-    ``torch._assert_async`` (no host sync; ``RuntimeError`` when it fails), none in ONNX."""
-    _float_tensor(x, fn, arg)
-    if not _CHECK_FINITE or _in_onnx_export() or x.is_meta:  # meta: shapes only, no values
-        return
-    if ops.capturing():
-        torch._assert_async(torch.isfinite(x).all(),
-                            f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
-        return
-    if not ops.all_finite(x):
-        raise ops.nonfinite_error(x, fn, arg)
-
-
-def _bits(fn: str, name: str, value: int, low: int = 1) -> None:
-    if isinstance(value, bool) or int(value) != value or not low <= value <= 32:
-        raise ValueError(f"{fn}: {name} must be an integer in [{low}, 32], got {value!r}")
-
-
-def _positive(fn: str, name: str, value: float) -> None:
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
-
 
 # --------------------------------------------------------------------------- binary
 
@@ -144,18 +60,18 @@ def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = 
     tensor([-1.,  1.,  1.])
     """
     fn = "binary_connect"
-    _float_tensor(w, fn, "w")
-    _graph_guard(fn, "binary_connect")
-    return ops.call_identity(ops.binary_connect, ops._binary_connect, w, float(quantize_zero_to),
-                             bool(stochastic), _check_mode(w), fn)
+    check_float_tensor(w, fn, "w")
+    graph_guard(fn, "binary_connect")
+    return ops.call_identity(ops.binary_connect, w, float(quantize_zero_to),
+                             bool(stochastic), check_mode(w), fn)
 
 
 def _binary_act(x: Tensor, low: float, grad_scale: float, fn: str) -> Tensor:
-    _float_tensor(x, fn, "x")
-    _graph_guard(fn, "binary_act")
+    check_float_tensor(x, fn, "x")
+    graph_guard(fn, "binary_act")
     want = x.requires_grad
-    return ops.call_masked(ops.binary_act, ops._binary_act, x,
-                           (low, grad_scale, want, _check_mode(x), fn), grad_scale, want)
+    return ops.call_masked(ops.binary_act, x,
+                           (low, grad_scale, want, check_mode(x), fn), grad_scale, want)
 
 
 def binary_tanh(x: Tensor) -> Tensor:
@@ -205,10 +121,10 @@ def binary_weight(w: Tensor) -> Tensor:
             [ 0.2500,  0.2500]])
     """
     fn = "binary_weight"
-    _float_tensor(w, fn, "w")
+    check_float_tensor(w, fn, "w")
     _channel_axis(w)
-    _graph_guard(fn, "binary_weight")
-    return ops.call_identity(ops.binary_weight, ops._binary_weight, w, _check_mode(w), fn)
+    graph_guard(fn, "binary_weight")
+    return ops.call_identity(ops.binary_weight, w, check_mode(w), fn)
 
 
 # --------------------------------------------------------------------------- fixed point
@@ -237,25 +153,16 @@ def fixed_point_quantize(
     tensor([0.1250, 7.9375])
     """
     fn = "fixed_point_quantize"
-    _float_tensor(x, fn, "x")
-    _bits(fn, "n", n, low=2 if sign else 1)
-    _positive(fn, "delta", delta)
-    _graph_guard(fn, "fixed_point")
+    check_float_tensor(x, fn, "x")
+    check_bits(fn, "n", n, low=2 if sign else 1)
+    check_positive(fn, "delta", delta)
+    graph_guard(fn, "fixed_point")
     want_mask = bool(ste_fine_grained) and x.requires_grad
-    args = (bool(sign), int(n), float(delta), want_mask, _check_mode(x), fn)
-    return ops.call_masked(ops.fixed_point, ops._fixed_point, x, args, 1.0, want_mask)
+    args = (bool(sign), int(n), float(delta), want_mask, check_mode(x), fn)
+    return ops.call_masked(ops.fixed_point, x, args, 1.0, want_mask)
 
 
 # --------------------------------------------------------------------------- power of two
-
-
-def _pow2_check(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> None:
-    # n = sign + with_zero leaves no exponent bits: one magnitude 2**m (binary / ternary).
-    low = max(1, int(bool(sign)) + int(bool(with_zero)))
-    _bits(fn, "n", n, low=low)
-    if isinstance(m, bool) or int(m) != m or not -126 <= m <= 127:
-        raise ValueError(f"{fn}: m (log2 of the largest level) must be an integer in "
-                         f"[-126, 127] so that 2**m is a float32, got {m!r}")
 
 
 def pow2_quantize(
@@ -281,12 +188,12 @@ def pow2_quantize(
     tensor([ 0.2500, -1.0000,  2.0000])
     """
     fn = "pow2_quantize"
-    _float_tensor(x, fn, "x")
-    _pow2_check(fn, sign, with_zero, n, m)
-    _graph_guard(fn, "pow2")
+    check_float_tensor(x, fn, "x")
+    check_pow2_args(fn, sign, with_zero, n, m)
+    graph_guard(fn, "pow2")
     want_mask = bool(ste_fine_grained) and x.requires_grad
-    args = (bool(sign), bool(with_zero), int(n), int(m), want_mask, _check_mode(x), fn)
-    return ops.call_masked(ops.pow2, ops._pow2, x, args, 1.0, want_mask)
+    args = (bool(sign), bool(with_zero), int(n), int(m), want_mask, check_mode(x), fn)
+    return ops.call_masked(ops.pow2, x, args, 1.0, want_mask)
 
 
 # --------------------------------------------------------------------------- INQ
@@ -306,12 +213,12 @@ def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
     tensor([ 1.0000, -0.2500,  0.0000])
     """
     fn = "inq_quantize"
-    _float_tensor(w, fn, "w")
-    _bits(fn, "num_bits", num_bits, low=2)
-    _graph_guard(fn, "inq")
+    check_float_tensor(w, fn, "w")
+    check_bits(fn, "num_bits", num_bits, low=2)
+    graph_guard(fn, "inq")
     if not ops.capturing():  # eager only: the check reads max|w| on the host
         _inq_dtype_check(w, fn)
-    return ops.call_identity(ops.inq, ops._inq, w, int(num_bits), _check_mode(w), fn)
+    return ops.call_identity(ops.inq, w, int(num_bits), check_mode(w), fn)
 
 
 def inq_levels(w: Tensor, num_bits: int, fn: str = "inq_quantize") -> Tensor:
@@ -319,7 +226,7 @@ def inq_levels(w: Tensor, num_bits: int, fn: str = "inq_quantize") -> Tensor:
     beyond its dtype (see :func:`_inq_dtype_check`); half precision decided in float32, as the
     operator does."""
     _inq_dtype_check(w, fn)
-    return _math.inq_levels(ops._wide(w), num_bits).to(w.dtype)
+    return _math.inq_levels(ops.widen(w), num_bits).to(w.dtype)
 
 
 def _inq_dtype_check(w: Tensor, fn: str) -> None:
@@ -336,15 +243,6 @@ def _inq_dtype_check(w: Tensor, fn: str) -> None:
 
 
 # --------------------------------------------------------------------------- min-max
-
-
-def _range_view(r: Tensor | float, x: Tensor, fn: str, arg: str) -> Tensor:
-    """A range as a tensor viewed to broadcast over ``x`` (see :func:`fewbits.ops.range_view`),
-    after the eager NaN/inf check."""
-    if not isinstance(r, Tensor):
-        r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
-    _finite(r, fn, arg)
-    return ops.range_view(r, x, fn, arg)
 
 
 def min_max_grid(rmin: Tensor, rmax: Tensor, ql_min: int, ql_max: int, eps: float,
@@ -387,7 +285,7 @@ def min_max_quantize(
     tensor([-0.6667,  0.0000,  0.6667])
     """
     fn = "min_max_quantize"
-    _float_tensor(x, fn, "x")
+    check_float_tensor(x, fn, "x")
     for name, v in (("ql_min", ql_min), ("ql_max", ql_max)):
         if isinstance(v, bool) or int(v) != v:
             raise ValueError(f"{fn}: {name} must be an integer, got {v!r}")
@@ -395,15 +293,15 @@ def min_max_quantize(
         raise ValueError(f"{fn}: need ql_min < ql_max, got ql_min={ql_min}, ql_max={ql_max}")
     if ql_max - ql_min > 2**32 - 1:
         raise ValueError(f"{fn}: ql_max - ql_min must fit 32 bits, got {ql_max - ql_min}")
-    _positive(fn, "eps", eps)
+    check_positive(fn, "eps", eps)
     ranges = []
     for r, arg in ((qr_min, "qr_min"), (qr_max, "qr_max")):
         if not isinstance(r, Tensor):
             r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
-        _float_tensor(r, fn, arg)
+        check_float_tensor(r, fn, arg)
         ops.range_view(r, x, fn, arg)  # shape check
         ranges.append(r)
-    _graph_guard(fn, "min_max")
+    graph_guard(fn, "min_max")
     needs = x.requires_grad or ranges[0].requires_grad or ranges[1].requires_grad
     return ops.call_min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
-                            bool(ste_fine_grained), needs, _check_mode(x), fn)
+                            bool(ste_fine_grained), needs, check_mode(x), fn)

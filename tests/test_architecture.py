@@ -21,7 +21,7 @@ LAYERS = [
     (0, "bits", ["fewbits.export.packing", "fewbits.export.huffman"]),
     (1, "kernels", ["fewbits._kernels"]),
     (1, "data", ["fewbits.data"]),
-    (2, "functional", ["fewbits.functional", "fewbits.ops"]),
+    (2, "functional", ["fewbits.functional", "fewbits.ops", "fewbits._checks"]),
     (3, "quantizers", ["fewbits.quantizers"]),
     (4, "layers", ["fewbits.layers"]),
     (5, "config", ["fewbits.config", "fewbits._args"]),
@@ -153,3 +153,48 @@ def test_no_module_is_over_max_lines():
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
     stale = sorted(p for p in OVER_MAX_LINES if p in lengths and lengths[p] <= MAX_LINES)
     assert not stale, f"remove from OVER_MAX_LINES, now short enough: {stale}"
+
+
+def private_uses(module: str) -> list[str]:
+    """Private names (``_x``, not dunders, not modules) that ``module`` takes from another
+    fewbits module: ``from .m import _x`` or ``m._x`` on an imported fewbits module."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}  # local name -> the fewbits module it is bound to
+    found = []
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").split(".")[0] == "fewbits":
+                target = node.module
+            else:
+                continue
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                if sub in MODULES:
+                    aliases[a.asname or a.name] = sub
+                elif private(a.name) and target != module:
+                    found.append(f"from {target} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in MODULES and a.asname:
+                    aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id in aliases and private(node.attr):
+            found.append(f"{aliases[node.value.id]}.{node.attr}")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_private_name_is_used_outside_its_module(module):
+    assert not private_uses(module), (
+        f"{module} uses private names of other modules: {private_uses(module)}; make them "
+        "public (in a private module if users should not see them)")

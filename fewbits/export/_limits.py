@@ -21,12 +21,13 @@ import numpy as np
 from .huffman import validated_table
 from .packing import MAX_BITS
 
-__all__ = ["ENCODINGS", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_NDIM", "MAX_TENSORS",
-           "header_text", "json_depth", "tensor_count"]
+__all__ = ["ENCODINGS", "HUFFMAN_MAX_BITS", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_NDIM",
+           "MAX_TENSORS", "header_text", "json_depth", "tensor_count"]
 
 #: Flag bit 0 of the container: the header is zlib-compressed JSON.
 FLAG_HEADER_ZLIB = 0x0001
-_HUFFMAN_MAX_BITS = 16  # the table is one byte per symbol: 2**16 bytes at most
+#: Widest codes a Huffman-coded tensor may hold: its table is one byte per symbol, 2**16 bytes.
+HUFFMAN_MAX_BITS = 16
 #: Limits of format version 1 (docs/FORMAT.md, "Limits"); a reader refuses a file beyond them
 #: before allocating anything for it.
 MAX_HEADER_BYTES = 4 << 20  # the header JSON, inflated: ~200x a ResNet-23 header (18 KB)
@@ -116,7 +117,7 @@ def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
             raise ValueError(f"{encoding} of shape {entry.get('shape')} needs {need} bytes, "
                              f"blob has {nbytes}")
         return count
-    limit = MAX_BITS if encoding == "packed" else _HUFFMAN_MAX_BITS
+    limit = MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS
     bits = _int_field(entry, "bits", 1, limit)
     if encoding == "packed":
         need = (count * bits + 7) // 8

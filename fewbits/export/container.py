@@ -47,9 +47,9 @@ import numpy as np
 from .._io import atomic_write
 from .._version import __version__
 from ._limits import (
-    _HUFFMAN_MAX_BITS,
     ENCODINGS,
     FLAG_HEADER_ZLIB,
+    HUFFMAN_MAX_BITS,
     MAX_HEADER_BYTES,
     MAX_JSON_DEPTH,
     MAX_NDIM,
@@ -409,7 +409,7 @@ def encode_tensor(
         if arr.dtype.kind == "f" and dtype.kind != "f":
             raise ValueError(f"refusing to cast float array to {encoding!r}; round it first")
         return {"encoding": encoding, "shape": shape}, np.ascontiguousarray(arr, dtype).tobytes()
-    limit = MAX_BITS if encoding == "packed" else _HUFFMAN_MAX_BITS
+    limit = MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= limit:
         raise ValueError(f"{encoding!r} needs bits in 1..{limit}, got {bits!r}")
     if encoding == "packed":

@@ -51,27 +51,27 @@ from torch import Tensor
 
 from .. import _kernels, _math
 from ._core import (  # the machinery (checks, widening, autograd glue)
-    _U8,
     CHECK_ASYNC,
     CHECK_OFF,
     CHECK_RAISE,
-    _check,
-    _fake_y_mask,
-    _like,
-    _mask_out,
-    _min_max_grad,
-    _op,
-    _register_identity,
-    _register_masked,
-    _wide,
+    U8,
     all_finite,
     call_identity,
     call_masked,
     capturing,
     check_grid,
+    check_values,
+    define_op,
+    eager_impl,
+    fake_y_mask,
     keep,
+    like,
+    mask_out,
     min_max_grad,
     nonfinite_error,
+    register_identity,
+    register_masked,
+    widen,
 )
 
 #: float32's largest finite value: a min-max grid wider than this has an inf scale.
@@ -99,6 +99,7 @@ __all__ = [
     "nonfinite_error",
     "pow2",
     "range_view",
+    "widen",
 ]
 
 # --------------------------------------------------------------------------- binary
@@ -109,18 +110,18 @@ def _binary_connect(w: Tensor, zero_to: float, stochastic: bool, check: int, fn:
     ``clamp((w + 1) / 2, 0, 1)``."""
     if not stochastic and _kernels.usable(w):  # one pass: y and the finite check
         y, _, finite = _kernels.binary_act(w, -1.0, False, zero_to)
-        _check(w, fn, "w", check, finite)
+        check_values(w, fn, "w", check, finite)
         return y
-    _check(w, fn, "w", check)
+    check_values(w, fn, "w", check)
     if stochastic:
         p = torch.clamp((w + 1) * 0.5, 0, 1)
         return torch.where(torch.rand_like(w) < p, 1.0, -1.0).to(w.dtype)
     one = torch.ones_like(w)
     y = torch.where(w > 0, one, -one)
-    return _like(torch.where(w == 0, torch.full_like(w, zero_to), y), w)
+    return like(torch.where(w == 0, torch.full_like(w, zero_to), y), w)
 
 
-binary_connect = _op("fewbits::binary_connect", _binary_connect)
+binary_connect = define_op("fewbits::binary_connect", _binary_connect)
 
 
 @binary_connect.register_fake
@@ -128,7 +129,7 @@ def _(w, zero_to, stochastic, check, fn):
     return torch.empty_like(w)
 
 
-_register_identity(binary_connect, 4)
+register_identity(binary_connect, 4)
 
 
 def binary_weight_scale(w: Tensor) -> Tensor:
@@ -139,12 +140,12 @@ def binary_weight_scale(w: Tensor) -> Tensor:
 
 def _binary_weight(w: Tensor, check: int, fn: str) -> Tensor:
     """``alpha[o] * sign(w[o, ...])``, ``sign(0) = +1``, ``alpha`` per output channel."""
-    _check(w, fn, "w", check)
+    check_values(w, fn, "w", check)
     a = binary_weight_scale(w).reshape((-1,) + (1,) * (w.dim() - 1))
-    return _like(torch.where(w >= 0, a, -a), w)
+    return like(torch.where(w >= 0, a, -a), w)
 
 
-binary_weight = _op("fewbits::binary_weight", _binary_weight)
+binary_weight = define_op("fewbits::binary_weight", _binary_weight)
 
 
 @binary_weight.register_fake
@@ -152,7 +153,7 @@ def _(w, check, fn):
     return torch.empty_like(w)
 
 
-_register_identity(binary_weight, 2)
+register_identity(binary_weight, 2)
 
 
 def _binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check: int,
@@ -160,9 +161,9 @@ def _binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check
     """``(1 if x > 0 else low, |x| < 1)``; the backward scales by ``grad_scale``."""
     if _kernels.usable(x):  # one pass for y, the mask and the finite check
         y, inside, finite = _kernels.binary_act(x, low, want_mask)
-        _check(x, fn, "x", check, finite)
-        return y, _mask_out(inside, x)
-    _check(x, fn, "x", check)
+        check_values(x, fn, "x", check, finite)
+        return y, mask_out(inside, x)
+    check_values(x, fn, "x", check)
     inside = (x.abs() < 1) if want_mask else None
     # where(x > 0, 1, low) as arithmetic on the 0/1 step: where with a bool condition is
     # a branchy scalar loop on CPU, ~4x slower than the convert + multiply-add.
@@ -171,18 +172,18 @@ def _binary_act(x: Tensor, low: float, grad_scale: float, want_mask: bool, check
         y = y.mul_(2.0).sub_(1.0)
     elif low != 0.0:
         y = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, low))
-    return _like(y, x), _mask_out(inside, x)
+    return like(y, x), mask_out(inside, x)
 
 
-binary_act = _op("fewbits::binary_act", _binary_act)
+binary_act = define_op("fewbits::binary_act", _binary_act)
 
 
 @binary_act.register_fake
 def _(x, low, grad_scale, want_mask, check, fn):
-    return _fake_y_mask(x, want_mask)
+    return fake_y_mask(x, want_mask)
 
 
-_register_masked(binary_act, 2, 3, 5)
+register_masked(binary_act, 2, 3, 5)
 
 
 # --------------------------------------------------------------------------- fixed point
@@ -191,26 +192,26 @@ _register_masked(binary_act, 2, 3, 5)
 def _fixed_point(x: Tensor, sign: bool, n: int, delta: float, want_mask: bool, check: int,
                 fn: str) -> tuple[Tensor, Tensor]:
     """``(round_half_away(clamp(x, xmin, xmax) / delta) * delta, xmin <= x <= xmax)``."""
-    xw = _wide(x)
+    xw = widen(x)
     bounds = _math.fixed_point_bounds(sign, n, delta, xw.dtype)
     if bounds is not None and _kernels.usable(xw):  # one pass: y, mask, finite check
         y, mask, finite = _kernels.fixed_point(xw, *bounds, want_mask)
-        _check(xw, fn, "x", check, finite)
+        check_values(xw, fn, "x", check, finite)
     else:
-        _check(xw, fn, "x", check)
+        check_values(xw, fn, "x", check)
         y, mask = _math.fixed_point_mask(xw, sign, n, delta, want_mask)
-    return _like(y, x), _mask_out(mask, x)
+    return like(y, x), mask_out(mask, x)
 
 
-fixed_point = _op("fewbits::fixed_point", _fixed_point)
+fixed_point = define_op("fewbits::fixed_point", _fixed_point)
 
 
 @fixed_point.register_fake
 def _(x, sign, n, delta, want_mask, check, fn):
-    return _fake_y_mask(x, want_mask)
+    return fake_y_mask(x, want_mask)
 
 
-_register_masked(fixed_point, None, 4, 6)
+register_masked(fixed_point, None, 4, 6)
 
 
 # --------------------------------------------------------------------------- power of two
@@ -219,26 +220,26 @@ _register_masked(fixed_point, None, 4, 6)
 def _pow2(x: Tensor, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool, check: int,
          fn: str) -> tuple[Tensor, Tensor]:
     """``(power-of-two level of x, 2**round(log2|x|) <= 2**m)`` (see :func:`_math.pow2`)."""
-    xw = _wide(x)
+    xw = widen(x)
     args = _math.pow2_bit_args(sign, with_zero, n, m, xw.dtype)
     if args is not None and _kernels.usable(xw):  # one pass: y, mask, finite check
         y, mask, finite = _kernels.pow2(xw, args, sign, with_zero, want_mask)
-        _check(xw, fn, "x", check, finite)
+        check_values(xw, fn, "x", check, finite)
     else:
-        _check(xw, fn, "x", check)
+        check_values(xw, fn, "x", check)
         y, mask = _math.pow2_mask(xw, sign, with_zero, n, m, want_mask)
-    return _like(y, x), _mask_out(mask, x)
+    return like(y, x), mask_out(mask, x)
 
 
-pow2 = _op("fewbits::pow2", _pow2)
+pow2 = define_op("fewbits::pow2", _pow2)
 
 
 @pow2.register_fake
 def _(x, sign, with_zero, n, m, want_mask, check, fn):
-    return _fake_y_mask(x, want_mask)
+    return fake_y_mask(x, want_mask)
 
 
-_register_masked(pow2, None, 5, 7)
+register_masked(pow2, None, 5, 7)
 
 
 # --------------------------------------------------------------------------- INQ
@@ -246,11 +247,11 @@ _register_masked(pow2, None, 5, 7)
 
 def _inq(w: Tensor, num_bits: int, check: int, fn: str) -> Tensor:
     """INQ power-of-two levels of the whole tensor (see :func:`_math.inq_levels`)."""
-    _check(w, fn, "w", check)
-    return _like(_math.inq_levels(_wide(w), num_bits), w)
+    check_values(w, fn, "w", check)
+    return like(_math.inq_levels(widen(w), num_bits), w)
 
 
-inq = _op("fewbits::inq", _inq)
+inq = define_op("fewbits::inq", _inq)
 
 
 @inq.register_fake
@@ -258,7 +259,7 @@ def _(w, num_bits, check, fn):
     return torch.empty_like(w)
 
 
-_register_identity(inq, 3)
+register_identity(inq, 3)
 
 
 # --------------------------------------------------------------------------- min-max
@@ -298,14 +299,14 @@ def _min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int
             fine: bool, want_code: bool, check: int, fn: str) -> tuple[Tensor, Tensor]:
     """``(y, code)`` of the min-max quantizer (see :func:`_math.min_max_range`); ``code`` is 1
     where ``x < lo``, 2 where ``x > hi``, else 0 (``fine`` is for the backward)."""
-    xw = _wide(x)
+    xw = widen(x)
     grid = _scalar_grid(xw, qr_min, qr_max, ql_min, ql_max, eps)
     if grid is not None:  # one pass: y, code, finite check
         y, code, finite = _kernels.min_max(xw, *grid, want_code)
-        _check(xw, fn, "x", check, finite)
-        return _like(y, x), _mask_out(code, x)
-    _check(qr_min, fn, "qr_min", check)
-    _check(qr_max, fn, "qr_max", check)
+        check_values(xw, fn, "x", check, finite)
+        return like(y, x), mask_out(code, x)
+    check_values(qr_min, fn, "qr_min", check)
+    check_values(qr_max, fn, "qr_max", check)
     rmin, rmax = range_view(qr_min, xw, fn, "qr_min"), range_view(qr_max, xw, fn, "qr_max")
     rmin, rmax = rmin.to(xw.dtype), rmax.to(xw.dtype)
     scale, _zp, lo, hi = _math.min_max_range(rmin, rmax, float(ql_min), float(ql_max), float(eps))
@@ -315,24 +316,24 @@ def _min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int
                                        and abs(hi_f - lo_f) <= _F32_MAX):
             check_grid(rmin, rmax, scale, lo, hi, ql_min, ql_max, eps, fn)  # raises, naming it
         y, code, finite = _kernels.min_max(xw, lo_f, hi_f, scale_f, want_code)
-        _check(xw, fn, "x", check, finite)
+        check_values(xw, fn, "x", check, finite)
     else:
         if check != CHECK_OFF:
             check_grid(rmin, rmax, scale, lo, hi, ql_min, ql_max, eps, fn, check)
-        _check(xw, fn, "x", check)
+        check_values(xw, fn, "x", check)
         y = _math.min_max(xw, scale, lo, hi)
         code = None
         if want_code:
-            code = (xw < lo).view(_U8) | (xw > hi).view(_U8).mul_(2)
-    return _like(y, x), _mask_out(code, x)
+            code = (xw < lo).view(U8) | (xw > hi).view(U8).mul_(2)
+    return like(y, x), mask_out(code, x)
 
 
-min_max = _op("fewbits::min_max", _min_max)
+min_max = define_op("fewbits::min_max", _min_max)
 
 
 @min_max.register_fake
 def _(x, qr_min, qr_max, ql_min, ql_max, eps, fine, want_code, check, fn):
-    return _fake_y_mask(x, want_code)
+    return fake_y_mask(x, want_code)
 
 
 def _min_max_setup(ctx, inputs, output):
@@ -374,7 +375,7 @@ class _EagerMinMax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        return (*_min_max_grads(ctx, dy, ctx.saved_tensors[0], _min_max_grad), None)
+        return (*_min_max_grads(ctx, dy, ctx.saved_tensors[0], eager_impl(min_max_grad)), None)
 
 
 def call_min_max(x: Tensor, qr_min: Tensor, qr_max: Tensor, ql_min: int, ql_max: int,

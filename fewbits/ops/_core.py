@@ -4,9 +4,9 @@ operator its straight-through gradient, in eager mode and inside captured graphs
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,9 +14,27 @@ from torch import Tensor
 from .. import _kernels
 
 CHECK_OFF, CHECK_RAISE, CHECK_ASYNC = 0, 1, 2
-_op = functools.partial(torch.library.custom_op, mutates_args=())  # all fewbits ops are pure
 _HALF = (torch.float16, torch.bfloat16)
-_U8 = torch.uint8
+
+#: op -> its Python implementation, run directly in eager mode (:func:`call_identity`).
+_EAGER: dict[Any, Callable[..., Any]] = {}
+
+
+def define_op(name: str, impl: Callable[..., Any]) -> Any:
+    """``impl`` registered as the pure PyTorch custom operator ``name``
+    (``torch.library.custom_op``, no mutated arguments); :func:`call_identity`,
+    :func:`call_masked` and :func:`eager_impl` find ``impl`` again from the operator."""
+    op = torch.library.custom_op(name, impl, mutates_args=())
+    _EAGER[op] = impl
+    return op
+
+
+def eager_impl(op: Any) -> Callable[..., Any]:
+    """The Python implementation behind operator ``op`` (of :func:`define_op`)."""
+    return _EAGER[op]
+
+
+U8 = torch.uint8
 
 
 def nonfinite_error(x: Tensor, fn: str, arg: str) -> ValueError:
@@ -37,7 +55,7 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def _check(x: Tensor, fn: str, arg: str, mode: int, known_finite: bool | None = None) -> None:
+def check_values(x: Tensor, fn: str, arg: str, mode: int, known_finite: bool | None = None) -> None:
     """The NaN/inf check of ``mode`` (see the module doc); ``known_finite`` is the answer of a
     fused kernel that already looked at every element."""
     if mode == CHECK_OFF:
@@ -52,12 +70,12 @@ def _check(x: Tensor, fn: str, arg: str, mode: int, known_finite: bool | None = 
         raise nonfinite_error(x, fn, arg)
 
 
-def _wide(x: Tensor) -> Tensor:
+def widen(x: Tensor) -> Tensor:
     """float32 copy of a half-precision tensor (exact), else ``x``."""
     return x.float() if x.dtype in _HALF else x
 
 
-def _like(t: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def like(t: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``t`` in ``dtype`` (default ``ref.dtype``) with the strides ``empty_like(ref)`` has, which
     is what the fake kernels promise the graph compilers (a copy only where they differ)."""
     dtype = ref.dtype if dtype is None else dtype
@@ -67,14 +85,14 @@ def _like(t: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return out.copy_(t)
 
 
-def _mask_out(mask: Tensor | None, x: Tensor) -> Tensor:
+def mask_out(mask: Tensor | None, x: Tensor) -> Tensor:
     if mask is None:
-        return x.new_empty(0, dtype=_U8)
-    return _like(mask.view(_U8) if mask.dtype == torch.bool else mask, x, _U8)
+        return x.new_empty(0, dtype=U8)
+    return like(mask.view(U8) if mask.dtype == torch.bool else mask, x, U8)
 
 
-def _fake_y_mask(x: Tensor, want_mask: bool) -> tuple[Tensor, Tensor]:
-    m = torch.empty_like(x, dtype=_U8) if want_mask else x.new_empty(0, dtype=_U8)
+def fake_y_mask(x: Tensor, want_mask: bool) -> tuple[Tensor, Tensor]:
+    m = torch.empty_like(x, dtype=U8) if want_mask else x.new_empty(0, dtype=U8)
     return torch.empty_like(x), m
 
 
@@ -91,7 +109,7 @@ def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
     one vectorised pass, where ``where`` with a bool condition is a scalar loop on CPU (~8x
     slower on a 64x64x32x32 gradient). A uint8 mask takes the fused kernel when it can (one
     pass for the scale and the mask, no conversion)."""
-    if mask.dtype == _U8:
+    if mask.dtype == U8:
         dx = _kernels.keep(g, mask, 1, scale)
         if dx is not None:
             return dx
@@ -109,10 +127,10 @@ def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
 
 def _keep_op(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Straight-through backward: ``where(mask != 0, dy * scale, +0.0)`` (uint8 ``mask``)."""
-    return _like(_keep(dy, mask, scale), mask, dy.dtype)
+    return like(_keep(dy, mask, scale), mask, dy.dtype)
 
 
-keep = _op("fewbits::keep", _keep_op)
+keep = define_op("fewbits::keep", _keep_op)
 
 
 @keep.register_fake
@@ -141,14 +159,14 @@ def _min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_
         dx, s_below, s_above = fused
         d_min = torch.tensor(s_below, dtype=dy.dtype).reshape(min_shape) if want_min else empty()
         d_max = torch.tensor(s_above, dtype=dy.dtype).reshape(max_shape) if want_max else empty()
-        return (_like(dx, code, dy.dtype) if want_dx else empty()), d_min, d_max
-    dx = _like(_keep(dy, code == 0), code, dy.dtype) if want_dx else empty()
+        return (like(dx, code, dy.dtype) if want_dx else empty()), d_min, d_max
+    dx = like(_keep(dy, code == 0), code, dy.dtype) if want_dx else empty()
     d_min = _reduce_to(_keep(dy, code == 1), min_shape) if want_min else empty()
     d_max = _reduce_to(_keep(dy, code == 2), max_shape) if want_max else empty()
     return dx, d_min, d_max
 
 
-min_max_grad = _op("fewbits::min_max_grad", _min_max_grad)
+min_max_grad = define_op("fewbits::min_max_grad", _min_max_grad)
 
 
 @min_max_grad.register_fake
@@ -169,7 +187,7 @@ def _scaled(dy: Tensor, mask: Tensor | None, scale: float, keep_fn) -> Tensor:
     return keep_fn(dy, mask, scale)
 
 
-def _register_identity(op, n_args: int) -> None:
+def register_identity(op, n_args: int) -> None:
     def setup(ctx, inputs, output):
         pass
 
@@ -179,7 +197,7 @@ def _register_identity(op, n_args: int) -> None:
     torch.library.register_autograd(op, backward, setup_context=setup)
 
 
-def _register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> None:
+def register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> None:
     """Autograd of an op returning ``(y, mask)`` (see :func:`_scaled`)."""
 
     def setup(ctx, inputs, output):
@@ -232,20 +250,20 @@ class _EagerMasked(torch.autograd.Function):
         return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
 
 
-def call_identity(op, impl, x: Tensor, *args) -> Tensor:
+def call_identity(op, x: Tensor, *args) -> Tensor:
     """``op(x, *args)`` with the identity straight-through gradient. While a graph is being
     captured this is the registered operator; in eager mode the same implementation runs under
     an equivalent ``autograd.Function`` (the dispatcher's Python layers cost ~0.1 ms a call)."""
     if capturing():
         return op(x, *args)
-    return _EagerIdentity.apply(x, impl, args)
+    return _EagerIdentity.apply(x, _EAGER[op], args)
 
 
-def call_masked(op, impl, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Tensor:
+def call_masked(op, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Tensor:
     """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
     if capturing():
         return op(x, *args)[0]
-    return _EagerMasked.apply(x, impl, args, scale, has_mask)
+    return _EagerMasked.apply(x, _EAGER[op], args, scale, has_mask)
 
 
 def check_grid(rmin: Tensor, rmax: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, ql_min: int,

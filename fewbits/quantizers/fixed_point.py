@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _math
 from .. import functional as qf
+from .._checks import check_bits, check_positive
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
 __all__ = [
@@ -27,8 +28,8 @@ class FixedPoint(Quantizer):
     def __init__(self, sign: bool = True, n: int = 8, delta: float = 2**-4,
                  ste_fine_grained: bool = True) -> None:
         super().__init__()
-        qf._bits("FixedPoint", "n", n, low=2 if sign else 1)
-        qf._positive("FixedPoint", "delta", delta)
+        check_bits("FixedPoint", "n", n, low=2 if sign else 1)
+        check_positive("FixedPoint", "delta", delta)
         self.sign, self.n, self.delta = bool(sign), int(n), float(delta)
         self.ste_fine_grained = bool(ste_fine_grained)
         self.bits = self.n

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as qf
+from .._checks import check_bits, check_finite, in_onnx_export
 from .base import Codes, Quantizer, register_quantizer
 
 __all__ = [
@@ -57,7 +58,7 @@ class INQ(Quantizer):
     def __init__(self, num_bits: int = 4, inq_iterations: Sequence[int] = INQ_ITERATIONS,
                  selection: str = "largest_abs", seed: int = 0) -> None:
         super().__init__()
-        qf._bits("INQ", "num_bits", num_bits, low=2)
+        check_bits("INQ", "num_bits", num_bits, low=2)
         its = [int(i) for i in inq_iterations]
         if not its or any(i < 0 for i in its) or sorted(set(its)) != its:
             raise ValueError(
@@ -86,7 +87,7 @@ class INQ(Quantizer):
     # buffer every forward would sync the GPU. How it counts (step_counted) belongs to the
     # training loop, not to the model: a loaded state keeps the caller's choice.
     def get_extra_state(self) -> dict[str, int] | Tensor:
-        if qf._in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+        if in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
             return torch.tensor([self.counter, self.stage])
         return {"counter": self.counter, "stage": self.stage}
 
@@ -132,7 +133,7 @@ class INQ(Quantizer):
                 f"INQ state has shape {tuple(self.mask.shape)} but the weight has "
                 f"{tuple(w.shape)}; attach INQ through a fewbits layer (it calls setup)"
             )
-        qf._finite(w, "INQ", "w")
+        check_finite(w, "INQ", "w")
         if self.training:
             its = self.inq_iterations
             if self.stage < len(its) and its[self.stage] <= self.counter:

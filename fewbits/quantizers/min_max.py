@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import _math, ops
 from .. import functional as qf
+from .._checks import check_finite, check_float_tensor, check_positive, range_view
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
 __all__ = [
@@ -65,7 +66,7 @@ class MinMax(Quantizer):
             raise ValueError(f"MinMax: need init_min <= init_max, got {init_min}, {init_max}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"MinMax: decay must be in [0, 1), got {decay}")
-        qf._positive("MinMax", "eps", eps)
+        check_positive("MinMax", "eps", eps)
         self.ql_min, self.ql_max = int(ql_min), int(ql_max)
         self.init_min, self.init_max = float(init_min), float(init_max)
         self.mode, self.decay, self.eps = mode, float(decay), float(eps)
@@ -141,7 +142,7 @@ class MinMax(Quantizer):
     def init_from_(self, x: Tensor) -> None:
         """Ranges = the min and max of ``x`` (per output channel with ``per_channel``), so that
         a converted weight starts on a grid that covers it (not the fixed ``init_min/max``)."""
-        qf._finite(x, "MinMax", "x")
+        check_finite(x, "MinMax", "x")
         bmin, bmax = self._range_of(x)
         with torch.no_grad():
             self.qr_min.copy_(bmin)
@@ -165,9 +166,9 @@ class MinMax(Quantizer):
             # (inside a captured graph as a device-side assertion on the two sums, no sync)
             stats = torch.stack([bmin.sum(), bmax.sum()])
             if ops.capturing():
-                qf._finite(stats, "MinMax", "x")
+                check_finite(stats, "MinMax", "x")
             elif not bool(torch.isfinite(stats).all()):
-                qf._finite(x, "MinMax", "x")
+                check_finite(x, "MinMax", "x")
             self._update(bmin, bmax)
             return self.qr_min, self.qr_max
         # DDP: replay every rank's statistics in rank order, as one process running the ranks'
@@ -175,7 +176,7 @@ class MinMax(Quantizer):
         # micro-batch gives there, and every rank ends with the same state.
         stats, rank = self.stats_sync(torch.stack([bmin, bmax]))
         if not bool(torch.isfinite(stats).all()):  # every rank raises, none waits
-            qf._finite(x, "MinMax", "x")
+            check_finite(x, "MinMax", "x")
             raise ValueError("MinMax: another rank's batch contains NaN or inf; quantizers "
                              "need finite input (a diverging run: lower the learning rate)")
         used = (self.qr_min, self.qr_max)
@@ -188,15 +189,15 @@ class MinMax(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         qr_min, qr_max = self.qr_min, self.qr_max
         if self.training and self.mode != "learnable":
-            qf._float_tensor(x, "MinMax", "x")
+            check_float_tensor(x, "MinMax", "x")
             qr_min, qr_max = self._observe(x)
         return qf.min_max_quantize(x, qr_min, qr_max, self.ql_min, self.ql_max,
                                    self.eps, self.ste_fine_grained)
 
     def grid(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(scale, zero_point, lo, hi)`` broadcastable to ``like`` (as the forward uses)."""
-        rmin = qf._range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
-        rmax = qf._range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
+        rmin = range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
+        rmax = range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
         return qf.min_max_grid(rmin.float(), rmax.float(), self.ql_min, self.ql_max, self.eps,
                                "MinMax")
 

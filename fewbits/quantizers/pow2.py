@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as qf
+from .._checks import check_pow2_args
 from .base import Codes, Quantizer, register_quantizer
 
 __all__ = [
@@ -30,7 +31,7 @@ class Pow2(Quantizer):
     def __init__(self, sign: bool = True, with_zero: bool = True, n: int = 8, m: int = 1,
                  ste_fine_grained: bool = True) -> None:
         super().__init__()
-        qf._pow2_check("Pow2", sign, with_zero, n, m)
+        check_pow2_args("Pow2", sign, with_zero, n, m)
         self.sign, self.with_zero, self.n, self.m = bool(sign), bool(with_zero), int(n), int(m)
         self.ste_fine_grained = bool(ste_fine_grained)
         self.bits = self.n

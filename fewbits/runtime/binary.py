@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import functional as _qf
 from .._cbuild import CLibrary
+from .._checks import checks_enabled
 from ..layers import QuantAct
 from ..models.nets import MLP, LeNet, ResNet23
 from ..quantizers import BinaryConnect, BinaryTanh
@@ -394,7 +394,7 @@ class BinaryEngine:
             return out
         # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
         rc = self._run(self._layers, len(self.plan), self._isa_id, x.data_ptr(), n, self._size,
-                       out.data_ptr(), out.numel(), int(_qf._CHECK_FINITE))
+                       out.data_ptr(), out.numel(), int(checks_enabled()))
         if rc == -4:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "

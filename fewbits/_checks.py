@@ -1,0 +1,142 @@
+"""Argument and value checks shared by :mod:`fewbits.functional` and the quantizer modules:
+types, bit widths, positive steps, the NaN/inf check outside the operators, and the refusal
+of PyTorch's ONNX exporters. The switch for the NaN/inf checks, :func:`finite_checks`, is
+re-exported by :mod:`fewbits.functional`, where users find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+try:  # where the dynamo-based ONNX exporter keeps its "exporting" flag (see in_onnx_export)
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # another torch version: torch.onnx.is_in_onnx_export() alone
+    _onnx_flags = None
+
+__all__ = [
+    "check_bits",
+    "check_finite",
+    "check_float_tensor",
+    "check_mode",
+    "check_positive",
+    "check_pow2_args",
+    "checks_enabled",
+    "finite_checks",
+    "graph_guard",
+    "in_onnx_export",
+    "range_view",
+]
+
+_CHECK_FINITE = True
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """Turn the NaN/inf checks of every quantizer on or off inside a ``with`` block.
+
+    Where the check runs: inside each quantizer's operator (:mod:`fewbits.ops`), so it holds in
+    eager mode, ``torch.compile`` graphs, ``torch.export`` programs and ``torch.jit`` traces
+    alike (the mode is fixed when a graph is captured). On CPU it costs nothing extra with the
+    fused kernels (they count NaN/inf in the same pass), else one sum; no host sync. On CUDA,
+    eager calls read one flag back (a host sync per quantizer call) to raise ``ValueError``;
+    captured graphs use a device-side assertion instead (no sync; a failing step ends in a CUDA
+    error). ONNX files carry no check. Turn the checks off for maximum speed once a model is
+    known to train stably.
+    """
+    global _CHECK_FINITE
+    old, _CHECK_FINITE = _CHECK_FINITE, bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_FINITE = old
+
+
+def checks_enabled() -> bool:
+    """Whether the NaN/inf checks are on (:func:`finite_checks`)."""
+    return _CHECK_FINITE
+
+
+def check_mode(x: Tensor) -> int:
+    """The ``check`` argument of the operators for ``x`` (see :func:`finite_checks`)."""
+    if not _CHECK_FINITE:
+        return ops.CHECK_OFF
+    return ops.CHECK_ASYNC if ops.capturing() else ops.CHECK_RAISE
+
+
+_ONNX_HINT = (
+    "{fn}: torch.onnx.export cannot express this quantizer exactly (its rounding, thresholds and "
+    "straight-through masks are the fewbits operator {op}, which has no faithful ONNX form in "
+    "PyTorch's exporters, and ONNX Round rounds ties to even). Export with fewbits' own exporter "
+    "instead: fewbits.export.onnx.export_onnx(model, path) (CLI: `fewbits export --format onnx`), "
+    "which writes exact QuantizeLinear/DequantizeLinear graphs; or torch.export.export / "
+    "torch.jit.trace, which keep the operator."
+)
+
+
+def in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, also where dynamo folds that call to False (the
+    dynamo-based exporter's capture): its flag read as a module attribute."""
+    return bool(torch.onnx.is_in_onnx_export()
+                or getattr(_onnx_flags, "_is_onnx_exporting", False))
+
+
+def graph_guard(fn: str, op: str) -> None:
+    """Refuse torch.onnx.export (both exporters) with the fix, instead of writing a wrong file."""
+    if in_onnx_export():
+        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=f"torch.ops.fewbits.{op}"))
+
+
+def check_float_tensor(x: Tensor, fn: str, arg: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got {x.dtype}")
+
+
+def check_finite(x: Tensor, fn: str, arg: str) -> None:
+    """Type checks, then (when checks are on) the NaN/inf check, for code outside the operators
+    (quantizer state): raises ``ValueError`` in eager mode; inside a captured graph a
+    ``torch._assert_async`` (no host sync; ``RuntimeError`` when it fails), none in ONNX."""
+    check_float_tensor(x, fn, arg)
+    if not _CHECK_FINITE or in_onnx_export() or x.is_meta:  # meta: shapes only, no values
+        return
+    if ops.capturing():
+        torch._assert_async(torch.isfinite(x).all(),
+                            f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
+        return
+    if not ops.all_finite(x):
+        raise ops.nonfinite_error(x, fn, arg)
+
+
+def check_bits(fn: str, name: str, value: int, low: int = 1) -> None:
+    if isinstance(value, bool) or int(value) != value or not low <= value <= 32:
+        raise ValueError(f"{fn}: {name} must be an integer in [{low}, 32], got {value!r}")
+
+
+def check_positive(fn: str, name: str, value: float) -> None:
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+
+
+def check_pow2_args(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> None:
+    # n = sign + with_zero leaves no exponent bits: one magnitude 2**m (binary / ternary).
+    low = max(1, int(bool(sign)) + int(bool(with_zero)))
+    check_bits(fn, "n", n, low=low)
+    if isinstance(m, bool) or int(m) != m or not -126 <= m <= 127:
+        raise ValueError(f"{fn}: m (log2 of the largest level) must be an integer in "
+                         f"[-126, 127] so that 2**m is a float32, got {m!r}")
+
+
+def range_view(r: Tensor | float, x: Tensor, fn: str, arg: str) -> Tensor:
+    """A range as a tensor viewed to broadcast over ``x`` (see :func:`fewbits.ops.range_view`),
+    after the eager NaN/inf check."""
+    if not isinstance(r, Tensor):
+        r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
+    check_finite(r, fn, arg)
+    return ops.range_view(r, x, fn, arg)
