@@ -66,10 +66,17 @@ def binary_connect(w: Tensor, quantize_zero_to: float = 1.0, stochastic: bool = 
                              bool(stochastic), check_mode(w), fn)
 
 
+def _grad_wanted(x: Tensor) -> bool:
+    """Whether the operator must keep its gradient mask: when ``x`` requires grad, and always
+    in a captured graph, which fixes the choice as a constant for every later call (a graph
+    traced or exported from an inference input and then trained through took ``dx = dy``)."""
+    return x.requires_grad or ops.capturing()
+
+
 def _binary_act(x: Tensor, low: float, grad_scale: float, fn: str) -> Tensor:
     check_float_tensor(x, fn, "x")
     graph_guard(fn, "binary_act")
-    want = x.requires_grad
+    want = _grad_wanted(x)
     return ops.call_masked(ops.binary_act, x,
                            (low, grad_scale, want, check_mode(x), fn), grad_scale, want)
 
@@ -157,7 +164,7 @@ def fixed_point_quantize(
     check_bits(fn, "n", n, low=2 if sign else 1)
     check_positive(fn, "delta", delta)
     graph_guard(fn, "fixed_point")
-    want_mask = bool(ste_fine_grained) and x.requires_grad
+    want_mask = bool(ste_fine_grained) and _grad_wanted(x)
     args = (bool(sign), int(n), float(delta), want_mask, check_mode(x), fn)
     return ops.call_masked(ops.fixed_point, x, args, 1.0, want_mask)
 
@@ -191,7 +198,7 @@ def pow2_quantize(
     check_float_tensor(x, fn, "x")
     check_pow2_args(fn, sign, with_zero, n, m)
     graph_guard(fn, "pow2")
-    want_mask = bool(ste_fine_grained) and x.requires_grad
+    want_mask = bool(ste_fine_grained) and _grad_wanted(x)
     args = (bool(sign), bool(with_zero), int(n), int(m), want_mask, check_mode(x), fn)
     return ops.call_masked(ops.pow2, x, args, 1.0, want_mask)
 
@@ -302,6 +309,6 @@ def min_max_quantize(
         ops.range_view(r, x, fn, arg)  # shape check
         ranges.append(r)
     graph_guard(fn, "min_max")
-    needs = x.requires_grad or ranges[0].requires_grad or ranges[1].requires_grad
+    needs = _grad_wanted(x) or ranges[0].requires_grad or ranges[1].requires_grad
     return ops.call_min_max(x, ranges[0], ranges[1], int(ql_min), int(ql_max), float(eps),
                             bool(ste_fine_grained), needs, check_mode(x), fn)

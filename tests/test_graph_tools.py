@@ -197,3 +197,27 @@ def test_checks_outside_the_operators_hold_in_compiled_graphs():
     assert torch.equal(q.qr_min, ref.qr_min) and torch.equal(q.qr_max, ref.qr_max)
     with pytest.raises(RuntimeError, match="MinMax: x contains NaN or inf"):
         torch.compile(q, fullgraph=True)(torch.tensor([1.0, float("inf")]))
+
+
+_NO_GRAD_CAPTURE_SPECS = [
+    {"name": "fixed_point", "sign": True, "n": 4, "delta": 0.25},
+    {"name": "pow2", "sign": True, "with_zero": True, "n": 4},
+    "binary_tanh",
+    {"name": "min_max", "ql_max": 15, "init_min": -1.0, "init_max": 1.0, "mode": "ema"},
+]
+
+
+@pytest.mark.parametrize("tool", ["export", "jit_trace"])
+@pytest.mark.parametrize("spec", _NO_GRAD_CAPTURE_SPECS, ids=lambda s: str(s)[:20])
+def test_graph_captured_from_an_input_without_grad_keeps_the_gradient(spec, tool):
+    """A graph captured from an input that does not require grad (an inference input, or a
+    capture under torch.no_grad) and then trained through must give eager's gradient: the
+    gradient mask is not left out of the graph (it was: dx = dy everywhere, silently)."""
+    q = QuantAct(spec).eval()
+    x = torch.randn(64) * 3
+    g = _capture(tool, q, x)
+    want = x.clone().requires_grad_(True)
+    q(want).sum().backward()
+    got = x.clone().requires_grad_(True)
+    g(got).sum().backward()
+    _assert_equal(got.grad, want.grad, f"{spec}/{tool} gradient")

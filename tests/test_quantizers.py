@@ -325,3 +325,24 @@ def test_min_max_per_channel_ranges():
     y = q(w)
     err = (y - w).abs().flatten(1).amax(1)
     assert err[0] < 1 / 127 and err[1] < 4 / 127
+
+
+def test_min_max_range_projection_shortcut_equals_the_tensor_formula_without_warnings():
+    """The host shortcut of MinMax.after_optimizer_step gives the tensor formula's ranges on
+    edge values, and a width that overflows float32 (a diverged run) warns about nothing
+    (NumPy's scalar subtraction warned 'overflow encountered', an error under -W error)."""
+    import warnings
+
+    vals = [-0.0, 0.0, -1e-45, 0.005, -0.005, -0.0050000004, -3e38, 3e38, float("nan"), -1.0]
+    for dt in (torch.float32, torch.float64):
+        for lo, hi in [(a, b) for a in vals for b in vals]:
+            q = Q.MinMax(eps=0.01)
+            q.qr_min.data, q.qr_max.data = torch.tensor(lo, dtype=dt), torch.tensor(hi, dtype=dt)
+            want_lo, want_hi = q.qr_min.detach().clamp(max=0.0), q.qr_max.detach().clamp(min=0.0)
+            want_hi = torch.where(want_hi - want_lo < 0.01, want_lo + 0.01, want_hi)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                q.after_optimizer_step()
+            for got, want in ((q.qr_min, want_lo), (q.qr_max, want_hi)):
+                assert torch.equal(got.detach().view(-1).view(torch.uint8),
+                                   want.view(-1).view(torch.uint8)), (dt, lo, hi)

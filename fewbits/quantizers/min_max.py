@@ -126,7 +126,8 @@ class MinMax(Quantizer):
                 lo.device.type != "cpu" or hi.device.type != "cpu":
             return False
         lo_v, hi_v = np_dtype(lo.item()), np_dtype(hi.item())
-        return bool(lo_v < 0 < hi_v and not hi_v - lo_v < np_dtype(self.eps))
+        with np.errstate(over="ignore"):  # an inf width compares as the tensors' does, silently
+            return bool(lo_v < 0 < hi_v and not hi_v - lo_v < np_dtype(self.eps))
 
     def setup(self, param: Tensor) -> None:
         if self.per_channel:
