@@ -230,9 +230,10 @@ def inq_quantize(w: Tensor, num_bits: int = 4) -> Tensor:
 
 def inq_levels(w: Tensor, num_bits: int, fn: str = "inq_quantize") -> Tensor:
     """:func:`fewbits._math.inq_levels`, refusing a tensor whose largest level ``2**n1`` is
-    beyond its dtype (see :func:`_inq_dtype_check`); half precision decided in float32, as the
-    operator does."""
-    _inq_dtype_check(w, fn)
+    beyond its dtype (see :func:`_inq_dtype_check`; half precision decided in float32, as the
+    operator does; the check is eager only, as in :func:`inq_quantize`)."""
+    if not ops.capturing():  # it reads max|w| on the host
+        _inq_dtype_check(w, fn)
     return _math.inq_levels(ops.widen(w), num_bits).to(w.dtype)
 
 

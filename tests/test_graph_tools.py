@@ -221,3 +221,27 @@ def test_graph_captured_from_an_input_without_grad_keeps_the_gradient(spec, tool
     got = x.clone().requires_grad_(True)
     g(got).sum().backward()
     _assert_equal(got.grad, want.grad, f"{spec}/{tool} gradient")
+
+
+def test_inq_training_compiles_fullgraph_like_eager():
+    """INQ's schedule fixes weights in training: its level computation no longer reads max|w|
+    on the host inside a compiled graph (it raised "Could not guard on data-dependent
+    expression" under fullgraph=True); five steps equal eager, bit for bit."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = QuantLinear(16, 4, weight_quantizer={"name": "inq", "num_bits": 4,
+                                                  "inq_iterations": [0, 2, 4]}).train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        f = torch.compile(m, fullgraph=True) if compiled else m
+        rec = []
+        for _ in range(5):
+            opt.zero_grad()
+            y = f(x)
+            y.square().sum().backward()
+            opt.step()
+            rec += [y.detach().clone(), m.weight.detach().clone()]
+        outs.append(rec)
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
