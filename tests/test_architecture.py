@@ -54,21 +54,25 @@ def _layer(module: str) -> tuple[int, str]:
     return best[1], best[2]
 
 
+def _from_target(module: str, node: ast.ImportFrom) -> str | None:
+    """The fewbits module a ``from X import ...`` in ``module`` reads (relative imports
+    resolved), or ``None`` for another package."""
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    if node.level:
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+        return ".".join(base + ([node.module] if node.module else []))
+    return node.module if (node.module or "").split(".")[0] == "fewbits" else None
+
+
 def _imports(module: str) -> set[str]:
     """The fewbits modules ``module`` imports (``from . import x`` -> the submodule x)."""
-    path = MODULES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "fewbits"}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            elif (node.module or "").split(".")[0] == "fewbits":
-                target = node.module
-            else:
+            target = _from_target(module, node)
+            if target is None:
                 continue
             subs = {f"{target}.{a.name}" for a in node.names} & set(MODULES)
             found |= subs or {target}
@@ -158,9 +162,7 @@ def test_no_module_is_over_max_lines():
 def private_uses(module: str) -> list[str]:
     """Private names (``_x``, not dunders, not modules) that ``module`` takes from another
     fewbits module: ``from .m import _x`` or ``m._x`` on an imported fewbits module."""
-    path = MODULES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(MODULES[module].read_text())
     aliases: dict[str, str] = {}  # local name -> the fewbits module it is bound to
     found = []
 
@@ -169,12 +171,8 @@ def private_uses(module: str) -> list[str]:
 
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            elif (node.module or "").split(".")[0] == "fewbits":
-                target = node.module
-            else:
+            target = _from_target(module, node)
+            if target is None:
                 continue
             for a in node.names:
                 sub = f"{target}.{a.name}"
