@@ -274,3 +274,28 @@ def test_a_file_of_an_unregistered_model_names_the_flag_of_the_command_that_read
         assert main(cmd) == 1
         err = capsys.readouterr().err
         assert "--model package.module:factory" in err and "fewbits eval FILE" not in err
+
+
+def test_model_and_fast_flags_without_effect_are_refused(own_module, tmp_path, capsys):
+    """--model on a run of another net, on a folded file, or naming a factory that cannot
+    build, and --fast on a run folder: one error line each, never ignored or a traceback."""
+    run, packed, folded = tmp_path / "run", tmp_path / "p.fewbits", tmp_path / "f.fewbits"
+    assert main(["train", "-n", "mnist_binary_net_lenet", "-i", "1", "-v", "1", "-m",
+                 str(run), *TINY, "--no-first-validation", "--model-arg", "width=8"]) == 0
+    assert main(["export", str(run), "-o", str(packed)]) == 0
+    assert main(["export", str(run), "-o", str(folded), "--fold-bn"]) == 0
+    capsys.readouterr()
+    other = f"{own_module}:net"
+    cases = [
+        (["eval", str(run), "--model", other], "was trained as mnist_binary_net_lenet"),
+        (["export", str(run), "--model", other, "-o", str(tmp_path / "x.fewbits")],
+         "was trained as mnist_binary_net_lenet"),
+        (["eval", str(folded), "--model", other], "folded for the binary engine"),
+        (["eval", str(packed), "--model", "torch.nn:Linear"], "cannot build it"),
+        (["eval", str(run), "--fast"], "--fast runs a packed model"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fewbits: error: ") and message in err, (argv, err)
+    assert not (tmp_path / "x.fewbits").exists()

@@ -91,9 +91,12 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
     net = str(spec.get("name", "?"))
     factory = None if model == net else model  # the file's own model: its recorded options
     if header.get("options", {}).get("fold_bn"):  # only the binary engine runs these files
+        if factory is not None:
+            raise ConfigError(f"--model {factory}: {path} holds {net} folded for the binary "
+                              "engine, which runs it as it is; drop --model")
         r = evaluate(load_engine(path), ds, "cpu", batch_size)
         return replace(r, net=net, file=str(path), fast_path="binary")
-    source = path if factory is None else load_packed(path, model=create_model(factory)).eval()
+    source = path if factory is None else load_packed(path, model=_build(factory)).eval()
     if fast:
         run = compile_for_cpu(source, batch_size=min(batch_size, max(1, len(ds))),
                               input_shape=tuple(ds.images.shape[1:]))
@@ -102,6 +105,15 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
         run, fast_path = (load_packed(path) if factory is None else source), None
     r = evaluate(run, ds, "cpu", batch_size)
     return replace(r, net=net, file=str(path), fast_path=fast_path)
+
+
+def _build(factory: str) -> object:
+    """``create_model(factory)`` for ``--model``; a factory that cannot build with no
+    arguments is a bad option, not a crash."""
+    try:
+        return create_model(factory)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--model {factory}: cannot build it with no arguments: {e}") from None
 
 
 def _eval_packed(ns: argparse.Namespace) -> EvalResult:
@@ -156,9 +168,13 @@ def run_eval(ns: argparse.Namespace) -> int:
                                    and os.path.isfile(ns.path)):
         r = _eval_packed(ns)
     else:
+        if ns.fast:  # never silently ignored
+            raise ConfigError("--fast runs a packed model: write one with `fewbits export "
+                              f"{ns.path} -o model.fewbits`, then `fewbits eval model.fewbits "
+                              "--fast`")
         r = evaluate_file(ns.path, dataset=ns.dataset, data_dir=ns.data_dir,
                           batch_size=ns.batch_size, context=ns.context,
                           device_id=ns.device_id, download=ns.download,
-                          type_config=ns.type_config)
+                          type_config=ns.type_config, model=ns.model)
     print(json.dumps(r.to_dict(), indent=2) if ns.json else format_result(r))
     return 0

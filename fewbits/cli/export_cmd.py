@@ -100,6 +100,9 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{source} is already a packed model; export from the run folder or "
                           "checkpoint to write a new .fewbits file (or give only --onnx)")
     model = source if packed_source else load_model(source)
+    if args.model and not packed_source and args.model != model.fewbits_spec["name"]:
+        raise ConfigError(f"--model {args.model}: {source} was trained as "
+                          f"{model.fewbits_spec['name']}, which it is rebuilt as; drop --model")
     used = (getattr(model, "fewbits_source", None) or {}).get("path") or source
     print(f"exporting {used}", flush=True)  # which checkpoint of a run folder was used
     if args.output:

@@ -140,8 +140,12 @@ def evaluate(model: Callable[[Tensor], Tensor], ds: ArrayDataset,
 
 def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None = None,
                   batch_size: int = 256, context: str = "cpu", device_id: int = 0,
-                  download: bool = True, type_config: str = "float") -> EvalResult:
+                  download: bool = True, type_config: str = "float",
+                  model: str | None = None) -> EvalResult:
     """Evaluate a run folder / checkpoint / model file on a test split (``fewbits eval``).
+
+    ``model``: the net the caller expects (``fewbits eval --model``); a file that records
+    another one is refused rather than evaluated as what it is.
 
     ``dataset`` and ``data_dir`` default to those the run was trained on. Returns the
     :class:`EvalResult` of :func:`evaluate`, with the dataset, the net and the file read.
@@ -153,7 +157,12 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     device = resolve_device(context, device_id)
     src = ckpt.resolve_model_path(path)
     payload = ckpt.read_file(src, "cpu")
-    model = ckpt.build_model(payload, src).to(device)
+    net = payload["model_spec"]["name"]
+    if model is not None and model != net:
+        raise ConfigError(f"--model {model}: {src} was trained as {net}, which it is "
+                          "rebuilt as; drop --model (it names the factory of a run trained "
+                          "with --net package.module:factory)")
+    net_model = ckpt.build_model(payload, src).to(device)
     saved = payload.get("config") or {}
     known = {f.name for f in fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in saved.items() if k in known}) if saved else None
@@ -162,7 +171,6 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
         data_dir = base.data_dir
     cfg = replace(base or TrainConfig(), resume=None, download=download, dataset=name,
                   data_dir=data_dir)
-    net = payload["model_spec"]["name"]
     ds = load_split(cfg, "test", net_input_shape(net))
     check_model_input(src, net, payload["model_spec"]["kwargs"], tuple(ds.images.shape[1:]),
                       cfg.dataset)
@@ -170,5 +178,5 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     if num_classes is not None and num_classes < len(ds.classes):
         raise ConfigError(f"{src} predicts {num_classes} classes but {cfg.dataset!r} has "
                           f"{len(ds.classes)}")
-    r = evaluate(model, ds, device, batch_size, type_config=type_config)
+    r = evaluate(net_model, ds, device, batch_size, type_config=type_config)
     return replace(r, dataset=cfg.dataset, net=net, file=str(src))
