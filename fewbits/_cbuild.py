@@ -19,8 +19,8 @@ matching one):
   by others (unless sticky, as ``/tmp``). Otherwise nothing is loaded or written there: the
   PyTorch path runs, with a warning naming the folder and the reason.
 - Files are opened relative to the opened folder with ``O_NOFOLLOW`` and checked with
-  ``fstat`` on the open descriptor; the library loaded is that very descriptor
-  (``/proc/self/fd/N`` on Linux), so what was hashed is what runs. New files are built in a
+  ``fstat`` on the open descriptor; the library loaded is the file that was hashed (same
+  inode, in a folder nobody else can write). New files are built in a
   private temporary folder and renamed in (a rename replaces a planted symbolic link, never the
   file it points to), hash last, then the folder is ``fsync``-ed.
 - With no home folder (``HOME`` unset and no passwd entry: ``~`` would stay a relative ``~``),
@@ -195,8 +195,12 @@ def _load_verified(dfd: int, folder: Path, name: str) -> ctypes.CDLL | None:
             warnings.warn(f"the cached kernel library {folder / name} is damaged (it does "
                           "not match its recorded SHA-256); rebuilding it", stacklevel=4)
             return None
-        proc = f"/proc/self/fd/{fd}"
-        return ctypes.CDLL(proc if os.path.exists(proc) else str(folder / name))
+        # The folder is checked private, so the name still means the descriptor's file (a
+        # /proc/self/fd path would not do: the loader reuses a library loaded under that name).
+        st, now = os.fstat(fd), os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            return None
+        return ctypes.CDLL(str(folder / name))
     finally:
         os.close(fd)
 
