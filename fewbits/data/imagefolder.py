@@ -102,10 +102,13 @@ def load_imagefolder(
         )
     entries = None if is_archive else _scan_folder(root)
     cache_path = None
+    if cache and cache_dir is None:
+        try:
+            cache_dir = default_data_dir() / "cache"
+        except DatasetNotFoundError:  # no home folder and no FEWBITS_DATA: decode, cache nothing
+            cache = False
     if cache:
-        cdir = (
-            Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir() / "cache"
-        )
+        cdir = Path(cache_dir).expanduser()  # type: ignore[arg-type]
         cache_path = cdir / f"imagefolder-{_cache_key(root, entries)}.npz"
         hit = _read_cache(cache_path, split)
         if hit is not None:
