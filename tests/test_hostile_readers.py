@@ -5,17 +5,32 @@ clean error (or ignored, with a warning) in bounded time and memory; nothing pla
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import os
+import pickle
 import shutil
 import stat
 import subprocess
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fewbits import _cbuild
+from fewbits.data import CorruptDataError, load_dataset
+
+try:
+    from numpy._core import multiarray as np_multiarray
+except ImportError:  # NumPy 1.x
+    from numpy.core import multiarray as np_multiarray
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"]  # fmt: skip
 
 # --------------------------------------------------------------------------- kernel cache
 
@@ -178,3 +193,154 @@ def test_no_home_in_a_fresh_process_uses_a_private_cache(tmp_path):
     folder = Path(out.stdout.strip())
     assert not folder.exists()  # removed at exit
     assert not (tmp_path / "~").exists()
+
+
+# --------------------------------------------------------------------------- CIFAR-10 batches
+
+# Per hostile input: wall time and Python-tracked (NumPy included) peak allocation.
+TIME_LIMIT_S = 5.0
+MEMORY_LIMIT = 64 << 20
+
+
+@contextlib.contextmanager
+def bounded(limit: int = MEMORY_LIMIT, seconds: float = TIME_LIMIT_S):
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        took = time.perf_counter() - start
+        assert peak < limit, f"peak {peak:,} bytes"
+        assert took < seconds, f"{took:.1f} s"
+
+
+class _Raw:
+    """Pickles as ``fn(*args)`` (and ``BUILD state``): what an attacker writes by hand."""
+
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+def _array_state(shape, dtype, raw):
+    return _Raw(np_multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, False, raw))
+
+
+def _batch(n=2, **over) -> dict:
+    d = {b"batch_label": b"testing batch 1 of 1", b"labels": [i % 10 for i in range(n)],
+         b"data": np.arange(n * 3072, dtype=np.uint8).reshape(n, 3072),
+         b"filenames": [b"x.png"] * n}
+    d.update(over)
+    return d
+
+
+def _cifar_folder(root: Path, test_batch, meta=None) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = test_batch if isinstance(test_batch, bytes) else pickle.dumps(test_batch, protocol=2)
+    (folder / "test_batch").write_bytes(blob)
+    if meta is not None:
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def test_the_official_layout_still_loads_in_every_protocol(tmp_path):
+    for proto in (2, 4, 5):
+        root = _cifar_folder(tmp_path / str(proto), pickle.dumps(_batch(3), protocol=proto),
+                             {b"label_names": [c.encode() for c in CIFAR_CLASSES]})
+        ds = load_dataset("cifar10", "test", root, download=False)
+        assert ds.labels.tolist() == [0, 1, 2] and ds.classes == tuple(CIFAR_CLASSES)
+        assert ds.images.reshape(3, -1).tolist() == _batch(3)[b"data"].tolist()
+
+
+_OBJECT_BATCH = "({b'data': _array_state((1, 3072), np.dtype('O'), b'A' * 8 * 3072), " \
+                "b'labels': [0]})"
+
+
+def test_an_object_dtype_batch_is_refused_in_a_fresh_process(tmp_path):
+    """Issue 20: an object array whose pointers come from the file killed the interpreter
+    (SIGSEGV, no output). Run where a crash would show as a signal, not as a dead test run."""
+    batch = eval(_OBJECT_BATCH)  # a literal of this module
+    _cifar_folder(tmp_path, pickle.dumps(batch, protocol=2))
+    code = ("import sys\nfrom fewbits.data import load_dataset, CorruptDataError\n"
+            "try:\n    load_dataset('cifar10', 'test', sys.argv[1], download=False)\n"
+            "except CorruptDataError as e:\n    print(e)\n    sys.exit(1)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], text=True,
+                         capture_output=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
+    assert "dtype 'O8' is not allowed" in out.stdout and "test_batch" in out.stdout
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    # a zero-stride / huge array from a few bytes: the shape's bytes must be in the file
+    (_batch(data=_array_state((850_000, 3072), np.dtype("u1"), b"A" * 3072)),
+     "shape that is not a tuple of at most 8 sizes in 0.."),
+    (_batch(data=_array_state((3000, 3072), np.dtype("u1"), b"A" * 3072)),
+     "needs 9216000 bytes, the file gives 3072"),
+    (_batch(data=_Raw(np.ndarray, ((850_000, 3072), np.dtype("u1"), b"A" * 3072, 0, (0, 1)))),
+     "a call of ndarray"),
+    (_batch(data=_array_state((1, 3072), np.dtype([("a", "u1")]), b"A" * 3072)),
+     "is not allowed"),
+    (_batch(data=_array_state((1, 3072), np.dtype("(1000000,)u1"), b"A" * 3072)),
+     "is not allowed"),
+    (_batch(labels=[2**70, 0]), "label out of range outside 0..9"),
+    (_batch(labels=[-1, 0]), "label -1 outside 0..9"),
+    (_batch(labels=[3.7, 0]), "a label is a float, not an integer"),
+    (_batch(labels=[True, 0]), "a label is a bool"),
+    (_batch(data=np.full((2, 3072), 300.7)), "dtype 'f8' is not allowed"),
+    (_batch(data=np.zeros((2, 3072), np.int64)), "data must be a uint8 array"),
+    (_batch(data=[[0] * 3072] * 2), "data must be a uint8 array"),
+    (_batch(labels=[0]), "2 images but 1 labels"),
+    (_batch(labels=_Raw(os.system, ("echo pwned",))), "not allowed"),
+    (_batch(labels=_Raw(eval, ("1",))), "__builtin__.eval is not allowed"),
+])
+def test_hostile_cifar_batches_are_refused(tmp_path, batch, message):
+    _cifar_folder(tmp_path, batch)
+    with bounded(), pytest.raises(CorruptDataError) as e:
+        load_dataset("cifar10", "test", tmp_path, download=False)
+    assert message in str(e.value) and "test_batch" in str(e.value)
+
+
+@pytest.mark.parametrize(("blob", "message"), [
+    (b"\x80\x02}q\x00(", "STOP"),  # truncated
+    (b"\x80\x02]q\x00(h\x00e.", "not a dict (got list)"),  # a list that holds itself
+    (b"\x80\x02}q\x00(h\x00e.", "list operation on dict"),
+    (b"\x80\x02}q\x00(h\x05K\x01u.", "memo reference"),
+    (b"\x80\x02}(]K\x01u.", "malformed pickle"),  # a list as a dict key
+    (b"\x80\x02\x8a\x08" + b"\xff" * 8 + b".", "not a dict"),
+    (b"\x80\x02(\x8e" + (1 << 40).to_bytes(8, "little") + b".", "remain"),  # BINBYTES8 bomb
+    (b"\x80\x05\x97.", "NEXT_BUFFER is not allowed"),
+    (b"\x80\x02cbuiltins\neval\nq\x00.", "builtins.eval is not allowed"),
+])
+def test_malformed_pickles_are_refused(tmp_path, blob, message):
+    _cifar_folder(tmp_path, blob)
+    with bounded(), pytest.raises(CorruptDataError) as e:
+        load_dataset("cifar10", "test", tmp_path, download=False)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    ([_Raw(codecs.encode, ("\u00e9" * 200_000, "punycode"))] * 10, "other than latin1"),
+    ([b"x" * 1_000_000] + [b"a"] * 9, "printable ASCII"),
+    ([b"cat\x1b]0;pwned\x07"] + [b"a"] * 9, "printable ASCII"),
+    ([b"a"] * 11, "list of 10 names"),
+    ([1] * 10, "printable ASCII"),
+])
+def test_hostile_label_names_are_refused(tmp_path, names, message):
+    _cifar_folder(tmp_path, _batch(), {b"label_names": names})
+    with bounded(), pytest.raises(CorruptDataError) as e:
+        load_dataset("cifar10", "test", tmp_path, download=False)
+    assert message in str(e.value) and "batches.meta" in str(e.value)
+
+
+def test_an_oversized_batch_is_not_read(tmp_path):
+    root = _cifar_folder(tmp_path, _batch())
+    with open(root / "cifar-10-batches-py" / "test_batch", "r+b") as f:
+        f.truncate(65 << 20)  # sparse: no disk used
+    with bounded(), pytest.raises(CorruptDataError, match="over the 67,108,864"):
+        load_dataset("cifar10", "test", tmp_path, download=False)

@@ -31,11 +31,8 @@ from typing import BinaryIO
 
 from .errors import CorruptDataError
 
-__all__ = ["GZIP_MAX_RATIO", "OutputLimitError", "is_gzip", "open_bounded"]
+__all__ = ["OutputLimitError", "is_gzip", "open_bounded"]
 
-#: deflate's largest possible expansion (about 1032:1), with room for headers: a gzip file
-#: of ``n`` bytes never holds more than ``GZIP_MAX_RATIO * n`` bytes of real data per member.
-GZIP_MAX_RATIO = 1100
 _BUFFER = 1 << 20
 
 

@@ -22,11 +22,11 @@ __all__ = ["MAX_MEMBER_BYTES", "MAX_RATIO", "MIN_OUTPUT", "iter_tar_files", "out
 
 _BLOCK = 512
 _IN_MEMORY_LIMIT = 2 << 30  # bigger archives are streamed by tarfile instead
-#: A gzip archive may decompress to at most this many times its size (image archives of
-#: JPEG/PNG files barely compress; a bomb expands ~1000x) ...
-MAX_RATIO = 100
+#: A gzip archive may decompress to at most this many times its size (a tar of JPEG/PNG files
+#: compresses about 1.1-4x, the tar headers being most of what compresses; a bomb ~1000x) ...
+MAX_RATIO = 20
 #: ... or to this many bytes, whichever is more.
-MIN_OUTPUT = 256 << 20
+MIN_OUTPUT = 64 << 20
 #: Largest member (image file) read.
 MAX_MEMBER_BYTES = 256 << 20
 _REGULAR = (b"0", b"\0", b"7")

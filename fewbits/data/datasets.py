@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ._cifar_pickle import read_pickle
-from ._streams import GZIP_MAX_RATIO, OutputLimitError, is_gzip, open_bounded
+from ._streams import OutputLimitError, is_gzip, open_bounded
 from .base import SPLITS, ArrayDataset, check_split, default_data_dir
 from .download import download_first
 from .errors import CorruptDataError, DatasetNotFoundError
@@ -269,6 +269,8 @@ def load_cifar10(split: str, data_dir: Path, download: bool) -> ArrayDataset:
 
 #: Most images an MNIST IDX file may hold (MNIST: 60,000; EMNIST by class: 697,932).
 MAX_IDX_IMAGES = 1_000_000
+#: Most bytes of data a gzipped IDX file may claim per byte of its size (MNIST's: 2-5).
+_IDX_GZIP_RATIO = 100
 _MNIST_SIZE = (28, 28)
 
 
@@ -279,7 +281,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     Layout: 2 zero bytes, type code 0x08 (unsigned byte), ndim byte, then ``ndim`` big-endian
     int32 sizes, then the data; anything else is reported as corrupt, naming the file. The
     sizes are checked before the data is read (against the bounds above and against the bytes
-    the file can hold: its size, or deflate's largest ratio for a ``.gz``), and the data is
+    the file can hold: its size, or 100 times it for a ``.gz``), and the data is
     read as a stream of exactly that many bytes: a decompression bomb stops at the bound.
     """
     fix = "delete it and download it again (or copy an intact file there)"
@@ -287,7 +289,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         size = path.stat().st_size
         gz = is_gzip(path)
-        most = GZIP_MAX_RATIO * size if gz else size
+        most = _IDX_GZIP_RATIO * size if gz else size
         with open_bounded(path, header + MAX_IDX_IMAGES * 28 * 28 + 1) as f:
             head = f.read(header)
             if len(head) < 4 or head[0] != 0 or head[1] != 0:
