@@ -61,6 +61,17 @@ class _Limited(io.RawIOBase):
                                    "bytes (a decompression bomb, or not the file expected)")
         return n
 
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self._f.read(_BUFFER):
+            self.total += len(chunk)
+            if self.total > self._limit:
+                raise OutputLimitError(f"{self._what} decompresses to more than "
+                                       f"{self._limit:,} bytes (a decompression bomb, or not "
+                                       "the file expected)")
+            parts.append(chunk)
+        return b"".join(parts)
+
     def close(self) -> None:
         try:
             self._f.close()

@@ -61,7 +61,7 @@ def iter_tar_files(path: str | os.PathLike,
                 yield name, raw[off : off + size]
             return
     with open_bounded(path, output_limit(path)) as stream, \
-            tarfile.open(fileobj=stream, mode="r|") as tf:
+            tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tf:
         for m in tf:
             if m.isfile():
                 _check_member(path, m.name, m.size, max_member)

@@ -208,7 +208,7 @@ def _cifar10_read(
         want = {f"{_CIFAR10_DIR}/{n}": n for n in [*names, *optional]}
         try:
             with open_bounded(src, _MAX_TARBALL_BYTES) as stream, \
-                    tarfile.open(fileobj=stream, mode="r|") as tf:
+                    tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tf:
                 for m in tf:
                     if m.name in want and m.isfile():
                         _check_batch_size(m.size, f"{src}:{m.name}")
