@@ -288,7 +288,7 @@ def test_an_object_dtype_batch_is_refused_in_a_fresh_process(tmp_path):
      "is not allowed"),
     (_batch(data=_array_state((1, 3072), np.dtype("(1000000,)u1"), b"A" * 3072)),
      "is not allowed"),
-    (_batch(labels=[2**70, 0]), "label out of range outside 0..9"),
+    (_batch(labels=[2**70, 0]), "label of 71 bits outside 0..9"),
     (_batch(labels=[-1, 0]), "label -1 outside 0..9"),
     (_batch(labels=[3.7, 0]), "a label is a float, not an integer"),
     (_batch(labels=[True, 0]), "a label is a bool"),

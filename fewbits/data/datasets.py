@@ -98,7 +98,8 @@ _DIGITS_SEED = 0
 
 #: Largest CIFAR-10 batch file read (the official ones are 30-31 MB).
 _MAX_BATCH_BYTES = 64 << 20
-#: Most bytes read from a CIFAR-10 tarball, decompressed (the official one holds 178 MB).
+#: Most bytes read from a CIFAR-10 tarball, decompressed (the official one holds 178 MB, 1.1
+#: times its size): at most this, and at most 4 times the file's size (at least 64 MiB).
 _MAX_TARBALL_BYTES = 512 << 20
 _MAX_LABEL_NAME = 64
 
@@ -164,7 +165,7 @@ def _batch_arrays(d: dict[str, Any], what: str, classes: int) -> tuple[np.ndarra
                 raise CorruptDataError(f"CIFAR-10 batch {what}: a label is a "
                                        f"{type(v).__name__}, not an integer")
             if not 0 <= v < classes:
-                shown = v if abs(v) < 10**6 else "out of range"
+                shown = v if abs(v) < 10**6 else f"of {v.bit_length()} bits"
                 raise CorruptDataError(f"CIFAR-10 batch {what}: label {shown} outside "
                                        f"0..{classes - 1}")
         y = np.asarray(y, dtype=np.int64)
@@ -207,7 +208,8 @@ def _cifar10_read(
     else:
         want = {f"{_CIFAR10_DIR}/{n}": n for n in [*names, *optional]}
         try:
-            with open_bounded(src, _MAX_TARBALL_BYTES) as stream, \
+            limit = min(_MAX_TARBALL_BYTES, max(64 << 20, 4 * src.stat().st_size))
+            with open_bounded(src, limit) as stream, \
                     tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tf:
                 for m in tf:
                     if m.name in want and m.isfile():
