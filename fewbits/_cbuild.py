@@ -2,7 +2,8 @@
 
 fewbits' C kernels (fused training quantizers, XNOR inference) are plain C (pthreads or OpenMP)
 without torch headers, so they compile with the system compiler in about a second. Libraries are
-cached in ``$FEWBITS_CACHE`` (default ``~/.cache/fewbits``) under a name that hashes the source,
+cached in ``$FEWBITS_CACHE`` (default ``~/.cache/fewbits/kernels``: a folder of their own, apart
+from the data fewbits keeps in ``~/.cache/fewbits``) under a name that hashes the source,
 the flags and the CPU (``-march=native`` code must not run on another CPU). The SHA-256 of each
 library is recorded beside it (``.sha256``) and checked before loading: a damaged library (a full
 disk, a killed copy) is rebuilt, and where it cannot be, the caller's PyTorch path runs and
@@ -63,12 +64,12 @@ def _private_cache() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$FEWBITS_CACHE`` or ``~/.cache/fewbits``, made
-    absolute; a private temporary folder of this process when there is no home folder (never a
-    relative ``~``)."""
+    """Where compiled kernels are kept: ``$FEWBITS_CACHE`` or ``~/.cache/fewbits/kernels``,
+    made absolute; a private temporary folder of this process when there is no home folder
+    (never a relative ``~``)."""
     env = os.environ.get("FEWBITS_CACHE")
     root = os.path.expanduser(env) if env else os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "fewbits")
+                                                            "fewbits", "kernels")
     if root.startswith("~") or not (env or os.path.isabs(root)):
         return _private_cache()
     return Path(os.path.abspath(root))

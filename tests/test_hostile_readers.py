@@ -172,6 +172,25 @@ def test_cache_is_private_under_any_umask(victim, tmp_path, monkeypatch):
     assert stat.S_IMODE((folder / name).with_suffix(".sha256").stat().st_mode) == 0o600
 
 
+def test_the_default_cache_is_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Under umask 002 the data folder ~/.cache/fewbits/data is group-writable; that must not
+    turn the kernel cache off (it lives in ~/.cache/fewbits/kernels, created 0700)."""
+    home = tmp_path / "home"
+    (home / ".cache" / "fewbits" / "data").mkdir(parents=True)
+    os.chmod(home / ".cache" / "fewbits" / "data", 0o775)
+    os.chmod(home / ".cache" / "fewbits", 0o775)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("FEWBITS_CACHE", raising=False)
+    src = tmp_path / "k.c"
+    src.write_text(_VICTIM)
+    lib, err = _cbuild.build(src, "k", _FLAGS)
+    if lib is None and "compiler" in (err or ""):
+        pytest.skip(err)
+    assert err is None and lib.fb_answer() == 42
+    folder = home / ".cache" / "fewbits" / "kernels"
+    assert _cbuild.cache_dir() == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
 def test_no_home_folder_gives_a_private_cache_never_a_relative_tilde(tmp_path, monkeypatch):
     # HOME unset and a uid without a passwd entry: expanduser("~") stays "~".
     monkeypatch.delenv("FEWBITS_CACHE", raising=False)
