@@ -276,6 +276,31 @@ def test_the_official_layout_still_loads_in_every_protocol(tmp_path):
         assert ds.images.reshape(3, -1).tolist() == _batch(3)[b"data"].tolist()
 
 
+def _python2_batch(n: int) -> bytes:
+    """A batch byte for byte as the official files have it (Python 2 cPickle, protocol 2:
+    str keys, a str array buffer, dtype('u1', 0, 1))."""
+    def text(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else \
+            b"T" + len(b).to_bytes(4, "little") + b
+    data = bytes(range(256)) * (n * 12)
+    return (b"\x80\x02}q\x01(" + text(b"data") + b"q\x02cnumpy.core.multiarray\n_reconstruct\n"
+            b"q\x03cnumpy\nndarray\nq\x04K\x00\x85" + text(b"b") + b"\x87Rq\x05(K\x01K"
+            + bytes([n]) + b"M\x00\x0c\x86cnumpy\ndtype\nq\x06" + text(b"u1") + b"K\x00K\x01\x87R"
+            b"q\x07(K\x03" + text(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89"
+            + text(data) + b"tb" + text(b"labels") + b"]q\x08("
+            + b"".join(b"K" + bytes([i % 10]) for i in range(n)) + b"e" + text(b"batch_label")
+            + text(b"testing batch 1 of 1") + b"u.")
+
+
+def test_a_batch_pickled_by_python_2_loads(tmp_path):
+    blob = _python2_batch(3)
+    ref = pickle.loads(blob, encoding="latin1")  # what the official files unpickle to
+    _cifar_folder(tmp_path, blob)
+    ds = load_dataset("cifar10", "test", tmp_path, download=False)
+    assert ds.images.reshape(3, -1).numpy().tolist() == ref["data"].tolist()
+    assert ds.labels.tolist() == ref["labels"] == [0, 1, 2]
+
+
 _OBJECT_BATCH = "({b'data': _array_state((1, 3072), np.dtype('O'), b'A' * 8 * 3072), " \
                 "b'labels': [0]})"
 
