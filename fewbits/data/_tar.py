@@ -96,11 +96,23 @@ def _read_whole(path: Path) -> bytes | None:
                                     "`tar czf`, or rename a plain tar archive to .tar")
         if 0 < size < _BLOCK:
             raise tarfile.ReadError(f"{path} is {size} bytes, too short to be a tar archive")
+    if not gz:
+        if size > _IN_MEMORY_LIMIT:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") > _IN_MEMORY_LIMIT:
+            return None  # the last member's size (mod 2**32): a hint only, never a bound
     limit = output_limit(path)
-    if (size if not gz else limit) > _IN_MEMORY_LIMIT:
-        return None
-    with open_bounded(path, limit) as f:
-        return f.read()
+    try:
+        with open_bounded(path, min(limit, _IN_MEMORY_LIMIT)) as f:
+            return f.read()
+    except OutputLimitError:
+        if limit <= _IN_MEMORY_LIMIT:
+            raise
+        return None  # too big to hold, within its bound: streamed (and bounded) by tarfile
 
 
 def _octal(field: bytes) -> int:

@@ -259,7 +259,11 @@ def _decode_chunk(blobs: list[bytes], names: list[str]) -> np.ndarray:
     gray = True
     for blob, name in zip(blobs, names, strict=True):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
+            with warnings.catch_warnings():
+                # PIL warns above 89M pixels; _check_pixels refuses far below that
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(blob))
+            with im:
                 _check_pixels(name, im.size, len(blob))  # from the header, before decoding
                 mode = im.mode
                 if mode in _GRAY_MODES:
