@@ -17,7 +17,11 @@ Where the files live (``data_dir`` defaults to ``$FEWBITS_DATA`` or ``~/.cache/f
 - ``synthetic``: generated (:func:`synthetic_dataset`).
 
 Files found on disk are checked structurally (magic numbers, shapes, label ranges), not by MD5,
-so re-compressed copies of the same data are accepted; downloads are always MD5-checked.
+so re-compressed copies of the same data are accepted; downloads are always MD5-checked. Every
+file is read as hostile: CIFAR-10 batches by a restricted reader that builds the official layout
+and nothing else (:mod:`._cifar_pickle`: no pickle machinery runs), labels must be integers in
+0..9 and pixels uint8; compressed streams are bounded as they are read (all gzip members), tar
+members and batches by their size before they are read, IDX headers against the file's bytes.
 
 The registry (:mod:`fewbits.data.registry`) names these loaders for
 :func:`fewbits.data.load_dataset`.
