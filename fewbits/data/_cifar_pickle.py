@@ -3,8 +3,9 @@
 The batches are pickles. Even an allow-list unpickler that admits only ``numpy.ndarray`` and
 ``numpy.dtype`` lets a file build an object array whose pointers come from the file (a crash,
 SIGSEGV) or a zero-stride array of gigabytes from a few bytes. So no pickle machinery runs
-here: :func:`read_pickle` walks the opcodes (:func:`pickletools.genops`, which reads each
-argument with a bounds check against the bytes left) on a small stack machine of its own that
+here: :func:`read_pickle` walks the opcodes (each argument read by :mod:`pickletools`' reader
+for it, with a bounds check against the bytes left; at most :data:`MAX_OPCODES` of them, binary
+protocols 2-5 only) on a small stack machine of its own that
 builds only ``dict``, ``list``, ``tuple``, ``str``, ``bytes``, ``int``, ``float``, ``bool``,
 ``None`` and contiguous NumPy arrays of integer dtype:
 
@@ -33,18 +34,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["read_pickle"]
+__all__ = ["MAX_OPCODES", "read_pickle"]
 
 #: Integer type codes an array may have (a byte-order prefix is allowed: ``<i8``).
 _INT_CODES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"})
-_TEXT_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
-_STR_OPS = frozenset({"SHORT_BINSTRING", "BINSTRING", "STRING"})  # Python 2 str (latin-1)
+# Binary opcodes only (protocols 2-5, which the official files and NumPy use): the text forms
+# of protocol 0 (INT, LONG, STRING, ...) would convert digits of any length.
+_TEXT_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
+_STR_OPS = frozenset({"SHORT_BINSTRING", "BINSTRING"})  # Python 2 str (read as latin-1)
 _BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"})
-_NUMBER_OPS = frozenset({"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "LONG", "INT",
-                         "BINFLOAT", "FLOAT"})
-_PUT_OPS = frozenset({"BINPUT", "LONG_BINPUT", "PUT"})
-_GET_OPS = frozenset({"BINGET", "LONG_BINGET", "GET"})
+_NUMBER_OPS = frozenset({"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "BINFLOAT"})
+_PUT_OPS = frozenset({"BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"BINGET", "LONG_BINGET"})
 _SKIP_OPS = frozenset({"PROTO", "FRAME"})
+_OTHER_OPS = frozenset({"STOP", "NONE", "NEWTRUE", "NEWFALSE", "MARK", "POP", "EMPTY_DICT",
+                        "EMPTY_LIST", "EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE",
+                        "LIST", "DICT", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MEMOIZE",
+                        "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD"})
+_ALLOWED = {op.code.encode("latin-1"): op for op in pickletools.opcodes
+            if op.name in _TEXT_OPS | _STR_OPS | _BYTES_OPS | _NUMBER_OPS | _PUT_OPS | _GET_OPS
+            | _SKIP_OPS | _OTHER_OPS}
+_NAMES = {op.code.encode("latin-1"): op.name for op in pickletools.opcodes}
+#: Most opcodes a batch may hold (an official batch has about 40,000: a label and a file name
+#: per image); each costs a few microseconds.
+MAX_OPCODES = 200_000
 
 
 class _Global:
@@ -184,8 +197,18 @@ def read_pickle(data: bytes) -> Any:
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
+    f = io.BytesIO(data)
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for _ in range(MAX_OPCODES):
+            code = f.read(1)
+            if not code:
+                break
+            op = _ALLOWED.get(code)
+            if op is None:
+                raise ValueError(f"pickle opcode {_NAMES.get(code, code.hex())} is not allowed "
+                                 "in a CIFAR batch")
+            # the argument is read by pickletools (its length checked against the bytes left)
+            arg = None if op.arg is None else op.arg.reader(f)
             name = op.name
             if name in _SKIP_OPS:
                 continue
@@ -261,8 +284,9 @@ def read_pickle(data: bytes) -> Any:
             elif name == "BUILD":
                 state = stack.pop()
                 stack.append(_build(stack.pop(), state, limit))
-            else:
-                raise ValueError(f"pickle opcode {name} is not allowed in a CIFAR batch")
+        else:
+            raise ValueError(f"more than {MAX_OPCODES:,} pickle opcodes (an official batch has "
+                             "about 40,000)")
     except IndexError:
         raise ValueError("stack underflow (a malformed pickle)") from None
     except KeyError as e:
