@@ -601,3 +601,14 @@ def test_an_image_cache_promising_more_than_it_holds_is_ignored(tmp_path):
     with bounded(), pytest.warns(UserWarning, match="ignoring unreadable cache.*claims"):
         again = load_dataset("imagefolder", "train", root, cache_dir=cache, workers=0)
     assert torch.equal(again.images, first.images)
+
+
+@pytest.mark.parametrize(("blob", "message"), [
+    (b"\x80\x02L" + b"9" * 5_000_000 + b"L\n.", "opcode LONG is not allowed"),
+    (b"\x80\x02]q\x00" + b"h\x00a" * 300_000 + b".", "more than 200,000 pickle opcodes"),
+    (b"(" * 1_000_000 + b".", "more than 200,000 pickle opcodes"),
+])
+def test_pickles_costly_to_walk_are_refused_early(tmp_path, blob, message):
+    _cifar_folder(tmp_path, blob)
+    with bounded(), pytest.raises(CorruptDataError, match=message):
+        load_dataset("cifar10", "test", tmp_path, download=False)
