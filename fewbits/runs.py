@@ -13,15 +13,18 @@ replace it (``--overwrite``).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
+from .data import DatasetNotFoundError
 
 #: The largest synthetic dataset a file may ask for (a hostile header must not allocate at will).
 MAX_SYNTHETIC = 1_000_000
 
-__all__ = ["MAX_SYNTHETIC", "RUN_FILES", "check_run_folder", "existing_run_files",
-           "recorded_eval_config", "training_data"]
+__all__ = ["MAX_SYNTHETIC", "RUN_FILES", "check_run_folder", "data_dir_note",
+           "existing_run_files", "recorded_eval_config", "training_data", "unfollowed_data_dir"]
 
 #: Files whose presence marks a folder as holding a fewbits run.
 RUN_FILES = ("Training-loss.series.txt", "Training-error.series.txt", "Test-error.series.txt",
@@ -72,16 +75,15 @@ def training_data(model: object) -> dict | None:
 def recorded_eval_config(source: object, recorded: object, dataset: str | None,
                          data_dir: str | None, download: bool):
     """The :class:`fewbits.train.TrainConfig` to evaluate an export on: ``dataset`` if given,
-    else the one ``recorded`` in the file (:func:`training_data`), with its folder and size
-    unless they are overridden. An export that records nothing needs ``dataset``."""
+    else the one ``recorded`` in the file (:func:`training_data`), with its size unless it is
+    overridden. The data folder is ``data_dir`` or the default one, never the one the file
+    records (:func:`unfollowed_data_dir`). An export that records nothing needs ``dataset``."""
     rec = recorded if isinstance(recorded, dict) else {}
     name = dataset or rec.get("dataset")
     if not isinstance(name, str):
         raise ConfigError(f"{source} does not record the dataset it was trained on (exported "
                           "by an older fewbits); give --dataset")
     same = name == rec.get("dataset")
-    if data_dir is None and same and isinstance(rec.get("data_dir"), str):
-        data_dir = rec["data_dir"]
     size = rec.get("synthetic_size") if same else None
     if size is not None and (not isinstance(size, int) or isinstance(size, bool)
                              or not 2 <= size <= MAX_SYNTHETIC):
@@ -90,3 +92,33 @@ def recorded_eval_config(source: object, recorded: object, dataset: str | None,
                           "was edited); give --dataset")
     return TrainConfig(dataset=name, data_dir=data_dir, download=download,
                        synthetic_size=size if isinstance(size, int) else 1000)
+
+
+def unfollowed_data_dir(source: object, recorded: object, dataset: str,
+                        data_dir: str | None) -> str:
+    """The sentence to add to a "dataset not found" error when ``source`` (a ``.fewbits`` file
+    or a checkpoint, whose training config is ``recorded``) names a data folder that fewbits
+    did not use: a file never chooses where fewbits reads or writes data (it could point at a
+    planted dataset, or make fewbits create folders and download there); only ``--data-dir``
+    does. ``""`` when the file records none for ``dataset`` or ``data_dir`` was given."""
+    rec = recorded if isinstance(recorded, dict) else {}
+    folder = rec.get("data_dir")
+    if data_dir is not None or rec.get("dataset") != dataset or not isinstance(folder, str) \
+            or not folder:
+        return ""
+    return (f"{source} records that it was trained on data in {folder[:300]!r}, which is not "
+            "read unless you say so (a file never chooses where fewbits reads data): pass "
+            "--data-dir with that folder to use it")
+
+
+@contextmanager
+def data_dir_note(note: str) -> Iterator[None]:
+    """Add ``note`` (:func:`unfollowed_data_dir`) to a "dataset not found" or bad-option error
+    raised inside the block."""
+    try:
+        yield
+    except (DatasetNotFoundError, ConfigError) as e:
+        if not note:
+            raise
+        raise type(e)(f"{e}; {note}") from None
+

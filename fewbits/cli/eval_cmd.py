@@ -18,7 +18,7 @@ from ..data import DATASETS, ArrayDataset, load_dataset
 from ..export import load_packed, read_container
 from ..export.container import is_packed_file, read_model_file
 from ..models import create_model, is_model
-from ..runs import recorded_eval_config
+from ..runs import data_dir_note, recorded_eval_config, unfollowed_data_dir
 from ..runtime import compile_for_cpu
 from ..runtime.binary_file import load_engine
 from ..train import (
@@ -43,7 +43,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    "a checkpoint / model file, or a packed .fewbits file")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: the dataset the model was trained on")
-    p.add_argument("--data-dir", default=None, help="default: the training run's")
+    p.add_argument("--data-dir", default=None,
+                   help="default: $FEWBITS_DATA or ~/.cache/fewbits/data (the folder a run or "
+                   "file records is shown, never used unless given here)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download the dataset")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="default: 256")
@@ -133,12 +135,15 @@ def _eval_packed(ns: argparse.Namespace) -> EvalResult:
     zoo = is_model(net)
     cfg = recorded_eval_config(ns.path, header.get("data"), ns.dataset, ns.data_dir,
                                ns.download)
+    with data_dir_note(unfollowed_data_dir(ns.path, header.get("data"), cfg.dataset,
+                                           ns.data_dir)):
+        if zoo:
+            ds = load_split(cfg, "test", net_input_shape(net))
+        else:  # the user's own architecture: no declared input shape to check against
+            ds = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
     if zoo:
-        ds = load_split(cfg, "test", net_input_shape(net))
         check_model_input(ns.path, net, model.get("kwargs"), tuple(ds.images.shape[1:]),
                           cfg.dataset)
-    else:  # the user's own architecture: no declared input shape to check against
-        ds = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
     try:
         r = evaluate_packed(ns.path, ds, ns.batch_size, fast=ns.fast, model=ns.model)
     except RuntimeError as e:  # a user's model that cannot take these images (no declared shape)

@@ -11,16 +11,24 @@ extended headers (``x``: ``path`` and ``size``; ``g`` global headers are skipped
 
 from __future__ import annotations
 
-import gzip
 import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["iter_tar_files"]
+from ._streams import OutputLimitError, is_gzip, open_bounded
+
+__all__ = ["MAX_MEMBER_BYTES", "MAX_RATIO", "MIN_OUTPUT", "iter_tar_files", "output_limit"]
 
 _BLOCK = 512
 _IN_MEMORY_LIMIT = 2 << 30  # bigger archives are streamed by tarfile instead
+#: A gzip archive may decompress to at most this many times its size (a tar of JPEG/PNG files
+#: compresses about 1.1-4x, the tar headers being most of what compresses; a bomb ~1000x) ...
+MAX_RATIO = 20
+#: ... or to this many bytes, whichever is more.
+MIN_OUTPUT = 64 << 20
+#: Largest member (image file) read.
+MAX_MEMBER_BYTES = 256 << 20
 _REGULAR = (b"0", b"\0", b"7")
 
 
@@ -28,10 +36,17 @@ class _Unsupported(Exception):
     """The fast parser met a feature it does not handle: use tarfile."""
 
 
-def iter_tar_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+def iter_tar_files(path: str | os.PathLike,
+                   max_member: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
     """Yield ``(member name, content)`` for each regular file of a ``.tar`` / ``.tar.gz``.
 
-    Raises ``tarfile.TarError`` / ``OSError`` / ``EOFError`` / ``zlib.error`` for broken archives.
+    What the archive decompresses to is bounded (:func:`output_limit`: a decompression bomb,
+    one gzip member or many, is refused as soon as it passes the bound) and so is each member
+    (``max_member`` bytes, checked on the header before the member is read).
+
+    Raises ``tarfile.TarError`` / ``OSError`` / ``EOFError`` / ``zlib.error`` for broken
+    archives, :class:`~fewbits.data._streams.OutputLimitError` (a ``CorruptDataError``) for
+    one past a bound.
     """
     path = Path(path)
     raw = _read_whole(path)
@@ -42,34 +57,62 @@ def iter_tar_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
             members = None
         if members is not None:
             for name, off, size in members:
+                _check_member(path, name, size, max_member)
                 yield name, raw[off : off + size]
             return
-    with tarfile.open(path, "r:*") as tf:
+    with open_bounded(path, output_limit(path)) as stream, \
+            tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tf:
         for m in tf:
             if m.isfile():
+                _check_member(path, m.name, m.size, max_member)
                 f = tf.extractfile(m)
                 assert f is not None  # regular file member
                 yield m.name, f.read()
 
 
+def output_limit(path: str | os.PathLike) -> int:
+    """Most bytes the archive ``path`` may decompress to: a gzip file at most
+    :data:`MAX_RATIO` times its size (at least :data:`MIN_OUTPUT`); a plain tar its size."""
+    size = os.stat(path).st_size
+    return max(MIN_OUTPUT, MAX_RATIO * size) if is_gzip(path) else size
+
+
+def _check_member(path: Path, name: str, size: int, most: int) -> None:
+    if size > most:
+        raise OutputLimitError(f"{path}: member {name[:200]!r} is {size:,} bytes, over the "
+                               f"{most:,} bytes an image file may have")
+
+
 def _read_whole(path: Path) -> bytes | None:
     """The decompressed archive, or None when it is too big to hold in memory."""
     size = path.stat().st_size
-    if size > _IN_MEMORY_LIMIT:
-        return None
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x1f\x8b":
+    gz = is_gzip(path)
+    if not gz:
         if path.name.lower().endswith((".gz", ".tgz")):
+            with open(path, "rb") as f:
+                start = f.read(8)
             raise tarfile.ReadError(f"{path} is named like a gzip file but is not gzip-compressed "
-                                    f"(it starts with {data[:8]!r}); pass a .tar.gz made with "
+                                    f"(it starts with {start!r}); pass a .tar.gz made with "
                                     "`tar czf`, or rename a plain tar archive to .tar")
-        if 0 < len(data) < _BLOCK:
-            raise tarfile.ReadError(f"{path} is {len(data)} bytes, too short to be a tar archive")
-        return data
-    if len(data) >= 4 and int.from_bytes(data[-4:], "little") > _IN_MEMORY_LIMIT:
-        return None  # ISIZE: decompressed length mod 2**32
-    return gzip.decompress(data)
+        if 0 < size < _BLOCK:
+            raise tarfile.ReadError(f"{path} is {size} bytes, too short to be a tar archive")
+    if not gz:
+        if size > _IN_MEMORY_LIMIT:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") > _IN_MEMORY_LIMIT:
+            return None  # the last member's size (mod 2**32): a hint only, never a bound
+    limit = output_limit(path)
+    try:
+        with open_bounded(path, min(limit, _IN_MEMORY_LIMIT)) as f:
+            return f.read()
+    except OutputLimitError:
+        if limit <= _IN_MEMORY_LIMIT:
+            raise
+        return None  # too big to hold, within its bound: streamed (and bounded) by tarfile
 
 
 def _octal(field: bytes) -> int:
@@ -144,6 +187,8 @@ def _parse(raw: bytes) -> list[tuple[str, int, int]]:
             if "path" in pax:
                 name = pax["path"]
             if "size" in pax:
+                if not pax["size"].isdigit() or len(pax["size"]) > 20:
+                    raise _Unsupported("bad pax size")
                 size = int(pax["size"])
                 end = data + size
                 if end > n:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import DatasetNotFoundError
+
 __all__ = ["SPLITS", "ArrayDataset", "check_split", "default_data_dir", "resolve_dir"]
 
 SPLITS = ("train", "test")
@@ -83,12 +85,26 @@ class ArrayDataset:
         )
 
 
+def _expand(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with ``~`` expanded; :class:`DatasetNotFoundError` when there is no home folder
+    to expand it to (``HOME`` unset and no passwd entry), never a relative ``./~``."""
+    out = os.path.expanduser(os.fspath(path))
+    if out.startswith("~"):
+        raise DatasetNotFoundError(f"{what} {os.fspath(path)!r}: there is no home folder to "
+                                   "expand ~ to (HOME is unset); give an absolute path "
+                                   "(--data-dir, or set FEWBITS_DATA)")
+    return Path(out)
+
+
 def default_data_dir() -> Path:
-    """``$FEWBITS_DATA`` if set, else ``~/.cache/fewbits/data``."""
+    """``$FEWBITS_DATA`` if set, else ``~/.cache/fewbits/data``; :class:`DatasetNotFoundError`
+    (saying to set ``FEWBITS_DATA`` or pass ``--data-dir``) when there is no home folder."""
     env = os.environ.get("FEWBITS_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fewbits" / "data"
+    if env:
+        return _expand(env, "FEWBITS_DATA")
+    return _expand(os.path.join("~", ".cache", "fewbits", "data"), "the default data folder")
 
 
 def resolve_dir(data_dir: str | os.PathLike | None) -> Path:
     """``data_dir`` (``~`` expanded), or :func:`default_data_dir` when it is ``None``."""
-    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    return _expand(data_dir, "data folder") if data_dir is not None else default_data_dir()

@@ -17,7 +17,11 @@ Where the files live (``data_dir`` defaults to ``$FEWBITS_DATA`` or ``~/.cache/f
 - ``synthetic``: generated (:func:`synthetic_dataset`).
 
 Files found on disk are checked structurally (magic numbers, shapes, label ranges), not by MD5,
-so re-compressed copies of the same data are accepted; downloads are always MD5-checked.
+so re-compressed copies of the same data are accepted; downloads are always MD5-checked. Every
+file is read as hostile: CIFAR-10 batches by a restricted reader that builds the official layout
+and nothing else (:mod:`._cifar_pickle`: no pickle machinery runs), labels must be integers in
+0..9 and pixels uint8; compressed streams are bounded as they are read (all gzip members), tar
+members and batches by their size before they are read, IDX headers against the file's bytes.
 
 The registry (:mod:`fewbits.data.registry`) names these loaders for
 :func:`fewbits.data.load_dataset`.
@@ -31,10 +35,7 @@ Example:
 
 from __future__ import annotations
 
-import gzip
-import io
 import math
-import pickle
 import tarfile
 import zlib
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._cifar_pickle import read_pickle
+from ._streams import OutputLimitError, is_gzip, open_bounded
 from .base import SPLITS, ArrayDataset, check_split, default_data_dir
 from .download import download_first
 from .errors import CorruptDataError, DatasetNotFoundError
@@ -52,6 +55,7 @@ from .errors import CorruptDataError, DatasetNotFoundError
 __all__ = [
     "CIFAR10_MD5",
     "CIFAR10_URL",
+    "MAX_IDX_IMAGES",
     "MAX_SYNTHETIC_VALUES",
     "MNIST_FILES",
     "MNIST_MIRRORS",
@@ -96,38 +100,91 @@ _DIGITS_SEED = 0
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batches (dicts, lists, bytes, numpy arrays) and nothing else.
-
-    A pickle can run arbitrary code; the batches only ever need numpy's array reconstruction, so
-    any other global is refused (a file from elsewhere cannot execute code while we read it).
-    """
-
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),  # protocol-2 pickles of bytes
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
-        return super().find_class(module, name)
+#: Largest CIFAR-10 batch file read (the official ones are 30-31 MB).
+_MAX_BATCH_BYTES = 64 << 20
+#: Most bytes read from a CIFAR-10 tarball, decompressed (the official one holds 178 MB, 1.1
+#: times its size): at most this, and at most 4 times the file's size (at least 64 MiB).
+_MAX_TARBALL_BYTES = 512 << 20
+_MAX_LABEL_NAME = 64
 
 
 def _unpickle(data: bytes, what: str) -> dict[str, Any]:
+    """The batch dict, read by the restricted reader (:mod:`._cifar_pickle`: the official
+    layout only; nothing of the file is imported or called)."""
     try:
-        # latin1: the official batches were pickled by Python 2 (str keys, str array buffers).
-        obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except Exception as e:
-        raise CorruptDataError(f"cannot unpickle CIFAR-10 batch {what}: {e}") from e
+        obj = read_pickle(data)
+    except ValueError as e:
+        raise CorruptDataError(f"cannot read CIFAR-10 batch {what}: {e}; it is not an official "
+                               f"batch: delete it and download it again from {CIFAR10_URL}"
+                               ) from None
     if not isinstance(obj, dict):
         raise CorruptDataError(f"CIFAR-10 batch {what} is not a dict (got {type(obj).__name__})")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+    out = {}
+    for k, v in obj.items():
+        if isinstance(k, bytes):
+            k = k.decode("latin1")
+        if isinstance(k, str):
+            out[k] = v
+    return out
+
+
+def _label_names(meta: dict[str, Any], what: str) -> tuple[str, ...]:
+    """The ten class names of ``batches.meta``: short printable text, or the batch is refused."""
+    names = meta.get("label_names")
+    if not isinstance(names, list) or len(names) != len(_CIFAR10_CLASSES):
+        raise CorruptDataError(f"CIFAR-10 {what}: label_names must be a list of "
+                               f"{len(_CIFAR10_CLASSES)} names; delete it (it is optional) or "
+                               "download the official tarball again")
+    out = []
+    for n in names:
+        if isinstance(n, bytes):
+            n = n.decode("latin1")
+        if not (isinstance(n, str) and 0 < len(n) <= _MAX_LABEL_NAME and n.isprintable()
+                and n.isascii()):
+            raise CorruptDataError(f"CIFAR-10 {what}: a label name that is not 1 to "
+                                   f"{_MAX_LABEL_NAME} printable ASCII characters; delete it "
+                                   "(it is optional) or download the official tarball again")
+        out.append(n)
+    return tuple(out)
+
+
+def _batch_arrays(d: dict[str, Any], what: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(data (N, 3072) uint8, labels (N,) int64)`` of one batch, each checked exactly."""
+    x = d.get("data")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 \
+            or x.shape[1] != 3 * 32 * 32:
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise CorruptDataError(f"CIFAR-10 batch {what}: data must be a uint8 array (N, 3072), "
+                               f"got {got}")
+    y = d.get("labels", d.get("fine_labels"))
+    if isinstance(y, np.ndarray):
+        if y.dtype.kind not in "iu" or y.ndim != 1:
+            raise CorruptDataError(f"CIFAR-10 batch {what}: labels must be integers (N,)")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise CorruptDataError(f"CIFAR-10 batch {what}: labels outside 0..{classes - 1}")
+        y = y.astype(np.int64)
+    elif isinstance(y, list):
+        for v in y:
+            if type(v) is not int:
+                raise CorruptDataError(f"CIFAR-10 batch {what}: a label is a "
+                                       f"{type(v).__name__}, not an integer")
+            if not 0 <= v < classes:
+                shown = v if abs(v) < 10**6 else f"of {v.bit_length()} bits"
+                raise CorruptDataError(f"CIFAR-10 batch {what}: label {shown} outside "
+                                       f"0..{classes - 1}")
+        y = np.asarray(y, dtype=np.int64)
+    else:
+        raise CorruptDataError(f"CIFAR-10 batch {what} lacks labels (a list of integers)")
+    if y.shape != (x.shape[0],):
+        raise CorruptDataError(f"CIFAR-10 batch {what}: {x.shape[0]} images but {len(y)} labels")
+    return x, y
+
+
+def _check_batch_size(size: int, what: str) -> None:
+    if size > _MAX_BATCH_BYTES:
+        raise CorruptDataError(f"CIFAR-10 batch {what} is {size:,} bytes, over the "
+                               f"{_MAX_BATCH_BYTES:,} an official batch fits in; it is not one: "
+                               f"delete it and download it again from {CIFAR10_URL}")
 
 
 def _cifar10_find(data_dir: Path) -> Path | None:
@@ -150,16 +207,23 @@ def _cifar10_read(
     if src.is_dir():
         for n in [*names, *optional]:
             if (src / n).is_file():
+                _check_batch_size((src / n).stat().st_size, str(src / n))
                 out[n] = (src / n).read_bytes()
     else:
         want = {f"{_CIFAR10_DIR}/{n}": n for n in [*names, *optional]}
         try:
-            with tarfile.open(src, "r:*") as tf:
+            limit = min(_MAX_TARBALL_BYTES, max(64 << 20, 4 * src.stat().st_size))
+            with open_bounded(src, limit) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tf:
                 for m in tf:
                     if m.name in want and m.isfile():
+                        _check_batch_size(m.size, f"{src}:{m.name}")
                         f = tf.extractfile(m)
                         assert f is not None  # isfile() members always have data
                         out[want[m.name]] = f.read()
+        except OutputLimitError as e:
+            raise CorruptDataError(f"{e}; it is not the official {_CIFAR10_TARBALL}: delete it "
+                                   f"and download it again from {CIFAR10_URL}") from None
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise CorruptDataError(
                 f"cannot read the CIFAR-10 tarball {src}: {e}; delete it and download it again "
@@ -193,25 +257,12 @@ def load_cifar10(split: str, data_dir: Path, download: bool) -> ArrayDataset:
     raw = _cifar10_read(src, names, optional=["batches.meta"])
     classes = _CIFAR10_CLASSES
     if "batches.meta" in raw:
-        label_names = _unpickle(raw["batches.meta"], f"{src}:batches.meta").get("label_names")
-        if label_names:
-            classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in label_names)
+        what = f"{src}:batches.meta"
+        classes = _label_names(_unpickle(raw["batches.meta"], what), what)
     xs, ys = [], []
     for n in names:
         what = f"{src}:{n}"
-        d = _unpickle(raw[n], what)
-        try:
-            x = np.asarray(d["data"], dtype=np.uint8)
-            y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptDataError(f"CIFAR-10 batch {what} lacks data/labels: {e}") from e
-        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
-            raise CorruptDataError(
-                f"CIFAR-10 batch {what}: expected data (N, 3072) and labels (N,), got "
-                f"{x.shape} and {y.shape}"
-            )
-        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
-            raise CorruptDataError(f"CIFAR-10 batch {what}: labels outside [0, {len(classes)})")
+        x, y = _batch_arrays(_unpickle(raw[n], what), what, len(classes))
         xs.append(x)
         ys.append(y)
     # Rows are 1024 R, then G, then B values, each row-major: exactly (3, 32, 32).
@@ -222,40 +273,65 @@ def load_cifar10(split: str, data_dir: Path, download: bool) -> ArrayDataset:
 # --------------------------------------------------------------------------- MNIST
 
 
+#: Most images an MNIST IDX file may hold (MNIST: 60,000; EMNIST by class: 697,932).
+MAX_IDX_IMAGES = 1_000_000
+#: Most bytes of data a gzipped IDX file may claim per byte of its size (MNIST's: 2-5).
+_IDX_GZIP_RATIO = 100
+_MNIST_SIZE = (28, 28)
+
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse an IDX file (gzipped if the name ends in .gz) holding ``ndim``-dim uint8 data.
+    """Parse an MNIST IDX file (gzipped when it starts with the gzip magic) holding ``ndim``-dim
+    uint8 data: ``(N, 28, 28)`` images or ``(N,)`` labels, ``1 <= N <=`` :data:`MAX_IDX_IMAGES`.
 
     Layout: 2 zero bytes, type code 0x08 (unsigned byte), ndim byte, then ``ndim`` big-endian
-    int32 sizes, then the data; anything else is reported as corrupt, naming the file.
+    int32 sizes, then the data; anything else is reported as corrupt, naming the file. The
+    sizes are checked before the data is read (against the bounds above and against the bytes
+    the file can hold: its size, or 100 times it for a ``.gz``), and the data is
+    read as a stream of exactly that many bytes: a decompression bomb stops at the bound.
     """
+    fix = "delete it and download it again (or copy an intact file there)"
+    header = 4 + 4 * ndim
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        size = path.stat().st_size
+        gz = is_gzip(path)
+        most = _IDX_GZIP_RATIO * size if gz else size
+        with open_bounded(path, header + MAX_IDX_IMAGES * 28 * 28 + 1) as f:
+            head = f.read(header)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise CorruptDataError(f"{path} is not an IDX file (bad magic number); {fix}")
+            if head[2] != 0x08:
+                raise CorruptDataError(f"{path}: IDX type code 0x{head[2]:02x}, expected 0x08 "
+                                       f"(unsigned byte); {fix}")
+            if head[3] != ndim:
+                raise CorruptDataError(f"{path}: IDX has {head[3]} dimensions, expected "
+                                       f"{ndim}; {fix}")
+            if len(head) < header:
+                raise CorruptDataError(f"{path}: truncated IDX header; {fix}")
+            dims = tuple(int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+            if dims[0] == 0:
+                raise CorruptDataError(f"{path}: the IDX file holds no images (its header says "
+                                       f"{dims}); {fix}")
+            if dims[0] > MAX_IDX_IMAGES or dims[1:] != _MNIST_SIZE[:ndim - 1]:
+                raise CorruptDataError(f"{path}: IDX sizes {dims} are not MNIST's (N, 28, 28) "
+                                       f"or (N,) with N <= {MAX_IDX_IMAGES:,}; {fix}")
+            expected = math.prod(dims)
+            if expected > most:
+                raise CorruptDataError(f"{path}: IDX header says {dims} = {expected:,} bytes "
+                                       f"of data, more than the {size:,}-byte file can hold; "
+                                       f"{fix}")
+            data = f.read(expected)
+            extra = f.read(1)
+    except OutputLimitError as e:
+        raise CorruptDataError(f"cannot read MNIST file {path}: {e}; {fix}") from None
     except (OSError, EOFError, zlib.error) as e:
         raise CorruptDataError(f"cannot read MNIST file {path}: {e}; delete it and retry") from e
-    fix = "delete it and download it again (or copy an intact file there)"
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise CorruptDataError(f"{path} is not an IDX file (bad magic number); {fix}")
-    if raw[2] != 0x08:
+    if len(data) != expected or extra:
         raise CorruptDataError(
-            f"{path}: IDX type code 0x{raw[2]:02x}, expected 0x08 (unsigned byte); {fix}"
+            f"{path}: IDX header says {dims} = {expected:,} bytes of data, the file has "
+            f"{'more' if extra else f'{len(data):,}'}; {fix}"
         )
-    if raw[3] != ndim:
-        raise CorruptDataError(f"{path}: IDX has {raw[3]} dimensions, expected {ndim}; {fix}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise CorruptDataError(f"{path}: truncated IDX header; {fix}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise CorruptDataError(
-            f"{path}: IDX header says {dims} = {expected} bytes of data, file has "
-            f"{len(raw) - header}; {fix}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _mnist_find(data_dir: Path, stem: str) -> Path | None:

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import multiprocessing
 import os
 import tarfile
@@ -48,13 +49,20 @@ from ._tar import iter_tar_files
 from .base import SPLITS, ArrayDataset, check_split, default_data_dir
 from .errors import CorruptDataError, DatasetNotFoundError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_imagefolder"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_DECODE_RATIO", "MAX_IMAGE_PIXELS", "MIN_DECODE_BYTES",
+           "load_imagefolder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CACHE_VERSION = 1
 _CHUNK = 2500  # images per worker task: big enough to amortise IPC, small enough to pipeline
 _GRAY_MODES = ("L", "1", "LA")
+#: Most pixels one image may have (4096 x 4096), checked from its header before decoding.
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: An image may decode to at most this many times its file's bytes ...
+MAX_DECODE_RATIO = 64
+#: ... or to this many bytes (a 147x147 RGB image), whichever is more.
+MIN_DECODE_BYTES = 64 << 10
 
 _log = logging.getLogger(__name__)
 
@@ -94,10 +102,13 @@ def load_imagefolder(
         )
     entries = None if is_archive else _scan_folder(root)
     cache_path = None
+    if cache and cache_dir is None:
+        try:
+            cache_dir = default_data_dir() / "cache"
+        except DatasetNotFoundError:  # no home folder and no FEWBITS_DATA: decode, cache nothing
+            cache = False
     if cache:
-        cdir = (
-            Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir() / "cache"
-        )
+        cdir = Path(cache_dir).expanduser()  # type: ignore[arg-type]
         cache_path = cdir / f"imagefolder-{_cache_key(root, entries)}.npz"
         hit = _read_cache(cache_path, split)
         if hit is not None:
@@ -167,12 +178,33 @@ def _read_cache(path: Path, split: str) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
+        _check_cache(path)
         with np.load(path, allow_pickle=False) as z:
             keys = ["classes"] + [k for k in (f"{split}_images", f"{split}_labels") if k in z.files]
             return {k: z[k] for k in keys}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         warnings.warn(f"ignoring unreadable cache {path} ({e}); decoding again", stacklevel=3)
         return None
+
+
+def _check_cache(path: Path) -> None:
+    """``ValueError`` unless every array of the ``.npz`` is stored uncompressed and its header
+    promises no more bytes than the member holds (NumPy allocates what the header says
+    before reading)."""
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+                raise ValueError(f"member {info.filename[:100]!r} is compressed or larger "
+                                 "than the file")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+            if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+                raise ValueError(f"array {info.filename[:100]!r} claims {shape} {dtype}, more "
+                                 "than it holds")
 
 
 def _write_cache(path: Path, data: dict[str, np.ndarray]) -> None:
@@ -200,6 +232,22 @@ def _to_dataset(data: dict[str, np.ndarray], split: str, src: Path) -> ArrayData
 # --------------------------------------------------------------------------- decoding
 
 
+def _check_pixels(name: str, size: tuple[int, int], nbytes: int) -> None:
+    """Refuse an image whose header promises more pixels than :data:`MAX_IMAGE_PIXELS`, or
+    more decoded bytes than :data:`MAX_DECODE_RATIO` times its file (at least
+    :data:`MIN_DECODE_BYTES`): a decompression bomb is refused before it is decoded."""
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise CorruptDataError(f"{name} is {w}x{h} = {w * h:,} pixels, over the "
+                               f"{MAX_IMAGE_PIXELS:,} fewbits decodes per image; resize the "
+                               "images first")
+    if 3 * w * h > max(MIN_DECODE_BYTES, MAX_DECODE_RATIO * nbytes):
+        raise CorruptDataError(f"{name}: a {nbytes:,}-byte file that decodes to {w}x{h} "
+                               f"pixels ({3 * w * h:,} bytes, over {MAX_DECODE_RATIO}x its "
+                               "size): a decompression bomb, or save the images as JPEG or "
+                               "a less compressible PNG")
+
+
 def _decode_chunk(blobs: list[bytes], names: list[str]) -> np.ndarray:
     """Decode images to ``(n, 1, H, W)`` if all grayscale else ``(n, 3, H, W)`` uint8.
 
@@ -211,14 +259,22 @@ def _decode_chunk(blobs: list[bytes], names: list[str]) -> np.ndarray:
     gray = True
     for blob, name in zip(blobs, names, strict=True):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
+            with warnings.catch_warnings():
+                # PIL warns above 89M pixels; _check_pixels refuses far below that
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(blob))
+            with im:
+                _check_pixels(name, im.size, len(blob))  # from the header, before decoding
                 mode = im.mode
                 if mode in _GRAY_MODES:
                     a = np.asarray(im.convert("L"))
                 elif not mode.startswith(("I", "F")):
                     gray = False
                     a = np.asarray(im if mode == "RGB" else im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except CorruptDataError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as e:
             raise CorruptDataError(f"cannot decode image {name}: {e}") from None
         if mode.startswith(("I", "F")):
             raise CorruptDataError(

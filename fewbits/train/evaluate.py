@@ -28,6 +28,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as fdist
 from ..config import ConfigError, TrainConfig
 from ..data import ArrayDataset, eval_batches, to_float
+from ..runs import data_dir_note, unfollowed_data_dir
 from .device import autocast, resolve_device
 from .model import check_model_input, load_split, net_input_shape
 
@@ -147,7 +148,9 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     ``model``: the net the caller expects (``fewbits eval --model``); a file that records
     another one is refused rather than evaluated as what it is.
 
-    ``dataset`` and ``data_dir`` default to those the run was trained on. Returns the
+    ``dataset`` defaults to the one the run was trained on; ``data_dir`` to the default data
+    folder, never the folder the file records (it is named in the error when the data is
+    not found there). Returns the
     :class:`EvalResult` of :func:`evaluate`, with the dataset, the net and the file read.
     Raises :class:`ConfigError` for a batch size below 1 or a model that does not fit the
     dataset, :class:`~fewbits.checkpoint.CheckpointError` for an unreadable file.
@@ -167,11 +170,11 @@ def evaluate_file(path: str, *, dataset: str | None = None, data_dir: str | None
     known = {f.name for f in fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in saved.items() if k in known}) if saved else None
     name = dataset or (base.dataset if base else "cifar10")
-    if data_dir is None and base is not None and base.dataset == name:
-        data_dir = base.data_dir
+    # the data folder is the user's (--data-dir) or the default, never the one the file records
     cfg = replace(base or TrainConfig(), resume=None, download=download, dataset=name,
                   data_dir=data_dir)
-    ds = load_split(cfg, "test", net_input_shape(net))
+    with data_dir_note(unfollowed_data_dir(src, saved, name, data_dir)):
+        ds = load_split(cfg, "test", net_input_shape(net))
     check_model_input(src, net, payload["model_spec"]["kwargs"], tuple(ds.images.shape[1:]),
                       cfg.dataset)
     num_classes = payload["model_spec"]["kwargs"].get("num_classes")
