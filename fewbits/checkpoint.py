@@ -35,6 +35,7 @@ from torch import nn
 
 from ._io import atomic_write
 from ._version import __version__
+from .runs import interrupted_overwrite
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -227,9 +228,18 @@ def cpu_state_dict(model: nn.Module) -> dict[str, Any]:
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A file as is; a run folder -> its ``model_best.pt``, else ``model_final.pt``, else
-    ``checkpoint.pt``. Raises :class:`CheckpointError` when none exists."""
+    ``checkpoint.pt``. Raises :class:`CheckpointError` when none exists, or when an
+    ``--overwrite`` left the folder without a checkpoint of its new run
+    (:func:`fewbits.runs.interrupted_overwrite`)."""
     path = Path(path)
     if path.is_dir():
+        aside = interrupted_overwrite(path, CHECKPOINT_NAME)
+        if aside is not None:
+            raise CheckpointError(
+                f"{path}: an --overwrite of this run has not written its first checkpoint "
+                "(interrupted, or still starting), so its model files are barely trained; the "
+                f"earlier run is in {aside}. Move its files back (mv {aside}/* {path}/) to use "
+                "it, or name a file of the new run")
         for name in _RUN_FILES:
             if (path / name).is_file():
                 return path / name

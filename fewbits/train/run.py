@@ -41,7 +41,13 @@ from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
 from ..monitor import Monitor, Progress, write_json
 from ..ops._core import NonFiniteError
-from ..runs import check_run_folder, existing_run_files
+from ..runs import (
+    check_run_folder,
+    discard_set_aside,
+    existing_run_files,
+    run_lock,
+    set_aside_run,
+)
 from .checkpointing import restore_checkpoint, resume_path, save_checkpoint, save_model
 from .device import autocast, resolve_device
 from .evaluate import evaluate
@@ -138,14 +144,17 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     """
     cfg = copy.deepcopy(config)
     check_net(cfg.net)
-    check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=bool(cfg.resume),
-                     overwrite=cfg.overwrite)
     device_type = "cpu" if cfg.context == "cpu" else "cuda"
     resolve_device(cfg.context, cfg.device_id)  # fails early, before any process group
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = fdist.init_from_env(device_type)
     try:
-        return _Run(cfg, info, on_step).run()
+        with contextlib.ExitStack() as held:
+            if info.is_main:  # the one writer: a second run into these folders refuses
+                held.enter_context(run_lock(cfg.monitor_path, cfg.save_path))
+            check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=bool(cfg.resume),
+                             overwrite=cfg.overwrite)
+            return _Run(cfg, info, on_step).run()
     finally:
         if not was_initialised:
             fdist.cleanup(info)
@@ -193,12 +202,18 @@ class _Run:
         self.best_error: float | None = None
         self.best_iter: int | None = None
         self.resumed_from: str | None = None
-        monitor_state = None
+        self.set_aside: list[Path] = []
+        monitor_state, had_run = None, False
         if cfg.resume:
             monitor_state = self._restore(cfg.resume)
-        elif info.is_main and existing_run_files(cfg.monitor_path, cfg.save_path):
+        elif info.is_main:  # --overwrite (or an empty folder: nothing to do)
+            had_run = bool(existing_run_files(cfg.monitor_path, cfg.save_path))
+            # Kept until this run's first checkpoint: a kill before it loses nothing.
+            self.set_aside = set_aside_run(cfg.monitor_path, cfg.save_path)
+        if had_run:
             print(f"note: --overwrite: the earlier run's files in {cfg.monitor_path} (and "
-                  f"{cfg.save_path}) are replaced", flush=True)
+                  f"{cfg.save_path}) are replaced; kept in .fewbits-replaced there until this "
+                  "run writes its first checkpoint", flush=True)
         self.net: nn.Module = self.model
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if info.distributed:
@@ -321,6 +336,9 @@ class _Run:
                             best={"error": self.best_error, "iteration": self.best_iter},
                             batches=self.batches, aug_gen=self.aug_gen, device=self.device,
                             monitor=monitor_state)
+            if self.set_aside:  # this run can now be resumed: the replaced one goes
+                discard_set_aside(*self.set_aside)
+                self.set_aside = []
         return path
 
     def _save_model(self, name: str, iteration: int, error: float) -> None:
