@@ -6,9 +6,11 @@ behaviour), never lost data or a silent result."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ import torch
 
 from fewbits import cli
 from fewbits.checkpoint import CheckpointError, load_checkpoint, read_file, save_file
+from fewbits.export import FormatError, _limits, export_packed, read_container
+from fewbits.export.container import _PREFIX, MAGIC, MAX_HEADER_BYTES, write_container
+from fewbits.models import create_model
 from fewbits.runs import LOCK_NAME, REPLACED_NAME, run_lock
 from fewbits.train import ConfigError, TrainConfig, TrainingDiverged, evaluate_file, train
 
@@ -311,3 +316,67 @@ def test_quantizer_meeting_a_diverged_weight_stops_the_run(tmp_path):
     finally:
         run_module._Run.__init__ = real
     _all_finite_saved(tmp_path)
+
+
+# --------------------------------------------------------------------------- export writes
+
+
+def _forge(text: bytes) -> bytes:
+    """A .fewbits file with this (uncompressed) header text, no payload and a correct SHA-256."""
+    text += b" " * (-(_PREFIX.size + len(text)) % 8)
+    body = _PREFIX.pack(MAGIC, 1, 0, len(text), 0) + text
+    return body + hashlib.sha256(body).digest()
+
+
+def test_header_too_large_never_replaces_a_good_file(tmp_path, monkeypatch, capsys):
+    good = tmp_path / "good.fewbits"
+    m = create_model("mnist_binary_connect_mlp", width=8, depth=1).eval()
+    export_packed(m, good)
+    before = good.read_bytes()
+    with pytest.raises(ValueError, match=r"cannot write .*good\.fewbits: the compressed header "
+                       r"inflates beyond .*nothing was written \(an existing file is kept\)"):
+        write_container(good, {"pad": "x" * (MAX_HEADER_BYTES + 1), "tensors": []}, {},
+                        compress_header=True)
+    assert good.read_bytes() == before
+    # the exporter and the CLI: a limit this model's header exceeds
+    monkeypatch.setattr(_limits, "MAX_HEADER_BYTES", 200)
+    with pytest.raises(ValueError, match=r"beyond the format's limit of 200 bytes"):
+        export_packed(m, good)
+    assert good.read_bytes() == before
+    run = tmp_path / "run"
+    train(tiny(run, net="mnist_binary_connect_mlp", model_args={"width": 8, "depth": 1}))
+    assert cli.main(["export", str(run), "-o", str(good)]) == 1
+    assert "nothing was written" in capsys.readouterr().err
+    assert good.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_layout_of_10000_tensors_is_linear(tmp_path):
+    n = 10_000
+    header = {"tensors": [{"name": f"layer{i}.weight"} for i in range(n)]}
+    blobs = {f"layer{i}.weight": b"\1\2" for i in range(n)}
+    t = time.perf_counter()
+    written = write_container(tmp_path / "many.fewbits", header, blobs)
+    assert time.perf_counter() - t < 5.0  # quadratic before: 10**8 set insertions
+    assert len(written["tensors"]) == n
+    header["tensors"].append({"name": "layer7.weight"})
+    with pytest.raises(ValueError, match=r"duplicate tensor names in header: \['layer7.weight'\]"):
+        write_container(tmp_path / "dupe.fewbits", header, blobs)
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_header_of_330000_keys_is_refused_or_read_quickly(tmp_path, duplicate):
+    keys = [f"k{i}" for i in range(330_000)] + (["k5", "k5"] if duplicate else [])
+    text = ("{" + ",".join(f'"{k}":0' for k in keys) + ',"tensors":[]}').encode()
+    assert len(text) < MAX_HEADER_BYTES
+    path = tmp_path / "keys.fewbits"
+    path.write_bytes(_forge(text))
+    t = time.perf_counter()
+    if duplicate:
+        with pytest.raises(FormatError, match=r"duplicate keys \['k5'\]"):
+            read_container(path)
+    else:
+        header, _ = read_container(path)
+        assert len(header) == 330_001
+    elapsed = time.perf_counter() - t
+    assert elapsed < 10.0, elapsed  # 2.5 s on a busy 2-core machine; list.count: hours
