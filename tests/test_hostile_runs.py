@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from fewbits import cli
+from fewbits._io import atomic_write, temp_dir
 from fewbits.checkpoint import CheckpointError, load_checkpoint, read_file, save_file
 from fewbits.export import FormatError, _limits, export_packed, read_container
 from fewbits.export.container import _PREFIX, MAGIC, MAX_HEADER_BYTES, write_container
@@ -380,3 +383,56 @@ def test_header_of_330000_keys_is_refused_or_read_quickly(tmp_path, duplicate):
         assert len(header) == 330_001
     elapsed = time.perf_counter() - t
     assert elapsed < 10.0, elapsed  # 2.5 s on a busy 2-core machine; list.count: hours
+
+
+# --------------------------------------------------------------------------- printed names
+
+EVIL = "\x1b]0;owned\x07\x1b[2J\rfake line\u202e"
+
+
+def _edit_header(data: bytes, edit) -> bytes:
+    _, _, flags, hlen, plen = _PREFIX.unpack_from(data)
+    raw = data[_PREFIX.size:_PREFIX.size + hlen]
+    header = json.loads(zlib.decompressobj().decompress(raw) if flags & 1 else raw)
+    edit(header)
+    text = zlib.compress(json.dumps(header, sort_keys=True).encode(), 9)
+    text += b"\0" * (-(_PREFIX.size + len(text)) % 8)
+    body = _PREFIX.pack(MAGIC, 1, 1, len(text), plen) + text + data[_PREFIX.size + hlen:-32]
+    return body + hashlib.sha256(body).digest()
+
+
+def test_names_from_files_are_printed_escaped(tmp_path, capsys):
+    good = tmp_path / "good.fewbits"
+    export_packed(create_model("mnist_binary_connect_mlp", width=8, depth=1).eval(), good)
+
+    def rename(h):
+        h["model"]["name"] = "mnist" + EVIL
+        h["tensors"][-1]["name"] = "fc" + EVIL
+    evil = tmp_path / "evil.fewbits"
+    evil.write_bytes(_edit_header(good.read_bytes(), rename))
+    for argv in (["info", str(evil)], ["info", str(evil), "--json"], ["eval", str(evil)],
+                 ["export", str(evil), "--onnx", str(tmp_path / "e.onnx")]):
+        cli.main(argv)
+        out, err = capsys.readouterr()
+        for text in (out, err):
+            assert not any(c in text for c in "\x1b\x07\r\u202e"), (argv, text)
+    cli.main(["info", str(evil)])
+    out = capsys.readouterr().out
+    assert "mnist\\x1b]0;owned\\x07\\x1b[2J\\x0dfake line\\u202e" in out
+    assert "fc\\x1b]0;owned" in out
+
+
+def test_legal_240_character_name_is_written(tmp_path):
+    name = "m" * 232 + ".fewbits"
+    assert len(name) == 240
+    export_packed(create_model("mnist_binary_connect_mlp", width=8, depth=1).eval(),
+                  tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    read_container(tmp_path / name)
+    # multi-byte characters are cut at a character boundary
+    name = "ä" * 124 + ".pt"
+    assert len(os.fsencode(name)) == 251
+    atomic_write(tmp_path / name, b"x")
+    assert (tmp_path / name).read_bytes() == b"x"
+    with temp_dir(tmp_path, name) as d:
+        assert Path(d).is_dir()
