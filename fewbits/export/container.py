@@ -32,7 +32,6 @@ format: ``packed`` (fixed-width codes), ``huffman`` (canonical Huffman codes) an
 
 from __future__ import annotations
 
-import collections
 import copy
 import hashlib
 import itertools
@@ -55,8 +54,10 @@ from ._limits import (
     MAX_JSON_DEPTH,
     MAX_NDIM,
     MAX_TENSORS,
+    few,
     header_text,
     json_depth,
+    repeated,
     tensor_count,
 )
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
@@ -124,18 +125,6 @@ def _json_bytes(obj: Any) -> bytes:
     return text.encode("utf-8")
 
 
-def _repeated(items: Iterable[Any]) -> list[Any]:
-    """The items that occur more than once, sorted (one pass, a ``Counter``)."""
-    return sorted(k for k, n in collections.Counter(items).items() if n > 1)
-
-
-def _few(items: list[Any], limit: int = 5) -> str:
-    """The first ``limit`` items, escaped (``ascii``), and how many more: a message stays one
-    short line whatever a file holds."""
-    shown = ", ".join(ascii(x)[:80] for x in items[:limit])
-    return f"[{shown}" + (f", ... {len(items) - limit} more]" if len(items) > limit else "]")
-
-
 def _pad(n: int) -> int:
     return -n % ALIGN
 
@@ -155,16 +144,16 @@ def _layout(
     bad = [n for n in names if not isinstance(n, str) or not n]
     if bad:
         raise ValueError(f'every header["tensors"] entry needs a non-empty str "name", got {bad}')
-    dupes = _repeated(names)  # linear time: 10,000 layers are not 10**8 comparisons
+    dupes = repeated(names)  # linear time: 10,000 layers are not 10**8 comparisons
     if dupes:
-        raise ValueError(f"duplicate tensor names in header: {_few(dupes)}")
+        raise ValueError(f"duplicate tensor names in header: {few(dupes)}")
     known = set(names)
     missing = [n for n in names if n not in blobs]
     extra = [n for n in blobs if n not in known]
     if missing or extra:
         raise ValueError(
-            f"header tensors and blobs must match one to one: no blob for {_few(missing)}, "
-            f"no header entry for {_few(extra)}"
+            f"header tensors and blobs must match one to one: no blob for {few(missing)}, "
+            f"no header entry for {few(extra)}"
         )
     views, table, offset = [], [], 0
     for entry in entries:
@@ -278,7 +267,7 @@ def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     out = dict(pairs)
     if len(out) != len(pairs):  # linear: a 330,000-key object is refused at once
-        raise ValueError(f"duplicate keys {_few(_repeated(k for k, _ in pairs))}")
+        raise ValueError(f"duplicate keys {few(repeated(k for k, _ in pairs))}")
     return out
 
 
@@ -410,7 +399,7 @@ def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[
     names = [s[0] for s in spans]
     if len(set(names)) != len(names):
         raise FormatError(source, "duplicate tensor names in the tensor table: "
-                          f"{_few(_repeated(names))}")
+                          f"{few(repeated(names))}")
     ordered = sorted(spans, key=lambda s: (s[1], s[2]))
     for (a, a_off, a_len), (b, b_off, _) in itertools.pairwise(ordered):
         if a_off + a_len > b_off:
