@@ -25,6 +25,7 @@ from fewbits.export import FormatError, _limits, export_packed, read_container
 from fewbits.export.container import _PREFIX, MAGIC, MAX_HEADER_BYTES, write_container
 from fewbits.models import create_model
 from fewbits.runs import LOCK_NAME, REPLACED_NAME, run_lock
+from fewbits.runtime.binary_file import load_engine
 from fewbits.train import ConfigError, TrainConfig, TrainingDiverged, evaluate_file, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,3 +437,29 @@ def test_legal_240_character_name_is_written(tmp_path):
     assert (tmp_path / name).read_bytes() == b"x"
     with temp_dir(tmp_path, name) as d:
         assert Path(d).is_dir()
+
+
+# --------------------------------------------------------------------------- folded files
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("depth", 10 ** 6, r"describes a network larger than the file can hold"),
+    ("width", 10 ** 9, r"describes a network larger than the file can hold"),
+    ("width", -1, r"field model\.kwargs: .* cannot be built with"),
+    ("depth", 1, r"holds 3 tensors that the network of its model\.kwargs does not use "
+                 r"\(\['body\.3\.weight', 'body\.4\.0\.flip', 'body\.4\.0\.threshold'\]\)"),
+    ("depth", 3, r"lacks the codes tensor 'body\.5\.weight'"),
+])
+def test_folded_file_options_are_bounded_and_must_match(tmp_path, key, value, message):
+    path = tmp_path / "fold.fewbits"
+    export_packed(create_model("mnist_binary_net_mlp", width=16, depth=2).eval(), path,
+                  fold_bn=True)
+    load_engine(path)
+
+    def edit(h):
+        h["model"]["kwargs"][key] = value
+    path.write_bytes(_edit_header(path.read_bytes(), edit))
+    t = time.perf_counter()
+    with pytest.raises(FormatError, match=message):
+        load_engine(path)
+    assert time.perf_counter() - t < 5.0  # depth=10**6: > 200 s and 10.6 GB before
