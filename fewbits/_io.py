@@ -4,7 +4,8 @@ Every file fewbits writes (checkpoints, model files, ``.fewbits`` exports, ONNX 
 series, plots, image caches, downloads, compiled kernels) goes through :func:`atomic_write`:
 
 1. the data goes to a temporary file in the target's folder, named
-   ``.fewbits-tmp.<host>.<pid>.<random>.<target name>`` (:data:`TEMP_PREFIX`);
+   ``.fewbits-tmp.<host>.<pid>.<random>.<target name>`` (:data:`TEMP_PREFIX`; the target name
+   cut short so that the whole fits the 255 bytes a file name may have);
 2. the temporary file is flushed and ``fsync``-ed, then renamed over the target
    (``os.replace``, atomic on POSIX and Windows), then the folder is ``fsync``-ed so that the
    rename itself survives a power cut.
@@ -48,12 +49,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["STALE_SECONDS", "TEMP_PREFIX", "WriteError", "append_text", "atomic_write",
+__all__ = ["NAME_MAX", "STALE_SECONDS", "TEMP_PREFIX", "WriteError", "append_text", "atomic_write",
            "clean_stale_temps", "ensure_folder", "fsync_dir", "silence_stdout", "temp_dir"]
 
 TEMP_PREFIX = ".fewbits-tmp."
 #: A temporary file older than this is stale whatever process made it (a day).
 STALE_SECONDS = 24 * 3600
+#: The longest file name (bytes) most file systems take (ext4, XFS, btrfs, APFS, NTFS).
+NAME_MAX = 255
 _HOST = socket.gethostname().replace(".", "_")[:32] or "host"
 
 
@@ -123,11 +126,23 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _fit(prefix: str, name: str, reserve: int = 0) -> str:
+    """``prefix + name``, ``name`` cut (at a character boundary) so that the result, plus
+    ``reserve`` bytes, fits :data:`NAME_MAX` bytes: a legal 240-byte target name still gets a
+    legal temporary name."""
+    room = NAME_MAX - reserve - len(os.fsencode(prefix))
+    while name and len(os.fsencode(name)) > room:  # a few hundred steps at most
+        name = name[:-1]
+    return prefix + name
+
+
 def temp_dir(folder: str | os.PathLike, name: str) -> tempfile.TemporaryDirectory:
     """A private temporary folder in ``folder`` for building ``name`` (removed on exit, and by
     :func:`clean_stale_temps` if its process is killed)."""
-    return tempfile.TemporaryDirectory(dir=folder, prefix=f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.",
-                                       suffix=f".{name}")
+    prefix = f"{TEMP_PREFIX}{_HOST}.{os.getpid()}."
+    # tempfile puts 8 random characters between prefix and suffix
+    suffix = _fit("", f".{name}", reserve=len(os.fsencode(prefix)) + 8)
+    return tempfile.TemporaryDirectory(dir=folder, prefix=prefix, suffix=suffix)
 
 
 def _explain(err: OSError, target: Path, what: str) -> WriteError:
@@ -270,7 +285,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | bytearray | memoryview
     target = _resolve_target(path)
     folder = target.parent
     clean_stale_temps(folder)
-    tmp = folder / f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.{target.name}"
+    tmp = folder / _fit(f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.",
+                        target.name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                      _file_mode(mode))

@@ -35,12 +35,14 @@ from torch import nn
 
 from ._io import atomic_write
 from ._version import __version__
+from .runs import interrupted_overwrite
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
     "CHECKSUM_KEY",
     "FORMAT_VERSION",
+    "MAX_ITERATION",
     "MODEL_FORMAT",
     "CheckpointError",
     "atomic_write_bytes",
@@ -151,12 +153,13 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
         )
     fmt = payload["format"]
     if fmt not in expect:
-        raise CheckpointError(f"{path}: format {fmt!r}, expected one of {list(expect)}")
+        raise CheckpointError(f"{path}: format {_shown(fmt)}, expected one of {list(expect)}")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format version {version!r} is not supported by this fewbits (reads "
-            f"<= {FORMAT_VERSION}, file written by fewbits {payload.get('fewbits_version')}); "
+            f"{path}: format version {_shown(version)} is not supported by this fewbits (reads "
+            f"<= {FORMAT_VERSION}, file written by fewbits "
+            f"{_shown(payload.get('fewbits_version'))}); "
             "upgrade fewbits"
         )
     for key in ("model_spec", "state_dict"):
@@ -165,7 +168,7 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
     spec = payload["model_spec"]
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
             and isinstance(spec.get("kwargs"), dict)):
-        raise CheckpointError(f"{path}: invalid model spec {spec!r}")
+        raise CheckpointError(f"{path}: invalid model spec ({_shown(spec)})")
     recorded = payload.get(CHECKSUM_KEY)  # absent in files written before fewbits 0.1.1
     if recorded is not None and recorded != content_sha256(payload):
         raise CheckpointError(
@@ -173,6 +176,10 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu",
             "them (a flipped or overwritten byte). Use another checkpoint (model_best.pt, "
             "model_final.pt) or start a new run."
         )
+    problem = _field_problem(payload, fmt)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem} (the file is corrupt or was edited); use "
+                              "another checkpoint or start a new run")
     return payload
 
 
@@ -194,8 +201,68 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+#: The largest iteration count a file may claim (a run of 2**62 steps does not exist).
+MAX_ITERATION = 2 ** 62
+#: Entries of a checkpoint's monitor window (the seed averages 10 iterations).
+_MAX_WINDOW = 100_000
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_ITERATION
+
+
+def _is_error(v: Any) -> bool:
+    return isinstance(v, float | int) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+def _field_problem(payload: dict[str, Any], fmt: str) -> str | None:
+    """What is wrong with a field a fewbits reader uses (type or range), else None."""
+    cfg = payload.get("config")
+    if cfg is not None and not (isinstance(cfg, dict) and all(isinstance(k, str) for k in cfg)):
+        return f"'config' is {_shown(cfg)}, not a dict of option names"
+    if "iteration" in payload and not _is_int(payload["iteration"]):
+        return f"'iteration' is {_shown(payload['iteration'])}, not an integer in 0..2**62"
+    if payload.get("test_error") is not None and not _is_error(payload["test_error"]):
+        return f"'test_error' is {_shown(payload['test_error'])}, not an error in [0, 1]"
+    if fmt != CHECKPOINT_FORMAT:
+        return None
+    checks: tuple[tuple[str, Any, str], ...] = (
+        ("world_size", lambda v: _is_int(v, 1), "a process count >= 1"),
+        ("optimizer", lambda v: isinstance(v, dict), "a dict"),
+        ("data_iterator", lambda v: isinstance(v, dict), "a dict"),
+        ("schedule", lambda v: v is None or isinstance(v, dict), "a dict"),
+        ("scaler", lambda v: v is None or isinstance(v, dict), "a dict or None"),
+        ("rng", lambda v: isinstance(v, dict) and all(
+            isinstance(v.get(k), torch.Tensor) and v[k].dtype == torch.uint8
+            for k in ("torch", "augment")) and (v.get("cuda") is None or isinstance(
+                v["cuda"], torch.Tensor)), "a dict of uint8 generator states"),
+        ("best", lambda v: v is None or (isinstance(v, dict) and (
+            v.get("error") is None or _is_error(v["error"])) and (
+            v.get("iteration") is None or _is_int(v["iteration"]))),
+         "{'error': an error in [0, 1] or None, 'iteration': an integer >= 0 or None}"),
+        ("monitor", lambda v: v is None or (isinstance(v, dict) and all(
+            isinstance(v.get(k, []), list) and len(v.get(k, [])) <= _MAX_WINDOW
+            and all(isinstance(x, float | int) and not isinstance(x, bool) for x in v.get(k, []))
+            for k in ("loss", "error"))), "{'loss': [numbers], 'error': [numbers]}"),
+    )
+    for key, ok, what in checks:
+        if key in payload and not ok(payload[key]):
+            return f"{key!r} is {_shown(payload[key])}, not {what}"
+    return None
+
+
+def _shown(v: Any) -> str:
+    """A field's value for a message: type and a bounded, escaped repr."""
+    text = ascii(v) if not isinstance(v, torch.Tensor) else f"tensor{tuple(v.shape)}"
+    text = text[:80] + ("..." if len(text) > 80 else "")
+    plain = v is None or (isinstance(v, int | float | str) and not isinstance(v, bool))
+    return text if plain else f"a {type(v).__name__} {text}"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint (``checkpoint.pt``); see :func:`read_file`."""
+    """Read a training checkpoint (``checkpoint.pt``); see :func:`read_file` (which also checks
+    the type and range of every field a reader uses: ``iteration`` an integer >= 0, ``config``
+    a dict, ...)."""
     payload = read_file(path, map_location, expect=(CHECKPOINT_FORMAT,))
     missing = [k for k in ("iteration", "optimizer", "rng", "data_iterator", "config")
                if k not in payload]
@@ -227,9 +294,18 @@ def cpu_state_dict(model: nn.Module) -> dict[str, Any]:
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A file as is; a run folder -> its ``model_best.pt``, else ``model_final.pt``, else
-    ``checkpoint.pt``. Raises :class:`CheckpointError` when none exists."""
+    ``checkpoint.pt``. Raises :class:`CheckpointError` when none exists, or when an
+    ``--overwrite`` left the folder without a checkpoint of its new run
+    (:func:`fewbits.runs.interrupted_overwrite`)."""
     path = Path(path)
     if path.is_dir():
+        aside = interrupted_overwrite(path, CHECKPOINT_NAME)
+        if aside is not None:
+            raise CheckpointError(
+                f"{path}: an --overwrite of this run has not written its first checkpoint "
+                "(interrupted, or still starting), so its model files are barely trained; the "
+                f"earlier run is in {aside}. Move its files back (mv {aside}/* {path}/) to use "
+                "it, or name a file of the new run")
         for name in _RUN_FILES:
             if (path / name).is_file():
                 return path / name

@@ -139,6 +139,9 @@ def _check_fields(obj: Any) -> None:
 
 _POSITIVE = (lambda v: v > 0 and math.isfinite(v), "> 0")
 _BITS = (lambda v: 1 <= int(v) <= 32, "in [1, 32]")
+#: torch generators take 64-bit seeds; the run derives a few more from ``--seed`` (+ 0x5EED).
+_SEED = (lambda v: isinstance(v, int) and -(2 ** 62) <= v < 2 ** 62,
+         "an integer in [-2**62, 2**62) (torch's generators take 64-bit seeds)")
 
 
 @dataclass
@@ -281,7 +284,7 @@ class _OptimOptions:
                               help="cosine decays to 0 at the last iteration")
     accum_steps: int = option(1, "--accum-steps", low=1, same_on_resume=True,
                               help="micro-batches of -b images accumulated per optimizer step")
-    seed: int = option(0, "--seed", same_on_resume=True,
+    seed: int = option(0, "--seed", same_on_resume=True, check=_SEED,
                        help="seed of weights, batch order and augmentation")
 
 

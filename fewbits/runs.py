@@ -6,25 +6,57 @@ new run into a folder that already holds one would silently replace them, so
 :func:`check_run_folder` refuses unless the run continues it (``--resume``) or the user asks to
 replace it (``--overwrite``).
 
+While a run writes, :func:`run_lock` holds an exclusive ``flock`` on ``FOLDER/.fewbits-run.lock``
+(:data:`LOCK_NAME`): a second run into the same folder refuses, naming the first one's pid. The
+kernel drops the lock when its process ends, however it ends, so the lock of a killed run is
+simply taken over (on a system without ``fcntl`` nothing is locked).
+
+``--overwrite`` never deletes first: :func:`set_aside_run` moves the earlier run's files into
+``FOLDER/.fewbits-replaced`` (:data:`REPLACED_NAME`), and :func:`discard_set_aside` removes
+them once the new run has written its first checkpoint. A run killed in between leaves the
+earlier run whole in that folder, and :func:`interrupted_overwrite` keeps ``fewbits eval``
+from taking the barely trained new files for the run.
+
     >>> import tempfile
     >>> check_run_folder(tempfile.mkdtemp(), None, resume=False, overwrite=False)  # empty: fine
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._io import ensure_folder, fsync_dir
 from .config import ConfigError, TrainConfig
 from .data import DatasetNotFoundError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
 
 #: The largest synthetic dataset a file may ask for (a hostile header must not allocate at will).
 MAX_SYNTHETIC = 1_000_000
 
-__all__ = ["MAX_SYNTHETIC", "RUN_FILES", "check_run_folder", "data_dir_note",
-           "existing_run_files", "recorded_eval_config", "training_data", "unfollowed_data_dir"]
+__all__ = ["LOCK_NAME", "MAX_SYNTHETIC", "REPLACED_NAME", "RUN_FILES", "check_run_folder",
+           "data_dir_note", "discard_set_aside", "existing_run_files", "interrupted_overwrite",
+           "recorded_eval_config", "run_lock", "set_aside_run", "training_data",
+           "unfollowed_data_dir"]
+
+#: The lock file a running ``fewbits train`` holds in each of its folders.
+LOCK_NAME = ".fewbits-run.lock"
+#: Where ``--overwrite`` keeps the earlier run until the new one has a checkpoint.
+REPLACED_NAME = ".fewbits-replaced"
+#: Files of a run that mark nothing by themselves but belong to it (moved aside with it).
+_OTHER_RUN_FILES = ("training_curves.png",)
+#: How much of a lock file is read back to name its holder.
+_HOLDER_BYTES = 200
 
 #: Files whose presence marks a folder as holding a fewbits run.
 RUN_FILES = ("Training-loss.series.txt", "Training-error.series.txt", "Test-error.series.txt",
@@ -122,3 +154,121 @@ def data_dir_note(note: str) -> Iterator[None]:
             raise
         raise type(e)(f"{e}; {note}") from None
 
+
+# --------------------------------------------------------------------------- run lock
+
+
+def _holder(fd: int) -> str:
+    """What the lock file says about its holder (bounded, control characters escaped)."""
+    try:
+        text = os.pread(fd, _HOLDER_BYTES, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return ascii(text)[1:-1] if text else "pid unknown"
+
+
+def _acquire(folder: Path) -> tuple[Path, int] | None:
+    path = folder / LOCK_NAME
+    for _ in range(20):  # the holder may unlink the file between our open and flock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise ConfigError(f"{folder}: cannot create the run lock {path} ({e.strerror}); "
+                              "give a folder you can write (-m/--monitor-path, -o)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"{folder} is in use by another fewbits run ({holder}); two runs in one folder "
+                "would mix their files. Wait for it to end (or stop it), or give another "
+                "-m/--monitor-path (and -o)") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except OSError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()[:64]}, started "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+            return path, fd
+        os.close(fd)
+    raise ConfigError(f"{folder}: could not take the run lock {path}; try again")
+
+
+@contextlib.contextmanager
+def run_lock(*folders: str | os.PathLike | None) -> Iterator[None]:
+    """Hold the run lock of each folder (created if missing; ``None`` and paths that are not
+    folders are skipped, for :func:`check_run_folder` to explain) while inside.
+
+    Raises :class:`fewbits.train.ConfigError` naming the holder (``pid N on HOST``) when
+    another process holds one. The lock file is removed on exit; a killed process's lock is
+    released by the kernel and taken over by the next run.
+    """
+    held: list[tuple[Path, int]] = []
+    try:
+        # One lock per folder, however it is spelt (a second flock of ours would refuse).
+        for folder in dict.fromkeys(Path(f).resolve() for f in folders if f is not None):
+            if fcntl is None or (folder.exists() and not folder.is_dir()):
+                continue
+            ensure_folder(folder)
+            got = _acquire(folder)
+            if got is not None:
+                held.append(got)
+        yield
+    finally:
+        for path, fd in reversed(held):
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: a waiter then sees a new file
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- --overwrite
+
+
+def set_aside_run(*folders: str | os.PathLike | None) -> list[Path]:
+    """``--overwrite``: move each folder's run files into ``FOLDER/.fewbits-replaced``;
+    returns the folders that now hold one.
+
+    A folder that already holds one (an earlier ``--overwrite`` was interrupted) keeps it when
+    the files beside it never got a checkpoint (they are that interrupted run's: deleted);
+    otherwise the old set-aside was due for removal and the current run takes its place.
+    """
+    out: list[Path] = []
+    for folder in dict.fromkeys(Path(f) for f in folders if f is not None):
+        aside = folder / REPLACED_NAME
+        files = [folder / n for n in RUN_FILES + _OTHER_RUN_FILES if (folder / n).is_file()]
+        if aside.is_dir() and not (folder / "checkpoint.pt").is_file():
+            for f in files:
+                f.unlink()
+            out.append(folder)
+            continue
+        if not files:
+            continue
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for f in files:
+            os.replace(f, aside / f.name)
+        fsync_dir(aside)
+        fsync_dir(folder)
+        out.append(folder)
+    return out
+
+
+def discard_set_aside(*folders: str | os.PathLike | None) -> None:
+    """Remove what :func:`set_aside_run` kept (the new run has its first checkpoint)."""
+    for folder in dict.fromkeys(Path(f) for f in folders if f is not None):
+        shutil.rmtree(folder / REPLACED_NAME, ignore_errors=True)
+
+
+def interrupted_overwrite(folder: str | os.PathLike, checkpoint_name: str) -> Path | None:
+    """The earlier run's folder when ``folder`` holds a run set aside by an ``--overwrite``
+    whose new run has no checkpoint yet (interrupted, or still starting: its model files are
+    barely trained, not the run's); else None."""
+    aside = Path(folder) / REPLACED_NAME
+    if aside.is_dir() and not (Path(folder) / checkpoint_name).is_file():
+        return aside
+    return None

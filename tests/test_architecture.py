@@ -17,7 +17,8 @@ PKG = ROOT / "fewbits"
 #: (rank, group, module prefixes). A module may import its own group and lower ranks only;
 #: groups of equal rank do not import each other. Longest prefix wins.
 LAYERS = [
-    (0, "math", ["fewbits._math", "fewbits._cbuild", "fewbits._version", "fewbits._io"]),
+    (0, "math", ["fewbits._math", "fewbits._cbuild", "fewbits._version", "fewbits._io",
+                     "fewbits._text"]),
     (0, "bits", ["fewbits.export.packing", "fewbits.export.huffman"]),
     (1, "kernels", ["fewbits._kernels"]),
     (1, "data", ["fewbits.data"]),

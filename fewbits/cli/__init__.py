@@ -40,7 +40,8 @@ __all__ = [
     "str2bool",
 ]
 
-register_subcommand("train", add_train_arguments, train_cmd.run_train, train_cmd.HELP)
+register_subcommand("train", add_train_arguments, train_cmd.run_train, train_cmd.HELP,
+                    train_cmd.TRAIN_ERRORS)
 register_subcommand("eval", eval_cmd.add_eval_arguments, eval_cmd.run_eval, eval_cmd.HELP)
 register_subcommand("list", list_cmd.add_list_arguments, list_cmd.run_list, list_cmd.HELP)
 register_subcommand("export", export_cmd.add_export_arguments, export_cmd.run_export,

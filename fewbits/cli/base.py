@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._io import WriteError
+from .._text import printable
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import ChecksumError, CorruptDataError, DatasetNotFoundError
@@ -75,7 +76,9 @@ def register_subcommand(name: str, add_arguments: Callable[[argparse.ArgumentPar
 def report_error(prog: str, error: BaseException) -> int:
     """Print ``PROG: error: MESSAGE`` to stderr; return 2 for a
     :class:`~fewbits.config.ConfigError` (a bad option, as argparse), else 1."""
-    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    # Messages quote names from files: their control characters are shown, not run.
+    print(f"{prog}: error: {printable(error, keep_newlines=True)}", file=sys.stderr,
+          flush=True)
     return 2 if isinstance(error, ConfigError) else 1
 
 

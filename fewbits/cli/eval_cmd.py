@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import replace
 
+from .._text import printable
 from ..config import CONTEXTS, TYPE_CONFIGS, ConfigError
 from ..data import DATASETS, ArrayDataset, load_dataset
 from ..export import load_packed, read_container
@@ -157,8 +158,9 @@ def _eval_packed(ns: argparse.Namespace) -> EvalResult:
 
 def format_result(r: EvalResult) -> str:
     """The one-line report of ``fewbits eval`` (runs, checkpoints and packed files alike)."""
-    on = f", on {r.fast_path}" if r.fast_path else ""
-    return (f"{r.net} ({r.file}) on {r.dataset} test, {r.total} images: error "
+    on = f", on {printable(r.fast_path)}" if r.fast_path else ""
+    return (f"{printable(r.net)} ({printable(r.file)}) on {printable(r.dataset)} test, "
+            f"{r.total} images: error "
             f"{100 * r.error:.2f}% (accuracy {100 * r.accuracy:.2f}%), "
             f"{r.images_per_second:.0f} images/s{on}")
 

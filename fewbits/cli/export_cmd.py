@@ -16,6 +16,7 @@ import zipfile
 
 import torch
 
+from .._text import printable
 from ..checkpoint import load_model
 from ..config import ConfigError
 from ..export import export_packed, packed_info
@@ -104,7 +105,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model {args.model}: {source} was trained as "
                           f"{model.fewbits_spec['name']}, which it is rebuilt as; drop --model")
     used = (getattr(model, "fewbits_source", None) or {}).get("path") or source
-    print(f"exporting {used}", flush=True)  # which checkpoint of a run folder was used
+    print(f"exporting {printable(used)}", flush=True)  # which checkpoint of a run folder was used
     if args.output:
         report = export_packed(model, args.output, entropy=args.entropy, bn=args.bn,
                                fold_bn=args.fold_bn)

@@ -12,9 +12,11 @@ import argparse
 from .. import config
 from .. import train as training
 
-__all__ = ["HELP", "add_train_arguments", "config_from_args", "run_train"]
+__all__ = ["HELP", "TRAIN_ERRORS", "add_train_arguments", "config_from_args", "run_train"]
 
 HELP = "train a network (the seed's classification.py flags and more)"
+#: Besides :data:`fewbits.cli.base.USER_ERRORS`: a diverged run ends with one line (exit 1).
+TRAIN_ERRORS: tuple[type[BaseException], ...] = (training.TrainingDiverged,)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -142,11 +142,13 @@ class _Budget:
                               f"{self.max_elements}")
 
 
-def create_within(name: str, kwargs: dict, tensors: int, elements: int) -> nn.Module:
+def create_within(name: str, kwargs: dict, tensors: int, elements: int, *,
+                  meta: bool = False) -> nn.Module:
     """``create_model(name, **kwargs)``, first built on the ``meta`` device (no memory): a
     build that registers more than ``tensors`` tensors or ``elements`` values stops there with
     ``OverBudget`` (a ValueError) instead of building layers for minutes or allocating
-    gigabytes. Other construction errors propagate."""
+    gigabytes. Other construction errors propagate. ``meta=True`` returns that meta-device
+    build (shapes only, as the binary engine needs) instead of building again."""
 
     budget = _Budget(tensors, elements)
     hooks = [nn.modules.module.register_module_parameter_registration_hook(budget.add),
@@ -154,21 +156,21 @@ def create_within(name: str, kwargs: dict, tensors: int, elements: int) -> nn.Mo
     _Budget.local.active = budget
     try:
         with torch.device("meta"):
-            create_model(name, **kwargs)
+            shapes = create_model(name, **kwargs)
     finally:
         _Budget.local.active = None
         for h in hooks:
             h.remove()
-    return create_model(name, **kwargs)
+    return shapes if meta else create_model(name, **kwargs)
 
 
-def build_bounded(header: dict, source: str) -> nn.Module:
+def build_bounded(header: dict, source: str, *, meta: bool = False) -> nn.Module:
     """The model of a ``.fewbits`` header, within :func:`model_budget` (see
-    :func:`create_within`): options such as ``depth=10**6`` or ``width=10**9`` are refused in
-    milliseconds."""
+    :func:`create_within`; ``meta``: on the meta device): options such as ``depth=10**6`` or
+    ``width=10**9`` are refused in milliseconds."""
     name, kwargs = header["model"]["name"], header["model"]["kwargs"]
     try:
-        return create_within(name, kwargs, *model_budget(header))
+        return create_within(name, kwargs, *model_budget(header), meta=meta)
     except OverBudget as e:
         raise _fail(source, f"field model.kwargs {kwargs!r}"[:300] + " describes a network "
                     f"larger than the file can hold ({e})") from None

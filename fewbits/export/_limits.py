@@ -10,10 +10,11 @@ so a hostile entry costs nothing to refuse. :mod:`fewbits.export.container` appl
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from .huffman import validated_table
 from .packing import MAX_BITS
 
 __all__ = ["ENCODINGS", "HUFFMAN_MAX_BITS", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_NDIM",
-           "MAX_TENSORS", "header_text", "json_depth", "tensor_count"]
+           "MAX_TENSORS", "few", "header_text", "json_depth", "repeated", "tensor_count"]
 
 #: Flag bit 0 of the container: the header is zlib-compressed JSON.
 FLAG_HEADER_ZLIB = 0x0001
@@ -49,6 +50,18 @@ _RAW_DTYPES = (
     "bool",
 )
 ENCODINGS = ("packed", "huffman", *(f"raw-{d}" for d in _RAW_DTYPES))
+
+
+def repeated(items: Iterable[Any]) -> list[Any]:
+    """The items that occur more than once, sorted (one pass, a ``Counter``)."""
+    return sorted(k for k, n in collections.Counter(items).items() if n > 1)
+
+
+def few(items: list[Any], limit: int = 5) -> str:
+    """The first ``limit`` items, escaped (``ascii``), and how many more: a message stays one
+    short line whatever a file holds."""
+    shown = ", ".join(ascii(x)[:80] for x in items[:limit])
+    return f"[{shown}" + (f", ... {len(items) - limit} more]" if len(items) > limit else "]")
 
 
 def header_text(raw: bytes, flags: int) -> bytes:

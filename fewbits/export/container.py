@@ -54,8 +54,10 @@ from ._limits import (
     MAX_JSON_DEPTH,
     MAX_NDIM,
     MAX_TENSORS,
+    few,
     header_text,
     json_depth,
+    repeated,
     tensor_count,
 )
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
@@ -142,15 +144,16 @@ def _layout(
     bad = [n for n in names if not isinstance(n, str) or not n]
     if bad:
         raise ValueError(f'every header["tensors"] entry needs a non-empty str "name", got {bad}')
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = repeated(names)  # linear time: 10,000 layers are not 10**8 comparisons
     if dupes:
-        raise ValueError(f"duplicate tensor names in header: {dupes}")
+        raise ValueError(f"duplicate tensor names in header: {few(dupes)}")
+    known = set(names)
     missing = [n for n in names if n not in blobs]
-    extra = [n for n in blobs if n not in set(names)]
+    extra = [n for n in blobs if n not in known]
     if missing or extra:
         raise ValueError(
-            f"header tensors and blobs must match one to one: no blob for {missing}, "
-            f"no header entry for {extra}"
+            f"header tensors and blobs must match one to one: no blob for {few(missing)}, "
+            f"no header entry for {few(extra)}"
         )
     views, table, offset = [], [], 0
     for entry in entries:
@@ -215,6 +218,8 @@ def write_container(
     is not JSON-serialisable. ``compress_header`` stores the JSON zlib-compressed (flag bit 0).
     """
     head, views, _ = _layout(header, blobs, compress_header)
+    written = _readable(head, views, path)  # every reader check first: a good file is
+    #                                          never replaced by one that would be refused
 
     def write(f: Any) -> None:
         digest = hashlib.sha256()
@@ -224,7 +229,31 @@ def write_container(
         f.write(digest.digest())
 
     atomic_write(path, write)
-    return json.loads(header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2]))
+    return written
+
+
+def _readable(head: bytes, placed: list[tuple[int, memoryview]], path: Any) -> dict:
+    """The header as :func:`loads` will parse it, after the reader's checks on it (size,
+    nesting, tensor count, each tensor's fields against its bytes); ValueError naming
+    ``path`` and saying nothing was written otherwise."""
+    try:
+        text = header_text(head[_PREFIX.size :], _PREFIX.unpack_from(head)[2])
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"header JSON is nested {depth} levels deep, beyond the format's "
+                             f"limit of {MAX_JSON_DEPTH}")
+        written = json.loads(text)
+        table = written.get("tensors", [])
+        if len(table) > MAX_TENSORS:
+            raise ValueError(f"{len(table)} tensors, beyond the format's limit of {MAX_TENSORS}")
+        for entry, (_, view) in zip(table, placed, strict=True):
+            if "encoding" in entry:
+                tensor_count(entry, view.nbytes, view)
+    except ValueError as err:
+        raise ValueError(f"cannot write {os.fspath(path)}: {err}; fewbits would refuse to "
+                         "read such a file, so nothing was written (an existing file is "
+                         "kept)") from None
+    return written
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
@@ -236,11 +265,10 @@ def read_container(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise ValueError(f"duplicate keys {dupes}")
-    return dict(pairs)
+    out = dict(pairs)
+    if len(out) != len(pairs):  # linear: a 330,000-key object is refused at once
+        raise ValueError(f"duplicate keys {few(repeated(k for k, _ in pairs))}")
+    return out
 
 
 def _reject_constant(name: str) -> Any:
@@ -352,7 +380,7 @@ def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[
             raise FormatError(
                 source,
                 f"tensor table entry {k} needs a str name and int offset/length >= 0, "
-                f"got {entry!r}",
+                f"got {ascii(entry)[:200]}",
             )
         if offset + length > payload_length:
             raise FormatError(
@@ -370,7 +398,8 @@ def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[
         spans.append((name, offset, length))
     names = [s[0] for s in spans]
     if len(set(names)) != len(names):
-        raise FormatError(source, f"duplicate tensor names in the tensor table: {names}")
+        raise FormatError(source, "duplicate tensor names in the tensor table: "
+                          f"{few(repeated(names))}")
     ordered = sorted(spans, key=lambda s: (s[1], s[2]))
     for (a, a_off, a_len), (b, b_off, _) in itertools.pairwise(ordered):
         if a_off + a_len > b_off:

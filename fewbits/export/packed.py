@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._text import printable
 from ..checkpoint import load_model  # a run folder or a checkpoint file
 from ..layers import quant_layers
 from ..models import is_model
@@ -100,12 +101,15 @@ class ExportReport:
         return self.fp32_bytes / self.file_bytes if self.file_bytes else math.inf
 
     def table(self) -> str:
-        lines = [f"{self.model}  ({self.path})",
+        """The report as a text table; names from the file are shown escaped
+        (:func:`fewbits._text.printable`: a terminal escape in a name is not run)."""
+        lines = [f"{printable(self.model)}  ({printable(self.path)})",
                  f"{'tensor':44s} {'role':6s} {'count':>8s} {'bits':>4s} {'bytes':>8s} "
                  f"{'bits/elem':>9s}  encoding"]
         for e in self.entries:
-            lines.append(f"{e.name:44s} {e.role:6s} {e.count:8d} {e.bits:4d} {e.nbytes:8d} "
-                         f"{e.bits_per_element:9.3f}  {e.encoding}")
+            lines.append(f"{printable(e.name):44s} {printable(e.role):6s} {e.count:8d} "
+                         f"{e.bits:4d} {e.nbytes:8d} {e.bits_per_element:9.3f}  "
+                         f"{printable(e.encoding)}")
         lines.append(
             f"file {self.file_bytes:,} bytes; fp32 state dict {self.fp32_bytes:,} bytes; "
             f"{self.ratio:.1f}x smaller; {self.bits_per_weight:.3f} bits per quantized weight"

@@ -37,10 +37,14 @@ def eager_impl(op: Any) -> Callable[..., Any]:
 U8 = torch.uint8
 
 
+class NonFiniteError(ValueError):
+    """A quantizer got NaN/inf input (training tells a diverged run by this type)."""
+
+
 def nonfinite_error(x: Tensor, fn: str, arg: str) -> ValueError:
-    """The error every quantizer raises for NaN/inf input."""
+    """The error every quantizer raises for NaN/inf input (a :class:`NonFiniteError`)."""
     bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-    return ValueError(
+    return NonFiniteError(
         f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
         "diverging run: lower the learning rate, or check the data for NaN/inf."
     )

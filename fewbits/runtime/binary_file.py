@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export._guard import check_model_header
+from ..export._guard import build_bounded, check_model_header
+from ..export._limits import few
 from ..export.container import FormatError, decode_tensor, encode_tensor, read_model_file
-from ..models import create_model
 from ..quantizers import Codes
 from .binary import BinaryEngine, Step, binary_plan, fold_binary_net
 from .binary_fold import smallest_int_dtype
@@ -96,9 +96,10 @@ def load_engine(path: str | os.PathLike, *, isa: str | None = None) -> BinaryEng
         raise FormatError(path, "its batch norm is not folded", "export it with fold_bn=True "
                           "(`fewbits export --fold-bn`), or use "
                           "BinaryEngine.from_model(load_packed(path))")
-    try:  # on the meta device: only shapes are needed, and a hostile width allocates nothing
-        with torch.device("meta"):
-            model = create_model(header["model"]["name"], **header["model"]["kwargs"])
+    # On the meta device (only shapes are needed) and within what the file can hold, as
+    # load_packed builds: depth=10**6 or width=-1 are refused before any layer is built.
+    model = build_bounded(header, path, meta=True)
+    try:
         plan = binary_plan(model)
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(path, f"its model cannot run on the binary engine: {e}") from e
@@ -132,4 +133,9 @@ def load_engine(path: str | os.PathLike, *, isa: str | None = None) -> BinaryEng
         if stem:
             data[f"{s.bn}.nonfinite"] = _read(path, blobs, by_name, f"{s.bn}.nonfinite",
                                               "folded", [2, s.cout], ("packed",)).astype(bool)
+    unused = sorted(set(by_name) - set(data))
+    if unused:  # the options describe a smaller network than the file's (depth edited)
+        raise FormatError(path, f"it holds {len(unused)} tensors that the network of its "
+                          f"model.kwargs does not use ({few(unused)}): its options do not "
+                          "match its weights", "the file is corrupt or was edited")
     return BinaryEngine(plan, data, BinaryEngine.input_shape(plan), isa)

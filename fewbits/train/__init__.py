@@ -28,7 +28,7 @@ from .model import (
     load_split,
     net_input_shape,
 )
-from .run import LRSchedule, TrainResult, train
+from .run import LRSchedule, TrainingDiverged, TrainResult, train
 from .signals import TrainingInterrupted
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "LRSchedule",
     "TrainConfig",
     "TrainResult",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "build_model",
     "check_input_shape",

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,14 @@ from ..config import ConfigError, TrainConfig
 from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
 from ..monitor import Monitor, Progress, write_json
-from ..runs import check_run_folder, existing_run_files
+from ..ops._core import NonFiniteError
+from ..runs import (
+    check_run_folder,
+    discard_set_aside,
+    existing_run_files,
+    run_lock,
+    set_aside_run,
+)
 from .checkpointing import restore_checkpoint, resume_path, save_checkpoint, save_model
 from .device import autocast, resolve_device
 from .evaluate import evaluate
@@ -56,7 +65,35 @@ from .model import (
 )
 from .signals import StopSignals, TrainingInterrupted
 
-__all__ = ["LRSchedule", "TrainResult", "train"]
+__all__ = ["LRSchedule", "TrainResult", "TrainingDiverged", "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters became NaN/inf: the run stops (nothing diverged is saved)
+    and says what to change. Attribute ``iteration``: the iterations done."""
+
+    def __init__(self, iteration: int, what: str, lr: float) -> None:
+        self.iteration = iteration
+        super().__init__(
+            f"training diverged at iteration {iteration}: {what}. Lower -l/--learning-rate "
+            f"(now {lr:g}) and start again with --overwrite, or --resume with a lower one "
+            "(checkpoints are only written while the run is finite)")
+
+
+def _usable_threads(asked: int, report: bool) -> int:
+    """``--threads``, at most the CPU cores this process may use (more threads than cores
+    only make torch slower): the count to use, with a warning when it is lowered."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if asked <= cores:
+        return asked
+    if report:
+        print(f"warning: --threads {asked} is more than the {cores} CPU cores this process "
+              f"may use (extra threads only slow torch down); using {cores}", file=sys.stderr,
+              flush=True)
+    return cores
 
 
 @dataclass
@@ -107,14 +144,17 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     """
     cfg = copy.deepcopy(config)
     check_net(cfg.net)
-    check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=bool(cfg.resume),
-                     overwrite=cfg.overwrite)
     device_type = "cpu" if cfg.context == "cpu" else "cuda"
     resolve_device(cfg.context, cfg.device_id)  # fails early, before any process group
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = fdist.init_from_env(device_type)
     try:
-        return _Run(cfg, info, on_step).run()
+        with contextlib.ExitStack() as held:
+            if info.is_main:  # the one writer: a second run into these folders refuses
+                held.enter_context(run_lock(cfg.monitor_path, cfg.save_path))
+            check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=bool(cfg.resume),
+                             overwrite=cfg.overwrite)
+            return _Run(cfg, info, on_step).run()
     finally:
         if not was_initialised:
             fdist.cleanup(info)
@@ -130,12 +170,19 @@ class _Run:
         self.cfg, self.info, self.on_step = cfg, info, on_step
         self.device = dev = resolve_device(cfg.context, cfg.device_id, info)
         if cfg.threads is not None:
+            cfg.threads = _usable_threads(cfg.threads, info.is_main)  # config.json: as run
             torch.set_num_threads(cfg.threads)
         if dev.type == "cuda" and cfg.context == "cudnn":
             torch.backends.cudnn.benchmark = True
         self.train_ds, self.test_ds = self._load_data()
         self.image_shape: tuple[int, ...] = tuple(self.train_ds.images.shape[1:])
         self._check_data()
+        n = len(self.train_ds)
+        if cfg.batch_size * info.world_size > n:
+            raise ConfigError(f"-b/--batch-size {cfg.batch_size}"
+                              + (f" x {info.world_size} processes" if info.distributed else "")
+                              + f" is more than the {n} training images of --dataset "
+                              f"{cfg.dataset}; give -b {n // info.world_size} or less")
         self.batches = BatchIterator(self.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                      rank=info.rank, world_size=info.world_size)
         self._resolve_options()
@@ -155,12 +202,18 @@ class _Run:
         self.best_error: float | None = None
         self.best_iter: int | None = None
         self.resumed_from: str | None = None
-        monitor_state = None
+        self.set_aside: list[Path] = []
+        monitor_state, had_run = None, False
         if cfg.resume:
             monitor_state = self._restore(cfg.resume)
-        elif info.is_main and existing_run_files(cfg.monitor_path, cfg.save_path):
+        elif info.is_main:  # --overwrite (or an empty folder: nothing to do)
+            had_run = bool(existing_run_files(cfg.monitor_path, cfg.save_path))
+            # Kept until this run's first checkpoint: a kill before it loses nothing.
+            self.set_aside = set_aside_run(cfg.monitor_path, cfg.save_path)
+        if had_run:
             print(f"note: --overwrite: the earlier run's files in {cfg.monitor_path} (and "
-                  f"{cfg.save_path}) are replaced", flush=True)
+                  f"{cfg.save_path}) are replaced; kept in .fewbits-replaced there until this "
+                  "run writes its first checkpoint", flush=True)
         self.net: nn.Module = self.model
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if info.distributed:
@@ -264,7 +317,16 @@ class _Run:
             print(f"resuming from {path} at iteration {self.start_iter}", flush=True)
         return state.get("monitor") or {}
 
+    def _check_finite(self, iteration: int) -> None:
+        """Raise :class:`TrainingDiverged` when a parameter or buffer is NaN/inf (before
+        anything is saved: a diverged state is worth nothing)."""
+        bad = next((n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise TrainingDiverged(iteration, f"{bad} holds NaN/inf", self.cfg.learning_rate)
+
     def _save_checkpoint(self, iteration: int) -> Path:
+        self._check_finite(iteration)
         path = self.cfg.save_path / ckpt.CHECKPOINT_NAME
         monitor_state = self.monitor.state_dict()
         if self.info.is_main:
@@ -274,9 +336,13 @@ class _Run:
                             best={"error": self.best_error, "iteration": self.best_iter},
                             batches=self.batches, aug_gen=self.aug_gen, device=self.device,
                             monitor=monitor_state)
+            if self.set_aside:  # this run can now be resumed: the replaced one goes
+                discard_set_aside(*self.set_aside)
+                self.set_aside = []
         return path
 
     def _save_model(self, name: str, iteration: int, error: float) -> None:
+        self._check_finite(iteration)
         if self.info.is_main:
             save_model(self.cfg.save_path / name, self.model, self.cfg, iteration, error)
 
@@ -352,7 +418,7 @@ class _Run:
         images_per_step = cfg.batch_size * info.world_size * cfg.accum_steps
         # Under torchrun the ranks agree on a stop at these multiples only (one all-reduce).
         stop_checks = (self.monitor.interval, cfg.checkpoint_interval)
-        train_time, t_images = 0.0, 0
+        train_time, t_images, i = 0.0, 0, self.start_iter
         try:
             with self.stop:
                 i = self.start_iter
@@ -364,6 +430,9 @@ class _Run:
                     t0 = time.perf_counter()
                     stats = self._step(i)
                     window = self.monitor.add_train(i, stats)
+                    if window is not None and not math.isfinite(window[0]):
+                        raise TrainingDiverged(i + 1, f"the training loss is {window[0]}",
+                                               cfg.learning_rate)
                     train_time += time.perf_counter() - t0
                     t_images += images_per_step
                     self.progress.step(i, images_per_step, window)
@@ -380,6 +449,8 @@ class _Run:
                 final = self._validate(cfg.max_iter)
                 self._save_model("model_final.pt", cfg.max_iter, final)
                 self._save_checkpoint(cfg.max_iter)
+        except NonFiniteError as e:  # a quantizer met the NaN/inf of a diverged step
+            raise TrainingDiverged(i, str(e).split(";")[0], cfg.learning_rate) from None
         finally:
             self.progress.close()
         rate = t_images / train_time if train_time > 0 else 0.0
