@@ -85,7 +85,8 @@ class _Base(nn.Module):
 
     def linear(self, cin: int, cout: int, hidden: bool = False, bias: bool = True) -> QuantLinear:
         # Hidden layers feed batch norm, which cancels a bias: leave it out, as for convs.
-        return QuantLinear(cin, cout, bias=bias and not hidden, weight_quantizer=self._fam.weight(self.cfg),
+        return QuantLinear(cin, cout, bias=bias and not hidden,
+                           weight_quantizer=self._fam.weight(self.cfg),
                            bias_quantizer=None if hidden else self._fam.bias(self.cfg))
 
 

@@ -26,6 +26,7 @@ from .mapping import (
     NNABLA_INQ_BITS,
     ImportReport,
     expected_parameters,
+    file_iteration,
     load_parameters,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "NNablaImportError",
     "decode_parameter_protobuf",
     "expected_parameters",
+    "file_iteration",
     "load_parameters",
     "read_parameters",
 ]

@@ -46,7 +46,7 @@ from ..quantizers import INQ, MinMax
 from .files import NNablaImportError, read_parameters
 
 __all__ = ["LAYER_SCOPES", "NNABLA_INQ_BITS", "ImportReport", "expected_parameters",
-           "load_parameters"]
+           "file_iteration", "load_parameters"]
 
 #: The parametric-function scope of each family's convolutions and final affine
 #: (``@parametric_function_api`` in ``nnabla/parametric_functions.py``).
@@ -172,8 +172,14 @@ def _family_of_file(names: Any) -> set[str]:
     return {f for f, (conv, _) in LAYER_SCOPES.items() if conv in scopes}
 
 
-def _iteration_of(path: str) -> int:
-    m = re.fullmatch(r"params_(\d{1,9})\.h5", os.path.basename(path))
+def file_iteration(path: str | os.PathLike) -> int:
+    """The iteration an NNabla parameter file was saved at, from the example's name
+    ``params_N.h5`` (``classification.py``); 0 for any other name.
+
+        >>> file_iteration("monitor.bc/params_012000.h5"), file_iteration("model.nnp")
+        (12000, 0)
+    """
+    m = re.fullmatch(r"params_(\d{1,9})\.(h5|nnp|protobuf)", os.path.basename(str(path)))
     return int(m.group(1)) if m else 0
 
 
@@ -227,7 +233,7 @@ def load_parameters(path: str | os.PathLike | dict[str, np.ndarray], model: nn.M
             raise NNablaImportError(f"{src}: parameter {name!r} holds "
                                     f"{int((~np.isfinite(a)).sum())} NaN or infinite values")
     report = ImportReport(src, fam, len(params), int(sum(a.size for a in params.values())))
-    it = _iteration_of(src) if iteration is None else int(iteration)
+    it = file_iteration(src) if iteration is None else int(iteration)
     was = model.training
     model.eval()
     try:
