@@ -30,7 +30,9 @@ NNABLA_NO_FC_BIAS: tuple[str, ...] = ("min_max",)
 
 class NNablaBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose evaluation forward is NNabla's test-mode batch norm, operation
-    for operation in the input's dtype (``BatchNormalization::forward_impl_global``)::
+    for operation in the input's dtype (``BatchNormalization::forward_impl_global`` in
+    ``src/nbla/function/generic/batch_normalization.cpp``; ``eps`` = 1e-5 rounded to the dtype
+    first, ``PF.batch_normalization``'s default)::
 
         y = ((x - mean) * gamma) / sqrt(var + eps) + beta
 
@@ -52,7 +54,12 @@ class NNablaBatchNorm2d(nn.BatchNorm2d):
         y = x - self.running_mean.reshape(shape)
         if self.weight is not None:
             y = y * self.weight.reshape(shape)
-        y = y / torch.sqrt(self.running_var.reshape(shape) + self.eps)
+        var = self.running_var.reshape(shape)
+        # (T)eps: eps rounded to the dtype first (a Python float would be added in float64);
+        # std::sqrt is correctly rounded, torch.sqrt on the CPU is not always (1 ulp off): the
+        # square root of a float32 in float64, rounded once, is the correctly rounded one.
+        v = var + torch.full((), self.eps, dtype=var.dtype, device=var.device)
+        y = y / (torch.sqrt(v.double()).to(v.dtype) if v.dtype == torch.float32 else v.sqrt())
         return y + self.bias.reshape(shape) if self.bias is not None else y
 
 
