@@ -101,7 +101,6 @@ def test_file_names_shapes_and_order_are_nnablas():
 def test_derived_copies_are_checked_and_notes_say_what_nnabla_computed(tmp_path):
     p, _, _ = _net("fp_net")
     report = load_parameters(p.arrays(), _model("fp_net"))
-    assert "affine" not in " ".join(report.checked)
     assert "fp_quantized_affine/b_q" in report.checked
     assert sum(k.endswith("/W_q") for k in report.checked) == 23
     assert any("batch norm follows NNabla" in n for n in report.notes)
@@ -219,7 +218,8 @@ def test_hostile_protobuf_is_refused_before_allocating():
          "more than"),
         (ref._ld(200, ref._ld(1, b"w") + ref._ld(20, ref._ld(1, ref._varint(-2)))),
          "negative"),
-        (ref._ld(200, ref._ld(1, b"w")) * 2, "appears twice"),
+        (ref._ld(200, ref._ld(1, b"w") + ref._ld(20, ref._ld(1, ref._varint(0)))) * 2,
+         "appears twice"),
     ]:
         with pytest.raises(NNablaImportError, match=match):
             decode_parameter_protobuf(bad, "f.protobuf")
@@ -271,7 +271,7 @@ def test_cli_packed_file_runs_fast_with_the_same_predictions(tmp_path, capsys):
     load_parameters(src, imported)
     assert np.array_equal(_logits(packed, x), _logits(imported, x))
     ds = load_dataset("synthetic", "test", n=12, shape=(3, 32, 32), num_classes=10, seed=0)
-    imgs = torch.from_numpy(ds.images).float() / 255
+    imgs = torch.as_tensor(ds.images).float() / 255
     fast = compile_for_cpu(packed, batch_size=len(imgs))
     with torch.no_grad():
         assert torch.equal(fast(imgs).argmax(1), imported(imgs).argmax(1))
@@ -279,9 +279,9 @@ def test_cli_packed_file_runs_fast_with_the_same_predictions(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     test = load_dataset("synthetic", "test", shape=(3, 32, 32), num_classes=10, seed=0)
     with torch.no_grad():
-        mine = imported(torch.from_numpy(test.images).float() / 255).argmax(1).numpy()
+        mine = imported(torch.as_tensor(test.images).float() / 255).argmax(1)
     assert r["fast_path"] and r["total"] == len(test) and \
-        r["wrong"] == int((mine != test.labels).sum())
+        r["wrong"] == int((mine != torch.as_tensor(test.labels)).sum())
 
 
 def test_cli_run_folder_resumes_with_fewbits_train(tmp_path, capsys):
@@ -292,7 +292,7 @@ def test_cli_run_folder_resumes_with_fewbits_train(tmp_path, capsys):
     run = tmp_path / "run"
     opts = ["-n", ref.net_name(family), "-o", str(run), "--dataset", "synthetic",
             "--synthetic-size", "10", "-b", "4", "-i", "2", "-v", "1", "--inq-iterations",
-            "1,2", "--no-progress", "--no-plot"]
+            "1", "--no-progress", "--no-plot"]
     assert main(["import-nnabla", str(src), *opts]) == 0
     said = capsys.readouterr().out
     assert "at iteration 1" in said and "fewbits train --resume" in said
