@@ -126,12 +126,11 @@ def conv2d(x, w):
     k = w.shape[-1]
     p = k // 2
     xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-    n, _, h, wd = x.shape
-    out = np.zeros((n, w.shape[0], h, wd), F32)
-    for i in range(k):
-        for j in range(k):
-            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
-    return out
+    n, c, h, wd = x.shape
+    cols = np.stack([xp[:, :, i:i + h, j:j + wd] for i in range(k) for j in range(k)], axis=2)
+    cols = cols.transpose(0, 3, 4, 1, 2).reshape(n * h * wd, c * k * k)  # im2col
+    out = cols @ w.reshape(w.shape[0], -1).T
+    return np.ascontiguousarray(out.reshape(n, h, wd, -1).transpose(0, 3, 1, 2), F32)
 
 
 def max_pool(x):
