@@ -4,17 +4,16 @@ quantization example load with the logits of an independent NumPy model of NNabl
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 
 import h5py
+import nnabla_ref as ref
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import nnabla_ref as ref
 from fewbits.cli import main
 from fewbits.export import load_packed
 from fewbits.models import create_model
@@ -86,7 +85,7 @@ def test_each_network_loads_with_nnabla_logits(family, tmp_path):
         ref.write_nnp(nnp, p, form)
         other = _model(family)
         load_parameters(nnp, other)
-        for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        for (k, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, k
 
 

@@ -49,11 +49,11 @@ __all__ = [
 
 #: Bounds on what a parameter file may declare (the seed's networks hold ~100 parameters and
 #: ~200,000 values; these leave room for far larger networks).
-MAX_FILE_BYTES = 1 << 30
+MAX_FILE_BYTES = 1 << 28
 MAX_PARAMETERS = 100_000
 MAX_NAME_LENGTH = 1024
 MAX_NDIM = 8
-MAX_ELEMENTS = 1 << 28  # all parameters together
+MAX_ELEMENTS = 1 << 26  # all parameters together
 _MAX_DEPTH = 64  # HDF5 group nesting
 _MAX_ZIP_ENTRIES = 10_000
 _NNP_PARAMETER_FILES = ("parameter.h5", "parameter.protobuf")
@@ -136,11 +136,12 @@ def _read_h5(fileobj: Any, src: str) -> dict[str, np.ndarray]:
                           "'fewbits[nnabla]'") from e
     try:
         with h5py.File(fileobj, "r") as f:
-            found: list[tuple[Any, str, Any]] = []
+            found: list[tuple[str, Any]] = []
             _walk_h5(f, "", 0, found, src, h5py)
             out: dict[str, np.ndarray] = {}
             total = 0
-            for _, name, ds in sorted(found, key=lambda t: (t[0] is None, t[0] or 0)):
+            # names are keys: the `index` (creation order) and `need_grad` attributes are not read
+            for name, ds in found:
                 total += _bounded(name, tuple(int(s) for s in ds.shape), total, src)
                 if ds.dtype.kind not in "fiub":
                     raise NNablaImportError(f"{src}: parameter {name!r} has dtype {ds.dtype}; "
@@ -155,7 +156,8 @@ def _read_h5(fileobj: Any, src: str) -> dict[str, np.ndarray]:
                                 ) from None
 
 
-def _walk_h5(group: Any, prefix: str, depth: int, found: list, src: str, h5py: Any) -> None:
+def _walk_h5(group: Any, prefix: str, depth: int, found: list[tuple[str, Any]], src: str,
+             h5py: Any) -> None:
     if depth > _MAX_DEPTH:
         raise NNablaImportError(f"{src}: groups nested deeper than {_MAX_DEPTH} at {prefix!r}")
     for key in group:
@@ -173,9 +175,7 @@ def _walk_h5(group: Any, prefix: str, depth: int, found: list, src: str, h5py: A
         if isinstance(obj, h5py.Group):
             _walk_h5(obj, name + "/", depth + 1, found, src, h5py)
         elif isinstance(obj, h5py.Dataset):
-            index = obj.attrs.get("index", None)
-            index = int(index) if isinstance(index, (int, np.integer)) else None
-            found.append((index, name, obj))
+            found.append((name, obj))
         else:
             raise NNablaImportError(f"{src}: {name!r} is neither a group nor a dataset")
 
@@ -238,16 +238,15 @@ def _parameter(buf: bytes, start: int, end: int, src: str,
                total: int) -> tuple[str, np.ndarray]:
     name = None
     dims: list[int] = []
-    chunks: list[np.ndarray] = []
+    raw = bytearray()  # little-endian float32 values, packed and unpacked alike
     count = 0
     for field, wire, val in _fields(buf, start, end, src, "Parameter"):
         if field == 1 and wire == 2:
-            raw = buf[val[0]:val[1]]
-            if len(raw) > MAX_NAME_LENGTH:
+            if val[1] - val[0] > MAX_NAME_LENGTH:
                 raise NNablaImportError(f"{src}: a parameter name is longer than "
                                         f"{MAX_NAME_LENGTH} bytes")
             try:
-                name = raw.decode("utf-8")
+                name = buf[val[0]:val[1]].decode("utf-8")
             except UnicodeDecodeError:
                 raise NNablaImportError(f"{src}: a parameter name is not UTF-8") from None
         elif field == 20 and wire == 2:  # Shape; repeated occurrences merge
@@ -277,20 +276,20 @@ def _parameter(buf: bytes, start: int, end: int, src: str,
             if total + count > MAX_ELEMENTS:
                 raise NNablaImportError(f"{src}: parameters hold more than {MAX_ELEMENTS} "
                                         "values")
-            chunks.append(np.frombuffer(buf, "<f4", n // 4, val[0]))
+            raw += buf[val[0]:val[1]]
         elif field == 100 and wire == 5:  # one unpacked float
             count += 1
             if total + count > MAX_ELEMENTS:
                 raise NNablaImportError(f"{src}: parameters hold more than {MAX_ELEMENTS} "
                                         "values")
-            chunks.append(np.frombuffer(struct.pack("<I", val), "<f4"))
+            raw += struct.pack("<I", val)
         elif field in (1, 20, 100):
             raise NNablaImportError(f"{src}: Parameter field {field} has wire type {wire}")
     if name is None:
         raise NNablaImportError(f"{src}: a parameter without variable_name")
     shape = tuple(dims)
     _bounded(name, shape, total, src)
-    data = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    data = np.frombuffer(bytes(raw), "<f4")
     if data.size != math.prod(shape):
         raise NNablaImportError(f"{src}: parameter {name!r}: shape {shape} needs "
                                 f"{math.prod(shape)} values, the file has {data.size}")

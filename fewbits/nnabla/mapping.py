@@ -265,7 +265,7 @@ def _load_slot(slot: _Slot, params: dict[str, np.ndarray], fam: str, src: str,
     scope = f"{slot.scope}/{conv_scope}" if slot.scope else affine_scope
     layer = slot.layer
     w_nn = params[f"{scope}/W"]
-    w = _t(w_nn.T if slot.affine else w_nn)
+    w = _t(w_nn.T if slot.affine else w_nn).to(layer.weight.device)
     layer.weight.copy_(w)
     if slot.affine and layer.bias is not None:
         layer.bias.copy_(_t(params[f"{scope}/b"]))
@@ -280,13 +280,13 @@ def _load_slot(slot: _Slot, params: dict[str, np.ndarray], fam: str, src: str,
         if name == "I":
             continue
         if name == "alpha":
-            mine = qf.binary_weight_scale(w).numpy()
+            mine = qf.binary_weight_scale(w).cpu().numpy()
             if not np.allclose(stored, mine, rtol=_ALPHA_RTOL, atol=0.0):
                 _differs(src, key, "the mean |W| per output channel fewbits computes", report,
                          check)
         else:
             q = qf.binary_connect(w) if name == "Wb" else wq(w)
-            mine = (q.T if slot.affine else q).numpy()
+            mine = (q.T if slot.affine else q).cpu().numpy()
             if not np.array_equal(stored, mine):
                 n = int((stored != mine).sum())
                 _differs(src, key, f"fewbits' quantization of W in {n} of {mine.size} values",
@@ -294,7 +294,7 @@ def _load_slot(slot: _Slot, params: dict[str, np.ndarray], fam: str, src: str,
         report.checked.append(key)
     if slot.affine and layer.bias is not None and layer.bias_quantizer is not None \
             and f"{scope}/b_q" in params:
-        mine = layer.bias_quantizer(layer.bias).numpy()
+        mine = layer.bias_quantizer(layer.bias).cpu().numpy()
         if not np.array_equal(params[f"{scope}/b_q"], mine):
             _differs(src, f"{scope}/b_q", "fewbits' quantization of b", report, check)
         report.checked.append(f"{scope}/b_q")
@@ -327,7 +327,7 @@ def _load_inq(q: INQ, params: dict[str, np.ndarray], scope: str, w: torch.Tensor
     if not np.isin(ind, (0.0, 1.0)).all():
         raise NNablaImportError(f"{src}: parameter '{scope}/I' holds values other than 0 and 1 "
                                 "(it is INQ's indicator of fixed weights)")
-    mask = torch.from_numpy(np.array(ind.T if affine else ind) == 1.0)
+    mask = torch.from_numpy(np.array(ind.T if affine else ind) == 1.0).to(w.device)
     if q.num_bits != NNABLA_INQ_BITS:
         raise NNablaImportError(
             f"the model's INQ quantizes to {q.num_bits} bits, but NNabla's example always used "
