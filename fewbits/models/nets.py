@@ -31,8 +31,8 @@ NNABLA_NO_FC_BIAS: tuple[str, ...] = ("min_max",)
 class NNablaBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose evaluation forward is NNabla's test-mode batch norm, operation
     for operation in the input's dtype (``BatchNormalization::forward_impl_global`` in
-    ``src/nbla/function/generic/batch_normalization.cpp``; ``eps`` = 1e-5 rounded to the dtype
-    first, ``PF.batch_normalization``'s default)::
+    ``src/nbla/function/generic/batch_normalization.cpp``; ``eps`` = 1e-5,
+    ``PF.batch_normalization``'s default; a correctly rounded square root, as ``std::sqrt``)::
 
         y = ((x - mean) * gamma) / sqrt(var + eps) + beta
 
@@ -54,11 +54,9 @@ class NNablaBatchNorm2d(nn.BatchNorm2d):
         y = x - self.running_mean.reshape(shape)
         if self.weight is not None:
             y = y * self.weight.reshape(shape)
-        var = self.running_var.reshape(shape)
-        # (T)eps: eps rounded to the dtype first (a Python float would be added in float64);
-        # std::sqrt is correctly rounded, torch.sqrt on the CPU is not always (1 ulp off): the
-        # square root of a float32 in float64, rounded once, is the correctly rounded one.
-        v = var + torch.full((), self.eps, dtype=var.dtype, device=var.device)
+        v = self.running_var.reshape(shape) + self.eps
+        # std::sqrt is correctly rounded; torch.sqrt of float32 on the CPU is not always (1 ulp
+        # off, e.g. at 0.33475357): the square root in float64, rounded once, is.
         y = y / (torch.sqrt(v.double()).to(v.dtype) if v.dtype == torch.float32 else v.sqrt())
         return y + self.bias.reshape(shape) if self.bias is not None else y
 
