@@ -45,8 +45,9 @@ from ..train.checkpointing import save_checkpoint
 __all__ = ["ERRORS", "HELP", "add_import_arguments", "run_import"]
 
 HELP = "import a network trained with NNabla's quantization example (.h5, .nnp)"
-#: Besides USER_ERRORS: unusable parameter files, and a missing h5py (the nnabla extra).
-ERRORS: tuple[type[BaseException], ...] = (NNablaImportError, ImportError)
+#: Besides USER_ERRORS: unusable parameter files (:class:`NNablaImportError`), a network the
+#: packed format cannot hold (an INQ file whose schedule has not ended), a missing h5py.
+ERRORS: tuple[type[BaseException], ...] = (NNablaImportError, ValueError, ImportError)
 _AUG_SEED = 0x5EED  # the training loop's augmentation generator: seed + this
 
 
