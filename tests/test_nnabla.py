@@ -326,3 +326,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, code, match):
     assert main(["import-nnabla", str(src), *argv]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and __import__("re").search(match, err), err
+
+
+def test_cli_inq_mid_schedule_cannot_be_packed(tmp_path, capsys):
+    src = tmp_path / "params_006000.h5"
+    ref.write_h5(src, _net("inq")[0])  # 30 % of the weights still learnable (I = 0)
+    out = tmp_path / "inq.fewbits"
+    assert main(["import-nnabla", str(src), "-n", ref.net_name("inq"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "still learnable" in err and not out.exists()
