@@ -4,7 +4,6 @@ quantization example load with the logits of an independent NumPy model of NNabl
 
 from __future__ import annotations
 
-import os
 import zipfile
 
 import h5py
@@ -294,7 +293,7 @@ def test_cli_run_folder_resumes_with_fewbits_train(tmp_path, capsys):
     src = tmp_path / "params_000001.h5"
     ref.write_h5(src, p)
     run = tmp_path / "run"
-    opts = ["-n", ref.net_name(family), "-o", str(run), "--dataset", "synthetic",
+    opts = ["-n", ref.net_name(family), "-m", str(run), "-o", str(run), "--dataset", "synthetic",
             "--synthetic-size", "10", "-b", "4", "-i", "2", "-v", "1", "--inq-iterations",
             "1", "--no-progress", "--no-plot"]
     assert main(["import-nnabla", str(src), *opts]) == 0
@@ -319,10 +318,10 @@ def test_cli_run_folder_resumes_with_fewbits_train(tmp_path, capsys):
     (["-n", "cifar10_binary_connect_resnet23_prediction", "-o", "x.fewbits"], 1,
      "holds a fp_connect or fp_net network"),
 ])
-def test_cli_errors_are_one_line(tmp_path, capsys, argv, code, match):
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, code, match):
     src = tmp_path / "params_000010.h5"
     ref.write_h5(src, _net("fp_net")[0])
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert main(["import-nnabla", str(src), *argv]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and __import__("re").search(match, err), err

@@ -154,7 +154,8 @@ def _run_folder(cfg: config.TrainConfig, ns: argparse.Namespace) -> int:
                     device=torch.device("cpu"), monitor={})
     print(f"imported {report.parameters} NNabla parameters of {cfg.net} at iteration {it}; "
           f"wrote {path}. Evaluate: fewbits eval {cfg.save_path}. Continue training: fewbits "
-          f"train --resume -n {cfg.net} -o {cfg.save_path} --model-arg nnabla=true, with this "
+          f"train --resume -n {cfg.net} -m {cfg.monitor_path} -o {cfg.save_path} --model-arg "
+          "nnabla=true, with this "
           "command's other options", flush=True)
     return 0
 
