@@ -23,7 +23,7 @@ from .._io import silence_stdout
 from .._version import __version__
 from ..config import str2bool
 from ..train import TrainingInterrupted
-from . import eval_cmd, export_cmd, list_cmd, train_cmd
+from . import eval_cmd, export_cmd, list_cmd, nnabla_cmd, train_cmd
 from .base import SUBCOMMANDS, USER_ERRORS, Subcommand, register_subcommand, report_error
 from .eval_cmd import evaluate_packed
 from .train_cmd import add_train_arguments, config_from_args
@@ -48,6 +48,8 @@ register_subcommand("export", export_cmd.add_export_arguments, export_cmd.run_ex
                     export_cmd.EXPORT_HELP, export_cmd.EXPORT_ERRORS)
 register_subcommand("info", export_cmd.add_info_arguments, export_cmd.run_info,
                     export_cmd.INFO_HELP, export_cmd.EXPORT_ERRORS)
+register_subcommand("import-nnabla", nnabla_cmd.add_import_arguments, nnabla_cmd.run_import,
+                    nnabla_cmd.HELP, nnabla_cmd.ERRORS)
 
 
 def build_parser(prog: str = "fewbits",

@@ -15,7 +15,7 @@ from ..layers import QuantAct, QuantConv2d, QuantLinear
 from .families import FAMILIES, Family, QuantConfig, family
 from .registry import register_model
 
-__all__ = ["MLP", "RESNET23_UNITS", "LeNet", "ResNet23"]
+__all__ = ["MLP", "NNABLA_NO_FC_BIAS", "RESNET23_UNITS", "LeNet", "NNablaBatchNorm2d", "ResNet23"]
 
 #: ResNet-23 units: (channels, downsample after the unit). 32 -> 16 -> 8 -> 4.
 RESNET23_UNITS: tuple[tuple[int, bool], ...] = (
@@ -23,9 +23,47 @@ RESNET23_UNITS: tuple[tuple[int, bool], ...] = (
 )
 
 
+#: Families whose final affine NNabla's example builds without a bias (``models.py``:
+#: ``min_max_quantized_affine(..., with_bias=False)``); ``ResNet23(nnabla=True)`` follows it.
+NNABLA_NO_FC_BIAS: tuple[str, ...] = ("min_max",)
+
+
+class NNablaBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose evaluation forward is NNabla's test-mode batch norm, operation
+    for operation in the input's dtype (``BatchNormalization::forward_impl_global`` in
+    ``src/nbla/function/generic/batch_normalization.cpp``; ``eps`` = 1e-5,
+    ``PF.batch_normalization``'s default; a correctly rounded square root, as ``std::sqrt``)::
+
+        y = ((x - mean) * gamma) / sqrt(var + eps) + beta
+
+    ``nn.BatchNorm2d`` folds the same formula into ``x * scale + shift``; the two differ in the
+    last bit, which moves an activation quantized right after batch norm (``fp_net``,
+    ``pow2_net``, ``min_max``) across a rounding boundary of its grid. Networks imported from
+    NNabla (:mod:`fewbits.nnabla`) use this module; training mode (batch statistics) is the
+    parent's. Shapes: ``(N, C, H, W)`` in and out; no gradient change (autograd of the formula).
+
+        >>> bn = NNablaBatchNorm2d(2).eval()
+        >>> bn(torch.ones(1, 2, 1, 1)).flatten().tolist()
+        [0.9999949932098389, 0.9999949932098389]
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = x - self.running_mean.reshape(shape)
+        if self.weight is not None:
+            y = y * self.weight.reshape(shape)
+        v = self.running_var.reshape(shape) + self.eps
+        # std::sqrt is correctly rounded; torch.sqrt of float32 on the CPU is not always (1 ulp
+        # off, e.g. at 0.33475357): the square root in float64, rounded once, is.
+        y = y / (torch.sqrt(v.double()).to(v.dtype) if v.dtype == torch.float32 else v.sqrt())
+        return y + self.bias.reshape(shape) if self.bias is not None else y
+
+
 def _ops(ops: tuple[str, ...], channels: int, fam: Family, cfg: QuantConfig,
-         dim: int = 2) -> nn.Sequential:
-    bn = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+         dim: int = 2, bn2d: type[nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
+    bn = bn2d if dim == 2 else nn.BatchNorm1d
     make = {
         "bn": lambda: bn(channels),
         "relu": lambda: nn.ReLU(inplace=False),
@@ -44,24 +82,27 @@ class _Base(nn.Module):
         super().__init__()
         self.family, self.cfg = fam.name, cfg
         self._fam = fam
+        self.bn2d: type[nn.Module] = nn.BatchNorm2d
 
     def conv(self, cin: int, cout: int, k: int) -> QuantConv2d:
         return QuantConv2d(cin, cout, k, padding=k // 2, bias=False,
                            weight_quantizer=self._fam.weight(self.cfg))
 
-    def linear(self, cin: int, cout: int, hidden: bool = False) -> QuantLinear:
+    def linear(self, cin: int, cout: int, hidden: bool = False, bias: bool = True) -> QuantLinear:
         # Hidden layers feed batch norm, which cancels a bias: leave it out, as for convs.
-        return QuantLinear(cin, cout, bias=not hidden, weight_quantizer=self._fam.weight(self.cfg),
+        return QuantLinear(cin, cout, bias=bias and not hidden,
+                           weight_quantizer=self._fam.weight(self.cfg),
                            bias_quantizer=None if hidden else self._fam.bias(self.cfg))
 
 
 class _ResUnit(nn.Module):
     def __init__(self, net: _Base, c: int, down: bool, fam: Family, cfg: QuantConfig) -> None:
         super().__init__()
-        r = fam.recipe
-        self.conv1, self.post1 = net.conv(c, c // 2, 1), _ops(r.inner, c // 2, fam, cfg)
-        self.conv2, self.post2 = net.conv(c // 2, c // 2, 3), _ops(r.inner, c // 2, fam, cfg)
-        self.conv3, self.post3 = net.conv(c // 2, c, 1), _ops(r.last, c, fam, cfg)
+        r, bn = fam.recipe, net.bn2d
+        self.conv1, self.post1 = net.conv(c, c // 2, 1), _ops(r.inner, c // 2, fam, cfg, 2, bn)
+        self.conv2 = net.conv(c // 2, c // 2, 3)
+        self.post2 = _ops(r.inner, c // 2, fam, cfg, 2, bn)
+        self.conv3, self.post3 = net.conv(c // 2, c, 1), _ops(r.last, c, fam, cfg, 2, bn)
         self.merge = _merge(r.merge)
         self.pool = nn.MaxPool2d(2, 2) if down else nn.Identity()
 
@@ -75,16 +116,25 @@ class _ResUnit(nn.Module):
 class ResNet23(_Base):
     """The seed's CIFAR-10 ResNet-23: stem 3x3 conv, 7 bottleneck units (``RESNET23_UNITS``),
     global 4x4 average pool, affine to ``num_classes``. Input: float images in ``[0, 1]``.
-    The float network has 97,482 trainable parameters."""
+    The float network has 97,482 trainable parameters.
+
+    ``nnabla=True`` computes what the NNabla example's network computes, for networks imported
+    from its parameter files (:mod:`fewbits.nnabla`): batch norm in NNabla's operation order
+    (:class:`NNablaBatchNorm2d`) and no bias on the final affine of the families in
+    :data:`NNABLA_NO_FC_BIAS`."""
 
     def __init__(self, fam: Family, cfg: QuantConfig, num_classes: int = 10,
-                 in_channels: int = 3, units: tuple[tuple[int, bool], ...] = RESNET23_UNITS):
+                 in_channels: int = 3, units: tuple[tuple[int, bool], ...] = RESNET23_UNITS,
+                 nnabla: bool = False):
         super().__init__(fam, cfg)
+        if nnabla:
+            self.bn2d = NNablaBatchNorm2d
         c0 = units[0][0]
         self.stem = self.conv(in_channels, c0, 3)
-        self.stem_post = _ops(fam.recipe.stem, c0, fam, cfg)
+        self.stem_post = _ops(fam.recipe.stem, c0, fam, cfg, 2, self.bn2d)
         self.units = nn.Sequential(*(_ResUnit(self, c, d, fam, cfg) for c, d in units))
-        self.fc = self.linear(units[-1][0], num_classes)
+        self.fc = self.linear(units[-1][0], num_classes,
+                              bias=not (nnabla and fam.name in NNABLA_NO_FC_BIAS))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.units(self.stem_post(self.stem(x)))
@@ -143,6 +193,8 @@ def _register(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[s
         cfg = QuantConfig.from_kwargs({**(quant_defaults or {}), **kwargs})
         model = arch(family(fam_name), cfg, **arch_kw)
         full = {**arch_defaults, **arch_kw, **cfg.to_dict()}
+        if not full.get("nnabla", True):  # recorded when set only: earlier specs stay equal
+            del full["nnabla"]
         model.fewbits_spec = {"name": name, "kwargs": full}
         return model
 
@@ -162,7 +214,8 @@ def _register_all() -> None:
     for fam in FAMILIES:
         cifar = ("cifar10_resnet23_prediction" if fam == "float"
                  else f"cifar10_{fam}_resnet23_prediction")
-        _register(cifar, ResNet23, fam, {"num_classes": 10, "in_channels": 3}, (3, 32, 32),
+        _register(cifar, ResNet23, fam, {"num_classes": 10, "in_channels": 3, "nnabla": False},
+                  (3, 32, 32),
                   "cifar10")
         _register(f"mnist_{fam}_lenet", LeNet, fam,
                   {"num_classes": 10, "in_channels": 1, "width": 500}, (1, 28, 28), "mnist",
