@@ -135,9 +135,8 @@ def test_nnabla_batch_norm_is_nnablas_order_bit_for_bit():
 
 def test_imported_min_max_has_no_final_bias_and_plain_models_are_refused():
     assert _model("min_max").fc.bias is None
-    # the option is recorded when set only: checkpoints written before it existed still resume
-    assert "nnabla" not in create_model("cifar10_min_max_resnet23_prediction").fewbits_spec[
-        "kwargs"]
+    assert create_model("cifar10_min_max_resnet23_prediction").fewbits_spec["kwargs"][
+        "nnabla"] is False
     assert _model("min_max").fewbits_spec["kwargs"]["nnabla"] is True
     assert create_model("cifar10_min_max_resnet23_prediction").fc.bias is not None
     with pytest.raises(NNablaImportError, match="nnabla=True"):

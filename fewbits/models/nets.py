@@ -193,8 +193,6 @@ def _register(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[s
         cfg = QuantConfig.from_kwargs({**(quant_defaults or {}), **kwargs})
         model = arch(family(fam_name), cfg, **arch_kw)
         full = {**arch_defaults, **arch_kw, **cfg.to_dict()}
-        if not full.get("nnabla", True):  # recorded when set only: earlier specs stay equal
-            del full["nnabla"]
         model.fewbits_spec = {"name": name, "kwargs": full}
         return model
 
