@@ -463,3 +463,21 @@ def test_folded_file_options_are_bounded_and_must_match(tmp_path, key, value, me
     with pytest.raises(FormatError, match=message):
         load_engine(path)
     assert time.perf_counter() - t < 5.0  # depth=10**6: > 200 s and 10.6 GB before
+
+
+def test_eval_fast_memory_is_bounded_from_the_file_before_building(tmp_path, monkeypatch,
+                                                                    capsys):
+    from fewbits.cli import eval_cmd
+
+    path = tmp_path / "m.fewbits"
+    export_packed(create_model("mnist_binary_connect_mlp", width=64, depth=2).eval(), path)
+    values = sum(p.numel() for p in create_model("mnist_binary_connect_mlp", width=64,
+                                                 depth=2).state_dict().values())
+    built = []
+    monkeypatch.setattr(eval_cmd, "compile_for_cpu", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(eval_cmd, "_available_memory",
+                        lambda: eval_cmd.FAST_COPIES * 4 * values // 2)
+    assert cli.main(["eval", str(path), "--dataset", "synthetic", "--fast"]) == 2
+    err = capsys.readouterr().err
+    assert f"--fast: {path} holds" in err and "evaluate it without --fast" in err
+    assert built == []  # refused before anything was built
