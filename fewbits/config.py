@@ -311,7 +311,9 @@ class _RunOptions:
     validate_first: bool = option(True, "--no-first-validation", kind="false",
                                   help="skip the validation at iteration 0 (the seed does it; "
                                   "it costs a full test-set pass)")
-    threads: int | None = option(None, "--threads", low=1, help="CPU threads for torch")
+    threads: int | None = option(None, "--threads", low=1,
+                                 help="CPU threads for torch (at most the usable cores: more "
+                                 "are lowered, with a warning)")
 
 
 # Fields are ordered base class last to first: seed flags, quantization, model, data, ...

@@ -368,22 +368,18 @@ def test_layout_of_10000_tensors_is_linear(tmp_path):
         write_container(tmp_path / "dupe.fewbits", header, blobs)
 
 
-@pytest.mark.parametrize("duplicate", [False, True])
-def test_header_of_330000_keys_is_refused_or_read_quickly(tmp_path, duplicate):
-    keys = [f"k{i}" for i in range(330_000)] + (["k5", "k5"] if duplicate else [])
+def test_header_of_330000_keys_is_refused_quickly(tmp_path):
+    keys = [f"k{i}" for i in range(330_000)] + ["k5"]
     text = ("{" + ",".join(f'"{k}":0' for k in keys) + ',"tensors":[]}').encode()
     assert len(text) < MAX_HEADER_BYTES
     path = tmp_path / "keys.fewbits"
     path.write_bytes(_forge(text))
     t = time.perf_counter()
-    if duplicate:
-        with pytest.raises(FormatError, match=r"duplicate keys \['k5'\]"):
-            read_container(path)
-    else:
-        header, _ = read_container(path)
-        assert len(header) == 330_001
+    with pytest.raises(FormatError, match=r"duplicate keys \['k5'\]"):
+        read_container(path)
     elapsed = time.perf_counter() - t
-    assert elapsed < 10.0, elapsed  # 2.5 s on a busy 2-core machine; list.count: hours
+    # 2.5-8 s on a busy 2-core machine (JSON parsing); list.count: about 10**11 comparisons
+    assert elapsed < 30.0, elapsed
 
 
 # --------------------------------------------------------------------------- printed names
@@ -463,3 +459,21 @@ def test_folded_file_options_are_bounded_and_must_match(tmp_path, key, value, me
     with pytest.raises(FormatError, match=message):
         load_engine(path)
     assert time.perf_counter() - t < 5.0  # depth=10**6: > 200 s and 10.6 GB before
+
+
+def test_eval_fast_memory_is_bounded_from_the_file_before_building(tmp_path, monkeypatch,
+                                                                    capsys):
+    from fewbits.cli import eval_cmd
+
+    path = tmp_path / "m.fewbits"
+    export_packed(create_model("mnist_binary_connect_mlp", width=64, depth=2).eval(), path)
+    values = sum(p.numel() for p in create_model("mnist_binary_connect_mlp", width=64,
+                                                 depth=2).state_dict().values())
+    built = []
+    monkeypatch.setattr(eval_cmd, "compile_for_cpu", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(eval_cmd, "_available_memory",
+                        lambda: eval_cmd.FAST_COPIES * 4 * values // 2)
+    assert cli.main(["eval", str(path), "--dataset", "synthetic", "--fast"]) == 2
+    err = capsys.readouterr().err
+    assert f"--fast: {path} holds" in err and "evaluate it without --fast" in err
+    assert built == []  # refused before anything was built
