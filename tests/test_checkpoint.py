@@ -205,3 +205,24 @@ def test_model_options_from_a_file_are_bounded_before_building(run, tmp_path, op
     with pytest.raises(CheckpointError, match=r"m\.pt: cannot rebuild .*file can describe"):
         load_model(tmp_path / "m.pt")
     assert time.perf_counter() - t < 5
+
+
+def test_resume_of_a_checkpoint_older_than_a_model_option(run, tmp_path):
+    """A model option that a later fewbits added to the spec (ResNet23's ``nnabla``) is absent
+    from older checkpoints: the run was built with its registered default and resumes; an
+    absent option whose default differs from this run is still refused."""
+    from fewbits.checkpoint import CHECKSUM_KEY
+
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    payload.pop(CHECKSUM_KEY, None)
+    del payload["model_spec"]["kwargs"]["num_classes"]  # default 10, as this run
+    save_file(tmp_path / "checkpoint.pt", payload)
+    base = dict(net="mnist_binary_connect_mlp", dataset="synthetic", synthetic_size=32,
+                batch_size=8, max_iter=6, val_interval=2, monitor_path=str(tmp_path),
+                progress=False, plot=False, resume="auto")
+    train(TrainConfig(model_args={"width": 16, "depth": 1}, **base))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 6
+    del payload["model_spec"]["kwargs"]["width"]  # default 1024, this run 16
+    save_file(tmp_path / "checkpoint.pt", payload)
+    with pytest.raises(CheckpointError, match="model option width: checkpoint 1024, this run 16"):
+        train(TrainConfig(model_args={"width": 16, "depth": 1}, **{**base, "max_iter": 8}))

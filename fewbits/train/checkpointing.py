@@ -19,6 +19,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as fdist
 from .._version import __version__
 from ..config import RESUME_KEYS, TrainConfig
+from ..models import is_model, model_info
 
 __all__ = ["restore_checkpoint", "resume_path", "save_checkpoint", "save_model"]
 
@@ -35,6 +36,14 @@ def resume_path(resume: str, save_path: Path) -> Path:
         return p
     p = Path(resume)
     return p / ckpt.CHECKPOINT_NAME if p.is_dir() else p
+
+
+def _registered_defaults(name: object) -> dict[str, Any]:
+    """The registered default options of model ``name`` (JSON form); ``{}`` for a name the
+    registry does not hold (a factory run)."""
+    if not isinstance(name, str) or not is_model(name):
+        return {}
+    return _jsonable(model_info(name).defaults)
 
 
 def restore_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *,
@@ -54,9 +63,14 @@ def restore_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *,
                         f"{info.world_size}")
     spec, mine = state["model_spec"], _jsonable(model.fewbits_spec)
     if spec["name"] == mine["name"]:
-        diff = sorted(k for k in set(spec["kwargs"]) | set(mine["kwargs"])
-                      if spec["kwargs"].get(k) != mine["kwargs"].get(k))
-        problems += [f"model option {k}: checkpoint {spec['kwargs'].get(k)!r}, this run "
+        # An option a later fewbits added to the spec (e.g. ResNet23's ``nnabla``) is absent from
+        # an older checkpoint: that run was built with the option's registered default.
+        defaults = _registered_defaults(spec["name"])
+        saved_kwargs = {**{k: v for k, v in defaults.items() if k in mine["kwargs"]},
+                        **spec["kwargs"]}
+        diff = sorted(k for k in set(saved_kwargs) | set(mine["kwargs"])
+                      if saved_kwargs.get(k) != mine["kwargs"].get(k))
+        problems += [f"model option {k}: checkpoint {saved_kwargs.get(k)!r}, this run "
                      f"{mine['kwargs'].get(k)!r}" for k in diff]
     if problems:
         raise ckpt.CheckpointError(
