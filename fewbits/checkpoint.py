@@ -27,6 +27,7 @@ import io
 import os
 import pickle
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch import nn
 
 from ._io import atomic_write
 from ._version import __version__
+from .config import ConfigError, TrainConfig
 from .runs import interrupted_overwrite
 
 __all__ = [
@@ -220,6 +222,12 @@ def _field_problem(payload: dict[str, Any], fmt: str) -> str | None:
     cfg = payload.get("config")
     if cfg is not None and not (isinstance(cfg, dict) and all(isinstance(k, str) for k in cfg)):
         return f"'config' is {_shown(cfg)}, not a dict of option names"
+    if cfg is not None:  # each option as its flag would check it (eval and --resume use them)
+        known = {f.name for f in fields(TrainConfig)}
+        try:
+            TrainConfig(**{k: v for k, v in cfg.items() if k in known})
+        except (ConfigError, TypeError, ValueError) as e:
+            return f"'config' holds an invalid option ({str(e).splitlines()[0][:200]})"
     if "iteration" in payload and not _is_int(payload["iteration"]):
         return f"'iteration' is {_shown(payload['iteration'])}, not an integer in 0..2**62"
     if payload.get("test_error") is not None and not _is_error(payload["test_error"]):

@@ -207,6 +207,9 @@ def test_checkpoint_fields_are_type_and_range_checked(run, tmp_path, edit, messa
     (_set("config", "cifar10"), r"'config' is 'cifar10', not a dict"),
     (_set("iteration", "abc"), r"'iteration' is 'abc'"),
     (_set("test_error", 7.5), r"'test_error' is 7\.5, not an error in \[0, 1\]"),
+    (_set_in("config", "batch_size", "x"), r"'config' holds an invalid option \(-b/--batch-size "
+                                           r"must be an integer >= 1, got 'x'\)"),
+    (_set_in("config", "model_args", [1]), r"'config' holds an invalid option"),
     (_set("model_spec", {"name": "\x1b]0;owned\x07", "kwargs": []}),
      r"invalid model spec \(a dict .*\\x1b\]0;owned\\x07"),
 ])
