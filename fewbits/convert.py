@@ -186,19 +186,50 @@ def _activation_quantizers(model: nn.Module) -> list[tuple[str, MinMax]]:
         for role in ("input", "output"):
             q = getattr(layer, f"{role}_quantizer")
             if isinstance(q, MinMax):
-                out.append((f"{lname}.{role}_quantizer", q))
+                out.append((f"{lname}.{role}_quantizer" if lname else f"{role}_quantizer", q))
     out += [(f"{n}.quantizer", m.quantizer) for n, m in model.named_modules()
             if isinstance(m, QuantAct) and isinstance(m.quantizer, MinMax)]
     return out
 
 
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor in it (nested tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch if device is None else batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _run_batch(model: nn.Module, batch: Any, device: torch.device | None) -> None:
+    if isinstance(batch, dict):  # HF-style: model(**batch); labels are ignored
+        model(**_to_device(batch, device))
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("calibrate: a batch is an empty tuple; give (inputs, ...) or a "
+                             "tensor")
+        _run_batch(model, batch[0], device)
+    elif isinstance(batch, Tensor):
+        model(_to_device(batch, device))
+    else:
+        raise TypeError(f"calibrate: a batch is a tensor, a tuple/list whose first item is the "
+                        f"input, or a dict of model keyword arguments; got {type(batch).__name__}")
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float, float]]:
     """Set every min-max activation range of ``model`` (layers' input/output quantizers and
-    :class:`~fewbits.layers.QuantAct`) to the min and max its input takes over ``batches``.
+    :class:`~fewbits.layers.QuantAct`) to the min and max its input takes over ``batches``,
+    widened to hold 0: ``[min(lo, 0), max(hi, 0)]`` (the grid of a min-max quantizer always
+    holds zero, as Jacob et al.'s nudging and the learned-range projection require; activations
+    all in ``[0.5, 1]`` get ``[0, 1]``, never a grid that clips every value).
 
-    ``batches`` yields input tensors, or tuples/lists whose first item is the input (a
-    ``DataLoader`` of ``(x, y)``); inputs are moved to the model's device. The forwards run in
+    ``batches`` yields input tensors, tuples/lists whose first item is the input (a
+    ``DataLoader`` of ``(x, y)``), or dicts of keyword arguments, run as ``model(**batch)`` (a
+    HuggingFace tokenizer's output); tensors, nested ones included, are moved to the model's
+    device. The forwards run in
     evaluation mode with the activation quantizers passing values through unquantized (the
     float activations are observed, as Brevitas' calibration does), so batch-norm statistics,
     INQ counters, weights and every other state stay as they were; the training flag is
@@ -206,7 +237,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
 
     Returns ``{quantizer name: (min, max)}`` of the ranges set (empty when the model has no
     min-max activation quantizer). Raises ``ValueError`` for an empty ``batches`` or a
-    per-channel activation quantizer.
+    per-channel activation quantizer, ``TypeError`` for a batch of another kind.
+
+        >>> from fewbits.layers import QuantLinear
+        >>> net = QuantLinear(2, 2, input_quantizer="min_max")
+        >>> calibrate(net, [{"x": torch.tensor([[0.5, 1.0]])}])
+        {'input_quantizer': (0.0, 1.0)}
     """
     targets = _activation_quantizers(model)
     for name, q in targets:
@@ -218,7 +254,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
         def observe(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, name: str = name
                     ) -> Tensor:
             lo, hi = (float(v) for v in torch.aminmax(args[0].detach().float()))
-            r = seen.setdefault(name, [lo, hi])
+            r = seen.setdefault(name, [0.0, 0.0])  # the range holds zero
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
             return args[0]  # observe the float activations
 
@@ -230,8 +266,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
     n = 0
     try:
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
+            _run_batch(model, batch, device)
             n += 1
     finally:
         for h in hooks:
