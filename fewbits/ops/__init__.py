@@ -69,6 +69,7 @@ from ._core import (  # the machinery (checks, widening, autograd glue)
     mask_out,
     min_max_grad,
     nonfinite_error,
+    recomputing,
     register_identity,
     register_masked,
     widen,
@@ -99,6 +100,7 @@ __all__ = [
     "nonfinite_error",
     "pow2",
     "range_view",
+    "recomputing",
     "widen",
 ]
 

@@ -225,6 +225,16 @@ def capturing() -> bool:
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
+def recomputing() -> bool:
+    """True while a forward runs inside the autograd engine's backward pass: the recomputation
+    of activation checkpointing (``torch.utils.checkpoint``, reentrant or not), which runs each
+    checkpointed forward a second time. Quantizer state (EMA ranges, the INQ counter) must
+    not advance then: the step already counted it."""
+    if torch.compiler.is_compiling():  # compiled backwards replay a graph, never Python
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class _EagerIdentity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, impl, args: tuple) -> Tensor:

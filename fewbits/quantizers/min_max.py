@@ -5,6 +5,7 @@ per tensor or per channel, kept equal across DDP ranks.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,11 @@ class MinMax(Quantizer):
         #: ``stats -> (stats of every rank in rank order, this rank)``; set by
         #: :func:`fewbits.distributed.sync_quantizers` under DDP, else None (this process only).
         self.stats_sync: Callable[[Tensor], tuple[Tensor, int]] | None = None
+        #: True for a weight/bias quantizer (its layer called :meth:`setup`), False for
+        #: activations.
+        self.serves_tensor = False
+        # the ranges the last training forward quantized with (for a recomputation)
+        self._used: tuple[Tensor, Tensor] | None = None
         self._make_ranges(())
 
     def _kwargs(self) -> dict[str, Any]:
@@ -130,6 +136,7 @@ class MinMax(Quantizer):
             return bool(lo_v < 0 < hi_v and not hi_v - lo_v < np_dtype(self.eps))
 
     def setup(self, param: Tensor) -> None:
+        self.serves_tensor = True
         if self.per_channel:
             if param.dim() < 1:
                 raise ValueError("MinMax(per_channel=True) needs a tensor with a channel axis")
@@ -149,6 +156,28 @@ class MinMax(Quantizer):
             self.qr_min.copy_(bmin)
             self.qr_max.copy_(bmax)
         self.after_optimizer_step()  # learned ranges must stay valid (qr_min <= 0 <= qr_max)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # args: local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        mine = [prefix + "qr_min", prefix + "qr_max"]
+        absent = not any(k in state_dict for k in mine)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if not absent:
+            return
+        # No key of this quantizer at all: a float checkpoint (or one without this quantizer)
+        # loaded into the converted model. Weight/bias ranges are started from the loaded
+        # tensor by the layer (fewbits.layers), as converting the float layer does; an
+        # activation range has no stored tensor to start from.
+        missing = args[2]
+        for k in mine:
+            if k in missing:
+                missing.remove(k)
+        if not self.serves_tensor:
+            warnings.warn(
+                "a min-max activation range is not in the loaded state dict (a float "
+                "checkpoint): it keeps its current value; set activation ranges from data with "
+                "fewbits.calibrate(model, batches)", stacklevel=2)
 
     def _update(self, bmin: Tensor, bmax: Tensor) -> None:
         if self.mode == "ema":
@@ -191,7 +220,13 @@ class MinMax(Quantizer):
         qr_min, qr_max = self.qr_min, self.qr_max
         if self.training and self.mode != "learnable":
             check_float_tensor(x, "MinMax", "x")
-            qr_min, qr_max = self._observe(x)
+            if ops.recomputing() and self._used is not None:
+                # activation checkpointing runs this forward again in the backward: quantize
+                # with the ranges of the first run, without observing the batch twice
+                qr_min, qr_max = self._used
+            else:
+                qr_min, qr_max = self._observe(x)
+                self._used = (qr_min, qr_max)
         return qf.min_max_quantize(x, qr_min, qr_max, self.ql_min, self.ql_max,
                                    self.eps, self.ste_fine_grained)
 

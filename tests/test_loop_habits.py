@@ -1,0 +1,116 @@
+"""The habits of a training loop that fewbits must survive without being asked (issue 21, 6):
+an optimizer built before quantize_, loading a float checkpoint into a converted model,
+activation checkpointing, torch.func, calibrate's batches, the learned-range projection, DDP."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fewbits import calibrate, quantize_
+from fewbits.layers import QuantLinear
+from fewbits.models import FAMILIES
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def test_calibrate_takes_dict_batches_and_keeps_zero_in_the_range():
+    class KwNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, pixel_values, labels=None):
+            return self.fc(pixel_values)
+
+    net = quantize_(KwNet(), {"input": {"name": "min_max", "mode": "batch"}})
+    x = 0.5 + 0.5 * torch.rand(8, 4)  # all positive, in [0.5, 1]
+    ranges = calibrate(net, [{"pixel_values": x, "labels": torch.zeros(8)}])
+    assert ranges == {"fc.input_quantizer": (0.0, float(x.max()))}
+    net.eval()
+    y = net.fc.input_quantizer(x)
+    assert float((y - x).abs().max()) <= float(x.max()) / 255 / 2 + 1e-6  # nothing clipped
+    with pytest.raises(TypeError, match="a batch is a tensor"):
+        calibrate(net, [3])
+
+
+# --------------------------------------------------------------------------- float checkpoints
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_checkpoint_loads_strictly_and_restarts_weight_state(family):
+    float_net = mlp()
+    with torch.no_grad():
+        for p in float_net.parameters():
+            p.mul_(3.0)  # weights far outside the random init's ranges
+    ckpt = float_net.state_dict()
+    ref, fresh = quantize_(mlp(), family), quantize_(mlp(), family)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ref.load_state_dict(ckpt, strict=False)  # the old habit: strict=False
+        fresh.load_state_dict(ckpt)  # strict: a float checkpoint has no quantizer keys
+    # activation ranges have no stored tensor: kept, with a warning naming calibrate
+    acts = family in ("min_max",)
+    assert any("calibrate" in str(w.message) for w in seen) == acts
+    expected = mlp()
+    expected.load_state_dict(ckpt)
+    expected = quantize_(expected, family)  # convert after loading: the reference
+    x = torch.randn(5, 6)
+    for net in (ref, fresh, expected):
+        net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected(x), rtol=0, atol=0)
+        torch.testing.assert_close(ref(x), expected(x), rtol=0, atol=0)
+    assert fresh.state_dict().keys() == expected.state_dict().keys()
+
+
+def test_fewbits_checkpoint_missing_a_range_still_fails_strict_loading():
+    net = quantize_(mlp(), "min_max")
+    state = net.state_dict()
+    del state["0.weight_quantizer.qr_min"]
+    with pytest.raises(RuntimeError, match="0.weight_quantizer.qr_min"):
+        quantize_(mlp(), "min_max").load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+def _stateful_net() -> nn.Module:
+    torch.manual_seed(0)
+    ema = {"name": "min_max", "mode": "ema", "decay": 0.5}
+    return nn.Sequential(
+        QuantLinear(6, 16, weight_quantizer={"name": "inq", "inq_iterations": [1, 2]},
+                    output_quantizer=ema),
+        nn.ReLU(),
+        QuantLinear(16, 3, weight_quantizer={"name": "min_max", "mode": "batch"},
+                    input_quantizer=dict(ema, init_min=-1.0, init_max=1.0)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_updates_quantizer_state_once(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    plain, ckpt = _stateful_net().train(), _stateful_net().train()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(8, 6, generator=g, requires_grad=reentrant)
+        plain(x).square().sum().backward()
+        checkpoint(ckpt, x, use_reentrant=reentrant).square().sum().backward()
+    ref, got = plain.state_dict(), ckpt.state_dict()
+    assert ref["0.weight_quantizer._extra_state"]["counter"] == 3
+    for k in ref:
+        if k.endswith("_extra_state"):
+            assert got[k] == ref[k], k  # the INQ counter counted each step once
+        else:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
