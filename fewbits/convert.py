@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
 from .quantizers import MinMax, Quantizer
+from .quantizers import optim as qoptim
 
 __all__ = ["ROLES", "calibrate", "family_config", "quantize_"]
 
@@ -120,13 +121,20 @@ def _occurrences(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]
 
 
 def quantize_(model: nn.Module, config: Config, *,
-              skip: str | Sequence[str] | None = None) -> nn.Module:
+              skip: str | Sequence[str] | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Convert, in place, every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` into the fewbits
     layer given by ``config`` (see the module doc); returns ``model``.
 
-    Each new layer holds the same weight and bias parameters (an optimizer built before still
-    works), keeps stride, padding, dilation, groups, padding mode, device and dtype, and starts
-    min-max weight ranges from its weights. A module shared at several places is converted once.
+    Each new layer holds the same weight and bias parameters, keeps stride, padding, dilation,
+    groups, padding mode, device and dtype, and starts min-max weight ranges from its weights.
+    A module shared at several places is converted once.
+
+    - ``optimizer``: an optimizer built before this call. Learned min-max ranges are new
+      parameters, which it does not hold: passing it adds them as one new parameter group (its
+      defaults). Without it, the first ``step()`` of an optimizer that holds the model's
+      weights but not the new ranges raises ``RuntimeError`` saying this
+      (:mod:`fewbits.quantizers.optim`); an optimizer built after ``quantize_`` holds all.
 
     - ``skip``: layer names or shell patterns (``"layer4.*"``, ``"fc"``; a container's name skips
       everything in it) left in float. A pattern that matches no conv/linear layer raises
@@ -142,6 +150,7 @@ def quantize_(model: nn.Module, config: Config, *,
 
     Errors name the layer: ``"layer1.0.conv1: ..."``.
     """
+    before = {id(p) for p in model.parameters()}
     found = [(n, p, a, m) for n, p, a, m in _occurrences(model)
              if isinstance(m, (nn.Linear, *_NO_FORM))]
     names = list(dict.fromkeys(n for n, *_ in found))
@@ -177,6 +186,10 @@ def quantize_(model: nn.Module, config: Config, *,
     for _, parent, attr, module in found:
         if id(module) in converted:  # a shared module gets the same layer everywhere
             setattr(parent, attr, converted[id(module)])
+    added = [(n, p) for n, p in model.named_parameters() if id(p) not in before]
+    if optimizer is not None:
+        qoptim.add_to_optimizer(optimizer, [p for _, p in added])
+    qoptim.require_companions([p for p in model.parameters() if id(p) in before], added)
     return model
 
 

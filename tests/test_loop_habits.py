@@ -114,3 +114,76 @@ def test_activation_checkpointing_updates_quantizer_state_once(reentrant):
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
     for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int = 5) -> None:
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x, t = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), t).backward()
+        opt.step()
+
+
+def test_an_optimizer_built_before_quantize_is_refused_or_given_the_new_ranges():
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    quantize_(net, "min_max")
+    with pytest.raises(RuntimeError, match=r"0\.weight_quantizer\.qr_min.*optimizer=opt"):
+        _train(net, opt, 1)
+    # passing the optimizer: the ranges train with it, as with an optimizer built after
+    a, b = mlp(), mlp()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    quantize_(a, "min_max", optimizer=opt_a)
+    quantize_(b, "min_max")
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    start = float(a[0].weight_quantizer.qr_max.detach())
+    _train(a, opt_a)
+    _train(b, opt_b)
+    assert float(a[0].weight_quantizer.qr_max.detach()) != start
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    # ranges kept fixed on purpose: requires_grad_(False), and the old optimizer is fine
+    c = mlp()
+    opt_c = torch.optim.SGD(c.parameters(), lr=0.1)
+    quantize_(c, "min_max")
+    for n, p in c.named_parameters():
+        if "quantizer" in n:
+            p.requires_grad_(False)
+    _train(c, opt_c, 1)
+
+
+def test_learned_ranges_are_projected_without_a_call_and_a_collapsed_range_restarts():
+    torch.manual_seed(0)
+    layer = QuantLinear(16, 4, output_quantizer={"name": "min_max", "init_min": 0.5,
+                                                 "init_max": 1.0})
+    q = layer.output_quantizer
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x, t = torch.randn(64, 16), torch.randn(64, 4).abs() * 3
+    for _ in range(30):  # a user's own loop: no apply_weight_constraints
+        opt.zero_grad()
+        ((layer(x) - t) ** 2).mean().backward()
+        opt.step()
+        lo, hi = float(q.qr_min.detach()), float(q.qr_max.detach())
+        assert lo <= 0.0 <= hi and hi - lo >= 0.01 * (1 - 2**-20), (lo, hi)
+    # a range that is crossed (or starts eps wide) restarts from the data it quantizes
+    for start in ((0.3, -0.2), (0.0, 0.0)):
+        layer = QuantLinear(16, 4, output_quantizer={"name": "min_max", "init_min": -1.0,
+                                                     "init_max": 1.0})
+        q = layer.output_quantizer
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        with torch.no_grad():
+            q.qr_min.fill_(start[0])
+            q.qr_max.fill_(start[1])
+        opt.zero_grad()
+        opt.step()  # no gradient: only the projection runs
+        assert (float(q.qr_min.detach()), float(q.qr_max.detach())) == pytest.approx((0.0, 0.01))
+        y = layer(x)  # training forward: restart from this batch
+        with torch.no_grad():
+            out = nn.functional.linear(x, layer.weight, layer.bias)
+        assert float(q.qr_min.detach()) == min(0.0, float(out.min()))
+        assert float(q.qr_max.detach()) == max(0.0, float(out.max()))
+        assert float((y.detach() - out).abs().max()) < 0.1  # quantized on a grid that covers it
