@@ -187,3 +187,47 @@ def test_learned_ranges_are_projected_without_a_call_and_a_collapsed_range_resta
         assert float(q.qr_min.detach()) == min(0.0, float(out.min()))
         assert float(q.qr_max.detach()) == max(0.0, float(out.max()))
         assert float((y.detach() - out).abs().max()) < 0.1  # quantized on a grid that covers it
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_a_users_ddp_loop_keeps_quantizer_statistics_equal_across_ranks(tmp_path):
+    # DistributedDataParallel around a fewbits model, and nothing else: no sync_quantizers, no
+    # apply_weight_constraints. Batch/EMA ranges must be those of one process running the
+    # ranks' micro-batches in rank order (as with sync_quantizers), on both ranks.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    import ddp_quantizer_run as R
+
+    env = {**os.environ, "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(root / "tests" / "ddp_quantizer_run.py"), str(tmp_path), "user"],
+        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind in R.KINDS:
+            s0, s1 = ranks[0][kind][1], ranks[1][kind][1]
+            for step, (a, b) in enumerate(zip(s0, s1, strict=True)):
+                for k in a:  # the ranks agree at every step
+                    ok = a[k] == b[k] if isinstance(a[k], dict) else torch.equal(a[k], b[k])
+                    assert ok, (kind, step, k, a[k], b[k])
+            if kind == "inq":  # counts forwards here: 1 per step, not the reference's 2
+                continue
+            _, ref = R.run(kind, world=1, rank=0, accum=2)
+            for step, (a, b) in enumerate(zip(s0, ref, strict=True)):
+                for k in a:
+                    assert torch.equal(a[k], b[k]), (kind, step, k, a[k], b[k])
+    finally:
+        torch.set_num_threads(threads)
