@@ -88,11 +88,18 @@ class INQ(Quantizer):
     # buffer every forward would sync the GPU. How it counts (step_counted) belongs to the
     # training loop, not to the model: a loaded state keeps the caller's choice.
     def get_extra_state(self) -> dict[str, int] | Tensor:
-        if in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+        # PyTorch's TorchScript exporter takes tensors only, as do safetensors files
+        # (fewbits.hf sets tensor_extra_state on the INQ quantizers of a transformers model)
+        if in_onnx_export() or getattr(self, "tensor_extra_state", False):
             return torch.tensor([self.counter, self.stage])
         return {"counter": self.counter, "stage": self.stage}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, int] | Tensor) -> None:
+        if isinstance(state, Tensor):  # [counter, stage]: ONNX export, safetensors (fewbits.hf)
+            if state.numel() != 2 or state.is_floating_point():
+                raise ValueError(f"INQ: a tensor extra state is [counter, stage] (2 integers), "
+                                 f"got shape {tuple(state.shape)} {state.dtype}")
+            state = {"counter": int(state[0]), "stage": int(state[1])}
         self.counter = int(state["counter"])
         # states saved before "stage" existed counted forwards: entries below the counter ran
         self.stage = int(state.get("stage", sum(i < self.counter for i in self.inq_iterations)))
