@@ -231,3 +231,38 @@ def test_a_users_ddp_loop_keeps_quantizer_statistics_equal_across_ranks(tmp_path
                     assert torch.equal(a[k], b[k]), (kind, step, k, a[k], b[k])
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_func_grad_and_vmap_match_autograd(family):
+    torch.manual_seed(0)
+    net = quantize_(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), family).eval()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(4, 6) * 2
+
+    def loss(p, x):
+        return torch.func.functional_call(net, p, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params, x)
+    loss(dict(net.named_parameters()), x).backward()
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-6, atol=1e-6, msg=k)
+    ys = torch.func.vmap(lambda xi: torch.func.functional_call(net, params, (xi[None],)))(x)
+    with torch.no_grad():
+        torch.testing.assert_close(ys[:, 0], net(x), rtol=0, atol=0)
+    # per-sample gradients: vmap over grad, against one backward per sample
+    per = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+    for i in range(2):
+        net.zero_grad()
+        loss(dict(net.named_parameters()), x[i:i + 1]).backward()
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(per[k][i], p.grad, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_vmap_of_a_batch_statistics_forward_names_what_to_use():
+    layer = QuantLinear(4, 2, input_quantizer={"name": "min_max", "mode": "ema"}).train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        torch.func.vmap(layer)(torch.randn(3, 4))

@@ -235,29 +235,71 @@ def recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a torch.func (functorch) wrapper: inside ``grad`` / ``vmap`` the
+    backward works on these, which the fused C kernels cannot read; plain PyTorch ops can."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def vmap_loop(info: Any, in_dims: Sequence[int | None], fn: Callable[..., Any],
+              *tensors: Tensor) -> tuple[Any, Any]:
+    """A ``vmap`` rule for any of the operators: ``fn`` on each sample of the batched
+    ``tensors`` (those whose ``in_dims`` is not None), the results stacked on dim 0. Exact
+    (each sample is quantized as on its own: per-tensor grids stay per sample)."""
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(fn(*(t if d is None else t.select(d, i) for t, d in zip(tensors, in_dims))))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), tuple(0 for _ in outs[0])
+    return torch.stack(outs), 0
+
+
 class _EagerIdentity(torch.autograd.Function):
+    # torch.func style (forward without ctx, setup_context, vmap): works under grad and vmap
     @staticmethod
-    def forward(ctx, x: Tensor, impl, args: tuple) -> Tensor:
+    def forward(x: Tensor, impl, args: tuple) -> Tensor:
         return impl(x, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         return dy, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, x, impl, args):
+        return vmap_loop(info, in_dims[:1], lambda xi: impl(xi, *args), x)
+
 
 class _EagerMasked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, impl, args: tuple, scale: float, has_mask: bool) -> Tensor:
-        y, mask = impl(x, *args)
-        ctx.scale, ctx.has_mask = scale, has_mask
-        if has_mask:
-            ctx.save_for_backward(mask)
-        return y
+    def forward(x: Tensor, impl, args: tuple, scale: float, has_mask: bool):
+        return impl(x, *args)  # (y, mask)
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.scale, ctx.has_mask = inputs[3], inputs[4]
+        ctx.mark_non_differentiable(output[1])
+        if ctx.has_mask:
+            ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmask: Tensor):
+        if dy is None:
+            return None, None, None, None, None
         mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
+        if mask is not None and (wrapped(dy) or wrapped(mask)):  # torch.func: plain ops
+            dx = torch.where(mask != 0, dy * ctx.scale, torch.zeros_like(dy))
+        else:
+            dx = _scaled(dy, mask, ctx.scale, _keep_op)
+        return dx, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, impl, args, scale, has_mask):
+        return vmap_loop(info, in_dims[:1], lambda xi: impl(xi, *args), x)
 
 
 def call_identity(op, x: Tensor, *args) -> Tensor:
@@ -273,7 +315,7 @@ def call_masked(op, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Ten
     """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
     if capturing():
         return op(x, *args)[0]
-    return _EagerMasked.apply(x, _EAGER[op], args, scale, has_mask)
+    return _EagerMasked.apply(x, _EAGER[op], args, scale, has_mask)[0]
 
 
 def check_grid(rmin: Tensor, rmax: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, ql_min: int,

@@ -313,6 +313,12 @@ class MinMax(Quantizer):
                 self._restart_from(x)
         elif self.training:
             check_float_tensor(x, "MinMax", "x")
+            if torch._C._functorch.is_batchedtensor(x):
+                raise RuntimeError(
+                    f"MinMax(mode={self.mode!r}): a training forward sets the ranges from the "
+                    "whole batch, which torch.func.vmap splits into samples; under vmap use "
+                    "model.eval() (the stored ranges) or mode='learnable' (torch.func.grad "
+                    "works in both modes)")
             if ops.recomputing() and self._used is not None:
                 # activation checkpointing runs this forward again in the backward: quantize
                 # with the ranges of the first run, without observing the batch twice

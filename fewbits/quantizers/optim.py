@@ -23,7 +23,7 @@ by other means than ``Optimizer.step`` (a hand-written SGD update). Those loops 
     >>> opt = torch.optim.SGD(q.parameters(), lr=1.0)
     >>> q.qr_min.grad = torch.tensor(-2.0)        # the step moves qr_min to 1.0 > 0
     >>> opt.step()
-    >>> float(q.qr_min), float(q.qr_max)          # projected back: the range holds 0
+    >>> float(q.qr_min.detach()), float(q.qr_max.detach())   # projected: the range holds 0
     (0.0, 1.0)
 """
 
