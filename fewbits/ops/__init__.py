@@ -70,11 +70,11 @@ from ._core import (  # the machinery (checks, widening, autograd glue)
     min_max_grad,
     nonfinite_error,
     recomputing,
-    vmap_loop,
-    wrapped,
     register_identity,
     register_masked,
+    vmap_loop,
     widen,
+    wrapped,
 )
 
 #: float32's largest finite value: a min-max grid wider than this has an inf scale.
