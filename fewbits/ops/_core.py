@@ -248,7 +248,8 @@ def vmap_loop(info: Any, in_dims: Sequence[int | None], fn: Callable[..., Any],
     (each sample is quantized as on its own: per-tensor grids stay per sample)."""
     outs = []
     for i in range(info.batch_size):
-        outs.append(fn(*(t if d is None else t.select(d, i) for t, d in zip(tensors, in_dims, strict=True))))
+        outs.append(fn(*(t if d is None else t.select(d, i)
+                         for t, d in zip(tensors, in_dims, strict=True))))
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outs, strict=True)), tuple(0 for _ in outs[0])
     return torch.stack(outs), 0
