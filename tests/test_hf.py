@@ -32,6 +32,13 @@ def vit():
     return transformers.ViTForImageClassification(cfg), torch.randn(2, 3, 8, 8)
 
 
+def gpt2():
+    # lm_head.weight is transformer.wte.weight (tied): the tie must survive the round trip
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                  n_head=2, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), torch.randint(0, 40, (2, 7))
+
+
 def _logits(model, x):
     with torch.no_grad():
         return model(x).logits
@@ -43,7 +50,7 @@ def _config(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("make", [bert, vit], ids=["bert", "vit"])
+@pytest.mark.parametrize("make", [bert, vit, gpt2], ids=["bert", "vit", "gpt2"])
 def test_save_pretrained_from_pretrained_round_trip(make, family, tmp_path):
     torch.manual_seed(0)
     model, x = make()
@@ -70,8 +77,10 @@ def test_save_pretrained_from_pretrained_round_trip(make, family, tmp_path):
             assert torch.equal(a[k], b[k]), k
         else:
             assert a[k] == b[k], k
+    if make is gpt2:
+        assert back.lm_head.weight is back.transformer.wte.weight
     if family == "inq":
-        q = back.classifier.weight_quantizer
+        q = dict(quant_layers(back))["lm_head" if make is gpt2 else "classifier"].weight_quantizer
         assert q.counter == 2 and 0 < q.fixed_fraction  # the schedule comes back too
 
 
