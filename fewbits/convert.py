@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
 from .quantizers import MinMax, Quantizer
+from .quantizers import optim as qoptim
 
 __all__ = ["ROLES", "calibrate", "family_config", "quantize_"]
 
@@ -120,13 +121,20 @@ def _occurrences(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]
 
 
 def quantize_(model: nn.Module, config: Config, *,
-              skip: str | Sequence[str] | None = None) -> nn.Module:
+              skip: str | Sequence[str] | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Convert, in place, every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` into the fewbits
     layer given by ``config`` (see the module doc); returns ``model``.
 
-    Each new layer holds the same weight and bias parameters (an optimizer built before still
-    works), keeps stride, padding, dilation, groups, padding mode, device and dtype, and starts
-    min-max weight ranges from its weights. A module shared at several places is converted once.
+    Each new layer holds the same weight and bias parameters, keeps stride, padding, dilation,
+    groups, padding mode, device and dtype, and starts min-max weight ranges from its weights.
+    A module shared at several places is converted once.
+
+    - ``optimizer``: an optimizer built before this call. Learned min-max ranges are new
+      parameters, which it does not hold: passing it adds them as one new parameter group (its
+      defaults). Without it, the first ``step()`` of an optimizer that holds the model's
+      weights but not the new ranges raises ``RuntimeError`` saying this
+      (:mod:`fewbits.quantizers.optim`); an optimizer built after ``quantize_`` holds all.
 
     - ``skip``: layer names or shell patterns (``"layer4.*"``, ``"fc"``; a container's name skips
       everything in it) left in float. A pattern that matches no conv/linear layer raises
@@ -142,6 +150,7 @@ def quantize_(model: nn.Module, config: Config, *,
 
     Errors name the layer: ``"layer1.0.conv1: ..."``.
     """
+    before = {id(p) for p in model.parameters()}
     found = [(n, p, a, m) for n, p, a, m in _occurrences(model)
              if isinstance(m, (nn.Linear, *_NO_FORM))]
     names = list(dict.fromkeys(n for n, *_ in found))
@@ -177,6 +186,10 @@ def quantize_(model: nn.Module, config: Config, *,
     for _, parent, attr, module in found:
         if id(module) in converted:  # a shared module gets the same layer everywhere
             setattr(parent, attr, converted[id(module)])
+    added = [(n, p) for n, p in model.named_parameters() if id(p) not in before]
+    if optimizer is not None:
+        qoptim.add_to_optimizer(optimizer, [p for _, p in added])
+    qoptim.require_companions([p for p in model.parameters() if id(p) in before], added)
     return model
 
 
@@ -186,19 +199,50 @@ def _activation_quantizers(model: nn.Module) -> list[tuple[str, MinMax]]:
         for role in ("input", "output"):
             q = getattr(layer, f"{role}_quantizer")
             if isinstance(q, MinMax):
-                out.append((f"{lname}.{role}_quantizer", q))
+                out.append((f"{lname}.{role}_quantizer" if lname else f"{role}_quantizer", q))
     out += [(f"{n}.quantizer", m.quantizer) for n, m in model.named_modules()
             if isinstance(m, QuantAct) and isinstance(m.quantizer, MinMax)]
     return out
 
 
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor in it (nested tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch if device is None else batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _run_batch(model: nn.Module, batch: Any, device: torch.device | None) -> None:
+    if isinstance(batch, dict):  # HF-style: model(**batch); labels are ignored
+        model(**_to_device(batch, device))
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("calibrate: a batch is an empty tuple; give (inputs, ...) or a "
+                             "tensor")
+        _run_batch(model, batch[0], device)
+    elif isinstance(batch, Tensor):
+        model(_to_device(batch, device))
+    else:
+        raise TypeError(f"calibrate: a batch is a tensor, a tuple/list whose first item is the "
+                        f"input, or a dict of model keyword arguments; got {type(batch).__name__}")
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float, float]]:
     """Set every min-max activation range of ``model`` (layers' input/output quantizers and
-    :class:`~fewbits.layers.QuantAct`) to the min and max its input takes over ``batches``.
+    :class:`~fewbits.layers.QuantAct`) to the min and max its input takes over ``batches``,
+    widened to hold 0: ``[min(lo, 0), max(hi, 0)]`` (the grid of a min-max quantizer always
+    holds zero, as Jacob et al.'s nudging and the learned-range projection require; activations
+    all in ``[0.5, 1]`` get ``[0, 1]``, never a grid that clips every value).
 
-    ``batches`` yields input tensors, or tuples/lists whose first item is the input (a
-    ``DataLoader`` of ``(x, y)``); inputs are moved to the model's device. The forwards run in
+    ``batches`` yields input tensors, tuples/lists whose first item is the input (a
+    ``DataLoader`` of ``(x, y)``), or dicts of keyword arguments, run as ``model(**batch)`` (a
+    HuggingFace tokenizer's output); tensors, nested ones included, are moved to the model's
+    device. The forwards run in
     evaluation mode with the activation quantizers passing values through unquantized (the
     float activations are observed, as Brevitas' calibration does), so batch-norm statistics,
     INQ counters, weights and every other state stay as they were; the training flag is
@@ -206,7 +250,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
 
     Returns ``{quantizer name: (min, max)}`` of the ranges set (empty when the model has no
     min-max activation quantizer). Raises ``ValueError`` for an empty ``batches`` or a
-    per-channel activation quantizer.
+    per-channel activation quantizer, ``TypeError`` for a batch of another kind.
+
+        >>> from fewbits.layers import QuantLinear
+        >>> net = QuantLinear(2, 2, input_quantizer="min_max")
+        >>> calibrate(net, [{"x": torch.tensor([[0.5, 1.0]])}])
+        {'input_quantizer': (0.0, 1.0)}
     """
     targets = _activation_quantizers(model)
     for name, q in targets:
@@ -218,7 +267,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
         def observe(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, name: str = name
                     ) -> Tensor:
             lo, hi = (float(v) for v in torch.aminmax(args[0].detach().float()))
-            r = seen.setdefault(name, [lo, hi])
+            r = seen.setdefault(name, [0.0, 0.0])  # the range holds zero
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
             return args[0]  # observe the float activations
 
@@ -230,8 +279,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
     n = 0
     try:
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
+            _run_batch(model, batch, device)
             n += 1
     finally:
         for h in hooks:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .quantizers import MinMax
+from .quantizers.min_max import gather_in_rank_order
 
 __all__ = [
     "DistInfo",
@@ -108,12 +109,6 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
             dist.broadcast(b, src=0)
 
 
-def _gather_in_rank_order(t: Tensor, info: DistInfo) -> tuple[Tensor, int]:
-    parts = [torch.empty_like(t) for _ in range(info.world_size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.stack(parts), info.rank
-
-
 def sync_quantizers(model: nn.Module, info: DistInfo) -> None:
     """Make the statistics of every batch/EMA min-max quantizer of ``model`` agree across ranks.
 
@@ -131,12 +126,16 @@ def sync_quantizers(model: nn.Module, info: DistInfo) -> None:
     optimizer step on every rank (:func:`fewbits.layers.count_optimizer_steps`). Every rank must
     then run the same training forwards (eval forwards do not synchronise). A no-op for one
     process.
+
+    Inside the forward of a ``DistributedDataParallel`` that spans several processes the same
+    exchange happens without this call (over DDP's process group, :class:`MinMax`); call it for
+    loops that run the model on several processes outside DDP's forward.
     """
     if not info.distributed:
         return
     for m in model.modules():
         if isinstance(m, MinMax) and m.mode != "learnable":
-            m.stats_sync = partial(_gather_in_rank_order, info=info)
+            m.stats_sync = partial(gather_in_rank_order, group=None)
 
 
 def barrier(info: DistInfo) -> None:

@@ -138,6 +138,22 @@ class _QuantMixin:
             out.bias = nn.Parameter(b.detach().clone(), requires_grad=self.bias.requires_grad)
         return out.train(was)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # A state dict without any key of the weight/bias quantizer (a float checkpoint loaded
+        # after quantize_): the loaded tensor gets a quantizer state started from it, as
+        # from_float gives (min-max ranges from its min and max, INQ afresh), instead of
+        # ranges of the tensor it replaces. The quantizers do not report their keys missing.
+        fresh = [(q, role) for q, role in ((self.weight_quantizer, "weight"),
+                                           (self.bias_quantizer, "bias"))
+                 if q is not None and prefix + role in state_dict and
+                 not any(k.startswith(f"{prefix}{role}_quantizer.") for k in state_dict)]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+        for q, role in fresh:
+            p = getattr(self, role)
+            if p is not None and p.shape == state_dict[prefix + role].shape:
+                q.init_from_(p.detach())
+
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses."""
         q = self.weight_quantizer

@@ -59,13 +59,18 @@ def state(model: nn.Module) -> dict:
 
 
 def run(kind: str, world: int = 1, rank: int = 0, accum: int = 1,
-        info: fdist.DistInfo | None = None) -> tuple[list[list[float]], list[dict]]:
-    """Per step: the losses of this process's micro-batches, and the state after the step."""
+        info: fdist.DistInfo | None = None, user: bool = False
+        ) -> tuple[list[list[float]], list[dict]]:
+    """Per step: the losses of this process's micro-batches, and the state after the step.
+    ``user``: a user's own loop, which calls no fewbits function (no sync_quantizers,
+    count_optimizer_steps or apply_weight_constraints)."""
     model = make(kind)
-    count_optimizer_steps(model)
+    if not user:
+        count_optimizer_steps(model)
     net: nn.Module = model
     if info is not None and info.distributed:
-        fdist.sync_quantizers(model, info)
+        if not user:
+            fdist.sync_quantizers(model, info)
         net = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     x, t = data(world, accum)
@@ -82,15 +87,21 @@ def run(kind: str, world: int = 1, rank: int = 0, accum: int = 1,
             step.append(float(loss.detach()))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        apply_weight_constraints(model)
+        if not user:
+            apply_weight_constraints(model)
         losses.append(step)
         states.append(state(model))
     return losses, states
 
 
-def main(out: str) -> None:
+def main(out: str, user: bool = False) -> None:
     info = fdist.init_from_env("cpu")
     try:
+        if user:  # tests/test_loop_habits.py: a user's DDP loop
+            result = {kind: run(kind, info.world_size, info.rank, 1, info, user=True)
+                      for kind in KINDS}
+            torch.save(result, f"{out}/rank{info.rank}.pt")
+            return
         result = {kind: run(kind, info.world_size, info.rank, 1, info) for kind in KINDS}
         # with accumulation: micro-batch j of rank r is number j * N + r of the step
         result.update({f"{kind}@2": run(kind, info.world_size, info.rank, 2, info)
@@ -101,4 +112,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], user=sys.argv[2:] == ["user"])

@@ -35,6 +35,7 @@ LAYERS = [
                    "fewbits.export._guard"]),
     (8, "train", ["fewbits.train"]),
     (8, "export", ["fewbits.export", "fewbits.runtime"]),
+    (8, "hf", ["fewbits.hf"]),
     (9, "cli", ["fewbits.cli"]),
     (10, "facade", ["fewbits"]),
 ]

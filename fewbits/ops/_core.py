@@ -229,6 +229,87 @@ def capturing() -> bool:
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
+def recomputing() -> bool:
+    """True while a forward runs inside the autograd engine's backward pass: the recomputation
+    of activation checkpointing (``torch.utils.checkpoint``, reentrant or not), which runs each
+    checkpointed forward a second time. Quantizer state (EMA ranges, the INQ counter) must
+    not advance then: the step already counted it."""
+    if torch.compiler.is_compiling():  # compiled backwards replay a graph, never Python
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a torch.func (functorch) wrapper: inside ``grad`` / ``vmap`` the
+    backward works on these, which the fused C kernels cannot read; plain PyTorch ops can."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def vmap_loop(info: Any, in_dims: Sequence[int | None], fn: Callable[..., Any],
+              *tensors: Tensor) -> tuple[Any, Any]:
+    """A ``vmap`` rule for any of the operators: ``fn`` on each sample of the batched
+    ``tensors`` (those whose ``in_dims`` is not None), the results stacked on dim 0. Exact
+    (each sample is quantized as on its own: per-tensor grids stay per sample)."""
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(fn(*(t if d is None else t.select(d, i)
+                         for t, d in zip(tensors, in_dims, strict=True))))
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), tuple(0 for _ in outs[0])
+    return torch.stack(outs), 0
+
+
+class _FuncIdentity(torch.autograd.Function):
+    # torch.func's form (forward without ctx, setup_context, vmap): works under grad and vmap.
+    # Only under torch.func transforms: apply() binds the arguments with inspect.signature
+    # for this form (~0.3 ms a call), so the plain eager path keeps the classic form.
+    @staticmethod
+    def forward(x: Tensor, impl, args: tuple) -> Tensor:
+        return impl(x, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return dy, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, impl, args):
+        return vmap_loop(info, in_dims[:1], lambda xi: impl(xi, *args), x)
+
+
+class _FuncMasked(torch.autograd.Function):
+    # torch.func's form, as _FuncIdentity
+    @staticmethod
+    def forward(x: Tensor, impl, args: tuple, scale: float, has_mask: bool):
+        return impl(x, *args)  # (y, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.scale, ctx.has_mask = inputs[3], inputs[4]
+        ctx.mark_non_differentiable(output[1])
+        if ctx.has_mask:
+            ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmask: Tensor):
+        if dy is None:
+            return None, None, None, None, None
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        if mask is not None and (wrapped(dy) or wrapped(mask)):  # torch.func: plain ops
+            dx = torch.where(mask != 0, dy * ctx.scale, torch.zeros_like(dy))
+        else:
+            dx = _scaled(dy, mask, ctx.scale, _keep_op)
+        return dx, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, impl, args, scale, has_mask):
+        return vmap_loop(info, in_dims[:1], lambda xi: impl(xi, *args), x)
+
+
 class _EagerIdentity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, impl, args: tuple) -> Tensor:
@@ -254,12 +335,19 @@ class _EagerMasked(torch.autograd.Function):
         return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
 
 
+def transforming() -> bool:
+    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev`` ...)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def call_identity(op, x: Tensor, *args) -> Tensor:
     """``op(x, *args)`` with the identity straight-through gradient. While a graph is being
     captured this is the registered operator; in eager mode the same implementation runs under
     an equivalent ``autograd.Function`` (the dispatcher's Python layers cost ~0.1 ms a call)."""
     if capturing():
         return op(x, *args)
+    if transforming():
+        return _FuncIdentity.apply(x, _EAGER[op], args)
     return _EagerIdentity.apply(x, _EAGER[op], args)
 
 
@@ -267,6 +355,8 @@ def call_masked(op, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Ten
     """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
     if capturing():
         return op(x, *args)[0]
+    if transforming():
+        return _FuncMasked.apply(x, _EAGER[op], args, scale, has_mask)[0]
     return _EagerMasked.apply(x, _EAGER[op], args, scale, has_mask)
 
 

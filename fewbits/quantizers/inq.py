@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as qf
+from .. import ops
 from .._checks import check_bits, check_finite, in_onnx_export
 from .base import Codes, Quantizer, register_quantizer
 
@@ -87,14 +88,40 @@ class INQ(Quantizer):
     # buffer every forward would sync the GPU. How it counts (step_counted) belongs to the
     # training loop, not to the model: a loaded state keeps the caller's choice.
     def get_extra_state(self) -> dict[str, int] | Tensor:
-        if in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+        # PyTorch's TorchScript exporter takes tensors only, as do safetensors files
+        # (fewbits.hf sets tensor_extra_state on the INQ quantizers of a transformers model)
+        if in_onnx_export() or getattr(self, "tensor_extra_state", False):
             return torch.tensor([self.counter, self.stage])
         return {"counter": self.counter, "stage": self.stage}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, int] | Tensor) -> None:
+        if isinstance(state, Tensor):  # [counter, stage]: ONNX export, safetensors (fewbits.hf)
+            if state.numel() != 2 or state.is_floating_point():
+                raise ValueError(f"INQ: a tensor extra state is [counter, stage] (2 integers), "
+                                 f"got shape {tuple(state.shape)} {state.dtype}")
+            state = {"counter": int(state[0]), "stage": int(state[1])}
         self.counter = int(state["counter"])
         # states saved before "stage" existed counted forwards: entries below the counter ran
         self.stage = int(state.get("stage", sum(i < self.counter for i in self.inq_iterations)))
+
+    def init_from_(self, x: Tensor) -> None:
+        """Start the schedule afresh for the tensor ``x``: nothing fixed, counter 0 (what a
+        float checkpoint loaded under a converted layer needs: fixed values of the old weights
+        would override the loaded ones)."""
+        self.setup(x)
+        self.counter, self.stage = 0, 0
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # args: local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        mine = [prefix + k for k in ("mask", "fixed", "_extra_state")]
+        absent = not any(k in state_dict for k in mine)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if absent:  # a float checkpoint: the layer restarts the schedule (init_from_)
+            missing = args[2]
+            for k in mine:
+                if k in missing:
+                    missing.remove(k)
 
     def count_optimizer_steps(self) -> None:
         self.step_counted = True
@@ -134,7 +161,7 @@ class INQ(Quantizer):
                 f"{tuple(w.shape)}; attach INQ through a fewbits layer (it calls setup)"
             )
         check_finite(w, "INQ", "w")
-        if self.training:
+        if self.training and not ops.recomputing():  # a checkpoint's recompute: counted
             its = self.inq_iterations
             if self.stage < len(its) and its[self.stage] <= self.counter:
                 with torch.no_grad():

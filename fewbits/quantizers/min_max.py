@@ -5,25 +5,52 @@ per tensor or per channel, kept equal across DDP ranks.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import _math, ops
 from .. import functional as qf
 from .._checks import check_finite, check_float_tensor, check_positive, range_view
+from . import optim
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
 __all__ = [
     "MinMax",
+    "gather_in_rank_order",
 ]
 
 
 _MINMAX_MODES = ("learnable", "batch", "ema")
 _NP_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def gather_in_rank_order(t: Tensor, group: Any = None) -> tuple[Tensor, int]:
+    """``t`` of every rank of ``group`` (default: the whole job), stacked in rank order, and
+    this process's rank in it: the statistics exchange of DDP min-max quantizers."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts), dist.get_rank(group)
+
+
+def _ddp_group() -> Any:
+    """The process group of the DistributedDataParallel forward now running, when it spans
+    more than one process; else None. Quantizer statistics are exchanged only inside a DDP
+    forward, which every rank runs (a forward outside DDP on one rank must not wait for the
+    others)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    group = getattr(ddp, "process_group", None)
+    if ddp is None or dist.get_world_size(group) < 2:
+        return None
+    return group
 
 
 @register_quantizer("min_max")
@@ -36,17 +63,28 @@ class MinMax(Quantizer):
     the stored ranges are used unchanged, as the seed. ``per_channel`` (weights, beyond the seed)
     keeps one range per output channel. ``bits = ceil(log2(ql_max - ql_min + 1))``.
 
-    Learned ranges stay valid: :meth:`after_optimizer_step` (run by
-    :func:`fewbits.layers.apply_weight_constraints` after each optimizer step, like the weight
-    clip) projects them onto ``qr_min <= 0 <= qr_max`` (the range holds zero, as torch.ao's
+    Learned ranges stay valid: :meth:`after_optimizer_step` (run after every
+    ``optimizer.step()`` that holds them, by a global optimizer hook of
+    :mod:`fewbits.quantizers.optim`, and by :func:`fewbits.layers.apply_weight_constraints`)
+    projects them onto ``qr_min <= 0 <= qr_max`` (the range holds zero, as torch.ao's
     observers and Jacob et al.'s nudging require) and ``qr_max >= qr_min + eps`` (the forward's
     own nudge, which leaves the forward as it was). The seed's gradients are unchanged. Without
     the projection, ``qr_min > 0`` pins the zero point at ``ql_min`` (the grid is
     ``[0, qr_max - qr_min]``), ``qr_min`` keeps receiving gradient, passes ``qr_max`` and
     leaves the quantizer on a grid ``eps`` wide for good. Ranges that stay valid never change.
+    A range the projection leaves ``eps`` wide (it had crossed or collapsed), or that starts
+    narrower than ``eps``, restarts from the data at the next training forward:
+    ``[min(x, 0), max(x, 0)]`` of the tensor quantized there (per channel where the ranges are).
 
-    Under DDP (:func:`fewbits.distributed.sync_quantizers`) batch/EMA statistics are those of
-    one process running the ranks' micro-batches in rank order (see there).
+    Activation checkpointing: a forward that ``torch.utils.checkpoint`` recomputes during the
+    backward neither observes its batch again nor restarts a range (it quantizes with the
+    ranges of the first run), so state advances once per step.
+
+    Under DDP batch/EMA statistics are those of one process running the ranks' micro-batches
+    in rank order (see :func:`fewbits.distributed.sync_quantizers`); inside the forward of a
+    ``DistributedDataParallel`` spanning several processes this holds without any call (the
+    statistics are exchanged over its process group). Loops that run the model on several
+    processes without DDP call ``sync_quantizers``.
 
         >>> q = MinMax(init_min=0.5, init_max=1.0); q.after_optimizer_step()
         >>> q.qr_min.item(), q.qr_max.item()
@@ -83,6 +121,15 @@ class MinMax(Quantizer):
         #: ``stats -> (stats of every rank in rank order, this rank)``; set by
         #: :func:`fewbits.distributed.sync_quantizers` under DDP, else None (this process only).
         self.stats_sync: Callable[[Tensor], tuple[Tensor, int]] | None = None
+        #: True for a weight/bias quantizer (its layer called :meth:`setup`), False for
+        #: activations.
+        self.serves_tensor = False
+        # the ranges the last training forward quantized with (for a recomputation)
+        self._used: tuple[Tensor, Tensor] | None = None
+        # learned ranges narrower than eps (collapsed, crossed, or started so): restarted from
+        # the data at the next training forward. A bool, or a device tensor off the CPU
+        self._restart: bool | Tensor = (mode == "learnable"
+                                        and max(init_max, 0.0) - min(init_min, 0.0) < eps)
         self._make_ranges(())
 
     def _kwargs(self) -> dict[str, Any]:
@@ -99,6 +146,7 @@ class MinMax(Quantizer):
                 delattr(self, name)
             if self.mode == "learnable":
                 self.register_parameter(name, nn.Parameter(v))
+                optim.register_range(getattr(self, name), self)
             else:
                 self.register_buffer(name, v)
 
@@ -111,7 +159,42 @@ class MinMax(Quantizer):
             return  # the projection below would leave both values as they are, bit for bit
         lo.clamp_(max=0.0)
         hi.clamp_(min=0.0)
-        hi.copy_(torch.where(hi - lo < self.eps, lo + self.eps, hi))  # the forward's nudge
+        narrow = hi - lo < self.eps
+        hi.copy_(torch.where(narrow, lo + self.eps, hi))  # the forward's nudge
+        if not lo.is_meta:
+            self._set_restart(narrow if self._restart is False else narrow | self._restart)
+
+    def _set_restart(self, mask: Tensor) -> None:
+        # on the CPU a range without anything to restart costs nothing at the next forward;
+        # elsewhere the mask stays on the device (no host sync) and the restart is branch-free
+        self._restart = False if mask.device.type == "cpu" and not bool(mask.any()) else mask
+
+    @torch.no_grad()
+    def _restart_from(self, x: Tensor) -> None:
+        """Learned ranges that collapsed (narrower than ``eps``: a crossing projected to
+        ``[0, eps]``, or an ``eps``-wide start) start again from ``x``, the tensor this forward
+        quantizes, as :meth:`init_from_` does for weights: ``[min(x, 0), max(x, 0)]``. Under a
+        DDP forward the min and max are those of every rank's batch, so ranks stay equal."""
+        bmin, bmax = self._range_of(x)
+        bmin, bmax = bmin.clamp(max=0.0).to(self.qr_min.dtype), bmax.clamp(min=0.0).to(
+            self.qr_max.dtype)
+        group = _ddp_group()
+        if group is not None:
+            dist.all_reduce(bmin, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=group)
+        if not bool(torch.isfinite(bmin).all() and torch.isfinite(bmax).all()):
+            check_finite(x, "MinMax", "x")  # raises, naming it
+        narrow = bmax - bmin < self.eps
+        bmax = torch.where(narrow, bmin + self.eps, bmax)
+        restart = self._restart
+        if isinstance(restart, Tensor):  # only the collapsed channels restart
+            restart = restart.to(bmin.device)
+            bmin = torch.where(restart, bmin, self.qr_min)
+            bmax = torch.where(restart, bmax, self.qr_max)
+            narrow = narrow & restart
+        self.qr_min.copy_(bmin)
+        self.qr_max.copy_(bmax)
+        self._set_restart(narrow)  # data without width (all zero): try again next time
 
     def _valid_scalar_range(self) -> bool:
         """Per-tensor ranges with ``qr_min < 0 < qr_max`` and ``qr_max - qr_min >= eps`` in
@@ -130,6 +213,7 @@ class MinMax(Quantizer):
             return bool(lo_v < 0 < hi_v and not hi_v - lo_v < np_dtype(self.eps))
 
     def setup(self, param: Tensor) -> None:
+        self.serves_tensor = True
         if self.per_channel:
             if param.dim() < 1:
                 raise ValueError("MinMax(per_channel=True) needs a tensor with a channel axis")
@@ -148,7 +232,34 @@ class MinMax(Quantizer):
         with torch.no_grad():
             self.qr_min.copy_(bmin)
             self.qr_max.copy_(bmax)
+        self._restart = False  # a fresh start; a range without width restarts (projection)
         self.after_optimizer_step()  # learned ranges must stay valid (qr_min <= 0 <= qr_max)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # args: local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        mine = [prefix + "qr_min", prefix + "qr_max"]
+        absent = not any(k in state_dict for k in mine)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if not absent:
+            lo, hi = self.qr_min, self.qr_max
+            if self.mode == "learnable" and not lo.is_meta and lo.shape == hi.shape:
+                # a collapsed range saved as [lo, lo + eps] restarts at the next forward
+                self._set_restart((hi - lo <= self.eps * (1 + 2**-10)).detach())
+            return
+        # No key of this quantizer at all: a float checkpoint (or one without this quantizer)
+        # loaded into the converted model. Weight/bias ranges are started from the loaded
+        # tensor by the layer (fewbits.layers), as converting the float layer does; an
+        # activation range has no stored tensor to start from.
+        missing = args[2]
+        for k in mine:
+            if k in missing:
+                missing.remove(k)
+        if not self.serves_tensor:
+            warnings.warn(
+                "a min-max activation range is not in the loaded state dict (a float "
+                "checkpoint): it keeps its current value; set activation ranges from data with "
+                "fewbits.calibrate(model, batches)", stacklevel=2)
 
     def _update(self, bmin: Tensor, bmax: Tensor) -> None:
         if self.mode == "ema":
@@ -162,7 +273,12 @@ class MinMax(Quantizer):
     def _observe(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Update the ranges from ``x``; returns the ranges this forward quantizes with."""
         bmin, bmax = self._range_of(x)
-        if self.stats_sync is None:
+        sync = self.stats_sync
+        if sync is None:
+            group = _ddp_group()
+            if group is not None:
+                sync = partial(gather_in_rank_order, group=group)
+        if sync is None:
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
             # (inside a captured graph as a device-side assertion on the two sums, no sync)
             stats = torch.stack([bmin.sum(), bmax.sum()])
@@ -175,7 +291,7 @@ class MinMax(Quantizer):
         # DDP: replay every rank's statistics in rank order, as one process running the ranks'
         # micro-batches one after the other; this rank quantizes with the ranges its own
         # micro-batch gives there, and every rank ends with the same state.
-        stats, rank = self.stats_sync(torch.stack([bmin, bmax]))
+        stats, rank = sync(torch.stack([bmin, bmax]))
         if not bool(torch.isfinite(stats).all()):  # every rank raises, none waits
             check_finite(x, "MinMax", "x")
             raise ValueError("MinMax: another rank's batch contains NaN or inf; quantizers "
@@ -189,9 +305,27 @@ class MinMax(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         qr_min, qr_max = self.qr_min, self.qr_max
-        if self.training and self.mode != "learnable":
+        if self.mode == "learnable":
+            optim.register_range(qr_min, self)  # a copy (deepcopy, load with assign=True)
+            optim.register_range(qr_max, self)
+            if self.training and self._restart is not False and not ops.recomputing():
+                check_float_tensor(x, "MinMax", "x")
+                self._restart_from(x)
+        elif self.training:
             check_float_tensor(x, "MinMax", "x")
-            qr_min, qr_max = self._observe(x)
+            if torch._C._functorch.is_batchedtensor(x):
+                raise RuntimeError(
+                    f"MinMax(mode={self.mode!r}): a training forward sets the ranges from the "
+                    "whole batch, which torch.func.vmap splits into samples; under vmap use "
+                    "model.eval() (the stored ranges) or mode='learnable' (torch.func.grad "
+                    "works in both modes)")
+            if ops.recomputing() and self._used is not None:
+                # activation checkpointing runs this forward again in the backward: quantize
+                # with the ranges of the first run, without observing the batch twice
+                qr_min, qr_max = self._used
+            else:
+                qr_min, qr_max = self._observe(x)
+                self._used = (qr_min, qr_max)
         return qf.min_max_quantize(x, qr_min, qr_max, self.ql_min, self.ql_max,
                                    self.eps, self.ste_fine_grained)
 

@@ -1,0 +1,137 @@
+"""HuggingFace ``transformers`` integration (``pip install 'fewbits[hf]'``): a model quantized by
+fewbits saves with ``save_pretrained`` and comes back from ``from_pretrained`` quantized, through
+transformers' public quantizer registration (``register_quantization_config`` /
+``register_quantizer``, method name ``"fewbits"``).
+
+:func:`quantize_hf` converts a ``PreTrainedModel`` with :func:`fewbits.quantize_` and records
+the conversion (family or role specs, ``skip``) as the model's ``quantization_config``;
+``save_pretrained`` writes it to ``config.json`` with every quantizer's state (learned ranges,
+INQ masks, fixed values and counters) in the weights file. ``from_pretrained`` reads the
+config, converts the freshly built model the same way before its weights load (the
+:class:`FewbitsHfQuantizer`), and loads the quantizer state with the weights: the logits are
+those of the saved model, bit for bit.
+
+    >>> from transformers import BertConfig, BertModel            # doctest: +SKIP
+    >>> model = quantize_hf(BertModel(BertConfig(...)), "binary_connect")   # doctest: +SKIP
+    >>> model.save_pretrained(path)                                 # doctest: +SKIP
+    >>> BertModel.from_pretrained(path)   # quantized again          # doctest: +SKIP
+
+Importing this module needs ``transformers`` (``ImportError`` naming the extra otherwise); the
+rest of fewbits never imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+try:
+    from transformers.quantizers import (
+        HfQuantizer,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+except ImportError as e:  # pragma: no cover - the extra is missing
+    raise ImportError("fewbits.hf needs transformers: pip install 'fewbits[hf]'") from e
+
+from .convert import quantize_
+from .quantizers import INQ
+
+__all__ = ["METHOD", "FewbitsConfig", "FewbitsHfQuantizer", "quantize_hf"]
+
+#: The ``quant_method`` name fewbits registers with transformers.
+METHOD = "fewbits"
+
+
+@register_quantization_config(METHOD)
+class FewbitsConfig(QuantizationConfigMixin):
+    """The conversion of a fewbits model, as ``config.json``'s ``quantization_config``.
+
+    - ``config``: what :func:`fewbits.quantize_` took: a family name or a dict of quantizer
+      specs by role (JSON-able: names and dicts, no quantizer instances or callables);
+    - ``skip``: the layer names or patterns left in float.
+    """
+
+    def __init__(self, config: str | dict[str, Any] | None = None,
+                 skip: Sequence[str] | None = None, **kwargs: Any) -> None:
+        self.quant_method = METHOD
+        if config is None:
+            raise ValueError("FewbitsConfig: config (a family name or a dict of quantizer specs "
+                             "by role) is required")
+        if not isinstance(config, (str, dict)):
+            raise TypeError("FewbitsConfig: config must be a family name or a dict of quantizer "
+                            f"specs by role (JSON-able), got {type(config).__name__}")
+        self.config = copy.deepcopy(config)
+        self.skip = list(skip or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": METHOD, "config": copy.deepcopy(self.config),
+                "skip": list(self.skip)}
+
+
+@register_quantizer(METHOD)
+class FewbitsHfQuantizer(HfQuantizer):
+    """Converts a model that ``from_pretrained`` builds (on the meta device) as its saved
+    :class:`FewbitsConfig` says, before the weights and quantizer state load into it."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: FewbitsConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            raise ValueError("fewbits: from_pretrained(quantization_config=FewbitsConfig(...)) "
+                             "on a float checkpoint is not supported; load the float model and "
+                             "call fewbits.hf.quantize_hf(model, ...)")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any
+                                             ) -> nn.Module:
+        cfg = self.quantization_config
+        quantize_(model, cfg.config, skip=cfg.skip or None)
+        _tensor_extra_state(model)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any
+                                            ) -> nn.Module:
+        return model
+
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def quantize_hf(model: nn.Module, config: str | dict[str, Any], *,
+                skip: str | Sequence[str] | None = None) -> nn.Module:
+    """:func:`fewbits.quantize_` a transformers ``PreTrainedModel`` in place and record the
+    conversion as ``model.config.quantization_config`` (a :class:`FewbitsConfig`), so that
+    ``save_pretrained`` / ``from_pretrained`` round-trip it quantized; returns ``model``.
+
+    ``config`` must be JSON-able (a family name or a dict of specs by role); a callable config
+    cannot be written to ``config.json`` (``TypeError``). Raises ``TypeError`` for a model
+    without a transformers ``config``.
+    """
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "to_dict"):
+        raise TypeError(f"quantize_hf needs a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}; use fewbits.quantize_ for other models")
+    skip_list = [skip] if isinstance(skip, str) else list(skip or [])
+    qcfg = FewbitsConfig(config, skip_list)
+    quantize_(model, config, skip=skip_list or None)
+    _tensor_extra_state(model)
+    hf_config.quantization_config = qcfg
+    model.hf_quantizer = FewbitsHfQuantizer(qcfg, pre_quantized=True)
+    return model
+
+
+
+def _tensor_extra_state(model: nn.Module) -> None:
+    # safetensors stores tensors only: INQ's counter and stage go as an int64 pair
+    for m in model.modules():
+        if isinstance(m, INQ):
+            m.tensor_extra_state = True

@@ -1,0 +1,149 @@
+"""What every PyTorch optimizer does for fewbits without being asked: two global optimizer step
+hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``..._post_hook``),
+installed once when :mod:`fewbits.quantizers` is imported.
+
+- After every ``optimizer.step()``: each learned min-max range the optimizer holds is projected
+  onto a valid range (:meth:`fewbits.quantizers.MinMax.after_optimizer_step`), so a user's own
+  loop gets what the trainer's :func:`fewbits.layers.apply_weight_constraints` gives (calling
+  that as well changes nothing: the projection of a valid range is the identity).
+- Before every ``optimizer.step()``: an optimizer that holds parameters of a model converted by
+  :func:`fewbits.quantize_` but not the parameters that conversion added (learned min-max
+  ranges), which would then never train, is refused with ``RuntimeError`` saying how to give
+  them to it (``quantize_(model, ..., optimizer=opt)``, building the optimizer after
+  ``quantize_``, or ``opt.add_param_group``). Parameters with ``requires_grad=False`` are
+  left out of the check: that is how ranges are kept fixed on purpose.
+
+What it cannot see: an optimizer that holds *none* of the model's parameters, or a step taken
+by other means than ``Optimizer.step`` (a hand-written SGD update). Those loops call
+:func:`fewbits.layers.apply_weight_constraints` after each update, as before.
+
+    >>> import torch
+    >>> from fewbits.quantizers import MinMax
+    >>> q = MinMax(init_min=-1.0, init_max=1.0)
+    >>> opt = torch.optim.SGD(q.parameters(), lr=1.0)
+    >>> q.qr_min.grad = torch.tensor(-2.0)        # the step moves qr_min to 1.0 > 0
+    >>> opt.step()
+    >>> float(q.qr_min.detach()), float(q.qr_max.detach())   # projected: the range holds 0
+    (0.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+__all__ = [
+    "add_to_optimizer",
+    "register_range",
+    "require_companions",
+]
+
+# id(range parameter) -> (weakref to it, weakref to the quantizer that owns it)
+_RANGES: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# id(parameter) -> (weakref to it, [(name, weakref) of the parameters quantize_ added with it])
+_COMPANIONS: dict[int, tuple[weakref.ref, list[tuple[str, weakref.ref]]]] = {}
+_generation = 0  # bumped when _COMPANIONS changes: cached optimizer checks are then redone
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forget(table: dict[int, Any], key: int) -> None:
+    table.pop(key, None)
+
+
+def register_range(param: Tensor, owner: nn.Module) -> None:
+    """Let the post-step hook project ``param`` by calling ``owner.after_optimizer_step()``
+    after every optimizer step that holds it (``owner`` keeps the range valid)."""
+    entry = _RANGES.get(id(param))
+    if entry is not None and entry[0]() is param and entry[1]() is owner:
+        return
+    _RANGES[id(param)] = (weakref.ref(param), weakref.ref(owner))
+    weakref.finalize(param, _forget, _RANGES, id(param))
+
+
+def require_companions(old: Iterable[Tensor], new: Iterable[tuple[str, Tensor]]) -> None:
+    """Record that an optimizer holding any of ``old`` must also hold every trainable
+    parameter of ``new`` (``(qualified name, parameter)``): what :func:`fewbits.quantize_`
+    declares for the parameters it adds to a model."""
+    global _generation
+    news = [(n, weakref.ref(p)) for n, p in new]
+    if not news:
+        return
+    for p in old:
+        entry = _COMPANIONS.get(id(p))
+        if entry is not None and entry[0]() is p:
+            entry[1].extend(news)
+        else:
+            _COMPANIONS[id(p)] = (weakref.ref(p), list(news))
+            weakref.finalize(p, _forget, _COMPANIONS, id(p))
+    _generation += 1
+
+
+def add_to_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> int:
+    """Add the trainable ``params`` that ``optimizer`` does not hold yet as one new parameter
+    group (the optimizer's defaults: learning rate, weight decay ...); returns how many."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    todo = [p for p in params if p.requires_grad and id(p) not in held]
+    if todo:
+        optimizer.add_param_group({"params": todo})
+    return len(todo)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
+    for g in optimizer.param_groups:
+        yield from g["params"]
+
+
+def _check_companions(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _COMPANIONS:
+        return
+    sig = (_generation, tuple(len(g["params"]) for g in optimizer.param_groups))
+    if _CHECKED.get(optimizer) == sig:
+        return
+    held = {id(p) for p in _params(optimizer)}
+    lacking: dict[int, str] = {}
+    for p in _params(optimizer):
+        entry = _COMPANIONS.get(id(p))
+        if entry is None or entry[0]() is not p:
+            continue
+        for name, ref in entry[1]:
+            c = ref()
+            if c is not None and c.requires_grad and id(c) not in held:
+                lacking[id(c)] = name
+    if lacking:
+        names = list(lacking.values())
+        shown = ", ".join(names[:4]) + (f" ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise RuntimeError(
+            f"{type(optimizer).__name__} holds parameters of a model that fewbits.quantize_ "
+            f"converted, but not the parameters quantize_ added ({shown}: learned quantizer "
+            "ranges), which would never train. Build the optimizer after quantize_, or pass "
+            "it: quantize_(model, config, optimizer=opt), or add them with "
+            "opt.add_param_group({'params': [...]}); to keep them fixed on purpose, "
+            "set requires_grad_(False) on them")
+    _CHECKED[optimizer] = sig
+
+
+@torch.no_grad()
+def _project_ranges(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _RANGES:
+        return
+    done: set[int] = set()
+    for p in _params(optimizer):
+        entry = _RANGES.get(id(p))
+        if entry is None or entry[0]() is not p:
+            continue
+        owner = entry[1]()
+        if owner is not None and id(owner) not in done:
+            done.add(id(owner))
+            owner.after_optimizer_step()
+
+
+register_optimizer_step_pre_hook(_check_companions)
+register_optimizer_step_post_hook(_project_ranges)

@@ -1,0 +1,92 @@
+"""HuggingFace transformers round trip (issue 21, item 7): a model quantized with fewbits saves
+with save_pretrained and comes back from from_pretrained quantized, with identical logits and
+quantizer state, for all nine families (tiny random configs, offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from fewbits.convert import family_config  # noqa: E402
+from fewbits.hf import FewbitsConfig, quantize_hf  # noqa: E402
+from fewbits.layers import QuantConv2d, QuantLinear, quant_layers  # noqa: E402
+from fewbits.models import FAMILIES  # noqa: E402
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=24,
+                                  max_position_embeddings=16)
+    return transformers.BertForSequenceClassification(cfg), torch.randint(0, 40, (2, 7))
+
+
+def vit():
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=24, num_labels=3)
+    return transformers.ViTForImageClassification(cfg), torch.randn(2, 3, 8, 8)
+
+
+def gpt2():
+    # lm_head.weight is transformer.wte.weight (tied): the tie must survive the round trip
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1,
+                                  n_head=2, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), torch.randint(0, 40, (2, 7))
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _config(family):
+    # INQ fixes weights at iterations 1 and 2, so that the saved model holds fixed weights
+    return family_config(family, inq_iterations=[1, 2]) if family == "inq" else family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("make", [bert, vit, gpt2], ids=["bert", "vit", "gpt2"])
+def test_save_pretrained_from_pretrained_round_trip(make, family, tmp_path):
+    torch.manual_seed(0)
+    model, x = make()
+    quantize_hf(model, _config(family))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(2):  # move learned ranges and INQ state away from their start
+        opt.zero_grad()
+        model(x).logits.square().sum().backward()
+        opt.step()
+    model.eval()
+    want = _logits(model, x)
+    model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    assert isinstance(back.config.quantization_config, FewbitsConfig)
+    layers = dict(quant_layers(back))
+    assert layers.keys() == dict(quant_layers(model)).keys() and layers
+    assert all(isinstance(m, (QuantLinear, QuantConv2d)) for m in layers.values())
+    torch.testing.assert_close(_logits(back, x), want, rtol=0, atol=0)
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+    if make is gpt2:
+        assert back.lm_head.weight is back.transformer.wte.weight
+    if family == "inq":
+        q = dict(quant_layers(back))["lm_head" if make is gpt2 else "classifier"].weight_quantizer
+        assert q.counter == 2 and 0 < q.fixed_fraction  # the schedule comes back too
+
+
+def test_quantize_hf_refuses_what_config_json_cannot_hold():
+    model, _ = bert()
+    with pytest.raises(TypeError, match="JSON-able"):
+        quantize_hf(model, lambda name, m: "binary_connect")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        quantize_hf(torch.nn.Linear(2, 2), "binary_connect")
