@@ -126,6 +126,13 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "progress": False}
     if _family_of(run.net) == "inq" and "inq_iterations" not in run.options:
         opts["inq_iterations"] = _inq_schedule(opts["max_iter"])
+    if (folder / "checkpoint.pt").is_file() and not (folder / "model_final.pt").exists():
+        # An interrupted benchmark left this run part-trained: continue it where it stopped
+        # (fewbits' exact resume; a checkpoint of another configuration is refused there).
+        opts["resume"] = str(folder / "checkpoint.pt")
+        print(f"    resuming {folder}", flush=True)
+    elif any(folder.glob("*.series.txt")) and not (folder / "model_final.pt").exists():
+        opts["overwrite"] = True  # stopped before its first checkpoint: nothing to continue
     cfg = TrainConfig(**opts)
     done = _finished(folder, cfg)
     if done is not None:  # an earlier, interrupted benchmark already trained this run
