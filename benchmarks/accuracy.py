@@ -36,6 +36,8 @@ import torch
 
 ROOT = Path(C.ROOT)
 
+from _papers import FIRST, PAPERS, paper_kind, paper_notes  # noqa: E402
+
 from fewbits.export import export_packed  # noqa: E402
 from fewbits.layers import quant_layers  # noqa: E402
 from fewbits.models import FAMILIES, create_model, list_models, model_info  # noqa: E402
@@ -220,8 +222,13 @@ def _summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _table(section: dict[str, Any]) -> str:
     rows = _summarise(section["records"])
     ref = next((r for r in rows if r["family"] == "float" and not r["extra"]), None)
+    paper = PAPERS.get(section["kind"], {}).get("rows")
     head = ("| family | net | W/A bits | test error % | gap to float (pt) | packed size | "
             "bits/weight | vs fp32 | train time x float |\n|---|---|---|---|---|---|---|---|---|")
+    if paper is not None:
+        head = ("| family | net | W/A bits | test error % | paper % | gap to paper (pt) | "
+                "gap to float (pt) | packed size | bits/weight | vs fp32 | train time x float |"
+                "\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["extra"], list(FAMILIES).index(r["family"]))):
         err = f"{100 * r['error']:.2f}"
@@ -231,6 +238,10 @@ def _table(section: dict[str, Any]) -> str:
         ttime = "—" if ref is None else f"{r['wall_s'] / ref['wall_s']:.2f}"
         wa = f"{r['weight_bits']}/{r['act_bits']}".replace("32", "fp32")
         bpw = f"{r['bits_per_weight']:.2f}" if r["family"] != "float" else "32"
+        if paper is not None:
+            text, value, _ = paper.get(r["family"], ("—", None, None))
+            vs = "—" if value is None or r["extra"] else f"{100 * r['error'] - value:+.2f}"
+            err += f" | {text if not r['extra'] else '—'} | {vs}"
         lines.append(
             f"| {r['label']} | `{r['net']}` | {wa} | {err} | {gap} | "
             f"{r['packed_bytes'] / 1024:.1f} KiB | {bpw} | "
@@ -290,9 +301,15 @@ def _plot(section: dict[str, Any], img_dir: Path) -> list[str]:
     return [curves.name, hist.name]
 
 
+def _section_order(s: dict[str, Any]) -> tuple[int, str]:
+    return (FIRST.index(s["section"]) if s["section"] in FIRST else len(FIRST), s["section"])
+
+
 def write_results(results_dir: Path, doc: Path) -> None:
-    """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON."""
-    sections = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON; the sections of
+    :data:`FIRST` (results at a real budget) come first."""
+    sections = sorted((json.loads(p.read_text()) for p in results_dir.glob("*.json")),
+                      key=_section_order)
     img_dir = doc.parent / "img"
     out = ["# Results: accuracy of every family against float", "",
            "Produced by `benchmarks/accuracy.py` (this file is generated; edit the script). "
@@ -302,13 +319,21 @@ def write_results(results_dir: Path, doc: Path) -> None:
            "scales. Training time is wall time relative to the float network in the same run "
            "(same machine, sequential runs).", ""]
     for s in sections:
+        if s.get("not_run"):
+            out += [f"## {s['title']}", "", f"Not run: {s['not_run']}.", ""]
+            continue
         plots = _plot(s, img_dir)
         partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
         out += [f"## {s['title']}{partial}", "",
                 f"Command (run on {s['machine']}, {s['date']}):", "",
-                "```sh", s["command"], "```", "", s["budget"], "", _table(s), "",
-                f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}", "",
-                f"![test error and training loss of every family](img/{plots[0]})", "",
+                "```sh", s["command"], "```", "", s["budget"], "", _table(s), ""]
+        if s["kind"] in PAPERS:
+            for line in paper_notes(s, _summarise(s["records"])):
+                out += [line, ""]
+        else:
+            out += [f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}",
+                    ""]
+        out += [f"![test error and training loss of every family](img/{plots[0]})", "",
                 f"![latent vs quantized weights of one layer per family](img/{plots[1]})", ""]
         if s.get("notes"):
             out += [s["notes"], ""]
@@ -379,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         budget += f" ({note})"
     section = {
         "section": a.section, "title": a.title or a.section, "kind":
-        "mnist" if a.dataset in ("mnist", "digits") else "cifar10",
+        paper_kind(nets) or ("mnist" if a.dataset in ("mnist", "digits") else "cifar10"),
+        "epochs": a.epochs,
         "command": "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:]),
-        "machine": "{threads} CPU threads, torch {torch}".format(**C.environment()),
+        "machine": "{threads} CPU threads, torch {torch}".format(
+            **{**C.environment(), **({"threads": a.threads} if a.threads else {})}),
         "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
         "budget": f"Budget: {budget}; seeds {seeds}. INQ schedules are scaled to 50-90 % of "
                   "the budget (the seed's 5000-9000 would never start).",
