@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default=None)
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--nets", default="mnist_*_lenet", help="wildcard over registered names")
+    p.add_argument("--nets", default="mnist_*_lenet",
+                   help="wildcards over registered names, comma-separated")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; mean and spread if > 1")
     p.add_argument("-i", "--max-iter", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         write_results(results_dir, doc)
         return 0
     # The float reference first: every other row is measured against it.
-    nets = sorted(list_models(a.nets), key=lambda n: _family_of(n) != "float")
+    found = {n for pattern in a.nets.split(",") for n in list_models(pattern.strip())}
+    nets = sorted(found, key=lambda n: (_family_of(n) != "float", n))
     if not nets:
         raise SystemExit(f"--nets {a.nets!r} matches no model; see `fewbits list`")
     seeds = [int(s) for s in a.seeds.split(",")]

@@ -172,10 +172,12 @@ def _register(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[s
     arch_keys = set(arch_defaults)
 
     def build(**kwargs: Any) -> nn.Module:
-        arch_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in arch_keys}
+        # The registered defaults are the net's (a paper MLP's width and output batch norm),
+        # not the class's: build with them, so the model is the one its spec records.
+        arch_kw = {**arch_defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in arch_keys}}
         cfg = QuantConfig.from_kwargs({**(quant_defaults or {}), **kwargs})
         model = arch(family(fam_name), cfg, **arch_kw)
-        full = {**arch_defaults, **arch_kw, **cfg.to_dict()}
+        full = {**arch_kw, **cfg.to_dict()}
         model.fewbits_spec = {"name": name, "kwargs": full}
         return model
 
