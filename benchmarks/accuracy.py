@@ -122,7 +122,7 @@ def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
 
 
 def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    folder = out_dir / f"{run.label.replace(' ', '_').replace('+', 'plus')}-s{run.seed}"
+    folder = _folder(run, out_dir)
     opts = {**base, **run.options, "net": run.net, "seed": run.seed,
             "monitor_path": str(folder), "model_save_path": str(folder),
             "progress": False}
@@ -163,6 +163,38 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "loss_curve": _read_series(folder / "Training-loss.series.txt"),
         "weights": _weights_snapshot(model) if run.seed == 0 and not run.options else None,
     }
+
+
+def _folder(run: Run, out_dir: Path) -> Path:
+    return out_dir / f"{run.label.replace(' ', '_').replace('+', 'plus')}-s{run.seed}"
+
+
+def _train_in_parallel(argv: list[str], runs: list[Run], out_dir: Path, n: int) -> None:
+    """Train the unfinished ``runs`` ``n`` at a time, each as ``accuracy.py ARGV --only I``
+    (its own process, log in ``<run folder>.log``); a stopped benchmark resumes each from its
+    checkpoint as :func:`_run_one` does. Raises ``SystemExit`` naming the logs of failed runs."""
+    import subprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, r in enumerate(runs) if not (_folder(r, out_dir) / "model_final.pt").exists()]
+    procs: list[tuple[subprocess.Popen, Path]] = []
+    failed = []
+    while todo or procs:
+        while todo and len(procs) < n:
+            i = todo.pop(0)
+            log = _folder(runs[i], out_dir).with_suffix(".log")
+            with open(log, "a") as f:
+                procs.append((subprocess.Popen([sys.executable, __file__, *argv, "--only",
+                                                str(i)], stdout=f, stderr=subprocess.STDOUT),
+                              log))
+            print(f"started {runs[i].label} ({runs[i].net}); log {log}", flush=True)
+        time.sleep(0.2)
+        for proc, log in [p for p in procs if p[0].poll() is not None]:
+            procs.remove((proc, log))
+            if proc.returncode:
+                failed.append(str(log))
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed; see {', '.join(failed)}")
 
 
 def _finished(folder: Path, cfg: TrainConfig) -> tuple[Any, float, float, float] | None:
@@ -365,11 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--only-doc", action="store_true", help="rebuild RESULTS.md from JSON only")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N networks at once, each in its own process (on one GPU: the "
+                   "data are decoded once, into the dataset cache, before they start)")
+    p.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # a --parallel child
     a = p.parse_args(argv)
     results_dir, doc = Path(a.results_dir), Path(a.doc)
     results_dir.mkdir(parents=True, exist_ok=True)
     if a.only_doc:
         write_results(results_dir, doc)
+        return 0
+    if a.context != "cpu" and not torch.cuda.is_available():
+        # The section says so instead of running on the CPU or estimating anything.
+        (results_dir / f"{a.section}.json").write_text(json.dumps(
+            {"section": a.section, "title": a.title or a.section,
+             "not_run": "no GPU was available"}))
+        write_results(results_dir, doc)
+        print(f"{a.section}: not run: no GPU was available (-c {a.context}); wrote {doc}",
+              file=sys.stderr)
         return 0
     # The float reference first: every other row is measured against it.
     found = {n for pattern in a.nets.split(",") for n in list_models(pattern.strip())}
@@ -416,9 +461,20 @@ def main(argv: list[str] | None = None) -> int:
                   "the budget (the seed's 5000-9000 would never start).",
         "notes": a.notes, "records": [],
     }
+    out_dir = Path(a.runs_dir) / a.section
+    if a.only is not None:
+        _run_one(runs[a.only], base, out_dir)
+        return 0
+    if a.parallel > 1:
+        from fewbits.data import load_dataset
+
+        for split in ("train", "test"):  # decoded once, into the cache the children read
+            load_dataset(a.dataset, split, a.data_dir, download=False)
+        _train_in_parallel(list(argv if argv is not None else sys.argv[1:]), runs, out_dir,
+                           a.parallel)
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.label} ({run.net}, seed {run.seed})", flush=True)
-        rec = _run_one(run, base, Path(a.runs_dir) / a.section)
+        rec = _run_one(run, base, out_dir)
         print(f"    test error {100 * rec['final_error']:.2f} %  {rec['images_per_s']:.0f} img/s"
               f"  {rec['packed_bytes'] / 1024:.1f} KiB  {rec['bits_per_weight']:.2f} bits/w",
               flush=True)

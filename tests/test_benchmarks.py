@@ -209,3 +209,35 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
     assert f"| 1.29 ± 0.08 (det.), 1.18 ± 0.04 (stoch.) | {gap} |" in doc
     assert f"reaches {100 * bc['final_error']:.2f} %" in doc
     assert "python benchmarks/accuracy.py --section mnist_mlp_bc" in doc
+
+
+def test_accuracy_without_a_gpu_says_not_run(tmp_path, monkeypatch):
+    """The GPU section is written as not run where no GPU is present: nothing is trained on
+    the CPU instead and nothing is estimated."""
+    import accuracy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trained = []
+    monkeypatch.setattr(accuracy, "train", lambda cfg, **kw: trained.append(cfg))
+    assert accuracy.main(["--section", "cifar10_gpu", "--title", "CIFAR-10 on a GPU",
+                          "--dataset", "synthetic", "--nets", "cifar10_*", "--epochs", "30",
+                          "-c", "cudnn", "--parallel", "10", "--runs-dir", str(tmp_path / "r"),
+                          "--results-dir", str(tmp_path / "j"),
+                          "--doc", str(tmp_path / "R.md")]) == 0
+    assert not trained and not (tmp_path / "r").exists()
+    doc = (tmp_path / "R.md").read_text()
+    assert "## CIFAR-10 on a GPU\n\nNot run: no GPU was available.\n" in doc
+
+
+def test_accuracy_parallel_trains_each_net_in_its_own_process(threads, tmp_path):
+    import accuracy
+
+    args = _accuracy_args(tmp_path, "par")
+    args[args.index("-i") + 1] = "4"
+    args[args.index("--nets") + 1] = "mnist_float_mlp_bc"  # one child: the mechanism, cheaply
+    assert accuracy.main([*args, "--parallel", "2"]) == 0
+    out = tmp_path / "par" / "mnist_mlp_bc"
+    assert (out / "float-s0" / "model_final.pt").is_file()
+    assert "done: mnist_float_mlp_bc" in (out / "float-s0.log").read_text()  # its child's log
+    sec = json.loads((tmp_path / "par-json" / "mnist_mlp_bc.json").read_text())
+    assert sec["complete"] and [r["iterations"] for r in sec["records"]] == [4]
