@@ -13,6 +13,18 @@ Examples (the commands behind docs/RESULTS.md are recorded there)::
     python benchmarks/accuracy.py --section cifar10 --dataset imagefolder \\
         --data-dir /tmp/cifar10-jpeg --nets 'cifar10_*_resnet23_prediction' -i 1000 -v 250
 
+The papers' own MNIST MLPs (``--nets 'mnist_*_mlp_bc'``, ``'mnist_*_mlp_bnn'``) get a column
+with the published error of each family (``benchmarks/_papers.py``). On a GPU, the seed's ten
+ResNet-23 train side by side, each in its own process, from data decoded once (augmentation
+runs on the device, as in every fewbits run); without a GPU the section records "not run"::
+
+    python benchmarks/accuracy.py --section cifar10_gpu --title 'CIFAR-10 on a GPU' \
+        --dataset imagefolder --data-dir cifar10-jpeg.tar.gz --nets 'cifar10_*' \
+        --epochs 30 --lr-schedule cosine -c cudnn --parallel 10 -v 782
+
+A stopped benchmark continues where it was with the same command: finished networks are
+reused, a part-trained one resumes from its checkpoint (fewbits' exact resume).
+
 Extra rows show what improves a family beyond the seed's defaults, as
 ``--extra 'LABEL=NET:key=value,key=value'`` (keys are fewbits.train.TrainConfig fields), e.g.
 ``--extra 'binary connect + clip=mnist_binary_connect_lenet:clip_weights=true'``.
@@ -37,6 +49,7 @@ import torch
 ROOT = Path(C.ROOT)
 
 from _papers import FIRST, PAPERS, paper_kind, paper_notes  # noqa: E402
+from _plots import plot_section  # noqa: E402
 
 from fewbits.export import export_packed  # noqa: E402
 from fewbits.layers import quant_layers  # noqa: E402
@@ -272,65 +285,14 @@ def _table(section: dict[str, Any]) -> str:
         bpw = f"{r['bits_per_weight']:.2f}" if r["family"] != "float" else "32"
         if paper is not None:
             text, value, _ = paper.get(r["family"], ("—", None, None))
-            vs = "—" if value is None or r["extra"] else f"{100 * r['error'] - value:+.2f}"
-            err += f" | {text if not r['extra'] else '—'} | {vs}"
+            vs = "—" if value is None else f"{100 * r['error'] - value:+.2f}"
+            err += f" | {text} | {vs}"
         lines.append(
             f"| {r['label']} | `{r['net']}` | {wa} | {err} | {gap} | "
             f"{r['packed_bytes'] / 1024:.1f} KiB | {bpw} | "
             f"{r['fp32_bytes'] / r['packed_bytes']:.1f}x smaller | {ttime} |"
         )
     return "\n".join(lines)
-
-
-def _plot(section: dict[str, Any], img_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    name = section["section"]
-    img_dir.mkdir(parents=True, exist_ok=True)
-    records = [r for r in section["records"] if r["seed"] == section["seeds"][0]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for r in records:
-        style = "--" if r["options"] else "-"
-        if r["test_curve"]:
-            it, v = zip(*r["test_curve"], strict=True)
-            ax1.plot(it, [100 * x for x in v], style, label=r["label"], marker=".")
-        if r["loss_curve"]:
-            it, v = zip(*r["loss_curve"], strict=True)
-            k = max(1, len(v) // 60)  # smooth: mean over windows
-            sm = [sum(v[i:i + k]) / len(v[i:i + k]) for i in range(0, len(v), k)]
-            ax2.plot(it[::k], sm, style, label=r["label"])
-    ax1.set(xlabel="iteration", ylabel="test error %", title=f"{name}: test error")
-    ax2.set(xlabel="iteration", ylabel="training loss", title=f"{name}: training loss",
-            yscale="log")
-    ax1.grid(alpha=0.3)
-    ax2.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    curves = img_dir / f"{name}_curves.png"
-    fig.savefig(curves, dpi=110)
-    plt.close(fig)
-
-    snaps = [r for r in records if r.get("weights")]
-    cols = 3
-    rows_n = math.ceil(len(snaps) / cols) or 1
-    fig, axes = plt.subplots(rows_n, cols, figsize=(13, 3 * rows_n), squeeze=False)
-    for ax, r in zip(axes.flat, snaps, strict=False):
-        w = r["weights"]
-        ax.hist(w["latent"], bins=80, alpha=0.55, label="latent (float)", density=True)
-        ax.hist(w["quantized"], bins=80, alpha=0.55, label="quantized", density=True)
-        ax.set_title(f"{r['label']}: {w['layer']}", fontsize=8)
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(snaps):]:
-        ax.axis("off")
-    fig.tight_layout()
-    hist = img_dir / f"{name}_weights.png"
-    fig.savefig(hist, dpi=100)
-    plt.close(fig)
-    return [curves.name, hist.name]
 
 
 def _section_order(s: dict[str, Any]) -> tuple[int, str]:
@@ -354,7 +316,7 @@ def write_results(results_dir: Path, doc: Path) -> None:
         if s.get("not_run"):
             out += [f"## {s['title']}", "", f"Not run: {s['not_run']}.", ""]
             continue
-        plots = _plot(s, img_dir)
+        plots = plot_section(s, img_dir)
         partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
         out += [f"## {s['title']}{partial}", "",
                 f"Command (run on {s['machine']}, {s['date']}):", "",
