@@ -13,6 +13,18 @@ Examples (the commands behind docs/RESULTS.md are recorded there)::
     python benchmarks/accuracy.py --section cifar10 --dataset imagefolder \\
         --data-dir /tmp/cifar10-jpeg --nets 'cifar10_*_resnet23_prediction' -i 1000 -v 250
 
+The papers' own MNIST MLPs (``--nets 'mnist_*_mlp_bc'``, ``'mnist_*_mlp_bnn'``) get a column
+with the published error of each family (``benchmarks/_papers.py``). On a GPU, the seed's ten
+ResNet-23 train side by side, each in its own process, from data decoded once (augmentation
+runs on the device, as in every fewbits run); without a GPU the section records "not run"::
+
+    python benchmarks/accuracy.py --section cifar10_gpu --title 'CIFAR-10 on a GPU' \
+        --dataset imagefolder --data-dir cifar10-jpeg.tar.gz --nets 'cifar10_*' \
+        --epochs 30 --lr-schedule cosine -c cudnn --parallel 10 -v 782
+
+A stopped benchmark continues where it was with the same command: finished networks are
+reused, a part-trained one resumes from its checkpoint (fewbits' exact resume).
+
 Extra rows show what improves a family beyond the seed's defaults, as
 ``--extra 'LABEL=NET:key=value,key=value'`` (keys are fewbits.train.TrainConfig fields), e.g.
 ``--extra 'binary connect + clip=mnist_binary_connect_lenet:clip_weights=true'``.
@@ -35,6 +47,9 @@ import _common as C  # the benchmarks' shared harness; puts this checkout on sys
 import torch
 
 ROOT = Path(C.ROOT)
+
+from _papers import FIRST, PAPERS, paper_kind, paper_notes  # noqa: E402
+from _plots import plot_section  # noqa: E402
 
 from fewbits.export import export_packed  # noqa: E402
 from fewbits.layers import quant_layers  # noqa: E402
@@ -120,12 +135,19 @@ def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
 
 
 def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    folder = out_dir / f"{run.label.replace(' ', '_').replace('+', 'plus')}-s{run.seed}"
+    folder = _folder(run, out_dir)
     opts = {**base, **run.options, "net": run.net, "seed": run.seed,
             "monitor_path": str(folder), "model_save_path": str(folder),
             "progress": False}
     if _family_of(run.net) == "inq" and "inq_iterations" not in run.options:
         opts["inq_iterations"] = _inq_schedule(opts["max_iter"])
+    if (folder / "checkpoint.pt").is_file() and not (folder / "model_final.pt").exists():
+        # An interrupted benchmark left this run part-trained: continue it where it stopped
+        # (fewbits' exact resume; a checkpoint of another configuration is refused there).
+        opts["resume"] = str(folder / "checkpoint.pt")
+        print(f"    resuming {folder}", flush=True)
+    elif any(folder.glob("*.series.txt")) and not (folder / "model_final.pt").exists():
+        opts["overwrite"] = True  # stopped before its first checkpoint: nothing to continue
     cfg = TrainConfig(**opts)
     done = _finished(folder, cfg)
     if done is not None:  # an earlier, interrupted benchmark already trained this run
@@ -154,6 +176,38 @@ def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "loss_curve": _read_series(folder / "Training-loss.series.txt"),
         "weights": _weights_snapshot(model) if run.seed == 0 and not run.options else None,
     }
+
+
+def _folder(run: Run, out_dir: Path) -> Path:
+    return out_dir / f"{run.label.replace(' ', '_').replace('+', 'plus')}-s{run.seed}"
+
+
+def _train_in_parallel(argv: list[str], runs: list[Run], out_dir: Path, n: int) -> None:
+    """Train the unfinished ``runs`` ``n`` at a time, each as ``accuracy.py ARGV --only I``
+    (its own process, log in ``<run folder>.log``); a stopped benchmark resumes each from its
+    checkpoint as :func:`_run_one` does. Raises ``SystemExit`` naming the logs of failed runs."""
+    import subprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, r in enumerate(runs) if not (_folder(r, out_dir) / "model_final.pt").exists()]
+    procs: list[tuple[subprocess.Popen, Path]] = []
+    failed = []
+    while todo or procs:
+        while todo and len(procs) < n:
+            i = todo.pop(0)
+            log = _folder(runs[i], out_dir).with_suffix(".log")
+            with open(log, "a") as f:
+                procs.append((subprocess.Popen([sys.executable, __file__, *argv, "--only",
+                                                str(i)], stdout=f, stderr=subprocess.STDOUT),
+                              log))
+            print(f"started {runs[i].label} ({runs[i].net}); log {log}", flush=True)
+        time.sleep(0.2)
+        for proc, log in [p for p in procs if p[0].poll() is not None]:
+            procs.remove((proc, log))
+            if proc.returncode:
+                failed.append(str(log))
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed; see {', '.join(failed)}")
 
 
 def _finished(folder: Path, cfg: TrainConfig) -> tuple[Any, float, float, float] | None:
@@ -213,8 +267,13 @@ def _summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _table(section: dict[str, Any]) -> str:
     rows = _summarise(section["records"])
     ref = next((r for r in rows if r["family"] == "float" and not r["extra"]), None)
+    paper = PAPERS.get(section["kind"], {}).get("rows")
     head = ("| family | net | W/A bits | test error % | gap to float (pt) | packed size | "
             "bits/weight | vs fp32 | train time x float |\n|---|---|---|---|---|---|---|---|---|")
+    if paper is not None:
+        head = ("| family | net | W/A bits | test error % | paper % | gap to paper (pt) | "
+                "gap to float (pt) | packed size | bits/weight | vs fp32 | train time x float |"
+                "\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["extra"], list(FAMILIES).index(r["family"]))):
         err = f"{100 * r['error']:.2f}"
@@ -224,6 +283,10 @@ def _table(section: dict[str, Any]) -> str:
         ttime = "—" if ref is None else f"{r['wall_s'] / ref['wall_s']:.2f}"
         wa = f"{r['weight_bits']}/{r['act_bits']}".replace("32", "fp32")
         bpw = f"{r['bits_per_weight']:.2f}" if r["family"] != "float" else "32"
+        if paper is not None:
+            text, value, _ = paper.get(r["family"], ("—", None, None))
+            vs = "—" if value is None else f"{100 * r['error'] - value:+.2f}"
+            err += f" | {text} | {vs}"
         lines.append(
             f"| {r['label']} | `{r['net']}` | {wa} | {err} | {gap} | "
             f"{r['packed_bytes'] / 1024:.1f} KiB | {bpw} | "
@@ -232,60 +295,15 @@ def _table(section: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(section: dict[str, Any], img_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    name = section["section"]
-    img_dir.mkdir(parents=True, exist_ok=True)
-    records = [r for r in section["records"] if r["seed"] == section["seeds"][0]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for r in records:
-        style = "--" if r["options"] else "-"
-        if r["test_curve"]:
-            it, v = zip(*r["test_curve"], strict=True)
-            ax1.plot(it, [100 * x for x in v], style, label=r["label"], marker=".")
-        if r["loss_curve"]:
-            it, v = zip(*r["loss_curve"], strict=True)
-            k = max(1, len(v) // 60)  # smooth: mean over windows
-            sm = [sum(v[i:i + k]) / len(v[i:i + k]) for i in range(0, len(v), k)]
-            ax2.plot(it[::k], sm, style, label=r["label"])
-    ax1.set(xlabel="iteration", ylabel="test error %", title=f"{name}: test error")
-    ax2.set(xlabel="iteration", ylabel="training loss", title=f"{name}: training loss",
-            yscale="log")
-    ax1.grid(alpha=0.3)
-    ax2.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    curves = img_dir / f"{name}_curves.png"
-    fig.savefig(curves, dpi=110)
-    plt.close(fig)
-
-    snaps = [r for r in records if r.get("weights")]
-    cols = 3
-    rows_n = math.ceil(len(snaps) / cols) or 1
-    fig, axes = plt.subplots(rows_n, cols, figsize=(13, 3 * rows_n), squeeze=False)
-    for ax, r in zip(axes.flat, snaps, strict=False):
-        w = r["weights"]
-        ax.hist(w["latent"], bins=80, alpha=0.55, label="latent (float)", density=True)
-        ax.hist(w["quantized"], bins=80, alpha=0.55, label="quantized", density=True)
-        ax.set_title(f"{r['label']}: {w['layer']}", fontsize=8)
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(snaps):]:
-        ax.axis("off")
-    fig.tight_layout()
-    hist = img_dir / f"{name}_weights.png"
-    fig.savefig(hist, dpi=100)
-    plt.close(fig)
-    return [curves.name, hist.name]
+def _section_order(s: dict[str, Any]) -> tuple[int, str]:
+    return (FIRST.index(s["section"]) if s["section"] in FIRST else len(FIRST), s["section"])
 
 
 def write_results(results_dir: Path, doc: Path) -> None:
-    """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON."""
-    sections = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON; the sections of
+    :data:`FIRST` (results at a real budget) come first."""
+    sections = sorted((json.loads(p.read_text()) for p in results_dir.glob("*.json")),
+                      key=_section_order)
     img_dir = doc.parent / "img"
     out = ["# Results: accuracy of every family against float", "",
            "Produced by `benchmarks/accuracy.py` (this file is generated; edit the script). "
@@ -295,13 +313,21 @@ def write_results(results_dir: Path, doc: Path) -> None:
            "scales. Training time is wall time relative to the float network in the same run "
            "(same machine, sequential runs).", ""]
     for s in sections:
-        plots = _plot(s, img_dir)
+        if s.get("not_run"):
+            out += [f"## {s['title']}", "", f"Not run: {s['not_run']}.", ""]
+            continue
+        plots = plot_section(s, img_dir)
         partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
         out += [f"## {s['title']}{partial}", "",
                 f"Command (run on {s['machine']}, {s['date']}):", "",
-                "```sh", s["command"], "```", "", s["budget"], "", _table(s), "",
-                f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}", "",
-                f"![test error and training loss of every family](img/{plots[0]})", "",
+                "```sh", s["command"], "```", "", s["budget"], "", _table(s), ""]
+        if s["kind"] in PAPERS:
+            for line in paper_notes(s, _summarise(s["records"])):
+                out += [line, ""]
+        else:
+            out += [f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}",
+                    ""]
+        out += [f"![test error and training loss of every family](img/{plots[0]})", "",
                 f"![latent vs quantized weights of one layer per family](img/{plots[1]})", ""]
         if s.get("notes"):
             out += [s["notes"], ""]
@@ -314,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default=None)
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--nets", default="mnist_*_lenet", help="wildcard over registered names")
+    p.add_argument("--nets", default="mnist_*_lenet",
+                   help="wildcards over registered names, comma-separated")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; mean and spread if > 1")
     p.add_argument("-i", "--max-iter", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
@@ -332,14 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--only-doc", action="store_true", help="rebuild RESULTS.md from JSON only")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N networks at once, each in its own process (on one GPU: the "
+                   "data are decoded once, into the dataset cache, before they start)")
+    p.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # a --parallel child
     a = p.parse_args(argv)
     results_dir, doc = Path(a.results_dir), Path(a.doc)
     results_dir.mkdir(parents=True, exist_ok=True)
     if a.only_doc:
         write_results(results_dir, doc)
         return 0
+    if a.context != "cpu" and not torch.cuda.is_available():
+        # The section says so instead of running on the CPU or estimating anything.
+        (results_dir / f"{a.section}.json").write_text(json.dumps(
+            {"section": a.section, "title": a.title or a.section,
+             "not_run": "no GPU was available"}))
+        write_results(results_dir, doc)
+        print(f"{a.section}: not run: no GPU was available (-c {a.context}); wrote {doc}",
+              file=sys.stderr)
+        return 0
     # The float reference first: every other row is measured against it.
-    nets = sorted(list_models(a.nets), key=lambda n: _family_of(n) != "float")
+    found = {n for pattern in a.nets.split(",") for n in list_models(pattern.strip())}
+    nets = sorted(found, key=lambda n: (_family_of(n) != "float", n))
     if not nets:
         raise SystemExit(f"--nets {a.nets!r} matches no model; see `fewbits list`")
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -372,17 +413,30 @@ def main(argv: list[str] | None = None) -> int:
         budget += f" ({note})"
     section = {
         "section": a.section, "title": a.title or a.section, "kind":
-        "mnist" if a.dataset in ("mnist", "digits") else "cifar10",
+        paper_kind(nets) or ("mnist" if a.dataset in ("mnist", "digits") else "cifar10"),
+        "epochs": a.epochs,
         "command": "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:]),
-        "machine": "{threads} CPU threads, torch {torch}".format(**C.environment()),
+        "machine": "{threads} CPU threads, torch {torch}".format(
+            **{**C.environment(), **({"threads": a.threads} if a.threads else {})}),
         "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
         "budget": f"Budget: {budget}; seeds {seeds}. INQ schedules are scaled to 50-90 % of "
                   "the budget (the seed's 5000-9000 would never start).",
         "notes": a.notes, "records": [],
     }
+    out_dir = Path(a.runs_dir) / a.section
+    if a.only is not None:
+        _run_one(runs[a.only], base, out_dir)
+        return 0
+    if a.parallel > 1:
+        from fewbits.data import load_dataset
+
+        for split in ("train", "test"):  # decoded once, into the cache the children read
+            load_dataset(a.dataset, split, a.data_dir, download=False)
+        _train_in_parallel(list(argv if argv is not None else sys.argv[1:]), runs, out_dir,
+                           a.parallel)
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.label} ({run.net}, seed {run.seed})", flush=True)
-        rec = _run_one(run, base, Path(a.runs_dir) / a.section)
+        rec = _run_one(run, base, out_dir)
         print(f"    test error {100 * rec['final_error']:.2f} %  {rec['images_per_s']:.0f} img/s"
               f"  {rec['packed_bytes'] / 1024:.1f} KiB  {rec['bits_per_weight']:.2f} bits/w",
               flush=True)

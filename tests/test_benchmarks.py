@@ -145,3 +145,100 @@ def test_binary_engine_main_tiny(threads, tmp_path, capsys):
     assert rows["ort_float"]["ratio"] == 1.0
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows.values())
     assert set(res["check"]) == set(binary_engine.supported_isas()) >= {"generic"}
+
+
+def _accuracy_args(tmp_path, runs: str) -> list[str]:
+    return ["--section", "mnist_mlp_bc", "--dataset", "synthetic", "--nets",
+            "mnist_float_mlp_bc,mnist_binary_connect_mlp_bc", "-i", "12", "-v", "4", "-b", "8",
+            "--lr-schedule", "cosine", "--threads", "1", "--runs-dir", str(tmp_path / runs),
+            "--results-dir", str(tmp_path / f"{runs}-json"), "--doc",
+            str(tmp_path / f"{runs}-RESULTS.md")]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatch, capsys):
+    """A benchmark stopped mid-run continues where it was: the finished network is reused
+    (not trained again), the part-trained one resumes from its checkpoint, and the result
+    is the uninterrupted run's, bit for bit (same final weights)."""
+    import accuracy
+
+    real_train = accuracy.train
+    trained: list[tuple[str, bool]] = []
+
+    def crash_binary_connect(cfg, **kw):
+        trained.append((cfg.net, bool(cfg.resume)))
+        if cfg.net == "mnist_binary_connect_mlp_bc" and not cfg.resume:
+            def stop(i):
+                if i == 6:  # after the checkpoint at 4: the process dies here
+                    raise _Stop
+            return real_train(cfg, on_step=stop)
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(accuracy, "train", crash_binary_connect)
+    with pytest.raises(_Stop):
+        accuracy.main(_accuracy_args(tmp_path, "runs"))
+    part = tmp_path / "runs" / "mnist_mlp_bc" / "binary_connect-s0"
+    assert (part / "checkpoint.pt").is_file() and not (part / "model_final.pt").exists()
+    assert accuracy.main(_accuracy_args(tmp_path, "runs")) == 0
+    assert "resuming" in capsys.readouterr().out
+    # float was trained once; binary connect started, crashed, then resumed
+    assert trained == [("mnist_float_mlp_bc", False), ("mnist_binary_connect_mlp_bc", False),
+                       ("mnist_binary_connect_mlp_bc", True)]
+
+    monkeypatch.setattr(accuracy, "train", real_train)
+    once_args = _accuracy_args(tmp_path, "once")
+    once_args[once_args.index("--nets") + 1] = "mnist_binary_connect_mlp_bc"
+    assert accuracy.main(once_args) == 0
+    from fewbits.checkpoint import load_model
+
+    resumed, once = (load_model(tmp_path / d / "mnist_mlp_bc" / "binary_connect-s0" /
+                                "model_final.pt").state_dict() for d in ("runs", "once"))
+    assert list(resumed) == list(once)
+    assert all(torch.equal(resumed[k], once[k]) for k in once)
+    sec = json.loads((tmp_path / "runs-json" / "mnist_mlp_bc.json").read_text())
+    assert sec["complete"] and sec["kind"] == "mnist_mlp_bc"
+    assert [r["net"] for r in sec["records"]] == ["mnist_float_mlp_bc",
+                                                  "mnist_binary_connect_mlp_bc"]
+    assert all(r["iterations"] == 12 for r in sec["records"])
+    doc = (tmp_path / "runs-RESULTS.md").read_text()
+    # the paper column and the headline check are written from the measured numbers
+    bc = next(r for r in sec["records"] if r["family"] == "binary_connect")
+    gap = f"{100 * bc['final_error'] - 1.29:+.2f}"
+    assert f"| 1.29 ± 0.08 (det.), 1.18 ± 0.04 (stoch.) | {gap} |" in doc
+    assert f"reaches {100 * bc['final_error']:.2f} %" in doc
+    assert "python benchmarks/accuracy.py --section mnist_mlp_bc" in doc
+
+
+def test_accuracy_without_a_gpu_says_not_run(tmp_path, monkeypatch):
+    """The GPU section is written as not run where no GPU is present: nothing is trained on
+    the CPU instead and nothing is estimated."""
+    import accuracy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trained = []
+    monkeypatch.setattr(accuracy, "train", lambda cfg, **kw: trained.append(cfg))
+    assert accuracy.main(["--section", "cifar10_gpu", "--title", "CIFAR-10 on a GPU",
+                          "--dataset", "synthetic", "--nets", "cifar10_*", "--epochs", "30",
+                          "-c", "cudnn", "--parallel", "10", "--runs-dir", str(tmp_path / "r"),
+                          "--results-dir", str(tmp_path / "j"),
+                          "--doc", str(tmp_path / "R.md")]) == 0
+    assert not trained and not (tmp_path / "r").exists()
+    doc = (tmp_path / "R.md").read_text()
+    assert "## CIFAR-10 on a GPU\n\nNot run: no GPU was available.\n" in doc
+
+
+def test_accuracy_parallel_trains_each_net_in_its_own_process(threads, tmp_path):
+    import accuracy
+
+    args = _accuracy_args(tmp_path, "par")
+    args[args.index("-i") + 1] = "4"
+    args[args.index("--nets") + 1] = "mnist_float_mlp_bc"  # one child: the mechanism, cheaply
+    assert accuracy.main([*args, "--parallel", "2"]) == 0
+    out = tmp_path / "par" / "mnist_mlp_bc"
+    assert (out / "float-s0" / "model_final.pt").is_file()
+    assert "done: mnist_float_mlp_bc" in (out / "float-s0.log").read_text()  # its child's log
+    sec = json.loads((tmp_path / "par-json" / "mnist_mlp_bc.json").read_text())
+    assert sec["complete"] and [r["iterations"] for r in sec["records"]] == [4]

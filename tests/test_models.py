@@ -51,7 +51,8 @@ def test_every_model_forwards_and_every_parameter_gets_a_gradient(name):
             assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
 
 
-@pytest.mark.parametrize("name", [*SEED_NETS, "mnist_min_max_lenet", "mnist_inq_mlp"])
+@pytest.mark.parametrize("name", [*SEED_NETS, "mnist_min_max_lenet", "mnist_inq_mlp",
+                                  "mnist_fp_net_mlp_bc", "mnist_binary_net_mlp_bnn"])
 def test_spec_re_creates_an_equal_model(name):
     torch.manual_seed(0)
     m = create_model(name, **_small(name))
@@ -63,6 +64,32 @@ def test_spec_re_creates_an_equal_model(name):
     m2.eval()
     x = _input(name)
     assert torch.equal(m(x), m2(x))
+
+
+def test_the_papers_mlps_are_built_with_their_registered_options():
+    """A registered net's defaults are what it builds with (not its class's): the papers'
+    MLPs have their own widths, output batch norm and dropout."""
+    from torch import nn
+
+    from fewbits.layers import QuantAct, QuantLinear
+
+    assert list_models("mnist_*_mlp_bc") == sorted(f"mnist_{f}_mlp_bc" for f in FAMILIES)
+    bc = create_model("mnist_binary_connect_mlp_bc")
+    linears = [m for m in bc.modules() if isinstance(m, QuantLinear)]
+    assert [m.out_features for m in linears] == [1024, 1024, 1024, 10]
+    assert all(m.bias is None for m in linears)  # every fc feeds batch norm
+    assert isinstance(bc.out_bn, nn.BatchNorm1d) and bc.out_bn.num_features == 10
+    assert not any(isinstance(m, nn.Dropout) for m in bc.modules())
+    assert bc.fewbits_spec["kwargs"]["out_bn"] is True
+    bnn = create_model("mnist_binary_net_mlp_bnn", depth=1)  # the width stays the paper's
+    assert [m.out_features for m in bnn.modules() if isinstance(m, QuantLinear)] == [4096, 10]
+    assert [m.p for m in bnn.modules() if isinstance(m, nn.Dropout)] == [0.2, 0.5]
+    assert [m.quantizer.name for m in bnn.modules() if isinstance(m, QuantAct)] == ["binary_tanh"]
+    assert isinstance(bnn.out_bn, nn.BatchNorm1d)
+    # the plain MLP keeps its output bias and no batch norm after it
+    assert create_model("mnist_float_mlp", width=8).fc.bias is not None
+    with pytest.raises(ValueError, match="dropout_hidden must be a probability"):
+        create_model("mnist_float_mlp_bnn", width=8, dropout_hidden=1.0)
 
 
 def test_unknown_model_lists_the_registered_ones():

@@ -1,7 +1,7 @@
 """Model zoo: ``list_models``, ``create_model``, ``register_model`` and the family table."""
 
 from .families import FAMILIES, Family, QuantConfig, Recipe, family
-from .nets import MLP, RESNET23_UNITS, LeNet, ResNet23
+from .nets import MLP, PAPER_MLPS, RESNET23_UNITS, LeNet, ResNet23
 from .registry import (
     ModelInfo,
     create_model,
@@ -15,6 +15,7 @@ from .registry import (
 __all__ = [
     "FAMILIES",
     "MLP",
+    "PAPER_MLPS",
     "RESNET23_UNITS",
     "Family",
     "LeNet",

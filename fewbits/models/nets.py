@@ -15,7 +15,8 @@ from ..layers import QuantAct, QuantConv2d, QuantLinear
 from .families import FAMILIES, Family, QuantConfig, family
 from .registry import register_model
 
-__all__ = ["MLP", "NNABLA_NO_FC_BIAS", "RESNET23_UNITS", "LeNet", "NNablaBatchNorm2d", "ResNet23"]
+__all__ = ["MLP", "NNABLA_NO_FC_BIAS", "PAPER_MLPS", "RESNET23_UNITS", "LeNet", "NNablaBatchNorm2d",
+           "ResNet23"]
 
 #: ResNet-23 units: (channels, downsample after the unit). 32 -> 16 -> 8 -> 4.
 RESNET23_UNITS: tuple[tuple[int, bool], ...] = (
@@ -164,23 +165,56 @@ class LeNet(_Base):
 
 
 class MLP(_Base):
-    """The BinaryConnect paper's permutation-invariant MNIST MLP: ``depth`` hidden layers of
-    ``width`` units (paper: 3 x 1024), each fc -> batch norm -> activation, then fc."""
+    """A permutation-invariant MNIST MLP: ``depth`` hidden layers of ``width`` units, each
+    fc -> the family's ``inner`` recipe (batch norm, activation), then the output fc.
+
+    Options for the papers' own networks (registered as ``mnist_<family>_mlp_bc`` and
+    ``mnist_<family>_mlp_bnn``, see :data:`PAPER_MLPS`): ``out_bn`` puts batch norm after the
+    output fc (both papers do; the fc then has no bias, which batch norm would cancel),
+    ``dropout_in`` / ``dropout_hidden`` are dropout probabilities on the input and after each
+    hidden layer (BinaryNet's MNIST MLP: 0.2 / 0.5). Shapes: ``(N, C, H, W)`` with
+    ``C * H * W == in_features`` (or ``(N, in_features)``) -> ``(N, num_classes)`` logits.
+    """
 
     def __init__(self, fam: Family, cfg: QuantConfig, num_classes: int = 10,
-                 in_features: int = 784, width: int = 1024, depth: int = 3) -> None:
+                 in_features: int = 784, width: int = 1024, depth: int = 3,
+                 out_bn: bool = False, dropout_in: float = 0.0,
+                 dropout_hidden: float = 0.0) -> None:
         super().__init__(fam, cfg)
+        for name, p in (("dropout_in", dropout_in), ("dropout_hidden", dropout_hidden)):
+            if not 0.0 <= float(p) < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
         layers: list[nn.Module] = [nn.Flatten()]
+        if dropout_in:
+            layers.append(nn.Dropout(dropout_in))
         cin = in_features
         for _ in range(depth):
             layers += [self.linear(cin, width, hidden=True),
                        _ops(fam.recipe.inner, width, fam, cfg, dim=1)]
+            if dropout_hidden:
+                layers.append(nn.Dropout(dropout_hidden))
             cin = width
         self.body = nn.Sequential(*layers)
-        self.fc = self.linear(cin, num_classes)
+        self.fc = self.linear(cin, num_classes, hidden=out_bn)
+        self.out_bn = nn.BatchNorm1d(num_classes) if out_bn else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.body(x))
+        return self.out_bn(self.fc(self.body(x)))
+
+
+#: The papers' MNIST MLPs, registered in every family as ``mnist_<family>_mlp_<key>``.
+#: ``bc``: BinaryConnect (Courbariaux, Bengio, David 2015, section 3.1): 3 hidden layers of
+#: 1024 ReLU units with batch norm, output layer followed by batch norm, no dropout.
+#: ``bnn``: BinaryNet (Courbariaux, Hubara et al. 2016, Theano version): 3 hidden layers of
+#: 4096 units with batch norm and (in the binary_net family) binary tanh, output batch norm,
+#: dropout 0.2 on the input and 0.5 after each hidden layer. Both papers train with a square
+#: hinge (L2-SVM) loss; fewbits trains with softmax cross-entropy (docs/RESULTS.md says so).
+PAPER_MLPS: dict[str, dict[str, Any]] = {
+    "bc": {"width": 1024, "depth": 3, "out_bn": True, "dropout_in": 0.0,
+           "dropout_hidden": 0.0},
+    "bnn": {"width": 4096, "depth": 3, "out_bn": True, "dropout_in": 0.2,
+            "dropout_hidden": 0.5},
+}
 
 
 def _register(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[str, Any],
@@ -189,10 +223,12 @@ def _register(name: str, arch: type[_Base], fam_name: str, arch_defaults: dict[s
     arch_keys = set(arch_defaults)
 
     def build(**kwargs: Any) -> nn.Module:
-        arch_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in arch_keys}
+        # The registered defaults are the net's (a paper MLP's width and output batch norm),
+        # not the class's: build with them, so the model is the one its spec records.
+        arch_kw = {**arch_defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in arch_keys}}
         cfg = QuantConfig.from_kwargs({**(quant_defaults or {}), **kwargs})
         model = arch(family(fam_name), cfg, **arch_kw)
-        full = {**arch_defaults, **arch_kw, **cfg.to_dict()}
+        full = {**arch_kw, **cfg.to_dict()}
         model.fewbits_spec = {"name": name, "kwargs": full}
         return model
 
@@ -221,6 +257,10 @@ def _register_all() -> None:
         _register(f"mnist_{fam}_mlp", MLP, fam, {"num_classes": 10, "in_features": 784,
                                                  "width": 1024, "depth": 3}, (1, 28, 28),
                   "mnist", _MNIST_Q)
+        for key, arch in PAPER_MLPS.items():
+            _register(f"mnist_{fam}_mlp_{key}", MLP, fam,
+                      {"num_classes": 10, "in_features": 784, **arch}, (1, 28, 28), "mnist",
+                      _MNIST_Q)
 
 
 _register_all()
