@@ -94,7 +94,8 @@ class QuantHFConv1D(QuantLayer, nn.Module):
         return _qualname(type(module)) in cls._hf_names
 
     def _adopted(self, module: nn.Module) -> None:
-        self._float_type = type(module)  # instance attribute: what to_float rebuilds
+        if not isinstance(module, QuantLayer):  # instance attribute: what to_float rebuilds
+            self._float_type = type(module)
 
     @staticmethod
     def _float_kwargs(m: nn.Module) -> dict[str, Any]:

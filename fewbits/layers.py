@@ -95,9 +95,16 @@ class QuantLayer:
     def _is_float_form(cls, module: nn.Module) -> bool:
         return type(module) is cls._float_type
 
+    def is_float(self) -> bool:
+        """True when the layer has no quantizer at all (it computes its torch parent)."""
+        return all(getattr(self, f"{r}_quantizer") is None
+                   for r in ("weight", "bias", "input", "output"))
+
     @classmethod
     def _check_float(cls, module: nn.Module) -> None:
         """Refuse what ``from_float`` cannot convert exactly (``TypeError`` / ``ValueError``)."""
+        if type(module) is cls and module.is_float():
+            return  # a fewbits layer without quantizers (a zoo float net) gets them
         if not cls._is_float_form(module):
             raise TypeError(
                 f"{cls.__name__}.from_float needs exactly a {_qualname(cls._float_type)}, got "
@@ -117,7 +124,8 @@ class QuantLayer:
                    output_quantizer: Spec = None, init_ranges: bool = True) -> _L:
         """The fewbits layer computing ``module`` with quantizers, sharing its parameters.
 
-        ``module`` must be exactly the torch parent (``nn.Conv2d`` for ``QuantConv2d`` ...);
+        ``module`` must be exactly the torch parent (``nn.Conv2d`` for ``QuantConv2d`` ...) or
+        a layer of this class without quantizers (:meth:`is_float`, as in a zoo float net);
         every option (stride, padding, dilation, groups, padding mode, padding index ...) and
         attribute is kept, and the new layer holds the *same* parameter objects (so an
         optimizer built before keeps working), on their device and dtype. The RNG is not
