@@ -186,6 +186,11 @@ class QuantMultiheadAttention(QuantLayer, nn.MultiheadAttention):
                     value = key
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        if self.weight_quantizer is not None:  # same bits in every grad mode (QuantLinear)
+            q_is_k, k_is_v = query is key, key is value
+            query = query.contiguous()
+            key = query if q_is_k else key.contiguous()
+            value = key if k_is_v else value.contiguous()
         out_w, out_b = _out_proj(self.out_proj)
         y, w = f.multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.quantized_weight(),

@@ -273,7 +273,13 @@ class QuantLinear(QuantLayer, nn.Linear):
         return {"in_features": m.in_features, "out_features": m.out_features}
 
     def forward(self, x: Tensor) -> Tensor:
-        y = nn.functional.linear(self._q_in(x), self.quantized_weight(), self.quantized_bias())
+        x = self._q_in(x)
+        if self.weight_quantizer is not None and x.dim() > 2:
+            # PyTorch multiplies a strided 3-D input by a different kernel depending on whether
+            # the weight requires grad, which a quantized weight does only with grad enabled:
+            # a contiguous input gives the same bits under grad, no_grad and inference_mode
+            x = x.contiguous()
+        y = nn.functional.linear(x, self.quantized_weight(), self.quantized_bias())
         return self._q_out(y)
 
 

@@ -147,33 +147,32 @@ def _tied(model: nn.Module) -> dict[str, str]:
 
 def _quantized_keys(model: nn.Module, tied: dict[str, str]) -> dict[str, tuple[str, Any, str]]:
     """``{state key: (layer name, layer, role)}`` of the tensors stored as codes: quantized
-    weights and biases whose every user quantizes them with one quantizer object. A tensor
+    weights and biases whose every reader quantizes them with one quantizer object. A tensor
     that some module also reads in float (a float embedding tied to a quantized head) is
     stored in float once, and the quantizer is kept. Two quantizers on one tensor raise."""
-    users: dict[str, list[tuple[str, str, Any, str]]] = {}
-    for lname, layer in quant_layers(model):
-        for role in ("weight", "bias"):
-            q = getattr(layer, f"{role}_quantizer")
-            if q is not None and layer.param(role) is not None:
-                key = _join(lname, layer.param_key(role))
-                users.setdefault(tied.get(key, key), []).append((key, lname, layer, role))
-    aliases: dict[str, list[str]] = {}
-    for a, c in tied.items():
-        aliases.setdefault(c, []).append(a)
+    readers: dict[int, list[tuple[str, Any]]] = {}  # tensor -> (key, quantizer or None)
+    first: dict[int, tuple[str, Any, str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            q, role = None, None
+            if hasattr(m, "quant_param"):  # a fewbits layer
+                role = next((r for r in ("weight", "bias") if m.param_key(r) == pname), None)
+                q = getattr(m, f"{role}_quantizer") if role else None
+            key = _join(mname, pname)
+            readers.setdefault(id(p), []).append((key, q))
+            if q is not None and id(p) not in first:
+                first[id(p)] = (mname, m, role)
     out = {}
-    for canon, us in users.items():
-        qs = {id(getattr(layer, f"{role}_quantizer")): (key, getattr(layer, f"{role}_quantizer"))
-              for key, _, layer, role in us}
+    for pid, (lname, layer, role) in first.items():
+        qs = {id(q): (k, q) for k, q in readers[pid] if q is not None}
         if len(qs) > 1:
             named = "; ".join(f"{k}: {q.config()}" for k, q in qs.values())
-            raise ValueError(f"tensor {canon!r} is quantized by {len(qs)} different quantizers "
-                             f"({named}); one tensor can be stored in one way only: tie the "
+            raise ValueError(f"one tensor is quantized by {len(qs)} different quantizers "
+                             f"({named}); a tensor can be stored in one way only: tie the "
                              "quantizers (quantize_ does) or untie the tensors")
-        keys = {k for k, *_ in us}
-        if {canon, *aliases.get(canon, [])} <= keys:  # no float reader
-            _, lname, layer, role = next(u for u in us if u[0] == canon) if canon in keys \
-                else us[0]
-            out[canon] = (lname, layer, role)
+        if all(q is not None for _, q in readers[pid]):  # no float reader
+            key = _join(lname, layer.param_key(role))
+            out[tied.get(key, key)] = (lname, layer, role)
     return out
 
 
