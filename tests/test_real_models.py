@@ -141,9 +141,10 @@ MODELS = {
     "conv1d": (Conv1dNet, _floats((2, 4, 9)), set()),
     "shared": (_shared, _floats((2, 8)), set()),
 }
-#: model x family cells also run through torch.compile (compiling all 81 takes minutes)
-COMPILED = [("encoder", "binary_connect"), ("encoder", "fp_net"), ("gpt2", "min_max"),
-            ("mobilenet", "pow2_net"), ("shared", "inq")]
+#: model x family cells also run through torch.compile (compiling all 81 takes minutes): the
+#: graph capture (aot_eager) on these, inductor's code generation on the first
+COMPILED = [("encoder", "binary_connect"), ("mobilenet", "pow2_net"), ("shared", "inq"),
+            ("conv1d", "binary_weight"), ("view", "min_max")]
 
 
 def _config(fam):
@@ -214,7 +215,7 @@ def test_compiled_eval_equals_eager(name, fam):
         ref, unquantized = m(x), plain(x)
         torch._dynamo.reset()
         assert torch.equal(torch.compile(m, backend="aot_eager")(x), ref)
-        torch._dynamo.reset()
-        got = torch.compile(m)(x)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        if (name, fam) == COMPILED[0]:
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(m)(x), ref, rtol=1e-4, atol=1e-4)
     assert (unquantized - ref).abs().max() > 1e-3
