@@ -169,7 +169,8 @@ def _occurrences(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]
 class QuantizeReport:
     """What :func:`quantize_` did: ``converted`` (``(layer name, fewbits class, quantizer
     names by role)``) and ``float_tensors`` (``(tensor name, shape, why)``: every weight
-    matrix, a parameter of two or more dimensions, that the forward still uses in float)."""
+    matrix, a parameter of two or more dimensions not named ``bias*``, that the forward still
+    uses in float)."""
 
     converted: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     float_tensors: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
@@ -205,7 +206,7 @@ def quantization_report(model: nn.Module) -> QuantizeReport:
     for mname, m in model.named_modules(remove_duplicate=False):
         qlayer = isinstance(m, QuantLayer) and m.weight_quantizer is not None
         for pname, p in m.named_parameters(recurse=False):
-            if p is None or p.dim() < 2 or (id(m), id(p)) in seen:
+            if p is None or p.dim() < 2 or pname.startswith("bias") or (id(m), id(p)) in seen:
                 continue
             seen.add((id(m), id(p)))
             if qlayer and p is m.param("weight"):
@@ -269,13 +270,14 @@ def quantize_(model: nn.Module, config: Config, *,
     - Every weight matrix the forward still uses in float is reported: a ``UserWarning``
       names those ``skip`` does not cover (``verbose=True`` prints the whole
       :class:`QuantizeReport`, also given by :func:`quantization_report`), and
-      ``strict=True`` raises ``ValueError`` instead. A layer whose quantized weights are more
-      than half zeros warns, naming the grid.
+      ``strict=True`` raises ``ValueError`` instead (the model left unchanged). A layer
+      whose quantized weights are more than half zeros warns, naming the grid.
 
     PyTorch's fused transformer paths are switched off around converted layers
     (:func:`disable_fast_paths`). Errors name the layer: ``"layer1.0.conv1: ..."``.
     """
-    occ = _occurrences(model)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    occ = sorted(_occurrences(model), key=lambda o: order[o[0]])  # module (forward) order
     owners = {id(m) for _, _, _, m in occ if isinstance(m, nn.MultiheadAttention)}
     found = [(n, p, a, m) for n, p, a, m in occ if id(p) not in owners and
              (layer_kind(m) is not None or isinstance(m, _NO_FORM) or _subclass_of_kind(m))]
@@ -320,8 +322,14 @@ def quantize_(model: nn.Module, config: Config, *,
     for _, parent, attr, module in occ:
         if id(module) in converted:  # a shared module gets the same layer everywhere
             setattr(parent, attr, converted[id(module)])
+    try:
+        _report(model, lambda n: skipped(n) or n in asked_float, strict, verbose)
+    except ValueError:  # strict: the model is left as it was
+        for _, parent, attr, module in occ:
+            if id(module) in converted:
+                setattr(parent, attr, module)
+        raise
     disable_fast_paths(model)
-    _report(model, lambda n: skipped(n) or n in asked_float, strict, verbose)
     return model
 
 

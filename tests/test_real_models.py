@@ -12,6 +12,7 @@ matrix is quantized or named in the report; the eval forward is identical under 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 
@@ -22,6 +23,7 @@ from torch import nn
 from fewbits import family_config, quantize_
 from fewbits.convert import quantization_report
 from fewbits.export import export_packed, load_packed, packed_info
+from fewbits.layers import QuantLinear as QuantLinear_
 from fewbits.layers import quant_layers
 from fewbits.models import FAMILIES
 
@@ -219,3 +221,170 @@ def test_compiled_eval_equals_eager(name, fam):
             torch._dynamo.reset()
             torch.testing.assert_close(torch.compile(m)(x), ref, rtol=1e-4, atol=1e-4)
     assert (unquantized - ref).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- the issue's items
+
+
+def _tokens(seed=1):
+    return torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_head_tied_to_a_float_embedding_round_trips_and_is_counted_once(tmp_path):
+    """GPT-2's lm_head is transformer.wte's tensor: quantized in the head, float in the
+    lookup. Loading must not decode the head's codes into the embedding (logits were off by
+    up to 74), and the size report must count the tensor once."""
+    torch.manual_seed(0)
+    m = _gpt2().eval()
+    with pytest.warns(UserWarning, match=r"transformer\.wte\.weight 40x16 \(Embedding reads it "
+                      r"in float; it is quantized elsewhere \(tied\)\)"):
+        quantize_(m, "binary_connect")
+    g = m.model
+    assert g.lm_head.weight is g.transformer.wte.weight
+    assert type(g.transformer.h[0].attn.c_attn).__name__ == "QuantHFConv1D"
+    x = _tokens()
+    with torch.no_grad():
+        ref = m(x)
+    report = export_packed(m, tmp_path / "g.fewbits")
+    torch.manual_seed(3)
+    back = load_packed(tmp_path / "g.fewbits", model=_gpt2())
+    assert back.model.lm_head.weight is back.model.transformer.wte.weight
+    assert torch.equal(back.model.transformer.wte.weight, g.transformer.wte.weight)  # float
+    with torch.no_grad():
+        assert torch.equal(back(x), ref)
+    names = [e.name for e in report.entries]
+    assert "model.transformer.wte.weight" in names and "model.lm_head.weight" not in names
+    assert report.fp32_bytes == 4 * sum(p.numel() for p in m.parameters()) + 4 * sum(
+        b.numel() for k, b in m.named_buffers() if b.is_floating_point()
+        and "_quantizer." not in k)
+
+
+def test_two_quantizers_on_one_tensor_are_refused_with_the_names():
+    m = _gpt2()
+    with pytest.raises(ValueError, match=r"model\.lm_head: its weight is the tensor of "
+                       r"model\.transformer\.wte \(tied\), which gets \{'name': 'binary_conn"
+                       r".*but this layer would get \{'name': 'binary_weight'\}"):
+        quantize_(m, lambda n, mod: "binary_weight" if n.endswith("lm_head")
+                  else "binary_connect", embeddings=True)
+    assert type(m.model.lm_head) is nn.Linear  # all or nothing
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    net = quantize_(nn.Sequential(a, b), "binary_connect")
+    assert net[0].weight_quantizer is net[1].weight_quantizer  # one quantizer on one tensor
+    from fewbits.quantizers import get
+
+    net[1].weight_quantizer = get("binary_weight")
+    with pytest.raises(ValueError, match=r"2 different quantizers \(0\.weight: .*binary_conn"
+                       r".*1\.weight: .*binary_weight"):
+        export_packed(net, os.devnull)
+
+
+def test_a_layer_used_twice_is_stored_once_and_runs_quantized_after_loading(tmp_path):
+    torch.manual_seed(0)
+    m = quantize_(_shared(), "binary_connect").eval()
+    x = torch.rand(3, 8)
+    with torch.no_grad():
+        ref = m(x)
+    export_packed(m, tmp_path / "s.fewbits")
+    names = {e.name for e in packed_info(tmp_path / "s.fewbits").entries}
+    assert "0.weight" in names and "2.weight" not in names  # not again in float
+    back = load_packed(tmp_path / "s.fewbits", model=_shared())
+    assert back[0] is back[2]
+    with torch.no_grad():
+        assert torch.equal(back(x), ref)
+        assert set(back[0].weight.detach().abs().unique().tolist()) == {1.0}
+
+
+def test_every_weight_bearing_kind_is_converted_and_what_stays_float_is_reported():
+    m = _gpt2()
+    with pytest.raises(ValueError, match=r"strict=True.*model\.transformer\.wpe\.weight 16x16"):
+        quantize_(m, "binary_connect", strict=True)
+    assert type(m.model.lm_head) is nn.Linear  # strict leaves the model as it was
+    quantize_(m, "binary_connect", strict=True, embeddings=True)
+    assert quantization_report(m).float_tensors == []
+    quantize_(m2 := _gpt2(), "binary_connect", skip=["model.transformer.wpe",
+                                                     "model.transformer.wte"], strict=True)
+    assert type(m2.model.transformer.wpe) is nn.Embedding
+    # attention: every projection, in_proj_weight included; Conv1d
+    enc = Encoder()
+    quantize_(enc, "binary_connect", strict=True)
+    attn = enc.enc.layers[0].self_attn
+    assert type(attn).__name__ == "QuantMultiheadAttention"
+    assert type(attn.out_proj) is QuantLinear_ and attn.weight_quantizer is not None
+    net = quantize_(Conv1dNet(), "binary_connect", strict=True)
+    assert type(net.c1).__name__ == "QuantConv1d"
+
+
+def test_quantized_attention_computes_torch_attention_on_the_quantized_projections():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True).eval()
+    q = quantize_(nn.Sequential(copy.deepcopy(ref)), "binary_weight", strict=True)[0]
+    with torch.no_grad():  # the independent form: torch's layer holding quantized weights
+        for w in (ref.in_proj_weight, ref.out_proj.weight):
+            w.copy_(w.sign() * w.abs().mean(1, keepdim=True))
+    x, kv = torch.rand(2, 5, 8), torch.rand(2, 3, 8)
+    mask = torch.tensor([[False, False, True], [False, False, False]])
+    for args in ((x, x, x), (x, kv, kv)):
+        want = ref(*args, key_padding_mask=mask if args[1] is kv else None)
+        got = q(*args, key_padding_mask=mask if args[1] is kv else None)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("skip", [[], ["self_attn"]])
+def test_no_fused_fast_path_runs_around_a_quantizer(skip):
+    """nn.TransformerEncoderLayer in eval under no_grad / inference_mode ran its fused path
+    on the float linear1/linear2 weights."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(enc, "binary_connect", skip=[f"layers.{i}.{s}" for i in (0, 1) for s in skip])
+    x = torch.rand(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    want = enc(x, src_key_padding_mask=pad).detach()  # grad enabled: PyTorch's plain path
+    with torch.no_grad():
+        assert torch.equal(enc(x, src_key_padding_mask=pad), want)
+    with torch.inference_mode():
+        assert torch.equal(enc(x, src_key_padding_mask=pad), want)
+
+
+def test_grids_start_from_the_weights_and_the_zoo_keeps_the_seed():
+    from fewbits.models import create_model
+
+    torch.manual_seed(0)
+    for fam in ("fp_connect", "fp_net", "pow2_connect"):
+        net = quantize_(MobileNetish(), fam)
+        for lname, layer in quant_layers(net):
+            w = layer.quantized_weight().detach()
+            assert float((w == 0).float().mean()) < 0.5, (fam, lname)  # was 97 % zeros
+    fc = nn.Linear(784, 10)
+    q = quantize_(nn.Sequential(fc), "fp_connect")[0].weight_quantizer
+    assert q.delta == 2.0 ** math.ceil(math.log2(float(fc.weight.detach().abs().max()) / 127))
+    with pytest.warns(UserWarning, match=r"0: 8\d% of its quantized weights are 0"):
+        quantize_(nn.Sequential(nn.Linear(784, 10)), family_config("fp_connect", delta=2**-4))
+    # the zoo and the seed command keep the seed's grid
+    assert create_model("cifar10_fp_connect_resnet23_prediction").stem.weight_quantizer.delta \
+        == 2**-4
+    assert create_model("mnist_pow2_net_lenet").conv1.weight_quantizer.m == 1
+    # a state dict saved before the grid was state still loads (the quantizer keeps its own)
+    z = create_model("mnist_fp_connect_lenet")
+    sd = {k: v for k, v in z.state_dict().items() if not k.endswith("_extra_state")}
+    z.load_state_dict(sd)
+    assert z.conv1.weight_quantizer.delta == 2**-7
+
+
+def test_a_zoo_float_net_converts_like_any_net_and_the_raw_input_stays_float():
+    from fewbits.models import create_model
+
+    z = quantize_(create_model("mnist_float_lenet"), "fp_net")
+    assert z.conv1.weight_quantizer.name == "fixed_point" and z.conv1.input_quantizer is None
+    assert z.conv2.input_quantizer.name == "fixed_point"
+    plain = quantize_(ViewNet(), "fp_net")
+    assert plain.conv.input_quantizer is None and plain.fc.input_quantizer is not None
+    assert quantize_(ViewNet(), "fp_net", quantize_input=True).conv.input_quantizer is not None
+    # sequence models start with an embedding: every layer reads activations
+    g = quantize_(_gpt2(), "fp_net", embeddings=True)
+    assert g.model.transformer.h[0].attn.c_attn.input_quantizer is not None
+    assert g.model.transformer.wte.weight_quantizer is not None
