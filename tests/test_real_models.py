@@ -388,3 +388,30 @@ def test_a_zoo_float_net_converts_like_any_net_and_the_raw_input_stays_float():
     g = quantize_(_gpt2(), "fp_net", embeddings=True)
     assert g.model.transformer.h[0].attn.c_attn.input_quantizer is not None
     assert g.model.transformer.wte.weight_quantizer is not None
+
+
+def test_each_new_layer_kind_without_quantizers_is_its_torch_layer_and_to_float_inverts():
+    from fewbits.layer_kinds import layer_kind
+
+    torch.manual_seed(0)
+    hf = transformers.pytorch_utils.Conv1D(5, 3)
+    cases = [(nn.Conv1d(3, 4, 3, padding=2, dilation=2, groups=1), (torch.randn(2, 3, 7),)),
+             (nn.Embedding(10, 4, padding_idx=0), (torch.tensor([[0, 3, 9]]),)),
+             (hf, (torch.randn(2, 4, 3),)),
+             (nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True),
+              (torch.randn(2, 5, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)))]
+    for m, args in cases:
+        cls = layer_kind(m).quant_type
+        q = cls.from_float(copy.deepcopy(m))
+        assert isinstance(q, type(m)) or type(m) is type(hf)
+        out, want = q(*args), m(*args)
+        for o, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (out, want)),
+                        strict=True):
+            assert torch.equal(o, w), cls.__name__
+        q = cls.from_float(copy.deepcopy(m), weight_quantizer="binary_connect")
+        back = q.to_float()
+        assert type(back) is type(m)
+        got = back(*args)
+        assert torch.equal(got[0] if isinstance(got, tuple) else got,
+                           q(*args)[0] if isinstance(got, tuple) else q(*args))
+        assert set(back.state_dict()) == set(m.state_dict())

@@ -375,7 +375,8 @@ def _retie(src: str, header: dict[str, Any], model: nn.Module) -> dict[str, str]
         raise FormatError(src, "its 'tied' record is not a mapping of the model's tensors")
     for alias, key in tied.items():
         a, k = sd.get(alias), sd.get(key) if isinstance(key, str) else None
-        if not isinstance(a, torch.Tensor) or not isinstance(k, torch.Tensor) or alias == key:
+        if not isinstance(a, torch.Tensor) or not isinstance(k, torch.Tensor) or alias == key \
+                or isinstance(a, nn.Parameter) != isinstance(k, nn.Parameter):
             raise FormatError(src, f"it ties {alias!r} to {key!r}, which the model does not "
                               "both hold", "build the model the file was exported from")
         _same_shape(src, alias, a.shape, k.shape)
