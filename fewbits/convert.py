@@ -40,13 +40,20 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layer_kinds import LayerKind, QuantMultiheadAttention, layer_kind
+from .layer_kinds import (
+    ROLES,
+    LayerKind,
+    QuantizeReport,
+    QuantMultiheadAttention,
+    disable_fast_paths,
+    layer_kind,
+    quantization_report,
+)
 from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
 from .quantizers import MinMax, Quantizer, get
@@ -54,8 +61,6 @@ from .quantizers import MinMax, Quantizer, get
 __all__ = ["ROLES", "QuantizeReport", "calibrate", "disable_fast_paths", "family_config",
            "quantization_report", "quantize_"]
 
-#: The quantizer roles of a fewbits layer, as keys of a dict config.
-ROLES = ("weight", "bias", "input", "output")
 
 Config = str | dict[str, Any] | Callable[[str, nn.Module], Any] | None
 
@@ -165,81 +170,6 @@ def _occurrences(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]
     return out
 
 
-@dataclass
-class QuantizeReport:
-    """What :func:`quantize_` did: ``converted`` (``(layer name, fewbits class, quantizer
-    names by role)``) and ``float_tensors`` (``(tensor name, shape, why)``: every weight
-    matrix, a parameter of two or more dimensions not named ``bias*``, that the forward still
-    uses in float)."""
-
-    converted: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-    float_tensors: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
-
-    @property
-    def float_count(self) -> int:
-        """Elements of the weight matrices left float."""
-        return sum(math.prod(s) for _, s, _ in self.float_tensors)
-
-    def table(self) -> str:
-        lines = [f"converted {len(self.converted)} layers:"]
-        lines += [f"  {n:48s} {c:24s} " + ", ".join(f"{r}={q}" for r, q in qs.items())
-                  for n, c, qs in self.converted]
-        lines.append(f"{len(self.float_tensors)} weight tensors stay float "
-                     f"({self.float_count:,} elements):")
-        lines += [f"  {n:48s} {'x'.join(map(str, s)):>14s}  {why}"
-                  for n, s, why in self.float_tensors]
-        return "\n".join(lines)
-
-
-def quantization_report(model: nn.Module) -> QuantizeReport:
-    """The :class:`QuantizeReport` of ``model`` as it is now: its fewbits layers with
-    quantizers, and every weight matrix (parameter with two or more dimensions) that some
-    module of the model uses in float (a tied tensor is float where a float module reads it)."""
-    rep = QuantizeReport()
-    quantized: set[int] = set()
-    for lname, layer in quant_layers(model):
-        qs = {r: q.name for r in ROLES if (q := getattr(layer, f"{r}_quantizer")) is not None}
-        if layer.weight_quantizer is not None:
-            quantized.add(id(layer.param("weight")))
-            rep.converted.append((lname, type(layer).__name__, qs))
-    seen: set[tuple[int, int]] = set()
-    for mname, m in model.named_modules(remove_duplicate=False):
-        qlayer = isinstance(m, QuantLayer) and m.weight_quantizer is not None
-        for pname, p in m.named_parameters(recurse=False):
-            if p is None or p.dim() < 2 or pname.startswith("bias") or (id(m), id(p)) in seen:
-                continue
-            seen.add((id(m), id(p)))
-            if qlayer and p is m.param("weight"):
-                continue
-            key = f"{mname}.{pname}" if mname else pname
-            why = (f"{type(m).__name__} reads it in float; it is quantized elsewhere (tied)"
-                   if id(p) in quantized else f"{type(m).__name__} is not converted")
-            rep.float_tensors.append((key, tuple(p.shape), why))
-    return rep
-
-
-def disable_fast_paths(model: nn.Module) -> None:
-    """Keep PyTorch's fused inference paths, which read float weights around any quantizer,
-    off every module of ``model`` that holds a fewbits layer: ``nn.TransformerEncoderLayer``
-    (its fast path is off while it has a forward pre-hook, so a no-op one is registered) and
-    ``nn.TransformerEncoder`` (``use_nested_tensor = False``). ``quantize_`` and
-    ``load_packed`` call it; :class:`~fewbits.layer_kinds.QuantMultiheadAttention` never takes
-    its own. Idempotent."""
-    for m in model.modules():
-        if not any(isinstance(c, QuantLayer) for c in m.modules()):
-            continue
-        if isinstance(m, nn.TransformerEncoderLayer):
-            if _no_fast_path not in m._forward_pre_hooks.values():
-                m.register_forward_pre_hook(_no_fast_path)
-        elif isinstance(m, nn.TransformerEncoder):
-            m.use_nested_tensor = False
-
-
-def _no_fast_path(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook doing nothing: its presence keeps PyTorch's fused path off."""
-    return None
-
-
 def quantize_(model: nn.Module, config: Config, *,
               skip: str | Sequence[str] | None = None, embeddings: bool = False,
               quantize_input: bool = False, strict: bool = False,
@@ -322,6 +252,12 @@ def quantize_(model: nn.Module, config: Config, *,
     for _, parent, attr, module in occ:
         if id(module) in converted:  # a shared module gets the same layer everywhere
             setattr(parent, attr, converted[id(module)])
+    for names in _shared_schedules(model):
+        warnings.warn(f"{', '.join(names)}: one scheduled quantizer (INQ) runs at each of these "
+                      "places, so its schedule would count every forward that many times; call "
+                      "fewbits.layers.count_optimizer_steps(model) before training and "
+                      "apply_weight_constraints(model) after each optimizer step", UserWarning,
+                      stacklevel=2)
     try:
         _report(model, lambda n: skipped(n) or n in asked_float, strict, verbose)
     except ValueError:  # strict: the model is left as it was
@@ -331,6 +267,20 @@ def quantize_(model: nn.Module, config: Config, *,
         raise
     disable_fast_paths(model)
     return model
+
+
+def _shared_schedules(model: nn.Module) -> list[list[str]]:
+    """The places of each forward-counted scheduled quantizer (INQ) that runs more than once
+    per forward: on a tied tensor, or in a layer used at several places."""
+    places: dict[int, list[str]] = {}
+    for name, _, _, m in _occurrences(model):
+        if not isinstance(m, QuantLayer):
+            continue
+        for r in ("weight", "bias"):
+            q = getattr(m, f"{r}_quantizer")
+            if q is not None and hasattr(q, "step_counted") and not q.step_counted:
+                places.setdefault(id(q), []).append(f"{name}.{r}_quantizer")
+    return [names for names in places.values() if len(names) > 1]
 
 
 def _subclass_of_kind(m: nn.Module) -> bool:

@@ -14,25 +14,34 @@ subclass; this module holds the fewbits layers of the kinds beyond conv and line
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, Spec
+from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, Spec, quant_layers
 
 __all__ = [
     "LAYER_KINDS",
+    "ROLES",
     "LayerKind",
     "QuantEmbedding",
     "QuantHFConv1D",
     "QuantMultiheadAttention",
+    "QuantizeReport",
+    "disable_fast_paths",
     "layer_kind",
     "layer_options",
+    "quantization_report",
     "register_layer_kind",
 ]
+
+
+#: The quantizer roles of a fewbits layer (the keys of a dict config of ``quantize_``).
+ROLES = ("weight", "bias", "input", "output")
 
 
 def _qualname(t: type) -> str:
@@ -269,3 +278,78 @@ for _t, _q in ((nn.Linear, QuantLinear), (NonDynamicallyQuantizableLinear, Quant
 for _n in QuantHFConv1D._hf_names:
     register_layer_kind(_n, QuantHFConv1D)
 register_layer_kind(nn.Embedding, QuantEmbedding, opt_in="embeddings", activations=False)
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize_` did: ``converted`` (``(layer name, fewbits class, quantizer
+    names by role)``) and ``float_tensors`` (``(tensor name, shape, why)``: every weight
+    matrix, a parameter of two or more dimensions not named ``bias*``, that the forward still
+    uses in float)."""
+
+    converted: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    float_tensors: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+    @property
+    def float_count(self) -> int:
+        """Elements of the weight matrices left float."""
+        return sum(math.prod(s) for _, s, _ in self.float_tensors)
+
+    def table(self) -> str:
+        lines = [f"converted {len(self.converted)} layers:"]
+        lines += [f"  {n:48s} {c:24s} " + ", ".join(f"{r}={q}" for r, q in qs.items())
+                  for n, c, qs in self.converted]
+        lines.append(f"{len(self.float_tensors)} weight tensors stay float "
+                     f"({self.float_count:,} elements):")
+        lines += [f"  {n:48s} {'x'.join(map(str, s)):>14s}  {why}"
+                  for n, s, why in self.float_tensors]
+        return "\n".join(lines)
+
+
+def quantization_report(model: nn.Module) -> QuantizeReport:
+    """The :class:`QuantizeReport` of ``model`` as it is now: its fewbits layers with
+    quantizers, and every weight matrix (parameter with two or more dimensions) that some
+    module of the model uses in float (a tied tensor is float where a float module reads it)."""
+    rep = QuantizeReport()
+    quantized: set[int] = set()
+    for lname, layer in quant_layers(model):
+        qs = {r: q.name for r in ROLES if (q := getattr(layer, f"{r}_quantizer")) is not None}
+        if layer.weight_quantizer is not None:
+            quantized.add(id(layer.param("weight")))
+            rep.converted.append((lname, type(layer).__name__, qs))
+    seen: set[tuple[int, int]] = set()
+    for mname, m in model.named_modules(remove_duplicate=False):
+        qlayer = isinstance(m, QuantLayer) and m.weight_quantizer is not None
+        for pname, p in m.named_parameters(recurse=False):
+            if p is None or p.dim() < 2 or pname.startswith("bias") or (id(m), id(p)) in seen:
+                continue
+            seen.add((id(m), id(p)))
+            if qlayer and p is m.param("weight"):
+                continue
+            key = f"{mname}.{pname}" if mname else pname
+            why = (f"{type(m).__name__} reads it in float; it is quantized elsewhere (tied)"
+                   if id(p) in quantized else f"{type(m).__name__} is not converted")
+            rep.float_tensors.append((key, tuple(p.shape), why))
+    return rep
+
+
+def disable_fast_paths(model: nn.Module) -> None:
+    """Keep PyTorch's fused inference paths, which read float weights around any quantizer,
+    off every module of ``model`` that holds a fewbits layer: ``nn.TransformerEncoderLayer``
+    (its fast path is off while it has a forward pre-hook, so a no-op one is registered) and
+    ``nn.TransformerEncoder`` (``use_nested_tensor = False``). ``quantize_`` and
+    ``load_packed`` call it; :class:`~fewbits.layer_kinds.QuantMultiheadAttention` never takes
+    its own. Idempotent."""
+    for m in model.modules():
+        if not any(isinstance(c, QuantLayer) for c in m.modules()):
+            continue
+        if isinstance(m, nn.TransformerEncoderLayer):
+            if _no_fast_path not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_no_fast_path)
+        elif isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False
+
+
+def _no_fast_path(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook doing nothing: its presence keeps PyTorch's fused path off."""
+    return None

@@ -19,8 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ..convert import disable_fast_paths
-from ..layer_kinds import layer_kind, layer_options
+from ..layer_kinds import disable_fast_paths, layer_kind, layer_options
 from ..layers import QuantLayer, quant_layers
 from ..models import is_model
 from ..quantizers import get
