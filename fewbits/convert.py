@@ -130,8 +130,8 @@ def _fit_grid(spec: Any, t: Tensor | None) -> Any:
     """``spec`` with fixed point's ``delta`` / pow2's ``m`` chosen from ``t`` when it leaves
     them out: the smallest power-of-two step (largest level) that holds ``max |t|`` unclipped."""
     key = _GRID_KEYS.get(spec.get("name")) if isinstance(spec, dict) else None
-    if key is None or key in spec or t is None or not t.numel():
-        return spec
+    if key is None or key in spec or t is None or not t.numel() or t.is_meta:
+        return spec  # meta (a bounded rebuild): the state dict or file brings the grid
     amax = float(t.detach().abs().max())
     if not 0 < amax < math.inf:
         return spec  # all zero or not finite: the quantizer's default
@@ -357,7 +357,7 @@ def _report(model: nn.Module, skipped: Callable[[str], bool], strict: bool,
         warnings.warn(msg, UserWarning, stacklevel=3)
     for lname, layer in quant_layers(model):
         q, w = layer.weight_quantizer, layer.quant_param("weight")
-        if q is None or w is None or not w.numel():
+        if q is None or w is None or not w.numel() or w.is_meta:
             continue
         zeros = float((q.infer(w.detach()) == 0).float().mean())
         if zeros > MOSTLY_ZERO:

@@ -60,7 +60,8 @@ def _bert():
 
 
 def _gpt2():
-    c = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    c = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                bos_token_id=0, eos_token_id=0)
     return HF(transformers.GPT2LMHeadModel(c), "input_ids")
 
 
