@@ -1,9 +1,11 @@
 """Quantize any PyTorch model in one call, and set activation ranges from data.
 
-:func:`quantize_` swaps, in place, every ``nn.Conv2d`` / ``nn.Linear`` of a model for the fewbits
-layer built by :meth:`~fewbits.layers.QuantConv2d.from_float` (same parameters, options, device and
-dtype), as torchao's ``quantize_`` and Brevitas' ``layerwise_quantize`` do. The model then trains in
-any PyTorch loop, and :func:`fewbits.export.export_packed` writes it at its real width.
+:func:`quantize_` swaps, in place, every layer of a kind in :data:`fewbits.layer_kinds.LAYER_KINDS`
+(``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.MultiheadAttention`` with all its projections,
+HF ``transformers``' ``Conv1D``, and ``nn.Embedding`` when asked) for the fewbits layer built by
+its ``from_float`` (same parameters, options, device and dtype), dispatching on the layer's type
+as torchao's ``quantize_`` and Brevitas' ``layerwise_quantize`` do. The model then trains in any
+PyTorch loop, and :func:`fewbits.export.export_packed` writes it at its real width.
 
 A *config* says what each layer gets:
 - a family name (one of :data:`fewbits.models.FAMILIES`): the family's weight quantizer (its
@@ -15,6 +17,13 @@ A *config* says what each layer gets:
   layer, since quantizers hold per-layer state);
 - a callable ``(qualified_name, module) -> config or None`` for per-layer choices (``None`` keeps
   the layer in float).
+
+Where activations are quantized (one placement for every model, zoo or not): the family's
+activation quantizer quantizes what each converted layer reads, except the raw model input
+(the first converted layer in module order when no embedding comes before it) unless
+``quantize_input=True``. Weight grids start from the weights: min-max ranges from their min and
+max, fixed point's ``delta`` and pow2's ``m`` (largest level ``2**m``) from their largest
+magnitude, unless the config gives them (``family_config("fp_connect", delta=2**-7)``).
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
@@ -28,30 +37,41 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
+from .layer_kinds import (
+    ROLES,
+    LayerKind,
+    QuantizeReport,
+    QuantMultiheadAttention,
+    disable_fast_paths,
+    layer_kind,
+    quantization_report,
+)
+from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
-from .quantizers import MinMax, Quantizer
+from .quantizers import MinMax, Quantizer, get
 from .quantizers import optim as qoptim
 
-__all__ = ["ROLES", "calibrate", "family_config", "quantize_"]
+__all__ = ["ROLES", "QuantizeReport", "calibrate", "disable_fast_paths", "family_config",
+           "quantization_report", "quantize_"]
 
-#: The quantizer roles of a fewbits layer, as keys of a dict config.
-ROLES = ("weight", "bias", "input", "output")
 
 Config = str | dict[str, Any] | Callable[[str, nn.Module], Any] | None
 
-_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
-    nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
-}
 # Torch layers fewbits has no quantized form of: converting a model that holds one must not
 # quietly leave it in float.
 _NO_FORM = (nn.modules.conv._ConvNd, nn.Bilinear)
+#: The grid option fitted to the weights when a spec leaves it out, per quantizer name.
+_GRID_KEYS = {"fixed_point": "delta", "pow2": "m"}
+#: Above this fraction of zeros among a layer's quantized weights, quantize_ warns.
+MOSTLY_ZERO = 0.5
 
 
 def family_config(name: str, **options: Any) -> dict[str, Any]:
@@ -59,12 +79,16 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
     (``bit_width``, ``delta``, ``inq_iterations`` ...): weight, bias and (for the families that
     quantize activations) input quantizer specs, from the family table.
 
+    Fixed point's ``delta`` and pow2's upper bound ``m`` are left out of the weight and bias
+    specs unless given (``delta=``, ``upper_bound=``): :func:`quantize_` then fits them to each
+    layer's weights (the zoo keeps the seed's values).
+
     Raises ``ValueError`` listing the known families or naming an option the family does not
     use (``bit_width`` for ``binary_connect``; ``None``, "the family default", is never
     refused), ``TypeError`` listing the known options.
 
-        >>> family_config("fp_connect", bit_width=4)["weight"]["n"]
-        4
+        >>> family_config("fp_connect", bit_width=4)["weight"]
+        {'name': 'fixed_point', 'sign': True, 'n': 4, 'ste_fine_grained': True}
     """
 
     fam = family(name)
@@ -74,7 +98,15 @@ def family_config(name: str, **options: Any) -> dict[str, Any]:
     if ignored:
         raise ValueError(f"family {name!r} does not use {', '.join(ignored)}; it would be "
                          "ignored (docs/QUANTIZERS.md, 'The families')")
-    return fam.specs(cfg)
+    specs = fam.specs(cfg)
+    given = {"delta": options.get("delta") is not None,
+             "m": options.get("upper_bound") is not None}
+    for role in ("weight", "bias"):
+        spec = specs.get(role)
+        key = _GRID_KEYS.get(spec.get("name")) if isinstance(spec, dict) else None
+        if key is not None and not given[key]:
+            specs[role] = {k: v for k, v in spec.items() if k != key}
+    return specs
 
 
 def _role_specs(config: Any, where: str) -> dict[str, Any] | None:
@@ -95,6 +127,25 @@ def _role_specs(config: Any, where: str) -> dict[str, Any] | None:
                     f"None; got {type(config).__name__}")
 
 
+def _fit_grid(spec: Any, t: Tensor | None) -> Any:
+    """``spec`` with fixed point's ``delta`` / pow2's ``m`` chosen from ``t`` when it leaves
+    them out: the smallest power-of-two step (largest level) that holds ``max |t|`` unclipped."""
+    key = _GRID_KEYS.get(spec.get("name")) if isinstance(spec, dict) else None
+    if key is None or key in spec or t is None or not t.numel() or t.is_meta:
+        return spec  # meta (a bounded rebuild): the state dict or file brings the grid
+    amax = float(t.detach().abs().max())
+    if not 0 < amax < math.inf:
+        return spec  # all zero or not finite: the quantizer's default
+    if key == "delta":
+        n = int(spec.get("n", 8))
+        kmax = 2 ** (n - 1) - 1 if spec.get("sign", True) else 2**n - 1
+        e = math.ceil(math.log2(amax / kmax))
+    else:
+        e = math.ceil(math.log2(amax))
+    e = min(max(e, -126), 127)
+    return {**spec, key: 2.0**e if key == "delta" else e}
+
+
 def _skip_matcher(skip: str | Sequence[str] | None, names: list[str]) -> Callable[[str], bool]:
     patterns = [skip] if isinstance(skip, str) else list(skip or [])
 
@@ -104,7 +155,7 @@ def _skip_matcher(skip: str | Sequence[str] | None, names: list[str]) -> Callabl
     unused = [p for p in patterns if not any(hit(p, n) for n in names)]
     if unused:
         shown = ", ".join(names[:60]) + (f" ... ({len(names)} in all)" if len(names) > 60 else "")
-        raise ValueError(f"skip pattern(s) {unused} match no conv/linear layer of the model; "
+        raise ValueError(f"skip pattern(s) {unused} match no weight-bearing layer of the model; "
                          f"its layers: {shown or '(none)'}")
     return lambda n: any(hit(p, n) for p in patterns)
 
@@ -121,76 +172,211 @@ def _occurrences(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]
 
 
 def quantize_(model: nn.Module, config: Config, *,
-              skip: str | Sequence[str] | None = None,
+              skip: str | Sequence[str] | None = None, embeddings: bool = False,
+              quantize_input: bool = False, strict: bool = False,
+              verbose: bool = False,
               optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-    """Convert, in place, every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` into the fewbits
-    layer given by ``config`` (see the module doc); returns ``model``.
+    """Convert, in place, every layer of ``model`` of a kind in
+    :data:`~fewbits.layer_kinds.LAYER_KINDS` into the fewbits layer given by ``config`` (see
+    the module doc); returns ``model``.
 
-    Each new layer holds the same weight and bias parameters, keeps stride, padding, dilation,
-    groups, padding mode, device and dtype, and starts min-max weight ranges from its weights.
-    A module shared at several places is converted once.
+    Each new layer holds the same weight and bias parameters, keeps
+    every option, device and dtype, and starts its weight grid from its weights (min-max
+    ranges; fixed point ``delta`` and pow2 ``m`` when the config leaves them out). A module
+    shared at several places is converted once; a parameter shared by two layers (tied
+    weights) gets one quantizer object, and two different quantizers on it raise
+    ``ValueError`` naming both.
 
+    - ``skip``: layer names or shell patterns (``"layer4.*"``, ``"fc"``; a container's name skips
+      everything in it) left in float. A pattern that matches no weight-bearing module raises
+      ``ValueError`` listing them.
+    - ``embeddings=True`` converts ``nn.Embedding`` tables too (weight quantizer only).
+    - ``quantize_input=True`` puts the activation quantizer on the raw model input as well.
+    - A callable config returning ``None`` keeps that layer float, as ``skip`` does.
+    - Layers that already are fewbits layers with a quantizer are left as they are
+      (``quantize_`` is idempotent); fewbits layers without any (a zoo float net) are converted.
+    - A subclass of a converted kind (whose forward may differ), a parametrized or lazy layer,
+      and convolutions of other kinds (``Conv3d``, transposed) raise ``ValueError`` naming them
+      (the model is then left unchanged), unless skipped or the callable config returns
+      ``None`` for them. A model without any such layer raises ``ValueError``.
+    - Every weight matrix the forward still uses in float is reported: a ``UserWarning``
+      names those ``skip`` does not cover (``verbose=True`` prints the whole
+      :class:`QuantizeReport`, also given by :func:`quantization_report`), and
+      ``strict=True`` raises ``ValueError`` instead (the model left unchanged). A layer
+      whose quantized weights are more than half zeros warns, naming the grid.
     - ``optimizer``: an optimizer built before this call. Learned min-max ranges are new
       parameters, which it does not hold: passing it adds them as one new parameter group (its
       defaults). Without it, the first ``step()`` of an optimizer that holds the model's
       weights but not the new ranges raises ``RuntimeError`` saying this
       (:mod:`fewbits.quantizers.optim`); an optimizer built after ``quantize_`` holds all.
 
-    - ``skip``: layer names or shell patterns (``"layer4.*"``, ``"fc"``; a container's name skips
-      everything in it) left in float. A pattern that matches no conv/linear layer raises
-      ``ValueError`` listing the layer names.
-    - Layers that already are fewbits layers are left exactly as they are, so a second call
-      converts only what is still float (``quantize_`` is idempotent).
-    - A subclass of ``nn.Conv2d`` / ``nn.Linear`` (whose forward may differ), a parametrized or
-      lazy layer, and other convolutions (``Conv1d``, ``Conv3d``, transposed) have no exact
-      fewbits form: ``ValueError`` naming them (the model is then left unchanged), unless they
-      are skipped or the callable config returns ``None`` for them. Other modules (batch norm,
-      embeddings ...) stay as they are.
-    - A model without any conv or linear layer raises ``ValueError``.
-
-    Errors name the layer: ``"layer1.0.conv1: ..."``.
+    PyTorch's fused transformer paths are switched off around converted layers
+    (:func:`disable_fast_paths`). Errors name the layer: ``"layer1.0.conv1: ..."``.
     """
     before = {id(p) for p in model.parameters()}
-    found = [(n, p, a, m) for n, p, a, m in _occurrences(model)
-             if isinstance(m, (nn.Linear, *_NO_FORM))]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    occ = sorted(_occurrences(model), key=lambda o: order[o[0]])  # module (forward) order
+    owners = {id(m) for _, _, _, m in occ if isinstance(m, nn.MultiheadAttention)}
+    found = [(n, p, a, m) for n, p, a, m in occ if id(p) not in owners and
+             (layer_kind(m) is not None or isinstance(m, _NO_FORM) or _subclass_of_kind(m))]
+    weighty = [n for n, _, _, m in occ if any(p.dim() >= 2 for p in m.parameters(recurse=False))]
     names = list(dict.fromkeys(n for n, *_ in found))
     if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to "
-                         "quantize")
-    skipped = _skip_matcher(skip, names)
-    converted: dict[int, nn.Module] = {}
+        raise ValueError(f"{type(model).__name__} has no layer of a kind fewbits quantizes "
+                         "(nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, HF Conv1D, "
+                         "nn.Embedding)")
+    skipped = _skip_matcher(skip, list(dict.fromkeys(names + weighty)))
+    first_reader = _raw_input_reader(found)
+    plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]] = []
     problems: list[str] = []
+    done: set[int] = set()
+    asked_float: set[str] = set()
     for name, _, _, module in found:
-        if id(module) in converted:  # shared module: converted once
+        if id(module) in done or skipped(name):
             continue
-        if isinstance(module, (QuantConv2d, QuantLinear)) or skipped(name):
+        done.add(id(module))
+        kind = layer_kind(module)
+        if isinstance(module, QuantLayer) and not module.is_float():
+            continue
+        if kind is not None and kind.opt_in == "embeddings" and not embeddings:
             continue
         specs = _role_specs(config(name, module) if callable(config) else config, name)
-        if specs is None:
+        if specs is None:  # the caller's choice, as skip
+            asked_float.add(name)
             continue
-        cls = _LAYERS.get(type(module))
-        if cls is None:
+        if kind is None:
             problems.append(f"{name}: {type(module).__module__}.{type(module).__qualname__} has "
-                            "no fewbits form (fewbits converts exactly nn.Conv2d and nn.Linear; "
-                            "a subclass may compute differently)")
+                            "no fewbits form (a subclass may compute differently from its "
+                            "parent; fewbits converts the exact classes of LAYER_KINDS)")
             continue
-        try:
-            new = cls.from_float(module, **{f"{r}_quantizer": s for r, s in specs.items()})
-        except (TypeError, ValueError) as e:
-            problems.append(f"{name}: {e}")
-            continue
-        converted[id(module)] = new
+        if not kind.activations or (name == first_reader and not quantize_input):
+            specs = {r: s for r, s in specs.items() if r in ("weight", "bias", "output")
+                     and (r != "output" or kind.activations)}
+        plan.append((name, module, kind, specs))
+    converted = _convert(plan, problems)
     if problems:  # all or nothing: the model is left as it was
         raise ValueError("cannot quantize these layers (add them to skip= to keep them float):\n"
                          + "\n".join(f"  {p}" for p in problems))
-    for _, parent, attr, module in found:
+    for _, parent, attr, module in occ:
         if id(module) in converted:  # a shared module gets the same layer everywhere
             setattr(parent, attr, converted[id(module)])
+    for names in _shared_schedules(model):
+        warnings.warn(f"{', '.join(names)}: one scheduled quantizer (INQ) runs at each of these "
+                      "places, so its schedule would count every forward that many times; call "
+                      "fewbits.layers.count_optimizer_steps(model) before training and "
+                      "apply_weight_constraints(model) after each optimizer step", UserWarning,
+                      stacklevel=2)
+    try:
+        _report(model, lambda n: skipped(n) or n in asked_float, strict, verbose)
+    except ValueError:  # strict: the model is left as it was
+        for _, parent, attr, module in occ:
+            if id(module) in converted:
+                setattr(parent, attr, module)
+        raise
     added = [(n, p) for n, p in model.named_parameters() if id(p) not in before]
     if optimizer is not None:
         qoptim.add_to_optimizer(optimizer, [p for _, p in added])
     qoptim.require_companions([p for p in model.parameters() if id(p) in before], added)
+    disable_fast_paths(model)
     return model
+
+
+def _shared_schedules(model: nn.Module) -> list[list[str]]:
+    """The places of each forward-counted scheduled quantizer (INQ) that runs more than once
+    per forward: on a tied tensor, or in a layer used at several places."""
+    places: dict[int, list[str]] = {}
+    for name, _, _, m in _occurrences(model):
+        if not isinstance(m, QuantLayer):
+            continue
+        for r in ("weight", "bias"):
+            q = getattr(m, f"{r}_quantizer")
+            if q is not None and hasattr(q, "step_counted") and not q.step_counted:
+                places.setdefault(id(q), []).append(f"{name}.{r}_quantizer")
+    return [names for names in places.values() if len(names) > 1]
+
+
+def _subclass_of_kind(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, nn.Embedding))
+
+
+def _raw_input_reader(found: list[tuple[str, nn.Module, str, nn.Module]]) -> str | None:
+    """The layer that reads the raw model input: the first converted kind in module order, or
+    none when an embedding comes first (then every layer reads activations)."""
+    for name, _, _, m in found:
+        kind = layer_kind(m)
+        if kind is None:
+            continue
+        return None if not kind.activations else name
+    return None
+
+
+def _convert(plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]],
+             problems: list[str]) -> dict[int, nn.Module]:
+    """Build the fewbits layers of ``plan``; tied parameters share one quantizer object."""
+    converted: dict[int, nn.Module] = {}
+    owner: dict[tuple[int, str], tuple[str, Quantizer | None, Any]] = {}  # param, role -> ...
+    for name, module, kind, specs in plan:
+        cls = kind.quant_type
+        try:
+            new = cls.from_float(module, **{f"{r}_quantizer": s for r, s in specs.items()
+                                            if r in ("input", "output")})
+            parts = [(name, new, specs)]
+            if isinstance(new, QuantMultiheadAttention) and type(new.out_proj) is not QuantLinear:
+                new.out_proj = QuantLinear.from_float(new.out_proj)
+                parts.append((f"{name}.out_proj", new.out_proj, specs))
+            for lname, layer, sp in parts:
+                for role in ("weight", "bias"):
+                    p = layer.quant_param(role)
+                    spec = _fit_grid(sp.get(role), p)
+                    if spec is None or p is None:
+                        continue
+                    key = (id(layer.param(role)), role)
+                    if key in owner:
+                        other, q, _ = owner[key]
+                        if get(spec).config() != q.config():
+                            raise ValueError(
+                                f"its {role} is the tensor of {other} (tied), which gets "
+                                f"{q.config()}, but this layer would get {get(spec).config()}; "
+                                "give both the same config or skip one")
+                    else:
+                        q = get(copy.deepcopy(spec) if isinstance(spec, Quantizer) else spec)
+                        q.to(device=p.device)
+                        q.setup(p)
+                        q.init_from_(p.detach())
+                        owner[key] = (lname, q, spec)
+                    setattr(layer, f"{role}_quantizer", q)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{name}: {e}")
+            continue
+        converted[id(module)] = new
+    return converted
+
+
+def _report(model: nn.Module, skipped: Callable[[str], bool], strict: bool,
+            verbose: bool) -> None:
+    rep = quantization_report(model)
+    if verbose:
+        print(rep.table())
+    left = [(n, s, why) for n, s, why in rep.float_tensors
+            if not skipped(n.rpartition(".")[0]) and not skipped(n)]
+    if left:
+        shown = "; ".join(f"{n} {'x'.join(map(str, s))} ({why})" for n, s, why in left[:8])
+        more = f" ... ({len(left)} in all)" if len(left) > 8 else ""
+        msg = (f"{len(left)} weight tensor(s) stay float: {shown}{more}; convert them "
+               "(embeddings=True for nn.Embedding) or name them in skip=")
+        if strict:
+            raise ValueError(f"quantize_(strict=True): {msg}")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    for lname, layer in quant_layers(model):
+        q, w = layer.weight_quantizer, layer.quant_param("weight")
+        if q is None or w is None or not w.numel() or w.is_meta:
+            continue
+        zeros = float((q.infer(w.detach()) == 0).float().mean())
+        if zeros > MOSTLY_ZERO:
+            warnings.warn(f"{lname}: {zeros:.0%} of its quantized weights are 0 ({q.config()}, "
+                          f"max |w| = {float(w.detach().abs().max()):.3g}); leave delta / "
+                          "upper_bound out of the config to fit the grid to the weights",
+                          UserWarning, stacklevel=3)
 
 
 def _activation_quantizers(model: nn.Module) -> list[tuple[str, MinMax]]:

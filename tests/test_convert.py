@@ -62,6 +62,26 @@ def _trained(fam, steps=2, seed=0):
     return m.eval()
 
 
+def _fitted(spec, t):
+    """The spec with the grid quantize_ fits to ``t`` (smallest power-of-two step / largest
+    level that holds max |t|), computed here from the definition."""
+    amax = float(t.detach().abs().max())
+    if spec and spec["name"] == "fixed_point":
+        assert "delta" not in spec
+        kmax = 2 ** (spec["n"] - 1) - 1
+        delta = 2.0 ** -30
+        while delta * kmax < amax:
+            delta *= 2
+        return {**spec, "delta": delta}
+    if spec and spec["name"] == "pow2":
+        assert "m" not in spec
+        m = -30
+        while 2.0**m < amax:
+            m += 1
+        return {**spec, "m": m}
+    return spec
+
+
 def _apply(spec, t):
     q = get(spec)
     if q is None:
@@ -86,14 +106,15 @@ def test_converted_layers_compute_the_family_quantizer_of_the_original_weights(f
             assert float(layer.weight_quantizer.qr_max.detach()) == float(w.max())
             wq = qf.min_max_quantize(w, w.min(), w.max())
             bq = None if b is None else qf.min_max_quantize(b.detach(), b.min(), b.max())
-        else:
-            wq = _apply(specs["weight"], w)
-            bq = None if b is None else _apply(specs["bias"], b.detach())
+        else:  # fixed point / pow2 grids fit each tensor's largest magnitude
+            wq = _apply(_fitted(specs["weight"], w), w)
+            bq = None if b is None else _apply(_fitted(specs["bias"], b), b.detach())
         shape = (3, 16) if name == "fc" else (3, orig.in_channels, 7, 7)
         x = torch.randn(*shape, generator=g) * 2
-        act = get(specs["input"])
+        # the raw model input (read by conv1) is not quantized; every other layer's input is
+        act = None if name == "conv1" else get(specs["input"])
         xq = x if act is None else act(x)
-        if fam in ACT_FAMILIES:
+        if fam in ACT_FAMILIES and name != "conv1":
             assert act is not None
         want = F.linear(xq, wq, bq) if name == "fc" else orig._conv_forward(xq, wq, bq)
         with torch.no_grad():
@@ -206,15 +227,15 @@ def test_errors_name_the_problem():
         quantize_(TinyNet(), "fp_connect", skip=["fc", "classifier"])
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['name'\].*under a role"):
         quantize_(TinyNet(), {"name": "fixed_point"})
-    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear"):
+    with pytest.raises(ValueError, match="no layer of a kind fewbits quantizes"):
         quantize_(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "fp_connect")
 
     class WSConv(nn.Conv2d):  # a subclass computes differently: never converted silently
         pass
 
-    net = nn.Sequential(WSConv(3, 4, 1), nn.Conv1d(4, 4, 1), nn.Linear(4, 2))
+    net = nn.Sequential(WSConv(3, 4, 1), nn.Conv3d(4, 4, 1), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"(?s)0: .*WSConv has no fewbits form.*\n  1: "
-                       r".*Conv1d"):
+                       r".*Conv3d"):
         quantize_(net, "fp_connect")
     assert type(net[2]) is nn.Linear  # all or nothing: the model is left as it was
     quantize_(net, "fp_connect", skip=["0", "1"])
@@ -255,8 +276,10 @@ def test_from_float_with_no_quantizer_equals_the_torch_layer_and_to_float_invert
     with pytest.raises(ValueError, match="quantizes its input"):
         fc.to_float()
     assert type(fc.to_float(drop_activation_quantizers=True)) is nn.Linear
-    with pytest.raises(TypeError, match="exactly a torch Linear"):
-        QuantLinear.from_float(QuantLinear(2, 2))
+    with pytest.raises(TypeError, match="exactly a torch.nn.*Linear"):
+        QuantLinear.from_float(QuantLinear(2, 2, weight_quantizer="binary_connect"))
+    plain = QuantLinear(2, 2)  # a fewbits layer without quantizers (a zoo float net) converts
+    assert QuantLinear.from_float(plain, weight_quantizer="binary_connect").weight is plain.weight
     with pytest.raises(ValueError, match="lazy"):
         QuantLinear.from_float(_lazy_as_linear())
 
@@ -289,7 +312,7 @@ def test_min_max_weight_ranges_start_from_the_weights(per_channel):
 
 def test_calibrate_sets_activation_ranges_and_nothing_else():
     torch.manual_seed(0)
-    m = quantize_(TinyNet(), "min_max").train()
+    m = quantize_(TinyNet(), "min_max", quantize_input=True).train()  # conv1's input too
     m(torch.rand(4, 3, 8, 8))  # move BN statistics away from their initial values
     before = {k: v.clone() for k, v in m.state_dict().items()}
     batches = [(torch.rand(4, 3, 8, 8) * 3, torch.zeros(4)) for _ in range(3)]

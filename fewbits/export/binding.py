@@ -4,8 +4,10 @@ A file records its model as ``{"name", "kwargs"}``: the registry name and option
 built by :func:`fewbits.models.create_model` (which :func:`~fewbits.export.load_packed` can
 rebuild), or, for any other model, its class (``"package.module.Class"``: a name to show and
 check, never imported). It also records each fewbits layer's quantizer configs (``"layers"``),
-so that a file can be loaded into a user's model instance: plain ``nn.Conv2d`` / ``nn.Linear``
-layers are converted with those configs, fewbits layers must have the same ones, and every
+so that a file can be loaded into a user's model instance: plain layers of a kind fewbits
+quantizes are converted with those configs (everywhere a shared module is used), fewbits layers
+must have the same ones (up to the weight grid that ``quantize_`` fits, where the file's
+wins), and every
 mismatch is a :class:`~fewbits.export.FormatError` naming the layer or tensor.
 """
 
@@ -17,7 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from ..layers import QuantConv2d, QuantLinear, layer_options, quant_layers
+from ..layer_kinds import disable_fast_paths, layer_kind, layer_options
+from ..layers import QuantLayer, quant_layers
 from ..models import is_model
 from ..quantizers import get
 from ._guard import build_bounded
@@ -27,7 +30,9 @@ __all__ = ["ROLES", "build_for_file", "check_layer_configs", "layer_configs", "l
            "layer_options_of", "model_header"]
 
 ROLES = ("weight", "bias", "input", "output")
-_FLOAT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+#: Quantizer options that fix a weight grid which quantize_ fits to each model's own weights:
+#: a file's values win over those of the model it is loaded into.
+_GRID = ("delta", "m")
 _SIZES = ("in_channels", "out_channels", "in_features", "out_features")
 
 
@@ -84,36 +89,50 @@ def build_for_file(path: str | os.PathLike, header: dict[str, Any],
     if layers is None:  # files written before layer configs were recorded
         return model
     check_layer_configs(path, header)  # a mapping of role -> config that builds a quantizer
-    modules = dict(model.named_modules())
-    for lname, configs in layers.items():
-        m = modules.get(lname)
-        if m is None:
-            raise _fail(path, f"it has quantized layer {lname!r}, which the model lacks")
-        if type(m) in _FLOAT:
+    for lname, configs in sorted(layers.items()):  # a parent (attention) before its out_proj
+        try:
+            m = model.get_submodule(lname)
+        except AttributeError:
+            raise _fail(path, f"it has quantized layer {lname!r}, which the model lacks") from None
+        kind = layer_kind(m)
+        if kind is not None and not isinstance(m, QuantLayer):
             if not lname:
                 raise _fail(path, "the model itself is a plain layer that the file holds "
                             "quantized; pass QuantConv2d/QuantLinear.from_float(model, ...)")
             try:
-                new = _FLOAT[type(m)].from_float(
+                new = kind.quant_type.from_float(
                     m, **{f"{r}_quantizer": get(dict(c)) for r, c in configs.items()},
                     init_ranges=False)
             except (TypeError, ValueError) as e:
                 raise FormatError(str(path), f"layer {lname!r}: {e}") from e
-            parent, _, attr = lname.rpartition(".")
-            setattr(modules[parent] if parent else model, attr, new)
+            for _, parent in model.named_modules(remove_duplicate=False):
+                for attr, child in list(parent._modules.items()):
+                    if child is m:  # every place a shared module is used
+                        setattr(parent, attr, new)
             continue
-        if not isinstance(m, (QuantConv2d, QuantLinear)):
+        if not isinstance(m, QuantLayer):
             raise _fail(path, f"layer {lname!r} is a {type(m).__name__} in the model, not a "
-                        "conv or linear layer")
+                        "layer kind fewbits quantizes")
         mine = layer_configs_of(m)
-        if mine != configs:
+        if _without_grid(mine) != _without_grid(configs):
             raise _fail(path, f"layer {lname!r} is quantized differently: file {configs}, "
                         f"model {mine}")
+        for role in ("weight", "bias"):  # the file's grid: its codes were made on it
+            if role in configs and mine.get(role) != configs[role]:
+                q = get(dict(configs[role]))
+                q.setup(m.quant_param(role))
+                setattr(m, f"{role}_quantizer", q)
     extra = sorted(set(dict(quant_layers(model))) - set(layers))
     if extra:
         raise _fail(path, f"model layers {extra[:5]} are quantized but the file's are not")
     _check_options(path, header.get("layer_options"), dict(quant_layers(model)))
+    disable_fast_paths(model)
     return model
+
+
+def _without_grid(configs: dict[str, Any]) -> dict[str, Any]:
+    return {r: {k: v for k, v in c.items() if r not in ("weight", "bias") or k not in _GRID}
+            if isinstance(c, dict) else c for r, c in configs.items()}
 
 
 def _check_options(path: str | os.PathLike, recorded: Any, layers: dict[str, nn.Module]) -> None:

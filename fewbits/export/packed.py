@@ -127,9 +127,57 @@ def model_of(source: nn.Module | str | os.PathLike) -> nn.Module:
 
 
 def _fp32_bytes(model: nn.Module) -> int:
-    return sum(4 * t.numel() for k, t in model.state_dict().items()
-               if isinstance(t, torch.Tensor) and t.is_floating_point()
-               and "_quantizer." not in k)
+    """Bytes of the model's float tensors in fp32, a tied or shared tensor counted once."""
+    seen: dict[int, int] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and "_quantizer." not in k:
+            seen[id(t)] = 4 * t.numel()
+    return sum(seen.values())
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """``{alias: first key}`` of the state-dict keys that name a tensor an earlier key names
+    (tied parameters, a module or quantizer used at several places)."""
+    first: dict[int, str] = {}
+    out = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor):
+            if id(t) in first:
+                out[k] = first[id(t)]
+            else:
+                first[id(t)] = k
+    return out
+
+
+def _quantized_keys(model: nn.Module, tied: dict[str, str]) -> dict[str, tuple[str, Any, str]]:
+    """``{state key: (layer name, layer, role)}`` of the tensors stored as codes: quantized
+    weights and biases whose every reader quantizes them with one quantizer object. A tensor
+    that some module also reads in float (a float embedding tied to a quantized head) is
+    stored in float once, and the quantizer is kept. Two quantizers on one tensor raise."""
+    readers: dict[int, list[tuple[str, Any]]] = {}  # tensor -> (key, quantizer or None)
+    first: dict[int, tuple[str, Any, str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            q, role = None, None
+            if hasattr(m, "quant_param"):  # a fewbits layer
+                role = next((r for r in ("weight", "bias") if m.param_key(r) == pname), None)
+                q = getattr(m, f"{role}_quantizer") if role else None
+            key = _join(mname, pname)
+            readers.setdefault(id(p), []).append((key, q))
+            if q is not None and id(p) not in first:
+                first[id(p)] = (mname, m, role)
+    out = {}
+    for pid, (lname, layer, role) in first.items():
+        qs = {id(q): (k, q) for k, q in readers[pid] if q is not None}
+        if len(qs) > 1:
+            named = "; ".join(f"{k}: {q.config()}" for k, q in qs.values())
+            raise ValueError(f"one tensor is quantized by {len(qs)} different quantizers "
+                             f"({named}); a tensor can be stored in one way only: tie the "
+                             "quantizers (quantize_ does) or untie the tensors")
+        if all(q is not None for _, q in readers[pid]):  # no float reader
+            key = _join(lname, layer.param_key(role))
+            out[tied.get(key, key)] = (lname, layer, role)
+    return out
 
 
 def _stored_bits(fields: dict) -> int:
@@ -193,20 +241,17 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     try:
         with torch.no_grad():
-            for lname, layer in quant_layers(model):
-                for role, q, p in (("weight", layer.weight_quantizer, layer.weight),
-                                   ("bias", layer.bias_quantizer, layer.bias)):
-                    if q is None or p is None:
-                        continue
-                    key = _join(lname, role)
-                    items = _codes_entries(key, q.encode(p.detach()), entropy)
-                    tensors += items
-                    nbytes = sum(len(b) for _, b in items)
-                    entries.append(TensorEntry(key, role, p.numel(), items[0][0]["bits"], nbytes,
-                                               items[0][0]["encoding"]))
-                    handled.add(key)
-                    handled.update(_join(lname, f"{role}_quantizer.{k}")
-                                   for k in q.state_dict())
+            tied = _tied(model)
+            for key, (lname, layer, role) in _quantized_keys(model, tied).items():
+                q = getattr(layer, f"{role}_quantizer")
+                items = _codes_entries(key, q.encode(layer.quant_param(role).detach()), entropy)
+                tensors += items
+                nbytes = sum(len(b) for _, b in items)
+                entries.append(TensorEntry(key, role, layer.param(role).numel(),
+                                           items[0][0]["bits"], nbytes, items[0][0]["encoding"]))
+                handled.add(key)
+                handled.update(_join(lname, f"{role}_quantizer.{k}") for k in q.state_dict())
+            handled.update(tied)
             for key, t in model.state_dict().items():
                 if key in handled or key.endswith("num_batches_tracked") or \
                         key.endswith("_extra_state"):
@@ -229,6 +274,7 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
         "model": spec,
         "layers": layer_configs(model),
         "layer_options": layer_options_of(model),
+        **({"tied": tied} if tied else {}),
         "options": {"entropy": entropy, "bn": bn, **({"fold_bn": True, "fp32_bytes":
                                                       _fp32_bytes(model)} if fold_bn else {})},
         "tensors": [f for f, _ in tensors],
@@ -268,46 +314,49 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
         if t.get("kind") == "param":
             arr = decode(t, blobs, src).reshape(t["param_shape"])
             params.setdefault(t["param_of"], {})[t["param"]] = torch.from_numpy(arr.copy())
+    tied = _retie(src, header, model)
     state: dict[str, torch.Tensor] = {}
     layers = dict(quant_layers(model))
+    by_key = {_join(lname, layer.param_key(role)): (layer, role)
+              for lname, layer in layers.items() for role in ("weight", "bias")}
     refs = model.state_dict()
-    for lname, layer in layers.items():  # a quantized layer's weight must come from codes
-        for role in ("weight", "bias"):
-            key = _join(lname, role)
-            if getattr(layer, f"{role}_quantizer", None) is not None and \
-                    getattr(layer, role, None) is not None and \
-                    by_name.get(key, {}).get("kind") not in (None, "codes"):
-                raise FormatError(src, f"tensor {key!r}: field kind is "
-                                  f"{by_name[key]['kind']!r}, but a quantized layer's {role} "
-                                  "must be stored as codes", "the file is corrupt or was edited")
+    for key, (layer, role) in by_key.items():  # a quantized weight must come from codes
+        if getattr(layer, f"{role}_quantizer", None) is not None and \
+                layer.param(role) is not None and \
+                by_name.get(key, {}).get("kind") not in (None, "codes"):
+            raise FormatError(src, f"tensor {key!r}: field kind is "
+                              f"{by_name[key]['kind']!r}, but a quantized layer's {role} "
+                              "must be stored as codes", "the file is corrupt or was edited")
     for t in header["tensors"]:
         kind, name = t.get("kind"), t["name"]
         if kind == "codes":
-            lname, _, role = name.rpartition(".")
-            layer = layers.get(lname)
+            layer, role = by_key.get(name, (None, "weight"))
             q: Quantizer | None = getattr(layer, f"{role}_quantizer", None) if layer else None
             if q is None:
                 raise FormatError(src, f"tensor {name!r} has codes but the model has no "
                                   "quantizer there (file and model code disagree)")
-            _same_shape(path, name, t["shape"], getattr(layer, role).shape)
+            view = layer.quant_param(role)
+            _same_shape(path, name, t["shape"], view.shape)
             codes = Codes(torch.from_numpy(decode(t, blobs, src).astype(np.int64).reshape(-1)),
                           t["bits"], tuple(t["shape"]), params.get(name, {}))
-            check_codes(name, codes, q, getattr(layer, role), src)
-            state[name] = q.decode(codes).to(getattr(layer, role).dtype)
+            check_codes(name, codes, q, view, src)
+            state[name] = layer.from_quant_view(role, q.decode(codes)).to(view.dtype)
         elif kind == "state":
             arr = decode(t, blobs, src)
             ref = refs.get(name)
-            if ref is None:
-                raise FormatError(src, f"tensor {name!r} is not part of the model")
+            if ref is None or name in tied:
+                raise FormatError(src, f"tensor {name!r} is not part of the model"
+                                  + (" (it is tied to another)" if ref is not None else ""))
             _same_shape(path, name, arr.shape, ref.shape)
             state[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
-    # Freeze: the stored weights are already quantized; quantizer state is not needed.
-    for lname, layer in layers.items():
-        for role in ("weight", "bias"):
-            key = _join(lname, role)
-            if key in by_name and by_name[key].get("kind") == "codes":
-                setattr(layer, f"{role}_quantizer", None)
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    # Freeze: the stored weights are already quantized; quantizer state is not needed. A
+    # layer whose weight is tied to codes stored under another name is frozen too.
+    for key, (layer, role) in by_key.items():
+        if by_name.get(tied.get(key, key), {}).get("kind") == "codes":
+            setattr(layer, f"{role}_quantizer", None)
+    # extra state (a fixed-point grid) travels in the layer configs of the header
+    expected = {k for k in model.state_dict() if k not in tied and
+                not k.endswith(("num_batches_tracked", "_extra_state"))}
     missing = sorted(expected - set(state))
     if missing:
         raise FormatError(str(path), f"it lacks tensors the model needs: {missing[:5]}"
@@ -318,6 +367,27 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
         model.fewbits_spec = {"name": header["model"]["name"],
                               "kwargs": header["model"]["kwargs"]}
     return model.to(map_location)
+
+
+def _retie(src: str, header: dict[str, Any], model: nn.Module) -> dict[str, str]:
+    """Make each tensor the file records as tied (``{alias: key}``) one tensor in ``model``
+    (setting the alias's parameter or buffer to the key's), as in the exported model; returns
+    the record. A record naming a tensor the model lacks, or of another shape, raises."""
+    tied = header.get("tied", {})
+    sd = model.state_dict(keep_vars=True)
+    if not isinstance(tied, dict) or len(tied) > len(sd):
+        raise FormatError(src, "its 'tied' record is not a mapping of the model's tensors")
+    for alias, key in tied.items():
+        a, k = sd.get(alias), sd.get(key) if isinstance(key, str) else None
+        if not isinstance(a, torch.Tensor) or not isinstance(k, torch.Tensor) or alias == key \
+                or isinstance(a, nn.Parameter) != isinstance(k, nn.Parameter):
+            raise FormatError(src, f"it ties {alias!r} to {key!r}, which the model does not "
+                              "both hold", "build the model the file was exported from")
+        _same_shape(src, alias, a.shape, k.shape)
+        if a is not k:
+            owner, _, leaf = alias.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, k)
+    return tied
 
 
 def _join(lname: str, key: str) -> str:

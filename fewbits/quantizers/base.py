@@ -18,6 +18,7 @@ __all__ = [
     "Codes",
     "IntGrid",
     "Quantizer",
+    "fill_missing_extra_state",
     "get",
     "list_quantizers",
     "register_quantizer",
@@ -90,6 +91,14 @@ class IntGrid:
     def fits(self, lo: int, hi: int) -> bool:
         """``[qmin, qmax]`` lies within the integer range ``[lo, hi]``."""
         return lo <= self.qmin and self.qmax <= hi
+
+
+def fill_missing_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                             *args: Any) -> None:
+    """``load_state_dict`` pre-hook of quantizers whose grid is extra state (fixed point's
+    ``delta``, pow2's ``m``): a state dict saved before the grid was state keeps the
+    quantizer's own, as its configuration built it."""
+    state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
 
 
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:

@@ -11,8 +11,15 @@ from torch import Tensor
 
 from .. import _math
 from .. import functional as qf
-from .._checks import check_bits, check_positive
-from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
+from .._checks import check_bits, check_positive, in_onnx_export
+from .base import (
+    AffineCodes,
+    Codes,
+    IntGrid,
+    Quantizer,
+    fill_missing_extra_state,
+    register_quantizer,
+)
 
 __all__ = [
     "FixedPoint",
@@ -34,6 +41,19 @@ class FixedPoint(Quantizer):
         self.ste_fine_grained = bool(ste_fine_grained)
         self.bits = self.n
         self._check_grid()
+        self.register_load_state_dict_pre_hook(fill_missing_extra_state)
+
+    # delta is state as well as configuration: quantize_ fits it to each layer's weights, so a
+    # state dict loaded into a model converted from other weights must bring it along.
+    def get_extra_state(self) -> dict[str, float] | Tensor:
+        if in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+            return torch.tensor(self.delta, dtype=torch.float64)
+        return {"delta": self.delta}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        delta = float(state["delta"])
+        FixedPoint(self.sign, self.n, delta)  # the same checks as a constructed grid
+        self.delta = delta
 
     def _check_grid(self) -> None:
         """Refuse a grid whose levels ``k * delta`` float32 cannot hold, so that every accepted

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import functional as qf
-from .._checks import check_pow2_args
-from .base import Codes, Quantizer, register_quantizer
+from .._checks import check_pow2_args, in_onnx_export
+from .base import Codes, Quantizer, fill_missing_extra_state, register_quantizer
 
 __all__ = [
     "Pow2",
@@ -35,6 +35,18 @@ class Pow2(Quantizer):
         self.sign, self.with_zero, self.n, self.m = bool(sign), bool(with_zero), int(n), int(m)
         self.ste_fine_grained = bool(ste_fine_grained)
         self.bits = self.n
+        self.register_load_state_dict_pre_hook(fill_missing_extra_state)
+
+    # m is state as well as configuration (quantize_ fits it to the weights; see FixedPoint)
+    def get_extra_state(self) -> dict[str, int] | Tensor:
+        if in_onnx_export():
+            return torch.tensor(self.m)
+        return {"m": self.m}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        m = state["m"]
+        check_pow2_args("Pow2", self.sign, self.with_zero, self.n, m)
+        self.m = int(m)
 
     def _kwargs(self) -> dict[str, Any]:
         return {"sign": self.sign, "with_zero": self.with_zero, "n": self.n, "m": self.m,
