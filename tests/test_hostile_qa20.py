@@ -26,4 +26,4 @@ def test_cifar_pickle_memoized_data_cannot_multiply_memory():
     data = _memo_bomb(200, 100_000)
     with pytest.raises(ValueError, match="more than twice its own"):
         read_pickle(data)
-    assert read_pickle(_memo_bomb(1, 100_000))[b"data"][0] == b"A" * 100_000
+    assert read_pickle(_memo_bomb(1, 100_000))["data"][0] == b"A" * 100_000
