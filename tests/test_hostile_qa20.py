@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -27,3 +28,55 @@ def test_cifar_pickle_memoized_data_cannot_multiply_memory():
     with pytest.raises(ValueError, match="more than twice its own"):
         read_pickle(data)
     assert read_pickle(_memo_bomb(1, 100_000))["data"][0] == b"A" * 100_000
+
+
+# --------------------------------------------------------------------------- NNabla .h5
+
+
+def test_nnabla_h5_external_storage_is_refused(tmp_path):
+    import h5py
+
+    from fewbits.nnabla.files import NNablaImportError, read_parameters
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"password" * 8)
+    path = tmp_path / "p.h5"
+    with h5py.File(path, "w") as f:  # values read from `secret`, a file the .h5 names
+        f.create_dataset("affine/W", shape=(64,), dtype="u1", external=[(str(secret), 0, 64)])
+    with pytest.raises(NNablaImportError, match="another file"):
+        read_parameters(path)
+
+
+def test_nnabla_h5_virtual_dataset_is_refused(tmp_path):
+    import h5py
+    import numpy as np
+
+    from fewbits.nnabla.files import NNablaImportError, read_parameters
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(4, dtype=np.float32)
+    layout = h5py.VirtualLayout(shape=(4,), dtype="f4")
+    layout[:] = h5py.VirtualSource(str(other), "x", shape=(4,))
+    path = tmp_path / "p.h5"
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("affine/W", layout)
+    with pytest.raises(NNablaImportError, match="another file"):
+        read_parameters(path)
+
+
+def test_nnabla_h5_hard_link_lattice_is_refused_quickly(tmp_path):
+    import h5py
+
+    from fewbits.nnabla.files import NNablaImportError, read_parameters
+
+    path = tmp_path / "p.h5"
+    with h5py.File(path, "w") as f:  # 30 levels, two links each: 2**30 paths in 45 kB
+        groups = [f.create_group(f"g{i}") for i in range(30)]
+        for a, b in itertools.pairwise(groups):
+            a["a"] = b
+            a["b"] = b
+        for i in range(1, 30):
+            del f[f"g{i}"]
+    with pytest.raises(NNablaImportError, match="already reached"):
+        read_parameters(path)
