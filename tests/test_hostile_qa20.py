@@ -80,3 +80,19 @@ def test_nnabla_h5_hard_link_lattice_is_refused_quickly(tmp_path):
             del f[f"g{i}"]
     with pytest.raises(NNablaImportError, match="already reached"):
         read_parameters(path)
+
+
+def test_nnabla_nnp_with_a_parameter_file_twice_is_refused(tmp_path):
+    import warnings
+    import zipfile
+
+    from fewbits.nnabla.files import NNablaImportError, decode_parameter_protobuf, read_parameters
+
+    path = tmp_path / "p.nnp"
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as z:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        z.writestr("parameter.protobuf", b"")
+        z.writestr("parameter.protobuf", b"")
+    assert decode_parameter_protobuf(b"") == {}
+    with pytest.raises(NNablaImportError, match="twice"):
+        read_parameters(path)

@@ -106,6 +106,10 @@ def _read_nnp(src: str) -> dict[str, np.ndarray]:
                 raise NNablaImportError(f"{src}: {len(infos)} archive entries, more than "
                                         f"{_MAX_ZIP_ENTRIES}")
             by_name = {i.filename: i for i in infos}
+            twice = [n for n in _NNP_PARAMETER_FILES
+                     if sum(i.filename == n for i in infos) > 1]
+            if twice:  # readers disagree on which copy counts
+                raise NNablaImportError(f"{src}: the .nnp archive holds {twice[0]} twice")
             name = next((n for n in _NNP_PARAMETER_FILES if n in by_name), None)
             if name is None:
                 raise NNablaImportError(
