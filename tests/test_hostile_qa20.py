@@ -96,3 +96,31 @@ def test_nnabla_nnp_with_a_parameter_file_twice_is_refused(tmp_path):
     assert decode_parameter_protobuf(b"") == {}
     with pytest.raises(NNablaImportError, match="twice"):
         read_parameters(path)
+
+
+def test_nnabla_reader_refuses_a_fifo_instead_of_blocking(tmp_path):
+    import os
+    import threading
+
+    from fewbits.nnabla.files import NNablaImportError, read_parameters
+
+    fifo = tmp_path / "p.protobuf"
+    os.mkfifo(fifo)
+    result: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            read_parameters(fifo)
+            result.append(None)
+        except BaseException as e:  # handed to the test thread
+            result.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # unblock the reader (open of a FIFO waits for a writer)
+        with open(fifo, "wb"):
+            pass
+        t.join(10)
+        pytest.fail("read_parameters blocked on a FIFO")
+    assert isinstance(result[0], NNablaImportError) and "regular file" in str(result[0])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import struct
 import zipfile
 from typing import Any
@@ -77,9 +78,12 @@ def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     src = str(path)
     try:
-        size = os.path.getsize(src)
+        st = os.stat(src)
     except OSError as e:
         raise NNablaImportError(f"{src}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever, a device never ends
+        raise NNablaImportError(f"{src}: not a regular file; give the parameter file itself")
+    size = st.st_size
     if size > MAX_FILE_BYTES:
         raise NNablaImportError(f"{src}: {size} bytes, more than the {MAX_FILE_BYTES} an NNabla "
                                 "parameter file may have here")
