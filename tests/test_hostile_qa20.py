@@ -124,3 +124,27 @@ def test_nnabla_reader_refuses_a_fifo_instead_of_blocking(tmp_path):
         t.join(10)
         pytest.fail("read_parameters blocked on a FIFO")
     assert isinstance(result[0], NNablaImportError) and "regular file" in str(result[0])
+
+
+# --------------------------------------------------------------------------- --overwrite
+
+
+@pytest.mark.parametrize("planted", ["file", "link"])
+def test_overwrite_refuses_a_set_aside_that_is_a_file_or_a_link(tmp_path, planted):
+    import os
+
+    from fewbits.config import ConfigError
+    from fewbits.runs import REPLACED_NAME, set_aside_run
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir()
+    other.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "checkpoint.pt").write_text("old")
+    if planted == "file":
+        (run / REPLACED_NAME).write_text("planted")
+    else:  # the old run would be moved into `other`, or rmtree refuses with a traceback
+        os.symlink(other, run / REPLACED_NAME)
+    with pytest.raises(ConfigError, match="not a folder fewbits made"):
+        set_aside_run(run)
+    assert (run / "checkpoint.pt").read_text() == "old" and not os.listdir(other)
