@@ -148,3 +148,23 @@ def test_overwrite_refuses_a_set_aside_that_is_a_file_or_a_link(tmp_path, plante
     with pytest.raises(ConfigError, match="not a folder fewbits made"):
         set_aside_run(run)
     assert (run / "checkpoint.pt").read_text() == "old" and not os.listdir(other)
+
+
+# --------------------------------------------------------------------------- CIFAR nesting
+
+
+@pytest.mark.parametrize("tail", [b"Ns.", b"X\x01\x00\x00\x00a\x93."], ids=["dict-key", "global"])
+def test_cifar_pickle_deep_tuple_is_refused_not_a_crash(tail):
+    import subprocess
+    import sys
+
+    # a tuple nested 190,000 deep (190 kB) used as a dict key or a global's module name: its
+    # hash recursed in C and killed the interpreter (SIGSEGV, exit 139)
+    data = b"\x80\x02" + (b"}" if tail == b"Ns." else b"") + b")" + b"\x85" * 190_000 + tail
+    code = ("import sys\nfrom fewbits.data._cifar_pickle import read_pickle\n"
+            "try:\n    read_pickle(sys.stdin.buffer.read())\nexcept ValueError as e:\n"
+            "    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert b"refused:" in out.stdout

@@ -198,10 +198,17 @@ def _pop_mark(stack: list, marks: list) -> list:
     return items
 
 
+def _key(k: Any) -> Any:
+    # only flat keys: hashing a tuple nested 190,000 deep recurses in C and crashes (SIGSEGV)
+    if type(k) not in (str, bytes, int):
+        raise ValueError(f"a dict key of type {type(k).__name__} (a batch's keys are text)")
+    return k
+
+
 def _pairs(items: list) -> list:
     if len(items) % 2:
         raise ValueError("an odd number of dict items")
-    return list(zip(items[::2], items[1::2], strict=True))
+    return [(_key(k), v) for k, v in zip(items[::2], items[1::2], strict=True)]
 
 
 def _container(stack: list, kind: type) -> Any:
@@ -279,7 +286,7 @@ def read_pickle(data: bytes) -> Any:
                 _container(stack, list).extend(items)
             elif name == "SETITEM":
                 v, k = stack.pop(), stack.pop()
-                _container(stack, dict)[k] = v
+                _container(stack, dict)[_key(k)] = v
             elif name == "SETITEMS":
                 items = _pop_mark(stack, marks)
                 _container(stack, dict).update(_pairs(items))
@@ -294,6 +301,8 @@ def read_pickle(data: bytes) -> Any:
                     module, _, attr = str(arg).partition(" ")
                 else:
                     attr, module = stack.pop(), stack.pop()
+                if type(module) is not str or type(attr) is not str:
+                    raise ValueError("a global named by something other than text")
                 key = (module, attr)
                 if key not in _GLOBALS:
                     raise ValueError(f"global {str(module)[:60]}.{str(attr)[:60]} is not "
@@ -312,6 +321,8 @@ def read_pickle(data: bytes) -> Any:
         raise ValueError("stack underflow (a malformed pickle)") from None
     except KeyError as e:
         raise ValueError(f"a memo reference {str(e)[:20]} that was never stored") from None
+    except RecursionError:  # comparing or printing objects nested too deep
+        raise ValueError("objects nested too deep (a malformed pickle)") from None
     except TypeError as e:  # an unhashable dict key, say
         raise ValueError(f"a malformed pickle: {str(e)[:200]}") from None
     raise ValueError("the pickle has no STOP (truncated)")
