@@ -201,7 +201,8 @@ def _pop_mark(stack: list, marks: list) -> list:
 def _key(k: Any) -> Any:
     # only flat keys: hashing a tuple nested 190,000 deep recurses in C and crashes (SIGSEGV)
     if type(k) not in (str, bytes, int):
-        raise ValueError(f"a dict key of type {type(k).__name__} (a batch's keys are text)")
+        raise ValueError(f"a malformed pickle: a dict key of type {type(k).__name__} (a batch's "
+                         "keys are text)")
     return k
 
 
