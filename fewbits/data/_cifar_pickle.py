@@ -15,6 +15,9 @@ builds only ``dict``, ``list``, ``tuple``, ``str``, ``bytes``, ``int``, ``float`
   they are stand-ins defined here, never imported;
 - an array's bytes must be exactly ``prod(shape) * itemsize`` of the file's own bytes (no
   strides, no repetition): element counts are bounded by the file's size;
+- copies (a text encoded to bytes, a byte-swapped array) total at most twice the file's size
+  (memoized data cannot be built again and again); dict keys and global names are flat text
+  (a deeply nested tuple would be hashed recursively in C);
 - any other opcode (object construction, extensions, out-of-band buffers, persistent ids) is
   refused, naming it.
 
