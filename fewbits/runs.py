@@ -239,6 +239,9 @@ def set_aside_run(*folders: str | os.PathLike | None) -> list[Path]:
     out: list[Path] = []
     for folder in dict.fromkeys(Path(f) for f in folders if f is not None):
         aside = folder / REPLACED_NAME
+        if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+            raise ConfigError(f"{aside} is not a folder fewbits made (a link or a file); "
+                              "--overwrite moves the old run there: remove it and run again")
         files = [folder / n for n in RUN_FILES + _OTHER_RUN_FILES if (folder / n).is_file()]
         if aside.is_dir() and not (folder / "checkpoint.pt").is_file():
             for f in files:

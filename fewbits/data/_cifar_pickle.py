@@ -15,6 +15,9 @@ builds only ``dict``, ``list``, ``tuple``, ``str``, ``bytes``, ``int``, ``float`
   they are stand-ins defined here, never imported;
 - an array's bytes must be exactly ``prod(shape) * itemsize`` of the file's own bytes (no
   strides, no repetition): element counts are bounded by the file's size;
+- copies (a text encoded to bytes, a byte-swapped array) total at most twice the file's size
+  (memoized data cannot be built again and again); dict keys and global names are flat text
+  (a deeply nested tuple would be hashed recursively in C);
 - any other opcode (object construction, extensions, out-of-band buffers, persistent ids) is
   refused, naming it.
 
@@ -93,6 +96,21 @@ class _Array:
     """An array waiting for its state (``BUILD``)."""
 
 
+class _Budget:
+    """Bytes the reader may still allocate beyond the file's own: every copy (a text encoded
+    to bytes, an array byte-swapped) is charged, up to twice the file's size, so memoized data
+    reused by ``BINGET`` cannot multiply a small file into gigabytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.left = limit, 2 * limit
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ValueError(f"the pickle builds more than twice its own {self.limit:,} bytes "
+                             "of data (memoized data used again)")
+
+
 def _dtype(args: tuple) -> _Dtype:
     code = args[0] if args else None
     if isinstance(code, bytes):
@@ -118,10 +136,12 @@ def _shape(shape: Any, limit: int) -> tuple[int, ...]:
     return shape
 
 
-def _array(raw: Any, dtype: Any, shape: tuple[int, ...], fortran: bool) -> np.ndarray:
+def _array(raw: Any, dtype: Any, shape: tuple[int, ...], fortran: bool,
+           budget: _Budget) -> np.ndarray:
     if not isinstance(dtype, _Dtype):
         raise ValueError("an array without an integer dtype")
     if isinstance(raw, str):
+        budget.spend(len(raw))
         raw = raw.encode("latin1")  # a Python 2 str buffer
     if not isinstance(raw, bytes):
         raise ValueError(f"an array whose data is {type(raw).__name__}, not bytes (object "
@@ -132,10 +152,12 @@ def _array(raw: Any, dtype: Any, shape: tuple[int, ...], fortran: bool) -> np.nd
         raise ValueError(f"an array of shape {shape} and dtype {dt} needs {need} bytes, the "
                          f"file gives {len(raw)}")
     out = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
+    if not dt.isnative:
+        budget.spend(need)  # the byte-swapped copy below
     return out.astype(dt.newbyteorder("="), copy=False)
 
 
-def _reduce(fn: Any, args: Any, limit: int) -> Any:
+def _reduce(fn: Any, args: Any, budget: _Budget) -> Any:
     if not isinstance(fn, _Global) or not isinstance(args, tuple):
         raise ValueError("a call of something other than numpy's array reconstruction")
     if fn.name == "dtype":
@@ -147,16 +169,18 @@ def _reduce(fn: Any, args: Any, limit: int) -> Any:
     if fn.name == "frombuffer":  # protocol 5: _frombuffer(buf, dtype, shape, order)
         if len(args) != 4 or args[3] not in ("C", "F"):
             raise ValueError("a malformed array buffer")
-        return _array(args[0], args[1], _shape(args[2], limit), args[3] == "F")
+        return _array(args[0], args[1], _shape(args[2], budget.limit), args[3] == "F",
+                      budget)
     if fn.name == "encode":  # protocol 2 bytes: _codecs.encode(text, "latin1")
         if (len(args) != 2 or not isinstance(args[0], str)
                 or args[1] not in ("latin1", "latin-1")):
             raise ValueError("a text encoding other than latin1")
+        budget.spend(len(args[0]))
         return args[0].encode("latin1")
     raise ValueError(f"a call of {fn.name}")
 
 
-def _build(obj: Any, state: Any, limit: int) -> Any:
+def _build(obj: Any, state: Any, budget: _Budget) -> Any:
     if isinstance(obj, _Dtype):
         _dtype_state(obj, state)
         return obj
@@ -164,7 +188,7 @@ def _build(obj: Any, state: Any, limit: int) -> Any:
         if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
                 and isinstance(state[3], bool)):
             raise ValueError("an array state that is not (1, shape, dtype, fortran, bytes)")
-        return _array(state[4], state[2], _shape(state[1], limit), state[3])
+        return _array(state[4], state[2], _shape(state[1], budget.limit), state[3], budget)
     raise ValueError(f"setting the state of a {type(obj).__name__}")
 
 
@@ -177,10 +201,18 @@ def _pop_mark(stack: list, marks: list) -> list:
     return items
 
 
+def _key(k: Any) -> Any:
+    # only flat keys: hashing a tuple nested 190,000 deep recurses in C and crashes (SIGSEGV)
+    if type(k) not in (str, bytes, int):
+        raise ValueError(f"a malformed pickle: a dict key of type {type(k).__name__} (a batch's "
+                         "keys are text)")
+    return k
+
+
 def _pairs(items: list) -> list:
     if len(items) % 2:
         raise ValueError("an odd number of dict items")
-    return list(zip(items[::2], items[1::2], strict=True))
+    return [(_key(k), v) for k, v in zip(items[::2], items[1::2], strict=True)]
 
 
 def _container(stack: list, kind: type) -> Any:
@@ -193,7 +225,7 @@ def _container(stack: list, kind: type) -> Any:
 def read_pickle(data: bytes) -> Any:
     """The object of the pickle ``data``, built from the restricted vocabulary above;
     ``ValueError`` naming what is not allowed or malformed."""
-    limit = len(data)
+    budget = _Budget(len(data))
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
@@ -258,7 +290,7 @@ def read_pickle(data: bytes) -> Any:
                 _container(stack, list).extend(items)
             elif name == "SETITEM":
                 v, k = stack.pop(), stack.pop()
-                _container(stack, dict)[k] = v
+                _container(stack, dict)[_key(k)] = v
             elif name == "SETITEMS":
                 items = _pop_mark(stack, marks)
                 _container(stack, dict).update(_pairs(items))
@@ -273,6 +305,8 @@ def read_pickle(data: bytes) -> Any:
                     module, _, attr = str(arg).partition(" ")
                 else:
                     attr, module = stack.pop(), stack.pop()
+                if type(module) is not str or type(attr) is not str:
+                    raise ValueError("a global named by something other than text")
                 key = (module, attr)
                 if key not in _GLOBALS:
                     raise ValueError(f"global {str(module)[:60]}.{str(attr)[:60]} is not "
@@ -280,10 +314,10 @@ def read_pickle(data: bytes) -> Any:
                 stack.append(_Global(_GLOBALS[key]))
             elif name == "REDUCE":
                 args, fn = stack.pop(), stack.pop()
-                stack.append(_reduce(fn, args, limit))
+                stack.append(_reduce(fn, args, budget))
             elif name == "BUILD":
                 state = stack.pop()
-                stack.append(_build(stack.pop(), state, limit))
+                stack.append(_build(stack.pop(), state, budget))
         else:
             raise ValueError(f"more than {MAX_OPCODES:,} pickle opcodes (an official batch has "
                              "about 40,000)")
@@ -291,6 +325,8 @@ def read_pickle(data: bytes) -> Any:
         raise ValueError("stack underflow (a malformed pickle)") from None
     except KeyError as e:
         raise ValueError(f"a memo reference {str(e)[:20]} that was never stored") from None
+    except RecursionError:  # comparing or printing objects nested too deep
+        raise ValueError("objects nested too deep (a malformed pickle)") from None
     except TypeError as e:  # an unhashable dict key, say
         raise ValueError(f"a malformed pickle: {str(e)[:200]}") from None
     raise ValueError("the pickle has no STOP (truncated)")

@@ -14,7 +14,8 @@ What NNabla writes (``nnabla/utils/get_file_handle.py``):
   ``parameter.protobuf`` (``_nnp_file_saver``).
 
 Every field is hostile: sizes, counts, name lengths and ranks are bounded before anything is
-allocated, HDF5 links other than hard links (soft and external links) are refused, and any
+allocated, HDF5 links other than hard links (soft and external links) and datasets whose
+values live in another file (external storage, virtual datasets) are refused, and any
 problem raises :class:`NNablaImportError` naming the file and the parameter.
 
     >>> import tempfile, os, h5py, numpy as np
@@ -30,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import struct
 import zipfile
 from typing import Any
@@ -55,6 +57,7 @@ MAX_NAME_LENGTH = 1024
 MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 26  # all parameters together
 _MAX_DEPTH = 64  # HDF5 group nesting
+_MAX_LINKS = 2 * MAX_PARAMETERS  # groups and datasets walked
 _MAX_ZIP_ENTRIES = 10_000
 _NNP_PARAMETER_FILES = ("parameter.h5", "parameter.protobuf")
 
@@ -75,9 +78,12 @@ def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     src = str(path)
     try:
-        size = os.path.getsize(src)
+        st = os.stat(src)
     except OSError as e:
         raise NNablaImportError(f"{src}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever, a device never ends
+        raise NNablaImportError(f"{src}: not a regular file; give the parameter file itself")
+    size = st.st_size
     if size > MAX_FILE_BYTES:
         raise NNablaImportError(f"{src}: {size} bytes, more than the {MAX_FILE_BYTES} an NNabla "
                                 "parameter file may have here")
@@ -104,6 +110,10 @@ def _read_nnp(src: str) -> dict[str, np.ndarray]:
                 raise NNablaImportError(f"{src}: {len(infos)} archive entries, more than "
                                         f"{_MAX_ZIP_ENTRIES}")
             by_name = {i.filename: i for i in infos}
+            twice = [n for n in _NNP_PARAMETER_FILES
+                     if sum(i.filename == n for i in infos) > 1]
+            if twice:  # readers disagree on which copy counts
+                raise NNablaImportError(f"{src}: the .nnp archive holds {twice[0]} twice")
             name = next((n for n in _NNP_PARAMETER_FILES if n in by_name), None)
             if name is None:
                 raise NNablaImportError(
@@ -137,7 +147,7 @@ def _read_h5(fileobj: Any, src: str) -> dict[str, np.ndarray]:
     try:
         with h5py.File(fileobj, "r") as f:
             found: list[tuple[str, Any]] = []
-            _walk_h5(f, "", 0, found, src, h5py)
+            _walk_h5(f, "", 0, found, src, h5py, set())
             out: dict[str, np.ndarray] = {}
             total = 0
             # names are keys: the `index` (creation order) and `need_grad` attributes are not read
@@ -157,13 +167,17 @@ def _read_h5(fileobj: Any, src: str) -> dict[str, np.ndarray]:
 
 
 def _walk_h5(group: Any, prefix: str, depth: int, found: list[tuple[str, Any]], src: str,
-             h5py: Any) -> None:
+             h5py: Any, seen: set) -> None:
+    # `seen` holds every object walked: hard links may make a group reachable twice from each
+    # parent (40 nested levels of two links each are 2**40 paths), so one reached again is
+    # refused; NNabla writes a tree
     if depth > _MAX_DEPTH:
         raise NNablaImportError(f"{src}: groups nested deeper than {_MAX_DEPTH} at {prefix!r}")
     for key in group:
         name = f"{prefix}{key}"
-        if len(found) >= MAX_PARAMETERS:
-            raise NNablaImportError(f"{src}: more than {MAX_PARAMETERS} parameters")
+        if len(found) >= MAX_PARAMETERS or len(seen) >= _MAX_LINKS:
+            raise NNablaImportError(f"{src}: more than {MAX_PARAMETERS} parameters (or "
+                                    f"{_MAX_LINKS} groups and datasets)")
         if len(name) > MAX_NAME_LENGTH:
             raise NNablaImportError(f"{src}: a parameter name is longer than "
                                     f"{MAX_NAME_LENGTH} characters ({name[:60]!r}...)")
@@ -172,9 +186,18 @@ def _walk_h5(group: Any, prefix: str, depth: int, found: list[tuple[str, Any]], 
             raise NNablaImportError(f"{src}: {name!r} is a {type(link).__name__}; NNabla "
                                     "writes plain datasets only")
         obj = group[key]
+        if obj.id in seen:
+            raise NNablaImportError(f"{src}: {name!r} is an object already reached under "
+                                    "another name (a second hard link); NNabla writes a tree")
+        seen.add(obj.id)
         if isinstance(obj, h5py.Group):
-            _walk_h5(obj, name + "/", depth + 1, found, src, h5py)
+            _walk_h5(obj, name + "/", depth + 1, found, src, h5py, seen)
         elif isinstance(obj, h5py.Dataset):
+            # external raw files and virtual datasets read other files the file names
+            if obj.external or obj.is_virtual:
+                raise NNablaImportError(f"{src}: parameter {name!r} keeps its values in another "
+                                        "file (an external or virtual dataset); NNabla writes "
+                                        "them inside the file")
             found.append((name, obj))
         else:
             raise NNablaImportError(f"{src}: {name!r} is neither a group nor a dataset")
