@@ -58,6 +58,7 @@ from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
 from .quantizers import MinMax, Quantizer, get
 from .quantizers import optim as qoptim
+from .quantizers.base import fitted_step
 
 __all__ = ["ROLES", "QuantizeReport", "calibrate", "disable_fast_paths", "family_config",
            "quantization_report", "quantize_"]
@@ -129,21 +130,21 @@ def _role_specs(config: Any, where: str) -> dict[str, Any] | None:
 
 def _fit_grid(spec: Any, t: Tensor | None) -> Any:
     """``spec`` with fixed point's ``delta`` / pow2's ``m`` chosen from ``t`` when it leaves
-    them out: the smallest power-of-two step (largest level) that holds ``max |t|`` unclipped."""
+    them out: the smallest power-of-two step (largest level) that holds ``max |t|`` unclipped
+    (:func:`fewbits.quantizers.base.fitted_step`). Meta tensors (a bounded rebuild) and
+    all-zero or non-finite ones keep the quantizer's default; the state dict or file brings
+    the grid."""
     key = _GRID_KEYS.get(spec.get("name")) if isinstance(spec, dict) else None
-    if key is None or key in spec or t is None or not t.numel() or t.is_meta:
-        return spec  # meta (a bounded rebuild): the state dict or file brings the grid
-    amax = float(t.detach().abs().max())
-    if not 0 < amax < math.inf:
-        return spec  # all zero or not finite: the quantizer's default
+    if key is None or key in spec or t is None:
+        return spec
     if key == "delta":
         n = int(spec.get("n", 8))
-        kmax = 2 ** (n - 1) - 1 if spec.get("sign", True) else 2**n - 1
-        e = math.ceil(math.log2(amax / kmax))
+        step = fitted_step(t, 2 ** (n - 1) - 1 if spec.get("sign", True) else 2**n - 1)
     else:
-        e = math.ceil(math.log2(amax))
-    e = min(max(e, -126), 127)
-    return {**spec, key: 2.0**e if key == "delta" else e}
+        step = fitted_step(t, 1)
+    if step is None:
+        return spec
+    return {**spec, key: step if key == "delta" else round(math.log2(step))}
 
 
 def _skip_matcher(skip: str | Sequence[str] | None, names: list[str]) -> Callable[[str], bool]:
@@ -244,6 +245,8 @@ def quantize_(model: nn.Module, config: Config, *,
         if specs is None:  # the caller's choice, as skip
             asked_float.add(name)
             continue
+        if specs.get("weight") is None:  # a config without a weight quantizer ("float",
+            asked_float.add(name)  # activations only): float weights are what was asked
         if kind is None:
             problems.append(f"{name}: {type(module).__module__}.{type(module).__qualname__} has "
                             "no fewbits form (a subclass may compute differently from its "
@@ -343,6 +346,8 @@ def _convert(plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]],
                         q.to(device=p.device)
                         q.setup(p)
                         q.init_from_(p.detach())
+                        # a grid fitted to these weights is refitted to weights loaded later
+                        q.grid_fitted = spec is not sp.get(role)
                         owner[key] = (lname, q, spec)
                     setattr(layer, f"{role}_quantizer", q)
         except (TypeError, ValueError) as e:

@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError("fewbits.hf needs transformers: pip install 'fewbits[hf]'") from e
 
 from .convert import quantize_
-from .quantizers import INQ
+from .quantizers import Quantizer
 
 __all__ = ["METHOD", "FewbitsConfig", "FewbitsHfQuantizer", "quantize_hf"]
 
@@ -131,7 +131,8 @@ def quantize_hf(model: nn.Module, config: str | dict[str, Any], *,
 
 
 def _tensor_extra_state(model: nn.Module) -> None:
-    # safetensors stores tensors only: INQ's counter and stage go as an int64 pair
+    # safetensors stores tensors only: INQ's counter and stage go as an int64 pair, fixed
+    # point's delta and pow2's m (fitted to the weights by quantize_) as scalars
     for m in model.modules():
-        if isinstance(m, INQ):
+        if isinstance(m, Quantizer) and type(m).get_extra_state is not nn.Module.get_extra_state:
             m.tensor_extra_state = True

@@ -212,7 +212,10 @@ class QuantLayer:
         for q, role in fresh:
             p = self.param(role)
             if p is not None and p.shape == state_dict[prefix + self.param_key(role)].shape:
-                q.init_from_(self.quant_param(role).detach())
+                t = self.quant_param(role).detach()
+                if getattr(q, "grid_fitted", False):  # quantize_ fitted delta / m to weights
+                    q.fit_grid_(t)
+                q.init_from_(t)
 
     def quantized_weight(self) -> Tensor:
         """The weight the forward uses (in the parameter's layout)."""

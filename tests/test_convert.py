@@ -366,3 +366,22 @@ def test_loading_into_a_model_whose_layer_options_differ_is_refused(tmp_path):
     with pytest.raises(FormatError, match=r"layer '0' differs from the exported one in "
                                           r"\['padding_mode'\]"):
         load_packed(tmp_path / "m.fewbits", model=net("zeros"))
+
+
+def test_quantize_runs_no_training_step_of_a_scheduled_quantizer():
+    """quantize_'s report checks each layer's quantized weights with ``infer``; INQ's took a
+    training forward there (the schedule counted one iteration before any training)."""
+    from fewbits.convert import family_config
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    quantize_(net, family_config("inq", inq_iterations=[1, 2]))
+    assert net[2].weight_quantizer.counter == 0
+    assert net[2].weight_quantizer.fixed_fraction == 0
+
+
+def test_a_float_config_converts_without_a_float_weights_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(nn.Sequential(nn.Linear(3, 3)), "float")

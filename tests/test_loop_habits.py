@@ -32,7 +32,8 @@ def test_calibrate_takes_dict_batches_and_keeps_zero_in_the_range():
         def forward(self, pixel_values, labels=None):
             return self.fc(pixel_values)
 
-    net = quantize_(KwNet(), {"input": {"name": "min_max", "mode": "batch"}})
+    net = quantize_(KwNet(), {"input": {"name": "min_max", "mode": "batch"}},
+                    quantize_input=True)  # fc reads the raw input: asked for here
     x = 0.5 + 0.5 * torch.rand(8, 4)  # all positive, in [0.5, 1]
     ranges = calibrate(net, [{"pixel_values": x, "labels": torch.zeros(8)}])
     assert ranges == {"fc.input_quantizer": (0.0, float(x.max()))}

@@ -19,6 +19,7 @@ __all__ = [
     "IntGrid",
     "Quantizer",
     "fill_missing_extra_state",
+    "fitted_step",
     "get",
     "list_quantizers",
     "register_quantizer",
@@ -99,6 +100,19 @@ def fill_missing_extra_state(module: nn.Module, state_dict: dict[str, Any], pref
     ``delta``, pow2's ``m``): a state dict saved before the grid was state keeps the
     quantizer's own, as its configuration built it."""
     state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
+
+
+def fitted_step(x: Tensor, kmax: int) -> float | None:
+    """The smallest power-of-two step ``2^e`` with ``kmax * 2^e >= max |x|`` (``e`` clamped to
+    float32's normal exponents), or ``None`` when ``x`` is empty, all zero, not finite or on
+    the meta device (no values): the grid a weight quantizer fits to its tensor (fixed point's
+    ``delta`` with ``kmax`` its largest code, pow2's ``2^m`` with ``kmax = 1``)."""
+    if not x.numel() or x.is_meta:
+        return None
+    amax = float(x.detach().abs().max())
+    if not 0 < amax < math.inf:
+        return None
+    return 2.0 ** min(max(math.ceil(math.log2(amax / kmax)), -126), 127)
 
 
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:

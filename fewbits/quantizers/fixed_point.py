@@ -18,6 +18,7 @@ from .base import (
     IntGrid,
     Quantizer,
     fill_missing_extra_state,
+    fitted_step,
     register_quantizer,
 )
 
@@ -46,14 +47,31 @@ class FixedPoint(Quantizer):
     # delta is state as well as configuration: quantize_ fits it to each layer's weights, so a
     # state dict loaded into a model converted from other weights must bring it along.
     def get_extra_state(self) -> dict[str, float] | Tensor:
-        if in_onnx_export():  # PyTorch's TorchScript exporter takes tensors only
+        # PyTorch's TorchScript exporter takes tensors only, as do safetensors files
+        # (fewbits.hf sets tensor_extra_state on the quantizers of a transformers model)
+        if in_onnx_export() or getattr(self, "tensor_extra_state", False):
             return torch.tensor(self.delta, dtype=torch.float64)
         return {"delta": self.delta}
 
-    def set_extra_state(self, state: dict[str, float]) -> None:
+    def set_extra_state(self, state: dict[str, float] | Tensor) -> None:
+        if isinstance(state, Tensor):  # a float64 scalar: ONNX export, safetensors (fewbits.hf)
+            if state.numel() != 1 or not state.is_floating_point():
+                raise ValueError(f"FixedPoint: a tensor extra state is delta (1 float), got "
+                                 f"shape {tuple(state.shape)} {state.dtype}")
+            state = {"delta": float(state)}
         delta = float(state["delta"])
         FixedPoint(self.sign, self.n, delta)  # the same checks as a constructed grid
         self.delta = delta
+
+    def fit_grid_(self, x: Tensor) -> None:
+        """Set ``delta`` to the smallest power of two whose largest level
+        ``(2^(n-1) - 1) * delta`` (unsigned: ``2^n - 1``) holds ``max |x|`` unclipped (what
+        ``quantize_`` does for a config without ``delta``); all-zero or non-finite ``x`` keeps
+        it."""
+        kmax = 2 ** (self.n - 1) - 1 if self.sign else 2**self.n - 1
+        delta = fitted_step(x, kmax)
+        if delta is not None:
+            self.delta = delta
 
     def _check_grid(self) -> None:
         """Refuse a grid whose levels ``k * delta`` float32 cannot hold, so that every accepted

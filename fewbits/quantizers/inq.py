@@ -171,6 +171,16 @@ class INQ(Quantizer):
                 self.counter += 1
         return torch.where(self.mask, self.fixed, w)
 
+    def infer(self, x: Tensor) -> Tensor:
+        """The forward's values without autograd and without advancing the schedule: fixed
+        entries where the mask says so, ``x`` elsewhere (the base ``infer`` would run a training
+        forward in train mode, counting an iteration and possibly fixing weights)."""
+        if self.mask.shape != x.shape:
+            raise RuntimeError(f"INQ state has shape {tuple(self.mask.shape)} but the weight has "
+                               f"{tuple(x.shape)}")
+        with torch.no_grad():
+            return torch.where(self.mask, self.fixed, x)
+
     def encode(self, x: Tensor) -> Codes:
         if not bool(self.mask.all()):
             raise ValueError(

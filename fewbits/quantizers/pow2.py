@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from .. import functional as qf
 from .._checks import check_pow2_args, in_onnx_export
-from .base import Codes, Quantizer, fill_missing_extra_state, register_quantizer
+from .base import Codes, Quantizer, fill_missing_extra_state, fitted_step, register_quantizer
 
 __all__ = [
     "Pow2",
@@ -39,14 +40,26 @@ class Pow2(Quantizer):
 
     # m is state as well as configuration (quantize_ fits it to the weights; see FixedPoint)
     def get_extra_state(self) -> dict[str, int] | Tensor:
-        if in_onnx_export():
+        if in_onnx_export() or getattr(self, "tensor_extra_state", False):  # see FixedPoint
             return torch.tensor(self.m)
         return {"m": self.m}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, int] | Tensor) -> None:
+        if isinstance(state, Tensor):  # an integer scalar: ONNX export, safetensors (fewbits.hf)
+            if state.numel() != 1 or state.is_floating_point():
+                raise ValueError(f"Pow2: a tensor extra state is m (1 integer), got shape "
+                                 f"{tuple(state.shape)} {state.dtype}")
+            state = {"m": int(state)}
         m = state["m"]
         check_pow2_args("Pow2", self.sign, self.with_zero, self.n, m)
         self.m = int(m)
+
+    def fit_grid_(self, x: Tensor) -> None:
+        """Set ``m`` to the smallest exponent with ``2^m >= max |x|`` (what ``quantize_`` does
+        for a config without ``m``); all-zero or non-finite ``x`` keeps it."""
+        top = fitted_step(x, 1)
+        if top is not None:
+            self.m = round(math.log2(top))
 
     def _kwargs(self) -> dict[str, Any]:
         return {"sign": self.sign, "with_zero": self.with_zero, "n": self.n, "m": self.m,
