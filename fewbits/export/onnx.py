@@ -34,10 +34,11 @@ zoo and CNNs ``torch.fx`` can trace with one image input.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -54,6 +55,7 @@ from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
 from .onnx_fused import fused_graph
+from .onnx_ops import ATEN_FIXES
 from .onnx_qdq import fold_binary_thresholds, prune_unused
 from .packed import load_packed, model_of
 
@@ -175,7 +177,7 @@ def onnx_translations() -> dict[Any, Any]:
     the ``custom_translation_table`` of ``torch.onnx.export(..., dynamo=True)``."""
     from ..ops.onnx import TRANSLATIONS
 
-    return dict(TRANSLATIONS)
+    return {**ATEN_FIXES, **TRANSLATIONS}
 
 
 def _describe(q: Quantizer) -> str:
@@ -243,6 +245,9 @@ def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
     """The translations, each noting in ``report.activations`` that it was written."""
 
     def wrap(target: Any, fn: Any) -> Any:
+        if target in ATEN_FIXES:
+            return fn
+
         def translate(*a: Any, **kw: Any) -> Any:
             name = str(target).split("::")[-1].split(".")[0]
             n = sum(k.startswith(name + " ") for k in report.activations) + 1
@@ -251,6 +256,39 @@ def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
         return translate
 
     return {t: wrap(t, f) for t, f in table.items()}
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def _cached_registry() -> Iterator[None]:
+    """PyTorch's exporter rebuilds its operator registry from onnxscript's sources on every
+    call (~8 s, most of a small model's export): within this block it gets a copy of one built
+    once per opset. Where PyTorch's private registry is not what this expects, nothing changes."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # pragma: no cover - another torch layout: the slow path
+        yield
+        return
+    build = ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(build, classmethod):  # pragma: no cover
+        yield
+        return
+
+    def cached(cls: Any, opset_version: int | None = None) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = build.__func__(cls) if opset_version is None else \
+                build.__func__(cls, opset_version)
+        reg = copy.copy(_REGISTRIES[opset_version])
+        reg.functions = {k: list(v) for k, v in reg.functions.items()}
+        return reg
+
+    ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = build
 
 
 def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int,
@@ -263,7 +301,7 @@ def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int
         out = model(*args, **kwargs)
     if isinstance(out, Tensor):
         names["output_names"] = ["logits"]
-    with translated_onnx_export(), warnings.catch_warnings():
+    with translated_onnx_export(), _cached_registry(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
