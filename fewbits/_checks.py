@@ -7,6 +7,7 @@ re-exported by :mod:`fewbits.functional`, where users find it.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -73,9 +74,10 @@ def check_mode(x: Tensor) -> int:
 _ONNX_HINT = (
     "{fn}: this torch.onnx.export cannot express the fewbits operator {op} exactly ({why}). "
     "Export with fewbits.export.onnx.export_onnx(model, path, example_inputs) (CLI: `fewbits "
-    "export RUN --onnx model.onnx`), or call torch.onnx.export(model, args, dynamo=True, "
-    "custom_translation_table=fewbits.export.onnx.onnx_translations()); torch.export.export "
-    "and torch.jit.trace keep the operator."
+    "export RUN --onnx model.onnx`), or call fewbits.export.onnx.onnx_translations() once "
+    "before torch.onnx.export(model, args, dynamo=True) (it registers fewbits' exact ONNX "
+    "translations with PyTorch's exporter; or pass them as custom_translation_table=); "
+    "torch.export.export and torch.jit.trace keep the operator."
 )
 
 
@@ -102,8 +104,9 @@ def translated_onnx_export() -> Iterator[None]:
 
 def graph_guard(fn: str, op: str) -> None:
     """Refuse torch.onnx.export where it would write a wrong file, naming the fix: always for the
-    TorchScript exporter; for the dynamo exporter only where fewbits' exact translations
-    (:mod:`fewbits.ops.onnx`) cannot be registered with it."""
+    TorchScript exporter; for the dynamo exporter unless fewbits' exact translations
+    (:mod:`fewbits.ops.onnx`) were registered with it before the export began (PyTorch builds
+    its registry first) or are passed by fewbits' own exporter."""
     if not in_onnx_export():
         return
     full = f"torch.ops.fewbits.{op}"
@@ -112,13 +115,10 @@ def graph_guard(fn: str, op: str) -> None:
                                              "(dynamo=False) has no translation for it"))
     if _TRANSLATED[0]:
         return
-    try:
-        from .ops import onnx as ops_onnx  # needs onnxscript, which the dynamo exporter needs
-    except ImportError as e:
-        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=full, why=str(e))) from e
-    if not ops_onnx.register_globally():
-        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=full, why="this PyTorch version gives "
-                                             "no way to register its ONNX translation"))
+    translations = sys.modules.get("fewbits.ops.onnx")  # imported only for export
+    if not getattr(translations, "REGISTERED", False):
+        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=full, why="its ONNX translation is not "
+                                             "registered with PyTorch's exporter"))
 
 
 def check_float_tensor(x: Tensor, fn: str, arg: str) -> None:

@@ -173,10 +173,22 @@ class OnnxReport:
 
 
 def onnx_translations() -> dict[Any, Any]:
-    """``{torch.ops.fewbits.<op>.default: ONNX Script function}`` for every fewbits operator:
-    the ``custom_translation_table`` of ``torch.onnx.export(..., dynamo=True)``."""
-    from ..ops.onnx import TRANSLATIONS
+    """``{torch.ops.fewbits.<op>.default: ONNX Script function}`` for every fewbits operator
+    (and fewbits' fix of ``aten.avg_pool2d``): the ``custom_translation_table`` of
+    ``torch.onnx.export(..., dynamo=True)``. Calling it also registers them with PyTorch's
+    exporter where PyTorch allows (:func:`fewbits.ops.onnx.register_globally`), so that a later
+    plain ``torch.onnx.export(model, args, dynamo=True)`` of a fewbits model works too.
 
+        >>> import torch
+        >>> from fewbits.models import create_model
+        >>> m = create_model("mnist_fp_net_mlp", width=8).eval()
+        >>> _ = onnx_translations()
+        >>> program = torch.onnx.export(m, (torch.rand(2, 1, 28, 28),), dynamo=True,
+        ...                             optimize=False, verbose=False)  # doctest: +SKIP
+    """
+    from ..ops.onnx import TRANSLATIONS, register_globally
+
+    register_globally()
     return {**ATEN_FIXES, **TRANSLATIONS}
 
 

@@ -360,7 +360,7 @@ def avg_pool2d(x: Any, kernel_size: Any, stride: Any = (), padding: Any = (0, 0)
     drops ``divisor_override`` (a silently wrong plain average). With it: the window sums as a
     depthwise convolution with a kernel of ones (zero padding), divided by the divisor -- equal
     to PyTorch to float rounding (the sum's order). Without it: PyTorch's translation."""
-    from onnxscript import opset21 as op
+    from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops.nn import aten_avg_pool2d
 
     if divisor_override is None:

@@ -42,7 +42,8 @@ from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, 
 from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
 from .onnx_ops import Graph, layer_op
 
-__all__ = ["SUM_PEAK", "Chain", "checked_sum", "emit_chain", "fold_binary_thresholds", "plan_chains",
+__all__ = ["SUM_PEAK", "Chain", "binary_thresholds", "checked_sum", "emit_chain",
+           "fold_binary_thresholds", "plan_chains",
            "prune_unused", "requantize"]
 
 #: Name of the graph output holding the largest code of the checked uint8 residual sums.
@@ -260,7 +261,7 @@ def _keys_to_float(k: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
-def _thresholds(bn: dict[str, Any], offset: float) -> tuple[np.ndarray, np.ndarray]:
+def binary_thresholds(bn: dict[str, Any], offset: float) -> tuple[np.ndarray, np.ndarray]:
     """Per channel ``(s, t)`` with ``fl(batch_norm(c) + offset) > 0  <=>  s * c >= t`` for
     every finite float32 ``c`` (``s`` in ``{1, -1, 0}``), found by bisection over the float32
     values with PyTorch's own batch norm: exact for PyTorch's arithmetic, since every rounding
@@ -312,7 +313,7 @@ _VALUE_KEEPING = ("MaxPool", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqu
 def fold_binary_thresholds(proto: Any) -> int:
     """Rewrite ``Greater(BatchNormalization(c), 0)`` and ``Greater(Add(BatchNormalization(c),
     s), 0)`` (``s`` a two-valued binary activation, possibly max-pooled) as per-channel
-    comparisons ``s_k * c >= t_k`` (:func:`_thresholds`), in place; returns how many. No batch
+    comparisons ``s_k * c >= t_k`` (:func:`binary_thresholds`), in place; returns how many. No batch
     norm is then left on a binary decision for a runtime to fuse into the convolution."""
     from onnx import helper, numpy_helper
 
@@ -375,7 +376,7 @@ def fold_binary_thresholds(proto: Any) -> int:
         shape = [1, -1] + [1] * (cases[0][0]["rank"] - 2)
         outs = []
         for k, (b, off) in enumerate(cases):
-            s, t = _thresholds(b, off)
+            s, t = binary_thresholds(b, off)
             sn, tn = f"{base}{k}_s", f"{base}{k}_t"
             new_inits += [numpy_helper.from_array(s.reshape(shape), sn),
                           numpy_helper.from_array(t.reshape(shape), tn)]

@@ -30,11 +30,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
-from onnxscript import opset21 as op
+from onnxscript import opset18 as op
 
 from .. import _math
 
-__all__ = ["TRANSLATIONS", "register_globally", "round_half_away"]
+__all__ = ["REGISTERED", "TRANSLATIONS", "register_globally", "round_half_away"]
+
+#: Whether :func:`register_globally` added the translations to PyTorch's exporter.
+REGISTERED = False
 
 _F32 = ir.DataType.FLOAT
 
@@ -237,23 +240,29 @@ TRANSLATIONS: dict[Any, Callable[..., Any]] = {
 
 def register_globally() -> bool:
     """Add :data:`TRANSLATIONS` to PyTorch's default ONNX registry, so that a plain
-    ``torch.onnx.export(model, args, dynamo=True)`` uses them. PyTorch has no public hook for
-    this; where its private registry is not what this expects, nothing is registered and
-    ``False`` is returned (the fewbits operators then refuse that export and name
+    ``torch.onnx.export(model, args, dynamo=True)`` started afterwards uses them. PyTorch has no
+    public hook for this; where its private registry is not what this expects, nothing is
+    registered and ``False`` is returned (the fewbits operators then refuse that export and name
     :func:`fewbits.export.onnx.export_onnx`)."""
+    global REGISTERED
+    if REGISTERED:
+        return True
     try:
+        from torch.onnx._internal.exporter import _registration
         from torch.onnx._internal.exporter._torchlib import _torchlib_registry as reg
     except ImportError:
         return False
     registry = getattr(reg, "_registry", None)
-    impl = getattr(reg, "onnx_impl", None)
-    if not isinstance(registry, list) or impl is None:
+    meta = getattr(_registration, "OnnxDecompMeta", None)
+    if not isinstance(registry, list) or meta is None:
         return False
     known = {getattr(m, "fx_target", None) for m in registry}
-    try:
+    try:  # what torch.onnx.export(custom_translation_table=...) registers, made permanent
         for target, fn in TRANSLATIONS.items():
             if target not in known:
-                impl(target, trace_only=True)(fn)
+                registry.append(meta(onnx_function=fn, fx_target=target, signature=None,
+                                     is_custom=True))
     except Exception:  # a changed private API: keep the refusal
         return False
+    REGISTERED = True
     return True
