@@ -250,3 +250,26 @@ def test_plain_torch_onnx_export_uses_fewbits_translations():
         np.testing.assert_array_equal(y, m(x).numpy())
     with pytest.raises(RuntimeError, match=r"export_onnx\(model, path, example_inputs\)"):
         torch.onnx.export(m, (x,), dynamo=False)
+
+
+# --------------------------------------------------------------------------- compile_for_cpu
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_compile_for_cpu_runs_any_model_and_compares_leaf_by_leaf(name):
+    """Before, every HF model failed: ``'ImageClassifierOutputWithNoAttention' object has no
+    attribute 'abs'``, tuple outputs, token ids fed as float images."""
+    from fewbits.runtime import compile_for_cpu
+    from fewbits.runtime.planner import leaf_error
+
+    model, x = _build(name)
+    fewbits.quantize_(model, "fp_net")
+    model.eval()
+    fast = compile_for_cpu(model, example_inputs=x, candidates=("ort-plain", "torch"),
+                           backend="ort-plain")
+    args, kwargs = ((x,), {}) if isinstance(x, torch.Tensor) else ((), x)
+    got = fast(*args, **kwargs)
+    with torch.no_grad():
+        ref = model(*args, **kwargs)
+    assert type(got) is type(ref)  # the model's own output structure (a ModelOutput)
+    assert leaf_error(got, ref) <= fast.tolerance
+    assert leaf_error((got.logits, got.logits), (ref.logits,)) == float("inf")

@@ -65,6 +65,7 @@ __all__ = [
     "compare_onnx",
     "export_onnx",
     "input_shape_of",
+    "onnx_feed",
     "onnx_session",
     "onnx_translations",
     "resolve_source",
@@ -427,10 +428,13 @@ def onnx_session(model: Any, threads: int | None = None) -> Any:
 
 
 
-def _feed(sess: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
-    """ONNX Runtime's feed for a call ``model(*args, **kwargs)``: the tensor leaves, in order."""
-    leaves = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
+def onnx_feed(sess: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feed for a call ``model(*args, **kwargs)`` of the graph :func:`to_onnx`
+    wrote: keyword arguments by name, else the tensor leaves in order."""
     names = [i.name for i in sess.get_inputs()]
+    if kwargs and not args and set(names) <= set(kwargs):
+        return {n: kwargs[n].detach().cpu().numpy() for n in names}
+    leaves = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
     if len(names) != len(leaves):
         raise ValueError(f"the graph takes {len(names)} inputs ({', '.join(names)}), the call "
                          f"gives {len(leaves)} tensors")
@@ -442,7 +446,7 @@ def run_onnx(sess: Any, inputs: Any) -> list[Tensor]:
     keyword arguments, as given to :func:`to_onnx`); the outputs as tensors, in order."""
     args, kwargs = ((inputs,), {}) if isinstance(inputs, Tensor) else \
         (((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {}))
-    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, _feed(sess, args, kwargs))]
+    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, onnx_feed(sess, args, kwargs))]
 
 
 def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
