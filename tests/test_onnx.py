@@ -144,7 +144,7 @@ def test_fixed_point_is_exact_at_ties(delta):
 
 def test_min_max_is_exact():
     q = MinMax(ql_min=0, ql_max=255, init_min=-1.3, init_max=2.1).eval()
-    scale, _, lo, hi = (float(t) for t in q.grid(torch.zeros(())))
+    scale, _, lo, _ = (float(t) for t in q.grid(torch.zeros(())))
     rng = np.random.default_rng(0)
     levels = lo + scale * np.arange(256)
     vals = np.concatenate([rng.uniform(-2, 3, 2000), levels, levels + scale / 2, [-1e30, 1e30]])

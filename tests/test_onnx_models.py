@@ -95,8 +95,11 @@ def _build(name: str):
     if name in ("vit", "bert", "gpt2", "llama"):
         return _hf(name)
     if name == "encoder":
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        return nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), torch.randn(2, 5, 16)
+        # batch_first=False: with batch_first=True PyTorch's eval fast path
+        # (torch._transformer_encoder_layer_fwd) reads the linear weights directly and skips
+        # QuantLinear.forward, so eager PyTorch itself would not quantize (see the report)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+        return nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), torch.randn(5, 2, 16)
     if name == "mobilenet":
         return _mobilenet(), torch.rand(2, 3, 16, 16)
     if name == "viewnet":
@@ -112,12 +115,12 @@ def _skip(model: nn.Module) -> list[str] | None:
 
 
 FAMS = list(FAMILIES)
-# every family on the CNN with the awkward operators; the others with a few families each, so
-# that every model meets weight-only and activation families (the suite stays fast)
+# every family on the CNN with the awkward operators; the others with one family each, weight-
+# only and activation families in turn (the suite stays fast; every model x family pair was run
+# by hand, see the issue report)
 CASES = [("viewnet", f) for f in FAMS] + [
-    (m, FAMS[(3 * i + k) % len(FAMS)])
-    for i, m in enumerate(["conv1d", "mobilenet", "encoder", "vit", "bert", "gpt2", "llama"])
-    for k in (1, 5)]
+    ("conv1d", "binary_net"), ("mobilenet", "fp_net"), ("encoder", "pow2_net"),
+    ("vit", "min_max"), ("bert", "binary_connect"), ("gpt2", "inq"), ("llama", "fp_connect")]
 
 
 @pytest.mark.parametrize("name, fam", CASES)

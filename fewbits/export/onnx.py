@@ -62,6 +62,7 @@ from .packed import load_packed, model_of
 __all__ = [
     "DEFAULT_OPSET",
     "OnnxReport",
+    "cached_exporter_registry",
     "compare_onnx",
     "export_onnx",
     "input_shape_of",
@@ -275,10 +276,11 @@ _REGISTRIES: dict[int, Any] = {}
 
 
 @contextlib.contextmanager
-def _cached_registry() -> Iterator[None]:
-    """PyTorch's exporter rebuilds its operator registry from onnxscript's sources on every
-    call (~8 s, most of a small model's export): within this block it gets a copy of one built
-    once per opset. Where PyTorch's private registry is not what this expects, nothing changes."""
+def cached_exporter_registry() -> Iterator[None]:
+    """Within this block ``torch.onnx.export(dynamo=True)`` gets a copy of an operator registry
+    built once per opset: PyTorch rebuilds it from onnxscript's sources on every call (~8 s,
+    most of a small model's export). Where PyTorch's private registry is not what this
+    expects, nothing changes. :func:`to_onnx` uses it."""
     try:
         from torch.onnx._internal.exporter._registration import ONNXRegistry
     except ImportError:  # pragma: no cover - another torch layout: the slow path
@@ -314,7 +316,7 @@ def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int
         out = model(*args, **kwargs)
     if isinstance(out, Tensor):
         names["output_names"] = ["logits"]
-    with translated_onnx_export(), _cached_registry(), warnings.catch_warnings():
+    with translated_onnx_export(), cached_exporter_registry(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

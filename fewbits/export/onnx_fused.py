@@ -58,7 +58,7 @@ def _trace(model: nn.Module) -> fx.Graph:
 # --------------------------------------------------------------------------- nodes
 
 def _layer(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
-           report: OnnxReport) -> str:
+           report: Any) -> str:
     is_q = isinstance(m, (QuantConv2d, QuantLinear))
     if is_q:
         x, how = act(g, x, m.input_quantizer, name + "_in")
@@ -87,7 +87,7 @@ def _layer(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
 
 
 def _module(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
-            report: OnnxReport) -> str:
+            report: Any) -> str:
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         return _layer(g, name, m, x, codes, report)
     if isinstance(m, QuantAct):

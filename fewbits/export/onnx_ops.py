@@ -32,9 +32,23 @@ from ..quantizers import (
     Quantizer,
 )
 
-__all__ = ["ATEN_FIXES", "INT_TYPES", "Graph", "act", "avg_pool2d", "as_function", "describe_constant", "float_module_op",
-           "function_op", "int_type", "layer_op", "pair", "qdq", "round_half_away",
-           "weight_input"]
+__all__ = [
+    "ATEN_FIXES",
+    "INT_TYPES",
+    "Graph",
+    "act",
+    "as_function",
+    "avg_pool2d",
+    "describe_constant",
+    "float_module_op",
+    "function_op",
+    "int_type",
+    "layer_op",
+    "pair",
+    "qdq",
+    "round_half_away",
+    "weight_input",
+]
 
 
 def pair(v: Any) -> tuple[int, int]:

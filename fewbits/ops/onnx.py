@@ -135,9 +135,11 @@ def pow2(x: Any, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool, c
     sign of the spec."""
     _float32(x, "pow2")
     e_min, e_max = _pow2_exponents(n, sign, with_zero, m)
-    if e_min - 2 < -126 or e_max + 2 > 126:
+    # the table reaches 2^(e_min - 2) (exact, subnormal below 2^-126); a level below 2^-126,
+    # or the zero threshold p_min * 2^-0.5 below it, would not be exact
+    if e_min < -126 or (with_zero and e_min == -126) or e_max + 2 > 127:
         raise ValueError(f"{fn}: pow2 exponents [{e_min}, {e_max}] leave the float32 normal "
-                         "range; ONNX export needs n <= 8 with zero, n <= 7 without")
+                         "range; ONNX export needs n <= 8 (with zero: n <= 8 and m > -62)")
     lo_e = e_min - 2
     table = np.array([math.ldexp(1.0, e) for e in range(lo_e, e_max + 2)], np.float32)
     p_min, p_max = np.float32(math.ldexp(1.0, e_min)), np.float32(math.ldexp(1.0, e_max))

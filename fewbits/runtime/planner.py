@@ -200,8 +200,8 @@ def leaf_error(got: Any, ref: Any) -> float:
     shapes differ."""
     from torch.utils._pytree import tree_flatten
 
-    g, gs = tree_flatten(got)
-    r, rs = tree_flatten(ref)
+    g, _ = tree_flatten(got)
+    r, _ = tree_flatten(ref)
     if len(g) != len(r):
         return float("inf")
     err = 0.0
