@@ -7,6 +7,7 @@ re-exported by :mod:`fewbits.functional`, where users find it.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "graph_guard",
     "in_onnx_export",
     "range_view",
+    "translated_onnx_export",
 ]
 
 _CHECK_FINITE = True
@@ -70,12 +72,12 @@ def check_mode(x: Tensor) -> int:
 
 
 _ONNX_HINT = (
-    "{fn}: torch.onnx.export cannot express this quantizer exactly (its rounding, thresholds and "
-    "straight-through masks are the fewbits operator {op}, which has no faithful ONNX form in "
-    "PyTorch's exporters, and ONNX Round rounds ties to even). Export with fewbits' own exporter "
-    "instead: fewbits.export.onnx.export_onnx(model, path) (CLI: `fewbits export --format onnx`), "
-    "which writes exact QuantizeLinear/DequantizeLinear graphs; or torch.export.export / "
-    "torch.jit.trace, which keep the operator."
+    "{fn}: this torch.onnx.export cannot express the fewbits operator {op} exactly ({why}). "
+    "Export with fewbits.export.onnx.export_onnx(model, path, example_inputs) (CLI: `fewbits "
+    "export RUN --onnx model.onnx`), or call fewbits.export.onnx.onnx_translations() once "
+    "before torch.onnx.export(model, args, dynamo=True) (it registers fewbits' exact ONNX "
+    "translations with PyTorch's exporter; or pass them as custom_translation_table=); "
+    "torch.export.export and torch.jit.trace keep the operator."
 )
 
 
@@ -86,10 +88,37 @@ def in_onnx_export() -> bool:
                 or getattr(_onnx_flags, "_is_onnx_exporting", False))
 
 
+_TRANSLATED = [False]  # inside fewbits' own dynamo export (translations passed explicitly)
+
+
+@contextlib.contextmanager
+def translated_onnx_export() -> Iterator[None]:
+    """Within this block the dynamo ONNX exporter gets fewbits' translations explicitly
+    (:func:`fewbits.export.onnx.to_onnx`): :func:`graph_guard` lets it trace the operators."""
+    old, _TRANSLATED[0] = _TRANSLATED[0], True
+    try:
+        yield
+    finally:
+        _TRANSLATED[0] = old
+
+
 def graph_guard(fn: str, op: str) -> None:
-    """Refuse torch.onnx.export (both exporters) with the fix, instead of writing a wrong file."""
-    if in_onnx_export():
-        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=f"torch.ops.fewbits.{op}"))
+    """Refuse torch.onnx.export where it would write a wrong file, naming the fix: always for the
+    TorchScript exporter; for the dynamo exporter unless fewbits' exact translations
+    (:mod:`fewbits.ops.onnx`) were registered with it before the export began (PyTorch builds
+    its registry first) or are passed by fewbits' own exporter."""
+    if not in_onnx_export():
+        return
+    full = f"torch.ops.fewbits.{op}"
+    if not getattr(_onnx_flags, "_is_onnx_exporting", False):  # the TorchScript exporter
+        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=full, why="the TorchScript exporter "
+                                             "(dynamo=False) has no translation for it"))
+    if _TRANSLATED[0]:
+        return
+    translations = sys.modules.get("fewbits.ops.onnx")  # imported only for export
+    if not getattr(translations, "REGISTERED", False):
+        raise RuntimeError(_ONNX_HINT.format(fn=fn, op=full, why="its ONNX translation is not "
+                                             "registered with PyTorch's exporter"))
 
 
 def check_float_tensor(x: Tensor, fn: str, arg: str) -> None:

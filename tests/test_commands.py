@@ -51,8 +51,10 @@ def test_export_writes_packed_and_onnx_and_prints_the_report(run_dir, tmp_path, 
     with torch.no_grad():
         assert torch.equal(load_packed(tmp_path / "m.fewbits")(x), model(x))
     assert "bits per quantized weight" in out and "smaller" in out
-    assert "QuantizeLinear" in out
-    assert "top-1 agreement" in out
+    assert "FixedPoint levels as float constants" in out and "Round" in out  # exact form
+    assert "top-1 agreement 100.0%, max |logit difference| 0 " in out
+    rc = _export(run, "--onnx", tmp_path / "f.onnx", "--fuse")  # the fused QDQ form
+    assert rc == 0 and "QuantizeLinear" in capsys.readouterr().out
 
 
 def test_export_onnx_from_a_packed_file_but_not_a_new_packed_file(run_dir, tmp_path, capsys):

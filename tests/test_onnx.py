@@ -48,26 +48,14 @@ def test_every_family_runs_in_onnx_runtime_like_pytorch(fam, tmp_path, trained):
     x = torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     _check(compare_onnx(m, tmp_path / "m.onnx", x), fam)
     forms = set(report.weights.values())
-    acts = set(report.activations.values())
-    if fam in ("fp_connect", "fp_net"):
-        assert forms == {"int8 DequantizeLinear"}
-        assert report.nodes["DequantizeLinear"] >= 5
-    elif fam == "min_max":
-        assert forms == {"uint8 DequantizeLinear"}
-        assert acts == {"uint8 Q/DQ"}
-    elif fam.startswith("binary"):
-        assert "binarized float constant" in forms
-    elif fam in ("pow2_connect", "pow2_net", "inq"):
-        assert "power-of-two float constant" in forms
-    if fam == "fp_net":
-        assert acts == {"Clip + int8 Q/DQ"}
-        assert report.nodes["QuantizeLinear"] == 3
-    if fam == "binary_net":
-        assert acts == {"Where(x > 0, 1, -1)"}
-    if fam == "pow2_net":
-        assert acts == {"exact pow2 subgraph"}
-    if fam in ("float", "binary_connect", "fp_connect"):
-        assert acts == set() and "QuantizeLinear" not in report.nodes
+    names = {"fp_": "FixedPoint", "min": "MinMax", "bin": "Binary", "pow": "Pow2", "inq": "INQ"}
+    if fam != "float":
+        assert len(forms) >= 1 and all(f.endswith("levels as float constants") for f in forms)
+        assert any(names[fam[:3]] in f for f in forms)
+    # the plain form is PyTorch's exporter with fewbits' exact translations: no QDQ, and one
+    # exact subgraph per activation quantizer
+    assert "QuantizeLinear" not in report.nodes
+    assert bool(report.activations) == (fam in ACT_FAMILIES)
 
 
 @pytest.mark.parametrize("fam", ["min_max", "binary_net"])
@@ -81,7 +69,8 @@ def test_resnet23_with_residual_sums_exports(fam):
     proto, report = to_onnx(m)
     x = torch.rand(32, 3, 32, 32, generator=g)
     _check(compare_onnx(m, proto, x), fam)
-    assert report.nodes["Add"] == 7  # one residual sum per unit
+    if fam == "binary_net":  # every binary decision is a threshold on the convolution
+        assert "BatchNormalization" not in report.nodes and report.nodes["Conv"] == 22
 
 
 def test_packed_file_and_model_give_the_same_graph_numbers(tmp_path, trained):
@@ -89,7 +78,7 @@ def test_packed_file_and_model_give_the_same_graph_numbers(tmp_path, trained):
     export_packed(m, tmp_path / "m.fewbits")
     a = export_onnx(m, tmp_path / "a.onnx")
     b = export_onnx(tmp_path / "m.fewbits", tmp_path / "b.onnx")
-    assert a.weights == b.weights and a.nodes == b.nodes
+    assert a.nodes == b.nodes
     x = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
     ya = onnx_session(tmp_path / "a.onnx").run(None, {"images": x})[0]
     yb = onnx_session(tmp_path / "b.onnx").run(None, {"images": x})[0]
@@ -136,39 +125,43 @@ def test_pow2_activation_subgraph_is_exact(kw):
     np.testing.assert_array_equal(got, ref)
 
 
-def test_fixed_point_qdq_differs_only_at_exact_ties_by_one_step():
-    delta = 0.25
+@pytest.mark.parametrize("delta", [0.25, 0.1])
+def test_fixed_point_is_exact_at_ties(delta):
+    """Ties round away from zero as in PyTorch (ONNX Round alone would round them to even):
+    identical at every tie, next to it, clamped, and for a step with no exact reciprocal."""
     q = FixedPoint(sign=True, n=4, delta=delta)
     k = np.arange(-12, 12)
-    ties = (k + 0.5) * delta
+    ties = ((k + 0.5) * np.float32(delta)).astype(np.float32)
+    near = np.concatenate([np.nextafter(ties, np.float32(np.inf)),
+                           np.nextafter(ties, np.float32(-np.inf))])
     rng = np.random.default_rng(0)
-    others = rng.uniform(-3, 3, 500)
-    got, ref = _act_graph(q, np.concatenate([ties, others, [-100.0, 100.0]]))
-    n_t = len(ties)
-    # off ties: identical, clamp included (never -8 * delta although int8 would allow it)
-    np.testing.assert_array_equal(got[n_t:], ref[n_t:])
-    assert got.min() == -7 * delta and got.max() == 7 * delta
-    diff = np.abs(got[:n_t] - ref[:n_t])
-    assert set(np.unique(diff)) <= {0.0, delta}
-    assert (diff > 0).any()  # half to even vs half away from zero really differ at ties
-
-
-def test_min_max_qdq_is_at_most_one_level_off():
-    q = MinMax(ql_min=0, ql_max=255, init_min=-1.3, init_max=2.1).eval()
-    scale, _, lo, hi = (float(t) for t in q.grid(torch.zeros(())))
-    rng = np.random.default_rng(0)
-    vals = np.concatenate([rng.uniform(-2, 3, 2000), lo + scale * np.arange(256)])
+    vals = np.concatenate([ties, near, rng.uniform(-3, 3, 500), [-100.0, 100.0, 0.0, -0.0,
+                                                               0.49999997, -0.49999997]])
     got, ref = _act_graph(q, vals)
-    diff = np.abs(got - ref)
-    assert diff.max() <= scale * 1.001
-    assert (diff > 1e-6).mean() < 0.01
-    assert got.min() >= lo - 1e-6 and got.max() <= hi + 1e-6
+    np.testing.assert_array_equal(got, ref)
+    assert np.isclose(got.max(), 7 * np.float32(delta))
+
+
+def test_min_max_is_exact():
+    q = MinMax(ql_min=0, ql_max=255, init_min=-1.3, init_max=2.1).eval()
+    scale, _, lo, _ = (float(t) for t in q.grid(torch.zeros(())))
+    rng = np.random.default_rng(0)
+    levels = lo + scale * np.arange(256)
+    vals = np.concatenate([rng.uniform(-2, 3, 2000), levels, levels + scale / 2, [-1e30, 1e30]])
+    got, ref = _act_graph(q, vals)
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_unsupported_modules_and_shapes_are_named():
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
-    with pytest.raises(ValueError, match="Sigmoid"):
-        to_onnx(m, input_shape=(1, 8, 8))
+    assert to_onnx(m, input_shape=(1, 8, 8))  # any operator PyTorch's exporter has
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if float(x.sum()) > 0 else x
+
+    with pytest.raises(ValueError, match="PyTorch's ONNX exporter cannot export Branchy"):
+        to_onnx(Branchy(), input_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="input_shape"):
         to_onnx(nn.Sequential(nn.Conv2d(1, 2, 3)))
     # a registered model's declared shape is the one it takes: before, another one gave a
@@ -218,7 +211,7 @@ def test_weight_integer_type_follows_the_quantizers_grid(spec, form, tmp_path):
         m[1].weight.mul_(0.01)  # every code small: would fit int8
     quantize_(m, {"weight": spec})
     m.eval()
-    report = export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 4, 4))
+    report = export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 4, 4), fuse=True)
     assert set(report.weights.values()) >= {form}
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     assert compare_onnx(m, tmp_path / "m.onnx", x)["max_rel"] <= 1e-5
@@ -250,12 +243,9 @@ def test_functional_max_pool_exports_like_the_module(tmp_path):
     x = torch.rand(8, 1, 15, 15, generator=torch.Generator().manual_seed(1))
     c = compare_onnx(m, tmp_path / "m.onnx", x)
     assert c["top1_agreement"] == 1.0 and c["max_rel"] <= 1e-5
-    with pytest.raises(ValueError, match="max_pool2d"):
-        export_onnx(quantize_(_FunctionalPools(indices=True), "fp_connect").eval(),
-                    tmp_path / "i.onnx", input_shape=(1, 15, 15))
 
 
-@pytest.mark.parametrize("opset, match", [(10, "not valid ONNX at opset 10"),
+@pytest.mark.parametrize("opset, match", [(10, "opset 18 or later"),
                                           (99, "opset 99 is not one")])
 def test_an_opset_the_graph_cannot_have_is_refused(opset, match, tmp_path):
     """Before, ``fewbits export --opset 10`` ended in onnx's ValidationError traceback and
@@ -287,7 +277,8 @@ def test_tensor_methods_export_like_their_functions(fuse, tmp_path):
     calibrate(m, [torch.rand(8, 1, 8, 8)])
     m.eval()
     report = export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 8, 8), fuse=fuse)
-    assert report.nodes["Flatten"] == 1 and report.nodes["GlobalAveragePool"] == 1
+    if fuse:
+        assert report.nodes["Flatten"] == 1 and report.nodes["GlobalAveragePool"] == 1
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     c = compare_onnx(m, tmp_path / "m.onnx", x)
     assert c["top1_agreement"] == 1.0 and c["max_rel"] <= 1e-5
@@ -296,6 +287,11 @@ def test_tensor_methods_export_like_their_functions(fuse, tmp_path):
         def forward(self, x):
             return self.fc(self.c(x).mean((2, 3)))
 
-    with pytest.raises(ValueError, match="'mean'.*no ONNX form"):
-        export_onnx(quantize_(Viewed(), "fp_connect").eval(), tmp_path / "v.onnx",
-                    input_shape=(1, 8, 8))
+    viewed = quantize_(Viewed(), "fp_connect").eval()
+    if fuse:
+        with pytest.raises(ValueError, match="'mean'.*no ONNX form"):
+            export_onnx(viewed, tmp_path / "v.onnx", input_shape=(1, 8, 8), fuse=True)
+    else:  # PyTorch's exporter has every standard operator
+        export_onnx(viewed, tmp_path / "v.onnx", input_shape=(1, 8, 8))
+        c = compare_onnx(viewed, tmp_path / "v.onnx", x)
+        assert c["max_rel"] <= 1e-5

@@ -56,8 +56,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--fold-bn", action="store_true",
                         help="binary_net: store batch norm folded into exact per-channel "
                         "thresholds for the binary engine (fewbits.runtime.binary_file)")
-    parser.add_argument("--onnx", metavar="PATH", help="also write an ONNX graph (QDQ for fixed "
-                        "point / min-max, binarized constants for binary families)")
+    parser.add_argument("--onnx", metavar="PATH", help="also write an ONNX graph (PyTorch's "
+                        "exporter with fewbits' exact ONNX form of each quantizer)")
+    parser.add_argument("--fuse", action="store_true",
+                        help="--onnx: write the fused deployment form instead (batch norm "
+                        "folded, integer weights, QDQ that ONNX Runtime runs as QLinearConv; "
+                        "within a stated tolerance of PyTorch)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 21)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip comparing the ONNX graph with PyTorch on random images")
@@ -113,7 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.onnx:
         shape = getattr(args, "input_shape", None)
         rep = export_onnx(model, args.onnx, opset=args.opset or DEFAULT_OPSET,
-                          input_shape=shape)
+                          input_shape=shape, fuse=bool(getattr(args, "fuse", False)))
         print(rep.table())
         if not args.no_check:
             m, _ = resolve_source(model)

@@ -1,102 +1,80 @@
-"""ONNX export of fewbits networks, and running them in ONNX Runtime.
+"""ONNX export of fewbits networks (and of any model ``quantize_`` converted), and running them
+in ONNX Runtime.
 
-The network is traced with :mod:`torch.fx` (fewbits layers and quantizers are kept as leaves) and
-each node is written as ONNX operators by hand, so that every quantizer becomes the operators that
-express it, not whatever a generic exporter makes of its autograd function:
-===================  ===========================================================================
-quantizer            ONNX form
-===================  ===========================================================================
-fixed point          weights: int8 (int16 for n <= 16) initializer -> ``DequantizeLinear``
-                     (scale ``delta``, zero point 0); activations: ``Clip(+-(2^(n-1)-1) delta)``
-                     -> ``QuantizeLinear`` -> ``DequantizeLinear``
-min-max              weights and activations: ``QuantizeLinear`` / ``DequantizeLinear`` with the
-                     scale and integer zero point of :meth:`fewbits.quantizers.MinMax.grid`
-                     (uint8 when ``0 <= ql_min < ql_max <= 255``), preceded by ``Clip(lo, hi)``
-                     when ``[ql_min, ql_max]`` is narrower than the integer type
-binary (all three)   weights: the binarized float constants (``+-1``, ``+-alpha`` per channel)
-binary tanh/sigmoid  ``Where(x > 0, 1, -1)`` / ``Cast(x > 0)``: exact
-pow2 / INQ weights   float constants holding the quantized powers of two (exact values; ONNX has no
-                     power-of-two integer type)
-pow2 activations     an exact subgraph: ``floor(log2|x|)`` from ``Log``, corrected by comparisons
-                     with exact powers of two from a table, rounded at ``2^-0.5``, clamped as the
-                     spec says (see :func:`_pow2_act`)
-===================  ===========================================================================
+The plain form is PyTorch's own exporter, ``torch.onnx.export(model, args, dynamo=True,
+custom_translation_table=onnx_translations())``: every standard operator is PyTorch's
+translation, and each fewbits operator is the exact ONNX function of :mod:`fewbits.ops.onnx`
+(ties away from zero, thresholds and grids bit for bit as PyTorch computes them). Quantized
+weights are stored as float constants holding their exact levels (computed by PyTorch before
+the export). Any model ``torch.export`` can capture exports: images, token ids, several or
+keyword inputs, outputs of any structure (flattened, in order). The exporter's ``optimize``
+pass is not run: it folds batch norm into neighbouring layers, across binary thresholds.
 
-Numerics. Batch norm, convolutions and sums in ONNX Runtime may round differently from PyTorch in
-the last bit. ``QuantizeLinear`` rounds half to even while fewbits rounds half away from zero, and
-computes ``round(x / scale) + zp`` where fewbits computes ``round((x - lo) / scale)``; these agree
-except at (near-)exact ties. Weight-only families therefore reproduce PyTorch's logits to float
-rounding. Families with activation quantizers do too, except where a value lands within that last
-bit of a level boundary (or on a tie) and one quantization level flips: a few logits move by up to
-a few percent, predictions practically never (``tests/test_onnx.py`` states the bounds and what
-was measured on real data).
+Graphs a runtime cannot silently change: ONNX Runtime's default optimisations fuse batch norm
+into the convolution before it, which moves values across a binary activation's threshold. Each
+``sign(batch_norm(x))`` (and ``sign(batch_norm(x) + s)`` with ``s`` a binary activation, the
+residual sums of binary nets) is therefore written as per-channel threshold comparisons on ``x``
+(:func:`fewbits.export.onnx_qdq.fold_binary_thresholds`): no batch norm is left to fuse, and on
+binary networks ``x`` is a sum of +-1 products, an exact integer whatever the convolution
+algorithm. Predictions are then the same at every ONNX Runtime optimisation level
+(``tests/test_onnx_models.py``).
 
-``fuse=True`` writes the deployment form instead (:mod:`fewbits.export.onnx_qdq`): batch norm
+``fuse=True`` writes the deployment form instead (:mod:`fewbits.export.onnx_fused`): batch norm
 folded into the convolutions (:mod:`fewbits.export.fold`) and the QDQ pattern ONNX Runtime runs
-as ``QLinearConv``; faster, equal to PyTorch within a stated tolerance rather than to float
-rounding. Grids wider than ``QuantizeLinear``'s types (fixed point above 16 bits, min-max level
-ranges beyond int16) use :func:`fewbits.export.onnx_ops.round_half_away`, exact for every
-float32 input.
+as ``QLinearConv``, integer weights; equal to PyTorch within a stated tolerance. It covers the
+zoo and CNNs ``torch.fx`` can trace with one image input.
 
     >>> import tempfile, os
     >>> from fewbits.models import create_model
     >>> m = create_model("mnist_fp_net_mlp", width=32).eval()
     >>> report = export_onnx(m, os.path.join(tempfile.mkdtemp(), "m.onnx"))
-    >>> report.nodes["QuantizeLinear"] > 0
+    >>> report.nodes["Round"] > 0
     True
 """
 
 from __future__ import annotations
 
-import operator
+import contextlib
+import copy
 import os
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
+from .._checks import translated_onnx_export
 from .._io import atomic_write
-from ..layers import QuantAct, QuantConv2d, QuantLinear, quant_layers
+from ..layers import quant_layers
 from ..models import create_model, is_model, model_info
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
-from .onnx_ops import (
-    Graph,
-    act,
-    as_function,
-    describe_constant,
-    float_module_op,
-    function_op,
-    layer_op,
-    weight_input,
-)
-from .onnx_qdq import SUM_PEAK, checked_sum, emit_chain, plan_chains, requantize
+from .onnx_fused import fused_graph
+from .onnx_ops import ATEN_FIXES
+from .onnx_qdq import fold_binary_thresholds, prune_unused
 from .packed import load_packed, model_of
 
 __all__ = [
     "DEFAULT_OPSET",
     "OnnxReport",
+    "cached_exporter_registry",
     "compare_onnx",
     "export_onnx",
     "input_shape_of",
+    "onnx_feed",
     "onnx_session",
+    "onnx_translations",
     "resolve_source",
+    "run_onnx",
     "to_onnx",
 ]
 
 DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
-
-_LEAVES = (QuantAct, QuantConv2d, QuantLinear)
-# modules whose output holds values of their input only: a uint8 grid stays one through them
-_ON_GRID = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-_ON_GRID_FUNCTIONS = (torch.flatten, nn.functional.max_pool2d, torch.max_pool2d)
-
 
 # --------------------------------------------------------------------------- sources
 
@@ -168,76 +146,8 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
                      "pass input_shape=(C, H, W) (on the command line: --input-shape C,H,W)")
 
 
-# --------------------------------------------------------------------------- tracing
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
-
-
-def _trace(model: nn.Module) -> fx.Graph:
-    try:
-        return _Tracer().trace(model)
-    except Exception as e:  # fx raises many kinds for data-dependent control flow
-        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx for export: {e}; "
-                         "the forward must not branch on tensor values") from e
-
-
-# --------------------------------------------------------------------------- nodes
-
-def _layer(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
-           report: OnnxReport) -> str:
-    is_q = isinstance(m, (QuantConv2d, QuantLinear))
-    if is_q:
-        x, how = act(g, x, m.input_quantizer, name + "_in")
-        if how:
-            report.activations[name + ".input"] = how
-    w_q = getattr(m, "weight_quantizer", None)
-    with torch.no_grad():
-        w_val = m.quantized_weight() if is_q else m.weight
-        b_val = (m.quantized_bias() if is_q else m.bias)
-    coded = codes.get(f"{name}.weight")
-    w, how = weight_input(g, name + "_weight", w_val, coded)
-    report.weights[name + ".weight"] = describe_constant(coded[0] if coded else w_q, how)
-    ins = [x, w]
-    if b_val is not None:
-        coded = codes.get(f"{name}.bias")
-        b, how = weight_input(g, name + "_bias", b_val, coded)
-        report.weights[name + ".bias"] = describe_constant(
-            coded[0] if coded else getattr(m, "bias_quantizer", None), how)
-        ins.append(b)
-    y = layer_op(g, name, m, ins)
-    if is_q:
-        y, how = act(g, y, m.output_quantizer, name + "_out")
-        if how:
-            report.activations[name + ".output"] = how
-    return y
-
-
-def _module(g: Graph, name: str, m: nn.Module, x: str, codes: dict,
-            report: OnnxReport) -> str:
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        return _layer(g, name, m, x, codes, report)
-    if isinstance(m, QuantAct):
-        y, how = act(g, x, m.quantizer, name)
-        if how:
-            report.activations[name] = how
-        return y
-    return float_module_op(g, name, m, x)
-
-
-def _relu_of_sum(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The ReLU node that is the only user of the two-tensor sum ``node``, or None."""
-    if node.target not in (operator.add, torch.add) or len(node.args) != 2 or node.kwargs:
-        return None
-    if len(node.users) != 1:
-        return None
-    u = next(iter(node.users))
-    if u.op == "call_module" and isinstance(modules.get(str(u.target)), nn.ReLU):
-        return u
-    return u if u.op == "call_function" and u.target in (torch.relu, nn.functional.relu) \
-        and len(u.args) == 1 and not u.kwargs else None
-
+# --------------------------------------------------------------------------- public API
 
 # --------------------------------------------------------------------------- public API
 
@@ -264,21 +174,185 @@ class OnnxReport:
         return "\n".join(lines)
 
 
-def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-            input_shape: tuple[int, int, int] | None = None,
-            fuse: bool | str = False, checked_sums: bool = False) -> tuple[Any, OnnxReport]:
-    """Build the ``onnx.ModelProto`` of ``source`` (see the module doc) without writing it.
+def onnx_translations() -> dict[Any, Any]:
+    """``{torch.ops.fewbits.<op>.default: ONNX Script function}`` for every fewbits operator
+    (and fewbits' fix of ``aten.avg_pool2d``): the ``custom_translation_table`` of
+    ``torch.onnx.export(..., dynamo=True)``. Calling it also registers them with PyTorch's
+    exporter where PyTorch allows (:func:`fewbits.ops.onnx.register_globally`), so that a later
+    plain ``torch.onnx.export(model, args, dynamo=True)`` of a fewbits model works too.
 
-    The graph has one input ``images`` (float32, ``(N, C, H, W)``, ``N`` dynamic, values in
-    ``[0, 1]``) and one output ``logits``. ``fuse=True`` folds batch norm and writes the QDQ
-    pattern ONNX Runtime fuses into integer convolutions (:mod:`fewbits.export.onnx_qdq`):
-    faster, equal to PyTorch within the tolerance stated there instead of float rounding;
-    ``fuse="openvino"`` writes the bounds of each quantizer as float clamps before its
-    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes). ``checked_sums=True`` also
-    writes ``relu(a + b)`` of two uint8 grids of one scale (fixed-point residual sums) as a
-    uint8 sum, exact unless it saturates at code 255, and adds the output ``sum_peak`` (the
-    largest such code): a caller must recompute a batch whose ``sum_peak`` is 255 with the
-    unchecked graph (:func:`fewbits.runtime.ort.ort_runner` does).
+        >>> import torch
+        >>> from fewbits.models import create_model
+        >>> m = create_model("mnist_fp_net_mlp", width=8).eval()
+        >>> _ = onnx_translations()
+        >>> program = torch.onnx.export(m, (torch.rand(2, 1, 28, 28),), dynamo=True,
+        ...                             optimize=False, verbose=False)  # doctest: +SKIP
+    """
+    from ..ops.onnx import TRANSLATIONS, register_globally
+
+    register_globally()
+    return {**ATEN_FIXES, **TRANSLATIONS}
+
+
+def _describe(q: Quantizer) -> str:
+    return f"{type(q).__name__} levels as float constants"
+
+
+def _frozen(model: nn.Module, report: OnnxReport) -> nn.Module:
+    """A copy of ``model`` whose quantized layers hold their quantized weight and bias as plain
+    parameters (the exact values PyTorch computes; no weight operator left in the graph)."""
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            for role in ("weight", "bias"):
+                q = getattr(m, f"{role}_quantizer", None)
+                value = getattr(m, f"quantized_{role}", None)
+                if q is None or value is None or getattr(m, role, None) is None:
+                    continue
+                v = value().detach().clone()
+                setattr(m, f"{role}_quantizer", None)
+                setattr(m, role, nn.Parameter(v, requires_grad=False))
+                report.weights[f"{name}.{role}"] = _describe(q)
+    return model
+
+
+def _example(model: nn.Module, example_inputs: Any,
+             input_shape: tuple[int, ...] | None) -> tuple[tuple, dict, bool]:
+    """``(args, kwargs, images)``: ``images`` when the model takes one image batch."""
+    if example_inputs is not None:
+        if input_shape is not None:
+            raise ValueError("give example_inputs or input_shape, not both")
+        if isinstance(example_inputs, Tensor):
+            return (example_inputs,), {}, example_inputs.is_floating_point()
+        if isinstance(example_inputs, Mapping):
+            return (), dict(example_inputs), False
+        if isinstance(example_inputs, (tuple, list)):
+            return tuple(example_inputs), {}, False
+        raise TypeError("example_inputs must be a tensor, a tuple of arguments or a dict of "
+                        f"keyword arguments, not {type(example_inputs).__name__}")
+    declared = _declared_shape(model)
+    shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
+    if input_shape is not None and declared not in (None, shape):
+        name = getattr(model, "fewbits_spec", {}).get("name", type(model).__name__)
+        raise ValueError(f"model {name!r} takes {declared} images, not input_shape={shape}; "
+                         "drop input_shape (on the command line: --input-shape)")
+    if declared is None:
+        check_input_shape(model, shape, getattr(model, "fewbits_spec", {}).get(
+            "name", type(model).__name__))
+    return (torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)),), {}, True
+
+
+def _dynamic_batch(args: tuple, kwargs: dict) -> Any:
+    """The batch axis of every tensor input marked dynamic (``Dim.AUTO``: PyTorch keeps it
+    static where the model fixes it)."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(v: Any) -> Any:
+        return {0: auto} if isinstance(v, Tensor) and v.dim() >= 1 else None
+
+    if kwargs:
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
+
+
+def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
+    """The translations, each noting in ``report.activations`` that it was written."""
+
+    def wrap(target: Any, fn: Any) -> Any:
+        if target in ATEN_FIXES:
+            return fn
+
+        def translate(*a: Any, **kw: Any) -> Any:
+            name = str(target).split("::")[-1].split(".")[0]
+            n = sum(k.startswith(name + " ") for k in report.activations) + 1
+            report.activations[f"{name} {n}"] = "exact ONNX subgraph"
+            return fn(*a, **kw)
+        return translate
+
+    return {t: wrap(t, f) for t, f in table.items()}
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def cached_exporter_registry() -> Iterator[None]:
+    """Within this block ``torch.onnx.export(dynamo=True)`` gets a copy of an operator registry
+    built once per opset: PyTorch rebuilds it from onnxscript's sources on every call (~8 s,
+    most of a small model's export). Where PyTorch's private registry is not what this
+    expects, nothing changes. :func:`to_onnx` uses it."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # pragma: no cover - another torch layout: the slow path
+        yield
+        return
+    build = ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(build, classmethod):  # pragma: no cover
+        yield
+        return
+
+    def cached(cls: Any, opset_version: int | None = None) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = build.__func__(cls) if opset_version is None else \
+                build.__func__(cls, opset_version)
+        reg = copy.copy(_REGISTRIES[opset_version])
+        reg.functions = {k: list(v) for k, v in reg.functions.items()}
+        return reg
+
+    ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = build
+
+
+def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int,
+           report: OnnxReport) -> Any:
+    import warnings
+
+    table = _counting(onnx_translations(), report)
+    names = {"input_names": ["images"]} if images and len(args) == 1 else {}
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    if isinstance(out, Tensor):
+        names["output_names"] = ["logits"]
+    with translated_onnx_export(), cached_exporter_registry(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                model, args, kwargs=kwargs or None, dynamo=True, custom_translation_table=table,
+                optimize=False, opset_version=opset, verbose=False,
+                dynamic_shapes=_dynamic_batch(args, kwargs), **names)
+        except Exception as e:  # the exporter's reasons are many kinds; keep its message
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"PyTorch's ONNX exporter cannot export {type(model).__name__}: "
+                             f"{first}") from e
+    proto = program.model_proto
+    fold_binary_thresholds(proto)
+    prune_unused(proto)
+    return proto
+
+
+def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *,
+            opset: int = DEFAULT_OPSET, input_shape: tuple[int, ...] | None = None,
+            fuse: bool | str = False, checked_sums: bool = False) -> tuple[Any, OnnxReport]:
+    """Build the ``onnx.ModelProto`` of ``source`` (model, ``.fewbits`` file, run folder or
+    checkpoint; see the module doc) without writing it.
+
+    ``example_inputs``: what the model is called with -- a tensor, a tuple of positional
+    arguments or a dict of keyword arguments (token ids stay integer); by default one batch of
+    images of ``input_shape`` (or the registered model's shape). A model taking one image
+    tensor gets the input ``images`` (float32, ``N`` dynamic) and, returning one tensor, the
+    output ``logits``; others keep their argument names, outputs flattened in order.
+
+    ``fuse=True``: the fused QDQ deployment form (:mod:`fewbits.export.onnx_fused`; one image
+    input): faster, equal to PyTorch within the tolerance stated there; ``fuse="openvino"``
+    writes the bounds of each quantizer as float clamps before its ``QuantizeLinear``, the
+    pattern OpenVINO fuses (same codes). ``checked_sums=True`` (with ``fuse``) also writes
+    ``relu(a + b)`` of two uint8 grids of one scale as a uint8 sum, exact unless it saturates
+    at code 255, and adds the output ``sum_peak``: a caller must recompute a batch whose
+    ``sum_peak`` is 255 with the unchecked graph (:class:`fewbits.runtime.ort.CheckedRunner`).
+    Raises ``ValueError`` naming what cannot be exported.
     """
     try:
         import onnx
@@ -288,116 +362,46 @@ def to_onnx(source: nn.Module | str | os.PathLike, *, opset: int = DEFAULT_OPSET
     if not 1 <= opset <= onnx.defs.onnx_opset_version():  # the checker does not bound it
         raise ValueError(f"opset {opset} is not one this onnx package knows (1 to "
                          f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
-    model, codes = resolve_source(source)
-    shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
-    declared = _declared_shape(model)
-    spec = getattr(model, "fewbits_spec", {"name": type(model).__name__})
-    if input_shape is not None and declared not in (None, shape):
-        raise ValueError(f"model {spec['name']!r} takes {declared} images, not input_shape="
-                         f"{shape}; drop input_shape (on the command line: --input-shape)")
-    report = OnnxReport("", spec["name"], opset)
-    graph = _trace(model)
-    modules = dict(model.named_modules())
-    g = Graph()
-    env: dict[str, str] = {}
-    out_name = None
-    chains = plan_chains(model.eval(), graph, codes) if fuse else {}
-    folded = {n for c in chains.values() for n in c.nodes}
-    u8: dict[str, Any] = {}  # ONNX tensors that are uint8 DequantizeLinear outputs: their grid
-    peaks: list[str] = []  # uint8 maxima of the checked residual sums
     if checked_sums and not fuse:
         raise ValueError("checked_sums=True needs fuse=True")
-
-    def arg(a: Any) -> Any:
-        return env[a.name] if isinstance(a, fx.Node) else a
-
-    was_training = model.training
-    model.eval()
-    try:
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                if env:
-                    raise ValueError("only single-input models can be exported")
-                env[node.name] = "images"
-            elif node.name in folded:
-                continue  # written with its layer
-            elif node.name in chains:
-                c = chains[node.name]
-                x = arg(node.args[0])
-                y, grid, how = emit_chain(g, c, modules[node.target], x, u8.get(x),
-                                          clamp_codes=fuse != "openvino")
-                report.weights[c.layer + ".weight"] = how
-                env[node.name] = env[c.last] = y
-                if grid is not None:
-                    u8[y] = grid
-            elif node.op == "call_module":
-                if node.kwargs or len(node.args) != 1:
-                    raise ValueError(f"{node.target}: modules must take one tensor")
-                x = arg(node.args[0])
-                y = env[node.name] = _module(g, str(node.target), modules[node.target], x,
-                                             codes, report)
-                if x in u8 and isinstance(modules[node.target], _ON_GRID):
-                    env[node.name] = requantize(g, y, u8[x], y) if y != x else y
-                    u8[env[node.name]] = u8[x]
-            elif node.op == "call_function" and checked_sums and \
-                    _relu_of_sum(node, modules) is not None and \
-                    all(arg(a) in u8 for a in node.args) and \
-                    u8[arg(node.args[0])][0] == u8[arg(node.args[1])][0]:
-                relu = _relu_of_sum(node, modules)
-                y, grid, peak = checked_sum(g, [arg(a) for a in node.args],
-                                            u8[arg(node.args[0])][0], node.name)
-                env[node.name] = env[relu.name] = y
-                u8[y] = grid
-                folded.add(relu.name)
-                peaks.append(peak)
-            elif node.op in ("call_function", "call_method"):
-                x = arg(node.args[0]) if node.args else None
-                env[node.name] = function_op(g, node, [arg(a) for a in node.args])
-                if x in u8 and as_function(node) in _ON_GRID_FUNCTIONS:
-                    env[node.name] = requantize(g, env[node.name], u8[x], env[node.name])
-                    u8[env[node.name]] = u8[x]
-            elif node.op == "output":
-                out_name = arg(node.args[0])
-            else:
-                raise ValueError(f"node {node.name} ({node.op} {node.target}) has no ONNX form")
-    finally:
-        model.train(was_training)
-    if not isinstance(out_name, str):
-        raise ValueError("the model must return one tensor (the logits)")
-    if declared is None:  # the model must run on the given shape, else the graph fails later
-        check_input_shape(model, shape, spec["name"])
-    g.nodes.append(g.h.make_node("Identity", [out_name], ["logits"], name="logits"))
-    h = g.h
-    outputs = [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", None])]
-    if peaks:
-        g.nodes.append(h.make_node("Max", peaks, [SUM_PEAK], name=SUM_PEAK))
-        outputs.append(h.make_tensor_value_info(SUM_PEAK, onnx.TensorProto.UINT8, []))
-    graph_proto = h.make_graph(
-        g.nodes, spec["name"],
-        [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", *shape])],
-        outputs, g.inits)
-    proto = h.make_model(graph_proto, opset_imports=[h.make_opsetid("", opset)],
-                         producer_name="fewbits")
+    model, codes = resolve_source(source)
+    spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
+    report = OnnxReport("", spec["name"], opset)
+    args, kwargs, images = _example(model, example_inputs, input_shape)
+    if fuse:
+        if not images or len(args) != 1:
+            raise ValueError("fuse=True takes one image batch; export other inputs unfused")
+        was_training = model.training
+        try:
+            proto = fused_graph(model.eval(), codes, report, tuple(args[0].shape[1:]), opset,
+                                fuse, checked_sums, spec["name"])
+        finally:
+            model.train(was_training)
+        return proto, report
+    if opset < 18:
+        raise ValueError(f"opset {opset}: PyTorch's exporter writes opset 18 or later; export "
+                         f"with opset {DEFAULT_OPSET}, the default")
+    proto = _plain(_frozen(model, report), args, kwargs, images, opset, report)
     proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
-    proto.doc_string = f"fewbits model {spec['name']}; input: images in [0, 1]"
+    proto.doc_string = f"fewbits model {spec['name']}" + ("; input: images in [0, 1]"
+                                                          if images else "")
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:  # an operator or type the opset does not have
+    except onnx.checker.ValidationError as e:
         raise ValueError(f"the graph is not valid ONNX at opset {opset} ({str(e).splitlines()[0]}"
                          f"); export with opset {DEFAULT_OPSET}, the default") from None
     report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
     return proto, report
 
 
-def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike, *,
-                opset: int = DEFAULT_OPSET,
-                input_shape: tuple[int, int, int] | None = None,
+def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike,
+                example_inputs: Any = None, *, opset: int = DEFAULT_OPSET,
+                input_shape: tuple[int, ...] | None = None,
                 fuse: bool | str = False) -> OnnxReport:
-    """Write ``source`` (model, ``.fewbits`` file, run folder or checkpoint) as ONNX to ``path``.
-
-    Atomic write; returns an :class:`OnnxReport`. See the module doc for each quantizer's form.
-    """
-    proto, report = to_onnx(source, opset=opset, input_shape=input_shape, fuse=fuse)
+    """Write ``source`` (model, ``.fewbits`` file, run folder or checkpoint) as ONNX to ``path``
+    (:func:`to_onnx` with the same arguments). Atomic write; returns an :class:`OnnxReport`."""
+    proto, report = to_onnx(source, example_inputs, opset=opset, input_shape=input_shape,
+                            fuse=fuse)
     data = proto.SerializeToString()
     path = os.fspath(path)
     atomic_write(path, data)
@@ -425,17 +429,48 @@ def onnx_session(model: Any, threads: int | None = None) -> Any:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
+
+def onnx_feed(sess: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feed for a call ``model(*args, **kwargs)`` of the graph :func:`to_onnx`
+    wrote: keyword arguments by name, else the tensor leaves in order."""
+    names = [i.name for i in sess.get_inputs()]
+    if kwargs and not args and set(names) <= set(kwargs):
+        return {n: kwargs[n].detach().cpu().numpy() for n in names}
+    leaves = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
+    if len(names) != len(leaves):
+        raise ValueError(f"the graph takes {len(names)} inputs ({', '.join(names)}), the call "
+                         f"gives {len(leaves)} tensors")
+    return {n: v.detach().cpu().numpy() for n, v in zip(names, leaves, strict=True)}
+
+
+def run_onnx(sess: Any, inputs: Any) -> list[Tensor]:
+    """Run an ONNX Runtime session on ``inputs`` (a tensor, a tuple of arguments or a dict of
+    keyword arguments, as given to :func:`to_onnx`); the outputs as tensors, in order."""
+    args, kwargs = ((inputs,), {}) if isinstance(inputs, Tensor) else \
+        (((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {}))
+    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, onnx_feed(sess, args, kwargs))]
+
+
 def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
-                 images: Tensor) -> dict[str, float]:
-    """Run ``images`` (float ``[0, 1]``) through PyTorch and ONNX Runtime; return
-    ``{"max_abs": max |logit difference|, "max_rel": max_abs / max |logit|,
-    "top1_agreement": fraction of equal argmax}``."""
+                 images: Any) -> dict[str, float]:
+    """Run ``images`` (or any example inputs, as :func:`to_onnx` takes them) through PyTorch
+    and ONNX Runtime; return ``{"max_abs": max |difference| over every output leaf, "max_rel":
+    max_abs / max |PyTorch output|, "top1_agreement": fraction of equal argmax of the first
+    output's last axis}``."""
     model, _ = resolve_source(source)
+    if isinstance(images, Tensor) and images.is_floating_point():
+        images = images.float()
+    args, kwargs = ((images,), {}) if isinstance(images, Tensor) else \
+        (((), dict(images)) if isinstance(images, Mapping) else (tuple(images), {}))
     with torch.no_grad():
-        ref = model(images).float()
-    got = torch.from_numpy(onnx_session(onnx_model).run(
-        None, {"images": images.float().numpy()})[0])
-    diff = float((got - ref).abs().max()) if ref.numel() else 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    return {"max_abs": diff, "max_rel": diff / scale if scale else diff,
-            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean())}
+        ref = [v.float() for v in torch.utils._pytree.tree_leaves(model(*args, **kwargs))
+               if isinstance(v, Tensor)]
+    got = [g.float() for g in run_onnx(onnx_session(onnx_model), images)]
+    if len(got) != len(ref):
+        raise ValueError(f"the graph has {len(got)} outputs, the model {len(ref)}")
+    diff = max((float((g - r).abs().max()) if r.numel() else 0.0 for g, r in zip(got, ref,
+                                                                               strict=True)),
+               default=0.0)
+    scale = max((float(r.abs().max()) for r in ref if r.numel()), default=1.0)
+    top = float((got[0].argmax(-1) == ref[0].argmax(-1)).float().mean()) if ref[0].dim() else 1.0
+    return {"max_abs": diff, "max_rel": diff / scale if scale else diff, "top1_agreement": top}

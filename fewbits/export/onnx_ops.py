@@ -32,9 +32,23 @@ from ..quantizers import (
     Quantizer,
 )
 
-__all__ = ["INT_TYPES", "Graph", "act", "as_function", "describe_constant", "float_module_op",
-           "function_op", "int_type", "layer_op", "pair", "qdq", "round_half_away",
-           "weight_input"]
+__all__ = [
+    "ATEN_FIXES",
+    "INT_TYPES",
+    "Graph",
+    "act",
+    "as_function",
+    "avg_pool2d",
+    "describe_constant",
+    "float_module_op",
+    "function_op",
+    "int_type",
+    "layer_op",
+    "pair",
+    "qdq",
+    "round_half_away",
+    "weight_input",
+]
 
 
 def pair(v: Any) -> tuple[int, int]:
@@ -349,3 +363,39 @@ def function_op(g: Graph, node: Any, args: list[Any]) -> str:
             return g.op("GlobalAveragePool", [args[0]], node.name)
     raise ValueError(f"operation {getattr(fn, '__name__', fn)!r} (node {node.name}) has no ONNX "
                      "form in fewbits' exporter")
+
+
+# --------------------------------------------------------------------------- PyTorch exporter fixes
+
+def avg_pool2d(x: Any, kernel_size: Any, stride: Any = (), padding: Any = (0, 0),
+               ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Any:
+    """ONNX translation of ``aten.avg_pool2d`` for PyTorch's exporter, whose own translation
+    drops ``divisor_override`` (a silently wrong plain average). With it: the window sums as a
+    depthwise convolution with a kernel of ones (zero padding), divided by the divisor -- equal
+    to PyTorch to float rounding (the sum's order). Without it: PyTorch's translation."""
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.nn import aten_avg_pool2d
+
+    if divisor_override is None:
+        return aten_avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    if ceil_mode:
+        raise ValueError("avg_pool2d(divisor_override=..., ceil_mode=True) has no exact ONNX form "
+                         "in fewbits' exporter; use ceil_mode=False")
+    kh, kw = pair(kernel_size)
+    sh, sw = pair(stride) if stride else (kh, kw)
+    ph, pw = pair(padding)
+    shape = getattr(x, "shape", None)
+    channels = shape[1] if shape is not None and len(shape) == 4 else None
+    if not isinstance(channels, int):
+        raise ValueError("avg_pool2d(divisor_override=...) needs a static channel count to export")
+    import onnx_ir as ir
+
+    ones = op.Constant(value=ir.tensor(np.ones((channels, 1, kh, kw), np.float32)))
+    s = op.Conv(x, ones, group=channels, kernel_shape=[kh, kw], strides=[sh, sw],
+                pads=[ph, pw, ph, pw])
+    return op.Div(s, op.Constant(value=ir.tensor(np.float32(divisor_override))))
+
+
+#: PyTorch operator -> fewbits' translation, where PyTorch's own is wrong.
+ATEN_FIXES: dict[Any, Any] = {torch.ops.aten.avg_pool2d.default: avg_pool2d}

@@ -42,7 +42,9 @@ from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, 
 from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
 from .onnx_ops import Graph, layer_op
 
-__all__ = ["SUM_PEAK", "Chain", "checked_sum", "emit_chain", "plan_chains", "requantize"]
+__all__ = ["SUM_PEAK", "Chain", "binary_thresholds", "checked_sum", "emit_chain",
+           "fold_binary_thresholds", "plan_chains",
+           "prune_unused", "requantize"]
 
 #: Name of the graph output holding the largest code of the checked uint8 residual sums.
 SUM_PEAK = "sum_peak"
@@ -249,3 +251,166 @@ def checked_sum(g: Graph, xs: list[str], scale: float, base: str
     u = g.op("QuantizeLinear", [g.op("Add", xs, base), s, z], base + "_q")
     peak = g.op("ReduceMax", [u], base + "_peak", keepdims=0)
     return g.op("DequantizeLinear", [u, s, z], base + "_dq"), (scale, s, z), peak
+
+
+# --------------------------------------------------------------------------- binary thresholds
+
+def _keys_to_float(k: np.ndarray) -> np.ndarray:
+    """float32 values of order keys (``key(f) < key(g)`` iff ``f < g``; +-0 share key 0)."""
+    bits = np.where(k >= 0, k, (-k) | 0x80000000).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def binary_thresholds(bn: dict[str, Any], offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel ``(s, t)`` with ``fl(batch_norm(c) + offset) > 0  <=>  s * c >= t`` for
+    every finite float32 ``c`` (``s`` in ``{1, -1, 0}``), found by bisection over the float32
+    values with PyTorch's own batch norm: exact for PyTorch's arithmetic, since every rounding
+    step is monotone in ``c``."""
+    mean, var, gamma, beta = (torch.from_numpy(np.array(bn[k], np.float32))
+                              for k in ("mean", "var", "scale", "bias"))
+    c = mean.numel()
+
+    def holds(keys: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(_keys_to_float(keys).copy()).reshape(1, c, 1).expand(1, c, 8)
+        y = nn.functional.batch_norm(x.contiguous(), mean, var, gamma, beta, False, 0.0,
+                                     bn["eps"])[0, :, 0]
+        return ((y + np.float32(offset)) > 0).numpy()
+
+    top = int(np.float32(np.finfo(np.float32).max).view(np.int32))
+    lo_k, hi_k = np.full(c, -top, np.int64), np.full(c, top, np.int64)
+    p_lo, p_hi = holds(lo_k), holds(hi_k)
+    rising = ~p_lo & p_hi
+    falling = p_lo & ~p_hi
+    # bisection: for rising channels the smallest key where it holds, for falling the largest
+    lo, hi = lo_k.copy(), hi_k.copy()
+    for _ in range(34):
+        mid = (lo + hi) // 2
+        h = holds(mid)
+        true_side = np.where(rising, h, ~h)  # the side that moves `hi` down (rising)
+        hi = np.where(true_side, mid, hi)
+        lo = np.where(true_side, lo, mid)
+    s = np.where(rising, 1.0, np.where(falling, -1.0, 0.0)).astype(np.float32)
+    t_rise, t_fall = _keys_to_float(hi), _keys_to_float(lo)
+    const_t = np.where(p_lo, np.float32(0), np.float32(1))  # 0 >= 0 holds, 0 >= 1 does not
+    t = np.where(rising, t_rise, np.where(falling, -t_fall, const_t)).astype(np.float32)
+    return s, t
+
+
+def _const_values(proto: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    vals = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            vals[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return vals
+
+
+_VALUE_KEEPING = ("MaxPool", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+                  "Transpose")
+
+
+def fold_binary_thresholds(proto: Any) -> int:
+    """Rewrite ``Greater(BatchNormalization(c), 0)`` and ``Greater(Add(BatchNormalization(c),
+    s), 0)`` (``s`` a two-valued binary activation, possibly max-pooled) as per-channel
+    comparisons ``s_k * c >= t_k`` (:func:`binary_thresholds`), in place; returns how many. No batch
+    norm is then left on a binary decision for a runtime to fuse into the convolution."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    consts = _const_values(proto)
+    prod = {o: n for n in g.node for o in n.output}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             list(g.value_info) + list(g.input) + list(g.output)
+             if v.type.tensor_type.HasField("shape")}
+    new_inits: list[Any] = []
+    count = 0
+
+    def bn_of(name: str) -> dict[str, Any] | None:
+        n = prod.get(name)
+        if n is None or n.op_type != "BatchNormalization" or len(n.input) < 5:
+            return None
+        if not all(i in consts for i in n.input[1:5]) or n.input[0] not in ranks:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("training_mode", 0):
+            return None
+        return {"x": n.input[0], "scale": consts[n.input[1]], "bias": consts[n.input[2]],
+                "mean": consts[n.input[3]], "var": consts[n.input[4]],
+                "eps": float(attrs.get("epsilon", 1e-5)), "rank": ranks[n.input[0]]}
+
+    def two_values(name: str) -> tuple[float, float] | None:
+        n = prod.get(name)
+        while n is not None and n.op_type in _VALUE_KEEPING:
+            n = prod.get(n.input[0])
+        if n is None or n.op_type != "Where" or n.input[1] not in consts or \
+                n.input[2] not in consts:
+            return None
+        a, b = consts[n.input[1]], consts[n.input[2]]
+        return (float(a), float(b)) if a.size == 1 and b.size == 1 and a.dtype == np.float32 \
+            else None
+
+    nodes = list(g.node)
+    out_nodes = []
+    for n in nodes:
+        zero = consts.get(n.input[1]) if n.op_type == "Greater" else None
+        if zero is None or zero.size != 1 or float(zero) != 0.0:
+            out_nodes.append(n)
+            continue
+        src = prod.get(n.input[0])
+        cases: list[tuple[dict, float]] = []
+        sel = None
+        bn = bn_of(n.input[0])
+        if bn is not None:
+            cases = [(bn, 0.0)]
+        elif src is not None and src.op_type == "Add":
+            for i, j in ((0, 1), (1, 0)):
+                bn, vals = bn_of(src.input[i]), two_values(src.input[j])
+                if bn is not None and vals is not None:
+                    cases, sel = [(bn, vals[0]), (bn, vals[1])], (src.input[j], vals[0])
+                    break
+        if not cases:
+            out_nodes.append(n)
+            continue
+        base = f"{n.output[0]}_thr"
+        shape = [1, -1] + [1] * (cases[0][0]["rank"] - 2)
+        outs = []
+        for k, (b, off) in enumerate(cases):
+            s, t = binary_thresholds(b, off)
+            sn, tn = f"{base}{k}_s", f"{base}{k}_t"
+            new_inits += [numpy_helper.from_array(s.reshape(shape), sn),
+                          numpy_helper.from_array(t.reshape(shape), tn)]
+            out_nodes.append(helper.make_node("Mul", [b["x"], sn], [f"{base}{k}_m"]))
+            outs.append(f"{base}{k}_ge" if sel else n.output[0])
+            out_nodes.append(helper.make_node("GreaterOrEqual", [f"{base}{k}_m", tn],
+                                              [outs[-1]]))
+        if sel is not None:
+            vn = f"{base}_v"
+            new_inits.append(numpy_helper.from_array(np.float32(sel[1]), vn))
+            out_nodes.append(helper.make_node("Equal", [sel[0], vn], [f"{base}_is"]))
+            # (s == a and ge_a) or (s != a and ge_b); ONNX Runtime has no boolean Where
+            out_nodes += [helper.make_node("And", [f"{base}_is", outs[0]], [f"{base}_a"]),
+                          helper.make_node("Not", [f"{base}_is"], [f"{base}_not"]),
+                          helper.make_node("And", [f"{base}_not", outs[1]], [f"{base}_b"]),
+                          helper.make_node("Or", [f"{base}_a", f"{base}_b"], [n.output[0]])]
+        count += 1
+    del g.node[:]
+    g.node.extend(out_nodes)
+    g.initializer.extend(new_inits)
+    return count
+
+
+def prune_unused(proto: Any) -> None:
+    """Drop nodes whose outputs nothing reads (and then unused initializers), in place."""
+    g = proto.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..export.onnx import onnx_session
+from ..export.onnx import onnx_feed, onnx_session
 
-__all__ = ["CheckedRunner", "Runner", "openvino_runner", "optimized_operators", "ort_runner"]
+__all__ = ["CheckedRunner", "Runner", "openvino_runner", "optimized_operators", "ort_runner",
+           "plain_runner"]
 
-Runner = Callable[[Tensor], Tensor]
+Runner = Callable[..., Any]
 
 
 class CheckedRunner:
@@ -61,6 +62,34 @@ def ort_runner(proto: Any, threads: int | None = None) -> Runner:
 
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(sess.run(None, {"images": x.detach().float().numpy()})[0])
+
+    return run
+
+
+def plain_runner(proto: Any, model: torch.nn.Module, example: Any,
+                 threads: int | None = None) -> Runner:
+    """ONNX Runtime over the plain export of ``model`` (:func:`fewbits.export.onnx.to_onnx`
+    with ``example``): called as the model is (``run(*args, **kwargs)``, tensors of any dtype),
+    returning the model's output structure (tensor, tuple, dict, HF ``ModelOutput``), rebuilt
+    from the graph's outputs in order."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    sess = onnx_session(proto, threads=threads)
+    args = (example,) if isinstance(example, Tensor) else example
+    with torch.inference_mode():
+        ref = model(**args) if isinstance(args, dict) else model(*args)
+    leaves, spec = tree_flatten(ref)
+    tensor_at = [i for i, v in enumerate(leaves) if isinstance(v, Tensor)]
+    if len(tensor_at) != len(sess.get_outputs()):
+        raise ValueError(f"the graph has {len(sess.get_outputs())} outputs, the model returns "
+                         f"{len(tensor_at)} tensors")
+
+    def run(*a: Any, **kw: Any) -> Any:
+        outs = sess.run(None, onnx_feed(sess, a, kw))
+        new = list(leaves)
+        for i, o in zip(tensor_at, outs, strict=True):
+            new[i] = torch.from_numpy(np.asarray(o))
+        return tree_unflatten(new, spec)
 
     return run
 

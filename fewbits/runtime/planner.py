@@ -14,7 +14,15 @@ Candidates today:
 * ``ort-checked`` -- the same with fixed-point residual sums as uint8 ``QLinearAdd`` (every
   convolution after the stem then runs in int8), recomputed with ``ort``'s graph for a batch
   where a sum may have saturated (:class:`~fewbits.runtime.ort.CheckedRunner`);
+* ``ort-plain`` -- ONNX Runtime on the plain export (PyTorch's exporter with fewbits' exact
+  operators): any model ``torch.export`` captures, inputs of any kind (token ids stay integer),
+  outputs of any structure (tensor, tuple, dict, HF ``ModelOutput``) rebuilt as PyTorch returns
+  them (``auto`` tries it where neither fused ONNX Runtime form applies);
 * ``torch``    -- the PyTorch model itself (always applies; the reference).
+
+Example inputs: by default a batch of images of the model's input shape; ``example_inputs``
+(a tensor, a tuple of arguments or a dict of keyword arguments) for any other model. Outputs are
+compared leaf by leaf: each leaf within :func:`tolerance` of its own largest value.
 
 * ``binary``   -- the native BinaryNet engine (:class:`~fewbits.runtime.binary.BinaryEngine`:
   XNOR-popcount on bit-packed activations, batch norm folded into exact integer thresholds; one
@@ -35,7 +43,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +53,10 @@ from torch import Tensor, nn
 from ..export.onnx import input_shape_of, resolve_source, to_onnx
 from ..layers import QuantAct, quant_layers
 from .binary import BinaryEngine
-from .ort import CheckedRunner, Runner, openvino_runner, ort_runner
+from .ort import CheckedRunner, Runner, openvino_runner, ort_runner, plain_runner
 
-__all__ = ["AUTO", "CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "tolerance"]
+__all__ = ["AUTO", "CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "leaf_error",
+           "tolerance"]
 
 #: Relative logit tolerance (of ``max |logit|``) when activations are quantized: the fused
 #: export may put a value lying within float rounding of a level boundary (or on a tie, where
@@ -71,11 +80,15 @@ class Context:
     threads: int | None = None
     input_shape: tuple[int, ...] | None = None
     _protos: dict = field(default_factory=dict)
+    example: Any = None  # the example inputs of a model that does not take one image batch
 
     def proto(self, flavour: str = "ort") -> Any:
         """The fused ONNX export: ``"ort"``, ``"checked"`` (checked uint8 residual sums) or
         ``"openvino"``."""
         if flavour not in self._protos:
+            if self.example is not None:
+                raise ValueError("the fused ONNX form takes one image batch; this model takes "
+                                 "other inputs (the 'ort-plain' backend runs it)")
             fuse = "openvino" if flavour == "openvino" else True
             self._protos[flavour] = to_onnx(self.source, fuse=fuse,
                                             checked_sums=flavour == "checked",
@@ -86,9 +99,9 @@ class Context:
 def _torch(ctx: Context) -> Runner:
     model = ctx.model
 
-    def run(x: Tensor) -> Tensor:
+    def run(*args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():
-            return model(x)
+            return model(*args, **kwargs)
 
     return run
 
@@ -102,6 +115,12 @@ def _ort_checked(ctx: Context) -> Runner:
     if not run.checked:
         raise ValueError("no residual sum of two uint8 grids to check (same graph as 'ort')")
     return run
+
+
+def _ort_plain(ctx: Context) -> Runner:
+    example = ctx.example if ctx.example is not None else \
+        torch.rand(2, *ctx.input_shape, generator=torch.Generator().manual_seed(0))
+    return plain_runner(to_onnx(ctx.model, example)[0], ctx.model, example, ctx.threads)
 
 
 def _binary(ctx: Context) -> Runner:
@@ -118,12 +137,13 @@ CANDIDATES: dict[str, Callable[[Context], Runner]] = {
     "openvino": _openvino,
     "ort-checked": _ort_checked,
     "ort": _ort,
+    "ort-plain": _ort_plain,
     "torch": _torch,
 }
 #: What ``backend="auto"`` tries. Not OpenVINO: once its worker threads exist, a SIGTERM raised
 #: later in the same process (fewbits' own interrupt handling in training) crashes it; ask for
 #: it by name (``backend="openvino"``) or through ``candidates``.
-AUTO = ("binary", "ort-checked", "ort", "torch")
+AUTO = ("binary", "ort-checked", "ort", "ort-plain", "torch")
 
 
 def _quantizes_activations(model: nn.Module) -> bool:
@@ -142,7 +162,9 @@ def tolerance(model: nn.Module, backend: str) -> float:
 
 @dataclass
 class Deployed:
-    """A network ready to run: ``deployed(images) -> logits`` (float32 ``(N, C, H, W)``)."""
+    """A network ready to run: ``deployed(images) -> logits`` (float32 ``(N, C, H, W)``), or
+    for another model ``deployed(*args, **kwargs)`` as the model is called, returning what it
+    returns."""
 
     backend: str
     run: Runner
@@ -156,20 +178,52 @@ class Deployed:
         """The backend's name (what ``fewbits eval --fast`` reports as ``fast_path``)."""
         return self.backend
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.run(x)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(*args, **kwargs)
 
 
 def _probe_shape(model: nn.Module) -> tuple[int, ...]:
     return input_shape_of(model)
 
 
-def _median_time(run: Runner, x: Tensor, repeats: int = 3) -> float:
-    run(x)
+def _call_args(inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(inputs, Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return tuple(inputs), {}
+
+
+def leaf_error(got: Any, ref: Any) -> float:
+    """The largest ``max |got - ref| / max |ref|`` over the tensor leaves of two outputs of the
+    same structure (tensor, tuple, dict, HF ``ModelOutput``); ``inf`` where the structures or
+    shapes differ."""
+    from torch.utils._pytree import tree_flatten
+
+    g, _ = tree_flatten(got)
+    r, _ = tree_flatten(ref)
+    if len(g) != len(r):
+        return float("inf")
+    err = 0.0
+    for a, b in zip(g, r, strict=True):
+        if not isinstance(b, Tensor):
+            if a != b:
+                return float("inf")
+            continue
+        if not isinstance(a, Tensor) or a.shape != b.shape:
+            return float("inf")
+        if b.numel():
+            scale = float(b.abs().max()) or 1.0
+            err = max(err, float((a.double() - b.double()).abs().max()) / scale)
+    return err
+
+
+def _median_time(run: Runner, x: tuple[tuple, dict], repeats: int = 3) -> float:
+    run(*x[0], **x[1])
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run(x)
+        run(*x[0], **x[1])
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -177,14 +231,16 @@ def _median_time(run: Runner, x: Tensor, repeats: int = 3) -> float:
 def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "auto",
                     threads: int | None = None, batch_size: int = 64,
                     input_shape: tuple[int, int, int] | None = None,
-                    candidates: tuple[str, ...] = AUTO) -> Deployed:
+                    candidates: tuple[str, ...] = AUTO, example_inputs: Any = None) -> Deployed:
     """The fastest exact-enough CPU form of ``source`` (model, ``.fewbits`` file, run folder or
     checkpoint). ``backend="auto"`` times every candidate that passes the probe (logits
     within :func:`tolerance` of PyTorch's on 16 seeded random images) on a batch of
     ``batch_size`` and keeps the fastest (among ``candidates``, default :data:`AUTO`); a name
     from :data:`CANDIDATES` forces that one
     (raising with the reason if it cannot run). ``threads``: the runtime's intra-op threads
-    (PyTorch's are the caller's). Raises ``ValueError`` for an unknown backend.
+    (PyTorch's are the caller's). ``example_inputs`` (a tensor, a tuple of arguments or a dict
+    of keyword arguments) for a model that does not take one image batch: they are the probe
+    and the timing batch. Raises ``ValueError`` for an unknown backend.
     """
 
     if backend != "auto" and backend not in CANDIDATES:
@@ -193,13 +249,17 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model, _ = resolve_source(source)
     model = model.eval()
-    shape = tuple(input_shape) if input_shape is not None else _probe_shape(model)
     g = torch.Generator().manual_seed(0)
-    probe = torch.rand(16, *shape, generator=g)
+    if example_inputs is not None:
+        if input_shape is not None:
+            raise ValueError("give example_inputs or input_shape, not both")
+        shape, probe = None, _call_args(example_inputs)
+    else:
+        shape = tuple(input_shape) if input_shape is not None else _probe_shape(model)
+        probe = ((torch.rand(16, *shape, generator=g),), {})
     with torch.inference_mode():
-        ref = model(probe)
-    scale = float(ref.abs().max()) or 1.0
-    ctx = Context(model, source, threads, shape)
+        ref = model(*probe[0], **probe[1])
+    ctx = Context(model, source, threads, shape, example=example_inputs)
     unknown = sorted(set(candidates) - set(CANDIDATES))
     if unknown:
         raise ValueError(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
@@ -207,10 +267,12 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
     built: dict[str, tuple[Runner, float]] = {}
     notes: list[str] = []
     for name in names:
+        if backend == "auto" and name == "ort-plain" and {"ort", "ort-checked"} & set(built):
+            continue  # the fused form runs it faster; the plain one is for the others
         tol = tolerance(model, name)
         try:
             run = CANDIDATES[name](ctx)
-            err = float((run(probe) - ref).abs().max()) / scale
+            err = leaf_error(run(*probe[0], **probe[1]), ref)
         except Exception as e:  # each candidate's reason for not applying
             if backend != "auto":
                 raise RuntimeError(f"backend {name!r} cannot run this model: {e}") from e
@@ -225,7 +287,7 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         built[name] = (run, tol)
     timings: dict[str, float] = {}
     if len(built) > 1:
-        x = torch.rand(batch_size, *shape, generator=g)
+        x = ((torch.rand(batch_size, *shape, generator=g),), {}) if shape is not None else probe
         timings = {name: _median_time(run, x) for name, (run, _) in built.items()}
         best = min(timings, key=timings.__getitem__)
     else:
