@@ -6,10 +6,8 @@ Tolerance (of ``max |output|``, over every output leaf), the one the planner sta
 activations are (measured: 0 to 3e-7 on every case here; ONNX Runtime's float kernels differ
 from PyTorch's in the last bit, which may move a value across a quantization level).
 
-``quantize_`` on this branch converts ``nn.Conv2d`` and ``nn.Linear`` only: ``nn.Conv1d`` and
-``nn.MultiheadAttention``'s output projection are passed in ``skip=`` (they stay float, and the
-exporter takes them as PyTorch's own operators); GPT-2's ``Conv1D`` is not a layer ``quantize_``
-looks at.
+Every layer ``quantize_`` converts is quantized here (``nn.Conv1d``, every projection of
+``nn.MultiheadAttention``, GPT-2's ``Conv1D``), so the exporter sees each fewbits layer kind.
 """
 
 from __future__ import annotations
@@ -107,13 +105,6 @@ def _build(name: str):
     return Conv1dNet(), torch.rand(2, 4, 10)
 
 
-def _skip(model: nn.Module) -> list[str] | None:
-    """What ``quantize_`` refuses today (see the module doc)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Conv1d) or type(m).__name__ == "NonDynamicallyQuantizableLinear"]
-    return names or None
-
-
 FAMS = list(FAMILIES)
 # every family on the CNN with the awkward operators; the others with one family each, weight-
 # only and activation families in turn (the suite stays fast; every model x family pair was run
@@ -127,7 +118,7 @@ CASES = [("viewnet", f) for f in FAMS] + [
 def test_model_exports_and_runs_in_onnx_runtime(name, fam):
     model, x = _build(name)
     if fam != "float":
-        fewbits.quantize_(model, fam, skip=_skip(model))
+        fewbits.quantize_(model, fam)
     model.eval()
     proto, _ = to_onnx(model, x)
     c = compare_onnx(model, proto, x)

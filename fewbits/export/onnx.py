@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .._checks import translated_onnx_export
 from .._io import atomic_write
-from ..layers import quant_layers
+from ..layers import QuantLayer, quant_layers
 from ..models import create_model, is_model, model_info
 from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
 from ._guard import check_input_shape
@@ -204,15 +204,17 @@ def _frozen(model: nn.Module, report: OnnxReport) -> nn.Module:
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         for name, m in model.named_modules():
+            if not isinstance(m, QuantLayer):
+                continue
             for role in ("weight", "bias"):
-                q = getattr(m, f"{role}_quantizer", None)
-                value = getattr(m, f"quantized_{role}", None)
-                if q is None or value is None or getattr(m, role, None) is None:
+                # the layer's own attribute for the role (MHA: in_proj_weight / in_proj_bias)
+                q, key = getattr(m, f"{role}_quantizer"), m.param_key(role)
+                if q is None or m.param(role) is None:
                     continue
-                v = value().detach().clone()
+                v = getattr(m, f"quantized_{role}")().detach().clone()
                 setattr(m, f"{role}_quantizer", None)
-                setattr(m, role, nn.Parameter(v, requires_grad=False))
-                report.weights[f"{name}.{role}"] = _describe(q)
+                setattr(m, key, nn.Parameter(v, requires_grad=False))
+                report.weights[f"{name}.{key}"] = _describe(q)
     return model
 
 
