@@ -333,3 +333,20 @@ def test_cli_inq_mid_schedule_cannot_be_packed(tmp_path, capsys):
     assert main(["import-nnabla", str(src), "-n", ref.net_name("inq"), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "still learnable" in err and not out.exists()
+
+
+def test_cli_run_folder_reads_the_parameter_file_before_any_data(tmp_path, capsys, monkeypatch):
+    """A bad parameter file is reported as such; CIFAR-10 (absent here) is not looked for,
+    let alone downloaded, first."""
+    src = tmp_path / "params_000010.h5"
+    ref.write_h5(src, _net("fp_net")[0])
+    monkeypatch.setenv("FEWBITS_DATA", str(tmp_path / "no-data"))
+
+    def no_data(*a, **k):
+        raise AssertionError("data was loaded before the parameter file was checked")
+
+    monkeypatch.setattr("fewbits.cli.nnabla_cmd.load_split", no_data)
+    run = tmp_path / "run"
+    assert main(["import-nnabla", str(src), "-n", "cifar10_binary_connect_resnet23_prediction",
+                 "-m", str(run), "-o", str(run)]) == 1
+    assert "holds a fp_connect or fp_net network" in capsys.readouterr().err

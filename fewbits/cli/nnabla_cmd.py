@@ -120,16 +120,21 @@ def _run_folder(cfg: config.TrainConfig, ns: argparse.Namespace) -> int:
         cfg.monitor_path
     check_run_folder(cfg.monitor_path, cfg.model_save_path, resume=False,
                      overwrite=cfg.overwrite)
-    train_ds = load_split(cfg, "train", net_input_shape(cfg.net))
-    shape = tuple(train_ds.images.shape[1:])
-    check_input_shape(cfg.net, shape, cfg.dataset)
-    batches = BatchIterator(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    if cfg.epochs is not None:  # as the training run resolves its options
-        cfg.max_iter = max(1, round(cfg.epochs * batches.batches_per_epoch / cfg.accum_steps))
-    model = build_model(cfg, shape, len(train_ds.classes))
+    # the parameter file first: a bad file is reported as such, before any data is read or
+    # downloaded (the seed's networks take CIFAR-10's 3x32x32 images and 10 classes)
+    model = build_model(cfg, (3, 32, 32), 10)
     report = load_parameters(ns.params, model, iteration=ns.iteration,
                              check_derived=not ns.no_check_derived)
     _print_notes(report.notes)
+    train_ds = load_split(cfg, "train", net_input_shape(cfg.net))
+    shape = tuple(train_ds.images.shape[1:])
+    check_input_shape(cfg.net, shape, cfg.dataset)
+    if len(train_ds.classes) != 10:
+        raise config.ConfigError(f"--dataset {cfg.dataset} has {len(train_ds.classes)} classes; "
+                                 f"{cfg.net}'s NNabla parameters classify 10 (CIFAR-10)")
+    batches = BatchIterator(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    if cfg.epochs is not None:  # as the training run resolves its options
+        cfg.max_iter = max(1, round(cfg.epochs * batches.batches_per_epoch / cfg.accum_steps))
     it = file_iteration(ns.params) if ns.iteration is None else int(ns.iteration)
     if it > cfg.max_iter:
         raise config.ConfigError(f"{ns.params} is at iteration {it}, beyond -i/--max-iter "
