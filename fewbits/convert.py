@@ -189,8 +189,9 @@ def quantize_(model: nn.Module, config: Config, *,
     ``ValueError`` naming both.
 
     - ``skip``: layer names or shell patterns (``"layer4.*"``, ``"fc"``; a container's name skips
-      everything in it) left in float. A pattern that matches no weight-bearing module raises
-      ``ValueError`` listing them.
+      everything in it) left in float, or the name of a weight tensor the report lists (a
+      model's own ``nn.Parameter`` that its forward passes to ``F.linear``: ``"w"``). A
+      pattern that matches no weight-bearing module raises ``ValueError`` listing them.
     - ``embeddings=True`` converts ``nn.Embedding`` tables too (weight quantizer only).
     - ``quantize_input=True`` puts the activation quantizer on the raw model input as well.
     - A callable config returning ``None`` keeps that layer float, as ``skip`` does.
@@ -226,7 +227,13 @@ def quantize_(model: nn.Module, config: Config, *,
         raise ValueError(f"{type(model).__name__} has no layer of a kind fewbits quantizes "
                          "(nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, HF Conv1D, "
                          "nn.Embedding)")
-    skipped = _skip_matcher(skip, list(dict.fromkeys(names + weighty)))
+    # a weight matrix of a module fewbits has no layer for (a root nn.Parameter the forward
+    # passes to F.linear) is named by its own name, as the report names it
+    layers = {id(m) for *_, m in found}
+    tensors = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
+               if id(m) not in layers for pn, p in m.named_parameters(recurse=False)
+               if p.dim() >= 2]
+    skipped = _skip_matcher(skip, list(dict.fromkeys(names + weighty + tensors)))
     first_reader = _raw_input_reader(found)
     plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]] = []
     problems: list[str] = []

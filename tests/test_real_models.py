@@ -416,3 +416,28 @@ def test_each_new_layer_kind_without_quantizers_is_its_torch_layer_and_to_float_
         assert torch.equal(got[0] if isinstance(got, tuple) else got,
                            q(*args)[0] if isinstance(got, tuple) else q(*args))
         assert set(back.state_dict()) == set(m.state_dict())
+
+
+class RootWeight(nn.Module):
+    """A head kept as the model's own nn.Parameter and applied with F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.relu(self.fc(x)), self.w)
+
+
+def test_a_float_tensor_the_report_names_can_be_named_in_skip():
+    """The report says of a root nn.Parameter 'name them in skip=', but skip=['w'] was refused
+    ('matches no weight-bearing layer'), so strict=True could never pass on such a model."""
+    with pytest.raises(ValueError, match=r"w 3x8 \(RootWeight is not converted\)"):
+        quantize_(RootWeight(), "binary_connect", strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unreported
+        m = quantize_(RootWeight(), "binary_connect", skip=["w"], strict=True)
+    assert type(m.fc) is QuantLinear_
+    with pytest.raises(ValueError, match="match no weight-bearing layer"):
+        quantize_(RootWeight(), "binary_connect", skip=["v"])
