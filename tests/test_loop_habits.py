@@ -267,3 +267,29 @@ def test_vmap_of_a_batch_statistics_forward_names_what_to_use():
     layer = QuantLinear(4, 2, input_quantizer={"name": "min_max", "mode": "ema"}).train()
     with pytest.raises(RuntimeError, match="model.eval"):
         torch.func.vmap(layer)(torch.randn(3, 4))
+
+
+def test_a_float_checkpoint_refits_only_a_grid_that_quantize_chose():
+    """fixed point's delta / pow2's m chosen from the random init were kept when a float
+    checkpoint was loaded (strictly, without a word): 3x larger weights clipped. A grid the
+    config gives is the user's and stays."""
+    import math
+
+    from fewbits.convert import family_config
+    from fewbits.quantizers.base import fitted_step
+
+    def m_for(w):
+        return round(math.log2(fitted_step(w, 1)))
+
+    big = mlp()
+    with torch.no_grad():
+        for p in big.parameters():
+            p.mul_(3.0)
+    ckpt = big.state_dict()
+    fitted = quantize_(mlp(), "pow2_connect")
+    fitted.load_state_dict(ckpt)
+    assert fitted[0].weight_quantizer.m == m_for(ckpt["0.weight"])
+    assert fitted[0].weight_quantizer.m != m_for(mlp()[0].weight)
+    given = quantize_(mlp(), family_config("fp_connect", delta=2**-3))
+    given.load_state_dict(ckpt)
+    assert given[0].weight_quantizer.delta == 2**-3
