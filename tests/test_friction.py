@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -14,22 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import ENV, tiny
 
 from fewbits import cli, monitor
 from fewbits.data import CorruptDataError, load_dataset
 from fewbits.export import export_packed, read_container
 from fewbits.train import ConfigError, TrainConfig, evaluate_file, train
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def tiny(path: Path, net: str = "mnist_float_lenet", **kw) -> TrainConfig:
-    opts = dict(net=net, dataset="synthetic", synthetic_size=16, batch_size=8, max_iter=2,
-                val_interval=2, monitor_path=str(path), progress=False, plot=False,
-                model_args={"width": 16})
-    opts.update(kw)
-    return TrainConfig(**opts)
 
 
 @pytest.fixture(scope="module")

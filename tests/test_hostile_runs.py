@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import ENV, tiny
 
 from fewbits import cli
 from fewbits._io import atomic_write, temp_dir
@@ -26,18 +27,7 @@ from fewbits.export.container import _PREFIX, MAGIC, MAX_HEADER_BYTES, write_con
 from fewbits.models import create_model
 from fewbits.runs import LOCK_NAME, REPLACED_NAME, run_lock
 from fewbits.runtime.binary_file import load_engine
-from fewbits.train import ConfigError, TrainConfig, TrainingDiverged, evaluate_file, train
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def tiny(path: Path, net: str = "mnist_float_lenet", **kw) -> TrainConfig:
-    opts = dict(net=net, dataset="synthetic", synthetic_size=16, batch_size=8, max_iter=2,
-                val_interval=2, monitor_path=str(path), progress=False, plot=False,
-                model_args={"width": 16})
-    opts.update(kw)
-    return TrainConfig(**opts)
+from fewbits.train import ConfigError, TrainingDiverged, evaluate_file, train
 
 
 @pytest.fixture(scope="module")
