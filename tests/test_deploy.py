@@ -144,7 +144,12 @@ def test_fast_path_has_pytorch_top1_and_logits_within_tolerance(fam, tmp_path):
     err = float((got - ref).abs().max()) / float(ref.abs().max())
     assert err <= fast.tolerance, (fast.backend, err)
     if fam in ("fp_net", "min_max"):
-        assert fast.backend in ("ort", "ort-checked"), fast.notes  # the fused integer export
+        # auto picks by measured speed, which a loaded machine can reorder: ask for the fused
+        # integer export by name, and hold it to the same top-1 and tolerance.
+        fused = compile_for_cpu(tmp_path / "m.fewbits", backend="ort", batch_size=32)
+        got = fused(x)
+        assert torch.equal(got.argmax(1), ref.argmax(1)), fused.notes
+        assert float((got - ref).abs().max()) / float(ref.abs().max()) <= fused.tolerance
     if fam == "binary_net":
         assert fast.backend == "binary", fast.notes  # the native XNOR-popcount engine
 
