@@ -300,6 +300,13 @@ def _words(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view("<u4")
 
 
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of uint32 ``[..., n]`` summed over the last axis, int32 ``[...]``. Through
+    ``np.unpackbits`` (numpy 1.x has no ``np.bitwise_count``, and pyproject allows it)."""
+    b = np.ascontiguousarray(words, "<u4").view(np.uint8)
+    return np.unpackbits(b, axis=-1).sum(-1, dtype=np.int64).astype(np.int32)
+
+
 def _padded(a: np.ndarray, n: int, fill: float | int) -> np.ndarray:
     out = np.full((*a.shape[:-1], n), fill, a.dtype)
     out[..., :a.shape[-1]] = a
@@ -329,7 +336,7 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {"wb": wb, "t0": _padded(t[0].astype(np.int32), cp, big),
            "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip}
     if s.pad:  # only border pixels read it: none without padding (smaller working set)
-        pop = np.bitwise_count(words).sum(-1).astype(np.int32)  # [cout, k, k]
+        pop = _popcount(words)  # [cout, k, k]
         pre = np.zeros((s.k + 1, s.k + 1, s.cout), np.int32)  # 2-D prefix sums over the taps
         pre[1:, 1:] = pop.transpose(1, 2, 0).cumsum(0).cumsum(1)
         out["wpop"] = _padded(pre, cp, 0)
