@@ -88,7 +88,7 @@ _LIB = CLibrary(
 def _lib():
     lib = _LIB.get()
     if lib is None:
-        raise ValueError(f"the binary engine cannot be built here: {_LIB.error}")
+        raise RuntimeError(f"the binary engine cannot be built here: {_LIB.error}")
     return lib
 
 
