@@ -275,3 +275,15 @@ def test_folded_file_hostile_fields(tmp_path, edit: str) -> None:
     with pytest.raises(FormatError, match="larger than the file can hold" if edit == "width"
                        else "body.4.0.threshold"):
         load_engine(path)
+
+
+def test_engine_builds_without_numpy2_popcount(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy 1.x (pyproject allows >= 1.24) has no ``np.bitwise_count``: the padding
+    correction's popcounts must not need it."""
+    m, x, ref = _reference("mnist_binary_net_lenet")
+    want = BinaryEngine.from_model(m)(x)
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert not hasattr(np, "bitwise_count")
+    words = np.array([[0xFFFFFFFF, 1], [0x80000001, 0]], np.uint32)
+    assert binary._popcount(words).tolist() == [33, 2]
+    assert torch.equal(BinaryEngine.from_model(m)(x), want)
