@@ -242,10 +242,14 @@ class BinaryEngine:
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
-                   input_size: tuple[int, int] | None = None) -> BinaryEngine:
-        """Compile a zoo binary_net ``model`` (its eval-mode forward). Raises ``ValueError``
-        naming the reason when it cannot run on the engine."""
-        plan = binary_plan(model, input_size)
+                   input_size: tuple[int, int] | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> BinaryEngine:
+        """Compile ``model`` (its eval-mode forward, read from its ``torch.fx`` graph by
+        :func:`~fewbits.runtime.binary_graph.binary_plan`: a zoo binary_net network or a
+        user's model converted with ``quantize_(model, "binary_net")``). ``input_shape``
+        ``(C, H, W)`` for a model that is not registered. Raises ``ValueError`` naming the
+        operation the engine does not cover."""
+        plan = binary_plan(model, input_size, input_shape)
         return cls(plan, fold_binary_net(model, plan), cls.input_shape(plan), isa)
 
     @staticmethod

@@ -299,7 +299,7 @@ class _Plan:
                 node.op == "call_method" and node.target == "relu"):
             if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
                 raise _refuse(node, f"ReLU of a {v.kind} value")
-            return replace(v, users=set())
+            return v
         if _is_pool2(m, node):
             if v.kind == "bn" and not v.pool and v.h % 2 == 0 and v.w % 2 == 0:
                 return replace(v, pool=True)
@@ -335,10 +335,12 @@ class _Plan:
         raise _refuse(node, f"operation {what}")
 
 
-def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None) -> list[Step]:
+def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
+                input_shape: tuple[int, ...] | None = None) -> list[Step]:
     """The engine program of ``model``'s eval-mode forward, from its ``torch.fx`` graph.
 
-    ``input_size``: the image ``(H, W)`` (default: the model's input shape). Raises
+    ``input_shape``: the per-sample input shape, ``(C, H, W)`` or ``(features,)`` (default: the
+    registered model's, else required); ``input_size``: just the image ``(H, W)``. Raises
     ``ValueError`` naming the first operation the engine does not cover (a zoo model of
     another family, a stride-2 convolution, a float residual stream, ...).
     """
@@ -346,7 +348,7 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None) -> 
     if fam is not None and fam != "binary_net":
         raise ValueError(f"the binary engine runs binary_net models only; this one is family "
                          f"{fam!r}: run it with PyTorch or ONNX Runtime")
-    shape = tuple(input_shape_of(model))
+    shape = tuple(input_shape) if input_shape is not None else tuple(input_shape_of(model))
     if input_size is not None:
         if len(shape) != 3:
             raise ValueError(f"input_size given for a model of input shape {shape}")

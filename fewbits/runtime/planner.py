@@ -137,7 +137,10 @@ def _ort_plain(ctx: Context) -> Runner:
 
 
 def _binary(ctx: Context) -> Runner:
-    return BinaryEngine.from_model(ctx.model)  # raises ValueError with the reason
+    if ctx.example is not None:
+        raise ValueError("the binary engine takes one float image batch")
+    # raises ValueError naming the operation it does not cover
+    return BinaryEngine.from_model(ctx.model, input_shape=ctx.input_shape)
 
 
 def _openvino(ctx: Context) -> Runner:
