@@ -280,7 +280,7 @@ def test_folded_file_hostile_fields(tmp_path, edit: str) -> None:
 def test_engine_builds_without_numpy2_popcount(monkeypatch: pytest.MonkeyPatch) -> None:
     """numpy 1.x (pyproject allows >= 1.24) has no ``np.bitwise_count``: the padding
     correction's popcounts must not need it."""
-    m, x, ref = _reference("mnist_binary_net_lenet")
+    m, x, _ = _reference("mnist_binary_net_lenet")
     want = BinaryEngine.from_model(m)(x)
     monkeypatch.delattr(np, "bitwise_count", raising=False)
     assert not hasattr(np, "bitwise_count")

@@ -36,8 +36,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..export.onnx import input_shape_of
 from ..layers import QuantAct, QuantLayer
+from ..models import is_model, model_info
 from ..quantizers import BinaryTanh
 
 __all__ = ["NBUF", "Step", "binary_plan"]
@@ -348,7 +348,15 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
     if fam is not None and fam != "binary_net":
         raise ValueError(f"the binary engine runs binary_net models only; this one is family "
                          f"{fam!r}: run it with PyTorch or ONNX Runtime")
-    shape = tuple(input_shape) if input_shape is not None else tuple(input_shape_of(model))
+    if input_shape is None:  # a registered model declares it
+        spec = getattr(model, "fewbits_spec", None) or {}
+        name = str(spec.get("name", ""))
+        input_shape = model_info(name).input_shape_for(spec.get("kwargs", {})) \
+            if is_model(name) else None
+        if input_shape is None:
+            raise ValueError(f"cannot tell the input shape of {type(model).__name__}; pass "
+                             "input_shape=(C, H, W)")
+    shape = tuple(input_shape)
     if input_size is not None:
         if len(shape) != 3:
             raise ValueError(f"input_size given for a model of input shape {shape}")
