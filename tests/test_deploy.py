@@ -292,6 +292,17 @@ def test_planner_drops_a_backend_whose_top1_disagrees_and_says_why(monkeypatch):
     assert "tolerance exceeded on the probe: top-1 agrees with PyTorch on" in note, note
     with pytest.raises(RuntimeError, match="'flip' cannot run this model: .*top-1 agrees"):
         compile_for_cpu(m, backend="flip")
+    with pytest.raises(RuntimeError, match="no candidate backend runs this model.*flip: "):
+        compile_for_cpu(m, candidates=("flip",))
+
+    def at_batch_8(ctx):  # right on the probe (32 rows), wrong on a timing batch of 8
+        exact = planner.CANDIDATES["torch"](ctx)
+        return lambda x: exact(x).flip(1) if x.shape[0] == 8 else exact(x)
+
+    monkeypatch.setitem(planner.CANDIDATES, "flip", at_batch_8)
+    fast = compile_for_cpu(m, candidates=("flip", "torch"), batch_size=8)
+    assert fast.backend == "torch"
+    assert any(n.startswith("flip: tolerance exceeded on the timing batch") for n in fast.notes)
 
 
 def test_planner_notes_name_every_dropped_candidate(monkeypatch):

@@ -403,13 +403,19 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
             if bad is not None:
                 del built[name], timings[name]
                 drop(name, bad)
+        if not timings:
+            raise RuntimeError("no candidate backend runs this model within its tolerance: "
+                               + "; ".join(notes))
         best = min(timings, key=timings.__getitem__)
         for name, t in timings.items():
             if name != best:
                 notes.append(f"{name}: slower: {1e3 * t:.3g} ms per batch of "
                              f"{_rows(xt)} against {best}'s {1e3 * timings[best]:.3g} ms")
-    else:
+    elif built:
         best = next(iter(built))
+    else:
+        raise RuntimeError("no candidate backend runs this model within its tolerance: "
+                           + "; ".join(notes))
     run, tol = built[best]
     return Deployed(best, run, tol, notes, timings, getattr(model, "fewbits_spec", None))
 
