@@ -186,7 +186,11 @@ class _Plan:
                           "norm outputs of its layers)")
         s = v.step
         assert s is not None
-        busy = {b for b, ns in self.live.items() if ns} | {s.src, s.res}
+        # never the buffer the step reads (its input, its residual): the C program writes
+        # its output while it reads them
+        busy = {b for b, ns in self.live.items() if ns} | {s.src}
+        if v.res is not None:
+            busy.add(v.res.buf)
         free = [b for b in range(NBUF) if b not in busy]
         if not free:
             raise _refuse(node, f"more than {NBUF} binary maps alive at once")
