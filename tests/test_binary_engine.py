@@ -359,3 +359,16 @@ def test_planner_runs_a_users_model_on_the_engine_or_names_the_operation() -> No
     assert fast.backend == "torch"
     assert any(n.startswith("binary: operation not covered") and "residual sum" in n
                for n in fast.notes), fast.notes
+
+
+def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binary net whose engine fails to build (no C compiler) falls back, and says so."""
+    from fewbits.runtime import compile_for_cpu
+
+    monkeypatch.setattr(binary._LIB, "get", lambda: None)
+    monkeypatch.setattr(binary._LIB, "error", "gcc: not found")
+    with pytest.warns(RuntimeWarning, match="'binary' failed: RuntimeError: the binary engine "
+                      "cannot be built here: gcc: not found"):
+        fast = compile_for_cpu(_model("mnist_binary_net_mlp"), batch_size=4,
+                               candidates=("binary", "torch"))
+    assert fast.backend == "torch"
