@@ -1,7 +1,9 @@
 """A native inference engine for BinaryNet (``binary_net``): the whole network in one C call.
 
-The zoo's binary_net networks (ResNet-23, LeNet, MLP) are compiled into a short program that
-``_binary_engine.c`` runs per image with no Python per layer:
+A binary_net network (the zoo's ResNet-23, LeNet and MLP, or a user's model converted with
+``quantize_``, read off its ``torch.fx`` graph by :mod:`~fewbits.runtime.binary_graph`, which
+lists the operations covered) is compiled into a short program that ``_binary_engine.c`` runs
+per image with no Python per layer:
 * the **stem** (float input, +-1 weights) is a float32 convolution, followed by a float32
   threshold in place of batch norm + binary tanh (:func:`~.binary_fold.float_thresholds`);
 * every other convolution / hidden affine is an **XNOR-popcount** convolution on bit-packed
@@ -10,7 +12,8 @@ The zoo's binary_net networks (ResNet-23, LeNet, MLP) are compiled into a short 
   exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)`` folded into two thresholds
   selected by the residual bit; 2x2 max pooling of +-1 values is a bitwise OR;
 * the **head** (average pool + affine with float bias) is an exact integer sum, one division
-  and one bias addition in float32.
+  and one bias addition in float32; a head of other than +-1 weights (an 8-bit classifier)
+  sums its products in float32, in channel order (within float rounding of PyTorch's).
 
 Everything after the stem is exact with respect to the float32 PyTorch model (logits up to
 the order of the head's bias addition: rtol 1e-6, atol 1e-5). The one difference is the stem's
