@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes: list[str] = []
         run = runners(nets, float_net, protos, threads, notes)
         picks = {f: compile_for_cpu(m, threads=threads, batch_size=64,
-                                    candidates=tuple(CANDIDATES)).backend
+                                    candidates=tuple(CANDIDATES), probe_inputs=x[:64]).backend
                  for f, m in nets.items()}
         agree = agreement(nets, run, x)
         for b in args.batch:

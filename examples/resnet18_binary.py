@@ -14,6 +14,7 @@ that fails to import on CPU-only machines. fewbits then
    ResNet-18 and evaluates it: the reloaded network computes the same logits.
 
     python examples/resnet18_binary.py --data-dir cifar10-jpeg.tar.gz --epochs 1
+    OMP_NUM_THREADS=1 python examples/resnet18_binary.py --speed   # deployment speed
     fewbits info resnet18_binary.fewbits
     fewbits eval resnet18_binary.fewbits --dataset imagefolder --data-dir cifar10-jpeg.tar.gz \\
         --model examples.resnet18_binary:resnet18_10
@@ -116,14 +117,78 @@ def binary_resnet18(num_classes: int = 1000) -> ResNet:
                              .get(name, "binary_weight"))
 
 
+def binary_net_resnet18(num_classes: int = 1000) -> ResNet:
+    """ResNet-18 as BinaryNet (binary weights and activations, ``quantize_(model,
+    "binary_net")``), the first conv and the classifier in 8-bit fixed point."""
+    return fewbits.quantize_(resnet18(num_classes), lambda name, layer: EIGHT_BIT
+                             if name in ("conv1", "fc") else "binary_net")
+
+
+def _cpu_model() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown CPU (lscpu failed)"
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                 if ln.startswith("Model name")), "unknown CPU")
+
+
+def speed(rounds: int = 20, image: int = 32) -> dict[str, Any]:
+    """Batch-1 speed of the binary_net ResNet-18 through ``compile_for_cpu`` against ONNX
+    Runtime on the float ResNet-18, one thread, timed interleaved (median of per-round
+    ratios); prints the CPU, the load average, the backend the planner picked and why it
+    dropped the others."""
+    import os
+    import statistics
+    import time
+
+    from fewbits.export.onnx import onnx_session, to_onnx
+    from fewbits.runtime import compile_for_cpu
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shape = (3, image, image)
+    float_net = resnet18(10).eval()
+    sess = onnx_session(to_onnx(float_net, torch.rand(1, *shape))[0], threads=1)
+    net = binary_net_resnet18(10).eval()
+    fast = compile_for_cpu(net, input_shape=shape, batch_size=1, threads=1)
+    x = torch.rand(1, *shape)
+    runs = {"ort float": lambda: sess.run(None, {sess.get_inputs()[0].name: x.numpy()}),
+            f"fewbits binary_net ({fast.backend})": lambda: fast(x)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds + 1):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    base, mine = (times[k][1:] for k in runs)
+    ratio = statistics.median(b / m for b, m in zip(base, mine, strict=True))
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"CPU: {_cpu_model()}; load average {load}; 1 thread, batch 1, {shape}")
+    for k, v in times.items():
+        print(f"  {k}: {1e3 * statistics.median(v[1:]):.2f} ms")
+    print(f"  ratio (ONNX Runtime float time / fewbits time): {ratio:.2f}x")
+    for n in fast.notes:
+        print(f"  planner: {n}")
+    return {"backend": fast.backend, "ratio": ratio, "notes": fast.notes, "load": load}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True, help="image folder or .tar.gz (train/, test/)")
+    p.add_argument("--speed", action="store_true", help="only time the binary_net ResNet-18 "
+                   "through compile_for_cpu against ONNX Runtime float (batch 1, 1 thread)")
+    p.add_argument("--data-dir", help="image folder or .tar.gz (train/, test/)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("-o", "--output", default="resnet18_binary.fewbits")
     args = p.parse_args(argv)
+    if args.speed:
+        return speed()
+    if args.data_dir is None:
+        p.error("--data-dir is required (or --speed)")
 
     train = load_dataset("imagefolder", "train", args.data_dir)  # uint8 (N, C, H, W)
     test = load_dataset("imagefolder", "test", args.data_dir)

@@ -162,6 +162,8 @@ def test_engine_equals_pytorch(name: str, isa: str) -> None:
     m, x, ref = _reference(name)
     engine = BinaryEngine.from_model(m)
     assert engine.isa == isa
+    # the program never writes a buffer it reads (its input or its residual)
+    assert all(s.dst not in (s.src, s.res) for s in engine.plan if s.op != "head")
     out = engine(x)
     assert torch.equal(out.argmax(1), ref.argmax(1))
     torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
@@ -226,7 +228,7 @@ def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert engine(torch.zeros(0, 784)).shape == (0, 10)
     r = _model("cifar10_binary_net_resnet23_prediction")
     r.units[0].conv2.stride = (2, 2)
-    with pytest.raises(ValueError, match=r"units.0.conv2: .*stride-1"):
+    with pytest.raises(ValueError, match=r"not covered.*units.0.conv2 with stride \(2, 2\)"):
         BinaryEngine.from_model(r)
 
 
@@ -275,3 +277,98 @@ def test_folded_file_hostile_fields(tmp_path, edit: str) -> None:
     with pytest.raises(FormatError, match="larger than the file can hold" if edit == "width"
                        else "body.4.0.threshold"):
         load_engine(path)
+
+
+def test_engine_builds_without_numpy2_popcount(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy 1.x (pyproject allows >= 1.24) has no ``np.bitwise_count``: the padding
+    correction's popcounts must not need it."""
+    m, x, _ = _reference("mnist_binary_net_lenet")
+    want = BinaryEngine.from_model(m)(x)
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert not hasattr(np, "bitwise_count")
+    words = np.array([[0xFFFFFFFF, 1], [0x80000001, 0]], np.uint32)
+    assert binary._popcount(words).tolist() == [33, 2]
+    assert torch.equal(BinaryEngine.from_model(m)(x), want)
+
+
+class _UserNet(nn.Module):
+    """A user's plain-torch CNN (torchvision-style names, no fewbits attribute names); ``act``:
+    its activation module (``nn.ReLU``, or fewbits' binary_tanh as BinaryNet puts it)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act = act
+        self.conv2 = nn.Conv2d(16, 40, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(40)
+        self.maxpool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(40, 40, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(40)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn1(self.conv1(x)))
+        h = self.maxpool(self.act(self.bn2(self.conv2(h))))
+        h = self.act(self.bn3(self.conv3(h)) + h)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def _user_model(act: nn.Module) -> nn.Module:
+    from fewbits.convert import family_config, quantize_
+
+    torch.manual_seed(4)
+    m = _UserNet(act)
+    g = torch.Generator().manual_seed(5)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            _random_bn(mod, g)
+    # binary_net inside, 8-bit fixed-point first conv and classifier
+    fixed = family_config("fp_connect", bit_width=8)
+    quantize_(m, lambda n, _: fixed if n in ("conv1", "fc") else "binary_net")
+    return m.eval()
+
+
+def test_engine_runs_a_users_quantized_model(isa: str) -> None:
+    from fewbits.layers import QuantAct
+
+    m = _user_model(QuantAct("binary_tanh"))
+    x = _dyadic(6, (3, 16, 16), seed=4)  # k/256 times 8-bit weights: exact stem sums
+    with torch.no_grad():
+        ref = m(x)
+    engine = BinaryEngine.from_model(m, input_shape=(3, 16, 16))
+    assert engine.isa == isa
+    assert [(s.op, s.pool, s.residual) for s in engine.plan] == [
+        ("stem", False, False), ("bconv", True, False), ("bconv", False, True),
+        ("head", False, False)]
+    out = engine(x)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_planner_runs_a_users_model_on_the_engine_or_names_the_operation() -> None:
+    from fewbits.layers import QuantAct
+    from fewbits.runtime import compile_for_cpu
+
+    kw = {"input_shape": (3, 16, 16), "batch_size": 4, "candidates": ("binary", "torch")}
+    fast = compile_for_cpu(_user_model(QuantAct("binary_tanh")), **kw)
+    assert fast.backend == "binary", fast.notes
+    # ReLU: quantize_ binarizes what each layer reads, so the residual stream and the pooled
+    # head stay float, which the engine does not cover: the next candidate, the note names it
+    fast = compile_for_cpu(_user_model(nn.ReLU()), **kw)
+    assert fast.backend == "torch"
+    assert any(n.startswith("binary: operation not covered") and "residual sum" in n
+               for n in fast.notes), fast.notes
+
+
+def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binary net whose engine fails to build (no C compiler) falls back, and says so."""
+    from fewbits.runtime import compile_for_cpu
+
+    monkeypatch.setattr(binary._LIB, "get", lambda: None)
+    monkeypatch.setattr(binary._LIB, "error", "gcc: not found")
+    with pytest.warns(RuntimeWarning, match="'binary' failed: RuntimeError: the binary engine "
+                      "cannot be built here: gcc: not found"):
+        fast = compile_for_cpu(_model("mnist_binary_net_mlp"), batch_size=4,
+                               candidates=("binary", "torch"))
+    assert fast.backend == "torch"

@@ -30,7 +30,7 @@
 #define FBB_X86 0
 #endif
 
-enum { OP_STEM = 0, OP_BCONV = 1, OP_HEAD = 2 };
+enum { OP_STEM = 0, OP_BCONV = 1, OP_HEAD = 2, OP_HEADF = 3 }; /* HEADF: float weights */
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { NBUF = 4 };
 
@@ -506,6 +506,21 @@ static void run_head(const fbb_layer *L, const uint32_t *in, float *out, int32_t
     }
 }
 
+/* A head of any float weights (a fixed-point classifier): the average of each channel's +-1
+ * values (exact: an integer over hw), then the affine in float, channels in order. */
+static void run_headf(const fbb_layer *L, const uint32_t *in, float *out, int32_t *cnt) {
+    int hw = L->h * L->w, wi = wd_of(L->cin);
+    memset(cnt, 0, sizeof(int32_t) * L->cin);
+    for (int p = 0; p < hw; p++)
+        for (int c = 0; c < L->cin; c++) cnt[c] += (int32_t)((in[(size_t)p * wi + c / 32] >> (c % 32)) & 1u);
+    for (int j = 0; j < L->cout; j++) {
+        float acc = 0.0f;
+        const float *w = L->wf + (size_t)j * L->cin;
+        for (int c = 0; c < L->cin; c++) acc += w[c] * ((float)(2 * cnt[c] - hw) / (float)hw);
+        out[j] = acc + L->bias[j];
+    }
+}
+
 static size_t map_words(const fbb_layer *L) {
     return (size_t)out_size(L, L->h) * out_size(L, L->w) * (L->cout_pad / 32);
 }
@@ -527,13 +542,14 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     if (isa == ISA_AVX2) { stem = stem_row_avx2; bconv = bconv_row_avx2; }
     if (isa == ISA_AVX512) { stem = stem_row_avx512; bconv = bconv_row_avx512; }
 #endif
-    if (nl < 2 || L[0].op != OP_STEM || L[nl - 1].op != OP_HEAD) return -3;
+    if (nl < 2 || L[0].op != OP_STEM || (L[nl - 1].op != OP_HEAD && L[nl - 1].op != OP_HEADF))
+        return -3;
     int64_t nout = L[nl - 1].cout;
     if (out_size_ != n * nout) return -3;
     size_t mw = 1, pw = 1, cw = 32;
     for (int i = 0; i < nl; i++) {
         const fbb_layer *l = &L[i];
-        if (l->op == OP_HEAD) {
+        if (l->op == OP_HEAD || l->op == OP_HEADF) {
             if ((size_t)l->cin > cw) cw = l->cin;
             continue;
         }
@@ -552,8 +568,8 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
             const fbb_layer *l = &L[i];
             uint32_t *dst = l->dst >= 0 ? buf + mw * l->dst : NULL;
             const uint32_t *src = l->src >= 0 ? buf + mw * l->src : NULL;
-            if (l->op == OP_HEAD) {
-                run_head(l, src, out + b * nout, tmp);
+            if (l->op == OP_HEAD || l->op == OP_HEADF) {
+                (l->op == OP_HEAD ? run_head : run_headf)(l, src, out + b * nout, tmp);
                 continue;
             }
             run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size) : (const void *)src,

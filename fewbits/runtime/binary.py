@@ -1,7 +1,9 @@
 """A native inference engine for BinaryNet (``binary_net``): the whole network in one C call.
 
-The zoo's binary_net networks (ResNet-23, LeNet, MLP) are compiled into a short program that
-``_binary_engine.c`` runs per image with no Python per layer:
+A binary_net network (the zoo's ResNet-23, LeNet and MLP, or a user's model converted with
+``quantize_``, read off its ``torch.fx`` graph by :mod:`~fewbits.runtime.binary_graph`, which
+lists the operations covered) is compiled into a short program that ``_binary_engine.c`` runs
+per image with no Python per layer:
 * the **stem** (float input, +-1 weights) is a float32 convolution, followed by a float32
   threshold in place of batch norm + binary tanh (:func:`~.binary_fold.float_thresholds`);
 * every other convolution / hidden affine is an **XNOR-popcount** convolution on bit-packed
@@ -10,7 +12,8 @@ The zoo's binary_net networks (ResNet-23, LeNet, MLP) are compiled into a short 
   exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)`` folded into two thresholds
   selected by the residual bit; 2x2 max pooling of +-1 values is a bitwise OR;
 * the **head** (average pool + affine with float bias) is an exact integer sum, one division
-  and one bias addition in float32.
+  and one bias addition in float32; a head of other than +-1 weights (an 8-bit classifier)
+  sums its products in float32, in channel order (within float rounding of PyTorch's).
 
 Everything after the stem is exact with respect to the float32 PyTorch model (logits up to
 the order of the head's bias addition: rtol 1e-6, atol 1e-5). The one difference is the stem's
@@ -42,7 +45,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +53,10 @@ from torch import Tensor, nn
 
 from .._cbuild import CLibrary
 from .._checks import checks_enabled
-from ..layers import QuantAct
-from ..models.nets import MLP, LeNet, ResNet23
-from ..quantizers import BinaryConnect, BinaryTanh
+from ..layers import QuantLayer
+from ..quantizers import BinaryConnect
 from .binary_fold import float_thresholds, integer_thresholds
+from .binary_graph import Step, binary_plan
 
 __all__ = ["ISAS", "ISA_ENV", "BinaryEngine", "Step", "binary_plan", "fold_binary_net",
            "supported_isas"]
@@ -63,7 +65,7 @@ __all__ = ["ISAS", "ISA_ENV", "BinaryEngine", "Step", "binary_plan", "fold_binar
 ISAS = ("generic", "avx2", "avx512_vpopcntdq")
 #: Environment variable that forces a path (one of ``ISAS``).
 ISA_ENV = "FEWBITS_BINARY_ISA"
-_OPS = {"stem": 0, "bconv": 1, "head": 2}
+_OPS = {"stem": 0, "bconv": 1, "head": 2, "headf": 3}  # headf: a head of any float weights
 _P = ctypes.c_void_p
 
 
@@ -88,7 +90,7 @@ _LIB = CLibrary(
 def _lib():
     lib = _LIB.get()
     if lib is None:
-        raise ValueError(f"the binary engine cannot be built here: {_LIB.error}")
+        raise RuntimeError(f"the binary engine cannot be built here: {_LIB.error}")
     return lib
 
 
@@ -113,156 +115,22 @@ def _pick_isa(isa: str | None) -> str:
     return name
 
 
-@dataclass
-class Step:
-    """One operation of an engine program: ``op`` is ``"stem"`` (float conv), ``"bconv"``
-    (binary conv) or ``"head"`` (average pool + affine); ``weight``/``bn`` name the modules;
-    the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad``, stride 1;
-    ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x`` the bits of
-    buffer ``res``; ``src``/``dst``: scratch buffers."""
-
-    op: str
-    weight: str
-    bn: str | None
-    cin: int
-    cout: int
-    h: int
-    w: int
-    k: int = 1
-    pad: int = 0
-    pool: bool = False
-    residual: bool = False
-    src: int = -1
-    dst: int = -1
-    res: int = -1
-
-    @property
-    def range(self) -> tuple[int, int]:
-        """Integer range of a binary conv's pre-activation: ``+-cin*k*k``."""
-        n = self.cin * self.k * self.k
-        return -n, n
-
-
-def _is_btanh(m: nn.Module) -> bool:
-    return isinstance(m, QuantAct) and isinstance(m.quantizer, BinaryTanh)
-
-
-def _post(model: nn.Module, name: str, act: bool = True) -> str:
-    """Check ``name`` is ``Sequential(BN, binary_tanh)`` (``act=False``: ``(BN,)``)."""
-    seq = model.get_submodule(name)
-    ok = (isinstance(seq, nn.Sequential) and len(seq) == 1 + act
-          and isinstance(seq[0], nn.modules.batchnorm._BatchNorm)
-          and (not act or _is_btanh(seq[1])))
-    if not ok:
-        raise ValueError(f"{name}: expected batch norm{' + binary_tanh' if act else ''}, got "
-                         f"{seq}; the binary engine runs BinaryNet's recipe only")
-    return f"{name}.0"
-
-
-def _conv(model: nn.Module, name: str) -> tuple[int, int]:
-    m = model.get_submodule(name)
-    if isinstance(m, nn.Linear):
-        return 0, 0
-    if not isinstance(m, nn.Conv2d) or m.stride != (1, 1) or m.dilation != (1, 1) \
-            or m.groups != 1 or m.padding_mode != "zeros" or m.bias is not None \
-            or isinstance(m.padding, str) or m.kernel_size[0] != m.kernel_size[1] \
-            or m.padding[0] != m.padding[1]:
-        raise ValueError(f"{name}: the binary engine runs square stride-1 convolutions without "
-                         f"bias and with zero padding, got {m}")
-    return m.kernel_size[0], m.padding[0]
-
-
-def _pool_ok(m: nn.Module, name: str) -> None:
-    if not (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2)) and m.stride in
-            (2, (2, 2)) and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1))
-            and not m.ceil_mode):
-        raise ValueError(f"{name}: the binary engine runs 2x2 max pooling only, got {m}")
-
-
-def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None) -> list[Step]:
-    """The engine program of a zoo ``binary_net`` model (``ResNet23``, ``LeNet``, ``MLP``).
-
-    ``input_size``: the image ``(H, W)`` (default 32 x 32 for ResNet-23; LeNet and MLP have
-    fixed input sizes). Raises ``ValueError`` naming what does not fit the engine.
-    """
-
-    fam = getattr(model, "family", None)
-    if fam != "binary_net":
-        raise ValueError(f"the binary engine runs binary_net models only; this one is family "
-                         f"{fam!r}: run it with PyTorch or ONNX Runtime")
-    if isinstance(model, ResNet23):
-        h, w = input_size or (32, 32)
-        k, p = _conv(model, "stem")
-        c = model.stem.out_channels
-        steps = [Step("stem", "stem", _post(model, "stem_post"), model.stem.in_channels, c, h,
-                      w, k, p, dst=0)]
-        cur = 0
-        for i, unit in enumerate(model.units):
-            n, (f0, f1) = f"units.{i}", [b for b in range(3) if b != cur]
-            if not _is_btanh(unit.merge):
-                raise ValueError(f"{n}.merge: expected binary_tanh, got {unit.merge}")
-            down = not isinstance(unit.pool, nn.Identity)
-            if down:
-                _pool_ok(unit.pool, f"{n}.pool")
-            c1, c2 = unit.conv1.out_channels, unit.conv2.out_channels
-            if unit.conv3.out_channels != c:
-                raise ValueError(f"{n}: residual needs conv3 to keep {c} channels")
-            steps += [Step("bconv", f"{n}.conv1", _post(model, f"{n}.post1"), c, c1, h, w,
-                           *_conv(model, f"{n}.conv1"), src=cur, dst=f0),
-                      Step("bconv", f"{n}.conv2", _post(model, f"{n}.post2"), c1, c2, h, w,
-                           *_conv(model, f"{n}.conv2"), src=f0, dst=f1),
-                      Step("bconv", f"{n}.conv3", _post(model, f"{n}.post3", act=False), c2, c,
-                           h, w, *_conv(model, f"{n}.conv3"), pool=down, residual=True,
-                           src=f1, dst=f0, res=cur)]
-            cur, h, w = f0, (h // 2 if down else h), (w // 2 if down else w)
-        return [*steps, Step("head", "fc", None, c, model.fc.out_features, h, w, src=cur)]
-    if isinstance(model, LeNet):
-        _pool_ok(model.pool, "pool")
-        c1, c2 = model.conv1.out_channels, model.conv2.out_channels
-        h = input_size[0] if input_size else 28
-        if input_size and input_size[0] != input_size[1]:
-            raise ValueError("LeNet's engine program needs a square input")
-        steps = [Step("stem", "conv1", _post(model, "post1"), model.conv1.in_channels, c1, h, h,
-                      *_conv(model, "conv1"), pool=True, dst=0)]
-        h //= 2
-        steps.append(Step("bconv", "conv2", _post(model, "post2"), c1, c2, h, h,
-                          *_conv(model, "conv2"), pool=True, src=0, dst=1))
-        h //= 2
-        if model.fc1.in_features != c2 * h * h:
-            raise ValueError(f"fc1 expects {model.fc1.in_features} inputs, the convolutions "
-                             f"give {c2} x {h} x {h}: wrong input_size")
-        steps.append(Step("bconv", "fc1", _post(model, "post3"), c2, model.fc1.out_features, h,
-                          h, h, 0, src=1, dst=0))
-        return [*steps, Step("head", "fc2", None, model.fc1.out_features,
-                             model.fc2.out_features, 1, 1, src=0)]
-    if isinstance(model, MLP):
-        body = list(model.body.named_children())
-        lin = [n for n, m in body if isinstance(m, nn.Linear)]
-        if not isinstance(body[0][1], nn.Flatten) or len(body) != 1 + 2 * len(lin):
-            raise ValueError("MLP body must be Flatten, then (Linear, BN + binary_tanh) pairs")
-        steps, buf = [], 0
-        for i, n in enumerate(lin):
-            m = model.get_submodule(f"body.{n}")
-            post = _post(model, f"body.{int(n) + 1}")
-            steps.append(Step("stem" if i == 0 else "bconv", f"body.{n}", post, m.in_features,
-                              m.out_features, 1, 1, src=-1 if i == 0 else buf,
-                              dst=buf if i == 0 else 1 - buf))
-            buf = steps[-1].dst
-        return [*steps, Step("head", "fc", None, model.fc.in_features, model.fc.out_features, 1,
-                             1, src=buf)]
-    raise ValueError(f"the binary engine knows the zoo's ResNet23, LeNet and MLP, not "
-                     f"{type(model).__name__}")
-
-
 @torch.no_grad()
-def _signs(model: nn.Module, name: str) -> np.ndarray:
-    """The layer's +-1 weights as the forward uses them (its quantizer, or stored values)."""
+def _weights(model: nn.Module, name: str, binary: bool) -> np.ndarray:
+    """The layer's weights as the forward uses them (its quantizer, or stored values): int8
+    +-1 for a binary layer (``binary``), else float32 (the stem and the head may hold any
+    weights: a fixed-point first conv and classifier, say)."""
     layer = model.get_submodule(name)
     q = getattr(layer, "weight_quantizer", None)
-
+    w = layer.quantized_weight() if isinstance(layer, QuantLayer) else layer.weight
+    w = w.detach().float()
+    if not binary:
+        if not bool(w.isfinite().all()):
+            raise ValueError(f"{name}: weights hold NaN or inf")
+        return w.numpy()
     if q is not None and not isinstance(q, BinaryConnect):
-        raise ValueError(f"{name}: weight quantizer {type(q).__name__} is not binary_connect")
-    w = layer.weight.detach() if q is None else q(layer.weight.detach())
+        raise ValueError(f"{name}: weight quantizer {type(q).__name__} is not binary_connect; "
+                         "the binary engine runs +-1 weights after the first layer")
     if not bool((w.abs() == 1).all()):
         raise ValueError(f"{name}: weights are not all +-1; the binary engine needs BinaryNet "
                          "weights")
@@ -276,9 +144,10 @@ def fold_binary_net(model: nn.Module, plan: list[Step]) -> dict[str, np.ndarray]
     ``<bn>.nonfinite`` (bool ``[2, C]``). Batch norm uses running statistics (eval mode)."""
     out: dict[str, np.ndarray] = {}
     for s in plan:
-        out[f"{s.weight}.weight"] = _signs(model, s.weight)
+        out[f"{s.weight}.weight"] = _weights(model, s.weight, s.op == "bconv")
         if s.op == "head":
-            b = model.get_submodule(s.weight).bias
+            layer = model.get_submodule(s.weight)
+            b = layer.quantized_bias() if isinstance(layer, QuantLayer) else layer.bias
             out[f"{s.weight}.bias"] = (np.zeros(s.cout, np.float32) if b is None
                                        else b.detach().float().numpy())
             continue
@@ -300,6 +169,13 @@ def _words(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view("<u4")
 
 
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of uint32 ``[..., n]`` summed over the last axis, int32 ``[...]``. Through
+    ``np.unpackbits`` (numpy 1.x has no ``np.bitwise_count``, and pyproject allows it)."""
+    b = np.ascontiguousarray(words, "<u4").view(np.uint8)
+    return np.unpackbits(b, axis=-1).sum(-1, dtype=np.int64).astype(np.int32)
+
+
 def _padded(a: np.ndarray, n: int, fill: float | int) -> np.ndarray:
     out = np.full((*a.shape[:-1], n), fill, a.dtype)
     out[..., :a.shape[-1]] = a
@@ -308,7 +184,9 @@ def _padded(a: np.ndarray, n: int, fill: float | int) -> np.ndarray:
 
 def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     cp = -(-s.cout // 32) * 32
-    w = d[f"{s.weight}.weight"].astype(np.int8)
+    w = d[f"{s.weight}.weight"]
+    if s.op == "bconv":
+        w = w.astype(np.int8)
     if s.op == "head":
         return {"wf": np.ascontiguousarray(w.reshape(s.cout, s.cin), np.float32),
                 "bias": np.ascontiguousarray(d[f"{s.weight}.bias"], np.float32)}
@@ -316,7 +194,7 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     t = d[f"{s.bn}.threshold"]
     if s.op == "stem":  # taps in PyTorch order (c, ky, kx), output channels contiguous
         nf = d[f"{s.bn}.nonfinite"].astype(bool)
-        return {"wf": _padded(w.reshape(s.cout, -1).T.astype(np.float32), cp, 0.0),
+        return {"wf": _padded(np.asarray(w, np.float32).reshape(s.cout, -1).T, cp, 0.0),
                 "tf": _padded(t.astype(np.float32), cp, np.inf), "flip": flip,
                 "ninf": _words(_padded(nf[0], cp, False)),
                 "pinf": _words(_padded(nf[1], cp, False))}
@@ -329,7 +207,7 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {"wb": wb, "t0": _padded(t[0].astype(np.int32), cp, big),
            "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip}
     if s.pad:  # only border pixels read it: none without padding (smaller working set)
-        pop = np.bitwise_count(words).sum(-1).astype(np.int32)  # [cout, k, k]
+        pop = _popcount(words)  # [cout, k, k]
         pre = np.zeros((s.k + 1, s.k + 1, s.cout), np.int32)  # 2-D prefix sums over the taps
         pre[1:, 1:] = pop.transpose(1, 2, 0).cumsum(0).cumsum(1)
         out["wpop"] = _padded(pre, cp, 0)
@@ -356,7 +234,10 @@ class BinaryEngine:
             arrs = _layer_arrays(s, data)
             self._keep += arrs.values()  # the C program points into these arrays
             cp = -(-s.cout // 32) * 32
-            self._layers[i] = _Layer(_OPS[s.op], s.cin, s.cout, s.h, s.w, s.k, s.pad,
+            op = s.op
+            if op == "head" and not bool((np.abs(arrs["wf"]) == 1).all()):
+                op = "headf"
+            self._layers[i] = _Layer(_OPS[op], s.cin, s.cout, s.h, s.w, s.k, s.pad,
                                      int(s.pool), s.src, s.dst, s.res, cp,
                                      *(arrs[n].ctypes.data if n in arrs else None for n in
                                        ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf",
@@ -364,10 +245,14 @@ class BinaryEngine:
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
-                   input_size: tuple[int, int] | None = None) -> BinaryEngine:
-        """Compile a zoo binary_net ``model`` (its eval-mode forward). Raises ``ValueError``
-        naming the reason when it cannot run on the engine."""
-        plan = binary_plan(model, input_size)
+                   input_size: tuple[int, int] | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> BinaryEngine:
+        """Compile ``model`` (its eval-mode forward, read from its ``torch.fx`` graph by
+        :func:`~fewbits.runtime.binary_graph.binary_plan`: a zoo binary_net network or a
+        user's model converted with ``quantize_(model, "binary_net")``). ``input_shape``
+        ``(C, H, W)`` for a model that is not registered. Raises ``ValueError`` naming the
+        operation the engine does not cover."""
+        plan = binary_plan(model, input_size, input_shape)
         return cls(plan, fold_binary_net(model, plan), cls.input_shape(plan), isa)
 
     @staticmethod

@@ -1,10 +1,14 @@
 """Pick the fastest exact way to run a fewbits network on this CPU.
 
 :func:`compile_for_cpu` builds every candidate backend of :data:`CANDIDATES` that applies,
-checks each against the PyTorch model on a probe batch (logits within :func:`tolerance`), times
-the ones that pass on a batch of ``batch_size`` and returns the fastest as a :class:`Deployed`
-callable. A candidate is a function ``Context -> runner`` that raises (any ``Exception``) with
-the reason when it cannot run the model; the reasons end up in :attr:`Deployed.notes`.
+checks each against the PyTorch model on a probe batch (:func:`check_outputs`: logits within
+:func:`tolerance` and top-1 agreement of at least :data:`MIN_TOP1_AGREEMENT`), times the ones
+that pass on a batch of ``batch_size``, checks them again on that batch, and returns the
+fastest as a :class:`Deployed` callable. A candidate is a function ``Context -> runner`` that
+raises with the reason when it cannot run the model (``ValueError``: the model has something
+it does not cover, named; anything else also warns); why each candidate was left out (not
+covered, tolerance exceeded with the numbers, slower with the times) is in
+:attr:`Deployed.notes`.
 
 Candidates today:
 * ``openvino`` -- OpenVINO on the fused ONNX export (optional: the ``bench`` extra; by name
@@ -43,6 +47,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,8 +60,9 @@ from ..layers import QuantAct, quant_layers
 from .binary import BinaryEngine
 from .ort import CheckedRunner, Runner, openvino_runner, ort_runner, plain_runner
 
-__all__ = ["AUTO", "CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cpu", "leaf_error",
-           "tolerance"]
+__all__ = ["AUTO", "CANDIDATES", "EXACT", "MIN_TOP1_AGREEMENT", "PROBE_SIZE", "Context",
+           "Deployed", "check_outputs", "compile_for_cpu", "leaf_error", "probe_images",
+           "tolerance", "top1_agreement"]
 
 #: Relative logit tolerance (of ``max |logit|``) when activations are quantized: the fused
 #: export may put a value lying within float rounding of a level boundary (or on a tie, where
@@ -65,6 +71,13 @@ __all__ = ["AUTO", "CANDIDATES", "EXACT", "Context", "Deployed", "compile_for_cp
 QUANTIZED_RTOL = 0.08
 #: ... and when only weights are quantized (float activations): float rounding only.
 FLOAT_RTOL = 1e-3
+#: Least share of a backend's top-1 predictions (argmax of 2-D class scores) equal to
+#: PyTorch's, on the probe and on the timing batch (issue 23's bar). A relative logit bound
+#: alone let a fused path with 69-89 % agreement through: its logits stayed within 0.08 of
+#: their range on the noise probe, while near-ties of a trained net flip.
+MIN_TOP1_AGREEMENT = 0.995
+#: Seeded probe inputs :func:`compile_for_cpu` checks every backend on (:func:`probe_images`).
+PROBE_SIZE = 32
 #: Backends that compute PyTorch's own arithmetic (tolerance 0).
 EXACT = frozenset({"torch"})
 
@@ -124,7 +137,10 @@ def _ort_plain(ctx: Context) -> Runner:
 
 
 def _binary(ctx: Context) -> Runner:
-    return BinaryEngine.from_model(ctx.model)  # raises ValueError with the reason
+    if ctx.example is not None:
+        raise ValueError("the binary engine takes one float image batch")
+    # raises ValueError naming the operation it does not cover
+    return BinaryEngine.from_model(ctx.model, input_shape=ctx.input_shape)
 
 
 def _openvino(ctx: Context) -> Runner:
@@ -186,6 +202,28 @@ def _probe_shape(model: nn.Module) -> tuple[int, ...]:
     return input_shape_of(model)
 
 
+def probe_images(n: int, shape: tuple[int, ...], seed: int = 0) -> Tensor:
+    """``n`` seeded probe inputs of per-sample ``shape`` in ``[0, 1]``: every other one i.i.d.
+    uniform noise, the rest smooth noise (uniform noise at 1/8 .. 1/2 of the size, upsampled
+    bilinearly) where ``shape`` is ``(C, H, W)`` with ``H, W >= 8``.
+
+    Why smooth: a net trained on images answers pixel noise with nearly one class and small
+    activations, where a backend's level flips stay few; image-like inputs drive it where real
+    data do (measured on a min-max ResNet-23 a few Adam steps into training: ONNX Runtime's
+    fused path gave 97 % top-1 agreement on uniform noise, 42-55 % on smooth noise and 69 % on
+    CIFAR-10 test images)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *shape, generator=g)
+    if len(shape) == 3 and min(shape[1:]) >= 8:
+        for i in range(1, n, 2):
+            f = (2, 4, 8)[(i // 2) % 3]
+            small = torch.rand(1, shape[0], max(1, shape[1] // f), max(1, shape[2] // f),
+                               generator=g)
+            x[i] = nn.functional.interpolate(small, size=shape[1:], mode="bilinear",
+                                             align_corners=False)[0]
+    return x
+
+
 def _call_args(inputs: Any) -> tuple[tuple, dict]:
     if isinstance(inputs, Tensor):
         return (inputs,), {}
@@ -218,29 +256,76 @@ def leaf_error(got: Any, ref: Any) -> float:
     return err
 
 
-def _median_time(run: Runner, x: tuple[tuple, dict], repeats: int = 3) -> float:
-    run(*x[0], **x[1])
+def top1_agreement(got: Any, ref: Any) -> tuple[float, int] | None:
+    """``(share of equal argmax, rows)`` over the 2-D floating tensor leaves (class scores) of
+    two outputs of the same structure, the smallest share of any leaf; None without such a
+    leaf."""
+    from torch.utils._pytree import tree_flatten
+
+    best: tuple[float, int] | None = None
+    for a, b in zip(tree_flatten(got)[0], tree_flatten(ref)[0], strict=False):
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and b.dim() == 2 \
+                and b.is_floating_point() and a.shape == b.shape and b.shape[1] > 1 \
+                and b.shape[0] > 0:
+            share = float((a.argmax(1) == b.argmax(1)).double().mean())
+            if best is None or share < best[0]:
+                best = (share, b.shape[0])
+    return best
+
+
+def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe") -> str | None:
+    """Why ``got`` is not an acceptable stand-in for PyTorch's ``ref`` (None: it is): logits
+    beyond ``tol`` of their range, or class scores whose top-1 agrees on fewer than
+    :data:`MIN_TOP1_AGREEMENT` of the rows (with ``tol`` 0, on any row less)."""
+    err = leaf_error(got, ref)
+    if err > tol:
+        return f"tolerance exceeded on the {what}: logits differ by {err:.3g} of their range " \
+               f"(tolerance {tol:.3g})"
+    top = top1_agreement(got, ref)
+    if top is not None and top[0] < (MIN_TOP1_AGREEMENT if tol else 1.0):
+        return f"tolerance exceeded on the {what}: top-1 agrees with PyTorch on " \
+               f"{100 * top[0]:.1f} % of {top[1]} inputs (needs {100 * MIN_TOP1_AGREEMENT:.1f} " \
+               f"%; logits differ by {err:.3g} of their range, tolerance {tol:.3g})"
+    return None
+
+
+def _median_time(run: Runner, x: tuple[tuple, dict], repeats: int = 3) -> tuple[float, Any]:
+    out = run(*x[0], **x[1])
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run(*x[0], **x[1])
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "auto",
                     threads: int | None = None, batch_size: int = 64,
                     input_shape: tuple[int, int, int] | None = None,
-                    candidates: tuple[str, ...] = AUTO, example_inputs: Any = None) -> Deployed:
+                    candidates: tuple[str, ...] = AUTO, example_inputs: Any = None,
+                    probe_inputs: Tensor | None = None) -> Deployed:
     """The fastest exact-enough CPU form of ``source`` (model, ``.fewbits`` file, run folder or
-    checkpoint). ``backend="auto"`` times every candidate that passes the probe (logits
-    within :func:`tolerance` of PyTorch's on 16 seeded random images) on a batch of
-    ``batch_size`` and keeps the fastest (among ``candidates``, default :data:`AUTO`); a name
-    from :data:`CANDIDATES` forces that one
-    (raising with the reason if it cannot run). ``threads``: the runtime's intra-op threads
-    (PyTorch's are the caller's). ``example_inputs`` (a tensor, a tuple of arguments or a dict
-    of keyword arguments) for a model that does not take one image batch: they are the probe
-    and the timing batch. Raises ``ValueError`` for an unknown backend.
+    checkpoint).
+
+    ``backend="auto"`` builds every candidate (among ``candidates``, default :data:`AUTO`),
+    keeps those whose outputs pass :func:`check_outputs` against PyTorch's (logits within
+    :func:`tolerance` and top-1 agreement of at least :data:`MIN_TOP1_AGREEMENT`) on the probe
+    (:func:`probe_images`: 32 seeded noise and smooth-noise images, plus ``probe_inputs``), times
+    them on a batch of ``batch_size`` (made of ``probe_inputs`` where given), checks each
+    output on that batch against PyTorch's again, and keeps the fastest. Every candidate left
+    out gets a line in :attr:`Deployed.notes` saying why: ``operation not covered: ...``,
+    ``tolerance exceeded on the probe: ...`` (with the numbers) or ``slower: ...`` (with the
+    times). A candidate that fails for another reason than not covering the model (a missing
+    package, a failed native build) also warns (``RuntimeWarning``): no fast path drops
+    silently.
+
+    A name from :data:`CANDIDATES` forces that one (raising with the reason if it cannot run).
+    ``threads``: the runtime's intra-op threads (PyTorch's are the caller's).
+    ``example_inputs`` (a tensor, a tuple of arguments or a dict of keyword arguments) for a
+    model that does not take one image batch: they are the probe and the timing batch.
+    ``probe_inputs``: real inputs (one float image batch, as the model takes them), which are
+    what tells a backend's level flips on a trained net; ``fewbits eval --fast`` passes the
+    first images of the split. Raises ``ValueError`` for an unknown backend.
     """
 
     if backend != "auto" and backend not in CANDIDATES:
@@ -249,14 +334,20 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model, _ = resolve_source(source)
     model = model.eval()
-    g = torch.Generator().manual_seed(0)
     if example_inputs is not None:
-        if input_shape is not None:
-            raise ValueError("give example_inputs or input_shape, not both")
+        if input_shape is not None or probe_inputs is not None:
+            raise ValueError("give example_inputs, or input_shape / probe_inputs, not both")
         shape, probe = None, _call_args(example_inputs)
     else:
         shape = tuple(input_shape) if input_shape is not None else _probe_shape(model)
-        probe = ((torch.rand(16, *shape, generator=g),), {})
+        x = probe_images(PROBE_SIZE, shape)
+        if probe_inputs is not None:
+            if not isinstance(probe_inputs, Tensor) or tuple(probe_inputs.shape[1:]) != shape:
+                raise ValueError(f"probe_inputs must be a float tensor (N, "
+                                 f"{', '.join(map(str, shape))}), got "
+                                 f"{tuple(getattr(probe_inputs, 'shape', ()))}")
+            x = torch.cat([x, probe_inputs.detach().float().cpu()])
+        probe = ((x,), {})
     with torch.inference_mode():
         ref = model(*probe[0], **probe[1])
     ctx = Context(model, source, threads, shape, example=example_inputs)
@@ -266,31 +357,69 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
     names = [n for n in CANDIDATES if n in candidates] if backend == "auto" else [backend]
     built: dict[str, tuple[Runner, float]] = {}
     notes: list[str] = []
+
+    def drop(name: str, why: str) -> None:
+        if backend != "auto":
+            raise RuntimeError(f"backend {name!r} cannot run this model: {why}")
+        notes.append(f"{name}: {why}")
+
     for name in names:
         if backend == "auto" and name == "ort-plain" and {"ort", "ort-checked"} & set(built):
-            continue  # the fused form runs it faster; the plain one is for the others
+            notes.append("ort-plain: not tried: a fused ONNX Runtime form passed")
+            continue
         tol = tolerance(model, name)
         try:
             run = CANDIDATES[name](ctx)
-            err = leaf_error(run(*probe[0], **probe[1]), ref)
+            got = run(*probe[0], **probe[1])
         except Exception as e:  # each candidate's reason for not applying
-            if backend != "auto":
-                raise RuntimeError(f"backend {name!r} cannot run this model: {e}") from e
-            notes.append(f"{name}: {type(e).__name__}: {e}")
+            covered = not isinstance(e, ValueError)
+            why = (f"{'failed' if covered else 'operation not covered'}: "
+                   f"{type(e).__name__}: {e}")
+            if covered and backend == "auto":  # not the model's fault: say it out loud
+                warnings.warn(f"compile_for_cpu: backend {name!r} {why}; trying the next "
+                              "candidate", RuntimeWarning, stacklevel=2)
+            drop(name, why)
             continue
-        if err > tol:
-            msg = f"{name}: logits differ by {err:.3g} of their range (tolerance {tol:.3g})"
-            if backend != "auto":
-                raise RuntimeError(msg)
-            notes.append(msg)
+        bad = check_outputs(got, ref, tol)
+        if bad is not None:
+            drop(name, bad)
             continue
         built[name] = (run, tol)
     timings: dict[str, float] = {}
     if len(built) > 1:
-        x = ((torch.rand(batch_size, *shape, generator=g),), {}) if shape is not None else probe
-        timings = {name: _median_time(run, x) for name, (run, _) in built.items()}
+        if shape is None:
+            xt = probe
+        else:
+            base = probe[0][0] if probe_inputs is None else probe_inputs.detach().float().cpu()
+            reps = -(-batch_size // base.shape[0])
+            xt = ((base.repeat(reps, *([1] * len(shape)))[:batch_size].contiguous(),), {})
+        outs: dict[str, Any] = {}
+        for name, (run, _) in built.items():
+            timings[name], outs[name] = _median_time(run, xt)
+        with torch.inference_mode():
+            ref_t = outs["torch"] if "torch" in outs else model(*xt[0], **xt[1])
+        for name in list(built):
+            bad = check_outputs(outs[name], ref_t, built[name][1], "timing batch")
+            if bad is not None:
+                del built[name], timings[name]
+                drop(name, bad)
+        if not timings:
+            raise RuntimeError("no candidate backend runs this model within its tolerance: "
+                               + "; ".join(notes))
         best = min(timings, key=timings.__getitem__)
-    else:
+        for name, t in timings.items():
+            if name != best:
+                notes.append(f"{name}: slower: {1e3 * t:.3g} ms per batch of "
+                             f"{_rows(xt)} against {best}'s {1e3 * timings[best]:.3g} ms")
+    elif built:
         best = next(iter(built))
+    else:
+        raise RuntimeError("no candidate backend runs this model within its tolerance: "
+                           + "; ".join(notes))
     run, tol = built[best]
     return Deployed(best, run, tol, notes, timings, getattr(model, "fewbits_spec", None))
+
+
+def _rows(x: tuple[tuple, dict]) -> str:
+    t = next((v for v in (*x[0], *x[1].values()) if isinstance(v, Tensor)), None)
+    return str(t.shape[0]) if t is not None and t.dim() else "?"

@@ -1,0 +1,377 @@
+"""The binary engine's program, read off the model's ``torch.fx`` graph (not off attribute
+names): any model whose forward is made of the operations below compiles, the zoo's
+binary_net networks and a user's model converted with ``quantize_(model, "binary_net")`` alike.
+
+Operations covered (anything else raises ``ValueError`` naming the node and the operation,
+which the planner records before it tries the next backend):
+
+* the **stem**: the first convolution / affine, on the float input (any float weights: +-1, or
+  a fixed-point first layer), then batch norm and a binarization;
+* **binary layers**: a convolution (square kernel, stride 1, zero padding, no bias, groups 1,
+  dilation 1) or affine of +-1 weights (``binary_connect``) on binary activations, then batch
+  norm and a binarization; an affine on a flattened ``c x h x h`` map is a ``h x h``
+  convolution;
+* **binarization**: ``binary_tanh`` as a ``QuantAct`` module or as the ``input_quantizer`` of
+  the layer that reads the value (``quantize_``'s placement); a ReLU between batch norm and
+  ``binary_tanh`` changes nothing (``binary_tanh(relu(y)) == binary_tanh(y)``: both are +1
+  exactly where ``y > 0``);
+* **residual sums** ``binary_tanh(BN(s) + x)`` with ``x`` a binary activation (the ResNet
+  unit of the zoo);
+* **2x2 max pooling** (stride 2) of binary activations, or of a batch-norm output before its
+  binarization (``binary_tanh`` is monotone, so the two commute);
+* the **head**: global average pooling (``adaptive_avg_pool2d(., 1)``, ``AdaptiveAvgPool2d(1)``,
+  ``mean`` over the map) or none, flatten, and a final affine with bias (+-1 or any float
+  weights); identity, dropout (evaluation) and flatten anywhere.
+
+Example: ``binary_plan(create_model("mnist_binary_net_mlp", width=32, depth=1))`` gives a stem
+step, then the head.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers import QuantAct, QuantLayer
+from ..models import is_model, model_info
+from ..quantizers import BinaryTanh
+
+__all__ = ["NBUF", "Step", "binary_plan"]
+
+#: Scratch buffers of the C program (``NBUF`` in ``_binary_engine.c``).
+NBUF = 4
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class Step:
+    """One operation of an engine program: ``op`` is ``"stem"`` (float conv), ``"bconv"``
+    (binary conv) or ``"head"`` (average pool + affine); ``weight``/``bn`` name the modules;
+    the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad``, stride 1;
+    ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x`` the bits of
+    buffer ``res``; ``src``/``dst``: scratch buffers."""
+
+    op: str
+    weight: str
+    bn: str | None
+    cin: int
+    cout: int
+    h: int
+    w: int
+    k: int = 1
+    pad: int = 0
+    pool: bool = False
+    residual: bool = False
+    src: int = -1
+    dst: int = -1
+    res: int = -1
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """Integer range of a binary conv's pre-activation: ``+-cin*k*k``."""
+        n = self.cin * self.k * self.k
+        return -n, n
+
+
+@dataclass
+class _V:
+    """What a graph value is to the engine."""
+
+    kind: str  # image | flat_image | pre | bn | bits | pooled
+    c: int
+    h: int
+    w: int
+    step: Step | None = None  # pre / bn: the step being built; bits: the one that wrote it
+    buf: int = -1  # bits
+    res: _V | None = None  # bn + binary residual
+    pool: bool = False  # bn: a 2x2 max pool waits for its binarization
+    flat: bool = False  # bits flattened to c * h * w features
+    src: _V | None = None  # pre: the input value
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantAct, QuantLayer)) or super().is_leaf_module(m, qualname)
+
+
+def _is_bt(q: object) -> bool:
+    return isinstance(q, BinaryTanh)
+
+
+def _refuse(node: fx.Node, what: str) -> ValueError:
+    return ValueError(f"operation not covered by the binary engine: {what} (graph node "
+                      f"{node.name!r}: {node.op} {getattr(node.target, '__name__', node.target)})")
+
+
+def _conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        return 0, 0
+    if not isinstance(m, nn.Conv2d):
+        raise _refuse(node, f"layer {type(m).__name__}")
+    bad = [f"stride {m.stride}" if m.stride != (1, 1) else "",
+           f"dilation {m.dilation}" if m.dilation != (1, 1) else "",
+           f"groups {m.groups}" if m.groups != 1 else "",
+           f"padding mode {m.padding_mode!r}" if m.padding_mode != "zeros" else "",
+           f"padding {m.padding!r}" if isinstance(m.padding, str) or m.padding[0] != m.padding[1]
+           else "",
+           f"kernel {m.kernel_size}" if m.kernel_size[0] != m.kernel_size[1] else ""]
+    bad = [b for b in bad if b]
+    if bad:
+        raise _refuse(node, f"convolution {node.target} with {', '.join(bad)} (the engine runs "
+                      "square stride-1 convolutions with zero padding)")
+    return m.kernel_size[0], m.padding[0]
+
+
+def _is_global_pool(node: fx.Node, m: nn.Module | None, v: _V) -> bool:
+    def one(s: object) -> bool:
+        return s in (1, (1, 1))
+
+    if m is not None:
+        return (isinstance(m, nn.AdaptiveAvgPool2d) and one(m.output_size)) or (
+            isinstance(m, nn.AvgPool2d) and m.kernel_size in ((v.h, v.w), v.h)
+            and v.h == v.w and not m.padding)
+    if node.target is nn.functional.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return one(size)
+    if node.target == torch.mean or (node.op == "call_method" and node.target == "mean"):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return tuple(dims or ()) in ((2, 3), (-2, -1)) and not node.kwargs.get("keepdim")
+    return False
+
+
+def _is_flatten(node: fx.Node, m: nn.Module | None) -> bool:
+    if m is not None:
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if node.target == torch.flatten or (node.op == "call_method" and node.target == "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    return False
+
+
+def _is_pool2(m: nn.Module | None, node: fx.Node) -> bool:
+    if m is not None:
+        return (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2))
+                and m.stride in (2, (2, 2), None) and m.padding in (0, (0, 0))
+                and m.dilation in (1, (1, 1)) and not m.ceil_mode)
+    if node.target in (nn.functional.max_pool2d, torch.max_pool2d):
+        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+        s = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
+        rest = {k: v for k, v in node.kwargs.items() if k not in ("kernel_size", "stride")}
+        return k in (2, (2, 2)) and s in (None, 2, (2, 2)) and len(node.args) <= 3 \
+            and all(v in (0, 1, False, (0, 0), (1, 1)) for v in rest.values())
+    return False
+
+
+class _Plan:
+    def __init__(self, model: nn.Module, shape: tuple[int, ...]) -> None:
+        self.model, self.shape = model, shape
+        self.modules = dict(model.named_modules())
+        self.steps: list[Step] = []
+        self.vals: dict[fx.Node, _V] = {}
+        self.live: dict[int, set[fx.Node]] = {}  # buffer -> nodes still to read it
+        self.binarized: dict[int, _V] = {}  # id of a bn value -> its bits (binarized once)
+
+    def binarize(self, node: fx.Node, v: _V) -> _V:
+        if v.kind == "bits":
+            return v
+        if id(v) in self.binarized:
+            return self.binarized[id(v)]
+        if v.kind != "bn":
+            raise _refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
+                          "norm outputs of its layers)")
+        s = v.step
+        assert s is not None
+        # never the buffer the step reads (its input, its residual): the C program writes
+        # its output while it reads them
+        busy = {b for b, ns in self.live.items() if ns} | {s.src}
+        if v.res is not None:
+            busy.add(v.res.buf)
+        free = [b for b in range(NBUF) if b not in busy]
+        if not free:
+            raise _refuse(node, f"more than {NBUF} binary maps alive at once")
+        s.dst, s.pool = free[0], v.pool
+        if v.res is not None:
+            s.residual, s.res = True, v.res.buf
+        self.steps.append(s)
+        h, w = (v.h // 2, v.w // 2) if v.pool else (v.h, v.w)
+        self.binarized[id(v)] = out = _V("bits", v.c, h, w, step=s, buf=s.dst)
+        return out
+
+    def layer(self, node: fx.Node, m: nn.Module, v: _V) -> _V:
+        iq = getattr(m, "input_quantizer", None)
+        if getattr(m, "output_quantizer", None) is not None:
+            raise _refuse(node, f"output quantizer {type(m.output_quantizer).__name__}")
+        if iq is not None:
+            if not _is_bt(iq):
+                raise _refuse(node, f"input quantizer {type(iq).__name__} (binary_tanh only)")
+            v = self.binarize(node, v)
+        k, pad = _conv_geometry(node, m)
+        lin = isinstance(m, nn.Linear)
+        cin, cout = (m.in_features, m.out_features) if lin else (m.in_channels, m.out_channels)
+        name = str(node.target)
+        if v.kind in ("image", "flat_image") and not self.steps:
+            if lin != (v.kind == "flat_image") or cin != v.c * v.h * v.w // (1 if lin else
+                                                                           v.h * v.w):
+                raise _refuse(node, f"first layer {name} on an input of shape {self.shape}")
+            c, h, w = (cin, 1, 1) if lin else (v.c, v.h, v.w)
+            return _V("pre", cout, h, w, step=Step("stem", name, None, c, cout, h, w,
+                                                   1 if lin else k, pad), src=v)
+        if v.kind == "pooled" and lin and cin == v.c:
+            return _V("pre", cout, 1, 1, step=Step("head", name, None, v.c, cout, v.h, v.w,
+                                                   src=v.buf), src=v)
+        if v.kind != "bits":
+            raise _refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
+                          "float input only)")
+        if lin:
+            if not v.flat and (v.h, v.w) != (1, 1):
+                raise _refuse(node, f"affine {name} on an unflattened map")
+            if v.h != v.w or cin != v.c * v.h * v.w:
+                raise _refuse(node, f"affine {name} of {cin} inputs on a {v.c} x {v.h} x "
+                              f"{v.w} map")
+            k = v.h
+        elif cin != v.c or v.flat:
+            raise _refuse(node, f"convolution {name} of {cin} channels on {v.c}")
+        return _V("pre", cout, 1 if lin else v.h, 1 if lin else v.w,
+                  step=Step("bconv", name, None, v.c, cout, v.h, v.w, k, pad, src=v.buf),
+                  src=v)
+
+    def run(self, graph: fx.Graph) -> list[Step]:
+        for node in graph.nodes:
+            out = self.node(node)
+            for ns in self.live.values():  # this node has read its inputs
+                ns.discard(node)
+            if out is not None:
+                self.vals[node] = out
+                if out.kind == "bits":
+                    self.live.setdefault(out.buf, set()).update(node.users)
+            if node.op == "output":
+                break
+        return self.steps
+
+    def node(self, node: fx.Node) -> _V | None:
+        if node.op == "placeholder":
+            if any(isinstance(v, _V) and v.kind in ("image", "flat_image")
+                   for v in self.vals.values()):
+                raise _refuse(node, "a second model input")
+            c, h, w = self.shape if len(self.shape) == 3 else (self.shape[0], 1, 1)
+            return _V("image" if len(self.shape) == 3 else "flat_image", c, h, w)
+        if node.op == "output":
+            arg = node.args[0]
+            v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
+            if v is None or v.kind != "pre" or not isinstance(
+                    self.model.get_submodule(v.step.weight), nn.Linear):
+                raise _refuse(node, "a model output that is not a final affine (logits)")
+            s = v.step
+            if s.op == "bconv":  # an affine on binary activations ends the network: the head
+                if (v.src.h, v.src.w) != (1, 1):
+                    raise _refuse(node, "a final affine on a flattened map (the head averages "
+                                  "the map: pool it to 1 x 1 first)")
+                s = replace(s, op="head", k=1)
+            if s.op != "head":
+                raise _refuse(node, "a network with no binary layer")
+            self.steps.append(s)
+            return None
+        if node.op == "get_attr":
+            raise _refuse(node, "a parameter used directly by the forward")
+        ins = [self.vals.get(a) for a in node.args if isinstance(a, fx.Node)]
+        if any(v is None for v in ins) or not ins:
+            raise _refuse(node, "an operation on values the engine does not hold")
+        v = ins[0]
+        m = self.modules[str(node.target)] if node.op == "call_module" else None
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return v
+        if isinstance(m, QuantAct):
+            if m.quantizer is None:
+                return v
+            if not _is_bt(m.quantizer):
+                raise _refuse(node, f"activation quantizer {type(m.quantizer).__name__}")
+            return self.binarize(node, v)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return self.layer(node, m, v)
+        if isinstance(m, _BN):
+            if v.kind != "pre" or v.step.op == "head" or v.step.bn is not None:
+                raise _refuse(node, f"batch norm {node.target} not right after a layer")
+            if m.running_mean is None:
+                raise _refuse(node, f"batch norm {node.target} without running statistics")
+            return _V("bn", v.c, v.h, v.w, step=replace(v.step, bn=str(node.target)), src=v.src)
+        if isinstance(m, nn.ReLU) or node.target in (torch.relu, nn.functional.relu) or (
+                node.op == "call_method" and node.target == "relu"):
+            if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
+                raise _refuse(node, f"ReLU of a {v.kind} value")
+            return v
+        if _is_pool2(m, node):
+            if v.kind == "bn" and not v.pool and v.h % 2 == 0 and v.w % 2 == 0:
+                return replace(v, pool=True)
+            if v.kind == "bits" and len(node.args[0].users) == 1 and v.step is self.steps[-1] \
+                    and not v.step.pool and v.h % 2 == 0 and v.w % 2 == 0 and not v.flat:
+                v.step.pool = True
+                return replace(v, h=v.h // 2, w=v.w // 2)
+            raise _refuse(node, "2x2 max pooling here (only right after a binarization, on an "
+                          "even map)")
+        if (m is None and node.target in (operator.add, torch.add, operator.iadd)) or (
+                node.op == "call_method" and node.target in ("add", "add_")):
+            if len(ins) != 2 or len(node.args) != 2:
+                raise _refuse(node, "an addition of other than two values")
+            bn, bits = (ins[0], ins[1]) if ins[0].kind == "bn" else (ins[1], ins[0])
+            if bn.kind != "bn" or bits.kind != "bits" or bn.res is not None or bn.pool \
+                    or (bits.c, bits.h, bits.w) != (bn.c, bn.h, bn.w) or bits.flat:
+                raise _refuse(node, f"a residual sum of a {ins[0].kind} and a {ins[1].kind} "
+                              "value (the engine adds a binary activation to a batch-normed "
+                              "layer output of the same shape)")
+            return replace(bn, res=bits)
+        if _is_flatten(node, m):
+            if v.kind == "image":
+                return _V("flat_image", v.c * v.h * v.w, 1, 1)
+            if v.kind == "bits":
+                return replace(v, flat=True)
+            if v.kind == "pooled":
+                return v
+            raise _refuse(node, f"flatten of a {v.kind} value")
+        if v.kind == "bits" and not v.flat and _is_global_pool(node, m, v):
+            return _V("pooled", v.c, v.h, v.w, buf=v.buf)
+        what = type(m).__name__ if m is not None else getattr(node.target, "__name__",
+                                                                str(node.target))
+        raise _refuse(node, f"operation {what}")
+
+
+def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
+                input_shape: tuple[int, ...] | None = None) -> list[Step]:
+    """The engine program of ``model``'s eval-mode forward, from its ``torch.fx`` graph.
+
+    ``input_shape``: the per-sample input shape, ``(C, H, W)`` or ``(features,)`` (default: the
+    registered model's, else required); ``input_size``: just the image ``(H, W)``. Raises
+    ``ValueError`` naming the first operation the engine does not cover (a zoo model of
+    another family, a stride-2 convolution, a float residual stream, ...).
+    """
+    fam = getattr(model, "family", None)
+    if fam is not None and fam != "binary_net":
+        raise ValueError(f"the binary engine runs binary_net models only; this one is family "
+                         f"{fam!r}: run it with PyTorch or ONNX Runtime")
+    if input_shape is None:  # a registered model declares it
+        spec = getattr(model, "fewbits_spec", None) or {}
+        name = str(spec.get("name", ""))
+        input_shape = model_info(name).input_shape_for(spec.get("kwargs", {})) \
+            if is_model(name) else None
+        if input_shape is None:
+            raise ValueError(f"cannot tell the input shape of {type(model).__name__}; pass "
+                             "input_shape=(C, H, W)")
+    shape = tuple(input_shape)
+    if input_size is not None:
+        if len(shape) != 3:
+            raise ValueError(f"input_size given for a model of input shape {shape}")
+        shape = (shape[0], *input_size)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many kinds for data-dependent control flow
+        raise ValueError(f"the binary engine reads the model's torch.fx graph, and "
+                         f"{type(model).__name__} cannot be traced: {e}") from e
+    steps = _Plan(model, shape).run(graph)
+    if not steps or steps[0].op != "stem" or steps[-1].op != "head":
+        raise ValueError("the binary engine needs a float first layer, binary layers and a "
+                         "final affine")
+    return steps
