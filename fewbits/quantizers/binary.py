@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as qf
+from ..ops.onnx_form import const
 from .base import Codes, Quantizer, register_quantizer
 
 __all__ = [
@@ -22,6 +23,14 @@ __all__ = [
 
 def _sign_codes(y: Tensor) -> Tensor:
     return (y > 0).to(torch.int64).reshape(-1)
+
+
+def _binary_translations() -> dict[Any, Any]:
+    from ..ops import onnx as ox  # onnxscript: only when exporting
+
+    return {torch.ops.fewbits.binary_connect.default: ox.binary_connect,
+            torch.ops.fewbits.binary_weight.default: ox.binary_weight,
+            torch.ops.fewbits.binary_act.default: ox.binary_act}
 
 
 def _from_sign_codes(c: Codes, pos: Tensor | float = 1.0) -> Tensor:
@@ -41,6 +50,11 @@ class BinaryConnect(Quantizer):
 
     bits = 1
     weight_only = True
+    weight_form = "binarized float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
 
     def __init__(self, stochastic: bool = False, clip_weights: bool = False) -> None:
         super().__init__()
@@ -73,6 +87,17 @@ class BinaryTanh(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return qf.binary_tanh(x)
 
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
+
+    def step_levels(self) -> tuple[float, float]:
+        return -1.0, 1.0
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        gt = op.Greater(x, const(op, 0.0))
+        return op.Where(gt, const(op, 1.0), const(op, -1.0)), "Where(x > 0, 1, -1)"
+
     def encode(self, x: Tensor) -> Codes:
         return Codes(_sign_codes(x), 1, tuple(x.shape))
 
@@ -88,6 +113,16 @@ class BinarySigmoid(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return qf.binary_sigmoid(x)
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
+
+    def step_levels(self) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        return op.Cast(op.Greater(x, const(op, 0.0)), to=1), "Cast(x > 0)"
 
     def encode(self, x: Tensor) -> Codes:
         return Codes(_sign_codes(x), 1, tuple(x.shape))
@@ -105,6 +140,11 @@ class BinaryWeight(Quantizer):
 
     bits = 1
     weight_only = True
+    weight_form = "binarized float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
 
     def setup(self, param: Tensor) -> None:
         if param.dim() < 2:

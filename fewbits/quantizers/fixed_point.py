@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _math
 from .. import functional as qf
 from .._checks import check_bits, check_positive, in_onnx_export
+from ..ops.onnx_form import const, int_type, qdq, round_half_away
 from .base import (
     AffineCodes,
     Codes,
@@ -144,6 +145,36 @@ class FixedPoint(Quantizer):
     def decode(self, codes: Codes) -> Tensor:
         k = (codes.codes - self._offset).to(torch.float32).reshape(codes.shape)
         return k * torch.tensor(self.delta, dtype=torch.float32)
+
+    # the family protocol (fewbits.quantizers.base.Quantizer)
+    uniform = True
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        from ..ops import onnx as ox  # onnxscript: only when exporting
+
+        return {torch.ops.fewbits.fixed_point.default: ox.fixed_point}
+
+    def integer_weight(self, w: Tensor, codes: Codes | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """``round(w / delta)`` and ``delta``, when ``w`` is exactly on the grid."""
+        w = w.detach().float()
+        grid = self.int_grid()
+        k = torch.round(w / grid.scale)
+        if not torch.equal(k * grid.scale, w):
+            return None
+        return k.to(torch.int64), torch.full((w.shape[0],), grid.scale)
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        """``Clip`` to the grid's range then ``QuantizeLinear`` / ``DequantizeLinear`` (grids of
+        at most 16 bits), else ``Div``, exact rounding, ``Mul``."""
+        grid = self.int_grid()
+        c = op.Clip(x, const(op, grid.qmin * grid.scale), const(op, grid.qmax * grid.scale))
+        kind = int_type(grid.qmin, grid.qmax)
+        if kind is not None:
+            return qdq(op, c, grid.scale, 0, kind), f"Clip + {kind} Q/DQ"
+        d = const(op, grid.scale)
+        return op.Mul(round_half_away(op, op.Div(c, d)), d), "Clip + exact rounding (float)"
 
     def affine(self, codes: Codes) -> AffineCodes:
         """``k * delta``: ``int_repr = k``, ``scale = delta``, zero point 0, per tensor."""

@@ -55,6 +55,13 @@ class INQ(Quantizer):
     """
 
     weight_only = True
+    weight_form = "power-of-two float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        from ..ops import onnx as ox  # onnxscript: only when exporting
+
+        return {torch.ops.fewbits.inq.default: ox.inq}
 
     def __init__(self, num_bits: int = 4, inq_iterations: Sequence[int] = INQ_ITERATIONS,
                  selection: str = "largest_abs", seed: int = 0) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import _math, ops
 from .. import functional as qf
 from .._checks import check_finite, check_float_tensor, check_positive, range_view
+from ..ops.onnx_form import INT_TYPES, const, int_type, qdq, round_half_away
 from . import optim
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
@@ -370,6 +371,44 @@ class MinMax(Quantizer):
         lo = codes.params["lo"].reshape(view)
         q = codes.codes.reshape(codes.shape).to(torch.float32)
         return q * scale + lo
+
+    # the family protocol (fewbits.quantizers.base.Quantizer)
+    uniform = True
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        from ..ops import onnx as ox  # onnxscript: only when exporting
+
+        return {torch.ops.fewbits.min_max.default: ox.min_max}
+
+    def integer_weight(self, w: Tensor, codes: Codes | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """``int_repr - zero_point`` of :meth:`affine` and its scale, one per output channel
+        (the value up to one float rounding)."""
+        w = w.detach().float()
+        a = self.affine(codes if codes is not None else self.encode(w))
+        view = (-1,) + (1,) * (w.dim() - 1) if a.axis is not None else ()
+        return (a.int_repr - a.zero_point.reshape(view),
+                a.scale.reshape(-1).float().expand(w.shape[0]).clone())
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        """``Clip`` to ``[lo, hi]`` (none when the grid is the whole integer type) then
+        ``QuantizeLinear`` / ``DequantizeLinear`` (grids of at most 16 bits), else ``Sub``,
+        ``Div``, exact rounding, ``Mul``, ``Add``. Per tensor only."""
+        if self.qr_min.numel() != 1:
+            raise ValueError("per-channel min-max activation ranges cannot be exported")
+        _, _, lo, hi = (float(t) for t in self.grid(torch.zeros(())))
+        grid = self.int_grid()
+        kind = int_type(grid.qmin, grid.qmax)
+        if kind is not None:
+            full = (self.ql_min, self.ql_max) == INT_TYPES[kind][2:]
+            c = x if full else op.Clip(x, const(op, lo), const(op, hi))
+            return qdq(op, c, grid.scale, int(grid.zero_point), kind), \
+                ("" if full else "Clip + ") + f"{kind} Q/DQ"
+        c = op.Clip(x, const(op, lo), const(op, hi))
+        lo_c, s_c = const(op, lo), const(op, grid.scale)
+        r = round_half_away(op, op.Div(op.Sub(c, lo_c), s_c))
+        return op.Add(op.Mul(r, s_c), lo_c), "Clip + exact rounding (float)"
 
     def affine(self, codes: Codes) -> AffineCodes:
         """``int_repr = q + ql_min`` with the encoded scale and zero point, one per output
