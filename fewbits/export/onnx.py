@@ -3,7 +3,7 @@ in ONNX Runtime.
 
 The plain form is PyTorch's own exporter, ``torch.onnx.export(model, args, dynamo=True,
 custom_translation_table=onnx_translations())``: every standard operator is PyTorch's
-translation, and each fewbits operator is the exact ONNX function of :mod:`fewbits.ops.onnx`
+translation, and each fewbits operator is the exact ONNX function its family declares
 (ties away from zero, thresholds and grids bit for bit as PyTorch computes them). Quantized
 weights are stored as float constants holding their exact levels (computed by PyTorch before
 the export). Any model ``torch.export`` can capture exports: images, token ids, several or

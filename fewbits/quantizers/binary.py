@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,18 +26,57 @@ def _sign_codes(y: Tensor) -> Tensor:
     return (y > 0).to(torch.int64).reshape(-1)
 
 
-def _binary_translations() -> dict[Any, Any]:
-    from ..ops import onnx as ox  # onnxscript: only when exporting
-
-    return {torch.ops.fewbits.binary_connect.default: ox.binary_connect,
-            torch.ops.fewbits.binary_weight.default: ox.binary_weight,
-            torch.ops.fewbits.binary_act.default: ox.binary_act}
-
-
 def _from_sign_codes(c: Codes, pos: Tensor | float = 1.0) -> Tensor:
     s = c.codes.reshape(c.shape).bool()
     pos = torch.as_tensor(pos, dtype=torch.float32)
     return torch.where(s, pos, -pos)
+
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def binary_connect_onnx(w: Any, zero_to: float, stochastic: bool, check: int, fn: str) -> Any:
+    """``Where(w > 0, 1, -1)``, ``zero_to`` at 0."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only
+
+    float32_only(w, "binary_connect")
+    if stochastic:
+        raise ValueError(f"{fn}: stochastic binarization draws random numbers; export a model "
+                         "in eval mode with deterministic binarization")
+    y = op.Where(op.Greater(w, const(op, 0.0)), const(op, 1.0), const(op, -1.0))
+    return op.Where(op.Equal(w, const(op, 0.0)), const(op, zero_to), y)
+
+
+def binary_weight_onnx(w: Any, check: int, fn: str) -> Any:
+    """``alpha[o] * sign(w[o])`` with ``alpha[o] = mean |w[o]|`` accumulated in float64."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only
+
+    float32_only(w, "binary_weight")
+    flat = op.Flatten(w, axis=1)
+    a = op.ReduceMean(op.Abs(op.Cast(flat, to=11)),
+                      const(op, [1], np.int64), keepdims=1)
+    a = op.Cast(a, to=1)
+    return op.Reshape(op.Where(op.GreaterOrEqual(flat, const(op, 0.0)), a, op.Neg(a)), op.Shape(w))
+
+
+def binary_act_onnx(x: Any, low: float, grad_scale: float, want_mask: bool, check: int,
+               fn: str) -> tuple[Any, Any]:
+    """``Where(x > 0, 1, low)``: a comparison, exact."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "binary_act")
+    return op.Where(op.Greater(x, const(op, 0.0)), const(op, 1.0), const(op, low)), no_mask()
+
+
+def _binary_translations() -> dict[Any, Any]:
+    return {torch.ops.fewbits.binary_connect.default: binary_connect_onnx,
+            torch.ops.fewbits.binary_weight.default: binary_weight_onnx,
+            torch.ops.fewbits.binary_act.default: binary_act_onnx}
 
 
 @register_quantizer("binary_connect")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +27,32 @@ from .base import (
 __all__ = [
     "FixedPoint",
 ]
+
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def fixed_point_onnx(x: Any, sign: bool, n: int, delta: float, want_mask: bool, check: int,
+                fn: str) -> tuple[Any, Any]:
+    """:func:`fewbits._math.fixed_point_mask`: clamp, ``* (1/delta)`` (or ``/ delta``),
+    :func:`round_half_away`, ``* delta``."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "fixed_point")
+    nb = n - 1 if sign else n
+    with np.errstate(over="ignore"):
+        hi, d = np.float32((2.0**nb - 1.0) * delta), np.float32(delta)
+    lo = -hi if sign else np.float32(0.0)
+    c = op.Min(op.Max(x, const(op, lo)), const(op, hi))
+    # 1/d where d is a power of two with a normal reciprocal: x * (1/d) == x / d bit for bit,
+    # and PyTorch multiplies then (fewbits._math.fixed_point_mask)
+    inv = None
+    if 0 < d < np.inf and math.frexp(float(d))[0] == 0.5:
+        r = 1.0 / float(d)
+        inv = r if np.finfo(np.float32).tiny <= r <= np.finfo(np.float32).max else None
+    v = op.Mul(c, const(op, inv)) if inv is not None else op.Div(c, const(op, d))
+    return op.Mul(round_half_away(op, v), const(op, d)), no_mask()
 
 
 @register_quantizer("fixed_point")
@@ -151,9 +178,7 @@ class FixedPoint(Quantizer):
 
     @classmethod
     def onnx_translations(cls) -> dict[Any, Any]:
-        from ..ops import onnx as ox  # onnxscript: only when exporting
-
-        return {torch.ops.fewbits.fixed_point.default: ox.fixed_point}
+        return {torch.ops.fewbits.fixed_point.default: fixed_point_onnx}
 
     def integer_weight(self, w: Tensor, codes: Codes | None = None
                        ) -> tuple[Tensor, Tensor] | None:

@@ -53,6 +53,41 @@ def _ddp_group() -> Any:
         return None
     return group
 
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def _range(op: Any, r: Any, x: Any) -> Any:
+    """A 0-d range, or ``(C,)`` viewed over ``x``'s axis 0 (:func:`fewbits.ops.range_view`)."""
+    shape = getattr(r, "shape", None)
+    if shape is not None and len(shape) == 1 and shape[0] != 1:
+        rank = len(x.shape)
+        return op.Reshape(r, const(op, [-1] + [1] * (rank - 1), np.int64))
+    return op.Reshape(r, const(op, np.zeros(0, np.int64), np.int64))
+
+
+def min_max_onnx(x: Any, qr_min: Any, qr_max: Any, ql_min: int, ql_max: int, eps: float, fine: bool,
+            want_code: bool, check: int, fn: str) -> tuple[Any, Any]:
+    """:func:`fewbits._math.min_max_range` then :func:`fewbits._math.min_max`, operation for
+    operation in float32 (the grid folds to constants when the ranges are)."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "min_max")
+    rmin, rmax = _range(op, qr_min, x), _range(op, qr_max, x)
+    rmax = op.Where(op.Less(op.Sub(rmax, rmin), const(op, eps)), op.Add(rmin, const(op, eps)), rmax)
+    lmin, lmax = const(op, float(ql_min)), const(op, float(ql_max))
+    scale = op.Div(op.Sub(rmax, rmin), op.Sub(lmax, lmin))
+    zp = op.Sub(lmin, op.Div(rmin, scale))
+    zp = op.Where(op.LessOrEqual(zp, lmin), lmin,
+                  op.Where(op.GreaterOrEqual(zp, lmax), lmax, round_half_away(op, zp)))
+    lo = op.Mul(op.Sub(lmin, zp), scale)
+    hi = op.Mul(op.Sub(lmax, zp), scale)
+    v = op.Div(op.Sub(op.Min(op.Max(x, lo), hi), lo), scale)
+    r = op.Round(v)  # v >= 0: half to even, plus 1 at the ties it sent down
+    r = op.Add(r, op.Cast(op.Equal(op.Sub(v, r), const(op, 0.5)), to=1))
+    return op.Add(op.Mul(r, scale), lo), no_mask()
+
 
 @register_quantizer("min_max")
 class MinMax(Quantizer):
@@ -377,9 +412,7 @@ class MinMax(Quantizer):
 
     @classmethod
     def onnx_translations(cls) -> dict[Any, Any]:
-        from ..ops import onnx as ox  # onnxscript: only when exporting
-
-        return {torch.ops.fewbits.min_max.default: ox.min_max}
+        return {torch.ops.fewbits.min_max.default: min_max_onnx}
 
     def integer_weight(self, w: Tensor, codes: Codes | None = None
                        ) -> tuple[Tensor, Tensor] | None:
