@@ -54,7 +54,6 @@ from torch import Tensor, nn
 from .._cbuild import CLibrary
 from .._checks import checks_enabled
 from ..layers import QuantLayer
-from ..quantizers import BinaryConnect
 from .binary_fold import float_thresholds, integer_thresholds
 from .binary_graph import Step, binary_plan
 
@@ -128,12 +127,12 @@ def _weights(model: nn.Module, name: str, binary: bool) -> np.ndarray:
         if not bool(w.isfinite().all()):
             raise ValueError(f"{name}: weights hold NaN or inf")
         return w.numpy()
-    if q is not None and not isinstance(q, BinaryConnect):
-        raise ValueError(f"{name}: weight quantizer {type(q).__name__} is not binary_connect; "
-                         "the binary engine runs +-1 weights after the first layer")
+    # The engine computes with the values the forward uses, so the values decide, not the
+    # quantizer's class: any family whose weights come out +-1 runs here.
     if not bool((w.abs() == 1).all()):
-        raise ValueError(f"{name}: weights are not all +-1; the binary engine needs BinaryNet "
-                         "weights")
+        what = type(q).__name__ if q is not None else "no weight quantizer"
+        raise ValueError(f"{name}: weights are not all +-1 ({what}); the binary engine runs "
+                         "+-1 weights after the first layer (binary_connect)")
     return w.to(torch.int8).numpy()
 
 

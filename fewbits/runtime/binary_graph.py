@@ -38,7 +38,6 @@ from torch import nn
 
 from ..layers import QuantAct, QuantLayer
 from ..models import is_model, model_info
-from ..quantizers import BinaryTanh
 
 __all__ = ["NBUF", "Step", "binary_plan"]
 
@@ -99,7 +98,9 @@ class _Tracer(fx.Tracer):
 
 
 def _is_bt(q: object) -> bool:
-    return isinstance(q, BinaryTanh)
+    # ask the family: a sign activation with levels -1 / +1 (binary_tanh), never its class
+    levels = getattr(q, "step_levels", None)
+    return callable(levels) and levels() == (-1.0, 1.0)
 
 
 def _refuse(node: fx.Node, what: str) -> ValueError:
