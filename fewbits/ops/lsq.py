@@ -28,9 +28,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _math
 from .._checks import check_finite
 from ._core import widen
+from .ternary import round_half_away
 
 __all__ = ["grad_scale", "init_step", "lsq", "lsq_levels", "lsq_range"]
 
@@ -74,7 +74,7 @@ def _forward(x: Tensor, s: Tensor, beta: Tensor | None, qn: int, qp: int) -> tup
     sw = s.to(xw.dtype)
     v = xw - beta.to(xw.dtype) if beta is not None else xw
     v = v / sw
-    r = _math.round_half_away(v.clamp(-float(qn), float(qp)))
+    r = round_half_away(v.clamp(-float(qn), float(qp)))
     y = r * sw
     if beta is not None:
         y = y + beta.to(xw.dtype)

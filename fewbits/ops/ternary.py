@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _math
 from .._checks import check_finite
 from ._core import widen
 
@@ -40,6 +39,7 @@ __all__ = [
     "absmean",
     "absmean_scale",
     "channel_view",
+    "round_half_away",
     "ternary_levels",
     "ttq",
     "ttq_threshold",
@@ -51,6 +51,17 @@ __all__ = [
 TWN_FACTOR = 0.7
 #: BitNet b1.58's floor on ``gamma = mean|w|``: an all-zero tensor quantizes to zeros.
 ABSMEAN_EPS = 1e-5
+
+
+def round_half_away(v: Tensor) -> Tensor:
+    """:func:`fewbits._math.round_half_away` (nearest integer, ties away from zero, exact) in
+    operators every exporter has: ``r = round(|v|)`` (ties to even, exact), plus 1 where
+    ``|v| - r == 0.5``, negated where ``v < 0`` (``copysign`` becomes ``prims.signbit``, which
+    ONNX has no function for). Only the sign of a zero result can differ."""
+    a = v.abs()
+    r = torch.round(a)
+    r = r + (a - r == 0.5).to(r.dtype)
+    return torch.where(v < 0, -r, r)
 
 
 def _straight(y: Tensor, x: Tensor) -> Tensor:
@@ -215,7 +226,7 @@ def absmean(w: Tensor, per_channel: bool = False, eps: float = ABSMEAN_EPS,
     check_finite(w, fn, "w")
     ww = widen(w.detach())
     gamma = channel_view(absmean_scale(ww, per_channel, eps), ww, per_channel)
-    t = _math.round_half_away(ww / gamma).clamp_(-1.0, 1.0)
+    t = round_half_away(ww / gamma).clamp_(-1.0, 1.0)
     return _straight((t * gamma).to(w.dtype), w)
 
 
@@ -230,7 +241,7 @@ def absmax(x: Tensor, bits: int = 8, per: str = "token", eps: float = ABSMEAN_EP
     xw = widen(x.detach())
     scale = absmax_scale(xw, bits, per, eps, fn)
     q = float(2 ** (bits - 1) - 1)
-    t = _math.round_half_away(xw / scale).clamp_(-q, q)
+    t = round_half_away(xw / scale).clamp_(-q, q)
     return _straight((t * scale).to(x.dtype), x)
 
 
