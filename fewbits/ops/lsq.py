@@ -28,9 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_finite
 from ._core import widen
-from .ternary import round_half_away
+from .ternary import checked, round_half_away, unwrapped
 
 __all__ = ["grad_scale", "init_step", "lsq", "lsq_levels", "lsq_range"]
 
@@ -126,16 +125,17 @@ def lsq(x: Tensor, s: Tensor, bits: int = 4, signed: bool = True, beta: Tensor |
     gradients). ``s`` and ``beta``: one-element float tensors (parameters when learned);
     ``g`` defaults to ``1 / sqrt(x.numel() * Q_P)``. Returns ``x``'s shape and dtype."""
     qn, qp = lsq_levels(bits, signed)
-    check_finite(x, fn, "x")
+    checked(x, fn, "x")
     for name, t in (("s", s), ("beta", beta)):
         if t is None:
             continue
-        check_finite(t, fn, name)
+        checked(t, fn, name)
         if t.numel() != 1:
             raise ValueError(f"{fn}: {name} must hold one value (per-tensor LSQ), got shape "
                              f"{tuple(t.shape)}")
-    if not s.is_meta and not torch.compiler.is_compiling() and float(s.detach()) <= 0:
-        raise ValueError(f"{fn}: the step s must be > 0, got {float(s.detach())!r}; a learned "
+    s0 = unwrapped(s).detach()
+    if not s0.is_meta and not torch.compiler.is_compiling() and float(s0) <= 0:
+        raise ValueError(f"{fn}: the step s must be > 0, got {float(s0)!r}; a learned "
                          "step is kept positive by LSQ.after_optimizer_step")
     g = grad_scale(x.numel(), qp) if g is None else float(g)
     s1 = s.reshape(())

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_finite
 from ._core import widen
+from .ternary import checked
 
 __all__ = ["hard_sigmoid", "stochastic_sign"]
 
@@ -33,7 +33,7 @@ def stochastic_sign(w: Tensor, u: Tensor, fn: str = "binary_connect") -> Tensor:
 
     ``u``: uniform noise in ``[0, 1)`` of ``w``'s shape (any float dtype, any device: moved to
     ``w``'s). ``w = -1`` or below is always ``-1``, ``w >= 1`` always ``+1`` (``u < 1``)."""
-    check_finite(w, fn, "w")
+    checked(w, fn, "w")
     if tuple(u.shape) != tuple(w.shape):
         raise ValueError(f"{fn}: the noise must have the weight's shape {tuple(w.shape)}, got "
                          f"{tuple(u.shape)}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_finite
+from .._checks import check_finite, in_onnx_export, torchscript_onnx_export
 from ._core import widen
 
 __all__ = [
@@ -39,18 +39,43 @@ __all__ = [
     "absmean",
     "absmean_scale",
     "channel_view",
+    "checked",
     "round_half_away",
     "ternary_levels",
     "ttq",
     "ttq_threshold",
     "twn",
     "twn_threshold_scale",
+    "unwrapped",
 ]
 
 #: TWN's threshold factor: ``delta = 0.7 * mean|w|`` (Li & Liu 2016, eq. 10).
 TWN_FACTOR = 0.7
 #: BitNet b1.58's floor on ``gamma = mean|w|``: an all-zero tensor quantizes to zeros.
 ABSMEAN_EPS = 1e-5
+
+
+def unwrapped(t: Tensor) -> Tensor:
+    """``t`` without torch.func's wrappers (``grad``, ``vmap`` levels): the plain tensor holding
+    every value, which host-side checks can read (a batched tensor refuses ``.item()``)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def checked(t: Tensor, fn: str, arg: str) -> None:
+    """The NaN/inf check of every quantizer (:func:`fewbits._checks.check_finite`), on the
+    values under torch.func's wrappers too; and the refusal of the TorchScript ONNX exporter,
+    which records these straight-through functions wrongly (``torch.onnx.export(...,
+    dynamo=True)`` and :func:`fewbits.export.onnx.export_onnx` export them exactly)."""
+    if in_onnx_export():
+        if torchscript_onnx_export():
+            raise RuntimeError(
+                f"{fn}: the TorchScript ONNX exporter (dynamo=False) cannot export this "
+                "quantizer exactly; use fewbits.export.onnx.export_onnx(model, path, "
+                "example_inputs) or torch.onnx.export(..., dynamo=True)")
+        return
+    check_finite(unwrapped(t), fn, arg)
 
 
 def round_half_away(v: Tensor) -> Tensor:
@@ -114,7 +139,7 @@ def twn(w: Tensor, per_channel: bool = True, fn: str = "ternary_twn") -> Tensor:
 
     ``w``: any float tensor (``per_channel`` needs dim >= 2). Returns ``w``'s shape and dtype.
     """
-    check_finite(w, fn, "w")
+    checked(w, fn, "w")
     ww = widen(w.detach())
     delta, alpha = twn_threshold_scale(ww, per_channel)
     t = ternary_levels(ww, channel_view(delta, ww, per_channel))
@@ -191,9 +216,9 @@ def ttq(w: Tensor, wp: Tensor, wn: Tensor, threshold: float = 0.05, per_channel:
     below ``-delta``; ``d wp = sum(dy)`` over the positives, ``d wn = -sum(dy)`` over the
     negatives (float64 sums, per channel when ``per_channel``).
     """
-    check_finite(w, fn, "w")
-    check_finite(wp, fn, "wp")
-    check_finite(wn, fn, "wn")
+    checked(w, fn, "w")
+    checked(wp, fn, "wp")
+    checked(wn, fn, "wn")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"{fn}: threshold must be in [0, 1) (delta = threshold * max|w|), got "
                          f"{threshold!r}")
@@ -223,7 +248,7 @@ def absmean(w: Tensor, per_channel: bool = False, eps: float = ABSMEAN_EPS,
     * gamma`` with ``gamma = max(mean|w|, eps)``; ``dw = dy``. Ties (``|w| = gamma / 2``) go
     away from zero, as every fewbits rounding (the paper's PyTorch code uses ``torch.round``,
     ties to even)."""
-    check_finite(w, fn, "w")
+    checked(w, fn, "w")
     ww = widen(w.detach())
     gamma = channel_view(absmean_scale(ww, per_channel, eps), ww, per_channel)
     t = round_half_away(ww / gamma).clamp_(-1.0, 1.0)
@@ -237,7 +262,7 @@ def absmax(x: Tensor, bits: int = 8, per: str = "token", eps: float = ABSMEAN_EP
     whole tensor (``"tensor"``); ``y = clamp(round_half_away(x / scale), -Q, Q) * scale``.
     Gradient ``dx = dy`` (every value lies inside its own range). Ma et al. 2024 (BitNet
     b1.58), Wang et al. 2023 (BitNet)."""
-    check_finite(x, fn, "x")
+    checked(x, fn, "x")
     xw = widen(x.detach())
     scale = absmax_scale(xw, bits, per, eps, fn)
     q = float(2 ** (bits - 1) - 1)

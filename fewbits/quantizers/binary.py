@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import functional as qf
 from ..ops import stochastic as st
 from ..ops._core import recomputing
-from .base import Codes, Quantizer, register_quantizer
+from .base import Codes, Quantizer, float_checkpoint_load, register_quantizer
 
 __all__ = [
     "BinaryConnect",
@@ -79,6 +79,12 @@ class BinaryConnect(Quantizer):
         if self.seed is not None:
             out["seed"] = self.seed
         return out
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # a float checkpoint has no stream: this quantizer keeps its own
+        float_checkpoint_load(self, state_dict, prefix, args)
+        self._before = None
 
     def noise(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """The next uniform draw of this quantizer's stream (float32, CPU), advancing the state

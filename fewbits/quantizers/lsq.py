@@ -14,7 +14,14 @@ from .. import _math
 from ..ops import lsq as L
 from ..ops._core import recomputing
 from . import optim
-from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
+from .base import (
+    AffineCodes,
+    Codes,
+    IntGrid,
+    Quantizer,
+    float_checkpoint_load,
+    register_quantizer,
+)
 
 __all__ = ["LSQ"]
 
@@ -85,6 +92,14 @@ class LSQ(Quantizer):
             s = L.init_step(x, self.qp)
         self.step.fill_(s)
         self.initialized.fill_(True)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # a float checkpoint (no step): an activation step starts again from the next
+        # training batch; a weight's from the loaded weights (the layer calls init_from_)
+        if float_checkpoint_load(self, state_dict, prefix, args):
+            self.initialized.fill_(self.init_step is not None)
+        self._started = False
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

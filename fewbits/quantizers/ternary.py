@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import _math
 from .._checks import check_bits, check_positive
 from ..ops import ternary as tern
-from .base import AffineCodes, Codes, Quantizer, register_quantizer
+from .base import AffineCodes, Codes, Quantizer, float_checkpoint_load, register_quantizer
 
 __all__ = [
     "TERNARY_MODES",
@@ -102,6 +102,11 @@ class Ternary(Quantizer):
         alpha = torch.where(cnt > 0, tot / cnt.clamp(min=1), 1.0).to(w.dtype)
         self.wp = nn.Parameter(alpha.clone().to(w.device))
         self.wn = nn.Parameter(alpha.clone().to(w.device))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # a float checkpoint has no wp/wn: the layer restarts them from the loaded weights
+        float_checkpoint_load(self, state_dict, prefix, args)
 
     def forward(self, w: Tensor) -> Tensor:
         if self.mode == "twn":
