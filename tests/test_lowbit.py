@@ -237,3 +237,53 @@ def test_stochastic_binary_connect_is_seeded_resumable_and_recomputed_alike():
     assert len(seen) == 2 and torch.equal(seen[0], seen[1]) and torch.equal(lin.grad, seen[0])
     assert not torch.equal(a(lin.detach()), seen[0])  # and the stream moved on once
     assert not Q.BinaryConnect().state_dict()  # the deterministic one keeps no state
+
+
+# ------------------------------------------------------- the families end to end (fast form)
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
+
+
+BITNET = {"weight": {"name": "ternary", "mode": "absmean"},
+          "input": {"name": "absmax", "per": "sample"}}
+TTQ = {"weight": {"name": "ternary", "mode": "ttq", "per_channel": True}}
+LSQ_PLUS = {"weight": {"name": "lsq", "bits": 3},
+            "input": {"name": "lsq", "bits": 2, "signed": False, "offset": True}}
+
+
+@pytest.mark.parametrize("config", ["ternary", "lsq", BITNET, TTQ, LSQ_PLUS],
+                         ids=["ternary", "lsq", "bitnet", "ttq", "lsq+"])
+def test_quantize_train_state_dict_and_packed_file_round_trip(config, tmp_path):
+    from fewbits import quantize_
+    from fewbits.export import export_packed, load_packed
+
+    m = quantize_(_tiny(), config, quantize_input=False)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.arange(8) % 3
+    before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    m.train()
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    moved = [k for k, v in m.named_parameters() if not torch.equal(v.detach(), before[k])]
+    # steps and levels train (LSQ+'s offset only once values fall outside its first range)
+    assert {k for k in before if "quantizer" in k and not k.endswith("beta")} <= set(moved)
+    m.eval()
+    again = quantize_(_tiny(), config, quantize_input=False)
+    again.load_state_dict(m.state_dict())
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), m(x))
+    report = export_packed(m, tmp_path / "m.fewbits")
+    back = load_packed(tmp_path / "m.fewbits", model=quantize_(_tiny(), config))
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+    if config in ("ternary", TTQ):  # five ternary weights a byte
+        conv = next(e for e in report.quantized if e.name.startswith("0."))
+        assert conv.encoding == "trits" and conv.count == 36
