@@ -10,10 +10,10 @@ error naming fewbits' own exporter. A silent wrong result fails either way.
 
 ONNX: the quantizers are custom operators (:mod:`fewbits.ops`). The dynamo exporter, once
 ``fewbits.export.onnx.onnx_translations()`` registered their exact ONNX functions
-(:mod:`fewbits.ops.onnx`), exports every cell, equal to eager bit for bit (ties included); the
-TorchScript exporter has no translation and refuses, naming ``fewbits.export.onnx``. INQ
-weights are plain ``where(mask, fixed, w)`` after training fixed them, which ONNX holds
-exactly: those cells export with both and must match.
+(each family's, gathered by ``family_translations``), exports every cell, equal to eager
+bit for bit (ties included); the TorchScript exporter has no translation and refuses, naming
+``fewbits.export.onnx``. INQ weights are plain ``where(mask, fixed, w)`` after training fixed
+them, which ONNX holds exactly: those cells export with both and must match.
 
 A weight cell probes ``x * quantized_weight`` (an exact product in every runtime), an activation
 cell the quantizer's output itself, so that no convolution rounding hides or fakes a difference.

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..quantizers import Codes, FixedPoint, MinMax, Quantizer
+from ..quantizers import Codes, Quantizer
+from ..quantizers.base import exact_multiples
 
 __all__ = ["FOLD_RTOL", "Fold", "IntWeight", "fold_batch_norm", "int8_weight"]
 
@@ -64,35 +65,17 @@ def int8_weight(q: Quantizer | None, w: Tensor, codes: Codes | None = None
     """The int8 per-channel form of a quantized weight, or ``None`` when its codes do not fit
     ``[-128, 127]``.
 
-    ``w`` holds the values the layer's forward uses. Fixed point and min-max codes come from
-    the quantizer's grid (:meth:`~fewbits.quantizers.FixedPoint.int_grid`; min-max from its
-    :meth:`~fewbits.quantizers.MinMax.affine` form, whose ``int_repr - zero_point`` times
-    ``scale`` is the value up to one float rounding);
-    any other weight (pow2, INQ, binary, float) is accepted when each output channel is an
-    exact integer multiple of its smallest nonzero magnitude.
+    ``w`` holds the values the layer's forward uses. The integers and scales are the family's
+    (:meth:`~fewbits.quantizers.Quantizer.integer_weight`: fixed point's grid, min-max's
+    affine codes; by default, and for a float weight, each output channel as an exact integer
+    multiple of its smallest nonzero magnitude, :func:`~fewbits.quantizers.base.exact_multiples`).
     """
     w = w.detach().float()
-    out = w.shape[0]
-    if isinstance(q, FixedPoint):
-        grid = q.int_grid()
-        k = torch.round(w / grid.scale)
-        if _fits_int8(k) and torch.equal(k * grid.scale, w):
-            return IntWeight(k.to(torch.int8), torch.full((out,), grid.scale))
+    form = q.integer_weight(w, codes) if q is not None else exact_multiples(w)
+    if form is None or not _fits_int8(form[0]):
         return None
-    if isinstance(q, MinMax):
-        a = q.affine(codes if codes is not None else q.encode(w))
-        view = (-1,) + (1,) * (w.dim() - 1) if a.axis is not None else ()
-        k = a.int_repr - a.zero_point.reshape(view)
-        if not _fits_int8(k):
-            return None
-        return IntWeight(k.to(torch.int8), a.scale.reshape(-1).float().expand(out).clone())
-    flat = w.reshape(out, -1)
-    mag = torch.where(flat == 0, torch.full_like(flat, float("inf")), flat.abs()).amin(1)
-    mag = torch.where(torch.isinf(mag), torch.ones_like(mag), mag)
-    k = torch.round(flat / mag[:, None])
-    if _fits_int8(k) and torch.equal(k * mag[:, None], flat):
-        return IntWeight(k.reshape(w.shape).to(torch.int8), mag)
-    return None
+    k, scale = form
+    return IntWeight(k.reshape(w.shape).to(torch.int8), scale.float())
 
 
 @dataclass

@@ -3,7 +3,7 @@ in ONNX Runtime.
 
 The plain form is PyTorch's own exporter, ``torch.onnx.export(model, args, dynamo=True,
 custom_translation_table=onnx_translations())``: every standard operator is PyTorch's
-translation, and each fewbits operator is the exact ONNX function of :mod:`fewbits.ops.onnx`
+translation, and each fewbits operator is the exact ONNX function its family declares
 (ties away from zero, thresholds and grids bit for bit as PyTorch computes them). Quantized
 weights are stored as float constants holding their exact levels (computed by PyTorch before
 the export). Any model ``torch.export`` can capture exports: images, token ids, several or
@@ -51,7 +51,8 @@ from .._checks import translated_onnx_export
 from .._io import atomic_write
 from ..layers import QuantLayer, quant_layers
 from ..models import create_model, is_model, model_info
-from ..quantizers import Codes, FixedPoint, MinMax, Quantizer, get
+from ..quantizers import Codes, Quantizer, get
+from ..quantizers.base import family_translations
 from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
 from .onnx_fused import fused_graph
@@ -110,10 +111,11 @@ def resolve_source(source: nn.Module | str | os.PathLike
     """``(model in eval mode, {"layer.weight": (quantizer, codes)})`` for a model, a ``.fewbits``
     file or a run folder / checkpoint.
 
-    Codes are given for the uniform quantizers (fixed point, min-max), whose integer form the ONNX
-    graph and the int8 path use; a live model's are computed with ``quantizer.encode``, a packed
-    file's are read from it. A model rebuilt by :func:`~fewbits.export.load_packed` has no weight
-    quantizers left, so pass the file itself to keep the integer form.
+    Codes are given for the uniform families (``Quantizer.uniform``: fixed point, min-max),
+    whose integer form the ONNX graph and the int8 path use; a live model's are computed with
+    ``quantizer.encode``, a packed file's are read from it. A model rebuilt by
+    :func:`~fewbits.export.load_packed` has no weight quantizers left, so pass the file itself
+    to keep the integer form.
     """
     if is_packed_file(source):
         model = load_packed(source)
@@ -125,7 +127,7 @@ def resolve_source(source: nn.Module | str | os.PathLike
         for lname, layer in quant_layers(model):
             for role in ("weight", "bias"):
                 q, p = getattr(layer, f"{role}_quantizer"), getattr(layer, role)
-                if isinstance(q, (FixedPoint, MinMax)) and p is not None:
+                if q is not None and q.uniform and p is not None:
                     codes[f"{lname}.{role}"] = (q, q.encode(p.detach()))
     return model, codes
 
@@ -175,8 +177,10 @@ class OnnxReport:
 
 
 def onnx_translations() -> dict[Any, Any]:
-    """``{torch.ops.fewbits.<op>.default: ONNX Script function}`` for every fewbits operator
-    (and fewbits' fix of ``aten.avg_pool2d``): the ``custom_translation_table`` of
+    """``{operator overload: ONNX Script function}`` for the operators of every registered
+    family (:func:`fewbits.quantizers.base.family_translations`, each family's
+    :meth:`~fewbits.quantizers.Quantizer.onnx_translations`) and fewbits' fix of
+    ``aten.avg_pool2d``: the ``custom_translation_table`` of
     ``torch.onnx.export(..., dynamo=True)``. Calling it also registers them with PyTorch's
     exporter where PyTorch allows (:func:`fewbits.ops.onnx.register_globally`), so that a later
     plain ``torch.onnx.export(model, args, dynamo=True)`` of a fewbits model works too.
@@ -188,10 +192,11 @@ def onnx_translations() -> dict[Any, Any]:
         >>> program = torch.onnx.export(m, (torch.rand(2, 1, 28, 28),), dynamo=True,
         ...                             optimize=False, verbose=False)  # doctest: +SKIP
     """
-    from ..ops.onnx import TRANSLATIONS, register_globally
+    from ..ops.onnx import register_globally
 
-    register_globally()
-    return {**ATEN_FIXES, **TRANSLATIONS}
+    table = family_translations()
+    register_globally(table)
+    return {**ATEN_FIXES, **table}
 
 
 def _describe(q: Quantizer) -> str:
@@ -265,7 +270,7 @@ def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
             return fn
 
         def translate(*a: Any, **kw: Any) -> Any:
-            name = str(target).split("::")[-1].split(".")[0]
+            name = str(target.__name__).split(".")[0]  # "pow2" of fewbits::pow2.default
             n = sum(k.startswith(name + " ") for k in report.activations) + 1
             report.activations[f"{name} {n}"] = "exact ONNX subgraph"
             return fn(*a, **kw)

@@ -4,8 +4,9 @@ operators (:mod:`fewbits.export.onnx_ops`), with the chains of :mod:`fewbits.exp
 (batch norm folded, integer weights, the QDQ pattern ONNX Runtime runs as ``QLinearConv``).
 
 The plain form does not use it: :func:`fewbits.export.onnx.to_onnx` runs PyTorch's exporter with
-the exact translations of :mod:`fewbits.ops.onnx`. This walker covers the networks of the zoo and
-plain CNNs ``torch.fx`` can trace (one image input, one logits output); anything else raises
+the exact translations each family declares
+(:func:`fewbits.quantizers.base.family_translations`). This walker covers the networks of the
+zoo and plain CNNs ``torch.fx`` can trace (one image input, one logits output); anything else raises
 ``ValueError`` naming the node.
 """
 

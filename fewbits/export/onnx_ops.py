@@ -1,15 +1,13 @@
-"""ONNX operator forms of fewbits' quantizers: the graph builder and, per quantizer, the
-operators that compute it (see the table in :mod:`fewbits.export.onnx`).
+"""The graph builder of the fused ONNX form and the ONNX forms of float modules and functions.
 
-Grids come from the quantizers themselves (:meth:`~fewbits.quantizers.FixedPoint.int_grid`,
-:meth:`~fewbits.quantizers.MinMax.int_grid`, :meth:`~fewbits.quantizers.Pow2.exponent_range`);
-rounding that ``QuantizeLinear`` cannot express (grids wider than 16 bits) is
-:func:`round_half_away`, exact for every float32 input.
+A quantizer's nodes are its family's own (:meth:`fewbits.quantizers.Quantizer.onnx_act`, written
+over an op namespace; :class:`GraphOps` is that namespace on a :class:`Graph`), so this module
+knows no family: a weight's integer form is its codes' affine form
+(:meth:`~fewbits.quantizers.Quantizer.affine`), its description the family's ``weight_form``.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import Counter
 from typing import Any
@@ -18,24 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _math
-from ..quantizers import (
-    INQ,
-    BinaryConnect,
-    BinarySigmoid,
-    BinaryTanh,
-    BinaryWeight,
-    Codes,
-    FixedPoint,
-    MinMax,
-    Pow2,
-    Quantizer,
-)
+from ..ops.onnx_form import INT_TYPES, int_type
+from ..quantizers import Codes, Quantizer
 
 __all__ = [
     "ATEN_FIXES",
     "INT_TYPES",
     "Graph",
+    "GraphOps",
     "act",
     "as_function",
     "avg_pool2d",
@@ -45,8 +33,6 @@ __all__ = [
     "int_type",
     "layer_op",
     "pair",
-    "qdq",
-    "round_half_away",
     "weight_input",
 ]
 
@@ -68,21 +54,6 @@ def layer_op(g: Graph, name: str, m: nn.Module, ins: list[str]) -> str:
     return g.op("Gemm", ins, name, transB=1)
 
 # --------------------------------------------------------------------------- graph builder
-
-INT_TYPES = {  # ONNX type, numpy dtype, min, max
-    "uint8": (2, np.uint8, 0, 255), "int8": (3, np.int8, -128, 127),
-    "uint16": (4, np.uint16, 0, 65535), "int16": (5, np.int16, -32768, 32767),
-}
-
-
-def int_type(lo: int, hi: int) -> str | None:
-    """Smallest ONNX quantized integer type holding ``[lo, hi]``."""
-    for name in ("uint8", "int8", "uint16", "int16"):
-        _, _, tmin, tmax = INT_TYPES[name]
-        if tmin <= lo and hi <= tmax:
-            return name
-    return None
-
 
 class Graph:
     """Collects ONNX nodes and initializers with unique names."""
@@ -115,6 +86,28 @@ class Graph:
         return out
 
 
+class GraphOps:
+    """The op namespace of :mod:`fewbits.ops.onnx_form` on a :class:`Graph`: ``ops.Abs(x)``
+    adds an ``Abs`` node (named after ``base``) and returns its output name,
+    ``ops.Constant(value=t)`` an initializer. What a family's
+    :meth:`~fewbits.quantizers.Quantizer.onnx_act` writes the fused graph with."""
+
+    def __init__(self, g: Graph, base: str) -> None:
+        self._g, self._base = g, base
+
+    def Constant(self, value: Any) -> str:
+        arr = np.asarray(value.numpy())
+        return self._g.const(self._base + "_c", arr, arr.dtype)
+
+    def __getattr__(self, op_type: str) -> Any:
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+
+        def node(*inputs: str, **attrs: Any) -> str:
+            return self._g.op(op_type, list(inputs), f"{self._base}_{op_type.lower()}", **attrs)
+        return node
+
+
 # --------------------------------------------------------------------------- weights
 
 def weight_input(g: Graph, key: str, value: Tensor,
@@ -136,146 +129,21 @@ def weight_input(g: Graph, key: str, value: Tensor,
 
 
 def describe_constant(q: Quantizer | None, default: str) -> str:
-    if isinstance(q, (BinaryConnect, BinaryWeight)):
-        return "binarized float constant"
-    if isinstance(q, (Pow2, INQ)):
-        return "power-of-two float constant"
-    return default
+    """The family's ``weight_form`` where it declares one, else ``default``."""
+    return (q.weight_form if q is not None else "") or default
 
 
 # --------------------------------------------------------------------------- activations
 
-def _clip(g: Graph, x: str, lo: float | None, hi: float | None, base: str) -> str:
-    ins = [x, g.const(base + "_lo", np.float32(lo)) if lo is not None else "",
-           g.const(base + "_hi", np.float32(hi)) if hi is not None else ""]
-    while ins[-1] == "":
-        ins.pop()
-    return g.op("Clip", ins, base + "_clip")
-
-
-def qdq(g: Graph, x: str, scale: float, zp: int, kind: str, base: str) -> str:
-    s = g.const(base + "_scale", np.float32(scale))
-    z = g.const(base + "_zp", np.array(zp), INT_TYPES[kind][1])
-    q = g.op("QuantizeLinear", [x, s, z], base + "_q")
-    return g.op("DequantizeLinear", [q, s, z], base + "_dq")
-
-
-def round_half_away(g: Graph, v: str, base: str) -> str:
-    """ONNX form of :func:`fewbits._math.round_half_away`, exact for every float32 ``v``:
-    ``r = Round(|v|)`` (half to even, exact), plus 1 where ``|v| - r == 0.5`` (exact: ``r`` is
-    within 0.5 of ``|v|``), times ``Sign(v)``. Not ``Floor(|v| + 0.5)``: that sum rounds, so
-    ``0.49999997 -> 1`` and odd integers above ``2^23`` move by one."""
-    a = g.op("Abs", [v], base + "_abs")
-    r = g.op("Round", [a], base + "_rne")
-    tie = g.op("Equal", [g.op("Sub", [a, r], base + "_frac"),
-                         g.const(base + "_half", np.float32(0.5))], base + "_tie")
-    r = g.op("Add", [r, g.op("Cast", [tie], base + "_up", to=1)], base + "_away")
-    return g.op("Mul", [g.op("Sign", [v], base + "_sign"), r], base + "_round")
-
-
-def _fixed_point_act(g: Graph, x: str, q: FixedPoint, base: str) -> tuple[str, str]:
-    grid = q.int_grid()
-    c = _clip(g, x, grid.qmin * grid.scale, grid.qmax * grid.scale, base)
-    kind = int_type(grid.qmin, grid.qmax)
-    if kind is not None:
-        return qdq(g, c, grid.scale, 0, kind, base), f"Clip + {kind} Q/DQ"
-    d = g.const(base + "_delta", np.float32(grid.scale))
-    r = round_half_away(g, g.op("Div", [c, d], base + "_div"), base)
-    return g.op("Mul", [r, d], base + "_out"), "Clip + exact rounding (float)"
-
-
-def _min_max_act(g: Graph, x: str, q: MinMax, base: str) -> tuple[str, str]:
-    if q.qr_min.numel() != 1:
-        raise ValueError(f"{base}: per-channel min-max activation ranges cannot be exported")
-    _, _, lo, hi = (float(t) for t in q.grid(torch.zeros(())))
-    grid = q.int_grid()
-    scale, zp = grid.scale, grid.zero_point
-    kind = int_type(grid.qmin, grid.qmax)
-    if kind is not None:
-        _, _, tmin, tmax = INT_TYPES[kind]
-        full = (q.ql_min, q.ql_max) == (tmin, tmax)
-        c = x if full else _clip(g, x, lo, hi, base)
-        return qdq(g, c, scale, int(zp), kind, base), ("" if full else "Clip + ") + \
-            f"{kind} Q/DQ"
-    c = _clip(g, x, lo, hi, base)
-    lo_c, s_c = g.const(base + "_lo", np.float32(lo)), g.const(base + "_s", np.float32(scale))
-    r = round_half_away(g, g.op("Div", [g.op("Sub", [c, lo_c], base + "_sub"), s_c],
-                                 base + "_div"), base)
-    return g.op("Add", [g.op("Mul", [r, s_c], base + "_mul"), lo_c], base + "_out"), \
-        "Clip + exact rounding (float)"
-
-
-def _pow2_act(g: Graph, x: str, q: Pow2, base: str) -> tuple[str, str]:
-    """Exact power-of-two quantization (docs/QUANTIZERS.md, ``pow2``) from ONNX operators.
-
-    ``p = 2^floor(log2 a)`` is looked up in a table of exact powers of two at the index
-    ``floor(Log(a) / ln 2)``; the float ``Log`` may be one off next to a power of two, so ``p`` is
-    halved where ``p > a`` and doubled where ``2p <= a``, which makes it exact. Then
-    ``round(log2 a)`` picks ``2p`` where ``a >= 2p * 2^-0.5`` (the float32 threshold of
-    :data:`fewbits._math.SQRT_HALF_UP`, the same comparison the PyTorch code makes), and the
-    result is clamped to ``[p_min, p_max]`` with the zero rule and sign of the spec.
-    """
-    e_min, e_max = q.exponent_range()
-    if e_min - 2 < -126 or e_max + 2 > 126:
-        # the rounding thresholds 2^e * 2^-0.5 must be normal floats to be exact
-        raise ValueError(f"{base}: pow2 activation exponents [{e_min}, {e_max}] leave the float32 "
-                         "normal range; use fewer bits (n <= 8 with zero, n <= 7 without)")
-    lo_e = e_min - 2
-    table = np.array([math.ldexp(1.0, e) for e in range(lo_e, e_max + 2)], np.float32)
-    p_min, p_max = np.float32(math.ldexp(1.0, e_min)), np.float32(math.ldexp(1.0, e_max))
-    thr = np.float32(p_min * np.float32(2.0**-0.5))
-    f = lambda v, n: g.const(f"{base}_{n}", np.float32(v))  # noqa: E731
-    a = g.op("Abs", [x], base + "_abs")
-    k = g.op("Floor", [g.op("Mul", [g.op("Log", [a], base + "_log"),
-                                    f(1.0 / math.log(2.0), "inv_ln2")], base + "_log2")],
-             base + "_k")
-    k = g.op("Clip", [k, f(lo_e, "kmin"), f(e_max + 1, "kmax")], base + "_kc")
-    idx = g.op("Cast", [g.op("Sub", [k, f(lo_e, "k0")], base + "_ki")], base + "_idx", to=7)
-    p = g.op("Gather", [g.const(base + "_pow2", table), idx], base + "_p")
-    half, two = f(0.5, "half"), f(2.0, "two")
-    p = g.op("Where", [g.op("Greater", [p, a], base + "_gt"),
-                       g.op("Mul", [p, half], base + "_ph"), p], base + "_p1")
-    p2 = g.op("Mul", [p, two], base + "_p2x")
-    p = g.op("Where", [g.op("LessOrEqual", [p2, a], base + "_le"), p2, p], base + "_p2")
-    p2 = g.op("Mul", [p, two], base + "_p3x")
-    up = g.op("GreaterOrEqual", [a, g.op("Mul", [p2, f(_math.SQRT_HALF_UP, "sqh")],
-                                         base + "_t")], base + "_up")
-    r = g.op("Where", [up, p2, p], base + "_r")
-    r = g.op("Min", [r, f(p_max, "pmax")], base + "_rmax")
-    pm = f(p_min, "pmin")
-    zero = f(0.0, "zero")
-    if q.with_zero:
-        low = g.op("Where", [g.op("Less", [a, f(thr, "thr")], base + "_small"), zero, pm],
-                   base + "_low")
-        r = g.op("Where", [g.op("Less", [r, pm], base + "_below"), low, r], base + "_rz")
-    else:
-        r = g.op("Max", [r, pm], base + "_rmin")
-    neg = g.op("Less", [x, zero], base + "_neg")
-    if q.sign:
-        out = g.op("Where", [neg, g.op("Neg", [r], base + "_minus"), r], base + "_out")
-    else:
-        out = g.op("Where", [neg, zero if q.with_zero else pm, r], base + "_out")
-    return out, "exact pow2 subgraph"
-
-
 def act(g: Graph, x: str, q: Quantizer | None, base: str) -> tuple[str, str | None]:
+    """``(output, description)`` of activation quantizer ``q`` on ``x``: the nodes its family
+    writes (:meth:`~fewbits.quantizers.Quantizer.onnx_act`); errors name ``base``."""
     if q is None:
         return x, None
-    if isinstance(q, BinaryTanh):
-        gt = g.op("Greater", [x, g.const(base + "_zero", np.float32(0))], base + "_gt")
-        return g.op("Where", [gt, g.const(base + "_one", np.float32(1)),
-                              g.const(base + "_mone", np.float32(-1))], base + "_sign"), \
-            "Where(x > 0, 1, -1)"
-    if isinstance(q, BinarySigmoid):
-        gt = g.op("Greater", [x, g.const(base + "_zero", np.float32(0))], base + "_gt")
-        return g.op("Cast", [gt], base + "_step", to=1), "Cast(x > 0)"
-    if isinstance(q, FixedPoint):
-        return _fixed_point_act(g, x, q, base)
-    if isinstance(q, MinMax):
-        return _min_max_act(g, x, q, base)
-    if isinstance(q, Pow2):
-        return _pow2_act(g, x, q, base)
-    raise ValueError(f"{base}: activation quantizer {type(q).__name__} has no ONNX form")
+    try:
+        return q.onnx_act(GraphOps(g, base), x)
+    except ValueError as e:
+        raise ValueError(f"{base}: {e}") from None
 
 
 # --------------------------------------------------------------------------- float operations

@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from ..quantizers import BinarySigmoid, BinaryTanh, Codes, FixedPoint, IntGrid, MinMax, Quantizer
+from ..quantizers import Codes, IntGrid, Quantizer
 from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
 from .onnx_ops import Graph, layer_op
 
@@ -70,11 +70,11 @@ class Chain:
 def _uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | None:
     """``(grid, kl, kh)``: the quantizer's grid and the levels its (ReLU'd) output can take,
     when they span at most 256 codes; else None."""
-    if not isinstance(q, (FixedPoint, MinMax)):
-        return None
     try:
         grid = q.int_grid()
-    except ValueError:  # per-channel min-max ranges
+    except ValueError:  # one grid per channel (per-channel min-max ranges)
+        return None
+    if grid is None:  # not a uniform family
         return None
     kl = max(grid.qmin, grid.zero_point) if relu_after else grid.qmin
     kh = grid.qmax
@@ -84,7 +84,8 @@ def _uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | 
 def _binary_next(m: nn.Module | None) -> bool:
     """Batch norm feeds a sign: left unfolded, since the conv of +-1 values sums to exact
     integers (often 0, where the sign decides) only with unscaled +-1 weights."""
-    return isinstance(m, QuantAct) and isinstance(m.quantizer, (BinaryTanh, BinarySigmoid))
+    return isinstance(m, QuantAct) and m.quantizer is not None and \
+        m.quantizer.step_levels() is not None
 
 
 def plan_chains(model: nn.Module, graph: fx.Graph,

@@ -44,7 +44,9 @@ back, a host sync); ``2`` the same on CPU, and on CUDA a device-side assertion
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -104,8 +106,43 @@ __all__ = [
     "pow2",
     "range_view",
     "recomputing",
+    "straight_through_op",
     "widen",
 ]
+
+# --------------------------------------------------------------------------- a new family's
+
+
+def straight_through_op(name: str, impl: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Define a family's forward as the custom operator ``name`` (``"namespace::op"``) and
+    return its straight-through function ``f(x, *args)``.
+
+    ``impl(x, *args) -> Tensor`` (type-annotated, as :func:`torch.library.custom_op` needs;
+    ``args`` ints, floats, bools, strings) computes the quantized value, of ``x``'s shape and
+    dtype, with any backends it chooses (a fused kernel where it can, PyTorch operators else).
+    The operator gets a fake kernel (``empty_like(x)``) and one autograd formula, the identity
+    (``dx = dy``); ``f`` runs it in eager mode, under ``torch.func`` and in captured graphs as
+    the nine families' operators run (:func:`call_identity`). Give the operator an ONNX
+    translation through the family's :meth:`~fewbits.quantizers.Quantizer.onnx_translations`
+    (``torch.ops.<namespace>.<op>.default``). A masked gradient or one for a learned parameter
+    is the family's own ``torch.library.register_autograd`` (see ``fixed_point`` and
+    ``min_max`` here).
+
+        >>> f = straight_through_op("fewbits_doc::halves",
+        ...                         lambda x, s: torch.round(x / s) * s)  # doctest: +SKIP
+    """
+    n_args = len(inspect.signature(impl).parameters) - 1
+    op = define_op(name, impl)
+    op.register_fake(lambda x, *args: torch.empty_like(x))
+    register_identity(op, n_args)
+
+    def apply(x: Tensor, *args: object) -> Tensor:
+        return call_identity(op, x, *args)
+
+    apply.__name__ = apply.__qualname__ = name.split("::")[-1]
+    apply.__doc__ = impl.__doc__
+    return apply
+
 
 # --------------------------------------------------------------------------- binary
 

@@ -15,15 +15,24 @@ Specs resolve through :func:`get` (as larq's ``quantizers.get``): a registered n
     (4, tensor([0.2500, 1.7500]))
 
 One module per job: :mod:`~fewbits.quantizers.base` (``Quantizer``, ``Codes``,
-``AffineCodes``, ``IntGrid``, the registry), then one per family: ``binary``, ``fixed_point``,
-``pow2``, ``inq``, ``min_max``, ``ternary`` (and BitNet's ``absmax``
-activations), ``lsq``.
+``AffineCodes``, ``IntGrid``, the registry, and the family protocol: what export asks a
+family), then one per family: ``binary``, ``fixed_point``, ``pow2``, ``inq``, ``min_max``,
+``ternary`` (and BitNet's ``absmax`` activations), ``lsq``.
 Importing this package registers every family.
 """
 
 from __future__ import annotations
 
-from .base import AffineCodes, Codes, IntGrid, Quantizer, get, list_quantizers, register_quantizer
+from .base import (
+    AffineCodes,
+    Codes,
+    IntGrid,
+    Quantizer,
+    get,
+    list_quantizers,
+    register_quantizer,
+    unregister_quantizer,
+)
 from .binary import BinaryConnect, BinarySigmoid, BinaryTanh, BinaryWeight
 from .fixed_point import FixedPoint
 from .inq import INQ, INQ_ITERATIONS, INQ_SELECTIONS
@@ -54,4 +63,5 @@ __all__ = [
     "get",
     "list_quantizers",
     "register_quantizer",
+    "unregister_quantizer",
 ]

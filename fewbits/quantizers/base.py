@@ -1,6 +1,14 @@
 """The base every quantizer shares: :class:`Quantizer`, its :class:`Codes` and
 :class:`IntGrid`, and the registry that :func:`get` resolves specs through (each family's
 module registers its classes with :func:`register_quantizer`).
+
+:class:`Quantizer` is also the *family protocol*: what export, batch-norm folding, ONNX and the
+packed file need of a family, they ask its class (``uniform``, ``weight_form``,
+:meth:`~Quantizer.onnx_translations`, :meth:`~Quantizer.int_grid`,
+:meth:`~Quantizer.step_levels`, :meth:`~Quantizer.integer_weight`,
+:meth:`~Quantizer.onnx_act`), never ``isinstance``. Each default is right for a family that
+lacks the capability, so a new family is one subclass and one :func:`register_quantizer` call
+(docs/ARCHITECTURE.md, "Adding a family").
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ __all__ = [
     "Codes",
     "IntGrid",
     "Quantizer",
+    "exact_multiples",
+    "family_translations",
     "fill_missing_extra_state",
     "fitted_step",
     "float_checkpoint_load",
     "get",
     "list_quantizers",
     "register_quantizer",
+    "unregister_quantizer",
 ]
 
 
@@ -136,8 +147,26 @@ def fitted_step(x: Tensor, kmax: int) -> float | None:
     return 2.0 ** min(max(math.ceil(math.log2(amax / kmax)), -126), 127)
 
 
+def exact_multiples(w: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(k, step)`` with ``w[o] == k[o] * step[o]`` exactly, ``step[o]`` the smallest nonzero
+    magnitude of output channel ``o`` (1 for an all-zero channel), ``k`` int64 of ``w``'s shape;
+    ``None`` where a channel is not such a multiple. The integer form of a weight whose family
+    declares none (:meth:`Quantizer.integer_weight`'s default): power-of-two, INQ, binary."""
+    w = w.detach().float()
+    out = w.shape[0]
+    flat = w.reshape(out, -1)
+    mag = torch.where(flat == 0, torch.full_like(flat, float("inf")), flat.abs()).amin(1)
+    mag = torch.where(torch.isinf(mag), torch.ones_like(mag), mag)
+    k = torch.round(flat / mag[:, None])
+    if not torch.equal(k * mag[:, None], flat):
+        return None
+    return k.reshape(w.shape).to(torch.int64), mag
+
+
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
-    """Class decorator registering a quantizer under ``name`` for :func:`get`."""
+    """Class decorator registering a quantizer (a family) under ``name`` for :func:`get`: the
+    one registry call a new family makes (``register_quantizer("toy")(Toy)`` works as well).
+    Everything else export needs it declares on its class (see :class:`Quantizer`)."""
 
     def deco(cls: type[Quantizer]) -> type[Quantizer]:
         if name in _REGISTRY:
@@ -147,6 +176,29 @@ def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]
         return cls
 
     return deco
+
+
+def unregister_quantizer(name: str) -> None:
+    """Remove the family registered as ``name`` (a test's or a plugin's); ``KeyError`` listing
+    the known names if there is none."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no quantizer {name!r} is registered; known: "
+                       f"{', '.join(list_quantizers())}")
+    del _REGISTRY[name]
+
+
+def family_translations() -> dict[Any, Callable[..., Any]]:
+    """``{operator overload: ONNX Script function}`` of every registered family
+    (:meth:`Quantizer.onnx_translations` of each class): the ``custom_translation_table`` that
+    ONNX export passes to PyTorch's exporter. Imports ``onnxscript`` (through the families'
+    translations): call it only to export."""
+    table: dict[Any, Callable[..., Any]] = {}
+    for cls in dict.fromkeys(_REGISTRY.values()):
+        for target, fn in cls.onnx_translations().items():
+            if table.get(target, fn) is not fn:
+                raise ValueError(f"two families translate {target}: {cls.__name__} and another")
+            table[target] = fn
+    return table
 
 
 def list_quantizers() -> list[str]:
@@ -231,6 +283,54 @@ class Quantizer(nn.Module):
         is not uniform (binary, power-of-two, INQ). Export reads scales and zero points here,
         never from ``codes.params``, whose keys are the quantizer's own business."""
         return None
+
+    # ----------------------------------------------------------------- the family protocol
+    # What export asks a family; each default fits a family without the capability.
+
+    #: Its codes have the integer affine form (:meth:`affine` is not ``None``): ONNX export and
+    #: the int8 paths read a weight's codes (fixed point, min-max).
+    uniform: ClassVar[bool] = False
+    #: How ONNX export describes a weight of this family that it stores as float constants.
+    weight_form: ClassVar[str] = ""
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Callable[..., Any]]:
+        """``{operator overload: ONNX Script function}`` for the custom operators the family's
+        forward calls (``torch.ops.<ns>.<op>.default``): the exact ONNX form PyTorch's exporter
+        writes for each (:func:`family_translations` gathers them). Called only to export, so
+        the method may import ``onnxscript``. Default: none (a forward made of standard PyTorch
+        operators needs none: PyTorch translates them)."""
+        return {}
+
+    def int_grid(self) -> IntGrid | None:
+        """The one per-tensor integer grid of the output, or ``None`` (not uniform); a uniform
+        family with one grid per channel raises ``ValueError``. The fused QDQ export folds
+        batch norm into a layer feeding a quantizer with a grid of at most 256 levels."""
+        return None
+
+    def step_levels(self) -> tuple[float, float] | None:
+        """``(low, high)`` when the forward is ``high if x > 0 else low`` (binary
+        activations): ONNX export folds batch norm before it into per-channel thresholds and
+        leaves it unfused in the QDQ form. Default ``None``."""
+        return None
+
+    def integer_weight(self, w: Tensor, codes: Codes | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """``(k, scale)``: the quantized weight ``w`` (the values the forward gives) as int64
+        integers ``k`` (``w``'s shape) times a float32 per-output-channel ``scale`` (``(C,)``),
+        or ``None`` when it has no such exact form; ``codes`` are :meth:`encode`'s (from a
+        ``.fewbits`` file) where known. Batch-norm folding keeps an int8 weight from it.
+        Default: :func:`exact_multiples`."""
+        return exact_multiples(w)
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        """``(y, description)``: the forward on ``x`` as ONNX nodes written with ``op`` (an op
+        namespace: ``op.Greater(x, c)``, ``op.Constant(value=...)``; see
+        :mod:`fewbits.ops.onnx_form`), for the fused QDQ export of an activation. Default:
+        ``ValueError`` (no fused form; the plain export still works through
+        :meth:`onnx_translations`)."""
+        raise ValueError(f"activation quantizer {type(self).__name__} has no fused ONNX form; "
+                         "export without fuse")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._kwargs().items())

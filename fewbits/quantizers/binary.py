@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import functional as qf
 from ..ops import stochastic as st
 from ..ops._core import recomputing
+from ..ops.onnx_form import const
 from .base import Codes, Quantizer, float_checkpoint_load, register_quantizer
 
 __all__ = [
@@ -30,6 +32,53 @@ def _from_sign_codes(c: Codes, pos: Tensor | float = 1.0) -> Tensor:
     s = c.codes.reshape(c.shape).bool()
     pos = torch.as_tensor(pos, dtype=torch.float32)
     return torch.where(s, pos, -pos)
+
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def binary_connect_onnx(w: Any, zero_to: float, stochastic: bool, check: int, fn: str) -> Any:
+    """``Where(w > 0, 1, -1)``, ``zero_to`` at 0."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only
+
+    float32_only(w, "binary_connect")
+    if stochastic:
+        raise ValueError(f"{fn}: stochastic binarization draws random numbers; export a model "
+                         "in eval mode with deterministic binarization")
+    y = op.Where(op.Greater(w, const(op, 0.0)), const(op, 1.0), const(op, -1.0))
+    return op.Where(op.Equal(w, const(op, 0.0)), const(op, zero_to), y)
+
+
+def binary_weight_onnx(w: Any, check: int, fn: str) -> Any:
+    """``alpha[o] * sign(w[o])`` with ``alpha[o] = mean |w[o]|`` accumulated in float64."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only
+
+    float32_only(w, "binary_weight")
+    flat = op.Flatten(w, axis=1)
+    a = op.ReduceMean(op.Abs(op.Cast(flat, to=11)),
+                      const(op, [1], np.int64), keepdims=1)
+    a = op.Cast(a, to=1)
+    return op.Reshape(op.Where(op.GreaterOrEqual(flat, const(op, 0.0)), a, op.Neg(a)), op.Shape(w))
+
+
+def binary_act_onnx(x: Any, low: float, grad_scale: float, want_mask: bool, check: int,
+               fn: str) -> tuple[Any, Any]:
+    """``Where(x > 0, 1, low)``: a comparison, exact."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "binary_act")
+    return op.Where(op.Greater(x, const(op, 0.0)), const(op, 1.0), const(op, low)), no_mask()
+
+
+def _binary_translations() -> dict[Any, Any]:
+    return {torch.ops.fewbits.binary_connect.default: binary_connect_onnx,
+            torch.ops.fewbits.binary_weight.default: binary_weight_onnx,
+            torch.ops.fewbits.binary_act.default: binary_act_onnx}
 
 
 @register_quantizer("binary_connect")
@@ -57,6 +106,11 @@ class BinaryConnect(Quantizer):
 
     bits = 1
     weight_only = True
+    weight_form = "binarized float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
 
     def __init__(self, stochastic: bool = False, clip_weights: bool = False,
                  seed: int | None = None) -> None:
@@ -126,6 +180,17 @@ class BinaryTanh(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return qf.binary_tanh(x)
 
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
+
+    def step_levels(self) -> tuple[float, float]:
+        return -1.0, 1.0
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        gt = op.Greater(x, const(op, 0.0))
+        return op.Where(gt, const(op, 1.0), const(op, -1.0)), "Where(x > 0, 1, -1)"
+
     def encode(self, x: Tensor) -> Codes:
         return Codes(_sign_codes(x), 1, tuple(x.shape))
 
@@ -141,6 +206,16 @@ class BinarySigmoid(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return qf.binary_sigmoid(x)
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
+
+    def step_levels(self) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        return op.Cast(op.Greater(x, const(op, 0.0)), to=1), "Cast(x > 0)"
 
     def encode(self, x: Tensor) -> Codes:
         return Codes(_sign_codes(x), 1, tuple(x.shape))
@@ -158,6 +233,11 @@ class BinaryWeight(Quantizer):
 
     bits = 1
     weight_only = True
+    weight_form = "binarized float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return _binary_translations()
 
     def setup(self, param: Tensor) -> None:
         if param.dim() < 2:

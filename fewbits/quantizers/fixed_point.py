@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _math
 from .. import functional as qf
 from .._checks import check_bits, check_positive, in_onnx_export
+from ..ops.onnx_form import const, int_type, qdq, round_half_away
 from .base import (
     AffineCodes,
     Codes,
@@ -25,6 +27,32 @@ from .base import (
 __all__ = [
     "FixedPoint",
 ]
+
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def fixed_point_onnx(x: Any, sign: bool, n: int, delta: float, want_mask: bool, check: int,
+                fn: str) -> tuple[Any, Any]:
+    """:func:`fewbits._math.fixed_point_mask`: clamp, ``* (1/delta)`` (or ``/ delta``),
+    :func:`round_half_away`, ``* delta``."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "fixed_point")
+    nb = n - 1 if sign else n
+    with np.errstate(over="ignore"):
+        hi, d = np.float32((2.0**nb - 1.0) * delta), np.float32(delta)
+    lo = -hi if sign else np.float32(0.0)
+    c = op.Min(op.Max(x, const(op, lo)), const(op, hi))
+    # 1/d where d is a power of two with a normal reciprocal: x * (1/d) == x / d bit for bit,
+    # and PyTorch multiplies then (fewbits._math.fixed_point_mask)
+    inv = None
+    if 0 < d < np.inf and math.frexp(float(d))[0] == 0.5:
+        r = 1.0 / float(d)
+        inv = r if np.finfo(np.float32).tiny <= r <= np.finfo(np.float32).max else None
+    v = op.Mul(c, const(op, inv)) if inv is not None else op.Div(c, const(op, d))
+    return op.Mul(round_half_away(op, v), const(op, d)), no_mask()
 
 
 @register_quantizer("fixed_point")
@@ -144,6 +172,34 @@ class FixedPoint(Quantizer):
     def decode(self, codes: Codes) -> Tensor:
         k = (codes.codes - self._offset).to(torch.float32).reshape(codes.shape)
         return k * torch.tensor(self.delta, dtype=torch.float32)
+
+    # the family protocol (fewbits.quantizers.base.Quantizer)
+    uniform = True
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return {torch.ops.fewbits.fixed_point.default: fixed_point_onnx}
+
+    def integer_weight(self, w: Tensor, codes: Codes | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """``round(w / delta)`` and ``delta``, when ``w`` is exactly on the grid."""
+        w = w.detach().float()
+        grid = self.int_grid()
+        k = torch.round(w / grid.scale)
+        if not torch.equal(k * grid.scale, w):
+            return None
+        return k.to(torch.int64), torch.full((w.shape[0],), grid.scale)
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        """``Clip`` to the grid's range then ``QuantizeLinear`` / ``DequantizeLinear`` (grids of
+        at most 16 bits), else ``Div``, exact rounding, ``Mul``."""
+        grid = self.int_grid()
+        c = op.Clip(x, const(op, grid.qmin * grid.scale), const(op, grid.qmax * grid.scale))
+        kind = int_type(grid.qmin, grid.qmax)
+        if kind is not None:
+            return qdq(op, c, grid.scale, 0, kind), f"Clip + {kind} Q/DQ"
+        d = const(op, grid.scale)
+        return op.Mul(round_half_away(op, op.Div(c, d)), d), "Clip + exact rounding (float)"
 
     def affine(self, codes: Codes) -> AffineCodes:
         """``k * delta``: ``int_repr = k``, ``scale = delta``, zero point 0, per tensor."""

@@ -8,12 +8,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import functional as qf
 from .. import ops
 from .._checks import check_bits, check_finite, in_onnx_export
+from ..ops.onnx_form import const
 from .base import Codes, Quantizer, register_quantizer
 
 __all__ = [
@@ -26,6 +28,43 @@ __all__ = [
 #: The seed's INQ schedule: the iterations at which more weights are fixed.
 INQ_ITERATIONS = (5000, 6000, 7000, 8000, 9000)
 INQ_SELECTIONS = ("largest_abs", "random")
+
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def _floor_log2(op: Any, a: Any) -> tuple[Any, Any]:
+    """``(k, 2^k)`` with ``k = floor(log2 a)`` for ``a > 0`` (float32, exact): ``Log`` may be
+    one off next to a power of two; exact comparisons correct it."""
+    k = op.Floor(op.Mul(op.Log(a), const(op, 1.0 / math.log(2.0))))
+    p = op.Pow(const(op, 2.0), k)
+    over = op.Greater(p, a)
+    k = op.Where(over, op.Sub(k, const(op, 1.0)), k)
+    p = op.Where(over, op.Mul(p, const(op, 0.5)), p)
+    up = op.LessOrEqual(op.Mul(p, const(op, 2.0)), a)
+    return op.Where(up, op.Add(k, const(op, 1.0)), k), op.Where(up, op.Mul(p, const(op, 2.0)), p)
+
+
+def inq_onnx(w: Any, num_bits: int, check: int, fn: str) -> Any:
+    """:func:`fewbits._math.inq_levels`: ``frexp`` as :func:`_floor_log2`, the ``>= 0.75``
+    mantissa test as ``a >= 1.5 * 2^k`` (exact)."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only
+
+    float32_only(w, "inq")
+    a = op.Abs(w)
+    s = op.ReduceMax(op.Reshape(a, const(op, [-1], np.int64)), keepdims=0)
+    s = op.Where(op.Equal(s, const(op, 0.0)), const(op, 1.0), s)
+    ks, ps = _floor_log2(op, s)
+    n1 = op.Add(ks, op.Cast(op.GreaterOrEqual(s, op.Mul(ps, const(op, 1.5))), to=1))
+    n2 = op.Sub(n1, const(op, float(2 ** (num_bits - 2) - 1)))
+    prune = op.Pow(const(op, 2.0), op.Sub(n2, const(op, 1.0)))
+    safe = op.Where(op.Equal(a, const(op, 0.0)), const(op, 1.0), a)
+    kw, pw = _floor_log2(op, safe)
+    kw = op.Add(kw, op.Cast(op.GreaterOrEqual(safe, op.Mul(pw, const(op, 1.5))), to=1))
+    kw = op.Min(op.Max(kw, n2), n1)
+    q = op.Mul(op.Sign(w), op.Pow(const(op, 2.0), kw))
+    return op.Where(op.Less(a, prune), const(op, 0.0), q)
 
 
 @register_quantizer("inq")
@@ -55,6 +94,11 @@ class INQ(Quantizer):
     """
 
     weight_only = True
+    weight_form = "power-of-two float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return {torch.ops.fewbits.inq.default: inq_onnx}
 
     def __init__(self, num_bits: int = 4, inq_iterations: Sequence[int] = INQ_ITERATIONS,
                  selection: str = "largest_abs", seed: int = 0) -> None:

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from .. import _math
 from ..ops import lsq as L
 from ..ops._core import recomputing
+from ..ops.onnx_form import const, int_type, qdq
+from ..ops.onnx_form import round_half_away as onnx_round
 from . import optim
 from .base import (
     AffineCodes,
@@ -60,6 +62,8 @@ class LSQ(Quantizer):
         if init_step is not None and not 0.0 < float(init_step) < math.inf:
             raise ValueError(f"LSQ: init_step must be a finite number > 0, got {init_step!r}")
         self.bits, self.signed, self.offset = int(bits), bool(signed), bool(offset)
+        #: the family protocol: integer affine codes, except with LSQ+'s real-valued offset
+        self.uniform = not self.offset
         self.init_step = None if init_step is None else float(init_step)
         self.step = nn.Parameter(torch.tensor(self.init_step or 1.0))
         optim.register_range(self.step, self)
@@ -150,3 +154,34 @@ class LSQ(Quantizer):
         return AffineCodes((codes.codes - self.qn).reshape(codes.shape),
                            codes.params["step"].float().reshape(()),
                            torch.tensor(0, dtype=torch.int64), None, -self.qn, self.qp)
+
+    # the family protocol (fewbits.quantizers.base.Quantizer); the forward is standard PyTorch
+    # operators, which PyTorch's exporter translates itself (no onnx_translations)
+    weight_form = "LSQ step multiples as float constants"
+
+    def integer_weight(self, w: Tensor, codes: Codes | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """``k`` and the step (per output channel, all equal), when ``w = k * s`` exactly (no
+        offset)."""
+        if self.offset:
+            return None
+        w = w.detach().float()
+        s = self.step.detach().float()
+        k = torch.round(w / s)
+        if not torch.equal(k * s, w):
+            return None
+        return k.to(torch.int64), s.expand(w.shape[0]).clone()
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        """Without an offset: ``Clip`` to ``[-Q_N s, Q_P s]`` then ``QuantizeLinear`` /
+        ``DequantizeLinear`` with scale ``s`` (8-bit grids); with one: ``Sub``, ``Div``,
+        ``Clip``, exact rounding, ``Mul``, ``Add``."""
+        s = float(self.step.detach())
+        if not self.offset:
+            c = op.Clip(x, const(op, -self.qn * s), const(op, self.qp * s))
+            return qdq(op, c, s, 0, int_type(-self.qn, self.qp)), "LSQ: Clip + Q/DQ"
+        beta = const(op, float(self.beta.detach()))
+        d = const(op, s)
+        v = op.Clip(op.Div(op.Sub(x, beta), d), const(op, float(-self.qn)),
+                    const(op, float(self.qp)))
+        return op.Add(op.Mul(onnx_round(op, v), d), beta), "LSQ+: exact rounding (float)"

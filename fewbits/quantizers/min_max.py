@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import _math, ops
 from .. import functional as qf
 from .._checks import check_finite, check_float_tensor, check_positive, range_view
+from ..ops.onnx_form import INT_TYPES, const, int_type, qdq, round_half_away
 from . import optim
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
@@ -51,6 +52,41 @@ def _ddp_group() -> Any:
     if ddp is None or dist.get_world_size(group) < 2:
         return None
     return group
+
+# --------------------------------------------------------------------------- ONNX translations
+# PyTorch's exporter writes these for the family's operators (onnx_translations below).
+
+def _range(op: Any, r: Any, x: Any) -> Any:
+    """A 0-d range, or ``(C,)`` viewed over ``x``'s axis 0 (:func:`fewbits.ops.range_view`)."""
+    shape = getattr(r, "shape", None)
+    if shape is not None and len(shape) == 1 and shape[0] != 1:
+        rank = len(x.shape)
+        return op.Reshape(r, const(op, [-1] + [1] * (rank - 1), np.int64))
+    return op.Reshape(r, const(op, np.zeros(0, np.int64), np.int64))
+
+
+def min_max_onnx(x: Any, qr_min: Any, qr_max: Any, ql_min: int, ql_max: int, eps: float, fine: bool,
+            want_code: bool, check: int, fn: str) -> tuple[Any, Any]:
+    """:func:`fewbits._math.min_max_range` then :func:`fewbits._math.min_max`, operation for
+    operation in float32 (the grid folds to constants when the ranges are)."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "min_max")
+    rmin, rmax = _range(op, qr_min, x), _range(op, qr_max, x)
+    rmax = op.Where(op.Less(op.Sub(rmax, rmin), const(op, eps)), op.Add(rmin, const(op, eps)), rmax)
+    lmin, lmax = const(op, float(ql_min)), const(op, float(ql_max))
+    scale = op.Div(op.Sub(rmax, rmin), op.Sub(lmax, lmin))
+    zp = op.Sub(lmin, op.Div(rmin, scale))
+    zp = op.Where(op.LessOrEqual(zp, lmin), lmin,
+                  op.Where(op.GreaterOrEqual(zp, lmax), lmax, round_half_away(op, zp)))
+    lo = op.Mul(op.Sub(lmin, zp), scale)
+    hi = op.Mul(op.Sub(lmax, zp), scale)
+    v = op.Div(op.Sub(op.Min(op.Max(x, lo), hi), lo), scale)
+    r = op.Round(v)  # v >= 0: half to even, plus 1 at the ties it sent down
+    r = op.Add(r, op.Cast(op.Equal(op.Sub(v, r), const(op, 0.5)), to=1))
+    return op.Add(op.Mul(r, scale), lo), no_mask()
 
 
 @register_quantizer("min_max")
@@ -370,6 +406,42 @@ class MinMax(Quantizer):
         lo = codes.params["lo"].reshape(view)
         q = codes.codes.reshape(codes.shape).to(torch.float32)
         return q * scale + lo
+
+    # the family protocol (fewbits.quantizers.base.Quantizer)
+    uniform = True
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return {torch.ops.fewbits.min_max.default: min_max_onnx}
+
+    def integer_weight(self, w: Tensor, codes: Codes | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """``int_repr - zero_point`` of :meth:`affine` and its scale, one per output channel
+        (the value up to one float rounding)."""
+        w = w.detach().float()
+        a = self.affine(codes if codes is not None else self.encode(w))
+        view = (-1,) + (1,) * (w.dim() - 1) if a.axis is not None else ()
+        return (a.int_repr - a.zero_point.reshape(view),
+                a.scale.reshape(-1).float().expand(w.shape[0]).clone())
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        """``Clip`` to ``[lo, hi]`` (none when the grid is the whole integer type) then
+        ``QuantizeLinear`` / ``DequantizeLinear`` (grids of at most 16 bits), else ``Sub``,
+        ``Div``, exact rounding, ``Mul``, ``Add``. Per tensor only."""
+        if self.qr_min.numel() != 1:
+            raise ValueError("per-channel min-max activation ranges cannot be exported")
+        _, _, lo, hi = (float(t) for t in self.grid(torch.zeros(())))
+        grid = self.int_grid()
+        kind = int_type(grid.qmin, grid.qmax)
+        if kind is not None:
+            full = (self.ql_min, self.ql_max) == INT_TYPES[kind][2:]
+            c = x if full else op.Clip(x, const(op, lo), const(op, hi))
+            return qdq(op, c, grid.scale, int(grid.zero_point), kind), \
+                ("" if full else "Clip + ") + f"{kind} Q/DQ"
+        c = op.Clip(x, const(op, lo), const(op, hi))
+        lo_c, s_c = const(op, lo), const(op, grid.scale)
+        r = round_half_away(op, op.Div(op.Sub(c, lo_c), s_c))
+        return op.Add(op.Mul(r, s_c), lo_c), "Clip + exact rounding (float)"
 
     def affine(self, codes: Codes) -> AffineCodes:
         """``int_repr = q + ql_min`` with the encoded scale and zero point, one per output

@@ -1,4 +1,5 @@
-"""Power-of-two quantization ``+-2^e`` and its ``[sign][nonzero][exponent]`` code layout.
+"""Power-of-two quantization ``+-2^e``: its ``[sign][nonzero][exponent]`` code layout and its
+exact ONNX form (:func:`pow2_levels`, the one place both ONNX exporters take it from).
 """
 
 from __future__ import annotations
@@ -6,15 +7,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _math
 from .. import functional as qf
 from .._checks import check_pow2_args, in_onnx_export
+from ..ops.onnx_form import const
 from .base import Codes, Quantizer, fill_missing_extra_state, fitted_step, register_quantizer
 
 __all__ = [
     "Pow2",
+    "pow2_levels",
+    "pow2_onnx",
 ]
 
 
@@ -22,6 +28,65 @@ def _pow2_layout(n: int, sign: bool, with_zero: bool, m: int) -> tuple[int, int]
     """(exponent bits nb, smallest exponent kmin) of a pow2 code."""
     nb = n - int(sign) - int(with_zero)
     return nb, m - (2**nb - 1)
+
+
+def pow2_levels(op: Any, x: Any, sign: bool, with_zero: bool, n: int, m: int,
+                fn: str = "pow2") -> Any:
+    """The exact ONNX form of power-of-two quantization (docs/QUANTIZERS.md ``pow2``), written
+    with the op namespace ``op`` (:mod:`fewbits.ops.onnx_form`): both the plain export's
+    translation of ``fewbits::pow2`` (:func:`pow2_onnx`) and the fused export's activation
+    (:meth:`Pow2.onnx_act`) are this function.
+
+    ``p = 2^floor(log2 a)`` is looked up in a table of exact powers of two at
+    ``floor(Log(a) / ln 2)`` (the float ``Log`` may be one off next to a power of two), then
+    halved where ``p > a`` and doubled where ``2p <= a``, which makes it exact;
+    ``round(log2 a)`` picks ``2p`` where ``a >= 2p * 2^-0.5`` (the float32 threshold
+    :data:`fewbits._math.SQRT_HALF_UP`, PyTorch's comparison); then the clamp to
+    ``[p_min, p_max]``, the zero rule and the sign of the spec. Raises ``ValueError`` (naming
+    ``fn``) where a level or the zero threshold would leave float32's normal range."""
+    nb = n - int(sign) - int(with_zero)
+    e_min, e_max = m - (2**nb - 1), m
+    # the table reaches 2^(e_min - 2) (exact, subnormal below 2^-126); a level below 2^-126,
+    # or the zero threshold p_min * 2^-0.5 below it, would not be exact
+    if e_min < -126 or (with_zero and e_min == -126) or e_max + 2 > 127:
+        raise ValueError(f"{fn}: pow2 exponents [{e_min}, {e_max}] leave the float32 normal "
+                         "range; ONNX export needs n <= 8 (with zero: n <= 8 and m > -62)")
+    lo_e = e_min - 2
+    table = np.array([math.ldexp(1.0, e) for e in range(lo_e, e_max + 2)], np.float32)
+    p_min, p_max = np.float32(math.ldexp(1.0, e_min)), np.float32(math.ldexp(1.0, e_max))
+    thr = np.float32(p_min * np.float32(2.0**-0.5))
+    a = op.Abs(x)
+    k = op.Floor(op.Mul(op.Log(a), const(op, 1.0 / math.log(2.0))))
+    k = op.Clip(k, const(op, lo_e), const(op, e_max + 1))
+    idx = op.Cast(op.Sub(k, const(op, lo_e)), to=7)  # INT64
+    p = op.Gather(const(op, table), idx)
+    p = op.Where(op.Greater(p, a), op.Mul(p, const(op, 0.5)), p)
+    p2 = op.Mul(p, const(op, 2.0))
+    p = op.Where(op.LessOrEqual(p2, a), p2, p)
+    p2 = op.Mul(p, const(op, 2.0))
+    r = op.Where(op.GreaterOrEqual(a, op.Mul(p2, const(op, _math.SQRT_HALF_UP))), p2, p)
+    r = op.Min(r, const(op, p_max))
+    pm, zero = const(op, p_min), const(op, 0.0)
+    if with_zero:
+        low = op.Where(op.Less(a, const(op, thr)), zero, pm)
+        r = op.Where(op.Less(r, pm), low, r)
+    else:
+        r = op.Max(r, pm)
+    neg = op.Less(x, zero)
+    return op.Where(neg, op.Neg(r), r) if sign else \
+        op.Where(neg, zero if with_zero else pm, r)
+
+
+def pow2_onnx(x: Any, sign: bool, with_zero: bool, n: int, m: int, want_mask: bool, check: int,
+              fn: str) -> tuple[Any, Any]:
+    """ONNX Script translation of ``fewbits::pow2`` for PyTorch's exporter
+    (:func:`pow2_levels`; the straight-through mask is not exported: an empty uint8 tensor)."""
+    from onnxscript import opset18 as op  # only when exporting
+
+    from ..ops.onnx import float32_only, no_mask
+
+    float32_only(x, "pow2")
+    return pow2_levels(op, x, sign, with_zero, n, m, fn), no_mask()
 
 
 @register_quantizer("pow2")
@@ -68,6 +133,16 @@ class Pow2(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         return qf.pow2_quantize(x, self.sign, self.with_zero, self.n, self.m,
                                 self.ste_fine_grained)
+
+    weight_form = "power-of-two float constant"
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        return {torch.ops.fewbits.pow2.default: pow2_onnx}
+
+    def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
+        return pow2_levels(op, x, self.sign, self.with_zero, self.n, self.m), \
+            "exact pow2 subgraph"
 
     def exponent_range(self) -> tuple[int, int]:
         """``(e_min, e_max)``: the levels are ``+-2^e`` for ``e`` in ``[e_min, e_max]`` (and 0

@@ -60,6 +60,8 @@ class Ternary(Quantizer):
             raise ValueError(f"Ternary: threshold (ttq: delta = threshold * max|w|) must be in "
                              f"[0, 1), got {threshold!r}")
         self.mode, self.threshold = mode, float(threshold)
+        #: the family protocol: t * scale is an integer affine form, except TTQ's two levels
+        self.uniform = mode != "ttq"
         self.per_channel = (mode == "twn") if per_channel is None else bool(per_channel)
         if mode == "ttq":
             shape = (0,) if self.per_channel else ()
@@ -102,6 +104,10 @@ class Ternary(Quantizer):
         alpha = torch.where(cnt > 0, tot / cnt.clamp(min=1), 1.0).to(w.dtype)
         self.wp = nn.Parameter(alpha.clone().to(w.device))
         self.wn = nn.Parameter(alpha.clone().to(w.device))
+
+    # the family protocol (fewbits.quantizers.base.Quantizer): standard PyTorch operators, no
+    # translations of its own; integer_weight is the default (exact multiples per channel)
+    weight_form = "ternary float constant"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
                               ) -> None:
