@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import _math
@@ -24,6 +25,7 @@ from .base import (
     float_checkpoint_load,
     register_quantizer,
 )
+from .min_max import ddp_group
 
 __all__ = ["LSQ"]
 
@@ -41,7 +43,9 @@ class LSQ(Quantizer):
 
     The step starts from the data as the paper says, ``s = 2 * mean|x| / sqrt(Q_P)``: from the
     weights when a layer calls :meth:`setup`, from the first training batch for activations
-    (``init_step`` overrides both). With ``offset`` both start from the range:
+    (``init_step`` overrides both; inside a DistributedDataParallel forward every rank starts
+    from rank 0's batch, as one process accumulating the ranks' micro-batches would). With
+    ``offset`` both start from the range:
     ``s = (max - min) / (Q_N + Q_P)``, ``beta = min + Q_N * s``. The gradient scale is
     ``g = 1 / sqrt(N * Q_P)``, ``N`` the number of weights, or the features of one sample
     (``x[0].numel()``) for activations. After every optimizer step that holds it
@@ -95,6 +99,12 @@ class LSQ(Quantizer):
         else:
             s = L.init_step(x, self.qp)
         self.step.fill_(s)
+        group = ddp_group()  # inside a DDP forward: every rank starts from rank 0's batch
+        if group is not None:
+            src = dist.get_global_rank(group, 0)
+            dist.broadcast(self.step.data, src, group=group)
+            if self.offset:
+                dist.broadcast(self.beta.data, src, group=group)
         self.initialized.fill_(True)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
