@@ -56,7 +56,9 @@ def test_every_family_runs_in_onnx_runtime_like_pytorch(fam, tmp_path, trained):
     # the plain form is PyTorch's exporter with fewbits' exact translations: no QDQ, and one
     # exact subgraph per activation quantizer
     assert "QuantizeLinear" not in report.nodes
-    assert bool(report.activations) == (fam in ACT_FAMILIES)
+    # (LSQ's forward is standard PyTorch operators, which PyTorch translates itself: no
+    # fewbits operator to report)
+    assert bool(report.activations) == (fam in ACT_FAMILIES - {"lsq"})
 
 
 @pytest.mark.parametrize("fam", ["min_max", "binary_net"])
