@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._core import widen
+from ._core import capturing, widen
 from .ternary import checked, round_half_away, unwrapped
 
 __all__ = ["grad_scale", "init_step", "lsq", "lsq_levels", "lsq_range"]
@@ -133,8 +133,8 @@ def lsq(x: Tensor, s: Tensor, bits: int = 4, signed: bool = True, beta: Tensor |
         if t.numel() != 1:
             raise ValueError(f"{fn}: {name} must hold one value (per-tensor LSQ), got shape "
                              f"{tuple(t.shape)}")
-    s0 = unwrapped(s).detach()
-    if not s0.is_meta and not torch.compiler.is_compiling() and float(s0) <= 0:
+    s0 = None if capturing() else unwrapped(s).detach()
+    if s0 is not None and not s0.is_meta and float(s0) <= 0:
         raise ValueError(f"{fn}: the step s must be > 0, got {float(s0)!r}; a learned "
                          "step is kept positive by LSQ.after_optimizer_step")
     g = grad_scale(x.numel(), qp) if g is None else float(g)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite, in_onnx_export, torchscript_onnx_export
-from ._core import widen
+from ._core import capturing, widen
 
 __all__ = [
     "ABSMEAN_EPS",
@@ -75,7 +75,7 @@ def checked(t: Tensor, fn: str, arg: str) -> None:
                 "quantizer exactly; use fewbits.export.onnx.export_onnx(model, path, "
                 "example_inputs) or torch.onnx.export(..., dynamo=True)")
         return
-    check_finite(unwrapped(t), fn, arg)
+    check_finite(t if capturing() else unwrapped(t), fn, arg)
 
 
 def round_half_away(v: Tensor) -> Tensor:
