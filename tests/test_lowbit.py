@@ -237,6 +237,10 @@ def test_stochastic_binary_connect_is_seeded_resumable_and_recomputed_alike():
     assert len(seen) == 2 and torch.equal(seen[0], seen[1]) and torch.equal(lin.grad, seen[0])
     assert not torch.equal(a(lin.detach()), seen[0])  # and the stream moved on once
     assert not Q.BinaryConnect().state_dict()  # the deterministic one keeps no state
+    bad = Q.BinaryConnect(stochastic=True, seed=1)
+    bad.rng_state = torch.zeros(7, dtype=torch.uint8)  # (load_state_dict refuses the size)
+    with pytest.raises(ValueError, match="rng_state is not a CPU generator state"):
+        bad(w)
 
 
 # ------------------------------------------------------- the families end to end (fast form)

@@ -148,7 +148,13 @@ class BinaryConnect(Quantizer):
         if recomputing() and self._before is not None:
             self._gen.set_state(self._before)
             return torch.rand(tuple(shape), generator=self._gen)
-        self._gen.set_state(state)
+        try:
+            self._gen.set_state(state)
+        except (RuntimeError, TypeError) as e:  # a state dict from elsewhere: name the buffer
+            raise ValueError(
+                f"BinaryConnect: rng_state is not a CPU generator state ({state.dtype}, "
+                f"{state.numel()} elements): load a state dict saved by a stochastic "
+                "BinaryConnect, or build the quantizer afresh") from e
         u = torch.rand(tuple(shape), generator=self._gen)
         self._before = state.clone()
         self.rng_state.copy_(self._gen.get_state())
