@@ -199,6 +199,24 @@ def test_onnx_exact_rounding_path_is_exact(q, values):
     assert torch.equal(_ort(m, x), ref)  # the "exact rounding (float)" form
 
 
+@pytest.mark.parametrize("q", [Pow2(n=8, m=125), Pow2(n=8, m=-61), Pow2(sign=False, n=4, m=2)])
+def test_pow2_has_one_onnx_form_for_both_exports(q):
+    """pow2's threshold table is its family's (``pow2_levels``): the fused export takes the
+    bounds the plain one takes (before, its own copy refused ``m = 125``: 126 vs 127), and
+    both are exact at the rounding thresholds, the zero threshold and the clamps."""
+    e_min, e_max = q.exponent_range()
+    e = torch.arange(e_min - 2, e_max + 2, dtype=torch.float64)
+    mags = torch.cat([torch.exp2(e), torch.exp2(e) * 2**-0.5, torch.exp2(e) * 0.7071067,
+                      torch.exp2(e) * 0.7071068, torch.exp2(e) * 1.5, torch.zeros(1)]).float()
+    x = torch.cat([mags, -mags]).reshape(1, 1, 1, -1)
+    m = _Act(q).eval()
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.equal(_ort(m, x, fuse=True), ref)
+    if q.m == 125:  # the plain export's translation is the same function (one case: ~1.5 s)
+        assert torch.equal(_ort(m, x), ref)
+
+
 def test_fixed_point_rounding_is_one_formula_on_every_path():
     x = torch.tensor([(0.5 - 2**-25) * 2**-4]).reshape(1, 1, 1, 1)
     q = FixedPoint(n=8, delta=2**-4)

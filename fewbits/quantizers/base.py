@@ -290,7 +290,8 @@ class Quantizer(nn.Module):
     #: Its codes have the integer affine form (:meth:`affine` is not ``None``): ONNX export and
     #: the int8 paths read a weight's codes (fixed point, min-max).
     uniform: ClassVar[bool] = False
-    #: How ONNX export describes a weight of this family that it stores as float constants.
+    #: How the fused ONNX export's report describes a weight of this family that it stores as
+    #: float constants (empty: the layer's own description).
     weight_form: ClassVar[str] = ""
 
     @classmethod
