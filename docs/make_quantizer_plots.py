@@ -43,6 +43,11 @@ ILLUSTRATIONS: dict[str, tuple[dict[str, Any], tuple[float, float], str]] = {
             "inq num_bits=3, all weights fixed"),
     "min_max": ({"name": "min_max", "ql_min": 0, "ql_max": 7, "init_min": -1.0,
                  "init_max": 1.0}, (-1.5, 1.5), "min_max ql 0..7, range [-1, 1]"),
+    "ternary": ({"name": "ternary", "mode": "twn"}, (-2.0, 2.0),
+                "ternary (TWN): delta = 0.7 mean|w|"),
+    "absmax": ({"name": "absmax", "bits": 3}, (-2.0, 2.0), "absmax bits=3 (per token)"),
+    "lsq": ({"name": "lsq", "bits": 3, "init_step": 0.25}, (-1.5, 1.5),
+            "lsq bits=3, signed, step 0.25"),
 }
 
 

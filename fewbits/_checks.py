@@ -32,6 +32,7 @@ __all__ = [
     "graph_guard",
     "in_onnx_export",
     "range_view",
+    "torchscript_onnx_export",
     "translated_onnx_export",
 ]
 
@@ -86,6 +87,11 @@ def in_onnx_export() -> bool:
     dynamo-based exporter's capture): its flag read as a module attribute."""
     return bool(torch.onnx.is_in_onnx_export()
                 or getattr(_onnx_flags, "_is_onnx_exporting", False))
+
+
+def torchscript_onnx_export() -> bool:
+    """Whether PyTorch's TorchScript-based ONNX exporter (``dynamo=False``) is running."""
+    return in_onnx_export() and not getattr(_onnx_flags, "_is_onnx_exporting", False)
 
 
 _TRANSLATED = [False]  # inside fewbits' own dynamo export (translations passed explicitly)

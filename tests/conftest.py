@@ -7,6 +7,7 @@ from its initial values (weights, ranges, INQ masks, batch-norm statistics).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,6 +15,40 @@ import torch
 from torch import nn
 
 from fewbits.models import create_model, model_info
+
+#: Families beyond the seed's nine (issue 25). The matrices that run every family or every zoo
+#: net (graph tools, ONNX, deployment, training every net ...) take them only with
+#: FEWBITS_TEST_ALL_FAMILIES=1: they add ~7 minutes on two cores, beyond the suite's budget;
+#: tests/test_lowbit.py takes them through quantize_, training, state dicts and packed files
+#: in a few seconds, and CI runs the whole matrix with the variable set where time allows.
+NEW_FAMILIES = ("ternary", "lsq")
+#: Matrices over families that are cheap enough to keep every family in.
+_CHEAP = {"test_converted_layers_compute_the_family_quantizer_of_the_original_weights",
+          "test_a_converted_model_trains_every_quantized_parameter",
+          "test_float_checkpoint_loads_strictly_and_restarts_weight_state",
+          "test_torch_func_grad_and_vmap_match_autograd"}
+
+
+def _new_family_case(item: pytest.Item) -> bool:
+    spec = getattr(item, "callspec", None)
+    if spec is None or item.originalname in _CHEAP:
+        return False
+    for v in spec.params.values():
+        if isinstance(v, str) and (v in NEW_FAMILIES
+                                   or any(f"_{f}_" in v for f in NEW_FAMILIES)):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("FEWBITS_TEST_ALL_FAMILIES") == "1":
+        return
+    kept, gone = [], []
+    for item in items:
+        (gone if _new_family_case(item) else kept).append(item)
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = kept
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ KINDS = {
     "learned": dict(w1=_mm("learnable", init_min=-2, init_max=2),
                     a1=_mm("learnable", init_min=0.5, init_max=1.0), w2=None,
                     a2=_mm("learnable", init_min=-3.0, init_max=3.0)),
+    "lsq": dict(w1={"name": "lsq", "bits": 3}, a1={"name": "lsq", "bits": 4},
+                w2=None, a2={"name": "lsq", "bits": 2, "signed": False, "offset": True}),
     "inq": dict(w1={"name": "inq", "inq_iterations": [1, 2, 3]}, a1=None,
                 w2={"name": "inq", "inq_iterations": [0, 2], "selection": "random"}, a2=None),
 }

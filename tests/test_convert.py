@@ -18,7 +18,7 @@ from fewbits.models import FAMILIES
 from fewbits.quantizers import MinMax, get
 
 NINE = [f for f in FAMILIES if f != "float"]
-ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max"}
+ACT_FAMILIES = {"binary_net", "fp_net", "pow2_net", "min_max", "lsq"}
 LAYERS = ("conv1", "conv2", "down", "fc")
 
 
@@ -112,7 +112,9 @@ def test_converted_layers_compute_the_family_quantizer_of_the_original_weights(f
         shape = (3, 16) if name == "fc" else (3, orig.in_channels, 7, 7)
         x = torch.randn(*shape, generator=g) * 2
         # the raw model input (read by conv1) is not quantized; every other layer's input is
+        # (evaluation mode, as the layer's: an LSQ step starts from data in training only)
         act = None if name == "conv1" else get(specs["input"])
+        act = act and act.eval()
         xq = x if act is None else act(x)
         if fam in ACT_FAMILIES and name != "conv1":
             assert act is not None

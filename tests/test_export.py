@@ -12,7 +12,8 @@ from fewbits.export import FormatError, export_packed, load_packed, packed_info
 from fewbits.models import FAMILIES, create_model
 
 FAMILY_BITS = {"binary_connect": 1, "binary_net": 1, "binary_weight": 1, "fp_connect": 8,
-               "fp_net": 8, "pow2_connect": 8, "pow2_net": 8, "inq": 4, "min_max": 8}
+               "fp_net": 8, "pow2_connect": 8, "pow2_net": 8, "inq": 4, "min_max": 8,
+               "ternary": 2, "lsq": 4}
 
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
@@ -31,7 +32,9 @@ def test_every_family_round_trips_to_identical_logits(fam, tmp_path, trained):
         assert e.bits == bits
         # packed codes take ceil(count * bits / 8) bytes; side parameters (a float32 scale per
         # output channel at most, here <= 64 channels, plus a few scalars) come on top
-        side = e.nbytes - math.ceil(e.count * bits / 8)
+        # ternary codes 0..2 go five to a byte (1.6 bits) instead of four
+        side = e.nbytes - (math.ceil(e.count / 5) if fam == "ternary" else
+                           math.ceil(e.count * bits / 8))
         assert 0 <= side <= 4 * 64 + 24
     assert report.ratio > 1.0
     # the info read from the file agrees with the export report

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 from fewbits.export import huffman as hf
 from fewbits.export import packing
 from fewbits.export.huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
-from fewbits.export.packing import _CHUNK, code_dtype, pack_bits, packed_size, unpack_bits
+from fewbits.export.packing import (
+    _CHUNK,
+    code_dtype,
+    pack_bits,
+    pack_trits,
+    packed_size,
+    trits_size,
+    unpack_bits,
+    unpack_trits,
+)
 
 # ------------------------------------------------------------------------------ references
 
@@ -80,6 +89,23 @@ def test_documented_two_bit_example():
     assert pack_bits(np.array([1, 0, 3, 2], dtype=np.uint8), 2) == bytes([0b10_11_00_01])
     assert pack_bits(np.array([1, 0, 3, 2], dtype=np.uint8), 2) == b"\xb1"
     assert unpack_bits(b"\xb1", 2, 4).tolist() == [1, 0, 3, 2]
+
+
+def test_documented_trit_example_and_round_trip():
+    # the packing docstring: five trits a byte, base 3, first code least significant
+    assert pack_trits(np.array([2, 0, 1, 1, 2, 1])) == bytes([2 + 9 + 27 + 81 * 2, 1])
+    assert unpack_trits(b"\xc8\x01", 6).tolist() == [2, 0, 1, 1, 2, 1]
+    codes = np.random.default_rng(0).integers(0, 3, 1003).astype(np.uint8)
+    data = pack_trits(codes)
+    assert len(data) == trits_size(1003) == 201  # 1.6 bits a code, vs 251 bytes at 2 bits
+    assert np.array_equal(unpack_trits(data, 1003), codes)
+    assert pack_trits(np.array([2] * 5)) == b"\xf2"  # 242: the largest byte
+    for bad, match in [(lambda: pack_trits(np.array([3])), "trit codes"),
+                       (lambda: unpack_trits(b"\xf3", 5), "corrupt"),
+                       (lambda: unpack_trits(b"\x00", 6), "too short"),
+                       (lambda: unpack_trits(b"\x00\x00", 5), "too long")]:
+        with pytest.raises(ValueError, match=match):
+            bad()
 
 
 def test_documented_one_and_twelve_bit_examples():

@@ -27,6 +27,16 @@ SPECS = [
     "min_max",
     {"name": "min_max", "mode": "ema", "per_channel": True, "ql_min": -8, "ql_max": 7},
     {"name": "min_max", "mode": "batch"},
+    {"name": "binary_connect", "stochastic": True, "seed": 3},
+    "ternary",
+    {"name": "ternary", "mode": "ttq", "per_channel": True},
+    {"name": "ternary", "mode": "absmean"},
+    {"name": "ternary", "mode": "ttq", "threshold": 0.2},
+    "absmax",
+    {"name": "absmax", "bits": 4, "per": "sample"},
+    "lsq",
+    {"name": "lsq", "bits": 2, "signed": False, "offset": True},
+    {"name": "lsq", "bits": 8, "init_step": 0.01},
 ]
 
 
@@ -134,8 +144,9 @@ def test_affine_form_is_the_grid_of_uniform_quantizers_only(spec):
     q.eval()
     codes = q.encode(w)
     a = q.affine(codes)
-    if not isinstance(q, (Q.FixedPoint, Q.MinMax)):
-        assert a is None  # binary, power-of-two and INQ grids are not affine
+    uniform = (Q.FixedPoint, Q.MinMax, Q.Ternary, Q.LSQ)
+    if not isinstance(q, uniform) or getattr(q, "mode", "") == "ttq" or getattr(q, "offset", 0):
+        assert a is None  # binary, power-of-two, INQ, TTQ and LSQ+ grids are not affine
         return
     assert a.int_repr.dtype == torch.int64 and a.int_repr.shape == w.shape
     assert a.scale.dtype == torch.float32 and a.zero_point.dtype == torch.int64
@@ -143,7 +154,8 @@ def test_affine_form_is_the_grid_of_uniform_quantizers_only(spec):
     assert a.qmin <= int(a.int_repr.min()) and int(a.int_repr.max()) <= a.qmax
     assert int(a.int_repr.min()) == a.qmin and int(a.int_repr.max()) == a.qmax  # saturated
     per_channel = a.axis is not None
-    assert per_channel == (isinstance(q, Q.MinMax) and q.qr_min.numel() > 1)
+    assert per_channel == ((isinstance(q, Q.MinMax) and q.qr_min.numel() > 1)
+                           or (isinstance(q, Q.Ternary) and q.per_channel))
     view = (-1, 1, 1, 1) if per_channel else ()
     deq = (a.int_repr - a.zero_point.reshape(view)).float() * a.scale.reshape(view)
     # (q - zp) * scale and the forward's q * scale + lo are the same reals; float rounding of

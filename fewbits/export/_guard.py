@@ -80,8 +80,8 @@ def check_model_header(header: dict, source: str) -> None:
             raise _fail(source, f"{label}: field encoding is missing")
         if t["kind"] == "folded":
             continue
-        if t["kind"] == "codes" and t["encoding"] not in ("packed", "huffman"):
-            raise _fail(source, f"{label}: codes need a packed or huffman encoding, got "
+        if t["kind"] == "codes" and t["encoding"] not in ("packed", "huffman", "trits"):
+            raise _fail(source, f"{label}: codes need a packed, huffman or trits encoding, got "
                         f"{t['encoding']!r}")
         if t["kind"] != "codes" and not t["encoding"].startswith("raw-"):
             raise _fail(source, f"{label}: a {t['kind']} tensor needs a raw-<dtype> encoding, "

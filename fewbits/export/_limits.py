@@ -49,7 +49,7 @@ _RAW_DTYPES = (
     "uint64",
     "bool",
 )
-ENCODINGS = ("packed", "huffman", *(f"raw-{d}" for d in _RAW_DTYPES))
+ENCODINGS = ("packed", "huffman", "trits", *(f"raw-{d}" for d in _RAW_DTYPES))
 
 
 def repeated(items: Iterable[Any]) -> list[Any]:
@@ -116,9 +116,9 @@ def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
     count. Nothing is allocated, so a hostile entry costs nothing to refuse.
 
     Checks ``encoding`` (one of :data:`ENCODINGS`), ``shape`` (at most :data:`MAX_NDIM`
-    non-negative ints), ``bits`` (1..32 packed, 1..16 huffman), ``bit_count``, that the blob
-    holds exactly what they describe, and (given the ``blob``) that a Huffman table's lengths
-    are <= 24 and satisfy Kraft's inequality. Raises ValueError naming the field.
+    non-negative ints), ``bits`` (1..32 packed, 1..16 huffman, 2 trits), ``bit_count``, that
+    the blob holds exactly what they describe, and (given the ``blob``) that a Huffman table's
+    lengths are <= 24 and satisfy Kraft's inequality. Raises ValueError naming the field.
     """
     encoding = entry.get("encoding")
     if encoding not in ENCODINGS:
@@ -129,6 +129,13 @@ def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
         if nbytes != need:
             raise ValueError(f"{encoding} of shape {entry.get('shape')} needs {need} bytes, "
                              f"blob has {nbytes}")
+        return count
+    if encoding == "trits":  # five codes 0..2 a byte (bits is 2, the codes' declared width)
+        _int_field(entry, "bits", 2, 2)
+        need = (count + 4) // 5
+        if nbytes != need:
+            raise ValueError(f"packed trits are too {'short' if nbytes < need else 'long'}: "
+                             f"{count} codes need {need} bytes, got {nbytes}")
         return count
     limit = MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS
     bits = _int_field(entry, "bits", 1, limit)

@@ -61,7 +61,7 @@ from ._limits import (
     tensor_count,
 )
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
-from .packing import MAX_BITS, pack_bits, unpack_bits
+from .packing import MAX_BITS, pack_bits, pack_trits, unpack_bits, unpack_trits
 
 __all__ = [
     "ENCODINGS",
@@ -422,6 +422,7 @@ def encode_tensor(
     * ``packed``: unsigned integer codes, ``bits`` in 1..32, blob = ``pack_bits``.
     * ``huffman``: codes in ``[0, 2**bits)``, ``bits`` in 1..16; blob = the ``2**bits``-byte
       length table followed by the payload; ``bit_count`` is recorded.
+    * ``trits``: codes in ``0..2`` (``bits`` 2), five a byte, base 3 (``pack_trits``).
     * ``raw-<dtype>``: the array cast to ``<dtype>``, little-endian, C order.
 
     >>> encode_tensor(np.array([0.5], np.float32), "raw-float16")
@@ -438,6 +439,10 @@ def encode_tensor(
         if arr.dtype.kind == "f" and dtype.kind != "f":
             raise ValueError(f"refusing to cast float array to {encoding!r}; round it first")
         return {"encoding": encoding, "shape": shape}, np.ascontiguousarray(arr, dtype).tobytes()
+    if encoding == "trits":
+        if bits != 2:
+            raise ValueError(f"'trits' holds 2-bit codes 0..2, got bits={bits!r}")
+        return {"encoding": encoding, "shape": shape, "bits": 2}, pack_trits(arr)
     limit = MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= limit:
         raise ValueError(f"{encoding!r} needs bits in 1..{limit}, got {bits!r}")
@@ -466,6 +471,8 @@ def decode_tensor(entry: Mapping, blob: bytes) -> np.ndarray:
         return np.frombuffer(view, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
     if encoding == "packed":
         return unpack_bits(view, entry["bits"], count).reshape(shape)
+    if encoding == "trits":
+        return unpack_trits(view, count).reshape(shape)
     alphabet = 1 << entry["bits"]
     codes = huffman_decode(view[:alphabet], view[alphabet:], entry["bit_count"], count)
     return codes.reshape(shape)

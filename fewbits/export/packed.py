@@ -191,6 +191,8 @@ def _codes_entries(name: str, codes: Codes, entropy: bool) -> list[tuple[dict, b
     arr = codes.codes.detach().cpu().numpy().astype(np.uint64 if codes.bits > 32 else np.uint32)
     arr = arr.reshape(codes.shape)
     fields, blob = encode_tensor(arr, "packed", bits=codes.bits)
+    if codes.bits == 2 and arr.size and int(arr.max()) <= 2:  # ternary: 1.6 bits, not 2
+        fields, blob = encode_tensor(arr, "trits", bits=2)
     if entropy and codes.bits <= 16 and arr.size:
         hf, hb = encode_tensor(arr, "huffman", bits=codes.bits)
         if len(hb) < len(blob):

@@ -20,13 +20,26 @@ At ``b = 8`` this is plain ``uint8`` bytes, at 16 and 32 bits little-endian ``ui
 b'\\xb1'
 >>> unpack_bits(b"\\xb1", 2, 4).tolist()
 [1, 0, 3, 2]
+
+Trits (ternary weights at 1.6 bits): :func:`pack_trits` stores five codes ``t`` in ``{0, 1,
+2}`` per byte, base 3, the first code least significant: byte ``j`` is
+``t[5j] + 3 t[5j+1] + 9 t[5j+2] + 27 t[5j+3] + 81 t[5j+4]`` (0..242), ``ceil(count / 5)``
+bytes, the missing codes of the last byte 0. Codes ``[2, 0, 1, 1, 2, 1]``::
+
+    byte 0 = 2 + 3*0 + 9*1 + 27*1 + 81*2 = 200 = 0xC8      byte 1 = 1 = 0x01
+
+>>> pack_trits(np.array([2, 0, 1, 1, 2, 1]))
+b'\\xc8\\x01'
+>>> unpack_trits(b"\\xc8\\x01", 6).tolist()
+[2, 0, 1, 1, 2, 1]
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_BITS", "check_int", "code_dtype", "pack_bits", "packed_size", "unpack_bits"]
+__all__ = ["MAX_BITS", "check_int", "code_dtype", "pack_bits", "pack_trits", "packed_size",
+           "trits_size", "unpack_bits", "unpack_trits"]
 
 MAX_BITS = 32
 # Codes per chunk on the generic path: a multiple of 8 so each chunk ends on a byte boundary,
@@ -189,3 +202,47 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     if bits in (8, 16, 32):
         return buf.view(f"<u{bits // 8}").astype(code_dtype(bits))
     return _unpack_generic(buf, bits, count)
+
+
+_TRIT_WEIGHTS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def trits_size(count: int) -> int:
+    """Bytes :func:`pack_trits` writes for ``count`` codes: ``ceil(count / 5)``.
+
+    >>> trits_size(5), trits_size(6), trits_size(0)
+    (1, 2, 0)
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    return (int(count) + 4) // 5
+
+
+def pack_trits(codes: np.ndarray) -> bytes:
+    """Pack codes in ``{0, 1, 2}`` five to a byte, base 3 (module docstring: 1.6 bits a code).
+
+    Raises ValueError for a non-integer array or a code outside ``0..2``."""
+    arr = _validated_codes(codes, 2)
+    if arr.size and int(arr.max()) > 2:
+        raise ValueError(f"trit codes must lie in [0, 2], found {int(arr.max())}")
+    pad = (-arr.size) % 5
+    grouped = np.concatenate([arr.astype(np.uint8), np.zeros(pad, np.uint8)]).reshape(-1, 5)
+    return (grouped * _TRIT_WEIGHTS).sum(1, dtype=np.uint16).astype(np.uint8).tobytes()
+
+
+def unpack_trits(data: bytes, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_trits`: ``count`` codes (uint8, ``0..2``) from exactly
+    ``trits_size(count)`` bytes; ValueError for another length or a byte above 242 (no five
+    trits spell it: a corrupt file)."""
+    need = trits_size(count)
+    view = memoryview(data).cast("B")
+    if view.nbytes != need:
+        problem = "too short" if view.nbytes < need else "too long"
+        raise ValueError(f"packed trits are {problem}: {count} codes need {need} bytes, got "
+                         f"{view.nbytes}")
+    buf = np.frombuffer(view, dtype=np.uint8)
+    if buf.size and int(buf.max()) > 242:
+        raise ValueError(f"packed trits hold byte {int(buf.max())} > 242 (3**5 - 1): the data "
+                         "is corrupt")
+    digits = (buf[:, None] // _TRIT_WEIGHTS) % 3
+    return digits.astype(np.uint8).reshape(-1)[: int(count)].copy()

@@ -1,4 +1,4 @@
-"""The nine quantization families as data: which quantizer each layer role gets, and where
+"""The quantization families as data: which quantizer each layer role gets, and where
 activations are quantized.
 
 A family turns a :class:`QuantConfig` (the seed's command-line options) into quantizer specs for
@@ -137,6 +137,10 @@ def _mm(c: QuantConfig, weight: bool) -> dict[str, Any]:
             "init_max": hi, "mode": mode, "ste_fine_grained": c.ste_fine_grained}
 
 
+def _lsq(c: QuantConfig) -> dict[str, Any]:
+    return {"name": "lsq", "bits": _bw(c, 4), "signed": True}
+
+
 _WEIGHT = {
     "float": lambda c: None,
     "binary_connect": lambda c: {"name": "binary_connect", "clip_weights": c.clip_weights},
@@ -149,6 +153,8 @@ _WEIGHT = {
     "inq": lambda c: {"name": "inq", "num_bits": _bw(c, 4), "inq_iterations":
                       list(c.inq_iterations), "selection": c.inq_selection},
     "min_max": lambda c: _mm(c, weight=True),
+    "ternary": lambda c: {"name": "ternary", "mode": "twn", "per_channel": True},
+    "lsq": lambda c: _lsq(c),
 }
 # Biases of the final affine: quantized where the seed's layer quantizes them.
 _BIAS = {
@@ -161,6 +167,7 @@ _ACT = {
     "fp_net": _fp,
     "pow2_net": lambda c: _pow2(c, with_zero=True),
     "min_max": lambda c: _mm(c, weight=False),
+    "lsq": lambda c: _lsq(c),
 }
 
 FAMILIES: dict[str, Family] = {
@@ -176,6 +183,10 @@ FAMILIES: dict[str, Family] = {
         Family("pow2_net", QUANT_NET, False, "n-bit power-of-two weights and activations"),
         Family("inq", doc="incremental network quantization to powers of two (Zhou et al.)"),
         Family("min_max", MIN_MAX, False, "min-max (zero-point) 8-bit weights and activations"),
+        Family("ternary", doc="ternary weights {-a, 0, +a} per output channel (TWN, Li & Liu "
+               "2016)"),
+        Family("lsq", QUANT_NET, False, "n-bit weights and activations with learned steps "
+               "(LSQ, Esser et al. 2020; default 4 bits)"),
     ]
 }
 

@@ -16,7 +16,8 @@ Specs resolve through :func:`get` (as larq's ``quantizers.get``): a registered n
 
 One module per job: :mod:`~fewbits.quantizers.base` (``Quantizer``, ``Codes``,
 ``AffineCodes``, ``IntGrid``, the registry, and the family protocol: what export asks a
-family), then one per family: ``binary``, ``fixed_point``, ``pow2``, ``inq``, ``min_max``.
+family), then one per family: ``binary``, ``fixed_point``, ``pow2``, ``inq``, ``min_max``,
+``ternary`` (and BitNet's ``absmax`` activations), ``lsq``.
 Importing this package registers every family.
 """
 
@@ -35,13 +36,18 @@ from .base import (
 from .binary import BinaryConnect, BinarySigmoid, BinaryTanh, BinaryWeight
 from .fixed_point import FixedPoint
 from .inq import INQ, INQ_ITERATIONS, INQ_SELECTIONS
+from .lsq import LSQ
 from .min_max import MinMax
 from .pow2 import Pow2
+from .ternary import TERNARY_MODES, AbsMax, Ternary
 
 __all__ = [
     "INQ",
     "INQ_ITERATIONS",
     "INQ_SELECTIONS",
+    "LSQ",
+    "TERNARY_MODES",
+    "AbsMax",
     "AffineCodes",
     "BinaryConnect",
     "BinarySigmoid",
@@ -53,6 +59,7 @@ __all__ = [
     "MinMax",
     "Pow2",
     "Quantizer",
+    "Ternary",
     "get",
     "list_quantizers",
     "register_quantizer",

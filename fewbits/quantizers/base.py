@@ -30,6 +30,7 @@ __all__ = [
     "family_translations",
     "fill_missing_extra_state",
     "fitted_step",
+    "float_checkpoint_load",
     "get",
     "list_quantizers",
     "register_quantizer",
@@ -111,6 +112,26 @@ def fill_missing_extra_state(module: nn.Module, state_dict: dict[str, Any], pref
     ``delta``, pow2's ``m``): a state dict saved before the grid was state keeps the
     quantizer's own, as its configuration built it."""
     state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
+
+
+def float_checkpoint_load(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                          args: tuple[Any, ...]) -> bool:
+    """``module._load_from_state_dict`` for a quantizer whose state is learned or drawn (LSQ's
+    step, TTQ's levels, a stochastic stream): a state dict with none of its keys (a float
+    checkpoint loaded after ``quantize_``) loads without them reported missing, and the
+    quantizer keeps its state (a layer then restarts a weight quantizer from the loaded
+    weights with ``init_from_``). A state dict with some of its keys loads as usual (a missing
+    one stays an error). Returns True when none was there."""
+    mine = [prefix + k for k in (*dict(module.named_parameters(recurse=False)),
+                                 *dict(module.named_buffers(recurse=False)))]
+    absent = bool(mine) and not any(k in state_dict for k in mine)
+    nn.Module._load_from_state_dict(module, state_dict, prefix, *args)
+    if absent:
+        missing = args[2]
+        for k in mine:
+            if k in missing:
+                missing.remove(k)
+    return absent
 
 
 def fitted_step(x: Tensor, kmax: int) -> float | None:

@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from .. import functional as qf
+from ..ops import stochastic as st
+from ..ops._core import recomputing
 from ..ops.onnx_form import const
-from .base import Codes, Quantizer, register_quantizer
+from .base import Codes, Quantizer, float_checkpoint_load, register_quantizer
 
 __all__ = [
     "BinaryConnect",
@@ -84,8 +86,22 @@ class BinaryConnect(Quantizer):
     """BinaryConnect weights: ``sign(w)`` (``sign(0) = +1``), identity gradient. 1 bit.
 
     ``stochastic=True`` draws ``+1`` with probability ``clamp((w + 1) / 2, 0, 1)`` in training
-    (deterministic at evaluation); ``clip_weights=True`` clips latent weights to ``[-1, 1]`` after
-    each update, as the paper (the seed never clips). Courbariaux et al., NeurIPS 2015.
+    (deterministic ``sign`` at evaluation), the variant that gave the paper's best results
+    (:func:`fewbits.ops.stochastic.stochastic_sign`). The uniform noise comes from the
+    quantizer's own CPU generator (the same stream on every device), seeded with ``seed`` or,
+    when ``seed`` is None, with a number drawn from PyTorch's global generator when the
+    quantizer is built (so ``torch.manual_seed`` before building the model fixes every layer's
+    stream, each layer its own). The generator's state is the buffer ``rng_state``: a state
+    dict, and so a checkpoint, carries it, and a resumed run draws what the uninterrupted run
+    would have drawn. A forward that activation checkpointing recomputes draws the same noise
+    again. ``clip_weights=True`` clips latent weights to ``[-1, 1]`` after each update, as the
+    paper (the seed never clips). Courbariaux et al., NeurIPS 2015.
+
+        >>> q = BinaryConnect(stochastic=True, seed=0)
+        >>> a = q(torch.zeros(8)); b = q(torch.zeros(8))  # two draws of the stream
+        >>> r = BinaryConnect(stochastic=True, seed=0)
+        >>> torch.equal(r(torch.zeros(8)), a) and not torch.equal(a, b)
+        True
     """
 
     bits = 1
@@ -96,15 +112,58 @@ class BinaryConnect(Quantizer):
     def onnx_translations(cls) -> dict[Any, Any]:
         return _binary_translations()
 
-    def __init__(self, stochastic: bool = False, clip_weights: bool = False) -> None:
+    def __init__(self, stochastic: bool = False, clip_weights: bool = False,
+                 seed: int | None = None) -> None:
         super().__init__()
         self.stochastic, self.clip_weights = bool(stochastic), bool(clip_weights)
+        if seed is not None and (isinstance(seed, bool) or int(seed) != seed
+                                 or not 0 <= int(seed) < 2**63):
+            raise ValueError(f"BinaryConnect: seed must be an integer in [0, 2**63), got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        if self.stochastic:
+            s = self.seed if self.seed is not None else int(
+                torch.randint(0, 2**62, (), device="cpu"))
+            gen = torch.Generator(device="cpu").manual_seed(s)
+            self.register_buffer("rng_state", gen.get_state())
+            self._gen = gen
+            self._before: Tensor | None = None  # the state before the last draw (recomputation)
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"stochastic": self.stochastic, "clip_weights": self.clip_weights}
+        out: dict[str, Any] = {"stochastic": self.stochastic, "clip_weights": self.clip_weights}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        # a float checkpoint has no stream: this quantizer keeps its own
+        float_checkpoint_load(self, state_dict, prefix, args)
+        self._before = None
+
+    def noise(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """The next uniform draw of this quantizer's stream (float32, CPU), advancing the state
+        in ``rng_state``; during an activation-checkpointing recomputation, the last draw
+        again."""
+        state = self.rng_state.detach().cpu()
+        if recomputing() and self._before is not None:
+            self._gen.set_state(self._before)
+            return torch.rand(tuple(shape), generator=self._gen)
+        try:
+            self._gen.set_state(state)
+        except (RuntimeError, TypeError) as e:  # a state dict from elsewhere: name the buffer
+            raise ValueError(
+                f"BinaryConnect: rng_state is not a CPU generator state ({state.dtype}, "
+                f"{state.numel()} elements): load a state dict saved by a stochastic "
+                "BinaryConnect, or build the quantizer afresh") from e
+        u = torch.rand(tuple(shape), generator=self._gen)
+        self._before = state.clone()
+        self.rng_state.copy_(self._gen.get_state())
+        return u
 
     def forward(self, w: Tensor) -> Tensor:
-        return qf.binary_connect(w, 1.0, self.stochastic and self.training)
+        if self.stochastic and self.training:
+            return st.stochastic_sign(w, self.noise(w.shape))
+        return qf.binary_connect(w, 1.0, False)
 
     def constrain_(self, param: Tensor) -> None:
         if self.clip_weights:

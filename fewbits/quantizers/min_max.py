@@ -24,6 +24,7 @@ from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
 __all__ = [
     "MinMax",
+    "ddp_group",
     "gather_in_rank_order",
 ]
 
@@ -40,7 +41,7 @@ def gather_in_rank_order(t: Tensor, group: Any = None) -> tuple[Tensor, int]:
     return torch.stack(parts), dist.get_rank(group)
 
 
-def _ddp_group() -> Any:
+def ddp_group() -> Any:
     """The process group of the DistributedDataParallel forward now running, when it spans
     more than one process; else None. Quantizer statistics are exchanged only inside a DDP
     forward, which every rank runs (a forward outside DDP on one rank must not wait for the
@@ -214,7 +215,7 @@ class MinMax(Quantizer):
         bmin, bmax = self._range_of(x)
         bmin, bmax = bmin.clamp(max=0.0).to(self.qr_min.dtype), bmax.clamp(min=0.0).to(
             self.qr_max.dtype)
-        group = _ddp_group()
+        group = ddp_group()
         if group is not None:
             dist.all_reduce(bmin, op=dist.ReduceOp.MIN, group=group)
             dist.all_reduce(bmax, op=dist.ReduceOp.MAX, group=group)
@@ -311,7 +312,7 @@ class MinMax(Quantizer):
         bmin, bmax = self._range_of(x)
         sync = self.stats_sync
         if sync is None:
-            group = _ddp_group()
+            group = ddp_group()
             if group is not None:
                 sync = partial(gather_in_rank_order, group=group)
         if sync is None:
