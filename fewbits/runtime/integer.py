@@ -1,0 +1,241 @@
+"""A native integer inference engine for the uniform-grid families (fixed point, min-max; any
+bit width up to 8): :class:`IntegerEngine`.
+
+The network is compiled from its ``torch.fx`` graph (:mod:`fewbits.runtime.integer_plan`:
+no attribute names of the zoo; conv with groups / stride / padding / dilation, linear, batch
+norm folded, ReLU / clamps, max / average pooling, residual add, flatten, concatenation) into
+steps that ``_integer_engine.c`` runs on int16 NHWC codes with int32 sums: one requantising
+epilogue per layer (conv bias, batch norm in PyTorch's own float arithmetic, the quantizer with
+the clamps of ReLUs folded in), residual sums exact on the finer grid where the scales allow.
+A layer with float input (the images, a global average pool) multiplies in float32.
+
+Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its
+float sums of ``k * 2**-e`` values are exact) except where the first layer's float sums,
+which PyTorch orders its own way, put a value within rounding of a level boundary; the logits
+then agree within the planner's tolerance. Min-max's learned scales have no common grid for a
+residual sum: it is rounded to 15 bits (:attr:`IntegerEngine.exact` is False, ``notes`` says
+where). All CPU paths give identical outputs.
+
+CPU paths (``engine.isa``): ``"avx2"`` (AVX2 + FMA, ``vpmaddwd``) and ``"generic"`` (portable
+C), picked by cpuid; ``FEWBITS_INT_ISA`` (or ``isa=``) forces one. AVX-512 VNNI / AVX-VNNI / AMX
+paths are not written (no machine to test them on). One thread.
+
+    >>> from fewbits.models import create_model
+    >>> _ = torch.manual_seed(0)
+    >>> model = create_model("mnist_fp_net_lenet").eval()
+    >>> engine = IntegerEngine.from_model(model, (1, 28, 28))
+    >>> x = torch.rand(4, 1, 28, 28)
+    >>> bool((engine(x).argmax(1) == model(x).argmax(1)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .._cbuild import CLibrary
+from .integer_plan import (
+    Add,
+    Clamp,
+    Concat,
+    Conv,
+    GlobalAvg,
+    Pool,
+    Program,
+    Quantize,
+    compile_program,
+)
+
+__all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
+
+#: CPU code paths, in the order of the C enum.
+INT_ISAS = ("generic", "avx2")
+#: Environment variable that forces a path (one of ``INT_ISAS``).
+INT_ISA_ENV = "FEWBITS_INT_ISA"
+_P = ctypes.c_void_p
+_F = ctypes.POINTER(ctypes.c_float)
+
+
+class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
+    _fields_ = [(n, ctypes.c_int32) for n in
+                ("isa", "in_kind", "out_kind", "n", "h", "w", "cin", "oh", "ow", "cout", "kh",
+                 "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups", "kp", "kf", "pre_relu",
+                 "klo", "khi", "kofs")] + \
+        [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale")] + \
+        [(n, _P) for n in ("x", "wpack", "sacc", "bias", "alpha", "beta", "y", "scratch")]
+
+
+_I = ctypes.c_int32
+_LIB = CLibrary(
+    Path(__file__).with_name("_integer_engine.c"), "integer-engine",
+    ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
+    {"fbi_isa_supported": ([ctypes.c_int], ctypes.c_int),
+     "fbi_conv_run": ([ctypes.POINTER(_ConvArgs)], ctypes.c_int),
+     "fbi_quantize": ([ctypes.POINTER(_ConvArgs), ctypes.c_int64, _P, _P], None),
+     "fbi_add": ([ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
+     "fbi_pool": ([_I] * 15 + [_P, _P], None),
+     "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None)},
+)
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _LIB.get()
+    if lib is None:
+        raise ValueError(f"the integer engine cannot be built here: {_LIB.error}")
+    return lib
+
+
+def supported_int_isas() -> list[str]:
+    """The CPU paths this machine can run, best first (empty when the C build fails)."""
+    lib = _LIB.get()
+    return [] if lib is None else [n for i, n in reversed(list(enumerate(INT_ISAS)))
+                                   if lib.fbi_isa_supported(i)]
+
+
+def _pick_isa(isa: str | None) -> str:
+    name = isa or os.environ.get(INT_ISA_ENV) or None
+    _lib()
+    have = supported_int_isas()
+    if name is None:
+        return have[0]
+    if name not in INT_ISAS:
+        raise ValueError(f"unknown integer-engine ISA {name!r} (argument or ${INT_ISA_ENV}); "
+                         f"known: {', '.join(INT_ISAS)}")
+    if name not in have:
+        raise ValueError(f"this CPU cannot run the {name!r} path of the integer engine (forced "
+                         f"by argument or ${INT_ISA_ENV}); it can run: {', '.join(have)}")
+    return name
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
+    g = s.geom
+    a = _ConvArgs(isa=isa, in_kind=1 if s.float_in else 0,
+                  out_kind=0 if s.quant is not None else 1, pre_relu=int(s.pre_relu),
+                  **{k: v for k, v in g.items()})
+    q = s.quant
+    if q is not None:
+        a.klo, a.khi, a.kofs = q.klo, q.khi, q.kofs
+        a.clo, a.chi, a.sub, a.scale = q.clo, q.chi, q.sub, q.scale
+    else:
+        a.clo, a.chi = s.fclamp
+    arrays = [np.ascontiguousarray(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
+    keep += [s.wpack, *arrays]
+    a.wpack = _ptr(s.wpack)
+    a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
+    return a
+
+
+class IntegerEngine:
+    """``engine(images) -> logits`` for a compiled :class:`Program` (float32 ``(N, C, H, W)``
+    images of the compiled shape). ``isa``: the CPU path; ``exact``/``notes``: see the module
+    docstring. Non-finite inputs raise ``ValueError``."""
+
+    def __init__(self, prog: Program, isa: str | None = None) -> None:
+        self.isa = _pick_isa(isa)
+        self.prog, self.exact, self.notes = prog, prog.exact, list(prog.notes)
+        self._lib = _lib()
+        self._keep: list = []
+        isa_id = INT_ISAS.index(self.isa)
+        self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
+                      if isinstance(s, Conv)}
+        self._qargs = {}
+        for s in prog.steps:
+            if isinstance(s, Quantize):
+                q = s.quant
+                self._qargs[id(s)] = _ConvArgs(klo=q.klo, khi=q.khi, kofs=q.kofs, clo=q.clo,
+                                               chi=q.chi, sub=q.sub, scale=q.scale)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
+                   isa: str | None = None) -> IntegerEngine:
+        """Compile ``model`` (put in eval mode) for images ``(N, *input_shape)``; raises
+        ``ValueError`` naming the first operation the engine does not cover."""
+        was = model.training
+        model.eval()
+        try:
+            return cls(compile_program(model, tuple(input_shape)), isa)
+        finally:
+            model.train(was)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        shape = self.prog.in_shape
+        if not isinstance(images, Tensor) or tuple(images.shape[1:]) != shape or \
+                images.dim() != len(shape) + 1:
+            raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
+                             f"{tuple(getattr(images, 'shape', ()))}")
+        x = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        if not np.isfinite(x).all():
+            raise ValueError("the images contain NaN or inf")
+        n = x.shape[0]
+        vals: dict[int, np.ndarray] = {1: x}
+        lib = self._lib
+        for s in self.prog.steps:
+            if isinstance(s, Conv):
+                a = self._args[id(s)]
+                g = s.geom
+                src = vals[s.src]
+                oshape = (n, g["oh"], g["ow"], g["cout"])
+                y = np.empty(oshape, np.int16 if s.quant is not None else np.float32)
+                scratch = np.empty(g["oh"] * g["ow"] * max(g["kp"] * 2, g["kf"] * 4) + 64,
+                                   np.uint8)
+                a.n, a.x, a.y, a.scratch = n, _ptr(src), _ptr(y), _ptr(scratch)
+                rc = lib.fbi_conv_run(ctypes.byref(a))
+                if rc:
+                    raise RuntimeError(f"integer engine: {s.name} failed (code {rc})")
+                vals[s.dst] = y
+            elif isinstance(s, Add):
+                a0, a1 = vals[s.a], vals[s.b]
+                y = np.empty_like(a0)
+                lib.fbi_add(a0.size, _ptr(a0), _ptr(a1), s.fa, s.fb, s.lo, s.hi, _ptr(y))
+                vals[s.dst] = y
+            elif isinstance(s, Pool):
+                g = s.geom
+                src = vals[s.src]
+                y = np.empty((n, g["oh"], g["ow"], g["c"]), np.int16)
+                lib.fbi_pool(s.op, n, g["h"], g["w"], g["c"], g["oh"], g["ow"], g["kh"],
+                             g["kw"], g["sh"], g["sw"], g["ph"], g["pw"], g["dh"], g["dw"],
+                             _ptr(src), _ptr(y))
+                vals[s.dst] = y
+            elif isinstance(s, GlobalAvg):
+                src = vals[s.src]
+                c = src.shape[-1]
+                hw = src.size // (n * c)
+                if s.from_int:
+                    y = np.empty((n, c), np.float32)
+                    lib.fbi_global_avg(n, hw, c, _ptr(src), s.scale, _ptr(y))
+                else:
+                    y = torch.from_numpy(src).mean((1, 2)).numpy()
+                vals[s.dst] = np.ascontiguousarray(y.reshape(n, c, 1, 1))
+            elif isinstance(s, Quantize):
+                src = np.ascontiguousarray(vals[s.src], np.float32)
+                y = np.empty(src.shape, np.int16)
+                lib.fbi_quantize(ctypes.byref(self._qargs[id(s)]), src.size, _ptr(src), _ptr(y))
+                vals[s.dst] = y
+            elif isinstance(s, Clamp):
+                vals[s.dst] = np.clip(vals[s.src], s.lo, s.hi)
+            elif isinstance(s, Concat):
+                parts = [vals[i].astype(np.int16) * np.int16(m) if m != 1 else vals[i]
+                         for i, m in zip(s.srcs, s.muls, strict=True)]
+                vals[s.dst] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
+        return self._output(vals[self.prog.out.id], n)
+
+    def _output(self, y: np.ndarray, n: int) -> Tensor:
+        out = self.prog.out
+        if out.kind == "int":
+            y = y.astype(np.float32) * np.float32(out.scale)
+        if len(out.shape) == 3 and out.flat_from is None:
+            return torch.from_numpy(np.ascontiguousarray(y.reshape(n, *out.shape[1:],
+                                                                   out.shape[0])
+                                                         .transpose(0, 3, 1, 2)))
+        return torch.from_numpy(np.ascontiguousarray(y.reshape(n, math.prod(out.shape))))
