@@ -45,7 +45,7 @@ typedef struct {
     int32_t isa, in_kind, out_kind;
     int32_t n, h, w, cin, oh, ow, cout, kh, kw, sh, sw, ph, pw, dh, dw, groups, kp, kf;
     int32_t pre_relu, klo, khi, kofs;
-    float clo, chi, sub, scale;
+    float clo, chi, sub, scale, inv; /* inv: exact 1 / scale (a power of two), else 0 */
     const void *x, *wpack;
     const float *sacc, *bias, *alpha, *beta; /* per output channel */
     void *y, *scratch;
@@ -57,7 +57,7 @@ static inline int32_t rha_code(float v, const fbi_conv *a) {
     /* the quantizer: clamp to [clo, chi], (v - sub) / scale, round half away, code offset */
     v = v < a->clo ? a->clo : v;
     v = v > a->chi ? a->chi : v;
-    v = (v - a->sub) / a->scale;
+    v = a->inv != 0.0f ? (v - a->sub) * a->inv : (v - a->sub) / a->scale;
     float av = fabsf(v), r = nearbyintf(av);
     r += (av - r == 0.5f) ? 1.0f : 0.0f;
     int32_t k = (int32_t)r;
@@ -186,7 +186,7 @@ static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int
 
 /* the epilogue of 8 channels n .. n+7 from 8 int32 / float sums, vectorised; `cnt` < 8 stores
  * only the first cnt */
-AVX2 static inline void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt, char *dst) {
+AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt, char *dst) {
     v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->sacc + n)),
                       _mm256_loadu_ps(a->bias + n));
     if (a->pre_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
@@ -204,7 +204,9 @@ AVX2 static inline void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt,
     /* min/max order as rha_code: v < clo ? clo : v (NaN never reaches here: inputs checked) */
     v = _mm256_max_ps(v, _mm256_set1_ps(a->clo));
     v = _mm256_min_ps(v, _mm256_set1_ps(a->chi));
-    v = _mm256_div_ps(_mm256_sub_ps(v, _mm256_set1_ps(a->sub)), _mm256_set1_ps(a->scale));
+    v = _mm256_sub_ps(v, _mm256_set1_ps(a->sub));
+    v = a->inv != 0.0f ? _mm256_mul_ps(v, _mm256_set1_ps(a->inv))
+                       : _mm256_div_ps(v, _mm256_set1_ps(a->scale));
     __m256 sgn = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
     __m256 av = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
     __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -224,7 +226,7 @@ AVX2 static inline void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt,
 }
 
 #define RMAX 6
-AVX2 static inline void kern_i16(const fbi_conv *a, const int16_t *A, int64_t lda, int rows,
+AVX2 static inline __attribute__((always_inline)) void kern_i16(const fbi_conv *a, const int16_t *A, int64_t lda, int rows,
                                  const int16_t *bb, int kp2, int n, int cnt, char *Y,
                                  int64_t ldy, int esize) {
     __m256i c0[RMAX], c1[RMAX];

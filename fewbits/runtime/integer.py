@@ -50,6 +50,7 @@ from .integer_plan import (
     Pool,
     Program,
     Quantize,
+    QuantParams,
     compile_program,
 )
 
@@ -68,7 +69,7 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
                 ("isa", "in_kind", "out_kind", "n", "h", "w", "cin", "oh", "ow", "cout", "kh",
                  "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups", "kp", "kf", "pre_relu",
                  "klo", "khi", "kofs")] + \
-        [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale")] + \
+        [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
         [(n, _P) for n in ("x", "wpack", "sacc", "bias", "alpha", "beta", "y", "scratch")]
 
 
@@ -118,6 +119,13 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
+    a.klo, a.khi, a.kofs = q.klo, q.khi, q.kofs
+    a.clo, a.chi, a.sub, a.scale = q.clo, q.chi, q.sub, q.scale
+    m, _ = math.frexp(q.scale)
+    a.inv = 1.0 / q.scale if m == 0.5 and 2.0**-126 <= q.scale <= 2.0**126 else 0.0
+
+
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=1 if s.float_in else 0,
@@ -125,8 +133,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
                   **{k: v for k, v in g.items()})
     q = s.quant
     if q is not None:
-        a.klo, a.khi, a.kofs = q.klo, q.khi, q.kofs
-        a.clo, a.chi, a.sub, a.scale = q.clo, q.chi, q.sub, q.scale
+        _set_quant(a, q)
     else:
         a.clo, a.chi = s.fclamp
     arrays = [np.ascontiguousarray(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
@@ -152,9 +159,8 @@ class IntegerEngine:
         self._qargs = {}
         for s in prog.steps:
             if isinstance(s, Quantize):
-                q = s.quant
-                self._qargs[id(s)] = _ConvArgs(klo=q.klo, khi=q.khi, kofs=q.kofs, clo=q.clo,
-                                               chi=q.chi, sub=q.sub, scale=q.scale)
+                self._qargs[id(s)] = _ConvArgs()
+                _set_quant(self._qargs[id(s)], s.quant)
 
     @classmethod
     def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
