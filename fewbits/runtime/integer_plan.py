@@ -35,18 +35,19 @@ from torch import nn
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 from ..quantizers import FixedPoint, MinMax
 
-__all__ = ["Add", "Clamp", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "Quantize", "QuantParams",
-           "Value", "compile_program"]
+__all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
+           "Compiler", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "QuantParams", "Quantize",
+           "Value", "bn_affine", "compile_program", "pair", "quant_params"]
 
-_I16 = 32767
+I16 = 32767
 _I32 = 2**31 - 1
 _NB, _NBF = 16, 8  # output channels per packed block (int16 / float), as _integer_engine.c
 _RELUS = (nn.ReLU,)
-_RELU_FNS = (torch.relu, nn.functional.relu, torch.nn.functional.relu)
-_ADDS = (operator.add, torch.add)
-_FLATTENS = (torch.flatten,)
-_MAXPOOL_FNS = (nn.functional.max_pool2d, torch.max_pool2d)
-_GAP_FNS = (nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool2d)
+RELU_FNS = (torch.relu, nn.functional.relu, torch.nn.functional.relu)
+ADDS = (operator.add, torch.add)
+FLATTENS = (torch.flatten,)
+MAXPOOL_FNS = (nn.functional.max_pool2d, torch.max_pool2d)
+GAP_FNS = (nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool2d)
 
 
 @dataclass
@@ -206,11 +207,11 @@ class _Tracer(fx.Tracer):
             super().is_leaf_module(m, qualname)
 
 
-def _pair(v: Any) -> tuple[int, int]:
+def pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """``(alpha, beta)`` as PyTorch's CPU batch norm in eval mode computes them (then
     ``y = fma(x, alpha, beta)``)."""
     with torch.no_grad():
@@ -269,7 +270,7 @@ def _pack_float(w: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(out), kf
 
 
-class _Compiler:
+class Compiler:
     def __init__(self, model: nn.Module, in_shape: tuple[int, ...]) -> None:
         self.model, self.prog = model, Program(in_shape=tuple(in_shape))
         self.modules = dict(model.named_modules())
@@ -297,8 +298,8 @@ class _Compiler:
             if len(x.shape) != 3:
                 raise ValueError(f"{name}: a convolution needs a (C, H, W) input")
             c, h, w = x.shape
-            (kh, kw), (sh, sw) = _pair(m.kernel_size), _pair(m.stride)
-            (ph, pw), (dh, dw) = _pair(m.padding), _pair(m.dilation)
+            (kh, kw), (sh, sw) = pair(m.kernel_size), pair(m.stride)
+            (ph, pw), (dh, dw) = pair(m.padding), pair(m.dilation)
             oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
             groups, cout, wt = m.groups, m.out_channels, wq
@@ -360,4 +361,4 @@ def compile_program(model: nn.Module, in_shape: tuple[int, ...]) -> Program:
     ``ValueError`` naming the first node the integer engine does not cover."""
     from .integer_walk import walk
 
-    return walk(_Compiler(model, in_shape), _Tracer)
+    return walk(Compiler(model, in_shape), _Tracer)

@@ -14,22 +14,22 @@ from torch import nn
 
 from ..layers import QuantAct
 from .integer_plan import (
-    _ADDS,
-    _FLATTENS,
-    _GAP_FNS,
-    _I16,
-    _MAXPOOL_FNS,
-    _RELU_FNS,
+    ADDS,
+    FLATTENS,
+    GAP_FNS,
+    I16,
+    MAXPOOL_FNS,
+    RELU_FNS,
     Add,
     Clamp,
+    Compiler,
     Concat,
     Conv,
     GlobalAvg,
     Pool,
     Value,
-    _bn_affine,
-    _Compiler,
-    _pair,
+    bn_affine,
+    pair,
     quant_params,
 )
 
@@ -57,9 +57,9 @@ def _desc(node: fx.Node, modules: dict) -> str:
 
 
 def _maxpool_geom(m: Any, shape: tuple[int, ...], where: str) -> dict:
-    k = _pair(m["kernel_size"])
-    s = _pair(m["stride"] if m["stride"] not in (None, ()) else m["kernel_size"])
-    p, d = _pair(m["padding"]), _pair(m["dilation"])
+    k = pair(m["kernel_size"])
+    s = pair(m["stride"] if m["stride"] not in (None, ()) else m["kernel_size"])
+    p, d = pair(m["padding"]), pair(m["dilation"])
     if m["ceil_mode"]:
         raise ValueError(f"{where}: ceil_mode pooling is not run by the integer engine")
     c, h, w = shape
@@ -83,7 +83,7 @@ def _pool_args(node: fx.Node, m: Any) -> dict:
     return out
 
 
-def walk(comp: _Compiler, tracer: type) -> Any:
+def walk(comp: Compiler, tracer: type) -> Any:
     try:
         graph = tracer().trace(comp.model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
@@ -155,8 +155,8 @@ def walk(comp: _Compiler, tracer: type) -> Any:
         if x.kind != "int":
             raise ValueError(f"{where}: a clamp of a float tensor is not run by the integer "
                              "engine")
-        klo = -_I16 if lo == -math.inf else lo / x.scale
-        khi = _I16 if hi == math.inf else hi / x.scale
+        klo = -I16 if lo == -math.inf else lo / x.scale
+        khi = I16 if hi == math.inf else hi / x.scale
         if klo != int(klo) or khi != int(khi):
             raise ValueError(f"{where}: clamp bounds ({lo}, {hi}) are not levels of the "
                              f"grid (step {x.scale})")
@@ -183,7 +183,7 @@ def walk(comp: _Compiler, tracer: type) -> Any:
         if exact:
             lo = int(xa.lo * fa + xb.lo * fb)
             hi = int(xa.hi * fa + xb.hi * fb)
-            if max(-lo, hi) > _I16:
+            if max(-lo, hi) > I16:
                 raise ValueError(f"{where}: the exact sum needs codes beyond 16 bits")
         else:
             amax = max(abs(xa.lo), abs(xa.hi)) * xa.scale + max(abs(xb.lo), abs(xb.hi)) * \
@@ -230,7 +230,7 @@ def walk(comp: _Compiler, tracer: type) -> Any:
             raise ValueError(f"{where}: concatenated grids have no common integer grid")
         lo = min(int(x.lo * f) for x, f in zip(xs, muls, strict=True))
         hi = max(int(x.hi * f) for x, f in zip(xs, muls, strict=True))
-        if max(-lo, hi) > _I16:
+        if max(-lo, hi) > I16:
             raise ValueError(f"{where}: concatenation needs codes beyond 16 bits")
         y = comp.new("int", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]), scale=s, lo=lo,
                      hi=hi)
@@ -272,7 +272,7 @@ def walk(comp: _Compiler, tracer: type) -> Any:
                         x.conv.quant is not None:
                     raise ValueError(f"{where}: batch norm is folded into the layer before "
                                      "it; here it does not follow a layer directly")
-                x.conv.alpha, x.conv.beta = _bn_affine(m)
+                x.conv.alpha, x.conv.beta = bn_affine(m)
                 x.bn = True
                 env[node.name] = x
             elif isinstance(m, nn.ReLU):
@@ -302,7 +302,7 @@ def walk(comp: _Compiler, tracer: type) -> Any:
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
-                if _pair(m.output_size) != (1, 1):
+                if pair(m.output_size) != (1, 1):
                     raise ValueError(f"{where}: adaptive average pooling to "
                                      f"{m.output_size} (the integer engine runs size 1)")
                 env[node.name] = gap(value(a, where, allow_pending=True), where)
@@ -318,22 +318,21 @@ def walk(comp: _Compiler, tracer: type) -> Any:
         elif node.op in ("call_function", "call_method"):
             t = node.target
             args = node.args
-            if t in _ADDS and len(args) == 2 and not node.kwargs:
+            if t in ADDS and len(args) == 2 and not node.kwargs:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
-            elif t in _RELU_FNS or t == "relu":
+            elif t in RELU_FNS or t == "relu":
                 env[node.name] = clamp(node, args[0], 0.0, math.inf, where)
-            elif t in _FLATTENS or t == "flatten":
-                dims = (list(args[1:]) + [node.kwargs.get("start_dim", 0)])[0] if \
-                    len(args) > 1 or "start_dim" in node.kwargs else 0
+            elif t in FLATTENS or t == "flatten":
+                dims = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
                 if dims != 1 or len(args) > 2 or node.kwargs.get("end_dim", -1) != -1:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
-            elif t in _MAXPOOL_FNS:
+            elif t in MAXPOOL_FNS:
                 x = value(args[0], where)
                 if x.kind != "int":
                     raise ValueError(f"{where}: max pooling of a float map")
                 env[node.name] = int_pool(x, _pool_args(node, None), where)
-            elif t in _GAP_FNS and _pair(args[1] if len(args) > 1 else
+            elif t in GAP_FNS and pair(args[1] if len(args) > 1 else
                                          node.kwargs["output_size"]) == (1, 1):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
             elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
@@ -350,18 +349,18 @@ def walk(comp: _Compiler, tracer: type) -> Any:
     return prog
 
 
-def avg_pool(comp: _Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
+def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
     """Average pooling as a sum pool on a grid ``k*k`` times finer (exact)."""
     args = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=1,
                 ceil_mode=m.ceil_mode)
     if x.kind != "int" or m.divisor_override is not None or \
-            (not m.count_include_pad and _pair(m.padding) != (0, 0)):
+            (not m.count_include_pad and pair(m.padding) != (0, 0)):
         raise ValueError(f"{where}: average pooling of quantized maps with a fixed divisor "
                          "only")
     g = _maxpool_geom(args, x.shape, where)
     kk = g["kh"] * g["kw"]
     lo, hi = min(0, x.lo * kk), max(0, x.hi * kk)
-    if max(-lo, hi) > _I16:
+    if max(-lo, hi) > I16:
         raise ValueError(f"{where}: the pooled sums need codes beyond 16 bits")
     y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale / kk, lo=lo, hi=hi)
     comp.prog.steps.append(Pool(x.id, y.id, 1, g))
