@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -322,6 +323,16 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
             elif t in RELU_FNS or t == "relu":
                 env[node.name] = clamp(node, args[0], 0.0, math.inf, where)
+            elif t is nn.functional.relu6 and len(args) == 1:
+                env[node.name] = clamp(node, args[0], 0.0, 6.0, where)
+            elif (t is torch.clamp or t == "clamp") and len(args) <= 3:
+                b = [*args[1:], None, None]
+                lo = node.kwargs.get("min", b[0])
+                hi = node.kwargs.get("max", b[1])
+                if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+                    raise ValueError(f"{where}: clamp bounds must be numbers")
+                env[node.name] = clamp(node, args[0], -math.inf if lo is None else float(lo),
+                                       math.inf if hi is None else float(hi), where)
             elif t in FLATTENS or t == "flatten":
                 dims = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
                 if dims != 1 or len(args) > 2 or node.kwargs.get("end_dim", -1) != -1:
