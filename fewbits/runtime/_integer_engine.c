@@ -226,30 +226,55 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_con
 }
 
 #define RMAX 6
-AVX2 static inline __attribute__((always_inline)) void kern_i16(const fbi_conv *a, const int16_t *A, int64_t lda, int rows,
-                                 const int16_t *bb, int kp2, int n, int cnt, char *Y,
-                                 int64_t ldy, int esize) {
-    __m256i c0[RMAX], c1[RMAX];
-    for (int r = 0; r < RMAX; r++) c0[r] = c1[r] = _mm256_setzero_si256();
-    for (int p = 0; p < kp2; p++) {
-        __m256i b0 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2));
-        __m256i b1 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2 + 16));
-        for (int r = 0; r < RMAX; r++) {
-            if (r < rows) {
-                int32_t pair;
-                memcpy(&pair, A + r * lda + 2 * p, 4);
-                __m256i av = _mm256_set1_epi32(pair);
-                c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(av, b0));
-                c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(av, b1));
-            }
-        }
-    }
+/* epilogue of `rows` rows of two 8-channel accumulators */
+AVX2 static inline __attribute__((always_inline)) void store_rows(
+    const fbi_conv *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
+    char *Y, int64_t ldy, int esize) {
+    int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
     for (int r = 0; r < rows; r++) {
         char *dst = Y + (int64_t)r * ldy * esize;
-        int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
         if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(c0[r]), n, lo, dst);
         if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(c1[r]), n + 8, hi > 8 ? 8 : hi, dst);
     }
+}
+
+/* 6 rows x 16 channels, the 12 accumulators in registers */
+AVX2 static void kern6_i16(const fbi_conv *a, const int16_t *A, int64_t lda,
+                           const int16_t *bb, int kp2, int n, int cnt, char *Y, int64_t ldy,
+                           int esize) {
+    __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
+            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+    const int32_t *r0 = (const int32_t *)A, *r1 = (const int32_t *)(A + lda),
+                  *r2 = (const int32_t *)(A + 2 * lda), *r3 = (const int32_t *)(A + 3 * lda),
+                  *r4 = (const int32_t *)(A + 4 * lda), *r5 = (const int32_t *)(A + 5 * lda);
+    for (int p = 0; p < kp2; p++) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2 + 16));
+        __m256i v;
+#define ROW(r, x, y)                                                   \
+        v = _mm256_set1_epi32(r[p]);                                   \
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(v, w0));             \
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(v, w1));
+        ROW(r0, a0, b0_) ROW(r1, a1, b1_) ROW(r2, a2, b2_)
+        ROW(r3, a3, b3_) ROW(r4, a4, b4_) ROW(r5, a5, b5_)
+#undef ROW
+    }
+    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
+    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void kern1_i16(const fbi_conv *a, const int16_t *A, const int16_t *bb, int kp2,
+                           int n, int cnt, char *Y, int64_t ldy, int esize) {
+    __m256i x = _mm256_setzero_si256(), y = x;
+    const int32_t *r0 = (const int32_t *)A;
+    for (int p = 0; p < kp2; p++) {
+        __m256i v = _mm256_set1_epi32(r0[p]);
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + p * NB * 2))));
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + p * NB * 2 + 16))));
+    }
+    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
 }
 
 AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda, int64_t m,
@@ -262,12 +287,12 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda,
             int n0 = b * NB, cnt = cout_g - n0 < NB ? cout_g - n0 : NB;
             const int16_t *bb = B + (int64_t)b * kp2 * NB * 2;
             if (rows == RMAX)
-                kern_i16(a, A + r * lda, lda, RMAX, bb, kp2, n_off + n0, cnt,
-                         Y + r * ldy * esize, ldy, esize);
+                kern6_i16(a, A + r * lda, lda, bb, kp2, n_off + n0, cnt, Y + r * ldy * esize,
+                          ldy, esize);
             else
                 for (int q = 0; q < rows; q++)
-                    kern_i16(a, A + (r + q) * lda, lda, 1, bb, kp2, n_off + n0, cnt,
-                             Y + (r + q) * ldy * esize, ldy, esize);
+                    kern1_i16(a, A + (r + q) * lda, bb, kp2, n_off + n0, cnt,
+                              Y + (r + q) * ldy * esize, ldy, esize);
         }
     }
 }
@@ -362,48 +387,99 @@ int fbi_conv_run(const fbi_conv *a) {
 
 /* ----------------------------------------------------------------- elementwise */
 
+/* Elementwise steps, compiled twice (portable, and AVX2 where the compiler vectorises them);
+ * the same IEEE operations in both. */
+#define ADD_BODY                                                                        \
+    for (int64_t i = 0; i < n; i++) {                                                   \
+        float v = (float)x0[i] * f0 + (float)x1[i] * f1;                                \
+        float av = fabsf(v), r = __builtin_roundevenf(av);                              \
+        r += (av - r == 0.5f) ? 1.0f : 0.0f;                                            \
+        r = v < 0 ? -r : r;                                                             \
+        r = r < (float)lo ? (float)lo : r;                                              \
+        r = r > (float)hi ? (float)hi : r;                                              \
+        y[i] = (int16_t)(int32_t)r;                                                     \
+    }
+#define ADD_ARGS int64_t n, const int16_t *x0, const int16_t *x1, float f0, float f1, \
+                 int32_t lo, int32_t hi, int16_t *y
+static void add_generic(ADD_ARGS) { ADD_BODY }
+#if FBI_X86
+__attribute__((target("avx2,fma"))) static void add_avx2(ADD_ARGS) {
+    int64_t i0 = n - n % 8;
+    const __m256 sgnbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f),
+                 one = _mm256_set1_ps(1.0f), flo = _mm256_set1_ps((float)lo),
+                 fhi = _mm256_set1_ps((float)hi), vf0 = _mm256_set1_ps(f0),
+                 vf1 = _mm256_set1_ps(f1);
+    for (int64_t i = 0; i < i0; i += 8) {
+        __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+            _mm_loadu_si128((const __m128i *)(x0 + i))));
+        __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+            _mm_loadu_si128((const __m128i *)(x1 + i))));
+        __m256 v = _mm256_add_ps(_mm256_mul_ps(a, vf0), _mm256_mul_ps(b, vf1));
+        __m256 av = _mm256_andnot_ps(sgnbit, v);
+        __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_add_ps(r, _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(av, r), half,
+                                                         _CMP_EQ_OQ), one));
+        r = _mm256_or_ps(r, _mm256_and_ps(v, sgnbit));
+        r = _mm256_min_ps(_mm256_max_ps(r, flo), fhi);
+        __m256i k = _mm256_cvttps_epi32(r);
+        _mm_storeu_si128((__m128i *)(y + i), _mm_packs_epi32(_mm256_castsi256_si128(k),
+                                                             _mm256_extracti128_si256(k, 1)));
+    }
+    add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
+}
+#endif
+
 /* y = clamp(round_half_away(a * fa + b * fb), lo, hi): a residual sum on a common grid (fa, fb
  * integers: exact) or on a finer grid (then rounded) */
-void fbi_add(int64_t n, const int16_t *x0, const int16_t *x1, float f0, float f1, int32_t lo,
-             int32_t hi, int16_t *y) {
-    for (int64_t i = 0; i < n; i++) {
-        float v = (float)x0[i] * f0 + (float)x1[i] * f1;
-        float av = fabsf(v), r = nearbyintf(av);
-        r += (av - r == 0.5f) ? 1.0f : 0.0f;
-        int32_t k = (int32_t)r;
-        if (v < 0) k = -k;
-        k = k < lo ? lo : k;
-        y[i] = (int16_t)(k > hi ? hi : k);
-    }
+void fbi_add(int32_t isa, ADD_ARGS) {
+#if FBI_X86
+    if (isa == ISA_AVX2) { add_avx2(n, x0, x1, f0, f1, lo, hi, y); return; }
+#endif
+    (void)isa;
+    add_generic(n, x0, x1, f0, f1, lo, hi, y);
 }
 
-/* NHWC max (op 0) or sum (op 1, zero padding counted) pooling of int16 codes */
-void fbi_pool(int32_t op, int32_t n, int32_t h, int32_t w, int32_t c, int32_t oh, int32_t ow,
-              int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, int32_t pw,
-              int32_t dh, int32_t dw, const int16_t *x, int16_t *y) {
-    int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)c);
-    if (!acc) return;
-    for (int i = 0; i < n; i++)
-        for (int oy = 0; oy < oh; oy++)
-            for (int ox = 0; ox < ow; ox++) {
-                for (int j = 0; j < c; j++) acc[j] = op == 0 ? INT32_MIN : 0;
-                for (int ky = 0; ky < kh; ky++) {
-                    int iy = oy * sh - ph + ky * dh;
-                    if (iy < 0 || iy >= h) continue;
-                    for (int kx = 0; kx < kw; kx++) {
-                        int ix = ox * sw - pw + kx * dw;
-                        if (ix < 0 || ix >= w) continue;
-                        const int16_t *p = x + (((int64_t)i * h + iy) * w + ix) * c;
-                        if (op == 0)
-                            for (int j = 0; j < c; j++) acc[j] = p[j] > acc[j] ? p[j] : acc[j];
-                        else
-                            for (int j = 0; j < c; j++) acc[j] += p[j];
-                    }
-                }
-                int16_t *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;
-                for (int j = 0; j < c; j++) q[j] = (int16_t)acc[j];
+#define POOL_BODY                                                                       \
+    for (int i = 0; i < n; i++)                                                         \
+        for (int oy = 0; oy < oh; oy++)                                                 \
+            for (int ox = 0; ox < ow; ox++) {                                           \
+                int16_t *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;                \
+                int32_t *acc = (int32_t *)work;                                         \
+                for (int j = 0; j < c; j++) acc[j] = op == 0 ? -32768 : 0;              \
+                for (int ky = 0; ky < kh; ky++) {                                       \
+                    int iy = oy * sh - ph + ky * dh;                                    \
+                    if (iy < 0 || iy >= h) continue;                                    \
+                    for (int kx = 0; kx < kw; kx++) {                                   \
+                        int ix = ox * sw - pw + kx * dw;                                \
+                        if (ix < 0 || ix >= w) continue;                                \
+                        const int16_t *p = x + (((int64_t)i * h + iy) * w + ix) * c;    \
+                        if (op == 0)                                                    \
+                            for (int j = 0; j < c; j++) acc[j] = p[j] > acc[j] ? p[j] : acc[j]; \
+                        else                                                            \
+                            for (int j = 0; j < c; j++) acc[j] += p[j];                 \
+                    }                                                                   \
+                }                                                                       \
+                for (int j = 0; j < c; j++) q[j] = (int16_t)acc[j];                     \
             }
-    free(acc);
+#define POOL_ARGS int32_t op, int32_t n, int32_t h, int32_t w, int32_t c, int32_t oh,   \
+                  int32_t ow, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, \
+                  int32_t pw, int32_t dh, int32_t dw, const int16_t *x, int16_t *y, void *work
+static void pool_generic(POOL_ARGS) { POOL_BODY }
+#if FBI_X86
+__attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) { POOL_BODY }
+#endif
+
+/* NHWC max (op 0) or sum (op 1, zero padding counted) pooling of int16 codes; `work`: c
+ * int32 */
+void fbi_pool(int32_t isa, POOL_ARGS) {
+#if FBI_X86
+    if (isa == ISA_AVX2) {
+        pool_avx2(op, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, x, y, work);
+        return;
+    }
+#endif
+    (void)isa;
+    pool_generic(op, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, x, y, work);
 }
 
 /* global average pool: y[i][j] = (sum over pixels of x) * scale / (h * w), float */

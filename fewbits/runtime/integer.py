@@ -80,8 +80,8 @@ _LIB = CLibrary(
     {"fbi_isa_supported": ([ctypes.c_int], ctypes.c_int),
      "fbi_conv_run": ([ctypes.POINTER(_ConvArgs)], ctypes.c_int),
      "fbi_quantize": ([ctypes.POINTER(_ConvArgs), ctypes.c_int64, _P, _P], None),
-     "fbi_add": ([ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
-     "fbi_pool": ([_I] * 15 + [_P, _P], None),
+     "fbi_add": ([_I, ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
+     "fbi_pool": ([_I] * 16 + [_P, _P, _P], None),
      "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None)},
 )
 
@@ -116,7 +116,7 @@ def _pick_isa(isa: str | None) -> str:
 
 
 def _ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+    return a.__array_interface__["data"][0]
 
 
 def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
@@ -146,17 +146,22 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
 class IntegerEngine:
     """``engine(images) -> logits`` for a compiled :class:`Program` (float32 ``(N, C, H, W)``
     images of the compiled shape). ``isa``: the CPU path; ``exact``/``notes``: see the module
-    docstring. Non-finite inputs raise ``ValueError``."""
+    docstring. Non-finite inputs raise ``ValueError``. Work buffers are kept between calls
+    (one engine serves one thread at a time)."""
 
     def __init__(self, prog: Program, isa: str | None = None) -> None:
         self.isa = _pick_isa(isa)
         self.prog, self.exact, self.notes = prog, prog.exact, list(prog.notes)
         self._lib = _lib()
         self._keep: list = []
-        isa_id = INT_ISAS.index(self.isa)
+        isa_id = self._isa_id = INT_ISAS.index(self.isa)
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
                       if isinstance(s, Conv)}
         self._qargs = {}
+        self._bufs: dict = {}
+        self._bufs_n = -1
+        self._scratch = max([s.geom["oh"] * s.geom["ow"] * max(s.geom["kp"] * 2, s.geom["kf"] * 4)
+                             + 64 for s in prog.steps if isinstance(s, Conv)], default=64)
         for s in prog.steps:
             if isinstance(s, Quantize):
                 self._qargs[id(s)] = _ConvArgs()
@@ -184,6 +189,16 @@ class IntegerEngine:
         if not np.isfinite(x).all():
             raise ValueError("the images contain NaN or inf")
         n = x.shape[0]
+        if self._bufs_n != n:  # buffers of the last batch size, reused (no page faults)
+            self._bufs, self._bufs_n = {}, n
+        bufs = self._bufs
+
+        def buf(key: object, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+            b = bufs.get(key)
+            if b is None:
+                b = bufs[key] = np.empty(shape, dtype)
+            return b
+
         vals: dict[int, np.ndarray] = {1: x}
         lib = self._lib
         for s in self.prog.steps:
@@ -192,9 +207,8 @@ class IntegerEngine:
                 g = s.geom
                 src = vals[s.src]
                 oshape = (n, g["oh"], g["ow"], g["cout"])
-                y = np.empty(oshape, np.int16 if s.quant is not None else np.float32)
-                scratch = np.empty(g["oh"] * g["ow"] * max(g["kp"] * 2, g["kf"] * 4) + 64,
-                                   np.uint8)
+                y = buf(id(s), oshape, np.int16 if s.quant is not None else np.float32)
+                scratch = buf("scratch", (self._scratch,), np.uint8)
                 a.n, a.x, a.y, a.scratch = n, _ptr(src), _ptr(y), _ptr(scratch)
                 rc = lib.fbi_conv_run(ctypes.byref(a))
                 if rc:
@@ -202,16 +216,17 @@ class IntegerEngine:
                 vals[s.dst] = y
             elif isinstance(s, Add):
                 a0, a1 = vals[s.a], vals[s.b]
-                y = np.empty_like(a0)
-                lib.fbi_add(a0.size, _ptr(a0), _ptr(a1), s.fa, s.fb, s.lo, s.hi, _ptr(y))
+                y = buf(id(s), a0.shape, np.int16)
+                lib.fbi_add(self._isa_id, a0.size, _ptr(a0), _ptr(a1), s.fa, s.fb, s.lo, s.hi, _ptr(y))
                 vals[s.dst] = y
             elif isinstance(s, Pool):
                 g = s.geom
                 src = vals[s.src]
-                y = np.empty((n, g["oh"], g["ow"], g["c"]), np.int16)
-                lib.fbi_pool(s.op, n, g["h"], g["w"], g["c"], g["oh"], g["ow"], g["kh"],
+                y = buf(id(s), (n, g["oh"], g["ow"], g["c"]), np.int16)
+                work = buf(("pool", g["c"]), (g["c"],), np.int32)
+                lib.fbi_pool(self._isa_id, s.op, n, g["h"], g["w"], g["c"], g["oh"], g["ow"], g["kh"],
                              g["kw"], g["sh"], g["sw"], g["ph"], g["pw"], g["dh"], g["dw"],
-                             _ptr(src), _ptr(y))
+                             _ptr(src), _ptr(y), _ptr(work))
                 vals[s.dst] = y
             elif isinstance(s, GlobalAvg):
                 src = vals[s.src]
@@ -234,7 +249,7 @@ class IntegerEngine:
                 parts = [vals[i].astype(np.int16) * np.int16(m) if m != 1 else vals[i]
                          for i, m in zip(s.srcs, s.muls, strict=True)]
                 vals[s.dst] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
-        return self._output(vals[self.prog.out.id], n)
+        return self._output(vals[self.prog.out.id].copy(), n)
 
     def _output(self, y: np.ndarray, n: int) -> Tensor:
         out = self.prog.out
