@@ -493,3 +493,44 @@ void fbi_global_avg(int32_t n, int32_t hw, int32_t c, const int16_t *x, float sc
         }
     }
 }
+
+/* ----------------------------------------------------------------- the program */
+
+/* One step of a batch's program, all pointers fixed (the engine's buffers for that batch
+ * size): kind 0 conv (`conv`), 1 residual sum, 2 pooling (i[0..14] = fbi_pool's integer
+ * arguments), 3 global average of int codes (i[0..2] = n, hw, c; f[0] = scale). */
+typedef struct {
+    int32_t kind;
+    int32_t i[16];
+    float f[2];
+    int64_t count;
+    fbi_conv *conv;
+    const void *x0, *x1;
+    void *y, *work;
+} fbi_step;
+
+/* Run `ns` steps; returns 0 or the failing conv's code. */
+int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
+    for (int k = 0; k < ns; k++, s++) {
+        int rc = 0;
+        switch (s->kind) {
+        case 0: rc = fbi_conv_run(s->conv); break;
+        case 1:
+            fbi_add(isa, s->count, (const int16_t *)s->x0, (const int16_t *)s->x1, s->f[0],
+                    s->f[1], s->i[0], s->i[1], (int16_t *)s->y);
+            break;
+        case 2:
+            fbi_pool(isa, s->i[0], s->i[1], s->i[2], s->i[3], s->i[4], s->i[5], s->i[6],
+                     s->i[7], s->i[8], s->i[9], s->i[10], s->i[11], s->i[12], s->i[13],
+                     s->i[14], (const int16_t *)s->x0, (int16_t *)s->y, s->work);
+            break;
+        case 3:
+            fbi_global_avg(s->i[0], s->i[1], s->i[2], (const int16_t *)s->x0, s->f[0],
+                           (float *)s->y);
+            break;
+        default: return -2;
+        }
+        if (rc) return rc;
+    }
+    return 0;
+}

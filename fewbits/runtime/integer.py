@@ -73,6 +73,12 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
         [(n, _P) for n in ("x", "wpack", "sacc", "bias", "alpha", "beta", "y", "scratch")]
 
 
+class _Step(ctypes.Structure):  # mirrors fbi_step
+    _fields_ = [("kind", ctypes.c_int32), ("i", ctypes.c_int32 * 16), ("f", ctypes.c_float * 2),
+                ("count", ctypes.c_int64), ("conv", ctypes.POINTER(_ConvArgs)), ("x0", _P),
+                ("x1", _P), ("y", _P), ("work", _P)]
+
+
 _I = ctypes.c_int32
 _LIB = CLibrary(
     Path(__file__).with_name("_integer_engine.c"), "integer-engine",
@@ -82,7 +88,8 @@ _LIB = CLibrary(
      "fbi_quantize": ([ctypes.POINTER(_ConvArgs), ctypes.c_int64, _P, _P], None),
      "fbi_add": ([_I, ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
      "fbi_pool": ([_I] * 16 + [_P, _P, _P], None),
-     "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None)},
+     "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None),
+     "fbi_run": ([ctypes.POINTER(_Step), _I, _I], ctypes.c_int)},
 )
 
 
@@ -158,8 +165,7 @@ class IntegerEngine:
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
                       if isinstance(s, Conv)}
         self._qargs = {}
-        self._bufs: dict = {}
-        self._bufs_n = -1
+        self._batch: tuple | None = None
         self._scratch = max([s.geom["oh"] * s.geom["ow"] * max(s.geom["kp"] * 2, s.geom["kf"] * 4)
                              + 64 for s in prog.steps if isinstance(s, Conv)], default=64)
         for s in prog.steps:
@@ -185,71 +191,105 @@ class IntegerEngine:
                 images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")
-        x = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        x = images.detach().float().cpu().numpy()
         if not np.isfinite(x).all():
             raise ValueError("the images contain NaN or inf")
         n = x.shape[0]
-        if self._bufs_n != n:  # buffers of the last batch size, reused (no page faults)
-            self._bufs, self._bufs_n = {}, n
-        bufs = self._bufs
+        if self._batch is None or self._batch[0] != n:
+            self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
+        _, vals, segments = self._batch
+        np.copyto(vals[1], x)
+        for seg in segments:
+            if isinstance(seg, tuple):
+                rc = self._lib.fbi_run(seg[0], seg[1], self._isa_id)
+                if rc:
+                    raise RuntimeError(f"integer engine: a step failed (code {rc})")
+            else:
+                self._python_step(seg, vals, n)
+        return self._output(vals[self.prog.out.id].copy(), n)
 
-        def buf(key: object, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-            b = bufs.get(key)
-            if b is None:
-                b = bufs[key] = np.empty(shape, dtype)
-            return b
+    def _build(self, n: int) -> tuple[dict[int, np.ndarray], list]:
+        """Every value's buffer for batches of ``n`` and the program as runs of native steps
+        (one ``fbi_run`` call each) between the few steps done in NumPy."""
+        vals: dict[int, np.ndarray] = {1: np.empty((n, *self.prog.in_shape), np.float32)}
+        scratch = np.empty(self._scratch, np.uint8)
+        keep: list = [scratch]
+        segments: list = []
+        run: list = []
 
-        vals: dict[int, np.ndarray] = {1: x}
-        lib = self._lib
+        def flush() -> None:
+            if run:
+                arr = (_Step * len(run))(*run)
+                keep.append(arr)
+                segments.append((arr, len(run)))
+                run.clear()
+
         for s in self.prog.steps:
             if isinstance(s, Conv):
-                a = self._args[id(s)]
                 g = s.geom
-                src = vals[s.src]
-                oshape = (n, g["oh"], g["ow"], g["cout"])
-                y = buf(id(s), oshape, np.int16 if s.quant is not None else np.float32)
-                scratch = buf("scratch", (self._scratch,), np.uint8)
-                a.n, a.x, a.y, a.scratch = n, _ptr(src), _ptr(y), _ptr(scratch)
-                rc = lib.fbi_conv_run(ctypes.byref(a))
-                if rc:
-                    raise RuntimeError(f"integer engine: {s.name} failed (code {rc})")
-                vals[s.dst] = y
+                y = np.empty((n, g["oh"], g["ow"], g["cout"]),
+                             np.int16 if s.quant is not None else np.float32)
+                a = _ConvArgs()
+                ctypes.pointer(a)[0] = self._args[id(s)]
+                a.n, a.x, a.y, a.scratch = n, _ptr(vals[s.src]), _ptr(y), _ptr(scratch)
+                keep.append(a)
+                run.append(_Step(kind=0, conv=ctypes.pointer(a)))
             elif isinstance(s, Add):
-                a0, a1 = vals[s.a], vals[s.b]
-                y = buf(id(s), a0.shape, np.int16)
-                lib.fbi_add(self._isa_id, a0.size, _ptr(a0), _ptr(a1), s.fa, s.fb, s.lo, s.hi, _ptr(y))
-                vals[s.dst] = y
+                y = np.empty_like(vals[s.a])
+                st = _Step(kind=1, count=y.size, x0=_ptr(vals[s.a]), x1=_ptr(vals[s.b]),
+                           y=_ptr(y))
+                st.i[0], st.i[1], st.f[0], st.f[1] = s.lo, s.hi, s.fa, s.fb
+                run.append(st)
             elif isinstance(s, Pool):
                 g = s.geom
-                src = vals[s.src]
-                y = buf(id(s), (n, g["oh"], g["ow"], g["c"]), np.int16)
-                work = buf(("pool", g["c"]), (g["c"],), np.int32)
-                lib.fbi_pool(self._isa_id, s.op, n, g["h"], g["w"], g["c"], g["oh"], g["ow"], g["kh"],
-                             g["kw"], g["sh"], g["sw"], g["ph"], g["pw"], g["dh"], g["dw"],
-                             _ptr(src), _ptr(y), _ptr(work))
-                vals[s.dst] = y
-            elif isinstance(s, GlobalAvg):
+                y = np.empty((n, g["oh"], g["ow"], g["c"]), np.int16)
+                work = np.empty(g["c"], np.int32)
+                keep.append(work)
+                st = _Step(kind=2, x0=_ptr(vals[s.src]), y=_ptr(y), work=_ptr(work))
+                st.i[:15] = [s.op, n, g["h"], g["w"], g["c"], g["oh"], g["ow"], g["kh"],
+                             g["kw"], g["sh"], g["sw"], g["ph"], g["pw"], g["dh"], g["dw"]]
+                run.append(st)
+            elif isinstance(s, GlobalAvg) and s.from_int:
                 src = vals[s.src]
                 c = src.shape[-1]
-                hw = src.size // (n * c)
-                if s.from_int:
-                    y = np.empty((n, c), np.float32)
-                    lib.fbi_global_avg(n, hw, c, _ptr(src), s.scale, _ptr(y))
-                else:
-                    y = torch.from_numpy(src).mean((1, 2)).numpy()
-                vals[s.dst] = np.ascontiguousarray(y.reshape(n, c, 1, 1))
-            elif isinstance(s, Quantize):
-                src = np.ascontiguousarray(vals[s.src], np.float32)
-                y = np.empty(src.shape, np.int16)
-                lib.fbi_quantize(ctypes.byref(self._qargs[id(s)]), src.size, _ptr(src), _ptr(y))
-                vals[s.dst] = y
-            elif isinstance(s, Clamp):
-                vals[s.dst] = np.clip(vals[s.src], s.lo, s.hi)
-            elif isinstance(s, Concat):
-                parts = [vals[i].astype(np.int16) * np.int16(m) if m != 1 else vals[i]
-                         for i, m in zip(s.srcs, s.muls, strict=True)]
-                vals[s.dst] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
-        return self._output(vals[self.prog.out.id].copy(), n)
+                y = np.empty((n, c, 1, 1), np.float32)
+                st = _Step(kind=3, x0=_ptr(src), y=_ptr(y))
+                st.i[0], st.i[1], st.i[2], st.f[0] = n, src.size // (n * c), c, s.scale
+                run.append(st)
+            else:
+                flush()
+                segments.append(s)
+                y = self._python_buffer(s, vals, n)
+            vals[s.dst] = y
+        flush()
+        self._keep_batch = keep
+        return vals, segments
+
+    @staticmethod
+    def _python_buffer(s: object, vals: dict[int, np.ndarray], n: int) -> np.ndarray:
+        if isinstance(s, GlobalAvg):
+            return np.empty((n, vals[s.src].shape[-1], 1, 1), np.float32)
+        if isinstance(s, Concat):
+            a = vals[s.srcs[0]]
+            return np.empty((*a.shape[:-1], sum(s.chans)), np.int16)
+        return np.empty(vals[s.src].shape, np.int16)  # Quantize, Clamp
+
+    def _python_step(self, s: object, vals: dict[int, np.ndarray], n: int) -> None:
+        y = vals[s.dst]
+        if isinstance(s, GlobalAvg):  # of a float map
+            src = vals[s.src]
+            y[:] = src.reshape(n, -1, src.shape[-1]).mean(1).reshape(y.shape)
+        elif isinstance(s, Quantize):
+            src = np.ascontiguousarray(vals[s.src], np.float32)
+            self._lib.fbi_quantize(ctypes.byref(self._qargs[id(s)]), src.size, _ptr(src),
+                                   _ptr(y))
+        elif isinstance(s, Clamp):
+            np.clip(vals[s.src], s.lo, s.hi, out=y)
+        elif isinstance(s, Concat):
+            off = 0
+            for i, m, c in zip(s.srcs, s.muls, s.chans, strict=True):
+                y[..., off:off + c] = vals[i] * np.int16(m)
+                off += c
 
     def _output(self, y: np.ndarray, n: int) -> Tensor:
         out = self.prog.out
