@@ -534,3 +534,18 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
     }
     return 0;
 }
+
+/* The program of one image run image by image over a batch (the maps of one image stay in
+ * the caches): each image is copied into `in_buf` (in_size floats), the steps run, and
+ * `out_bytes` bytes of `out_buf` are copied to image i of `out`. */
+int fbi_run_images(const fbi_step *s, int32_t ns, int32_t isa, int64_t n, const float *x,
+                   int64_t in_size, float *in_buf, const void *out_buf, int64_t out_bytes,
+                   void *out) {
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(in_buf, x + i * in_size, sizeof(float) * (size_t)in_size);
+        int rc = fbi_run(s, ns, isa);
+        if (rc) return rc;
+        memcpy((char *)out + i * out_bytes, out_buf, (size_t)out_bytes);
+    }
+    return 0;
+}

@@ -89,7 +89,9 @@ _LIB = CLibrary(
      "fbi_add": ([_I, ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
      "fbi_pool": ([_I] * 16 + [_P, _P, _P], None),
      "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None),
-     "fbi_run": ([ctypes.POINTER(_Step), _I, _I], ctypes.c_int)},
+     "fbi_run": ([ctypes.POINTER(_Step), _I, _I], ctypes.c_int),
+     "fbi_run_images": ([ctypes.POINTER(_Step), _I, _I, ctypes.c_int64, _P, ctypes.c_int64, _P,
+                         _P, ctypes.c_int64, _P], ctypes.c_int)},
 )
 
 
@@ -166,6 +168,8 @@ class IntegerEngine:
                       if isinstance(s, Conv)}
         self._qargs = {}
         self._batch: tuple | None = None
+        self._single: tuple | None = None
+        self._keep_batch: dict[int, list] = {}
         self._scratch = max([s.geom["oh"] * s.geom["ow"] * max(s.geom["kp"] * 2, s.geom["kf"] * 4)
                              + 64 for s in prog.steps if isinstance(s, Conv)], default=64)
         for s in prog.steps:
@@ -195,6 +199,19 @@ class IntegerEngine:
         if not np.isfinite(x).all():
             raise ValueError("the images contain NaN or inf")
         n = x.shape[0]
+        if self._single is None:
+            self._single = self._build(1)
+        vals, segments = self._single
+        if len(segments) == 1 and isinstance(segments[0], tuple):  # all native: image by image
+            x = np.ascontiguousarray(x)
+            y1 = vals[self.prog.out.id]
+            out = np.empty((n, *y1.shape[1:]), y1.dtype)
+            rc = self._lib.fbi_run_images(segments[0][0], segments[0][1], self._isa_id, n,
+                                          _ptr(x), x[0].size, _ptr(vals[1]), _ptr(y1),
+                                          y1.nbytes, _ptr(out))
+            if rc:
+                raise RuntimeError(f"integer engine: a step failed (code {rc})")
+            return self._output(out, n)
         if self._batch is None or self._batch[0] != n:
             self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
         _, vals, segments = self._batch
@@ -262,7 +279,7 @@ class IntegerEngine:
                 y = self._python_buffer(s, vals, n)
             vals[s.dst] = y
         flush()
-        self._keep_batch = keep
+        self._keep_batch[n] = keep
         return vals, segments
 
     @staticmethod
