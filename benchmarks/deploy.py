@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--images", type=int, default=512, help="test images (agreement, calibration)")
     ap.add_argument("--steps", type=int, default=3, help="Adam steps seeding each net")
     ap.add_argument("--data", default=DATA, help="CIFAR-10 (JPEG) archive; missing -> noise")
+    ap.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
+                    help="wall time, or CPU time of this process (a busy shared machine)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     from fewbits.models import FAMILIES
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for b in args.batch:
             xb = x[:b] if b <= x.shape[0] else x.repeat(b // x.shape[0] + 1, 1, 1, 1)[:b]
             t = C.interleave({k: (lambda f=f, xb=xb: f(xb)) for k, f in run.items()},
-                             rounds=args.rounds, warmup=1, ref=BASE)
+                             rounds=args.rounds, warmup=1, ref=BASE, clock=args.clock)
             ratios = t.ratios()
             rows = {k: {"ms": 1e3 * statistics.median(v),
                         "ratio": 1.0 / statistics.median(ratios[k])}
