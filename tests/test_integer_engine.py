@@ -14,7 +14,7 @@ from fewbits.models import create_model
 from fewbits.quantizers import FixedPoint, MinMax
 from fewbits.runtime import compile_for_cpu
 from fewbits.runtime.integer import INT_ISA_ENV, INT_ISAS, IntegerEngine, supported_int_isas
-from fewbits.runtime.integer_plan import compile_program
+from fewbits.runtime.integer_walk import compile_program
 from fewbits.runtime.planner import QUANTIZED_RTOL
 
 ISAS_HERE = supported_int_isas()

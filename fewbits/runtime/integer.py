@@ -51,8 +51,8 @@ from .integer_plan import (
     Program,
     Quantize,
     QuantParams,
-    compile_program,
 )
+from .integer_walk import compile_program
 
 __all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
 

@@ -37,7 +37,7 @@ from ..quantizers import FixedPoint, MinMax
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "QuantParams", "Quantize",
-           "Value", "bn_affine", "compile_program", "pair", "quant_params"]
+           "Tracer", "Value", "bn_affine", "pair", "quant_params"]
 
 I16 = 32767
 _I32 = 2**31 - 1
@@ -201,7 +201,9 @@ class Program:
     notes: list[str] = field(default_factory=list)
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
+    """fewbits layers and activation quantizers stay leaves of the fx graph."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (QuantAct, QuantConv2d, QuantLinear)) or \
             super().is_leaf_module(m, qualname)
@@ -354,11 +356,3 @@ class Compiler:
         y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi)
         self.prog.steps.append(Quantize(x.id, y.id, qp))
         return y
-
-
-def compile_program(model: nn.Module, in_shape: tuple[int, ...]) -> Program:
-    """The engine program of ``model`` (eval mode) for inputs ``(N, *in_shape)``; raises
-    ``ValueError`` naming the first node the integer engine does not cover."""
-    from .integer_walk import walk
-
-    return walk(Compiler(model, in_shape), _Tracer)

@@ -28,13 +28,14 @@ from .integer_plan import (
     Conv,
     GlobalAvg,
     Pool,
+    Tracer,
     Value,
     bn_affine,
     pair,
     quant_params,
 )
 
-__all__ = ["walk"]
+__all__ = ["compile_program", "walk"]
 
 _PASS = (nn.Identity, nn.Dropout)
 
@@ -376,3 +377,10 @@ def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
     y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale / kk, lo=lo, hi=hi)
     comp.prog.steps.append(Pool(x.id, y.id, 1, g))
     return y
+
+
+def compile_program(model: nn.Module, in_shape: tuple[int, ...]) -> Any:
+    """The engine :class:`~fewbits.runtime.integer_plan.Program` of ``model`` (eval mode) for
+    inputs ``(N, *in_shape)``; raises ``ValueError`` naming the first node the integer engine
+    does not cover."""
+    return walk(Compiler(model, tuple(in_shape)), Tracer)
