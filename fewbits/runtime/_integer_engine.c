@@ -47,6 +47,8 @@ typedef struct {
     int32_t pre_relu, klo, khi, kofs;
     float clo, chi, sub, scale, inv; /* inv: exact 1 / scale (a power of two), else 0 */
     const void *x, *wpack;
+    const int8_t *wpack8; /* AVX2 u8 x s8 weights [nb][kq4/4][16][4] or NULL */
+    int32_t kq4;          /* taps rounded up to a multiple of 4 (wpack8) */
     const float *sacc, *bias, *alpha, *beta; /* per output channel */
     void *y, *scratch;
 } fbi_conv;
@@ -323,9 +325,110 @@ AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, i
 
 /* ----------------------------------------------------------------- the layer */
 
+#if FBI_X86
+/* codes in [0, 255] as bytes, rows [OH*OW][kq4] (zeros: padding, tail) */
+AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *col) {
+    int cg = a->cin / a->groups, kq = a->kq4;
+    for (int oy = 0; oy < a->oh; oy++)
+        for (int ox = 0; ox < a->ow; ox++) {
+            uint8_t *row = col + ((int64_t)oy * a->ow + ox) * kq;
+            int t = 0;
+            for (int ky = 0; ky < a->kh; ky++) {
+                int iy = oy * a->sh - a->ph + ky * a->dh;
+                for (int kx = 0; kx < a->kw; kx++, t += cg) {
+                    int ix = ox * a->sw - a->pw + kx * a->dw;
+                    if (iy < 0 || iy >= a->h || ix < 0 || ix >= a->w) {
+                        memset(row + t, 0, (size_t)cg);
+                    } else {
+                        const int16_t *p = x + ((int64_t)iy * a->w + ix) * a->cin + g * cg;
+                        for (int c = 0; c < cg; c++) row[t + c] = (uint8_t)p[c];
+                    }
+                }
+            }
+            for (; t < kq; t++) row[t] = 0;
+        }
+}
+
+/* vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
+ * (the compiler checked they cannot saturate), then vpmaddwd by ones to int32 */
+AVX2 static void kern6_u8(const fbi_conv *a, const uint8_t *A, int64_t lda, const int8_t *bb,
+                          int kq, int n, int cnt, char *Y, int64_t ldy, int esize) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
+            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+    for (int q = 0; q < kq; q++) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4 + 32));
+        __m256i v;
+        int32_t quad;
+#define ROW8(r, x, y)                                                                     \
+        memcpy(&quad, A + (r) * lda + 4 * q, 4);                                          \
+        v = _mm256_set1_epi32(quad);                                                      \
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w0), ones));    \
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w1), ones));
+        ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_)
+        ROW8(3, a3, b3_) ROW8(4, a4, b4_) ROW8(5, a5, b5_)
+#undef ROW8
+    }
+    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
+    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void kern1_u8(const fbi_conv *a, const uint8_t *A, const int8_t *bb, int kq,
+                          int n, int cnt, char *Y, int64_t ldy, int esize) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i x = _mm256_setzero_si256(), y = x;
+    for (int q = 0; q < kq; q++) {
+        int32_t quad;
+        memcpy(&quad, A + 4 * q, 4);
+        __m256i v = _mm256_set1_epi32(quad);
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + q * NB * 4))), ones));
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + q * NB * 4 + 32))), ones));
+    }
+    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void conv_u8_avx2(const fbi_conv *a) {
+    int og = a->cout / a->groups, esize = a->out_kind == OUT_FLOAT ? 4 : 2;
+    int nblocks = (og + NB - 1) / NB, kq = a->kq4 / 4;
+    int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
+    int64_t wstride = (int64_t)nblocks * a->kq4 * NB;
+    uint8_t *col = (uint8_t *)a->scratch;
+    for (int i = 0; i < a->n; i++)
+        for (int g = 0; g < a->groups; g++) {
+            char *Yi = (char *)a->y + (int64_t)i * opix * a->cout * esize;
+            im2col_u8(a, (const int16_t *)a->x + i * in_img, g, col);
+            const int8_t *B = a->wpack8 + g * wstride;
+            for (int64_t r = 0; r < opix; r += RMAX) {
+                int rows = opix - r < RMAX ? (int)(opix - r) : RMAX;
+                for (int b = 0; b < nblocks; b++) {
+                    int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
+                    char *Yr = Yi + r * a->cout * esize;
+                    if (rows == RMAX)
+                        kern6_u8(a, col + r * a->kq4, a->kq4, bb, kq, g * og + n0, cnt, Yr,
+                                 a->cout, esize);
+                    else
+                        for (int q = 0; q < rows; q++)
+                            kern1_u8(a, col + (r + q) * a->kq4, bb, kq, g * og + n0, cnt,
+                                     Yr + (int64_t)q * a->cout * esize, a->cout, esize);
+                }
+            }
+        }
+}
+#endif
+
 /* Returns 0, or -1 (ISA not supported here), -2 (bad arguments). */
 int fbi_conv_run(const fbi_conv *a) {
     if (!fbi_isa_supported(a->isa)) return -1;
+#if FBI_X86
+    if (a->isa == ISA_AVX2 && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0) {
+        conv_u8_avx2(a);
+        return 0;
+    }
+#endif
     if (a->groups < 1 || a->cin % a->groups || a->cout % a->groups || a->kp % 2) return -2;
     int cg = a->cin / a->groups, og = a->cout / a->groups;
     int esize = a->out_kind == OUT_FLOAT ? 4 : 2;

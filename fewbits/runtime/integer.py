@@ -70,7 +70,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
                  "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups", "kp", "kf", "pre_relu",
                  "klo", "khi", "kofs")] + \
         [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
-        [(n, _P) for n in ("x", "wpack", "sacc", "bias", "alpha", "beta", "y", "scratch")]
+        [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32)] + \
+        [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -148,6 +149,9 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     arrays = [np.ascontiguousarray(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
     a.wpack = _ptr(s.wpack)
+    if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
+        keep.append(s.wpack8)
+        a.wpack8, a.kq4 = _ptr(s.wpack8), s.kq4
     a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
     return a
 

@@ -37,7 +37,7 @@ from ..quantizers import FixedPoint, MinMax
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "QuantParams", "Quantize",
-           "Tracer", "Value", "bn_affine", "pair", "quant_params"]
+           "Tracer", "Value", "bn_affine", "pack_u8", "pair", "quant_params"]
 
 I16 = 32767
 _I32 = 2**31 - 1
@@ -125,6 +125,8 @@ class Conv:
     quant: QuantParams | None = None
     fclamp: tuple[float, float] = (-math.inf, math.inf)
     name: str = ""
+    wpack8: np.ndarray | None = None  # u8 x s8 weights for the AVX2 path, where exact
+    kq4: int = 0
 
 
 @dataclass
@@ -259,6 +261,27 @@ def _pack_int(k: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(out), kp
 
 
+def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int] | None:
+    """Weights for ``vpmaddubsw`` (codes in ``[0, hi]`` times int8, pairs of products summed
+    in int16): ``[groups][nb][kq4/4][16][4]`` int8, or None where a pair sum could saturate
+    or a weight is not int8."""
+    if hi > 255 or k.min() < -128 or k.max() > 127:
+        return None
+    cout = k.shape[0]
+    og = cout // groups
+    kk = k.transpose(0, 2, 3, 1).reshape(cout, -1)
+    kq4 = -(-kk.shape[1] // 4) * 4
+    full = np.zeros((cout, kq4), np.int64)
+    full[:, :kk.shape[1]] = kk
+    if int((np.abs(full[:, 0::2]) + np.abs(full[:, 1::2])).max(initial=0)) * hi > 32767:
+        return None
+    nb = -(-og // _NB)
+    out = np.zeros((groups, nb * _NB, kq4), np.int8)
+    out[:, :og] = full.reshape(groups, og, kq4)
+    out = out.reshape(groups, nb, _NB, kq4 // 4, 4).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(out), kq4
+
+
 def _pack_float(w: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
     """``[cout, cg, kh, kw]`` float -> per group ``[nb][kf][8]``, taps (c, ky, kx) (NCHW)."""
     cout = w.shape[0]
@@ -334,6 +357,7 @@ class Compiler:
                 raise ValueError(f"{name}: int32 sums could reach {peak}: inputs too wide")
             pack, geom["kp"] = _pack_int(k, groups)
             sacc = (np.float32(x.scale) * sw_).astype(np.float32)
+            u8 = pack_u8(k, groups, x.hi) if x.lo >= 0 else None
         elif x.kind in ("input", "float"):
             if x.kind == "float" and len(x.shape) == 3:
                 raise ValueError(f"{name}: a float feature map here; the integer engine takes "
@@ -342,7 +366,10 @@ class Compiler:
             sacc = ones.copy()
         else:
             raise ValueError(f"{name}: input of kind {x.kind}")
-        return Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name)
+        conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name)
+        if x.kind == "int" and u8 is not None:
+            conv.wpack8, conv.kq4 = u8
+        return conv
 
     def quantize(self, x: Value, qp: QuantParams, name: str) -> Value:
         if x.kind == "int":
