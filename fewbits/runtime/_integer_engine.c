@@ -120,6 +120,18 @@ static void im2col_f32(const fbi_conv *a, const float *x, int g, float *col) {
     for (int oy = 0; oy < a->oh; oy++)
         for (int ox = 0; ox < a->ow; ox++) {
             float *row = col + ((int64_t)oy * a->ow + ox) * kf;
+            int iy0 = oy * a->sh - a->ph, ix0 = ox * a->sw - a->pw;
+            if (iy0 >= 0 && iy0 + (a->kh - 1) * a->dh < a->h && ix0 >= 0 &&
+                ix0 + (a->kw - 1) * a->dw < a->w) { /* interior: no bounds to check */
+                const float *base = x + (int64_t)g * cg * plane + (int64_t)iy0 * a->w + ix0;
+                int t = 0;
+                for (int c = 0; c < cg; c++)
+                    for (int ky = 0; ky < a->kh; ky++)
+                        for (int kx = 0; kx < a->kw; kx++, t++)
+                            row[t] = base[c * plane + (int64_t)ky * a->dh * a->w + kx * a->dw];
+                for (; t < kf; t++) row[t] = 0.0f;
+                continue;
+            }
             int t = 0; /* taps (c, ky, kx): the NCHW weight order */
             for (int c = 0; c < cg; c++)
                 for (int ky = 0; ky < a->kh; ky++) {
@@ -302,22 +314,28 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda,
 AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
                                const float *B, int nblocks, int n_off, int cout_g, char *Y,
                                int64_t ldy, int esize) {
+    /* 4 rows x 2 blocks of 8 channels: each broadcast of A feeds two FMAs */
     int kf = a->kf;
     for (int64_t r = 0; r < m; r += 4) {
         int rows = m - r < 4 ? (int)(m - r) : 4;
-        for (int b = 0; b < nblocks; b++) {
-            __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                           _mm256_setzero_ps()};
-            const float *bb = B + (int64_t)b * kf * NBF;
+        for (int b = 0; b < nblocks; b += 2) {
+            int two = b + 1 < nblocks;
+            __m256 c[4][2];
+            for (int q = 0; q < 4; q++) c[q][0] = c[q][1] = _mm256_setzero_ps();
+            const float *b0 = B + (int64_t)b * kf * NBF, *b1 = two ? b0 + (int64_t)kf * NBF : b0;
             for (int k = 0; k < kf; k++) {
-                __m256 bv = _mm256_loadu_ps(bb + k * NBF);
-                for (int q = 0; q < 4; q++)
-                    if (q < rows)
-                        c[q] = _mm256_fmadd_ps(_mm256_set1_ps(A[(r + q) * lda + k]), bv, c[q]);
+                __m256 v0 = _mm256_loadu_ps(b0 + k * NBF), v1 = _mm256_loadu_ps(b1 + k * NBF);
+                for (int q = 0; q < 4; q++) {
+                    __m256 x = _mm256_set1_ps(A[(r + (q < rows ? q : 0)) * lda + k]);
+                    c[q][0] = _mm256_fmadd_ps(x, v0, c[q][0]);
+                    c[q][1] = _mm256_fmadd_ps(x, v1, c[q][1]);
+                }
             }
-            int n0 = b * NBF, cnt = cout_g - n0 < NBF ? cout_g - n0 : NBF;
-            for (int q = 0; q < rows; q++)
-                store8_avx2(a, c[q], n_off + n0, cnt, Y + (r + q) * ldy * esize);
+            for (int h = 0; h < 1 + two; h++) {
+                int n0 = (b + h) * NBF, cnt = cout_g - n0 < NBF ? cout_g - n0 : NBF;
+                for (int q = 0; q < rows; q++)
+                    store8_avx2(a, c[q][h], n_off + n0, cnt, Y + (r + q) * ldy * esize);
+            }
         }
     }
 }
