@@ -36,7 +36,7 @@ def _trained_looking(m: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 c = mod.num_features
                 mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
                 mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
@@ -139,6 +139,13 @@ def test_user_model_with_every_covered_operation() -> None:
         eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
         assert eng.exact
         _check(eng, m, x, exact=True)
+
+
+def test_mlp_on_flattened_images() -> None:
+    torch.manual_seed(5)
+    m = _trained_looking(create_model("mnist_fp_net_mlp", width=32, depth=2), 6)
+    eng = IntegerEngine.from_model(m, (1, 28, 28))
+    _check(eng, m, _images(4, (1, 28, 28), denom=256), exact=True)
 
 
 def test_quantize_fp_net_user_cnn_runs_through_the_planner() -> None:

@@ -217,6 +217,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
         c, h, w = x.shape
         if h == w == 1:
             return Value(x.id, x.kind, (c,), x.scale, x.lo, x.hi, None)
+        if x.kind == "input":  # the images, NCHW: flat in PyTorch's own order
+            return Value(x.id, "float", (c * h * w,))
         if x.kind != "int":
             raise ValueError(f"{where}: flattening a float feature map is not run by the "
                              "integer engine")
