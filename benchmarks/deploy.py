@@ -44,6 +44,8 @@ import _common as C
 from fewbits.export.onnx import onnx_session, to_onnx
 from fewbits.models import create_model
 from fewbits.runtime import CANDIDATES, compile_for_cpu
+from fewbits.runtime.binary import supported_isas
+from fewbits.runtime.integer import supported_int_isas
 from fewbits.runtime.ort import openvino_runner
 
 DATA = "/work/shared/data/cifar10-jpeg.tar.gz"
@@ -177,11 +179,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--images", type=int, default=512, help="test images (agreement, calibration)")
     ap.add_argument("--steps", type=int, default=3, help="Adam steps seeding each net")
     ap.add_argument("--data", default=DATA, help="CIFAR-10 (JPEG) archive; missing -> noise")
+    ap.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
+                    help="wall time, or CPU time of this process (a busy shared machine)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     from fewbits.models import FAMILIES
 
     fams = [f for f in FAMILIES if f != "float"] if args.nets == ["all"] else args.nets
+    env = C.environment()
+    print("command: PYTHONPATH=. python benchmarks/deploy.py " + " ".join(sys.argv[1:]))
+    print(f"CPU: {env['cpu']}; ISA paths: integer engine {supported_int_isas()}, binary engine "
+          f"{supported_isas()}; PyTorch threads {env['threads']}")
     print("load before:", uptime(), flush=True)
     x, y, source = load_images(args.images, args.data)
     float_net = seeded(C.FLOAT_NET, x, y, args.steps)
@@ -190,8 +198,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # PTQ input: batch norm folded into the float convs (what quantize_static's pre-processing
     # does), so that it quantizes Conv -> Relu, not batch norm on its own
     protos["ptq"] = ptq_int8(to_onnx(float_net, fuse=True)[0], x[:64])
-    result: dict[str, Any] = {"env": C.environment(), "images": source, "args": vars(args),
-                              "configs": [], "load": [uptime()]}
+    isa = {"int": supported_int_isas(), "binary": supported_isas()}
+    result: dict[str, Any] = {"env": env, "command": sys.argv, "isa": isa, "images": source,
+                              "args": vars(args), "configs": [], "load": [uptime()]}
     for threads in args.threads:
         torch.set_num_threads(threads)
         notes: list[str] = []
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for b in args.batch:
             xb = x[:b] if b <= x.shape[0] else x.repeat(b // x.shape[0] + 1, 1, 1, 1)[:b]
             t = C.interleave({k: (lambda f=f, xb=xb: f(xb)) for k, f in run.items()},
-                             rounds=args.rounds, warmup=1, ref=BASE)
+                             rounds=args.rounds, warmup=1, ref=BASE, clock=args.clock)
             ratios = t.ratios()
             rows = {k: {"ms": 1e3 * statistics.median(v),
                         "ratio": 1.0 / statistics.median(ratios[k])}

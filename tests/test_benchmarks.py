@@ -124,11 +124,12 @@ def test_deploy_main_tiny(tmp_path):
     assert (cfg["threads"], cfg["batch"]) == (1, 2)
     rows = cfg["rows"]
     assert rows["ort float"]["ratio"] == pytest.approx(1.0)  # the baseline divides every row
-    assert {"torch float", "ort int8 ptq", "fewbits fp_net ort"} <= set(rows)
+    assert {"torch float", "ort int8 ptq", "fewbits fp_net ort", "fewbits fp_net int"} <= set(rows)
+    assert "ISA paths: integer engine" in p.stdout and res["isa"]["int"][-1] == "generic"
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows.values())
     agree = cfg["agreement"]["fewbits fp_net ort"]
     assert 0.0 <= agree["top1_agreement"] <= 1.0 and agree["max_rel_logit_diff"] >= 0
-    assert cfg["auto"]["fp_net"] in ("openvino", "ort-checked", "ort", "torch")
+    assert cfg["auto"]["fp_net"] in ("int", "openvino", "ort-checked", "ort", "torch")
 
 
 def test_binary_engine_main_tiny(threads, tmp_path, capsys):

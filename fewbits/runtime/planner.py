@@ -28,6 +28,8 @@ Example inputs: by default a batch of images of the model's input shape; ``examp
 (a tensor, a tuple of arguments or a dict of keyword arguments) for any other model. Outputs are
 compared leaf by leaf: each leaf within :func:`tolerance` of its own largest value.
 
+* ``int``      -- the native integer engine (:class:`~fewbits.runtime.integer.IntegerEngine`:
+  int16 codes, int32 sums, batch norm and quantizers folded; fixed point and min-max grids);
 * ``binary``   -- the native BinaryNet engine (:class:`~fewbits.runtime.binary.BinaryEngine`:
   XNOR-popcount on bit-packed activations, batch norm folded into exact integer thresholds; one
   native call per batch); applies to binary_net networks only.
@@ -58,6 +60,7 @@ from torch import Tensor, nn
 from ..export.onnx import input_shape_of, resolve_source, to_onnx
 from ..layers import QuantAct, quant_layers
 from .binary import BinaryEngine
+from .integer import IntegerEngine
 from .ort import CheckedRunner, Runner, openvino_runner, ort_runner, plain_runner
 
 __all__ = ["AUTO", "CANDIDATES", "EXACT", "MIN_TOP1_AGREEMENT", "PROBE_SIZE", "Context",
@@ -143,6 +146,12 @@ def _binary(ctx: Context) -> Runner:
     return BinaryEngine.from_model(ctx.model, input_shape=ctx.input_shape)
 
 
+def _int(ctx: Context) -> Runner:
+    if ctx.input_shape is None:
+        raise ValueError("the integer engine takes one image batch")
+    return IntegerEngine.from_model(ctx.model, ctx.input_shape)  # ValueError names the op
+
+
 def _openvino(ctx: Context) -> Runner:
     return openvino_runner(ctx.proto("openvino"), ctx.threads)
 
@@ -150,6 +159,7 @@ def _openvino(ctx: Context) -> Runner:
 #: name -> builder, in the order they are tried (ties in speed go to the earlier one).
 CANDIDATES: dict[str, Callable[[Context], Runner]] = {
     "binary": _binary,
+    "int": _int,
     "openvino": _openvino,
     "ort-checked": _ort_checked,
     "ort": _ort,
@@ -159,7 +169,7 @@ CANDIDATES: dict[str, Callable[[Context], Runner]] = {
 #: What ``backend="auto"`` tries. Not OpenVINO: once its worker threads exist, a SIGTERM raised
 #: later in the same process (fewbits' own interrupt handling in training) crashes it; ask for
 #: it by name (``backend="openvino"``) or through ``candidates``.
-AUTO = ("binary", "ort-checked", "ort", "ort-plain", "torch")
+AUTO = ("binary", "int", "ort-checked", "ort", "ort-plain", "torch")
 
 
 def _quantizes_activations(model: nn.Module) -> bool:

@@ -1,0 +1,672 @@
+/* fewbits' integer engine: convolution / linear layers on integer activations (int16 NHWC
+ * codes k, value k * scale) and integer weights (int16, value k_w * scale_w), int32
+ * accumulation, and an epilogue per output channel that folds the conv bias, a ReLU before
+ * batch norm, batch norm and the output quantizer (clamp, divide, round half away from zero,
+ * clamp of the code range and of a ReLU after the quantizer). A layer whose input is float
+ * (the network's image, a global average pool) multiplies in float32 instead.
+ *
+ * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA: vpmaddwd, 16 multiply-adds
+ * per instruction), chosen per call; all paths give the same integers (the float epilogue is
+ * the same IEEE operations, fmaf included). See fewbits/runtime/integer.py. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FBI_X86 1
+#include <immintrin.h>
+#else
+#define FBI_X86 0
+#endif
+
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1 };
+enum { IN_INT = 0, IN_FLOAT_NCHW = 1 };
+enum { OUT_INT = 0, OUT_FLOAT = 1 };
+
+#define NB 16 /* output channels per packed int16 block */
+#define NBF 8 /* output channels per packed float block */
+
+int fbi_isa_supported(int isa) {
+    if (isa == ISA_GENERIC) return 1;
+#if FBI_X86
+    __builtin_cpu_init();
+    if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return 0;
+}
+
+/* One convolution (or linear: h = w = kh = kw = 1). Layouts: int input NHWC int16; float
+ * input NCHW float32; output NHWC (int16 codes or float32). Weights per group: int16 packed
+ * [cout_g padded to NB / NB][kp / 2][NB][2] (kp = kh*kw*cin_g rounded up to even, taps in
+ * (ky, kx, c) order), or float32 packed [cout_g padded to NBF / NBF][kf][NBF]. */
+typedef struct {
+    int32_t isa, in_kind, out_kind;
+    int32_t n, h, w, cin, oh, ow, cout, kh, kw, sh, sw, ph, pw, dh, dw, groups, kp, kf;
+    int32_t pre_relu, klo, khi, kofs;
+    float clo, chi, sub, scale, inv; /* inv: exact 1 / scale (a power of two), else 0 */
+    const void *x, *wpack;
+    const int8_t *wpack8; /* AVX2 u8 x s8 weights [nb][kq4/4][16][4] or NULL */
+    int32_t kq4;          /* taps rounded up to a multiple of 4 (wpack8) */
+    const float *sacc, *bias, *alpha, *beta; /* per output channel */
+    void *y, *scratch;
+} fbi_conv;
+
+/* ----------------------------------------------------------------- epilogue */
+
+static inline int32_t rha_code(float v, const fbi_conv *a) {
+    /* the quantizer: clamp to [clo, chi], (v - sub) / scale, round half away, code offset */
+    v = v < a->clo ? a->clo : v;
+    v = v > a->chi ? a->chi : v;
+    v = a->inv != 0.0f ? (v - a->sub) * a->inv : (v - a->sub) / a->scale;
+    float av = fabsf(v), r = nearbyintf(av);
+    r += (av - r == 0.5f) ? 1.0f : 0.0f;
+    int32_t k = (int32_t)r;
+    if (v < 0) k = -k;
+    k += a->kofs;
+    k = k < a->klo ? a->klo : k;
+    return k > a->khi ? a->khi : k;
+}
+
+static inline float pre_value(float acc, int n, const fbi_conv *a) {
+    float v = acc * a->sacc[n] + a->bias[n];
+    if (a->pre_relu && v < 0.0f) v = 0.0f;
+    return fmaf(v, a->alpha[n], a->beta[n]);
+}
+
+static inline void store1(const fbi_conv *a, float v, int n, char *dst) {
+    if (a->out_kind == OUT_FLOAT) {
+        v = v < a->clo ? a->clo : v;
+        ((float *)dst)[n] = v > a->chi ? a->chi : v;
+    } else {
+        ((int16_t *)dst)[n] = (int16_t)rha_code(v, a);
+    }
+}
+
+/* quantize float values with the parameters of `a` (clo, chi, sub, scale, kofs, klo, khi) */
+void fbi_quantize(const fbi_conv *a, int64_t n, const float *x, int16_t *y) {
+    for (int64_t i = 0; i < n; i++) y[i] = (int16_t)rha_code(x[i], a);
+}
+
+/* ----------------------------------------------------------------- im2col */
+
+/* rows [OH*OW][kp] int16 of image `img`, group g, from NHWC int16 (zeros: padding, tail) */
+static void im2col_i16(const fbi_conv *a, const int16_t *x, int g, int16_t *col) {
+    int cg = a->cin / a->groups, kp = a->kp;
+    for (int oy = 0; oy < a->oh; oy++)
+        for (int ox = 0; ox < a->ow; ox++) {
+            int16_t *row = col + ((int64_t)oy * a->ow + ox) * kp;
+            int t = 0;
+            for (int ky = 0; ky < a->kh; ky++) {
+                int iy = oy * a->sh - a->ph + ky * a->dh;
+                for (int kx = 0; kx < a->kw; kx++, t += cg) {
+                    int ix = ox * a->sw - a->pw + kx * a->dw;
+                    if (iy < 0 || iy >= a->h || ix < 0 || ix >= a->w)
+                        memset(row + t, 0, sizeof(int16_t) * cg);
+                    else
+                        memcpy(row + t, x + ((int64_t)iy * a->w + ix) * a->cin + g * cg,
+                               sizeof(int16_t) * cg);
+                }
+            }
+            for (; t < kp; t++) row[t] = 0;
+        }
+}
+
+/* rows [OH*OW][kf] float of image `img`, group g, from NCHW float */
+static void im2col_f32(const fbi_conv *a, const float *x, int g, float *col) {
+    int cg = a->cin / a->groups, kf = a->kf;
+    int64_t plane = (int64_t)a->h * a->w;
+    for (int oy = 0; oy < a->oh; oy++)
+        for (int ox = 0; ox < a->ow; ox++) {
+            float *row = col + ((int64_t)oy * a->ow + ox) * kf;
+            int iy0 = oy * a->sh - a->ph, ix0 = ox * a->sw - a->pw;
+            if (iy0 >= 0 && iy0 + (a->kh - 1) * a->dh < a->h && ix0 >= 0 &&
+                ix0 + (a->kw - 1) * a->dw < a->w) { /* interior: no bounds to check */
+                const float *base = x + (int64_t)g * cg * plane + (int64_t)iy0 * a->w + ix0;
+                int t = 0;
+                for (int c = 0; c < cg; c++)
+                    for (int ky = 0; ky < a->kh; ky++)
+                        for (int kx = 0; kx < a->kw; kx++, t++)
+                            row[t] = base[c * plane + (int64_t)ky * a->dh * a->w + kx * a->dw];
+                for (; t < kf; t++) row[t] = 0.0f;
+                continue;
+            }
+            int t = 0; /* taps (c, ky, kx): the NCHW weight order */
+            for (int c = 0; c < cg; c++)
+                for (int ky = 0; ky < a->kh; ky++) {
+                    int iy = oy * a->sh - a->ph + ky * a->dh;
+                    for (int kx = 0; kx < a->kw; kx++, t++) {
+                        int ix = ox * a->sw - a->pw + kx * a->dw;
+                        int in = iy >= 0 && iy < a->h && ix >= 0 && ix < a->w;
+                        row[t] = in ? x[(g * cg + c) * plane + (int64_t)iy * a->w + ix] : 0.0f;
+                    }
+                }
+            for (; t < kf; t++) row[t] = 0.0f;
+        }
+}
+
+/* ----------------------------------------------------------------- generic GEMMs */
+
+/* C[m][n0 + j] for rows of A (int16, stride lda), packed block B (kp/2 x NB x 2) */
+static void gemm_i16_generic(const fbi_conv *a, const int16_t *A, int64_t lda, int64_t m,
+                             const int16_t *B, int nblocks, int n_off, int cout_g,
+                             char *Y, int64_t ldy, int esize) {
+    int kp2 = a->kp / 2;
+    for (int64_t r = 0; r < m; r++) {
+        const int16_t *ar = A + r * lda;
+        for (int b = 0; b < nblocks; b++) {
+            int32_t acc[NB] = {0};
+            const int16_t *bb = B + (int64_t)b * kp2 * NB * 2;
+            for (int p = 0; p < kp2; p++) {
+                int32_t a0 = ar[2 * p], a1 = ar[2 * p + 1];
+                const int16_t *bp = bb + p * NB * 2;
+                for (int j = 0; j < NB; j++) acc[j] += a0 * bp[2 * j] + a1 * bp[2 * j + 1];
+            }
+            int n0 = b * NB, cnt = cout_g - n0 < NB ? cout_g - n0 : NB;
+            char *dst = Y + r * ldy * esize;
+            for (int j = 0; j < cnt; j++) {
+                float v = pre_value((float)acc[j], n_off + n0 + j, a);
+                store1(a, v, n_off + n0 + j, dst);
+            }
+        }
+    }
+}
+
+static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
+                             const float *B, int nblocks, int n_off, int cout_g, char *Y,
+                             int64_t ldy, int esize) {
+    int kf = a->kf;
+    for (int64_t r = 0; r < m; r++) {
+        const float *ar = A + r * lda;
+        for (int b = 0; b < nblocks; b++) {
+            float acc[NBF] = {0};
+            const float *bb = B + (int64_t)b * kf * NBF;
+            for (int k = 0; k < kf; k++)
+                for (int j = 0; j < NBF; j++) acc[j] = fmaf(ar[k], bb[k * NBF + j], acc[j]);
+            int n0 = b * NBF, cnt = cout_g - n0 < NBF ? cout_g - n0 : NBF;
+            char *dst = Y + r * ldy * esize;
+            for (int j = 0; j < cnt; j++) {
+                float v = pre_value(acc[j], n_off + n0 + j, a);
+                store1(a, v, n_off + n0 + j, dst);
+            }
+        }
+    }
+}
+
+/* ----------------------------------------------------------------- AVX2 GEMMs */
+#if FBI_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* the epilogue of 8 channels n .. n+7 from 8 int32 / float sums, vectorised; `cnt` < 8 stores
+ * only the first cnt */
+AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt, char *dst) {
+    v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->sacc + n)),
+                      _mm256_loadu_ps(a->bias + n));
+    if (a->pre_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+    v = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->alpha + n), _mm256_loadu_ps(a->beta + n));
+    if (a->out_kind == OUT_FLOAT) { /* a ReLU / clamp after batch norm, unquantized */
+        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(a->clo)), _mm256_set1_ps(a->chi));
+        if (cnt == 8) _mm256_storeu_ps((float *)dst + n, v);
+        else {
+            float t[8];
+            _mm256_storeu_ps(t, v);
+            memcpy((float *)dst + n, t, sizeof(float) * cnt);
+        }
+        return;
+    }
+    /* min/max order as rha_code: v < clo ? clo : v (NaN never reaches here: inputs checked) */
+    v = _mm256_max_ps(v, _mm256_set1_ps(a->clo));
+    v = _mm256_min_ps(v, _mm256_set1_ps(a->chi));
+    v = _mm256_sub_ps(v, _mm256_set1_ps(a->sub));
+    v = a->inv != 0.0f ? _mm256_mul_ps(v, _mm256_set1_ps(a->inv))
+                       : _mm256_div_ps(v, _mm256_set1_ps(a->scale));
+    __m256 sgn = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
+    __m256 av = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(av, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
+    r = _mm256_add_ps(r, _mm256_and_ps(tie, _mm256_set1_ps(1.0f)));
+    __m256i k = _mm256_cvttps_epi32(_mm256_or_ps(r, sgn));
+    k = _mm256_add_epi32(k, _mm256_set1_epi32(a->kofs));
+    k = _mm256_max_epi32(k, _mm256_set1_epi32(a->klo));
+    k = _mm256_min_epi32(k, _mm256_set1_epi32(a->khi));
+    __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
+    if (cnt == 8) _mm_storeu_si128((__m128i *)((int16_t *)dst + n), k16);
+    else {
+        int16_t t[8];
+        _mm_storeu_si128((__m128i *)t, k16);
+        memcpy((int16_t *)dst + n, t, sizeof(int16_t) * cnt);
+    }
+}
+
+#define RMAX 6
+/* epilogue of `rows` rows of two 8-channel accumulators */
+AVX2 static inline __attribute__((always_inline)) void store_rows(
+    const fbi_conv *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
+    char *Y, int64_t ldy, int esize) {
+    int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
+    for (int r = 0; r < rows; r++) {
+        char *dst = Y + (int64_t)r * ldy * esize;
+        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(c0[r]), n, lo, dst);
+        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(c1[r]), n + 8, hi > 8 ? 8 : hi, dst);
+    }
+}
+
+/* 6 rows x 16 channels, the 12 accumulators in registers */
+AVX2 static void kern6_i16(const fbi_conv *a, const int16_t *A, int64_t lda,
+                           const int16_t *bb, int kp2, int n, int cnt, char *Y, int64_t ldy,
+                           int esize) {
+    __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
+            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+    const int32_t *r0 = (const int32_t *)A, *r1 = (const int32_t *)(A + lda),
+                  *r2 = (const int32_t *)(A + 2 * lda), *r3 = (const int32_t *)(A + 3 * lda),
+                  *r4 = (const int32_t *)(A + 4 * lda), *r5 = (const int32_t *)(A + 5 * lda);
+    for (int p = 0; p < kp2; p++) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2 + 16));
+        __m256i v;
+#define ROW(r, x, y)                                                   \
+        v = _mm256_set1_epi32(r[p]);                                   \
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(v, w0));             \
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(v, w1));
+        ROW(r0, a0, b0_) ROW(r1, a1, b1_) ROW(r2, a2, b2_)
+        ROW(r3, a3, b3_) ROW(r4, a4, b4_) ROW(r5, a5, b5_)
+#undef ROW
+    }
+    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
+    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void kern1_i16(const fbi_conv *a, const int16_t *A, const int16_t *bb, int kp2,
+                           int n, int cnt, char *Y, int64_t ldy, int esize) {
+    __m256i x = _mm256_setzero_si256(), y = x;
+    const int32_t *r0 = (const int32_t *)A;
+    for (int p = 0; p < kp2; p++) {
+        __m256i v = _mm256_set1_epi32(r0[p]);
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + p * NB * 2))));
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + p * NB * 2 + 16))));
+    }
+    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda, int64_t m,
+                               const int16_t *B, int nblocks, int n_off, int cout_g, char *Y,
+                               int64_t ldy, int esize) {
+    int kp2 = a->kp / 2;
+    for (int64_t r = 0; r < m; r += RMAX) {
+        int rows = m - r < RMAX ? (int)(m - r) : RMAX;
+        for (int b = 0; b < nblocks; b++) {
+            int n0 = b * NB, cnt = cout_g - n0 < NB ? cout_g - n0 : NB;
+            const int16_t *bb = B + (int64_t)b * kp2 * NB * 2;
+            if (rows == RMAX)
+                kern6_i16(a, A + r * lda, lda, bb, kp2, n_off + n0, cnt, Y + r * ldy * esize,
+                          ldy, esize);
+            else
+                for (int q = 0; q < rows; q++)
+                    kern1_i16(a, A + (r + q) * lda, bb, kp2, n_off + n0, cnt,
+                              Y + (r + q) * ldy * esize, ldy, esize);
+        }
+    }
+}
+
+AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
+                               const float *B, int nblocks, int n_off, int cout_g, char *Y,
+                               int64_t ldy, int esize) {
+    /* 4 rows x 2 blocks of 8 channels: each broadcast of A feeds two FMAs */
+    int kf = a->kf;
+    for (int64_t r = 0; r < m; r += 4) {
+        int rows = m - r < 4 ? (int)(m - r) : 4;
+        for (int b = 0; b < nblocks; b += 2) {
+            int two = b + 1 < nblocks;
+            __m256 c[4][2];
+            for (int q = 0; q < 4; q++) c[q][0] = c[q][1] = _mm256_setzero_ps();
+            const float *b0 = B + (int64_t)b * kf * NBF, *b1 = two ? b0 + (int64_t)kf * NBF : b0;
+            for (int k = 0; k < kf; k++) {
+                __m256 v0 = _mm256_loadu_ps(b0 + k * NBF), v1 = _mm256_loadu_ps(b1 + k * NBF);
+                for (int q = 0; q < 4; q++) {
+                    __m256 x = _mm256_set1_ps(A[(r + (q < rows ? q : 0)) * lda + k]);
+                    c[q][0] = _mm256_fmadd_ps(x, v0, c[q][0]);
+                    c[q][1] = _mm256_fmadd_ps(x, v1, c[q][1]);
+                }
+            }
+            for (int h = 0; h < 1 + two; h++) {
+                int n0 = (b + h) * NBF, cnt = cout_g - n0 < NBF ? cout_g - n0 : NBF;
+                for (int q = 0; q < rows; q++)
+                    store8_avx2(a, c[q][h], n_off + n0, cnt, Y + (r + q) * ldy * esize);
+            }
+        }
+    }
+}
+#endif
+
+/* ----------------------------------------------------------------- the layer */
+
+#if FBI_X86
+/* codes in [0, 255] as bytes, rows [OH*OW][kq4] (zeros: padding, tail) */
+AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *col) {
+    int cg = a->cin / a->groups, kq = a->kq4;
+    for (int oy = 0; oy < a->oh; oy++)
+        for (int ox = 0; ox < a->ow; ox++) {
+            uint8_t *row = col + ((int64_t)oy * a->ow + ox) * kq;
+            int t = 0;
+            for (int ky = 0; ky < a->kh; ky++) {
+                int iy = oy * a->sh - a->ph + ky * a->dh;
+                for (int kx = 0; kx < a->kw; kx++, t += cg) {
+                    int ix = ox * a->sw - a->pw + kx * a->dw;
+                    if (iy < 0 || iy >= a->h || ix < 0 || ix >= a->w) {
+                        memset(row + t, 0, (size_t)cg);
+                    } else {
+                        const int16_t *p = x + ((int64_t)iy * a->w + ix) * a->cin + g * cg;
+                        for (int c = 0; c < cg; c++) row[t + c] = (uint8_t)p[c];
+                    }
+                }
+            }
+            for (; t < kq; t++) row[t] = 0;
+        }
+}
+
+/* vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
+ * (the compiler checked they cannot saturate), then vpmaddwd by ones to int32 */
+AVX2 static void kern6_u8(const fbi_conv *a, const uint8_t *A, int64_t lda, const int8_t *bb,
+                          int kq, int n, int cnt, char *Y, int64_t ldy, int esize) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
+            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+    for (int q = 0; q < kq; q++) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4 + 32));
+        __m256i v;
+        int32_t quad;
+#define ROW8(r, x, y)                                                                     \
+        memcpy(&quad, A + (r) * lda + 4 * q, 4);                                          \
+        v = _mm256_set1_epi32(quad);                                                      \
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w0), ones));    \
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w1), ones));
+        ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_)
+        ROW8(3, a3, b3_) ROW8(4, a4, b4_) ROW8(5, a5, b5_)
+#undef ROW8
+    }
+    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
+    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void kern1_u8(const fbi_conv *a, const uint8_t *A, const int8_t *bb, int kq,
+                          int n, int cnt, char *Y, int64_t ldy, int esize) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i x = _mm256_setzero_si256(), y = x;
+    for (int q = 0; q < kq; q++) {
+        int32_t quad;
+        memcpy(&quad, A + 4 * q, 4);
+        __m256i v = _mm256_set1_epi32(quad);
+        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + q * NB * 4))), ones));
+        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
+                                    (const __m256i *)(bb + q * NB * 4 + 32))), ones));
+    }
+    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
+}
+
+AVX2 static void conv_u8_avx2(const fbi_conv *a) {
+    int og = a->cout / a->groups, esize = a->out_kind == OUT_FLOAT ? 4 : 2;
+    int nblocks = (og + NB - 1) / NB, kq = a->kq4 / 4;
+    int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
+    int64_t wstride = (int64_t)nblocks * a->kq4 * NB;
+    uint8_t *col = (uint8_t *)a->scratch;
+    for (int i = 0; i < a->n; i++)
+        for (int g = 0; g < a->groups; g++) {
+            char *Yi = (char *)a->y + (int64_t)i * opix * a->cout * esize;
+            im2col_u8(a, (const int16_t *)a->x + i * in_img, g, col);
+            const int8_t *B = a->wpack8 + g * wstride;
+            for (int64_t r = 0; r < opix; r += RMAX) {
+                int rows = opix - r < RMAX ? (int)(opix - r) : RMAX;
+                for (int b = 0; b < nblocks; b++) {
+                    int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
+                    char *Yr = Yi + r * a->cout * esize;
+                    if (rows == RMAX)
+                        kern6_u8(a, col + r * a->kq4, a->kq4, bb, kq, g * og + n0, cnt, Yr,
+                                 a->cout, esize);
+                    else
+                        for (int q = 0; q < rows; q++)
+                            kern1_u8(a, col + (r + q) * a->kq4, bb, kq, g * og + n0, cnt,
+                                     Yr + (int64_t)q * a->cout * esize, a->cout, esize);
+                }
+            }
+        }
+}
+#endif
+
+/* Returns 0, or -1 (ISA not supported here), -2 (bad arguments). */
+int fbi_conv_run(const fbi_conv *a) {
+    if (!fbi_isa_supported(a->isa)) return -1;
+#if FBI_X86
+    if (a->isa == ISA_AVX2 && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0) {
+        conv_u8_avx2(a);
+        return 0;
+    }
+#endif
+    if (a->groups < 1 || a->cin % a->groups || a->cout % a->groups || a->kp % 2) return -2;
+    int cg = a->cin / a->groups, og = a->cout / a->groups;
+    int esize = a->out_kind == OUT_FLOAT ? 4 : 2;
+    int64_t opix = (int64_t)a->oh * a->ow;
+    int direct = a->in_kind == IN_INT && a->groups == 1 && a->kh == 1 && a->kw == 1 &&
+                 a->sh == 1 && a->sw == 1 && a->ph == 0 && a->pw == 0 && a->cin == a->kp;
+    int fl = a->in_kind == IN_FLOAT_NCHW;
+    int nblocks = fl ? (og + NBF - 1) / NBF : (og + NB - 1) / NB;
+    int64_t wstride = fl ? (int64_t)nblocks * a->kf * NBF : (int64_t)nblocks * a->kp * NB;
+    char *Y = (char *)a->y;
+    if (direct) { /* 1x1 stride 1 on NHWC: the input is already the GEMM's left matrix */
+        int64_t m = (int64_t)a->n * opix;
+#if FBI_X86
+        if (a->isa == ISA_AVX2) {
+            gemm_i16_avx2(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
+                          nblocks, 0, og, Y, a->cout, esize);
+            return 0;
+        }
+#endif
+        gemm_i16_generic(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
+                         nblocks, 0, og, Y, a->cout, esize);
+        return 0;
+    }
+    int64_t in_img = (int64_t)a->h * a->w * a->cin;
+    for (int i = 0; i < a->n; i++)
+        for (int g = 0; g < a->groups; g++) {
+            char *Yi = Y + (int64_t)i * opix * a->cout * esize;
+            if (fl) {
+                float *col = (float *)a->scratch;
+                im2col_f32(a, (const float *)a->x + i * in_img, g, col);
+                const float *B = (const float *)a->wpack + g * wstride;
+#if FBI_X86
+                if (a->isa == ISA_AVX2) {
+                    gemm_f32_avx2(a, col, a->kf, opix, B, nblocks, g * og, og, Yi, a->cout,
+                                  esize);
+                    continue;
+                }
+#endif
+                gemm_f32_generic(a, col, a->kf, opix, B, nblocks, g * og, og, Yi, a->cout,
+                                 esize);
+            } else {
+                int16_t *col = (int16_t *)a->scratch;
+                im2col_i16(a, (const int16_t *)a->x + i * in_img, g, col);
+                const int16_t *B = (const int16_t *)a->wpack + g * wstride;
+#if FBI_X86
+                if (a->isa == ISA_AVX2) {
+                    gemm_i16_avx2(a, col, a->kp, opix, B, nblocks, g * og, og, Yi, a->cout,
+                                  esize);
+                    continue;
+                }
+#endif
+                gemm_i16_generic(a, col, a->kp, opix, B, nblocks, g * og, og, Yi, a->cout,
+                                 esize);
+            }
+        }
+    (void)cg;
+    return 0;
+}
+
+/* ----------------------------------------------------------------- elementwise */
+
+/* Elementwise steps, compiled twice (portable, and AVX2 where the compiler vectorises them);
+ * the same IEEE operations in both. */
+#define ADD_BODY                                                                        \
+    for (int64_t i = 0; i < n; i++) {                                                   \
+        float v = (float)x0[i] * f0 + (float)x1[i] * f1;                                \
+        float av = fabsf(v), r = __builtin_roundevenf(av);                              \
+        r += (av - r == 0.5f) ? 1.0f : 0.0f;                                            \
+        r = v < 0 ? -r : r;                                                             \
+        r = r < (float)lo ? (float)lo : r;                                              \
+        r = r > (float)hi ? (float)hi : r;                                              \
+        y[i] = (int16_t)(int32_t)r;                                                     \
+    }
+#define ADD_ARGS int64_t n, const int16_t *x0, const int16_t *x1, float f0, float f1, \
+                 int32_t lo, int32_t hi, int16_t *y
+static void add_generic(ADD_ARGS) { ADD_BODY }
+#if FBI_X86
+__attribute__((target("avx2,fma"))) static void add_avx2(ADD_ARGS) {
+    int64_t i0 = n - n % 8;
+    const __m256 sgnbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f),
+                 one = _mm256_set1_ps(1.0f), flo = _mm256_set1_ps((float)lo),
+                 fhi = _mm256_set1_ps((float)hi), vf0 = _mm256_set1_ps(f0),
+                 vf1 = _mm256_set1_ps(f1);
+    for (int64_t i = 0; i < i0; i += 8) {
+        __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+            _mm_loadu_si128((const __m128i *)(x0 + i))));
+        __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+            _mm_loadu_si128((const __m128i *)(x1 + i))));
+        __m256 v = _mm256_add_ps(_mm256_mul_ps(a, vf0), _mm256_mul_ps(b, vf1));
+        __m256 av = _mm256_andnot_ps(sgnbit, v);
+        __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_add_ps(r, _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(av, r), half,
+                                                         _CMP_EQ_OQ), one));
+        r = _mm256_or_ps(r, _mm256_and_ps(v, sgnbit));
+        r = _mm256_min_ps(_mm256_max_ps(r, flo), fhi);
+        __m256i k = _mm256_cvttps_epi32(r);
+        _mm_storeu_si128((__m128i *)(y + i), _mm_packs_epi32(_mm256_castsi256_si128(k),
+                                                             _mm256_extracti128_si256(k, 1)));
+    }
+    add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
+}
+#endif
+
+/* y = clamp(round_half_away(a * fa + b * fb), lo, hi): a residual sum on a common grid (fa, fb
+ * integers: exact) or on a finer grid (then rounded) */
+void fbi_add(int32_t isa, ADD_ARGS) {
+#if FBI_X86
+    if (isa == ISA_AVX2) { add_avx2(n, x0, x1, f0, f1, lo, hi, y); return; }
+#endif
+    (void)isa;
+    add_generic(n, x0, x1, f0, f1, lo, hi, y);
+}
+
+#define POOL_BODY                                                                       \
+    for (int i = 0; i < n; i++)                                                         \
+        for (int oy = 0; oy < oh; oy++)                                                 \
+            for (int ox = 0; ox < ow; ox++) {                                           \
+                int16_t *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;                \
+                int32_t *acc = (int32_t *)work;                                         \
+                for (int j = 0; j < c; j++) acc[j] = op == 0 ? -32768 : 0;              \
+                for (int ky = 0; ky < kh; ky++) {                                       \
+                    int iy = oy * sh - ph + ky * dh;                                    \
+                    if (iy < 0 || iy >= h) continue;                                    \
+                    for (int kx = 0; kx < kw; kx++) {                                   \
+                        int ix = ox * sw - pw + kx * dw;                                \
+                        if (ix < 0 || ix >= w) continue;                                \
+                        const int16_t *p = x + (((int64_t)i * h + iy) * w + ix) * c;    \
+                        if (op == 0)                                                    \
+                            for (int j = 0; j < c; j++) acc[j] = p[j] > acc[j] ? p[j] : acc[j]; \
+                        else                                                            \
+                            for (int j = 0; j < c; j++) acc[j] += p[j];                 \
+                    }                                                                   \
+                }                                                                       \
+                for (int j = 0; j < c; j++) q[j] = (int16_t)acc[j];                     \
+            }
+#define POOL_ARGS int32_t op, int32_t n, int32_t h, int32_t w, int32_t c, int32_t oh,   \
+                  int32_t ow, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, \
+                  int32_t pw, int32_t dh, int32_t dw, const int16_t *x, int16_t *y, void *work
+static void pool_generic(POOL_ARGS) { POOL_BODY }
+#if FBI_X86
+__attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) { POOL_BODY }
+#endif
+
+/* NHWC max (op 0) or sum (op 1, zero padding counted) pooling of int16 codes; `work`: c
+ * int32 */
+void fbi_pool(int32_t isa, POOL_ARGS) {
+#if FBI_X86
+    if (isa == ISA_AVX2) {
+        pool_avx2(op, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, x, y, work);
+        return;
+    }
+#endif
+    (void)isa;
+    pool_generic(op, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, x, y, work);
+}
+
+/* global average pool: y[i][j] = (sum over pixels of x) * scale / (h * w), float */
+void fbi_global_avg(int32_t n, int32_t hw, int32_t c, const int16_t *x, float scale, float *y) {
+    for (int i = 0; i < n; i++) {
+        float *q = y + (int64_t)i * c;
+        for (int j = 0; j < c; j++) {
+            int64_t s = 0;
+            for (int p = 0; p < hw; p++) s += x[((int64_t)i * hw + p) * c + j];
+            q[j] = ((float)s * scale) / (float)hw;
+        }
+    }
+}
+
+/* ----------------------------------------------------------------- the program */
+
+/* One step of a batch's program, all pointers fixed (the engine's buffers for that batch
+ * size): kind 0 conv (`conv`), 1 residual sum, 2 pooling (i[0..14] = fbi_pool's integer
+ * arguments), 3 global average of int codes (i[0..2] = n, hw, c; f[0] = scale). */
+typedef struct {
+    int32_t kind;
+    int32_t i[16];
+    float f[2];
+    int64_t count;
+    fbi_conv *conv;
+    const void *x0, *x1;
+    void *y, *work;
+} fbi_step;
+
+/* Run `ns` steps; returns 0 or the failing conv's code. */
+int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
+    for (int k = 0; k < ns; k++, s++) {
+        int rc = 0;
+        switch (s->kind) {
+        case 0: rc = fbi_conv_run(s->conv); break;
+        case 1:
+            fbi_add(isa, s->count, (const int16_t *)s->x0, (const int16_t *)s->x1, s->f[0],
+                    s->f[1], s->i[0], s->i[1], (int16_t *)s->y);
+            break;
+        case 2:
+            fbi_pool(isa, s->i[0], s->i[1], s->i[2], s->i[3], s->i[4], s->i[5], s->i[6],
+                     s->i[7], s->i[8], s->i[9], s->i[10], s->i[11], s->i[12], s->i[13],
+                     s->i[14], (const int16_t *)s->x0, (int16_t *)s->y, s->work);
+            break;
+        case 3:
+            fbi_global_avg(s->i[0], s->i[1], s->i[2], (const int16_t *)s->x0, s->f[0],
+                           (float *)s->y);
+            break;
+        default: return -2;
+        }
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* The program of one image run image by image over a batch (the maps of one image stay in
+ * the caches): each image is copied into `in_buf` (in_size floats), the steps run, and
+ * `out_bytes` bytes of `out_buf` are copied to image i of `out`. */
+int fbi_run_images(const fbi_step *s, int32_t ns, int32_t isa, int64_t n, const float *x,
+                   int64_t in_size, float *in_buf, const void *out_buf, int64_t out_bytes,
+                   void *out) {
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(in_buf, x + i * in_size, sizeof(float) * (size_t)in_size);
+        int rc = fbi_run(s, ns, isa);
+        if (rc) return rc;
+        memcpy((char *)out + i * out_bytes, out_buf, (size_t)out_bytes);
+    }
+    return 0;
+}

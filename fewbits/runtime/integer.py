@@ -1,0 +1,323 @@
+"""A native integer inference engine for the uniform-grid families (fixed point, min-max; any
+bit width up to 8): :class:`IntegerEngine`.
+
+The network is compiled from its ``torch.fx`` graph (:mod:`fewbits.runtime.integer_plan`:
+no attribute names of the zoo; conv with groups / stride / padding / dilation, linear, batch
+norm folded, ReLU / clamps, max / average pooling, residual add, flatten, concatenation) into
+steps that ``_integer_engine.c`` runs on int16 NHWC codes with int32 sums: one requantising
+epilogue per layer (conv bias, batch norm in PyTorch's own float arithmetic, the quantizer with
+the clamps of ReLUs folded in), residual sums exact on the finer grid where the scales allow.
+A layer with float input (the images, a global average pool) multiplies in float32.
+
+Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its
+float sums of ``k * 2**-e`` values are exact) except where the first layer's float sums,
+which PyTorch orders its own way, put a value within rounding of a level boundary; the logits
+then agree within the planner's tolerance. Min-max's learned scales have no common grid for a
+residual sum: it is rounded to 15 bits (:attr:`IntegerEngine.exact` is False, ``notes`` says
+where). All CPU paths give identical outputs.
+
+CPU paths (``engine.isa``): ``"avx2"`` (AVX2 + FMA, ``vpmaddwd``) and ``"generic"`` (portable
+C), picked by cpuid; ``FEWBITS_INT_ISA`` (or ``isa=``) forces one. AVX-512 VNNI / AVX-VNNI / AMX
+paths are not written (no machine to test them on). One thread.
+
+    >>> from fewbits.models import create_model
+    >>> _ = torch.manual_seed(0)
+    >>> model = create_model("mnist_fp_net_lenet").eval()
+    >>> engine = IntegerEngine.from_model(model, (1, 28, 28))
+    >>> x = torch.rand(4, 1, 28, 28)
+    >>> bool((engine(x).argmax(1) == model(x).argmax(1)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .._cbuild import CLibrary
+from .integer_plan import (
+    Add,
+    Clamp,
+    Concat,
+    Conv,
+    GlobalAvg,
+    Pool,
+    Program,
+    Quantize,
+    QuantParams,
+)
+from .integer_walk import compile_program
+
+__all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
+
+#: CPU code paths, in the order of the C enum.
+INT_ISAS = ("generic", "avx2")
+#: Environment variable that forces a path (one of ``INT_ISAS``).
+INT_ISA_ENV = "FEWBITS_INT_ISA"
+_P = ctypes.c_void_p
+_F = ctypes.POINTER(ctypes.c_float)
+
+
+class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
+    _fields_ = [(n, ctypes.c_int32) for n in
+                ("isa", "in_kind", "out_kind", "n", "h", "w", "cin", "oh", "ow", "cout", "kh",
+                 "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups", "kp", "kf", "pre_relu",
+                 "klo", "khi", "kofs")] + \
+        [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
+        [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32)] + \
+        [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")]
+
+
+class _Step(ctypes.Structure):  # mirrors fbi_step
+    _fields_ = [("kind", ctypes.c_int32), ("i", ctypes.c_int32 * 16), ("f", ctypes.c_float * 2),
+                ("count", ctypes.c_int64), ("conv", ctypes.POINTER(_ConvArgs)), ("x0", _P),
+                ("x1", _P), ("y", _P), ("work", _P)]
+
+
+_I = ctypes.c_int32
+_LIB = CLibrary(
+    Path(__file__).with_name("_integer_engine.c"), "integer-engine",
+    ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
+    {"fbi_isa_supported": ([ctypes.c_int], ctypes.c_int),
+     "fbi_conv_run": ([ctypes.POINTER(_ConvArgs)], ctypes.c_int),
+     "fbi_quantize": ([ctypes.POINTER(_ConvArgs), ctypes.c_int64, _P, _P], None),
+     "fbi_add": ([_I, ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
+     "fbi_pool": ([_I] * 16 + [_P, _P, _P], None),
+     "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None),
+     "fbi_run": ([ctypes.POINTER(_Step), _I, _I], ctypes.c_int),
+     "fbi_run_images": ([ctypes.POINTER(_Step), _I, _I, ctypes.c_int64, _P, ctypes.c_int64, _P,
+                         _P, ctypes.c_int64, _P], ctypes.c_int)},
+)
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _LIB.get()
+    if lib is None:
+        raise ValueError(f"the integer engine cannot be built here: {_LIB.error}")
+    return lib
+
+
+def supported_int_isas() -> list[str]:
+    """The CPU paths this machine can run, best first (empty when the C build fails)."""
+    lib = _LIB.get()
+    return [] if lib is None else [n for i, n in reversed(list(enumerate(INT_ISAS)))
+                                   if lib.fbi_isa_supported(i)]
+
+
+def _pick_isa(isa: str | None) -> str:
+    name = isa or os.environ.get(INT_ISA_ENV) or None
+    _lib()
+    have = supported_int_isas()
+    if name is None:
+        return have[0]
+    if name not in INT_ISAS:
+        raise ValueError(f"unknown integer-engine ISA {name!r} (argument or ${INT_ISA_ENV}); "
+                         f"known: {', '.join(INT_ISAS)}")
+    if name not in have:
+        raise ValueError(f"this CPU cannot run the {name!r} path of the integer engine (forced "
+                         f"by argument or ${INT_ISA_ENV}); it can run: {', '.join(have)}")
+    return name
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
+    a.klo, a.khi, a.kofs = q.klo, q.khi, q.kofs
+    a.clo, a.chi, a.sub, a.scale = q.clo, q.chi, q.sub, q.scale
+    m, _ = math.frexp(q.scale)
+    a.inv = 1.0 / q.scale if m == 0.5 and 2.0**-126 <= q.scale <= 2.0**126 else 0.0
+
+
+def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
+    g = s.geom
+    a = _ConvArgs(isa=isa, in_kind=1 if s.float_in else 0,
+                  out_kind=0 if s.quant is not None else 1, pre_relu=int(s.pre_relu),
+                  **{k: v for k, v in g.items()})
+    q = s.quant
+    if q is not None:
+        _set_quant(a, q)
+    else:
+        a.clo, a.chi = s.fclamp
+    arrays = [np.ascontiguousarray(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
+    keep += [s.wpack, *arrays]
+    a.wpack = _ptr(s.wpack)
+    if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
+        keep.append(s.wpack8)
+        a.wpack8, a.kq4 = _ptr(s.wpack8), s.kq4
+    a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
+    return a
+
+
+class IntegerEngine:
+    """``engine(images) -> logits`` for a compiled :class:`Program` (float32 ``(N, C, H, W)``
+    images of the compiled shape). ``isa``: the CPU path; ``exact``/``notes``: see the module
+    docstring. Non-finite inputs raise ``ValueError``. Work buffers are kept between calls
+    (one engine serves one thread at a time)."""
+
+    def __init__(self, prog: Program, isa: str | None = None) -> None:
+        self.isa = _pick_isa(isa)
+        self.prog, self.exact, self.notes = prog, prog.exact, list(prog.notes)
+        self._lib = _lib()
+        self._keep: list = []
+        isa_id = self._isa_id = INT_ISAS.index(self.isa)
+        self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
+                      if isinstance(s, Conv)}
+        self._qargs = {}
+        self._batch: tuple | None = None
+        self._single: tuple | None = None
+        self._keep_batch: dict[int, list] = {}
+        self._scratch = max([s.geom["oh"] * s.geom["ow"] * max(s.geom["kp"] * 2, s.geom["kf"] * 4)
+                             + 64 for s in prog.steps if isinstance(s, Conv)], default=64)
+        for s in prog.steps:
+            if isinstance(s, Quantize):
+                self._qargs[id(s)] = _ConvArgs()
+                _set_quant(self._qargs[id(s)], s.quant)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
+                   isa: str | None = None) -> IntegerEngine:
+        """Compile ``model`` (put in eval mode) for images ``(N, *input_shape)``; raises
+        ``ValueError`` naming the first operation the engine does not cover."""
+        was = model.training
+        model.eval()
+        try:
+            return cls(compile_program(model, tuple(input_shape)), isa)
+        finally:
+            model.train(was)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        shape = self.prog.in_shape
+        if not isinstance(images, Tensor) or tuple(images.shape[1:]) != shape or \
+                images.dim() != len(shape) + 1:
+            raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
+                             f"{tuple(getattr(images, 'shape', ()))}")
+        x = images.detach().float().cpu().numpy()
+        if not np.isfinite(x).all():
+            raise ValueError("the images contain NaN or inf")
+        n = x.shape[0]
+        if self._single is None:
+            self._single = self._build(1)
+        vals, segments = self._single
+        if len(segments) == 1 and isinstance(segments[0], tuple):  # all native: image by image
+            x = np.ascontiguousarray(x)
+            y1 = vals[self.prog.out.id]
+            out = np.empty((n, *y1.shape[1:]), y1.dtype)
+            rc = self._lib.fbi_run_images(segments[0][0], segments[0][1], self._isa_id, n,
+                                          _ptr(x), x[0].size, _ptr(vals[1]), _ptr(y1),
+                                          y1.nbytes, _ptr(out))
+            if rc:
+                raise RuntimeError(f"integer engine: a step failed (code {rc})")
+            return self._output(out, n)
+        if self._batch is None or self._batch[0] != n:
+            self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
+        _, vals, segments = self._batch
+        np.copyto(vals[1], x)
+        for seg in segments:
+            if isinstance(seg, tuple):
+                rc = self._lib.fbi_run(seg[0], seg[1], self._isa_id)
+                if rc:
+                    raise RuntimeError(f"integer engine: a step failed (code {rc})")
+            else:
+                self._python_step(seg, vals, n)
+        return self._output(vals[self.prog.out.id].copy(), n)
+
+    def _build(self, n: int) -> tuple[dict[int, np.ndarray], list]:
+        """Every value's buffer for batches of ``n`` and the program as runs of native steps
+        (one ``fbi_run`` call each) between the few steps done in NumPy."""
+        vals: dict[int, np.ndarray] = {1: np.empty((n, *self.prog.in_shape), np.float32)}
+        scratch = np.empty(self._scratch, np.uint8)
+        keep: list = [scratch]
+        segments: list = []
+        run: list = []
+
+        def flush() -> None:
+            if run:
+                arr = (_Step * len(run))(*run)
+                keep.append(arr)
+                segments.append((arr, len(run)))
+                run.clear()
+
+        for s in self.prog.steps:
+            if isinstance(s, Conv):
+                g = s.geom
+                y = np.empty((n, g["oh"], g["ow"], g["cout"]),
+                             np.int16 if s.quant is not None else np.float32)
+                a = _ConvArgs()
+                ctypes.pointer(a)[0] = self._args[id(s)]
+                a.n, a.x, a.y, a.scratch = n, _ptr(vals[s.src]), _ptr(y), _ptr(scratch)
+                keep.append(a)
+                run.append(_Step(kind=0, conv=ctypes.pointer(a)))
+            elif isinstance(s, Add):
+                y = np.empty_like(vals[s.a])
+                st = _Step(kind=1, count=y.size, x0=_ptr(vals[s.a]), x1=_ptr(vals[s.b]),
+                           y=_ptr(y))
+                st.i[0], st.i[1], st.f[0], st.f[1] = s.lo, s.hi, s.fa, s.fb
+                run.append(st)
+            elif isinstance(s, Pool):
+                g = s.geom
+                y = np.empty((n, g["oh"], g["ow"], g["c"]), np.int16)
+                work = np.empty(g["c"], np.int32)
+                keep.append(work)
+                st = _Step(kind=2, x0=_ptr(vals[s.src]), y=_ptr(y), work=_ptr(work))
+                st.i[:15] = [s.op, n, g["h"], g["w"], g["c"], g["oh"], g["ow"], g["kh"],
+                             g["kw"], g["sh"], g["sw"], g["ph"], g["pw"], g["dh"], g["dw"]]
+                run.append(st)
+            elif isinstance(s, GlobalAvg) and s.from_int:
+                src = vals[s.src]
+                c = src.shape[-1]
+                y = np.empty((n, c, 1, 1), np.float32)
+                st = _Step(kind=3, x0=_ptr(src), y=_ptr(y))
+                st.i[0], st.i[1], st.i[2], st.f[0] = n, src.size // (n * c), c, s.scale
+                run.append(st)
+            else:
+                flush()
+                segments.append(s)
+                y = self._python_buffer(s, vals, n)
+            vals[s.dst] = y
+        flush()
+        self._keep_batch[n] = keep
+        return vals, segments
+
+    @staticmethod
+    def _python_buffer(s: object, vals: dict[int, np.ndarray], n: int) -> np.ndarray:
+        if isinstance(s, GlobalAvg):
+            return np.empty((n, vals[s.src].shape[-1], 1, 1), np.float32)
+        if isinstance(s, Concat):
+            a = vals[s.srcs[0]]
+            return np.empty((*a.shape[:-1], sum(s.chans)), np.int16)
+        return np.empty(vals[s.src].shape, np.int16)  # Quantize, Clamp
+
+    def _python_step(self, s: object, vals: dict[int, np.ndarray], n: int) -> None:
+        y = vals[s.dst]
+        if isinstance(s, GlobalAvg):  # of a float map
+            src = vals[s.src]
+            y[:] = src.reshape(n, -1, src.shape[-1]).mean(1).reshape(y.shape)
+        elif isinstance(s, Quantize):
+            src = np.ascontiguousarray(vals[s.src], np.float32)
+            self._lib.fbi_quantize(ctypes.byref(self._qargs[id(s)]), src.size, _ptr(src),
+                                   _ptr(y))
+        elif isinstance(s, Clamp):
+            np.clip(vals[s.src], s.lo, s.hi, out=y)
+        elif isinstance(s, Concat):
+            off = 0
+            for i, m, c in zip(s.srcs, s.muls, s.chans, strict=True):
+                y[..., off:off + c] = vals[i] * np.int16(m)
+                off += c
+
+    def _output(self, y: np.ndarray, n: int) -> Tensor:
+        out = self.prog.out
+        if out.kind == "int":
+            y = y.astype(np.float32) * np.float32(out.scale)
+        if len(out.shape) == 3 and out.flat_from is None:
+            return torch.from_numpy(np.ascontiguousarray(y.reshape(n, *out.shape[1:],
+                                                                   out.shape[0])
+                                                         .transpose(0, 3, 1, 2)))
+        return torch.from_numpy(np.ascontiguousarray(y.reshape(n, math.prod(out.shape))))

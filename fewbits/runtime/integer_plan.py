@@ -1,0 +1,385 @@
+"""Compile a network's ``torch.fx`` graph into the integer engine's program
+(:mod:`fewbits.runtime.integer`).
+
+Every hidden tensor lives on an integer grid: int16 codes ``k`` in NHWC order with value
+``k * scale`` (zero points are folded into ``k``, so zero padding is exact). A convolution /
+linear layer and what follows it up to the next quantizer become one :class:`Conv` step:
+integer weights from the weight quantizer's codes (:meth:`Quantizer.affine`), int32 sums, and
+an epilogue ``q(fma(relu?(acc * s_acc + bias), alpha, beta))`` that folds the conv bias, a
+ReLU before batch norm (min-max's order), batch norm (PyTorch's own ``rsqrt`` / fused
+multiply-add arithmetic) and the quantizer, whose clamp also takes ReLU / clamps after it.
+Max pooling and ReLU commute with a (monotone) quantizer, so a quantizer further down (the
+next layer's ``input_quantizer``, as ``quantize_`` places them) is pulled back through them.
+
+Residual sums: two grids whose scales differ by a power of two are summed exactly on the finer
+one (int16; the bound is tracked and checked). Other scale ratios (min-max's learned ranges)
+have no common grid: the sum is rounded onto a 15-bit grid of its range (relative error
+``2**-16``); :attr:`Program.exact` is then False and :attr:`Program.notes` says where.
+
+Anything else raises ``ValueError`` naming the node and the operation, so that the planner
+falls back to the next backend.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..quantizers import FixedPoint, MinMax
+
+__all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
+           "Compiler", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "QuantParams", "Quantize",
+           "Tracer", "Value", "bn_affine", "pack_u8", "pair", "quant_params"]
+
+I16 = 32767
+_I32 = 2**31 - 1
+_NB, _NBF = 16, 8  # output channels per packed block (int16 / float), as _integer_engine.c
+_RELUS = (nn.ReLU,)
+RELU_FNS = (torch.relu, nn.functional.relu, torch.nn.functional.relu)
+ADDS = (operator.add, torch.add)
+FLATTENS = (torch.flatten,)
+MAXPOOL_FNS = (nn.functional.max_pool2d, torch.max_pool2d)
+GAP_FNS = (nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool2d)
+
+
+@dataclass
+class QuantParams:
+    """A quantizer as the engine applies it: ``k = clamp(rha((clamp(v, clo, chi) - sub) /
+    scale) + kofs, klo, khi)``, value ``k * step``."""
+
+    clo: float
+    chi: float
+    sub: float
+    scale: float
+    kofs: int
+    klo: int
+    khi: int
+    step: float
+
+    def code(self, v: float) -> int:
+        """The code of one float value (for clamps pulled through the quantizer)."""
+        f = np.float32
+        c = min(max(f(v), f(self.clo)), f(self.chi))
+        q = (c - f(self.sub)) / f(self.scale)
+        r = math.floor(abs(q) + 0.5) if abs(q) % 1 == 0.5 else round(abs(q))
+        k = int(math.copysign(r, q)) + self.kofs
+        return min(max(k, self.klo), self.khi)
+
+
+def quant_params(q: Any, where: str) -> QuantParams:
+    """The engine form of an activation quantizer; ``ValueError`` for a grid it cannot run."""
+    if isinstance(q, FixedPoint):
+        g = q.int_grid()
+        f = np.float32
+        return QuantParams(float(f(g.qmin * g.scale)), float(f(g.qmax * g.scale)), 0.0,
+                           g.scale, 0, g.qmin, g.qmax, g.scale)
+    if isinstance(q, MinMax):
+        if q.qr_min.numel() != 1:
+            raise ValueError(f"{where}: per-channel activation ranges have no single grid")
+        scale, zp, lo, hi = (float(t) for t in q.grid(torch.zeros(())))
+        kofs = q.ql_min - int(zp)
+        return QuantParams(lo, hi, lo, scale, kofs, kofs, q.ql_max - int(zp), scale)
+    raise ValueError(f"{where}: the integer engine runs uniform activation grids (fixed point, "
+                     f"min-max), not {type(q).__name__}")
+
+
+@dataclass
+class Value:
+    """A tensor of the program: ``kind`` ``"input"`` (the float NCHW images), ``"int"`` (int16
+    NHWC codes, value ``k * scale``, codes within ``[lo, hi]``) or ``"float"`` (float32 NHWC /
+    flat). ``shape``: ``(C, H, W)`` or ``(F,)``; ``flat_from``: the ``(C, H, W)`` a flat int
+    tensor was flattened from (NHWC order: the next linear layer permutes its columns)."""
+
+    id: int
+    kind: str
+    shape: tuple[int, ...]
+    scale: float = 1.0
+    lo: int = 0
+    hi: int = 0
+    producer: Any = None
+    flat_from: tuple[int, int, int] | None = None
+
+
+@dataclass
+class Conv:
+    """conv / linear + epilogue; see the module docstring. ``wpack``: packed weights."""
+
+    src: int
+    dst: int
+    geom: dict
+    wpack: np.ndarray
+    sacc: np.ndarray
+    bias: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    float_in: bool
+    pre_relu: bool = False
+    quant: QuantParams | None = None
+    fclamp: tuple[float, float] = (-math.inf, math.inf)
+    name: str = ""
+    wpack8: np.ndarray | None = None  # u8 x s8 weights for the AVX2 path, where exact
+    kq4: int = 0
+
+
+@dataclass
+class Add:
+    """``dst = clamp(rha(a * fa + b * fb), lo, hi)``."""
+
+    a: int
+    b: int
+    dst: int
+    fa: float
+    fb: float
+    lo: int
+    hi: int
+
+
+@dataclass
+class Concat:
+    """Channel concatenation of int maps, each times an integer ``muls`` (a common grid)."""
+
+    srcs: list
+    muls: list
+    chans: list
+    dst: int
+
+
+@dataclass
+class Pool:
+    """NHWC int max (``op`` 0) or sum (``op`` 1) pooling."""
+
+    src: int
+    dst: int
+    op: int
+    geom: dict
+
+
+@dataclass
+class GlobalAvg:
+    """Global average pool to float ``(N, C)`` (int input: ``sum * scale / HW``)."""
+
+    src: int
+    dst: int
+    scale: float
+    from_int: bool
+
+
+@dataclass
+class Quantize:
+    """float -> int16 codes with ``quant``."""
+
+    src: int
+    dst: int
+    quant: QuantParams
+
+
+@dataclass
+class Clamp:
+    """int codes clamped to ``[lo, hi]`` (a ReLU or clamp that could not be folded)."""
+
+    src: int
+    dst: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class Program:
+    """The compiled network: ``steps`` in order, the input ``(C, H, W)`` and the output
+    value (float ``(N, F)``, float NHWC or int NHWC to be scaled)."""
+
+    steps: list = field(default_factory=list)
+    in_shape: tuple[int, ...] = ()
+    out: Value | None = None
+    exact: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+class Tracer(fx.Tracer):
+    """fewbits layers and activation quantizers stay leaves of the fx graph."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantAct, QuantConv2d, QuantLinear)) or \
+            super().is_leaf_module(m, qualname)
+
+
+def pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """``(alpha, beta)`` as PyTorch's CPU batch norm in eval mode computes them (then
+    ``y = fma(x, alpha, beta)``)."""
+    with torch.no_grad():
+        var, mean = bn.running_var.float(), bn.running_mean.float()
+        w = bn.weight.float() if bn.weight is not None else torch.ones_like(var)
+        b = bn.bias.float() if bn.bias is not None else torch.zeros_like(var)
+        alpha = w * torch.rsqrt(var + bn.eps)
+        beta = (b.double() - mean.double() * alpha.double()).float()
+    return alpha.numpy().copy(), beta.numpy().copy()
+
+
+def _int_weights(m: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, scale per output channel)``: integer weights with ``w = k * scale``."""
+    q = getattr(m, "weight_quantizer", None)
+    if q is None:
+        raise ValueError(f"{name}: float weights on integer activations; the integer engine "
+                         "needs a weight quantizer")
+    with torch.no_grad():
+        aff = q.affine(q.encode(m.weight))
+    if aff is None:
+        raise ValueError(f"{name}: weights of {type(q).__name__} are not on a uniform grid")
+    k = aff.int_repr.to(torch.int64)
+    cout = k.shape[0]
+    zp = aff.zero_point.reshape(-1)
+    scale = aff.scale.reshape(-1).float()
+    k = k - (zp.reshape(-1, *([1] * (k.dim() - 1))) if zp.numel() > 1 else zp)
+    if int(k.abs().max()) > 255:
+        raise ValueError(f"{name}: weight codes beyond 8 bits")
+    s = scale.expand(cout) if scale.numel() == 1 else scale
+    return k.numpy(), s.numpy().astype(np.float32)
+
+
+def _pack_int(k: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
+    """``[cout, cg, kh, kw]`` -> per group ``[nb][kp/2][16][2]`` int16; returns (pack, kp)."""
+    cout = k.shape[0]
+    og = cout // groups
+    kk = k.transpose(0, 2, 3, 1).reshape(cout, -1)  # taps (ky, kx, c): NHWC im2col order
+    kp = kk.shape[1] + kk.shape[1] % 2
+    nb = -(-og // _NB)
+    out = np.zeros((groups, nb * _NB, kp), np.int16)
+    out[:, :og, :kk.shape[1]] = kk.reshape(groups, og, -1)
+    out = out.reshape(groups, nb, _NB, kp // 2, 2).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(out), kp
+
+
+def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int] | None:
+    """Weights for ``vpmaddubsw`` (codes in ``[0, hi]`` times int8, pairs of products summed
+    in int16): ``[groups][nb][kq4/4][16][4]`` int8, or None where a pair sum could saturate
+    or a weight is not int8."""
+    if hi > 255 or k.min() < -128 or k.max() > 127:
+        return None
+    cout = k.shape[0]
+    og = cout // groups
+    kk = k.transpose(0, 2, 3, 1).reshape(cout, -1)
+    kq4 = -(-kk.shape[1] // 4) * 4
+    full = np.zeros((cout, kq4), np.int64)
+    full[:, :kk.shape[1]] = kk
+    if int((np.abs(full[:, 0::2]) + np.abs(full[:, 1::2])).max(initial=0)) * hi > 32767:
+        return None
+    nb = -(-og // _NB)
+    out = np.zeros((groups, nb * _NB, kq4), np.int8)
+    out[:, :og] = full.reshape(groups, og, kq4)
+    out = out.reshape(groups, nb, _NB, kq4 // 4, 4).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(out), kq4
+
+
+def _pack_float(w: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
+    """``[cout, cg, kh, kw]`` float -> per group ``[nb][kf][8]``, taps (c, ky, kx) (NCHW)."""
+    cout = w.shape[0]
+    og = cout // groups
+    ww = w.reshape(cout, -1)
+    kf = ww.shape[1]
+    nb = -(-og // _NBF)
+    out = np.zeros((groups, nb * _NBF, kf), np.float32)
+    out[:, :og] = ww.reshape(groups, og, kf)
+    out = out.reshape(groups, nb, _NBF, kf).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(out), kf
+
+
+class Compiler:
+    def __init__(self, model: nn.Module, in_shape: tuple[int, ...]) -> None:
+        self.model, self.prog = model, Program(in_shape=tuple(in_shape))
+        self.modules = dict(model.named_modules())
+        self.n_vals = 0
+
+    def new(self, kind: str, shape: tuple[int, ...], **kw: Any) -> Value:
+        self.n_vals += 1
+        return Value(self.n_vals, kind, tuple(shape), **kw)
+
+    # ------------------------------------------------------------------ pending layers
+    def layer(self, name: str, m: nn.Module, x: Value) -> Conv:
+        """A conv / linear step with an open epilogue (output still float)."""
+        q_in = getattr(m, "input_quantizer", None)
+        if q_in is not None:
+            x = self.quantize(x, quant_params(q_in, f"{name}.input_quantizer"), name)
+        if getattr(m, "output_quantizer", None) is not None:
+            raise ValueError(f"{name}: output_quantizer is not run by the integer engine")
+        with torch.no_grad():
+            b = m.quantized_bias() if isinstance(m, (QuantConv2d, QuantLinear)) else m.bias
+            wq = m.quantized_weight() if isinstance(m, (QuantConv2d, QuantLinear)) else m.weight
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ValueError(f"{name}: padding {m.padding!r} / {m.padding_mode!r}: the "
+                                 "integer engine runs explicit zero padding")
+            if len(x.shape) != 3:
+                raise ValueError(f"{name}: a convolution needs a (C, H, W) input")
+            c, h, w = x.shape
+            (kh, kw), (sh, sw) = pair(m.kernel_size), pair(m.stride)
+            (ph, pw), (dh, dw) = pair(m.padding), pair(m.dilation)
+            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            groups, cout, wt = m.groups, m.out_channels, wq
+        elif isinstance(m, nn.Linear):
+            c = m.in_features
+            h = w = kh = kw = sh = sw = dh = dw = oh = ow = 1
+            ph = pw = 0
+            groups, cout = 1, m.out_features
+            wt = wq.reshape(cout, c, 1, 1)
+            if x.flat_from is not None:  # NHWC-flattened input: columns to (h, w, c) order
+                fc, fh, fw = x.flat_from
+                wt = wq.reshape(cout, fc, fh, fw).permute(0, 2, 3, 1).reshape(cout, c, 1, 1)
+            if math.prod(x.shape) != c:
+                raise ValueError(f"{name}: expects {c} inputs, gets {x.shape}")
+        else:
+            raise ValueError(f"{name}: {type(m).__name__} is not a layer of the integer engine")
+        geom = dict(n=0, h=h, w=w, cin=c, oh=oh, ow=ow, cout=cout, kh=kh, kw=kw, sh=sh,
+                    sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, groups=groups, kp=0, kf=0)
+        bias = np.zeros(cout, np.float32) if b is None else b.detach().float().numpy().copy()
+        ones, zeros = np.ones(cout, np.float32), np.zeros(cout, np.float32)
+        if x.kind == "int":
+            k, sw_ = _int_weights(m, name)
+            if isinstance(m, nn.Linear):
+                if x.flat_from is not None:
+                    k = k.reshape(cout, *x.flat_from).transpose(0, 2, 3, 1)
+                k = np.ascontiguousarray(k.reshape(cout, c, 1, 1))
+            amax = max(abs(x.lo), abs(x.hi))
+            peak = int(np.abs(k).reshape(cout, -1).sum(1).max()) * amax
+            if peak > _I32:
+                raise ValueError(f"{name}: int32 sums could reach {peak}: inputs too wide")
+            pack, geom["kp"] = _pack_int(k, groups)
+            sacc = (np.float32(x.scale) * sw_).astype(np.float32)
+            u8 = pack_u8(k, groups, x.hi) if x.lo >= 0 else None
+        elif x.kind in ("input", "float"):
+            if x.kind == "float" and len(x.shape) == 3:
+                raise ValueError(f"{name}: a float feature map here; the integer engine takes "
+                                 "float input only at the network input (add a quantizer)")
+            pack, geom["kf"] = _pack_float(wt.detach().float().numpy(), groups)
+            sacc = ones.copy()
+        else:
+            raise ValueError(f"{name}: input of kind {x.kind}")
+        conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name)
+        if x.kind == "int" and u8 is not None:
+            conv.wpack8, conv.kq4 = u8
+        return conv
+
+    def quantize(self, x: Value, qp: QuantParams, name: str) -> Value:
+        if x.kind == "int":
+            if x.scale == qp.step and qp.klo <= x.lo and x.hi <= qp.khi:
+                return x  # already on that grid, within its range: the quantizer is identity
+            raise ValueError(f"{name}: requantizing an integer tensor to another grid is not "
+                             "run by the integer engine")
+        if x.kind != "float" or len(x.shape) != 1:
+            raise ValueError(f"{name}: quantizing a float feature map is not run by the "
+                             "integer engine")
+        y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi)
+        self.prog.steps.append(Quantize(x.id, y.id, qp))
+        return y

@@ -1,0 +1,388 @@
+"""The node-by-node walk of :func:`fewbits.runtime.integer_plan.compile_program`: which
+``torch.fx`` node becomes which engine step, what is folded into the open epilogue of a layer,
+and the clear ``ValueError`` for every node the integer engine does not cover.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers import QuantAct
+from .integer_plan import (
+    ADDS,
+    FLATTENS,
+    GAP_FNS,
+    I16,
+    MAXPOOL_FNS,
+    RELU_FNS,
+    Add,
+    Clamp,
+    Compiler,
+    Concat,
+    Conv,
+    GlobalAvg,
+    Pool,
+    Tracer,
+    Value,
+    bn_affine,
+    pair,
+    quant_params,
+)
+
+__all__ = ["compile_program", "walk"]
+
+_PASS = (nn.Identity, nn.Dropout)
+
+
+@dataclass
+class _Pending:
+    """A layer whose epilogue is still open: batch norm, ReLU / clamps and max pools seen
+    after it, not yet a quantizer."""
+
+    conv: Conv
+    shape: tuple[int, ...]
+    bn: bool = False
+    post: list = field(default_factory=list)  # ("clamp", lo, hi) / ("maxpool", module-like)
+
+
+def _desc(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    t = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({node.op} {t})"
+
+
+def _maxpool_geom(m: Any, shape: tuple[int, ...], where: str) -> dict:
+    k = pair(m["kernel_size"])
+    s = pair(m["stride"] if m["stride"] not in (None, ()) else m["kernel_size"])
+    p, d = pair(m["padding"]), pair(m["dilation"])
+    if m["ceil_mode"]:
+        raise ValueError(f"{where}: ceil_mode pooling is not run by the integer engine")
+    c, h, w = shape
+    oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    ow = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return dict(h=h, w=w, c=c, oh=oh, ow=ow, kh=k[0], kw=k[1], sh=s[0], sw=s[1], ph=p[0],
+                pw=p[1], dh=d[0], dw=d[1])
+
+
+def _pool_args(node: fx.Node, m: Any) -> dict:
+    if m is not None:
+        return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                    dilation=m.dilation, ceil_mode=m.ceil_mode)
+    names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+    vals = dict(zip(names, node.args[1:], strict=False))
+    vals.update(node.kwargs)
+    out = dict(kernel_size=None, stride=None, padding=0, dilation=1, ceil_mode=False)
+    out.update({k: v for k, v in vals.items() if k in out})
+    if vals.get("return_indices"):
+        raise ValueError("max pooling with indices is not run by the integer engine")
+    return out
+
+
+def walk(comp: Compiler, tracer: type) -> Any:
+    try:
+        graph = tracer().trace(comp.model)
+    except Exception as e:  # fx raises many kinds for data-dependent control flow
+        raise ValueError(f"cannot trace {type(comp.model).__name__} with torch.fx: {e}") from e
+    prog, modules = comp.prog, comp.modules
+    env: dict[str, Any] = {}
+
+    def emit_conv(p: _Pending, kind: str) -> Value:
+        c = p.conv
+        v = comp.new(kind, p.shape)
+        c.dst = v.id
+        prog.steps.append(c)
+        if kind == "int":
+            v.scale, v.lo, v.hi, v.producer = c.quant.step, c.quant.klo, c.quant.khi, c
+        return v
+
+    def close(p: _Pending, qp: Any, where: str) -> Value:
+        """Fold the quantizer ``qp`` (and the clamps before it) into the layer; max pools
+        after it run on the codes (they commute with a monotone quantizer)."""
+        lo, hi = qp.klo, qp.khi
+        for item in p.post:
+            if item[0] == "clamp":
+                lo = max(lo, qp.code(item[1])) if item[1] > -math.inf else lo
+                hi = min(hi, qp.code(item[2])) if item[2] < math.inf else hi
+        p.conv.quant = type(qp)(**{**qp.__dict__, "klo": lo, "khi": min(max(hi, lo), qp.khi)})
+        v = emit_conv(p, "int")
+        for item in p.post:
+            if item[0] == "maxpool":
+                v = int_pool(v, item[1], where)
+        return v
+
+    def int_pool(x: Value, args: dict, where: str) -> Value:
+        g = _maxpool_geom(args, x.shape, where)
+        y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale, lo=x.lo, hi=x.hi)
+        prog.steps.append(Pool(x.id, y.id, 0, g))
+        return y
+
+    def materialize(p: _Pending, where: str) -> Value:
+        if any(item[0] == "maxpool" for item in p.post):
+            raise ValueError(f"{where}: max pooling of an unquantized feature map is not run "
+                             "by the integer engine")
+        lo = max([-math.inf] + [i[1] for i in p.post])
+        hi = min([math.inf] + [i[2] for i in p.post])
+        p.conv.fclamp = (lo, hi)
+        return emit_conv(p, "float")
+
+    def value(a: Any, where: str, *, allow_pending: bool = False) -> Any:
+        if not isinstance(a, fx.Node):
+            raise ValueError(f"{where}: a constant operand is not run by the integer engine")
+        v = env[a.name]
+        if isinstance(v, _Pending) and not allow_pending:
+            v = env[a.name] = materialize(v, where)
+        return v
+
+    def single(a: fx.Node) -> bool:
+        return len(a.users) == 1
+
+    def clamp(node: fx.Node, a: fx.Node, lo: float, hi: float, where: str) -> Any:
+        x = value(a, where, allow_pending=True)
+        if isinstance(x, _Pending):
+            if not single(a):
+                x = env[a.name] = materialize(x, where)
+            else:
+                if lo == 0 and hi == math.inf and not x.bn and not x.post:
+                    x.conv.pre_relu = True  # before batch norm (min-max's order)
+                elif x.conv.quant is None:
+                    x.post.append(("clamp", lo, hi))
+                return x
+        if x.kind != "int":
+            raise ValueError(f"{where}: a clamp of a float tensor is not run by the integer "
+                             "engine")
+        klo = -I16 if lo == -math.inf else lo / x.scale
+        khi = I16 if hi == math.inf else hi / x.scale
+        if klo != int(klo) or khi != int(khi):
+            raise ValueError(f"{where}: clamp bounds ({lo}, {hi}) are not levels of the "
+                             f"grid (step {x.scale})")
+        nlo, nhi = max(x.lo, int(klo)), min(x.hi, int(khi))
+        prod = x.producer
+        if single(a) and isinstance(prod, (Conv, Add, Clamp)):
+            if isinstance(prod, Conv):
+                prod.quant.klo, prod.quant.khi = nlo, max(nhi, nlo)
+            else:
+                prod.lo, prod.hi = nlo, max(nhi, nlo)
+            return Value(x.id, "int", x.shape, x.scale, nlo, max(nhi, nlo), prod, x.flat_from)
+        y = comp.new("int", x.shape, scale=x.scale, lo=nlo, hi=max(nhi, nlo))
+        y.producer = Clamp(x.id, y.id, nlo, y.hi)
+        prog.steps.append(y.producer)
+        return y
+
+    def add(xa: Value, xb: Value, where: str) -> Value:
+        if xa.kind != "int" or xb.kind != "int" or xa.shape != xb.shape:
+            raise ValueError(f"{where}: the integer engine sums two quantized tensors of one "
+                             "shape; here an operand is float or the shapes differ")
+        s = min(xa.scale, xb.scale)
+        fa, fb = xa.scale / s, xb.scale / s
+        exact = all(f == 2.0 ** round(math.log2(f)) for f in (fa, fb))
+        if exact:
+            lo = int(xa.lo * fa + xb.lo * fb)
+            hi = int(xa.hi * fa + xb.hi * fb)
+            if max(-lo, hi) > I16:
+                raise ValueError(f"{where}: the exact sum needs codes beyond 16 bits")
+        else:
+            amax = max(abs(xa.lo), abs(xa.hi)) * xa.scale + max(abs(xb.lo), abs(xb.hi)) * \
+                xb.scale
+            s = amax / 32000
+            fa, fb = xa.scale / s, xb.scale / s
+            lo = math.floor(xa.lo * fa + xb.lo * fb) - 1
+            hi = math.ceil(xa.hi * fa + xb.hi * fb) + 1
+            prog.exact = False
+            prog.notes.append(f"{where}: scales {xa.scale:.6g} and {xb.scale:.6g} have no "
+                              "common integer grid; the sum is rounded to 15 bits")
+        y = comp.new("int", xa.shape, scale=s, lo=lo, hi=hi)
+        y.producer = Add(xa.id, xb.id, y.id, fa, fb, lo, hi)
+        prog.steps.append(y.producer)
+        return y
+
+    def gap(x: Any, where: str) -> Value:
+        if isinstance(x, _Pending):
+            x = materialize(x, where)
+        if len(x.shape) != 3:
+            raise ValueError(f"{where}: global average pooling needs a (C, H, W) input")
+        y = comp.new("float", (x.shape[0],))
+        prog.steps.append(GlobalAvg(x.id, y.id, x.scale, x.kind == "int"))
+        return y
+
+    def flatten(x: Value, where: str) -> Value:
+        if len(x.shape) == 1:
+            return x
+        c, h, w = x.shape
+        if h == w == 1:
+            return Value(x.id, x.kind, (c,), x.scale, x.lo, x.hi, None)
+        if x.kind == "input":  # the images, NCHW: flat in PyTorch's own order
+            return Value(x.id, "float", (c * h * w,))
+        if x.kind != "int":
+            raise ValueError(f"{where}: flattening a float feature map is not run by the "
+                             "integer engine")
+        return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w))
+
+    def concat(xs: list[Value], where: str) -> Value:
+        if any(x.kind != "int" or len(x.shape) != 3 for x in xs) or \
+                len({x.shape[1:] for x in xs}) != 1:
+            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps only")
+        s = min(x.scale for x in xs)
+        muls = [x.scale / s for x in xs]
+        if any(f != 2.0 ** round(math.log2(f)) for f in muls):
+            raise ValueError(f"{where}: concatenated grids have no common integer grid")
+        lo = min(int(x.lo * f) for x, f in zip(xs, muls, strict=True))
+        hi = max(int(x.hi * f) for x, f in zip(xs, muls, strict=True))
+        if max(-lo, hi) > I16:
+            raise ValueError(f"{where}: concatenation needs codes beyond 16 bits")
+        y = comp.new("int", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]), scale=s, lo=lo,
+                     hi=hi)
+        prog.steps.append(Concat([x.id for x in xs], [int(f) for f in muls],
+                                 [x.shape[0] for x in xs], y.id))
+        return y
+
+    for node in graph.nodes:
+        where = _desc(node, modules) if node.op != "placeholder" else node.name
+        if node.op == "placeholder":
+            if env:
+                raise ValueError("the integer engine runs single-input models")
+            env[node.name] = comp.new("input", prog.in_shape)
+        elif node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node):
+                raise ValueError("the integer engine runs models returning one tensor")
+            prog.out = value(out, "output")
+        elif node.op == "call_module":
+            m = modules[node.target]
+            if node.kwargs or len(node.args) != 1:
+                raise ValueError(f"{where}: modules must take one tensor")
+            a = node.args[0]
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                x = value(a, where, allow_pending=True)
+                q = getattr(m, "input_quantizer", None)
+                if isinstance(x, _Pending):
+                    if q is None or not single(a):
+                        x = env[a.name] = materialize(x, where)
+                    else:
+                        x = close(x, quant_params(q, f"{node.target}.input_quantizer"), where)
+                conv = comp.layer(str(node.target), m, x)
+                oshape = (m.out_channels, conv.geom["oh"], conv.geom["ow"]) \
+                    if isinstance(m, nn.Conv2d) else (m.out_features,)
+                env[node.name] = _Pending(conv, oshape)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                x = value(a, where, allow_pending=True)
+                if not isinstance(x, _Pending) or not single(a) or x.bn or x.post or \
+                        x.conv.quant is not None:
+                    raise ValueError(f"{where}: batch norm is folded into the layer before "
+                                     "it; here it does not follow a layer directly")
+                x.conv.alpha, x.conv.beta = bn_affine(m)
+                x.bn = True
+                env[node.name] = x
+            elif isinstance(m, nn.ReLU):
+                env[node.name] = clamp(node, a, 0.0, math.inf, where)
+            elif isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+                lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val)
+                env[node.name] = clamp(node, a, float(lo), float(hi), where)
+            elif isinstance(m, QuantAct):
+                x = value(a, where, allow_pending=True)
+                if m.quantizer is None:
+                    env[node.name] = x
+                elif isinstance(x, _Pending) and single(a):
+                    env[node.name] = close(x, quant_params(m.quantizer, where), where)
+                else:
+                    x = value(a, where)
+                    env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
+            elif isinstance(m, nn.MaxPool2d):
+                x = value(a, where, allow_pending=True)
+                if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
+                    x.post.append(("maxpool", _pool_args(node, m)))
+                    env[node.name] = x
+                else:
+                    x = value(a, where)
+                    if x.kind != "int":
+                        raise ValueError(f"{where}: max pooling of a float map")
+                    env[node.name] = int_pool(x, _pool_args(node, m), where)
+            elif isinstance(m, nn.AvgPool2d):
+                env[node.name] = avg_pool(comp, value(a, where), m, where)
+            elif isinstance(m, nn.AdaptiveAvgPool2d):
+                if pair(m.output_size) != (1, 1):
+                    raise ValueError(f"{where}: adaptive average pooling to "
+                                     f"{m.output_size} (the integer engine runs size 1)")
+                env[node.name] = gap(value(a, where, allow_pending=True), where)
+            elif isinstance(m, nn.Flatten):
+                if m.start_dim != 1 or m.end_dim != -1:
+                    raise ValueError(f"{where}: flatten from dimension 1 only")
+                env[node.name] = flatten(value(a, where), where)
+            elif isinstance(m, _PASS):
+                env[node.name] = value(a, where, allow_pending=True)
+            else:
+                raise ValueError(f"{where}: the integer engine does not cover "
+                                 f"{type(m).__name__}")
+        elif node.op in ("call_function", "call_method"):
+            t = node.target
+            args = node.args
+            if t in ADDS and len(args) == 2 and not node.kwargs:
+                env[node.name] = add(value(args[0], where), value(args[1], where), where)
+            elif t in RELU_FNS or t == "relu":
+                env[node.name] = clamp(node, args[0], 0.0, math.inf, where)
+            elif t is nn.functional.relu6 and len(args) == 1:
+                env[node.name] = clamp(node, args[0], 0.0, 6.0, where)
+            elif (t is torch.clamp or t == "clamp") and len(args) <= 3:
+                b = [*args[1:], None, None]
+                lo = node.kwargs.get("min", b[0])
+                hi = node.kwargs.get("max", b[1])
+                if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+                    raise ValueError(f"{where}: clamp bounds must be numbers")
+                env[node.name] = clamp(node, args[0], -math.inf if lo is None else float(lo),
+                                       math.inf if hi is None else float(hi), where)
+            elif t in FLATTENS or t == "flatten":
+                dims = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+                if dims != 1 or len(args) > 2 or node.kwargs.get("end_dim", -1) != -1:
+                    raise ValueError(f"{where}: flatten from dimension 1 only")
+                env[node.name] = flatten(value(args[0], where), where)
+            elif t in MAXPOOL_FNS:
+                x = value(args[0], where)
+                if x.kind != "int":
+                    raise ValueError(f"{where}: max pooling of a float map")
+                env[node.name] = int_pool(x, _pool_args(node, None), where)
+            elif t in GAP_FNS and pair(args[1] if len(args) > 1 else
+                                         node.kwargs["output_size"]) == (1, 1):
+                env[node.name] = gap(value(args[0], where, allow_pending=True), where)
+            elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
+                dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+                if dim not in (1, -3):
+                    raise ValueError(f"{where}: concatenation along channels only")
+                env[node.name] = concat([value(a, where) for a in args[0]], where)
+            else:
+                raise ValueError(f"{where}: the integer engine does not cover this operation")
+        else:
+            raise ValueError(f"{where}: the integer engine does not cover this node")
+    if prog.out is None:
+        raise ValueError("the model has no output")
+    return prog
+
+
+def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
+    """Average pooling as a sum pool on a grid ``k*k`` times finer (exact)."""
+    args = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=1,
+                ceil_mode=m.ceil_mode)
+    if x.kind != "int" or m.divisor_override is not None or \
+            (not m.count_include_pad and pair(m.padding) != (0, 0)):
+        raise ValueError(f"{where}: average pooling of quantized maps with a fixed divisor "
+                         "only")
+    g = _maxpool_geom(args, x.shape, where)
+    kk = g["kh"] * g["kw"]
+    lo, hi = min(0, x.lo * kk), max(0, x.hi * kk)
+    if max(-lo, hi) > I16:
+        raise ValueError(f"{where}: the pooled sums need codes beyond 16 bits")
+    y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale / kk, lo=lo, hi=hi)
+    comp.prog.steps.append(Pool(x.id, y.id, 1, g))
+    return y
+
+
+def compile_program(model: nn.Module, in_shape: tuple[int, ...]) -> Any:
+    """The engine :class:`~fewbits.runtime.integer_plan.Program` of ``model`` (eval mode) for
+    inputs ``(N, *in_shape)``; raises ``ValueError`` naming the first node the integer engine
+    does not cover."""
+    return walk(Compiler(model, tuple(in_shape)), Tracer)

@@ -1,0 +1,189 @@
+"""The integer engine (fewbits.runtime.integer): equality with PyTorch on every CPU path this
+machine runs, for the zoo's fixed-point and min-max ResNet-23 and for users' own models, and a
+clear refusal (then the planner's fallback) for an operation it does not cover."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fewbits import quantize_
+from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
+from fewbits.models import create_model
+from fewbits.quantizers import FixedPoint, MinMax
+from fewbits.runtime import compile_for_cpu
+from fewbits.runtime.integer import INT_ISA_ENV, INT_ISAS, IntegerEngine, supported_int_isas
+from fewbits.runtime.integer_plan import Conv, pack_u8
+from fewbits.runtime.integer_walk import compile_program
+from fewbits.runtime.planner import QUANTIZED_RTOL
+
+ISAS_HERE = supported_int_isas()
+
+
+def _images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0,
+            denom: int = 255) -> torch.Tensor:
+    """Images as decoded files give them (k / 255), or k / 256, whose first-layer sums are
+    exact in any order (then every code equals PyTorch's, not only the logits' tolerance)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *shape), generator=g).float() / denom
+
+
+def _trained_looking(m: nn.Module, seed: int) -> nn.Module:
+    """Batch-norm statistics and min-max ranges as training leaves them: every grid has its
+    own scale and zero point (residual sums then have no common grid)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                mod.weight.copy_(torch.randn(c, generator=g).abs() + 0.3)
+                mod.bias.copy_(torch.randn(c, generator=g) * 0.3)
+            if isinstance(mod, MinMax) and mod.qr_min.numel() == 1:
+                mod.qr_min.fill_(-float(torch.rand((), generator=g)) * 3 - 0.1)
+                mod.qr_max.fill_(float(torch.rand((), generator=g)) * 6 + 0.5)
+    return m.eval()
+
+
+def _check(engine: IntegerEngine, model: nn.Module, x: torch.Tensor, exact: bool) -> None:
+    with torch.no_grad():
+        ref = model(x)
+    got = engine(x)
+    assert got.shape == ref.shape
+    if exact:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    else:
+        err = float((got - ref).abs().max() / ref.abs().max())
+        assert err < QUANTIZED_RTOL / 2, err  # the planner allows QUANTIZED_RTOL
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def fp_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return _trained_looking(create_model("cifar10_fp_net_resnet23_prediction"), 1)
+
+
+def test_fp_net_resnet23_equals_pytorch_on_every_isa(fp_resnet: nn.Module) -> None:
+    # power-of-two grids: every code equals PyTorch's, residual sums exact in int16
+    prog = compile_program(fp_resnet, (3, 8, 8))  # small images: the generic path is slow
+    assert sum(s.wpack8 is not None for s in prog.steps if isinstance(s, Conv)) > 8
+    for isa in ISAS_HERE:  # avx2: u8 x s8 on the layers where no pair sum can saturate
+        eng = IntegerEngine(prog, isa)
+        assert eng.isa == isa and eng.exact
+        _check(eng, fp_resnet, _images(3, (3, 8, 8), denom=256), exact=True)
+        _check(eng, fp_resnet, _images(3, (3, 8, 8)), exact=False)
+
+
+def test_u8_weights_only_where_int16_pair_sums_cannot_saturate() -> None:
+    k = np.zeros((16, 4, 1, 1), np.int64)
+    k[0, :2, 0, 0] = [127, -127]
+    assert pack_u8(k, 1, 129) is not None  # 129 * 254 = 32766
+    assert pack_u8(k, 1, 130) is None  # 130 * 254 > 32767: vpmaddubsw would saturate
+    k[0, 0, 0, 0] = -129
+    assert pack_u8(k, 1, 1) is None  # not int8
+
+
+def test_min_max_resnet23_fresh_and_trained_looking() -> None:
+    torch.manual_seed(0)
+    m = create_model("cifar10_min_max_resnet23_prediction").eval()
+    x = _images(3, (3, 8, 8), seed=2)
+    prog = compile_program(m, (3, 8, 8))
+    outs = []
+    for isa in ISAS_HERE:  # all paths give the same numbers
+        eng = IntegerEngine(prog, isa)
+        _check(eng, m, x, exact=False)
+        outs.append(eng(x))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    _trained_looking(m, 3)
+    x = _images(3, (3, 16, 16), seed=2)
+    eng = IntegerEngine.from_model(m, (3, 16, 16))
+    assert not eng.exact and "no common integer grid" in eng.notes[0]
+    _check(eng, m, x, exact=False)
+
+
+class _UserNet(nn.Module):
+    """Grouped, strided, dilated convs, clamps, both poolings, a residual sum, a concatenation
+    and a linear layer on a flattened 2 x 2 map, with fewbits layers placed by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        fp = lambda: FixedPoint(n=6, delta=2**-4)  # noqa: E731
+        self.c1 = QuantConv2d(3, 8, 3, padding=1, bias=True, weight_quantizer=fp())
+        self.b1, self.q1 = nn.BatchNorm2d(8), QuantAct(fp())
+        self.c2 = QuantConv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2,
+                              weight_quantizer=fp())
+        self.q2 = QuantAct(FixedPoint(n=8, delta=2**-5))
+        self.c3 = QuantConv2d(8, 8, 1, weight_quantizer=fp())
+        self.q3 = QuantAct(fp())
+        self.pool = nn.AvgPool2d(2)
+        self.fc = QuantLinear(64, 5, weight_quantizer=fp())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.q1(self.b1(self.c1(x))))
+        y = nn.functional.max_pool2d(y, 2)  # 8 x 8
+        a = nn.functional.relu6(self.q2(self.c2(y)))  # 4 x 4 on a finer grid
+        b = self.q3(self.c3(a))
+        s = torch.cat([a + b, b], 1)  # residual sum, then concatenation
+        return self.fc(torch.flatten(self.pool(s), 1))
+
+
+def test_user_model_with_every_covered_operation() -> None:
+    torch.manual_seed(4)
+    m = _trained_looking(_UserNet(), 5)
+    x = _images(4, (3, 16, 16), seed=6, denom=256)
+    for isa in ISAS_HERE:
+        eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
+        assert eng.exact
+        _check(eng, m, x, exact=True)
+
+
+def test_mlp_on_flattened_images() -> None:
+    torch.manual_seed(5)
+    m = _trained_looking(create_model("mnist_fp_net_mlp", width=32, depth=2), 6)
+    eng = IntegerEngine.from_model(m, (1, 28, 28))
+    _check(eng, m, _images(4, (1, 28, 28), denom=256), exact=True)
+
+
+def test_quantize_fp_net_user_cnn_runs_through_the_planner() -> None:
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    quantize_(net, "fp_net")
+    net = _trained_looking(net, 8)
+    eng = IntegerEngine.from_model(net, (3, 16, 16))
+    _check(eng, net, _images(6, (3, 16, 16), seed=9), exact=False)
+    d = compile_for_cpu(net, backend="int", input_shape=(3, 16, 16), batch_size=4)
+    assert d.backend == "int"
+
+
+def test_uncovered_operation_is_named_and_the_planner_falls_back() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    quantize_(net, "fp_net")
+    with pytest.raises(ValueError, match="1 \\(Sigmoid\\).*does not cover Sigmoid"):
+        IntegerEngine.from_model(net, (3, 8, 8))
+    d = compile_for_cpu(net, input_shape=(3, 8, 8), batch_size=2, candidates=("int", "torch"))
+    assert d.backend == "torch"
+    assert any(n.startswith("int: ValueError") and "Sigmoid" in n for n in d.notes)
+
+
+def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
+    assert "generic" in ISAS_HERE and set(ISAS_HERE) <= set(INT_ISAS)
+    prog = compile_program(fp_resnet, (3, 32, 32))
+    monkeypatch.setenv(INT_ISA_ENV, "generic")
+    eng = IntegerEngine(prog)
+    assert eng.isa == "generic"
+    monkeypatch.setenv(INT_ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="unknown integer-engine ISA 'sse9'"):
+        IntegerEngine(prog)
+    x = _images(1)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        eng(x)
+    with pytest.raises(ValueError, match="compiled for images"):
+        eng(torch.zeros(1, 3, 16, 16))
