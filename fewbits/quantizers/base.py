@@ -303,6 +303,14 @@ class Quantizer(nn.Module):
         operators needs none: PyTorch translates them)."""
         return {}
 
+    def engine_grid(self) -> tuple[float, float, float, float, int, int, int] | None:
+        """The forward as an integer engine applies it, or ``None`` (the engine refuses the
+        family): ``(clo, chi, sub, scale, kofs, klo, khi)`` such that the output code is
+        ``k = clamp(round_half_away((clamp(x, clo, chi) - sub) / scale) + kofs, klo, khi)``
+        in float32 and the output value is ``k * scale``. A family answers only where this
+        is its forward bit for bit (``runtime.integer`` compiles from it). Default ``None``."""
+        return None
+
     def int_grid(self) -> IntGrid | None:
         """The one per-tensor integer grid of the output, or ``None`` (not uniform); a uniform
         family with one grid per channel raises ``ValueError``. The fused QDQ export folds

@@ -156,6 +156,14 @@ class FixedPoint(Quantizer):
         kmax = 2 ** (self.n - 1) - 1 if self.sign else 2**self.n - 1
         return IntGrid(self.delta, 0, -kmax if self.sign else 0, kmax)
 
+    def engine_grid(self) -> tuple[float, float, float, float, int, int, int]:
+        """``k = clamp(rha(clamp(x, qmin * delta, qmax * delta) / delta), qmin, qmax)``:
+        the forward of :func:`fewbits._math.fixed_point` as the integer engine runs it."""
+        g = self.int_grid()
+        f = np.float32
+        return (float(f(g.qmin * g.scale)), float(f(g.qmax * g.scale)), 0.0, g.scale, 0,
+                g.qmin, g.qmax)
+
     def infer(self, x: Tensor) -> Tensor:
         """The forward's values without autograd or finiteness check (inference paths): the
         same formula, :func:`fewbits._math.fixed_point`, rounding ties away from zero."""

@@ -384,6 +384,16 @@ class MinMax(Quantizer):
         scale, zp, _, _ = self.grid(torch.zeros(()))
         return IntGrid(float(scale), int(zp), self.ql_min, self.ql_max)
 
+    def engine_grid(self) -> tuple[float, float, float, float, int, int, int]:
+        """``k = rha((clamp(x, lo, hi) - lo) / scale) + ql_min - zero_point``, value
+        ``k * scale``: the forward as the integer engine runs it. ``ValueError`` for
+        per-channel ranges (no single grid)."""
+        if self.qr_min.numel() != 1:
+            raise ValueError("per-channel activation ranges have no single grid")
+        scale, zp, lo, hi = (float(t) for t in self.grid(torch.zeros(())))
+        kofs = self.ql_min - int(zp)
+        return lo, hi, lo, scale, kofs, kofs, self.ql_max - int(zp)
+
     def infer(self, x: Tensor) -> Tensor:
         """The evaluation forward without autograd or range updates (inference paths):
         :func:`fewbits._math.min_max` on the stored ranges, ties away from zero."""

@@ -33,7 +33,6 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from ..quantizers import FixedPoint, MinMax
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "QuantParams", "Quantize",
@@ -76,17 +75,15 @@ class QuantParams:
 
 def quant_params(q: Any, where: str) -> QuantParams:
     """The engine form of an activation quantizer; ``ValueError`` for a grid it cannot run."""
-    if isinstance(q, FixedPoint):
-        g = q.int_grid()
-        f = np.float32
-        return QuantParams(float(f(g.qmin * g.scale)), float(f(g.qmax * g.scale)), 0.0,
-                           g.scale, 0, g.qmin, g.qmax, g.scale)
-    if isinstance(q, MinMax):
-        if q.qr_min.numel() != 1:
-            raise ValueError(f"{where}: per-channel activation ranges have no single grid")
-        scale, zp, lo, hi = (float(t) for t in q.grid(torch.zeros(())))
-        kofs = q.ql_min - int(zp)
-        return QuantParams(lo, hi, lo, scale, kofs, kofs, q.ql_max - int(zp), scale)
+    # ask the family for its forward in the engine's form; never its class
+    form = getattr(q, "engine_grid", lambda: None)
+    try:
+        grid = form()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if grid is not None:
+        clo, chi, sub, scale, kofs, klo, khi = grid
+        return QuantParams(clo, chi, sub, scale, kofs, klo, khi, scale)
     raise ValueError(f"{where}: the integer engine runs uniform activation grids (fixed point, "
                      f"min-max), not {type(q).__name__}")
 
