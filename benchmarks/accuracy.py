@@ -299,9 +299,10 @@ def _section_order(s: dict[str, Any]) -> tuple[int, str]:
     return (FIRST.index(s["section"]) if s["section"] in FIRST else len(FIRST), s["section"])
 
 
-def write_results(results_dir: Path, doc: Path) -> None:
+def write_results(results_dir: Path, doc: Path, plots: bool = True) -> None:
     """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON; the sections of
-    :data:`FIRST` (results at a real budget) come first."""
+    :data:`FIRST` (results at a real budget) come first. ``plots=False`` leaves the images
+    out (drawing them is most of a tiny run's time)."""
     sections = sorted((json.loads(p.read_text()) for p in results_dir.glob("*.json")),
                       key=_section_order)
     img_dir = doc.parent / "img"
@@ -316,7 +317,7 @@ def write_results(results_dir: Path, doc: Path) -> None:
         if s.get("not_run"):
             out += [f"## {s['title']}", "", f"Not run: {s['not_run']}.", ""]
             continue
-        plots = plot_section(s, img_dir)
+        images = plot_section(s, img_dir) if plots else []
         partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
         out += [f"## {s['title']}{partial}", "",
                 f"Command (run on {s['machine']}, {s['date']}):", "",
@@ -327,8 +328,10 @@ def write_results(results_dir: Path, doc: Path) -> None:
         else:
             out += [f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}",
                     ""]
-        out += [f"![test error and training loss of every family](img/{plots[0]})", "",
-                f"![latent vs quantized weights of one layer per family](img/{plots[1]})", ""]
+        if images:
+            out += [f"![test error and training loss of every family](img/{images[0]})", "",
+                    f"![latent vs quantized weights of one layer per family](img/{images[1]})",
+                    ""]
         if s.get("notes"):
             out += [s["notes"], ""]
     doc.write_text("\n".join(out))
@@ -359,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--only-doc", action="store_true", help="rebuild RESULTS.md from JSON only")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="write RESULTS.md without drawing the plots")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N networks at once, each in its own process (on one GPU: the "
                    "data are decoded once, into the dataset cache, before they start)")
@@ -367,14 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     results_dir, doc = Path(a.results_dir), Path(a.doc)
     results_dir.mkdir(parents=True, exist_ok=True)
     if a.only_doc:
-        write_results(results_dir, doc)
+        write_results(results_dir, doc, a.plots)
         return 0
     if a.context != "cpu" and not torch.cuda.is_available():
         # The section says so instead of running on the CPU or estimating anything.
         (results_dir / f"{a.section}.json").write_text(json.dumps(
             {"section": a.section, "title": a.title or a.section,
              "not_run": "no GPU was available"}))
-        write_results(results_dir, doc)
+        write_results(results_dir, doc, a.plots)
         print(f"{a.section}: not run: no GPU was available (-c {a.context}); wrote {doc}",
               file=sys.stderr)
         return 0
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         # Written after every run: an interrupted benchmark still leaves its finished rows.
         section["complete"] = i == len(runs)
         (results_dir / f"{a.section}.json").write_text(json.dumps(section))
-        write_results(results_dir, doc)
+        write_results(results_dir, doc, a.plots)
     print(f"wrote {results_dir / (a.section + '.json')} and {doc}")
     return 0
 

@@ -149,10 +149,10 @@ def test_binary_engine_main_tiny(threads, tmp_path, capsys):
 
 def _accuracy_args(tmp_path, runs: str) -> list[str]:
     return ["--section", "mnist_mlp_bc", "--dataset", "synthetic", "--nets",
-            "mnist_float_mlp_bc,mnist_binary_connect_mlp_bc", "-i", "12", "-v", "4", "-b", "8",
+            "mnist_float_mlp_bc,mnist_binary_connect_mlp_bc", "-i", "8", "-v", "4", "-b", "8",
             "--lr-schedule", "cosine", "--threads", "1", "--runs-dir", str(tmp_path / runs),
             "--results-dir", str(tmp_path / f"{runs}-json"), "--doc",
-            str(tmp_path / f"{runs}-RESULTS.md")]
+            str(tmp_path / f"{runs}-RESULTS.md"), "--no-plots"]
 
 
 class _Stop(Exception):
@@ -202,7 +202,7 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
     assert sec["complete"] and sec["kind"] == "mnist_mlp_bc"
     assert [r["net"] for r in sec["records"]] == ["mnist_float_mlp_bc",
                                                   "mnist_binary_connect_mlp_bc"]
-    assert all(r["iterations"] == 12 for r in sec["records"])
+    assert all(r["iterations"] == 8 for r in sec["records"])
     doc = (tmp_path / "runs-RESULTS.md").read_text()
     # the paper column and the headline check are written from the measured numbers
     bc = next(r for r in sec["records"] if r["family"] == "binary_connect")
@@ -210,6 +210,7 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
     assert f"| 1.29 ± 0.08 (det.), 1.18 ± 0.04 (stoch.) | {gap} |" in doc
     assert f"reaches {100 * bc['final_error']:.2f} %" in doc
     assert "python benchmarks/accuracy.py --section mnist_mlp_bc" in doc
+    assert "![" not in doc  # --no-plots: no image is drawn or linked
 
 
 def test_accuracy_without_a_gpu_says_not_run(tmp_path, monkeypatch):
@@ -236,7 +237,11 @@ def test_accuracy_parallel_trains_each_net_in_its_own_process(threads, tmp_path)
     args = _accuracy_args(tmp_path, "par")
     args[args.index("-i") + 1] = "4"
     args[args.index("--nets") + 1] = "mnist_float_mlp_bc"  # one child: the mechanism, cheaply
+    args.remove("--no-plots")  # the one test that draws the plots
     assert accuracy.main([*args, "--parallel", "2"]) == 0
+    doc = (tmp_path / "par-RESULTS.md").read_text()
+    for png in ("mnist_mlp_bc_curves.png", "mnist_mlp_bc_weights.png"):
+        assert f"(img/{png})" in doc and (tmp_path / "img" / png).stat().st_size > 0
     out = tmp_path / "par" / "mnist_mlp_bc"
     assert (out / "float-s0" / "model_final.pt").is_file()
     assert "done: mnist_float_mlp_bc" in (out / "float-s0.log").read_text()  # its child's log
