@@ -134,13 +134,20 @@ def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
     return {"layer": name, "latent": latent[::step].tolist(), "quantized": q[::step].tolist()}
 
 
-def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _options(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The TrainConfig fields of ``run``."""
     folder = _folder(run, out_dir)
     opts = {**base, **run.options, "net": run.net, "seed": run.seed,
             "monitor_path": str(folder), "model_save_path": str(folder),
             "progress": False}
     if _family_of(run.net) == "inq" and "inq_iterations" not in run.options:
         opts["inq_iterations"] = _inq_schedule(opts["max_iter"])
+    return opts
+
+
+def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    folder = _folder(run, out_dir)
+    opts = _options(run, base, out_dir)
     if (folder / "checkpoint.pt").is_file() and not (folder / "model_final.pt").exists():
         # An interrupted benchmark left this run part-trained: continue it where it stopped
         # (fewbits' exact resume; a checkpoint of another configuration is refused there).
@@ -295,6 +302,20 @@ def _table(section: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reproducing(argv: list[str]) -> list[str]:
+    """The command line that reproduces a section: ``argv`` without ``--finished-only`` (it
+    only collects) and ``--notes`` (text for the reader)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--notes":
+            skip = True
+        elif arg != "--finished-only" and not arg.startswith("--notes="):
+            out.append(arg)
+    return out
+
+
 def _section_order(s: dict[str, Any]) -> tuple[int, str]:
     return (FIRST.index(s["section"]) if s["section"] in FIRST else len(FIRST), s["section"])
 
@@ -322,6 +343,9 @@ def write_results(results_dir: Path, doc: Path, plots: bool = True) -> None:
         out += [f"## {s['title']}{partial}", "",
                 f"Command (run on {s['machine']}, {s['date']}):", "",
                 "```sh", s["command"], "```", "", s["budget"], "", _table(s), ""]
+        if s.get("unfinished"):
+            out += ["Not finished when the run was stopped, so not in the table (the same "
+                    f"command continues them): {', '.join(s['unfinished'])}.", ""]
         if s["kind"] in PAPERS:
             for line in paper_notes(s, _summarise(s["records"])):
                 out += [line, ""]
@@ -364,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-doc", action="store_true", help="rebuild RESULTS.md from JSON only")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="write RESULTS.md without drawing the plots")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: write the section from the runs of this command that "
+                   "have finished, naming the others as not finished (for a stopped run)")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N networks at once, each in its own process (on one GPU: the "
                    "data are decoded once, into the dataset cache, before they start)")
@@ -420,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         "section": a.section, "title": a.title or a.section, "kind":
         paper_kind(nets) or ("mnist" if a.dataset in ("mnist", "digits") else "cifar10"),
         "epochs": a.epochs,
-        "command": "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:]),
+        "command": "python benchmarks/accuracy.py " + shlex.join(
+            _reproducing(argv if argv is not None else sys.argv[1:])),
         "machine": "{threads} CPU threads, torch {torch}".format(
             **{**C.environment(), **({"threads": a.threads} if a.threads else {})}),
         "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
@@ -432,7 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.only is not None:
         _run_one(runs[a.only], base, out_dir)
         return 0
-    if a.parallel > 1:
+    if a.finished_only:
+        done = [r for r in runs if _finished(_folder(r, out_dir),
+                                             TrainConfig(**_options(r, base, out_dir)))]
+        section["unfinished"] = [f"{r.label} (seed {r.seed})" if len(seeds) > 1 else r.label
+                                 for r in runs if r not in done]
+        runs = done
+        if not runs:
+            raise SystemExit(f"--finished-only: no run of this command has finished in "
+                             f"{out_dir}")
+    if a.parallel > 1 and not a.finished_only:
         from fewbits.data import load_dataset
 
         for split in ("train", "test"):  # decoded once, into the cache the children read
@@ -447,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         section["records"].append(rec)
         # Written after every run: an interrupted benchmark still leaves its finished rows.
-        section["complete"] = i == len(runs)
+        section["complete"] = i == len(runs) and not section.get("unfinished")
         (results_dir / f"{a.section}.json").write_text(json.dumps(section))
         write_results(results_dir, doc, a.plots)
     print(f"wrote {results_dir / (a.section + '.json')} and {doc}")

@@ -182,6 +182,16 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
         accuracy.main(_accuracy_args(tmp_path, "runs"))
     part = tmp_path / "runs" / "mnist_mlp_bc" / "binary_connect-s0"
     assert (part / "checkpoint.pt").is_file() and not (part / "model_final.pt").exists()
+    # --finished-only trains nothing: the finished row is written, the other named unfinished
+    assert accuracy.main([*_accuracy_args(tmp_path, "runs"), "--finished-only"]) == 0
+    assert len(trained) == 2
+    sec = json.loads((tmp_path / "runs-json" / "mnist_mlp_bc.json").read_text())
+    assert [r["net"] for r in sec["records"]] == ["mnist_float_mlp_bc"]
+    assert not sec["complete"] and sec["unfinished"] == ["binary connect"]
+    assert "--finished-only" not in sec["command"] and "--no-plots" in sec["command"]
+    doc = (tmp_path / "runs-RESULTS.md").read_text()
+    assert "(partial: the run was cut short)" in doc
+    assert "the same command continues them): binary connect." in doc
     assert accuracy.main(_accuracy_args(tmp_path, "runs")) == 0
     assert "resuming" in capsys.readouterr().out
     # float was trained once; binary connect started, crashed, then resumed
