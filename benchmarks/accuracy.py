@@ -333,7 +333,8 @@ def write_results(results_dir: Path, doc: Path, plots: bool = True) -> None:
            "`fewbits export` file (quantized weights at their bit width, batch norm and other "
            "state in float32); bits/weight counts the quantized layers' weights with their "
            "scales. Training time is wall time relative to the float network in the same run "
-           "(same machine, sequential runs).", ""]
+           "(same machine; indicative only where networks ran in parallel or beside other "
+           "jobs).", ""]
     for s in sections:
         if s.get("not_run"):
             out += [f"## {s['title']}", "", f"Not run: {s['not_run']}.", ""]
