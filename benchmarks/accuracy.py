@@ -304,14 +304,15 @@ def _table(section: dict[str, Any]) -> str:
 
 def _reproducing(argv: list[str]) -> list[str]:
     """The command line that reproduces a section: ``argv`` without ``--finished-only`` (it
-    only collects) and ``--notes`` (text for the reader)."""
+    only collects), ``--no-plots`` (no number depends on it) and ``--notes`` (text for the
+    reader)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg == "--notes":
             skip = True
-        elif arg != "--finished-only" and not arg.startswith("--notes="):
+        elif arg not in ("--finished-only", "--no-plots") and not arg.startswith("--notes="):
             out.append(arg)
     return out
 
