@@ -23,7 +23,9 @@ runs on the device, as in every fewbits run); without a GPU the section records 
         --epochs 30 --lr-schedule cosine -c cudnn --parallel 10 -v 782
 
 A stopped benchmark continues where it was with the same command: finished networks are
-reused, a part-trained one resumes from its checkpoint (fewbits' exact resume).
+reused, a part-trained one resumes from its checkpoint (fewbits' exact resume). The same
+command with ``--finished-only`` trains nothing: it writes the section from the finished runs
+and names the unfinished ones (a ``--parallel`` run writes its section only at the end).
 
 Extra rows show what improves a family beyond the seed's defaults, as
 ``--extra 'LABEL=NET:key=value,key=value'`` (keys are fewbits.train.TrainConfig fields), e.g.
