@@ -23,7 +23,9 @@ runs on the device, as in every fewbits run); without a GPU the section records 
         --epochs 30 --lr-schedule cosine -c cudnn --parallel 10 -v 782
 
 A stopped benchmark continues where it was with the same command: finished networks are
-reused, a part-trained one resumes from its checkpoint (fewbits' exact resume).
+reused, a part-trained one resumes from its checkpoint (fewbits' exact resume). The same
+command with ``--finished-only`` trains nothing: it writes the section from the finished runs
+and names the unfinished ones (a ``--parallel`` run writes its section only at the end).
 
 Extra rows show what improves a family beyond the seed's defaults, as
 ``--extra 'LABEL=NET:key=value,key=value'`` (keys are fewbits.train.TrainConfig fields), e.g.
@@ -134,13 +136,20 @@ def _weights_snapshot(model: torch.nn.Module) -> dict[str, list[float]] | None:
     return {"layer": name, "latent": latent[::step].tolist(), "quantized": q[::step].tolist()}
 
 
-def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _options(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The TrainConfig fields of ``run``."""
     folder = _folder(run, out_dir)
     opts = {**base, **run.options, "net": run.net, "seed": run.seed,
             "monitor_path": str(folder), "model_save_path": str(folder),
             "progress": False}
     if _family_of(run.net) == "inq" and "inq_iterations" not in run.options:
         opts["inq_iterations"] = _inq_schedule(opts["max_iter"])
+    return opts
+
+
+def _run_one(run: Run, base: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    folder = _folder(run, out_dir)
+    opts = _options(run, base, out_dir)
     if (folder / "checkpoint.pt").is_file() and not (folder / "model_final.pt").exists():
         # An interrupted benchmark left this run part-trained: continue it where it stopped
         # (fewbits' exact resume; a checkpoint of another configuration is refused there).
@@ -295,13 +304,29 @@ def _table(section: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reproducing(argv: list[str]) -> list[str]:
+    """The command line that reproduces a section: ``argv`` without ``--finished-only`` (it
+    only collects), ``--no-plots`` (no number depends on it) and ``--notes`` (text for the
+    reader)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--notes":
+            skip = True
+        elif arg not in ("--finished-only", "--no-plots") and not arg.startswith("--notes="):
+            out.append(arg)
+    return out
+
+
 def _section_order(s: dict[str, Any]) -> tuple[int, str]:
     return (FIRST.index(s["section"]) if s["section"] in FIRST else len(FIRST), s["section"])
 
 
-def write_results(results_dir: Path, doc: Path) -> None:
+def write_results(results_dir: Path, doc: Path, plots: bool = True) -> None:
     """Rebuild ``doc`` (docs/RESULTS.md) and plots from every section JSON; the sections of
-    :data:`FIRST` (results at a real budget) come first."""
+    :data:`FIRST` (results at a real budget) come first. ``plots=False`` leaves the images
+    out (drawing them is most of a tiny run's time)."""
     sections = sorted((json.loads(p.read_text()) for p in results_dir.glob("*.json")),
                       key=_section_order)
     img_dir = doc.parent / "img"
@@ -311,24 +336,30 @@ def write_results(results_dir: Path, doc: Path) -> None:
            "`fewbits export` file (quantized weights at their bit width, batch norm and other "
            "state in float32); bits/weight counts the quantized layers' weights with their "
            "scales. Training time is wall time relative to the float network in the same run "
-           "(same machine, sequential runs).", ""]
+           "(same machine; indicative only where networks ran in parallel or beside other "
+           "jobs).", ""]
     for s in sections:
         if s.get("not_run"):
             out += [f"## {s['title']}", "", f"Not run: {s['not_run']}.", ""]
             continue
-        plots = plot_section(s, img_dir)
+        images = plot_section(s, img_dir) if plots else []
         partial = "" if s.get("complete", True) else " (partial: the run was cut short)"
         out += [f"## {s['title']}{partial}", "",
                 f"Command (run on {s['machine']}, {s['date']}):", "",
                 "```sh", s["command"], "```", "", s["budget"], "", _table(s), ""]
+        if s.get("unfinished"):
+            out += ["Not finished when the run was stopped, so not in the table (the same "
+                    f"command continues them): {', '.join(s['unfinished'])}.", ""]
         if s["kind"] in PAPERS:
             for line in paper_notes(s, _summarise(s["records"])):
                 out += [line, ""]
         else:
             out += [f"Literature at full budget, for scale: {LITERATURE.get(s['kind'], '')}",
                     ""]
-        out += [f"![test error and training loss of every family](img/{plots[0]})", "",
-                f"![latent vs quantized weights of one layer per family](img/{plots[1]})", ""]
+        if images:
+            out += [f"![test error and training loss of every family](img/{images[0]})", "",
+                    f"![latent vs quantized weights of one layer per family](img/{images[1]})",
+                    ""]
         if s.get("notes"):
             out += [s["notes"], ""]
     doc.write_text("\n".join(out))
@@ -359,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=str(ROOT / "docs" / "results"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--only-doc", action="store_true", help="rebuild RESULTS.md from JSON only")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="write RESULTS.md without drawing the plots")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: write the section from the runs of this command that "
+                   "have finished, naming the others as not finished (for a stopped run)")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N networks at once, each in its own process (on one GPU: the "
                    "data are decoded once, into the dataset cache, before they start)")
@@ -367,14 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     results_dir, doc = Path(a.results_dir), Path(a.doc)
     results_dir.mkdir(parents=True, exist_ok=True)
     if a.only_doc:
-        write_results(results_dir, doc)
+        write_results(results_dir, doc, a.plots)
         return 0
     if a.context != "cpu" and not torch.cuda.is_available():
         # The section says so instead of running on the CPU or estimating anything.
         (results_dir / f"{a.section}.json").write_text(json.dumps(
             {"section": a.section, "title": a.title or a.section,
              "not_run": "no GPU was available"}))
-        write_results(results_dir, doc)
+        write_results(results_dir, doc, a.plots)
         print(f"{a.section}: not run: no GPU was available (-c {a.context}); wrote {doc}",
               file=sys.stderr)
         return 0
@@ -415,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         "section": a.section, "title": a.title or a.section, "kind":
         paper_kind(nets) or ("mnist" if a.dataset in ("mnist", "digits") else "cifar10"),
         "epochs": a.epochs,
-        "command": "python benchmarks/accuracy.py " + shlex.join(argv or sys.argv[1:]),
+        "command": "python benchmarks/accuracy.py " + shlex.join(
+            _reproducing(argv if argv is not None else sys.argv[1:])),
         "machine": "{threads} CPU threads, torch {torch}".format(
             **{**C.environment(), **({"threads": a.threads} if a.threads else {})}),
         "date": time.strftime("%Y-%m-%d"), "seeds": seeds,
@@ -427,7 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.only is not None:
         _run_one(runs[a.only], base, out_dir)
         return 0
-    if a.parallel > 1:
+    if a.finished_only:
+        done = [r for r in runs if _finished(_folder(r, out_dir),
+                                             TrainConfig(**_options(r, base, out_dir)))]
+        section["unfinished"] = [f"{r.label} (seed {r.seed})" if len(seeds) > 1 else r.label
+                                 for r in runs if r not in done]
+        runs = done
+        if not runs:
+            raise SystemExit(f"--finished-only: no run of this command has finished in "
+                             f"{out_dir}")
+    if a.parallel > 1 and not a.finished_only:
         from fewbits.data import load_dataset
 
         for split in ("train", "test"):  # decoded once, into the cache the children read
@@ -442,9 +488,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         section["records"].append(rec)
         # Written after every run: an interrupted benchmark still leaves its finished rows.
-        section["complete"] = i == len(runs)
+        section["complete"] = i == len(runs) and not section.get("unfinished")
         (results_dir / f"{a.section}.json").write_text(json.dumps(section))
-        write_results(results_dir, doc)
+        write_results(results_dir, doc, a.plots)
     print(f"wrote {results_dir / (a.section + '.json')} and {doc}")
     return 0
 

@@ -150,10 +150,10 @@ def test_binary_engine_main_tiny(threads, tmp_path, capsys):
 
 def _accuracy_args(tmp_path, runs: str) -> list[str]:
     return ["--section", "mnist_mlp_bc", "--dataset", "synthetic", "--nets",
-            "mnist_float_mlp_bc,mnist_binary_connect_mlp_bc", "-i", "12", "-v", "4", "-b", "8",
+            "mnist_float_mlp_bc,mnist_binary_connect_mlp_bc", "-i", "8", "-v", "4", "-b", "8",
             "--lr-schedule", "cosine", "--threads", "1", "--runs-dir", str(tmp_path / runs),
             "--results-dir", str(tmp_path / f"{runs}-json"), "--doc",
-            str(tmp_path / f"{runs}-RESULTS.md")]
+            str(tmp_path / f"{runs}-RESULTS.md"), "--no-plots"]
 
 
 class _Stop(Exception):
@@ -183,6 +183,16 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
         accuracy.main(_accuracy_args(tmp_path, "runs"))
     part = tmp_path / "runs" / "mnist_mlp_bc" / "binary_connect-s0"
     assert (part / "checkpoint.pt").is_file() and not (part / "model_final.pt").exists()
+    # --finished-only trains nothing: the finished row is written, the other named unfinished
+    assert accuracy.main([*_accuracy_args(tmp_path, "runs"), "--finished-only"]) == 0
+    assert len(trained) == 2
+    sec = json.loads((tmp_path / "runs-json" / "mnist_mlp_bc.json").read_text())
+    assert [r["net"] for r in sec["records"]] == ["mnist_float_mlp_bc"]
+    assert not sec["complete"] and sec["unfinished"] == ["binary connect"]
+    assert "--finished-only" not in sec["command"] and "--no-plots" not in sec["command"]
+    doc = (tmp_path / "runs-RESULTS.md").read_text()
+    assert "(partial: the run was cut short)" in doc
+    assert "the same command continues them): binary connect." in doc
     assert accuracy.main(_accuracy_args(tmp_path, "runs")) == 0
     assert "resuming" in capsys.readouterr().out
     # float was trained once; binary connect started, crashed, then resumed
@@ -203,7 +213,7 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
     assert sec["complete"] and sec["kind"] == "mnist_mlp_bc"
     assert [r["net"] for r in sec["records"]] == ["mnist_float_mlp_bc",
                                                   "mnist_binary_connect_mlp_bc"]
-    assert all(r["iterations"] == 12 for r in sec["records"])
+    assert all(r["iterations"] == 8 for r in sec["records"])
     doc = (tmp_path / "runs-RESULTS.md").read_text()
     # the paper column and the headline check are written from the measured numbers
     bc = next(r for r in sec["records"] if r["family"] == "binary_connect")
@@ -211,6 +221,7 @@ def test_accuracy_resumes_an_interrupted_benchmark(threads, tmp_path, monkeypatc
     assert f"| 1.29 ± 0.08 (det.), 1.18 ± 0.04 (stoch.) | {gap} |" in doc
     assert f"reaches {100 * bc['final_error']:.2f} %" in doc
     assert "python benchmarks/accuracy.py --section mnist_mlp_bc" in doc
+    assert "![" not in doc  # --no-plots: no image is drawn or linked
 
 
 def test_accuracy_without_a_gpu_says_not_run(tmp_path, monkeypatch):
@@ -237,7 +248,11 @@ def test_accuracy_parallel_trains_each_net_in_its_own_process(threads, tmp_path)
     args = _accuracy_args(tmp_path, "par")
     args[args.index("-i") + 1] = "4"
     args[args.index("--nets") + 1] = "mnist_float_mlp_bc"  # one child: the mechanism, cheaply
+    args.remove("--no-plots")  # the one test that draws the plots
     assert accuracy.main([*args, "--parallel", "2"]) == 0
+    doc = (tmp_path / "par-RESULTS.md").read_text()
+    for png in ("mnist_mlp_bc_curves.png", "mnist_mlp_bc_weights.png"):
+        assert f"(img/{png})" in doc and (tmp_path / "img" / png).stat().st_size > 0
     out = tmp_path / "par" / "mnist_mlp_bc"
     assert (out / "float-s0" / "model_final.pt").is_file()
     assert "done: mnist_float_mlp_bc" in (out / "float-s0.log").read_text()  # its child's log
