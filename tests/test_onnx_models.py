@@ -172,9 +172,37 @@ def _levels(proto, x: torch.Tensor) -> list[np.ndarray]:
     return outs
 
 
+_OV_SCRIPT = """
+import sys, numpy as np, openvino as ov
+core = ov.Core()
+x = np.load(sys.argv[2])
+for name, cfg in (("default", {}), ("f32", {"INFERENCE_PRECISION_HINT": "f32"})):
+    np.save(sys.argv[3] + name + ".npy", core.compile_model(core.read_model(sys.argv[1]), "CPU",
+                                                            cfg)(x)[0])
+"""
+
+
+def _openvino_levels(proto, x: torch.Tensor, tmp) -> dict[str, np.ndarray]:
+    """OpenVINO's CPU plugin at its default settings and at f32, in a subprocess (its worker
+    threads must not live on in the test process: a later SIGTERM test would crash it);
+    ``{}`` where the ``openvino`` package (the ``bench`` extra) is not installed."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("openvino") is None:
+        return {}
+    (tmp / "m.onnx").write_bytes(proto.SerializeToString())
+    np.save(tmp / "x.npy", x.numpy())
+    p = subprocess.run([sys.executable, "-c", _OV_SCRIPT, str(tmp / "m.onnx"), str(tmp / "x.npy"),
+                        str(tmp / "ov_")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return {f"openvino {n}": np.load(tmp / f"ov_{n}.npy") for n in ("default", "f32")}
+
+
 @pytest.mark.parametrize("trained_steps", [0, 2])
 def test_binary_net_predictions_are_the_same_at_every_ort_optimisation_level(trained_steps,
-                                                                             trained):
+                                                                             trained, tmp_path):
     """Before, ONNX Runtime's Conv+BatchNorm fusion moved values across the sign threshold:
     a fresh binary ResNet gave logits off by 8.4 and 62-75 % top-1 agreement with the
     optimisations on. Now every binary decision is a threshold on an exact integer sum."""
@@ -198,6 +226,8 @@ def test_binary_net_predictions_are_the_same_at_every_ort_optimisation_level(tra
     assert (off.argmax(1) == basic.argmax(1)).all() and (off.argmax(1) == full.argmax(1)).all()
     np.testing.assert_array_equal(off, basic)
     np.testing.assert_array_equal(off, full)
+    for name_, ov in _openvino_levels(proto, x, tmp_path).items():  # where OpenVINO is installed
+        np.testing.assert_array_equal(off, ov, err_msg=name_)
     assert (off.argmax(1) == ref.argmax(1)).all()
     np.testing.assert_allclose(off, ref, rtol=1e-5, atol=1e-4)
 
