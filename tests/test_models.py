@@ -7,8 +7,11 @@ import torch
 
 from fewbits.models import FAMILIES, create_model, list_models, model_info, register_model
 
+# The seed's ten networks, named as its command names them (FAMILIES has grown past them).
+SEED_FAMILIES = ["binary_connect", "binary_net", "binary_weight", "fp_connect", "fp_net",
+                 "pow2_connect", "pow2_net", "inq", "min_max"]
 SEED_NETS = ["cifar10_resnet23_prediction"] + [
-    f"cifar10_{f}_resnet23_prediction" for f in FAMILIES if f != "float"
+    f"cifar10_{f}_resnet23_prediction" for f in SEED_FAMILIES
 ]
 
 
