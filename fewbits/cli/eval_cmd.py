@@ -19,6 +19,7 @@ from ..config import CONTEXTS, TYPE_CONFIGS, ConfigError
 from ..data import DATASETS, ArrayDataset, load_dataset, to_float
 from ..export import load_packed, read_container
 from ..export.container import is_packed_file, read_model_file
+from ..export.onnx import resolve_file
 from ..models import create_model, is_model
 from ..runs import data_dir_note, recorded_eval_config, unfollowed_data_dir
 from ..runtime import compile_for_cpu
@@ -90,7 +91,8 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    header = read_model_file(path)[0]
+    contents = read_model_file(path)  # read and checked once; every step below reads this
+    header = contents[0]
     spec = header["model"] if isinstance(header["model"], dict) else {}
     net = str(spec.get("name", "?"))
     factory = None if model == net else model  # the file's own model: its recorded options
@@ -102,15 +104,18 @@ def evaluate_packed(path: str | os.PathLike, ds: ArrayDataset, batch_size: int =
         return replace(r, net=net, file=str(path), fast_path="binary")
     if fast:  # bounded from the file, before anything is built
         _check_fast_memory(path, header)
-    source = path if factory is None else load_packed(path, model=_build(factory)).eval()
+    built = None if factory is None else load_packed(path, model=_build(factory),
+                                                     contents=contents).eval()
     if fast:
         # the split's first images join the probe: real data show a backend's level flips
+        source = resolve_file(path, contents) if built is None else built
         run = compile_for_cpu(source, batch_size=min(batch_size, max(1, len(ds))),
                               input_shape=tuple(ds.images.shape[1:]),
                               probe_inputs=to_float(ds.images[:64]) if len(ds) else None)
         fast_path = run.kind
     else:
-        run, fast_path = (load_packed(path) if factory is None else source), None
+        run = load_packed(path, contents=contents) if built is None else built
+        fast_path = None
     r = evaluate(run, ds, "cpu", batch_size)
     return replace(r, net=net, file=str(path), fast_path=fast_path)
 

@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from .packed import load_packed, model_of
 __all__ = [
     "DEFAULT_OPSET",
     "OnnxReport",
+    "ResolvedSource",
     "cached_exporter_registry",
     "compare_onnx",
     "export_onnx",
@@ -79,9 +80,11 @@ DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
 
 # --------------------------------------------------------------------------- sources
 
-def _file_codes(path: str | os.PathLike, model_spec: dict) -> dict[str, tuple[Quantizer, Codes]]:
-    """The stored codes of a ``.fewbits`` file with the quantizer that made them."""
-    header, blobs = read_model_file(path)
+def _file_codes(contents: tuple[dict, dict]) -> dict[str, tuple[Quantizer, Codes]]:
+    """The stored codes of a ``.fewbits`` file (its ``(header, blobs)``) with the quantizer
+    that made them."""
+    header, blobs = contents
+    model_spec = header["model"]
     if "layers" in header:  # the quantizers that made the codes, as the file records them
         fresh = {n: SimpleNamespace(**{f"{r}_quantizer": get(c) for r, c in cfg.items()})
                  for n, cfg in header["layers"].items()}
@@ -106,10 +109,25 @@ def _file_codes(path: str | os.PathLike, model_spec: dict) -> dict[str, tuple[Qu
     return out
 
 
-def resolve_source(source: nn.Module | str | os.PathLike
-                   ) -> tuple[nn.Module, dict[str, tuple[Quantizer, Codes]]]:
+class ResolvedSource(NamedTuple):
+    """A source resolved once: the model (eval mode) and the integer codes of its uniform
+    weights. Every later step (ONNX export, each backend of the planner) reads this object;
+    none opens the file again."""
+
+    model: nn.Module
+    codes: dict[str, tuple[Quantizer, Codes]]
+
+
+def resolve_file(path: str | os.PathLike, contents: tuple[dict, dict]) -> ResolvedSource:
+    """A ``.fewbits`` file resolved from its ``(header, blobs)`` as
+    :func:`~fewbits.export.read_model_file` returned them (read once by the caller)."""
+    return ResolvedSource(load_packed(path, contents=contents), _file_codes(contents))
+
+
+def resolve_source(source: nn.Module | str | os.PathLike | ResolvedSource) -> ResolvedSource:
     """``(model in eval mode, {"layer.weight": (quantizer, codes)})`` for a model, a ``.fewbits``
-    file or a run folder / checkpoint.
+    file or a run folder / checkpoint; a :class:`ResolvedSource` is returned as it is. A file
+    is read and checked once.
 
     Codes are given for the uniform families (``Quantizer.uniform``: fixed point, min-max),
     whose integer form the ONNX graph and the int8 path use; a live model's are computed with
@@ -117,9 +135,10 @@ def resolve_source(source: nn.Module | str | os.PathLike
     :func:`~fewbits.export.load_packed` has no weight quantizers left, so pass the file itself
     to keep the integer form.
     """
+    if isinstance(source, ResolvedSource):
+        return source
     if is_packed_file(source):
-        model = load_packed(source)
-        return model, _file_codes(source, read_model_file(source)[0]["model"])
+        return resolve_file(source, read_model_file(source))
 
     model = model_of(source).eval()
     codes: dict[str, tuple[Quantizer, Codes]] = {}
@@ -129,7 +148,7 @@ def resolve_source(source: nn.Module | str | os.PathLike
                 q, p = getattr(layer, f"{role}_quantizer"), getattr(layer, role)
                 if q is not None and q.uniform and p is not None:
                     codes[f"{lname}.{role}"] = (q, q.encode(p.detach()))
-    return model, codes
+    return ResolvedSource(model, codes)
 
 
 def _declared_shape(model: nn.Module) -> tuple[int, int, int] | None:

@@ -290,8 +290,12 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
 
 
 def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
-                map_location: str | torch.device = "cpu") -> nn.Module:
+                map_location: str | torch.device = "cpu", *,
+                contents: tuple[dict, dict] | None = None) -> nn.Module:
     """Rebuild the network stored in a ``.fewbits`` file (evaluation mode).
+
+    ``contents``: the file's ``(header, blobs)`` as :func:`read_model_file` returned them, for
+    a caller that has read (and checked) the file once already; ``path`` then only names it.
 
     Without ``model`` the file's registry model is built from its recorded options. With
     ``model`` (any instance of the exported architecture, float or already quantized) the file
@@ -303,7 +307,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
     dropped: the stored values already are the quantized weights, so the forward is the trained
     network's forward. Activation quantizers, batch norm and the rest are restored as stored.
     """
-    header, blobs = read_model_file(path)
+    header, blobs = read_model_file(path) if contents is None else contents
     src = str(path)
     check_model_header(header, src)
     if header.get("options", {}).get("fold_bn"):

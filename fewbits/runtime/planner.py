@@ -342,8 +342,8 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(CANDIDATES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model, _ = resolve_source(source)
-    model = model.eval()
+    source = resolve_source(source)  # once: every backend below reads this object
+    model = source.model.eval()
     if example_inputs is not None:
         if input_shape is not None or probe_inputs is not None:
             raise ValueError("give example_inputs, or input_shape / probe_inputs, not both")
