@@ -212,6 +212,10 @@ class _QuantOptions:
     clip_weights: bool = option(False, "--clip-weights", kind="true",
                                 help="binary connect/net: clip latent weights to [-1, 1] "
                                 "after each step")
+    stochastic: bool = option(False, "--stochastic", kind="true",
+                              help="binary connect/net: stochastic binarization in training "
+                              "(+1 with probability hard_sigmoid(w), Courbariaux et al. 2015); "
+                              "sign at inference")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples as lists)."""

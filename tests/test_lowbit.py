@@ -291,3 +291,19 @@ def test_quantize_train_state_dict_and_packed_file_round_trip(config, tmp_path):
     if config in ("ternary", TTQ):  # five ternary weights a byte
         conv = next(e for e in report.quantized if e.name.startswith("0."))
         assert conv.encoding == "trits" and conv.count == 36
+
+
+def test_stochastic_option_reaches_the_zoo_and_is_refused_where_unused(tmp_path):
+    """``--stochastic`` (QuantConfig.stochastic) gives the binary families' weights stochastic
+    binarization and is refused, not ignored, by a family with no binary weights."""
+    from fewbits.cli import main
+    from fewbits.models import create_model
+
+    m = create_model("mnist_binary_connect_lenet", stochastic=True)
+    qs = [mod for n, mod in m.named_modules() if n.endswith("weight_quantizer")]
+    assert qs and all(q.stochastic for q in qs)
+    assert not any(q.stochastic for n, q in create_model("mnist_binary_net_lenet").named_modules()
+                   if n.endswith("weight_quantizer"))
+    assert main(["train", "-c", "cpu", "--net", "mnist_fp_net_lenet", "--stochastic",
+                 "--dataset", "synthetic", "-i", "1", "-m", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()

@@ -137,14 +137,20 @@ def _mm(c: QuantConfig, weight: bool) -> dict[str, Any]:
             "init_max": hi, "mode": mode, "ste_fine_grained": c.ste_fine_grained}
 
 
+def _bc(c: QuantConfig) -> dict[str, Any]:
+    # stochastic only when asked: the deterministic spec stays the seed's, key for key
+    return {"name": "binary_connect", "clip_weights": c.clip_weights,
+            **({"stochastic": True} if c.stochastic else {})}
+
+
 def _lsq(c: QuantConfig) -> dict[str, Any]:
     return {"name": "lsq", "bits": _bw(c, 4), "signed": True}
 
 
 _WEIGHT = {
     "float": lambda c: None,
-    "binary_connect": lambda c: {"name": "binary_connect", "clip_weights": c.clip_weights},
-    "binary_net": lambda c: {"name": "binary_connect", "clip_weights": c.clip_weights},
+    "binary_connect": lambda c: _bc(c),
+    "binary_net": lambda c: _bc(c),
     "binary_weight": lambda c: {"name": "binary_weight"},
     "fp_connect": _fp,
     "fp_net": _fp,
