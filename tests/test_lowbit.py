@@ -194,6 +194,17 @@ def test_invalid_options_name_the_option():
         Q.Ternary("twn").setup(torch.zeros(5))
     with pytest.raises(ValueError, match="step s must be > 0"):
         L.lsq(torch.ones(3), torch.tensor(0.0))
+    # the functions check their options too: absmax(bits=1) gave NaN everywhere (Q = 0), eps=0
+    # NaN for an all-zero tensor, bits=0 a grid with Q < 0
+    z = torch.zeros(2, 3)
+    for call, match in [(lambda: T.absmax(z + 1, bits=1), "bits"),
+                        (lambda: T.absmax(z + 1, bits=0), "bits"),
+                        (lambda: T.absmax(z + 1, bits=17), "bits"),
+                        (lambda: T.absmax(z, eps=0.0), "eps"),
+                        (lambda: T.absmean(z, eps=0.0), "eps"),
+                        (lambda: T.absmean(z, eps=float("nan")), "eps")]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_stochastic_sign_matches_the_oracle():
