@@ -350,8 +350,8 @@ def _convert(plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]],
                                 "give both the same config or skip one")
                     else:
                         q = get(copy.deepcopy(spec) if isinstance(spec, Quantizer) else spec)
-                        q.to(device=p.device)
-                        q.setup(p)
+                        q.to(device=p.device).setup(p)
+                        q.place(f"{lname}.{layer.param_key(role)}" if lname else role)
                         q.init_from_(p.detach())
                         # a grid fitted to these weights is refitted to weights loaded later
                         q.grid_fitted = spec is not sp.get(role)

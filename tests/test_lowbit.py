@@ -254,6 +254,25 @@ def test_stochastic_binary_connect_is_seeded_resumable_and_recomputed_alike():
         bad(w)
 
 
+@pytest.mark.parametrize("spec", [{"name": "binary_connect", "stochastic": True, "seed": 3},
+                                  Q.BinaryConnect(stochastic=True, seed=3),
+                                  Q.BinaryConnect(stochastic=True)])
+def test_quantize_gives_each_layer_its_own_reproducible_stochastic_stream(spec):
+    """One seeded spec (or one instance, copied) for a whole model gave every layer the same
+    stream: same-shaped layers drew identical noise at every step, not independent draws."""
+    import fewbits
+
+    def net():
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        return fewbits.quantize_(m, {"weight": spec})
+
+    a, b = net(), net()
+    qa, qb = (tuple(m[i].weight_quantizer for i in (0, 1)) for m in (a, b))
+    if not isinstance(spec, Q.Quantizer) or spec.seed is not None:  # seeded: the same streams
+        assert torch.equal(qa[0].rng_state, qb[0].rng_state)
+    assert not torch.equal(qa[0].noise((8, 8)), qa[1].noise((8, 8)))
+
+
 # ------------------------------------------------------- the families end to end (fast form)
 
 
