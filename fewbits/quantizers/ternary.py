@@ -74,7 +74,8 @@ class Ternary(Quantizer):
         if self.per_channel and param.dim() < 2:
             raise ValueError(
                 f"ternary per_channel=True needs a weight with an output-channel axis, got shape "
-                f"{tuple(param.shape)}; use per_channel=False (or None) for biases")
+                f"{tuple(param.shape)}; use per_channel=False"
+                + (" (or None)" if self.mode != "twn" else "") + " for biases")
         if self.mode == "ttq":
             self._init_scales(param)
 
