@@ -183,8 +183,8 @@ class _QuantOptions:
     """quantization"""
 
     bit_width: int | None = option(None, "--bit-width", check=_BITS,
-                                   default_text="the family's: 8, INQ 4",
-                                   help="bits of fixed-point/pow2/INQ quantizers")
+                                   default_text="the family's: 8, INQ and LSQ 4",
+                                   help="bits of fixed-point/pow2/INQ/LSQ quantizers")
     delta: float | None = option(None, "--delta", check=_POSITIVE,
                                  default_text="2**-4 as the seed; 2**-7 for the MNIST nets, "
                                  "whose wide layers would otherwise round to 0",

@@ -56,7 +56,7 @@ from .layer_kinds import (
 )
 from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
-from .quantizers import MinMax, Quantizer, get
+from .quantizers import LSQ, MinMax, Quantizer, get
 from .quantizers import optim as qoptim
 from .quantizers.base import fitted_step
 
@@ -350,8 +350,8 @@ def _convert(plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]],
                                 "give both the same config or skip one")
                     else:
                         q = get(copy.deepcopy(spec) if isinstance(spec, Quantizer) else spec)
-                        q.to(device=p.device)
-                        q.setup(p)
+                        q.to(device=p.device).setup(p)
+                        q.place(f"{lname}.{layer.param_key(role)}" if lname else role)
                         q.init_from_(p.detach())
                         # a grid fitted to these weights is refitted to weights loaded later
                         q.grid_fitted = spec is not sp.get(role)
@@ -391,15 +391,15 @@ def _report(model: nn.Module, skipped: Callable[[str], bool], strict: bool,
                           UserWarning, stacklevel=3)
 
 
-def _activation_quantizers(model: nn.Module) -> list[tuple[str, MinMax]]:
+def _activation_quantizers(model: nn.Module) -> list[tuple[str, MinMax | LSQ]]:
     out = []
     for lname, layer in quant_layers(model):
         for role in ("input", "output"):
             q = getattr(layer, f"{role}_quantizer")
-            if isinstance(q, MinMax):
+            if isinstance(q, (MinMax, LSQ)):
                 out.append((f"{lname}.{role}_quantizer" if lname else f"{role}_quantizer", q))
     out += [(f"{n}.quantizer", m.quantizer) for n, m in model.named_modules()
-            if isinstance(m, QuantAct) and isinstance(m.quantizer, MinMax)]
+            if isinstance(m, QuantAct) and isinstance(m.quantizer, (MinMax, LSQ))]
     return out
 
 
@@ -444,11 +444,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
     evaluation mode with the activation quantizers passing values through unquantized (the
     float activations are observed, as Brevitas' calibration does), so batch-norm statistics,
     INQ counters, weights and every other state stay as they were; the training flag is
-    restored. Fixed-grid activation quantizers (fixed point, pow2, binary) have no range to set.
-
-    Returns ``{quantizer name: (min, max)}`` of the ranges set (empty when the model has no
-    min-max activation quantizer). Raises ``ValueError`` for an empty ``batches`` or a
-    per-channel activation quantizer, ``TypeError`` for a batch of another kind.
+    restored. LSQ activation steps start from the first batch as the first training forward
+    would (the paper's ``2 * mean|x| / sqrt(Q_P)``; LSQ+: the range); fixed grids (fixed point,
+    pow2, binary) have nothing to set. Returns ``{quantizer name: (min, max)}`` of the ranges
+    set (LSQ: its grid's ends; empty when there is nothing to set). Raises ``ValueError`` for
+    an empty ``batches`` or a per-channel activation quantizer, ``TypeError`` for another batch.
 
         >>> from fewbits.layers import QuantLinear
         >>> net = QuantLinear(2, 2, input_quantizer="min_max")
@@ -457,13 +457,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
     """
     targets = _activation_quantizers(model)
     for name, q in targets:
-        if q.per_channel:
+        if getattr(q, "per_channel", False):
             raise ValueError(f"{name}: per-channel activation ranges cannot be calibrated")
     seen: dict[str, list[float]] = {}
     hooks = []
     for name, q in targets:
         def observe(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, name: str = name
                     ) -> Tensor:
+            if isinstance(mod, LSQ) and name not in seen:  # the paper's start: first batch
+                mod.init_from_(args[0])
             lo, hi = (float(v) for v in torch.aminmax(args[0].detach().float()))
             r = seen.setdefault(name, [0.0, 0.0])  # the range holds zero
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
@@ -487,7 +489,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
         raise ValueError("calibrate: batches is empty; give at least one batch of inputs")
     out = {}
     for name, q in targets:
-        if name in seen:
+        if name in seen and isinstance(q, LSQ):  # the grid's range
+            s, b = float(q.step), float(q.beta) if q.offset else 0.0
+            out[name] = (-q.qn * s + b, q.qp * s + b)
+        elif name in seen:
             lo, hi = seen[name]
             q.qr_min.fill_(lo)
             q.qr_max.fill_(hi)

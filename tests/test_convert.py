@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -331,6 +332,24 @@ def test_calibrate_sets_activation_ranges_and_nothing_else():
     assert calibrate(quantize_(TinyNet(), "fp_connect"), batches) == {}
     with pytest.raises(ValueError, match="batches is empty"):
         calibrate(m, [])
+
+
+def test_calibrate_starts_lsq_activation_steps_from_the_data():
+    """calibrate on an LSQ model returned {} and left every activation step at 1.0 (it knew
+    only min-max): a post-training LSQ model evaluated on an unstarted grid, silently."""
+    torch.manual_seed(0)
+    m = quantize_(TinyNet(), "lsq", quantize_input=True)
+    batches = [torch.rand(4, 3, 8, 8) * 3 for _ in range(2)]
+    weights = {k: v.clone() for k, v in m.state_dict().items() if k.endswith("weight")}
+    ranges = calibrate(m, batches)
+    q = m.conv1.input_quantizer
+    assert bool(q.initialized) and set(ranges) == {f"{n}.input_quantizer" for n in LAYERS}
+    # the paper's start from the first batch, as the first training forward would
+    want = 2 * float(batches[0].double().abs().mean()) / math.sqrt(q.qp)
+    s = float(q.step.detach())
+    assert math.isclose(s, want, rel_tol=1e-6)
+    assert ranges["conv1.input_quantizer"] == (-q.qn * s, q.qp * s)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in weights.items())
 
 
 def test_top_level_api():

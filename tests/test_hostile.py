@@ -12,13 +12,22 @@ import struct
 import time
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fewbits.export import FormatError, export_packed, load_packed, packed_info
-from fewbits.export.container import _PREFIX, FLAG_HEADER_ZLIB, MAGIC, MAX_HEADER_BYTES
+from fewbits.export.container import (
+    _PREFIX,
+    FLAG_HEADER_ZLIB,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    encode_tensor,
+    read_model_file,
+    write_container,
+)
 from fewbits.models import create_model
 
 # Per hostile input: wall time and Python-tracked (NumPy included) peak allocation.
@@ -266,3 +275,53 @@ def test_info_refuses_invalid_layer_quantizer_configs(tmp_path, bad):
     write_container(tmp_path / "bad.fewbits", header, blobs, compress_header=True)
     with pytest.raises(FormatError, match="layer '0'"):
         packed_info(tmp_path / "bad.fewbits")
+
+
+def _forge_tensor(tmp_path, model, name: str, new: dict) -> Path:
+    """``model`` exported, then the blobs named in ``new`` replaced (``(fields, blob)`` from
+    ``encode_tensor``, or raw bytes of a param) in a file with a valid SHA-256."""
+    src = tmp_path / "valid.fewbits"
+    export_packed(model, src)
+    header, blobs = read_model_file(src)
+    blobs = {k: bytes(v) for k, v in blobs.items()}
+    for t in header["tensors"]:
+        t.pop("offset", None)
+        t.pop("length", None)
+        if t["name"] in new:
+            fields, blobs[t["name"]] = new[t["name"]]
+            t.update(fields)
+    path = tmp_path / name
+    write_container(path, header, blobs, compress_header=True)
+    return path
+
+
+# (net, code) tuples: conftest sets aside string parameters naming a new family
+@pytest.mark.parametrize("case", [("mnist_ternary_mlp", 3), ("mnist_fp_connect_mlp", 255)],
+                         ids=["ternary-3", "fixed-point-255"])
+def test_codes_off_the_quantizers_grid_are_refused(tmp_path, case):
+    """A ternary weight stored as packed 2-bit codes 3 decoded to 2 * alpha, a signed 8-bit fixed
+    point code 255 to 128 * delta: values no quantizer of the file can take, loaded silently."""
+    net, code = case
+    torch.manual_seed(0)
+    m = create_model(net, width=8, depth=1, in_features=64).eval()
+    export_packed(m, tmp_path / "v.fewbits")
+    t = _tensor(read_model_file(tmp_path / "v.fewbits")[0], "codes")
+    enc = encode_tensor(np.full(t["shape"], code, np.uint32), "packed", bits=t["bits"])
+    path = _forge_tensor(tmp_path, m, "grid.fewbits", {t["name"]: enc})
+    with pytest.raises(FormatError, match="outside the quantizer's grid"):
+        load_packed(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_scales_of_codes_are_refused(tmp_path, value):
+    """A ternary scale of NaN made every logit NaN (no error), -1 flipped every weight's sign."""
+    torch.manual_seed(0)
+    m = create_model("mnist_ternary_mlp", width=8, depth=1, in_features=64).eval()
+    export_packed(m, tmp_path / "v.fewbits")
+    header, _ = read_model_file(tmp_path / "v.fewbits")
+    t = next(t for t in header["tensors"] if t["kind"] == "param")
+    bad = np.full(t["param_shape"], value, np.float32)
+    path = _forge_tensor(tmp_path, m, "scale.fewbits",
+                         {t["name"]: ({}, bad.tobytes())})
+    with pytest.raises(FormatError, match="finite|negative"):
+        load_packed(path)

@@ -190,10 +190,22 @@ def test_invalid_options_name_the_option():
                         ({"name": "binary_connect", "seed": -1}, "seed")]:
         with pytest.raises(ValueError, match=match):
             Q.get(spec)
-    with pytest.raises(ValueError, match="per_channel=False"):
+    with pytest.raises(ValueError, match="per_channel=False") as info:
         Q.Ternary("twn").setup(torch.zeros(5))
+    assert "None" not in str(info.value)  # TWN's None is per channel: no way out for a bias
     with pytest.raises(ValueError, match="step s must be > 0"):
         L.lsq(torch.ones(3), torch.tensor(0.0))
+    # the functions check their options too: absmax(bits=1) gave NaN everywhere (Q = 0), eps=0
+    # NaN for an all-zero tensor, bits=0 a grid with Q < 0
+    z = torch.zeros(2, 3)
+    for call, match in [(lambda: T.absmax(z + 1, bits=1), "bits"),
+                        (lambda: T.absmax(z + 1, bits=0), "bits"),
+                        (lambda: T.absmax(z + 1, bits=17), "bits"),
+                        (lambda: T.absmax(z, eps=0.0), "eps"),
+                        (lambda: T.absmean(z, eps=0.0), "eps"),
+                        (lambda: T.absmean(z, eps=float("nan")), "eps")]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_stochastic_sign_matches_the_oracle():
@@ -241,6 +253,25 @@ def test_stochastic_binary_connect_is_seeded_resumable_and_recomputed_alike():
     bad.rng_state = torch.zeros(7, dtype=torch.uint8)  # (load_state_dict refuses the size)
     with pytest.raises(ValueError, match="rng_state is not a CPU generator state"):
         bad(w)
+
+
+@pytest.mark.parametrize("spec", [{"name": "binary_connect", "stochastic": True, "seed": 3},
+                                  Q.BinaryConnect(stochastic=True, seed=3),
+                                  Q.BinaryConnect(stochastic=True)])
+def test_quantize_gives_each_layer_its_own_reproducible_stochastic_stream(spec):
+    """One seeded spec (or one instance, copied) for a whole model gave every layer the same
+    stream: same-shaped layers drew identical noise at every step, not independent draws."""
+    import fewbits
+
+    def net():
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        return fewbits.quantize_(m, {"weight": spec})
+
+    a, b = net(), net()
+    qa, qb = (tuple(m[i].weight_quantizer for i in (0, 1)) for m in (a, b))
+    if not isinstance(spec, Q.Quantizer) or spec.seed is not None:  # seeded: the same streams
+        assert torch.equal(qa[0].rng_state, qb[0].rng_state)
+    assert not torch.equal(qa[0].noise((8, 8)), qa[1].noise((8, 8)))
 
 
 # ------------------------------------------------------- the families end to end (fast form)

@@ -207,6 +207,20 @@ def check_codes(name: str, codes: Any, q: Any, param: torch.Tensor, source: str)
             raise _fail(source, f"tensor {name + '#' + k!r}: field param_shape "
                         f"{list(got.shape)} is not the quantizer's {list(want.shape)}")
         codes.params[k] = got.to(want.dtype)
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise _fail(source, f"tensor {name + '#' + k!r} holds a value that is not finite")
+    # a code the packing can hold but the quantizer never writes (a ternary 3, a signed
+    # fixed-point 2**n - 1) decodes to a value off its grid: refuse it where the family says
+    # its grid (the family protocol's affine form)
+    aff = q.affine(codes)
+    if aff is None:
+        return
+    k = aff.int_repr
+    if k.numel() and (int(k.min()) < aff.qmin or int(k.max()) > aff.qmax):
+        raise _fail(source, f"{label}: a code decodes to {int(k.min())}..{int(k.max())}, "
+                    f"outside the quantizer's grid [{aff.qmin}, {aff.qmax}]")
+    if bool((aff.scale < 0).any()):
+        raise _fail(source, f"{label}: its scale is negative (a quantizer's scale is >= 0)")
 
 
 def check_input_shape(model: nn.Module, shape: tuple[int, ...], name: str) -> None:

@@ -28,7 +28,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_finite, in_onnx_export, torchscript_onnx_export
+from .._checks import (
+    check_bits,
+    check_finite,
+    check_positive,
+    in_onnx_export,
+    torchscript_onnx_export,
+)
 from ._core import capturing, widen
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "absmean",
     "absmean_scale",
     "channel_view",
+    "check_absmax_args",
     "checked",
     "round_half_away",
     "ternary_levels",
@@ -249,6 +256,7 @@ def absmean(w: Tensor, per_channel: bool = False, eps: float = ABSMEAN_EPS,
     away from zero, as every fewbits rounding (the paper's PyTorch code uses ``torch.round``,
     ties to even)."""
     checked(w, fn, "w")
+    check_positive(fn, "eps", eps)  # eps = 0: an all-zero tensor would give 0 / 0
     ww = widen(w.detach())
     gamma = channel_view(absmean_scale(ww, per_channel, eps), ww, per_channel)
     t = round_half_away(ww / gamma).clamp_(-1.0, 1.0)
@@ -263,11 +271,21 @@ def absmax(x: Tensor, bits: int = 8, per: str = "token", eps: float = ABSMEAN_EP
     Gradient ``dx = dy`` (every value lies inside its own range). Ma et al. 2024 (BitNet
     b1.58), Wang et al. 2023 (BitNet)."""
     checked(x, fn, "x")
+    check_absmax_args(fn, bits, eps)
     xw = widen(x.detach())
     scale = absmax_scale(xw, bits, per, eps, fn)
     q = float(2 ** (bits - 1) - 1)
     t = round_half_away(xw / scale).clamp_(-q, q)
     return _straight((t * scale).to(x.dtype), x)
+
+
+def check_absmax_args(fn: str, bits: int, eps: float) -> None:
+    """``bits`` in ``[2, 16]`` (1 bit has ``Q = 0``: every value would be NaN) and ``eps`` a
+    finite number > 0 (0 gives ``0 / 0`` for an all-zero row); ``ValueError`` naming it."""
+    check_bits(fn, "bits", bits, low=2)
+    if int(bits) > 16:
+        raise ValueError(f"{fn}: bits must be in [2, 16], got {bits}")
+    check_positive(fn, "eps", eps)
 
 
 def absmax_scale(x: Tensor, bits: int = 8, per: str = "token", eps: float = ABSMEAN_EPS,

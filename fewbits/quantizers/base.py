@@ -262,6 +262,11 @@ class Quantizer(nn.Module):
         """Advance schedules in :meth:`after_optimizer_step` instead of at each training
         forward (gradient accumulation); default: no schedule."""
 
+    def place(self, name: str) -> None:
+        """Told by :func:`fewbits.quantize_` the name of the tensor it serves (``"fc.weight"``),
+        after :meth:`setup`: state that must differ between layers built from one spec (a
+        random stream) can derive from it; default: nothing to do."""
+
     def init_from_(self, x: Tensor) -> None:
         """Start data-dependent state from ``x``, the tensor this quantizer will quantize (called
         after ``setup`` when a float layer is converted); default: nothing to do."""

@@ -4,6 +4,7 @@ sigmoid activations. Codes are one bit, 1 for the positive level.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,7 @@ class BinaryConnect(Quantizer):
         if self.stochastic:
             s = self.seed if self.seed is not None else int(
                 torch.randint(0, 2**62, (), device="cpu"))
+            self._base = s  # the stream's seed: place() derives each layer's from it
             gen = torch.Generator(device="cpu").manual_seed(s)
             self.register_buffer("rng_state", gen.get_state())
             self._gen = gen
@@ -133,6 +135,17 @@ class BinaryConnect(Quantizer):
         if self.seed is not None:
             out["seed"] = self.seed
         return out
+
+    def place(self, name: str) -> None:
+        """A stochastic stream of its own for the tensor ``name``: seeded with SHA-256 of the
+        seed and the name, so that layers converted from one seeded spec (or copies of one
+        instance) draw independent noise, and the same seed and model draw the same."""
+        if self.stochastic:
+            digest = hashlib.sha256(f"{self._base}/{name}".encode()).digest()
+            self._base = int.from_bytes(digest[:8], "little") >> 1
+            self._gen.manual_seed(self._base)
+            self.rng_state.copy_(self._gen.get_state())
+            self._before = None
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
                               ) -> None:

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import _math
-from .._checks import check_bits, check_positive
 from ..ops import ternary as tern
 from .base import AffineCodes, Codes, Quantizer, float_checkpoint_load, register_quantizer
 
@@ -75,7 +74,8 @@ class Ternary(Quantizer):
         if self.per_channel and param.dim() < 2:
             raise ValueError(
                 f"ternary per_channel=True needs a weight with an output-channel axis, got shape "
-                f"{tuple(param.shape)}; use per_channel=False (or None) for biases")
+                f"{tuple(param.shape)}; use per_channel=False"
+                + (" (or None)" if self.mode != "twn" else "") + " for biases")
         if self.mode == "ttq":
             self._init_scales(param)
 
@@ -174,12 +174,9 @@ class AbsMax(Quantizer):
 
     def __init__(self, bits: int = 8, per: str = "token", eps: float = tern.ABSMEAN_EPS) -> None:
         super().__init__()
-        check_bits("AbsMax", "bits", bits, low=2)
-        if int(bits) > 16:
-            raise ValueError(f"AbsMax: bits must be in [2, 16], got {bits}")
+        tern.check_absmax_args("AbsMax", bits, eps)
         if per not in _ABSMAX_PER:
             raise ValueError(f"AbsMax: per must be one of {', '.join(_ABSMAX_PER)}, got {per!r}")
-        check_positive("AbsMax", "eps", eps)
         self.bits, self.per, self.eps = int(bits), per, float(eps)
 
     def _kwargs(self) -> dict[str, Any]:
