@@ -361,6 +361,11 @@ def check_models(new: Any, ref: Any, log: Callable[[str], None], strict: bool = 
 
     bad = 0
     names = new.models.list_models("cifar10_*")
+    known = set(ref.models.list_models("cifar10_*"))
+    added = [n for n in names if n not in known]  # networks the reference does not have
+    if added:
+        log(f"networks: {len(added)} not in the reference, not compared: {', '.join(added)}")
+    names = [n for n in names if n in known]
     fused = _kernels.available() and not strict
     for name in names:
         fam = new.models.model_info(name).family
