@@ -16,11 +16,17 @@ from torch import nn
 
 from fewbits.models import create_model, model_info
 
+# Under pytest-xdist each worker gets its share of the cores as intra-op threads: two workers
+# of two threads each on two cores wait on each other at every op.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ[
+        "PYTEST_XDIST_WORKER_COUNT"])))
+
 #: Families beyond the seed's nine (issue 25). The matrices that run every family or every zoo
 #: net (graph tools, ONNX, deployment, training every net ...) take them only with
 #: FEWBITS_TEST_ALL_FAMILIES=1: they add ~7 minutes on two cores, beyond the suite's budget;
 #: tests/test_lowbit.py takes them through quantize_, training, state dicts and packed files
-#: in a few seconds, and CI runs the whole matrix with the variable set where time allows.
+#: in a few seconds. CI does not set the variable: run it by hand after changing a family.
 NEW_FAMILIES = ("ternary", "lsq")
 #: Matrices over families that are cheap enough to keep every family in.
 _CHEAP = {"test_converted_layers_compute_the_family_quantizer_of_the_original_weights",
