@@ -110,17 +110,15 @@ def _file_codes(contents: tuple[dict, dict]) -> dict[str, tuple[Quantizer, Codes
 
 
 class ResolvedSource(NamedTuple):
-    """A source resolved once: the model (eval mode) and the integer codes of its uniform
-    weights. Every later step (ONNX export, each backend of the planner) reads this object;
-    none opens the file again."""
+    """A source resolved once: the model (eval mode) and its uniform weights' integer codes,
+    which every later step (ONNX export, each planner backend) reads; none reopens a file."""
 
     model: nn.Module
     codes: dict[str, tuple[Quantizer, Codes]]
 
 
 def resolve_file(path: str | os.PathLike, contents: tuple[dict, dict]) -> ResolvedSource:
-    """A ``.fewbits`` file resolved from its ``(header, blobs)`` as
-    :func:`~fewbits.export.read_model_file` returned them (read once by the caller)."""
+    """A ``.fewbits`` file resolved from its ``(header, blobs)`` (``read_model_file``'s)."""
     return ResolvedSource(load_packed(path, contents=contents), _file_codes(contents))
 
 
