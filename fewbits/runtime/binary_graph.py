@@ -163,9 +163,13 @@ def _is_pool2(m: nn.Module | None, node: fx.Node) -> bool:
     if node.target in (nn.functional.max_pool2d, torch.max_pool2d):
         k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
         s = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
+        # each other argument at its no-op value, by name (padding=1 is not dilation=1)
+        ok = {"padding": (0, (0, 0)), "dilation": (1, (1, 1)), "ceil_mode": (False,),
+              "return_indices": (False,)}
         rest = {k: v for k, v in node.kwargs.items() if k not in ("kernel_size", "stride")}
         return k in (2, (2, 2)) and s in (None, 2, (2, 2)) and len(node.args) <= 3 \
-            and all(v in (0, 1, False, (0, 0), (1, 1)) for v in rest.values())
+            and all(n in ok and any(v == o and type(v) is type(o) for o in ok[n])
+                    for n, v in rest.items())
     return False
 
 
