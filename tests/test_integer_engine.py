@@ -229,3 +229,16 @@ def test_shared_and_flattened_maps_equal_pytorch_or_are_refused(kind: str) -> No
         assert kind == "inplace_relu" and "in-place" in str(e)
         return
     _check(eng, m, x, exact=True)
+
+
+def test_planner_check_counts_nan_as_a_mismatch() -> None:
+    # max() over a NaN difference gave 0: a backend writing NaN passed the logit check (and the
+    # top-1 check too, where the NaN sat on the winning class or the output had one column)
+    from fewbits.runtime.planner import check_outputs, leaf_error
+
+    ref = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+    got = ref.clone()
+    got[0, 2] = got[1, 0] = float("nan")
+    assert leaf_error(got, ref) == float("inf") and check_outputs(got, ref, 0.08) is not None
+    assert leaf_error(got[:, :1], ref[:, :1]) == float("inf")
+    assert leaf_error(got, got.clone()) == 0.0  # the model's own NaN, reproduced, is fine
