@@ -372,3 +372,68 @@ def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.Monke
         fast = compile_for_cpu(_model("mnist_binary_net_mlp"), batch_size=4,
                                candidates=("binary", "torch"))
     assert fast.backend == "torch"
+
+
+class _SharedNet(nn.Module):
+    """A batch-norm output or binary map read twice, or a ReLU before a residual sum."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.ident, self.relu, self.mp = nn.Identity(), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.fc = nn.Linear(16, 10)
+        from fewbits.layers import QuantAct
+
+        self.bt = QuantAct("binary_tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bt = self.bt
+        h = bt(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(h))
+        if self.kind == "relu_residual":  # bt(relu(y) + h) != bt(y + h)
+            o = bt(torch.relu(y) + h)
+        elif self.kind == "bn_twice":  # y binarized alone and in a residual sum
+            a = bt(y)
+            o = bt(self.bn3(self.conv3(bt(y + h))) + a)
+        elif self.kind == "pool_through_identity":  # a pooled copy (unused) of a shared map
+            a = bt(y)
+            self.mp(self.ident(a))
+            o = bt(self.bn3(self.conv3(a)) + a)
+        elif self.kind == "pool_padding":  # padding=1 was taken as a no-op argument
+            o = bt(nn.functional.max_pool2d(bt(y + h), 2, padding=1))
+        else:  # an in-place ReLU changes y for the sum too
+            self.relu(y)
+            o = bt(y + h)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(o, 1), 1))
+
+
+@pytest.mark.parametrize("kind", ["relu_residual", "bn_twice", "pool_through_identity",
+                                  "inplace_relu", "pool_padding"])
+def test_shared_values_equal_pytorch_or_are_refused(kind: str) -> None:
+    # each was silently wrong: the engine dropped the ReLU before the sum, emitted one step
+    # twice, pooled a map other layers read, or ignored the in-place ReLU
+    from fewbits.convert import family_config, quantize_
+
+    torch.manual_seed(4)
+    m = _SharedNet(kind)
+    g = torch.Generator().manual_seed(5)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            _random_bn(mod, g)
+    fixed = family_config("fp_connect", bit_width=8)
+    quantize_(m, lambda n, _: fixed if n in ("conv1", "fc") else "binary_net")
+    m.eval()
+    x = _dyadic(3, (3, 8, 8), 1)
+    try:
+        eng = BinaryEngine.from_model(m, input_shape=(3, 8, 8), isa="generic")
+    except ValueError as e:
+        assert any(w in str(e) for w in ("ReLU", "read", "max_pool2d")), e
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(eng(x), m(x), rtol=RTOL, atol=ATOL)

@@ -187,3 +187,58 @@ def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
         eng(x)
     with pytest.raises(ValueError, match="compiled for images"):
         eng(torch.zeros(1, 3, 16, 16))
+
+
+class _SharedNet(nn.Module):
+    """A quantized map used twice: through a flatten (NHWC order in the engine), an in-place
+    ReLU (which PyTorch applies to the shared tensor too) or an nn.Identity."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        fp = lambda: FixedPoint(n=6, delta=2**-4)  # noqa: E731
+        self.kind = kind
+        self.c1 = QuantConv2d(3, 4, 3, padding=1, weight_quantizer=fp())
+        self.q1 = QuantAct(fp())
+        self.c2 = QuantConv2d(4, 4, 3, padding=1, weight_quantizer=fp())
+        self.q2 = QuantAct(fp())
+        self.relu, self.ident = nn.ReLU(inplace=True), nn.Identity()
+        self.fc = QuantLinear(4 * 6 * 6, 5, weight_quantizer=fp())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.q1(self.c1(x))
+        if self.kind == "flatten_add":
+            b = self.q2(self.c2(a))
+            return self.fc(torch.flatten(a, 1) + torch.flatten(b, 1))
+        if self.kind == "flatten_relu":
+            f = torch.flatten(a, 1)
+            return self.fc(f + torch.relu(f))
+        b = self.relu(a) if self.kind == "inplace_relu" else torch.relu(self.ident(a))
+        return self.fc(torch.flatten(a + b, 1))
+
+
+@pytest.mark.parametrize("kind", ["flatten_add", "flatten_relu", "inplace_relu", "identity"])
+def test_shared_and_flattened_maps_equal_pytorch_or_are_refused(kind: str) -> None:
+    # each was silently wrong: a sum / clamp of flattened maps lost their NHWC order, a ReLU
+    # through nn.Identity clamped the shared producer, an in-place ReLU left it unclamped
+    torch.manual_seed(0)
+    m = _trained_looking(_SharedNet(kind), 1)
+    x = _images(3, (3, 6, 6), seed=1, denom=256) - 0.5
+    try:
+        eng = IntegerEngine.from_model(m, (3, 6, 6), isa="generic")
+    except ValueError as e:
+        assert kind == "inplace_relu" and "in-place" in str(e)
+        return
+    _check(eng, m, x, exact=True)
+
+
+def test_planner_check_counts_nan_as_a_mismatch() -> None:
+    # max() over a NaN difference gave 0: a backend writing NaN passed the logit check (and the
+    # top-1 check too, where the NaN sat on the winning class or the output had one column)
+    from fewbits.runtime.planner import check_outputs, leaf_error
+
+    ref = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+    got = ref.clone()
+    got[0, 2] = got[1, 0] = float("nan")
+    assert leaf_error(got, ref) == float("inf") and check_outputs(got, ref, 0.08) is not None
+    assert leaf_error(got[:, :1], ref[:, :1]) == float("inf")
+    assert leaf_error(got, got.clone()) == 0.0  # the model's own NaN, reproduced, is fine

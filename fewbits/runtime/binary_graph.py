@@ -90,6 +90,7 @@ class _V:
     pool: bool = False  # bn: a 2x2 max pool waits for its binarization
     flat: bool = False  # bits flattened to c * h * w features
     src: _V | None = None  # pre: the input value
+    relu: bool = False  # bn: a ReLU was applied (harmless before binary_tanh, not before a sum)
 
 
 class _Tracer(fx.Tracer):
@@ -162,9 +163,13 @@ def _is_pool2(m: nn.Module | None, node: fx.Node) -> bool:
     if node.target in (nn.functional.max_pool2d, torch.max_pool2d):
         k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
         s = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
+        # each other argument at its no-op value, by name (padding=1 is not dilation=1)
+        ok = {"padding": (0, (0, 0)), "dilation": (1, (1, 1)), "ceil_mode": (False,),
+              "return_indices": (False,)}
         rest = {k: v for k, v in node.kwargs.items() if k not in ("kernel_size", "stride")}
         return k in (2, (2, 2)) and s in (None, 2, (2, 2)) and len(node.args) <= 3 \
-            and all(v in (0, 1, False, (0, 0), (1, 1)) for v in rest.values())
+            and all(n in ok and any(v == o and type(v) is type(o) for o in ok[n])
+                    for n, v in rest.items())
     return False
 
 
@@ -175,18 +180,33 @@ class _Plan:
         self.steps: list[Step] = []
         self.vals: dict[fx.Node, _V] = {}
         self.live: dict[int, set[fx.Node]] = {}  # buffer -> nodes still to read it
-        self.binarized: dict[int, _V] = {}  # id of a bn value -> its bits (binarized once)
+        # id of a bn value's step -> (pool, residual, bits): each step is emitted once; None
+        # once its bits were pooled in place
+        self.binarized: dict[int, tuple | None] = {}
+
+    def sole_reader(self, a: fx.Node) -> bool:
+        """Whether ``a``'s value is read by one node only, through nodes that pass it on."""
+        while len(a.users) == 1:
+            prev = a.args[0] if a.args and isinstance(a.args[0], fx.Node) else None
+            if prev is None or self.vals.get(prev) is not self.vals.get(a):
+                return True
+            a = prev
+        return False
 
     def binarize(self, node: fx.Node, v: _V) -> _V:
         if v.kind == "bits":
             return v
-        if id(v) in self.binarized:
-            return self.binarized[id(v)]
         if v.kind != "bn":
             raise _refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
                           "norm outputs of its layers)")
         s = v.step
         assert s is not None
+        if id(s) in self.binarized:
+            seen = self.binarized[id(s)]
+            if seen is not None and seen[0] == v.pool and seen[1] is v.res:
+                return seen[2]
+            raise _refuse(node, "a batch-norm output read twice (binarized with and without "
+                          "a residual sum or pooling, or after its bits were pooled)")
         # never the buffer the step reads (its input, its residual): the C program writes
         # its output while it reads them
         busy = {b for b, ns in self.live.items() if ns} | {s.src}
@@ -200,7 +220,8 @@ class _Plan:
             s.residual, s.res = True, v.res.buf
         self.steps.append(s)
         h, w = (v.h // 2, v.w // 2) if v.pool else (v.h, v.w)
-        self.binarized[id(v)] = out = _V("bits", v.c, h, w, step=s, buf=s.dst)
+        out = _V("bits", v.c, h, w, step=s, buf=s.dst)
+        self.binarized[id(s)] = (v.pool, v.res, out)
         return out
 
     def layer(self, node: fx.Node, m: nn.Module, v: _V) -> _V:
@@ -304,21 +325,29 @@ class _Plan:
                 node.op == "call_method" and node.target == "relu"):
             if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
                 raise _refuse(node, f"ReLU of a {v.kind} value")
-            return v
+            inplace = getattr(m, "inplace", False) or node.kwargs.get("inplace", False)
+            if inplace and not self.sole_reader(node.args[0]):
+                raise _refuse(node, "an in-place ReLU of a value read elsewhere")
+            return replace(v, relu=True)
         if _is_pool2(m, node):
             if v.kind == "bn" and not v.pool and v.h % 2 == 0 and v.w % 2 == 0:
                 return replace(v, pool=True)
-            if v.kind == "bits" and len(node.args[0].users) == 1 and v.step is self.steps[-1] \
-                    and not v.step.pool and v.h % 2 == 0 and v.w % 2 == 0 and not v.flat:
+            if v.kind == "bits" and self.sole_reader(node.args[0]) and \
+                    v.step is self.steps[-1] and not v.step.pool and v.h % 2 == 0 and \
+                    v.w % 2 == 0 and not v.flat:
                 v.step.pool = True
+                self.binarized[id(v.step)] = None  # its unpooled bits are gone
                 return replace(v, h=v.h // 2, w=v.w // 2)
-            raise _refuse(node, "2x2 max pooling here (only right after a binarization, on an "
-                          "even map)")
+            raise _refuse(node, "2x2 max pooling here (only right after a binarization that "
+                          "no other node reads, on an even map)")
         if (m is None and node.target in (operator.add, torch.add, operator.iadd)) or (
                 node.op == "call_method" and node.target in ("add", "add_")):
             if len(ins) != 2 or len(node.args) != 2:
                 raise _refuse(node, "an addition of other than two values")
             bn, bits = (ins[0], ins[1]) if ins[0].kind == "bn" else (ins[1], ins[0])
+            if bn.kind == "bn" and bn.relu:
+                raise _refuse(node, "a ReLU before a residual sum (binary_tanh(relu(y) + x) "
+                              "is not binary_tanh(y + x))")
             if bn.kind != "bn" or bits.kind != "bits" or bn.res is not None or bn.pool \
                     or (bits.c, bits.h, bits.w) != (bn.c, bn.h, bn.w) or bits.flat:
                 raise _refuse(node, f"a residual sum of a {ins[0].kind} and a {ins[1].kind} "

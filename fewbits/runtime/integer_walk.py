@@ -141,9 +141,23 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return v
 
     def single(a: fx.Node) -> bool:
-        return len(a.users) == 1
+        # through pass-through modules: they share their input's value (and its producer)
+        while len(a.users) == 1:
+            if a.op != "call_module" or not isinstance(modules[a.target], _PASS):
+                return True
+            a = a.args[0]
+        return False
+
+    def no_inplace(node: fx.Node, a: Any, where: str) -> None:
+        m = modules[node.target] if node.op == "call_module" else None
+        inplace = getattr(m, "inplace", False) if m is not None else \
+            node.kwargs.get("inplace", len(node.args) > 1 and node.args[-1] is True)
+        if inplace and isinstance(a, fx.Node) and not single(a):
+            raise ValueError(f"{where}: an in-place operation on a tensor used elsewhere is "
+                             "not run by the integer engine (use inplace=False)")
 
     def clamp(node: fx.Node, a: fx.Node, lo: float, hi: float, where: str) -> Any:
+        no_inplace(node, a, where)
         x = value(a, where, allow_pending=True)
         if isinstance(x, _Pending):
             if not single(a):
@@ -170,13 +184,15 @@ def walk(comp: Compiler, tracer: type) -> Any:
             else:
                 prod.lo, prod.hi = nlo, max(nhi, nlo)
             return Value(x.id, "int", x.shape, x.scale, nlo, max(nhi, nlo), prod, x.flat_from)
-        y = comp.new("int", x.shape, scale=x.scale, lo=nlo, hi=max(nhi, nlo))
+        y = comp.new("int", x.shape, scale=x.scale, lo=nlo, hi=max(nhi, nlo),
+                     flat_from=x.flat_from)
         y.producer = Clamp(x.id, y.id, nlo, y.hi)
         prog.steps.append(y.producer)
         return y
 
     def add(xa: Value, xb: Value, where: str) -> Value:
-        if xa.kind != "int" or xb.kind != "int" or xa.shape != xb.shape:
+        if xa.kind != "int" or xb.kind != "int" or xa.shape != xb.shape or \
+                xa.flat_from != xb.flat_from:  # flat maps in NHWC vs PyTorch's order
             raise ValueError(f"{where}: the integer engine sums two quantized tensors of one "
                              "shape; here an operand is float or the shapes differ")
         s = min(xa.scale, xb.scale)
@@ -197,7 +213,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             prog.exact = False
             prog.notes.append(f"{where}: scales {xa.scale:.6g} and {xb.scale:.6g} have no "
                               "common integer grid; the sum is rounded to 15 bits")
-        y = comp.new("int", xa.shape, scale=s, lo=lo, hi=hi)
+        y = comp.new("int", xa.shape, scale=s, lo=lo, hi=hi, flat_from=xa.flat_from)
         y.producer = Add(xa.id, xb.id, y.id, fa, fb, lo, hi)
         prog.steps.append(y.producer)
         return y
