@@ -50,7 +50,7 @@ import torch
 
 ROOT = Path(C.ROOT)
 
-from _papers import FIRST, PAPERS, paper_kind, paper_notes  # noqa: E402
+from _papers import FIRST, PAPERS, paper_kind, paper_notes, paper_row  # noqa: E402
 from _plots import plot_section  # noqa: E402
 
 from fewbits.export import export_packed  # noqa: E402
@@ -293,7 +293,7 @@ def _table(section: dict[str, Any]) -> str:
         wa = f"{r['weight_bits']}/{r['act_bits']}".replace("32", "fp32")
         bpw = f"{r['bits_per_weight']:.2f}" if r["family"] != "float" else "32"
         if paper is not None:
-            text, value, _ = paper.get(r["family"], ("—", None, None))
+            text, value, _ = paper_row(section["kind"], r["family"], r["label"])
             vs = "—" if value is None else f"{100 * r['error'] - value:+.2f}"
             err += f" | {text} | {vs}"
         lines.append(
