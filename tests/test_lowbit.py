@@ -337,3 +337,4 @@ def test_stochastic_option_reaches_the_zoo_and_is_refused_where_unused(tmp_path)
                    if n.endswith("weight_quantizer"))
     assert main(["train", "-c", "cpu", "--net", "mnist_fp_net_lenet", "--stochastic",
                  "--dataset", "synthetic", "-i", "1", "-m", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made

@@ -39,6 +39,7 @@ from .._version import __version__
 from ..config import ConfigError, TrainConfig
 from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
+from ..models import model_info
 from ..monitor import Monitor, Progress, write_json
 from ..ops._core import NonFiniteError
 from ..runs import (
@@ -57,6 +58,7 @@ from .model import (
     check_input_shape,
     check_inq,
     check_net,
+    check_quant_options,
     count_parameters,
     inq_schedule,
     load_split,
@@ -144,6 +146,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None) 
     """
     cfg = copy.deepcopy(config)
     check_net(cfg.net)
+    # before the run folder exists: a refused option leaves nothing behind
+    check_quant_options(cfg, model_info(cfg.net).defaults)
     device_type = "cpu" if cfg.context == "cpu" else "cuda"
     resolve_device(cfg.context, cfg.device_id)  # fails early, before any process group
     was_initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
