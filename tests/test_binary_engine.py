@@ -314,19 +314,23 @@ class _UserNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
 
-def _user_model(act: nn.Module) -> nn.Module:
+def _converted(m: nn.Module) -> nn.Module:
+    """``m`` with random batch-norm statistics, converted to binary_net inside and 8-bit fixed
+    point in its first conv and classifier (``conv1``, ``fc``), in eval mode."""
     from fewbits.convert import family_config, quantize_
 
-    torch.manual_seed(4)
-    m = _UserNet(act)
     g = torch.Generator().manual_seed(5)
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             _random_bn(mod, g)
-    # binary_net inside, 8-bit fixed-point first conv and classifier
     fixed = family_config("fp_connect", bit_width=8)
     quantize_(m, lambda n, _: fixed if n in ("conv1", "fc") else "binary_net")
     return m.eval()
+
+
+def _user_model(act: nn.Module) -> nn.Module:
+    torch.manual_seed(4)
+    return _converted(_UserNet(act))
 
 
 def test_engine_runs_a_users_quantized_model(isa: str) -> None:
@@ -418,17 +422,8 @@ class _SharedNet(nn.Module):
 def test_shared_values_equal_pytorch_or_are_refused(kind: str) -> None:
     # each was silently wrong: the engine dropped the ReLU before the sum, emitted one step
     # twice, pooled a map other layers read, or ignored the in-place ReLU
-    from fewbits.convert import family_config, quantize_
-
     torch.manual_seed(4)
-    m = _SharedNet(kind)
-    g = torch.Generator().manual_seed(5)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            _random_bn(mod, g)
-    fixed = family_config("fp_connect", bit_width=8)
-    quantize_(m, lambda n, _: fixed if n in ("conv1", "fc") else "binary_net")
-    m.eval()
+    m = _converted(_SharedNet(kind))
     x = _dyadic(3, (3, 8, 8), 1)
     try:
         eng = BinaryEngine.from_model(m, input_shape=(3, 8, 8), isa="generic")
