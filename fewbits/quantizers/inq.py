@@ -170,6 +170,10 @@ class INQ(Quantizer):
     def count_optimizer_steps(self) -> None:
         self.step_counted = True
 
+    def schedule(self) -> tuple[int, ...]:
+        """``inq_iterations``: where more weights are fixed (the run must reach the last)."""
+        return self.inq_iterations
+
     def after_optimizer_step(self) -> None:
         if self.step_counted:
             self.counter += 1

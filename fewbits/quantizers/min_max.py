@@ -263,6 +263,20 @@ class MinMax(Quantizer):
             return torch.aminmax(x.detach().flatten(1), dim=1)
         return torch.aminmax(x.detach())
 
+    calibrates = True
+
+    def calibrate_end(self, lo: float, hi: float) -> tuple[float, float]:
+        """The range becomes ``[lo, hi]`` (:func:`fewbits.calibrate`)."""
+        self.qr_min.fill_(lo)
+        self.qr_max.fill_(hi)
+        return lo, hi
+
+    def sync_statistics(self, gather: Callable[[Tensor], tuple[Tensor, int]]) -> None:
+        """Batch and EMA ranges exchange their statistics with ``gather`` (learned ranges are
+        parameters: DDP all-reduces their gradients)."""
+        if self.mode != "learnable":
+            self.stats_sync = gather
+
     def init_from_(self, x: Tensor) -> None:
         """Ranges = the min and max of ``x`` (per output channel with ``per_channel``), so that
         a converted weight starts on a grid that covers it (not the fixed ``init_min/max``)."""
