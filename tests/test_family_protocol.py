@@ -209,3 +209,37 @@ def test_calibration_schedules_and_ddp_statistics_ask_the_family():
     assert fewbits.calibrate(plain, [torch.ones(1, 3)]) == {}  # a family that does not calibrate
     with pytest.raises(ValueError, match="has no grid that calibration sets"):
         plain.input_quantizer.calibrate_end(0.0, 1.0)
+
+
+def _family_classes(cls: type = Quantizer) -> set[str]:
+    out = set()
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith("fewbits.quantizers"):
+            out.add(sub.__name__)
+        out |= _family_classes(sub)
+    return out
+
+
+def test_no_module_outside_quantizers_asks_a_family_by_isinstance():
+    """Export, folding, calibration, DDP and training ask the family (a protocol method or
+    attribute), never ``isinstance(q, MinMax)``: a new family would be missed there."""
+    import ast
+    import re
+    from pathlib import Path
+
+    names = _family_classes()
+    assert {"MinMax", "INQ", "LSQ", "BinaryTanh"} <= names  # the walk sees the families
+    pkg = Path(fewbits.__file__).parent
+    maybe = re.compile(r"isinstance\([^)]*\b(" + "|".join(sorted(names)) + r")\b")
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text()
+        if "quantizers" in path.relative_to(pkg).parts or not maybe.search(text):
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance" \
+                    and len(node.args) == 2:
+                asked = {getattr(n, "id", getattr(n, "attr", "")) for n in ast.walk(node.args[1])}
+                if asked & names:
+                    found.append(f"{path.relative_to(pkg)}:{node.lineno}")
+    assert not found, f"isinstance on a family's class outside quantizers: {found}"

@@ -1,6 +1,8 @@
-"""The machinery behind :mod:`fewbits.ops`: NaN/inf checks, half-precision widening, the
-backward operators (``keep``, ``min_max_grad``) and the autograd glue that gives every family
-operator its straight-through gradient, in eager mode and inside captured graphs."""
+"""The machinery behind :mod:`fewbits.ops` that the families' modules share: the NaN/inf
+check of an operator, half-precision widening, the masked backward operator ``keep``, and the
+autograd glue (:func:`identity_op`, :func:`masked_op`, :func:`call_identity`,
+:func:`call_masked`) that gives a family operator its one straight-through gradient, in eager
+mode, under torch.func and inside captured graphs. No family's formula lives here."""
 
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def masked_grad(dy: Tensor, mask: Tensor | None, scale: float, keep_fn=None) -> 
     return (keep_fn or _keep_op)(dy, mask, scale)
 
 
-def _arg_index(impl: Callable[..., Any], name: str) -> int:
+def arg_index(impl: Callable[..., Any], name: str) -> int:
     """The position of ``impl``'s parameter ``name`` (``ValueError`` naming the known ones)."""
     names = list(inspect.signature(impl).parameters)
     if name not in names:
@@ -172,8 +174,8 @@ def masked_op(name: str, impl: Callable[..., tuple[Tensor, Tensor]], want: str =
     the factor of its argument ``scale`` (1 without one). Call it with :func:`call_masked`."""
     op = define_op(name, impl)
     n_args = len(inspect.signature(impl).parameters) - 1
-    want_at = _arg_index(impl, want)
-    scale_at = None if scale is None else _arg_index(impl, scale)
+    want_at = arg_index(impl, want)
+    scale_at = None if scale is None else arg_index(impl, scale)
     op.register_fake(lambda x, *args: fake_y_mask(x, args[want_at - 1]))
 
     def setup(ctx, inputs, output):

@@ -16,6 +16,7 @@ ranges); float16 and bfloat16 are decided in float32 and rounded back once. The 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ from .._checks import (
 )
 from ._core import (
     U8,
+    arg_index,
     check_values,
     define_op,
     fake_y_mask,
@@ -240,14 +242,20 @@ class _Saved:
         return dx, d_min if need_min else None, d_max if need_max else None
 
 
+#: Where the operator's inputs the backward reads are (by name, from ``_min_max``).
+_AT = {name: arg_index(_min_max, name) for name in ("qr_min", "qr_max", "fine")}
+_N_INPUTS = len(inspect.signature(_min_max).parameters)
+
+
 def _setup(ctx, inputs, output):
-    _Saved.save(ctx, inputs[1], inputs[2], inputs[6], output[1])
+    _Saved.save(ctx, inputs[_AT["qr_min"]], inputs[_AT["qr_max"]], inputs[_AT["fine"]],
+                output[1])
 
 
 def _backward(ctx, dy, _dcode):
     if dy is None:
-        return (None,) * 10
-    return (*_Saved.grads(ctx, dy, torch.ops.fewbits.min_max_grad), *(None,) * 7)
+        return (None,) * _N_INPUTS
+    return (*_Saved.grads(ctx, dy, torch.ops.fewbits.min_max_grad), *(None,) * (_N_INPUTS - 3))
 
 
 torch.library.register_autograd(min_max_op, _backward, setup_context=_setup)
