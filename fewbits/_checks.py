@@ -1,19 +1,20 @@
 """Argument and value checks shared by :mod:`fewbits.functional` and the quantizer modules:
-types, bit widths, positive steps, the NaN/inf check outside the operators, and the refusal
-of PyTorch's ONNX exporters. The switch for the NaN/inf checks, :func:`finite_checks`, is
+types, bit widths, positive steps, the NaN/inf check outside the operators (and the primitives
+the operators' checks share: ``CHECK_*``, :func:`capturing`, :func:`all_finite`), and the
+refusal of PyTorch's ONNX exporters. It imports nothing of :mod:`fewbits.ops`, whose family
+modules import it. The switch for the NaN/inf checks, :func:`finite_checks`, is
 re-exported by :mod:`fewbits.functional`, where users find it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-
-from . import ops
 
 try:  # where the dynamo-based ONNX exporter keeps its "exporting" flag (see in_onnx_export)
     from torch.onnx._internal.exporter import _flags as _onnx_flags
@@ -21,6 +22,12 @@ except ImportError:  # another torch version: torch.onnx.is_in_onnx_export() alo
     _onnx_flags = None
 
 __all__ = [
+    "CHECK_ASYNC",
+    "CHECK_OFF",
+    "CHECK_RAISE",
+    "NonFiniteError",
+    "all_finite",
+    "capturing",
     "check_bits",
     "check_finite",
     "check_float_tensor",
@@ -31,10 +38,47 @@ __all__ = [
     "finite_checks",
     "graph_guard",
     "in_onnx_export",
-    "range_view",
+    "nonfinite_error",
     "torchscript_onnx_export",
     "translated_onnx_export",
 ]
+
+#: The ``check`` argument of the operators (:mod:`fewbits.ops`): no NaN/inf check, raise
+#: ``ValueError``, or a device-side assertion inside captured graphs.
+CHECK_OFF, CHECK_RAISE, CHECK_ASYNC = 0, 1, 2
+
+
+class NonFiniteError(ValueError):
+    """A quantizer got NaN/inf input (training tells a diverged run by this type)."""
+
+
+def nonfinite_error(x: Tensor, fn: str, arg: str) -> ValueError:
+    """The error every quantizer raises for NaN/inf input (a :class:`NonFiniteError`)."""
+    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+    return NonFiniteError(
+        f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
+        "diverging run: lower the learning rate, or check the data for NaN/inf."
+    )
+
+
+def all_finite(x: Tensor) -> bool:
+    """``torch.isfinite(x).all()`` at the cost of one sum: a NaN or inf element makes the sum
+    NaN or inf, so a finite sum proves every element finite; only a non-finite sum (a NaN/inf, or
+    finite values whose sum overflows) pays for the exact elementwise check."""
+    if math.isfinite(float(x.detach().sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def capturing() -> bool:
+    """True while torch.compile, torch.export or torch.jit.trace captures a graph."""
+    return bool(torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+                or _is_exporting())
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 
 _CHECK_FINITE = True
 
@@ -68,8 +112,8 @@ def checks_enabled() -> bool:
 def check_mode(x: Tensor) -> int:
     """The ``check`` argument of the operators for ``x`` (see :func:`finite_checks`)."""
     if not _CHECK_FINITE:
-        return ops.CHECK_OFF
-    return ops.CHECK_ASYNC if ops.capturing() else ops.CHECK_RAISE
+        return CHECK_OFF
+    return CHECK_ASYNC if capturing() else CHECK_RAISE
 
 
 _ONNX_HINT = (
@@ -141,12 +185,12 @@ def check_finite(x: Tensor, fn: str, arg: str) -> None:
     check_float_tensor(x, fn, arg)
     if not _CHECK_FINITE or in_onnx_export() or x.is_meta:  # meta: shapes only, no values
         return
-    if ops.capturing():
+    if capturing():
         torch._assert_async(torch.isfinite(x).all(),
                             f"{fn}: {arg} contains NaN or inf; quantizers need finite input")
         return
-    if not ops.all_finite(x):
-        raise ops.nonfinite_error(x, fn, arg)
+    if not all_finite(x):
+        raise nonfinite_error(x, fn, arg)
 
 
 def check_bits(fn: str, name: str, value: int, low: int = 1) -> None:
@@ -166,12 +210,3 @@ def check_pow2_args(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> Non
     if isinstance(m, bool) or int(m) != m or not -126 <= m <= 127:
         raise ValueError(f"{fn}: m (log2 of the largest level) must be an integer in "
                          f"[-126, 127] so that 2**m is a float32, got {m!r}")
-
-
-def range_view(r: Tensor | float, x: Tensor, fn: str, arg: str) -> Tensor:
-    """A range as a tensor viewed to broadcast over ``x`` (see :func:`fewbits.ops.range_view`),
-    after the eager NaN/inf check."""
-    if not isinstance(r, Tensor):
-        r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
-    check_finite(r, fn, arg)
-    return ops.range_view(r, x, fn, arg)

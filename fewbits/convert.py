@@ -56,7 +56,7 @@ from .layer_kinds import (
 )
 from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
 from .models.families import QuantConfig, family
-from .quantizers import LSQ, MinMax, Quantizer, get
+from .quantizers import Quantizer, get
 from .quantizers import optim as qoptim
 from .quantizers.base import fitted_step
 
@@ -391,15 +391,16 @@ def _report(model: nn.Module, skipped: Callable[[str], bool], strict: bool,
                           UserWarning, stacklevel=3)
 
 
-def _activation_quantizers(model: nn.Module) -> list[tuple[str, MinMax | LSQ]]:
+def _activation_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """The activation quantizers whose family calibrates (``Quantizer.calibrates``)."""
     out = []
     for lname, layer in quant_layers(model):
         for role in ("input", "output"):
             q = getattr(layer, f"{role}_quantizer")
-            if isinstance(q, (MinMax, LSQ)):
+            if q is not None and q.calibrates:
                 out.append((f"{lname}.{role}_quantizer" if lname else f"{role}_quantizer", q))
     out += [(f"{n}.quantizer", m.quantizer) for n, m in model.named_modules()
-            if isinstance(m, QuantAct) and isinstance(m.quantizer, (MinMax, LSQ))]
+            if isinstance(m, QuantAct) and m.quantizer is not None and m.quantizer.calibrates]
     return out
 
 
@@ -464,8 +465,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
     for name, q in targets:
         def observe(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, name: str = name
                     ) -> Tensor:
-            if isinstance(mod, LSQ) and name not in seen:  # the paper's start: first batch
-                mod.init_from_(args[0])
+            if name not in seen:  # LSQ: the paper's start, from the first batch
+                mod.calibrate_start(args[0])
             lo, hi = (float(v) for v in torch.aminmax(args[0].detach().float()))
             r = seen.setdefault(name, [0.0, 0.0])  # the range holds zero
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
@@ -489,12 +490,6 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
         raise ValueError("calibrate: batches is empty; give at least one batch of inputs")
     out = {}
     for name, q in targets:
-        if name in seen and isinstance(q, LSQ):  # the grid's range
-            s, b = float(q.step), float(q.beta) if q.offset else 0.0
-            out[name] = (-q.qn * s + b, q.qp * s + b)
-        elif name in seen:
-            lo, hi = seen[name]
-            q.qr_min.fill_(lo)
-            q.qr_max.fill_(hi)
-            out[name] = (lo, hi)
+        if name in seen:  # min-max: the range becomes [lo, hi]; LSQ: its grid's ends
+            out[name] = q.calibrate_end(*seen[name])
     return out

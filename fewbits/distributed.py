@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .quantizers import MinMax
+from .quantizers import Quantizer
 from .quantizers.min_max import gather_in_rank_order
 
 __all__ = [
@@ -134,8 +134,8 @@ def sync_quantizers(model: nn.Module, info: DistInfo) -> None:
     if not info.distributed:
         return
     for m in model.modules():
-        if isinstance(m, MinMax) and m.mode != "learnable":
-            m.stats_sync = partial(gather_in_rank_order, group=None)
+        if isinstance(m, Quantizer):  # each family says what it exchanges (MinMax: ranges)
+            m.sync_statistics(partial(gather_in_rank_order, group=None))
 
 
 def barrier(info: DistInfo) -> None:

@@ -166,3 +166,80 @@ def test_the_nine_families_answer_the_protocol_as_their_classes_did():
     k, s = FixedPoint(n=4, delta=0.5).integer_weight(torch.tensor([[0.5, -1.0], [0.0, 3.0]]))
     assert k.tolist() == [[1, -2], [0, 6]] and s.tolist() == [0.5, 0.5]
     assert FixedPoint(n=4, delta=0.5).integer_weight(w) is None  # 0.25 is off its grid
+
+
+class ToyRanged(ToySteps):
+    """ToySteps whose step calibration sets, with a schedule and statistics to share: what
+    calibrate, the training checks and DDP ask a family, answered without fewbits edits."""
+
+    calibrates = True
+
+    def calibrate_start(self, x: Tensor) -> None:
+        self.first = x.detach().clone()
+
+    def calibrate_end(self, lo: float, hi: float) -> tuple[float, float]:
+        self.step = max(-lo, hi) / 7
+        return -7 * self.step, 7 * self.step
+
+    def schedule(self) -> tuple[int, ...]:
+        return (5, 50)
+
+    def sync_statistics(self, gather: Any) -> None:
+        self.gather = gather
+
+
+def test_calibration_schedules_and_ddp_statistics_ask_the_family():
+    from fewbits import distributed
+    from fewbits.config import ConfigError
+    from fewbits.layers import QuantLinear
+    from fewbits.train.model import check_inq
+
+    m = QuantLinear(3, 2, input_quantizer=ToyRanged())
+    q = m.input_quantizer
+    out = fewbits.calibrate(m, [torch.tensor([[-1.0, 0.5, 3.5]]), torch.tensor([[0.0, -7.0, 1]])])
+    assert out == {"input_quantizer": (-7.0, 7.0)} and q.step == 1.0  # the family set it
+    assert torch.equal(q.first, torch.tensor([[-1.0, 0.5, 3.5]]))  # the first batch only
+    with pytest.raises(ConfigError, match=r"ToyRanged schedule \[5, 50\] starts after"):
+        check_inq(m, 3)
+    with pytest.warns(UserWarning, match="ToyRanged schedule .* ends after the run's 10"):
+        check_inq(m, 10)
+    distributed.sync_quantizers(m, distributed.DistInfo(rank=0, world_size=2))
+    assert q.gather.func is distributed.gather_in_rank_order  # told how to exchange
+    plain = QuantLinear(3, 2, input_quantizer=ToySteps())
+    assert fewbits.calibrate(plain, [torch.ones(1, 3)]) == {}  # a family that does not calibrate
+    with pytest.raises(ValueError, match="has no grid that calibration sets"):
+        plain.input_quantizer.calibrate_end(0.0, 1.0)
+
+
+def _family_classes(cls: type = Quantizer) -> set[str]:
+    out = set()
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith("fewbits.quantizers"):
+            out.add(sub.__name__)
+        out |= _family_classes(sub)
+    return out
+
+
+def test_no_module_outside_quantizers_asks_a_family_by_isinstance():
+    """Export, folding, calibration, DDP and training ask the family (a protocol method or
+    attribute), never ``isinstance(q, MinMax)``: a new family would be missed there."""
+    import ast
+    import re
+    from pathlib import Path
+
+    names = _family_classes()
+    assert {"MinMax", "INQ", "LSQ", "BinaryTanh"} <= names  # the walk sees the families
+    pkg = Path(fewbits.__file__).parent
+    maybe = re.compile(r"isinstance\([^)]*\b(" + "|".join(sorted(names)) + r")\b")
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text()
+        if "quantizers" in path.relative_to(pkg).parts or not maybe.search(text):
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance" \
+                    and len(node.args) == 2:
+                asked = {getattr(n, "id", getattr(n, "attr", "")) for n in ast.walk(node.args[1])}
+                if asked & names:
+                    found.append(f"{path.relative_to(pkg)}:{node.lineno}")
+    assert not found, f"isinstance on a family's class outside quantizers: {found}"

@@ -42,7 +42,7 @@ from .. import functional as qf
 from ..layers import QuantAct
 from ..models import ResNet23
 from ..models.nets import NNABLA_NO_FC_BIAS, NNablaBatchNorm2d
-from ..quantizers import INQ, MinMax
+from ..quantizers import INQ
 from .files import NNablaImportError, read_parameters
 
 __all__ = ["LAYER_SCOPES", "NNABLA_INQ_BITS", "ImportReport", "expected_parameters",
@@ -100,7 +100,7 @@ def _slots(model: nn.Module) -> list[_Slot]:
     def parts(seq: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         bn = next((m for m in seq if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
         act = next((m for m in seq if isinstance(m, QuantAct)
-                    and isinstance(m.quantizer, MinMax)), None)
+                    and getattr(m.quantizer, "name", None) == "min_max"), None)
         return bn, act
 
     bn, act = parts(model.stem_post)

@@ -1,10 +1,12 @@
-"""The machinery behind :mod:`fewbits.ops`: NaN/inf checks, half-precision widening, the
-backward operators (``keep``, ``min_max_grad``) and the autograd glue that gives every family
-operator its straight-through gradient, in eager mode and inside captured graphs."""
+"""The machinery behind :mod:`fewbits.ops` that the families' modules share: the NaN/inf
+check of an operator, half-precision widening, the masked backward operator ``keep``, and the
+autograd glue (:func:`identity_op`, :func:`masked_op`, :func:`call_identity`,
+:func:`call_masked`) that gives a family operator its one straight-through gradient, in eager
+mode, under torch.func and inside captured graphs. No family's formula lives here."""
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,8 +14,14 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
+from .._checks import (  # the primitives the checks outside the operators share
+    CHECK_ASYNC,
+    CHECK_OFF,
+    all_finite,
+    capturing,
+    nonfinite_error,
+)
 
-CHECK_OFF, CHECK_RAISE, CHECK_ASYNC = 0, 1, 2
 _HALF = (torch.float16, torch.bfloat16)
 
 #: op -> its Python implementation, run directly in eager mode (:func:`call_identity`).
@@ -35,28 +43,6 @@ def eager_impl(op: Any) -> Callable[..., Any]:
 
 
 U8 = torch.uint8
-
-
-class NonFiniteError(ValueError):
-    """A quantizer got NaN/inf input (training tells a diverged run by this type)."""
-
-
-def nonfinite_error(x: Tensor, fn: str, arg: str) -> ValueError:
-    """The error every quantizer raises for NaN/inf input (a :class:`NonFiniteError`)."""
-    bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-    return NonFiniteError(
-        f"{fn}: {arg} contains {bad}; quantizers need finite input. The usual cause is a "
-        "diverging run: lower the learning rate, or check the data for NaN/inf."
-    )
-
-
-def all_finite(x: Tensor) -> bool:
-    """``torch.isfinite(x).all()`` at the cost of one sum: a NaN or inf element makes the sum
-    NaN or inf, so a finite sum proves every element finite; only a non-finite sum (a NaN/inf, or
-    finite values whose sum overflows) pays for the exact elementwise check."""
-    if math.isfinite(float(x.detach().sum())):
-        return True
-    return bool(torch.isfinite(x).all())
 
 
 def check_values(x: Tensor, fn: str, arg: str, mode: int, known_finite: bool | None = None) -> None:
@@ -107,12 +93,15 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
                    torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
+def keep_where(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
     """``torch.where(mask, g * scale, 0.0)`` bit for bit (kept ``-0.0``/NaN stay, dropped ones
     become ``+0.0``; ``scale`` 1 leaves ``g`` as it is), as the bits of ``g`` times the 0/1 mask:
     one vectorised pass, where ``where`` with a bool condition is a scalar loop on CPU (~8x
     slower on a 64x64x32x32 gradient). A uint8 mask takes the fused kernel when it can (one
     pass for the scale and the mask, no conversion)."""
+    if wrapped(g) or wrapped(mask):  # torch.func: plain ops (no kernel, no dtype view)
+        kept = mask if mask.dtype == torch.bool else mask != 0
+        return torch.where(kept, g * scale, torch.zeros_like(g))
     if mask.dtype == U8:
         dx = _kernels.keep(g, mask, 1, scale)
         if dx is not None:
@@ -131,7 +120,7 @@ def _keep(g: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
 
 def _keep_op(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Straight-through backward: ``where(mask != 0, dy * scale, +0.0)`` (uint8 ``mask``)."""
-    return like(_keep(dy, mask, scale), mask, dy.dtype)
+    return like(keep_where(dy, mask, scale), mask, dy.dtype)
 
 
 keep = define_op("fewbits::keep", _keep_op)
@@ -142,72 +131,57 @@ def _(dy: Tensor, mask: Tensor, scale: float) -> Tensor:
     return torch.empty_like(mask, dtype=dy.dtype)
 
 
-def _reduce_to(g: Tensor, shape: Sequence[int]) -> Tensor:
-    if len(shape) == 0 or math.prod(shape) == 1:
-        return g.sum().reshape(shape)
-    return (g.flatten(1).sum(1) if g.dim() > 1 else g).reshape(shape)
-
-
-def _min_max_grad(dy: Tensor, code: Tensor, want_dx: bool, want_min: bool, want_max: bool,
-                 min_shape: list[int], max_shape: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Min-max backward from the forward's code: ``dx = dy`` where code is 0 (else +0.0),
-    ``d qr_min = sum(dy where code == 1)``, ``d qr_max = sum(dy where code == 2)``, per channel
-    for ``(C,)`` ranges. Outputs not wanted are empty."""
-    def empty() -> Tensor:  # a fresh one per output: outputs must not alias each other
-        return dy.new_empty(0)
-
-    fused = None
-    if math.prod(min_shape) == 1 and math.prod(max_shape) == 1:
-        fused = _kernels.min_max_grad(dy, code, want_dx, want_min or want_max)
-    if fused is not None:  # float64 sums in one pass (last bit may differ from Tensor.sum)
-        dx, s_below, s_above = fused
-        d_min = torch.tensor(s_below, dtype=dy.dtype).reshape(min_shape) if want_min else empty()
-        d_max = torch.tensor(s_above, dtype=dy.dtype).reshape(max_shape) if want_max else empty()
-        return (like(dx, code, dy.dtype) if want_dx else empty()), d_min, d_max
-    dx = like(_keep(dy, code == 0), code, dy.dtype) if want_dx else empty()
-    d_min = _reduce_to(_keep(dy, code == 1), min_shape) if want_min else empty()
-    d_max = _reduce_to(_keep(dy, code == 2), max_shape) if want_max else empty()
-    return dx, d_min, d_max
-
-
-min_max_grad = define_op("fewbits::min_max_grad", _min_max_grad)
-
-
-@min_max_grad.register_fake
-def _(dy, code, want_dx, want_min, want_max, min_shape, max_shape):
-    return (torch.empty_like(code, dtype=dy.dtype) if want_dx else dy.new_empty(0),
-            dy.new_empty(min_shape) if want_min else dy.new_empty(0),
-            dy.new_empty(max_shape) if want_max else dy.new_empty(0))
-
-
 # --------------------------------------------------------------------------- autograd glue
 
 
-def _scaled(dy: Tensor, mask: Tensor | None, scale: float, keep_fn) -> Tensor:
-    """The straight-through gradient of a ``(y, mask)`` operator: ``keep(dy, mask, scale)``
-    when the mask was made (fine-grained STE), else ``dy * scale``."""
+def masked_grad(dy: Tensor, mask: Tensor | None, scale: float, keep_fn=None) -> Tensor:
+    """The one straight-through gradient of a ``(y, mask)`` operator: ``where(mask, dy * scale,
+    +0.0)`` when the mask was made (fine-grained STE), else ``dy * scale``. ``keep_fn``: the
+    ``keep`` operator inside captured graphs; eager mode runs its implementation directly
+    (plain PyTorch operators on torch.func's wrapped tensors, see :func:`keep_where`)."""
     if mask is None:
         return dy if scale == 1.0 else dy * scale
-    return keep_fn(dy, mask, scale)
+    return (keep_fn or _keep_op)(dy, mask, scale)
 
 
-def register_identity(op, n_args: int) -> None:
-    def setup(ctx, inputs, output):
-        pass
+def arg_index(impl: Callable[..., Any], name: str) -> int:
+    """The position of ``impl``'s parameter ``name`` (``ValueError`` naming the known ones)."""
+    names = list(inspect.signature(impl).parameters)
+    if name not in names:
+        raise ValueError(f"{impl.__name__} has no argument {name!r}; it has {', '.join(names)}")
+    return names.index(name)
+
+
+def identity_op(name: str, impl: Callable[..., Tensor]) -> Any:
+    """``impl(x, *args) -> y`` as the operator ``name`` with a fake kernel (``empty_like(x)``)
+    and the identity straight-through gradient ``dx = dy`` (call it with
+    :func:`call_identity`)."""
+    op = define_op(name, impl)
+    n_args = len(inspect.signature(impl).parameters) - 1
+    op.register_fake(lambda x, *args: torch.empty_like(x))
 
     def backward(ctx, dy):
         return (dy, *([None] * n_args))
 
-    torch.library.register_autograd(op, backward, setup_context=setup)
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+    return op
 
 
-def register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> None:
-    """Autograd of an op returning ``(y, mask)`` (see :func:`_scaled`)."""
+def masked_op(name: str, impl: Callable[..., tuple[Tensor, Tensor]], want: str = "want_mask",
+              scale: str | None = None) -> Any:
+    """``impl(x, *args) -> (y, mask)`` as the operator ``name``: a fake kernel, and the
+    gradient :func:`masked_grad` with the mask when ``impl``'s argument ``want`` is true and
+    the factor of its argument ``scale`` (1 without one). Call it with :func:`call_masked`."""
+    op = define_op(name, impl)
+    n_args = len(inspect.signature(impl).parameters) - 1
+    want_at = arg_index(impl, want)
+    scale_at = None if scale is None else arg_index(impl, scale)
+    op.register_fake(lambda x, *args: fake_y_mask(x, args[want_at - 1]))
 
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask output
-        ctx.has_mask = bool(inputs[want_arg])
-        ctx.scale = 1.0 if scale_arg is None else float(inputs[scale_arg])
+        ctx.has_mask = bool(inputs[want_at])
+        ctx.scale = 1.0 if scale_at is None else float(inputs[scale_at])
         if ctx.has_mask:
             ctx.save_for_backward(output[1])
 
@@ -215,18 +189,10 @@ def register_masked(op, scale_arg: int | None, want_arg: int, n_args: int) -> No
         if dy is None:
             return (None, *([None] * n_args))
         mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        return (_scaled(dy, mask, ctx.scale, torch.ops.fewbits.keep), *([None] * n_args))
+        return (masked_grad(dy, mask, ctx.scale, torch.ops.fewbits.keep), *([None] * n_args))
 
     torch.library.register_autograd(op, backward, setup_context=setup)
-
-
-def capturing() -> bool:
-    """True while torch.compile, torch.export or torch.jit.trace captures a graph."""
-    return bool(torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
-                or _is_exporting())
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return op
 
 
 def recomputing() -> bool:
@@ -237,6 +203,13 @@ def recomputing() -> bool:
     if torch.compiler.is_compiling():  # compiled backwards replay a graph, never Python
         return False
     return torch._C._current_graph_task_id() != -1
+
+
+def grad_wanted(x: Tensor) -> bool:
+    """Whether an operator must keep its gradient mask: when ``x`` requires grad, and always
+    in a captured graph, which fixes the choice as a constant for every later call (a graph
+    traced or exported from an inference input and then trained through took ``dx = dy``)."""
+    return x.requires_grad or capturing()
 
 
 def wrapped(t: Tensor) -> bool:
@@ -299,11 +272,7 @@ class _FuncMasked(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None
         mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        if mask is not None and (wrapped(dy) or wrapped(mask)):  # torch.func: plain ops
-            dx = torch.where(mask != 0, dy * ctx.scale, torch.zeros_like(dy))
-        else:
-            dx = _scaled(dy, mask, ctx.scale, _keep_op)
-        return dx, None, None, None, None
+        return masked_grad(dy, mask, ctx.scale), None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, x, impl, args, scale, has_mask):
@@ -332,7 +301,7 @@ class _EagerMasked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         mask = ctx.saved_tensors[0] if ctx.has_mask else None
-        return _scaled(dy, mask, ctx.scale, _keep_op), None, None, None, None
+        return masked_grad(dy, mask, ctx.scale), None, None, None, None
 
 
 def transforming() -> bool:
@@ -352,33 +321,10 @@ def call_identity(op, x: Tensor, *args) -> Tensor:
 
 
 def call_masked(op, x: Tensor, args: tuple, scale: float, has_mask: bool) -> Tensor:
-    """``op(x, *args)[0]`` with the gradient of :func:`_scaled` (see :func:`call_identity`)."""
+    """``op(x, *args)[0]`` with the gradient of :func:`masked_grad` (see
+    :func:`call_identity`)."""
     if capturing():
         return op(x, *args)[0]
     if transforming():
         return _FuncMasked.apply(x, _EAGER[op], args, scale, has_mask)[0]
     return _EagerMasked.apply(x, _EAGER[op], args, scale, has_mask)
-
-
-def check_grid(rmin: Tensor, rmax: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, ql_min: int,
-               ql_max: int, eps: float, fn: str, check: int = CHECK_RAISE) -> None:
-    """Refuse a min-max grid the dtype cannot hold: finite ranges whose width overflows
-    (``qr_max - qr_min`` beyond float32's 3.4e38 makes the scale inf, every output NaN) or whose
-    ``eps`` nudge is absorbed (``qr_min + eps == qr_min``, scale 0). With ``hi - lo`` finite and
-    the scale > 0 every output ``r * scale + lo`` lies in ``[lo, hi]``: finite. NaN/inf ranges
-    are left to the finite check, which names the argument. Inside captured graphs: a
-    device-side assertion (``check == CHECK_ASYNC``), no host sync."""
-    ok = (scale > 0) & torch.isfinite(hi - lo) | ~(torch.isfinite(rmin) & torch.isfinite(rmax))
-    if check == CHECK_ASYNC:
-        torch._assert_async(ok.all(), f"{fn}: a min-max range has no grid in its dtype")
-        return
-    if bool(ok.all()):
-        return
-    r0, r1, ok = torch.broadcast_tensors(rmin, rmax, ok)
-    i = int((~ok).reshape(-1).nonzero()[0, 0])
-    lo_v, hi_v = float(r0.reshape(-1)[i]), float(r1.reshape(-1)[i])
-    raise ValueError(
-        f"{fn}: the range [qr_min, qr_max] = [{lo_v:.6g}, {hi_v:.6g}] has no {scale.dtype} "
-        f"grid of {ql_max - ql_min} steps (its width overflows, or eps={eps} vanishes "
-        "next to it): values this large usually mean a diverged run; otherwise scale the "
-        "data down or quantize in float64")

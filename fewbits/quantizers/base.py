@@ -262,6 +262,30 @@ class Quantizer(nn.Module):
         """Advance schedules in :meth:`after_optimizer_step` instead of at each training
         forward (gradient accumulation); default: no schedule."""
 
+    #: An activation quantizer whose grid :func:`fewbits.calibrate` sets from the data it
+    #: sees (:meth:`calibrate_start`, :meth:`calibrate_end`): min-max ranges, LSQ's step.
+    calibrates: ClassVar[bool] = False
+
+    def calibrate_start(self, x: Tensor) -> None:
+        """Calibration's first batch ``x`` of the float activations this quantizer serves (LSQ
+        starts its step from it, as its first training forward would); default: nothing."""
+
+    def calibrate_end(self, lo: float, hi: float) -> tuple[float, float]:
+        """Set the grid from ``[lo, hi]``, the range (holding 0) of every batch calibration saw,
+        and return the range the grid now covers. Default: ``ValueError`` (the family does not
+        calibrate, :attr:`calibrates` is False)."""
+        raise ValueError(f"{type(self).__name__} has no grid that calibration sets")
+
+    def schedule(self) -> tuple[int, ...]:
+        """The iterations at which the quantizer changes its grid by itself (INQ fixes more
+        weights), which a run must reach to end quantized; default: none."""
+        return ()
+
+    def sync_statistics(self, gather: Callable[[Tensor], tuple[Tensor, int]]) -> None:
+        """Exchange batch statistics across processes with ``gather`` (a tensor -> every
+        rank's, stacked, and this rank) in training forwards that run outside DDP's
+        (:func:`fewbits.distributed.sync_quantizers`); default: nothing (no statistics)."""
+
     def place(self, name: str) -> None:
         """Told by :func:`fewbits.quantize_` the name of the tensor it serves (``"fc.weight"``),
         after :meth:`setup`: state that must differ between layers built from one spec (a

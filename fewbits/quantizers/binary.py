@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import functional as qf
+from ..ops import binary as qf
 from ..ops import stochastic as st
 from ..ops._core import recomputing
 from ..ops.onnx_form import const

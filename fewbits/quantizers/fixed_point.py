@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import _math
-from .. import functional as qf
 from .._checks import check_bits, check_positive, in_onnx_export
+from ..ops import fixed_point_op as qf
 from ..ops.onnx_form import const, int_type, qdq, round_half_away
 from .base import (
     AffineCodes,

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import functional as qf
-from .. import ops
 from .._checks import check_bits, check_finite, in_onnx_export
+from ..ops import inq_op as qf
+from ..ops._core import recomputing
 from ..ops.onnx_form import const
 from .base import Codes, Quantizer, register_quantizer
 
@@ -170,6 +170,10 @@ class INQ(Quantizer):
     def count_optimizer_steps(self) -> None:
         self.step_counted = True
 
+    def schedule(self) -> tuple[int, ...]:
+        """``inq_iterations``: where more weights are fixed (the run must reach the last)."""
+        return self.inq_iterations
+
     def after_optimizer_step(self) -> None:
         if self.step_counted:
             self.counter += 1
@@ -205,7 +209,7 @@ class INQ(Quantizer):
                 f"{tuple(w.shape)}; attach INQ through a fewbits layer (it calls setup)"
             )
         check_finite(w, "INQ", "w")
-        if self.training and not ops.recomputing():  # a checkpoint's recompute: counted
+        if self.training and not recomputing():  # a checkpoint's recompute: counted
             its = self.inq_iterations
             if self.stage < len(its) and its[self.stage] <= self.counter:
                 with torch.no_grad():

@@ -87,6 +87,18 @@ class LSQ(Quantizer):
         self.count = int(param.numel())
         self.init_from_(param)
 
+    calibrates = True
+
+    def calibrate_start(self, x: Tensor) -> None:
+        """The step (and offset) start from calibration's first batch (:meth:`init_from_`)."""
+        self.init_from_(x)
+
+    def calibrate_end(self, lo: float, hi: float) -> tuple[float, float]:
+        """The grid's ends ``(-Q_N * s + beta, Q_P * s + beta)``; the observed range sets
+        nothing (the step is learned)."""
+        s, b = float(self.step), float(self.beta) if self.offset else 0.0
+        return -self.qn * s + b, self.qp * s + b
+
     @torch.no_grad()
     def init_from_(self, x: Tensor) -> None:
         """Start the step (and offset) from ``x`` as the paper says (class doc); a quantizer

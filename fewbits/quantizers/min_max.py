@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import _math, ops
-from .. import functional as qf
-from .._checks import check_finite, check_float_tensor, check_positive, range_view
+from .. import _math
+from .._checks import check_finite, check_float_tensor, check_positive
+from ..ops import min_max_op as qf
+from ..ops._core import capturing, recomputing
 from ..ops.onnx_form import INT_TYPES, const, int_type, qdq, round_half_away
 from . import optim
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
@@ -58,7 +59,8 @@ def ddp_group() -> Any:
 # PyTorch's exporter writes these for the family's operators (onnx_translations below).
 
 def _range(op: Any, r: Any, x: Any) -> Any:
-    """A 0-d range, or ``(C,)`` viewed over ``x``'s axis 0 (:func:`fewbits.ops.range_view`)."""
+    """A 0-d range, or ``(C,)`` viewed over ``x``'s axis 0 (as
+    :func:`fewbits.ops.min_max_op.range_view`)."""
     shape = getattr(r, "shape", None)
     if shape is not None and len(shape) == 1 and shape[0] != 1:
         rank = len(x.shape)
@@ -261,6 +263,20 @@ class MinMax(Quantizer):
             return torch.aminmax(x.detach().flatten(1), dim=1)
         return torch.aminmax(x.detach())
 
+    calibrates = True
+
+    def calibrate_end(self, lo: float, hi: float) -> tuple[float, float]:
+        """The range becomes ``[lo, hi]`` (:func:`fewbits.calibrate`)."""
+        self.qr_min.fill_(lo)
+        self.qr_max.fill_(hi)
+        return lo, hi
+
+    def sync_statistics(self, gather: Callable[[Tensor], tuple[Tensor, int]]) -> None:
+        """Batch and EMA ranges exchange their statistics with ``gather`` (learned ranges are
+        parameters: DDP all-reduces their gradients)."""
+        if self.mode != "learnable":
+            self.stats_sync = gather
+
     def init_from_(self, x: Tensor) -> None:
         """Ranges = the min and max of ``x`` (per output channel with ``per_channel``), so that
         a converted weight starts on a grid that covers it (not the fixed ``init_min/max``)."""
@@ -319,7 +335,7 @@ class MinMax(Quantizer):
             # a NaN or inf in x shows in its min or max: checked before the ranges take them
             # (inside a captured graph as a device-side assertion on the two sums, no sync)
             stats = torch.stack([bmin.sum(), bmax.sum()])
-            if ops.capturing():
+            if capturing():
                 check_finite(stats, "MinMax", "x")
             elif not bool(torch.isfinite(stats).all()):
                 check_finite(x, "MinMax", "x")
@@ -345,7 +361,7 @@ class MinMax(Quantizer):
         if self.mode == "learnable":
             optim.register_range(qr_min, self)  # a copy (deepcopy, load with assign=True)
             optim.register_range(qr_max, self)
-            if self.training and self._restart is not False and not ops.recomputing():
+            if self.training and self._restart is not False and not recomputing():
                 check_float_tensor(x, "MinMax", "x")
                 self._restart_from(x)
         elif self.training:
@@ -356,7 +372,7 @@ class MinMax(Quantizer):
                     "whole batch, which torch.func.vmap splits into samples; under vmap use "
                     "model.eval() (the stored ranges) or mode='learnable' (torch.func.grad "
                     "works in both modes)")
-            if ops.recomputing() and self._used is not None:
+            if recomputing() and self._used is not None:
                 # activation checkpointing runs this forward again in the backward: quantize
                 # with the ranges of the first run, without observing the batch twice
                 qr_min, qr_max = self._used
@@ -368,8 +384,8 @@ class MinMax(Quantizer):
 
     def grid(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(scale, zero_point, lo, hi)`` broadcastable to ``like`` (as the forward uses)."""
-        rmin = range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
-        rmax = range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
+        rmin = qf.checked_range_view(self.qr_min.detach(), like, "MinMax", "qr_min")
+        rmax = qf.checked_range_view(self.qr_max.detach(), like, "MinMax", "qr_max")
         return qf.min_max_grid(rmin.float(), rmax.float(), self.ql_min, self.ql_max, self.eps,
                                "MinMax")
 

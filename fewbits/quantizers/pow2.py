@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import _math
-from .. import functional as qf
 from .._checks import check_pow2_args, in_onnx_export
+from ..ops import pow2_op as qf
 from ..ops.onnx_form import const
 from .base import Codes, Quantizer, fill_missing_extra_state, fitted_step, register_quantizer
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import QUANT_KEYS, ConfigError, QuantConfig, TrainConfig
 from ..data import ChecksumError, CorruptDataError, load_dataset
 from ..models import FAMILIES, create_model, list_models, model_info, register_factory
-from ..quantizers import INQ
+from ..quantizers import Quantizer
 
 __all__ = [
     "build_model",
@@ -64,18 +64,20 @@ def inq_schedule(values: tuple[int | float, ...], steps: int) -> tuple[int, ...]
 
 
 def check_inq(model: nn.Module, steps: int) -> None:
-    """Refuse an INQ schedule that never starts within the run; warn when it does not end."""
-    scheds = {m.inq_iterations for m in model.modules() if isinstance(m, INQ)}
-    for its in sorted(scheds):
+    """Refuse a quantizer schedule (INQ's, :meth:`Quantizer.schedule`) that never starts within
+    the run; warn when it does not end."""
+    scheds = {(type(m).__name__, m.schedule()) for m in model.modules()
+              if isinstance(m, Quantizer) and m.schedule()}
+    for name, its in sorted(scheds):
         if its[0] >= steps:
             raise ConfigError(
-                f"INQ schedule {list(its)} starts after the run's {steps} iterations: no weight "
-                "would ever be quantized. Give iterations inside the run, or fractions of it: "
-                "--inq-iterations 0.5,0.75,0.875,0.9375,1.0")
+                f"{name} schedule {list(its)} starts after the run's {steps} iterations: no "
+                "weight would ever be quantized. Give iterations inside the run, or fractions "
+                "of it: --inq-iterations 0.5,0.75,0.875,0.9375,1.0")
         if its[-1] >= steps:
             warnings.warn(
-                f"INQ schedule {list(its)} ends after the run's {steps} iterations: part of the "
-                "weights stays float and the model cannot be exported as powers of two "
+                f"{name} schedule {list(its)} ends after the run's {steps} iterations: part of "
+                "the weights stays float and the model cannot be exported as powers of two "
                 "(--inq-iterations 0.5,0.75,0.875,0.9375,1.0 ends within the run)",
                 stacklevel=2)
 

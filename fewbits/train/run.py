@@ -35,13 +35,13 @@ from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as fdist
+from .._checks import NonFiniteError
 from .._version import __version__
 from ..config import ConfigError, TrainConfig
 from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
 from ..models import model_info
 from ..monitor import Monitor, Progress, write_json
-from ..ops._core import NonFiniteError
 from ..runs import (
     check_run_folder,
     discard_set_aside,
