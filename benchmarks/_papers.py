@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FIRST", "PAPERS", "paper_kind", "paper_notes"]
+__all__ = ["FIRST", "PAPERS", "paper_kind", "paper_notes", "paper_options", "paper_row"]
 
 # The papers' own MNIST MLPs: each family's published test error (%) where one exists, with
 # its source; the section's kind comes from the nets' registry suffix (`_mlp_bc`, `_mlp_bnn`).
@@ -52,6 +52,19 @@ def paper_row(kind: str, family: str, label: str) -> tuple[str, float | None, st
     if kind == "mnist_mlp_bc" and family == "binary_connect" and "stochastic" in label:
         return "1.18 ± 0.04 (stoch.)", 1.18, _BC
     return PAPERS[kind]["rows"].get(family, ("—", None, None))
+
+
+def paper_options(c: dict[str, Any]) -> tuple[bool, ...]:
+    """A run's binary connect options that change how it trains, as the run used them:
+    ``stochastic`` and the paper's latent-weight options, which follow it when unset (None);
+    an option absent from ``c`` (a run saved before it existed) was off.
+
+        >>> paper_options({"stochastic": True, "clip_weights": None, "uniform_init": False})
+        (True, True, False, False)
+    """
+    st = bool(c.get("stochastic"))
+    return st, *(k in c and (st if c[k] is None else bool(c[k]))
+                 for k in ("clip_weights", "uniform_init", "glorot_lr_scale"))
 
 
 def paper_kind(nets: list[str]) -> str | None:
