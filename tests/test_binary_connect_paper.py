@@ -16,6 +16,7 @@ from torch import nn
 from fewbits.layers import QuantConv2d, QuantLinear, apply_weight_constraints
 from fewbits.models import create_model
 from fewbits.quantizers import BinaryConnect
+from fewbits.quantizers.optim import scale_updates
 from fewbits.train import TrainConfig, train
 
 PAPER = {"name": "binary_connect", "clip_weights": True, "uniform_init": True,
@@ -56,6 +57,13 @@ def test_uniform_init_only_in_a_fresh_layer_and_glorot_needs_an_output_axis():
     kept = fc.weight.detach().clone()
     q = QuantLinear.from_float(fc, weight_quantizer=PAPER)  # converted: weights kept
     assert torch.equal(q.weight.detach(), kept)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        scale_updates(q.weight, 0.0)
+    scale_updates(q.weight, 2.0)
+    scale_updates(q.weight, 1.0)  # removed: a plain step again
+    q.weight.grad = torch.ones_like(q.weight)
+    torch.optim.SGD([q.weight], lr=0.5).step()
+    assert torch.equal(q.weight.detach(), kept - 0.5)
     with pytest.raises(ValueError, match="glorot_lr_scale needs a weight with an output"):
         QuantLinear(6, 3, weight_quantizer=None, bias_quantizer=PAPER)
     assert BinaryConnect(**{k: v for k, v in PAPER.items() if k != "name"}).config() == PAPER \
