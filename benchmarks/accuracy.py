@@ -50,7 +50,7 @@ import torch
 
 ROOT = Path(C.ROOT)
 
-from _papers import FIRST, PAPERS, paper_kind, paper_notes, paper_row  # noqa: E402
+from _papers import FIRST, PAPERS, paper_kind, paper_notes, paper_options, paper_row  # noqa: E402
 from _plots import plot_section  # noqa: E402
 
 from fewbits.export import export_packed  # noqa: E402
@@ -228,10 +228,11 @@ def _finished(folder: Path, cfg: TrainConfig) -> tuple[Any, float, float, float]
     if not (folder / "model_final.pt").exists() or not conf.exists():
         return None
     saved = json.loads(conf.read_text())
-    keys = ("net", "seed", "max_iter", "batch_size", "learning_rate", "dataset", "clip_weights",
+    keys = ("net", "seed", "max_iter", "batch_size", "learning_rate", "dataset",
             "bit_width", "p_min_max", "lr_schedule", "upper_bound", "delta", "optimizer",
             "weight_decay")
-    if any(saved.get(k) != getattr(cfg, k) for k in keys):
+    if any(saved.get(k) != getattr(cfg, k) for k in keys) or \
+            paper_options(saved) != paper_options(vars(cfg)):
         return None
     errs = [v for _, v in _read_series(folder / "Test-error.series.txt")]
     secs = sum(v for _, v in _read_series(folder / "Training-time.timer.txt"))

@@ -137,6 +137,7 @@ def _check_fields(obj: Any) -> None:
             raise ConfigError(f"{label} must be {m['check'][1]}, got {value!r}")
 
 
+_WITH_STOCHASTIC = "on with --stochastic, as the paper; off otherwise, as the seed"
 _POSITIVE = (lambda v: v > 0 and math.isfinite(v), "> 0")
 _BITS = (lambda v: 1 <= int(v) <= 32, "in [1, 32]")
 #: torch generators take 64-bit seeds; the run derives a few more from ``--seed`` (+ 0x5EED).
@@ -209,13 +210,25 @@ class _QuantOptions:
         "as 0.5,0.75,0.875,0.9375,1.0")
     inq_selection: str = option("largest_abs", "--inq-selection", choices=INQ_SELECTIONS,
                                 help="INQ: which weights are fixed first")
-    clip_weights: bool = option(False, "--clip-weights", kind="true",
-                                help="binary connect/net: clip latent weights to [-1, 1] "
-                                "after each step")
     stochastic: bool = option(False, "--stochastic", kind="true",
                               help="binary connect/net: stochastic binarization in training "
                               "(+1 with probability hard_sigmoid(w), Courbariaux et al. 2015); "
                               "sign at inference")
+    # The paper's latent-weight training: on with --stochastic, which needs it (the draws are
+    # fair coins for small weights), off otherwise (the seed's); each can be set either way.
+    clip_weights: bool | None = option(None, "--clip-weights", kind="bool",
+                                       default_text=_WITH_STOCHASTIC,
+                                       help="binary connect/net: clip latent weights to "
+                                       "[-1, 1] after each step")
+    uniform_init: bool | None = option(None, "--uniform-init", kind="bool",
+                                       default_text=_WITH_STOCHASTIC,
+                                       help="binary connect/net: latent weights start uniform "
+                                       "in [-1, 1] (the paper's code)")
+    glorot_lr_scale: bool | None = option(None, "--glorot-lr-scale", kind="bool",
+                                          default_text=_WITH_STOCHASTIC,
+                                          help="binary connect/net: each binarized layer's "
+                                          "updates times 1/H, H = sqrt(1.5 / (fan_in + "
+                                          "fan_out)) (the paper's learning-rate scale)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples as lists)."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .quantizers import Quantizer, get
+from .quantizers.optim import scale_updates
 
 __all__ = [
     "QuantAct",
@@ -54,6 +55,11 @@ class QuantLayer:
         # the torch parent's arguments pass through unchanged (cooperative __init__)
         super().__init__(*args, **kwargs)
         self._init_quantizers(weight_quantizer, bias_quantizer, input_quantizer, output_quantizer)
+        with torch.no_grad():  # a fresh layer: the quantizers' own initialisation, if any
+            for role in ("weight", "bias"):
+                q, p = getattr(self, f"{role}_quantizer"), self.quant_param(role)
+                if q is not None and p is not None:
+                    q.init_(p)
 
     def _init_quantizers(self, weight_quantizer: Spec, bias_quantizer: Spec,
                          input_quantizer: Spec, output_quantizer: Spec) -> None:
@@ -65,6 +71,14 @@ class QuantLayer:
             q = getattr(self, f"{role}_quantizer")
             if q is not None:
                 q.setup(self.quant_param(role))
+                self._scale_updates(role, q)
+
+    def _scale_updates(self, role: str, q: Quantizer) -> None:
+        # the quantizer's factor on the optimizer's updates of the parameter (1: none);
+        # registered again at each training forward, for a copy (deepcopy, assign=True loads)
+        p = self.param(role)
+        if p is not None and (s := q.update_scale(self.quant_param(role))) != 1.0:
+            scale_updates(p, s)
 
     @classmethod
     def param_key(cls, role: str) -> str:
@@ -222,12 +236,18 @@ class QuantLayer:
         q = self.weight_quantizer
         if q is None:
             return self.param("weight")
+        if self.training and not torch.compiler.is_compiling():
+            self._scale_updates("weight", q)
         return self.from_quant_view("weight", q(self.quant_param("weight")))
 
     def quantized_bias(self) -> Tensor | None:
         """The bias the forward uses (``None`` for a layer without bias)."""
         q, b = self.bias_quantizer, self.param("bias")
-        return b if q is None or b is None else self.from_quant_view("bias", q(b))
+        if q is None or b is None:
+            return b
+        if self.training and not torch.compiler.is_compiling():
+            self._scale_updates("bias", q)
+        return self.from_quant_view("bias", q(b))
 
     def _q_in(self, x: Tensor) -> Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

@@ -258,3 +258,19 @@ def test_accuracy_parallel_trains_each_net_in_its_own_process(threads, tmp_path)
     assert "done: mnist_float_mlp_bc" in (out / "float-s0.log").read_text()  # its child's log
     sec = json.loads((tmp_path / "par-json" / "mnist_mlp_bc.json").read_text())
     assert sec["complete"] and [r["iterations"] for r in sec["records"]] == [4]
+
+
+def test_accuracy_reuses_a_run_saved_before_the_paper_options_and_no_other():
+    """A finished run counts for the benchmark's row only when it trained as the row asks:
+    binary connect's stochastic option and the paper's latent-weight options, resolved (unset,
+    they follow stochastic; absent from a run saved before they existed, off)."""
+    from _papers import paper_options
+
+    old = {"clip_weights": False}  # config.json of a run made before --stochastic existed
+    det = {"stochastic": False, "clip_weights": None, "uniform_init": None,
+           "glorot_lr_scale": None}
+    stoch = {**det, "stochastic": True}
+    assert paper_options(old) == paper_options(det) == (False,) * 4
+    assert paper_options(stoch) == (True,) * 4
+    assert paper_options({"stochastic": True, "clip_weights": False}) != paper_options(stoch)
+    assert paper_options({**stoch, "glorot_lr_scale": False}) == (True, True, True, False)

@@ -95,6 +95,8 @@ class Family:
         return (w.bits if w else 32), (a.bits if a else 32)
 
 
+#: Options whose unset value (None) follows ``stochastic`` (:func:`_bc`).
+_FOLLOWS_STOCHASTIC = ("clip_weights", "uniform_init", "glorot_lr_scale")
 _DEFAULTS = {f.name: getattr(QuantConfig(), f.name) for f in fields(QuantConfig)}
 
 
@@ -102,8 +104,8 @@ def _other(name: str, c: QuantConfig) -> Any:
     """A valid value of option ``name`` other than the one ``c`` holds (a probe for
     :meth:`Family.ignored`)."""
     v = getattr(c, name)
-    if isinstance(_DEFAULTS[name], bool):
-        return not v
+    if isinstance(_DEFAULTS[name], bool) or name in _FOLLOWS_STOCHASTIC:
+        return not v  # None (follow --stochastic) -> True
     if name == "inq_selection":
         return next(s for s in INQ_SELECTIONS if s != v)
     if name == "delta":
@@ -138,9 +140,14 @@ def _mm(c: QuantConfig, weight: bool) -> dict[str, Any]:
 
 
 def _bc(c: QuantConfig) -> dict[str, Any]:
-    # stochastic only when asked: the deterministic spec stays the seed's, key for key
-    return {"name": "binary_connect", "clip_weights": c.clip_weights,
-            **({"stochastic": True} if c.stochastic else {})}
+    # stochastic and the paper's latent-weight training only when asked: the deterministic
+    # spec stays the seed's, key for key. Unset (None), the paper's options follow stochastic.
+    def on(v: bool | None) -> bool:
+        return c.stochastic if v is None else v
+
+    return {"name": "binary_connect", "clip_weights": on(c.clip_weights),
+            **({"stochastic": True} if c.stochastic else {}),
+            **{k: True for k in _FOLLOWS_STOCHASTIC[1:] if on(getattr(c, k))}}
 
 
 def _lsq(c: QuantConfig) -> dict[str, Any]:

@@ -254,6 +254,17 @@ class Quantizer(nn.Module):
     def constrain_(self, param: Tensor) -> None:
         """Project the latent parameter after an optimizer step; default: nothing to do."""
 
+    def init_(self, param: Tensor) -> None:
+        """Initialise ``param`` in a freshly built layer, after PyTorch's initialisation
+        (never in a layer converted from a float one, whose values are kept); default: keep
+        PyTorch's."""
+
+    def update_scale(self, param: Tensor) -> float:
+        """Factor on every optimizer update of ``param``: ``p <- p_old + s * (p_new - p_old)``,
+        applied after each ``optimizer.step()`` by :mod:`fewbits.quantizers.optim` (a
+        per-layer learning-rate scale, whatever the optimizer); default 1."""
+        return 1.0
+
     def after_optimizer_step(self) -> None:
         """Update the quantizer's own state once after each optimizer step (MinMax keeps learned
         ranges valid, a step-counted INQ advances its schedule); default: nothing to do."""

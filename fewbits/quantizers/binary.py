@@ -5,6 +5,7 @@ sigmoid activations. Codes are one bit, 1 for the positive level.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -95,8 +96,21 @@ class BinaryConnect(Quantizer):
     stream, each layer its own). The generator's state is the buffer ``rng_state``: a state
     dict, and so a checkpoint, carries it, and a resumed run draws what the uninterrupted run
     would have drawn. A forward that activation checkpointing recomputes draws the same noise
-    again. ``clip_weights=True`` clips latent weights to ``[-1, 1]`` after each update, as the
-    paper (the seed never clips). Courbariaux et al., NeurIPS 2015.
+    again. Courbariaux et al., NeurIPS 2015.
+
+    The paper's training of the latent weights, each off by default (the seed's): in its units
+    (the authors' code with ``H = 1``), ``+1`` with probability ``hard_sigmoid(w)`` is a fair
+    coin for PyTorch's initial weights (``|w| < 0.04`` in the MNIST MLP), so the stochastic
+    variant needs them all to train:
+
+    - ``clip_weights=True``: latent weights clipped to ``[-1, 1]`` after each update.
+    - ``uniform_init=True``: a freshly built layer's latent weights start uniform in
+      ``[-1, 1]`` (:meth:`init_`; a converted layer keeps its weights).
+    - ``glorot_lr_scale=True``: every optimizer update of the weight is multiplied by
+      ``1 / H``, ``H = sqrt(1.5 / (fan_in + fan_out))`` (Glorot's bound over 2; the authors'
+      ``W_LR_scale = "Glorot"``; ``fan_in = in * k``, ``fan_out = out * k`` with ``k`` the
+      kernel's size), through :func:`fewbits.quantizers.optim.scale_updates`, so with any
+      optimizer. Needs a weight with an output-channel axis (``ValueError`` otherwise).
 
         >>> q = BinaryConnect(stochastic=True, seed=0)
         >>> a = q(torch.zeros(8)); b = q(torch.zeros(8))  # two draws of the stream
@@ -114,9 +128,11 @@ class BinaryConnect(Quantizer):
         return _binary_translations()
 
     def __init__(self, stochastic: bool = False, clip_weights: bool = False,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, uniform_init: bool = False,
+                 glorot_lr_scale: bool = False) -> None:
         super().__init__()
         self.stochastic, self.clip_weights = bool(stochastic), bool(clip_weights)
+        self.uniform_init, self.glorot_lr_scale = bool(uniform_init), bool(glorot_lr_scale)
         if seed is not None and (isinstance(seed, bool) or int(seed) != seed
                                  or not 0 <= int(seed) < 2**63):
             raise ValueError(f"BinaryConnect: seed must be an integer in [0, 2**63), got {seed!r}")
@@ -134,7 +150,25 @@ class BinaryConnect(Quantizer):
         out: dict[str, Any] = {"stochastic": self.stochastic, "clip_weights": self.clip_weights}
         if self.seed is not None:
             out["seed"] = self.seed
+        # only when set: a spec without them is the seed's, key for key
+        out.update({k: True for k in ("uniform_init", "glorot_lr_scale") if getattr(self, k)})
         return out
+
+    def setup(self, param: Tensor) -> None:
+        if self.glorot_lr_scale and param.dim() < 2:
+            raise ValueError(f"binary_connect: glorot_lr_scale needs a weight with an "
+                             f"output-channel axis, got shape {tuple(param.shape)}; give "
+                             "biases a quantizer without it (or None)")
+
+    def init_(self, param: Tensor) -> None:
+        if self.uniform_init:
+            param.uniform_(-1.0, 1.0)
+
+    def update_scale(self, param: Tensor) -> float:
+        if not self.glorot_lr_scale:
+            return 1.0
+        k = param[0, 0].numel()  # the kernel's size (1 for a linear layer)
+        return 1.0 / math.sqrt(1.5 / (param[0].numel() + param.shape[0] * k))
 
     def place(self, name: str) -> None:
         """A stochastic stream of its own for the tensor ``name``: seeded with SHA-256 of the

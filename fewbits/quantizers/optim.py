@@ -6,6 +6,11 @@ installed once when :mod:`fewbits.quantizers` is imported.
   onto a valid range (:meth:`fewbits.quantizers.MinMax.after_optimizer_step`), so a user's own
   loop gets what the trainer's :func:`fewbits.layers.apply_weight_constraints` gives (calling
   that as well changes nothing: the projection of a valid range is the identity).
+- Around every ``optimizer.step()``: the update of each parameter registered with
+  :func:`scale_updates` (a quantizer's :meth:`~fewbits.quantizers.Quantizer.update_scale`, such
+  as BinaryConnect's ``glorot_lr_scale``) is multiplied by its factor,
+  ``p <- p_old + s * (p_new - p_old)`` (BinaryConnect's code scales Adam's update the same
+  way), before the trainer's constraints (the ``[-1, 1]`` clip) apply.
 - Before every ``optimizer.step()``: an optimizer that holds parameters of a model converted by
   :func:`fewbits.quantize_` but not the parameters that conversion added (learned min-max
   ranges), which would then never train, is refused with ``RuntimeError`` saying how to give
@@ -29,6 +34,7 @@ by other means than ``Optimizer.step`` (a hand-written SGD update). Those loops 
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -44,12 +50,17 @@ __all__ = [
     "add_to_optimizer",
     "register_range",
     "require_companions",
+    "scale_updates",
 ]
 
 # id(range parameter) -> (weakref to it, weakref to the quantizer that owns it)
 _RANGES: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 # id(parameter) -> (weakref to it, [(name, weakref) of the parameters quantize_ added with it])
 _COMPANIONS: dict[int, tuple[weakref.ref, list[tuple[str, weakref.ref]]]] = {}
+# id(parameter) -> (weakref to it, factor on its updates)
+_SCALES: dict[int, tuple[weakref.ref, float]] = {}
+# optimizer -> [(parameter, its value before the step, factor)] during a step
+_BEFORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _generation = 0  # bumped when _COMPANIONS changes: cached optimizer checks are then redone
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -66,6 +77,26 @@ def register_range(param: Tensor, owner: nn.Module) -> None:
         return
     _RANGES[id(param)] = (weakref.ref(param), weakref.ref(owner))
     weakref.finalize(param, _forget, _RANGES, id(param))
+
+
+def scale_updates(param: Tensor, factor: float) -> None:
+    """Multiply every optimizer update of ``param`` by ``factor`` (finite, > 0) from now on:
+    after each ``optimizer.step()`` that holds it, ``p <- p_old + factor * (p_new - p_old)``.
+    ``factor == 1`` removes the scaling. Raises ``ValueError`` for another factor."""
+    factor = float(factor)
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"scale_updates: the factor must be finite and > 0, got {factor}")
+    entry = _SCALES.get(id(param))
+    fresh = entry is None or entry[0]() is not param
+    if factor == 1.0:
+        if not fresh:
+            del _SCALES[id(param)]
+        return
+    if fresh:
+        weakref.finalize(param, _forget, _SCALES, id(param))
+    elif entry[1] == factor:
+        return
+    _SCALES[id(param)] = (weakref.ref(param), factor)
 
 
 def require_companions(old: Iterable[Tensor], new: Iterable[tuple[str, Tensor]]) -> None:
@@ -131,6 +162,26 @@ def _check_companions(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
 
 
 @torch.no_grad()
+def _keep_before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _BEFORE.pop(optimizer, None)  # a step that raised left its own
+    if not _SCALES:
+        return
+    todo = []
+    for p in _params(optimizer):
+        entry = _SCALES.get(id(p))
+        if entry is not None and entry[0]() is p:
+            todo.append((p, p.detach().clone(), entry[1]))
+    if todo:
+        _BEFORE[optimizer] = todo
+
+
+@torch.no_grad()
+def _scale_steps(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for p, before, factor in _BEFORE.pop(optimizer, ()):
+        p.sub_(before).mul_(factor).add_(before)
+
+
+@torch.no_grad()
 def _project_ranges(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if not _RANGES:
         return
@@ -146,4 +197,6 @@ def _project_ranges(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) ->
 
 
 register_optimizer_step_pre_hook(_check_companions)
+register_optimizer_step_pre_hook(_keep_before)
+register_optimizer_step_post_hook(_scale_steps)
 register_optimizer_step_post_hook(_project_ranges)
