@@ -49,6 +49,8 @@ typedef struct {
     const void *x, *wpack;
     const int8_t *wpack8; /* AVX2 u8 x s8 weights [nb][kq4/4][16][4] or NULL */
     int32_t kq4;          /* taps rounded up to a multiple of 4 (wpack8) */
+    int32_t ushift;       /* u8 path: byte = code - ushift (ushift <= 0: signed codes) */
+    const int32_t *corr;  /* u8 path: ushift * (sum of the channel's weights), or NULL */
     const float *sacc, *bias, *alpha, *beta; /* per output channel */
     void *y, *scratch;
 } fbi_conv;
@@ -344,9 +346,10 @@ AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, i
 /* ----------------------------------------------------------------- the layer */
 
 #if FBI_X86
-/* codes in [0, 255] as bytes, rows [OH*OW][kq4] (zeros: padding, tail) */
+/* codes minus ushift as bytes, rows [OH*OW][kq4] (padding: the byte of code 0; tail: 0) */
 AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *col) {
     int cg = a->cin / a->groups, kq = a->kq4;
+    uint8_t zero = (uint8_t)(-a->ushift);
     for (int oy = 0; oy < a->oh; oy++)
         for (int ox = 0; ox < a->ow; ox++) {
             uint8_t *row = col + ((int64_t)oy * a->ow + ox) * kq;
@@ -356,10 +359,10 @@ AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *
                 for (int kx = 0; kx < a->kw; kx++, t += cg) {
                     int ix = ox * a->sw - a->pw + kx * a->dw;
                     if (iy < 0 || iy >= a->h || ix < 0 || ix >= a->w) {
-                        memset(row + t, 0, (size_t)cg);
+                        memset(row + t, zero, (size_t)cg);
                     } else {
                         const int16_t *p = x + ((int64_t)iy * a->w + ix) * a->cin + g * cg;
-                        for (int c = 0; c < cg; c++) row[t + c] = (uint8_t)p[c];
+                        for (int c = 0; c < cg; c++) row[t + c] = (uint8_t)(p[c] - a->ushift);
                     }
                 }
             }
@@ -367,71 +370,132 @@ AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *
         }
 }
 
-/* vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
+/* n int16 codes minus `shift` to bytes (the codes are known to lie in [shift, shift + 255]) */
+AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
+    const __m256i s = _mm256_set1_epi16((int16_t)shift);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i lo = _mm256_sub_epi16(_mm256_loadu_si256((const __m256i *)(x + i)), s);
+        __m256i hi = _mm256_sub_epi16(_mm256_loadu_si256((const __m256i *)(x + i + 16)), s);
+        /* values in [0, 255] as int16 (the sub wraps only above 255, never here) */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0xD8);
+        _mm256_storeu_si256((__m256i *)(y + i), p);
+    }
+    for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
+}
+
+/* the epilogue of up to 6 rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
+ * a row outside the output, dropped) */
+AVX2 static inline __attribute__((always_inline)) void store_rows_p(
+    const fbi_conv *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
+    int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
+    __m256i k0 = _mm256_setzero_si256(), k1 = k0;
+    if (a->corr) {
+        k0 = _mm256_loadu_si256((const __m256i *)(a->corr + n));
+        if (hi > 0) k1 = _mm256_loadu_si256((const __m256i *)(a->corr + n + 8));
+    }
+    for (int r = 0; r < 6; r++) {
+        if (!dst[r]) continue;
+        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0)), n, lo,
+                                dst[r]);
+        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(_mm256_add_epi32(c1[r], k1)), n + 8,
+                                hi > 8 ? 8 : hi, dst[r]);
+    }
+}
+
+/* 6 rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
+ * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
  * (the compiler checked they cannot saturate), then vpmaddwd by ones to int32 */
-AVX2 static void kern6_u8(const fbi_conv *a, const uint8_t *A, int64_t lda, const int8_t *bb,
-                          int kq, int n, int cnt, char *Y, int64_t ldy, int esize) {
+AVX2 static void kern6_u8(const fbi_conv *a, const uint8_t *A, int64_t lda,
+                          const int64_t *toff, int ntaps, int qpt, const int8_t *bb, int n,
+                          int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
             a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
-    for (int q = 0; q < kq; q++) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4 + 32));
-        __m256i v;
-        int32_t quad;
+    for (int t = 0; t < ntaps; t++) {
+        const uint8_t *p = A + toff[t];
+        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
+            __m256i v;
+            int32_t quad;
 #define ROW8(r, x, y)                                                                     \
-        memcpy(&quad, A + (r) * lda + 4 * q, 4);                                          \
-        v = _mm256_set1_epi32(quad);                                                      \
-        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w0), ones));    \
-        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w1), ones));
-        ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_)
-        ROW8(3, a3, b3_) ROW8(4, a4, b4_) ROW8(5, a5, b5_)
+            memcpy(&quad, p + (r) * lda, 4);                                              \
+            v = _mm256_set1_epi32(quad);                                                  \
+            x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w0), ones)); \
+            y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w1), ones));
+            ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_)
+            ROW8(3, a3, b3_) ROW8(4, a4, b4_) ROW8(5, a5, b5_)
 #undef ROW8
+        }
     }
     __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
-    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+    store_rows_p(a, c0, c1, n, cnt, dst);
 }
 
-AVX2 static void kern1_u8(const fbi_conv *a, const uint8_t *A, const int8_t *bb, int kq,
-                          int n, int cnt, char *Y, int64_t ldy, int esize) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i x = _mm256_setzero_si256(), y = x;
-    for (int q = 0; q < kq; q++) {
-        int32_t quad;
-        memcpy(&quad, A + 4 * q, 4);
-        __m256i v = _mm256_set1_epi32(quad);
-        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
-                                    (const __m256i *)(bb + q * NB * 4))), ones));
-        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
-                                    (const __m256i *)(bb + q * NB * 4 + 32))), ones));
+/* rows j0 .. j0+5 of a virtual grid `vw` pixels wide, of which the first ow are output
+ * pixels (the rest: the padding columns of the direct path) */
+static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
+                           char **dst) {
+    for (int r = 0; r < 6; r++) {
+        int64_t j = j0 + r, oy = j / vw, ox = j % vw;
+        dst[r] = j < nrows && ox < ow ? Yi + (oy * ow + ox) * ldy : NULL;
     }
-    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
 }
 
 AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int og = a->cout / a->groups, esize = a->out_kind == OUT_FLOAT ? 4 : 2;
     int nblocks = (og + NB - 1) / NB, kq = a->kq4 / 4;
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
-    int64_t wstride = (int64_t)nblocks * a->kq4 * NB;
-    uint8_t *col = (uint8_t *)a->scratch;
-    for (int i = 0; i < a->n; i++)
-        for (int g = 0; g < a->groups; g++) {
-            char *Yi = (char *)a->y + (int64_t)i * opix * a->cout * esize;
-            im2col_u8(a, (const int16_t *)a->x + i * in_img, g, col);
-            const int8_t *B = a->wpack8 + g * wstride;
-            for (int64_t r = 0; r < opix; r += RMAX) {
-                int rows = opix - r < RMAX ? (int)(opix - r) : RMAX;
+    int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
+    uint8_t *buf = (uint8_t *)a->scratch;
+    char *dst[6];
+    /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
+     * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
+    if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
+        a->cin % 4 == 0 && a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64) {
+        int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
+        int64_t toff[64];
+        for (int ky = 0; ky < a->kh; ky++)
+            for (int kx = 0; kx < a->kw; kx++)
+                toff[ky * a->kw + kx] = ((int64_t)ky * wp + kx) * cin;
+        int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow, img = (int64_t)hp * wp * cin;
+        memset(buf + img, 0, (size_t)8 * cin); /* slack read by the dropped rows */
+        for (int i = 0; i < a->n; i++) {
+            const int16_t *x = (const int16_t *)a->x + i * in_img;
+            char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
+            if (a->ph || a->pw) {
+                memset(buf, (uint8_t)(-a->ushift), (size_t)img);
+                for (int y = 0; y < a->h; y++)
+                    to_u8(x + (int64_t)y * a->w * cin, (int64_t)a->w * cin, a->ushift,
+                          buf + (((int64_t)y + a->ph) * wp + a->pw) * cin);
+            } else {
+                to_u8(x, in_img, a->ushift, buf);
+            }
+            for (int64_t j0 = 0; j0 < nrows; j0 += 6) {
+                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
-                    char *Yr = Yi + r * a->cout * esize;
-                    if (rows == RMAX)
-                        kern6_u8(a, col + r * a->kq4, a->kq4, bb, kq, g * og + n0, cnt, Yr,
-                                 a->cout, esize);
-                    else
-                        for (int q = 0; q < rows; q++)
-                            kern1_u8(a, col + (r + q) * a->kq4, bb, kq, g * og + n0, cnt,
-                                     Yr + (int64_t)q * a->cout * esize, a->cout, esize);
+                    kern6_u8(a, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
+                             a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                }
+            }
+        }
+        return;
+    }
+    int64_t zero = 0;
+    memset(buf + opix * a->kq4, 0, (size_t)6 * a->kq4); /* rows read past the last one */
+    for (int i = 0; i < a->n; i++)
+        for (int g = 0; g < a->groups; g++) {
+            char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
+            im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
+            const int8_t *B = a->wpack8 + g * wstride;
+            for (int64_t r = 0; r < opix; r += 6) {
+                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst);
+                for (int b = 0; b < nblocks; b++) {
+                    int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+                    kern6_u8(a, buf + r * a->kq4, a->kq4, &zero, 1, kq,
+                             B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
                 }
             }
         }

@@ -70,7 +70,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
                  "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups", "kp", "kf", "pre_relu",
                  "klo", "khi", "kofs")] + \
         [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
-        [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32)] + \
+        [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32),
+         ("ushift", ctypes.c_int32), ("corr", _P)] + \
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")]
 
 
@@ -151,9 +152,20 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     a.wpack = _ptr(s.wpack)
     if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
         keep.append(s.wpack8)
-        a.wpack8, a.kq4 = _ptr(s.wpack8), s.kq4
+        a.wpack8, a.kq4, a.ushift = _ptr(s.wpack8), s.kq4, s.ushift
+        if s.corr is not None:
+            keep.append(s.corr)
+            a.corr = _ptr(s.corr)
     a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
     return a
+
+
+def _scratch_bytes(g: dict, kq4: int) -> int:
+    """Work bytes of one conv: its im2col rows (int16 / float / u8 with 6 rows of slack) or
+    the zero-padded byte image of the u8 direct path (8 pixels of slack)."""
+    padded = ((g["h"] + 2 * g["ph"]) * (g["w"] + 2 * g["pw"]) + 8) * g["cin"]
+    rows = g["oh"] * g["ow"]
+    return max(rows * g["kp"] * 2, rows * g["kf"] * 4, (rows + 6) * kq4, padded) + 64
 
 
 class IntegerEngine:
@@ -174,8 +186,8 @@ class IntegerEngine:
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._keep_batch: dict[int, list] = {}
-        self._scratch = max([s.geom["oh"] * s.geom["ow"] * max(s.geom["kp"] * 2, s.geom["kf"] * 4)
-                             + 64 for s in prog.steps if isinstance(s, Conv)], default=64)
+        self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
+                             if isinstance(s, Conv)], default=64)
         for s in prog.steps:
             if isinstance(s, Quantize):
                 self._qargs[id(s)] = _ConvArgs()

@@ -124,6 +124,8 @@ class Conv:
     name: str = ""
     wpack8: np.ndarray | None = None  # u8 x s8 weights for the AVX2 path, where exact
     kq4: int = 0
+    ushift: int = 0  # u8 path: bytes are codes - ushift; sums corrected by ``corr``
+    corr: np.ndarray | None = None
 
 
 @dataclass
@@ -354,7 +356,12 @@ class Compiler:
                 raise ValueError(f"{name}: int32 sums could reach {peak}: inputs too wide")
             pack, geom["kp"] = _pack_int(k, groups)
             sacc = (np.float32(x.scale) * sw_).astype(np.float32)
-            u8 = pack_u8(k, groups, x.hi) if x.lo >= 0 else None
+            # u8 path: bytes u = k - shift in [0, 255] (signed codes shifted up; the padding
+            # byte is -shift), sums corrected by shift * (the channel's weight sum)
+            shift = min(x.lo, 0)
+            umax = x.hi - shift
+            u8 = pack_u8(k, groups, umax) if umax <= 255 and \
+                int(np.abs(k).reshape(cout, -1).sum(1).max()) * umax <= _I32 else None
         elif x.kind in ("input", "float"):
             if x.kind == "float" and len(x.shape) == 3:
                 raise ValueError(f"{name}: a float feature map here; the integer engine takes "
@@ -366,6 +373,9 @@ class Compiler:
         conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name)
         if x.kind == "int" and u8 is not None:
             conv.wpack8, conv.kq4 = u8
+            if shift:
+                conv.ushift = shift
+                conv.corr = (shift * k.reshape(cout, -1).sum(1)).astype(np.int32)
         return conv
 
     def quantize(self, x: Value, qp: QuantParams, name: str) -> Value:
