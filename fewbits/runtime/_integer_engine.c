@@ -200,15 +200,63 @@ static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int
 #if FBI_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 
+/* The epilogue's constants, made once per layer call (vectors, so that the stores cannot make
+ * the compiler reload and broadcast them). */
+typedef struct {
+    __m256 clo, chi, sub, inv, scale, eps;
+    __m256i kofs, klo, khi;
+    const float *sacc, *bias, *alpha, *beta;
+    const int32_t *corr;
+    int pre_relu, out_float, use_sub, use_div, int_clamp;
+} fbi_ep;
+
+/* the code of `v` without the final clamp of the code range (for the check below) */
+static int32_t raw_code(float v, const fbi_conv *a) {
+    v = a->inv != 0.0f ? (v - a->sub) * a->inv : (v - a->sub) / a->scale;
+    float av = fabsf(v), r = nearbyintf(av);
+    r += (av - r == 0.5f) ? 1.0f : 0.0f;
+    return (v < 0 ? -(int32_t)r : (int32_t)r) + a->kofs;
+}
+
+AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
+    e->clo = _mm256_set1_ps(a->clo), e->chi = _mm256_set1_ps(a->chi);
+    e->sub = _mm256_set1_ps(a->sub), e->scale = _mm256_set1_ps(a->scale);
+    e->use_div = a->inv == 0.0f;
+    e->inv = _mm256_set1_ps(e->use_div ? 1.0f / a->scale : a->inv);
+    e->eps = _mm256_set1_ps(0x1p-20f);
+    e->kofs = _mm256_set1_epi32(a->kofs);
+    e->klo = _mm256_set1_epi32(a->klo), e->khi = _mm256_set1_epi32(a->khi);
+    e->sacc = a->sacc, e->bias = a->bias, e->alpha = a->alpha, e->beta = a->beta;
+    e->corr = a->corr;
+    e->pre_relu = a->pre_relu, e->out_float = a->out_kind == OUT_FLOAT;
+    e->use_sub = a->sub != 0.0f;
+    /* the clamp of the code range is a no-op where the codes of clo and chi lie in it (the
+     * code is monotone in v, and v is clamped to [clo, chi] first); |codes| < 2^30 keeps the
+     * float -> int conversion exact */
+    e->int_clamp = 1;
+    if (!e->out_float && a->scale > 0.0f && isfinite(a->clo) && isfinite(a->chi) &&
+        fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
+        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f)
+        e->int_clamp = !(raw_code(a->clo, a) >= a->klo && raw_code(a->chi, a) <= a->khi);
+}
+
+/* |t| rounded half away from zero, as int32 (t finite, |t| < 2^31) */
+AVX2 static inline __attribute__((always_inline)) __m256i rha_abs(__m256 at) {
+    __m256 r = _mm256_round_ps(at, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(at, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
+    /* a tie rounded to even went down: one more (the mask is -1) */
+    return _mm256_sub_epi32(_mm256_cvttps_epi32(r), _mm256_castps_si256(tie));
+}
+
 /* the epilogue of 8 channels n .. n+7 from 8 int32 / float sums, vectorised; `cnt` < 8 stores
- * only the first cnt */
-AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt, char *dst) {
-    v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->sacc + n)),
-                      _mm256_loadu_ps(a->bias + n));
-    if (a->pre_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
-    v = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->alpha + n), _mm256_loadu_ps(a->beta + n));
-    if (a->out_kind == OUT_FLOAT) { /* a ReLU / clamp after batch norm, unquantized */
-        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(a->clo)), _mm256_set1_ps(a->chi));
+ * only the first cnt. The same IEEE operations as rha_code / pre_value, in the same order. */
+AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep *e, __m256 v, int n, int cnt, char *dst) {
+    v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(e->sacc + n)),
+                      _mm256_loadu_ps(e->bias + n));
+    if (e->pre_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+    v = _mm256_fmadd_ps(v, _mm256_loadu_ps(e->alpha + n), _mm256_loadu_ps(e->beta + n));
+    if (e->out_float) { /* a ReLU / clamp after batch norm, unquantized */
+        v = _mm256_min_ps(_mm256_max_ps(v, e->clo), e->chi);
         if (cnt == 8) _mm256_storeu_ps((float *)dst + n, v);
         else {
             float t[8];
@@ -218,33 +266,39 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_con
         return;
     }
     /* min/max order as rha_code: v < clo ? clo : v (NaN never reaches here: inputs checked) */
-    v = _mm256_max_ps(v, _mm256_set1_ps(a->clo));
-    v = _mm256_min_ps(v, _mm256_set1_ps(a->chi));
-    v = _mm256_sub_ps(v, _mm256_set1_ps(a->sub));
-    v = a->inv != 0.0f ? _mm256_mul_ps(v, _mm256_set1_ps(a->inv))
-                       : _mm256_div_ps(v, _mm256_set1_ps(a->scale));
-    __m256 sgn = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
-    __m256 av = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
-    __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(av, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
-    r = _mm256_add_ps(r, _mm256_and_ps(tie, _mm256_set1_ps(1.0f)));
-    __m256i k = _mm256_cvttps_epi32(_mm256_or_ps(r, sgn));
-    k = _mm256_add_epi32(k, _mm256_set1_epi32(a->kofs));
-    k = _mm256_max_epi32(k, _mm256_set1_epi32(a->klo));
-    k = _mm256_min_epi32(k, _mm256_set1_epi32(a->khi));
+    v = _mm256_min_ps(_mm256_max_ps(v, e->clo), e->chi);
+    if (e->use_sub) v = _mm256_sub_ps(v, e->sub);
+    __m256 t = _mm256_mul_ps(v, e->inv); /* exact where inv = 1 / scale is a power of two */
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 at = _mm256_and_ps(t, absmask);
+    if (e->use_div) {
+        /* v * (1 / scale) is within 3 ulp of v / scale: their codes differ only where the
+         * quotient is that close to a half-integer; such vectors divide (rare) */
+        __m256 d = _mm256_and_ps(_mm256_sub_ps(at, _mm256_round_ps(
+                       at, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), absmask);
+        __m256 gap = _mm256_and_ps(_mm256_sub_ps(d, _mm256_set1_ps(0.5f)), absmask);
+        __m256 near = _mm256_cmp_ps(gap, _mm256_fmadd_ps(at, e->eps, e->eps), _CMP_LE_OQ);
+        if (_mm256_movemask_ps(near)) {
+            t = _mm256_div_ps(v, e->scale);
+            at = _mm256_and_ps(t, absmask);
+        }
+    }
+    __m256i k = _mm256_sign_epi32(rha_abs(at), _mm256_castps_si256(t));
+    k = _mm256_add_epi32(k, e->kofs);
+    if (e->int_clamp) k = _mm256_min_epi32(_mm256_max_epi32(k, e->klo), e->khi);
     __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
     if (cnt == 8) _mm_storeu_si128((__m128i *)((int16_t *)dst + n), k16);
     else {
-        int16_t t[8];
-        _mm_storeu_si128((__m128i *)t, k16);
-        memcpy((int16_t *)dst + n, t, sizeof(int16_t) * cnt);
+        int16_t tmp[8];
+        _mm_storeu_si128((__m128i *)tmp, k16);
+        memcpy((int16_t *)dst + n, tmp, sizeof(int16_t) * cnt);
     }
 }
 
 #define RMAX 6
 /* epilogue of `rows` rows of two 8-channel accumulators */
 AVX2 static inline __attribute__((always_inline)) void store_rows(
-    const fbi_conv *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
     char *Y, int64_t ldy, int esize) {
     int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
     for (int r = 0; r < rows; r++) {
@@ -255,7 +309,7 @@ AVX2 static inline __attribute__((always_inline)) void store_rows(
 }
 
 /* 6 rows x 16 channels, the 12 accumulators in registers */
-AVX2 static void kern6_i16(const fbi_conv *a, const int16_t *A, int64_t lda,
+AVX2 static void kern6_i16(const fbi_ep *a, const int16_t *A, int64_t lda,
                            const int16_t *bb, int kp2, int n, int cnt, char *Y, int64_t ldy,
                            int esize) {
     __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
@@ -279,7 +333,7 @@ AVX2 static void kern6_i16(const fbi_conv *a, const int16_t *A, int64_t lda,
     store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
 }
 
-AVX2 static void kern1_i16(const fbi_conv *a, const int16_t *A, const int16_t *bb, int kp2,
+AVX2 static void kern1_i16(const fbi_ep *a, const int16_t *A, const int16_t *bb, int kp2,
                            int n, int cnt, char *Y, int64_t ldy, int esize) {
     __m256i x = _mm256_setzero_si256(), y = x;
     const int32_t *r0 = (const int32_t *)A;
@@ -293,10 +347,13 @@ AVX2 static void kern1_i16(const fbi_conv *a, const int16_t *A, const int16_t *b
     store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
 }
 
-AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda, int64_t m,
+AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
                                const int16_t *B, int nblocks, int n_off, int cout_g, char *Y,
                                int64_t ldy, int esize) {
-    int kp2 = a->kp / 2;
+    int kp2 = ac->kp / 2;
+    fbi_ep e;
+    ep_init(ac, &e);
+    const fbi_ep *a = &e;
     for (int64_t r = 0; r < m; r += RMAX) {
         int rows = m - r < RMAX ? (int)(m - r) : RMAX;
         for (int b = 0; b < nblocks; b++) {
@@ -313,11 +370,14 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda,
     }
 }
 
-AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
+AVX2 static void gemm_f32_avx2(const fbi_conv *ac, const float *A, int64_t lda, int64_t m,
                                const float *B, int nblocks, int n_off, int cout_g, char *Y,
                                int64_t ldy, int esize) {
     /* 4 rows x 2 blocks of 8 channels: each broadcast of A feeds two FMAs */
-    int kf = a->kf;
+    int kf = ac->kf;
+    fbi_ep e;
+    ep_init(ac, &e);
+    const fbi_ep *a = &e;
     for (int64_t r = 0; r < m; r += 4) {
         int rows = m - r < 4 ? (int)(m - r) : 4;
         for (int b = 0; b < nblocks; b += 2) {
@@ -387,7 +447,7 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
 /* the epilogue of up to 6 rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
  * a row outside the output, dropped) */
 AVX2 static inline __attribute__((always_inline)) void store_rows_p(
-    const fbi_conv *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
     int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
     __m256i k0 = _mm256_setzero_si256(), k1 = k0;
     if (a->corr) {
@@ -406,7 +466,7 @@ AVX2 static inline __attribute__((always_inline)) void store_rows_p(
 /* 6 rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
  * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
  * (the compiler checked they cannot saturate), then vpmaddwd by ones to int32 */
-AVX2 static void kern6_u8(const fbi_conv *a, const uint8_t *A, int64_t lda,
+AVX2 static void kern6_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
                           const int64_t *toff, int ntaps, int qpt, const int8_t *bb, int n,
                           int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -450,6 +510,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
     uint8_t *buf = (uint8_t *)a->scratch;
     char *dst[6];
+    fbi_ep ep;
+    ep_init(a, &ep);
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
      * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -476,7 +538,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern6_u8(a, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
+                    kern6_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
                              a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
                 }
             }
@@ -494,7 +556,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern6_u8(a, buf + r * a->kq4, a->kq4, &zero, 1, kq,
+                    kern6_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq,
                              B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
                 }
             }
