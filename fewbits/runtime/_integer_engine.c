@@ -50,6 +50,7 @@ typedef struct {
     const int8_t *wpack8; /* AVX2 u8 x s8 weights [nb][kq4/4][16][4] or NULL */
     int32_t kq4;          /* taps rounded up to a multiple of 4 (wpack8) */
     int32_t ushift;       /* u8 path: byte = code - ushift (ushift <= 0: signed codes) */
+    int32_t kchunk;       /* u8 path: quads whose int16 lane sums cannot wrap (>= 1) */
     const int32_t *corr;  /* u8 path: ushift * (sum of the channel's weights), or NULL */
     const float *sacc, *bias, *alpha, *beta; /* per output channel */
     void *y, *scratch;
@@ -444,7 +445,9 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
     for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
 }
 
-/* the epilogue of up to 6 rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
+#define UR 4 /* rows of the u8 kernel: its int16 sums, weights and broadcasts fit 16 registers */
+
+/* the epilogue of UR rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
  * a row outside the output, dropped) */
 AVX2 static inline __attribute__((always_inline)) void store_rows_p(
     const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
@@ -454,7 +457,7 @@ AVX2 static inline __attribute__((always_inline)) void store_rows_p(
         k0 = _mm256_loadu_si256((const __m256i *)(a->corr + n));
         if (hi > 0) k1 = _mm256_loadu_si256((const __m256i *)(a->corr + n + 8));
     }
-    for (int r = 0; r < 6; r++) {
+    for (int r = 0; r < UR; r++) {
         if (!dst[r]) continue;
         if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0)), n, lo,
                                 dst[r]);
@@ -463,15 +466,19 @@ AVX2 static inline __attribute__((always_inline)) void store_rows_p(
     }
 }
 
-/* 6 rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
- * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
- * (the compiler checked they cannot saturate), then vpmaddwd by ones to int32 */
-AVX2 static void kern6_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
-                          const int64_t *toff, int ntaps, int qpt, const int8_t *bb, int n,
-                          int cnt, char **dst) {
+/* UR rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
+ * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16;
+ * these int16 lanes are summed over `chunk` quads (the compiler checked that no partial sum
+ * can leave int16), then widened by vpmaddwd with ones into the int32 sums */
+AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
+                          const int64_t *toff, int ntaps, int qpt, int chunk, const int8_t *bb,
+                          int n, int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c0[UR], c1[UR];
+    for (int r = 0; r < UR; r++) c0[r] = c1[r] = _mm256_setzero_si256();
     __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
-            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+            a3 = a0, b3_ = a0;
+    int left = chunk;
     for (int t = 0; t < ntaps; t++) {
         const uint8_t *p = A + toff[t];
         for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
@@ -479,25 +486,35 @@ AVX2 static void kern6_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
             __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
             __m256i v;
             int32_t quad;
-#define ROW8(r, x, y)                                                                     \
-            memcpy(&quad, p + (r) * lda, 4);                                              \
-            v = _mm256_set1_epi32(quad);                                                  \
-            x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w0), ones)); \
-            y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w1), ones));
-            ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_)
-            ROW8(3, a3, b3_) ROW8(4, a4, b4_) ROW8(5, a5, b5_)
+#define ROW8(r, x, y)                                                       \
+            memcpy(&quad, p + (r) * lda, 4);                                \
+            v = _mm256_set1_epi32(quad);                                    \
+            x = _mm256_add_epi16(x, _mm256_maddubs_epi16(v, w0));           \
+            y = _mm256_add_epi16(y, _mm256_maddubs_epi16(v, w1));
+            ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_) ROW8(3, a3, b3_)
 #undef ROW8
+            if (--left == 0) {
+#define WIDEN(r, x, y)                                                                 \
+                c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(x, ones));            \
+                c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(y, ones));            \
+                x = y = _mm256_setzero_si256();
+                WIDEN(0, a0, b0_) WIDEN(1, a1, b1_) WIDEN(2, a2, b2_) WIDEN(3, a3, b3_)
+                left = chunk;
+            }
         }
     }
-    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
+    if (left != chunk) {
+        WIDEN(0, a0, b0_) WIDEN(1, a1, b1_) WIDEN(2, a2, b2_) WIDEN(3, a3, b3_)
+#undef WIDEN
+    }
     store_rows_p(a, c0, c1, n, cnt, dst);
 }
 
-/* rows j0 .. j0+5 of a virtual grid `vw` pixels wide, of which the first ow are output
+/* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
                            char **dst) {
-    for (int r = 0; r < 6; r++) {
+    for (int r = 0; r < UR; r++) {
         int64_t j = j0 + r, oy = j / vw, ox = j % vw;
         dst[r] = j < nrows && ox < ow ? Yi + (oy * ow + ox) * ldy : NULL;
     }
@@ -509,9 +526,10 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
     int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
     uint8_t *buf = (uint8_t *)a->scratch;
-    char *dst[6];
+    char *dst[UR];
     fbi_ep ep;
     ep_init(a, &ep);
+    int chunk = a->kchunk < 1 ? 1 : a->kchunk;
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
      * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -534,11 +552,11 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             } else {
                 to_u8(x, in_img, a->ushift, buf);
             }
-            for (int64_t j0 = 0; j0 < nrows; j0 += 6) {
+            for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
                 row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern6_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
+                    kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
                              a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
                 }
             }
@@ -552,11 +570,11 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
             im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
             const int8_t *B = a->wpack8 + g * wstride;
-            for (int64_t r = 0; r < opix; r += 6) {
+            for (int64_t r = 0; r < opix; r += UR) {
                 row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern6_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq,
+                    kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
                              B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
                 }
             }

@@ -71,7 +71,7 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
                  "klo", "khi", "kofs")] + \
         [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
         [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32),
-         ("ushift", ctypes.c_int32), ("corr", _P)] + \
+         ("ushift", ctypes.c_int32), ("kchunk", ctypes.c_int32), ("corr", _P)] + \
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")]
 
 
@@ -152,7 +152,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     a.wpack = _ptr(s.wpack)
     if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
         keep.append(s.wpack8)
-        a.wpack8, a.kq4, a.ushift = _ptr(s.wpack8), s.kq4, s.ushift
+        a.wpack8, a.kq4, a.ushift, a.kchunk = _ptr(s.wpack8), s.kq4, s.ushift, s.kchunk
         if s.corr is not None:
             keep.append(s.corr)
             a.corr = _ptr(s.corr)
