@@ -580,6 +580,64 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             }
         }
 }
+
+/* A float-input layer (the network's images) at stride 1, one group: the taps (c, ky, kx), in
+ * the packed weights' order, are fixed offsets into zero-padded NCHW planes, UR rows of
+ * consecutive pixels of the padded width, 16 channels (two packed blocks of 8). The same fmas
+ * in the same order as gemm_f32_generic on im2col rows. */
+AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
+    fbi_ep ep;
+    ep_init(a, &ep);
+    int og = a->cout, esize = a->out_kind == OUT_FLOAT ? 4 : 2, kf = a->kf;
+    int nblocks = (og + NBF - 1) / NBF, hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
+    int64_t plane = (int64_t)hp * wp, opix = (int64_t)a->oh * a->ow;
+    int64_t in_img = (int64_t)a->h * a->w * a->cin, ldy = (int64_t)a->cout * esize;
+    int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow;
+    int64_t toff[64];
+    for (int c = 0, t = 0; c < a->cin; c++)
+        for (int ky = 0; ky < a->kh; ky++)
+            for (int kx = 0; kx < a->kw; kx++, t++) toff[t] = c * plane + (int64_t)ky * wp + kx;
+    float *buf = (float *)a->scratch;
+    memset(buf, 0, sizeof(float) * (size_t)(a->cin * plane + 8)); /* padding, slack */
+    char *dst[UR];
+    for (int i = 0; i < a->n; i++) {
+        const float *x = (const float *)a->x + i * in_img;
+        char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
+        for (int c = 0; c < a->cin; c++)
+            for (int y = 0; y < a->h; y++)
+                memcpy(buf + c * plane + (int64_t)(y + a->ph) * wp + a->pw,
+                       x + ((int64_t)c * a->h + y) * a->w, sizeof(float) * (size_t)a->w);
+        for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
+            row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst);
+            const float *A = buf + j0;
+            for (int b = 0; b < nblocks; b += 2) {
+                const float *b0 = (const float *)a->wpack + (int64_t)b * kf * NBF;
+                const float *b1 = b + 1 < nblocks ? b0 + (int64_t)kf * NBF : b0;
+                __m256 x0 = _mm256_setzero_ps(), y0 = x0, x1 = x0, y1 = x0, x2 = x0, y2 = x0,
+                       x3 = x0, y3 = x0;
+                for (int t = 0; t < kf; t++) {
+                    __m256 w0 = _mm256_loadu_ps(b0 + t * NBF), w1 = _mm256_loadu_ps(b1 + t * NBF);
+                    const float *p = A + toff[t];
+                    __m256 v;
+#define ROWF(r, xx, yy)                                                       \
+                    v = _mm256_broadcast_ss(p + r);                           \
+                    xx = _mm256_fmadd_ps(v, w0, xx);                          \
+                    yy = _mm256_fmadd_ps(v, w1, yy);
+                    ROWF(0, x0, y0) ROWF(1, x1, y1) ROWF(2, x2, y2) ROWF(3, x3, y3)
+#undef ROWF
+                }
+                __m256 c0[UR] = {x0, x1, x2, x3}, c1[UR] = {y0, y1, y2, y3};
+                int n0 = b * NBF, cnt = og - n0 < 2 * NBF ? og - n0 : 2 * NBF;
+                int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
+                for (int r = 0; r < UR; r++) {
+                    if (!dst[r]) continue;
+                    store8_avx2(&ep, c0[r], n0, lo, dst[r]);
+                    if (hi > 0) store8_avx2(&ep, c1[r], n0 + 8, hi, dst[r]);
+                }
+            }
+        }
+    }
+}
 #endif
 
 /* Returns 0, or -1 (ISA not supported here), -2 (bad arguments). */
@@ -588,6 +646,12 @@ int fbi_conv_run(const fbi_conv *a) {
 #if FBI_X86
     if (a->isa == ISA_AVX2 && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0) {
         conv_u8_avx2(a);
+        return 0;
+    }
+    if (a->isa == ISA_AVX2 && a->in_kind == IN_FLOAT_NCHW && a->groups == 1 && a->sh == 1 &&
+        a->sw == 1 && a->dh == 1 && a->dw == 1 && a->kf == a->cin * a->kh * a->kw &&
+        a->kf <= 64) {
+        conv_f32_direct_avx2(a);
         return 0;
     }
 #endif

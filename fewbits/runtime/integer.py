@@ -162,8 +162,8 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
 
 def _scratch_bytes(g: dict, kq4: int) -> int:
     """Work bytes of one conv: its im2col rows (int16 / float / u8 with 6 rows of slack) or
-    the zero-padded byte image of the u8 direct path (8 pixels of slack)."""
-    padded = ((g["h"] + 2 * g["ph"]) * (g["w"] + 2 * g["pw"]) + 8) * g["cin"]
+    the zero-padded image of a direct path (bytes, or float planes; 8 pixels of slack)."""
+    padded = ((g["h"] + 2 * g["ph"]) * (g["w"] + 2 * g["pw"]) + 8) * g["cin"] * 4
     rows = g["oh"] * g["ow"]
     return max(rows * g["kp"] * 2, rows * g["kf"] * 4, (rows + 6) * kq4, padded) + 64
 
