@@ -208,7 +208,7 @@ typedef struct {
     __m256i kofs, klo, khi;
     const float *sacc, *bias, *alpha, *beta;
     const int32_t *corr;
-    int pre_relu, out_float, use_sub, use_div, int_clamp;
+    int pre_relu, out_float, use_sub, use_div, int_clamp, use_kofs, nonneg;
 } fbi_ep;
 
 /* the code of `v` without the final clamp of the code range (for the check below) */
@@ -231,6 +231,9 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->corr = a->corr;
     e->pre_relu = a->pre_relu, e->out_float = a->out_kind == OUT_FLOAT;
     e->use_sub = a->sub != 0.0f;
+    e->use_kofs = a->kofs != 0;
+    /* clo >= sub: the quotient is >= 0 (or -0), its sign needs no handling */
+    e->nonneg = !e->out_float && a->clo >= a->sub;
     /* the clamp of the code range is a no-op where the codes of clo and chi lie in it (the
      * code is monotone in v, and v is clamped to [clo, chi] first); |codes| < 2^30 keeps the
      * float -> int conversion exact */
@@ -271,7 +274,7 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
     if (e->use_sub) v = _mm256_sub_ps(v, e->sub);
     __m256 t = _mm256_mul_ps(v, e->inv); /* exact where inv = 1 / scale is a power of two */
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 at = _mm256_and_ps(t, absmask);
+    __m256 at = e->nonneg ? t : _mm256_and_ps(t, absmask);
     if (e->use_div) {
         /* v * (1 / scale) is within 3 ulp of v / scale: their codes differ only where the
          * quotient is that close to a half-integer; such vectors divide (rare) */
@@ -281,11 +284,12 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
         __m256 near = _mm256_cmp_ps(gap, _mm256_fmadd_ps(at, e->eps, e->eps), _CMP_LE_OQ);
         if (_mm256_movemask_ps(near)) {
             t = _mm256_div_ps(v, e->scale);
-            at = _mm256_and_ps(t, absmask);
+            at = e->nonneg ? t : _mm256_and_ps(t, absmask);
         }
     }
-    __m256i k = _mm256_sign_epi32(rha_abs(at), _mm256_castps_si256(t));
-    k = _mm256_add_epi32(k, e->kofs);
+    __m256i k = rha_abs(at); /* at = t where nonneg (t = -0 gives 0 either way) */
+    if (!e->nonneg) k = _mm256_sign_epi32(k, _mm256_castps_si256(t));
+    if (e->use_kofs) k = _mm256_add_epi32(k, e->kofs);
     if (e->int_clamp) k = _mm256_min_epi32(_mm256_max_epi32(k, e->klo), e->khi);
     __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
     if (cnt == 8) _mm_storeu_si128((__m128i *)((int16_t *)dst + n), k16);
@@ -459,10 +463,10 @@ AVX2 static inline __attribute__((always_inline)) void store_rows_p(
     }
     for (int r = 0; r < UR; r++) {
         if (!dst[r]) continue;
-        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0)), n, lo,
-                                dst[r]);
-        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(_mm256_add_epi32(c1[r], k1)), n + 8,
-                                hi > 8 ? 8 : hi, dst[r]);
+        __m256i s0 = c0[r], s1 = c1[r];
+        if (a->corr) s0 = _mm256_add_epi32(s0, k0), s1 = _mm256_add_epi32(s1, k1);
+        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(s0), n, lo, dst[r]);
+        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(s1), n + 8, hi > 8 ? 8 : hi, dst[r]);
     }
 }
 
@@ -756,13 +760,40 @@ __attribute__((target("avx2,fma"))) static void add_avx2(ADD_ARGS) {
     }
     add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
 }
+
+/* the same sum where f0, f1 are integers with |f0| + |f1| <= 511: then every float above is
+ * an exact integer (|x| <= 2^15, so |x0 f0 + x1 f1| < 2^24) and rounding is the identity, so
+ * vpmaddwd on interleaved (x0, x1) x (f0, f1) gives the same codes, 16 per step */
+__attribute__((target("avx2,fma"))) static void add_int_avx2(ADD_ARGS) {
+    int64_t i0 = n - n % 16;
+    const __m256i f = _mm256_set1_epi32((int32_t)(((uint32_t)(uint16_t)(int16_t)f1 << 16) |
+                                                  (uint16_t)(int16_t)f0));
+    const __m256i vlo = _mm256_set1_epi16((int16_t)lo), vhi = _mm256_set1_epi16((int16_t)hi);
+    for (int64_t i = 0; i < i0; i += 16) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(x0 + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(x1 + i));
+        __m256i s0 = _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), f);
+        __m256i s1 = _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), f);
+        __m256i k = _mm256_packs_epi32(s0, s1); /* in-lane, the order unpack took */
+        k = _mm256_min_epi16(_mm256_max_epi16(k, vlo), vhi);
+        _mm256_storeu_si256((__m256i *)(y + i), k);
+    }
+    add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
+}
 #endif
 
 /* y = clamp(round_half_away(a * fa + b * fb), lo, hi): a residual sum on a common grid (fa, fb
  * integers: exact) or on a finer grid (then rounded) */
 void fbi_add(int32_t isa, ADD_ARGS) {
 #if FBI_X86
-    if (isa == ISA_AVX2) { add_avx2(n, x0, x1, f0, f1, lo, hi, y); return; }
+    if (isa == ISA_AVX2) {
+        if (f0 == (float)(int32_t)f0 && f1 == (float)(int32_t)f1 &&
+            fabsf(f0) + fabsf(f1) <= 511.0f && lo >= -32768 && hi <= 32767 && lo <= hi)
+            add_int_avx2(n, x0, x1, f0, f1, lo, hi, y);
+        else
+            add_avx2(n, x0, x1, f0, f1, lo, hi, y);
+        return;
+    }
 #endif
     (void)isa;
     add_generic(n, x0, x1, f0, f1, lo, hi, y);
