@@ -204,7 +204,7 @@ static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int
 /* The epilogue's constants, made once per layer call (vectors, so that the stores cannot make
  * the compiler reload and broadcast them). */
 typedef struct {
-    __m256 clo, chi, sub, inv, scale, eps;
+    __m256 clo, chi, sub, inv, scale;
     __m256i kofs, klo, khi;
     const float *sacc, *bias, *alpha, *beta;
     const int32_t *corr;
@@ -223,8 +223,7 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->clo = _mm256_set1_ps(a->clo), e->chi = _mm256_set1_ps(a->chi);
     e->sub = _mm256_set1_ps(a->sub), e->scale = _mm256_set1_ps(a->scale);
     e->use_div = a->inv == 0.0f;
-    e->inv = _mm256_set1_ps(e->use_div ? 1.0f / a->scale : a->inv);
-    e->eps = _mm256_set1_ps(0x1p-20f);
+    e->inv = _mm256_set1_ps(a->inv);
     e->kofs = _mm256_set1_epi32(a->kofs);
     e->klo = _mm256_set1_epi32(a->klo), e->khi = _mm256_set1_epi32(a->khi);
     e->sacc = a->sacc, e->bias = a->bias, e->alpha = a->alpha, e->beta = a->beta;
@@ -272,21 +271,10 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
     /* min/max order as rha_code: v < clo ? clo : v (NaN never reaches here: inputs checked) */
     v = _mm256_min_ps(_mm256_max_ps(v, e->clo), e->chi);
     if (e->use_sub) v = _mm256_sub_ps(v, e->sub);
-    __m256 t = _mm256_mul_ps(v, e->inv); /* exact where inv = 1 / scale is a power of two */
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 at = e->nonneg ? t : _mm256_and_ps(t, absmask);
-    if (e->use_div) {
-        /* v * (1 / scale) is within 3 ulp of v / scale: their codes differ only where the
-         * quotient is that close to a half-integer; such vectors divide (rare) */
-        __m256 d = _mm256_and_ps(_mm256_sub_ps(at, _mm256_round_ps(
-                       at, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), absmask);
-        __m256 gap = _mm256_and_ps(_mm256_sub_ps(d, _mm256_set1_ps(0.5f)), absmask);
-        __m256 near = _mm256_cmp_ps(gap, _mm256_fmadd_ps(at, e->eps, e->eps), _CMP_LE_OQ);
-        if (_mm256_movemask_ps(near)) {
-            t = _mm256_div_ps(v, e->scale);
-            at = e->nonneg ? t : _mm256_and_ps(t, absmask);
-        }
-    }
+    /* a power-of-two scale multiplies by its exact inverse; others divide, as PyTorch does
+     * (a multiply with a check for near-ties measured slower than vdivps here) */
+    __m256 t = e->use_div ? _mm256_div_ps(v, e->scale) : _mm256_mul_ps(v, e->inv);
+    __m256 at = e->nonneg ? t : _mm256_and_ps(t, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
     __m256i k = rha_abs(at); /* at = t where nonneg (t = -0 gives 0 either way) */
     if (!e->nonneg) k = _mm256_sign_epi32(k, _mm256_castps_si256(t));
     if (e->use_kofs) k = _mm256_add_epi32(k, e->kofs);
