@@ -288,17 +288,89 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
     }
 }
 
+/* The epilogue of R rows x 16 channels, stage by stage over all 2R vectors (independent
+ * chains for the out-of-order core; each flag tested once per stage, not per vector): v[2r],
+ * v[2r + 1] are channels n .. n+7 and n+8 .. n+15 of row r, which goes to dst[r] (NULL: a row
+ * outside the output); cnt < 16 stores only the first cnt channels. The same IEEE operations
+ * as store8_avx2 / rha_code. The per-channel arrays are padded to whole blocks of 16. */
+#define EPI(body) _Pragma("GCC unroll 16") for (int i = 0; i < 2 * R; i++) { body; }
+AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e, __m256 *v,
+                                                                int R, int n, int cnt,
+                                                                char **dst) {
+    const __m256 s[2] = {_mm256_loadu_ps(e->sacc + n), _mm256_loadu_ps(e->sacc + n + 8)};
+    const __m256 b[2] = {_mm256_loadu_ps(e->bias + n), _mm256_loadu_ps(e->bias + n + 8)};
+    EPI(v[i] = _mm256_add_ps(_mm256_mul_ps(v[i], s[i & 1]), b[i & 1]))
+    if (e->pre_relu) EPI(v[i] = _mm256_max_ps(v[i], _mm256_setzero_ps()))
+    const __m256 al[2] = {_mm256_loadu_ps(e->alpha + n), _mm256_loadu_ps(e->alpha + n + 8)};
+    const __m256 be[2] = {_mm256_loadu_ps(e->beta + n), _mm256_loadu_ps(e->beta + n + 8)};
+    EPI(v[i] = _mm256_fmadd_ps(v[i], al[i & 1], be[i & 1]))
+    EPI(v[i] = _mm256_min_ps(_mm256_max_ps(v[i], e->clo), e->chi))
+    if (e->out_float) {
+        for (int r = 0; r < R; r++) {
+            if (!dst[r]) continue;
+            float *d = (float *)dst[r] + n;
+            if (cnt == 16) {
+                _mm256_storeu_ps(d, v[2 * r]);
+                _mm256_storeu_ps(d + 8, v[2 * r + 1]);
+            } else {
+                float t[16];
+                _mm256_storeu_ps(t, v[2 * r]);
+                _mm256_storeu_ps(t + 8, v[2 * r + 1]);
+                memcpy(d, t, sizeof(float) * (size_t)cnt);
+            }
+        }
+        return;
+    }
+    if (e->use_sub) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
+    if (e->use_div) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
+    else EPI(v[i] = _mm256_mul_ps(v[i], e->inv))
+    __m256i k[2 * R];
+    if (e->nonneg) EPI(k[i] = rha_abs(v[i]))
+    else EPI(k[i] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(
+                 v[i], _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))),
+                 _mm256_castps_si256(v[i])))
+    if (e->use_kofs) EPI(k[i] = _mm256_add_epi32(k[i], e->kofs))
+    if (e->int_clamp) EPI(k[i] = _mm256_min_epi32(_mm256_max_epi32(k[i], e->klo), e->khi))
+    for (int r = 0; r < R; r++) {
+        if (!dst[r]) continue;
+        /* packs works within 128-bit lanes: the permute puts channels back in order */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(k[2 * r], k[2 * r + 1]), 0xD8);
+        int16_t *d = (int16_t *)dst[r] + n;
+        if (cnt == 16) {
+            _mm256_storeu_si256((__m256i *)d, p);
+        } else {
+            int16_t t[16];
+            _mm256_storeu_si256((__m256i *)t, p);
+            memcpy(d, t, sizeof(int16_t) * (size_t)cnt);
+        }
+    }
+}
+
+/* int32 sums (plus the u8 path's zero-point correction) into epi_tile */
+AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
+    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
+    __m256 v[2 * R];
+    __m256i k0 = _mm256_setzero_si256(), k1 = k0;
+    if (e->corr) {
+        k0 = _mm256_loadu_si256((const __m256i *)(e->corr + n));
+        k1 = _mm256_loadu_si256((const __m256i *)(e->corr + n + 8));
+    }
+    for (int r = 0; r < R; r++) {
+        v[2 * r] = _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0));
+        v[2 * r + 1] = _mm256_cvtepi32_ps(_mm256_add_epi32(c1[r], k1));
+    }
+    epi_tile(e, v, R, n, cnt, dst);
+}
+
 #define RMAX 6
 /* epilogue of `rows` rows of two 8-channel accumulators */
-AVX2 static inline __attribute__((always_inline)) void store_rows(
+AVX2 static __attribute__((noinline)) void store_rows(
     const fbi_ep *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
     char *Y, int64_t ldy, int esize) {
-    int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
-    for (int r = 0; r < rows; r++) {
-        char *dst = Y + (int64_t)r * ldy * esize;
-        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(c0[r]), n, lo, dst);
-        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(c1[r]), n + 8, hi > 8 ? 8 : hi, dst);
-    }
+    char *dst[6];
+    for (int r = 0; r < rows; r++) dst[r] = Y + (int64_t)r * ldy * esize;
+    if (rows == 6) epi_tile_i32(a, c0, c1, 6, n, cnt, dst);
+    else epi_tile_i32(a, c0, c1, 1, n, cnt, dst);
 }
 
 /* 6 rows x 16 channels, the 12 accumulators in registers */
@@ -437,25 +509,17 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
     for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
 }
 
-#define UR 4 /* rows of the u8 kernel: its int16 sums, weights and broadcasts fit 16 registers */
+#ifndef UR
+#define UR 4
+#endif
+/* UR: rows of the u8 kernel: its int16 sums, weights and broadcasts fit 16 registers */
 
 /* the epilogue of UR rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
  * a row outside the output, dropped) */
-AVX2 static inline __attribute__((always_inline)) void store_rows_p(
+/* out of line: the kernels' loops keep their registers (inlined, it slowed 3x3 layers 15 %) */
+AVX2 static __attribute__((noinline)) void store_rows_p(
     const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
-    int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
-    __m256i k0 = _mm256_setzero_si256(), k1 = k0;
-    if (a->corr) {
-        k0 = _mm256_loadu_si256((const __m256i *)(a->corr + n));
-        if (hi > 0) k1 = _mm256_loadu_si256((const __m256i *)(a->corr + n + 8));
-    }
-    for (int r = 0; r < UR; r++) {
-        if (!dst[r]) continue;
-        __m256i s0 = c0[r], s1 = c1[r];
-        if (a->corr) s0 = _mm256_add_epi32(s0, k0), s1 = _mm256_add_epi32(s1, k1);
-        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(s0), n, lo, dst[r]);
-        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(s1), n + 8, hi > 8 ? 8 : hi, dst[r]);
-    }
+    epi_tile_i32(a, c0, c1, UR, n, cnt, dst);
 }
 
 /* UR rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
@@ -463,41 +527,44 @@ AVX2 static inline __attribute__((always_inline)) void store_rows_p(
  * these int16 lanes are summed over `chunk` quads (the compiler checked that no partial sum
  * can leave int16), then widened by vpmaddwd with ones into the int32 sums */
 AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
-                          const int64_t *toff, int ntaps, int qpt, int chunk, const int8_t *bb,
-                          int n, int cnt, char **dst) {
+                         const int64_t *toff, int ntaps, int qpt, int chunk, const int8_t *bb,
+                         int n, int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c0[UR], c1[UR];
-    for (int r = 0; r < UR; r++) c0[r] = c1[r] = _mm256_setzero_si256();
-    __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
-            a3 = a0, b3_ = a0;
+    __m256i c0[UR], c1[UR], s0[UR], s1[UR];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR; r++)
+        c0[r] = c1[r] = s0[r] = s1[r] = _mm256_setzero_si256();
     int left = chunk;
     for (int t = 0; t < ntaps; t++) {
         const uint8_t *p = A + toff[t];
         for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
             __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
             __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
-            __m256i v;
-            int32_t quad;
-#define ROW8(r, x, y)                                                       \
-            memcpy(&quad, p + (r) * lda, 4);                                \
-            v = _mm256_set1_epi32(quad);                                    \
-            x = _mm256_add_epi16(x, _mm256_maddubs_epi16(v, w0));           \
-            y = _mm256_add_epi16(y, _mm256_maddubs_epi16(v, w1));
-            ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_) ROW8(3, a3, b3_)
-#undef ROW8
+#pragma GCC unroll 8
+            for (int r = 0; r < UR; r++) {
+                int32_t quad;
+                memcpy(&quad, p + r * lda, 4);
+                __m256i v = _mm256_set1_epi32(quad);
+                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
+                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
+            }
             if (--left == 0) {
-#define WIDEN(r, x, y)                                                                 \
-                c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(x, ones));            \
-                c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(y, ones));            \
-                x = y = _mm256_setzero_si256();
-                WIDEN(0, a0, b0_) WIDEN(1, a1, b1_) WIDEN(2, a2, b2_) WIDEN(3, a3, b3_)
+#pragma GCC unroll 8
+                for (int r = 0; r < UR; r++) {
+                    c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
+                    c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
+                    s0[r] = s1[r] = _mm256_setzero_si256();
+                }
                 left = chunk;
             }
         }
     }
     if (left != chunk) {
-        WIDEN(0, a0, b0_) WIDEN(1, a1, b1_) WIDEN(2, a2, b2_) WIDEN(3, a3, b3_)
-#undef WIDEN
+#pragma GCC unroll 8
+        for (int r = 0; r < UR; r++) {
+            c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
+            c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
+        }
     }
     store_rows_p(a, c0, c1, n, cnt, dst);
 }
@@ -505,8 +572,8 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
 /* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
-                           char **dst) {
-    for (int r = 0; r < UR; r++) {
+                           char **dst, int rows) {
+    for (int r = 0; r < rows; r++) {
         int64_t j = j0 + r, oy = j / vw, ox = j % vw;
         dst[r] = j < nrows && ox < ow ? Yi + (oy * ow + ox) * ldy : NULL;
     }
@@ -545,7 +612,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 to_u8(x, in_img, a->ushift, buf);
             }
             for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
-                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst);
+                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
@@ -556,14 +623,14 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
         return;
     }
     int64_t zero = 0;
-    memset(buf + opix * a->kq4, 0, (size_t)6 * a->kq4); /* rows read past the last one */
+    memset(buf + opix * a->kq4, 0, (size_t)8 * a->kq4); /* rows read past the last one */
     for (int i = 0; i < a->n; i++)
         for (int g = 0; g < a->groups; g++) {
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
             im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
             const int8_t *B = a->wpack8 + g * wstride;
             for (int64_t r = 0; r < opix; r += UR) {
-                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst);
+                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
@@ -591,7 +658,7 @@ AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
             for (int kx = 0; kx < a->kw; kx++, t++) toff[t] = c * plane + (int64_t)ky * wp + kx;
     float *buf = (float *)a->scratch;
     memset(buf, 0, sizeof(float) * (size_t)(a->cin * plane + 8)); /* padding, slack */
-    char *dst[UR];
+    char *dst[4];
     for (int i = 0; i < a->n; i++) {
         const float *x = (const float *)a->x + i * in_img;
         char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
@@ -599,8 +666,8 @@ AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
             for (int y = 0; y < a->h; y++)
                 memcpy(buf + c * plane + (int64_t)(y + a->ph) * wp + a->pw,
                        x + ((int64_t)c * a->h + y) * a->w, sizeof(float) * (size_t)a->w);
-        for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
-            row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst);
+        for (int64_t j0 = 0; j0 < nrows; j0 += 4) {
+            row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, 4);
             const float *A = buf + j0;
             for (int b = 0; b < nblocks; b += 2) {
                 const float *b0 = (const float *)a->wpack + (int64_t)b * kf * NBF;
@@ -618,14 +685,9 @@ AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
                     ROWF(0, x0, y0) ROWF(1, x1, y1) ROWF(2, x2, y2) ROWF(3, x3, y3)
 #undef ROWF
                 }
-                __m256 c0[UR] = {x0, x1, x2, x3}, c1[UR] = {y0, y1, y2, y3};
+                __m256 v[8] = {x0, y0, x1, y1, x2, y2, x3, y3};
                 int n0 = b * NBF, cnt = og - n0 < 2 * NBF ? og - n0 : 2 * NBF;
-                int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
-                for (int r = 0; r < UR; r++) {
-                    if (!dst[r]) continue;
-                    store8_avx2(&ep, c0[r], n0, lo, dst[r]);
-                    if (hi > 0) store8_avx2(&ep, c1[r], n0 + 8, hi, dst[r]);
-                }
+                epi_tile(&ep, v, 4, n0, cnt, dst);
             }
         }
     }

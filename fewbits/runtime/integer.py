@@ -137,6 +137,13 @@ def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
     a.inv = 1.0 / q.scale if m == 0.5 and 2.0**-126 <= q.scale <= 2.0**126 else 0.0
 
 
+def _padded(v: np.ndarray, dtype: type) -> np.ndarray:
+    """A per-channel array padded with zeros to whole blocks of 16 (the kernels load 16)."""
+    out = np.zeros(-(-len(v) // 16) * 16 + 16, dtype)
+    out[:len(v)] = v
+    return out
+
+
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=1 if s.float_in else 0,
@@ -147,25 +154,26 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         _set_quant(a, q)
     else:
         a.clo, a.chi = s.fclamp
-    arrays = [np.ascontiguousarray(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
+    arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
     a.wpack = _ptr(s.wpack)
     if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
         keep.append(s.wpack8)
         a.wpack8, a.kq4, a.ushift, a.kchunk = _ptr(s.wpack8), s.kq4, s.ushift, s.kchunk
         if s.corr is not None:
-            keep.append(s.corr)
-            a.corr = _ptr(s.corr)
+            corr = _padded(s.corr, np.int32)
+            keep.append(corr)
+            a.corr = _ptr(corr)
     a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
     return a
 
 
 def _scratch_bytes(g: dict, kq4: int) -> int:
-    """Work bytes of one conv: its im2col rows (int16 / float / u8 with 6 rows of slack) or
+    """Work bytes of one conv: its im2col rows (int16 / float / u8 with 8 rows of slack) or
     the zero-padded image of a direct path (bytes, or float planes; 8 pixels of slack)."""
     padded = ((g["h"] + 2 * g["ph"]) * (g["w"] + 2 * g["pw"]) + 8) * g["cin"] * 4
     rows = g["oh"] * g["ow"]
-    return max(rows * g["kp"] * 2, rows * g["kf"] * 4, (rows + 6) * kq4, padded) + 64
+    return max(rows * g["kp"] * 2, rows * g["kf"] * 4, (rows + 8) * kq4, padded) + 64
 
 
 class IntegerEngine:
