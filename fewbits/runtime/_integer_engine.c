@@ -787,26 +787,26 @@ int fbi_conv_run(const fbi_conv *a) {
 static void add_generic(ADD_ARGS) { ADD_BODY }
 #if FBI_X86
 __attribute__((target("avx2,fma"))) static void add_avx2(ADD_ARGS) {
-    int64_t i0 = n - n % 8;
-    const __m256 sgnbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f),
-                 one = _mm256_set1_ps(1.0f), flo = _mm256_set1_ps((float)lo),
-                 fhi = _mm256_set1_ps((float)hi), vf0 = _mm256_set1_ps(f0),
-                 vf1 = _mm256_set1_ps(f1);
-    for (int64_t i = 0; i < i0; i += 8) {
-        __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
-            _mm_loadu_si128((const __m128i *)(x0 + i))));
-        __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
-            _mm_loadu_si128((const __m128i *)(x1 + i))));
-        __m256 v = _mm256_add_ps(_mm256_mul_ps(a, vf0), _mm256_mul_ps(b, vf1));
-        __m256 av = _mm256_andnot_ps(sgnbit, v);
-        __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm256_add_ps(r, _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(av, r), half,
-                                                         _CMP_EQ_OQ), one));
-        r = _mm256_or_ps(r, _mm256_and_ps(v, sgnbit));
-        r = _mm256_min_ps(_mm256_max_ps(r, flo), fhi);
-        __m256i k = _mm256_cvttps_epi32(r);
-        _mm_storeu_si128((__m128i *)(y + i), _mm_packs_epi32(_mm256_castsi256_si128(k),
-                                                             _mm256_extracti128_si256(k, 1)));
+    /* clamping v to [lo, hi] (integers) before rounding equals clamping the rounded value,
+     * and keeps the conversion to int32 exact; 16 codes per step */
+    int64_t i0 = n - n % 16;
+    const __m256 flo = _mm256_set1_ps((float)lo), fhi = _mm256_set1_ps((float)hi),
+                 vf0 = _mm256_set1_ps(f0), vf1 = _mm256_set1_ps(f1),
+                 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < i0; i += 16) {
+        __m256i k[2];
+        for (int h = 0; h < 2; h++) {
+            __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+                _mm_loadu_si128((const __m128i *)(x0 + i + 8 * h))));
+            __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+                _mm_loadu_si128((const __m128i *)(x1 + i + 8 * h))));
+            __m256 v = _mm256_add_ps(_mm256_mul_ps(a, vf0), _mm256_mul_ps(b, vf1));
+            v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
+            k[h] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(v, absmask)),
+                                     _mm256_castps_si256(v));
+        }
+        _mm256_storeu_si256((__m256i *)(y + i), _mm256_permute4x64_epi64(
+                                _mm256_packs_epi32(k[0], k[1]), 0xD8));
     }
     add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
 }
@@ -876,7 +876,29 @@ void fbi_add(int32_t isa, ADD_ARGS) {
                   int32_t pw, int32_t dh, int32_t dw, const int16_t *x, int16_t *y, void *work
 static void pool_generic(POOL_ARGS) { POOL_BODY }
 #if FBI_X86
-__attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) { POOL_BODY }
+__attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) {
+    if (op != 0 || c % 16) { POOL_BODY return; }
+    /* max pooling, 16 channels per vector: the same maximum over the same taps */
+    for (int i = 0; i < n; i++)
+        for (int oy = 0; oy < oh; oy++)
+            for (int ox = 0; ox < ow; ox++) {
+                int16_t *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;
+                for (int j = 0; j < c; j += 16) {
+                    __m256i m = _mm256_set1_epi16(-32768);
+                    for (int ky = 0; ky < kh; ky++) {
+                        int iy = oy * sh - ph + ky * dh;
+                        if (iy < 0 || iy >= h) continue;
+                        for (int kx = 0; kx < kw; kx++) {
+                            int ix = ox * sw - pw + kx * dw;
+                            if (ix < 0 || ix >= w) continue;
+                            m = _mm256_max_epi16(m, _mm256_loadu_si256((const __m256i *)(
+                                    x + (((int64_t)i * h + iy) * w + ix) * c + j)));
+                        }
+                    }
+                    _mm256_storeu_si256((__m256i *)(q + j), m);
+                }
+            }
+}
 #endif
 
 /* NHWC max (op 0) or sum (op 1, zero padding counted) pooling of int16 codes; `work`: c
