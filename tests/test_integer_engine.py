@@ -201,6 +201,22 @@ def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
         eng(torch.zeros(1, 3, 16, 16))
 
 
+def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler: the next candidate runs and the warning says why (a build failure is
+    not an operation the engine does not cover)."""
+    from fewbits.runtime import integer
+
+    monkeypatch.setattr(integer._LIB, "get", lambda: None)
+    monkeypatch.setattr(integer._LIB, "error", "gcc: not found")
+    torch.manual_seed(0)
+    m = create_model("mnist_fp_net_lenet").eval()
+    with pytest.warns(RuntimeWarning, match="'int' failed: RuntimeError: the integer engine "
+                      "cannot be built here: gcc: not found"):
+        fast = compile_for_cpu(m, batch_size=2, candidates=("int", "torch"))
+    assert fast.backend == "torch"
+    assert not any("not covered" in n for n in fast.notes), fast.notes
+
+
 class _SharedNet(nn.Module):
     """A quantized map used twice: through a flatten (NHWC order in the engine), an in-place
     ReLU (which PyTorch applies to the shared tensor too) or an nn.Identity."""

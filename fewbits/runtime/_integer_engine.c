@@ -5,9 +5,12 @@
  * clamp of the code range and of a ReLU after the quantizer). A layer whose input is float
  * (the network's image, a global average pool) multiplies in float32 instead.
  *
- * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA: vpmaddwd, 16 multiply-adds
- * per instruction), chosen per call; all paths give the same integers (the float epilogue is
- * the same IEEE operations, fmaf included). See fewbits/runtime/integer.py. */
+ * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA), chosen per call; all paths
+ * give the same integers (the float epilogue is the same IEEE operations, fmaf included). AVX2:
+ * u8 x s8 (vpmaddubsw, int16 lane sums widened every `kchunk` quads, which pack_u8 proved
+ * cannot wrap) where the weights allow, else int16 (vpmaddwd); stride-1 layers read their
+ * taps as fixed offsets into a zero-padded image (no im2col); the epilogue runs a whole tile
+ * stage by stage. See fewbits/runtime/integer.py. */
 
 #include <math.h>
 #include <stdint.h>

@@ -16,9 +16,14 @@ then agree within the planner's tolerance. Min-max's learned scales have no comm
 residual sum: it is rounded to 15 bits (:attr:`IntegerEngine.exact` is False, ``notes`` says
 where). All CPU paths give identical outputs.
 
-CPU paths (``engine.isa``): ``"avx2"`` (AVX2 + FMA, ``vpmaddwd``) and ``"generic"`` (portable
-C), picked by cpuid; ``FEWBITS_INT_ISA`` (or ``isa=``) forces one. AVX-512 VNNI / AVX-VNNI / AMX
-paths are not written (no machine to test them on). One thread.
+CPU paths (``engine.isa``): ``"avx2"`` and ``"generic"`` (portable C), picked by cpuid;
+``FEWBITS_INT_ISA`` (or ``isa=``) forces one. The AVX2 path multiplies u8 x s8 (``vpmaddubsw``,
+int16 lane sums widened by ``vpmaddwd`` before they could wrap; signed codes shifted into
+``[0, 255]`` with a per-channel correction) where :func:`~fewbits.runtime.integer_plan.pack_u8`
+proves it exact, else int16 (``vpmaddwd``); stride-1 layers read their taps straight from a
+zero-padded image (no im2col). AVX-512 VNNI / AVX-VNNI / AMX paths are not written (no machine
+to test them on). One thread. A failed C build raises ``RuntimeError`` (the planner warns and
+runs the next candidate).
 
     >>> from fewbits.models import create_model
     >>> _ = torch.manual_seed(0)
@@ -99,8 +104,8 @@ _LIB = CLibrary(
 
 def _lib() -> ctypes.CDLL:
     lib = _LIB.get()
-    if lib is None:
-        raise ValueError(f"the integer engine cannot be built here: {_LIB.error}")
+    if lib is None:  # not the model's fault: RuntimeError, so the planner warns, not "not covered"
+        raise RuntimeError(f"the integer engine cannot be built here: {_LIB.error}")
     return lib
 
 
@@ -205,7 +210,8 @@ class IntegerEngine:
     def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
                    isa: str | None = None) -> IntegerEngine:
         """Compile ``model`` (put in eval mode) for images ``(N, *input_shape)``; raises
-        ``ValueError`` naming the first operation the engine does not cover."""
+        ``ValueError`` naming the first operation the engine does not cover, ``RuntimeError``
+        when the C engine cannot be built here."""
         was = model.training
         model.eval()
         try:
