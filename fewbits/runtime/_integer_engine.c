@@ -576,9 +576,10 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
                            char **dst, int rows) {
+    int64_t oy = j0 / vw, ox = j0 - oy * vw; /* one division per group of rows */
     for (int r = 0; r < rows; r++) {
-        int64_t j = j0 + r, oy = j / vw, ox = j % vw;
-        dst[r] = j < nrows && ox < ow ? Yi + (oy * ow + ox) * ldy : NULL;
+        dst[r] = j0 + r < nrows && ox < ow ? Yi + (oy * ow + ox) * ldy : NULL;
+        if (++ox == vw) ox = 0, oy++;
     }
 }
 
