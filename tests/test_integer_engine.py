@@ -87,6 +87,18 @@ def test_u8_weights_only_where_int16_pair_sums_cannot_saturate() -> None:
     assert pack_u8(k, 1, 1) is None  # not int8
 
 
+def test_u8_int16_lane_sums_are_widened_before_they_could_wrap() -> None:
+    # taps 0, 1 and 4 share int16 lane 0 (the first pair of quads 0 and 1)
+    k = np.zeros((16, 16, 1, 1), np.int64)
+    k[3, :2, 0, 0] = [64, -64]  # lane 0 of quad 0: 128 * 255 = 32640, within int16
+    assert pack_u8(k, 1, 255)[2] == 4  # every chunk of the 4 quads stays within int16
+    k[3, 4, 0, 0] = 1  # quad 1 adds 255 to that lane: 32895 would wrap
+    assert pack_u8(k, 1, 255)[2] == 1
+    k[3, 4, 0, 0], k[3, 5, 0, 0] = 0, 0
+    k[5, 2, 0, 0] = 1  # lane 1 of quad 0: a different lane, chunks of 4 stay exact
+    assert pack_u8(k, 1, 255)[2] == 4
+
+
 def test_min_max_resnet23_fresh_and_trained_looking() -> None:
     torch.manual_seed(0)
     m = create_model("cifar10_min_max_resnet23_prediction").eval()
@@ -187,6 +199,22 @@ def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
         eng(x)
     with pytest.raises(ValueError, match="compiled for images"):
         eng(torch.zeros(1, 3, 16, 16))
+
+
+def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler: the next candidate runs and the warning says why (a build failure is
+    not an operation the engine does not cover)."""
+    from fewbits.runtime import integer
+
+    monkeypatch.setattr(integer._LIB, "get", lambda: None)
+    monkeypatch.setattr(integer._LIB, "error", "gcc: not found")
+    torch.manual_seed(0)
+    m = create_model("mnist_fp_net_lenet").eval()
+    with pytest.warns(RuntimeWarning, match="'int' failed: RuntimeError: the integer engine "
+                      "cannot be built here: gcc: not found"):
+        fast = compile_for_cpu(m, batch_size=2, candidates=("int", "torch"))
+    assert fast.backend == "torch"
+    assert not any("not covered" in n for n in fast.notes), fast.notes
 
 
 class _SharedNet(nn.Module):

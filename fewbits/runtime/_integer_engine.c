@@ -5,9 +5,12 @@
  * clamp of the code range and of a ReLU after the quantizer). A layer whose input is float
  * (the network's image, a global average pool) multiplies in float32 instead.
  *
- * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA: vpmaddwd, 16 multiply-adds
- * per instruction), chosen per call; all paths give the same integers (the float epilogue is
- * the same IEEE operations, fmaf included). See fewbits/runtime/integer.py. */
+ * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA), chosen per call; all paths
+ * give the same integers (the float epilogue is the same IEEE operations, fmaf included). AVX2:
+ * u8 x s8 (vpmaddubsw, int16 lane sums widened every `kchunk` quads, which pack_u8 proved
+ * cannot wrap) where the weights allow, else int16 (vpmaddwd); stride-1 layers read their
+ * taps as fixed offsets into a zero-padded image (no im2col); the epilogue runs a whole tile
+ * stage by stage. See fewbits/runtime/integer.py. */
 
 #include <math.h>
 #include <stdint.h>
@@ -49,6 +52,9 @@ typedef struct {
     const void *x, *wpack;
     const int8_t *wpack8; /* AVX2 u8 x s8 weights [nb][kq4/4][16][4] or NULL */
     int32_t kq4;          /* taps rounded up to a multiple of 4 (wpack8) */
+    int32_t ushift;       /* u8 path: byte = code - ushift (ushift <= 0: signed codes) */
+    int32_t kchunk;       /* u8 path: quads whose int16 lane sums cannot wrap (>= 1) */
+    const int32_t *corr;  /* u8 path: ushift * (sum of the channel's weights), or NULL */
     const float *sacc, *bias, *alpha, *beta; /* per output channel */
     void *y, *scratch;
 } fbi_conv;
@@ -198,15 +204,65 @@ static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int
 #if FBI_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 
+/* The epilogue's constants, made once per layer call (vectors, so that the stores cannot make
+ * the compiler reload and broadcast them). */
+typedef struct {
+    __m256 clo, chi, sub, inv, scale;
+    __m256i kofs, klo, khi;
+    const float *sacc, *bias, *alpha, *beta;
+    const int32_t *corr;
+    int pre_relu, out_float, use_sub, use_div, int_clamp, use_kofs, nonneg;
+} fbi_ep;
+
+/* the code of `v` without the final clamp of the code range (for the check below) */
+static int32_t raw_code(float v, const fbi_conv *a) {
+    v = a->inv != 0.0f ? (v - a->sub) * a->inv : (v - a->sub) / a->scale;
+    float av = fabsf(v), r = nearbyintf(av);
+    r += (av - r == 0.5f) ? 1.0f : 0.0f;
+    return (v < 0 ? -(int32_t)r : (int32_t)r) + a->kofs;
+}
+
+AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
+    e->clo = _mm256_set1_ps(a->clo), e->chi = _mm256_set1_ps(a->chi);
+    e->sub = _mm256_set1_ps(a->sub), e->scale = _mm256_set1_ps(a->scale);
+    e->use_div = a->inv == 0.0f;
+    e->inv = _mm256_set1_ps(a->inv);
+    e->kofs = _mm256_set1_epi32(a->kofs);
+    e->klo = _mm256_set1_epi32(a->klo), e->khi = _mm256_set1_epi32(a->khi);
+    e->sacc = a->sacc, e->bias = a->bias, e->alpha = a->alpha, e->beta = a->beta;
+    e->corr = a->corr;
+    e->pre_relu = a->pre_relu, e->out_float = a->out_kind == OUT_FLOAT;
+    e->use_sub = a->sub != 0.0f;
+    e->use_kofs = a->kofs != 0;
+    /* clo >= sub: the quotient is >= 0 (or -0), its sign needs no handling */
+    e->nonneg = !e->out_float && a->clo >= a->sub;
+    /* the clamp of the code range is a no-op where the codes of clo and chi lie in it (the
+     * code is monotone in v, and v is clamped to [clo, chi] first); |codes| < 2^30 keeps the
+     * float -> int conversion exact */
+    e->int_clamp = 1;
+    if (!e->out_float && a->scale > 0.0f && isfinite(a->clo) && isfinite(a->chi) &&
+        fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
+        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f)
+        e->int_clamp = !(raw_code(a->clo, a) >= a->klo && raw_code(a->chi, a) <= a->khi);
+}
+
+/* |t| rounded half away from zero, as int32 (t finite, |t| < 2^31) */
+AVX2 static inline __attribute__((always_inline)) __m256i rha_abs(__m256 at) {
+    __m256 r = _mm256_round_ps(at, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(at, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
+    /* a tie rounded to even went down: one more (the mask is -1) */
+    return _mm256_sub_epi32(_mm256_cvttps_epi32(r), _mm256_castps_si256(tie));
+}
+
 /* the epilogue of 8 channels n .. n+7 from 8 int32 / float sums, vectorised; `cnt` < 8 stores
- * only the first cnt */
-AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_conv *a, __m256 v, int n, int cnt, char *dst) {
-    v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->sacc + n)),
-                      _mm256_loadu_ps(a->bias + n));
-    if (a->pre_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
-    v = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->alpha + n), _mm256_loadu_ps(a->beta + n));
-    if (a->out_kind == OUT_FLOAT) { /* a ReLU / clamp after batch norm, unquantized */
-        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(a->clo)), _mm256_set1_ps(a->chi));
+ * only the first cnt. The same IEEE operations as rha_code / pre_value, in the same order. */
+AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep *e, __m256 v, int n, int cnt, char *dst) {
+    v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(e->sacc + n)),
+                      _mm256_loadu_ps(e->bias + n));
+    if (e->pre_relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+    v = _mm256_fmadd_ps(v, _mm256_loadu_ps(e->alpha + n), _mm256_loadu_ps(e->beta + n));
+    if (e->out_float) { /* a ReLU / clamp after batch norm, unquantized */
+        v = _mm256_min_ps(_mm256_max_ps(v, e->clo), e->chi);
         if (cnt == 8) _mm256_storeu_ps((float *)dst + n, v);
         else {
             float t[8];
@@ -216,44 +272,112 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_con
         return;
     }
     /* min/max order as rha_code: v < clo ? clo : v (NaN never reaches here: inputs checked) */
-    v = _mm256_max_ps(v, _mm256_set1_ps(a->clo));
-    v = _mm256_min_ps(v, _mm256_set1_ps(a->chi));
-    v = _mm256_sub_ps(v, _mm256_set1_ps(a->sub));
-    v = a->inv != 0.0f ? _mm256_mul_ps(v, _mm256_set1_ps(a->inv))
-                       : _mm256_div_ps(v, _mm256_set1_ps(a->scale));
-    __m256 sgn = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
-    __m256 av = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
-    __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(av, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
-    r = _mm256_add_ps(r, _mm256_and_ps(tie, _mm256_set1_ps(1.0f)));
-    __m256i k = _mm256_cvttps_epi32(_mm256_or_ps(r, sgn));
-    k = _mm256_add_epi32(k, _mm256_set1_epi32(a->kofs));
-    k = _mm256_max_epi32(k, _mm256_set1_epi32(a->klo));
-    k = _mm256_min_epi32(k, _mm256_set1_epi32(a->khi));
+    v = _mm256_min_ps(_mm256_max_ps(v, e->clo), e->chi);
+    if (e->use_sub) v = _mm256_sub_ps(v, e->sub);
+    /* a power-of-two scale multiplies by its exact inverse; others divide, as PyTorch does
+     * (a multiply with a check for near-ties measured slower than vdivps here) */
+    __m256 t = e->use_div ? _mm256_div_ps(v, e->scale) : _mm256_mul_ps(v, e->inv);
+    __m256 at = e->nonneg ? t : _mm256_and_ps(t, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+    __m256i k = rha_abs(at); /* at = t where nonneg (t = -0 gives 0 either way) */
+    if (!e->nonneg) k = _mm256_sign_epi32(k, _mm256_castps_si256(t));
+    if (e->use_kofs) k = _mm256_add_epi32(k, e->kofs);
+    if (e->int_clamp) k = _mm256_min_epi32(_mm256_max_epi32(k, e->klo), e->khi);
     __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
     if (cnt == 8) _mm_storeu_si128((__m128i *)((int16_t *)dst + n), k16);
     else {
-        int16_t t[8];
-        _mm_storeu_si128((__m128i *)t, k16);
-        memcpy((int16_t *)dst + n, t, sizeof(int16_t) * cnt);
+        int16_t tmp[8];
+        _mm_storeu_si128((__m128i *)tmp, k16);
+        memcpy((int16_t *)dst + n, tmp, sizeof(int16_t) * cnt);
     }
+}
+
+/* The epilogue of R rows x 16 channels, stage by stage over all 2R vectors (independent
+ * chains for the out-of-order core; each flag tested once per stage, not per vector): v[2r],
+ * v[2r + 1] are channels n .. n+7 and n+8 .. n+15 of row r, which goes to dst[r] (NULL: a row
+ * outside the output); cnt < 16 stores only the first cnt channels. The same IEEE operations
+ * as store8_avx2 / rha_code. The per-channel arrays are padded to whole blocks of 16. */
+#define EPI(body) _Pragma("GCC unroll 16") for (int i = 0; i < 2 * R; i++) { body; }
+AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e, __m256 *v,
+                                                                int R, int n, int cnt,
+                                                                char **dst) {
+    const __m256 s[2] = {_mm256_loadu_ps(e->sacc + n), _mm256_loadu_ps(e->sacc + n + 8)};
+    const __m256 b[2] = {_mm256_loadu_ps(e->bias + n), _mm256_loadu_ps(e->bias + n + 8)};
+    EPI(v[i] = _mm256_add_ps(_mm256_mul_ps(v[i], s[i & 1]), b[i & 1]))
+    if (e->pre_relu) EPI(v[i] = _mm256_max_ps(v[i], _mm256_setzero_ps()))
+    const __m256 al[2] = {_mm256_loadu_ps(e->alpha + n), _mm256_loadu_ps(e->alpha + n + 8)};
+    const __m256 be[2] = {_mm256_loadu_ps(e->beta + n), _mm256_loadu_ps(e->beta + n + 8)};
+    EPI(v[i] = _mm256_fmadd_ps(v[i], al[i & 1], be[i & 1]))
+    EPI(v[i] = _mm256_min_ps(_mm256_max_ps(v[i], e->clo), e->chi))
+    if (e->out_float) {
+        for (int r = 0; r < R; r++) {
+            if (!dst[r]) continue;
+            float *d = (float *)dst[r] + n;
+            if (cnt == 16) {
+                _mm256_storeu_ps(d, v[2 * r]);
+                _mm256_storeu_ps(d + 8, v[2 * r + 1]);
+            } else {
+                float t[16];
+                _mm256_storeu_ps(t, v[2 * r]);
+                _mm256_storeu_ps(t + 8, v[2 * r + 1]);
+                memcpy(d, t, sizeof(float) * (size_t)cnt);
+            }
+        }
+        return;
+    }
+    if (e->use_sub) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
+    if (e->use_div) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
+    else EPI(v[i] = _mm256_mul_ps(v[i], e->inv))
+    __m256i k[2 * R];
+    if (e->nonneg) EPI(k[i] = rha_abs(v[i]))
+    else EPI(k[i] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(
+                 v[i], _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))),
+                 _mm256_castps_si256(v[i])))
+    if (e->use_kofs) EPI(k[i] = _mm256_add_epi32(k[i], e->kofs))
+    if (e->int_clamp) EPI(k[i] = _mm256_min_epi32(_mm256_max_epi32(k[i], e->klo), e->khi))
+    for (int r = 0; r < R; r++) {
+        if (!dst[r]) continue;
+        /* packs works within 128-bit lanes: the permute puts channels back in order */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(k[2 * r], k[2 * r + 1]), 0xD8);
+        int16_t *d = (int16_t *)dst[r] + n;
+        if (cnt == 16) {
+            _mm256_storeu_si256((__m256i *)d, p);
+        } else {
+            int16_t t[16];
+            _mm256_storeu_si256((__m256i *)t, p);
+            memcpy(d, t, sizeof(int16_t) * (size_t)cnt);
+        }
+    }
+}
+
+/* int32 sums (plus the u8 path's zero-point correction) into epi_tile */
+AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
+    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
+    __m256 v[2 * R];
+    __m256i k0 = _mm256_setzero_si256(), k1 = k0;
+    if (e->corr) {
+        k0 = _mm256_loadu_si256((const __m256i *)(e->corr + n));
+        k1 = _mm256_loadu_si256((const __m256i *)(e->corr + n + 8));
+    }
+    for (int r = 0; r < R; r++) {
+        v[2 * r] = _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0));
+        v[2 * r + 1] = _mm256_cvtepi32_ps(_mm256_add_epi32(c1[r], k1));
+    }
+    epi_tile(e, v, R, n, cnt, dst);
 }
 
 #define RMAX 6
 /* epilogue of `rows` rows of two 8-channel accumulators */
-AVX2 static inline __attribute__((always_inline)) void store_rows(
-    const fbi_conv *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
+AVX2 static __attribute__((noinline)) void store_rows(
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
     char *Y, int64_t ldy, int esize) {
-    int lo = cnt < 8 ? cnt : 8, hi = cnt - 8;
-    for (int r = 0; r < rows; r++) {
-        char *dst = Y + (int64_t)r * ldy * esize;
-        if (lo > 0) store8_avx2(a, _mm256_cvtepi32_ps(c0[r]), n, lo, dst);
-        if (hi > 0) store8_avx2(a, _mm256_cvtepi32_ps(c1[r]), n + 8, hi > 8 ? 8 : hi, dst);
-    }
+    char *dst[6];
+    for (int r = 0; r < rows; r++) dst[r] = Y + (int64_t)r * ldy * esize;
+    if (rows == 6) epi_tile_i32(a, c0, c1, 6, n, cnt, dst);
+    else epi_tile_i32(a, c0, c1, 1, n, cnt, dst);
 }
 
 /* 6 rows x 16 channels, the 12 accumulators in registers */
-AVX2 static void kern6_i16(const fbi_conv *a, const int16_t *A, int64_t lda,
+AVX2 static void kern6_i16(const fbi_ep *a, const int16_t *A, int64_t lda,
                            const int16_t *bb, int kp2, int n, int cnt, char *Y, int64_t ldy,
                            int esize) {
     __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
@@ -277,7 +401,7 @@ AVX2 static void kern6_i16(const fbi_conv *a, const int16_t *A, int64_t lda,
     store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
 }
 
-AVX2 static void kern1_i16(const fbi_conv *a, const int16_t *A, const int16_t *bb, int kp2,
+AVX2 static void kern1_i16(const fbi_ep *a, const int16_t *A, const int16_t *bb, int kp2,
                            int n, int cnt, char *Y, int64_t ldy, int esize) {
     __m256i x = _mm256_setzero_si256(), y = x;
     const int32_t *r0 = (const int32_t *)A;
@@ -291,10 +415,13 @@ AVX2 static void kern1_i16(const fbi_conv *a, const int16_t *A, const int16_t *b
     store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
 }
 
-AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda, int64_t m,
+AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
                                const int16_t *B, int nblocks, int n_off, int cout_g, char *Y,
                                int64_t ldy, int esize) {
-    int kp2 = a->kp / 2;
+    int kp2 = ac->kp / 2;
+    fbi_ep e;
+    ep_init(ac, &e);
+    const fbi_ep *a = &e;
     for (int64_t r = 0; r < m; r += RMAX) {
         int rows = m - r < RMAX ? (int)(m - r) : RMAX;
         for (int b = 0; b < nblocks; b++) {
@@ -311,11 +438,14 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *a, const int16_t *A, int64_t lda,
     }
 }
 
-AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
+AVX2 static void gemm_f32_avx2(const fbi_conv *ac, const float *A, int64_t lda, int64_t m,
                                const float *B, int nblocks, int n_off, int cout_g, char *Y,
                                int64_t ldy, int esize) {
     /* 4 rows x 2 blocks of 8 channels: each broadcast of A feeds two FMAs */
-    int kf = a->kf;
+    int kf = ac->kf;
+    fbi_ep e;
+    ep_init(ac, &e);
+    const fbi_ep *a = &e;
     for (int64_t r = 0; r < m; r += 4) {
         int rows = m - r < 4 ? (int)(m - r) : 4;
         for (int b = 0; b < nblocks; b += 2) {
@@ -344,9 +474,10 @@ AVX2 static void gemm_f32_avx2(const fbi_conv *a, const float *A, int64_t lda, i
 /* ----------------------------------------------------------------- the layer */
 
 #if FBI_X86
-/* codes in [0, 255] as bytes, rows [OH*OW][kq4] (zeros: padding, tail) */
+/* codes minus ushift as bytes, rows [OH*OW][kq4] (padding: the byte of code 0; tail: 0) */
 AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *col) {
     int cg = a->cin / a->groups, kq = a->kq4;
+    uint8_t zero = (uint8_t)(-a->ushift);
     for (int oy = 0; oy < a->oh; oy++)
         for (int ox = 0; ox < a->ow; ox++) {
             uint8_t *row = col + ((int64_t)oy * a->ow + ox) * kq;
@@ -356,10 +487,10 @@ AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *
                 for (int kx = 0; kx < a->kw; kx++, t += cg) {
                     int ix = ox * a->sw - a->pw + kx * a->dw;
                     if (iy < 0 || iy >= a->h || ix < 0 || ix >= a->w) {
-                        memset(row + t, 0, (size_t)cg);
+                        memset(row + t, zero, (size_t)cg);
                     } else {
                         const int16_t *p = x + ((int64_t)iy * a->w + ix) * a->cin + g * cg;
-                        for (int c = 0; c < cg; c++) row[t + c] = (uint8_t)p[c];
+                        for (int c = 0; c < cg; c++) row[t + c] = (uint8_t)(p[c] - a->ushift);
                     }
                 }
             }
@@ -367,74 +498,203 @@ AVX2 static void im2col_u8(const fbi_conv *a, const int16_t *x, int g, uint8_t *
         }
 }
 
-/* vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16
- * (the compiler checked they cannot saturate), then vpmaddwd by ones to int32 */
-AVX2 static void kern6_u8(const fbi_conv *a, const uint8_t *A, int64_t lda, const int8_t *bb,
-                          int kq, int n, int cnt, char *Y, int64_t ldy, int esize) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
-            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
-    for (int q = 0; q < kq; q++) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + q * NB * 4 + 32));
-        __m256i v;
-        int32_t quad;
-#define ROW8(r, x, y)                                                                     \
-        memcpy(&quad, A + (r) * lda + 4 * q, 4);                                          \
-        v = _mm256_set1_epi32(quad);                                                      \
-        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w0), ones));    \
-        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, w1), ones));
-        ROW8(0, a0, b0_) ROW8(1, a1, b1_) ROW8(2, a2, b2_)
-        ROW8(3, a3, b3_) ROW8(4, a4, b4_) ROW8(5, a5, b5_)
-#undef ROW8
+/* n int16 codes minus `shift` to bytes (the codes are known to lie in [shift, shift + 255]) */
+AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
+    const __m256i s = _mm256_set1_epi16((int16_t)shift);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i lo = _mm256_sub_epi16(_mm256_loadu_si256((const __m256i *)(x + i)), s);
+        __m256i hi = _mm256_sub_epi16(_mm256_loadu_si256((const __m256i *)(x + i + 16)), s);
+        /* values in [0, 255] as int16 (the sub wraps only above 255, never here) */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0xD8);
+        _mm256_storeu_si256((__m256i *)(y + i), p);
     }
-    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
-    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+    for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
 }
 
-AVX2 static void kern1_u8(const fbi_conv *a, const uint8_t *A, const int8_t *bb, int kq,
-                          int n, int cnt, char *Y, int64_t ldy, int esize) {
+#ifndef UR
+#define UR 4
+#endif
+/* UR: rows of the u8 kernel: its int16 sums, weights and broadcasts fit 16 registers */
+
+/* the epilogue of UR rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
+ * a row outside the output, dropped) */
+/* out of line: the kernels' loops keep their registers (inlined, it slowed 3x3 layers 15 %) */
+AVX2 static __attribute__((noinline)) void store_rows_p(
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
+    epi_tile_i32(a, c0, c1, UR, n, cnt, dst);
+}
+
+/* UR rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
+ * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16;
+ * these int16 lanes are summed over `chunk` quads (the compiler checked that no partial sum
+ * can leave int16), then widened by vpmaddwd with ones into the int32 sums */
+AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
+                         const int64_t *toff, int ntaps, int qpt, int chunk, const int8_t *bb,
+                         int n, int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i x = _mm256_setzero_si256(), y = x;
-    for (int q = 0; q < kq; q++) {
-        int32_t quad;
-        memcpy(&quad, A + 4 * q, 4);
-        __m256i v = _mm256_set1_epi32(quad);
-        x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
-                                    (const __m256i *)(bb + q * NB * 4))), ones));
-        y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_loadu_si256(
-                                    (const __m256i *)(bb + q * NB * 4 + 32))), ones));
+    __m256i c0[UR], c1[UR], s0[UR], s1[UR];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR; r++)
+        c0[r] = c1[r] = s0[r] = s1[r] = _mm256_setzero_si256();
+    int left = chunk;
+    for (int t = 0; t < ntaps; t++) {
+        const uint8_t *p = A + toff[t];
+        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
+#pragma GCC unroll 8
+            for (int r = 0; r < UR; r++) {
+                int32_t quad;
+                memcpy(&quad, p + r * lda, 4);
+                __m256i v = _mm256_set1_epi32(quad);
+                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
+                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
+            }
+            if (--left == 0) {
+#pragma GCC unroll 8
+                for (int r = 0; r < UR; r++) {
+                    c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
+                    c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
+                    s0[r] = s1[r] = _mm256_setzero_si256();
+                }
+                left = chunk;
+            }
+        }
     }
-    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
+    if (left != chunk) {
+#pragma GCC unroll 8
+        for (int r = 0; r < UR; r++) {
+            c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
+            c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
+        }
+    }
+    store_rows_p(a, c0, c1, n, cnt, dst);
+}
+
+/* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
+ * pixels (the rest: the padding columns of the direct path) */
+static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
+                           char **dst, int rows) {
+    int64_t oy = j0 / vw, ox = j0 - oy * vw; /* one division per group of rows */
+    for (int r = 0; r < rows; r++) {
+        dst[r] = j0 + r < nrows && ox < ow ? Yi + (oy * ow + ox) * ldy : NULL;
+        if (++ox == vw) ox = 0, oy++;
+    }
 }
 
 AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int og = a->cout / a->groups, esize = a->out_kind == OUT_FLOAT ? 4 : 2;
     int nblocks = (og + NB - 1) / NB, kq = a->kq4 / 4;
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
-    int64_t wstride = (int64_t)nblocks * a->kq4 * NB;
-    uint8_t *col = (uint8_t *)a->scratch;
-    for (int i = 0; i < a->n; i++)
-        for (int g = 0; g < a->groups; g++) {
-            char *Yi = (char *)a->y + (int64_t)i * opix * a->cout * esize;
-            im2col_u8(a, (const int16_t *)a->x + i * in_img, g, col);
-            const int8_t *B = a->wpack8 + g * wstride;
-            for (int64_t r = 0; r < opix; r += RMAX) {
-                int rows = opix - r < RMAX ? (int)(opix - r) : RMAX;
+    int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
+    uint8_t *buf = (uint8_t *)a->scratch;
+    char *dst[UR];
+    fbi_ep ep;
+    ep_init(a, &ep);
+    int chunk = a->kchunk < 1 ? 1 : a->kchunk;
+    /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
+     * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
+    if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
+        a->cin % 4 == 0 && a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64) {
+        int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
+        int64_t toff[64];
+        for (int ky = 0; ky < a->kh; ky++)
+            for (int kx = 0; kx < a->kw; kx++)
+                toff[ky * a->kw + kx] = ((int64_t)ky * wp + kx) * cin;
+        int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow, img = (int64_t)hp * wp * cin;
+        memset(buf + img, 0, (size_t)8 * cin); /* slack read by the dropped rows */
+        for (int i = 0; i < a->n; i++) {
+            const int16_t *x = (const int16_t *)a->x + i * in_img;
+            char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
+            if (a->ph || a->pw) {
+                memset(buf, (uint8_t)(-a->ushift), (size_t)img);
+                for (int y = 0; y < a->h; y++)
+                    to_u8(x + (int64_t)y * a->w * cin, (int64_t)a->w * cin, a->ushift,
+                          buf + (((int64_t)y + a->ph) * wp + a->pw) * cin);
+            } else {
+                to_u8(x, in_img, a->ushift, buf);
+            }
+            for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
+                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
-                    char *Yr = Yi + r * a->cout * esize;
-                    if (rows == RMAX)
-                        kern6_u8(a, col + r * a->kq4, a->kq4, bb, kq, g * og + n0, cnt, Yr,
-                                 a->cout, esize);
-                    else
-                        for (int q = 0; q < rows; q++)
-                            kern1_u8(a, col + (r + q) * a->kq4, bb, kq, g * og + n0, cnt,
-                                     Yr + (int64_t)q * a->cout * esize, a->cout, esize);
+                    kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
+                             a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
                 }
             }
         }
+        return;
+    }
+    int64_t zero = 0;
+    memset(buf + opix * a->kq4, 0, (size_t)8 * a->kq4); /* rows read past the last one */
+    for (int i = 0; i < a->n; i++)
+        for (int g = 0; g < a->groups; g++) {
+            char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
+            im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
+            const int8_t *B = a->wpack8 + g * wstride;
+            for (int64_t r = 0; r < opix; r += UR) {
+                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR);
+                for (int b = 0; b < nblocks; b++) {
+                    int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+                    kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
+                             B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
+                }
+            }
+        }
+}
+
+/* A float-input layer (the network's images) at stride 1, one group: the taps (c, ky, kx), in
+ * the packed weights' order, are fixed offsets into zero-padded NCHW planes, UR rows of
+ * consecutive pixels of the padded width, 16 channels (two packed blocks of 8). The same fmas
+ * in the same order as gemm_f32_generic on im2col rows. */
+AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
+    fbi_ep ep;
+    ep_init(a, &ep);
+    int og = a->cout, esize = a->out_kind == OUT_FLOAT ? 4 : 2, kf = a->kf;
+    int nblocks = (og + NBF - 1) / NBF, hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
+    int64_t plane = (int64_t)hp * wp, opix = (int64_t)a->oh * a->ow;
+    int64_t in_img = (int64_t)a->h * a->w * a->cin, ldy = (int64_t)a->cout * esize;
+    int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow;
+    int64_t toff[64];
+    for (int c = 0, t = 0; c < a->cin; c++)
+        for (int ky = 0; ky < a->kh; ky++)
+            for (int kx = 0; kx < a->kw; kx++, t++) toff[t] = c * plane + (int64_t)ky * wp + kx;
+    float *buf = (float *)a->scratch;
+    memset(buf, 0, sizeof(float) * (size_t)(a->cin * plane + 8)); /* padding, slack */
+    char *dst[4];
+    for (int i = 0; i < a->n; i++) {
+        const float *x = (const float *)a->x + i * in_img;
+        char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
+        for (int c = 0; c < a->cin; c++)
+            for (int y = 0; y < a->h; y++)
+                memcpy(buf + c * plane + (int64_t)(y + a->ph) * wp + a->pw,
+                       x + ((int64_t)c * a->h + y) * a->w, sizeof(float) * (size_t)a->w);
+        for (int64_t j0 = 0; j0 < nrows; j0 += 4) {
+            row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, 4);
+            const float *A = buf + j0;
+            for (int b = 0; b < nblocks; b += 2) {
+                const float *b0 = (const float *)a->wpack + (int64_t)b * kf * NBF;
+                const float *b1 = b + 1 < nblocks ? b0 + (int64_t)kf * NBF : b0;
+                __m256 x0 = _mm256_setzero_ps(), y0 = x0, x1 = x0, y1 = x0, x2 = x0, y2 = x0,
+                       x3 = x0, y3 = x0;
+                for (int t = 0; t < kf; t++) {
+                    __m256 w0 = _mm256_loadu_ps(b0 + t * NBF), w1 = _mm256_loadu_ps(b1 + t * NBF);
+                    const float *p = A + toff[t];
+                    __m256 v;
+#define ROWF(r, xx, yy)                                                       \
+                    v = _mm256_broadcast_ss(p + r);                           \
+                    xx = _mm256_fmadd_ps(v, w0, xx);                          \
+                    yy = _mm256_fmadd_ps(v, w1, yy);
+                    ROWF(0, x0, y0) ROWF(1, x1, y1) ROWF(2, x2, y2) ROWF(3, x3, y3)
+#undef ROWF
+                }
+                __m256 v[8] = {x0, y0, x1, y1, x2, y2, x3, y3};
+                int n0 = b * NBF, cnt = og - n0 < 2 * NBF ? og - n0 : 2 * NBF;
+                epi_tile(&ep, v, 4, n0, cnt, dst);
+            }
+        }
+    }
 }
 #endif
 
@@ -444,6 +704,12 @@ int fbi_conv_run(const fbi_conv *a) {
 #if FBI_X86
     if (a->isa == ISA_AVX2 && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0) {
         conv_u8_avx2(a);
+        return 0;
+    }
+    if (a->isa == ISA_AVX2 && a->in_kind == IN_FLOAT_NCHW && a->groups == 1 && a->sh == 1 &&
+        a->sw == 1 && a->dh == 1 && a->dw == 1 && a->kf == a->cin * a->kh * a->kw &&
+        a->kf <= 64) {
+        conv_f32_direct_avx2(a);
         return 0;
     }
 #endif
@@ -525,26 +791,46 @@ int fbi_conv_run(const fbi_conv *a) {
 static void add_generic(ADD_ARGS) { ADD_BODY }
 #if FBI_X86
 __attribute__((target("avx2,fma"))) static void add_avx2(ADD_ARGS) {
-    int64_t i0 = n - n % 8;
-    const __m256 sgnbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f),
-                 one = _mm256_set1_ps(1.0f), flo = _mm256_set1_ps((float)lo),
-                 fhi = _mm256_set1_ps((float)hi), vf0 = _mm256_set1_ps(f0),
-                 vf1 = _mm256_set1_ps(f1);
-    for (int64_t i = 0; i < i0; i += 8) {
-        __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
-            _mm_loadu_si128((const __m128i *)(x0 + i))));
-        __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
-            _mm_loadu_si128((const __m128i *)(x1 + i))));
-        __m256 v = _mm256_add_ps(_mm256_mul_ps(a, vf0), _mm256_mul_ps(b, vf1));
-        __m256 av = _mm256_andnot_ps(sgnbit, v);
-        __m256 r = _mm256_round_ps(av, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm256_add_ps(r, _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(av, r), half,
-                                                         _CMP_EQ_OQ), one));
-        r = _mm256_or_ps(r, _mm256_and_ps(v, sgnbit));
-        r = _mm256_min_ps(_mm256_max_ps(r, flo), fhi);
-        __m256i k = _mm256_cvttps_epi32(r);
-        _mm_storeu_si128((__m128i *)(y + i), _mm_packs_epi32(_mm256_castsi256_si128(k),
-                                                             _mm256_extracti128_si256(k, 1)));
+    /* clamping v to [lo, hi] (integers) before rounding equals clamping the rounded value,
+     * and keeps the conversion to int32 exact; 16 codes per step */
+    int64_t i0 = n - n % 16;
+    const __m256 flo = _mm256_set1_ps((float)lo), fhi = _mm256_set1_ps((float)hi),
+                 vf0 = _mm256_set1_ps(f0), vf1 = _mm256_set1_ps(f1),
+                 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < i0; i += 16) {
+        __m256i k[2];
+        for (int h = 0; h < 2; h++) {
+            __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+                _mm_loadu_si128((const __m128i *)(x0 + i + 8 * h))));
+            __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+                _mm_loadu_si128((const __m128i *)(x1 + i + 8 * h))));
+            __m256 v = _mm256_add_ps(_mm256_mul_ps(a, vf0), _mm256_mul_ps(b, vf1));
+            v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
+            k[h] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(v, absmask)),
+                                     _mm256_castps_si256(v));
+        }
+        _mm256_storeu_si256((__m256i *)(y + i), _mm256_permute4x64_epi64(
+                                _mm256_packs_epi32(k[0], k[1]), 0xD8));
+    }
+    add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
+}
+
+/* the same sum where f0, f1 are integers with |f0| + |f1| <= 511: then every float above is
+ * an exact integer (|x| <= 2^15, so |x0 f0 + x1 f1| < 2^24) and rounding is the identity, so
+ * vpmaddwd on interleaved (x0, x1) x (f0, f1) gives the same codes, 16 per step */
+__attribute__((target("avx2,fma"))) static void add_int_avx2(ADD_ARGS) {
+    int64_t i0 = n - n % 16;
+    const __m256i f = _mm256_set1_epi32((int32_t)(((uint32_t)(uint16_t)(int16_t)f1 << 16) |
+                                                  (uint16_t)(int16_t)f0));
+    const __m256i vlo = _mm256_set1_epi16((int16_t)lo), vhi = _mm256_set1_epi16((int16_t)hi);
+    for (int64_t i = 0; i < i0; i += 16) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(x0 + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(x1 + i));
+        __m256i s0 = _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), f);
+        __m256i s1 = _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), f);
+        __m256i k = _mm256_packs_epi32(s0, s1); /* in-lane, the order unpack took */
+        k = _mm256_min_epi16(_mm256_max_epi16(k, vlo), vhi);
+        _mm256_storeu_si256((__m256i *)(y + i), k);
     }
     add_generic(n - i0, x0 + i0, x1 + i0, f0, f1, lo, hi, y + i0);
 }
@@ -554,7 +840,14 @@ __attribute__((target("avx2,fma"))) static void add_avx2(ADD_ARGS) {
  * integers: exact) or on a finer grid (then rounded) */
 void fbi_add(int32_t isa, ADD_ARGS) {
 #if FBI_X86
-    if (isa == ISA_AVX2) { add_avx2(n, x0, x1, f0, f1, lo, hi, y); return; }
+    if (isa == ISA_AVX2) {
+        if (f0 == (float)(int32_t)f0 && f1 == (float)(int32_t)f1 &&
+            fabsf(f0) + fabsf(f1) <= 511.0f && lo >= -32768 && hi <= 32767 && lo <= hi)
+            add_int_avx2(n, x0, x1, f0, f1, lo, hi, y);
+        else
+            add_avx2(n, x0, x1, f0, f1, lo, hi, y);
+        return;
+    }
 #endif
     (void)isa;
     add_generic(n, x0, x1, f0, f1, lo, hi, y);
@@ -587,7 +880,29 @@ void fbi_add(int32_t isa, ADD_ARGS) {
                   int32_t pw, int32_t dh, int32_t dw, const int16_t *x, int16_t *y, void *work
 static void pool_generic(POOL_ARGS) { POOL_BODY }
 #if FBI_X86
-__attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) { POOL_BODY }
+__attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) {
+    if (op != 0 || c % 16) { POOL_BODY return; }
+    /* max pooling, 16 channels per vector: the same maximum over the same taps */
+    for (int i = 0; i < n; i++)
+        for (int oy = 0; oy < oh; oy++)
+            for (int ox = 0; ox < ow; ox++) {
+                int16_t *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;
+                for (int j = 0; j < c; j += 16) {
+                    __m256i m = _mm256_set1_epi16(-32768);
+                    for (int ky = 0; ky < kh; ky++) {
+                        int iy = oy * sh - ph + ky * dh;
+                        if (iy < 0 || iy >= h) continue;
+                        for (int kx = 0; kx < kw; kx++) {
+                            int ix = ox * sw - pw + kx * dw;
+                            if (ix < 0 || ix >= w) continue;
+                            m = _mm256_max_epi16(m, _mm256_loadu_si256((const __m256i *)(
+                                    x + (((int64_t)i * h + iy) * w + ix) * c + j)));
+                        }
+                    }
+                    _mm256_storeu_si256((__m256i *)(q + j), m);
+                }
+            }
+}
 #endif
 
 /* NHWC max (op 0) or sum (op 1, zero padding counted) pooling of int16 codes; `work`: c

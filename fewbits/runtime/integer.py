@@ -16,9 +16,14 @@ then agree within the planner's tolerance. Min-max's learned scales have no comm
 residual sum: it is rounded to 15 bits (:attr:`IntegerEngine.exact` is False, ``notes`` says
 where). All CPU paths give identical outputs.
 
-CPU paths (``engine.isa``): ``"avx2"`` (AVX2 + FMA, ``vpmaddwd``) and ``"generic"`` (portable
-C), picked by cpuid; ``FEWBITS_INT_ISA`` (or ``isa=``) forces one. AVX-512 VNNI / AVX-VNNI / AMX
-paths are not written (no machine to test them on). One thread.
+CPU paths (``engine.isa``): ``"avx2"`` and ``"generic"`` (portable C), picked by cpuid;
+``FEWBITS_INT_ISA`` (or ``isa=``) forces one. The AVX2 path multiplies u8 x s8 (``vpmaddubsw``,
+int16 lane sums widened by ``vpmaddwd`` before they could wrap; signed codes shifted into
+``[0, 255]`` with a per-channel correction) where :func:`~fewbits.runtime.integer_plan.pack_u8`
+proves it exact, else int16 (``vpmaddwd``); stride-1 layers read their taps straight from a
+zero-padded image (no im2col). AVX-512 VNNI / AVX-VNNI / AMX paths are not written (no machine
+to test them on). One thread. A failed C build raises ``RuntimeError`` (the planner warns and
+runs the next candidate).
 
     >>> from fewbits.models import create_model
     >>> _ = torch.manual_seed(0)
@@ -70,7 +75,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
                  "kw", "sh", "sw", "ph", "pw", "dh", "dw", "groups", "kp", "kf", "pre_relu",
                  "klo", "khi", "kofs")] + \
         [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
-        [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32)] + \
+        [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32),
+         ("ushift", ctypes.c_int32), ("kchunk", ctypes.c_int32), ("corr", _P)] + \
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")]
 
 
@@ -98,8 +104,8 @@ _LIB = CLibrary(
 
 def _lib() -> ctypes.CDLL:
     lib = _LIB.get()
-    if lib is None:
-        raise ValueError(f"the integer engine cannot be built here: {_LIB.error}")
+    if lib is None:  # not the model's fault: RuntimeError, so the planner warns, not "not covered"
+        raise RuntimeError(f"the integer engine cannot be built here: {_LIB.error}")
     return lib
 
 
@@ -136,6 +142,13 @@ def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
     a.inv = 1.0 / q.scale if m == 0.5 and 2.0**-126 <= q.scale <= 2.0**126 else 0.0
 
 
+def _padded(v: np.ndarray, dtype: type) -> np.ndarray:
+    """A per-channel array padded with zeros to whole blocks of 16 (the kernels load 16)."""
+    out = np.zeros(-(-len(v) // 16) * 16 + 16, dtype)
+    out[:len(v)] = v
+    return out
+
+
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=1 if s.float_in else 0,
@@ -146,14 +159,26 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         _set_quant(a, q)
     else:
         a.clo, a.chi = s.fclamp
-    arrays = [np.ascontiguousarray(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
+    arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
     a.wpack = _ptr(s.wpack)
     if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
         keep.append(s.wpack8)
-        a.wpack8, a.kq4 = _ptr(s.wpack8), s.kq4
+        a.wpack8, a.kq4, a.ushift, a.kchunk = _ptr(s.wpack8), s.kq4, s.ushift, s.kchunk
+        if s.corr is not None:
+            corr = _padded(s.corr, np.int32)
+            keep.append(corr)
+            a.corr = _ptr(corr)
     a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
     return a
+
+
+def _scratch_bytes(g: dict, kq4: int) -> int:
+    """Work bytes of one conv: its im2col rows (int16 / float / u8 with 8 rows of slack) or
+    the zero-padded image of a direct path (bytes, or float planes; 8 pixels of slack)."""
+    padded = ((g["h"] + 2 * g["ph"]) * (g["w"] + 2 * g["pw"]) + 8) * g["cin"] * 4
+    rows = g["oh"] * g["ow"]
+    return max(rows * g["kp"] * 2, rows * g["kf"] * 4, (rows + 8) * kq4, padded) + 64
 
 
 class IntegerEngine:
@@ -174,8 +199,8 @@ class IntegerEngine:
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._keep_batch: dict[int, list] = {}
-        self._scratch = max([s.geom["oh"] * s.geom["ow"] * max(s.geom["kp"] * 2, s.geom["kf"] * 4)
-                             + 64 for s in prog.steps if isinstance(s, Conv)], default=64)
+        self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
+                             if isinstance(s, Conv)], default=64)
         for s in prog.steps:
             if isinstance(s, Quantize):
                 self._qargs[id(s)] = _ConvArgs()
@@ -185,7 +210,8 @@ class IntegerEngine:
     def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
                    isa: str | None = None) -> IntegerEngine:
         """Compile ``model`` (put in eval mode) for images ``(N, *input_shape)``; raises
-        ``ValueError`` naming the first operation the engine does not cover."""
+        ``ValueError`` naming the first operation the engine does not cover, ``RuntimeError``
+        when the C engine cannot be built here."""
         was = model.training
         model.eval()
         try:

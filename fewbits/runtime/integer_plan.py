@@ -124,6 +124,9 @@ class Conv:
     name: str = ""
     wpack8: np.ndarray | None = None  # u8 x s8 weights for the AVX2 path, where exact
     kq4: int = 0
+    kchunk: int = 1  # u8 path: quads summed in int16 lanes before widening (see pack_u8)
+    ushift: int = 0  # u8 path: bytes are codes - ushift; sums corrected by ``corr``
+    corr: np.ndarray | None = None
 
 
 @dataclass
@@ -258,10 +261,12 @@ def _pack_int(k: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(out), kp
 
 
-def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int] | None:
+def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int, int] | None:
     """Weights for ``vpmaddubsw`` (codes in ``[0, hi]`` times int8, pairs of products summed
-    in int16): ``[groups][nb][kq4/4][16][4]`` int8, or None where a pair sum could saturate
-    or a weight is not int8."""
+    in int16 lanes): ``([groups][nb][kq4/4][16][4]`` int8, ``kq4``, ``chunk``), or None where
+    a pair sum could saturate or a weight is not int8. ``chunk``: how many quads of taps the
+    kernel may sum in those int16 lanes before widening them to int32 (every partial sum of
+    every lane of every chunk stays within int16, checked on these weights; at least 1)."""
     if hi > 255 or k.min() < -128 or k.max() > 127:
         return None
     cout = k.shape[0]
@@ -270,13 +275,23 @@ def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int] | Non
     kq4 = -(-kk.shape[1] // 4) * 4
     full = np.zeros((cout, kq4), np.int64)
     full[:, :kk.shape[1]] = kk
-    if int((np.abs(full[:, 0::2]) + np.abs(full[:, 1::2])).max(initial=0)) * hi > 32767:
+    # lane sums: |w0| + |w1| (lane 0) and |w2| + |w3| (lane 1) of each quad, times hi
+    lanes = (np.abs(full[:, 0::2]) + np.abs(full[:, 1::2])).reshape(cout, kq4 // 4, 2) * hi
+    if int(lanes.max(initial=0)) > 32767:
         return None
+    chunk = 1
+    while chunk < kq4 // 4:
+        c = chunk * 2
+        pad = -(-lanes.shape[1] // c) * c - lanes.shape[1]
+        sums = np.pad(lanes, ((0, 0), (0, pad), (0, 0))).reshape(cout, -1, c, 2).sum(2)
+        if int(sums.max(initial=0)) > 32767:
+            break
+        chunk = c
     nb = -(-og // _NB)
     out = np.zeros((groups, nb * _NB, kq4), np.int8)
     out[:, :og] = full.reshape(groups, og, kq4)
     out = out.reshape(groups, nb, _NB, kq4 // 4, 4).transpose(0, 1, 3, 2, 4)
-    return np.ascontiguousarray(out), kq4
+    return np.ascontiguousarray(out), kq4, chunk
 
 
 def _pack_float(w: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
@@ -354,7 +369,12 @@ class Compiler:
                 raise ValueError(f"{name}: int32 sums could reach {peak}: inputs too wide")
             pack, geom["kp"] = _pack_int(k, groups)
             sacc = (np.float32(x.scale) * sw_).astype(np.float32)
-            u8 = pack_u8(k, groups, x.hi) if x.lo >= 0 else None
+            # u8 path: bytes u = k - shift in [0, 255] (signed codes shifted up; the padding
+            # byte is -shift), sums corrected by shift * (the channel's weight sum)
+            shift = min(x.lo, 0)
+            umax = x.hi - shift
+            u8 = pack_u8(k, groups, umax) if umax <= 255 and \
+                int(np.abs(k).reshape(cout, -1).sum(1).max()) * umax <= _I32 else None
         elif x.kind in ("input", "float"):
             if x.kind == "float" and len(x.shape) == 3:
                 raise ValueError(f"{name}: a float feature map here; the integer engine takes "
@@ -365,7 +385,10 @@ class Compiler:
             raise ValueError(f"{name}: input of kind {x.kind}")
         conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name)
         if x.kind == "int" and u8 is not None:
-            conv.wpack8, conv.kq4 = u8
+            conv.wpack8, conv.kq4, conv.kchunk = u8
+            if shift:
+                conv.ushift = shift
+                conv.corr = (shift * k.reshape(cout, -1).sum(1)).astype(np.int32)
         return conv
 
     def quantize(self, x: Value, qp: QuantParams, name: str) -> Value:
