@@ -55,7 +55,7 @@ from ..quantizers import Codes, Quantizer, get
 from ..quantizers.base import family_translations
 from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
-from .onnx_fused import fused_graph
+from .onnx_fuse import fuse_graph
 from .onnx_ops import ATEN_FIXES
 from .onnx_qdq import fold_binary_thresholds, prune_unused
 from .packed import load_packed, model_of
@@ -181,6 +181,8 @@ class OnnxReport:
     nodes: dict[str, int] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)
     activations: dict[str, str] = field(default_factory=dict)
+    #: What the fused form left plain, and why (empty for the plain form).
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         forms = Counter(self.weights.values())
@@ -190,6 +192,7 @@ class OnnxReport:
                  "activations: " + ("; ".join(f"{n} x {k}" for k, n in sorted(acts.items()))
                                     or "float"),
                  "operators:   " + ", ".join(f"{k} {n}" for k, n in sorted(self.nodes.items()))]
+        lines += [f"left plain:  {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -220,10 +223,12 @@ def _describe(q: Quantizer) -> str:
     return f"{type(q).__name__} levels as float constants"
 
 
-def _frozen(model: nn.Module, report: OnnxReport) -> nn.Module:
+def _frozen(model: nn.Module, report: OnnxReport) -> tuple[nn.Module, dict[str, Quantizer]]:
     """A copy of ``model`` whose quantized layers hold their quantized weight and bias as plain
-    parameters (the exact values PyTorch computes; no weight operator left in the graph)."""
+    parameters (the exact values PyTorch computes; no weight operator left in the graph), and
+    the quantizer of each such parameter by its name."""
     model = copy.deepcopy(model).eval()
+    quantizers: dict[str, Quantizer] = {}
     with torch.no_grad():
         for name, m in model.named_modules():
             if not isinstance(m, QuantLayer):
@@ -237,7 +242,8 @@ def _frozen(model: nn.Module, report: OnnxReport) -> nn.Module:
                 setattr(m, f"{role}_quantizer", None)
                 setattr(m, key, nn.Parameter(v, requires_grad=False))
                 report.weights[f"{name}.{key}"] = _describe(q)
-    return model
+                quantizers[f"{name}.{key}"] = q
+    return model, quantizers
 
 
 def _example(model: nn.Module, example_inputs: Any,
@@ -392,20 +398,15 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     report = OnnxReport("", spec["name"], opset)
     args, kwargs, images = _example(model, example_inputs, input_shape)
-    if fuse:
-        if not images or len(args) != 1:
-            raise ValueError("fuse=True takes one image batch; export other inputs unfused")
-        was_training = model.training
-        try:
-            proto = fused_graph(model.eval(), codes, report, tuple(args[0].shape[1:]), opset,
-                                fuse, checked_sums, spec["name"])
-        finally:
-            model.train(was_training)
-        return proto, report
     if opset < 18:
         raise ValueError(f"opset {opset}: PyTorch's exporter writes opset 18 or later; export "
                          f"with opset {DEFAULT_OPSET}, the default")
-    proto = _plain(_frozen(model, report), args, kwargs, images, opset, report)
+    frozen, quantizers = _frozen(model, report)
+    proto = _plain(frozen, args, kwargs, images, opset, report)
+    if fuse:
+        fuse_graph(proto, model, frozen, codes, quantizers, report,
+                   clamp_codes=fuse != "openvino", checked_sums=checked_sums)
+        prune_unused(proto)
     proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
     proto.doc_string = f"fewbits model {spec['name']}" + ("; input: images in [0, 1]"
                                                           if images else "")
