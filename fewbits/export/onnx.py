@@ -19,10 +19,11 @@ binary networks ``x`` is a sum of +-1 products, an exact integer whatever the co
 algorithm. Predictions are then the same at every ONNX Runtime optimisation level
 (``tests/test_onnx_models.py``).
 
-``fuse=True`` writes the deployment form instead (:mod:`fewbits.export.onnx_fused`): batch norm
-folded into the convolutions (:mod:`fewbits.export.fold`) and the QDQ pattern ONNX Runtime runs
-as ``QLinearConv``, integer weights; equal to PyTorch within a stated tolerance. It covers the
-zoo and CNNs ``torch.fx`` can trace with one image input.
+``fuse=True`` writes the deployment form instead: a pass over this export
+(:mod:`fewbits.export.onnx_fuse`) folds batch norm into the convolutions
+(:mod:`fewbits.export.fold`), stores integer weights and writes the QDQ pattern ONNX Runtime runs
+as ``QLinearConv``; equal to PyTorch within a stated tolerance. It takes every model the plain
+form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
 
     >>> import tempfile, os
     >>> from fewbits.models import create_model
@@ -164,9 +165,6 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     raise ValueError(f"cannot tell the input shape of model {name or type(model).__name__!r}; "
                      "pass input_shape=(C, H, W) (on the command line: --input-shape C,H,W)")
 
-
-
-# --------------------------------------------------------------------------- public API
 
 # --------------------------------------------------------------------------- public API
 
@@ -375,14 +373,14 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     tensor gets the input ``images`` (float32, ``N`` dynamic) and, returning one tensor, the
     output ``logits``; others keep their argument names, outputs flattened in order.
 
-    ``fuse=True``: the fused QDQ deployment form (:mod:`fewbits.export.onnx_fused`; one image
-    input): faster, equal to PyTorch within the tolerance stated there; ``fuse="openvino"``
-    writes the bounds of each quantizer as float clamps before its ``QuantizeLinear``, the
-    pattern OpenVINO fuses (same codes). ``checked_sums=True`` (with ``fuse``) also writes
-    ``relu(a + b)`` of two uint8 grids of one scale as a uint8 sum, exact unless it saturates
-    at code 255, and adds the output ``sum_peak``: a caller must recompute a batch whose
-    ``sum_peak`` is 255 with the unchecked graph (:class:`fewbits.runtime.ort.CheckedRunner`).
-    Raises ``ValueError`` naming what cannot be exported.
+    ``fuse=True``: the fused QDQ deployment form (:mod:`fewbits.export.onnx_fuse`, a pass over
+    the plain export; any inputs), equal to PyTorch within the tolerance stated there;
+    ``fuse="openvino"`` writes the bounds of each quantizer as float clamps before its
+    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes). ``checked_sums=True`` (with
+    ``fuse``) also writes ``relu(a + b)`` of two uint8 grids of one scale as a uint8 sum, exact
+    unless it saturates at code 255, and adds the output ``sum_peak``: a caller must recompute
+    a batch whose ``sum_peak`` is 255 with the unchecked graph
+    (:class:`fewbits.runtime.ort.CheckedRunner`). Raises ``ValueError`` naming what fails.
     """
     try:
         import onnx
