@@ -35,11 +35,10 @@ form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -52,6 +51,7 @@ from .._checks import translated_onnx_export
 from .._io import atomic_write
 from ..layers import QuantLayer, quant_layers
 from ..models import create_model, is_model, model_info
+from ..ops.onnx import cached_exporter_registry
 from ..quantizers import Codes, Quantizer, get
 from ..quantizers.base import family_translations
 from ._guard import check_input_shape
@@ -75,6 +75,7 @@ __all__ = [
     "resolve_source",
     "run_onnx",
     "to_onnx",
+    "to_onnx_forms",
 ]
 
 DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
@@ -217,10 +218,6 @@ def onnx_translations() -> dict[Any, Any]:
     return {**ATEN_FIXES, **table}
 
 
-def _describe(q: Quantizer) -> str:
-    return f"{type(q).__name__} levels as float constants"
-
-
 def _frozen(model: nn.Module, report: OnnxReport) -> tuple[nn.Module, dict[str, Quantizer]]:
     """A copy of ``model`` whose quantized layers hold their quantized weight and bias as plain
     parameters (the exact values PyTorch computes; no weight operator left in the graph), and
@@ -239,7 +236,7 @@ def _frozen(model: nn.Module, report: OnnxReport) -> tuple[nn.Module, dict[str, 
                 v = getattr(m, f"quantized_{role}")().detach().clone()
                 setattr(m, f"{role}_quantizer", None)
                 setattr(m, key, nn.Parameter(v, requires_grad=False))
-                report.weights[f"{name}.{key}"] = _describe(q)
+                report.weights[f"{name}.{key}"] = f"{type(q).__name__} levels as float constants"
                 quantizers[f"{name}.{key}"] = q
     return model, quantizers
 
@@ -300,40 +297,6 @@ def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
     return {t: wrap(t, f) for t, f in table.items()}
 
 
-_REGISTRIES: dict[int, Any] = {}
-
-
-@contextlib.contextmanager
-def cached_exporter_registry() -> Iterator[None]:
-    """Within this block ``torch.onnx.export(dynamo=True)`` gets a copy of an operator registry
-    built once per opset: PyTorch rebuilds it from onnxscript's sources on every call (~8 s,
-    most of a small model's export). Where PyTorch's private registry is not what this
-    expects, nothing changes. :func:`to_onnx` uses it."""
-    try:
-        from torch.onnx._internal.exporter._registration import ONNXRegistry
-    except ImportError:  # pragma: no cover - another torch layout: the slow path
-        yield
-        return
-    build = ONNXRegistry.__dict__.get("from_torchlib")
-    if not isinstance(build, classmethod):  # pragma: no cover
-        yield
-        return
-
-    def cached(cls: Any, opset_version: int | None = None) -> Any:
-        if opset_version not in _REGISTRIES:
-            _REGISTRIES[opset_version] = build.__func__(cls) if opset_version is None else \
-                build.__func__(cls, opset_version)
-        reg = copy.copy(_REGISTRIES[opset_version])
-        reg.functions = {k: list(v) for k, v in reg.functions.items()}
-        return reg
-
-    ONNXRegistry.from_torchlib = classmethod(cached)
-    try:
-        yield
-    finally:
-        ONNXRegistry.from_torchlib = build
-
-
 def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int,
            report: OnnxReport) -> Any:
     import warnings
@@ -382,6 +345,16 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     a batch whose ``sum_peak`` is 255 with the unchecked graph
     (:class:`fewbits.runtime.ort.CheckedRunner`). Raises ``ValueError`` naming what fails.
     """
+    return to_onnx_forms(source, [(fuse, checked_sums)], example_inputs, opset=opset,
+                         input_shape=input_shape)[0]
+
+
+def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool | str, bool]],
+                  example_inputs: Any = None, *, opset: int = DEFAULT_OPSET,
+                  input_shape: tuple[int, ...] | None = None) -> list[tuple[Any, OnnxReport]]:
+    """:func:`to_onnx` of ``source`` for each ``(fuse, checked_sums)`` of ``forms``, in order,
+    from one export by PyTorch (each fused form is a pass over a copy of it): what the planner
+    uses to build the ``ort``, ``checked`` and ``openvino`` graphs of one model."""
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - the onnx extra is installed in dev
@@ -390,31 +363,37 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     if not 1 <= opset <= onnx.defs.onnx_opset_version():  # the checker does not bound it
         raise ValueError(f"opset {opset} is not one this onnx package knows (1 to "
                          f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
-    if checked_sums and not fuse:
+    if any(checked and not fuse for fuse, checked in forms):
         raise ValueError("checked_sums=True needs fuse=True")
     model, codes = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
-    report = OnnxReport("", spec["name"], opset)
+    plain_report = OnnxReport("", spec["name"], opset)
     args, kwargs, images = _example(model, example_inputs, input_shape)
     if opset < 18:
         raise ValueError(f"opset {opset}: PyTorch's exporter writes opset 18 or later; export "
                          f"with opset {DEFAULT_OPSET}, the default")
-    frozen, quantizers = _frozen(model, report)
-    proto = _plain(frozen, args, kwargs, images, opset, report)
-    if fuse:
-        fuse_graph(proto, model, frozen, codes, quantizers, report,
-                   clamp_codes=fuse != "openvino", checked_sums=checked_sums)
-        prune_unused(proto)
-    proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
-    proto.doc_string = f"fewbits model {spec['name']}" + ("; input: images in [0, 1]"
-                                                          if images else "")
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise ValueError(f"the graph is not valid ONNX at opset {opset} ({str(e).splitlines()[0]}"
-                         f"); export with opset {DEFAULT_OPSET}, the default") from None
-    report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
-    return proto, report
+    frozen, quantizers = _frozen(model, plain_report)
+    plain = _plain(frozen, args, kwargs, images, opset, plain_report)
+    out = []
+    for fuse, checked_sums in forms:
+        proto, report = onnx.ModelProto(), copy.deepcopy(plain_report)
+        proto.CopyFrom(plain)
+        if fuse:
+            fuse_graph(proto, model, frozen, codes, quantizers, report,
+                       clamp_codes=fuse != "openvino", checked_sums=checked_sums)
+            prune_unused(proto)
+        proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
+        proto.doc_string = f"fewbits model {spec['name']}" + ("; input: images in [0, 1]"
+                                                              if images else "")
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as e:
+            raise ValueError(f"the graph is not valid ONNX at opset {opset} "
+                             f"({str(e).splitlines()[0]}); export with opset {DEFAULT_OPSET}, "
+                             "the default") from None
+        report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
+        out.append((proto, report))
+    return out
 
 
 def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike,
