@@ -103,7 +103,7 @@ class Context:
         ``"openvino"``."""
         if flavour not in self._protos:
             if self.example is not None:
-                raise ValueError("the fused ONNX form takes one image batch; this model takes "
+                raise ValueError("the fused ONNX runners feed one image batch; this model takes "
                                  "other inputs (the 'ort-plain' backend runs it)")
             # one export by PyTorch, the three fused forms passes over it
             forms = {"ort": (True, False), "checked": (True, True),
