@@ -233,7 +233,7 @@ def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray
     return chains
 
 
-def _toposort(nodes: list[Any], inputs: set[str]) -> list[Any]:
+def _toposort(nodes: list[Any]) -> list[Any]:
     """``nodes`` in an order where each is after the producers of its inputs (stable)."""
     prod = {o: k for k, n in enumerate(nodes) for o in n.output if o}
     done: set[int] = set()
@@ -405,7 +405,7 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
         from onnx import TensorProto
         g.output.append(helper.make_tensor_value_info(SUM_PEAK, TensorProto.UINT8, []))
     del g.node[:]
-    g.node.extend(_toposort(out, {i.name for i in g.input}))
+    g.node.extend(_toposort(out))
     g.initializer.extend(gb.inits)
     made = {o for n in g.node for o in n.output}
     keep_vi = [v for v in g.value_info if v.name in made]
