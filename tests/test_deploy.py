@@ -14,7 +14,7 @@ from torch import nn
 from fewbits.export import compile_for_cpu as export_compile_for_cpu
 from fewbits.export import export_packed
 from fewbits.export.fold import FOLD_RTOL, fold_batch_norm, int8_weight
-from fewbits.export.onnx import onnx_session, to_onnx
+from fewbits.export.onnx import onnx_session, to_onnx, to_onnx_forms
 from fewbits.layers import QuantAct
 from fewbits.models import FAMILIES, create_model
 from fewbits.quantizers import BinaryWeight, FixedPoint, MinMax, Pow2
@@ -359,3 +359,76 @@ def test_probe_images_are_partly_smooth():
     assert x.shape == (8, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
     tv = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2, 3))  # neighbour differences
     assert (tv[1::2] < tv[0::2] / 3).all(), tv  # smooth ones vs pixel noise
+
+
+# --------------------------------------------------------------------------- issue 22: the pass
+
+class _TwoInputs(nn.Module):
+    """Two inputs, ReLU6, ``cat`` and ``view(x.size(0), -1)``: the fx walker the fused form
+    used before refused each (one image input only; no ONNX form for the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(1, 4, 3, padding=1, bias=False), _bn(4, seed=3)
+        self.q = QuantAct(FixedPoint(n=8, delta=2**-4))
+        self.b, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(7 * 6 * 6, 5)
+
+    def forward(self, x, y):
+        h = torch.relu(self.q(self.bn(self.a(x))))  # conv -> bn -> quantizer -> relu: folded
+        h = torch.cat([nn.functional.relu6(h), self.b(y)], 1)
+        return self.fc(h.view(h.size(0), -1))
+
+
+class _Halves(nn.Module):
+    """An activation quantizer with no fused form (the protocol's default ``onnx_act``)."""
+
+    def forward(self, x):
+        return torch.clamp(torch.round(x * 2), -8, 7) / 2
+
+
+def test_fused_pass_takes_models_the_walker_refused():
+    from fewbits import quantize_
+    from fewbits.export.onnx import compare_onnx
+    from fewbits.quantizers import Quantizer
+    from fewbits.runtime.planner import QUANTIZED_RTOL
+
+    torch.manual_seed(0)
+    m = quantize_(_TwoInputs(), {"weight": {"name": "fixed_point", "n": 8}}).eval()
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(16, 1, 6, 6, generator=g), torch.randn(16, 2, 6, 6, generator=g))
+    proto, report = to_onnx(m, args, fuse=True)
+    assert "BatchNormalization" not in report.nodes and not report.notes
+    assert report.activations["q"] == "folded into a: uint8 Q/DQ"
+    assert report.weights["a.weight"].startswith("folded")
+    assert report.weights["fc.weight"] == "int8 DequantizeLinear"
+    c = compare_onnx(m, proto, args)
+    assert c["max_rel"] <= QUANTIZED_RTOL and c["top1_agreement"] == 1.0, c
+
+    # a quantizer without a fused form stays the plain (exact) subgraph, and the report says so
+    halves = type("Halves", (Quantizer,), {"bits": 4, "forward": _Halves.forward})()
+    m.q = QuantAct(halves)
+    proto, report = to_onnx(m, args, fuse=True)
+    assert report.notes == ["activation q left plain (activation quantizer Halves has no fused "
+                            "ONNX form)"], report.notes
+    assert "BatchNormalization" not in report.nodes  # folded with float weights before it
+    assert compare_onnx(m, proto, args)["max_abs"] <= 1e-5
+
+
+def test_fused_zoo_net_equals_the_openvino_variant_and_pytorch_top1():
+    """Both fused variants write the same codes (bounds on codes or on values), the numbers the
+    fx walker's graph gave (bit for bit on the nine families' LeNets, measured at the switch)."""
+    m = create_model("mnist_fp_net_lenet", width=8).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.load_state_dict(_bn(mod.num_features, seed=mod.num_features).state_dict())
+    x, _ = _images(64, 7)
+    with torch.no_grad():
+        ref = m(x)
+    outs = []
+    for proto, report in to_onnx_forms(m, [(True, False), ("openvino", False)]):  # one export
+        assert "BatchNormalization" not in report.nodes and not report.notes
+        outs.append(torch.from_numpy(onnx_session(proto).run(None, {"images": x.numpy()})[0]))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0].argmax(1), ref.argmax(1))
+    assert float((outs[0] - ref).abs().max()) <= 0.08 * float(ref.abs().max())

@@ -19,10 +19,11 @@ binary networks ``x`` is a sum of +-1 products, an exact integer whatever the co
 algorithm. Predictions are then the same at every ONNX Runtime optimisation level
 (``tests/test_onnx_models.py``).
 
-``fuse=True`` writes the deployment form instead (:mod:`fewbits.export.onnx_fused`): batch norm
-folded into the convolutions (:mod:`fewbits.export.fold`) and the QDQ pattern ONNX Runtime runs
-as ``QLinearConv``, integer weights; equal to PyTorch within a stated tolerance. It covers the
-zoo and CNNs ``torch.fx`` can trace with one image input.
+``fuse=True`` writes the deployment form instead: a pass over this export
+(:mod:`fewbits.export.onnx_fuse`) folds batch norm into the convolutions
+(:mod:`fewbits.export.fold`), stores integer weights and writes the QDQ pattern ONNX Runtime runs
+as ``QLinearConv``; equal to PyTorch within a stated tolerance. It takes every model the plain
+form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
 
     >>> import tempfile, os
     >>> from fewbits.models import create_model
@@ -34,11 +35,10 @@ zoo and CNNs ``torch.fx`` can trace with one image input.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -51,11 +51,12 @@ from .._checks import translated_onnx_export
 from .._io import atomic_write
 from ..layers import QuantLayer, quant_layers
 from ..models import create_model, is_model, model_info
+from ..ops.onnx import cached_exporter_registry
 from ..quantizers import Codes, Quantizer, get
 from ..quantizers.base import family_translations
 from ._guard import check_input_shape
 from .container import decode_tensor, is_packed_file, read_model_file
-from .onnx_fused import fused_graph
+from .onnx_fuse import fuse_graph
 from .onnx_ops import ATEN_FIXES
 from .onnx_qdq import fold_binary_thresholds, prune_unused
 from .packed import load_packed, model_of
@@ -74,6 +75,7 @@ __all__ = [
     "resolve_source",
     "run_onnx",
     "to_onnx",
+    "to_onnx_forms",
 ]
 
 DEFAULT_OPSET = 21  # int16 QuantizeLinear and per-axis DequantizeLinear
@@ -165,9 +167,6 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
                      "pass input_shape=(C, H, W) (on the command line: --input-shape C,H,W)")
 
 
-
-# --------------------------------------------------------------------------- public API
-
 # --------------------------------------------------------------------------- public API
 
 @dataclass
@@ -181,6 +180,8 @@ class OnnxReport:
     nodes: dict[str, int] = field(default_factory=dict)
     weights: dict[str, str] = field(default_factory=dict)
     activations: dict[str, str] = field(default_factory=dict)
+    #: What the fused form left plain, and why (empty for the plain form).
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         forms = Counter(self.weights.values())
@@ -190,6 +191,7 @@ class OnnxReport:
                  "activations: " + ("; ".join(f"{n} x {k}" for k, n in sorted(acts.items()))
                                     or "float"),
                  "operators:   " + ", ".join(f"{k} {n}" for k, n in sorted(self.nodes.items()))]
+        lines += [f"left plain:  {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -216,14 +218,12 @@ def onnx_translations() -> dict[Any, Any]:
     return {**ATEN_FIXES, **table}
 
 
-def _describe(q: Quantizer) -> str:
-    return f"{type(q).__name__} levels as float constants"
-
-
-def _frozen(model: nn.Module, report: OnnxReport) -> nn.Module:
+def _frozen(model: nn.Module, report: OnnxReport) -> tuple[nn.Module, dict[str, Quantizer]]:
     """A copy of ``model`` whose quantized layers hold their quantized weight and bias as plain
-    parameters (the exact values PyTorch computes; no weight operator left in the graph)."""
+    parameters (the exact values PyTorch computes; no weight operator left in the graph), and
+    the quantizer of each such parameter by its name."""
     model = copy.deepcopy(model).eval()
+    quantizers: dict[str, Quantizer] = {}
     with torch.no_grad():
         for name, m in model.named_modules():
             if not isinstance(m, QuantLayer):
@@ -236,8 +236,9 @@ def _frozen(model: nn.Module, report: OnnxReport) -> nn.Module:
                 v = getattr(m, f"quantized_{role}")().detach().clone()
                 setattr(m, f"{role}_quantizer", None)
                 setattr(m, key, nn.Parameter(v, requires_grad=False))
-                report.weights[f"{name}.{key}"] = _describe(q)
-    return model
+                report.weights[f"{name}.{key}"] = f"{type(q).__name__} levels as float constants"
+                quantizers[f"{name}.{key}"] = q
+    return model, quantizers
 
 
 def _example(model: nn.Module, example_inputs: Any,
@@ -296,40 +297,6 @@ def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
     return {t: wrap(t, f) for t, f in table.items()}
 
 
-_REGISTRIES: dict[int, Any] = {}
-
-
-@contextlib.contextmanager
-def cached_exporter_registry() -> Iterator[None]:
-    """Within this block ``torch.onnx.export(dynamo=True)`` gets a copy of an operator registry
-    built once per opset: PyTorch rebuilds it from onnxscript's sources on every call (~8 s,
-    most of a small model's export). Where PyTorch's private registry is not what this
-    expects, nothing changes. :func:`to_onnx` uses it."""
-    try:
-        from torch.onnx._internal.exporter._registration import ONNXRegistry
-    except ImportError:  # pragma: no cover - another torch layout: the slow path
-        yield
-        return
-    build = ONNXRegistry.__dict__.get("from_torchlib")
-    if not isinstance(build, classmethod):  # pragma: no cover
-        yield
-        return
-
-    def cached(cls: Any, opset_version: int | None = None) -> Any:
-        if opset_version not in _REGISTRIES:
-            _REGISTRIES[opset_version] = build.__func__(cls) if opset_version is None else \
-                build.__func__(cls, opset_version)
-        reg = copy.copy(_REGISTRIES[opset_version])
-        reg.functions = {k: list(v) for k, v in reg.functions.items()}
-        return reg
-
-    ONNXRegistry.from_torchlib = classmethod(cached)
-    try:
-        yield
-    finally:
-        ONNXRegistry.from_torchlib = build
-
-
 def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int,
            report: OnnxReport) -> Any:
     import warnings
@@ -369,15 +336,25 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     tensor gets the input ``images`` (float32, ``N`` dynamic) and, returning one tensor, the
     output ``logits``; others keep their argument names, outputs flattened in order.
 
-    ``fuse=True``: the fused QDQ deployment form (:mod:`fewbits.export.onnx_fused`; one image
-    input): faster, equal to PyTorch within the tolerance stated there; ``fuse="openvino"``
-    writes the bounds of each quantizer as float clamps before its ``QuantizeLinear``, the
-    pattern OpenVINO fuses (same codes). ``checked_sums=True`` (with ``fuse``) also writes
-    ``relu(a + b)`` of two uint8 grids of one scale as a uint8 sum, exact unless it saturates
-    at code 255, and adds the output ``sum_peak``: a caller must recompute a batch whose
-    ``sum_peak`` is 255 with the unchecked graph (:class:`fewbits.runtime.ort.CheckedRunner`).
-    Raises ``ValueError`` naming what cannot be exported.
+    ``fuse=True``: the fused QDQ deployment form (:mod:`fewbits.export.onnx_fuse`, a pass over
+    the plain export; any inputs), equal to PyTorch within the tolerance stated there;
+    ``fuse="openvino"`` writes the bounds of each quantizer as float clamps before its
+    ``QuantizeLinear``, the pattern OpenVINO fuses (same codes). ``checked_sums=True`` (with
+    ``fuse``) also writes ``relu(a + b)`` of two uint8 grids of one scale as a uint8 sum, exact
+    unless it saturates at code 255, and adds the output ``sum_peak``: a caller must recompute
+    a batch whose ``sum_peak`` is 255 with the unchecked graph
+    (:class:`fewbits.runtime.ort.CheckedRunner`). Raises ``ValueError`` naming what fails.
     """
+    return to_onnx_forms(source, [(fuse, checked_sums)], example_inputs, opset=opset,
+                         input_shape=input_shape)[0]
+
+
+def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool | str, bool]],
+                  example_inputs: Any = None, *, opset: int = DEFAULT_OPSET,
+                  input_shape: tuple[int, ...] | None = None) -> list[tuple[Any, OnnxReport]]:
+    """:func:`to_onnx` of ``source`` for each ``(fuse, checked_sums)`` of ``forms``, in order,
+    from one export by PyTorch (each fused form is a pass over a copy of it): what the planner
+    uses to build the ``ort``, ``checked`` and ``openvino`` graphs of one model."""
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - the onnx extra is installed in dev
@@ -386,36 +363,37 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     if not 1 <= opset <= onnx.defs.onnx_opset_version():  # the checker does not bound it
         raise ValueError(f"opset {opset} is not one this onnx package knows (1 to "
                          f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
-    if checked_sums and not fuse:
+    if any(checked and not fuse for fuse, checked in forms):
         raise ValueError("checked_sums=True needs fuse=True")
     model, codes = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
-    report = OnnxReport("", spec["name"], opset)
+    plain_report = OnnxReport("", spec["name"], opset)
     args, kwargs, images = _example(model, example_inputs, input_shape)
-    if fuse:
-        if not images or len(args) != 1:
-            raise ValueError("fuse=True takes one image batch; export other inputs unfused")
-        was_training = model.training
-        try:
-            proto = fused_graph(model.eval(), codes, report, tuple(args[0].shape[1:]), opset,
-                                fuse, checked_sums, spec["name"])
-        finally:
-            model.train(was_training)
-        return proto, report
     if opset < 18:
         raise ValueError(f"opset {opset}: PyTorch's exporter writes opset 18 or later; export "
                          f"with opset {DEFAULT_OPSET}, the default")
-    proto = _plain(_frozen(model, report), args, kwargs, images, opset, report)
-    proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
-    proto.doc_string = f"fewbits model {spec['name']}" + ("; input: images in [0, 1]"
-                                                          if images else "")
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise ValueError(f"the graph is not valid ONNX at opset {opset} ({str(e).splitlines()[0]}"
-                         f"); export with opset {DEFAULT_OPSET}, the default") from None
-    report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
-    return proto, report
+    frozen, quantizers = _frozen(model, plain_report)
+    plain = _plain(frozen, args, kwargs, images, opset, plain_report)
+    out = []
+    for fuse, checked_sums in forms:
+        proto, report = onnx.ModelProto(), copy.deepcopy(plain_report)
+        proto.CopyFrom(plain)
+        if fuse:
+            fuse_graph(proto, model, frozen, codes, quantizers, report,
+                       clamp_codes=fuse != "openvino", checked_sums=checked_sums)
+            prune_unused(proto)
+        proto.ir_version = min(proto.ir_version, 10)  # what current ONNX Runtime builds accept
+        proto.doc_string = f"fewbits model {spec['name']}" + ("; input: images in [0, 1]"
+                                                              if images else "")
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as e:
+            raise ValueError(f"the graph is not valid ONNX at opset {opset} "
+                             f"({str(e).splitlines()[0]}); export with opset {DEFAULT_OPSET}, "
+                             "the default") from None
+        report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
+        out.append((proto, report))
+    return out
 
 
 def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike,

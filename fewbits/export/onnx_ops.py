@@ -1,4 +1,5 @@
-"""The graph builder of the fused ONNX form and the ONNX forms of float modules and functions.
+"""The node builder of the fused ONNX pass (:mod:`fewbits.export.onnx_fuse`) and fewbits' fix of
+one PyTorch translation (``aten.avg_pool2d``'s ``divisor_override``).
 
 A quantizer's nodes are its family's own (:meth:`fewbits.quantizers.Quantizer.onnx_act`, written
 over an op namespace; :class:`GraphOps` is that namespace on a :class:`Graph`), so this module
@@ -8,13 +9,12 @@ knows no family: a weight's integer form is its codes' affine form
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..ops.onnx_form import INT_TYPES, int_type
 from ..quantizers import Codes, Quantizer
@@ -24,14 +24,9 @@ __all__ = [
     "INT_TYPES",
     "Graph",
     "GraphOps",
-    "act",
-    "as_function",
     "avg_pool2d",
     "describe_constant",
-    "float_module_op",
-    "function_op",
     "int_type",
-    "layer_op",
     "pair",
     "weight_input",
 ]
@@ -41,35 +36,28 @@ def pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def layer_op(g: Graph, name: str, m: nn.Module, ins: list[str]) -> str:
-    """``Conv`` (numeric zero padding) or ``Gemm`` (``transB``) of layer ``m`` on ``ins``."""
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(f"{name}: only numeric zero padding can be exported "
-                             f"(got padding={m.padding!r}, padding_mode={m.padding_mode!r})")
-        ph, pw = pair(m.padding)
-        return g.op("Conv", ins, name, kernel_shape=list(pair(m.kernel_size)),
-                    strides=list(pair(m.stride)), pads=[ph, pw, ph, pw],
-                    dilations=list(pair(m.dilation)), group=m.groups)
-    return g.op("Gemm", ins, name, transB=1)
-
 # --------------------------------------------------------------------------- graph builder
 
 class Graph:
-    """Collects ONNX nodes and initializers with unique names."""
+    """Collects ONNX nodes and initializers with unique names (none of ``taken``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, taken: set[str] | None = None) -> None:
         from onnx import helper, numpy_helper
 
         self.h, self.nh = helper, numpy_helper
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._n = Counter()
+        self._taken = set(taken or ())  # names of the graph the new nodes join
 
     def name(self, base: str) -> str:
         base = base.replace(".", "_") or "t"
-        self._n[base] += 1
-        return base if self._n[base] == 1 else f"{base}_{self._n[base]}"
+        while True:
+            self._n[base] += 1
+            name = base if self._n[base] == 1 else f"{base}_{self._n[base]}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
 
     def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
         arr = np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value)
@@ -131,106 +119,6 @@ def weight_input(g: Graph, key: str, value: Tensor,
 def describe_constant(q: Quantizer | None, default: str) -> str:
     """The family's ``weight_form`` where it declares one, else ``default``."""
     return (q.weight_form if q is not None else "") or default
-
-
-# --------------------------------------------------------------------------- activations
-
-def act(g: Graph, x: str, q: Quantizer | None, base: str) -> tuple[str, str | None]:
-    """``(output, description)`` of activation quantizer ``q`` on ``x``: the nodes its family
-    writes (:meth:`~fewbits.quantizers.Quantizer.onnx_act`); errors name ``base``."""
-    if q is None:
-        return x, None
-    try:
-        return q.onnx_act(GraphOps(g, base), x)
-    except ValueError as e:
-        raise ValueError(f"{base}: {e}") from None
-
-
-# --------------------------------------------------------------------------- float operations
-
-def float_module_op(g: Graph, name: str, m: nn.Module, x: str) -> str:
-    """The ONNX form of a float module (batch norm, ReLU, pooling, flatten, identity) applied
-    to ``x``; ``ValueError`` naming any other module."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        if m.running_mean is None:
-            raise ValueError(f"{name}: batch norm without running statistics cannot be exported")
-        c = m.num_features
-        gamma = m.weight if m.affine else torch.ones(c)
-        beta = m.bias if m.affine else torch.zeros(c)
-        ins = [x, g.const(name + "_gamma", gamma), g.const(name + "_beta", beta),
-               g.const(name + "_mean", m.running_mean), g.const(name + "_var", m.running_var)]
-        return g.op("BatchNormalization", ins, name, epsilon=float(m.eps))
-    if isinstance(m, nn.ReLU):
-        return g.op("Relu", [x], name)
-    if isinstance(m, nn.MaxPool2d):
-        if m.return_indices:
-            raise ValueError(f"{name}: MaxPool2d(return_indices=True) has no ONNX form in "
-                             "fewbits' exporter")
-        return _max_pool(g, name, x, m.kernel_size, m.stride, m.padding, m.dilation,
-                         m.ceil_mode)
-    if isinstance(m, nn.AvgPool2d):
-        ph, pw = pair(m.padding)
-        stride = m.stride if m.stride is not None else m.kernel_size
-        return g.op("AveragePool", [x], name, kernel_shape=list(pair(m.kernel_size)),
-                    strides=list(pair(stride)), pads=[ph, pw, ph, pw],
-                    ceil_mode=int(m.ceil_mode), count_include_pad=int(m.count_include_pad))
-    if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
-        return g.op("GlobalAveragePool", [x], name)
-    if isinstance(m, nn.Flatten) and m.end_dim == -1:
-        return g.op("Flatten", [x], name, axis=m.start_dim)
-    if isinstance(m, (nn.Identity, nn.Dropout)):
-        return x
-    raise ValueError(f"{name}: module {type(m).__name__} has no ONNX form in fewbits' exporter")
-
-
-def _max_pool(g: Graph, name: str, x: str, kernel: Any, stride: Any, padding: Any,
-              dilation: Any, ceil_mode: bool) -> str:
-    ph, pw = pair(padding)
-    stride = stride if stride not in (None, ()) else kernel  # PyTorch: stride defaults to kernel
-    return g.op("MaxPool", [x], name, kernel_shape=list(pair(kernel)),
-                strides=list(pair(stride)), pads=[ph, pw, ph, pw],
-                dilations=list(pair(dilation)), ceil_mode=int(ceil_mode))
-
-
-_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                  "return_indices")
-
-
-#: Tensor methods the exporter reads as the function of the same name (``x.flatten(1)``).
-_METHODS = {"flatten": torch.flatten, "relu": torch.relu, "add": torch.add}
-
-
-def as_function(node: Any) -> Any:
-    """The function a ``call_function`` or ``call_method`` node of :mod:`torch.fx` computes
-    (methods take their tensor as the first argument, as the function does)."""
-    return _METHODS.get(node.target, node.target) if node.op == "call_method" else node.target
-
-
-def function_op(g: Graph, node: Any, args: list[Any]) -> str:
-    """The ONNX form of a function or tensor-method node of :mod:`torch.fx` on ``args`` (ONNX
-    names); ``ValueError`` naming any other operation."""
-    fn, kw = as_function(node), node.kwargs
-    if fn in (nn.functional.max_pool2d, torch.max_pool2d):
-        a = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
-             "return_indices": False, **dict(zip(_MAX_POOL_ARGS, args, strict=False)), **kw}
-        if not a["return_indices"]:
-            return _max_pool(g, node.name, a["input"], a["kernel_size"], a["stride"],
-                             a["padding"], a["dilation"], a["ceil_mode"])
-    if fn in (operator.add, torch.add) and len(args) == 2 and not kw:
-        return g.op("Add", args, node.name)
-    if fn in (torch.flatten,):
-        start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
-        end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
-        if end == -1:
-            return g.op("Flatten", [args[0]], node.name, axis=int(start))
-    if fn in (nn.functional.relu, torch.relu):
-        return g.op("Relu", [args[0]], node.name)
-    if fn is nn.functional.adaptive_avg_pool2d:
-        size = args[1] if len(args) > 1 else kw.get("output_size")
-        if pair(size) == (1, 1):
-            return g.op("GlobalAveragePool", [args[0]], node.name)
-    raise ValueError(f"operation {getattr(fn, '__name__', fn)!r} (node {node.name}) has no ONNX "
-                     "form in fewbits' exporter")
 
 
 # --------------------------------------------------------------------------- PyTorch exporter fixes

@@ -28,46 +28,42 @@ level. Such flips are rare and move logits by a small fraction of their range;
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 
-from ..layers import QuantAct, QuantConv2d, QuantLinear
-from ..quantizers import Codes, IntGrid, Quantizer
-from .fold import Fold, IntWeight, fold_batch_norm, int8_weight
-from .onnx_ops import Graph, layer_op
+from ..quantizers import IntGrid, Quantizer
+from .fold import Fold, IntWeight
+from .onnx_ops import Graph
 
-__all__ = ["SUM_PEAK", "Chain", "binary_thresholds", "checked_sum", "emit_chain",
-           "fold_binary_thresholds", "plan_chains",
-           "prune_unused", "requantize"]
+__all__ = ["SUM_PEAK", "Chain", "binary_thresholds", "checked_sum", "const_values", "emit_chain",
+           "fold_binary_thresholds", "prune_unused", "requantize", "uint8_levels"]
 
 #: Name of the graph output holding the largest code of the checked uint8 residual sums.
 SUM_PEAK = "sum_peak"
 
-_BN = nn.modules.batchnorm._BatchNorm
-
 
 @dataclass
 class Chain:
-    """A conv / linear layer and the nodes folded into it (``nodes``: fx node names after it)."""
+    """A ``Conv`` / ``Gemm`` node (``node``) and what is folded into it: ``nodes`` (indices of
+    the plain graph's nodes it replaces), the fold, the activation quantizer after it and whether
+    a ReLU follows that; ``out`` is the name of the chain's output tensor, ``region`` the
+    report's name of the folded quantizer."""
 
     layer: str
-    nodes: list[str]
+    nodes: list[int]
     fold: Fold
     act: Quantizer | None = None
     relu_after: bool = False
+    node: Any = None
+    out: str = ""
+    region: str | None = None
 
-    @property
-    def last(self) -> str:
-        return self.nodes[-1]
 
-
-def _uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | None:
+def uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | None:
     """``(grid, kl, kh)``: the quantizer's grid and the levels its (ReLU'd) output can take,
     when they span at most 256 codes; else None."""
     try:
@@ -81,72 +77,6 @@ def _uint8_levels(q: Quantizer, relu_after: bool) -> tuple[IntGrid, int, int] | 
     return (grid, kl, kh) if kh - kl <= 255 and kl <= kh else None
 
 
-def _binary_next(m: nn.Module | None) -> bool:
-    """Batch norm feeds a sign: left unfolded, since the conv of +-1 values sums to exact
-    integers (often 0, where the sign decides) only with unscaled +-1 weights."""
-    return isinstance(m, QuantAct) and m.quantizer is not None and \
-        m.quantizer.step_levels() is not None
-
-
-def plan_chains(model: nn.Module, graph: fx.Graph,
-                codes: dict[str, tuple[Quantizer, Codes]]) -> dict[str, Chain]:
-    """The foldable chains of ``graph``, keyed by the fx name of their layer node."""
-    modules = dict(model.named_modules())
-    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
-
-    def mod(n: Any) -> nn.Module | None:
-        ok = isinstance(n, fx.Node) and n.op == "call_module" and calls[str(n.target)] == 1
-        return modules[str(n.target)] if ok else None
-
-    def user(n: fx.Node) -> fx.Node | None:
-        return next(iter(n.users)) if len(n.users) == 1 else None
-
-    chains: dict[str, Chain] = {}
-    for node in graph.nodes:
-        m = mod(node)
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or (
-                getattr(m, "input_quantizer", None) or getattr(m, "output_quantizer", None)):
-            continue
-        seq: list[fx.Node] = []
-        nxt = user(node)
-        relu_before = isinstance(mod(nxt), nn.ReLU)
-        if relu_before:
-            seq.append(nxt)
-            nxt = user(nxt)
-        bn = mod(nxt)
-        if not isinstance(bn, _BN) or bn.running_mean is None or _binary_next(mod(user(nxt))):
-            continue
-        seq.append(nxt)
-        nxt = user(nxt)
-        q, relu_after = None, False
-        qa = mod(nxt)
-        if isinstance(qa, QuantAct) and qa.quantizer is not None:
-            after = user(nxt)
-            relu_after = isinstance(mod(after), nn.ReLU)
-            if _uint8_levels(qa.quantizer, relu_after) is not None:
-                q = qa.quantizer
-                seq.append(nxt)
-                if relu_after:
-                    seq.append(after)
-            else:
-                relu_after = False
-        if relu_before and q is None:
-            continue  # relu -> bn folds only into a quantizer's integer bounds
-        is_q = isinstance(m, (QuantConv2d, QuantLinear))
-        with torch.no_grad():
-            w = m.quantized_weight() if is_q else m.weight
-            b = m.quantized_bias() if is_q else m.bias
-        # a model rebuilt from a .fewbits file has no weight quantizer left: the file's codes
-        # carry it (uniform families), else the int8 form is read off the values
-        coded = codes.get(f"{node.target}.weight")
-        wq = coded[0] if coded else getattr(m, "weight_quantizer", None)
-        iw = int8_weight(wq, w, coded[1] if coded else None)
-        fold = fold_batch_norm(w.detach(), None if b is None else b.detach(), bn,
-                               relu_before=relu_before, int_weight=iw)
-        chains[node.name] = Chain(str(node.target), [n.name for n in seq], fold, q, relu_after)
-    return chains
-
-
 def _bcast(v: np.ndarray, dims: int) -> np.ndarray:
     """A scalar when all channels agree, else ``(C, 1, 1)`` / ``(C,)`` for broadcasting."""
     if (v == v[0]).all():
@@ -154,15 +84,15 @@ def _bcast(v: np.ndarray, dims: int) -> np.ndarray:
     return v.reshape((-1,) + (1,) * (dims - 2)) if dims > 2 else v
 
 
-def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
-               x_grid: tuple[float, str, str] | None, clamp_codes: bool = True
-               ) -> tuple[str, Any, str]:
-    """Write ``chain`` on input ``x`` (``x_grid``: ``(scale, scale name, zero point name)`` of
-    the uint8 ``DequantizeLinear`` that produced ``x``, or None for a float input). Returns
-    ``(output, its uint8 grid or None, description)``. ``clamp_codes``: the bounds that uint8
-    saturation does not give are ``Max`` / ``Min`` on the codes (ONNX Runtime's pattern), else
-    on the float values before ``QuantizeLinear`` (OpenVINO's: it fuses them into the conv and
-    keeps ``Q -> DQ`` as one fake-quantize); both give the same codes."""
+def emit_chain(g: Graph, chain: Chain, x: str, x_grid: tuple[float, str, str] | None,
+               clamp_codes: bool = True) -> tuple[str, Any, str]:
+    """Write ``chain`` (its layer node's operator and attributes) on input ``x``
+    (``x_grid``: ``(scale, scale name, zero point name)`` of the uint8 ``DequantizeLinear``
+    that produced ``x``, or None for a float input). Returns ``(output, its uint8 grid or None,
+    description)``. ``clamp_codes``: the bounds that uint8 saturation does not give are
+    ``Max`` / ``Min`` on the codes (ONNX Runtime's pattern), else on the float values before
+    ``QuantizeLinear`` (OpenVINO's: it fuses them into the conv and keeps ``Q -> DQ`` as one
+    fake-quantize); both give the same codes."""
     x_scale = x_grid[0] if x_grid is not None else None
     name, f = chain.layer.replace(".", "_"), chain.fold
     iw = f.int_weight if x_scale is not None else None  # int8 only where the input is
@@ -192,12 +122,15 @@ def emit_chain(g: Graph, chain: Chain, m: nn.Module, x: str,
                      axis=0)]
     else:  # a float input: float weights, which ONNX Runtime runs in its blocked layout
         ins += [g.const(name + "_w", f.weight), g.const(name + "_b", f.bias)]
-    y = layer_op(g, name, m, ins)
-    dims = 4 if isinstance(m, nn.Conv2d) else 2
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in chain.node.attribute}
+    y = g.op(chain.node.op_type, ins, name, **attrs)
+    dims = f.weight.dim()
     how = "folded " + ("int8 per-channel" if iw is not None else "float") + " weights"
     if chain.act is None:
         return y, None, how
-    grid, kl, kh = _uint8_levels(chain.act, chain.relu_after)  # type: ignore[misc]
+    grid, kl, kh = uint8_levels(chain.act, chain.relu_after)  # type: ignore[misc]
     zp_u = grid.zero_point - kl  # level kl -> code 0
     s = g.const(name + "_ys", np.float32(grid.scale))
     z = g.const(name + "_yz", np.array(zp_u), np.uint8)
@@ -297,7 +230,7 @@ def binary_thresholds(bn: dict[str, Any], offset: float) -> tuple[np.ndarray, np
     return s, t
 
 
-def _const_values(proto: Any) -> dict[str, np.ndarray]:
+def const_values(proto: Any) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     vals = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -319,7 +252,7 @@ def fold_binary_thresholds(proto: Any) -> int:
     from onnx import helper, numpy_helper
 
     g = proto.graph
-    consts = _const_values(proto)
+    consts = const_values(proto)
     prod = {o: n for n in g.node for o in n.output}
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
              list(g.value_info) + list(g.input) + list(g.output)

@@ -23,7 +23,9 @@ of a masked operator is :func:`no_mask`. Weight operators are translated too, fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,8 @@ from onnxscript import opset18 as op
 
 from .onnx_form import const
 
-__all__ = ["REGISTERED", "float32_only", "no_mask", "register_globally"]
+__all__ = ["REGISTERED", "cached_exporter_registry", "float32_only", "no_mask",
+           "register_globally"]
 
 #: Whether :func:`register_globally` added the translations to PyTorch's exporter.
 REGISTERED = False
@@ -81,3 +84,37 @@ def register_globally(table: dict[Any, Callable[..., Any]]) -> bool:
         return False
     REGISTERED = True
     return True
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def cached_exporter_registry() -> Iterator[None]:
+    """Within this block ``torch.onnx.export(dynamo=True)`` gets a copy of an operator registry
+    built once per opset: PyTorch rebuilds it from onnxscript's sources on every call (~8 s,
+    most of a small model's export). Where PyTorch's private registry is not what this
+    expects, nothing changes. :func:`fewbits.export.onnx.to_onnx` uses it."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # pragma: no cover - another torch layout: the slow path
+        yield
+        return
+    build = ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(build, classmethod):  # pragma: no cover
+        yield
+        return
+
+    def cached(cls: Any, opset_version: int | None = None) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = build.__func__(cls) if opset_version is None else \
+                build.__func__(cls, opset_version)
+        reg = copy.copy(_REGISTRIES[opset_version])
+        reg.functions = {k: list(v) for k, v in reg.functions.items()}
+        return reg
+
+    ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = build

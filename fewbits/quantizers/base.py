@@ -376,8 +376,8 @@ class Quantizer(nn.Module):
         """``(y, description)``: the forward on ``x`` as ONNX nodes written with ``op`` (an op
         namespace: ``op.Greater(x, c)``, ``op.Constant(value=...)``; see
         :mod:`fewbits.ops.onnx_form`), for the fused QDQ export of an activation. Default:
-        ``ValueError`` (no fused form; the plain export still works through
-        :meth:`onnx_translations`)."""
+        ``ValueError`` (no fused form: the fused export keeps the plain, exact nodes of
+        :meth:`onnx_translations` there and says so in its report's notes)."""
         raise ValueError(f"activation quantizer {type(self).__name__} has no fused ONNX form; "
                          "export without fuse")
 

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..export.onnx import input_shape_of, resolve_source, to_onnx
+from ..export.onnx import input_shape_of, resolve_source, to_onnx, to_onnx_forms
 from ..layers import QuantAct, quant_layers
 from .binary import BinaryEngine
 from .integer import IntegerEngine
@@ -103,12 +103,14 @@ class Context:
         ``"openvino"``."""
         if flavour not in self._protos:
             if self.example is not None:
-                raise ValueError("the fused ONNX form takes one image batch; this model takes "
+                raise ValueError("the fused ONNX runners feed one image batch; this model takes "
                                  "other inputs (the 'ort-plain' backend runs it)")
-            fuse = "openvino" if flavour == "openvino" else True
-            self._protos[flavour] = to_onnx(self.source, fuse=fuse,
-                                            checked_sums=flavour == "checked",
-                                            input_shape=self.input_shape)[0]
+            # one export by PyTorch, the three fused forms passes over it
+            forms = {"ort": (True, False), "checked": (True, True),
+                     "openvino": ("openvino", False)}
+            protos = to_onnx_forms(self.source, list(forms.values()),
+                                   input_shape=self.input_shape)
+            self._protos = {k: p for k, (p, _) in zip(forms, protos, strict=True)}
         return self._protos[flavour]
 
 
