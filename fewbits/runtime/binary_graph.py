@@ -39,20 +39,22 @@ from torch import nn
 from ..layers import QuantAct, QuantLayer
 from ..models import is_model, model_info
 
-__all__ = ["NBUF", "Step", "binary_plan"]
+__all__ = ["Step", "binary_plan"]
 
-#: Scratch buffers of the C program (``NBUF`` in ``_binary_engine.c``).
-NBUF = 4
 _BN = nn.modules.batchnorm._BatchNorm
 
 
 @dataclass
 class Step:
     """One operation of an engine program: ``op`` is ``"stem"`` (float conv), ``"bconv"``
-    (binary conv) or ``"head"`` (average pool + affine); ``weight``/``bn`` name the modules;
-    the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad``, stride 1;
-    ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x`` the bits of
-    buffer ``res``; ``src``/``dst``: scratch buffers."""
+    (binary conv), ``"head"`` (average pool of bits + affine), ``"poolf"`` (max pool of a
+    float map) or ``"headm"`` (average pool of a float map + affine); ``weight``/``bn`` name
+    the modules; the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad`` and
+    ``stride``; ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x``
+    the bits of buffer ``res``; ``src``/``dst``: bit-map buffers. ``float_out``: the batch
+    norm output ``y`` (plus the float map ``fres``, then a ReLU if ``relu``) is kept as a
+    float map ``fdst`` and its bits ``y > 0`` go to ``dst``; ``fsrc``: the float map a
+    ``poolf`` / ``headm`` reads."""
 
     op: str
     weight: str
@@ -68,6 +70,12 @@ class Step:
     src: int = -1
     dst: int = -1
     res: int = -1
+    stride: int = 1
+    float_out: bool = False
+    relu: bool = False
+    fsrc: int = -1
+    fdst: int = -1
+    fres: int = -1
 
     @property
     def range(self) -> tuple[int, int]:
@@ -80,7 +88,7 @@ class Step:
 class _V:
     """What a graph value is to the engine."""
 
-    kind: str  # image | flat_image | pre | bn | bits | pooled
+    kind: str  # image | flat_image | pre | bn | bits | pooled | fmap | pooledf
     c: int
     h: int
     w: int
@@ -91,6 +99,9 @@ class _V:
     flat: bool = False  # bits flattened to c * h * w features
     src: _V | None = None  # pre: the input value
     relu: bool = False  # bn: a ReLU was applied (harmless before binary_tanh, not before a sum)
+    fres: _V | None = None  # bn + a float map (fmap)
+    relu_after: bool = False  # bn + fres: a ReLU after the sum; fmap: its values are >= 0
+    fbuf: int = -1  # fmap, pooledf: the float map
 
 
 class _Tracer(fx.Tracer):
@@ -109,12 +120,12 @@ def _refuse(node: fx.Node, what: str) -> ValueError:
                       f"{node.name!r}: {node.op} {getattr(node.target, '__name__', node.target)})")
 
 
-def _conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int]:
+def _conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int, int]:
     if isinstance(m, nn.Linear):
-        return 0, 0
+        return 0, 0, 1
     if not isinstance(m, nn.Conv2d):
         raise _refuse(node, f"layer {type(m).__name__}")
-    bad = [f"stride {m.stride}" if m.stride != (1, 1) else "",
+    bad = [f"stride {m.stride}" if m.stride[0] != m.stride[1] else "",
            f"dilation {m.dilation}" if m.dilation != (1, 1) else "",
            f"groups {m.groups}" if m.groups != 1 else "",
            f"padding mode {m.padding_mode!r}" if m.padding_mode != "zeros" else "",
@@ -124,8 +135,12 @@ def _conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int]:
     bad = [b for b in bad if b]
     if bad:
         raise _refuse(node, f"convolution {node.target} with {', '.join(bad)} (the engine runs "
-                      "square stride-1 convolutions with zero padding)")
-    return m.kernel_size[0], m.padding[0]
+                      "square convolutions with zero padding and equal strides)")
+    return m.kernel_size[0], m.padding[0], m.stride[0]
+
+
+def _out(n: int, k: int, pad: int, stride: int) -> int:
+    return (n + 2 * pad - k) // stride + 1
 
 
 def _is_global_pool(node: fx.Node, m: nn.Module | None, v: _V) -> bool:
@@ -155,22 +170,42 @@ def _is_flatten(node: fx.Node, m: nn.Module | None) -> bool:
     return False
 
 
-def _is_pool2(m: nn.Module | None, node: fx.Node) -> bool:
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _max_pool(m: nn.Module | None, node: fx.Node) -> tuple[int, int, int] | None:
+    """``(k, stride, padding)`` of a square max pooling (module or function), None when the
+    node is no max pooling; raises for one of other options (dilation, ceil mode, ...)."""
     if m is not None:
-        return (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2))
-                and m.stride in (2, (2, 2), None) and m.padding in (0, (0, 0))
-                and m.dilation in (1, (1, 1)) and not m.ceil_mode)
-    if node.target in (nn.functional.max_pool2d, torch.max_pool2d):
-        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
-        s = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
-        # each other argument at its no-op value, by name (padding=1 is not dilation=1)
-        ok = {"padding": (0, (0, 0)), "dilation": (1, (1, 1)), "ceil_mode": (False,),
-              "return_indices": (False,)}
-        rest = {k: v for k, v in node.kwargs.items() if k not in ("kernel_size", "stride")}
-        return k in (2, (2, 2)) and s in (None, 2, (2, 2)) and len(node.args) <= 3 \
-            and all(n in ok and any(v == o and type(v) is type(o) for o in ok[n])
-                    for n, v in rest.items())
-    return False
+        if not isinstance(m, nn.MaxPool2d):
+            return None
+        a = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+             "dilation": m.dilation, "ceil_mode": m.ceil_mode,
+             "return_indices": m.return_indices}
+    elif node.target in (nn.functional.max_pool2d, torch.max_pool2d):
+        if len(node.args) > len(_POOL_ARGS) + 1 or set(node.kwargs) - set(_POOL_ARGS):
+            raise _refuse(node, "max pooling with unknown arguments")
+        a = dict(zip(_POOL_ARGS, node.args[1:], strict=False)) | dict(node.kwargs)
+    else:
+        return None
+
+    def sq(v: object) -> int | None:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1] and \
+                all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return int(v[0])
+        return None
+
+    k, s = sq(a.get("kernel_size")), a.get("stride")
+    s = k if s is None or s == () or s == [] else sq(s)
+    p, d = sq(a.get("padding", 0)), sq(a.get("dilation", 1))
+    flags = (a.get("ceil_mode", False), a.get("return_indices", False))
+    if k is None or s is None or p is None or d != 1 or flags != (False, False) or k < 1 \
+            or s < 1 or not 0 <= p <= k // 2:
+        raise _refuse(node, f"max pooling with {a} (square kernel, stride and padding, no "
+                      "dilation, ceil_mode or indices)")
+    return k, s, p
 
 
 class _Plan:
@@ -179,10 +214,15 @@ class _Plan:
         self.modules = dict(model.named_modules())
         self.steps: list[Step] = []
         self.vals: dict[fx.Node, _V] = {}
-        self.live: dict[int, set[fx.Node]] = {}  # buffer -> nodes still to read it
+        self.nbuf = [0, 0]  # virtual bit maps, float maps (buffers assigned by _allocate)
         # id of a bn value's step -> (pool, residual, bits): each step is emitted once; None
         # once its bits were pooled in place
         self.binarized: dict[int, tuple | None] = {}
+        self.floats: dict[int, tuple[_V, _V]] = {}  # id of a bn value -> (it, its fmap)
+
+    def new(self, pool: int) -> int:
+        self.nbuf[pool] += 1
+        return self.nbuf[pool] - 1
 
     def sole_reader(self, a: fx.Node) -> bool:
         """Whether ``a``'s value is read by one node only, through nodes that pass it on."""
@@ -196,6 +236,9 @@ class _Plan:
     def binarize(self, node: fx.Node, v: _V) -> _V:
         if v.kind == "bits":
             return v
+        if v.kind == "fmap" or (v.kind == "bn" and (v.fres is not None or v.relu_after)):
+            f = self.materialize(node, v)
+            return _V("bits", f.c, f.h, f.w, step=f.step, buf=f.buf)
         if v.kind != "bn":
             raise _refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
                           "norm outputs of its layers)")
@@ -207,15 +250,7 @@ class _Plan:
                 return seen[2]
             raise _refuse(node, "a batch-norm output read twice (binarized with and without "
                           "a residual sum or pooling, or after its bits were pooled)")
-        # never the buffer the step reads (its input, its residual): the C program writes
-        # its output while it reads them
-        busy = {b for b, ns in self.live.items() if ns} | {s.src}
-        if v.res is not None:
-            busy.add(v.res.buf)
-        free = [b for b in range(NBUF) if b not in busy]
-        if not free:
-            raise _refuse(node, f"more than {NBUF} binary maps alive at once")
-        s.dst, s.pool = free[0], v.pool
+        s.dst, s.pool = self.new(0), v.pool
         if v.res is not None:
             s.residual, s.res = True, v.res.buf
         self.steps.append(s)
@@ -223,6 +258,32 @@ class _Plan:
         out = _V("bits", v.c, h, w, step=s, buf=s.dst)
         self.binarized[id(s)] = (v.pool, v.res, out)
         return out
+
+    def materialize(self, node: fx.Node, v: _V) -> _V:
+        """The float map of a batch-norm value (its step with the float epilogue), once."""
+        if v.kind == "fmap":
+            return v
+        if v.kind != "bn" or v.res is not None:
+            raise _refuse(node, f"a float map of a {v.kind} value" + (
+                " with a binary residual" if v.kind == "bn" else ""))
+        if id(v) in self.floats:
+            return self.floats[id(v)][1]
+        s = replace(v.step, float_out=True, relu=v.relu or v.relu_after, dst=self.new(0),
+                    fdst=self.new(1), fres=v.fres.fbuf if v.fres is not None else -1,
+                    pool=False, residual=False, res=-1)
+        self.steps.append(s)
+        out = _V("fmap", v.c, v.h, v.w, step=s, buf=s.dst, fbuf=s.fdst, relu_after=s.relu)
+        if v.pool:  # a 2x2 max pool of the batch-norm output, now of its float map
+            out = self.pool_floats(out, 2, 2, 0)
+        self.floats[id(v)] = (v, out)
+        return out
+
+    def pool_floats(self, v: _V, k: int, stride: int, pad: int) -> _V:
+        s = Step("poolf", "", None, v.c, v.c, v.h, v.w, k, pad, stride=stride,
+                 fsrc=v.fbuf, dst=self.new(0), fdst=self.new(1))
+        self.steps.append(s)
+        return _V("fmap", v.c, _out(v.h, k, pad, stride), _out(v.w, k, pad, stride), step=s,
+                  buf=s.dst, fbuf=s.fdst, relu_after=v.relu_after)
 
     def layer(self, node: fx.Node, m: nn.Module, v: _V) -> _V:
         iq = getattr(m, "input_quantizer", None)
@@ -232,20 +293,28 @@ class _Plan:
             if not _is_bt(iq):
                 raise _refuse(node, f"input quantizer {type(iq).__name__} (binary_tanh only)")
             v = self.binarize(node, v)
-        k, pad = _conv_geometry(node, m)
+        k, pad, stride = _conv_geometry(node, m)
         lin = isinstance(m, nn.Linear)
         cin, cout = (m.in_features, m.out_features) if lin else (m.in_channels, m.out_channels)
         name = str(node.target)
+        if v.kind == "pooledf" and lin and cin == v.c:
+            return _V("pre", cout, 1, 1, step=Step("headm", name, None, v.c, cout, v.h, v.w,
+                                                   fsrc=v.fbuf), src=v)
+        if v.kind == "pooled" and lin and cin == v.c:
+            return _V("pre", cout, 1, 1, step=Step("head", name, None, v.c, cout, v.h, v.w,
+                                                   src=v.buf), src=v)
+        if getattr(m, "bias", None) is not None:
+            raise _refuse(node, f"layer {name} with a bias before its batch norm (the engine "
+                          "folds batch norm alone)")
         if v.kind in ("image", "flat_image") and not self.steps:
             if lin != (v.kind == "flat_image") or cin != v.c * v.h * v.w // (1 if lin else
                                                                            v.h * v.w):
                 raise _refuse(node, f"first layer {name} on an input of shape {self.shape}")
             c, h, w = (cin, 1, 1) if lin else (v.c, v.h, v.w)
-            return _V("pre", cout, h, w, step=Step("stem", name, None, c, cout, h, w,
-                                                   1 if lin else k, pad), src=v)
-        if v.kind == "pooled" and lin and cin == v.c:
-            return _V("pre", cout, 1, 1, step=Step("head", name, None, v.c, cout, v.h, v.w,
-                                                   src=v.buf), src=v)
+            oh, ow = (1, 1) if lin else (_out(h, k, pad, stride), _out(w, k, pad, stride))
+            return _V("pre", cout, oh, ow, step=Step("stem", name, None, c, cout, h, w,
+                                                     1 if lin else k, pad, stride=stride),
+                      src=v)
         if v.kind != "bits":
             raise _refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
                           "float input only)")
@@ -258,22 +327,66 @@ class _Plan:
             k = v.h
         elif cin != v.c or v.flat:
             raise _refuse(node, f"convolution {name} of {cin} channels on {v.c}")
-        return _V("pre", cout, 1 if lin else v.h, 1 if lin else v.w,
-                  step=Step("bconv", name, None, v.c, cout, v.h, v.w, k, pad, src=v.buf),
-                  src=v)
+        if not lin and (v.h + 2 * pad < k or v.w + 2 * pad < k):
+            raise _refuse(node, f"convolution {name}: kernel {k} larger than its padded input")
+        oh, ow = (1, 1) if lin else (_out(v.h, k, pad, stride), _out(v.w, k, pad, stride))
+        return _V("pre", cout, oh, ow,
+                  step=Step("bconv", name, None, v.c, cout, v.h, v.w, k, pad, src=v.buf,
+                            stride=stride), src=v)
 
     def run(self, graph: fx.Graph) -> list[Step]:
         for node in graph.nodes:
             out = self.node(node)
-            for ns in self.live.values():  # this node has read its inputs
-                ns.discard(node)
             if out is not None:
                 self.vals[node] = out
-                if out.kind == "bits":
-                    self.live.setdefault(out.buf, set()).update(node.users)
             if node.op == "output":
                 break
         return self.steps
+
+    def add(self, node: fx.Node, ins: list[_V]) -> _V:
+        if len(ins) != 2 or len(node.args) != 2 or node.kwargs:
+            raise _refuse(node, "an addition of other than two values")
+        a, b = ins
+        if a.kind == "bn" and b.kind == "bn":  # two batch-norm outputs: the second as a map
+            b = self.materialize(node, b)
+        bn, other = (a, b) if a.kind == "bn" else (b, a)
+        if bn.kind != "bn" or other.kind not in ("bits", "fmap") or bn.res is not None or \
+                bn.fres is not None or bn.pool or bn.relu_after or \
+                (other.c, other.h, other.w) != (bn.c, bn.h, bn.w) or other.flat:
+            raise _refuse(node, f"a residual sum of a {a.kind} and a {b.kind} value (the "
+                          "engine adds a binary activation or a float map to a batch-normed "
+                          "layer output of the same shape)")
+        if bn.relu:
+            raise _refuse(node, "a ReLU before a residual sum (relu(y) + x is not y + x)")
+        return replace(bn, res=other) if other.kind == "bits" else replace(bn, fres=other)
+
+    def relu(self, node: fx.Node, m: nn.Module | None, v: _V) -> _V:
+        inplace = getattr(m, "inplace", False) or node.kwargs.get("inplace", False)
+        if inplace and not self.sole_reader(node.args[0]):
+            raise _refuse(node, "an in-place ReLU of a value read elsewhere")
+        if v.kind == "fmap" and v.relu_after:
+            return v  # relu(relu(y)) == relu(y)
+        if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
+            raise _refuse(node, f"ReLU of a {v.kind} value")
+        if v.res is not None:
+            raise _refuse(node, "a ReLU after a binary residual sum")
+        return replace(v, relu_after=True) if v.fres is not None else replace(v, relu=True)
+
+    def output(self, node: fx.Node) -> None:
+        arg = node.args[0]
+        v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
+        if v is None or v.kind != "pre" or not isinstance(
+                self.model.get_submodule(v.step.weight), nn.Linear):
+            raise _refuse(node, "a model output that is not a final affine (logits)")
+        s = v.step
+        if s.op == "bconv":  # an affine on binary activations ends the network: the head
+            if (v.src.h, v.src.w) != (1, 1):
+                raise _refuse(node, "a final affine on a flattened map (the head averages "
+                              "the map: pool it to 1 x 1 first)")
+            s = replace(s, op="head", k=1)
+        if s.op not in ("head", "headm"):
+            raise _refuse(node, "a network with no binary layer")
+        self.steps.append(s)
 
     def node(self, node: fx.Node) -> _V | None:
         if node.op == "placeholder":
@@ -283,20 +396,7 @@ class _Plan:
             c, h, w = self.shape if len(self.shape) == 3 else (self.shape[0], 1, 1)
             return _V("image" if len(self.shape) == 3 else "flat_image", c, h, w)
         if node.op == "output":
-            arg = node.args[0]
-            v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
-            if v is None or v.kind != "pre" or not isinstance(
-                    self.model.get_submodule(v.step.weight), nn.Linear):
-                raise _refuse(node, "a model output that is not a final affine (logits)")
-            s = v.step
-            if s.op == "bconv":  # an affine on binary activations ends the network: the head
-                if (v.src.h, v.src.w) != (1, 1):
-                    raise _refuse(node, "a final affine on a flattened map (the head averages "
-                                  "the map: pool it to 1 x 1 first)")
-                s = replace(s, op="head", k=1)
-            if s.op != "head":
-                raise _refuse(node, "a network with no binary layer")
-            self.steps.append(s)
+            self.output(node)
             return None
         if node.op == "get_attr":
             raise _refuse(node, "a parameter used directly by the forward")
@@ -316,57 +416,78 @@ class _Plan:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return self.layer(node, m, v)
         if isinstance(m, _BN):
-            if v.kind != "pre" or v.step.op == "head" or v.step.bn is not None:
+            if v.kind != "pre" or v.step.op in ("head", "headm") or v.step.bn is not None:
                 raise _refuse(node, f"batch norm {node.target} not right after a layer")
             if m.running_mean is None:
                 raise _refuse(node, f"batch norm {node.target} without running statistics")
             return _V("bn", v.c, v.h, v.w, step=replace(v.step, bn=str(node.target)), src=v.src)
         if isinstance(m, nn.ReLU) or node.target in (torch.relu, nn.functional.relu) or (
                 node.op == "call_method" and node.target == "relu"):
-            if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
-                raise _refuse(node, f"ReLU of a {v.kind} value")
-            inplace = getattr(m, "inplace", False) or node.kwargs.get("inplace", False)
-            if inplace and not self.sole_reader(node.args[0]):
-                raise _refuse(node, "an in-place ReLU of a value read elsewhere")
-            return replace(v, relu=True)
-        if _is_pool2(m, node):
-            if v.kind == "bn" and not v.pool and v.h % 2 == 0 and v.w % 2 == 0:
-                return replace(v, pool=True)
-            if v.kind == "bits" and self.sole_reader(node.args[0]) and \
-                    v.step is self.steps[-1] and not v.step.pool and v.h % 2 == 0 and \
-                    v.w % 2 == 0 and not v.flat:
-                v.step.pool = True
-                self.binarized[id(v.step)] = None  # its unpooled bits are gone
-                return replace(v, h=v.h // 2, w=v.w // 2)
-            raise _refuse(node, "2x2 max pooling here (only right after a binarization that "
-                          "no other node reads, on an even map)")
+            return self.relu(node, m, v)
+        pool = _max_pool(m, node)
+        if pool is not None:
+            return self.max_pool(node, v, *pool)
         if (m is None and node.target in (operator.add, torch.add, operator.iadd)) or (
                 node.op == "call_method" and node.target in ("add", "add_")):
-            if len(ins) != 2 or len(node.args) != 2:
-                raise _refuse(node, "an addition of other than two values")
-            bn, bits = (ins[0], ins[1]) if ins[0].kind == "bn" else (ins[1], ins[0])
-            if bn.kind == "bn" and bn.relu:
-                raise _refuse(node, "a ReLU before a residual sum (binary_tanh(relu(y) + x) "
-                              "is not binary_tanh(y + x))")
-            if bn.kind != "bn" or bits.kind != "bits" or bn.res is not None or bn.pool \
-                    or (bits.c, bits.h, bits.w) != (bn.c, bn.h, bn.w) or bits.flat:
-                raise _refuse(node, f"a residual sum of a {ins[0].kind} and a {ins[1].kind} "
-                              "value (the engine adds a binary activation to a batch-normed "
-                              "layer output of the same shape)")
-            return replace(bn, res=bits)
+            return self.add(node, ins)
         if _is_flatten(node, m):
             if v.kind == "image":
                 return _V("flat_image", v.c * v.h * v.w, 1, 1)
             if v.kind == "bits":
                 return replace(v, flat=True)
-            if v.kind == "pooled":
+            if v.kind in ("pooled", "pooledf"):
                 return v
             raise _refuse(node, f"flatten of a {v.kind} value")
-        if v.kind == "bits" and not v.flat and _is_global_pool(node, m, v):
-            return _V("pooled", v.c, v.h, v.w, buf=v.buf)
+        if v.kind in ("bits", "bn", "fmap") and not v.flat and _is_global_pool(node, m, v):
+            if v.kind == "bits":
+                return _V("pooled", v.c, v.h, v.w, buf=v.buf)
+            f = self.materialize(node, v)
+            return _V("pooledf", f.c, f.h, f.w, fbuf=f.fbuf)
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__",
                                                                 str(node.target))
         raise _refuse(node, f"operation {what}")
+
+    def max_pool(self, node: fx.Node, v: _V, k: int, stride: int, pad: int) -> _V:
+        pool2 = (k, stride, pad) == (2, 2, 0)
+        if pool2 and v.kind == "bn" and not v.pool and v.fres is None and not v.relu_after \
+                and v.h % 2 == 0 and v.w % 2 == 0:
+            return replace(v, pool=True)  # binary_tanh is monotone: pool its input
+        if pool2 and v.kind == "bits" and self.sole_reader(node.args[0]) and \
+                v.step is self.steps[-1] and not v.step.pool and not v.step.float_out and \
+                v.step.op != "poolf" and v.h % 2 == 0 and v.w % 2 == 0 and not v.flat:
+            v.step.pool = True
+            self.binarized[id(v.step)] = None  # its unpooled bits are gone
+            return replace(v, h=v.h // 2, w=v.w // 2)
+        if v.kind in ("bn", "fmap") and v.h + 2 * pad >= k and v.w + 2 * pad >= k:
+            return self.pool_floats(self.materialize(node, v), k, stride, pad)
+        raise _refuse(node, f"max pooling {k}x{k}/{stride} (padding {pad}) of a {v.kind} value "
+                      "(bits: 2x2 right after a binarization that no other node reads, on an "
+                      "even map; a batch-norm output or float map: any)")
+
+
+def _allocate(steps: list[Step], nbuf: list[int]) -> None:
+    """Scratch buffers for the program's virtual maps: a map's buffer is free again after its
+    last reader, and never the one a step reads (the C program writes while it reads)."""
+    fields = (("src", "res"), ("dst",)), (("fsrc", "fres"), ("fdst",))
+    for pool, (reads, writes) in enumerate(fields):
+        last = [-1] * nbuf[pool]
+        for i, s in enumerate(steps):
+            for f in (*reads, *writes):
+                if getattr(s, f) >= 0:
+                    last[getattr(s, f)] = i
+        phys: dict[int, int] = {}
+        held: dict[int, int] = {}  # physical buffer -> virtual map it holds
+        for i, s in enumerate(steps):
+            for b in [b for b, m in held.items() if last[m] < i]:
+                del held[b]
+            for f in writes:
+                m = getattr(s, f)
+                if m >= 0:
+                    b = next(b for b in range(len(held) + 1) if b not in held)
+                    held[b], phys[m] = m, b
+            for f in (*reads, *writes):
+                if getattr(s, f) >= 0:
+                    setattr(s, f, phys[getattr(s, f)])
 
 
 def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
@@ -400,8 +521,10 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise ValueError(f"the binary engine reads the model's torch.fx graph, and "
                          f"{type(model).__name__} cannot be traced: {e}") from e
-    steps = _Plan(model, shape).run(graph)
-    if not steps or steps[0].op != "stem" or steps[-1].op != "head":
+    plan = _Plan(model, shape)
+    steps = plan.run(graph)
+    _allocate(steps, plan.nbuf)
+    if not steps or steps[0].op != "stem" or steps[-1].op not in ("head", "headm"):
         raise ValueError("the binary engine needs a float first layer, binary layers and a "
                          "final affine")
     return steps
