@@ -303,9 +303,6 @@ class _Plan:
         if v.kind == "pooled" and lin and cin == v.c:
             return _V("pre", cout, 1, 1, step=Step("head", name, None, v.c, cout, v.h, v.w,
                                                    src=v.buf), src=v)
-        if getattr(m, "bias", None) is not None:
-            raise _refuse(node, f"layer {name} with a bias before its batch norm (the engine "
-                          "folds batch norm alone)")
         if v.kind in ("image", "flat_image") and not self.steps:
             if lin != (v.kind == "flat_image") or cin != v.c * v.h * v.w // (1 if lin else
                                                                            v.h * v.w):
@@ -420,6 +417,9 @@ class _Plan:
                 raise _refuse(node, f"batch norm {node.target} not right after a layer")
             if m.running_mean is None:
                 raise _refuse(node, f"batch norm {node.target} without running statistics")
+            if getattr(self.model.get_submodule(v.step.weight), "bias", None) is not None:
+                raise _refuse(node, f"layer {v.step.weight} with a bias before its batch norm "
+                              "(the engine folds batch norm alone)")
             return _V("bn", v.c, v.h, v.w, step=replace(v.step, bn=str(node.target)), src=v.src)
         if isinstance(m, nn.ReLU) or node.target in (torch.relu, nn.functional.relu) or (
                 node.op == "call_method" and node.target == "relu"):
