@@ -31,7 +31,7 @@ def resnet() -> nn.Module:
 
 
 @pytest.mark.parametrize("size", [16, 19])  # 19: odd maps, strided borders on both sides
-def test_resnet_equals_pytorch(isa: str, resnet: nn.Module, size: int) -> None:
+def test_resnet_equals_pytorch(isa: str, resnet: nn.Module, size: int) -> None:  # noqa: F811
     x = _dyadic(3, (3, size, size), seed=size)  # k/256 x 8-bit weights: exact stem sums
     engine = BinaryEngine.from_model(resnet, input_shape=(3, size, size))
     assert engine.isa == isa
