@@ -66,7 +66,7 @@ def test_resnet_buffers_never_overwrite_what_a_step_reads(resnet: nn.Module) -> 
 
 
 def test_max_pool_options_refused_or_run() -> None:
-    from fewbits.runtime.binary_graph import _max_pool
+    from fewbits.runtime.binary_ops import max_pool_geometry as _max_pool
 
     class P(nn.Module):
         def __init__(self, **kw: object) -> None:

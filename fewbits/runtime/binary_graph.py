@@ -38,6 +38,15 @@ from torch import nn
 
 from ..layers import QuantAct, QuantLayer
 from ..models import is_model, model_info
+from .binary_ops import (
+    conv_geometry,
+    is_binary_tanh,
+    is_flatten,
+    is_global_pool,
+    max_pool_geometry,
+    out_size,
+    refuse,
+)
 
 __all__ = ["Step", "binary_plan"]
 
@@ -109,105 +118,6 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (QuantAct, QuantLayer)) or super().is_leaf_module(m, qualname)
 
 
-def _is_bt(q: object) -> bool:
-    # ask the family: a sign activation with levels -1 / +1 (binary_tanh), never its class
-    levels = getattr(q, "step_levels", None)
-    return callable(levels) and levels() == (-1.0, 1.0)
-
-
-def _refuse(node: fx.Node, what: str) -> ValueError:
-    return ValueError(f"operation not covered by the binary engine: {what} (graph node "
-                      f"{node.name!r}: {node.op} {getattr(node.target, '__name__', node.target)})")
-
-
-def _conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int, int]:
-    if isinstance(m, nn.Linear):
-        return 0, 0, 1
-    if not isinstance(m, nn.Conv2d):
-        raise _refuse(node, f"layer {type(m).__name__}")
-    bad = [f"stride {m.stride}" if m.stride[0] != m.stride[1] else "",
-           f"dilation {m.dilation}" if m.dilation != (1, 1) else "",
-           f"groups {m.groups}" if m.groups != 1 else "",
-           f"padding mode {m.padding_mode!r}" if m.padding_mode != "zeros" else "",
-           f"padding {m.padding!r}" if isinstance(m.padding, str) or m.padding[0] != m.padding[1]
-           else "",
-           f"kernel {m.kernel_size}" if m.kernel_size[0] != m.kernel_size[1] else ""]
-    bad = [b for b in bad if b]
-    if bad:
-        raise _refuse(node, f"convolution {node.target} with {', '.join(bad)} (the engine runs "
-                      "square convolutions with zero padding and equal strides)")
-    return m.kernel_size[0], m.padding[0], m.stride[0]
-
-
-def _out(n: int, k: int, pad: int, stride: int) -> int:
-    return (n + 2 * pad - k) // stride + 1
-
-
-def _is_global_pool(node: fx.Node, m: nn.Module | None, v: _V) -> bool:
-    def one(s: object) -> bool:
-        return s in (1, (1, 1))
-
-    if m is not None:
-        return (isinstance(m, nn.AdaptiveAvgPool2d) and one(m.output_size)) or (
-            isinstance(m, nn.AvgPool2d) and m.kernel_size in ((v.h, v.w), v.h)
-            and v.h == v.w and not m.padding)
-    if node.target is nn.functional.adaptive_avg_pool2d:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return one(size)
-    if node.target == torch.mean or (node.op == "call_method" and node.target == "mean"):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return tuple(dims or ()) in ((2, 3), (-2, -1)) and not node.kwargs.get("keepdim")
-    return False
-
-
-def _is_flatten(node: fx.Node, m: nn.Module | None) -> bool:
-    if m is not None:
-        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
-    if node.target == torch.flatten or (node.op == "call_method" and node.target == "flatten"):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
-    return False
-
-
-_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-
-
-def _max_pool(m: nn.Module | None, node: fx.Node) -> tuple[int, int, int] | None:
-    """``(k, stride, padding)`` of a square max pooling (module or function), None when the
-    node is no max pooling; raises for one of other options (dilation, ceil mode, ...)."""
-    if m is not None:
-        if not isinstance(m, nn.MaxPool2d):
-            return None
-        a = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-             "dilation": m.dilation, "ceil_mode": m.ceil_mode,
-             "return_indices": m.return_indices}
-    elif node.target in (nn.functional.max_pool2d, torch.max_pool2d):
-        if len(node.args) > len(_POOL_ARGS) + 1 or set(node.kwargs) - set(_POOL_ARGS):
-            raise _refuse(node, "max pooling with unknown arguments")
-        a = dict(zip(_POOL_ARGS, node.args[1:], strict=False)) | dict(node.kwargs)
-    else:
-        return None
-
-    def sq(v: object) -> int | None:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-        if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1] and \
-                all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            return int(v[0])
-        return None
-
-    k, s = sq(a.get("kernel_size")), a.get("stride")
-    s = k if s is None or s == () or s == [] else sq(s)
-    p, d = sq(a.get("padding", 0)), sq(a.get("dilation", 1))
-    flags = (a.get("ceil_mode", False), a.get("return_indices", False))
-    if k is None or s is None or p is None or d != 1 or flags != (False, False) or k < 1 \
-            or s < 1 or not 0 <= p <= k // 2:
-        raise _refuse(node, f"max pooling with {a} (square kernel, stride and padding, no "
-                      "dilation, ceil_mode or indices)")
-    return k, s, p
-
-
 class _Plan:
     def __init__(self, model: nn.Module, shape: tuple[int, ...]) -> None:
         self.model, self.shape = model, shape
@@ -240,7 +150,7 @@ class _Plan:
             f = self.materialize(node, v)
             return _V("bits", f.c, f.h, f.w, step=f.step, buf=f.buf)
         if v.kind != "bn":
-            raise _refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
+            raise refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
                           "norm outputs of its layers)")
         s = v.step
         assert s is not None
@@ -248,7 +158,7 @@ class _Plan:
             seen = self.binarized[id(s)]
             if seen is not None and seen[0] == v.pool and seen[1] is v.res:
                 return seen[2]
-            raise _refuse(node, "a batch-norm output read twice (binarized with and without "
+            raise refuse(node, "a batch-norm output read twice (binarized with and without "
                           "a residual sum or pooling, or after its bits were pooled)")
         s.dst, s.pool = self.new(0), v.pool
         if v.res is not None:
@@ -264,7 +174,7 @@ class _Plan:
         if v.kind == "fmap":
             return v
         if v.kind != "bn" or v.res is not None:
-            raise _refuse(node, f"a float map of a {v.kind} value" + (
+            raise refuse(node, f"a float map of a {v.kind} value" + (
                 " with a binary residual" if v.kind == "bn" else ""))
         if id(v) in self.floats:
             return self.floats[id(v)][1]
@@ -282,18 +192,18 @@ class _Plan:
         s = Step("poolf", "", None, v.c, v.c, v.h, v.w, k, pad, stride=stride,
                  fsrc=v.fbuf, dst=self.new(0), fdst=self.new(1))
         self.steps.append(s)
-        return _V("fmap", v.c, _out(v.h, k, pad, stride), _out(v.w, k, pad, stride), step=s,
+        return _V("fmap", v.c, out_size(v.h, k, pad, stride), out_size(v.w, k, pad, stride), step=s,
                   buf=s.dst, fbuf=s.fdst, relu_after=v.relu_after)
 
     def layer(self, node: fx.Node, m: nn.Module, v: _V) -> _V:
         iq = getattr(m, "input_quantizer", None)
         if getattr(m, "output_quantizer", None) is not None:
-            raise _refuse(node, f"output quantizer {type(m.output_quantizer).__name__}")
+            raise refuse(node, f"output quantizer {type(m.output_quantizer).__name__}")
         if iq is not None:
-            if not _is_bt(iq):
-                raise _refuse(node, f"input quantizer {type(iq).__name__} (binary_tanh only)")
+            if not is_binary_tanh(iq):
+                raise refuse(node, f"input quantizer {type(iq).__name__} (binary_tanh only)")
             v = self.binarize(node, v)
-        k, pad, stride = _conv_geometry(node, m)
+        k, pad, stride = conv_geometry(node, m)
         lin = isinstance(m, nn.Linear)
         cin, cout = (m.in_features, m.out_features) if lin else (m.in_channels, m.out_channels)
         name = str(node.target)
@@ -306,27 +216,27 @@ class _Plan:
         if v.kind in ("image", "flat_image") and not self.steps:
             if lin != (v.kind == "flat_image") or cin != v.c * v.h * v.w // (1 if lin else
                                                                            v.h * v.w):
-                raise _refuse(node, f"first layer {name} on an input of shape {self.shape}")
+                raise refuse(node, f"first layer {name} on an input of shape {self.shape}")
             c, h, w = (cin, 1, 1) if lin else (v.c, v.h, v.w)
-            oh, ow = (1, 1) if lin else (_out(h, k, pad, stride), _out(w, k, pad, stride))
+            oh, ow = (1, 1) if lin else (out_size(h, k, pad, stride), out_size(w, k, pad, stride))
             return _V("pre", cout, oh, ow, step=Step("stem", name, None, c, cout, h, w,
                                                      1 if lin else k, pad, stride=stride),
                       src=v)
         if v.kind != "bits":
-            raise _refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
+            raise refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
                           "float input only)")
         if lin:
             if not v.flat and (v.h, v.w) != (1, 1):
-                raise _refuse(node, f"affine {name} on an unflattened map")
+                raise refuse(node, f"affine {name} on an unflattened map")
             if v.h != v.w or cin != v.c * v.h * v.w:
-                raise _refuse(node, f"affine {name} of {cin} inputs on a {v.c} x {v.h} x "
+                raise refuse(node, f"affine {name} of {cin} inputs on a {v.c} x {v.h} x "
                               f"{v.w} map")
             k = v.h
         elif cin != v.c or v.flat:
-            raise _refuse(node, f"convolution {name} of {cin} channels on {v.c}")
+            raise refuse(node, f"convolution {name} of {cin} channels on {v.c}")
         if not lin and (v.h + 2 * pad < k or v.w + 2 * pad < k):
-            raise _refuse(node, f"convolution {name}: kernel {k} larger than its padded input")
-        oh, ow = (1, 1) if lin else (_out(v.h, k, pad, stride), _out(v.w, k, pad, stride))
+            raise refuse(node, f"convolution {name}: kernel {k} larger than its padded input")
+        oh, ow = (1, 1) if lin else (out_size(v.h, k, pad, stride), out_size(v.w, k, pad, stride))
         return _V("pre", cout, oh, ow,
                   step=Step("bconv", name, None, v.c, cout, v.h, v.w, k, pad, src=v.buf,
                             stride=stride), src=v)
@@ -342,7 +252,7 @@ class _Plan:
 
     def add(self, node: fx.Node, ins: list[_V]) -> _V:
         if len(ins) != 2 or len(node.args) != 2 or node.kwargs:
-            raise _refuse(node, "an addition of other than two values")
+            raise refuse(node, "an addition of other than two values")
         a, b = ins
         if a.kind == "bn" and b.kind == "bn":  # two batch-norm outputs: the second as a map
             b = self.materialize(node, b)
@@ -350,23 +260,23 @@ class _Plan:
         if bn.kind != "bn" or other.kind not in ("bits", "fmap") or bn.res is not None or \
                 bn.fres is not None or bn.pool or bn.relu_after or \
                 (other.c, other.h, other.w) != (bn.c, bn.h, bn.w) or other.flat:
-            raise _refuse(node, f"a residual sum of a {a.kind} and a {b.kind} value (the "
+            raise refuse(node, f"a residual sum of a {a.kind} and a {b.kind} value (the "
                           "engine adds a binary activation or a float map to a batch-normed "
                           "layer output of the same shape)")
         if bn.relu:
-            raise _refuse(node, "a ReLU before a residual sum (relu(y) + x is not y + x)")
+            raise refuse(node, "a ReLU before a residual sum (relu(y) + x is not y + x)")
         return replace(bn, res=other) if other.kind == "bits" else replace(bn, fres=other)
 
     def relu(self, node: fx.Node, m: nn.Module | None, v: _V) -> _V:
         inplace = getattr(m, "inplace", False) or node.kwargs.get("inplace", False)
         if inplace and not self.sole_reader(node.args[0]):
-            raise _refuse(node, "an in-place ReLU of a value read elsewhere")
+            raise refuse(node, "an in-place ReLU of a value read elsewhere")
         if v.kind == "fmap" and v.relu_after:
             return v  # relu(relu(y)) == relu(y)
         if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
-            raise _refuse(node, f"ReLU of a {v.kind} value")
+            raise refuse(node, f"ReLU of a {v.kind} value")
         if v.res is not None:
-            raise _refuse(node, "a ReLU after a binary residual sum")
+            raise refuse(node, "a ReLU after a binary residual sum")
         return replace(v, relu_after=True) if v.fres is not None else replace(v, relu=True)
 
     def output(self, node: fx.Node) -> None:
@@ -374,32 +284,32 @@ class _Plan:
         v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
         if v is None or v.kind != "pre" or not isinstance(
                 self.model.get_submodule(v.step.weight), nn.Linear):
-            raise _refuse(node, "a model output that is not a final affine (logits)")
+            raise refuse(node, "a model output that is not a final affine (logits)")
         s = v.step
         if s.op == "bconv":  # an affine on binary activations ends the network: the head
             if (v.src.h, v.src.w) != (1, 1):
-                raise _refuse(node, "a final affine on a flattened map (the head averages "
+                raise refuse(node, "a final affine on a flattened map (the head averages "
                               "the map: pool it to 1 x 1 first)")
             s = replace(s, op="head", k=1)
         if s.op not in ("head", "headm"):
-            raise _refuse(node, "a network with no binary layer")
+            raise refuse(node, "a network with no binary layer")
         self.steps.append(s)
 
     def node(self, node: fx.Node) -> _V | None:
         if node.op == "placeholder":
             if any(isinstance(v, _V) and v.kind in ("image", "flat_image")
                    for v in self.vals.values()):
-                raise _refuse(node, "a second model input")
+                raise refuse(node, "a second model input")
             c, h, w = self.shape if len(self.shape) == 3 else (self.shape[0], 1, 1)
             return _V("image" if len(self.shape) == 3 else "flat_image", c, h, w)
         if node.op == "output":
             self.output(node)
             return None
         if node.op == "get_attr":
-            raise _refuse(node, "a parameter used directly by the forward")
+            raise refuse(node, "a parameter used directly by the forward")
         ins = [self.vals.get(a) for a in node.args if isinstance(a, fx.Node)]
         if any(v is None for v in ins) or not ins:
-            raise _refuse(node, "an operation on values the engine does not hold")
+            raise refuse(node, "an operation on values the engine does not hold")
         v = ins[0]
         m = self.modules[str(node.target)] if node.op == "call_module" else None
         if isinstance(m, (nn.Identity, nn.Dropout)):
@@ -407,45 +317,45 @@ class _Plan:
         if isinstance(m, QuantAct):
             if m.quantizer is None:
                 return v
-            if not _is_bt(m.quantizer):
-                raise _refuse(node, f"activation quantizer {type(m.quantizer).__name__}")
+            if not is_binary_tanh(m.quantizer):
+                raise refuse(node, f"activation quantizer {type(m.quantizer).__name__}")
             return self.binarize(node, v)
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return self.layer(node, m, v)
         if isinstance(m, _BN):
             if v.kind != "pre" or v.step.op in ("head", "headm") or v.step.bn is not None:
-                raise _refuse(node, f"batch norm {node.target} not right after a layer")
+                raise refuse(node, f"batch norm {node.target} not right after a layer")
             if m.running_mean is None:
-                raise _refuse(node, f"batch norm {node.target} without running statistics")
+                raise refuse(node, f"batch norm {node.target} without running statistics")
             if getattr(self.model.get_submodule(v.step.weight), "bias", None) is not None:
-                raise _refuse(node, f"layer {v.step.weight} with a bias before its batch norm "
+                raise refuse(node, f"layer {v.step.weight} with a bias before its batch norm "
                               "(the engine folds batch norm alone)")
             return _V("bn", v.c, v.h, v.w, step=replace(v.step, bn=str(node.target)), src=v.src)
         if isinstance(m, nn.ReLU) or node.target in (torch.relu, nn.functional.relu) or (
                 node.op == "call_method" and node.target == "relu"):
             return self.relu(node, m, v)
-        pool = _max_pool(m, node)
+        pool = max_pool_geometry(m, node)
         if pool is not None:
             return self.max_pool(node, v, *pool)
         if (m is None and node.target in (operator.add, torch.add, operator.iadd)) or (
                 node.op == "call_method" and node.target in ("add", "add_")):
             return self.add(node, ins)
-        if _is_flatten(node, m):
+        if is_flatten(node, m):
             if v.kind == "image":
                 return _V("flat_image", v.c * v.h * v.w, 1, 1)
             if v.kind == "bits":
                 return replace(v, flat=True)
             if v.kind in ("pooled", "pooledf"):
                 return v
-            raise _refuse(node, f"flatten of a {v.kind} value")
-        if v.kind in ("bits", "bn", "fmap") and not v.flat and _is_global_pool(node, m, v):
+            raise refuse(node, f"flatten of a {v.kind} value")
+        if v.kind in ("bits", "bn", "fmap") and not v.flat and is_global_pool(node, m, v.h, v.w):
             if v.kind == "bits":
                 return _V("pooled", v.c, v.h, v.w, buf=v.buf)
             f = self.materialize(node, v)
             return _V("pooledf", f.c, f.h, f.w, fbuf=f.fbuf)
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__",
                                                                 str(node.target))
-        raise _refuse(node, f"operation {what}")
+        raise refuse(node, f"operation {what}")
 
     def max_pool(self, node: fx.Node, v: _V, k: int, stride: int, pad: int) -> _V:
         pool2 = (k, stride, pad) == (2, 2, 0)
@@ -460,7 +370,7 @@ class _Plan:
             return replace(v, h=v.h // 2, w=v.w // 2)
         if v.kind in ("bn", "fmap") and v.h + 2 * pad >= k and v.w + 2 * pad >= k:
             return self.pool_floats(self.materialize(node, v), k, stride, pad)
-        raise _refuse(node, f"max pooling {k}x{k}/{stride} (padding {pad}) of a {v.kind} value "
+        raise refuse(node, f"max pooling {k}x{k}/{stride} (padding {pad}) of a {v.kind} value "
                       "(bits: 2x2 right after a binarization that no other node reads, on an "
                       "even map; a batch-norm output or float map: any)")
 
