@@ -216,34 +216,49 @@ static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int o
     return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
 }
 
-__attribute__((target("avx2,fma")))
-static void stem_row_avx2(const fbb_row *r) {
+/* nb output pixels x 32 output channels per pass: each weight load feeds nb FMAs, and the
+ * 4 nb accumulators are independent chains (FMA latency). Taps in the same order on every
+ * path, so the sums are bit-identical to the portable path's. */
+#define STEM2_NB 2
+__attribute__((target("avx2,fma"), always_inline))
+static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
     const fbb_layer *L = r->L;
     const float *x = (const float *)r->in;
-    int k = L->k, cp = L->cout_pad;
-    for (int ox = 0; ox < r->ow; ox++)
-        for (int ob = 0; ob < cp; ob += 32) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *w = L->wf + ob;
-            for (int c = 0; c < L->cin; c++)
-                for (int ky = 0; ky < k; ky++) {
-                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + (size_t)ox * r->s;
-                    for (int kx = 0; kx < k; kx++, w += cp) {
-                        __m256 v = _mm256_set1_ps(xr[kx]);
-                        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), a0);
-                        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), a1);
-                        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 16), a2);
-                        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 24), a3);
-                    }
+    int k = L->k, cp = L->cout_pad, s = r->s;
+    __m256 a[STEM2_NB][4];
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < 4; v++) a[p][v] = _mm256_setzero_ps();
+    const float *w = L->wf + ob;
+    for (int c = 0; c < L->cin; c++)
+        for (int ky = 0; ky < k; ky++) {
+            const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + (size_t)ox * s;
+            for (int kx = 0; kx < k; kx++, w += cp) {
+                __m256 wv[4];
+                for (int v = 0; v < 4; v++) wv[v] = _mm256_loadu_ps(w + 8 * v);
+                for (int p = 0; p < nb; p++) {
+                    __m256 xv = _mm256_set1_ps(xr[kx + p * s]);
+                    for (int v = 0; v < 4; v++) a[p][v] = _mm256_fmadd_ps(xv, wv[v], a[p][v]);
                 }
-            __m256 a[4] = {a0, a1, a2, a3};
-            if (L->alpha) {
-                float pre[32];
-                for (int i = 0; i < 4; i++) _mm256_storeu_ps(pre + 8 * i, a[i]);
-                r->out[(size_t)ox * (cp / 32) + ob / 32] = float_epi(r, ox, ob, pre);
-            } else
-                r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_word_avx2(a, L, ob);
+            }
         }
+    for (int p = 0; p < nb; p++) {
+        uint32_t *o = &r->out[(size_t)(ox + p) * (cp / 32) + ob / 32];
+        if (L->alpha) {
+            float pre[32];
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(pre + 8 * i, a[p][i]);
+            *o = float_epi(r, ox + p, ob, pre);
+        } else
+            *o = stem_word_avx2(a[p], L, ob);
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void stem_row_avx2(const fbb_row *r) {
+    int cp = r->L->cout_pad, ox = 0;
+    for (; ox + STEM2_NB <= r->ow; ox += STEM2_NB)
+        for (int ob = 0; ob < cp; ob += 32) stem_px_avx2(r, ox, ob, STEM2_NB);
+    for (; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) stem_px_avx2(r, ox, ob, 1);
 }
 
 __attribute__((target("avx2")))
@@ -302,36 +317,53 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
     return w ^ L->flip[ob / 32];
 }
 
-__attribute__((target("avx2")))
-static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
+/* nb output pixels x 32 output channels per pass: each weight vector loaded once feeds nb
+ * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. */
+#define BCONV2_NB 2
+__attribute__((target("avx2"), always_inline))
+static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
     const fbb_layer *L = r->L;
     int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    size_t step = (size_t)r->s * wi;
     const uint32_t *in = (const uint32_t *)r->in;
-    for (int ox = 0; ox < r->ow; ox++)
-        for (int ob = 0; ob < cp; ob += 32) {
-            __m256i d[4], c[4];
-            for (int i = 0; i < 4; i++) d[i] = c[i] = _mm256_setzero_si256();
-            const uint32_t *w = L->wb + ob;
-            int n = 0;
-            for (int ky = 0; ky < k; ky++) {
-                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s) * wi;
-                for (int j = 0; j < kw; j++, w += cp) {
-                    __m256i v = _mm256_set1_epi32((int)a[j]);
-                    for (int i = 0; i < 4; i++)
-                        c[i] = _mm256_add_epi8(c[i], popcnt8_avx2(_mm256_xor_si256(
-                            v, _mm256_loadu_si256((const __m256i *)(w + 8 * i)))));
-                    if (++n == 31) { /* <= 8 per byte per step: flush before 255 */
-                        n = 0;
-                        for (int i = 0; i < 4; i++) {
-                            d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-                            c[i] = _mm256_setzero_si256();
-                        }
-                    }
-                }
+    __m256i d[BCONV2_NB][4], c[BCONV2_NB][4];
+    for (int p = 0; p < nb; p++)
+        for (int i = 0; i < 4; i++) d[p][i] = c[p][i] = _mm256_setzero_si256();
+    const uint32_t *w = L->wb + ob;
+    int n = 0;
+    for (int ky = 0; ky < k; ky++) {
+        const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s) * wi;
+        for (int j = 0; j < kw; j++, w += cp) {
+            __m256i wv[4];
+            for (int i = 0; i < 4; i++) wv[i] = _mm256_loadu_si256((const __m256i *)(w + 8 * i));
+            for (int p = 0; p < nb; p++) {
+                __m256i v = _mm256_set1_epi32((int)a[p * step + j]);
+                for (int i = 0; i < 4; i++)
+                    c[p][i] = _mm256_add_epi8(c[p][i], popcnt8_avx2(_mm256_xor_si256(v, wv[i])));
             }
-            for (int i = 0; i < 4; i++) d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox, ob, d);
+            if (++n == 31) { /* <= 8 per byte per step: flush before 255 */
+                n = 0;
+                for (int p = 0; p < nb; p++)
+                    for (int i = 0; i < 4; i++) {
+                        d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
+                        c[p][i] = _mm256_setzero_si256();
+                    }
+            }
         }
+    }
+    for (int p = 0; p < nb; p++) {
+        for (int i = 0; i < 4; i++) d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
+        r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox + p, ob, d[p]);
+    }
+}
+
+__attribute__((target("avx2")))
+static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
+    int cp = r->L->cout_pad, ox = 0;
+    for (; ox + BCONV2_NB <= r->ow; ox += BCONV2_NB)
+        for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB);
+    for (; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1);
     (void)corr;
 }
 
