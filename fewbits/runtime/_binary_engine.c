@@ -714,6 +714,11 @@ int64_t fbb_workspace(const fbb_layer *L, int nl) {
     return sizes_of(L, nl, &z);
 }
 
+#ifdef FBB_PROFILE
+#include <time.h>
+double fbb_prof_ns[256];
+#endif
+
 /* Run the program `L[0..nl)` on `n` inputs of `in_size` floats each; logits to `out`
  * (n x the head's cout). `ws`: scratch of `fbb_workspace(L, nl)` 4-byte units (the caller
  * allocates it once). Returns 0, or -1 (unsupported ISA), -2 (workspace too small),
@@ -747,6 +752,10 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     for (int64_t b = 0; b < n; b++) {
         for (int i = 0; i < nl; i++) {
             const fbb_layer *l = &L[i];
+#ifdef FBB_PROFILE /* per-layer CPU time (benchmarks/binary_profile.py) */
+            struct timespec t0_, t1_;
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0_);
+#endif
             uint32_t *dst = BITS(l->dst);
             const uint32_t *src = BITS(l->src);
             switch (l->op) {
@@ -762,6 +771,11 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
                 if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w),
                                      l->cout_pad / 32);
             }
+#ifdef FBB_PROFILE
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1_);
+            if (i < 256) fbb_prof_ns[i] += (t1_.tv_sec - t0_.tv_sec) * 1000000000.0
+                                           + (t1_.tv_nsec - t0_.tv_nsec);
+#endif
         }
     }
 #undef BITS
