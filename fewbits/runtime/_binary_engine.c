@@ -278,7 +278,7 @@ static inline __m256i bytes_to_i32(__m256i c8) {
 }
 
 /* Output bits of 32 channels from their XOR popcounts d[0..3] (8 channels each). */
-__attribute__((target("avx2")))
+__attribute__((target("avx2"), always_inline))
 static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d) {
     const fbb_layer *L = r->L;
     int kx0, kx1;
@@ -331,6 +331,7 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb)
         for (int i = 0; i < 4; i++) d[p][i] = c[p][i] = _mm256_setzero_si256();
     const uint32_t *w = L->wb + ob;
     int n = 0;
+    const int few = k * kw < 31;
     for (int ky = 0; ky < k; ky++) {
         const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s) * wi;
         for (int j = 0; j < kw; j++, w += cp) {
@@ -341,7 +342,7 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb)
                 for (int i = 0; i < 4; i++)
                     c[p][i] = _mm256_add_epi8(c[p][i], popcnt8_avx2(_mm256_xor_si256(v, wv[i])));
             }
-            if (++n == 31) { /* <= 8 per byte per step: flush before 255 */
+            if (++n == 31 && few == 0) { /* <= 8 per byte per step: flush before 255 */
                 n = 0;
                 for (int p = 0; p < nb; p++)
                     for (int i = 0; i < 4; i++) {
