@@ -200,6 +200,25 @@ static void bconv_row_generic(const fbb_row *r, int32_t *corr) {
 #if FBB_X86
 /* ---------------------------------------------------------------- AVX2 + FMA */
 
+/* float_epi on 4 vectors of pre-activations: fma is correctly rounded as fmaf, the ReLU keeps
+ * NaN as the portable path does: bit-identical to it. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline uint32_t float_epi_avx2(const fbb_row *r, int ox, int ob, const __m256 *pre) {
+    const fbb_layer *L = r->L;
+    size_t at = (size_t)ox * L->cout_pad + ob;
+    uint32_t w = 0;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        __m256 y = _mm256_fmadd_ps(pre[i], _mm256_loadu_ps(L->alpha + ob + 8 * i),
+                                   _mm256_loadu_ps(L->beta + ob + 8 * i));
+        if (r->fres) y = _mm256_add_ps(y, _mm256_loadu_ps(r->fres + at + 8 * i));
+        if (L->relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ));
+        if (r->fout) _mm256_storeu_ps(r->fout + at + 8 * i, y);
+        w |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)) << (8 * i);
+    }
+    return w;
+}
+
 /* Stem decision word (as stem_bits) of 32 sums in 4 vectors; NaN compares false -> -1. */
 __attribute__((target("avx2")))
 static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob) {
@@ -243,11 +262,9 @@ static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) 
         }
     for (int p = 0; p < nb; p++) {
         uint32_t *o = &r->out[(size_t)(ox + p) * (cp / 32) + ob / 32];
-        if (L->alpha) {
-            float pre[32];
-            for (int i = 0; i < 4; i++) _mm256_storeu_ps(pre + 8 * i, a[p][i]);
-            *o = float_epi(r, ox + p, ob, pre);
-        } else
+        if (L->alpha)
+            *o = float_epi_avx2(r, ox + p, ob, a[p]);
+        else
             *o = stem_word_avx2(a[p], L, ob);
     }
 }
@@ -278,7 +295,7 @@ static inline __m256i bytes_to_i32(__m256i c8) {
 }
 
 /* Output bits of 32 channels from their XOR popcounts d[0..3] (8 channels each). */
-__attribute__((target("avx2"), always_inline))
+__attribute__((target("avx2,fma"), always_inline))
 static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d) {
     const fbb_layer *L = r->L;
     int kx0, kx1;
@@ -287,7 +304,7 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
     const __m256i nv = _mm256_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     uint32_t rb = r->res ? r->res[(size_t)ox * (L->cout_pad / 32) + ob / 32] : 0, w = 0;
-    float pre[32];
+    __m256 pre[4];
     for (int i = 0; i < 4; i++) {
         int o = ob + 8 * i;
         __m256i di = d[i];
@@ -300,7 +317,7 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
         }
         __m256i sum = _mm256_sub_epi32(nv, _mm256_add_epi32(di, di));
         if (L->alpha) {
-            _mm256_storeu_ps(pre + 8 * i, _mm256_cvtepi32_ps(sum));
+            pre[i] = _mm256_cvtepi32_ps(sum);
             continue;
         }
         __m256i t = LD(L->t0 + o);
@@ -313,14 +330,14 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
         uint32_t lt = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, sum)));
         w |= (~lt & 0xffu) << (8 * i);
     }
-    if (L->alpha) return float_epi(r, ox, ob, pre);
+    if (L->alpha) return float_epi_avx2(r, ox, ob, pre);
     return w ^ L->flip[ob / 32];
 }
 
 /* nb output pixels x 32 output channels per pass: each weight vector loaded once feeds nb
  * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. */
 #define BCONV2_NB 2
-__attribute__((target("avx2"), always_inline))
+__attribute__((target("avx2,fma"), always_inline))
 static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
     const fbb_layer *L = r->L;
     int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
@@ -358,7 +375,7 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb)
     }
 }
 
-__attribute__((target("avx2")))
+__attribute__((target("avx2,fma")))
 static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
     int cp = r->L->cout_pad, ox = 0;
     for (; ox + BCONV2_NB <= r->ow; ox += BCONV2_NB)

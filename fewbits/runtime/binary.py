@@ -6,21 +6,33 @@ lists the operations covered) is compiled into a short program that ``_binary_en
 per image with no Python per layer:
 * the **stem** (float input, +-1 weights) is a float32 convolution, followed by a float32
   threshold in place of batch norm + binary tanh (:func:`~.binary_fold.float_thresholds`);
-* every other convolution / hidden affine is an **XNOR-popcount** convolution on bit-packed
-  activations (32 channels per word, NHWC), with an integer threshold per channel in place of
-  batch norm + binary tanh (:func:`~.binary_fold.integer_thresholds`), zero-padding corrected
-  exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)`` folded into two thresholds
-  selected by the residual bit; 2x2 max pooling of +-1 values is a bitwise OR;
+* every other convolution / hidden affine is an **XNOR-popcount** convolution (any stride)
+  on bit-packed activations (32 channels per word, NHWC), with an integer threshold per
+  channel in place of batch norm + binary tanh (:func:`~.binary_fold.integer_thresholds`),
+  zero-padding corrected exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)``
+  folded into two thresholds selected by the residual bit; 2x2 max pooling of +-1 values is
+  a bitwise OR;
+* a **float residual stream** (torchvision's ResNet: ``relu(BN(s) + identity)``, identity a
+  float map or a downsampling conv's batch-norm output): the layer's epilogue computes
+  ``y = fma(s, alpha, beta)`` (PyTorch's eval batch norm, :func:`~.binary_fold.bn_affine`),
+  adds the float map, applies the ReLU, and writes both the float map (NHWC) and its bits
+  ``y > 0`` (what the next binary layer reads); max pooling of any square window (the 3x3/2
+  with padding after the stem) runs on float maps;
 * the **head** (average pool + affine with float bias) is an exact integer sum, one division
-  and one bias addition in float32; a head of other than +-1 weights (an 8-bit classifier)
-  sums its products in float32, in channel order (within float rounding of PyTorch's).
+  and one bias addition in float32; a head of other than +-1 weights (an 8-bit classifier),
+  or on a float map, sums its products in float32, in channel order (within float rounding
+  of PyTorch's).
 
 Everything after the stem is exact with respect to the float32 PyTorch model (logits up to
 the order of the head's bias addition: rtol 1e-6, atol 1e-5). The one difference is the stem's
 float summation order (PyTorch's convolution sums in its own): a stem pre-activation within
 float32 rounding of its threshold can flip, and the logits then differ. Inputs whose stem sums
 are exact in any order (e.g. images ``k / 256``) give PyTorch's logits; ``tests/
-test_binary_engine.py`` checks both cases. All ISA paths are bit-identical to each other.
+test_binary_engine.py`` checks both cases. The float epilogue equals PyTorch's batch norm bit
+for bit where PyTorch's CPU kernel contracts it to an FMA (x86-64 builds with AVX2 or
+AVX-512), within one rounding elsewhere; a float-map value within rounding of 0 can then
+binarize the other way (the planner's agreement check covers it). All ISA paths are
+bit-identical to each other.
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
 FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time by cpuid; set

@@ -7,18 +7,22 @@ which the planner records before it tries the next backend):
 
 * the **stem**: the first convolution / affine, on the float input (any float weights: +-1, or
   a fixed-point first layer), then batch norm and a binarization;
-* **binary layers**: a convolution (square kernel, stride 1, zero padding, no bias, groups 1,
-  dilation 1) or affine of +-1 weights (``binary_connect``) on binary activations, then batch
-  norm and a binarization; an affine on a flattened ``c x h x h`` map is a ``h x h``
-  convolution;
+* **binary layers**: a convolution (square kernel, any equal stride, zero padding smaller
+  than the kernel, no bias, groups 1, dilation 1) or affine of +-1 weights
+  (``binary_connect``) on binary activations, then batch norm and a binarization; an affine
+  on a flattened ``c x h x h`` map is a ``h x h`` convolution;
 * **binarization**: ``binary_tanh`` as a ``QuantAct`` module or as the ``input_quantizer`` of
   the layer that reads the value (``quantize_``'s placement); a ReLU between batch norm and
   ``binary_tanh`` changes nothing (``binary_tanh(relu(y)) == binary_tanh(y)``: both are +1
   exactly where ``y > 0``);
 * **residual sums** ``binary_tanh(BN(s) + x)`` with ``x`` a binary activation (the ResNet
-  unit of the zoo);
-* **2x2 max pooling** (stride 2) of binary activations, or of a batch-norm output before its
-  binarization (``binary_tanh`` is monotone, so the two commute);
+  unit of the zoo); and **float maps**: a batch-norm output that is added to a float map or
+  to another batch-norm output (torchvision's ``relu(bn2(conv2) + downsample(x))``), pooled
+  by a window other than 2x2, averaged by the head, or ReLU-ed after such a sum, is kept as a
+  float map (and its bits ``> 0`` for the binary layers that read it);
+* **max pooling**: 2x2 (stride 2) of binary activations, or of a batch-norm output before its
+  binarization (``binary_tanh`` is monotone, so the two commute); any square window, stride
+  and padding (no dilation or ceil mode) of a float map;
 * the **head**: global average pooling (``adaptive_avg_pool2d(., 1)``, ``AdaptiveAvgPool2d(1)``,
   ``mean`` over the map) or none, flatten, and a final affine with bias (+-1 or any float
   weights); identity, dropout (evaluation) and flatten anywhere.
@@ -407,7 +411,7 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
     ``input_shape``: the per-sample input shape, ``(C, H, W)`` or ``(features,)`` (default: the
     registered model's, else required); ``input_size``: just the image ``(H, W)``. Raises
     ``ValueError`` naming the first operation the engine does not cover (a zoo model of
-    another family, a stride-2 convolution, a float residual stream, ...).
+    another family, a dilated convolution, a ReLU before a residual sum, ...).
     """
     fam = getattr(model, "family", None)
     if fam is not None and fam != "binary_net":
