@@ -296,11 +296,12 @@ static inline __m256i bytes_to_i32(__m256i c8) {
 
 /* Output bits of 32 channels from their XOR popcounts d[0..3] (8 channels each). */
 __attribute__((target("avx2,fma"), always_inline))
-static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d) {
+static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d,
+                                       int correct) {
     const fbb_layer *L = r->L;
     int kx0, kx1;
     tap_cols(r, ox, &kx0, &kx1);
-    int border = is_border(r, kx0, kx1);
+    int border = correct && is_border(r, kx0, kx1); /* D counted the padded taps */
     const __m256i nv = _mm256_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     uint32_t rb = r->res ? r->res[(size_t)ox * (L->cout_pad / 32) + ob / 32] : 0, w = 0;
@@ -335,22 +336,27 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
 }
 
 /* nb output pixels x 32 output channels per pass: each weight vector loaded once feeds nb
- * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. */
+ * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. Only the taps
+ * inside the image run (rows [ky0, ky1), columns [kx0, kx1), the same for the nb pixels), so
+ * no padding correction is needed: D counts valid taps only (a 3x3 conv on a 1x1 map runs
+ * one tap, not nine). */
 #define BCONV2_NB 2
 __attribute__((target("avx2,fma"), always_inline))
-static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
+static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb, int kx0,
+                                 int kx1) {
     const fbb_layer *L = r->L;
-    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = (kx1 - kx0) * wi;
     size_t step = (size_t)r->s * wi;
     const uint32_t *in = (const uint32_t *)r->in;
     __m256i d[BCONV2_NB][4], c[BCONV2_NB][4];
     for (int p = 0; p < nb; p++)
         for (int i = 0; i < 4; i++) d[p][i] = c[p][i] = _mm256_setzero_si256();
-    const uint32_t *w = L->wb + ob;
     int n = 0;
-    const int few = k * kw < 31;
-    for (int ky = 0; ky < k; ky++) {
-        const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s) * wi;
+    const int few = (r->ky1 - r->ky0) * kw < 31;
+    for (int ky = r->ky0; ky < r->ky1; ky++) {
+        const uint32_t *a =
+            in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s + kx0) * wi;
+        const uint32_t *w = L->wb + ((size_t)(ky * k + kx0) * wi) * cp + ob;
         for (int j = 0; j < kw; j++, w += cp) {
             __m256i wv[4];
             for (int i = 0; i < 4; i++) wv[i] = _mm256_loadu_si256((const __m256i *)(w + 8 * i));
@@ -371,17 +377,25 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb)
     }
     for (int p = 0; p < nb; p++) {
         for (int i = 0; i < 4; i++) d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
-        r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox + p, ob, d[p]);
+        r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox + p, ob, d[p], 0);
     }
 }
 
 __attribute__((target("avx2,fma")))
 static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
-    int cp = r->L->cout_pad, ox = 0;
-    for (; ox + BCONV2_NB <= r->ow; ox += BCONV2_NB)
-        for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB);
-    for (; ox < r->ow; ox++)
-        for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1);
+    int cp = r->L->cout_pad, k = r->L->k;
+    for (int ox = 0; ox < r->ow;) {
+        int a0, a1, b0 = 0, b1 = 0;
+        tap_cols(r, ox, &a0, &a1);
+        if (ox + 1 < r->ow) tap_cols(r, ox + 1, &b0, &b1);
+        if (ox + 1 < r->ow && a0 == 0 && a1 == k && b0 == 0 && b1 == k) {
+            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k);
+            ox += 2;
+        } else {
+            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1, a0, a1);
+            ox += 1;
+        }
+    }
     (void)corr;
 }
 
