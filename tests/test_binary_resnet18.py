@@ -96,3 +96,20 @@ def test_folded_files_refuse_float_maps(resnet: nn.Module) -> None:
 
     with pytest.raises(ValueError, match="float maps.*without fold_bn"):
         _only_thresholds(binary_plan(resnet, input_shape=(3, 16, 16)))
+
+
+def test_malformed_program_refused_by_the_c_side(resnet: nn.Module) -> None:
+    """The C program checks that each step has the buffers and tables its op reads."""
+    engine = BinaryEngine.from_model(resnet, input_shape=(3, 16, 16), isa="generic")
+    x = _dyadic(1, (3, 16, 16))
+    good = engine(x)
+    for field, bad in (("src", -5), ("fsrc", -1), ("beta", None)):
+        i = next(i for i, s in enumerate(engine.plan)
+                 if (s.op, field) in (("bconv", "src"), ("poolf", "fsrc")) or
+                 (field == "beta" and s.float_out))
+        old = getattr(engine._layers[i], field)
+        setattr(engine._layers[i], field, bad)
+        with pytest.raises(RuntimeError, match="malformed program"):
+            engine(x)
+        setattr(engine._layers[i], field, old)
+    assert torch.equal(engine(x), good)

@@ -718,7 +718,20 @@ static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
             l->res >= 64 || l->fsrc >= 64 || l->fdst >= 64 || l->fres >= 64)
             return -3;
         int bufs[3] = {l->src, l->dst, l->res}, fb[3] = {l->fsrc, l->fdst, l->fres};
+        /* what each op reads and writes must be there */
+        int op = l->op, need_src = op == OP_BCONV || op == OP_HEAD || op == OP_HEADF;
+        int need_dst = op == OP_STEM || op == OP_BCONV || op == OP_POOLF;
+        int need_fsrc = op == OP_POOLF || op == OP_HEADM;
+        if ((need_src && l->src < 0) || (need_dst && l->dst < 0) || (need_fsrc && l->fsrc < 0)
+            || ((op == OP_STEM || op == OP_BCONV) && !l->alpha && (!l->flip || (op == OP_BCONV
+                && (!l->t0 || !l->t1)) || (op == OP_STEM && (!l->tf || !l->ninf || !l->pinf))))
+            || ((op == OP_STEM || op == OP_BCONV) && l->alpha && !l->beta)
+            || (op == OP_BCONV && (!l->wb || (l->pad > 0 && !l->wpop)))
+            || ((op == OP_STEM || is_head(op)) && !l->wf) || (is_head(op) && !l->bias)
+            || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha))
+            return -3;
         for (int j = 0; j < 3; j++) {
+            if (bufs[j] < -1 || fb[j] < -1) return -3;
             if (bufs[j] + 1 > z->nb) z->nb = bufs[j] + 1;
             if (fb[j] + 1 > z->nf) z->nf = fb[j] + 1;
         }
