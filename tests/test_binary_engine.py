@@ -227,8 +227,8 @@ def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         engine(torch.zeros(2, 784, dtype=torch.float64))
     assert engine(torch.zeros(0, 784)).shape == (0, 10)
     r = _model("cifar10_binary_net_resnet23_prediction")
-    r.units[0].conv2.stride = (2, 2)
-    with pytest.raises(ValueError, match=r"not covered.*units.0.conv2 with stride \(2, 2\)"):
+    r.units[0].conv2.dilation = (2, 2)
+    with pytest.raises(ValueError, match=r"not covered.*units.0.conv2 with dilation \(2, 2\)"):
         BinaryEngine.from_model(r)
 
 
@@ -333,18 +333,25 @@ def _user_model(act: nn.Module) -> nn.Module:
     return _converted(_UserNet(act))
 
 
-def test_engine_runs_a_users_quantized_model(isa: str) -> None:
+@pytest.mark.parametrize("act", ["binary_tanh", "relu"])
+def test_engine_runs_a_users_quantized_model(isa: str, act: str) -> None:
     from fewbits.layers import QuantAct
 
-    m = _user_model(QuantAct("binary_tanh"))
+    # ReLU: quantize_ binarizes what each layer reads, so the pooled map, the residual stream
+    # and the head's input stay float: float maps in the engine
+    m = _user_model(QuantAct("binary_tanh") if act == "binary_tanh" else nn.ReLU())
     x = _dyadic(6, (3, 16, 16), seed=4)  # k/256 times 8-bit weights: exact stem sums
     with torch.no_grad():
         ref = m(x)
     engine = BinaryEngine.from_model(m, input_shape=(3, 16, 16))
     assert engine.isa == isa
-    assert [(s.op, s.pool, s.residual) for s in engine.plan] == [
-        ("stem", False, False), ("bconv", True, False), ("bconv", False, True),
-        ("head", False, False)]
+    want = [("stem", False, False, False), ("bconv", True, False, False),
+            ("bconv", False, True, False), ("head", False, False, False)] \
+        if act == "binary_tanh" else \
+        [("stem", False, False, False), ("bconv", True, False, False),  # conv3 reads bits,
+         ("bconv", False, False, True), ("poolf", False, False, False),  # the sum floats
+         ("bconv", False, False, True), ("headm", False, False, False)]
+    assert [(s.op, s.pool, s.residual, s.float_out) for s in engine.plan] == want
     out = engine(x)
     assert torch.equal(out.argmax(1), ref.argmax(1))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -355,14 +362,16 @@ def test_planner_runs_a_users_model_on_the_engine_or_names_the_operation() -> No
     from fewbits.runtime import compile_for_cpu
 
     kw = {"input_shape": (3, 16, 16), "batch_size": 4, "candidates": ("binary", "torch")}
-    fast = compile_for_cpu(_user_model(QuantAct("binary_tanh")), **kw)
-    assert fast.backend == "binary", fast.notes
-    # ReLU: quantize_ binarizes what each layer reads, so the residual stream and the pooled
-    # head stay float, which the engine does not cover: the next candidate, the note names it
-    fast = compile_for_cpu(_user_model(nn.ReLU()), **kw)
+    for act in (QuantAct("binary_tanh"), nn.ReLU()):
+        fast = compile_for_cpu(_user_model(act), **kw)
+        assert fast.backend == "binary", fast.notes
+    # an operation the engine does not cover: the next candidate, and the note names it
+    torch.manual_seed(4)
+    kw["input_shape"] = (3, 8, 8)
+    fast = compile_for_cpu(_converted(_SharedNet("relu_residual")), **kw)
     assert fast.backend == "torch"
-    assert any(n.startswith("binary: operation not covered") and "residual sum" in n
-               for n in fast.notes), fast.notes
+    assert any(n.startswith("binary: operation not covered") and "ReLU before a residual sum"
+               in n for n in fast.notes), fast.notes
 
 
 def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,9 +30,10 @@
 #define FBB_X86 0
 #endif
 
-enum { OP_STEM = 0, OP_BCONV = 1, OP_HEAD = 2, OP_HEADF = 3 }; /* HEADF: float weights */
+/* HEADF: float weights; POOLF: max pool of a float map; HEADM: average of a float map +
+ * float affine */
+enum { OP_STEM = 0, OP_BCONV = 1, OP_HEAD = 2, OP_HEADF = 3, OP_POOLF = 4, OP_HEADM = 5 };
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-enum { NBUF = 4 };
 
 typedef struct {
     int32_t op, cin, cout, h, w, k, pad, pool; /* input map h x w; pool: 2x2 max after */
@@ -47,10 +48,16 @@ typedef struct {
     const uint32_t *flip; /* [cout_pad / 32] */
     const uint32_t *ninf, *pinf; /* STEM: decision at -inf / +inf [cout_pad / 32] */
     const float *bias;    /* HEAD [cout] */
+    int32_t stride;       /* STEM, BCONV, POOLF */
+    int32_t fsrc, fdst, fres; /* float map buffers (-1: none): POOLF / HEADM input, output,
+                           * residual map added before the ReLU */
+    int32_t relu;         /* float epilogue: max(y, 0) after the residual */
+    const float *alpha, *beta; /* float epilogue (STEM, BCONV): y = fma(s, alpha, beta) [+ res]
+                           * [ReLU] -> float map fdst and bits (y > 0) dst; NULL: thresholds */
 } fbb_layer;
 
 static int wd_of(int c) { return (c + 31) / 32; }
-static int out_size(const fbb_layer *L, int n) { return n + 2 * L->pad - L->k + 1; }
+static int out_size(const fbb_layer *L, int n) { return (n + 2 * L->pad - L->k) / L->stride + 1; }
 
 static inline int popcount32(uint32_t v) { /* SWAR: no popcnt instruction on baseline x86-64 */
     v = v - ((v >> 1) & 0x55555555u);
@@ -72,19 +79,42 @@ static inline uint32_t stem_bits(const float *s, const fbb_layer *L, int ob) {
 }
 
 /* A row of output pixels of a layer. `in` is the (zero-padded) input: the output pixel
- * (oy, ox) reads input rows oy .. oy+k-1 and columns ox .. ox+k-1 of it; `wp` is its width. */
+ * (oy, ox) reads input rows oy*s .. oy*s+k-1 and columns ox*s .. ox*s+k-1 of it (`oy` below
+ * holds oy*s); `wp` is its width. */
 typedef struct {
     const fbb_layer *L;
     const void *in;
     int wp, hp, oy, ow, ky0, ky1; /* valid tap rows [ky0, ky1) of this output row */
     const uint32_t *res;          /* residual bits of this row, or NULL */
     uint32_t *out;
+    int s;                        /* stride */
+    const float *fres;            /* float epilogue: residual map row, or NULL */
+    float *fout;                  /* float epilogue: output map row, or NULL */
 } fbb_row;
+
+/* The float epilogue of 32 channels ob.. of output pixel ox from their pre-activations
+ * (float stem sums, or exact integer sums): y = fma(pre, alpha, beta) (PyTorch's eval batch
+ * norm, its FMA contraction included), + the residual map, ReLU; returns the bits y > 0 (NaN:
+ * -1) and writes y to the output map. */
+static uint32_t float_epi(const fbb_row *r, int ox, int ob, const float *pre) {
+    const fbb_layer *L = r->L;
+    size_t at = (size_t)ox * L->cout_pad + ob;
+    uint32_t w = 0;
+    for (int j = 0; j < 32; j++) {
+        float y = fmaf(pre[j], L->alpha[ob + j], L->beta[ob + j]);
+        if (r->fres) y = y + r->fres[at + j];
+        if (L->relu && y < 0.0f) y = 0.0f;
+        if (r->fout) r->fout[at + j] = y;
+        w |= (uint32_t)(y > 0.0f) << j;
+    }
+    return w;
+}
 
 static inline void tap_cols(const fbb_row *r, int ox, int *kx0, int *kx1) {
     const fbb_layer *L = r->L;
-    *kx0 = L->pad - ox > 0 ? L->pad - ox : 0;
-    *kx1 = L->w + L->pad - ox < L->k ? L->w + L->pad - ox : L->k;
+    int ix = ox * r->s;
+    *kx0 = L->pad - ix > 0 ? L->pad - ix : 0;
+    *kx1 = L->w + L->pad - ix < L->k ? L->w + L->pad - ix : L->k;
 }
 
 /* Popcount of the weight words of the outside taps (their zero input words counted them):
@@ -110,11 +140,12 @@ static void stem_row_generic(const fbb_row *r) {
             const float *w = L->wf + ob;
             for (int c = 0; c < L->cin; c++)
                 for (int ky = 0; ky < k; ky++) {
-                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + (size_t)ox * r->s;
                     for (int kx = 0; kx < k; kx++, w += cp)
                         for (int j = 0; j < 32; j++) s[j] += xr[kx] * w[j];
                 }
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_bits(s, L, ob);
+            r->out[(size_t)ox * (cp / 32) + ob / 32] = L->alpha ? float_epi(r, ox, ob, s)
+                                                             : stem_bits(s, L, ob);
         }
 }
 
@@ -149,19 +180,44 @@ static void bconv_row_generic(const fbb_row *r, int32_t *corr) {
             for (int j = 0; j < 32; j++) D[j] = 0;
             const uint32_t *w = L->wb + ob;
             for (int ky = 0; ky < k; ky++) {
-                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s) * wi;
                 for (int i = 0; i < kw; i++, w += cp)
                     for (int j = 0; j < 32; j++) D[j] += popcount32(a[i] ^ w[j]);
             }
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word(
-                D, L, ob, nvalid, border ? corr : NULL,
-                r->res ? r->res + (size_t)ox * (cp / 32) : NULL);
+            if (L->alpha) {
+                float pre[32];
+                for (int j = 0; j < 32; j++)
+                    pre[j] = (float)(nvalid - 2 * (D[j] - (border ? corr[ob + j] : 0)));
+                r->out[(size_t)ox * (cp / 32) + ob / 32] = float_epi(r, ox, ob, pre);
+            } else
+                r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word(
+                    D, L, ob, nvalid, border ? corr : NULL,
+                    r->res ? r->res + (size_t)ox * (cp / 32) : NULL);
         }
     }
 }
 
 #if FBB_X86
 /* ---------------------------------------------------------------- AVX2 + FMA */
+
+/* float_epi on 4 vectors of pre-activations: fma is correctly rounded as fmaf, the ReLU keeps
+ * NaN as the portable path does: bit-identical to it. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline uint32_t float_epi_avx2(const fbb_row *r, int ox, int ob, const __m256 *pre) {
+    const fbb_layer *L = r->L;
+    size_t at = (size_t)ox * L->cout_pad + ob;
+    uint32_t w = 0;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        __m256 y = _mm256_fmadd_ps(pre[i], _mm256_loadu_ps(L->alpha + ob + 8 * i),
+                                   _mm256_loadu_ps(L->beta + ob + 8 * i));
+        if (r->fres) y = _mm256_add_ps(y, _mm256_loadu_ps(r->fres + at + 8 * i));
+        if (L->relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ));
+        if (r->fout) _mm256_storeu_ps(r->fout + at + 8 * i, y);
+        w |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)) << (8 * i);
+    }
+    return w;
+}
 
 /* Stem decision word (as stem_bits) of 32 sums in 4 vectors; NaN compares false -> -1. */
 __attribute__((target("avx2")))
@@ -179,29 +235,47 @@ static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int o
     return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
 }
 
-__attribute__((target("avx2,fma")))
-static void stem_row_avx2(const fbb_row *r) {
+/* nb output pixels x 32 output channels per pass: each weight load feeds nb FMAs, and the
+ * 4 nb accumulators are independent chains (FMA latency). Taps in the same order on every
+ * path, so the sums are bit-identical to the portable path's. */
+#define STEM2_NB 2
+__attribute__((target("avx2,fma"), always_inline))
+static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
     const fbb_layer *L = r->L;
     const float *x = (const float *)r->in;
-    int k = L->k, cp = L->cout_pad;
-    for (int ox = 0; ox < r->ow; ox++)
-        for (int ob = 0; ob < cp; ob += 32) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *w = L->wf + ob;
-            for (int c = 0; c < L->cin; c++)
-                for (int ky = 0; ky < k; ky++) {
-                    const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
-                    for (int kx = 0; kx < k; kx++, w += cp) {
-                        __m256 v = _mm256_set1_ps(xr[kx]);
-                        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), a0);
-                        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), a1);
-                        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 16), a2);
-                        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 24), a3);
-                    }
+    int k = L->k, cp = L->cout_pad, s = r->s;
+    __m256 a[STEM2_NB][4];
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < 4; v++) a[p][v] = _mm256_setzero_ps();
+    const float *w = L->wf + ob;
+    for (int c = 0; c < L->cin; c++)
+        for (int ky = 0; ky < k; ky++) {
+            const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + (size_t)ox * s;
+            for (int kx = 0; kx < k; kx++, w += cp) {
+                __m256 wv[4];
+                for (int v = 0; v < 4; v++) wv[v] = _mm256_loadu_ps(w + 8 * v);
+                for (int p = 0; p < nb; p++) {
+                    __m256 xv = _mm256_set1_ps(xr[kx + p * s]);
+                    for (int v = 0; v < 4; v++) a[p][v] = _mm256_fmadd_ps(xv, wv[v], a[p][v]);
                 }
-            __m256 a[4] = {a0, a1, a2, a3};
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = stem_word_avx2(a, L, ob);
+            }
         }
+    for (int p = 0; p < nb; p++) {
+        uint32_t *o = &r->out[(size_t)(ox + p) * (cp / 32) + ob / 32];
+        if (L->alpha)
+            *o = float_epi_avx2(r, ox + p, ob, a[p]);
+        else
+            *o = stem_word_avx2(a[p], L, ob);
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void stem_row_avx2(const fbb_row *r) {
+    int cp = r->L->cout_pad, ox = 0;
+    for (; ox + STEM2_NB <= r->ow; ox += STEM2_NB)
+        for (int ob = 0; ob < cp; ob += 32) stem_px_avx2(r, ox, ob, STEM2_NB);
+    for (; ox < r->ow; ox++)
+        for (int ob = 0; ob < cp; ob += 32) stem_px_avx2(r, ox, ob, 1);
 }
 
 __attribute__((target("avx2")))
@@ -221,15 +295,17 @@ static inline __m256i bytes_to_i32(__m256i c8) {
 }
 
 /* Output bits of 32 channels from their XOR popcounts d[0..3] (8 channels each). */
-__attribute__((target("avx2")))
-static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d) {
+__attribute__((target("avx2,fma"), always_inline))
+static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const __m256i *d,
+                                       int correct) {
     const fbb_layer *L = r->L;
     int kx0, kx1;
     tap_cols(r, ox, &kx0, &kx1);
-    int border = is_border(r, kx0, kx1);
+    int border = correct && is_border(r, kx0, kx1); /* D counted the padded taps */
     const __m256i nv = _mm256_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     uint32_t rb = r->res ? r->res[(size_t)ox * (L->cout_pad / 32) + ob / 32] : 0, w = 0;
+    __m256 pre[4];
     for (int i = 0; i < 4; i++) {
         int o = ob + 8 * i;
         __m256i di = d[i];
@@ -241,6 +317,10 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
             di = _mm256_sub_epi32(di, _mm256_sub_epi32(LD(pre_at(L, L->k, L->k) + o), in_));
         }
         __m256i sum = _mm256_sub_epi32(nv, _mm256_add_epi32(di, di));
+        if (L->alpha) {
+            pre[i] = _mm256_cvtepi32_ps(sum);
+            continue;
+        }
         __m256i t = LD(L->t0 + o);
         if (r->res) {
             __m256i m = _mm256_cmpeq_epi32(
@@ -251,39 +331,71 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
         uint32_t lt = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, sum)));
         w |= (~lt & 0xffu) << (8 * i);
     }
+    if (L->alpha) return float_epi_avx2(r, ox, ob, pre);
     return w ^ L->flip[ob / 32];
 }
 
-__attribute__((target("avx2")))
-static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
+/* nb output pixels x 32 output channels per pass: each weight vector loaded once feeds nb
+ * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. Only the taps
+ * inside the image run (rows [ky0, ky1), columns [kx0, kx1), the same for the nb pixels), so
+ * no padding correction is needed: D counts valid taps only (a 3x3 conv on a 1x1 map runs
+ * one tap, not nine). */
+#define BCONV2_NB 2
+__attribute__((target("avx2,fma"), always_inline))
+static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb, int kx0,
+                                 int kx1) {
     const fbb_layer *L = r->L;
-    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = k * wi;
+    int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = (kx1 - kx0) * wi;
+    size_t step = (size_t)r->s * wi;
     const uint32_t *in = (const uint32_t *)r->in;
-    for (int ox = 0; ox < r->ow; ox++)
-        for (int ob = 0; ob < cp; ob += 32) {
-            __m256i d[4], c[4];
-            for (int i = 0; i < 4; i++) d[i] = c[i] = _mm256_setzero_si256();
-            const uint32_t *w = L->wb + ob;
-            int n = 0;
-            for (int ky = 0; ky < k; ky++) {
-                const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
-                for (int j = 0; j < kw; j++, w += cp) {
-                    __m256i v = _mm256_set1_epi32((int)a[j]);
-                    for (int i = 0; i < 4; i++)
-                        c[i] = _mm256_add_epi8(c[i], popcnt8_avx2(_mm256_xor_si256(
-                            v, _mm256_loadu_si256((const __m256i *)(w + 8 * i)))));
-                    if (++n == 31) { /* <= 8 per byte per step: flush before 255 */
-                        n = 0;
-                        for (int i = 0; i < 4; i++) {
-                            d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-                            c[i] = _mm256_setzero_si256();
-                        }
-                    }
-                }
+    __m256i d[BCONV2_NB][4], c[BCONV2_NB][4];
+    for (int p = 0; p < nb; p++)
+        for (int i = 0; i < 4; i++) d[p][i] = c[p][i] = _mm256_setzero_si256();
+    int n = 0;
+    const int few = (r->ky1 - r->ky0) * kw < 31;
+    for (int ky = r->ky0; ky < r->ky1; ky++) {
+        const uint32_t *a =
+            in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s + kx0) * wi;
+        const uint32_t *w = L->wb + ((size_t)(ky * k + kx0) * wi) * cp + ob;
+        for (int j = 0; j < kw; j++, w += cp) {
+            __m256i wv[4];
+            for (int i = 0; i < 4; i++) wv[i] = _mm256_loadu_si256((const __m256i *)(w + 8 * i));
+            for (int p = 0; p < nb; p++) {
+                __m256i v = _mm256_set1_epi32((int)a[p * step + j]);
+                for (int i = 0; i < 4; i++)
+                    c[p][i] = _mm256_add_epi8(c[p][i], popcnt8_avx2(_mm256_xor_si256(v, wv[i])));
             }
-            for (int i = 0; i < 4; i++) d[i] = _mm256_add_epi32(d[i], bytes_to_i32(c[i]));
-            r->out[(size_t)ox * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox, ob, d);
+            if (++n == 31 && few == 0) { /* <= 8 per byte per step: flush before 255 */
+                n = 0;
+                for (int p = 0; p < nb; p++)
+                    for (int i = 0; i < 4; i++) {
+                        d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
+                        c[p][i] = _mm256_setzero_si256();
+                    }
+            }
         }
+    }
+    for (int p = 0; p < nb; p++) {
+        for (int i = 0; i < 4; i++) d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
+        r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox + p, ob, d[p], 0);
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
+    int cp = r->L->cout_pad, k = r->L->k;
+    for (int ox = 0; ox < r->ow;) {
+        int a0, a1, b0 = 0, b1 = 0;
+        tap_cols(r, ox, &a0, &a1);
+        if (ox + 1 < r->ow) tap_cols(r, ox + 1, &b0, &b1);
+        if (ox + 1 < r->ow && a0 == 0 && a1 == k && b0 == 0 && b1 == k) {
+            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k);
+            ox += 2;
+        } else {
+            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1, a0, a1);
+            ox += 1;
+        }
+    }
     (void)corr;
 }
 
@@ -320,20 +432,27 @@ static inline void stem_px_avx512(const fbb_row *r, int ox, int ob, const int nb
     const float *w = L->wf + ob;
     for (int c = 0; c < L->cin; c++)
         for (int ky = 0; ky < k; ky++) {
-            const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + ox;
+            const float *xr = x + ((size_t)c * r->hp + r->oy + ky) * r->wp + (size_t)ox * r->s;
             for (int kx = 0; kx < k; kx++, w += cp) {
                 __m512 wv[4];
                 for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);
                 for (int p = 0; p < nb; p++) {
-                    __m512 xv = _mm512_set1_ps(xr[kx + p]);
+                    __m512 xv = _mm512_set1_ps(xr[kx + p * r->s]);
                     for (int v = 0; v < nv; v++) a[p][v] = _mm512_fmadd_ps(xv, wv[v], a[p][v]);
                 }
             }
         }
     for (int p = 0; p < nb; p++)
-        for (int v = 0; v < nv; v += 2)
-            r->out[(size_t)(ox + p) * (cp / 32) + (ob + 16 * v) / 32] =
-                stem_word_avx512(a[p][v], a[p][v + 1], L, ob + 16 * v);
+        for (int v = 0; v < nv; v += 2) {
+            uint32_t *o = &r->out[(size_t)(ox + p) * (cp / 32) + (ob + 16 * v) / 32];
+            if (L->alpha) {
+                float pre[32];
+                _mm512_storeu_ps(pre, a[p][v]);
+                _mm512_storeu_ps(pre + 16, a[p][v + 1]);
+                *o = float_epi(r, ox + p, ob + 16 * v, pre);
+            } else
+                *o = stem_word_avx512(a[p][v], a[p][v + 1], L, ob + 16 * v);
+        }
 }
 
 __attribute__((target("avx512f")))
@@ -374,6 +493,12 @@ static inline uint32_t bconv_word_avx512(const fbb_row *r, int ox, int ob, __m51
     const __m512i nv = _mm512_set1_epi32(L->cin * (r->ky1 - r->ky0) * (kx1 - kx0));
     __m512i s0 = _mm512_sub_epi32(nv, _mm512_add_epi32(d0, d0));
     __m512i s1 = _mm512_sub_epi32(nv, _mm512_add_epi32(d1, d1));
+    if (L->alpha) {
+        float pre[32];
+        _mm512_storeu_ps(pre, _mm512_cvtepi32_ps(s0));
+        _mm512_storeu_ps(pre + 16, _mm512_cvtepi32_ps(s1));
+        return float_epi(r, ox, ob, pre);
+    }
     __m512i t0 = _mm512_loadu_si512(L->t0 + ob), t1 = _mm512_loadu_si512(L->t0 + ob + 16);
     if (r->res) {
         uint32_t rb = r->res[(size_t)ox * (cp / 32) + ob / 32];
@@ -399,11 +524,11 @@ static inline void bconv_px_avx512(const fbb_row *r, int ox, const int nb) {
         for (int p = 0; p < nb; p++) d[p][0] = d[p][1] = _mm512_setzero_si512();
         const uint32_t *w = L->wb + ob;
         for (int ky = 0; ky < k; ky++) {
-            const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + ox) * wi;
+            const uint32_t *a = in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s) * wi;
             for (int j = 0; j < kw; j++, w += cp) {
                 __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 16);
                 for (int p = 0; p < nb; p++) {
-                    __m512i v = _mm512_set1_epi32((int)a[p * wi + j]);
+                    __m512i v = _mm512_set1_epi32((int)a[(size_t)p * r->s * wi + j]);
                     d[p][0] = _mm512_add_epi32(d[p][0],
                                                _mm512_popcnt_epi32(_mm512_xor_si512(v, w0)));
                     d[p][1] = _mm512_add_epi32(d[p][1],
@@ -462,18 +587,22 @@ static const void *padded(const void *src, void *dst, int planes, int H, int W, 
 }
 
 static void run_layer(const fbb_layer *L, const void *in, const uint32_t *res, uint32_t *out,
-                      void *pad, int32_t *corr, stem_fn stem, bconv_fn bconv) {
-    int k = L->k, p = L->pad, oh = out_size(L, L->h), ow = out_size(L, L->w);
+                      const float *fres, float *fout, void *pad, int32_t *corr, stem_fn stem,
+                      bconv_fn bconv) {
+    int k = L->k, p = L->pad, s = L->stride, oh = out_size(L, L->h), ow = out_size(L, L->w);
     int stemop = L->op == OP_STEM, wo = L->cout_pad / 32;
-    fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL};
+    fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL, s, NULL, NULL};
     r.in = stemop ? padded(in, pad, L->cin, L->h, L->w, 1, p, sizeof(float))
                   : padded(in, pad, 1, L->h, L->w, wd_of(L->cin), p, sizeof(uint32_t));
     for (int oy = 0; oy < oh; oy++) {
-        r.oy = oy;
-        r.ky0 = p - oy > 0 ? p - oy : 0;
-        r.ky1 = L->h + p - oy < k ? L->h + p - oy : k;
+        int iy = oy * s;
+        r.oy = iy;
+        r.ky0 = p - iy > 0 ? p - iy : 0;
+        r.ky1 = L->h + p - iy < k ? L->h + p - iy : k;
         r.res = res ? res + (size_t)oy * ow * wo : NULL;
         r.out = out + (size_t)oy * ow * wo;
+        r.fres = fres ? fres + (size_t)oy * ow * L->cout_pad : NULL;
+        r.fout = fout ? fout + (size_t)oy * ow * L->cout_pad : NULL;
         if (stemop) stem(&r);
         else bconv(&r, corr);
     }
@@ -489,6 +618,35 @@ static void pool_or(uint32_t *m, int H, int W, int wd) {
                 const uint32_t *r1 = r0 + (size_t)W * wd;
                 m[((size_t)y * ow + x) * wd + i] = r0[0] | r0[wd] | r1[0] | r1[wd];
             }
+}
+
+/* Max pool (k, stride, padding: padded taps are left out, as PyTorch's -inf) of a float map
+ * (NHWC, cout_pad channels); NaN wins as in PyTorch. Output map `fout` (or NULL) and its bits
+ * (y > 0) `out`. */
+static void pool_f(const fbb_layer *L, const float *in, float *fout, uint32_t *out, float *tmp) {
+    int cp = L->cout_pad, oh = out_size(L, L->h), ow = out_size(L, L->w);
+    for (int oy = 0; oy < oh; oy++)
+        for (int ox = 0; ox < ow; ox++) {
+            for (int c = 0; c < cp; c++) tmp[c] = -INFINITY;
+            for (int ky = 0; ky < L->k; ky++) {
+                int y = oy * L->stride + ky - L->pad;
+                if (y < 0 || y >= L->h) continue;
+                for (int kx = 0; kx < L->k; kx++) {
+                    int x = ox * L->stride + kx - L->pad;
+                    if (x < 0 || x >= L->w) continue;
+                    const float *v = in + ((size_t)y * L->w + x) * cp;
+                    for (int c = 0; c < cp; c++)
+                        tmp[c] = (v[c] > tmp[c] || isnan(v[c])) ? v[c] : tmp[c];
+                }
+            }
+            size_t at = (size_t)oy * ow + ox;
+            if (fout) memcpy(fout + at * cp, tmp, sizeof(float) * cp);
+            for (int ob = 0; ob < cp; ob += 32) {
+                uint32_t w = 0;
+                for (int j = 0; j < 32; j++) w |= (uint32_t)(tmp[ob + j] > 0.0f) << j;
+                out[at * (cp / 32) + ob / 32] = w;
+            }
+        }
 }
 
 /* Average pool of +-1 over the map, then the +-1 affine: the integer sum
@@ -521,15 +679,97 @@ static void run_headf(const fbb_layer *L, const uint32_t *in, float *out, int32_
     }
 }
 
+/* The head of a float map (NHWC, cp channels): each channel's mean (pixels summed in order,
+ * then divided by hw), then the float affine, channels in order (float rounding of PyTorch's). */
+static void run_headm(const fbb_layer *L, const float *in, float *out, float *mean) {
+    int hw = L->h * L->w, cp = wd_of(L->cin) * 32;
+    for (int c = 0; c < L->cin; c++) mean[c] = 0.0f;
+    for (int p = 0; p < hw; p++)
+        for (int c = 0; c < L->cin; c++) mean[c] += in[(size_t)p * cp + c];
+    for (int c = 0; c < L->cin; c++) mean[c] /= (float)hw;
+    for (int j = 0; j < L->cout; j++) {
+        float acc = 0.0f;
+        const float *w = L->wf + (size_t)j * L->cin;
+        for (int c = 0; c < L->cin; c++) acc += w[c] * mean[c];
+        out[j] = acc + L->bias[j];
+    }
+}
+
+static int is_head(int op) { return op == OP_HEAD || op == OP_HEADF || op == OP_HEADM; }
+
 static size_t map_words(const fbb_layer *L) {
     return (size_t)out_size(L, L->h) * out_size(L, L->w) * (L->cout_pad / 32);
 }
 
+/* Sizes of the scratch areas of a program (in 4-byte units): nb bit maps of mw words, nf float
+ * maps of mf floats, the padded input (pw), a per-channel temporary (cw). Returns the total,
+ * or -3 when the program is malformed. */
+typedef struct { size_t mw, mf, pw, cw; int nb, nf; } fbb_sizes;
+
+static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
+    z->mw = z->mf = z->pw = 1;
+    z->cw = 32;
+    z->nb = z->nf = 1;
+    if (nl < 2 || L[0].op != OP_STEM || !is_head(L[nl - 1].op)) return -3;
+    for (int i = 0; i < nl; i++) {
+        const fbb_layer *l = &L[i];
+        if (l->op < OP_STEM || l->op > OP_HEADM || l->cin < 1 || l->cout < 1 || l->h < 1 ||
+            l->w < 1 || l->cout_pad != wd_of(l->cout) * 32 || l->src >= 64 || l->dst >= 64 ||
+            l->res >= 64 || l->fsrc >= 64 || l->fdst >= 64 || l->fres >= 64)
+            return -3;
+        int bufs[3] = {l->src, l->dst, l->res}, fb[3] = {l->fsrc, l->fdst, l->fres};
+        /* what each op reads and writes must be there */
+        int op = l->op, need_src = op == OP_BCONV || op == OP_HEAD || op == OP_HEADF;
+        int need_dst = op == OP_STEM || op == OP_BCONV || op == OP_POOLF;
+        int need_fsrc = op == OP_POOLF || op == OP_HEADM;
+        if ((need_src && l->src < 0) || (need_dst && l->dst < 0) || (need_fsrc && l->fsrc < 0)
+            || ((op == OP_STEM || op == OP_BCONV) && !l->alpha && (!l->flip || (op == OP_BCONV
+                && (!l->t0 || !l->t1)) || (op == OP_STEM && (!l->tf || !l->ninf || !l->pinf))))
+            || ((op == OP_STEM || op == OP_BCONV) && l->alpha && !l->beta)
+            || (op == OP_BCONV && (!l->wb || (l->pad > 0 && !l->wpop)))
+            || ((op == OP_STEM || is_head(op)) && !l->wf) || (is_head(op) && !l->bias)
+            || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha))
+            return -3;
+        for (int j = 0; j < 3; j++) {
+            if (bufs[j] < -1 || fb[j] < -1) return -3;
+            if (bufs[j] + 1 > z->nb) z->nb = bufs[j] + 1;
+            if (fb[j] + 1 > z->nf) z->nf = fb[j] + 1;
+        }
+        if ((size_t)wd_of(l->cin) * 32 > z->cw) z->cw = (size_t)wd_of(l->cin) * 32;
+        if ((size_t)l->cout_pad > z->cw) z->cw = l->cout_pad;
+        if (is_head(l->op)) continue;
+        if (l->stride < 1 || l->k < 1 || l->pad < 0 || l->h + 2 * l->pad < l->k ||
+            l->w + 2 * l->pad < l->k)
+            return -3;
+        size_t ohw = (size_t)out_size(l, l->h) * out_size(l, l->w);
+        if (map_words(l) > z->mw) z->mw = map_words(l);
+        if (ohw * l->cout_pad > z->mf) z->mf = ohw * l->cout_pad;
+        if ((size_t)l->h * l->w * l->cout_pad > z->mf) z->mf = (size_t)l->h * l->w * l->cout_pad;
+        if (l->op == OP_POOLF) continue;
+        size_t hw = (size_t)(l->h + 2 * l->pad) * (l->w + 2 * l->pad);
+        size_t pad = hw * (l->op == OP_STEM ? (size_t)l->cin : (size_t)wd_of(l->cin));
+        if (pad > z->pw) z->pw = pad;
+    }
+    return (int64_t)(z->mw * z->nb + z->mf * z->nf + z->pw + z->cw);
+}
+
+/* Scratch size (4-byte units) `fbb_run` needs for this program, or -3 (malformed). */
+int64_t fbb_workspace(const fbb_layer *L, int nl) {
+    fbb_sizes z;
+    return sizes_of(L, nl, &z);
+}
+
+#ifdef FBB_PROFILE
+#include <time.h>
+double fbb_prof_ns[256];
+#endif
+
 /* Run the program `L[0..nl)` on `n` inputs of `in_size` floats each; logits to `out`
- * (n x the head's cout). Returns 0, or -1 (unsupported ISA), -2 (out of memory),
+ * (n x the head's cout). `ws`: scratch of `fbb_workspace(L, nl)` 4-byte units (the caller
+ * allocates it once). Returns 0, or -1 (unsupported ISA), -2 (workspace too small),
  * -3 (malformed program), -4 (check_finite and the input holds NaN or inf). */
 int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
-            float *out, int64_t out_size_, int check_finite) {
+            float *out, int64_t out_size_, int check_finite, void *ws, int64_t ws_size) {
     if (!fbb_isa_supported(isa)) return -1;
     if (check_finite) { /* branch-free so that it vectorizes */
         int bad = 0;
@@ -542,41 +782,48 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     if (isa == ISA_AVX2) { stem = stem_row_avx2; bconv = bconv_row_avx2; }
     if (isa == ISA_AVX512) { stem = stem_row_avx512; bconv = bconv_row_avx512; }
 #endif
-    if (nl < 2 || L[0].op != OP_STEM || (L[nl - 1].op != OP_HEAD && L[nl - 1].op != OP_HEADF))
-        return -3;
+    fbb_sizes z;
+    int64_t need = sizes_of(L, nl, &z);
+    if (need < 0) return (int)need;
+    if (ws == NULL || ws_size < need) return -2;
     int64_t nout = L[nl - 1].cout;
     if (out_size_ != n * nout) return -3;
-    size_t mw = 1, pw = 1, cw = 32;
-    for (int i = 0; i < nl; i++) {
-        const fbb_layer *l = &L[i];
-        if (l->op == OP_HEAD || l->op == OP_HEADF) {
-            if ((size_t)l->cin > cw) cw = l->cin;
-            continue;
-        }
-        if (map_words(l) > mw) mw = map_words(l);
-        size_t hw = (size_t)(l->h + 2 * l->pad) * (l->w + 2 * l->pad);
-        size_t pad = hw * (l->op == OP_STEM ? (size_t)l->cin : (size_t)wd_of(l->cin));
-        if (pad > pw) pw = pad;
-        if ((size_t)l->cout_pad > cw) cw = l->cout_pad;
-    }
-    uint32_t *buf = malloc(sizeof(uint32_t) * mw * NBUF);
-    void *pad = malloc(sizeof(float) * pw);
-    int32_t *tmp = malloc(sizeof(int32_t) * cw);
-    if (!buf || !pad || !tmp) { free(buf); free(pad); free(tmp); return -2; }
+    uint32_t *buf = (uint32_t *)ws;
+    float *fbuf = (float *)(buf + z.mw * z.nb);
+    void *pad = fbuf + z.mf * z.nf;
+    int32_t *tmp = (int32_t *)((float *)pad + z.pw);
+#define BITS(i) ((i) >= 0 ? buf + z.mw * (i) : NULL)
+#define FMAP(i) ((i) >= 0 ? fbuf + z.mf * (i) : NULL)
     for (int64_t b = 0; b < n; b++) {
         for (int i = 0; i < nl; i++) {
             const fbb_layer *l = &L[i];
-            uint32_t *dst = l->dst >= 0 ? buf + mw * l->dst : NULL;
-            const uint32_t *src = l->src >= 0 ? buf + mw * l->src : NULL;
-            if (l->op == OP_HEAD || l->op == OP_HEADF) {
-                (l->op == OP_HEAD ? run_head : run_headf)(l, src, out + b * nout, tmp);
-                continue;
+#ifdef FBB_PROFILE /* per-layer CPU time (benchmarks/binary_profile.py) */
+            struct timespec t0_, t1_;
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0_);
+#endif
+            uint32_t *dst = BITS(l->dst);
+            const uint32_t *src = BITS(l->src);
+            switch (l->op) {
+            case OP_HEAD: run_head(l, src, out + b * nout, tmp); break;
+            case OP_HEADF: run_headf(l, src, out + b * nout, tmp); break;
+            case OP_HEADM: run_headm(l, FMAP(l->fsrc), out + b * nout, (float *)tmp); break;
+            case OP_POOLF: pool_f(l, FMAP(l->fsrc), FMAP(l->fdst), dst, (float *)tmp); break;
+            default:
+                run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size)
+                                              : (const void *)src,
+                          BITS(l->res), dst, FMAP(l->fres), FMAP(l->fdst), pad, tmp, stem,
+                          bconv);
+                if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w),
+                                     l->cout_pad / 32);
             }
-            run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size) : (const void *)src,
-                      l->res >= 0 ? buf + mw * l->res : NULL, dst, pad, tmp, stem, bconv);
-            if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w), l->cout_pad / 32);
+#ifdef FBB_PROFILE
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1_);
+            if (i < 256) fbb_prof_ns[i] += (t1_.tv_sec - t0_.tv_sec) * 1000000000.0
+                                           + (t1_.tv_nsec - t0_.tv_nsec);
+#endif
         }
     }
-    free(buf); free(pad); free(tmp);
+#undef BITS
+#undef FMAP
     return 0;
 }

@@ -6,21 +6,33 @@ lists the operations covered) is compiled into a short program that ``_binary_en
 per image with no Python per layer:
 * the **stem** (float input, +-1 weights) is a float32 convolution, followed by a float32
   threshold in place of batch norm + binary tanh (:func:`~.binary_fold.float_thresholds`);
-* every other convolution / hidden affine is an **XNOR-popcount** convolution on bit-packed
-  activations (32 channels per word, NHWC), with an integer threshold per channel in place of
-  batch norm + binary tanh (:func:`~.binary_fold.integer_thresholds`), zero-padding corrected
-  exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)`` folded into two thresholds
-  selected by the residual bit; 2x2 max pooling of +-1 values is a bitwise OR;
+* every other convolution / hidden affine is an **XNOR-popcount** convolution (any stride)
+  on bit-packed activations (32 channels per word, NHWC), with an integer threshold per
+  channel in place of batch norm + binary tanh (:func:`~.binary_fold.integer_thresholds`),
+  zero-padding corrected exactly, and the ResNet residual sum ``binary_tanh(BN(s) + x)``
+  folded into two thresholds selected by the residual bit; 2x2 max pooling of +-1 values is
+  a bitwise OR;
+* a **float residual stream** (torchvision's ResNet: ``relu(BN(s) + identity)``, identity a
+  float map or a downsampling conv's batch-norm output): the layer's epilogue computes
+  ``y = fma(s, alpha, beta)`` (PyTorch's eval batch norm, :func:`~.binary_fold.bn_affine`),
+  adds the float map, applies the ReLU, and writes both the float map (NHWC) and its bits
+  ``y > 0`` (what the next binary layer reads); max pooling of any square window (the 3x3/2
+  with padding after the stem) runs on float maps;
 * the **head** (average pool + affine with float bias) is an exact integer sum, one division
-  and one bias addition in float32; a head of other than +-1 weights (an 8-bit classifier)
-  sums its products in float32, in channel order (within float rounding of PyTorch's).
+  and one bias addition in float32; a head of other than +-1 weights (an 8-bit classifier),
+  or on a float map, sums its products in float32, in channel order (within float rounding
+  of PyTorch's).
 
 Everything after the stem is exact with respect to the float32 PyTorch model (logits up to
 the order of the head's bias addition: rtol 1e-6, atol 1e-5). The one difference is the stem's
 float summation order (PyTorch's convolution sums in its own): a stem pre-activation within
 float32 rounding of its threshold can flip, and the logits then differ. Inputs whose stem sums
 are exact in any order (e.g. images ``k / 256``) give PyTorch's logits; ``tests/
-test_binary_engine.py`` checks both cases. All ISA paths are bit-identical to each other.
+test_binary_engine.py`` checks both cases. The float epilogue equals PyTorch's batch norm bit
+for bit where PyTorch's CPU kernel contracts it to an FMA (x86-64 builds with AVX2 or
+AVX-512), within one rounding elsewhere; a float-map value within rounding of 0 can then
+binarize the other way (the planner's agreement check covers it). All ISA paths are
+bit-identical to each other.
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
 FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time by cpuid; set
@@ -54,7 +66,7 @@ from torch import Tensor, nn
 from .._cbuild import CLibrary
 from .._checks import checks_enabled
 from ..layers import QuantLayer
-from .binary_fold import float_thresholds, integer_thresholds
+from .binary_fold import bn_affine, float_thresholds, integer_thresholds
 from .binary_graph import Step, binary_plan
 
 __all__ = ["ISAS", "ISA_ENV", "BinaryEngine", "Step", "binary_plan", "fold_binary_net",
@@ -64,7 +76,8 @@ __all__ = ["ISAS", "ISA_ENV", "BinaryEngine", "Step", "binary_plan", "fold_binar
 ISAS = ("generic", "avx2", "avx512_vpopcntdq")
 #: Environment variable that forces a path (one of ``ISAS``).
 ISA_ENV = "FEWBITS_BINARY_ISA"
-_OPS = {"stem": 0, "bconv": 1, "head": 2, "headf": 3}  # headf: a head of any float weights
+# headf: a head of any float weights; poolf / headm: max pool / head of a float map
+_OPS = {"stem": 0, "bconv": 1, "head": 2, "headf": 3, "poolf": 4, "headm": 5}
 _P = ctypes.c_void_p
 
 
@@ -73,7 +86,9 @@ class _Layer(ctypes.Structure):  # mirrors fbb_layer in _binary_engine.c
                 ("op", "cin", "cout", "h", "w", "k", "pad", "pool", "src", "dst", "res",
                  "cout_pad")] + [(n, _P) for n in
                                  ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf", "pinf",
-                                  "bias")]
+                                  "bias")] + \
+        [(n, ctypes.c_int32) for n in ("stride", "fsrc", "fdst", "fres", "relu")] + \
+        [(n, _P) for n in ("alpha", "beta")]
 
 
 # No -march=native: each ISA path carries its own target attribute and is chosen by cpuid.
@@ -81,8 +96,10 @@ _LIB = CLibrary(
     Path(__file__).with_name("_binary_engine.c"), "binary-engine",
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbb_isa_supported": ([ctypes.c_int], ctypes.c_int),
+     "fbb_workspace": ([ctypes.POINTER(_Layer), ctypes.c_int], ctypes.c_int64),
      "fbb_run": ([ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64,
-                  ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int], ctypes.c_int)},
+                  ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int, _P, ctypes.c_int64],
+                 ctypes.c_int)},
 )
 
 
@@ -140,11 +157,17 @@ def fold_binary_net(model: nn.Module, plan: list[Step]) -> dict[str, np.ndarray]
     """The engine's data for ``plan``: ``<layer>.weight`` (int8 +-1, the layer's shape),
     ``<head>.bias`` (float32), and per batch norm ``<bn>.threshold`` (float32 for the stem,
     int64 else, ``[2, C]`` for a residual), ``<bn>.flip`` (bool) and, for the stem,
-    ``<bn>.nonfinite`` (bool ``[2, C]``). Batch norm uses running statistics (eval mode)."""
+    ``<bn>.nonfinite`` (bool ``[2, C]``); for a step that keeps a float map, ``<bn>.alpha``
+    and ``<bn>.beta`` (float32 ``[C]``) instead. Batch norm uses running statistics."""
     out: dict[str, np.ndarray] = {}
     for s in plan:
+        if s.op == "poolf":
+            continue
         out[f"{s.weight}.weight"] = _weights(model, s.weight, s.op == "bconv")
-        if s.op == "head":
+        if s.float_out:
+            out[f"{s.bn}.alpha"], out[f"{s.bn}.beta"] = bn_affine(model.get_submodule(s.bn))
+            continue
+        if s.op in ("head", "headm"):
             layer = model.get_submodule(s.weight)
             b = layer.quantized_bias() if isinstance(layer, QuantLayer) else layer.bias
             out[f"{s.weight}.bias"] = (np.zeros(s.cout, np.float32) if b is None
@@ -183,28 +206,44 @@ def _padded(a: np.ndarray, n: int, fill: float | int) -> np.ndarray:
 
 def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     cp = -(-s.cout // 32) * 32
+    if s.op == "poolf":
+        return {}
     w = d[f"{s.weight}.weight"]
     if s.op == "bconv":
         w = w.astype(np.int8)
-    if s.op == "head":
+    if s.op in ("head", "headm"):
         return {"wf": np.ascontiguousarray(w.reshape(s.cout, s.cin), np.float32),
                 "bias": np.ascontiguousarray(d[f"{s.weight}.bias"], np.float32)}
+    out: dict[str, np.ndarray] = {}
+    if s.float_out:  # padded channels: alpha = beta = 0, so y = 0 and their bits stay 0
+        out = {n: _padded(np.asarray(d[f"{s.bn}.{n}"], np.float32), cp, 0.0)
+               for n in ("alpha", "beta")}
+    if s.op == "stem":  # taps in PyTorch order (c, ky, kx), output channels contiguous
+        out["wf"] = _padded(np.asarray(w, np.float32).reshape(s.cout, -1).T, cp, 0.0)
+        if s.float_out:
+            return out
+    if s.op == "bconv" and s.float_out:
+        return out | _bconv_weights(s, w, cp)
     flip = _words(_padded(d[f"{s.bn}.flip"].astype(bool), cp, False))
     t = d[f"{s.bn}.threshold"]
     if s.op == "stem":  # taps in PyTorch order (c, ky, kx), output channels contiguous
         nf = d[f"{s.bn}.nonfinite"].astype(bool)
-        return {"wf": _padded(np.asarray(w, np.float32).reshape(s.cout, -1).T, cp, 0.0),
-                "tf": _padded(t.astype(np.float32), cp, np.inf), "flip": flip,
+        return {"wf": out["wf"], "tf": _padded(t.astype(np.float32), cp, np.inf), "flip": flip,
                 "ninf": _words(_padded(nf[0], cp, False)),
                 "pinf": _words(_padded(nf[1], cp, False))}
-    # Binary conv: im2col order (ky, kx, channel words), output channels contiguous.
-    taps = (w.reshape(s.cout, s.cin, s.k, s.k) > 0).transpose(0, 2, 3, 1)
-    words = _words(taps)  # [cout, k, k, wi]
-    wb = _padded(words.reshape(s.cout, -1).T, cp, 0)
     t = np.atleast_2d(t).astype(np.int64)
     big = np.iinfo(np.int32).max  # padded channels: never +1, so their bits stay 0
-    out = {"wb": wb, "t0": _padded(t[0].astype(np.int32), cp, big),
-           "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip}
+    return {"t0": _padded(t[0].astype(np.int32), cp, big),
+            "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip,
+            **_bconv_weights(s, w, cp)}
+
+
+def _bconv_weights(s: Step, w: np.ndarray, cp: int) -> dict[str, np.ndarray]:
+    """Binary conv weights in im2col order (ky, kx, channel words), output channels
+    contiguous, and the padding correction's prefix sums."""
+    taps = (w.reshape(s.cout, s.cin, s.k, s.k) > 0).transpose(0, 2, 3, 1)
+    words = _words(taps)  # [cout, k, k, wi]
+    out = {"wb": _padded(words.reshape(s.cout, -1).T, cp, 0)}
     if s.pad:  # only border pixels read it: none without padding (smaller working set)
         pop = _popcount(words)  # [cout, k, k]
         pre = np.zeros((s.k + 1, s.k + 1, s.cout), np.int32)  # 2-D prefix sums over the taps
@@ -236,11 +275,16 @@ class BinaryEngine:
             op = s.op
             if op == "head" and not bool((np.abs(arrs["wf"]) == 1).all()):
                 op = "headf"
-            self._layers[i] = _Layer(_OPS[op], s.cin, s.cout, s.h, s.w, s.k, s.pad,
-                                     int(s.pool), s.src, s.dst, s.res, cp,
-                                     *(arrs[n].ctypes.data if n in arrs else None for n in
-                                       ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf",
-                                        "pinf", "bias")))
+            ptr = {n: a.ctypes.data for n, a in arrs.items()}
+            self._layers[i] = _Layer(
+                _OPS[op], s.cin, s.cout, s.h, s.w, s.k, s.pad, int(s.pool), s.src, s.dst,
+                s.res, cp, *(ptr.get(n) for n in ("wf", "wb", "wpop", "t0", "t1", "tf", "flip",
+                                                  "ninf", "pinf", "bias")),
+                s.stride, s.fsrc, s.fdst, s.fres, int(s.relu), ptr.get("alpha"), ptr.get("beta"))
+        size = _lib().fbb_workspace(self._layers, len(plan))
+        if size < 0:
+            raise ValueError("binary engine: malformed program (a layer's sizes)")
+        self._ws = np.empty(max(int(size), 1), np.uint32)  # scratch, allocated once
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
@@ -278,12 +322,13 @@ class BinaryEngine:
             return out
         # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
         rc = self._run(self._layers, len(self.plan), self._isa_id, x.data_ptr(), n, self._size,
-                       out.data_ptr(), out.numel(), int(checks_enabled()))
+                       out.data_ptr(), out.numel(), int(checks_enabled()),
+                       self._ws.ctypes.data, self._ws.size)
         if rc == -4:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "
                              "fewbits.functional.finite_checks(False) for unchecked semantics)")
         if rc != 0:
-            why = {-1: "ISA unsupported", -2: "out of memory"}.get(rc, "malformed program")
+            why = {-1: "ISA unsupported", -2: "workspace too small"}.get(rc, "malformed program")
             raise RuntimeError(f"binary engine failed: {why} (code {rc})")
         return out

@@ -45,11 +45,19 @@ def _int_encoding(s: Step) -> str:
     return f"raw-{smallest_int_dtype(lo, hi + 1).name}"
 
 
+def _only_thresholds(plan: list[Step]) -> None:
+    if any(s.float_out or s.op in ("poolf", "headm") for s in plan):
+        raise ValueError("this network keeps float maps (a float residual stream or pooling "
+                         "of batch-norm outputs), which a folded file does not store; export "
+                         "it without fold_bn and run BinaryEngine.from_model(load_packed(path))")
+
+
 def folded_tensors(model: nn.Module) -> tuple[list[tuple[dict, bytes]], set[str]]:
     """``(tensors, replaced)``: the folded batch-norm tensors of a binary_net ``model`` as
     ``(header fields, blob)`` pairs (``kind="folded"``), and the state-dict keys they replace.
     Raises ``ValueError`` for a model the binary engine cannot run."""
     plan = binary_plan(model)
+    _only_thresholds(plan)
     data = fold_binary_net(model, plan)
     out: list[tuple[dict, bytes]] = []
     for s in plan:
@@ -101,6 +109,7 @@ def load_engine(path: str | os.PathLike, *, isa: str | None = None) -> BinaryEng
     model = build_bounded(header, path, meta=True)
     try:
         plan = binary_plan(model)
+        _only_thresholds(plan)
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(path, f"its model cannot run on the binary engine: {e}") from e
     by_name = {t["name"]: t for t in header["tensors"] if isinstance(t, dict) and "name" in t}

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["float_thresholds", "integer_thresholds", "smallest_int_dtype"]
+__all__ = ["bn_affine", "float_thresholds", "integer_thresholds", "smallest_int_dtype"]
 
 
 def _check_bn(bn: nn.Module) -> None:
@@ -148,6 +148,26 @@ def float_thresholds(bn: nn.Module, where: str = "batch norm"
     inf = torch.full((c,), torch.inf)
     nonfinite = torch.stack([dec(-inf), dec(inf)])
     return t.numpy(), flip.numpy(), nonfinite.numpy()
+
+
+@torch.no_grad()
+def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """``(alpha, beta)`` float32 ``[C]`` of eval-mode ``bn`` as PyTorch's CPU kernel forms them:
+    ``alpha = weight * (1 / sqrt(var + eps))`` in float32 and ``y = fma(x, alpha, beta)``;
+    ``beta`` is read off PyTorch's own batch norm at ``x = 0`` (``fma(0, alpha, beta)``), so a
+    float epilogue ``fmaf(x, alpha, beta)`` gives PyTorch's outputs bit for bit on builds that
+    contract its multiply-add (x86-64 AVX2 / AVX-512), within one rounding elsewhere."""
+    _check_bn(bn)
+    c = bn.num_features
+    var = bn.running_var.detach().float()
+    inv = 1.0 / torch.sqrt(var + torch.tensor(bn.eps, dtype=torch.float32))
+    w = torch.ones(c) if bn.weight is None else bn.weight.detach().float()
+    alpha = (inv * w).numpy().astype(np.float32)
+    beta = _bn_eval(bn, torch.zeros(1))[:, 0].numpy().astype(np.float32)
+    if not (np.isfinite(alpha).all() and np.isfinite(beta).all()):
+        raise ValueError("batch norm with NaN or infinite parameters cannot be run as a float "
+                         "epilogue")
+    return alpha, beta
 
 
 def smallest_int_dtype(lo: int, hi: int) -> np.dtype:

@@ -7,18 +7,22 @@ which the planner records before it tries the next backend):
 
 * the **stem**: the first convolution / affine, on the float input (any float weights: +-1, or
   a fixed-point first layer), then batch norm and a binarization;
-* **binary layers**: a convolution (square kernel, stride 1, zero padding, no bias, groups 1,
-  dilation 1) or affine of +-1 weights (``binary_connect``) on binary activations, then batch
-  norm and a binarization; an affine on a flattened ``c x h x h`` map is a ``h x h``
-  convolution;
+* **binary layers**: a convolution (square kernel, any equal stride, zero padding smaller
+  than the kernel, no bias, groups 1, dilation 1) or affine of +-1 weights
+  (``binary_connect``) on binary activations, then batch norm and a binarization; an affine
+  on a flattened ``c x h x h`` map is a ``h x h`` convolution;
 * **binarization**: ``binary_tanh`` as a ``QuantAct`` module or as the ``input_quantizer`` of
   the layer that reads the value (``quantize_``'s placement); a ReLU between batch norm and
   ``binary_tanh`` changes nothing (``binary_tanh(relu(y)) == binary_tanh(y)``: both are +1
   exactly where ``y > 0``);
 * **residual sums** ``binary_tanh(BN(s) + x)`` with ``x`` a binary activation (the ResNet
-  unit of the zoo);
-* **2x2 max pooling** (stride 2) of binary activations, or of a batch-norm output before its
-  binarization (``binary_tanh`` is monotone, so the two commute);
+  unit of the zoo); and **float maps**: a batch-norm output that is added to a float map or
+  to another batch-norm output (torchvision's ``relu(bn2(conv2) + downsample(x))``), pooled
+  by a window other than 2x2, averaged by the head, or ReLU-ed after such a sum, is kept as a
+  float map (and its bits ``> 0`` for the binary layers that read it);
+* **max pooling**: 2x2 (stride 2) of binary activations, or of a batch-norm output before its
+  binarization (``binary_tanh`` is monotone, so the two commute); any square window, stride
+  and padding (no dilation or ceil mode) of a float map;
 * the **head**: global average pooling (``adaptive_avg_pool2d(., 1)``, ``AdaptiveAvgPool2d(1)``,
   ``mean`` over the map) or none, flatten, and a final affine with bias (+-1 or any float
   weights); identity, dropout (evaluation) and flatten anywhere.
@@ -38,21 +42,32 @@ from torch import nn
 
 from ..layers import QuantAct, QuantLayer
 from ..models import is_model, model_info
+from .binary_ops import (
+    conv_geometry,
+    is_binary_tanh,
+    is_flatten,
+    is_global_pool,
+    max_pool_geometry,
+    out_size,
+    refuse,
+)
 
-__all__ = ["NBUF", "Step", "binary_plan"]
+__all__ = ["Step", "binary_plan"]
 
-#: Scratch buffers of the C program (``NBUF`` in ``_binary_engine.c``).
-NBUF = 4
 _BN = nn.modules.batchnorm._BatchNorm
 
 
 @dataclass
 class Step:
     """One operation of an engine program: ``op`` is ``"stem"`` (float conv), ``"bconv"``
-    (binary conv) or ``"head"`` (average pool + affine); ``weight``/``bn`` name the modules;
-    the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad``, stride 1;
-    ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x`` the bits of
-    buffer ``res``; ``src``/``dst``: scratch buffers."""
+    (binary conv), ``"head"`` (average pool of bits + affine), ``"poolf"`` (max pool of a
+    float map) or ``"headm"`` (average pool of a float map + affine); ``weight``/``bn`` name
+    the modules; the input map is ``cin x h x w``; kernel ``k`` with zero padding ``pad`` and
+    ``stride``; ``pool``: 2x2 max pool after; ``residual``: binary_tanh(BN(s) + x) with ``x``
+    the bits of buffer ``res``; ``src``/``dst``: bit-map buffers. ``float_out``: the batch
+    norm output ``y`` (plus the float map ``fres``, then a ReLU if ``relu``) is kept as a
+    float map ``fdst`` and its bits ``y > 0`` go to ``dst``; ``fsrc``: the float map a
+    ``poolf`` / ``headm`` reads."""
 
     op: str
     weight: str
@@ -68,6 +83,12 @@ class Step:
     src: int = -1
     dst: int = -1
     res: int = -1
+    stride: int = 1
+    float_out: bool = False
+    relu: bool = False
+    fsrc: int = -1
+    fdst: int = -1
+    fres: int = -1
 
     @property
     def range(self) -> tuple[int, int]:
@@ -80,7 +101,7 @@ class Step:
 class _V:
     """What a graph value is to the engine."""
 
-    kind: str  # image | flat_image | pre | bn | bits | pooled
+    kind: str  # image | flat_image | pre | bn | bits | pooled | fmap | pooledf
     c: int
     h: int
     w: int
@@ -91,86 +112,14 @@ class _V:
     flat: bool = False  # bits flattened to c * h * w features
     src: _V | None = None  # pre: the input value
     relu: bool = False  # bn: a ReLU was applied (harmless before binary_tanh, not before a sum)
+    fres: _V | None = None  # bn + a float map (fmap)
+    relu_after: bool = False  # bn + fres: a ReLU after the sum; fmap: its values are >= 0
+    fbuf: int = -1  # fmap, pooledf: the float map
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (QuantAct, QuantLayer)) or super().is_leaf_module(m, qualname)
-
-
-def _is_bt(q: object) -> bool:
-    # ask the family: a sign activation with levels -1 / +1 (binary_tanh), never its class
-    levels = getattr(q, "step_levels", None)
-    return callable(levels) and levels() == (-1.0, 1.0)
-
-
-def _refuse(node: fx.Node, what: str) -> ValueError:
-    return ValueError(f"operation not covered by the binary engine: {what} (graph node "
-                      f"{node.name!r}: {node.op} {getattr(node.target, '__name__', node.target)})")
-
-
-def _conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int]:
-    if isinstance(m, nn.Linear):
-        return 0, 0
-    if not isinstance(m, nn.Conv2d):
-        raise _refuse(node, f"layer {type(m).__name__}")
-    bad = [f"stride {m.stride}" if m.stride != (1, 1) else "",
-           f"dilation {m.dilation}" if m.dilation != (1, 1) else "",
-           f"groups {m.groups}" if m.groups != 1 else "",
-           f"padding mode {m.padding_mode!r}" if m.padding_mode != "zeros" else "",
-           f"padding {m.padding!r}" if isinstance(m.padding, str) or m.padding[0] != m.padding[1]
-           else "",
-           f"kernel {m.kernel_size}" if m.kernel_size[0] != m.kernel_size[1] else ""]
-    bad = [b for b in bad if b]
-    if bad:
-        raise _refuse(node, f"convolution {node.target} with {', '.join(bad)} (the engine runs "
-                      "square stride-1 convolutions with zero padding)")
-    return m.kernel_size[0], m.padding[0]
-
-
-def _is_global_pool(node: fx.Node, m: nn.Module | None, v: _V) -> bool:
-    def one(s: object) -> bool:
-        return s in (1, (1, 1))
-
-    if m is not None:
-        return (isinstance(m, nn.AdaptiveAvgPool2d) and one(m.output_size)) or (
-            isinstance(m, nn.AvgPool2d) and m.kernel_size in ((v.h, v.w), v.h)
-            and v.h == v.w and not m.padding)
-    if node.target is nn.functional.adaptive_avg_pool2d:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return one(size)
-    if node.target == torch.mean or (node.op == "call_method" and node.target == "mean"):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return tuple(dims or ()) in ((2, 3), (-2, -1)) and not node.kwargs.get("keepdim")
-    return False
-
-
-def _is_flatten(node: fx.Node, m: nn.Module | None) -> bool:
-    if m is not None:
-        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
-    if node.target == torch.flatten or (node.op == "call_method" and node.target == "flatten"):
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start == 1 and end == -1
-    return False
-
-
-def _is_pool2(m: nn.Module | None, node: fx.Node) -> bool:
-    if m is not None:
-        return (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2))
-                and m.stride in (2, (2, 2), None) and m.padding in (0, (0, 0))
-                and m.dilation in (1, (1, 1)) and not m.ceil_mode)
-    if node.target in (nn.functional.max_pool2d, torch.max_pool2d):
-        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
-        s = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
-        # each other argument at its no-op value, by name (padding=1 is not dilation=1)
-        ok = {"padding": (0, (0, 0)), "dilation": (1, (1, 1)), "ceil_mode": (False,),
-              "return_indices": (False,)}
-        rest = {k: v for k, v in node.kwargs.items() if k not in ("kernel_size", "stride")}
-        return k in (2, (2, 2)) and s in (None, 2, (2, 2)) and len(node.args) <= 3 \
-            and all(n in ok and any(v == o and type(v) is type(o) for o in ok[n])
-                    for n, v in rest.items())
-    return False
 
 
 class _Plan:
@@ -179,10 +128,15 @@ class _Plan:
         self.modules = dict(model.named_modules())
         self.steps: list[Step] = []
         self.vals: dict[fx.Node, _V] = {}
-        self.live: dict[int, set[fx.Node]] = {}  # buffer -> nodes still to read it
+        self.nbuf = [0, 0]  # virtual bit maps, float maps (buffers assigned by _allocate)
         # id of a bn value's step -> (pool, residual, bits): each step is emitted once; None
         # once its bits were pooled in place
         self.binarized: dict[int, tuple | None] = {}
+        self.floats: dict[int, tuple[_V, _V]] = {}  # id of a bn value -> (it, its fmap)
+
+    def new(self, pool: int) -> int:
+        self.nbuf[pool] += 1
+        return self.nbuf[pool] - 1
 
     def sole_reader(self, a: fx.Node) -> bool:
         """Whether ``a``'s value is read by one node only, through nodes that pass it on."""
@@ -196,8 +150,11 @@ class _Plan:
     def binarize(self, node: fx.Node, v: _V) -> _V:
         if v.kind == "bits":
             return v
+        if v.kind == "fmap" or (v.kind == "bn" and (v.fres is not None or v.relu_after)):
+            f = self.materialize(node, v)
+            return _V("bits", f.c, f.h, f.w, step=f.step, buf=f.buf)
         if v.kind != "bn":
-            raise _refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
+            raise refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
                           "norm outputs of its layers)")
         s = v.step
         assert s is not None
@@ -205,17 +162,9 @@ class _Plan:
             seen = self.binarized[id(s)]
             if seen is not None and seen[0] == v.pool and seen[1] is v.res:
                 return seen[2]
-            raise _refuse(node, "a batch-norm output read twice (binarized with and without "
+            raise refuse(node, "a batch-norm output read twice (binarized with and without "
                           "a residual sum or pooling, or after its bits were pooled)")
-        # never the buffer the step reads (its input, its residual): the C program writes
-        # its output while it reads them
-        busy = {b for b, ns in self.live.items() if ns} | {s.src}
-        if v.res is not None:
-            busy.add(v.res.buf)
-        free = [b for b in range(NBUF) if b not in busy]
-        if not free:
-            raise _refuse(node, f"more than {NBUF} binary maps alive at once")
-        s.dst, s.pool = free[0], v.pool
+        s.dst, s.pool = self.new(0), v.pool
         if v.res is not None:
             s.residual, s.res = True, v.res.buf
         self.steps.append(s)
@@ -224,85 +173,147 @@ class _Plan:
         self.binarized[id(s)] = (v.pool, v.res, out)
         return out
 
+    def materialize(self, node: fx.Node, v: _V) -> _V:
+        """The float map of a batch-norm value (its step with the float epilogue), once."""
+        if v.kind == "fmap":
+            return v
+        if v.kind != "bn" or v.res is not None:
+            raise refuse(node, f"a float map of a {v.kind} value" + (
+                " with a binary residual" if v.kind == "bn" else ""))
+        if id(v) in self.floats:
+            return self.floats[id(v)][1]
+        s = replace(v.step, float_out=True, relu=v.relu or v.relu_after, dst=self.new(0),
+                    fdst=self.new(1), fres=v.fres.fbuf if v.fres is not None else -1,
+                    pool=False, residual=False, res=-1)
+        self.steps.append(s)
+        out = _V("fmap", v.c, v.h, v.w, step=s, buf=s.dst, fbuf=s.fdst, relu_after=s.relu)
+        if v.pool:  # a 2x2 max pool of the batch-norm output, now of its float map
+            out = self.pool_floats(out, 2, 2, 0)
+        self.floats[id(v)] = (v, out)
+        return out
+
+    def pool_floats(self, v: _V, k: int, stride: int, pad: int) -> _V:
+        s = Step("poolf", "", None, v.c, v.c, v.h, v.w, k, pad, stride=stride,
+                 fsrc=v.fbuf, dst=self.new(0), fdst=self.new(1))
+        self.steps.append(s)
+        return _V("fmap", v.c, out_size(v.h, k, pad, stride), out_size(v.w, k, pad, stride), step=s,
+                  buf=s.dst, fbuf=s.fdst, relu_after=v.relu_after)
+
     def layer(self, node: fx.Node, m: nn.Module, v: _V) -> _V:
         iq = getattr(m, "input_quantizer", None)
         if getattr(m, "output_quantizer", None) is not None:
-            raise _refuse(node, f"output quantizer {type(m.output_quantizer).__name__}")
+            raise refuse(node, f"output quantizer {type(m.output_quantizer).__name__}")
         if iq is not None:
-            if not _is_bt(iq):
-                raise _refuse(node, f"input quantizer {type(iq).__name__} (binary_tanh only)")
+            if not is_binary_tanh(iq):
+                raise refuse(node, f"input quantizer {type(iq).__name__} (binary_tanh only)")
             v = self.binarize(node, v)
-        k, pad = _conv_geometry(node, m)
+        k, pad, stride = conv_geometry(node, m)
         lin = isinstance(m, nn.Linear)
         cin, cout = (m.in_features, m.out_features) if lin else (m.in_channels, m.out_channels)
         name = str(node.target)
-        if v.kind in ("image", "flat_image") and not self.steps:
-            if lin != (v.kind == "flat_image") or cin != v.c * v.h * v.w // (1 if lin else
-                                                                           v.h * v.w):
-                raise _refuse(node, f"first layer {name} on an input of shape {self.shape}")
-            c, h, w = (cin, 1, 1) if lin else (v.c, v.h, v.w)
-            return _V("pre", cout, h, w, step=Step("stem", name, None, c, cout, h, w,
-                                                   1 if lin else k, pad), src=v)
+        if v.kind == "pooledf" and lin and cin == v.c:
+            return _V("pre", cout, 1, 1, step=Step("headm", name, None, v.c, cout, v.h, v.w,
+                                                   fsrc=v.fbuf), src=v)
         if v.kind == "pooled" and lin and cin == v.c:
             return _V("pre", cout, 1, 1, step=Step("head", name, None, v.c, cout, v.h, v.w,
                                                    src=v.buf), src=v)
+        if v.kind in ("image", "flat_image") and not self.steps:
+            if lin != (v.kind == "flat_image") or cin != v.c * v.h * v.w // (1 if lin else
+                                                                           v.h * v.w):
+                raise refuse(node, f"first layer {name} on an input of shape {self.shape}")
+            c, h, w = (cin, 1, 1) if lin else (v.c, v.h, v.w)
+            oh, ow = (1, 1) if lin else (out_size(h, k, pad, stride), out_size(w, k, pad, stride))
+            return _V("pre", cout, oh, ow, step=Step("stem", name, None, c, cout, h, w,
+                                                     1 if lin else k, pad, stride=stride),
+                      src=v)
         if v.kind != "bits":
-            raise _refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
+            raise refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
                           "float input only)")
         if lin:
             if not v.flat and (v.h, v.w) != (1, 1):
-                raise _refuse(node, f"affine {name} on an unflattened map")
+                raise refuse(node, f"affine {name} on an unflattened map")
             if v.h != v.w or cin != v.c * v.h * v.w:
-                raise _refuse(node, f"affine {name} of {cin} inputs on a {v.c} x {v.h} x "
+                raise refuse(node, f"affine {name} of {cin} inputs on a {v.c} x {v.h} x "
                               f"{v.w} map")
             k = v.h
         elif cin != v.c or v.flat:
-            raise _refuse(node, f"convolution {name} of {cin} channels on {v.c}")
-        return _V("pre", cout, 1 if lin else v.h, 1 if lin else v.w,
-                  step=Step("bconv", name, None, v.c, cout, v.h, v.w, k, pad, src=v.buf),
-                  src=v)
+            raise refuse(node, f"convolution {name} of {cin} channels on {v.c}")
+        if not lin and (v.h + 2 * pad < k or v.w + 2 * pad < k):
+            raise refuse(node, f"convolution {name}: kernel {k} larger than its padded input")
+        oh, ow = (1, 1) if lin else (out_size(v.h, k, pad, stride), out_size(v.w, k, pad, stride))
+        return _V("pre", cout, oh, ow,
+                  step=Step("bconv", name, None, v.c, cout, v.h, v.w, k, pad, src=v.buf,
+                            stride=stride), src=v)
 
     def run(self, graph: fx.Graph) -> list[Step]:
         for node in graph.nodes:
             out = self.node(node)
-            for ns in self.live.values():  # this node has read its inputs
-                ns.discard(node)
             if out is not None:
                 self.vals[node] = out
-                if out.kind == "bits":
-                    self.live.setdefault(out.buf, set()).update(node.users)
             if node.op == "output":
                 break
         return self.steps
+
+    def add(self, node: fx.Node, ins: list[_V]) -> _V:
+        if len(ins) != 2 or len(node.args) != 2 or node.kwargs:
+            raise refuse(node, "an addition of other than two values")
+        a, b = ins
+        if a.kind == "bn" and b.kind == "bn":  # two batch-norm outputs: the second as a map
+            b = self.materialize(node, b)
+        bn, other = (a, b) if a.kind == "bn" else (b, a)
+        if bn.kind != "bn" or other.kind not in ("bits", "fmap") or bn.res is not None or \
+                bn.fres is not None or bn.pool or bn.relu_after or \
+                (other.c, other.h, other.w) != (bn.c, bn.h, bn.w) or other.flat:
+            raise refuse(node, f"a residual sum of a {a.kind} and a {b.kind} value (the "
+                          "engine adds a binary activation or a float map to a batch-normed "
+                          "layer output of the same shape)")
+        if bn.relu:
+            raise refuse(node, "a ReLU before a residual sum (relu(y) + x is not y + x)")
+        return replace(bn, res=other) if other.kind == "bits" else replace(bn, fres=other)
+
+    def relu(self, node: fx.Node, m: nn.Module | None, v: _V) -> _V:
+        inplace = getattr(m, "inplace", False) or node.kwargs.get("inplace", False)
+        if inplace and not self.sole_reader(node.args[0]):
+            raise refuse(node, "an in-place ReLU of a value read elsewhere")
+        if v.kind == "fmap" and v.relu_after:
+            return v  # relu(relu(y)) == relu(y)
+        if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
+            raise refuse(node, f"ReLU of a {v.kind} value")
+        if v.res is not None:
+            raise refuse(node, "a ReLU after a binary residual sum")
+        return replace(v, relu_after=True) if v.fres is not None else replace(v, relu=True)
+
+    def output(self, node: fx.Node) -> None:
+        arg = node.args[0]
+        v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
+        if v is None or v.kind != "pre" or not isinstance(
+                self.model.get_submodule(v.step.weight), nn.Linear):
+            raise refuse(node, "a model output that is not a final affine (logits)")
+        s = v.step
+        if s.op == "bconv":  # an affine on binary activations ends the network: the head
+            if (v.src.h, v.src.w) != (1, 1):
+                raise refuse(node, "a final affine on a flattened map (the head averages "
+                              "the map: pool it to 1 x 1 first)")
+            s = replace(s, op="head", k=1)
+        if s.op not in ("head", "headm"):
+            raise refuse(node, "a network with no binary layer")
+        self.steps.append(s)
 
     def node(self, node: fx.Node) -> _V | None:
         if node.op == "placeholder":
             if any(isinstance(v, _V) and v.kind in ("image", "flat_image")
                    for v in self.vals.values()):
-                raise _refuse(node, "a second model input")
+                raise refuse(node, "a second model input")
             c, h, w = self.shape if len(self.shape) == 3 else (self.shape[0], 1, 1)
             return _V("image" if len(self.shape) == 3 else "flat_image", c, h, w)
         if node.op == "output":
-            arg = node.args[0]
-            v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
-            if v is None or v.kind != "pre" or not isinstance(
-                    self.model.get_submodule(v.step.weight), nn.Linear):
-                raise _refuse(node, "a model output that is not a final affine (logits)")
-            s = v.step
-            if s.op == "bconv":  # an affine on binary activations ends the network: the head
-                if (v.src.h, v.src.w) != (1, 1):
-                    raise _refuse(node, "a final affine on a flattened map (the head averages "
-                                  "the map: pool it to 1 x 1 first)")
-                s = replace(s, op="head", k=1)
-            if s.op != "head":
-                raise _refuse(node, "a network with no binary layer")
-            self.steps.append(s)
+            self.output(node)
             return None
         if node.op == "get_attr":
-            raise _refuse(node, "a parameter used directly by the forward")
+            raise refuse(node, "a parameter used directly by the forward")
         ins = [self.vals.get(a) for a in node.args if isinstance(a, fx.Node)]
         if any(v is None for v in ins) or not ins:
-            raise _refuse(node, "an operation on values the engine does not hold")
+            raise refuse(node, "an operation on values the engine does not hold")
         v = ins[0]
         m = self.modules[str(node.target)] if node.op == "call_module" else None
         if isinstance(m, (nn.Identity, nn.Dropout)):
@@ -310,63 +321,87 @@ class _Plan:
         if isinstance(m, QuantAct):
             if m.quantizer is None:
                 return v
-            if not _is_bt(m.quantizer):
-                raise _refuse(node, f"activation quantizer {type(m.quantizer).__name__}")
+            if not is_binary_tanh(m.quantizer):
+                raise refuse(node, f"activation quantizer {type(m.quantizer).__name__}")
             return self.binarize(node, v)
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return self.layer(node, m, v)
         if isinstance(m, _BN):
-            if v.kind != "pre" or v.step.op == "head" or v.step.bn is not None:
-                raise _refuse(node, f"batch norm {node.target} not right after a layer")
+            if v.kind != "pre" or v.step.op in ("head", "headm") or v.step.bn is not None:
+                raise refuse(node, f"batch norm {node.target} not right after a layer")
             if m.running_mean is None:
-                raise _refuse(node, f"batch norm {node.target} without running statistics")
+                raise refuse(node, f"batch norm {node.target} without running statistics")
+            if getattr(self.model.get_submodule(v.step.weight), "bias", None) is not None:
+                raise refuse(node, f"layer {v.step.weight} with a bias before its batch norm "
+                              "(the engine folds batch norm alone)")
             return _V("bn", v.c, v.h, v.w, step=replace(v.step, bn=str(node.target)), src=v.src)
         if isinstance(m, nn.ReLU) or node.target in (torch.relu, nn.functional.relu) or (
                 node.op == "call_method" and node.target == "relu"):
-            if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
-                raise _refuse(node, f"ReLU of a {v.kind} value")
-            inplace = getattr(m, "inplace", False) or node.kwargs.get("inplace", False)
-            if inplace and not self.sole_reader(node.args[0]):
-                raise _refuse(node, "an in-place ReLU of a value read elsewhere")
-            return replace(v, relu=True)
-        if _is_pool2(m, node):
-            if v.kind == "bn" and not v.pool and v.h % 2 == 0 and v.w % 2 == 0:
-                return replace(v, pool=True)
-            if v.kind == "bits" and self.sole_reader(node.args[0]) and \
-                    v.step is self.steps[-1] and not v.step.pool and v.h % 2 == 0 and \
-                    v.w % 2 == 0 and not v.flat:
-                v.step.pool = True
-                self.binarized[id(v.step)] = None  # its unpooled bits are gone
-                return replace(v, h=v.h // 2, w=v.w // 2)
-            raise _refuse(node, "2x2 max pooling here (only right after a binarization that "
-                          "no other node reads, on an even map)")
+            return self.relu(node, m, v)
+        pool = max_pool_geometry(m, node)
+        if pool is not None:
+            return self.max_pool(node, v, *pool)
         if (m is None and node.target in (operator.add, torch.add, operator.iadd)) or (
                 node.op == "call_method" and node.target in ("add", "add_")):
-            if len(ins) != 2 or len(node.args) != 2:
-                raise _refuse(node, "an addition of other than two values")
-            bn, bits = (ins[0], ins[1]) if ins[0].kind == "bn" else (ins[1], ins[0])
-            if bn.kind == "bn" and bn.relu:
-                raise _refuse(node, "a ReLU before a residual sum (binary_tanh(relu(y) + x) "
-                              "is not binary_tanh(y + x))")
-            if bn.kind != "bn" or bits.kind != "bits" or bn.res is not None or bn.pool \
-                    or (bits.c, bits.h, bits.w) != (bn.c, bn.h, bn.w) or bits.flat:
-                raise _refuse(node, f"a residual sum of a {ins[0].kind} and a {ins[1].kind} "
-                              "value (the engine adds a binary activation to a batch-normed "
-                              "layer output of the same shape)")
-            return replace(bn, res=bits)
-        if _is_flatten(node, m):
+            return self.add(node, ins)
+        if is_flatten(node, m):
             if v.kind == "image":
                 return _V("flat_image", v.c * v.h * v.w, 1, 1)
             if v.kind == "bits":
                 return replace(v, flat=True)
-            if v.kind == "pooled":
+            if v.kind in ("pooled", "pooledf"):
                 return v
-            raise _refuse(node, f"flatten of a {v.kind} value")
-        if v.kind == "bits" and not v.flat and _is_global_pool(node, m, v):
-            return _V("pooled", v.c, v.h, v.w, buf=v.buf)
+            raise refuse(node, f"flatten of a {v.kind} value")
+        if v.kind in ("bits", "bn", "fmap") and not v.flat and is_global_pool(node, m, v.h, v.w):
+            if v.kind == "bits":
+                return _V("pooled", v.c, v.h, v.w, buf=v.buf)
+            f = self.materialize(node, v)
+            return _V("pooledf", f.c, f.h, f.w, fbuf=f.fbuf)
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__",
                                                                 str(node.target))
-        raise _refuse(node, f"operation {what}")
+        raise refuse(node, f"operation {what}")
+
+    def max_pool(self, node: fx.Node, v: _V, k: int, stride: int, pad: int) -> _V:
+        pool2 = (k, stride, pad) == (2, 2, 0)
+        if pool2 and v.kind == "bn" and not v.pool and v.fres is None and not v.relu_after \
+                and v.h % 2 == 0 and v.w % 2 == 0:
+            return replace(v, pool=True)  # binary_tanh is monotone: pool its input
+        if pool2 and v.kind == "bits" and self.sole_reader(node.args[0]) and \
+                v.step is self.steps[-1] and not v.step.pool and not v.step.float_out and \
+                v.step.op != "poolf" and v.h % 2 == 0 and v.w % 2 == 0 and not v.flat:
+            v.step.pool = True
+            self.binarized[id(v.step)] = None  # its unpooled bits are gone
+            return replace(v, h=v.h // 2, w=v.w // 2)
+        if v.kind in ("bn", "fmap") and v.h + 2 * pad >= k and v.w + 2 * pad >= k:
+            return self.pool_floats(self.materialize(node, v), k, stride, pad)
+        raise refuse(node, f"max pooling {k}x{k}/{stride} (padding {pad}) of a {v.kind} value "
+                      "(bits: 2x2 right after a binarization that no other node reads, on an "
+                      "even map; a batch-norm output or float map: any)")
+
+
+def _allocate(steps: list[Step], nbuf: list[int]) -> None:
+    """Scratch buffers for the program's virtual maps: a map's buffer is free again after its
+    last reader, and never the one a step reads (the C program writes while it reads)."""
+    fields = (("src", "res"), ("dst",)), (("fsrc", "fres"), ("fdst",))
+    for pool, (reads, writes) in enumerate(fields):
+        last = [-1] * nbuf[pool]
+        for i, s in enumerate(steps):
+            for f in (*reads, *writes):
+                if getattr(s, f) >= 0:
+                    last[getattr(s, f)] = i
+        phys: dict[int, int] = {}
+        held: dict[int, int] = {}  # physical buffer -> virtual map it holds
+        for i, s in enumerate(steps):
+            for b in [b for b, m in held.items() if last[m] < i]:
+                del held[b]
+            for f in writes:
+                m = getattr(s, f)
+                if m >= 0:
+                    b = next(b for b in range(len(held) + 1) if b not in held)
+                    held[b], phys[m] = m, b
+            for f in (*reads, *writes):
+                if getattr(s, f) >= 0:
+                    setattr(s, f, phys[getattr(s, f)])
 
 
 def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
@@ -376,7 +411,7 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
     ``input_shape``: the per-sample input shape, ``(C, H, W)`` or ``(features,)`` (default: the
     registered model's, else required); ``input_size``: just the image ``(H, W)``. Raises
     ``ValueError`` naming the first operation the engine does not cover (a zoo model of
-    another family, a stride-2 convolution, a float residual stream, ...).
+    another family, a dilated convolution, a ReLU before a residual sum, ...).
     """
     fam = getattr(model, "family", None)
     if fam is not None and fam != "binary_net":
@@ -400,8 +435,10 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise ValueError(f"the binary engine reads the model's torch.fx graph, and "
                          f"{type(model).__name__} cannot be traced: {e}") from e
-    steps = _Plan(model, shape).run(graph)
-    if not steps or steps[0].op != "stem" or steps[-1].op != "head":
+    plan = _Plan(model, shape)
+    steps = plan.run(graph)
+    _allocate(steps, plan.nbuf)
+    if not steps or steps[0].op != "stem" or steps[-1].op not in ("head", "headm"):
         raise ValueError("the binary engine needs a float first layer, binary layers and a "
                          "final affine")
     return steps
