@@ -50,9 +50,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("-o", "--output", help="packed model file to write (.fewbits)")
     parser.add_argument("--entropy", action="store_true",
                         help="Huffman-code each tensor's codes where that is smaller")
-    parser.add_argument("--bn", choices=("float32", "float16"), default="float32",
-                        help="batch-norm storage; float16 is smaller but not bit-exact "
-                        "(default: float32)")
+    parser.add_argument("--bn", choices=("float32", "float16", "folded"), default="float32",
+                        help="batch-norm storage; float16 is smaller but not bit-exact; folded "
+                        "(ternary): folded into the per-channel scales, the bias kept, exact "
+                        "to float32 rounding (default: float32)")
     parser.add_argument("--fold-bn", action="store_true",
                         help="binary_net: store batch norm folded into exact per-channel "
                         "thresholds for the binary engine (fewbits.runtime.binary_file)")

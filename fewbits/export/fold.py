@@ -21,6 +21,11 @@ float32 both round differently (the fold multiplies once, batch norm subtracts, 
 ``tests/test_deploy.py``). A quantizer after the fold therefore lands on the other level where
 the unfolded value lies within those ulps of a rounding boundary.
 
+Packed files (``export_packed(bn="folded")``) fold a batch norm into the quantized layer before
+it where the family's codes can hold it (:meth:`~fewbits.quantizers.Quantizer.fold_scale`:
+ternary per-channel scales become ``|alpha| * a``, trits negated where ``alpha < 0``); the batch
+norm keeps only ``c`` as its bias (:func:`scale_folds`).
+
     >>> conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4).eval()
     >>> f = fold_batch_norm(conv.weight.detach(), None, bn)
     >>> f.weight.shape, f.bias.shape
@@ -32,12 +37,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from ..layers import quant_layers
 from ..quantizers import Codes, Quantizer
 from ..quantizers.base import exact_multiples
 
-__all__ = ["FOLD_RTOL", "Fold", "IntWeight", "fold_batch_norm", "int8_weight"]
+__all__ = ["FOLD_RTOL", "Fold", "IntWeight", "ScaleFold", "fold_batch_norm", "int8_weight",
+           "scale_folds"]
 
 #: Relative float32 error of a folded layer against conv + batch norm, relative to
 #: ``|alpha| * sum |w x| + |c|`` (measured: below 2e-7; asserted with margin).
@@ -132,3 +139,62 @@ def fold_batch_norm(w: Tensor, b: Tensor | None, bn: nn.Module, *, relu_before: 
     if not relu_before:
         return Fold(weight, bias, iw)
     return Fold(weight, bias, iw, bound=c.float(), sign=torch.sign(alpha).float())
+
+
+@dataclass
+class ScaleFold:
+    """A quantized layer's weight codes with the batch norm after it folded in (``codes``:
+    :meth:`~fewbits.quantizers.Quantizer.fold_scale`), that batch norm's module name and the
+    bias left of it, ``c = beta - alpha * mean`` (float32)."""
+
+    codes: Codes
+    bn: str
+    bias: Tensor
+
+
+def scale_folds(model: nn.Module) -> dict[str, ScaleFold]:
+    """``{weight state-dict key: ScaleFold}`` for each bias-free quantized layer of ``model``
+    (evaluation mode) whose only use is an affine batch norm with running statistics, used
+    once, whose family folds it (:meth:`~fewbits.quantizers.Quantizer.fold_scale` not
+    ``None``). The graph is read with ``torch.fx`` (quantized layers and quantizers as
+    leaves); a model fx cannot trace raises ``ValueError``. In real arithmetic
+    ``BN(layer(x))`` equals the folded layer plus ``c``; in float32 they differ by the ulps
+    of :data:`FOLD_RTOL`."""
+    layers = dict(quant_layers(model))
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname in layers or isinstance(m, Quantizer) or \
+                super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many kinds for data-dependent control flow
+        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to fold its batch "
+                         f"norm: {e}; export with bn='float32'") from e
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    out: dict[str, ScaleFold] = {}
+    for node in graph.nodes:
+        name = str(node.target)
+        layer = layers.get(name) if node.op == "call_module" else None
+        q = getattr(layer, "weight_quantizer", None)
+        if q is None or layer.param("bias") is not None or calls[name] != 1 or \
+                len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        bn = model.get_submodule(str(user.target)) if user.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine or \
+                bn.running_mean is None or calls[str(user.target)] != 1:
+            continue
+        w = layer.quant_param("weight").detach()
+        if bn.num_features != w.shape[0]:
+            continue
+        alpha, c = _bn_affine(bn)
+        folded = q.fold_scale(q.encode(w), alpha)
+        if folded is not None:
+            out[f"{name}.{layer.param_key('weight')}" if name else layer.param_key("weight")] = \
+                ScaleFold(folded, str(user.target), c.float())
+    return out

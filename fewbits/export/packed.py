@@ -51,11 +51,12 @@ from .container import (
     read_model_file,
     write_container,
 )
+from .fold import scale_folds
 
 __all__ = ["ExportReport", "TensorEntry", "export_packed", "load_packed", "model_of",
            "packed_info"]
 
-_BN_MODES = ("float32", "float16")
+_BN_MODES = ("float32", "float16", "folded")
 
 
 @dataclass
@@ -217,6 +218,12 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
 
     ``entropy=True`` Huffman-codes each tensor's codes where that is smaller than fixed width.
     ``bn="float16"`` stores batch-norm statistics and affine parameters in float16.
+    ``bn="folded"`` folds each batch norm into the quantized layer before it where the family
+    can hold it (:func:`fewbits.export.fold.scale_folds`: ternary per-channel scales, trits
+    negated for a negative ``gamma``) and keeps only its bias ``c = beta - alpha * mean``;
+    :func:`load_packed` rebuilds that batch norm as ``x + c`` (weight 1, mean 0, variance 1,
+    ``eps`` 0). The outputs match the unfolded network to float32 rounding
+    (:data:`fewbits.export.fold.FOLD_RTOL`); a model with nothing to fold raises.
     ``fold_bn=True`` (binary_net only) stores each batch norm folded into exact per-channel
     thresholds instead (:mod:`fewbits.runtime.binary_file`; run the file with
     ``fewbits.runtime.binary_file.load_engine``). The file is written atomically. Returns an
@@ -241,12 +248,26 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
                                 len(b), f["encoding"]) for f, b in folded]
     bn_names = {n for n, m in model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    folds = scale_folds(model) if bn == "folded" else {}
+    if bn == "folded" and not folds:
+        raise ValueError("bn='folded': no batch norm of this model follows a quantized layer "
+                         "whose family can fold it (ternary per-channel twn/absmean); use "
+                         "bn='float32' or 'float16'")
+    for f in folds.values():  # the batch norm keeps only its bias c
+        handled.update(f"{f.bn}.{k}" for k in ("weight", "running_mean", "running_var"))
+        fb, bb = encode_tensor(f.bias.numpy(), "raw-float32")
+        tensors.append(({"name": f"{f.bn}.bias", "kind": "state", **fb}, bb))
+        entries.append(TensorEntry(f"{f.bn}.bias", "float", f.bias.numel(), 32, len(bb),
+                                   "raw-float32"))
+        handled.add(f"{f.bn}.bias")
     try:
         with torch.no_grad():
             tied = _tied(model)
             for key, (lname, layer, role) in _quantized_keys(model, tied).items():
                 q = getattr(layer, f"{role}_quantizer")
-                items = _codes_entries(key, q.encode(layer.quant_param(role).detach()), entropy)
+                codes = folds[key].codes if key in folds else \
+                    q.encode(layer.quant_param(role).detach())
+                items = _codes_entries(key, codes, entropy)
                 tensors += items
                 nbytes = sum(len(b) for _, b in items)
                 entries.append(TensorEntry(key, role, layer.param(role).numel(),
@@ -278,7 +299,9 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
         "layer_options": layer_options_of(model),
         **({"tied": tied} if tied else {}),
         "options": {"entropy": entropy, "bn": bn, **({"fold_bn": True, "fp32_bytes":
-                                                      _fp32_bytes(model)} if fold_bn else {})},
+                                                      _fp32_bytes(model)} if fold_bn else {}),
+                    **({"folded_bn": sorted(f.bn for f in folds.values()),
+                        "fp32_bytes": _fp32_bytes(model)} if folds else {})},
         "tensors": [f for f, _ in tensors],
     }
     data = training_data(model)  # for `fewbits eval model.fewbits` without --dataset
@@ -360,6 +383,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
     for key, (layer, role) in by_key.items():
         if by_name.get(tied.get(key, key), {}).get("kind") == "codes":
             setattr(layer, f"{role}_quantizer", None)
+    _unfold_bn(src, header, model, state)
     # extra state (a fixed-point grid) travels in the layer configs of the header
     expected = {k for k in model.state_dict() if k not in tied and
                 not k.endswith(("num_batches_tracked", "_extra_state"))}
@@ -373,6 +397,28 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
         model.fewbits_spec = {"name": header["model"]["name"],
                               "kwargs": header["model"]["kwargs"]}
     return model.to(map_location)
+
+
+def _unfold_bn(src: str, header: dict[str, Any], model: nn.Module,
+               state: dict[str, torch.Tensor]) -> None:
+    """Each batch norm the file folded (``options.folded_bn``) as ``x + bias``: weight 1,
+    mean 0, variance 1 and ``eps`` 0, so evaluation computes ``x * 1 + bias`` exactly."""
+    names = header.get("options", {}).get("folded_bn", [])
+    mods = dict(model.named_modules())
+    if not isinstance(names, list) or len(names) > len(mods):
+        raise FormatError(src, "its 'folded_bn' record is not a list of the model's modules")
+    for name in names:
+        bn = mods.get(name) if isinstance(name, str) else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine or \
+                bn.running_mean is None:
+            raise FormatError(src, f"it folds {name!r}, which is not an affine batch norm with "
+                              "running statistics in the model", "build the model the file "
+                              "was exported from")
+        c = bn.num_features
+        state[f"{name}.weight"] = torch.ones(c, dtype=bn.weight.dtype)
+        state[f"{name}.running_mean"] = torch.zeros(c, dtype=bn.running_mean.dtype)
+        state[f"{name}.running_var"] = torch.ones(c, dtype=bn.running_var.dtype)
+        bn.eps = 0.0
 
 
 def _retie(src: str, header: dict[str, Any], model: nn.Module) -> dict[str, str]:

@@ -372,6 +372,14 @@ class Quantizer(nn.Module):
         Default: :func:`exact_multiples`."""
         return exact_multiples(w)
 
+    def fold_scale(self, codes: Codes, alpha: Tensor) -> Codes | None:
+        """The codes of ``alpha[o] * w[o]`` (``alpha``: float64, one factor per output channel)
+        for a weight :meth:`encode` gave ``codes``, with the same integer levels (negated where
+        ``alpha < 0``) and per-channel scales ``|alpha| * scale`` rounded once to float32: how
+        a packed file folds the batch norm after the layer (``export_packed(bn="folded")``).
+        Default ``None``: the family's codes cannot hold it (batch norm stays float)."""
+        return None
+
     def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
         """``(y, description)``: the forward on ``x`` as ONNX nodes written with ``op`` (an op
         namespace: ``op.Greater(x, c)``, ``op.Constant(value=...)``; see

@@ -31,6 +31,10 @@ __all__ = ["LSQ"]
 
 #: The smallest step :meth:`LSQ.after_optimizer_step` leaves (a step of 0 has no grid).
 MIN_STEP = 1e-8
+#: The learning-rate factor of the step (and offset) under an adaptive optimizer (Adam):
+#: Adam normalises away LSQ's gradient scale g and moves a step of ~0.01 by ~lr per iteration,
+#: which sends it to MIN_STEP within a few iterations (docs/QUANTIZERS.md, ``lsq``).
+ADAPTIVE_LR_SCALE = 0.01
 
 
 @register_quantizer("lsq")
@@ -49,7 +53,12 @@ class LSQ(Quantizer):
     ``s = (max - min) / (Q_N + Q_P)``, ``beta = min + Q_N * s``. The gradient scale is
     ``g = 1 / sqrt(N * Q_P)``, ``N`` the number of weights, or the features of one sample
     (``x[0].numel()``) for activations. After every optimizer step that holds it
-    (:mod:`fewbits.quantizers.optim`) the step is kept ``>= 1e-8``.
+    (:mod:`fewbits.quantizers.optim`) the step is clamped to ``>= 1e-8``. Under Adam the step
+    and offset train at ``0.01 * lr`` in a group of their own (``fewbits train``,
+    ``quantize_(..., optimizer=opt)``, or :func:`fewbits.quantizers.optim.param_groups` for
+    one's own optimizer): Adam normalises away ``g`` and would move a step of ~0.01 by ~lr
+    per iteration, down to the floor, where the layer's output vanishes under the next batch
+    norm's epsilon and training stops for good.
 
     Codes: ``k + Q_N`` in ``bits`` bits; affine form ``int_repr = k``, scale ``s``, zero point
     0 (without an offset: ``beta`` is a real number, not an integer zero point).
@@ -71,8 +80,10 @@ class LSQ(Quantizer):
         self.init_step = None if init_step is None else float(init_step)
         self.step = nn.Parameter(torch.tensor(self.init_step or 1.0))
         optim.register_range(self.step, self)
+        optim.register_lr_scale(self.step, ADAPTIVE_LR_SCALE)
         if self.offset:
             self.beta = nn.Parameter(torch.tensor(0.0))
+            optim.register_lr_scale(self.beta, ADAPTIVE_LR_SCALE)
         # whether the step was started from data (state: a loaded quantizer keeps its step)
         self.register_buffer("initialized", torch.tensor(self.init_step is not None))
         #: N of the gradient scale: the weights' count (set by setup), else per sample.

@@ -18,6 +18,12 @@ installed once when :mod:`fewbits.quantizers` is imported.
   ``quantize_``, or ``opt.add_param_group``). Parameters with ``requires_grad=False`` are
   left out of the check: that is how ranges are kept fixed on purpose.
 
+- Learning-rate groups: a quantizer parameter may declare the factor its learning rate gets
+  under an adaptive optimizer (:func:`register_lr_scale`; LSQ's steps and offsets: 0.01).
+  :func:`param_groups` (used by ``fewbits train``) and :func:`add_to_optimizer` (used by
+  ``quantize_(..., optimizer=opt)``) put such parameters in their own group with
+  ``lr = lr * lr_scale`` and the factor kept as ``group["lr_scale"]`` for schedules.
+
 What it cannot see: an optimizer that holds *none* of the model's parameters, or a step taken
 by other means than ``Optimizer.step`` (a hand-written SGD update). Those loops call
 :func:`fewbits.layers.apply_weight_constraints` after each update, as before.
@@ -48,6 +54,9 @@ from torch.optim.optimizer import (
 
 __all__ = [
     "add_to_optimizer",
+    "lr_scale",
+    "param_groups",
+    "register_lr_scale",
     "register_range",
     "require_companions",
     "scale_updates",
@@ -61,6 +70,8 @@ _COMPANIONS: dict[int, tuple[weakref.ref, list[tuple[str, weakref.ref]]]] = {}
 _SCALES: dict[int, tuple[weakref.ref, float]] = {}
 # optimizer -> [(parameter, its value before the step, factor)] during a step
 _BEFORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(parameter) -> (weakref to it, its learning-rate factor under an adaptive optimizer)
+_LR_SCALES: dict[int, tuple[weakref.ref, float]] = {}
 _generation = 0  # bumped when _COMPANIONS changes: cached optimizer checks are then redone
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -99,6 +110,48 @@ def scale_updates(param: Tensor, factor: float) -> None:
     _SCALES[id(param)] = (weakref.ref(param), factor)
 
 
+def register_lr_scale(param: Tensor, scale: float) -> None:
+    """Declare that ``param`` trains with ``lr * scale`` under an adaptive optimizer (Adam and
+    the like, which normalise each parameter's update to about ``lr`` whatever its gradient's
+    scale); :func:`param_groups` and :func:`add_to_optimizer` read it."""
+    scale = float(scale)
+    if not 0.0 < scale < float("inf"):
+        raise ValueError(f"register_lr_scale: scale must be a finite number > 0, got {scale!r}")
+    _LR_SCALES[id(param)] = (weakref.ref(param), scale)
+    weakref.finalize(param, _forget, _LR_SCALES, id(param))
+
+
+def lr_scale(param: Tensor, adaptive: bool = True) -> float:
+    """The learning-rate factor of ``param``: the registered one under an ``adaptive``
+    optimizer, else 1 (plain SGD sees the quantizer's own gradient scale)."""
+    entry = _LR_SCALES.get(id(param))
+    if not adaptive or entry is None or entry[0]() is not param:
+        return 1.0
+    return entry[1]
+
+
+def param_groups(params: Iterable[Tensor], lr: float, adaptive: bool = True
+                 ) -> list[dict[str, Any]]:
+    """``params`` as optimizer parameter groups: those with a learning-rate factor
+    (:func:`register_lr_scale`) in a group of their own with ``"lr": lr * factor`` and
+    ``"lr_scale": factor``; the rest in one group with the optimizer's ``lr``.
+
+        >>> from fewbits.quantizers import LSQ
+        >>> lin, q = torch.nn.Linear(4, 2), LSQ(bits=4, init_step=0.1)
+        >>> groups = param_groups([*lin.parameters(), *q.parameters()], lr=1e-3)
+        >>> [(len(g["params"]), g.get("lr_scale")) for g in groups]
+        [(2, None), (1, 0.01)]
+    """
+    plain: list[Tensor] = []
+    scaled: dict[float, list[Tensor]] = {}
+    for p in params:
+        f = lr_scale(p, adaptive)
+        (plain if f == 1.0 else scaled.setdefault(f, [])).append(p)
+    out: list[dict[str, Any]] = [{"params": plain}] if plain else []
+    out += [{"params": ps, "lr": lr * f, "lr_scale": f} for f, ps in scaled.items()]
+    return out
+
+
 def require_companions(old: Iterable[Tensor], new: Iterable[tuple[str, Tensor]]) -> None:
     """Record that an optimizer holding any of ``old`` must also hold every trainable
     parameter of ``new`` (``(qualified name, parameter)``): what :func:`fewbits.quantize_`
@@ -118,12 +171,15 @@ def require_companions(old: Iterable[Tensor], new: Iterable[tuple[str, Tensor]])
 
 
 def add_to_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> int:
-    """Add the trainable ``params`` that ``optimizer`` does not hold yet as one new parameter
-    group (the optimizer's defaults: learning rate, weight decay ...); returns how many."""
+    """Add the trainable ``params`` that ``optimizer`` does not hold yet as new parameter
+    groups (the optimizer's defaults: learning rate, weight decay ...; a parameter with a
+    learning-rate factor gets ``lr * factor`` unless ``optimizer`` is plain SGD, as
+    :func:`param_groups`); returns how many."""
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     todo = [p for p in params if p.requires_grad and id(p) not in held]
-    if todo:
-        optimizer.add_param_group({"params": todo})
+    adaptive = not isinstance(optimizer, torch.optim.SGD)
+    for g in param_groups(todo, float(optimizer.defaults.get("lr", 0.0)), adaptive):
+        optimizer.add_param_group(g)
     return len(todo)
 
 

@@ -149,6 +149,20 @@ class Ternary(Quantizer):
             return torch.where(t > 0, p, torch.where(t < 0, -n, torch.zeros_like(t)))
         return t * tern.channel_view(codes.params["scale"].float(), t, self.per_channel)
 
+    def fold_scale(self, codes: Codes, alpha: Tensor) -> Codes | None:
+        """Per-channel ``twn`` / ``absmean`` codes times ``alpha[o]``: ``t`` negated where
+        ``alpha < 0`` (a zero ``alpha`` leaves ``t = 0``), scale ``|alpha| * scale`` (float64,
+        rounded once). ``None`` for ``ttq`` and per-tensor scales (one scale cannot hold a
+        factor per channel)."""
+        scale = codes.params.get("scale")
+        if self.mode == "ttq" or not self.per_channel or scale is None or \
+                scale.shape != (codes.shape[0],) or alpha.shape != scale.shape:
+            return None
+        t = (codes.codes.reshape(codes.shape[0], -1) - 1) * torch.sign(alpha).to(
+            torch.int64).view(-1, 1)
+        s = (scale.double() * alpha.abs()).float()
+        return Codes((t + 1).reshape(-1), codes.bits, codes.shape, {"scale": s})
+
     def affine(self, codes: Codes) -> AffineCodes | None:
         """``t * scale`` (``twn``, ``absmean``): integer ``t`` in ``[-1, 1]``, the scale per
         output channel (``axis=0``) or per tensor, zero point 0; ``None`` for ``ttq``."""

@@ -42,6 +42,7 @@ from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
 from ..models import model_info
 from ..monitor import Monitor, Progress, write_json
+from ..quantizers.optim import param_groups
 from ..runs import (
     check_run_folder,
     discard_set_aside,
@@ -191,7 +192,9 @@ class _Run:
                                      rank=info.rank, world_size=info.world_size)
         self._resolve_options()
         self.model = self._build_model()
-        params = list(self.model.parameters())
+        # LSQ's steps in a group of their own at a fraction of lr under Adam (quantizers.optim)
+        params = param_groups(self.model.parameters(), cfg.learning_rate,
+                              adaptive=cfg.optimizer == "adam")
         if cfg.optimizer == "adam":
             self.opt: torch.optim.Optimizer = torch.optim.Adam(
                 params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -373,7 +376,7 @@ class _Run:
         k = cfg.accum_steps
         lr = self.schedule.lr(i)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.net.train()
         loss_sum = torch.zeros((), device=dev)
         wrong = torch.zeros((), device=dev)
