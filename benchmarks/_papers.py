@@ -109,8 +109,9 @@ def paper_notes(s: dict[str, Any], summary: list[dict[str, Any]]) -> list[str]:
                         "points")
         text = "; ".join(said)
         if any("stochastic" in r["label"] for r in extras):
-            text += (". The stochastic row is evaluated with sign(w), the 1-bit network; the "
-                     "paper's 1.18 % is measured with the real-valued weights at test time (the "
+            text += (". The stochastic row is evaluated with sign(w), the 1-bit network, "
+                     "after batch norm's statistics are re-estimated under it (--bn-recalibrate, "
+                     "on with stochastic=true); the paper's 1.18 % is measured with the real-valued weights at test time (the "
                      "authors' binary_connect.py computes the test forward with W when "
                      "stochastic)")
         else:
