@@ -109,10 +109,11 @@ def paper_notes(s: dict[str, Any], summary: list[dict[str, Any]]) -> list[str]:
                         "points")
         text = "; ".join(said)
         if any("stochastic" in r["label"] for r in extras):
-            text += (". The stochastic row is evaluated with sign(w), the 1-bit network; the "
-                     "paper's 1.18 % is measured with the real-valued weights at test time (the "
-                     "authors' binary_connect.py computes the test forward with W when "
-                     "stochastic)")
+            text += (". The stochastic row is evaluated with sign(w), the 1-bit network, "
+                     "after batch norm's statistics are re-estimated under it (--bn-recalibrate, "
+                     "on with stochastic=true); the paper's 1.18 % is measured with the "
+                     "real-valued weights at test time (the authors' binary_connect.py "
+                     "computes the test forward with W when stochastic)")
         else:
             text += (". The stochastic variant (1.18 %) is not in this run (add --extra "
                      "'binary connect (stochastic)=mnist_binary_connect_mlp_bc:stochastic=true')")

@@ -7,11 +7,13 @@ Layers of the library, each small:
 * :mod:`fewbits.quantizers` - quantizer modules with state and bit widths (``get`` resolves specs);
 * :mod:`fewbits.layers` - ``QuantConv2d`` / ``QuantLinear`` drop-in layers;
 * :mod:`fewbits.models` - the model zoo (``list_models``, ``create_model``);
-* :mod:`fewbits.convert` - ``quantize_`` any PyTorch model, ``calibrate`` activation ranges.
+* :mod:`fewbits.convert` - ``quantize_`` any PyTorch model, ``calibrate`` activation ranges;
+* :mod:`fewbits.batch_norm` - ``recalibrate_bn``: batch-norm statistics under inference weights.
 """
 
 from . import functional, layers, models, quantizers
 from ._version import __version__
+from .batch_norm import recalibrate_bn
 from .convert import calibrate, family_config, quantize_
 from .layers import QuantAct, QuantConv2d, QuantLinear, apply_weight_constraints
 from .models import create_model, list_models, register_model
@@ -31,5 +33,6 @@ __all__ = [
     "models",
     "quantize_",
     "quantizers",
+    "recalibrate_bn",
     "register_model",
 ]

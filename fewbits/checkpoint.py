@@ -236,6 +236,7 @@ def _field_problem(payload: dict[str, Any], fmt: str) -> str | None:
         return None
     checks: tuple[tuple[str, Any, str], ...] = (
         ("world_size", lambda v: _is_int(v, 1), "a process count >= 1"),
+        ("bn_recalibrated", lambda v: isinstance(v, bool), "true or false"),
         ("optimizer", lambda v: isinstance(v, dict), "a dict"),
         ("data_iterator", lambda v: isinstance(v, dict), "a dict"),
         ("schedule", lambda v: v is None or isinstance(v, dict), "a dict"),

@@ -303,6 +303,16 @@ class _OptimOptions:
                               help="micro-batches of -b images accumulated per optimizer step")
     seed: int = option(0, "--seed", same_on_resume=True, check=_SEED,
                        help="seed of weights, batch order and augmentation")
+    # Stochastic weights gather batch norm's statistics under random draws; inference uses
+    # sign(w): re-estimated after the last iteration (fewbits.batch_norm.recalibrate_bn).
+    bn_recalibrate: int | None = option(None, "--bn-recalibrate", low=0, metavar="IMAGES",
+                                        default_text="20000 (or all the training images if "
+                                        "fewer) with --stochastic on a net with batch norm; 0 "
+                                        "otherwise",
+                                        help="after the last iteration, re-estimate batch "
+                                        "norm's running statistics over IMAGES training images "
+                                        "(seeded draw, no augmentation) with the quantizers in "
+                                        "inference form; 0: off")
 
 
 @dataclass

@@ -24,7 +24,7 @@ LAYERS = [
     (1, "data", ["fewbits.data"]),
     (2, "functional", ["fewbits.functional", "fewbits.ops", "fewbits._checks"]),
     (3, "quantizers", ["fewbits.quantizers"]),
-    (4, "layers", ["fewbits.layers", "fewbits.layer_kinds"]),
+    (4, "layers", ["fewbits.layers", "fewbits.layer_kinds", "fewbits.batch_norm"]),
     (5, "config", ["fewbits.config", "fewbits._args"]),
     (5, "distributed", ["fewbits.distributed"]),
     (6, "models", ["fewbits.models"]),

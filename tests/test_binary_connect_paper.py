@@ -108,11 +108,12 @@ class _Stop(Exception):
     pass
 
 
-def test_stochastic_binary_connect_trains_and_resumes(tmp_path):
+def test_stochastic_binary_connect_trains_and_resumes(tmp_path, monkeypatch):
     """Stochastic binary connect on the paper's MLP (narrowed) falls far below chance in 60
     steps with the paper's latent training, and stays at chance without it (PyTorch's initial
     weights make every draw a fair coin); a run stopped and resumed ends where the
-    uninterrupted one does (the stream, the scaled updates and the clip all resume)."""
+    uninterrupted one does (the stream, the scaled updates and the clip all resume); batch
+    norm is re-estimated at the end (:func:`_check_batch_norm_re_estimated_once`)."""
     train_err, test_err = _run(tmp_path / "paper")
     assert train_err < 0.45 and test_err < 0.45, (train_err, test_err)
     before = _run(tmp_path / "before", clip_weights=False, uniform_init=False,
@@ -131,3 +132,42 @@ def test_stochastic_binary_connect_trains_and_resumes(tmp_path):
     a, b = (load_model(tmp_path / d / "model_final.pt").state_dict()
             for d in ("paper", "resumed"))
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _check_batch_norm_re_estimated_once(tmp_path, test_err, a, monkeypatch)
+
+
+def _check_batch_norm_re_estimated_once(tmp_path, with_bn, a, monkeypatch):
+    """--bn-recalibrate (on with --stochastic: all 500 images here) after the last iteration:
+    the 1-bit network's test error falls, only batch norm's running statistics change (the
+    same training without it, recalibration draws no random number), config.json records the
+    count, and a run stopped after its last step and resumed re-estimates once, a finished
+    one never again (the "paper" run of the test above is the run with it)."""
+    import json
+
+    import fewbits.train.run as run_mod
+    from fewbits.checkpoint import load_model
+
+    _, without = _run(tmp_path / "off", bn_recalibrate=0)
+    assert with_bn < without, (with_bn, without)
+    assert json.loads((tmp_path / "paper" / "config.json").read_text())["bn_recalibrate"] == 500
+    b = load_model(tmp_path / "off" / "model_final.pt").state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var",
+                                                    "num_batches_tracked") for k in changed)
+    calls, real = [], run_mod.recalibrate_bn
+
+    def once(*args):
+        calls.append(1)
+        if len(calls) == 1:  # dies after the checkpoint at the last iteration
+            raise _Stop
+        return real(*args)
+
+    monkeypatch.setattr(run_mod, "recalibrate_bn", once)
+    with pytest.raises(_Stop):
+        train(_cfg(tmp_path / "r"))
+    train(_cfg(tmp_path / "r", resume="auto"))
+    train(_cfg(tmp_path / "r", resume="auto"))  # finished: validated again, not re-estimated
+    assert len(calls) == 2
+    c = load_model(tmp_path / "r" / "model_final.pt").state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="--bn-recalibrate 501: give 2 to 500 images"):
+        train(_cfg(tmp_path / "x", bn_recalibrate=501))

@@ -172,6 +172,7 @@ def _set_in(key, sub, value):
     (_set("iteration", True), r"'iteration' is a bool True"),
     (_set("iteration", 3.0), r"'iteration' is 3\.0"),
     (_set("world_size", 0), r"'world_size' is 0, not a process count"),
+    (_set("bn_recalibrated", 1), r"'bn_recalibrated' is 1, not true or false"),
     (_set("optimizer", "x"), r"'optimizer' is 'x', not a dict"),
     (_set("rng", {"torch": 1}), r"'rng' is a dict .*uint8 generator states"),
     (_set_in("best", "error", "low"), r"'best' is a dict"),

@@ -98,8 +98,10 @@ def save_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *, itera
                     model: nn.Module, opt: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler | None, schedule: dict[str, Any],
                     best: dict[str, Any], batches: Any, aug_gen: torch.Generator,
-                    device: torch.device, monitor: dict[str, Any]) -> None:
-    """Write ``checkpoint.pt`` atomically (rank 0 only: the caller checks ``info.is_main``)."""
+                    device: torch.device, monitor: dict[str, Any],
+                    bn_recalibrated: bool = False) -> None:
+    """Write ``checkpoint.pt`` atomically (rank 0 only: the caller checks ``info.is_main``);
+    ``bn_recalibrated``: batch norm was re-estimated (``--bn-recalibrate``), not to be redone."""
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     ckpt.save_file(path, {
         "format": ckpt.CHECKPOINT_FORMAT,
@@ -119,6 +121,7 @@ def save_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *, itera
         "monitor": monitor,
         "config": cfg.to_dict(),
         "world_size": info.world_size,
+        "bn_recalibrated": bool(bn_recalibrated),
     })
 
 

@@ -13,18 +13,22 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..batch_norm import batch_norms
 from ..config import QUANT_KEYS, ConfigError, QuantConfig, TrainConfig
-from ..data import ChecksumError, CorruptDataError, load_dataset
+from ..data import ChecksumError, CorruptDataError, load_dataset, to_float
 from ..models import FAMILIES, create_model, list_models, model_info, register_factory
 from ..quantizers import Quantizer
 
 __all__ = [
+    "BN_RECALIBRATE_IMAGES",
+    "bn_recalibration_batches",
     "build_model",
     "check_batch_norm",
     "check_input_shape",
@@ -37,7 +41,11 @@ __all__ = [
     "load_split",
     "net_input_shape",
     "probe_forward",
+    "resolve_bn_recalibrate",
 ]
+
+#: Training images ``--bn-recalibrate`` uses by default with ``--stochastic``.
+BN_RECALIBRATE_IMAGES = 20000
 
 
 def inq_schedule(values: tuple[int | float, ...], steps: int) -> tuple[int, ...]:
@@ -260,3 +268,31 @@ def check_batch_norm(model: nn.Module, image_shape: tuple[int, ...], net: str,
             f"-b/--batch-size 1: {net} normalises {', '.join(single[:3])} with batch norm over "
             "one value per channel, whose training statistics need at least 2 images per batch "
             "(per process under torchrun); use -b 2 or more")
+
+
+def resolve_bn_recalibrate(cfg: TrainConfig, model: nn.Module, train_images: int) -> int:
+    """The images ``--bn-recalibrate`` re-estimates batch norm over (0: off). Unset, it
+    follows ``--stochastic`` on a net with batch norm: ``min(BN_RECALIBRATE_IMAGES,
+    train_images)``. Raises :class:`ConfigError` for a count on a net without batch norm,
+    a count of 1 (batch norm needs two images a batch) or more than the training images."""
+    asked, has_bn = cfg.bn_recalibrate, bool(batch_norms(model))
+    if asked is None:
+        return min(BN_RECALIBRATE_IMAGES, train_images) if cfg.stochastic and has_bn else 0
+    if asked and not has_bn:
+        raise ConfigError(f"--bn-recalibrate {asked}: {cfg.net} has no batch norm with running "
+                          "statistics to re-estimate; drop the flag (or give 0)")
+    if asked == 1 or asked > train_images:
+        raise ConfigError(f"--bn-recalibrate {asked}: give 2 to {train_images} images (the "
+                          f"training split of --dataset {cfg.dataset}), or 0 for off")
+    return asked
+
+
+def bn_recalibration_batches(images: Tensor, n: int, batch_size: int, seed: int,
+                             device: torch.device) -> Iterator[Tensor]:
+    """``n`` of the uint8 ``images`` drawn without replacement by a generator seeded with
+    ``seed + 0xB4``, as float batches on ``device``: ``max(1, n // max(batch_size, 2))``
+    near-equal batches (each of at least two images), no augmentation."""
+    g = torch.Generator().manual_seed(seed + 0xB4)
+    idx = torch.randperm(images.shape[0], generator=g)[:n]
+    for part in torch.tensor_split(idx, max(1, n // max(batch_size, 2))):
+        yield to_float(images[part], device)

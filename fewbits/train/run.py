@@ -37,6 +37,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as fdist
 from .._checks import NonFiniteError
 from .._version import __version__
+from ..batch_norm import recalibrate_bn
 from ..config import ConfigError, TrainConfig
 from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
@@ -54,6 +55,7 @@ from .checkpointing import restore_checkpoint, resume_path, save_checkpoint, sav
 from .device import autocast, resolve_device
 from .evaluate import evaluate
 from .model import (
+    bn_recalibration_batches,
     build_model,
     check_batch_norm,
     check_input_shape,
@@ -65,6 +67,7 @@ from .model import (
     load_split,
     net_input_shape,
     probe_forward,
+    resolve_bn_recalibrate,
 )
 from .signals import StopSignals, TrainingInterrupted
 
@@ -192,6 +195,8 @@ class _Run:
                                      rank=info.rank, world_size=info.world_size)
         self._resolve_options()
         self.model = self._build_model()
+        cfg.bn_recalibrate = resolve_bn_recalibrate(cfg, self.model, n)  # config.json: as run
+        self.bn_done = False  # once per run: the final checkpoint records it
         # LSQ's steps in a group of their own at a fraction of lr under Adam (quantizers.optim)
         params = param_groups(self.model.parameters(), cfg.learning_rate,
                               adaptive=cfg.optimizer == "adam")
@@ -319,6 +324,7 @@ class _Run:
                               f"{cfg.max_iter}; raise -i to train further")
         best = state.get("best") or {}
         self.best_error, self.best_iter = best.get("error"), best.get("iteration")
+        self.bn_done = bool(state.get("bn_recalibrated", False))
         self.resumed_from = str(path)
         if info.is_main:
             print(f"resuming from {path} at iteration {self.start_iter}", flush=True)
@@ -342,7 +348,7 @@ class _Run:
                             schedule=self.schedule.state_dict(),
                             best={"error": self.best_error, "iteration": self.best_iter},
                             batches=self.batches, aug_gen=self.aug_gen, device=self.device,
-                            monitor=monitor_state)
+                            monitor=monitor_state, bn_recalibrated=self.bn_done)
             if self.set_aside:  # this run can now be resumed: the replaced one goes
                 discard_set_aside(*self.set_aside)
                 self.set_aside = []
@@ -453,6 +459,13 @@ class _Run:
                         raise TrainingInterrupted(self.stop.signum or signal.SIGTERM, i, path,
                                                   info.rank)
                 self.monitor.finish(cfg.max_iter - 1)  # the timer's last, partial window
+                if cfg.bn_recalibrate and not self.bn_done:
+                    recalibrate_bn(self.model, bn_recalibration_batches(
+                        self.train_ds.images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed,
+                        self.device), cfg.bn_recalibrate)
+                    self.bn_done = True
+                    self.progress.write(f"batch norm re-estimated over {cfg.bn_recalibrate} "
+                                        "training images, the quantizers in inference form")
                 final = self._validate(cfg.max_iter)
                 self._save_model("model_final.pt", cfg.max_iter, final)
                 self._save_checkpoint(cfg.max_iter)
