@@ -10,6 +10,7 @@ run).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -31,6 +32,7 @@ __all__ = [
     "bn_recalibration_batches",
     "build_model",
     "check_batch_norm",
+    "check_dead_start",
     "check_input_shape",
     "check_inq",
     "check_model_input",
@@ -296,3 +298,45 @@ def bn_recalibration_batches(images: Tensor, n: int, batch_size: int, seed: int,
     idx = torch.randperm(images.shape[0], generator=g)[:n]
     for part in torch.tensor_split(idx, max(1, n // max(batch_size, 2))):
         yield to_float(images[part], device)
+
+
+def _one_level(t: torch.Tensor) -> bool:
+    flat = t.detach().reshape(-1)
+    return flat.numel() > 1 and bool((flat == flat[0]).all())
+
+
+@contextlib.contextmanager
+def check_dead_start(model: nn.Module, net: str) -> Iterator[list[torch.Tensor]]:
+    """Around the first training forward: :class:`ConfigError` when the net's output is the
+    same for every image of the batch (append the logits to the yielded list) and a quantizer
+    of ``model`` mapped inputs that differ to one single value, so that training would sit at
+    chance with every gradient but the last bias's exactly zero (a min-max range far wider than
+    the data at few levels: ``--ql-max 3`` on the ``[-2, 2]`` weight range has a step of 4/3,
+    and every weight rounds to 0)."""
+    collapsed: list[str] = []
+
+    def hook(name: str, mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+        if (x is not None and isinstance(out, torch.Tensor) and _one_level(out)
+                and not _one_level(x)):
+            collapsed.append(f"{name or 'the input'} ({type(mod).__name__}) maps "
+                             f"[{float(x.min()):.3g}, {float(x.max()):.3g}] to "
+                             f"{float(out.detach().reshape(-1)[0]):.3g}")
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(n, mod, a, o))
+               for n, m in model.named_modules() if isinstance(m, Quantizer)]
+    logits: list[torch.Tensor] = []
+    try:
+        yield logits
+    finally:
+        for h in handles:
+            h.remove()
+    out = logits[0].detach() if logits else None
+    if collapsed and out is not None and out.shape[0] > 1 and bool((out == out[:1]).all()):
+        raise ConfigError(
+            f"{net} gives the same output for every image at the first iteration, so training "
+            f"would sit at chance: {'; '.join(collapsed[:3])}"
+            f"{f' (and {len(collapsed) - 3} more)' if len(collapsed) > 3 else ''} to one "
+            "value. Give the quantizers a grid that covers the data: for min_max, ranges from "
+            "the data (fewbits.calibrate, or --p-min-max / --a-min-max) or more levels "
+            "(--ql-max); for fixed point, a --delta and --bit-width that span the values")

@@ -58,6 +58,7 @@ from .model import (
     bn_recalibration_batches,
     build_model,
     check_batch_norm,
+    check_dead_start,
     check_input_shape,
     check_inq,
     check_net,
@@ -389,9 +390,12 @@ class _Run:
         for j, (x, y) in enumerate(self._micro_batches()):
             sync = (self.ddp.no_sync() if self.ddp is not None and j < k - 1
                     else contextlib.nullcontext())
-            with sync:
+            first = i == 0 and j == 0
+            with sync, (check_dead_start(self.model, cfg.net) if first
+                        else contextlib.nullcontext([])) as seen:
                 with autocast(dev, cfg.type_config):
                     out = self.net(x)
+                seen.append(out)
                 loss = F.cross_entropy(out.float(), y)
                 scaled = loss / k if k > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
