@@ -400,6 +400,7 @@ class _SharedNet(nn.Module):
         self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(16)
         self.ident, self.relu, self.mp = nn.Identity(), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.avg = nn.AvgPool2d(8, divisor_override=3)
         self.fc = nn.Linear(16, 10)
         from fewbits.layers import QuantAct
 
@@ -420,6 +421,8 @@ class _SharedNet(nn.Module):
             o = bt(self.bn3(self.conv3(a)) + a)
         elif self.kind == "pool_padding":  # padding=1 was taken as a no-op argument
             o = bt(nn.functional.max_pool2d(bt(y + h), 2, padding=1))
+        elif self.kind == "avg_divisor":  # a global average pool dividing by 3, not 64
+            return self.fc(torch.flatten(self.avg(bt(y + h)), 1))
         else:  # an in-place ReLU changes y for the sum too
             self.relu(y)
             o = bt(y + h)
@@ -427,17 +430,18 @@ class _SharedNet(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["relu_residual", "bn_twice", "pool_through_identity",
-                                  "inplace_relu", "pool_padding"])
+                                  "inplace_relu", "pool_padding", "avg_divisor"])
 def test_shared_values_equal_pytorch_or_are_refused(kind: str) -> None:
     # each was silently wrong: the engine dropped the ReLU before the sum, emitted one step
-    # twice, pooled a map other layers read, or ignored the in-place ReLU
+    # twice, pooled a map other layers read, ignored the in-place ReLU or a pool's divisor
     torch.manual_seed(4)
     m = _converted(_SharedNet(kind))
     x = _dyadic(3, (3, 8, 8), 1)
     try:
         eng = BinaryEngine.from_model(m, input_shape=(3, 8, 8), isa="generic")
     except ValueError as e:
-        assert any(w in str(e) for w in ("ReLU", "read", "max_pool2d")), e
+        assert "not covered" in str(e), e
+        assert any(w in str(e) for w in ("ReLU", "read", "max_pool2d", "AvgPool2d")), e
         return
     with torch.no_grad():
         torch.testing.assert_close(eng(x), m(x), rtol=RTOL, atol=ATOL)

@@ -270,3 +270,21 @@ def test_planner_check_counts_nan_as_a_mismatch() -> None:
     assert leaf_error(got, ref) == float("inf") and check_outputs(got, ref, 0.08) is not None
     assert leaf_error(got[:, :1], ref[:, :1]) == float("inf")
     assert leaf_error(got, got.clone()) == 0.0  # the model's own NaN, reproduced, is fine
+
+
+def test_planner_checks_a_lone_candidate_on_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # with one candidate the timing-batch check was skipped: an engine wrong only past the
+    # probe's 32 rows (a batch-size-dependent fault) was deployed unseen
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 5))
+    quantize_(net, "fp_net")
+    call = IntegerEngine.__call__
+    monkeypatch.setattr(IntegerEngine, "__call__",
+                        lambda self, x: (lambda o: o if len(o) <= 32 else -o)(call(self, x)))
+    d = compile_for_cpu(net, input_shape=(3, 6, 6), batch_size=32, candidates=("int",))
+    assert d.backend == "int"  # the probe's own rows: nothing more to check
+    with pytest.raises(RuntimeError, match="int: tolerance exceeded on the timing batch"):
+        compile_for_cpu(net, input_shape=(3, 6, 6), batch_size=33, candidates=("int",))
+    with pytest.raises(RuntimeError, match="'int' cannot run this model: tolerance exceeded"):
+        compile_for_cpu(net, backend="int", input_shape=(3, 6, 6), batch_size=64)

@@ -64,9 +64,10 @@ def is_global_pool(node: fx.Node, m: nn.Module | None, h: int, w: int) -> bool:
         return s in (1, (1, 1))
 
     if m is not None:
+        # divisor_override divides the window's sum by another count than h * w
         return (isinstance(m, nn.AdaptiveAvgPool2d) and one(m.output_size)) or (
             isinstance(m, nn.AvgPool2d) and m.kernel_size in ((h, w), h)
-            and h == w and not m.padding)
+            and h == w and not m.padding and m.divisor_override is None)
     if node.target is nn.functional.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return one(size)

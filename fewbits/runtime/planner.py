@@ -330,7 +330,8 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
     :func:`tolerance` and top-1 agreement of at least :data:`MIN_TOP1_AGREEMENT`) on the probe
     (:func:`probe_images`: 32 seeded noise and smooth-noise images, plus ``probe_inputs``), times
     them on a batch of ``batch_size`` (made of ``probe_inputs`` where given), checks each
-    output on that batch against PyTorch's again, and keeps the fastest. Every candidate left
+    output on that batch against PyTorch's again (a lone candidate too, where the batch is
+    larger than the probe), and keeps the fastest. Every candidate left
     out gets a line in :attr:`Deployed.notes` saying why: ``operation not covered: ...``,
     ``tolerance exceeded on the probe: ...`` (with the numbers) or ``slower: ...`` (with the
     times). A candidate that fails for another reason than not covering the model (a missing
@@ -404,13 +405,24 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
             continue
         built[name] = (run, tol)
     timings: dict[str, float] = {}
+    if shape is None:
+        xt = probe
+    else:
+        base = probe[0][0] if probe_inputs is None else probe_inputs.detach().float().cpu()
+        reps = -(-batch_size // base.shape[0])
+        xt = ((base.repeat(reps, *([1] * len(shape)))[:batch_size].contiguous(),), {})
+    if len(built) == 1 and shape is not None and batch_size > probe[0][0].shape[0] and \
+            next(iter(built)) not in EXACT:
+        # a lone candidate is checked on the batch it will run too, where that is larger
+        # than the probe (a fault that shows only past the probe's rows must not ship unseen)
+        name, (run, tol) = next(iter(built.items()))
+        with torch.inference_mode():
+            bad = check_outputs(run(*xt[0], **xt[1]), model(*xt[0], **xt[1]), tol,
+                                "timing batch")
+        if bad is not None:
+            del built[name]
+            drop(name, bad)
     if len(built) > 1:
-        if shape is None:
-            xt = probe
-        else:
-            base = probe[0][0] if probe_inputs is None else probe_inputs.detach().float().cpu()
-            reps = -(-batch_size // base.shape[0])
-            xt = ((base.repeat(reps, *([1] * len(shape)))[:batch_size].contiguous(),), {})
         outs: dict[str, Any] = {}
         for name, (run, _) in built.items():
             timings[name], outs[name] = _median_time(run, xt)
