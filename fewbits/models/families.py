@@ -23,7 +23,7 @@ class Recipe:
     (unit conv3, before the residual sum), ``merge`` (on ``h + x``), ``stem``.
 
     Op names: ``bn`` batch norm, ``relu``, ``q`` the family's activation quantizer, ``btanh``
-    BinaryNet's binary tanh.
+    BinaryNet's binary tanh; ``merge`` is one of ``relu``, ``q``, ``btanh``.
     """
 
     inner: tuple[str, ...]
@@ -36,6 +36,11 @@ STANDARD = Recipe(("bn", "relu"), ("bn",), "relu", ("bn", "relu"))
 QUANT_NET = Recipe(("bn", "q", "relu"), ("bn", "q"), "relu", ("bn", "q", "relu"))
 BINARY_NET = Recipe(("bn", "btanh"), ("bn",), "btanh", ("bn", "btanh"))
 MIN_MAX = Recipe(("relu", "bn", "q"), ("bn", "q"), "relu", ("bn", "q", "relu"))
+#: LSQ as Esser et al. 2020 place it: each layer's input quantized unsigned after the ReLU. The
+#: unsigned quantizer on [0, Q_P * s] is the ReLU (``q`` replaces it), so at 2 bits all four
+#: levels carry information; the residual branch is summed in float and the sum goes through
+#: ``q`` (it feeds the next unit's first conv).
+LSQ_NET = Recipe(("bn", "q"), ("bn",), "q", ("bn", "q"))
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,9 @@ def _bc(c: QuantConfig) -> dict[str, Any]:
             **{k: True for k in _FOLLOWS_STOCHASTIC[1:] if on(getattr(c, k))}}
 
 
-def _lsq(c: QuantConfig) -> dict[str, Any]:
-    return {"name": "lsq", "bits": _bw(c, 4), "signed": True}
+def _lsq(c: QuantConfig, signed: bool) -> dict[str, Any]:
+    # weights signed; activations unsigned on [0, Q_P * s], in place of the ReLU (LSQ_NET)
+    return {"name": "lsq", "bits": _bw(c, 4), "signed": signed}
 
 
 _WEIGHT = {
@@ -167,7 +173,7 @@ _WEIGHT = {
                       list(c.inq_iterations), "selection": c.inq_selection},
     "min_max": lambda c: _mm(c, weight=True),
     "ternary": lambda c: {"name": "ternary", "mode": "twn", "per_channel": True},
-    "lsq": lambda c: _lsq(c),
+    "lsq": lambda c: _lsq(c, signed=True),
 }
 # Biases of the final affine: quantized where the seed's layer quantizes them.
 _BIAS = {
@@ -180,7 +186,7 @@ _ACT = {
     "fp_net": _fp,
     "pow2_net": lambda c: _pow2(c, with_zero=True),
     "min_max": lambda c: _mm(c, weight=False),
-    "lsq": lambda c: _lsq(c),
+    "lsq": lambda c: _lsq(c, signed=False),
 }
 
 FAMILIES: dict[str, Family] = {
@@ -198,8 +204,8 @@ FAMILIES: dict[str, Family] = {
         Family("min_max", MIN_MAX, False, "min-max (zero-point) 8-bit weights and activations"),
         Family("ternary", doc="ternary weights {-a, 0, +a} per output channel (TWN, Li & Liu "
                "2016)"),
-        Family("lsq", QUANT_NET, False, "n-bit weights and activations with learned steps "
-               "(LSQ, Esser et al. 2020; default 4 bits)"),
+        Family("lsq", LSQ_NET, False, "n-bit signed weights and unsigned post-ReLU activations "
+               "with learned steps (LSQ, Esser et al. 2020; default 4 bits)"),
     ]
 }
 

@@ -74,8 +74,10 @@ def _ops(ops: tuple[str, ...], channels: int, fam: Family, cfg: QuantConfig,
     return nn.Sequential(*(make[o]() for o in ops))
 
 
-def _merge(op: str) -> nn.Module:
-    return nn.ReLU() if op == "relu" else QuantAct("binary_tanh")
+def _merge(op: str, fam: Family, cfg: QuantConfig) -> nn.Module:
+    if op == "relu":
+        return nn.ReLU()
+    return QuantAct(fam.act(cfg)) if op == "q" else QuantAct("binary_tanh")
 
 
 class _Base(nn.Module):
@@ -104,7 +106,7 @@ class _ResUnit(nn.Module):
         self.conv2 = net.conv(c // 2, c // 2, 3)
         self.post2 = _ops(r.inner, c // 2, fam, cfg, 2, bn)
         self.conv3, self.post3 = net.conv(c // 2, c, 1), _ops(r.last, c, fam, cfg, 2, bn)
-        self.merge = _merge(r.merge)
+        self.merge = _merge(r.merge, fam, cfg)
         self.pool = nn.MaxPool2d(2, 2) if down else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
