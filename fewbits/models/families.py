@@ -22,8 +22,9 @@ class Recipe:
     """Operations after each conv: ``inner`` (unit conv1/conv2 and hidden layers), ``last``
     (unit conv3, before the residual sum), ``merge`` (on ``h + x``), ``stem``.
 
-    Op names: ``bn`` batch norm, ``relu``, ``q`` the family's activation quantizer, ``btanh``
-    BinaryNet's binary tanh; ``merge`` is one of ``relu``, ``q``, ``btanh``.
+    Op names: ``bn`` batch norm, ``relu``, ``q`` the family's activation quantizer, ``uq`` the
+    family's activation quantizer made unsigned (on ``[0, max]``: it is the ReLU), ``btanh``
+    BinaryNet's binary tanh; ``merge`` is one of ``relu``, ``uq``, ``btanh``.
     """
 
     inner: tuple[str, ...]
@@ -37,10 +38,10 @@ QUANT_NET = Recipe(("bn", "q", "relu"), ("bn", "q"), "relu", ("bn", "q", "relu")
 BINARY_NET = Recipe(("bn", "btanh"), ("bn",), "btanh", ("bn", "btanh"))
 MIN_MAX = Recipe(("relu", "bn", "q"), ("bn", "q"), "relu", ("bn", "q", "relu"))
 #: LSQ as Esser et al. 2020 place it: each layer's input quantized unsigned after the ReLU. The
-#: unsigned quantizer on [0, Q_P * s] is the ReLU (``q`` replaces it), so at 2 bits all four
-#: levels carry information; the residual branch is summed in float and the sum goes through
-#: ``q`` (it feeds the next unit's first conv).
-LSQ_NET = Recipe(("bn", "q"), ("bn",), "q", ("bn", "q"))
+#: unsigned quantizer on [0, Q_P * s] is the ReLU (``uq`` replaces it), so at 2 bits all four
+#: levels carry information (signed before the ReLU, as ``fp_net``, the ReLU left two); the
+#: residual branch is summed in float and the sum goes through ``uq`` (it feeds the next unit).
+LSQ_NET = Recipe(("bn", "uq"), ("bn",), "uq", ("bn", "uq"))
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,10 @@ def _bc(c: QuantConfig) -> dict[str, Any]:
             **{k: True for k in _FOLLOWS_STOCHASTIC[1:] if on(getattr(c, k))}}
 
 
-def _lsq(c: QuantConfig, signed: bool) -> dict[str, Any]:
-    # weights signed; activations unsigned on [0, Q_P * s], in place of the ReLU (LSQ_NET)
-    return {"name": "lsq", "bits": _bw(c, 4), "signed": signed}
+def _lsq(c: QuantConfig) -> dict[str, Any]:
+    # signed: what quantize_ puts on any layer's input, whose sign it cannot know; the zoo nets
+    # (LSQ_NET) use it unsigned after batch norm, in place of the ReLU
+    return {"name": "lsq", "bits": _bw(c, 4), "signed": True}
 
 
 _WEIGHT = {
@@ -173,7 +175,7 @@ _WEIGHT = {
                       list(c.inq_iterations), "selection": c.inq_selection},
     "min_max": lambda c: _mm(c, weight=True),
     "ternary": lambda c: {"name": "ternary", "mode": "twn", "per_channel": True},
-    "lsq": lambda c: _lsq(c, signed=True),
+    "lsq": lambda c: _lsq(c),
 }
 # Biases of the final affine: quantized where the seed's layer quantizes them.
 _BIAS = {
@@ -186,7 +188,7 @@ _ACT = {
     "fp_net": _fp,
     "pow2_net": lambda c: _pow2(c, with_zero=True),
     "min_max": lambda c: _mm(c, weight=False),
-    "lsq": lambda c: _lsq(c, signed=False),
+    "lsq": lambda c: _lsq(c),
 }
 
 FAMILIES: dict[str, Family] = {

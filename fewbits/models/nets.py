@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..quantizers import get
 from .families import FAMILIES, Family, QuantConfig, family
 from .registry import register_model
 
@@ -69,15 +70,24 @@ def _ops(ops: tuple[str, ...], channels: int, fam: Family, cfg: QuantConfig,
         "bn": lambda: bn(channels),
         "relu": lambda: nn.ReLU(inplace=False),
         "q": lambda: QuantAct(fam.act(cfg)),
+        "uq": lambda: _unsigned_act(fam, cfg),
         "btanh": lambda: QuantAct("binary_tanh"),
     }
     return nn.Sequential(*(make[o]() for o in ops))
 
 
+def _unsigned_act(fam: Family, cfg: QuantConfig) -> nn.Module:
+    spec = fam.act(cfg)
+    if spec is None or "signed" not in get(spec).config():
+        raise ValueError(f"family {fam.name!r}: recipe op 'uq' needs a signed/unsigned "
+                         f"activation quantizer, got {spec!r}")
+    return QuantAct({**spec, "signed": False})
+
+
 def _merge(op: str, fam: Family, cfg: QuantConfig) -> nn.Module:
     if op == "relu":
         return nn.ReLU()
-    return QuantAct(fam.act(cfg)) if op == "q" else QuantAct("binary_tanh")
+    return _unsigned_act(fam, cfg) if op == "uq" else QuantAct("binary_tanh")
 
 
 class _Base(nn.Module):
