@@ -114,6 +114,37 @@ def test_bit_width_reaches_the_quantizers_and_inq_defaults_to_4():
     assert inq6.fc.weight_quantizer.bits == 6
 
 
+@pytest.mark.parametrize("name", list_models("*_lsq_*"))
+def test_lsq_nets_quantize_activations_unsigned_in_place_of_the_relu(name):
+    # Esser et al. 2020: each layer's input unsigned after the ReLU. Signed before the ReLU
+    # (fp_net's placement) left 2 of the 4 levels at 2 bits: the ReLU cut the negative ones.
+    m = create_model(name, bit_width=2, **_small(name))
+    acts = [q.quantizer for q in m.modules() if type(q).__name__ == "QuantAct"]
+    assert acts and all(not q.signed and (q.qn, q.qp) == (0, 3) for q in acts)
+    assert not any(isinstance(x, torch.nn.ReLU) for x in m.modules())  # the quantizer is it
+    weights = [q for q in m.modules() if type(q).__name__ == "LSQ" and q not in acts]
+    assert weights and all(q.signed for q in weights)
+    ramp = torch.linspace(-2, 5, 71)
+    for q in acts:
+        q(ramp)  # the step starts from the first batch (training mode)
+        y = q(ramp * q.step.detach()) / q.step.detach()
+        assert set(torch.round(y).tolist()) == {0.0, 1.0, 2.0, 3.0}
+        assert y[ramp < 0].eq(0).all() and y[ramp > 3].eq(3).all()
+
+
+def test_lsq_lenet_reaches_all_four_activation_levels_at_2_bits():
+    torch.manual_seed(0)
+    m = create_model("mnist_lsq_lenet", bit_width=2, width=16).train()
+    acts = [q for q in m.modules() if type(q).__name__ == "QuantAct"]
+    seen = {id(q): set() for q in acts}
+    hooks = [q.register_forward_hook(lambda mod, i, o: seen[id(mod)].update(
+        torch.round(o / mod.quantizer.step).unique().tolist())) for q in acts]
+    m(_input("mnist_lsq_lenet", 8))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3 and all(v == {0.0, 1.0, 2.0, 3.0} for v in seen.values()), seen
+
+
 def test_mnist_nets_default_to_a_delta_that_keeps_their_wide_layers_alive():
     m = create_model("mnist_fp_connect_lenet")
     assert m.fc1.weight_quantizer.delta == 2**-7

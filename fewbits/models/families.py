@@ -22,8 +22,9 @@ class Recipe:
     """Operations after each conv: ``inner`` (unit conv1/conv2 and hidden layers), ``last``
     (unit conv3, before the residual sum), ``merge`` (on ``h + x``), ``stem``.
 
-    Op names: ``bn`` batch norm, ``relu``, ``q`` the family's activation quantizer, ``btanh``
-    BinaryNet's binary tanh.
+    Op names: ``bn`` batch norm, ``relu``, ``q`` the family's activation quantizer, ``uq`` the
+    family's activation quantizer made unsigned (on ``[0, max]``: it is the ReLU), ``btanh``
+    BinaryNet's binary tanh; ``merge`` is one of ``relu``, ``uq``, ``btanh``.
     """
 
     inner: tuple[str, ...]
@@ -36,6 +37,11 @@ STANDARD = Recipe(("bn", "relu"), ("bn",), "relu", ("bn", "relu"))
 QUANT_NET = Recipe(("bn", "q", "relu"), ("bn", "q"), "relu", ("bn", "q", "relu"))
 BINARY_NET = Recipe(("bn", "btanh"), ("bn",), "btanh", ("bn", "btanh"))
 MIN_MAX = Recipe(("relu", "bn", "q"), ("bn", "q"), "relu", ("bn", "q", "relu"))
+#: LSQ as Esser et al. 2020 place it: each layer's input quantized unsigned after the ReLU. The
+#: unsigned quantizer on [0, Q_P * s] is the ReLU (``uq`` replaces it), so at 2 bits all four
+#: levels carry information (signed before the ReLU, as ``fp_net``, the ReLU left two); the
+#: residual branch is summed in float and the sum goes through ``uq`` (it feeds the next unit).
+LSQ_NET = Recipe(("bn", "uq"), ("bn",), "uq", ("bn", "uq"))
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ def _bc(c: QuantConfig) -> dict[str, Any]:
 
 
 def _lsq(c: QuantConfig) -> dict[str, Any]:
+    # signed: what quantize_ puts on any layer's input, whose sign it cannot know; the zoo nets
+    # (LSQ_NET) use it unsigned after batch norm, in place of the ReLU
     return {"name": "lsq", "bits": _bw(c, 4), "signed": True}
 
 
@@ -198,8 +206,8 @@ FAMILIES: dict[str, Family] = {
         Family("min_max", MIN_MAX, False, "min-max (zero-point) 8-bit weights and activations"),
         Family("ternary", doc="ternary weights {-a, 0, +a} per output channel (TWN, Li & Liu "
                "2016)"),
-        Family("lsq", QUANT_NET, False, "n-bit weights and activations with learned steps "
-               "(LSQ, Esser et al. 2020; default 4 bits)"),
+        Family("lsq", LSQ_NET, False, "n-bit signed weights and unsigned post-ReLU activations "
+               "with learned steps (LSQ, Esser et al. 2020; default 4 bits)"),
     ]
 }
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..quantizers import get
 from .families import FAMILIES, Family, QuantConfig, family
 from .registry import register_model
 
@@ -69,13 +70,24 @@ def _ops(ops: tuple[str, ...], channels: int, fam: Family, cfg: QuantConfig,
         "bn": lambda: bn(channels),
         "relu": lambda: nn.ReLU(inplace=False),
         "q": lambda: QuantAct(fam.act(cfg)),
+        "uq": lambda: _unsigned_act(fam, cfg),
         "btanh": lambda: QuantAct("binary_tanh"),
     }
     return nn.Sequential(*(make[o]() for o in ops))
 
 
-def _merge(op: str) -> nn.Module:
-    return nn.ReLU() if op == "relu" else QuantAct("binary_tanh")
+def _unsigned_act(fam: Family, cfg: QuantConfig) -> nn.Module:
+    spec = fam.act(cfg)
+    if spec is None or "signed" not in get(spec).config():
+        raise ValueError(f"family {fam.name!r}: recipe op 'uq' needs a signed/unsigned "
+                         f"activation quantizer, got {spec!r}")
+    return QuantAct({**spec, "signed": False})
+
+
+def _merge(op: str, fam: Family, cfg: QuantConfig) -> nn.Module:
+    if op == "relu":
+        return nn.ReLU()
+    return _unsigned_act(fam, cfg) if op == "uq" else QuantAct("binary_tanh")
 
 
 class _Base(nn.Module):
@@ -104,7 +116,7 @@ class _ResUnit(nn.Module):
         self.conv2 = net.conv(c // 2, c // 2, 3)
         self.post2 = _ops(r.inner, c // 2, fam, cfg, 2, bn)
         self.conv3, self.post3 = net.conv(c // 2, c, 1), _ops(r.last, c, fam, cfg, 2, bn)
-        self.merge = _merge(r.merge)
+        self.merge = _merge(r.merge, fam, cfg)
         self.pool = nn.MaxPool2d(2, 2) if down else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
