@@ -59,6 +59,7 @@ def fixed_point_quantize(
 
     Backward: ``dx = dy * [xmin <= x <= xmax]`` (``ste_fine_grained``), else ``dx = dy``.
 
+    >>> import torch
     >>> fixed_point_quantize(torch.tensor([0.09375, 100.0]), n=8, delta=2**-4)
     tensor([0.1250, 7.9375])
     """

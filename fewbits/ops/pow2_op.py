@@ -59,6 +59,7 @@ def pow2_quantize(
     ``ste_fine_grained``, else ``dx = dy``. Miyashita et al. 2016, "Convolutional Neural Networks
     using Logarithmic Data Representation".
 
+    >>> import torch
     >>> pow2_quantize(torch.tensor([0.3, -0.8, 5.0]), n=8, m=1)
     tensor([ 0.2500, -1.0000,  2.0000])
     """
