@@ -19,7 +19,7 @@ from .. import _math
 from .._checks import check_finite, check_float_tensor, check_positive
 from ..ops import min_max_op as qf
 from ..ops._core import capturing, recomputing
-from ..ops.onnx_form import INT_TYPES, const, int_type, qdq, round_half_away
+from ..ops.onnx_form import INT_TYPES, const, int_type, qdq, qdq_type, round_half_away
 from . import optim
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
@@ -464,7 +464,7 @@ class MinMax(Quantizer):
             full = (self.ql_min, self.ql_max) == INT_TYPES[kind][2:]
             c = x if full else op.Clip(x, const(op, lo), const(op, hi))
             return qdq(op, c, grid.scale, int(grid.zero_point), kind), \
-                ("" if full else "Clip + ") + f"{kind} Q/DQ"
+                ("" if full else "Clip + ") + f"{qdq_type(kind)} Q/DQ"
         c = op.Clip(x, const(op, lo), const(op, hi))
         lo_c, s_c = const(op, lo), const(op, grid.scale)
         r = round_half_away(op, op.Div(op.Sub(c, lo_c), s_c))
