@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INT_TYPES", "const", "int_type", "qdq", "round_half_away"]
+__all__ = ["INT_TYPES", "const", "int_type", "qdq", "qdq_type", "round_half_away"]
 
 #: ONNX quantized integer type -> (ONNX data type, NumPy dtype, min, max).
 INT_TYPES = {
@@ -55,9 +55,20 @@ def round_half_away(op: Any, v: Any) -> Any:
     return op.Where(op.Less(v, const(op, 0.0)), op.Neg(r), r)
 
 
+def qdq_type(kind: str) -> str:
+    """The integer type :func:`qdq` writes a grid of type ``kind`` as (int8 -> uint8)."""
+    return "uint8" if kind == "int8" else kind
+
+
 def qdq(op: Any, x: Any, scale: float, zero_point: int, kind: str) -> Any:
     """``DequantizeLinear(QuantizeLinear(x))`` on the per-tensor grid ``(scale, zero_point)``
-    of integer type ``kind`` (scalar scale and zero point: what ONNX Runtime fuses)."""
+    of integer type ``kind`` (scalar scale and zero point: what ONNX Runtime fuses). An int8 grid
+    is written as uint8 with the zero point moved up by 128 (the same codes shifted, the same
+    values and saturation): ONNX Runtime's default optimisations (QDQ propagation through a
+    ``Reshape``) make a graph it refuses to load out of int8 activations (``output_dtype INT8
+    does not match y_zero_point type UINT8``). The type written: :func:`qdq_type`."""
+    if kind == "int8":
+        kind, zero_point = "uint8", zero_point + 128
     s = const(op, np.float32(scale))
     z = const(op, np.array(zero_point), INT_TYPES[kind][1])
     return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)

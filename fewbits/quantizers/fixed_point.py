@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _math
 from .._checks import check_bits, check_positive, in_onnx_export
 from ..ops import fixed_point_op as qf
-from ..ops.onnx_form import const, int_type, qdq, round_half_away
+from ..ops.onnx_form import const, int_type, qdq, qdq_type, round_half_away
 from .base import (
     AffineCodes,
     Codes,
@@ -199,15 +199,18 @@ class FixedPoint(Quantizer):
         return k.to(torch.int64), torch.full((w.shape[0],), grid.scale)
 
     def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
-        """``Clip`` to the grid's range then ``QuantizeLinear`` / ``DequantizeLinear`` (grids of
-        at most 16 bits), else ``Div``, exact rounding, ``Mul``."""
+        """``Clip`` to the grid's range, ``Div``, exact rounding, ``Mul``, then (grids of at
+        most 16 bits) ``QuantizeLinear`` / ``DequantizeLinear`` of those grid values.
+        ``QuantizeLinear`` alone rounds ties half to even: an input on exact ties (an average
+        pool of grid values) would land a level off."""
         grid = self.int_grid()
         c = op.Clip(x, const(op, grid.qmin * grid.scale), const(op, grid.qmax * grid.scale))
+        d = const(op, grid.scale)
+        r = op.Mul(round_half_away(op, op.Div(c, d)), d)
         kind = int_type(grid.qmin, grid.qmax)
         if kind is not None:
-            return qdq(op, c, grid.scale, 0, kind), f"Clip + {kind} Q/DQ"
-        d = const(op, grid.scale)
-        return op.Mul(round_half_away(op, op.Div(c, d)), d), "Clip + exact rounding (float)"
+            return qdq(op, r, grid.scale, 0, kind), f"Clip + exact rounding + {qdq_type(kind)} Q/DQ"
+        return r, "Clip + exact rounding (float)"
 
     def affine(self, codes: Codes) -> AffineCodes:
         """``k * delta``: ``int_repr = k``, ``scale = delta``, zero point 0, per tensor."""

@@ -206,13 +206,17 @@ class LSQ(Quantizer):
         return k.to(torch.int64), s.expand(w.shape[0]).clone()
 
     def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
-        """Without an offset: ``Clip`` to ``[-Q_N s, Q_P s]`` then ``QuantizeLinear`` /
-        ``DequantizeLinear`` with scale ``s`` (8-bit grids); with one: ``Sub``, ``Div``,
-        ``Clip``, exact rounding, ``Mul``, ``Add``."""
+        """Without an offset: ``Clip`` to ``[-Q_N s, Q_P s]``, exact rounding, then
+        ``QuantizeLinear`` / ``DequantizeLinear`` with scale ``s`` (8-bit grids; alone it rounds
+        ties half to even); with one: ``Sub``, ``Div``, ``Clip``, exact rounding, ``Mul``,
+        ``Add``."""
         s = float(self.step.detach())
         if not self.offset:
             c = op.Clip(x, const(op, -self.qn * s), const(op, self.qp * s))
-            return qdq(op, c, s, 0, int_type(-self.qn, self.qp)), "LSQ: Clip + Q/DQ"
+            d = const(op, s)  # exact rounding first: QuantizeLinear rounds ties half to even
+            r = op.Mul(onnx_round(op, op.Div(c, d)), d)
+            return qdq(op, r, s, 0, int_type(-self.qn, self.qp)), \
+                "LSQ: Clip + exact rounding + Q/DQ"
         beta = const(op, float(self.beta.detach()))
         d = const(op, s)
         v = op.Clip(op.Div(op.Sub(x, beta), d), const(op, float(-self.qn)),

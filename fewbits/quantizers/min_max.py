@@ -19,7 +19,7 @@ from .. import _math
 from .._checks import check_finite, check_float_tensor, check_positive
 from ..ops import min_max_op as qf
 from ..ops._core import capturing, recomputing
-from ..ops.onnx_form import INT_TYPES, const, int_type, qdq, round_half_away
+from ..ops.onnx_form import const, int_type, qdq, qdq_type, round_half_away
 from . import optim
 from .base import AffineCodes, Codes, IntGrid, Quantizer, register_quantizer
 
@@ -452,23 +452,22 @@ class MinMax(Quantizer):
                 a.scale.reshape(-1).float().expand(w.shape[0]).clone())
 
     def onnx_act(self, op: Any, x: Any) -> tuple[Any, str]:
-        """``Clip`` to ``[lo, hi]`` (none when the grid is the whole integer type) then
-        ``QuantizeLinear`` / ``DequantizeLinear`` (grids of at most 16 bits), else ``Sub``,
-        ``Div``, exact rounding, ``Mul``, ``Add``. Per tensor only."""
+        """``Clip`` to ``[lo, hi]``, ``Sub``, ``Div``, exact rounding, ``Mul``, ``Add``, then
+        (grids of at most 16 bits) ``QuantizeLinear`` / ``DequantizeLinear`` of those grid
+        values: ``QuantizeLinear`` alone rounds ties half to even. Per tensor only."""
         if self.qr_min.numel() != 1:
             raise ValueError("per-channel min-max activation ranges cannot be exported")
         _, _, lo, hi = (float(t) for t in self.grid(torch.zeros(())))
         grid = self.int_grid()
         kind = int_type(grid.qmin, grid.qmax)
-        if kind is not None:
-            full = (self.ql_min, self.ql_max) == INT_TYPES[kind][2:]
-            c = x if full else op.Clip(x, const(op, lo), const(op, hi))
-            return qdq(op, c, grid.scale, int(grid.zero_point), kind), \
-                ("" if full else "Clip + ") + f"{kind} Q/DQ"
         c = op.Clip(x, const(op, lo), const(op, hi))
         lo_c, s_c = const(op, lo), const(op, grid.scale)
         r = round_half_away(op, op.Div(op.Sub(c, lo_c), s_c))
-        return op.Add(op.Mul(r, s_c), lo_c), "Clip + exact rounding (float)"
+        v = op.Add(op.Mul(r, s_c), lo_c)
+        if kind is not None:  # QuantizeLinear alone rounds ties half to even: a level off
+            return qdq(op, v, grid.scale, int(grid.zero_point), kind), \
+                f"Clip + exact rounding + {qdq_type(kind)} Q/DQ"
+        return v, "Clip + exact rounding (float)"
 
     def affine(self, codes: Codes) -> AffineCodes:
         """``int_repr = q + ql_min`` with the encoded scale and zero point, one per output
