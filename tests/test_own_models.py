@@ -191,7 +191,7 @@ def test_quantization_options_a_net_would_ignore_are_refused(net, flags, names, 
 
 
 @pytest.mark.parametrize("net, flags", [
-    ("mnist_fp_connect_lenet", ["--bit-width", "4", "--delta", "0.125"]),
+    ("mnist_fp_connect_lenet", ["--bit-width", "6", "--delta", "0.015625"]),
     ("mnist_binary_connect_lenet", ["--clip-weights"]),
     ("mnist_min_max_lenet", ["--a-min-max", "--a-ema", "--ql-min", "0"]),
 ])
