@@ -45,7 +45,7 @@ from typing import Any
 
 from ._io import clean_stale_temps, fsync_dir, temp_dir
 
-__all__ = ["CLibrary", "UnsafeCacheError", "build", "cache_dir"]
+__all__ = ["CLibrary", "UnsafeCacheError", "build", "cache_dir", "isa_paths", "pick_isa"]
 
 _PRIVATE: list[Path] = []  # this process's own cache when there is no home folder
 _MAX_LIBRARY_BYTES = 256 << 20  # a cached library larger than this is refused unread
@@ -305,3 +305,25 @@ class CLibrary:
                     getattr(lib, fn).restype = restype
             self._lib = lib
         return self._lib
+
+
+def isa_paths(names: tuple[str, ...], runs: Any) -> list[str]:
+    """The CPU paths of an engine this machine can run, best first: ``names`` lists them from
+    the portable one up, ``runs(i)`` is the engine's C probe of path ``i``."""
+    return [n for i, n in reversed(list(enumerate(names))) if runs(i)]
+
+
+def pick_isa(name: str | None, env: str, names: tuple[str, ...], have: list[str],
+             engine: str) -> str:
+    """The path an engine runs: ``name``, else ``$env``, else the best of ``have``. Raises
+    ``ValueError`` for a name not in ``names`` or a path this CPU cannot run."""
+    name = name or os.environ.get(env) or None
+    if name is None:
+        return have[0]
+    if name not in names:
+        raise ValueError(f"unknown {engine}-engine ISA {name!r} (argument or ${env}); known: "
+                         f"{', '.join(names)}")
+    if name not in have:
+        raise ValueError(f"this CPU cannot run the {name!r} path of the {engine} engine (forced "
+                         f"by argument or ${env}); it can run: {', '.join(have)}")
+    return name

@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._cbuild import CLibrary
+from .._cbuild import CLibrary, isa_paths, pick_isa
 from .._checks import checks_enabled
 from ..layers import QuantLayer
 from .binary_fold import bn_affine, float_thresholds, integer_thresholds
@@ -113,22 +112,12 @@ def _lib():
 def supported_isas() -> list[str]:
     """The CPU paths this machine can run, best first (empty when the C build fails)."""
     lib = _LIB.get()
-    return [] if lib is None else [n for i, n in reversed(list(enumerate(ISAS)))
-                                   if lib.fbb_isa_supported(i)]
+    return [] if lib is None else isa_paths(ISAS, lib.fbb_isa_supported)
 
 
 def _pick_isa(isa: str | None) -> str:
-    name = isa or os.environ.get(ISA_ENV) or None
-    have = supported_isas() if _lib() else []
-    if name is None:
-        return have[0]
-    if name not in ISAS:
-        raise ValueError(f"unknown binary-engine ISA {name!r} (argument or ${ISA_ENV}); known: "
-                         f"{', '.join(ISAS)}")
-    if name not in have:
-        raise ValueError(f"this CPU cannot run the {name!r} path of the binary engine (forced "
-                         f"by argument or ${ISA_ENV}); it can run: {', '.join(have)}")
-    return name
+    _lib()
+    return pick_isa(isa, ISA_ENV, ISAS, supported_isas(), "binary")
 
 
 @torch.no_grad()

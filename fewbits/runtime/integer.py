@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._cbuild import CLibrary
+from .._cbuild import CLibrary, isa_paths, pick_isa
 from .integer_plan import (
     Add,
     Clamp,
@@ -112,23 +111,12 @@ def _lib() -> ctypes.CDLL:
 def supported_int_isas() -> list[str]:
     """The CPU paths this machine can run, best first (empty when the C build fails)."""
     lib = _LIB.get()
-    return [] if lib is None else [n for i, n in reversed(list(enumerate(INT_ISAS)))
-                                   if lib.fbi_isa_supported(i)]
+    return [] if lib is None else isa_paths(INT_ISAS, lib.fbi_isa_supported)
 
 
 def _pick_isa(isa: str | None) -> str:
-    name = isa or os.environ.get(INT_ISA_ENV) or None
     _lib()
-    have = supported_int_isas()
-    if name is None:
-        return have[0]
-    if name not in INT_ISAS:
-        raise ValueError(f"unknown integer-engine ISA {name!r} (argument or ${INT_ISA_ENV}); "
-                         f"known: {', '.join(INT_ISAS)}")
-    if name not in have:
-        raise ValueError(f"this CPU cannot run the {name!r} path of the integer engine (forced "
-                         f"by argument or ${INT_ISA_ENV}); it can run: {', '.join(have)}")
-    return name
+    return pick_isa(isa, INT_ISA_ENV, INT_ISAS, supported_int_isas(), "integer")
 
 
 def _ptr(a: np.ndarray) -> int:
