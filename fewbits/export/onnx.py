@@ -35,10 +35,11 @@ form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -51,7 +52,6 @@ from .._checks import translated_onnx_export
 from .._io import atomic_write
 from ..layers import QuantLayer, quant_layers
 from ..models import create_model, is_model, model_info
-from ..ops.onnx import cached_exporter_registry
 from ..quantizers import Codes, Quantizer, get
 from ..quantizers.base import family_translations
 from ._guard import check_input_shape
@@ -193,6 +193,16 @@ class OnnxReport:
                  "operators:   " + ", ".join(f"{k} {n}" for k, n in sorted(self.nodes.items()))]
         lines += [f"left plain:  {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def cached_exporter_registry() -> Iterator[None]:
+    """:func:`fewbits.ops.onnx.cached_exporter_registry`, imported when used: ``ops.onnx``
+    needs ``onnx_ir`` (the ``onnx`` extra), and training imports this module without it."""
+    from ..ops.onnx import cached_exporter_registry as cached
+
+    with cached():
+        yield
 
 
 def onnx_translations() -> dict[Any, Any]:
