@@ -413,7 +413,7 @@ def nonnegative_inputs(model: nn.Module, names: list[str]) -> set[str]:
 
     try:
         graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - fx raises many kinds for data-dependent control flow
+    except Exception:  # fx raises many kinds for data-dependent control flow
         return set()
     seen: dict[str, bool] = {}
     for node in graph.nodes:

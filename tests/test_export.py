@@ -126,7 +126,7 @@ def _ternary_resnet_with_bn_stats() -> torch.nn.Module:
 def test_ternary_resnet_folds_batch_norm_into_its_scales(tmp_path):
     """bn='folded': each batch norm goes into the ternary per-channel scale before it (trits
     negated for a negative gamma) and only its bias is stored; the zoo's ternary ResNet-23
-    file shrinks from 9.9x to 14.1x smaller than fp32 (measured: 40088 -> 28152 bytes; 13.9x
+    file shrinks from 10.0x to 14.1x smaller than fp32 (measured: 39824 -> 28152 bytes; 13.9x
     in format version 1, whose stored offsets and 8-byte alignment cost 488 bytes), and the
     logits agree to float32 rounding (FOLD_RTOL of their size)."""
     from fewbits.export.container import read_container, write_container
