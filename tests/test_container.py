@@ -537,3 +537,14 @@ def test_written_file_gets_umask_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "p.fewbits").stat().st_mode & 0o777 == 0o644
+
+
+def test_writer_refuses_an_entry_that_misdescribes_its_blob(tmp_path):
+    """Format 2 places blobs by their entries: an entry whose fields do not describe its blob
+    would shift every later blob, so the writer names it and writes nothing."""
+    header = {"tensors": [{"name": "a", "encoding": "raw-float32", "shape": [3]},
+                          {"name": "b", "encoding": "raw-uint8", "shape": [1]}]}
+    with pytest.raises(ValueError, match=r"cannot write .*raw-float32 of shape \[3\] needs 12 "
+                       "bytes, blob has 4"):
+        write_container(tmp_path / "x.fewbits", header, {"a": b"\0" * 4, "b": b"\1"})
+    assert os.listdir(tmp_path) == []

@@ -270,10 +270,11 @@ def _readable(head: bytes, placed: list[tuple[int, memoryview]], path: Any) -> d
         table = written.get("tensors", [])
         if len(table) > MAX_TENSORS:
             raise ValueError(f"{len(table)} tensors, beyond the format's limit of {MAX_TENSORS}")
-        spans = derived_spans(table, _PREFIX.unpack_from(head)[4])
-        for entry, span, (_, view) in zip(table, spans, placed, strict=True):
+        for entry, (_, view) in zip(table, placed, strict=True):  # each entry, its blob
             if "encoding" in entry:
                 tensor_count(entry, view.nbytes, view)
+        spans = derived_spans(table, _PREFIX.unpack_from(head)[4])
+        for entry, span in zip(table, spans, strict=True):
             entry["offset"], entry["length"] = span  # as loads() returns the table
     except ValueError as err:
         raise ValueError(f"cannot write {os.fspath(path)}: {err}; fewbits would refuse to "
