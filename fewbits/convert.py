@@ -21,9 +21,11 @@ A *config* says what each layer gets:
 Where activations are quantized (one placement for every model, zoo or not): the family's
 activation quantizer quantizes what each converted layer reads, except the raw model input
 (the first converted layer in module order when no embedding comes before it) unless
-``quantize_input=True``. Weight grids start from the weights: min-max ranges from their min and
-max, fixed point's ``delta`` and pow2's ``m`` (largest level ``2**m``) from their largest
-magnitude, unless the config gives them (``family_config("fp_connect", delta=2**-7)``).
+``quantize_input=True``; LSQ's is unsigned where the layer reads a ReLU's output (the fx graph,
+:func:`~fewbits.layer_kinds.nonnegative_inputs`), else signed, unless its spec says. Weight
+grids start from the weights: min-max ranges from their min and max, fixed point's ``delta``
+and pow2's ``m`` (largest level ``2**m``) from their largest magnitude, unless the config
+gives them (``family_config("fp_connect", delta=2**-7)``).
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
@@ -52,6 +54,7 @@ from .layer_kinds import (
     QuantMultiheadAttention,
     disable_fast_paths,
     layer_kind,
+    nonnegative_inputs,
     quantization_report,
 )
 from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
@@ -263,6 +266,12 @@ def quantize_(model: nn.Module, config: Config, *,
             specs = {r: s for r, s in specs.items() if r in ("weight", "bias", "output")
                      and (r != "output" or kind.activations)}
         plan.append((name, module, kind, specs))
+    # LSQ inputs that leave "signed" out (the lsq family's): unsigned after a ReLU (the paper)
+    auto = {n: sp for n, *_, sp in plan if isinstance(sp.get("input"), dict)
+            and sp["input"].get("name") == "lsq" and "signed" not in sp["input"]}
+    unsigned = nonnegative_inputs(model, list(auto)) if auto else set()
+    for n, sp in auto.items():
+        sp["input"] = {**sp["input"], "signed": n not in unsigned}
     converted = _convert(plan, problems)
     if problems:  # all or nothing: the model is left as it was
         raise ValueError("cannot quantize these layers (add them to skip= to keep them float):\n"
@@ -312,12 +321,8 @@ def _subclass_of_kind(m: nn.Module) -> bool:
 def _raw_input_reader(found: list[tuple[str, nn.Module, str, nn.Module]]) -> str | None:
     """The layer that reads the raw model input: the first converted kind in module order, or
     none when an embedding comes first (then every layer reads activations)."""
-    for name, _, _, m in found:
-        kind = layer_kind(m)
-        if kind is None:
-            continue
-        return None if not kind.activations else name
-    return None
+    kinds = [(name, layer_kind(m)) for name, _, _, m in found]
+    return next((name if k.activations else None for name, k in kinds if k is not None), None)
 
 
 def _convert(plan: list[tuple[str, nn.Module, LayerKind, dict[str, Any]]],

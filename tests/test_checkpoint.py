@@ -226,3 +226,45 @@ def test_resume_of_a_checkpoint_older_than_a_model_option(run, tmp_path):
     save_file(tmp_path / "checkpoint.pt", payload)
     with pytest.raises(CheckpointError, match="model option width: checkpoint 1024, this run 16"):
         train(TrainConfig(model_args={"width": 16, "depth": 1}, **{**base, "max_iter": 8}))
+
+
+def test_lsq_checkpoint_from_before_the_step_group_resumes_exactly(tmp_path):
+    """Issue 25: LSQ checkpoints written before the steps got their own optimizer group (one
+    Adam group of every parameter) failed to resume ("different number of parameter groups").
+    Their state is now mapped parameter by parameter: resuming the old layout gives the same
+    run as resuming the new one; a layout that cannot be mapped names both."""
+    from fewbits.checkpoint import CHECKSUM_KEY
+    from fewbits.quantizers.optim import param_groups
+
+    base = dict(net="mnist_lsq_mlp", model_args={"width": 16, "depth": 1}, dataset="synthetic",
+                synthetic_size=32, batch_size=8, val_interval=2, progress=False, plot=False)
+    new, old = tmp_path / "new", tmp_path / "old"
+    train(TrainConfig(max_iter=2, monitor_path=str(new), **base))
+    payload = torch.load(new / "checkpoint.pt", weights_only=True)
+    payload.pop(CHECKSUM_KEY, None)
+    saved = payload["optimizer"]
+    assert len(saved["param_groups"]) == 2  # weights; LSQ steps at 0.01 x lr
+    # the same state in the old layout: one group, ids in model.parameters() order
+    params = list(create_model("mnist_lsq_mlp", width=16, depth=1).parameters())
+    order = [id(p) for g in param_groups(params, 1.0) for p in g["params"]]
+    at = [order.index(id(p)) for p in params]  # new id of each parameter
+    group = {k: v for k, v in saved["param_groups"][0].items() if k != "lr_scale"}
+    payload["optimizer"] = {"state": {k: saved["state"][i] for k, i in enumerate(at)
+                                      if i in saved["state"]},
+                            "param_groups": [{**group, "params": list(range(len(params)))}]}
+    old.mkdir()
+    save_file(old / "checkpoint.pt", payload)
+    for d in (new, old):
+        if d is old:
+            with pytest.warns(UserWarning, match="predates LSQ's own parameter group"):
+                train(TrainConfig(max_iter=4, monitor_path=str(d), resume="auto", **base))
+        else:
+            train(TrainConfig(max_iter=4, monitor_path=str(d), resume="auto", **base))
+    a, b = (load_checkpoint(d / "checkpoint.pt") for d in (new, old))
+    assert a["iteration"] == b["iteration"] == 4
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    payload["optimizer"]["param_groups"][0]["params"].pop()  # one parameter short
+    save_file(old / "checkpoint.pt", payload)
+    with pytest.raises(CheckpointError, match=r"optimizer holds parameter groups of \[\d+\] "
+                       r"parameters, this run's \[\d+, \d+\]"):
+        train(TrainConfig(max_iter=6, monitor_path=str(old), resume="auto", **base))

@@ -79,7 +79,7 @@ def test_documented_example_bytes_match_the_code():
     header, blobs = _example()
     data = dumps(header, blobs)
     documented = _documented_dump()
-    assert len(data) == 330
+    assert len(data) == 284
     assert data[:-32] == documented[:-32]  # everything but the checksum
     assert data == documented  # deterministic JSON makes the checksum reproducible too
     assert data[-32:] == hashlib.sha256(data[:-32]).digest()
@@ -93,10 +93,10 @@ def test_docstring_examples():
 def test_documented_example_fields():
     data = _documented_dump()
     magic, version, flags, hlen, plen = struct.unpack_from("<8sHHIQ", data)
-    assert (magic, version, flags, hlen, plen) == (MAGIC, 1, 0, 264, 10)
+    assert (magic, version, flags, hlen, plen) == (MAGIC, 2, 0, 224, 4)
     assert (24 + hlen) % 8 == 0
     payload = data[24 + hlen : 24 + hlen + plen]
-    assert payload == bytes.fromhex("09 00 00 00 00 00 00 00 00 38")
+    assert payload == bytes.fromhex("09 00 00 38")  # no offsets stored: float16 at 2
     header, blobs = loads(data)
     assert blobs == {"w": b"\x09", "w.scale": b"\x00\x38"}
     w, scale = (decode_tensor(e, blobs[e["name"]]) for e in header["tensors"])
@@ -157,19 +157,57 @@ def test_round_trip_all_encodings(tmp_path):
         assert entry["params"] == {"delta": 0.0625}
 
 
-def test_blobs_are_eight_byte_aligned_in_order():
+def test_blobs_are_aligned_to_their_item_size_in_order():
+    """Version 2: each raw blob at a multiple of its item size (viewable in place), code streams
+    packed back to back, opaque blobs at a multiple of 8; zero gaps, none after the last."""
     header, blobs, _ = _varied()
+    header["tensors"].insert(2, {"name": "opaque"})
+    blobs["opaque"] = b"abc"
     data = dumps(header, blobs)
-    read_header, _ = loads(data)
+    read_header, read_blobs = loads(data)
+    assert read_blobs == blobs
     hlen = struct.unpack_from("<I", data, 12)[0]
+    assert (24 + hlen) % 8 == 0
     end = 0
     for entry in read_header["tensors"]:
-        assert entry["offset"] % 8 == 0 and (24 + hlen + entry["offset"]) % 8 == 0
-        assert entry["offset"] >= end and entry["offset"] - end < 8
+        enc = entry.get("encoding", "")
+        align = np.dtype(enc[4:]).itemsize if enc.startswith("raw-") else 1 if enc else 8
+        assert entry["offset"] % align == 0 and entry["offset"] - end < align
+        assert entry["offset"] == end + (-end % align)
         gap = data[24 + hlen + end : 24 + hlen + entry["offset"]]
         assert gap == bytes(len(gap))
         end = entry["offset"] + entry["length"]
     assert struct.unpack_from("<Q", data, 16)[0] == end  # no padding after the last blob
+    stored = json.loads(data[24 : 24 + hlen])["tensors"]  # what the file itself holds
+    assert all("offset" not in e for e in stored)
+    assert [e["length"] for e in stored if "length" in e] == [3]  # the opaque blob's only
+
+
+#: docs/FORMAT.md's worked example as format version 1 wrote it (offset/length in every entry,
+#: 8-byte alignment), byte for byte: files written before version 2 must still load.
+_VERSION_1_EXAMPLE = bytes.fromhex(
+    "464557424954530001000000080100000a000000000000007b22666577626974735f76657273696f6e223a22"
+    "302e312e30222c226d6f64656c223a7b226b7761726773223a7b7d2c226e616d65223a2264656d6f227d2c22"
+    "74656e736f7273223a5b7b2262697473223a312c22656e636f64696e67223a227061636b6564222c226b696e"
+    "64223a22776569676874222c226c656e677468223a312c226e616d65223a2277222c226f6666736574223a30"
+    "2c227368617065223a5b322c325d7d2c7b22656e636f64696e67223a227261772d666c6f61743136222c226b"
+    "696e64223a227363616c65222c226c656e677468223a322c226e616d65223a22772e7363616c65222c226f66"
+    "66736574223a382c227368617065223a5b315d7d5d7d202009000000000000000038a982afa12e149f2dc0e9"
+    "e790ceb6ddcf8f5af575bda2d13ee491074ce7dc3b51"
+)
+
+
+def test_version_1_files_still_load_to_the_same_table():
+    old_header, old_blobs = loads(_VERSION_1_EXAMPLE)
+    new_header, new_blobs = loads(dumps(*_example()))
+    assert old_blobs == new_blobs == {"w": b"\x09", "w.scale": b"\x00\x38"}
+    assert [(e["offset"], e["length"]) for e in old_header["tensors"]] == [(0, 1), (8, 2)]
+    assert [(e["offset"], e["length"]) for e in new_header["tensors"]] == [(0, 1), (2, 2)]
+    strip = [{k: v for k, v in e.items() if k not in ("offset", "length")}
+             for h in (old_header, new_header) for e in h["tensors"]]
+    assert strip[:2] == strip[2:]
+    # rewritten, a version-1 table becomes version 2: the stored offsets are dropped
+    assert dumps(old_header, old_blobs) == dumps(*_example())
 
 
 def test_dumps_is_deterministic_and_does_not_mutate_the_header():
@@ -260,7 +298,7 @@ def _refusal(tmp_path, data: bytes) -> FormatError:
 def test_flipped_payload_byte_is_corrupt(tmp_path, good):
     _, data = good
     flipped = bytearray(data)
-    flipped[24 + 264] ^= 0x01  # the packed weight byte
+    flipped[24 + 224] ^= 0x01  # the packed weight byte
     err = _refusal(tmp_path, bytes(flipped))
     assert "checksum mismatch" in str(err) and "corrupt or was modified" in str(err)
 
@@ -273,19 +311,19 @@ def test_flipped_header_and_checksum_bytes_are_corrupt(tmp_path, good):
         assert "checksum mismatch" in str(_refusal(tmp_path, bytes(flipped)))
 
 
-@pytest.mark.parametrize("keep", [329, 300, 200, 24, 20, 8, 5])
+@pytest.mark.parametrize("keep", [283, 250, 200, 24, 20, 8, 5])
 def test_truncated_file(tmp_path, good, keep):
     _, data = good
     err = _refusal(tmp_path, data[:keep])
     assert "truncated" in str(err)
     if keep >= 24:
-        assert f"expected 330 bytes (header 264, payload 10), found {keep}" in str(err)
+        assert f"expected 284 bytes (header 224, payload 4), found {keep}" in str(err)
 
 
 def test_trailing_bytes(tmp_path, good):
     _, data = good
     err = _refusal(tmp_path, data + b"\0")
-    assert "trailing bytes: expected 330 bytes" in str(err) and "found 331" in str(err)
+    assert "trailing bytes: expected 284 bytes" in str(err) and "found 285" in str(err)
 
 
 @pytest.mark.parametrize("prefix", [b"GGUF\x03\x00\x00\x00", b"PK\x03\x04", b"", b"FEWBITZ\0"])
@@ -300,7 +338,7 @@ def test_newer_version_is_refused_with_both_versions(tmp_path, good):
     newer = data[:8] + struct.pack("<H", FORMAT_VERSION + 1) + data[10:]
     err = _refusal(tmp_path, _reseal(newer))
     assert f"format version {FORMAT_VERSION + 1} is newer than" in str(err)
-    assert f"this fewbits reads ({FORMAT_VERSION})" in str(err)
+    assert "this fewbits reads (1, 2)" in str(err)
     assert "upgrade fewbits" in str(err)
 
 
@@ -367,10 +405,47 @@ def _table(entries: list) -> bytes:
          "duplicate tensor names"),
     ],
 )  # fmt: skip
-def test_inconsistent_tensor_table(tmp_path, good, entries, message):
+def test_inconsistent_version_1_tensor_table(tmp_path, entries, message):
+    err = _refusal(tmp_path, _with_header(_VERSION_1_EXAMPLE, _table(entries)))
+    assert re.search(message, str(err))
+
+
+_W = {"name": "w", "encoding": "packed", "bits": 1, "shape": [2, 2]}
+_S = {"name": "w.scale", "encoding": "raw-float16", "shape": [1]}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([{**_W, "offset": 0}, _S], "'w' holds an offset or length: format version 2 derives"),
+        ([{**_W, "length": 1}, _S], "'w' holds an offset or length"),
+        ([_W], "the payload has 3 bytes after its last tensor"),
+        ([_W, {**_S, "shape": [2]}], r"'w.scale' spans payload bytes \[2, 6\), beyond the "
+         "4-byte payload"),
+        ([_W, {**_S, "encoding": "raw-float32"}], r"spans payload bytes \[4, 8\)"),
+        ([{**_W, "shape": [2] * 9}, _S], "'w': field 'shape' has 9 dimensions"),
+        ([{**_W, "shape": [10**30]}, _S], r"'w' spans payload bytes \[0, "),  # no allocation
+        ([{**_W, "encoding": "huffman", "bit_count": 10**30}, _S], "'w': field 'bit_count'"),
+        ([{**_W, "bits": 40}, _S], r"'w': field 'bits' must be an int in 1\.\.32"),
+        ([{"name": "w", "length": 2**70}], r"'w': field 'length' must be an int in 0\.\.4"),
+        ([{**_W, "encoding": "zip"}, _S], "'w': unknown encoding 'zip'"),
+        (["w"], "tensor table entry 0 needs a str name"),
+        ([_W, _W, _S], r"duplicate tensor names in the tensor table: \['w'\]"),
+        ([{**_W, "shape": [16]}], "the payload has 2 bytes after its last tensor"),
+    ],
+)  # fmt: skip
+def test_inconsistent_version_2_tensor_table(tmp_path, good, entries, message):
     _, data = good
     err = _refusal(tmp_path, _with_header(data, _table(entries)))
     assert re.search(message, str(err))
+
+
+def test_nonzero_padding_is_refused(tmp_path, good):
+    _, data = good
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    bad = bytearray(data)
+    bad[24 + hlen + 1] = 7  # the gap byte before the float16 scale
+    assert "nonzero padding before tensor 'w.scale'" in str(_refusal(tmp_path, _reseal(bytes(bad))))
 
 
 def test_tensors_must_be_a_list(tmp_path, good):
@@ -462,3 +537,14 @@ def test_written_file_gets_umask_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "p.fewbits").stat().st_mode & 0o777 == 0o644
+
+
+def test_writer_refuses_an_entry_that_misdescribes_its_blob(tmp_path):
+    """Format 2 places blobs by their entries: an entry whose fields do not describe its blob
+    would shift every later blob, so the writer names it and writes nothing."""
+    header = {"tensors": [{"name": "a", "encoding": "raw-float32", "shape": [3]},
+                          {"name": "b", "encoding": "raw-uint8", "shape": [1]}]}
+    with pytest.raises(ValueError, match=r"cannot write .*raw-float32 of shape \[3\] needs 12 "
+                       "bytes, blob has 4"):
+        write_container(tmp_path / "x.fewbits", header, {"a": b"\0" * 4, "b": b"\1"})
+    assert os.listdir(tmp_path) == []

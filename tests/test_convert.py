@@ -114,7 +114,10 @@ def test_converted_layers_compute_the_family_quantizer_of_the_original_weights(f
         x = torch.randn(*shape, generator=g) * 2
         # the raw model input (read by conv1) is not quantized; every other layer's input is
         # (evaluation mode, as the layer's: an LSQ step starts from data in training only)
-        act = None if name == "conv1" else get(specs["input"])
+        spec = specs["input"]
+        if isinstance(spec, dict) and spec["name"] == "lsq":  # unsigned where a ReLU is read
+            spec = {**spec, "signed": name not in ("conv2", "down")}
+        act = None if name == "conv1" else get(spec)
         act = act and act.eval()
         xq = x if act is None else act(x)
         if fam in ACT_FAMILIES and name != "conv1":
@@ -350,6 +353,48 @@ def test_calibrate_starts_lsq_activation_steps_from_the_data():
     assert math.isclose(s, want, rel_tol=1e-6)
     assert ranges["conv1.input_quantizer"] == (-q.qn * s, q.qp * s)
     assert all(torch.equal(m.state_dict()[k], v) for k, v in weights.items())
+
+
+class _PoolNet(nn.Module):
+    """Module ReLU, then max pool and flatten (sign kept), then a layer on a linear's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(4 * 3 * 3, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(self.flat(F.max_pool2d(self.act(self.conv(x)), 2))))
+
+
+def test_lsq_activations_are_unsigned_where_the_layer_reads_a_relu():
+    """Issue 25: quantize_(model, "lsq") quantized every activation signed, so after a ReLU
+    half of LSQ's levels (all the negative ones) were never used; Esser et al. quantize a
+    layer's input unsigned after the ReLU. Inputs not known to be >= 0 stay signed."""
+    m = quantize_(TinyNet(), "lsq", quantize_input=True)
+    signed = {n: m.get_submodule(n).input_quantizer.signed for n in LAYERS}
+    # conv1: the image; conv2, down: torch.relu(...); fc: pooled conv output, no ReLU
+    assert signed == {"conv1": True, "conv2": False, "down": False, "fc": True}
+    assert m.conv2.input_quantizer.qn == 0 and m.conv1.input_quantizer.qn > 0
+    p = quantize_(_PoolNet(), "lsq", quantize_input=True)
+    assert (p.conv.input_quantizer.signed, p.fc1.input_quantizer.signed,
+            p.fc2.input_quantizer.signed) == (True, False, True)
+    with torch.no_grad():  # an unsigned quantizer on a ReLU's output is exactly its grid
+        x = torch.relu(torch.randn(64))
+        q = p.fc1.input_quantizer
+        q(x)  # the first training call starts the step from the data
+        assert torch.equal(q(x), (x / q.step).round().clamp(0, q.qp) * q.step)
+    # a spec that says signed is kept, and a model fx cannot trace stays signed
+    kept = quantize_(TinyNet(), {"weight": "lsq", "input": {"name": "lsq", "signed": True}})
+    assert kept.conv2.input_quantizer.signed
+
+    class Branchy(TinyNet):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else super().forward(-x)
+    assert quantize_(Branchy(), "lsq").conv2.input_quantizer.signed
 
 
 def test_top_level_api():

@@ -22,9 +22,11 @@ from fewbits.export import FormatError, export_packed, load_packed, packed_info
 from fewbits.export.container import (
     _PREFIX,
     FLAG_HEADER_ZLIB,
+    FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
     encode_tensor,
+    loads,
     read_model_file,
     write_container,
 )
@@ -49,7 +51,7 @@ def forge(header, payload: bytes, *, text: bytes | None = None, compress: bool =
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw = zlib.compress(text, 9) if compress else text
     raw += (b"\0" if compress else b" ") * (-(_PREFIX.size + len(raw)) % 8)
-    body = _PREFIX.pack(MAGIC, 1, FLAG_HEADER_ZLIB if compress else 0, len(raw),
+    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, FLAG_HEADER_ZLIB if compress else 0, len(raw),
                         len(payload)) + raw + payload
     return body + hashlib.sha256(body).digest()
 
@@ -221,6 +223,8 @@ def test_issue_examples_are_refused_by_field(originals, tmp_path, edit, message)
 def test_huffman_table_violating_kraft_is_refused(originals, tmp_path):
     header, payload = _split(originals["mnist_fp_connect_mlp"])
     t = _tensor(header, "codes", "huffman")
+    t = next(e for e in loads(originals["mnist_fp_connect_mlp"])[0]["tensors"]
+             if e["name"] == t["name"])  # its offset: format 2 derives it
     blob = bytearray(payload)
     blob[t["offset"]:t["offset"] + (1 << t["bits"])] = b"\1" * (1 << t["bits"])
     path = tmp_path / "kraft.fewbits"
@@ -231,12 +235,15 @@ def test_huffman_table_violating_kraft_is_refused(originals, tmp_path):
 
 def test_codes_as_float_state_is_not_silently_loaded(originals, tmp_path):
     """Issue 13, item 3: kind codes -> state made eval read the 0/1 codes as float weights."""
+    lengths = {e["name"]: e["length"] for e in loads(originals["mnist_binary_weight_mlp"])[0][
+        "tensors"]}  # format 2 stores no lengths: the reader derives them
+
     def to_state(h):
         t = _tensor(h, "codes", "packed") if any(
             x["kind"] == "codes" and x["encoding"] == "packed" for x in h["tensors"]) else None
         assert t is not None
         t.update(kind="state", encoding="raw-uint8",
-                 shape=[t["length"]])
+                 shape=[lengths[t["name"]]])
 
     path = tmp_path / "state.fewbits"
     path.write_bytes(_edit(originals["mnist_binary_weight_mlp"], to_state))
@@ -255,7 +262,7 @@ def test_forged_copy_of_a_valid_file_still_loads(originals, tmp_path):
     with torch.no_grad():
         np.testing.assert_array_equal(load_packed(path)(x).numpy(),
                                       load_packed(tmp_path / "orig.fewbits")(x).numpy())
-    assert struct.unpack_from("<H", data, 8)[0] == 1
+    assert struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION == 2
 
 
 @pytest.mark.parametrize("bad", [{"name": "fixed_point", "n": 64}, {"name": "fixed_point",

@@ -23,7 +23,13 @@ from fewbits import cli
 from fewbits._io import atomic_write, temp_dir
 from fewbits.checkpoint import CheckpointError, load_checkpoint, read_file, save_file
 from fewbits.export import FormatError, _limits, export_packed, read_container
-from fewbits.export.container import _PREFIX, MAGIC, MAX_HEADER_BYTES, write_container
+from fewbits.export.container import (
+    _PREFIX,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    write_container,
+)
 from fewbits.models import create_model
 from fewbits.runs import LOCK_NAME, REPLACED_NAME, run_lock
 from fewbits.runtime.binary_file import load_engine
@@ -390,7 +396,8 @@ def _edit_header(data: bytes, edit) -> bytes:
     edit(header)
     text = zlib.compress(json.dumps(header, sort_keys=True).encode(), 9)
     text += b"\0" * (-(_PREFIX.size + len(text)) % 8)
-    body = _PREFIX.pack(MAGIC, 1, 1, len(text), plen) + text + data[_PREFIX.size + hlen:-32]
+    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, 1, len(text), plen) + text + \
+        data[_PREFIX.size + hlen:-32]
     return body + hashlib.sha256(body).digest()
 
 

@@ -399,3 +399,45 @@ def test_stochastic_option_reaches_the_zoo_and_is_refused_where_unused(tmp_path)
     assert main(["train", "-c", "cpu", "--net", "mnist_fp_net_lenet", "--stochastic",
                  "--dataset", "synthetic", "-i", "1", "-m", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+@pytest.mark.parametrize("mode", ["twn", "absmean"])
+def test_ternary_eval_keeps_its_weights_form_and_follows_any_change(mode, monkeypatch):
+    """Issue 25: evaluation recomputed TWN's threshold and scale at every forward. In eval the
+    quantizer now keeps the last weight's form; every way of changing the weight (an in-place
+    op, which bumps the version counter; ``w.data.mul_``, which does not; load_state_dict)
+    changes the output, and the gradient is still the identity."""
+    from fewbits.layers import QuantConv2d
+
+    torch.manual_seed(0)
+    layer = QuantConv2d(3, 4, 3, bias=False, weight_quantizer={"name": "ternary", "mode": mode})
+    x = torch.randn(2, 3, 6, 6)
+    calls = []
+    formula = T.twn if mode == "twn" else T.absmean
+    monkeypatch.setattr(T, mode, lambda *a, **k: calls.append(1) or formula(*a, **k))
+    layer.eval()
+
+    def fresh():
+        return torch.nn.functional.conv2d(x, formula(layer.weight.detach(), mode == "twn"))
+
+    with torch.no_grad():
+        y0 = layer(x)
+        assert torch.equal(layer(x), y0) and torch.equal(y0, fresh()) and len(calls) == 1
+        layer.weight.data[0].mul_(-3)  # no version bump
+        y1 = layer(x)
+        assert not torch.equal(y1, y0) and torch.equal(y1, fresh()) and len(calls) == 2
+        layer.weight[1].add_(1.0)  # version bump
+        assert torch.equal(layer(x), fresh()) and len(calls) == 3
+        out = layer.weight_quantizer(layer.weight)
+        out.zero_()  # the caller's copy: what is kept stays right
+        assert torch.equal(layer(x), fresh()) and len(calls) == 3
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight"][2] = 0.5
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(layer(x), fresh())
+    layer(x).sum().backward()  # eval with grad: the identity straight-through gradient
+    g = torch.nn.functional.grad.conv2d_weight(x, layer.weight.shape, torch.ones_like(layer(x)))
+    assert torch.allclose(layer.weight.grad, g)
+    layer.train()
+    assert layer.weight_quantizer._kept is None

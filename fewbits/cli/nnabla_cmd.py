@@ -40,7 +40,7 @@ from ..train import (
     load_split,
     net_input_shape,
 )
-from ..train.checkpointing import save_checkpoint
+from ..train.checkpointing import build_optimizer, save_checkpoint
 
 __all__ = ["ERRORS", "HELP", "add_import_arguments", "run_import"]
 
@@ -144,12 +144,7 @@ def _run_folder(cfg: config.TrainConfig, ns: argparse.Namespace) -> int:
     cfg.val_batch_size = cfg.val_batch_size or max(cfg.batch_size, 256)
     cfg.augment = cfg.uses_augment
     cfg.model_save_path = str(cfg.save_path)
-    params = list(model.parameters())
-    opt: torch.optim.Optimizer = (
-        torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if cfg.optimizer == "adam" else
-        torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay))
+    opt = build_optimizer(cfg, model)  # fewbits train's groups, or --resume would not load
     path = cfg.save_path / "checkpoint.pt"
     save_checkpoint(path, cfg, DistInfo(), iteration=it, model=model, opt=opt, scaler=None,
                     schedule=LRSchedule(cfg.lr_schedule, cfg.learning_rate,

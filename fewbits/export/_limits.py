@@ -11,6 +11,7 @@ so a hostile entry costs nothing to refuse. :mod:`fewbits.export.container` appl
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import re
 import zlib
@@ -23,7 +24,8 @@ from .huffman import validated_table
 from .packing import MAX_BITS
 
 __all__ = ["ENCODINGS", "HUFFMAN_MAX_BITS", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_NDIM",
-           "MAX_TENSORS", "few", "header_text", "json_depth", "repeated", "tensor_count"]
+           "MAX_TENSORS", "blob_alignment", "derived_spans", "few", "header_text", "json_depth",
+           "repeated", "tensor_count", "tensor_spans"]
 
 #: Flag bit 0 of the container: the header is zlib-compressed JSON.
 FLAG_HEADER_ZLIB = 0x0001
@@ -157,3 +159,117 @@ def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
     if isinstance(blob, (bytes, bytearray, memoryview)):
         validated_table(memoryview(blob).cast("B")[:table])  # Kraft, lengths <= 24
     return count
+
+
+def blob_alignment(entry: Mapping) -> int:
+    """Payload alignment of a format-2 blob: a ``raw-<dtype>`` blob starts at a multiple of its
+    item size (viewable in place), code streams (``packed``/``trits``/``huffman``) anywhere,
+    an opaque blob (no ``encoding``) at a multiple of 8."""
+    encoding = entry.get("encoding")
+    if isinstance(encoding, str) and encoding.startswith("raw-"):
+        return np.dtype(encoding[4:]).itemsize
+    return 1 if "encoding" in entry else 8
+
+
+def _blob_length(entry: Mapping, limit: int) -> int:
+    """Bytes of an entry's blob as its fields describe them (format 2 stores no lengths but an
+    opaque blob's ``length``); every field bounded, ``limit`` (the payload) included."""
+    if "encoding" not in entry:
+        return _int_field(entry, "length", 0, limit)
+    encoding = entry["encoding"]
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; this fewbits reads {list(ENCODINGS)}")
+    count = _shape_count(entry.get("shape"))
+    if encoding.startswith("raw-"):
+        return count * np.dtype(encoding[4:]).itemsize
+    if encoding == "trits":
+        _int_field(entry, "bits", 2, 2)
+        return (count + 4) // 5
+    bits = _int_field(entry, "bits", 1, MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS)
+    if encoding == "packed":
+        return (count * bits + 7) // 8
+    return (1 << bits) + (_int_field(entry, "bit_count", 0, 8 * limit) + 7) // 8
+
+
+def derived_spans(entries: list, payload_length: int) -> list[tuple[int, int]]:
+    """``[(offset, length)]`` of format-2 blobs: each blob's length follows from its entry
+    (``shape``, ``encoding``, ``bits``, ``bit_count``; an opaque blob's ``length``) and it
+    starts at the previous blob's end rounded up to its alignment (raw: the item size; code
+    streams: 1; opaque: 8); the last blob ends at the payload's end. An entry that holds an
+    ``offset`` (or a ``length`` besides an ``encoding``), a blob beyond the payload or bytes
+    after the last blob raise ValueError naming the entry; nothing is allocated.
+
+    >>> derived_spans([{"name": "w", "encoding": "trits", "bits": 2, "shape": [6]},
+    ...                {"name": "s", "encoding": "raw-float32", "shape": [2]}], 12)
+    [(0, 2), (4, 8)]
+    """
+    spans, end = [], 0
+    for k, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if not isinstance(name, str):
+            raise ValueError(f"tensor table entry {k} needs a str name, got {ascii(entry)[:200]}")
+        if "offset" in entry or ("length" in entry and "encoding" in entry):
+            raise ValueError(f"tensor {name!r} holds an offset or length: format version 2 "
+                             "derives them from the entry (a version-1 table relabelled?)")
+        try:
+            length = _blob_length(entry, payload_length)
+        except ValueError as err:
+            raise ValueError(f"tensor {name!r}: {err}") from None
+        offset = end + (-end % blob_alignment(entry))
+        end = offset + length
+        if end > payload_length:
+            raise ValueError(f"tensor {name!r} spans payload bytes [{offset}, {end}), beyond the "
+                             f"{payload_length}-byte payload")
+        spans.append((offset, length))
+    if end != payload_length:
+        raise ValueError(f"the payload has {payload_length - end} bytes after its last tensor")
+    return spans
+
+
+def tensor_spans(header: Mapping, payload: memoryview, version: int) -> list[tuple[str, int, int]]:
+    """``[(name, offset, length)]`` of a container's blobs, each entry checked against its blob
+    (:func:`tensor_count`) before anything is decoded. Version 1 stores each ``offset`` and
+    ``length``; version 2 derives them (:func:`derived_spans`, zero padding checked) and adds
+    them to the header's entries, so callers see one table whatever the version. Names must
+    be unique and blobs must not overlap; ValueError otherwise."""
+    payload_length = payload.nbytes
+    entries = header.get("tensors", [])
+    if not isinstance(entries, list):
+        raise ValueError('header "tensors" is not a list')
+    if len(entries) > MAX_TENSORS:
+        raise ValueError(f'header "tensors" lists {len(entries)} tensors, beyond the format\'s '
+                         f"limit of {MAX_TENSORS}")
+    if version >= 2:
+        end = 0
+        for entry, (offset, length) in zip(entries, derived_spans(entries, payload_length),
+                                           strict=True):
+            if any(payload[end:offset]):
+                raise ValueError(f"nonzero padding before tensor {entry['name']!r}")
+            entry["offset"], entry["length"], end = offset, length, offset + length
+    spans = []
+    for k, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        offset = entry.get("offset") if isinstance(entry, dict) else None
+        length = entry.get("length") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)
+        ):
+            raise ValueError(f"tensor table entry {k} needs a str name and int offset/length "
+                             f">= 0, got {ascii(entry)[:200]}")
+        if offset + length > payload_length:
+            raise ValueError(f"tensor {name!r} spans payload bytes [{offset}, {offset + length}),"
+                             f" beyond the {payload_length}-byte payload")
+        if "encoding" in entry:
+            try:
+                tensor_count(entry, length, payload[offset : offset + length])
+            except ValueError as err:
+                raise ValueError(f"tensor {name!r}: {err}") from None
+        spans.append((name, offset, length))
+    names = [s[0] for s in spans]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tensor names in the tensor table: {few(repeated(names))}")
+    ordered = sorted(spans, key=lambda s: (s[1], s[2]))
+    for (a, a_off, a_len), (b, b_off, _) in itertools.pairwise(ordered):
+        if a_off + a_len > b_off:
+            raise ValueError(f"tensors {a!r} and {b!r} overlap in the payload")
+    return spans

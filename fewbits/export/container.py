@@ -4,20 +4,40 @@
 
     offset        size  field
     0             8     magic b"FEWBITS\\0"
-    8             2     format version, u16 little-endian (this fewbits writes and reads 1)
-    10            2     flags, u16 LE (none defined: must be 0)
+    8             2     format version, u16 little-endian (writes 2; reads 1 and 2)
+    10            2     flags, u16 LE (bit 0: the header is zlib-compressed; others must be 0)
     12            4     header length H, u32 LE
     16            8     payload length P, u64 LE
-    24            H     header: UTF-8 JSON object, padded with spaces to a multiple of 8 bytes
-    24+H          P     payload: the tensor blobs, each at an 8-byte aligned offset, zero gaps
+    24            H     header: UTF-8 JSON object, padded to a multiple of 8 bytes (spaces;
+                        zero bytes after a compressed header)
+    24+H          P     payload: the tensor blobs in table order, zero gaps
     24+H+P        32    SHA-256 of bytes [0, 24+H+P)
 
 The header is JSON with sorted keys and no insignificant whitespace (before the padding), so
 the same header and blobs always give the same bytes. It is an object with a ``"tensors"``
-list; entry ``{"name", "offset", "length", ...}`` says blob ``name`` is payload bytes
-``[offset, offset+length)``. The writer fills in ``offset``/``length`` (and
+list, one entry per blob. Format version 2 stores no offsets: blob ``k``'s length follows from
+its entry (``encoding``, ``shape``, ``bits``, ``bit_count``; an entry without ``encoding``, an
+opaque blob, stores its ``length``) and it starts at blob ``k-1``'s end rounded up to its
+alignment: the item size for ``raw-<dtype>`` (so it can be viewed in place), 1 for code
+streams (``packed``, ``trits``, ``huffman``), 8 for opaque blobs. Version 1 (still read) stored
+``offset``/``length`` in every entry, each blob 8-byte aligned: about 6 bytes a tensor of a
+compressed header, and up to 7 of padding. :func:`loads` returns the entries with ``offset``
+and ``length`` filled in whatever the version; the writer ignores the caller's (and fills in
 ``"fewbits_version"`` when missing); every other key (model name and kwargs, per-tensor kind,
-encoding, shape, params) is the caller's, stored verbatim.
+encoding, shape, params) is the caller's, stored verbatim. Codes ``[2, 0, 1, 1, 2, 1]`` as
+trits and a float32 ``1.0``, in a ``{"tensors": [...]}`` header::
+
+    payload +0  c8 01          "w": trits, ceil(6 / 5) = 2 bytes
+    payload +2  00 00          zero gap: float32 starts at a multiple of 4
+    payload +4  00 00 80 3f    "s": raw-float32 1.0;  P = 8
+
+>>> w_fields, w_blob = encode_tensor(np.array([2, 0, 1, 1, 2, 1]), "trits", bits=2)
+>>> s_fields, s_blob = encode_tensor(np.array([1.0], np.float32), "raw-float32")
+>>> data = dumps({"tensors": [{"name": "w", **w_fields}, {"name": "s", **s_fields}]},
+...              {"w": w_blob, "s": s_blob})
+>>> h, blobs = loads(data)
+>>> data[8], data[-40:-32].hex(" "), [(e["offset"], e["length"]) for e in h["tensors"]]
+(2, 'c8 01 00 00 00 00 80 3f', [(0, 2), (4, 4)])
 
 :func:`encode_tensor` / :func:`decode_tensor` turn arrays into blobs with the encodings of the
 format: ``packed`` (fixed-width codes), ``huffman`` (canonical Huffman codes) and
@@ -34,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import os
 import struct
@@ -54,11 +73,14 @@ from ._limits import (
     MAX_JSON_DEPTH,
     MAX_NDIM,
     MAX_TENSORS,
+    blob_alignment,
+    derived_spans,
     few,
     header_text,
     json_depth,
     repeated,
     tensor_count,
+    tensor_spans,
 )
 from .huffman import MAX_CODE_LENGTH, huffman_decode, huffman_encode
 from .packing import MAX_BITS, pack_bits, pack_trits, unpack_bits, unpack_trits
@@ -88,8 +110,8 @@ __all__ = [
 MODEL_FORMAT = "fewbits-model"
 
 MAGIC = b"FEWBITS\0"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 ALIGN = 8
 _PREFIX = struct.Struct("<8sHHIQ")  # magic, version, flags, header length, payload length
 _DIGEST = 32
@@ -155,12 +177,15 @@ def _layout(
             f"header tensors and blobs must match one to one: no blob for {few(missing)}, "
             f"no header entry for {few(extra)}"
         )
-    views, table, offset = [], [], 0
-    for entry in entries:
-        offset += _pad(offset)
+    placed, table, offset = [], [], 0
+    for entry in entries:  # format 2: offsets and lengths follow from the entries
         view = memoryview(blobs[entry["name"]]).cast("B")
-        table.append({**entry, "offset": offset, "length": view.nbytes})
-        views.append(view)
+        stored = {k: v for k, v in entry.items() if k not in ("offset", "length")}
+        if "encoding" not in stored:  # an opaque blob: its length is the one stored field
+            stored["length"] = view.nbytes
+        offset += -offset % blob_alignment(stored)
+        table.append(stored)
+        placed.append((offset, view))
         offset += view.nbytes
     payload_length = offset
     full["tensors"] = table
@@ -172,7 +197,6 @@ def _layout(
     if len(text) >= 1 << 32:
         raise ValueError(f"header is {len(text)} bytes; the format allows < 4 GiB")
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(text), payload_length)
-    placed = [(e["offset"], v) for e, v in zip(table, views, strict=True)]
     return prefix + text, placed, payload_length
 
 
@@ -246,9 +270,12 @@ def _readable(head: bytes, placed: list[tuple[int, memoryview]], path: Any) -> d
         table = written.get("tensors", [])
         if len(table) > MAX_TENSORS:
             raise ValueError(f"{len(table)} tensors, beyond the format's limit of {MAX_TENSORS}")
-        for entry, (_, view) in zip(table, placed, strict=True):
+        for entry, (_, view) in zip(table, placed, strict=True):  # each entry, its blob
             if "encoding" in entry:
                 tensor_count(entry, view.nbytes, view)
+        spans = derived_spans(table, _PREFIX.unpack_from(head)[4])
+        for entry, span in zip(table, spans, strict=True):
+            entry["offset"], entry["length"] = span  # as loads() returns the table
     except ValueError as err:
         raise ValueError(f"cannot write {os.fspath(path)}: {err}; fewbits would refuse to "
                          "read such a file, so nothing was written (an existing file is "
@@ -355,56 +382,15 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict, dict[str, bytes]]
     payload_start = _PREFIX.size + header_length
     blobs = {}
     payload = view[payload_start : payload_start + payload_length]
-    for name, offset, length in _tensor_table(header, payload, source):
+    try:
+        spans = tensor_spans(header, payload, version)
+    except ValueError as err:
+        raise FormatError(source, str(err), "the tensor table is inconsistent: the file is "
+                          "corrupt or was not written by fewbits") from None
+    for name, offset, length in spans:
         start = payload_start + offset
         blobs[name] = bytes(view[start : start + length])
     return header, blobs
-
-
-def _tensor_table(header: dict, payload: memoryview, source: str) -> list[tuple[str, int, int]]:
-    payload_length = payload.nbytes
-    entries = header.get("tensors", [])
-    if not isinstance(entries, list):
-        raise FormatError(source, 'header "tensors" is not a list')
-    if len(entries) > MAX_TENSORS:
-        raise FormatError(source, f'header "tensors" lists {len(entries)} tensors, beyond the '
-                          f"format's limit of {MAX_TENSORS}")
-    spans = []
-    for k, entry in enumerate(entries):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        offset = entry.get("offset") if isinstance(entry, dict) else None
-        length = entry.get("length") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)
-        ):
-            raise FormatError(
-                source,
-                f"tensor table entry {k} needs a str name and int offset/length >= 0, "
-                f"got {ascii(entry)[:200]}",
-            )
-        if offset + length > payload_length:
-            raise FormatError(
-                source,
-                f"tensor {name!r} spans payload bytes [{offset}, {offset + length}), beyond "
-                f"the {payload_length}-byte payload",
-                "the tensor table is inconsistent; export the file again",
-            )
-        if "encoding" in entry:
-            try:
-                tensor_count(entry, length, payload[offset : offset + length])
-            except ValueError as err:
-                raise FormatError(source, f"tensor {name!r}: {err}",
-                                  "the file is corrupt or was not written by fewbits") from None
-        spans.append((name, offset, length))
-    names = [s[0] for s in spans]
-    if len(set(names)) != len(names):
-        raise FormatError(source, "duplicate tensor names in the tensor table: "
-                          f"{few(repeated(names))}")
-    ordered = sorted(spans, key=lambda s: (s[1], s[2]))
-    for (a, a_off, a_len), (b, b_off, _) in itertools.pairwise(ordered):
-        if a_off + a_len > b_off:
-            raise FormatError(source, f"tensors {a!r} and {b!r} overlap in the payload")
-    return spans
 
 
 # ---------------------------------------------------------------------------- tensor codecs

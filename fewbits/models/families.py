@@ -157,9 +157,14 @@ def _bc(c: QuantConfig) -> dict[str, Any]:
 
 
 def _lsq(c: QuantConfig) -> dict[str, Any]:
-    # signed: what quantize_ puts on any layer's input, whose sign it cannot know; the zoo nets
-    # (LSQ_NET) use it unsigned after batch norm, in place of the ReLU
-    return {"name": "lsq", "bits": _bw(c, 4), "signed": True}
+    return {"name": "lsq", "bits": _bw(c, 4), "signed": True}  # weights: signed
+
+
+def _lsq_act(c: QuantConfig) -> dict[str, Any]:
+    # no "signed": quantize_ makes it unsigned where the layer reads a ReLU's output (the
+    # paper's placement) and signed elsewhere (LSQ's default); the zoo nets (LSQ_NET) use it
+    # unsigned after batch norm, in place of the ReLU ("uq")
+    return {"name": "lsq", "bits": _bw(c, 4)}
 
 
 _WEIGHT = {
@@ -188,7 +193,7 @@ _ACT = {
     "fp_net": _fp,
     "pow2_net": lambda c: _pow2(c, with_zero=True),
     "min_max": lambda c: _mm(c, weight=False),
-    "lsq": lambda c: _lsq(c),
+    "lsq": _lsq_act,
 }
 
 FAMILIES: dict[str, Family] = {

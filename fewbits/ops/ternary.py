@@ -48,6 +48,7 @@ __all__ = [
     "check_absmax_args",
     "checked",
     "round_half_away",
+    "straight",
     "ternary_levels",
     "ttq",
     "ttq_threshold",
@@ -96,7 +97,7 @@ def round_half_away(v: Tensor) -> Tensor:
     return torch.where(v < 0, -r, r)
 
 
-def _straight(y: Tensor, x: Tensor) -> Tensor:
+def straight(y: Tensor, x: Tensor) -> Tensor:
     """``y`` with the identity gradient to ``x``: ``y + (x - x.detach())``, whose forward adds an
     exact ``+0.0`` (``x`` is finite), so the value is ``y``'s bits (``-0.0`` becomes ``+0.0``)."""
     if not x.requires_grad:
@@ -151,7 +152,7 @@ def twn(w: Tensor, per_channel: bool = True, fn: str = "ternary_twn") -> Tensor:
     delta, alpha = twn_threshold_scale(ww, per_channel)
     t = ternary_levels(ww, channel_view(delta, ww, per_channel))
     y = (t * channel_view(alpha, ww, per_channel)).to(w.dtype)
-    return _straight(y, w)
+    return straight(y, w)
 
 
 def ttq_threshold(w: Tensor, threshold: float, per_channel: bool) -> Tensor:
@@ -260,7 +261,7 @@ def absmean(w: Tensor, per_channel: bool = False, eps: float = ABSMEAN_EPS,
     ww = widen(w.detach())
     gamma = channel_view(absmean_scale(ww, per_channel, eps), ww, per_channel)
     t = round_half_away(ww / gamma).clamp_(-1.0, 1.0)
-    return _straight((t * gamma).to(w.dtype), w)
+    return straight((t * gamma).to(w.dtype), w)
 
 
 def absmax(x: Tensor, bits: int = 8, per: str = "token", eps: float = ABSMEAN_EPS,
@@ -276,7 +277,7 @@ def absmax(x: Tensor, bits: int = 8, per: str = "token", eps: float = ABSMEAN_EP
     scale = absmax_scale(xw, bits, per, eps, fn)
     q = float(2 ** (bits - 1) - 1)
     t = round_half_away(xw / scale).clamp_(-q, q)
-    return _straight((t * scale).to(x.dtype), x)
+    return straight((t * scale).to(x.dtype), x)
 
 
 def check_absmax_args(fn: str, bits: int, eps: float) -> None:

@@ -42,6 +42,13 @@ class Ternary(Quantizer):
     t``, scale ``alpha`` / ``gamma``, zero point 0, ``[-1, 1]``. TTQ's two levels differ in
     magnitude, so it has no affine form (``affine`` returns ``None``).
 
+    In evaluation mode ``twn`` and ``absmean`` keep their last weight and its quantized form
+    (one copy of each): a forward whose weight equals the kept one (``torch.equal``, one pass;
+    the formula is several reductions) returns the kept form with the same identity gradient,
+    so however the weight changed (an optimizer, ``load_state_dict``, ``w.data.mul_``, which
+    no version counter sees) the output follows it. ``train()`` and ``load_state_dict`` drop
+    them; ``torch.compile``, tracing and tensor subclasses never use them.
+
         >>> q = Ternary("twn", per_channel=False)
         >>> q(torch.tensor([[1.0, -0.1, -2.0, 0.5]]))
         tensor([[ 1.5000,  0.0000, -1.5000,  0.0000]])
@@ -59,6 +66,7 @@ class Ternary(Quantizer):
             raise ValueError(f"Ternary: threshold (ttq: delta = threshold * max|w|) must be in "
                              f"[0, 1), got {threshold!r}")
         self.mode, self.threshold = mode, float(threshold)
+        self._kept: tuple[Tensor, Tensor] | None = None  # eval: (weight, its ternary form)
         #: the family protocol: t * scale is an integer affine form, except TTQ's two levels
         self.uniform = mode != "ttq"
         self.per_channel = (mode == "twn") if per_channel is None else bool(per_channel)
@@ -112,14 +120,31 @@ class Ternary(Quantizer):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
                               ) -> None:
         # a float checkpoint has no wp/wn: the layer restarts them from the loaded weights
+        self._kept = None
         float_checkpoint_load(self, state_dict, prefix, args)
 
-    def forward(self, w: Tensor) -> Tensor:
+    def train(self, mode: bool = True) -> Ternary:
+        self._kept = None  # kept for evaluation only
+        return super().train(mode)
+
+    def _formula(self, w: Tensor) -> Tensor:
         if self.mode == "twn":
             return tern.twn(w, self.per_channel)
-        if self.mode == "absmean":
-            return tern.absmean(w, self.per_channel)
-        return tern.ttq(w, self.wp, self.wn, self.threshold, self.per_channel)
+        return tern.absmean(w, self.per_channel)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.mode == "ttq":
+            return tern.ttq(w, self.wp, self.wn, self.threshold, self.per_channel)
+        if self.training or type(w) not in (Tensor, nn.Parameter) or w.is_meta or \
+                torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._formula(w)
+        kept = self._kept
+        if kept is None or kept[0].shape != w.shape or kept[0].dtype != w.dtype or \
+                kept[0].device != w.device or not torch.equal(kept[0], w.detach()):
+            with torch.no_grad():
+                kept = self._kept = (w.detach().clone(), self._formula(w.detach()))
+        # the formula's identity gradient to w; a copy when no graph is built (never the kept)
+        return tern.straight(kept[1], w) if w.requires_grad else kept[1].clone()
 
     def _levels_and_scale(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x = x.detach().float()

@@ -5,10 +5,13 @@ A checkpoint holds the model, optimizer, gradient scaler, learning-rate schedule
 position, the RNG states (global, augmentation, CUDA), the best error so far, the monitor
 state and the config; :func:`restore_checkpoint` refuses one written by a run whose
 :data:`fewbits.config.RESUME_KEYS`, process count or model options differ.
+:func:`build_optimizer` builds a run's optimizer (``fewbits train``, ``fewbits import-nnabla``):
+its parameter groups are part of what a checkpoint must match.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,63 @@ from .. import distributed as fdist
 from .._version import __version__
 from ..config import RESUME_KEYS, TrainConfig
 from ..models import is_model, model_info
+from ..quantizers.optim import param_groups
 
-__all__ = ["restore_checkpoint", "resume_path", "save_checkpoint", "save_model"]
+__all__ = ["build_optimizer", "restore_checkpoint", "resume_path", "save_checkpoint",
+           "save_model"]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer over ``model``'s parameters: ``Adam`` or ``SGD`` as
+    ``cfg.optimizer`` says, with ``cfg``'s learning rate, weight decay and momentum. Under Adam
+    the parameters with a learning-rate factor (LSQ's steps and offsets: 0.01) get a group of
+    their own at ``lr * factor`` (:func:`fewbits.quantizers.optim.param_groups`; Adam would
+    otherwise normalise away LSQ's gradient scale and move a step of ~0.01 by ~lr a step)."""
+    params = param_groups(model.parameters(), cfg.learning_rate,
+                          adaptive=cfg.optimizer == "adam")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def _optimizer_state(path: Path, saved: Any, opt: torch.optim.Optimizer,
+                     model: nn.Module) -> Any:
+    """``saved`` (a checkpoint's optimizer state) as ``opt`` loads it. A checkpoint written
+    before LSQ's steps had a group of their own (before commit 2e58a3a) holds one
+    group of every parameter in ``model.parameters()`` order: its per-parameter state is mapped
+    onto ``opt``'s groups, with a warning (the steps then train at ``lr * 0.01``). Groups that
+    differ otherwise raise :class:`~fewbits.checkpoint.CheckpointError` naming both layouts."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    theirs = [len(g["params"]) for g in groups] if isinstance(groups, list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups) else None
+    mine = [len(g["params"]) for g in opt.param_groups]
+    if theirs == mine:
+        return saved
+    params = list(model.parameters())
+    if theirs != [len(params)] or sum(mine) != len(params):
+        raise ckpt.CheckpointError(
+            f"{path}: cannot resume: the checkpoint's optimizer holds parameter groups of "
+            f"{theirs} parameters, this run's {mine} (the groups of build_optimizer: LSQ's "
+            "steps and offsets in their own under Adam); resume with the fewbits and options "
+            "that wrote it, or start a new run without --resume")
+    old_ids, state = groups[0]["params"], saved.get("state", {})
+    index = {id(p): k for k, p in enumerate(params)}
+    new_state, new_groups, n = {}, [], 0
+    for g in opt.param_groups:
+        ids = []
+        for p in g["params"]:
+            old = old_ids[index[id(p)]]
+            if old in state:
+                new_state[n] = state[old]
+            ids.append(n)
+            n += 1
+        new_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+    warnings.warn(f"{path}: the checkpoint predates LSQ's own parameter group (its optimizer "
+                  f"holds one group); its state is mapped onto this run's {len(mine)} groups, "
+                  "and from here LSQ's steps and offsets train at their learning-rate factor "
+                  "(0.01 x lr under Adam)", UserWarning, stacklevel=3)
+    return {"state": new_state, "param_groups": new_groups}
 
 
 def resume_path(resume: str, save_path: Path) -> Path:
@@ -79,7 +137,7 @@ def restore_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *,
             "without --resume.")
     try:
         model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(_optimizer_state(path, state["optimizer"], opt, model))
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data_iterator"])

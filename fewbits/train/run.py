@@ -43,7 +43,6 @@ from ..data import BatchIterator, augment, random_augment_params, to_float
 from ..layers import apply_weight_constraints, count_optimizer_steps
 from ..models import model_info
 from ..monitor import Monitor, Progress, write_json
-from ..quantizers.optim import param_groups
 from ..runs import (
     check_run_folder,
     discard_set_aside,
@@ -51,7 +50,13 @@ from ..runs import (
     run_lock,
     set_aside_run,
 )
-from .checkpointing import restore_checkpoint, resume_path, save_checkpoint, save_model
+from .checkpointing import (
+    build_optimizer,
+    restore_checkpoint,
+    resume_path,
+    save_checkpoint,
+    save_model,
+)
 from .device import autocast, resolve_device
 from .evaluate import evaluate
 from .model import (
@@ -199,14 +204,7 @@ class _Run:
         cfg.bn_recalibrate = resolve_bn_recalibrate(cfg, self.model, n)  # config.json: as run
         self.bn_done = False  # once per run: the final checkpoint records it
         # LSQ's steps in a group of their own at a fraction of lr under Adam (quantizers.optim)
-        params = param_groups(self.model.parameters(), cfg.learning_rate,
-                              adaptive=cfg.optimizer == "adam")
-        if cfg.optimizer == "adam":
-            self.opt: torch.optim.Optimizer = torch.optim.Adam(
-                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
-                                       weight_decay=cfg.weight_decay)
+        self.opt: torch.optim.Optimizer = build_optimizer(cfg, self.model)
         self.schedule = LRSchedule(cfg.lr_schedule, cfg.learning_rate, cfg.max_iter)
         use_scaler = cfg.type_config == "half" and dev.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
