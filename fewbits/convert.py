@@ -1,10 +1,10 @@
 """Quantize any PyTorch model in one call, and set activation ranges from data.
 
 :func:`quantize_` swaps, in place, every layer of a kind in :data:`fewbits.layer_kinds.LAYER_KINDS`
-(``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.MultiheadAttention`` with all its projections,
-HF ``transformers``' ``Conv1D``, and ``nn.Embedding`` when asked) for the fewbits layer built by
-its ``from_float`` (same parameters, options, device and dtype), dispatching on the layer's type
-as torchao's ``quantize_`` and Brevitas' ``layerwise_quantize`` do. The model then trains in any
+(``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.MultiheadAttention`` with all its projections, HF
+``transformers``' ``Conv1D``, and ``nn.Embedding`` when asked) for the fewbits layer built by its
+``from_float`` (same parameters, options, device and dtype), dispatching on the layer's type as
+torchao's ``quantize_`` and Brevitas' ``layerwise_quantize`` do. The model then trains in any
 PyTorch loop, and :func:`fewbits.export.export_packed` writes it at its real width.
 
 A *config* says what each layer gets:
@@ -18,14 +18,14 @@ A *config* says what each layer gets:
 - a callable ``(qualified_name, module) -> config or None`` for per-layer choices (``None`` keeps
   the layer in float).
 
-Where activations are quantized (one placement for every model, zoo or not): the family's
-activation quantizer quantizes what each converted layer reads, except the raw model input
-(the first converted layer in module order when no embedding comes before it) unless
-``quantize_input=True``; LSQ's is unsigned where the layer reads a ReLU's output (the fx graph,
-:func:`~fewbits.layer_kinds.nonnegative_inputs`), else signed, unless its spec says. Weight
-grids start from the weights: min-max ranges from their min and max, fixed point's ``delta``
-and pow2's ``m`` (largest level ``2**m``) from their largest magnitude, unless the config
-gives them (``family_config("fp_connect", delta=2**-7)``).
+Where activations are quantized (one placement for every model, zoo or not): the family's activation
+quantizer quantizes what each converted layer reads, except the raw model input (the first converted
+layer in module order when no embedding comes before it) unless ``quantize_input=True``; LSQ's is
+unsigned where the layer reads a ReLU's output (the fx graph,
+:func:`~fewbits.layer_kinds.nonnegative_inputs`), else signed, unless its spec says. Weight grids
+start from the weights: min-max ranges from their min and max, fixed point's ``delta`` and pow2's
+``m`` (largest level ``2**m``) from their largest magnitude, unless the config gives them
+(``family_config("fp_connect", delta=2**-7)``).
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .hf_record import record_for_save_pretrained
 from .layer_kinds import (
     ROLES,
     LayerKind,
@@ -216,7 +217,9 @@ def quantize_(model: nn.Module, config: Config, *,
       (:mod:`fewbits.quantizers.optim`); an optimizer built after ``quantize_`` holds all.
 
     PyTorch's fused transformer paths are switched off around converted layers
-    (:func:`disable_fast_paths`). Errors name the layer: ``"layer1.0.conv1: ..."``.
+    (:func:`disable_fast_paths`). A transformers model records the conversion for
+    ``save_pretrained`` (:func:`fewbits.hf_record.record_for_save_pretrained`). Errors name the
+    layer: ``"layer1.0.conv1: ..."``.
     """
     before = {id(p) for p in model.parameters()}
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
@@ -297,6 +300,7 @@ def quantize_(model: nn.Module, config: Config, *,
         qoptim.add_to_optimizer(optimizer, [p for _, p in added])
     qoptim.require_companions([p for p in model.parameters() if id(p) in before], added)
     disable_fast_paths(model)
+    record_for_save_pretrained(model, config, skip)
     return model
 
 
@@ -425,8 +429,7 @@ def _run_batch(model: nn.Module, batch: Any, device: torch.device | None) -> Non
         model(**_to_device(batch, device))
     elif isinstance(batch, (tuple, list)):
         if not batch:
-            raise ValueError("calibrate: a batch is an empty tuple; give (inputs, ...) or a "
-                             "tensor")
+            raise ValueError("calibrate: a batch is an empty tuple; give (inputs, ...)")
         _run_batch(model, batch[0], device)
     elif isinstance(batch, Tensor):
         model(_to_device(batch, device))
@@ -446,14 +449,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
     ``batches`` yields input tensors, tuples/lists whose first item is the input (a
     ``DataLoader`` of ``(x, y)``), or dicts of keyword arguments, run as ``model(**batch)`` (a
     HuggingFace tokenizer's output); tensors, nested ones included, are moved to the model's
-    device. The forwards run in
-    evaluation mode with the activation quantizers passing values through unquantized (the
-    float activations are observed, as Brevitas' calibration does), so batch-norm statistics,
-    INQ counters, weights and every other state stay as they were; the training flag is
-    restored. LSQ activation steps start from the first batch as the first training forward
-    would (the paper's ``2 * mean|x| / sqrt(Q_P)``; LSQ+: the range); fixed grids (fixed point,
-    pow2, binary) have nothing to set. Returns ``{quantizer name: (min, max)}`` of the ranges
-    set (LSQ: its grid's ends; empty when there is nothing to set). Raises ``ValueError`` for
+    device. The forwards run in evaluation mode with the activation quantizers passing values
+    through unquantized (the float activations are observed, as Brevitas' calibration does), so
+    batch-norm statistics, INQ counters, weights and every other state stay as they were; the
+    training flag is restored. LSQ activation steps start from the first batch as the first
+    training forward would (the paper's ``2 * mean|x| / sqrt(Q_P)``; LSQ+: the range); fixed
+    grids (fixed point, pow2, binary) have nothing to set. Returns ``{quantizer name: (min,
+    max)}`` of the ranges set (LSQ: its grid's ends; empty if none). Raises ``ValueError`` for
     an empty ``batches`` or a per-channel activation quantizer, ``TypeError`` for another batch.
 
         >>> from fewbits.layers import QuantLinear
@@ -479,10 +481,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, tuple[float
 
         hooks.append(q.register_forward_hook(observe))
     p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else None
-    was = model.training
+    device, was, n = (p.device if p is not None else None), model.training, 0
     model.eval()
-    n = 0
     try:
         for batch in batches:
             _run_batch(model, batch, device)

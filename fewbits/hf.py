@@ -39,12 +39,12 @@ except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError("fewbits.hf needs transformers: pip install 'fewbits[hf]'") from e
 
 from .convert import quantize_
-from .quantizers import Quantizer
+from .hf_record import HF_QUANT_METHOD
 
 __all__ = ["METHOD", "FewbitsConfig", "FewbitsHfQuantizer", "quantize_hf"]
 
 #: The ``quant_method`` name fewbits registers with transformers.
-METHOD = "fewbits"
+METHOD = HF_QUANT_METHOD
 
 
 @register_quantization_config(METHOD)
@@ -91,7 +91,6 @@ class FewbitsHfQuantizer(HfQuantizer):
                                              ) -> nn.Module:
         cfg = self.quantization_config
         quantize_(model, cfg.config, skip=cfg.skip or None)
-        _tensor_extra_state(model)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any
@@ -122,17 +121,7 @@ def quantize_hf(model: nn.Module, config: str | dict[str, Any], *,
                         f"{type(model).__name__}; use fewbits.quantize_ for other models")
     skip_list = [skip] if isinstance(skip, str) else list(skip or [])
     qcfg = FewbitsConfig(config, skip_list)
-    quantize_(model, config, skip=skip_list or None)
-    _tensor_extra_state(model)
+    quantize_(model, config, skip=skip_list or None)  # sets the quantizers' tensor_extra_state
     hf_config.quantization_config = qcfg
     model.hf_quantizer = FewbitsHfQuantizer(qcfg, pre_quantized=True)
     return model
-
-
-
-def _tensor_extra_state(model: nn.Module) -> None:
-    # safetensors stores tensors only: INQ's counter and stage go as an int64 pair, fixed
-    # point's delta and pow2's m (fitted to the weights by quantize_) as scalars
-    for m in model.modules():
-        if isinstance(m, Quantizer) and type(m).get_extra_state is not nn.Module.get_extra_state:
-            m.tensor_extra_state = True

@@ -28,7 +28,7 @@ LAYERS = [
     (5, "config", ["fewbits.config", "fewbits._args"]),
     (5, "distributed", ["fewbits.distributed"]),
     (6, "models", ["fewbits.models"]),
-    (7, "convert", ["fewbits.convert"]),
+    (7, "convert", ["fewbits.convert", "fewbits.hf_record"]),
     (7, "nnabla", ["fewbits.nnabla"]),
     (7, "files", ["fewbits.checkpoint", "fewbits.monitor", "fewbits.runs",
                    "fewbits.export.container", "fewbits.export._limits",

@@ -90,3 +90,40 @@ def test_quantize_hf_refuses_what_config_json_cannot_hold():
         quantize_hf(model, lambda name, m: "binary_connect")
     with pytest.raises(TypeError, match="PreTrainedModel"):
         quantize_hf(torch.nn.Linear(2, 2), "binary_connect")
+
+
+@pytest.mark.parametrize("family", ["inq", "fp_net", "lsq"])
+def test_plain_quantize_on_a_transformers_model_saves_quantized(family, tmp_path):
+    # a user's habit: fewbits.quantize_ (not quantize_hf), then save_pretrained. Before, the
+    # model came back float from from_pretrained (quantizer state dropped as unexpected keys,
+    # INQ's counter not even written: safetensors holds tensors only)
+    from fewbits import quantize_
+
+    torch.manual_seed(0)
+    model, x = bert()
+    quantize_(model, _config(family))
+    assert model.config.quantization_config == {"quant_method": "fewbits",
+                                                "config": _config(family), "skip": []}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).logits.square().sum().backward()
+        opt.step()
+    model.eval()
+    want = _logits(model, x)
+    model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    assert dict(quant_layers(back)).keys() == dict(quant_layers(model)).keys()
+    torch.testing.assert_close(_logits(back, x), want, rtol=0, atol=0)
+    if family == "inq":
+        assert dict(quant_layers(back))["classifier"].weight_quantizer.counter == 2
+
+
+def test_plain_quantize_with_a_callable_config_warns_that_config_json_cannot_hold_it():
+    from fewbits import quantize_
+
+    model, _ = bert()
+    with pytest.warns(UserWarning, match="callable config cannot be written to config.json"):
+        quantize_(model, lambda name, m: "binary_connect")
+    assert getattr(model.config, "quantization_config", None) is None
