@@ -357,6 +357,49 @@ def test_engine_runs_a_users_quantized_model(isa: str, act: str) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+class _OneByOne(nn.Module):
+    """1x1 convolutions of ``c`` channels: strided, then with a binary residual (the AVX2
+    byte-lane kernel for ``c <= 127``, the general one above)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        from fewbits.layers import QuantAct
+
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c, c, 1, stride=2, bias=False)
+        self.conv3 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm2d(c) for _ in range(3))
+        self.act = QuantAct("binary_tanh")
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+        h = self.act(self.bn3(self.conv3(h)) + h)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("c", [100, 128])
+def test_engine_1x1_layers_equal_pytorch(isa: str, c: int) -> None:
+    """Odd output width (7), stride 2, a residual, 4 input words (100: the kernel's general
+    byte count) and 128 channels (past the byte-lane kernel's 127): PyTorch's logits on every
+    path, bit-identical to the portable path."""
+    torch.manual_seed(6)
+    m = _converted(_OneByOne(c))
+    x = _dyadic(3, (3, 14, 14), seed=6)
+    with torch.no_grad():
+        ref = m(x)
+    engine = BinaryEngine.from_model(m, input_shape=(3, 14, 14))
+    assert [(s.op, s.k, s.stride, s.residual) for s in engine.plan] == [
+        ("stem", 3, 1, False), ("bconv", 1, 2, False), ("bconv", 1, 1, True),
+        ("head", 1, 1, False)]
+    assert [bool(engine._layers[i].wbb) for i in (1, 2)] == [c <= 127] * 2
+    out = engine(x)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, BinaryEngine.from_model(m, input_shape=(3, 14, 14),
+                                                    isa="generic")(x))
+
+
 def test_planner_runs_a_users_model_on_the_engine_or_names_the_operation() -> None:
     from fewbits.layers import QuantAct
     from fewbits.runtime import compile_for_cpu

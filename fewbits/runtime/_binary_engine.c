@@ -54,6 +54,13 @@ typedef struct {
     int32_t relu;         /* float epilogue: max(y, 0) after the residual */
     const float *alpha, *beta; /* float epilogue (STEM, BCONV): y = fma(s, alpha, beta) [+ res]
                            * [ReLU] -> float map fdst and bits (y > 0) dst; NULL: thresholds */
+    /* Optional (AVX2 path, BCONV 1x1 without padding, cin <= 127, thresholds; NULL: the
+     * general kernel): the weights as bytes, wbb[t][o] = byte t % 4 of weight word t / 4 of
+     * channel o ([4 * wd_in][cout_pad]), and thresholds on the mismatch count D, the output
+     * bit being (D <= dt) ^ flip: dt = clamp(floor((cin - T) / 2), -1, cin) [cout_pad]
+     * (dt1 where the residual bit is +1). Derived from wb, t0, t1 at compile time. */
+    const uint8_t *wbb;
+    const int8_t *dt0, *dt1;
 } fbb_layer;
 
 static int wd_of(int c) { return (c + 31) / 32; }
@@ -381,9 +388,82 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
     }
 }
 
+/* 1x1 convolutions of at most 127 input channels, thresholds (AVX2): one byte lane per output
+ * channel, so no widening, no lane shuffles and one compare per 32 channels. XOR of input byte
+ * t (broadcast) with wbb[t] and a per-byte popcount count the mismatches of channel o among
+ * those 8 inputs in byte o; their sum over the 4 wd_in bytes is D <= cin <= 127, and the
+ * output bit (cin - 2 D >= T) ^ flip is (D <= dt) ^ flip. nb pixels x 32 nv channels per
+ * pass (each weight vector loaded once feeds nb pixels, each broadcast nv vectors); nt: the
+ * number of input bytes, a constant where the caller knows it (unrolled). Exact integers:
+ * the same bits as bconv_word. */
+#define B1_NB 2
+__attribute__((target("avx2"), always_inline))
+static inline void bconv1_px_avx2(const fbb_row *r, int ox, int ob, const int nb, const int nv,
+                                  const int nt) {
+    const fbb_layer *L = r->L;
+    int cp = L->cout_pad, wo = cp / 32;
+    size_t step = (size_t)r->s * nt; /* bytes from one output pixel's input to the next */
+    const uint8_t *in = (const uint8_t *)r->in + ((size_t)r->oy * r->wp + (size_t)ox * r->s) * nt;
+    __m256i c[B1_NB][2];
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v++) c[p][v] = _mm256_setzero_si256();
+    const uint8_t *w = L->wbb + ob;
+    for (int t = 0; t < nt; t++, w += cp) {
+        __m256i wv[2];
+        for (int v = 0; v < nv; v++) wv[v] = _mm256_loadu_si256((const __m256i *)(w + 32 * v));
+        for (int p = 0; p < nb; p++) {
+            __m256i a = _mm256_set1_epi8((char)in[p * step + t]);
+            for (int v = 0; v < nv; v++)
+                c[p][v] = _mm256_add_epi8(c[p][v], popcnt8_avx2(_mm256_xor_si256(a, wv[v])));
+        }
+    }
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v++) {
+            int o = ob + 32 * v;
+            size_t at = (size_t)(ox + p) * wo + o / 32;
+            uint32_t gt = (uint32_t)_mm256_movemask_epi8(
+                _mm256_cmpgt_epi8(c[p][v], _mm256_loadu_si256((const __m256i *)(L->dt0 + o))));
+            if (r->res) {
+                uint32_t rb = r->res[at], g1 = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi8(
+                    c[p][v], _mm256_loadu_si256((const __m256i *)(L->dt1 + o))));
+                gt = (gt & ~rb) | (g1 & rb);
+            }
+            r->out[at] = ~gt ^ L->flip[o / 32];
+        }
+}
+
+__attribute__((target("avx2"), always_inline))
+static inline void bconv1_row_nt_avx2(const fbb_row *r, const int nt) {
+    int cp = r->L->cout_pad;
+    for (int ox = 0; ox < r->ow;) {
+        int ob = 0;
+        if (ox + B1_NB <= r->ow) {
+            for (; ob + 64 <= cp; ob += 64) bconv1_px_avx2(r, ox, ob, B1_NB, 2, nt);
+            for (; ob < cp; ob += 32) bconv1_px_avx2(r, ox, ob, B1_NB, 1, nt);
+            ox += B1_NB;
+        } else {
+            for (; ob + 64 <= cp; ob += 64) bconv1_px_avx2(r, ox, ob, 1, 2, nt);
+            for (; ob < cp; ob += 32) bconv1_px_avx2(r, ox, ob, 1, 1, nt);
+            ox += 1;
+        }
+    }
+}
+
+__attribute__((target("avx2")))
+static void bconv1_row_avx2(const fbb_row *r) {
+    int nt = 4 * wd_of(r->L->cin);
+    if (nt == 4) bconv1_row_nt_avx2(r, 4);        /* cin <= 32 */
+    else if (nt == 8) bconv1_row_nt_avx2(r, 8);   /* cin <= 64 */
+    else bconv1_row_nt_avx2(r, nt);
+}
+
 __attribute__((target("avx2,fma")))
 static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
     int cp = r->L->cout_pad, k = r->L->k;
+    if (r->L->wbb) {
+        bconv1_row_avx2(r);
+        return;
+    }
     for (int ox = 0; ox < r->ow;) {
         int a0, a1, b0 = 0, b1 = 0;
         tap_cols(r, ox, &a0, &a1);
@@ -728,7 +808,9 @@ static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
             || ((op == OP_STEM || op == OP_BCONV) && l->alpha && !l->beta)
             || (op == OP_BCONV && (!l->wb || (l->pad > 0 && !l->wpop)))
             || ((op == OP_STEM || is_head(op)) && !l->wf) || (is_head(op) && !l->bias)
-            || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha))
+            || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha)
+            || (l->wbb && (op != OP_BCONV || l->k != 1 || l->pad != 0 || l->cin > 127
+                           || l->alpha || !l->dt0 || !l->dt1)))
             return -3;
         for (int j = 0; j < 3; j++) {
             if (bufs[j] < -1 || fb[j] < -1) return -3;
