@@ -226,26 +226,32 @@ static inline uint32_t float_epi_avx2(const fbb_row *r, int ox, int ob, const __
     return w;
 }
 
-/* Stem decision word (as stem_bits) of 32 sums in 4 vectors; NaN compares false -> -1. */
+/* Stem decision word (as stem_bits) of 32 sums in 4 vectors. Where every sum is finite (the
+ * thresholds are never NaN), flip ? s < t : s >= t is (s >= t) ^ flip: one compare per
+ * vector; a NaN or infinite sum (|s| not below inf, unordered included) takes stem_bits. */
 __attribute__((target("avx2")))
 static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob) {
-    uint32_t ge = 0, lt = 0, ip = 0, in = 0;
-    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    const __m256 inf = _mm256_set1_ps(INFINITY);
+    const __m256 abs_ = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    uint32_t ge = 0;
+    __m256 nf = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
-        __m256 t = _mm256_loadu_ps(L->tf + ob + 8 * i);
-        ge |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_GE_OQ)) << (8 * i);
-        lt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_LT_OQ)) << (8 * i);
-        ip |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], pinf, _CMP_EQ_OQ)) << (8 * i);
-        in |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], ninf, _CMP_EQ_OQ)) << (8 * i);
+        ge |= (uint32_t)_mm256_movemask_ps(
+                  _mm256_cmp_ps(a[i], _mm256_loadu_ps(L->tf + ob + 8 * i), _CMP_GE_OQ)) << (8 * i);
+        nf = _mm256_or_ps(nf, _mm256_cmp_ps(_mm256_and_ps(a[i], abs_), inf, _CMP_NLT_UQ));
     }
-    uint32_t f = L->flip[ob / 32], w = (ge & ~f) | (lt & f);
-    return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
+    if (__builtin_expect(_mm256_movemask_ps(nf) != 0, 0)) {
+        float s[32];
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(s + 8 * i, a[i]);
+        return stem_bits(s, L, ob);
+    }
+    return ge ^ L->flip[ob / 32];
 }
 
 /* nb output pixels x 32 output channels per pass: each weight load feeds nb FMAs, and the
  * 4 nb accumulators are independent chains (FMA latency). Taps in the same order on every
  * path, so the sums are bit-identical to the portable path's. */
-#define STEM2_NB 2
+#define STEM2_NB 3
 __attribute__((target("avx2,fma"), always_inline))
 static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
     const fbb_layer *L = r->L;
