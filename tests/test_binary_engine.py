@@ -226,6 +226,13 @@ def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match="float32"):
         engine(torch.zeros(2, 784, dtype=torch.float64))
     assert engine(torch.zeros(0, 784)).shape == (0, 10)
+    with pytest.raises(TypeError, match="float32"):
+        engine(np.zeros((2, 784), np.float32))
+    # the C program reads the memory in order: a strided view is copied, not misread
+    x = _dyadic(3, (784,))
+    want = engine(x)
+    assert torch.equal(engine(x.t().contiguous().t()), want)
+    assert torch.equal(engine(x.clone().requires_grad_()), want)
     r = _model("cifar10_binary_net_resnet23_prediction")
     r.units[0].conv2.dilation = (2, 2)
     with pytest.raises(ValueError, match=r"not covered.*units.0.conv2 with dilation \(2, 2\)"):

@@ -356,7 +356,7 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
 #define BCONV2_NB 2
 __attribute__((target("avx2,fma"), always_inline))
 static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb, int kx0,
-                                 int kx1) {
+                                 int kx1, const int flush) {
     const fbb_layer *L = r->L;
     int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = (kx1 - kx0) * wi;
     size_t step = (size_t)r->s * wi;
@@ -365,7 +365,6 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
     for (int p = 0; p < nb; p++)
         for (int i = 0; i < 4; i++) d[p][i] = c[p][i] = _mm256_setzero_si256();
     int n = 0;
-    const int few = (r->ky1 - r->ky0) * kw < 31;
     for (int ky = r->ky0; ky < r->ky1; ky++) {
         const uint32_t *a =
             in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s + kx0) * wi;
@@ -378,7 +377,7 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
                 for (int i = 0; i < 4; i++)
                     c[p][i] = _mm256_add_epi8(c[p][i], popcnt8_avx2(_mm256_xor_si256(v, wv[i])));
             }
-            if (++n == 31 && few == 0) { /* <= 8 per byte per step: flush before 255 */
+            if (flush && ++n == 31) { /* <= 8 per byte per step: flush before 255 */
                 n = 0;
                 for (int p = 0; p < nb; p++)
                     for (int i = 0; i < 4; i++) {
@@ -466,6 +465,8 @@ static void bconv1_row_avx2(const fbb_row *r) {
 __attribute__((target("avx2,fma")))
 static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
     int cp = r->L->cout_pad, k = r->L->k;
+    /* <= 8 per byte per tap word: fewer than 31 never reach 255, no flush */
+    const int few = (r->ky1 - r->ky0) * k * wd_of(r->L->cin) < 31;
     if (r->L->wbb) {
         bconv1_row_avx2(r);
         return;
@@ -475,10 +476,13 @@ static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
         tap_cols(r, ox, &a0, &a1);
         if (ox + 1 < r->ow) tap_cols(r, ox + 1, &b0, &b1);
         if (ox + 1 < r->ow && a0 == 0 && a1 == k && b0 == 0 && b1 == k) {
-            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k);
+            if (few)
+                for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k, 0);
+            else
+                for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k, 1);
             ox += 2;
         } else {
-            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1, a0, a1);
+            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1, a0, a1, 1);
             ox += 1;
         }
     }
@@ -859,9 +863,11 @@ double fbb_prof_ns[256];
 int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
             float *out, int64_t out_size_, int check_finite, void *ws, int64_t ws_size) {
     if (!fbb_isa_supported(isa)) return -1;
-    if (check_finite) { /* branch-free so that it vectorizes */
-        int bad = 0;
-        for (int64_t i = 0; i < n * in_size; i++) bad |= !(fabsf(x[i]) <= 3.40282347e38f);
+    if (check_finite) { /* on the bits, branch-free, so that it vectorizes (SSE2) */
+        int32_t bad = 0;
+        const uint32_t *xb = (const uint32_t *)(const void *)x;
+        for (int64_t i = 0; i < n * in_size; i++)
+            bad |= (int32_t)(xb[i] & 0x7fffffffu) > 0x7f7fffff; /* exponent all ones: NaN, inf */
         if (bad) return -4;
     }
     stem_fn stem = stem_row_generic;

@@ -90,15 +90,17 @@ class _Layer(ctypes.Structure):  # mirrors fbb_layer in _binary_engine.c
         [(n, _P) for n in ("alpha", "beta", "wbb", "dt0", "dt1")]
 
 
+# fbb_run(layers, nl, isa, x, n, in_size, out, out_size, check_finite, ws, ws_size): addresses
+# as plain integers (the engine keeps its program and scratch alive), no conversion per call
+_RUN_ARGS = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, _P,
+             ctypes.c_int64, ctypes.c_int, _P, ctypes.c_int64]
 # No -march=native: each ISA path carries its own target attribute and is chosen by cpuid.
 _LIB = CLibrary(
     Path(__file__).with_name("_binary_engine.c"), "binary-engine",
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbb_isa_supported": ([ctypes.c_int], ctypes.c_int),
      "fbb_workspace": ([ctypes.POINTER(_Layer), ctypes.c_int], ctypes.c_int64),
-     "fbb_run": ([ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64,
-                  ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int, _P, ctypes.c_int64],
-                 ctypes.c_int)},
+     "fbb_run": (_RUN_ARGS, ctypes.c_int)},
 )
 
 
@@ -291,6 +293,9 @@ class BinaryEngine:
         if size < 0:
             raise ValueError("binary engine: malformed program (a layer's sizes)")
         self._ws = np.empty(max(int(size), 1), np.uint32)  # scratch, allocated once
+        # what every call passes unchanged, resolved once
+        self._head = (ctypes.addressof(self._layers), len(plan), self._isa_id)
+        self._tail = (self._ws.ctypes.data, self._ws.size)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
@@ -321,15 +326,15 @@ class BinaryEngine:
             raise ValueError(f"the engine was built for inputs of shape (N, "
                              f"{', '.join(map(str, self.in_shape))}), got {tuple(shape)}; "
                              "build another with from_model(model, input_size=(H, W))")
-        x = x.detach().cpu().contiguous()
+        if not (x.is_cpu and x.is_contiguous()):  # the C program reads x's memory in order
+            x = x.cpu().contiguous()
         n = shape[0]
         out = torch.empty(n, self.num_classes)
         if n == 0:
             return out
         # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
-        rc = self._run(self._layers, len(self.plan), self._isa_id, x.data_ptr(), n, self._size,
-                       out.data_ptr(), out.numel(), int(checks_enabled()),
-                       self._ws.ctypes.data, self._ws.size)
+        rc = self._run(*self._head, x.data_ptr(), n, self._size, out.data_ptr(), out.numel(),
+                       int(checks_enabled()), *self._tail)
         if rc == -4:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "
