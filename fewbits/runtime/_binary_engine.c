@@ -61,6 +61,9 @@ typedef struct {
      * (dt1 where the residual bit is +1). Derived from wb, t0, t1 at compile time. */
     const uint8_t *wbb;
     const int8_t *dt0, *dt1;
+    /* Optional (AVX2 path, BCONV with thresholds): the same thresholds on D for the pixels whose
+     * k x k taps are all inside the input (n = cin k k), int32, clamped to [-1, n] [cout_pad]. */
+    const int32_t *di0, *di1;
 } fbb_layer;
 
 static int wd_of(int c) { return (c + 31) / 32; }
@@ -348,6 +351,18 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
     return w ^ L->flip[ob / 32];
 }
 
+/* Bits D > dt of 32 channels, D in 4 vectors of 8 (32 bits): the compares packed to bytes
+ * (packs interleave the 128-bit lanes; the dword permute restores channel order). */
+__attribute__((target("avx2"), always_inline))
+static inline uint32_t d_gt_avx2(const __m256i *d, const int32_t *dt) {
+    __m256i g[4];
+    for (int i = 0; i < 4; i++)
+        g[i] = _mm256_cmpgt_epi32(d[i], _mm256_loadu_si256((const __m256i *)(dt + 8 * i)));
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(g[0], g[1]), _mm256_packs_epi32(g[2], g[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return (uint32_t)_mm256_movemask_epi8(b);
+}
+
 /* nb output pixels x 32 output channels per pass: each weight vector loaded once feeds nb
  * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. Only the taps
  * inside the image run (rows [ky0, ky1), columns [kx0, kx1), the same for the nb pixels), so
@@ -387,9 +402,16 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
             }
         }
     }
+    const int full = L->di0 && kx0 == 0 && kx1 == k && r->ky0 == 0 && r->ky1 == k;
     for (int p = 0; p < nb; p++) {
         for (int i = 0; i < 4; i++) d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
-        r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox + p, ob, d[p], 0);
+        size_t at = (size_t)(ox + p) * (cp / 32) + ob / 32;
+        if (full) { /* (D <= di) ^ flip, residual: di1 where its bit is +1 */
+            uint32_t gt = d_gt_avx2(d[p], L->di0 + ob);
+            if (r->res) gt = (gt & ~r->res[at]) | (d_gt_avx2(d[p], L->di1 + ob) & r->res[at]);
+            r->out[at] = ~gt ^ L->flip[ob / 32];
+        } else
+            r->out[at] = bconv_word_avx2(r, ox + p, ob, d[p], 0);
     }
 }
 
@@ -820,7 +842,8 @@ static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
             || ((op == OP_STEM || is_head(op)) && !l->wf) || (is_head(op) && !l->bias)
             || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha)
             || (l->wbb && (op != OP_BCONV || l->k != 1 || l->pad != 0 || l->cin > 127
-                           || l->alpha || !l->dt0 || !l->dt1)))
+                           || l->alpha || !l->dt0 || !l->dt1))
+            || (l->di0 && (op != OP_BCONV || l->alpha || !l->di1)))
             return -3;
         for (int j = 0; j < 3; j++) {
             if (bufs[j] < -1 || fb[j] < -1) return -3;

@@ -87,7 +87,7 @@ class _Layer(ctypes.Structure):  # mirrors fbb_layer in _binary_engine.c
                                  ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf", "pinf",
                                   "bias")] + \
         [(n, ctypes.c_int32) for n in ("stride", "fsrc", "fdst", "fres", "relu")] + \
-        [(n, _P) for n in ("alpha", "beta", "wbb", "dt0", "dt1")]
+        [(n, _P) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1")]
 
 
 # fbb_run(layers, nl, isa, x, n, in_size, out, out_size, check_finite, ws, ws_size): addresses
@@ -227,22 +227,29 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {"t0": _padded(t[0].astype(np.int32), cp, big),
            "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip,
            **_bconv_weights(s, w, cp)}
+    out |= _count_thresholds(out, "di", s.cin * s.k * s.k, np.int32)
     if s.k == 1 and s.pad == 0 and s.cin <= 127:
         out |= _bytes_kernel(s, out)
     return out
 
 
+def _count_thresholds(a: dict[str, np.ndarray], name: str, n: int, dtype: type
+                      ) -> dict[str, np.ndarray]:
+    """Thresholds ``t0``, ``t1`` on the sum ``n - 2 D`` of ``n`` +-1 products as thresholds on
+    the mismatch count ``D``: ``(n - 2 D >= T)`` is ``(D <= floor((n - T) / 2))``, clamped to
+    ``[-1, n]`` (``0 <= D <= n``, so the clamp keeps every decision)."""
+    return {f"{name}{i}": np.ascontiguousarray(np.clip(
+        (n - a[f"t{i}"].astype(np.int64)) // 2, -1, n).astype(dtype)) for i in (0, 1)}
+
+
 def _bytes_kernel(s: Step, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The AVX2 1x1 kernel's data (``fbb_layer.wbb``, ``dt0``, ``dt1``): the weight words as
     bytes, ``wbb[t][o]`` = byte ``t % 4`` of word ``t // 4`` of channel ``o``, and the
-    thresholds on the mismatch count ``D``: the bit ``(cin - 2 D >= T) ^ flip`` is
-    ``(D <= floor((cin - T) / 2)) ^ flip``, clamped to ``[-1, cin]`` (``0 <= D <= cin``, so the
-    clamp keeps every decision; int8 as ``cin <= 127``)."""
+    thresholds on the mismatch count ``D`` (:func:`_count_thresholds`, int8 as
+    ``cin <= 127``)."""
     words = a["wb"].reshape(-1, a["wb"].shape[-1])  # [wd_in, cout_pad] uint32, little-endian
     wbb = np.ascontiguousarray(words.T).view(np.uint8).reshape(-1, 4 * words.shape[0]).T
-    dt = {f"dt{i}": np.ascontiguousarray(np.clip(
-        (s.cin - a[f"t{i}"].astype(np.int64)) // 2, -1, s.cin).astype(np.int8)) for i in (0, 1)}
-    return {"wbb": np.ascontiguousarray(wbb), **dt}
+    return {"wbb": np.ascontiguousarray(wbb), **_count_thresholds(a, "dt", s.cin, np.int8)}
 
 
 def _bconv_weights(s: Step, w: np.ndarray, cp: int) -> dict[str, np.ndarray]:
@@ -288,7 +295,7 @@ class BinaryEngine:
                 s.res, cp, *(ptr.get(n) for n in ("wf", "wb", "wpop", "t0", "t1", "tf", "flip",
                                                   "ninf", "pinf", "bias")),
                 s.stride, s.fsrc, s.fdst, s.fres, int(s.relu),
-                *(ptr.get(n) for n in ("alpha", "beta", "wbb", "dt0", "dt1")))
+                *(ptr.get(n) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1")))
         size = _lib().fbb_workspace(self._layers, len(plan))
         if size < 0:
             raise ValueError("binary engine: malformed program (a layer's sizes)")
