@@ -35,7 +35,9 @@ binarize the other way (the planner's agreement check covers it). All ISA paths 
 bit-identical to each other.
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
-FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time by cpuid; set
+FMA, nibble-table popcount; 1x1 layers of at most 127 input channels in byte lanes, one output
+channel per byte, and decisions on the mismatch count against thresholds precomputed here) and
+``"generic"`` (portable C), picked at run time by cpuid; set
 ``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread.
 
 Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
@@ -266,6 +268,24 @@ def _bconv_weights(s: Step, w: np.ndarray, cp: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _arena(tables: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, list[dict[str, int]]]:
+    """Every table of the program copied into one buffer, in program order, each at a 64-byte
+    boundary: a call that finds the caches cold (as between calls of other runtimes) reads a few
+    pages in sequence, not ~100 scattered arrays. Returns the buffer and each table's address."""
+    flat = [{n: np.ascontiguousarray(a).reshape(-1).view(np.uint8) for n, a in t.items()}
+            for t in tables]
+    size = sum(-(-b.size // 64) * 64 for t in flat for b in t.values())
+    buf = np.zeros(size + 64, np.uint8)
+    off, ptrs = -buf.ctypes.data % 64, []
+    for t in flat:
+        ptrs.append({})
+        for n, b in t.items():
+            buf[off:off + b.size] = b
+            ptrs[-1][n] = buf.ctypes.data + off
+            off += -(-b.size // 64) * 64
+    return buf, ptrs
+
+
 class BinaryEngine:
     """A compiled binary_net network: ``engine(x)`` -> float32 logits, one native call.
 
@@ -280,16 +300,14 @@ class BinaryEngine:
         self._size, self._isa_id, self._run = math.prod(in_shape), ISAS.index(self.isa), \
             _lib().fbb_run
         self.num_classes = plan[-1].cout
-        self._keep: list[np.ndarray] = []
         self._layers = (_Layer * len(plan))()
-        for i, s in enumerate(plan):
-            arrs = _layer_arrays(s, data)
-            self._keep += arrs.values()  # the C program points into these arrays
+        tables = [_layer_arrays(s, data) for s in plan]
+        self._arena, ptrs = _arena(tables)  # the C program points into it
+        for i, (s, arrs, ptr) in enumerate(zip(plan, tables, ptrs, strict=True)):
             cp = -(-s.cout // 32) * 32
             op = s.op
             if op == "head" and not bool((np.abs(arrs["wf"]) == 1).all()):
                 op = "headf"
-            ptr = {n: a.ctypes.data for n, a in arrs.items()}
             self._layers[i] = _Layer(
                 _OPS[op], s.cin, s.cout, s.h, s.w, s.k, s.pad, int(s.pool), s.src, s.dst,
                 s.res, cp, *(ptr.get(n) for n in ("wf", "wb", "wpop", "t0", "t1", "tf", "flip",
