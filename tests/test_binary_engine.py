@@ -405,6 +405,14 @@ def test_engine_1x1_layers_equal_pytorch(isa: str, c: int) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(out, BinaryEngine.from_model(m, input_shape=(3, 14, 14),
                                                     isa="generic")(x))
+    # the C side refuses the optional tables without what they go with
+    for field in ("di1",) + (("dt1",) if c <= 127 else ()):
+        keep = getattr(engine._layers[2], field)
+        setattr(engine._layers[2], field, None)
+        with pytest.raises(RuntimeError, match="malformed program"):
+            engine(x)
+        setattr(engine._layers[2], field, keep)
+    assert torch.equal(engine(x), out)
 
 
 def test_planner_runs_a_users_model_on_the_engine_or_names_the_operation() -> None:
