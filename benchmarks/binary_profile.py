@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--isa", default=None)
     args = p.parse_args(argv)
-    from fewbits.runtime.binary import BinaryEngine, _Layer
+    from fewbits.runtime.binary import _RUN_ARGS, BinaryEngine
 
     torch.manual_seed(0)
     if args.net == "resnet18":
@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                         "-o", so, str(ROOT / "fewbits/runtime/_binary_engine.c")], check=True)
         lib = ctypes.CDLL(so)
         f = lib.fbb_run
-        f.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+        f.argtypes = _RUN_ARGS
         f.restype = ctypes.c_int
         engine._run = f
         x = torch.rand(args.batch, *engine.in_shape)

@@ -226,6 +226,13 @@ def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match="float32"):
         engine(torch.zeros(2, 784, dtype=torch.float64))
     assert engine(torch.zeros(0, 784)).shape == (0, 10)
+    with pytest.raises(TypeError, match="float32"):
+        engine(np.zeros((2, 784), np.float32))
+    # the C program reads the memory in order: a strided view is copied, not misread
+    x = _dyadic(3, (784,))
+    want = engine(x)
+    assert torch.equal(engine(x.t().contiguous().t()), want)
+    assert torch.equal(engine(x.clone().requires_grad_()), want)
     r = _model("cifar10_binary_net_resnet23_prediction")
     r.units[0].conv2.dilation = (2, 2)
     with pytest.raises(ValueError, match=r"not covered.*units.0.conv2 with dilation \(2, 2\)"):
@@ -358,6 +365,57 @@ def test_engine_runs_a_users_quantized_model(isa: str, act: str) -> None:
     out = engine(x)
     assert torch.equal(out.argmax(1), ref.argmax(1))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class _OneByOne(nn.Module):
+    """1x1 convolutions of ``c`` channels: strided, then with a binary residual (the AVX2
+    byte-lane kernel for ``c <= 127``, the general one above)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        from fewbits.layers import QuantAct
+
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c, c, 1, stride=2, bias=False)
+        self.conv3 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm2d(c) for _ in range(3))
+        self.act = QuantAct("binary_tanh")
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+        h = self.act(self.bn3(self.conv3(h)) + h)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("c", [100, 128])
+def test_engine_1x1_layers_equal_pytorch(isa: str, c: int) -> None:
+    """Odd output width (7), stride 2, a residual, 4 input words (100: the kernel's general
+    byte count) and 128 channels (past the byte-lane kernel's 127): PyTorch's logits on every
+    path, bit-identical to the portable path."""
+    torch.manual_seed(6)
+    m = _converted(_OneByOne(c))
+    x = _dyadic(3, (3, 14, 14), seed=6)
+    with torch.no_grad():
+        ref = m(x)
+    engine = BinaryEngine.from_model(m, input_shape=(3, 14, 14))
+    assert [(s.op, s.k, s.stride, s.residual) for s in engine.plan] == [
+        ("stem", 3, 1, False), ("bconv", 1, 2, False), ("bconv", 1, 1, True),
+        ("head", 1, 1, False)]
+    assert [bool(engine._layers[i].wbb) for i in (1, 2)] == [c <= 127] * 2
+    out = engine(x)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, BinaryEngine.from_model(m, input_shape=(3, 14, 14),
+                                                    isa="generic")(x))
+    # the C side refuses the optional tables without what they go with
+    for field in ("di1",) + (("dt1",) if c <= 127 else ()):
+        keep = getattr(engine._layers[2], field)
+        setattr(engine._layers[2], field, None)
+        with pytest.raises(RuntimeError, match="malformed program"):
+            engine(x)
+        setattr(engine._layers[2], field, keep)
+    assert torch.equal(engine(x), out)
 
 
 def test_planner_runs_a_users_model_on_the_engine_or_names_the_operation() -> None:

@@ -54,6 +54,16 @@ typedef struct {
     int32_t relu;         /* float epilogue: max(y, 0) after the residual */
     const float *alpha, *beta; /* float epilogue (STEM, BCONV): y = fma(s, alpha, beta) [+ res]
                            * [ReLU] -> float map fdst and bits (y > 0) dst; NULL: thresholds */
+    /* Optional (AVX2 path, BCONV 1x1 without padding, cin <= 127, thresholds; NULL: the
+     * general kernel): the weights as bytes, wbb[t][o] = byte t % 4 of weight word t / 4 of
+     * channel o ([4 * wd_in][cout_pad]), and thresholds on the mismatch count D, the output
+     * bit being (D <= dt) ^ flip: dt = clamp(floor((cin - T) / 2), -1, cin) [cout_pad]
+     * (dt1 where the residual bit is +1). Derived from wb, t0, t1 at compile time. */
+    const uint8_t *wbb;
+    const int8_t *dt0, *dt1;
+    /* Optional (AVX2 path, BCONV with thresholds): the same thresholds on D for the pixels whose
+     * k x k taps are all inside the input (n = cin k k), int32, clamped to [-1, n] [cout_pad]. */
+    const int32_t *di0, *di1;
 } fbb_layer;
 
 static int wd_of(int c) { return (c + 31) / 32; }
@@ -219,26 +229,32 @@ static inline uint32_t float_epi_avx2(const fbb_row *r, int ox, int ob, const __
     return w;
 }
 
-/* Stem decision word (as stem_bits) of 32 sums in 4 vectors; NaN compares false -> -1. */
+/* Stem decision word (as stem_bits) of 32 sums in 4 vectors. Where every sum is finite (the
+ * thresholds are never NaN), flip ? s < t : s >= t is (s >= t) ^ flip: one compare per
+ * vector; a NaN or infinite sum (|s| not below inf, unordered included) takes stem_bits. */
 __attribute__((target("avx2")))
 static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob) {
-    uint32_t ge = 0, lt = 0, ip = 0, in = 0;
-    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    const __m256 inf = _mm256_set1_ps(INFINITY);
+    const __m256 abs_ = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    uint32_t ge = 0;
+    __m256 nf = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
-        __m256 t = _mm256_loadu_ps(L->tf + ob + 8 * i);
-        ge |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_GE_OQ)) << (8 * i);
-        lt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], t, _CMP_LT_OQ)) << (8 * i);
-        ip |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], pinf, _CMP_EQ_OQ)) << (8 * i);
-        in |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], ninf, _CMP_EQ_OQ)) << (8 * i);
+        ge |= (uint32_t)_mm256_movemask_ps(
+                  _mm256_cmp_ps(a[i], _mm256_loadu_ps(L->tf + ob + 8 * i), _CMP_GE_OQ)) << (8 * i);
+        nf = _mm256_or_ps(nf, _mm256_cmp_ps(_mm256_and_ps(a[i], abs_), inf, _CMP_NLT_UQ));
     }
-    uint32_t f = L->flip[ob / 32], w = (ge & ~f) | (lt & f);
-    return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
+    if (__builtin_expect(_mm256_movemask_ps(nf) != 0, 0)) {
+        float s[32];
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(s + 8 * i, a[i]);
+        return stem_bits(s, L, ob);
+    }
+    return ge ^ L->flip[ob / 32];
 }
 
 /* nb output pixels x 32 output channels per pass: each weight load feeds nb FMAs, and the
  * 4 nb accumulators are independent chains (FMA latency). Taps in the same order on every
  * path, so the sums are bit-identical to the portable path's. */
-#define STEM2_NB 2
+#define STEM2_NB 3
 __attribute__((target("avx2,fma"), always_inline))
 static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {
     const fbb_layer *L = r->L;
@@ -335,6 +351,18 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
     return w ^ L->flip[ob / 32];
 }
 
+/* Bits D > dt of 32 channels, D in 4 vectors of 8 (32 bits): the compares packed to bytes
+ * (packs interleave the 128-bit lanes; the dword permute restores channel order). */
+__attribute__((target("avx2"), always_inline))
+static inline uint32_t d_gt_avx2(const __m256i *d, const int32_t *dt) {
+    __m256i g[4];
+    for (int i = 0; i < 4; i++)
+        g[i] = _mm256_cmpgt_epi32(d[i], _mm256_loadu_si256((const __m256i *)(dt + 8 * i)));
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(g[0], g[1]), _mm256_packs_epi32(g[2], g[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return (uint32_t)_mm256_movemask_epi8(b);
+}
+
 /* nb output pixels x 32 output channels per pass: each weight vector loaded once feeds nb
  * XOR-popcounts; per-byte counts flushed to 32 bits before they can overflow. Only the taps
  * inside the image run (rows [ky0, ky1), columns [kx0, kx1), the same for the nb pixels), so
@@ -343,7 +371,7 @@ static inline uint32_t bconv_word_avx2(const fbb_row *r, int ox, int ob, const _
 #define BCONV2_NB 2
 __attribute__((target("avx2,fma"), always_inline))
 static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb, int kx0,
-                                 int kx1) {
+                                 int kx1, const int flush) {
     const fbb_layer *L = r->L;
     int k = L->k, wi = wd_of(L->cin), cp = L->cout_pad, kw = (kx1 - kx0) * wi;
     size_t step = (size_t)r->s * wi;
@@ -352,7 +380,6 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
     for (int p = 0; p < nb; p++)
         for (int i = 0; i < 4; i++) d[p][i] = c[p][i] = _mm256_setzero_si256();
     int n = 0;
-    const int few = (r->ky1 - r->ky0) * kw < 31;
     for (int ky = r->ky0; ky < r->ky1; ky++) {
         const uint32_t *a =
             in + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * r->s + kx0) * wi;
@@ -365,7 +392,7 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
                 for (int i = 0; i < 4; i++)
                     c[p][i] = _mm256_add_epi8(c[p][i], popcnt8_avx2(_mm256_xor_si256(v, wv[i])));
             }
-            if (++n == 31 && few == 0) { /* <= 8 per byte per step: flush before 255 */
+            if (flush && ++n == 31) { /* <= 8 per byte per step: flush before 255 */
                 n = 0;
                 for (int p = 0; p < nb; p++)
                     for (int i = 0; i < 4; i++) {
@@ -375,24 +402,109 @@ static inline void bconv_px_avx2(const fbb_row *r, int ox, int ob, const int nb,
             }
         }
     }
+    const int full = L->di0 && kx0 == 0 && kx1 == k && r->ky0 == 0 && r->ky1 == k;
     for (int p = 0; p < nb; p++) {
         for (int i = 0; i < 4; i++) d[p][i] = _mm256_add_epi32(d[p][i], bytes_to_i32(c[p][i]));
-        r->out[(size_t)(ox + p) * (cp / 32) + ob / 32] = bconv_word_avx2(r, ox + p, ob, d[p], 0);
+        size_t at = (size_t)(ox + p) * (cp / 32) + ob / 32;
+        if (full) { /* (D <= di) ^ flip, residual: di1 where its bit is +1 */
+            uint32_t gt = d_gt_avx2(d[p], L->di0 + ob);
+            if (r->res) gt = (gt & ~r->res[at]) | (d_gt_avx2(d[p], L->di1 + ob) & r->res[at]);
+            r->out[at] = ~gt ^ L->flip[ob / 32];
+        } else
+            r->out[at] = bconv_word_avx2(r, ox + p, ob, d[p], 0);
     }
+}
+
+/* 1x1 convolutions of at most 127 input channels, thresholds (AVX2): one byte lane per output
+ * channel, so no widening, no lane shuffles and one compare per 32 channels. XOR of input byte
+ * t (broadcast) with wbb[t] and a per-byte popcount count the mismatches of channel o among
+ * those 8 inputs in byte o; their sum over the 4 wd_in bytes is D <= cin <= 127, and the
+ * output bit (cin - 2 D >= T) ^ flip is (D <= dt) ^ flip. nb pixels x 32 nv channels per
+ * pass (each weight vector loaded once feeds nb pixels, each broadcast nv vectors); nt: the
+ * number of input bytes, a constant where the caller knows it (unrolled). Exact integers:
+ * the same bits as bconv_word. */
+#define B1_NB 2
+__attribute__((target("avx2"), always_inline))
+static inline void bconv1_px_avx2(const fbb_row *r, int ox, int ob, const int nb, const int nv,
+                                  const int nt) {
+    const fbb_layer *L = r->L;
+    int cp = L->cout_pad, wo = cp / 32;
+    size_t step = (size_t)r->s * nt; /* bytes from one output pixel's input to the next */
+    const uint8_t *in = (const uint8_t *)r->in + ((size_t)r->oy * r->wp + (size_t)ox * r->s) * nt;
+    __m256i c[B1_NB][2];
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v++) c[p][v] = _mm256_setzero_si256();
+    const uint8_t *w = L->wbb + ob;
+    for (int t = 0; t < nt; t++, w += cp) {
+        __m256i wv[2];
+        for (int v = 0; v < nv; v++) wv[v] = _mm256_loadu_si256((const __m256i *)(w + 32 * v));
+        for (int p = 0; p < nb; p++) {
+            __m256i a = _mm256_set1_epi8((char)in[p * step + t]);
+            for (int v = 0; v < nv; v++)
+                c[p][v] = _mm256_add_epi8(c[p][v], popcnt8_avx2(_mm256_xor_si256(a, wv[v])));
+        }
+    }
+    for (int p = 0; p < nb; p++)
+        for (int v = 0; v < nv; v++) {
+            int o = ob + 32 * v;
+            size_t at = (size_t)(ox + p) * wo + o / 32;
+            uint32_t gt = (uint32_t)_mm256_movemask_epi8(
+                _mm256_cmpgt_epi8(c[p][v], _mm256_loadu_si256((const __m256i *)(L->dt0 + o))));
+            if (r->res) {
+                uint32_t rb = r->res[at], g1 = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi8(
+                    c[p][v], _mm256_loadu_si256((const __m256i *)(L->dt1 + o))));
+                gt = (gt & ~rb) | (g1 & rb);
+            }
+            r->out[at] = ~gt ^ L->flip[o / 32];
+        }
+}
+
+__attribute__((target("avx2"), always_inline))
+static inline void bconv1_row_nt_avx2(const fbb_row *r, const int nt) {
+    int cp = r->L->cout_pad;
+    for (int ox = 0; ox < r->ow;) {
+        int ob = 0;
+        if (ox + B1_NB <= r->ow) {
+            for (; ob + 64 <= cp; ob += 64) bconv1_px_avx2(r, ox, ob, B1_NB, 2, nt);
+            for (; ob < cp; ob += 32) bconv1_px_avx2(r, ox, ob, B1_NB, 1, nt);
+            ox += B1_NB;
+        } else {
+            for (; ob + 64 <= cp; ob += 64) bconv1_px_avx2(r, ox, ob, 1, 2, nt);
+            for (; ob < cp; ob += 32) bconv1_px_avx2(r, ox, ob, 1, 1, nt);
+            ox += 1;
+        }
+    }
+}
+
+__attribute__((target("avx2")))
+static void bconv1_row_avx2(const fbb_row *r) {
+    int nt = 4 * wd_of(r->L->cin);
+    if (nt == 4) bconv1_row_nt_avx2(r, 4);        /* cin <= 32 */
+    else if (nt == 8) bconv1_row_nt_avx2(r, 8);   /* cin <= 64 */
+    else bconv1_row_nt_avx2(r, nt);
 }
 
 __attribute__((target("avx2,fma")))
 static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
     int cp = r->L->cout_pad, k = r->L->k;
+    /* <= 8 per byte per tap word: fewer than 31 never reach 255, no flush */
+    const int few = (r->ky1 - r->ky0) * k * wd_of(r->L->cin) < 31;
+    if (r->L->wbb) {
+        bconv1_row_avx2(r);
+        return;
+    }
     for (int ox = 0; ox < r->ow;) {
         int a0, a1, b0 = 0, b1 = 0;
         tap_cols(r, ox, &a0, &a1);
         if (ox + 1 < r->ow) tap_cols(r, ox + 1, &b0, &b1);
         if (ox + 1 < r->ow && a0 == 0 && a1 == k && b0 == 0 && b1 == k) {
-            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k);
+            if (few)
+                for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k, 0);
+            else
+                for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, BCONV2_NB, 0, k, 1);
             ox += 2;
         } else {
-            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1, a0, a1);
+            for (int ob = 0; ob < cp; ob += 32) bconv_px_avx2(r, ox, ob, 1, a0, a1, 1);
             ox += 1;
         }
     }
@@ -728,7 +840,10 @@ static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
             || ((op == OP_STEM || op == OP_BCONV) && l->alpha && !l->beta)
             || (op == OP_BCONV && (!l->wb || (l->pad > 0 && !l->wpop)))
             || ((op == OP_STEM || is_head(op)) && !l->wf) || (is_head(op) && !l->bias)
-            || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha))
+            || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha)
+            || (l->wbb && (op != OP_BCONV || l->k != 1 || l->pad != 0 || l->cin > 127
+                           || l->alpha || !l->dt0 || !l->dt1))
+            || (l->di0 && (op != OP_BCONV || l->alpha || !l->di1)))
             return -3;
         for (int j = 0; j < 3; j++) {
             if (bufs[j] < -1 || fb[j] < -1) return -3;
@@ -771,9 +886,11 @@ double fbb_prof_ns[256];
 int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
             float *out, int64_t out_size_, int check_finite, void *ws, int64_t ws_size) {
     if (!fbb_isa_supported(isa)) return -1;
-    if (check_finite) { /* branch-free so that it vectorizes */
-        int bad = 0;
-        for (int64_t i = 0; i < n * in_size; i++) bad |= !(fabsf(x[i]) <= 3.40282347e38f);
+    if (check_finite) { /* on the bits, branch-free, so that it vectorizes (SSE2) */
+        int32_t bad = 0;
+        const uint32_t *xb = (const uint32_t *)(const void *)x;
+        for (int64_t i = 0; i < n * in_size; i++)
+            bad |= (int32_t)(xb[i] & 0x7fffffffu) > 0x7f7fffff; /* exponent all ones: NaN, inf */
         if (bad) return -4;
     }
     stem_fn stem = stem_row_generic;

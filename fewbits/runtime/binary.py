@@ -35,7 +35,9 @@ binarize the other way (the planner's agreement check covers it). All ISA paths 
 bit-identical to each other.
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
-FMA, nibble-table popcount) and ``"generic"`` (portable C), picked at run time by cpuid; set
+FMA, nibble-table popcount; 1x1 layers of at most 127 input channels in byte lanes, one output
+channel per byte, and decisions on the mismatch count against thresholds precomputed here) and
+``"generic"`` (portable C), picked at run time by cpuid; set
 ``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread.
 
 Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
@@ -87,18 +89,20 @@ class _Layer(ctypes.Structure):  # mirrors fbb_layer in _binary_engine.c
                                  ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf", "pinf",
                                   "bias")] + \
         [(n, ctypes.c_int32) for n in ("stride", "fsrc", "fdst", "fres", "relu")] + \
-        [(n, _P) for n in ("alpha", "beta")]
+        [(n, _P) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1")]
 
 
+# fbb_run(layers, nl, isa, x, n, in_size, out, out_size, check_finite, ws, ws_size): addresses
+# as plain integers (the engine keeps its program and scratch alive), no conversion per call
+_RUN_ARGS = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, _P,
+             ctypes.c_int64, ctypes.c_int, _P, ctypes.c_int64]
 # No -march=native: each ISA path carries its own target attribute and is chosen by cpuid.
 _LIB = CLibrary(
     Path(__file__).with_name("_binary_engine.c"), "binary-engine",
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbb_isa_supported": ([ctypes.c_int], ctypes.c_int),
      "fbb_workspace": ([ctypes.POINTER(_Layer), ctypes.c_int], ctypes.c_int64),
-     "fbb_run": ([ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64,
-                  ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int, _P, ctypes.c_int64],
-                 ctypes.c_int)},
+     "fbb_run": (_RUN_ARGS, ctypes.c_int)},
 )
 
 
@@ -222,9 +226,32 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 "pinf": _words(_padded(nf[1], cp, False))}
     t = np.atleast_2d(t).astype(np.int64)
     big = np.iinfo(np.int32).max  # padded channels: never +1, so their bits stay 0
-    return {"t0": _padded(t[0].astype(np.int32), cp, big),
-            "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip,
-            **_bconv_weights(s, w, cp)}
+    out = {"t0": _padded(t[0].astype(np.int32), cp, big),
+           "t1": _padded(t[-1].astype(np.int32), cp, big), "flip": flip,
+           **_bconv_weights(s, w, cp)}
+    out |= _count_thresholds(out, "di", s.cin * s.k * s.k, np.int32)
+    if s.k == 1 and s.pad == 0 and s.cin <= 127:
+        out |= _bytes_kernel(s, out)
+    return out
+
+
+def _count_thresholds(a: dict[str, np.ndarray], name: str, n: int, dtype: type
+                      ) -> dict[str, np.ndarray]:
+    """Thresholds ``t0``, ``t1`` on the sum ``n - 2 D`` of ``n`` +-1 products as thresholds on
+    the mismatch count ``D``: ``(n - 2 D >= T)`` is ``(D <= floor((n - T) / 2))``, clamped to
+    ``[-1, n]`` (``0 <= D <= n``, so the clamp keeps every decision)."""
+    return {f"{name}{i}": np.ascontiguousarray(np.clip(
+        (n - a[f"t{i}"].astype(np.int64)) // 2, -1, n).astype(dtype)) for i in (0, 1)}
+
+
+def _bytes_kernel(s: Step, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The AVX2 1x1 kernel's data (``fbb_layer.wbb``, ``dt0``, ``dt1``): the weight words as
+    bytes, ``wbb[t][o]`` = byte ``t % 4`` of word ``t // 4`` of channel ``o``, and the
+    thresholds on the mismatch count ``D`` (:func:`_count_thresholds`, int8 as
+    ``cin <= 127``)."""
+    words = a["wb"].reshape(-1, a["wb"].shape[-1])  # [wd_in, cout_pad] uint32, little-endian
+    wbb = np.ascontiguousarray(words.T).view(np.uint8).reshape(-1, 4 * words.shape[0]).T
+    return {"wbb": np.ascontiguousarray(wbb), **_count_thresholds(a, "dt", s.cin, np.int8)}
 
 
 def _bconv_weights(s: Step, w: np.ndarray, cp: int) -> dict[str, np.ndarray]:
@@ -241,6 +268,24 @@ def _bconv_weights(s: Step, w: np.ndarray, cp: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _arena(tables: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, list[dict[str, int]]]:
+    """Every table of the program copied into one buffer, in program order, each at a 64-byte
+    boundary: a call that finds the caches cold (as between calls of other runtimes) reads a few
+    pages in sequence, not ~100 scattered arrays. Returns the buffer and each table's address."""
+    flat = [{n: np.ascontiguousarray(a).reshape(-1).view(np.uint8) for n, a in t.items()}
+            for t in tables]
+    size = sum(-(-b.size // 64) * 64 for t in flat for b in t.values())
+    buf = np.zeros(size + 64, np.uint8)
+    off, ptrs = -buf.ctypes.data % 64, []
+    for t in flat:
+        ptrs.append({})
+        for n, b in t.items():
+            buf[off:off + b.size] = b
+            ptrs[-1][n] = buf.ctypes.data + off
+            off += -(-b.size // 64) * 64
+    return buf, ptrs
+
+
 class BinaryEngine:
     """A compiled binary_net network: ``engine(x)`` -> float32 logits, one native call.
 
@@ -255,25 +300,27 @@ class BinaryEngine:
         self._size, self._isa_id, self._run = math.prod(in_shape), ISAS.index(self.isa), \
             _lib().fbb_run
         self.num_classes = plan[-1].cout
-        self._keep: list[np.ndarray] = []
         self._layers = (_Layer * len(plan))()
-        for i, s in enumerate(plan):
-            arrs = _layer_arrays(s, data)
-            self._keep += arrs.values()  # the C program points into these arrays
+        tables = [_layer_arrays(s, data) for s in plan]
+        self._arena, ptrs = _arena(tables)  # the C program points into it
+        for i, (s, arrs, ptr) in enumerate(zip(plan, tables, ptrs, strict=True)):
             cp = -(-s.cout // 32) * 32
             op = s.op
             if op == "head" and not bool((np.abs(arrs["wf"]) == 1).all()):
                 op = "headf"
-            ptr = {n: a.ctypes.data for n, a in arrs.items()}
             self._layers[i] = _Layer(
                 _OPS[op], s.cin, s.cout, s.h, s.w, s.k, s.pad, int(s.pool), s.src, s.dst,
                 s.res, cp, *(ptr.get(n) for n in ("wf", "wb", "wpop", "t0", "t1", "tf", "flip",
                                                   "ninf", "pinf", "bias")),
-                s.stride, s.fsrc, s.fdst, s.fres, int(s.relu), ptr.get("alpha"), ptr.get("beta"))
+                s.stride, s.fsrc, s.fdst, s.fres, int(s.relu),
+                *(ptr.get(n) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1")))
         size = _lib().fbb_workspace(self._layers, len(plan))
         if size < 0:
             raise ValueError("binary engine: malformed program (a layer's sizes)")
         self._ws = np.empty(max(int(size), 1), np.uint32)  # scratch, allocated once
+        # what every call passes unchanged, resolved once
+        self._head = (ctypes.addressof(self._layers), len(plan), self._isa_id)
+        self._tail = (self._ws.ctypes.data, self._ws.size)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
@@ -304,15 +351,15 @@ class BinaryEngine:
             raise ValueError(f"the engine was built for inputs of shape (N, "
                              f"{', '.join(map(str, self.in_shape))}), got {tuple(shape)}; "
                              "build another with from_model(model, input_size=(H, W))")
-        x = x.detach().cpu().contiguous()
+        if not (x.is_cpu and x.is_contiguous()):  # the C program reads x's memory in order
+            x = x.cpu().contiguous()
         n = shape[0]
         out = torch.empty(n, self.num_classes)
         if n == 0:
             return out
         # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
-        rc = self._run(self._layers, len(self.plan), self._isa_id, x.data_ptr(), n, self._size,
-                       out.data_ptr(), out.numel(), int(checks_enabled()),
-                       self._ws.ctypes.data, self._ws.size)
+        rc = self._run(*self._head, x.data_ptr(), n, self._size, out.data_ptr(), out.numel(),
+                       int(checks_enabled()), *self._tail)
         if rc == -4:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "
