@@ -150,10 +150,34 @@ def _batch_norm(n: Any, consts: dict[str, np.ndarray]) -> nn.Module | None:
     return bn
 
 
+def _binary_reached(t: str, nodes: list[Any], users: dict[str, list[Any]]) -> str | None:
+    """The name of a binary activation (:meth:`~fewbits.quantizers.Quantizer.step_levels`)
+    that tensor ``t`` reaches through nodes that are no other quantizer (a ReLU, a residual
+    ``Add``, a pool ...), or None. A batch norm folded into the convolution before it changes
+    its values in the last bits (the folded weights are products computed in another order):
+    on a binary network the convolution's sum is an exact integer, often exactly on the
+    threshold (an exact 0 before ``sign``), and a last-bit move flips a +-1 activation, which
+    no tolerance covers. Any other quantizer reached first re-grids the values (a last-bit
+    move changes at most one level: the fused form's stated tolerance)."""
+    seen, todo = {t}, [t]
+    while todo:
+        for u in users.get(todo.pop(), []):
+            if isinstance(u, _Region):
+                if u.q.step_levels() is not None:
+                    return u.key
+                continue
+            for o in nodes[u].output:
+                if o and o not in seen:
+                    seen.add(o)
+                    todo.append(o)
+    return None
+
+
 def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray],
           outputs: set[str], layers: dict[str, nn.Module], quantizers: dict[str, Any],
-          codes: dict[str, tuple[Quantizer, Codes]]) -> dict[int, Chain]:
-    """The foldable chains, keyed by the index of their ``Conv`` / ``Gemm`` node."""
+          codes: dict[str, tuple[Quantizer, Codes]], kept: dict[int, str]) -> dict[int, Chain]:
+    """The foldable chains, keyed by the index of their ``Conv`` / ``Gemm`` node; ``kept``
+    gets the index of each batch norm left unfolded on purpose, with the reason."""
     from onnx import helper
 
     in_region = {i: r for r in regions for i in r.idx}
@@ -194,10 +218,14 @@ def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray
         if bn is None:
             continue
         seq.append(u)
-        t = nodes[u].output[0]
+        u_bn, t = u, nodes[u].output[0]
         u = single(t)
-        if isinstance(u, _Region) and u.q.step_levels() is not None:
-            continue  # batch norm feeds a binary decision: its exact thresholds stay
+        binary = _binary_reached(t, nodes, users)
+        if binary is not None:  # folding moves values across its sign threshold: keep it
+            kept[u_bn] = f"batch norm after {n.input[1][: -len('.weight')]} left unfolded " \
+                f"(it reaches the binary activation {binary}, whose sign threshold folding " \
+                "into the convolution's float weights would move values across)"
+            continue
         q, relu_after, last = None, False, t
         if isinstance(u, _Region) and u.x == t and u.y is not None:
             after = single(u.y)
@@ -292,8 +320,9 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
     outputs = {o.name for o in g.output}
     modules = dict(model.named_modules())
     regions = _regions(nodes, modules, consts, outputs)
+    kept: dict[int, str] = {}
     chains = _plan(nodes, regions, consts, outputs, dict(frozen.named_modules()), quantizers,
-                   codes)
+                   codes, kept)
     taken = {t for n in nodes for t in (*n.input, *n.output)} | set(consts) | \
         {i.name for i in g.input}
     gb = Graph(taken)
@@ -373,7 +402,9 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
                 peaks.append(peak)
                 skip.add(users[0])
                 continue
-        if n.op_type == "BatchNormalization":
+        if i in kept:
+            notes.append(kept[i])
+        elif n.op_type == "BatchNormalization":
             notes.append(f"batch norm {n.output[0]} left unfolded (not after a conv / linear "
                          "layer that only it reads, or before a binary decision)")
         out.append(n)
