@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..runtime.agreement import check_outputs, relative_tolerance
-
 __all__ = ["check_graph", "onnx_feed", "onnx_session", "run_onnx"]
 
 
@@ -84,6 +82,8 @@ def check_graph(proto: Any, model: nn.Module, args: tuple, kwargs: dict, ref: An
         import onnxruntime  # noqa: F401
     except ImportError:
         return "not checked against PyTorch: onnxruntime is not installed"
+    # imported here: the package fewbits.runtime imports the planner, which imports export
+    from ..runtime.agreement import check_outputs, relative_tolerance
 
     want = [v.float() if v.is_floating_point() else v
             for v in torch.utils._pytree.tree_leaves(ref) if isinstance(v, Tensor)]
