@@ -261,6 +261,26 @@ def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray
     return chains
 
 
+def _matmul_weights(nodes: list[Any]) -> set[str]:
+    """The tensors that reach a ``MatMul`` through ``Transpose`` / ``Reshape`` / ... only (a
+    linear layer's weight on a 3-d input)."""
+    readers: dict[str, list[Any]] = defaultdict(list)
+    for n in nodes:
+        for t in n.input:
+            readers[t].append(n)
+    found: set[str] = set()
+    for t in list(readers):
+        todo, seen = [t], {t}
+        while todo:
+            for n in readers.get(todo.pop(), []):
+                if n.op_type == "MatMul":
+                    found.add(t)
+                elif n.op_type in _ON_GRID:
+                    todo += [o for o in n.output[:1] if o not in seen]
+                    seen.update(n.output[:1])
+    return found
+
+
 def _toposort(nodes: list[Any]) -> list[Any]:
     """``nodes`` in an order where each is after the producers of its inputs (stable)."""
     prod = {o: k for k, n in enumerate(nodes) for o in n.output if o}
@@ -412,12 +432,19 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
     # uniform weights not folded: integer initializers + DequantizeLinear
     out = _live(out, outputs | set(peaks))
     used = {t for n in out for t in n.input}
+    to_matmul = _matmul_weights(out)
     start = len(gb.nodes)
     for key in sorted(set(codes) | set(quantizers)):
         if key not in used or key not in consts:
             continue
         coded = codes.get(key)
         value = torch.from_numpy(np.array(consts[key], np.float32))
+        if coded is not None and key in to_matmul:
+            report.weights[key] = describe_constant(coded[0], "float constant")
+            notes.append(f"weight {key} left a float constant (it feeds a MatMul: ONNX "
+                         "Runtime's default optimisations turn int8 DequantizeLinear -> MatMul "
+                         "into MatMulNBits, which rounds its float input to 8 bits)")
+            continue
         if coded is None:
             report.weights[key] = describe_constant(quantizers.get(key), "float constant")
             continue
