@@ -383,6 +383,8 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
                          f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
     if any(checked and not fuse for fuse, checked in forms):
         raise ValueError("checked_sums=True needs fuse=True")
+    if isinstance(getattr(source, "_orig_mod", None), nn.Module):  # torch.compile's wrapper:
+        source = source._orig_mod  # export the module it compiles (same parameters)
     model, codes = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     plain_report = OnnxReport("", spec["name"], opset)

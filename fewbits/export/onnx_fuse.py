@@ -261,6 +261,26 @@ def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray
     return chains
 
 
+def _codes_reproduce(coded: tuple[Quantizer, Codes], value: torch.Tensor) -> bool:
+    """Whether ``DequantizeLinear`` of the codes' affine form (``(int_repr - zero_point) *
+    scale``, float32) gives ``value``, the weight PyTorch computes (to 1e-3 of a step): a family
+    whose codes follow another layout than its forward (a channel axis other than 0) must not
+    put other weights in the graph. True where there is no affine form (a float constant)."""
+    a = coded[0].affine(coded[1])
+    if a is None:
+        return True
+    s, z = a.scale.float(), a.zero_point
+    if a.axis is not None:
+        view = [1] * a.int_repr.dim()
+        view[a.axis] = -1
+        if a.int_repr.dim() == 0 or s.numel() != a.int_repr.shape[a.axis]:
+            return False
+        s, z = s.reshape(view), z.reshape(view)
+    deq = (a.int_repr - z).float() * s
+    # float rounding of the grid (a few ulps) passes; a misplaced scale moves whole steps
+    return deq.shape == value.shape and bool(((deq - value).abs() <= 1e-3 * s.abs()).all())
+
+
 def _matmul_weights(nodes: list[Any]) -> set[str]:
     """The tensors that reach a ``MatMul`` through ``Transpose`` / ``Reshape`` / ... only (a
     linear layer's weight on a 3-d input)."""
@@ -444,6 +464,11 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
             notes.append(f"weight {key} left a float constant (it feeds a MatMul: ONNX "
                          "Runtime's default optimisations turn int8 DequantizeLinear -> MatMul "
                          "into MatMulNBits, which rounds its float input to 8 bits)")
+            continue
+        if coded is not None and not _codes_reproduce(coded, value):
+            report.weights[key] = describe_constant(coded[0], "float constant")
+            notes.append(f"weight {key} left a float constant (its codes' affine form does "
+                         "not give the values PyTorch computes)")
             continue
         if coded is None:
             report.weights[key] = describe_constant(quantizers.get(key), "float constant")
