@@ -25,6 +25,11 @@ algorithm. Predictions are then the same at every ONNX Runtime optimisation leve
 as ``QLinearConv``; equal to PyTorch within a stated tolerance. It takes every model the plain
 form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
 
+Every graph :func:`to_onnx` returns (either form) was run by ONNX Runtime at its default
+optimisations on the example input and matched PyTorch within the planner's tolerance and
+top-1 (:func:`fewbits.export.onnx_run.check_graph`), else it raises: no graph pass can be
+silently wrong on that input. ``check=False`` skips it.
+
     >>> import tempfile, os
     >>> from fewbits.models import create_model
     >>> m = create_model("mnist_fp_net_mlp", width=32).eval()

@@ -11,14 +11,20 @@ float input, one output); weights are initializers named after their parameter
 
 * a chain ``Conv/Gemm [-> Relu] -> BatchNormalization [-> region [-> Relu]]`` becomes one folded
   layer (:func:`~fewbits.export.onnx_qdq.emit_chain`) when the region's quantizer has an integer
-  grid of at most 256 levels (:meth:`~fewbits.quantizers.Quantizer.int_grid`) and its
-  batch norm does not feed a binary decision (:meth:`~fewbits.quantizers.Quantizer.step_levels`:
-  those were already written as exact thresholds);
+  grid of at most 256 levels (:meth:`~fewbits.quantizers.Quantizer.int_grid`); a batch norm
+  whose output reaches a binary activation (:meth:`~fewbits.quantizers.Quantizer.step_levels`)
+  through any nodes but another quantizer's (a ReLU, a residual ``Add``, a pool) stays unfolded
+  and noted: folded into the float weights it moves exact integer sums (often exactly 0) across
+  the sign threshold (the binary_net ResNet-18 of ``examples/``: logits off by 1.1 of their
+  range before);
 * any other region becomes its family's fused nodes
   (:meth:`~fewbits.quantizers.Quantizer.onnx_act`); a family without them, a binary one (exact
   as it is) or a region that is not one input -> one output stays the plain, exact subgraph, and
   ``OnnxReport.notes`` says so;
-* a uniform weight (its codes) becomes integer initializers + ``DequantizeLinear``;
+* a uniform weight (its codes) becomes integer initializers + ``DequantizeLinear``, except one
+  that feeds a ``MatMul`` (ONNX Runtime's default optimisations make that ``MatMulNBits``,
+  which rounds the float input to 8 bits) or whose codes do not give PyTorch's values: a float
+  constant, noted;
 * ``MaxPool`` / ``Reshape`` / ``Flatten`` ... of a uint8 grid is requantized to it, and with
   ``checked_sums`` ``relu(a + b)`` of two uint8 grids of one scale becomes a checked uint8 sum.
 
