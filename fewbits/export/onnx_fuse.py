@@ -45,7 +45,14 @@ from torch import nn
 
 from ..quantizers import Codes, Quantizer
 from .fold import fold_batch_norm, int8_weight
-from .onnx_ops import Graph, GraphOps, describe_constant, weight_input
+from .onnx_ops import (
+    Graph,
+    GraphOps,
+    codes_reproduce,
+    describe_constant,
+    matmul_inputs,
+    weight_input,
+)
 from .onnx_qdq import (
     SUM_PEAK,
     Chain,
@@ -267,46 +274,6 @@ def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray
     return chains
 
 
-def _codes_reproduce(coded: tuple[Quantizer, Codes], value: torch.Tensor) -> bool:
-    """Whether ``DequantizeLinear`` of the codes' affine form (``(int_repr - zero_point) *
-    scale``, float32) gives ``value``, the weight PyTorch computes (to 1e-3 of a step): a family
-    whose codes follow another layout than its forward (a channel axis other than 0) must not
-    put other weights in the graph. True where there is no affine form (a float constant)."""
-    a = coded[0].affine(coded[1])
-    if a is None:
-        return True
-    s, z = a.scale.float(), a.zero_point
-    if a.axis is not None:
-        view = [1] * a.int_repr.dim()
-        view[a.axis] = -1
-        if a.int_repr.dim() == 0 or s.numel() != a.int_repr.shape[a.axis]:
-            return False
-        s, z = s.reshape(view), z.reshape(view)
-    deq = (a.int_repr - z).float() * s
-    # float rounding of the grid (a few ulps) passes; a misplaced scale moves whole steps
-    return deq.shape == value.shape and bool(((deq - value).abs() <= 1e-3 * s.abs()).all())
-
-
-def _matmul_weights(nodes: list[Any]) -> set[str]:
-    """The tensors that reach a ``MatMul`` through ``Transpose`` / ``Reshape`` / ... only (a
-    linear layer's weight on a 3-d input)."""
-    readers: dict[str, list[Any]] = defaultdict(list)
-    for n in nodes:
-        for t in n.input:
-            readers[t].append(n)
-    found: set[str] = set()
-    for t in list(readers):
-        todo, seen = [t], {t}
-        while todo:
-            for n in readers.get(todo.pop(), []):
-                if n.op_type == "MatMul":
-                    found.add(t)
-                elif n.op_type in _ON_GRID:
-                    todo += [o for o in n.output[:1] if o not in seen]
-                    seen.update(n.output[:1])
-    return found
-
-
 def _toposort(nodes: list[Any]) -> list[Any]:
     """``nodes`` in an order where each is after the producers of its inputs (stable)."""
     prod = {o: k for k, n in enumerate(nodes) for o in n.output if o}
@@ -458,7 +425,7 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
     # uniform weights not folded: integer initializers + DequantizeLinear
     out = _live(out, outputs | set(peaks))
     used = {t for n in out for t in n.input}
-    to_matmul = _matmul_weights(out)
+    to_matmul = matmul_inputs(out)
     start = len(gb.nodes)
     for key in sorted(set(codes) | set(quantizers)):
         if key not in used or key not in consts:
@@ -471,7 +438,7 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
                          "Runtime's default optimisations turn int8 DequantizeLinear -> MatMul "
                          "into MatMulNBits, which rounds its float input to 8 bits)")
             continue
-        if coded is not None and not _codes_reproduce(coded, value):
+        if coded is not None and not codes_reproduce(coded, value):
             report.weights[key] = describe_constant(coded[0], "float constant")
             notes.append(f"weight {key} left a float constant (its codes' affine form does "
                          "not give the values PyTorch computes)")
