@@ -125,6 +125,48 @@ def test_model_exports_and_runs_in_onnx_runtime(name, fam):
     assert c["max_rel"] <= tolerance(model, "ort"), c
 
 
+def test_fused_weights_that_feed_a_matmul_stay_float_constants():
+    """Before, the fused form wrote every uniform weight as int8 + ``DequantizeLinear``; ONNX
+    Runtime's default optimisations (ENABLE_ALL) turn that before a ``MatMul`` (a Linear on a
+    3-d input) into ``MatMulNBits``, which rounds the float input to 8 bits: a ternary
+    (weight-only) ViewNet's logits moved by 0.0044 of their range, past the 1e-3 tolerance,
+    with no error (0.0013 on nn.TransformerEncoder)."""
+    model, x = _build("viewnet")
+    fewbits.quantize_(model, "ternary")
+    model.eval()
+    proto, report = to_onnx(model, x, fuse=True, check=False)
+    assert compare_onnx(model, proto, x)["max_rel"] <= tolerance(model, "ort")  # ENABLE_ALL
+    assert report.weights["tok.weight"].endswith("float constant"), report.weights
+    assert report.weights["fc.weight"].startswith("int8 DequantizeLinear")  # a Gemm: int8
+    assert any("weight tok.weight left a float constant" in n for n in report.notes)
+
+
+def test_fused_weights_whose_codes_do_not_give_the_weight_stay_float_constants():
+    """Before, GPT-2's ``Conv1D`` (weight stored ``(in, out)``) with per-channel ternary weights
+    exported fused with its codes' scales on the wrong axis: the int8 weights differed from
+    PyTorch's by 0.02, GPT-2's logits by 0.11 of their range, with no error. Now weights whose
+    codes do not give PyTorch's values stay float constants, noted."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    m = fewbits.quantize_(nn.Sequential(pytorch_utils.Conv1D(6, 4), nn.ReLU(),
+                                        nn.Linear(6, 3)), "ternary").eval()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    proto, report = to_onnx(m, x, fuse=True)  # checked against PyTorch: raised before
+    assert compare_onnx(m, proto, x)["max_rel"] <= tolerance(m, "ort")
+    assert report.weights["0.weight"].endswith("float constant"), report.weights
+    assert report.weights["2.weight"].startswith("int8 DequantizeLinear")
+    assert any("weight 0.weight left a float constant (its codes" in n for n in report.notes)
+
+
+def test_a_torch_compiled_model_exports_as_the_module_it_compiles():
+    """Before, ``to_onnx(torch.compile(model))`` failed: "PyTorch's ONNX exporter cannot export
+    OptimizedModule"."""
+    m = create_model("mnist_fp_net_mlp", width=8).eval()
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    proto, _ = to_onnx(torch.compile(m), x, fuse=True)
+    assert compare_onnx(m, proto, x)["max_rel"] <= tolerance(m, "ort")
+
+
 def test_every_family_and_model_is_in_the_matrix():
     assert {f for _, f in CASES} == set(FAMILIES)
     assert {m for m, _ in CASES} == {"viewnet", "conv1d", "mobilenet", "encoder", "vit", "bert",
@@ -230,6 +272,80 @@ def test_binary_net_predictions_are_the_same_at_every_ort_optimisation_level(tra
         np.testing.assert_array_equal(off, ov, err_msg=name_)
     assert (off.argmax(1) == ref.argmax(1)).all()
     np.testing.assert_allclose(off, ref, rtol=1e-5, atol=1e-4)
+
+
+def _example_resnet(layers: tuple[int, ...] = (1, 1, 1, 1)) -> nn.Module:
+    """The torchvision-named binary_net ResNet of examples/resnet18_binary.py (8-bit fixed-point
+    stem and classifier, float residual stream), random weights; ResNet-10 by default."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "resnet18_binary.py"
+    spec = importlib.util.spec_from_file_location("resnet18_binary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    return fewbits.quantize_(mod.ResNet(layers, num_classes=10), lambda name, layer: (
+        mod.EIGHT_BIT if name in ("conv1", "fc") else "binary_net")).eval()
+
+
+def test_binary_resnet_fused_form_keeps_the_batch_norms_a_sign_reads():
+    """Before, ``fuse=True`` folded every batch norm into its convolution's float weights. On
+    the binary ResNet of examples/ the convolutions' sums are exact integers, 3.6 % of them
+    exactly on the sign threshold (0) of the next block; folded, they moved by a few float
+    steps across it (through the ReLU and the float residual ``Add``): logits off by 1.1 of
+    their range and 0 % top-1 agreement at every ONNX Runtime level, with no error. Now a batch
+    norm whose output reaches a binary activation stays unfolded (noted), and the plain form
+    writes ``sign(relu(bn(c)))`` as thresholds on ``c``."""
+    from fewbits.export.onnx import to_onnx_forms
+
+    m = _example_resnet()
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    (plain, plain_report), (fused, report) = to_onnx_forms(m, [(False, False), (True, False)], x)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    tol = tolerance(m, "ort")
+    for form, proto in (("plain", plain), ("fused", fused)):
+        for level, y in zip(("DISABLE_ALL", "ENABLE_BASIC", "ENABLE_ALL"), _levels(proto, x),
+                            strict=True):
+            assert (y.argmax(1) == ref.argmax(1)).all(), (form, level)
+            assert np.abs(y - ref).max() <= tol * np.abs(ref).max(), (form, level)
+    # 12 batch norms: the 4 inner ones of the blocks (sign(relu(bn))) are thresholds; of the
+    # 8 left, the fused form folds only layer4's two (they reach the classifier, no sign)
+    assert plain_report.nodes["BatchNormalization"] == 8
+    assert report.nodes["BatchNormalization"] == 6
+    kept = [n for n in report.notes if "reaches the binary activation" in n]
+    assert len(kept) == 6 and "batch norm after conv1 left unfolded" in kept[0], report.notes
+
+
+def test_to_onnx_refuses_a_graph_onnx_runtime_does_not_run_like_pytorch(monkeypatch):
+    """Every graph ``to_onnx`` returns was run by ONNX Runtime (default optimisations) on the
+    example input against PyTorch: a graph pass that goes wrong (here a fused pass whose
+    logits come out 1.5 times too large) raises instead of returning a silently
+    wrong graph; ``check=False`` returns it unchecked."""
+    from onnx import helper, numpy_helper
+
+    import fewbits.export.onnx as export_onnx_module
+    from fewbits.export.onnx import to_onnx_forms
+
+    real = export_onnx_module.fuse_graph
+
+    def broken(proto, *args, **kwargs):
+        real(proto, *args, **kwargs)
+        g = proto.graph
+        last = next(n for n in g.node if g.output[0].name in n.output)
+        last.output[0] = "raw"
+        g.initializer.append(numpy_helper.from_array(np.float32(1.5), "k"))
+        g.node.append(helper.make_node("Mul", ["raw", "k"], [g.output[0].name]))
+
+    monkeypatch.setattr(export_onnx_module, "fuse_graph", broken)
+    m = create_model("mnist_fp_net_mlp", width=16).eval()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"fused ONNX graph is wrong under ONNX Runtime.*"
+                                         r"logits differ by .* of their range.*check=False"):
+        to_onnx_forms(m, [(False, False), (True, False)], x, check=True)  # plain passes
+    proto, _ = to_onnx(m, x, fuse=True, check=False)
+    assert compare_onnx(m, proto, x)["max_rel"] > tolerance(m, "ort")
 
 
 def test_thresholds_reproduce_pytorch_batch_norm_decisions():

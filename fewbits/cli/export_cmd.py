@@ -65,7 +65,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         "within a stated tolerance of PyTorch)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 21)")
     parser.add_argument("--no-check", action="store_true",
-                        help="skip comparing the ONNX graph with PyTorch on random images")
+                        help="skip comparing the ONNX graph with PyTorch (on the example "
+                        "input before writing it, and on 32 random images)")
     parser.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY", default=None,
                         help="the factory a run was trained with (`fewbits train --net "
                         "package.module:factory`), to rebuild it")
@@ -118,7 +119,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.onnx:
         shape = getattr(args, "input_shape", None)
         rep = export_onnx(model, args.onnx, opset=args.opset or DEFAULT_OPSET,
-                          input_shape=shape, fuse=bool(getattr(args, "fuse", False)))
+                          input_shape=shape, fuse=bool(getattr(args, "fuse", False)),
+                          check=not args.no_check)
         print(rep.table())
         if not args.no_check:
             m, _ = resolve_source(model)

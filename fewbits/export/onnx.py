@@ -25,6 +25,11 @@ algorithm. Predictions are then the same at every ONNX Runtime optimisation leve
 as ``QLinearConv``; equal to PyTorch within a stated tolerance. It takes every model the plain
 form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
 
+Every graph :func:`to_onnx` returns (either form) was run by ONNX Runtime at its default
+optimisations on the example input and matched PyTorch within the planner's tolerance and
+top-1 (:func:`fewbits.export.onnx_run.check_graph`), else it raises: no graph pass can be
+silently wrong on that input. ``check=False`` skips it.
+
     >>> import tempfile, os
     >>> from fewbits.models import create_model
     >>> m = create_model("mnist_fp_net_mlp", width=32).eval()
@@ -59,6 +64,7 @@ from .container import decode_tensor, is_packed_file, read_model_file
 from .onnx_fuse import fuse_graph
 from .onnx_ops import ATEN_FIXES
 from .onnx_qdq import fold_binary_thresholds, prune_unused
+from .onnx_run import check_graph, onnx_feed, onnx_session, run_onnx
 from .packed import load_packed, model_of
 
 __all__ = [
@@ -308,14 +314,12 @@ def _counting(table: dict[Any, Any], report: OnnxReport) -> dict[Any, Any]:
 
 
 def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int,
-           report: OnnxReport) -> Any:
+           report: OnnxReport, one_output: bool) -> Any:
     import warnings
 
     table = _counting(onnx_translations(), report)
     names = {"input_names": ["images"]} if images and len(args) == 1 else {}
-    with torch.no_grad():
-        out = model(*args, **kwargs)
-    if isinstance(out, Tensor):
+    if one_output:
         names["output_names"] = ["logits"]
     with translated_onnx_export(), cached_exporter_registry(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -336,7 +340,8 @@ def _plain(model: nn.Module, args: tuple, kwargs: dict, images: bool, opset: int
 
 def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *,
             opset: int = DEFAULT_OPSET, input_shape: tuple[int, ...] | None = None,
-            fuse: bool | str = False, checked_sums: bool = False) -> tuple[Any, OnnxReport]:
+            fuse: bool | str = False, checked_sums: bool = False,
+            check: bool = True) -> tuple[Any, OnnxReport]:
     """Build the ``onnx.ModelProto`` of ``source`` (model, ``.fewbits`` file, run folder or
     checkpoint; see the module doc) without writing it.
 
@@ -354,17 +359,25 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     unless it saturates at code 255, and adds the output ``sum_peak``: a caller must recompute
     a batch whose ``sum_peak`` is 255 with the unchecked graph
     (:class:`fewbits.runtime.ort.CheckedRunner`). Raises ``ValueError`` naming what fails.
+
+    ``check=True`` (the default): the graph is run by ONNX Runtime at its default
+    optimisations on the example input and must give PyTorch's outputs within the stated
+    tolerance, else ``ValueError`` (:func:`fewbits.export.onnx_run.check_graph`; one session and
+    one run; noted in ``OnnxReport.notes`` and skipped where ``onnxruntime`` is not installed).
+    ``check=False`` writes the graph unchecked.
     """
     return to_onnx_forms(source, [(fuse, checked_sums)], example_inputs, opset=opset,
-                         input_shape=input_shape)[0]
+                         input_shape=input_shape, check=check)[0]
 
 
 def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool | str, bool]],
                   example_inputs: Any = None, *, opset: int = DEFAULT_OPSET,
-                  input_shape: tuple[int, ...] | None = None) -> list[tuple[Any, OnnxReport]]:
+                  input_shape: tuple[int, ...] | None = None,
+                  check: bool = False) -> list[tuple[Any, OnnxReport]]:
     """:func:`to_onnx` of ``source`` for each ``(fuse, checked_sums)`` of ``forms``, in order,
     from one export by PyTorch (each fused form is a pass over a copy of it): what the planner
-    uses to build the ``ort``, ``checked`` and ``openvino`` graphs of one model."""
+    uses to build the ``ort``, ``checked`` and ``openvino`` graphs of one model (its probe
+    checks each, so ``check`` is off by default here; ``check=True``: as :func:`to_onnx`)."""
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - the onnx extra is installed in dev
@@ -375,6 +388,8 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
                          f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
     if any(checked and not fuse for fuse, checked in forms):
         raise ValueError("checked_sums=True needs fuse=True")
+    if isinstance(getattr(source, "_orig_mod", None), nn.Module):  # torch.compile's wrapper:
+        source = source._orig_mod  # export the module it compiles (same parameters)
     model, codes = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     plain_report = OnnxReport("", spec["name"], opset)
@@ -383,7 +398,9 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
         raise ValueError(f"opset {opset}: PyTorch's exporter writes opset 18 or later; export "
                          f"with opset {DEFAULT_OPSET}, the default")
     frozen, quantizers = _frozen(model, plain_report)
-    plain = _plain(frozen, args, kwargs, images, opset, plain_report)
+    with torch.no_grad():
+        ref = model(*args, **kwargs)
+    plain = _plain(frozen, args, kwargs, images, opset, plain_report, isinstance(ref, Tensor))
     out = []
     for fuse, checked_sums in forms:
         proto, report = onnx.ModelProto(), copy.deepcopy(plain_report)
@@ -402,6 +419,10 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
                              f"({str(e).splitlines()[0]}); export with opset {DEFAULT_OPSET}, "
                              "the default") from None
         report.nodes = dict(Counter(n.op_type for n in proto.graph.node))
+        if check:
+            form = ("fused" if fuse is True else f"fused {fuse!r}") if fuse else "plain"
+            note = check_graph(proto, model, args, kwargs, ref, form)
+            report.notes += [note] if note else []
         out.append((proto, report))
     return out
 
@@ -409,58 +430,18 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
 def export_onnx(source: nn.Module | str | os.PathLike, path: str | os.PathLike,
                 example_inputs: Any = None, *, opset: int = DEFAULT_OPSET,
                 input_shape: tuple[int, ...] | None = None,
-                fuse: bool | str = False) -> OnnxReport:
+                fuse: bool | str = False, check: bool = True) -> OnnxReport:
     """Write ``source`` (model, ``.fewbits`` file, run folder or checkpoint) as ONNX to ``path``
-    (:func:`to_onnx` with the same arguments). Atomic write; returns an :class:`OnnxReport`."""
+    (:func:`to_onnx` with the same arguments, ``check`` included: a graph ONNX Runtime does
+    not run to PyTorch's outputs is refused before anything is written). Atomic write; returns
+    an :class:`OnnxReport`."""
     proto, report = to_onnx(source, example_inputs, opset=opset, input_shape=input_shape,
-                            fuse=fuse)
+                            fuse=fuse, check=check)
     data = proto.SerializeToString()
     path = os.fspath(path)
     atomic_write(path, data)
     report.path, report.file_bytes = path, len(data)
     return report
-
-
-def onnx_session(model: Any, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for a path, bytes or ``ModelProto``."""
-    import onnxruntime as ort
-
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    elif not isinstance(model, bytes):
-        model = os.fspath(model)
-    so = ort.SessionOptions()
-    # Idle workers sleep instead of spinning: spinning threads steal the cores from whatever
-    # runs next (PyTorch, in a benchmark that interleaves both).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-
-def onnx_feed(sess: Any, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
-    """ONNX Runtime's feed for a call ``model(*args, **kwargs)`` of the graph :func:`to_onnx`
-    wrote: keyword arguments by name, else the tensor leaves in order."""
-    names = [i.name for i in sess.get_inputs()]
-    if kwargs and not args and set(names) <= set(kwargs):
-        return {n: kwargs[n].detach().cpu().numpy() for n in names}
-    leaves = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
-    if len(names) != len(leaves):
-        raise ValueError(f"the graph takes {len(names)} inputs ({', '.join(names)}), the call "
-                         f"gives {len(leaves)} tensors")
-    return {n: v.detach().cpu().numpy() for n, v in zip(names, leaves, strict=True)}
-
-
-def run_onnx(sess: Any, inputs: Any) -> list[Tensor]:
-    """Run an ONNX Runtime session on ``inputs`` (a tensor, a tuple of arguments or a dict of
-    keyword arguments, as given to :func:`to_onnx`); the outputs as tensors, in order."""
-    args, kwargs = ((inputs,), {}) if isinstance(inputs, Tensor) else \
-        (((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {}))
-    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, onnx_feed(sess, args, kwargs))]
 
 
 def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,

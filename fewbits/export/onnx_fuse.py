@@ -11,14 +11,20 @@ float input, one output); weights are initializers named after their parameter
 
 * a chain ``Conv/Gemm [-> Relu] -> BatchNormalization [-> region [-> Relu]]`` becomes one folded
   layer (:func:`~fewbits.export.onnx_qdq.emit_chain`) when the region's quantizer has an integer
-  grid of at most 256 levels (:meth:`~fewbits.quantizers.Quantizer.int_grid`) and its
-  batch norm does not feed a binary decision (:meth:`~fewbits.quantizers.Quantizer.step_levels`:
-  those were already written as exact thresholds);
+  grid of at most 256 levels (:meth:`~fewbits.quantizers.Quantizer.int_grid`); a batch norm
+  whose output reaches a binary activation (:meth:`~fewbits.quantizers.Quantizer.step_levels`)
+  through any nodes but another quantizer's (a ReLU, a residual ``Add``, a pool) stays unfolded
+  and noted: folded into the float weights it moves exact integer sums (often exactly 0) across
+  the sign threshold (the binary_net ResNet-18 of ``examples/``: logits off by 1.1 of their
+  range before);
 * any other region becomes its family's fused nodes
   (:meth:`~fewbits.quantizers.Quantizer.onnx_act`); a family without them, a binary one (exact
   as it is) or a region that is not one input -> one output stays the plain, exact subgraph, and
   ``OnnxReport.notes`` says so;
-* a uniform weight (its codes) becomes integer initializers + ``DequantizeLinear``;
+* a uniform weight (its codes) becomes integer initializers + ``DequantizeLinear``, except one
+  that feeds a ``MatMul`` (ONNX Runtime's default optimisations make that ``MatMulNBits``,
+  which rounds the float input to 8 bits) or whose codes do not give PyTorch's values: a float
+  constant, noted;
 * ``MaxPool`` / ``Reshape`` / ``Flatten`` ... of a uint8 grid is requantized to it, and with
   ``checked_sums`` ``relu(a + b)`` of two uint8 grids of one scale becomes a checked uint8 sum.
 
@@ -39,7 +45,14 @@ from torch import nn
 
 from ..quantizers import Codes, Quantizer
 from .fold import fold_batch_norm, int8_weight
-from .onnx_ops import Graph, GraphOps, describe_constant, weight_input
+from .onnx_ops import (
+    Graph,
+    GraphOps,
+    codes_reproduce,
+    describe_constant,
+    matmul_inputs,
+    weight_input,
+)
 from .onnx_qdq import (
     SUM_PEAK,
     Chain,
@@ -150,10 +163,34 @@ def _batch_norm(n: Any, consts: dict[str, np.ndarray]) -> nn.Module | None:
     return bn
 
 
+def _binary_reached(t: str, nodes: list[Any], users: dict[str, list[Any]]) -> str | None:
+    """The name of a binary activation (:meth:`~fewbits.quantizers.Quantizer.step_levels`)
+    that tensor ``t`` reaches through nodes that are no other quantizer (a ReLU, a residual
+    ``Add``, a pool ...), or None. A batch norm folded into the convolution before it changes
+    its values in the last bits (the folded weights are products computed in another order):
+    on a binary network the convolution's sum is an exact integer, often exactly on the
+    threshold (an exact 0 before ``sign``), and a last-bit move flips a +-1 activation, which
+    no tolerance covers. Any other quantizer reached first re-grids the values (a last-bit
+    move changes at most one level: the fused form's stated tolerance)."""
+    seen, todo = {t}, [t]
+    while todo:
+        for u in users.get(todo.pop(), []):
+            if isinstance(u, _Region):
+                if u.q.step_levels() is not None:
+                    return u.key
+                continue
+            for o in nodes[u].output:
+                if o and o not in seen:
+                    seen.add(o)
+                    todo.append(o)
+    return None
+
+
 def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray],
           outputs: set[str], layers: dict[str, nn.Module], quantizers: dict[str, Any],
-          codes: dict[str, tuple[Quantizer, Codes]]) -> dict[int, Chain]:
-    """The foldable chains, keyed by the index of their ``Conv`` / ``Gemm`` node."""
+          codes: dict[str, tuple[Quantizer, Codes]], kept: dict[int, str]) -> dict[int, Chain]:
+    """The foldable chains, keyed by the index of their ``Conv`` / ``Gemm`` node; ``kept``
+    gets the index of each batch norm left unfolded on purpose, with the reason."""
     from onnx import helper
 
     in_region = {i: r for r in regions for i in r.idx}
@@ -194,10 +231,14 @@ def _plan(nodes: list[Any], regions: list[_Region], consts: dict[str, np.ndarray
         if bn is None:
             continue
         seq.append(u)
-        t = nodes[u].output[0]
+        u_bn, t = u, nodes[u].output[0]
         u = single(t)
-        if isinstance(u, _Region) and u.q.step_levels() is not None:
-            continue  # batch norm feeds a binary decision: its exact thresholds stay
+        binary = _binary_reached(t, nodes, users)
+        if binary is not None:  # folding moves values across its sign threshold: keep it
+            kept[u_bn] = f"batch norm after {n.input[1][: -len('.weight')]} left unfolded " \
+                f"(it reaches the binary activation {binary}, whose sign threshold folding " \
+                "into the convolution's float weights would move values across)"
+            continue
         q, relu_after, last = None, False, t
         if isinstance(u, _Region) and u.x == t and u.y is not None:
             after = single(u.y)
@@ -292,8 +333,9 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
     outputs = {o.name for o in g.output}
     modules = dict(model.named_modules())
     regions = _regions(nodes, modules, consts, outputs)
+    kept: dict[int, str] = {}
     chains = _plan(nodes, regions, consts, outputs, dict(frozen.named_modules()), quantizers,
-                   codes)
+                   codes, kept)
     taken = {t for n in nodes for t in (*n.input, *n.output)} | set(consts) | \
         {i.name for i in g.input}
     gb = Graph(taken)
@@ -373,7 +415,9 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
                 peaks.append(peak)
                 skip.add(users[0])
                 continue
-        if n.op_type == "BatchNormalization":
+        if i in kept:
+            notes.append(kept[i])
+        elif n.op_type == "BatchNormalization":
             notes.append(f"batch norm {n.output[0]} left unfolded (not after a conv / linear "
                          "layer that only it reads, or before a binary decision)")
         out.append(n)
@@ -381,12 +425,24 @@ def fuse_graph(proto: Any, model: nn.Module, frozen: nn.Module,
     # uniform weights not folded: integer initializers + DequantizeLinear
     out = _live(out, outputs | set(peaks))
     used = {t for n in out for t in n.input}
+    to_matmul = matmul_inputs(out)
     start = len(gb.nodes)
     for key in sorted(set(codes) | set(quantizers)):
         if key not in used or key not in consts:
             continue
         coded = codes.get(key)
         value = torch.from_numpy(np.array(consts[key], np.float32))
+        if coded is not None and key in to_matmul:
+            report.weights[key] = describe_constant(coded[0], "float constant")
+            notes.append(f"weight {key} left a float constant (it feeds a MatMul: ONNX "
+                         "Runtime's default optimisations turn int8 DequantizeLinear -> MatMul "
+                         "into MatMulNBits, which rounds its float input to 8 bits)")
+            continue
+        if coded is not None and not codes_reproduce(coded, value):
+            report.weights[key] = describe_constant(coded[0], "float constant")
+            notes.append(f"weight {key} left a float constant (its codes' affine form does "
+                         "not give the values PyTorch computes)")
+            continue
         if coded is None:
             report.weights[key] = describe_constant(quantizers.get(key), "float constant")
             continue

@@ -25,8 +25,10 @@ __all__ = [
     "Graph",
     "GraphOps",
     "avg_pool2d",
+    "codes_reproduce",
     "describe_constant",
     "int_type",
+    "matmul_inputs",
     "pair",
     "weight_input",
 ]
@@ -114,6 +116,50 @@ def weight_input(g: Graph, key: str, value: Tensor,
             return (g.op("DequantizeLinear", [ints, s, z], key, **attrs),
                     f"{kind} DequantizeLinear" + (" per channel" if a.axis is not None else ""))
     return g.const(key, value.detach().float()), "float constant"
+
+
+#: Operators that only move values: a weight read through them is still that weight.
+_MOVING = ("Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
+
+
+def codes_reproduce(coded: tuple[Quantizer, Codes], value: Tensor) -> bool:
+    """Whether ``DequantizeLinear`` of the codes' affine form (``(int_repr - zero_point) *
+    scale``, float32) gives ``value``, the weight PyTorch computes (to 1e-3 of a step): a family
+    whose codes follow another layout than its forward (a channel axis other than 0) must not
+    put other weights in the graph. True where there is no affine form (a float constant)."""
+    a = coded[0].affine(coded[1])
+    if a is None:
+        return True
+    s, z = a.scale.float(), a.zero_point
+    if a.axis is not None:
+        view = [1] * a.int_repr.dim()
+        view[a.axis] = -1
+        if a.int_repr.dim() == 0 or s.numel() != a.int_repr.shape[a.axis]:
+            return False
+        s, z = s.reshape(view), z.reshape(view)
+    deq = (a.int_repr - z).float() * s
+    # float rounding of the grid (a few ulps) passes; a misplaced scale moves whole steps
+    return deq.shape == value.shape and bool(((deq - value).abs() <= 1e-3 * s.abs()).all())
+
+
+def matmul_inputs(nodes: list[Any]) -> set[str]:
+    """The tensors that reach a ``MatMul`` through ``Transpose`` / ``Reshape`` / ... only (a
+    linear layer's weight on a 3-d input)."""
+    readers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    found: set[str] = set()
+    for t in list(readers):
+        todo, seen = [t], {t}
+        while todo:
+            for n in readers.get(todo.pop(), []):
+                if n.op_type == "MatMul":
+                    found.add(t)
+                elif n.op_type in _MOVING:
+                    todo += [o for o in n.output[:1] if o not in seen]
+                    seen.update(n.output[:1])
+    return found
 
 
 def describe_constant(q: Quantizer | None, default: str) -> str:

@@ -246,9 +246,13 @@ _VALUE_KEEPING = ("MaxPool", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqu
 
 def fold_binary_thresholds(proto: Any) -> int:
     """Rewrite ``Greater(BatchNormalization(c), 0)`` and ``Greater(Add(BatchNormalization(c),
-    s), 0)`` (``s`` a two-valued binary activation, possibly max-pooled) as per-channel
-    comparisons ``s_k * c >= t_k`` (:func:`binary_thresholds`), in place; returns how many. No batch
-    norm is then left on a binary decision for a runtime to fuse into the convolution."""
+    s), 0)`` (``s`` a two-valued binary activation, possibly max-pooled), either with ``Relu``
+    before the ``Greater`` (``relu(v) > 0`` is ``v > 0``: ``sign(relu(bn(c)))``, a binary
+    ResNet block's inner activation), as per-channel comparisons ``s_k * c >= t_k``
+    (:func:`binary_thresholds`), in place; returns how many. No batch norm is then left on
+    these binary decisions for a runtime to fuse into the convolution. (A batch norm whose sum
+    with a float tensor reaches the decision stays: its threshold would depend on that
+    tensor.)"""
     from onnx import helper, numpy_helper
 
     g = proto.graph
@@ -291,10 +295,13 @@ def fold_binary_thresholds(proto: Any) -> int:
         if zero is None or zero.size != 1 or float(zero) != 0.0:
             out_nodes.append(n)
             continue
-        src = prod.get(n.input[0])
+        v = n.input[0]
+        while v in prod and prod[v].op_type == "Relu":  # relu(v) > 0 <=> v > 0 (NaN: false)
+            v = prod[v].input[0]
+        src = prod.get(v)
         cases: list[tuple[dict, float]] = []
         sel = None
-        bn = bn_of(n.input[0])
+        bn = bn_of(v)
         if bn is not None:
             cases = [(bn, 0.0)]
         elif src is not None and src.op_type == "Add":

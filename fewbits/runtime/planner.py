@@ -58,7 +58,15 @@ import torch
 from torch import Tensor, nn
 
 from ..export.onnx import input_shape_of, resolve_source, to_onnx, to_onnx_forms
-from ..layers import QuantAct, quant_layers
+from .agreement import (  # noqa: F401 (QUANTIZED_RTOL, FLOAT_RTOL: read from here too)
+    FLOAT_RTOL,
+    MIN_TOP1_AGREEMENT,
+    QUANTIZED_RTOL,
+    check_outputs,
+    leaf_error,
+    relative_tolerance,
+    top1_agreement,
+)
 from .binary import BinaryEngine
 from .integer import IntegerEngine
 from .ort import CheckedRunner, Runner, openvino_runner, ort_runner, plain_runner
@@ -67,18 +75,6 @@ __all__ = ["AUTO", "CANDIDATES", "EXACT", "MIN_TOP1_AGREEMENT", "PROBE_SIZE", "C
            "Deployed", "check_outputs", "compile_for_cpu", "leaf_error", "probe_images",
            "tolerance", "top1_agreement"]
 
-#: Relative logit tolerance (of ``max |logit|``) when activations are quantized: the fused
-#: export may put a value lying within float rounding of a level boundary (or on a tie, where
-#: ``QuantizeLinear`` rounds half to even) on the neighbouring level; measured below 0.05 on
-#: the seed networks (docs/PERFORMANCE.md).
-QUANTIZED_RTOL = 0.08
-#: ... and when only weights are quantized (float activations): float rounding only.
-FLOAT_RTOL = 1e-3
-#: Least share of a backend's top-1 predictions (argmax of 2-D class scores) equal to
-#: PyTorch's, on the probe and on the timing batch (issue 23's bar). A relative logit bound
-#: alone let a fused path with 69-89 % agreement through: its logits stayed within 0.08 of
-#: their range on the noise probe, while near-ties of a trained net flip.
-MIN_TOP1_AGREEMENT = 0.995
 #: Seeded probe inputs :func:`compile_for_cpu` checks every backend on (:func:`probe_images`).
 PROBE_SIZE = 32
 #: Backends that compute PyTorch's own arithmetic (tolerance 0).
@@ -174,18 +170,12 @@ CANDIDATES: dict[str, Callable[[Context], Runner]] = {
 AUTO = ("binary", "int", "ort-checked", "ort", "ort-plain", "torch")
 
 
-def _quantizes_activations(model: nn.Module) -> bool:
-    if any(isinstance(m, QuantAct) and m.quantizer is not None for m in model.modules()):
-        return True
-    return any(layer.input_quantizer is not None or layer.output_quantizer is not None
-               for _, layer in quant_layers(model))
-
 
 def tolerance(model: nn.Module, backend: str) -> float:
     """Allowed ``max |logits - PyTorch logits| / max |PyTorch logits|`` of ``backend``."""
     if backend in EXACT:
         return 0.0
-    return QUANTIZED_RTOL if _quantizes_activations(model) else FLOAT_RTOL
+    return relative_tolerance(model)
 
 
 @dataclass
@@ -243,68 +233,6 @@ def _call_args(inputs: Any) -> tuple[tuple, dict]:
         return (), dict(inputs)
     return tuple(inputs), {}
 
-
-def leaf_error(got: Any, ref: Any) -> float:
-    """The largest ``max |got - ref| / max |ref|`` over the tensor leaves of two outputs of the
-    same structure (tensor, tuple, dict, HF ``ModelOutput``); ``inf`` where the structures or
-    shapes differ."""
-    from torch.utils._pytree import tree_flatten
-
-    g, _ = tree_flatten(got)
-    r, _ = tree_flatten(ref)
-    if len(g) != len(r):
-        return float("inf")
-    err = 0.0
-    for a, b in zip(g, r, strict=True):
-        if not isinstance(b, Tensor):
-            if a != b:
-                return float("inf")
-            continue
-        if not isinstance(a, Tensor) or a.shape != b.shape:
-            return float("inf")
-        if b.numel():
-            if a.is_floating_point() and not torch.equal(a.isnan(), b.isnan()):
-                return float("inf")  # NaN compares as no error in max(): refuse it here
-            keep = ~b.isnan() if b.is_floating_point() else torch.ones_like(b, dtype=torch.bool)
-            if not keep.any():
-                continue
-            a, b = a[keep], b[keep]
-            scale = float(b.abs().max()) or 1.0
-            err = max(err, float((a.double() - b.double()).abs().max()) / scale)
-    return err
-
-
-def top1_agreement(got: Any, ref: Any) -> tuple[float, int] | None:
-    """``(share of equal argmax, rows)`` over the 2-D floating tensor leaves (class scores) of
-    two outputs of the same structure, the smallest share of any leaf; None without such a
-    leaf."""
-    from torch.utils._pytree import tree_flatten
-
-    best: tuple[float, int] | None = None
-    for a, b in zip(tree_flatten(got)[0], tree_flatten(ref)[0], strict=False):
-        if isinstance(a, Tensor) and isinstance(b, Tensor) and b.dim() == 2 \
-                and b.is_floating_point() and a.shape == b.shape and b.shape[1] > 1 \
-                and b.shape[0] > 0:
-            share = float((a.argmax(1) == b.argmax(1)).double().mean())
-            if best is None or share < best[0]:
-                best = (share, b.shape[0])
-    return best
-
-
-def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe") -> str | None:
-    """Why ``got`` is not an acceptable stand-in for PyTorch's ``ref`` (None: it is): logits
-    beyond ``tol`` of their range, or class scores whose top-1 agrees on fewer than
-    :data:`MIN_TOP1_AGREEMENT` of the rows (with ``tol`` 0, on any row less)."""
-    err = leaf_error(got, ref)
-    if err > tol:
-        return f"tolerance exceeded on the {what}: logits differ by {err:.3g} of their range " \
-               f"(tolerance {tol:.3g})"
-    top = top1_agreement(got, ref)
-    if top is not None and top[0] < (MIN_TOP1_AGREEMENT if tol else 1.0):
-        return f"tolerance exceeded on the {what}: top-1 agrees with PyTorch on " \
-               f"{100 * top[0]:.1f} % of {top[1]} inputs (needs {100 * MIN_TOP1_AGREEMENT:.1f} " \
-               f"%; logits differ by {err:.3g} of their range, tolerance {tol:.3g})"
-    return None
 
 
 def _median_time(run: Runner, x: tuple[tuple, dict], repeats: int = 3) -> tuple[float, Any]:
