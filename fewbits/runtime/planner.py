@@ -307,7 +307,7 @@ def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe") -> str | 
 
 
 #: Timed calls per candidate, round-robin over the candidates (see :func:`_best_times`).
-TIMING_ROUNDS = 5
+TIMING_ROUNDS = 4
 
 
 def _best_times(runs: Mapping[str, Runner], x: tuple[tuple, dict],
