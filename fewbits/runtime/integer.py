@@ -186,6 +186,7 @@ class IntegerEngine:
         self._qargs = {}
         self._batch: tuple | None = None
         self._single: tuple | None = None
+        self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
         self._keep_batch: dict[int, list] = {}
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
                              if isinstance(s, Conv)], default=64)
