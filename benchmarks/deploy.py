@@ -15,12 +15,17 @@ reference run next to every candidate), at each batch size and thread count:
 
 ratio = time of ONNX Runtime float / time of the row (> 1 is faster than the baseline); median of
 per-round ratios against the adjacent baseline calls. Networks: random initialisation moved by a
-few Adam steps on the benchmark images (batch-norm statistics and min-max ranges of a trained
-net; speed does not depend on accuracy). Images: CIFAR-10 (JPEG) test images through
-``fewbits.data.imagefolder`` when the archive exists, else uniform noise (said in the output).
+few Adam steps on the benchmark images (``--steps``; batch-norm statistics and min-max ranges
+that move, but not a trained net), or the trained model of a ``fewbits train`` run folder or
+model file (``--run FAMILY=PATH``, resolved by :func:`fewbits.checkpoint.load_model`: the
+folder's ``model_best.pt``, else ``model_final.pt``, else ``checkpoint.pt``); the top-1 agreement
+is meaningful on trained nets only (a barely moved net has near-tied logits). Images: CIFAR-10
+(JPEG) test images through ``fewbits.data.imagefolder`` when the archive exists, else uniform
+noise (said in the output).
 The machine load (``uptime``) is printed before, between and after the configurations.
 
     PYTHONPATH=. python benchmarks/deploy.py --rounds 20 --json deploy.json
+    PYTHONPATH=. python benchmarks/deploy.py --nets fp_net --run fp_net=runs/fp_net_resnet23
 """
 
 from __future__ import annotations
@@ -84,6 +89,36 @@ def seeded(name: str, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.
         opt.zero_grad()
         torch.nn.functional.cross_entropy(m(x[j]), y[j]).backward()
         opt.step()
+    return m.eval()
+
+
+def parse_runs(items: list[str], fams: list[str]) -> dict[str, str]:
+    """``["fp_net=PATH", ...]`` -> ``{family: PATH}``; each family once and among ``fams``."""
+    out: dict[str, str] = {}
+    for item in items:
+        fam, sep, path = item.partition("=")
+        if not sep or not fam or not path:
+            raise SystemExit(f"--run {item!r}: expected FAMILY=PATH, e.g. fp_net=runs/fp23")
+        if fam not in fams:
+            raise SystemExit(f"--run {item!r}: {fam!r} is not among --nets ({' '.join(fams)})")
+        if fam in out:
+            raise SystemExit(f"--run names {fam!r} twice")
+        out[fam] = path
+    return out
+
+
+def trained(fam: str, path: str) -> torch.nn.Module:
+    """The trained ResNet-23 of ``fam`` from a run folder or model file, in eval mode."""
+    from fewbits.checkpoint import CheckpointError, load_model
+
+    want = f"cifar10_{fam}_resnet23_prediction"
+    try:
+        m = load_model(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--run {fam}={path}: {e}") from e
+    got = (getattr(m, "fewbits_spec", None) or {}).get("name")
+    if got != want:
+        raise SystemExit(f"--run {fam}={path}: holds model {got!r}, not {want!r}")
     return m.eval()
 
 
@@ -178,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--images", type=int, default=512, help="test images (agreement, calibration)")
     ap.add_argument("--steps", type=int, default=3, help="Adam steps seeding each net")
+    ap.add_argument("--run", action="append", default=[], metavar="FAMILY=PATH",
+                    help="use the trained net of a `fewbits train` run folder or model file "
+                    "for FAMILY instead of a seeded one (repeatable)")
     ap.add_argument("--data", default=DATA, help="CIFAR-10 (JPEG) archive; missing -> noise")
     ap.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
                     help="wall time, or CPU time of this process (a busy shared machine)")
@@ -186,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fewbits.models import FAMILIES
 
     fams = [f for f in FAMILIES if f != "float"] if args.nets == ["all"] else args.nets
+    runs = parse_runs(args.run, fams)
     env = C.environment()
     print("command: PYTHONPATH=. python benchmarks/deploy.py " + " ".join(sys.argv[1:]))
     print(f"CPU: {env['cpu']}; ISA paths: integer engine {supported_int_isas()}, binary engine "
@@ -193,14 +232,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("load before:", uptime(), flush=True)
     x, y, source = load_images(args.images, args.data)
     float_net = seeded(C.FLOAT_NET, x, y, args.steps)
-    nets = {f: seeded(f"cifar10_{f}_resnet23_prediction", x, y, args.steps) for f in fams}
+    nets = {f: trained(f, runs[f]) if f in runs
+            else seeded(f"cifar10_{f}_resnet23_prediction", x, y, args.steps) for f in fams}
+    origin = {f: (f"trained: {nets[f].fewbits_source['path']}" if f in runs
+                  else f"seeded by {args.steps} Adam steps") for f in fams}
+    with torch.inference_mode():
+        acc = {f: float((torch.cat([nets[f](x[i:i + 250]) for i in range(0, x.shape[0], 250)])
+                         .argmax(1) == y).float().mean()) for f in fams}
+    for f in fams:
+        print(f"net {f}: {origin[f]}; PyTorch top-1 accuracy on the {x.shape[0]} images "
+              f"{acc[f]:.4f}", flush=True)
     protos = {"float": to_onnx(float_net)[0]}
     # PTQ input: batch norm folded into the float convs (what quantize_static's pre-processing
     # does), so that it quantizes Conv -> Relu, not batch norm on its own
     protos["ptq"] = ptq_int8(to_onnx(float_net, fuse=True)[0], x[:64])
     isa = {"int": supported_int_isas(), "binary": supported_isas()}
     result: dict[str, Any] = {"env": env, "command": sys.argv, "isa": isa, "images": source,
-                              "args": vars(args), "configs": [], "load": [uptime()]}
+                              "nets": origin, "accuracy": acc, "args": vars(args), "configs": [],
+                              "load": [uptime()]}
     for threads in args.threads:
         torch.set_num_threads(threads)
         notes: list[str] = []

@@ -107,18 +107,32 @@ def test_quantizer_ops_main_tiny(threads, capsys):
     assert "fixed_point" in capsys.readouterr().out
 
 
+def _model_file(path, name, seed):
+    from fewbits import checkpoint
+    from fewbits.models import create_model
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_file(path, checkpoint.model_file_payload(create_model(name).eval()))
+    return path
+
+
 def test_deploy_main_tiny(tmp_path):
     # a subprocess: OpenVINO's worker threads must not live on in the test process (a SIGTERM
     # raised there later, as the CLI interrupt tests do, would crash it)
     out_json = tmp_path / "deploy.json"
+    run = _model_file(tmp_path / "run" / "model_best.pt", "cifar10_fp_net_resnet23_prediction", 5)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(BENCH)}
     p = subprocess.run([sys.executable, os.path.join(BENCH, "deploy.py"), "--rounds", "1",
                         "--batch", "2", "--threads", "1", "--nets", "fp_net", "--images", "8",
+                        "--run", f"fp_net={run.parent}",
                         "--steps", "0", "--data", "/nonexistent", "--json", str(out_json)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "load before:" in p.stdout and "load average" in p.stdout  # the machine load
     res = json.loads(out_json.read_text())
+    assert res["nets"] == {"fp_net": f"trained: {run}"}  # the run folder's model file, not seeds
+    assert 0.0 <= res["accuracy"]["fp_net"] <= 1.0
     assert res["images"].startswith("synthetic")
     (cfg,) = res["configs"]
     assert (cfg["threads"], cfg["batch"]) == (1, 2)
@@ -130,6 +144,22 @@ def test_deploy_main_tiny(tmp_path):
     agree = cfg["agreement"]["fewbits fp_net ort"]
     assert 0.0 <= agree["top1_agreement"] <= 1.0 and agree["max_rel_logit_diff"] >= 0
     assert cfg["auto"]["fp_net"] in ("int", "openvino", "ort-checked", "ort", "torch")
+
+
+def test_deploy_run_option_refuses(tmp_path):
+    import deploy
+
+    fams = ["fp_net", "min_max"]
+    assert deploy.parse_runs(["min_max=a/b=c"], fams) == {"min_max": "a/b=c"}
+    for bad, msg in ((["fp_net"], "FAMILY=PATH"), (["binary_net=x"], "not among --nets"),
+                     (["fp_net=x", "fp_net=y"], "twice")):
+        with pytest.raises(SystemExit, match=msg):
+            deploy.parse_runs(bad, fams)
+    with pytest.raises(SystemExit, match="no such file"):
+        deploy.trained("fp_net", str(tmp_path / "missing"))
+    other = _model_file(tmp_path / "lenet.pt", "mnist_fp_net_mlp", 0)
+    with pytest.raises(SystemExit, match="not 'cifar10_fp_net_resnet23_prediction'"):
+        deploy.trained("fp_net", str(other))  # another net of the family: refused, not timed
 
 
 def test_binary_engine_main_tiny(threads, tmp_path, capsys):

@@ -299,6 +299,36 @@ def _flipping(ctx):
     return run
 
 
+def test_planner_times_candidates_by_turns_and_keeps_each_ones_fastest_call(monkeypatch):
+    # a shared machine: the faster backend is descheduled (+60 ms) during 2 of its first 3
+    # timed calls; the median of 3 calls in a row picked the slower one
+    import time
+
+    from fewbits.runtime import planner
+
+    m = _trained("mnist_fp_net_mlp", steps=0, width=16)
+    calls = {"fast": 0, "steady": 0}
+
+    def backend(name, ms, burst):
+        def make(ctx):
+            exact = planner.CANDIDATES["torch"](ctx)
+
+            def run(x):
+                calls[name] += 1
+                time.sleep((ms + (60 if calls[name] in burst else 0)) / 1e3)
+                return exact(x)
+            return run
+        return make
+
+    monkeypatch.setitem(planner.CANDIDATES, "fast", backend("fast", 2, {3, 4}))
+    monkeypatch.setitem(planner.CANDIDATES, "steady", backend("steady", 30, set()))
+    monkeypatch.setattr(planner, "EXACT", planner.EXACT | {"fast", "steady"}, raising=False)
+    fast = compile_for_cpu(m, candidates=("steady", "fast"), batch_size=8)
+    assert fast.backend == "fast", fast.notes
+    assert fast.timings["fast"] < 0.03 <= fast.timings["steady"]
+    assert calls["fast"] == 2 + planner.TIMING_ROUNDS  # probe, first call, the rounds
+
+
 def test_planner_drops_a_backend_whose_top1_disagrees_and_says_why(monkeypatch):
     from fewbits.runtime import planner
 

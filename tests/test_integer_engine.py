@@ -5,6 +5,7 @@ clear refusal (then the planner's fallback) for an operation it does not cover."
 from __future__ import annotations
 
 import numpy as np
+import oracle as O
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,14 @@ from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
 from fewbits.models import create_model
 from fewbits.quantizers import FixedPoint, MinMax
 from fewbits.runtime import compile_for_cpu
-from fewbits.runtime.integer import INT_ISA_ENV, INT_ISAS, IntegerEngine, supported_int_isas
+from fewbits.runtime.integer import (
+    INT_ISA_ENV,
+    INT_ISAS,
+    IntegerEngine,
+    _lib,
+    _ptr,
+    supported_int_isas,
+)
 from fewbits.runtime.integer_plan import Conv, pack_u8
 from fewbits.runtime.integer_walk import compile_program
 from fewbits.runtime.planner import QUANTIZED_RTOL
@@ -97,6 +105,24 @@ def test_u8_int16_lane_sums_are_widened_before_they_could_wrap() -> None:
     k[3, 4, 0, 0], k[3, 5, 0, 0] = 0, 0
     k[5, 2, 0, 0] = 1  # lane 1 of quad 0: a different lane, chunks of 4 stay exact
     assert pack_u8(k, 1, 255)[2] == 4
+
+
+def test_rounding_half_away_on_ties_and_their_neighbours_on_every_isa() -> None:
+    # the AVX2 paths round |t| as trunc(t + 0.49999997f): exact ties (k + 0.5), the floats
+    # next to them, large and negative values, against the oracle (a float sum step rounds)
+    codes = np.arange(-32768, 32768, dtype=np.int16)
+    nudge = np.tile(np.array([-1, 0, 1], np.int16), len(codes) // 3 + 1)[:len(codes)]
+    half = np.float32(0.5)
+    for f0, f1 in ((half, 0.0), (np.nextafter(half, 0), 0.0), (np.nextafter(half, 1), 0.0),
+                   (half, 2.0**-22), (1.5, 2.0**-12), (0.1, 0.0), (0.3, 0.7)):
+        f0, f1 = np.float32(f0), np.float32(f1)
+        v = codes.astype(np.float32) * f0 + nudge.astype(np.float32) * f1
+        want = np.clip(O.round_half_away(v), -32768, 32767).astype(np.int16)
+        for isa in ISAS_HERE:
+            y = np.empty_like(codes)
+            _lib().fbi_add(INT_ISAS.index(isa), codes.size, _ptr(codes), _ptr(nudge), f0, f1,
+                           -32768, 32767, _ptr(y))
+            assert np.array_equal(y, want), (isa, f0, f1)
 
 
 def test_min_max_resnet23_fresh_and_trained_looking() -> None:

@@ -246,12 +246,13 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
         e->int_clamp = !(raw_code(a->clo, a) >= a->klo && raw_code(a->chi, a) <= a->khi);
 }
 
-/* |t| rounded half away from zero, as int32 (t finite, |t| < 2^31) */
+/* t >= 0 rounded half away from zero, as int32 (t finite, t < 2^31): trunc(t + h), h the
+ * float just below 0.5. The sum rounds to nearest even; for every float t in [0, 2^31) this
+ * equals rint(t) plus one on exact ties (checked over all 1.3e9 of them: below a tie t + h
+ * stays under the next integer, at a tie it rounds up to it; tests check the boundary
+ * cases). Two operations instead of five. */
 AVX2 static inline __attribute__((always_inline)) __m256i rha_abs(__m256 at) {
-    __m256 r = _mm256_round_ps(at, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(at, r), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
-    /* a tie rounded to even went down: one more (the mask is -1) */
-    return _mm256_sub_epi32(_mm256_cvttps_epi32(r), _mm256_castps_si256(tie));
+    return _mm256_cvttps_epi32(_mm256_add_ps(at, _mm256_set1_ps(0x1.fffffep-2f)));
 }
 
 /* the epilogue of 8 channels n .. n+7 from 8 int32 / float sums, vectorised; `cnt` < 8 stores
@@ -353,14 +354,18 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e,
 AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
     const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
     __m256 v[2 * R];
-    __m256i k0 = _mm256_setzero_si256(), k1 = k0;
     if (e->corr) {
-        k0 = _mm256_loadu_si256((const __m256i *)(e->corr + n));
-        k1 = _mm256_loadu_si256((const __m256i *)(e->corr + n + 8));
-    }
-    for (int r = 0; r < R; r++) {
-        v[2 * r] = _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0));
-        v[2 * r + 1] = _mm256_cvtepi32_ps(_mm256_add_epi32(c1[r], k1));
+        __m256i k0 = _mm256_loadu_si256((const __m256i *)(e->corr + n));
+        __m256i k1 = _mm256_loadu_si256((const __m256i *)(e->corr + n + 8));
+        for (int r = 0; r < R; r++) {
+            v[2 * r] = _mm256_cvtepi32_ps(_mm256_add_epi32(c0[r], k0));
+            v[2 * r + 1] = _mm256_cvtepi32_ps(_mm256_add_epi32(c1[r], k1));
+        }
+    } else { /* no zero-point correction: no add of zeros */
+        for (int r = 0; r < R; r++) {
+            v[2 * r] = _mm256_cvtepi32_ps(c0[r]);
+            v[2 * r + 1] = _mm256_cvtepi32_ps(c1[r]);
+        }
     }
     epi_tile(e, v, R, n, cnt, dst);
 }
