@@ -47,7 +47,8 @@ class Ternary(Quantizer):
     the formula is several reductions) returns the kept form with the same identity gradient,
     so however the weight changed (an optimizer, ``load_state_dict``, ``w.data.mul_``, which
     no version counter sees) the output follows it. ``train()`` and ``load_state_dict`` drop
-    them; ``torch.compile``, tracing and tensor subclasses never use them.
+    them; ``torch.compile``, tracing, ``torch.func`` transforms (``vmap``, ``grad``) and
+    tensor subclasses never use them.
 
         >>> q = Ternary("twn", per_channel=False)
         >>> q(torch.tensor([[1.0, -0.1, -2.0, 0.5]]))
@@ -136,7 +137,8 @@ class Ternary(Quantizer):
         if self.mode == "ttq":
             return tern.ttq(w, self.wp, self.wn, self.threshold, self.per_channel)
         if self.training or type(w) not in (Tensor, nn.Parameter) or w.is_meta or \
-                torch.compiler.is_compiling() or torch.jit.is_tracing():
+                torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+                torch._C._functorch.is_functorch_wrapped_tensor(w):  # vmap/grad: per call
             return self._formula(w)
         kept = self._kept
         if kept is None or kept[0].shape != w.shape or kept[0].dtype != w.dtype or \
