@@ -112,6 +112,9 @@ def _after_relu(model: nn.Module, node: Any, order: dict, before: int) -> bool:
     else:
         return False
     src = chain[-1].args[0] if chain[-1].args else None  # an in-place ReLU's input aliases it
+    if isinstance(src, fx.Node):  # (whatever made it: conv(x) in relu(conv(x), inplace=True))
+        chain.append(src)
+        src = src.args[0] if src.args and src.op != "call_module" else None
     while isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and \
             src.target not in _FRESH:
         chain.append(src)

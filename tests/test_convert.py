@@ -421,6 +421,10 @@ class _Rectified(nn.Module):
             z += -5.0
         elif self.how == "inplace_module":
             self.t(y)
+        elif self.how == "input_of_inplace_relu":  # y is h's memory
+            h = self.fc1(x)
+            y = torch.relu_(h)
+            h.sub_(1)
         elif self.how == "eval_branch" and not self.training:
             y = y - 1
         if self.how == "attention":  # query rectified, key and value not
@@ -429,7 +433,8 @@ class _Rectified(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["sub_", "view_mul_", "iadd_alias", "inplace_module",
-                                 "eval_branch", "hook", "pre_hook", "attention"])
+                                 "input_of_inplace_relu", "eval_branch", "hook", "pre_hook",
+                                 "attention"])
 def test_lsq_inputs_stay_signed_where_the_relu_output_is_changed_unseen(how):
     """An unsigned quantizer clips negatives to 0 without a word: a ReLU output written in
     place (directly, through a view or an alias, by an inplace module), changed by a hook,
