@@ -128,6 +128,10 @@ class Ternary(Quantizer):
         self._kept = None  # kept for evaluation only
         return super().train(mode)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Ternary:
+        self._kept = None  # .to / .cpu / .half: no copy left behind on the old device
+        return super()._apply(fn, recurse)
+
     def _formula(self, w: Tensor) -> Tensor:
         if self.mode == "twn":
             return tern.twn(w, self.per_channel)
