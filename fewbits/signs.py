@@ -46,13 +46,14 @@ def _inplace(model: nn.Module, node: fx.Node) -> bool:
         return True
     if node.op == "call_module":
         m = model.get_submodule(str(node.target))
-        return bool(getattr(m, "inplace", False)) and not isinstance(m, _RELU_MODULES)
+        return bool(getattr(m, "inplace", False)) and \
+            not isinstance(m, _RELU_MODULES + _KEEP_MODULES)  # in place, yet sign-keeping
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op == "call_method" or (node.op == "call_function" and node.target not in _RELU_CALLS):
         if node.target in _AUGMENTED or node.target is operator.setitem or \
                 (str(name).endswith("_") and name not in ("relu_", "__getitem__")):
             return True
-    if node.op != "call_function" or node.target in _RELU_CALLS:
+    if node.op != "call_function" or node.target in _RELU_CALLS | _KEEP_CALLS:
         return False
     try:
         bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)

@@ -425,6 +425,8 @@ class _Rectified(nn.Module):
             h = self.fc1(x)
             y = torch.relu_(h)
             h.sub_(1)
+        elif self.how == "inplace_dropout":  # in place, but keeps the sign: still unsigned
+            y = F.dropout(y, 0.5, self.training, True)
         elif self.how == "eval_branch" and not self.training:
             y = y - 1
         if self.how == "attention":  # query rectified, key and value not
@@ -442,7 +444,8 @@ def test_lsq_inputs_stay_signed_where_the_relu_output_is_changed_unseen(how):
     m = quantize_(_Rectified(how), "lsq")
     layer = m.mha if how == "attention" else m.fc2
     assert layer.input_quantizer.signed
-    assert not quantize_(_Rectified("plain"), "lsq").fc2.input_quantizer.signed
+    for kept in ("plain", "inplace_dropout"):
+        assert not quantize_(_Rectified(kept), "lsq").fc2.input_quantizer.signed
 
 
 def test_top_level_api():
