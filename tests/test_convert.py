@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -446,6 +447,23 @@ def test_lsq_inputs_stay_signed_where_the_relu_output_is_changed_unseen(how):
     assert layer.input_quantizer.signed
     for kept in ("plain", "inplace_dropout"):
         assert not quantize_(_Rectified(kept), "lsq").fc2.input_quantizer.signed
+
+
+def test_unsigned_lsq_warns_when_its_first_batch_is_negative():
+    """What fx cannot see (a forward that asks whether it is traced) leaves fc2 unsigned on
+    signed data: the first training batch says so instead of clipping negatives silently."""
+    class Traced(_Rectified):
+        def forward(self, x):
+            y = torch.relu(self.fc1(x))
+            return self.fc2(y if torch.fx._symbolic_trace.is_fx_tracing() else y - 1)
+
+    m = quantize_(Traced("plain"), "lsq").train()
+    assert not m.fc2.input_quantizer.signed
+    with pytest.warns(UserWarning, match="holds negative values .* clips to 0"):
+        m(torch.randn(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(_Rectified("plain"), "lsq").train()(torch.randn(8, 4))  # a ReLU: silent
 
 
 def test_top_level_api():
