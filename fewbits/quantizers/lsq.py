@@ -60,6 +60,8 @@ class LSQ(Quantizer):
     one's own optimizer): Adam normalises away ``g`` and would move a step of ~0.01 by ~lr
     per iteration, down to the floor, where the layer's output vanishes under the next batch
     norm's epsilon and training stops for good.
+    An unsigned quantizer (no offset) whose first tensor holds negative values warns: it
+    clips them to 0.
 
     Codes: ``k + Q_N`` in ``bits`` bits; affine form ``int_repr = k``, scale ``s``, zero point
     0 (without an offset: ``beta`` is a real number, not an integer zero point).
