@@ -300,8 +300,7 @@ def quantize_(model: nn.Module, config: Config, *,
         qoptim.add_to_optimizer(optimizer, [p for _, p in added])
     qoptim.require_companions([p for p in model.parameters() if id(p) in before], added)
     disable_fast_paths(model)
-    record_for_save_pretrained(model, config, skip, embeddings=embeddings,
-                               quantize_input=quantize_input)
+    record_for_save_pretrained(model, config, skip, embeddings, quantize_input)
     return model
 
 

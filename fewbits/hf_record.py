@@ -26,7 +26,7 @@ HF_QUANT_METHOD = "fewbits"
 
 
 def record_for_save_pretrained(model: nn.Module, config: Any,
-                               skip: str | Sequence[str] | None, *, embeddings: bool = False,
+                               skip: str | Sequence[str] | None, embeddings: bool = False,
                                quantize_input: bool = False) -> None:
     """Make a transformers ``PreTrainedModel`` that :func:`quantize_` converted save as what
     it is: its quantizers' extra state goes into the weights file as tensors (safetensors holds
