@@ -85,6 +85,11 @@ def _mutated(model: nn.Module, seeds: list[fx.Node], order: dict, before: int) -
     return False
 
 
+def _positive(divisor: Any) -> bool:
+    """Whether average pooling's ``divisor_override`` keeps the sign (a negative one flips it)."""
+    return divisor is None or (isinstance(divisor, int) and divisor > 0)
+
+
 def _hooked(m: nn.Module) -> bool:
     """Whether ``m`` runs hooks that fx does not trace (they may change what it computes)."""
     return bool(m._forward_hooks or m._forward_pre_hooks)
@@ -99,7 +104,8 @@ def _after_relu(model: nn.Module, node: Any, order: dict, before: int) -> bool:
         chain.append(node)
         if node.op == "call_module":
             m = model.get_submodule(str(node.target))
-            if _hooked(m) or not isinstance(m, _RELU_MODULES + _KEEP_MODULES):
+            if _hooked(m) or not isinstance(m, _RELU_MODULES + _KEEP_MODULES) or \
+                    not _positive(getattr(m, "divisor_override", None)):
                 return False
             if isinstance(m, _RELU_MODULES):
                 break
@@ -108,6 +114,9 @@ def _after_relu(model: nn.Module, node: Any, order: dict, before: int) -> bool:
             break
         elif not ((node.op == "call_function" and node.target in _KEEP_CALLS) or
                   (node.op == "call_method" and node.target in _KEEP_METHODS)):
+            return False
+        elif node.target is torch.nn.functional.avg_pool2d and not _positive(node.kwargs.get(
+                "divisor_override", node.args[6] if len(node.args) > 6 else None)):
             return False
         node = node.args[0] if node.args else None
     else:

@@ -428,6 +428,8 @@ class _Rectified(nn.Module):
             h.sub_(1)
         elif self.how == "inplace_dropout":  # in place, but keeps the sign: still unsigned
             y = F.dropout(y, 0.5, self.training, True)
+        elif self.how == "negative_divisor":  # average pooling that flips the sign
+            y = F.avg_pool2d(y.view(-1, 1, 2, 2), 1, divisor_override=-1).flatten(1)
         elif self.how == "eval_branch" and not self.training:
             y = y - 1
         if self.how == "attention":  # query rectified, key and value not
@@ -436,8 +438,8 @@ class _Rectified(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["sub_", "view_mul_", "iadd_alias", "inplace_module",
-                                 "input_of_inplace_relu", "eval_branch", "hook", "pre_hook",
-                                 "attention"])
+                                 "input_of_inplace_relu", "negative_divisor", "eval_branch",
+                                 "hook", "pre_hook", "attention"])
 def test_lsq_inputs_stay_signed_where_the_relu_output_is_changed_unseen(how):
     """An unsigned quantizer clips negatives to 0 without a word: a ReLU output written in
     place (directly, through a view or an alias, by an inplace module), changed by a hook,
