@@ -22,7 +22,7 @@ Where activations are quantized (one placement for every model, zoo or not): the
 quantizer quantizes what each converted layer reads, except the raw model input (the first converted
 layer in module order when no embedding comes before it) unless ``quantize_input=True``; LSQ's is
 unsigned where the layer reads a ReLU's output (the fx graph,
-:func:`~fewbits.layer_kinds.nonnegative_inputs`), else signed, unless its spec says. Weight grids
+:func:`~fewbits.signs.nonnegative_inputs`), else signed, unless its spec says. Weight grids
 start from the weights: min-max ranges from their min and max, fixed point's ``delta`` and pow2's
 ``m`` (largest level ``2**m``) from their largest magnitude, unless the config gives them
 (``family_config("fp_connect", delta=2**-7)``).
@@ -55,7 +55,6 @@ from .layer_kinds import (
     QuantMultiheadAttention,
     disable_fast_paths,
     layer_kind,
-    nonnegative_inputs,
     quantization_report,
 )
 from .layers import QuantAct, QuantLayer, QuantLinear, quant_layers
@@ -63,6 +62,7 @@ from .models.families import QuantConfig, family
 from .quantizers import Quantizer, get
 from .quantizers import optim as qoptim
 from .quantizers.base import fitted_step
+from .signs import nonnegative_inputs
 
 __all__ = ["ROLES", "QuantizeReport", "calibrate", "disable_fast_paths", "family_config",
            "quantization_report", "quantize_"]
@@ -300,7 +300,7 @@ def quantize_(model: nn.Module, config: Config, *,
         qoptim.add_to_optimizer(optimizer, [p for _, p in added])
     qoptim.require_companions([p for p in model.parameters() if id(p) in before], added)
     disable_fast_paths(model)
-    record_for_save_pretrained(model, config, skip)
+    record_for_save_pretrained(model, config, skip, embeddings, quantize_input)
     return model
 
 

@@ -53,11 +53,16 @@ class FewbitsConfig(QuantizationConfigMixin):
 
     - ``config``: what :func:`fewbits.quantize_` took: a family name or a dict of quantizer
       specs by role (JSON-able: names and dicts, no quantizer instances or callables);
-    - ``skip``: the layer names or patterns left in float.
+    - ``skip``: the layer names or patterns left in float;
+    - ``embeddings``, ``quantize_input``: ``quantize_``'s options, when set;
+    - ``then``: later ``quantize_`` calls on the same model (``{"config", "skip", ...}`` each),
+      replayed in order after the first.
     """
 
     def __init__(self, config: str | dict[str, Any] | None = None,
-                 skip: Sequence[str] | None = None, **kwargs: Any) -> None:
+                 skip: Sequence[str] | None = None, *, embeddings: bool = False,
+                 quantize_input: bool = False, then: Sequence[dict[str, Any]] | None = None,
+                 **kwargs: Any) -> None:
         self.quant_method = METHOD
         if config is None:
             raise ValueError("FewbitsConfig: config (a family name or a dict of quantizer specs "
@@ -65,12 +70,29 @@ class FewbitsConfig(QuantizationConfigMixin):
         if not isinstance(config, (str, dict)):
             raise TypeError("FewbitsConfig: config must be a family name or a dict of quantizer "
                             f"specs by role (JSON-able), got {type(config).__name__}")
+        if not isinstance(embeddings, bool) or not isinstance(quantize_input, bool):
+            raise TypeError("FewbitsConfig: embeddings and quantize_input must be true or false")
         self.config = copy.deepcopy(config)
         self.skip = list(skip or [])
+        self.embeddings, self.quantize_input = embeddings, quantize_input
+        self.then = [FewbitsConfig(**step).to_dict() for step in then or []]  # each validated
+        for step in self.then:
+            if step.pop("then", None):
+                raise ValueError("FewbitsConfig: a step of then= holds its own then=")
+            step.pop("quant_method")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": METHOD, "config": copy.deepcopy(self.config),
-                "skip": list(self.skip)}
+        out = {"quant_method": METHOD, "config": copy.deepcopy(self.config),
+               "skip": list(self.skip)}
+        out.update({k: True for k in ("embeddings", "quantize_input") if getattr(self, k)})
+        if self.then:
+            out["then"] = copy.deepcopy(self.then)
+        return out
+
+    def steps(self) -> list[dict[str, Any]]:
+        """The ``quantize_`` calls to replay, in order: ``[{"config", "skip", ...}]``."""
+        first = {k: v for k, v in self.to_dict().items() if k not in ("quant_method", "then")}
+        return [first, *copy.deepcopy(self.then)]
 
 
 @register_quantizer(METHOD)
@@ -90,7 +112,14 @@ class FewbitsHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any
                                              ) -> nn.Module:
         cfg = self.quantization_config
-        quantize_(model, cfg.config, skip=cfg.skip or None)
+        hf_config = getattr(model, "config", None)
+        kept = getattr(hf_config, "quantization_config", None)
+        for step in cfg.steps():  # each call records itself again: keep the loaded record
+            quantize_(model, step["config"], skip=step["skip"] or None,
+                      embeddings=step.get("embeddings", False),
+                      quantize_input=step.get("quantize_input", False))
+        if hf_config is not None:
+            hf_config.quantization_config = kept
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any
@@ -122,6 +151,11 @@ def quantize_hf(model: nn.Module, config: str | dict[str, Any], *,
     skip_list = [skip] if isinstance(skip, str) else list(skip or [])
     qcfg = FewbitsConfig(config, skip_list)
     quantize_(model, config, skip=skip_list or None)  # sets the quantizers' tensor_extra_state
+    record = getattr(hf_config, "quantization_config", None)  # quantize_'s, with earlier calls
+    if isinstance(record, dict) and record.get("quant_method") == METHOD:
+        qcfg = FewbitsConfig(**{k: v for k, v in record.items() if k != "quant_method"})
+    elif isinstance(record, FewbitsConfig):
+        qcfg = record
     hf_config.quantization_config = qcfg
     model.hf_quantizer = FewbitsHfQuantizer(qcfg, pre_quantized=True)
     return model

@@ -26,7 +26,8 @@ HF_QUANT_METHOD = "fewbits"
 
 
 def record_for_save_pretrained(model: nn.Module, config: Any,
-                               skip: str | Sequence[str] | None) -> None:
+                               skip: str | Sequence[str] | None, embeddings: bool = False,
+                               quantize_input: bool = False) -> None:
     """Make a transformers ``PreTrainedModel`` that :func:`quantize_` converted save as what
     it is: its quantizers' extra state goes into the weights file as tensors (safetensors holds
     nothing else; INQ's counter and stage, fixed point's ``delta``), and ``config.json`` gets
@@ -35,6 +36,10 @@ def record_for_save_pretrained(model: nn.Module, config: Any,
     imported converts the new model the same way before its weights load (logits bit for bit);
     without it, transformers warns that it skips the unknown ``"fewbits"`` quantization.
     Before, such a model came back float, its quantizer state dropped as unexpected keys.
+
+    ``embeddings=True`` / ``quantize_input=True`` are recorded when set; a second
+    ``quantize_`` with another conversion is appended to the record's ``"then"`` list (the
+    first call's layers keep their quantizers, so the record replays the calls in order).
 
     Does nothing for other models, or where another library's ``quantization_config`` is set.
     A callable ``config`` cannot be written to ``config.json``: a ``UserWarning`` says so.
@@ -59,8 +64,20 @@ def record_for_save_pretrained(model: nn.Module, config: Any,
                       "back float; give quantize_ a family name or a dict of specs by role",
                       UserWarning, stacklevel=3)
         return
-    if method == HF_QUANT_METHOD and not isinstance(old, dict):
-        return  # fewbits.hf's FewbitsAny, set by quantize_hf: it holds the same record
-    hf_config.quantization_config = {
-        "quant_method": HF_QUANT_METHOD, "config": copy.deepcopy(config),
-        "skip": [skip] if isinstance(skip, str) else list(skip or [])}
+    step = {"config": copy.deepcopy(config),
+            "skip": [skip] if isinstance(skip, str) else list(skip or [])}
+    step.update({k: True for k, v in (("embeddings", embeddings),
+                                      ("quantize_input", quantize_input)) if v})
+    if old is None:
+        hf_config.quantization_config = {"quant_method": HF_QUANT_METHOD, **step}
+        return
+    record = old if isinstance(old, dict) else old.to_dict()  # fewbits.hf's FewbitsConfig
+    then = list(record.get("then") or [])
+    last = then[-1] if then else {k: v for k, v in record.items()
+                                  if k not in ("quant_method", "then")}
+    if last == step:  # the same call again converts nothing new
+        return
+    if isinstance(old, dict):
+        old["then"] = [*then, step]
+    else:
+        old.then = [*then, step]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .layers import QuantConv1d, QuantConv2d, QuantLayer, QuantLinear, Spec, quant_layers
@@ -35,7 +35,6 @@ __all__ = [
     "disable_fast_paths",
     "layer_kind",
     "layer_options",
-    "nonnegative_inputs",
     "quantization_report",
     "register_layer_kind",
 ]
@@ -354,70 +353,3 @@ def disable_fast_paths(model: nn.Module) -> None:
 def _no_fast_path(module: nn.Module, args: Any) -> None:
     """Forward pre-hook doing nothing: its presence keeps PyTorch's fused path off."""
     return None
-
-
-# What keeps an input >= 0 (the ReLUs) and what passes its sign through unchanged, read off an
-# fx graph by nonnegative_inputs.
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_CALLS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu6,
-               torch.nn.functional.relu_}
-_KEEP_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten,
-                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-_KEEP_CALLS = {torch.flatten, torch.reshape, torch.nn.functional.max_pool1d,
-               torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool1d,
-               torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool1d,
-               torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.dropout}
-_KEEP_METHODS = {"view", "reshape", "flatten", "contiguous"}
-
-
-def _after_relu(model: nn.Module, node: Any) -> bool:
-    """Whether fx ``node``'s value is a ReLU's output, through sign-keeping ops (pooling,
-    flatten, reshape, dropout)."""
-    while isinstance(node, fx.Node):
-        if node.op == "call_module":
-            m = model.get_submodule(str(node.target))
-            if isinstance(m, _RELU_MODULES):
-                return True
-            if not isinstance(m, _KEEP_MODULES):
-                return False
-        elif node.op == "call_function" and node.target in _RELU_CALLS:
-            return True
-        elif node.op == "call_method" and node.target in ("relu", "relu_"):
-            return True
-        elif not ((node.op == "call_function" and node.target in _KEEP_CALLS) or
-                  (node.op == "call_method" and node.target in _KEEP_METHODS)):
-            return False
-        node = node.args[0] if node.args else None
-    return False
-
-
-def nonnegative_inputs(model: nn.Module, names: list[str]) -> set[str]:
-    """Those of the layers ``names`` (module names in ``model``) whose every call reads a
-    ReLU's output (``nn.ReLU``/``ReLU6``, ``F.relu``, ``torch.relu``, ``x.relu()``), possibly
-    through pooling, flatten, reshape or dropout, which keep it ``>= 0``: their inputs can be
-    quantized unsigned. Read off the model's ``torch.fx`` graph (the layers and fewbits
-    layers kept as leaves); a model fx cannot trace gives the empty set (signed is then
-    chosen, which is never wrong, only a level poorer).
-
-        >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2), nn.Linear(2, 2))
-        >>> sorted(nonnegative_inputs(net, ["0", "2", "3"]))
-        ['2']
-    """
-    wanted = set(names)
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname in wanted or isinstance(m, QuantLayer) or \
-                super().is_leaf_module(m, qualname)
-
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # fx raises many kinds for data-dependent control flow
-        return set()
-    seen: dict[str, bool] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in wanted:
-            first = node.args[0] if node.args else node.kwargs.get("input")
-            seen[node.target] = seen.get(node.target, True) and _after_relu(model, first)
-    return {n for n, ok in seen.items() if ok}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -395,6 +396,76 @@ def test_lsq_activations_are_unsigned_where_the_layer_reads_a_relu():
         def forward(self, x):
             return super().forward(x) if x.sum() > 0 else super().forward(-x)
     assert quantize_(Branchy(), "lsq").conv2.input_quantizer.signed
+
+
+class _Rectified(nn.Module):
+    """fc2 reads torch.relu(fc1(x)) in the fx graph; ``how`` makes it signed at run time."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.fc1, self.r, self.fc2 = how, nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)
+        self.mha = nn.MultiheadAttention(4, 1, batch_first=True)
+        if how == "hook":  # fx does not trace hooks
+            self.r.register_forward_hook(lambda m, i, o: o - 1)
+        if how == "pre_hook":
+            self.fc2.register_forward_pre_hook(lambda m, a: (a[0] - 1,))
+        self.t = nn.Threshold(0.5, -1.0, inplace=True)
+
+    def forward(self, x):
+        y = self.r(self.fc1(x))
+        if self.how == "sub_":
+            y.sub_(1)
+        elif self.how == "view_mul_":
+            y.view(-1).mul_(-1)
+        elif self.how == "iadd_alias":  # fx records z += b as z + b
+            z = y
+            z += -5.0
+        elif self.how == "inplace_module":
+            self.t(y)
+        elif self.how == "input_of_inplace_relu":  # y is h's memory
+            h = self.fc1(x)
+            y = torch.relu_(h)
+            h.sub_(1)
+        elif self.how == "inplace_dropout":  # in place, but keeps the sign: still unsigned
+            y = F.dropout(y, 0.5, self.training, True)
+        elif self.how == "negative_divisor":  # average pooling that flips the sign
+            y = F.avg_pool2d(y.view(-1, 1, 2, 2), 1, divisor_override=-1).flatten(1)
+        elif self.how == "eval_branch" and not self.training:
+            y = y - 1
+        if self.how == "attention":  # query rectified, key and value not
+            return self.mha(y, x, x)[0]
+        return self.fc2(y)
+
+
+@pytest.mark.parametrize("how", ["sub_", "view_mul_", "iadd_alias", "inplace_module",
+                                 "input_of_inplace_relu", "negative_divisor", "eval_branch",
+                                 "hook", "pre_hook", "attention"])
+def test_lsq_inputs_stay_signed_where_the_relu_output_is_changed_unseen(how):
+    """An unsigned quantizer clips negatives to 0 without a word: a ReLU output written in
+    place (directly, through a view or an alias, by an inplace module), changed by a hook,
+    in eval mode only, or one of attention's inputs unrectified, must leave the layer signed."""
+    m = quantize_(_Rectified(how), "lsq")
+    layer = m.mha if how == "attention" else m.fc2
+    assert layer.input_quantizer.signed
+    for kept in ("plain", "inplace_dropout"):
+        assert not quantize_(_Rectified(kept), "lsq").fc2.input_quantizer.signed
+
+
+def test_unsigned_lsq_warns_when_its_first_batch_is_negative():
+    """What fx cannot see (a forward that asks whether it is traced) leaves fc2 unsigned on
+    signed data: the first training batch says so instead of clipping negatives silently."""
+    class Traced(_Rectified):
+        def forward(self, x):
+            y = torch.relu(self.fc1(x))
+            return self.fc2(y if torch.fx._symbolic_trace.is_fx_tracing() else y - 1)
+
+    m = quantize_(Traced("plain"), "lsq").train()
+    assert not m.fc2.input_quantizer.signed
+    with pytest.warns(UserWarning, match="holds negative values .* clips to 0"):
+        m(torch.randn(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(_Rectified("plain"), "lsq").train()(torch.randn(8, 4))  # a ReLU: silent
 
 
 def test_top_level_api():

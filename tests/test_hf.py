@@ -127,3 +127,54 @@ def test_plain_quantize_with_a_callable_config_warns_that_config_json_cannot_hol
     with pytest.warns(UserWarning, match="callable config cannot be written to config.json"):
         quantize_(model, lambda name, m: "binary_connect")
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def _two_calls(model):
+    from fewbits import quantize_
+
+    quantize_(model, "binary_net", skip=["classifier"])
+    quantize_(model, "ternary")  # the classifier only: the rest is binary_net already
+
+
+def _hf_then_plain(model):
+    from fewbits import quantize_
+
+    quantize_hf(model, "binary_net", skip=["classifier"])
+    quantize_(model, "ternary")
+
+
+def _plain_then_hf(model):
+    from fewbits import quantize_
+
+    quantize_(model, "binary_net", skip=["classifier"])
+    quantize_hf(model, "ternary")
+
+
+def _embeddings(model):
+    from fewbits import quantize_
+
+    quantize_(model, "binary_net", embeddings=True)
+
+
+@pytest.mark.parametrize("convert", [_embeddings, _two_calls, _hf_then_plain, _plain_then_hf])
+def test_what_quantize_did_comes_back_from_pretrained(convert, tmp_path):
+    # before, the record held the last call's config and skip only, and no embeddings=True:
+    # from_pretrained rebuilt the embeddings float, or every layer with the last family
+    torch.manual_seed(0)
+    model, x = bert()
+    convert(model)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+
+    def families(m):
+        return {n: type(q.weight_quantizer).__name__ for n, q in quant_layers(m)}
+    assert families(back) == families(model)
+    torch.testing.assert_close(_logits(back, x), _logits(model, x), rtol=0, atol=0)
+
+    def record(m):  # a dict or a FewbitsConfig, as transformers or fewbits left it
+        rec = m.config.quantization_config
+        rec = rec if isinstance(rec, dict) else rec.to_dict()
+        return FewbitsConfig(**{k: v for k, v in rec.items() if k != "quant_method"}).to_dict()
+    assert record(back) == record(model)
+    assert ("then" in record(model)) == (convert is not _embeddings)

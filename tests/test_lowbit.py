@@ -441,3 +441,17 @@ def test_ternary_eval_keeps_its_weights_form_and_follows_any_change(mode, monkey
     assert torch.allclose(layer.weight.grad, g)
     layer.train()
     assert layer.weight_quantizer._kept is None
+    layer.eval()(x)
+    layer.to(torch.float64)  # model.cpu() would otherwise keep a GPU copy of every weight
+    assert layer.weight_quantizer._kept is None
+    # torch.func: vmap over an ensemble of weights raised (no batching rule for aten::equal),
+    # and grad would keep a tensor of the transform in the quantizer
+    layer.float()
+    x = x.float()
+    ws = torch.randn(3, *layer.weight.shape)
+    ys = torch.func.vmap(lambda w: torch.func.functional_call(layer, {"weight": w}, (x,)))(ws)
+    for w, y in zip(ws, ys, strict=True):
+        assert torch.equal(y, torch.nn.functional.conv2d(x, formula(w, mode == "twn")))
+    torch.func.grad(lambda w: torch.func.functional_call(layer, {"weight": w}, (x,)).sum())(ws[0])
+    kept = layer.weight_quantizer._kept
+    assert kept is None or not torch._C._functorch.is_functorch_wrapped_tensor(kept[0])

@@ -37,6 +37,9 @@ MAX_HEADER_BYTES = 4 << 20  # the header JSON, inflated: ~200x a ResNet-23 heade
 MAX_JSON_DEPTH = 32  # nesting of the header JSON (a model's kwargs need < 5)
 MAX_TENSORS = 1 << 16  # entries in the tensor table
 MAX_NDIM = 8  # dimensions of a tensor's shape
+#: Product of a shape's non-zero dimensions: a zero-size tensor of shape [0, 2**70] holds no
+#: bytes, so no length check refuses it, but NumPy and PyTorch cannot even shape it.
+MAX_ELEMENTS = 1 << 48
 _RAW_DTYPES = (
     "float16",
     "float32",
@@ -99,10 +102,14 @@ def _shape_count(shape: Any) -> int:
     if not isinstance(shape, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise ValueError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+        raise ValueError(f"tensor shape must be a list of non-negative ints, got "
+                         f"{ascii(shape)[:120]}")
     if len(shape) > MAX_NDIM:
         raise ValueError(f"field 'shape' has {len(shape)} dimensions, the format allows "
                          f"{MAX_NDIM}")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # even with a 0 among them
+        raise ValueError(f"field 'shape' {ascii(shape)[:120]}: its non-zero dimensions "
+                         f"multiply to more than the format's {MAX_ELEMENTS} (2**48) elements")
     return math.prod(shape)
 
 

@@ -5,6 +5,7 @@ an option: the step (and offset) are parameters trained with the paper's scaled 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ class LSQ(Quantizer):
     one's own optimizer): Adam normalises away ``g`` and would move a step of ~0.01 by ~lr
     per iteration, down to the floor, where the layer's output vanishes under the next batch
     norm's epsilon and training stops for good.
+    An unsigned quantizer (no offset) whose first tensor holds negative values warns: it
+    clips them to 0.
 
     Codes: ``k + Q_N`` in ``bits`` bits; affine form ``int_repr = k``, scale ``s``, zero point
     0 (without an offset: ``beta`` is a real number, not an integer zero point).
@@ -121,6 +124,12 @@ class LSQ(Quantizer):
             self.beta.fill_(b)
         else:
             s = L.init_step(x, self.qp)
+            low = float(x.detach().min()) if not self.signed else 0.0  # once: the first batch
+            if low < 0:  # quantize_ chose unsigned where fx saw a ReLU the run did not apply
+                warnings.warn(f"LSQ(signed=False, {self.bits} bits): the first tensor it "
+                              f"quantizes holds negative values (min {low:.3g}), which it "
+                              "clips to 0; quantize this input signed (spec "
+                              '{"name": "lsq", "signed": True})', UserWarning, stacklevel=3)
         self.step.fill_(s)
         group = ddp_group()  # inside a DDP forward: every rank starts from rank 0's batch
         if group is not None:

@@ -47,7 +47,8 @@ class Ternary(Quantizer):
     the formula is several reductions) returns the kept form with the same identity gradient,
     so however the weight changed (an optimizer, ``load_state_dict``, ``w.data.mul_``, which
     no version counter sees) the output follows it. ``train()`` and ``load_state_dict`` drop
-    them; ``torch.compile``, tracing and tensor subclasses never use them.
+    them; ``torch.compile``, tracing, ``torch.func`` transforms (``vmap``, ``grad``) and
+    tensor subclasses never use them.
 
         >>> q = Ternary("twn", per_channel=False)
         >>> q(torch.tensor([[1.0, -0.1, -2.0, 0.5]]))
@@ -127,6 +128,10 @@ class Ternary(Quantizer):
         self._kept = None  # kept for evaluation only
         return super().train(mode)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Ternary:
+        self._kept = None  # .to / .cpu / .half: no copy left behind on the old device
+        return super()._apply(fn, recurse)
+
     def _formula(self, w: Tensor) -> Tensor:
         if self.mode == "twn":
             return tern.twn(w, self.per_channel)
@@ -136,7 +141,8 @@ class Ternary(Quantizer):
         if self.mode == "ttq":
             return tern.ttq(w, self.wp, self.wn, self.threshold, self.per_channel)
         if self.training or type(w) not in (Tensor, nn.Parameter) or w.is_meta or \
-                torch.compiler.is_compiling() or torch.jit.is_tracing():
+                torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+                torch._C._functorch.is_functorch_wrapped_tensor(w):  # vmap/grad: per call
             return self._formula(w)
         kept = self._kept
         if kept is None or kept[0].shape != w.shape or kept[0].dtype != w.dtype or \
