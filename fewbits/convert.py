@@ -22,10 +22,10 @@ Where activations are quantized (one placement for every model, zoo or not): the
 quantizer quantizes what each converted layer reads, except the raw model input (the first converted
 layer in module order when no embedding comes before it) unless ``quantize_input=True``; LSQ's is
 unsigned where the layer reads a ReLU's output (the fx graph,
-:func:`~fewbits.signs.nonnegative_inputs`), else signed, unless its spec says. Weight grids
-start from the weights: min-max ranges from their min and max, fixed point's ``delta`` and pow2's
-``m`` (largest level ``2**m``) from their largest magnitude, unless the config gives them
-(``family_config("fp_connect", delta=2**-7)``).
+:func:`~fewbits.signs.nonnegative_inputs`), else signed, unless its spec says (the first batch warns
+if it holds negatives). Weight grids start from the weights: min-max ranges from their min and max,
+fixed point's ``delta`` and pow2's ``m`` (largest level ``2**m``) from their largest magnitude,
+unless the config gives them (``family_config("fp_connect", delta=2**-7)``).
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
@@ -233,8 +233,7 @@ def quantize_(model: nn.Module, config: Config, *,
         raise ValueError(f"{type(model).__name__} has no layer of a kind fewbits quantizes "
                          "(nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, HF Conv1D, "
                          "nn.Embedding)")
-    # a weight matrix of a module fewbits has no layer for (a root nn.Parameter the forward
-    # passes to F.linear) is named by its own name, as the report names it
+    # a weight of a module with no fewbits layer (a root nn.Parameter fed to F.linear): by name
     layers = {id(m) for *_, m in found}
     tensors = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
                if id(m) not in layers for pn, p in m.named_parameters(recurse=False)
@@ -269,9 +268,8 @@ def quantize_(model: nn.Module, config: Config, *,
             specs = {r: s for r, s in specs.items() if r in ("weight", "bias", "output")
                      and (r != "output" or kind.activations)}
         plan.append((name, module, kind, specs))
-    # LSQ inputs that leave "signed" out (the lsq family's): unsigned after a ReLU (the paper)
-    auto = {n: sp for n, *_, sp in plan if isinstance(sp.get("input"), dict)
-            and sp["input"].get("name") == "lsq" and "signed" not in sp["input"]}
+    auto = {n: sp for n, *_, sp in plan if isinstance(sp.get("input"), dict)  # LSQ inputs
+            and sp["input"].get("name") == "lsq" and "signed" not in sp["input"]}  # w/o signed
     unsigned = nonnegative_inputs(model, list(auto)) if auto else set()
     for n, sp in auto.items():
         sp["input"] = {**sp["input"], "signed": n not in unsigned}
@@ -279,6 +277,9 @@ def quantize_(model: nn.Module, config: Config, *,
     if problems:  # all or nothing: the model is left as it was
         raise ValueError("cannot quantize these layers (add them to skip= to keep them float):\n"
                          + "\n".join(f"  {p}" for p in problems))
+    for n, module, *_ in plan:  # unsigned on fx's word: the first batch checks it (LSQ)
+        if n in unsigned and id(module) in converted:  # (zoo's unsigned ones replace the ReLU)
+            converted[id(module)].input_quantizer.expects_nonnegative = True
     for _, parent, attr, module in occ:
         if id(module) in converted:  # a shared module gets the same layer everywhere
             setattr(parent, attr, converted[id(module)])
@@ -286,8 +287,7 @@ def quantize_(model: nn.Module, config: Config, *,
         warnings.warn(f"{', '.join(names)}: one scheduled quantizer (INQ) runs at each of these "
                       "places, so its schedule would count every forward that many times; call "
                       "fewbits.layers.count_optimizer_steps(model) before training and "
-                      "apply_weight_constraints(model) after each optimizer step", UserWarning,
-                      stacklevel=2)
+                      "apply_weight_constraints(model) after each optimizer step", stacklevel=2)
     try:
         _report(model, lambda n: skipped(n) or n in asked_float, strict, verbose)
     except ValueError:  # strict: the model is left as it was

@@ -71,6 +71,11 @@ class LSQ(Quantizer):
         tensor([-2.0000,  0.5000,  0.5000,  1.5000], grad_fn=<_LSQBackward>)
     """
 
+    #: Set by :func:`fewbits.quantize_` where it made this input unsigned because the fx graph
+    #: shows a ReLU before it: the first batch then warns if it holds negatives. The zoo's
+    #: unsigned quantizers replace the ReLU (they clip negatives by design) and leave it False.
+    expects_nonnegative = False
+
     def __init__(self, bits: int = 4, signed: bool = True, offset: bool = False,
                  init_step: float | None = None) -> None:
         super().__init__()
@@ -124,7 +129,8 @@ class LSQ(Quantizer):
             self.beta.fill_(b)
         else:
             s = L.init_step(x, self.qp)
-            low = float(x.detach().min()) if not self.signed else 0.0  # once: the first batch
+            check = self.expects_nonnegative and not self.signed  # once: the first batch
+            low = float(x.detach().min()) if check else 0.0
             if low < 0:  # quantize_ chose unsigned where fx saw a ReLU the run did not apply
                 warnings.warn(f"LSQ(signed=False, {self.bits} bits): the first tensor it "
                               f"quantizes holds negative values (min {low:.3g}), which it "
