@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import fields
 from pathlib import Path
@@ -303,7 +304,8 @@ def cpu_state_dict(model: nn.Module) -> dict[str, Any]:
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A file as is; a run folder -> its ``model_best.pt``, else ``model_final.pt``, else
-    ``checkpoint.pt``. Raises :class:`CheckpointError` when none exists, or when an
+    ``checkpoint.pt`` (a ``UserWarning`` when it takes ``model_best.pt`` of an unfinished run
+    whose ``checkpoint.pt`` is newer). Raises :class:`CheckpointError` when none exists, or when an
     ``--overwrite`` left the folder without a checkpoint of its new run
     (:func:`fewbits.runs.interrupted_overwrite`)."""
     path = Path(path)
@@ -317,11 +319,26 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
                 "it, or name a file of the new run")
         for name in _RUN_FILES:
             if (path / name).is_file():
+                _warn_if_unfinished(path, name)
                 return path / name
         raise CheckpointError(f"{path}: run folder without any of {list(_RUN_FILES)}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     return path
+
+
+def _warn_if_unfinished(folder: Path, chosen: str) -> None:
+    # An interrupted run has no model_final.pt, and its model_best.pt is the best model at the
+    # last validation, which may be iteration 0: taken without a word, a user evaluating or
+    # exporting the folder got an untrained net while checkpoint.pt held hours of training.
+    ckpt = folder / CHECKPOINT_NAME
+    if chosen != "model_best.pt" or (folder / "model_final.pt").is_file() or not ckpt.is_file():
+        return
+    if ckpt.stat().st_mtime > (folder / chosen).stat().st_mtime:
+        warnings.warn(f"{folder}: the run has not finished (no model_final.pt); using "
+                      f"model_best.pt, the best model at its last validation, while "
+                      f"{CHECKPOINT_NAME} is newer (trained further, not validated): name "
+                      f"{ckpt} to use that one", UserWarning, stacklevel=3)
 
 
 def build_model(payload: dict[str, Any], source: str | os.PathLike) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,20 @@ def test_run_folder_falls_back_to_final_then_checkpoint(run, tmp_path):
     (tmp_path / "checkpoint.pt").unlink()
     with pytest.raises(CheckpointError, match="run folder without"):
         resolve_model_path(tmp_path)
+
+
+def test_unfinished_run_folder_warns_that_its_checkpoint_is_newer(run, tmp_path):
+    # an interrupted run: model_best.pt from its last validation (iteration 0 here, say),
+    # checkpoint.pt written at the interrupt, no model_final.pt
+    for name in ("model_best.pt", "checkpoint.pt"):
+        (tmp_path / name).write_bytes((run / name).read_bytes())
+    os.utime(tmp_path / "model_best.pt", (1_000_000, 1_000_000))
+    with pytest.warns(UserWarning, match="checkpoint.pt is newer"):
+        assert resolve_model_path(tmp_path) == tmp_path / "model_best.pt"
+    (tmp_path / "model_final.pt").write_bytes((run / "model_final.pt").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # finished: model_best.pt is the run's answer
+        assert resolve_model_path(tmp_path) == tmp_path / "model_best.pt"
 
 
 def test_checkpoint_contents(run):
