@@ -38,7 +38,10 @@ CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"a
 FMA, nibble-table popcount; 1x1 layers of at most 127 input channels in byte lanes, one output
 channel per byte, and decisions on the mismatch count against thresholds precomputed here) and
 ``"generic"`` (portable C), picked at run time by cpuid; set
-``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread.
+``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread per call; several threads
+may call one engine at once (each gets its own scratch). The engine holds a copy of the
+weights and batch-norm statistics taken by :meth:`BinaryEngine.from_model`: a later change to
+the model does not reach it (build it again).
 
 Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
 ``fewbits.functional.finite_checks(False)`` they follow the unchecked model (``binary_tanh`` of
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -317,10 +321,19 @@ class BinaryEngine:
         size = _lib().fbb_workspace(self._layers, len(plan))
         if size < 0:
             raise ValueError("binary engine: malformed program (a layer's sizes)")
-        self._ws = np.empty(max(int(size), 1), np.uint32)  # scratch, allocated once
-        # what every call passes unchanged, resolved once
+        self._ws_words = max(int(size), 1)
+        # what every call passes unchanged, resolved once; the scratch is per thread (ctypes
+        # releases the GIL: two threads sharing one scratch overwrote each other's maps and
+        # returned wrong logits), allocated once for each thread that calls
         self._head = (ctypes.addressof(self._layers), len(plan), self._isa_id)
-        self._tail = (self._ws.ctypes.data, self._ws.size)
+        self._local = threading.local()
+        self._scratch()
+
+    def _scratch(self) -> tuple[int, int]:
+        """This thread's scratch ``(address, words)``, allocated on its first call."""
+        ws = np.empty(self._ws_words, np.uint32)
+        self._local.ws, self._local.tail = ws, (ws.ctypes.data, ws.size)
+        return self._local.tail
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
@@ -357,9 +370,13 @@ class BinaryEngine:
         out = torch.empty(n, self.num_classes)
         if n == 0:
             return out
+        try:
+            tail = self._local.tail
+        except AttributeError:  # this thread's first call
+            tail = self._scratch()
         # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
         rc = self._run(*self._head, x.data_ptr(), n, self._size, out.data_ptr(), out.numel(),
-                       int(checks_enabled()), *self._tail)
+                       int(checks_enabled()), *tail)
         if rc == -4:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "
