@@ -68,6 +68,8 @@ def leaf_error(got: Any, ref: Any) -> float:
         if not isinstance(a, Tensor) or a.shape != b.shape:
             return float("inf")
         if b.numel():
+            if b.dtype == torch.bool:  # a mask: any flip is the whole range (abs() refuses bool)
+                a, b = a.to(torch.int8), b.to(torch.int8)
             if a.is_floating_point() and not torch.equal(a.isnan(), b.isnan()):
                 return float("inf")  # NaN compares as no error in max(): refuse it here
             keep = ~b.isnan() if b.is_floating_point() else torch.ones_like(b, dtype=torch.bool)

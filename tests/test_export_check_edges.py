@@ -1,0 +1,40 @@
+"""Edges of the check ``to_onnx`` makes of every graph against PyTorch (QA of issue 22's
+merge): what the model returns (masks), and what export leaves of the caller's model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fewbits.export.onnx import to_onnx
+from fewbits.runtime.agreement import check_outputs, leaf_error
+
+pytest.importorskip("onnxruntime")
+
+
+class _Masks(nn.Module):
+    """Logits, a bool mask and an integer index: the leaves a model may return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.drop(self.bn(self.fc(x)))
+        return y, y > 0, y.argmax(1)
+
+
+def test_a_bool_output_is_checked_not_crashed_on() -> None:
+    """``abs()`` of a bool mask raised NotImplementedError: a correct graph was refused with a
+    crash. A mask is compared exactly: one flip is the whole range."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 8)
+    proto, _ = to_onnx(_Masks().eval(), x)  # checked against PyTorch, accepted
+    assert proto.graph.output[1].type.tensor_type.elem_type == 9  # BOOL
+    mask = torch.tensor([[True, False], [False, False]])
+    assert leaf_error(mask, mask.clone()) == 0.0
+    assert check_outputs(~mask, mask, 1e-3) is not None
+
