@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewbits.export.onnx import to_onnx
+from fewbits.export.onnx import compare_onnx, to_onnx
 from fewbits.runtime.agreement import check_outputs, leaf_error
 
 pytest.importorskip("onnxruntime")
@@ -38,3 +38,15 @@ def test_a_bool_output_is_checked_not_crashed_on() -> None:
     assert leaf_error(mask, mask.clone()) == 0.0
     assert check_outputs(~mask, mask, 1e-3) is not None
 
+
+def test_export_gives_a_model_in_train_mode_back_in_train_mode() -> None:
+    """Exporting mid-training switched the caller's model to eval for good: training went on
+    with frozen batch-norm statistics and no dropout, silently. The graph is the eval form."""
+    torch.manual_seed(0)
+    m = _Masks().train()
+    m.drop.eval()  # a module the caller keeps in eval stays so
+    x = torch.rand(4, 8)
+    proto, _ = to_onnx(m, x)
+    assert m.training and m.bn.training and not m.drop.training
+    assert compare_onnx(m, proto, x)["max_rel"] < 1e-5  # eval form, deterministic
+    assert m.training and m.bn.training
