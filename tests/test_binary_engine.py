@@ -3,8 +3,10 @@ machine can run, the folded file and its size."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -226,8 +228,14 @@ def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match="float32"):
         engine(torch.zeros(2, 784, dtype=torch.float64))
     assert engine(torch.zeros(0, 784)).shape == (0, 10)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="got numpy.ndarray .torch.from_numpy"):
         engine(np.zeros((2, 784), np.float32))
+    with pytest.raises(ValueError, match="meta tensor"):
+        engine(torch.zeros(2, 784, device="meta"))
+    for copy_of in (copy.deepcopy, lambda e: pickle.loads(pickle.dumps(e))):
+        with pytest.raises(TypeError, match="cannot be pickled.*load_engine"):
+            copy_of(engine)
+    assert torch.equal(copy.copy(engine)(x := _dyadic(3, (784,))), engine(x))
     # the C program reads the memory in order: a strided view is copied, not misread
     x = _dyadic(3, (784,))
     want = engine(x)

@@ -63,6 +63,7 @@ import ctypes
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -335,6 +336,19 @@ class BinaryEngine:
         self._local.ws, self._local.tail = ws, (ws.ctypes.data, ws.size)
         return self._local.tail
 
+    def __copy__(self) -> BinaryEngine:  # shares the program (scratch stays per thread)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce__(self) -> Any:
+        # the program holds addresses into this process's memory: ctypes' own refusal named
+        # pointers, not what to do
+        raise TypeError("a BinaryEngine cannot be pickled or deep-copied (it holds native "
+                        "addresses); keep the model (BinaryEngine.from_model) or its folded "
+                        ".fewbits file (export_packed(..., fold_bn=True), "
+                        "binary_file.load_engine) and build the engine again")
+
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
                    input_size: tuple[int, int] | None = None,
@@ -355,8 +369,11 @@ class BinaryEngine:
 
     def __call__(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dtype != torch.float32:
-            raise TypeError(f"the binary engine takes a float32 tensor, got "
-                            f"{getattr(x, 'dtype', type(x))}")
+            got = x.dtype if isinstance(x, Tensor) else \
+                f"{type(x).__module__}.{type(x).__name__} (torch.from_numpy converts an array)"
+            raise TypeError(f"the binary engine takes a float32 torch tensor, got {got}")
+        if x.is_meta:
+            raise ValueError("the binary engine computes on data: a meta tensor has none")
         shape = x.shape
         ok = (shape[1:] == self.in_shape if len(self.in_shape) == 3
               else len(shape) >= 2 and math.prod(shape[1:]) == self._size)
