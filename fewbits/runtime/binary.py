@@ -32,7 +32,10 @@ test_binary_engine.py`` checks both cases. The float epilogue equals PyTorch's b
 for bit where PyTorch's CPU kernel contracts it to an FMA (x86-64 builds with AVX2 or
 AVX-512), within one rounding elsewhere; a float-map value within rounding of 0 can then
 binarize the other way (the planner's agreement check covers it). All ISA paths are
-bit-identical to each other.
+bit-identical to each other where the stem's weights are +-1 or its products exact (images
+``k / 256`` with 8-bit weights); with other float stem weights (a float or fixed-point first
+convolution) the AVX2 / AVX-512 stems sum with FMA and the portable one rounds each product,
+so a stem sum may differ by float rounding between paths (each within the tolerance above).
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
 FMA, nibble-table popcount; 1x1 layers of at most 127 input channels in byte lanes, one output
