@@ -50,3 +50,16 @@ def test_export_gives_a_model_in_train_mode_back_in_train_mode() -> None:
     assert m.training and m.bn.training and not m.drop.training
     assert compare_onnx(m, proto, x)["max_rel"] < 1e-5  # eval form, deterministic
     assert m.training and m.bn.training
+
+
+def test_an_inf_in_the_reference_does_not_hide_other_differences() -> None:
+    """An inf in PyTorch's output made the range inf: every other difference scored 0, and -inf
+    or a finite value in its place passed, so the check accepted any graph. Non-finite values
+    must match exactly; the finite ones are measured on their own range."""
+    inf, nan = float("inf"), float("nan")
+    ref = torch.tensor([[inf, 1.0, 2.0], [nan, -inf, 3.0]])
+    assert leaf_error(ref.clone(), ref) == 0.0  # the model's own inf and NaN, reproduced
+    for wrong in ([[inf, 5.0, -7.0], [nan, -inf, 3.0]], [[-inf, 1.0, 2.0], [nan, -inf, 3.0]],
+                  [[1e30, 1.0, 2.0], [nan, -inf, 3.0]], [[inf, 1.0, 2.0], [-inf, nan, 3.0]]):
+        assert check_outputs(torch.tensor(wrong), ref, 0.08) is not None, wrong
+    assert leaf_error(torch.tensor([[inf, 1.0, 2.003]]), ref[:1]) == pytest.approx(1.5e-3, rel=0.01)
