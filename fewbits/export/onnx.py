@@ -377,7 +377,8 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     optimisations on the example input and must give PyTorch's outputs within the stated
     tolerance, else ``ValueError`` (:func:`fewbits.export.onnx_run.check_graph`; one session and
     one run; noted in ``OnnxReport.notes`` and skipped where ``onnxruntime`` is not installed).
-    ``check=False`` writes the graph unchecked.
+    ``check=False`` writes the graph unchecked. The graph is the eval-mode forward; a model
+    passed in train mode is given back in train mode.
     """
     return to_onnx_forms(source, [(fuse, checked_sums)], example_inputs, opset=opset,
                          input_shape=input_shape, check=check)[0]
