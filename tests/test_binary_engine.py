@@ -3,8 +3,10 @@ machine can run, the folded file and its size."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -226,8 +228,14 @@ def test_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match="float32"):
         engine(torch.zeros(2, 784, dtype=torch.float64))
     assert engine(torch.zeros(0, 784)).shape == (0, 10)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="got numpy.ndarray .torch.from_numpy"):
         engine(np.zeros((2, 784), np.float32))
+    with pytest.raises(ValueError, match="meta tensor"):
+        engine(torch.zeros(2, 784, device="meta"))
+    for copy_of in (copy.deepcopy, lambda e: pickle.loads(pickle.dumps(e))):
+        with pytest.raises(TypeError, match="cannot be pickled.*load_engine"):
+            copy_of(engine)
+    assert torch.equal(copy.copy(engine)(x := _dyadic(3, (784,))), engine(x))
     # the C program reads the memory in order: a strided view is copied, not misread
     x = _dyadic(3, (784,))
     want = engine(x)
@@ -506,3 +514,27 @@ def test_shared_values_equal_pytorch_or_are_refused(kind: str) -> None:
         return
     with torch.no_grad():
         torch.testing.assert_close(eng(x), m(x), rtol=RTOL, atol=ATOL)
+
+
+def test_engine_called_from_several_threads_at_once() -> None:
+    """ctypes releases the GIL during the call: threads sharing one scratch buffer overwrote
+    each other's maps and got wrong logits. Each thread has its own."""
+    import threading
+
+    torch.manual_seed(8)
+    m = _converted(_OneByOne(33))
+    engine = BinaryEngine.from_model(m, input_shape=(3, 14, 14))
+    xs = [_dyadic(8, (3, 14, 14), seed=s) for s in range(4)]
+    want = [engine(x) for x in xs]  # one thread: PyTorch's (test above)
+    start, bad = threading.Barrier(len(xs)), []
+
+    def work(i: int) -> None:
+        start.wait()
+        bad.extend(i for _ in range(60) if not torch.equal(engine(xs[i]), want[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -211,6 +211,19 @@ def cached_exporter_registry() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _modes_kept(source: Any) -> Iterator[None]:
+    """Export runs the model in eval mode; a model given in train mode (exported mid-training)
+    gets its modules' train/eval flags back (it went on training with frozen batch-norm
+    statistics and no dropout, silently)."""
+    modes = [(m, m.training) for m in source.modules()] if isinstance(source, nn.Module) else []
+    try:
+        yield
+    finally:
+        for m, mode in modes if any(mode for _, mode in modes) else []:
+            m.train(mode)  # pre-order: a parent's call resets its children, set next
+
+
 def onnx_translations() -> dict[Any, Any]:
     """``{operator overload: ONNX Script function}`` for the operators of every registered
     family (:func:`fewbits.quantizers.base.family_translations`, each family's
@@ -364,7 +377,8 @@ def to_onnx(source: nn.Module | str | os.PathLike, example_inputs: Any = None, *
     optimisations on the example input and must give PyTorch's outputs within the stated
     tolerance, else ``ValueError`` (:func:`fewbits.export.onnx_run.check_graph`; one session and
     one run; noted in ``OnnxReport.notes`` and skipped where ``onnxruntime`` is not installed).
-    ``check=False`` writes the graph unchecked.
+    ``check=False`` writes the graph unchecked. The graph is the eval-mode forward; a model
+    passed in train mode is given back in train mode.
     """
     return to_onnx_forms(source, [(fuse, checked_sums)], example_inputs, opset=opset,
                          input_shape=input_shape, check=check)[0]
@@ -390,6 +404,14 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
         raise ValueError("checked_sums=True needs fuse=True")
     if isinstance(getattr(source, "_orig_mod", None), nn.Module):  # torch.compile's wrapper:
         source = source._orig_mod  # export the module it compiles (same parameters)
+    with _modes_kept(source):
+        return _forms(source, forms, example_inputs, opset, input_shape, check)
+
+
+def _forms(source: Any, forms: list[tuple[bool | str, bool]], example_inputs: Any, opset: int,
+           input_shape: tuple[int, ...] | None, check: bool) -> list[tuple[Any, OnnxReport]]:
+    import onnx
+
     model, codes = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     plain_report = OnnxReport("", spec["name"], opset)
@@ -450,7 +472,12 @@ def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
     and ONNX Runtime; return ``{"max_abs": max |difference| over every output leaf, "max_rel":
     max_abs / max |PyTorch output|, "top1_agreement": fraction of equal argmax of the first
     output's last axis}``."""
-    model, _ = resolve_source(source)
+    with _modes_kept(source):
+        model, _ = resolve_source(source)
+        return _compare(model, onnx_model, images)
+
+
+def _compare(model: nn.Module, onnx_model: Any, images: Any) -> dict[str, float]:
     if isinstance(images, Tensor) and images.is_floating_point():
         images = images.float()
     args, kwargs = ((images,), {}) if isinstance(images, Tensor) else \

@@ -98,7 +98,8 @@ def check_graph(proto: Any, model: nn.Module, args: tuple, kwargs: dict, ref: An
     except Exception as e:  # ONNX Runtime's reasons are many kinds; keep its message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"ONNX Runtime cannot run the {form} ONNX graph ({first[:300]}); "
-                         "pass check=False to write it unchecked") from None
+                         "pass check=False (fewbits export --no-check) to write it unchecked") \
+            from None
     if int(np.max(outs.get(SUM_PEAK, 0))) >= 255:  # a checked_sums graph's contract
         return (f"not checked against PyTorch: a residual sum saturated on the example input "
                 f"({SUM_PEAK} 255), where the caller recomputes with the unchecked graph")
@@ -107,9 +108,10 @@ def check_graph(proto: Any, model: nn.Module, args: tuple, kwargs: dict, ref: An
            for g, w in zip(got, want, strict=False)]
     why = check_outputs(got, want, relative_tolerance(model), "example input")
     if why is not None:
-        alt = "the plain form (fuse=False) or " if form != "plain" else ""
+        alt = "the plain form (fuse=False; fewbits export without --fuse) or " \
+            if form != "plain" else ""
         raise ValueError(f"the {form} ONNX graph is wrong under ONNX Runtime's default "
                          f"optimisations: {why}; use {alt}fewbits.runtime.compile_for_cpu, "
-                         "which runs a backend checked against PyTorch (check=False writes "
-                         "the graph anyway)")
+                         "which runs a backend checked against PyTorch (check=False, or "
+                         "fewbits export --no-check, writes the graph anyway)")
     return None

@@ -13,7 +13,9 @@
  *
  * The stem (float input, +-1 weights) accumulates the taps of each output channel in the
  * same order on every ISA (vectorized over output channels; x * +-1 is exact, so FMA or not
- * gives the same sums): all ISA paths give bit-identical results.
+ * gives the same sums): all ISA paths give bit-identical results with +-1 stem weights. Other
+ * float stem weights (a fixed-point or float first conv): the AVX2 / AVX-512 stems fuse each
+ * multiply-add, the portable one rounds the product first, so sums can differ by rounding.
  *
  * ISA paths: AVX-512 (F + VPOPCNTDQ), AVX2 (+FMA, nibble-table popcount as Mula et al.), and
  * portable C, each compiled with a target attribute in this one file and chosen at run time.
@@ -253,7 +255,8 @@ static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int o
 
 /* nb output pixels x 32 output channels per pass: each weight load feeds nb FMAs, and the
  * 4 nb accumulators are independent chains (FMA latency). Taps in the same order on every
- * path, so the sums are bit-identical to the portable path's. */
+ * path, so the sums are bit-identical to the portable path's where the products are exact
+ * (+-1 weights; the portable path does not fuse the multiply-add). */
 #define STEM2_NB 3
 __attribute__((target("avx2,fma"), always_inline))
 static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) {

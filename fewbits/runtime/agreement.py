@@ -68,9 +68,17 @@ def leaf_error(got: Any, ref: Any) -> float:
         if not isinstance(a, Tensor) or a.shape != b.shape:
             return float("inf")
         if b.numel():
-            if a.is_floating_point() and not torch.equal(a.isnan(), b.isnan()):
-                return float("inf")  # NaN compares as no error in max(): refuse it here
-            keep = ~b.isnan() if b.is_floating_point() else torch.ones_like(b, dtype=torch.bool)
+            if b.dtype == torch.bool:  # a mask: any flip is the whole range (abs() refuses bool)
+                a, b = a.to(torch.int8), b.to(torch.int8)
+            # NaN compares as no error in max(), and an inf in ``b`` made the range inf, so
+            # every other difference (and -inf for inf) scored 0: non-finite values must match
+            # exactly, the error is measured on the finite ones
+            keep = b.isfinite()
+            odd_a, odd_b = a[~keep], b[~keep]
+            if not torch.equal(keep, a.isfinite()) or \
+                    not torch.equal(odd_a.isnan(), odd_b.isnan()) or \
+                    not torch.equal(odd_a.nan_to_num(0.0), odd_b.nan_to_num(0.0)):
+                return float("inf")
             if not keep.any():
                 continue
             a, b = a[keep], b[keep]

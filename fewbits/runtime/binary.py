@@ -32,13 +32,19 @@ test_binary_engine.py`` checks both cases. The float epilogue equals PyTorch's b
 for bit where PyTorch's CPU kernel contracts it to an FMA (x86-64 builds with AVX2 or
 AVX-512), within one rounding elsewhere; a float-map value within rounding of 0 can then
 binarize the other way (the planner's agreement check covers it). All ISA paths are
-bit-identical to each other.
+bit-identical to each other where the stem's weights are +-1 or its products exact (images
+``k / 256`` with 8-bit weights); with other float stem weights (a float or fixed-point first
+convolution) the AVX2 / AVX-512 stems sum with FMA and the portable one rounds each product,
+so a stem sum may differ by float rounding between paths (each within the tolerance above).
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
 FMA, nibble-table popcount; 1x1 layers of at most 127 input channels in byte lanes, one output
 channel per byte, and decisions on the mismatch count against thresholds precomputed here) and
 ``"generic"`` (portable C), picked at run time by cpuid; set
-``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread.
+``FEWBITS_BINARY_ISA`` (or pass ``isa=``) to force one. One thread per call; several threads
+may call one engine at once (each gets its own scratch). The engine holds a copy of the
+weights and batch-norm statistics taken by :meth:`BinaryEngine.from_model`: a later change to
+the model does not reach it (build it again).
 
 Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
 ``fewbits.functional.finite_checks(False)`` they follow the unchecked model (``binary_tanh`` of
@@ -58,7 +64,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -317,10 +325,32 @@ class BinaryEngine:
         size = _lib().fbb_workspace(self._layers, len(plan))
         if size < 0:
             raise ValueError("binary engine: malformed program (a layer's sizes)")
-        self._ws = np.empty(max(int(size), 1), np.uint32)  # scratch, allocated once
-        # what every call passes unchanged, resolved once
+        self._ws_words = max(int(size), 1)
+        # what every call passes unchanged, resolved once; the scratch is per thread (ctypes
+        # releases the GIL: two threads sharing one scratch overwrote each other's maps and
+        # returned wrong logits), allocated once for each thread that calls
         self._head = (ctypes.addressof(self._layers), len(plan), self._isa_id)
-        self._tail = (self._ws.ctypes.data, self._ws.size)
+        self._local = threading.local()
+        self._scratch()
+
+    def _scratch(self) -> tuple[int, int]:
+        """This thread's scratch ``(address, words)``, allocated on its first call."""
+        ws = np.empty(self._ws_words, np.uint32)
+        self._local.ws, self._local.tail = ws, (ws.ctypes.data, ws.size)
+        return self._local.tail
+
+    def __copy__(self) -> BinaryEngine:  # shares the program (scratch stays per thread)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce__(self) -> Any:
+        # the program holds addresses into this process's memory: ctypes' own refusal named
+        # pointers, not what to do
+        raise TypeError("a BinaryEngine cannot be pickled or deep-copied (it holds native "
+                        "addresses); keep the model (BinaryEngine.from_model) or its folded "
+                        ".fewbits file (export_packed(..., fold_bn=True), "
+                        "binary_file.load_engine) and build the engine again")
 
     @classmethod
     def from_model(cls, model: nn.Module, *, isa: str | None = None,
@@ -342,8 +372,11 @@ class BinaryEngine:
 
     def __call__(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dtype != torch.float32:
-            raise TypeError(f"the binary engine takes a float32 tensor, got "
-                            f"{getattr(x, 'dtype', type(x))}")
+            got = x.dtype if isinstance(x, Tensor) else \
+                f"{type(x).__module__}.{type(x).__name__} (torch.from_numpy converts an array)"
+            raise TypeError(f"the binary engine takes a float32 torch tensor, got {got}")
+        if x.is_meta:
+            raise ValueError("the binary engine computes on data: a meta tensor has none")
         shape = x.shape
         ok = (shape[1:] == self.in_shape if len(self.in_shape) == 3
               else len(shape) >= 2 and math.prod(shape[1:]) == self._size)
@@ -357,9 +390,13 @@ class BinaryEngine:
         out = torch.empty(n, self.num_classes)
         if n == 0:
             return out
+        try:
+            tail = self._local.tail
+        except AttributeError:  # this thread's first call
+            tail = self._scratch()
         # The quantizers' NaN/inf switch (fewbits.functional.finite_checks), checked in C.
         rc = self._run(*self._head, x.data_ptr(), n, self._size, out.data_ptr(), out.numel(),
-                       int(checks_enabled()), *self._tail)
+                       int(checks_enabled()), *tail)
         if rc == -4:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "

@@ -181,7 +181,8 @@ def tolerance(model: nn.Module, backend: str) -> float:
 class Deployed:
     """A network ready to run: ``deployed(images) -> logits`` (float32 ``(N, C, H, W)``), or
     for another model ``deployed(*args, **kwargs)`` as the model is called, returning what it
-    returns."""
+    returns. Every backend but ``"torch"`` holds a copy of the model as it was when compiled: a
+    later change to its weights or statistics does not reach it (compile again)."""
 
     backend: str
     run: Runner
