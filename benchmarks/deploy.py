@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C
 
-from fewbits.export.onnx import onnx_session, to_onnx
+from fewbits.export.onnx import ResolvedSource, onnx_session, resolve_source, to_onnx_forms
 from fewbits.models import create_model
 from fewbits.runtime import CANDIDATES, compile_for_cpu
 from fewbits.runtime.binary import supported_isas
@@ -158,7 +158,7 @@ def _ort(proto: Any, threads: int):
     return lambda x: torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
 
 
-def runners(nets: dict[str, torch.nn.Module], float_net: torch.nn.Module, protos: dict[str, Any],
+def runners(nets: dict[str, ResolvedSource], float_net: torch.nn.Module, protos: dict[str, Any],
             threads: int, notes: list[str]) -> dict[str, Any]:
     """Every candidate at ``threads`` intra-op threads: name -> callable(images) -> logits."""
     out: dict[str, Any] = {}
@@ -242,10 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for f in fams:
         print(f"net {f}: {origin[f]}; PyTorch top-1 accuracy on the {x.shape[0]} images "
               f"{acc[f]:.4f}", flush=True)
-    protos = {"float": to_onnx(float_net)[0]}
     # PTQ input: batch norm folded into the float convs (what quantize_static's pre-processing
-    # does), so that it quantizes Conv -> Relu, not batch norm on its own
-    protos["ptq"] = ptq_int8(to_onnx(float_net, fuse=True)[0], x[:64])
+    # does), so that it quantizes Conv -> Relu, not batch norm on its own; both graphs from one
+    # export by PyTorch
+    (plain, _), (folded, _) = to_onnx_forms(float_net, [(False, False), (True, False)],
+                                           check=True)
+    protos = {"float": plain, "ptq": ptq_int8(folded, x[:64])}
+    # each net resolved once: its exports are built once and shared by every compile_for_cpu
+    sources = {f: resolve_source(m) for f, m in nets.items()}
     isa = {"int": supported_int_isas(), "binary": supported_isas()}
     result: dict[str, Any] = {"env": env, "command": sys.argv, "isa": isa, "images": source,
                               "nets": origin, "accuracy": acc, "args": vars(args), "configs": [],
@@ -253,10 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for threads in args.threads:
         torch.set_num_threads(threads)
         notes: list[str] = []
-        run = runners(nets, float_net, protos, threads, notes)
+        run = runners(sources, float_net, protos, threads, notes)
         picks = {f: compile_for_cpu(m, threads=threads, batch_size=64,
                                     candidates=tuple(CANDIDATES), probe_inputs=x[:64]).backend
-                 for f, m in nets.items()}
+                 for f, m in sources.items()}
         agree = agreement(nets, run, x)
         for b in args.batch:
             xb = x[:b] if b <= x.shape[0] else x.repeat(b // x.shape[0] + 1, 1, 1, 1)[:b]

@@ -165,6 +165,22 @@ def test_forced_backend_and_unknown_backend():
     assert export_compile_for_cpu(m, backend="ort").backend == "ort"
 
 
+def test_a_resolved_source_is_exported_once_for_every_backend(monkeypatch):
+    import fewbits.runtime.planner as planner
+    from fewbits.export.onnx import resolve_source
+
+    calls = []
+    real = planner.to_onnx_forms
+    monkeypatch.setattr(planner, "to_onnx_forms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = _trained("mnist_fp_net_mlp", steps=2, width=32)
+    src = resolve_source(m)
+    for backend in ("ort", "openvino", "ort"):
+        compile_for_cpu(src, backend=backend)
+    assert len(calls) == 1  # one export by PyTorch for every fused form of one resolved source
+    compile_for_cpu(m, backend="ort")  # a model (not its resolved source) is resolved anew
+    assert len(calls) == 2
+
+
 # --------------------------------------------------------------------------- issue 12, 6 and 7
 
 class _Act(nn.Module):

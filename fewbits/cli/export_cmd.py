@@ -123,7 +123,7 @@ def run_export(args: argparse.Namespace) -> int:
                           check=not args.no_check)
         print(rep.table())
         if not args.no_check:
-            m, _ = resolve_source(model)
+            m = resolve_source(model).model
             g = torch.Generator().manual_seed(0)
             x = torch.rand(32, *(shape or input_shape_of(m)), generator=g)
             c = compare_onnx(m, args.onnx, x)

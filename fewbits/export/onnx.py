@@ -119,15 +119,19 @@ def _file_codes(contents: tuple[dict, dict]) -> dict[str, tuple[Quantizer, Codes
 
 class ResolvedSource(NamedTuple):
     """A source resolved once: the model (eval mode) and its uniform weights' integer codes,
-    which every later step (ONNX export, each planner backend) reads; none reopens a file."""
+    which every later step (ONNX export, each planner backend) reads; none reopens a file.
+    ``exports``: the ONNX graphs :func:`fewbits.runtime.compile_for_cpu` built from it (by
+    form and input shape), reused by every later ``compile_for_cpu`` of this object, as the
+    codes are; resolve the model again after changing it."""
 
     model: nn.Module
     codes: dict[str, tuple[Quantizer, Codes]]
+    exports: dict[Any, Any]
 
 
 def resolve_file(path: str | os.PathLike, contents: tuple[dict, dict]) -> ResolvedSource:
     """A ``.fewbits`` file resolved from its ``(header, blobs)`` (``read_model_file``'s)."""
-    return ResolvedSource(load_packed(path, contents=contents), _file_codes(contents))
+    return ResolvedSource(load_packed(path, contents=contents), _file_codes(contents), {})
 
 
 def resolve_source(source: nn.Module | str | os.PathLike | ResolvedSource) -> ResolvedSource:
@@ -154,7 +158,7 @@ def resolve_source(source: nn.Module | str | os.PathLike | ResolvedSource) -> Re
                 q, p = getattr(layer, f"{role}_quantizer"), getattr(layer, role)
                 if q is not None and q.uniform and p is not None:
                     codes[f"{lname}.{role}"] = (q, q.encode(p.detach()))
-    return ResolvedSource(model, codes)
+    return ResolvedSource(model, codes, {})
 
 
 def _declared_shape(model: nn.Module) -> tuple[int, int, int] | None:
@@ -412,7 +416,7 @@ def _forms(source: Any, forms: list[tuple[bool | str, bool]], example_inputs: An
            input_shape: tuple[int, ...] | None, check: bool) -> list[tuple[Any, OnnxReport]]:
     import onnx
 
-    model, codes = resolve_source(source)
+    model, codes, _ = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     plain_report = OnnxReport("", spec["name"], opset)
     args, kwargs, images = _example(model, example_inputs, input_shape)
@@ -473,7 +477,7 @@ def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
     max_abs / max |PyTorch output|, "top1_agreement": fraction of equal argmax of the first
     output's last axis}``."""
     with _modes_kept(source):
-        model, _ = resolve_source(source)
+        model = resolve_source(source).model
         return _compare(model, onnx_model, images)
 
 

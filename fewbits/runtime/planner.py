@@ -56,7 +56,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..export.onnx import input_shape_of, resolve_source, to_onnx, to_onnx_forms
+from ..export.onnx import (
+    ResolvedSource,
+    input_shape_of,
+    resolve_source,
+    to_onnx,
+    to_onnx_forms,
+)
 from .agreement import (  # noqa: F401 (QUANTIZED_RTOL, FLOAT_RTOL: read from here too)
     FLOAT_RTOL,
     MIN_TOP1_AGREEMENT,
@@ -82,31 +88,31 @@ EXACT = frozenset({"torch"})
 
 @dataclass
 class Context:
-    """What a candidate gets: the PyTorch model (eval mode), the source it came from (a
-    ``.fewbits`` file keeps the integer codes), the thread count and the fused ONNX graph
-    (built once, on first use)."""
+    """What a candidate gets: the PyTorch model (eval mode), the resolved source it came from
+    (a ``.fewbits`` file keeps the integer codes; its ``exports`` hold the ONNX graphs, built
+    once per source on first use), the thread count and the input shape."""
 
     model: nn.Module
-    source: Any
+    source: ResolvedSource
     threads: int | None = None
     input_shape: tuple[int, ...] | None = None
-    _protos: dict = field(default_factory=dict)
     example: Any = None  # the example inputs of a model that does not take one image batch
 
     def proto(self, flavour: str = "ort") -> Any:
         """The fused ONNX export: ``"ort"``, ``"checked"`` (checked uint8 residual sums) or
         ``"openvino"``."""
-        if flavour not in self._protos:
-            if self.example is not None:
-                raise ValueError("the fused ONNX runners feed one image batch; this model takes "
-                                 "other inputs (the 'ort-plain' backend runs it)")
+        if self.example is not None:
+            raise ValueError("the fused ONNX runners feed one image batch; this model takes "
+                             "other inputs (the 'ort-plain' backend runs it)")
+        key = ("fused", self.input_shape)  # kept on the resolved source: one export per source
+        if key not in self.source.exports:
             # one export by PyTorch, the three fused forms passes over it
             forms = {"ort": (True, False), "checked": (True, True),
                      "openvino": ("openvino", False)}
             protos = to_onnx_forms(self.source, list(forms.values()),
                                    input_shape=self.input_shape)
-            self._protos = {k: p for k, (p, _) in zip(forms, protos, strict=True)}
-        return self._protos[flavour]
+            self.source.exports[key] = {k: p for k, (p, _) in zip(forms, protos, strict=True)}
+        return self.source.exports[key][flavour]
 
 
 def _torch(ctx: Context) -> Runner:
@@ -133,7 +139,13 @@ def _ort_checked(ctx: Context) -> Runner:
 def _ort_plain(ctx: Context) -> Runner:
     example = ctx.example if ctx.example is not None else \
         torch.rand(2, *ctx.input_shape, generator=torch.Generator().manual_seed(0))
-    return plain_runner(to_onnx(ctx.model, example)[0], ctx.model, example, ctx.threads)
+    key = ("plain", ctx.input_shape)  # an image model's plain graph, reused as the fused ones
+    proto = ctx.source.exports.get(key) if ctx.example is None else None
+    if proto is None:
+        proto = to_onnx(ctx.model, example)[0]
+        if ctx.example is None:
+            ctx.source.exports[key] = proto
+    return plain_runner(proto, ctx.model, example, ctx.threads)
 
 
 def _binary(ctx: Context) -> Runner:
@@ -284,6 +296,10 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
     ``probe_inputs``: real inputs (one float image batch, as the model takes them), which are
     what tells a backend's level flips on a trained net; ``fewbits eval --fast`` passes the
     first images of the split. Raises ``ValueError`` for an unknown backend.
+
+    Given a :class:`~fewbits.export.onnx.ResolvedSource` (``resolve_source(model)``), every
+    call reuses the ONNX graphs the first one exported from it (PyTorch's exporter takes seconds
+    per network); given a model, each call exports it afresh.
     """
 
     if backend != "auto" and backend not in CANDIDATES:
