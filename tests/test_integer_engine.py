@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fewbits import quantize_
-from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
 from fewbits.functional import finite_checks
+from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
 from fewbits.models import create_model
 from fewbits.quantizers import FixedPoint, MinMax
 from fewbits.runtime import compile_for_cpu

@@ -176,8 +176,13 @@ def _scratch_bytes(g: dict, kq4: int) -> int:
 class IntegerEngine:
     """``engine(images) -> logits`` for a compiled :class:`Program` (float32 ``(N, C, H, W)``
     images of the compiled shape). ``isa``: the CPU path; ``exact``/``notes``: see the module
-    docstring. Non-finite inputs raise ``ValueError``. Work buffers are kept between calls
-    (one engine serves one thread at a time)."""
+    docstring. Non-finite inputs raise ``ValueError``. Finite inputs whose first-layer float
+    sums overflow (magnitudes near float32's largest) raise ``NonFiniteError`` (a
+    ``ValueError``) where the quantizer after that layer would see NaN/inf, as PyTorch's does
+    (after the ReLUs / clamps in front of it: a ``-inf`` a ReLU makes 0 is no error); inside
+    ``fewbits.functional.finite_checks(False)`` they give logits. A batch norm that overflows
+    finite sums is not detected. Work buffers are kept between calls (one engine serves one
+    thread at a time)."""
 
     def __init__(self, prog: Program, isa: str | None = None) -> None:
         self.isa = _pick_isa(isa)
