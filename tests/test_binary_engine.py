@@ -187,6 +187,26 @@ def test_engine_nonfinite_inputs_match_pytorch() -> None:
             torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("name", ["mnist_binary_net_lenet", "mnist_binary_net_mlp"])
+def test_engine_stem_sums_overflowing_raise_as_pytorch(name: str, isa: str) -> None:
+    """Finite images near float32's largest: the stem sums overflow to inf, which PyTorch's
+    binary_tanh refuses under its finite checks; the engine raises too (both ISA paths), and
+    runs inside finite_checks(False)."""
+    m = _model(name, seed=5)
+    x = (_dyadic(2, SMALL[name][1], seed=5) * 2 - 1) * 3e38
+    assert bool(x.isfinite().all())
+    with pytest.raises(ValueError, match="contains (NaN|inf)") as ref, torch.no_grad():
+        m(x)  # what the engine must match
+    engine = BinaryEngine.from_model(m)
+    assert engine.isa == isa
+    with pytest.raises(ValueError, match="overflow to NaN/inf.*finite_checks\\(False\\)") as got:
+        engine(x)
+    assert type(got.value) is type(ref.value)  # NonFiniteError: training's divergence type
+    with finite_checks(False):
+        out = engine(x)
+    assert out.shape == (2, 10) and bool(out.isfinite().all())
+
+
 def test_engine_real_image_tolerance() -> None:
     """Images k/255: the stem's float sums may round differently from PyTorch's convolution,
     so the claim is: every image whose stem pre-activations all lie off their thresholds by

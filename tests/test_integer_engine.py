@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fewbits import quantize_
+from fewbits.functional import finite_checks
 from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
 from fewbits.models import create_model
 from fewbits.quantizers import FixedPoint, MinMax
@@ -225,6 +226,51 @@ def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
         eng(x)
     with pytest.raises(ValueError, match="compiled for images"):
         eng(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("name", ["mnist_fp_net_lenet", "mnist_min_max_lenet"])
+def test_first_layer_sums_overflowing_raise_as_pytorch(name: str, isa: str) -> None:
+    """Finite images near float32's largest: the first layer's float sums overflow to inf,
+    which PyTorch's quantizer refuses under its finite checks; the engine raises too, and runs
+    inside finite_checks(False)."""
+    torch.manual_seed(11)
+    m = create_model(name, width=8).eval()
+    x = (_images(2, (1, 28, 28), seed=11, denom=256) * 2 - 1) * 3e38
+    with pytest.raises(ValueError, match="contains (NaN|inf)") as ref, torch.no_grad():
+        m(x)  # what the engine must match
+    eng = IntegerEngine.from_model(m, (1, 28, 28), isa=isa)
+    for batch in (x, x[:1]):  # image by image, and one image
+        with pytest.raises(ValueError, match="overflow to NaN/inf.*finite_checks") as got:
+            eng(batch)
+        assert type(got.value) is type(ref.value)  # NonFiniteError, as PyTorch's quantizer
+    with finite_checks(False):
+        out = eng(x)
+    assert out.shape == (2, 10) and bool(out.isfinite().all())
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_overflow_a_relu_zeroes_before_the_quantizer_is_not_an_error(isa: str) -> None:
+    """Sums of -inf that a ReLU turns into 0 before the quantizer: PyTorch's quantizer sees 0
+    and does not raise, nor does the engine (it checks what the quantizer would see)."""
+    torch.manual_seed(12)
+    # stride 2: the AVX2 path's im2col GEMM (the test above: its direct convolution)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3))
+    with torch.no_grad():
+        net[0].weight.copy_(-torch.rand_like(net[0].weight) - 0.5)  # all sums -inf
+    quantize_(net, "fp_net")
+    net.eval()
+    x = torch.full((2, 3, 6, 6), 3e38)
+    with torch.no_grad():
+        ref = net(x)  # no error: the ReLU made the quantizer's input 0
+    eng = IntegerEngine.from_model(net, (3, 6, 6), isa=isa)
+    torch.testing.assert_close(eng(x), ref)
+    with pytest.raises(ValueError, match="overflow to NaN/inf"), torch.no_grad():
+        eng(-x)  # +inf passes the ReLU: the quantizer would see it
+    with pytest.raises(ValueError, match="contains inf"), torch.no_grad():
+        net(-x)
 
 
 def test_planner_warns_when_the_engine_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:

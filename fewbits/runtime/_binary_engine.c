@@ -20,6 +20,7 @@
  * ISA paths: AVX-512 (F + VPOPCNTDQ), AVX2 (+FMA, nibble-table popcount as Mula et al.), and
  * portable C, each compiled with a target attribute in this one file and chosen at run time.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -77,14 +78,18 @@ static inline int popcount32(uint32_t v) { /* SWAR: no popcnt instruction on bas
     return (int)((((v + (v >> 4)) & 0x0f0f0f0fu) * 0x01010101u) >> 24);
 }
 
-/* Decision word of 32 stem outputs from their float sums s (NaN -> -1 as BN(NaN) is NaN). */
-static inline uint32_t stem_bits(const float *s, const fbb_layer *L, int ob) {
+/* Decision word of 32 stem outputs from their float sums s (NaN -> -1 as BN(NaN) is NaN).
+ * A NaN or infinite sum sets *bad: binary_tanh(BN(s)) sees NaN/inf there, which PyTorch's
+ * quantizer refuses under its finite checks (fbb_run reports it). */
+static inline uint32_t stem_bits(const float *s, const fbb_layer *L, int ob, int *bad) {
     uint32_t f = L->flip[ob / 32], w = 0;
     for (int j = 0; j < 32; j++) {
         float v = s[j], t = L->tf[ob + j];
         int bit;
-        if (isinf(v)) bit = (int)(((v > 0 ? L->pinf : L->ninf)[ob / 32] >> j) & 1u);
-        else bit = ((f >> j) & 1u) ? (v < t) : (v >= t);
+        if (!(fabsf(v) <= FLT_MAX)) { /* NaN or inf */
+            *bad = 1;
+            bit = isinf(v) ? (int)(((v > 0 ? L->pinf : L->ninf)[ob / 32] >> j) & 1u) : 0;
+        } else bit = ((f >> j) & 1u) ? (v < t) : (v >= t);
         w |= (uint32_t)bit << j;
     }
     return w;
@@ -102,6 +107,7 @@ typedef struct {
     int s;                        /* stride */
     const float *fres;            /* float epilogue: residual map row, or NULL */
     float *fout;                  /* float epilogue: output map row, or NULL */
+    int *bad;                     /* stem: set where a value binary_tanh sees is NaN/inf */
 } fbb_row;
 
 /* The float epilogue of 32 channels ob.. of output pixel ox from their pre-activations
@@ -112,13 +118,16 @@ static uint32_t float_epi(const fbb_row *r, int ox, int ob, const float *pre) {
     const fbb_layer *L = r->L;
     size_t at = (size_t)ox * L->cout_pad + ob;
     uint32_t w = 0;
+    int nf = 0;
     for (int j = 0; j < 32; j++) {
         float y = fmaf(pre[j], L->alpha[ob + j], L->beta[ob + j]);
         if (r->fres) y = y + r->fres[at + j];
         if (L->relu && y < 0.0f) y = 0.0f;
         if (r->fout) r->fout[at + j] = y;
+        nf |= !(fabsf(y) <= FLT_MAX);
         w |= (uint32_t)(y > 0.0f) << j;
     }
+    if (nf && r->bad) *r->bad = 1;
     return w;
 }
 
@@ -157,7 +166,7 @@ static void stem_row_generic(const fbb_row *r) {
                         for (int j = 0; j < 32; j++) s[j] += xr[kx] * w[j];
                 }
             r->out[(size_t)ox * (cp / 32) + ob / 32] = L->alpha ? float_epi(r, ox, ob, s)
-                                                             : stem_bits(s, L, ob);
+                                                             : stem_bits(s, L, ob, r->bad);
         }
 }
 
@@ -219,15 +228,19 @@ static inline uint32_t float_epi_avx2(const fbb_row *r, int ox, int ob, const __
     const fbb_layer *L = r->L;
     size_t at = (size_t)ox * L->cout_pad + ob;
     uint32_t w = 0;
-    const __m256 zero = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps(), inf = _mm256_set1_ps(INFINITY);
+    const __m256 abs_ = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 nf = zero;
     for (int i = 0; i < 4; i++) {
         __m256 y = _mm256_fmadd_ps(pre[i], _mm256_loadu_ps(L->alpha + ob + 8 * i),
                                    _mm256_loadu_ps(L->beta + ob + 8 * i));
         if (r->fres) y = _mm256_add_ps(y, _mm256_loadu_ps(r->fres + at + 8 * i));
         if (L->relu) y = _mm256_blendv_ps(y, zero, _mm256_cmp_ps(y, zero, _CMP_LT_OQ));
         if (r->fout) _mm256_storeu_ps(r->fout + at + 8 * i, y);
+        if (r->bad) nf = _mm256_or_ps(nf, _mm256_cmp_ps(_mm256_and_ps(y, abs_), inf, _CMP_NLT_UQ));
         w |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)) << (8 * i);
     }
+    if (r->bad && _mm256_movemask_ps(nf)) *r->bad = 1;
     return w;
 }
 
@@ -235,7 +248,7 @@ static inline uint32_t float_epi_avx2(const fbb_row *r, int ox, int ob, const __
  * thresholds are never NaN), flip ? s < t : s >= t is (s >= t) ^ flip: one compare per
  * vector; a NaN or infinite sum (|s| not below inf, unordered included) takes stem_bits. */
 __attribute__((target("avx2")))
-static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob) {
+static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int ob, int *bad) {
     const __m256 inf = _mm256_set1_ps(INFINITY);
     const __m256 abs_ = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     uint32_t ge = 0;
@@ -248,7 +261,7 @@ static inline uint32_t stem_word_avx2(const __m256 *a, const fbb_layer *L, int o
     if (__builtin_expect(_mm256_movemask_ps(nf) != 0, 0)) {
         float s[32];
         for (int i = 0; i < 4; i++) _mm256_storeu_ps(s + 8 * i, a[i]);
-        return stem_bits(s, L, ob);
+        return stem_bits(s, L, ob, bad);
     }
     return ge ^ L->flip[ob / 32];
 }
@@ -284,7 +297,7 @@ static inline void stem_px_avx2(const fbb_row *r, int ox, int ob, const int nb) 
         if (L->alpha)
             *o = float_epi_avx2(r, ox + p, ob, a[p]);
         else
-            *o = stem_word_avx2(a[p], L, ob);
+            *o = stem_word_avx2(a[p], L, ob, r->bad);
     }
 }
 
@@ -517,7 +530,8 @@ static void bconv_row_avx2(const fbb_row *r, int32_t *corr) {
 /* ---------------------------------------------------------------- AVX-512 (F, VPOPCNTDQ) */
 
 __attribute__((target("avx512f")))
-static inline uint32_t stem_word_avx512(__m512 a0, __m512 a1, const fbb_layer *L, int ob) {
+static inline uint32_t stem_word_avx512(__m512 a0, __m512 a1, const fbb_layer *L, int ob,
+                                        int *bad) {
     __m512 t0 = _mm512_loadu_ps(L->tf + ob), t1 = _mm512_loadu_ps(L->tf + ob + 16);
     uint32_t ge = (uint32_t)_mm512_cmp_ps_mask(a0, t0, _CMP_GE_OQ)
                   | ((uint32_t)_mm512_cmp_ps_mask(a1, t1, _CMP_GE_OQ) << 16);
@@ -528,6 +542,9 @@ static inline uint32_t stem_word_avx512(__m512 a0, __m512 a1, const fbb_layer *L
                   | ((uint32_t)_mm512_cmp_ps_mask(a1, pinf, _CMP_EQ_OQ) << 16);
     uint32_t in = (uint32_t)_mm512_cmp_ps_mask(a0, ninf, _CMP_EQ_OQ)
                   | ((uint32_t)_mm512_cmp_ps_mask(a1, ninf, _CMP_EQ_OQ) << 16);
+    uint32_t un = (uint32_t)_mm512_cmp_ps_mask(a0, a0, _CMP_UNORD_Q)
+                  | ((uint32_t)_mm512_cmp_ps_mask(a1, a1, _CMP_UNORD_Q) << 16);
+    if (ip | in | un) *bad = 1; /* as stem_bits */
     uint32_t f = L->flip[ob / 32];
     uint32_t w = (ge & ~f) | (lt & f);
     return (w & ~(ip | in)) | (ip & L->pinf[ob / 32]) | (in & L->ninf[ob / 32]);
@@ -566,7 +583,7 @@ static inline void stem_px_avx512(const fbb_row *r, int ox, int ob, const int nb
                 _mm512_storeu_ps(pre + 16, a[p][v + 1]);
                 *o = float_epi(r, ox + p, ob + 16 * v, pre);
             } else
-                *o = stem_word_avx512(a[p][v], a[p][v + 1], L, ob + 16 * v);
+                *o = stem_word_avx512(a[p][v], a[p][v + 1], L, ob + 16 * v, r->bad);
         }
 }
 
@@ -703,10 +720,11 @@ static const void *padded(const void *src, void *dst, int planes, int H, int W, 
 
 static void run_layer(const fbb_layer *L, const void *in, const uint32_t *res, uint32_t *out,
                       const float *fres, float *fout, void *pad, int32_t *corr, stem_fn stem,
-                      bconv_fn bconv) {
+                      bconv_fn bconv, int *bad) {
     int k = L->k, p = L->pad, s = L->stride, oh = out_size(L, L->h), ow = out_size(L, L->w);
     int stemop = L->op == OP_STEM, wo = L->cout_pad / 32;
-    fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL, s, NULL, NULL};
+    fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL, s, NULL, NULL,
+                 stemop ? bad : NULL};
     r.in = stemop ? padded(in, pad, L->cin, L->h, L->w, 1, p, sizeof(float))
                   : padded(in, pad, 1, L->h, L->w, wd_of(L->cin), p, sizeof(uint32_t));
     for (int oy = 0; oy < oh; oy++) {
@@ -885,7 +903,9 @@ double fbb_prof_ns[256];
 /* Run the program `L[0..nl)` on `n` inputs of `in_size` floats each; logits to `out`
  * (n x the head's cout). `ws`: scratch of `fbb_workspace(L, nl)` 4-byte units (the caller
  * allocates it once). Returns 0, or -1 (unsupported ISA), -2 (workspace too small),
- * -3 (malformed program), -4 (check_finite and the input holds NaN or inf). */
+ * -3 (malformed program), -4 (check_finite and the input holds NaN or inf), -5 (check_finite
+ * and a value binary_tanh sees after the float stem is NaN/inf: its sums overflowed; the
+ * logits are computed all the same). */
 int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int64_t in_size,
             float *out, int64_t out_size_, int check_finite, void *ws, int64_t ws_size) {
     if (!fbb_isa_supported(isa)) return -1;
@@ -908,6 +928,7 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     if (ws == NULL || ws_size < need) return -2;
     int64_t nout = L[nl - 1].cout;
     if (out_size_ != n * nout) return -3;
+    int bad = 0; /* a value binary_tanh sees after the stem was NaN/inf (checked once, below) */
     uint32_t *buf = (uint32_t *)ws;
     float *fbuf = (float *)(buf + z.mw * z.nb);
     void *pad = fbuf + z.mf * z.nf;
@@ -932,7 +953,7 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
                 run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size)
                                               : (const void *)src,
                           BITS(l->res), dst, FMAP(l->fres), FMAP(l->fdst), pad, tmp, stem,
-                          bconv);
+                          bconv, &bad);
                 if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w),
                                      l->cout_pad / 32);
             }
@@ -945,5 +966,5 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     }
 #undef BITS
 #undef FMAP
-    return 0;
+    return check_finite && bad ? -5 : 0;
 }

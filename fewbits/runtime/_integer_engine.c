@@ -12,6 +12,7 @@
  * taps as fixed offsets into a zero-padded image (no im2col); the epilogue runs a whole tile
  * stage by stage. See fewbits/runtime/integer.py. */
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -57,6 +58,10 @@ typedef struct {
     const int32_t *corr;  /* u8 path: ushift * (sum of the channel's weights), or NULL */
     const float *sacc, *bias, *alpha, *beta; /* per output channel */
     void *y, *scratch;
+    /* float input with a quantizer after it: its input is clamp(epilogue value, qlo, qhi) (the
+     * ReLUs / clamps in front of it); NaN/inf there is reported (fbi_conv_run returns 1) */
+    int32_t qcheck;
+    float qlo, qhi;
 } fbi_conv;
 
 /* ----------------------------------------------------------------- epilogue */
@@ -79,6 +84,23 @@ static inline float pre_value(float acc, int n, const fbi_conv *a) {
     float v = acc * a->sacc[n] + a->bias[n];
     if (a->pre_relu && v < 0.0f) v = 0.0f;
     return fmaf(v, a->alpha[n], a->beta[n]);
+}
+
+/* Whether the quantizer of a float-input layer sees NaN/inf for the epilogue value v: after
+ * the clamps in front of it (NaN stays NaN, as in PyTorch's clamp). */
+static inline int q_nonfinite(const fbi_conv *a, float v) {
+    if (v != v) return 1;
+    v = v < a->qlo ? a->qlo : v;
+    v = v > a->qhi ? a->qhi : v;
+    return !(fabsf(v) <= FLT_MAX);
+}
+
+/* q_nonfinite over `cnt` channels n.. of float sums acc (the rare exact look after a cheap
+ * test on the sums flagged a non-finite value, or a sum that overflows). */
+static int sums_nonfinite(const fbi_conv *a, const float *acc, int n, int cnt) {
+    int nf = 0;
+    for (int j = 0; j < cnt; j++) nf |= q_nonfinite(a, pre_value(acc[j], n + j, a));
+    return nf;
 }
 
 static inline void store1(const fbi_conv *a, float v, int n, char *dst) {
@@ -179,10 +201,10 @@ static void gemm_i16_generic(const fbi_conv *a, const int16_t *A, int64_t lda, i
     }
 }
 
-static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
-                             const float *B, int nblocks, int n_off, int cout_g, char *Y,
-                             int64_t ldy, int esize) {
-    int kf = a->kf;
+static int gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
+                            const float *B, int nblocks, int n_off, int cout_g, char *Y,
+                            int64_t ldy, int esize) {
+    int kf = a->kf, bad = 0;
     for (int64_t r = 0; r < m; r++) {
         const float *ar = A + r * lda;
         for (int b = 0; b < nblocks; b++) {
@@ -194,10 +216,12 @@ static void gemm_f32_generic(const fbi_conv *a, const float *A, int64_t lda, int
             char *dst = Y + r * ldy * esize;
             for (int j = 0; j < cnt; j++) {
                 float v = pre_value(acc[j], n_off + n0 + j, a);
+                if (a->qcheck) bad |= q_nonfinite(a, v);
                 store1(a, v, n_off + n0 + j, dst);
             }
         }
     }
+    return bad;
 }
 
 /* ----------------------------------------------------------------- AVX2 GEMMs */
@@ -443,11 +467,20 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda
     }
 }
 
-AVX2 static void gemm_f32_avx2(const fbi_conv *ac, const float *A, int64_t lda, int64_t m,
-                               const float *B, int nblocks, int n_off, int cout_g, char *Y,
-                               int64_t ldy, int esize) {
+/* A cheap test of n sum vectors: 0 where all are finite and their sum does not overflow (a
+ * NaN/inf anywhere makes the sum times 0 NaN); else the caller looks exactly. */
+AVX2 static inline int maybe_nonfinite(const __m256 *v, int n) {
+    __m256 t = v[0];
+    for (int i = 1; i < n; i++) t = _mm256_add_ps(t, v[i]);
+    t = _mm256_mul_ps(t, _mm256_setzero_ps());
+    return _mm256_movemask_ps(_mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+}
+
+AVX2 static int gemm_f32_avx2(const fbi_conv *ac, const float *A, int64_t lda, int64_t m,
+                              const float *B, int nblocks, int n_off, int cout_g, char *Y,
+                              int64_t ldy, int esize) {
     /* 4 rows x 2 blocks of 8 channels: each broadcast of A feeds two FMAs */
-    int kf = ac->kf;
+    int kf = ac->kf, bad = 0;
     fbi_ep e;
     ep_init(ac, &e);
     const fbi_ep *a = &e;
@@ -466,6 +499,15 @@ AVX2 static void gemm_f32_avx2(const fbi_conv *ac, const float *A, int64_t lda, 
                     c[q][1] = _mm256_fmadd_ps(x, v1, c[q][1]);
                 }
             }
+            if (ac->qcheck && !bad && maybe_nonfinite(&c[0][0], 8))
+                for (int h = 0; h < 1 + two; h++) {
+                    int n0 = (b + h) * NBF, cnt = cout_g - n0 < NBF ? cout_g - n0 : NBF;
+                    for (int q = 0; q < rows; q++) {
+                        float t[8];
+                        _mm256_storeu_ps(t, c[q][h]);
+                        bad |= sums_nonfinite(ac, t, n_off + n0, cnt);
+                    }
+                }
             for (int h = 0; h < 1 + two; h++) {
                 int n0 = (b + h) * NBF, cnt = cout_g - n0 < NBF ? cout_g - n0 : NBF;
                 for (int q = 0; q < rows; q++)
@@ -473,6 +515,7 @@ AVX2 static void gemm_f32_avx2(const fbi_conv *ac, const float *A, int64_t lda, 
             }
         }
     }
+    return bad;
 }
 #endif
 
@@ -653,7 +696,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
  * the packed weights' order, are fixed offsets into zero-padded NCHW planes, UR rows of
  * consecutive pixels of the padded width, 16 channels (two packed blocks of 8). The same fmas
  * in the same order as gemm_f32_generic on im2col rows. */
-AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
+AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
+    int bad = 0;
     fbi_ep ep;
     ep_init(a, &ep);
     int og = a->cout, esize = a->out_kind == OUT_FLOAT ? 4 : 2, kf = a->kf;
@@ -696,14 +740,24 @@ AVX2 static void conv_f32_direct_avx2(const fbi_conv *a) {
                 }
                 __m256 v[8] = {x0, y0, x1, y1, x2, y2, x3, y3};
                 int n0 = b * NBF, cnt = og - n0 < 2 * NBF ? og - n0 : 2 * NBF;
+                if (a->qcheck && !bad && maybe_nonfinite(v, 8))
+                    for (int r = 0; r < 4; r++) { /* rows of the output only (dst) */
+                        float t[16];
+                        _mm256_storeu_ps(t, v[2 * r]);
+                        _mm256_storeu_ps(t + 8, v[2 * r + 1]);
+                        if (dst[r]) bad |= sums_nonfinite(a, t, n0, cnt);
+                    }
                 epi_tile(&ep, v, 4, n0, cnt, dst);
             }
         }
     }
+    return bad;
 }
 #endif
 
-/* Returns 0, or -1 (ISA not supported here), -2 (bad arguments). */
+/* Returns 0, 1 (qcheck and the quantizer after this float-input layer sees NaN/inf: its sums
+ * overflowed; the outputs are written all the same), or -1 (ISA not supported here), -2 (bad
+ * arguments). */
 int fbi_conv_run(const fbi_conv *a) {
     if (!fbi_isa_supported(a->isa)) return -1;
 #if FBI_X86
@@ -713,10 +767,8 @@ int fbi_conv_run(const fbi_conv *a) {
     }
     if (a->isa == ISA_AVX2 && a->in_kind == IN_FLOAT_NCHW && a->groups == 1 && a->sh == 1 &&
         a->sw == 1 && a->dh == 1 && a->dw == 1 && a->kf == a->cin * a->kh * a->kw &&
-        a->kf <= 64) {
-        conv_f32_direct_avx2(a);
-        return 0;
-    }
+        a->kf <= 64)
+        return conv_f32_direct_avx2(a);
 #endif
     if (a->groups < 1 || a->cin % a->groups || a->cout % a->groups || a->kp % 2) return -2;
     int cg = a->cin / a->groups, og = a->cout / a->groups;
@@ -728,6 +780,7 @@ int fbi_conv_run(const fbi_conv *a) {
     int nblocks = fl ? (og + NBF - 1) / NBF : (og + NB - 1) / NB;
     int64_t wstride = fl ? (int64_t)nblocks * a->kf * NBF : (int64_t)nblocks * a->kp * NB;
     char *Y = (char *)a->y;
+    int bad = 0;
     if (direct) { /* 1x1 stride 1 on NHWC: the input is already the GEMM's left matrix */
         int64_t m = (int64_t)a->n * opix;
 #if FBI_X86
@@ -751,13 +804,13 @@ int fbi_conv_run(const fbi_conv *a) {
                 const float *B = (const float *)a->wpack + g * wstride;
 #if FBI_X86
                 if (a->isa == ISA_AVX2) {
-                    gemm_f32_avx2(a, col, a->kf, opix, B, nblocks, g * og, og, Yi, a->cout,
-                                  esize);
+                    bad |= gemm_f32_avx2(a, col, a->kf, opix, B, nblocks, g * og, og, Yi,
+                                         a->cout, esize);
                     continue;
                 }
 #endif
-                gemm_f32_generic(a, col, a->kf, opix, B, nblocks, g * og, og, Yi, a->cout,
-                                 esize);
+                bad |= gemm_f32_generic(a, col, a->kf, opix, B, nblocks, g * og, og, Yi,
+                                        a->cout, esize);
             } else {
                 int16_t *col = (int16_t *)a->scratch;
                 im2col_i16(a, (const int16_t *)a->x + i * in_img, g, col);
@@ -774,7 +827,7 @@ int fbi_conv_run(const fbi_conv *a) {
             }
         }
     (void)cg;
-    return 0;
+    return bad;
 }
 
 /* ----------------------------------------------------------------- elementwise */
@@ -950,8 +1003,10 @@ typedef struct {
     void *y, *work;
 } fbi_step;
 
-/* Run `ns` steps; returns 0 or the failing conv's code. */
+/* Run `ns` steps; returns 0, 1 (a quantizer after a float-input layer saw NaN/inf; every
+ * step ran) or the failing conv's code (< 0). */
 int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
+    int bad = 0;
     for (int k = 0; k < ns; k++, s++) {
         int rc = 0;
         switch (s->kind) {
@@ -971,9 +1026,10 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
             break;
         default: return -2;
         }
-        if (rc) return rc;
+        if (rc < 0) return rc;
+        bad |= rc;
     }
-    return 0;
+    return bad;
 }
 
 /* The program of one image run image by image over a batch (the maps of one image stay in
@@ -982,11 +1038,13 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
 int fbi_run_images(const fbi_step *s, int32_t ns, int32_t isa, int64_t n, const float *x,
                    int64_t in_size, float *in_buf, const void *out_buf, int64_t out_bytes,
                    void *out) {
+    int bad = 0;
     for (int64_t i = 0; i < n; i++) {
         memcpy(in_buf, x + i * in_size, sizeof(float) * (size_t)in_size);
         int rc = fbi_run(s, ns, isa);
-        if (rc) return rc;
+        if (rc < 0) return rc;
+        bad |= rc;
         memcpy((char *)out + i * out_bytes, out_buf, (size_t)out_bytes);
     }
-    return 0;
+    return bad;
 }

@@ -48,8 +48,13 @@ the model does not reach it (build it again).
 
 Non-finite inputs raise ``ValueError`` as the model's quantizers do; inside
 ``fewbits.functional.finite_checks(False)`` they follow the unchecked model (``binary_tanh`` of
-NaN is ``-1``; the stem's decisions at +-inf are folded too). A batch-norm output that
-overflows to inf from finite inputs is not detected.
+NaN is ``-1``; the stem's decisions at +-inf are folded too). Finite inputs whose stem sums
+overflow (magnitudes near float32's largest) raise ``NonFiniteError`` (a ``ValueError``) as
+PyTorch's ``binary_tanh`` does on the NaN/inf that follows; inside ``finite_checks(False)``
+they give logits (where a sum overflows in one summation order and not in another, those may
+differ between ISA paths and from PyTorch's). A batch-norm output that overflows to inf from
+finite stem sums is detected only for a stem with a float epilogue (one that keeps its float
+map); elsewhere its decision is folded (the thresholds are exact for every finite sum).
 
     >>> from fewbits.models import create_model
     >>> _ = torch.manual_seed(0)
@@ -73,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from .._cbuild import CLibrary, isa_paths, pick_isa
-from .._checks import checks_enabled
+from .._checks import NonFiniteError, checks_enabled
 from ..layers import QuantLayer
 from .binary_fold import bn_affine, float_thresholds, integer_thresholds
 from .binary_graph import Step, binary_plan
@@ -401,6 +406,12 @@ class BinaryEngine:
             raise ValueError("binary engine: the input contains NaN or inf, which the model's "
                              "binary_tanh refuses; check the data (or wrap the call in "
                              "fewbits.functional.finite_checks(False) for unchecked semantics)")
+        if rc == -5:
+            raise NonFiniteError(
+                "binary engine: the first layer's float sums overflow to NaN/inf (inputs of "
+                "magnitude near float32's largest, ~3e38); the model's binary_tanh refuses the "
+                "NaN/inf that follows, as does PyTorch's: scale the inputs (or wrap the call in "
+                "fewbits.functional.finite_checks(False) for unchecked semantics)")
         if rc != 0:
             why = {-1: "ISA unsupported", -2: "workspace too small"}.get(rc, "malformed program")
             raise RuntimeError(f"binary engine failed: {why} (code {rc})")

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .._cbuild import CLibrary, isa_paths, pick_isa
+from .._checks import NonFiniteError, checks_enabled
 from .integer_plan import (
     Add,
     Clamp,
@@ -76,7 +77,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
         [(n, ctypes.c_float) for n in ("clo", "chi", "sub", "scale", "inv")] + \
         [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32),
          ("ushift", ctypes.c_int32), ("kchunk", ctypes.c_int32), ("corr", _P)] + \
-        [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")]
+        [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")] + \
+        [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float)]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -145,6 +147,8 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     q = s.quant
     if q is not None:
         _set_quant(a, q)
+        # the quantizer after a float-input layer: NaN/inf it would see is reported (rc 1)
+        a.qcheck, (a.qlo, a.qhi) = int(s.float_in), s.qclamp
     else:
         a.clo, a.chi = s.fclamp
     arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
@@ -172,8 +176,13 @@ def _scratch_bytes(g: dict, kq4: int) -> int:
 class IntegerEngine:
     """``engine(images) -> logits`` for a compiled :class:`Program` (float32 ``(N, C, H, W)``
     images of the compiled shape). ``isa``: the CPU path; ``exact``/``notes``: see the module
-    docstring. Non-finite inputs raise ``ValueError``. Work buffers are kept between calls
-    (one engine serves one thread at a time)."""
+    docstring. Non-finite inputs raise ``ValueError``. Finite inputs whose first-layer float
+    sums overflow (magnitudes near float32's largest) raise ``NonFiniteError`` (a
+    ``ValueError``) where the quantizer after that layer would see NaN/inf, as PyTorch's does
+    (after the ReLUs / clamps in front of it: a ``-inf`` a ReLU makes 0 is no error); inside
+    ``fewbits.functional.finite_checks(False)`` they give logits. A batch norm that overflows
+    finite sums is not detected. Work buffers are kept between calls (one engine serves one
+    thread at a time)."""
 
     def __init__(self, prog: Program, isa: str | None = None) -> None:
         self.isa = _pick_isa(isa)
@@ -233,8 +242,7 @@ class IntegerEngine:
             rc = self._lib.fbi_run_images(segments[0][0], segments[0][1], self._isa_id, n,
                                           t.data_ptr(), x[0].size, in_ptr, y_ptr, nbytes,
                                           out.data_ptr())
-            if rc:
-                raise RuntimeError(f"integer engine: a step failed (code {rc})")
+            self._check_rc(rc)
             return self._output(out.numpy(), n)
         if self._batch is None or self._batch[0] != n:
             self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
@@ -242,12 +250,22 @@ class IntegerEngine:
         np.copyto(vals[1], x)
         for seg in segments:
             if isinstance(seg, tuple):
-                rc = self._lib.fbi_run(seg[0], seg[1], self._isa_id)
-                if rc:
-                    raise RuntimeError(f"integer engine: a step failed (code {rc})")
+                self._check_rc(self._lib.fbi_run(seg[0], seg[1], self._isa_id))
             else:
                 self._python_step(seg, vals, n)
         return self._output(vals[self.prog.out.id].copy(), n)
+
+    @staticmethod
+    def _check_rc(rc: int) -> None:
+        if rc == 1:  # every step ran; raise as PyTorch's quantizer does under finite checks
+            if checks_enabled():
+                raise NonFiniteError(
+                    "integer engine: the first layer's float sums overflow to NaN/inf (inputs of "
+                    "magnitude near float32's largest, ~3e38); the quantizer after it refuses "
+                    "them, as PyTorch's does: scale the inputs (or wrap the call in "
+                    "fewbits.functional.finite_checks(False) for unchecked semantics)")
+        elif rc:
+            raise RuntimeError(f"integer engine: a step failed (code {rc})")
 
     def _build(self, n: int) -> tuple[dict[int, np.ndarray], list]:
         """Every value's buffer for batches of ``n`` and the program as runs of native steps

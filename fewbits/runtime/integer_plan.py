@@ -121,6 +121,8 @@ class Conv:
     pre_relu: bool = False
     quant: QuantParams | None = None
     fclamp: tuple[float, float] = (-math.inf, math.inf)
+    #: the value-domain clamps (ReLUs) between the epilogue and ``quant``: what its input is
+    qclamp: tuple[float, float] = (-math.inf, math.inf)
     name: str = ""
     wpack8: np.ndarray | None = None  # u8 x s8 weights for the AVX2 path, where exact
     kq4: int = 0

@@ -110,6 +110,9 @@ def walk(comp: Compiler, tracer: type) -> Any:
             if item[0] == "clamp":
                 lo = max(lo, qp.code(item[1])) if item[1] > -math.inf else lo
                 hi = min(hi, qp.code(item[2])) if item[2] < math.inf else hi
+        clamps = [item for item in p.post if item[0] == "clamp"]
+        p.conv.qclamp = (max([-math.inf] + [i[1] for i in clamps]),
+                         min([math.inf] + [i[2] for i in clamps]))
         p.conv.quant = type(qp)(**{**qp.__dict__, "klo": lo, "khi": min(max(hi, lo), qp.khi)})
         v = emit_conv(p, "int")
         for item in p.post:
