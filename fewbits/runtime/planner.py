@@ -181,7 +181,6 @@ CANDIDATES: dict[str, Callable[[Context], Runner]] = {
 AUTO = ("binary", "int", "ort-checked", "ort", "ort-plain", "torch")
 
 
-
 def tolerance(model: nn.Module, backend: str) -> float:
     """Allowed ``max |logits - PyTorch logits| / max |PyTorch logits|`` of ``backend``."""
     if backend in EXACT:
@@ -366,39 +365,33 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         base = probe[0][0] if probe_inputs is None else probe_inputs.detach().float().cpu()
         reps = -(-batch_size // base.shape[0])
         xt = ((base.repeat(reps, *([1] * len(shape)))[:batch_size].contiguous(),), {})
-    if len(built) == 1 and shape is not None and batch_size > probe[0][0].shape[0] and \
+    outs: dict[str, Any] = {}
+    if len(built) > 1:
+        timings, outs = _best_times({name: run for name, (run, _) in built.items()}, xt)
+    elif built and shape is not None and batch_size > probe[0][0].shape[0] and \
             next(iter(built)) not in EXACT:
         # a lone candidate is checked on the batch it will run too, where that is larger
         # than the probe (a fault that shows only past the probe's rows must not ship unseen)
-        name, (run, tol) = next(iter(built.items()))
+        name, (run, _) = next(iter(built.items()))
         with torch.inference_mode():
-            bad = check_outputs(run(*xt[0], **xt[1]), model(*xt[0], **xt[1]), tol,
-                                "timing batch")
-        if bad is not None:
-            del built[name]
-            drop(name, bad)
-    if len(built) > 1:
-        timings, outs = _best_times({name: run for name, (run, _) in built.items()}, xt)
+            outs[name] = run(*xt[0], **xt[1])
+    if outs:  # every output on the timing batch is checked against PyTorch's
         with torch.inference_mode():
             ref_t = outs["torch"] if "torch" in outs else model(*xt[0], **xt[1])
-        for name in list(built):
+        for name in outs:
             bad = check_outputs(outs[name], ref_t, built[name][1], "timing batch")
             if bad is not None:
-                del built[name], timings[name]
+                del built[name]
+                timings.pop(name, None)
                 drop(name, bad)
-        if not timings:
-            raise RuntimeError("no candidate backend runs this model within its tolerance: "
-                               + "; ".join(notes))
-        best = min(timings, key=timings.__getitem__)
-        for name, t in timings.items():
-            if name != best:
-                notes.append(f"{name}: slower: {1e3 * t:.3g} ms per batch of "
-                             f"{_rows(xt)} against {best}'s {1e3 * timings[best]:.3g} ms")
-    elif built:
-        best = next(iter(built))
-    else:
+    if not built:
         raise RuntimeError("no candidate backend runs this model within its tolerance: "
                            + "; ".join(notes))
+    best = min(timings, key=timings.__getitem__) if timings else next(iter(built))
+    for name, t in timings.items():
+        if name != best:
+            notes.append(f"{name}: slower: {1e3 * t:.3g} ms per batch of "
+                         f"{_rows(xt)} against {best}'s {1e3 * timings[best]:.3g} ms")
     run, tol = built[best]
     return Deployed(best, run, tol, notes, timings, getattr(model, "fewbits_spec", None))
 
