@@ -118,15 +118,15 @@ def run_export(args: argparse.Namespace) -> int:
         print(report.table())
     if args.onnx:
         shape = getattr(args, "input_shape", None)
-        rep = export_onnx(model, args.onnx, opset=args.opset or DEFAULT_OPSET,
+        src = resolve_source(model)  # once: the export and the comparison below read it
+        rep = export_onnx(src, args.onnx, opset=args.opset or DEFAULT_OPSET,
                           input_shape=shape, fuse=bool(getattr(args, "fuse", False)),
                           check=not args.no_check)
         print(rep.table())
         if not args.no_check:
-            m = resolve_source(model).model
             g = torch.Generator().manual_seed(0)
-            x = torch.rand(32, *(shape or input_shape_of(m)), generator=g)
-            c = compare_onnx(m, args.onnx, x)
+            x = torch.rand(32, *(shape or input_shape_of(src.model)), generator=g)
+            c = compare_onnx(src, args.onnx, x)
             print(f"ONNX Runtime vs PyTorch on 32 random images: top-1 agreement "
                   f"{100 * c['top1_agreement']:.1f}%, max |logit difference| "
                   f"{c['max_abs']:.3g} ({c['max_rel']:.2g} of the largest logit)")
