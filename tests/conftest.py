@@ -2,7 +2,8 @@
 
 ``one_thread``: one intra-op thread for a module (``pytestmark =
 pytest.mark.usefixtures("one_thread")``); ``trained``: a small model whose state moved away
-from its initial values (weights, ranges, INQ masks, batch-norm statistics).
+from its initial values (weights, ranges, INQ masks, batch-norm statistics); ``broken_fuse``:
+a fused ONNX pass gone wrong (logits 1.5 times too large), for the export check.
 """
 
 from __future__ import annotations
@@ -102,3 +103,25 @@ def train_briefly(name: str, *, shape: tuple[int, ...] = (1, 28, 28), batch: int
 def trained() -> Callable[..., nn.Module]:
     """:func:`train_briefly`, as a fixture."""
     return train_briefly
+
+
+@pytest.fixture
+def broken_fuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused ONNX pass (``fewbits.export.onnx.fuse_graph``) made wrong: its graph's first
+    output is multiplied by 1.5, as a broken graph pass would leave it."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    import fewbits.export.onnx as export_onnx_module
+
+    real = export_onnx_module.fuse_graph
+
+    def broken(proto, *args, **kwargs):
+        real(proto, *args, **kwargs)
+        g = proto.graph
+        last = next(n for n in g.node if g.output[0].name in n.output)
+        last.output[0] = "raw"
+        g.initializer.append(numpy_helper.from_array(np.float32(1.5), "k"))
+        g.node.append(helper.make_node("Mul", ["raw", "k"], [g.output[0].name]))
+
+    monkeypatch.setattr(export_onnx_module, "fuse_graph", broken)

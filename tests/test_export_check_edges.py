@@ -65,29 +65,14 @@ def test_an_inf_in_the_reference_does_not_hide_other_differences() -> None:
     assert leaf_error(torch.tensor([[inf, 1.0, 2.003]]), ref[:1]) == pytest.approx(1.5e-3, rel=0.01)
 
 
-def test_cli_refuses_a_wrong_graph_naming_its_flags(tmp_path, monkeypatch, capsys) -> None:
+def test_cli_refuses_a_wrong_graph_naming_its_flags(tmp_path, broken_fuse, capsys) -> None:
     """``fewbits export --onnx --fuse`` of a graph ONNX Runtime runs wrong: exit 1, nothing
     written, and the message names the command line's way out (it named ``check=False`` and
     ``fuse=False`` only); ``--no-check`` writes it."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    import fewbits.export.onnx as export_onnx_module
     from fewbits.cli import main
     from fewbits.export import export_packed
     from fewbits.models import create_model
 
-    real = export_onnx_module.fuse_graph
-
-    def broken(proto, *args, **kwargs):  # the logits 1.5 times too large
-        real(proto, *args, **kwargs)
-        g = proto.graph
-        last = next(n for n in g.node if g.output[0].name in n.output)
-        last.output[0] = "raw"
-        g.initializer.append(numpy_helper.from_array(np.float32(1.5), "k"))
-        g.node.append(helper.make_node("Mul", ["raw", "k"], [g.output[0].name]))
-
-    monkeypatch.setattr(export_onnx_module, "fuse_graph", broken)
     torch.manual_seed(0)
     packed, out = tmp_path / "m.fewbits", tmp_path / "m.onnx"
     export_packed(create_model("mnist_fp_net_mlp", width=8).eval(), packed)

@@ -44,6 +44,18 @@ def _logits(model, x):
         return model(x).logits
 
 
+def _two_steps_then_logits(model, x):
+    """Two SGD steps (learned ranges and INQ state move away from their start), then the eval
+    logits."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).logits.square().sum().backward()
+        opt.step()
+    return _logits(model.eval(), x)
+
+
 def _config(family):
     # INQ fixes weights at iterations 1 and 2, so that the saved model holds fixed weights
     return family_config(family, inq_iterations=[1, 2]) if family == "inq" else family
@@ -55,14 +67,7 @@ def test_save_pretrained_from_pretrained_round_trip(make, family, tmp_path):
     torch.manual_seed(0)
     model, x = make()
     quantize_hf(model, _config(family))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(2):  # move learned ranges and INQ state away from their start
-        opt.zero_grad()
-        model(x).logits.square().sum().backward()
-        opt.step()
-    model.eval()
-    want = _logits(model, x)
+    want = _two_steps_then_logits(model, x)
     model.save_pretrained(tmp_path)
     back = type(model).from_pretrained(tmp_path).eval()
     assert isinstance(back.config.quantization_config, FewbitsConfig)
@@ -104,14 +109,7 @@ def test_plain_quantize_on_a_transformers_model_saves_quantized(family, tmp_path
     quantize_(model, _config(family))
     assert model.config.quantization_config == {"quant_method": "fewbits",
                                                 "config": _config(family), "skip": []}
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(2):
-        opt.zero_grad()
-        model(x).logits.square().sum().backward()
-        opt.step()
-    model.eval()
-    want = _logits(model, x)
+    want = _two_steps_then_logits(model, x)
     model.save_pretrained(tmp_path)
     back = type(model).from_pretrained(tmp_path).eval()
     assert dict(quant_layers(back)).keys() == dict(quant_layers(model)).keys()

@@ -318,27 +318,13 @@ def test_binary_resnet_fused_form_keeps_the_batch_norms_a_sign_reads():
     assert len(kept) == 6 and "batch norm after conv1 left unfolded" in kept[0], report.notes
 
 
-def test_to_onnx_refuses_a_graph_onnx_runtime_does_not_run_like_pytorch(monkeypatch):
+def test_to_onnx_refuses_a_graph_onnx_runtime_does_not_run_like_pytorch(broken_fuse):
     """Every graph ``to_onnx`` returns was run by ONNX Runtime (default optimisations) on the
     example input against PyTorch: a graph pass that goes wrong (here a fused pass whose
     logits come out 1.5 times too large) raises instead of returning a silently
     wrong graph; ``check=False`` returns it unchecked."""
-    from onnx import helper, numpy_helper
-
-    import fewbits.export.onnx as export_onnx_module
     from fewbits.export.onnx import to_onnx_forms
 
-    real = export_onnx_module.fuse_graph
-
-    def broken(proto, *args, **kwargs):
-        real(proto, *args, **kwargs)
-        g = proto.graph
-        last = next(n for n in g.node if g.output[0].name in n.output)
-        last.output[0] = "raw"
-        g.initializer.append(numpy_helper.from_array(np.float32(1.5), "k"))
-        g.node.append(helper.make_node("Mul", ["raw", "k"], [g.output[0].name]))
-
-    monkeypatch.setattr(export_onnx_module, "fuse_graph", broken)
     m = create_model("mnist_fp_net_mlp", width=16).eval()
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"fused ONNX graph is wrong under ONNX Runtime.*"
