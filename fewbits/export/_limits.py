@@ -120,6 +120,24 @@ def _int_field(entry: Mapping, key: str, low: int, high: int) -> int:
     return value
 
 
+def _encoding(entry: Mapping) -> str:
+    encoding = entry.get("encoding")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; this fewbits reads {list(ENCODINGS)}")
+    return encoding
+
+
+def _code_bytes(entry: Mapping, encoding: str, count: int) -> int:
+    """Bytes of ``count`` elements of a raw, trits or packed entry (its ``bits`` bounded): the
+    one formula the entry check (:func:`tensor_count`) and format 2's derived spans use."""
+    if encoding.startswith("raw-"):
+        return count * np.dtype(encoding[4:]).itemsize
+    if encoding == "trits":  # five codes 0..2 a byte (bits is 2, the codes' declared width)
+        _int_field(entry, "bits", 2, 2)
+        return (count + 4) // 5
+    return (count * _int_field(entry, "bits", 1, MAX_BITS) + 7) // 8
+
+
 def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
     """Validate a tensor entry's codec fields against its blob length; return its element
     count. Nothing is allocated, so a hostile entry costs nothing to refuse.
@@ -129,31 +147,20 @@ def tensor_count(entry: Mapping, nbytes: int, blob: Any = None) -> int:
     the blob holds exactly what they describe, and (given the ``blob``) that a Huffman table's
     lengths are <= 24 and satisfy Kraft's inequality. Raises ValueError naming the field.
     """
-    encoding = entry.get("encoding")
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; this fewbits reads {list(ENCODINGS)}")
+    encoding = _encoding(entry)
     count = _shape_count(entry.get("shape"))
-    if encoding.startswith("raw-"):
-        need = count * np.dtype(encoding[4:]).itemsize
-        if nbytes != need:
+    if encoding != "huffman":
+        need = _code_bytes(entry, encoding, count)
+        if nbytes != need and encoding.startswith("raw-"):
             raise ValueError(f"{encoding} of shape {entry.get('shape')} needs {need} bytes, "
                              f"blob has {nbytes}")
-        return count
-    if encoding == "trits":  # five codes 0..2 a byte (bits is 2, the codes' declared width)
-        _int_field(entry, "bits", 2, 2)
-        need = (count + 4) // 5
         if nbytes != need:
-            raise ValueError(f"packed trits are too {'short' if nbytes < need else 'long'}: "
-                             f"{count} codes need {need} bytes, got {nbytes}")
+            what, codes = ("packed trits are", f"{count} codes") if encoding == "trits" else \
+                ("packed data is", f"{count} codes of {entry['bits']} bits")
+            raise ValueError(f"{what} too {'short' if nbytes < need else 'long'}: {codes} need "
+                             f"{need} bytes, got {nbytes}")
         return count
-    limit = MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS
-    bits = _int_field(entry, "bits", 1, limit)
-    if encoding == "packed":
-        need = (count * bits + 7) // 8
-        if nbytes != need:
-            raise ValueError(f"packed data is too {'short' if nbytes < need else 'long'}: "
-                             f"{count} codes of {bits} bits need {need} bytes, got {nbytes}")
-        return count
+    bits = _int_field(entry, "bits", 1, HUFFMAN_MAX_BITS)
     table = 1 << bits
     if nbytes < table:
         raise ValueError(f"huffman blob of {nbytes} bytes is shorter than its {table}-byte table")
@@ -183,18 +190,11 @@ def _blob_length(entry: Mapping, limit: int) -> int:
     opaque blob's ``length``); every field bounded, ``limit`` (the payload) included."""
     if "encoding" not in entry:
         return _int_field(entry, "length", 0, limit)
-    encoding = entry["encoding"]
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; this fewbits reads {list(ENCODINGS)}")
+    encoding = _encoding(entry)
     count = _shape_count(entry.get("shape"))
-    if encoding.startswith("raw-"):
-        return count * np.dtype(encoding[4:]).itemsize
-    if encoding == "trits":
-        _int_field(entry, "bits", 2, 2)
-        return (count + 4) // 5
-    bits = _int_field(entry, "bits", 1, MAX_BITS if encoding == "packed" else HUFFMAN_MAX_BITS)
-    if encoding == "packed":
-        return (count * bits + 7) // 8
+    if encoding != "huffman":
+        return _code_bytes(entry, encoding, count)
+    bits = _int_field(entry, "bits", 1, HUFFMAN_MAX_BITS)
     return (1 << bits) + (_int_field(entry, "bit_count", 0, 8 * limit) + 7) // 8
 
 
