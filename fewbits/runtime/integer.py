@@ -253,6 +253,7 @@ class IntegerEngine:
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
+        self._flat_logits = False
         self._keep_batch: dict[int, list] = {}
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
                              if isinstance(s, Conv)], default=64)
@@ -280,7 +281,10 @@ class IntegerEngine:
                 images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")
-        t = images.detach().to("cpu", torch.float32).contiguous()
+        t = images
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad or \
+                not t.is_contiguous():  # else as it is: each conversion costs microseconds
+            t = images.detach().to("cpu", torch.float32).contiguous()
         x = t.numpy()
         if not np.isfinite(x).all():  # NumPy's: torch.isfinite costs ~10x more on one image
             raise ValueError("the images contain NaN or inf")
@@ -292,6 +296,8 @@ class IntegerEngine:
             # the pointers of the one-image run, made once (each _ptr costs microseconds)
             self._fixed = (_ptr(vals[1]), _ptr(y1), y1.nbytes, y1.shape[1:],
                            torch.from_numpy(y1).dtype)
+            o = self.prog.out
+            self._flat_logits = o.kind == "float" and len(o.shape) == 1
         vals, segments = self._single
         if len(segments) == 1 and isinstance(segments[0], tuple):  # all native: image by image
             in_ptr, y_ptr, nbytes, shape, dtype = self._fixed
@@ -300,6 +306,8 @@ class IntegerEngine:
                                           t.data_ptr(), x[0].size, in_ptr, y_ptr, nbytes,
                                           out.data_ptr())
             self._check_rc(rc)
+            if self._flat_logits:  # (N, F) logits: the tensor as it is
+                return out.view(n, -1)
             return self._output(out.numpy(), n)
         if self._batch is None or self._batch[0] != n:
             self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
