@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes: list[str] = []
         run = runners(sources, float_net, protos, threads, notes)
         picks = {f: compile_for_cpu(m, threads=threads, batch_size=64,
-                                    candidates=tuple(CANDIDATES), probe_inputs=x[:64]).backend
+                                    candidates=tuple(CANDIDATES), probe_inputs=x).backend
                  for f, m in sources.items()}
         agree = agreement(nets, run, x)
         for b in args.batch:

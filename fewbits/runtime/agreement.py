@@ -104,16 +104,30 @@ def top1_agreement(got: Any, ref: Any) -> tuple[float, int] | None:
     return best
 
 
-def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe") -> str | None:
+def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe",
+                  before: tuple[float, int] | None = None) -> str | None:
     """Why ``got`` is not an acceptable stand-in for PyTorch's ``ref`` (None: it is): logits
     beyond ``tol`` of their range, or class scores whose top-1 agrees on fewer than
-    :data:`MIN_TOP1_AGREEMENT` of the rows (with ``tol`` 0, on any row less)."""
+    :data:`MIN_TOP1_AGREEMENT` of the rows (with ``tol`` 0, on any row less).
+
+    ``before``: the ``(share, rows)`` of :func:`top1_agreement` on rows checked earlier (the
+    planner's probe, before its timing batch): the bar is a rate, judged on all rows checked
+    together. Judged batch by batch, 99.5 % of 64 rows allows no flip at all, so a backend
+    agreeing on 99.9 % of a trained net's images failed on one flip in its 64 rows while one
+    agreeing on 99.2 % passed where its flips fell elsewhere. With ``n`` rows in all the bar
+    allows ``floor(0.005 n)`` flips: none below 200 rows."""
     err = leaf_error(got, ref)
     if err > tol:
         return f"tolerance exceeded on the {what}: logits differ by {err:.3g} of their range " \
                f"(tolerance {tol:.3g})"
     top = top1_agreement(got, ref)
-    if top is not None and top[0] < (MIN_TOP1_AGREEMENT if tol else 1.0):
+    if top is not None and before is not None:
+        rows = top[1] + before[1]
+        top = ((top[0] * top[1] + before[0] * before[1]) / rows, rows)
+        what = f"{what} and the rows checked before it"
+    # an exact count of flips against the bar: a share near it is not judged in floats
+    if top is not None and round((1 - top[0]) * top[1]) > \
+            ((1 - MIN_TOP1_AGREEMENT) * top[1] if tol else 0) + 1e-9:
         return f"tolerance exceeded on the {what}: top-1 agrees with PyTorch on " \
                f"{100 * top[0]:.1f} % of {top[1]} inputs (needs {100 * MIN_TOP1_AGREEMENT:.1f} " \
                f"%; logits differ by {err:.3g} of their range, tolerance {tol:.3g})"
