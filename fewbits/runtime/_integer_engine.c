@@ -1163,7 +1163,30 @@ void fbi_fadd(int32_t isa, FADD_ARGS) {
                    int32_t dh, int32_t dw, const float *restrict x, float *restrict y
 static void fpool_generic(FPOOL_ARGS) { FPOOL_BODY }
 #if FBI_X86
-AVX2 static void fpool_avx2(FPOOL_ARGS) { FPOOL_BODY }
+AVX2 static void fpool_avx2(FPOOL_ARGS) {
+    if (c % 8) { FPOOL_BODY return; }
+    /* 8 channels per vector, the maximum kept in a register: max_ps(p, m) is p > m ? p : m,
+     * the same maximum over the same taps in the same order */
+    for (int i = 0; i < n; i++)
+        for (int oy = 0; oy < oh; oy++)
+            for (int ox = 0; ox < ow; ox++) {
+                float *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;
+                for (int j = 0; j < c; j += 8) {
+                    __m256 m = _mm256_set1_ps(-INFINITY);
+                    for (int ky = 0; ky < kh; ky++) {
+                        int iy = oy * sh - ph + ky * dh;
+                        if (iy < 0 || iy >= h) continue;
+                        for (int kx = 0; kx < kw; kx++) {
+                            int ix = ox * sw - pw + kx * dw;
+                            if (ix < 0 || ix >= w) continue;
+                            m = _mm256_max_ps(_mm256_loadu_ps(
+                                    x + (((int64_t)i * h + iy) * w + ix) * c + j), m);
+                        }
+                    }
+                    _mm256_storeu_ps(q + j, m);
+                }
+            }
+}
 #endif
 
 /* global average of a float NHWC map: y[i][j] = (sum over pixels, in order) / hw */
