@@ -3,7 +3,8 @@
  * accumulation, and an epilogue per output channel that folds the conv bias, a ReLU before
  * batch norm, batch norm and the output quantizer (clamp, divide, round half away from zero,
  * clamp of the code range and of a ReLU after the quantizer). A layer whose input is float
- * (the network's image, a global average pool) multiplies in float32 instead.
+ * (the network's image, a global average pool, a float residual stream: see "float streams")
+ * multiplies in float32 instead.
  *
  * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA), chosen per call; all paths
  * give the same integers (the float epilogue is the same IEEE operations, fmaf included). AVX2:

@@ -11,10 +11,15 @@ multiply-add arithmetic) and the quantizer, whose clamp also takes ReLU / clamps
 Max pooling and ReLU commute with a (monotone) quantizer, so a quantizer further down (the
 next layer's ``input_quantizer``, as ``quantize_`` places them) is pulled back through them.
 
-Residual sums: two grids whose scales differ by a power of two are summed exactly on the finer
-one (int16; the bound is tracked and checked). Other scale ratios (min-max's learned ranges)
-have no common grid: the sum is rounded onto a 15-bit grid of its range (relative error
-``2**-16``); :attr:`Program.exact` is then False and :attr:`Program.notes` says where.
+Residual sums: two grids whose scales differ by a power of two, and whose codes' values are
+``k * scale`` (no zero-point offset), are summed exactly on the finer one (int16; the bound is
+tracked and checked). Other operands (min-max's learned ranges: no common grid) are summed as
+PyTorch sums them (:class:`FAdd`): a float32 NHWC map of PyTorch's values bit for bit, from
+each code's value ``fl(fl((k - kofs) * scale) + sub)`` (:attr:`Value.pt`), read by float-input
+layers (their float sums in their own order), max pooling and global average. A ReLU right
+after such a sum is folded into it; other operations on a float map raise. Nothing is
+approximated today (``Program.exact`` True; a step that approximates must set it False and say
+where in ``Program.notes``).
 
 Anything else raises ``ValueError`` naming the node and the operation, so that the planner
 falls back to the next backend.

@@ -252,13 +252,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
             return x
         c, h, w = x.shape
         if h == w == 1:
-            return Value(x.id, x.kind, (c,), x.scale, x.lo, x.hi, None)
+            return Value(x.id, x.kind, (c,), x.scale, x.lo, x.hi, None, pt=x.pt)
         if x.kind == "input":  # the images, NCHW: flat in PyTorch's own order
             return Value(x.id, "float", (c * h * w,))
         if x.kind != "int":
             raise ValueError(f"{where}: flattening a float feature map is not run by the "
                              "integer engine")
-        return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w))
+        return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w), x.pt)
 
     def concat(xs: list[Value], where: str) -> Value:
         if any(x.kind != "int" or len(x.shape) != 3 for x in xs) or \
