@@ -1141,6 +1141,93 @@ void fbi_fadd(int32_t isa, FADD_ARGS) {
     fadd_generic(n, fa, x0, ka, fb, x1, kb, p, y);
 }
 
+/* max pooling (dilation 1) of clamp(va + vb, lo, hi) over each window, the sums never
+ * stored: a float residual sum read only by a max pooling. The same sums, clamps and maxima as
+ * fbi_fadd then the float max pooling; g = {n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw}. */
+#define FADDP_LOOP(VA, VB)                                                              \
+    for (int i = 0; i < g[0]; i++)                                                      \
+        for (int oy = 0; oy < g[4]; oy++)                                               \
+            for (int ox = 0; ox < g[5]; ox++) {                                         \
+                float *restrict q = y + (((int64_t)i * g[4] + oy) * g[5] + ox) * c;     \
+                for (int j = 0; j < c; j++) q[j] = -INFINITY;                           \
+                for (int ky = 0; ky < g[6]; ky++) {                                     \
+                    int iy = oy * g[8] - g[10] + ky;                                    \
+                    if (iy < 0 || iy >= g[1]) continue;                                 \
+                    for (int kx = 0; kx < g[7]; kx++) {                                 \
+                        int ix = ox * g[9] - g[11] + kx;                                \
+                        if (ix < 0 || ix >= g[2]) continue;                             \
+                        int64_t o = (((int64_t)i * g[1] + iy) * g[2] + ix) * c;         \
+                        for (int j = 0; j < c; j++) {                                   \
+                            int64_t e = o + j;                                          \
+                            float v = VA(x0, ka, sa, ua, e) + VB(x1, kb, sb, ub, e);    \
+                            v = v < lo ? lo : v;                                        \
+                            v = v > hi ? hi : v;                                        \
+                            q[j] = v > q[j] ? v : q[j];                                 \
+                        }                                                               \
+                    }                                                                   \
+                }                                                                       \
+            }
+#define FP_I(x, o, s, u, e) ((float)((int32_t)((const int16_t *)(x))[e] - (o)) * (s) + (u))
+#define FP_F(x, o, s, u, e) (((const float *)(x))[e])
+#define FADDP_BODY                                                                      \
+    const float sa = p[0], ua = p[1], sb = p[2], ub = p[3], lo = p[4], hi = p[5];       \
+    const int c = g[3];                                                                 \
+    if (!fa && !fb) FADDP_LOOP(FP_I, FP_I)                                              \
+    else if (!fa) FADDP_LOOP(FP_I, FP_F)                                                \
+    else if (!fb) FADDP_LOOP(FP_F, FP_I)                                                \
+    else FADDP_LOOP(FP_F, FP_F)
+#define FADDP_ARGS const int32_t *g, int32_t fa, const void *x0, int32_t ka, int32_t fb,  \
+                   const void *x1, int32_t kb, const float *p, float *restrict y
+static void faddp_generic(FADDP_ARGS) { FADDP_BODY }
+#if FBI_X86
+/* 8 values of an operand as floats: codes (k - kofs) * scale + sub, two roundings, or floats */
+#define FPV_I(x, vo, vs, vu, e)                                                         \
+    _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi16_epi32( \
+        _mm_loadu_si128((const __m128i *)((const int16_t *)(x) + (e)))), vo)), vs), vu)
+#define FPV_F(x, vo, vs, vu, e) _mm256_loadu_ps((const float *)(x) + (e))
+/* 8 channels per vector; the window's taps outside, the channels inside (the maxima in the
+ * output row, in L1). min/max operand order as the scalar code's: max_ps(lo, v) is
+ * lo > v ? lo : v, min_ps(hi, v) is hi < v ? hi : v, max_ps(v, m) is v > m ? v : m (the same
+ * zero signs too) */
+#define FADDP_VLOOP(VA, VB)                                                             \
+    for (int i = 0; i < g[0]; i++)                                                      \
+        for (int oy = 0; oy < g[4]; oy++)                                               \
+            for (int ox = 0; ox < g[5]; ox++) {                                         \
+                float *q = y + (((int64_t)i * g[4] + oy) * g[5] + ox) * c;              \
+                for (int j = 0; j < c; j += 8) _mm256_storeu_ps(q + j, ninf);           \
+                for (int ky = 0; ky < kh; ky++) {                                       \
+                    int iy = oy * sh - ph + ky;                                         \
+                    if (iy < 0 || iy >= h) continue;                                    \
+                    for (int kx = 0; kx < kw; kx++) {                                   \
+                        int ix = ox * sw - pw + kx;                                     \
+                        if (ix < 0 || ix >= w) continue;                                \
+                        int64_t e = (((int64_t)i * h + iy) * w + ix) * c;               \
+                        for (int j = 0; j < c; j += 8, e += 8) {                        \
+                            __m256 v = _mm256_add_ps(VA(x0, oa, vsa, vua, e),           \
+                                                     VB(x1, ob, vsb, vub, e));          \
+                            v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));              \
+                            _mm256_storeu_ps(q + j, _mm256_max_ps(v, _mm256_loadu_ps(q + j))); \
+                        }                                                               \
+                    }                                                                   \
+                }                                                                       \
+            }
+AVX2 static void faddp_avx2(FADDP_ARGS) {
+    if (g[3] % 8) { FADDP_BODY return; }
+    const int c = g[3];
+    const __m256 vsa = _mm256_set1_ps(p[0]), vua = _mm256_set1_ps(p[1]);
+    const __m256 vsb = _mm256_set1_ps(p[2]), vub = _mm256_set1_ps(p[3]);
+    const __m256 vlo = _mm256_set1_ps(p[4]), vhi = _mm256_set1_ps(p[5]);
+    const __m256i oa = _mm256_set1_epi32(ka), ob = _mm256_set1_epi32(kb);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const int h = g[1], w = g[2], kh = g[6], kw = g[7], sh = g[8], sw = g[9], ph = g[10],
+              pw = g[11];
+    if (!fa && !fb) FADDP_VLOOP(FPV_I, FPV_I)
+    else if (!fa) FADDP_VLOOP(FPV_I, FPV_F)
+    else if (!fb) FADDP_VLOOP(FPV_F, FPV_I)
+    else FADDP_VLOOP(FPV_F, FPV_F)
+}
+#endif
+
 /* NHWC max pooling of float maps (padding never wins: -inf) */
 #define FPOOL_BODY                                                                      \
     for (int i = 0; i < n; i++)                                                         \
@@ -1209,7 +1296,8 @@ void fbi_global_avg_f32(int32_t n, int32_t hw, int32_t c, const float *x, float 
  * size): kind 0 conv (`conv`), 1 residual sum, 2 pooling (i[0..14] = fbi_pool's integer
  * arguments), 3 global average of int codes (i[0..2] = n, hw, c; f[0] = scale), 4 float sum
  * (i[0..3] = kind a, kofs a, kind b, kofs b; work: fbi_fadd's p), 5 global average of a float
- * map (i[0..2] = n, hw, c), 6 float max pooling (i[1..14] as kind 2). */
+ * map (i[0..2] = n, hw, c), 6 float max pooling (i[1..14] as kind 2), 7 a float sum max
+ * pooled (the sums never stored). */
 typedef struct {
     int32_t kind;
     int32_t i[16];
@@ -1244,6 +1332,17 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
         case 4:
             fbi_fadd(isa, s->count, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
                      (const float *)s->work, (float *)s->y);
+            break;
+        case 7: /* i[0..3] as kind 4, i[4..15] the pooling (faddp's g) */
+#if FBI_X86
+            if (isa == ISA_AVX2) {
+                faddp_avx2(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
+                           (const float *)s->work, (float *)s->y);
+                break;
+            }
+#endif
+            faddp_generic(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
+                          (const float *)s->work, (float *)s->y);
             break;
         case 5:
             fbi_global_avg_f32(s->i[0], s->i[1], s->i[2], (const float *)s->x0, (float *)s->y);

@@ -176,14 +176,21 @@ def _fadd_step(s: FAdd, vals: dict[int, np.ndarray], keep: list, bufs: _Buffers,
                ) -> tuple[np.ndarray, _Step]:
     """The native step of a float residual sum (kind 4) and its float32 output map (written
     over a float operand read here for the last time: each element is read, then written)."""
-    over = tuple(v for v in (s.a, s.b) if vals[v].dtype == np.float32)
-    y = bufs.take(s.dst, vals[s.a].shape, np.float32, over=over, at=k)
+    g = s.pool
+    if g is not None:  # max pooled as it is summed: a new buffer
+        y = bufs.take(s.dst, (vals[s.a].shape[0], g["oh"], g["ow"], g["c"]), np.float32)
+    else:
+        over = tuple(v for v in (s.a, s.b) if vals[v].dtype == np.float32)
+        y = bufs.take(s.dst, vals[s.a].shape, np.float32, over=over, at=k)
     ka, kb = (d if d is not None else (1.0, 0, 0.0) for d in (s.ka, s.kb))
     p = np.array([ka[0], ka[2], kb[0], kb[2], s.lo, s.hi], np.float32)
     keep.append(p)
-    st = _Step(kind=4, count=y.size, x0=_ptr(vals[s.a]), x1=_ptr(vals[s.b]), y=_ptr(y),
-               work=_ptr(p))
+    st = _Step(kind=4 if g is None else 7, count=vals[s.a].size, x0=_ptr(vals[s.a]),
+               x1=_ptr(vals[s.b]), y=_ptr(y), work=_ptr(p))
     st.i[0], st.i[1], st.i[2], st.i[3] = int(s.ka is None), ka[1], int(s.kb is None), kb[1]
+    if g is not None:
+        st.i[4:16] = [vals[s.a].shape[0], *(g[f] for f in ("h", "w", "c", "oh", "ow", "kh",
+                                                           "kw", "sh", "sw", "ph", "pw"))]
     return y, st
 
 

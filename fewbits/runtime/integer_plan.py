@@ -157,7 +157,8 @@ class Add:
 class FAdd:
     """``dst = clamp(va + vb, lo, hi)`` in float32 (PyTorch's values, bit for bit): an int
     operand (``ka``/``kb`` ``(scale, kofs, sub)``) has value ``fl(fl((k - kofs) * scale) +
-    sub)``; a float one (``None``) is its float32 map."""
+    sub)``; a float one (``None``) is its float32 map. ``pool``: the geometry of a max pooling
+    (dilation 1) that reads the sum and nothing else: ``dst`` is the pooled map."""
 
     a: int
     b: int
@@ -166,6 +167,7 @@ class FAdd:
     kb: tuple[float, int, float] | None
     lo: float = -math.inf
     hi: float = math.inf
+    pool: dict | None = None
 
 
 @dataclass

@@ -122,14 +122,20 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 v = int_pool(v, item[1], where)
         return v
 
-    def int_pool(x: Value, args: dict, where: str) -> Value:
-        """Max pooling of int codes or of a float map (both exact)."""
+    def int_pool(x: Value, args: dict, where: str, a: fx.Node | None = None) -> Value:
+        """Max pooling of int codes or of a float map (both exact); a float sum (node ``a``)
+        read only here is pooled as it is summed (its full map is never stored)."""
         if x.kind not in ("int", "float") or len(x.shape) != 3:
             raise ValueError(f"{where}: max pooling of a {x.kind} {x.shape} tensor is not run "
                              "by the integer engine")
         g = _maxpool_geom(args, x.shape, where)
         y = comp.new(x.kind, (x.shape[0], g["oh"], g["ow"]), scale=x.scale, lo=x.lo, hi=x.hi,
                      pt=x.pt)
+        f = x.producer
+        if isinstance(f, FAdd) and f.pool is None and f.dst == x.id and a is not None and \
+                single(a) and g["dh"] == g["dw"] == 1:
+            f.pool, f.dst, y.producer = g, y.id, f
+            return y
         prog.steps.append(Pool(x.id, y.id, 0 if x.kind == "int" else 2, g))
         return y
 
@@ -336,7 +342,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     x.post.append(("maxpool", _pool_args(node, m)))
                     env[node.name] = x
                 else:
-                    env[node.name] = int_pool(value(a, where), _pool_args(node, m), where)
+                    env[node.name] = int_pool(value(a, where), _pool_args(node, m), where, a)
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -376,7 +382,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
-                env[node.name] = int_pool(value(args[0], where), _pool_args(node, None), where)
+                env[node.name] = int_pool(value(args[0], where), _pool_args(node, None), where,
+                                          args[0])
             elif t in GAP_FNS and pair(args[1] if len(args) > 1 else
                                          node.kwargs["output_size"]) == (1, 1):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
