@@ -19,8 +19,10 @@ which PyTorch orders its own way, put a value within rounding of a level boundar
 then agree within the planner's tolerance. Min-max's residual streams are PyTorch's values;
 the layers reading them sum in their own order, as the first layer does (the logits agree
 within the planner's tolerance; 99.9 % top-1 on 1000 CIFAR-10 test images of a trained
-min-max ResNet-23). What the engine would have to approximate it refuses with ``ValueError``
-(:attr:`IntegerEngine.exact` then stays True). All CPU paths give identical outputs.
+min-max ResNet-23). Nothing is rounded beyond that (:attr:`IntegerEngine.exact` is True): what
+the engine cannot run exactly (a float map flattened, quantized, clamped where it is also read
+unclamped, ...) it refuses with ``ValueError`` naming the operation. All CPU paths give
+identical outputs.
 
 CPU paths (``engine.isa``): ``"avx2"`` and ``"generic"`` (portable C), picked by cpuid;
 ``FEWBITS_INT_ISA`` (or ``isa=``) forces one. The AVX2 path multiplies u8 x s8 (``vpmaddubsw``,
