@@ -24,7 +24,7 @@ from fewbits.runtime.integer import (
     _ptr,
     supported_int_isas,
 )
-from fewbits.runtime.integer_plan import Add, Concat, Conv, pack_u8
+from fewbits.runtime.integer_plan import Add, Concat, Conv, FAdd, pack_u8
 from fewbits.runtime.integer_walk import compile_program
 from fewbits.runtime.planner import QUANTIZED_RTOL
 
@@ -157,22 +157,94 @@ def test_rounding_half_away_on_ties_and_their_neighbours_on_every_isa() -> None:
             assert np.array_equal(y, want), (isa, f0, f1)
 
 
-def test_min_max_resnet23_fresh_and_trained_looking() -> None:
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_min_max_resnet23_fresh_and_trained_looking(isa: str) -> None:
+    # the residual sums have no common grid: a float32 stream of PyTorch's own values (was
+    # rounded to 15 bits and marked inexact); every path gives the same numbers
     torch.manual_seed(0)
     m = create_model("cifar10_min_max_resnet23_prediction").eval()
     x = _images(3, (3, 8, 8), seed=2)
     prog = compile_program(m, (3, 8, 8))
-    outs = []
-    for isa in ISAS_HERE:  # all paths give the same numbers
-        eng = IntegerEngine(prog, isa)
-        _check(eng, m, x, exact=False)
-        outs.append(eng(x))
-    assert all(torch.equal(o, outs[0]) for o in outs)
+    eng = IntegerEngine(prog, isa)
+    _check(eng, m, x, exact=False)
+    assert torch.equal(eng(x), IntegerEngine(prog, "generic")(x))
     _trained_looking(m, 3)
     x = _images(3, (3, 16, 16), seed=2)
-    eng = IntegerEngine.from_model(m, (3, 16, 16))
-    assert not eng.exact and "no common integer grid" in eng.notes[0]
+    prog = compile_program(m, (3, 16, 16))
+    eng = IntegerEngine(prog, isa)
+    assert eng.exact and not eng.notes
+    assert sum(isinstance(s, FAdd) for s in prog.steps) == 7
     _check(eng, m, x, exact=False)
+    assert torch.equal(eng(x), IntegerEngine(prog, "generic")(x))
+
+
+class _StreamNet(nn.Module):
+    """Two quantized branches with unrelated min-max scales summed (no common grid: a float
+    stream), ReLU, max pool, a second sum with codes; then layers reading the stream (3x3
+    grouped, strided: im2col rows; 1x1: the map itself), a third sum, global average, linear.
+    Weights fixed point and images k / 256: the codes before the stream are PyTorch's exactly.
+    ``out``: ``"stream"`` returns the second sum (bit for bit PyTorch's), ``"logits"`` the
+    logits, ``"clamp_shared"`` / ``"quantize"`` / ``"flat"`` an operation on a float map that
+    is refused."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        fp = lambda: FixedPoint(n=6, delta=2**-4)  # noqa: E731
+        self.ca = QuantConv2d(3, 16, 3, padding=1, weight_quantizer=fp())
+        self.ba, self.qa = nn.BatchNorm2d(16), QuantAct(MinMax())
+        self.cb = QuantConv2d(3, 16, 1, weight_quantizer=fp())
+        self.qb = QuantAct(MinMax())
+        self.cd = QuantConv2d(3, 16, 2, stride=2, weight_quantizer=fp())
+        self.qd = QuantAct(MinMax())
+        self.ce = QuantConv2d(16, 16, 3, padding=1, stride=2, groups=2,
+                              weight_quantizer=fp())
+        self.be, self.qe = nn.BatchNorm2d(16), QuantAct(MinMax())
+        self.cf = QuantConv2d(16, 16, 1, weight_quantizer=fp())
+        self.bf, self.qf = nn.BatchNorm2d(16), QuantAct(MinMax())
+        self.q = QuantAct(MinMax())
+        self.fc = QuantLinear(16, 5, weight_quantizer=fp())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.qa(self.ba(self.ca(x))) + self.qb(self.cb(x)))
+        s = torch.relu(self.qd(self.cd(x)) + nn.functional.max_pool2d(s, 2))  # float + int
+        if self.out == "stream":
+            return s
+        if self.out == "clamp_shared":
+            return s + torch.relu(s)
+        if self.out == "quantize":
+            return self.q(s)
+        if self.out == "flat":
+            return self.fc(torch.flatten(s, 1) + torch.flatten(s, 1))
+        t = torch.relu(self.qe(self.be(self.ce(s))))  # 4 x 4
+        t = torch.relu(self.qf(self.bf(self.cf(t))) + t)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1))
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_float_stream_is_pytorch_bit_for_bit_and_read_natively(isa: str) -> None:
+    torch.manual_seed(2)
+    x = _images(4, (3, 16, 16), seed=3, denom=256)
+    m = _trained_looking(_StreamNet("stream"), 4)
+    eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
+    assert eng.exact and sum(isinstance(s, FAdd) for s in eng.prog.steps) == 2
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.equal(eng(x), ref)  # the float stream: PyTorch's values, bit for bit
+    assert torch.equal(eng(x[:1]), ref[:1])
+    m.out = "logits"
+    eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
+    assert eng.exact
+    _check(eng, m, x, exact=False)
+    assert len(eng._single[1]) == 1  # one native run: no step through Python
+    assert torch.equal(eng(x), IntegerEngine(eng.prog, "generic")(x))
+
+
+@pytest.mark.parametrize("out", ["clamp_shared", "quantize", "flat"])
+def test_float_stream_operations_not_covered_are_named(out: str) -> None:
+    m = _trained_looking(_StreamNet(out), 4)
+    with pytest.raises(ValueError, match="float"):
+        IntegerEngine.from_model(m, (3, 16, 16))
 
 
 class _UserNet(nn.Module):

@@ -3,7 +3,8 @@
  * accumulation, and an epilogue per output channel that folds the conv bias, a ReLU before
  * batch norm, batch norm and the output quantizer (clamp, divide, round half away from zero,
  * clamp of the code range and of a ReLU after the quantizer). A layer whose input is float
- * (the network's image, a global average pool) multiplies in float32 instead.
+ * (the network's image, a global average pool, a float residual stream: see "float streams")
+ * multiplies in float32 instead.
  *
  * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA), chosen per call; all paths
  * give the same integers (the float epilogue is the same IEEE operations, fmaf included). AVX2:
@@ -26,7 +27,7 @@
 #endif
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1 };
-enum { IN_INT = 0, IN_FLOAT_NCHW = 1 };
+enum { IN_INT = 0, IN_FLOAT_NCHW = 1, IN_FLOAT_NHWC = 2 };
 enum { OUT_INT = 0, OUT_FLOAT = 1 };
 
 #define NB 16 /* output channels per packed int16 block */
@@ -758,8 +759,11 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
 /* Returns 0, 1 (qcheck and the quantizer after this float-input layer sees NaN/inf: its sums
  * overflowed; the outputs are written all the same), or -1 (ISA not supported here), -2 (bad
  * arguments). */
+static int conv_f32_nhwc(const fbi_conv *a);
+
 int fbi_conv_run(const fbi_conv *a) {
     if (!fbi_isa_supported(a->isa)) return -1;
+    if (a->in_kind == IN_FLOAT_NHWC) return conv_f32_nhwc(a);
 #if FBI_X86
     if (a->isa == ISA_AVX2 && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0) {
         conv_u8_avx2(a);
@@ -988,11 +992,312 @@ void fbi_global_avg(int32_t n, int32_t hw, int32_t c, const int16_t *x, float sc
     }
 }
 
+/* ----------------------------------------------------------------- float streams
+ * A residual stream whose operands have no common integer grid (min-max's learned scales) is
+ * kept as float32 NHWC holding PyTorch's own values: an int operand's value is its
+ * quantizer's output fl(fl((k - kofs) * scale) + sub) (min-max: r * scale + lo, two
+ * roundings), the sum is one float add, then the clamps of a ReLU. What reads such a map: a
+ * layer with float NHWC input (its float sums in its own order, as the first layer's), max
+ * pooling, global average; all exact but those sums. Both paths run the same IEEE operations
+ * in the same order (the FMA kernel below sums each channel over k in order, as
+ * gemm_f32_generic). */
+
+/* rows [OH*OW][kf] float of one NHWC image, group g, taps (ky, kx, c) (zeros: padding) */
+static void im2col_f32_nhwc(const fbi_conv *a, const float *x, int g, float *col) {
+    int cg = a->cin / a->groups, kf = a->kf;
+    for (int oy = 0; oy < a->oh; oy++)
+        for (int ox = 0; ox < a->ow; ox++) {
+            float *row = col + ((int64_t)oy * a->ow + ox) * kf;
+            int t = 0;
+            for (int ky = 0; ky < a->kh; ky++) {
+                int iy = oy * a->sh - a->ph + ky * a->dh;
+                for (int kx = 0; kx < a->kw; kx++) {
+                    int ix = ox * a->sw - a->pw + kx * a->dw;
+                    int in = iy >= 0 && iy < a->h && ix >= 0 && ix < a->w;
+                    const float *p = x + ((int64_t)iy * a->w + ix) * a->cin + g * cg;
+                    for (int c = 0; c < cg; c++, t++) row[t] = in ? p[c] : 0.0f;
+                }
+            }
+            for (; t < kf; t++) row[t] = 0.0f;
+        }
+}
+
+#if FBI_X86
+/* 6 rows x 16 channels (two packed blocks of 8), the 12 accumulators in registers: each
+ * weight pair feeds 12 independent FMA chains (latency 4, two FMA pipes) */
+AVX2 static int gemm_f32_6x16_avx2(const fbi_conv *ac, const float *A, int64_t lda, int64_t m,
+                                   const float *B, int nblocks, int n_off, int cout_g, char *Y,
+                                   int64_t ldy, int esize) {
+    int kf = ac->kf, bad = 0;
+    fbi_ep e;
+    ep_init(ac, &e);
+    for (int64_t r = 0; r < m; r += 6) {
+        int rows = m - r < 6 ? (int)(m - r) : 6;
+        const float *p0, *p1, *p2, *p3, *p4, *p5;
+        char *dst[6];
+        for (int q = 0; q < 6; q++)
+            dst[q] = q < rows ? Y + (r + q) * ldy * esize : NULL;
+        p0 = A + r * lda; /* rows past m read row r again (dropped) */
+        p1 = rows > 1 ? p0 + lda : p0, p2 = rows > 2 ? p0 + 2 * lda : p0;
+        p3 = rows > 3 ? p0 + 3 * lda : p0, p4 = rows > 4 ? p0 + 4 * lda : p0;
+        p5 = rows > 5 ? p0 + 5 * lda : p0;
+        for (int b = 0; b < nblocks; b += 2) {
+            const float *b0 = B + (int64_t)b * kf * NBF;
+            const float *b1 = b + 1 < nblocks ? b0 + (int64_t)kf * NBF : b0;
+            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+                   c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+            for (int k = 0; k < kf; k++) {
+                __m256 w0 = _mm256_loadu_ps(b0 + k * NBF), w1 = _mm256_loadu_ps(b1 + k * NBF);
+                __m256 x;
+#define ROW6(p, u, v)                                                             \
+                x = _mm256_broadcast_ss(p + k);                                   \
+                u = _mm256_fmadd_ps(x, w0, u);                                    \
+                v = _mm256_fmadd_ps(x, w1, v);
+                ROW6(p0, c00, c01) ROW6(p1, c10, c11) ROW6(p2, c20, c21)
+                ROW6(p3, c30, c31) ROW6(p4, c40, c41) ROW6(p5, c50, c51)
+#undef ROW6
+            }
+            __m256 v[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+            int n0 = n_off + b * NBF, cnt = cout_g - b * NBF < 2 * NBF ? cout_g - b * NBF
+                                                                      : 2 * NBF;
+            if (ac->qcheck && !bad && maybe_nonfinite(v, 12))
+                for (int q = 0; q < rows; q++) {
+                    float t[16];
+                    _mm256_storeu_ps(t, v[2 * q]);
+                    _mm256_storeu_ps(t + 8, v[2 * q + 1]);
+                    bad |= sums_nonfinite(ac, t, n0, cnt);
+                }
+            epi_tile(&e, v, 6, n0, cnt, dst);
+        }
+    }
+    return bad;
+}
+#endif
+
+static int gemm_f32_rows(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
+                         const float *B, int nblocks, int n_off, int og, char *Y, int esize) {
+#if FBI_X86
+    if (a->isa == ISA_AVX2)
+        return gemm_f32_6x16_avx2(a, A, lda, m, B, nblocks, n_off, og, Y, a->cout, esize);
+#endif
+    return gemm_f32_generic(a, A, lda, m, B, nblocks, n_off, og, Y, a->cout, esize);
+}
+
+/* A layer reading a float NHWC map: 1x1 stride 1 as one GEMM on the map itself, else im2col
+ * rows (taps (ky, kx, c)); weights packed float [nb][kf][NBF] per group. */
+static int conv_f32_nhwc(const fbi_conv *a) {
+    if (a->groups < 1 || a->cin % a->groups || a->cout % a->groups) return -2;
+    int cg = a->cin / a->groups, og = a->cout / a->groups;
+    int esize = a->out_kind == OUT_FLOAT ? 4 : 2, nblocks = (og + NBF - 1) / NBF;
+    int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
+    int64_t wstride = (int64_t)nblocks * a->kf * NBF;
+    char *Y = (char *)a->y;
+    if (a->groups == 1 && a->kh == 1 && a->kw == 1 && a->sh == 1 && a->sw == 1 &&
+        a->ph == 0 && a->pw == 0 && a->kf == cg)
+        return gemm_f32_rows(a, (const float *)a->x, a->cin, (int64_t)a->n * opix,
+                             (const float *)a->wpack, nblocks, 0, og, Y, esize);
+    int bad = 0;
+    for (int i = 0; i < a->n; i++)
+        for (int g = 0; g < a->groups; g++) {
+            float *col = (float *)a->scratch;
+            im2col_f32_nhwc(a, (const float *)a->x + i * in_img, g, col);
+            bad |= gemm_f32_rows(a, col, a->kf, opix, (const float *)a->wpack + g * wstride,
+                                 nblocks, g * og, og, Y + i * opix * a->cout * esize, esize);
+        }
+    return bad;
+}
+
+/* y = clamp(va + vb, lo, hi), float32; an operand is int16 codes (kind 0: value
+ * fl(fl((k - kofs) * scale) + sub)) or float32 (kind 1). p = {scale_a, sub_a, scale_b,
+ * sub_b, lo, hi}. */
+#define FV_I(x, o, s, u) ((float)((int32_t)((const int16_t *)(x))[i] - (o)) * (s) + (u))
+#define FV_F(x, o, s, u) (((const float *)(x))[i])
+#define FADD_LOOP(VA, VB)                                                               \
+    for (int64_t i = 0; i < n; i++) {                                                   \
+        float v = VA(x0, ka, sa, ua) + VB(x1, kb, sb, ub);                              \
+        v = v < lo ? lo : v;                                                            \
+        y[i] = v > hi ? hi : v;                                                         \
+    }
+#define FADD_BODY                                                                       \
+    const float sa = p[0], ua = p[1], sb = p[2], ub = p[3], lo = p[4], hi = p[5];       \
+    if (!fa && !fb) FADD_LOOP(FV_I, FV_I)                                               \
+    else if (!fa) FADD_LOOP(FV_I, FV_F)                                                 \
+    else if (!fb) FADD_LOOP(FV_F, FV_I)                                                 \
+    else FADD_LOOP(FV_F, FV_F)
+#define FADD_ARGS int64_t n, int32_t fa, const void *x0, int32_t ka, int32_t fb,         \
+                  const void *x1, int32_t kb, const float *p, float *y
+static void fadd_generic(FADD_ARGS) { FADD_BODY }
+#if FBI_X86
+AVX2 static void fadd_avx2(FADD_ARGS) { FADD_BODY }
+#endif
+void fbi_fadd(int32_t isa, FADD_ARGS) {
+#if FBI_X86
+    if (isa == ISA_AVX2) {
+        fadd_avx2(n, fa, x0, ka, fb, x1, kb, p, y);
+        return;
+    }
+#endif
+    (void)isa;
+    fadd_generic(n, fa, x0, ka, fb, x1, kb, p, y);
+}
+
+/* max pooling (dilation 1) of clamp(va + vb, lo, hi) over each window, the sums never
+ * stored: a float residual sum read only by a max pooling. The same sums, clamps and maxima as
+ * fbi_fadd then the float max pooling; g = {n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw}. */
+#define FADDP_LOOP(VA, VB)                                                              \
+    for (int i = 0; i < g[0]; i++)                                                      \
+        for (int oy = 0; oy < g[4]; oy++)                                               \
+            for (int ox = 0; ox < g[5]; ox++) {                                         \
+                float *restrict q = y + (((int64_t)i * g[4] + oy) * g[5] + ox) * c;     \
+                for (int j = 0; j < c; j++) q[j] = -INFINITY;                           \
+                for (int ky = 0; ky < g[6]; ky++) {                                     \
+                    int iy = oy * g[8] - g[10] + ky;                                    \
+                    if (iy < 0 || iy >= g[1]) continue;                                 \
+                    for (int kx = 0; kx < g[7]; kx++) {                                 \
+                        int ix = ox * g[9] - g[11] + kx;                                \
+                        if (ix < 0 || ix >= g[2]) continue;                             \
+                        int64_t o = (((int64_t)i * g[1] + iy) * g[2] + ix) * c;         \
+                        for (int j = 0; j < c; j++) {                                   \
+                            int64_t e = o + j;                                          \
+                            float v = VA(x0, ka, sa, ua, e) + VB(x1, kb, sb, ub, e);    \
+                            v = v < lo ? lo : v;                                        \
+                            v = v > hi ? hi : v;                                        \
+                            q[j] = v > q[j] ? v : q[j];                                 \
+                        }                                                               \
+                    }                                                                   \
+                }                                                                       \
+            }
+#define FP_I(x, o, s, u, e) ((float)((int32_t)((const int16_t *)(x))[e] - (o)) * (s) + (u))
+#define FP_F(x, o, s, u, e) (((const float *)(x))[e])
+#define FADDP_BODY                                                                      \
+    const float sa = p[0], ua = p[1], sb = p[2], ub = p[3], lo = p[4], hi = p[5];       \
+    const int c = g[3];                                                                 \
+    if (!fa && !fb) FADDP_LOOP(FP_I, FP_I)                                              \
+    else if (!fa) FADDP_LOOP(FP_I, FP_F)                                                \
+    else if (!fb) FADDP_LOOP(FP_F, FP_I)                                                \
+    else FADDP_LOOP(FP_F, FP_F)
+#define FADDP_ARGS const int32_t *g, int32_t fa, const void *x0, int32_t ka, int32_t fb,  \
+                   const void *x1, int32_t kb, const float *p, float *restrict y
+static void faddp_generic(FADDP_ARGS) { FADDP_BODY }
+#if FBI_X86
+/* 8 values of an operand as floats: codes (k - kofs) * scale + sub, two roundings, or floats */
+#define FPV_I(x, vo, vs, vu, e)                                                         \
+    _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepi16_epi32( \
+        _mm_loadu_si128((const __m128i *)((const int16_t *)(x) + (e)))), vo)), vs), vu)
+#define FPV_F(x, vo, vs, vu, e) _mm256_loadu_ps((const float *)(x) + (e))
+/* 8 channels per vector; the window's taps outside, the channels inside (the maxima in the
+ * output row, in L1). min/max operand order as the scalar code's: max_ps(lo, v) is
+ * lo > v ? lo : v, min_ps(hi, v) is hi < v ? hi : v, max_ps(v, m) is v > m ? v : m (the same
+ * zero signs too) */
+#define FADDP_VLOOP(VA, VB)                                                             \
+    for (int i = 0; i < g[0]; i++)                                                      \
+        for (int oy = 0; oy < g[4]; oy++)                                               \
+            for (int ox = 0; ox < g[5]; ox++) {                                         \
+                float *q = y + (((int64_t)i * g[4] + oy) * g[5] + ox) * c;              \
+                for (int j = 0; j < c; j += 8) _mm256_storeu_ps(q + j, ninf);           \
+                for (int ky = 0; ky < kh; ky++) {                                       \
+                    int iy = oy * sh - ph + ky;                                         \
+                    if (iy < 0 || iy >= h) continue;                                    \
+                    for (int kx = 0; kx < kw; kx++) {                                   \
+                        int ix = ox * sw - pw + kx;                                     \
+                        if (ix < 0 || ix >= w) continue;                                \
+                        int64_t e = (((int64_t)i * h + iy) * w + ix) * c;               \
+                        for (int j = 0; j < c; j += 8, e += 8) {                        \
+                            __m256 v = _mm256_add_ps(VA(x0, oa, vsa, vua, e),           \
+                                                     VB(x1, ob, vsb, vub, e));          \
+                            v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));              \
+                            _mm256_storeu_ps(q + j, _mm256_max_ps(v, _mm256_loadu_ps(q + j))); \
+                        }                                                               \
+                    }                                                                   \
+                }                                                                       \
+            }
+AVX2 static void faddp_avx2(FADDP_ARGS) {
+    if (g[3] % 8) { FADDP_BODY return; }
+    const int c = g[3];
+    const __m256 vsa = _mm256_set1_ps(p[0]), vua = _mm256_set1_ps(p[1]);
+    const __m256 vsb = _mm256_set1_ps(p[2]), vub = _mm256_set1_ps(p[3]);
+    const __m256 vlo = _mm256_set1_ps(p[4]), vhi = _mm256_set1_ps(p[5]);
+    const __m256i oa = _mm256_set1_epi32(ka), ob = _mm256_set1_epi32(kb);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const int h = g[1], w = g[2], kh = g[6], kw = g[7], sh = g[8], sw = g[9], ph = g[10],
+              pw = g[11];
+    if (!fa && !fb) FADDP_VLOOP(FPV_I, FPV_I)
+    else if (!fa) FADDP_VLOOP(FPV_I, FPV_F)
+    else if (!fb) FADDP_VLOOP(FPV_F, FPV_I)
+    else FADDP_VLOOP(FPV_F, FPV_F)
+}
+#endif
+
+/* NHWC max pooling of float maps (padding never wins: -inf) */
+#define FPOOL_BODY                                                                      \
+    for (int i = 0; i < n; i++)                                                         \
+        for (int oy = 0; oy < oh; oy++)                                                 \
+            for (int ox = 0; ox < ow; ox++) {                                           \
+                float *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;                  \
+                for (int j = 0; j < c; j++) q[j] = -INFINITY;                           \
+                for (int ky = 0; ky < kh; ky++) {                                       \
+                    int iy = oy * sh - ph + ky * dh;                                    \
+                    if (iy < 0 || iy >= h) continue;                                    \
+                    for (int kx = 0; kx < kw; kx++) {                                   \
+                        int ix = ox * sw - pw + kx * dw;                                \
+                        if (ix < 0 || ix >= w) continue;                                \
+                        const float *p = x + (((int64_t)i * h + iy) * w + ix) * c;      \
+                        for (int j = 0; j < c; j++) q[j] = p[j] > q[j] ? p[j] : q[j];   \
+                    }                                                                   \
+                }                                                                       \
+            }
+#define FPOOL_ARGS int32_t n, int32_t h, int32_t w, int32_t c, int32_t oh, int32_t ow,   \
+                   int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, int32_t pw, \
+                   int32_t dh, int32_t dw, const float *restrict x, float *restrict y
+static void fpool_generic(FPOOL_ARGS) { FPOOL_BODY }
+#if FBI_X86
+AVX2 static void fpool_avx2(FPOOL_ARGS) {
+    if (c % 8) { FPOOL_BODY return; }
+    /* 8 channels per vector, the maximum kept in a register: max_ps(p, m) is p > m ? p : m,
+     * the same maximum over the same taps in the same order */
+    for (int i = 0; i < n; i++)
+        for (int oy = 0; oy < oh; oy++)
+            for (int ox = 0; ox < ow; ox++) {
+                float *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;
+                for (int j = 0; j < c; j += 8) {
+                    __m256 m = _mm256_set1_ps(-INFINITY);
+                    for (int ky = 0; ky < kh; ky++) {
+                        int iy = oy * sh - ph + ky * dh;
+                        if (iy < 0 || iy >= h) continue;
+                        for (int kx = 0; kx < kw; kx++) {
+                            int ix = ox * sw - pw + kx * dw;
+                            if (ix < 0 || ix >= w) continue;
+                            m = _mm256_max_ps(_mm256_loadu_ps(
+                                    x + (((int64_t)i * h + iy) * w + ix) * c + j), m);
+                        }
+                    }
+                    _mm256_storeu_ps(q + j, m);
+                }
+            }
+}
+#endif
+
+/* global average of a float NHWC map: y[i][j] = (sum over pixels, in order) / hw */
+void fbi_global_avg_f32(int32_t n, int32_t hw, int32_t c, const float *x, float *y) {
+    for (int i = 0; i < n; i++) {
+        float *q = y + (int64_t)i * c;
+        for (int j = 0; j < c; j++) q[j] = 0.0f;
+        for (int p = 0; p < hw; p++) {
+            const float *r = x + ((int64_t)i * hw + p) * c;
+            for (int j = 0; j < c; j++) q[j] += r[j];
+        }
+        for (int j = 0; j < c; j++) q[j] /= (float)hw;
+    }
+}
+
 /* ----------------------------------------------------------------- the program */
 
 /* One step of a batch's program, all pointers fixed (the engine's buffers for that batch
  * size): kind 0 conv (`conv`), 1 residual sum, 2 pooling (i[0..14] = fbi_pool's integer
- * arguments), 3 global average of int codes (i[0..2] = n, hw, c; f[0] = scale). */
+ * arguments), 3 global average of int codes (i[0..2] = n, hw, c; f[0] = scale), 4 float sum
+ * (i[0..3] = kind a, kofs a, kind b, kofs b; work: fbi_fadd's p), 5 global average of a float
+ * map (i[0..2] = n, hw, c), 6 float max pooling (i[1..14] as kind 2), 7 a float sum max
+ * pooled (the sums never stored). */
 typedef struct {
     int32_t kind;
     int32_t i[16];
@@ -1023,6 +1328,37 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
         case 3:
             fbi_global_avg(s->i[0], s->i[1], s->i[2], (const int16_t *)s->x0, s->f[0],
                            (float *)s->y);
+            break;
+        case 4:
+            fbi_fadd(isa, s->count, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
+                     (const float *)s->work, (float *)s->y);
+            break;
+        case 7: /* i[0..3] as kind 4, i[4..15] the pooling (faddp's g) */
+#if FBI_X86
+            if (isa == ISA_AVX2) {
+                faddp_avx2(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
+                           (const float *)s->work, (float *)s->y);
+                break;
+            }
+#endif
+            faddp_generic(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
+                          (const float *)s->work, (float *)s->y);
+            break;
+        case 5:
+            fbi_global_avg_f32(s->i[0], s->i[1], s->i[2], (const float *)s->x0, (float *)s->y);
+            break;
+        case 6:
+#if FBI_X86
+            if (isa == ISA_AVX2) {
+                fpool_avx2(s->i[1], s->i[2], s->i[3], s->i[4], s->i[5], s->i[6], s->i[7],
+                           s->i[8], s->i[9], s->i[10], s->i[11], s->i[12], s->i[13], s->i[14],
+                           (const float *)s->x0, (float *)s->y);
+                break;
+            }
+#endif
+            fpool_generic(s->i[1], s->i[2], s->i[3], s->i[4], s->i[5], s->i[6], s->i[7],
+                          s->i[8], s->i[9], s->i[10], s->i[11], s->i[12], s->i[13], s->i[14],
+                          (const float *)s->x0, (float *)s->y);
             break;
         default: return -2;
         }

@@ -11,10 +11,15 @@ multiply-add arithmetic) and the quantizer, whose clamp also takes ReLU / clamps
 Max pooling and ReLU commute with a (monotone) quantizer, so a quantizer further down (the
 next layer's ``input_quantizer``, as ``quantize_`` places them) is pulled back through them.
 
-Residual sums: two grids whose scales differ by a power of two are summed exactly on the finer
-one (int16; the bound is tracked and checked). Other scale ratios (min-max's learned ranges)
-have no common grid: the sum is rounded onto a 15-bit grid of its range (relative error
-``2**-16``); :attr:`Program.exact` is then False and :attr:`Program.notes` says where.
+Residual sums: two grids whose scales differ by a power of two, and whose codes' values are
+``k * scale`` (no zero-point offset), are summed exactly on the finer one (int16; the bound is
+tracked and checked). Other operands (min-max's learned ranges: no common grid) are summed as
+PyTorch sums them (:class:`FAdd`): a float32 NHWC map of PyTorch's values bit for bit, from
+each code's value ``fl(fl((k - kofs) * scale) + sub)`` (:attr:`Value.pt`), read by float-input
+layers (their float sums in their own order), max pooling and global average. A ReLU right
+after such a sum is folded into it; other operations on a float map raise. Nothing is
+approximated today (``Program.exact`` True; a step that approximates must set it False and say
+where in ``Program.notes``).
 
 Anything else raises ``ValueError`` naming the node and the operation, so that the planner
 falls back to the next backend.
@@ -35,8 +40,8 @@ from torch import nn
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
-           "Compiler", "Concat", "Conv", "GlobalAvg", "Pool", "Program", "QuantParams", "Quantize",
-           "Tracer", "Value", "bn_affine", "pack_u8", "pair", "quant_params"]
+           "Compiler", "Concat", "Conv", "FAdd", "GlobalAvg", "Pool", "Program", "QuantParams",
+           "Quantize", "Tracer", "Value", "bn_affine", "pack_u8", "pair", "quant_params"]
 
 I16 = 32767
 _I32 = 2**31 - 1
@@ -103,6 +108,9 @@ class Value:
     hi: int = 0
     producer: Any = None
     flat_from: tuple[int, int, int] | None = None
+    #: ``(kofs, sub)`` where PyTorch's value of code ``k`` is ``fl(fl((k - kofs) * scale) +
+    #: sub)`` (its quantizer's output), ``None`` where not known; a float sum needs it
+    pt: tuple[int, float] | None = None
 
 
 @dataclass
@@ -119,6 +127,7 @@ class Conv:
     beta: np.ndarray
     float_in: bool
     pre_relu: bool = False
+    nhwc: bool = False  # float input is a float32 NHWC map (a residual stream), not images
     quant: QuantParams | None = None
     fclamp: tuple[float, float] = (-math.inf, math.inf)
     #: the value-domain clamps (ReLUs) between the epilogue and ``quant``: what its input is
@@ -145,6 +154,23 @@ class Add:
 
 
 @dataclass
+class FAdd:
+    """``dst = clamp(va + vb, lo, hi)`` in float32 (PyTorch's values, bit for bit): an int
+    operand (``ka``/``kb`` ``(scale, kofs, sub)``) has value ``fl(fl((k - kofs) * scale) +
+    sub)``; a float one (``None``) is its float32 map. ``pool``: the geometry of a max pooling
+    (dilation 1) that reads the sum and nothing else: ``dst`` is the pooled map."""
+
+    a: int
+    b: int
+    dst: int
+    ka: tuple[float, int, float] | None
+    kb: tuple[float, int, float] | None
+    lo: float = -math.inf
+    hi: float = math.inf
+    pool: dict | None = None
+
+
+@dataclass
 class Concat:
     """Channel concatenation of int maps, each times an integer ``muls`` (a common grid)."""
 
@@ -156,7 +182,7 @@ class Concat:
 
 @dataclass
 class Pool:
-    """NHWC int max (``op`` 0) or sum (``op`` 1) pooling."""
+    """NHWC int max (``op`` 0), int sum (``op`` 1) or float max (``op`` 2) pooling."""
 
     src: int
     dst: int
@@ -166,7 +192,8 @@ class Pool:
 
 @dataclass
 class GlobalAvg:
-    """Global average pool to float ``(N, C)`` (int input: ``sum * scale / HW``)."""
+    """Global average pool to float ``(N, C)`` (int input: ``sum * scale / HW``; float
+    input: ``sum / HW``)."""
 
     src: int
     dst: int
@@ -296,11 +323,12 @@ def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int, int] 
     return np.ascontiguousarray(out), kq4, chunk
 
 
-def _pack_float(w: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
-    """``[cout, cg, kh, kw]`` float -> per group ``[nb][kf][8]``, taps (c, ky, kx) (NCHW)."""
+def _pack_float(w: np.ndarray, groups: int, nhwc: bool = False) -> tuple[np.ndarray, int]:
+    """``[cout, cg, kh, kw]`` float -> per group ``[nb][kf][8]``, taps (c, ky, kx) (NCHW
+    input) or (ky, kx, c) (``nhwc``)."""
     cout = w.shape[0]
     og = cout // groups
-    ww = w.reshape(cout, -1)
+    ww = (w.transpose(0, 2, 3, 1) if nhwc else w).reshape(cout, -1)
     kf = ww.shape[1]
     nb = -(-og // _NBF)
     out = np.zeros((groups, nb * _NBF, kf), np.float32)
@@ -378,14 +406,13 @@ class Compiler:
             u8 = pack_u8(k, groups, umax) if umax <= 255 and \
                 int(np.abs(k).reshape(cout, -1).sum(1).max()) * umax <= _I32 else None
         elif x.kind in ("input", "float"):
-            if x.kind == "float" and len(x.shape) == 3:
-                raise ValueError(f"{name}: a float feature map here; the integer engine takes "
-                                 "float input only at the network input (add a quantizer)")
-            pack, geom["kf"] = _pack_float(wt.detach().float().numpy(), groups)
+            nhwc = x.kind == "float" and len(x.shape) == 3  # a float map (a residual stream)
+            pack, geom["kf"] = _pack_float(wt.detach().float().numpy(), groups, nhwc)
             sacc = ones.copy()
         else:
             raise ValueError(f"{name}: input of kind {x.kind}")
-        conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name)
+        conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name,
+                    nhwc=x.kind == "float" and len(x.shape) == 3)
         if x.kind == "int" and u8 is not None:
             conv.wpack8, conv.kq4, conv.kchunk = u8
             if shift:
@@ -402,6 +429,6 @@ class Compiler:
         if x.kind != "float" or len(x.shape) != 1:
             raise ValueError(f"{name}: quantizing a float feature map is not run by the "
                              "integer engine")
-        y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi)
+        y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi, pt=(qp.kofs, qp.sub))
         self.prog.steps.append(Quantize(x.id, y.id, qp))
         return y

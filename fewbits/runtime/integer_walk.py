@@ -26,6 +26,7 @@ from .integer_plan import (
     Compiler,
     Concat,
     Conv,
+    FAdd,
     GlobalAvg,
     Pool,
     Tracer,
@@ -100,6 +101,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
         prog.steps.append(c)
         if kind == "int":
             v.scale, v.lo, v.hi, v.producer = c.quant.step, c.quant.klo, c.quant.khi, c
+            v.pt = (c.quant.kofs, c.quant.sub)
         return v
 
     def close(p: _Pending, qp: Any, where: str) -> Value:
@@ -120,10 +122,21 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 v = int_pool(v, item[1], where)
         return v
 
-    def int_pool(x: Value, args: dict, where: str) -> Value:
+    def int_pool(x: Value, args: dict, where: str, a: fx.Node | None = None) -> Value:
+        """Max pooling of int codes or of a float map (both exact); a float sum (node ``a``)
+        read only here is pooled as it is summed (its full map is never stored)."""
+        if x.kind not in ("int", "float") or len(x.shape) != 3:
+            raise ValueError(f"{where}: max pooling of a {x.kind} {x.shape} tensor is not run "
+                             "by the integer engine")
         g = _maxpool_geom(args, x.shape, where)
-        y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale, lo=x.lo, hi=x.hi)
-        prog.steps.append(Pool(x.id, y.id, 0, g))
+        y = comp.new(x.kind, (x.shape[0], g["oh"], g["ow"]), scale=x.scale, lo=x.lo, hi=x.hi,
+                     pt=x.pt)
+        f = x.producer
+        if isinstance(f, FAdd) and f.pool is None and f.dst == x.id and a is not None and \
+                single(a) and g["dh"] == g["dw"] == 1:
+            f.pool, f.dst, y.producer = g, y.id, f
+            return y
+        prog.steps.append(Pool(x.id, y.id, 0 if x.kind == "int" else 2, g))
         return y
 
     def materialize(p: _Pending, where: str) -> Value:
@@ -171,9 +184,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 elif x.conv.quant is None:
                     x.post.append(("clamp", lo, hi))
                 return x
+        if x.kind == "float" and isinstance(x.producer, FAdd) and single(a):
+            x.producer.lo = max(x.producer.lo, lo)  # a ReLU after a float sum: folded into it
+            x.producer.hi = max(min(x.producer.hi, hi), x.producer.lo)
+            return x
         if x.kind != "int":
             raise ValueError(f"{where}: a clamp of a float tensor is not run by the integer "
-                             "engine")
+                             "engine (only right after a residual sum)")
         klo = -I16 if lo == -math.inf else lo / x.scale
         khi = I16 if hi == math.inf else hi / x.scale
         if klo != int(klo) or khi != int(khi):
@@ -186,38 +203,44 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 prod.quant.klo, prod.quant.khi = nlo, max(nhi, nlo)
             else:
                 prod.lo, prod.hi = nlo, max(nhi, nlo)
-            return Value(x.id, "int", x.shape, x.scale, nlo, max(nhi, nlo), prod, x.flat_from)
+            return Value(x.id, "int", x.shape, x.scale, nlo, max(nhi, nlo), prod, x.flat_from,
+                         x.pt)
         y = comp.new("int", x.shape, scale=x.scale, lo=nlo, hi=max(nhi, nlo),
-                     flat_from=x.flat_from)
+                     flat_from=x.flat_from, pt=x.pt)
         y.producer = Clamp(x.id, y.id, nlo, y.hi)
         prog.steps.append(y.producer)
         return y
 
     def add(xa: Value, xb: Value, where: str) -> Value:
-        if xa.kind != "int" or xb.kind != "int" or xa.shape != xb.shape or \
-                xa.flat_from != xb.flat_from:  # flat maps in NHWC vs PyTorch's order
-            raise ValueError(f"{where}: the integer engine sums two quantized tensors of one "
-                             "shape; here an operand is float or the shapes differ")
+        if xa.kind not in ("int", "float") or xb.kind not in ("int", "float") or \
+                xa.shape != xb.shape or xa.flat_from != xb.flat_from:
+            raise ValueError(f"{where}: the integer engine sums two feature maps of one shape "
+                             "(quantized or residual sums); here an operand is the input or "
+                             "the shapes differ")  # flat maps in NHWC vs PyTorch's order
         s = min(xa.scale, xb.scale)
         fa, fb = xa.scale / s, xb.scale / s
-        exact = all(f == 2.0 ** round(math.log2(f)) for f in (fa, fb))
-        if exact:
+        if xa.kind == xb.kind == "int" and xa.pt == xb.pt == (0, 0.0) and \
+                all(f == 2.0 ** round(math.log2(f)) for f in (fa, fb)):
+            # codes on a common grid whose values are k * scale: an exact integer sum
             lo = int(xa.lo * fa + xb.lo * fb)
             hi = int(xa.hi * fa + xb.hi * fb)
             if max(-lo, hi) > I16:
                 raise ValueError(f"{where}: the exact sum needs codes beyond 16 bits")
-        else:
-            amax = max(abs(xa.lo), abs(xa.hi)) * xa.scale + max(abs(xb.lo), abs(xb.hi)) * \
-                xb.scale
-            s = amax / 32000
-            fa, fb = xa.scale / s, xb.scale / s
-            lo = math.floor(xa.lo * fa + xb.lo * fb) - 1
-            hi = math.ceil(xa.hi * fa + xb.hi * fb) + 1
-            prog.exact = False
-            prog.notes.append(f"{where}: scales {xa.scale:.6g} and {xb.scale:.6g} have no "
-                              "common integer grid; the sum is rounded to 15 bits")
-        y = comp.new("int", xa.shape, scale=s, lo=lo, hi=hi, flat_from=xa.flat_from)
-        y.producer = Add(xa.id, xb.id, y.id, fa, fb, lo, hi)
+            y = comp.new("int", xa.shape, scale=s, lo=lo, hi=hi, flat_from=xa.flat_from,
+                         pt=(0, 0.0))
+            y.producer = Add(xa.id, xb.id, y.id, fa, fb, lo, hi)
+        else:  # no common grid (min-max's learned scales): PyTorch's float32 sum itself
+            if len(xa.shape) != 3:
+                raise ValueError(f"{where}: a float sum of flat tensors is not run by the "
+                                 "integer engine")
+            ks = []
+            for x in (xa, xb):
+                if x.kind == "int" and x.pt is None:
+                    raise ValueError(f"{where}: an operand's values (a pooled or concatenated "
+                                     "map) are not known to PyTorch's bit here")
+                ks.append(None if x.kind == "float" else (x.scale, *x.pt))
+            y = comp.new("float", xa.shape)
+            y.producer = FAdd(xa.id, xb.id, y.id, ks[0], ks[1])
         prog.steps.append(y.producer)
         return y
 
@@ -235,13 +258,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
             return x
         c, h, w = x.shape
         if h == w == 1:
-            return Value(x.id, x.kind, (c,), x.scale, x.lo, x.hi, None)
+            return Value(x.id, x.kind, (c,), x.scale, x.lo, x.hi, None, pt=x.pt)
         if x.kind == "input":  # the images, NCHW: flat in PyTorch's own order
             return Value(x.id, "float", (c * h * w,))
         if x.kind != "int":
             raise ValueError(f"{where}: flattening a float feature map is not run by the "
                              "integer engine")
-        return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w))
+        return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w), x.pt)
 
     def concat(xs: list[Value], where: str) -> Value:
         if any(x.kind != "int" or len(x.shape) != 3 for x in xs) or \
@@ -251,12 +274,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
         muls = [x.scale / s for x in xs]
         if any(f != 2.0 ** round(math.log2(f)) for f in muls):
             raise ValueError(f"{where}: concatenated grids have no common integer grid")
+        pt = (0, 0.0) if all(x.pt == (0, 0.0) for x in xs) else None
         lo = min(int(x.lo * f) for x, f in zip(xs, muls, strict=True))
         hi = max(int(x.hi * f) for x, f in zip(xs, muls, strict=True))
         if max(-lo, hi) > I16:
             raise ValueError(f"{where}: concatenation needs codes beyond 16 bits")
         y = comp.new("int", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]), scale=s, lo=lo,
-                     hi=hi)
+                     hi=hi, pt=pt)
         prog.steps.append(Concat([x.id for x in xs], [int(f) for f in muls],
                                  [x.shape[0] for x in xs], y.id))
         return y
@@ -318,10 +342,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     x.post.append(("maxpool", _pool_args(node, m)))
                     env[node.name] = x
                 else:
-                    x = value(a, where)
-                    if x.kind != "int":
-                        raise ValueError(f"{where}: max pooling of a float map")
-                    env[node.name] = int_pool(x, _pool_args(node, m), where)
+                    env[node.name] = int_pool(value(a, where), _pool_args(node, m), where, a)
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -361,10 +382,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
-                x = value(args[0], where)
-                if x.kind != "int":
-                    raise ValueError(f"{where}: max pooling of a float map")
-                env[node.name] = int_pool(x, _pool_args(node, None), where)
+                env[node.name] = int_pool(value(args[0], where), _pool_args(node, None), where,
+                                          args[0])
             elif t in GAP_FNS and pair(args[1] if len(args) > 1 else
                                          node.kwargs["output_size"]) == (1, 1):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
