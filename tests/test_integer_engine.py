@@ -522,3 +522,25 @@ def test_planner_judges_top1_on_the_probe_and_timing_batch_together(
     else:  # 2 flips (probe and timing batch) of 496 rows: 99.6 %
         assert d.backend in ("int", "torch") and not any("int: tolerance" in n
                                                          for n in d.notes), d.notes
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_planner_times_one_thread_candidates_by_cpu_time(monkeypatch: pytest.MonkeyPatch,
+                                                         threads: int | None) -> None:
+    # by wall time a loaded machine decided: OpenVINO's 66 ms of CPU beat the engine's 49
+    import fewbits.runtime.planner as P
+
+    calls = []
+    real = P.time.process_time
+    monkeypatch.setattr(P.time, "process_time", lambda: calls.append(1) or real())
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    quantize_(net, "fp_net")
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = compile_for_cpu(net, input_shape=(3, 2, 2), threads=threads,
+                            candidates=("int", "torch"))
+    finally:
+        torch.set_num_threads(was)
+    assert set(d.timings) == {"int", "torch"}
+    assert (len(calls) >= 2 * 2 * P.TIMING_ROUNDS) == (threads == 1), len(calls)
