@@ -620,6 +620,39 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
     store_rows_p(a, c0, c1, n, cnt, dst);
 }
 
+/* kern_u8 where all ntaps * qpt quads fit one chunk (every 1x1 and 3x3 layer of the nets
+ * here): the int16 sums are widened once, at the end, so the loop holds no int32 sums (the
+ * same integers: the chunk's lane sums cannot wrap in any order) */
+AVX2 static void kern_u8_1c(const fbi_ep *a, const uint8_t *A, int64_t lda,
+                            const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
+                            int n, int cnt, char **dst) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c0[UR], c1[UR], s0[UR], s1[UR];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR; r++) s0[r] = s1[r] = _mm256_setzero_si256();
+    for (int t = 0; t < ntaps; t++) {
+        const uint8_t *p = A + toff[t];
+        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
+#pragma GCC unroll 8
+            for (int r = 0; r < UR; r++) {
+                int32_t quad;
+                memcpy(&quad, p + r * lda, 4);
+                __m256i v = _mm256_set1_epi32(quad);
+                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
+                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < UR; r++) {
+        c0[r] = _mm256_madd_epi16(s0[r], ones);
+        c1[r] = _mm256_madd_epi16(s1[r], ones);
+    }
+    store_rows_p(a, c0, c1, n, cnt, dst);
+}
+
 /* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
@@ -640,7 +673,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     char *dst[UR];
     fbi_ep ep;
     ep_init(a, &ep);
-    int chunk = a->kchunk < 1 ? 1 : a->kchunk;
+    int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
      * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -667,8 +700,12 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
-                             a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                    if (one)
+                        kern_u8_1c(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
+                                   a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                    else
+                        kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
+                                a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
                 }
             }
         }
@@ -685,8 +722,12 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
-                             B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
+                    if (one)
+                        kern_u8_1c(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq,
+                                   B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
+                    else
+                        kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
+                                B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
                 }
             }
         }
