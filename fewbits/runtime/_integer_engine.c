@@ -623,20 +623,28 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
 /* kern_u8 where all ntaps * qpt quads fit one chunk (every 1x1 and 3x3 layer of the nets
  * here): the int16 sums are widened once, at the end, so the loop holds no int32 sums (the
  * same integers: the chunk's lane sums cannot wrap in any order) */
+#ifndef UR1
+#define UR1 5
+#endif
+AVX2 static __attribute__((noinline)) void store_rows_p1(
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
+    epi_tile_i32(a, c0, c1, UR1, n, cnt, dst);
+}
+
 AVX2 static void kern_u8_1c(const fbi_ep *a, const uint8_t *A, int64_t lda,
                             const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
                             int n, int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c0[UR], c1[UR], s0[UR], s1[UR];
+    __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
 #pragma GCC unroll 8
-    for (int r = 0; r < UR; r++) s0[r] = s1[r] = _mm256_setzero_si256();
+    for (int r = 0; r < UR1; r++) s0[r] = s1[r] = _mm256_setzero_si256();
     for (int t = 0; t < ntaps; t++) {
         const uint8_t *p = A + toff[t];
         for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
             __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
             __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
 #pragma GCC unroll 8
-            for (int r = 0; r < UR; r++) {
+            for (int r = 0; r < UR1; r++) {
                 int32_t quad;
                 memcpy(&quad, p + r * lda, 4);
                 __m256i v = _mm256_set1_epi32(quad);
@@ -646,11 +654,11 @@ AVX2 static void kern_u8_1c(const fbi_ep *a, const uint8_t *A, int64_t lda,
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < UR; r++) {
+    for (int r = 0; r < UR1; r++) {
         c0[r] = _mm256_madd_epi16(s0[r], ones);
         c1[r] = _mm256_madd_epi16(s1[r], ones);
     }
-    store_rows_p(a, c0, c1, n, cnt, dst);
+    store_rows_p1(a, c0, c1, n, cnt, dst);
 }
 
 /* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
@@ -670,10 +678,11 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
     int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
     uint8_t *buf = (uint8_t *)a->scratch;
-    char *dst[UR];
+    char *dst[UR > UR1 ? UR : UR1];
     fbi_ep ep;
     ep_init(a, &ep);
     int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
+    int ur = one ? UR1 : UR;
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
      * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -696,8 +705,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             } else {
                 to_u8(x, in_img, a->ushift, buf);
             }
-            for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
-                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
+            for (int64_t j0 = 0; j0 < nrows; j0 += ur) {
+                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, ur);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     if (one)
@@ -718,8 +727,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
             im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
             const int8_t *B = a->wpack8 + g * wstride;
-            for (int64_t r = 0; r < opix; r += UR) {
-                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR);
+            for (int64_t r = 0; r < opix; r += ur) {
+                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, ur);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     if (one)
