@@ -236,7 +236,17 @@ typedef struct {
     const float *sacc, *bias, *alpha, *beta;
     const int32_t *corr;
     int pre_relu, out_float, use_sub, use_div, int_clamp, use_kofs, nonneg;
+    int kind; /* the EK_ flags of an integer output (see epi_kind) */
 } fbi_ep;
+
+/* The epilogue's flags as one small number, for the kernels' copies of the epilogue compiled
+ * with them known (no flag tests, the tile's vectors kept in registers through every stage).
+ * Some flags are merged, and a merged flag is set when either part is: each added operation
+ * is exact where it is not needed (v - 0 = v, also for -0; k + 0 = k; the sign handling is
+ * the identity on quotients >= 0, -0 included; the clamp of the code range is a no-op where
+ * int_clamp is 0). */
+enum { EK_RELU = 1, EK_DIV = 2, EK_CORR = 4, EK_OFS = 8 /* sub, kofs */,
+       EK_SC = 16 /* sign handling, clamp of the code range */, EK_N = 32 };
 
 /* the code of `v` without the final clamp of the code range (for the check below) */
 static int32_t raw_code(float v, const fbi_conv *a) {
@@ -268,6 +278,9 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
         fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
         fabsf((a->chi - a->sub) / a->scale) < 0x1p30f)
         e->int_clamp = !(raw_code(a->clo, a) >= a->klo && raw_code(a->chi, a) <= a->khi);
+    e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
+              (e->use_sub || e->use_kofs ? EK_OFS : 0) |
+              (!e->nonneg || e->int_clamp ? EK_SC : 0);
 }
 
 /* t >= 0 rounded half away from zero, as int32 (t finite, t < 2^31): trunc(t + h), h the
@@ -322,18 +335,20 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
  * outside the output); cnt < 16 stores only the first cnt channels. The same IEEE operations
  * as store8_avx2 / rha_code. The per-channel arrays are padded to whole blocks of 16. */
 #define EPI(body) _Pragma("GCC unroll 16") for (int i = 0; i < 2 * R; i++) { body; }
-AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e, __m256 *v,
-                                                                int R, int n, int cnt,
-                                                                char **dst) {
+/* K: the EK_ flags known at compile time (K < 0: the flags of e, tested at run time) */
+#define EF(known, field) (K < 0 ? (e->field) : (K & (known)) != 0)
+AVX2 static inline __attribute__((always_inline)) void epi_tile_k(const fbi_ep *e, __m256 *v,
+                                                                  int R, int n, int cnt,
+                                                                  char **dst, int K) {
     const __m256 s[2] = {_mm256_loadu_ps(e->sacc + n), _mm256_loadu_ps(e->sacc + n + 8)};
     const __m256 b[2] = {_mm256_loadu_ps(e->bias + n), _mm256_loadu_ps(e->bias + n + 8)};
     EPI(v[i] = _mm256_add_ps(_mm256_mul_ps(v[i], s[i & 1]), b[i & 1]))
-    if (e->pre_relu) EPI(v[i] = _mm256_max_ps(v[i], _mm256_setzero_ps()))
+    if (EF(EK_RELU, pre_relu)) EPI(v[i] = _mm256_max_ps(v[i], _mm256_setzero_ps()))
     const __m256 al[2] = {_mm256_loadu_ps(e->alpha + n), _mm256_loadu_ps(e->alpha + n + 8)};
     const __m256 be[2] = {_mm256_loadu_ps(e->beta + n), _mm256_loadu_ps(e->beta + n + 8)};
     EPI(v[i] = _mm256_fmadd_ps(v[i], al[i & 1], be[i & 1]))
     EPI(v[i] = _mm256_min_ps(_mm256_max_ps(v[i], e->clo), e->chi))
-    if (e->out_float) {
+    if (K < 0 && e->out_float) {
         for (int r = 0; r < R; r++) {
             if (!dst[r]) continue;
             float *d = (float *)dst[r] + n;
@@ -349,16 +364,16 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e,
         }
         return;
     }
-    if (e->use_sub) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
-    if (e->use_div) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
+    if (EF(EK_OFS, use_sub)) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
+    if (EF(EK_DIV, use_div)) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
     else EPI(v[i] = _mm256_mul_ps(v[i], e->inv))
     __m256i k[2 * R];
-    if (e->nonneg) EPI(k[i] = rha_abs(v[i]))
+    if (K < 0 ? e->nonneg : !(K & EK_SC)) EPI(k[i] = rha_abs(v[i]))
     else EPI(k[i] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(
                  v[i], _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))),
                  _mm256_castps_si256(v[i])))
-    if (e->use_kofs) EPI(k[i] = _mm256_add_epi32(k[i], e->kofs))
-    if (e->int_clamp) EPI(k[i] = _mm256_min_epi32(_mm256_max_epi32(k[i], e->klo), e->khi))
+    if (EF(EK_OFS, use_kofs)) EPI(k[i] = _mm256_add_epi32(k[i], e->kofs))
+    if (EF(EK_SC, int_clamp)) EPI(k[i] = _mm256_min_epi32(_mm256_max_epi32(k[i], e->klo), e->khi))
     for (int r = 0; r < R; r++) {
         if (!dst[r]) continue;
         /* packs works within 128-bit lanes: the permute puts channels back in order */
@@ -374,11 +389,18 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e,
     }
 }
 
+AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e, __m256 *v,
+                                                                int R, int n, int cnt,
+                                                                char **dst) {
+    epi_tile_k(e, v, R, n, cnt, dst, -1);
+}
+
 /* int32 sums (plus the u8 path's zero-point correction) into epi_tile */
-AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
-    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
+AVX2 static inline __attribute__((always_inline)) void epi_tile_i32_k(
+    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst,
+    int K) {
     __m256 v[2 * R];
-    if (e->corr) {
+    if (K < 0 ? e->corr != NULL : (K & EK_CORR) != 0) {
         __m256i k0 = _mm256_loadu_si256((const __m256i *)(e->corr + n));
         __m256i k1 = _mm256_loadu_si256((const __m256i *)(e->corr + n + 8));
         for (int r = 0; r < R; r++) {
@@ -391,7 +413,13 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
             v[2 * r + 1] = _mm256_cvtepi32_ps(c1[r]);
         }
     }
-    epi_tile(e, v, R, n, cnt, dst);
+    epi_tile_k(e, v, R, n, cnt, dst, K);
+}
+#undef EF
+
+AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
+    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
+    epi_tile_i32_k(e, c0, c1, R, n, cnt, dst, -1);
 }
 
 #define RMAX 6
@@ -626,12 +654,35 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
 #ifndef UR1
 #define UR1 5
 #endif
-AVX2 static __attribute__((noinline)) void store_rows_p1(
+typedef void (*store_fn)(const fbi_ep *, const __m256i *, const __m256i *, int, int, char **);
+/* the epilogue of UR1 rows, one copy per kind of epilogue (K: its EK_ flags) */
+#define STORE_P1(K)                                                                         \
+    AVX2 static __attribute__((noinline)) void store_rows_p1_##K(                           \
+        const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) { \
+        epi_tile_i32_k(a, c0, c1, UR1, n, cnt, dst, K);                                     \
+    }
+STORE_P1(0) STORE_P1(1) STORE_P1(2) STORE_P1(3) STORE_P1(4) STORE_P1(5) STORE_P1(6) STORE_P1(7)
+STORE_P1(8) STORE_P1(9) STORE_P1(10) STORE_P1(11) STORE_P1(12) STORE_P1(13) STORE_P1(14) STORE_P1(15)
+STORE_P1(16) STORE_P1(17) STORE_P1(18) STORE_P1(19) STORE_P1(20) STORE_P1(21) STORE_P1(22) STORE_P1(23)
+STORE_P1(24) STORE_P1(25) STORE_P1(26) STORE_P1(27) STORE_P1(28) STORE_P1(29) STORE_P1(30) STORE_P1(31)
+#undef STORE_P1
+AVX2 static __attribute__((noinline)) void store_rows_p1_g(
     const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
-    epi_tile_i32(a, c0, c1, UR1, n, cnt, dst);
+    epi_tile_i32(a, c0, c1, UR1, n, cnt, dst); /* the flags tested at run time */
 }
+static const store_fn store_p1[EK_N] = {
+    store_rows_p1_0, store_rows_p1_1, store_rows_p1_2, store_rows_p1_3,
+    store_rows_p1_4, store_rows_p1_5, store_rows_p1_6, store_rows_p1_7,
+    store_rows_p1_8, store_rows_p1_9, store_rows_p1_10, store_rows_p1_11,
+    store_rows_p1_12, store_rows_p1_13, store_rows_p1_14, store_rows_p1_15,
+    store_rows_p1_16, store_rows_p1_17, store_rows_p1_18, store_rows_p1_19,
+    store_rows_p1_20, store_rows_p1_21, store_rows_p1_22, store_rows_p1_23,
+    store_rows_p1_24, store_rows_p1_25, store_rows_p1_26, store_rows_p1_27,
+    store_rows_p1_28, store_rows_p1_29, store_rows_p1_30, store_rows_p1_31,
+};
 
-AVX2 static void kern_u8_1c(const fbi_ep *a, const uint8_t *A, int64_t lda,
+
+AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *A, int64_t lda,
                             const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
                             int n, int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -658,7 +709,7 @@ AVX2 static void kern_u8_1c(const fbi_ep *a, const uint8_t *A, int64_t lda,
         c0[r] = _mm256_madd_epi16(s0[r], ones);
         c1[r] = _mm256_madd_epi16(s1[r], ones);
     }
-    store_rows_p1(a, c0, c1, n, cnt, dst);
+    st(a, c0, c1, n, cnt, dst);
 }
 
 /* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
@@ -683,6 +734,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     ep_init(a, &ep);
     int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
     int ur = one ? UR1 : UR;
+    store_fn st = ep.out_float ? store_rows_p1_g : store_p1[ep.kind];
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
      * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -710,7 +762,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     if (one)
-                        kern_u8_1c(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
+                        kern_u8_1c(&ep, st, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
                                    a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
                     else
                         kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
@@ -732,7 +784,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     if (one)
-                        kern_u8_1c(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq,
+                        kern_u8_1c(&ep, st, buf + r * a->kq4, a->kq4, &zero, 1, kq,
                                    B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
                     else
                         kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
