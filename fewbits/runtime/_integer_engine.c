@@ -276,8 +276,30 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->int_clamp = 1;
     if (!e->out_float && a->scale > 0.0f && isfinite(a->clo) && isfinite(a->chi) &&
         fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
-        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f)
-        e->int_clamp = !(raw_code(a->clo, a) >= a->klo && raw_code(a->chi, a) <= a->khi);
+        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f) {
+        /* else fold the clamp of the code range into the clamp of v: a bound lo in [clo, chi]
+         * whose code is klo gives code(clamp(v, lo, chi)) = max(code(clamp(v, clo, chi)),
+         * klo) for every v (NaN included: both give klo), the code being monotone in v; the
+         * same above with khi. E.g. a ReLU after the quantizer: lo = 0, and the quotient is
+         * then >= 0 (no sign handling) */
+        float lo = a->clo, hi = a->chi;
+        int ok = 1;
+        if (raw_code(lo, a) < a->klo) {
+            float c = a->sub + (float)(a->klo - a->kofs) * a->scale;
+            ok &= c >= lo && c <= hi && raw_code(c, a) == a->klo;
+            lo = c;
+        }
+        if (ok && raw_code(hi, a) > a->khi) {
+            float c = a->sub + (float)(a->khi - a->kofs) * a->scale;
+            ok &= c >= lo && c <= hi && raw_code(c, a) == a->khi;
+            hi = c;
+        }
+        if (ok) {
+            e->int_clamp = 0;
+            e->clo = _mm256_set1_ps(lo), e->chi = _mm256_set1_ps(hi);
+            e->nonneg = lo >= a->sub;
+        }
+    }
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
               (!e->nonneg || e->int_clamp ? EK_SC : 0);
