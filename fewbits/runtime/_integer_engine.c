@@ -704,9 +704,15 @@ static const store_fn store_p1[EK_N] = {
 };
 
 
-AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *A, int64_t lda,
+AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
                             const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
                             int n, int cnt, char **dst) {
+    /* row r reads src[r] + toff[t] + 4 q (rows: any pixels, e.g. output rows without the
+     * padding columns between them) */
+    int64_t d[UR1];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++) d[r] = src[r] - src[0];
+    const uint8_t *A = src[0];
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
 #pragma GCC unroll 8
@@ -719,7 +725,7 @@ AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *A, int6
 #pragma GCC unroll 8
             for (int r = 0; r < UR1; r++) {
                 int32_t quad;
-                memcpy(&quad, p + r * lda, 4);
+                memcpy(&quad, p + d[r], 4);
                 __m256i v = _mm256_set1_epi32(quad);
                 s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
                 s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
@@ -779,16 +785,30 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             } else {
                 to_u8(x, in_img, a->ushift, buf);
             }
-            for (int64_t j0 = 0; j0 < nrows; j0 += ur) {
-                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, ur);
+            if (one) { /* output pixels only, UR1 at a time (no padding columns) */
+                for (int64_t j0 = 0; j0 < opix; j0 += UR1) {
+                    const uint8_t *src[UR1];
+                    int64_t oy = j0 / a->ow, ox = j0 - oy * a->ow;
+                    for (int r = 0; r < UR1; r++) {
+                        int in = j0 + r < opix;
+                        src[r] = in ? buf + (oy * wp + ox) * cin : buf;
+                        dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
+                        if (++ox == a->ow) ox = 0, oy++;
+                    }
+                    for (int b = 0; b < nblocks; b++) {
+                        int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+                        kern_u8_1c(&ep, st, src, toff, a->kh * a->kw, cin / 4,
+                                   a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                    }
+                }
+                continue;
+            }
+            for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
+                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    if (one)
-                        kern_u8_1c(&ep, st, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4,
-                                   a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
-                    else
-                        kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
-                                a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                    kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
+                            a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
                 }
             }
         }
@@ -803,10 +823,12 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             const int8_t *B = a->wpack8 + g * wstride;
             for (int64_t r = 0; r < opix; r += ur) {
                 row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, ur);
+                const uint8_t *src[UR1];
+                for (int q = 0; q < UR1; q++) src[q] = buf + (r + q) * a->kq4; /* slack */
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
                     if (one)
-                        kern_u8_1c(&ep, st, buf + r * a->kq4, a->kq4, &zero, 1, kq,
+                        kern_u8_1c(&ep, st, src, &zero, 1, kq,
                                    B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
                     else
                         kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
