@@ -370,7 +370,7 @@ def _edge_net(family: str, relu_after: bool) -> nn.Module:
     codes at the grid's ends) and once (one chunk)."""
     act = nn.ReLU if relu_after else nn.Identity
     net = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), act(),
-                        nn.Conv2d(20, 12, 1), nn.ReLU(), nn.BatchNorm2d(12), act(),
+                        nn.Conv2d(20, 12, 1), nn.ReLU(), nn.BatchNorm2d(12), nn.ReLU(),
                         nn.Conv2d(12, 36, 3, padding=1), nn.BatchNorm2d(36), nn.ReLU(),
                         nn.Conv2d(36, 16, 3, padding=1), nn.BatchNorm2d(16), act(),
                         nn.Conv2d(16, 20, 3, stride=2, padding=1), nn.BatchNorm2d(20), act(),
