@@ -610,69 +610,7 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
     for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
 }
 
-#ifndef UR
-#define UR 4
-#endif
-/* UR: rows of the u8 kernel: its int16 sums, weights and broadcasts fit 16 registers */
 
-/* the epilogue of UR rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
- * a row outside the output, dropped) */
-/* out of line: the kernels' loops keep their registers (inlined, it slowed 3x3 layers 15 %) */
-AVX2 static __attribute__((noinline)) void store_rows_p(
-    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
-    epi_tile_i32(a, c0, c1, UR, n, cnt, dst);
-}
-
-/* UR rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
- * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16;
- * these int16 lanes are summed over `chunk` quads (the compiler checked that no partial sum
- * can leave int16), then widened by vpmaddwd with ones into the int32 sums */
-AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
-                         const int64_t *toff, int ntaps, int qpt, int chunk, const int8_t *bb,
-                         int n, int cnt, char **dst) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c0[UR], c1[UR], s0[UR], s1[UR];
-#pragma GCC unroll 8
-    for (int r = 0; r < UR; r++)
-        c0[r] = c1[r] = s0[r] = s1[r] = _mm256_setzero_si256();
-    int left = chunk;
-    for (int t = 0; t < ntaps; t++) {
-        const uint8_t *p = A + toff[t];
-        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
-#pragma GCC unroll 8
-            for (int r = 0; r < UR; r++) {
-                int32_t quad;
-                memcpy(&quad, p + r * lda, 4);
-                __m256i v = _mm256_set1_epi32(quad);
-                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
-                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
-            }
-            if (--left == 0) {
-#pragma GCC unroll 8
-                for (int r = 0; r < UR; r++) {
-                    c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
-                    c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
-                    s0[r] = s1[r] = _mm256_setzero_si256();
-                }
-                left = chunk;
-            }
-        }
-    }
-    if (left != chunk) {
-#pragma GCC unroll 8
-        for (int r = 0; r < UR; r++) {
-            c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
-            c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
-        }
-    }
-    store_rows_p(a, c0, c1, n, cnt, dst);
-}
-
-/* kern_u8 where all ntaps * qpt quads fit one chunk (every 1x1 and 3x3 layer of the nets
- * here): the int16 sums are widened once, at the end, so the loop holds no int32 sums (the
- * same integers: the chunk's lane sums cannot wrap in any order) */
 #ifndef UR1
 #define UR1 5
 #endif
@@ -707,8 +645,6 @@ static const store_fn store_p1[EK_N] = {
 AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
                             const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
                             int n, int cnt, char **dst) {
-    /* row r reads src[r] + toff[t] + 4 q (rows: any pixels, e.g. output rows without the
-     * padding columns between them) */
     int64_t d[UR1];
 #pragma GCC unroll 8
     for (int r = 0; r < UR1; r++) d[r] = src[r] - src[0];
@@ -740,7 +676,56 @@ AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *
     st(a, c0, c1, n, cnt, dst);
 }
 
-/* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
+/* kern_u8_1c over several chunks: the int16 sums widened into int32 every `chunk` quads
+ * (aligned, as pack_u8 checked them) */
+AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
+                           const int64_t *toff, int ntaps, int qpt, int chunk,
+                           const int8_t *bb, int n, int cnt, char **dst) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
+    int64_t d[UR1];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++) {
+        d[r] = src[r] - src[0];
+        c0[r] = c1[r] = s0[r] = s1[r] = _mm256_setzero_si256();
+    }
+    const uint8_t *A = src[0];
+    int left = chunk;
+    for (int t = 0; t < ntaps; t++) {
+        const uint8_t *p = A + toff[t];
+        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
+#pragma GCC unroll 8
+            for (int r = 0; r < UR1; r++) {
+                int32_t quad;
+                memcpy(&quad, p + d[r], 4);
+                __m256i v = _mm256_set1_epi32(quad);
+                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
+                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
+            }
+            if (--left == 0) {
+#pragma GCC unroll 8
+                for (int r = 0; r < UR1; r++) {
+                    c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
+                    c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
+                    s0[r] = s1[r] = _mm256_setzero_si256();
+                }
+                left = chunk;
+            }
+        }
+    }
+    if (left != chunk) {
+#pragma GCC unroll 8
+        for (int r = 0; r < UR1; r++) {
+            c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
+            c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
+        }
+    }
+    st(a, c0, c1, n, cnt, dst);
+}
+
+/* rows j0 .. j0+rows-1 of a virtual grid `vw` pixels wide, of which the first ow are output
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
                            char **dst, int rows) {
@@ -757,14 +742,13 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
     int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
     uint8_t *buf = (uint8_t *)a->scratch;
-    char *dst[UR > UR1 ? UR : UR1];
+    char *dst[UR1];
     fbi_ep ep;
     ep_init(a, &ep);
     int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
-    int ur = one ? UR1 : UR;
     store_fn st = ep.out_float ? store_rows_p1_g : store_p1[ep.kind];
-    /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
-     * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
+    /* direct: stride 1, one group, whole taps of 4 channels: the taps of a pixel are fixed
+     * offsets into the zero-padded byte image (no im2col) */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
         a->cin % 4 == 0 && a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64) {
         int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
@@ -772,8 +756,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
         for (int ky = 0; ky < a->kh; ky++)
             for (int kx = 0; kx < a->kw; kx++)
                 toff[ky * a->kw + kx] = ((int64_t)ky * wp + kx) * cin;
-        int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow, img = (int64_t)hp * wp * cin;
-        memset(buf + img, 0, (size_t)8 * cin); /* slack read by the dropped rows */
+        int64_t img = (int64_t)hp * wp * cin;
         for (int i = 0; i < a->n; i++) {
             const int16_t *x = (const int16_t *)a->x + i * in_img;
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
@@ -785,30 +768,23 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             } else {
                 to_u8(x, in_img, a->ushift, buf);
             }
-            if (one) { /* output pixels only, UR1 at a time (no padding columns) */
-                for (int64_t j0 = 0; j0 < opix; j0 += UR1) {
-                    const uint8_t *src[UR1];
-                    int64_t oy = j0 / a->ow, ox = j0 - oy * a->ow;
-                    for (int r = 0; r < UR1; r++) {
-                        int in = j0 + r < opix;
-                        src[r] = in ? buf + (oy * wp + ox) * cin : buf;
-                        dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
-                        if (++ox == a->ow) ox = 0, oy++;
-                    }
-                    for (int b = 0; b < nblocks; b++) {
-                        int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                        kern_u8_1c(&ep, st, src, toff, a->kh * a->kw, cin / 4,
-                                   a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
-                    }
+            for (int64_t j0 = 0; j0 < opix; j0 += UR1) { /* output pixels only */
+                const uint8_t *src[UR1];
+                int64_t oy = j0 / a->ow, ox = j0 - oy * a->ow;
+                for (int r = 0; r < UR1; r++) {
+                    int in = j0 + r < opix;
+                    src[r] = in ? buf + (oy * wp + ox) * cin : buf;
+                    dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
+                    if (++ox == a->ow) ox = 0, oy++;
                 }
-                continue;
-            }
-            for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
-                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
-                            a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                    const int8_t *bb = a->wpack8 + (int64_t)b * a->kq4 * NB;
+                    if (one)
+                        kern_u8_1c(&ep, st, src, toff, a->kh * a->kw, cin / 4, bb, n0, cnt, dst);
+                    else
+                        kern_u8_c(&ep, st, src, toff, a->kh * a->kw, cin / 4, chunk, bb, n0, cnt,
+                                  dst);
                 }
             }
         }
@@ -821,25 +797,24 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
             im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
             const int8_t *B = a->wpack8 + g * wstride;
-            for (int64_t r = 0; r < opix; r += ur) {
-                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, ur);
+            for (int64_t r = 0; r < opix; r += UR1) {
+                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR1);
                 const uint8_t *src[UR1];
                 for (int q = 0; q < UR1; q++) src[q] = buf + (r + q) * a->kq4; /* slack */
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
                     if (one)
-                        kern_u8_1c(&ep, st, src, &zero, 1, kq,
-                                   B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
+                        kern_u8_1c(&ep, st, src, &zero, 1, kq, bb, g * og + n0, cnt, dst);
                     else
-                        kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
-                                B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
+                        kern_u8_c(&ep, st, src, &zero, 1, kq, chunk, bb, g * og + n0, cnt, dst);
                 }
             }
         }
 }
 
 /* A float-input layer (the network's images) at stride 1, one group: the taps (c, ky, kx), in
- * the packed weights' order, are fixed offsets into zero-padded NCHW planes, UR rows of
+ * the packed weights' order, are fixed offsets into zero-padded NCHW planes, 4 rows of
  * consecutive pixels of the padded width, 16 channels (two packed blocks of 8). The same fmas
  * in the same order as gemm_f32_generic on im2col rows. */
 AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
