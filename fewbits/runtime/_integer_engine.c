@@ -444,26 +444,52 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
     epi_tile_i32_k(e, c0, c1, R, n, cnt, dst, -1);
 }
 
-#define RMAX 6
-/* epilogue of `rows` rows of two 8-channel accumulators */
+#ifndef UR1
+#define UR1 5
+#endif
+typedef void (*store_fn)(const fbi_ep *, const __m256i *, const __m256i *, int, int, char **);
+/* the epilogue of UR1 rows, one copy per kind of epilogue (K: its EK_ flags) */
+#define STORE_P1(K)                                                                         \
+    AVX2 static __attribute__((noinline)) void store_rows_p1_##K(                           \
+        const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) { \
+        epi_tile_i32_k(a, c0, c1, UR1, n, cnt, dst, K);                                     \
+    }
+STORE_P1(0) STORE_P1(1) STORE_P1(2) STORE_P1(3) STORE_P1(4) STORE_P1(5) STORE_P1(6) STORE_P1(7)
+STORE_P1(8) STORE_P1(9) STORE_P1(10) STORE_P1(11) STORE_P1(12) STORE_P1(13) STORE_P1(14) STORE_P1(15)
+STORE_P1(16) STORE_P1(17) STORE_P1(18) STORE_P1(19) STORE_P1(20) STORE_P1(21) STORE_P1(22) STORE_P1(23)
+STORE_P1(24) STORE_P1(25) STORE_P1(26) STORE_P1(27) STORE_P1(28) STORE_P1(29) STORE_P1(30) STORE_P1(31)
+#undef STORE_P1
+AVX2 static __attribute__((noinline)) void store_rows_p1_g(
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
+    epi_tile_i32(a, c0, c1, UR1, n, cnt, dst); /* the flags tested at run time */
+}
+static const store_fn store_p1[EK_N] = {
+    store_rows_p1_0, store_rows_p1_1, store_rows_p1_2, store_rows_p1_3,
+    store_rows_p1_4, store_rows_p1_5, store_rows_p1_6, store_rows_p1_7,
+    store_rows_p1_8, store_rows_p1_9, store_rows_p1_10, store_rows_p1_11,
+    store_rows_p1_12, store_rows_p1_13, store_rows_p1_14, store_rows_p1_15,
+    store_rows_p1_16, store_rows_p1_17, store_rows_p1_18, store_rows_p1_19,
+    store_rows_p1_20, store_rows_p1_21, store_rows_p1_22, store_rows_p1_23,
+    store_rows_p1_24, store_rows_p1_25, store_rows_p1_26, store_rows_p1_27,
+    store_rows_p1_28, store_rows_p1_29, store_rows_p1_30, store_rows_p1_31,
+};
+
+/* epilogue of one row of two 8-channel accumulators */
 AVX2 static __attribute__((noinline)) void store_rows(
-    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
-    char *Y, int64_t ldy, int esize) {
-    char *dst[6];
-    for (int r = 0; r < rows; r++) dst[r] = Y + (int64_t)r * ldy * esize;
-    if (rows == 6) epi_tile_i32(a, c0, c1, 6, n, cnt, dst);
-    else epi_tile_i32(a, c0, c1, 1, n, cnt, dst);
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char *Y) {
+    char *dst[1] = {Y};
+    epi_tile_i32(a, c0, c1, 1, n, cnt, dst);
 }
 
-/* 6 rows x 16 channels, the 12 accumulators in registers */
-AVX2 static void kern6_i16(const fbi_ep *a, const int16_t *A, int64_t lda,
+/* UR1 rows x 16 channels, the 10 accumulators in registers; the epilogue st (per kind) */
+AVX2 static void kern5_i16(const fbi_ep *a, store_fn st, const int16_t *A, int64_t lda,
                            const int16_t *bb, int kp2, int n, int cnt, char *Y, int64_t ldy,
                            int esize) {
     __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
-            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0;
     const int32_t *r0 = (const int32_t *)A, *r1 = (const int32_t *)(A + lda),
                   *r2 = (const int32_t *)(A + 2 * lda), *r3 = (const int32_t *)(A + 3 * lda),
-                  *r4 = (const int32_t *)(A + 4 * lda), *r5 = (const int32_t *)(A + 5 * lda);
+                  *r4 = (const int32_t *)(A + 4 * lda);
     for (int p = 0; p < kp2; p++) {
         __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2));
         __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2 + 16));
@@ -473,15 +499,17 @@ AVX2 static void kern6_i16(const fbi_ep *a, const int16_t *A, int64_t lda,
         x = _mm256_add_epi32(x, _mm256_madd_epi16(v, w0));             \
         y = _mm256_add_epi32(y, _mm256_madd_epi16(v, w1));
         ROW(r0, a0, b0_) ROW(r1, a1, b1_) ROW(r2, a2, b2_)
-        ROW(r3, a3, b3_) ROW(r4, a4, b4_) ROW(r5, a5, b5_)
+        ROW(r3, a3, b3_) ROW(r4, a4, b4_)
 #undef ROW
     }
-    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
-    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+    __m256i c0[UR1] = {a0, a1, a2, a3, a4}, c1[UR1] = {b0_, b1_, b2_, b3_, b4_};
+    char *dst[UR1];
+    for (int r = 0; r < UR1; r++) dst[r] = Y + (int64_t)r * ldy * esize;
+    st(a, c0, c1, n, cnt, dst);
 }
 
 AVX2 static void kern1_i16(const fbi_ep *a, const int16_t *A, const int16_t *bb, int kp2,
-                           int n, int cnt, char *Y, int64_t ldy, int esize) {
+                           int n, int cnt, char *Y) {
     __m256i x = _mm256_setzero_si256(), y = x;
     const int32_t *r0 = (const int32_t *)A;
     for (int p = 0; p < kp2; p++) {
@@ -491,7 +519,7 @@ AVX2 static void kern1_i16(const fbi_ep *a, const int16_t *A, const int16_t *bb,
         y = _mm256_add_epi32(y, _mm256_madd_epi16(v, _mm256_loadu_si256(
                                     (const __m256i *)(bb + p * NB * 2 + 16))));
     }
-    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
+    store_rows(a, &x, &y, n, cnt, Y);
 }
 
 AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
@@ -501,18 +529,19 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda
     fbi_ep e;
     ep_init(ac, &e);
     const fbi_ep *a = &e;
-    for (int64_t r = 0; r < m; r += RMAX) {
-        int rows = m - r < RMAX ? (int)(m - r) : RMAX;
+    store_fn st = e.out_float ? store_rows_p1_g : store_p1[e.kind];
+    for (int64_t r = 0; r < m; r += UR1) {
+        int rows = m - r < UR1 ? (int)(m - r) : UR1;
         for (int b = 0; b < nblocks; b++) {
             int n0 = b * NB, cnt = cout_g - n0 < NB ? cout_g - n0 : NB;
             const int16_t *bb = B + (int64_t)b * kp2 * NB * 2;
-            if (rows == RMAX)
-                kern6_i16(a, A + r * lda, lda, bb, kp2, n_off + n0, cnt, Y + r * ldy * esize,
-                          ldy, esize);
+            if (rows == UR1)
+                kern5_i16(a, st, A + r * lda, lda, bb, kp2, n_off + n0, cnt,
+                          Y + r * ldy * esize, ldy, esize);
             else
                 for (int q = 0; q < rows; q++)
                     kern1_i16(a, A + (r + q) * lda, bb, kp2, n_off + n0, cnt,
-                              Y + (r + q) * ldy * esize, ldy, esize);
+                              Y + (r + q) * ldy * esize);
         }
     }
 }
@@ -611,35 +640,6 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
 }
 
 
-#ifndef UR1
-#define UR1 5
-#endif
-typedef void (*store_fn)(const fbi_ep *, const __m256i *, const __m256i *, int, int, char **);
-/* the epilogue of UR1 rows, one copy per kind of epilogue (K: its EK_ flags) */
-#define STORE_P1(K)                                                                         \
-    AVX2 static __attribute__((noinline)) void store_rows_p1_##K(                           \
-        const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) { \
-        epi_tile_i32_k(a, c0, c1, UR1, n, cnt, dst, K);                                     \
-    }
-STORE_P1(0) STORE_P1(1) STORE_P1(2) STORE_P1(3) STORE_P1(4) STORE_P1(5) STORE_P1(6) STORE_P1(7)
-STORE_P1(8) STORE_P1(9) STORE_P1(10) STORE_P1(11) STORE_P1(12) STORE_P1(13) STORE_P1(14) STORE_P1(15)
-STORE_P1(16) STORE_P1(17) STORE_P1(18) STORE_P1(19) STORE_P1(20) STORE_P1(21) STORE_P1(22) STORE_P1(23)
-STORE_P1(24) STORE_P1(25) STORE_P1(26) STORE_P1(27) STORE_P1(28) STORE_P1(29) STORE_P1(30) STORE_P1(31)
-#undef STORE_P1
-AVX2 static __attribute__((noinline)) void store_rows_p1_g(
-    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
-    epi_tile_i32(a, c0, c1, UR1, n, cnt, dst); /* the flags tested at run time */
-}
-static const store_fn store_p1[EK_N] = {
-    store_rows_p1_0, store_rows_p1_1, store_rows_p1_2, store_rows_p1_3,
-    store_rows_p1_4, store_rows_p1_5, store_rows_p1_6, store_rows_p1_7,
-    store_rows_p1_8, store_rows_p1_9, store_rows_p1_10, store_rows_p1_11,
-    store_rows_p1_12, store_rows_p1_13, store_rows_p1_14, store_rows_p1_15,
-    store_rows_p1_16, store_rows_p1_17, store_rows_p1_18, store_rows_p1_19,
-    store_rows_p1_20, store_rows_p1_21, store_rows_p1_22, store_rows_p1_23,
-    store_rows_p1_24, store_rows_p1_25, store_rows_p1_26, store_rows_p1_27,
-    store_rows_p1_28, store_rows_p1_29, store_rows_p1_30, store_rows_p1_31,
-};
 
 
 AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
