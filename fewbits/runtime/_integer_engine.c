@@ -814,8 +814,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
 }
 
 /* A float-input layer (the network's images) at stride 1, one group: the taps (c, ky, kx), in
- * the packed weights' order, are fixed offsets into zero-padded NCHW planes, 4 rows of
- * consecutive pixels of the padded width, 16 channels (two packed blocks of 8). The same fmas
+ * the packed weights' order, are fixed offsets into zero-padded NCHW planes, 4 output
+ * pixels (rows) at a time, 16 channels (two packed blocks of 8). The same fmas
  * in the same order as gemm_f32_generic on im2col rows. */
 AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
     int bad = 0;
@@ -825,7 +825,6 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
     int nblocks = (og + NBF - 1) / NBF, hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
     int64_t plane = (int64_t)hp * wp, opix = (int64_t)a->oh * a->ow;
     int64_t in_img = (int64_t)a->h * a->w * a->cin, ldy = (int64_t)a->cout * esize;
-    int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow;
     int64_t toff[64];
     for (int c = 0, t = 0; c < a->cin; c++)
         for (int ky = 0; ky < a->kh; ky++)
@@ -840,9 +839,16 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
             for (int y = 0; y < a->h; y++)
                 memcpy(buf + c * plane + (int64_t)(y + a->ph) * wp + a->pw,
                        x + ((int64_t)c * a->h + y) * a->w, sizeof(float) * (size_t)a->w);
-        for (int64_t j0 = 0; j0 < nrows; j0 += 4) {
-            row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, 4);
-            const float *A = buf + j0;
+        for (int64_t j0 = 0; j0 < opix; j0 += 4) { /* 4 output pixels (rows) */
+            int64_t off[4], oy = j0 / a->ow, ox = j0 - oy * a->ow;
+            for (int r = 0; r < 4; r++) {
+                int in = j0 + r < opix;
+                off[r] = in ? oy * wp + ox : 0;
+                dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
+                if (++ox == a->ow) ox = 0, oy++;
+            }
+            const float *A = buf + off[0];
+            int64_t d1 = off[1] - off[0], d2 = off[2] - off[0], d3 = off[3] - off[0];
             for (int b = 0; b < nblocks; b += 2) {
                 const float *b0 = (const float *)a->wpack + (int64_t)b * kf * NBF;
                 const float *b1 = b + 1 < nblocks ? b0 + (int64_t)kf * NBF : b0;
@@ -856,7 +862,7 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
                     v = _mm256_broadcast_ss(p + r);                           \
                     xx = _mm256_fmadd_ps(v, w0, xx);                          \
                     yy = _mm256_fmadd_ps(v, w1, yy);
-                    ROWF(0, x0, y0) ROWF(1, x1, y1) ROWF(2, x2, y2) ROWF(3, x3, y3)
+                    ROWF(0, x0, y0) ROWF(d1, x1, y1) ROWF(d2, x2, y2) ROWF(d3, x3, y3)
 #undef ROWF
                 }
                 __m256 v[8] = {x0, y0, x1, y1, x2, y2, x3, y3};
