@@ -381,6 +381,7 @@ def _edge_net(family: str, relu_after: bool) -> nn.Module:
     return net
 
 
+@pytest.mark.filterwarnings("ignore:.*of its quantized weights are 0")  # the small codes
 @pytest.mark.parametrize("family", ["fp_net", "min_max"])
 @pytest.mark.parametrize("relu_after", [False, True])
 def test_avx2_kernels_edges_give_the_generic_codes(family: str, relu_after: bool) -> None:
