@@ -544,3 +544,47 @@ def test_planner_times_one_thread_candidates_by_cpu_time(monkeypatch: pytest.Mon
         torch.set_num_threads(was)
     assert set(d.timings) == {"int", "torch"}
     assert (len(calls) >= 2 * 2 * P.TIMING_ROUNDS) == (threads == 1), len(calls)
+
+
+def _edge_net(family: str, relu_after: bool) -> nn.Module:
+    """Layers at the AVX2 kernels' edges: output channels not a multiple of 16 (20, 12, 36),
+    maps whose pixel count is not a multiple of the kernels' rows (7 x 9), 1x1 and 3x3 convs on
+    the direct path, a stride-2 conv (im2col), a ReLU before the batch norm, signed and
+    unsigned codes, int16 lane sums widened every quad (several chunks: fixed-point weight
+    codes at the grid's ends) and once (one chunk)."""
+    act = nn.ReLU if relu_after else nn.Identity
+    net = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), act(),
+                        nn.Conv2d(20, 12, 1), nn.ReLU(), nn.BatchNorm2d(12), nn.ReLU(),
+                        nn.Conv2d(12, 36, 3, padding=1), nn.BatchNorm2d(36), nn.ReLU(),
+                        nn.Conv2d(36, 16, 3, padding=1), nn.BatchNorm2d(16), act(),
+                        nn.Conv2d(16, 20, 3, stride=2, padding=1), nn.BatchNorm2d(20), act(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 5))
+    with torch.no_grad():  # fixed point: all weight codes but one small (one chunk)
+        net[10].weight[0, 0, 0, 0] = 100 * net[10].weight.abs().max()
+    quantize_(net, family)
+    return net
+
+
+@pytest.mark.filterwarnings("ignore:.*of its quantized weights are 0")  # the small codes
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+@pytest.mark.parametrize("relu_after", [False, True])
+def test_avx2_kernels_edges_give_the_generic_codes(family: str, relu_after: bool) -> None:
+    # every map of the program (codes of every layer), not only the logits, equal on all ISAs
+    if len(ISAS_HERE) < 2:
+        pytest.skip("one CPU path here: nothing to compare")
+    torch.manual_seed(13)
+    m = _trained_looking(_edge_net(family, relu_after), 14)
+    x = _images(2, (3, 7, 9), seed=15) - 0.3
+    prog = compile_program(m, (3, 7, 9))
+    convs = [s for s in prog.steps if isinstance(s, Conv)]
+    assert any(s.wpack8 is not None and s.kchunk * 4 < s.kq4 for s in convs)  # several chunks
+    assert any(s.wpack8 is not None and s.kchunk * 4 >= s.kq4 for s in convs)  # one chunk
+    maps = []
+    for isa in ISAS_HERE:
+        eng = IntegerEngine(prog, isa)
+        out = eng(x)
+        maps.append((out, {k: v.copy() for k, v in eng._batch[1].items()}))
+    for out, vals in maps[1:]:
+        assert torch.equal(out, maps[0][0])
+        for k, v in vals.items():
+            assert np.array_equal(v, maps[0][1][k]), k

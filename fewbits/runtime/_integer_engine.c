@@ -237,7 +237,17 @@ typedef struct {
     const float *sacc, *bias, *alpha, *beta;
     const int32_t *corr;
     int pre_relu, out_float, use_sub, use_div, int_clamp, use_kofs, nonneg;
+    int kind; /* the EK_ flags of an integer output (see epi_kind) */
 } fbi_ep;
+
+/* The epilogue's flags as one small number, for the kernels' copies of the epilogue compiled
+ * with them known (no flag tests, the tile's vectors kept in registers through every stage).
+ * Some flags are merged, and a merged flag is set when either part is: each added operation
+ * is exact where it is not needed (v - 0 = v, also for -0; k + 0 = k; the sign handling is
+ * the identity on quotients >= 0, -0 included; the clamp of the code range is a no-op where
+ * int_clamp is 0). */
+enum { EK_RELU = 1, EK_DIV = 2, EK_CORR = 4, EK_OFS = 8 /* sub, kofs */,
+       EK_SC = 16 /* sign handling, clamp of the code range */, EK_N = 32 };
 
 /* the code of `v` without the final clamp of the code range (for the check below) */
 static int32_t raw_code(float v, const fbi_conv *a) {
@@ -267,8 +277,33 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->int_clamp = 1;
     if (!e->out_float && a->scale > 0.0f && isfinite(a->clo) && isfinite(a->chi) &&
         fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
-        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f)
-        e->int_clamp = !(raw_code(a->clo, a) >= a->klo && raw_code(a->chi, a) <= a->khi);
+        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f) {
+        /* else fold the clamp of the code range into the clamp of v: a bound lo in [clo, chi]
+         * whose code is klo gives code(clamp(v, lo, chi)) = max(code(clamp(v, clo, chi)),
+         * klo) for every v (NaN included: both give klo), the code being monotone in v; the
+         * same above with khi. E.g. a ReLU after the quantizer: lo = 0, and the quotient is
+         * then >= 0 (no sign handling) */
+        float lo = a->clo, hi = a->chi;
+        int ok = 1;
+        if (raw_code(lo, a) < a->klo) {
+            float c = a->sub + (float)(a->klo - a->kofs) * a->scale;
+            ok &= c >= lo && c <= hi && raw_code(c, a) == a->klo;
+            lo = c;
+        }
+        if (ok && raw_code(hi, a) > a->khi) {
+            float c = a->sub + (float)(a->khi - a->kofs) * a->scale;
+            ok &= c >= lo && c <= hi && raw_code(c, a) == a->khi;
+            hi = c;
+        }
+        if (ok) {
+            e->int_clamp = 0;
+            e->clo = _mm256_set1_ps(lo), e->chi = _mm256_set1_ps(hi);
+            e->nonneg = lo >= a->sub;
+        }
+    }
+    e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
+              (e->use_sub || e->use_kofs ? EK_OFS : 0) |
+              (!e->nonneg || e->int_clamp ? EK_SC : 0);
 }
 
 /* t >= 0 rounded half away from zero, as int32 (t finite, t < 2^31): trunc(t + h), h the
@@ -323,18 +358,20 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
  * outside the output); cnt < 16 stores only the first cnt channels. The same IEEE operations
  * as store8_avx2 / rha_code. The per-channel arrays are padded to whole blocks of 16. */
 #define EPI(body) _Pragma("GCC unroll 16") for (int i = 0; i < 2 * R; i++) { body; }
-AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e, __m256 *v,
-                                                                int R, int n, int cnt,
-                                                                char **dst) {
+/* K: the EK_ flags known at compile time (K < 0: the flags of e, tested at run time) */
+#define EF(known, field) (K < 0 ? (e->field) : (K & (known)) != 0)
+AVX2 static inline __attribute__((always_inline)) void epi_tile_k(const fbi_ep *e, __m256 *v,
+                                                                  int R, int n, int cnt,
+                                                                  char **dst, int K) {
     const __m256 s[2] = {_mm256_loadu_ps(e->sacc + n), _mm256_loadu_ps(e->sacc + n + 8)};
     const __m256 b[2] = {_mm256_loadu_ps(e->bias + n), _mm256_loadu_ps(e->bias + n + 8)};
     EPI(v[i] = _mm256_add_ps(_mm256_mul_ps(v[i], s[i & 1]), b[i & 1]))
-    if (e->pre_relu) EPI(v[i] = _mm256_max_ps(v[i], _mm256_setzero_ps()))
+    if (EF(EK_RELU, pre_relu)) EPI(v[i] = _mm256_max_ps(v[i], _mm256_setzero_ps()))
     const __m256 al[2] = {_mm256_loadu_ps(e->alpha + n), _mm256_loadu_ps(e->alpha + n + 8)};
     const __m256 be[2] = {_mm256_loadu_ps(e->beta + n), _mm256_loadu_ps(e->beta + n + 8)};
     EPI(v[i] = _mm256_fmadd_ps(v[i], al[i & 1], be[i & 1]))
     EPI(v[i] = _mm256_min_ps(_mm256_max_ps(v[i], e->clo), e->chi))
-    if (e->out_float) {
+    if (K < 0 && e->out_float) {
         for (int r = 0; r < R; r++) {
             if (!dst[r]) continue;
             float *d = (float *)dst[r] + n;
@@ -350,16 +387,16 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e,
         }
         return;
     }
-    if (e->use_sub) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
-    if (e->use_div) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
+    if (EF(EK_OFS, use_sub)) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
+    if (EF(EK_DIV, use_div)) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
     else EPI(v[i] = _mm256_mul_ps(v[i], e->inv))
     __m256i k[2 * R];
-    if (e->nonneg) EPI(k[i] = rha_abs(v[i]))
+    if (K < 0 ? e->nonneg : !(K & EK_SC)) EPI(k[i] = rha_abs(v[i]))
     else EPI(k[i] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(
                  v[i], _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))),
                  _mm256_castps_si256(v[i])))
-    if (e->use_kofs) EPI(k[i] = _mm256_add_epi32(k[i], e->kofs))
-    if (e->int_clamp) EPI(k[i] = _mm256_min_epi32(_mm256_max_epi32(k[i], e->klo), e->khi))
+    if (EF(EK_OFS, use_kofs)) EPI(k[i] = _mm256_add_epi32(k[i], e->kofs))
+    if (EF(EK_SC, int_clamp)) EPI(k[i] = _mm256_min_epi32(_mm256_max_epi32(k[i], e->klo), e->khi))
     for (int r = 0; r < R; r++) {
         if (!dst[r]) continue;
         /* packs works within 128-bit lanes: the permute puts channels back in order */
@@ -375,11 +412,18 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e,
     }
 }
 
+AVX2 static inline __attribute__((always_inline)) void epi_tile(const fbi_ep *e, __m256 *v,
+                                                                int R, int n, int cnt,
+                                                                char **dst) {
+    epi_tile_k(e, v, R, n, cnt, dst, -1);
+}
+
 /* int32 sums (plus the u8 path's zero-point correction) into epi_tile */
-AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
-    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
+AVX2 static inline __attribute__((always_inline)) void epi_tile_i32_k(
+    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst,
+    int K) {
     __m256 v[2 * R];
-    if (e->corr) {
+    if (K < 0 ? e->corr != NULL : (K & EK_CORR) != 0) {
         __m256i k0 = _mm256_loadu_si256((const __m256i *)(e->corr + n));
         __m256i k1 = _mm256_loadu_si256((const __m256i *)(e->corr + n + 8));
         for (int r = 0; r < R; r++) {
@@ -392,29 +436,61 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
             v[2 * r + 1] = _mm256_cvtepi32_ps(c1[r]);
         }
     }
-    epi_tile(e, v, R, n, cnt, dst);
+    epi_tile_k(e, v, R, n, cnt, dst, K);
+}
+#undef EF
+
+AVX2 static inline __attribute__((always_inline)) void epi_tile_i32(
+    const fbi_ep *e, const __m256i *c0, const __m256i *c1, int R, int n, int cnt, char **dst) {
+    epi_tile_i32_k(e, c0, c1, R, n, cnt, dst, -1);
 }
 
-#define RMAX 6
-/* epilogue of `rows` rows of two 8-channel accumulators */
+#ifndef UR1
+#define UR1 5
+#endif
+typedef void (*store_fn)(const fbi_ep *, const __m256i *, const __m256i *, int, int, char **);
+/* the epilogue of UR1 rows, one copy per kind of epilogue (K: its EK_ flags) */
+#define STORE_P1(K)                                                                         \
+    AVX2 static __attribute__((noinline)) void store_rows_p1_##K(                           \
+        const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) { \
+        epi_tile_i32_k(a, c0, c1, UR1, n, cnt, dst, K);                                     \
+    }
+STORE_P1(0) STORE_P1(1) STORE_P1(2) STORE_P1(3) STORE_P1(4) STORE_P1(5) STORE_P1(6) STORE_P1(7)
+STORE_P1(8) STORE_P1(9) STORE_P1(10) STORE_P1(11) STORE_P1(12) STORE_P1(13) STORE_P1(14) STORE_P1(15)
+STORE_P1(16) STORE_P1(17) STORE_P1(18) STORE_P1(19) STORE_P1(20) STORE_P1(21) STORE_P1(22) STORE_P1(23)
+STORE_P1(24) STORE_P1(25) STORE_P1(26) STORE_P1(27) STORE_P1(28) STORE_P1(29) STORE_P1(30) STORE_P1(31)
+#undef STORE_P1
+AVX2 static __attribute__((noinline)) void store_rows_p1_g(
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
+    epi_tile_i32(a, c0, c1, UR1, n, cnt, dst); /* the flags tested at run time */
+}
+static const store_fn store_p1[EK_N] = {
+    store_rows_p1_0, store_rows_p1_1, store_rows_p1_2, store_rows_p1_3,
+    store_rows_p1_4, store_rows_p1_5, store_rows_p1_6, store_rows_p1_7,
+    store_rows_p1_8, store_rows_p1_9, store_rows_p1_10, store_rows_p1_11,
+    store_rows_p1_12, store_rows_p1_13, store_rows_p1_14, store_rows_p1_15,
+    store_rows_p1_16, store_rows_p1_17, store_rows_p1_18, store_rows_p1_19,
+    store_rows_p1_20, store_rows_p1_21, store_rows_p1_22, store_rows_p1_23,
+    store_rows_p1_24, store_rows_p1_25, store_rows_p1_26, store_rows_p1_27,
+    store_rows_p1_28, store_rows_p1_29, store_rows_p1_30, store_rows_p1_31,
+};
+
+/* epilogue of one row of two 8-channel accumulators */
 AVX2 static __attribute__((noinline)) void store_rows(
-    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int rows, int n, int cnt,
-    char *Y, int64_t ldy, int esize) {
-    char *dst[6];
-    for (int r = 0; r < rows; r++) dst[r] = Y + (int64_t)r * ldy * esize;
-    if (rows == 6) epi_tile_i32(a, c0, c1, 6, n, cnt, dst);
-    else epi_tile_i32(a, c0, c1, 1, n, cnt, dst);
+    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char *Y) {
+    char *dst[1] = {Y};
+    epi_tile_i32(a, c0, c1, 1, n, cnt, dst);
 }
 
-/* 6 rows x 16 channels, the 12 accumulators in registers */
-AVX2 static void kern6_i16(const fbi_ep *a, const int16_t *A, int64_t lda,
+/* UR1 rows x 16 channels, the 10 accumulators in registers; the epilogue st (per kind) */
+AVX2 static void kern5_i16(const fbi_ep *a, store_fn st, const int16_t *A, int64_t lda,
                            const int16_t *bb, int kp2, int n, int cnt, char *Y, int64_t ldy,
                            int esize) {
     __m256i a0 = _mm256_setzero_si256(), b0_ = a0, a1 = a0, b1_ = a0, a2 = a0, b2_ = a0,
-            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0, a5 = a0, b5_ = a0;
+            a3 = a0, b3_ = a0, a4 = a0, b4_ = a0;
     const int32_t *r0 = (const int32_t *)A, *r1 = (const int32_t *)(A + lda),
                   *r2 = (const int32_t *)(A + 2 * lda), *r3 = (const int32_t *)(A + 3 * lda),
-                  *r4 = (const int32_t *)(A + 4 * lda), *r5 = (const int32_t *)(A + 5 * lda);
+                  *r4 = (const int32_t *)(A + 4 * lda);
     for (int p = 0; p < kp2; p++) {
         __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2));
         __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2 + 16));
@@ -424,15 +500,17 @@ AVX2 static void kern6_i16(const fbi_ep *a, const int16_t *A, int64_t lda,
         x = _mm256_add_epi32(x, _mm256_madd_epi16(v, w0));             \
         y = _mm256_add_epi32(y, _mm256_madd_epi16(v, w1));
         ROW(r0, a0, b0_) ROW(r1, a1, b1_) ROW(r2, a2, b2_)
-        ROW(r3, a3, b3_) ROW(r4, a4, b4_) ROW(r5, a5, b5_)
+        ROW(r3, a3, b3_) ROW(r4, a4, b4_)
 #undef ROW
     }
-    __m256i c0[6] = {a0, a1, a2, a3, a4, a5}, c1[6] = {b0_, b1_, b2_, b3_, b4_, b5_};
-    store_rows(a, c0, c1, 6, n, cnt, Y, ldy, esize);
+    __m256i c0[UR1] = {a0, a1, a2, a3, a4}, c1[UR1] = {b0_, b1_, b2_, b3_, b4_};
+    char *dst[UR1];
+    for (int r = 0; r < UR1; r++) dst[r] = Y + (int64_t)r * ldy * esize;
+    st(a, c0, c1, n, cnt, dst);
 }
 
 AVX2 static void kern1_i16(const fbi_ep *a, const int16_t *A, const int16_t *bb, int kp2,
-                           int n, int cnt, char *Y, int64_t ldy, int esize) {
+                           int n, int cnt, char *Y) {
     __m256i x = _mm256_setzero_si256(), y = x;
     const int32_t *r0 = (const int32_t *)A;
     for (int p = 0; p < kp2; p++) {
@@ -442,7 +520,7 @@ AVX2 static void kern1_i16(const fbi_ep *a, const int16_t *A, const int16_t *bb,
         y = _mm256_add_epi32(y, _mm256_madd_epi16(v, _mm256_loadu_si256(
                                     (const __m256i *)(bb + p * NB * 2 + 16))));
     }
-    store_rows(a, &x, &y, 1, n, cnt, Y, ldy, esize);
+    store_rows(a, &x, &y, n, cnt, Y);
 }
 
 AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
@@ -452,18 +530,19 @@ AVX2 static void gemm_i16_avx2(const fbi_conv *ac, const int16_t *A, int64_t lda
     fbi_ep e;
     ep_init(ac, &e);
     const fbi_ep *a = &e;
-    for (int64_t r = 0; r < m; r += RMAX) {
-        int rows = m - r < RMAX ? (int)(m - r) : RMAX;
+    store_fn st = e.out_float ? store_rows_p1_g : store_p1[e.kind];
+    for (int64_t r = 0; r < m; r += UR1) {
+        int rows = m - r < UR1 ? (int)(m - r) : UR1;
         for (int b = 0; b < nblocks; b++) {
             int n0 = b * NB, cnt = cout_g - n0 < NB ? cout_g - n0 : NB;
             const int16_t *bb = B + (int64_t)b * kp2 * NB * 2;
-            if (rows == RMAX)
-                kern6_i16(a, A + r * lda, lda, bb, kp2, n_off + n0, cnt, Y + r * ldy * esize,
-                          ldy, esize);
+            if (rows == UR1)
+                kern5_i16(a, st, A + r * lda, lda, bb, kp2, n_off + n0, cnt,
+                          Y + r * ldy * esize, ldy, esize);
             else
                 for (int q = 0; q < rows; q++)
                     kern1_i16(a, A + (r + q) * lda, bb, kp2, n_off + n0, cnt,
-                              Y + (r + q) * ldy * esize, ldy, esize);
+                              Y + (r + q) * ldy * esize);
         }
     }
 }
@@ -561,31 +640,57 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
     for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
 }
 
-#ifndef UR
-#define UR 4
-#endif
-/* UR: rows of the u8 kernel: its int16 sums, weights and broadcasts fit 16 registers */
 
-/* the epilogue of UR rows of two 8-channel int32 sums; row r goes to dst[r] (NULL:
- * a row outside the output, dropped) */
-/* out of line: the kernels' loops keep their registers (inlined, it slowed 3x3 layers 15 %) */
-AVX2 static __attribute__((noinline)) void store_rows_p(
-    const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
-    epi_tile_i32(a, c0, c1, UR, n, cnt, dst);
+
+
+AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
+                            const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
+                            int n, int cnt, char **dst) {
+    int64_t d[UR1];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++) d[r] = src[r] - src[0];
+    const uint8_t *A = src[0];
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++) s0[r] = s1[r] = _mm256_setzero_si256();
+    for (int t = 0; t < ntaps; t++) {
+        const uint8_t *p = A + toff[t];
+        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
+#pragma GCC unroll 8
+            for (int r = 0; r < UR1; r++) {
+                int32_t quad;
+                memcpy(&quad, p + d[r], 4);
+                __m256i v = _mm256_set1_epi32(quad);
+                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
+                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++) {
+        c0[r] = _mm256_madd_epi16(s0[r], ones);
+        c1[r] = _mm256_madd_epi16(s1[r], ones);
+    }
+    st(a, c0, c1, n, cnt, dst);
 }
 
-/* UR rows x 16 channels; row r of tap t reads 4 bytes at A + r * lda + toff[t] + 4 q.
- * vpmaddubsw: 4 bytes of a row times 4 signed weights of 8 channels, pairs summed in int16;
- * these int16 lanes are summed over `chunk` quads (the compiler checked that no partial sum
- * can leave int16), then widened by vpmaddwd with ones into the int32 sums */
-AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
-                         const int64_t *toff, int ntaps, int qpt, int chunk, const int8_t *bb,
-                         int n, int cnt, char **dst) {
+/* kern_u8_1c over several chunks: the int16 sums widened into int32 every `chunk` quads
+ * (aligned, as pack_u8 checked them) */
+AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
+                           const int64_t *toff, int ntaps, int qpt, int chunk,
+                           const int8_t *bb, int n, int cnt, char **dst) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c0[UR], c1[UR], s0[UR], s1[UR];
+    __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
+    int64_t d[UR1];
 #pragma GCC unroll 8
-    for (int r = 0; r < UR; r++)
+    for (int r = 0; r < UR1; r++) {
+        d[r] = src[r] - src[0];
         c0[r] = c1[r] = s0[r] = s1[r] = _mm256_setzero_si256();
+    }
+    const uint8_t *A = src[0];
     int left = chunk;
     for (int t = 0; t < ntaps; t++) {
         const uint8_t *p = A + toff[t];
@@ -593,16 +698,16 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
             __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
             __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
 #pragma GCC unroll 8
-            for (int r = 0; r < UR; r++) {
+            for (int r = 0; r < UR1; r++) {
                 int32_t quad;
-                memcpy(&quad, p + r * lda, 4);
+                memcpy(&quad, p + d[r], 4);
                 __m256i v = _mm256_set1_epi32(quad);
                 s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
                 s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
             }
             if (--left == 0) {
 #pragma GCC unroll 8
-                for (int r = 0; r < UR; r++) {
+                for (int r = 0; r < UR1; r++) {
                     c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
                     c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
                     s0[r] = s1[r] = _mm256_setzero_si256();
@@ -613,15 +718,15 @@ AVX2 static void kern_u8(const fbi_ep *a, const uint8_t *A, int64_t lda,
     }
     if (left != chunk) {
 #pragma GCC unroll 8
-        for (int r = 0; r < UR; r++) {
+        for (int r = 0; r < UR1; r++) {
             c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
             c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(s1[r], ones));
         }
     }
-    store_rows_p(a, c0, c1, n, cnt, dst);
+    st(a, c0, c1, n, cnt, dst);
 }
 
-/* rows j0 .. j0+UR-1 of a virtual grid `vw` pixels wide, of which the first ow are output
+/* rows j0 .. j0+rows-1 of a virtual grid `vw` pixels wide, of which the first ow are output
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
                            char **dst, int rows) {
@@ -638,12 +743,13 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
     int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
     uint8_t *buf = (uint8_t *)a->scratch;
-    char *dst[UR];
+    char *dst[UR1];
     fbi_ep ep;
     ep_init(a, &ep);
-    int chunk = a->kchunk < 1 ? 1 : a->kchunk;
-    /* direct: stride 1, one group, whole taps of 4 channels: the taps of a row are fixed
-     * offsets into the zero-padded byte image (no im2col); rows run over the padded width */
+    int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
+    store_fn st = ep.out_float ? store_rows_p1_g : store_p1[ep.kind];
+    /* direct: stride 1, one group, whole taps of 4 channels: the taps of a pixel are fixed
+     * offsets into the zero-padded byte image (no im2col) */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
         a->cin % 4 == 0 && a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64) {
         int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
@@ -651,8 +757,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
         for (int ky = 0; ky < a->kh; ky++)
             for (int kx = 0; kx < a->kw; kx++)
                 toff[ky * a->kw + kx] = ((int64_t)ky * wp + kx) * cin;
-        int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow, img = (int64_t)hp * wp * cin;
-        memset(buf + img, 0, (size_t)8 * cin); /* slack read by the dropped rows */
+        int64_t img = (int64_t)hp * wp * cin;
         for (int i = 0; i < a->n; i++) {
             const int16_t *x = (const int16_t *)a->x + i * in_img;
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
@@ -664,12 +769,23 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             } else {
                 to_u8(x, in_img, a->ushift, buf);
             }
-            for (int64_t j0 = 0; j0 < nrows; j0 += UR) {
-                row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, UR);
+            for (int64_t j0 = 0; j0 < opix; j0 += UR1) { /* output pixels only */
+                const uint8_t *src[UR1];
+                int64_t oy = j0 / a->ow, ox = j0 - oy * a->ow;
+                for (int r = 0; r < UR1; r++) {
+                    int in = j0 + r < opix;
+                    src[r] = in ? buf + (oy * wp + ox) * cin : buf;
+                    dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
+                    if (++ox == a->ow) ox = 0, oy++;
+                }
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern_u8(&ep, buf + j0 * cin, cin, toff, a->kh * a->kw, cin / 4, chunk,
-                             a->wpack8 + (int64_t)b * a->kq4 * NB, n0, cnt, dst);
+                    const int8_t *bb = a->wpack8 + (int64_t)b * a->kq4 * NB;
+                    if (one)
+                        kern_u8_1c(&ep, st, src, toff, a->kh * a->kw, cin / 4, bb, n0, cnt, dst);
+                    else
+                        kern_u8_c(&ep, st, src, toff, a->kh * a->kw, cin / 4, chunk, bb, n0, cnt,
+                                  dst);
                 }
             }
         }
@@ -682,20 +798,25 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
             im2col_u8(a, (const int16_t *)a->x + i * in_img, g, buf);
             const int8_t *B = a->wpack8 + g * wstride;
-            for (int64_t r = 0; r < opix; r += UR) {
-                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR);
+            for (int64_t r = 0; r < opix; r += UR1) {
+                row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR1);
+                const uint8_t *src[UR1];
+                for (int q = 0; q < UR1; q++) src[q] = buf + (r + q) * a->kq4; /* slack */
                 for (int b = 0; b < nblocks; b++) {
                     int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    kern_u8(&ep, buf + r * a->kq4, a->kq4, &zero, 1, kq, chunk,
-                             B + (int64_t)b * a->kq4 * NB, g * og + n0, cnt, dst);
+                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
+                    if (one)
+                        kern_u8_1c(&ep, st, src, &zero, 1, kq, bb, g * og + n0, cnt, dst);
+                    else
+                        kern_u8_c(&ep, st, src, &zero, 1, kq, chunk, bb, g * og + n0, cnt, dst);
                 }
             }
         }
 }
 
 /* A float-input layer (the network's images) at stride 1, one group: the taps (c, ky, kx), in
- * the packed weights' order, are fixed offsets into zero-padded NCHW planes, UR rows of
- * consecutive pixels of the padded width, 16 channels (two packed blocks of 8). The same fmas
+ * the packed weights' order, are fixed offsets into zero-padded NCHW planes, 4 output
+ * pixels (rows) at a time, 16 channels (two packed blocks of 8). The same fmas
  * in the same order as gemm_f32_generic on im2col rows. */
 AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
     int bad = 0;
@@ -705,7 +826,6 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
     int nblocks = (og + NBF - 1) / NBF, hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
     int64_t plane = (int64_t)hp * wp, opix = (int64_t)a->oh * a->ow;
     int64_t in_img = (int64_t)a->h * a->w * a->cin, ldy = (int64_t)a->cout * esize;
-    int64_t nrows = (int64_t)(a->oh - 1) * wp + a->ow;
     int64_t toff[64];
     for (int c = 0, t = 0; c < a->cin; c++)
         for (int ky = 0; ky < a->kh; ky++)
@@ -720,9 +840,16 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
             for (int y = 0; y < a->h; y++)
                 memcpy(buf + c * plane + (int64_t)(y + a->ph) * wp + a->pw,
                        x + ((int64_t)c * a->h + y) * a->w, sizeof(float) * (size_t)a->w);
-        for (int64_t j0 = 0; j0 < nrows; j0 += 4) {
-            row_dst(Yi, j0, nrows, wp, a->ow, ldy, dst, 4);
-            const float *A = buf + j0;
+        for (int64_t j0 = 0; j0 < opix; j0 += 4) { /* 4 output pixels (rows) */
+            int64_t off[4], oy = j0 / a->ow, ox = j0 - oy * a->ow;
+            for (int r = 0; r < 4; r++) {
+                int in = j0 + r < opix;
+                off[r] = in ? oy * wp + ox : 0;
+                dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
+                if (++ox == a->ow) ox = 0, oy++;
+            }
+            const float *A = buf + off[0];
+            int64_t d1 = off[1] - off[0], d2 = off[2] - off[0], d3 = off[3] - off[0];
             for (int b = 0; b < nblocks; b += 2) {
                 const float *b0 = (const float *)a->wpack + (int64_t)b * kf * NBF;
                 const float *b1 = b + 1 < nblocks ? b0 + (int64_t)kf * NBF : b0;
@@ -736,7 +863,7 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
                     v = _mm256_broadcast_ss(p + r);                           \
                     xx = _mm256_fmadd_ps(v, w0, xx);                          \
                     yy = _mm256_fmadd_ps(v, w1, yy);
-                    ROWF(0, x0, y0) ROWF(1, x1, y1) ROWF(2, x2, y2) ROWF(3, x3, y3)
+                    ROWF(0, x0, y0) ROWF(d1, x1, y1) ROWF(d2, x2, y2) ROWF(d3, x3, y3)
 #undef ROWF
                 }
                 __m256 v[8] = {x0, y0, x1, y1, x2, y2, x3, y3};
