@@ -566,6 +566,30 @@ def _edge_net(family: str, relu_after: bool) -> nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore:.*of its quantized weights are 0")  # the small codes
+def _every_map(eng: IntegerEngine, x: torch.Tensor) -> list[np.ndarray]:
+    """Each step's output, as bytes, taken right after the step ran (buffers are reused once a
+    value is dead, so the maps left at the end are not every map; and a float view of a reused
+    buffer may hold NaN bit patterns, which compare unequal to themselves)."""
+    import ctypes
+
+    from fewbits.runtime.integer import _Step
+
+    vals, segments = eng._build(x.shape[0])
+    np.copyto(vals[1], x.numpy())
+    out = []
+    for seg in segments:
+        if isinstance(seg, tuple):
+            arr, k = seg
+            for i in range(k):
+                assert eng._lib.fbi_run(ctypes.cast(ctypes.addressof(arr[i]),
+                                                    ctypes.POINTER(_Step)), 1, eng._isa_id) == 0
+                out.append(vals[eng.prog.steps[len(out)].dst].copy().view(np.uint8))
+        else:
+            eng._python_step(seg, vals, x.shape[0])
+            out.append(vals[seg.dst].copy().view(np.uint8))
+    return out
+
+
 @pytest.mark.parametrize("family", ["fp_net", "min_max"])
 @pytest.mark.parametrize("relu_after", [False, True])
 def test_avx2_kernels_edges_give_the_generic_codes(family: str, relu_after: bool) -> None:
@@ -579,12 +603,45 @@ def test_avx2_kernels_edges_give_the_generic_codes(family: str, relu_after: bool
     convs = [s for s in prog.steps if isinstance(s, Conv)]
     assert any(s.wpack8 is not None and s.kchunk * 4 < s.kq4 for s in convs)  # several chunks
     assert any(s.wpack8 is not None and s.kchunk * 4 >= s.kq4 for s in convs)  # one chunk
-    maps = []
-    for isa in ISAS_HERE:
-        eng = IntegerEngine(prog, isa)
-        out = eng(x)
-        maps.append((out, {k: v.copy() for k, v in eng._batch[1].items()}))
-    for out, vals in maps[1:]:
+    maps = [(IntegerEngine(prog, isa)(x), _every_map(IntegerEngine(prog, isa), x))
+            for isa in ISAS_HERE]
+    for out, steps in maps[1:]:
         assert torch.equal(out, maps[0][0])
-        for k, v in vals.items():
-            assert np.array_equal(v, maps[0][1][k]), k
+        for k, v in enumerate(steps):
+            assert np.array_equal(v, maps[0][1][k]), (k, prog.steps[k])
+
+
+def test_division_by_a_scale_as_an_exact_reciprocal_multiply() -> None:
+    # min-max's epilogue divides by the scale; on AVX2 it multiplies by the reciprocal with one
+    # exact correction (Markstein) where every significand was checked for that scale:
+    # against NumPy's float32 division at exact ties, their neighbours and all magnitudes
+    from fewbits.runtime.integer import _rcp_exact
+
+    lib = _lib()
+    if "avx2" not in ISAS_HERE:
+        assert _rcp_exact(0.1) == 0
+        return
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 2.0 ** -61, 2.0 ** 61):
+        assert _rcp_exact(bad) == 0, bad
+    rng = np.random.default_rng(0)
+    scales = np.concatenate([np.float32([0.1, 1.9999999, 0.0470348, 0.000376671, 3.0]),
+                             rng.uniform(1e-4, 4, 12).astype(np.float32)])
+    for s in scales:
+        assert _rcp_exact(float(s)) == 1, s
+        k = np.arange(-300, 300, dtype=np.float32)
+        ties = (k + np.float32(0.5)) * s
+        v = np.concatenate([ties, np.nextafter(ties, np.float32(np.inf)),
+                            np.nextafter(ties, np.float32(-np.inf)), k * s,
+                            rng.standard_normal(4000).astype(np.float32) * 100 * s,
+                            np.float32([0.0, -0.0, 1e-30, 3e30]) * s])
+        y = np.empty_like(v)
+        assert lib.fbi_rcp_div(float(s), v.size, _ptr(v), _ptr(y)) == 0
+        # equal as floats: bit for bit except the sign of a zero quotient (-0 / s gives +0),
+        # which no code sees (rounded half away, both are code 0)
+        np.testing.assert_array_equal(y, v / s)
+    # the engine uses it on AVX2 (and gives the generic path's codes: the edge test above)
+    m = create_model("mnist_min_max_lenet").eval()
+    eng = IntegerEngine.from_model(m, (1, 28, 28), isa="avx2")
+    assert any(a.rcp_ok for a in eng._args.values())
+    assert not any(a.rcp_ok for a in IntegerEngine.from_model(m, (1, 28, 28),
+                                                              isa="generic")._args.values())

@@ -63,6 +63,9 @@ typedef struct {
      * ReLUs / clamps in front of it); NaN/inf there is reported (fbi_conv_run returns 1) */
     int32_t qcheck;
     float qlo, qhi;
+    /* rcp_ok: the AVX2 epilogue may divide by scale as rcp_div (fbi_rcp_exact proved it
+     * exact for this scale) */
+    int32_t rcp_ok;
 } fbi_conv;
 
 /* ----------------------------------------------------------------- epilogue */
@@ -238,7 +241,48 @@ typedef struct {
     const int32_t *corr;
     int pre_relu, out_float, use_sub, use_div, int_clamp, use_kofs, nonneg;
     int kind; /* the EK_ flags of an integer output (see epi_kind) */
+    int use_rcp; /* use_div by rcp_div (exact: see fbi_rcp_exact) */
+    __m256 rcp;
 } fbi_ep;
+
+/* v / s correctly rounded, as vdivps gives it, in three FMA-pipe operations where a division
+ * takes the divider for ~3.5 cycles per vector (Markstein's correction: q0 = v r, the exact
+ * remainder v - q0 s by an fma, one correction q0 + rem r). Not exact for every s: used only
+ * where fbi_rcp_exact checked every significand of v for this s. */
+AVX2 static inline __attribute__((always_inline)) __m256 rcp_div(__m256 v, __m256 s, __m256 r) {
+    __m256 q0 = _mm256_mul_ps(v, r);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, s, v), r, q0);
+}
+
+/* 1 where rcp_div(v, s, RN(1 / s)) equals v / s for every float v in [1, 2) (then for every
+ * v = m 2^e whose quotient and remainder stay normal: scaling by 2^e commutes with each
+ * rounding, and the sign too), else 0. 2^23 values, ~3 ms. */
+AVX2 void fbi_rcp_div_avx2(float s, int64_t n, const float *x, float *y) {
+    const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(1.0f / s);
+    for (int64_t i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, rcp_div(_mm256_loadu_ps(x + i), vs, vr));
+    for (int64_t i = n - n % 8; i < n; i++) {
+        float t[8] = {x[i]};
+        _mm256_storeu_ps(t, rcp_div(_mm256_loadu_ps(t), vs, vr));
+        y[i] = t[0];
+    }
+}
+
+AVX2 int fbi_rcp_exact_avx2(float s) {
+    if (!(s >= 0x1p-60f && s <= 0x1p60f)) return 0;
+    const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(1.0f / s);
+    const __m256i step = _mm256_set1_epi32(8);
+    __m256i bits = _mm256_add_epi32(_mm256_set1_epi32(0x3f800000),
+                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i bad = _mm256_setzero_si256();
+    for (int i = 0; i < (1 << 23) / 8; i++, bits = _mm256_add_epi32(bits, step)) {
+        __m256 v = _mm256_castsi256_ps(bits);
+        __m256i a = _mm256_castps_si256(rcp_div(v, vs, vr));
+        __m256i b = _mm256_castps_si256(_mm256_div_ps(v, vs));
+        bad = _mm256_or_si256(bad, _mm256_xor_si256(a, b));
+    }
+    return _mm256_testz_si256(bad, bad);
+}
 
 /* The epilogue's flags as one small number, for the kernels' copies of the epilogue compiled
  * with them known (no flag tests, the tile's vectors kept in registers through every stage).
@@ -301,6 +345,13 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
             e->nonneg = lo >= a->sub;
         }
     }
+    /* v is clamped to [clo, chi] before the division: with |(v - sub) / scale| < 2^30 no
+     * quotient overflows; a v whose remainder would be subnormal (|v| < ~2^-100) has a
+     * quotient under 2^-40 (scale >= 2^-60), code 0 both ways */
+    e->use_rcp = e->use_div && a->rcp_ok && !e->out_float && isfinite(a->clo) &&
+                 isfinite(a->chi) && fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
+                 fabsf((a->chi - a->sub) / a->scale) < 0x1p30f;
+    e->rcp = _mm256_set1_ps(1.0f / a->scale);
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
               (!e->nonneg || e->int_clamp ? EK_SC : 0);
@@ -337,7 +388,8 @@ AVX2 static inline __attribute__((always_inline)) void store8_avx2(const fbi_ep 
     if (e->use_sub) v = _mm256_sub_ps(v, e->sub);
     /* a power-of-two scale multiplies by its exact inverse; others divide, as PyTorch does
      * (a multiply with a check for near-ties measured slower than vdivps here) */
-    __m256 t = e->use_div ? _mm256_div_ps(v, e->scale) : _mm256_mul_ps(v, e->inv);
+    __m256 t = !e->use_div ? _mm256_mul_ps(v, e->inv)
+               : e->use_rcp ? rcp_div(v, e->scale, e->rcp) : _mm256_div_ps(v, e->scale);
     __m256 at = e->nonneg ? t : _mm256_and_ps(t, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
     __m256i k = rha_abs(at); /* at = t where nonneg (t = -0 gives 0 either way) */
     if (!e->nonneg) k = _mm256_sign_epi32(k, _mm256_castps_si256(t));
@@ -388,8 +440,10 @@ AVX2 static inline __attribute__((always_inline)) void epi_tile_k(const fbi_ep *
         return;
     }
     if (EF(EK_OFS, use_sub)) EPI(v[i] = _mm256_sub_ps(v[i], e->sub))
-    if (EF(EK_DIV, use_div)) EPI(v[i] = _mm256_div_ps(v[i], e->scale))
-    else EPI(v[i] = _mm256_mul_ps(v[i], e->inv))
+    if (EF(EK_DIV, use_div)) {
+        if (e->use_rcp) EPI(v[i] = rcp_div(v[i], e->scale, e->rcp))
+        else EPI(v[i] = _mm256_div_ps(v[i], e->scale))
+    } else EPI(v[i] = _mm256_mul_ps(v[i], e->inv))
     __m256i k[2 * R];
     if (K < 0 ? e->nonneg : !(K & EK_SC)) EPI(k[i] = rha_abs(v[i]))
     else EPI(k[i] = _mm256_sign_epi32(rha_abs(_mm256_and_ps(
@@ -1510,4 +1564,27 @@ int fbi_run_images(const fbi_step *s, int32_t ns, int32_t isa, int64_t n, const 
         memcpy((char *)out + i * out_bytes, out_buf, (size_t)out_bytes);
     }
     return bad;
+}
+
+/* y[i] = rcp_div(x[i], s, RN(1 / s)) on AVX2, for tests against v / s (returns 0; -1 where
+ * AVX2 is missing) */
+int fbi_rcp_div(float s, int64_t n, const float *x, float *y) {
+#if FBI_X86
+    if (fbi_isa_supported(ISA_AVX2)) {
+        fbi_rcp_div_avx2(s, n, x, y);
+        return 0;
+    }
+#endif
+    (void)s, (void)n, (void)x, (void)y;
+    return -1;
+}
+
+/* 1 where the AVX2 epilogue may divide by `s` as rcp_div (see fbi_rcp_exact_avx2); 0 where it
+ * divides (or cannot run here) */
+int fbi_rcp_exact(float s) {
+#if FBI_X86
+    if (fbi_isa_supported(ISA_AVX2)) return fbi_rcp_exact_avx2(s);
+#endif
+    (void)s;
+    return 0;
 }

@@ -45,6 +45,7 @@ runs the next candidate).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from pathlib import Path
 
@@ -87,7 +88,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
         [("x", _P), ("wpack", _P), ("wpack8", _P), ("kq4", ctypes.c_int32),
          ("ushift", ctypes.c_int32), ("kchunk", ctypes.c_int32), ("corr", _P)] + \
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")] + \
-        [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float)]
+        [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float),
+         ("rcp_ok", ctypes.c_int32)]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -102,6 +104,8 @@ _LIB = CLibrary(
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbi_isa_supported": ([ctypes.c_int], ctypes.c_int),
      "fbi_conv_run": ([ctypes.POINTER(_ConvArgs)], ctypes.c_int),
+     "fbi_rcp_exact": ([ctypes.c_float], ctypes.c_int),
+     "fbi_rcp_div": ([ctypes.c_float, ctypes.c_int64, _P, _P], ctypes.c_int),
      "fbi_quantize": ([ctypes.POINTER(_ConvArgs), ctypes.c_int64, _P, _P], None),
      "fbi_add": ([_I, ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
      "fbi_pool": ([_I] * 16 + [_P, _P, _P], None),
@@ -148,6 +152,13 @@ def _padded(v: np.ndarray, dtype: type) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _rcp_exact(scale: float) -> int:
+    """1 where the AVX2 epilogue's division by ``scale`` can be a multiply by its reciprocal
+    with one exact correction (checked over every significand, ~3 ms), else 0."""
+    return int(_lib().fbi_rcp_exact(scale))
+
+
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=(2 if s.nhwc else 1) if s.float_in else 0,
@@ -156,6 +167,8 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     q = s.quant
     if q is not None:
         _set_quant(a, q)
+        if a.inv == 0.0 and isa == INT_ISAS.index("avx2"):  # a division: exact as a multiply?
+            a.rcp_ok = _rcp_exact(a.scale)
         # the quantizer after a float-input layer: NaN/inf it would see is reported (rc 1)
         a.qcheck, (a.qlo, a.qhi) = int(s.float_in), s.qclamp
     else:
