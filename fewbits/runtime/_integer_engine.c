@@ -7,7 +7,9 @@
  * multiplies in float32 instead.
  *
  * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA), chosen per call; all paths
- * give the same integers (the float epilogue is the same IEEE operations, fmaf included). AVX2:
+ * give the same integers (the float epilogue is the same IEEE operations, fmaf included; on
+ * AVX2 a division by a scale is a reciprocal multiply with one exact correction, used only
+ * where fbi_rcp_exact proved it gives the division's quotient for that scale). AVX2:
  * u8 x s8 (vpmaddubsw, int16 lane sums widened every `kchunk` quads, which pack_u8 proved
  * cannot wrap) where the weights allow, else int16 (vpmaddwd); stride-1 layers read their
  * taps as fixed offsets into a zero-padded image (no im2col); the epilogue runs a whole tile
