@@ -216,6 +216,12 @@ class _StreamNet(nn.Module):
             return self.q(s)
         if self.out == "flat":
             return self.fc(torch.flatten(s, 1) + torch.flatten(s, 1))
+        if self.out == "gap":  # PyTorch's (N, C, 1, 1)
+            return nn.functional.adaptive_avg_pool2d(s, 1)
+        if self.out == "alias":  # c and s are one tensor: s += t updates both
+            c = s
+            s += self.qd(self.cd(x))
+            return s + c
         t = torch.relu(self.qe(self.be(self.ce(s))))  # 4 x 4
         t = torch.relu(self.qf(self.bf(self.cf(t))) + t)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1))
@@ -245,6 +251,47 @@ def test_float_stream_operations_not_covered_are_named(out: str) -> None:
     m = _trained_looking(_StreamNet(out), 4)
     with pytest.raises(ValueError, match="float"):
         IntegerEngine.from_model(m, (3, 16, 16))
+
+
+def test_inplace_update_of_a_tensor_another_name_holds_is_refused() -> None:
+    # fx traces s += t as s + t: the engine summed the old s into the output (silently wrong
+    # logits, 40 % off); the traced graph is now checked against the forward
+    m = _trained_looking(_StreamNet("alias"), 4)
+    with pytest.raises(ValueError, match="in-place update"):
+        IntegerEngine.from_model(m, (3, 16, 16))
+
+
+def test_output_shape_empty_batch_and_two_threads_at_once() -> None:
+    # a global average returned (N, C), not PyTorch's (N, C, 1, 1); an empty batch raised
+    # IndexError; two threads calling one engine shared its buffers (wrong logits, no error)
+    import threading
+
+    torch.manual_seed(2)
+    m = _trained_looking(_StreamNet("gap"), 4)
+    eng = IntegerEngine.from_model(m, (3, 16, 16))
+    x = _images(8, (3, 16, 16), seed=3, denom=256)
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(eng(x), ref, rtol=1e-6, atol=1e-6)  # sums in its own order
+    assert eng(x[:0]).shape == m(x[:0]).shape == (0, 16, 1, 1)
+    m.out = "logits"
+    eng = IntegerEngine.from_model(m, (3, 16, 16))
+    with torch.no_grad():
+        ref = m(x)
+    want = {n: eng(x[:n]) for n in (1, 8)}
+    assert eng(x[:0]).shape == (0, 5)
+    bad: list[int] = []
+
+    def work(n: int) -> None:
+        for _ in range(100):
+            bad.append(int(not torch.equal(eng(x[:n]), want[n])))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 8, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(bad) == 300 and sum(bad) == 0  # a thread that raised appends less
 
 
 class _UserNet(nn.Module):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -269,8 +270,8 @@ class IntegerEngine:
     ``ValueError``) where the quantizer after that layer would see NaN/inf, as PyTorch's does
     (after the ReLUs / clamps in front of it: a ``-inf`` a ReLU makes 0 is no error); inside
     ``fewbits.functional.finite_checks(False)`` they give logits. A batch norm that overflows
-    finite sums is not detected. Work buffers are kept between calls (one engine serves one
-    thread at a time)."""
+    finite sums is not detected. Work buffers are kept between calls: calls from several
+    threads run one at a time (a lock; they shared the buffers and returned wrong logits)."""
 
     def __init__(self, prog: Program, isa: str | None = None) -> None:
         self.isa = _pick_isa(isa)
@@ -286,6 +287,7 @@ class IntegerEngine:
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
         self._flat_logits = False
         self._keep_batch: dict[int, list] = {}
+        self._lock = threading.Lock()
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
                              if isinstance(s, Conv)], default=64)
         for s in prog.steps:
@@ -319,7 +321,13 @@ class IntegerEngine:
         x = t.numpy()
         if not np.isfinite(x).all():  # NumPy's: torch.isfinite costs ~10x more on one image
             raise ValueError("the images contain NaN or inf")
+        with self._lock:  # ctypes releases the GIL; the buffers are shared
+            return self._run(t, x)
+
+    def _run(self, t: Tensor, x: np.ndarray) -> Tensor:
         n = t.shape[0]
+        if n == 0:  # an empty batch: PyTorch's empty output (no step runs)
+            return self._output(np.empty(0, np.float32), 0)
         if self._single is None:
             self._single = self._build(1)
             vals, segments = self._single

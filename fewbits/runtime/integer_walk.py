@@ -91,6 +91,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
         graph = tracer().trace(comp.model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise ValueError(f"cannot trace {type(comp.model).__name__} with torch.fx: {e}") from e
+    _same_as_forward(comp.model, graph, comp.prog.in_shape)
     prog, modules = comp.prog, comp.modules
     env: dict[str, Any] = {}
 
@@ -249,7 +250,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             x = materialize(x, where)
         if len(x.shape) != 3:
             raise ValueError(f"{where}: global average pooling needs a (C, H, W) input")
-        y = comp.new("float", (x.shape[0],))
+        y = comp.new("float", (x.shape[0], 1, 1))  # PyTorch's (N, C, 1, 1)
         prog.steps.append(GlobalAvg(x.id, y.id, x.scale, x.kind == "int"))
         return y
 
@@ -399,6 +400,26 @@ def walk(comp: Compiler, tracer: type) -> Any:
     if prog.out is None:
         raise ValueError("the model has no output")
     return prog
+
+
+def _same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]) -> None:
+    """Raise where the traced graph computes other numbers than ``model`` on two random images:
+    the fx trace records ``a += b`` as ``a + b``, so a tensor updated in place while another
+    name still holds it (``c = a; a += b``) is seen unchanged (the engine then returned
+    wrong logits without an error)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *in_shape), generator=g)
+    with torch.no_grad():
+        try:
+            want, got = model(x.clone()), fx.GraphModule(model, graph)(x.clone())
+        except Exception:  # the walk names what it cannot run
+            return
+    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
+            (want.shape != got.shape or not bool(((want == got) | (want.isnan() & got.isnan()))
+                                                 .all())):
+        raise ValueError(f"{type(model).__name__}: its torch.fx graph computes other values than "
+                         "its forward (an in-place update, such as a += b, of a tensor another "
+                         "name still holds?): write it out of place (a = a + b)")
 
 
 def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
