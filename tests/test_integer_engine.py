@@ -253,11 +253,20 @@ def test_float_stream_operations_not_covered_are_named(out: str) -> None:
         IntegerEngine.from_model(m, (3, 16, 16))
 
 
-def test_inplace_update_of_a_tensor_another_name_holds_is_refused() -> None:
-    # fx traces s += t as s + t: the engine summed the old s into the output (silently wrong
-    # logits, 40 % off); the traced graph is now checked against the forward
-    m = _trained_looking(_StreamNet("alias"), 4)
-    with pytest.raises(ValueError, match="in-place update"):
+@pytest.mark.parametrize("case", ["alias", "layer_hook", "pre_hook", "root_hook"])
+def test_hooks_and_inplace_updates_of_a_tensor_another_name_holds_are_refused(
+        case: str) -> None:
+    # fx traces s += t as s + t (the engine summed the old s into the output: logits 40 % off,
+    # no error) and runs no hook (a hook doubling a layer's output was left out: 59 of 65 top-1
+    # flipped); the traced graph is now checked against the forward, and hooks refused
+    m = _trained_looking(_StreamNet("alias" if case == "alias" else "logits"), 4)
+    if case == "layer_hook":
+        m.cb.register_forward_hook(lambda mod, i, o: o * 2)
+    elif case == "pre_hook":
+        m.qb.register_forward_pre_hook(lambda mod, i: (i[0] * 0.5,))
+    elif case == "root_hook":
+        m.register_forward_hook(lambda mod, i, o: o * 3)
+    with pytest.raises(ValueError, match="in-place update" if case == "alias" else "hook"):
         IntegerEngine.from_model(m, (3, 16, 16))
 
 

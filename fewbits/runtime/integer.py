@@ -21,7 +21,8 @@ the layers reading them sum in their own order, as the first layer does (the log
 within the planner's tolerance; 99.9 % top-1 on 1000 CIFAR-10 test images of a trained
 min-max ResNet-23). Nothing is rounded beyond that (:attr:`IntegerEngine.exact` is True): what
 the engine cannot run exactly (a float map flattened, quantized, clamped where it is also read
-unclamped, ...) it refuses with ``ValueError`` naming the operation. All CPU paths give
+unclamped, a forward hook, a tensor updated in place while another name holds it, ...) it
+refuses with ``ValueError`` naming the operation. All CPU paths give
 identical outputs.
 
 CPU paths (``engine.isa``): ``"avx2"`` and ``"generic"`` (portable C), picked by cpuid;

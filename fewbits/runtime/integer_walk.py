@@ -86,7 +86,22 @@ def _pool_args(node: fx.Node, m: Any) -> dict:
     return out
 
 
+def _no_hooks(model: nn.Module) -> None:
+    """Raise for a forward hook: fx does not trace them (one on a layer changing its output
+    was left out of the engine's result without an error)."""
+    glob = torch.nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        raise ValueError("a global forward hook is registered: the integer engine does not run "
+                         "hooks (remove it before compiling)")
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise ValueError(f"{name or type(model).__name__} ({type(m).__name__}) has a "
+                             "forward hook: the integer engine does not run hooks (remove it, "
+                             "or write what it does into the forward)")
+
+
 def walk(comp: Compiler, tracer: type) -> Any:
+    _no_hooks(comp.model)
     try:
         graph = tracer().trace(comp.model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
