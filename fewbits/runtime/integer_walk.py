@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..layers import QuantAct
+from ..layers import QuantAct, QuantConv2d, QuantLinear
 from .integer_plan import (
     ADDS,
     FLATTENS,
@@ -39,6 +39,11 @@ from .integer_plan import (
 __all__ = ["compile_program", "walk"]
 
 _PASS = (nn.Identity, nn.Dropout)
+#: the module forwards the walk knows what they compute (a subclass overriding one is refused)
+_KNOWN = (nn.Conv2d, nn.Linear, QuantConv2d, QuantLinear, nn.modules.batchnorm._BatchNorm,
+          nn.ReLU, nn.ReLU6, nn.Hardtanh, QuantAct, nn.MaxPool2d, nn.AvgPool2d,
+          nn.AdaptiveAvgPool2d, nn.Flatten, *_PASS)
+_KNOWN_FORWARDS = frozenset(c.forward for c in _KNOWN)
 
 
 @dataclass
@@ -316,6 +321,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
             m = modules[node.target]
             if node.kwargs or len(node.args) != 1:
                 raise ValueError(f"{where}: modules must take one tensor")
+            if type(m).forward not in _KNOWN_FORWARDS:  # a leaf fx does not look into
+                own = " (a subclass with its own forward)" if isinstance(m, _KNOWN) else ""
+                raise ValueError(f"{where}: the integer engine does not cover "
+                                 f"{type(m).__name__}{own}")
             a = node.args[0]
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 x = value(a, where, allow_pending=True)
