@@ -312,6 +312,17 @@ def test_output_shape_empty_batch_and_two_threads_at_once() -> None:
     assert len(bad) == 300 and sum(bad) == 0  # a thread that raised appends less
 
 
+def test_a_model_returning_its_images_and_adaptive_pool_to_none() -> None:
+    # the images (NCHW) were read back as an NHWC map: permuted values, no error; an adaptive
+    # pool to (None, None) raised TypeError (the planner warned of a failure)
+    x = torch.randn(2, 3, 4, 5)
+    for m in (nn.Identity(), nn.Sequential(nn.Dropout(), nn.Identity())):
+        eng = IntegerEngine.from_model(m, (3, 4, 5))
+        assert torch.equal(eng(x), x) and torch.equal(eng(x[:1]), x[:1])
+    with pytest.raises(ValueError, match="adaptive average pooling to \\(None, None\\)"):
+        IntegerEngine.from_model(nn.AdaptiveAvgPool2d((None, None)), (3, 4, 4))
+
+
 class _UserNet(nn.Module):
     """Grouped, strided, dilated convs, clamps, both poolings, a residual sum, a concatenation
     and a linear layer on a flattened 2 x 2 map, with fewbits layers placed by hand."""

@@ -464,6 +464,8 @@ class IntegerEngine:
 
     def _output(self, y: np.ndarray, n: int) -> Tensor:
         out = self.prog.out
+        if out.kind == "input":  # the model returns its images (NCHW, as they came)
+            return torch.from_numpy(y.reshape(n, *out.shape))
         if out.kind == "float" and len(out.shape) == 1 and y.flags.c_contiguous:
             return torch.from_numpy(y.reshape(n, out.shape[0]))  # the logits, as they are
         if out.kind == "int":

@@ -371,7 +371,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
-                if pair(m.output_size) != (1, 1):
+                if m.output_size not in (1, (1, 1), [1, 1]):  # (None, None) keeps the size
                     raise ValueError(f"{where}: adaptive average pooling to "
                                      f"{m.output_size} (the integer engine runs size 1)")
                 env[node.name] = gap(value(a, where, allow_pending=True), where)
@@ -409,8 +409,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
             elif t in MAXPOOL_FNS:
                 env[node.name] = int_pool(value(args[0], where), _pool_args(node, None), where,
                                           args[0])
-            elif t in GAP_FNS and pair(args[1] if len(args) > 1 else
-                                         node.kwargs["output_size"]) == (1, 1):
+            elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
+                    "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
             elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
                 dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
