@@ -320,7 +320,7 @@ def test_a_model_returning_its_images_and_adaptive_pool_to_none() -> None:
         eng = IntegerEngine.from_model(m, (3, 4, 5))
         assert torch.equal(eng(x), x) and torch.equal(eng(x[:1]), x[:1])
     with pytest.raises(ValueError, match="adaptive average pooling to \\(None, None\\)"):
-        IntegerEngine.from_model(nn.AdaptiveAvgPool2d((None, None)), (3, 4, 4))
+        IntegerEngine.from_model(nn.Sequential(nn.AdaptiveAvgPool2d((None, None))), (3, 4, 4))
 
 
 class _UserNet(nn.Module):
