@@ -312,13 +312,19 @@ def test_output_shape_empty_batch_and_two_threads_at_once() -> None:
     assert len(bad) == 300 and sum(bad) == 0  # a thread that raised appends less
 
 
-def test_a_model_returning_its_images_and_adaptive_pool_to_none() -> None:
+def test_a_model_returning_its_images_or_a_flat_map_and_adaptive_pool_to_none() -> None:
     # the images (NCHW) were read back as an NHWC map: permuted values, no error; an adaptive
     # pool to (None, None) raised TypeError (the planner warned of a failure)
     x = torch.randn(2, 3, 4, 5)
     for m in (nn.Identity(), nn.Sequential(nn.Dropout(), nn.Identity())):
         eng = IntegerEngine.from_model(m, (3, 4, 5))
         assert torch.equal(eng(x), x) and torch.equal(eng(x[:1]), x[:1])
+    # a flattened quantized map as the output came back in NHWC order (wrong, no error)
+    fp = lambda: FixedPoint(n=6, delta=2**-4)  # noqa: E731
+    m = nn.Sequential(QuantConv2d(3, 5, 3, weight_quantizer=fp()), QuantAct(fp()),
+                      nn.Flatten()).eval()
+    x = _images(3, (3, 4, 5), denom=256)
+    _check(IntegerEngine.from_model(m, (3, 4, 5)), m, x, exact=True)
     with pytest.raises(ValueError, match="adaptive average pooling to \\(None, None\\)"):
         IntegerEngine.from_model(nn.Sequential(nn.AdaptiveAvgPool2d((None, None))), (3, 4, 4))
 

@@ -470,7 +470,10 @@ class IntegerEngine:
             return torch.from_numpy(y.reshape(n, out.shape[0]))  # the logits, as they are
         if out.kind == "int":
             y = y.astype(np.float32) * np.float32(out.scale)
-        if len(out.shape) == 3 and out.flat_from is None:
+        if out.flat_from is not None:  # an NHWC map flattened: PyTorch's (C, H, W) order
+            c, h, w = out.flat_from
+            y = y.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+        elif len(out.shape) == 3:
             return torch.from_numpy(np.ascontiguousarray(y.reshape(n, *out.shape[1:],
                                                                    out.shape[0])
                                                          .transpose(0, 3, 1, 2)))
