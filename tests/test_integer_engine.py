@@ -216,6 +216,12 @@ class _StreamNet(nn.Module):
             return self.q(s)
         if self.out == "flat":
             return self.fc(torch.flatten(s, 1) + torch.flatten(s, 1))
+        if self.out == "gap":  # PyTorch's (N, C, 1, 1)
+            return nn.functional.adaptive_avg_pool2d(s, 1)
+        if self.out == "alias":  # c and s are one tensor: s += t updates both
+            c = s
+            s += self.qd(self.cd(x))
+            return s + c
         t = torch.relu(self.qe(self.be(self.ce(s))))  # 4 x 4
         t = torch.relu(self.qf(self.bf(self.cf(t))) + t)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1))
@@ -245,6 +251,82 @@ def test_float_stream_operations_not_covered_are_named(out: str) -> None:
     m = _trained_looking(_StreamNet(out), 4)
     with pytest.raises(ValueError, match="float"):
         IntegerEngine.from_model(m, (3, 16, 16))
+
+
+class _DoubledConv(QuantConv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("case", ["alias", "layer_hook", "pre_hook", "root_hook", "subclass"])
+def test_hooks_and_inplace_updates_of_a_tensor_another_name_holds_are_refused(
+        case: str) -> None:
+    # fx traces s += t as s + t (the engine summed the old s into the output: logits 40 % off,
+    # no error) and runs no hook (a hook doubling a layer's output was left out: 59 of 65 top-1
+    # flipped), nor a fewbits layer's subclass's own forward (left out too); the traced graph
+    # is now checked against the forward, hooks and unknown forwards refused
+    m = _trained_looking(_StreamNet("alias" if case == "alias" else "logits"), 4)
+    if case == "layer_hook":
+        m.cb.register_forward_hook(lambda mod, i, o: o * 2)
+    elif case == "pre_hook":
+        m.qb.register_forward_pre_hook(lambda mod, i: (i[0] * 0.5,))
+    elif case == "root_hook":
+        m.register_forward_hook(lambda mod, i, o: o * 3)
+    elif case == "subclass":  # a fewbits layer is a leaf of the trace: its forward unseen
+        m.cb.__class__ = _DoubledConv
+    match = {"alias": "in-place update", "subclass": "_DoubledConv \\(a subclass"}
+    with pytest.raises(ValueError, match=match.get(case, "hook")):
+        IntegerEngine.from_model(m, (3, 16, 16))
+
+
+def test_output_shape_empty_batch_and_two_threads_at_once() -> None:
+    # a global average returned (N, C), not PyTorch's (N, C, 1, 1); an empty batch raised
+    # IndexError; two threads calling one engine shared its buffers (wrong logits, no error)
+    import threading
+
+    torch.manual_seed(2)
+    m = _trained_looking(_StreamNet("gap"), 4)
+    eng = IntegerEngine.from_model(m, (3, 16, 16))
+    x = _images(8, (3, 16, 16), seed=3, denom=256)
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(eng(x), ref, rtol=1e-6, atol=1e-6)  # sums in its own order
+    assert eng(x[:0]).shape == m(x[:0]).shape == (0, 16, 1, 1)
+    m.out = "logits"
+    eng = IntegerEngine.from_model(m, (3, 16, 16))
+    with torch.no_grad():
+        ref = m(x)
+    want = {n: eng(x[:n]) for n in (1, 8)}
+    assert eng(x[:0]).shape == (0, 5)
+    bad: list[int] = []
+
+    def work(n: int) -> None:
+        for _ in range(100):
+            bad.append(int(not torch.equal(eng(x[:n]), want[n])))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 8, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(bad) == 300 and sum(bad) == 0  # a thread that raised appends less
+
+
+def test_a_model_returning_its_images_or_a_flat_map_and_adaptive_pool_to_none() -> None:
+    # the images (NCHW) were read back as an NHWC map: permuted values, no error; an adaptive
+    # pool to (None, None) raised TypeError (the planner warned of a failure)
+    x = torch.randn(2, 3, 4, 5)
+    for m in (nn.Identity(), nn.Sequential(nn.Dropout(), nn.Identity())):
+        eng = IntegerEngine.from_model(m, (3, 4, 5))
+        assert torch.equal(eng(x), x) and torch.equal(eng(x[:1]), x[:1])
+    # a flattened quantized map as the output came back in NHWC order (wrong, no error)
+    fp = lambda: FixedPoint(n=6, delta=2**-4)  # noqa: E731
+    m = nn.Sequential(QuantConv2d(3, 5, 3, weight_quantizer=fp()), QuantAct(fp()),
+                      nn.Flatten()).eval()
+    x = _images(3, (3, 4, 5), denom=256)
+    _check(IntegerEngine.from_model(m, (3, 4, 5)), m, x, exact=True)
+    with pytest.raises(ValueError, match="adaptive average pooling to \\(None, None\\)"):
+        IntegerEngine.from_model(nn.Sequential(nn.AdaptiveAvgPool2d((None, None))), (3, 4, 4))
 
 
 class _UserNet(nn.Module):
@@ -490,7 +572,7 @@ def test_top1_bar_is_a_rate_over_every_row_checked() -> None:
     assert check_outputs(five[:10], ref[:10], 0.0, before=(1.0, 990)) is not None  # exact: none
 
 
-@pytest.mark.parametrize("n_real", [64, 400])
+@pytest.mark.parametrize("n_real", [64, 200, 400])
 def test_planner_judges_top1_on_the_probe_and_timing_batch_together(
         monkeypatch: pytest.MonkeyPatch, n_real: int) -> None:
     torch.manual_seed(3)
@@ -519,7 +601,8 @@ def test_planner_judges_top1_on_the_probe_and_timing_batch_together(
     if n_real == 64:  # 1 flip of 96 probe rows: under 99.5 %
         assert d.backend == "torch" and any("int: tolerance exceeded on the probe" in n
                                             for n in d.notes), d.notes
-    else:  # 2 flips (probe and timing batch) of 496 rows: 99.6 %
+    else:  # 1 flip of 232 / 432 probe rows (99.6 %, 99.8 %), the batch repeating its row:
+        # it was counted twice (2 of 296 rows, with 200 images: refused)
         assert d.backend in ("int", "torch") and not any("int: tolerance" in n
                                                          for n in d.notes), d.notes
 

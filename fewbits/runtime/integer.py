@@ -21,7 +21,8 @@ the layers reading them sum in their own order, as the first layer does (the log
 within the planner's tolerance; 99.9 % top-1 on 1000 CIFAR-10 test images of a trained
 min-max ResNet-23). Nothing is rounded beyond that (:attr:`IntegerEngine.exact` is True): what
 the engine cannot run exactly (a float map flattened, quantized, clamped where it is also read
-unclamped, ...) it refuses with ``ValueError`` naming the operation. All CPU paths give
+unclamped, a forward hook, a tensor updated in place while another name holds it, ...) it
+refuses with ``ValueError`` naming the operation. All CPU paths give
 identical outputs.
 
 CPU paths (``engine.isa``): ``"avx2"`` and ``"generic"`` (portable C), picked by cpuid;
@@ -47,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -282,8 +284,8 @@ class IntegerEngine:
     ``ValueError``) where the quantizer after that layer would see NaN/inf, as PyTorch's does
     (after the ReLUs / clamps in front of it: a ``-inf`` a ReLU makes 0 is no error); inside
     ``fewbits.functional.finite_checks(False)`` they give logits. A batch norm that overflows
-    finite sums is not detected. Work buffers are kept between calls (one engine serves one
-    thread at a time)."""
+    finite sums is not detected. Work buffers are kept between calls: calls from several
+    threads run one at a time (a lock; they shared the buffers and returned wrong logits)."""
 
     def __init__(self, prog: Program, isa: str | None = None) -> None:
         self.isa = _pick_isa(isa)
@@ -299,6 +301,7 @@ class IntegerEngine:
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
         self._flat_logits = False
         self._keep_batch: dict[int, list] = {}
+        self._lock = threading.Lock()
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
                              if isinstance(s, Conv)], default=64)
         for s in prog.steps:
@@ -332,7 +335,13 @@ class IntegerEngine:
         x = t.numpy()
         if not np.isfinite(x).all():  # NumPy's: torch.isfinite costs ~10x more on one image
             raise ValueError("the images contain NaN or inf")
+        with self._lock:  # ctypes releases the GIL; the buffers are shared
+            return self._run(t, x)
+
+    def _run(self, t: Tensor, x: np.ndarray) -> Tensor:
         n = t.shape[0]
+        if n == 0:  # an empty batch: PyTorch's empty output (no step runs)
+            return self._output(np.empty(0, np.float32), 0)
         if self._single is None:
             self._single = self._build(1)
             vals, segments = self._single
@@ -468,11 +477,16 @@ class IntegerEngine:
 
     def _output(self, y: np.ndarray, n: int) -> Tensor:
         out = self.prog.out
+        if out.kind == "input":  # the model returns its images (NCHW, as they came)
+            return torch.from_numpy(y.reshape(n, *out.shape))
         if out.kind == "float" and len(out.shape) == 1 and y.flags.c_contiguous:
             return torch.from_numpy(y.reshape(n, out.shape[0]))  # the logits, as they are
         if out.kind == "int":
             y = y.astype(np.float32) * np.float32(out.scale)
-        if len(out.shape) == 3 and out.flat_from is None:
+        if out.flat_from is not None:  # an NHWC map flattened: PyTorch's (C, H, W) order
+            c, h, w = out.flat_from
+            y = y.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+        elif len(out.shape) == 3:
             return torch.from_numpy(np.ascontiguousarray(y.reshape(n, *out.shape[1:],
                                                                    out.shape[0])
                                                          .transpose(0, 3, 1, 2)))

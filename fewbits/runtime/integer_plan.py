@@ -379,8 +379,9 @@ class Compiler:
             if x.flat_from is not None:  # NHWC-flattened input: columns to (h, w, c) order
                 fc, fh, fw = x.flat_from
                 wt = wq.reshape(cout, fc, fh, fw).permute(0, 2, 3, 1).reshape(cout, c, 1, 1)
-            if math.prod(x.shape) != c:
-                raise ValueError(f"{name}: expects {c} inputs, gets {x.shape}")
+            if math.prod(x.shape) != c or len(x.shape) != 1:
+                raise ValueError(f"{name}: expects {c} flat inputs (flatten first), gets "
+                                 f"{x.shape}")
         else:
             raise ValueError(f"{name}: {type(m).__name__} is not a layer of the integer engine")
         geom = dict(n=0, h=h, w=w, cin=c, oh=oh, ow=ow, cout=cout, kh=kh, kw=kw, sh=sh,
@@ -426,9 +427,9 @@ class Compiler:
                 return x  # already on that grid, within its range: the quantizer is identity
             raise ValueError(f"{name}: requantizing an integer tensor to another grid is not "
                              "run by the integer engine")
-        if x.kind != "float" or len(x.shape) != 1:
+        if x.kind != "float" or (len(x.shape) != 1 and x.shape[1:] != (1, 1)):
             raise ValueError(f"{name}: quantizing a float feature map is not run by the "
-                             "integer engine")
+                             "integer engine")  # flat, or a global average's (C, 1, 1)
         y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi, pt=(qp.kofs, qp.sub))
         self.prog.steps.append(Quantize(x.id, y.id, qp))
         return y

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..layers import QuantAct
+from ..layers import QuantAct, QuantConv2d, QuantLinear
 from .integer_plan import (
     ADDS,
     FLATTENS,
@@ -39,6 +39,11 @@ from .integer_plan import (
 __all__ = ["compile_program", "walk"]
 
 _PASS = (nn.Identity, nn.Dropout)
+#: the module forwards the walk knows what they compute (a subclass overriding one is refused)
+_KNOWN = (nn.Conv2d, nn.Linear, QuantConv2d, QuantLinear, nn.modules.batchnorm._BatchNorm,
+          nn.ReLU, nn.ReLU6, nn.Hardtanh, QuantAct, nn.MaxPool2d, nn.AvgPool2d,
+          nn.AdaptiveAvgPool2d, nn.Flatten, *_PASS)
+_KNOWN_FORWARDS = frozenset(c.forward for c in _KNOWN)
 
 
 @dataclass
@@ -86,11 +91,27 @@ def _pool_args(node: fx.Node, m: Any) -> dict:
     return out
 
 
+def _no_hooks(model: nn.Module) -> None:
+    """Raise for a forward hook: fx does not trace them (one on a layer changing its output
+    was left out of the engine's result without an error)."""
+    glob = torch.nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        raise ValueError("a global forward hook is registered: the integer engine does not run "
+                         "hooks (remove it before compiling)")
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise ValueError(f"{name or type(model).__name__} ({type(m).__name__}) has a "
+                             "forward hook: the integer engine does not run hooks (remove it, "
+                             "or write what it does into the forward)")
+
+
 def walk(comp: Compiler, tracer: type) -> Any:
+    _no_hooks(comp.model)
     try:
         graph = tracer().trace(comp.model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise ValueError(f"cannot trace {type(comp.model).__name__} with torch.fx: {e}") from e
+    _same_as_forward(comp.model, graph, comp.prog.in_shape)
     prog, modules = comp.prog, comp.modules
     env: dict[str, Any] = {}
 
@@ -249,7 +270,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             x = materialize(x, where)
         if len(x.shape) != 3:
             raise ValueError(f"{where}: global average pooling needs a (C, H, W) input")
-        y = comp.new("float", (x.shape[0],))
+        y = comp.new("float", (x.shape[0], 1, 1))  # PyTorch's (N, C, 1, 1)
         prog.steps.append(GlobalAvg(x.id, y.id, x.scale, x.kind == "int"))
         return y
 
@@ -300,6 +321,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
             m = modules[node.target]
             if node.kwargs or len(node.args) != 1:
                 raise ValueError(f"{where}: modules must take one tensor")
+            if type(m).forward not in _KNOWN_FORWARDS:  # a leaf fx does not look into
+                own = " (a subclass with its own forward)" if isinstance(m, _KNOWN) else ""
+                raise ValueError(f"{where}: the integer engine does not cover "
+                                 f"{type(m).__name__}{own}")
             a = node.args[0]
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 x = value(a, where, allow_pending=True)
@@ -346,7 +371,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
-                if pair(m.output_size) != (1, 1):
+                if m.output_size not in (1, (1, 1), [1, 1]):  # (None, None) keeps the size
                     raise ValueError(f"{where}: adaptive average pooling to "
                                      f"{m.output_size} (the integer engine runs size 1)")
                 env[node.name] = gap(value(a, where, allow_pending=True), where)
@@ -384,8 +409,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
             elif t in MAXPOOL_FNS:
                 env[node.name] = int_pool(value(args[0], where), _pool_args(node, None), where,
                                           args[0])
-            elif t in GAP_FNS and pair(args[1] if len(args) > 1 else
-                                         node.kwargs["output_size"]) == (1, 1):
+            elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
+                    "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
             elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
                 dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
@@ -399,6 +424,26 @@ def walk(comp: Compiler, tracer: type) -> Any:
     if prog.out is None:
         raise ValueError("the model has no output")
     return prog
+
+
+def _same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]) -> None:
+    """Raise where the traced graph computes other numbers than ``model`` on two random images:
+    the fx trace records ``a += b`` as ``a + b``, so a tensor updated in place while another
+    name still holds it (``c = a; a += b``) is seen unchanged (the engine then returned
+    wrong logits without an error)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *in_shape), generator=g)
+    with torch.no_grad():
+        try:
+            want, got = model(x.clone()), fx.GraphModule(model, graph)(x.clone())
+        except Exception:  # the walk names what it cannot run
+            return
+    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
+            (want.shape != got.shape or not bool(((want == got) | (want.isnan() & got.isnan()))
+                                                 .all())):
+        raise ValueError(f"{type(model).__name__}: its torch.fx graph computes other values than "
+                         "its forward (an in-place update, such as a += b, of a tensor another "
+                         "name still holds?): write it out of place (a = a + b)")
 
 
 def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
