@@ -246,7 +246,47 @@ def test_float_stream_is_pytorch_bit_for_bit_and_read_natively(isa: str) -> None
     assert torch.equal(eng(x), IntegerEngine(eng.prog, "generic")(x))
 
 
-@pytest.mark.parametrize("out", ["clamp_shared", "quantize", "flat"])
+def test_quantizing_a_float_map_equals_pytorch() -> None:
+    # a quantizer on a float NHWC map (here the float stream, PyTorch's values bit for bit):
+    # elementwise, so the codes are PyTorch's
+    torch.manual_seed(2)
+    x = _images(4, (3, 16, 16), seed=3, denom=256)
+    m = _trained_looking(_StreamNet("quantize"), 4)
+    for isa in ISAS_HERE:
+        eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
+        with torch.no_grad():
+            assert torch.equal(eng(x), m(x))
+
+
+class _UserBlock(nn.Module):
+    """A user's ResNet block: the ReLU's float output feeds both the conv and the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c1, self.b1 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(h)))))
+        h = torch.relu(y + h)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+def test_user_resnet_block_quantized_by_quantize_runs_on_the_engine(family: str) -> None:
+    torch.manual_seed(5)
+    m = _trained_looking(_UserBlock(), 6)
+    quantize_(m, family)
+    m.eval()
+    x = _images(6, (3, 8, 8), seed=7)
+    for isa in ISAS_HERE:
+        _check(IntegerEngine.from_model(m, (3, 8, 8), isa=isa), m, x, exact=False)
+
+
+@pytest.mark.parametrize("out", ["clamp_shared", "flat"])
 def test_float_stream_operations_not_covered_are_named(out: str) -> None:
     m = _trained_looking(_StreamNet(out), 4)
     with pytest.raises(ValueError, match="float"):

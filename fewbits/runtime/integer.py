@@ -481,8 +481,11 @@ class IntegerEngine:
             return torch.from_numpy(y.reshape(n, *out.shape))
         if out.kind == "float" and len(out.shape) == 1 and y.flags.c_contiguous:
             return torch.from_numpy(y.reshape(n, out.shape[0]))  # the logits, as they are
-        if out.kind == "int":
-            y = y.astype(np.float32) * np.float32(out.scale)
+        if out.kind == "int":  # each code's value as PyTorch forms it (Value.pt)
+            kofs, sub = out.pt if out.pt is not None else (0, 0.0)
+            y = (y.astype(np.float32) - np.float32(kofs)) * np.float32(out.scale)
+            if sub:
+                y = y + np.float32(sub)
         if out.flat_from is not None:  # an NHWC map flattened: PyTorch's (C, H, W) order
             c, h, w = out.flat_from
             y = y.reshape(n, h, w, c).transpose(0, 3, 1, 2)

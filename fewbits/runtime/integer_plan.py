@@ -427,9 +427,11 @@ class Compiler:
                 return x  # already on that grid, within its range: the quantizer is identity
             raise ValueError(f"{name}: requantizing an integer tensor to another grid is not "
                              "run by the integer engine")
-        if x.kind != "float" or (len(x.shape) != 1 and x.shape[1:] != (1, 1)):
-            raise ValueError(f"{name}: quantizing a float feature map is not run by the "
-                             "integer engine")  # flat, or a global average's (C, 1, 1)
+        if x.kind != "float":
+            raise ValueError(f"{name}: the integer engine quantizes float tensors, not "
+                             f"{x.kind!r}")
+        # elementwise, so any layout: a flat map, a global average's (C, 1, 1), an NHWC map
+        # (a float layer's output, a float stream: a user's ResNet quantizes the skip's map)
         y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi, pt=(qp.kofs, qp.sub))
         self.prog.steps.append(Quantize(x.id, y.id, qp))
         return y
