@@ -768,3 +768,19 @@ def test_division_by_a_scale_as_an_exact_reciprocal_multiply() -> None:
     assert any(a.rcp_ok for a in eng._args.values())
     assert not any(a.rcp_ok for a in IntegerEngine.from_model(m, (1, 28, 28),
                                                               isa="generic")._args.values())
+
+
+def test_compile_for_cpu_gives_a_training_model_its_modes_back() -> None:
+    # compile_for_cpu put the user's model in eval mode and left it there: training went on
+    # with frozen batch-norm statistics, silently; its torch backend must run in eval mode
+    torch.manual_seed(9)
+    m = _UserBlock()
+    quantize_(m, "fp_net")
+    m.train()
+    x = _images(4, (3, 8, 8), seed=10)
+    d = compile_for_cpu(m, input_shape=(3, 8, 8), candidates=("torch",))
+    assert m.training and all(b.training for b in m.modules())
+    with torch.no_grad():
+        ref = m.eval()(x)
+    m.train()
+    assert torch.equal(d(x), ref) and m.training

@@ -75,6 +75,7 @@ __all__ = [
     "compare_onnx",
     "export_onnx",
     "input_shape_of",
+    "modes_kept",
     "onnx_feed",
     "onnx_session",
     "onnx_translations",
@@ -216,10 +217,10 @@ def cached_exporter_registry() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _modes_kept(source: Any) -> Iterator[None]:
-    """Export runs the model in eval mode; a model given in train mode (exported mid-training)
-    gets its modules' train/eval flags back (it went on training with frozen batch-norm
-    statistics and no dropout, silently)."""
+def modes_kept(source: Any) -> Iterator[None]:
+    """Inside, a model may be put in eval mode (export, ``compile_for_cpu``); a model given in
+    train mode (mid-training) gets its modules' train/eval flags back after (it went on
+    training with frozen batch-norm statistics and no dropout, silently)."""
     modes = [(m, m.training) for m in source.modules()] if isinstance(source, nn.Module) else []
     try:
         yield
@@ -408,7 +409,7 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
         raise ValueError("checked_sums=True needs fuse=True")
     if isinstance(getattr(source, "_orig_mod", None), nn.Module):  # torch.compile's wrapper:
         source = source._orig_mod  # export the module it compiles (same parameters)
-    with _modes_kept(source):
+    with modes_kept(source):
         return _forms(source, forms, example_inputs, opset, input_shape, check)
 
 
@@ -476,7 +477,7 @@ def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
     and ONNX Runtime; return ``{"max_abs": max |difference| over every output leaf, "max_rel":
     max_abs / max |PyTorch output|, "top1_agreement": fraction of equal argmax of the first
     output's last axis}``."""
-    with _modes_kept(source):
+    with modes_kept(source):
         model = resolve_source(source).model
         return _compare(model, onnx_model, images)
 

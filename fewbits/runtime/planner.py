@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from ..export.onnx import (
     ResolvedSource,
     input_shape_of,
+    modes_kept,
     resolve_source,
     to_onnx,
     to_onnx_forms,
@@ -120,7 +121,9 @@ def _torch(ctx: Context) -> Runner:
     model = ctx.model
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), modes_kept(model):
+            if any(m.training for m in model.modules()):  # put back in training by its user
+                model.eval()
             return model(*args, **kwargs)
 
     return run
@@ -315,7 +318,18 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(CANDIDATES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    source = resolve_source(source)  # once: every backend below reads this object
+    # the model runs in eval mode here; a model given mid-training gets its modules'
+    # train/eval flags back (it went on training with frozen batch-norm statistics, silently)
+    given = source.model if isinstance(source, ResolvedSource) else source
+    with modes_kept(given):
+        source = resolve_source(source)  # once: every backend below reads this object
+        return _plan(source, backend, threads, batch_size, input_shape, candidates,
+                     example_inputs, probe_inputs)
+
+
+def _plan(source: ResolvedSource, backend: str, threads: int | None, batch_size: int,
+          input_shape: tuple[int, ...] | None, candidates: tuple[str, ...],
+          example_inputs: Any, probe_inputs: Tensor | None) -> Deployed:
     model = source.model.eval()
     if example_inputs is not None:
         if input_shape is not None or probe_inputs is not None:
