@@ -47,6 +47,7 @@ backends; a backend computing PyTorch's own arithmetic bit for bit may join :dat
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -119,9 +120,14 @@ class Context:
 
 def _torch(ctx: Context) -> Runner:
     model = ctx.model
+    # one call at a time: a call starting while another had put the model in eval mode saw
+    # nothing to give back, and ran on in training mode once the first gave the flags back
+    # (wrong outputs, the user's batch-norm statistics updated); PyTorch's own threads still
+    # run each call
+    lock = threading.Lock()
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(), modes_kept(model):
+        with lock, torch.inference_mode(), modes_kept(model):
             if any(m.training for m in model.modules()):  # put back in training by its user
                 model.eval()
             return model(*args, **kwargs)
