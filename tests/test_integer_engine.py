@@ -786,6 +786,13 @@ def test_compile_for_cpu_gives_a_training_model_its_modes_back() -> None:
         ref = m.eval()(x)
     m.train()
     assert torch.equal(d(x), ref) and m.training
+    # resolve_source (compile_for_cpu's reusable source) left the model in eval mode
+    from fewbits.export.onnx import resolve_source
+
+    src = resolve_source(m)
+    assert all(b.training for b in m.modules())
+    assert torch.equal(compile_for_cpu(src, input_shape=(3, 8, 8), candidates=("torch",))(x), ref)
+    assert all(b.training for b in m.modules())
 
 
 class _Gate(nn.Module):

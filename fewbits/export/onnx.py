@@ -151,9 +151,12 @@ def resolve_source(source: nn.Module | str | os.PathLike | ResolvedSource) -> Re
     if is_packed_file(source):
         return resolve_file(source, read_model_file(source))
 
-    model = model_of(source).eval()
+    model = model_of(source)
     codes: dict[str, tuple[Quantizer, Codes]] = {}
-    with torch.no_grad():
+    # the codes in eval mode; a model given mid-training gets its train/eval flags back (it
+    # was left in eval mode: compile_for_cpu(resolve_source(m)) froze its batch norm, silently)
+    with modes_kept(model), torch.no_grad():
+        model.eval()
         for lname, layer in quant_layers(model):
             for role in ("weight", "bias"):
                 q, p = getattr(layer, f"{role}_quantizer"), getattr(layer, role)
@@ -221,6 +224,7 @@ def modes_kept(source: Any) -> Iterator[None]:
     """Inside, a model may be put in eval mode (export, ``compile_for_cpu``); a model given in
     train mode (mid-training) gets its modules' train/eval flags back after (it went on
     training with frozen batch-norm statistics and no dropout, silently)."""
+    source = source.model if isinstance(source, ResolvedSource) else source
     modes = [(m, m.training) for m in source.modules()] if isinstance(source, nn.Module) else []
     try:
         yield
@@ -418,6 +422,7 @@ def _forms(source: Any, forms: list[tuple[bool | str, bool]], example_inputs: An
     import onnx
 
     model, codes, _ = resolve_source(source)
+    model.eval()  # inside to_onnx_forms' modes_kept
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     plain_report = OnnxReport("", spec["name"], opset)
     args, kwargs, images = _example(model, example_inputs, input_shape)
@@ -478,7 +483,7 @@ def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
     max_abs / max |PyTorch output|, "top1_agreement": fraction of equal argmax of the first
     output's last axis}``."""
     with modes_kept(source):
-        model = resolve_source(source).model
+        model = resolve_source(source).model.eval()
         return _compare(model, onnx_model, images)
 
 

@@ -326,8 +326,7 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # the model runs in eval mode here; a model given mid-training gets its modules'
     # train/eval flags back (it went on training with frozen batch-norm statistics, silently)
-    given = source.model if isinstance(source, ResolvedSource) else source
-    with modes_kept(given):
+    with modes_kept(source):
         source = resolve_source(source)  # once: every backend below reads this object
         return _plan(source, backend, threads, batch_size, input_shape, candidates,
                      example_inputs, probe_inputs)
