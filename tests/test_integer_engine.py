@@ -4,6 +4,8 @@ clear refusal (then the planner's fallback) for an operation it does not cover."
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import oracle as O
 import pytest
@@ -784,3 +786,54 @@ def test_compile_for_cpu_gives_a_training_model_its_modes_back() -> None:
         ref = m.eval()(x)
     m.train()
     assert torch.equal(d(x), ref) and m.training
+    # resolve_source (compile_for_cpu's reusable source) left the model in eval mode
+    from fewbits.export.onnx import resolve_source
+
+    src = resolve_source(m)
+    assert all(b.training for b in m.modules())
+    assert torch.equal(compile_for_cpu(src, input_shape=(3, 8, 8), candidates=("torch",))(x), ref)
+    assert all(b.training for b in m.modules())
+
+
+class _Gate(nn.Module):
+    """Armed, the first call (thread A) starts a second call of the compiled model (thread B)
+    and lets it run past the mode switch; B then waits inside its forward until A is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed, self.call = False, None
+        self.b_inside, self.a_done = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed and threading.current_thread() is threading.main_thread():
+            self.armed = False
+            self.b = threading.Thread(target=self.call)
+            self.b.start()
+            self.b_inside.wait(0.3)  # with a lock around the call, B waits for A: timeout
+        elif threading.current_thread() is not threading.main_thread():
+            self.b_inside.set()
+            self.a_done.wait(5.0)
+        return x
+
+
+def test_torch_backend_two_threads_on_a_training_model_run_in_eval_mode() -> None:
+    # thread A put the model in eval mode; B, starting then, saw eval mode (nothing to give
+    # back); A gave the training flags back while B ran: B's batch norm ran in training mode
+    # (wrong output, and the user's running statistics updated, every later call wrong)
+    torch.manual_seed(11)
+    gate = _Gate()
+    m = _trained_looking(nn.Sequential(gate, nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 4)), 12)
+    x = _images(4, (3, 4, 4), seed=13)
+    d = compile_for_cpu(m, input_shape=(3, 4, 4), candidates=("torch",))
+    with torch.no_grad():
+        ref = m(x)
+    stats = m[1].running_mean.clone()
+    m.train()
+    got = []
+    gate.call = lambda: got.append(d(x))
+    gate.armed = True
+    a = d(x)
+    gate.a_done.set()
+    gate.b.join()
+    assert torch.equal(a, ref) and torch.equal(got[0], ref)
+    assert torch.equal(m[1].running_mean, stats) and all(b.training for b in m.modules())

@@ -3,12 +3,11 @@ in ONNX Runtime.
 
 The plain form is PyTorch's own exporter, ``torch.onnx.export(model, args, dynamo=True,
 custom_translation_table=onnx_translations())``: every standard operator is PyTorch's
-translation, and each fewbits operator is the exact ONNX function its family declares
-(ties away from zero, thresholds and grids bit for bit as PyTorch computes them). Quantized
-weights are stored as float constants holding their exact levels (computed by PyTorch before
-the export). Any model ``torch.export`` can capture exports: images, token ids, several or
-keyword inputs, outputs of any structure (flattened, in order). The exporter's ``optimize``
-pass is not run: it folds batch norm into neighbouring layers, across binary thresholds.
+translation, each fewbits operator the exact ONNX function its family declares (ties away
+from zero, thresholds, grids bit for bit as PyTorch's). Quantized weights are float constants
+holding their exact levels. Any model ``torch.export`` captures exports (images, token ids,
+several or keyword inputs, outputs of any structure, flattened in order). The exporter's
+``optimize`` pass (it folds batch norm across binary thresholds) is not run.
 
 Graphs a runtime cannot silently change: ONNX Runtime's default optimisations fuse batch norm
 into the convolution before it, which moves values across a binary activation's threshold. Each
@@ -19,11 +18,10 @@ binary networks ``x`` is a sum of +-1 products, an exact integer whatever the co
 algorithm. Predictions are then the same at every ONNX Runtime optimisation level
 (``tests/test_onnx_models.py``).
 
-``fuse=True`` writes the deployment form instead: a pass over this export
-(:mod:`fewbits.export.onnx_fuse`) folds batch norm into the convolutions
-(:mod:`fewbits.export.fold`), stores integer weights and writes the QDQ pattern ONNX Runtime runs
-as ``QLinearConv``; equal to PyTorch within a stated tolerance. It takes every model the plain
-form takes; what it leaves plain (exact), ``OnnxReport.notes`` lists.
+``fuse=True`` writes the deployment form: a pass over this export (:mod:`.onnx_fuse`) folds
+batch norm into the convolutions (:mod:`.fold`), stores integer weights and writes ONNX
+Runtime's QDQ (``QLinearConv``), equal to PyTorch within a stated tolerance, for every model the
+plain form takes; ``OnnxReport.notes`` lists what it leaves plain (exact).
 
 Every graph :func:`to_onnx` returns (either form) was run by ONNX Runtime at its default
 optimisations on the example input and matched PyTorch within the planner's tolerance and
@@ -151,9 +149,10 @@ def resolve_source(source: nn.Module | str | os.PathLike | ResolvedSource) -> Re
     if is_packed_file(source):
         return resolve_file(source, read_model_file(source))
 
-    model = model_of(source).eval()
+    model = model_of(source)
     codes: dict[str, tuple[Quantizer, Codes]] = {}
-    with torch.no_grad():
+    with modes_kept(model), torch.no_grad():  # a training model stays in training mode
+        model.eval()
         for lname, layer in quant_layers(model):
             for role in ("weight", "bias"):
                 q, p = getattr(layer, f"{role}_quantizer"), getattr(layer, role)
@@ -218,9 +217,9 @@ def cached_exporter_registry() -> Iterator[None]:
 
 @contextlib.contextmanager
 def modes_kept(source: Any) -> Iterator[None]:
-    """Inside, a model may be put in eval mode (export, ``compile_for_cpu``); a model given in
-    train mode (mid-training) gets its modules' train/eval flags back after (it went on
-    training with frozen batch-norm statistics and no dropout, silently)."""
+    """Inside, a model (or a ResolvedSource's) may be put in eval mode; one given mid-training
+    gets its modules' train/eval flags back (it trained on with frozen batch norm, silently)."""
+    source = source.model if isinstance(source, ResolvedSource) else source
     modes = [(m, m.training) for m in source.modules()] if isinstance(source, nn.Module) else []
     try:
         yield
@@ -420,7 +419,7 @@ def _forms(source: Any, forms: list[tuple[bool | str, bool]], example_inputs: An
     model, codes, _ = resolve_source(source)
     spec = getattr(model, "fewbits_spec", None) or {"name": type(model).__name__}
     plain_report = OnnxReport("", spec["name"], opset)
-    args, kwargs, images = _example(model, example_inputs, input_shape)
+    args, kwargs, images = _example(model.eval(), example_inputs, input_shape)  # modes_kept
     if opset < 18:
         raise ValueError(f"opset {opset}: PyTorch's exporter writes opset 18 or later; export "
                          f"with opset {DEFAULT_OPSET}, the default")
@@ -478,7 +477,7 @@ def compare_onnx(source: nn.Module | str | os.PathLike, onnx_model: Any,
     max_abs / max |PyTorch output|, "top1_agreement": fraction of equal argmax of the first
     output's last axis}``."""
     with modes_kept(source):
-        model = resolve_source(source).model
+        model = resolve_source(source).model.eval()
         return _compare(model, onnx_model, images)
 
 

@@ -47,6 +47,7 @@ backends; a backend computing PyTorch's own arithmetic bit for bit may join :dat
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -119,9 +120,14 @@ class Context:
 
 def _torch(ctx: Context) -> Runner:
     model = ctx.model
+    # one call at a time: a call starting while another had put the model in eval mode saw
+    # nothing to give back, and ran on in training mode once the first gave the flags back
+    # (wrong outputs, the user's batch-norm statistics updated); PyTorch's own threads still
+    # run each call
+    lock = threading.Lock()
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(), modes_kept(model):
+        with lock, torch.inference_mode(), modes_kept(model):
             if any(m.training for m in model.modules()):  # put back in training by its user
                 model.eval()
             return model(*args, **kwargs)
@@ -320,8 +326,7 @@ def compile_for_cpu(source: nn.Module | str | os.PathLike, *, backend: str = "au
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # the model runs in eval mode here; a model given mid-training gets its modules'
     # train/eval flags back (it went on training with frozen batch-norm statistics, silently)
-    given = source.model if isinstance(source, ResolvedSource) else source
-    with modes_kept(given):
+    with modes_kept(source):
         source = resolve_source(source)  # once: every backend below reads this object
         return _plan(source, backend, threads, batch_size, input_shape, candidates,
                      example_inputs, probe_inputs)
