@@ -120,24 +120,20 @@ def top1_flips(got: Any, ref: Any) -> Tensor | None:
 
 
 def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe",
-                  before: tuple[float, int] | None = None,
                   repeats: tuple[Tensor, Tensor] | None = None) -> str | None:
     """Why ``got`` is not an acceptable stand-in for PyTorch's ``ref`` (None: it is): logits
     beyond ``tol`` of their range, or class scores whose top-1 agrees on fewer than
-    :data:`MIN_TOP1_AGREEMENT` of the rows (with ``tol`` 0, on any row less).
-
-    ``before``: the ``(share, rows)`` of :func:`top1_agreement` on rows checked earlier (the
-    planner's probe, before its timing batch): the bar is a rate, judged on all rows checked
-    together. Judged batch by batch, 99.5 % of 64 rows allows no flip at all, so a backend
-    agreeing on 99.9 % of a trained net's images failed on one flip in its 64 rows while one
-    agreeing on 99.2 % passed where its flips fell elsewhere. With ``n`` rows in all the bar
-    allows ``floor(0.005 n)`` flips: none below 200 rows.
+    :data:`MIN_TOP1_AGREEMENT` of the rows (with ``tol`` 0, on any row less). With ``n``
+    rows the bar allows ``floor(0.005 n)`` flips: none below 200 rows.
 
     ``repeats``: ``(flips, index)`` where each row ``i`` of ``got`` repeats row ``index[i]`` of
     an earlier check whose :func:`top1_flips` were ``flips`` (the planner's timing batch
-    repeats probe rows): the bar is judged on the earlier rows, each flipped where it flipped
-    in either check (a repeated row counted twice made a flip's weight depend on where it
-    fell: 1 flip in 232 rows, 99.6 %, failed when it was among the 64 repeated)."""
+    repeats probe rows): the bar is a rate, judged on the earlier rows, each flipped where it
+    flipped in either check. Judged batch by batch, 99.5 % of 64 rows allowed no flip at all:
+    a backend agreeing on 99.9 % of a trained net's images failed on one flip in its 64 rows
+    while one agreeing on 99.2 % passed where its flips fell elsewhere; and a repeated row
+    counted twice made a flip's weight depend on where it fell (1 flip in 232 rows, 99.6 %,
+    failed when it was among the 64 repeated)."""
     err = leaf_error(got, ref)
     if err > tol:
         return f"tolerance exceeded on the {what}: logits differ by {err:.3g} of their range " \
@@ -151,10 +147,6 @@ def check_outputs(got: Any, ref: Any, tol: float, what: str = "probe",
             merged[index[now]] = True
             top = (1.0 - float(merged.double().mean()), merged.numel())
             what = f"{what} and the probe rows it repeats"
-    elif top is not None and before is not None:
-        rows = top[1] + before[1]
-        top = ((top[0] * top[1] + before[0] * before[1]) / rows, rows)
-        what = f"{what} and the rows checked before it"
     # an exact count of flips against the bar: a share near it is not judged in floats
     if top is not None and round((1 - top[0]) * top[1]) > \
             ((1 - MIN_TOP1_AGREEMENT) * top[1] if tol else 0) + 1e-9:
