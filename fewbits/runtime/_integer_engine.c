@@ -696,55 +696,21 @@ AVX2 static void to_u8(const int16_t *x, int64_t n, int32_t shift, uint8_t *y) {
     for (; i < n; i++) y[i] = (uint8_t)(x[i] - shift);
 }
 
-
-
-
-AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
-                            const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
-                            int n, int cnt, char **dst) {
-    int64_t d[UR1];
-#pragma GCC unroll 8
-    for (int r = 0; r < UR1; r++) d[r] = src[r] - src[0];
-    const uint8_t *A = src[0];
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
-#pragma GCC unroll 8
-    for (int r = 0; r < UR1; r++) s0[r] = s1[r] = _mm256_setzero_si256();
-    for (int t = 0; t < ntaps; t++) {
-        const uint8_t *p = A + toff[t];
-        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)bb);
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + 32));
-#pragma GCC unroll 8
-            for (int r = 0; r < UR1; r++) {
-                int32_t quad;
-                memcpy(&quad, p + d[r], 4);
-                __m256i v = _mm256_set1_epi32(quad);
-                s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
-                s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
-            }
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < UR1; r++) {
-        c0[r] = _mm256_madd_epi16(s0[r], ones);
-        c1[r] = _mm256_madd_epi16(s1[r], ones);
-    }
-    st(a, c0, c1, n, cnt, dst);
-}
-
-/* kern_u8_1c over several chunks: the int16 sums widened into int32 every `chunk` quads
- * (aligned, as pack_u8 checked them) */
-AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
-                           const int64_t *toff, int ntaps, int qpt, int chunk,
-                           const int8_t *bb, int n, int cnt, char **dst) {
+/* The u8 kernel's body; `one` (a literal at each call, so each kernel is compiled without
+ * the other's code): every quad in one int16 chunk (no int32 sums in the loop, one widening
+ * at the end), else the int16 sums widened into int32 every `chunk` quads (aligned, as
+ * pack_u8 checked them). */
+AVX2 static inline __attribute__((always_inline)) void kern_u8_body(
+    const fbi_ep *a, store_fn st, const uint8_t *const *src, const int64_t *toff, int ntaps,
+    int qpt, int chunk, const int8_t *bb, int n, int cnt, char **dst, const int one) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i c0[UR1], c1[UR1], s0[UR1], s1[UR1];
     int64_t d[UR1];
 #pragma GCC unroll 8
     for (int r = 0; r < UR1; r++) {
         d[r] = src[r] - src[0];
-        c0[r] = c1[r] = s0[r] = s1[r] = _mm256_setzero_si256();
+        s0[r] = s1[r] = _mm256_setzero_si256();
+        if (!one) c0[r] = c1[r] = _mm256_setzero_si256();
     }
     const uint8_t *A = src[0];
     int left = chunk;
@@ -761,7 +727,7 @@ AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *s
                 s0[r] = _mm256_add_epi16(s0[r], _mm256_maddubs_epi16(v, w0));
                 s1[r] = _mm256_add_epi16(s1[r], _mm256_maddubs_epi16(v, w1));
             }
-            if (--left == 0) {
+            if (!one && --left == 0) {
 #pragma GCC unroll 8
                 for (int r = 0; r < UR1; r++) {
                     c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
@@ -772,7 +738,13 @@ AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *s
             }
         }
     }
-    if (left != chunk) {
+    if (one) {
+#pragma GCC unroll 8
+        for (int r = 0; r < UR1; r++) {
+            c0[r] = _mm256_madd_epi16(s0[r], ones);
+            c1[r] = _mm256_madd_epi16(s1[r], ones);
+        }
+    } else if (left != chunk) {
 #pragma GCC unroll 8
         for (int r = 0; r < UR1; r++) {
             c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(s0[r], ones));
@@ -780,6 +752,18 @@ AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *s
         }
     }
     st(a, c0, c1, n, cnt, dst);
+}
+
+AVX2 static void kern_u8_1c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
+                            const int64_t *toff, int ntaps, int qpt, const int8_t *bb,
+                            int n, int cnt, char **dst) {
+    kern_u8_body(a, st, src, toff, ntaps, qpt, 0, bb, n, cnt, dst, 1);
+}
+
+AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *src,
+                           const int64_t *toff, int ntaps, int qpt, int chunk,
+                           const int8_t *bb, int n, int cnt, char **dst) {
+    kern_u8_body(a, st, src, toff, ntaps, qpt, chunk, bb, n, cnt, dst, 0);
 }
 
 /* rows j0 .. j0+rows-1 of a virtual grid `vw` pixels wide, of which the first ow are output
