@@ -319,11 +319,12 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->nonneg = !e->out_float && a->clo >= a->sub;
     /* the clamp of the code range is a no-op where the codes of clo and chi lie in it (the
      * code is monotone in v, and v is clamped to [clo, chi] first); |codes| < 2^30 keeps the
-     * float -> int conversion exact */
+     * float -> int conversion exact (and, below, no quotient overflows) */
+    const int bounded = !e->out_float && a->scale > 0.0f && isfinite(a->clo) &&
+                        isfinite(a->chi) && fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
+                        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f;
     e->int_clamp = 1;
-    if (!e->out_float && a->scale > 0.0f && isfinite(a->clo) && isfinite(a->chi) &&
-        fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
-        fabsf((a->chi - a->sub) / a->scale) < 0x1p30f) {
+    if (bounded) {
         /* else fold the clamp of the code range into the clamp of v: a bound lo in [clo, chi]
          * whose code is klo gives code(clamp(v, lo, chi)) = max(code(clamp(v, clo, chi)),
          * klo) for every v (NaN included: both give klo), the code being monotone in v; the
@@ -350,9 +351,7 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     /* v is clamped to [clo, chi] before the division: with |(v - sub) / scale| < 2^30 no
      * quotient overflows; a v whose remainder would be subnormal (|v| < ~2^-100) has a
      * quotient under 2^-40 (scale >= 2^-60), code 0 both ways */
-    e->use_rcp = e->use_div && a->rcp_ok && !e->out_float && isfinite(a->clo) &&
-                 isfinite(a->chi) && fabsf((a->clo - a->sub) / a->scale) < 0x1p30f &&
-                 fabsf((a->chi - a->sub) / a->scale) < 0x1p30f;
+    e->use_rcp = e->use_div && a->rcp_ok && bounded;
     e->rcp = _mm256_set1_ps(1.0f / a->scale);
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
