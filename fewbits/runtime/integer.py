@@ -299,7 +299,6 @@ class IntegerEngine:
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
-        self._flat_logits = False
         self._keep_batch: dict[int, list] = {}
         self._lock = threading.Lock()
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
@@ -349,8 +348,6 @@ class IntegerEngine:
             # the pointers of the one-image run, made once (each _ptr costs microseconds)
             self._fixed = (_ptr(vals[1]), _ptr(y1), y1.nbytes, y1.shape[1:],
                            torch.from_numpy(y1).dtype)
-            o = self.prog.out
-            self._flat_logits = o.kind == "float" and len(o.shape) == 1
         vals, segments = self._single
         if len(segments) == 1 and isinstance(segments[0], tuple):  # all native: image by image
             in_ptr, y_ptr, nbytes, shape, dtype = self._fixed
@@ -359,8 +356,6 @@ class IntegerEngine:
                                           t.data_ptr(), x[0].size, in_ptr, y_ptr, nbytes,
                                           out.data_ptr())
             self._check_rc(rc)
-            if self._flat_logits:  # (N, F) logits: the tensor as it is
-                return out.view(n, -1)
             return self._output(out.numpy(), n)
         if self._batch is None or self._batch[0] != n:
             self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
