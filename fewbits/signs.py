@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .layers import QuantLayer
 
-__all__ = ["nonnegative_inputs"]
+__all__ = ["global_hooks", "nonnegative_inputs", "runs_hooks"]
 
 # What keeps an input >= 0 (the ReLUs) and what passes its sign through unchanged, read off an
 # fx graph by nonnegative_inputs.
@@ -90,9 +90,17 @@ def _positive(divisor: Any) -> bool:
     return divisor is None or (isinstance(divisor, int) and divisor > 0)
 
 
-def _hooked(m: nn.Module) -> bool:
-    """Whether ``m`` runs hooks that fx does not trace (they may change what it computes)."""
+def runs_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` runs forward hooks, which fx does not trace (they may change what it
+    computes)."""
     return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """Whether a global forward hook (``register_module_forward_hook``) is registered: it runs
+    on every module, untraced by fx."""
+    glob = torch.nn.modules.module
+    return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks)
 
 
 def _after_relu(model: nn.Module, node: Any, order: dict, before: int) -> bool:
@@ -104,7 +112,7 @@ def _after_relu(model: nn.Module, node: Any, order: dict, before: int) -> bool:
         chain.append(node)
         if node.op == "call_module":
             m = model.get_submodule(str(node.target))
-            if _hooked(m) or not isinstance(m, _RELU_MODULES + _KEEP_MODULES) or \
+            if runs_hooks(m) or not isinstance(m, _RELU_MODULES + _KEEP_MODULES) or \
                     not _positive(getattr(m, "divisor_override", None)):
                 return False
             if isinstance(m, _RELU_MODULES):
@@ -158,8 +166,7 @@ def nonnegative_inputs(model: nn.Module, names: list[str]) -> set[str]:
         ['2']
     """
     wanted = set(names)
-    glob = torch.nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+    if global_hooks():
         return set()
 
     class _Tracer(fx.Tracer):
@@ -177,7 +184,7 @@ def nonnegative_inputs(model: nn.Module, names: list[str]) -> set[str]:
             for node in graph.nodes:
                 if node.op == "call_module" and node.target in wanted:
                     layer = model.get_submodule(str(node.target))
-                    ok = not _hooked(layer) and all(
+                    ok = not runs_hooks(layer) and all(
                         _after_relu(model, a, order, order[node]) for a in _reads(node, layer))
                     seen[node.target] = seen.get(node.target, True) and ok
     except Exception:  # fx raises many kinds for data-dependent control flow

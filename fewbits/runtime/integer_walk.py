@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from ..signs import global_hooks, runs_hooks
 from .integer_plan import (
     ADDS,
     FLATTENS,
@@ -94,12 +95,11 @@ def _pool_args(node: fx.Node, m: Any) -> dict:
 def _no_hooks(model: nn.Module) -> None:
     """Raise for a forward hook: fx does not trace them (one on a layer changing its output
     was left out of the engine's result without an error)."""
-    glob = torch.nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+    if global_hooks():
         raise ValueError("a global forward hook is registered: the integer engine does not run "
                          "hooks (remove it before compiling)")
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if runs_hooks(m):
             raise ValueError(f"{name or type(model).__name__} ({type(m).__name__}) has a "
                              "forward hook: the integer engine does not run hooks (remove it, "
                              "or write what it does into the forward)")
