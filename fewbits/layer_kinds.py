@@ -33,10 +33,12 @@ __all__ = [
     "QuantMultiheadAttention",
     "QuantizeReport",
     "disable_fast_paths",
+    "global_hooks",
     "layer_kind",
     "layer_options",
     "quantization_report",
     "register_layer_kind",
+    "runs_hooks",
 ]
 
 
@@ -353,3 +355,18 @@ def disable_fast_paths(model: nn.Module) -> None:
 def _no_fast_path(module: nn.Module, args: Any) -> None:
     """Forward pre-hook doing nothing: its presence keeps PyTorch's fused path off."""
     return None
+
+
+def runs_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` runs forward hooks, which fx does not trace (they may change what it
+    computes); fewbits' own hook keeping PyTorch's fused attention path off computes nothing
+    and does not count."""
+    return bool(m._forward_hooks) or any(h is not _no_fast_path
+                                         for h in m._forward_pre_hooks.values())
+
+
+def global_hooks() -> bool:
+    """Whether a global forward hook (``register_module_forward_hook``) is registered: it runs
+    on every module, untraced by fx."""
+    glob = torch.nn.modules.module
+    return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks)

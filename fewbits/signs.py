@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .layer_kinds import global_hooks, runs_hooks
 from .layers import QuantLayer
 
-__all__ = ["global_hooks", "nonnegative_inputs", "runs_hooks"]
+__all__ = ["nonnegative_inputs"]
 
 # What keeps an input >= 0 (the ReLUs) and what passes its sign through unchanged, read off an
 # fx graph by nonnegative_inputs.
@@ -88,19 +89,6 @@ def _mutated(model: nn.Module, seeds: list[fx.Node], order: dict, before: int) -
 def _positive(divisor: Any) -> bool:
     """Whether average pooling's ``divisor_override`` keeps the sign (a negative one flips it)."""
     return divisor is None or (isinstance(divisor, int) and divisor > 0)
-
-
-def runs_hooks(m: nn.Module) -> bool:
-    """Whether ``m`` runs forward hooks, which fx does not trace (they may change what it
-    computes)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
-def global_hooks() -> bool:
-    """Whether a global forward hook (``register_module_forward_hook``) is registered: it runs
-    on every module, untraced by fx."""
-    glob = torch.nn.modules.module
-    return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks)
 
 
 def _after_relu(model: nn.Module, node: Any, order: dict, before: int) -> bool:

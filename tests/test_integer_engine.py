@@ -846,3 +846,18 @@ def test_torch_backend_two_threads_on_a_training_model_run_in_eval_mode() -> Non
     gate.b.join()
     assert torch.equal(a, ref) and torch.equal(got[0], ref)
     assert torch.equal(m[1].running_mean, stats) and all(b.training for b in m.modules())
+
+
+def test_fewbits_own_fast_path_hook_is_not_blamed_on_the_user() -> None:
+    # quantize_ keeps PyTorch's fused attention path off with a pre-hook that computes nothing;
+    # the engine refused such models telling the user to remove "their" hook
+    enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32,
+                                                                        batch_first=True), 1),
+                        nn.Flatten(), nn.Linear(80, 4))
+    quantize_(enc, "fp_net")
+    with pytest.raises(ValueError) as e:
+        IntegerEngine.from_model(enc, (5, 16))
+    assert "hook" not in str(e.value), e.value
+    enc[2].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ValueError, match="forward hook"):
+        IntegerEngine.from_model(enc, (5, 16))

@@ -13,8 +13,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..layer_kinds import global_hooks, runs_hooks
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from ..signs import global_hooks, runs_hooks
 from .integer_plan import (
     ADDS,
     FLATTENS,
