@@ -861,3 +861,20 @@ def test_fewbits_own_fast_path_hook_is_not_blamed_on_the_user() -> None:
     enc[2].register_forward_hook(lambda m, i, o: o * 2)
     with pytest.raises(ValueError, match="forward hook"):
         IntegerEngine.from_model(enc, (5, 16))
+
+
+def _conv_bn_net(bn: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), bn, nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    quantize_(net, "fp_net")
+    return net.eval()
+
+
+def test_batch_norm_without_running_statistics_is_refused_by_name() -> None:
+    # eval mode still normalises by the batch's own statistics: no fold is exact; it crashed
+    # with "AttributeError: 'NoneType' object has no attribute 'float'" (qa9c)
+    net = _conv_bn_net(nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ValueError, match="4 \\(BatchNorm2d\\).*track_running_stats=False"):
+        IntegerEngine.from_model(net, (3, 8, 8))

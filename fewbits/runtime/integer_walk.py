@@ -344,6 +344,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
                         x.conv.quant is not None:
                     raise ValueError(f"{where}: batch norm is folded into the layer before "
                                      "it; here it does not follow a layer directly")
+                if m.running_mean is None or m.running_var is None:  # batch statistics
+                    raise ValueError(f"{where}: batch norm without running statistics "
+                                     "(track_running_stats=False) normalises by each batch's "
+                                     "own statistics in eval mode: it cannot be folded")
                 x.conv.alpha, x.conv.beta = bn_affine(m)
                 x.bn = True
                 env[node.name] = x
