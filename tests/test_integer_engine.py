@@ -878,3 +878,18 @@ def test_batch_norm_without_running_statistics_is_refused_by_name() -> None:
     net = _conv_bn_net(nn.BatchNorm2d(8, track_running_stats=False))
     with pytest.raises(ValueError, match="4 \\(BatchNorm2d\\).*track_running_stats=False"):
         IntegerEngine.from_model(net, (3, 8, 8))
+
+
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+def test_batch_norm_with_a_negative_running_var_is_refused(family: str) -> None:
+    # PyTorch's output is NaN (its next quantizer raises); the engine gave finite logits (qa9c)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    quantize_(net, family)
+    net.eval()
+    with torch.no_grad():
+        net[4].running_var[3] = -1.0
+    with pytest.raises(ValueError, match="4 \\(BatchNorm2d\\).*NaN or infinite"):
+        IntegerEngine.from_model(net, (3, 8, 8))

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -349,6 +350,11 @@ def walk(comp: Compiler, tracer: type) -> Any:
                                      "(track_running_stats=False) normalises by each batch's "
                                      "own statistics in eval mode: it cannot be folded")
                 x.conv.alpha, x.conv.beta = bn_affine(m)
+                if not (np.isfinite(x.conv.alpha).all() and np.isfinite(x.conv.beta).all()):
+                    # PyTorch's output is NaN / inf there (its quantizers raise); the engine's
+                    # float epilogue would clamp it to finite codes without a word
+                    raise ValueError(f"{where}: batch norm with NaN or infinite scale or shift "
+                                     "(a negative or zero running_var with eps=0?)")
                 x.bn = True
                 env[node.name] = x
             elif isinstance(m, nn.ReLU):
