@@ -893,3 +893,24 @@ def test_batch_norm_with_a_negative_running_var_is_refused(family: str) -> None:
         net[4].running_var[3] = -1.0
     with pytest.raises(ValueError, match="4 \\(BatchNorm2d\\).*NaN or infinite"):
         IntegerEngine.from_model(net, (3, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["mnist_fp_net_lenet", "mnist_min_max_lenet"])
+def test_a_packed_file_runs_on_the_integer_engine(name: str, tmp_path) -> None:
+    # load_packed drops the weight quantizers, so compile_for_cpu(path) / `fewbits eval FILE
+    # --fast` refused every fixed-point / min-max file ("conv2: float weights on integer
+    # activations") and never ran the integer engine; the file's stored codes now stand in
+    from fewbits.export import export_packed
+    from fewbits.export.onnx import resolve_source
+
+    torch.manual_seed(3)
+    m = _trained_looking(create_model(name), 4)
+    path = tmp_path / "m.fewbits"
+    export_packed(m, path)
+    x = _images(4, (1, 28, 28), seed=5)
+    src = resolve_source(path)
+    eng = IntegerEngine.from_model(src.model, (1, 28, 28), codes=src.codes)
+    assert torch.equal(eng(x), IntegerEngine.from_model(m, (1, 28, 28))(x))
+    _check(eng, src.model, x, exact=False)
+    d = compile_for_cpu(path, backend="int", input_shape=(1, 28, 28), batch_size=2)
+    assert d.backend == "int" and torch.equal(d(x), eng(x))

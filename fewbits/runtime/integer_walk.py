@@ -474,8 +474,10 @@ def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
     return y
 
 
-def compile_program(model: nn.Module, in_shape: tuple[int, ...]) -> Any:
+def compile_program(model: nn.Module, in_shape: tuple[int, ...], codes: dict | None = None
+                    ) -> Any:
     """The engine :class:`~fewbits.runtime.integer_plan.Program` of ``model`` (eval mode) for
     inputs ``(N, *in_shape)``; raises ``ValueError`` naming the first node the integer engine
-    does not cover."""
-    return walk(Compiler(model, tuple(in_shape)), Tracer)
+    does not cover. ``codes``: a packed file's weight codes (``ResolvedSource.codes``), for
+    the layers whose weight quantizers :func:`~fewbits.export.load_packed` dropped."""
+    return walk(Compiler(model, tuple(in_shape), codes), Tracer)
