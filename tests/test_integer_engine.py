@@ -914,3 +914,14 @@ def test_a_packed_file_runs_on_the_integer_engine(name: str, tmp_path) -> None:
     _check(eng, src.model, x, exact=False)
     d = compile_for_cpu(path, backend="int", input_shape=(1, 28, 28), batch_size=2)
     assert d.backend == "int" and torch.equal(d(x), eng(x))
+
+
+def test_ceil_mode_max_pool_after_a_layer_is_refused_naming_the_pool() -> None:
+    # the pool is folded into the conv before it; the refusal named the conv after it (qa9c)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+                        nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 5))
+    quantize_(net, "fp_net")
+    with pytest.raises(ValueError, match="^2 \\(MaxPool2d\\): max pooling with ceil_mode"):
+        IntegerEngine.from_model(net.eval(), (3, 8, 8))

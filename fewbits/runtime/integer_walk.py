@@ -373,6 +373,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
             elif isinstance(m, nn.MaxPool2d):
                 x = value(a, where, allow_pending=True)
+                if m.ceil_mode or m.return_indices:  # checked here: a pool folded into the
+                    # layer before it was refused later, naming the layer after it
+                    raise ValueError(f"{where}: max pooling with ceil_mode or return_indices is "
+                                     "not run by the integer engine")
                 if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
                     x.post.append(("maxpool", _pool_args(node, m)))
                     env[node.name] = x
