@@ -919,9 +919,34 @@ def test_a_packed_file_runs_on_the_integer_engine(name: str, tmp_path) -> None:
 def test_ceil_mode_max_pool_after_a_layer_is_refused_naming_the_pool() -> None:
     # the pool is folded into the conv before it; the refusal named the conv after it (qa9c)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
-                        nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(8, 5))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(3, 2, ceil_mode=True), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     quantize_(net, "fp_net")
     with pytest.raises(ValueError, match="^2 \\(MaxPool2d\\): max pooling with ceil_mode"):
         IntegerEngine.from_model(net.eval(), (3, 8, 8))
+
+
+def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> None:
+    # the refusal said "quantizes float tensors, not 'input'"; a NumPy batch of the right
+    # shape was told it had the wrong shape (qa9c)
+    class TwoStems(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    torch.manual_seed(0)
+    net = TwoStems()
+    quantize_(net, "fp_net")
+    with pytest.raises(ValueError, match="^b: quantizing the network's input images"):
+        IntegerEngine.from_model(net.eval(), (3, 8, 8))
+    torch.manual_seed(0)
+    m = create_model("mnist_fp_net_lenet").eval()
+    eng = IntegerEngine.from_model(m, (1, 28, 28))
+    with pytest.raises(TypeError, match="takes a torch.Tensor.*got ndarray"):
+        eng(np.zeros((2, 1, 28, 28), np.float32))

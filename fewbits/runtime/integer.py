@@ -325,7 +325,10 @@ class IntegerEngine:
 
     def __call__(self, images: Tensor) -> Tensor:
         shape = self.prog.in_shape
-        if not isinstance(images, Tensor) or tuple(images.shape[1:]) != shape or \
+        if not isinstance(images, Tensor):
+            raise TypeError(f"the integer engine takes a torch.Tensor of images (N, {shape}), "
+                            f"got {type(images).__name__}")
+        if tuple(images.shape[1:]) != shape or \
                 images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")

@@ -436,6 +436,9 @@ class Compiler:
                 return x  # already on that grid, within its range: the quantizer is identity
             raise ValueError(f"{name}: requantizing an integer tensor to another grid is not "
                              "run by the integer engine")
+        if x.kind == "input":  # a second layer on the images: quantize_ gives it a quantizer
+            raise ValueError(f"{name}: quantizing the network's input images (a layer other "
+                             "than the first reading them) is not run by the integer engine")
         if x.kind != "float":
             raise ValueError(f"{name}: the integer engine quantizes float tensors, not "
                              f"{x.kind!r}")
