@@ -861,3 +861,92 @@ def test_fewbits_own_fast_path_hook_is_not_blamed_on_the_user() -> None:
     enc[2].register_forward_hook(lambda m, i, o: o * 2)
     with pytest.raises(ValueError, match="forward hook"):
         IntegerEngine.from_model(enc, (5, 16))
+
+
+def _conv_bn_net(bn: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), bn, nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    quantize_(net, "fp_net")
+    return net.eval()
+
+
+def test_batch_norm_without_running_statistics_is_refused_by_name() -> None:
+    # eval mode still normalises by the batch's own statistics: no fold is exact; it crashed
+    # with "AttributeError: 'NoneType' object has no attribute 'float'" (qa9c)
+    net = _conv_bn_net(nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ValueError, match="4 \\(BatchNorm2d\\).*track_running_stats=False"):
+        IntegerEngine.from_model(net, (3, 8, 8))
+
+
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+def test_batch_norm_with_a_negative_running_var_is_refused(family: str) -> None:
+    # PyTorch's output is NaN (its next quantizer raises); the engine gave finite logits (qa9c)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    quantize_(net, family)
+    net.eval()
+    with torch.no_grad():
+        net[4].running_var[3] = -1.0
+    with pytest.raises(ValueError, match="4 \\(BatchNorm2d\\).*NaN or infinite"):
+        IntegerEngine.from_model(net, (3, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["mnist_fp_net_lenet", "mnist_min_max_lenet"])
+def test_a_packed_file_runs_on_the_integer_engine(name: str, tmp_path) -> None:
+    # load_packed drops the weight quantizers, so compile_for_cpu(path) / `fewbits eval FILE
+    # --fast` refused every fixed-point / min-max file ("conv2: float weights on integer
+    # activations") and never ran the integer engine; the file's stored codes now stand in
+    from fewbits.export import export_packed
+    from fewbits.export.onnx import resolve_source
+
+    torch.manual_seed(3)
+    m = _trained_looking(create_model(name), 4)
+    path = tmp_path / "m.fewbits"
+    export_packed(m, path)
+    x = _images(4, (1, 28, 28), seed=5)
+    src = resolve_source(path)
+    eng = IntegerEngine.from_model(src.model, (1, 28, 28), codes=src.codes)
+    assert torch.equal(eng(x), IntegerEngine.from_model(m, (1, 28, 28))(x))
+    _check(eng, src.model, x, exact=False)
+    d = compile_for_cpu(path, backend="int", input_shape=(1, 28, 28), batch_size=2)
+    assert d.backend == "int" and torch.equal(d(x), eng(x))
+
+
+def test_ceil_mode_max_pool_after_a_layer_is_refused_naming_the_pool() -> None:
+    # the pool is folded into the conv before it; the refusal named the conv after it (qa9c)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(3, 2, ceil_mode=True), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    quantize_(net, "fp_net")
+    with pytest.raises(ValueError, match="^2 \\(MaxPool2d\\): max pooling with ceil_mode"):
+        IntegerEngine.from_model(net.eval(), (3, 8, 8))
+
+
+def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> None:
+    # the refusal said "quantizes float tensors, not 'input'"; a NumPy batch of the right
+    # shape was told it had the wrong shape (qa9c)
+    class TwoStems(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    torch.manual_seed(0)
+    net = TwoStems()
+    quantize_(net, "fp_net")
+    with pytest.raises(ValueError, match="^b: quantizing the network's input images"):
+        IntegerEngine.from_model(net.eval(), (3, 8, 8))
+    torch.manual_seed(0)
+    m = create_model("mnist_fp_net_lenet").eval()
+    eng = IntegerEngine.from_model(m, (1, 28, 28))
+    with pytest.raises(TypeError, match="takes a torch.Tensor.*got ndarray"):
+        eng(np.zeros((2, 1, 28, 28), np.float32))

@@ -310,20 +310,25 @@ class IntegerEngine:
 
     @classmethod
     def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
-                   isa: str | None = None) -> IntegerEngine:
+                   isa: str | None = None, codes: dict | None = None) -> IntegerEngine:
         """Compile ``model`` (put in eval mode) for images ``(N, *input_shape)``; raises
         ``ValueError`` naming the first operation the engine does not cover, ``RuntimeError``
-        when the C engine cannot be built here."""
+        when the C engine cannot be built here. ``codes``: a ``.fewbits`` file's weight codes
+        (``fewbits.export.onnx.resolve_source(path).codes``) for a model rebuilt from it by
+        ``load_packed``, which drops the weight quantizers."""
         was = model.training
         model.eval()
         try:
-            return cls(compile_program(model, tuple(input_shape)), isa)
+            return cls(compile_program(model, tuple(input_shape), codes), isa)
         finally:
             model.train(was)
 
     def __call__(self, images: Tensor) -> Tensor:
         shape = self.prog.in_shape
-        if not isinstance(images, Tensor) or tuple(images.shape[1:]) != shape or \
+        if not isinstance(images, Tensor):
+            raise TypeError(f"the integer engine takes a torch.Tensor of images (N, {shape}), "
+                            f"got {type(images).__name__}")
+        if tuple(images.shape[1:]) != shape or \
                 images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")

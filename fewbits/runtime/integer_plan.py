@@ -256,14 +256,21 @@ def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     return alpha.numpy().copy(), beta.numpy().copy()
 
 
-def _int_weights(m: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(k, scale per output channel)``: integer weights with ``w = k * scale``."""
+def _int_weights(m: nn.Module, name: str, coded: tuple | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, scale per output channel)``: integer weights with ``w = k * scale``. ``coded``:
+    the ``(quantizer, Codes)`` a ``.fewbits`` file stored for a layer whose weight quantizer
+    :func:`~fewbits.export.load_packed` dropped (its weight is their decoded values)."""
     q = getattr(m, "weight_quantizer", None)
-    if q is None:
+    if q is None and coded is not None and tuple(coded[1].shape) == tuple(m.weight.shape):
+        q, codes = coded
+    elif q is None:
         raise ValueError(f"{name}: float weights on integer activations; the integer engine "
                          "needs a weight quantizer")
+    else:
+        codes = None
     with torch.no_grad():
-        aff = q.affine(q.encode(m.weight))
+        aff = q.affine(q.encode(m.weight) if codes is None else codes)
     if aff is None:
         raise ValueError(f"{name}: weights of {type(q).__name__} are not on a uniform grid")
     k = aff.int_repr.to(torch.int64)
@@ -338,8 +345,10 @@ def _pack_float(w: np.ndarray, groups: int, nhwc: bool = False) -> tuple[np.ndar
 
 
 class Compiler:
-    def __init__(self, model: nn.Module, in_shape: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, in_shape: tuple[int, ...],
+                 codes: dict | None = None) -> None:
         self.model, self.prog = model, Program(in_shape=tuple(in_shape))
+        self.codes = codes or {}  # a packed file's weight codes ("layer.weight": (q, Codes))
         self.modules = dict(model.named_modules())
         self.n_vals = 0
 
@@ -389,7 +398,7 @@ class Compiler:
         bias = np.zeros(cout, np.float32) if b is None else b.detach().float().numpy().copy()
         ones, zeros = np.ones(cout, np.float32), np.zeros(cout, np.float32)
         if x.kind == "int":
-            k, sw_ = _int_weights(m, name)
+            k, sw_ = _int_weights(m, name, self.codes.get(f"{name}.weight"))
             if isinstance(m, nn.Linear):
                 if x.flat_from is not None:
                     k = k.reshape(cout, *x.flat_from).transpose(0, 2, 3, 1)
@@ -427,6 +436,9 @@ class Compiler:
                 return x  # already on that grid, within its range: the quantizer is identity
             raise ValueError(f"{name}: requantizing an integer tensor to another grid is not "
                              "run by the integer engine")
+        if x.kind == "input":  # a second layer on the images: quantize_ gives it a quantizer
+            raise ValueError(f"{name}: quantizing the network's input images (a layer other "
+                             "than the first reading them) is not run by the integer engine")
         if x.kind != "float":
             raise ValueError(f"{name}: the integer engine quantizes float tensors, not "
                              f"{x.kind!r}")

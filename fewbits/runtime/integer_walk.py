@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -344,7 +345,16 @@ def walk(comp: Compiler, tracer: type) -> Any:
                         x.conv.quant is not None:
                     raise ValueError(f"{where}: batch norm is folded into the layer before "
                                      "it; here it does not follow a layer directly")
+                if m.running_mean is None or m.running_var is None:  # batch statistics
+                    raise ValueError(f"{where}: batch norm without running statistics "
+                                     "(track_running_stats=False) normalises by each batch's "
+                                     "own statistics in eval mode: it cannot be folded")
                 x.conv.alpha, x.conv.beta = bn_affine(m)
+                if not (np.isfinite(x.conv.alpha).all() and np.isfinite(x.conv.beta).all()):
+                    # PyTorch's output is NaN / inf there (its quantizers raise); the engine's
+                    # float epilogue would clamp it to finite codes without a word
+                    raise ValueError(f"{where}: batch norm with NaN or infinite scale or shift "
+                                     "(a negative or zero running_var with eps=0?)")
                 x.bn = True
                 env[node.name] = x
             elif isinstance(m, nn.ReLU):
@@ -363,6 +373,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
             elif isinstance(m, nn.MaxPool2d):
                 x = value(a, where, allow_pending=True)
+                if m.ceil_mode or m.return_indices:  # checked here: a pool folded into the
+                    # layer before it was refused later, naming the layer after it
+                    raise ValueError(f"{where}: max pooling with ceil_mode or return_indices is "
+                                     "not run by the integer engine")
                 if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
                     x.post.append(("maxpool", _pool_args(node, m)))
                     env[node.name] = x
@@ -464,8 +478,10 @@ def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
     return y
 
 
-def compile_program(model: nn.Module, in_shape: tuple[int, ...]) -> Any:
+def compile_program(model: nn.Module, in_shape: tuple[int, ...], codes: dict | None = None
+                    ) -> Any:
     """The engine :class:`~fewbits.runtime.integer_plan.Program` of ``model`` (eval mode) for
     inputs ``(N, *in_shape)``; raises ``ValueError`` naming the first node the integer engine
-    does not cover."""
-    return walk(Compiler(model, tuple(in_shape)), Tracer)
+    does not cover. ``codes``: a packed file's weight codes (``ResolvedSource.codes``), for
+    the layers whose weight quantizers :func:`~fewbits.export.load_packed` dropped."""
+    return walk(Compiler(model, tuple(in_shape), codes), Tracer)

@@ -168,7 +168,8 @@ def _binary(ctx: Context) -> Runner:
 def _int(ctx: Context) -> Runner:
     if ctx.input_shape is None:
         raise ValueError("the integer engine takes one image batch")
-    return IntegerEngine.from_model(ctx.model, ctx.input_shape)  # ValueError names the op
+    # a packed file's model has no weight quantizers left: its stored codes stand in
+    return IntegerEngine.from_model(ctx.model, ctx.input_shape, codes=ctx.source.codes)
 
 
 def _openvino(ctx: Context) -> Runner:
