@@ -950,3 +950,20 @@ def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> 
     eng = IntegerEngine.from_model(m, (1, 28, 28))
     with pytest.raises(TypeError, match="takes a torch.Tensor.*got ndarray"):
         eng(np.zeros((2, 1, 28, 28), np.float32))
+
+
+def test_functional_ceil_mode_max_pool_after_a_layer_is_refused_naming_the_pool() -> None:
+    # the refusal lives where both the module and the functional pool are read
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.c1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = nn.functional.max_pool2d(torch.relu(self.c0(x)), 3, 2, ceil_mode=True)
+            return torch.relu(self.c1(h))
+
+    m = Net()
+    quantize_(m, "fp_net")
+    with pytest.raises(ValueError, match="max_pool2d.*: max pooling with ceil_mode"):
+        IntegerEngine.from_model(m, (3, 9, 9))

@@ -79,17 +79,22 @@ def _maxpool_geom(m: Any, shape: tuple[int, ...], where: str) -> dict:
                 pw=p[1], dh=d[0], dw=d[1])
 
 
-def _pool_args(node: fx.Node, m: Any) -> dict:
+def _pool_args(node: fx.Node, m: Any, where: str) -> dict:
+    """A max pool's arguments (module ``m``, or the functional call's); refused here, where the
+    pool is named, for what the engine does not run (a pool folded into the layer before it
+    was refused later, naming the layer after it)."""
     if m is not None:
-        return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                    dilation=m.dilation, ceil_mode=m.ceil_mode)
-    names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
-    vals = dict(zip(names, node.args[1:], strict=False))
-    vals.update(node.kwargs)
+        vals = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                    dilation=m.dilation, ceil_mode=m.ceil_mode, return_indices=m.return_indices)
+    else:
+        names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+        vals = dict(zip(names, node.args[1:], strict=False))
+        vals.update(node.kwargs)
+    if vals.get("ceil_mode") or vals.get("return_indices"):
+        raise ValueError(f"{where}: max pooling with ceil_mode or return_indices is not run by "
+                         "the integer engine")
     out = dict(kernel_size=None, stride=None, padding=0, dilation=1, ceil_mode=False)
     out.update({k: v for k, v in vals.items() if k in out})
-    if vals.get("return_indices"):
-        raise ValueError("max pooling with indices is not run by the integer engine")
     return out
 
 
@@ -373,15 +378,12 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
             elif isinstance(m, nn.MaxPool2d):
                 x = value(a, where, allow_pending=True)
-                if m.ceil_mode or m.return_indices:  # checked here: a pool folded into the
-                    # layer before it was refused later, naming the layer after it
-                    raise ValueError(f"{where}: max pooling with ceil_mode or return_indices is "
-                                     "not run by the integer engine")
+                pool = _pool_args(node, m, where)
                 if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
-                    x.post.append(("maxpool", _pool_args(node, m)))
+                    x.post.append(("maxpool", pool))
                     env[node.name] = x
                 else:
-                    env[node.name] = int_pool(value(a, where), _pool_args(node, m), where, a)
+                    env[node.name] = int_pool(value(a, where), pool, where, a)
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -421,8 +423,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
-                env[node.name] = int_pool(value(args[0], where), _pool_args(node, None), where,
-                                          args[0])
+                pool = _pool_args(node, None, where)
+                env[node.name] = int_pool(value(args[0], where), pool, where, args[0])
             elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
                     "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
