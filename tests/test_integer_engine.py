@@ -120,11 +120,11 @@ def test_buffers_are_reused_only_after_their_last_read(fp_resnet: nn.Module, bat
     _check(eng, fp_resnet, _images(batch, (3, 8, 8), denom=256), exact=True)
 
 
-def test_u8_weights_only_where_int16_pair_sums_cannot_saturate() -> None:
+def test_u8_avx2_chunks_only_where_int16_pair_sums_cannot_saturate() -> None:
     k = np.zeros((16, 4, 1, 1), np.int64)
     k[0, :2, 0, 0] = [127, -127]
-    assert pack_u8(k, 1, 129) is not None  # 129 * 254 = 32766
-    assert pack_u8(k, 1, 130) is None  # 130 * 254 > 32767: vpmaddubsw would saturate
+    assert pack_u8(k, 1, 129)[2] >= 1  # 129 * 254 = 32766
+    assert pack_u8(k, 1, 130)[2] == 0  # 130 * 254 > 32767: vpmaddubsw would saturate
     k[0, 0, 0, 0] = -129
     assert pack_u8(k, 1, 1) is None  # not int8
 
@@ -685,14 +685,18 @@ def _edge_net(family: str, relu_after: bool) -> nn.Module:
     maps whose pixel count is not a multiple of the kernels' rows (7 x 9), 1x1 and 3x3 convs on
     the direct path, a stride-2 conv (im2col), a ReLU before the batch norm, signed and
     unsigned codes, int16 lane sums widened every quad (several chunks: fixed-point weight
-    codes at the grid's ends) and once (one chunk)."""
+    codes at the grid's ends) and once (one chunk), or not at all (fixed point's signed codes:
+    int16 pair sums could saturate, AVX2 multiplies in int16, AVX-512 VNNI in u8 x s8); a
+    grouped 1x1 conv whose two groups of 24 channels make a pair of 16-channel blocks and a
+    single one each (VNNI's kernels)."""
     act = nn.ReLU if relu_after else nn.Identity
     net = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), act(),
                         nn.Conv2d(20, 12, 1), nn.ReLU(), nn.BatchNorm2d(12), nn.ReLU(),
                         nn.Conv2d(12, 36, 3, padding=1), nn.BatchNorm2d(36), nn.ReLU(),
                         nn.Conv2d(36, 16, 3, padding=1), nn.BatchNorm2d(16), act(),
                         nn.Conv2d(16, 20, 3, stride=2, padding=1), nn.BatchNorm2d(20), act(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 5))
+                        nn.Conv2d(20, 48, 1, groups=2), nn.BatchNorm2d(48), act(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 5))
     with torch.no_grad():  # fixed point: all weight codes but one small (one chunk)
         net[10].weight[0, 0, 0, 0] = 100 * net[10].weight.abs().max()
     quantize_(net, family)
@@ -735,8 +739,11 @@ def test_avx2_kernels_edges_give_the_generic_codes(family: str, relu_after: bool
     x = _images(2, (3, 7, 9), seed=15) - 0.3
     prog = compile_program(m, (3, 7, 9))
     convs = [s for s in prog.steps if isinstance(s, Conv)]
-    assert any(s.wpack8 is not None and s.kchunk * 4 < s.kq4 for s in convs)  # several chunks
+    assert any(s.wpack8 is not None and 0 < s.kchunk and s.kchunk * 4 < s.kq4
+               for s in convs)  # several chunks
     assert any(s.wpack8 is not None and s.kchunk * 4 >= s.kq4 for s in convs)  # one chunk
+    # pair sums that would saturate: u8 on VNNI only (fixed point's signed codes, 254 apart)
+    assert family != "fp_net" or any(s.wpack8 is not None and s.kchunk == 0 for s in convs)
     maps = [(IntegerEngine(prog, isa)(x), _every_map(IntegerEngine(prog, isa), x))
             for isa in ISAS_HERE]
     for out, steps in maps[1:]:

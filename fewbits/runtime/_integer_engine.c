@@ -6,7 +6,9 @@
  * (the network's image, a global average pool, a float residual stream: see "float streams")
  * multiplies in float32 instead.
  *
- * CPU paths: ISA_GENERIC (portable C) and ISA_AVX2 (AVX2 + FMA), chosen per call; all paths
+ * CPU paths: ISA_GENERIC (portable C), ISA_AVX2 (AVX2 + FMA) and ISA_AVX512_VNNI (AVX2's code
+ * with the u8 / int16 kernels on vpdpbusd / vpdpwssd and their epilogue 16 lanes wide:
+ * AVX-512 F/BW/VL/VNNI), chosen per call; all paths
  * give the same integers (the float epilogue is the same IEEE operations, fmaf included; on
  * AVX2 a division by a scale is a reciprocal multiply with one exact correction, used only
  * where fbi_rcp_exact proved it gives the division's quotient for that scale). AVX2:
@@ -28,7 +30,10 @@
 #define FBI_X86 0
 #endif
 
-enum { ISA_GENERIC = 0, ISA_AVX2 = 1 };
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
+/* the AVX2 code serves every path above it too (an AVX-512 VNNI CPU has AVX2 + FMA): only the
+ * kernels and the epilogue of the u8 / int16 layers differ */
+#define USE_AVX2(isa) ((isa) >= ISA_AVX2)
 enum { IN_INT = 0, IN_FLOAT_NCHW = 1, IN_FLOAT_NHWC = 2 };
 enum { OUT_INT = 0, OUT_FLOAT = 1 };
 
@@ -39,7 +44,11 @@ int fbi_isa_supported(int isa) {
     if (isa == ISA_GENERIC) return 1;
 #if FBI_X86
     __builtin_cpu_init();
-    if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == ISA_AVX2) return avx2;
+    if (isa == ISA_AVX512_VNNI)
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #endif
     return 0;
 }
@@ -765,6 +774,276 @@ AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *s
     kern_u8_body(a, st, src, toff, ntaps, qpt, chunk, bb, n, cnt, dst, 0);
 }
 
+/* ----------------------------------------------------------------- AVX-512 VNNI */
+/* The u8 and int16 layers on AVX-512 VNNI: UR1 rows x one or two blocks of 16 channels, one
+ * vpdpbusd (4 u8 x s8 products) or vpdpwssd (2 int16 products) per row, block and quad / pair,
+ * summed straight into int32 lanes (no int16 lane sums, so no chunks: exact wherever the int32
+ * sums are, which compile time checked); a block's 16 sums are one zmm, and its epilogue runs
+ * 16 lanes wide: the same IEEE operations in the same order as epi_tile_k (so the same codes
+ * on every path), the sign by a mask, int32 -> int16 by vpmovsdw (saturating, as packs). */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+VNNI static inline __attribute__((always_inline)) __m512 bcast512(__m256 v) {
+    return _mm512_broadcastss_ps(_mm256_castps256_ps128(v));
+}
+
+VNNI static inline __attribute__((always_inline)) __m512i bcast512i(__m256i v) {
+    return _mm512_broadcastd_epi32(_mm256_castsi256_si128(v));
+}
+
+/* the epilogue of R rows x 16 channels n.. from int32 sums c[r] (row r to dst[r]; NULL: no
+ * row); cnt < 16 stores the first cnt channels (masked). K: the EK_ flags (K < 0: run time) */
+#define EF(known, field) (K < 0 ? (e->field) : (K & (known)) != 0)
+#define EPR(body) _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { body; }
+VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e, const __m512i *c,
+                                                               int R, int n, int cnt,
+                                                               char **dst, int K) {
+    __m512 v[UR1];
+    if (K < 0 ? e->corr != NULL : (K & EK_CORR) != 0) {
+        const __m512i k0 = _mm512_loadu_si512((const void *)(e->corr + n));
+        EPR(v[r] = _mm512_cvtepi32_ps(_mm512_add_epi32(c[r], k0)))
+    } else {
+        EPR(v[r] = _mm512_cvtepi32_ps(c[r]))
+    }
+    const __m512 s = _mm512_loadu_ps(e->sacc + n), b = _mm512_loadu_ps(e->bias + n);
+    EPR(v[r] = _mm512_add_ps(_mm512_mul_ps(v[r], s), b))
+    if (EF(EK_RELU, pre_relu)) EPR(v[r] = _mm512_max_ps(v[r], _mm512_setzero_ps()))
+    const __m512 al = _mm512_loadu_ps(e->alpha + n), be = _mm512_loadu_ps(e->beta + n);
+    EPR(v[r] = _mm512_fmadd_ps(v[r], al, be))
+    const __m512 clo = bcast512(e->clo), chi = bcast512(e->chi);
+    EPR(v[r] = _mm512_min_ps(_mm512_max_ps(v[r], clo), chi))
+    const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+    if (K < 0 && e->out_float) {
+        for (int r = 0; r < R; r++)
+            if (dst[r]) _mm512_mask_storeu_ps((float *)dst[r] + n, m, v[r]);
+        return;
+    }
+    if (EF(EK_OFS, use_sub)) {
+        const __m512 sub = bcast512(e->sub);
+        EPR(v[r] = _mm512_sub_ps(v[r], sub))
+    }
+    if (EF(EK_DIV, use_div)) {
+        const __m512 sc = bcast512(e->scale);
+        if (e->use_rcp) {
+            const __m512 rc = bcast512(e->rcp);
+            EPR(__m512 q0 = _mm512_mul_ps(v[r], rc);
+                v[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, sc, v[r]), rc, q0))
+        } else {
+            EPR(v[r] = _mm512_div_ps(v[r], sc))
+        }
+    } else {
+        const __m512 inv = bcast512(e->inv);
+        EPR(v[r] = _mm512_mul_ps(v[r], inv))
+    }
+    const __m512 h = _mm512_set1_ps(0x1.fffffep-2f); /* rha_abs */
+    __m512i k[UR1];
+    if (K < 0 ? e->nonneg : !(K & EK_SC)) {
+        EPR(k[r] = _mm512_cvttps_epi32(_mm512_add_ps(v[r], h)))
+    } else {
+        const __m512i absm = _mm512_set1_epi32(0x7fffffff), z = _mm512_setzero_si512();
+        EPR(__m512i bits = _mm512_castps_si512(v[r]);
+            __m512i a = _mm512_cvttps_epi32(_mm512_add_ps(
+                _mm512_castsi512_ps(_mm512_and_si512(bits, absm)), h));
+            k[r] = _mm512_mask_sub_epi32(a, _mm512_cmplt_epi32_mask(bits, z), z, a))
+    }
+    if (EF(EK_OFS, use_kofs)) {
+        const __m512i ko = bcast512i(e->kofs);
+        EPR(k[r] = _mm512_add_epi32(k[r], ko))
+    }
+    if (EF(EK_SC, int_clamp)) {
+        const __m512i lo = bcast512i(e->klo), hi = bcast512i(e->khi);
+        EPR(k[r] = _mm512_min_epi32(_mm512_max_epi32(k[r], lo), hi))
+    }
+    for (int r = 0; r < R; r++) {
+        if (!dst[r]) continue;
+        __m256i p = _mm512_cvtsepi32_epi16(k[r]);
+        _mm256_mask_storeu_epi16((int16_t *)dst[r] + n, m, p);
+    }
+}
+#undef EPR
+#undef EF
+
+typedef void (*store512_fn)(const fbi_ep *, const __m512i *, int, int, char **);
+#define STORE512(K)                                                                     \
+    VNNI static __attribute__((noinline)) void store512_##K(                            \
+        const fbi_ep *a, const __m512i *c, int n, int cnt, char **dst) {                \
+        epi512_k(a, c, UR1, n, cnt, dst, K);                                            \
+    }
+STORE512(0) STORE512(1) STORE512(2) STORE512(3) STORE512(4) STORE512(5) STORE512(6) STORE512(7)
+STORE512(8) STORE512(9) STORE512(10) STORE512(11) STORE512(12) STORE512(13) STORE512(14)
+STORE512(15) STORE512(16) STORE512(17) STORE512(18) STORE512(19) STORE512(20) STORE512(21)
+STORE512(22) STORE512(23) STORE512(24) STORE512(25) STORE512(26) STORE512(27) STORE512(28)
+STORE512(29) STORE512(30) STORE512(31)
+#undef STORE512
+VNNI static __attribute__((noinline)) void store512_g(const fbi_ep *a, const __m512i *c, int n,
+                                                      int cnt, char **dst) {
+    epi512_k(a, c, UR1, n, cnt, dst, -1); /* the flags tested at run time */
+}
+static const store512_fn store512[EK_N] = {
+    store512_0, store512_1, store512_2, store512_3, store512_4, store512_5, store512_6,
+    store512_7, store512_8, store512_9, store512_10, store512_11, store512_12, store512_13,
+    store512_14, store512_15, store512_16, store512_17, store512_18, store512_19, store512_20,
+    store512_21, store512_22, store512_23, store512_24, store512_25, store512_26, store512_27,
+    store512_28, store512_29, store512_30, store512_31,
+};
+
+static store512_fn store512_for(const fbi_ep *e) { return e->out_float ? store512_g : store512[e->kind]; }
+
+/* u8: `ntaps` taps of `qpt` quads at offsets toff from each row's source; weights bb (block
+ * 2 at bb + bstride) */
+VNNI static inline __attribute__((always_inline)) void kern_vnni_body(
+    const fbi_ep *a, store512_fn st, const uint8_t *const *src, const int64_t *toff, int ntaps,
+    int qpt, const int8_t *bb, int64_t bstride, int n, int og, char **dst, const int nblk) {
+    __m512i c[4][UR1];
+    int64_t d[UR1];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++) {
+        d[r] = src[r] - src[0];
+#pragma GCC unroll 4
+        for (int b = 0; b < nblk; b++) c[b][r] = _mm512_setzero_si512();
+    }
+    const uint8_t *A = src[0];
+    for (int t = 0; t < ntaps; t++) {
+        const uint8_t *p = A + toff[t];
+        for (int q = 0; q < qpt; q++, bb += NB * 4, p += 4) {
+            __m512i w[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < nblk; b++) w[b] = _mm512_loadu_si512((const void *)(bb + b * bstride));
+#pragma GCC unroll 8
+            for (int r = 0; r < UR1; r++) {
+                int32_t quad;
+                memcpy(&quad, p + d[r], 4);
+                __m512i v = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+                for (int b = 0; b < nblk; b++) c[b][r] = _mm512_dpbusd_epi32(c[b][r], v, w[b]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < nblk; b++) {
+        __m512i out[UR1]; /* a copy: c's address never taken, so c stays in registers */
+#pragma GCC unroll 8
+        for (int r = 0; r < UR1; r++) out[r] = c[b][r];
+        int n0 = n + b * NB;
+        st(a, out, n0, og - n0 < NB ? og - n0 : NB, dst);
+    }
+}
+
+typedef void (*kern_vnni_fn)(const fbi_ep *, store512_fn, const uint8_t *const *,
+                             const int64_t *, int, int, const int8_t *, int64_t, int, int,
+                             char **);
+#define KERN_VNNI(B)                                                                          \
+    VNNI static void kern_vnni_##B(const fbi_ep *a, store512_fn st, const uint8_t *const *src, \
+                                   const int64_t *toff, int ntaps, int qpt, const int8_t *bb,  \
+                                   int64_t bstride, int n, int og, char **dst) {               \
+        kern_vnni_body(a, st, src, toff, ntaps, qpt, bb, bstride, n, og, dst, B);             \
+    }
+KERN_VNNI(1) KERN_VNNI(2) KERN_VNNI(3) KERN_VNNI(4)
+#undef KERN_VNNI
+static const kern_vnni_fn kern_vnni[5] = {NULL, kern_vnni_1, kern_vnni_2, kern_vnni_3,
+                                          kern_vnni_4};
+
+/* int16: UR1 rows of `kp2` int16 pairs (row r at A + r * lda) x one or two blocks */
+VNNI static inline __attribute__((always_inline)) void kern_w16_body(
+    const fbi_ep *a, store512_fn st, const int16_t *A, int64_t lda, const int16_t *bb,
+    int64_t bstride, int kp2, int n, int og, char **dst, const int nblk) {
+    __m512i c[4][UR1];
+#pragma GCC unroll 8
+    for (int r = 0; r < UR1; r++)
+#pragma GCC unroll 4
+        for (int b = 0; b < nblk; b++) c[b][r] = _mm512_setzero_si512();
+    for (int p = 0; p < kp2; p++) {
+        __m512i w[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < nblk; b++)
+            w[b] = _mm512_loadu_si512((const void *)(bb + b * bstride + p * NB * 2));
+#pragma GCC unroll 8
+        for (int r = 0; r < UR1; r++) {
+            int32_t pair;
+            memcpy(&pair, A + r * lda + 2 * p, 4);
+            __m512i v = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+            for (int b = 0; b < nblk; b++) c[b][r] = _mm512_dpwssd_epi32(c[b][r], v, w[b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < nblk; b++) {
+        __m512i out[UR1];
+#pragma GCC unroll 8
+        for (int r = 0; r < UR1; r++) out[r] = c[b][r];
+        int n0 = n + b * NB;
+        st(a, out, n0, og - n0 < NB ? og - n0 : NB, dst);
+    }
+}
+
+typedef void (*kern_w16_fn)(const fbi_ep *, store512_fn, const int16_t *, int64_t,
+                            const int16_t *, int64_t, int, int, int, char **);
+#define KERN_W16(B)                                                                           \
+    VNNI static void kern_w16_##B(const fbi_ep *a, store512_fn st, const int16_t *A,          \
+                                  int64_t lda, const int16_t *bb, int64_t bstride, int kp2,   \
+                                  int n, int og, char **dst) {                                \
+        kern_w16_body(a, st, A, lda, bb, bstride, kp2, n, og, dst, B);                        \
+    }
+KERN_W16(1) KERN_W16(2) KERN_W16(3) KERN_W16(4)
+#undef KERN_W16
+static const kern_w16_fn kern_w16[5] = {NULL, kern_w16_1, kern_w16_2, kern_w16_3, kern_w16_4};
+
+/* gemm_i16_avx2 on VNNI: m rows of A (lda int16 apart; rows past m read as slack: the
+ * caller's buffers hold UR1 - 1 rows more, or the kernel reads a clamped row) */
+VNNI static void gemm_i16_vnni(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
+                               const int16_t *B, int nblocks, int n_off, int cout_g, char *Y,
+                               int64_t ldy, int esize) {
+    int kp2 = ac->kp / 2;
+    int64_t bstride = (int64_t)kp2 * NB * 2;
+    fbi_ep e;
+    ep_init(ac, &e);
+    store512_fn st = store512_for(&e);
+    int16_t *tail = NULL;
+    for (int64_t r = 0; r < m; r += UR1) {
+        int rows = m - r < UR1 ? (int)(m - r) : UR1;
+        char *dst[UR1];
+        const int16_t *Ar = A + r * lda;
+        int64_t la = lda;
+        if (rows < UR1) { /* the last rows: copied to a zeroed tile, so no read goes past A */
+            tail = (int16_t *)calloc((size_t)UR1 * (size_t)ac->kp, sizeof(int16_t));
+            if (!tail) return;
+            for (int q = 0; q < rows; q++)
+                memcpy(tail + (int64_t)q * ac->kp, Ar + q * lda, sizeof(int16_t) * (size_t)ac->kp);
+            Ar = tail, la = ac->kp;
+        }
+        for (int q = 0; q < UR1; q++) dst[q] = q < rows ? Y + (r + q) * ldy * esize : NULL;
+        for (int b = 0; b < nblocks; b += 4) { /* up to 4 blocks (64 channels) per call */
+            int k = nblocks - b < 4 ? nblocks - b : 4;
+            kern_w16[k](&e, st, Ar, la, B + (int64_t)b * bstride, bstride, kp2, n_off + b * NB,
+                        n_off + cout_g, dst);
+        }
+    }
+    free(tail);
+}
+
+/* the output-channel blocks of one tile of rows: AVX-512 VNNI up to four blocks at a time, else the
+ * AVX2 kernel (one chunk, or int16 lane sums widened every `chunk` quads) */
+static inline void tile_blocks(const fbi_conv *a, const fbi_ep *ep, store_fn st,
+                               store512_fn st512, const uint8_t *const *src,
+                               const int64_t *toff, int ntaps, int qpt, int chunk, int one,
+                               const int8_t *B, int nblocks, int nofs, int og, char **dst) {
+    int64_t bstride = (int64_t)a->kq4 * NB;
+    for (int b = 0; b < nblocks; b++) {
+        const int8_t *bb = B + b * bstride;
+        int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
+        if (a->isa == ISA_AVX512_VNNI) { /* up to 4 blocks (64 channels) per call */
+            int k = nblocks - b < 4 ? nblocks - b : 4;
+            kern_vnni[k](ep, st512, src, toff, ntaps, qpt, bb, bstride, nofs + n0, nofs + og,
+                         dst);
+            b += k - 1;
+        } else if (one) {
+            kern_u8_1c(ep, st, src, toff, ntaps, qpt, bb, nofs + n0, cnt, dst);
+        } else {
+            kern_u8_c(ep, st, src, toff, ntaps, qpt, chunk, bb, nofs + n0, cnt, dst);
+        }
+    }
+}
+
 /* rows j0 .. j0+rows-1 of a virtual grid `vw` pixels wide, of which the first ow are output
  * pixels (the rest: the padding columns of the direct path) */
 static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, int64_t ldy,
@@ -787,6 +1066,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     ep_init(a, &ep);
     int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
     store_fn st = ep.out_float ? store_rows_p1_g : store_p1[ep.kind];
+    store512_fn st512 = a->isa == ISA_AVX512_VNNI ? store512_for(&ep) : NULL;
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a pixel are fixed
      * offsets into the zero-padded byte image (no im2col) */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -817,15 +1097,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                     dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
                     if (++ox == a->ow) ox = 0, oy++;
                 }
-                for (int b = 0; b < nblocks; b++) {
-                    int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    const int8_t *bb = a->wpack8 + (int64_t)b * a->kq4 * NB;
-                    if (one)
-                        kern_u8_1c(&ep, st, src, toff, a->kh * a->kw, cin / 4, bb, n0, cnt, dst);
-                    else
-                        kern_u8_c(&ep, st, src, toff, a->kh * a->kw, cin / 4, chunk, bb, n0, cnt,
-                                  dst);
-                }
+                tile_blocks(a, &ep, st, st512, src, toff, a->kh * a->kw, cin / 4, chunk, one,
+                            a->wpack8, nblocks, 0, og, dst);
             }
         }
         return;
@@ -841,14 +1114,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR1);
                 const uint8_t *src[UR1];
                 for (int q = 0; q < UR1; q++) src[q] = buf + (r + q) * a->kq4; /* slack */
-                for (int b = 0; b < nblocks; b++) {
-                    int n0 = b * NB, cnt = og - n0 < NB ? og - n0 : NB;
-                    const int8_t *bb = B + (int64_t)b * a->kq4 * NB;
-                    if (one)
-                        kern_u8_1c(&ep, st, src, &zero, 1, kq, bb, g * og + n0, cnt, dst);
-                    else
-                        kern_u8_c(&ep, st, src, &zero, 1, kq, chunk, bb, g * og + n0, cnt, dst);
-                }
+                tile_blocks(a, &ep, st, st512, src, &zero, 1, kq, chunk, one, B, nblocks, g * og,
+                            og, dst);
             }
         }
 }
@@ -931,11 +1198,14 @@ int fbi_conv_run(const fbi_conv *a) {
     if (!fbi_isa_supported(a->isa)) return -1;
     if (a->in_kind == IN_FLOAT_NHWC) return conv_f32_nhwc(a);
 #if FBI_X86
-    if (a->isa == ISA_AVX2 && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0) {
+    /* u8 weights: AVX-512 VNNI sums in int32 (any weights pack_u8 took); AVX2's vpmaddubsw
+     * only where no int16 pair sum can saturate (kchunk >= 1) */
+    if (USE_AVX2(a->isa) && a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0 &&
+        (a->isa == ISA_AVX512_VNNI || a->kchunk >= 1)) {
         conv_u8_avx2(a);
         return 0;
     }
-    if (a->isa == ISA_AVX2 && a->in_kind == IN_FLOAT_NCHW && a->groups == 1 && a->sh == 1 &&
+    if (USE_AVX2(a->isa) && a->in_kind == IN_FLOAT_NCHW && a->groups == 1 && a->sh == 1 &&
         a->sw == 1 && a->dh == 1 && a->dw == 1 && a->kf == a->cin * a->kh * a->kw &&
         a->kf <= 64)
         return conv_f32_direct_avx2(a);
@@ -954,7 +1224,12 @@ int fbi_conv_run(const fbi_conv *a) {
     if (direct) { /* 1x1 stride 1 on NHWC: the input is already the GEMM's left matrix */
         int64_t m = (int64_t)a->n * opix;
 #if FBI_X86
-        if (a->isa == ISA_AVX2) {
+        if (a->isa == ISA_AVX512_VNNI) {
+            gemm_i16_vnni(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
+                          nblocks, 0, og, Y, a->cout, esize);
+            return 0;
+        }
+        if (USE_AVX2(a->isa)) {
             gemm_i16_avx2(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
                           nblocks, 0, og, Y, a->cout, esize);
             return 0;
@@ -973,7 +1248,7 @@ int fbi_conv_run(const fbi_conv *a) {
                 im2col_f32(a, (const float *)a->x + i * in_img, g, col);
                 const float *B = (const float *)a->wpack + g * wstride;
 #if FBI_X86
-                if (a->isa == ISA_AVX2) {
+                if (USE_AVX2(a->isa)) {
                     bad |= gemm_f32_avx2(a, col, a->kf, opix, B, nblocks, g * og, og, Yi,
                                          a->cout, esize);
                     continue;
@@ -986,7 +1261,12 @@ int fbi_conv_run(const fbi_conv *a) {
                 im2col_i16(a, (const int16_t *)a->x + i * in_img, g, col);
                 const int16_t *B = (const int16_t *)a->wpack + g * wstride;
 #if FBI_X86
-                if (a->isa == ISA_AVX2) {
+                if (a->isa == ISA_AVX512_VNNI) {
+                    gemm_i16_vnni(a, col, a->kp, opix, B, nblocks, g * og, og, Yi, a->cout,
+                                  esize);
+                    continue;
+                }
+                if (USE_AVX2(a->isa)) {
                     gemm_i16_avx2(a, col, a->kp, opix, B, nblocks, g * og, og, Yi, a->cout,
                                   esize);
                     continue;
@@ -1068,7 +1348,7 @@ __attribute__((target("avx2,fma"))) static void add_int_avx2(ADD_ARGS) {
  * integers: exact) or on a finer grid (then rounded) */
 void fbi_add(int32_t isa, ADD_ARGS) {
 #if FBI_X86
-    if (isa == ISA_AVX2) {
+    if (USE_AVX2(isa)) {
         if (f0 == (float)(int32_t)f0 && f1 == (float)(int32_t)f1 &&
             fabsf(f0) + fabsf(f1) <= 511.0f && lo >= -32768 && hi <= 32767 && lo <= hi)
             add_int_avx2(n, x0, x1, f0, f1, lo, hi, y);
@@ -1137,7 +1417,7 @@ __attribute__((target("avx2,fma"))) static void pool_avx2(POOL_ARGS) {
  * int32 */
 void fbi_pool(int32_t isa, POOL_ARGS) {
 #if FBI_X86
-    if (isa == ISA_AVX2) {
+    if (USE_AVX2(isa)) {
         pool_avx2(op, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, x, y, work);
         return;
     }
@@ -1243,7 +1523,7 @@ AVX2 static int gemm_f32_6x16_avx2(const fbi_conv *ac, const float *A, int64_t l
 static int gemm_f32_rows(const fbi_conv *a, const float *A, int64_t lda, int64_t m,
                          const float *B, int nblocks, int n_off, int og, char *Y, int esize) {
 #if FBI_X86
-    if (a->isa == ISA_AVX2)
+    if (USE_AVX2(a->isa))
         return gemm_f32_6x16_avx2(a, A, lda, m, B, nblocks, n_off, og, Y, a->cout, esize);
 #endif
     return gemm_f32_generic(a, A, lda, m, B, nblocks, n_off, og, Y, a->cout, esize);
@@ -1298,7 +1578,7 @@ AVX2 static void fadd_avx2(FADD_ARGS) { FADD_BODY }
 #endif
 void fbi_fadd(int32_t isa, FADD_ARGS) {
 #if FBI_X86
-    if (isa == ISA_AVX2) {
+    if (USE_AVX2(isa)) {
         fadd_avx2(n, fa, x0, ka, fb, x1, kb, p, y);
         return;
     }
@@ -1501,7 +1781,7 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
             break;
         case 7: /* i[0..3] as kind 4, i[4..15] the pooling (faddp's g) */
 #if FBI_X86
-            if (isa == ISA_AVX2) {
+            if (USE_AVX2(isa)) {
                 faddp_avx2(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
                            (const float *)s->work, (float *)s->y);
                 break;
@@ -1515,7 +1795,7 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
             break;
         case 6:
 #if FBI_X86
-            if (isa == ISA_AVX2) {
+            if (USE_AVX2(isa)) {
                 fpool_avx2(s->i[1], s->i[2], s->i[3], s->i[4], s->i[5], s->i[6], s->i[7],
                            s->i[8], s->i[9], s->i[10], s->i[11], s->i[12], s->i[13], s->i[14],
                            (const float *)s->x0, (float *)s->y);

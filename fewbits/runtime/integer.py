@@ -74,9 +74,10 @@ from .integer_walk import compile_program
 __all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
 
 #: CPU code paths, in the order of the C enum.
-INT_ISAS = ("generic", "avx2")
+INT_ISAS = ("generic", "avx2", "avx512_vnni")
 #: Environment variable that forces a path (one of ``INT_ISAS``).
 INT_ISA_ENV = "FEWBITS_INT_ISA"
+_AVX2, _VNNI = INT_ISAS.index("avx2"), INT_ISAS.index("avx512_vnni")
 _P = ctypes.c_void_p
 _F = ctypes.POINTER(ctypes.c_float)
 
@@ -169,7 +170,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     q = s.quant
     if q is not None:
         _set_quant(a, q)
-        if a.inv == 0.0 and isa == INT_ISAS.index("avx2"):  # a division: exact as a multiply?
+        if a.inv == 0.0 and isa >= _AVX2:  # a division: exact as a multiply?
             a.rcp_ok = _rcp_exact(a.scale)
         # the quantizer after a float-input layer: NaN/inf it would see is reported (rc 1)
         a.qcheck, (a.qlo, a.qhi) = int(s.float_in), s.qclamp
@@ -178,7 +179,8 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
     a.wpack = _ptr(s.wpack)
-    if s.wpack8 is not None and isa == INT_ISAS.index("avx2"):
+    # u8 weights: VNNI takes every packing; AVX2 those whose int16 pair sums cannot saturate
+    if s.wpack8 is not None and (isa == _VNNI or (isa == _AVX2 and s.kchunk >= 1)):
         keep.append(s.wpack8)
         a.wpack8, a.kq4, a.ushift, a.kchunk = _ptr(s.wpack8), s.kq4, s.ushift, s.kchunk
         if s.corr is not None:

@@ -133,9 +133,9 @@ class Conv:
     #: the value-domain clamps (ReLUs) between the epilogue and ``quant``: what its input is
     qclamp: tuple[float, float] = (-math.inf, math.inf)
     name: str = ""
-    wpack8: np.ndarray | None = None  # u8 x s8 weights for the AVX2 path, where exact
+    wpack8: np.ndarray | None = None  # u8 x s8 weights (AVX2 / VNNI paths), where exact
     kq4: int = 0
-    kchunk: int = 1  # u8 path: quads summed in int16 lanes before widening (see pack_u8)
+    kchunk: int = 1  # AVX2 u8 path: quads summed in int16 lanes before widening (see pack_u8)
     ushift: int = 0  # u8 path: bytes are codes - ushift; sums corrected by ``corr``
     corr: np.ndarray | None = None
 
@@ -298,11 +298,14 @@ def _pack_int(k: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
 
 
 def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int, int] | None:
-    """Weights for ``vpmaddubsw`` (codes in ``[0, hi]`` times int8, pairs of products summed
-    in int16 lanes): ``([groups][nb][kq4/4][16][4]`` int8, ``kq4``, ``chunk``), or None where
-    a pair sum could saturate or a weight is not int8. ``chunk``: how many quads of taps the
-    kernel may sum in those int16 lanes before widening them to int32 (every partial sum of
-    every lane of every chunk stays within int16, checked on these weights; at least 1)."""
+    """u8 x s8 weights (codes in ``[0, hi]`` times int8): ``([groups][nb][kq4/4][16][4]``
+    int8, ``kq4``, ``chunk``), or None where a weight is not int8 or ``hi > 255``. AVX-512
+    VNNI (``vpdpbusd``) sums the products of a quad in int32 and takes any such weights (the
+    caller bounds the int32 sums). AVX2's ``vpmaddubsw`` sums pairs of products in int16
+    lanes: ``chunk`` is how many quads the kernel may sum there before widening them to int32
+    (every partial sum of every lane of every chunk stays within int16, checked on these
+    weights; at least 1), 0 where a single pair sum could saturate (AVX2 multiplies in int16
+    instead)."""
     if hi > 255 or k.min() < -128 or k.max() > 127:
         return None
     cout = k.shape[0]
@@ -313,10 +316,8 @@ def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int, int] 
     full[:, :kk.shape[1]] = kk
     # lane sums: |w0| + |w1| (lane 0) and |w2| + |w3| (lane 1) of each quad, times hi
     lanes = (np.abs(full[:, 0::2]) + np.abs(full[:, 1::2])).reshape(cout, kq4 // 4, 2) * hi
-    if int(lanes.max(initial=0)) > 32767:
-        return None
-    chunk = 1
-    while chunk < kq4 // 4:
+    chunk = 0 if int(lanes.max(initial=0)) > 32767 else 1
+    while 0 < chunk < kq4 // 4:
         c = chunk * 2
         pad = -(-lanes.shape[1] // c) * c - lanes.shape[1]
         sums = np.pad(lanes, ((0, 0), (0, pad), (0, 0))).reshape(cout, -1, c, 2).sum(2)
