@@ -77,6 +77,13 @@ typedef struct {
     /* rcp_ok: the AVX2 epilogue may divide by scale as rcp_div (fbi_rcp_exact proved it
      * exact for this scale) */
     int32_t rcp_ok;
+    /* fold (VNNI epilogue; integer output, inv != 0): every sacc a power of two, bias 0, so
+     * fl(fl(acc * sacc + 0) * alpha + beta) = fl(acc * (alpha sacc) + beta), a ReLU before it
+     * commutes with the positive sacc, and the multiply by inv (a power of two) scales the
+     * batch norm, the clamps and sub exactly: alpha2 = alpha sacc inv, beta2 = beta inv
+     * (integer_walk checked every product exact and normal; see _fold_args) */
+    int32_t fold;
+    const float *alpha2, *beta2;
 } fbi_conv;
 
 /* ----------------------------------------------------------------- epilogue */
@@ -254,6 +261,8 @@ typedef struct {
     int kind; /* the EK_ flags of an integer output (see epi_kind) */
     int use_rcp; /* use_div by rcp_div (exact: see fbi_rcp_exact) */
     __m256 rcp;
+    int fold; /* fbi_conv.fold: alpha2 / beta2, and clo, chi, sub times inv */
+    const float *alpha2, *beta2;
 } fbi_ep;
 
 /* v / s correctly rounded, as vdivps gives it, in three FMA-pipe operations where a division
@@ -361,6 +370,17 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
      * quotient overflows; a v whose remainder would be subnormal (|v| < ~2^-100) has a
      * quotient under 2^-40 (scale >= 2^-60), code 0 both ways */
     e->use_rcp = e->use_div && a->rcp_ok && bounded;
+    e->fold = 0;
+    if (a->fold && a->isa == ISA_AVX512_VNNI && !e->out_float && !e->use_div) {
+        /* after the clamp folding above: its bounds, and sub, scaled by inv (exact: a power
+         * of two in [2^-60, 2^60], bounds finite and far from float's range) */
+        float lo = _mm256_cvtss_f32(e->clo) * a->inv, hi = _mm256_cvtss_f32(e->chi) * a->inv;
+        float sub = a->sub * a->inv;
+        if (fabsf(lo) < 0x1p100f && fabsf(hi) < 0x1p100f && fabsf(sub) < 0x1p100f) {
+            e->fold = 1, e->alpha2 = a->alpha2, e->beta2 = a->beta2;
+            e->clo = _mm256_set1_ps(lo), e->chi = _mm256_set1_ps(hi), e->sub = _mm256_set1_ps(sub);
+        }
+    }
     e->rcp = _mm256_set1_ps(1.0f / a->scale);
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
@@ -805,11 +825,17 @@ VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e,
     } else {
         EPR(v[r] = _mm512_cvtepi32_ps(c[r]))
     }
-    const __m512 s = _mm512_loadu_ps(e->sacc + n), b = _mm512_loadu_ps(e->bias + n);
-    EPR(v[r] = _mm512_add_ps(_mm512_mul_ps(v[r], s), b))
-    if (EF(EK_RELU, pre_relu)) EPR(v[r] = _mm512_max_ps(v[r], _mm512_setzero_ps()))
-    const __m512 al = _mm512_loadu_ps(e->alpha + n), be = _mm512_loadu_ps(e->beta + n);
-    EPR(v[r] = _mm512_fmadd_ps(v[r], al, be))
+    if (e->fold) { /* exact: see fbi_conv.fold */
+        if (EF(EK_RELU, pre_relu)) EPR(v[r] = _mm512_max_ps(v[r], _mm512_setzero_ps()))
+        const __m512 al = _mm512_loadu_ps(e->alpha2 + n), be = _mm512_loadu_ps(e->beta2 + n);
+        EPR(v[r] = _mm512_fmadd_ps(v[r], al, be))
+    } else {
+        const __m512 s = _mm512_loadu_ps(e->sacc + n), b = _mm512_loadu_ps(e->bias + n);
+        EPR(v[r] = _mm512_add_ps(_mm512_mul_ps(v[r], s), b))
+        if (EF(EK_RELU, pre_relu)) EPR(v[r] = _mm512_max_ps(v[r], _mm512_setzero_ps()))
+        const __m512 al = _mm512_loadu_ps(e->alpha + n), be = _mm512_loadu_ps(e->beta + n);
+        EPR(v[r] = _mm512_fmadd_ps(v[r], al, be))
+    }
     const __m512 clo = bcast512(e->clo), chi = bcast512(e->chi);
     EPR(v[r] = _mm512_min_ps(_mm512_max_ps(v[r], clo), chi))
     const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
@@ -831,7 +857,7 @@ VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e,
         } else {
             EPR(v[r] = _mm512_div_ps(v[r], sc))
         }
-    } else {
+    } else if (!e->fold) {
         const __m512 inv = bcast512(e->inv);
         EPR(v[r] = _mm512_mul_ps(v[r], inv))
     }

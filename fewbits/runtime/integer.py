@@ -92,7 +92,7 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
          ("ushift", ctypes.c_int32), ("kchunk", ctypes.c_int32), ("corr", _P)] + \
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")] + \
         [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float),
-         ("rcp_ok", ctypes.c_int32)]
+         ("rcp_ok", ctypes.c_int32), ("fold", ctypes.c_int32), ("alpha2", _P), ("beta2", _P)]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -162,6 +162,34 @@ def _rcp_exact(scale: float) -> int:
     return int(_lib().fbi_rcp_exact(scale))
 
 
+def _pow2(v: np.ndarray) -> bool:
+    m, _ = np.frexp(v.astype(np.float64))
+    return bool((m == 0.5).all())
+
+
+def _fold_args(s: Conv, inv: float) -> list[np.ndarray] | None:
+    """``[alpha2, beta2]`` (padded) for the VNNI epilogue's fold (``fbi_conv.fold`` in the C
+    source): where every ``sacc`` is a power of two, the bias is 0 and ``inv`` a power of two,
+    ``alpha * sacc * inv`` and ``beta * inv`` are exact in float32 (checked: zero or normal,
+    and equal to the float64 products), so one FMA on the int32 sums gives the codes of the
+    unfolded epilogue bit for bit; None where not."""
+    if not inv or not 2.0**-60 <= inv <= 2.0**60 or s.bias.any() or \
+            not ((s.sacc > 0) & (s.sacc >= 2.0**-90) & (s.sacc <= 2.0**90)).all() or \
+            not _pow2(s.sacc):
+        return None
+    a64 = s.alpha.astype(np.float64) * s.sacc.astype(np.float64) * inv
+    b64 = s.beta.astype(np.float64) * inv
+    out = []
+    for v in (a64, b64):
+        f = v.astype(np.float32)
+        if not (f.astype(np.float64) == v).all() or not np.isfinite(f).all() or \
+                ((f != 0) & (np.abs(f) < np.finfo(np.float32).tiny)).any() or \
+                (np.abs(f) > 2.0**100).any():
+            return None
+        out.append(_padded(f, np.float32))
+    return out
+
+
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=(2 if s.nhwc else 1) if s.float_in else 0,
@@ -178,6 +206,10 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         a.clo, a.chi = s.fclamp
     arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
+    folded = _fold_args(s, a.inv) if isa == _VNNI and q is not None and not s.float_in else None
+    if folded is not None:
+        keep += folded
+        a.fold, a.alpha2, a.beta2 = 1, _ptr(folded[0]), _ptr(folded[1])
     a.wpack = _ptr(s.wpack)
     # u8 weights: VNNI takes every packing; AVX2 those whose int16 pair sums cannot saturate
     if s.wpack8 is not None and (isa == _VNNI or (isa == _AVX2 and s.kchunk >= 1)):
