@@ -688,14 +688,15 @@ def _edge_net(family: str, relu_after: bool) -> nn.Module:
     codes at the grid's ends) and once (one chunk), or not at all (fixed point's signed codes:
     int16 pair sums could saturate, AVX2 multiplies in int16, AVX-512 VNNI in u8 x s8); a
     grouped 1x1 conv whose two groups of 24 channels make a pair of 16-channel blocks and a
-    single one each (VNNI's kernels)."""
+    single one each (VNNI's kernels); layers with and without a conv bias (VNNI's epilogue
+    folds fixed point's power-of-two scales where there is none)."""
     act = nn.ReLU if relu_after else nn.Identity
-    net = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), act(),
+    net = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1, bias=False), nn.BatchNorm2d(20), act(),
                         nn.Conv2d(20, 12, 1), nn.ReLU(), nn.BatchNorm2d(12), nn.ReLU(),
-                        nn.Conv2d(12, 36, 3, padding=1), nn.BatchNorm2d(36), nn.ReLU(),
+                        nn.Conv2d(12, 36, 3, padding=1, bias=False), nn.BatchNorm2d(36), nn.ReLU(),
                         nn.Conv2d(36, 16, 3, padding=1), nn.BatchNorm2d(16), act(),
                         nn.Conv2d(16, 20, 3, stride=2, padding=1), nn.BatchNorm2d(20), act(),
-                        nn.Conv2d(20, 48, 1, groups=2), nn.BatchNorm2d(48), act(),
+                        nn.Conv2d(20, 48, 1, groups=2, bias=False), nn.BatchNorm2d(48), act(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 5))
     with torch.no_grad():  # fixed point: all weight codes but one small (one chunk)
         net[10].weight[0, 0, 0, 0] = 100 * net[10].weight.abs().max()

@@ -371,6 +371,15 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
      * quotient under 2^-40 (scale >= 2^-60), code 0 both ways */
     e->use_rcp = e->use_div && a->rcp_ok && bounded;
     e->fold = 0;
+    e->rcp = _mm256_set1_ps(1.0f / a->scale);
+    e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
+              (e->use_sub || e->use_kofs ? EK_OFS : 0) |
+              (!e->nonneg || e->int_clamp ? EK_SC : 0);
+}
+
+/* fbi_conv.fold applied to an initialised epilogue: only for the VNNI epilogue (epi512_v_k),
+ * the one that reads alpha2 / beta2; the AVX2 and generic epilogues never see it */
+AVX2 static void ep_fold(const fbi_conv *a, fbi_ep *e) {
     if (a->fold && a->isa == ISA_AVX512_VNNI && !e->out_float && !e->use_div) {
         /* after the clamp folding above: its bounds, and sub, scaled by inv (exact: a power
          * of two in [2^-60, 2^60], bounds finite and far from float's range) */
@@ -381,10 +390,6 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
             e->clo = _mm256_set1_ps(lo), e->chi = _mm256_set1_ps(hi), e->sub = _mm256_set1_ps(sub);
         }
     }
-    e->rcp = _mm256_set1_ps(1.0f / a->scale);
-    e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
-              (e->use_sub || e->use_kofs ? EK_OFS : 0) |
-              (!e->nonneg || e->int_clamp ? EK_SC : 0);
 }
 
 /* t >= 0 rounded half away from zero, as int32 (t finite, t < 2^31): trunc(t + h), h the
@@ -801,7 +806,7 @@ AVX2 static void kern_u8_c(const fbi_ep *a, store_fn st, const uint8_t *const *s
  * sums are, which compile time checked); a block's 16 sums are one zmm, and its epilogue runs
  * 16 lanes wide: the same IEEE operations in the same order as epi_tile_k (so the same codes
  * on every path), the sign by a mask, int32 -> int16 by vpmovsdw (saturating, as packs). */
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
 VNNI static inline __attribute__((always_inline)) __m512 bcast512(__m256 v) {
     return _mm512_broadcastss_ps(_mm256_castps256_ps128(v));
@@ -815,16 +820,9 @@ VNNI static inline __attribute__((always_inline)) __m512i bcast512i(__m256i v) {
  * row); cnt < 16 stores the first cnt channels (masked). K: the EK_ flags (K < 0: run time) */
 #define EF(known, field) (K < 0 ? (e->field) : (K & (known)) != 0)
 #define EPR(body) _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { body; }
-VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e, const __m512i *c,
-                                                               int R, int n, int cnt,
-                                                               char **dst, int K) {
-    __m512 v[UR1];
-    if (K < 0 ? e->corr != NULL : (K & EK_CORR) != 0) {
-        const __m512i k0 = _mm512_loadu_si512((const void *)(e->corr + n));
-        EPR(v[r] = _mm512_cvtepi32_ps(_mm512_add_epi32(c[r], k0)))
-    } else {
-        EPR(v[r] = _mm512_cvtepi32_ps(c[r]))
-    }
+VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *e, __m512 *v,
+                                                                 int R, int n, int cnt,
+                                                                 char **dst, int K) {
     if (e->fold) { /* exact: see fbi_conv.fold */
         if (EF(EK_RELU, pre_relu)) EPR(v[r] = _mm512_max_ps(v[r], _mm512_setzero_ps()))
         const __m512 al = _mm512_loadu_ps(e->alpha2 + n), be = _mm512_loadu_ps(e->beta2 + n);
@@ -886,8 +884,48 @@ VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e,
         _mm256_mask_storeu_epi16((int16_t *)dst[r] + n, m, p);
     }
 }
+
+/* from int32 sums (plus the u8 path's zero-point correction) */
+VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e, const __m512i *c,
+                                                               int R, int n, int cnt,
+                                                               char **dst, int K) {
+    __m512 v[UR1];
+    if (K < 0 ? e->corr != NULL : (K & EK_CORR) != 0) {
+        const __m512i k0 = _mm512_loadu_si512((const void *)(e->corr + n));
+        EPR(v[r] = _mm512_cvtepi32_ps(_mm512_add_epi32(c[r], k0)))
+    } else {
+        EPR(v[r] = _mm512_cvtepi32_ps(c[r]))
+    }
+    epi512_v_k(e, v, R, n, cnt, dst, K);
+}
 #undef EPR
 #undef EF
+
+/* the float-input layers' epilogue (conv_f32_direct_avx2 on VNNI): 4 rows of float sums, two
+ * ymm of 8 channels each, per kind */
+typedef void (*store512f_fn)(const fbi_ep *, const __m256 *, int, int, char **);
+#define STORE512F(K)                                                                    \
+    VNNI static __attribute__((noinline)) void store512f_##K(                           \
+        const fbi_ep *a, const __m256 *c, int n, int cnt, char **dst) {                 \
+        __m512 v[4];                                                                    \
+        for (int r = 0; r < 4; r++)                                                     \
+            v[r] = _mm512_insertf32x8(_mm512_castps256_ps512(c[2 * r]), c[2 * r + 1], 1); \
+        epi512_v_k(a, v, 4, n, cnt, dst, K);                                            \
+    }
+STORE512F(0) STORE512F(1) STORE512F(2) STORE512F(3) STORE512F(4) STORE512F(5) STORE512F(6)
+STORE512F(7) STORE512F(8) STORE512F(9) STORE512F(10) STORE512F(11) STORE512F(12) STORE512F(13)
+STORE512F(14) STORE512F(15) STORE512F(16) STORE512F(17) STORE512F(18) STORE512F(19)
+STORE512F(20) STORE512F(21) STORE512F(22) STORE512F(23) STORE512F(24) STORE512F(25)
+STORE512F(26) STORE512F(27) STORE512F(28) STORE512F(29) STORE512F(30) STORE512F(31)
+#undef STORE512F
+static const store512f_fn store512f[EK_N] = {
+    store512f_0, store512f_1, store512f_2, store512f_3, store512f_4, store512f_5, store512f_6,
+    store512f_7, store512f_8, store512f_9, store512f_10, store512f_11, store512f_12,
+    store512f_13, store512f_14, store512f_15, store512f_16, store512f_17, store512f_18,
+    store512f_19, store512f_20, store512f_21, store512f_22, store512f_23, store512f_24,
+    store512f_25, store512f_26, store512f_27, store512f_28, store512f_29, store512f_30,
+    store512f_31,
+};
 
 typedef void (*store512_fn)(const fbi_ep *, const __m512i *, int, int, char **);
 #define STORE512(K)                                                                     \
@@ -1023,6 +1061,7 @@ VNNI static void gemm_i16_vnni(const fbi_conv *ac, const int16_t *A, int64_t lda
     int64_t bstride = (int64_t)kp2 * NB * 2;
     fbi_ep e;
     ep_init(ac, &e);
+    ep_fold(ac, &e);
     store512_fn st = store512_for(&e);
     int16_t *tail = NULL;
     for (int64_t r = 0; r < m; r += UR1) {
@@ -1092,7 +1131,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     ep_init(a, &ep);
     int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
     store_fn st = ep.out_float ? store_rows_p1_g : store_p1[ep.kind];
-    store512_fn st512 = a->isa == ISA_AVX512_VNNI ? store512_for(&ep) : NULL;
+    store512_fn st512 = NULL;
+    if (a->isa == ISA_AVX512_VNNI) ep_fold(a, &ep), st512 = store512_for(&ep);
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a pixel are fixed
      * offsets into the zero-padded byte image (no im2col) */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -1156,6 +1196,9 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
     ep_init(a, &ep);
     int og = a->cout, esize = a->out_kind == OUT_FLOAT ? 4 : 2, kf = a->kf;
     int nblocks = (og + NBF - 1) / NBF, hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
+    /* VNNI: the 16-lane epilogue, compiled per kind (codes only; float outputs stay here) */
+    store512f_fn st512f = NULL;
+    if (a->isa == ISA_AVX512_VNNI && !ep.out_float) ep_fold(a, &ep), st512f = store512f[ep.kind];
     int64_t plane = (int64_t)hp * wp, opix = (int64_t)a->oh * a->ow;
     int64_t in_img = (int64_t)a->h * a->w * a->cin, ldy = (int64_t)a->cout * esize;
     int64_t toff[64];
@@ -1207,7 +1250,10 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
                         _mm256_storeu_ps(t + 8, v[2 * r + 1]);
                         if (dst[r]) bad |= sums_nonfinite(a, t, n0, cnt);
                     }
-                epi_tile(&ep, v, 4, n0, cnt, dst);
+                if (st512f)
+                    st512f(&ep, v, n0, cnt, dst);
+                else
+                    epi_tile(&ep, v, 4, n0, cnt, dst);
             }
         }
     }

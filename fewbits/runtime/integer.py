@@ -206,7 +206,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         a.clo, a.chi = s.fclamp
     arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
-    folded = _fold_args(s, a.inv) if isa == _VNNI and q is not None and not s.float_in else None
+    folded = _fold_args(s, a.inv) if isa == _VNNI and q is not None else None
     if folded is not None:
         keep += folded
         a.fold, a.alpha2, a.beta2 = 1, _ptr(folded[0]), _ptr(folded[1])
