@@ -25,14 +25,20 @@ unclamped, a forward hook, a tensor updated in place while another name holds it
 refuses with ``ValueError`` naming the operation. All CPU paths give
 identical outputs.
 
-CPU paths (``engine.isa``): ``"avx2"`` and ``"generic"`` (portable C), picked by cpuid;
-``FEWBITS_INT_ISA`` (or ``isa=``) forces one. The AVX2 path multiplies u8 x s8 (``vpmaddubsw``,
-int16 lane sums widened by ``vpmaddwd`` before they could wrap; signed codes shifted into
-``[0, 255]`` with a per-channel correction) where :func:`~fewbits.runtime.integer_plan.pack_u8`
-proves it exact, else int16 (``vpmaddwd``); stride-1 layers read their taps straight from a
-zero-padded image (no im2col). AVX-512 VNNI / AVX-VNNI / AMX paths are not written (no machine
-to test them on). One thread. A failed C build raises ``RuntimeError`` (the planner warns and
-runs the next candidate).
+CPU paths (``engine.isa``): ``"avx512_vnni"`` (AVX-512 F/BW/VL/DQ + VNNI), ``"avx2"`` (AVX2 +
+FMA) and ``"generic"`` (portable C), the best this CPU runs picked by cpuid;
+``FEWBITS_INT_ISA`` (or ``isa=``) forces one. Codes of 8 bits or less are multiplied u8 x s8
+(signed codes shifted into ``[0, 255]`` with a per-channel correction): on AVX-512 VNNI by
+``vpdpbusd``, four products summed straight into int32 lanes, for every layer whose weights
+are int8 (:func:`~fewbits.runtime.integer_plan.pack_u8`); on AVX2 by ``vpmaddubsw``, whose
+int16 lane sums are widened by ``vpmaddwd`` before they could wrap, only where ``pack_u8``
+proves no pair sum saturates. Wider codes are multiplied int16 x int16 (``vpdpwssd`` /
+``vpmaddwd``). Stride-1 layers read their taps straight from a zero-padded image (no im2col).
+The VNNI epilogue runs 16 channels per vector and, where every scale is a power of two and
+the conv has no bias (fixed point), folds the requantisation into one FMA on the int32 sums
+(exact: :func:`~fewbits.runtime.integer_plan.fold_params`). AVX-VNNI (256-bit VEX) and AMX
+are not written (no machine to test them on: those CPUs run the AVX2 path). One thread. A
+failed C build raises ``RuntimeError`` (the planner warns and runs the next candidate).
 
     >>> from fewbits.models import create_model
     >>> _ = torch.manual_seed(0)
@@ -68,6 +74,7 @@ from .integer_plan import (
     Program,
     Quantize,
     QuantParams,
+    fold_params,
 )
 from .integer_walk import compile_program
 
@@ -162,34 +169,6 @@ def _rcp_exact(scale: float) -> int:
     return int(_lib().fbi_rcp_exact(scale))
 
 
-def _pow2(v: np.ndarray) -> bool:
-    m, _ = np.frexp(v.astype(np.float64))
-    return bool((m == 0.5).all())
-
-
-def _fold_args(s: Conv, inv: float) -> list[np.ndarray] | None:
-    """``[alpha2, beta2]`` (padded) for the VNNI epilogue's fold (``fbi_conv.fold`` in the C
-    source): where every ``sacc`` is a power of two, the bias is 0 and ``inv`` a power of two,
-    ``alpha * sacc * inv`` and ``beta * inv`` are exact in float32 (checked: zero or normal,
-    and equal to the float64 products), so one FMA on the int32 sums gives the codes of the
-    unfolded epilogue bit for bit; None where not."""
-    if not inv or not 2.0**-60 <= inv <= 2.0**60 or s.bias.any() or \
-            not ((s.sacc > 0) & (s.sacc >= 2.0**-90) & (s.sacc <= 2.0**90)).all() or \
-            not _pow2(s.sacc):
-        return None
-    a64 = s.alpha.astype(np.float64) * s.sacc.astype(np.float64) * inv
-    b64 = s.beta.astype(np.float64) * inv
-    out = []
-    for v in (a64, b64):
-        f = v.astype(np.float32)
-        if not (f.astype(np.float64) == v).all() or not np.isfinite(f).all() or \
-                ((f != 0) & (np.abs(f) < np.finfo(np.float32).tiny)).any() or \
-                (np.abs(f) > 2.0**100).any():
-            return None
-        out.append(_padded(f, np.float32))
-    return out
-
-
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=(2 if s.nhwc else 1) if s.float_in else 0,
@@ -206,7 +185,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         a.clo, a.chi = s.fclamp
     arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     keep += [s.wpack, *arrays]
-    folded = _fold_args(s, a.inv) if isa == _VNNI and q is not None else None
+    folded = fold_params(s, a.inv) if isa == _VNNI and q is not None else None
     if folded is not None:
         keep += folded
         a.fold, a.alpha2, a.beta2 = 1, _ptr(folded[0]), _ptr(folded[1])

@@ -41,7 +41,8 @@ from ..layers import QuantAct, QuantConv2d, QuantLinear
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "FAdd", "GlobalAvg", "Pool", "Program", "QuantParams",
-           "Quantize", "Tracer", "Value", "bn_affine", "pack_u8", "pair", "quant_params"]
+           "Quantize", "Tracer", "Value", "bn_affine", "fold_params", "pack_u8", "pair",
+           "quant_params"]
 
 I16 = 32767
 _I32 = 2**31 - 1
@@ -295,6 +296,35 @@ def _pack_int(k: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
     out[:, :og, :kk.shape[1]] = kk.reshape(groups, og, -1)
     out = out.reshape(groups, nb, _NB, kp // 2, 2).transpose(0, 1, 3, 2, 4)
     return np.ascontiguousarray(out), kp
+
+
+def _pow2(v: np.ndarray) -> bool:
+    m, _ = np.frexp(v.astype(np.float64))
+    return bool((m == 0.5).all())
+
+
+def fold_params(s: Conv, inv: float) -> list[np.ndarray] | None:
+    """``[alpha2, beta2]`` (float32, padded to whole blocks of 16 plus 16) for the VNNI
+    epilogue's fold (``fbi_conv.fold`` in ``_integer_engine.c``): where every ``sacc`` is a
+    power of two, the bias is 0 and ``inv`` a power of two, ``alpha * sacc * inv`` and
+    ``beta * inv`` are exact in float32 (checked: zero or normal, and equal to the float64
+    products), so one FMA on the int32 sums gives the codes of the unfolded epilogue bit for
+    bit; None where not."""
+    if not inv or not 2.0**-60 <= inv <= 2.0**60 or s.bias.any() or \
+            not ((s.sacc > 0) & (s.sacc >= 2.0**-90) & (s.sacc <= 2.0**90)).all() or \
+            not _pow2(s.sacc):
+        return None
+    a64 = s.alpha.astype(np.float64) * s.sacc.astype(np.float64) * inv
+    b64 = s.beta.astype(np.float64) * inv
+    out = []
+    for v in (a64, b64):
+        f = v.astype(np.float32)
+        if not (f.astype(np.float64) == v).all() or not np.isfinite(f).all() or \
+                ((f != 0) & (np.abs(f) < np.finfo(np.float32).tiny)).any() or \
+                (np.abs(f) > 2.0**100).any():
+            return None
+        out.append(np.pad(f, (0, -(-len(f) // 16) * 16 + 16 - len(f))))
+    return out
 
 
 def pack_u8(k: np.ndarray, groups: int, hi: int) -> tuple[np.ndarray, int, int] | None:
