@@ -84,6 +84,11 @@ typedef struct {
      * (integer_walk checked every product exact and normal; see _fold_args) */
     int32_t fold;
     const float *alpha2, *beta2;
+    /* u8 maps between the VNNI layers (the output read only by one u8 direct-path layer):
+     * out_u8 writes bytes code - u8shift (the reader's ushift) instead of int16 codes, and the
+     * reader (in_u8) takes them as its byte image with no conversion. Only the VNNI epilogue
+     * writes bytes; any other path refuses out_u8 (-2) */
+    int32_t out_u8, u8shift, in_u8;
 } fbi_conv;
 
 /* ----------------------------------------------------------------- epilogue */
@@ -263,6 +268,8 @@ typedef struct {
     __m256 rcp;
     int fold; /* fbi_conv.fold: alpha2 / beta2, and clo, chi, sub times inv */
     const float *alpha2, *beta2;
+    int out_u8; /* fbi_conv.out_u8: bytes k - u8shift */
+    __m256i u8shift;
 } fbi_ep;
 
 /* v / s correctly rounded, as vdivps gives it, in three FMA-pipe operations where a division
@@ -371,6 +378,8 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
      * quotient under 2^-40 (scale >= 2^-60), code 0 both ways */
     e->use_rcp = e->use_div && a->rcp_ok && bounded;
     e->fold = 0;
+    e->out_u8 = a->out_u8 && !e->out_float;
+    e->u8shift = _mm256_set1_epi32(a->u8shift);
     e->rcp = _mm256_set1_ps(1.0f / a->scale);
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
@@ -838,8 +847,11 @@ VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *
     EPR(v[r] = _mm512_min_ps(_mm512_max_ps(v[r], clo), chi))
     const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
     if (K < 0 && e->out_float) {
-        for (int r = 0; r < R; r++)
-            if (dst[r]) _mm512_mask_storeu_ps((float *)dst[r] + n, m, v[r]);
+        for (int r = 0; r < R; r++) {
+            if (!dst[r]) continue;
+            if (cnt >= 16) _mm512_storeu_ps((float *)dst[r] + n, v[r]);
+            else _mm512_mask_storeu_ps((float *)dst[r] + n, m, v[r]);
+        }
         return;
     }
     if (EF(EK_OFS, use_sub)) {
@@ -878,10 +890,21 @@ VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *
         const __m512i lo = bcast512i(e->klo), hi = bcast512i(e->khi);
         EPR(k[r] = _mm512_min_epi32(_mm512_max_epi32(k[r], lo), hi))
     }
+    if (e->out_u8) { /* the codes lie in [u8shift, u8shift + 255] (compile time checked) */
+        const __m512i sh = bcast512i(e->u8shift);
+        for (int r = 0; r < R; r++) {
+            if (!dst[r]) continue;
+            __m128i p = _mm512_cvtepi32_epi8(_mm512_sub_epi32(k[r], sh));
+            if (cnt >= 16) _mm_storeu_si128((__m128i *)((uint8_t *)dst[r] + n), p);
+            else _mm_mask_storeu_epi8((uint8_t *)dst[r] + n, m, p);
+        }
+        return;
+    }
     for (int r = 0; r < R; r++) {
         if (!dst[r]) continue;
         __m256i p = _mm512_cvtsepi32_epi16(k[r]);
-        _mm256_mask_storeu_epi16((int16_t *)dst[r] + n, m, p);
+        if (cnt >= 16) _mm256_storeu_si256((__m256i *)((int16_t *)dst[r] + n), p);
+        else _mm256_mask_storeu_epi16((int16_t *)dst[r] + n, m, p);
     }
 }
 
@@ -1121,7 +1144,7 @@ static inline void row_dst(char *Yi, int64_t j0, int64_t nrows, int vw, int ow, 
 }
 
 AVX2 static void conv_u8_avx2(const fbi_conv *a) {
-    int og = a->cout / a->groups, esize = a->out_kind == OUT_FLOAT ? 4 : 2;
+    int og = a->cout / a->groups, esize = a->out_kind == OUT_FLOAT ? 4 : a->out_u8 ? 1 : 2;
     int nblocks = (og + NB - 1) / NB, kq = a->kq4 / 4;
     int64_t opix = (int64_t)a->oh * a->ow, in_img = (int64_t)a->h * a->w * a->cin;
     int64_t wstride = (int64_t)nblocks * a->kq4 * NB, ldy = (int64_t)a->cout * esize;
@@ -1142,15 +1165,28 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
         for (int ky = 0; ky < a->kh; ky++)
             for (int kx = 0; kx < a->kw; kx++)
                 toff[ky * a->kw + kx] = ((int64_t)ky * wp + kx) * cin;
-        int64_t img = (int64_t)hp * wp * cin;
         for (int i = 0; i < a->n; i++) {
             const int16_t *x = (const int16_t *)a->x + i * in_img;
             char *Yi = (char *)a->y + (int64_t)i * opix * ldy;
-            if (a->ph || a->pw) {
-                memset(buf, (uint8_t)(-a->ushift), (size_t)img);
-                for (int y = 0; y < a->h; y++)
-                    to_u8(x + (int64_t)y * a->w * cin, (int64_t)a->w * cin, a->ushift,
-                          buf + (((int64_t)y + a->ph) * wp + a->pw) * cin);
+            const uint8_t *img = buf; /* the byte image the taps read */
+            if (a->in_u8 && !(a->ph || a->pw)) {
+                img = (const uint8_t *)a->x + i * in_img; /* bytes already */
+            } else if (a->ph || a->pw) { /* the border holds the byte of code 0 */
+                const uint8_t zb = (uint8_t)(-a->ushift);
+                const int64_t row = (int64_t)wp * cin, side = (int64_t)a->pw * cin;
+                memset(buf, zb, (size_t)(a->ph * row));
+                memset(buf + (int64_t)(a->h + a->ph) * row, zb, (size_t)((hp - a->h - a->ph) * row));
+                for (int y = 0; y < a->h; y++) {
+                    uint8_t *r = buf + ((int64_t)y + a->ph) * row;
+                    memset(r, zb, (size_t)side);
+                    memset(r + side + (int64_t)a->w * cin, zb, (size_t)(row - side - (int64_t)a->w * cin));
+                    if (a->in_u8)
+                        memcpy(r + side, (const uint8_t *)a->x + i * in_img + (int64_t)y * a->w * cin,
+                               (size_t)a->w * cin);
+                    else
+                        to_u8(x + (int64_t)y * a->w * cin, (int64_t)a->w * cin, a->ushift,
+                              r + side);
+                }
             } else {
                 to_u8(x, in_img, a->ushift, buf);
             }
@@ -1159,7 +1195,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 int64_t oy = j0 / a->ow, ox = j0 - oy * a->ow;
                 for (int r = 0; r < UR1; r++) {
                     int in = j0 + r < opix;
-                    src[r] = in ? buf + (oy * wp + ox) * cin : buf;
+                    src[r] = in ? img + (oy * wp + ox) * cin : img;
                     dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
                     if (++ox == a->ow) ox = 0, oy++;
                 }
@@ -1266,8 +1302,21 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
  * arguments). */
 static int conv_f32_nhwc(const fbi_conv *a);
 
+/* the direct u8 path's conditions (conv_u8_avx2), the only reader of u8 maps */
+static int u8_direct(const fbi_conv *a) {
+    return a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0 && a->groups == 1 &&
+           a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 && a->cin % 4 == 0 &&
+           a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64;
+}
+
 int fbi_conv_run(const fbi_conv *a) {
     if (!fbi_isa_supported(a->isa)) return -1;
+    /* u8 maps: written by the VNNI epilogue of an integer-input layer only, read by the
+     * direct u8 path only (anything else would read or write them as int16) */
+    if ((a->out_u8 && (a->isa != ISA_AVX512_VNNI || a->in_kind != IN_INT ||
+                       a->out_kind != OUT_INT)) ||
+        (a->in_u8 && (a->isa != ISA_AVX512_VNNI || !u8_direct(a))))
+        return -2;
     if (a->in_kind == IN_FLOAT_NHWC) return conv_f32_nhwc(a);
 #if FBI_X86
     /* u8 weights: AVX-512 VNNI sums in int32 (any weights pack_u8 took); AVX2's vpmaddubsw
@@ -1284,7 +1333,7 @@ int fbi_conv_run(const fbi_conv *a) {
 #endif
     if (a->groups < 1 || a->cin % a->groups || a->cout % a->groups || a->kp % 2) return -2;
     int cg = a->cin / a->groups, og = a->cout / a->groups;
-    int esize = a->out_kind == OUT_FLOAT ? 4 : 2;
+    int esize = a->out_kind == OUT_FLOAT ? 4 : a->out_u8 ? 1 : 2;
     int64_t opix = (int64_t)a->oh * a->ow;
     int direct = a->in_kind == IN_INT && a->groups == 1 && a->kh == 1 && a->kw == 1 &&
                  a->sh == 1 && a->sw == 1 && a->ph == 0 && a->pw == 0 && a->cin == a->kp;

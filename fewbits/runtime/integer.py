@@ -99,7 +99,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
          ("ushift", ctypes.c_int32), ("kchunk", ctypes.c_int32), ("corr", _P)] + \
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")] + \
         [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float),
-         ("rcp_ok", ctypes.c_int32), ("fold", ctypes.c_int32), ("alpha2", _P), ("beta2", _P)]
+         ("rcp_ok", ctypes.c_int32), ("fold", ctypes.c_int32), ("alpha2", _P), ("beta2", _P),
+         ("out_u8", ctypes.c_int32), ("u8shift", ctypes.c_int32), ("in_u8", ctypes.c_int32)]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -167,6 +168,37 @@ def _rcp_exact(scale: float) -> int:
     """1 where the AVX2 epilogue's division by ``scale`` can be a multiply by its reciprocal
     with one exact correction (checked over every significand, ~3 ms), else 0."""
     return int(_lib().fbi_rcp_exact(scale))
+
+
+def _u8_direct(a: _ConvArgs) -> bool:
+    """Whether a conv runs the direct u8 path (``u8_direct`` in the C source)."""
+    return bool(a.wpack8) and a.in_kind == 0 and a.kq4 % 4 == 0 and a.groups == 1 and \
+        a.sh == a.sw == a.dh == a.dw == 1 and a.cin % 4 == 0 and \
+        a.kq4 == a.kh * a.kw * a.cin and a.kh * a.kw <= 64
+
+
+def _link_u8(prog: Program, args: dict[int, _ConvArgs]) -> dict[int, int]:
+    """On VNNI: the maps written as bytes ``code - shift`` by an integer-input layer (the
+    VNNI epilogue) and read only by one layer on the direct u8 path, which then takes them
+    as its byte image instead of converting int16 codes (``fbi_conv.out_u8`` / ``in_u8``);
+    the codes lie in the reader's ``[ushift, ushift + 255]`` (``pack_u8`` took its weights
+    for that range). ``{value: shift}``; the program's output is never one."""
+    readers: dict[int, list] = {}
+    for s in prog.steps:
+        for v in _reads(s):
+            readers.setdefault(v, []).append(s)
+    out: dict[int, int] = {}
+    for s in prog.steps:
+        if not isinstance(s, Conv) or s.float_in or s.quant is None or s.dst == prog.out.id:
+            continue
+        rs = readers.get(s.dst, [])
+        if len(rs) != 1 or not isinstance(rs[0], Conv) or rs[0].float_in:
+            continue
+        a, b = args[id(s)], args[id(rs[0])]
+        if _u8_direct(b):
+            a.out_u8, a.u8shift, b.in_u8 = 1, b.ushift, 1
+            out[s.dst] = b.ushift
+    return out
 
 
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
@@ -308,6 +340,8 @@ class IntegerEngine:
         isa_id = self._isa_id = INT_ISAS.index(self.isa)
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
                       if isinstance(s, Conv)}
+        #: values held as bytes (code - shift) between two VNNI layers: {value: shift}
+        self.u8_maps = _link_u8(prog, self._args) if isa_id == _VNNI else {}
         self._qargs = {}
         self._batch: tuple | None = None
         self._single: tuple | None = None
@@ -422,7 +456,8 @@ class IntegerEngine:
             if isinstance(s, Conv):
                 g = s.geom
                 y = bufs.take(s.dst, (n, g["oh"], g["ow"], g["cout"]),
-                              np.int16 if s.quant is not None else np.float32)
+                              np.float32 if s.quant is None else
+                              np.uint8 if s.dst in self.u8_maps else np.int16)
                 a = _ConvArgs()
                 ctypes.pointer(a)[0] = self._args[id(s)]
                 a.n, a.x, a.y, a.scratch = n, _ptr(vals[s.src]), _ptr(y), _ptr(scratch)
