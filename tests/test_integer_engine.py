@@ -85,6 +85,9 @@ def test_fp_net_resnet23_equals_pytorch_on_every_isa(fp_resnet: nn.Module) -> No
     for isa in ISAS_HERE:  # avx2: u8 x s8 on the layers where no pair sum can saturate
         eng = IntegerEngine(prog, isa)
         assert eng.isa == isa and eng.exact
+        if isa == "avx512_vnni":  # bytes into the 3x3 (padded) and the 1x1 layers
+            read_by = {s.src: s.geom["kh"] for s in prog.steps if isinstance(s, Conv)}
+            assert {read_by[v] for v in eng.u8_maps} == {1, 3}
         _check(eng, fp_resnet, _images(3, (3, 8, 8), denom=256), exact=True)
         _check(eng, fp_resnet, _images(3, (3, 8, 8)), exact=False)
 
