@@ -872,7 +872,7 @@ VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *
         EPR(v[r] = _mm512_mul_ps(v[r], inv))
     }
     const __m512 h = _mm512_set1_ps(0x1.fffffep-2f); /* rha_abs */
-    __m512i k[UR1];
+    __m512i k[UR1 + 1]; /* R <= UR1 + 1 */
     if (K < 0 ? e->nonneg : !(K & EK_SC)) {
         EPR(k[r] = _mm512_cvttps_epi32(_mm512_add_ps(v[r], h)))
     } else {
@@ -912,7 +912,7 @@ VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *
 VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e, const __m512i *c,
                                                                int R, int n, int cnt,
                                                                char **dst, int K) {
-    __m512 v[UR1];
+    __m512 v[UR1 + 1];
     if (K < 0 ? e->corr != NULL : (K & EK_CORR) != 0) {
         const __m512i k0 = _mm512_loadu_si512((const void *)(e->corr + n));
         EPR(v[r] = _mm512_cvtepi32_ps(_mm512_add_epi32(c[r], k0)))
@@ -924,16 +924,18 @@ VNNI static inline __attribute__((always_inline)) void epi512_k(const fbi_ep *e,
 #undef EPR
 #undef EF
 
-/* the float-input layers' epilogue (conv_f32_direct_avx2 on VNNI): 4 rows of float sums, two
- * ymm of 8 channels each, per kind */
-typedef void (*store512f_fn)(const fbi_ep *, const __m256 *, int, int, char **);
+/* the float-input layers' epilogue on VNNI (conv_f32_direct_avx2: 4 rows, the float NHWC
+ * 6 x 16 kernel: 6 rows): R <= UR1 + 1 rows of float sums, two ymm of 8 channels each, per
+ * kind */
+typedef void (*store512f_fn)(const fbi_ep *, const __m256 *, int, int, int, char **);
 #define STORE512F(K)                                                                    \
     VNNI static __attribute__((noinline)) void store512f_##K(                           \
-        const fbi_ep *a, const __m256 *c, int n, int cnt, char **dst) {                 \
-        __m512 v[4];                                                                    \
-        for (int r = 0; r < 4; r++)                                                     \
+        const fbi_ep *a, const __m256 *c, int R, int n, int cnt, char **dst) {          \
+        __m512 v[UR1 + 1];                                                              \
+        for (int r = 0; r < R; r++)                                                     \
             v[r] = _mm512_insertf32x8(_mm512_castps256_ps512(c[2 * r]), c[2 * r + 1], 1); \
-        epi512_v_k(a, v, 4, n, cnt, dst, K);                                            \
+        if (R == 4) epi512_v_k(a, v, 4, n, cnt, dst, K);                                \
+        else epi512_v_k(a, v, UR1 + 1, n, cnt, dst, K);                                 \
     }
 STORE512F(0) STORE512F(1) STORE512F(2) STORE512F(3) STORE512F(4) STORE512F(5) STORE512F(6)
 STORE512F(7) STORE512F(8) STORE512F(9) STORE512F(10) STORE512F(11) STORE512F(12) STORE512F(13)
@@ -1287,7 +1289,7 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
                         if (dst[r]) bad |= sums_nonfinite(a, t, n0, cnt);
                     }
                 if (st512f)
-                    st512f(&ep, v, n0, cnt, dst);
+                    st512f(&ep, v, 4, n0, cnt, dst);
                 else
                     epi_tile(&ep, v, 4, n0, cnt, dst);
             }
@@ -1598,6 +1600,8 @@ AVX2 static int gemm_f32_6x16_avx2(const fbi_conv *ac, const float *A, int64_t l
     int kf = ac->kf, bad = 0;
     fbi_ep e;
     ep_init(ac, &e);
+    store512f_fn st512f = NULL; /* VNNI: the 16-lane epilogue, compiled per kind */
+    if (ac->isa == ISA_AVX512_VNNI && !e.out_float) ep_fold(ac, &e), st512f = store512f[e.kind];
     for (int64_t r = 0; r < m; r += 6) {
         int rows = m - r < 6 ? (int)(m - r) : 6;
         const float *p0, *p1, *p2, *p3, *p4, *p5;
@@ -1634,7 +1638,10 @@ AVX2 static int gemm_f32_6x16_avx2(const fbi_conv *ac, const float *A, int64_t l
                     _mm256_storeu_ps(t + 8, v[2 * q + 1]);
                     bad |= sums_nonfinite(ac, t, n0, cnt);
                 }
-            epi_tile(&e, v, 6, n0, cnt, dst);
+            if (st512f)
+                st512f(&e, v, 6, n0, cnt, dst);
+            else
+                epi_tile(&e, v, 6, n0, cnt, dst);
         }
     }
     return bad;
