@@ -454,6 +454,11 @@ def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         eng(x)
+    for bad in (float("inf"), -float("inf"), float("nan")):  # the last image, the last value
+        x = _images(3)
+        x[2, 2, 31, 31] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            eng(x)
     with pytest.raises(ValueError, match="compiled for images"):
         eng(torch.zeros(1, 3, 16, 16))
 

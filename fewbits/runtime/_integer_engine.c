@@ -1945,9 +1945,17 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
 /* The program of one image run image by image over a batch (the maps of one image stay in
  * the caches): each image is copied into `in_buf` (in_size floats), the steps run, and
  * `out_bytes` bytes of `out_buf` are copied to image i of `out`. */
+/* -3 where an image holds NaN or inf (nothing runs; the caller raises), else as fbi_run */
 int fbi_run_images(const fbi_step *s, int32_t ns, int32_t isa, int64_t n, const float *x,
                    int64_t in_size, float *in_buf, const void *out_buf, int64_t out_bytes,
                    void *out) {
+    uint32_t nonfinite = 0;
+    for (int64_t i = 0; i < n * in_size; i++) { /* exponent all ones: inf or NaN */
+        uint32_t b;
+        memcpy(&b, x + i, 4);
+        nonfinite |= (b & 0x7f800000u) == 0x7f800000u;
+    }
+    if (nonfinite) return -3;
     int bad = 0;
     for (int64_t i = 0; i < n; i++) {
         memcpy(in_buf, x + i * in_size, sizeof(float) * (size_t)in_size);

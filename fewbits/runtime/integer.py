@@ -383,13 +383,10 @@ class IntegerEngine:
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad or \
                 not t.is_contiguous():  # else as it is: each conversion costs microseconds
             t = images.detach().to("cpu", torch.float32).contiguous()
-        x = t.numpy()
-        if not np.isfinite(x).all():  # NumPy's: torch.isfinite costs ~10x more on one image
-            raise ValueError("the images contain NaN or inf")
         with self._lock:  # ctypes releases the GIL; the buffers are shared
-            return self._run(t, x)
+            return self._run(t)
 
-    def _run(self, t: Tensor, x: np.ndarray) -> Tensor:
+    def _run(self, t: Tensor) -> Tensor:
         n = t.shape[0]
         if n == 0:  # an empty batch: PyTorch's empty output (no step runs)
             return self._output(np.empty(0, np.float32), 0)
@@ -398,17 +395,22 @@ class IntegerEngine:
             vals, segments = self._single
             y1 = vals[self.prog.out.id]
             # the pointers of the one-image run, made once (each _ptr costs microseconds)
-            self._fixed = (_ptr(vals[1]), _ptr(y1), y1.nbytes, y1.shape[1:],
-                           torch.from_numpy(y1).dtype)
+            self._fixed = (_ptr(vals[1]), _ptr(y1), y1.nbytes, y1.shape[1:], y1.dtype,
+                           vals[1].size)
         vals, segments = self._single
         if len(segments) == 1 and isinstance(segments[0], tuple):  # all native: image by image
-            in_ptr, y_ptr, nbytes, shape, dtype = self._fixed
-            out = torch.empty((n, *shape), dtype=dtype)
+            in_ptr, y_ptr, nbytes, shape, dtype, size = self._fixed
+            out = np.empty((n, *shape), dtype)
             rc = self._lib.fbi_run_images(segments[0][0], segments[0][1], self._isa_id, n,
-                                          t.data_ptr(), x[0].size, in_ptr, y_ptr, nbytes,
-                                          out.data_ptr())
+                                          t.data_ptr(), size, in_ptr, y_ptr, nbytes,
+                                          out.__array_interface__["data"][0])
+            if rc == -3:  # the C run checks the images first, with nothing run
+                raise ValueError("the images contain NaN or inf")
             self._check_rc(rc)
-            return self._output(out.numpy(), n)
+            return self._output(out, n)
+        x = t.numpy()
+        if not np.isfinite(x).all():  # NumPy's: torch.isfinite costs ~10x more on one image
+            raise ValueError("the images contain NaN or inf")
         if self._batch is None or self._batch[0] != n:
             self._batch = (n, *self._build(n))  # buffers of the last batch size, reused
         _, vals, segments = self._batch
