@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from .._cbuild import CLibrary, isa_paths, pick_isa
 from .._checks import NonFiniteError, checks_enabled
+from .integer_mem import Buffers, link_u8_maps
 from .integer_plan import (
     Add,
     Clamp,
@@ -170,37 +171,6 @@ def _rcp_exact(scale: float) -> int:
     return int(_lib().fbi_rcp_exact(scale))
 
 
-def _u8_direct(a: _ConvArgs) -> bool:
-    """Whether a conv runs the direct u8 path (``u8_direct`` in the C source)."""
-    return bool(a.wpack8) and a.in_kind == 0 and a.kq4 % 4 == 0 and a.groups == 1 and \
-        a.sh == a.sw == a.dh == a.dw == 1 and a.cin % 4 == 0 and \
-        a.kq4 == a.kh * a.kw * a.cin and a.kh * a.kw <= 64
-
-
-def _link_u8(prog: Program, args: dict[int, _ConvArgs]) -> dict[int, int]:
-    """On VNNI: the maps written as bytes ``code - shift`` by an integer-input layer (the
-    VNNI epilogue) and read only by one layer on the direct u8 path, which then takes them
-    as its byte image instead of converting int16 codes (``fbi_conv.out_u8`` / ``in_u8``);
-    the codes lie in the reader's ``[ushift, ushift + 255]`` (``pack_u8`` took its weights
-    for that range). ``{value: shift}``; the program's output is never one."""
-    readers: dict[int, list] = {}
-    for s in prog.steps:
-        for v in _reads(s):
-            readers.setdefault(v, []).append(s)
-    out: dict[int, int] = {}
-    for s in prog.steps:
-        if not isinstance(s, Conv) or s.float_in or s.quant is None or s.dst == prog.out.id:
-            continue
-        rs = readers.get(s.dst, [])
-        if len(rs) != 1 or not isinstance(rs[0], Conv) or rs[0].float_in:
-            continue
-        a, b = args[id(s)], args[id(rs[0])]
-        if _u8_direct(b):
-            a.out_u8, a.u8shift, b.in_u8 = 1, b.ushift, 1
-            out[s.dst] = b.ushift
-    return out
-
-
 def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     g = s.geom
     a = _ConvArgs(isa=isa, in_kind=(2 if s.nhwc else 1) if s.float_in else 0,
@@ -234,7 +204,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     return a
 
 
-def _fadd_step(s: FAdd, vals: dict[int, np.ndarray], keep: list, bufs: _Buffers, k: int
+def _fadd_step(s: FAdd, vals: dict[int, np.ndarray], keep: list, bufs: Buffers, k: int
                ) -> tuple[np.ndarray, _Step]:
     """The native step of a float residual sum (kind 4) and its float32 output map (written
     over a float operand read here for the last time: each element is read, then written)."""
@@ -264,63 +234,6 @@ def _scratch_bytes(g: dict, kq4: int) -> int:
     return max(rows * g["kp"] * 2, rows * g["kf"] * 4, (rows + 8) * kq4, padded) + 64
 
 
-def _reads(s: object) -> list[int]:
-    """The values a step reads."""
-    if isinstance(s, (Add, FAdd)):
-        return [s.a, s.b]
-    if isinstance(s, Concat):
-        return list(s.srcs)
-    return [s.src]
-
-
-class _Buffers:
-    """Memory for the program's values, reused once a value is dead: a value's buffer returns
-    to the free list after the last step that reads it (after that step's own output was
-    placed, so no step writes over its inputs). The input (value 1) and the output are never
-    reused."""
-
-    def __init__(self, prog: Program) -> None:
-        self.last: dict[int, int] = {}
-        for k, s in enumerate(prog.steps):
-            for v in _reads(s):
-                self.last[v] = k
-            self.last.setdefault(s.dst, k)  # a value nothing reads dies where it is made
-        self.last.pop(1, None)
-        self.last.pop(prog.out.id, None)
-        self.free: list[np.ndarray] = []
-        self.owner: dict[int, np.ndarray] = {}
-        self.dying: dict[int, list[int]] = {}
-        for v, k in self.last.items():
-            self.dying.setdefault(k, []).append(v)
-
-    def take(self, value: int, shape: tuple[int, ...], dtype: type, over: tuple = (),
-             at: int = -1) -> np.ndarray:
-        """A ``shape`` / ``dtype`` array for ``value``: the buffer of a value in ``over``
-        whose last read is step ``at`` (an elementwise step, which reads each element before
-        it writes it), else the smallest free buffer that holds it, else a new one."""
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        for v in over:
-            if self.last.get(v) == at and v in self.owner and self.owner[v].nbytes >= nbytes:
-                buf = self.owner.pop(v)
-                self.owner[value] = buf
-                return buf[:nbytes].view(dtype).reshape(shape)
-        fits = [b for b in self.free if b.nbytes >= nbytes]
-        if fits:
-            buf = min(fits, key=lambda b: b.nbytes)
-            self.free = [b for b in self.free if b is not buf]
-        else:
-            buf = np.empty(max(nbytes, 1), np.uint8)
-        self.owner[value] = buf
-        return buf[:nbytes].view(dtype).reshape(shape)
-
-    def step_done(self, k: int) -> None:
-        """Step ``k`` ran its last read of some values: their buffers are free."""
-        for v in self.dying.get(k, ()):
-            buf = self.owner.pop(v, None)
-            if buf is not None:
-                self.free.append(buf)
-
-
 class IntegerEngine:
     """``engine(images) -> logits`` for a compiled :class:`Program` (float32 ``(N, C, H, W)``
     images of the compiled shape). ``isa``: the CPU path; ``exact``/``notes``: see the module
@@ -341,7 +254,7 @@ class IntegerEngine:
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
                       if isinstance(s, Conv)}
         #: values held as bytes (code - shift) between two VNNI layers: {value: shift}
-        self.u8_maps = _link_u8(prog, self._args) if isa_id == _VNNI else {}
+        self.u8_maps = link_u8_maps(prog, self._args) if isa_id == _VNNI else {}
         self._qargs = {}
         self._batch: tuple | None = None
         self._single: tuple | None = None
@@ -437,11 +350,11 @@ class IntegerEngine:
     def _build(self, n: int) -> tuple[dict[int, np.ndarray], list]:
         """Every value's buffer for batches of ``n`` and the program as runs of native steps
         (one ``fbi_run`` call each) between the few steps done in NumPy. Buffers are reused
-        once their value is dead (:class:`_Buffers`): one image's maps of ResNet-23 take
-        ~0.4 MB instead of 1.2 MB, so a call that finds the caches cold (after another
-        runtime's call) reloads less."""
+        once their value is dead (:class:`~fewbits.runtime.integer_mem.Buffers`): one
+        image's maps of ResNet-23 take ~0.4 MB instead of 1.2 MB, so a call that finds the
+        caches cold (after another runtime's call) reloads less."""
         vals: dict[int, np.ndarray] = {1: np.empty((n, *self.prog.in_shape), np.float32)}
-        bufs = _Buffers(self.prog)
+        bufs = Buffers(self.prog)
         scratch = np.empty(self._scratch, np.uint8)
         keep: list = [scratch, bufs]
         segments: list = []
