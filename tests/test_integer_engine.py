@@ -5,6 +5,7 @@ clear refusal (then the planner's fallback) for an operation it does not cover."
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import oracle as O
@@ -443,6 +444,13 @@ def test_uncovered_operation_is_named_and_the_planner_falls_back() -> None:
 
 def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
     assert "generic" in ISAS_HERE and set(ISAS_HERE) <= set(INT_ISAS)
+    if "avx512_vnni" in ISAS_HERE:  # every extension its code is compiled for is here
+        flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() \
+            else set()
+        assert not flags or {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                             "avx2", "fma"} <= flags
+    with pytest.raises(RuntimeError, match="code -4: out of memory"):  # a failed step says why
+        IntegerEngine._check_rc(-4)
     prog = compile_program(fp_resnet, (3, 32, 32))
     monkeypatch.setenv(INT_ISA_ENV, "generic")
     eng = IntegerEngine(prog)

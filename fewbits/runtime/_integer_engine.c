@@ -48,7 +48,8 @@ int fbi_isa_supported(int isa) {
     if (isa == ISA_AVX2) return avx2;
     if (isa == ISA_AVX512_VNNI)
         return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vnni"); /* every extension VNNI's code targets */
 #endif
     return 0;
 }
@@ -1077,9 +1078,10 @@ KERN_W16(1) KERN_W16(2) KERN_W16(3) KERN_W16(4)
 #undef KERN_W16
 static const kern_w16_fn kern_w16[5] = {NULL, kern_w16_1, kern_w16_2, kern_w16_3, kern_w16_4};
 
-/* gemm_i16_avx2 on VNNI: m rows of A (lda int16 apart; rows past m read as slack: the
- * caller's buffers hold UR1 - 1 rows more, or the kernel reads a clamped row) */
-VNNI static void gemm_i16_vnni(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
+/* gemm_i16_avx2 on VNNI: m rows of A (lda int16 apart; the last partial tile is copied to a
+ * zeroed one, so no read goes past A). 0, or -4 where that copy cannot be allocated (nothing
+ * of the last tile is written: the caller fails the step) */
+VNNI static int gemm_i16_vnni(const fbi_conv *ac, const int16_t *A, int64_t lda, int64_t m,
                                const int16_t *B, int nblocks, int n_off, int cout_g, char *Y,
                                int64_t ldy, int esize) {
     int kp2 = ac->kp / 2;
@@ -1096,7 +1098,7 @@ VNNI static void gemm_i16_vnni(const fbi_conv *ac, const int16_t *A, int64_t lda
         int64_t la = lda;
         if (rows < UR1) { /* the last rows: copied to a zeroed tile, so no read goes past A */
             tail = (int16_t *)calloc((size_t)UR1 * (size_t)ac->kp, sizeof(int16_t));
-            if (!tail) return;
+            if (!tail) return -4;
             for (int q = 0; q < rows; q++)
                 memcpy(tail + (int64_t)q * ac->kp, Ar + q * lda, sizeof(int16_t) * (size_t)ac->kp);
             Ar = tail, la = ac->kp;
@@ -1109,6 +1111,7 @@ VNNI static void gemm_i16_vnni(const fbi_conv *ac, const int16_t *A, int64_t lda
         }
     }
     free(tail);
+    return 0;
 }
 
 /* the output-channel blocks of one tile of rows: AVX-512 VNNI up to four blocks at a time, else the
@@ -1301,7 +1304,7 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
 
 /* Returns 0, 1 (qcheck and the quantizer after this float-input layer sees NaN/inf: its sums
  * overflowed; the outputs are written all the same), or -1 (ISA not supported here), -2 (bad
- * arguments). */
+ * arguments), -4 (out of memory). */
 static int conv_f32_nhwc(const fbi_conv *a);
 
 /* the direct u8 path's conditions (conv_u8_avx2), the only reader of u8 maps */
@@ -1347,11 +1350,9 @@ int fbi_conv_run(const fbi_conv *a) {
     if (direct) { /* 1x1 stride 1 on NHWC: the input is already the GEMM's left matrix */
         int64_t m = (int64_t)a->n * opix;
 #if FBI_X86
-        if (a->isa == ISA_AVX512_VNNI) {
-            gemm_i16_vnni(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
-                          nblocks, 0, og, Y, a->cout, esize);
-            return 0;
-        }
+        if (a->isa == ISA_AVX512_VNNI)
+            return gemm_i16_vnni(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
+                                 nblocks, 0, og, Y, a->cout, esize);
         if (USE_AVX2(a->isa)) {
             gemm_i16_avx2(a, (const int16_t *)a->x, a->cin, m, (const int16_t *)a->wpack,
                           nblocks, 0, og, Y, a->cout, esize);
@@ -1385,8 +1386,9 @@ int fbi_conv_run(const fbi_conv *a) {
                 const int16_t *B = (const int16_t *)a->wpack + g * wstride;
 #if FBI_X86
                 if (a->isa == ISA_AVX512_VNNI) {
-                    gemm_i16_vnni(a, col, a->kp, opix, B, nblocks, g * og, og, Yi, a->cout,
-                                  esize);
+                    if (gemm_i16_vnni(a, col, a->kp, opix, B, nblocks, g * og, og, Yi, a->cout,
+                                      esize))
+                        return -4;
                     continue;
                 }
                 if (USE_AVX2(a->isa)) {

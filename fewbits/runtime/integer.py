@@ -345,7 +345,9 @@ class IntegerEngine:
                     "them, as PyTorch's does: scale the inputs (or wrap the call in "
                     "fewbits.functional.finite_checks(False) for unchecked semantics)")
         elif rc:
-            raise RuntimeError(f"integer engine: a step failed (code {rc})")
+            why = {-1: "this CPU lacks the ISA", -2: "malformed step", -3: "NaN/inf images",
+                   -4: "out of memory"}.get(rc, "unknown")
+            raise RuntimeError(f"integer engine: a step failed (code {rc}: {why})")
 
     def _build(self, n: int) -> tuple[dict[int, np.ndarray], list]:
         """Every value's buffer for batches of ``n`` and the program as runs of native steps
