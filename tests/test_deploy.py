@@ -479,3 +479,46 @@ def test_fused_zoo_net_equals_the_openvino_variant_and_pytorch_top1():
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(outs[0].argmax(1), ref.argmax(1))
     assert float((outs[0] - ref).abs().max()) <= 0.08 * float(ref.abs().max())
+
+
+class _BatchDependent(nn.Module):
+    """PyTorch's float sums follow the batch (oneDNN picks its order by shape): a row near a
+    threshold gets one answer in a batch, another alone. Here, row 0 of every batch of more
+    than one row moves by 5 (a flipped sign of a binary network moves logits this far)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        if x.shape[0] > 1:
+            y = y.clone()
+            y[0, 0] += 5.0
+        return y
+
+
+def test_planner_accepts_pytorchs_own_row_by_row_answer(monkeypatch):
+    # a trained binary_net ResNet-23 fell back to OpenVINO (7x slower than the binary engine):
+    # PyTorch's batched logits of one smooth-noise probe row differed from its own logits of
+    # that row alone by 3.5, and the exact engines match the row alone
+    from fewbits.runtime import planner
+
+    def alone(ctx):  # PyTorch, one row at a time
+        return lambda x: torch.cat([ctx.model(x[i:i + 1]) for i in range(x.shape[0])])
+
+    def neither(ctx):  # off from both of PyTorch's answers on row 0
+        run = alone(ctx)
+        return lambda x: run(x) + (torch.arange(x.shape[0])[:, None] == 0) * 2.0
+
+    monkeypatch.setitem(planner.CANDIDATES, "alone", alone)
+    monkeypatch.setitem(planner.CANDIDATES, "neither", neither)
+    torch.manual_seed(0)
+    m = _BatchDependent().eval()
+    d = compile_for_cpu(m, backend="alone", input_shape=(1, 8, 8), batch_size=8)
+    assert d.backend == "alone"
+    assert any("PyTorch's own logits change with the batch" in n for n in d.notes), d.notes
+    with pytest.raises(RuntimeError, match="'neither' cannot run this model: tolerance"):
+        compile_for_cpu(m, backend="neither", input_shape=(1, 8, 8), batch_size=8)
+    d = compile_for_cpu(m, candidates=("alone", "torch"), input_shape=(1, 8, 8), batch_size=8)
+    assert {"alone", "torch"} <= set(d.timings), d.notes  # both kept, timed on the batch
