@@ -877,11 +877,13 @@ VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *
     if (K < 0 ? e->nonneg : !(K & EK_SC)) {
         EPR(k[r] = _mm512_cvttps_epi32(_mm512_add_ps(v[r], h)))
     } else {
-        const __m512i absm = _mm512_set1_epi32(0x7fffffff), z = _mm512_setzero_si512();
-        EPR(__m512i bits = _mm512_castps_si512(v[r]);
-            __m512i a = _mm512_cvttps_epi32(_mm512_add_ps(
-                _mm512_castsi512_ps(_mm512_and_si512(bits, absm)), h));
-            k[r] = _mm512_mask_sub_epi32(a, _mm512_cmplt_epi32_mask(bits, z), z, a))
+        /* trunc(t + copysign(h, t)): below zero t - h = -(|t| + h) exactly (rounding is
+         * symmetric) and truncation too, so this is -rha_abs(|t|); -0 gives 0, NaN and
+         * |t| >= 2^31 the indefinite integer, as and/abs + sign did. The copysign is one
+         * ternary-logic op: (t & sign) | h = imm 0xEA */
+        const __m512i sg = _mm512_set1_epi32((int)0x80000000u), hb = _mm512_castps_si512(h);
+        EPR(k[r] = _mm512_cvttps_epi32(_mm512_add_ps(v[r], _mm512_castsi512_ps(
+                _mm512_ternarylogic_epi32(_mm512_castps_si512(v[r]), sg, hb, 0xEA)))))
     }
     if (EF(EK_OFS, use_kofs)) {
         const __m512i ko = bcast512i(e->kofs);
