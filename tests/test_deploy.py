@@ -522,3 +522,134 @@ def test_planner_accepts_pytorchs_own_row_by_row_answer(monkeypatch):
         compile_for_cpu(m, backend="neither", input_shape=(1, 8, 8), batch_size=8)
     d = compile_for_cpu(m, candidates=("alone", "torch"), input_shape=(1, 8, 8), batch_size=8)
     assert {"alone", "torch"} <= set(d.timings), d.notes  # both kept, timed on the batch
+
+
+def _alone(ctx):  # a row-independent backend: PyTorch on one row at a time (a copy of it)
+    import copy
+
+    model = copy.deepcopy(ctx.model)
+
+    def run(x):
+        with torch.no_grad():
+            return torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+    return run
+
+
+class _Centered(nn.Module):
+    """Rows that depend on the batch by design: features centred on the batch's mean (or a
+    softmax over the batch). Run one row at a time, every row is the bias alone."""
+
+    def __init__(self, over_batch: str = "mean") -> None:
+        super().__init__()
+        self.fc, self.over_batch = nn.Linear(64, 10), over_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        if self.over_batch == "mean":
+            return self.fc(h - h.mean(0))
+        return self.fc(h) * torch.softmax(h.sum(1, keepdim=True), 0) * x.shape[0]
+
+
+@pytest.mark.parametrize("over_batch", ["mean", "softmax"])
+def test_planner_keeps_batched_reference_where_rows_depend_on_the_batch_by_design(
+        monkeypatch, over_batch):
+    # the row-alone fallback accepted a row-by-row backend for x - x.mean(0): every probe row
+    # deviated, PyTorch's row-alone answer (the bias) matched it, and the deployed model
+    # returned the bias for every image
+    from fewbits.runtime import planner
+
+    monkeypatch.setitem(planner.CANDIDATES, "alone", _alone)
+    torch.manual_seed(0)
+    m = _Centered(over_batch).eval()
+    with pytest.raises(RuntimeError, match="'alone' cannot run this model: tolerance"):
+        compile_for_cpu(m, backend="alone", input_shape=(1, 8, 8), batch_size=8)
+    d = compile_for_cpu(m, candidates=("alone", "torch"), input_shape=(1, 8, 8), batch_size=8)
+    assert d.backend == "torch" and not any("change with the batch" in n for n in d.notes)
+
+
+class _Positions(nn.Module):
+    """A sequence model called on one (L, E) sequence: its first dim is positions, not a
+    batch, and row i gets position i's embedding (content-independent, shape-dependent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.pos = nn.Linear(16, 16), nn.Parameter(torch.randn(64, 16) * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.pos[: x.shape[0]]
+
+
+def test_planner_reruns_no_rows_alone_for_example_inputs(monkeypatch):
+    # example_inputs' first dim need not be a batch: a backend that gave every token
+    # position 0's embedding matched PyTorch "run on each row alone" and was accepted
+    from fewbits.runtime import planner
+
+    monkeypatch.setitem(planner.CANDIDATES, "alone", _alone)
+    torch.manual_seed(0)
+    m = _Positions().eval()
+    with pytest.raises(RuntimeError, match="'alone' cannot run this model: tolerance"):
+        compile_for_cpu(m, backend="alone", example_inputs=torch.randn(12, 16))
+
+
+class _NoSingleRow(nn.Module):
+    """Batch statistics taken explicitly (train-mode batch norm): one row alone raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.batch_norm(x.flatten(1), None, None, training=True))
+
+
+def test_planner_survives_a_model_that_cannot_run_one_row(monkeypatch):
+    # re-running a deviating row alone raised the model's ValueError out of compile_for_cpu:
+    # a wrong candidate took the whole compile down instead of being dropped
+    from fewbits.runtime import planner
+
+    monkeypatch.setitem(planner.CANDIDATES, "zeros",
+                        lambda ctx: lambda x: torch.zeros(x.shape[0], 10))
+    m = _NoSingleRow().eval()
+    d = compile_for_cpu(m, candidates=("zeros", "torch"), input_shape=(1, 8, 8), batch_size=8)
+    assert d.backend == "torch"
+    assert any(n.startswith("zeros: tolerance exceeded on the probe") for n in d.notes), d.notes
+
+
+class _BrightRowsMove(nn.Module):
+    """Rows whose first pixel is above 0.5 move by 5 in any batch of more than one row (as
+    PyTorch's batched float sums move inputs near a threshold); counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.calls = nn.Linear(64, 10), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.fc(x.flatten(1))
+        if x.shape[0] > 1:
+            y = y + 5.0 * (x.flatten(1)[:, :1] > 0.5)
+        return y
+
+
+def test_row_alone_references_are_cached_per_probe_row(monkeypatch):
+    # the timing batch repeats the probe's rows: each repeat of a moved row was run alone
+    # again, and past ROW_REFS_MAX repeats the candidate accepted on the probe was dropped on
+    # the timing batch (~16 moved probe rows, repeated 32 times in a batch of 1024)
+    from fewbits.runtime import planner
+
+    monkeypatch.setitem(planner.CANDIDATES, "alone", _alone)
+    monkeypatch.setitem(planner.CANDIDATES, "alone2", _alone)
+    m = _BrightRowsMove().eval()
+    x = planner.probe_images(planner.PROBE_SIZE, (1, 8, 8))
+    moved = int((x.flatten(1)[:, 0] > 0.5).sum())
+    assert 4 < moved < planner.PROBE_SIZE
+    d = compile_for_cpu(m, backend="alone", input_shape=(1, 8, 8), batch_size=1024)
+    assert d.backend == "alone"
+    m.calls = 0
+    d = compile_for_cpu(m, candidates=("alone", "alone2"), input_shape=(1, 8, 8),
+                        batch_size=1024)
+    assert set(d.timings) == {"alone", "alone2"}, d.notes
+    assert any(f"on {moved} probe row(s)" in n for n in d.notes), d.notes
+    # each moved probe row run alone once for both candidates and both checks, beside the
+    # reference calls (probe, timing batch) and one same-shape call per check
+    assert m.calls <= moved + 2 + 4, m.calls
