@@ -90,6 +90,9 @@ typedef struct {
      * reader (in_u8) takes them as its byte image with no conversion. Only the VNNI epilogue
      * writes bytes; any other path refuses out_u8 (-2) */
     int32_t out_u8, u8shift, in_u8;
+    /* nobias: every conv bias is 0 (the VNNI epilogue of an integer output skips adding it:
+     * fl(x + 0) = x but for the sign of a zero, which no code sees) */
+    int32_t nobias;
 } fbi_conv;
 
 /* ----------------------------------------------------------------- epilogue */
@@ -270,6 +273,7 @@ typedef struct {
     int fold; /* fbi_conv.fold: alpha2 / beta2, and clo, chi, sub times inv */
     const float *alpha2, *beta2;
     int out_u8; /* fbi_conv.out_u8: bytes k - u8shift */
+    int nobias; /* fbi_conv.nobias, integer outputs only */
     __m256i u8shift;
 } fbi_ep;
 
@@ -380,6 +384,7 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->use_rcp = e->use_div && a->rcp_ok && bounded;
     e->fold = 0;
     e->out_u8 = a->out_u8 && !e->out_float;
+    e->nobias = a->nobias && !e->out_float;
     e->u8shift = _mm256_set1_epi32(a->u8shift);
     e->rcp = _mm256_set1_ps(1.0f / a->scale);
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
@@ -839,7 +844,8 @@ VNNI static inline __attribute__((always_inline)) void epi512_v_k(const fbi_ep *
         EPR(v[r] = _mm512_fmadd_ps(v[r], al, be))
     } else {
         const __m512 s = _mm512_loadu_ps(e->sacc + n), b = _mm512_loadu_ps(e->bias + n);
-        EPR(v[r] = _mm512_add_ps(_mm512_mul_ps(v[r], s), b))
+        if (e->nobias) EPR(v[r] = _mm512_mul_ps(v[r], s))
+        else EPR(v[r] = _mm512_add_ps(_mm512_mul_ps(v[r], s), b))
         if (EF(EK_RELU, pre_relu)) EPR(v[r] = _mm512_max_ps(v[r], _mm512_setzero_ps()))
         const __m512 al = _mm512_loadu_ps(e->alpha + n), be = _mm512_loadu_ps(e->beta + n);
         EPR(v[r] = _mm512_fmadd_ps(v[r], al, be))
@@ -985,14 +991,20 @@ static store512_fn store512_for(const fbi_ep *e) { return e->out_float ? store51
  * 2 at bb + bstride) */
 VNNI static inline __attribute__((always_inline)) void kern_vnni_body(
     const fbi_ep *a, store512_fn st, const uint8_t *const *src, const int64_t *toff, int ntaps,
-    int qpt, const int8_t *bb, int64_t bstride, int n, int og, char **dst, const int nblk) {
-    __m512i c[4][UR1];
+    int qpt, const int8_t *bb, int64_t bstride, int n, int og, char **dst, const int nblk,
+    const int32_t *corr) {
+    __m512i c[4][UR1], c0[4];
     int64_t d[UR1];
+    /* the zero-point correction (ushift * the channel's weight sum) is where the sums start,
+     * not an add in the epilogue (integers: the same sums) */
+#pragma GCC unroll 4
+    for (int b = 0; b < nblk; b++)
+        c0[b] = corr ? _mm512_loadu_si512((const void *)(corr + n + b * NB)) : _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int r = 0; r < UR1; r++) {
         d[r] = src[r] - src[0];
 #pragma GCC unroll 4
-        for (int b = 0; b < nblk; b++) c[b][r] = _mm512_setzero_si512();
+        for (int b = 0; b < nblk; b++) c[b][r] = c0[b];
     }
     const uint8_t *A = src[0];
     for (int t = 0; t < ntaps; t++) {
@@ -1023,12 +1035,13 @@ VNNI static inline __attribute__((always_inline)) void kern_vnni_body(
 
 typedef void (*kern_vnni_fn)(const fbi_ep *, store512_fn, const uint8_t *const *,
                              const int64_t *, int, int, const int8_t *, int64_t, int, int,
-                             char **);
+                             char **, const int32_t *);
 #define KERN_VNNI(B)                                                                          \
     VNNI static void kern_vnni_##B(const fbi_ep *a, store512_fn st, const uint8_t *const *src, \
                                    const int64_t *toff, int ntaps, int qpt, const int8_t *bb,  \
-                                   int64_t bstride, int n, int og, char **dst) {               \
-        kern_vnni_body(a, st, src, toff, ntaps, qpt, bb, bstride, n, og, dst, B);             \
+                                   int64_t bstride, int n, int og, char **dst,                 \
+                                   const int32_t *corr) {                                      \
+        kern_vnni_body(a, st, src, toff, ntaps, qpt, bb, bstride, n, og, dst, B, corr);       \
     }
 KERN_VNNI(1) KERN_VNNI(2) KERN_VNNI(3) KERN_VNNI(4)
 #undef KERN_VNNI
@@ -1129,7 +1142,7 @@ static inline void tile_blocks(const fbi_conv *a, const fbi_ep *ep, store_fn st,
         if (a->isa == ISA_AVX512_VNNI) { /* up to 4 blocks (64 channels) per call */
             int k = nblocks - b < 4 ? nblocks - b : 4;
             kern_vnni[k](ep, st512, src, toff, ntaps, qpt, bb, bstride, nofs + n0, nofs + og,
-                         dst);
+                         dst, a->corr);
             b += k - 1;
         } else if (one) {
             kern_u8_1c(ep, st, src, toff, ntaps, qpt, bb, nofs + n0, cnt, dst);
@@ -1162,7 +1175,14 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     int chunk = a->kchunk < 1 ? 1 : a->kchunk, one = kq <= chunk; /* one chunk: kern_u8_1c */
     store_fn st = ep.out_float ? store_rows_p1_g : store_p1[ep.kind];
     store512_fn st512 = NULL;
-    if (a->isa == ISA_AVX512_VNNI) ep_fold(a, &ep), st512 = store512_for(&ep);
+    fbi_ep ep512; /* VNNI: the kernels start the sums at the correction (kern_vnni_body) */
+    if (a->isa == ISA_AVX512_VNNI) {
+        ep512 = ep;
+        ep_fold(a, &ep512);
+        ep512.corr = NULL;
+        ep512.kind &= ~EK_CORR;
+        st512 = store512_for(&ep512);
+    }
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a pixel are fixed
      * offsets into the zero-padded byte image (no im2col) */
     if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
@@ -1206,7 +1226,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                     dst[r] = in ? Yi + (j0 + r) * ldy : NULL;
                     if (++ox == a->ow) ox = 0, oy++;
                 }
-                tile_blocks(a, &ep, st, st512, src, toff, a->kh * a->kw, cin / 4, chunk, one,
+                tile_blocks(a, st512 ? &ep512 : &ep, st, st512, src, toff, a->kh * a->kw, cin / 4, chunk, one,
                             a->wpack8, nblocks, 0, og, dst);
             }
         }
@@ -1223,7 +1243,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 row_dst(Yi, r, opix, a->ow, a->ow, ldy, dst, UR1);
                 const uint8_t *src[UR1];
                 for (int q = 0; q < UR1; q++) src[q] = buf + (r + q) * a->kq4; /* slack */
-                tile_blocks(a, &ep, st, st512, src, &zero, 1, kq, chunk, one, B, nblocks, g * og,
+                tile_blocks(a, st512 ? &ep512 : &ep, st, st512, src, &zero, 1, kq, chunk, one, B, nblocks, g * og,
                             og, dst);
             }
         }

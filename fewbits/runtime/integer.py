@@ -101,7 +101,8 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
         [(n, _P) for n in ("sacc", "bias", "alpha", "beta", "y", "scratch")] + \
         [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float),
          ("rcp_ok", ctypes.c_int32), ("fold", ctypes.c_int32), ("alpha2", _P), ("beta2", _P),
-         ("out_u8", ctypes.c_int32), ("u8shift", ctypes.c_int32), ("in_u8", ctypes.c_int32)]
+         ("out_u8", ctypes.c_int32), ("u8shift", ctypes.c_int32), ("in_u8", ctypes.c_int32),
+         ("nobias", ctypes.c_int32)]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -186,6 +187,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
     else:
         a.clo, a.chi = s.fclamp
     arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
+    a.nobias = int(not s.bias.any())  # the VNNI epilogue skips adding a zero bias
     keep += [s.wpack, *arrays]
     folded = fold_params(s, a.inv) if isa == _VNNI and q is not None else None
     if folded is not None:
