@@ -324,6 +324,11 @@ AVX2 int fbi_rcp_exact_avx2(float s) {
  * int_clamp is 0). */
 enum { EK_RELU = 1, EK_DIV = 2, EK_CORR = 4, EK_OFS = 8 /* sub, kofs */,
        EK_SC = 16 /* sign handling, clamp of the code range */, EK_N = 32 };
+/* every kind, for the per-kind copies of each epilogue: X(K) once per K < EK_N */
+#define EK_KINDS(X)                                                                         \
+    X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)     \
+    X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23) X(24) X(25) X(26) X(27) X(28) X(29)       \
+    X(30) X(31)
 
 /* the code of `v` without the final clamp of the code range (for the check below) */
 static int32_t raw_code(float v, const fbi_conv *a) {
@@ -559,25 +564,15 @@ typedef void (*store_fn)(const fbi_ep *, const __m256i *, const __m256i *, int, 
         const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) { \
         epi_tile_i32_k(a, c0, c1, UR1, n, cnt, dst, K);                                     \
     }
-STORE_P1(0) STORE_P1(1) STORE_P1(2) STORE_P1(3) STORE_P1(4) STORE_P1(5) STORE_P1(6) STORE_P1(7)
-STORE_P1(8) STORE_P1(9) STORE_P1(10) STORE_P1(11) STORE_P1(12) STORE_P1(13) STORE_P1(14) STORE_P1(15)
-STORE_P1(16) STORE_P1(17) STORE_P1(18) STORE_P1(19) STORE_P1(20) STORE_P1(21) STORE_P1(22) STORE_P1(23)
-STORE_P1(24) STORE_P1(25) STORE_P1(26) STORE_P1(27) STORE_P1(28) STORE_P1(29) STORE_P1(30) STORE_P1(31)
+EK_KINDS(STORE_P1)
 #undef STORE_P1
 AVX2 static __attribute__((noinline)) void store_rows_p1_g(
     const fbi_ep *a, const __m256i *c0, const __m256i *c1, int n, int cnt, char **dst) {
     epi_tile_i32(a, c0, c1, UR1, n, cnt, dst); /* the flags tested at run time */
 }
-static const store_fn store_p1[EK_N] = {
-    store_rows_p1_0, store_rows_p1_1, store_rows_p1_2, store_rows_p1_3,
-    store_rows_p1_4, store_rows_p1_5, store_rows_p1_6, store_rows_p1_7,
-    store_rows_p1_8, store_rows_p1_9, store_rows_p1_10, store_rows_p1_11,
-    store_rows_p1_12, store_rows_p1_13, store_rows_p1_14, store_rows_p1_15,
-    store_rows_p1_16, store_rows_p1_17, store_rows_p1_18, store_rows_p1_19,
-    store_rows_p1_20, store_rows_p1_21, store_rows_p1_22, store_rows_p1_23,
-    store_rows_p1_24, store_rows_p1_25, store_rows_p1_26, store_rows_p1_27,
-    store_rows_p1_28, store_rows_p1_29, store_rows_p1_30, store_rows_p1_31,
-};
+#define ENTRY(K) store_rows_p1_##K,
+static const store_fn store_p1[EK_N] = {EK_KINDS(ENTRY)};
+#undef ENTRY
 
 /* epilogue of one row of two 8-channel accumulators */
 AVX2 static __attribute__((noinline)) void store_rows(
@@ -946,20 +941,11 @@ typedef void (*store512f_fn)(const fbi_ep *, const __m256 *, int, int, int, char
         if (R == 4) epi512_v_k(a, v, 4, n, cnt, dst, K);                                \
         else epi512_v_k(a, v, UR1 + 1, n, cnt, dst, K);                                 \
     }
-STORE512F(0) STORE512F(1) STORE512F(2) STORE512F(3) STORE512F(4) STORE512F(5) STORE512F(6)
-STORE512F(7) STORE512F(8) STORE512F(9) STORE512F(10) STORE512F(11) STORE512F(12) STORE512F(13)
-STORE512F(14) STORE512F(15) STORE512F(16) STORE512F(17) STORE512F(18) STORE512F(19)
-STORE512F(20) STORE512F(21) STORE512F(22) STORE512F(23) STORE512F(24) STORE512F(25)
-STORE512F(26) STORE512F(27) STORE512F(28) STORE512F(29) STORE512F(30) STORE512F(31)
+EK_KINDS(STORE512F)
 #undef STORE512F
-static const store512f_fn store512f[EK_N] = {
-    store512f_0, store512f_1, store512f_2, store512f_3, store512f_4, store512f_5, store512f_6,
-    store512f_7, store512f_8, store512f_9, store512f_10, store512f_11, store512f_12,
-    store512f_13, store512f_14, store512f_15, store512f_16, store512f_17, store512f_18,
-    store512f_19, store512f_20, store512f_21, store512f_22, store512f_23, store512f_24,
-    store512f_25, store512f_26, store512f_27, store512f_28, store512f_29, store512f_30,
-    store512f_31,
-};
+#define ENTRY(K) store512f_##K,
+static const store512f_fn store512f[EK_N] = {EK_KINDS(ENTRY)};
+#undef ENTRY
 
 typedef void (*store512_fn)(const fbi_ep *, const __m512i *, int, int, char **);
 #define STORE512(K)                                                                     \
@@ -967,23 +953,15 @@ typedef void (*store512_fn)(const fbi_ep *, const __m512i *, int, int, char **);
         const fbi_ep *a, const __m512i *c, int n, int cnt, char **dst) {                \
         epi512_k(a, c, UR1, n, cnt, dst, K);                                            \
     }
-STORE512(0) STORE512(1) STORE512(2) STORE512(3) STORE512(4) STORE512(5) STORE512(6) STORE512(7)
-STORE512(8) STORE512(9) STORE512(10) STORE512(11) STORE512(12) STORE512(13) STORE512(14)
-STORE512(15) STORE512(16) STORE512(17) STORE512(18) STORE512(19) STORE512(20) STORE512(21)
-STORE512(22) STORE512(23) STORE512(24) STORE512(25) STORE512(26) STORE512(27) STORE512(28)
-STORE512(29) STORE512(30) STORE512(31)
+EK_KINDS(STORE512)
 #undef STORE512
 VNNI static __attribute__((noinline)) void store512_g(const fbi_ep *a, const __m512i *c, int n,
                                                       int cnt, char **dst) {
     epi512_k(a, c, UR1, n, cnt, dst, -1); /* the flags tested at run time */
 }
-static const store512_fn store512[EK_N] = {
-    store512_0, store512_1, store512_2, store512_3, store512_4, store512_5, store512_6,
-    store512_7, store512_8, store512_9, store512_10, store512_11, store512_12, store512_13,
-    store512_14, store512_15, store512_16, store512_17, store512_18, store512_19, store512_20,
-    store512_21, store512_22, store512_23, store512_24, store512_25, store512_26, store512_27,
-    store512_28, store512_29, store512_30, store512_31,
-};
+#define ENTRY(K) store512_##K,
+static const store512_fn store512[EK_N] = {EK_KINDS(ENTRY)};
+#undef ENTRY
 
 static store512_fn store512_for(const fbi_ep *e) { return e->out_float ? store512_g : store512[e->kind]; }
 
