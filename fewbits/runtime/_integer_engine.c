@@ -1227,6 +1227,36 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
         }
 }
 
+/* The float-input layers' epilogue on this path: on VNNI the 16-lane copy compiled per kind
+ * (codes only; float outputs keep the AVX2 one), with the exact fold where it applies; NULL
+ * elsewhere */
+AVX2 static store512f_fn f32_store512(const fbi_conv *a, fbi_ep *e) {
+    if (a->isa != ISA_AVX512_VNNI || e->out_float) return NULL;
+    ep_fold(a, e);
+    return store512f[e->kind];
+}
+
+/* The end of a float kernel's tile, R rows x 16 channels of sums v (rows whose dst is NULL lie
+ * outside the output): where the quantizer after the layer sees NaN/inf, bad is set (a cheap
+ * test of the sums first); then the epilogue. Returns bad. */
+AVX2 static inline __attribute__((always_inline)) int f32_tile_out(
+    const fbi_conv *a, const fbi_ep *e, store512f_fn st, __m256 *v, int R, int n0, int cnt,
+    char **dst, int bad) {
+    if (a->qcheck && !bad && maybe_nonfinite(v, 2 * R))
+        for (int r = 0; r < R; r++) {
+            if (!dst[r]) continue;
+            float t[16];
+            _mm256_storeu_ps(t, v[2 * r]);
+            _mm256_storeu_ps(t + 8, v[2 * r + 1]);
+            bad |= sums_nonfinite(a, t, n0, cnt);
+        }
+    if (st)
+        st(e, v, R, n0, cnt, dst);
+    else
+        epi_tile(e, v, R, n0, cnt, dst);
+    return bad;
+}
+
 /* A float-input layer (the network's images) at stride 1, one group: the taps (c, ky, kx), in
  * the packed weights' order, are fixed offsets into zero-padded NCHW planes, 4 output
  * pixels (rows) at a time, 16 channels (two packed blocks of 8). The same fmas
@@ -1237,9 +1267,7 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
     ep_init(a, &ep);
     int og = a->cout, esize = a->out_kind == OUT_FLOAT ? 4 : 2, kf = a->kf;
     int nblocks = (og + NBF - 1) / NBF, hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw;
-    /* VNNI: the 16-lane epilogue, compiled per kind (codes only; float outputs stay here) */
-    store512f_fn st512f = NULL;
-    if (a->isa == ISA_AVX512_VNNI && !ep.out_float) ep_fold(a, &ep), st512f = store512f[ep.kind];
+    store512f_fn st512f = f32_store512(a, &ep);
     int64_t plane = (int64_t)hp * wp, opix = (int64_t)a->oh * a->ow;
     int64_t in_img = (int64_t)a->h * a->w * a->cin, ldy = (int64_t)a->cout * esize;
     int64_t toff[64];
@@ -1284,17 +1312,7 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
                 }
                 __m256 v[8] = {x0, y0, x1, y1, x2, y2, x3, y3};
                 int n0 = b * NBF, cnt = og - n0 < 2 * NBF ? og - n0 : 2 * NBF;
-                if (a->qcheck && !bad && maybe_nonfinite(v, 8))
-                    for (int r = 0; r < 4; r++) { /* rows of the output only (dst) */
-                        float t[16];
-                        _mm256_storeu_ps(t, v[2 * r]);
-                        _mm256_storeu_ps(t + 8, v[2 * r + 1]);
-                        if (dst[r]) bad |= sums_nonfinite(a, t, n0, cnt);
-                    }
-                if (st512f)
-                    st512f(&ep, v, 4, n0, cnt, dst);
-                else
-                    epi_tile(&ep, v, 4, n0, cnt, dst);
+                bad = f32_tile_out(a, &ep, st512f, v, 4, n0, cnt, dst, bad);
             }
         }
     }
@@ -1602,8 +1620,7 @@ AVX2 static int gemm_f32_6x16_avx2(const fbi_conv *ac, const float *A, int64_t l
     int kf = ac->kf, bad = 0;
     fbi_ep e;
     ep_init(ac, &e);
-    store512f_fn st512f = NULL; /* VNNI: the 16-lane epilogue, compiled per kind */
-    if (ac->isa == ISA_AVX512_VNNI && !e.out_float) ep_fold(ac, &e), st512f = store512f[e.kind];
+    store512f_fn st512f = f32_store512(ac, &e);
     for (int64_t r = 0; r < m; r += 6) {
         int rows = m - r < 6 ? (int)(m - r) : 6;
         const float *p0, *p1, *p2, *p3, *p4, *p5;
@@ -1633,17 +1650,7 @@ AVX2 static int gemm_f32_6x16_avx2(const fbi_conv *ac, const float *A, int64_t l
             __m256 v[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
             int n0 = n_off + b * NBF, cnt = cout_g - b * NBF < 2 * NBF ? cout_g - b * NBF
                                                                       : 2 * NBF;
-            if (ac->qcheck && !bad && maybe_nonfinite(v, 12))
-                for (int q = 0; q < rows; q++) {
-                    float t[16];
-                    _mm256_storeu_ps(t, v[2 * q]);
-                    _mm256_storeu_ps(t + 8, v[2 * q + 1]);
-                    bad |= sums_nonfinite(ac, t, n0, cnt);
-                }
-            if (st512f)
-                st512f(&e, v, 6, n0, cnt, dst);
-            else
-                epi_tile(&e, v, 6, n0, cnt, dst);
+            bad = f32_tile_out(ac, &e, st512f, v, 6, n0, cnt, dst, bad); /* dst: rows < m */
         }
     }
     return bad;
