@@ -95,6 +95,15 @@ typedef struct {
     int32_t nobias;
 } fbi_conv;
 
+/* 1 where a layer runs the direct u8 path (conv_u8_avx2: stride 1, one group, whole taps of 4
+ * channels read at fixed offsets of a zero-padded byte image), the only reader of u8 maps;
+ * exported so that the engine links u8 maps by this one rule */
+int fbi_u8_direct(const fbi_conv *a) {
+    return a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0 && a->groups == 1 &&
+           a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 && a->cin % 4 == 0 &&
+           a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64;
+}
+
 /* ----------------------------------------------------------------- epilogue */
 
 static inline int32_t rha_code(float v, const fbi_conv *a) {
@@ -1163,8 +1172,7 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
     }
     /* direct: stride 1, one group, whole taps of 4 channels: the taps of a pixel are fixed
      * offsets into the zero-padded byte image (no im2col) */
-    if (a->groups == 1 && a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 &&
-        a->cin % 4 == 0 && a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64) {
+    if (fbi_u8_direct(a)) {
         int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
         int64_t toff[64];
         for (int ky = 0; ky < a->kh; ky++)
@@ -1325,20 +1333,13 @@ AVX2 static int conv_f32_direct_avx2(const fbi_conv *a) {
  * arguments), -4 (out of memory). */
 static int conv_f32_nhwc(const fbi_conv *a);
 
-/* the direct u8 path's conditions (conv_u8_avx2), the only reader of u8 maps */
-static int u8_direct(const fbi_conv *a) {
-    return a->wpack8 && a->in_kind == IN_INT && a->kq4 % 4 == 0 && a->groups == 1 &&
-           a->sh == 1 && a->sw == 1 && a->dh == 1 && a->dw == 1 && a->cin % 4 == 0 &&
-           a->kq4 == a->kh * a->kw * a->cin && a->kh * a->kw <= 64;
-}
-
 int fbi_conv_run(const fbi_conv *a) {
     if (!fbi_isa_supported(a->isa)) return -1;
     /* u8 maps: written by the VNNI epilogue of an integer-input layer only, read by the
      * direct u8 path only (anything else would read or write them as int16) */
     if ((a->out_u8 && (a->isa != ISA_AVX512_VNNI || a->in_kind != IN_INT ||
                        a->out_kind != OUT_INT)) ||
-        (a->in_u8 && (a->isa != ISA_AVX512_VNNI || !u8_direct(a))))
+        (a->in_u8 && (a->isa != ISA_AVX512_VNNI || !fbi_u8_direct(a))))
         return -2;
     if (a->in_kind == IN_FLOAT_NHWC) return conv_f32_nhwc(a);
 #if FBI_X86

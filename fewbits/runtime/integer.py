@@ -116,6 +116,7 @@ _LIB = CLibrary(
     Path(__file__).with_name("_integer_engine.c"), "integer-engine",
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbi_isa_supported": ([ctypes.c_int], ctypes.c_int),
+     "fbi_u8_direct": ([ctypes.POINTER(_ConvArgs)], ctypes.c_int),
      "fbi_conv_run": ([ctypes.POINTER(_ConvArgs)], ctypes.c_int),
      "fbi_rcp_exact": ([ctypes.c_float], ctypes.c_int),
      "fbi_rcp_div": ([ctypes.c_float, ctypes.c_int64, _P, _P], ctypes.c_int),
@@ -256,7 +257,9 @@ class IntegerEngine:
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
                       if isinstance(s, Conv)}
         #: values held as bytes (code - shift) between two VNNI layers: {value: shift}
-        self.u8_maps = link_u8_maps(prog, self._args) if isa_id == _VNNI else {}
+        self.u8_maps = link_u8_maps(
+            prog, self._args, lambda a: bool(self._lib.fbi_u8_direct(ctypes.byref(a)))
+        ) if isa_id == _VNNI else {}
         self._qargs = {}
         self._batch: tuple | None = None
         self._single: tuple | None = None

@@ -5,13 +5,14 @@ the maps two VNNI layers pass as bytes (:func:`link_u8_maps`). Read by
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .integer_plan import Add, Concat, Conv, FAdd, Program
 
-__all__ = ["Buffers", "link_u8_maps", "u8_direct", "value_reads"]
+__all__ = ["Buffers", "link_u8_maps", "value_reads"]
 
 
 def value_reads(s: object) -> list[int]:
@@ -71,18 +72,12 @@ class Buffers:
                 self.free.append(buf)
 
 
-def u8_direct(a: Any) -> bool:
-    """Whether a conv (its ``_ConvArgs``) runs the direct u8 path (``u8_direct`` in the C
-    source, which refuses a byte map read any other way)."""
-    return bool(a.wpack8) and a.in_kind == 0 and a.kq4 % 4 == 0 and a.groups == 1 and \
-        a.sh == a.sw == a.dh == a.dw == 1 and a.cin % 4 == 0 and \
-        a.kq4 == a.kh * a.kw * a.cin and a.kh * a.kw <= 64
-
-
-def link_u8_maps(prog: Program, args: dict[int, Any]) -> dict[int, int]:
+def link_u8_maps(prog: Program, args: dict[int, Any], direct: Callable[[Any], bool]
+                 ) -> dict[int, int]:
     """On VNNI (``args``: each conv's ``_ConvArgs``, updated here): the maps written as
     bytes ``code - shift`` by an integer-input layer (the VNNI epilogue) and read only by one
-    layer on the direct u8 path, which then takes them as its byte image instead of
+    layer on the direct u8 path (``direct``: the C engine's own test of a ``_ConvArgs``,
+    ``fbi_u8_direct``), which then takes them as its byte image instead of
     converting int16 codes (``fbi_conv.out_u8`` / ``in_u8``); the codes lie in the reader's
     ``[ushift, ushift + 255]`` (``pack_u8`` took its weights for that range). ``{value:
     shift}``; the program's output is never one."""
@@ -98,7 +93,7 @@ def link_u8_maps(prog: Program, args: dict[int, Any]) -> dict[int, int]:
         if len(rs) != 1 or not isinstance(rs[0], Conv) or rs[0].float_in:
             continue
         a, b = args[id(s)], args[id(rs[0])]
-        if u8_direct(b):
+        if direct(b):
             a.out_u8, a.u8shift, b.in_u8 = 1, b.ushift, 1
             out[s.dst] = b.ushift
     return out
