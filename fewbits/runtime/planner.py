@@ -489,9 +489,9 @@ def _check(model: nn.Module, x: Tensor | None, got: Any, ref: Any, tol: float,
     if not (isinstance(same, Tensor) and same.shape == ref.shape
             and torch.equal(same[rows], ref[rows])):
         return bad, ref
-    notes.append(f"{name}: on {len(moved)} probe row(s){'' if rows_of is None else ' in the '}"
-                 f"{'' if rows_of is None else what} PyTorch's own logits change with the batch "
-                 "(float summation order); matched PyTorch run on each row alone")
+    where = "" if rows_of is None else f" in the {what}"
+    notes.append(f"{name}: on {len(moved)} probe row(s){where} PyTorch's own logits change with "
+                 "the batch (float summation order); matched PyTorch run on each row alone")
     return None, alt
 
 
