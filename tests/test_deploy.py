@@ -295,6 +295,24 @@ def test_checked_residual_sums_fall_back_where_a_sum_saturates():
     assert torch.allclose(run(x), ref, rtol=1e-5, atol=1e-5) and run.fallbacks == 1
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_onnx_runners_refuse_non_finite_images(bad):
+    # QuantizeLinear maps NaN to a code and inf to a clamp level: a NaN image came back from
+    # ONNX Runtime as finite, plausible logits (PyTorch's quantizers raise; the engines refuse)
+    from fewbits.runtime.ort import CheckedRunner, ort_runner
+
+    m = create_model("mnist_fp_net_mlp", width=16, depth=1).eval()
+    proto, _ = to_onnx(m, fuse=True)
+    x = torch.rand(2, 1, 28, 28)
+    runs = [ort_runner(proto), CheckedRunner(proto, proto)]
+    for run in runs:
+        assert run(x).isfinite().all()
+    x[1, 0, 3, 4] = bad
+    for run in runs:
+        with pytest.raises(ValueError, match="NaN or inf"):
+            run(x)
+
+
 # --------------------------------------------------------------------------- issue 23: planner
 
 def _flipping(ctx):

@@ -319,6 +319,24 @@ def test_codes_off_the_quantizers_grid_are_refused(tmp_path, case):
         load_packed(path)
 
 
+@pytest.mark.parametrize("edit", [("zero_point", 200, np.int64), ("scale", 0.0, np.float32),
+                                  ("scale", 1e20, np.float32)], ids=["zp", "scale-0", "scale-big"])
+def test_min_max_params_that_disagree_with_each_other_are_refused(tmp_path, edit):
+    """Min-max codes carry scale, lo and zero_point: the model decodes with scale and lo, the
+    integer engine and the ONNX export with scale and zero_point. A file with one of them
+    edited loaded, and each path ran its own weights (ResNet-23: logits 2.7 apart)."""
+    param, value, dtype = edit
+    torch.manual_seed(0)
+    m = create_model("mnist_min_max_mlp", width=8, depth=1, in_features=64).eval()
+    export_packed(m, tmp_path / "v.fewbits")
+    header, _ = read_model_file(tmp_path / "v.fewbits")
+    t = next(t for t in header["tensors"] if t.get("param") == param)
+    path = _forge_tensor(tmp_path, m, "p.fewbits",
+                         {t["name"]: ({}, np.full(t["param_shape"], value, dtype).tobytes())})
+    with pytest.raises(FormatError, match="other values than their scale and zero point"):
+        load_packed(path)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_non_finite_or_negative_scales_of_codes_are_refused(tmp_path, value):
     """A ternary scale of NaN made every logit NaN (no error), -1 flipped every weight's sign."""

@@ -221,6 +221,17 @@ def check_codes(name: str, codes: Any, q: Any, param: torch.Tensor, source: str)
                     f"outside the quantizer's grid [{aff.qmin}, {aff.qmax}]")
     if bool((aff.scale < 0).any()):
         raise _fail(source, f"{label}: its scale is negative (a quantizer's scale is >= 0)")
+    # the model runs the decoded values, the integer engine and the ONNX export the affine
+    # form: a file whose params disagree (a min-max zero_point that is not its lo, a scale
+    # edited alone) would give each path other logits; they differ by float rounding at most
+    view = (-1,) + (1,) * (k.dim() - 1) if aff.axis is not None else ()
+    s, z = aff.scale.double().reshape(view), aff.zero_point.double().reshape(view)
+    dec = q.decode(codes).double().reshape(k.shape)
+    gap = (dec - (k.double() - z) * s).abs()
+    slack = 1e-5 * s * ((k.double() - z).abs() + z.abs() + 1)
+    if k.numel() and not bool((gap <= slack).all()):
+        raise _fail(source, f"{label}: its codes decode to other values than their scale and "
+                    f"zero point say (up to {float(gap.max()):.3g} apart); its params disagree")
 
 
 def check_input_shape(model: nn.Module, shape: tuple[int, ...], name: str) -> None:

@@ -33,6 +33,16 @@ __all__ = ["CheckedRunner", "Runner", "openvino_runner", "optimized_operators", 
 Runner = Callable[..., Any]
 
 
+def _images(x: Tensor) -> np.ndarray:
+    """``x`` as the float32 array the fused graphs take, refusing NaN / inf as the integer and
+    binary engines do: the graphs' ``QuantizeLinear`` maps NaN to a code and inf to a clamp
+    level, so a NaN image came back as finite, plausible logits (PyTorch's quantizers raise)."""
+    a = x.detach().float().numpy()
+    if not np.isfinite(a).all():
+        raise ValueError("the images contain NaN or inf")
+    return a
+
+
 class CheckedRunner:
     """ONNX Runtime over a graph with checked uint8 residual sums
     (:func:`fewbits.export.onnx.to_onnx` ``checked_sums=True``) and its unchecked twin: a batch
@@ -46,7 +56,7 @@ class CheckedRunner:
         self.fallbacks = 0
 
     def __call__(self, x: Tensor) -> Tensor:
-        feed = {"images": x.detach().float().numpy()}
+        feed = {"images": _images(x)}
         out = self.sess.run(None, feed)
         if self.checked and int(out[1]) >= 255:
             self.fallbacks += 1
@@ -61,7 +71,7 @@ def ort_runner(proto: Any, threads: int | None = None) -> Runner:
     sess = onnx_session(proto, threads=threads)
 
     def run(x: Tensor) -> Tensor:
-        return torch.from_numpy(sess.run(None, {"images": x.detach().float().numpy()})[0])
+        return torch.from_numpy(sess.run(None, {"images": _images(x)})[0])
 
     return run
 
@@ -142,7 +152,7 @@ def openvino_runner(proto: Any, threads: int | None = None) -> Runner:
             m = model.clone()
             m.reshape({m.inputs[0].get_any_name(): list(shape)})
             req = compiled[shape] = core.compile_model(m, "CPU", config).create_infer_request()
-        out = req.infer({0: np.ascontiguousarray(x.detach().float().numpy())})
+        out = req.infer({0: np.ascontiguousarray(_images(x))})
         return torch.from_numpy(np.array(next(iter(out.values()))))
 
     return run
