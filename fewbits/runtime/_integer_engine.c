@@ -1874,6 +1874,65 @@ void fbi_global_avg_f32(int32_t n, int32_t hw, int32_t c, const float *x, float 
     }
 }
 
+/* ----------------------------------------------------------------- images of 8-bit pixels */
+
+/* 1 where every value of the n images (NCHW, c planes of hw floats) is k / 255 rounded to
+ * float32 (uint8 / 255, bit for bit; -0 passes as code 0) for an integer k in [0, 255], the
+ * codes k written NHWC to y with cy channels per pixel (cy >= c; the others are left as they
+ * are: zeros), as bytes where `bytes`, else int16; else 0 (y partly written). See
+ * integer_grid.py. */
+static inline int grid_px(float v, void *y, int64_t at, int bytes) {
+    if (!(v >= 0.0f && v <= 1.0f)) return 0;
+    int k = (int)nearbyintf(v * 255.0f);
+    if (bytes) ((uint8_t *)y)[at] = (uint8_t)k;
+    else ((int16_t *)y)[at] = (int16_t)k;
+    return (float)k / 255.0f == v;
+}
+
+static int grid_generic(int64_t n, int c, int64_t hw, int cy, int bytes, const float *x,
+                        void *y) {
+    for (int64_t i = 0; i < n; i++)
+        for (int ch = 0; ch < c; ch++) {
+            const float *p = x + (i * c + ch) * hw;
+            for (int64_t j = 0; j < hw; j++)
+                if (!grid_px(p[j], y, (i * hw + j) * cy + ch, bytes)) return 0;
+        }
+    return 1;
+}
+
+#if FBI_X86
+AVX2 static int grid_avx2(int64_t n, int c, int64_t hw, int cy, int bytes, const float *x,
+                          void *y) {
+    const __m256 s = _mm256_set1_ps(255.0f);
+    const __m256i hi = _mm256_set1_epi32(255);
+    int32_t k[8];
+    for (int64_t i = 0; i < n; i++)
+        for (int ch = 0; ch < c; ch++) {
+            const float *p = x + (i * c + ch) * hw;
+            int64_t at = i * hw * cy + ch, j = 0;
+            for (; j + 8 <= hw; j += 8) {
+                __m256 v = _mm256_loadu_ps(p + j);
+                __m256i kk = _mm256_cvtps_epi32(_mm256_mul_ps(v, s)); /* nearest (MXCSR) */
+                __m256 back = _mm256_div_ps(_mm256_cvtepi32_ps(kk), s);
+                /* k in [0, 255] (unsigned: min(k, 255) == k; NaN and overflow give
+                 * 0x80000000) and its quotient == v */
+                __m256i in = _mm256_cmpeq_epi32(_mm256_min_epu32(kk, hi), kk);
+                __m256i eq = _mm256_castps_si256(_mm256_cmp_ps(back, v, _CMP_EQ_OQ));
+                if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(in, eq))) != 0xFF)
+                    return 0;
+                _mm256_storeu_si256((__m256i *)k, kk);
+                if (bytes)
+                    for (int t = 0; t < 8; t++) ((uint8_t *)y)[at + (j + t) * cy] = (uint8_t)k[t];
+                else
+                    for (int t = 0; t < 8; t++) ((int16_t *)y)[at + (j + t) * cy] = (int16_t)k[t];
+            }
+            for (; j < hw; j++)
+                if (!grid_px(p[j], y, at + j * cy, bytes)) return 0;
+        }
+    return 1;
+}
+#endif
+
 /* ----------------------------------------------------------------- the program */
 
 /* One step of a batch's program, all pointers fixed (the engine's buffers for that batch
@@ -1881,7 +1940,9 @@ void fbi_global_avg_f32(int32_t n, int32_t hw, int32_t c, const float *x, float 
  * arguments), 3 global average of int codes (i[0..2] = n, hw, c; f[0] = scale), 4 float sum
  * (i[0..3] = kind a, kofs a, kind b, kofs b; work: fbi_fadd's p), 5 global average of a float
  * map (i[0..2] = n, hw, c), 6 float max pooling (i[1..14] as kind 2), 7 a float sum max
- * pooled (the sums never stored). */
+ * pooled (the sums never stored), 8 the images' 8-bit codes (i[0..4] = n, c, hw, channels
+ * of a code pixel, bytes or int16; x0 the images, y the codes): the next step (the first layer on the codes) runs where every image
+ * is on the grid, else the one after it (the first layer on the float images). */
 typedef struct {
     int32_t kind;
     int32_t i[16];
@@ -1943,6 +2004,22 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
             fpool_generic(s->i[1], s->i[2], s->i[3], s->i[4], s->i[5], s->i[6], s->i[7],
                           s->i[8], s->i[9], s->i[10], s->i[11], s->i[12], s->i[13], s->i[14],
                           (const float *)s->x0, (float *)s->y);
+            break;
+        case 8:
+            if (k + 2 >= ns || s[1].kind != 0 || s[2].kind != 0) return -2;
+            {
+                int on;
+#if FBI_X86
+                if (USE_AVX2(isa))
+                    on = grid_avx2(s->i[0], s->i[1], s->i[2], s->i[3], s->i[4],
+                                   (const float *)s->x0, s->y);
+                else
+#endif
+                    on = grid_generic(s->i[0], s->i[1], s->i[2], s->i[3], s->i[4],
+                                      (const float *)s->x0, s->y);
+                rc = fbi_conv_run(on ? s[1].conv : s[2].conv);
+            }
+            k += 2, s += 2;
             break;
         default: return -2;
         }

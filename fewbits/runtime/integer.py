@@ -34,7 +34,9 @@ are int8 (:func:`~fewbits.runtime.integer_plan.pack_u8`); on AVX2 by ``vpmaddubs
 int16 lane sums are widened by ``vpmaddwd`` before they could wrap, only where ``pack_u8``
 proves no pair sum saturates. Wider codes are multiplied int16 x int16 (``vpdpwssd`` /
 ``vpmaddwd``). Stride-1 layers read their taps straight from a zero-padded image (no im2col).
-The VNNI epilogue runs 16 channels per vector and, where every scale is a power of two and
+Images of 8-bit pixels (every value ``uint8 / 255``, checked per image) run the first layer on
+their codes in integers (:mod:`~fewbits.runtime.integer_grid`). The VNNI epilogue runs 16
+channels per vector and, where every scale is a power of two and
 the conv has no bias (fixed point), folds the requantisation into one FMA on the int32 sums
 (exact: :func:`~fewbits.runtime.integer_plan.fold_params`). AVX-VNNI (256-bit VEX) and AMX
 are not written (no machine to test them on: those CPUs run the AVX2 path). One thread. A
@@ -254,20 +256,23 @@ class IntegerEngine:
         self._lib = _lib()
         self._keep: list = []
         isa_id = self._isa_id = INT_ISAS.index(self.isa)
-        self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in prog.steps
-                      if isinstance(s, Conv)}
+        convs = [s for s in prog.steps if isinstance(s, Conv)] + \
+            ([prog.grid] if prog.grid is not None else [])
+        self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in convs}
         #: values held as bytes (code - shift) between two VNNI layers: {value: shift}
         self.u8_maps = link_u8_maps(
             prog, self._args, lambda a: bool(self._lib.fbi_u8_direct(ctypes.byref(a)))
         ) if isa_id == _VNNI else {}
+        if prog.grid is not None and isa_id == _VNNI:  # the images' codes as bytes
+            a = self._args[id(prog.grid)]
+            a.in_u8 = int(bool(self._lib.fbi_u8_direct(ctypes.byref(a))))
         self._qargs = {}
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
         self._keep_batch: dict[int, list] = {}
         self._lock = threading.Lock()
-        self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in prog.steps
-                             if isinstance(s, Conv)], default=64)
+        self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in convs], default=64)
         for s in prog.steps:
             if isinstance(s, Quantize):
                 self._qargs[id(s)] = _ConvArgs()
@@ -374,17 +379,30 @@ class IntegerEngine:
                 segments.append((arr, len(run)))
                 run.clear()
 
+        def conv_step(s: Conv, x: np.ndarray, y: np.ndarray) -> _Step:
+            a = _ConvArgs()
+            ctypes.pointer(a)[0] = self._args[id(s)]
+            a.n, a.x, a.y, a.scratch = n, _ptr(x), _ptr(y), _ptr(scratch)
+            keep.append(a)
+            return _Step(kind=0, conv=ctypes.pointer(a))
+
+        grid = self.prog.grid
         for k, s in enumerate(self.prog.steps):
             if isinstance(s, Conv):
                 g = s.geom
                 y = bufs.take(s.dst, (n, g["oh"], g["ow"], g["cout"]),
                               np.float32 if s.quant is None else
                               np.uint8 if s.dst in self.u8_maps else np.int16)
-                a = _ConvArgs()
-                ctypes.pointer(a)[0] = self._args[id(s)]
-                a.n, a.x, a.y, a.scratch = n, _ptr(vals[s.src]), _ptr(y), _ptr(scratch)
-                keep.append(a)
-                run.append(_Step(kind=0, conv=ctypes.pointer(a)))
+                if grid is not None and s.float_in and s.dst == grid.dst:
+                    # images of 8-bit pixels: the first layer on their codes (integer_grid),
+                    # bytes where it reads bytes (VNNI); padding channels stay 0
+                    cy, u8 = grid.geom["cin"], self._args[id(grid)].in_u8
+                    codes = np.zeros((n, g["h"], g["w"], cy), np.uint8 if u8 else np.int16)
+                    keep.append(codes)
+                    st = _Step(kind=8, x0=_ptr(vals[s.src]), y=_ptr(codes))
+                    st.i[:5] = [n, g["cin"], g["h"] * g["w"], cy, u8]
+                    run += [st, conv_step(grid, codes, y)]
+                run.append(conv_step(s, vals[s.src], y))
             elif isinstance(s, Add):  # elementwise: may write over an operand that dies here
                 y = bufs.take(s.dst, vals[s.a].shape, vals[s.a].dtype, over=(s.a, s.b), at=k)
                 st = _Step(kind=1, count=y.size, x0=_ptr(vals[s.a]), x1=_ptr(vals[s.b]),

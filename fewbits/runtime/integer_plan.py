@@ -231,6 +231,8 @@ class Program:
     out: Value | None = None
     exact: bool = True
     notes: list[str] = field(default_factory=list)
+    #: the first layer on the images' 8-bit codes (:mod:`~fewbits.runtime.integer_grid`)
+    grid: Conv | None = None
 
 
 class Tracer(fx.Tracer):
@@ -434,6 +436,8 @@ class Compiler:
                 if x.flat_from is not None:
                     k = k.reshape(cout, *x.flat_from).transpose(0, 2, 3, 1)
                 k = np.ascontiguousarray(k.reshape(cout, c, 1, 1))
+            elif groups == 1 and k.shape[1] < c:  # an input padded to whole quads of channels
+                k = np.pad(k, ((0, 0), (0, c - k.shape[1]), (0, 0), (0, 0)))
             amax = max(abs(x.lo), abs(x.hi))
             peak = int(np.abs(k).reshape(cout, -1).sum(1).max()) * amax
             if peak > _I32:

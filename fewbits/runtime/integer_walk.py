@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layer_kinds import global_hooks, runs_hooks
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from .integer_grid import grid_layer
 from .integer_plan import (
     ADDS,
     FLATTENS,
@@ -486,4 +487,7 @@ def compile_program(model: nn.Module, in_shape: tuple[int, ...], codes: dict | N
     inputs ``(N, *in_shape)``; raises ``ValueError`` naming the first node the integer engine
     does not cover. ``codes``: a packed file's weight codes (``ResolvedSource.codes``), for
     the layers whose weight quantizers :func:`~fewbits.export.load_packed` dropped."""
-    return walk(Compiler(model, tuple(in_shape), codes), Tracer)
+    comp = Compiler(model, tuple(in_shape), codes)
+    prog = walk(comp, Tracer)
+    prog.grid = grid_layer(comp)
+    return prog

@@ -1,0 +1,142 @@
+"""Images of 8-bit pixels (``uint8 / 255``): the integer engine's first layer on their codes
+(fewbits.runtime.integer_grid), taken per image where every value is on the grid and the float
+layer elsewhere, on every CPU path this machine runs; checked against a NumPy oracle of the
+grid and against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
+from fewbits.models import create_model
+from fewbits.quantizers import FixedPoint, MinMax
+from fewbits.runtime.integer import IntegerEngine, supported_int_isas
+from fewbits.runtime.integer_walk import compile_program
+from fewbits.runtime.planner import QUANTIZED_RTOL
+
+ISAS_HERE = supported_int_isas()
+SHAPE = (3, 8, 8)
+
+
+def _on_grid(x: np.ndarray) -> bool:
+    """The oracle, from the definition: every value is ``float32(k) / float32(255)`` (IEEE
+    division, correctly rounded) for an integer ``k`` in ``[0, 255]``; ``-0`` equals ``+0``."""
+    with np.errstate(invalid="ignore"):
+        k = np.rint(x.astype(np.float64) * 255.0)
+        if not (np.isfinite(k) & (k >= 0) & (k <= 255)).all():
+            return False
+        return bool((k.astype(np.float32) / np.float32(255) == x).all())
+
+
+def _pixels(seed: int, n: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *SHAPE), generator=g, dtype=torch.uint8).float() / 255
+
+
+k255 = np.arange(256, dtype=np.float32) / np.float32(255)
+#: values put into an on-grid image, one at a time: on the grid (0, -0, 1, ties of k * 255
+#: rounding) and just off it (one ulp either side, k / 256, out of [0, 1], 0.5)
+EDGES = [0.0, -0.0, 1.0, float(k255[1]), float(k255[127]), float(k255[128]), float(k255[254]),
+         float(np.nextafter(k255[100], np.float32(1))),
+         float(np.nextafter(k255[100], np.float32(0))),
+         float(np.nextafter(np.float32(1), np.float32(2))), float(np.float32(1e-30)),
+         float(np.float32(255 / 256)), 0.5, 256 / 255, -1 / 255, 2.0, -1.0, 1e30]
+
+
+def _engines(model: nn.Module, isa: str) -> tuple[IntegerEngine, IntegerEngine]:
+    """(an engine whose first layer on the codes is wrong on purpose, the float-only engine):
+    their outputs differ exactly where the codes' layer runs."""
+    bad = compile_program(model, SHAPE)
+    assert bad.grid is not None
+    bad.grid.sacc = bad.grid.sacc * 2  # every sum of the codes' layer doubled
+    ref = compile_program(model, SHAPE)
+    ref.grid = None
+    return IntegerEngine(bad, isa), IntegerEngine(ref, isa)
+
+
+def _fp_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("cifar10_fp_net_resnet23_prediction").eval()
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_each_image_takes_the_codes_layer_exactly_where_the_oracle_says(isa: str) -> None:
+    bad, ref = _engines(_fp_resnet(), isa)
+    base = _pixels(1)
+    rows, want = [], []
+    for i, v in enumerate(EDGES):
+        x = base.clone()
+        x.view(-1)[(37 * i) % x.numel()] = v
+        rows.append(x)
+        want.append(_on_grid(x.numpy()))
+    assert any(want) and not all(want)
+    x = torch.cat(rows)
+    got, clean = bad(x), ref(x)  # one call: the engine decides image by image
+    for i, on in enumerate(want):
+        assert torch.equal(got[i], clean[i]) != on, (EDGES[i], on)
+        assert torch.equal(bad(rows[i])[0], got[i])  # alone as in the batch
+
+
+class _ConcatNet(nn.Module):
+    """A concatenation (run in NumPy between native runs): the engine runs the whole batch
+    step by step, and takes the codes' layer where every image of the batch is on the grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        fp = lambda: FixedPoint(n=8, delta=2**-6)  # noqa: E731
+        self.c1 = QuantConv2d(3, 8, 3, padding=1, bias=False, weight_quantizer=fp())
+        self.b1, self.q1 = nn.BatchNorm2d(8), QuantAct(MinMax())
+        self.c2 = QuantConv2d(16, 8, 3, padding=1, weight_quantizer=fp())
+        self.q2 = QuantAct(MinMax())
+        self.fc = QuantLinear(8, 4, weight_quantizer=fp())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q1(self.b1(self.c1(x)))
+        h = self.q2(self.c2(torch.cat([h, h], 1)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_a_batch_run_step_by_step_takes_the_codes_layer_only_when_all_images_are_on_it(
+        isa: str) -> None:
+    torch.manual_seed(3)
+    bad, ref = _engines(_ConcatNet().eval(), isa)
+    x = _pixels(2, 3)
+    assert not torch.equal(bad(x), ref(x))
+    x[2, 0, 0, 0] = float(np.nextafter(x[2, 0, 0, 0].numpy(), np.float32(2)))
+    assert torch.equal(bad(x), ref(x))
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+def test_codes_layer_agrees_with_pytorch_and_the_float_layer(family: str, isa: str) -> None:
+    torch.manual_seed(4)
+    m = create_model(f"cifar10_{family}_resnet23_prediction").eval()
+    prog = compile_program(m, SHAPE)
+    assert prog.grid is not None and prog.grid.wpack8 is not None
+    eng = IntegerEngine(prog, isa)
+    flt = compile_program(m, SHAPE)
+    flt.grid = None
+    x = _pixels(5, 16)
+    with torch.no_grad():
+        want = m(x)
+    for got in (eng(x), IntegerEngine(flt, isa)(x)):
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < QUANTIZED_RTOL / 2, err
+        assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+
+
+def test_a_float_first_layer_has_no_codes_layer_and_runs_as_before() -> None:
+    torch.manual_seed(6)
+    net = _ConcatNet().eval()
+    net.c1.weight_quantizer = None  # float weights: nothing to multiply in integers
+    prog = compile_program(net, SHAPE)
+    assert prog.grid is None
+    x = _pixels(7, 2)
+    with torch.no_grad():
+        want = net(x)
+    got = IntegerEngine(prog, ISAS_HERE[-1])(x)
+    assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
