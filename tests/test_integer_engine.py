@@ -469,6 +469,13 @@ def test_isa_forcing_and_bad_inputs(fp_resnet: nn.Module, monkeypatch) -> None:
             eng(x)
     with pytest.raises(ValueError, match="compiled for images"):
         eng(torch.zeros(1, 3, 16, 16))
+    # other dtypes were converted silently: uint8 pixels 0..255 gave wrong logits where
+    # PyTorch's float32 layers refuse them
+    with pytest.raises(TypeError, match=r"float32 images, got torch.uint8 \(uint8 pixels"):
+        eng(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    for dt in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=f"got {dt}"):
+            eng(_images(1).to(dt))
 
 
 @pytest.mark.parametrize("isa", ISAS_HERE)

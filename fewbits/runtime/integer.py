@@ -302,10 +302,15 @@ class IntegerEngine:
                 images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")
+        if images.dtype != torch.float32:  # PyTorch's float32 layers refuse it too
+            hint = " (uint8 pixels: images.float() / 255)" if images.dtype == torch.uint8 \
+                else ""
+            raise TypeError(f"the integer engine takes float32 images, got {images.dtype}"
+                            f"{hint}: convert them as the model expects")
         t = images
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad or \
+        if t.device.type != "cpu" or t.requires_grad or \
                 not t.is_contiguous():  # else as it is: each conversion costs microseconds
-            t = images.detach().to("cpu", torch.float32).contiguous()
+            t = images.detach().to("cpu").contiguous()
         with self._lock:  # ctypes releases the GIL; the buffers are shared
             return self._run(t)
 
