@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = C.environment()
     print("command: PYTHONPATH=. python benchmarks/deploy.py " + " ".join(sys.argv[1:]))
     print(f"CPU: {env['cpu']}; ISA paths: integer engine {supported_int_isas()}, binary engine "
-          f"{supported_isas()}; PyTorch threads {env['threads']}")
+          f"{supported_isas()}; thread counts measured {args.threads} (each table says its own)")
     print("load before:", uptime(), flush=True)
     x, y, source = load_images(args.images, args.data)
     float_net = seeded(C.FLOAT_NET, x, y, args.steps)

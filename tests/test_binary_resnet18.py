@@ -113,3 +113,19 @@ def test_malformed_program_refused_by_the_c_side(resnet: nn.Module) -> None:
             engine(x)
         setattr(engine._layers[i], field, old)
     assert torch.equal(engine(x), good)
+
+
+def test_refusals_name_value_kinds_in_words() -> None:
+    # a refusal said "flatten of a pooledf value" (internal names); every kind the graph
+    # reader makes has words
+    import re
+    from pathlib import Path
+
+    from fewbits.runtime import binary_graph as bg
+
+    src = Path(bg.__file__).read_text()
+    made = set(re.findall(r'_V\("(\w+)"', src)) | set(re.findall(r'kind == "(\w+)"', src))
+    assert made and made <= set(bg._KIND_WORDS)
+    for kind in made:
+        said = bg._V(kind, 1, 1, 1).said
+        assert "_" not in said and said != kind and "pooledf" not in said

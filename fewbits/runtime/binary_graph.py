@@ -116,6 +116,17 @@ class _V:
     relu_after: bool = False  # bn + fres: a ReLU after the sum; fmap: its values are >= 0
     fbuf: int = -1  # fmap, pooledf: the float map
 
+    @property
+    def said(self) -> str:
+        """The kind in the words of a refusal message."""
+        return _KIND_WORDS.get(self.kind, self.kind)
+
+
+_KIND_WORDS = {"image": "float input", "flat_image": "flattened float input",
+               "pre": "layer output before its batch norm", "bn": "batch-normalized map",
+               "bits": "binary (+-1) map", "pooled": "globally pooled binary map",
+               "fmap": "float map", "pooledf": "globally pooled float map"}
+
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -154,7 +165,7 @@ class _Plan:
             f = self.materialize(node, v)
             return _V("bits", f.c, f.h, f.w, step=f.step, buf=f.buf)
         if v.kind != "bn":
-            raise refuse(node, f"binary_tanh of a {v.kind} value (the engine binarizes batch "
+            raise refuse(node, f"binary_tanh of a {v.said} (the engine binarizes batch "
                           "norm outputs of its layers)")
         s = v.step
         assert s is not None
@@ -178,7 +189,7 @@ class _Plan:
         if v.kind == "fmap":
             return v
         if v.kind != "bn" or v.res is not None:
-            raise refuse(node, f"a float map of a {v.kind} value" + (
+            raise refuse(node, f"a float map of a {v.said}" + (
                 " with a binary residual" if v.kind == "bn" else ""))
         if id(v) in self.floats:
             return self.floats[id(v)][1]
@@ -227,7 +238,7 @@ class _Plan:
                                                      1 if lin else k, pad, stride=stride),
                       src=v)
         if v.kind != "bits":
-            raise refuse(node, f"layer {name} on a {v.kind} value (binary activations or the "
+            raise refuse(node, f"layer {name} on a {v.said} (binary activations or the "
                           "float input only)")
         if lin:
             if not v.flat and (v.h, v.w) != (1, 1):
@@ -264,7 +275,7 @@ class _Plan:
         if bn.kind != "bn" or other.kind not in ("bits", "fmap") or bn.res is not None or \
                 bn.fres is not None or bn.pool or bn.relu_after or \
                 (other.c, other.h, other.w) != (bn.c, bn.h, bn.w) or other.flat:
-            raise refuse(node, f"a residual sum of a {a.kind} and a {b.kind} value (the "
+            raise refuse(node, f"a residual sum of a {a.said} and a {b.said} (the "
                           "engine adds a binary activation or a float map to a batch-normed "
                           "layer output of the same shape)")
         if bn.relu:
@@ -278,7 +289,7 @@ class _Plan:
         if v.kind == "fmap" and v.relu_after:
             return v  # relu(relu(y)) == relu(y)
         if v.kind != "bn":  # binary_tanh(relu(y)) == binary_tanh(y) only before binarizing
-            raise refuse(node, f"ReLU of a {v.kind} value")
+            raise refuse(node, f"ReLU of a {v.said}")
         if v.res is not None:
             raise refuse(node, "a ReLU after a binary residual sum")
         return replace(v, relu_after=True) if v.fres is not None else replace(v, relu=True)
@@ -351,7 +362,7 @@ class _Plan:
                 return replace(v, flat=True)
             if v.kind in ("pooled", "pooledf"):
                 return v
-            raise refuse(node, f"flatten of a {v.kind} value")
+            raise refuse(node, f"flatten of a {v.said}")
         if v.kind in ("bits", "bn", "fmap") and not v.flat and is_global_pool(node, m, v.h, v.w):
             if v.kind == "bits":
                 return _V("pooled", v.c, v.h, v.w, buf=v.buf)
@@ -374,7 +385,7 @@ class _Plan:
             return replace(v, h=v.h // 2, w=v.w // 2)
         if v.kind in ("bn", "fmap") and v.h + 2 * pad >= k and v.w + 2 * pad >= k:
             return self.pool_floats(self.materialize(node, v), k, stride, pad)
-        raise refuse(node, f"max pooling {k}x{k}/{stride} (padding {pad}) of a {v.kind} value "
+        raise refuse(node, f"max pooling {k}x{k}/{stride} (padding {pad}) of a {v.said} "
                       "(bits: 2x2 right after a binarization that no other node reads, on an "
                       "even map; a batch-norm output or float map: any)")
 
