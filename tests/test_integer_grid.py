@@ -140,3 +140,30 @@ def test_a_float_first_layer_has_no_codes_layer_and_runs_as_before() -> None:
         want = net(x)
     got = IntegerEngine(prog, ISAS_HERE[-1])(x)
     assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
+
+
+@pytest.mark.filterwarnings("ignore")  # quantize_'s notes on the small nets' weights
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("groups,cin", [(1, 1), (1, 5), (3, 3), (3, 6), (2, 2)])
+def test_first_layers_of_any_channel_count_and_groups(groups: int, cin: int, isa: str) -> None:
+    # a grouped first layer on 3 channels failed ("malformed step"): the codes' channels were
+    # padded to a quad, which only an ungrouped layer reads that way
+    from fewbits import quantize_
+
+    torch.manual_seed(groups * 10 + cin)
+    net = nn.Sequential(nn.Conv2d(cin, 6, 3, padding=1, groups=groups, bias=False),
+                        nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, bias=False),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    quantize_(net, "fp_net")
+    net.eval()
+    shape = (cin, 8, 8)
+    x = torch.randint(0, 256, (4, *shape)).float() / 255
+    with torch.no_grad():
+        want = net(x)
+    prog = compile_program(net, shape)
+    assert prog.grid is not None
+    got = IntegerEngine(prog, isa)(x)
+    assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
+    prog.grid.sacc = prog.grid.sacc * 2  # the codes' layer ran: doubling its sums shows
+    assert not torch.equal(IntegerEngine(prog, isa)(x), got)
