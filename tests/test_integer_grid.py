@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import fewbits
 from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
 from fewbits.models import create_model
 from fewbits.quantizers import FixedPoint, MinMax
@@ -140,3 +141,41 @@ def test_a_float_first_layer_has_no_codes_layer_and_runs_as_before() -> None:
         want = net(x)
     got = IntegerEngine(prog, ISAS_HERE[-1])(x)
     assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
+
+
+class _GroupedStem(nn.Module):
+    """A grouped first layer whose input channels are not a whole number of quads."""
+
+    def __init__(self, cin: int, groups: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, 2 * cin, 3, padding=1, groups=groups)
+        self.q1 = QuantAct(MinMax())
+        self.fc = nn.Linear(2 * cin, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q1(self.c1(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize(("cin", "groups"), [(2, 2), (3, 3), (6, 2), (6, 3)])
+def test_a_grouped_first_layer_keeps_its_groups_on_the_codes(cin: int, groups: int,
+                                                            isa: str) -> None:
+    # padding the codes to a quad of channels (4 for 2, 3; 8 for 6) regrouped them: group 1
+    # of a 2-channel depthwise stem read a padding channel (silently wrong logits), 3 groups
+    # of 4 channels were a malformed step
+    torch.manual_seed(8)
+    m = fewbits.quantize_(_GroupedStem(cin, groups), "min_max").eval()
+    shape = (cin, 6, 5)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 256, (4, *shape), generator=g, dtype=torch.uint8).float() / 255
+    with torch.no_grad():
+        m.train()
+        m(x)
+        m.eval()
+        want = m(x)
+    prog = compile_program(m, shape)
+    assert prog.grid is not None
+    got = IntegerEngine(prog, isa)(x)
+    assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
+    assert torch.equal(got.argmax(1), want.argmax(1))

@@ -43,9 +43,11 @@ def grid_layer(comp: Compiler) -> Conv | None:
         return None
     first = readers[0]
     # channels padded to whole quads (zero codes, zero weights): the u8 layers' direct path
-    # reads a pixel's taps as quads of bytes (fbi_u8_direct)
+    # reads a pixel's taps as quads of bytes (fbi_u8_direct). Not a grouped layer's: its
+    # groups split the padded channels otherwise than the images' (wrong sums, or none)
     c, h, w = prog.in_shape
-    codes = comp.new("int", (-(-c // 4) * 4, h, w), scale=float(np.float32(1.0 / GRID_LEVELS)),
+    cy = -(-c // 4) * 4 if first.geom["groups"] == 1 else c
+    codes = comp.new("int", (cy, h, w), scale=float(np.float32(1.0 / GRID_LEVELS)),
                      lo=0, hi=GRID_LEVELS)
     try:
         alt = comp.layer(first.name, comp.modules[first.name], codes)
