@@ -179,3 +179,26 @@ def test_a_grouped_first_layer_keeps_its_groups_on_the_codes(cin: int, groups: i
     got = IntegerEngine(prog, isa)(x)
     assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
     assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_the_planner_checks_the_codes_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # its probe held no image of 8-bit pixels: compile_for_cpu shipped an integer engine whose
+    # first layer on the codes was wrong (as the grouped stems' was), 0.89 of the logits' range
+    # off on every decoded image, with no note
+    import fewbits.runtime.integer_walk as walk_mod
+    from fewbits.runtime import compile_for_cpu
+    from fewbits.runtime.integer_grid import grid_layer
+    from fewbits.runtime.planner import probe_images
+
+    def wrong(comp: object) -> object:
+        g = grid_layer(comp)
+        g.sacc = g.sacc * 2
+        return g
+
+    x = probe_images(8, (1, 28, 28)).numpy()
+    assert [_on_grid(r) for r in x] == [False, True] * 4  # both first-layer paths probed
+    torch.manual_seed(0)
+    m = create_model("mnist_min_max_lenet").eval()
+    monkeypatch.setattr(walk_mod, "grid_layer", wrong)
+    with pytest.raises(RuntimeError, match="tolerance exceeded on the probe"):
+        compile_for_cpu(m, backend="int")

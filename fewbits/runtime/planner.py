@@ -229,7 +229,8 @@ def _probe_shape(model: nn.Module) -> tuple[int, ...]:
 def probe_images(n: int, shape: tuple[int, ...], seed: int = 0) -> Tensor:
     """``n`` seeded probe inputs of per-sample ``shape`` in ``[0, 1]``: every other one i.i.d.
     uniform noise, the rest smooth noise (uniform noise at 1/8 .. 1/2 of the size, upsampled
-    bilinearly) where ``shape`` is ``(C, H, W)`` with ``H, W >= 8``.
+    bilinearly) where ``shape`` is ``(C, H, W)`` with ``H, W >= 8``; the rest are 8-bit pixels
+    ``uint8 / 255``, as decoded images are (a backend's path for those is checked too).
 
     Why smooth: a net trained on images answers pixel noise with nearly one class and small
     activations, where a backend's level flips stay few; image-like inputs drive it where real
@@ -245,6 +246,8 @@ def probe_images(n: int, shape: tuple[int, ...], seed: int = 0) -> Tensor:
                                generator=g)
             x[i] = nn.functional.interpolate(small, size=shape[1:], mode="bilinear",
                                              align_corners=False)[0]
+    # 8-bit pixels: the integer engine's first layer runs on their codes (both paths checked)
+    x[1::2] = (x[1::2] * 255).round().to(torch.uint8).float() / 255
     return x
 
 
