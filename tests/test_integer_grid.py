@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import fewbits
 from fewbits.layers import QuantAct, QuantConv2d, QuantLinear
 from fewbits.models import create_model
 from fewbits.quantizers import FixedPoint, MinMax
@@ -144,7 +145,8 @@ def test_a_float_first_layer_has_no_codes_layer_and_runs_as_before() -> None:
 
 @pytest.mark.filterwarnings("ignore")  # quantize_'s notes on the small nets' weights
 @pytest.mark.parametrize("isa", ISAS_HERE)
-@pytest.mark.parametrize("groups,cin", [(1, 1), (1, 5), (3, 3), (3, 6), (2, 2)])
+@pytest.mark.parametrize("groups,cin", [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 7), (3, 3),
+                                        (3, 6), (2, 2)])
 def test_first_layers_of_any_channel_count_and_groups(groups: int, cin: int, isa: str) -> None:
     # a grouped first layer on 3 channels failed ("malformed step"): the codes' channels were
     # padded to a quad, which only an ungrouped layer reads that way
@@ -162,8 +164,72 @@ def test_first_layers_of_any_channel_count_and_groups(groups: int, cin: int, isa
     with torch.no_grad():
         want = net(x)
     prog = compile_program(net, shape)
+    got = IntegerEngine(prog, isa)(x)
+    assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
+    if groups == 1 and cin in (1, 2, 5):  # a quad of channels would add more than a third:
+        assert prog.grid is None  # 1-channel LeNet ran 5-8 % slower on AVX2 with it
+        return
+    assert prog.grid is not None
+    prog.grid.sacc = prog.grid.sacc * 2  # the codes' layer ran: doubling its sums shows
+    assert not torch.equal(IntegerEngine(prog, isa)(x), got)
+
+
+class _GroupedStem(nn.Module):
+    """A grouped first layer whose input channels are not a whole number of quads."""
+
+    def __init__(self, cin: int, groups: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, 2 * cin, 3, padding=1, groups=groups)
+        self.q1 = QuantAct(MinMax())
+        self.fc = nn.Linear(2 * cin, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q1(self.c1(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize(("cin", "groups"), [(2, 2), (3, 3), (6, 2), (6, 3)])
+def test_a_grouped_first_layer_keeps_its_groups_on_the_codes(cin: int, groups: int,
+                                                            isa: str) -> None:
+    # padding the codes to a quad of channels (4 for 2, 3; 8 for 6) regrouped them: group 1
+    # of a 2-channel depthwise stem read a padding channel (silently wrong logits), 3 groups
+    # of 4 channels were a malformed step
+    torch.manual_seed(8)
+    m = fewbits.quantize_(_GroupedStem(cin, groups), "min_max").eval()
+    shape = (cin, 6, 5)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 256, (4, *shape), generator=g, dtype=torch.uint8).float() / 255
+    with torch.no_grad():
+        m.train()
+        m(x)
+        m.eval()
+        want = m(x)
+    prog = compile_program(m, shape)
     assert prog.grid is not None
     got = IntegerEngine(prog, isa)(x)
     assert float((got - want).abs().max() / want.abs().max()) < QUANTIZED_RTOL / 2
-    prog.grid.sacc = prog.grid.sacc * 2  # the codes' layer ran: doubling its sums shows
-    assert not torch.equal(IntegerEngine(prog, isa)(x), got)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_the_planner_checks_the_codes_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # its probe held no image of 8-bit pixels: compile_for_cpu shipped an integer engine whose
+    # first layer on the codes was wrong (as the grouped stems' was), 0.89 of the logits' range
+    # off on every decoded image, with no note
+    import fewbits.runtime.integer_walk as walk_mod
+    from fewbits.runtime import compile_for_cpu
+    from fewbits.runtime.integer_grid import grid_layer
+    from fewbits.runtime.planner import probe_images
+
+    def wrong(comp: object) -> object:
+        g = grid_layer(comp)
+        g.sacc = g.sacc * 2
+        return g
+
+    x = probe_images(8, (3, 32, 32)).numpy()
+    assert [_on_grid(r) for r in x] == [False, True] * 4  # both first-layer paths probed
+    torch.manual_seed(0)
+    m = create_model("cifar10_min_max_resnet23_prediction").eval()
+    monkeypatch.setattr(walk_mod, "grid_layer", wrong)
+    with pytest.raises(RuntimeError, match="tolerance exceeded on the probe"):
+        compile_for_cpu(m, backend="int")

@@ -35,7 +35,8 @@ def grid_layer(comp: Compiler) -> Conv | None:
     ``k * fl(1/255)``, channels padded with zeros to a multiple of 4) instead of the float
     images; every epilogue field as the float layer's
     (same output). None where no single layer reads the images, or its weights are not on a
-    uniform integer grid (a float first layer: the engine keeps the float layer only)."""
+    uniform integer grid (a float first layer: the engine keeps the float layer only), or
+    padding its channels to a quad would add more than a third."""
     prog = comp.prog
     readers = [s for s in prog.steps if 1 in value_reads(s)]
     if len(readers) != 1 or not isinstance(readers[0], Conv) or not readers[0].float_in or \
@@ -47,6 +48,8 @@ def grid_layer(comp: Compiler) -> Conv | None:
     # the channels as they are
     c, h, w = prog.in_shape
     cy = -(-c // 4) * 4 if first.geom["groups"] == 1 else c
+    if 3 * cy > 4 * c:  # padding adds more than a third (1, 2, 5 channels): the u8 layer
+        return None  # multiplies 1.6-4x the bytes, slower than the float one on AVX2 (LeNet)
     codes = comp.new("int", (cy, h, w), scale=float(np.float32(1.0 / GRID_LEVELS)), lo=0,
                      hi=GRID_LEVELS)
     try:

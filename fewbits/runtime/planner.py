@@ -178,14 +178,8 @@ def _openvino(ctx: Context) -> Runner:
 
 #: name -> builder, in the order they are tried (ties in speed go to the earlier one).
 CANDIDATES: dict[str, Callable[[Context], Runner]] = {
-    "binary": _binary,
-    "int": _int,
-    "openvino": _openvino,
-    "ort-checked": _ort_checked,
-    "ort": _ort,
-    "ort-plain": _ort_plain,
-    "torch": _torch,
-}
+    "binary": _binary, "int": _int, "openvino": _openvino, "ort-checked": _ort_checked,
+    "ort": _ort, "ort-plain": _ort_plain, "torch": _torch}
 #: What ``backend="auto"`` tries. Not OpenVINO: once its worker threads exist, a SIGTERM raised
 #: later in the same process (fewbits' own interrupt handling in training) crashes it; ask for
 #: it by name (``backend="openvino"``) or through ``candidates``.
@@ -229,7 +223,8 @@ def _probe_shape(model: nn.Module) -> tuple[int, ...]:
 def probe_images(n: int, shape: tuple[int, ...], seed: int = 0) -> Tensor:
     """``n`` seeded probe inputs of per-sample ``shape`` in ``[0, 1]``: every other one i.i.d.
     uniform noise, the rest smooth noise (uniform noise at 1/8 .. 1/2 of the size, upsampled
-    bilinearly) where ``shape`` is ``(C, H, W)`` with ``H, W >= 8``.
+    bilinearly) where ``shape`` is ``(C, H, W)`` with ``H, W >= 8``; those others in 8-bit
+    pixels ``uint8 / 255`` as decoded images (checks the integer engine's codes path too).
 
     Why smooth: a net trained on images answers pixel noise with nearly one class and small
     activations, where a backend's level flips stay few; image-like inputs drive it where real
@@ -245,6 +240,7 @@ def probe_images(n: int, shape: tuple[int, ...], seed: int = 0) -> Tensor:
                                generator=g)
             x[i] = nn.functional.interpolate(small, size=shape[1:], mode="bilinear",
                                              align_corners=False)[0]
+    x[1::2] = (x[1::2] * 255).round().to(torch.uint8).float() / 255
     return x
 
 
