@@ -972,9 +972,28 @@ def test_ceil_mode_max_pool_after_a_layer_is_refused_naming_the_pool() -> None:
         IntegerEngine.from_model(net.eval(), (3, 8, 8))
 
 
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_quantized_input_images_run_on_the_engine(family: str, isa: str) -> None:
+    # quantize_(..., quantize_input=True) puts a quantizer on the images: it was refused
+    # ("a layer other than the first reading them", though it was the first)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    quantize_(net, family, quantize_input=True)
+    net = _trained_looking(net, 2)
+    assert net[0].input_quantizer is not None
+    prog = compile_program(net, (3, 9, 7))
+    assert prog.grid is None  # the first layer reads codes, not the images
+    x = torch.rand(5, 3, 9, 7) * 3 - 1  # beyond the quantizer's range both ways
+    _check(IntegerEngine(prog, isa), net, x, exact=family == "fp_net")
+
+
 def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> None:
     # the refusal said "quantizes float tensors, not 'input'"; a NumPy batch of the right
-    # shape was told it had the wrong shape (qa9c)
+    # shape was told it had the wrong shape (qa9c). The second layer's input quantizer on the
+    # images now runs; what is refused is the concatenation of the first one's float map
     class TwoStems(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -988,7 +1007,7 @@ def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> 
     torch.manual_seed(0)
     net = TwoStems()
     quantize_(net, "fp_net")
-    with pytest.raises(ValueError, match="^b: quantizing the network's input images"):
+    with pytest.raises(ValueError, match="concatenation of quantized"):  # a's map is float
         IntegerEngine.from_model(net.eval(), (3, 8, 8))
     torch.manual_seed(0)
     m = create_model("mnist_fp_net_lenet").eval()

@@ -452,12 +452,17 @@ class IntegerEngine:
         if isinstance(s, Concat):
             a = vals[s.srcs[0]]
             return (*a.shape[:-1], sum(s.chans)), np.int16
-        return vals[s.src].shape, np.int16  # Quantize, Clamp
+        x = vals[s.src]
+        if s.src == 1 and x.ndim == 4:  # images quantized: NCHW -> NHWC codes
+            return (x.shape[0], *x.shape[2:], x.shape[1]), np.int16
+        return x.shape, np.int16  # Quantize, Clamp
 
     def _python_step(self, s: object, vals: dict[int, np.ndarray], n: int) -> None:
         y = vals[s.dst]
         if isinstance(s, Quantize):
-            src = np.ascontiguousarray(vals[s.src], np.float32)
+            src = vals[s.src]
+            src = np.ascontiguousarray(src.transpose(0, 2, 3, 1) if s.src == 1 and src.ndim == 4
+                                       else src, np.float32)
             self._lib.fbi_quantize(ctypes.byref(self._qargs[id(s)]), src.size, _ptr(src),
                                    _ptr(y))
         elif isinstance(s, Clamp):

@@ -471,14 +471,12 @@ class Compiler:
                 return x  # already on that grid, within its range: the quantizer is identity
             raise ValueError(f"{name}: requantizing an integer tensor to another grid is not "
                              "run by the integer engine")
-        if x.kind == "input":  # a second layer on the images: quantize_ gives it a quantizer
-            raise ValueError(f"{name}: quantizing the network's input images (a layer other "
-                             "than the first reading them) is not run by the integer engine")
-        if x.kind != "float":
+        if x.kind not in ("float", "input"):
             raise ValueError(f"{name}: the integer engine quantizes float tensors, not "
                              f"{x.kind!r}")
-        # elementwise, so any layout: a flat map, a global average's (C, 1, 1), an NHWC map
-        # (a float layer's output, a float stream: a user's ResNet quantizes the skip's map)
+        # elementwise: a flat map, a global average's (C, 1, 1), an NHWC map (a float layer's
+        # output, a float stream: a user's ResNet quantizes the skip's map), the images
+        # (quantize_input=True, or a second layer reading them; NCHW, their codes NHWC)
         y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi, pt=(qp.kofs, qp.sub))
         self.prog.steps.append(Quantize(x.id, y.id, qp))
         return y
