@@ -990,6 +990,32 @@ def test_quantized_input_images_run_on_the_engine(family: str, isa: str) -> None
     _check(IntegerEngine(prog, isa), net, x, exact=family == "fp_net")
 
 
+@pytest.mark.parametrize("family", ["fp_net", "min_max"])
+def test_quantized_flattened_images_keep_pytorchs_order(family: str) -> None:
+    # an MLP on 3-channel images with quantize_input=True: the quantizer reads the flattened
+    # images, which the engine turned NHWC as if they were a map; the linear layer then read
+    # its inputs permuted (logits off by 0.6 of their range)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                        nn.Linear(32, 10))
+    quantize_(net, family, quantize_input=True)
+    net = _trained_looking(net, 2)
+    x = torch.rand(5, 3, 8, 8) * 3 - 1
+    _check(IntegerEngine.from_model(net, (3, 8, 8)), net, x, exact=family == "fp_net")
+
+
+def test_an_unquantized_max_pool_is_refused_naming_the_pooled_layer() -> None:
+    # the refusal named only its reader: "ap (AdaptiveAvgPool2d): max pooling of an
+    # unquantized feature map", blaming an average pool for max pooling
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    quantize_(net, "fp_net")
+    with pytest.raises(ValueError, match=r"^5 \(AdaptiveAvgPool2d\): reads 2's output "
+                                         "max-pooled without a quantizer"):
+        IntegerEngine.from_model(net.eval(), (3, 8, 8))
+
+
 def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> None:
     # the refusal said "quantizes float tensors, not 'input'"; a NumPy batch of the right
     # shape was told it had the wrong shape (qa9c). The second layer's input quantizer on the

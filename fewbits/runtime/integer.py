@@ -453,7 +453,7 @@ class IntegerEngine:
             a = vals[s.srcs[0]]
             return (*a.shape[:-1], sum(s.chans)), np.int16
         x = vals[s.src]
-        if s.src == 1 and x.ndim == 4:  # images quantized: NCHW -> NHWC codes
+        if getattr(s, "nchw", False):  # images quantized: NCHW -> NHWC codes
             return (x.shape[0], *x.shape[2:], x.shape[1]), np.int16
         return x.shape, np.int16  # Quantize, Clamp
 
@@ -461,8 +461,8 @@ class IntegerEngine:
         y = vals[s.dst]
         if isinstance(s, Quantize):
             src = vals[s.src]
-            src = np.ascontiguousarray(src.transpose(0, 2, 3, 1) if s.src == 1 and src.ndim == 4
-                                       else src, np.float32)
+            # the images' NCHW map -> NHWC codes; flattened images keep PyTorch's C, H, W order
+            src = np.ascontiguousarray(src.transpose(0, 2, 3, 1) if s.nchw else src, np.float32)
             self._lib.fbi_quantize(ctypes.byref(self._qargs[id(s)]), src.size, _ptr(src),
                                    _ptr(y))
         elif isinstance(s, Clamp):

@@ -204,11 +204,13 @@ class GlobalAvg:
 
 @dataclass
 class Quantize:
-    """float -> int16 codes with ``quant``."""
+    """float -> int16 codes with ``quant``; ``nchw``: the source is the NCHW images, whose
+    codes are NHWC (not where they were flattened: a linear layer reads them in C, H, W order)."""
 
     src: int
     dst: int
     quant: QuantParams
+    nchw: bool = False
 
 
 @dataclass
@@ -478,5 +480,5 @@ class Compiler:
         # output, a float stream: a user's ResNet quantizes the skip's map), the images
         # (quantize_input=True, or a second layer reading them; NCHW, their codes NHWC)
         y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi, pt=(qp.kofs, qp.sub))
-        self.prog.steps.append(Quantize(x.id, y.id, qp))
+        self.prog.steps.append(Quantize(x.id, y.id, qp, x.kind == "input" and len(x.shape) == 3))
         return y

@@ -169,8 +169,11 @@ def walk(comp: Compiler, tracer: type) -> Any:
 
     def materialize(p: _Pending, where: str) -> Value:
         if any(item[0] == "maxpool" for item in p.post):
-            raise ValueError(f"{where}: max pooling of an unquantized feature map is not run "
-                             "by the integer engine")
+            # ``where`` is the reader (an average pool, a second reader of the pooled map):
+            # name the pooled layer too, or the message blamed an average pool for max pooling
+            raise ValueError(f"{where}: reads {p.conv.name}'s output max-pooled without a "
+                             "quantizer in between: max pooling of an unquantized feature map "
+                             "is not run by the integer engine")
         lo = max([-math.inf] + [i[1] for i in p.post])
         hi = min([math.inf] + [i[2] for i in p.post])
         p.conv.fclamp = (lo, hi)
