@@ -671,3 +671,21 @@ def test_row_alone_references_are_cached_per_probe_row(monkeypatch):
     # each moved probe row run alone once for both candidates and both checks, beside the
     # reference calls (probe, timing batch) and one same-shape call per check
     assert m.calls <= moved + 2 + 4, m.calls
+
+
+@pytest.mark.parametrize(("name", "backend"), [("mnist_fp_net_lenet", "int"),
+                                               ("mnist_binary_net_lenet", "binary")])
+def test_a_torch_compiled_model_runs_on_the_native_engines(name: str, backend: str) -> None:
+    # torch.compile's wrapper could not be traced: "int" and "binary" refused it, and "auto"
+    # fell back to ONNX Runtime's plain export; its module (same parameters) is deployed
+    from fewbits.models import create_model
+    from fewbits.runtime import compile_for_cpu
+
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    d = compile_for_cpu(torch.compile(m), input_shape=(1, 28, 28), backend=backend, threads=1)
+    assert d.backend == backend
+    x = torch.randint(0, 256, (3, 1, 28, 28)).float() / 255
+    with torch.no_grad():
+        assert torch.equal(d(x).argmax(1), m(x).argmax(1))
+        assert float((d(x) - m(x)).abs().max()) < 1e-5

@@ -406,8 +406,8 @@ def to_onnx_forms(source: nn.Module | str | os.PathLike, forms: list[tuple[bool 
                          f"{onnx.defs.onnx_opset_version()}); the default is {DEFAULT_OPSET}")
     if any(checked and not fuse for fuse, checked in forms):
         raise ValueError("checked_sums=True needs fuse=True")
-    if isinstance(getattr(source, "_orig_mod", None), nn.Module):  # torch.compile's wrapper:
-        source = source._orig_mod  # export the module it compiles (same parameters)
+    if isinstance(source, nn.Module):  # torch.compile's wrapper: the module it compiles
+        source = model_of(source)
     with modes_kept(source):
         return _forms(source, forms, example_inputs, opset, input_shape, check)
 

@@ -119,10 +119,12 @@ class ExportReport:
 
 
 def model_of(source: nn.Module | str | os.PathLike) -> nn.Module:
-    """``source`` itself when it is a model, else the model of a run folder or checkpoint
+    """``source`` itself when it is a model (the module ``torch.compile`` wraps, same
+    parameters: the engines trace it), else the model of a run folder or checkpoint
     (:func:`fewbits.checkpoint.load_model`, which names the file on any problem)."""
     if isinstance(source, nn.Module):
-        return source
+        inner = getattr(source, "_orig_mod", None)  # torch.compile's OptimizedModule
+        return inner if isinstance(inner, nn.Module) else source
 
     return load_model(source)
 
