@@ -689,3 +689,28 @@ def test_a_torch_compiled_model_runs_on_the_native_engines(name: str, backend: s
     with torch.no_grad():
         assert torch.equal(d(x).argmax(1), m(x).argmax(1))
         assert float((d(x) - m(x)).abs().max()) < 1e-5
+
+
+def test_a_tolerance_refusal_asks_whether_a_model_with_initial_statistics_is_trained(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # examples/resnet18_binary.py --speed deployed an untrained net: with the probe's 8-bit
+    # pixels every backend failed its tolerance (binary thresholds exactly 0, sums of pixels
+    # exactly on them) and the refusal gave no clue why
+    from fewbits.runtime import planner
+    from fewbits.runtime.agreement import initial_statistics_hint
+
+    torch.manual_seed(0)
+    m = create_model("mnist_binary_net_lenet").eval()
+    assert "is the model trained?" in initial_statistics_hint(m)
+    assert initial_statistics_hint(nn.Linear(2, 2)) == ""
+    monkeypatch.setattr(planner, "_check", lambda *a, **k: ("tolerance exceeded on the probe: "
+                                                            "logits differ", a[3]))
+    with pytest.raises(RuntimeError, match="logits differ; every batch norm holds its initial"):
+        compile_for_cpu(m, input_shape=(1, 28, 28), backend="binary", threads=1)
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(8, 1, 28, 28))
+    m.eval()
+    assert initial_statistics_hint(m) == ""
+    with pytest.raises(RuntimeError, match="logits differ$"):
+        compile_for_cpu(m, input_shape=(1, 28, 28), backend="binary", threads=1)

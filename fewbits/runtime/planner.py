@@ -70,6 +70,7 @@ from .agreement import (  # noqa: F401 (QUANTIZED_RTOL, FLOAT_RTOL: read from he
     MIN_TOP1_AGREEMENT,
     QUANTIZED_RTOL,
     check_outputs,
+    initial_statistics_hint,
     leaf_error,
     relative_tolerance,
     top1_agreement,
@@ -358,7 +359,10 @@ def _plan(source: ResolvedSource, backend: str, threads: int | None, batch_size:
     notes: list[str] = []
     alone: dict[int, Tensor] = {}  # probe rows run alone (_check)
 
+    hint = initial_statistics_hint(model)
+
     def drop(name: str, why: str) -> None:
+        why += hint if why.startswith("tolerance exceeded") else ""
         if backend != "auto":
             raise RuntimeError(f"backend {name!r} cannot run this model: {why}")
         notes.append(f"{name}: {why}")
