@@ -16,6 +16,11 @@
  * gives the same sums): all ISA paths give bit-identical results with +-1 stem weights. Other
  * float stem weights (a fixed-point or float first conv): the AVX2 / AVX-512 stems fuse each
  * multiply-add, the portable one rounds the product first, so sums can differ by rounding.
+ * Images of 8-bit pixels (every value k / 255 rounded, checked per image) with +-1 stem
+ * weights and thresholds: on AVX-512 with VNNI the stem sums the codes, S = sum of +-k exactly
+ * (vpdpbusd), and compares S with ceil(255 T): the exact decision of S / 255 >= T, where the
+ * float sums decide within rounding of T (the same bits but where a float sum lies within
+ * rounding of its threshold: an untrained net's thresholds are 0, where such ties occur).
  *
  * ISA paths: AVX-512 (F + VPOPCNTDQ), AVX2 (+FMA, nibble-table popcount as Mula et al.), and
  * portable C, each compiled with a target attribute in this one file and chosen at run time.
@@ -67,6 +72,14 @@ typedef struct {
     /* Optional (AVX2 path, BCONV with thresholds): the same thresholds on D for the pixels whose
      * k x k taps are all inside the input (n = cin k k), int32, clamped to [-1, n] [cout_pad]. */
     const int32_t *di0, *di1;
+    /* Optional (STEM with thresholds and +-1 weights, AVX-512 VNNI; NULL: none): the stem on
+     * images of 8-bit pixels (every value k / 255 rounded, checked per image), as exact
+     * integer sums S of +-k: w8 the weights as bytes [k*k taps (ky, kx)][nq quads of input
+     * channels][cout_pad][4] (0 past cin), the output bit (S >= ti) ^ flip with
+     * ti = ceil(255 tf) (S / 255 >= tf exactly) [cout_pad]. */
+    const int8_t *w8;
+    const int32_t *ti;
+    int32_t nq;
 } fbb_layer;
 
 static int wd_of(int c) { return (c + 31) / 32; }
@@ -683,6 +696,92 @@ static void bconv_row_avx512(const fbb_row *r, int32_t *corr) {
 }
 #endif
 
+/* ---------------------------------------------------------------- stem on 8-bit pixels */
+
+#if FBB_X86
+#define VNNI_T __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+/* 1 where every value of the NCHW image x is k / 255 rounded to float32 (uint8 / 255 bit for
+ * bit; -0 passes as 0) for an integer k in [0, 255]: the codes k written to img, the
+ * zero-padded NHWC byte image of 4 nq channels per pixel; else 0 (img partly written). */
+VNNI_T static int stem_codes(const fbb_layer *L, const float *x, uint8_t *img) {
+    int p = L->pad, wp = L->w + 2 * p, c4 = 4 * L->nq;
+    memset(img, 0, (size_t)(L->h + 2 * p) * wp * c4);
+    const __m512 s = _mm512_set1_ps(255.0f);
+    const __m512i hi = _mm512_set1_epi32(255);
+    for (int c = 0; c < L->cin; c++)
+        for (int y = 0; y < L->h; y++) {
+            const float *row = x + ((size_t)c * L->h + y) * L->w;
+            uint8_t *o = img + ((size_t)(y + p) * wp + p) * c4 + c;
+            for (int j = 0; j < L->w; j += 16) {
+                __mmask16 m = L->w - j >= 16 ? (__mmask16)0xFFFF
+                                             : (__mmask16)((1u << (L->w - j)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(m, row + j);
+                __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(v, s)); /* nearest */
+                __m512 back = _mm512_div_ps(_mm512_cvtepi32_ps(k), s);
+                __mmask16 ok = _mm512_mask_cmp_ps_mask(m, back, v, _CMP_EQ_OQ) &
+                               _mm512_cmp_epu32_mask(k, hi, _MM_CMPINT_LE);
+                if (ok != m) return 0;
+                uint8_t b[16];
+                _mm_storeu_si128((__m128i *)b, _mm512_cvtepi32_epi8(k));
+                for (int t = 0; t < 16 && j + t < L->w; t++) o[(size_t)(j + t) * c4] = b[t];
+            }
+        }
+    return 1;
+}
+
+/* NP output pixels from ox, 16 nb output channels from ob: sums of +-k by vpdpbusd (codes
+ * u8 x weights s8, four channels of a tap per product), exact in int32. */
+#define STEMQ_NP 4
+VNNI_T static inline __attribute__((always_inline)) void stemq_px(const fbb_row *r, int ox,
+                                                                  int ob, const int np,
+                                                                  const int nb) {
+    const fbb_layer *L = r->L;
+    const uint8_t *img = (const uint8_t *)r->in;
+    int k = L->k, nq = L->nq, cp = L->cout_pad, c4 = 4 * nq, st = r->s;
+    __m512i a[STEMQ_NP][4];
+    for (int q = 0; q < np; q++)
+        for (int b = 0; b < nb; b++) a[q][b] = _mm512_setzero_si512();
+    for (int ky = 0; ky < k; ky++) {
+        const uint8_t *xr = img + ((size_t)(r->oy + ky) * r->wp + (size_t)ox * st) * c4;
+        for (int kx = 0; kx < k; kx++)
+            for (int q = 0; q < nq; q++) {
+                const int8_t *w = L->w8 + ((((size_t)ky * k + kx) * nq + q) * cp + ob) * 4;
+                __m512i wv[4];
+                for (int b = 0; b < nb; b++) wv[b] = _mm512_loadu_si512((const void *)(w + 64 * b));
+                for (int i = 0; i < np; i++) {
+                    int32_t quad;
+                    memcpy(&quad, xr + ((size_t)(kx + i * st)) * c4 + 4 * q, 4);
+                    __m512i xv = _mm512_set1_epi32(quad);
+                    for (int b = 0; b < nb; b++) a[i][b] = _mm512_dpbusd_epi32(a[i][b], xv, wv[b]);
+                }
+            }
+    }
+    for (int i = 0; i < np; i++)
+        for (int b = 0; b < nb; b += 2) {
+            int o = ob + 16 * b;
+            uint32_t ge = (uint32_t)_mm512_cmpge_epi32_mask(a[i][b], _mm512_loadu_si512(
+                              (const void *)(L->ti + o))) |
+                          ((uint32_t)_mm512_cmpge_epi32_mask(a[i][b + 1], _mm512_loadu_si512(
+                              (const void *)(L->ti + o + 16))) << 16);
+            r->out[(size_t)(ox + i) * (cp / 32) + o / 32] = ge ^ L->flip[o / 32];
+        }
+}
+
+VNNI_T static void stem_row_q(const fbb_row *r) {
+    int cp = r->L->cout_pad, ox = 0;
+    for (; ox + STEMQ_NP <= r->ow; ox += STEMQ_NP) {
+        int ob = 0;
+        for (; ob + 64 <= cp; ob += 64) stemq_px(r, ox, ob, STEMQ_NP, 4);
+        for (; ob < cp; ob += 32) stemq_px(r, ox, ob, STEMQ_NP, 2);
+    }
+    for (; ox < r->ow; ox++) {
+        int ob = 0;
+        for (; ob + 64 <= cp; ob += 64) stemq_px(r, ox, ob, 1, 4);
+        for (; ob < cp; ob += 32) stemq_px(r, ox, ob, 1, 2);
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------- ISA selection */
 
 typedef void (*stem_fn)(const fbb_row *);
@@ -720,11 +819,17 @@ static const void *padded(const void *src, void *dst, int planes, int H, int W, 
 
 static void run_layer(const fbb_layer *L, const void *in, const uint32_t *res, uint32_t *out,
                       const float *fres, float *fout, void *pad, int32_t *corr, stem_fn stem,
-                      bconv_fn bconv, int *bad) {
+                      bconv_fn bconv, int *bad, int stem_q) {
     int k = L->k, p = L->pad, s = L->stride, oh = out_size(L, L->h), ow = out_size(L, L->w);
     int stemop = L->op == OP_STEM, wo = L->cout_pad / 32;
     fbb_row r = {L, NULL, L->w + 2 * p, L->h + 2 * p, 0, ow, 0, 0, NULL, NULL, s, NULL, NULL,
                  stemop ? bad : NULL};
+#if FBB_X86
+    if (stemop && L->w8 && stem_q && stem_codes(L, (const float *)in, (uint8_t *)pad)) {
+        r.in = pad; /* images of 8-bit pixels: the stem's exact integer sums */
+        stem = stem_row_q;
+    } else
+#endif
     r.in = stemop ? padded(in, pad, L->cin, L->h, L->w, 1, p, sizeof(float))
                   : padded(in, pad, 1, L->h, L->w, wd_of(L->cin), p, sizeof(uint32_t));
     for (int oy = 0; oy < oh; oy++) {
@@ -864,7 +969,8 @@ static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
             || (l->res >= 0 && op != OP_BCONV) || (l->fres >= 0 && !l->alpha)
             || (l->wbb && (op != OP_BCONV || l->k != 1 || l->pad != 0 || l->cin > 127
                            || l->alpha || !l->dt0 || !l->dt1))
-            || (l->di0 && (op != OP_BCONV || l->alpha || !l->di1)))
+            || (l->di0 && (op != OP_BCONV || l->alpha || !l->di1))
+            || (l->w8 && (op != OP_STEM || l->alpha || !l->ti || l->nq != (l->cin + 3) / 4)))
             return -3;
         for (int j = 0; j < 3; j++) {
             if (bufs[j] < -1 || fb[j] < -1) return -3;
@@ -887,6 +993,18 @@ static int64_t sizes_of(const fbb_layer *L, int nl, fbb_sizes *z) {
         if (pad > z->pw) z->pw = pad;
     }
     return (int64_t)(z->mw * z->nb + z->mf * z->nf + z->pw + z->cw);
+}
+
+/* 1 where path `isa` runs the stem on 8-bit pixels (AVX-512 with VNNI), else 0. */
+int fbb_stem_q(int isa) {
+#if FBB_X86
+    __builtin_cpu_init();
+    return isa == ISA_AVX512 && fbb_isa_supported(isa) && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+    (void)isa;
+    return 0;
+#endif
 }
 
 /* Scratch size (4-byte units) `fbb_run` needs for this program, or -3 (malformed). */
@@ -922,6 +1040,7 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     if (isa == ISA_AVX2) { stem = stem_row_avx2; bconv = bconv_row_avx2; }
     if (isa == ISA_AVX512) { stem = stem_row_avx512; bconv = bconv_row_avx512; }
 #endif
+    int stem_q = fbb_stem_q(isa); /* the stem on 8-bit pixels (w8) runs here */
     fbb_sizes z;
     int64_t need = sizes_of(L, nl, &z);
     if (need < 0) return (int)need;
@@ -953,7 +1072,7 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
                 run_layer(l, l->op == OP_STEM ? (const void *)(x + b * in_size)
                                               : (const void *)src,
                           BITS(l->res), dst, FMAP(l->fres), FMAP(l->fdst), pad, tmp, stem,
-                          bconv, &bad);
+                          bconv, &bad, stem_q);
                 if (l->pool) pool_or(dst, out_size(l, l->h), out_size(l, l->w),
                                      l->cout_pad / 32);
             }

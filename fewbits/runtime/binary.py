@@ -102,7 +102,8 @@ class _Layer(ctypes.Structure):  # mirrors fbb_layer in _binary_engine.c
                                  ("wf", "wb", "wpop", "t0", "t1", "tf", "flip", "ninf", "pinf",
                                   "bias")] + \
         [(n, ctypes.c_int32) for n in ("stride", "fsrc", "fdst", "fres", "relu")] + \
-        [(n, _P) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1")]
+        [(n, _P) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1", "w8", "ti")] + \
+        [("nq", ctypes.c_int32)]
 
 
 # fbb_run(layers, nl, isa, x, n, in_size, out, out_size, check_finite, ws, ws_size): addresses
@@ -114,6 +115,7 @@ _LIB = CLibrary(
     Path(__file__).with_name("_binary_engine.c"), "binary-engine",
     ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
     {"fbb_isa_supported": ([ctypes.c_int], ctypes.c_int),
+     "fbb_stem_q": ([ctypes.c_int], ctypes.c_int),
      "fbb_workspace": ([ctypes.POINTER(_Layer), ctypes.c_int], ctypes.c_int64),
      "fbb_run": (_RUN_ARGS, ctypes.c_int)},
 )
@@ -210,6 +212,21 @@ def _padded(a: np.ndarray, n: int, fill: float | int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def _stem_q(s: Step, wf: np.ndarray, tf: np.ndarray) -> dict[str, np.ndarray]:
+    """The stem on images of 8-bit pixels (``fbb_layer.w8`` / ``ti``): its +-1 weights as bytes
+    ``[k*k taps][quads of input channels][cout_pad][4]`` and the integer thresholds
+    ``ceil(255 t)`` on the exact sums of +-k (``sum / 255 >= t`` exactly; float64 holds
+    ``255 t`` exactly). None where a weight is not +-1 or a threshold is NaN."""
+    if not np.isin(wf, (-1.0, 0.0, 1.0)).all() or np.isnan(tf).any():
+        return {}
+    k, cp, nq = s.k, wf.shape[1], -(-s.cin // 4)
+    w = np.zeros((k, k, nq * 4, cp), np.int8)  # wf rows are taps (c, ky, kx)
+    w[:, :, :s.cin] = wf.reshape(s.cin, k, k, cp).transpose(1, 2, 0, 3)
+    w8 = w.reshape(k, k, nq, 4, cp).transpose(0, 1, 2, 4, 3)
+    ti = np.clip(np.ceil(tf.astype(np.float64) * 255), -2**31, 2**31 - 1).astype(np.int32)
+    return {"w8": np.ascontiguousarray(w8), "ti": ti}
+
+
 def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     cp = -(-s.cout // 32) * 32
     if s.op == "poolf":
@@ -234,9 +251,10 @@ def _layer_arrays(s: Step, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     t = d[f"{s.bn}.threshold"]
     if s.op == "stem":  # taps in PyTorch order (c, ky, kx), output channels contiguous
         nf = d[f"{s.bn}.nonfinite"].astype(bool)
-        return {"wf": out["wf"], "tf": _padded(t.astype(np.float32), cp, np.inf), "flip": flip,
+        tf = _padded(t.astype(np.float32), cp, np.inf)
+        return {"wf": out["wf"], "tf": tf, "flip": flip,
                 "ninf": _words(_padded(nf[0], cp, False)),
-                "pinf": _words(_padded(nf[1], cp, False))}
+                "pinf": _words(_padded(nf[1], cp, False)), **_stem_q(s, out["wf"], tf)}
     t = np.atleast_2d(t).astype(np.int64)
     big = np.iinfo(np.int32).max  # padded channels: never +1, so their bits stay 0
     out = {"t0": _padded(t[0].astype(np.int32), cp, big),
@@ -326,7 +344,8 @@ class BinaryEngine:
                 s.res, cp, *(ptr.get(n) for n in ("wf", "wb", "wpop", "t0", "t1", "tf", "flip",
                                                   "ninf", "pinf", "bias")),
                 s.stride, s.fsrc, s.fdst, s.fres, int(s.relu),
-                *(ptr.get(n) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1")))
+                *(ptr.get(n) for n in ("alpha", "beta", "wbb", "dt0", "dt1", "di0", "di1", "w8",
+                                       "ti")), -(-s.cin // 4) if "w8" in arrs else 0)
         size = _lib().fbb_workspace(self._layers, len(plan))
         if size < 0:
             raise ValueError("binary engine: malformed program (a layer's sizes)")
