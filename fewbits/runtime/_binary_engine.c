@@ -1047,6 +1047,8 @@ int fbb_run(const fbb_layer *L, int nl, int isa, const float *x, int64_t n, int6
     if (ws == NULL || ws_size < need) return -2;
     int64_t nout = L[nl - 1].cout;
     if (out_size_ != n * nout) return -3;
+    /* the stem reads cin h w floats of each input: a shorter one would be read past its end */
+    if (in_size != (int64_t)L[0].cin * L[0].h * L[0].w) return -3;
     int bad = 0; /* a value binary_tanh sees after the stem was NaN/inf (checked once, below) */
     uint32_t *buf = (uint32_t *)ws;
     float *fbuf = (float *)(buf + z.mw * z.nb);

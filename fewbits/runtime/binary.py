@@ -391,8 +391,8 @@ class BinaryEngine:
     @staticmethod
     def input_shape(plan: list[Step]) -> tuple[int, ...]:
         """Per-sample input shape of a program: ``(C, H, W)``, or ``(features,)`` (MLP)."""
-        s = plan[0]
-        return (s.cin,) if s.h == 1 and s.k == 1 else (s.cin, s.h, s.w)
+        s = plan[0]  # an MLP's first layer is a 1 x 1 stem on a 1 x 1 map (not any row image)
+        return (s.cin,) if s.h == 1 and s.w == 1 and s.k == 1 else (s.cin, s.h, s.w)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dtype != torch.float32:
