@@ -216,8 +216,10 @@ def _stem_q(s: Step, wf: np.ndarray, tf: np.ndarray) -> dict[str, np.ndarray]:
     """The stem on images of 8-bit pixels (``fbb_layer.w8`` / ``ti``): its +-1 weights as bytes
     ``[k*k taps][quads of input channels][cout_pad][4]`` and the integer thresholds
     ``ceil(255 t)`` on the exact sums of +-k (``sum / 255 >= t`` exactly; float64 holds
-    ``255 t`` exactly). None where a weight is not +-1 or a threshold is NaN."""
-    if not np.isin(wf, (-1.0, 0.0, 1.0)).all() or np.isnan(tf).any():
+    ``255 t`` exactly). None where a weight is not +-1, a threshold is NaN, or a sum could
+    leave int32."""
+    if 255 * s.cin * s.k * s.k >= 2**31 or not np.isin(wf, (-1.0, 0.0, 1.0)).all() or \
+            np.isnan(tf).any():
         return {}
     k, cp, nq = s.k, wf.shape[1], -(-s.cin // 4)
     w = np.zeros((k, k, nq * 4, cp), np.int8)  # wf rows are taps (c, ky, kx)
