@@ -365,3 +365,38 @@ def min_max_quantize_grad(
     dmin = np.where(x < lo, d64, 0.0).sum(axis=axes).astype(np.float32)
     dmax = np.where(x > hi, d64, 0.0).sum(axis=axes).astype(np.float32)
     return dx, dmin, dmax
+
+
+# --------------------------------------------------------------------------- 8-bit pixels
+def on_uint8_grid(x) -> bool:
+    """Every value of ``x`` is ``float32(k) / float32(255)`` (IEEE division, correctly rounded)
+    for an integer ``k`` in ``[0, 255]`` (``uint8 / 255`` bit for bit); ``-0`` equals ``+0``.
+    The engines' check of images of 8-bit pixels, from its definition."""
+    x = np.asarray(x)
+    with np.errstate(invalid="ignore"):
+        k = np.rint(x.astype(np.float64) * 255.0)
+        if not (np.isfinite(k) & (k >= 0) & (k <= 255)).all():
+            return False
+        return bool((k.astype(F32) / F32(255) == x).all())
+
+
+_K255 = np.arange(256, dtype=F32) / F32(255)
+#: values put into an image of 8-bit pixels, one at a time: on the grid (0, -0, 1, ties of
+#: k * 255 rounding) and just off it (one ulp either side, k / 256, out of [0, 1], 0.5)
+UINT8_GRID_EDGES = [
+    0.0, -0.0, 1.0, float(_K255[1]), float(_K255[127]), float(_K255[128]), float(_K255[254]),
+    float(np.nextafter(_K255[100], F32(1))), float(np.nextafter(_K255[100], F32(0))),
+    float(np.nextafter(F32(1), F32(2))), float(F32(1e-30)), float(F32(255 / 256)), 0.5,
+    256 / 255, -1 / 255, 2.0, -1.0, 1e30]
+
+
+def uint8_grid_edge_rows(base, stride: int) -> tuple[list[np.ndarray], list[bool]]:
+    """Copies of the image ``base`` (float32), the ``i``-th with value ``i`` of
+    :data:`UINT8_GRID_EDGES` at flat index ``stride * i`` (mod its size), and whether each is
+    on the grid (:func:`on_uint8_grid`)."""
+    rows = []
+    for i, v in enumerate(UINT8_GRID_EDGES):
+        x = np.array(np.asarray(base), F32)  # a copy
+        x.reshape(-1)[(stride * i) % x.size] = v
+        rows.append(x)
+    return rows, [on_uint8_grid(r) for r in rows]

@@ -6,6 +6,7 @@ the integer stem taken per image exactly where a NumPy oracle of the grid says, 
 from __future__ import annotations
 
 import numpy as np
+import oracle as O
 import pytest
 import torch
 from torch import nn
@@ -113,15 +114,6 @@ def test_engine_built_for_row_images_takes_them() -> None:
         engine(x)
 
 
-def _on_grid(x: np.ndarray) -> bool:
-    """The oracle: every value is ``float32(k) / float32(255)`` for an integer k in [0, 255]."""
-    with np.errstate(invalid="ignore"):
-        k = np.rint(x.astype(np.float64) * 255.0)
-        if not (np.isfinite(k) & (k >= 0) & (k <= 255)).all():
-            return False
-        return bool((k.astype(np.float32) / np.float32(255) == x).all())
-
-
 def _net(name: str = "cifar10_binary_net_resnet23_prediction") -> nn.Module:
     torch.manual_seed(0)
     m = create_model(name)
@@ -137,17 +129,6 @@ def _net(name: str = "cifar10_binary_net_resnet23_prediction") -> nn.Module:
     return m.eval()
 
 
-def _images(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8).float() / 255
-
-
-k255 = np.arange(256, dtype=np.float32) / np.float32(255)
-EDGES = [0.0, -0.0, 1.0, float(k255[1]), float(k255[128]),
-         float(np.nextafter(k255[100], np.float32(1))),
-         float(np.nextafter(k255[100], np.float32(0))), 0.5, 256 / 255, -1 / 255, 1e-30]
-
-
 @pytest.mark.parametrize("isa", supported_isas())
 def test_each_image_takes_the_integer_stem_exactly_where_the_oracle_says(isa: str) -> None:
     m = _net()
@@ -159,18 +140,12 @@ def test_each_image_takes_the_integer_stem_exactly_where_the_oracle_says(isa: st
     ti[:] = np.iinfo(np.int32).min  # every integer-stem bit +1 (xor flip): wrong on purpose
     runs_q = bool(_lib().fbb_stem_q(eng._isa_id))
     assert runs_q == (isa == "avx512_vpopcntdq" and "avx512_vnni" in _cpu_flags())
-    rows, want = [], []
-    base = _images(1, (3, 32, 32), 2)
-    for i, v in enumerate(EDGES):
-        x = base.clone()
-        x.view(-1)[(131 * i) % x.numel()] = v
-        rows.append(x)
-        want.append(_on_grid(x.numpy()))
+    rows, want = O.uint8_grid_edge_rows(_pixels((1, 3, 32, 32), seed=2), 131)
     assert any(want) and not all(want)
-    x = torch.cat(rows)
+    x = torch.from_numpy(np.concatenate(rows))
     got, clean = bad(x), eng(x)
     for i, on in enumerate(want):
-        assert torch.equal(got[i], clean[i]) != (on and runs_q), (EDGES[i], on)
+        assert torch.equal(got[i], clean[i]) != (on and runs_q), (O.UINT8_GRID_EDGES[i], on)
     with torch.no_grad():
         assert torch.equal(clean, m(x))  # both stems give PyTorch's logits here
 
@@ -189,7 +164,7 @@ def test_integer_stem_logits_equal_pytorch_and_the_float_stem(name: str, shape: 
     eng = BinaryEngine.from_model(m, input_shape=shape)
     flt = BinaryEngine.from_model(m, input_shape=shape)
     flt._layers[0].w8 = None  # the float stem only
-    x = _images(32, shape, 3)
+    x = _pixels((32, *shape), seed=3)
     with torch.no_grad():
         want = m(x)
     assert torch.equal(eng(x), want)

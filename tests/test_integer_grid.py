@@ -6,6 +6,7 @@ grid and against PyTorch."""
 from __future__ import annotations
 
 import numpy as np
+import oracle as O
 import pytest
 import torch
 from torch import nn
@@ -22,29 +23,9 @@ ISAS_HERE = supported_int_isas()
 SHAPE = (3, 8, 8)
 
 
-def _on_grid(x: np.ndarray) -> bool:
-    """The oracle, from the definition: every value is ``float32(k) / float32(255)`` (IEEE
-    division, correctly rounded) for an integer ``k`` in ``[0, 255]``; ``-0`` equals ``+0``."""
-    with np.errstate(invalid="ignore"):
-        k = np.rint(x.astype(np.float64) * 255.0)
-        if not (np.isfinite(k) & (k >= 0) & (k <= 255)).all():
-            return False
-        return bool((k.astype(np.float32) / np.float32(255) == x).all())
-
-
 def _pixels(seed: int, n: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, *SHAPE), generator=g, dtype=torch.uint8).float() / 255
-
-
-k255 = np.arange(256, dtype=np.float32) / np.float32(255)
-#: values put into an on-grid image, one at a time: on the grid (0, -0, 1, ties of k * 255
-#: rounding) and just off it (one ulp either side, k / 256, out of [0, 1], 0.5)
-EDGES = [0.0, -0.0, 1.0, float(k255[1]), float(k255[127]), float(k255[128]), float(k255[254]),
-         float(np.nextafter(k255[100], np.float32(1))),
-         float(np.nextafter(k255[100], np.float32(0))),
-         float(np.nextafter(np.float32(1), np.float32(2))), float(np.float32(1e-30)),
-         float(np.float32(255 / 256)), 0.5, 256 / 255, -1 / 255, 2.0, -1.0, 1e30]
 
 
 def _engines(model: nn.Module, isa: str) -> tuple[IntegerEngine, IntegerEngine]:
@@ -66,19 +47,13 @@ def _fp_resnet() -> nn.Module:
 @pytest.mark.parametrize("isa", ISAS_HERE)
 def test_each_image_takes_the_codes_layer_exactly_where_the_oracle_says(isa: str) -> None:
     bad, ref = _engines(_fp_resnet(), isa)
-    base = _pixels(1)
-    rows, want = [], []
-    for i, v in enumerate(EDGES):
-        x = base.clone()
-        x.view(-1)[(37 * i) % x.numel()] = v
-        rows.append(x)
-        want.append(_on_grid(x.numpy()))
+    rows, want = O.uint8_grid_edge_rows(_pixels(1), 37)
     assert any(want) and not all(want)
-    x = torch.cat(rows)
+    x = torch.from_numpy(np.concatenate(rows))
     got, clean = bad(x), ref(x)  # one call: the engine decides image by image
     for i, on in enumerate(want):
-        assert torch.equal(got[i], clean[i]) != on, (EDGES[i], on)
-        assert torch.equal(bad(rows[i])[0], got[i])  # alone as in the batch
+        assert torch.equal(got[i], clean[i]) != on, (O.UINT8_GRID_EDGES[i], on)
+        assert torch.equal(bad(torch.from_numpy(rows[i]))[0], got[i])  # alone as in the batch
 
 
 class _ConcatNet(nn.Module):
@@ -227,7 +202,7 @@ def test_the_planner_checks_the_codes_layer(monkeypatch: pytest.MonkeyPatch) -> 
         return g
 
     x = probe_images(8, (3, 32, 32)).numpy()
-    assert [_on_grid(r) for r in x] == [False, True] * 4  # both first-layer paths probed
+    assert [O.on_uint8_grid(r) for r in x] == [False, True] * 4  # both first-layer paths probed
     torch.manual_seed(0)
     m = create_model("cifar10_min_max_resnet23_prediction").eval()
     monkeypatch.setattr(walk_mod, "grid_layer", wrong)
