@@ -600,20 +600,23 @@ static inline void stem_px_avx512(const fbb_row *r, int ox, int ob, const int nb
         }
 }
 
+/* A stem row by PX(r, ox, ob, pixels, blocks of 16 channels): NP pixels at a time, then one;
+ * 64 output channels at a time, then 32 (cout_pad is a multiple of 32). */
+#define STEM_PX_ALL(PX, NPX)                                                              \
+    do {                                                                                  \
+        int ob = 0;                                                                       \
+        for (; ob + 64 <= r->L->cout_pad; ob += 64) PX(r, ox, ob, NPX, 4);                \
+        for (; ob < r->L->cout_pad; ob += 32) PX(r, ox, ob, NPX, 2);                      \
+    } while (0)
+#define STEM_ROW(PX, NP)                                                                  \
+    do {                                                                                  \
+        int ox = 0;                                                                       \
+        for (; ox + (NP) <= r->ow; ox += (NP)) STEM_PX_ALL(PX, NP);                       \
+        for (; ox < r->ow; ox++) STEM_PX_ALL(PX, 1);                                      \
+    } while (0)
+
 __attribute__((target("avx512f")))
-static void stem_row_avx512(const fbb_row *r) {
-    int cp = r->L->cout_pad, ox = 0;
-    for (; ox + STEM_NB <= r->ow; ox += STEM_NB) {
-        int ob = 0;
-        for (; ob + 64 <= cp; ob += 64) stem_px_avx512(r, ox, ob, STEM_NB, 4);
-        for (; ob < cp; ob += 32) stem_px_avx512(r, ox, ob, STEM_NB, 2);
-    }
-    for (; ox < r->ow; ox++) {
-        int ob = 0;
-        for (; ob + 64 <= cp; ob += 64) stem_px_avx512(r, ox, ob, 1, 4);
-        for (; ob < cp; ob += 32) stem_px_avx512(r, ox, ob, 1, 2);
-    }
-}
+static void stem_row_avx512(const fbb_row *r) { STEM_ROW(stem_px_avx512, STEM_NB); }
 
 /* Output bits of 32 channels from their XOR popcounts (d0: channels ob..+15, d1: +16..+31). */
 __attribute__((target("avx512f")))
@@ -767,19 +770,7 @@ VNNI_T static inline __attribute__((always_inline)) void stemq_px(const fbb_row 
         }
 }
 
-VNNI_T static void stem_row_q(const fbb_row *r) {
-    int cp = r->L->cout_pad, ox = 0;
-    for (; ox + STEMQ_NP <= r->ow; ox += STEMQ_NP) {
-        int ob = 0;
-        for (; ob + 64 <= cp; ob += 64) stemq_px(r, ox, ob, STEMQ_NP, 4);
-        for (; ob < cp; ob += 32) stemq_px(r, ox, ob, STEMQ_NP, 2);
-    }
-    for (; ox < r->ow; ox++) {
-        int ob = 0;
-        for (; ob + 64 <= cp; ob += 64) stemq_px(r, ox, ob, 1, 4);
-        for (; ob < cp; ob += 32) stemq_px(r, ox, ob, 1, 2);
-    }
-}
+VNNI_T static void stem_row_q(const fbb_row *r) { STEM_ROW(stemq_px, STEMQ_NP); }
 #endif
 
 /* ---------------------------------------------------------------- ISA selection */
