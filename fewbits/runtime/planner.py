@@ -70,6 +70,7 @@ from .agreement import (  # noqa: F401 (QUANTIZED_RTOL, FLOAT_RTOL: read from he
     MIN_TOP1_AGREEMENT,
     QUANTIZED_RTOL,
     check_outputs,
+    checked_probe,
     initial_statistics_hint,
     leaf_error,
     relative_tolerance,
@@ -341,11 +342,7 @@ def _plan(source: ResolvedSource, backend: str, threads: int | None, batch_size:
         shape = tuple(input_shape) if input_shape is not None else _probe_shape(model)
         x = probe_images(PROBE_SIZE, shape)
         if probe_inputs is not None:
-            if not isinstance(probe_inputs, Tensor) or tuple(probe_inputs.shape[1:]) != shape:
-                raise ValueError(f"probe_inputs must be a float tensor (N, "
-                                 f"{', '.join(map(str, shape))}), got "
-                                 f"{tuple(getattr(probe_inputs, 'shape', ()))}")
-            x = torch.cat([x, probe_inputs.detach().float().cpu()])
+            x = torch.cat([x, checked_probe(probe_inputs, shape)])
         probe = ((x,), {})
     with torch.inference_mode():
         ref = model(*probe[0], **probe[1])
