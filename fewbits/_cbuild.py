@@ -313,17 +313,23 @@ def isa_paths(names: tuple[str, ...], runs: Any) -> list[str]:
     return [n for i, n in reversed(list(enumerate(names))) if runs(i)]
 
 
+class IsaError(ValueError):
+    """A forced ISA path (argument or ``$FEWBITS_*_ISA``) that is unknown or that this CPU
+    cannot run: the machine's setting, not the model's (the planner warns, as for a failed
+    build, where it would only note an operation its engine does not cover)."""
+
+
 def pick_isa(name: str | None, env: str, names: tuple[str, ...], have: list[str],
              engine: str) -> str:
     """The path an engine runs: ``name``, else ``$env``, else the best of ``have``. Raises
-    ``ValueError`` for a name not in ``names`` or a path this CPU cannot run."""
+    :class:`IsaError` for a name not in ``names`` or a path this CPU cannot run."""
     name = name or os.environ.get(env) or None
     if name is None:
         return have[0]
     if name not in names:
-        raise ValueError(f"unknown {engine}-engine ISA {name!r} (argument or ${env}); known: "
+        raise IsaError(f"unknown {engine}-engine ISA {name!r} (argument or ${env}); known: "
                          f"{', '.join(names)}")
     if name not in have:
-        raise ValueError(f"this CPU cannot run the {name!r} path of the {engine} engine (forced "
+        raise IsaError(f"this CPU cannot run the {name!r} path of the {engine} engine (forced "
                          f"by argument or ${env}); it can run: {', '.join(have)}")
     return name

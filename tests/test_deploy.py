@@ -717,3 +717,14 @@ def test_a_tolerance_refusal_asks_whether_a_model_with_initial_statistics_is_tra
     assert initial_statistics_hint(m) == ""
     with pytest.raises(RuntimeError, match="logits differ$"):
         compile_for_cpu(m, input_shape=(1, 28, 28), backend="binary", threads=1)
+
+
+@pytest.mark.parametrize("bad, says", [
+    (torch.rand(0, 1, 28, 28), "non-empty"),  # was a ZeroDivisionError building the batch
+    ((torch.rand(4, 1, 28, 28) * 255).to(torch.uint8), "float"),  # was probed as 0..255 images
+    (torch.full((2, 1, 28, 28), float("nan")), "NaN or inf"),  # was the quantizer's "diverging
+])                                                              # run" message
+def test_probe_inputs_that_cannot_probe_are_refused_by_name(bad, says):
+    m = create_model("mnist_fp_net_mlp", width=16, depth=1).eval()
+    with pytest.raises(ValueError, match=f"probe_inputs .*{says}"):
+        compile_for_cpu(m, candidates=("torch",), batch_size=2, probe_inputs=bad)

@@ -1057,3 +1057,18 @@ def test_functional_ceil_mode_max_pool_after_a_layer_is_refused_naming_the_pool(
     quantize_(m, "fp_net")
     with pytest.raises(ValueError, match="max_pool2d.*: max pooling with ceil_mode"):
         IntegerEngine.from_model(m, (3, 9, 9))
+
+
+@pytest.mark.parametrize("env, value", [(INT_ISA_ENV, "sse9"), ("FEWBITS_BINARY_ISA", "avx9")])
+def test_a_mistyped_isa_variable_warns_under_auto_and_is_not_called_an_operation(
+        env: str, value: str, monkeypatch) -> None:
+    # a typo in $FEWBITS_*_ISA is the machine's setting, not the model's: the planner used to
+    # note "operation not covered" and drop the native engine without a warning
+    family = "fp_net" if env == INT_ISA_ENV else "binary_net"
+    m = create_model(f"mnist_{family}_mlp", width=16, depth=1).eval()
+    monkeypatch.setenv(env, value)
+    with pytest.warns(RuntimeWarning, match=f"unknown .*-engine ISA '{value}'"):
+        fast = compile_for_cpu(m, batch_size=2, candidates=("binary", "int", "torch"))
+    engine = "int" if env == INT_ISA_ENV else "binary"
+    note = next(n for n in fast.notes if n.startswith(f"{engine}:"))
+    assert "failed: IsaError" in note and "operation not covered" not in note, note

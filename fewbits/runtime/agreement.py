@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from ..layers import QuantAct, quant_layers
 
 __all__ = ["FLOAT_RTOL", "MIN_TOP1_AGREEMENT", "QUANTIZED_RTOL", "check_outputs",
-           "initial_statistics_hint", "leaf_error", "quantizes_activations", "relative_tolerance",
-           "top1_agreement", "top1_flips"]
+           "checked_probe", "initial_statistics_hint", "leaf_error", "quantizes_activations",
+           "relative_tolerance", "top1_agreement", "top1_flips"]
 
 #: Relative logit tolerance (of ``max |logit|``) when activations are quantized: the fused
 #: export may put a value lying within float rounding of a level boundary (or on a tie, where
@@ -173,3 +173,19 @@ def initial_statistics_hint(model: nn.Module) -> str:
     return ("; every batch norm holds its initial statistics (mean 0, variance 1): is the model "
             "trained? (untrained, sums of 8-bit pixels fall exactly on its thresholds, where "
             "each backend's float order decides; train it or run a few batches in train mode)")
+
+
+def checked_probe(probe_inputs: Any, shape: tuple[int, ...]) -> Tensor:
+    """``probe_inputs`` as float32 CPU images, or ``ValueError`` saying why they cannot probe:
+    not a non-empty float tensor ``(N, *shape)`` (uint8 pixels would probe 0..255 images, an
+    empty batch left nothing to time), or NaN / inf in them."""
+    p = probe_inputs
+    if (not isinstance(p, Tensor) or tuple(p.shape[1:]) != tuple(shape) or p.shape[0] == 0
+            or not p.is_floating_point()):
+        raise ValueError(f"probe_inputs must be a non-empty float tensor (N, "
+                         f"{', '.join(map(str, shape))}), got {getattr(p, 'dtype', type(p))} "
+                         f"{tuple(getattr(p, 'shape', ()))}")
+    p = p.detach().float().cpu()
+    if not torch.isfinite(p).all():
+        raise ValueError("probe_inputs contain NaN or inf: give real images")
+    return p

@@ -34,9 +34,8 @@ compared leaf by leaf: each leaf within :func:`tolerance` of its own largest val
   XNOR-popcount on bit-packed activations, batch norm folded into exact integer thresholds; one
   native call per batch); applies to binary_net networks only.
 
-Plugging in another backend is one entry of :data:`CANDIDATES` (and of :data:`AUTO`)
-(a runner is any callable ``images -> logits``; :func:`tolerance` bounds it like the ONNX
-backends; a backend computing PyTorch's own arithmetic bit for bit may join :data:`EXACT`).
+Another backend is one entry of :data:`CANDIDATES` and :data:`AUTO` (a runner: any callable
+``images -> logits``, bounded by :func:`tolerance`; one exact bit for bit may join :data:`EXACT`).
 
     >>> from fewbits.models import create_model
     >>> fast = compile_for_cpu(create_model("mnist_fp_net_mlp", width=32), batch_size=4)
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._cbuild import IsaError
 from ..export.onnx import (
     ResolvedSource,
     input_shape_of,
@@ -70,6 +70,7 @@ from .agreement import (  # noqa: F401 (QUANTIZED_RTOL, FLOAT_RTOL: read from he
     MIN_TOP1_AGREEMENT,
     QUANTIZED_RTOL,
     check_outputs,
+    checked_probe,
     initial_statistics_hint,
     leaf_error,
     relative_tolerance,
@@ -341,11 +342,7 @@ def _plan(source: ResolvedSource, backend: str, threads: int | None, batch_size:
         shape = tuple(input_shape) if input_shape is not None else _probe_shape(model)
         x = probe_images(PROBE_SIZE, shape)
         if probe_inputs is not None:
-            if not isinstance(probe_inputs, Tensor) or tuple(probe_inputs.shape[1:]) != shape:
-                raise ValueError(f"probe_inputs must be a float tensor (N, "
-                                 f"{', '.join(map(str, shape))}), got "
-                                 f"{tuple(getattr(probe_inputs, 'shape', ()))}")
-            x = torch.cat([x, probe_inputs.detach().float().cpu()])
+            x = torch.cat([x, checked_probe(probe_inputs, shape)])
         probe = ((x,), {})
     with torch.inference_mode():
         ref = model(*probe[0], **probe[1])
@@ -376,7 +373,7 @@ def _plan(source: ResolvedSource, backend: str, threads: int | None, batch_size:
             run = CANDIDATES[name](ctx)
             got = run(*probe[0], **probe[1])
         except Exception as e:  # each candidate's reason for not applying
-            covered = not isinstance(e, ValueError)
+            covered = not isinstance(e, ValueError) or isinstance(e, IsaError)  # $FEWBITS_*_ISA
             why = (f"{'failed' if covered else 'operation not covered'}: "
                    f"{type(e).__name__}: {e}")
             if covered and backend == "auto":  # not the model's fault: say it out loud
