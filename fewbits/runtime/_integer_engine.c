@@ -1714,8 +1714,37 @@ static void fadd_generic(FADD_ARGS) { FADD_BODY }
 #if FBI_X86
 AVX2 static void fadd_avx2(FADD_ARGS) { FADD_BODY }
 #endif
+#if FBI_X86
+/* fadd_avx2 16 lanes wide (its auto-vectorised loop runs 8): the same operations per lane,
+ * max_ps(lo, v) = v < lo ? lo : v and min_ps(hi, v) = v > hi ? hi : v (NaN and zero signs
+ * too); the tail masked */
+#define FZV_I(x, vo, vs, vu, m)                                                         \
+    _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi16_epi32( \
+        _mm256_maskz_loadu_epi16(m, (const int16_t *)(x) + i)), vo)), vs), vu)
+#define FZV_F(x, vo, vs, vu, m) _mm512_maskz_loadu_ps(m, (const float *)(x) + i)
+#define FADD512_LOOP(VA, VB)                                                            \
+    for (int64_t i = 0; i < n; i += 16) {                                               \
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1); \
+        __m512 v = _mm512_add_ps(VA(x0, oa, vsa, vua, m), VB(x1, ob, vsb, vub, m));     \
+        _mm512_mask_storeu_ps(y + i, m, _mm512_min_ps(vhi, _mm512_max_ps(vlo, v)));     \
+    }
+VNNI static void fadd_512(FADD_ARGS) {
+    const __m512 vsa = _mm512_set1_ps(p[0]), vua = _mm512_set1_ps(p[1]);
+    const __m512 vsb = _mm512_set1_ps(p[2]), vub = _mm512_set1_ps(p[3]);
+    const __m512 vlo = _mm512_set1_ps(p[4]), vhi = _mm512_set1_ps(p[5]);
+    const __m512i oa = _mm512_set1_epi32(ka), ob = _mm512_set1_epi32(kb);
+    if (!fa && !fb) FADD512_LOOP(FZV_I, FZV_I)
+    else if (!fa) FADD512_LOOP(FZV_I, FZV_F)
+    else if (!fb) FADD512_LOOP(FZV_F, FZV_I)
+    else FADD512_LOOP(FZV_F, FZV_F)
+}
+#endif
 void fbi_fadd(int32_t isa, FADD_ARGS) {
 #if FBI_X86
+    if (isa == ISA_AVX512_VNNI) {
+        fadd_512(n, fa, x0, ka, fb, x1, kb, p, y);
+        return;
+    }
     if (USE_AVX2(isa)) {
         fadd_avx2(n, fa, x0, ka, fb, x1, kb, p, y);
         return;
@@ -1809,6 +1838,54 @@ AVX2 static void faddp_avx2(FADDP_ARGS) {
     else if (!fa) FADDP_VLOOP(FPV_I, FPV_F)
     else if (!fb) FADDP_VLOOP(FPV_F, FPV_I)
     else FADDP_VLOOP(FPV_F, FPV_F)
+}
+
+/* faddp_avx2 for the common 2 x 2 window at stride 2 without padding, 16 channels per vector:
+ * a window's four sums are maxed in registers (faddp_avx2 stores and reloads the running
+ * maximum in the output row at every tap). The same operations per lane in the same order:
+ * each operand's value, the sum, max_ps(lo, v), min_ps(hi, v), then max_ps(v, m) from m = -inf
+ * over the taps (0,0), (0,1), (1,0), (1,1): bit for bit faddp_avx2's results. */
+#define FPZ_I(x, vo, vs, vu, e)                                                         \
+    _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi16_epi32( \
+        _mm256_loadu_si256((const __m256i *)((const int16_t *)(x) + (e)))), vo)), vs), vu)
+#define FPZ_F(x, vo, vs, vu, e) _mm512_loadu_ps((const float *)(x) + (e))
+#define FADDP2_LOOP(VA, VB)                                                             \
+    for (int i = 0; i < g[0]; i++)                                                      \
+        for (int oy = 0; oy < oh; oy++)                                                 \
+            for (int ox = 0; ox < ow; ox++) {                                           \
+                float *q = y + (((int64_t)i * oh + oy) * ow + ox) * c;                  \
+                int64_t e0 = (((int64_t)i * h + 2 * oy) * w + 2 * ox) * c;              \
+                const int64_t t[4] = {0, c, (int64_t)w * c, (int64_t)w * c + c};        \
+                for (int j = 0; j < c; j += 16) {                                       \
+                    __m512 m = ninf;                                                    \
+                    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {               \
+                        int64_t e = e0 + t[k] + j;                                      \
+                        __m512 v = _mm512_add_ps(VA(x0, oa, vsa, vua, e),               \
+                                                 VB(x1, ob, vsb, vub, e));              \
+                        v = _mm512_min_ps(vhi, _mm512_max_ps(vlo, v));                  \
+                        m = _mm512_max_ps(v, m);                                        \
+                    }                                                                   \
+                    _mm512_storeu_ps(q + j, m);                                         \
+                }                                                                       \
+            }
+VNNI static void faddp2_512(FADDP_ARGS) {
+    const int c = g[3], h = g[1], w = g[2], oh = g[4], ow = g[5];
+    const __m512 vsa = _mm512_set1_ps(p[0]), vua = _mm512_set1_ps(p[1]);
+    const __m512 vsb = _mm512_set1_ps(p[2]), vub = _mm512_set1_ps(p[3]);
+    const __m512 vlo = _mm512_set1_ps(p[4]), vhi = _mm512_set1_ps(p[5]);
+    const __m512i oa = _mm512_set1_epi32(ka), ob = _mm512_set1_epi32(kb);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    if (!fa && !fb) FADDP2_LOOP(FPZ_I, FPZ_I)
+    else if (!fa) FADDP2_LOOP(FPZ_I, FPZ_F)
+    else if (!fb) FADDP2_LOOP(FPZ_F, FPZ_I)
+    else FADDP2_LOOP(FPZ_F, FPZ_F)
+}
+
+/* faddp2_512's geometry: 2 x 2 windows, stride 2, no padding, whole vectors of channels, every
+ * window inside the map */
+static int faddp2_fits(const int32_t *g) {
+    return g[6] == 2 && g[7] == 2 && g[8] == 2 && g[9] == 2 && g[10] == 0 && g[11] == 0 &&
+           g[3] % 16 == 0 && g[4] >= 1 && g[5] >= 1 && 2 * g[4] <= g[1] && 2 * g[5] <= g[2];
 }
 #endif
 
@@ -1980,6 +2057,11 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
             break;
         case 7: /* i[0..3] as kind 4, i[4..15] the pooling (faddp's g) */
 #if FBI_X86
+            if (isa == ISA_AVX512_VNNI && faddp2_fits(s->i + 4)) {
+                faddp2_512(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
+                           (const float *)s->work, (float *)s->y);
+                break;
+            }
             if (USE_AVX2(isa)) {
                 faddp_avx2(s->i + 4, s->i[0], s->x0, s->i[1], s->i[2], s->x1, s->i[3],
                            (const float *)s->work, (float *)s->y);
