@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:  # where the dynamo-based ONNX exporter keeps its "exporting" flag (see in_onnx_export)
     from torch.onnx._internal.exporter import _flags as _onnx_flags
@@ -27,6 +27,7 @@ __all__ = [
     "CHECK_RAISE",
     "NonFiniteError",
     "all_finite",
+    "bad_batch_norm_stats",
     "capturing",
     "check_bits",
     "check_finite",
@@ -210,3 +211,27 @@ def check_pow2_args(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> Non
     if isinstance(m, bool) or int(m) != m or not -126 <= m <= 127:
         raise ValueError(f"{fn}: m (log2 of the largest level) must be an integer in "
                          f"[-126, 127] so that 2**m is a float32, got {m!r}")
+
+
+def bad_batch_norm_stats(model: nn.Module) -> str | None:
+    """What is wrong with the running statistics of ``model``'s batch norms, or None: a
+    running mean or variance that is not finite, or a negative variance. A trained network
+    never has them (training stops before saving a diverged state), so a loaded file that has
+    them is corrupt or edited; said at load, not as a "diverging run" at the first forward.
+
+        >>> bad_batch_norm_stats(nn.BatchNorm2d(4)) is None
+        True
+    """
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase):
+            continue
+        for key in ("running_mean", "running_var"):
+            t = getattr(m, key, None)
+            if t is None or not t.is_floating_point():
+                continue
+            what = "NaN" if bool(torch.isnan(t).any()) else "inf" if \
+                not bool(torch.isfinite(t).all()) else "a negative value" if \
+                key == "running_var" and bool((t < 0).any()) else None
+            if what:
+                return f"batch norm {name!r}: its {key} holds {what}"
+    return None

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import bad_batch_norm_stats
 from ._io import atomic_write
 from ._version import __version__
 from .config import ConfigError, TrainConfig
@@ -364,6 +365,10 @@ def build_model(payload: dict[str, Any], source: str | os.PathLike) -> nn.Module
             f"{source}: the weights do not fit model {spec['name']!r} with its saved options "
             f"({str(e).splitlines()[0]})"
         ) from e
+    bad = bad_batch_norm_stats(model)
+    if bad:
+        raise CheckpointError(f"{source}: {bad}; a trained network never has this: the file "
+                              "is corrupt or was edited (use another checkpoint of the run)")
     return model
 
 

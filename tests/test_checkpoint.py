@@ -283,3 +283,23 @@ def test_lsq_checkpoint_from_before_the_step_group_resumes_exactly(tmp_path):
     with pytest.raises(CheckpointError, match=r"optimizer holds parameter groups of \[\d+\] "
                        r"parameters, this run's \[\d+, \d+\]"):
         train(TrainConfig(max_iter=6, monitor_path=str(old), resume="auto", **base))
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0])
+def test_batch_norm_statistics_that_no_training_makes_are_refused(run, tmp_path, value):
+    """A checkpoint whose running variance is NaN or negative loaded; its first forward then
+    blamed a diverging run. Training never saves such a state: the file is damaged."""
+    payload = torch.load(run / "model_final.pt", weights_only=True)
+    key = next(k for k in payload["state_dict"] if k.endswith("running_var"))
+    payload["state_dict"][key][0] = value
+    save_file(tmp_path / "bn.pt", payload)
+    with pytest.raises(CheckpointError, match=r"bn\.pt: batch norm .* running_var holds"):
+        load_model(tmp_path / "bn.pt")
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck["state_dict"][key][0] = value
+    save_file(tmp_path / "checkpoint.pt", ck)
+    with pytest.raises(CheckpointError, match="cannot resume: batch norm .* running_var holds"):
+        train(TrainConfig(net="mnist_binary_connect_mlp", model_args={"width": 16, "depth": 1},
+                          dataset="synthetic", synthetic_size=32, batch_size=8, max_iter=6,
+                          val_interval=2, monitor_path=str(tmp_path), progress=False,
+                          plot=False, resume="auto"))

@@ -350,3 +350,23 @@ def test_non_finite_or_negative_scales_of_codes_are_refused(tmp_path, value):
                          {t["name"]: ({}, bad.tobytes())})
     with pytest.raises(FormatError, match="finite|negative"):
         load_packed(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_batch_norm_statistics_that_no_training_makes_are_refused(tmp_path, value):
+    """A running variance of NaN / inf / -1 in a file loaded silently; the first forward then
+    raised "diverging run: lower the learning rate" (a quantizer after it saw NaN): the wrong
+    cause. Both ends now name the tensor: export of such a model and load of such a file."""
+    torch.manual_seed(0)
+    m = create_model("mnist_min_max_mlp", width=8, depth=1, in_features=64).eval()
+    header, _ = read_model_file(_forge_tensor(tmp_path, m, "ok.fewbits", {}))
+    t = next(t for t in header["tensors"] if t["name"].endswith("running_var"))
+    bad = np.full(t["shape"], 1.0, np.float32)
+    bad[-1] = value
+    path = _forge_tensor(tmp_path, m, "bn.fewbits", {t["name"]: encode_tensor(bad, t["encoding"])})
+    with pytest.raises(FormatError, match=r"running_var holds (NaN|inf|a negative value)"):
+        load_packed(path)
+    bn = dict(m.named_modules())[t["name"].rsplit(".", 1)[0]]
+    bn.running_var[-1] = value
+    with pytest.raises(ValueError, match="running_var holds"):
+        export_packed(m, tmp_path / "x.fewbits")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import bad_batch_norm_stats
 from .._text import printable
 from ..checkpoint import load_model  # a run folder or a checkpoint file
 from ..layers import quant_layers
@@ -234,6 +235,8 @@ def export_packed(source: nn.Module | str | os.PathLike, path: str | os.PathLike
     if bn not in _BN_MODES:
         raise ValueError(f"bn must be one of {_BN_MODES}, got {bn!r}")
     model = model_of(source)
+    if bad := bad_batch_norm_stats(model):  # the file would be refused when read
+        raise ValueError(f"{bad}: its outputs are NaN; export a trained model")
     spec = model_header(model)
     was_training = model.training
     model.eval()
@@ -394,7 +397,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None,
         raise FormatError(str(path), f"it lacks tensors the model needs: {missing[:5]}"
                           + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False)
-
+    if bad := bad_batch_norm_stats(model):
+        raise FormatError(src, bad, "the file is corrupt or was edited")
     if is_model(header["model"]["name"]):
         model.fewbits_spec = {"name": header["model"]["name"],
                               "kwargs": header["model"]["kwargs"]}

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as fdist
+from .._checks import bad_batch_norm_stats
 from .._version import __version__
 from ..config import RESUME_KEYS, TrainConfig
 from ..models import is_model, model_info
@@ -149,6 +150,9 @@ def restore_checkpoint(path: Path, cfg: TrainConfig, info: fdist.DistInfo, *,
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ckpt.CheckpointError(f"{path}: cannot restore the run state "
                                    f"({str(e).splitlines()[0]})") from e
+    if bad := bad_batch_norm_stats(model):  # never saved by a run: a damaged file
+        raise ckpt.CheckpointError(f"{path}: cannot resume: {bad} (the file is damaged; "
+                                   "resume from another checkpoint of the run)")
     return state
 
 
