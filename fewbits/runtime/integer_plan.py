@@ -41,8 +41,8 @@ from ..layers import QuantAct, QuantConv2d, QuantLinear
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "FAdd", "GlobalAvg", "Pool", "Program", "QuantParams",
-           "Quantize", "Tracer", "Value", "bn_affine", "fold_params", "pack_u8", "pair",
-           "quant_params"]
+           "Quantize", "Tracer", "Value", "bn_affine", "clamp_after", "fold_params", "pack_u8",
+           "pair", "quant_params"]
 
 I16 = 32767
 _I32 = 2**31 - 1
@@ -247,6 +247,13 @@ class Tracer(fx.Tracer):
 
 def pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def clamp_after(lo: Any, hi: Any, lo2: Any, hi2: Any) -> tuple[Any, Any]:
+    """The one clamp ``[lo, hi]`` then ``[lo2, hi2]`` make (each ``min(max(v, lo), hi)``, as
+    torch.clamp: the upper bound wins where they cross): ``[max(lo, lo2), min(hi, hi2)]`` gave
+    the lower one where a clamp has ``lo > hi`` or two ranges are disjoint."""
+    return min(max(lo, lo2), hi2), min(max(hi, lo2), hi2)
 
 
 def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,7 @@ from .integer_plan import (
     Tracer,
     Value,
     bn_affine,
+    clamp_after,
     pair,
     quant_params,
 )
@@ -58,6 +59,14 @@ class _Pending:
     shape: tuple[int, ...]
     bn: bool = False
     post: list = field(default_factory=list)  # ("clamp", lo, hi) / ("maxpool", module-like)
+
+
+def post_clamp(p: _Pending) -> tuple[float, float]:
+    """The one clamp that the clamps after ``p``'s layer make, taken in their order."""
+    lo, hi = -math.inf, math.inf
+    for item in (i for i in p.post if i[0] == "clamp"):
+        lo, hi = clamp_after(lo, hi, item[1], item[2])
+    return lo, hi
 
 
 def _desc(node: fx.Node, modules: dict) -> str:
@@ -135,14 +144,9 @@ def walk(comp: Compiler, tracer: type) -> Any:
     def close(p: _Pending, qp: Any, where: str) -> Value:
         """Fold the quantizer ``qp`` (and the clamps before it) into the layer; max pools
         after it run on the codes (they commute with a monotone quantizer)."""
-        lo, hi = qp.klo, qp.khi
-        for item in p.post:
-            if item[0] == "clamp":
-                lo = max(lo, qp.code(item[1])) if item[1] > -math.inf else lo
-                hi = min(hi, qp.code(item[2])) if item[2] < math.inf else hi
-        clamps = [item for item in p.post if item[0] == "clamp"]
-        p.conv.qclamp = (max([-math.inf] + [i[1] for i in clamps]),
-                         min([math.inf] + [i[2] for i in clamps]))
+        clo, chi = p.conv.qclamp = post_clamp(p)
+        lo = max(qp.klo, qp.code(clo)) if clo > -math.inf else qp.klo
+        hi = min(qp.khi, qp.code(chi)) if chi < math.inf else qp.khi
         p.conv.quant = type(qp)(**{**qp.__dict__, "klo": lo, "khi": min(max(hi, lo), qp.khi)})
         v = emit_conv(p, "int")
         for item in p.post:
@@ -174,9 +178,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             raise ValueError(f"{where}: reads {p.conv.name}'s output max-pooled without a "
                              "quantizer in between: max pooling of an unquantized feature map "
                              "is not run by the integer engine")
-        lo = max([-math.inf] + [i[1] for i in p.post])
-        hi = min([math.inf] + [i[2] for i in p.post])
-        p.conv.fclamp = (lo, hi)
+        p.conv.fclamp = post_clamp(p)
         return emit_conv(p, "float")
 
     def value(a: Any, where: str, *, allow_pending: bool = False) -> Any:
@@ -216,8 +218,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     x.post.append(("clamp", lo, hi))
                 return x
         if x.kind == "float" and isinstance(x.producer, FAdd) and single(a):
-            x.producer.lo = max(x.producer.lo, lo)  # a ReLU after a float sum: folded into it
-            x.producer.hi = max(min(x.producer.hi, hi), x.producer.lo)
+            f = x.producer  # a ReLU after a float sum: folded into it
+            f.lo, f.hi = clamp_after(f.lo, f.hi, lo, hi)
             return x
         if x.kind != "int":
             raise ValueError(f"{where}: a clamp of a float tensor is not run by the integer "
@@ -227,16 +229,15 @@ def walk(comp: Compiler, tracer: type) -> Any:
         if klo != int(klo) or khi != int(khi):
             raise ValueError(f"{where}: clamp bounds ({lo}, {hi}) are not levels of the "
                              f"grid (step {x.scale})")
-        nlo, nhi = max(x.lo, int(klo)), min(x.hi, int(khi))
+        nlo, nhi = clamp_after(x.lo, x.hi, int(klo), int(khi))
         prod = x.producer
         if single(a) and isinstance(prod, (Conv, Add, Clamp)):
             if isinstance(prod, Conv):
-                prod.quant.klo, prod.quant.khi = nlo, max(nhi, nlo)
+                prod.quant.klo, prod.quant.khi = nlo, nhi
             else:
-                prod.lo, prod.hi = nlo, max(nhi, nlo)
-            return Value(x.id, "int", x.shape, x.scale, nlo, max(nhi, nlo), prod, x.flat_from,
-                         x.pt)
-        y = comp.new("int", x.shape, scale=x.scale, lo=nlo, hi=max(nhi, nlo),
+                prod.lo, prod.hi = nlo, nhi
+            return Value(x.id, "int", x.shape, x.scale, nlo, nhi, prod, x.flat_from, x.pt)
+        y = comp.new("int", x.shape, scale=x.scale, lo=nlo, hi=nhi,
                      flat_from=x.flat_from, pt=x.pt)
         y.producer = Clamp(x.id, y.id, nlo, y.hi)
         prog.steps.append(y.producer)
