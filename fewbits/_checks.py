@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 try:  # where the dynamo-based ONNX exporter keeps its "exporting" flag (see in_onnx_export)
     from torch.onnx._internal.exporter import _flags as _onnx_flags
@@ -227,7 +228,7 @@ def bad_batch_norm_stats(model: nn.Module) -> str | None:
             continue
         for key in ("running_mean", "running_var"):
             t = getattr(m, key, None)
-            if t is None or not t.is_floating_point():
+            if t is None or is_lazy(t) or not t.is_floating_point():  # lazy: no values yet
                 continue
             what = "NaN" if bool(torch.isnan(t).any()) else "inf" if \
                 not bool(torch.isfinite(t).all()) else "a negative value" if \

@@ -370,3 +370,17 @@ def test_batch_norm_statistics_that_no_training_makes_are_refused(tmp_path, valu
     bn.running_var[-1] = value
     with pytest.raises(ValueError, match="running_var holds"):
         export_packed(m, tmp_path / "x.fewbits")
+
+
+def test_batch_norm_check_passes_lazy_and_untracked_norms():
+    """A LazyBatchNorm2d not run yet has no values (its check raised "uninitialized
+    parameter"), one without running statistics has none to check."""
+    from torch import nn
+
+    from fewbits._checks import bad_batch_norm_stats
+
+    m = nn.Sequential(nn.LazyBatchNorm2d(), nn.BatchNorm1d(3, track_running_stats=False),
+                      nn.InstanceNorm2d(3), nn.BatchNorm2d(3))
+    assert bad_batch_norm_stats(m) is None
+    m[3].running_mean[1] = float("inf")
+    assert bad_batch_norm_stats(m) == "batch norm '3': its running_mean holds inf"
