@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..layer_kinds import global_hooks, runs_hooks
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 from .integer_grid import grid_layer
+from .integer_guards import no_hooks, same_as_forward
 from .integer_plan import (
     ADDS,
     FLATTENS,
@@ -59,6 +59,7 @@ class _Pending:
     shape: tuple[int, ...]
     bn: bool = False
     post: list = field(default_factory=list)  # ("clamp", lo, hi) / ("maxpool", module-like)
+    out: Any = None  # the emitted value (a second name for it reads the same float map)
 
 
 def post_clamp(p: _Pending) -> tuple[float, float]:
@@ -108,32 +109,22 @@ def _pool_args(node: fx.Node, m: Any, where: str) -> dict:
     return out
 
 
-def _no_hooks(model: nn.Module) -> None:
-    """Raise for a forward hook: fx does not trace them (one on a layer changing its output
-    was left out of the engine's result without an error)."""
-    if global_hooks():
-        raise ValueError("a global forward hook is registered: the integer engine does not run "
-                         "hooks (remove it before compiling)")
-    for name, m in model.named_modules():
-        if runs_hooks(m):
-            raise ValueError(f"{name or type(model).__name__} ({type(m).__name__}) has a "
-                             "forward hook: the integer engine does not run hooks (remove it, "
-                             "or write what it does into the forward)")
-
-
 def walk(comp: Compiler, tracer: type) -> Any:
-    _no_hooks(comp.model)
+    no_hooks(comp.model)
     try:
         graph = tracer().trace(comp.model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise ValueError(f"cannot trace {type(comp.model).__name__} with torch.fx: {e}") from e
-    _same_as_forward(comp.model, graph, comp.prog.in_shape)
+    same_as_forward(comp.model, graph, comp.prog.in_shape)
     prog, modules = comp.prog, comp.modules
     env: dict[str, Any] = {}
+    alias: dict[str, fx.Node] = {}  # node -> its input, where both names hold one value object
 
     def emit_conv(p: _Pending, kind: str) -> Value:
         c = p.conv
-        v = comp.new(kind, p.shape)
+        if p.out is not None:
+            raise ValueError(f"{c.name}: its output is read both quantized and not")
+        v = p.out = comp.new(kind, p.shape)
         c.dst = v.id
         prog.steps.append(c)
         if kind == "int":
@@ -178,6 +169,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
             raise ValueError(f"{where}: reads {p.conv.name}'s output max-pooled without a "
                              "quantizer in between: max pooling of an unquantized feature map "
                              "is not run by the integer engine")
+        if p.out is not None and p.out.kind == "float":
+            return p.out
         p.conv.fclamp = post_clamp(p)
         return emit_conv(p, "float")
 
@@ -190,11 +183,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return v
 
     def single(a: fx.Node) -> bool:
-        # through pass-through modules: they share their input's value (and its producer)
+        """Whether ``a``'s user is the one reader of its value, through every name holding the
+        same object (``nn.Identity``, ``QuantAct(None)``, a quantizer already on the grid, a
+        second flatten): a fold into its producer changed it for the other names too."""
         while len(a.users) == 1:
-            if a.op != "call_module" or not isinstance(modules[a.target], _PASS):
+            if a.name not in alias:
                 return True
-            a = a.args[0]
+            a = alias[a.name]
         return False
 
     def no_inplace(node: fx.Node, a: Any, where: str) -> None:
@@ -442,29 +437,12 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 raise ValueError(f"{where}: the integer engine does not cover this operation")
         else:
             raise ValueError(f"{where}: the integer engine does not cover this node")
+        src = node.args[0] if node.args else None
+        if isinstance(src, fx.Node) and env.get(node.name) is env.get(src.name):
+            alias[node.name] = src
     if prog.out is None:
         raise ValueError("the model has no output")
     return prog
-
-
-def _same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]) -> None:
-    """Raise where the traced graph computes other numbers than ``model`` on two random images:
-    the fx trace records ``a += b`` as ``a + b``, so a tensor updated in place while another
-    name still holds it (``c = a; a += b``) is seen unchanged (the engine then returned
-    wrong logits without an error)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((2, *in_shape), generator=g)
-    with torch.no_grad():
-        try:
-            want, got = model(x.clone()), fx.GraphModule(model, graph)(x.clone())
-        except Exception:  # the walk names what it cannot run
-            return
-    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
-            (want.shape != got.shape or not bool(((want == got) | (want.isnan() & got.isnan()))
-                                                 .all())):
-        raise ValueError(f"{type(model).__name__}: its torch.fx graph computes other values than "
-                         "its forward (an in-place update, such as a += b, of a tensor another "
-                         "name still holds?): write it out of place (a = a + b)")
 
 
 def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:

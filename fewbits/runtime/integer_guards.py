@@ -1,0 +1,46 @@
+"""What the integer engine's walk (:mod:`fewbits.runtime.integer_walk`) checks of the whole
+model before it reads the graph: forward hooks fx does not trace, and a graph that computes
+other numbers than the forward (an in-place update fx records out of place)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layer_kinds import global_hooks, runs_hooks
+
+__all__ = ["no_hooks", "same_as_forward"]
+
+
+def no_hooks(model: nn.Module) -> None:
+    """Raise for a forward hook: fx does not trace them (one on a layer changing its output
+    was left out of the engine's result without an error)."""
+    if global_hooks():
+        raise ValueError("a global forward hook is registered: the integer engine does not run "
+                         "hooks (remove it before compiling)")
+    for name, m in model.named_modules():
+        if runs_hooks(m):
+            raise ValueError(f"{name or type(model).__name__} ({type(m).__name__}) has a "
+                             "forward hook: the integer engine does not run hooks (remove it, "
+                             "or write what it does into the forward)")
+
+
+def same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]) -> None:
+    """Raise where the traced graph computes other numbers than ``model`` on two random images:
+    the fx trace records ``a += b`` as ``a + b``, so a tensor updated in place while another
+    name still holds it (``c = a; a += b``) is seen unchanged (the engine then returned
+    wrong logits without an error)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *in_shape), generator=g)
+    with torch.no_grad():
+        try:
+            want, got = model(x.clone()), fx.GraphModule(model, graph)(x.clone())
+        except Exception:  # the walk names what it cannot run
+            return
+    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and \
+            (want.shape != got.shape or not bool(((want == got) | (want.isnan() & got.isnan()))
+                                                 .all())):
+        raise ValueError(f"{type(model).__name__}: its torch.fx graph computes other values than "
+                         "its forward (an in-place update, such as a += b, of a tensor another "
+                         "name still holds?): write it out of place (a = a + b)")
