@@ -78,3 +78,12 @@ def test_clamp_after_is_the_two_clamps_in_a_row(first: tuple, then: tuple, want:
     v = torch.linspace(-5, 5, 101)
     lo, hi = clamp_after(*first, *then)
     assert torch.equal(torch.clamp(torch.clamp(v, *first), *then), v.clamp(lo).clamp(max=hi))
+
+
+@pytest.mark.parametrize("where", ["float_sum", "codes", "pending", "float_out"])
+def test_a_nan_clamp_bound_is_refused_by_name(where: str) -> None:
+    # PyTorch's clamp with a NaN bound gives NaN everywhere; folded into an epilogue the bound
+    # was ignored (finite logits), on codes the error did not name the node
+    m = _Clamped(where, (-4.0, 4.0), (float("nan"), 1.0)).eval()
+    with pytest.raises(ValueError, match="a clamp bound is NaN"):
+        IntegerEngine.from_model(m, (3, 8, 8), isa="generic")

@@ -201,6 +201,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                              "not run by the integer engine (use inplace=False)")
 
     def clamp(node: fx.Node, a: fx.Node, lo: float, hi: float, where: str) -> Any:
+        if math.isnan(lo) or math.isnan(hi):  # PyTorch's output is NaN: no fold keeps that
+            raise ValueError(f"{where}: a clamp bound is NaN")
         no_inplace(node, a, where)
         x = value(a, where, allow_pending=True)
         if isinstance(x, _Pending):
