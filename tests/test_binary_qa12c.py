@@ -81,3 +81,25 @@ def test_in_place_sum_under_one_name_still_compiles() -> None:
     for isa in supported_isas():
         eng = BinaryEngine.from_model(m, input_shape=(3, 8, 8), isa=isa)
         torch.testing.assert_close(eng(x), want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("where", ["forward", "pre", "global"])
+def test_forward_hooks_are_refused(where: str) -> None:
+    # fx does not trace hooks: a hook negating a batch norm's output (or halving the image)
+    # was left out of the engine's logits (off by 24, no error); the integer engine refused it
+    from tests.test_binary_engine import _model
+
+    m = _model("mnist_binary_net_lenet")
+    if where == "forward":
+        h = m.get_submodule("post1.0").register_forward_hook(lambda mod, i, o: -o)
+    elif where == "pre":
+        h = m.get_submodule("conv1").register_forward_pre_hook(lambda mod, i: (i[0] * 0.5,))
+    else:
+        h = nn.modules.module.register_module_forward_hook(lambda mod, i, o: o)
+    try:
+        with pytest.raises(ValueError, match="hook"):
+            BinaryEngine.from_model(m)
+    finally:
+        h.remove()
+    BinaryEngine.from_model(m)  # and once removed, it compiles
+

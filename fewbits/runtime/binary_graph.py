@@ -51,6 +51,7 @@ from .binary_ops import (
     out_size,
     refuse,
 )
+from .integer_guards import no_hooks
 
 __all__ = ["Step", "binary_plan"]
 
@@ -458,6 +459,7 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
         if len(shape) != 3:
             raise ValueError(f"input_size given for a model of input shape {shape}")
         shape = (shape[0], *input_size)
+    no_hooks(model, "binary")  # fx leaves hooks out: their effect was silently dropped
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
