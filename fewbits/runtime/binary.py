@@ -24,7 +24,9 @@ per image with no Python per layer:
   of PyTorch's).
 
 Everything after the stem is exact with respect to the float32 PyTorch model (logits up to
-the order of the head's bias addition: rtol 1e-6, atol 1e-5). The one difference is the stem's
+the order of the head's bias addition: rtol 1e-6, atol 1e-5; a head of float weights or on a
+float map up to its float32 summation order, which can exceed that: 5e-5 on logits of ~60 from
+512 channels, rtol 1e-5). The one difference is the stem's
 float summation order (PyTorch's convolution sums in its own): a stem pre-activation within
 float32 rounding of its threshold can flip, and the logits then differ. Inputs whose stem sums
 are exact in any order (e.g. images ``k / 256``) give PyTorch's logits; ``tests/
@@ -36,6 +38,10 @@ bit-identical to each other where the stem's weights are +-1 or its products exa
 ``k / 256`` with 8-bit weights); with other float stem weights (a float or fixed-point first
 convolution) the AVX2 / AVX-512 stems sum with FMA and the portable one rounds each product,
 so a stem sum may differ by float rounding between paths (each within the tolerance above).
+One exception to the first case: on images of 8-bit pixels (``uint8 / 255``) the AVX-512 path
+decides the stem on exact integer sums of the codes (``_binary_engine.c``), the other paths
+on float sums, so a stem sum within rounding of its threshold (an untrained net's thresholds
+are all 0, where such ties are common) can binarize differently between paths.
 
 CPU paths (``engine.isa``): ``"avx512_vpopcntdq"`` (AVX-512 F + VPOPCNTDQ), ``"avx2"`` (AVX2 +
 FMA, nibble-table popcount; 1x1 layers of at most 127 input channels in byte lanes, one output

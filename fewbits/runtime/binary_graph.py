@@ -51,6 +51,7 @@ from .binary_ops import (
     out_size,
     refuse,
 )
+from .integer_guards import no_hooks
 
 __all__ = ["Step", "binary_plan"]
 
@@ -128,9 +129,20 @@ _KIND_WORDS = {"image": "float input", "flat_image": "flattened float input",
                "fmap": "float map", "pooledf": "globally pooled float map"}
 
 
+class _Proxy(fx.Proxy):
+    # fx has no __iadd__: ``y += x`` became a new value, and another name of ``y`` (which
+    # PyTorch changes in place) read it unchanged (silently wrong logits); recorded as iadd,
+    # the in-place sum is refused where another node reads ``y``
+    def __iadd__(self, other: object) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (QuantAct, QuantLayer)) or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
 
 class _Plan:
@@ -151,10 +163,14 @@ class _Plan:
 
     def sole_reader(self, a: fx.Node) -> bool:
         """Whether ``a``'s value is read by one node only, through nodes that pass it on."""
+        v, chain = self.vals.get(a), set()
         while len(a.users) == 1:
+            chain.add(a)
             prev = a.args[0] if a.args and isinstance(a.args[0], fx.Node) else None
-            if prev is None or self.vals.get(prev) is not self.vals.get(a):
-                return True
+            if prev is None or self.vals.get(prev) is not v:
+                # and no other name: a bn output binarized twice is one bit map (pooling it
+                # in place under one name changed what a convolution read under the other)
+                return all(n in chain for n, u in self.vals.items() if u is v)
             a = prev
         return False
 
@@ -268,6 +284,8 @@ class _Plan:
     def add(self, node: fx.Node, ins: list[_V]) -> _V:
         if len(ins) != 2 or len(node.args) != 2 or node.kwargs:
             raise refuse(node, "an addition of other than two values")
+        if node.target in ("add_", operator.iadd) and not self.sole_reader(node.args[0]):
+            raise refuse(node, "an in-place sum of a value read elsewhere")
         a, b = ins
         if a.kind == "bn" and b.kind == "bn":  # two batch-norm outputs: the second as a map
             b = self.materialize(node, b)
@@ -441,6 +459,7 @@ def binary_plan(model: nn.Module, input_size: tuple[int, int] | None = None,
         if len(shape) != 3:
             raise ValueError(f"input_size given for a model of input shape {shape}")
         shape = (shape[0], *input_size)
+    no_hooks(model, "binary")  # fx leaves hooks out: their effect was silently dropped
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow

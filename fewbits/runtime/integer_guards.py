@@ -13,17 +13,18 @@ from ..layer_kinds import global_hooks, runs_hooks
 __all__ = ["no_hooks", "same_as_forward"]
 
 
-def no_hooks(model: nn.Module) -> None:
+def no_hooks(model: nn.Module, engine: str = "integer") -> None:
     """Raise for a forward hook: fx does not trace them (one on a layer changing its output
-    was left out of the engine's result without an error)."""
+    was left out of the engine's result without an error). ``engine`` names the engine (the
+    binary engine reads the fx graph too)."""
     if global_hooks():
-        raise ValueError("a global forward hook is registered: the integer engine does not run "
-                         "hooks (remove it before compiling)")
+        raise ValueError(f"a global forward hook is registered: the {engine} engine does not "
+                         "run hooks (remove it before compiling)")
     for name, m in model.named_modules():
         if runs_hooks(m):
             raise ValueError(f"{name or type(model).__name__} ({type(m).__name__}) has a "
-                             "forward hook: the integer engine does not run hooks (remove it, "
-                             "or write what it does into the forward)")
+                             f"forward hook: the {engine} engine does not run hooks (remove "
+                             "it, or write what it does into the forward)")
 
 
 def same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]) -> None:
