@@ -124,6 +124,7 @@ class FewbitsHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any
                                             ) -> nn.Module:
+        share_tied_quantizers(model)
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
@@ -159,3 +160,27 @@ def quantize_hf(model: nn.Module, config: str | dict[str, Any], *,
     hf_config.quantization_config = qcfg
     model.hf_quantizer = FewbitsHfQuantizer(qcfg, pre_quantized=True)
     return model
+
+
+def share_tied_quantizers(model: nn.Module) -> None:
+    """Give the layers of each tied weight one quantizer again, as ``quantize_`` did.
+
+    ``from_pretrained`` converts the model before ``tie_weights``, so each tied layer gets its
+    own quantizer, while ``save_pretrained`` stored the shared one once, under the tie's source
+    (the input embedding): the target's quantizer would keep its fresh state (min-max ranges,
+    LSQ step, INQ masks) and its outputs would be silently wrong. The source's is the loaded one.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    modules = dict(model.named_modules())
+    for target, source in tied.items():
+        (tname, _, role), (sname, _, srole) = target.rpartition("."), source.rpartition(".")
+        tmod, smod = modules.get(tname), modules.get(sname)
+        tq = getattr(tmod, f"{role}_quantizer", None)
+        sq = getattr(smod, f"{srole}_quantizer", None)
+        if tq is None or sq is None or tq is sq:
+            continue
+        if getattr(tmod, role) is not getattr(smod, srole) or tq.config() != sq.config():
+            raise ValueError(f"fewbits: {target} is tied to {source} but their quantizers differ "
+                             f"({tq.config()} vs {sq.config()}); cannot restore the saved one")
+        setattr(tmod, f"{role}_quantizer", sq)
+
