@@ -1694,6 +1694,12 @@ static int conv_f32_nhwc(const fbi_conv *a) {
 /* y = clamp(va + vb, lo, hi), float32; an operand is int16 codes (kind 0: value
  * fl(fl((k - kofs) * scale) + sub)) or float32 (kind 1). p = {scale_a, sub_a, scale_b,
  * sub_b, lo, hi}. */
+/* a sum loop LOOP(VA, VB) picked by the operands' kinds: codes (I) or floats (F) */
+#define BY_KINDS(LOOP, I, F)                                                            \
+    if (!fa && !fb) LOOP(I, I)                                                          \
+    else if (!fa) LOOP(I, F)                                                            \
+    else if (!fb) LOOP(F, I)                                                            \
+    else LOOP(F, F)
 #define FV_I(x, o, s, u) ((float)((int32_t)((const int16_t *)(x))[i] - (o)) * (s) + (u))
 #define FV_F(x, o, s, u) (((const float *)(x))[i])
 #define FADD_LOOP(VA, VB)                                                               \
@@ -1704,10 +1710,7 @@ static int conv_f32_nhwc(const fbi_conv *a) {
     }
 #define FADD_BODY                                                                       \
     const float sa = p[0], ua = p[1], sb = p[2], ub = p[3], lo = p[4], hi = p[5];       \
-    if (!fa && !fb) FADD_LOOP(FV_I, FV_I)                                               \
-    else if (!fa) FADD_LOOP(FV_I, FV_F)                                                 \
-    else if (!fb) FADD_LOOP(FV_F, FV_I)                                                 \
-    else FADD_LOOP(FV_F, FV_F)
+    BY_KINDS(FADD_LOOP, FV_I, FV_F)
 #define FADD_ARGS int64_t n, int32_t fa, const void *x0, int32_t ka, int32_t fb,         \
                   const void *x1, int32_t kb, const float *p, float *y
 static void fadd_generic(FADD_ARGS) { FADD_BODY }
@@ -1722,6 +1725,12 @@ AVX2 static void fadd_avx2(FADD_ARGS) { FADD_BODY }
     _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepi16_epi32( \
         _mm256_maskz_loadu_epi16(m, (const int16_t *)(x) + i)), vo)), vs), vu)
 #define FZV_F(x, vo, vs, vu, m) _mm512_maskz_loadu_ps(m, (const float *)(x) + i)
+/* p's scales, subs and bounds and the codes' offsets as 16-lane constants */
+#define SUM512_CONSTS                                                                   \
+    const __m512 vsa = _mm512_set1_ps(p[0]), vua = _mm512_set1_ps(p[1]);                \
+    const __m512 vsb = _mm512_set1_ps(p[2]), vub = _mm512_set1_ps(p[3]);                \
+    const __m512 vlo = _mm512_set1_ps(p[4]), vhi = _mm512_set1_ps(p[5]);                \
+    const __m512i oa = _mm512_set1_epi32(ka), ob = _mm512_set1_epi32(kb);
 #define FADD512_LOOP(VA, VB)                                                            \
     for (int64_t i = 0; i < n; i += 16) {                                               \
         __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1); \
@@ -1729,14 +1738,8 @@ AVX2 static void fadd_avx2(FADD_ARGS) { FADD_BODY }
         _mm512_mask_storeu_ps(y + i, m, _mm512_min_ps(vhi, _mm512_max_ps(vlo, v)));     \
     }
 VNNI static void fadd_512(FADD_ARGS) {
-    const __m512 vsa = _mm512_set1_ps(p[0]), vua = _mm512_set1_ps(p[1]);
-    const __m512 vsb = _mm512_set1_ps(p[2]), vub = _mm512_set1_ps(p[3]);
-    const __m512 vlo = _mm512_set1_ps(p[4]), vhi = _mm512_set1_ps(p[5]);
-    const __m512i oa = _mm512_set1_epi32(ka), ob = _mm512_set1_epi32(kb);
-    if (!fa && !fb) FADD512_LOOP(FZV_I, FZV_I)
-    else if (!fa) FADD512_LOOP(FZV_I, FZV_F)
-    else if (!fb) FADD512_LOOP(FZV_F, FZV_I)
-    else FADD512_LOOP(FZV_F, FZV_F)
+    SUM512_CONSTS
+    BY_KINDS(FADD512_LOOP, FZV_I, FZV_F)
 }
 #endif
 void fbi_fadd(int32_t isa, FADD_ARGS) {
@@ -1785,10 +1788,7 @@ void fbi_fadd(int32_t isa, FADD_ARGS) {
 #define FADDP_BODY                                                                      \
     const float sa = p[0], ua = p[1], sb = p[2], ub = p[3], lo = p[4], hi = p[5];       \
     const int c = g[3];                                                                 \
-    if (!fa && !fb) FADDP_LOOP(FP_I, FP_I)                                              \
-    else if (!fa) FADDP_LOOP(FP_I, FP_F)                                                \
-    else if (!fb) FADDP_LOOP(FP_F, FP_I)                                                \
-    else FADDP_LOOP(FP_F, FP_F)
+    BY_KINDS(FADDP_LOOP, FP_I, FP_F)
 #define FADDP_ARGS const int32_t *g, int32_t fa, const void *x0, int32_t ka, int32_t fb,  \
                    const void *x1, int32_t kb, const float *p, float *restrict y
 static void faddp_generic(FADDP_ARGS) { FADDP_BODY }
@@ -1834,10 +1834,7 @@ AVX2 static void faddp_avx2(FADDP_ARGS) {
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
     const int h = g[1], w = g[2], kh = g[6], kw = g[7], sh = g[8], sw = g[9], ph = g[10],
               pw = g[11];
-    if (!fa && !fb) FADDP_VLOOP(FPV_I, FPV_I)
-    else if (!fa) FADDP_VLOOP(FPV_I, FPV_F)
-    else if (!fb) FADDP_VLOOP(FPV_F, FPV_I)
-    else FADDP_VLOOP(FPV_F, FPV_F)
+    BY_KINDS(FADDP_VLOOP, FPV_I, FPV_F)
 }
 
 /* faddp_avx2 for the common 2 x 2 window at stride 2 without padding, 16 channels per vector:
@@ -1870,15 +1867,9 @@ AVX2 static void faddp_avx2(FADDP_ARGS) {
             }
 VNNI static void faddp2_512(FADDP_ARGS) {
     const int c = g[3], h = g[1], w = g[2], oh = g[4], ow = g[5];
-    const __m512 vsa = _mm512_set1_ps(p[0]), vua = _mm512_set1_ps(p[1]);
-    const __m512 vsb = _mm512_set1_ps(p[2]), vub = _mm512_set1_ps(p[3]);
-    const __m512 vlo = _mm512_set1_ps(p[4]), vhi = _mm512_set1_ps(p[5]);
-    const __m512i oa = _mm512_set1_epi32(ka), ob = _mm512_set1_epi32(kb);
+    SUM512_CONSTS
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    if (!fa && !fb) FADDP2_LOOP(FPZ_I, FPZ_I)
-    else if (!fa) FADDP2_LOOP(FPZ_I, FPZ_F)
-    else if (!fb) FADDP2_LOOP(FPZ_F, FPZ_I)
-    else FADDP2_LOOP(FPZ_F, FPZ_F)
+    BY_KINDS(FADDP2_LOOP, FPZ_I, FPZ_F)
 }
 
 /* faddp2_512's geometry: 2 x 2 windows, stride 2, no padding, whole vectors of channels, every
