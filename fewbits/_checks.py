@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "all_finite",
     "bad_batch_norm_stats",
+    "batch_norms_with_stats",
     "capturing",
     "check_bits",
     "check_finite",
@@ -214,6 +215,15 @@ def check_pow2_args(fn: str, sign: bool, with_zero: bool, n: int, m: int) -> Non
                          f"[-126, 127] so that 2**m is a float32, got {m!r}")
 
 
+def batch_norms_with_stats(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of ``model``'s norms whose running mean and variance hold values
+    (tracked statistics; a lazy norm not run yet has none)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            and all(isinstance(t, Tensor) and not is_lazy(t) and t.is_floating_point()
+                    for t in (m.running_mean, m.running_var))]
+
+
 def bad_batch_norm_stats(model: nn.Module) -> str | None:
     """What is wrong with the running statistics of ``model``'s batch norms, or None: a
     running mean or variance that is not finite, or a negative variance. A trained network
@@ -223,13 +233,9 @@ def bad_batch_norm_stats(model: nn.Module) -> str | None:
         >>> bad_batch_norm_stats(nn.BatchNorm2d(4)) is None
         True
     """
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.modules.batchnorm._NormBase):
-            continue
+    for name, m in batch_norms_with_stats(model):
         for key in ("running_mean", "running_var"):
-            t = getattr(m, key, None)
-            if t is None or is_lazy(t) or not t.is_floating_point():  # lazy: no values yet
-                continue
+            t = getattr(m, key)
             what = "NaN" if bool(torch.isnan(t).any()) else "inf" if \
                 not bool(torch.isfinite(t).all()) else "a negative value" if \
                 key == "running_var" and bool((t < 0).any()) else None

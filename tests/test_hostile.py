@@ -373,8 +373,9 @@ def test_batch_norm_statistics_that_no_training_makes_are_refused(tmp_path, valu
 
 
 def test_batch_norm_check_passes_lazy_and_untracked_norms():
-    """A LazyBatchNorm2d not run yet has no values (its check raised "uninitialized
-    parameter"), one without running statistics has none to check."""
+    """A LazyBatchNorm2d not run yet has no values (its check, and the planner's hint of
+    initial statistics, raised "uninitialized parameter"), one without running statistics has
+    none to check."""
     from torch import nn
 
     from fewbits._checks import bad_batch_norm_stats
@@ -382,5 +383,9 @@ def test_batch_norm_check_passes_lazy_and_untracked_norms():
     m = nn.Sequential(nn.LazyBatchNorm2d(), nn.BatchNorm1d(3, track_running_stats=False),
                       nn.InstanceNorm2d(3), nn.BatchNorm2d(3))
     assert bad_batch_norm_stats(m) is None
+    # the planner's hint reads the same norms (it raised on the lazy one too)
+    from fewbits.runtime.agreement import initial_statistics_hint
+
+    assert initial_statistics_hint(m).startswith("; every batch norm holds its initial")
     m[3].running_mean[1] = float("inf")
     assert bad_batch_norm_stats(m) == "batch norm '3': its running_mean holds inf"

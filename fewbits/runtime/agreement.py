@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import batch_norms_with_stats
 from ..layers import QuantAct, quant_layers
 
 __all__ = ["FLOAT_RTOL", "MIN_TOP1_AGREEMENT", "QUANTIZED_RTOL", "check_outputs",
@@ -165,8 +166,8 @@ def initial_statistics_hint(model: nn.Module) -> str:
     where each backend's float summation order decides: a ResNet-18 binary_net at
     initialisation disagreed with PyTorch on ~3 % of top-1 answers, none after its statistics
     were set by four batches in training mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.running_mean is not None and m.running_var is not None]
+    bns = [m for _, m in batch_norms_with_stats(model)
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not all(bool((m.running_mean == 0).all() and (m.running_var == 1).all())
                           for m in bns):
         return ""
