@@ -160,16 +160,17 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return y
 
     def materialize(p: _Pending, where: str) -> Value:
-        if any(item[0] == "maxpool" for item in p.post):
-            # ``where`` is the reader (an average pool, a second reader of the pooled map):
-            # name the pooled layer too, or the message blamed an average pool for max pooling
-            raise ValueError(f"{where}: reads {p.conv.name}'s output max-pooled without a "
-                             "quantizer in between: max pooling of an unquantized feature map "
-                             "is not run by the integer engine")
+        """``p``'s layer with a float epilogue (its clamps folded in: they commute with the
+        max pools after it, which then run on the float map, exactly)."""
         if p.out is not None and p.out.kind == "float":
             return p.out
         p.conv.fclamp = post_clamp(p)
-        return emit_conv(p, "float")
+        v = emit_conv(p, "float")
+        for item in p.post:
+            if item[0] == "maxpool":
+                v = int_pool(v, item[1], where)
+        p.out = v  # a second reader of p reads the pooled map
+        return v
 
     def value(a: Any, where: str, *, allow_pending: bool = False) -> Any:
         if not isinstance(a, fx.Node):
