@@ -430,8 +430,8 @@ class IntegerEngine:
                 run.append(st)
             elif isinstance(s, GlobalAvg):
                 src = vals[s.src]
-                c = src.shape[-1]
-                y = bufs.take(s.dst, (n, c, 1, 1), np.float32)
+                c = src.shape[-1]  # every map NHWC, a global average's (N, 1, 1, C) too
+                y = bufs.take(s.dst, (n, 1, 1, c), np.float32)
                 st = _Step(kind=3 if s.from_int else 5, x0=_ptr(src), y=_ptr(y))
                 st.i[0], st.i[1], st.i[2], st.f[0] = n, src.size // (n * c), c, s.scale
                 run.append(st)

@@ -293,8 +293,9 @@ def walk(comp: Compiler, tracer: type) -> Any:
 
     def gap(x: Any, where: str) -> Value:
         x = materialized(x, where)
-        if len(x.shape) != 3:
-            raise ValueError(f"{where}: global average pooling needs a (C, H, W) input")
+        if len(x.shape) != 3 or x.kind == "input":  # the images are NCHW, maps NHWC
+            raise ValueError(f"{where}: global average pooling needs a (C, H, W) feature "
+                             "map (not the input images)")
         y = comp.new("float", (x.shape[0], 1, 1))  # PyTorch's (N, C, 1, 1)
         prog.steps.append(GlobalAvg(x.id, y.id, x.scale, x.kind == "int"))
         return y

@@ -1,0 +1,83 @@
+"""Users' models on the integer engine after concatenations, spatial means and unquantized max
+pools became runnable (QA session 13): global averages of a global average's output or of
+the images, and ``torch.cat`` called with keywords. Every engine output equals PyTorch's
+(power-of-two grids, 8-bit pixel images: every code is PyTorch's) or the model is refused by
+name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fewbits
+from fewbits.layers import QuantAct
+from fewbits.quantizers import FixedPoint
+from fewbits.runtime.integer import IntegerEngine, supported_int_isas
+
+
+def _images(n: int = 4, shape: tuple[int, ...] = (3, 10, 10)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (n, *shape), generator=g) / 255
+
+
+class _Net(nn.Module):
+    """conv, batch norm, ReLU, then ``how`` up to a linear layer."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.qa, self.qb = (QuantAct(FixedPoint(n=8, delta=2**-4)) for _ in range(2))
+        self.c = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(3 if how in ("mean_images", "gap_images") else
+                            6 if how == "cat_pooled" else 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.a(x)))
+        if self.how == "mean_of_mean":  # the second mean is of a (N, C, 1, 1) map
+            return self.fc(h.mean((2, 3), keepdim=True).mean((2, 3)))
+        if self.how == "gap_of_gap":
+            return self.fc(F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(h, 1), 1).flatten(1))
+        if self.how == "cat_pooled":  # pooled features quantized, concatenated, 1x1 conv
+            pa = self.qa(h.mean((2, 3), keepdim=True))
+            pb = self.qb(torch.relu(self.b(x)).mean((2, 3), keepdim=True))
+            return self.fc(self.c(torch.cat([pa, pb], 1)).flatten(1))
+        if self.how == "mean_images":
+            return self.fc(x.mean((2, 3)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))  # "gap_images"
+
+
+def _net(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = _Net(how)
+    m.bn.running_mean.uniform_(-0.5, 0.5)
+    m.bn.running_var.uniform_(0.5, 2.0)
+    fewbits.quantize_(m, "fp_net")
+    return m.eval()
+
+
+@pytest.mark.parametrize("isa", supported_int_isas())
+@pytest.mark.parametrize("how", ["mean_of_mean", "gap_of_gap", "cat_pooled"])
+def test_a_global_average_s_output_is_read_as_a_map_of_its_channels(isa: str,
+                                                                    how: str) -> None:
+    # the global average's (N, C, 1, 1) buffer was read as NHWC by the next step: a second
+    # mean averaged the C channels into one (logits off by 4x, engine.exact True), and a
+    # concatenation of two quantized pooled maps crashed in NumPy at run time
+    m = _net(how)
+    eng = IntegerEngine.from_model(m, (3, 10, 10), isa=isa)
+    x = _images()
+    with torch.no_grad():
+        ref = m(x)
+    assert eng.exact
+    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("how", ["mean_images", "gap_images"])
+def test_a_global_average_of_the_images_is_refused(how: str) -> None:
+    # the images are NCHW, the engine's average reads NHWC: it averaged along rows of
+    # pixels and returned wrong logits with engine.exact True
+    with pytest.raises(ValueError, match="global average pooling needs a .* feature map"):
+        IntegerEngine.from_model(_net(how), (3, 10, 10))
