@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from .integer_calls import cat_args, spatial_mean
 from .integer_grid import grid_layer
 from .integer_guards import no_hooks, same_as_forward
 from .integer_plan import (
@@ -92,18 +93,6 @@ def _desc(node: fx.Node, modules: dict) -> str:
         return f"{node.target} ({type(modules[node.target]).__name__})"
     t = getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({node.op} {t})"
-
-
-def _spatial_mean(node: fx.Node) -> bool | None:
-    """``keepdim`` of ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1), keepdim)`` (the global
-    average pool), None for any other mean."""
-    names = ("dim", "keepdim")
-    kw = {**dict(zip(names, node.args[1:], strict=False)), **node.kwargs}
-    dims = kw.get("dim")
-    if set(kw) - set(names) or not isinstance(dims, (list, tuple)) or \
-            sorted(d % 4 if isinstance(d, int) else -1 for d in dims) != [2, 3]:
-        return None
-    return bool(kw.get("keepdim", False))
 
 
 def walk(comp: Compiler, tracer: type) -> Any:
@@ -446,20 +435,20 @@ def walk(comp: Compiler, tracer: type) -> Any:
             elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
                     "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
-            elif (t == "mean" or t is torch.mean) and (keep := _spatial_mean(node)) is not None:
+            elif (t == "mean" or t is torch.mean) and (keep := spatial_mean(node)) is not None:
                 y = gap(value(args[0], where, allow_pending=True), where)
                 env[node.name] = y if keep else flatten(y, where)
-            elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
-                dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            elif (cat := cat_args(node)) is not None:
+                parts_in, dim = cat
                 if dim not in (1, -3):
                     raise ValueError(f"{where}: concatenation along channels only")
-                parts = [value(a, where, allow_pending=True) for a in args[0]]
+                parts = [value(a, where, allow_pending=True) for a in parts_in]
                 if all(
                         isinstance(p, _Pending) and single(a) for p, a in zip(
-                            parts, args[0], strict=True)):
+                            parts, parts_in, strict=True)):
                     env[node.name] = _PendingCat(parts)
                 else:
-                    env[node.name] = concat([value(a, where) for a in args[0]], where)
+                    env[node.name] = concat([value(a, where) for a in parts_in], where)
             else:
                 raise ValueError(f"{where}: the integer engine does not cover this operation")
         else:
