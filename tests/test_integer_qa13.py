@@ -111,3 +111,49 @@ def test_a_concatenation_written_with_keywords_or_another_name_runs(how: str) ->
     with torch.no_grad():
         ref = m(x)
     torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+class _Pooled(nn.Module):
+    """Open layers max-pooled before the quantizer that reads them: ``how`` ``"functional"``
+    (``F.max_pool2d`` then a clamp), ``"cat"`` (a concatenation pooled, ReLU after it),
+    ``"cat_twice"`` (one branch concatenated twice, then pooled)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bna, self.bnb = nn.BatchNorm2d(8), nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.c = nn.Conv2d({"functional": 8, "cat": 12, "cat_twice": 16}[how], 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.bna(self.a(x)), self.bnb(self.b(x))
+        if self.how == "functional":
+            h = torch.clamp(F.max_pool2d(a, 3, 2, 1), -0.25, 0.5)
+        elif self.how == "cat":
+            h = torch.relu(self.pool(torch.cat([a, b], 1)))
+        else:
+            h = self.pool(torch.relu(torch.cat([b, a, b], 1)))
+        return self.fc(torch.relu(self.c(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("isa", supported_int_isas())
+@pytest.mark.parametrize("how", ["functional", "cat", "cat_twice"])
+def test_max_pools_of_open_layers_and_concatenations_run(isa: str, how: str) -> None:
+    # refused before: F.max_pool2d did not keep the epilogue open as nn.MaxPool2d does (the
+    # clamp after it then read a float map), and a pooled concatenation of open layers was
+    # refused as "concatenation of quantized maps only", naming the pool
+    torch.manual_seed(0)
+    m = _Pooled(how)
+    for bn in (m.bna, m.bnb):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    fewbits.quantize_(m, "fp_net")
+    m.eval()
+    eng = IntegerEngine.from_model(m, (3, 10, 10), isa=isa)
+    x = _images()
+    with torch.no_grad():
+        ref = m(x)
+    assert eng.exact
+    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))

@@ -148,6 +148,19 @@ def walk(comp: Compiler, tracer: type) -> Any:
         prog.steps.append(Pool(x.id, y.id, 0 if x.kind == "int" else 2, g))
         return y
 
+    def max_pool(a: fx.Node, pool: dict, where: str) -> Any:
+        """Max pooling of node ``a``: an open layer (or concatenation of them) read only
+        here keeps its epilogue open, the pool in it (it commutes with the clamps and the
+        quantizer that close it, and works channel by channel: ``pool(cat(a, b))`` is
+        ``cat(pool(a), pool(b))``); any other map is pooled as it is."""
+        x = value(a, where, allow_pending=True)
+        if isinstance(x, (_Pending, _PendingCat)) and single(a) and \
+                all(p.conv.quant is None for p in _distinct(x)):
+            for p in _distinct(x):  # a branch concatenated twice is pooled once
+                p.post.append(("maxpool", pool))
+            return x
+        return int_pool(value(a, where), pool, where, a)
+
     def materialize(p: _Pending, where: str) -> Value:
         """``p``'s layer with a float epilogue (its clamps folded in: they commute with the
         max pools after it, which then run on the float map, exactly)."""
@@ -384,13 +397,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     x = value(a, where)
                     env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
             elif isinstance(m, nn.MaxPool2d):
-                x = value(a, where, allow_pending=True)
-                pool = pool_args(node, m, where)
-                if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
-                    x.post.append(("maxpool", pool))
-                    env[node.name] = x
-                else:
-                    env[node.name] = int_pool(value(a, where), pool, where, a)
+                env[node.name] = max_pool(a, pool_args(node, m, where), where)
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -430,8 +437,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
-                pool = pool_args(node, None, where)
-                env[node.name] = int_pool(value(args[0], where), pool, where, args[0])
+                env[node.name] = max_pool(args[0], pool_args(node, None, where), where)
             elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
                     "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
