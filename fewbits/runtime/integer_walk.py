@@ -183,9 +183,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return v
 
     def materialized(x: Any, where: str) -> Any:
-        """An open layer's (or concatenation's) float map, for a reader that is no quantizer."""
+        """An open layer's float map, for a reader that is no quantizer (or not the only
+        reader); the engine concatenates codes only, so an open concatenation is refused."""
         if isinstance(x, _PendingCat):
-            return concat([materialize(p, where) for p in x.parts], where)
+            names = ", ".join(p.conv.name for p in _distinct(x))
+            raise ValueError(f"{where}: reads a concatenation of unquantized maps (of {names}) "
+                             "without being its one reader through one quantizer: the integer "
+                             "engine concatenates quantized maps only")
         return materialize(x, where) if isinstance(x, _Pending) else x
 
     def quantized(a: fx.Node, x: Any, q: Any, name: str, where: str) -> Any:
@@ -450,9 +454,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: concatenation along channels only")
                 parts = [value(a, where, allow_pending=True) for a in parts_in]
                 if all(
-                        isinstance(p, _Pending) and single(a) for p, a in zip(
-                            parts, parts_in, strict=True)):
-                    env[node.name] = _PendingCat(parts)
+                        isinstance(p, (_Pending, _PendingCat)) and single(a) for p, a in zip(
+                            parts, parts_in, strict=True)):  # a cat of cats: one cat
+                    env[node.name] = _PendingCat([q for p in parts for q in (
+                        p.parts if isinstance(p, _PendingCat) else [p])])
                 else:
                     env[node.name] = concat([value(a, where) for a in parts_in], where)
             else:
