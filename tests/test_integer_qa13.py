@@ -201,3 +201,33 @@ def test_a_concatenation_it_cannot_close_names_its_branches(how: str) -> None:
     with pytest.raises(ValueError, match=r"reads a concatenation of unquantized maps \(of a, "
                                          r"b\)"):
         IntegerEngine.from_model(m, (3, 10, 10))
+
+
+class _Keywords(nn.Module):
+    """Every tensor given as ``input=``; pooled by ``torch.flatten`` of the adaptive average
+    or by ``torch.mean``."""
+
+    def __init__(self, mean: bool) -> None:
+        super().__init__()
+        self.mean = mean
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.relu(input=self.c(torch.clamp(input=self.a(x), min=-0.5, max=1.0)))
+        if self.mean:
+            return self.fc(torch.mean(input=g, dim=(2, 3)))
+        return self.fc(torch.flatten(input=F.adaptive_avg_pool2d(g, 1), start_dim=1))
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_tensors_given_as_input_keywords_run(mean: bool) -> None:
+    # torch.relu(input=h), torch.clamp(input=h, ...), torch.flatten(input=h, ...) crashed the
+    # walk with an IndexError naming no node; torch.mean(input=h, dim=...) was refused
+    torch.manual_seed(0)
+    m = fewbits.quantize_(_Keywords(mean), "fp_net").eval()
+    eng = IntegerEngine.from_model(m, (3, 10, 10))
+    x = _images()
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))

@@ -1,6 +1,6 @@
 """The arguments of the torch calls :mod:`fewbits.runtime.integer_walk` reads off a
 ``torch.fx`` node, given by position or by keyword as users write them: a concatenation's
-tensors and dimension, a spatial mean's ``keepdim``."""
+tensors and dimension, a spatial mean's ``keepdim``, the tensor given as ``input=``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["cat_args", "spatial_mean"]
+__all__ = ["cat_args", "input_first", "spatial_mean"]
+
+
+def input_first(kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call given its tensor as ``input=`` (``torch.clamp(input=x,
+    min=0)``): the tensor first by position, as every reader of the walk takes it."""
+    return (kwargs["input"],), {k: v for k, v in kwargs.items() if k != "input"}
 
 
 def spatial_mean(node: fx.Node) -> bool | None:

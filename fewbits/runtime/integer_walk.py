@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from .integer_calls import cat_args, spatial_mean
+from .integer_calls import cat_args, input_first, spatial_mean
 from .integer_grid import grid_layer
 from .integer_guards import no_hooks, same_as_forward
 from .integer_plan import (
@@ -420,6 +420,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                                  f"{type(m).__name__}")
         elif node.op in ("call_function", "call_method"):
             t = node.target
+            if not node.args and "input" in node.kwargs:  # torch.relu(input=x) as relu(x)
+                node.args, node.kwargs = input_first(node.kwargs)
             args = node.args
             if t in ADDS and len(args) == 2 and not node.kwargs:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
