@@ -451,7 +451,7 @@ class IntegerEngine:
                        ) -> tuple[tuple[int, ...], type]:
         if isinstance(s, Concat):
             a = vals[s.srcs[0]]
-            return (*a.shape[:-1], sum(s.chans)), np.int16
+            return (*a.shape[:-1], sum(s.chans)), np.float32 if a.dtype == np.float32 else np.int16
         x = vals[s.src]
         if getattr(s, "nchw", False):  # images quantized: NCHW -> NHWC codes
             return (x.shape[0], *x.shape[2:], x.shape[1]), np.int16

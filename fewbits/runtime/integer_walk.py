@@ -2,7 +2,8 @@
 ``torch.fx`` node becomes which engine step, what is folded into the open epilogue of a layer,
 and the clear ``ValueError`` for every node the integer engine does not cover. Branches
 concatenated before a quantizer (``quantize_`` quantizes a concatenation where it is read)
-are closed each on that quantizer's grid.
+are closed each on that quantizer's grid; a concatenation read otherwise (by several layers,
+a mean, a sum) is one of their float maps.
 """
 
 from __future__ import annotations
@@ -183,13 +184,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return v
 
     def materialized(x: Any, where: str) -> Any:
-        """An open layer's float map, for a reader that is no quantizer (or not the only
-        reader); the engine concatenates codes only, so an open concatenation is refused."""
+        """An open layer's (or concatenation's) float map, for a reader that is no quantizer
+        or not the only reader."""
         if isinstance(x, _PendingCat):
-            names = ", ".join(p.conv.name for p in _distinct(x))
-            raise ValueError(f"{where}: reads a concatenation of unquantized maps (of {names}) "
-                             "without being its one reader through one quantizer: the integer "
-                             "engine concatenates quantized maps only")
+            return concat([materialize(p, where) for p in x.parts], where)
         return materialize(x, where) if isinstance(x, _Pending) else x
 
     def quantized(a: fx.Node, x: Any, q: Any, name: str, where: str) -> Any:
@@ -320,9 +318,15 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w), x.pt)
 
     def concat(xs: list[Value], where: str) -> Value:
-        if any(x.kind != "int" or len(x.shape) != 3 for x in xs) or \
-                len({x.shape[1:] for x in xs}) != 1:
-            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps only")
+        if any(len(x.shape) != 3 for x in xs) or len({x.shape[1:] for x in xs}) != 1 or \
+                len({x.kind for x in xs}) != 1 or xs[0].kind not in ("int", "float"):
+            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps, or of "
+                             "unquantized feature maps, only (not of both, nor of the input)")
+        if xs[0].kind == "float":  # NHWC float maps: copied, PyTorch's values as they are
+            y = comp.new("float", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]))
+            prog.steps.append(Concat([x.id for x in xs], [1] * len(xs),
+                                     [x.shape[0] for x in xs], y.id))
+            return y
         s = min(x.scale for x in xs)
         muls = [x.scale / s for x in xs]
         if any(f != 2.0 ** round(math.log2(f)) for f in muls):
