@@ -24,6 +24,8 @@ class _Branches(nn.Module):
         self.c3, self.fc = nn.Conv2d(12, 8, 1), nn.Linear(8, 5)
         if how == "same_twice":
             self.c3 = nn.Conv2d(16, 8, 1)
+        if how == "with_images":
+            self.c3 = nn.Conv2d(11, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.bn1(self.c1(x)), self.bn2(self.c2(x))
@@ -31,8 +33,8 @@ class _Branches(nn.Module):
             h = torch.cat([torch.relu(a), torch.relu(b)], 1)
         elif self.how == "relu_after":
             h = torch.relu(torch.cat((a, b), dim=1))
-        elif self.how == "read_twice":  # a is also read alone: its epilogue cannot be closed
-            return self.fc(self.c3(torch.cat([a, b], 1)).mean((2, 3)) + a.mean((2, 3)))
+        elif self.how == "with_images":  # a map and the images: no common kind of values
+            return self.fc(self.c3(torch.cat([a, x], 1)).mean((2, 3)))
         else:  # "same_twice": one branch twice, closed once
             h = torch.relu(torch.cat([b, a, b], 1))
         h = torch.relu(self.c3(h))
@@ -73,10 +75,11 @@ def test_quantize_d_branches_concatenated_run_on_the_engine(isa: str, how: str,
     assert torch.equal(out.argmax(1), ref.argmax(1))
 
 
-def test_a_concatenation_it_cannot_close_is_refused_by_name() -> None:
-    # a branch also read unquantized: its float map cannot be concatenated with codes
-    with pytest.raises(ValueError, match="cat .*concatenation of quantized"):
-        IntegerEngine.from_model(_model("read_twice", "fp_net"), (3, 12, 12))
+def test_a_concatenation_it_cannot_run_is_refused_by_name() -> None:
+    # a branch's float map and the NCHW images (a branch also read elsewhere is now
+    # concatenated as float maps: tests/test_integer_qa13.py)
+    with pytest.raises(ValueError, match="cat .*concatenation of quantized .* nor of the input"):
+        IntegerEngine.from_model(_model("with_images", "fp_net"), (3, 12, 12))
 
 
 _MEANS = {"channels": lambda x: x.mean(1),

@@ -1021,7 +1021,8 @@ def test_an_unquantized_max_pool_runs_on_the_float_map(isa: str) -> None:
 def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> None:
     # the refusal said "quantizes float tensors, not 'input'"; a NumPy batch of the right
     # shape was told it had the wrong shape (qa9c). The second layer's input quantizer on the
-    # images now runs; what is refused is the concatenation of the first one's float map
+    # images now runs, and so does the concatenation of the two layers' float maps (refused
+    # before: "concatenation of quantized maps only")
     class TwoStems(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -1035,8 +1036,8 @@ def test_two_layers_reading_the_images_and_a_numpy_batch_say_what_is_wrong() -> 
     torch.manual_seed(0)
     net = TwoStems()
     quantize_(net, "fp_net")
-    with pytest.raises(ValueError, match="concatenation of quantized"):  # a's map is float
-        IntegerEngine.from_model(net.eval(), (3, 8, 8))
+    x = torch.randint(0, 256, (4, 3, 8, 8)) / 255
+    _check(IntegerEngine.from_model(net.eval(), (3, 8, 8)), net, x, exact=True)
     torch.manual_seed(0)
     m = create_model("mnist_fp_net_lenet").eval()
     eng = IntegerEngine.from_model(m, (1, 28, 28))

@@ -16,8 +16,9 @@ Residual sums: two grids whose scales differ by a power of two, and whose codes'
 tracked and checked). Other operands (min-max's learned ranges: no common grid) are summed as
 PyTorch sums them (:class:`FAdd`): a float32 NHWC map of PyTorch's values bit for bit, from
 each code's value ``fl(fl((k - kofs) * scale) + sub)`` (:attr:`Value.pt`), read by float-input
-layers (their float sums in their own order), max pooling and global average. A ReLU right
-after such a sum is folded into it; other operations on a float map raise. Nothing is
+layers (their float sums in their own order), max pooling, global average and channel
+concatenation. A ReLU right after such a sum is folded into it; other operations on a float
+map raise. Nothing is
 approximated today (``Program.exact`` True; a step that approximates must set it False and say
 where in ``Program.notes``).
 
@@ -173,7 +174,8 @@ class FAdd:
 
 @dataclass
 class Concat:
-    """Channel concatenation of int maps, each times an integer ``muls`` (a common grid)."""
+    """Channel concatenation of int maps, each times an integer ``muls`` (a common grid), or
+    of float maps (``muls`` 1)."""
 
     srcs: list
     muls: list

@@ -2,7 +2,8 @@
 ``torch.fx`` node becomes which engine step, what is folded into the open epilogue of a layer,
 and the clear ``ValueError`` for every node the integer engine does not cover. Branches
 concatenated before a quantizer (``quantize_`` quantizes a concatenation where it is read)
-are closed each on that quantizer's grid.
+are closed each on that quantizer's grid; a concatenation read otherwise (by several layers,
+a mean, a sum) is one of their float maps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from .integer_calls import cat_args, input_first, spatial_mean
 from .integer_grid import grid_layer
 from .integer_guards import no_hooks, same_as_forward
 from .integer_plan import (
@@ -94,18 +96,6 @@ def _desc(node: fx.Node, modules: dict) -> str:
     return f"{node.name} ({node.op} {t})"
 
 
-def _spatial_mean(node: fx.Node) -> bool | None:
-    """``keepdim`` of ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1), keepdim)`` (the global
-    average pool), None for any other mean."""
-    names = ("dim", "keepdim")
-    kw = {**dict(zip(names, node.args[1:], strict=False)), **node.kwargs}
-    dims = kw.get("dim")
-    if set(kw) - set(names) or not isinstance(dims, (list, tuple)) or \
-            sorted(d % 4 if isinstance(d, int) else -1 for d in dims) != [2, 3]:
-        return None
-    return bool(kw.get("keepdim", False))
-
-
 def walk(comp: Compiler, tracer: type) -> Any:
     no_hooks(comp.model)
     try:
@@ -159,6 +149,19 @@ def walk(comp: Compiler, tracer: type) -> Any:
         prog.steps.append(Pool(x.id, y.id, 0 if x.kind == "int" else 2, g))
         return y
 
+    def max_pool(a: fx.Node, pool: dict, where: str) -> Any:
+        """Max pooling of node ``a``: an open layer (or concatenation of them) read only
+        here keeps its epilogue open, the pool in it (it commutes with the clamps and the
+        quantizer that close it, and works channel by channel: ``pool(cat(a, b))`` is
+        ``cat(pool(a), pool(b))``); any other map is pooled as it is."""
+        x = value(a, where, allow_pending=True)
+        if isinstance(x, (_Pending, _PendingCat)) and single(a) and \
+                all(p.conv.quant is None for p in _distinct(x)):
+            for p in _distinct(x):  # a branch concatenated twice is pooled once
+                p.post.append(("maxpool", pool))
+            return x
+        return int_pool(value(a, where), pool, where, a)
+
     def materialize(p: _Pending, where: str) -> Value:
         """``p``'s layer with a float epilogue (its clamps folded in: they commute with the
         max pools after it, which then run on the float map, exactly)."""
@@ -181,7 +184,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return v
 
     def materialized(x: Any, where: str) -> Any:
-        """An open layer's (or concatenation's) float map, for a reader that is no quantizer."""
+        """An open layer's (or concatenation's) float map, for a reader that is no quantizer
+        or not the only reader."""
         if isinstance(x, _PendingCat):
             return concat([materialize(p, where) for p in x.parts], where)
         return materialize(x, where) if isinstance(x, _Pending) else x
@@ -293,8 +297,9 @@ def walk(comp: Compiler, tracer: type) -> Any:
 
     def gap(x: Any, where: str) -> Value:
         x = materialized(x, where)
-        if len(x.shape) != 3:
-            raise ValueError(f"{where}: global average pooling needs a (C, H, W) input")
+        if len(x.shape) != 3 or x.kind == "input":  # the images are NCHW, maps NHWC
+            raise ValueError(f"{where}: global average pooling needs a (C, H, W) feature "
+                             "map (not the input images)")
         y = comp.new("float", (x.shape[0], 1, 1))  # PyTorch's (N, C, 1, 1)
         prog.steps.append(GlobalAvg(x.id, y.id, x.scale, x.kind == "int"))
         return y
@@ -313,9 +318,15 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w), x.pt)
 
     def concat(xs: list[Value], where: str) -> Value:
-        if any(x.kind != "int" or len(x.shape) != 3 for x in xs) or \
-                len({x.shape[1:] for x in xs}) != 1:
-            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps only")
+        if any(len(x.shape) != 3 for x in xs) or len({x.shape[1:] for x in xs}) != 1 or \
+                len({x.kind for x in xs}) != 1 or xs[0].kind not in ("int", "float"):
+            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps, or of "
+                             "unquantized feature maps, only (not of both, nor of the input)")
+        if xs[0].kind == "float":  # NHWC float maps: copied, PyTorch's values as they are
+            y = comp.new("float", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]))
+            prog.steps.append(Concat([x.id for x in xs], [1] * len(xs),
+                                     [x.shape[0] for x in xs], y.id))
+            return y
         s = min(x.scale for x in xs)
         muls = [x.scale / s for x in xs]
         if any(f != 2.0 ** round(math.log2(f)) for f in muls):
@@ -394,13 +405,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     x = value(a, where)
                     env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
             elif isinstance(m, nn.MaxPool2d):
-                x = value(a, where, allow_pending=True)
-                pool = pool_args(node, m, where)
-                if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
-                    x.post.append(("maxpool", pool))
-                    env[node.name] = x
-                else:
-                    env[node.name] = int_pool(value(a, where), pool, where, a)
+                env[node.name] = max_pool(a, pool_args(node, m, where), where)
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -419,6 +424,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                                  f"{type(m).__name__}")
         elif node.op in ("call_function", "call_method"):
             t = node.target
+            if not node.args and "input" in node.kwargs:  # torch.relu(input=x) as relu(x)
+                node.args, node.kwargs = input_first(node.kwargs)
             args = node.args
             if t in ADDS and len(args) == 2 and not node.kwargs:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
@@ -440,25 +447,25 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
-                pool = pool_args(node, None, where)
-                env[node.name] = int_pool(value(args[0], where), pool, where, args[0])
+                env[node.name] = max_pool(args[0], pool_args(node, None, where), where)
             elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
                     "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
-            elif (t == "mean" or t is torch.mean) and (keep := _spatial_mean(node)) is not None:
+            elif (t == "mean" or t is torch.mean) and (keep := spatial_mean(node)) is not None:
                 y = gap(value(args[0], where, allow_pending=True), where)
                 env[node.name] = y if keep else flatten(y, where)
-            elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
-                dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            elif (cat := cat_args(node)) is not None:
+                parts_in, dim = cat
                 if dim not in (1, -3):
                     raise ValueError(f"{where}: concatenation along channels only")
-                parts = [value(a, where, allow_pending=True) for a in args[0]]
+                parts = [value(a, where, allow_pending=True) for a in parts_in]
                 if all(
-                        isinstance(p, _Pending) and single(a) for p, a in zip(
-                            parts, args[0], strict=True)):
-                    env[node.name] = _PendingCat(parts)
+                        isinstance(p, (_Pending, _PendingCat)) and single(a) for p, a in zip(
+                            parts, parts_in, strict=True)):  # a cat of cats: one cat
+                    env[node.name] = _PendingCat([q for p in parts for q in (
+                        p.parts if isinstance(p, _PendingCat) else [p])])
                 else:
-                    env[node.name] = concat([value(a, where) for a in args[0]], where)
+                    env[node.name] = concat([value(a, where) for a in parts_in], where)
             else:
                 raise ValueError(f"{where}: the integer engine does not cover this operation")
         else:
