@@ -196,6 +196,8 @@ def test_layers_the_proof_does_not_cover_keep_the_exact_epilogue() -> None:
     assert not certified(q=QuantParams(-math.inf, 1.0, 0.0, 0.01, 0, -128, 127, 0.01))
     assert not certified(sacc=[-1e-3])
     assert not certified(acc_range=np.array([[-2**30, 2**30]]), sacc=[1e-12])  # |sum| >= 2^24
+    wide = QuantParams(0.0, 32.767, 0.0, 1e-3, 0, 0, 32767, 1e-3)  # codes up to 2^15:
+    assert not certified(q=wide, sacc=[1e-4], acc_range=np.array([[0, 400000]]))  # too loose
     pow2 = QuantParams(-1.0, 1.0, 0.0, 2.0**-7, 0, -128, 127, 2.0**-7)
     assert not certified(sacc=[2.0**-10], q=pow2)  # the fold: one FMA already
     s = _conv(1, [1e-3], [0.0], [1.0], [0.0], False, q, acc)

@@ -72,8 +72,9 @@ ResNet-23: 0.6 % of its tiles fall back).
 Off (the exact epilogue, ``None``): not VNNI, a float output, the fold (one FMA already), a
 float input (its float sums are no integers; its NaN check), no ``acc_range``, a ReLU with a
 bias, non-finite or unbounded clamps (``|(c - sub) / scale| >= 2^30``: the exact path may then
-convert out of int32's range), ``sacc <= 0``, sums beyond ``2^24`` on the clamp range, or
-any failed check above.
+convert out of int32's range), ``sacc <= 0``, sums beyond ``2^24`` on the clamp range, a
+margin over ``2^-10`` (too loose to pay: most tiles would fall back), or any failed check
+above.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def _channel(x0: int, x1: int, s: Fraction, b: Fraction, al: Fraction, be: Fract
             _U * max(abs(a2 * lo + b2), abs(a2 * hi + b2)) + _ETA
         err = e5 + e_t
         if last is not None and err < m:
+            if m > Fraction(1, 2**10):  # too loose to pay: most tiles would fall back
+                return None
             t_lo, t_hi = a_ * lo + b0, a_ * hi + b0
             up, down = (t_hi, t_lo) if a_ > 0 else (t_lo, t_hi)  # t* at the high / low code
             # the sums beyond the range: the exact code there is the code range's end
