@@ -110,6 +110,12 @@ def _codes(a, acc: np.ndarray, mode: int) -> tuple[int, np.ndarray]:
     return falls, y
 
 
+def _nocheck(a) -> bool:
+    s = a.cert_stride
+    return bool(np.ctypeslib.as_array(ctypes.cast(a.cert, ctypes.POINTER(ctypes.c_int32)),
+                                      (5 * s + 4,))[-1])
+
+
 def _mismatches(seeds, mode: int = 1) -> tuple[int, int, int]:
     """(layers certified, tiles that fell back, sums whose certified code differs)."""
     certified = falls = bad = 0
@@ -136,6 +142,26 @@ def test_certified_codes_equal_the_exact_epilogue_around_every_boundary() -> Non
     assert certified >= 80 and falls > 0  # most layers certified; near-ties fell back
 
 
+def test_unchecked_layers_give_the_exact_code_on_every_feasible_sum() -> None:
+    # feasible sums few enough to run them all: the layers whose check integer_cert dropped
+    # (every sum near a boundary verified, the others by the bound) on every one of them
+    rng, unchecked = np.random.default_rng(5), 0
+    for seed in range(200, 260):
+        s, u8 = _random(seed)
+        s.acc_range = np.stack([-rng.integers(0, 3000, len(s.sacc)),
+                                rng.integers(1, 3000, len(s.sacc))], 1)
+        keep: list = []
+        a = _args(s, keep, u8)
+        if not a.cert or not _nocheck(a):
+            continue
+        unchecked += 1
+        acc = np.clip(np.arange(-3000, 3001)[:, None], s.acc_range[:, 0],
+                      s.acc_range[:, 1]).astype(np.int32)
+        falls, got = _codes(a, acc, 1)
+        assert falls == 0 and np.array_equal(got, _codes(a, acc, 3)[1]), seed
+    assert unchecked >= 15
+
+
 def test_a_zero_bound_or_no_check_gives_wrong_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     # the same sweep with the check skipped, then with the bound's rounding terms set to 0
     # (the margin then covers only the constants' own rounding)
@@ -155,15 +181,22 @@ def _tie_layer(relu: bool = False, u8: bool = False) -> Conv:
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("u8", [False, True])
-def test_exact_ties_fall_back_and_keep_their_codes(relu: bool, u8: bool) -> None:
+@pytest.mark.parametrize("check", [False, True])
+def test_exact_ties_keep_their_codes(relu: bool, u8: bool, check: bool,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # checked: the ties fall back. Unchecked: floor(A2 x + B2) with A2 a step steeper than
+    # 1/2 rounds the ties away from zero (every one verified by _no_check)
+    if check:
+        monkeypatch.setattr(cert, "_no_check", lambda *args: False)
     s, keep = _tie_layer(relu, u8), []
     a = _args(s, keep, u8)
-    assert a.cert
+    assert a.cert and _nocheck(a) != check
     acc = np.repeat(np.arange(-300, 301, dtype=np.int32)[:, None], 3, 1)
     _, want = _codes(a, acc, 3)
     falls, got = _codes(a, acc, 1)
-    assert np.array_equal(got, want) and falls > 0
-    assert np.any(_codes(a, acc, 2)[1] != want)  # unchecked: the ties come out wrong
+    assert np.array_equal(got, want) and (falls > 0) == check
+    if check:
+        assert np.any(_codes(a, acc, 2)[1] != want)  # unchecked: the ties come out wrong
 
 
 def test_code_steps_wider_than_a_sum_clamp_the_codes() -> None:

@@ -294,6 +294,7 @@ typedef struct {
     const float *cert; /* fbi_conv.cert where the VNNI epilogue takes it (ep_fold), else NULL */
     int64_t cstride;
     int cclamp; /* the certified codes need the clamp to [cklo, ckhi] (see integer_cert.py) */
+    int cnocheck; /* every sum's fast code was verified exact: no check (integer_cert.py) */
     __m256i cklo, ckhi;
 } fbi_ep;
 
@@ -412,7 +413,7 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->nobias = a->nobias && !e->out_float;
     e->u8shift = _mm256_set1_epi32(a->u8shift);
     e->rcp = _mm256_set1_ps(1.0f / a->scale);
-    e->cert = NULL, e->cstride = a->cert_stride, e->cclamp = 0;
+    e->cert = NULL, e->cstride = a->cert_stride, e->cclamp = e->cnocheck = 0;
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
               (!e->nonneg || e->int_clamp ? EK_SC : 0);
@@ -438,7 +439,7 @@ AVX2 static void ep_fold(const fbi_conv *a, fbi_ep *e) {
         const int32_t *tail = (const int32_t *)(a->cert + 5 * (int64_t)a->cert_stride);
         e->cert = a->cert;
         e->cklo = _mm256_set1_epi32(tail[0]), e->ckhi = _mm256_set1_epi32(tail[1]);
-        e->cclamp = tail[2] != 0;
+        e->cclamp = tail[2] != 0, e->cnocheck = tail[3] != 0;
     }
 }
 
@@ -1003,8 +1004,9 @@ static const store512_fn store512[EK_N] = {EK_KINDS(ENTRY)};
  * epilogue's rounding of ties (it has none there). The fraction is one vreduceps (its
  * rounding is monotone and thr a float: frac < thr proves the exact fraction < thr). A tile
  * with any other lane runs the exact epilogue, store512[kind], on the same sums. ~9
- * operations a vector instead of ~15. Returns 1 where CHECK found such a lane (nothing
- * stored) */
+ * operations a vector instead of ~15; 7 with no check (CHECK 0: where integer_cert ran
+ * every sum near a rounding boundary through both epilogues, cnocheck). Returns 1 where
+ * CHECK found such a lane (nothing stored) */
 #define CERT_FLOOR (_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
 #define EPR(body) _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { body; }
 VNNI static inline __attribute__((always_inline)) int epi512_cert(const fbi_ep *e,
@@ -1061,23 +1063,28 @@ void fbi_cert_stats(int64_t *out, int32_t reset) {
     if (reset) cert_falls = cert_tiles = 0;
 }
 
-/* one copy per output (U8: bytes) and code clamp (CL) */
-#define STORE512C(U8, CL)                                                               \
-    VNNI static __attribute__((noinline)) void store512c_##U8##CL(                      \
+/* one copy per output (U8: bytes), code clamp (CL) and check (CH: 0 where every sum's code
+ * was verified, cnocheck) */
+#define STORE512C(CH, U8, CL)                                                           \
+    VNNI static __attribute__((noinline)) void store512c_##CH##U8##CL(                  \
         const fbi_ep *a, const __m512i *c, int n, int cnt, char **dst) {                \
         CERT_TILE();                                                                    \
-        if (__builtin_expect(epi512_cert(a, c, UR1, n, cnt, dst, U8, CL, 1), 0)) {      \
+        if (__builtin_expect(epi512_cert(a, c, UR1, n, cnt, dst, U8, CL, CH), 0)) {     \
             cert_falls++;                                                               \
             store512[a->kind](a, c, n, cnt, dst);                                       \
         }                                                                               \
     }
-STORE512C(0, 0) STORE512C(0, 1) STORE512C(1, 0) STORE512C(1, 1)
+STORE512C(0, 0, 0) STORE512C(0, 0, 1) STORE512C(0, 1, 0) STORE512C(0, 1, 1)
+STORE512C(1, 0, 0) STORE512C(1, 0, 1) STORE512C(1, 1, 0) STORE512C(1, 1, 1)
 #undef STORE512C
-static const store512_fn store512c[4] = {store512c_00, store512c_01, store512c_10, store512c_11};
+static const store512_fn store512c[8] = {store512c_000, store512c_001, store512c_010,
+                                         store512c_011, store512c_100, store512c_101,
+                                         store512c_110, store512c_111};
 
 static store512_fn store512_for(const fbi_ep *e) {
     if (e->out_float) return store512_g;
-    if (e->cert && !e->corr) return store512c[2 * !!e->out_u8 + !!e->cclamp];
+    if (e->cert && !e->corr)
+        return store512c[4 * !e->cnocheck + 2 * !!e->out_u8 + !!e->cclamp];
     return store512[e->kind];
 }
 
@@ -2282,7 +2289,7 @@ VNNI static int64_t epi_sums_vnni(const fbi_conv *a, int64_t m, const int32_t *a
             if (mode == 0) {
                 store512[e.kind](&e, c, n, cnt, dst);
             } else if (mode == 1) {
-                if (epi512_cert(&e, c, UR1, n, cnt, dst, e.out_u8, e.cclamp, 1)) {
+                if (epi512_cert(&e, c, UR1, n, cnt, dst, e.out_u8, e.cclamp, !e.cnocheck)) {
                     falls++;
                     store512[e.kind](&e, c, n, cnt, dst);
                 }
@@ -2299,8 +2306,9 @@ VNNI static int64_t epi_sums_vnni(const fbi_conv *a, int64_t m, const int32_t *a
  * (sums of code * weight: any zero-point correction included), written to rows of y as the
  * layer writes them (bytes code - u8shift where out_u8). mode 0: the exact epilogue; 1: the
  * certified one as the kernels run it (returns how many tiles of UR1 rows x 16 channels fell
- * back to the exact one); 2: the certified one with no check (each lane its fast code: only
- * to show that the check matters); 3: the generic path's scalar epilogue. -1 where VNNI is
+ * back to the exact one); 2: the certified one with no check (each lane its fast code: what
+ * integer_cert verifies sum by sum, and shows that the check matters); 3: the generic path's
+ * scalar epilogue. -1 where VNNI is
  * missing (modes 0-2) or a certified mode finds no certificate. */
 int64_t fbi_epi_sums(const fbi_conv *a, int64_t m, const int32_t *acc, void *y, int32_t mode) {
     if (a->out_kind != OUT_INT) return -1;

@@ -62,19 +62,32 @@ are rounded, and their rounding errors are measured exactly, not estimated.
    ``fma(w, 0, beta) = beta``), or every feasible sum beyond one end code (the bound at the
    nearest feasible sum puts it there): ``A2 = 0``, ``B2 = code + 1/2``, thr 1.
 
+5. No check (``cnocheck``): where every channel passes, the kernels skip the check (a
+   third of the fast epilogue's cost). Every sum of ``[lo, hi]`` whose ``t*`` lies within
+   ``8M`` of a rounding boundary (a float64 evaluation, with its own error as slack: a few
+   sums per channel) runs through both epilogues here (``fbi_epi_sums``: the generic exact
+   one, the fast one unchecked) and must give the same code; ``A2`` (within 3 float32 steps
+   of ``A``'s rounding, fewer where the bound below needs it) and ``B2`` (within ``M`` of
+   ``B0 + 1/2``) are searched until they do. Every other sum is at least ``8M`` from a
+   boundary, and ``e5 + M + eT' < 8M`` (``eT'`` bounding every ``A2``, ``B2`` tried) keeps
+   ``t2`` inside the cell of ``rha(Y)``: ``floor`` gives it. Where a channel finds no such
+   pair (e.g. exact ties of both signs), the layer keeps the check.
+
 The feasible sums (``Conv.acc_range``) come from the weights and the input codes' range (0
-included: zero padding). The margin ``M`` starts at ``2^-10``; each pass recomputes ``E`` on
-the range ``M`` gives and sets ``M = (E + u (|B0| + 1)) (1 + 2^-8) + 2^-40`` (room for
-``B2``'s rounding to change with ``M``), until ``E < M`` (four passes at most). The lanes
-that fall back are those within ``~2M`` of a rounding boundary (``M ~ 1e-4`` on min-max's
-ResNet-23: 0.6 % of its tiles fall back).
+included: zero padding). The margin ``M``: a float64 pass guesses ``E`` (margin ``2^-10``),
+``M = E (1 + 2^-6) + u (|B0| + 1) + 2^-40`` (room for ``B2``'s rounding to change with
+``M``); an exact pass on the range ``M`` gives must find ``E < M``, else ``M = (E + u (|B0| +
+1)) (1 + 2^-8) + 2^-40`` and again (three exact passes at most). With the check, the lanes
+that fall back are those within ``~2M`` of a rounding boundary (``M ~ 7e-5`` on min-max's
+ResNet-23: 0.6 % of its tiles).
 
 Off (the exact epilogue, ``None``): not VNNI, a float output, the fold (one FMA already), a
 float input (its float sums are no integers; its NaN check), no ``acc_range``, a ReLU with a
 bias, non-finite or unbounded clamps (``|(c - sub) / scale| >= 2^30``: the exact path may then
 convert out of int32's range), ``sacc <= 0``, sums beyond ``2^24`` on the clamp range, a
 margin over ``2^-10`` (too loose to pay: most tiles would fall back), or any failed check
-above.
+above. Cost: one exact pass per channel (``Fraction``), after a float64 pass that guesses the
+margin; ~0.25 s for min-max's ResNet-23 (768 channels).
 """
 
 from __future__ import annotations
@@ -95,8 +108,10 @@ _ETA = Fraction(1, 2**150)
 _BIG = Fraction(2**100)
 
 
-def _f32(v: Fraction) -> Fraction:
-    return Fraction(float(np.float32(float(v))))
+def _f32(v: Any) -> Any:
+    """``v`` rounded to float32, as a ``Fraction`` (a float for a float)."""
+    f = float(np.float32(float(v)))
+    return f if isinstance(v, float) else Fraction(f)
 
 
 def _floor_f32(v: Fraction) -> float:
@@ -113,10 +128,9 @@ def _e5(lo: int, hi: int, s: Fraction, b: Fraction, al: Fraction, be: Fraction, 
     None where a magnitude there could overflow."""
     sub, scale = q["sub"], q["scale"]
     x = max(abs(lo), abs(hi))
-    ends = [Fraction(lo), Fraction(hi)]
-    w_ = max(abs(e * s + b) for e in ends)
-    v_ = max(abs(al * (e * s + b) + be) for e in ends)
-    d_ = max(abs(al * (e * s + b) + be - sub) for e in ends)
+    ws = [lo * s + b, hi * s + b] if lo != hi else [lo * s + b]
+    vs = [al * w + be for w in ws]
+    w_, v_, d_ = max(map(abs, ws)), max(map(abs, vs)), max(abs(v - sub) for v in vs)
     if max(x * s, w_, v_, d_, d_ / scale) > _BIG:
         return None
     e1 = _U * x * s + _ETA
@@ -127,45 +141,26 @@ def _e5(lo: int, hi: int, s: Fraction, b: Fraction, al: Fraction, be: Fraction, 
 
 
 def _channel(x0: int, x1: int, s: Fraction, b: Fraction, al: Fraction, be: Fraction,
-             q: dict) -> tuple[int, int, float, float, float, bool] | None:
-    """``(lo, hi, A2, B2, thr, cells)`` of one channel whose feasible sums (after a ReLU) are
-    ``[x0, x1]``, or None where the proof fails (the module docstring, steps 2-4); ``cells``:
-    the codes on ``[lo, hi]`` stay within the code range without the code clamp."""
+             q: dict) -> tuple | None:
+    """``(lo, hi, A2, B2, thr, cells, proof)`` of one channel whose feasible sums (after a
+    ReLU) are ``[x0, x1]``, or None where the proof fails (the module docstring, steps 2-4);
+    ``cells``: the codes on ``[lo, hi]`` stay within the code range without the code clamp;
+    ``proof``: ``(A, B0, M, e5, A2)`` for ``_no_check`` (None: a constant code)."""
     sub, scale, ofs, klo, khi = q["sub"], q["scale"], q["ofs"], q["klo"], q["khi"]
     a_ = al * s / scale
     b0 = (al * b + be - sub) / scale + ofs
     half = Fraction(1, 2)
-    m, last = Fraction(1, 2**10), None
-    for _ in range(4):
-        # the sums' clamp: the last sum of the end code at each end (the exact code is the
-        # range's end there and beyond; docstring, step 4)
-        if a_ > 0:
-            ca, cb = math.floor((klo + half - m - b0) / a_), math.ceil((khi - half + m - b0) / a_)
-        else:
-            ca, cb = math.floor((khi - half + m - b0) / a_), math.ceil((klo + half - m - b0) / a_)
-        cb = max(ca, cb)
-        lo, hi = min(max(x0, ca), cb), max(min(x1, cb), ca)
-        if lo == hi and not x0 <= lo <= x1:
-            # every feasible sum beyond one end code: the code is that end's wherever the
-            # exact code at the nearest feasible sum is (monotone); a constant, as alpha = 0
-            xe = min(max(lo, x0), x1)
-            e5 = _e5(xe, xe, s, b, al, be, q)
-            t, far = a_ * xe + b0, [a_ * x0 + b0, a_ * x1 + b0]  # the others lie further out
-            code = None if e5 is None else khi if t - e5 > khi - half and t == min(far) else \
-                klo if t + e5 < klo + half and t == max(far) else None
-            return None if code is None else (0, 0, 0.0, code + 0.5, 1.0, True)
-        if q["relu"] and lo < 0 and lo != hi:
-            return None
-        x = max(abs(lo), abs(hi))
-        e5 = _e5(lo, hi, s, b, al, be, q)
-        if x >= 2**24 or e5 is None or abs(a_) * x + abs(b0) + 2 > 2**30:
-            return None
-        a2, target = _f32(a_), b0 + half - m
-        b2 = _f32(target)
-        e_t = abs(a2 - a_) * x + abs(b2 - target) + \
-            _U * max(abs(a2 * lo + b2), abs(a2 * hi + b2)) + _ETA
-        err = e5 + e_t
-        if last is not None and err < m:
+    # a float64 pass guesses the margin (the exact passes below prove it)
+    fq = {k: float(v) if isinstance(v, Fraction) else v for k, v in q.items()}
+    guess = _pass(2.0**-10, x0, x1, float(s), float(b), float(al), float(be), fq)
+    m = Fraction(1, 2**10) if guess is None or len(guess) != 6 else \
+        Fraction(guess[-1]) * (1 + Fraction(1, 2**6)) + _U * (abs(b0) + 1) + Fraction(1, 2**40)
+    for _ in range(3):
+        r = _pass(m, x0, x1, s, b, al, be, q)
+        if r is None or len(r) != 6:  # no proof, or a constant channel's constants
+            return r
+        lo, hi, e5, a2, b2, err = r
+        if err < m:
             if m > Fraction(1, 2**10):  # too loose to pay: most tiles would fall back
                 return None
             t_lo, t_hi = a_ * lo + b0, a_ * hi + b0
@@ -177,11 +172,49 @@ def _channel(x0: int, x1: int, s: Fraction, b: Fraction, al: Fraction, be: Fract
                 return None
             # on the range: Y within the code range's cells (the code clamp idle)?
             cells = down - e5 > klo - half and up + e5 < khi + half
-            return lo, hi, float(a2), float(b2), _floor_f32(1 - 2 * m), cells
+            return lo, hi, float(a2), float(b2), _floor_f32(1 - 2 * m), cells, \
+                (a_, b0, m, e5, a2)
         # the next margin: this bound, plus room for B2's rounding to change with it
-        last = err
         m = (err + _U * (abs(b0) + 1)) * (1 + Fraction(1, 2**8)) + Fraction(1, 2**40)
     return None
+
+
+def _pass(m: Any, x0: int, x1: int, s: Any, b: Any, al: Any, be: Any, q: dict) -> Any:
+    """One pass of ``_channel`` at margin ``m``, exact on ``Fraction`` arguments (a float64
+    guess on floats): ``(lo, hi, e5, A2, B2, E)``; else a constant channel's tuple or None
+    (docstring, steps 2-4)."""
+    sub, scale, ofs, klo, khi = q["sub"], q["scale"], q["ofs"], q["klo"], q["khi"]
+    a_ = al * s / scale
+    b0 = (al * b + be - sub) / scale + ofs
+    half = 0.5 if isinstance(m, float) else Fraction(1, 2)
+    # the sums' clamp: the last sum of the end code at each end (the exact code is the
+    # range's end there and beyond; docstring, step 4)
+    if a_ > 0:
+        ca, cb = math.floor((klo + half - m - b0) / a_), math.ceil((khi - half + m - b0) / a_)
+    else:
+        ca, cb = math.floor((khi - half + m - b0) / a_), math.ceil((klo + half - m - b0) / a_)
+    cb = max(ca, cb)
+    lo, hi = min(max(x0, ca), cb), max(min(x1, cb), ca)
+    if lo == hi and not x0 <= lo <= x1:
+        # every feasible sum beyond one end code: the code is that end's wherever the
+        # exact code at the nearest feasible sum is (monotone); a constant, as alpha = 0
+        xe = min(max(lo, x0), x1)
+        e5 = _e5(xe, xe, s, b, al, be, q)
+        t, far = a_ * xe + b0, [a_ * x0 + b0, a_ * x1 + b0]  # the others lie further out
+        code = None if e5 is None else khi if t - e5 > khi - half and t == min(far) else \
+            klo if t + e5 < klo + half and t == max(far) else None
+        return None if code is None else (0, 0, 0.0, code + 0.5, 1.0, True, None)
+    if q["relu"] and lo < 0 and lo != hi:
+        return None
+    x = max(abs(lo), abs(hi))
+    e5 = _e5(lo, hi, s, b, al, be, q)
+    if x >= 2**24 or e5 is None or abs(a_) * x + abs(b0) + 2 > 2**30:
+        return None
+    a2, target = _f32(a_), b0 + half - m
+    b2 = _f32(target)
+    e_t = abs(a2 - a_) * x + abs(b2 - target) + \
+        _U * max(abs(a2 * lo + b2), abs(a2 * hi + b2)) + _ETA
+    return lo, hi, e5, a2, b2, e5 + e_t
 
 
 def certify(s: Conv, a: Any, lib: Any) -> np.ndarray | None:
@@ -215,7 +248,7 @@ def certify(s: Conv, a: Any, lib: Any) -> np.ndarray | None:
     out = np.zeros(5 * stride + 16, f32)
     ints = out.view(np.int32)
     out[4 * stride:5 * stride] = 1.0
-    cells = True
+    cells, proofs = True, [None] * cout
     for c in range(cout):
         x0, x1 = (int(v) for v in s.acc_range[c])
         if s.pre_relu:
@@ -233,10 +266,88 @@ def certify(s: Conv, a: Any, lib: Any) -> np.ndarray | None:
         ints[c], ints[stride + c] = ch[0], ch[1]
         out[2 * stride + c], out[3 * stride + c], out[4 * stride + c] = ch[2:5]
         cells &= ch[5]
+        proofs[c] = ch[6]
     # the code range, and whether the codes need clamping to it (a channel whose code step
     # is wider than its sums' step: no sum of its end codes lies inside their cells)
     ints[5 * stride:5 * stride + 3] = klo, khi, int(not cells)
+    ints[5 * stride + 3] = int(_no_check(a, out, proofs, lib))
     return out
+
+
+#: the fast constants ``_no_check`` tries: A2 moved by these float32 steps, B2 by these
+#: fractions of the margin M (A2's rounding first, B2 nearest B0 + 1/2 - M first); the sums
+#: it runs: those within _NEAR M of a rounding boundary
+_A_STEPS = (0, -1, 1, -2, 2, -3, 3)
+_NEAR = 8
+_B_SHIFTS = [k / 8 for k in (8, 6, 4, 2, 0, -2, -4, -6, -8, 7, 5, 3, 1, -1, -3, -5, -7)]
+
+
+def _no_check(a: Any, out: np.ndarray, proofs: list, lib: Any) -> bool:
+    """Whether every sum of ``[lo, hi]`` of every channel gets its exact code from the fast
+    formula with no check (docstring, step 5); then ``out``'s ``A2`` / ``B2`` are the ones
+    that were verified, else ``out`` is unchanged."""
+    cout, stride = len(proofs), (len(out) - 16) // 5
+    ints, half = out.view(np.int32), Fraction(1, 2)
+    near, total, steps = [], 0, max(_A_STEPS)
+    for c, p in enumerate(proofs):
+        if p is None:  # a constant code: B2 = code + 1/2 exactly, floor(t) = code
+            near.append(np.zeros(0, np.int64))
+            continue
+        a_, b0, m, e5, a2 = p
+        lo, hi = int(ints[c]), int(ints[stride + c])
+        x = max(abs(lo), abs(hi))
+        # every A2, B2 tried: |A2 - A| <= |a2 - A| + `steps` ulps, |B2 - (B0 + 1/2)| <= M;
+        # as many A2 steps as leave room
+        ulp = Fraction(float(np.spacing(np.abs(np.float32(a2))))) * 2
+        while steps >= 0:
+            e_t = (abs(a2 - a_) + steps * ulp) * x + \
+                _U * (abs(a2) * x + steps * ulp * x + abs(b0) + 1 + m) + _ETA
+            if e5 + m + e_t < _NEAR * m:
+                break
+            steps -= 1
+        total += hi - lo + 1
+        if steps < 0 or total > 2**24:  # no room, or too many sums to look at
+            return False
+        xs = np.arange(lo, hi + 1, dtype=np.int64)
+        t = float(a_) * xs + float(b0)  # float64: within slack of t*
+        slack = 2.0**-48 * (abs(float(a_)) * x + abs(float(b0)) + 1)
+        near.append(xs[np.abs(t - np.floor(t) - 0.5) < float(_NEAR * m) + slack])
+    rows = max([1] + [len(v) for v in near])
+    acc = np.stack([np.resize(v, rows) if len(v) else np.full(rows, ints[c], np.int64)
+                    for c, v in enumerate(near)], 1).astype(np.int32)
+    want = np.zeros(acc.shape, np.uint8 if a.out_u8 else np.int16)
+    got = want.copy()
+    lib.fbi_epi_sums(ctypes.byref(a), rows, acc.ctypes.data, want.ctypes.data, 3)
+    saved = out[2 * stride:4 * stride].copy()
+    a.cert, a.cert_stride = out.ctypes.data, stride  # fbi_epi_sums reads these arrays
+    done = np.array([p is None for p in proofs])
+    live = [c for c in range(cout) if not done[c]]
+    a2s = np.array([float(proofs[c][4]) for c in live], np.float32)
+    b0s = np.array([float(proofs[c][1] + half) for c in live])
+    ms = np.array([float(proofs[c][2]) for c in live])
+    try:
+        for da in (d for d in _A_STEPS if abs(d) <= steps):
+            a2n = a2s.copy()
+            for _ in range(abs(da)):
+                a2n = np.nextafter(a2n, np.float32(np.inf if da > 0 else -np.inf))
+            for k in _B_SHIFTS:
+                b2n = (b0s - ms * k).astype(np.float32)
+                fits = np.abs(b2n.astype(np.float64) - b0s) <= ms * (1 - 2.0**-20)
+                todo = [i for i, c in enumerate(live) if not done[c] and fits[i]]
+                if not todo:
+                    continue
+                for i in todo:
+                    out[2 * stride + live[i]], out[3 * stride + live[i]] = a2n[i], b2n[i]
+                lib.fbi_epi_sums(ctypes.byref(a), rows, acc.ctypes.data, got.ctypes.data, 2)
+                same = (got == want).all(0)
+                for i in todo:
+                    done[live[i]] = same[live[i]]
+                if done.all():
+                    return True
+        out[2 * stride:4 * stride] = saved
+        return False
+    finally:
+        a.cert, a.cert_stride = None, 0
 
 
 def attach_cert(s: Conv, a: Any, keep: list, lib: Any) -> None:
