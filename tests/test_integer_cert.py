@@ -213,6 +213,23 @@ def test_code_steps_wider_than_a_sum_clamp_the_codes() -> None:
     assert np.array_equal(_codes(a, acc, 1)[1], _codes(a, acc, 3)[1])
 
 
+def test_no_check_needs_both_epilogues_run_here() -> None:
+    class NoVnni:  # the library of a CPU where the fast epilogue cannot run
+        def __getattr__(self, name: str):
+            return getattr(_lib(), name)
+
+        @staticmethod
+        def fbi_epi_sums(a, m, acc, y, mode):
+            return _lib().fbi_epi_sums(a, m, acc, y, mode) if mode == 3 else -1
+
+    s, keep = _tie_layer(False, True), []
+    a = _conv_args(s, VNNI, keep)
+    a.out_u8, a.u8shift = 1, s.quant.klo
+    out = cert.certify(s, a, NoVnni())
+    stride = (len(out) - 16) // 5
+    assert out.view(np.int32)[5 * stride + 3] == 0  # the check stays
+
+
 def test_layers_the_proof_does_not_cover_keep_the_exact_epilogue() -> None:
     q = QuantParams(-1.0, 1.0, 0.0, 0.01, 0, -128, 127, 0.01)
     acc = np.array([[-1000, 1000]])

@@ -306,7 +306,7 @@ def _no_check(a: Any, out: np.ndarray, proofs: list, lib: Any) -> bool:
                 break
             steps -= 1
         total += hi - lo + 1
-        if steps < 0 or total > 2**24:  # no room, or too many sums to look at
+        if steps < 0 or total > 2**22:  # no room, or too many sums to look at
             return False
         xs = np.arange(lo, hi + 1, dtype=np.int64)
         t = float(a_) * xs + float(b0)  # float64: within slack of t*
@@ -317,7 +317,8 @@ def _no_check(a: Any, out: np.ndarray, proofs: list, lib: Any) -> bool:
                     for c, v in enumerate(near)], 1).astype(np.int32)
     want = np.zeros(acc.shape, np.uint8 if a.out_u8 else np.int16)
     got = want.copy()
-    lib.fbi_epi_sums(ctypes.byref(a), rows, acc.ctypes.data, want.ctypes.data, 3)
+    if lib.fbi_epi_sums(ctypes.byref(a), rows, acc.ctypes.data, want.ctypes.data, 3) < 0:
+        return False
     saved = out[2 * stride:4 * stride].copy()
     a.cert, a.cert_stride = out.ctypes.data, stride  # fbi_epi_sums reads these arrays
     done = np.array([p is None for p in proofs])
@@ -338,7 +339,10 @@ def _no_check(a: Any, out: np.ndarray, proofs: list, lib: Any) -> bool:
                     continue
                 for i in todo:
                     out[2 * stride + live[i]], out[3 * stride + live[i]] = a2n[i], b2n[i]
-                lib.fbi_epi_sums(ctypes.byref(a), rows, acc.ctypes.data, got.ctypes.data, 2)
+                if lib.fbi_epi_sums(ctypes.byref(a), rows, acc.ctypes.data, got.ctypes.data,
+                                    2) < 0:  # no VNNI here: nothing verified
+                    out[2 * stride:4 * stride] = saved
+                    return False
                 same = (got == want).all(0)
                 for i in todo:
                     done[live[i]] = same[live[i]]
