@@ -24,14 +24,15 @@ are rounded, and their rounding errors are measured exactly, not estimated.
    s)`` for ``s > 0``: the ReLU is ``x -> max(x, 0)`` on the integers), ``v = fl(w' alpha +
    beta)`` (one rounding: FMA), ``d = fl(v - sub)``, ``q = fl(d / scale)`` (``vdivps``, or the
    reciprocal multiply proven equal to it, or ``* inv`` with ``inv = 1 / scale`` exact: the
-   same bound). ``Y = q + kofs - sh`` (``sh``: the u8 maps' shift, else 0) is the value the
-   code rounds, and the exact code is ``clamp(rha(Y), Klo, Khi)`` where ``Klo`` / ``Khi``
-   (shifted by ``sh``) are the exact epilogue's codes of ``clo`` / ``chi`` (``fbi_quantize``:
-   the code clamp included): each stage is monotone, so the value clamp ``[clo, chi]``, then
-   the code clamp ``[klo, khi]``, of the monotone code equals a clamp of the unclamped code
-   to the codes of the bounds (for monotone ``f`` and ``lo <= hi``, ``f(med(lo, v, hi)) =
-   med(f(lo), f(v), f(hi))``), whether ``alpha`` is positive or negative (the code is then
-   non-increasing in ``x``).
+   same bound). ``Y = q + kofs - sh`` (``sh``: the u8 maps' shift, else 0); ``rha(Y)``
+   below stands for ``rha(q) + kofs - sh``, monotone in ``Y`` and the integer nearest ``Y``
+   wherever ``Y`` is no half-integer. The exact code is ``clamp(rha(Y), Klo, Khi)`` where
+   ``Klo`` / ``Khi`` (shifted by ``sh``) are the exact epilogue's codes of ``clo`` / ``chi``
+   (``fbi_quantize``: the code clamp included): each stage is monotone, so the value clamp
+   ``[clo, chi]``, then the code clamp ``[klo, khi]``, of the monotone code equals a clamp of
+   the unclamped code to the codes of the bounds (for monotone ``f`` and ``lo <= hi``,
+   ``f(med(lo, v, hi)) = med(f(lo), f(v), f(hi))``), whether ``alpha`` is positive or
+   negative (the code is then non-increasing in ``x``).
 2. Over the clamp range ``[lo, hi]`` of the sums, with ``X = max(|lo|, |hi|)`` and the
    maxima over the range's ends of the affine magnitudes (``W = max |x s + b|``, ``V = max
    |alpha (x s + b) + beta|``, ``D = max |alpha (x s + b) + beta - sub|``):
@@ -49,8 +50,8 @@ are rounded, and their rounding errors are measured exactly, not estimated.
 4. The clamp ``[lo, hi]`` of the sums: at each end the last sum whose ``t*`` still lies
    beyond the end code's inner boundary by ``M`` (``t*(lo) <= Klo + 1/2 - M`` where the code
    increases with ``x``; the other three cases alike), within the feasible sums where they
-   end sooner. Where the sums
-   reach below ``lo``: ``t*(lo) + e5 < Klo + 1/2`` gives ``rha(Y) <= Klo``, so the exact
+   end sooner. Where the sums reach below ``lo``: ``t*(lo) + e5 < Klo + 1/2`` gives
+   ``rha(Y) <= Klo``, so the exact
    code at ``lo`` is ``Klo``, the end of the code range; the exact code is monotone and
    cannot pass that end, so every sum below ``lo`` has the code of ``lo``, the fast code of
    its clamped sum. On ``[lo, hi]`` the fast code is ``rha(Y)``; where ``t*`` stays within
@@ -70,8 +71,9 @@ are rounded, and their rounding errors are measured exactly, not estimated.
    of ``A``'s rounding, fewer where the bound below needs it) and ``B2`` (within ``M`` of
    ``B0 + 1/2``) are searched until they do. Every other sum is at least ``8M`` from a
    boundary, and ``e5 + M + eT' < 8M`` (``eT'`` bounding every ``A2``, ``B2`` tried) keeps
-   ``t2`` inside the cell of ``rha(Y)``: ``floor`` gives it. Where a channel finds no such
-   pair (e.g. exact ties of both signs), the layer keeps the check.
+   ``t2`` inside the cell of ``rha(Y)``: ``floor`` gives it. (Exact ties fit too: a slope a
+   step steeper than ``A`` sends both signs' ties away from zero.) Where a channel finds no
+   such pair (near-ties that no line within reach separates), the layer keeps the check.
 
 The feasible sums (``Conv.acc_range``) come from the weights and the input codes' range (0
 included: zero padding). The margin ``M``: a float64 pass guesses ``E`` (margin ``2^-10``),
@@ -87,7 +89,7 @@ bias, non-finite or unbounded clamps (``|(c - sub) / scale| >= 2^30``: the exact
 convert out of int32's range), ``sacc <= 0``, sums beyond ``2^24`` on the clamp range, a
 margin over ``2^-10`` (too loose to pay: most tiles would fall back), or any failed check
 above. Cost: one exact pass per channel (``Fraction``), after a float64 pass that guesses the
-margin; ~0.25 s for min-max's ResNet-23 (768 channels).
+margin, and the few evaluations of step 5: ~0.3 s for min-max's ResNet-23 (768 channels).
 """
 
 from __future__ import annotations
@@ -218,12 +220,13 @@ def _pass(m: Any, x0: int, x1: int, s: Any, b: Any, al: Any, be: Any, q: dict) -
 
 
 def certify(s: Conv, a: Any, lib: Any) -> np.ndarray | None:
-    """The five arrays of ``fbi_conv.cert`` (float32, ``5 * stride``; lo / hi as int32 bits;
-    then int32 the code range's ends (shifted as stored) and 1 where the codes need that clamp)
-    for conv ``s`` with its ``_ConvArgs`` ``a`` (final: after the u8 maps are linked), or None
-    where the layer keeps the exact epilogue (the module docstring says when)."""
+    """The five arrays of ``fbi_conv.cert`` (float32, ``5 * stride``; lo / hi as int32 bits),
+    then int32 the code range's ends (shifted as stored), 1 where the codes need that clamp
+    (``cclamp``) and 1 where no check is needed (``cnocheck``), for conv ``s`` with its
+    ``_ConvArgs`` ``a`` (final: after the u8 maps are linked); None where the layer keeps the
+    exact epilogue (the module docstring says when)."""
     if s.quant is None or s.float_in or s.acc_range is None or a.fold or a.out_kind != 0 or \
-            a.isa != 2 or (s.pre_relu and s.bias.any()):
+            a.isa != 2 or (s.pre_relu and s.bias.any()):  # isa 2: ISA_AVX512_VNNI
         return None
     f32 = np.float32
     params = [s.sacc, s.bias, s.alpha, s.beta]
