@@ -2,7 +2,8 @@
 int16 code range (every 7th code) and all int8 codes, with scales powers of two (the VNNI
 epilogue's fold) or not (division, reciprocal multiply), signed and unsigned grids, code
 offsets, ``sub``, clamps at and between levels, batch-norm factors 0 / -0 / huge / tiny, a ReLU
-before the batch norm, float outputs; every CPU path must give the generic path's integers."""
+before the batch norm, float outputs; every CPU path must give the generic path's integers (VNNI
+with its certified epilogue where integer_cert proves it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from fewbits.runtime.integer import INT_ISAS, _conv_args, _lib, supported_int_isas
+from fewbits.runtime.integer_cert import attach_cert, certify
 from fewbits.runtime.integer_plan import Conv, QuantParams, _pack_int, pack_u8
 
 F32 = np.float32
@@ -23,6 +25,7 @@ ISAS = [i for i in supported_int_isas() if i != "generic"]
 def _run(s: Conv, isa: str, x: np.ndarray) -> tuple[int, np.ndarray]:
     keep: list = []
     a = _conv_args(s, INT_ISAS.index(isa), keep)
+    attach_cert(s, a, keep, _lib())  # VNNI: the certified epilogue where it is proven
     y = np.full((x.shape[0], s.geom["cout"]), -7777,
                 np.int16 if s.quant is not None else np.float32)
     scratch = np.zeros(1 << 20, np.uint8)
@@ -71,6 +74,8 @@ def _layer(seed: int, u8: bool) -> tuple[Conv, np.ndarray]:
              quant=QuantParams(clo, chi, sub, sc, kofs, klo, khi, sc))
     if rng.random() < 0.15:  # float output: the clamps only
         s.quant, s.fclamp = None, (rng.choice([-math.inf, 0.0]), rng.choice([math.inf, 6.0]))
+    kk = k.reshape(cout, -1)[:, :, None] * np.array([lo, hi])  # the feasible sums
+    s.acc_range = np.stack([kk.min(2).sum(1), kk.max(2).sum(1)], 1)
     if u8:  # signed codes shifted into bytes, the sums corrected
         s.wpack8, s.kq4, s.kchunk = pack_u8(k, 1, 255)
         s.ushift, s.corr = -128, (-128 * k.reshape(cout, -1).sum(1)).astype(np.int32)
@@ -80,7 +85,7 @@ def _layer(seed: int, u8: bool) -> tuple[Conv, np.ndarray]:
 @pytest.mark.skipif(not ISAS, reason="only the generic path runs here: nothing to compare")
 @pytest.mark.parametrize("u8", [False, True])
 def test_every_isa_gives_the_generic_codes_on_every_code(u8: bool) -> None:
-    folds = 0
+    folds = certs = 0
     for seed in range(40):
         s, x = _layer(seed, u8)
         rc, want = _run(s, "generic", x)
@@ -90,5 +95,7 @@ def test_every_isa_gives_the_generic_codes_on_every_code(u8: bool) -> None:
             assert np.array_equal(got.view(np.uint8), want.view(np.uint8)) if got.dtype == \
                 np.int16 else np.array_equal(got, want, equal_nan=True), (seed, isa)
         if "avx512_vnni" in ISAS:
-            folds += _conv_args(s, INT_ISAS.index("avx512_vnni"), []).fold
-    assert folds or "avx512_vnni" not in ISAS  # the fold ran on some layers
+            a = _conv_args(s, INT_ISAS.index("avx512_vnni"), [])
+            folds += a.fold
+            certs += certify(s, a, _lib()) is not None
+    assert (folds and certs) or "avx512_vnni" not in ISAS  # the fold, the certified epilogue

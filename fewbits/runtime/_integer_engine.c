@@ -93,6 +93,13 @@ typedef struct {
     /* nobias: every conv bias is 0 (the VNNI epilogue of an integer output skips adding it:
      * fl(x + 0) = x but for the sign of a zero, which no code sees) */
     int32_t nobias;
+    /* cert (VNNI epilogue of an integer-input layer with an integer output; NULL: off): the
+     * certified fast epilogue's per-channel constants, five arrays of cert_stride entries
+     * (int32 lo, int32 hi, float A, float B, float thr), made and proven by
+     * fewbits/runtime/integer_cert.py: code = floor(fma(float(clamp(acc, lo, hi)), A, B))
+     * wherever t - floor(t) < thr; any other lane runs the exact epilogue (epi512_cert) */
+    const float *cert;
+    int32_t cert_stride;
 } fbi_conv;
 
 /* 1 where a layer runs the direct u8 path (conv_u8_avx2: stride 1, one group, whole taps of 4
@@ -284,6 +291,11 @@ typedef struct {
     int out_u8; /* fbi_conv.out_u8: bytes k - u8shift */
     int nobias; /* fbi_conv.nobias, integer outputs only */
     __m256i u8shift;
+    const float *cert; /* fbi_conv.cert where the VNNI epilogue takes it (ep_fold), else NULL */
+    int64_t cstride;
+    int cclamp; /* the certified codes need the clamp to [cklo, ckhi] (see integer_cert.py) */
+    int cnocheck; /* every sum's fast code was verified exact: no check (integer_cert.py) */
+    __m256i cklo, ckhi;
 } fbi_ep;
 
 /* v / s correctly rounded, as vdivps gives it, in three FMA-pipe operations where a division
@@ -401,6 +413,7 @@ AVX2 static void ep_init(const fbi_conv *a, fbi_ep *e) {
     e->nobias = a->nobias && !e->out_float;
     e->u8shift = _mm256_set1_epi32(a->u8shift);
     e->rcp = _mm256_set1_ps(1.0f / a->scale);
+    e->cert = NULL, e->cstride = a->cert_stride, e->cclamp = e->cnocheck = 0;
     e->kind = (e->pre_relu ? EK_RELU : 0) | (e->use_div ? EK_DIV : 0) | (e->corr ? EK_CORR : 0) |
               (e->use_sub || e->use_kofs ? EK_OFS : 0) |
               (!e->nonneg || e->int_clamp ? EK_SC : 0);
@@ -418,6 +431,15 @@ AVX2 static void ep_fold(const fbi_conv *a, fbi_ep *e) {
             e->fold = 1, e->alpha2 = a->alpha2, e->beta2 = a->beta2;
             e->clo = _mm256_set1_ps(lo), e->chi = _mm256_set1_ps(hi), e->sub = _mm256_set1_ps(sub);
         }
+    }
+    /* the certified epilogue: its constants were proven for the unfolded epilogue of an
+     * integer output (the fold is one FMA already); a path that adds the zero-point
+     * correction in the epilogue (corr) keeps the exact one (store512_for) */
+    if (a->cert && a->isa == ISA_AVX512_VNNI && !e->fold && !e->out_float && a->in_kind == IN_INT) {
+        const int32_t *tail = (const int32_t *)(a->cert + 5 * (int64_t)a->cert_stride);
+        e->cert = a->cert;
+        e->cklo = _mm256_set1_epi32(tail[0]), e->ckhi = _mm256_set1_epi32(tail[1]);
+        e->cclamp = tail[2] != 0, e->cnocheck = tail[3] != 0;
     }
 }
 
@@ -972,7 +994,99 @@ VNNI static __attribute__((noinline)) void store512_g(const fbi_ep *a, const __m
 static const store512_fn store512[EK_N] = {EK_KINDS(ENTRY)};
 #undef ENTRY
 
-static store512_fn store512_for(const fbi_ep *e) { return e->out_float ? store512_g : store512[e->kind]; }
+/* The certified epilogue (fbi_conv.cert; its proof: fewbits/runtime/integer_cert.py). The
+ * code is a monotone function of the channel's integer sum; per channel the sum is clamped to
+ * [lo, hi] (a ReLU before the batch norm is the lower bound; beyond the bounds the code is
+ * the code range's end, and clamping the sums stands in for the clamps of the value and of
+ * the code), then t = fma(float(sum), A, B) (exact conversion: |sum| < 2^24 there) is within
+ * a proven bound of the exact epilogue's value before rounding plus 0.5 minus that bound's
+ * margin, so where frac(t) = t - floor(t) < thr the code is floor(t), whatever the exact
+ * epilogue's rounding of ties (it has none there). The fraction is one vreduceps (its
+ * rounding is monotone and thr a float: frac < thr proves the exact fraction < thr). A tile
+ * with any other lane runs the exact epilogue, store512[kind], on the same sums. ~9
+ * operations a vector instead of ~15; 7 with no check (CHECK 0: where integer_cert ran
+ * every sum near a rounding boundary through both epilogues, cnocheck). Returns 1 where
+ * CHECK found such a lane (nothing stored) */
+#define CERT_FLOOR (_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+#define EPR(body) _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { body; }
+VNNI static inline __attribute__((always_inline)) int epi512_cert(const fbi_ep *e,
+                                                                 const __m512i *c, int R,
+                                                                 int n, int cnt, char **dst,
+                                                                 int U8, int CL, int CHECK) {
+    const float *p = e->cert + n;
+    const int64_t S = e->cstride;
+    const __m512i lo = _mm512_loadu_si512((const void *)p);
+    const __m512i hi = _mm512_loadu_si512((const void *)(p + S));
+    const __m512 A = _mm512_loadu_ps(p + 2 * S), B = _mm512_loadu_ps(p + 3 * S);
+    const __m512 th = _mm512_loadu_ps(p + 4 * S);
+    __m512i k[UR1 + 1];
+    __mmask16 ok[UR1 + 1];
+    EPR(__m512 t = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_min_epi32(_mm512_max_epi32(c[r], lo), hi)), A, B);
+        ok[r] = _mm512_cmp_ps_mask(_mm512_reduce_ps(t, CERT_FLOOR), th, _CMP_LT_OQ);
+        k[r] = _mm512_cvt_roundps_epi32(t, CERT_FLOOR))
+    if (CHECK) {
+        __mmask16 all = ok[0];
+        for (int r = 1; r < R; r++) all &= ok[r];
+        if (all != (__mmask16)0xFFFF) return 1;
+    }
+    if (CL) { /* a code step wider than a sum step: the ends' sums leave the code range */
+        const __m512i kl = bcast512i(e->cklo), kh = bcast512i(e->ckhi);
+        EPR(k[r] = _mm512_min_epi32(_mm512_max_epi32(k[r], kl), kh))
+    }
+    const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+    for (int r = 0; r < R; r++) {
+        if (!dst[r]) continue;
+        if (U8) { /* B holds - u8shift: the bytes code - u8shift, in [0, 255] */
+            __m128i b = _mm512_cvtepi32_epi8(k[r]);
+            if (cnt >= 16) _mm_storeu_si128((__m128i *)((uint8_t *)dst[r] + n), b);
+            else _mm_mask_storeu_epi8((uint8_t *)dst[r] + n, m, b);
+        } else {
+            __m256i h = _mm512_cvtsepi32_epi16(k[r]);
+            if (cnt >= 16) _mm256_storeu_si256((__m256i *)((int16_t *)dst[r] + n), h);
+            else _mm256_mask_storeu_epi16((int16_t *)dst[r] + n, m, h);
+        }
+    }
+    return 0;
+}
+#undef EPR
+
+/* tiles that ran the exact epilogue, and (FBI_CERT_STATS builds only) all certified tiles */
+static __thread int64_t cert_falls, cert_tiles; /* per thread: engines may run in several */
+#ifdef FBI_CERT_STATS
+#define CERT_TILE() (cert_tiles++)
+#else
+#define CERT_TILE() ((void)0)
+#endif
+void fbi_cert_stats(int64_t *out, int32_t reset) {
+    out[0] = cert_falls, out[1] = cert_tiles;
+    if (reset) cert_falls = cert_tiles = 0;
+}
+
+/* one copy per output (U8: bytes), code clamp (CL) and check (CH: 0 where every sum's code
+ * was verified, cnocheck) */
+#define STORE512C(CH, U8, CL)                                                           \
+    VNNI static __attribute__((noinline)) void store512c_##CH##U8##CL(                  \
+        const fbi_ep *a, const __m512i *c, int n, int cnt, char **dst) {                \
+        CERT_TILE();                                                                    \
+        if (__builtin_expect(epi512_cert(a, c, UR1, n, cnt, dst, U8, CL, CH), 0)) {     \
+            cert_falls++;                                                               \
+            store512[a->kind](a, c, n, cnt, dst);                                       \
+        }                                                                               \
+    }
+STORE512C(0, 0, 0) STORE512C(0, 0, 1) STORE512C(0, 1, 0) STORE512C(0, 1, 1)
+STORE512C(1, 0, 0) STORE512C(1, 0, 1) STORE512C(1, 1, 0) STORE512C(1, 1, 1)
+#undef STORE512C
+static const store512_fn store512c[8] = {store512c_000, store512c_001, store512c_010,
+                                         store512c_011, store512c_100, store512c_101,
+                                         store512c_110, store512c_111};
+
+static store512_fn store512_for(const fbi_ep *e) {
+    if (e->out_float) return store512_g;
+    if (e->cert && !e->corr)
+        return store512c[4 * !e->cnocheck + 2 * !!e->out_u8 + !!e->cclamp];
+    return store512[e->kind];
+}
 
 /* u8: `ntaps` taps of `qpt` quads at offsets toff from each row's source; weights bb (block
  * 2 at bb + bstride) */
@@ -2148,4 +2262,68 @@ int fbi_rcp_exact(float s) {
 #endif
     (void)s;
     return 0;
+}
+
+/* ----------------------------------------------------------------- epilogue tests */
+#if FBI_X86
+VNNI static int64_t epi_sums_vnni(const fbi_conv *a, int64_t m, const int32_t *acc, char *y,
+                                  int mode) {
+    fbi_ep e;
+    ep_init(a, &e);
+    ep_fold(a, &e);
+    e.corr = NULL, e.kind &= ~EK_CORR; /* the sums hold the correction (as kern_vnni_body's) */
+    if (mode && !e.cert) return -1;
+    const int esize = e.out_u8 ? 1 : 2;
+    int64_t falls = 0;
+    for (int64_t r0 = 0; r0 < m; r0 += UR1) {
+        char *dst[UR1];
+        for (int q = 0; q < UR1; q++)
+            dst[q] = r0 + q < m ? y + (r0 + q) * a->cout * esize : NULL;
+        for (int n = 0; n < a->cout; n += NB) {
+            int cnt = a->cout - n < NB ? a->cout - n : NB;
+            __m512i c[UR1];
+            for (int q = 0; q < UR1; q++)
+                c[q] = r0 + q < m ? _mm512_maskz_loadu_epi32((__mmask16)((1u << cnt) - 1),
+                                                              acc + (r0 + q) * a->cout + n)
+                                  : _mm512_setzero_si512();
+            if (mode == 0) {
+                store512[e.kind](&e, c, n, cnt, dst);
+            } else if (mode == 1) {
+                if (epi512_cert(&e, c, UR1, n, cnt, dst, e.out_u8, e.cclamp, !e.cnocheck)) {
+                    falls++;
+                    store512[e.kind](&e, c, n, cnt, dst);
+                }
+            } else {
+                epi512_cert(&e, c, UR1, n, cnt, dst, e.out_u8, e.cclamp, 0);
+            }
+        }
+    }
+    return falls;
+}
+#endif
+
+/* Tests of the VNNI epilogue of `a` (an integer output) on m rows of int32 sums acc[m][cout]
+ * (sums of code * weight: any zero-point correction included), written to rows of y as the
+ * layer writes them (bytes code - u8shift where out_u8). mode 0: the exact epilogue; 1: the
+ * certified one as the kernels run it (returns how many tiles of UR1 rows x 16 channels fell
+ * back to the exact one); 2: the certified one with no check (each lane its fast code: what
+ * integer_cert verifies sum by sum, and shows that the check matters); 3: the generic path's
+ * scalar epilogue. -1 where VNNI is
+ * missing (modes 0-2) or a certified mode finds no certificate. */
+int64_t fbi_epi_sums(const fbi_conv *a, int64_t m, const int32_t *acc, void *y, int32_t mode) {
+    if (a->out_kind != OUT_INT) return -1;
+    if (mode == 3) {
+        for (int64_t r = 0; r < m; r++)
+            for (int n = 0; n < a->cout; n++) {
+                int32_t k = rha_code(pre_value((float)acc[r * a->cout + n], n, a), a);
+                if (a->out_u8) ((uint8_t *)y)[r * a->cout + n] = (uint8_t)(k - a->u8shift);
+                else ((int16_t *)y)[r * a->cout + n] = (int16_t)k;
+            }
+        return 0;
+    }
+#if FBI_X86
+    if (fbi_isa_supported(ISA_AVX512_VNNI) && a->isa == ISA_AVX512_VNNI)
+        return epi_sums_vnni(a, m, acc, (char *)y, mode);
+#endif
+    return -1;
 }

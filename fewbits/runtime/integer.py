@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from .._cbuild import CLibrary, isa_paths, pick_isa
 from .._checks import NonFiniteError, checks_enabled
+from .integer_cert import attach_cert
 from .integer_mem import Buffers, link_u8_maps
 from .integer_plan import (
     Add,
@@ -104,7 +105,7 @@ class _ConvArgs(ctypes.Structure):  # mirrors fbi_conv in _integer_engine.c
         [("qcheck", ctypes.c_int32), ("qlo", ctypes.c_float), ("qhi", ctypes.c_float),
          ("rcp_ok", ctypes.c_int32), ("fold", ctypes.c_int32), ("alpha2", _P), ("beta2", _P),
          ("out_u8", ctypes.c_int32), ("u8shift", ctypes.c_int32), ("in_u8", ctypes.c_int32),
-         ("nobias", ctypes.c_int32)]
+         ("nobias", ctypes.c_int32), ("cert", _P), ("cert_stride", ctypes.c_int32)]
 
 
 class _Step(ctypes.Structure):  # mirrors fbi_step
@@ -126,7 +127,8 @@ _LIB = CLibrary(
      "fbi_add": ([_I, ctypes.c_int64, _P, _P, ctypes.c_float, ctypes.c_float, _I, _I, _P], None),
      "fbi_pool": ([_I] * 16 + [_P, _P, _P], None),
      "fbi_global_avg": ([_I, _I, _I, _P, ctypes.c_float, _P], None),
-     "fbi_run": ([ctypes.POINTER(_Step), _I, _I], ctypes.c_int),
+     "fbi_run": ([ctypes.POINTER(_Step), _I, _I], ctypes.c_int), "fbi_cert_stats": ([_P, _I], None),
+     "fbi_epi_sums": ([ctypes.POINTER(_ConvArgs), ctypes.c_int64, _P, _P, _I], ctypes.c_int64),
      "fbi_run_images": ([ctypes.POINTER(_Step), _I, _I, ctypes.c_int64, _P, ctypes.c_int64, _P,
                          _P, ctypes.c_int64, _P], ctypes.c_int)},
 )
@@ -266,6 +268,8 @@ class IntegerEngine:
         if prog.grid is not None and isa_id == _VNNI:  # the images' codes as bytes
             a = self._args[id(prog.grid)]
             a.in_u8 = int(bool(self._lib.fbi_u8_direct(ctypes.byref(a))))
+        for s in convs:  # the certified VNNI epilogue, with each layer's final u8 linking
+            attach_cert(s, self._args[id(s)], self._keep, self._lib)
         self._qargs = {}
         self._batch: tuple | None = None
         self._single: tuple | None = None

@@ -60,4 +60,5 @@ def grid_layer(comp: Compiler) -> Conv | None:
         first, src=codes.id, geom={**first.geom, "cin": alt.geom["cin"], "kp": alt.geom["kp"],
                                    "kf": 0},
         wpack=alt.wpack, sacc=alt.sacc, float_in=False, nhwc=False, wpack8=alt.wpack8,
-        kq4=alt.kq4, kchunk=alt.kchunk, ushift=alt.ushift, corr=alt.corr)
+        kq4=alt.kq4, kchunk=alt.kchunk, ushift=alt.ushift, corr=alt.corr,
+        acc_range=alt.acc_range)

@@ -140,6 +140,7 @@ class Conv:
     kchunk: int = 1  # AVX2 u8 path: quads summed in int16 lanes before widening (see pack_u8)
     ushift: int = 0  # u8 path: bytes are codes - ushift; sums corrected by ``corr``
     corr: np.ndarray | None = None
+    acc_range: np.ndarray | None = None  # int input: each channel's [min, max] int32 sum
 
 
 @dataclass
@@ -469,6 +470,9 @@ class Compiler:
             raise ValueError(f"{name}: input of kind {x.kind}")
         conv = Conv(x.id, 0, geom, pack, sacc, bias, ones, zeros, x.kind != "int", name=name,
                     nhwc=x.kind == "float" and len(x.shape) == 3)
+        if x.kind == "int":  # each channel's int32 sums' [min, max] (codes, 0 for padding)
+            kk = k.reshape(cout, -1).astype(np.int64)[:, :, None] * [min(x.lo, 0), max(x.hi, 0)]
+            conv.acc_range = np.stack([kk.min(2).sum(1), kk.max(2).sum(1)], 1)
         if x.kind == "int" and u8 is not None:
             conv.wpack8, conv.kq4, conv.kchunk = u8
             if shift:
