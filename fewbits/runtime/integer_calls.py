@@ -1,14 +1,28 @@
 """The arguments of the torch calls :mod:`fewbits.runtime.integer_walk` reads off a
 ``torch.fx`` node, given by position or by keyword as users write them: a concatenation's
-tensors and dimension, a spatial mean's ``keepdim``, the tensor given as ``input=``."""
+tensors and dimension, a spatial mean's ``keepdim``, a clamp's bounds (every clamping call
+PyTorch has), the tensor given as ``input=``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 import torch.fx as fx
+from torch import nn
 
-__all__ = ["cat_args", "input_first", "spatial_mean"]
+__all__ = ["cat_args", "clamp_bounds", "input_first", "spatial_mean"]
+
+#: clamping calls: (names of the bounds in order, their defaults; None: no bound)
+_CLAMPS: dict[Any, tuple[tuple[str, ...], tuple[float | None, ...]]] = {
+    torch.clamp: (("min", "max"), (None, None)), "clamp": (("min", "max"), (None, None)),
+    torch.clip: (("min", "max"), (None, None)), "clip": (("min", "max"), (None, None)),
+    torch.clamp_min: (("min",), (None,)), "clamp_min": (("min",), (None,)),
+    torch.clamp_max: (("max",), (None,)), "clamp_max": (("max",), (None,)),
+    nn.functional.hardtanh: (("min_val", "max_val", "inplace"), (-1.0, 1.0, False)),
+    nn.functional.relu6: (("inplace",), (False,)),
+}
 
 
 def input_first(kwargs: dict) -> tuple[tuple, dict]:
@@ -41,3 +55,26 @@ def cat_args(node: fx.Node) -> tuple[Any, Any] | None:
     if not isinstance(kw.get("tensors"), (list, tuple)) or set(kw) - {"tensors", "dim"}:
         return None
     return kw["tensors"], kw.get("dim", 0)
+
+
+def clamp_bounds(node: fx.Node) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a clamping call (``torch.clamp`` / ``clip`` / ``clamp_min`` /
+    ``clamp_max`` and their methods, ``F.hardtanh``, ``F.relu6``), by position or keyword,
+    ``-inf`` / ``inf`` where a side is unbounded; None for any other node. ``ValueError`` for a
+    bound that is not a number (a tensor of bounds)."""
+    spec = _CLAMPS.get(node.target)
+    if spec is None:
+        return None
+    names, defaults = spec
+    if len(node.args) - 1 > len(names) or set(node.kwargs) - set(names):
+        return None
+    kw = {**dict(zip(names, defaults, strict=True)),
+          **dict(zip(names, node.args[1:], strict=False)), **node.kwargs}
+    if node.target is nn.functional.relu6:
+        return 0.0, 6.0
+    lo = kw.get("min", kw.get("min_val"))
+    hi = kw.get("max", kw.get("max_val"))
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+               for v in (lo, hi)):
+        raise ValueError("clamp bounds must be numbers")
+    return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))

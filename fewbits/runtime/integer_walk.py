@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from .integer_calls import cat_args, input_first, spatial_mean
+from .integer_calls import cat_args, clamp_bounds, input_first, spatial_mean
 from .integer_grid import grid_layer
 from .integer_guards import no_hooks, same_as_forward
 from .integer_plan import (
@@ -94,6 +94,13 @@ def _desc(node: fx.Node, modules: dict) -> str:
         return f"{node.target} ({type(modules[node.target]).__name__})"
     t = getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({node.op} {t})"
+
+
+def _clamp_bounds(node: fx.Node, where: str) -> tuple[float, float] | None:
+    try:
+        return clamp_bounds(node)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def walk(comp: Compiler, tracer: type) -> Any:
@@ -431,16 +438,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
             elif t in RELU_FNS or t == "relu":
                 env[node.name] = clamp(node, args[0], 0.0, math.inf, where)
-            elif t is nn.functional.relu6 and len(args) == 1:
-                env[node.name] = clamp(node, args[0], 0.0, 6.0, where)
-            elif (t is torch.clamp or t == "clamp") and len(args) <= 3:
-                b = [*args[1:], None, None]
-                lo = node.kwargs.get("min", b[0])
-                hi = node.kwargs.get("max", b[1])
-                if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
-                    raise ValueError(f"{where}: clamp bounds must be numbers")
-                env[node.name] = clamp(node, args[0], -math.inf if lo is None else float(lo),
-                                       math.inf if hi is None else float(hi), where)
+            elif (bounds := _clamp_bounds(node, where)) is not None:
+                env[node.name] = clamp(node, args[0], *bounds, where)
             elif t in FLATTENS or t == "flatten":
                 dims = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
                 if dims != 1 or len(args) > 2 or node.kwargs.get("end_dim", -1) != -1:
