@@ -282,6 +282,8 @@ def certify(s: Conv, a: Any, lib: Any) -> np.ndarray | None:
 #: it runs: those within _NEAR M of a rounding boundary
 _A_STEPS = (0, -1, 1, -2, 2, -3, 3)
 _NEAR = 8
+#: the most lanes (rows x channels) of the sums' matrix _no_check runs, 17 MiB per try
+_MAX_LANES = 2**22
 _B_SHIFTS = [k / 8 for k in (8, 6, 4, 2, 0, -2, -4, -6, -8, 7, 5, 3, 1, -1, -3, -5, -7)]
 
 
@@ -316,6 +318,11 @@ def _no_check(a: Any, out: np.ndarray, proofs: list, lib: Any) -> bool:
         slack = 2.0**-48 * (abs(float(a_)) * x + abs(float(b0)) + 1)
         near.append(xs[np.abs(t - np.floor(t) - 0.5) < float(_NEAR * m) + slack])
     rows = max([1] + [len(v) for v in near])
+    # the sums run as a rows x cout matrix (each channel's padded to the longest): `total`
+    # bounds the sums, not the matrix (one channel near a boundary on 2^22 sums beside many
+    # of one sum each: rows * cout ~ 2^22 cout, gigabytes and seconds per try)
+    if rows * cout > _MAX_LANES:
+        return False
     acc = np.stack([np.resize(v, rows) if len(v) else np.full(rows, ints[c], np.int64)
                     for c, v in enumerate(near)], 1).astype(np.int32)
     want = np.zeros(acc.shape, np.uint8 if a.out_u8 else np.int16)
