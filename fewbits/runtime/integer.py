@@ -10,20 +10,24 @@ the clamps of ReLUs folded in), residual sums exact on the finer grid where the 
 A residual sum of grids with no common integer grid (min-max's learned scales) is a float32
 NHWC map holding PyTorch's own values bit for bit (each operand's quantizer output
 ``fl(fl(r * scale) + lo)``, one float add, the ReLU after it folded in); max pooling and global
-average read it natively, and so does the next layer, which multiplies in float32 (a 6 x 16
-FMA kernel on AVX2), as does a layer on the images or on a global average pool.
+average read it natively, and so does the next layer: a 1x1 one on the map's integer planes
+where the map is proven ``>= 0`` and bounded (:mod:`~fewbits.runtime.integer_planes`), others
+in float32 FMAs (a 6 x 16 kernel on AVX2), as does a layer on the images or a global average.
 
-Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its
-float sums of ``k * 2**-e`` values are exact) except where the first layer's float sums,
-which PyTorch orders its own way, put a value within rounding of a level boundary; the logits
-then agree within the planner's tolerance. Min-max's residual streams are PyTorch's values;
-the layers reading them sum in their own order, as the first layer does (the logits agree
-within the planner's tolerance; 99.9 % top-1 on 1000 CIFAR-10 test images of a trained
-min-max ResNet-23). Nothing is rounded beyond that (:attr:`IntegerEngine.exact` is True): what
-the engine cannot run exactly (a float map flattened, quantized, clamped where it is also read
-unclamped, a forward hook, a tensor updated in place while another name holds it, ...) it
-refuses with ``ValueError`` naming the operation. All CPU paths give
-identical outputs.
+Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its float
+sums of ``k * 2**-e`` values are exact) except where the first layer's float sums, which
+PyTorch orders its own way, put a value within rounding of a level boundary; the logits then
+agree within the planner's tolerance. Min-max's residual streams are PyTorch's values; a float
+layer reading one sums in its own order, as the first layer does, and a 1x1 layer on planes
+sums it rounded to 24 bits below its proven bound ``B`` (each value moves by ``2^-24 B`` at
+most) exactly, then rounds once: far inside the float layer's own worst case, though a pixel
+far below ``B`` keeps fewer significant bits than in float. The logits agree within the
+planner's tolerance (99.8 % top-1 on 1000 CIFAR-10 test images of a trained min-max ResNet-23,
+99.9 % with float layers). :attr:`IntegerEngine.exact` stays True: every difference from
+PyTorch is a float32-sized rounding of a sum (the 15-bit stream of earlier sessions set it
+False). What the engine cannot run so (a float map flattened, quantized, clamped where it is
+also read unclamped, a forward hook, a tensor updated in place while another name holds it,
+...) it refuses with ``ValueError`` naming the operation. All CPU paths give identical outputs.
 
 CPU paths (``engine.isa``): ``"avx512_vnni"`` (AVX-512 F/BW/VL/DQ + VNNI), ``"avx2"`` (AVX2 +
 FMA) and ``"generic"`` (portable C), the best this CPU runs picked by cpuid;
@@ -79,6 +83,7 @@ from .integer_plan import (
     QuantParams,
     fold_params,
 )
+from .integer_planes import plane_step
 from .integer_walk import compile_program
 
 __all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
@@ -154,11 +159,12 @@ def _ptr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
+def _set_quant(a: _ConvArgs, q: QuantParams) -> _ConvArgs:
     a.klo, a.khi, a.kofs = q.klo, q.khi, q.kofs
     a.clo, a.chi, a.sub, a.scale = q.clo, q.chi, q.sub, q.scale
     m, _ = math.frexp(q.scale)
     a.inv = 1.0 / q.scale if m == 0.5 and 2.0**-126 <= q.scale <= 2.0**126 else 0.0
+    return a
 
 
 def _padded(v: np.ndarray, dtype: type) -> np.ndarray:
@@ -257,7 +263,8 @@ class IntegerEngine:
         self._keep: list = []
         isa_id = self._isa_id = INT_ISAS.index(self.isa)
         convs = [s for s in prog.steps if isinstance(s, Conv)] + \
-            ([prog.grid] if prog.grid is not None else [])
+            ([prog.grid] if prog.grid is not None else []) + list(prog.planes.values())
+        self.plane_counts = np.zeros(2, np.int64)  # images on planes / on the float layer
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in convs}
         #: values held as bytes (code - shift) between two VNNI layers: {value: shift}
         self.u8_maps = link_u8_maps(
@@ -266,17 +273,14 @@ class IntegerEngine:
         if prog.grid is not None and isa_id == _VNNI:  # the images' codes as bytes
             a = self._args[id(prog.grid)]
             a.in_u8 = int(bool(self._lib.fbi_u8_direct(ctypes.byref(a))))
-        self._qargs = {}
+        self._qargs = {id(s): _set_quant(_ConvArgs(), s.quant) for s in prog.steps
+                       if isinstance(s, Quantize)}
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
         self._keep_batch: dict[int, list] = {}
         self._lock = threading.Lock()
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in convs], default=64)
-        for s in prog.steps:
-            if isinstance(s, Quantize):
-                self._qargs[id(s)] = _ConvArgs()
-                _set_quant(self._qargs[id(s)], s.quant)
 
     @classmethod
     def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
@@ -298,8 +302,7 @@ class IntegerEngine:
         if not isinstance(images, Tensor):
             raise TypeError(f"the integer engine takes a torch.Tensor of images (N, {shape}), "
                             f"got {type(images).__name__}")
-        if tuple(images.shape[1:]) != shape or \
-                images.dim() != len(shape) + 1:
+        if tuple(images.shape[1:]) != shape or images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")
         if images.dtype != torch.float32:  # PyTorch's float32 layers refuse it too
@@ -407,6 +410,9 @@ class IntegerEngine:
                     st = _Step(kind=8, x0=_ptr(vals[s.src]), y=_ptr(codes))
                     st.i[:5] = [n, g["cin"], g["h"] * g["w"], cy, u8]
                     run += [st, conv_step(grid, codes, y)]
+                if s.dst in self.prog.planes:  # per image on its planes, else this float layer
+                    run.append(plane_step(self.prog.planes[s.dst], conv_step, vals[s.src], y,
+                                          self.plane_counts))
                 run.append(conv_step(s, vals[s.src], y))
             elif isinstance(s, Add):  # elementwise: may write over an operand that dies here
                 y = bufs.take(s.dst, vals[s.a].shape, vals[s.a].dtype, over=(s.a, s.b), at=k)

@@ -39,6 +39,7 @@ from .integer_plan import (
     pair,
     quant_params,
 )
+from .integer_planes import plane_layers
 
 __all__ = ["compile_program", "walk"]
 
@@ -474,4 +475,5 @@ def compile_program(model: nn.Module, in_shape: tuple[int, ...], codes: dict | N
     comp = Compiler(model, tuple(in_shape), codes)
     prog = walk(comp, Tracer)
     prog.grid = grid_layer(comp)
+    prog.planes = plane_layers(comp)
     return prog
