@@ -23,6 +23,7 @@ rest of fewbits never imports it.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,6 +121,7 @@ class FewbitsHfQuantizer(HfQuantizer):
                       quantize_input=step.get("quantize_input", False))
         if hf_config is not None:
             hf_config.quantization_config = kept
+        _expect_tied_quantizers_missing(model)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any
@@ -162,6 +164,33 @@ def quantize_hf(model: nn.Module, config: str | dict[str, Any], *,
     return model
 
 
+def _tied_quantizer_pairs(model: nn.Module) -> list[tuple[str, str, nn.Module, str, nn.Module,
+                                                           str]]:
+    """``(target, source, target layer, role, source layer, source role)`` of each tied weight
+    (``target`` / ``source``: parameter names) whose two layers both carry its quantizer."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    modules = dict(model.named_modules())
+    out = []
+    for target, source in tied.items():
+        (tname, _, role), (sname, _, srole) = target.rpartition("."), source.rpartition(".")
+        tmod, smod = modules.get(tname), modules.get(sname)
+        if getattr(tmod, f"{role}_quantizer", None) is not None and \
+                getattr(smod, f"{srole}_quantizer", None) is not None:
+            out.append((target, source, tmod, role, smod, srole))
+    return out
+
+
+def _expect_tied_quantizers_missing(model: nn.Module) -> None:
+    """Tell ``from_pretrained`` that a tied layer's quantizer state is not in the checkpoint
+    by design (``save_pretrained`` stored the shared quantizer once, under the tie's source;
+    :func:`share_tied_quantizers` gives it back after loading): its load report listed those
+    keys as ``MISSING`` ("newly initialized") although the loaded model is right."""
+    ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+    for target, *_ in _tied_quantizer_pairs(model):
+        ignore.add(rf"^{re.escape(target)}_quantizer\.")
+    model._keys_to_ignore_on_load_missing = ignore
+
+
 def share_tied_quantizers(model: nn.Module) -> None:
     """Give the layers of each tied weight one quantizer again, as ``quantize_`` did.
 
@@ -170,14 +199,9 @@ def share_tied_quantizers(model: nn.Module) -> None:
     (the input embedding): the target's quantizer would keep its fresh state (min-max ranges,
     LSQ step, INQ masks) and its outputs would be silently wrong. The source's is the loaded one.
     """
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    modules = dict(model.named_modules())
-    for target, source in tied.items():
-        (tname, _, role), (sname, _, srole) = target.rpartition("."), source.rpartition(".")
-        tmod, smod = modules.get(tname), modules.get(sname)
-        tq = getattr(tmod, f"{role}_quantizer", None)
-        sq = getattr(smod, f"{srole}_quantizer", None)
-        if tq is None or sq is None or tq is sq:
+    for target, source, tmod, role, smod, srole in _tied_quantizer_pairs(model):
+        tq, sq = getattr(tmod, f"{role}_quantizer"), getattr(smod, f"{srole}_quantizer")
+        if tq is sq:
             continue
         if getattr(tmod, role) is not getattr(smod, srole) or tq.config() != sq.config():
             raise ValueError(f"fewbits: {target} is tied to {source} but their quantizers differ "

@@ -46,3 +46,24 @@ def test_tied_quantized_embedding_round_trips(tmp_path, family):
     with torch.no_grad():
         out = back(input_ids=x).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_the_load_report_does_not_call_the_tied_quantizer_missing(tmp_path):
+    # transformers' load report listed lm_head.weight_quantizer.* as MISSING ("newly
+    # initialized") although share_tied_quantizers gives lm_head the loaded one
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fewbits.quantize_(model, "min_max", embeddings=True)
+    model.save_pretrained(tmp_path)
+    _, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not [k for k in info["missing_keys"] if "quantizer" in k]
+    # a quantizer state really missing from the file is still reported
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    gone = [k for k in sd if k.startswith("transformer.wte.weight_quantizer.")]
+    assert gone
+    save_file({k: v for k, v in sd.items() if k not in gone}, f, metadata={"format": "pt"})
+    _, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(gone) <= set(info["missing_keys"])

@@ -436,8 +436,8 @@ class IntegerEngine:
                 run.append(st)
             elif isinstance(s, GlobalAvg):
                 src = vals[s.src]
-                c = src.shape[-1]
-                y = bufs.take(s.dst, (n, c, 1, 1), np.float32)
+                c = src.shape[-1]  # every map NHWC, a global average's (N, 1, 1, C) too
+                y = bufs.take(s.dst, (n, 1, 1, c), np.float32)
                 st = _Step(kind=3 if s.from_int else 5, x0=_ptr(src), y=_ptr(y))
                 st.i[0], st.i[1], st.i[2], st.f[0] = n, src.size // (n * c), c, s.scale
                 run.append(st)
@@ -457,7 +457,7 @@ class IntegerEngine:
                        ) -> tuple[tuple[int, ...], type]:
         if isinstance(s, Concat):
             a = vals[s.srcs[0]]
-            return (*a.shape[:-1], sum(s.chans)), np.int16
+            return (*a.shape[:-1], sum(s.chans)), np.float32 if a.dtype == np.float32 else np.int16
         x = vals[s.src]
         if getattr(s, "nchw", False):  # images quantized: NCHW -> NHWC codes
             return (x.shape[0], *x.shape[2:], x.shape[1]), np.int16

@@ -17,10 +17,10 @@ tracked and checked). Other operands (min-max's learned ranges: no common grid) 
 PyTorch sums them (:class:`FAdd`): a float32 NHWC map of PyTorch's values bit for bit, from
 each code's value ``fl(fl((k - kofs) * scale) + sub)`` (:attr:`Value.pt`), read by float-input
 layers (their float sums in their own order; a 1x1 one on the map's integer planes where
-:mod:`~fewbits.runtime.integer_planes` proves it can), max pooling and global average. A ReLU
-right after such a sum is folded into it; other operations on a float map raise. Nothing is
-approximated today (``Program.exact`` True; a step that approximates must set it False and say
-where in ``Program.notes``).
+:mod:`~fewbits.runtime.integer_planes` proves it can), max pooling, global average and channel
+concatenation. A ReLU right after such a sum is folded into it; other operations on a float
+map raise. Nothing is approximated today (``Program.exact`` True; a step that approximates
+must set it False and say where in ``Program.notes``).
 
 Anything else raises ``ValueError`` naming the node and the operation, so that the planner
 falls back to the next backend.
@@ -174,7 +174,8 @@ class FAdd:
 
 @dataclass
 class Concat:
-    """Channel concatenation of int maps, each times an integer ``muls`` (a common grid)."""
+    """Channel concatenation of int maps, each times an integer ``muls`` (a common grid), or
+    of float maps (``muls`` 1)."""
 
     srcs: list
     muls: list

@@ -1,6 +1,9 @@
 """The node-by-node walk of :func:`fewbits.runtime.integer_plan.compile_program`: which
 ``torch.fx`` node becomes which engine step, what is folded into the open epilogue of a layer,
-and the clear ``ValueError`` for every node the integer engine does not cover.
+and the clear ``ValueError`` for every node the integer engine does not cover. Branches
+concatenated before a quantizer (``quantize_`` quantizes a concatenation where it is read)
+are closed each on that quantizer's grid; a concatenation read otherwise (by several layers,
+a mean, a sum) is one of their float maps.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from .integer_calls import cat_args, input_first, spatial_mean
 from .integer_grid import grid_layer
 from .integer_guards import no_hooks, same_as_forward
 from .integer_plan import (
@@ -36,10 +40,10 @@ from .integer_plan import (
     Value,
     bn_affine,
     clamp_after,
-    pair,
     quant_params,
 )
 from .integer_planes import plane_layers
+from .integer_pools import avg_pool, maxpool_geom, pool_args
 
 __all__ = ["compile_program", "walk"]
 
@@ -63,6 +67,21 @@ class _Pending:
     out: Any = None  # the emitted value (a second name for it reads the same float map)
 
 
+@dataclass
+class _PendingCat:
+    """A channel concatenation of layers whose epilogues are still open (``quantize_``'d
+    models quantize a concatenation where it is read). A quantizer reading it (one grid for
+    every channel) closes each part on that grid: ``q(cat(a, b))`` runs as ``cat(q(a), q(b))``,
+    the same codes; clamps after it go into each part."""
+
+    parts: list[_Pending]
+
+
+def _distinct(x: _Pending | _PendingCat) -> list[_Pending]:
+    """The open layers of ``x``, each once (a branch may be concatenated twice)."""
+    return list({id(p): p for p in x.parts}.values()) if isinstance(x, _PendingCat) else [x]
+
+
 def post_clamp(p: _Pending) -> tuple[float, float]:
     """The one clamp that the clamps after ``p``'s layer make, taken in their order."""
     lo, hi = -math.inf, math.inf
@@ -76,38 +95,6 @@ def _desc(node: fx.Node, modules: dict) -> str:
         return f"{node.target} ({type(modules[node.target]).__name__})"
     t = getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({node.op} {t})"
-
-
-def _maxpool_geom(m: Any, shape: tuple[int, ...], where: str) -> dict:
-    k = pair(m["kernel_size"])
-    s = pair(m["stride"] if m["stride"] not in (None, ()) else m["kernel_size"])
-    p, d = pair(m["padding"]), pair(m["dilation"])
-    if m["ceil_mode"]:
-        raise ValueError(f"{where}: ceil_mode pooling is not run by the integer engine")
-    c, h, w = shape
-    oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    ow = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    return dict(h=h, w=w, c=c, oh=oh, ow=ow, kh=k[0], kw=k[1], sh=s[0], sw=s[1], ph=p[0],
-                pw=p[1], dh=d[0], dw=d[1])
-
-
-def _pool_args(node: fx.Node, m: Any, where: str) -> dict:
-    """A max pool's arguments (module ``m``, or the functional call's); refused here, where the
-    pool is named, for what the engine does not run (a pool folded into the layer before it
-    was refused later, naming the layer after it)."""
-    if m is not None:
-        vals = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                    dilation=m.dilation, ceil_mode=m.ceil_mode, return_indices=m.return_indices)
-    else:
-        names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
-        vals = dict(zip(names, node.args[1:], strict=False))
-        vals.update(node.kwargs)
-    if vals.get("ceil_mode") or vals.get("return_indices"):
-        raise ValueError(f"{where}: max pooling with ceil_mode or return_indices is not run by "
-                         "the integer engine")
-    out = dict(kernel_size=None, stride=None, padding=0, dilation=1, ceil_mode=False)
-    out.update({k: v for k, v in vals.items() if k in out})
-    return out
 
 
 def walk(comp: Compiler, tracer: type) -> Any:
@@ -152,7 +139,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
         if x.kind not in ("int", "float") or len(x.shape) != 3:
             raise ValueError(f"{where}: max pooling of a {x.kind} {x.shape} tensor is not run "
                              "by the integer engine")
-        g = _maxpool_geom(args, x.shape, where)
+        g = maxpool_geom(args, x.shape, where)
         y = comp.new(x.kind, (x.shape[0], g["oh"], g["ow"]), scale=x.scale, lo=x.lo, hi=x.hi,
                      pt=x.pt)
         f = x.producer
@@ -163,25 +150,59 @@ def walk(comp: Compiler, tracer: type) -> Any:
         prog.steps.append(Pool(x.id, y.id, 0 if x.kind == "int" else 2, g))
         return y
 
+    def max_pool(a: fx.Node, pool: dict, where: str) -> Any:
+        """Max pooling of node ``a``: an open layer (or concatenation of them) read only
+        here keeps its epilogue open, the pool in it (it commutes with the clamps and the
+        quantizer that close it, and works channel by channel: ``pool(cat(a, b))`` is
+        ``cat(pool(a), pool(b))``); any other map is pooled as it is."""
+        x = value(a, where, allow_pending=True)
+        if isinstance(x, (_Pending, _PendingCat)) and single(a) and \
+                all(p.conv.quant is None for p in _distinct(x)):
+            for p in _distinct(x):  # a branch concatenated twice is pooled once
+                p.post.append(("maxpool", pool))
+            return x
+        return int_pool(value(a, where), pool, where, a)
+
     def materialize(p: _Pending, where: str) -> Value:
-        if any(item[0] == "maxpool" for item in p.post):
-            # ``where`` is the reader (an average pool, a second reader of the pooled map):
-            # name the pooled layer too, or the message blamed an average pool for max pooling
-            raise ValueError(f"{where}: reads {p.conv.name}'s output max-pooled without a "
-                             "quantizer in between: max pooling of an unquantized feature map "
-                             "is not run by the integer engine")
+        """``p``'s layer with a float epilogue (its clamps folded in: they commute with the
+        max pools after it, which then run on the float map, exactly)."""
         if p.out is not None and p.out.kind == "float":
             return p.out
         p.conv.fclamp = post_clamp(p)
-        return emit_conv(p, "float")
+        v = emit_conv(p, "float")
+        for item in p.post:
+            if item[0] == "maxpool":
+                v = int_pool(v, item[1], where)
+        p.out = v  # a second reader of p reads the pooled map
+        return v
 
     def value(a: Any, where: str, *, allow_pending: bool = False) -> Any:
         if not isinstance(a, fx.Node):
             raise ValueError(f"{where}: a constant operand is not run by the integer engine")
         v = env[a.name]
-        if isinstance(v, _Pending) and not allow_pending:
-            v = env[a.name] = materialize(v, where)
+        if isinstance(v, (_Pending, _PendingCat)) and not allow_pending:
+            v = env[a.name] = materialized(v, where)
         return v
+
+    def materialized(x: Any, where: str) -> Any:
+        """An open layer's (or concatenation's) float map, for a reader that is no quantizer
+        or not the only reader."""
+        if isinstance(x, _PendingCat):
+            return concat([materialize(p, where) for p in x.parts], where)
+        return materialize(x, where) if isinstance(x, _Pending) else x
+
+    def quantized(a: fx.Node, x: Any, q: Any, name: str, where: str) -> Any:
+        """``x`` (node ``a``'s value) read through the quantizer ``q``: closed into the open
+        epilogue(s) where ``a`` has no other reader, else None (the caller quantizes)."""
+        if not single(a) or not isinstance(x, (_Pending, _PendingCat)):
+            return None
+        qp = quant_params(q, name)
+        if isinstance(x, _Pending):
+            return close(x, qp, where)
+        done: dict[int, Value] = {}  # a branch concatenated twice is closed once
+        for p in _distinct(x):
+            done[id(p)] = close(p, qp, where)
+        return concat([done[id(p)] for p in x.parts], where)
 
     def single(a: fx.Node) -> bool:
         """Whether ``a``'s user is the one reader of its value, through every name holding the
@@ -206,14 +227,15 @@ def walk(comp: Compiler, tracer: type) -> Any:
             raise ValueError(f"{where}: a clamp bound is NaN")
         no_inplace(node, a, where)
         x = value(a, where, allow_pending=True)
-        if isinstance(x, _Pending):
+        if isinstance(x, (_Pending, _PendingCat)):
             if not single(a):
-                x = env[a.name] = materialize(x, where)
+                x = env[a.name] = value(a, where)
             else:
-                if lo == 0 and hi == math.inf and not x.bn and not x.post:
-                    x.conv.pre_relu = True  # before batch norm (min-max's order)
-                elif x.conv.quant is None:
-                    x.post.append(("clamp", lo, hi))
+                for p in _distinct(x):
+                    if lo == 0 and hi == math.inf and not p.bn and not p.post:
+                        p.conv.pre_relu = True  # before batch norm (min-max's order)
+                    elif p.conv.quant is None:
+                        p.post.append(("clamp", lo, hi))
                 return x
         if x.kind == "float" and isinstance(x.producer, FAdd) and single(a):
             f = x.producer  # a ReLU after a float sum: folded into it
@@ -275,10 +297,10 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return y
 
     def gap(x: Any, where: str) -> Value:
-        if isinstance(x, _Pending):
-            x = materialize(x, where)
-        if len(x.shape) != 3:
-            raise ValueError(f"{where}: global average pooling needs a (C, H, W) input")
+        x = materialized(x, where)
+        if len(x.shape) != 3 or x.kind == "input":  # the images are NCHW, maps NHWC
+            raise ValueError(f"{where}: global average pooling needs a (C, H, W) feature "
+                             "map (not the input images)")
         y = comp.new("float", (x.shape[0], 1, 1))  # PyTorch's (N, C, 1, 1)
         prog.steps.append(GlobalAvg(x.id, y.id, x.scale, x.kind == "int"))
         return y
@@ -297,9 +319,15 @@ def walk(comp: Compiler, tracer: type) -> Any:
         return Value(x.id, "int", (c * h * w,), x.scale, x.lo, x.hi, None, (c, h, w), x.pt)
 
     def concat(xs: list[Value], where: str) -> Value:
-        if any(x.kind != "int" or len(x.shape) != 3 for x in xs) or \
-                len({x.shape[1:] for x in xs}) != 1:
-            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps only")
+        if any(len(x.shape) != 3 for x in xs) or len({x.shape[1:] for x in xs}) != 1 or \
+                len({x.kind for x in xs}) != 1 or xs[0].kind not in ("int", "float"):
+            raise ValueError(f"{where}: concatenation of quantized (C, H, W) maps, or of "
+                             "unquantized feature maps, only (not of both, nor of the input)")
+        if xs[0].kind == "float":  # NHWC float maps: copied, PyTorch's values as they are
+            y = comp.new("float", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]))
+            prog.steps.append(Concat([x.id for x in xs], [1] * len(xs),
+                                     [x.shape[0] for x in xs], y.id))
+            return y
         s = min(x.scale for x in xs)
         muls = [x.scale / s for x in xs]
         if any(f != 2.0 ** round(math.log2(f)) for f in muls):
@@ -338,11 +366,9 @@ def walk(comp: Compiler, tracer: type) -> Any:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 x = value(a, where, allow_pending=True)
                 q = getattr(m, "input_quantizer", None)
-                if isinstance(x, _Pending):
-                    if q is None or not single(a):
-                        x = env[a.name] = materialize(x, where)
-                    else:
-                        x = close(x, quant_params(q, f"{node.target}.input_quantizer"), where)
+                if isinstance(x, (_Pending, _PendingCat)):
+                    x = (q is not None and quantized(
+                        a, x, q, f"{node.target}.input_quantizer", where)) or value(a, where)
                 conv = comp.layer(str(node.target), m, x)
                 oshape = (m.out_channels, conv.geom["oh"], conv.geom["ow"]) \
                     if isinstance(m, nn.Conv2d) else (m.out_features,)
@@ -374,19 +400,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 x = value(a, where, allow_pending=True)
                 if m.quantizer is None:
                     env[node.name] = x
-                elif isinstance(x, _Pending) and single(a):
-                    env[node.name] = close(x, quant_params(m.quantizer, where), where)
+                elif (y := quantized(a, x, m.quantizer, where, where)) is not None:
+                    env[node.name] = y
                 else:
                     x = value(a, where)
                     env[node.name] = comp.quantize(x, quant_params(m.quantizer, where), where)
             elif isinstance(m, nn.MaxPool2d):
-                x = value(a, where, allow_pending=True)
-                pool = _pool_args(node, m, where)
-                if isinstance(x, _Pending) and single(a) and x.conv.quant is None:
-                    x.post.append(("maxpool", pool))
-                    env[node.name] = x
-                else:
-                    env[node.name] = int_pool(value(a, where), pool, where, a)
+                env[node.name] = max_pool(a, pool_args(node, m, where), where)
             elif isinstance(m, nn.AvgPool2d):
                 env[node.name] = avg_pool(comp, value(a, where), m, where)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
@@ -405,6 +425,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
                                  f"{type(m).__name__}")
         elif node.op in ("call_function", "call_method"):
             t = node.target
+            if not node.args and "input" in node.kwargs:  # torch.relu(input=x) as relu(x)
+                node.args, node.kwargs = input_first(node.kwargs)
             args = node.args
             if t in ADDS and len(args) == 2 and not node.kwargs:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
@@ -426,16 +448,25 @@ def walk(comp: Compiler, tracer: type) -> Any:
                     raise ValueError(f"{where}: flatten from dimension 1 only")
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
-                pool = _pool_args(node, None, where)
-                env[node.name] = int_pool(value(args[0], where), pool, where, args[0])
+                env[node.name] = max_pool(args[0], pool_args(node, None, where), where)
             elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
                     "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
-            elif getattr(t, "__name__", "") == "cat" and isinstance(args[0], (list, tuple)):
-                dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            elif (t == "mean" or t is torch.mean) and (keep := spatial_mean(node)) is not None:
+                y = gap(value(args[0], where, allow_pending=True), where)
+                env[node.name] = y if keep else flatten(y, where)
+            elif (cat := cat_args(node)) is not None:
+                parts_in, dim = cat
                 if dim not in (1, -3):
                     raise ValueError(f"{where}: concatenation along channels only")
-                env[node.name] = concat([value(a, where) for a in args[0]], where)
+                parts = [value(a, where, allow_pending=True) for a in parts_in]
+                if all(
+                        isinstance(p, (_Pending, _PendingCat)) and single(a) for p, a in zip(
+                            parts, parts_in, strict=True)):  # a cat of cats: one cat
+                    env[node.name] = _PendingCat([q for p in parts for q in (
+                        p.parts if isinstance(p, _PendingCat) else [p])])
+                else:
+                    env[node.name] = concat([value(a, where) for a in parts_in], where)
             else:
                 raise ValueError(f"{where}: the integer engine does not cover this operation")
         else:
@@ -446,24 +477,6 @@ def walk(comp: Compiler, tracer: type) -> Any:
     if prog.out is None:
         raise ValueError("the model has no output")
     return prog
-
-
-def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
-    """Average pooling as a sum pool on a grid ``k*k`` times finer (exact)."""
-    args = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=1,
-                ceil_mode=m.ceil_mode)
-    if x.kind != "int" or m.divisor_override is not None or \
-            (not m.count_include_pad and pair(m.padding) != (0, 0)):
-        raise ValueError(f"{where}: average pooling of quantized maps with a fixed divisor "
-                         "only")
-    g = _maxpool_geom(args, x.shape, where)
-    kk = g["kh"] * g["kw"]
-    lo, hi = min(0, x.lo * kk), max(0, x.hi * kk)
-    if max(-lo, hi) > I16:
-        raise ValueError(f"{where}: the pooled sums need codes beyond 16 bits")
-    y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale / kk, lo=lo, hi=hi)
-    comp.prog.steps.append(Pool(x.id, y.id, 1, g))
-    return y
 
 
 def compile_program(model: nn.Module, in_shape: tuple[int, ...], codes: dict | None = None
