@@ -11,23 +11,21 @@ A residual sum of grids with no common integer grid (min-max's learned scales) i
 NHWC map holding PyTorch's own values bit for bit (each operand's quantizer output
 ``fl(fl(r * scale) + lo)``, one float add, the ReLU after it folded in); max pooling and global
 average read it natively, and so does the next layer: a 1x1 one on the map's integer planes
-where the map is proven ``>= 0`` and bounded (:mod:`~fewbits.runtime.integer_planes`), others
-in float32 FMAs (a 6 x 16 kernel on AVX2), as does a layer on the images or a global average.
+(:mod:`~fewbits.runtime.integer_planes`), others in float32 (6 x 16 FMAs on AVX2), as do the
+layers on the images or on a global average.
 
 Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its float
 sums of ``k * 2**-e`` values are exact) except where the first layer's float sums, which
 PyTorch orders its own way, put a value within rounding of a level boundary; the logits then
-agree within the planner's tolerance. Min-max's residual streams are PyTorch's values; a float
-layer reading one sums in its own order, as the first layer does, and a 1x1 layer on planes
-sums it rounded to 24 bits below its proven bound ``B`` (each value moves by ``2^-24 B`` at
-most) exactly, then rounds once: far inside the float layer's own worst case, though a pixel
-far below ``B`` keeps fewer significant bits than in float. The logits agree within the
-planner's tolerance (99.8 % top-1 on 1000 CIFAR-10 test images of a trained min-max ResNet-23,
-99.9 % with float layers). :attr:`IntegerEngine.exact` stays True: every difference from
-PyTorch is a float32-sized rounding of a sum (the 15-bit stream of earlier sessions set it
-False). What the engine cannot run so (a float map flattened, quantized, clamped where it is
-also read unclamped, a forward hook, a tensor updated in place while another name holds it,
-...) it refuses with ``ValueError`` naming the operation. All CPU paths give identical outputs.
+agree within the planner's tolerance. Min-max's residual streams are PyTorch's values: a float
+layer reading one sums in its own order, as the first layer does; a 1x1 one on planes sums it
+rounded to 24 bits below a proven bound, exactly, an error far inside the float layer's own
+(integer_planes). The logits agree within the planner's tolerance (99.8 % top-1 on 1000
+CIFAR-10 test images of a trained min-max ResNet-23). :attr:`IntegerEngine.exact` stays True:
+every difference from PyTorch is a float32-sized rounding of a sum. What the engine cannot run
+so (a float map flattened, quantized, clamped where it is also read unclamped, a forward hook,
+a tensor updated in place while another name holds it, ...) it refuses with ``ValueError``
+naming the operation. All CPU paths give identical outputs.
 
 CPU paths (``engine.isa``): ``"avx512_vnni"`` (AVX-512 F/BW/VL/DQ + VNNI), ``"avx2"`` (AVX2 +
 FMA) and ``"generic"`` (portable C), the best this CPU runs picked by cpuid;
@@ -83,7 +81,7 @@ from .integer_plan import (
     QuantParams,
     fold_params,
 )
-from .integer_planes import plane_step
+from .integer_planes import plane_steps
 from .integer_walk import compile_program
 
 __all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
@@ -410,9 +408,7 @@ class IntegerEngine:
                     st = _Step(kind=8, x0=_ptr(vals[s.src]), y=_ptr(codes))
                     st.i[:5] = [n, g["cin"], g["h"] * g["w"], cy, u8]
                     run += [st, conv_step(grid, codes, y)]
-                if s.dst in self.prog.planes:  # per image on its planes, else this float layer
-                    run.append(plane_step(self.prog.planes[s.dst], conv_step, vals[s.src], y,
-                                          self.plane_counts))
+                run += plane_steps(self.prog, s, conv_step, vals[s.src], y, self.plane_counts)
                 run.append(conv_step(s, vals[s.src], y))
             elif isinstance(s, Add):  # elementwise: may write over an operand that dies here
                 y = bufs.take(s.dst, vals[s.a].shape, vals[s.a].dtype, over=(s.a, s.b), at=k)

@@ -49,7 +49,7 @@ import numpy as np
 
 from .integer_plan import Add, Clamp, Compiler, Conv, FAdd, Pool, Program, Quantize
 
-__all__ = ["PlaneConv", "error_bound", "nonneg_values", "plane_layers", "plane_step",
+__all__ = ["PlaneConv", "error_bound", "nonneg_values", "plane_layers", "plane_steps",
            "upper_bounds"]
 
 _CIN_MAX = 1024  # PLANE_CIN_MAX in _integer_engine.c
@@ -181,14 +181,17 @@ def plane_layers(comp: Compiler) -> dict[int, PlaneConv]:
     return out
 
 
-def plane_step(twin: PlaneConv, conv_step: Any, x: np.ndarray, y: np.ndarray,
-               counts: np.ndarray) -> Any:
-    """The native step in front of the float layer's (``fbi_run`` kind 9): ``conv_step`` the
-    engine's step maker, ``counts`` its int64 counters (images on planes, on the float
-    layer)."""
+def plane_steps(prog: Program, s: Conv, conv_step: Any, x: np.ndarray, y: np.ndarray,
+                counts: np.ndarray) -> list:
+    """The native step in front of float layer ``s``'s where it has a twin (``fbi_run`` kind
+    9: each image on its planes, else by ``s``), else none; ``conv_step`` the engine's step
+    maker, ``counts`` its int64 counters (images on planes, on the float layer)."""
+    twin = prog.planes.get(s.dst)
+    if twin is None:
+        return []
     st = conv_step(twin, x, y)
     st.kind, st.x1, st.i[0] = 9, counts.__array_interface__["data"][0], twin.e
-    return st
+    return [st]
 
 
 def error_bound(x: np.ndarray, w: np.ndarray, k: np.ndarray, sw: np.ndarray,
