@@ -2115,6 +2115,445 @@ AVX2 static int grid_avx2(int64_t n, int c, int64_t hw, int cy, int bytes, const
 }
 #endif
 
+/* ----------------------------------------------------------------- float streams as planes
+ * A 1x1 layer (stride 1, no padding, one group) reading a float NHWC map proven >= 0, with
+ * integer weights k (W = sw k per output channel; integer_planes.py). Per layer a power of
+ * two delta = 2^e with every value of the map below 2^24 delta (e from a bound proven at
+ * compile time); each value x becomes m = RNE(x 2^-e) (ties to even; the product is exact,
+ * and where it would be subnormal m = 0 either way), so |x - m delta| <= delta / 2. The sums
+ * S = sum k m are exact integers, S_f = RN(S) rounds them to float32 once, and the layer's own
+ * epilogue runs on S_f with sacc = sw delta (integer_planes made it, exactly), the IEEE
+ * operations the float layer runs on its float sums (with sacc = 1). Each path gets S its own
+ * way, exactly:
+ *   VNNI: byte planes m = b2 2^16 + b1 2^8 + b0, three u8 x s8 sums acc_j = sum k b_j
+ *     (vpdpbusd), lo = acc1 256 + acc0 (int32: |lo| <= 65535 sum|k| < 2^31 for the
+ *     sum|k| <= 32768 integer_planes checks), S = acc2 65536 + lo;
+ *   AVX2: int16 planes of 12 bits m = h 4096 + l, A = sum k h, B = sum k l (vpmaddwd),
+ *     S = 4096 A + B;
+ *   generic: S = sum k m in int64;
+ * and RN(S) is one float whatever the split, so every path gives the same outputs. RN(S)
+ * without int64: S = 65536 H + L with L in [0, 65535] and |H| <= 256 sum|k| + 1 < 2^24, both
+ * floats exactly, and fma(H, 65536, L) rounds S once (plane_round, plane_sum512 / _avx2).
+ * The map is converted a tile of pixels at a time, into a buffer on the stack (it stays in L1,
+ * read by the tile's sums right after), and every m is checked to lie in [0, 2^24): NaN, inf,
+ * a value < -delta / 2 or one beyond the bound (only a bug could make them) fail the check,
+ * and the image then runs the float layer (its outputs all rewritten). */
+#define PLANE_CIN_MAX 1024 /* the tiles' plane buffers live on the stack (16 KB) */
+
+/* tests only: nonzero swaps bytes 0 and 1 of every m (a planted wrong byte order, which the
+ * accuracy tests must catch) */
+int fbi_plane_fault = 0;
+
+static inline float pow2f(int e) { /* 2^e, e in [-126, 127] */
+    uint32_t b = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline int32_t plane_fault(int32_t m) {
+    return fbi_plane_fault ? (m & ~0xFFFF) | ((m & 0xFF) << 8) | ((m >> 8) & 0xFF) : m;
+}
+
+/* RN(S) for S = 65536 h + l, l in [0, 65535], |h| < 2^24 (see above) */
+static inline float plane_round(int64_t s) {
+    int64_t l = s & 0xFFFF;
+    return fmaf((float)((s - l) / 65536), 65536.0f, (float)l);
+}
+
+/* generic: the m of one pixel's cin values; 0 where one lies outside [0, 2^24) */
+static int plane_px_generic(const float *x, int cin, float s, int32_t *m) {
+    uint32_t bad = 0;
+    for (int c = 0; c < cin; c++) {
+        /* NaN, inf and |v| >= 2^31 convert to INT32_MIN on x86; elsewhere the range test
+         * comes first */
+        const float v = __builtin_roundevenf(x[c] * s);
+        m[c] = v >= 0.0f && v < 16777216.0f ? plane_fault((int32_t)v) : INT32_MIN;
+        bad |= (uint32_t)m[c];
+    }
+    return !(bad & 0xFF000000u);
+}
+
+static int plane_image_generic(const fbi_conv *t, int e, const float *x, char *Y) {
+    const int cin = t->cin, kp = t->kp, esize = t->out_kind == OUT_FLOAT ? 4 : 2;
+    const int16_t *B = (const int16_t *)t->wpack;
+    const int64_t rows = (int64_t)t->h * t->w;
+    int32_t m[PLANE_CIN_MAX];
+    for (int64_t r = 0; r < rows; r++) {
+        if (!plane_px_generic(x + r * cin, cin, pow2f(-e), m)) return 0;
+        for (int o = 0; o < t->cout; o++) {
+            const int16_t *bb = B + (int64_t)(o / NB) * kp * NB + (o % NB) * 2;
+            int64_t s = 0;
+            for (int c = 0; c < cin; c++) s += (int64_t)bb[(c / 2) * NB * 2 + c % 2] * m[c];
+            store1(t, pre_value(plane_round(s), o, t), o, Y + r * t->cout * esize);
+        }
+    }
+    return 1;
+}
+
+#if FBI_X86
+/* AVX2: one pixel's two int16 planes of kp values (m >> 12, then m & 4095; channels past cin
+ * 0); 0 where an m lies outside [0, 2^24) */
+AVX2 static int plane_px_avx2(const float *x, int cin, int kp, float sf, int16_t *h) {
+    const __m256 s = _mm256_set1_ps(sf);
+    int16_t *l = h + kp;
+    __m256i bad = _mm256_setzero_si256();
+    const __m256i low = _mm256_set1_epi32(0xFFF);
+    int c = 0;
+    for (; c + 8 <= cin; c += 8) {
+        __m256i m = _mm256_cvttps_epi32(_mm256_round_ps(
+            _mm256_mul_ps(_mm256_loadu_ps(x + c), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        if (fbi_plane_fault)
+            m = _mm256_or_si256(
+                _mm256_and_si256(m, _mm256_set1_epi32(~0xFFFF)),
+                _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(m, _mm256_set1_epi32(0xFF)), 8),
+                                _mm256_and_si256(_mm256_srli_epi32(m, 8), _mm256_set1_epi32(0xFF))));
+        bad = _mm256_or_si256(bad, m);
+        const __m256i hi = _mm256_srli_epi32(m, 12), lo = _mm256_and_si256(m, low);
+        _mm_storeu_si128((__m128i *)(h + c), _mm_packs_epi32(_mm256_castsi256_si128(hi),
+                                                             _mm256_extracti128_si256(hi, 1)));
+        _mm_storeu_si128((__m128i *)(l + c), _mm_packs_epi32(_mm256_castsi256_si128(lo),
+                                                             _mm256_extracti128_si256(lo, 1)));
+    }
+    int32_t t[8];
+    _mm256_storeu_si256((__m256i *)t, bad);
+    uint32_t b = 0;
+    for (int j = 0; j < 8; j++) b |= (uint32_t)t[j];
+    for (; c < cin; c++) {
+        int32_t m;
+        b |= (uint32_t)!plane_px_generic(x + c, 1, sf, &m) << 24;
+        h[c] = (int16_t)((m >> 12) & 0xFFF), l[c] = (int16_t)(m & 0xFFF);
+    }
+    for (; c < kp; c++) h[c] = l[c] = 0;
+    return !(b & 0xFF000000u);
+}
+
+/* RN(4096 A + B) (see above) */
+AVX2 static inline __attribute__((always_inline)) __m256 plane_sum_avx2(__m256i a, __m256i b) {
+    const __m256i t = _mm256_add_epi32(
+        _mm256_slli_epi32(_mm256_and_si256(a, _mm256_set1_epi32(15)), 12), b);
+    const __m256i h = _mm256_add_epi32(_mm256_srai_epi32(a, 4), _mm256_srai_epi32(t, 16));
+    const __m256i l = _mm256_and_si256(t, _mm256_set1_epi32(0xFFFF));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_set1_ps(65536.0f), _mm256_cvtepi32_ps(l));
+}
+
+/* 2 pixels (planes at px[r], px[r] + kp) x 16 channels (block bb of the int16 packing
+ * [kp/2][16][2]), both planes (8 accumulators: with 3 pixels they did not fit the 16
+ * registers and went through memory, 1.4x slower), then the epilogue */
+AVX2 static void plane_tile_avx2(const fbi_ep *e, const int16_t *const *px, int kp,
+                                 const int16_t *bb, int n, int cnt, char **dst) {
+    enum { R = 2 };
+    __m256i a0[2][R], a1[2][R]; /* plane h, plane l */
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+        a0[0][r] = a0[1][r] = a1[0][r] = a1[1][r] = _mm256_setzero_si256();
+    for (int p = 0; p < kp / 2; p++) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(bb + p * NB * 2 + 16));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            int32_t dh, dl;
+            memcpy(&dh, px[r] + 2 * p, 4), memcpy(&dl, px[r] + kp + 2 * p, 4);
+            const __m256i vh = _mm256_set1_epi32(dh), vl = _mm256_set1_epi32(dl);
+            a0[0][r] = _mm256_add_epi32(a0[0][r], _mm256_madd_epi16(vh, w0));
+            a0[1][r] = _mm256_add_epi32(a0[1][r], _mm256_madd_epi16(vh, w1));
+            a1[0][r] = _mm256_add_epi32(a1[0][r], _mm256_madd_epi16(vl, w0));
+            a1[1][r] = _mm256_add_epi32(a1[1][r], _mm256_madd_epi16(vl, w1));
+        }
+    }
+    __m256 v[2 * R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        v[2 * r] = plane_sum_avx2(a0[0][r], a1[0][r]);
+        v[2 * r + 1] = plane_sum_avx2(a0[1][r], a1[1][r]);
+    }
+    epi_tile(e, v, R, n, cnt, dst);
+}
+
+AVX2 static int plane_image_avx2(const fbi_conv *t, int e, const float *x, char *Y) {
+    fbi_ep ep;
+    ep_init(t, &ep);
+    const int kp = t->kp, cin = t->cin, esize = ep.out_float ? 4 : 2, nb = (t->cout + NB - 1) / NB;
+    const int64_t ldy = (int64_t)t->cout * esize, rows = (int64_t)t->h * t->w;
+    const float s = pow2f(-e);
+    int16_t tb[2 * 2 * PLANE_CIN_MAX];
+    for (int64_t r0 = 0; r0 < rows; r0 += 2) {
+        const int16_t *px[2];
+        char *dst[2];
+        for (int q = 0; q < 2; q++) { /* rows past the map: the tile's first again, not stored */
+            const int in = r0 + q < rows;
+            if (in && !plane_px_avx2(x + (r0 + q) * cin, cin, kp, s, tb + q * 2 * kp)) return 0;
+            px[q] = tb + (in ? q : 0) * 2 * kp;
+            dst[q] = in ? Y + (r0 + q) * ldy : NULL;
+        }
+        for (int b = 0; b < nb; b++) {
+            const int cnt = t->cout - b * NB < NB ? t->cout - b * NB : NB;
+            plane_tile_avx2(&ep, px, kp, (const int16_t *)t->wpack + (int64_t)b * kp * NB, b * NB,
+                            cnt, dst);
+        }
+    }
+    return 1;
+}
+
+/* VNNI: one pixel's kq4 / 4 quads of 16 bytes: bytes 0, 1, 2 (then 3: always 0 here) of the m
+ * of its 4 channels (channels past cin 0), a 4 x 4 byte transpose within each 128-bit lane;
+ * returns the OR of its m (bits 24.. set: an m outside [0, 2^24)) */
+VNNI static inline __attribute__((always_inline)) __m512i plane_px_512(const float *x, int cin,
+                                                                       int kq4, __m512 s,
+                                                                       __m512i tr, uint8_t *p) {
+    __m512i bad = _mm512_setzero_si512();
+    for (int c = 0; c < kq4; c += 16) {
+        __m512 v;
+        if (cin - c >= 16) v = _mm512_loadu_ps(x + c);
+        else v = _mm512_maskz_loadu_ps((__mmask16)((1u << (cin - c)) - 1), x + c);
+        const __m512i m = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, s),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        bad = _mm512_or_si512(bad, m);
+        const __m512i b = _mm512_shuffle_epi8(m, tr);
+        if (kq4 - c >= 16) _mm512_storeu_si512((void *)(p + 4 * c), b);
+        else _mm512_mask_storeu_epi32(p + 4 * c, (__mmask16)((1u << (kq4 - c)) - 1), b);
+    }
+    return bad;
+}
+
+VNNI static inline __attribute__((always_inline)) __m512i plane_tr512(void) {
+    return fbi_plane_fault /* bytes 1, 0 swapped */
+        ? _mm512_broadcast_i32x4(_mm_setr_epi8(1, 5, 9, 13, 0, 4, 8, 12, 2, 6, 10, 14, 3, 7, 11, 15))
+        : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+}
+
+/* RN(65536 acc2 + 256 acc1 + acc0) (see above) */
+VNNI static inline __attribute__((always_inline)) __m512 plane_sum512(__m512i c2, __m512i c1,
+                                                                     __m512i c0) {
+    const __m512i lo = _mm512_add_epi32(_mm512_slli_epi32(c1, 8), c0);
+    const __m512i h = _mm512_add_epi32(c2, _mm512_srai_epi32(lo, 16));
+    const __m512i l = _mm512_and_si512(lo, _mm512_set1_epi32(0xFFFF));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_set1_ps(65536.0f), _mm512_cvtepi32_ps(l));
+}
+
+/* the epilogue of 4 pixels x nblk blocks of 16 channels n.. from the planes' sums o[b][j][r]
+ * (acc_j of pixel r, block b): RN(S), then the float layers' 16-lane epilogue; one copy per
+ * kind of epilogue (K < 0: flags at run time, float outputs included) */
+typedef void (*plane_store_fn)(const fbi_ep *, const __m512i (*)[3][4], int, int, int, char **);
+VNNI static inline __attribute__((always_inline)) void plane_store_k(
+    const fbi_ep *e, const __m512i (*o)[3][4], int nblk, int n, int og, char **dst, int K) {
+    for (int b = 0; b < nblk; b++) {
+        __m512 v[UR1 + 1];
+        for (int r = 0; r < 4; r++) v[r] = plane_sum512(o[b][2][r], o[b][1][r], o[b][0][r]);
+        const int n0 = n + b * NB;
+        epi512_v_k(e, v, 4, n0, og - n0 < NB ? og - n0 : NB, dst, K);
+    }
+}
+#define PLANE_STORE(K)                                                                  \
+    VNNI static __attribute__((noinline)) void plane_store_##K(                         \
+        const fbi_ep *e, const __m512i (*o)[3][4], int nblk, int n, int og, char **dst) { \
+        plane_store_k(e, o, nblk, n, og, dst, K);                                       \
+    }
+EK_KINDS(PLANE_STORE)
+#undef PLANE_STORE
+VNNI static __attribute__((noinline)) void plane_store_g(
+    const fbi_ep *e, const __m512i (*o)[3][4], int nblk, int n, int og, char **dst) {
+    plane_store_k(e, o, nblk, n, og, dst, -1); /* the flags tested at run time */
+}
+#define ENTRY(K) plane_store_##K,
+static const plane_store_fn plane_store[EK_N] = {EK_KINDS(ENTRY)};
+#undef ENTRY
+
+/* 4 pixels (planes at px[r]) x nblk blocks of 16 channels x 3 planes: 12 nblk accumulators,
+ * each weight quad feeds 12 nblk vpdpbusd (at vpdpbusd's peak); then the tile's epilogue */
+VNNI static inline __attribute__((always_inline)) void plane_tile_body(
+    const fbi_ep *e, plane_store_fn st, const uint8_t *const *px, int nq, const int8_t *bb,
+    int64_t bstride, int n, int og, char **dst, const int nblk) {
+    /* one array per plane (a single [3][2][4] array was kept in memory, not in registers) */
+    __m512i a0[2][4], a1[2][4], a2[2][4];
+    const int64_t d1 = px[1] - px[0], d2 = px[2] - px[0], d3 = px[3] - px[0];
+#pragma GCC unroll 2
+    for (int b = 0; b < nblk; b++)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) a0[b][r] = a1[b][r] = a2[b][r] = _mm512_setzero_si512();
+    const uint8_t *p = px[0];
+    for (int q = 0; q < nq; q++, p += 16, bb += NB * 4) {
+        __m512i w[2];
+#pragma GCC unroll 2
+        for (int b = 0; b < nblk; b++) w[b] = _mm512_loadu_si512((const void *)(bb + b * bstride));
+#define PLANE_ROW(r, o)                                                                   \
+        {                                                                                 \
+            int32_t q0, q1, q2;                                                           \
+            memcpy(&q0, p + (o), 4), memcpy(&q1, p + (o) + 4, 4), memcpy(&q2, p + (o) + 8, 4); \
+            const __m512i v0 = _mm512_set1_epi32(q0), v1 = _mm512_set1_epi32(q1),         \
+                          v2 = _mm512_set1_epi32(q2);                                     \
+            for (int b = 0; b < nblk; b++) {                                              \
+                a0[b][r] = _mm512_dpbusd_epi32(a0[b][r], v0, w[b]);                      \
+                a1[b][r] = _mm512_dpbusd_epi32(a1[b][r], v1, w[b]);                      \
+                a2[b][r] = _mm512_dpbusd_epi32(a2[b][r], v2, w[b]);                      \
+            }                                                                             \
+        }
+        PLANE_ROW(0, 0) PLANE_ROW(1, d1) PLANE_ROW(2, d2) PLANE_ROW(3, d3)
+#undef PLANE_ROW
+    }
+    /* copies for the epilogue, so that the accumulators' addresses are never taken: they stay
+     * in registers (summed and rounded here, they went through memory in the loop too) */
+    __m512i o[2][3][4];
+#pragma GCC unroll 2
+    for (int b = 0; b < nblk; b++)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) o[b][0][r] = a0[b][r], o[b][1][r] = a1[b][r], o[b][2][r] = a2[b][r];
+    st(e, (const __m512i (*)[3][4])o, nblk, n, og, dst);
+}
+
+VNNI static __attribute__((noinline)) void plane_tile2(const fbi_ep *e, plane_store_fn st,
+                                                       const uint8_t *const *px, int nq,
+                                                       const int8_t *bb, int64_t bstride, int n,
+                                                       int og, char **dst) {
+    plane_tile_body(e, st, px, nq, bb, bstride, n, og, dst, 2);
+}
+
+VNNI static __attribute__((noinline)) void plane_tile1(const fbi_ep *e, plane_store_fn st,
+                                                       const uint8_t *const *px, int nq,
+                                                       const int8_t *bb, int64_t bstride, int n,
+                                                       int og, char **dst) {
+    plane_tile_body(e, st, px, nq, bb, bstride, n, og, dst, 1);
+}
+
+VNNI static int plane_image_512(const fbi_conv *t, int e, const float *x, char *Y) {
+    fbi_ep ep;
+    ep_init(t, &ep); /* no ep_fold: the exact fold is left to the float layers */
+    const plane_store_fn st = ep.out_float ? plane_store_g : plane_store[ep.kind];
+    const int cin = t->cin, kq4 = t->kq4, nq = kq4 / 4, nb = (t->cout + NB - 1) / NB;
+    const int64_t ldy = (int64_t)t->cout * (ep.out_float ? 4 : 2), bstride = (int64_t)kq4 * NB;
+    const int64_t rows = (int64_t)t->h * t->w, tile = 4 * (int64_t)kq4;
+    const __m512 s = _mm512_set1_ps(pow2f(-e));
+    const __m512i tr = plane_tr512();
+    __m512i bad = _mm512_setzero_si512();
+    /* a tile's planes on the stack: written, then read by its sums from L1 (a whole image's
+     * planes through L2 cost ~2 us more at 32 x 32; converting the next tile first, no gain) */
+    uint8_t tb[4 * 4 * PLANE_CIN_MAX] __attribute__((aligned(64)));
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        const uint8_t *px[4];
+        char *dst[4];
+        for (int q = 0; q < 4; q++) { /* rows past the map: the tile's first again, not stored */
+            const int in = r0 + q < rows;
+            if (in)
+                bad = _mm512_or_si512(bad, plane_px_512(x + (r0 + q) * cin, cin, kq4, s, tr,
+                                                        tb + q * tile));
+            px[q] = tb + (in ? q : 0) * tile;
+            dst[q] = in ? Y + (r0 + q) * ldy : NULL;
+        }
+        for (int b = 0; b < nb; b += 2) {
+            const int8_t *bb = t->wpack8 + b * bstride;
+            if (nb - b >= 2) plane_tile2(&ep, st, px, nq, bb, bstride, b * NB, t->cout, dst);
+            else plane_tile1(&ep, st, px, nq, bb, bstride, b * NB, t->cout, dst);
+        }
+    }
+    /* an m outside [0, 2^24) anywhere: the caller reruns the image on the float layer */
+    return !_mm512_test_epi32_mask(bad, _mm512_set1_epi32((int)0xFF000000u));
+}
+
+/* tests: one pixel's planes (plane_px_512): 1 where an m falls outside [0, 2^24) */
+VNNI static int plane_px_512_out(const float *x, int cin, int kq4, int e, uint8_t *p) {
+    const __m512i bad = plane_px_512(x, cin, kq4, _mm512_set1_ps(pow2f(-e)), plane_tr512(), p);
+    return _mm512_test_epi32_mask(bad, _mm512_set1_epi32((int)0xFF000000u)) != 0;
+}
+
+VNNI static float plane_sum1_512(int32_t a, int32_t b, int32_t c) {
+    return _mm512_cvtss_f32(plane_sum512(_mm512_set1_epi32(a), _mm512_set1_epi32(b),
+                                         _mm512_set1_epi32(c)));
+}
+
+AVX2 static float plane_sum1_avx2(int32_t a, int32_t b) {
+    return _mm256_cvtss_f32(plane_sum_avx2(_mm256_set1_epi32(a), _mm256_set1_epi32(b)));
+}
+#endif
+
+/* one image of the layer on its planes; 0 where an m fell outside [0, 2^24) (the caller runs
+ * the float layer on the image) */
+static int plane_image(int isa, const fbi_conv *t, int e, const float *x, char *Y) {
+#if FBI_X86
+    if (isa == ISA_AVX512_VNNI && t->wpack8) return plane_image_512(t, e, x, Y);
+    if (USE_AVX2(isa)) return plane_image_avx2(t, e, x, Y);
+#endif
+    (void)isa;
+    return plane_image_generic(t, e, x, Y);
+}
+
+/* fbi_run's kind 9: tw the layer on planes (i[0] its exponent e, x1 two int64 counters: images
+ * on planes, images on the float layer), fa the float layer (the next step, whose map and
+ * output are read and written), image by image */
+static int plane_run(const fbi_conv *tw, int e, int64_t *count, const fbi_conv *fa, int32_t isa) {
+    if (!fbi_isa_supported(isa)) return -1;
+    if (tw->in_kind != IN_INT || fa->in_kind != IN_FLOAT_NHWC || tw->cout != fa->cout ||
+        tw->cin != fa->cin || tw->h != fa->h || tw->w != fa->w || fa->kh != 1 || fa->kw != 1 ||
+        fa->sh != 1 || fa->sw != 1 || fa->ph || fa->pw || fa->groups != 1 || fa->oh != fa->h ||
+        fa->ow != fa->w || tw->out_kind != fa->out_kind || tw->out_u8 || fa->out_u8 ||
+        tw->cin > PLANE_CIN_MAX || tw->kp < tw->cin || tw->kp % 2 || tw->corr ||
+        (tw->wpack8 && (tw->kq4 < tw->cin || tw->kq4 % 4 || tw->kq4 > PLANE_CIN_MAX)) ||
+        e < -126 || e > 126)
+        return -2;
+    const int64_t in_img = (int64_t)fa->h * fa->w * fa->cin;
+    const int64_t out_img = (int64_t)fa->oh * fa->ow * fa->cout * (fa->out_kind == OUT_FLOAT ? 4 : 2);
+    int bad = 0;
+    for (int i = 0; i < fa->n; i++) {
+        const float *x = (const float *)fa->x + i * in_img;
+        char *Y = (char *)fa->y + i * out_img;
+        if (plane_image(isa, tw, e, x, Y)) {
+            count[0]++;
+            continue;
+        }
+        fbi_conv one = *fa;
+        one.n = 1, one.x = x, one.y = Y;
+        const int rc = fbi_conv_run(&one);
+        if (rc < 0) return rc;
+        bad |= rc;
+        count[1]++;
+    }
+    return bad;
+}
+
+/* tests: the planes path isa writes for `rows` pixels of cin floats with exponent e (width:
+ * kq4 on VNNI, kp on AVX2, cin for the generic int32 m; NHWC); 1, 0 where an m falls outside
+ * [0, 2^24), -1 where isa cannot run here */
+int fbi_plane_codes(int32_t isa, const float *x, int64_t rows, int32_t cin, int32_t width,
+                    int32_t e, void *out) {
+    if (!fbi_isa_supported(isa) || cin > PLANE_CIN_MAX || width < cin) return -1;
+    int ok = 1;
+    for (int64_t r = 0; r < rows; r++) {
+#if FBI_X86
+        if (isa == ISA_AVX512_VNNI) {
+            ok &= !plane_px_512_out(x + r * cin, cin, width, e, (uint8_t *)out + r * 4 * width);
+            continue;
+        }
+        if (USE_AVX2(isa)) {
+            ok &= plane_px_avx2(x + r * cin, cin, width, pow2f(-e),
+                                (int16_t *)out + r * 2 * width);
+            continue;
+        }
+#endif
+        ok &= plane_px_generic(x + r * cin, cin, pow2f(-e), (int32_t *)out + r * cin);
+    }
+    return ok;
+}
+
+/* tests: the rounding of the sums, n of them, on path isa: VNNI RN(65536 a + 256 b + c), AVX2
+ * RN(4096 a + b), generic RN(65536 a + 256 b + c) of the int64 sum */
+int fbi_plane_sum(int32_t isa, int64_t n, const int32_t *a, const int32_t *b, const int32_t *c,
+                  float *out) {
+    if (!fbi_isa_supported(isa)) return -1;
+    for (int64_t i = 0; i < n; i++) {
+#if FBI_X86
+        if (isa == ISA_AVX512_VNNI) {
+            out[i] = plane_sum1_512(a[i], b[i], c[i]);
+            continue;
+        }
+        if (USE_AVX2(isa)) {
+            out[i] = plane_sum1_avx2(a[i], b[i]);
+            continue;
+        }
+#endif
+        out[i] = plane_round((int64_t)a[i] * 65536 + (int64_t)b[i] * 256 + c[i]);
+    }
+    return 0;
+}
+
 /* ----------------------------------------------------------------- the program */
 
 /* One step of a batch's program, all pointers fixed (the engine's buffers for that batch
@@ -2124,7 +2563,9 @@ AVX2 static int grid_avx2(int64_t n, int c, int64_t hw, int cy, int bytes, const
  * map (i[0..2] = n, hw, c), 6 float max pooling (i[1..14] as kind 2), 7 a float sum max
  * pooled (the sums never stored), 8 the images' 8-bit codes (i[0..4] = n, c, hw, channels
  * of a code pixel, bytes or int16; x0 the images, y the codes): the next step (the first layer on the codes) runs where every image
- * is on the grid, else the one after it (the first layer on the float images). */
+ * is on the grid, else the one after it (the first layer on the float images), 9 the
+ * next step's 1x1 layer on a float stream, each image on its planes where every value fits
+ * them (conv: the layer on planes, i[0] its exponent, x1 two int64 counters: plane_run) */
 typedef struct {
     int32_t kind;
     int32_t i[16];
@@ -2207,6 +2648,11 @@ int fbi_run(const fbi_step *s, int32_t ns, int32_t isa) {
                 rc = fbi_conv_run(on ? s[1].conv : s[2].conv);
             }
             k += 2, s += 2;
+            break;
+        case 9: /* a 1x1 layer on a float stream, per image on its planes or as float */
+            if (k + 1 >= ns || s[1].kind != 0) return -2;
+            rc = plane_run(s->conv, s->i[0], (int64_t *)s->x1, s[1].conv, isa);
+            k += 1, s += 1;
             break;
         default: return -2;
         }

@@ -10,20 +10,22 @@ the clamps of ReLUs folded in), residual sums exact on the finer grid where the 
 A residual sum of grids with no common integer grid (min-max's learned scales) is a float32
 NHWC map holding PyTorch's own values bit for bit (each operand's quantizer output
 ``fl(fl(r * scale) + lo)``, one float add, the ReLU after it folded in); max pooling and global
-average read it natively, and so does the next layer, which multiplies in float32 (a 6 x 16
-FMA kernel on AVX2), as does a layer on the images or on a global average pool.
+average read it natively, and so does the next layer: on AVX-512 VNNI a 1x1 one on the map's
+integer planes (:mod:`~fewbits.runtime.integer_planes`; ``planes=`` forces them on or off for
+any path), others in float32 (6 x 16 FMAs), as do the layers on the images or a global average.
 
-Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its
-float sums of ``k * 2**-e`` values are exact) except where the first layer's float sums,
-which PyTorch orders its own way, put a value within rounding of a level boundary; the logits
-then agree within the planner's tolerance. Min-max's residual streams are PyTorch's values;
-the layers reading them sum in their own order, as the first layer does (the logits agree
-within the planner's tolerance; 99.9 % top-1 on 1000 CIFAR-10 test images of a trained
-min-max ResNet-23). Nothing is rounded beyond that (:attr:`IntegerEngine.exact` is True): what
-the engine cannot run exactly (a float map flattened, quantized, clamped where it is also read
-unclamped, a forward hook, a tensor updated in place while another name holds it, ...) it
-refuses with ``ValueError`` naming the operation. All CPU paths give
-identical outputs.
+Exactness: with power-of-two scales (fixed point) every hidden code equals PyTorch's (its float
+sums of ``k * 2**-e`` values are exact) except where the first layer's float sums, which
+PyTorch orders its own way, put a value within rounding of a level boundary; the logits then
+agree within the planner's tolerance. Min-max's residual streams are PyTorch's values: a float
+layer reading one sums in its own order, as the first layer does; a 1x1 one on planes sums it
+rounded to 24 bits below a proven bound, exactly, an error far inside the float layer's own
+(integer_planes). The logits agree within the planner's tolerance (99.8 % top-1 on 1000
+CIFAR-10 test images of a trained min-max ResNet-23). :attr:`IntegerEngine.exact` stays True:
+every difference from PyTorch is a float32-sized rounding of a sum. What the engine cannot run
+so (a float map flattened, quantized, clamped where it is also read unclamped, a forward hook,
+a tensor updated in place while another name holds it, ...) it refuses with ``ValueError``
+naming the operation. All CPU paths give identical outputs with the same ``planes``.
 
 CPU paths (``engine.isa``): ``"avx512_vnni"`` (AVX-512 F/BW/VL/DQ + VNNI), ``"avx2"`` (AVX2 +
 FMA) and ``"generic"`` (portable C), the best this CPU runs picked by cpuid;
@@ -36,11 +38,11 @@ proves no pair sum saturates. Wider codes are multiplied int16 x int16 (``vpdpws
 ``vpmaddwd``). Stride-1 layers read their taps straight from a zero-padded image (no im2col).
 Images of 8-bit pixels (every value ``uint8 / 255``, checked per image) run the first layer on
 their codes in integers (:mod:`~fewbits.runtime.integer_grid`). The VNNI epilogue runs 16
-channels per vector and, where every scale is a power of two and
-the conv has no bias (fixed point), folds the requantisation into one FMA on the int32 sums
-(exact: :func:`~fewbits.runtime.integer_plan.fold_params`). AVX-VNNI (256-bit VEX) and AMX
-are not written (no machine to test them on: those CPUs run the AVX2 path). One thread. A
-failed C build raises ``RuntimeError`` (the planner warns and runs the next candidate).
+channels per vector and, where every scale is a power of two and the conv has no bias (fixed
+point), folds the requantisation into one FMA on the int32 sums (exact:
+:func:`~fewbits.runtime.integer_plan.fold_params`). AVX-VNNI (256-bit VEX) and AMX are not
+written (no machine to test them on: those CPUs run the AVX2 path). One thread. A failed C
+build raises ``RuntimeError`` (the planner warns and runs the next candidate).
 
     >>> from fewbits.models import create_model
     >>> _ = torch.manual_seed(0)
@@ -66,7 +68,7 @@ from torch import Tensor, nn
 from .._cbuild import CLibrary, isa_paths, pick_isa
 from .._checks import NonFiniteError, checks_enabled
 from .integer_cert import attach_cert
-from .integer_mem import Buffers, link_u8_maps
+from .integer_mem import Buffers, link_u8_maps, padded16
 from .integer_plan import (
     Add,
     Clamp,
@@ -80,6 +82,7 @@ from .integer_plan import (
     QuantParams,
     fold_params,
 )
+from .integer_planes import plane_steps
 from .integer_walk import compile_program
 
 __all__ = ["INT_ISAS", "INT_ISA_ENV", "IntegerEngine", "supported_int_isas"]
@@ -156,18 +159,12 @@ def _ptr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _set_quant(a: _ConvArgs, q: QuantParams) -> None:
+def _set_quant(a: _ConvArgs, q: QuantParams) -> _ConvArgs:
     a.klo, a.khi, a.kofs = q.klo, q.khi, q.kofs
     a.clo, a.chi, a.sub, a.scale = q.clo, q.chi, q.sub, q.scale
     m, _ = math.frexp(q.scale)
     a.inv = 1.0 / q.scale if m == 0.5 and 2.0**-126 <= q.scale <= 2.0**126 else 0.0
-
-
-def _padded(v: np.ndarray, dtype: type) -> np.ndarray:
-    """A per-channel array padded with zeros to whole blocks of 16 (the kernels load 16)."""
-    out = np.zeros(-(-len(v) // 16) * 16 + 16, dtype)
-    out[:len(v)] = v
-    return out
+    return a
 
 
 @functools.lru_cache(maxsize=4096)
@@ -191,7 +188,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         a.qcheck, (a.qlo, a.qhi) = int(s.float_in), s.qclamp
     else:
         a.clo, a.chi = s.fclamp
-    arrays = [_padded(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
+    arrays = [padded16(v, np.float32) for v in (s.sacc, s.bias, s.alpha, s.beta)]
     a.nobias = int(not s.bias.any())  # the VNNI epilogue skips adding a zero bias
     keep += [s.wpack, *arrays]
     folded = fold_params(s, a.inv) if isa == _VNNI and q is not None else None
@@ -204,7 +201,7 @@ def _conv_args(s: Conv, isa: int, keep: list) -> _ConvArgs:
         keep.append(s.wpack8)
         a.wpack8, a.kq4, a.ushift, a.kchunk = _ptr(s.wpack8), s.kq4, s.ushift, s.kchunk
         if s.corr is not None:
-            corr = _padded(s.corr, np.int32)
+            corr = padded16(s.corr, np.int32)
             keep.append(corr)
             a.corr = _ptr(corr)
     a.sacc, a.bias, a.alpha, a.beta = (_ptr(v) for v in arrays)
@@ -252,14 +249,18 @@ class IntegerEngine:
     finite sums is not detected. Work buffers are kept between calls: calls from several
     threads run one at a time (a lock; they shared the buffers and returned wrong logits)."""
 
-    def __init__(self, prog: Program, isa: str | None = None) -> None:
+    def __init__(self, prog: Program, isa: str | None = None, planes: bool | None = None
+                 ) -> None:
         self.isa = _pick_isa(isa)
         self.prog, self.exact, self.notes = prog, prog.exact, list(prog.notes)
         self._lib = _lib()
         self._keep: list = []
         isa_id = self._isa_id = INT_ISAS.index(self.isa)
+        #: the twins on planes that run (integer_planes; default: on VNNI, the one path they pay)
+        self.planes = prog.planes if (isa_id == _VNNI if planes is None else planes) else {}
         convs = [s for s in prog.steps if isinstance(s, Conv)] + \
-            ([prog.grid] if prog.grid is not None else [])
+            ([prog.grid] if prog.grid is not None else []) + list(self.planes.values())
+        self.plane_counts = np.zeros(2, np.int64)  # images on planes / on the float layer
         self._args = {id(s): _conv_args(s, isa_id, self._keep) for s in convs}
         #: values held as bytes (code - shift) between two VNNI layers: {value: shift}
         self.u8_maps = link_u8_maps(
@@ -270,21 +271,19 @@ class IntegerEngine:
             a.in_u8 = int(bool(self._lib.fbi_u8_direct(ctypes.byref(a))))
         for s in convs:  # the certified VNNI epilogue, with each layer's final u8 linking
             attach_cert(s, self._args[id(s)], self._keep, self._lib)
-        self._qargs = {}
+        self._qargs = {id(s): _set_quant(_ConvArgs(), s.quant) for s in prog.steps
+                       if isinstance(s, Quantize)}
         self._batch: tuple | None = None
         self._single: tuple | None = None
         self._fixed: tuple = ()  # the one-image run's pointers (made with _single)
         self._keep_batch: dict[int, list] = {}
         self._lock = threading.Lock()
         self._scratch = max([_scratch_bytes(s.geom, s.kq4) for s in convs], default=64)
-        for s in prog.steps:
-            if isinstance(s, Quantize):
-                self._qargs[id(s)] = _ConvArgs()
-                _set_quant(self._qargs[id(s)], s.quant)
 
     @classmethod
     def from_model(cls, model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32), *,
-                   isa: str | None = None, codes: dict | None = None) -> IntegerEngine:
+                   isa: str | None = None, codes: dict | None = None,
+                   planes: bool | None = None) -> IntegerEngine:
         """Compile ``model`` (put in eval mode) for images ``(N, *input_shape)``; raises
         ``ValueError`` naming the first operation the engine does not cover, ``RuntimeError``
         when the C engine cannot be built here. ``codes``: a ``.fewbits`` file's weight codes
@@ -293,7 +292,7 @@ class IntegerEngine:
         was = model.training
         model.eval()
         try:
-            return cls(compile_program(model, tuple(input_shape), codes), isa)
+            return cls(compile_program(model, tuple(input_shape), codes), isa, planes)
         finally:
             model.train(was)
 
@@ -302,8 +301,7 @@ class IntegerEngine:
         if not isinstance(images, Tensor):
             raise TypeError(f"the integer engine takes a torch.Tensor of images (N, {shape}), "
                             f"got {type(images).__name__}")
-        if tuple(images.shape[1:]) != shape or \
-                images.dim() != len(shape) + 1:
+        if tuple(images.shape[1:]) != shape or images.dim() != len(shape) + 1:
             raise ValueError(f"the integer engine was compiled for images (N, {shape}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")
         if images.dtype != torch.float32:  # PyTorch's float32 layers refuse it too
@@ -411,6 +409,7 @@ class IntegerEngine:
                     st = _Step(kind=8, x0=_ptr(vals[s.src]), y=_ptr(codes))
                     st.i[:5] = [n, g["cin"], g["h"] * g["w"], cy, u8]
                     run += [st, conv_step(grid, codes, y)]
+                run += plane_steps(self.planes, s, conv_step, vals[s.src], y, self.plane_counts)
                 run.append(conv_step(s, vals[s.src], y))
             elif isinstance(s, Add):  # elementwise: may write over an operand that dies here
                 y = bufs.take(s.dst, vals[s.a].shape, vals[s.a].dtype, over=(s.a, s.b), at=k)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .integer_plan import Add, Concat, Conv, FAdd, Program
 
-__all__ = ["Buffers", "link_u8_maps", "value_reads"]
+__all__ = ["Buffers", "link_u8_maps", "padded16", "value_reads"]
 
 
 def value_reads(s: object) -> list[int]:
@@ -96,4 +96,12 @@ def link_u8_maps(prog: Program, args: dict[int, Any], direct: Callable[[Any], bo
         if direct(b):
             a.out_u8, a.u8shift, b.in_u8 = 1, b.ushift, 1
             out[s.dst] = b.ushift
+    return out
+
+
+def padded16(v: np.ndarray, dtype: type) -> np.ndarray:
+    """A per-channel array padded with zeros to whole blocks of 16, and 16 more (the kernels
+    load 16 channels at a time)."""
+    out = np.zeros(-(-len(v) // 16) * 16 + 16, dtype)
+    out[:len(v)] = v
     return out

@@ -16,11 +16,11 @@ Residual sums: two grids whose scales differ by a power of two, and whose codes'
 tracked and checked). Other operands (min-max's learned ranges: no common grid) are summed as
 PyTorch sums them (:class:`FAdd`): a float32 NHWC map of PyTorch's values bit for bit, from
 each code's value ``fl(fl((k - kofs) * scale) + sub)`` (:attr:`Value.pt`), read by float-input
-layers (their float sums in their own order), max pooling, global average and channel
+layers (their float sums in their own order; a 1x1 one on the map's integer planes where
+:mod:`~fewbits.runtime.integer_planes` proves it can), max pooling, global average and channel
 concatenation. A ReLU right after such a sum is folded into it; other operations on a float
-map raise. Nothing is
-approximated today (``Program.exact`` True; a step that approximates must set it False and say
-where in ``Program.notes``).
+map raise. Nothing is approximated today (``Program.exact`` True; a step that approximates
+must set it False and say where in ``Program.notes``).
 
 Anything else raises ``ValueError`` naming the node and the operation, so that the planner
 falls back to the next backend.
@@ -238,6 +238,8 @@ class Program:
     notes: list[str] = field(default_factory=list)
     #: the first layer on the images' 8-bit codes (:mod:`~fewbits.runtime.integer_grid`)
     grid: Conv | None = None
+    #: 1x1 layers on float streams on the map's planes, by output value (integer_planes)
+    planes: dict = field(default_factory=dict)
 
 
 class Tracer(fx.Tracer):

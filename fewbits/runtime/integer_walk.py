@@ -42,6 +42,7 @@ from .integer_plan import (
     clamp_after,
     quant_params,
 )
+from .integer_planes import plane_layers
 from .integer_pools import avg_pool, maxpool_geom, pool_args
 
 __all__ = ["compile_program", "walk"]
@@ -486,4 +487,5 @@ def compile_program(model: nn.Module, in_shape: tuple[int, ...], codes: dict | N
     comp = Compiler(model, tuple(in_shape), codes)
     prog = walk(comp, Tracer)
     prog.grid = grid_layer(comp)
+    prog.planes = plane_layers(comp)
     return prog
