@@ -2137,8 +2137,18 @@ AVX2 static int grid_avx2(int64_t n, int c, int64_t hw, int cy, int bytes, const
  * The map is converted a tile of pixels at a time, into a buffer on the stack (it stays in L1,
  * read by the tile's sums right after), and every m is checked to lie in [0, 2^24): NaN, inf,
  * a value < -delta / 2 or one beyond the bound (only a bug could make them) fail the check,
- * and the image then runs the float layer (its outputs all rewritten). */
+ * and the image then runs the float layer (its outputs all rewritten). So does an image whose
+ * largest m is below 2^16 (byte plane 2 all zero: the map's max below 2^-8 of the bound's
+ * power of two): delta / 2 is then not small against the image's own values (a bound far
+ * above the values, e.g. a quantizer range never reached, made every m 0 and the outputs the
+ * bias alone); with the top byte plane in use each value moves by at most 2^-17 of the
+ * image's largest, the float layer's own worst case for 128 inputs. */
 #define PLANE_CIN_MAX 1024 /* the tiles' plane buffers live on the stack (16 KB) */
+
+/* 1 where the OR of an image's m is in [2^16, 2^24): every m fits, the largest >= 2^16 */
+static inline int plane_fits(uint32_t seen) {
+    return !(seen & 0xFF000000u) && (seen & 0x00FF0000u);
+}
 
 /* tests only: nonzero swaps bytes 0 and 1 of every m (a planted wrong byte order, which the
  * accuracy tests must catch) */
@@ -2179,8 +2189,10 @@ static int plane_image_generic(const fbi_conv *t, int e, const float *x, char *Y
     const int16_t *B = (const int16_t *)t->wpack;
     const int64_t rows = (int64_t)t->h * t->w;
     int32_t m[PLANE_CIN_MAX];
+    uint32_t seen = 0;
     for (int64_t r = 0; r < rows; r++) {
         if (!plane_px_generic(x + r * cin, cin, pow2f(-e), m)) return 0;
+        for (int c = 0; c < cin; c++) seen |= (uint32_t)m[c];
         for (int o = 0; o < t->cout; o++) {
             const int16_t *bb = B + (int64_t)(o / NB) * kp * NB + (o % NB) * 2;
             int64_t s = 0;
@@ -2188,13 +2200,14 @@ static int plane_image_generic(const fbi_conv *t, int e, const float *x, char *Y
             store1(t, pre_value(plane_round(s), o, t), o, Y + r * t->cout * esize);
         }
     }
-    return 1;
+    return plane_fits(seen);
 }
 
 #if FBI_X86
 /* AVX2: one pixel's two int16 planes of kp values (m >> 12, then m & 4095; channels past cin
- * 0); 0 where an m lies outside [0, 2^24) */
-AVX2 static int plane_px_avx2(const float *x, int cin, int kp, float sf, int16_t *h) {
+ * 0); 0 where an m lies outside [0, 2^24); the OR of its m into *seen */
+AVX2 static int plane_px_avx2(const float *x, int cin, int kp, float sf, int16_t *h,
+                              uint32_t *seen) {
     const __m256 s = _mm256_set1_ps(sf);
     int16_t *l = h + kp;
     __m256i bad = _mm256_setzero_si256();
@@ -2221,10 +2234,11 @@ AVX2 static int plane_px_avx2(const float *x, int cin, int kp, float sf, int16_t
     for (int j = 0; j < 8; j++) b |= (uint32_t)t[j];
     for (; c < cin; c++) {
         int32_t m;
-        b |= (uint32_t)!plane_px_generic(x + c, 1, sf, &m) << 24;
+        b |= (uint32_t)!plane_px_generic(x + c, 1, sf, &m) << 24 | (uint32_t)m;
         h[c] = (int16_t)((m >> 12) & 0xFFF), l[c] = (int16_t)(m & 0xFFF);
     }
     for (; c < kp; c++) h[c] = l[c] = 0;
+    *seen |= b;
     return !(b & 0xFF000000u);
 }
 
@@ -2277,12 +2291,14 @@ AVX2 static int plane_image_avx2(const fbi_conv *t, int e, const float *x, char 
     const int64_t ldy = (int64_t)t->cout * esize, rows = (int64_t)t->h * t->w;
     const float s = pow2f(-e);
     int16_t tb[2 * 2 * PLANE_CIN_MAX];
+    uint32_t seen = 0;
     for (int64_t r0 = 0; r0 < rows; r0 += 2) {
         const int16_t *px[2];
         char *dst[2];
         for (int q = 0; q < 2; q++) { /* rows past the map: the tile's first again, not stored */
             const int in = r0 + q < rows;
-            if (in && !plane_px_avx2(x + (r0 + q) * cin, cin, kp, s, tb + q * 2 * kp)) return 0;
+            if (in && !plane_px_avx2(x + (r0 + q) * cin, cin, kp, s, tb + q * 2 * kp, &seen))
+                return 0;
             px[q] = tb + (in ? q : 0) * 2 * kp;
             dst[q] = in ? Y + (r0 + q) * ldy : NULL;
         }
@@ -2292,7 +2308,7 @@ AVX2 static int plane_image_avx2(const fbi_conv *t, int e, const float *x, char 
                             cnt, dst);
         }
     }
-    return 1;
+    return plane_fits(seen);
 }
 
 /* VNNI: one pixel's kq4 / 4 quads of 16 bytes: bytes 0, 1, 2 (then 3: always 0 here) of the m
@@ -2445,8 +2461,10 @@ VNNI static int plane_image_512(const fbi_conv *t, int e, const float *x, char *
             else plane_tile1(&ep, st, px, nq, bb, bstride, b * NB, t->cout, dst);
         }
     }
-    /* an m outside [0, 2^24) anywhere: the caller reruns the image on the float layer */
-    return !_mm512_test_epi32_mask(bad, _mm512_set1_epi32((int)0xFF000000u));
+    /* an m outside [0, 2^24) anywhere, or none >= 2^16: the caller reruns the image on the
+     * float layer */
+    return !_mm512_test_epi32_mask(bad, _mm512_set1_epi32((int)0xFF000000u)) &&
+           _mm512_test_epi32_mask(bad, _mm512_set1_epi32(0x00FF0000));
 }
 
 /* tests: one pixel's planes (plane_px_512): 1 where an m falls outside [0, 2^24) */
@@ -2523,8 +2541,9 @@ int fbi_plane_codes(int32_t isa, const float *x, int64_t rows, int32_t cin, int3
             continue;
         }
         if (USE_AVX2(isa)) {
+            uint32_t seen = 0;
             ok &= plane_px_avx2(x + r * cin, cin, width, pow2f(-e),
-                                (int16_t *)out + r * 2 * width);
+                                (int16_t *)out + r * 2 * width, &seen);
             continue;
         }
 #endif

@@ -33,7 +33,11 @@ the one more flip is an image whose two best logits are 0.034 apart).
 
 An image runs the float layer instead where an ``m`` falls outside ``[0, 2^24)``: NaN, inf, a
 value below ``-delta / 2`` or above the bound, which only a bug could put there (checked on
-every value as it is converted). A layer is taken where it is 1x1, stride 1, unpadded, one
+every value as it is converted); and where every ``m`` is below ``2^16`` (the image's max
+under ``2^-8`` of ``2^24 delta``): a bound far above the image's values (a min-max range its
+data never reaches) would make ``delta`` coarse against them (at worst every ``m`` 0, the
+outputs the bias alone); above it each value moves by at most ``2^-17`` of the image's max.
+A layer is taken where it is 1x1, stride 1, unpadded, one
 group, at most 1024 input channels, int8 weights with ``sum|k| <= 32768`` per output channel
 (the int32 sums of the byte planes), ``sw delta`` exact and no epilogue value able to overflow.
 """
