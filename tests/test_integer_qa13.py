@@ -22,6 +22,17 @@ def _images(n: int = 4, shape: tuple[int, ...] = (3, 10, 10)) -> torch.Tensor:
     return torch.randint(0, 256, (n, *shape), generator=g) / 255
 
 
+def _matches_pytorch(m: nn.Module, isa: str | None = None, atol: float = 1e-6) -> None:
+    """``m``'s engine (``isa``; the best one here by default) on 8-bit pixel images: exact,
+    and within ``atol`` of the logits' range of PyTorch's."""
+    eng = IntegerEngine.from_model(m, (3, 10, 10), isa=isa)
+    x = _images()
+    with torch.no_grad():
+        ref = m(x)
+    assert eng.exact
+    torch.testing.assert_close(eng(x), ref, rtol=0, atol=atol * float(ref.abs().max()))
+
+
 class _Net(nn.Module):
     """conv, batch norm, ReLU, then ``how`` up to a linear layer."""
 
@@ -67,12 +78,7 @@ def test_a_global_average_s_output_is_read_as_a_map_of_its_channels(isa: str,
     # mean averaged the C channels into one (logits off by 4x, engine.exact True), and a
     # concatenation of two quantized pooled maps crashed in NumPy at run time
     m = _net(how)
-    eng = IntegerEngine.from_model(m, (3, 10, 10), isa=isa)
-    x = _images()
-    with torch.no_grad():
-        ref = m(x)
-    assert eng.exact
-    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    _matches_pytorch(m, isa)
 
 
 @pytest.mark.parametrize("how", ["mean_images", "gap_images"])
@@ -106,11 +112,7 @@ def test_a_concatenation_written_with_keywords_or_another_name_runs(how: str) ->
     # planner took it for a broken candidate); torch.concat / concatenate were refused
     torch.manual_seed(0)
     m = fewbits.quantize_(_Cat(how), "fp_net").eval()
-    eng = IntegerEngine.from_model(m, (3, 10, 10))
-    x = _images()
-    with torch.no_grad():
-        ref = m(x)
-    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    _matches_pytorch(m)
 
 
 class _Pooled(nn.Module):
@@ -151,12 +153,7 @@ def test_max_pools_of_open_layers_and_concatenations_run(isa: str, how: str) -> 
         bn.running_var.uniform_(0.5, 2.0)
     fewbits.quantize_(m, "fp_net")
     m.eval()
-    eng = IntegerEngine.from_model(m, (3, 10, 10), isa=isa)
-    x = _images()
-    with torch.no_grad():
-        ref = m(x)
-    assert eng.exact
-    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    _matches_pytorch(m, isa)
 
 
 class _CatOf(nn.Module):
@@ -198,13 +195,8 @@ def test_concatenations_not_closed_by_one_quantizer_run(isa: str, how: str,
     # the branches on one grid; each quantized reader quantizes the concatenation
     torch.manual_seed(0)
     m = fewbits.quantize_(_CatOf(how), family).eval()
-    eng = IntegerEngine.from_model(m, (3, 10, 10), isa=isa)
-    x = _images()
-    with torch.no_grad():
-        ref = m(x)
-    assert eng.exact
     # min-max: the codes are PyTorch's; only float rounding of the last sums differs
-    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    _matches_pytorch(m, isa, atol=1e-5)
 
 
 class _Keywords(nn.Module):
@@ -230,8 +222,4 @@ def test_tensors_given_as_input_keywords_run(mean: bool) -> None:
     # walk with an IndexError naming no node; torch.mean(input=h, dim=...) was refused
     torch.manual_seed(0)
     m = fewbits.quantize_(_Keywords(mean), "fp_net").eval()
-    eng = IntegerEngine.from_model(m, (3, 10, 10))
-    x = _images()
-    with torch.no_grad():
-        ref = m(x)
-    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    _matches_pytorch(m)
