@@ -12,6 +12,7 @@ import oracle as O
 import pytest
 import torch
 from torch import nn
+from trained import trained_looking
 
 from fewbits import quantize_
 from fewbits.functional import finite_checks
@@ -42,24 +43,6 @@ def _images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0,
     return torch.randint(0, 256, (n, *shape), generator=g).float() / denom
 
 
-def _trained_looking(m: nn.Module, seed: int) -> nn.Module:
-    """Batch-norm statistics and min-max ranges as training leaves them: every grid has its
-    own scale and zero point (residual sums then have no common grid)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-                mod.weight.copy_(torch.randn(c, generator=g).abs() + 0.3)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.3)
-            if isinstance(mod, MinMax) and mod.qr_min.numel() == 1:
-                mod.qr_min.fill_(-float(torch.rand((), generator=g)) * 3 - 0.1)
-                mod.qr_max.fill_(float(torch.rand((), generator=g)) * 6 + 0.5)
-    return m.eval()
-
-
 def _check(engine: IntegerEngine, model: nn.Module, x: torch.Tensor, exact: bool) -> None:
     with torch.no_grad():
         ref = model(x)
@@ -76,7 +59,7 @@ def _check(engine: IntegerEngine, model: nn.Module, x: torch.Tensor, exact: bool
 @pytest.fixture(scope="module")
 def fp_resnet() -> nn.Module:
     torch.manual_seed(0)
-    return _trained_looking(create_model("cifar10_fp_net_resnet23_prediction"), 1)
+    return trained_looking(create_model("cifar10_fp_net_resnet23_prediction"), 1)
 
 
 def test_fp_net_resnet23_equals_pytorch_on_every_isa(fp_resnet: nn.Module) -> None:
@@ -164,7 +147,7 @@ def test_rounding_half_away_on_ties_and_their_neighbours_on_every_isa() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
-def test_min_max_resnet23_fresh_and_trained_looking(isa: str) -> None:
+def test_min_max_resnet23_fresh_andtrained_looking(isa: str) -> None:
     # the residual sums have no common grid: a float32 stream of PyTorch's own values (was
     # rounded to 15 bits and marked inexact); every path gives the same numbers
     torch.manual_seed(0)
@@ -174,7 +157,7 @@ def test_min_max_resnet23_fresh_and_trained_looking(isa: str) -> None:
     eng = IntegerEngine(prog, isa)
     _check(eng, m, x, exact=False)
     assert torch.equal(eng(x), IntegerEngine(prog, "generic")(x))
-    _trained_looking(m, 3)
+    trained_looking(m, 3)
     x = _images(3, (3, 16, 16), seed=2)
     prog = compile_program(m, (3, 16, 16))
     eng = IntegerEngine(prog, isa)
@@ -237,7 +220,7 @@ class _StreamNet(nn.Module):
 def test_float_stream_is_pytorch_bit_for_bit_and_read_natively(isa: str) -> None:
     torch.manual_seed(2)
     x = _images(4, (3, 16, 16), seed=3, denom=256)
-    m = _trained_looking(_StreamNet("stream"), 4)
+    m = trained_looking(_StreamNet("stream"), 4)
     eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
     assert eng.exact and sum(isinstance(s, FAdd) for s in eng.prog.steps) == 2
     with torch.no_grad():
@@ -257,7 +240,7 @@ def test_quantizing_a_float_map_equals_pytorch() -> None:
     # elementwise, so the codes are PyTorch's
     torch.manual_seed(2)
     x = _images(4, (3, 16, 16), seed=3, denom=256)
-    m = _trained_looking(_StreamNet("quantize"), 4)
+    m = trained_looking(_StreamNet("quantize"), 4)
     for isa in ISAS_HERE:
         eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
         with torch.no_grad():
@@ -284,7 +267,7 @@ class _UserBlock(nn.Module):
 @pytest.mark.parametrize("family", ["fp_net", "min_max"])
 def test_user_resnet_block_quantized_by_quantize_runs_on_the_engine(family: str) -> None:
     torch.manual_seed(5)
-    m = _trained_looking(_UserBlock(), 6)
+    m = trained_looking(_UserBlock(), 6)
     quantize_(m, family)
     m.eval()
     x = _images(6, (3, 8, 8), seed=7)
@@ -294,7 +277,7 @@ def test_user_resnet_block_quantized_by_quantize_runs_on_the_engine(family: str)
 
 @pytest.mark.parametrize("out", ["clamp_shared", "flat"])
 def test_float_stream_operations_not_covered_are_named(out: str) -> None:
-    m = _trained_looking(_StreamNet(out), 4)
+    m = trained_looking(_StreamNet(out), 4)
     with pytest.raises(ValueError, match="float"):
         IntegerEngine.from_model(m, (3, 16, 16))
 
@@ -311,7 +294,7 @@ def test_hooks_and_inplace_updates_of_a_tensor_another_name_holds_are_refused(
     # no error) and runs no hook (a hook doubling a layer's output was left out: 59 of 65 top-1
     # flipped), nor a fewbits layer's subclass's own forward (left out too); the traced graph
     # is now checked against the forward, hooks and unknown forwards refused
-    m = _trained_looking(_StreamNet("alias" if case == "alias" else "logits"), 4)
+    m = trained_looking(_StreamNet("alias" if case == "alias" else "logits"), 4)
     if case == "layer_hook":
         m.cb.register_forward_hook(lambda mod, i, o: o * 2)
     elif case == "pre_hook":
@@ -331,7 +314,7 @@ def test_output_shape_empty_batch_and_two_threads_at_once() -> None:
     import threading
 
     torch.manual_seed(2)
-    m = _trained_looking(_StreamNet("gap"), 4)
+    m = trained_looking(_StreamNet("gap"), 4)
     eng = IntegerEngine.from_model(m, (3, 16, 16))
     x = _images(8, (3, 16, 16), seed=3, denom=256)
     with torch.no_grad():
@@ -403,7 +386,7 @@ class _UserNet(nn.Module):
 
 def test_user_model_with_every_covered_operation() -> None:
     torch.manual_seed(4)
-    m = _trained_looking(_UserNet(), 5)
+    m = trained_looking(_UserNet(), 5)
     x = _images(4, (3, 16, 16), seed=6, denom=256)
     for isa in ISAS_HERE:
         eng = IntegerEngine.from_model(m, (3, 16, 16), isa=isa)
@@ -413,7 +396,7 @@ def test_user_model_with_every_covered_operation() -> None:
 
 def test_mlp_on_flattened_images() -> None:
     torch.manual_seed(5)
-    m = _trained_looking(create_model("mnist_fp_net_mlp", width=32, depth=2), 6)
+    m = trained_looking(create_model("mnist_fp_net_mlp", width=32, depth=2), 6)
     eng = IntegerEngine.from_model(m, (1, 28, 28))
     _check(eng, m, _images(4, (1, 28, 28), denom=256), exact=True)
 
@@ -424,7 +407,7 @@ def test_quantize_fp_net_user_cnn_runs_through_the_planner() -> None:
                         nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     quantize_(net, "fp_net")
-    net = _trained_looking(net, 8)
+    net = trained_looking(net, 8)
     eng = IntegerEngine.from_model(net, (3, 16, 16))
     _check(eng, net, _images(6, (3, 16, 16), seed=9), exact=False)
     d = compile_for_cpu(net, backend="int", input_shape=(3, 16, 16), batch_size=4)
@@ -571,7 +554,7 @@ def test_shared_and_flattened_maps_equal_pytorch_or_are_refused(kind: str) -> No
     # each was silently wrong: a sum / clamp of flattened maps lost their NHWC order, a ReLU
     # through nn.Identity clamped the shared producer, an in-place ReLU left it unclamped
     torch.manual_seed(0)
-    m = _trained_looking(_SharedNet(kind), 1)
+    m = trained_looking(_SharedNet(kind), 1)
     x = _images(3, (3, 6, 6), seed=1, denom=256) - 0.5
     try:
         eng = IntegerEngine.from_model(m, (3, 6, 6), isa="generic")
@@ -768,7 +751,7 @@ def test_avx2_kernels_edges_give_the_generic_codes(family: str, relu_after: bool
     if len(ISAS_HERE) < 2:
         pytest.skip("one CPU path here: nothing to compare")
     torch.manual_seed(13)
-    m = _trained_looking(_edge_net(family, relu_after), 14)
+    m = trained_looking(_edge_net(family, relu_after), 14)
     x = _images(2, (3, 7, 9), seed=15) - 0.3
     prog = compile_program(m, (3, 7, 9))
     convs = [s for s in prog.steps if isinstance(s, Conv)]
@@ -876,7 +859,7 @@ def test_torch_backend_two_threads_on_a_training_model_run_in_eval_mode() -> Non
     # (wrong output, and the user's running statistics updated, every later call wrong)
     torch.manual_seed(11)
     gate = _Gate()
-    m = _trained_looking(nn.Sequential(gate, nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 4)), 12)
+    m = trained_looking(nn.Sequential(gate, nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 4)), 12)
     x = _images(4, (3, 4, 4), seed=13)
     d = compile_for_cpu(m, input_shape=(3, 4, 4), candidates=("torch",))
     with torch.no_grad():
@@ -949,7 +932,7 @@ def test_a_packed_file_runs_on_the_integer_engine(name: str, tmp_path) -> None:
     from fewbits.export.onnx import resolve_source
 
     torch.manual_seed(3)
-    m = _trained_looking(create_model(name), 4)
+    m = trained_looking(create_model(name), 4)
     path = tmp_path / "m.fewbits"
     export_packed(m, path)
     x = _images(4, (1, 28, 28), seed=5)
@@ -982,7 +965,7 @@ def test_quantized_input_images_run_on_the_engine(family: str, isa: str) -> None
                         nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     quantize_(net, family, quantize_input=True)
-    net = _trained_looking(net, 2)
+    net = trained_looking(net, 2)
     assert net[0].input_quantizer is not None
     prog = compile_program(net, (3, 9, 7))
     assert prog.grid is None  # the first layer reads codes, not the images
@@ -999,7 +982,7 @@ def test_quantized_flattened_images_keep_pytorchs_order(family: str) -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU(),
                         nn.Linear(32, 10))
     quantize_(net, family, quantize_input=True)
-    net = _trained_looking(net, 2)
+    net = trained_looking(net, 2)
     x = torch.rand(5, 3, 8, 8) * 3 - 1
     _check(IntegerEngine.from_model(net, (3, 8, 8)), net, x, exact=family == "fp_net")
 

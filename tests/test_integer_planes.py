@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from trained import trained_looking
 
 from fewbits.layers import QuantAct, QuantConv2d
 from fewbits.models import create_model
@@ -339,17 +340,8 @@ def test_only_maps_proven_nonnegative_and_bounded_take_planes() -> None:
 
 def test_min_max_resnet23_takes_planes_on_every_path_bit_for_bit() -> None:
     torch.manual_seed(0)
-    m = create_model("cifar10_min_max_resnet23_prediction").eval()
+    m = trained_looking(create_model("cifar10_min_max_resnet23_prediction"), 3)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-            if isinstance(mod, MinMax) and mod.qr_min.numel() == 1:
-                mod.qr_min.fill_(-float(torch.rand((), generator=g)) * 3 - 0.1)
-                mod.qr_max.fill_(float(torch.rand((), generator=g)) * 6 + 0.5)
     x = torch.randint(0, 256, (3, 3, 16, 16), generator=g).float() / 255
     prog = compile_program(m, (3, 16, 16))
     assert len(prog.planes) == 6  # every bottleneck's first layer after the stem's unit
