@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from trained import trained_looking
 
 import fewbits
 from fewbits.runtime.integer import IntegerEngine, supported_int_isas
@@ -45,12 +46,7 @@ class _Branches(nn.Module):
 
 def _model(how: str, family: str) -> nn.Module:
     torch.manual_seed(0)
-    m = _Branches(how)
-    for bn in (m.bn1, m.bn2):  # trained-looking statistics
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-    fewbits.quantize_(m, family)
-    return m.eval()
+    return trained_looking(fewbits.quantize_(_Branches(how), family), 0)
 
 
 def _images(n: int = 6) -> torch.Tensor:

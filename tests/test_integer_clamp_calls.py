@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from trained import trained_looking
 
 import fewbits
 from fewbits.runtime.integer import IntegerEngine, supported_int_isas
@@ -40,11 +41,7 @@ class _Net(nn.Module):
 
 def _net(call: str) -> nn.Module:
     torch.manual_seed(0)
-    m = _Net(call)
-    m.bn.running_mean.uniform_(-0.5, 0.5)
-    m.bn.running_var.uniform_(0.25, 1.0)
-    fewbits.quantize_(m, "fp_net")
-    return m.eval()
+    return trained_looking(fewbits.quantize_(_Net(call), "fp_net"), 0)
 
 
 @pytest.mark.parametrize("isa", supported_int_isas())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from trained import trained_looking
 
 import fewbits
 from fewbits.layers import QuantAct
@@ -63,11 +64,7 @@ class _Net(nn.Module):
 
 def _net(how: str) -> nn.Module:
     torch.manual_seed(0)
-    m = _Net(how)
-    m.bn.running_mean.uniform_(-0.5, 0.5)
-    m.bn.running_var.uniform_(0.5, 2.0)
-    fewbits.quantize_(m, "fp_net")
-    return m.eval()
+    return trained_looking(fewbits.quantize_(_Net(how), "fp_net"), 0)
 
 
 @pytest.mark.parametrize("isa", supported_int_isas())
