@@ -57,11 +57,11 @@ def cat_args(node: fx.Node) -> tuple[Any, Any] | None:
     return kw["tensors"], kw.get("dim", 0)
 
 
-def clamp_bounds(node: fx.Node) -> tuple[float, float] | None:
+def clamp_bounds(node: fx.Node, where: str) -> tuple[float, float] | None:
     """``(lo, hi)`` of a clamping call (``torch.clamp`` / ``clip`` / ``clamp_min`` /
     ``clamp_max`` and their methods, ``F.hardtanh``, ``F.relu6``), by position or keyword,
-    ``-inf`` / ``inf`` where a side is unbounded; None for any other node. ``ValueError`` for a
-    bound that is not a number (a tensor of bounds)."""
+    ``-inf`` / ``inf`` where a side is unbounded; None for any other node. ``ValueError``
+    naming ``where`` for a bound that is not a number (a tensor of bounds)."""
     spec = _CLAMPS.get(node.target)
     if spec is None:
         return None
@@ -76,5 +76,5 @@ def clamp_bounds(node: fx.Node) -> tuple[float, float] | None:
     hi = kw.get("max", kw.get("max_val"))
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
                for v in (lo, hi)):
-        raise ValueError("clamp bounds must be numbers")
+        raise ValueError(f"{where}: clamp bounds must be numbers")
     return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))

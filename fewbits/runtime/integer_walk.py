@@ -97,13 +97,6 @@ def _desc(node: fx.Node, modules: dict) -> str:
     return f"{node.name} ({node.op} {t})"
 
 
-def _clamp_bounds(node: fx.Node, where: str) -> tuple[float, float] | None:
-    try:
-        return clamp_bounds(node)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def walk(comp: Compiler, tracer: type) -> Any:
     no_hooks(comp.model)
     try:
@@ -439,7 +432,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 env[node.name] = add(value(args[0], where), value(args[1], where), where)
             elif t in RELU_FNS or t == "relu":
                 env[node.name] = clamp(node, args[0], 0.0, math.inf, where)
-            elif (bounds := _clamp_bounds(node, where)) is not None:
+            elif (bounds := clamp_bounds(node, where)) is not None:
                 env[node.name] = clamp(node, args[0], *bounds, where)
             elif t in FLATTENS or t == "flatten":
                 dims = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
