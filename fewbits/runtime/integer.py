@@ -20,12 +20,13 @@ PyTorch orders its own way, put a value within rounding of a level boundary; the
 agree within the planner's tolerance. Min-max's residual streams are PyTorch's values: a float
 layer reading one sums in its own order, as the first layer does; a 1x1 one on planes sums it
 rounded to 24 bits below a proven bound, exactly (an image whose values all round below 2^16
-runs the float layer): an error within the float layer's own worst case (integer_planes). The logits agree within the planner's tolerance (99.8 % top-1 on 1000
-CIFAR-10 test images of a trained min-max ResNet-23). :attr:`IntegerEngine.exact` stays True:
-every difference from PyTorch is a float32-sized rounding of a sum. What the engine cannot run
-so (a float map flattened, quantized, clamped where it is also read unclamped, a forward hook,
-a tensor updated in place while another name holds it, ...) it refuses with ``ValueError``
-naming the operation. All CPU paths give identical outputs with the same ``planes``.
+runs the float layer): an error within the float layer's own worst case (integer_planes). The
+logits agree within the planner's tolerance (99.8 % top-1 on 1000 CIFAR-10 test images of a
+trained min-max ResNet-23). :attr:`IntegerEngine.exact` stays True: every difference from
+PyTorch is a float32-sized rounding of a sum. What the engine cannot run so (a float map
+flattened, quantized, clamped where it is also read unclamped, a forward hook, a tensor updated
+in place while another name holds it, ...) it refuses with ``ValueError`` naming the operation.
+All CPU paths give identical outputs with the same ``planes``.
 
 CPU paths (``engine.isa``): ``"avx512_vnni"`` (AVX-512 F/BW/VL/DQ + VNNI), ``"avx2"`` (AVX2 +
 FMA) and ``"generic"`` (portable C), the best this CPU runs picked by cpuid;
