@@ -220,3 +220,21 @@ def test_tensors_given_as_input_keywords_run(mean: bool) -> None:
     torch.manual_seed(0)
     m = fewbits.quantize_(_Keywords(mean), "fp_net").eval()
     _matches_pytorch(m)
+
+
+def test_an_average_pool_of_an_unquantized_map_is_refused_for_that_reason() -> None:
+    # QA 13d: quantize_ leaves the map before an nn.AvgPool2d float (the quantizer sits on the
+    # next layer's input); the refusal blamed the divisor ("with a fixed divisor only")
+    class AvgNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(8 * 5 * 5, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(torch.relu(self.bn(self.c(x)))).flatten(1))
+
+    m = trained_looking(fewbits.quantize_(AvgNet(), "min_max"), 0)
+    with pytest.raises(ValueError, match=r"pool \(AvgPool2d\): average pooling of an "
+                                         "unquantized map .*put an activation quantizer"):
+        IntegerEngine.from_model(m, (3, 10, 10))

@@ -50,7 +50,11 @@ def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
     """Average pooling as a sum pool on a grid ``k*k`` times finer (exact)."""
     args = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=1,
                 ceil_mode=m.ceil_mode)
-    if x.kind != "int" or m.divisor_override is not None or \
+    if x.kind != "int":  # quantize_ quantizes a map where a layer reads it, not before a pool
+        raise ValueError(f"{where}: average pooling of an unquantized map (here {x.kind}) is "
+                         "not run by the integer engine: it pools quantized maps only (put "
+                         "an activation quantizer before the pool)")
+    if m.divisor_override is not None or \
             (not m.count_include_pad and pair(m.padding) != (0, 0)):
         raise ValueError(f"{where}: average pooling of quantized maps with a fixed divisor "
                          "only")
