@@ -1088,6 +1088,86 @@ static store512_fn store512_for(const fbi_ep *e) {
     return store512[e->kind];
 }
 
+/* Short sums (1x1 layers of up to 64 input channels): the weights of one block of 16 output
+ * channels stay in registers (KQ quads, one vector each) while WS_R pixels at a time run
+ * through them, and the certified epilogue is inlined (CHECK 0 only: store512c's
+ * operations, the same codes). kern_vnni_body's tiles of up to 4 blocks x 5 rows reload the
+ * weights per tile and call the epilogue per block; with 8-16 quads a tile its fixed costs
+ * outweigh its sums (1.8-2.7 cycles a vpdpbusd against 1.2 here, ResNet-23's 1x1 layers).
+ * P pixels of cin = 4 KQ bytes each at x (contiguous: no padding, stride 1); outputs
+ * n .. n + cnt - 1 of pixel j at Y + j ldy. Tests only: fbi_ws_off 1 turns it off,
+ * fbi_ws_fault 1 adds 1 to its codes before their clamp (a planted error the tests must see). */
+int fbi_ws_off = 0, fbi_ws_fault = 0;
+#define WS_R 6
+#define WS_KQ_MAX 16
+VNNI static inline __attribute__((always_inline)) void ws_rows(
+    const fbi_ep *e, const __m512i *w, const uint8_t *x, int rows, const __m512i c0,
+    __m512i lo, __m512i hi, __m512 A, __m512 B, int n, __mmask16 m, char *Y, int64_t ldy,
+    const int KQ, const int R) {
+    __m512i c[WS_R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) c[r] = c0;
+#pragma GCC unroll 16
+    for (int q = 0; q < KQ; q++)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            if (r >= rows) break;
+            int32_t quad;
+            memcpy(&quad, x + (int64_t)r * 4 * KQ + 4 * q, 4);
+            c[r] = _mm512_dpbusd_epi32(c[r], _mm512_set1_epi32(quad), w[q]);
+        }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        if (r >= rows) break;
+        const __m512 t = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_min_epi32(_mm512_max_epi32(c[r], lo), hi)), A, B);
+        __m512i k = _mm512_cvt_roundps_epi32(t, CERT_FLOOR);
+        if (e->cclamp) k = _mm512_min_epi32(_mm512_max_epi32(k, bcast512i(e->cklo)), bcast512i(e->ckhi));
+        char *d = Y + (int64_t)r * ldy;
+        if (e->out_u8) _mm_mask_storeu_epi8((uint8_t *)d + n, m, _mm512_cvtepi32_epi8(k));
+        else _mm256_mask_storeu_epi16((int16_t *)d + n, m, _mm512_cvtsepi32_epi16(k));
+    }
+}
+
+VNNI static inline __attribute__((always_inline)) void ws_body(
+    const fbi_ep *e, const uint8_t *x, int64_t P, const int8_t *wb, const int32_t *corr,
+    int n, int cnt, char *Y, int64_t ldy, const int KQ) {
+    __m512i w[WS_KQ_MAX];
+#pragma GCC unroll 16
+    for (int q = 0; q < KQ; q++) w[q] = _mm512_loadu_si512((const void *)(wb + q * NB * 4));
+    const float *p = e->cert + n;
+    const int64_t S = e->cstride;
+    const __m512i lo = _mm512_loadu_si512((const void *)p);
+    const __m512i hi = _mm512_loadu_si512((const void *)(p + S));
+    const __m512 A = _mm512_loadu_ps(p + 2 * S), B0 = _mm512_loadu_ps(p + 3 * S);
+    const __m512 B = fbi_ws_fault ? _mm512_add_ps(B0, _mm512_set1_ps(1.0f)) : B0;
+    const __m512i c0 = corr ? _mm512_loadu_si512((const void *)(corr + n)) : _mm512_setzero_si512();
+    const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+    int64_t j = 0;
+    for (; j + WS_R <= P; j += WS_R)
+        ws_rows(e, w, x + j * 4 * KQ, WS_R, c0, lo, hi, A, B, n, m, Y + j * ldy, ldy, KQ, WS_R);
+    if (j < P)
+        ws_rows(e, w, x + j * 4 * KQ, (int)(P - j), c0, lo, hi, A, B, n, m, Y + j * ldy, ldy,
+                KQ, WS_R);
+}
+
+typedef void (*ws_fn)(const fbi_ep *, const uint8_t *, int64_t, const int8_t *, const int32_t *,
+                      int, int, char *, int64_t);
+#define WS_KERN(KQ)                                                                      \
+    VNNI static void ws_kern_##KQ(const fbi_ep *e, const uint8_t *x, int64_t P,         \
+                                  const int8_t *wb, const int32_t *corr, int n, int cnt, \
+                                  char *Y, int64_t ldy) {                                \
+        ws_body(e, x, P, wb, corr, n, cnt, Y, ldy, KQ);                                  \
+    }
+WS_KERN(1) WS_KERN(2) WS_KERN(3) WS_KERN(4) WS_KERN(5) WS_KERN(6) WS_KERN(7) WS_KERN(8)
+WS_KERN(9) WS_KERN(10) WS_KERN(11) WS_KERN(12) WS_KERN(13) WS_KERN(14) WS_KERN(15)
+WS_KERN(16)
+#undef WS_KERN
+static const ws_fn ws_kern[WS_KQ_MAX + 1] = {
+    NULL, ws_kern_1, ws_kern_2, ws_kern_3, ws_kern_4, ws_kern_5, ws_kern_6, ws_kern_7, ws_kern_8,
+    ws_kern_9, ws_kern_10, ws_kern_11, ws_kern_12, ws_kern_13, ws_kern_14, ws_kern_15,
+    ws_kern_16};
+
 /* u8: `ntaps` taps of `qpt` quads at offsets toff from each row's source; weights bb (block
  * 2 at bb + bstride) */
 VNNI static inline __attribute__((always_inline)) void kern_vnni_body(
@@ -1288,6 +1368,10 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
      * offsets into the zero-padded byte image (no im2col) */
     if (fbi_u8_direct(a)) {
         int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
+        /* a 1x1 layer with the verified certified epilogue: weights-stationary (ws_body) */
+        const int ws = st512 && ep512.cert && ep512.cnocheck && !ep512.out_float && !fbi_ws_off &&
+                       a->kh == 1 && a->kw == 1 && !a->ph && !a->pw && a->oh == a->h &&
+                       a->ow == a->w && cin / 4 <= WS_KQ_MAX;
         int64_t toff[64];
         for (int ky = 0; ky < a->kh; ky++)
             for (int kx = 0; kx < a->kw; kx++)
@@ -1316,6 +1400,13 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 }
             } else {
                 to_u8(x, in_img, a->ushift, buf);
+            }
+            if (ws) {
+                for (int b = 0; b < nblocks; b++)
+                    ws_kern[cin / 4](&ep512, img, opix, a->wpack8 + (int64_t)b * a->kq4 * NB,
+                                     a->corr, b * NB, og - b * NB < NB ? og - b * NB : NB, Yi,
+                                     ldy);
+                continue;
             }
             for (int64_t j0 = 0; j0 < opix; j0 += UR1) { /* output pixels only */
                 const uint8_t *src[UR1];
