@@ -1,6 +1,7 @@
-"""The weights-stationary VNNI kernel of short 1x1 layers (``ws_body`` in _integer_engine.c):
-on layers with maps of any size (tiles of 6 pixels and a partial last one), 4 to 68 input
-channels (up to 16 quads kept in registers; more take the tiled kernel), output channels not a
+"""The weights-stationary VNNI kernel of short layers (``ws_body`` in _integer_engine.c):
+on 1x1 layers with maps of any size (tiles of 6 pixels and a partial last one), 4 to 68 input
+channels (up to 16 quads kept in registers; more take the tiled kernel), 3x3 layers on 4 or 8
+channels with and without zero padding (taps; tiles per output row), output channels not a
 multiple of 16, int16 and byte outputs, signed inputs (the zero-point correction) and code
 clamps, its codes equal the tiled kernel's and the generic path's bit for bit; a planted error
 in it (``fbi_ws_fault``) shows, so these layers do run it."""
@@ -27,14 +28,20 @@ def _layer(seed: int) -> tuple[Conv, np.ndarray, bool]:
     its output is bytes."""
     rng, nr = random.Random(seed), np.random.default_rng(seed)
     h, w = rng.choice([(1, 1), (1, 5), (5, 7), (6, 6), (32, 32)])
-    cin, cout = rng.choice([4, 8, 32, 36, 64, 68]), rng.choice([5, 16, 17, 33, 64])
+    kh = rng.choice([1, 1, 3])  # 3 x 3: taps, zero padding or none
+    pad = rng.choice([0, 1]) if kh == 3 and min(h, w) >= 3 else 0
+    cin = rng.choice([4, 8, 32, 36, 64, 68] if kh == 1 else [4, 4, 8])
+    cout = rng.choice([5, 16, 17, 33, 64])
     signed = rng.random() < 0.5
     lo, hi = (-128, 127) if signed else (0, 255)
     x = nr.integers(lo, hi + 1, (1, h, w, cin)).astype(np.int16)
-    k = nr.integers(-127, 128, (cout, cin, 1, 1))
+    if kh == 3 and pad == 0 and min(h, w) < 3:
+        kh = 1
+    k = nr.integers(-127, 128, (cout, cin, kh, kh))
     pack, kp = _pack_int(k, 1)
-    geom = dict(n=0, h=h, w=w, cin=cin, oh=h, ow=w, cout=cout, kh=1, kw=1, sh=1, sw=1, ph=0,
-                pw=0, dh=1, dw=1, groups=1, kp=kp, kf=0)
+    oh, ow = h + 2 * pad - kh + 1, w + 2 * pad - kh + 1
+    geom = dict(n=0, h=h, w=w, cin=cin, oh=oh, ow=ow, cout=cout, kh=kh, kw=kh, sh=1, sw=1,
+                ph=pad, pw=pad, dh=1, dw=1, groups=1, kp=kp, kf=0)
     sacc = nr.uniform(1e-5, 1e-3, cout).astype(F32)
     alpha = (nr.standard_normal(cout) * 10 ** nr.uniform(-1, 1, cout)).astype(F32)
     beta = nr.standard_normal(cout).astype(F32)
@@ -81,8 +88,8 @@ def _run(s: Conv, x: np.ndarray, u8out: bool, isa: str, off: int = 0, fault: int
 
 
 def test_the_ws_kernel_gives_the_tiled_kernels_and_the_generic_codes() -> None:
-    ran = 0
-    for seed in range(60):
+    ran = taps = 0
+    for seed in range(80):
         s, x, u8out = _layer(seed)
         want, _ = _run(s, x, u8out, "generic")
         tiled, _ = _run(s, x, u8out, "avx512_vnni", off=1)
@@ -90,9 +97,9 @@ def test_the_ws_kernel_gives_the_tiled_kernels_and_the_generic_codes() -> None:
         assert np.array_equal(tiled, want), seed
         assert np.array_equal(got, want), seed
         faulty, _ = _run(s, x, u8out, "avx512_vnni", fault=1)
-        if nocheck and s.geom["cin"] <= 64:  # its layers: the planted error shows
+        if nocheck and s.kq4 <= 64:  # its layers: the planted error shows
             assert not np.array_equal(faulty, want), seed
-            ran += 1
+            ran, taps = ran + 1, taps + (s.geom["kh"] > 1)
         else:  # not its layers: nothing changes
             assert np.array_equal(faulty, want), seed
-    assert ran >= 10, ran  # the sweep exercised the kernel
+    assert ran >= 10 and taps >= 3, (ran, taps)  # the sweep exercised the kernel, taps too

@@ -1094,16 +1094,23 @@ static store512_fn store512_for(const fbi_ep *e) {
  * operations, the same codes). kern_vnni_body's tiles of up to 4 blocks x 5 rows reload the
  * weights per tile and call the epilogue per block; with 8-16 quads a tile its fixed costs
  * outweigh its sums (1.8-2.7 cycles a vpdpbusd against 1.2 here, ResNet-23's 1x1 layers).
- * P pixels of cin = 4 KQ bytes each at x (contiguous: no padding, stride 1); outputs
- * n .. n + cnt - 1 of pixel j at Y + j ldy. Tests only: fbi_ws_off 1 turns it off,
+ * 1x1: P pixels of cin = 4 KQ bytes each at x (contiguous: no padding, stride 1); outputs
+ * n .. n + cnt - 1 of pixel j at Y + j ldy. With taps (ws_taps: a first layer's 3 x 3 on 4
+ * channels) the padded byte image at x, each output row's pixels in tiles of their own. Tests only: fbi_ws_off 1 turns it off,
  * fbi_ws_fault 1 adds 1 to its codes before their clamp (a planted error the tests must see). */
 int fbi_ws_off = 0, fbi_ws_fault = 0;
 #define WS_R 6
 #define WS_KQ_MAX 16
+/* a layer with taps (kh x kw > 1, padded): quad q of the pixel whose window starts at p lies
+ * at p + off[q]; output pixels of a row rs bytes apart, rows `row` bytes apart */
+typedef struct {
+    int64_t off[WS_KQ_MAX], rs, row;
+    int oh, ow;
+} ws_taps;
 VNNI static inline __attribute__((always_inline)) void ws_rows(
-    const fbi_ep *e, const __m512i *w, const uint8_t *x, int rows, const __m512i c0,
-    __m512i lo, __m512i hi, __m512 A, __m512 B, int n, __mmask16 m, char *Y, int64_t ldy,
-    const int KQ, const int R) {
+    const fbi_ep *e, const __m512i *w, const uint8_t *x, int64_t rs, const int64_t *off,
+    int rows, const __m512i c0, __m512i lo, __m512i hi, __m512 A, __m512 B, int n,
+    __mmask16 m, char *Y, int64_t ldy, const int KQ, const int R) {
     __m512i c[WS_R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) c[r] = c0;
@@ -1113,7 +1120,7 @@ VNNI static inline __attribute__((always_inline)) void ws_rows(
         for (int r = 0; r < R; r++) {
             if (r >= rows) break;
             int32_t quad;
-            memcpy(&quad, x + (int64_t)r * 4 * KQ + 4 * q, 4);
+            memcpy(&quad, off ? x + r * rs + off[q] : x + (int64_t)r * 4 * KQ + 4 * q, 4);
             c[r] = _mm512_dpbusd_epi32(c[r], _mm512_set1_epi32(quad), w[q]);
         }
 #pragma GCC unroll 8
@@ -1130,8 +1137,8 @@ VNNI static inline __attribute__((always_inline)) void ws_rows(
 }
 
 VNNI static inline __attribute__((always_inline)) void ws_body(
-    const fbi_ep *e, const uint8_t *x, int64_t P, const int8_t *wb, const int32_t *corr,
-    int n, int cnt, char *Y, int64_t ldy, const int KQ) {
+    const fbi_ep *e, const uint8_t *x, int64_t P, const ws_taps *tp, const int8_t *wb,
+    const int32_t *corr, int n, int cnt, char *Y, int64_t ldy, const int KQ, const int TAPS) {
     __m512i w[WS_KQ_MAX];
 #pragma GCC unroll 16
     for (int q = 0; q < KQ; q++) w[q] = _mm512_loadu_si512((const void *)(wb + q * NB * 4));
@@ -1143,21 +1150,39 @@ VNNI static inline __attribute__((always_inline)) void ws_body(
     const __m512 B = fbi_ws_fault ? _mm512_add_ps(B0, _mm512_set1_ps(1.0f)) : B0;
     const __m512i c0 = corr ? _mm512_loadu_si512((const void *)(corr + n)) : _mm512_setzero_si512();
     const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
-    int64_t j = 0;
-    for (; j + WS_R <= P; j += WS_R)
-        ws_rows(e, w, x + j * 4 * KQ, WS_R, c0, lo, hi, A, B, n, m, Y + j * ldy, ldy, KQ, WS_R);
-    if (j < P)
-        ws_rows(e, w, x + j * 4 * KQ, (int)(P - j), c0, lo, hi, A, B, n, m, Y + j * ldy, ldy,
-                KQ, WS_R);
+    if (!TAPS) {
+        int64_t j = 0;
+        for (; j + WS_R <= P; j += WS_R)
+            ws_rows(e, w, x + j * 4 * KQ, 0, NULL, WS_R, c0, lo, hi, A, B, n, m, Y + j * ldy,
+                    ldy, KQ, WS_R);
+        if (j < P)
+            ws_rows(e, w, x + j * 4 * KQ, 0, NULL, (int)(P - j), c0, lo, hi, A, B, n, m,
+                    Y + j * ldy, ldy, KQ, WS_R);
+        return;
+    }
+    /* taps: output row by output row (a tile's pixels lie rs bytes apart within a row) */
+    for (int oy = 0; oy < tp->oh; oy++) {
+        const uint8_t *xr = x + (int64_t)oy * tp->row;
+        char *Yr = Y + (int64_t)oy * tp->ow * ldy;
+        int ox = 0;
+        for (; ox + WS_R <= tp->ow; ox += WS_R)
+            ws_rows(e, w, xr + ox * tp->rs, tp->rs, tp->off, WS_R, c0, lo, hi, A, B, n, m,
+                    Yr + ox * ldy, ldy, KQ, WS_R);
+        if (ox < tp->ow)
+            ws_rows(e, w, xr + ox * tp->rs, tp->rs, tp->off, tp->ow - ox, c0, lo, hi, A, B, n,
+                    m, Yr + ox * ldy, ldy, KQ, WS_R);
+    }
 }
 
-typedef void (*ws_fn)(const fbi_ep *, const uint8_t *, int64_t, const int8_t *, const int32_t *,
-                      int, int, char *, int64_t);
+typedef void (*ws_fn)(const fbi_ep *, const uint8_t *, int64_t, const ws_taps *,
+                      const int8_t *, const int32_t *, int, int, char *, int64_t);
 #define WS_KERN(KQ)                                                                      \
     VNNI static void ws_kern_##KQ(const fbi_ep *e, const uint8_t *x, int64_t P,         \
-                                  const int8_t *wb, const int32_t *corr, int n, int cnt, \
-                                  char *Y, int64_t ldy) {                                \
-        ws_body(e, x, P, wb, corr, n, cnt, Y, ldy, KQ);                                  \
+                                  const ws_taps *tp, const int8_t *wb,                   \
+                                  const int32_t *corr, int n, int cnt, char *Y,          \
+                                  int64_t ldy) {                                         \
+        if (tp) ws_body(e, x, P, tp, wb, corr, n, cnt, Y, ldy, KQ, 1);                    \
+        else ws_body(e, x, P, NULL, wb, corr, n, cnt, Y, ldy, KQ, 0);                     \
     }
 WS_KERN(1) WS_KERN(2) WS_KERN(3) WS_KERN(4) WS_KERN(5) WS_KERN(6) WS_KERN(7) WS_KERN(8)
 WS_KERN(9) WS_KERN(10) WS_KERN(11) WS_KERN(12) WS_KERN(13) WS_KERN(14) WS_KERN(15)
@@ -1370,8 +1395,8 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
         int hp = a->h + 2 * a->ph, wp = a->w + 2 * a->pw, cin = a->cin;
         /* a 1x1 layer with the verified certified epilogue: weights-stationary (ws_body) */
         const int ws = st512 && ep512.cert && ep512.cnocheck && !ep512.out_float && !fbi_ws_off &&
-                       a->kh == 1 && a->kw == 1 && !a->ph && !a->pw && a->oh == a->h &&
-                       a->ow == a->w && cin / 4 <= WS_KQ_MAX;
+                       a->kq4 / 4 <= WS_KQ_MAX;
+        const int ws1 = a->kh == 1 && a->kw == 1 && !a->ph && !a->pw; /* contiguous */
         int64_t toff[64];
         for (int ky = 0; ky < a->kh; ky++)
             for (int kx = 0; kx < a->kw; kx++)
@@ -1402,10 +1427,16 @@ AVX2 static void conv_u8_avx2(const fbi_conv *a) {
                 to_u8(x, in_img, a->ushift, buf);
             }
             if (ws) {
+                ws_taps tp;
+                if (!ws1) {
+                    for (int q = 0; q < a->kq4 / 4; q++)
+                        tp.off[q] = toff[q / (cin / 4)] + 4 * (q % (cin / 4));
+                    tp.rs = cin, tp.row = (int64_t)wp * cin, tp.oh = a->oh, tp.ow = a->ow;
+                }
                 for (int b = 0; b < nblocks; b++)
-                    ws_kern[cin / 4](&ep512, img, opix, a->wpack8 + (int64_t)b * a->kq4 * NB,
-                                     a->corr, b * NB, og - b * NB < NB ? og - b * NB : NB, Yi,
-                                     ldy);
+                    ws_kern[a->kq4 / 4](&ep512, img, opix, ws1 ? NULL : &tp,
+                                        a->wpack8 + (int64_t)b * a->kq4 * NB, a->corr, b * NB,
+                                        og - b * NB < NB ? og - b * NB : NB, Yi, ldy);
                 continue;
             }
             for (int64_t j0 = 0; j0 < opix; j0 += UR1) { /* output pixels only */
