@@ -2,7 +2,10 @@
 (``MinMax(ql_max=65535)``, ``FixedPoint(sign=False, n=16)``) compiled, and its codes above
 32767 were stored wrapped (portable C) or saturated (AVX2 / VNNI): wrong outputs, different on
 each path, with ``exact`` True. Such a grid is refused naming the layer; one whose codes the
-clamps before it keep within int16 still runs, on every path PyTorch's values."""
+clamps before it keep within int16 still runs, on every path PyTorch's values. And a model on
+flat inputs ``(N, F)`` (an MLP) compiled until the 8-bit pixel grid (integer_grid) unpacked
+the input shape as ``(C, H, W)``: since then it was refused with "not enough values to
+unpack"."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import fewbits
 from fewbits.layers import QuantAct, QuantConv2d
 from fewbits.quantizers import FixedPoint, MinMax
 from fewbits.runtime.integer import IntegerEngine, supported_int_isas
@@ -49,6 +53,18 @@ def test_a_16_bit_grid_the_clamps_keep_within_int16_runs(isa: str) -> None:
                       nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     eng = IntegerEngine.from_model(m, (3, 5, 5), isa=isa)
     x = torch.randint(0, 256, (2, 3, 5, 5)) / 255
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("isa", supported_int_isas())
+def test_a_model_on_flat_inputs_runs(isa: str) -> None:
+    torch.manual_seed(0)
+    m = fewbits.quantize_(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 17),
+                                        nn.ReLU(), nn.Linear(17, 5)), "fp_net").eval()
+    eng = IntegerEngine.from_model(m, (16,), isa=isa)
+    x = torch.randint(0, 256, (3, 16)) / 255
     with torch.no_grad():
         ref = m(x)
     torch.testing.assert_close(eng(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
