@@ -39,7 +39,8 @@ def grid_layer(comp: Compiler) -> Conv | None:
     padding its channels to a quad would add more than a third."""
     prog = comp.prog
     readers = [s for s in prog.steps if 1 in value_reads(s)]
-    if len(readers) != 1 or not isinstance(readers[0], Conv) or not readers[0].float_in or \
+    if len(prog.in_shape) != 3 or len(readers) != 1 or not isinstance(readers[0], Conv) or \
+            not readers[0].float_in or \
             readers[0].nhwc or prog.out is None or prog.out.id == 1:
         return None
     first = readers[0]

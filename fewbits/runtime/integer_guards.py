@@ -1,6 +1,7 @@
 """What the integer engine's walk (:mod:`fewbits.runtime.integer_walk`) checks of the whole
 model before it reads the graph: forward hooks fx does not trace, and a graph that computes
-other numbers than the forward (an in-place update fx records out of place)."""
+other numbers than the forward (an in-place update fx records out of place); and the code range
+of a quantized map, which the engine holds as int16."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from torch import nn
 
 from ..layer_kinds import global_hooks, runs_hooks
 
-__all__ = ["no_hooks", "same_as_forward"]
+__all__ = ["int16_codes", "no_hooks", "same_as_forward"]
+
+I16 = 32767  # integer_plan.I16: the codes every step holds (int16), symmetric as its checks
 
 
 def no_hooks(model: nn.Module, engine: str = "integer") -> None:
@@ -45,3 +48,13 @@ def same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]
         raise ValueError(f"{type(model).__name__}: its torch.fx graph computes other values than "
                          "its forward (an in-place update, such as a += b, of a tensor another "
                          "name still holds?): write it out of place (a = a + b)")
+
+
+def int16_codes(lo: int, hi: int, where: str) -> None:
+    """Raise where a quantizer's codes ``[lo, hi]`` (after the clamps folded into it) leave
+    ``[-32767, 32767]``: every map of codes is int16, and wider codes were stored wrapped (the
+    portable C path) or saturated (AVX2 / VNNI) with ``exact`` True: a 16-bit unsigned grid
+    (``MinMax(ql_max=65535)``, ``FixedPoint(sign=False, n=16)``) gave wrong outputs."""
+    if max(-lo, hi) > I16:
+        raise ValueError(f"{where}: codes in [{lo}, {hi}] need more than 16 bits; the integer "
+                         "engine holds codes in [-32767, 32767] (int16): use a narrower grid")

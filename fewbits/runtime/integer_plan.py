@@ -39,6 +39,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
+from .integer_guards import int16_codes
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "FAdd", "GlobalAvg", "Pool", "Program", "QuantParams",
@@ -492,8 +493,8 @@ class Compiler:
             raise ValueError(f"{name}: the integer engine quantizes float tensors, not "
                              f"{x.kind!r}")
         # elementwise: a flat map, a global average's (C, 1, 1), an NHWC map (a float layer's
-        # output, a float stream: a user's ResNet quantizes the skip's map), the images
-        # (quantize_input=True, or a second layer reading them; NCHW, their codes NHWC)
+        # output, a float stream, the images: quantize_input=True; NCHW, their codes NHWC)
+        int16_codes(qp.klo, qp.khi, name)
         y = self.new("int", x.shape, scale=qp.step, lo=qp.klo, hi=qp.khi, pt=(qp.kofs, qp.sub))
         self.prog.steps.append(Quantize(x.id, y.id, qp, x.kind == "input" and len(x.shape) == 3))
         return y

@@ -20,7 +20,7 @@ from torch import nn
 from ..layers import QuantAct, QuantConv2d, QuantLinear
 from .integer_calls import cat_args, clamp_bounds, input_first, spatial_mean
 from .integer_grid import grid_layer
-from .integer_guards import no_hooks, same_as_forward
+from .integer_guards import int16_codes, no_hooks, same_as_forward
 from .integer_plan import (
     ADDS,
     FLATTENS,
@@ -127,6 +127,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
         lo = max(qp.klo, qp.code(clo)) if clo > -math.inf else qp.klo
         hi = min(qp.khi, qp.code(chi)) if chi < math.inf else qp.khi
         p.conv.quant = type(qp)(**{**qp.__dict__, "klo": lo, "khi": min(max(hi, lo), qp.khi)})
+        int16_codes(p.conv.quant.klo, p.conv.quant.khi, where)
         v = emit_conv(p, "int")
         for item in p.post:
             if item[0] == "maxpool":
