@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .conv_pad import zero_padding
+
 __all__ = ["POOL_ARGS", "conv_geometry", "is_binary_tanh", "is_flatten", "is_global_pool",
            "max_pool_geometry", "out_size", "refuse"]
 
@@ -37,20 +39,21 @@ def conv_geometry(node: fx.Node, m: nn.Module) -> tuple[int, int, int]:
         return 0, 0, 1
     if not isinstance(m, nn.Conv2d):
         raise refuse(node, f"layer {type(m).__name__}")
+    pad = zero_padding(m)  # "same" / "valid" as the integers they mean
     bad = [f"stride {m.stride}" if m.stride[0] != m.stride[1] else "",
            f"dilation {m.dilation}" if m.dilation != (1, 1) else "",
            f"groups {m.groups}" if m.groups != 1 else "",
            f"padding mode {m.padding_mode!r}" if m.padding_mode != "zeros" else "",
-           f"padding {m.padding!r}" if isinstance(m.padding, str) or m.padding[0] != m.padding[1]
-           else "",
+           f"padding {m.padding!r}" if m.padding_mode == "zeros" and
+           (pad is None or pad[0] != pad[1]) else "",
            f"kernel {m.kernel_size}" if m.kernel_size[0] != m.kernel_size[1] else "",
-           f"padding {m.padding} >= kernel" if not isinstance(m.padding, str)
-           and m.padding[0] >= m.kernel_size[0] else ""]
+           f"padding {m.padding} >= kernel" if pad is not None and pad[0] >= m.kernel_size[0]
+           else ""]
     bad = [b for b in bad if b]
-    if bad:
+    if bad or pad is None:
         raise refuse(node, f"convolution {node.target} with {', '.join(bad)} (the engine runs "
                       "square convolutions with zero padding and equal strides)")
-    return m.kernel_size[0], m.padding[0], m.stride[0]
+    return m.kernel_size[0], pad[0], m.stride[0]
 
 
 def out_size(n: int, k: int, pad: int, stride: int) -> int:

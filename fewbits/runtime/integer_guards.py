@@ -11,9 +11,10 @@ from torch import nn
 
 from ..layer_kinds import global_hooks, runs_hooks
 
-__all__ = ["int16_codes", "no_hooks", "same_as_forward"]
+__all__ = ["I16", "int16_codes", "no_hooks", "same_as_forward"]
 
-I16 = 32767  # integer_plan.I16: the codes every step holds (int16), symmetric as its checks
+#: the widest code magnitude of the engine's maps (int16), symmetric as all its checks
+I16 = 32767
 
 
 def no_hooks(model: nn.Module, engine: str = "integer") -> None:

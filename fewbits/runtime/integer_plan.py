@@ -39,14 +39,14 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from .integer_guards import int16_codes
+from .conv_pad import zero_padding
+from .integer_guards import I16, int16_codes
 
 __all__ = ["ADDS", "FLATTENS", "GAP_FNS", "I16", "MAXPOOL_FNS", "RELU_FNS", "Add", "Clamp",
            "Compiler", "Concat", "Conv", "FAdd", "GlobalAvg", "Pool", "Program", "QuantParams",
            "Quantize", "Tracer", "Value", "bn_affine", "clamp_after", "fold_params", "pack_u8",
            "pair", "quant_params"]
 
-I16 = 32767
 _I32 = 2**31 - 1
 _NB, _NBF = 16, 8  # output channels per packed block (int16 / float), as _integer_engine.c
 _RELUS = (nn.ReLU,)
@@ -416,14 +416,14 @@ class Compiler:
             b = m.quantized_bias() if isinstance(m, (QuantConv2d, QuantLinear)) else m.bias
             wq = m.quantized_weight() if isinstance(m, (QuantConv2d, QuantLinear)) else m.weight
         if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            if (pad := zero_padding(m)) is None:
                 raise ValueError(f"{name}: padding {m.padding!r} / {m.padding_mode!r}: the "
-                                 "integer engine runs explicit zero padding")
+                                 "integer engine runs zero padding, the same on both sides")
             if len(x.shape) != 3:
                 raise ValueError(f"{name}: a convolution needs a (C, H, W) input")
             c, h, w = x.shape
             (kh, kw), (sh, sw) = pair(m.kernel_size), pair(m.stride)
-            (ph, pw), (dh, dw) = pair(m.padding), pair(m.dilation)
+            (ph, pw), (dh, dw) = pad, pair(m.dilation)
             oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
             groups, cout, wt = m.groups, m.out_channels, wq
