@@ -1,18 +1,21 @@
 """The arguments of the torch calls :mod:`fewbits.runtime.integer_walk` reads off a
 ``torch.fx`` node, given by position or by keyword as users write them: a concatenation's
 tensors and dimension, a spatial mean's ``keepdim``, a clamp's bounds (every clamping call
-PyTorch has), the tensor given as ``input=``."""
+PyTorch has), the tensor given as ``input=``, and the flattening views users write
+(``x.view(x.size(0), -1)``)."""
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["cat_args", "clamp_bounds", "input_first", "spatial_mean"]
+__all__ = ["BATCH", "batch_size", "cat_args", "clamp_bounds", "flat_view", "input_first",
+           "spatial_mean"]
 
 #: clamping calls: (names of the bounds in order, their defaults; None: no bound)
 _CLAMPS: dict[Any, tuple[tuple[str, ...], tuple[float | None, ...]]] = {
@@ -78,3 +81,49 @@ def clamp_bounds(node: fx.Node, where: str) -> tuple[float, float] | None:
                for v in (lo, hi)):
         raise ValueError(f"{where}: clamp bounds must be numbers")
     return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+
+
+class _Marker:
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __repr__(self) -> str:
+        return self.what
+
+
+#: the batch size (``x.size(0)``, ``x.shape[0]``), which only a flattening view reads
+BATCH = _Marker("the batch size")
+_SHAPE = _Marker("a map's shape")
+
+
+def batch_size(node: fx.Node, env: dict) -> Any | None:
+    """:data:`BATCH` for ``x.size(0)`` and ``x.shape[0]``, a marker for ``x.shape``, None for
+    any other node."""
+    t, a = node.target, node.args
+    if node.kwargs or len(a) != 2:
+        return None
+    if node.op == "call_method" and t == "size" and a[1] == 0:
+        return BATCH
+    if t is getattr and a[1] == "shape":
+        return _SHAPE
+    if t is operator.getitem and isinstance(a[0], fx.Node) and env.get(a[0].name) is _SHAPE \
+            and a[1] == 0:
+        return BATCH
+    return None
+
+
+def flat_view(node: fx.Node, env: dict) -> fx.Node | None:
+    """The tensor of ``x.view(n, -1)`` / ``x.reshape(n, -1)`` / ``torch.reshape(x, (n, -1))``
+    with ``n`` the batch size (:func:`batch_size`): ``flatten(x, 1)``; None for any other
+    node."""
+    t, a = node.target, node.args
+    if node.kwargs or len(a) < 2:
+        return None
+    if node.op == "call_method" and t in ("view", "reshape"):
+        dims = a[1] if len(a) == 2 and isinstance(a[1], (tuple, list)) else a[1:]
+    elif t is torch.reshape and len(a) == 2 and isinstance(a[1], (tuple, list)):
+        dims = a[1]
+    else:
+        return None
+    ok = len(dims) == 2 and isinstance(dims[0], fx.Node) and env.get(dims[0].name) is BATCH
+    return a[0] if ok and dims[1] == -1 else None

@@ -1,9 +1,11 @@
 """Pooling for the integer engine's walk (:mod:`fewbits.runtime.integer_walk`): a max pool's
 geometry and arguments (refused where the engine does not run them, naming the pool), and
-average pooling as an exact sum pool on a finer grid."""
+average pooling (``nn.AvgPool2d`` or ``F.avg_pool2d``) as an exact sum pool on a finer grid, or,
+over a whole float map, as the global average."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
@@ -11,7 +13,10 @@ from torch import nn
 
 from .integer_plan import I16, Compiler, Pool, Value, pair
 
-__all__ = ["avg_pool", "maxpool_geom", "pool_args"]
+__all__ = ["AVGPOOL_FNS", "avg_args", "avg_pool", "maxpool_geom", "pool_args"]
+
+#: functional average pooling (``F.avg_pool2d`` is torch._C._nn.avg_pool2d)
+AVGPOOL_FNS = (nn.functional.avg_pool2d,)
 
 
 def maxpool_geom(m: Any, shape: tuple[int, ...], where: str) -> dict:
@@ -46,16 +51,35 @@ def pool_args(node: fx.Node, m: Any, where: str) -> dict:
     return out
 
 
-def avg_pool(comp: Compiler, x: Value, m: nn.AvgPool2d, where: str) -> Value:
-    """Average pooling as a sum pool on a grid ``k*k`` times finer (exact)."""
-    args = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=1,
-                ceil_mode=m.ceil_mode)
+def avg_args(node: fx.Node, m: nn.AvgPool2d | None) -> dict:
+    """An average pool's arguments: module ``m``'s, or the ``F.avg_pool2d`` call's."""
+    names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override"]
+    if m is not None:
+        return {k: getattr(m, k) for k in names}
+    out = dict(kernel_size=None, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None)
+    out.update(zip(names, node.args[1:], strict=False))
+    out.update(node.kwargs)
+    return out
+
+
+def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
+             gap: Callable[[Value, str], Value]) -> Value:
+    """Average pooling (arguments ``a``, :func:`avg_args`) as a sum pool on a grid ``k*k``
+    times finer (exact); over the whole of a float map, as ``gap`` (the global average)."""
+    args = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
+                dilation=1, ceil_mode=a["ceil_mode"])
     if x.kind != "int":  # quantize_ quantizes a map where a layer reads it, not before a pool
+        if x.kind == "float" and len(x.shape) == 3 and pair(a["padding"]) == (0, 0) and \
+                pair(a["kernel_size"]) == tuple(x.shape[1:]) and \
+                a["divisor_override"] in (None, x.shape[1] * x.shape[2]):
+            return gap(x, where)  # F.avg_pool2d(out, 4) on a 4 x 4 map: one window
         raise ValueError(f"{where}: average pooling of an unquantized map (here {x.kind}) is "
-                         "not run by the integer engine: it pools quantized maps only (put "
-                         "an activation quantizer before the pool)")
-    if m.divisor_override is not None or \
-            (not m.count_include_pad and pair(m.padding) != (0, 0)):
+                         "not run by the integer engine: it pools quantized maps only, or a "
+                         "whole float map (put an activation quantizer before the pool)")
+    if a["divisor_override"] is not None or \
+            (not a["count_include_pad"] and pair(a["padding"]) != (0, 0)):
         raise ValueError(f"{where}: average pooling of quantized maps with a fixed divisor "
                          "only")
     g = maxpool_geom(args, x.shape, where)

@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import QuantAct, QuantConv2d, QuantLinear
-from .integer_calls import cat_args, clamp_bounds, input_first, spatial_mean
+from . import integer_calls as calls
+from .integer_calls import BATCH, cat_args, clamp_bounds, input_first, spatial_mean
 from .integer_grid import grid_layer
 from .integer_guards import int16_codes, no_hooks, same_as_forward
 from .integer_plan import (
@@ -43,7 +44,7 @@ from .integer_plan import (
     quant_params,
 )
 from .integer_planes import plane_layers
-from .integer_pools import avg_pool, maxpool_geom, pool_args
+from .integer_pools import AVGPOOL_FNS, avg_args, avg_pool, maxpool_geom, pool_args
 
 __all__ = ["compile_program", "walk"]
 
@@ -180,7 +181,8 @@ def walk(comp: Compiler, tracer: type) -> Any:
     def value(a: Any, where: str, *, allow_pending: bool = False) -> Any:
         if not isinstance(a, fx.Node):
             raise ValueError(f"{where}: a constant operand is not run by the integer engine")
-        v = env[a.name]
+        if isinstance(v := env[a.name], type(BATCH)):  # x.size(0) read by other than a view
+            raise ValueError(f"{where}: {v} is read by the integer engine in x.view(n, -1) only")
         if isinstance(v, (_Pending, _PendingCat)) and not allow_pending:
             v = env[a.name] = materialized(v, where)
         return v
@@ -409,7 +411,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             elif isinstance(m, nn.MaxPool2d):
                 env[node.name] = max_pool(a, pool_args(node, m, where), where)
             elif isinstance(m, nn.AvgPool2d):
-                env[node.name] = avg_pool(comp, value(a, where), m, where)
+                env[node.name] = avg_pool(comp, value(a, where), avg_args(node, m), where, gap)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
                 if m.output_size not in (1, (1, 1), [1, 1]):  # (None, None) keeps the size
                     raise ValueError(f"{where}: adaptive average pooling to "
@@ -442,6 +444,13 @@ def walk(comp: Compiler, tracer: type) -> Any:
                 env[node.name] = flatten(value(args[0], where), where)
             elif t in MAXPOOL_FNS:
                 env[node.name] = max_pool(args[0], pool_args(node, None, where), where)
+            elif t in AVGPOOL_FNS:
+                env[node.name] = avg_pool(comp, value(args[0], where), avg_args(node, None),
+                                          where, gap)
+            elif (mark := calls.batch_size(node, env)) is not None:  # read by a flattening view
+                env[node.name] = mark
+            elif (src := calls.flat_view(node, env)) is not None:  # x.view(x.size(0), -1)
+                env[node.name] = flatten(value(src, where), where)
             elif t in GAP_FNS and (args[1] if len(args) > 1 else node.kwargs.get(
                     "output_size")) in (1, (1, 1), [1, 1]):
                 env[node.name] = gap(value(args[0], where, allow_pending=True), where)
