@@ -67,7 +67,8 @@ def avg_args(node: fx.Node, m: nn.AvgPool2d | None) -> dict:
 def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
              gap: Callable[[Value, str], Value]) -> Value:
     """Average pooling (arguments ``a``, :func:`avg_args`) as a sum pool on a grid ``k*k``
-    times finer (exact); over the whole of a float map, as ``gap`` (the global average)."""
+    times finer (exact); over the whole of a float map, as ``gap`` (the global average); with
+    one-pixel windows, the map itself."""
     args = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
                 dilation=1, ceil_mode=a["ceil_mode"])
     if x.kind != "int":  # quantize_ quantizes a map where a layer reads it, not before a pool
@@ -75,6 +76,9 @@ def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
                 pair(a["kernel_size"]) == tuple(x.shape[1:]) and \
                 a["divisor_override"] in (None, x.shape[1] * x.shape[2]):
             return gap(x, where)  # F.avg_pool2d(out, 4) on a 4 x 4 map: one window
+        if pair(a["kernel_size"]) == pair(a["stride"] or 1) == (1, 1) and \
+                pair(a["padding"]) == (0, 0) and a["divisor_override"] in (None, 1):
+            return x  # nn.AvgPool2d(1, 1), as kuangliu's VGG ends: each value itself
         raise ValueError(f"{where}: average pooling of an unquantized map (here {x.kind}) is "
                          "not run by the integer engine: it pools quantized maps only, or a "
                          "whole float map (put an activation quantizer before the pool)")
