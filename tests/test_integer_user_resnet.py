@@ -90,3 +90,18 @@ def test_a_users_cifar_resnet_runs_on_the_integer_engine(fam: str, flat: str, is
 def test_what_it_cannot_run_is_refused_by_name(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         IntegerEngine.from_model(_net("min_max", **kw), (3, 16, 16))
+
+
+@pytest.mark.parametrize("pool,match", [
+    (nn.AvgPool2d(2, divisor_override=3), "divisor_override=3"),
+    (nn.AvgPool2d(3, 1, padding=1, count_include_pad=False), "count_include_pad=False"),
+])
+def test_average_pools_of_codes_it_does_not_divide_so_are_refused_by_name(pool: nn.Module,
+                                                                          match: str) -> None:
+    from fewbits.layers import QuantAct
+    from fewbits.quantizers import FixedPoint
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                      QuantAct(FixedPoint(sign=False, n=8, delta=2**-4)), pool, nn.Flatten())
+    with pytest.raises(ValueError, match=match):
+        IntegerEngine.from_model(m.eval(), (3, 6, 6))

@@ -84,8 +84,10 @@ def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
                          "whole float map (put an activation quantizer before the pool)")
     if a["divisor_override"] is not None or \
             (not a["count_include_pad"] and pair(a["padding"]) != (0, 0)):
-        raise ValueError(f"{where}: average pooling of quantized maps with a fixed divisor "
-                         "only")
+        why = f"divisor_override={a['divisor_override']}" if a["divisor_override"] is not \
+            None else "count_include_pad=False with padding (divisors that vary at the border)"
+        raise ValueError(f"{where}: average pooling with {why} is not run by the integer "
+                         "engine: it divides each window's sum by the window's size")
     g = maxpool_geom(args, x.shape, where)
     kk = g["kh"] * g["kw"]
     lo, hi = min(0, x.lo * kk), max(0, x.hi * kk)
