@@ -11,7 +11,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .integer_plan import I16, Compiler, Pool, Value, pair
+from .integer_guards import int16_codes
+from .integer_plan import Compiler, Pool, Value, pair
 
 __all__ = ["AVGPOOL_FNS", "avg_args", "avg_pool", "maxpool_geom", "pool_args"]
 
@@ -91,8 +92,7 @@ def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
     g = maxpool_geom(args, x.shape, where)
     kk = g["kh"] * g["kw"]
     lo, hi = min(0, x.lo * kk), max(0, x.hi * kk)
-    if max(-lo, hi) > I16:
-        raise ValueError(f"{where}: the pooled sums need codes beyond 16 bits")
+    int16_codes(lo, hi, where, "the pooled sums' codes", "")
     y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale / kk, lo=lo, hi=hi)
     comp.prog.steps.append(Pool(x.id, y.id, 1, g))
     return y
