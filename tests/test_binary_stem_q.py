@@ -10,30 +10,10 @@ import oracle as O
 import pytest
 import torch
 from torch import nn
+from trained import BinaryStemNet
 
 from fewbits.models import create_model
 from fewbits.runtime.binary import BinaryEngine, _lib, _stem_q, supported_isas
-
-
-class _Net(nn.Module):
-    """A user's CNN: a stem of ``cin`` -> ``cout`` channels (kernel ``k``, stride ``s``,
-    padding ``p``), one binary 3x3 conv, a pooled fixed-point classifier."""
-
-    def __init__(self, cin: int, cout: int, k: int, s: int, p: int) -> None:
-        from fewbits.layers import QuantAct
-
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, k, s, p, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act = QuantAct("binary_tanh")
-        self.conv2 = nn.Conv2d(cout, 40, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(40)
-        self.fc = nn.Linear(40, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.bn1(self.conv1(x)))
-        h = self.act(self.bn2(self.conv2(h)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
 
 def _model(cin: int, cout: int, k: int, s: int, p: int, seed: int = 0) -> nn.Module:
@@ -42,7 +22,7 @@ def _model(cin: int, cout: int, k: int, s: int, p: int, seed: int = 0) -> nn.Mod
     from fewbits.convert import family_config, quantize_
 
     torch.manual_seed(seed)
-    m = _Net(cin, cout, k, s, p)
+    m = BinaryStemNet(cin, cout, k, s, p)
     g = torch.Generator().manual_seed(seed + 1)
     for bn in (m.bn1, m.bn2):
         c = bn.num_features

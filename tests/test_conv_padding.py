@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from trained import trained_looking
+from trained import BinaryStemNet, trained_looking
 
 import fewbits
-from fewbits.layers import QuantAct
 from fewbits.runtime.binary import BinaryEngine
 from fewbits.runtime.conv_pad import zero_padding
 from fewbits.runtime.integer import IntegerEngine, supported_int_isas
@@ -68,28 +67,13 @@ def test_the_integer_engine_refuses_an_uneven_same() -> None:
         IntegerEngine.from_model(m.eval(), (3, 6, 6))
 
 
-class _BinNet(nn.Module):
-    def __init__(self, pad: object) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=pad, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.act = QuantAct("binary_tanh")
-        self.conv2 = nn.Conv2d(32, 32, 3, padding=pad, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.bn1(self.conv1(x)))
-        h = self.act(self.bn2(self.conv2(h)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
-
-
 @pytest.mark.parametrize("pad", ["same", "valid"])
 def test_the_binary_engine_runs_same_and_valid_padding(pad: str) -> None:
     from fewbits.convert import family_config
 
     torch.manual_seed(0)
-    nets = [_BinNet(pad), _BinNet(1 if pad == "same" else 0)]
+    ints = 1 if pad == "same" else 0
+    nets = [BinaryStemNet(3, 32, 3, 1, pad, pad), BinaryStemNet(3, 32, 3, 1, ints, ints)]
     with torch.no_grad():
         for bn in (nets[0].bn1, nets[0].bn2):
             bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)

@@ -1014,6 +1014,18 @@ VNNI static inline __attribute__((always_inline)) __m512 cert_t(__m512i c, __m51
                                                                __m512 A, __m512 B) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_min_epi32(_mm512_max_epi32(c, lo), hi)), A, B);
 }
+/* the certified epilogue's constants of channels n .. n + 15 (fbi_conv.cert's arrays) */
+typedef struct {
+    __m512i lo, hi;
+    __m512 A, B, th;
+} cert_c;
+VNNI static inline __attribute__((always_inline)) cert_c cert_load(const fbi_ep *e, int n) {
+    const float *p = e->cert + n;
+    const int64_t S = e->cstride;
+    return (cert_c){_mm512_loadu_si512((const void *)p), _mm512_loadu_si512((const void *)(p + S)),
+                    _mm512_loadu_ps(p + 2 * S), _mm512_loadu_ps(p + 3 * S),
+                    _mm512_loadu_ps(p + 4 * S)};
+}
 /* a code step wider than a sum step: the ends' sums leave the code range (cclamp) */
 VNNI static inline __attribute__((always_inline)) __m512i cert_clamp(const fbi_ep *e, __m512i k) {
     return _mm512_min_epi32(_mm512_max_epi32(k, bcast512i(e->cklo)), bcast512i(e->ckhi));
@@ -1037,16 +1049,11 @@ VNNI static inline __attribute__((always_inline)) int epi512_cert(const fbi_ep *
                                                                  const __m512i *c, int R,
                                                                  int n, int cnt, char **dst,
                                                                  int U8, int CL, int CHECK) {
-    const float *p = e->cert + n;
-    const int64_t S = e->cstride;
-    const __m512i lo = _mm512_loadu_si512((const void *)p);
-    const __m512i hi = _mm512_loadu_si512((const void *)(p + S));
-    const __m512 A = _mm512_loadu_ps(p + 2 * S), B = _mm512_loadu_ps(p + 3 * S);
-    const __m512 th = _mm512_loadu_ps(p + 4 * S);
+    const cert_c C = cert_load(e, n);
     __m512i k[UR1 + 1];
     __mmask16 ok[UR1 + 1];
-    EPR(const __m512 t = cert_t(c[r], lo, hi, A, B);
-        ok[r] = _mm512_cmp_ps_mask(_mm512_reduce_ps(t, CERT_FLOOR), th, _CMP_LT_OQ);
+    EPR(const __m512 t = cert_t(c[r], C.lo, C.hi, C.A, C.B);
+        ok[r] = _mm512_cmp_ps_mask(_mm512_reduce_ps(t, CERT_FLOOR), C.th, _CMP_LT_OQ);
         k[r] = _mm512_cvt_roundps_epi32(t, CERT_FLOOR))
     if (CHECK) {
         __mmask16 all = ok[0];
@@ -1098,16 +1105,17 @@ static store512_fn store512_for(const fbi_ep *e) {
     return store512[e->kind];
 }
 
-/* Short sums (1x1 layers of up to 64 input channels): the weights of one block of 16 output
- * channels stay in registers (KQ quads, one vector each) while WS_R pixels at a time run
- * through them, and the certified epilogue is inlined (CHECK 0 only: store512c's
- * operations, the same codes). kern_vnni_body's tiles of up to 4 blocks x 5 rows reload the
- * weights per tile and call the epilogue per block; with 8-16 quads a tile its fixed costs
- * outweigh its sums (1.8-2.7 cycles a vpdpbusd against 1.2 here, ResNet-23's 1x1 layers).
- * 1x1: P pixels of cin = 4 KQ bytes each at x (contiguous: no padding, stride 1); outputs
- * n .. n + cnt - 1 of pixel j at Y + j ldy. With taps (ws_taps: a first layer's 3 x 3 on 4
- * channels) the padded byte image at x, each output row's pixels in tiles of their own. Tests only: fbi_ws_off 1 turns it off,
- * fbi_ws_fault 1 adds 1 to its codes before their clamp (a planted error the tests must see). */
+/* Short sums (up to 16 quads a pixel: 1x1 layers of up to 64 input channels, a first layer's
+ * 3 x 3 on 4): the weights of one block of 16 output channels stay in registers (KQ quads,
+ * one vector each) while WS_R pixels at a time run through them, and the certified epilogue
+ * is inlined (CHECK 0 only: store512c's operations, the same codes). kern_vnni_body's tiles
+ * of up to 4 blocks x 5 rows reload the weights per tile and call the epilogue per block;
+ * with 8-16 quads a tile its fixed costs outweigh its sums (1.8-2.7 cycles a vpdpbusd
+ * against 1.2 here, ResNet-23's 1x1 layers). 1x1: P pixels of cin = 4 KQ bytes each at x
+ * (contiguous: no padding, stride 1); outputs n .. n + cnt - 1 of pixel j at Y + j ldy. With
+ * taps (ws_taps) the padded byte image at x, each output row's pixels in tiles of their own.
+ * Tests only: fbi_ws_off 1 turns it off, fbi_ws_fault 1 adds 1 to its codes before their
+ * clamp (a planted error the tests must see). */
 int fbi_ws_off = 0, fbi_ws_fault = 0;
 #define WS_R 6
 #define WS_KQ_MAX 16
@@ -1149,35 +1157,27 @@ VNNI static inline __attribute__((always_inline)) void ws_body(
     __m512i w[WS_KQ_MAX];
 #pragma GCC unroll 16
     for (int q = 0; q < KQ; q++) w[q] = _mm512_loadu_si512((const void *)(wb + q * NB * 4));
-    const float *p = e->cert + n;
-    const int64_t S = e->cstride;
-    const __m512i lo = _mm512_loadu_si512((const void *)p);
-    const __m512i hi = _mm512_loadu_si512((const void *)(p + S));
-    const __m512 A = _mm512_loadu_ps(p + 2 * S), B0 = _mm512_loadu_ps(p + 3 * S);
-    const __m512 B = fbi_ws_fault ? _mm512_add_ps(B0, _mm512_set1_ps(1.0f)) : B0;
+    const cert_c C = cert_load(e, n);
+    const __m512 B = fbi_ws_fault ? _mm512_add_ps(C.B, _mm512_set1_ps(1.0f)) : C.B;
     const __m512i c0 = corr ? _mm512_loadu_si512((const void *)(corr + n)) : _mm512_setzero_si512();
     const __mmask16 m = cnt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
-    if (!TAPS) {
-        int64_t j = 0;
-        for (; j + WS_R <= P; j += WS_R)
-            ws_rows(e, w, x + j * 4 * KQ, 0, NULL, WS_R, c0, lo, hi, A, B, n, m, Y + j * ldy,
-                    ldy, KQ, WS_R);
-        if (j < P)
-            ws_rows(e, w, x + j * 4 * KQ, 0, NULL, (int)(P - j), c0, lo, hi, A, B, n, m,
-                    Y + j * ldy, ldy, KQ, WS_R);
-        return;
-    }
-    /* taps: output row by output row (a tile's pixels lie rs bytes apart within a row) */
-    for (int oy = 0; oy < tp->oh; oy++) {
-        const uint8_t *xr = x + (int64_t)oy * tp->row;
-        char *Yr = Y + (int64_t)oy * tp->ow * ldy;
-        int ox = 0;
-        for (; ox + WS_R <= tp->ow; ox += WS_R)
-            ws_rows(e, w, xr + ox * tp->rs, tp->rs, tp->off, WS_R, c0, lo, hi, A, B, n, m,
-                    Yr + ox * ldy, ldy, KQ, WS_R);
-        if (ox < tp->ow)
-            ws_rows(e, w, xr + ox * tp->rs, tp->rs, tp->off, tp->ow - ox, c0, lo, hi, A, B, n,
-                    m, Yr + ox * ldy, ldy, KQ, WS_R);
+    /* 1x1: all P pixels as one line, rs bytes apart (known: 4 KQ); taps: line by output row */
+    const int64_t rs = TAPS ? tp->rs : 4 * KQ;
+    const int64_t *off = TAPS ? tp->off : NULL;
+    const int lines = TAPS ? tp->oh : 1;
+    const int64_t len = TAPS ? tp->ow : P;
+    for (int l = 0; l < lines; l++) {
+        const uint8_t *xl = x + (TAPS ? (int64_t)l * tp->row : 0);
+        char *Yl = Y + (int64_t)l * len * ldy;
+        for (int64_t j = 0; j < len; j += WS_R) { /* whole tiles: rows known, no tests */
+            const int rows = len - j < WS_R ? (int)(len - j) : WS_R;
+            if (rows == WS_R)
+                ws_rows(e, w, xl + j * rs, rs, off, WS_R, c0, C.lo, C.hi, C.A, B, n, m,
+                        Yl + j * ldy, ldy, KQ, WS_R);
+            else
+                ws_rows(e, w, xl + j * rs, rs, off, rows, c0, C.lo, C.hi, C.A, B, n, m,
+                        Yl + j * ldy, ldy, KQ, WS_R);
+        }
     }
 }
 

@@ -51,11 +51,13 @@ def same_as_forward(model: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...]
                          "name still holds?): write it out of place (a = a + b)")
 
 
-def int16_codes(lo: int, hi: int, where: str) -> None:
-    """Raise where a quantizer's codes ``[lo, hi]`` (after the clamps folded into it) leave
-    ``[-32767, 32767]``: every map of codes is int16, and wider codes were stored wrapped (the
-    portable C path) or saturated (AVX2 / VNNI) with ``exact`` True: a 16-bit unsigned grid
+def int16_codes(lo: int, hi: int, where: str, what: str = "codes",
+                fix: str = ": use a narrower grid") -> None:
+    """Raise where codes ``[lo, hi]`` (a quantizer's after the clamps folded into it, or
+    ``what``: an exact sum's, a sum pool's, a concatenation's) leave ``[-32767, 32767]``: every
+    map of codes is int16, and wider codes were stored wrapped (the portable C path) or
+    saturated (AVX2 / VNNI) with ``exact`` True: a 16-bit unsigned grid
     (``MinMax(ql_max=65535)``, ``FixedPoint(sign=False, n=16)``) gave wrong outputs."""
     if max(-lo, hi) > I16:
-        raise ValueError(f"{where}: codes in [{lo}, {hi}] need more than 16 bits; the integer "
-                         "engine holds codes in [-32767, 32767] (int16): use a narrower grid")
+        raise ValueError(f"{where}: {what} in [{lo}, {hi}] need more than 16 bits; the integer "
+                         f"engine holds codes in [-32767, 32767] (int16){fix}")

@@ -11,7 +11,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .integer_plan import I16, Compiler, Pool, Value, pair
+from .integer_guards import int16_codes
+from .integer_plan import Compiler, Pool, Value, pair
 
 __all__ = ["AVGPOOL_FNS", "avg_args", "avg_pool", "maxpool_geom", "pool_args"]
 
@@ -32,36 +33,33 @@ def maxpool_geom(m: Any, shape: tuple[int, ...], where: str) -> dict:
                 pw=p[1], dh=d[0], dw=d[1])
 
 
+def _call_args(node: fx.Node, m: Any, defaults: dict) -> dict:
+    """A pool's arguments by name (``defaults``' names, in the functional call's order):
+    module ``m``'s attributes, or the call's, by position after the map or by keyword."""
+    if m is not None:
+        return {k: getattr(m, k) for k in defaults}
+    out = dict(defaults)
+    out.update(zip(defaults, node.args[1:], strict=False))
+    out.update(node.kwargs)
+    return out
+
+
 def pool_args(node: fx.Node, m: Any, where: str) -> dict:
     """A max pool's arguments (module ``m``, or the functional call's); refused here, where the
     pool is named, for what the engine does not run (a pool folded into the layer before it
     was refused later, naming the layer after it)."""
-    if m is not None:
-        vals = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                    dilation=m.dilation, ceil_mode=m.ceil_mode, return_indices=m.return_indices)
-    else:
-        names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
-        vals = dict(zip(names, node.args[1:], strict=False))
-        vals.update(node.kwargs)
-    if vals.get("ceil_mode") or vals.get("return_indices"):
+    vals = _call_args(node, m, dict(kernel_size=None, stride=None, padding=0, dilation=1,
+                                    ceil_mode=False, return_indices=False))
+    if vals["ceil_mode"] or vals["return_indices"]:
         raise ValueError(f"{where}: max pooling with ceil_mode or return_indices is not run by "
                          "the integer engine")
-    out = dict(kernel_size=None, stride=None, padding=0, dilation=1, ceil_mode=False)
-    out.update({k: v for k, v in vals.items() if k in out})
-    return out
+    return {k: v for k, v in vals.items() if k != "return_indices"}
 
 
 def avg_args(node: fx.Node, m: nn.AvgPool2d | None) -> dict:
     """An average pool's arguments: module ``m``'s, or the ``F.avg_pool2d`` call's."""
-    names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-             "divisor_override"]
-    if m is not None:
-        return {k: getattr(m, k) for k in names}
-    out = dict(kernel_size=None, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None)
-    out.update(zip(names, node.args[1:], strict=False))
-    out.update(node.kwargs)
-    return out
+    return _call_args(node, m, dict(kernel_size=None, stride=None, padding=0, ceil_mode=False,
+                                    count_include_pad=True, divisor_override=None))
 
 
 def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
@@ -91,8 +89,7 @@ def avg_pool(comp: Compiler, x: Value, a: dict, where: str,
     g = maxpool_geom(args, x.shape, where)
     kk = g["kh"] * g["kw"]
     lo, hi = min(0, x.lo * kk), max(0, x.hi * kk)
-    if max(-lo, hi) > I16:
-        raise ValueError(f"{where}: the pooled sums need codes beyond 16 bits")
+    int16_codes(lo, hi, where, "the pooled sums' codes", "")
     y = comp.new("int", (x.shape[0], g["oh"], g["ow"]), scale=x.scale / kk, lo=lo, hi=hi)
     comp.prog.steps.append(Pool(x.id, y.id, 1, g))
     return y

@@ -279,8 +279,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
             # codes on a common grid whose values are k * scale: an exact integer sum
             lo = int(xa.lo * fa + xb.lo * fb)
             hi = int(xa.hi * fa + xb.hi * fb)
-            if max(-lo, hi) > I16:
-                raise ValueError(f"{where}: the exact sum needs codes beyond 16 bits")
+            int16_codes(lo, hi, where, "the exact sum's codes", "")
             y = comp.new("int", xa.shape, scale=s, lo=lo, hi=hi, flat_from=xa.flat_from,
                          pt=(0, 0.0))
             y.producer = Add(xa.id, xb.id, y.id, fa, fb, lo, hi)
@@ -338,8 +337,7 @@ def walk(comp: Compiler, tracer: type) -> Any:
         pt = (0, 0.0) if all(x.pt == (0, 0.0) for x in xs) else None
         lo = min(int(x.lo * f) for x, f in zip(xs, muls, strict=True))
         hi = max(int(x.hi * f) for x, f in zip(xs, muls, strict=True))
-        if max(-lo, hi) > I16:
-            raise ValueError(f"{where}: concatenation needs codes beyond 16 bits")
+        int16_codes(lo, hi, where, "the concatenation's codes", "")
         y = comp.new("int", (sum(x.shape[0] for x in xs), *xs[0].shape[1:]), scale=s, lo=lo,
                      hi=hi, pt=pt)
         prog.steps.append(Concat([x.id for x in xs], [int(f) for f in muls],
